@@ -1,0 +1,28 @@
+"""maskprop: channel-sparse training whose forward and backward run on the kept channels only.
+
+The public API, small and explicit:
+
+* models: :func:`create_model`, :func:`list_models`, ``model.channel_groups()``;
+* execution: :func:`use_mask` (``"compact"`` or ``"masked"``), :func:`random_mask`, :func:`full_mask`;
+* cost: :func:`flops`, :class:`CostModel`.
+"""
+
+from .cost import CostModel, flops
+from .models import create_model, list_models, register_model
+from .sparse import Mask, channel_groups, check_mask, full_mask, random_mask, use_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CostModel",
+    "Mask",
+    "channel_groups",
+    "check_mask",
+    "create_model",
+    "flops",
+    "full_mask",
+    "list_models",
+    "random_mask",
+    "register_model",
+    "use_mask",
+]

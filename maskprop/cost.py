@@ -1,0 +1,169 @@
+"""Analytic FLOPs of dense and channel-sparse models, and the train-step costs of VR-PGE (supplement C.1).
+
+FLOPs count convolutions and linear layers only, a multiply-add as 2, the way ``torch.utils.flop_counter`` counts
+them. A conv keeping ``i`` of its input and ``o`` of its output channels costs ``2 * i * o * k*k * H_out * W_out`` per
+example: its cost scales with kept_in x kept_out, hence about rho^2 of dense for a keep ratio rho.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the cost of one conv or linear layer depends on."""
+
+    name: str
+    in_group: str | None
+    out_group: str | None
+    in_channels: int
+    out_channels: int
+    positions: int  # kernel area x output positions (conv), 1 (linear): multiply-adds per (in, out) channel pair
+    kernel_area: int  # weights per (in, out) channel pair
+    bias: bool
+    reads_input: bool  # reads the network input (its backward computes no input gradient)
+
+
+class CostModel:
+    """FLOPs and parameters of a model for any mask, from one shape-recording forward pass.
+
+    Args:
+        model: a maskprop model (or any model; layers that are not maskprop layers count as never pruned).
+        input_size: ``(C, H, W)`` of one example.
+
+    Example:
+        >>> cost = CostModel(model, (3, 32, 32))
+        >>> cost.flops(mask) / cost.flops()  # about keep_ratio ** 2
+    """
+
+    def __init__(self, model: nn.Module, input_size: Sequence[int]) -> None:
+        if len(input_size) != 3:
+            raise ValueError(f"input_size must be (C, H, W), got {tuple(input_size)}")
+        self.input_size = tuple(int(s) for s in input_size)
+        self.layers = _record_shapes(model, self.input_size)
+        self._other_params = _unprunable_params(model)
+        self._norm = [(m.group, m.num_features, m.affine) for m in model.modules() if isinstance(m, SparseBatchNorm2d)]
+
+    @staticmethod
+    def _kept(mask: Mapping[str, Tensor] | None, group: str | None, full: int) -> int:
+        if mask is None or group is None:
+            return full
+        return int(mask[group].sum())
+
+    def by_layer(self, mask: Mapping[str, Tensor] | None = None) -> dict[str, int]:
+        """Forward FLOPs of each conv and linear layer for one example."""
+        out = {}
+        for layer in self.layers:
+            kept_in = self._kept(mask, layer.in_group, layer.in_channels)
+            kept_out = self._kept(mask, layer.out_group, layer.out_channels)
+            out[layer.name] = 2 * kept_in * kept_out * layer.positions
+        return out
+
+    def flops(self, mask: Mapping[str, Tensor] | None = None, batch_size: int = 1) -> int:
+        """Forward FLOPs for ``batch_size`` examples (dense when ``mask`` is None)."""
+        return batch_size * sum(self.by_layer(mask).values())
+
+    def backward_flops(self, mask: Mapping[str, Tensor] | None = None, batch_size: int = 1) -> int:
+        """FLOPs autograd executes in backward: weight gradients (= forward) plus input gradients (= forward) of
+        every layer except those reading the network input, which need no input gradient."""
+        per_layer = self.by_layer(mask)
+        return batch_size * sum(2 * f if not layer.reads_input else f for layer, f in zip(self.layers, per_layer.values()))
+
+    def params(self, mask: Mapping[str, Tensor] | None = None) -> int:
+        """Parameters of the subnetwork: kept slices of conv/linear/BatchNorm parameters plus everything else."""
+        total = self._other_params
+        for layer in self.layers:
+            kept_in = self._kept(mask, layer.in_group, layer.in_channels)
+            kept_out = self._kept(mask, layer.out_group, layer.out_channels)
+            total += kept_in * kept_out * layer.kernel_area + (kept_out if layer.bias else 0)
+        for group, features, affine in self._norm:
+            total += 2 * self._kept(mask, group, features) if affine else 0
+        return total
+
+
+def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> list[LayerShape]:
+    shapes: list[LayerShape] = []
+    handles = []
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *input_size, device=param.device if param is not None else None,
+                    dtype=param.dtype if param is not None else None)
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            reads_input = inputs[0].data_ptr() == x.data_ptr()
+            if isinstance(module, nn.Conv2d):
+                k = module.weight.shape[2] * module.weight.shape[3]
+                positions = k * output.shape[2] * output.shape[3] // module.groups
+                c_in, c_out = module.in_channels, module.out_channels
+                kernel_area = k // module.groups
+            else:
+                positions, c_in, c_out, kernel_area = 1, module.in_features, module.out_features, 1
+            shapes.append(LayerShape(
+                name, getattr(module, "in_group", None), getattr(module, "out_group", None), c_in, c_out,
+                positions, kernel_area, module.bias is not None, reads_input,
+            ))
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            handles.append(module.register_forward_hook(hook(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _unprunable_params(model: nn.Module) -> int:
+    counted = {id(p) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, SparseBatchNorm2d))
+               for p in m.parameters(recurse=False)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in counted)
+
+
+def flops(model: nn.Module, input_size: Sequence[int], mask: Mapping[str, Tensor] | None = None) -> int:
+    """Forward FLOPs of ``model`` (dense, or the subnetwork ``mask``) on an input of ``input_size``.
+
+    Args:
+        model: a maskprop model.
+        input_size: ``(C, H, W)`` for one example, or ``(N, C, H, W)`` for a batch.
+        mask: group name -> bool tensor; ``None`` for the dense model.
+    """
+    if len(input_size) not in (3, 4):
+        raise ValueError(f"input_size must be (C, H, W) or (N, C, H, W), got {tuple(input_size)}")
+    batch = input_size[0] if len(input_size) == 4 else 1
+    return CostModel(model, input_size[-3:]).flops(mask, batch_size=batch)
+
+
+# Train-step costs, VR-PGE supplement C.1: backward costs 2x forward.
+def dense_step_flops(f_dense: float) -> float:
+    """One dense SGD step: forward + backward = 3 f_D."""
+    return 3 * f_dense
+
+
+def vrpge_step_flops(f_first: float, f_second: float, weight_grad: str = "first") -> float:
+    """One VR-PGE step: forward + backward with m, forward only with m' (``weight_grad="first"``: 3 f(m) + f(m'),
+    the paper's 4 f_S), or backward with both masks as the official code does (``"both"``: 3 f(m) + 3 f(m'))."""
+    if weight_grad == "first":
+        return 3 * f_first + f_second
+    if weight_grad == "both":
+        return 3 * f_first + 3 * f_second
+    raise ValueError(f"unknown weight_grad {weight_grad!r}; expected 'first' or 'both'")
+
+
+def train_cost_saving(dense_flops_total: float, sparse_flops_total: float) -> float:
+    """Train-cost saving = dense train FLOPs / sparse train FLOPs (supplement C.1: 3 f_D / (4 f_S) per step)."""
+    if sparse_flops_total <= 0:
+        raise ValueError(f"sparse train FLOPs must be positive, got {sparse_flops_total}")
+    return dense_flops_total / sparse_flops_total

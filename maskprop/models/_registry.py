@@ -1,0 +1,38 @@
+"""A small model registry: ``@register_model`` entry points and one ``create_model`` factory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register ``fn`` under its own name; a duplicate name is an error."""
+    name = fn.__name__
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is already registered")
+    _MODELS[name] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: a name from :func:`list_models`.
+        num_classes: outputs of the classifier (default: the model's own, 10 for CIFAR models, 1000 for ImageNet).
+        **kwargs: passed to the model's entry point (e.g. ``width=2``, ``prune_residual=False``).
+    """
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return _MODELS[name](**kwargs)

@@ -1,0 +1,175 @@
+"""Conv, BatchNorm and Linear layers that can run as a channel subnetwork.
+
+Each layer names the channel groups it reads and writes (``in_group``, ``out_group``; ``None`` = never pruned). With
+no mask active they are exactly their ``torch.nn`` parents (same parameters, same state_dict keys, same forward).
+Inside :func:`maskprop.use_mask` they run in one of two modes:
+
+* ``compact``: activations carry only the kept channels. A conv runs on ``W[out_kept][:, in_kept]``; BatchNorm uses
+  the gathered affine parameters and running statistics and writes back the statistics of the kept channels only.
+  Gradients land in the full-size parameters, zero outside the kept channels.
+* ``masked``: dense kernels; the mask multiplies the unit output after BatchNorm (or after the conv when no BatchNorm
+  follows, ``mask_output=True``), and dropped channels' running statistics are left untouched. This is the reference
+  semantics and the speed of the official VR-PGE code (which masks weights and runs dense kernels).
+
+The two modes agree on the loss, every gradient and the BatchNorm statistics (tests/test_sparse.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .gather import gather_weight
+
+if TYPE_CHECKING:
+    from .execution import ExecutionState
+
+
+class SparseModule:
+    """Mixin marking a layer that follows the active :class:`~maskprop.sparse.execution.ExecutionState`."""
+
+    _state: ExecutionState | None = None
+
+
+class SparseConv2d(nn.Conv2d, SparseModule):
+    """``nn.Conv2d`` whose input and output channels belong to channel groups.
+
+    Args:
+        in_group: group of the input channels (``None``: the input is never pruned, e.g. the image).
+        out_group: group of the output channels (``None``: never pruned).
+        mask_output: in ``masked`` mode, multiply the output by the mask. Set it when no grouped BatchNorm follows
+            (e.g. a pre-activation residual branch); a conv-BN unit leaves it to the BatchNorm.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = False,
+        *,
+        in_group: str | None = None,
+        out_group: str | None = None,
+        mask_output: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias, **kwargs)
+        if self.groups != 1 and (in_group is not None or out_group is not None):
+            raise ValueError(f"grouped convolutions (groups={self.groups}) cannot be channel-pruned; expected groups=1")
+        self.in_group = in_group
+        self.out_group = out_group
+        self.mask_output = mask_output
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self._state
+        if state is None:
+            return super().forward(x)
+        if state.mode == "masked":
+            y = super().forward(x)
+            return state.apply_mask(self.out_group, y) if self.mask_output else y
+        out_index = state.index(self.out_group)
+        in_index = state.index(self.in_group)
+        weight = gather_weight(self.weight, out_index, in_index, state.flat(self.in_group, self.out_group))
+        bias = self.bias
+        if bias is not None and out_index is not None:
+            bias = bias.index_select(0, out_index)
+        return self._conv_forward(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, in_group={self.in_group!r}, out_group={self.out_group!r}"
+
+
+class SparseLinear(nn.Linear, SparseModule):
+    """``nn.Linear`` whose input features (and optionally outputs) belong to channel groups.
+
+    The classifier of every model is a ``SparseLinear`` with ``out_group=None``: it reads only the kept features and
+    its outputs are never pruned.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        in_group: str | None = None,
+        out_group: str | None = None,
+        mask_output: bool = False,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.in_group = in_group
+        self.out_group = out_group
+        self.mask_output = mask_output
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self._state
+        if state is None:
+            return super().forward(x)
+        if state.mode == "masked":
+            y = super().forward(x)
+            return state.apply_mask(self.out_group, y) if self.mask_output else y
+        out_index = state.index(self.out_group)
+        in_index = state.index(self.in_group)
+        weight = gather_weight(self.weight, out_index, in_index, state.flat(self.in_group, self.out_group))
+        bias = self.bias
+        if bias is not None and out_index is not None:
+            bias = bias.index_select(0, out_index)
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, in_group={self.in_group!r}, out_group={self.out_group!r}"
+
+
+class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
+    """``nn.BatchNorm2d`` over the channels of one group; the mask is applied after it.
+
+    A dropped channel does not exist for the step: its output is exactly zero, it gets no gradient, and its running
+    statistics are not updated (``num_batches_tracked`` counts steps, as in ``nn.BatchNorm2d``).
+    """
+
+    def __init__(self, num_features: int, *, group: str | None = None, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.group = group
+
+    def _momentum(self) -> tuple[float, bool]:
+        # Same bookkeeping as nn.BatchNorm2d.forward: the average factor, and whether batch statistics are used.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        return factor, use_batch_stats
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self._state
+        index = None if state is None else state.index(self.group)
+        if index is None:  # dense, or a fully kept group: exactly nn.BatchNorm2d
+            return super().forward(x)
+        factor, use_batch_stats = self._momentum()
+        updates_stats = use_batch_stats and self.running_mean is not None
+        if state.mode == "masked":
+            mask = state.masks[self.group]
+            mean = self.running_mean.clone() if updates_stats else self.running_mean
+            var = self.running_var.clone() if updates_stats else self.running_var
+            y = F.batch_norm(x, mean, var, self.weight, self.bias, use_batch_stats, factor, self.eps)
+            if updates_stats:
+                self.running_mean.copy_(torch.where(mask, mean, self.running_mean))
+                self.running_var.copy_(torch.where(mask, var, self.running_var))
+            return state.apply_mask(self.group, y)
+        mean = None if self.running_mean is None else self.running_mean.index_select(0, index)
+        var = None if self.running_var is None else self.running_var.index_select(0, index)
+        weight = None if self.weight is None else self.weight.index_select(0, index)
+        bias = None if self.bias is None else self.bias.index_select(0, index)
+        y = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, factor, self.eps)
+        if updates_stats:
+            self.running_mean.index_copy_(0, index, mean)
+            self.running_var.index_copy_(0, index, var)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group={self.group!r}"
