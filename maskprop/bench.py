@@ -1,0 +1,177 @@
+"""Side-by-side timing of a dense step, the official-style masked VR-PGE step and maskprop's compact VR-PGE step.
+
+All configurations of one model run interleaved in one process (the machine drifts 15-30% between runs), after
+warm-up, and report medians. The ideal speedup comes from the analytic FLOPs: 3 f_D / (3 f(m) + f(m')).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cost import CostModel, dense_step_flops, vrpge_step_flops
+from .models import create_model
+from .sparse import random_mask, use_mask
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepTiming:
+    """Median step times (seconds) of one model at one keep ratio, and the speedups derived from them."""
+
+    model: str
+    batch_size: int
+    keep_ratio: float
+    dense_s: float
+    masked_s: float
+    compact_s: float
+    ideal: float
+    dense_peak_mb: float | None = None
+    masked_peak_mb: float | None = None
+    compact_peak_mb: float | None = None
+
+    @property
+    def speedup_vs_dense(self) -> float:
+        return self.dense_s / self.compact_s
+
+    @property
+    def speedup_vs_masked(self) -> float:
+        return self.masked_s / self.compact_s
+
+    @property
+    def efficiency(self) -> float:
+        return self.speedup_vs_dense / self.ideal
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(speedup_vs_dense=self.speedup_vs_dense, speedup_vs_masked=self.speedup_vs_masked,
+                 efficiency=self.efficiency)
+        return d
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: dict, amp: torch.dtype | None) -> dict:
+    """The three training steps being compared, each a closure that runs one step."""
+    device = x.device
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+
+    def loss_of(mask, mode):
+        with use_mask(model, mask, mode), autocast():
+            return F.cross_entropy(model(x), y)
+
+    def dense():
+        model.zero_grad(set_to_none=True)
+        loss_of(None, "compact").backward()
+
+    def masked():  # the official code: both samples forward and backward through dense kernels
+        model.zero_grad(set_to_none=True)
+        loss_of(masks["m"], "masked").backward()
+        loss_of(masks["m2"], "masked").backward()
+
+    def compact():  # maskprop: forward+backward with m, forward without autograd with m'
+        model.zero_grad(set_to_none=True)
+        loss_of(masks["m"], "compact").backward()
+        with torch.no_grad():
+            loss_of(masks["m2"], "compact")
+
+    return {"dense": dense, "masked": masked, "compact": compact}
+
+
+def bench_model(
+    model_name: str,
+    batch_size: int = 128,
+    keep_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
+    repeats: int = 5,
+    warmup: int = 2,
+    image_size: int = 32,
+    num_classes: int = 10,
+    channels_last: bool = True,
+    amp: str = "none",
+    device: str = "cpu",
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[StepTiming]:
+    """Median times of the dense, masked (official-style) and compact VR-PGE steps for each keep ratio.
+
+    Every repetition runs every (keep ratio, step) configuration once, in turn, so drift hits all of them alike.
+    """
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    model = create_model(model_name, num_classes=num_classes).to(dev).train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch_size, 3, image_size, image_size, device=dev).contiguous(memory_format=memory_format)
+    y = torch.randint(0, num_classes, (batch_size,), device=dev)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16}[amp]
+    groups = model.channel_groups()
+    cost = CostModel(model, (3, image_size, image_size))
+    generator = torch.Generator().manual_seed(seed)
+
+    configs = {}
+    ideal = {}
+    for rho in keep_ratios:
+        masks = {"m": random_mask(groups, rho, generator), "m2": random_mask(groups, rho, generator)}
+        ideal[rho] = dense_step_flops(cost.flops()) / vrpge_step_flops(cost.flops(masks["m"]), cost.flops(masks["m2"]))
+        for name, fn in _steps(model, x, y, masks, amp_dtype).items():
+            configs[(rho, name)] = fn
+
+    times: dict[tuple, list[float]] = {k: [] for k in configs}
+    peak: dict[tuple, float | None] = {k: None for k in configs}
+    for rep in range(warmup + repeats):
+        for key, fn in configs.items():
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            _sync(dev)
+            start = time.perf_counter()
+            fn()
+            _sync(dev)
+            elapsed = time.perf_counter() - start
+            if rep >= warmup:
+                times[key].append(elapsed)
+                if dev.type == "cuda":
+                    peak[key] = torch.cuda.max_memory_allocated(dev) / 2**20
+        if progress is not None:
+            progress(f"{model_name}: repetition {rep + 1}/{warmup + repeats}")
+    model.zero_grad(set_to_none=True)
+
+    results = []
+    for rho in keep_ratios:
+        med = {name: statistics.median(times[(rho, name)]) for name in ("dense", "masked", "compact")}
+        results.append(StepTiming(
+            model_name, batch_size, rho, med["dense"], med["masked"], med["compact"], ideal[rho],
+            peak[(rho, "dense")], peak[(rho, "masked")], peak[(rho, "compact")],
+        ))
+    return results
+
+
+def format_table(results: Sequence[StepTiming]) -> str:
+    """A markdown table of the timings."""
+    has_memory = any(r.compact_peak_mb is not None for r in results)
+    head = ("| model | batch | keep | dense step (ms) | masked VR-PGE step (ms) | compact VR-PGE step (ms) "
+            "| speedup vs dense | ideal | efficiency | speedup vs masked |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if has_memory:
+        head += " peak MB dense / masked / compact |"
+        rule += "---|"
+    lines = [head, rule]
+    for r in results:
+        line = (f"| {r.model} | {r.batch_size} | {r.keep_ratio:.2f} | {1e3 * r.dense_s:.0f} | {1e3 * r.masked_s:.0f} "
+                f"| {1e3 * r.compact_s:.0f} | {r.speedup_vs_dense:.2f}x | {r.ideal:.2f}x | {r.efficiency:.0%} "
+                f"| {r.speedup_vs_masked:.2f}x |")
+        if has_memory:
+            line += f" {r.dense_peak_mb:.0f} / {r.masked_peak_mb:.0f} / {r.compact_peak_mb:.0f} |"
+        lines.append(line)
+    return "\n".join(lines)

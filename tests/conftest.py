@@ -1,0 +1,24 @@
+"""Shared test helpers: a small input size per model, and deterministic generators."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import maskprop
+
+IMAGENET_MODELS = {"resnet18", "resnet34", "resnet50"}
+# Heavy models run in the default suite at the smallest input that keeps every stage non-degenerate.
+INPUT_SIZES = {name: (3, 32, 32) for name in maskprop.list_models()}
+INPUT_SIZES.update({name: (3, 64, 64) for name in IMAGENET_MODELS})
+INPUT_SIZES.update({f"resnet{d}": (3, 16, 16) for d in (20, 32, 56)})
+INPUT_SIZES.update({"wrn16_8": (3, 16, 16), "wrn28_10": (3, 8, 8)})
+
+
+def input_size(name: str) -> tuple[int, int, int]:
+    return INPUT_SIZES[name]
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)

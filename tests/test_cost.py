@@ -1,0 +1,96 @@
+"""Analytic FLOPs against torch.utils.flop_counter, and the train-step cost formulas (DESIGN invariant 3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import maskprop
+from maskprop.cost import CostModel, dense_step_flops, train_cost_saving, vrpge_step_flops
+from maskprop.sparse import full_mask, random_mask, use_mask
+from conftest import input_size
+
+
+def counted_flops(model, mask, x, y):
+    """FLOPs torch counts in a compact forward and in the backward that follows."""
+    with FlopCounterMode(display=False) as forward_counter:
+        with use_mask(model, mask, "compact"):
+            loss = F.cross_entropy(model(x), y)
+    with FlopCounterMode(display=False) as backward_counter:
+        loss.backward()
+    return forward_counter.get_total_flops(), backward_counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet32", "vgg11_bn", "wrn16_8", "resnet50", "mlp"])
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5, 0.25])
+def test_flop_counter_matches_analytic_count(name, keep_ratio, generator):
+    model = maskprop.create_model(name)
+    size = input_size(name)
+    mask = random_mask(model.channel_groups(), keep_ratio, generator)
+    batch = 2
+    x, y = torch.randn(batch, *size), torch.tensor([0, 1])
+    forward, backward = counted_flops(model, mask, x, y)
+    cost = CostModel(model, size)
+    assert forward == cost.flops(mask, batch_size=batch) == maskprop.flops(model, (batch, *size), mask)
+    assert backward == cost.backward_flops(mask, batch_size=batch)
+
+
+def test_conv_cost_scales_with_kept_in_times_kept_out():
+    model = maskprop.create_model("vgg11_bn")
+    groups = model.channel_groups()
+    cost = CostModel(model, (3, 32, 32))
+    dense = cost.by_layer()
+    mask = full_mask(groups)
+    mask["conv2"][64:] = False  # conv2 keeps half its outputs: conv2 halves, conv3 (reads conv2) halves
+    mask["conv3"][: 3 * 256 // 4] = False  # conv3 keeps a quarter of its outputs: conv3 and conv4 shrink
+    sparse = cost.by_layer(mask)
+    # VGG-11 features: 0 conv1, 1 pool, 2 conv2, 3 pool, 4 conv3, 5 conv4.
+    assert sparse["features.2.0"] * 2 == dense["features.2.0"]  # 64 of 128 outputs
+    assert sparse["features.4.0"] * 8 == dense["features.4.0"]  # 64 of 128 inputs x 64 of 256 outputs
+    assert sparse["features.5.0"] * 4 == dense["features.5.0"]  # 64 of 256 inputs
+    assert sparse["features.0.0"] == dense["features.0.0"]
+    # VGG-11 conv1 at 32x32: 2 * 3 * 64 * 9 * 32 * 32 FLOPs per image, by hand.
+    assert dense["features.0.0"] == 2 * 3 * 64 * 9 * 32 * 32
+
+
+def test_expected_ratio_is_about_keep_ratio_squared(generator):
+    model = maskprop.create_model("vgg19_bn")
+    mask = random_mask(model.channel_groups(), 0.5, generator)
+    ratio = maskprop.flops(model, (3, 32, 32), mask) / maskprop.flops(model, (3, 32, 32))
+    assert 0.24 < ratio < 0.27  # first conv's input (the image) is never pruned
+
+
+def test_params_of_subnetwork(generator):
+    model = maskprop.create_model("resnet20")
+    cost = CostModel(model, (3, 32, 32))
+    assert cost.params() == sum(p.numel() for p in model.parameters())
+    mask = random_mask(model.channel_groups(), 0.5, generator)
+    # Independent count: slice every parameter by hand.
+    expected = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            kept_out = mask[m.out_group].sum() if m.out_group else m.out_channels
+            kept_in = mask[m.in_group].sum() if m.in_group else m.in_channels
+            expected += int(kept_out * kept_in * 9 if m.kernel_size == (3, 3) else kept_out * kept_in)
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            expected += 2 * int(mask[m.group].sum())
+        elif isinstance(m, torch.nn.Linear):
+            expected += int(mask[m.in_group].sum()) * m.out_features + m.out_features
+    assert cost.params(mask) == expected
+
+
+def test_train_step_formulas():
+    # Supplement C.1: dense 3 f_D; VR-PGE 4 f_S; saving 3 f_D / (4 f_S).
+    assert dense_step_flops(10.0) == 30.0
+    assert vrpge_step_flops(2.0, 2.0) == 8.0
+    assert vrpge_step_flops(2.0, 1.0, weight_grad="both") == 9.0
+    assert train_cost_saving(dense_step_flops(10.0), vrpge_step_flops(2.5, 2.5)) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="unknown weight_grad 'all'"):
+        vrpge_step_flops(1.0, 1.0, weight_grad="all")
+
+
+def test_bad_input_size():
+    with pytest.raises(ValueError, match=r"input_size must be \(C, H, W\) or \(N, C, H, W\), got \(32, 32\)"):
+        maskprop.flops(maskprop.create_model("resnet20"), (32, 32))

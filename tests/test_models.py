@@ -1,0 +1,123 @@
+"""The model registry and the channel groups of every model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import maskprop
+from maskprop.models import register_model
+from maskprop.sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear
+from conftest import input_size
+
+REQUIRED = {
+    "resnet20", "resnet32", "resnet56", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "wrn16_8", "wrn28_10",
+    "resnet18", "resnet34", "resnet50", "mlp",
+}
+
+
+def test_registry_lists_the_model_family():
+    assert REQUIRED <= set(maskprop.list_models())
+
+
+def test_unknown_model_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown model 'resnet33'; known models: .*resnet32"):
+        maskprop.create_model("resnet33")
+
+
+def test_duplicate_registration_is_an_error():
+    def resnet20(**kwargs):  # same name as a registered model
+        raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(resnet20)
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_forward_backward_and_groups(name):
+    torch.manual_seed(0)
+    model = maskprop.create_model(name, num_classes=7)
+    x = torch.randn(2, *input_size(name))
+    out = model(x)
+    assert out.shape == (2, 7)
+    F.cross_entropy(out, torch.tensor([0, 1])).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+    groups = model.channel_groups()
+    assert groups and all(n > 0 for n in groups.values())
+    # The classifier's outputs are never pruned; it reads the last group.
+    assert model.fc.out_group is None and isinstance(model.fc, SparseLinear)
+    assert model.fc.in_group in groups
+
+
+def test_resnet_stream_is_one_group_per_stage():
+    model = maskprop.create_model("resnet32")
+    # The stem joins stage 1's stream: it is added to the first block's output.
+    assert model.conv1.out_group == model.bn1.group == "layer1"
+    for stage in ("layer1", "layer2", "layer3"):
+        for block in getattr(model, stage):
+            assert block.conv2.out_group == block.bn2.group == stage
+            assert block.conv1.out_group == f"{stage}.{list(getattr(model, stage)).index(block)}.conv1"
+            if block.downsample is not None:
+                assert block.downsample[0].out_group == block.downsample[1].group == stage
+    groups = model.channel_groups()
+    assert groups["layer1"] == 32 and groups["layer2"] == 64 and groups["layer3"] == 128  # paper's doubled widths
+
+
+def test_resnet32_default_is_the_papers_doubled_width():
+    assert maskprop.create_model("resnet32").channel_groups()["layer3"] == 128
+    assert maskprop.create_model("resnet32", width=1).channel_groups()["layer3"] == 64
+
+
+def test_bottleneck_stem_has_its_own_group():
+    model = maskprop.create_model("resnet50")
+    groups = model.channel_groups()
+    assert groups["stem"] == 64 and groups["layer1"] == 256
+    assert model.layer1[0].downsample[0].in_group == "stem"
+    assert groups["layer1.0.conv1"] == 64 and groups["layer1.0.conv2"] == 64
+
+
+@pytest.mark.parametrize("name", ["resnet32", "resnet50", "wrn16_8"])
+def test_prune_residual_false_keeps_streams_full(name):
+    model = maskprop.create_model(name, prune_residual=False)
+    groups = model.channel_groups()
+    assert not any(g.startswith("layer") and "." not in g for g in groups)
+    assert all("." in g or g == "stem" for g in groups)
+
+
+def test_wrn_stream_batchnorms_are_grouped():
+    model = maskprop.create_model("wrn16_8")
+    assert model.layer2[0].bn1.group == "layer1"  # pre-activation BN on the previous stage's stream
+    assert model.layer2[0].shortcut.out_group == model.layer2[0].conv2.out_group == "layer2"
+    assert model.bn.group == "layer3"
+
+
+def test_layers_are_their_torch_parents():
+    model = maskprop.create_model("resnet20")
+    kinds = {type(m) for m in model.modules()}
+    assert SparseConv2d in kinds and SparseBatchNorm2d in kinds
+    assert all(isinstance(m, torch.nn.Conv2d) for m in model.modules() if isinstance(m, SparseConv2d))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_imagenet_resnets_match_torchvision(name):
+    """Same parameter names and shapes as torchvision: its weights load strictly and give the same outputs."""
+    torchvision = pytest.importorskip("torchvision")
+    reference = getattr(torchvision.models, name)(weights=None).eval()
+    model = maskprop.create_model(name).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+
+
+def test_wrn_dropout_option():
+    model = maskprop.create_model("wrn16_8", drop_rate=0.3)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in model.modules())
+
+
+def test_mlp_sizes():
+    model = maskprop.create_model("mlp", in_features=784, hidden=(500, 500, 500))
+    assert model.channel_groups() == {"hidden1": 500, "hidden2": 500, "hidden3": 500}
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)

@@ -1,0 +1,239 @@
+"""Compact execution equals the masked reference; dropped channels do not exist for the step (DESIGN invariants 1-2)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import maskprop
+from maskprop.sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, full_mask, random_mask, use_mask
+from maskprop.sparse.gather import gather_weight
+from conftest import input_size
+
+MODELS = maskprop.list_models()
+
+
+def edge_case_mask(groups: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random half masks, with the first group down to one channel and the second kept whole."""
+    mask = random_mask(groups, 0.5, generator)
+    names = list(groups)
+    single = torch.zeros(groups[names[0]], dtype=torch.bool)
+    single[int(torch.randint(groups[names[0]], (1,), generator=generator))] = True
+    mask[names[0]] = single
+    if len(names) > 1:
+        mask[names[1]] = torch.ones(groups[names[1]], dtype=torch.bool)
+    return mask
+
+
+def run_step(model, mask, mode, x, y):
+    """One training forward/backward; returns loss, gradients and buffers."""
+    model.zero_grad(set_to_none=True)
+    with use_mask(model, mask, mode):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    return loss.detach(), grads, buffers
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compact_equals_masked(name, generator):
+    torch.manual_seed(0)
+    model = maskprop.create_model(name).double()
+    # Non-trivial BN statistics and affine parameters so that leaks would show.
+    for m in model.modules():
+        if isinstance(m, SparseBatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    groups = model.channel_groups()
+    mask = edge_case_mask(groups, generator)
+    x = torch.randn(3, *input_size(name), dtype=torch.double)
+    y = torch.tensor([0, 1, 2])
+    before = {k: b.clone() for k, b in model.named_buffers()}
+
+    masked_model = copy.deepcopy(model)
+    loss_c, grads_c, buffers_c = run_step(model, mask, "compact", x, y)
+    loss_m, grads_m, buffers_m = run_step(masked_model, mask, "masked", x, y)
+
+    torch.testing.assert_close(loss_c, loss_m, rtol=1e-10, atol=1e-12)
+    for k in grads_m:
+        torch.testing.assert_close(grads_c[k], grads_m[k], rtol=1e-8, atol=1e-10, msg=f"gradient of {k}")
+    for k in buffers_m:
+        torch.testing.assert_close(buffers_c[k], buffers_m[k], rtol=1e-10, atol=1e-12, msg=f"buffer {k}")
+
+    # Dropped channels: no gradient, and BatchNorm statistics untouched.
+    for mod_name, m in model.named_modules():
+        if isinstance(m, (SparseConv2d, SparseLinear)):
+            if m.out_group is not None:
+                dropped = ~mask[m.out_group]
+                assert grads_c[f"{mod_name}.weight"][dropped].count_nonzero() == 0
+            if m.in_group is not None:
+                dropped = ~mask[m.in_group]
+                assert grads_c[f"{mod_name}.weight"][:, dropped].count_nonzero() == 0
+        if isinstance(m, SparseBatchNorm2d) and m.group is not None:
+            dropped = ~mask[m.group]
+            assert grads_c[f"{mod_name}.weight"][dropped].count_nonzero() == 0
+            assert grads_c[f"{mod_name}.bias"][dropped].count_nonzero() == 0
+            assert torch.equal(buffers_c[f"{mod_name}.running_mean"][dropped], before[f"{mod_name}.running_mean"][dropped])
+            assert torch.equal(buffers_c[f"{mod_name}.running_var"][dropped], before[f"{mod_name}.running_var"][dropped])
+            if mask[m.group].any():
+                kept = mask[m.group]
+                assert not torch.equal(buffers_c[f"{mod_name}.running_mean"][kept], before[f"{mod_name}.running_mean"][kept])
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg11_bn", "wrn16_8", "resnet50", "mlp"])
+@pytest.mark.parametrize("mode", ["compact", "masked"])
+def test_all_true_mask_is_dense(name, mode):
+    torch.manual_seed(0)
+    model = maskprop.create_model(name)
+    dense_model = copy.deepcopy(model)
+    x = torch.randn(2, *input_size(name))
+    y = torch.tensor([0, 1])
+    loss, grads, buffers = run_step(model, full_mask(model.channel_groups()), mode, x, y)
+    loss_d, grads_d, buffers_d = run_step(dense_model, None, mode, x, y)
+    assert torch.equal(loss, loss_d)
+    assert all(torch.equal(grads[k], grads_d[k]) for k in grads)
+    assert all(torch.equal(buffers[k], buffers_d[k]) for k in buffers)
+
+
+@pytest.mark.parametrize("name", ["resnet32", "vgg11_bn", "wrn16_8", "resnet50", "mlp"])
+def test_dropped_channels_output_exactly_zero_and_compact_widths(name, generator):
+    """Masked mode: every unit output is zero on dropped channels. Compact mode: it has only the kept channels."""
+    model = maskprop.create_model(name).train()
+    mask = random_mask(model.channel_groups(), 0.5, generator)
+    outputs: dict[str, tuple[str, torch.Tensor]] = {}
+
+    def record(module_name, group):
+        def hook(module, inputs, output):
+            outputs[module_name] = (group, output.detach())
+        return hook
+
+    handles = []
+    for module_name, m in model.named_modules():
+        if isinstance(m, SparseBatchNorm2d) and m.group is not None:
+            handles.append(m.register_forward_hook(record(module_name, m.group)))
+        elif isinstance(m, (SparseConv2d, SparseLinear)) and m.mask_output and m.out_group is not None:
+            handles.append(m.register_forward_hook(record(module_name, m.out_group)))
+    assert handles
+    x = torch.randn(2, *input_size(name))
+    with use_mask(model, mask, "masked"):
+        model(x)
+    for module_name, (group, out) in outputs.items():
+        assert out[:, ~mask[group]].abs().max() == 0, module_name
+        assert out[:, mask[group]].abs().max() > 0, module_name
+    outputs.clear()
+    with use_mask(model, mask, "compact"):
+        model(x)
+    for module_name, (group, out) in outputs.items():
+        assert out.shape[1] == int(mask[group].sum()), module_name
+    for h in handles:
+        h.remove()
+
+
+def test_eval_mode_uses_kept_running_statistics(generator):
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20").double()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.double)
+    for _ in range(3):  # give the running statistics non-trivial values
+        model(x)
+    model.eval()
+    mask = random_mask(model.channel_groups(), 0.4, generator)
+    with torch.no_grad(), use_mask(model, mask, "compact"):
+        compact = model(x)
+    with torch.no_grad(), use_mask(model, mask, "masked"):
+        masked = model(x)
+    torch.testing.assert_close(compact, masked, rtol=1e-10, atol=1e-12)
+
+
+def test_use_mask_restores_dense_and_nests(generator):
+    model = maskprop.create_model("resnet20")
+    groups = model.channel_groups()
+    outer, inner = random_mask(groups, 0.5, generator), random_mask(groups, 0.25, generator)
+    x = torch.randn(2, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        dense = model(x)
+        with use_mask(model, outer):
+            out_outer = model(x)
+            with use_mask(model, inner):
+                model(x)
+            torch.testing.assert_close(model(x), out_outer)
+        torch.testing.assert_close(model(x), dense)
+
+
+def test_gather_weight_matches_indexing_and_its_gradient():
+    torch.manual_seed(0)
+    weight = torch.randn(6, 5, 3, 3, dtype=torch.double, requires_grad=True)
+    out_index, in_index = torch.tensor([0, 2, 5]), torch.tensor([1, 4])
+    flat = (out_index[:, None] * 5 + in_index[None, :]).reshape(-1)
+    gathered = gather_weight(weight, out_index, in_index, flat)
+    torch.testing.assert_close(gathered, weight[out_index][:, in_index])
+    assert torch.autograd.gradcheck(lambda w: gather_weight(w, out_index, in_index, flat), (weight,))
+    assert torch.autograd.gradcheck(lambda w: gather_weight(w, out_index, None, None), (weight,))
+    assert torch.autograd.gradcheck(lambda w: gather_weight(w, None, in_index, None), (weight,))
+    assert gather_weight(weight, None, None, None) is weight
+
+
+# --- bad input: one clear error each -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_model():
+    return maskprop.create_model("resnet20")
+
+
+def test_mask_with_unknown_group(small_model):
+    mask = full_mask(small_model.channel_groups())
+    mask["layer9"] = torch.ones(3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"unknown group\(s\) 'layer9'"):
+        with use_mask(small_model, mask):
+            pass
+
+
+def test_mask_with_wrong_size(small_model):
+    mask = full_mask(small_model.channel_groups())
+    mask["layer2"] = torch.ones(31, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"group 'layer2' is \(31,\) torch.bool; expected a bool tensor of shape \(32,\)"):
+        with use_mask(small_model, mask):
+            pass
+
+
+def test_mask_not_bool(small_model):
+    mask = full_mask(small_model.channel_groups())
+    mask["layer2"] = torch.ones(32)
+    with pytest.raises(ValueError, match="expected a bool tensor"):
+        with use_mask(small_model, mask):
+            pass
+
+
+def test_mask_for_another_model(small_model):
+    other = full_mask(maskprop.create_model("resnet32", width=1).channel_groups())
+    with pytest.raises(ValueError, match="another model"):
+        with use_mask(small_model, other):
+            pass
+    fewer = full_mask(small_model.channel_groups())
+    with pytest.raises(ValueError, match="missing group"):
+        with use_mask(maskprop.create_model("resnet32", width=1), fewer):
+            pass
+
+
+def test_empty_group_is_an_error(small_model):
+    mask = full_mask(small_model.channel_groups())
+    mask["layer1.0.conv1"][:] = False
+    with pytest.raises(ValueError, match=r"keeps no channel of group\(s\) 'layer1.0.conv1'"):
+        with use_mask(small_model, mask):
+            pass
+
+
+def test_unknown_mode(small_model):
+    with pytest.raises(ValueError, match=r"unknown execution mode 'sparse'; expected one of \('compact', 'masked'\)"):
+        with use_mask(small_model, full_mask(small_model.channel_groups()), mode="sparse"):
+            pass
+
+
+def test_random_mask_ratio_is_validated():
+    with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\], got 1.5"):
+        random_mask({"a": 4}, 1.5)
