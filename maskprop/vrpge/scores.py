@@ -1,0 +1,230 @@
+"""Keep probabilities of every channel group, stored as one flat parameter (METHODS.md section 1)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .projection import project_scores
+
+_EXTRA_STATE_KEY = "_extra_state"  # the key nn.Module uses for get_extra_state()
+
+
+class ExpectedKept(NamedTuple):
+    """Expected number of kept channels under ``m ~ Bernoulli(s)``."""
+
+    per_group: dict[str, float]
+    """``sum_j s_j`` over the channels of each group."""
+    ratio: float
+    """``sum_j s_j / number of channels`` over the whole network."""
+
+
+def _check_groups(groups: Mapping[str, int]) -> dict[str, int]:
+    if not isinstance(groups, Mapping) or not groups:
+        raise ValueError(f"groups must be a non-empty mapping {{group name: number of channels}}, got {groups!r}")
+    for name, size in groups.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"group names must be non-empty strings, got {name!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"group {name!r} must have a positive integer number of channels, got {size!r}")
+    return dict(groups)
+
+
+def _check_fraction(name: str, value: float, low_open: bool) -> float:
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    valid = is_number and (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0)  # rejects NaN
+    if not valid:
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return float(value)
+
+
+class ChannelScores(nn.Module):
+    """Keep probabilities ``s`` of all prunable channels, one flat ``nn.Parameter`` for the whole network.
+
+    Group ``g`` owns the slice ``scores[offset_g : offset_g + size_g]``, groups in the order given. The feasible set is
+    ``{0 <= s <= 1, sum s <= K}`` with the global budget ``K = keep_ratio x total channels``; the scores are projected
+    onto it at construction and should be projected again (:meth:`project_`) after every optimizer step.
+
+    Empty-group policy: a sampled mask that drops every channel of a group would cut the network, so :meth:`sample`
+    then keeps that group's channel with the largest score (the lowest index on ties). The mask returned is the
+    mask actually used and is the one to feed to the estimator. This changes the sampling distribution only on the
+    event "group dropped entirely", whose probability is ``prod_j (1 - s_j)`` over the group's channels (negligible
+    for groups of more than a few channels unless their scores are near 0); the estimators stay unbiased except on
+    that event. A forced channel with ``s_j`` near 0 gets a large score gradient (``(s_j (1 - s_j))^(alpha - 1)``
+    capped by the estimators' ``eps``).
+
+    Args:
+        groups: ordered ``{group name: number of channels}``.
+        keep_ratio: fraction of channels kept on average, in ``(0, 1]``.
+        init: initial probability of every channel, in ``[0, 1]`` (the official code uses 0.5), before projection.
+        device: device of the parameter.
+        dtype: floating-point dtype of the parameter (default: torch's default dtype).
+    """
+
+    def __init__(
+        self,
+        groups: Mapping[str, int],
+        keep_ratio: float,
+        init: float = 0.5,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.groups = _check_groups(groups)
+        self.keep_ratio = _check_fraction("keep_ratio", keep_ratio, low_open=True)
+        init = _check_fraction("init", init, low_open=False)
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be floating point, got {dtype}")
+        self.names = list(self.groups)
+        self.sizes = list(self.groups.values())
+        self.num_channels = sum(self.sizes)
+        self.budget = self.keep_ratio * self.num_channels
+        self.scores = nn.Parameter(torch.full((self.num_channels,), init, device=device, dtype=dtype))
+        group_index = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))
+        self.register_buffer("group_index", group_index.to(self.scores.device), persistent=False)
+        self.project_()
+
+    def extra_repr(self) -> str:
+        return f"groups={len(self.groups)}, channels={self.num_channels}, keep_ratio={self.keep_ratio}"
+
+    @torch.no_grad()
+    def project_(self) -> ChannelScores:
+        """Project the scores in place onto ``{0 <= s <= 1, sum s <= K}`` (no autograd); returns ``self``."""
+        self.scores.copy_(project_scores(self.scores, self.budget))
+        return self
+
+    # ----------------------------------------------------------------------------------------------- flat <-> dict
+
+    def split(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split a flat per-channel tensor (last dimension = all channels) into ``{group: view}``, in group order.
+
+        Raises:
+            ValueError: if the last dimension is not the total number of channels.
+        """
+        if flat.dim() == 0 or flat.shape[-1] != self.num_channels:
+            raise ValueError(f"expected a tensor whose last dimension has {self.num_channels} channels, "
+                             f"got shape {tuple(flat.shape)}")
+        return dict(zip(self.names, torch.split(flat, self.sizes, dim=-1)))
+
+    def flatten(self, mask: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate ``{group: tensor}`` along the last dimension in group order (inverse of :meth:`split`).
+
+        Raises:
+            ValueError: if groups are missing or unexpected, or a group has the wrong number of channels.
+        """
+        missing = [name for name in self.names if name not in mask]
+        unexpected = [name for name in mask if name not in self.groups]
+        if missing or unexpected:
+            raise ValueError(f"mask groups do not match the scores: missing {missing}, unexpected {unexpected}")
+        for name, size in self.groups.items():
+            if mask[name].dim() == 0 or mask[name].shape[-1] != size:
+                raise ValueError(f"group {name!r} has {size} channels, got a tensor of shape {tuple(mask[name].shape)}")
+        return torch.cat([mask[name] for name in self.names], dim=-1)
+
+    # ------------------------------------------------------------------------------------------------------ masks
+
+    @torch.no_grad()
+    def sample_flat(self, generator: torch.Generator) -> Tensor:
+        """Flat bool mask ``m ~ Bernoulli(s)`` drawn from ``generator``, with the empty-group policy applied.
+
+        Args:
+            generator: the explicit source of randomness, on the scores' device; the same generator state gives the
+                same mask (so ranks that share a seed share masks).
+        """
+        if generator.device.type != self.scores.device.type:
+            raise ValueError(f"generator is on {generator.device}, scores are on {self.scores.device}; "
+                             f"create the generator with device={self.scores.device.type!r}")
+        s = self.scores.detach()
+        uniform = torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype)
+        mask = uniform < s  # P(u < s_j) = s_j for u ~ U[0, 1)
+        kept = torch.zeros(len(self.sizes), dtype=torch.long, device=s.device).index_add_(0, self.group_index,
+                                                                                            mask.long())
+        best = self._group_argmax()
+        mask[best] |= kept == 0
+        return mask
+
+    def sample(self, generator: torch.Generator) -> dict[str, Tensor]:
+        """Mask ``{group: BoolTensor of its channels}`` with ``m ~ Bernoulli(s)`` (see :meth:`sample_flat`).
+
+        Every group keeps at least one channel (see the empty-group policy in the class docstring); pass this mask,
+        flattened with :meth:`flatten`, to the estimator.
+        """
+        return self.split(self.sample_flat(generator))
+
+    @torch.no_grad()
+    def top_mask(self) -> dict[str, Tensor]:
+        """Deterministic mask: the channels with the largest scores, ``round(K)`` of them (halves rounded up) over
+        the whole network, and at least one per group.
+
+        Each group first keeps its largest-score channel; the remaining ``round(K) - number of groups`` places go to
+        the largest remaining scores globally. Ties go to the lower flat index. Exactly
+        ``max(round(K), number of groups)`` channels are kept.
+        """
+        s = self.scores.detach()
+        mask = torch.zeros_like(s, dtype=torch.bool)
+        mask[self._group_argmax()] = True
+        num_kept = max(math.floor(self.budget + 0.5), len(self.sizes))
+        rest = s.masked_fill(mask, -math.inf)
+        order = torch.sort(rest, descending=True, stable=True).indices
+        mask[order[: num_kept - len(self.sizes)]] = True
+        return self.split(mask)
+
+    def _group_argmax(self) -> Tensor:
+        """Flat index of each group's largest score (the lowest index on ties)."""
+        s = self.scores.detach()
+        group_max = torch.full((len(self.sizes),), -math.inf, dtype=s.dtype, device=s.device)
+        group_max = group_max.scatter_reduce(0, self.group_index, s, reduce="amax")
+        position = torch.arange(self.num_channels, device=s.device)
+        at_max = torch.where(s == group_max[self.group_index], position, self.num_channels)
+        first = torch.full((len(self.sizes),), self.num_channels, dtype=torch.long, device=s.device)
+        return first.scatter_reduce(0, self.group_index, at_max, reduce="amin")
+
+    @torch.no_grad()
+    def expected_kept(self) -> ExpectedKept:
+        """Expected kept channels per group (``sum s``) and the expected kept ratio of the whole network."""
+        s = self.scores.detach()
+        per_group = torch.zeros(len(self.sizes), dtype=s.dtype, device=s.device).index_add_(0, self.group_index, s)
+        values = per_group.tolist()
+        return ExpectedKept(dict(zip(self.names, values)), float(s.sum()) / self.num_channels)
+
+    # ------------------------------------------------------------------------------------------------- state dict
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"groups": [[name, size] for name, size in self.groups.items()]}
+
+    def set_extra_state(self, state: Any) -> None:
+        self._check_layout(state)
+
+    def _check_layout(self, state: Any) -> None:
+        groups = state.get("groups") if isinstance(state, Mapping) else None
+        if not isinstance(groups, list):
+            raise ValueError(f"cannot load ChannelScores: extra state has no group layout, got {state!r}")
+        try:
+            theirs = [(str(name), int(size)) for name, size in groups]
+        except (TypeError, ValueError):
+            raise ValueError(f"cannot load ChannelScores: malformed group layout {groups!r}") from None
+        ours = list(self.groups.items())
+        if theirs == ours:
+            return
+        first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        theirs_at = f"{theirs[first][0]!r} ({theirs[first][1]})" if first < len(theirs) else "nothing"
+        ours_at = f"{ours[first][0]!r} ({ours[first][1]})" if first < len(ours) else "nothing"
+        raise ValueError(
+            f"cannot load ChannelScores: the state has {len(theirs)} groups / {sum(n for _, n in theirs)} channels, "
+            f"this model has {len(ours)} groups / {self.num_channels} channels; group {first} is {theirs_at} in the "
+            f"state but {ours_at} here (was it saved from another model?)"
+        )
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Check the layout before any tensor is copied, so a mismatched load changes nothing.
+        if prefix + _EXTRA_STATE_KEY in state_dict:
+            self._check_layout(state_dict[prefix + _EXTRA_STATE_KEY])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
