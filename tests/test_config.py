@@ -1,0 +1,234 @@
+"""Configuration: defaults, yaml, dotted overrides, unknown keys with suggestions, type and range checks, round trip."""
+
+import dataclasses
+import os
+
+import pytest
+import yaml
+
+from maskprop.train.config import (
+    Config,
+    DataConfig,
+    FinetuneConfig,
+    OptimConfig,
+    SparsityConfig,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+
+
+def write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_defaults_follow_the_paper_cifar_recipe():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.method == "vrpge" and cfg.seed == 0 and cfg.device == "auto" and cfg.amp == "none"
+    assert cfg.model.name == "resnet20" and cfg.model.kwargs == {}
+    assert cfg.data.dataset == "shapes" and cfg.data.root is None and cfg.data.batch_size == 256
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 5e-4)
+    assert cfg.optim.schedule == "cosine" and cfg.optim.warmup_epochs == 0 and cfg.optim.label_smoothing == 0.0
+    assert cfg.optim.clip_grad_norm is None
+    sparsity = cfg.sparsity
+    assert (sparsity.keep_ratio, sparsity.estimator, sparsity.alpha) == (0.5, "vrpge", 0.5)
+    assert sparsity.weight_grad == "first"
+    assert (sparsity.init, sparsity.score_lr, sparsity.fix, sparsity.fix_samples) == (0.5, 12e-3, "best_of_n", 10)
+    assert sparsity.prune_residual is True
+    finetune = cfg.finetune
+    assert (finetune.epochs, finetune.lr, finetune.momentum, finetune.weight_decay) == (40, 1e-3, 0.9, 5e-4)
+
+
+def test_default_mutable_fields_are_not_shared():
+    first, second = Config(), Config()
+    first.model.kwargs["width"] = 2
+    assert second.model.kwargs == {}
+
+
+def test_yaml_values_override_defaults_and_keep_the_rest(tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", {
+        "method": "dense",
+        "model": {"name": "resnet32", "kwargs": {"width": 2}},
+        "data": {"dataset": "cifar10", "root": "/data/cifar"},
+        "optim": {"lr": 0.05, "epochs": 3},
+    })
+    cfg = load_config(path)
+    assert cfg.method == "dense"
+    assert cfg.model.name == "resnet32" and cfg.model.kwargs == {"width": 2}
+    assert cfg.data.dataset == "cifar10" and cfg.data.root == "/data/cifar" and cfg.data.batch_size == 256
+    assert cfg.optim.lr == 0.05 and cfg.optim.epochs == 3 and cfg.optim.momentum == 0.9
+    assert load_config(str(path)) == cfg
+
+
+def test_empty_yaml_gives_defaults(tmp_path):
+    assert load_config(write_yaml(tmp_path / "empty.yaml", "")) == Config()
+
+
+def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
+    # yaml 1.1 reads 12e-3 as a string; numeric fields accept it anyway.
+    cfg = load_config(write_yaml(tmp_path / "run.yaml", "sparsity:\n  score_lr: 12e-3\noptim:\n  weight_decay: 1e-4\n"))
+    assert cfg.sparsity.score_lr == pytest.approx(0.012) and isinstance(cfg.sparsity.score_lr, float)
+    assert cfg.optim.weight_decay == pytest.approx(1e-4)
+
+
+def test_overrides_nested_typed_and_applied_after_yaml(tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", {"optim": {"lr": 0.05}, "data": {"dataset": "cifar100"}})
+    cfg = load_config(path, [
+        "data.root=/x", "optim.lr=0.2", "sparsity.keep_ratio=0.25", "model.kwargs.width=2",
+        "model.kwargs.stages=[3, 3, 3]", "optim.nesterov=true", "optim.clip_grad_norm=3", "optim.epochs=5",
+        "sparsity.score_lr=5e-3",
+    ])
+    assert cfg.data.root == "/x" and cfg.data.dataset == "cifar100"
+    assert cfg.optim.lr == 0.2 and cfg.optim.nesterov is True and cfg.optim.epochs == 5
+    assert cfg.optim.clip_grad_norm == 3.0 and isinstance(cfg.optim.clip_grad_norm, float)
+    assert cfg.sparsity.keep_ratio == 0.25 and cfg.sparsity.score_lr == pytest.approx(5e-3)
+    assert cfg.model.kwargs == {"width": 2, "stages": [3, 3, 3]}
+
+
+def test_override_of_a_whole_section_merges_and_null_resets_optional():
+    cfg = load_config({"optim": {"clip_grad_norm": 3.0}}, ["optim={lr: 0.01, epochs: 2}", "optim.clip_grad_norm=null"])
+    assert cfg.optim.lr == 0.01 and cfg.optim.epochs == 2 and cfg.optim.momentum == 0.9
+    assert cfg.optim.clip_grad_norm is None
+
+
+def test_string_fields_keep_the_override_text_verbatim():
+    cfg = load_config(None, ["out=2024", "data.root=/data/0001", "model.name=vgg19", "device=cuda:1"])
+    assert cfg.out == "2024" and cfg.data.root == "/data/0001" and cfg.model.name == "vgg19" and cfg.device == "cuda:1"
+    assert load_config(None, ["out=null"]).out is None
+
+
+def test_load_config_from_mapping_and_from_config_does_not_alias():
+    base = load_config({"model": {"kwargs": {"width": 2}}})
+    derived = load_config(base, ["model.kwargs.width=4"])
+    assert base.model.kwargs == {"width": 2} and derived.model.kwargs == {"width": 4}
+    assert load_config({"optim": OptimConfig(lr=0.3)}).optim.lr == 0.3
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["optim.lrr=0.1"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    (["sparsity.keep_ration=0.1"], "unknown config key 'sparsity.keep_ration'; did you mean 'sparsity.keep_ratio'?"),
+    (["lr=0.1"], "unknown config key 'lr'; did you mean 'optim.lr'?"),
+    (["optm.lr=0.1"], "unknown config key 'optm'; did you mean 'optim'?"),
+    (["data.batchsize=8"], "unknown config key 'data.batchsize'; did you mean 'data.batch_size'?"),
+])
+def test_unknown_override_key_names_it_and_the_closest_key(overrides, message):
+    with pytest.raises(ValueError) as info:
+        load_config(None, overrides)
+    assert str(info.value) == message
+
+
+def test_unknown_yaml_key_at_any_level_names_it_and_the_closest_key(tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", {"finetune": {"epochs": 3, "learning_rate": 0.1}})
+    with pytest.raises(ValueError, match=r"^unknown config key 'finetune.learning_rate'"):
+        load_config(path)
+    path = write_yaml(tmp_path / "top.yaml", {"methd": "dense"})
+    with pytest.raises(ValueError, match=r"^unknown config key 'methd'; did you mean 'method'\?$"):
+        load_config(path)
+
+
+def test_unknown_key_without_a_close_match_lists_the_valid_keys():
+    with pytest.raises(ValueError) as info:
+        load_config(None, ["sparsity.zzzzzz=1"])
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("unknown config key 'sparsity.zzzzzz'; valid keys in 'sparsity': keep_ratio, estimator")
+
+
+@pytest.mark.parametrize(("overrides", "pattern"), [
+    (["sparsity.keep_ratio=0"], r"^sparsity.keep_ratio=0.0 is out of range; expected a fraction in \(0, 1\]$"),
+    (["sparsity.keep_ratio=1.5"], r"^sparsity.keep_ratio=1.5 is out of range"),
+    (["sparsity.alpha=1"], r"^sparsity.alpha=1.0 is out of range; expected a number in \[0, 1\)$"),
+    (["sparsity.alpha=-0.1"], r"^sparsity.alpha=-0.1 is out of range"),
+    (["sparsity.fix_samples=0"], r"^sparsity.fix_samples=0 is out of range; expected an integer >= 1$"),
+    (["data.batch_size=0"], r"^data.batch_size=0 is out of range; expected an integer >= 1$"),
+    (["data.workers=-1"], r"^data.workers=-1 is out of range"),
+    (["optim.lr=-0.1"], r"^optim.lr=-0.1 is out of range; expected a number > 0$"),
+    (["optim.warmup_epochs=10", "optim.epochs=5"], r"^optim.warmup_epochs=10 is out of range; .*optim.epochs=5"),
+    (["finetune.epochs=-1"], r"^finetune.epochs=-1 is out of range"),
+    (["sbp.memory=1"], r"^sbp.memory=1.0 is out of range; expected a number in \[0, 1\)$"),
+    (["device=gpu"], r"^device='gpu' is not a device; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'$"),
+    (["sparsity.keep_ratio=half"], r"^sparsity.keep_ratio='half' has the wrong type; expected a number$"),
+    (["optim.epochs=2.5"], r"^optim.epochs=2.5 has the wrong type; expected an integer$"),
+    (["optim.nesterov=1"], r"^optim.nesterov=1 has the wrong type; expected true or false$"),
+    (["optim.lr=.inf"], r"^optim.lr=inf is not finite; expected a finite number$"),
+    (["optim.clip_grad_norm=abc"], r"^optim.clip_grad_norm='abc' has the wrong type; expected a number or null$"),
+    (["data.dataset=mnist"], r"^data.dataset='mnist' is not a valid choice; expected one of 'shapes', 'cifar10'"),
+    (["sparsity.estimator=reinforce"], r"^sparsity.estimator='reinforce' is not a valid choice; expected one of"),
+    (["amp=fp16"], r"^amp='fp16' is not a valid choice; expected one of 'none', 'bf16'$"),
+    (["model.kwargs=3"], r"^model.kwargs=3 has the wrong type; expected a mapping$"),
+    (["optim=3"], r"^optim=3 has the wrong type; expected a mapping of its keys"),
+    (["data.batch_size=null"], r"^data.batch_size=None has the wrong type; expected an integer$"),
+])
+def test_bad_values_give_one_line_errors_with_key_value_and_expectation(overrides, pattern):
+    with pytest.raises(ValueError, match=pattern) as info:
+        load_config(None, overrides)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["optim.lr", "=3", "optim..lr=3", "optim.lr=[1, 2"])
+def test_malformed_overrides_are_rejected(text):
+    with pytest.raises(ValueError, match="override"):
+        load_config(None, [text])
+
+
+def test_override_below_a_scalar_is_rejected():
+    with pytest.raises(ValueError, match=r"'optim.lr' is 0.1, not a mapping"):
+        load_config({"optim": {"lr": 0.1}}, ["optim.lr.x=1"])
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"not valid yaml at line 3"):
+        load_config(write_yaml(tmp_path / "broken.yaml", "optim:\n  lr: [0.1\n"))
+    with pytest.raises(ValueError, match=r"must hold a mapping of keys at the top; got list"):
+        load_config(write_yaml(tmp_path / "list.yaml", "- 1\n- 2\n"))
+
+
+def test_direct_construction_validates_and_coerces():
+    assert OptimConfig(lr=1).lr == 1.0 and isinstance(OptimConfig(lr=1).lr, float)
+    with pytest.raises(ValueError, match=r"^sparsity.keep_ratio=0.0 is out of range"):
+        SparsityConfig(keep_ratio=0.0)
+    with pytest.raises(ValueError, match=r"^data.dataset='svhn' is not a valid choice"):
+        DataConfig(dataset="svhn")
+    with pytest.raises(ValueError, match=r"^finetune.lr=0.0 is out of range"):
+        FinetuneConfig(lr=0.0)
+    cfg = Config()
+    cfg.optim.momentum = 1.5
+    with pytest.raises(ValueError, match=r"^optim.momentum=1.5 is out of range"):
+        cfg.validate()
+
+
+def test_save_then_load_gives_an_equal_config(tmp_path):
+    cfg = load_config(None, ["method=msbp", "model.kwargs.width=2", "model.kwargs.stages=[5, 5, 5]", "data.root=/d",
+                             "optim.clip_grad_norm=3", "sparsity.keep_ratio=0.125", "out=runs/a", "amp=bf16"])
+    path = tmp_path / "run" / "config.yaml"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+    assert yaml.safe_load(path.read_text()) == config_to_dict(cfg)
+    assert list(yaml.safe_load(path.read_text())) == [f.name for f in dataclasses.fields(Config)]
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    save_config(Config(), path)
+    before = path.read_text()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_config(load_config(None, ["optim.lr=0.3"]), path)
+    assert path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_config_to_dict_is_a_deep_copy():
+    cfg = load_config(None, ["model.kwargs.width=2"])
+    data = config_to_dict(cfg)
+    data["model"]["kwargs"]["width"] = 8
+    assert cfg.model.kwargs["width"] == 2
+    assert data["sparsity"]["keep_ratio"] == 0.5
