@@ -4,7 +4,8 @@ The public API, small and explicit:
 
 * models: :func:`create_model`, :func:`list_models`, ``model.channel_groups()``;
 * execution: :func:`use_mask` (``"compact"`` or ``"masked"``), :func:`random_mask`, :func:`full_mask`;
-* cost: :func:`flops`, :class:`CostModel`.
+* cost: :func:`flops`, :class:`CostModel`;
+* training: :func:`fit` (imported lazily: it needs the training dependencies, the core needs torch alone).
 """
 
 from .cost import CostModel, flops
@@ -26,3 +27,11 @@ __all__ = [
     "register_model",
     "use_mask",
 ]
+
+
+def __getattr__(name: str):
+    if name == "fit":
+        from .train import fit
+
+        return fit
+    raise AttributeError(f"module 'maskprop' has no attribute {name!r}")
