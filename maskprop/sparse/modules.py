@@ -16,6 +16,7 @@ The two modes agree on the loss, every gradient and the BatchNorm statistics (te
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +33,28 @@ class SparseModule:
     """Mixin marking a layer that follows the active :class:`~maskprop.sparse.execution.ExecutionState`."""
 
     _state: ExecutionState | None = None
+
+
+def _grouped_forward(
+    layer: SparseConv2d | SparseLinear,
+    x: Tensor,
+    dense: Callable[[Tensor], Tensor],
+    apply: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+) -> Tensor:
+    """Forward of a conv or linear layer under the active state: dense, masked, or on the gathered weight."""
+    state = layer._state
+    if state is None:
+        return dense(x)
+    if state.mode == "masked":
+        y = dense(x)
+        return state.apply_mask(layer.out_group, y) if layer.mask_output else y
+    out_index = state.index(layer.out_group)
+    in_index = state.index(layer.in_group)
+    weight = gather_weight(layer.weight, out_index, in_index, state.flat(layer.in_group, layer.out_group))
+    bias = layer.bias
+    if bias is not None and out_index is not None:
+        bias = bias.index_select(0, out_index)
+    return apply(x, weight, bias)
 
 
 class SparseConv2d(nn.Conv2d, SparseModule):
@@ -66,19 +89,7 @@ class SparseConv2d(nn.Conv2d, SparseModule):
         self.mask_output = mask_output
 
     def forward(self, x: Tensor) -> Tensor:
-        state = self._state
-        if state is None:
-            return super().forward(x)
-        if state.mode == "masked":
-            y = super().forward(x)
-            return state.apply_mask(self.out_group, y) if self.mask_output else y
-        out_index = state.index(self.out_group)
-        in_index = state.index(self.in_group)
-        weight = gather_weight(self.weight, out_index, in_index, state.flat(self.in_group, self.out_group))
-        bias = self.bias
-        if bias is not None and out_index is not None:
-            bias = bias.index_select(0, out_index)
-        return self._conv_forward(x, weight, bias)
+        return _grouped_forward(self, x, super().forward, self._conv_forward)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, in_group={self.in_group!r}, out_group={self.out_group!r}"
@@ -107,19 +118,7 @@ class SparseLinear(nn.Linear, SparseModule):
         self.mask_output = mask_output
 
     def forward(self, x: Tensor) -> Tensor:
-        state = self._state
-        if state is None:
-            return super().forward(x)
-        if state.mode == "masked":
-            y = super().forward(x)
-            return state.apply_mask(self.out_group, y) if self.mask_output else y
-        out_index = state.index(self.out_group)
-        in_index = state.index(self.in_group)
-        weight = gather_weight(self.weight, out_index, in_index, state.flat(self.in_group, self.out_group))
-        bias = self.bias
-        if bias is not None and out_index is not None:
-            bias = bias.index_select(0, out_index)
-        return F.linear(x, weight, bias)
+        return _grouped_forward(self, x, super().forward, F.linear)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, in_group={self.in_group!r}, out_group={self.out_group!r}"
