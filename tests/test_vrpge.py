@@ -441,6 +441,15 @@ def test_top_mask_keeps_the_budget_and_one_channel_per_group() -> None:
     assert int(half.top_mask()["a"].sum()) == 3
 
 
+def test_top_mask_keeps_the_expected_count_when_scores_settle_below_the_budget() -> None:
+    scores = ChannelScores({"a": 4, "b": 4}, keep_ratio=0.75, dtype=torch.float64)  # K = 6
+    with torch.no_grad():
+        scores.scores.copy_(torch.tensor([0.9, 0.8, 0.02, 0.01, 0.9, 0.7, 0.03, 0.0]))  # sum s = 3.36 < K
+    mask = scores.flatten(scores.top_mask())
+    # round(sum s) = 3 channels, not round(K) = 6: the group maxima (0 and 4), then the largest remaining (1).
+    assert torch.equal(mask.nonzero().flatten(), torch.tensor([0, 1, 4]))
+
+
 def test_expected_kept() -> None:
     scores = ChannelScores({"a": 2, "b": 3}, keep_ratio=1.0, dtype=torch.float64)
     with torch.no_grad():

@@ -161,17 +161,20 @@ class ChannelScores(nn.Module):
 
     @torch.no_grad()
     def top_mask(self) -> dict[str, Tensor]:
-        """Deterministic mask: the channels with the largest scores, ``round(K)`` of them (halves rounded up) over
-        the whole network, and at least one per group.
+        """Deterministic mask: the channels with the largest scores, as many as the sampled masks keep on average
+        (``round(sum s)``, never more than the budget ``round(K)``; halves rounded up), and at least one per group.
 
-        Each group first keeps its largest-score channel; the remaining ``round(K) - number of groups`` places go to
-        the largest remaining scores globally. Ties go to the lower flat index. Exactly
-        ``max(round(K), number of groups)`` channels are kept.
+        Keeping ``round(sum s)`` rather than always ``round(K)`` matters once the scores settle below the budget:
+        filling the budget would add channels whose keep probability is near zero, which the weights were never
+        trained with. Each group first keeps its largest-score channel; the remaining places go to the largest
+        remaining scores globally. Ties go to the lower flat index. Exactly
+        ``max(min(round(sum s), round(K)), number of groups)`` channels are kept.
         """
         s = self.scores.detach()
         mask = torch.zeros_like(s, dtype=torch.bool)
         mask[self._group_argmax()] = True
-        num_kept = max(math.floor(self.budget + 0.5), len(self.sizes))
+        expected = float(s.sum())
+        num_kept = max(min(math.floor(expected + 0.5), math.floor(self.budget + 0.5)), len(self.sizes))
         rest = s.masked_fill(mask, -math.inf)
         order = torch.sort(rest, descending=True, stable=True).indices
         mask[order[: num_kept - len(self.sizes)]] = True
