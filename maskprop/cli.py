@@ -1,4 +1,4 @@
-"""The ``maskprop`` command: ``maskprop bench`` (and ``train`` once the trainer lands)."""
+"""The ``maskprop`` command: ``maskprop train`` (run a recipe, or resume a run) and ``maskprop bench``."""
 
 from __future__ import annotations
 
@@ -49,9 +49,110 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def _final_table(summary: dict) -> str:
+    """A short table of what the run produced and what it saved."""
+    def ratio(sub: float, dense: float) -> str:
+        return f"{100.0 * sub / dense:.1f}%" if dense else "-"
+
+    speedup, per_step = summary["measured_speedup"], summary.get("search_step_speedup")
+    measured = "n/a" if speedup is None else f"{speedup:.2f}x"
+    if per_step is not None:
+        measured += f" (a search step {per_step:.2f}x faster than a dense step)"
+    lines = [
+        f"{summary['model']} ({summary['method']}, keep_ratio {summary['keep_ratio']:g})",
+        "|                      | subnetwork | dense      | kept   |",
+        "|---|---:|---:|---:|",
+        f"| top-1 accuracy (%)   | {summary['accuracy']:10.2f} |            |        |",
+        f"| params               | {_count(summary['subnet_params']):>10} | {_count(summary['dense_params']):>10} "
+        f"| {ratio(summary['subnet_params'], summary['dense_params']):>6} |",
+        f"| FLOPs / example      | {_count(summary['subnet_flops']):>10} | {_count(summary['dense_flops']):>10} "
+        f"| {ratio(summary['subnet_flops'], summary['dense_flops']):>6} |",
+        f"train-cost saving {summary['train_cost_saving']:.2f}x (supplement C.1, finetuning included)",
+        f"measured speedup {measured}, against dense steps timed in this run",
+    ]
+    return "\n".join(lines)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .train.config import load_config
+    from .train.loop import fit
+    from .train.setup import default_run_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.resume is not None:
+        if args.out is not None:
+            raise ValueError("--out cannot be combined with --resume (the run continues in its own directory)")
+        run_dir = Path(args.resume)
+        config_path = run_dir / "config.yaml"
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run directory '{run_dir}' does not exist")
+        if not (run_dir / "last.pt").is_file():
+            raise FileNotFoundError(f"run directory '{run_dir}' has no checkpoint (expected '{run_dir / 'last.pt'}'); "
+                                    f"nothing to resume")
+        if not config_path.is_file():
+            raise FileNotFoundError(f"run directory '{run_dir}' has no config.yaml; is it a maskprop run directory?")
+        cfg = load_config(config_path, args.items)
+        summary = fit(cfg, out=run_dir, resume=True)
+    else:
+        if not args.items or "=" in args.items[0]:
+            raise ValueError("expected a recipe (e.g. recipes/quickstart.yaml) before the key=value overrides, "
+                             "or --resume DIR")
+        recipe, overrides = args.items[0], args.items[1:]
+        cfg = load_config(recipe, overrides)
+        out = args.out or cfg.out or default_run_dir(Path(recipe).stem)
+        summary = fit(cfg, out=out)
+    print(_final_table(summary))
+    print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand parser whose list positionals and options may interleave: ``train RECIPE --out DIR key=value``.
+
+    Parsers without a list positional (``bench``) parse exactly as ``argparse.ArgumentParser``.
+    """
+
+    _interleaving = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        lists = any(action.nargs == "*" for action in self._get_positional_actions())
+        if self._interleaving or not lists:
+            return super().parse_known_args(args, namespace)
+        self._interleaving = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._interleaving = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskprop", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
+
+    train = commands.add_parser(
+        "train", help="train a recipe (VR-PGE search, fix, finetune; or dense), or resume a run",
+        description="Train the recipe with key=value overrides (dotted config keys, e.g. data.root=/path/to/cifar "
+        "optim.epochs=10), writing config.yaml, TensorBoard events, metrics.jsonl, last.pt / best.pt and "
+        "summary.json to the run directory; or continue a run from its last.pt with --resume DIR.",
+    )
+    train.add_argument("items", nargs="*", metavar="RECIPE [key=value ...]",
+                       help="recipe yaml, then overrides (with --resume: overrides only)")
+    train.add_argument("--out", help="run directory (default: config 'out', else runs/<recipe>-<timestamp>)")
+    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from DIR/last.pt")
+    train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    train.set_defaults(run=_train)
 
     bench = commands.add_parser(
         "bench", help="time dense vs official-style masked vs compact VR-PGE training steps",

@@ -127,6 +127,7 @@ class DataConfig(_Section):
         val_size: Number of ``shapes`` validation images.
         seed: Seed of the ``shapes`` generator (train and validation use different streams derived from it).
         crop_size: ImageNet crop size (evaluation resizes to ``crop_size / 0.875`` and center-crops).
+        image_size: Side of the ``shapes`` images in pixels.
     """
 
     _prefix: ClassVar[str] = "data"
@@ -140,6 +141,7 @@ class DataConfig(_Section):
     val_size: int = 2000
     seed: int = 0
     crop_size: int = 224
+    image_size: int = 32
 
     def _check_ranges(self) -> None:
         self._require("batch_size", self.batch_size >= 1, "an integer >= 1")
@@ -148,6 +150,7 @@ class DataConfig(_Section):
         self._require("val_size", self.val_size >= 1, "an integer >= 1")
         self._require("seed", self.seed >= 0, "an integer >= 0")
         self._require("crop_size", self.crop_size >= 8, "an integer >= 8")
+        self._require("image_size", self.image_size >= 8, "an integer >= 8")
 
 
 @dataclass
@@ -166,6 +169,8 @@ class SparsityConfig(_Section):
         fix: How the final subnetwork is chosen: ``best_of_n`` samples ``fix_samples`` masks and keeps the one with
             the best training accuracy (official), ``top_scores`` keeps the largest scores up to the budget.
         fix_samples: Masks sampled by ``best_of_n``.
+        fix_examples: Training examples (the first ones, in eval mode) ``best_of_n`` scores each mask on; null: the
+            whole training set, as the official code.
     """
 
     _prefix: ClassVar[str] = "sparsity"
@@ -179,6 +184,7 @@ class SparsityConfig(_Section):
     prune_residual: bool = True
     fix: FixRule = "best_of_n"
     fix_samples: int = 10
+    fix_examples: int | None = None
 
     def _check_ranges(self) -> None:
         self._require("keep_ratio", 0.0 < self.keep_ratio <= 1.0, "a fraction in (0, 1]")
@@ -186,6 +192,7 @@ class SparsityConfig(_Section):
         self._require("init", 0.0 < self.init <= 1.0, "a probability in (0, 1]")
         self._require("score_lr", self.score_lr > 0.0, "a number > 0")
         self._require("fix_samples", self.fix_samples >= 1, "an integer >= 1")
+        self._require("fix_examples", self.fix_examples is None or self.fix_examples >= 1, "an integer >= 1 or null")
 
 
 @dataclass

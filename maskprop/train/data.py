@@ -477,8 +477,10 @@ def build_datasets(cfg_data: DataConfig) -> tuple[Dataset, Dataset, int, tuple[i
     """
     name = cfg_data.dataset
     if name == "shapes":
-        train_set, val_set = shapes_datasets(cfg_data.train_size, cfg_data.val_size, cfg_data.seed, cfg_data.augment)
-        return train_set, val_set, train_set.num_classes, (3, 32, 32)
+        size = cfg_data.image_size
+        train_set, val_set = shapes_datasets(cfg_data.train_size, cfg_data.val_size, cfg_data.seed, cfg_data.augment,
+                                             image_size=size)
+        return train_set, val_set, train_set.num_classes, (3, size, size)
     if name in ("cifar10", "cifar100"):
         train_set, val_set, num_classes = cifar_datasets(name, cfg_data.root, cfg_data.augment)
         return train_set, val_set, num_classes, (3, 32, 32)

@@ -1,0 +1,100 @@
+"""Checkpoints: one dict per file, written atomically, read back with one-line errors.
+
+A checkpoint holds everything a run needs to continue exactly as if it had not stopped (DESIGN.md invariant 5): model
+and score parameters, optimizer and scheduler states, phase / epoch / step, the fixed subnetwork once there is one,
+the generator states (mask sampling, data order, torch's global CPU RNG, the CUDA RNGs), the cost counters and step
+timings, the resolved config, and the model's name and channel-group layout (to refuse a checkpoint of another
+model before anything is loaded).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CHECKPOINT_KEYS", "check_compatible", "load_checkpoint", "save_checkpoint"]
+
+CHECKPOINT_KEYS = ("format", "model_name", "model_kwargs", "groups", "method", "phase", "epoch", "step", "model",
+                   "optimizers", "schedulers", "rng", "counters", "config")
+_FORMAT = 1
+
+
+def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write ``checkpoint`` with ``torch.save`` to a temp file in the same directory, then rename it over ``path``.
+
+    A process killed while saving leaves the previous file intact (and at most a stray ``.tmp`` file).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(checkpoint, format=_FORMAT), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` onto the CPU (tensors only, no arbitrary pickles).
+
+    Raises:
+        FileNotFoundError: There is no file at ``path``.
+        ValueError: The file is corrupt or truncated, or is not a maskprop checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ValueError(f"checkpoint '{path}' is corrupt or truncated ({reason}); resume from another run "
+                         f"directory or start a new run") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint '{path}' is not a maskprop checkpoint (a {type(checkpoint).__name__}, "
+                         f"expected a dict)")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint '{path}' is not a maskprop training checkpoint (missing {', '.join(missing)})")
+    if checkpoint["format"] != _FORMAT:
+        raise ValueError(f"checkpoint '{path}' has format {checkpoint['format']!r}; this maskprop reads {_FORMAT}")
+    return checkpoint
+
+
+def check_compatible(checkpoint: Mapping[str, Any], path: str | os.PathLike, model_name: str,
+                     model_kwargs: Mapping[str, Any], groups: Mapping[str, int], method: str) -> None:
+    """Raise a one-line ``ValueError`` unless ``checkpoint`` was saved from this model and method.
+
+    Args:
+        checkpoint: A loaded checkpoint.
+        path: Where it came from (for the message).
+        model_name: Registry name of the model the config builds.
+        model_kwargs: Its keyword arguments.
+        groups: Its channel-group layout ``{group: channels}``, in order.
+        method: The config's training method.
+    """
+    where = f"checkpoint '{path}'"
+    if checkpoint["model_name"] != model_name:
+        raise ValueError(f"{where} is from model {checkpoint['model_name']!r}, the config builds {model_name!r}; "
+                         f"resume with the run's own model (model.name={checkpoint['model_name']})")
+    if dict(checkpoint["model_kwargs"]) != dict(model_kwargs):
+        raise ValueError(f"{where} is from {model_name} with model.kwargs={dict(checkpoint['model_kwargs'])}, the "
+                         f"config has model.kwargs={dict(model_kwargs)}; resume with the run's own model")
+    theirs = [(str(name), int(size)) for name, size in checkpoint["groups"]]
+    ours = list(groups.items())
+    if theirs != ours:
+        first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        theirs_at = f"{theirs[first][0]!r} ({theirs[first][1]})" if first < len(theirs) else "nothing"
+        ours_at = f"{ours[first][0]!r} ({ours[first][1]})" if first < len(ours) else "nothing"
+        raise ValueError(f"{where} has another channel-group layout than the config's model ({len(theirs)} vs "
+                         f"{len(ours)} groups; group {first} is {theirs_at} in the checkpoint but {ours_at} here)")
+    if checkpoint["method"] != method:
+        raise ValueError(f"{where} is a method={checkpoint['method']!r} run, the config says method={method!r}")

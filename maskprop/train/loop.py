@@ -1,0 +1,369 @@
+"""The training loop: ``train_one_epoch``, ``evaluate``, ``fix_subnetwork`` and ``fit``, which runs the phases.
+
+A VR-PGE run (METHODS.md section 1) has three phases:
+
+1. ``search``: ``optim.epochs`` epochs of VR-PGE steps (``steps.vrpge_step``): weights by SGD, keep probabilities by
+   Adam with projection. After each epoch the deterministic subnetwork (``scores.top_mask()``) is evaluated.
+2. fix: one subnetwork is chosen, ``best_of_n`` (the official code: ``fix_samples`` masks sampled from the scores,
+   each scored in eval mode on the training set, or its first ``fix_examples`` examples; the best training accuracy
+   wins, the earliest sample on ties) or ``top_scores`` (the largest keep probabilities up to the budget).
+3. ``finetune``: ``finetune.epochs`` epochs of SGD on that subnetwork in compact mode (lr 1e-3, cosine).
+
+A ``dense`` run trains the same model with the same harness for ``optim.epochs`` epochs (phase ``train``).
+
+Every epoch is one ``train_one_epoch`` call; checkpoints are written after every ``save_every`` epochs and at the end
+of every phase, and a resumed run continues from the last one exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
+from tqdm import tqdm
+
+from ..sparse import use_mask
+from ..vrpge import ChannelScores
+from .checkpoint import save_checkpoint
+from .config import Config, load_config, save_config
+from .data import build_loader
+from .logs import RunLogger
+from .optim import weight_optimizer
+from .setup import Run, phase_epochs, phase_optimizer, prepare
+from .state import PHASES, TrainState
+from .steps import StepContext, StepResult, subnet_step, vrpge_step
+from .summary import summarize, write_json
+from .timing import DenseReference, synchronize
+
+__all__ = ["evaluate", "fit", "fix_subnetwork", "train_one_epoch"]
+
+logger = logging.getLogger(__name__)
+
+DENSE_REFERENCE_STEPS = 1
+"""Dense reference steps timed after every search epoch (``timing.py``)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One epoch, evaluation, the fix
+
+
+@dataclass
+class EpochMeter:
+    """Running sums of one epoch's steps."""
+
+    loss: float = 0.0
+    loss2: float = 0.0
+    correct: int = 0
+    count: int = 0
+    kept: float = 0.0
+    steps: int = 0
+
+    def update(self, result: StepResult) -> None:
+        self.loss += result.loss * result.count
+        self.loss2 += (result.loss2 or 0.0) * result.count
+        self.correct += result.correct
+        self.count += result.count
+        self.kept += result.kept_ratio
+        self.steps += 1
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.count, 1)
+        return {"train_loss": self.loss / n, "train_loss2": self.loss2 / n, "train_accuracy": 100.0 * self.correct / n,
+                "kept_ratio_sampled": self.kept / max(self.steps, 1)}
+
+
+def _step_function(state: TrainState, cfg: Config, ctx: StepContext) -> Callable[[tuple[Tensor, Tensor]], StepResult]:
+    """The step of the current phase, as a function of the batch."""
+    if state.phase == "search":
+        optimizers = (state.weight_optimizer, state.score_optimizer)
+        return lambda batch: vrpge_step(state.model, state.scores, optimizers, batch, state.mask_generator,
+                                        cfg.sparsity, ctx)
+    return lambda batch: subnet_step(state.model, state.weight_optimizer, batch, state.fixed_mask, ctx)
+
+
+def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: torch.utils.data.DataLoader,
+                    log: RunLogger, dense_reference: DenseReference | None = None) -> dict[str, float]:
+    """Train one epoch of the current phase; update the state's counters, step count and epoch.
+
+    Args:
+        state: The run state (its ``phase`` selects the step).
+        cfg: The run configuration.
+        ctx: Step settings.
+        loader: The training loader.
+        log: Where per-step scalars go (every ``cfg.log_every`` steps).
+        dense_reference: Times dense steps after the epoch (search phase) for the measured speedup.
+
+    Returns:
+        The epoch's training metrics.
+    """
+    phase, model = state.phase, state.model
+    model.train()
+    step = _step_function(state, cfg, ctx)
+    meter = EpochMeter()
+    total = phase_epochs(cfg, phase)
+    bar = tqdm(loader, desc=f"{phase} {state.epoch + 1}/{total}", leave=False, disable=None, dynamic_ncols=True)
+    start = time.perf_counter()
+    batch = None
+    for images, labels in bar:
+        batch = ctx.inputs(images, labels)
+        synchronize(ctx.device)
+        began = time.perf_counter()
+        result = step(batch)
+        synchronize(ctx.device)
+        state.times.add(phase, time.perf_counter() - began)
+
+        state.counters[f"{phase}_steps"] += 1
+        state.weight_schedule.step_update(state.counters[f"{phase}_steps"])
+        state.step += 1
+        state.counters["train_flops"] += result.flops
+        if phase != "finetune":  # the dense baseline trains as many steps as the search (see timing.py)
+            state.counters["dense_train_flops"] += result.dense_flops
+        meter.update(result)
+        bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{100.0 * meter.correct / meter.count:.1f}",
+                        kept=f"{result.kept_ratio:.2f}", refresh=False)
+        if state.step % cfg.log_every == 0:
+            log.scalars(_step_scalars(state, result), state.step)
+    bar.close()
+    if meter.steps == 0:
+        raise ValueError(f"the training loader gave no batch (batch size {cfg.data.batch_size}); "
+                         f"expected at least one full batch per epoch")
+    if dense_reference is not None and phase == "search":
+        for seconds in dense_reference.time_steps(model, batch, DENSE_REFERENCE_STEPS):
+            state.times.add("dense_ref", seconds)
+    state.epoch += 1
+    return dict(meter.summary(), epoch_time_s=time.perf_counter() - start)
+
+
+def _step_scalars(state: TrainState, result: StepResult) -> dict[str, float]:
+    loss_tag = f"{state.phase}/loss" if result.loss2 is None else f"{state.phase}/loss_m"
+    scalars = {loss_tag: result.loss, f"{state.phase}/accuracy": 100.0 * result.correct / result.count,
+               f"{state.phase}/kept_ratio_sampled": result.kept_ratio,
+               "lr/weights": state.weight_optimizer.param_groups[0]["lr"]}
+    if result.loss2 is not None:
+        scalars[f"{state.phase}/loss_m2"] = result.loss2
+        scalars["lr/scores"] = state.score_optimizer.param_groups[0]["lr"]
+    return scalars
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, mask: Mapping[str, Tensor] | None,
+             ctx: StepContext) -> dict[str, float]:
+    """Top-1 accuracy (percent) and mean cross entropy of the subnetwork ``mask`` (dense for ``None``), eval mode."""
+    was_training = model.training
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    try:
+        with use_mask(model, mask, "compact"):
+            for images, labels in loader:
+                images, labels = ctx.inputs(images, labels)
+                with ctx.autocast():
+                    logits = model(images).float()
+                loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+                correct += int((logits.argmax(1) == labels).sum())
+                count += labels.shape[0]
+    finally:
+        model.train(was_training)
+    return {"loss": loss / max(count, 1), "accuracy": 100.0 * correct / max(count, 1)}
+
+
+@torch.no_grad()
+def _best_of_n(scores: ChannelScores, model: nn.Module, generator: torch.Generator, samples: int,
+               loader: torch.utils.data.DataLoader, ctx: StepContext) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    masks = [scores.split(scores.sample_flat(generator).cpu()) for _ in range(samples)]
+    correct, count = [0] * samples, 0
+    model.eval()
+    for images, labels in loader:  # every mask sees the same batches (same augmentation draws)
+        images, labels = ctx.inputs(images, labels)
+        count += labels.shape[0]
+        for i, mask in enumerate(masks):
+            with use_mask(model, mask, "compact"), ctx.autocast():
+                correct[i] += int((model(images).argmax(1) == labels).sum())
+    model.train()
+    accuracies = [100.0 * c / max(count, 1) for c in correct]
+    best = max(range(samples), key=lambda i: (correct[i], -i))
+    return masks[best], {"rule": "best_of_n", "train_accuracies": accuracies, "chosen": best, "examples": count}
+
+
+def _top_scores(scores: ChannelScores, *args: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    return {g: m.cpu() for g, m in scores.top_mask().items()}, {"rule": "top_scores"}
+
+
+_FIX_RULES = {"best_of_n": _best_of_n, "top_scores": _top_scores}
+
+
+def fix_subnetwork(state: TrainState, cfg: Config, ctx: StepContext,
+                   train_set: Dataset) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Choose the subnetwork to finetune (``sparsity.fix``; see the module docstring).
+
+    Returns:
+        The mask (on the CPU) and a json-able description of how it was chosen.
+    """
+    sparsity = cfg.sparsity
+    loader = None
+    if sparsity.fix == "best_of_n":
+        subset = train_set
+        if sparsity.fix_examples is not None and sparsity.fix_examples < len(train_set):
+            subset = Subset(train_set, range(sparsity.fix_examples))
+        loader = build_loader(subset, cfg.data.batch_size, train=False, workers=cfg.data.workers, seed=cfg.seed)
+    mask, info = _FIX_RULES[sparsity.fix](state.scores, state.model, state.mask_generator, sparsity.fix_samples,
+                                          loader, ctx)
+    logger.info("fixed the subnetwork by %s: %s", sparsity.fix, {k: v for k, v in info.items() if k != "rule"})
+    return mask, info
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running the phases
+
+
+class _Saver:
+    """Writes ``last.pt`` / ``best.pt`` (atomically) and keeps the run's wall time across processes."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self._started = time.perf_counter()
+        self._base = run.state.elapsed_s
+
+    def elapsed(self) -> float:
+        return self._base + time.perf_counter() - self._started
+
+    def save(self, name: str = "last.pt") -> None:
+        self.run.state.elapsed_s = self.elapsed()
+        if self.run.run_dir is not None:
+            save_checkpoint(self.run.state.checkpoint(self.run.cfg, self.run.groups), self.run.run_dir / name)
+
+
+def _eval_mask(state: TrainState) -> dict[str, Tensor] | None:
+    """The subnetwork evaluated in the current phase: the top scores while searching, the fixed one after."""
+    if state.phase == "search":
+        return {g: m.cpu() for g, m in state.scores.top_mask().items()}
+    return state.fixed_mask
+
+
+def _epoch_record(run: Run, train_metrics: dict[str, float], val: dict[str, float] | None) -> dict[str, Any]:
+    state, counters = run.state, run.state.counters
+    record: dict[str, Any] = {"phase": state.phase, "epoch": state.epoch, "step": state.step, **train_metrics}
+    if state.phase != "search":
+        record.pop("train_loss2")
+    if val is not None:
+        record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+    if state.scores is not None:
+        expected = state.scores.expected_kept()
+        record["kept_ratio_expected"] = expected.ratio
+        record["widths_expected"] = expected.per_group
+    record["lr"] = state.weight_optimizer.param_groups[0]["lr"]
+    record["train_flops"] = counters["train_flops"]
+    record["dense_train_flops"] = counters["dense_train_flops"]
+    record["train_cost_saving"] = counters["dense_train_flops"] / max(counters["train_flops"], 1)
+    return record
+
+
+def _log_epoch(run: Run, log: RunLogger, record: dict[str, Any]) -> None:
+    state = run.state
+    phase, step = state.phase, state.step
+    scalars = {f"{phase}/epoch_loss": record["train_loss"], f"{phase}/epoch_accuracy": record["train_accuracy"],
+               f"{phase}/kept_ratio_sampled_mean": record["kept_ratio_sampled"],
+               "cost/train_flops": record["train_flops"], "cost/train_cost_saving": record["train_cost_saving"]}
+    if "val_accuracy" in record:
+        scalars.update({f"val/{phase}_accuracy": record["val_accuracy"], f"val/{phase}_loss": record["val_loss"]})
+    if "kept_ratio_expected" in record:
+        scalars["search/kept_ratio_expected"] = record["kept_ratio_expected"]
+        scalars.update({f"widths/{g}": w for g, w in record["widths_expected"].items()})
+        log.histogram("search/scores", state.scores.scores, step)
+    log.scalars(scalars, step)
+    log.epoch(record)
+
+
+def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseReference | None) -> None:
+    """Train the remaining epochs of the current phase, evaluating and saving as configured."""
+    cfg, state = run.cfg, run.state
+    epochs = phase_epochs(cfg, state.phase)
+    while state.epoch < epochs:
+        metrics = train_one_epoch(state, cfg, run.ctx, run.train_loader, log, dense_reference)
+        last = state.epoch == epochs
+        val = None
+        if (cfg.eval_every and state.epoch % cfg.eval_every == 0) or last:
+            val = evaluate(state.model, run.val_loader, _eval_mask(state), run.ctx)
+            if last and state.phase != "search":
+                state.final_accuracy = val["accuracy"]
+        _log_epoch(run, log, _epoch_record(run, metrics, val))
+        if val is not None and val["accuracy"] > state.best_accuracy:
+            state.best_accuracy = val["accuracy"]
+            saver.save("best.pt")
+        if last or (cfg.save_every and state.epoch % cfg.save_every == 0):
+            saver.save()
+
+
+def _next_phase(run: Run) -> None:
+    """Move the state to its next phase (fixing the subnetwork after the search) and save."""
+    cfg, state = run.cfg, run.state
+    if state.phase == "search":
+        state.fixed_mask, state.fix_info = fix_subnetwork(state, cfg, run.ctx, run.train_set)
+        state.phase, state.epoch = "finetune", 0
+        state.weight_optimizer, state.weight_schedule = phase_optimizer(cfg, state.model, "finetune",
+                                                                         len(run.train_loader))
+    else:
+        if state.final_accuracy is None:  # no epoch ran in this phase (finetune.epochs == 0)
+            state.final_accuracy = evaluate(state.model, run.val_loader, state.fixed_mask, run.ctx)["accuracy"]
+        state.phase = "done"
+
+
+def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Dataset | None = None,
+        val_set: Dataset | None = None, out: str | os.PathLike | None = None, *,
+        resume: bool = False) -> dict[str, Any]:
+    """Train a model as the configuration says (VR-PGE search + fix + finetune, or dense) and summarise the run.
+
+    Args:
+        config: A ``Config``, a mapping or a yaml path (see ``maskprop.train.config``).
+        train_set: Training set of ``(image, label)`` pairs; default: the one ``config.data`` names.
+        val_set: Validation set; given together with ``train_set``.
+        out: Run directory (default ``config.out``); ``None`` for both writes nothing.
+        resume: Continue the run in ``out`` from its ``last.pt``, exactly as if it had not stopped.
+
+    Returns:
+        The summary (also written to ``summary.json``): ``accuracy`` (top-1 % of the final network), ``dense_params``,
+        ``subnet_params``, ``dense_flops``, ``subnet_flops`` (forward, one example), ``train_cost_saving``
+        (supplement C.1, over the masks actually used, finetuning included), ``measured_speedup`` (``timing.py``),
+        ``widths`` (kept channels per group of the final mask), ``run_time_s`` and more.
+
+    Raises:
+        ValueError: Bad configuration, data, checkpoint or run directory (one line each; nothing is written).
+        FileNotFoundError: A missing config file, dataset directory or checkpoint.
+    """
+    cfg = config if isinstance(config, Config) else load_config(config)
+    cfg.validate()
+    out = out if out is not None else cfg.out
+    run = prepare(cfg, train_set, val_set, None if out is None else Path(out), resume)
+    state = run.state
+    if run.run_dir is not None:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.run_dir / "config.yaml")
+    position = (PHASES[state.phase], state.epoch)
+    log = RunLogger(run.run_dir, resume_step=state.step if run.resumed else None,
+                    keep_line=(lambda r: (PHASES.get(r.get("phase"), 99), r.get("epoch", 0)) <= position)
+                    if run.resumed else None)
+    saver = _Saver(run)
+    dense_reference = None
+    if cfg.method == "vrpge":
+        opt = cfg.optim
+        dense_reference = DenseReference(
+            lambda params: weight_optimizer(params, opt.lr, opt.momentum, opt.weight_decay, opt.nesterov), run.ctx)
+    try:
+        while state.phase != "done":
+            _run_phase(run, log, saver, dense_reference)
+            _next_phase(run)
+            saver.save()
+        summary = summarize(run, saver.elapsed())
+    finally:
+        log.close()
+    if run.run_dir is not None:
+        write_json(summary, run.run_dir / "summary.json")
+    return summary

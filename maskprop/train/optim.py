@@ -1,0 +1,71 @@
+"""Optimizers and learning-rate schedules of a run: SGD on the weights, Adam on the scores, timm's per-step schedules.
+
+The weights use plain ``torch.optim.SGD``. Its weight decay and momentum act on every parameter, the dropped channels
+of a step included: a dropped channel has a zero gradient, so it decays by ``lr x weight_decay`` and keeps moving
+along its momentum buffer. The official VR-PGE code does the same (it multiplies weights by masks and steps a standard
+SGD over all of them); channels that are rarely sampled therefore shrink slowly, which acts like the weight decay they
+would get in a dense run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from timm.scheduler.scheduler import Scheduler
+from torch import nn
+
+from .config import Schedule
+
+__all__ = ["build_schedule", "score_optimizer", "weight_optimizer"]
+
+
+def weight_optimizer(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float,
+                     nesterov: bool = False) -> torch.optim.SGD:
+    """SGD on the weights (supplement B: lr 0.1, momentum 0.9, weight decay 5e-4 on CIFAR).
+
+    Weight decay and momentum apply to dropped channels too (see the module docstring).
+    """
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=nesterov and momentum > 0)
+
+
+def score_optimizer(scores: nn.Parameter, lr: float) -> torch.optim.Adam:
+    """Adam on the keep probabilities, no weight decay (supplement B: lr 12e-3, the only grid-searched value)."""
+    return torch.optim.Adam([scores], lr=lr, weight_decay=0.0)
+
+
+def _cosine(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> Scheduler:
+    return CosineLRScheduler(optimizer, t_initial=total, lr_min=0.0, warmup_t=warmup, t_in_epochs=False)
+
+
+def _step(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> Scheduler:
+    return MultiStepLRScheduler(optimizer, decay_t=[total // 2, (3 * total) // 4], decay_rate=0.1, warmup_t=warmup,
+                                t_in_epochs=False)
+
+
+def _constant(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> Scheduler:
+    return MultiStepLRScheduler(optimizer, decay_t=[], warmup_t=warmup, t_in_epochs=False)  # no decay point
+
+
+_SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, int, int], Scheduler]] = {
+    "cosine": _cosine,
+    "step": _step,
+    "constant": _constant,
+}
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, schedule: Schedule, total_steps: int,
+                   warmup_steps: int = 0) -> Scheduler:
+    """A timm scheduler stepped once per optimizer update (``scheduler.step_update(updates_done)``).
+
+    Args:
+        optimizer: The optimizer whose learning rate it drives; its current ``lr`` is the peak.
+        schedule: ``cosine`` (to 0 at ``total_steps``), ``step`` (x0.1 at 50% and 75%) or ``constant``.
+        total_steps: Optimizer updates of the phase.
+        warmup_steps: Linear warmup from 0, counted inside ``total_steps``.
+    """
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(_SCHEDULES)}")
+    return _SCHEDULES[schedule](optimizer, max(total_steps, 1), warmup_steps)

@@ -1,0 +1,210 @@
+"""Setting a run up: the datasets, the model, the state to train and its step settings, all checked before anything
+is written (DESIGN.md invariant 7), and the checkpoint to resume from."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..cost import CostModel
+from ..models import create_model
+from ..vrpge import ChannelScores
+from .checkpoint import check_compatible, load_checkpoint
+from .config import Config, config_to_dict
+from .data import build_datasets, build_loader
+from .optim import build_schedule, score_optimizer, weight_optimizer
+from .state import TrainState
+from .steps import StepContext
+
+__all__ = ["Run", "default_run_dir", "phase_epochs", "phase_optimizer", "prepare"]
+
+logger = logging.getLogger(__name__)
+
+_AMP = {"none": None, "bf16": torch.bfloat16}
+_NOT_YET = ("meprop", "sbp", "msbp")
+
+
+@dataclass
+class Run:
+    """A prepared run: everything built and checked, nothing written yet."""
+
+    cfg: Config
+    state: TrainState
+    ctx: StepContext
+    train_set: Dataset
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    groups: dict[str, int]
+    run_dir: Path | None
+    resumed: bool
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; use device=auto or device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name!r} but MPS is not available; use device=auto or device=cpu")
+    return device
+
+
+def _num_classes(dataset: Dataset) -> int:
+    if isinstance(getattr(dataset, "num_classes", None), int):
+        return dataset.num_classes
+    if getattr(dataset, "classes", None) is not None:
+        return len(dataset.classes)
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) > 0:
+        return int(torch.as_tensor(targets).max()) + 1
+    raise ValueError(f"cannot tell the number of classes of {type(dataset).__name__}: give it a num_classes, classes "
+                     f"or targets attribute, or set model.kwargs.num_classes")
+
+
+def _datasets(cfg: Config, train_set: Dataset | None,
+              val_set: Dataset | None) -> tuple[Dataset, Dataset, int, tuple[int, int, int]]:
+    if train_set is None and val_set is None:
+        return build_datasets(cfg.data)
+    if train_set is None or val_set is None:
+        raise ValueError("give both train_set and val_set, or neither (then config.data names them)")
+    num_classes = cfg.model.kwargs.get("num_classes") or _num_classes(train_set)
+    with torch.random.fork_rng(devices=[]):  # reading an augmented example must not move the global RNG
+        image = train_set[0][0]
+    if not isinstance(image, Tensor) or image.dim() != 3:
+        raise ValueError(f"train_set[0] must be (image, label) with a (C, H, W) tensor image; got "
+                         f"{type(image).__name__} {tuple(getattr(image, 'shape', ()))}")
+    return train_set, val_set, num_classes, tuple(image.shape)
+
+
+def _build_model(cfg: Config, num_classes: int) -> nn.Module:
+    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "num_classes"}
+    try:
+        model = create_model(cfg.model.name, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"model.kwargs={dict(cfg.model.kwargs)} do not fit model {cfg.model.name!r} ({err})") from None
+    if not hasattr(model, "channel_groups"):
+        raise ValueError(f"model {cfg.model.name!r} has no channel groups; expected a maskprop model")
+    return model
+
+
+def phase_epochs(cfg: Config, phase: str) -> int:
+    return {"train": cfg.optim.epochs, "search": cfg.optim.epochs, "finetune": cfg.finetune.epochs, "done": 0}[phase]
+
+
+def phase_optimizer(cfg: Config, model: nn.Module, phase: str,
+                     steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
+    """SGD and its per-step schedule for ``phase``: the search / dense recipe, or the finetune recipe (cosine)."""
+    if phase == "finetune":
+        ft = cfg.finetune
+        optimizer = weight_optimizer(model.parameters(), ft.lr, ft.momentum, ft.weight_decay, cfg.optim.nesterov)
+        return optimizer, build_schedule(optimizer, "cosine" if ft.epochs else "constant", ft.epochs * steps_per_epoch)
+    opt = cfg.optim
+    optimizer = weight_optimizer(model.parameters(), opt.lr, opt.momentum, opt.weight_decay, opt.nesterov)
+    return optimizer, build_schedule(optimizer, opt.schedule, opt.epochs * steps_per_epoch,
+                                     opt.warmup_epochs * steps_per_epoch)
+
+
+def _check_run_dir(run_dir: Path | None, resume: bool) -> dict[str, Any] | None:
+    """The checkpoint to resume from (or ``None``), after checking the run directory fits the request."""
+    if run_dir is None:
+        if resume:
+            raise ValueError("resume needs a run directory (out=...)")
+        return None
+    last = run_dir / "last.pt"
+    if resume:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run directory '{run_dir}' does not exist")
+        if not last.is_file():
+            raise FileNotFoundError(f"run directory '{run_dir}' has no checkpoint (expected '{last}'); "
+                                    f"nothing to resume")
+        return load_checkpoint(last)
+    if last.exists():
+        raise ValueError(f"run directory '{run_dir}' already holds a run ('{last}'); resume it with "
+                         f"'maskprop train --resume {run_dir}' or choose another output directory")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"output path '{run_dir}' exists and is not a directory")
+    return None
+
+
+# Settings a resumed run may change without changing what it computes.
+_FREE_ON_RESUME = {"data.root", "data.workers", "device", "log_every", "eval_every", "save_every", "out"}
+
+
+def _warn_changed(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> None:
+    """Log the settings that differ from the checkpoint's: the run continues, but not as it started."""
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping) and key != "kwargs":
+            _warn_changed(a, b, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" not in _FREE_ON_RESUME:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    if changed:
+        logger.warning("resuming with settings changed since the checkpoint (schedules keep their saved lengths): %s",
+                       "; ".join(changed))
+
+
+def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | None = None,
+            run_dir: Path | None = None, resume: bool = False) -> Run:
+    """Build and check everything a run needs; raise one-line errors before anything is written."""
+    if cfg.method in _NOT_YET:
+        raise ValueError(f"method={cfg.method!r} is not implemented yet in the trainer; use method=vrpge or "
+                         f"method=dense")
+    checkpoint = _check_run_dir(run_dir, resume)
+    train_set, val_set, num_classes, input_size = _datasets(cfg, train_set, val_set)
+    device = _resolve_device(cfg.device)
+
+    torch.manual_seed(cfg.seed)
+    model = _build_model(cfg, num_classes)
+    groups = model.channel_groups()
+    if checkpoint is not None:
+        check_compatible(checkpoint, run_dir / "last.pt", cfg.model.name, cfg.model.kwargs, groups, cfg.method)
+        _warn_changed(checkpoint["config"], config_to_dict(cfg))
+    cost = CostModel(model, input_size)  # before moving: the shapes do not depend on the device
+    model.to(device)
+    loader_generator = torch.Generator().manual_seed(cfg.seed)
+    train_loader = build_loader(train_set, cfg.data.batch_size, train=True, workers=cfg.data.workers,
+                                generator=loader_generator, pin_memory=device.type == "cuda")
+    val_loader = build_loader(val_set, cfg.data.batch_size, train=False, workers=cfg.data.workers, seed=cfg.seed,
+                              pin_memory=device.type == "cuda")
+
+    scores = score_opt = None
+    first_phase = "search" if cfg.method == "vrpge" else "train"
+    if cfg.method == "vrpge":
+        scores = ChannelScores(groups, cfg.sparsity.keep_ratio, cfg.sparsity.init)
+        score_opt = score_optimizer(scores.scores, cfg.sparsity.score_lr)
+    # The weight optimizer of the phase the run is in (a resumed finetune gets the finetune SGD before loading).
+    resumed_phase = None if checkpoint is None else checkpoint["phase"]
+    finetuning = cfg.method == "vrpge" and resumed_phase in ("finetune", "done")
+    optimizer, schedule = phase_optimizer(cfg, model, "finetune" if finetuning else first_phase, len(train_loader))
+    state = TrainState(model=model, weight_optimizer=optimizer, weight_schedule=schedule, scores=scores,
+                       score_optimizer=score_opt, mask_generator=torch.Generator().manual_seed(cfg.seed + 1),
+                       loader_generator=loader_generator, phase=first_phase)
+    if checkpoint is not None:
+        try:
+            state.load(checkpoint)
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            reason = " ".join(str(err).split())[:300]
+            raise ValueError(f"checkpoint '{run_dir / 'last.pt'}' does not fit this run ({reason})") from None
+        state.model.to(device)
+        logger.info("resuming %s from %s: phase %s, epoch %d, step %d", cfg.model.name, run_dir, state.phase,
+                    state.epoch, state.step)
+    ctx = StepContext(criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), device=device,
+                      cost=cost, amp_dtype=_AMP[cfg.amp], channels_last=cfg.channels_last,
+                      clip_grad_norm=cfg.optim.clip_grad_norm)
+    return Run(cfg, state, ctx, train_set, train_loader, val_loader, groups, run_dir, checkpoint is not None)
+
+
+def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
+    """``runs/<name>-<timestamp>`` (the CLI's default output directory)."""
+    return Path(root) / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,127 @@
+"""The mutable state of a run, and its conversion to and from one checkpoint dict."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from timm.scheduler.scheduler import Scheduler
+from torch import Tensor, nn
+
+from ..vrpge import ChannelScores
+from .config import Config, config_to_dict
+from .timing import StepTimes
+
+__all__ = ["PHASES", "TrainState", "new_counters"]
+
+# Phases in run order: a dense run trains then is done; a VR-PGE run searches, fixes a subnetwork, finetunes it.
+PHASES = {"train": 0, "search": 0, "finetune": 1, "done": 2}
+
+
+def new_counters() -> dict[str, int]:
+    """Cost counters of a run: train FLOPs (supplement C.1), the dense baseline's, and optimizer steps per phase."""
+    return {"train_flops": 0, "dense_train_flops": 0, "search_steps": 0, "finetune_steps": 0, "train_steps": 0}
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while a run trains, i.e. everything a checkpoint must hold.
+
+    Attributes:
+        model: The network (full size; subnetworks run through ``use_mask``).
+        weight_optimizer: SGD of the current phase (a new one is made for the finetune phase).
+        weight_schedule: Its per-step learning-rate schedule.
+        scores: Keep probabilities (VR-PGE runs), on the CPU.
+        score_optimizer: Adam on the scores (VR-PGE runs).
+        mask_generator: Source of every sampled mask (CPU).
+        loader_generator: Source of the training data order (and of worker seeds).
+        phase: ``train`` (dense), ``search``, ``finetune`` or ``done``.
+        epoch: Epochs completed in ``phase``.
+        step: Optimizer steps over the whole run.
+        fixed_mask: The subnetwork chosen after the search, ``{group: bool tensor}`` on the CPU.
+        fix_info: How it was chosen (rule, per-sample accuracies).
+        counters: Cost counters (:func:`new_counters`).
+        best_accuracy: Best validation accuracy seen, in percent (-1 before the first evaluation).
+        final_accuracy: Validation accuracy of the final network, once the run is done.
+        times: Step wall times.
+        elapsed_s: Wall time of the run so far, over all its processes.
+    """
+
+    model: nn.Module
+    weight_optimizer: torch.optim.Optimizer
+    weight_schedule: Scheduler
+    scores: ChannelScores | None
+    score_optimizer: torch.optim.Optimizer | None
+    mask_generator: torch.Generator
+    loader_generator: torch.Generator
+    phase: str
+    epoch: int = 0
+    step: int = 0
+    fixed_mask: dict[str, Tensor] | None = None
+    fix_info: dict[str, Any] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=new_counters)
+    best_accuracy: float = -1.0
+    final_accuracy: float | None = None
+    times: StepTimes = field(default_factory=StepTimes)
+    elapsed_s: float = 0.0
+
+    def checkpoint(self, cfg: Config, groups: Mapping[str, int]) -> dict[str, Any]:
+        """The state as one checkpoint dict (tensors and plain Python values only; see ``checkpoint.py``)."""
+        rng = {
+            "mask": self.mask_generator.get_state(),
+            "loader": self.loader_generator.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
+            else [],
+        }
+        return {
+            "model_name": cfg.model.name,
+            "model_kwargs": dict(cfg.model.kwargs),
+            "groups": [[name, size] for name, size in groups.items()],
+            "method": cfg.method,
+            "phase": self.phase,
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "scores": None if self.scores is None else self.scores.state_dict(),
+            "optimizers": {"weights": self.weight_optimizer.state_dict(),
+                           "scores": None if self.score_optimizer is None else self.score_optimizer.state_dict()},
+            "schedulers": {"weights": self.weight_schedule.state_dict()},
+            "fixed_mask": self.fixed_mask,
+            "fix_info": self.fix_info,
+            "rng": rng,
+            "counters": dict(self.counters),
+            "best_accuracy": self.best_accuracy,
+            "final_accuracy": self.final_accuracy,
+            "times": self.times.state_dict(),
+            "elapsed_s": self.elapsed_s,
+            "config": config_to_dict(cfg),
+        }
+
+    def load(self, checkpoint: Mapping[str, Any]) -> None:
+        """Restore from a checkpoint of the same model (checked beforehand with ``check_compatible``).
+
+        The weight optimizer and schedule must already be those of the checkpoint's phase (see ``loop.py``).
+        """
+        self.model.load_state_dict(checkpoint["model"])
+        if self.scores is not None:
+            self.scores.load_state_dict(checkpoint["scores"])
+            self.score_optimizer.load_state_dict(checkpoint["optimizers"]["scores"])
+        self.weight_optimizer.load_state_dict(checkpoint["optimizers"]["weights"])
+        self.weight_schedule.load_state_dict(checkpoint["schedulers"]["weights"])
+        self.phase, self.epoch, self.step = checkpoint["phase"], checkpoint["epoch"], checkpoint["step"]
+        self.fixed_mask = checkpoint["fixed_mask"]
+        self.fix_info = dict(checkpoint["fix_info"])
+        self.counters = dict(checkpoint["counters"])
+        self.best_accuracy = checkpoint["best_accuracy"]
+        self.final_accuracy = checkpoint["final_accuracy"]
+        self.times.load_state_dict(checkpoint["times"])
+        self.elapsed_s = checkpoint["elapsed_s"]
+        rng = checkpoint["rng"]
+        self.mask_generator.set_state(rng["mask"])
+        self.loader_generator.set_state(rng["loader"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])

@@ -1,0 +1,173 @@
+"""One training step of each kind: the VR-PGE search step, and a plain SGD step on a fixed subnetwork (or dense).
+
+Each step is one function that shows the whole step (METHODS.md section 1, "One iteration"), returns what it measured
+and the FLOPs it cost by supplement C.1 (a backward costs twice its forward), and leaves the bookkeeping (counters,
+logs, timing) to the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..cost import CostModel, dense_step_flops, vrpge_step_flops
+from ..sparse import use_mask
+from ..vrpge import ChannelScores, score_grad
+from .config import SparsityConfig
+
+__all__ = ["StepContext", "StepResult", "subnet_step", "vrpge_step"]
+
+
+@dataclass
+class StepContext:
+    """What every step of a run uses and never changes.
+
+    Attributes:
+        criterion: Training loss (cross entropy, with label smoothing where configured).
+        device: Where the model runs.
+        cost: FLOPs of the model for any mask, for one example.
+        amp_dtype: Autocast dtype (``torch.bfloat16``) or ``None``.
+        channels_last: Carry the inputs (hence the activations) in channels_last memory format.
+        clip_grad_norm: Clip the joint gradient norm of weights and scores at this value, or ``None``.
+    """
+
+    criterion: nn.Module
+    device: torch.device
+    cost: CostModel
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    clip_grad_norm: float | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                              enabled=self.amp_dtype is not None)
+
+    def inputs(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch moved to the device, images in the configured memory format."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
+
+
+@dataclass
+class StepResult:
+    """What one step measured.
+
+    Attributes:
+        loss: Training loss of the back-propagated subnetwork (L(m) in a search step).
+        loss2: L(m') of the second sample (search steps only).
+        correct: Correctly classified examples of the back-propagated pass.
+        count: Examples in the batch.
+        kept_ratio: Kept fraction of the prunable channels in the mask(s) used.
+        flops: Train FLOPs the step cost (supplement C.1).
+        dense_flops: Train FLOPs of a dense step on the same batch, 3 f_D.
+        mask: The mask ``m`` used (search steps), on the CPU.
+        mask2: The mask ``m'`` used (search steps), on the CPU.
+    """
+
+    loss: float
+    loss2: float | None
+    correct: int
+    count: int
+    kept_ratio: float
+    flops: int
+    dense_flops: int
+    mask: dict[str, Tensor] | None = None
+    mask2: dict[str, Tensor] | None = None
+
+
+def _kept_ratio(mask: Mapping[str, Tensor] | None) -> float:
+    if mask is None:
+        return 1.0
+    return sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
+
+
+def _clip(ctx: StepContext, params: Iterator[Tensor] | list[Tensor]) -> None:
+    if ctx.clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(list(params), ctx.clip_grad_norm)
+
+
+def vrpge_step(model: nn.Module, scores: ChannelScores, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+               batch: tuple[Tensor, Tensor], generator: torch.Generator, sparsity: SparsityConfig,
+               ctx: StepContext) -> StepResult:
+    """One VR-PGE iteration (METHODS.md section 1, steps 1-6).
+
+    1. Sample ``m`` and ``m'`` independently from ``p(.|s)`` with ``generator`` (in that order).
+    2. Forward ``m`` (compact, with autograd), loss ``L(m)``, backward: gradients of the kept weights.
+    3. Forward ``m'`` (compact, under ``no_grad``), loss ``L(m')``; with ``weight_grad: both`` it is back-propagated
+       too and the weight gradient is the average of the two (the official code).
+    4. ``scores.grad`` = the score gradient of ``sparsity.estimator`` (paper eq. (12) or its symmetric form).
+    5. Clip the joint gradient norm (optional), SGD step on the weights, Adam step on the scores, then project the
+       scores onto ``{0 <= s <= 1, sum s <= K}``.
+
+    Both forwards run in train mode, so BatchNorm running statistics of the channels kept by either mask move.
+
+    Args:
+        model: A maskprop model in train mode.
+        scores: Its keep probabilities.
+        optimizers: ``(weight optimizer, score optimizer)``.
+        batch: ``(images, labels)`` on the device.
+        generator: The mask generator (on the scores' device).
+        sparsity: Estimator, ``alpha`` and ``weight_grad``.
+        ctx: The run's fixed step settings.
+    """
+    weight_opt, score_opt = optimizers
+    images, labels = batch
+    flat_m, flat_m2 = scores.sample_flat(generator), scores.sample_flat(generator)
+    mask_m, mask_m2 = scores.split(flat_m.cpu()), scores.split(flat_m2.cpu())
+    both = sparsity.weight_grad == "both"
+
+    weight_opt.zero_grad(set_to_none=True)
+    score_opt.zero_grad(set_to_none=True)
+    with use_mask(model, mask_m, "compact"), ctx.autocast():
+        logits = model(images)
+        loss_m = ctx.criterion(logits.float(), labels)
+    (loss_m * 0.5 if both else loss_m).backward()
+    with torch.set_grad_enabled(both), use_mask(model, mask_m2, "compact"), ctx.autocast():
+        loss_m2 = ctx.criterion(model(images).float(), labels)
+    if both:
+        (loss_m2 * 0.5).backward()
+    value_m, value_m2 = loss_m.item(), loss_m2.item()
+
+    # supplement eq. (12): g_s = (L(m) - L(m')) H^alpha(s) grad_s ln p(m|s)  (or its symmetric form)
+    s = scores.scores
+    s.grad = score_grad(sparsity.estimator, value_m, value_m2, flat_m, flat_m2, s.detach(), alpha=sparsity.alpha)
+    _clip(ctx, [*model.parameters(), s])
+    weight_opt.step()
+    score_opt.step()
+    scores.project_()
+
+    batch_size = labels.shape[0]
+    f_m, f_m2 = ctx.cost.flops(mask_m, batch_size), ctx.cost.flops(mask_m2, batch_size)
+    return StepResult(
+        loss=value_m, loss2=value_m2, correct=int((logits.argmax(1) == labels).sum()), count=batch_size,
+        kept_ratio=_kept_ratio(mask_m), flops=int(vrpge_step_flops(f_m, f_m2, sparsity.weight_grad)),
+        dense_flops=int(dense_step_flops(ctx.cost.flops(None, batch_size))), mask=mask_m, mask2=mask_m2,
+    )
+
+
+def subnet_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[Tensor, Tensor],
+                mask: Mapping[str, Tensor] | None, ctx: StepContext) -> StepResult:
+    """One SGD step of the subnetwork ``mask`` in compact mode (the finetune phase), or of the dense model (``None``).
+
+    Costs 3 f(mask) train FLOPs (supplement C.1).
+    """
+    images, labels = batch
+    optimizer.zero_grad(set_to_none=True)
+    with use_mask(model, mask, "compact"), ctx.autocast():
+        logits = model(images)
+        loss = ctx.criterion(logits.float(), labels)
+    loss.backward()
+    _clip(ctx, model.parameters())
+    optimizer.step()
+    batch_size = labels.shape[0]
+    return StepResult(
+        loss=loss.item(), loss2=None, correct=int((logits.argmax(1) == labels).sum()), count=batch_size,
+        kept_ratio=_kept_ratio(mask), flops=int(dense_step_flops(ctx.cost.flops(mask, batch_size))),
+        dense_flops=int(dense_step_flops(ctx.cost.flops(None, batch_size))),
+    )

@@ -1,0 +1,463 @@
+"""The trainer: one VR-PGE step against a hand computation, whole runs and their artifacts, resume, bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import maskprop
+from maskprop.cli import main
+from maskprop.sparse import use_mask
+from maskprop.train.checkpoint import load_checkpoint
+from maskprop.train.config import SparsityConfig, load_config
+from maskprop.train.data import ShapesDataset
+from maskprop.train.steps import StepContext, subnet_step, vrpge_step
+from maskprop.vrpge import ChannelScores, project_scores, score_grad
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A run of a few seconds: ResNet-20 on 16x16 shapes, 2 steps per epoch.
+TINY = {
+    "seed": 0,
+    "log_every": 2,
+    "model": {"name": "resnet20"},
+    "data": {"dataset": "shapes", "train_size": 128, "val_size": 64, "image_size": 16, "batch_size": 64,
+             "workers": 0},
+    "optim": {"epochs": 2},
+    "sparsity": {"keep_ratio": 0.5, "fix_examples": 64, "fix_samples": 3},
+    "finetune": {"epochs": 1},
+}
+SUMMARY_KEYS = {"accuracy", "dense_params", "subnet_params", "dense_flops", "subnet_flops", "train_cost_saving",
+                "measured_speedup", "widths", "run_time_s"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: these runs are tiny, and two threads on a shared 2-core machine mostly wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**overrides) -> dict:
+    """TINY with dotted-key overrides, as a plain dict."""
+    config = copy.deepcopy(TINY)
+    for dotted, value in overrides.items():
+        node = config
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config
+
+
+def write_recipe(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One tiny VR-PGE run through ``maskprop train``: (run directory, captured stdout)."""
+    root = tmp_path_factory.mktemp("cli")
+    recipe = write_recipe(root / "tiny.yaml", TINY)
+    out = root / "run"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["train", str(recipe), "--out", str(out)]) == 0
+    return out, stdout.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One step
+
+
+def _step_setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = maskprop.create_model("resnet20", num_classes=4).train()
+    scores = ChannelScores(model.channel_groups(), keep_ratio=0.5)
+    with torch.no_grad():  # spread the scores so that the estimator's per-channel factors differ
+        scores.scores.add_(0.3 * torch.rand(scores.num_channels) - 0.15)
+    scores.project_()
+    weights = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    adam = torch.optim.Adam([scores.scores], lr=12e-3)
+    ctx = StepContext(torch.nn.CrossEntropyLoss(), torch.device("cpu"), maskprop.CostModel(model, (3, 8, 8)))
+    images, labels = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    return model, scores, (weights, adam), ctx, (images, labels)
+
+
+def _loss(model, mask, batch):
+    with use_mask(model, mask, "compact"):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("estimator", ["vrpge", "vrpge_sym"])
+def test_vrpge_step_matches_a_hand_computation(estimator):
+    model, scores, optimizers, ctx, batch = _step_setup()
+    generator = torch.Generator().manual_seed(7)
+    before, scores_before = copy.deepcopy(model), copy.deepcopy(scores)
+    s0 = scores.scores.detach().clone()
+    sparsity = SparsityConfig(estimator=estimator, alpha=0.5)
+
+    result = vrpge_step(model, scores, optimizers, batch, generator, sparsity, ctx)
+
+    # the masks are the generator's next two samples from the scores before the step, m then m'
+    replay = torch.Generator().manual_seed(7)
+    flat_m, flat_m2 = scores_before.sample_flat(replay), scores_before.sample_flat(replay)
+    assert torch.equal(scores.flatten(result.mask), flat_m) and torch.equal(scores.flatten(result.mask2), flat_m2)
+    assert not torch.equal(flat_m, flat_m2)
+    # the losses are those of the two subnetworks with the weights before the step
+    with torch.no_grad():
+        loss_m = _loss(copy.deepcopy(before), result.mask, batch)
+        loss_m2 = _loss(copy.deepcopy(before), result.mask2, batch)
+    assert result.loss == pytest.approx(float(loss_m), rel=1e-6)
+    assert result.loss2 == pytest.approx(float(loss_m2), rel=1e-6)
+    # scores.grad holds the estimator's value on those losses and masks (supplement eq. (12))
+    expected_grad = score_grad(estimator, result.loss, result.loss2, flat_m, flat_m2, s0, alpha=0.5)
+    torch.testing.assert_close(scores.scores.grad, expected_grad, rtol=0, atol=0)
+    # one Adam step from zero state is s - lr * g / (|g| + eps), then the projection onto the budget
+    g = expected_grad
+    adam_step = s0 - 12e-3 * g / (g.abs() + 1e-8)
+    torch.testing.assert_close(scores.scores.detach(), project_scores(adam_step, scores.budget), rtol=0, atol=1e-7)
+    assert float(scores.scores.detach().sum()) <= scores.budget + 1e-4
+    # the weights' gradient is that of L(m) alone (weight_grad: first)
+    reference = copy.deepcopy(before)
+    _loss(reference, result.mask, batch).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    # FLOPs: 3 f(m) + f(m') against the dense 3 f_D (supplement C.1)
+    f = ctx.cost.flops
+    assert result.flops == 3 * f(result.mask, 8) + f(result.mask2, 8)
+    assert result.dense_flops == 3 * f(None, 8)
+
+
+def test_sgd_decays_dropped_channels_and_leaves_them_otherwise_alone():
+    model, scores, optimizers, ctx, batch = _step_setup()
+    before = copy.deepcopy(model)
+    result = vrpge_step(model, scores, optimizers, batch, torch.Generator().manual_seed(3), SparsityConfig(), ctx)
+    dropped = ~result.mask["layer2.0.conv1"]
+    assert dropped.any()
+    conv = model.layer2[0].conv1.weight
+    old = before.layer2[0].conv1.weight
+    assert torch.equal(conv.grad[dropped], torch.zeros_like(conv.grad[dropped]))
+    # first SGD step: w - lr * (grad + wd * w); a dropped channel has grad 0, so it only decays
+    torch.testing.assert_close(conv.detach()[dropped], old.detach()[dropped] * (1 - 0.1 * 5e-4))
+
+
+def test_weight_grad_both_averages_the_two_subnetworks_gradients():
+    model, scores, optimizers, ctx, batch = _step_setup()
+    before = copy.deepcopy(model)
+    result = vrpge_step(model, scores, optimizers, batch, torch.Generator().manual_seed(5),
+                        SparsityConfig(weight_grad="both"), ctx)
+    first, second = copy.deepcopy(before), copy.deepcopy(before)
+    _loss(first, result.mask, batch).backward()
+    _loss(second, result.mask2, batch).backward()
+    for (name, p), a, b in zip(model.named_parameters(), first.parameters(), second.parameters()):
+        torch.testing.assert_close(p.grad, 0.5 * (a.grad + b.grad), msg=name)
+    f = ctx.cost.flops
+    assert result.flops == 3 * f(result.mask, 8) + 3 * f(result.mask2, 8)
+
+
+def test_subnet_step_costs_three_forwards_of_its_mask():
+    model, scores, optimizers, ctx, batch = _step_setup()
+    mask = scores.top_mask()
+    result = subnet_step(model, optimizers[0], batch, mask, ctx)
+    assert result.flops == 3 * ctx.cost.flops(mask, 8)
+    assert result.loss2 is None and result.kept_ratio < 0.6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Whole runs
+
+
+def test_cli_run_writes_every_artifact(cli_run):
+    out, stdout = cli_run
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("events.out.tfevents.*"))
+    assert not list(out.glob(".*.tmp"))
+    assert load_config(out / "config.yaml") == load_config(TINY)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert 0.0 <= summary["accuracy"] <= 100.0
+    assert summary["subnet_flops"] < summary["dense_flops"]
+    assert summary["subnet_params"] < summary["dense_params"]
+    assert summary["train_cost_saving"] > 1.0
+    assert summary["measured_speedup"] is not None and summary["measured_speedup"] > 0
+    assert summary["steps"] == {"search": 4, "finetune": 2, "train": 0}
+    groups = maskprop.create_model("resnet20").channel_groups()
+    assert set(summary["widths"]) == set(groups)
+    assert all(1 <= summary["widths"][g] <= n for g, n in groups.items())
+    assert summary["run_time_s"] > 0
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in records] == [("search", 1), ("search", 2), ("finetune", 1)]
+    assert all("val_accuracy" in r for r in records)
+    assert 0.3 < records[-1]["kept_ratio_expected"] <= 0.5 + 1e-6
+    assert records[-1]["train_cost_saving"] == pytest.approx(summary["train_cost_saving"])
+
+    checkpoint = load_checkpoint(out / "last.pt")
+    assert (checkpoint["phase"], checkpoint["step"], checkpoint["model_name"]) == ("done", 6, "resnet20")
+    assert checkpoint["counters"]["train_flops"] == summary["train_flops"]
+    assert {g: int(m.sum()) for g, m in checkpoint["fixed_mask"].items()} == summary["widths"]
+
+    assert "accuracy" in stdout and "train-cost saving" in stdout and str(out) in stdout
+
+
+def test_tensorboard_events_hold_the_run_curves(cli_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(cli_run[0]))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {"search/loss_m", "search/loss_m2", "search/accuracy", "val/search_accuracy", "val/finetune_accuracy",
+                "search/kept_ratio_expected", "search/kept_ratio_sampled", "widths/layer3", "lr/weights",
+                "lr/scores", "cost/train_flops", "cost/train_cost_saving", "finetune/loss"}
+    assert expected <= scalars, expected - scalars
+    assert events.Tags()["histograms"] == ["search/scores"]
+
+
+def test_bf16_autocast_and_channels_last_run(tmp_path):
+    summary = maskprop.fit(tiny(amp="bf16", channels_last=True, **{"optim.epochs": 1, "finetune.epochs": 1}))
+    assert 0.0 <= summary["accuracy"] <= 100.0 and summary["train_cost_saving"] > 1.0
+
+
+def test_train_cost_saving_sums_the_masks_actually_used(cli_run):
+    out, _ = cli_run
+    summary = json.loads((out / "summary.json").read_text())
+    checkpoint = load_checkpoint(out / "last.pt")
+    model = maskprop.create_model("resnet20")
+    f_dense, f_fixed = maskprop.flops(model, (3, 16, 16)), maskprop.flops(model, (3, 16, 16), checkpoint["fixed_mask"])
+    # the dense baseline trains as many steps as the search; the finetune adds 3 f(fixed) per step to the sparse cost
+    assert summary["dense_train_flops"] == 4 * 64 * 3 * f_dense
+    search_flops = summary["train_flops"] - 2 * 64 * 3 * f_fixed
+    assert 0.25 * summary["dense_train_flops"] / 3 < search_flops < summary["dense_train_flops"] / 2
+
+
+def test_dense_method_trains_the_same_model_with_no_mask(tmp_path):
+    summary = maskprop.fit(tiny(method="dense", **{"optim.epochs": 1}), out=tmp_path / "dense")
+    assert summary["train_cost_saving"] == 1.0 and summary["measured_speedup"] == 1.0
+    assert summary["subnet_flops"] == summary["dense_flops"] and summary["subnet_params"] == summary["dense_params"]
+    assert summary["steps"] == {"search": 0, "finetune": 0, "train": 2}
+    checkpoint = load_checkpoint(tmp_path / "dense" / "last.pt")
+    assert checkpoint["scores"] is None and checkpoint["fixed_mask"] is None
+
+
+def test_top_scores_fix_keeps_the_largest_scores(tmp_path):
+    summary = maskprop.fit(tiny(**{"sparsity.fix": "top_scores", "optim.epochs": 1, "finetune.epochs": 0}),
+                           out=tmp_path / "top")
+    checkpoint = load_checkpoint(tmp_path / "top" / "last.pt")
+    scores = ChannelScores({name: size for name, size in checkpoint["groups"]}, keep_ratio=0.5)
+    scores.load_state_dict(checkpoint["scores"])
+    assert {g: int(m.sum()) for g, m in scores.top_mask().items()} == summary["widths"]
+    assert summary["fix"] == {"rule": "top_scores"}
+    assert summary["steps"]["finetune"] == 0 and summary["accuracy"] is not None
+
+
+def test_best_of_n_fix_keeps_the_sample_with_the_best_training_accuracy(cli_run):
+    out, _ = cli_run
+    fix = json.loads((out / "summary.json").read_text())["fix"]
+    assert fix["rule"] == "best_of_n" and len(fix["train_accuracies"]) == 3 and fix["examples"] == 64
+    assert fix["train_accuracies"][fix["chosen"]] == max(fix["train_accuracies"])
+
+
+def test_fit_with_user_datasets_and_no_run_directory_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train_set = ShapesDataset(128, seed=1, image_size=8, num_classes=4)
+    val_set = ShapesDataset(32, seed=1, image_size=8, num_classes=4, train=False)
+    summary = maskprop.fit(tiny(**{"optim.epochs": 1, "finetune.epochs": 0, "data.batch_size": 32,
+                                   "sparsity.fix_samples": 2}), train_set=train_set, val_set=val_set)
+    assert summary["run_dir"] is None and list(tmp_path.iterdir()) == []
+    assert summary["dense_flops"] == maskprop.flops(maskprop.create_model("resnet20", num_classes=4), (3, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resume
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    for key in ("phase", "epoch", "step", "counters", "best_accuracy", "final_accuracy", "fix_info"):
+        assert a[key] == b[key], key
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert torch.equal(a["scores"]["scores"], b["scores"]["scores"])
+    assert {g: m.tolist() for g, m in a["fixed_mask"].items()} == {g: m.tolist() for g, m in b["fixed_mask"].items()}
+    for which in ("weights", "scores"):
+        sa, sb = a["optimizers"][which]["state"], b["optimizers"][which]["state"]
+        assert sa.keys() == sb.keys()
+        for index in sa:
+            for field, value in sa[index].items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[index][field])), (which, index, field)
+    for name in ("mask", "loader", "torch"):
+        assert torch.equal(a["rng"][name], b["rng"][name]), name
+
+
+def test_resume_after_sigkill_continues_exactly(tmp_path):
+    config = tiny(**{"optim.epochs": 4, "finetune.epochs": 1, "save_every": 1})
+    recipe = write_recipe(tmp_path / "resume.yaml", config)
+    killed = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the same kernels as this process
+    child = subprocess.Popen([sys.executable, "-m", "maskprop.cli", "train", str(recipe), "--out", str(killed)],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed / "last.pt").exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    interrupted = load_checkpoint(killed / "last.pt")
+    assert (interrupted["phase"], interrupted["step"]) != ("done", 10), "the run finished before it was killed"
+
+    assert main(["train", "--resume", str(killed)]) == 0
+    maskprop.fit(config, out=tmp_path / "straight")
+    _assert_same_state(load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(killed / "last.pt"))
+    records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in records] == [("search", e) for e in range(1, 5)] + [("finetune", 1)]
+
+
+def test_resume_of_a_finished_run_only_rewrites_the_summary(cli_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run[0], run)
+    before = load_checkpoint(run / "last.pt")
+    assert main(["train", "--resume", str(run)]) == 0
+    after = load_checkpoint(run / "last.pt")
+    assert after["step"] == before["step"] and torch.equal(after["scores"]["scores"], before["scores"]["scores"])
+    assert json.loads((run / "summary.json").read_text())["accuracy"] == before["final_accuracy"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sparsity.keep_ratio=1.5", "sparsity.keep_ratio=1.5 is out of range; expected a fraction in (0, 1]"),
+    ("sparsity.keep_ratio=0", "sparsity.keep_ratio=0.0 is out of range"),
+    ("sparsity.alpha=1.0", "sparsity.alpha=1.0 is out of range; expected a number in [0, 1)"),
+    ("sparsity.estimator=reinforce", "sparsity.estimator='reinforce' is not a valid choice"),
+    ("sparsity.keep_ration=0.5", "unknown config key 'sparsity.keep_ration'; did you mean 'sparsity.keep_ratio'?"),
+    ("data.dataset=cifar10", "data.root is required for dataset 'cifar10'"),
+    ("method=msbp", "method='msbp' is not implemented yet in the trainer"),
+    ("model.kwargs.widht=2", "do not fit model 'resnet20'"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, override, message):
+    recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
+    out = tmp_path / "out"
+    assert main(["train", str(recipe), "--out", str(out), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("maskprop train: error: ") and message in err
+    assert not out.exists()
+
+
+def test_missing_data_root_says_where_it_looked(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "out"), "data.dataset=cifar10",
+                 f"data.root={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "does not exist" in err and not (tmp_path / "out").exists()
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_resume_from_a_truncated_checkpoint_names_the_file(cli_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run[0], run)
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 2])
+    before = _snapshot(run)
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint '{run / 'last.pt'}' is corrupt or truncated" in err
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=resnet32", "is from model 'resnet20', the config builds 'resnet32'"),
+    ("model.kwargs.prune_residual=false", "model.kwargs"),
+    ("method=dense", "is a method='vrpge' run"),
+])
+def test_resume_with_another_model_is_refused(cli_run, tmp_path, capsys, override, message):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run[0], run)
+    before = _snapshot(run)
+    assert main(["train", "--resume", str(run), override]) == 2
+    assert message in capsys.readouterr().err
+    assert _snapshot(run) == before
+
+
+def test_checkpoint_with_another_group_layout_is_refused(cli_run):
+    from maskprop.train.checkpoint import check_compatible
+
+    checkpoint = load_checkpoint(cli_run[0] / "last.pt")
+    groups = dict(maskprop.create_model("resnet20").channel_groups())
+    groups["layer3"] = 32
+    with pytest.raises(ValueError, match=r"another channel-group layout .* group 9 is 'layer3' \(64\) in the "
+                                         r"checkpoint but 'layer3' \(32\) here"):
+        check_compatible(checkpoint, "last.pt", "resnet20", {}, groups, "vrpge")
+
+
+def test_resume_needs_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--resume", str(tmp_path / "empty")]) == 2
+    assert "has no checkpoint" in capsys.readouterr().err
+    assert list((tmp_path / "empty").iterdir()) == []
+    assert main(["train", "--resume", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_new_run_does_not_overwrite_an_existing_one(cli_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run[0], run)
+    before = _snapshot(run)
+    recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
+    assert main(["train", str(recipe), "--out", str(run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert _snapshot(run) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Recipes
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipes_load_and_say_what_they_reproduce(recipe):
+    cfg = load_config(recipe)
+    assert recipe.read_text().startswith("#")
+    assert cfg.method == "vrpge"
+    if recipe.stem.startswith("cifar"):
+        assert (cfg.data.batch_size, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (256, 0.1, 0.9, 5e-4)
+        assert (cfg.optim.epochs, cfg.optim.schedule, cfg.sparsity.score_lr) == (300, "cosine", 12e-3)
+        assert (cfg.finetune.epochs, cfg.finetune.lr) == (40, 1e-3)
+        assert cfg.data.root is None
+
+
+@pytest.mark.slow
+def test_sparse_at_half_width_stays_within_three_points_of_dense(tmp_path):
+    """Same data, schedule and search epochs as the dense run (the sparse run also finetunes its subnetwork, and still
+    costs about 2.7x fewer train FLOPs). Runs the quickstart's short-run settings with a longer budget."""
+    recipe = load_config(REPO / "recipes" / "quickstart.yaml", [
+        "data.train_size=5000", "data.val_size=1000", "optim.epochs=25", "finetune.epochs=5", "log_every=50"])
+    sparse = maskprop.fit(recipe, out=tmp_path / "sparse")
+    dense = maskprop.fit(load_config(recipe, ["method=dense"]), out=tmp_path / "dense")
+    assert sparse["accuracy"] >= dense["accuracy"] - 3.0, (sparse["accuracy"], dense["accuracy"])
+    assert math.isfinite(sparse["train_cost_saving"]) and sparse["train_cost_saving"] > 2.0
