@@ -10,12 +10,13 @@ model before anything is loaded).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .files import atomic_write
 
 __all__ = ["CHECKPOINT_KEYS", "check_compatible", "load_checkpoint", "save_checkpoint"]
 
@@ -29,17 +30,8 @@ def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> N
 
     A process killed while saving leaves the previous file intact (and at most a stray ``.tmp`` file).
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(checkpoint, format=_FORMAT), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(dict(checkpoint, format=_FORMAT), f)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

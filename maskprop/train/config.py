@@ -18,7 +18,6 @@ import difflib
 import math
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
 import yaml
+
+from .files import atomic_write
 
 __all__ = [
     "Config",
@@ -631,16 +632,6 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
         cfg: The configuration to write.
         path: Destination file; its directory is created if needed.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
