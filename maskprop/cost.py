@@ -50,25 +50,31 @@ class CostModel:
         self.layers = _record_shapes(model, self.input_size)
         self._other_params = _unprunable_params(model)
         self._norm = [(m.group, m.num_features, m.affine) for m in model.modules() if isinstance(m, SparseBatchNorm2d)]
+        self._dense_layer_flops = self._layer_flops({})
+        self._dense_flops = sum(self._dense_layer_flops)
 
     @staticmethod
-    def _kept(mask: Mapping[str, Tensor] | None, group: str | None, full: int) -> int:
-        if mask is None or group is None:
-            return full
-        return int(mask[group].sum())
+    def _counts(mask: Mapping[str, Tensor] | None) -> dict[str, int]:
+        # One reduction per group (not per layer): this runs for every mask of every training step.
+        return {} if mask is None else {g: int(m.sum()) for g, m in mask.items()}
+
+    def _layer_flops(self, counts: Mapping[str, int]) -> list[int]:
+        return [
+            2 * counts.get(layer.in_group, layer.in_channels) * counts.get(layer.out_group, layer.out_channels)
+            * layer.positions
+            for layer in self.layers
+        ]
 
     def by_layer(self, mask: Mapping[str, Tensor] | None = None) -> dict[str, int]:
         """Forward FLOPs of each conv and linear layer for one example."""
-        out = {}
-        for layer in self.layers:
-            kept_in = self._kept(mask, layer.in_group, layer.in_channels)
-            kept_out = self._kept(mask, layer.out_group, layer.out_channels)
-            out[layer.name] = 2 * kept_in * kept_out * layer.positions
-        return out
+        per_layer = self._dense_layer_flops if mask is None else self._layer_flops(self._counts(mask))
+        return {layer.name: f for layer, f in zip(self.layers, per_layer)}
 
     def flops(self, mask: Mapping[str, Tensor] | None = None, batch_size: int = 1) -> int:
         """Forward FLOPs for ``batch_size`` examples (dense when ``mask`` is None)."""
-        return batch_size * sum(self.by_layer(mask).values())
+        if mask is None:
+            return batch_size * self._dense_flops
+        return batch_size * sum(self._layer_flops(self._counts(mask)))
 
     def backward_flops(self, mask: Mapping[str, Tensor] | None = None, batch_size: int = 1) -> int:
         """FLOPs autograd executes in backward: weight gradients (= forward) plus input gradients (= forward) of
@@ -78,13 +84,14 @@ class CostModel:
 
     def params(self, mask: Mapping[str, Tensor] | None = None) -> int:
         """Parameters of the subnetwork: kept slices of conv/linear/BatchNorm parameters plus everything else."""
+        counts = self._counts(mask)
         total = self._other_params
         for layer in self.layers:
-            kept_in = self._kept(mask, layer.in_group, layer.in_channels)
-            kept_out = self._kept(mask, layer.out_group, layer.out_channels)
+            kept_in = counts.get(layer.in_group, layer.in_channels)
+            kept_out = counts.get(layer.out_group, layer.out_channels)
             total += kept_in * kept_out * layer.kernel_area + (kept_out if layer.bias else 0)
         for group, features, affine in self._norm:
-            total += 2 * self._kept(mask, group, features) if affine else 0
+            total += 2 * counts.get(group, features) if affine else 0
         return total
 
 
