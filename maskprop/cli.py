@@ -61,13 +61,15 @@ def _final_table(summary: dict) -> str:
     def ratio(sub: float, dense: float) -> str:
         return f"{100.0 * sub / dense:.1f}%" if dense else "-"
 
-    speedup, per_step = summary["measured_speedup"], summary.get("search_step_speedup")
+    speedup, per_step = summary["measured_speedup"], summary.get("step_speedup")
+    sbp = summary.get("sbp")
     measured = "n/a" if speedup is None else f"{speedup:.2f}x"
     if per_step is not None:
-        measured += f" (a search step {per_step:.2f}x faster than a dense step)"
+        kind = "a search" if summary["method"] == "vrpge" else "a"
+        measured += f" ({kind} step {per_step:.2f}x faster than a dense step)"
     lines = [
         f"{summary['model']} ({summary['method']}, keep_ratio {summary['keep_ratio']:g})",
-        "|                      | subnetwork | dense      | kept   |",
+        f"|                      | {'network' if sbp else 'subnetwork':<10} | dense      | kept   |",
         "|---|---:|---:|---:|",
         f"| top-1 accuracy (%)   | {summary['accuracy']:10.2f} |            |        |",
         f"| params               | {_count(summary['subnet_params']):>10} | {_count(summary['dense_params']):>10} "
@@ -77,6 +79,12 @@ def _final_table(summary: dict) -> str:
         f"train-cost saving {summary['train_cost_saving']:.2f}x (supplement C.1, finetuning included)",
         f"measured speedup {measured}, against dense steps timed in this run",
     ]
+    if sbp:
+        kept, units = sum(sbp["kept_units"].values()), sum(sbp["units"].values())
+        angle = sbp["last_angles"].get("angle/overall")
+        lines.append(f"sparse backward: {kept} of {units} units propagate ({sbp['sparsifier']}, memory "
+                     f"{sbp['memory']:g}, budget {sbp['budget']})"
+                     + ("" if angle is None else f"; last gradient angle {angle:.1f} deg"))
     return "\n".join(lines)
 
 

@@ -169,6 +169,32 @@ def vrpge_step_flops(f_first: float, f_second: float, weight_grad: str = "first"
     raise ValueError(f"unknown weight_grad {weight_grad!r}; expected 'first' or 'both'")
 
 
+def sbp_step_flops(layer_flops: Mapping[str, float], keep_fractions: Mapping[str, float]) -> float:
+    """One sparse-backward step (meProp, SBP, MSBP): the dense forward plus each layer's backward at the fraction of its
+    output units that propagate a gradient, ``sum_l f_l (1 + 2 k_l / n_l)`` in the convention above.
+
+    A layer's output gradient with ``k`` of ``n`` units kept makes both of its backward products ``k / n`` as large
+    (meProp: O(k m) instead of O(n m)); the gradient it passes down is dense again, so layers scale independently.
+    The selection itself (O(n log k) per layer) is not counted. With every fraction 1 this is ``3 f_D``.
+
+    Args:
+        layer_flops: Forward FLOPs per layer, e.g. ``CostModel.by_layer()`` times the batch size.
+        keep_fractions: ``k / n`` of the layers with a sparse backward, by the same names; other layers run a dense
+            backward.
+
+    Raises:
+        ValueError: A name in ``keep_fractions`` is not a layer, or a fraction is outside (0, 1].
+    """
+    unknown = [name for name in keep_fractions if name not in layer_flops]
+    if unknown:
+        raise ValueError(f"sparse-backward layers {unknown[:3]} have no FLOPs entry; expected names from "
+                         f"{list(layer_flops)[:5]}")
+    bad = {name: r for name, r in keep_fractions.items() if not 0.0 < r <= 1.0}
+    if bad:
+        raise ValueError(f"keep fractions {bad} are outside (0, 1]; expected k / n of each layer")
+    return sum(f * (1 + 2 * keep_fractions.get(name, 1.0)) for name, f in layer_flops.items())
+
+
 def train_cost_saving(dense_flops_total: float, sparse_flops_total: float) -> float:
     """Train-cost saving = dense train FLOPs / sparse train FLOPs (supplement C.1: 3 f_D / (4 f_S) per step)."""
     if sparse_flops_total <= 0:

@@ -1,7 +1,8 @@
-"""Datasets and loaders: shapes (determinism, learnability), CIFAR and ImageNet stand-ins in their real on-disk formats,
-clear errors for missing or malformed directories, reproducible loaders."""
+"""Datasets and loaders: shapes (determinism, learnability), MNIST, CIFAR and ImageNet stand-ins in their real on-disk
+formats, clear errors for missing or malformed directories, reproducible loaders."""
 
 import ast
+import gzip
 import pickle
 import struct
 from pathlib import Path
@@ -17,6 +18,8 @@ from maskprop.train.config import DataConfig
 from maskprop.train.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
+    MNIST_MEAN,
+    MNIST_STD,
     SHAPES_CLASSES,
     SHAPES_MEAN,
     SHAPES_STD,
@@ -248,6 +251,72 @@ def test_build_datasets_shapes_from_config():
     assert torch.equal(train.images, ShapesDataset(64, seed=5).images)
     train, _, _, _ = build_datasets(DataConfig(train_size=8, val_size=8, augment=False))
     assert train.transform is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MNIST
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """An IDX file (LeCun's MNIST format): magic 0x0000 08 <dims>, big-endian int32 sizes, then the uint8 data."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def make_mnist(root, folder="MNIST", train_size=40, test_size=12, seed=0, learnable=False):
+    """Four IDX files under ``root/<folder>/raw``; with ``learnable`` each class is a bright bar at its own row."""
+    rng = np.random.default_rng(seed)
+    raw = Path(root) / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", train_size), ("t10k", test_size)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        if learnable:
+            for image, label in zip(images, labels):
+                image[2 + 2 * label: 4 + 2 * label, 4:24] = 255
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return raw
+
+
+def test_mnist_loads_through_build_datasets(tmp_path):
+    raw = make_mnist(tmp_path, train_size=20, test_size=6)
+    train, val, num_classes, input_size = build_datasets(DataConfig(dataset="mnist", root=str(tmp_path)))
+    assert (len(train), len(val), num_classes, input_size) == (20, 6, 10, (1, 28, 28))
+    image, label = train[3]
+    pixels = np.frombuffer((raw / "train-images-idx3-ubyte").read_bytes()[16:], dtype=np.uint8).reshape(20, 28, 28)
+    labels = np.frombuffer((raw / "train-labels-idx1-ubyte").read_bytes()[8:], dtype=np.uint8)
+    assert label == labels[3]
+    expected = (torch.from_numpy(pixels[3].astype(np.float32)) / 255 - MNIST_MEAN[0]) / MNIST_STD[0]
+    torch.testing.assert_close(image[0], expected)
+    # the root may also be the dataset's own folder or its raw folder
+    for root in (tmp_path / "MNIST", raw):
+        assert len(build_datasets(DataConfig(dataset="mnist", root=str(root)))[0]) == 20
+
+
+def test_fashion_mnist_reads_its_own_folder(tmp_path):
+    make_mnist(tmp_path, folder="FashionMNIST", train_size=8, test_size=4)
+    train, val, _, input_size = build_datasets(DataConfig(dataset="fashion_mnist", root=str(tmp_path)))
+    assert (len(train), len(val), input_size) == (8, 4, (1, 28, 28))
+    with pytest.raises(FileNotFoundError, match="MNIST/raw"):
+        build_datasets(DataConfig(dataset="mnist", root=str(tmp_path)))
+
+
+def test_mnist_errors_name_the_path_and_the_layout(tmp_path):
+    with pytest.raises(ValueError, match="data.root is required for dataset 'mnist'; expected <root>/MNIST/raw/"):
+        build_datasets(DataConfig(dataset="mnist"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_datasets(DataConfig(dataset="mnist", root=str(tmp_path / "nowhere")))
+    raw = make_mnist(tmp_path)
+    compressed = raw / "t10k-labels-idx1-ubyte"
+    with gzip.open(f"{compressed}.gz", "wb") as f:
+        f.write(compressed.read_bytes())
+    compressed.unlink()
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte .*gzipped: decompress them with gunzip"):
+        build_datasets(DataConfig(dataset="mnist", root=str(tmp_path)))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"not an idx file")
+    with pytest.raises(ValueError, match="could not read mnist .*expected IDX files"):
+        build_datasets(DataConfig(dataset="mnist", root=str(tmp_path)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

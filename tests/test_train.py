@@ -355,13 +355,13 @@ def test_resume_of_a_finished_run_only_rewrites_the_summary(cli_run, tmp_path):
     ("sparsity.estimator=reinforce", "sparsity.estimator='reinforce' is not a valid choice"),
     ("sparsity.keep_ration=0.5", "unknown config key 'sparsity.keep_ration'; did you mean 'sparsity.keep_ratio'?"),
     ("data.dataset=cifar10", "data.root is required for dataset 'cifar10'"),
-    ("method=msbp", "method='msbp' is not implemented yet in the trainer"),
+    ("method=msbp sbp.memory=0", "sbp.memory=0.0 gives no memory"),
     ("model.kwargs.widht=2", "do not fit model 'resnet20'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, override, message):
     recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
     out = tmp_path / "out"
-    assert main(["train", str(recipe), "--out", str(out), override]) == 2
+    assert main(["train", str(recipe), "--out", str(out), *override.split()]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("maskprop train: error: ") and message in err
     assert not out.exists()
@@ -443,7 +443,13 @@ def test_a_new_run_does_not_overwrite_an_existing_one(cli_run, tmp_path, capsys)
 def test_recipes_load_and_say_what_they_reproduce(recipe):
     cfg = load_config(recipe)
     assert recipe.read_text().startswith("#")
-    assert cfg.method == "vrpge"
+    assert cfg.data.root is None or cfg.data.dataset == "shapes"  # the user names where the data lies
+    if cfg.method != "vrpge":  # the sparse-backward baselines: Adam lr 1e-3 as in their papers
+        assert cfg.method in ("meprop", "sbp", "msbp") and f"method: {cfg.method}" in recipe.read_text()
+        assert (cfg.optim.optimizer, cfg.optim.lr) == ("adam", 1e-3)
+        if cfg.model.name == "mlp":
+            assert cfg.data.dataset == "mnist" and cfg.sbp.ratio in (0.04, 0.001, 0.002)
+        return
     if recipe.stem.startswith("cifar"):
         assert (cfg.data.batch_size, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (256, 0.1, 0.9, 5e-4)
         assert (cfg.optim.epochs, cfg.optim.schedule, cfg.sparsity.score_lr) == (300, "cosine", 12e-3)

@@ -18,6 +18,17 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
+def model_entrypoint(name: str) -> Callable[..., nn.Module]:
+    """The function that builds the registered model ``name``.
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the known models).
+    """
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return _MODELS[name]
+
+
 def list_models() -> list[str]:
     """Names of all registered models, sorted."""
     return sorted(_MODELS)
@@ -31,8 +42,7 @@ def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Modu
         num_classes: outputs of the classifier (default: the model's own, 10 for CIFAR models, 1000 for ImageNet).
         **kwargs: passed to the model's entry point (e.g. ``width=2``, ``prune_residual=False``).
     """
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    entrypoint = model_entrypoint(name)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    return _MODELS[name](**kwargs)
+    return entrypoint(**kwargs)

@@ -36,6 +36,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "SbpConfig",
+    "SPARSE_BACKWARD_METHODS",
     "SparsityConfig",
     "config_to_dict",
     "load_config",
@@ -43,14 +44,17 @@ __all__ = [
 ]
 
 Method = Literal["vrpge", "dense", "meprop", "sbp", "msbp"]
-DatasetName = Literal["shapes", "cifar10", "cifar100", "imagenet"]
+DatasetName = Literal["shapes", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet"]
 Estimator = Literal["vrpge", "vrpge_sym"]
 WeightGrad = Literal["first", "both"]
 FixRule = Literal["best_of_n", "top_scores"]
 Schedule = Literal["cosine", "step", "constant"]
 Amp = Literal["none", "bf16"]
-Sparsifier = Literal["topk", "randk"]
+OptimizerName = Literal["sgd", "adam"]
+Sparsifier = Literal["topk", "topk_unified", "randomk"]
 Budget = Literal["layer", "balanced"]
+BudgetScale = Literal["none", "variance", "rms"]
+SPARSE_BACKWARD_METHODS = ("meprop", "sbp", "msbp")
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # yaml 1.1 reads "12e-3" (no dot) as a string; numbers written that way are accepted for numeric fields.
@@ -118,12 +122,13 @@ class DataConfig(_Section):
     """Which data, and how it is loaded.
 
     Attributes:
-        dataset: ``shapes`` (built in, generated in memory), ``cifar10``, ``cifar100`` (python pickle format under
+        dataset: ``shapes`` (built in, generated in memory), ``mnist`` / ``fashion_mnist`` (IDX files under
+            ``root/MNIST/raw`` / ``root/FashionMNIST/raw``), ``cifar10``, ``cifar100`` (python pickle format under
             ``root``) or ``imagenet`` (ImageFolder ``root/train`` and ``root/val``).
         root: Directory holding the dataset; unused for ``shapes``.
         batch_size: Global mini-batch size.
         workers: DataLoader worker processes (0 loads in the main process).
-        augment: Training augmentation (random crop and flip; random resized crop for ImageNet).
+        augment: Training augmentation (random crop and flip; random resized crop for ImageNet; none for MNIST).
         train_size: Number of ``shapes`` training images.
         val_size: Number of ``shapes`` validation images.
         seed: Seed of the ``shapes`` generator (train and validation use different streams derived from it).
@@ -198,35 +203,55 @@ class SparsityConfig(_Section):
 
 @dataclass
 class SbpConfig(_Section):
-    """Sparse-backward baselines: meProp, SBP and MSBP (``METHODS.md`` sections 2-4).
+    """Sparse-backward baselines: meProp, SBP and MSBP (``METHODS.md`` sections 2-4, ``maskprop.sbp``).
+
+    Every ``nn.Linear`` / ``nn.Conv2d`` of the model runs its ordinary forward and propagates only ``k`` of its output
+    units (conv: channels) in the backward; the output layer stays dense unless ``output_k`` is set.
 
     Attributes:
-        ratio: Fraction r = k / n of gradient entries propagated per layer.
-        memory: MSBP memory ratio gamma in [0, 1); ignored by ``meprop`` and ``sbp`` (gamma = 0).
-        sparsifier: ``topk`` by magnitude, or ``randk`` (uniformly random entries).
-        budget: ``layer`` (the same ratio in every layer) or ``balanced`` (one total budget, balanced thresholds).
+        ratio: Fraction r = k / n of each layer's output units that propagate a gradient (MSBP paper's sparse ratio;
+            meProp's MNIST setting k = 20 of 500 is 0.04). With ``budget: balanced`` it is the global fraction.
+        memory: MSBP memory ratio gamma in (0, 1) (method ``msbp``); ``meprop`` and ``sbp`` run without memory.
+        sparsifier: ``topk_unified`` (one index set per mini-batch from magnitudes summed over it, meProp section 4.8),
+            ``topk`` (per example, original meProp) or ``randomk`` (uniformly random units; methods ``sbp`` and
+            ``msbp`` only).
+        budget: ``layer`` (the same ratio in every layer) or ``balanced`` (one total budget shared by all layers,
+            re-balanced after every backward so that one threshold serves every layer; paper 003).
+        scale: How layer magnitudes are made comparable for ``balanced``: ``variance`` (paper 003 eqs. (8)-(9)),
+            ``rms`` (each layer's own root mean square) or ``none``.
+        output_k: Units the output layer propagates, or null to leave it dense (meProp section 2.2.1).
+        angle_every: Steps between measurements of the gradient estimation angle (MSBP paper Figure 5), logged to
+            TensorBoard per layer and overall; each costs two extra backward passes. 0 never measures it.
     """
 
     _prefix: ClassVar[str] = "sbp"
 
-    ratio: float = 0.05
+    ratio: float = 0.04
     memory: float = 0.8
-    sparsifier: Sparsifier = "topk"
+    sparsifier: Sparsifier = "topk_unified"
     budget: Budget = "layer"
+    scale: BudgetScale = "variance"
+    output_k: int | None = None
+    angle_every: int = 100
 
     def _check_ranges(self) -> None:
         self._require("ratio", 0.0 < self.ratio <= 1.0, "a fraction in (0, 1]")
         self._require("memory", 0.0 <= self.memory < 1.0, "a number in [0, 1)")
+        self._require("output_k", self.output_k is None or self.output_k >= 1,
+                      "an integer >= 1 or null (dense output layer)")
+        self._require("angle_every", self.angle_every >= 0, "an integer >= 0 (0: never)")
 
 
 @dataclass
 class OptimConfig(_Section):
-    """Weight optimizer (SGD) and schedule of the search phase (or of the whole run for dense and SBP methods).
+    """Weight optimizer and schedule of the search phase (or of the whole run for dense and sparse-backward methods).
 
     Attributes:
-        lr: Peak learning rate (per ``batch_size`` as configured; no implicit scaling).
-        momentum: SGD momentum.
-        weight_decay: L2 weight decay on the weights (never on the scores).
+        optimizer: ``sgd`` or ``adam``; null: Adam for the sparse-backward methods (as in their papers), SGD otherwise.
+        lr: Peak learning rate (per ``batch_size`` as configured; no implicit scaling); null: 0.1 for SGD (the
+            VR-PGE CIFAR recipe), 1e-3 for Adam (the meProp and MSBP papers).
+        momentum: SGD momentum (Adam keeps its default betas).
+        weight_decay: L2 weight decay on the weights (never on the scores); null: 5e-4 for SGD, 0 for Adam.
         nesterov: Nesterov momentum.
         epochs: Epochs of training (official CIFAR runs: 300).
         schedule: Learning-rate schedule after warmup: ``cosine`` to 0, ``step`` (x0.1 at 50% and 75%), ``constant``.
@@ -237,9 +262,10 @@ class OptimConfig(_Section):
 
     _prefix: ClassVar[str] = "optim"
 
-    lr: float = 0.1
+    optimizer: OptimizerName | None = None
+    lr: float | None = None
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float | None = None
     nesterov: bool = False
     epochs: int = 300
     schedule: Schedule = "cosine"
@@ -248,9 +274,10 @@ class OptimConfig(_Section):
     clip_grad_norm: float | None = None
 
     def _check_ranges(self) -> None:
-        self._require("lr", self.lr > 0.0, "a number > 0")
+        self._require("lr", self.lr is None or self.lr > 0.0, "a number > 0 or null (the optimizer's default)")
         self._require("momentum", 0.0 <= self.momentum < 1.0, "a number in [0, 1)")
-        self._require("weight_decay", self.weight_decay >= 0.0, "a number >= 0")
+        self._require("weight_decay", self.weight_decay is None or self.weight_decay >= 0.0,
+                      "a number >= 0 or null (the optimizer's default)")
         self._require("epochs", self.epochs >= 1, "an integer >= 1")
         self._require("warmup_epochs", 0 <= self.warmup_epochs <= self.epochs,
                       f"an integer in [0, optim.epochs={self.epochs}]")
@@ -259,6 +286,15 @@ class OptimConfig(_Section):
                       "a number > 0 or null (no clipping)")
         if self.nesterov and self.momentum == 0.0:
             raise ValueError("optim.nesterov=True needs optim.momentum > 0; got optim.momentum=0.0")
+
+    def resolve(self, method: str) -> None:
+        """Fill the null fields with the defaults of ``method`` (see the attributes)."""
+        if self.optimizer is None:
+            self.optimizer = "adam" if method in SPARSE_BACKWARD_METHODS else "sgd"
+        if self.lr is None:
+            self.lr = 1e-3 if self.optimizer == "adam" else 0.1
+        if self.weight_decay is None:
+            self.weight_decay = 0.0 if self.optimizer == "adam" else 5e-4
 
 
 @dataclass
@@ -333,6 +369,13 @@ class Config(_Section):
         self._require("log_every", self.log_every >= 1, "an integer >= 1")
         self._require("eval_every", self.eval_every >= 0, "an integer >= 0 (0: only at the end)")
         self._require("save_every", self.save_every >= 0, "an integer >= 0 (0: only at the end)")
+        self.optim.resolve(self.method)
+        if self.method == "meprop" and self.sbp.sparsifier == "randomk":
+            raise ValueError("sbp.sparsifier='randomk' does not fit method='meprop' (top-k by magnitude); expected "
+                             "'topk' or 'topk_unified', or method='sbp' for random-k")
+        if self.method == "msbp" and self.sbp.memory == 0.0:
+            raise ValueError("sbp.memory=0.0 gives no memory; expected a memory ratio in (0, 1) for method='msbp', "
+                             "or method='sbp'")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -365,12 +408,16 @@ def _describe(tp: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
+class _WrongType(ValueError):
+    """A config value of the wrong type (as opposed to a value of the right type out of range)."""
+
+
 def _check_type(key: str, value: Any, tp: Any) -> Any:
     """Return ``value`` converted to ``tp`` where that is lossless, or raise a one-line ``ValueError``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
 
     def bad() -> ValueError:
-        return ValueError(f"{key}={value!r} has the wrong type; expected {_describe(tp)}")
+        return _WrongType(f"{key}={value!r} has the wrong type; expected {_describe(tp)}")
 
     if tp is Any:
         return value
@@ -383,14 +430,16 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             if type(None) in args:
                 return None
             raise bad()
+        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _check_type(key, value, arg)
-            except ValueError:
-                continue
-        raise bad()
+            except ValueError as err:
+                errors.append(err)
+        # A value of a fitting type but a bad value (not finite, not a valid choice) says so; otherwise list the types.
+        raise next((err for err in errors if not isinstance(err, _WrongType)), bad())
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

@@ -1,12 +1,14 @@
-"""Datasets and loaders: the built-in procedural ``shapes`` set, CIFAR-10/100 and ImageNet from a named directory.
+"""Datasets and loaders: the built-in procedural ``shapes`` set, MNIST / Fashion-MNIST, CIFAR-10/100 and ImageNet from
+a named directory.
 
-Nothing is ever downloaded. CIFAR comes from its python pickle format (``cifar-10-batches-py`` /
+Nothing is ever downloaded. MNIST and Fashion-MNIST come from their IDX files in torchvision's layout
+(``MNIST/raw/train-images-idx3-ubyte`` ...), CIFAR from its python pickle format (``cifar-10-batches-py`` /
 ``cifar-100-python``) and ImageNet from ``train`` and ``val`` folders in torchvision's ImageFolder layout, under the
 directory the user names; a missing or malformed directory raises one line that says where we looked and what layout
 we expect. ``shapes`` is generated in memory from a seed, needs no files and no torchvision, and is what the quickstart
 runs on.
 
-torchvision (CIFAR, ImageNet) and timm (ImageNet transforms) are imported only by the functions that need them, so
+torchvision (MNIST, CIFAR, ImageNet) and timm (ImageNet transforms) are imported only by the functions that need them, so
 ``shapes`` works with torch alone.
 """
 
@@ -41,6 +43,7 @@ __all__ = [
     "build_loader",
     "cifar_datasets",
     "imagenet_datasets",
+    "mnist_datasets",
     "shapes_datasets",
 ]
 
@@ -51,6 +54,8 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 # Colours of ``shapes`` are uniform in [0, 1] with a little noise: mean ~1/2, std ~0.3 per channel.
 SHAPES_MEAN = (0.5, 0.5, 0.5)
 SHAPES_STD = (0.3, 0.3, 0.3)
@@ -402,6 +407,72 @@ def cifar_datasets(name: str, root: str | os.PathLike | None, augment: bool = Tr
     return train_set, val_set, num_classes
 
 
+_MNIST_LAYOUT = {  # dataset name: (torchvision class and folder, normalisation)
+    "mnist": ("MNIST", MNIST_MEAN, MNIST_STD),
+    "fashion_mnist": ("FashionMNIST", FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+}
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte")
+
+
+def mnist_datasets(name: str, root: str | os.PathLike | None) -> tuple[Dataset, Dataset, int]:
+    """MNIST or Fashion-MNIST from its IDX files, normalised, without augmentation (as in the meProp and MSBP papers).
+
+    The training set is the 60,000 training images, the validation set the 10,000 test images (the MSBP paper splits
+    5,000 development images off the training set; the test set is what both papers report).
+
+    Args:
+        name: ``mnist`` or ``fashion_mnist``.
+        root: Directory holding ``MNIST/raw/`` (``FashionMNIST/raw/``) with the four uncompressed IDX files, as
+            torchvision lays them out; that folder or its ``raw`` folder are accepted too.
+
+    Returns:
+        ``(train_set, val_set, 10)``.
+
+    Raises:
+        ValueError: ``root`` is not given, or a file is not in the IDX format.
+        FileNotFoundError: The directory or one of its files is missing (the message names the expected layout).
+    """
+    if name not in _MNIST_LAYOUT:
+        raise ValueError(f"unknown MNIST-style dataset {name!r}; expected 'mnist' or 'fashion_mnist'")
+    folder, mean, std = _MNIST_LAYOUT[name]
+    expected = f"expected <root>/{folder}/raw/{{{','.join(_MNIST_FILES)}}} (uncompressed IDX files)"
+    if root is None:
+        raise ValueError(f"data.root is required for dataset '{name}'; {expected}")
+    root = Path(root).expanduser()
+    if root.name == "raw" and root.parent.name == folder:
+        root = root.parent.parent
+    elif root.name == folder and not (root / folder).is_dir():
+        root = root.parent
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name} root directory '{root}' does not exist; {expected}")
+    raw = root / folder / "raw"
+    missing = [f for f in _MNIST_FILES if not (raw / f).is_file()]
+    if missing:
+        gz = [f for f in missing if (raw / f"{f}.gz").is_file()]
+        hint = f" (found {len(gz)} of them gzipped: decompress them with gunzip)" if gz else ""
+        raise FileNotFoundError(f"{name} files missing under '{raw}': {', '.join(missing)}{hint}; {expected}")
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    dataset_class = getattr(datasets, folder)
+    try:
+        sets = [dataset_class(str(root), train=train, transform=transform, download=False) for train in (True, False)]
+    except (AssertionError, RuntimeError, ValueError, IndexError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"could not read {name} from '{raw}' ({reason}); expected IDX files (magic 2051 for "
+                         f"images, 2049 for labels)") from None
+    for split, dataset in zip(("train", "test"), sets):
+        if len(dataset.data) != len(dataset.targets) or dataset.data.dim() != 3:
+            raise ValueError(f"{name} {split} files in '{raw}' hold {tuple(dataset.data.shape)} images and "
+                             f"{len(dataset.targets)} labels; expected N x H x W images and N labels")
+        if len(dataset.targets) and not 0 <= int(dataset.targets.min()) <= int(dataset.targets.max()) < 10:
+            raise ValueError(f"{name} {split} labels in '{raw}' span [{int(dataset.targets.min())}, "
+                             f"{int(dataset.targets.max())}]; expected labels in [0, 9]")
+    logger.info("%s from %s: %d train, %d test images", name, raw, len(sets[0]), len(sets[1]))
+    return sets[0], sets[1], 10
+
+
 def _image_classes(folder: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
 
@@ -481,14 +552,18 @@ def build_datasets(cfg_data: DataConfig) -> tuple[Dataset, Dataset, int, tuple[i
         train_set, val_set = shapes_datasets(cfg_data.train_size, cfg_data.val_size, cfg_data.seed, cfg_data.augment,
                                              image_size=size)
         return train_set, val_set, train_set.num_classes, (3, size, size)
+    if name in _MNIST_LAYOUT:
+        train_set, val_set, num_classes = mnist_datasets(name, cfg_data.root)
+        height, width = train_set.data.shape[1:]
+        return train_set, val_set, num_classes, (1, height, width)
     if name in ("cifar10", "cifar100"):
         train_set, val_set, num_classes = cifar_datasets(name, cfg_data.root, cfg_data.augment)
         return train_set, val_set, num_classes, (3, 32, 32)
     if name == "imagenet":
         train_set, val_set, num_classes = imagenet_datasets(cfg_data.root, cfg_data.augment, cfg_data.crop_size)
         return train_set, val_set, num_classes, (3, cfg_data.crop_size, cfg_data.crop_size)
-    raise ValueError(f"data.dataset={name!r} is not a dataset; expected one of 'shapes', 'cifar10', 'cifar100', "
-                     f"'imagenet'")
+    raise ValueError(f"data.dataset={name!r} is not a dataset; expected one of 'shapes', 'mnist', 'fashion_mnist', "
+                     f"'cifar10', 'cifar100', 'imagenet'")
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0, seed: int = 0,

@@ -9,7 +9,10 @@ A VR-PGE run (METHODS.md section 1) has three phases:
    wins, the earliest sample on ties) or ``top_scores`` (the largest keep probabilities up to the budget).
 3. ``finetune``: ``finetune.epochs`` epochs of SGD on that subnetwork in compact mode (lr 1e-3, cosine).
 
-A ``dense`` run trains the same model with the same harness for ``optim.epochs`` epochs (phase ``train``).
+A ``dense`` run trains the same model with the same harness for ``optim.epochs`` epochs (phase ``train``), and so does
+a sparse-backward run (``meprop``, ``sbp``, ``msbp``: METHODS.md sections 2-4), whose linear and conv layers propagate
+only ``k`` of their output units in the backward (``steps.sbp_step``); every ``sbp.angle_every`` steps it measures the
+gradient estimation angles and logs them to TensorBoard (``angle/overall``, ``angle/<layer>``).
 
 Every epoch is one ``train_one_epoch`` call; checkpoints are written after every ``save_every`` epochs and at the end
 of every phase, and a resumed run continues from the last one exactly as if it had not stopped.
@@ -18,6 +21,7 @@ of every phase, and a resumed run continues from the last one exactly as if it h
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -31,16 +35,17 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
+from ..sbp import sparse_layers
 from ..sparse import use_mask
 from ..vrpge import ChannelScores
 from .checkpoint import save_checkpoint
-from .config import Config, load_config, save_config
+from .config import SPARSE_BACKWARD_METHODS, Config, load_config, save_config
 from .data import build_loader
 from .logs import RunLogger
-from .optim import weight_optimizer
+from .optim import run_optimizer
 from .setup import Run, phase_epochs, phase_optimizer, prepare
 from .state import PHASES, TrainState
-from .steps import StepContext, StepResult, subnet_step, vrpge_step
+from .steps import StepContext, StepResult, sbp_step, subnet_step, vrpge_step
 from .summary import summarize, write_json
 from .timing import DenseReference, synchronize
 
@@ -66,6 +71,8 @@ class EpochMeter:
     count: int = 0
     kept: float = 0.0
     steps: int = 0
+    angle: float = 0.0
+    angles: int = 0
 
     def update(self, result: StepResult) -> None:
         self.loss += result.loss * result.count
@@ -74,11 +81,18 @@ class EpochMeter:
         self.count += result.count
         self.kept += result.kept_ratio
         self.steps += 1
+        angle = (result.diagnostics or {}).get("angle/overall", math.nan)
+        if not math.isnan(angle):  # not measured this step, or undefined (a zero gradient)
+            self.angle += angle
+            self.angles += 1
 
     def summary(self) -> dict[str, float]:
         n = max(self.count, 1)
-        return {"train_loss": self.loss / n, "train_loss2": self.loss2 / n, "train_accuracy": 100.0 * self.correct / n,
-                "kept_ratio_sampled": self.kept / max(self.steps, 1)}
+        metrics = {"train_loss": self.loss / n, "train_loss2": self.loss2 / n,
+                   "train_accuracy": 100.0 * self.correct / n, "kept_ratio_sampled": self.kept / max(self.steps, 1)}
+        if self.angles:
+            metrics["angle_overall"] = self.angle / self.angles
+        return metrics
 
 
 def _step_function(state: TrainState, cfg: Config, ctx: StepContext) -> Callable[[tuple[Tensor, Tensor]], StepResult]:
@@ -87,6 +101,10 @@ def _step_function(state: TrainState, cfg: Config, ctx: StepContext) -> Callable
         optimizers = (state.weight_optimizer, state.score_optimizer)
         return lambda batch: vrpge_step(state.model, state.scores, optimizers, batch, state.mask_generator,
                                         cfg.sparsity, ctx)
+    if cfg.method in SPARSE_BACKWARD_METHODS:
+        every = cfg.sbp.angle_every
+        return lambda batch: sbp_step(state.model, state.weight_optimizer, batch, ctx, state.budget,
+                                      measure_angles=every > 0 and (state.step + 1) % every == 0)
     return lambda batch: subnet_step(state.model, state.weight_optimizer, batch, state.fixed_mask, ctx)
 
 
@@ -100,7 +118,8 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
         ctx: Step settings.
         loader: The training loader.
         log: Where per-step scalars go (every ``cfg.log_every`` steps).
-        dense_reference: Times dense steps after the epoch (search phase) for the measured speedup.
+        dense_reference: Times dense steps after the epoch (search or sparse-backward training) for the measured
+            speedup.
 
     Returns:
         The epoch's training metrics.
@@ -132,12 +151,15 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
                         kept=f"{result.kept_ratio:.2f}", refresh=False)
         if state.step % cfg.log_every == 0:
             log.scalars(_step_scalars(state, result), state.step)
+        if result.diagnostics:
+            state.diagnostics = result.diagnostics
+            log.scalars(result.diagnostics, state.step)
     bar.close()
     if meter.steps == 0:
         raise ValueError(f"the training loader gave no batch (batch size {cfg.data.batch_size}); "
                          f"expected at least one full batch per epoch")
-    if dense_reference is not None and phase == "search":
-        for seconds in dense_reference.time_steps(model, batch, DENSE_REFERENCE_STEPS):
+    if dense_reference is not None and phase != "finetune":
+        for seconds in dense_reference.time_steps(batch, DENSE_REFERENCE_STEPS):
             state.times.add("dense_ref", seconds)
     state.epoch += 1
     return dict(meter.summary(), epoch_time_s=time.perf_counter() - start)
@@ -151,7 +173,15 @@ def _step_scalars(state: TrainState, result: StepResult) -> dict[str, float]:
     if result.loss2 is not None:
         scalars[f"{state.phase}/loss_m2"] = result.loss2
         scalars["lr/scores"] = state.score_optimizer.param_groups[0]["lr"]
+    if state.budget is not None:
+        scalars.update({f"sbp_k/{name}": k for name, k in _budget_ks(state).items()})
     return scalars
+
+
+def _budget_ks(state: TrainState) -> dict[str, int]:
+    """Units each layer of a global sparse-backward budget keeps now, by layer name."""
+    names = {id(layer): name for name, layer in sparse_layers(state.model)}
+    return {names[id(layer)]: k for layer, k in zip(state.budget.layers, state.budget.ks)}
 
 
 @torch.no_grad()
@@ -255,6 +285,8 @@ def _epoch_record(run: Run, train_metrics: dict[str, float], val: dict[str, floa
         record.pop("train_loss2")
     if val is not None:
         record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+    if state.budget is not None:
+        record["sbp_k"] = _budget_ks(state)
     if state.scores is not None:
         expected = state.scores.expected_kept()
         record["kept_ratio_expected"] = expected.ratio
@@ -272,6 +304,8 @@ def _log_epoch(run: Run, log: RunLogger, record: dict[str, Any]) -> None:
     scalars = {f"{phase}/epoch_loss": record["train_loss"], f"{phase}/epoch_accuracy": record["train_accuracy"],
                f"{phase}/kept_ratio_sampled_mean": record["kept_ratio_sampled"],
                "cost/train_flops": record["train_flops"], "cost/train_cost_saving": record["train_cost_saving"]}
+    if "angle_overall" in record:
+        scalars[f"{phase}/epoch_angle_overall"] = record["angle_overall"]
     if "val_accuracy" in record:
         scalars.update({f"val/{phase}_accuracy": record["val_accuracy"], f"val/{phase}_loss": record["val_loss"]})
     if "kept_ratio_expected" in record:
@@ -319,7 +353,8 @@ def _next_phase(run: Run) -> None:
 def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Dataset | None = None,
         val_set: Dataset | None = None, out: str | os.PathLike | None = None, *,
         resume: bool = False) -> dict[str, Any]:
-    """Train a model as the configuration says (VR-PGE search + fix + finetune, or dense) and summarise the run.
+    """Train a model as the configuration says (VR-PGE search + fix + finetune, dense, or a sparse-backward baseline)
+    and summarise the run.
 
     Args:
         config: A ``Config``, a mapping or a yaml path (see ``maskprop.train.config``).
@@ -352,10 +387,9 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
                     if run.resumed else None)
     saver = _Saver(run)
     dense_reference = None
-    if cfg.method == "vrpge":
-        opt = cfg.optim
-        dense_reference = DenseReference(
-            lambda params: weight_optimizer(params, opt.lr, opt.momentum, opt.weight_decay, opt.nesterov), run.ctx)
+    if cfg.method != "dense" and state.phase in ("search", "train"):
+        dense_reference = DenseReference(run.dense_model or state.model,
+                                         lambda params: run_optimizer(params, cfg.optim), run.ctx)
     try:
         while state.phase != "done":
             _run_phase(run, log, saver, dense_reference)

@@ -1,6 +1,8 @@
-"""Optimizers and learning-rate schedules of a run: SGD on the weights, Adam on the scores, timm's per-step schedules.
+"""Optimizers and learning-rate schedules of a run: SGD (or Adam) on the weights, Adam on the scores, timm's per-step
+schedules.
 
-The weights use plain ``torch.optim.SGD``. Its weight decay and momentum act on every parameter, the dropped channels
+The weights use plain ``torch.optim.SGD`` (VR-PGE, dense) or ``torch.optim.Adam`` (the sparse-backward baselines, as in
+the meProp and MSBP papers). Its weight decay and momentum act on every parameter, the dropped channels
 of a step included: a dropped channel has a zero gradient, so it decays by ``lr x weight_decay`` and keeps moving
 along its momentum buffer. The official VR-PGE code does the same (it multiplies weights by masks and steps a standard
 SGD over all of them); channels that are rarely sampled therefore shrink slowly, which acts like the weight decay they
@@ -16,9 +18,9 @@ from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
-from .config import Schedule
+from .config import OptimConfig, Schedule
 
-__all__ = ["build_schedule", "score_optimizer", "weight_optimizer"]
+__all__ = ["build_schedule", "run_optimizer", "score_optimizer", "weight_optimizer"]
 
 
 def weight_optimizer(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float,
@@ -29,6 +31,17 @@ def weight_optimizer(params: Iterable[nn.Parameter], lr: float, momentum: float,
     """
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                            nesterov=nesterov and momentum > 0)
+
+
+def run_optimizer(params: Iterable[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
+    """The weight optimizer an ``optim`` section describes (its null fields resolved): SGD or Adam.
+
+    Adam uses ``optim.lr`` and L2 ``optim.weight_decay`` (added to the gradient, as ``torch.optim.Adam`` does) with its
+    default betas; SGD as :func:`weight_optimizer`.
+    """
+    if optim.optimizer == "adam":
+        return torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    return weight_optimizer(params, optim.lr, optim.momentum, optim.weight_decay, optim.nesterov)
 
 
 def score_optimizer(scores: nn.Parameter, lr: float) -> torch.optim.Adam:

@@ -3,7 +3,10 @@ is written (DESIGN.md invariant 7), and the checkpoint to resume from."""
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,26 +19,30 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..cost import CostModel
-from ..models import create_model
+from ..models import create_model, model_entrypoint
+from ..sbp import GlobalBudget, convert, sparse_layers
 from ..vrpge import ChannelScores
 from .checkpoint import check_compatible, load_checkpoint
-from .config import Config, config_to_dict
+from .config import SPARSE_BACKWARD_METHODS, Config, SbpConfig, config_to_dict
 from .data import build_datasets, build_loader
-from .optim import build_schedule, score_optimizer, weight_optimizer
+from .optim import build_schedule, run_optimizer, score_optimizer, weight_optimizer
 from .state import TrainState
 from .steps import StepContext
 
-__all__ = ["Run", "default_run_dir", "phase_epochs", "phase_optimizer", "prepare"]
+__all__ = ["Run", "default_run_dir", "phase_epochs", "phase_optimizer", "prepare", "sparse_backward"]
 
 logger = logging.getLogger(__name__)
 
 _AMP = {"none": None, "bf16": torch.bfloat16}
-_NOT_YET = ("meprop", "sbp", "msbp")
 
 
 @dataclass
 class Run:
-    """A prepared run: everything built and checked, nothing written yet."""
+    """A prepared run: everything built and checked, nothing written yet.
+
+    ``dense_model`` is an unconverted copy of the model of a sparse-backward run (the dense reference steps of the
+    measured speedup time it); ``None`` for the other methods, whose model runs dense without a mask.
+    """
 
     cfg: Config
     state: TrainState
@@ -46,6 +53,7 @@ class Run:
     groups: dict[str, int]
     run_dir: Path | None
     resumed: bool
+    dense_model: nn.Module | None = None
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -86,8 +94,10 @@ def _datasets(cfg: Config, train_set: Dataset | None,
     return train_set, val_set, num_classes, tuple(image.shape)
 
 
-def _build_model(cfg: Config, num_classes: int) -> nn.Module:
+def _build_model(cfg: Config, num_classes: int, input_size: tuple[int, int, int]) -> nn.Module:
     kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "num_classes"}
+    if "in_features" in inspect.signature(model_entrypoint(cfg.model.name)).parameters:
+        kwargs.setdefault("in_features", math.prod(input_size))  # an MLP reads the flattened image
     try:
         model = create_model(cfg.model.name, num_classes=num_classes, **kwargs)
     except TypeError as err:
@@ -97,19 +107,47 @@ def _build_model(cfg: Config, num_classes: int) -> nn.Module:
     return model
 
 
+def _cost_model(model: nn.Module, cfg: Config, input_size: tuple[int, int, int]) -> CostModel:
+    try:
+        return CostModel(model, input_size)
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())[:200]
+        raise ValueError(f"model {cfg.model.name!r} does not take {cfg.data.dataset} inputs of size {input_size} "
+                         f"({reason}); expected a model built for that input") from None
+
+
+def sparse_backward(model: nn.Module, method: str, sbp: SbpConfig) -> GlobalBudget | None:
+    """Convert ``model`` in place for a sparse-backward method (METHODS.md sections 2-4); the global budget if any.
+
+    Every ``nn.Linear`` / ``nn.Conv2d`` becomes a :mod:`maskprop.sbp` layer propagating ``sbp.ratio`` of its output
+    units (``meprop``, ``sbp``: no memory; ``msbp``: memory ``sbp.memory``); the output layer stays dense unless
+    ``sbp.output_k`` gives its own k. With ``sbp.budget: balanced`` one budget of ``sbp.ratio`` of all units (the
+    output layer's own k aside) is shared by the layers and re-balanced after every backward.
+    """
+    memory = sbp.memory if method == "msbp" else 0.0
+    convert(model, ratio=sbp.ratio, sparsifier=sbp.sparsifier, memory=memory, output_k=sbp.output_k)
+    if sbp.budget != "balanced":
+        return None
+    layers = [layer for _, layer in sparse_layers(model)]
+    if sbp.output_k is not None:
+        layers = layers[:-1]  # the output layer keeps its own k
+    return GlobalBudget(layers, ratio=sbp.ratio, scale=sbp.scale)
+
+
 def phase_epochs(cfg: Config, phase: str) -> int:
     return {"train": cfg.optim.epochs, "search": cfg.optim.epochs, "finetune": cfg.finetune.epochs, "done": 0}[phase]
 
 
 def phase_optimizer(cfg: Config, model: nn.Module, phase: str,
                      steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
-    """SGD and its per-step schedule for ``phase``: the search / dense recipe, or the finetune recipe (cosine)."""
+    """The weight optimizer and its per-step schedule for ``phase``: the ``optim`` recipe (search, dense and
+    sparse-backward training), or the finetune recipe (SGD, cosine)."""
     if phase == "finetune":
         ft = cfg.finetune
         optimizer = weight_optimizer(model.parameters(), ft.lr, ft.momentum, ft.weight_decay, cfg.optim.nesterov)
         return optimizer, build_schedule(optimizer, "cosine" if ft.epochs else "constant", ft.epochs * steps_per_epoch)
     opt = cfg.optim
-    optimizer = weight_optimizer(model.parameters(), opt.lr, opt.momentum, opt.weight_decay, opt.nesterov)
+    optimizer = run_optimizer(model.parameters(), opt)
     return optimizer, build_schedule(optimizer, opt.schedule, opt.epochs * steps_per_epoch,
                                      opt.warmup_epochs * steps_per_epoch)
 
@@ -157,21 +195,22 @@ def _warn_changed(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: 
 def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | None = None,
             run_dir: Path | None = None, resume: bool = False) -> Run:
     """Build and check everything a run needs; raise one-line errors before anything is written."""
-    if cfg.method in _NOT_YET:
-        raise ValueError(f"method={cfg.method!r} is not implemented yet in the trainer; use method=vrpge or "
-                         f"method=dense")
     checkpoint = _check_run_dir(run_dir, resume)
     train_set, val_set, num_classes, input_size = _datasets(cfg, train_set, val_set)
     device = _resolve_device(cfg.device)
 
     torch.manual_seed(cfg.seed)
-    model = _build_model(cfg, num_classes)
+    model = _build_model(cfg, num_classes, input_size)
     groups = model.channel_groups()
     if checkpoint is not None:
         check_compatible(checkpoint, run_dir / "last.pt", cfg.model.name, cfg.model.kwargs, groups, cfg.method)
         _warn_changed(checkpoint["config"], config_to_dict(cfg))
-    cost = CostModel(model, input_size)  # before moving: the shapes do not depend on the device
+    cost = _cost_model(model, cfg, input_size)  # before moving: the shapes do not depend on the device
     model.to(device)
+    dense_model = budget = None
+    if cfg.method in SPARSE_BACKWARD_METHODS:
+        dense_model = copy.deepcopy(model)
+        budget = sparse_backward(model, cfg.method, cfg.sbp)
     loader_generator = torch.Generator().manual_seed(cfg.seed)
     train_loader = build_loader(train_set, cfg.data.batch_size, train=True, workers=cfg.data.workers,
                                 generator=loader_generator, pin_memory=device.type == "cuda")
@@ -189,7 +228,7 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     optimizer, schedule = phase_optimizer(cfg, model, "finetune" if finetuning else first_phase, len(train_loader))
     state = TrainState(model=model, weight_optimizer=optimizer, weight_schedule=schedule, scores=scores,
                        score_optimizer=score_opt, mask_generator=torch.Generator().manual_seed(cfg.seed + 1),
-                       loader_generator=loader_generator, phase=first_phase)
+                       loader_generator=loader_generator, phase=first_phase, budget=budget)
     if checkpoint is not None:
         try:
             state.load(checkpoint)
@@ -202,7 +241,8 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     ctx = StepContext(criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), device=device,
                       cost=cost, amp_dtype=_AMP[cfg.amp], channels_last=cfg.channels_last,
                       clip_grad_norm=cfg.optim.clip_grad_norm)
-    return Run(cfg, state, ctx, train_set, train_loader, val_loader, groups, run_dir, checkpoint is not None)
+    return Run(cfg, state, ctx, train_set, train_loader, val_loader, groups, run_dir, checkpoint is not None,
+               dense_model)
 
 
 def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:

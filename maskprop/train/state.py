@@ -10,6 +10,7 @@ import torch
 from timm.scheduler.scheduler import Scheduler
 from torch import Tensor, nn
 
+from ..sbp import GlobalBudget, load_sbp_state_dict, sbp_state_dict, sparse_layers
 from ..vrpge import ChannelScores
 from .config import Config, config_to_dict
 from .timing import StepTimes
@@ -47,6 +48,8 @@ class TrainState:
         final_accuracy: Validation accuracy of the final network, once the run is done.
         times: Step wall times.
         elapsed_s: Wall time of the run so far, over all its processes.
+        budget: The global budget of a sparse-backward run with ``sbp.budget: balanced``.
+        diagnostics: The gradient estimation angles last measured (sparse-backward runs), in degrees.
     """
 
     model: nn.Module
@@ -66,6 +69,8 @@ class TrainState:
     final_accuracy: float | None = None
     times: StepTimes = field(default_factory=StepTimes)
     elapsed_s: float = 0.0
+    budget: GlobalBudget | None = None
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
     def checkpoint(self, cfg: Config, groups: Mapping[str, int]) -> dict[str, Any]:
         """The state as one checkpoint dict (tensors and plain Python values only; see ``checkpoint.py``)."""
@@ -97,8 +102,16 @@ class TrainState:
             "final_accuracy": self.final_accuracy,
             "times": self.times.state_dict(),
             "elapsed_s": self.elapsed_s,
+            "sbp": self._sbp_state(),
             "config": config_to_dict(cfg),
         }
+
+    def _sbp_state(self) -> dict[str, Any] | None:
+        """Sparse-backward state that ``model.state_dict()`` leaves out: per-layer k, MSBP memory, the budget."""
+        if next(sparse_layers(self.model), None) is None:
+            return None
+        return {"layers": sbp_state_dict(self.model), "budget": None if self.budget is None else
+                self.budget.state_dict(), "diagnostics": dict(self.diagnostics)}
 
     def load(self, checkpoint: Mapping[str, Any]) -> None:
         """Restore from a checkpoint of the same model (checked beforehand with ``check_compatible``).
@@ -119,6 +132,12 @@ class TrainState:
         self.final_accuracy = checkpoint["final_accuracy"]
         self.times.load_state_dict(checkpoint["times"])
         self.elapsed_s = checkpoint["elapsed_s"]
+        sbp = checkpoint.get("sbp")
+        if sbp is not None:
+            load_sbp_state_dict(self.model, sbp["layers"])
+            if self.budget is not None:
+                self.budget.load_state_dict(sbp["budget"])
+            self.diagnostics = dict(sbp["diagnostics"])
         rng = checkpoint["rng"]
         self.mask_generator.set_state(rng["mask"])
         self.loader_generator.set_state(rng["loader"])

@@ -1,4 +1,5 @@
-"""One training step of each kind: the VR-PGE search step, and a plain SGD step on a fixed subnetwork (or dense).
+"""One training step of each kind: the VR-PGE search step, a plain step on a fixed subnetwork (or dense), and the step
+of the sparse-backward baselines (meProp, SBP, MSBP).
 
 Each step is one function that shows the whole step (METHODS.md section 1, "One iteration"), returns what it measured
 and the FLOPs it cost by supplement C.1 (a backward costs twice its forward), and leaves the bookkeeping (counters,
@@ -14,12 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..cost import CostModel, dense_step_flops, vrpge_step_flops
+from ..cost import CostModel, dense_step_flops, sbp_step_flops, vrpge_step_flops
+from ..sbp import GlobalBudget, gradient_angles, sparse_layers
 from ..sparse import use_mask
 from ..vrpge import ChannelScores, score_grad
 from .config import SparsityConfig
 
-__all__ = ["StepContext", "StepResult", "subnet_step", "vrpge_step"]
+__all__ = ["StepContext", "StepResult", "sbp_step", "subnet_step", "vrpge_step"]
 
 
 @dataclass
@@ -68,6 +70,7 @@ class StepResult:
         dense_flops: Train FLOPs of a dense step on the same batch, 3 f_D.
         mask: The mask ``m`` used (search steps), on the CPU.
         mask2: The mask ``m'`` used (search steps), on the CPU.
+        diagnostics: Gradient estimation angles in degrees (sparse-backward steps that measured them).
     """
 
     loss: float
@@ -79,6 +82,7 @@ class StepResult:
     dense_flops: int
     mask: dict[str, Tensor] | None = None
     mask2: dict[str, Tensor] | None = None
+    diagnostics: dict[str, float] | None = None
 
 
 def _kept_ratio(mask: Mapping[str, Tensor] | None) -> float:
@@ -170,4 +174,36 @@ def subnet_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple
         loss=loss.item(), loss2=None, correct=int((logits.argmax(1) == labels).sum()), count=batch_size,
         kept_ratio=_kept_ratio(mask), flops=int(dense_step_flops(ctx.cost.flops(mask, batch_size))),
         dense_flops=int(dense_step_flops(ctx.cost.flops(None, batch_size))),
+    )
+
+
+def sbp_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[Tensor, Tensor], ctx: StepContext,
+             budget: GlobalBudget | None = None, measure_angles: bool = False) -> StepResult:
+    """One step of a sparse-backward baseline (METHODS.md sections 2-4) on a model converted by ``maskprop.sbp``.
+
+    The forward is the dense one; in ``loss.backward()`` each converted layer propagates ``k`` of its output units
+    (with the MSBP memory where configured). With ``measure_angles`` the gradient estimation angles (MSBP paper
+    Figure 5) are measured first on the same graph, which changes nothing of the step. A global ``budget`` re-balances
+    every layer's ``k`` from this backward's scores for the next step.
+
+    Costs ``sum_l f_l (1 + 2 k_l / n_l)`` train FLOPs (``maskprop.cost.sbp_step_flops``) with the ``k`` of this step.
+    """
+    images, labels = batch
+    optimizer.zero_grad(set_to_none=True)
+    with ctx.autocast():
+        logits = model(images)
+        loss = ctx.criterion(logits.float(), labels)
+    diagnostics = gradient_angles(model, loss) if measure_angles else None
+    fractions = {name: layer.k / layer.num_units for name, layer in sparse_layers(model)}
+    loss.backward()
+    if budget is not None:
+        budget.update()
+    _clip(ctx, model.parameters())
+    optimizer.step()
+    batch_size = labels.shape[0]
+    layer_flops = {name: batch_size * f for name, f in ctx.cost.by_layer().items()}
+    return StepResult(
+        loss=loss.item(), loss2=None, correct=int((logits.argmax(1) == labels).sum()), count=batch_size,
+        kept_ratio=1.0, flops=int(sbp_step_flops(layer_flops, fractions)),
+        dense_flops=int(dense_step_flops(ctx.cost.flops(None, batch_size))), diagnostics=diagnostics,
     )

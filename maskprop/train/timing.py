@@ -2,13 +2,14 @@
 
 The paper's Table 5 (supplement C.2) compares the summed forward and backward time of sparse training with dense
 training. A run cannot also train densely, so it times a few dense steps of the same model and batch during the run
-(on a copy of the model, once per search epoch, so machine drift hits both alike) and estimates:
+(on a copy of the model, once per search or training epoch, so machine drift hits both alike) and estimates:
 
     measured_speedup = median(dense step) x dense steps
-                       / (median(search step) x search steps + median(finetune step) x finetune steps)
+                       / (median(search step) x search steps + median(finetune step) x finetune steps
+                          + median(train step) x train steps)
 
-where the dense baseline trains as many steps as the search phase (the same budget ``method: dense`` trains), the
-same convention as the train-cost saving. Step times cover forward, backward and the optimizer updates, not the data
+where the dense baseline trains as many steps as the search phase of a VR-PGE run, or the training of a
+sparse-backward run (the same budget ``method: dense`` trains), the same convention as the train-cost saving. Step times cover forward, backward and the optimizer updates, not the data
 loading.
 """
 
@@ -52,10 +53,11 @@ class StepTimes:
     def measured_speedup(self, steps: dict[str, int]) -> float | None:
         """Estimated dense train time over the sparse run's train time (see the module docstring)."""
         dense = self.median("dense_ref")
-        if dense is None or self.median("search") is None:
+        if dense is None:
             return None
-        sparse_time = sum((self.median(kind) or 0.0) * steps.get(kind, 0) for kind in ("search", "finetune"))
-        return dense * steps.get("search", 0) / sparse_time if sparse_time > 0 else None
+        sparse_time = sum((self.median(kind) or 0.0) * steps.get(kind, 0) for kind in ("search", "finetune", "train"))
+        dense_steps = steps.get("search", 0) + steps.get("train", 0)
+        return dense * dense_steps / sparse_time if sparse_time > 0 else None
 
     def state_dict(self) -> dict[str, Any]:
         return {kind: list(values) for kind, values in self.times.items()}
@@ -65,33 +67,34 @@ class StepTimes:
 
 
 class DenseReference:
-    """Dense SGD steps on a private copy of the model, to time against the sparse steps of the same run.
+    """Dense steps on a private copy of the model, to time against the sparse steps of the same run.
 
-    The copy has its own optimizer (same hyperparameters) and never touches the run's model, optimizers or random
-    number generators (torch's RNGs are forked around each step), so timing does not change the training.
+    The copy has its own optimizer (the run's kind, same hyperparameters) and never touches the run's model,
+    optimizers or random number generators (torch's RNGs are forked around each step), so timing does not change the
+    training.
 
     Args:
-        make_optimizer: Builds an SGD optimizer for the copy's parameters.
+        model: The dense network to copy (the run's model, or the unconverted copy of a sparse-backward run).
+        make_optimizer: Builds the optimizer for the copy's parameters.
         ctx: The run's step settings.
-        warmup: Untimed steps after the copy is made (allocates momentum buffers, warms kernels).
+        warmup: Untimed steps before the first timed one (allocates optimizer buffers, warms kernels).
     """
 
-    def __init__(self, make_optimizer: Callable[[Any], torch.optim.Optimizer], ctx: StepContext,
+    def __init__(self, model: nn.Module, make_optimizer: Callable[[Any], torch.optim.Optimizer], ctx: StepContext,
                  warmup: int = 1) -> None:
-        self.make_optimizer = make_optimizer
         self.ctx = ctx
         self.warmup = warmup
-        self._model: nn.Module | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._model = copy.deepcopy(model).train()
+        self._optimizer = make_optimizer(self._model.parameters())
+        self._warm = False
 
-    def time_steps(self, model: nn.Module, batch: tuple[Tensor, Tensor], steps: int = 1) -> list[float]:
-        """Seconds of each of ``steps`` dense steps on ``batch`` (the copy is made from ``model`` on first use)."""
+    def time_steps(self, batch: tuple[Tensor, Tensor], steps: int = 1) -> list[float]:
+        """Seconds of each of ``steps`` dense steps on ``batch``."""
         devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
         times = []
         with torch.random.fork_rng(devices=devices):
-            if self._model is None:
-                self._model = copy.deepcopy(model).train()
-                self._optimizer = self.make_optimizer(self._model.parameters())
+            if not self._warm:
+                self._warm = True
                 for _ in range(self.warmup):
                     subnet_step(self._model, self._optimizer, batch, None, self.ctx)
             for _ in range(steps):

@@ -1,0 +1,268 @@
+"""The sparse-backward baselines in the trainer: methods meprop / sbp / msbp through ``maskprop.fit`` and
+``maskprop train`` (config defaults, the step and its FLOPs, angle logging, budgets, exact resume, recipes, bad input)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+import maskprop
+from maskprop.cli import main
+from maskprop.cost import CostModel, sbp_step_flops
+from maskprop.sbp import convert, sparse_layers
+from maskprop.train import loop
+from maskprop.train.checkpoint import load_checkpoint
+from maskprop.train.config import Config, load_config
+from maskprop.train.steps import StepContext, sbp_step
+from test_data import make_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Bars(Dataset):
+    """An easy 4-class problem: class c is a bright horizontal bar at rows 2c..2c+1 of an 8x8 noise image."""
+
+    num_classes = 4
+
+    def __init__(self, size: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.targets = torch.randint(0, 4, (size,), generator=generator)
+        self.images = 0.5 * torch.randn(size, 1, 8, 8, generator=generator)
+        for image, label in zip(self.images, self.targets):
+            image[0, 2 * label: 2 * label + 2] += 2.0
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+
+def mlp_config(**overrides) -> Config:
+    """An MLP (64-32-32-4) with MSBP on ``Bars``, 8 steps per epoch."""
+    base = {"method": "msbp", "seed": 0, "log_every": 2, "save_every": 1,
+            "model": {"name": "mlp", "kwargs": {"hidden": [32, 32]}},
+            "data": {"batch_size": 32, "workers": 0},
+            "optim": {"epochs": 3, "schedule": "constant", "lr": 1e-2},
+            "sbp": {"ratio": 0.25, "memory": 0.8, "angle_every": 4}}
+    return load_config(base, [f"{key}={value}" for key, value in overrides.items()])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bars():
+    return Bars(256, seed=0), Bars(128, seed=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def test_sparse_backward_methods_default_to_adam_at_the_papers_rate():
+    for method in ("meprop", "sbp", "msbp"):
+        optim = Config(method=method).optim
+        assert (optim.optimizer, optim.lr, optim.weight_decay) == ("adam", 1e-3, 0.0)
+    optim = Config().optim
+    assert (optim.optimizer, optim.lr, optim.weight_decay) == ("sgd", 0.1, 5e-4)
+    optim = load_config({"method": "msbp", "optim": {"optimizer": "sgd", "lr": 0.05}}).optim
+    assert (optim.optimizer, optim.lr, optim.weight_decay) == ("sgd", 0.05, 5e-4)  # what is written wins
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=meprop", "sbp.sparsifier=randomk"], "sbp.sparsifier='randomk' does not fit method='meprop'"),
+    (["method=msbp", "sbp.memory=0"], "sbp.memory=0.0 gives no memory; expected a memory ratio in (0, 1)"),
+    (["sbp.ratio=0"], "sbp.ratio=0.0 is out of range; expected a fraction in (0, 1]"),
+    (["sbp.memory=1"], "sbp.memory=1.0 is out of range; expected a number in [0, 1)"),
+    (["sbp.output_k=0"], "sbp.output_k=0 is out of range"),
+    (["sbp.sparsifier=topk_per_row"], "sbp.sparsifier='topk_per_row' is not a valid choice"),
+    (["optim.optimizer=lamb"], "optim.optimizer='lamb' is not a valid choice; expected one of 'sgd', 'adam'"),
+    (["optim.lr=fast"], "optim.lr='fast' has the wrong type; expected a number or null"),
+])
+def test_bad_sparse_backward_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(ValueError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The step
+
+
+def test_step_flops_formula_matches_the_flop_counter():
+    """f_D + sum_l 2 f_l k_l / n_l, against what torch counts, less the input gradient the first layer never makes."""
+    torch.manual_seed(0)
+    model = maskprop.create_model("mlp", num_classes=10, in_features=48, hidden=(40, 30))
+    cost = CostModel(model, (3, 4, 4))
+    convert(model, ratio=0.25, sparsifier="topk_unified", output_k=5)
+    fractions = {name: layer.k / layer.num_units for name, layer in sparse_layers(model)}
+    assert fractions == {"hidden.1": 10 / 40, "hidden.3": 8 / 30, "fc": 5 / 10}
+    x, y = torch.randn(16, 3, 4, 4), torch.randint(0, 10, (16,))
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    per_layer = {name: 16 * f for name, f in cost.by_layer().items()}
+    first_input_grad = fractions["hidden.1"] * per_layer["hidden.1"]
+    assert counter.get_total_flops() == sbp_step_flops(per_layer, fractions) - first_input_grad
+    assert sbp_step_flops(per_layer, {}) == 3 * sum(per_layer.values())
+    with pytest.raises(ValueError, match="have no FLOPs entry"):
+        sbp_step_flops(per_layer, {"hidden.9": 0.5})
+
+
+def _converted(seed: int = 0):
+    torch.manual_seed(seed)
+    model = convert(maskprop.create_model("mlp", num_classes=4, in_features=64, hidden=(32, 32)), ratio=0.25,
+                    memory=0.8)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def test_measuring_angles_changes_nothing_of_the_step(bars):
+    ctx = StepContext(criterion=torch.nn.CrossEntropyLoss(), device=torch.device("cpu"),
+                      cost=CostModel(maskprop.create_model("mlp", num_classes=4, in_features=64, hidden=(32, 32)),
+                                     (1, 8, 8)))
+    batches = [(bars[0].images[i:i + 32], bars[0].targets[i:i + 32]) for i in range(0, 96, 32)]
+    (a, opt_a), (b, opt_b) = _converted(), _converted()
+    for batch in batches:
+        plain = sbp_step(a, opt_a, batch, ctx)
+        measured = sbp_step(b, opt_b, batch, ctx, measure_angles=True)
+        assert plain.diagnostics is None and 0.0 < measured.diagnostics["angle/overall"] < 90.0
+        assert set(measured.diagnostics) == {"angle/overall", "angle/hidden.1", "angle/hidden.3"}
+        assert (plain.loss, plain.flops) == (measured.loss, measured.flops)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    for (name, layer), other in zip(sparse_layers(a), (layer for _, layer in sparse_layers(b))):
+        assert torch.equal(layer.msbp_memory, other.msbp_memory), name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Whole runs
+
+
+@pytest.fixture(scope="module")
+def msbp_run(bars, tmp_path_factory):
+    out = tmp_path_factory.mktemp("msbp") / "run"
+    return out, maskprop.fit(mlp_config(), *bars, out=out)
+
+
+def test_msbp_run_learns_and_reports_its_costs(msbp_run, bars):
+    out, summary = msbp_run
+    assert summary["method"] == "msbp" and summary["accuracy"] > 90.0
+    steps = summary["steps"]["train"]
+    assert steps == 3 * 8
+    # every hidden layer keeps 8 of 32 units; the output layer is dense
+    assert summary["sbp"]["kept_units"] == {"hidden.1": 8, "hidden.3": 8}
+    cost = CostModel(maskprop.create_model("mlp", num_classes=4, in_features=64, hidden=(32, 32)), (1, 8, 8))
+    per_step = sbp_step_flops({n: 32 * f for n, f in cost.by_layer().items()}, {"hidden.1": 0.25, "hidden.3": 0.25})
+    assert summary["train_flops"] == steps * per_step
+    assert summary["train_cost_saving"] == pytest.approx(3 * cost.flops(None, 32) / per_step)
+    assert summary["measured_speedup"] > 0 and summary["dense_step_ms"] > 0 and summary["train_step_ms"] > 0
+    assert summary["subnet_params"] == summary["dense_params"]  # nothing is pruned
+    assert 0.0 < summary["sbp"]["last_angles"]["angle/overall"] < 90.0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and all(0 < r["angle_overall"] < 90 for r in records)
+
+
+def test_angles_and_losses_reach_tensorboard(msbp_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(msbp_run[0]))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"angle/overall", "angle/hidden.1", "angle/hidden.3", "train/loss", "train/epoch_angle_overall",
+            "cost/train_cost_saving", "val/train_accuracy"} <= scalars
+    assert [e.step for e in events.Scalars("angle/overall")] == [4, 8, 12, 16, 20, 24]  # every sbp.angle_every steps
+
+
+def test_sparse_and_dense_runs_of_the_same_recipe_both_learn(bars):
+    for method in ("meprop", "sbp", "dense"):
+        summary = maskprop.fit(mlp_config(method=method, **{"sbp.angle_every": 0}), *bars)
+        assert summary["accuracy"] > 90.0, method
+        assert (summary["train_cost_saving"] > 1.5) == (method != "dense"), method
+
+
+def test_balanced_budget_keeps_the_total_and_moves_it_between_layers(bars):
+    summary = maskprop.fit(mlp_config(**{"sbp.budget": "balanced", "sbp.ratio": 0.25, "sbp.angle_every": 0}), *bars)
+    kept = summary["sbp"]["kept_units"]
+    assert sum(kept.values()) == 16 and summary["accuracy"] > 90.0
+
+
+def test_resume_continues_exactly(bars, tmp_path, monkeypatch):
+    config = mlp_config(**{"sbp.budget": "balanced", "sbp.sparsifier": "randomk", "sbp.angle_every": 3})
+    maskprop.fit(config, *bars, out=tmp_path / "straight")
+
+    real = loop.train_one_epoch
+    calls = []
+
+    def dies_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # after epoch 1 was checkpointed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        maskprop.fit(config, *bars, out=tmp_path / "resumed")
+    monkeypatch.setattr(loop, "train_one_epoch", real)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    maskprop.fit(config, *bars, out=tmp_path / "resumed", resume=True)
+
+    a, b = (load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "resumed"))
+    assert (a["step"], a["counters"]) == (b["step"], b["counters"])
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for index, state in a["optimizers"]["weights"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizers"]["weights"]["state"][index][key]))
+    assert a["sbp"]["budget"] == b["sbp"]["budget"] and a["sbp"]["diagnostics"] == b["sbp"]["diagnostics"]
+    for name, layer in a["sbp"]["layers"].items():
+        assert torch.equal(layer["memory"], b["sbp"]["layers"][name]["memory"]), name
+
+
+def test_a_cnn_trains_with_a_sparse_backward_through_the_cli(tmp_path, capsys):
+    """ResNet-20 with SBP: every convolution propagates whole channel maps; the classifier stays dense."""
+    recipe = tmp_path / "cnn.yaml"
+    recipe.write_text(json.dumps({"method": "sbp", "model": {"name": "resnet20"},
+                                  "data": {"dataset": "shapes", "train_size": 64, "val_size": 32, "image_size": 16,
+                                           "batch_size": 32, "workers": 0},
+                                  "optim": {"epochs": 1}, "sbp": {"ratio": 0.25, "angle_every": 1}}))
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    table = capsys.readouterr().out
+    assert "resnet20 (sbp, keep_ratio 0.25)" in table and "sparse backward:" in table
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    layers = summary["sbp"]["kept_units"]
+    assert len(layers) == 21 and "fc" not in layers  # the stem, 18 block convs, 2 projections; fc dense
+    assert layers["conv1"] == 4 and layers["layer3.0.conv1"] == 16
+    assert summary["train_cost_saving"] > 1.5 and summary["sbp"]["last_angles"]["angle/overall"] > 0
+
+
+def test_mnist_recipe_runs_on_a_stand_in(tmp_path, capsys):
+    make_mnist(tmp_path / "data", train_size=200, test_size=50, learnable=True)
+    recipe = REPO / "recipes" / "mnist_mlp500_meprop.yaml"
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), f"data.root={tmp_path / 'data'}",
+                 "data.workers=0", "data.batch_size=20", "optim.epochs=3", "log_every=5",
+                 "model.kwargs.hidden=[64, 64]"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["model"] == "mlp" and summary["dense_flops"] == 2 * (784 * 64 + 64 * 64 + 64 * 10)
+    assert summary["sbp"]["kept_units"] == {"hidden.1": 3, "hidden.3": 3} and summary["sbp"]["sparsifier"] == "topk"
+    assert summary["accuracy"] > 50.0
+
+
+def test_a_model_that_does_not_fit_the_input_is_a_one_line_error(tmp_path, capsys):
+    make_mnist(tmp_path / "data")
+    recipe = REPO / "recipes" / "cifar10_resnet32_msbp.yaml"
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(out), "data.dataset=mnist", f"data.root={tmp_path / 'data'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "model 'resnet32' does not take mnist inputs of size (1, 28, 28)" in err and not out.exists()
