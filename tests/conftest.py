@@ -19,6 +19,16 @@ def input_size(name: str) -> tuple[int, int, int]:
     return INPUT_SIZES[name]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the rest of the module: its models are small, and on a shared 2-core machine a second
+    thread mostly waits for a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

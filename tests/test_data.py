@@ -210,15 +210,6 @@ def _tiny_cnn():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
-@pytest.fixture
-def one_thread():
-    # Convolutions this small gain nothing from threads, and on a shared machine extra threads only wait for cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _linear_vs_cnn(train_size, val_size, linear_epochs, cnn_epochs):
     train, val = ShapesDataset(train_size, seed=0), ShapesDataset(val_size, seed=0, train=False)
     x, y = torch.stack([train[i][0] for i in range(len(train))]), train.targets

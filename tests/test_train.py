@@ -30,6 +30,7 @@ from maskprop.train.steps import StepContext, subnet_step, vrpge_step
 from maskprop.vrpge import ChannelScores, project_scores, score_grad
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs (conftest.py)
 
 # A run of a few seconds: ResNet-20 on 16x16 shapes, 2 steps per epoch.
 TINY = {
@@ -44,15 +45,6 @@ TINY = {
 }
 SUMMARY_KEYS = {"accuracy", "dense_params", "subnet_params", "dense_flops", "subnet_flops", "train_cost_saving",
                 "measured_speedup", "widths", "run_time_s"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: these runs are tiny, and two threads on a shared 2-core machine mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**overrides) -> dict:
