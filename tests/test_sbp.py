@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -77,6 +78,33 @@ def test_k_equal_to_units_gives_dense_gradients(sparsifier):
     x, g = torch.randn(2, 3, 9, 9, dtype=DTYPE), torch.randn(2, 4, 5, 5, dtype=DTYPE)
     for got, want in zip(_grads(conv, x, g), _grads(conv_dense, x, g)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dense_backward", [False, True])
+def test_bf16_autocast_gives_float32_gradients_close_to_autocast_dense(dense_backward):
+    """Under autocast the layers compute their backward in the weights' dtype from the bf16 activations and gradients:
+    gradients of the same dtypes as the plain modules' and within bf16 rounding of them (k = n, and the exact dense
+    backward that the angle diagnostic uses)."""
+    torch.manual_seed(0)
+    pairs = [(SparseBackwardLinear(12, 6, k=6), nn.Linear(12, 6)),
+             (SparseBackwardConv2d(3, 4, 3, padding=1, k=4), nn.Conv2d(3, 4, 3, padding=1))]
+    for layer, plain in pairs:
+        layer.load_state_dict(plain.state_dict())
+        # bf16 input: what a layer inside an autocast region receives from the layer before it
+        x = (torch.randn(5, 12) if isinstance(plain, nn.Linear) else torch.randn(2, 3, 6, 6)).bfloat16()
+        results = []
+        for module in (layer, plain):
+            xi = x.clone().requires_grad_(True)
+            exact = sbp.dense_backward(module) if dense_backward else contextlib.nullcontext()
+            with torch.autocast("cpu", dtype=torch.bfloat16), exact:
+                out = module(xi)
+            assert out.dtype == torch.bfloat16
+            out.float().square().sum().backward()
+            results.append((module.weight.grad, module.bias.grad, xi.grad))
+        for got, want in zip(*results):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+        assert layer.weight.grad.dtype == torch.float32
 
 
 def test_top_k_ties_lower_index_wins():

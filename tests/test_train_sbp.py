@@ -208,12 +208,14 @@ def test_resume_continues_exactly(bars, tmp_path, monkeypatch):
 
 
 def test_a_cnn_trains_with_a_sparse_backward_through_the_cli(tmp_path, capsys):
-    """ResNet-20 with SBP: every convolution propagates whole channel maps; the classifier stays dense."""
+    """ResNet-20 with SBP (bf16 autocast, channels_last): every convolution propagates whole channel maps; the
+    classifier stays dense."""
     recipe = tmp_path / "cnn.yaml"
     recipe.write_text(json.dumps({"method": "sbp", "model": {"name": "resnet20"},
                                   "data": {"dataset": "shapes", "train_size": 64, "val_size": 32, "image_size": 16,
                                            "batch_size": 32, "workers": 0},
-                                  "optim": {"epochs": 1}, "sbp": {"ratio": 0.25, "angle_every": 1}}))
+                                  "optim": {"epochs": 1}, "sbp": {"ratio": 0.25, "angle_every": 1},
+                                  "amp": "bf16", "channels_last": True}))
     assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 0
     table = capsys.readouterr().out
     assert "resnet20 (sbp, keep_ratio 0.25)" in table and "sparse backward:" in table

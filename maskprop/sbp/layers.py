@@ -344,12 +344,12 @@ class _SparseConv2dFunction(torch.autograd.Function):
         route = layer._weight_route(ctx, weight)
         grad_x = grad_w = grad_b = None
         batch, channels, height, width = grad_out.shape
-        if not layer.sparse_enabled:
+        if not layer.sparse_enabled:  # exact dense backward, in the weight's dtype as the sparse one (autocast)
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, [channels], stride, padding, dilation, False, [0, 0], 1,
-                [need_x, route != "skip", need_b],
+                grad_out.to(weight.dtype), x.to(weight.dtype), weight, [channels], stride, padding, dilation, False,
+                [0, 0], 1, [need_x, route != "skip", need_b],
             )
-            return grad_x, grad_w, grad_b, None, None, None, None
+            return None if grad_x is None else grad_x.to(x.dtype), grad_w, grad_b, None, None, None, None
 
         kept, kept_grad = layer.select(grad_out.reshape(batch, channels, height * width))
         kept_grad = kept_grad.view(batch, len(kept), height, width).to(weight.dtype)
