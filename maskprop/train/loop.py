@@ -20,6 +20,7 @@ of every phase, and a resumed run continues from the last one exactly as if it h
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -388,7 +389,7 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
     saver = _Saver(run)
     dense_reference = None
     if cfg.method != "dense" and state.phase in ("search", "train"):
-        dense_reference = DenseReference(run.dense_model or state.model,
+        dense_reference = DenseReference(run.dense_model or copy.deepcopy(state.model),
                                          lambda params: run_optimizer(params, cfg.optim), run.ctx)
     try:
         while state.phase != "done":

@@ -40,8 +40,8 @@ _AMP = {"none": None, "bf16": torch.bfloat16}
 class Run:
     """A prepared run: everything built and checked, nothing written yet.
 
-    ``dense_model`` is an unconverted copy of the model of a sparse-backward run (the dense reference steps of the
-    measured speedup time it); ``None`` for the other methods, whose model runs dense without a mask.
+    ``dense_model`` is an unconverted copy of the model of a sparse-backward run, for the dense reference steps of the
+    measured speedup to train and time; ``None`` for the other methods, whose model runs dense without a mask.
     """
 
     cfg: Config

@@ -15,7 +15,6 @@ loading.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -74,7 +73,8 @@ class DenseReference:
     training.
 
     Args:
-        model: The dense network to copy (the run's model, or the unconverted copy of a sparse-backward run).
+        model: The private copy of the dense network to time (the reference trains it): a copy of the run's model, or
+            the unconverted copy of a sparse-backward run.
         make_optimizer: Builds the optimizer for the copy's parameters.
         ctx: The run's step settings.
         warmup: Untimed steps before the first timed one (allocates optimizer buffers, warms kernels).
@@ -84,7 +84,7 @@ class DenseReference:
                  warmup: int = 1) -> None:
         self.ctx = ctx
         self.warmup = warmup
-        self._model = copy.deepcopy(model).train()
+        self._model = model.train()
         self._optimizer = make_optimizer(self._model.parameters())
         self._warm = False
 
