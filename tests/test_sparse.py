@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -237,3 +239,28 @@ def test_unknown_mode(small_model):
 def test_random_mask_ratio_is_validated():
     with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\], got 1.5"):
         random_mask({"a": 4}, 1.5)
+
+
+def test_strided_1x1_conv_with_an_odd_batch_trains_without_the_onednn_crash():
+    """torch 2.15's CPU weight gradient of a strided 1x1 conv dies (double free) for some odd batches and channel
+    counts on two threads; SparseConv2d routes those batches around it. In a child process, since a crash would take
+    pytest down with it; the gradients must equal those of the plain strided convolution computed on one thread."""
+    script = """
+import torch, torch.nn.functional as F
+from maskprop.sparse import SparseConv2d
+torch.manual_seed(0)
+conv = SparseConv2d(10, 19, 1, stride=2)
+x = torch.randn(9, 10, 32, 32).contiguous(memory_format=torch.channels_last)
+grads = []
+for threads, module in ((2, conv), (1, None)):
+    torch.set_num_threads(threads)
+    xi, w = x.clone().requires_grad_(), conv.weight.detach().clone().requires_grad_()
+    out = module(xi) if module is not None else F.conv2d(xi, w, stride=2)
+    out.square().sum().backward()
+    grads.append((out.detach(), xi.grad, conv.weight.grad if module is not None else w.grad))
+for got, want in zip(*grads):
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-500:]
