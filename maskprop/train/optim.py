@@ -23,24 +23,36 @@ from .config import OptimConfig, Schedule
 __all__ = ["build_schedule", "run_optimizer", "score_optimizer", "weight_optimizer"]
 
 
+def _fused(params: list[nn.Parameter]) -> dict[str, bool]:
+    """``fused=True`` where torch's fused kernels take every parameter (floating point, on the CPU or CUDA).
+
+    The fused SGD and Adam compute what the per-tensor loops compute in one pass over each tensor: on this project's
+    2-core CPU, Adam on a 784-5000-5000-10 MLP took 24 ms instead of 152 ms, more than the whole sparse backward.
+    """
+    supported = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return {"fused": True} if supported else {}
+
+
 def weight_optimizer(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float,
                      nesterov: bool = False) -> torch.optim.SGD:
-    """SGD on the weights (supplement B: lr 0.1, momentum 0.9, weight decay 5e-4 on CIFAR).
+    """SGD on the weights (supplement B: lr 0.1, momentum 0.9, weight decay 5e-4 on CIFAR), fused where supported.
 
     Weight decay and momentum apply to dropped channels too (see the module docstring).
     """
+    params = list(params)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           nesterov=nesterov and momentum > 0)
+                           nesterov=nesterov and momentum > 0, **_fused(params))
 
 
 def run_optimizer(params: Iterable[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
     """The weight optimizer an ``optim`` section describes (its null fields resolved): SGD or Adam.
 
     Adam uses ``optim.lr`` and L2 ``optim.weight_decay`` (added to the gradient, as ``torch.optim.Adam`` does) with its
-    default betas; SGD as :func:`weight_optimizer`.
+    default betas, fused where supported; SGD as :func:`weight_optimizer`.
     """
     if optim.optimizer == "adam":
-        return torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        params = list(params)
+        return torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay, **_fused(params))
     return weight_optimizer(params, optim.lr, optim.momentum, optim.weight_decay, optim.nesterov)
 
 
