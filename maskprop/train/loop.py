@@ -54,8 +54,10 @@ __all__ = ["evaluate", "fit", "fix_subnetwork", "train_one_epoch"]
 
 logger = logging.getLogger(__name__)
 
-DENSE_REFERENCE_STEPS = 1
-"""Dense reference steps timed after every search epoch (``timing.py``)."""
+DENSE_REFERENCE_SHARE = 0.01
+"""Dense reference steps timed after every search or training epoch, as a share of its steps (at least 1, at most
+``DENSE_REFERENCE_MAX``): about 1% of the epoch's time on top (``timing.py``)."""
+DENSE_REFERENCE_MAX = 10
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -160,7 +162,8 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
         raise ValueError(f"the training loader gave no batch (batch size {cfg.data.batch_size}); "
                          f"expected at least one full batch per epoch")
     if dense_reference is not None and phase != "finetune":
-        for seconds in dense_reference.time_steps(batch, DENSE_REFERENCE_STEPS):
+        steps = min(DENSE_REFERENCE_MAX, max(1, round(DENSE_REFERENCE_SHARE * meter.steps)))
+        for seconds in dense_reference.time_steps(batch, steps):
             state.times.add("dense_ref", seconds)
     state.epoch += 1
     return dict(meter.summary(), epoch_time_s=time.perf_counter() - start)
