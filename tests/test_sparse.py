@@ -241,21 +241,24 @@ def test_random_mask_ratio_is_validated():
         random_mask({"a": 4}, 1.5)
 
 
-def test_strided_1x1_conv_with_an_odd_batch_trains_without_the_onednn_crash():
+@pytest.mark.parametrize("layer", ["maskprop.sparse.SparseConv2d(10, 19, 1, stride=2)",
+                                   "maskprop.sbp.SparseBackwardConv2d(10, 19, 1, stride=2, k=19)"])
+def test_strided_1x1_conv_with_an_odd_batch_trains_without_the_onednn_crash(layer):
     """torch 2.15's CPU weight gradient of a strided 1x1 conv dies (double free) for some odd batches and channel
-    counts on two threads; SparseConv2d routes those batches around it. In a child process, since a crash would take
-    pytest down with it; the gradients must equal those of the plain strided convolution computed on one thread."""
-    script = """
+    counts on two threads; maskprop's convolutions route those batches around it (``maskprop._workarounds``). In a
+    child process, since a crash would take pytest down with it; the gradients must equal those of the plain strided
+    convolution computed on one thread."""
+    script = f"""
 import torch, torch.nn.functional as F
-from maskprop.sparse import SparseConv2d
+import maskprop, maskprop.sbp, maskprop.sparse
 torch.manual_seed(0)
-conv = SparseConv2d(10, 19, 1, stride=2)
+conv = {layer}
 x = torch.randn(9, 10, 32, 32).contiguous(memory_format=torch.channels_last)
 grads = []
 for threads, module in ((2, conv), (1, None)):
     torch.set_num_threads(threads)
     xi, w = x.clone().requires_grad_(), conv.weight.detach().clone().requires_grad_()
-    out = module(xi) if module is not None else F.conv2d(xi, w, stride=2)
+    out = module(xi) if module is not None else F.conv2d(xi, w, conv.bias, stride=2)
     out.square().sum().backward()
     grads.append((out.detach(), xi.grad, conv.weight.grad if module is not None else w.grad))
 for got, want in zip(*grads):

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from maskprop._workarounds import subsampled_pointwise_input
 from maskprop.sbp.rowgrad import RowGradBuffer
 from maskprop.sbp.sparsifiers import SPARSIFIERS, get_sparsifier, unit_scores
 
@@ -438,7 +439,11 @@ class SparseBackwardConv2d(SparseBackwardMixin, nn.Conv2d):
         if x.dim() == 3:  # unbatched (C, H, W)
             return self.forward(x.unsqueeze(0)).squeeze(0)
         x, padding = self._pad(x)
-        return _SparseConv2dFunction.apply(x, self.weight, self.bias, self, self.stride, padding, self.dilation)
+        stride = self.stride
+        subsampled = subsampled_pointwise_input(x, self.kernel_size, stride, padding)
+        if subsampled is not None:  # a oneDNN crash (see maskprop._workarounds)
+            x, stride = subsampled, (1, 1)
+        return _SparseConv2dFunction.apply(x, self.weight, self.bias, self, stride, padding, self.dilation)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._sparse_repr()}"

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._workarounds import subsampled_pointwise_input
 from .gather import gather_weight
 
 if TYPE_CHECKING:
@@ -92,13 +93,9 @@ class SparseConv2d(nn.Conv2d, SparseModule):
         return _grouped_forward(self, x, super().forward, self._conv_forward)
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if (x.shape[0] % 2 and self.stride != (1, 1) and self.kernel_size == (1, 1) and self.padding == (0, 0)
-                and x.device.type == "cpu" and torch.is_grad_enabled()):
-            # The CPU weight gradient of a strided 1x1 convolution crashes the process (double free) in torch 2.15's
-            # oneDNN for some odd batch sizes and channel counts (e.g. batch 9, 10 -> 19 channels, two threads), which
-            # compact steps meet with odd kept counts. Subsampling first computes the same output without that kernel.
-            stride_h, stride_w = self.stride
-            return F.conv2d(x[:, :, ::stride_h, ::stride_w], weight, bias, 1, 0, self.dilation, self.groups)
+        subsampled = subsampled_pointwise_input(x, self.kernel_size, self.stride, self.padding)
+        if subsampled is not None:  # a oneDNN crash (see maskprop._workarounds)
+            return F.conv2d(subsampled, weight, bias, 1, 0, self.dilation, self.groups)
         return super()._conv_forward(x, weight, bias)
 
     def extra_repr(self) -> str:
