@@ -39,3 +39,19 @@ def test_bench_runs_on_cuda_with_bf16_and_channels_last():
     results = bench_model("resnet20", batch_size=32, keep_ratios=(1.0, 0.5), repeats=2, warmup=1,
                           device="cuda", amp="bf16", channels_last=True)
     assert all(r.compact_s > 0 and r.compact_peak_mb is not None for r in results)
+
+
+@pytest.mark.parametrize("method", ["vrpge", "msbp"])
+def test_tiny_runs_train_on_cuda_with_bf16_and_channels_last(tmp_path, method):
+    """The whole trainer on CUDA: masks sampled on the CPU drive a CUDA model; the sparse backward runs there too."""
+    config = {"method": method, "device": "cuda", "amp": "bf16", "channels_last": True, "log_every": 2,
+              "model": {"name": "resnet20"},
+              "data": {"dataset": "shapes", "train_size": 128, "val_size": 64, "image_size": 16, "batch_size": 64,
+                       "workers": 0},
+              "optim": {"epochs": 2}, "sparsity": {"fix_examples": 64, "fix_samples": 2}, "finetune": {"epochs": 1},
+              "sbp": {"ratio": 0.25, "angle_every": 1}}
+    summary = maskprop.fit(config, out=tmp_path / "run")
+    assert summary["accuracy"] is not None and summary["measured_speedup"] > 0
+    assert summary["train_cost_saving"] > 1.5
+    resumed = maskprop.fit(config, out=tmp_path / "run", resume=True)  # a finished run only rewrites its summary
+    assert resumed["accuracy"] == summary["accuracy"]
