@@ -291,9 +291,10 @@ class GlobalBudget:
             layer.record_scores = True
 
     def _scaled_scores(self) -> list[Tensor]:
+        raw = [layer.last_scores.detach().reshape(-1) for layer in self.layers]
+        flat = torch.cat(raw).double().cpu()  # one device-to-host copy per update, not one per layer
         scores = []
-        for i, layer in enumerate(self.layers):
-            s = layer.last_scores.detach().double().cpu()
+        for i, s in enumerate(flat.split([r.numel() for r in raw])):
             if self.scale == "variance":
                 s = s * self._variance_scales[i]
             elif self.scale == "rms":
