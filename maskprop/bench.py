@@ -1,7 +1,9 @@
 """Side-by-side timing of a dense step, the official-style masked VR-PGE step and maskprop's compact VR-PGE step.
 
 All configurations of one model run interleaved in one process (the machine drifts 15-30% between runs), after
-warm-up, and report medians. The ideal speedup comes from the analytic FLOPs: 3 f_D / (3 f(m) + f(m')).
+warm-up. Times are medians; a speedup is the median over the repetitions of the ratio measured within one repetition
+(against the median of that repetition's dense steps), with its interquartile range, so that drift between
+repetitions cancels. The ideal speedup comes from the analytic FLOPs: 3 f_D / (3 f(m) + f(m')).
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StepTiming:
-    """Median step times (seconds) of one model at one keep ratio, and the speedups derived from them."""
+    """Step times (seconds, medians) of one model at one keep ratio, and the speedups measured between them.
+
+    ``speedup_vs_dense`` and ``speedup_vs_masked`` are medians of per-repetition ratios; ``speedup_iqr`` is the
+    interquartile range of the per-repetition speedups over dense (equal to the median with one repetition).
+    """
 
     model: str
     batch_size: int
@@ -34,17 +40,12 @@ class StepTiming:
     masked_s: float
     compact_s: float
     ideal: float
+    speedup_vs_dense: float
+    speedup_iqr: tuple[float, float]
+    speedup_vs_masked: float
     dense_peak_mb: float | None = None
     masked_peak_mb: float | None = None
     compact_peak_mb: float | None = None
-
-    @property
-    def speedup_vs_dense(self) -> float:
-        return self.dense_s / self.compact_s
-
-    @property
-    def speedup_vs_masked(self) -> float:
-        return self.masked_s / self.compact_s
 
     @property
     def efficiency(self) -> float:
@@ -52,9 +53,16 @@ class StepTiming:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(speedup_vs_dense=self.speedup_vs_dense, speedup_vs_masked=self.speedup_vs_masked,
-                 efficiency=self.efficiency)
+        d.update(speedup_iqr=list(self.speedup_iqr), efficiency=self.efficiency)
         return d
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile (the inclusive method: a single value is all three)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 def _sync(device: torch.device) -> None:
@@ -105,10 +113,14 @@ def bench_model(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[StepTiming]:
-    """Median times of the dense, masked (official-style) and compact VR-PGE steps for each keep ratio.
+    """Times of the dense, masked (official-style) and compact VR-PGE steps for each keep ratio, and their ratios.
 
-    Every repetition runs every (keep ratio, step) configuration once, in turn, so drift hits all of them alike.
+    Every repetition runs every (keep ratio, step) configuration once, in turn, so drift hits all of them alike; the
+    dense step (the same for every keep ratio) is timed once per keep ratio and a repetition's dense time is the
+    median of those.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1")
     dev = torch.device(device)
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes=num_classes).to(dev).train()
@@ -147,12 +159,16 @@ def bench_model(
             progress(f"{model_name}: repetition {rep + 1}/{warmup + repeats}")
     model.zero_grad(set_to_none=True)
 
+    dense_by_rep = [statistics.median(times[(rho, "dense")][r] for rho in keep_ratios) for r in range(repeats)]
     results = []
     for rho in keep_ratios:
-        med = {name: statistics.median(times[(rho, name)]) for name in ("dense", "masked", "compact")}
+        med = {name: statistics.median(times[(rho, name)]) for name in ("masked", "compact")}
+        compact = times[(rho, "compact")]
+        q1, speedup, q3 = quartiles([d / c for d, c in zip(dense_by_rep, compact)])
+        vs_masked = statistics.median(m / c for m, c in zip(times[(rho, "masked")], compact))
         results.append(StepTiming(
-            model_name, batch_size, rho, med["dense"], med["masked"], med["compact"], ideal[rho],
-            peak[(rho, "dense")], peak[(rho, "masked")], peak[(rho, "compact")],
+            model_name, batch_size, rho, statistics.median(dense_by_rep), med["masked"], med["compact"], ideal[rho],
+            speedup, (q1, q3), vs_masked, peak[(rho, "dense")], peak[(rho, "masked")], peak[(rho, "compact")],
         ))
     return results
 
@@ -161,16 +177,17 @@ def format_table(results: Sequence[StepTiming]) -> str:
     """A markdown table of the timings."""
     has_memory = any(r.compact_peak_mb is not None for r in results)
     head = ("| model | batch | keep | dense step (ms) | masked VR-PGE step (ms) | compact VR-PGE step (ms) "
-            "| speedup vs dense | ideal | efficiency | speedup vs masked |")
+            "| speedup vs dense (IQR) | ideal | efficiency | speedup vs masked |")
     rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     if has_memory:
         head += " peak MB dense / masked / compact |"
         rule += "---|"
     lines = [head, rule]
     for r in results:
+        low, high = r.speedup_iqr
         line = (f"| {r.model} | {r.batch_size} | {r.keep_ratio:.2f} | {1e3 * r.dense_s:.0f} | {1e3 * r.masked_s:.0f} "
-                f"| {1e3 * r.compact_s:.0f} | {r.speedup_vs_dense:.2f}x | {r.ideal:.2f}x | {r.efficiency:.0%} "
-                f"| {r.speedup_vs_masked:.2f}x |")
+                f"| {1e3 * r.compact_s:.0f} | {r.speedup_vs_dense:.2f}x ({low:.2f}-{high:.2f}) | {r.ideal:.2f}x "
+                f"| {r.efficiency:.0%} | {r.speedup_vs_masked:.2f}x |")
         if has_memory:
             line += f" {r.dense_peak_mb:.0f} / {r.masked_peak_mb:.0f} / {r.compact_peak_mb:.0f} |"
         lines.append(line)

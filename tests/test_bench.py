@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -35,3 +39,50 @@ def test_bench_cli_writes_json(tmp_path, capsys):
 def test_bench_cli_unknown_model(capsys):
     assert main(["bench", "--models", "resnet99", "--repeats", "1", "--warmup", "0"]) == 2
     assert "unknown model 'resnet99'" in capsys.readouterr().err
+
+
+_FAULTS = """
+import resource, sys, torch, torch.nn.functional as F
+from maskprop._workarounds import keep_freed_host_memory
+applied = keep_freed_host_memory() if sys.argv[1] == "keep" else None
+import maskprop
+torch.set_num_threads(2)
+torch.manual_seed(0)
+model = maskprop.create_model("resnet20", num_classes=10, width=2).train()
+x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 10, (64,))
+faults = []
+for step in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, sum(faults[2:]))
+"""
+
+
+def _child(mode: str, **env: str) -> tuple[str, int]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    result = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=300,
+                            env={**clean, **env})
+    assert result.returncode == 0, result.stderr[-500:]
+    applied, faults = result.stdout.split()
+    return applied, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's malloc only")
+def test_keep_freed_host_memory_stops_the_page_faults_of_later_steps():
+    """glibc's defaults return a training step's freed activations to the kernel and fault them back in next step
+    (tens of thousands of minor faults a step here); with ``keep_freed_host_memory`` the steps after the first two
+    reuse what the heap kept. Each run in a fresh process, since the setting is process-wide."""
+    applied, kept = _child("keep")
+    _, default = _child("default")
+    assert applied == "True"
+    assert default > 8192, f"the control run faulted only {default} pages: this workload no longer tests anything"
+    assert kept < max(1024, default // 20), (kept, default)
+
+
+def test_keep_freed_host_memory_leaves_user_malloc_settings_alone():
+    applied, _ = _child("keep", MALLOC_ARENA_MAX="2")
+    assert applied == "False"

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import maskprop
+from maskprop._workarounds import keep_freed_host_memory
 
 
 class ShiftedTemplates(Dataset):
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=6000, help="synthetic training images")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    keep_freed_host_memory()  # as maskprop train / bench do: no page faults penalising the larger steps
     torch.set_num_threads(args.threads)
     if args.mnist_root is None:
         datasets = (ShiftedTemplates(args.train_size, seed=0), ShiftedTemplates(2000, seed=1))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import maskprop
+from maskprop._workarounds import keep_freed_host_memory
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
+    keep_freed_host_memory()  # as maskprop train / bench do: no page faults penalising the larger steps
     if args.threads:
         torch.set_num_threads(args.threads)
 
