@@ -264,6 +264,41 @@ def test_msbp_conv_memory_is_per_channel_and_position():
     torch.testing.assert_close(conv.msbp_memory, expected)
 
 
+@pytest.mark.parametrize("sparsifier", ["topk", "topk_unified"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_msbp_conv_matches_its_equations_in_both_memory_formats(sparsifier, memory_format):
+    """The conv path gathers, sums and keeps its memory in the layout of the gradient (channels_last gradients are
+    seen as (batch, channels, H*W) with the channels innermost); values must not depend on it."""
+    torch.manual_seed(0)
+    dense = nn.Conv2d(3, 8, 3, padding=1).to(DTYPE)
+    conv = SparseBackwardConv2d(3, 8, 3, padding=1, k=3, sparsifier=sparsifier, memory=0.8).to(DTYPE)
+    conv.load_state_dict(dense.state_dict())
+    memory = torch.zeros(8, 5, 5, dtype=DTYPE)
+    for batch in (4, 4, 2, 4):
+        x = torch.randn(batch, 3, 5, 5, dtype=DTYPE).contiguous(memory_format=memory_format)
+        g = torch.randn(batch, 8, 5, 5, dtype=DTYPE).contiguous(memory_format=memory_format)
+        h = g + memory / batch  # MSBP paper eq. (20), batch layout: every example gets an equal share of M
+        kept_g = h * _keep_mask(h, 3, sparsifier)[:, :, None, None]
+        memory = 0.8 * (h.sum(0) - kept_g.sum(0))  # eq. (22) on the batch sums, per channel and position
+        for got, want in zip(_grads(conv, x, g), _grads(dense, x, kept_g)):
+            torch.testing.assert_close(got, want)
+        torch.testing.assert_close(conv.msbp_memory, memory.flatten(1))
+    if memory_format == torch.channels_last:
+        assert conv.msbp_memory.stride() == (1, 8)  # kept in the gradient's layout
+
+
+def test_take_units_and_batch_sum_keep_values_in_every_layout():
+    from maskprop.sbp.sparsifiers import batch_sum, take_units
+
+    index = torch.tensor([0, 2, 5])
+    for t in (torch.randn(4, 6, 9, dtype=DTYPE), torch.randn(4, 9, 6, dtype=DTYPE).transpose(1, 2),
+              torch.randn(4, 6, dtype=DTYPE)):
+        torch.testing.assert_close(take_units(t, index), t[:, index])
+        torch.testing.assert_close(batch_sum(t), t.sum(0))
+    strided = torch.randn(4, 9, 6, dtype=DTYPE).transpose(1, 2)  # units innermost, as a channels_last gradient
+    assert take_units(strided, index).stride(1) == 1 and batch_sum(strided).stride(0) == 1
+
+
 def test_gamma_zero_equals_sbp_and_gamma_positive_differs():
     torch.manual_seed(0)
     xs, gs = torch.randn(3, 5, 6, dtype=DTYPE), torch.randn(3, 5, 8, dtype=DTYPE)

@@ -50,7 +50,7 @@ from torch.autograd.function import once_differentiable
 
 from maskprop._workarounds import subsampled_pointwise_input
 from maskprop.sbp.rowgrad import RowGradBuffer
-from maskprop.sbp.sparsifiers import SPARSIFIERS, get_sparsifier, unit_scores
+from maskprop.sbp.sparsifiers import SPARSIFIERS, batch_sum, get_sparsifier, take_units, unit_scores
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class SparseBackwardMixin:
             if memory is not None:
                 logger.debug("MSBP memory of shape %s restarts at zero for gradient %s", tuple(memory.shape),
                              tuple(grad.shape))
-            memory = grad.new_zeros(grad.shape[1:])
+            memory = torch.zeros_like(grad[0])  # the layout of one example's gradient (see _batch_sum)
         return memory
 
     def select(self, grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -189,9 +189,9 @@ class SparseBackwardMixin:
         if kept is None:  # per-example sets: propagate the union, zero outside each example's own set
             mask = torch.zeros(grad.shape[:2], dtype=torch.bool, device=grad.device).scatter_(1, chosen, True)
             kept = mask.any(dim=0).nonzero()[:, 0]
-        kept_grad = grad.index_select(1, kept)  # only the kept columns are ever gathered
+        kept_grad = take_units(grad, kept)  # only the kept columns are ever gathered
         if share is not None:
-            kept_grad = kept_grad + share.index_select(0, kept)
+            kept_grad = kept_grad + take_units(share.unsqueeze(0), kept)
         if mask is not None:
             kept_grad = kept_grad * mask.index_select(1, kept).view(*kept_grad.shape[:2], *[1] * (grad.dim() - 2))
         if self._probe:
@@ -200,11 +200,11 @@ class SparseBackwardMixin:
             self.last_scores = unit_scores(grad.detach(), per_example=False, offset=share)
         if gamma > 0.0:
             # M <- gamma * (sum_b dL/dh_b + M - sum_b g_b), MSBP paper eq. (22) on the batch sums.
-            memory = grad.sum(dim=0).add_(memory)
+            memory = batch_sum(grad).add_(memory)
             if mask is None:
                 memory.index_fill_(0, kept, 0.0)  # every example propagated these units entirely
             else:
-                memory.index_add_(0, kept, kept_grad.sum(dim=0), alpha=-1.0)
+                memory.index_add_(0, kept, batch_sum(kept_grad), alpha=-1.0)
             self.msbp_memory = memory.mul_(gamma)
         return kept, kept_grad
 
@@ -353,7 +353,7 @@ class _SparseConv2dFunction(torch.autograd.Function):
             return None if grad_x is None else grad_x.to(x.dtype), grad_w, grad_b, None, None, None, None
 
         kept, kept_grad = layer.select(grad_out.reshape(batch, channels, height * width))
-        kept_grad = kept_grad.view(batch, len(kept), height, width).to(weight.dtype)
+        kept_grad = kept_grad.reshape(batch, len(kept), height, width).to(weight.dtype)  # a view, in either layout
         # Convolution backward on the kept output channels only: W[kept] and g_k (MSBP paper eqs. (16)-(17)).
         grad_x, rows_grad, _ = torch.ops.aten.convolution_backward(
             kept_grad, x.to(weight.dtype), weight.index_select(0, kept), None, stride, padding, dilation, False,
