@@ -5,9 +5,11 @@ The public API, small and explicit:
 * models: :func:`create_model`, :func:`list_models`, ``model.channel_groups()``;
 * execution: :func:`use_mask` (``"compact"`` or ``"masked"``), :func:`random_mask`, :func:`full_mask`;
 * cost: :func:`flops`, :class:`CostModel`;
-* training: :func:`fit` (imported lazily: it needs the training dependencies, the core needs torch alone).
+* training: :func:`fit` (imported lazily: it needs the training dependencies, the core needs torch alone);
+* CPU timing: :func:`keep_freed_host_memory` (what ``maskprop train`` and ``maskprop bench`` call first).
 """
 
+from ._workarounds import keep_freed_host_memory
 from .cost import CostModel, flops
 from .models import create_model, list_models, register_model
 from .sparse import Mask, channel_groups, check_mask, full_mask, random_mask, use_mask
@@ -22,6 +24,7 @@ __all__ = [
     "create_model",
     "flops",
     "full_mask",
+    "keep_freed_host_memory",
     "list_models",
     "random_mask",
     "register_model",

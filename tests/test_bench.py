@@ -43,7 +43,7 @@ def test_bench_cli_unknown_model(capsys):
 
 _FAULTS = """
 import resource, sys, torch, torch.nn.functional as F
-from maskprop._workarounds import keep_freed_host_memory
+from maskprop import keep_freed_host_memory
 applied = keep_freed_host_memory() if sys.argv[1] == "keep" else None
 import maskprop
 torch.set_num_threads(2)

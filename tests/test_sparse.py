@@ -41,8 +41,11 @@ def run_step(model, mask, mode, x, y):
     return loss.detach(), grads, buffers
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("name", MODELS)
-def test_compact_equals_masked(name, generator):
+def test_compact_equals_masked(name, channels_last, generator):
+    """Also in channels_last, where compact BatchNorm with kept counts off the multiples of 16 runs
+    ``maskprop.sparse.batchnorm`` instead of the native kernel."""
     torch.manual_seed(0)
     model = maskprop.create_model(name).double()
     # Non-trivial BN statistics and affine parameters so that leaks would show.
@@ -53,6 +56,8 @@ def test_compact_equals_masked(name, generator):
     groups = model.channel_groups()
     mask = edge_case_mask(groups, generator)
     x = torch.randn(3, *input_size(name), dtype=torch.double)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.tensor([0, 1, 2])
     before = {k: b.clone() for k, b in model.named_buffers()}
 
@@ -267,3 +272,67 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-500:]
+
+
+@pytest.mark.parametrize("channels", [3, 8, 12, 17, 24])
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+def test_channels_last_batch_norm_matches_native_in_float64(channels, affine):
+    """``maskprop.sparse.batchnorm`` against torch's own BatchNorm on a contiguous copy: output, batch statistics,
+    and the gradients of the input and the affine parameters."""
+    from maskprop.sparse import batchnorm
+
+    torch.manual_seed(channels)
+    x = (torch.randn(4, channels, 4, 4, dtype=torch.double) * 3 + 2).contiguous(memory_format=torch.channels_last)
+    assert batchnorm.eligible(x)
+    weight = torch.rand(channels, dtype=torch.double) + 0.5 if affine in ("both", "weight") else None
+    bias = torch.randn(channels, dtype=torch.double) if affine in ("both", "bias") else None
+    leaves = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
+    y, mean, var = batchnorm.batch_norm_nhwc(x, weight, bias, 1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    reference = F.batch_norm(x.contiguous(), None, None, weight, bias, True, 0.0, 1e-5)
+    torch.testing.assert_close(y, reference)
+    torch.testing.assert_close(mean, x.detach().mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(var, x.detach().var(dim=(0, 2, 3), correction=0))
+    grad = torch.randn_like(reference)
+    got = torch.autograd.grad(y, leaves, grad)
+    want = torch.autograd.grad(reference, leaves, grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    small = x.detach()[:2, :, :2, :].contiguous(memory_format=torch.channels_last)  # 16 positions
+    assert batchnorm.eligible(small)
+    assert torch.autograd.gradcheck(lambda *t: batchnorm.batch_norm_nhwc(*t, 1e-5)[0],
+                                    tuple(t.detach().requires_grad_() if t is not None else None
+                                          for t in (small, weight, bias)))
+
+
+def test_channels_last_batch_norm_serves_only_where_the_native_kernel_is_slow():
+    from maskprop.sparse import batchnorm
+
+    def cl(*shape, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+    assert batchnorm.eligible(cl(8, 12, 4, 4))
+    assert not batchnorm.eligible(cl(8, 16, 4, 4))  # a multiple of 16: the native kernel is fast
+    assert not batchnorm.eligible(torch.randn(8, 12, 4, 4))  # contiguous: the native kernel
+    assert not batchnorm.eligible(cl(3, 12, 3, 3))  # 27 positions do not fold into rows of 48
+    assert not batchnorm.eligible(cl(8, 12, 4, 4, dtype=torch.bfloat16))
+    assert not batchnorm.eligible(cl(8, 12, 1, 1))
+
+
+def test_compact_batch_norm_in_channels_last_updates_running_statistics_like_native():
+    """A compact step in channels_last with a kept count off the multiples of 16 moves the kept channels' running
+    statistics exactly as the native path (the same step in contiguous memory) does."""
+    torch.manual_seed(0)
+    bn = SparseBatchNorm2d(32, group="g").double()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    other = copy.deepcopy(bn)
+    conv = SparseConv2d(3, 32, 3, padding=1, out_group="g").double()
+    mask = {"g": torch.rand(32) < 0.4}
+    x = torch.randn(4, 3, 8, 8, dtype=torch.double)
+    for layer, inputs in ((bn, x.contiguous(memory_format=torch.channels_last)), (other, x)):
+        with use_mask(conv, mask), use_mask(layer, mask):
+            layer(conv(inputs))
+    torch.testing.assert_close(bn.running_mean, other.running_mean)
+    torch.testing.assert_close(bn.running_var, other.running_var)
+    assert int(bn.num_batches_tracked) == 1

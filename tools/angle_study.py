@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import maskprop
-from maskprop._workarounds import keep_freed_host_memory
+from maskprop import keep_freed_host_memory
 
 
 class ShiftedTemplates(Dataset):

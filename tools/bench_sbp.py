@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskprop._workarounds import keep_freed_host_memory
+from maskprop import keep_freed_host_memory
 from maskprop.sbp import RowGradBuffer, SparseBackwardLinear, convert, sparse_layer
 
 DEFAULT_CONFIGS = "64x500:10,20,50;64x5000:5,50,250;1024x8192:8,64,512"

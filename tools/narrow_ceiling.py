@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import maskprop
-from maskprop._workarounds import keep_freed_host_memory
+from maskprop import keep_freed_host_memory
 from maskprop.bench import quartiles
 from maskprop.models.vgg import CONFIGS, VGG
 from maskprop.sparse import random_mask, use_mask

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import maskprop
-from maskprop._workarounds import keep_freed_host_memory
+from maskprop import keep_freed_host_memory
 
 
 def main() -> None:

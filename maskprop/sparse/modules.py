@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._workarounds import subsampled_pointwise_input
+from . import batchnorm
 from .gather import gather_weight
 
 if TYPE_CHECKING:
@@ -171,7 +172,14 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
         var = None if self.running_var is None else self.running_var.index_select(0, index)
         weight = None if self.weight is None else self.weight.index_select(0, index)
         bias = None if self.bias is None else self.bias.index_select(0, index)
-        y = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, factor, self.eps)
+        if use_batch_stats and batchnorm.eligible(x):  # kept counts the native channels_last kernel is slow for
+            y, batch_mean, batch_var = batchnorm.batch_norm_nhwc(x, weight, bias, self.eps)
+            if updates_stats:  # as F.batch_norm: the running variance takes the unbiased batch variance
+                n = x.numel() // x.shape[1]
+                mean.lerp_(batch_mean, factor)
+                var.lerp_(batch_var * (n / max(n - 1, 1)), factor)
+        else:
+            y = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, factor, self.eps)
         if updates_stats:
             self.running_mean.index_copy_(0, index, mean)
             self.running_var.index_copy_(0, index, var)
