@@ -21,6 +21,7 @@ from torch import nn
 from .cost import CostModel, dense_step_flops, vrpge_step_flops
 from .models import create_model
 from .sparse import random_mask, use_mask
+from .vrpge import ChannelScores
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def bench_model(
     amp: str = "none",
     device: str = "cpu",
     seed: int = 0,
+    masks: str = "exact",
     progress: Callable[[str], None] | None = None,
 ) -> list[StepTiming]:
     """Times of the dense, masked (official-style) and compact VR-PGE steps for each keep ratio, and their ratios.
@@ -118,9 +120,15 @@ def bench_model(
     Every repetition runs every (keep ratio, step) configuration once, in turn, so drift hits all of them alike; the
     dense step (the same for every keep ratio) is timed once per keep ratio and a repetition's dense time is the
     median of those.
+
+    ``masks``: ``"exact"`` keeps ``round(keep x channels)`` random channels of every group (widths are multiples of
+    8 or 16 where the model's are); ``"sampled"`` draws every channel with probability ``keep`` as a VR-PGE search
+    step does at the start of training (:class:`maskprop.vrpge.ChannelScores` at ``init = keep``), so widths vary.
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
+    if masks not in ("exact", "sampled"):
+        raise ValueError(f"masks={masks!r}; expected 'exact' or 'sampled'")
     dev = torch.device(device)
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes=num_classes).to(dev).train()
@@ -135,9 +143,13 @@ def bench_model(
     configs = {}
     ideal = {}
     for rho in keep_ratios:
-        masks = {"m": random_mask(groups, rho, generator), "m2": random_mask(groups, rho, generator)}
-        ideal[rho] = dense_step_flops(cost.flops()) / vrpge_step_flops(cost.flops(masks["m"]), cost.flops(masks["m2"]))
-        for name, fn in _steps(model, x, y, masks, amp_dtype).items():
+        if masks == "exact":
+            pair = {"m": random_mask(groups, rho, generator), "m2": random_mask(groups, rho, generator)}
+        else:
+            scores = ChannelScores(groups, keep_ratio=rho, init=rho)
+            pair = {"m": scores.sample(generator), "m2": scores.sample(generator)}
+        ideal[rho] = dense_step_flops(cost.flops()) / vrpge_step_flops(cost.flops(pair["m"]), cost.flops(pair["m2"]))
+        for name, fn in _steps(model, x, y, pair, amp_dtype).items():
             configs[(rho, name)] = fn
 
     times: dict[tuple, list[float]] = {k: [] for k in configs}

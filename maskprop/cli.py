@@ -39,9 +39,10 @@ def _bench(args: argparse.Namespace) -> int:
             results += bench_model(
                 name, batch_size=args.batch_size, keep_ratios=args.keep_ratios, repeats=args.repeats,
                 warmup=args.warmup, image_size=args.image_size, channels_last=args.channels_last, amp=args.amp,
-                device=args.device, seed=args.seed, progress=lambda msg: bar.update(1),
+                device=args.device, seed=args.seed, masks=args.masks, progress=lambda msg: bar.update(1),
             )
-    print(f"{date.today()} | {_machine(args.device)} | channels_last={args.channels_last} amp={args.amp}")
+    print(f"{date.today()} | {_machine(args.device)} | channels_last={args.channels_last} amp={args.amp} "
+          f"masks={args.masks}")
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -179,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--amp", choices=["none", "bf16"], default="none")
     bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--masks", choices=["exact", "sampled"], default="exact",
+                       help="exact: round(keep x channels) of every group; sampled: each channel kept with "
+                       "probability keep, as a search step draws them (widths vary)")
     bench.add_argument("--json", help="also write the results as JSON to this path")
     bench.set_defaults(run=_bench)
     return parser

@@ -26,6 +26,15 @@ def test_bench_model_reports_all_configurations():
     assert table.count("\n") == 3 and "| resnet20 | 4 | 0.50 |" in table
 
 
+def test_bench_sampled_masks_vary_widths_and_bad_choice_is_an_error():
+    exact = bench_model("resnet20", batch_size=2, keep_ratios=(0.5,), repeats=1, warmup=0, image_size=16)
+    sampled = bench_model("resnet20", batch_size=2, keep_ratios=(0.5,), repeats=1, warmup=0, image_size=16,
+                          masks="sampled")
+    assert 1.5 < sampled[0].ideal < 6.0 and sampled[0].ideal != pytest.approx(exact[0].ideal)
+    with pytest.raises(ValueError, match="masks='bernoulli'; expected 'exact' or 'sampled'"):
+        bench_model("resnet20", batch_size=2, keep_ratios=(0.5,), repeats=1, warmup=0, masks="bernoulli")
+
+
 def test_bench_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--models", "resnet20", "--batch-size", "2", "--keep-ratios", "0.5", "--repeats", "1",
