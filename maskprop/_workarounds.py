@@ -34,10 +34,9 @@ def keep_freed_host_memory(top_pad: int = 256 << 20) -> bool:
     project's 2-core CPU a dense ResNet-32 step at batch 128 took 16k-250k minor page faults and up to 0.6 s of
     system time, and a dense VGG-19 step 65k-180k faults and 2.2-3.6 s against 1.9-2.0 s without them. Smaller
     steps, such as compact ones, mostly fit in what the heap kept and fault far less, which flattered every speedup
-    measured against dense. Fixing the
-    ``mmap`` threshold at its largest value (32 MiB), never trimming, and growing the heap in ``top_pad`` steps
-    brings the faults of later steps to about zero, as a caching allocator (jemalloc, tcmalloc, PyTorch's CUDA
-    allocator) does. The cost: memory freed by the process stays with it.
+    measured against dense. Fixing the ``mmap`` threshold at its largest value (32 MiB), never trimming, and growing
+    the heap in ``top_pad`` steps brings the faults of later steps to about zero, as a caching allocator (jemalloc,
+    tcmalloc, PyTorch's CUDA allocator) does. The cost: memory freed by the process stays with it.
 
     Process-wide, so it belongs to applications (``maskprop train`` and ``maskprop bench`` call it first), not to
     library code. Call it before the first large allocation.

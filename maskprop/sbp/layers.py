@@ -162,7 +162,7 @@ class SparseBackwardMixin:
             if memory is not None:
                 logger.debug("MSBP memory of shape %s restarts at zero for gradient %s", tuple(memory.shape),
                              tuple(grad.shape))
-            memory = torch.zeros_like(grad[0])  # the layout of one example's gradient (see _batch_sum)
+            memory = torch.zeros_like(grad[0])  # the layout of one example's gradient (see sparsifiers.batch_sum)
         return memory
 
     def select(self, grad: Tensor) -> tuple[Tensor, Tensor]:

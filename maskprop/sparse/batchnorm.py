@@ -2,9 +2,9 @@
 
 Compact execution gives BatchNorm whatever number of channels a sampled mask keeps: 12, 17, 61. PyTorch's CPU kernel
 for channels_last activations vectorises over the channels and is fast when their number is a multiple of 16; for
-other counts it was 3-10x slower on this project's CPU (forward 6.5 ms for 12 channels of a 128 x 32 x 32 batch
-against 1.5 ms for 16, backward 12 ms against 2.3 ms), which made a ResNet-32 step with masks sampled per channel
-about 40% slower than one with 16-multiple widths.
+other counts it was 3-10x slower on this project's CPU (forward 6.9 ms for 12 channels of a 128 x 32 x 32 batch
+against 1.5 ms for 16, backward 10.6 ms against 2.1 ms): in a ResNet-32 compact step with masks sampled per channel,
+BatchNorm took twice as long as with widths on the multiples of 16 (278 ms against 138 ms).
 
 Here the activations of ``C`` channels are viewed as the rows of an ``(N / r, r C)`` matrix, ``r`` the smallest
 factor that makes ``r C`` a multiple of 16 (a free view of channels_last memory; ``N = batch x H x W``). Column sums
