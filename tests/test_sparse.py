@@ -313,6 +313,7 @@ def test_channels_last_batch_norm_serves_only_where_the_native_kernel_is_slow():
 
     assert batchnorm.eligible(cl(8, 12, 4, 4))
     assert not batchnorm.eligible(cl(8, 16, 4, 4))  # a multiple of 16: the native kernel is fast
+    assert not batchnorm.eligible(cl(8, 100, 4, 4))  # 64 channels or more: the native kernel is about as fast
     assert not batchnorm.eligible(torch.randn(8, 12, 4, 4))  # contiguous: the native kernel
     assert not batchnorm.eligible(cl(3, 12, 3, 3))  # 27 positions do not fold into rows of 48
     assert not batchnorm.eligible(cl(8, 12, 4, 4, dtype=torch.bfloat16))
