@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,8 @@ class StepTiming:
 
     ``speedup_vs_dense`` and ``speedup_vs_masked`` are medians of per-repetition ratios; ``speedup_iqr`` is the
     interquartile range of the per-repetition speedups over dense (equal to the median with one repetition).
+    ``*_saved_mb`` is what one forward with autograd of that step keeps for its backward (the masked step holds one
+    sample's at a time; the compact step's second forward keeps nothing); ``*_peak_mb`` is CUDA's allocator peak.
     """
 
     model: str
@@ -47,6 +50,9 @@ class StepTiming:
     dense_peak_mb: float | None = None
     masked_peak_mb: float | None = None
     compact_peak_mb: float | None = None
+    dense_saved_mb: float | None = None
+    masked_saved_mb: float | None = None
+    compact_saved_mb: float | None = None
 
     @property
     def efficiency(self) -> float:
@@ -66,21 +72,47 @@ def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
+def saved_for_backward_mb(forward: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> float:
+    """MiB of the distinct tensors autograd saves for the backward while ``forward`` runs.
+
+    This is the memory a training step holds from the end of its forward to its backward, above the model: every
+    saved tensor's storage counted once (views and in-place results share one), the storages of ``exclude`` (the
+    model's parameters, which exist anyway) not at all. It is measurable on any device, CPU included, where the
+    allocator keeps no peak statistics. Saved tensors stay alive while the graph does, so no address is reused
+    during the count; the graph is dropped before returning.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    sizes: dict[tuple[torch.device, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            sizes[(t.device, storage.data_ptr())] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(sizes.values()) / 2**20
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: dict | None, mode: str,
+          amp: torch.dtype | None) -> torch.Tensor:
+    """The loss of one forward of ``model`` as the subnetwork ``mask`` (``None``: dense)."""
+    with use_mask(model, mask, mode), torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        return F.cross_entropy(model(x), y)
+
+
 def _steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: dict, amp: torch.dtype | None) -> dict:
     """The three training steps being compared, each a closure that runs one step."""
-    device = x.device
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
     def loss_of(mask, mode):
-        with use_mask(model, mask, mode), autocast():
-            return F.cross_entropy(model(x), y)
+        return _loss(model, x, y, mask, mode, amp)
 
     def dense():
         model.zero_grad(set_to_none=True)
@@ -142,6 +174,8 @@ def bench_model(
 
     configs = {}
     ideal = {}
+    saved = {}
+    params = list(model.parameters())
     for rho in keep_ratios:
         if masks == "exact":
             pair = {"m": random_mask(groups, rho, generator), "m2": random_mask(groups, rho, generator)}
@@ -151,6 +185,9 @@ def bench_model(
         ideal[rho] = dense_step_flops(cost.flops()) / vrpge_step_flops(cost.flops(pair["m"]), cost.flops(pair["m2"]))
         for name, fn in _steps(model, x, y, pair, amp_dtype).items():
             configs[(rho, name)] = fn
+        for name, mask, mode in (("dense", None, "compact"), ("masked", pair["m"], "masked"),
+                                 ("compact", pair["m"], "compact")):
+            saved[(rho, name)] = saved_for_backward_mb(partial(_loss, model, x, y, mask, mode, amp_dtype), params)
 
     times: dict[tuple, list[float]] = {k: [] for k in configs}
     peak: dict[tuple, float | None] = {k: None for k in configs}
@@ -181,6 +218,7 @@ def bench_model(
         results.append(StepTiming(
             model_name, batch_size, rho, statistics.median(dense_by_rep), med["masked"], med["compact"], ideal[rho],
             speedup, (q1, q3), vs_masked, peak[(rho, "dense")], peak[(rho, "masked")], peak[(rho, "compact")],
+            saved[(rho, "dense")], saved[(rho, "masked")], saved[(rho, "compact")],
         ))
     return results
 
@@ -188,9 +226,13 @@ def bench_model(
 def format_table(results: Sequence[StepTiming]) -> str:
     """A markdown table of the timings."""
     has_memory = any(r.compact_peak_mb is not None for r in results)
+    has_saved = any(r.compact_saved_mb is not None for r in results)
     head = ("| model | batch | keep | dense step (ms) | masked VR-PGE step (ms) | compact VR-PGE step (ms) "
             "| speedup vs dense (IQR) | ideal | efficiency | speedup vs masked |")
     rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if has_saved:
+        head += " saved for backward MB dense / masked / compact |"
+        rule += "---|"
     if has_memory:
         head += " peak MB dense / masked / compact |"
         rule += "---|"
@@ -200,6 +242,8 @@ def format_table(results: Sequence[StepTiming]) -> str:
         line = (f"| {r.model} | {r.batch_size} | {r.keep_ratio:.2f} | {1e3 * r.dense_s:.0f} | {1e3 * r.masked_s:.0f} "
                 f"| {1e3 * r.compact_s:.0f} | {r.speedup_vs_dense:.2f}x ({low:.2f}-{high:.2f}) | {r.ideal:.2f}x "
                 f"| {r.efficiency:.0%} | {r.speedup_vs_masked:.2f}x |")
+        if has_saved:
+            line += f" {r.dense_saved_mb:.0f} / {r.masked_saved_mb:.0f} / {r.compact_saved_mb:.0f} |"
         if has_memory:
             line += f" {r.dense_peak_mb:.0f} / {r.masked_peak_mb:.0f} / {r.compact_peak_mb:.0f} |"
         lines.append(line)

@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from maskprop.bench import bench_model, format_table
+from maskprop.bench import bench_model, format_table, saved_for_backward_mb
 from maskprop.cli import main
 
 
@@ -21,9 +22,35 @@ def test_bench_model_reports_all_configurations():
     # keep 1.0: compact does 3 + 1 forward-equivalents of the dense work against dense's 3.
     assert results[0].ideal == pytest.approx(0.75)
     assert 2.5 < results[1].ideal < 3.5  # 3 f_D / (4 f_S) with f_S ~ f_D / 4
-    assert results[1].compact_peak_mb is None  # peak memory is measured on CUDA only
+    assert results[1].compact_peak_mb is None  # the allocator's peak is measured on CUDA only
     table = format_table(results)
     assert table.count("\n") == 3 and "| resnet20 | 4 | 0.50 |" in table
+    assert "saved for backward MB" in table
+
+
+def test_saved_for_backward_counts_each_storage_once_and_skips_excluded():
+    a = torch.randn(64, 32, requires_grad=True)  # 8 KiB
+    b = torch.randn(64, 32, requires_grad=True)
+    kib = 2.0**-10
+    assert saved_for_backward_mb(lambda: (a * b).sum()) == pytest.approx(16 * kib)  # mul saves both operands
+    assert saved_for_backward_mb(lambda: (a * b).sum(), exclude=[a]) == pytest.approx(8 * kib)
+    assert saved_for_backward_mb(lambda: (a[:32] * a[32:]).sum()) == pytest.approx(8 * kib)  # two views, one storage
+    assert saved_for_backward_mb(lambda: (a + b).sum()) == 0.0  # an add saves nothing
+    with torch.no_grad():
+        assert saved_for_backward_mb(lambda: (a * b).sum()) == 0.0
+
+
+def test_saved_activations_follow_the_kept_channels():
+    """Dense and masked keep full activations for the backward; compact keeps those of the kept channels."""
+    results = bench_model("resnet20", batch_size=32, keep_ratios=(1.0, 0.5, 0.25), repeats=1, warmup=0)
+    full, half, quarter = results
+    assert full.compact_saved_mb == pytest.approx(full.dense_saved_mb)  # an all-kept mask runs the dense kernels
+    for r in results:
+        assert r.masked_saved_mb >= r.dense_saved_mb * 0.99
+    # Activations are linear in the kept channels; what is not (the input image, the logits, the gathered weights
+    # the backward needs) is a few percent at batch 32 of 32x32 images.
+    assert half.compact_saved_mb / full.dense_saved_mb == pytest.approx(0.5, abs=0.03)
+    assert quarter.compact_saved_mb / full.dense_saved_mb == pytest.approx(0.25, abs=0.03)
 
 
 def test_bench_sampled_masks_vary_widths_and_bad_choice_is_an_error():
