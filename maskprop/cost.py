@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear
+from .sparse import SparseBatchNorm2d
 
 
 @dataclass(frozen=True)

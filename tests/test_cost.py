@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import input_size
 from torch.utils.flop_counter import FlopCounterMode
 
 import maskprop
 from maskprop.cost import CostModel, dense_step_flops, train_cost_saving, vrpge_step_flops
 from maskprop.sparse import full_mask, random_mask, use_mask
-from conftest import input_size
 
 
 def counted_flops(model, mask, x, y):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import input_size
 
 import maskprop
 from maskprop.models import register_model
 from maskprop.sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear
-from conftest import input_size
 
 REQUIRED = {
     "resnet20", "resnet32", "resnet56", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "wrn16_8", "wrn28_10",

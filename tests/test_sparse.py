@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import input_size
 
 import maskprop
 from maskprop.sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, full_mask, random_mask, use_mask
 from maskprop.sparse.gather import gather_weight
-from conftest import input_size
 
 MODELS = maskprop.list_models()
 

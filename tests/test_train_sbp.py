@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_data import make_mnist
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -21,7 +21,6 @@ from maskprop.train import loop
 from maskprop.train.checkpoint import load_checkpoint
 from maskprop.train.config import Config, load_config
 from maskprop.train.steps import StepContext, sbp_step
-from test_data import make_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs (conftest.py)

@@ -115,7 +115,7 @@ class ResNet(ChannelSparseModel):
 
     def __init__(
         self,
-        block: type[BasicBlock] | type[Bottleneck],
+        block: type[BasicBlock | Bottleneck],
         layers: Sequence[int],
         widths: Sequence[int],
         num_classes: int = 1000,
@@ -169,7 +169,7 @@ class ResNet(ChannelSparseModel):
                     nn.init.zeros_(m.bn2.weight)
 
     def _make_layer(
-        self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int, *, name: str,
+        self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int, *, name: str,
         in_group: str | None,
     ) -> nn.Sequential:
         out_group = name if self.prune_residual else None

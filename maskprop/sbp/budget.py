@@ -29,8 +29,8 @@ assumptions; here it is applied to the unit scores that choose the kept rows of 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -173,7 +173,7 @@ class Allocation:
 
 
 def balance(
-    scores: Sequence[Tensor], total: int, ks: Optional[Sequence[int]] = None, min_k: int = 1, max_steps: int = 64
+    scores: Sequence[Tensor], total: int, ks: Sequence[int] | None = None, min_k: int = 1, max_steps: int = 64
 ) -> Allocation:
     """Share ``total`` kept units among layers so that one threshold serves them all (paper 003, Algorithm 2).
 
@@ -261,8 +261,8 @@ class GlobalBudget:
     def __init__(
         self,
         model: nn.Module | Sequence[SparseBackwardMixin],
-        total: Optional[int] = None,
-        ratio: Optional[float] = None,
+        total: int | None = None,
+        ratio: float | None = None,
         scale: str = "none",
         min_k: int = 1,
         max_steps: int = 64,

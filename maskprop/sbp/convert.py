@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 from torch import Tensor, nn
 
@@ -31,8 +31,8 @@ def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseBackwardMixin]]
 
 def sparse_layer(
     module: nn.Module,
-    k: Optional[int] = None,
-    ratio: Optional[float] = None,
+    k: int | None = None,
+    ratio: float | None = None,
     sparsifier: str = "topk_unified",
     memory: float = 0.0,
 ) -> SparseBackwardMixin:
@@ -79,12 +79,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def convert(
     model: nn.Module,
-    k: Optional[int] = None,
-    ratio: Optional[float] = None,
+    k: int | None = None,
+    ratio: float | None = None,
     sparsifier: str = "topk_unified",
     memory: float = 0.0,
     exempt: Sequence[str] = ("last",),
-    output_k: Optional[int] = None,
+    output_k: int | None = None,
 ) -> nn.Module:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` (subclasses included) of ``model`` for a sparse-backward layer.
 

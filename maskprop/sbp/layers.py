@@ -41,7 +41,6 @@ size; a change of the unit or spatial shape restarts it at zero. It is a non-per
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +53,7 @@ from maskprop.sbp.sparsifiers import SPARSIFIERS, batch_sum, get_sparsifier, tak
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SparseBackwardLinear", "SparseBackwardConv2d", "SparseBackwardMixin", "keep_count", "check_memory_ratio"]
+__all__ = ["SparseBackwardConv2d", "SparseBackwardLinear", "SparseBackwardMixin", "check_memory_ratio", "keep_count"]
 
 
 def keep_count(num_units: int, ratio: float) -> int:
@@ -108,7 +107,7 @@ class SparseBackwardMixin:
     num_units: int
 
     def _setup_sparse(
-        self, k: Optional[int], ratio: Optional[float], sparsifier: str, memory: float
+        self, k: int | None, ratio: float | None, sparsifier: str, memory: float
     ) -> None:
         get_sparsifier(sparsifier)  # validates the name
         self.sparsifier = sparsifier
@@ -117,13 +116,13 @@ class SparseBackwardMixin:
         self.sparse_enabled = True
         self.direct_grad = True
         self.record_scores = False
-        self.last_scores: Optional[Tensor] = None
-        self.generator: Optional[torch.Generator] = None
+        self.last_scores: Tensor | None = None
+        self.generator: torch.Generator | None = None
         self._probe = False  # diagnostics: read the memory without updating it, return gradients through autograd
         self._weight_grad = RowGradBuffer()
         self.register_buffer("msbp_memory", None, persistent=False)
 
-    def set_keep(self, k: Optional[int] = None, ratio: Optional[float] = None) -> None:
+    def set_keep(self, k: int | None = None, ratio: float | None = None) -> None:
         """Set the budget of this layer: exactly one of a unit count ``k`` or a keep ``ratio``.
 
         Raises:
@@ -234,7 +233,7 @@ class SparseBackwardMixin:
             return "direct"
         return "return"
 
-    def _emit_weight_grad(self, route: str, weight: Tensor, kept: Tensor, rows_grad: Tensor) -> Optional[Tensor]:
+    def _emit_weight_grad(self, route: str, weight: Tensor, kept: Tensor, rows_grad: Tensor) -> Tensor | None:
         if route == "direct":
             self._weight_grad.accumulate(weight, kept, rows_grad.to(weight.dtype))
             return None
@@ -243,7 +242,7 @@ class SparseBackwardMixin:
 
 class _SparseLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], layer: "SparseBackwardLinear") -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer: SparseBackwardLinear) -> Tensor:
         ctx.layer = layer
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
@@ -306,12 +305,12 @@ class SparseBackwardLinear(SparseBackwardMixin, nn.Linear):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        k: Optional[int] = None,
-        ratio: Optional[float] = None,
+        k: int | None = None,
+        ratio: float | None = None,
         sparsifier: str = "topk_unified",
         memory: float = 0.0,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.num_units = out_features
@@ -328,7 +327,7 @@ class SparseBackwardLinear(SparseBackwardMixin, nn.Linear):
 
 class _SparseConv2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], layer: "SparseBackwardConv2d",
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer: SparseBackwardConv2d,
                 stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
         ctx.layer = layer
         ctx.conv_args = (list(stride), list(padding), list(dilation))
@@ -407,12 +406,12 @@ class SparseBackwardConv2d(SparseBackwardMixin, nn.Conv2d):
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
-        k: Optional[int] = None,
-        ratio: Optional[float] = None,
+        k: int | None = None,
+        ratio: float | None = None,
         sparsifier: str = "topk_unified",
         memory: float = 0.0,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if groups != 1:
             raise ValueError(

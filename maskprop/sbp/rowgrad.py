@@ -18,8 +18,6 @@ Contract (what an optimizer or a training loop sees):
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -28,9 +26,9 @@ class RowGradBuffer:
     """Owns the gradient buffer of one parameter and the rows written into it since it was last cleared."""
 
     def __init__(self) -> None:
-        self.buffer: Optional[Tensor] = None
-        self.rows: Optional[Tensor] = None  # rows that may be non-zero; None: unknown, zero everything
-        self.version: Optional[int] = None  # buffer._version right after our last write
+        self.buffer: Tensor | None = None
+        self.rows: Tensor | None = None  # rows that may be non-zero; None: unknown, zero everything
+        self.version: int | None = None  # buffer._version right after our last write
 
     def reset(self) -> None:
         """Forget the buffer (it is re-allocated at the next write)."""

@@ -18,12 +18,12 @@ these functions.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-Sparsifier = Callable[[Tensor, int, Optional[torch.Generator], Optional[Tensor]], Tensor]
+Sparsifier = Callable[[Tensor, int, torch.Generator | None, Tensor | None], Tensor]
 
 
 def top_k_indices(scores: Tensor, k: int) -> Tensor:
@@ -93,7 +93,7 @@ def batch_sum(t: Tensor) -> Tensor:
     return torch.sum(t, dim=0, out=out)
 
 
-def unit_scores(grad: Tensor, per_example: bool = True, offset: Optional[Tensor] = None) -> Tensor:
+def unit_scores(grad: Tensor, per_example: bool = True, offset: Tensor | None = None) -> Tensor:
     """Unit magnitudes ``|grad + offset|`` of a ``(batch, n[, positions])`` gradient, summed over the positions
     (and over the batch unless ``per_example``).
 
@@ -126,7 +126,7 @@ def unit_scores(grad: Tensor, per_example: bool = True, offset: Optional[Tensor]
     return total
 
 
-def topk(grad: Tensor, k: int, generator: Optional[torch.Generator] = None, offset: Optional[Tensor] = None) -> Tensor:
+def topk(grad: Tensor, k: int, generator: torch.Generator | None = None, offset: Tensor | None = None) -> Tensor:
     """Per-example top-k, the original meProp (meProp paper eqs. (5)-(6); MSBP paper Definition 4).
 
     Every example keeps its own ``k`` largest units, so the weight gradient touches the union of the sets.
@@ -135,7 +135,7 @@ def topk(grad: Tensor, k: int, generator: Optional[torch.Generator] = None, offs
 
 
 def topk_unified(
-    grad: Tensor, k: int, generator: Optional[torch.Generator] = None, offset: Optional[Tensor] = None
+    grad: Tensor, k: int, generator: torch.Generator | None = None, offset: Tensor | None = None
 ) -> Tensor:
     """Unified top-k: one index set per mini-batch from the magnitudes summed over the batch (meProp section 4.8).
 
@@ -146,7 +146,7 @@ def topk_unified(
 
 
 def randomk(
-    grad: Tensor, k: int, generator: Optional[torch.Generator] = None, offset: Optional[Tensor] = None
+    grad: Tensor, k: int, generator: torch.Generator | None = None, offset: Tensor | None = None
 ) -> Tensor:
     """Random-k: ``k`` units drawn uniformly without replacement, one set per mini-batch (an SI_k of the MSBP paper).
 

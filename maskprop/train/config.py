@@ -30,13 +30,13 @@ import yaml
 from .files import atomic_write
 
 __all__ = [
+    "SPARSE_BACKWARD_METHODS",
     "Config",
     "DataConfig",
     "FinetuneConfig",
     "ModelConfig",
     "OptimConfig",
     "SbpConfig",
-    "SPARSE_BACKWARD_METHODS",
     "SparsityConfig",
     "config_to_dict",
     "load_config",
