@@ -337,3 +337,18 @@ def test_compact_batch_norm_in_channels_last_updates_running_statistics_like_nat
     torch.testing.assert_close(bn.running_mean, other.running_mean)
     torch.testing.assert_close(bn.running_var, other.running_var)
     assert int(bn.num_batches_tracked) == 1
+
+
+def test_kept_counts_and_indices_match_per_mask_nonzero():
+    """The batched host-side index sets (one cumsum, one nonzero for all groups) against a per-group brute force."""
+    from maskprop.sparse.execution import kept_counts, kept_indices
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        sizes = torch.randint(1, 40, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
+        masks = [torch.rand(n, generator=g) < torch.rand(1, generator=g) for n in sizes]
+        counts = kept_counts(masks)
+        assert counts == [int(m.sum()) for m in masks]
+        for m, index in zip(masks, kept_indices(masks, counts)):
+            assert torch.equal(index, m.nonzero().squeeze(1))
+    assert kept_counts([]) == [] and kept_indices([], []) == []

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from .gather import flat_index
 from .groups import channel_groups
 from .modules import SparseConv2d, SparseLinear, SparseModule
 
@@ -43,9 +45,34 @@ def check_mask(mask: Mapping[str, Tensor], groups: Mapping[str, int]) -> None:
         if not isinstance(m, Tensor) or m.dtype != torch.bool or m.shape != (size,):
             got = f"{tuple(m.shape)} {m.dtype}" if isinstance(m, Tensor) else type(m).__name__
             raise ValueError(f"mask for group {name!r} is {got}; expected a bool tensor of shape ({size},)")
-    empty = [g for g in groups if not bool(mask[g].any())]
+    counts = kept_counts([mask[g] for g in groups])
+    empty = [g for g, count in zip(groups, counts) if count == 0]
     if empty:
         raise ValueError(f"mask keeps no channel of group(s) {_names(empty)}; every group must keep at least one")
+
+
+def _on_host(masks: list[Tensor]) -> Tensor:
+    """The masks concatenated into one host tensor."""
+    return torch.cat([m if m.device.type == "cpu" else m.cpu() for m in masks])
+
+
+def kept_counts(masks: list[Tensor]) -> list[int]:
+    """Number of kept channels of each 1-d bool mask, with a fixed number of tensor calls whatever their count."""
+    if not masks:
+        return []
+    last = [end - 1 for end in itertools.accumulate(m.numel() for m in masks)]
+    totals = _on_host(masks).cumsum(0, dtype=torch.int64)[last].tolist()
+    return [b - a for a, b in zip([0, *totals[:-1]], totals)]
+
+
+def kept_indices(masks: list[Tensor], counts: list[int]) -> list[Tensor]:
+    """Sorted kept positions of each mask (host tensors), from one ``nonzero`` over all of them."""
+    if not masks:
+        return []
+    starts = torch.tensor([0, *itertools.accumulate(m.numel() for m in masks[:-1])])
+    positions = _on_host(masks).nonzero().view(-1)
+    positions -= starts.repeat_interleave(torch.tensor(counts), output_size=positions.numel())
+    return list(positions.split(counts))
 
 
 class ExecutionState:
@@ -57,8 +84,13 @@ class ExecutionState:
 
     def __init__(self, mask: Mapping[str, Tensor], model: nn.Module, mode: str, device: torch.device) -> None:
         self.mode = mode
-        host = {g: m.detach().to("cpu") for g, m in mask.items()}
-        kept: dict[str, Tensor | None] = {g: (None if bool(m.all()) else m.nonzero().squeeze(1)) for g, m in host.items()}
+        names = list(mask)
+        masks = [mask[g] for g in names]
+        counts = kept_counts(masks)
+        kept: dict[str, Tensor | None] = {
+            g: (None if count == m.numel() else index)
+            for g, m, count, index in zip(names, masks, counts, kept_indices(masks, counts))
+        }
         self._kept = kept
         self._flat: dict[tuple[str | None, str | None], Tensor] = {}
         self.masks: dict[str, Tensor] = {}
@@ -73,8 +105,7 @@ class ExecutionState:
                 key = (module.in_group, module.out_group)
                 out_index, in_index = self.index(module.out_group), self.index(module.in_group)
                 if key not in flat and out_index is not None and in_index is not None:
-                    c_in = module.weight.shape[1]
-                    flat[key] = (out_index.unsqueeze(1) * c_in + in_index.unsqueeze(0)).reshape(-1)
+                    flat[key] = flat_index(out_index, in_index, module.weight.shape[1])
         if device.type != "cpu":  # one host-to-device copy for all index tensors
             names = [g for g, k in kept.items() if k is not None]
             keys = list(flat)

@@ -45,7 +45,7 @@ def flat_index(out_index: Tensor | None, in_index: Tensor | None, in_channels: i
     """
     if out_index is None or in_index is None:
         return None
-    return (out_index.unsqueeze(1) * in_channels + in_index.unsqueeze(0)).reshape(-1)
+    return torch.add(in_index, out_index[:, None], alpha=in_channels).view(-1)
 
 
 def gather_weight(weight: Tensor, out_index: Tensor | None, in_index: Tensor | None, flat: Tensor | None) -> Tensor:
