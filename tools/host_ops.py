@@ -92,6 +92,10 @@ def main() -> None:
     parser.add_argument("--bounds", action="store_true",
                         help="also time the compact step with BatchNorm gathers, then all gathers, made slices")
     args = parser.parse_args()
+    if args.batch_size < 2:
+        raise SystemExit(f"--batch-size {args.batch_size}: BatchNorm in training needs a batch of at least 2")
+    if args.image_size and args.image_size < 32 and any(name.startswith("vgg") for name in args.models):
+        raise SystemExit(f"--image-size {args.image_size}: the VGGs' five poolings need at least 32 (0 picks it)")
     torch.set_num_threads(1)  # the host's own work, not parallel arithmetic
 
     print(f"batch {args.batch_size}, keep {args.keep_ratio:g}, 1 thread, medians of {args.repeats}")
