@@ -352,3 +352,22 @@ def test_kept_counts_and_indices_match_per_mask_nonzero():
         for m, index in zip(masks, kept_indices(masks, counts)):
             assert torch.equal(index, m.nonzero().squeeze(1))
     assert kept_counts([]) == [] and kept_indices([], []) == []
+
+
+def test_execution_state_puts_every_index_on_the_models_device():
+    """The non-CPU branch (one copy of the index sets, flat indices built there), run on the meta device."""
+    from maskprop.sparse.execution import ExecutionState
+
+    model = maskprop.create_model("resnet20")
+    groups = model.channel_groups()
+    mask = random_mask(groups, 0.5, torch.Generator().manual_seed(0))
+    mask["layer1"][:] = True  # a fully kept group has no index anywhere
+    host = ExecutionState(mask, model, "compact", torch.device("cpu"))
+    meta = ExecutionState(mask, model, "compact", torch.device("meta"))
+    assert host.index("layer1") is None and meta.index("layer1") is None
+    for g in groups:
+        if g != "layer1":
+            assert meta.index(g).device.type == "meta" and meta.index(g).shape == host.index(g).shape
+    assert host._flat.keys() == meta._flat.keys() and host._flat
+    for key, flat in host._flat.items():
+        assert meta._flat[key].device.type == "meta" and meta._flat[key].shape == flat.shape
