@@ -124,3 +124,9 @@ def test_keep_freed_host_memory_stops_the_page_faults_of_later_steps():
 def test_keep_freed_host_memory_leaves_user_malloc_settings_alone():
     applied, _ = _child("keep", MALLOC_ARENA_MAX="2")
     assert applied == "False"
+
+
+def test_bench_runs_with_bf16_autocast_on_cpu():
+    """The autocast path of the bench (what `--device cuda --amp bf16` takes), here on the CPU."""
+    results = bench_model("resnet20", batch_size=4, keep_ratios=(0.5,), repeats=1, warmup=0, image_size=16, amp="bf16")
+    assert results[0].compact_s > 0 and 0 < results[0].compact_saved_mb < results[0].dense_saved_mb
