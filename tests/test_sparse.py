@@ -352,6 +352,9 @@ def test_kept_counts_and_indices_match_per_mask_nonzero():
         for m, index in zip(masks, kept_indices(masks, counts)):
             assert torch.equal(index, m.nonzero().squeeze(1))
     assert kept_counts([]) == [] and kept_indices([], []) == []
+    groups = {"b": 3, "a": 5}
+    mask = {"a": torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool), "b": torch.tensor([0, 1, 0], dtype=torch.bool)}
+    assert maskprop.sparse.check_mask(mask, groups) == [1, 3]  # in the order of the groups
 
 
 def test_execution_state_puts_every_index_on_the_models_device():

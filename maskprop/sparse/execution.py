@@ -22,12 +22,15 @@ def _names(names: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def check_mask(mask: Mapping[str, Tensor], groups: Mapping[str, int]) -> None:
-    """Raise a one-line ``ValueError`` unless ``mask`` is a valid mask for ``groups``.
+def check_mask(mask: Mapping[str, Tensor], groups: Mapping[str, int]) -> list[int]:
+    """Raise a one-line ``ValueError`` unless ``mask`` is a valid mask for ``groups``; return the kept counts.
 
     A valid mask has exactly the model's groups as keys, and for each a 1-d bool tensor with one entry per channel
     that keeps at least one channel. An empty group is an error rather than a silent zero network: a sampler must
     decide which channel survives (``maskprop.vrpge.ChannelScores.sample`` keeps the highest-scoring one).
+
+    Returns:
+        The number of kept channels of each group, in the order of ``groups``.
     """
     if not isinstance(mask, Mapping):
         raise TypeError(f"a mask is a dict of group name -> bool tensor, got {type(mask).__name__}")
@@ -49,6 +52,7 @@ def check_mask(mask: Mapping[str, Tensor], groups: Mapping[str, int]) -> None:
     empty = [g for g, count in zip(groups, counts) if count == 0]
     if empty:
         raise ValueError(f"mask keeps no channel of group(s) {_names(empty)}; every group must keep at least one")
+    return counts
 
 
 def _on_host(masks: list[Tensor]) -> Tensor:
@@ -83,11 +87,16 @@ class ExecutionState:
     a fully kept group runs the dense kernel with no gather at all.
     """
 
-    def __init__(self, mask: Mapping[str, Tensor], model: nn.Module, mode: str, device: torch.device) -> None:
+    def __init__(
+        self, mask: Mapping[str, Tensor], model: nn.Module, mode: str, device: torch.device,
+        counts: list[int] | None = None,
+    ) -> None:
+        """``counts``: the kept count of each mask entry in the order of ``mask`` (as :func:`check_mask` returns
+        them), or ``None`` to count here."""
         self.mode = mode
         names = list(mask)
         masks = [mask[g] for g in names]
-        counts = kept_counts(masks)
+        counts = kept_counts(masks) if counts is None else counts
         kept: dict[str, Tensor | None] = {
             g: (None if count == m.numel() else index)
             for g, m, count, index in zip(names, masks, counts, kept_indices(masks, counts))
@@ -154,10 +163,11 @@ def use_mask(model: nn.Module, mask: Mapping[str, Tensor] | None, mode: str = "c
     if mask is None:
         yield model
         return
-    check_mask(mask, channel_groups(model))
+    groups = channel_groups(model)
+    counts = check_mask(mask, groups)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
-    state = ExecutionState(mask, model, mode, device)
+    state = ExecutionState({g: mask[g] for g in groups}, model, mode, device, counts)
     layers = [m for m in model.modules() if isinstance(m, SparseModule)]
     previous = [m._state for m in layers]
     for m in layers:
