@@ -177,6 +177,9 @@ class SparsityConfig(_Section):
         fix_samples: Masks sampled by ``best_of_n``.
         fix_examples: Training examples (the first ones, in eval mode) ``best_of_n`` scores each mask on; null: the
             whole training set, as the official code.
+        align: Pad each group's kept set up to a multiple of ``align`` channels with dropped channels whose output is
+            forced to zero (exact; GPU tensor cores and cuDNN's plan cache want aligned widths); null: 8 on CUDA,
+            1 (no padding) on the CPU.
     """
 
     _prefix: ClassVar[str] = "sparsity"
@@ -191,6 +194,7 @@ class SparsityConfig(_Section):
     fix: FixRule = "best_of_n"
     fix_samples: int = 10
     fix_examples: int | None = None
+    align: int | None = None
 
     def _check_ranges(self) -> None:
         self._require("keep_ratio", 0.0 < self.keep_ratio <= 1.0, "a fraction in (0, 1]")
@@ -199,6 +203,7 @@ class SparsityConfig(_Section):
         self._require("score_lr", self.score_lr > 0.0, "a number > 0")
         self._require("fix_samples", self.fix_samples >= 1, "an integer >= 1")
         self._require("fix_examples", self.fix_examples is None or self.fix_examples >= 1, "an integer >= 1 or null")
+        self._require("align", self.align is None or self.align >= 1, "a positive integer or null (auto)")
 
 
 @dataclass
@@ -344,6 +349,8 @@ class Config(_Section):
         sbp: Sparse-backward settings (methods ``meprop``, ``sbp``, ``msbp``).
         optim: Weight optimizer and schedule.
         finetune: Finetune phase after the subnetwork is fixed (method ``vrpge``).
+        sync_bn: Under DDP, normalise with batch statistics all-reduced over the ranks (SyncBatchNorm semantics);
+            false: each rank normalises its own share, as plain DDP does.
     """
 
     method: Method = "vrpge"
@@ -361,6 +368,7 @@ class Config(_Section):
     sbp: SbpConfig = field(default_factory=SbpConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sync_bn: bool = False
 
     def _check_ranges(self) -> None:
         self._require("seed", self.seed >= 0, "an integer >= 0")
