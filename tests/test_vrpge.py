@@ -1,4 +1,4 @@
-"""Tests of maskprop.vrpge: projection, estimators (METHODS.md section 1) and ChannelScores."""
+"""Tests of maskprop.vrpge: projection, estimators (docs/methods.md, section 1) and ChannelScores."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sparse-backward baselines: meProp, SBP and MSBP (``METHODS.md`` sections 2-4).
+"""Sparse-backward baselines: meProp, SBP and MSBP (``docs/methods.md`` sections 4-6).
 
 The forward pass of a layer is unchanged; its backward propagates only ``SI_k(dL/dh + M)``, the sparsified output
 gradient with the MSBP memory ``M`` (MSBP paper eqs. (19)-(22); meProp is ``topk`` without memory, SBP any

@@ -2,14 +2,15 @@
 
 **Fixed ratio.** Every layer keeps ``round(ratio * units)`` (MSBP paper: sparse ratio r = k / n).
 
-**Global budget with balanced thresholds** (paper 003). ``total`` kept units are shared by all layers. A layer's
+**Global budget with balanced thresholds** (docs/methods.md, section 6, after the appendix of a paper on layer-wise
+top-k gradient sparsification). ``total`` kept units are shared by all layers. A layer's
 allocation ``k_l`` corresponds to a top-k threshold: it keeps its ``k_l`` largest (scaled) unit scores. The
 allocation is balanced when one common threshold separates kept from dropped entries in every layer, i.e. when
 no layer drops an entry larger than an entry some other layer keeps. We measure the imbalance as
 
     spread = max over layers of the largest dropped score - min over layers of the smallest kept score
 
-(clipped at 0; 0 means a common threshold exists). One adjustment step (paper 003, Property 2 / Algorithm 2,
+(clipped at 0; 0 means a common threshold exists). One adjustment step (the appendix's Property 2 / Algorithm 2,
 ``OneStepAdjustment``) bisects the bracket [smallest kept, largest dropped], which contains the common threshold:
 with ``mid`` its midpoint, if at least ``total`` entries score ``>= mid`` the threshold lies in the upper half,
 otherwise in the lower half. Every layer keeps what lies above that half, and the entries still missing to reach
@@ -18,7 +19,7 @@ has there (each layer taking its largest). All kept entries then lie at or above
 dropped ones at or below its upper end, so each step keeps the total fixed and at least halves the spread; after
 finitely many steps one threshold is common to all layers (paper 003, Property 1).
 
-**Comparable magnitudes** (paper 003, eqs. (8)-(9)). Gradient variance changes from layer l-1 to layer l by
+**Comparable magnitudes** (the appendix's eqs. (8)-(9)). Gradient variance changes from layer l-1 to layer l by
 ``(k_l^2 c_l) / (k_{l-1}^2 d_l)`` for convolutions (kernel size k, input channels c, output channels d) and by
 ``c_l / d_l`` for fully connected layers. With ``scale="variance"`` each layer's scores are divided by the square
 root of its variance relative to the first layer before balancing; ``scale="rms"`` divides by the root mean square
@@ -133,7 +134,7 @@ def _step(free: Sequence[Tensor], kept: Sequence[int]) -> list[int]:
 
 
 def balance_step(scores: Sequence[Tensor], ks: Sequence[int], min_k: int = 1) -> list[int]:
-    """One threshold adjustment (paper 003, ``OneStepAdjustment``): same total, spread at least halved.
+    """One threshold adjustment (the appendix's ``OneStepAdjustment``): same total, spread at least halved.
 
     Args:
         scores: per-layer unit scores (already scaled to be comparable).
@@ -175,7 +176,7 @@ class Allocation:
 def balance(
     scores: Sequence[Tensor], total: int, ks: Sequence[int] | None = None, min_k: int = 1, max_steps: int = 64
 ) -> Allocation:
-    """Share ``total`` kept units among layers so that one threshold serves them all (paper 003, Algorithm 2).
+    """Share ``total`` kept units among layers so that one threshold serves them all (the appendix's Algorithm 2).
 
     Args:
         scores: per-layer unit scores (already scaled to be comparable).
@@ -220,7 +221,7 @@ def layer_geometry(layer: nn.Module) -> tuple[int, int, int]:
 
 
 def variance_scales(geometry: Sequence[tuple[int, int, int]]) -> list[float]:
-    """Per-layer factors that make gradient magnitudes comparable (paper 003, eqs. (8)-(9)).
+    """Per-layer factors that make gradient magnitudes comparable (the appendix's eqs. (8)-(9)).
 
     With layers in forward order, the relative gradient variance is ``v_1 = 1`` and
     ``v_l = v_{l-1} * (k_l^2 c_l) / (k_{l-1}^2 d_l)`` (eq. (8); eq. (9) is the case k = 1). The factor is
@@ -241,7 +242,7 @@ class GlobalBudget:
     """One budget of kept units shared by the sparse-backward layers of a model, balanced by thresholds.
 
     The layers record the unit scores of each backward; :meth:`update`, called after ``loss.backward()``,
-    re-balances the allocation from them (paper 003 adjusts the thresholds between iterations in the same way)
+    re-balances the allocation from them (the appendix adjusts the thresholds between iterations in the same way)
     and sets every layer's ``k`` for the next step.
 
     Args:

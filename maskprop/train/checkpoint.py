@@ -1,6 +1,6 @@
 """Checkpoints: one dict per file, written atomically, read back with one-line errors.
 
-A checkpoint holds everything a run needs to continue exactly as if it had not stopped (DESIGN.md invariant 5): model
+A checkpoint holds everything a run needs to continue exactly as if it had not stopped (same seed, same run): model
 and score parameters, optimizer and scheduler states, phase / epoch / step, the fixed subnetwork once there is one,
 the generator states (mask sampling, data order, torch's global CPU RNG, the CUDA RNGs), the cost counters and step
 timings, the resolved config, and the model's name and channel-group layout (to refuse a checkpoint of another

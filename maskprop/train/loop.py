@@ -1,6 +1,6 @@
 """The training loop: ``train_one_epoch``, ``evaluate``, ``fix_subnetwork`` and ``fit``, which runs the phases.
 
-A VR-PGE run (METHODS.md section 1) has three phases:
+A VR-PGE run (docs/methods.md, section 1) has three phases:
 
 1. ``search``: ``optim.epochs`` epochs of VR-PGE steps (``steps.vrpge_step``): weights by SGD, keep probabilities by
    Adam with projection. After each epoch the deterministic subnetwork (``scores.top_mask()``) is evaluated.
@@ -10,9 +10,9 @@ A VR-PGE run (METHODS.md section 1) has three phases:
 3. ``finetune``: ``finetune.epochs`` epochs of SGD on that subnetwork in compact mode (lr 1e-3, cosine).
 
 A ``dense`` run trains the same model with the same harness for ``optim.epochs`` epochs (phase ``train``), and so does
-a sparse-backward run (``meprop``, ``sbp``, ``msbp``: METHODS.md sections 2-4), whose linear and conv layers propagate
-only ``k`` of their output units in the backward (``steps.sbp_step``); every ``sbp.angle_every`` steps it measures the
-gradient estimation angles and logs them to TensorBoard (``angle/overall``, ``angle/<layer>``).
+a sparse-backward run (``meprop``, ``sbp``, ``msbp``: docs/methods.md, sections 4-6), whose linear and conv layers
+propagate only ``k`` of their output units in the backward (``steps.sbp_step``); every ``sbp.angle_every`` steps it
+measures the gradient estimation angles and logs them to TensorBoard (``angle/overall``, ``angle/<layer>``).
 
 Every epoch is one ``train_one_epoch`` call; checkpoints are written after every ``save_every`` epochs and at the end
 of every phase, and a resumed run continues from the last one exactly as if it had not stopped.

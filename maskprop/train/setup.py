@@ -1,5 +1,5 @@
 """Setting a run up: the datasets, the model, the state to train and its step settings, all checked before anything
-is written (DESIGN.md invariant 7), and the checkpoint to resume from."""
+is written (bad input gets a one-line error and leaves nothing behind), and the checkpoint to resume from."""
 
 from __future__ import annotations
 
@@ -117,7 +117,8 @@ def _cost_model(model: nn.Module, cfg: Config, input_size: tuple[int, int, int])
 
 
 def sparse_backward(model: nn.Module, method: str, sbp: SbpConfig) -> GlobalBudget | None:
-    """Convert ``model`` in place for a sparse-backward method (METHODS.md sections 2-4); the global budget if any.
+    """Convert ``model`` in place for a sparse-backward method (docs/methods.md, sections 4-6); the global budget, if
+    any.
 
     Every ``nn.Linear`` / ``nn.Conv2d`` becomes a :mod:`maskprop.sbp` layer propagating ``sbp.ratio`` of its output
     units (``meprop``, ``sbp``: no memory; ``msbp``: memory ``sbp.memory``); the output layer stays dense unless

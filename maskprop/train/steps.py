@@ -1,7 +1,7 @@
 """One training step of each kind: the VR-PGE search step, a plain step on a fixed subnetwork (or dense), and the step
 of the sparse-backward baselines (meProp, SBP, MSBP).
 
-Each step is one function that shows the whole step (METHODS.md section 1, "One iteration"), returns what it measured
+Each step is one function that shows the whole step (docs/methods.md, "One search step"), returns what it measured
 and the FLOPs it cost by supplement C.1 (a backward costs twice its forward), and leaves the bookkeeping (counters,
 logs, timing) to the loop.
 """
@@ -99,7 +99,7 @@ def _clip(ctx: StepContext, params: Iterator[Tensor] | list[Tensor]) -> None:
 def vrpge_step(model: nn.Module, scores: ChannelScores, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
                batch: tuple[Tensor, Tensor], generator: torch.Generator, sparsity: SparsityConfig,
                ctx: StepContext) -> StepResult:
-    """One VR-PGE iteration (METHODS.md section 1, steps 1-6).
+    """One VR-PGE iteration (docs/methods.md, "One search step").
 
     1. Sample ``m`` and ``m'`` independently from ``p(.|s)`` with ``generator`` (in that order).
     2. Forward ``m`` (compact, with autograd), loss ``L(m)``, backward: gradients of the kept weights.
@@ -179,7 +179,7 @@ def subnet_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple
 
 def sbp_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[Tensor, Tensor], ctx: StepContext,
              budget: GlobalBudget | None = None, measure_angles: bool = False) -> StepResult:
-    """One step of a sparse-backward baseline (METHODS.md sections 2-4) on a model converted by ``maskprop.sbp``.
+    """One step of a sparse-backward baseline (docs/methods.md, sections 4-6) on a model converted by ``maskprop.sbp``.
 
     The forward is the dense one; in ``loss.backward()`` each converted layer propagates ``k`` of its output units
     (with the MSBP memory where configured). With ``measure_angles`` the gradient estimation angles (MSBP paper

@@ -1,7 +1,7 @@
 """VR-PGE: learned channel keep probabilities, their projection, and the score-gradient estimators.
 
 Imports torch only. ``ChannelScores`` holds the probabilities and samples masks; ``project_scores`` keeps them
-feasible; ``vrpge`` / ``vrpge_sym`` turn two losses and masks into the score gradient (METHODS.md section 1).
+feasible; ``vrpge`` / ``vrpge_sym`` turn two losses and masks into the score gradient (docs/methods.md, section 1).
 """
 
 from .estimators import (

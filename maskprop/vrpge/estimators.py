@@ -1,4 +1,4 @@
-"""Score-gradient estimators of VR-PGE (METHODS.md section 1, step 4), as pure tensor functions.
+"""Score-gradient estimators of VR-PGE (docs/methods.md, "The score gradient"), as pure tensor functions.
 
 All functions work on flat tensors, one entry per channel of the whole network (see
 :meth:`maskprop.vrpge.ChannelScores.flatten`), so one call serves every group. They broadcast: a batch of ``B``

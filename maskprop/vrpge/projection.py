@@ -1,4 +1,6 @@
-"""Euclidean projection of the scores onto the feasible set {0 <= s <= 1, sum s <= K} (METHODS.md section 1, step 6).
+"""Euclidean projection of the scores onto the feasible set {0 <= s <= 1, sum s <= K}.
+
+The derivation is in docs/methods.md, "Projection onto the budget".
 
 The projection of s is ``clamp(s - v, 0, 1)`` for the smallest shift ``v >= 0`` with
 ``f(v) = sum_j clamp(s_j - v, 0, 1) <= K`` (the KKT conditions of the quadratic program: ``v`` is the multiplier of the
@@ -43,7 +45,7 @@ def project_scores(s: Tensor, budget: float) -> Tensor:
     """Exact Euclidean projection of ``s`` onto ``{x : 0 <= x <= 1, sum x <= budget}``.
 
     If ``sum clamp(s, 0, 1) <= budget`` the projection is the clamp; otherwise it is ``clamp(s - v, 0, 1)`` with the
-    unique ``v > 0`` such that ``sum clamp(s - v, 0, 1) = budget`` (METHODS.md section 1, step 6).
+    unique ``v > 0`` such that ``sum clamp(s - v, 0, 1) = budget`` (docs/methods.md, "Projection onto the budget").
 
     Args:
         s: scores of any shape; the budget applies to the sum over all entries. Floating point (half precision is

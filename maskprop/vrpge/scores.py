@@ -1,4 +1,4 @@
-"""Keep probabilities of every channel group, stored as one flat parameter (METHODS.md section 1)."""
+"""Keep probabilities of every channel group, stored as one flat parameter (docs/methods.md, section 1)."""
 
 from __future__ import annotations
 
