@@ -17,7 +17,7 @@ otherwise in the lower half. Every layer keeps what lies above that half, and th
 ``total`` exactly are taken from inside the half, shared among the layers in proportion to how many entries each
 has there (each layer taking its largest). All kept entries then lie at or above the half's lower end and all
 dropped ones at or below its upper end, so each step keeps the total fixed and at least halves the spread; after
-finitely many steps one threshold is common to all layers (paper 003, Property 1).
+finitely many steps one threshold is common to all layers (its Property 1).
 
 **Comparable magnitudes** (the appendix's eqs. (8)-(9)). Gradient variance changes from layer l-1 to layer l by
 ``(k_l^2 c_l) / (k_{l-1}^2 d_l)`` for convolutions (kernel size k, input channels c, output channels d) and by
