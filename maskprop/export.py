@@ -1,0 +1,804 @@
+"""Export a subnetwork as a physically smaller model: ordinary torch layers holding only the kept channels.
+
+:func:`materialize` turns a maskprop model and a mask into a narrow copy: every conv keeps the kept slices of its input
+and output channels, every BatchNorm the kept entries of its parameters and running statistics, every linear layer the
+kept features. The module tree, the parameter names and the models' forward code stay the same; the maskprop layers
+become plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` (sparse-backward layers too), so nothing of the mask
+machinery remains and ``torch.export``, ``torch.compile``, ONNX and DDP take the result as it is. Because maskprop
+applies the mask after BatchNorm, a dropped channel is exactly zero in the full model and its removal changes nothing:
+no bias folding is needed, and the narrow model computes what the full model computes under ``use_mask(model, mask)``.
+
+An export directory holds:
+
+* ``plan.json``: the width plan (:class:`WidthPlan`): model name and keyword arguments, number of classes, input size,
+  and for every channel group its kept count and kept channel indices;
+* ``model.safetensors``: the narrow model's state dict, rebuilt by :func:`load_exported` (the architecture is built
+  on the ``meta`` device, narrowed by the plan, and the tensors are assigned to it);
+* ``model.pt2``: ``torch.export`` of the model in eval mode, dynamic batch size; ``torch.export.load(p).module()``
+  runs it with torch alone;
+* ``model.onnx``: ``torch.onnx.export(..., dynamo=True)``, dynamic batch size (needs the ``onnx`` extra);
+* ``export.json``: what was exported and from where, the accuracy the run measured, and the parameters, FLOPs and
+  output checks measured on the exported module and on each written file.
+
+This module imports torch alone; safetensors, ONNX and the training package are imported when needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .models import create_model, model_entrypoint
+from .sbp.layers import SparseBackwardMixin
+from .sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, channel_groups, check_mask
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMATS",
+    "WidthPlan",
+    "export_run",
+    "load_exported",
+    "materialize",
+    "run_input_size",
+    "save_exported",
+]
+
+FORMATS = ("safetensors", "pt2", "onnx")
+PLAN_FILE, WEIGHTS_FILE, PROGRAM_FILE, ONNX_FILE, INFO_FILE = (
+    "plan.json", "model.safetensors", "model.pt2", "model.onnx", "export.json")
+_FILES = {"safetensors": WEIGHTS_FILE, "pt2": PROGRAM_FILE, "onnx": ONNX_FILE}
+_PLAN_FORMAT = 1
+_INFO_FORMAT = 1
+_CHECK_BATCH = 2  # the output checks run a batch of 2 (a batch of 1 would not exercise the dynamic batch dimension)
+_CHECK_TOLERANCE = 1e-3  # relative, float32: the checks measure ~1e-6; anything near this is a bug, not rounding
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# materialize
+
+
+def _kept_index(mask: Mapping[str, Tensor] | None, group: str | None, device: torch.device) -> Tensor | None:
+    """Sorted kept indices of ``group`` on ``device``; ``None`` when the group is never pruned or kept whole."""
+    if mask is None or group is None or bool(mask[group].all()):
+        return None
+    return mask[group].nonzero().view(-1).to(device)
+
+
+def _select(tensor: Tensor | None, dim: int, index: Tensor | None) -> Tensor | None:
+    if tensor is None:
+        return None
+    tensor = tensor.detach()
+    return tensor.index_select(dim, index) if index is not None else tensor.clone()
+
+
+def _parameter(value: Tensor | None, like: Tensor | None) -> nn.Parameter | None:
+    return None if value is None else nn.Parameter(value.contiguous(), requires_grad=like.requires_grad)
+
+
+def _narrow_conv(layer: nn.Conv2d, mask: Mapping[str, Tensor] | None) -> nn.Conv2d:
+    out_index = _kept_index(mask, getattr(layer, "out_group", None), layer.weight.device)
+    in_index = _kept_index(mask, getattr(layer, "in_group", None), layer.weight.device)
+    weight = _select(_select(layer.weight, 0, out_index), 1, in_index)
+    bias = _select(layer.bias, 0, out_index)
+    padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
+    new = nn.Conv2d(weight.shape[1] * layer.groups, weight.shape[0], tuple(layer.kernel_size),
+                    stride=tuple(layer.stride), padding=padding, dilation=tuple(layer.dilation), groups=layer.groups,
+                    bias=bias is not None, padding_mode=layer.padding_mode, device="meta")
+    new.weight, new.bias = _parameter(weight, layer.weight), _parameter(bias, layer.bias)
+    return new
+
+
+def _narrow_linear(layer: nn.Linear, mask: Mapping[str, Tensor] | None) -> nn.Linear:
+    out_index = _kept_index(mask, getattr(layer, "out_group", None), layer.weight.device)
+    in_index = _kept_index(mask, getattr(layer, "in_group", None), layer.weight.device)
+    weight = _select(_select(layer.weight, 0, out_index), 1, in_index)
+    bias = _select(layer.bias, 0, out_index)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    new.weight, new.bias = _parameter(weight, layer.weight), _parameter(bias, layer.bias)
+    return new
+
+
+def _narrow_batchnorm(layer: nn.BatchNorm2d, mask: Mapping[str, Tensor] | None) -> nn.BatchNorm2d:
+    reference = layer.weight if layer.weight is not None else layer.running_mean
+    index = None if reference is None else _kept_index(mask, getattr(layer, "group", None), reference.device)
+    kept = layer.num_features if index is None else index.numel()
+    new = nn.BatchNorm2d(kept, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
+                         track_running_stats=layer.track_running_stats, device="meta")
+    if layer.affine:
+        new.weight = _parameter(_select(layer.weight, 0, index), layer.weight)
+        new.bias = _parameter(_select(layer.bias, 0, index), layer.bias)
+    # Buffers are assigned as they are (None when the layer tracks no statistics).
+    new.running_mean = _select(layer.running_mean, 0, index)
+    new.running_var = _select(layer.running_var, 0, index)
+    new.num_batches_tracked = _select(layer.num_batches_tracked, 0, None)
+    return new
+
+
+def _narrow_layer(module: nn.Module, mask: Mapping[str, Tensor] | None) -> nn.Module | None:
+    """The plain torch layer that replaces a maskprop layer, or ``None`` for any other module (copied as it is)."""
+    if isinstance(module, (SparseConv2d, SparseBackwardMixin)) and isinstance(module, nn.Conv2d):
+        new = _narrow_conv(module, mask)
+    elif isinstance(module, (SparseLinear, SparseBackwardMixin)) and isinstance(module, nn.Linear):
+        new = _narrow_linear(module, mask)
+    elif isinstance(module, SparseBatchNorm2d):
+        new = _narrow_batchnorm(module, mask)
+    else:
+        return None
+    new.train(module.training)
+    return new
+
+
+def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """A physically narrow copy of ``model`` that computes what ``model`` computes under ``use_mask(model, mask)``.
+
+    Every maskprop layer is replaced by the plain torch layer of its kept size (conv and linear weights sliced on both
+    sides, biases, BatchNorm affine parameters and running statistics); sparse-backward layers become plain layers of
+    the same size. Every other module, attribute and the forward code are deep-copied unchanged, so the result has
+    the same module tree and parameter names, on the same device and dtype, in the same train/eval mode. ``model`` is
+    not modified, and the copy shares no tensor with it. Hooks registered on replaced layers are not carried over.
+
+    Plain ``nn.Conv2d`` lacks the route around a oneDNN crash that :class:`~maskprop.sparse.SparseConv2d` takes (the
+    CPU weight gradient of a strided 1x1 conv with an odd batch size, ``maskprop._workarounds``): train the narrow
+    model on the CPU with even batch sizes. Inference is unaffected.
+
+    Args:
+        model: a maskprop model (its layers are ``maskprop.sparse`` or ``maskprop.sbp`` layers).
+        mask: group name -> bool tensor, as for :func:`maskprop.use_mask`; ``None`` keeps every channel (the whole
+            model as plain torch layers: the export of a dense or sparse-backward run).
+
+    Returns:
+        The narrow model.
+
+    Raises:
+        ValueError: ``mask`` is not a valid mask for ``model`` (see :func:`maskprop.check_mask`), or it drops channels
+            of a model whose convolutions were converted to sparse-backward layers (they train the whole network).
+    """
+    if mask is not None:
+        check_mask(mask, channel_groups(model))
+        if any(isinstance(m, SparseBackwardMixin) for m in model.modules()) and not all(
+                bool(m.all()) for m in mask.values()):
+            raise ValueError("cannot drop channels of a model with sparse-backward layers (they train the whole "
+                             "network and carry no channel groups); expected mask=None")
+        mask = {g: m.detach().cpu() for g, m in mask.items()}
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        new = _narrow_layer(module, mask)
+        if new is not None:
+            memo[id(module)] = new
+    if id(model) in memo:  # a bare layer
+        return memo[id(model)]
+    return copy.deepcopy(model, memo)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The width plan
+
+
+def _compact_sizes(text: str) -> str:
+    """json text with ``[C, H, W]`` lists on one line."""
+    return re.sub(r"\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]", r"[\1, \2, \3]", text)
+
+
+def _where(source: str | os.PathLike | None) -> str:
+    return f"width plan '{source}'" if source is not None else "width plan"
+
+
+@dataclass(frozen=True)
+class WidthPlan:
+    """What :func:`load_exported` needs to rebuild a narrow model: architecture, classes, input size, kept channels.
+
+    Attributes:
+        model: registry name (:func:`maskprop.list_models`).
+        model_kwargs: keyword arguments of the model's entry point, ``num_classes`` aside (an MLP's ``in_features``
+            included).
+        num_classes: outputs of the classifier.
+        input_size: ``(C, H, W)`` of one example, the input the run trained on.
+        channels: ``{group: number of channels}`` of the full model, in network order.
+        kept: ``{group: sorted kept channel indices}``, the same groups.
+    """
+
+    model: str
+    model_kwargs: dict[str, Any]
+    num_classes: int
+    input_size: tuple[int, int, int]
+    channels: dict[str, int]
+    kept: dict[str, list[int]]
+
+    @classmethod
+    def from_mask(cls, model: str, model_kwargs: Mapping[str, Any], num_classes: int, input_size: Sequence[int],
+                  groups: Mapping[str, int], mask: Mapping[str, Tensor] | None) -> WidthPlan:
+        """The plan of ``mask`` (``None``: every channel kept) for a model with channel groups ``groups``."""
+        kept = {g: list(range(n)) if mask is None else mask[g].nonzero().view(-1).tolist() for g, n in groups.items()}
+        kwargs = {k: v for k, v in model_kwargs.items() if k != "num_classes"}
+        return cls(model, kwargs, int(num_classes), tuple(int(s) for s in input_size), dict(groups), kept)
+
+    def mask(self) -> dict[str, Tensor]:
+        """The plan's mask: ``{group: bool tensor}`` on the CPU."""
+        mask = {}
+        for group, size in self.channels.items():
+            m = torch.zeros(size, dtype=torch.bool)
+            m[self.kept[group]] = True
+            mask[group] = m
+        return mask
+
+    def widths(self) -> dict[str, int]:
+        """Kept channels per group."""
+        return {g: len(k) for g, k in self.kept.items()}
+
+    def build(self, device: torch.device | str | None = None) -> nn.Module:
+        """The full-size architecture (``device="meta"``: without allocating or initialising its weights)."""
+        with torch.device(device or "cpu"):
+            return create_model(self.model, num_classes=self.num_classes, **self.model_kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": _PLAN_FORMAT,
+            "model": self.model,
+            "model_kwargs": dict(self.model_kwargs),
+            "num_classes": self.num_classes,
+            "input_size": list(self.input_size),
+            "groups": {g: {"channels": n, "kept": len(self.kept[g]), "indices": self.kept[g]}
+                       for g, n in self.channels.items()},
+        }
+
+    def dumps(self) -> str:
+        """The plan as json, one line per group (the index lists stay readable)."""
+        data = self.to_dict()
+        groups = data.pop("groups")
+        head = _compact_sizes(json.dumps(data, indent=2))[:-2]
+        lines = [f"    {json.dumps(g)}: {json.dumps(entry)}" for g, entry in groups.items()]
+        return head + ',\n  "groups": {\n' + ",\n".join(lines) + "\n  }\n}\n"
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | os.PathLike | None = None) -> WidthPlan:
+        """Read a plan written by :meth:`to_dict`, checking every field.
+
+        Raises:
+            ValueError: a missing or malformed field (one line naming it).
+        """
+        where = _where(source)
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where} is a {type(data).__name__}; expected a json object")
+        missing = [k for k in ("format", "model", "model_kwargs", "num_classes", "input_size", "groups")
+                   if k not in data]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}; expected a plan written by maskprop export")
+        if data["format"] != _PLAN_FORMAT:
+            raise ValueError(f"{where} has format {data['format']!r}; this maskprop reads format {_PLAN_FORMAT}")
+        if not isinstance(data["model"], str) or not isinstance(data["model_kwargs"], Mapping):
+            raise ValueError(f"{where}: model must be a name and model_kwargs an object, got {data['model']!r} and "
+                             f"{data['model_kwargs']!r}")
+        num_classes, size = data["num_classes"], data["input_size"]
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"{where}: num_classes={num_classes!r}; expected a positive integer")
+        if not (isinstance(size, list) and len(size) == 3 and all(type(s) is int and s > 0 for s in size)):
+            raise ValueError(f"{where}: input_size={size!r}; expected [C, H, W], positive integers")
+        if not isinstance(data["groups"], Mapping):
+            raise ValueError(f"{where}: groups must be an object {{group: {{channels, kept, indices}}}}")
+        channels, kept = {}, {}
+        for group, entry in data["groups"].items():
+            n = entry.get("channels") if isinstance(entry, Mapping) else None
+            indices = entry.get("indices") if isinstance(entry, Mapping) else None
+            valid = (type(n) is int and n > 0 and isinstance(indices, list) and indices
+                     and all(type(i) is int for i in indices) and indices == sorted(set(indices))
+                     and 0 <= indices[0] and indices[-1] < n and entry.get("kept") == len(indices))
+            if not valid:
+                raise ValueError(f"{where}: group {group!r} is {entry!r}; expected channels > 0, kept = number of "
+                                 f"indices >= 1, and sorted distinct indices in [0, channels)")
+            channels[group], kept[group] = n, list(indices)
+        return cls(data["model"], dict(data["model_kwargs"]), num_classes, tuple(size), channels, kept)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.dumps())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> WidthPlan:
+        """Read ``plan.json`` (or the plan inside an export directory).
+
+        Raises:
+            FileNotFoundError: no plan there.
+            ValueError: it is not valid json or not a valid plan.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"width plan '{path}' not found; expected a directory written by maskprop export")
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"width plan '{path}' is not valid json ({err})") from None
+        return cls.from_dict(data, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_exported(path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:
+    """Rebuild the narrow model of an export directory from its ``plan.json`` and ``model.safetensors``.
+
+    The architecture is built on the ``meta`` device (nothing allocated or initialised), narrowed by the plan with
+    :func:`materialize`, and the saved tensors are assigned to it (``load_state_dict(assign=True)``).
+
+    Args:
+        path: the export directory.
+        device: where the tensors are loaded (default: the CPU).
+
+    Returns:
+        The narrow model (plain torch layers, the model's own forward) in eval mode.
+
+    Raises:
+        FileNotFoundError: the directory lacks ``plan.json`` or ``model.safetensors``.
+        ValueError: the plan is malformed, names an unknown model, or does not fit the saved tensors.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    plan = WidthPlan.load(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"'{weights}' not found; export with --format safetensors to load with maskprop "
+                                f"(or load model.pt2 with torch.export.load)")
+    try:
+        tensors = load_file(weights, device=str(torch.device(device or "cpu")))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"'{weights}' is corrupt or truncated ({' '.join(str(err).split())[:200]})") from None
+    try:
+        full = plan.build("meta")
+    except TypeError as err:
+        raise ValueError(f"{_where(path / PLAN_FILE)}: model_kwargs {plan.model_kwargs} do not fit model "
+                         f"{plan.model!r} ({err})") from None
+    narrow = materialize(full, plan.mask())
+    try:
+        narrow.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(f"'{weights}' does not fit {_where(path / PLAN_FILE)} ({reason})") from None
+    left = [name for name, t in (*narrow.named_parameters(), *narrow.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"'{weights}' has no tensor for {', '.join(left[:5])}; expected the narrow model's state dict")
+    return narrow.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing an export directory
+
+
+def parse_formats(formats: str | Iterable[str] | None) -> list[str]:
+    """``"safetensors,pt2"`` or a list of names -> the checked list, in :data:`FORMATS` order.
+
+    ``None`` is every format this installation can write (``onnx`` only with the ``onnx`` extra installed).
+
+    Raises:
+        ValueError: an unknown or empty format list, or ``onnx`` without the ``onnx`` extra.
+    """
+    if formats is None:
+        return [f for f in FORMATS if f != "onnx" or _missing_onnx() is None]
+    names = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else [str(f).strip() for f in formats]
+    unknown = [f for f in names if f not in FORMATS]
+    if unknown or not names:
+        raise ValueError(f"unknown export format(s) {', '.join(map(repr, unknown)) or '(none given)'}; expected a "
+                         f"comma-separated list of {', '.join(FORMATS)}")
+    if "onnx" in names:
+        missing = _missing_onnx()
+        if missing is not None:
+            raise ValueError(f"format 'onnx' needs the onnx extra ({missing} is not installed): pip install "
+                             f"'maskprop[onnx]', or export --format safetensors,pt2")
+    return [f for f in FORMATS if f in names]
+
+
+def _missing_onnx() -> str | None:
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return name
+    return None
+
+
+def _classifier_outputs(model: nn.Module) -> int:
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError(f"cannot tell the number of classes of {type(model).__name__}: it has no linear classifier; "
+                         f"pass num_classes")
+    return linear[-1].out_features
+
+
+def _relative_error(output: Tensor, reference: Tensor) -> float:
+    output, reference = output.detach().double().cpu(), reference.detach().double().cpu()
+    return float((output - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+
+
+def _flops(model: nn.Module, x: Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _export_program(model: nn.Module, x: Tensor) -> torch.export.ExportedProgram:
+    batch = torch.export.Dim("batch", min=1)
+    return torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+
+
+def _write_onnx(model: nn.Module, x: Tensor, path: Path) -> None:
+    import contextlib
+    import io
+
+    batch = torch.export.Dim("batch", min=1)
+    sink = io.StringIO()
+    # The exporter prints its progress and its graph passes log every rewrite at INFO: keep the command's output short.
+    quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
+    try:
+        with contextlib.redirect_stdout(sink):
+            torch.onnx.export(model, (x,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
+                              external_data=False, verbose=False, report=False)
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+    logger.debug("torch.onnx.export: %s", sink.getvalue().strip())
+
+
+def _run_onnx(path: Path, x: Tensor) -> Tensor:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: x.detach().cpu().float().numpy()})[0])
+
+
+@torch.no_grad()
+def _write_files(narrow: nn.Module, plan: WidthPlan, formats: Sequence[str], folder: Path, x: Tensor,
+                 reference: Tensor) -> dict[str, Any]:
+    """Write the chosen formats into ``folder``; return each file's size, digest and measured output error."""
+    checks: dict[str, float] = {}
+    plan.save(folder / PLAN_FILE)
+    if "safetensors" in formats:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in narrow.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "maskprop_plan": PLAN_FILE})
+        checks[WEIGHTS_FILE] = _relative_error(load_exported(folder, x.device)(x), reference)
+    if "pt2" in formats:
+        program = _export_program(narrow, x)
+        torch.export.save(program, str(folder / PROGRAM_FILE))
+        checks[PROGRAM_FILE] = _relative_error(torch.export.load(str(folder / PROGRAM_FILE)).module()(x), reference)
+    if "onnx" in formats:
+        _write_onnx(narrow, x, folder / ONNX_FILE)
+        checks[ONNX_FILE] = _relative_error(_run_onnx(folder / ONNX_FILE, x), reference)
+    bad = {name: err for name, err in checks.items() if not err <= _CHECK_TOLERANCE}
+    if bad:
+        raise RuntimeError(f"exported files do not reproduce the narrow model's output (relative error {bad}); "
+                           f"this is a maskprop bug, please report it")
+    return checks
+
+
+def _place(folder: Path, out: Path, force: bool) -> None:
+    """Rename the finished ``folder`` to ``out``; with ``force`` an existing ``out`` is replaced."""
+    old = None
+    if out.exists():
+        if not force:
+            raise ValueError(f"output directory '{out}' exists; pass --force (force=True) to replace it")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(folder, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str | os.PathLike, *, model_name: str,
+                  input_size: Sequence[int], model_kwargs: Mapping[str, Any] | None = None,
+                  num_classes: int | None = None, formats: str | Iterable[str] | None = None, force: bool = False,
+                  source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Export the subnetwork ``mask`` of ``model`` to the directory ``out``, and check every file written.
+
+    The narrow model (:func:`materialize`) is checked against ``model`` under ``use_mask`` in both modes, and every
+    file written is read back and checked against the narrow model, on a batch of 2 seeded normal inputs in eval
+    mode; parameters and FLOPs (``torch.utils.flop_counter``, one example) are measured on the narrow model. The
+    files are written into a temporary directory beside ``out`` and renamed to ``out`` at the end: an error leaves
+    nothing behind.
+
+    Args:
+        model: the full maskprop model (``model.channel_groups()``), on any device.
+        mask: the subnetwork; ``None`` exports the whole model.
+        out: the export directory to create.
+        model_name: its registry name (the plan rebuilds ``create_model(model_name, ...)``).
+        input_size: ``(C, H, W)`` of one example.
+        model_kwargs: keyword arguments the model was built with (without ``num_classes``).
+        num_classes: classifier outputs (default: those of the model's last linear layer).
+        formats: names from :data:`FORMATS`, a list or ``"safetensors,pt2"``; default every format available.
+        force: replace an existing ``out``.
+        source: extra information recorded in ``export.json`` (checkpoint, accuracy, ...).
+
+    Returns:
+        The content of ``export.json``.
+
+    Raises:
+        ValueError: a bad mask, format list or input size, or ``out`` exists without ``force``.
+    """
+    out = Path(out)
+    chosen = parse_formats(formats)
+    if out.exists() and not force:
+        raise ValueError(f"output directory '{out}' exists; pass --force (force=True) to replace it")
+    if len(input_size) != 3 or not all(int(s) > 0 for s in input_size):
+        raise ValueError(f"input_size={tuple(input_size)}; expected (C, H, W)")
+    input_size = tuple(int(s) for s in input_size)
+    groups = channel_groups(model)
+    num_classes = _classifier_outputs(model) if num_classes is None else int(num_classes)
+    plan = WidthPlan.from_mask(model_name, dict(model_kwargs or {}), num_classes, input_size, groups, mask)
+    narrow = materialize(model, mask)
+    parameter = next(model.parameters())
+    x = torch.randn(_CHECK_BATCH, *input_size, generator=torch.Generator().manual_seed(0)).to(
+        parameter.device, parameter.dtype)
+
+    was_training = model.training
+    from .sparse import use_mask
+
+    try:
+        model.eval()
+        narrow.eval()
+        with torch.no_grad():
+            reference = narrow(x)
+            against_full = {}
+            for mode in ("compact", "masked"):
+                with use_mask(model, mask, mode):
+                    against_full[mode] = _relative_error(reference, model(x))
+            dense_flops = _flops(model, x[:1])
+        flops = _flops(narrow, x[:1])
+    finally:
+        model.train(was_training)
+    if not max(against_full.values()) <= _CHECK_TOLERANCE:
+        raise RuntimeError(f"the narrow model differs from the full model under its mask (relative error "
+                           f"{against_full}); this is a maskprop bug, please report it")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        file_checks = _write_files(narrow, plan, chosen, folder, x, reference)
+        from . import __version__
+
+        info = {
+            "format": _INFO_FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "maskprop_version": __version__,
+            "torch_version": torch.__version__,
+            "model": model_name,
+            "model_kwargs": plan.model_kwargs,
+            "num_classes": num_classes,
+            "input_size": list(input_size),
+            **dict(source or {}),
+            "params": sum(p.numel() for p in narrow.parameters()),
+            "dense_params": sum(p.numel() for p in model.parameters()),
+            "flops": flops,
+            "dense_flops": dense_flops,
+            "widths": plan.widths(),
+            "check": {
+                "input": f"{_CHECK_BATCH} x {list(input_size)} seeded normal, eval mode, {str(parameter.dtype)[6:]}",
+                "narrow_vs_full_model_under_mask": against_full,
+                "files_vs_narrow_model": file_checks,
+            },
+            "files": {},
+        }
+        for name in [PLAN_FILE, *(_FILES[f] for f in chosen)]:
+            info["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+        (folder / INFO_FILE).write_text(_compact_sizes(json.dumps(info, indent=2)) + "\n")
+        _place(folder, out, force)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    logger.info("exported %s (%s) to %s", model_name, ", ".join(chosen), out)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exporting a run
+
+
+def run_input_size(config: Mapping[str, Any]) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the examples a run trained on, from its config dict (as ``maskprop.train.data`` decides it).
+
+    Raises:
+        ValueError: the config names no dataset this function knows (pass the input size explicitly).
+    """
+    data = config.get("data") or {}
+    name = data.get("dataset", "shapes")
+    if name == "shapes":
+        size = int(data.get("image_size", 32))
+        return (3, size, size)
+    if name in ("mnist", "fashion_mnist"):
+        return (1, 28, 28)
+    if name in ("cifar10", "cifar100"):
+        return (3, 32, 32)
+    if name == "imagenet":
+        size = int(data.get("crop_size", 224))
+        return (3, size, size)
+    raise ValueError(f"cannot tell the input size of data.dataset={name!r}; expected a maskprop dataset, or pass "
+                     f"--input-size C,H,W")
+
+
+def _measured_accuracy(checkpoint: Mapping[str, Any], which: str, mask_rule: str) -> tuple[float | None, str]:
+    """The validation accuracy the run measured for exactly these weights and this mask, and where it comes from."""
+    phase, epoch = checkpoint["phase"], checkpoint["epoch"]
+    if which == "best":
+        # best.pt is written right after an evaluation that beat every earlier one; the search phase evaluates the
+        # top-score subnetwork, the other phases the fixed subnetwork (or the dense model).
+        evaluated = "top_scores" if phase == "search" else "fixed"
+        accuracy = checkpoint.get("best_accuracy")
+        if evaluated == mask_rule and accuracy is not None and accuracy >= 0:
+            return float(accuracy), (f"best_accuracy of best.pt: validation top-1 (%) of these weights with this "
+                                     f"mask, measured in phase {phase!r}")
+        return None, (f"not measured: best.pt (phase {phase!r}) was evaluated with the {evaluated} subnetwork, "
+                      f"this export is the {mask_rule} one")
+    accuracy = checkpoint.get("final_accuracy")
+    if phase == "done" and mask_rule == "fixed" and accuracy is not None:
+        return float(accuracy), "final_accuracy of last.pt: validation top-1 (%) of the finished run's final network"
+    if phase != "done":
+        return None, (f"not measured: the run stopped in phase {phase!r} at epoch {epoch}, and last.pt records no "
+                      f"accuracy of these weights (export best.pt, or finish the run)")
+    return None, "not measured: the run's final accuracy is that of its fixed subnetwork, not of the top scores"
+
+
+def _checkpoint_mask(checkpoint: Mapping[str, Any], path: Path, groups: Mapping[str, int],
+                     mask_rule: str) -> dict[str, Tensor] | None:
+    """The subnetwork to export: the fixed one (``None`` for runs that train the whole network), or the top scores."""
+    method, phase = checkpoint["method"], checkpoint["phase"]
+    scores_state = checkpoint.get("scores")
+    if mask_rule == "top_scores":
+        if scores_state is None:
+            raise ValueError(f"checkpoint '{path}' is a method={method!r} run without channel scores; --mask "
+                             f"top_scores needs a VR-PGE run")
+        from .vrpge import ChannelScores
+
+        keep_ratio = (checkpoint["config"].get("sparsity") or {}).get("keep_ratio")
+        scores = ChannelScores(groups, keep_ratio)
+        scores.load_state_dict(scores_state)
+        return {g: m.cpu() for g, m in scores.top_mask().items()}
+    if checkpoint.get("fixed_mask") is not None:
+        return checkpoint["fixed_mask"]
+    if method == "vrpge":
+        raise ValueError(f"checkpoint '{path}' is from phase {phase!r} (epoch {checkpoint['epoch']}): the run has "
+                         f"not fixed its subnetwork yet; finish it (maskprop train --resume), or export the "
+                         f"highest-probability subnetwork with --mask top_scores")
+    return None  # dense and sparse-backward runs train the whole network
+
+
+def _model_from_checkpoint(checkpoint: Mapping[str, Any], path: Path,
+                           input_size: tuple[int, int, int]) -> tuple[nn.Module, dict[str, Any], int]:
+    """The full model with the checkpoint's weights, its effective keyword arguments and number of classes."""
+    name, kwargs = checkpoint["model_name"], dict(checkpoint["model_kwargs"] or {})
+    try:
+        entrypoint = model_entrypoint(name)
+    except ValueError as err:
+        raise ValueError(f"checkpoint '{path}': {err}") from None
+    kwargs.pop("num_classes", None)
+    if "in_features" in inspect.signature(entrypoint).parameters:
+        kwargs.setdefault("in_features", math.prod(input_size))  # an MLP reads the flattened image, as in training
+    state = checkpoint["model"]
+    try:
+        with torch.device("meta"):
+            probe = create_model(name, **kwargs)
+        classifier = [n for n, m in probe.named_modules() if isinstance(m, nn.Linear)][-1]
+        num_classes = int(state[f"{classifier}.weight"].shape[0])
+        with torch.device("meta"):
+            model = create_model(name, num_classes=num_classes, **kwargs)
+    except (TypeError, KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"checkpoint '{path}' does not describe a model maskprop can build ({name} with "
+                         f"model.kwargs={kwargs}: {' '.join(str(err).split())[:200]})") from None
+    theirs = [(str(g), int(n)) for g, n in checkpoint["groups"]]
+    ours = list(model.channel_groups().items())
+    if theirs != ours:
+        raise ValueError(f"checkpoint '{path}' has {len(theirs)} channel groups ({sum(n for _, n in theirs)} "
+                         f"channels), but {name} with model.kwargs={kwargs} has {len(ours)} "
+                         f"({sum(n for _, n in ours)}); the checkpoint is from another model")
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint '{path}' holds weights of another model than {name} "
+                         f"({' '.join(str(err).split())[:200]})") from None
+    if input_size is not None and "in_features" in kwargs and kwargs["in_features"] != math.prod(input_size):
+        raise ValueError(f"{name} reads {kwargs['in_features']} features but the input size {input_size} has "
+                         f"{math.prod(input_size)}; pass --input-size C,H,W")
+    return model.eval(), kwargs, num_classes
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+               formats: str | Iterable[str] | None = None, *, checkpoint: str = "last", mask: str = "fixed",
+               force: bool = False, input_size: Sequence[int] | None = None) -> dict[str, Any]:
+    """Export the subnetwork of a training run (what ``maskprop export RUN_DIR`` does).
+
+    Which checkpoint: ``last`` (default) is ``last.pt``; when the run has finished (phase ``done``) it holds the final
+    network, and export.json records the run's final accuracy. ``best`` is ``best.pt``, the weights of the best
+    validation accuracy seen; in a VR-PGE run that may be a search-phase checkpoint, evaluated (and exported) with the
+    top-score subnetwork (``mask="top_scores"``). Which mask: ``fixed`` (default) is the subnetwork the run fixed after
+    its search; dense and sparse-backward runs export the whole model. A VR-PGE checkpoint from before the fix has
+    none and is refused unless ``mask="top_scores"`` asks for the highest-probability subnetwork
+    (:meth:`maskprop.vrpge.ChannelScores.top_mask`).
+
+    Args:
+        run_dir: the run directory (``maskprop train --out``).
+        out: the export directory (default ``RUN_DIR/export``).
+        formats: see :func:`save_exported`.
+        checkpoint: ``last`` or ``best``.
+        mask: ``fixed`` or ``top_scores``.
+        force: replace an existing ``out``.
+        input_size: ``(C, H, W)``; default from the run's data config (give it for runs on your own datasets).
+
+    Returns:
+        The content of ``export.json``.
+
+    Raises:
+        FileNotFoundError: no run directory or no checkpoint in it.
+        ValueError: anything else the user can fix (one line; nothing is written).
+    """
+    from .train.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    if checkpoint not in ("last", "best"):
+        raise ValueError(f"unknown checkpoint {checkpoint!r}; expected 'last' or 'best'")
+    if mask not in ("fixed", "top_scores"):
+        raise ValueError(f"unknown mask {mask!r}; expected 'fixed' or 'top_scores'")
+    chosen = parse_formats(formats)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory '{run_dir}' does not exist")
+    path = run_dir / f"{checkpoint}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"run directory '{run_dir}' has no checkpoint '{path.name}'; expected the directory "
+                                f"of a maskprop train run")
+    out = Path(out) if out is not None else run_dir / "export"
+    if out.exists() and not force:
+        raise ValueError(f"output directory '{out}' exists; pass --force to replace it")
+    state = load_checkpoint(path)
+    config = state.get("config") or {}
+    size = tuple(int(s) for s in input_size) if input_size is not None else run_input_size(config)
+    model, kwargs, num_classes = _model_from_checkpoint(state, path, size)
+    groups = model.channel_groups()
+    subnet = _checkpoint_mask(state, path, groups, mask)
+    accuracy, accuracy_source = _measured_accuracy(state, checkpoint, mask)
+    source = {
+        "source": {"run_dir": str(run_dir), "checkpoint": str(path), "method": state["method"],
+                   "phase": state["phase"], "epoch": state["epoch"], "step": state["step"],
+                   "mask": mask if subnet is not None else "none (whole model)"},
+        "accuracy": accuracy,
+        "accuracy_source": accuracy_source,
+    }
+    try:
+        return save_exported(model, subnet, out, model_name=state["model_name"], input_size=size, model_kwargs=kwargs,
+                             num_classes=num_classes, formats=chosen, force=force, source=source)
+    except ValueError as err:
+        if subnet is not None and "mask" in str(err):
+            raise ValueError(f"checkpoint '{path}': its mask does not fit the model ({err})") from None
+        raise
