@@ -5,12 +5,15 @@ The public API, small and explicit:
 * models: :func:`create_model`, :func:`list_models`, ``model.channel_groups()``;
 * execution: :func:`use_mask` (``"compact"`` or ``"masked"``), :func:`random_mask`, :func:`full_mask`;
 * cost: :func:`flops`, :class:`CostModel`;
+* export: :func:`materialize` (a mask -> a physically narrow plain torch model), :func:`save_exported`,
+  :func:`export_run` (what ``maskprop export`` does), :func:`load_exported`, :class:`WidthPlan`;
 * training: :func:`fit` (imported lazily: it needs the training dependencies, the core needs torch alone);
 * CPU timing: :func:`keep_freed_host_memory` (what ``maskprop train`` and ``maskprop bench`` call first).
 """
 
 from ._workarounds import keep_freed_host_memory
 from .cost import CostModel, flops
+from .export import WidthPlan, export_run, load_exported, materialize, save_exported
 from .models import create_model, list_models, register_model
 from .sparse import Mask, channel_groups, check_mask, full_mask, random_mask, use_mask
 
@@ -19,15 +22,20 @@ __version__ = "0.1.0"
 __all__ = [
     "CostModel",
     "Mask",
+    "WidthPlan",
     "channel_groups",
     "check_mask",
     "create_model",
+    "export_run",
     "flops",
     "full_mask",
     "keep_freed_host_memory",
     "list_models",
+    "load_exported",
+    "materialize",
     "random_mask",
     "register_model",
+    "save_exported",
     "use_mask",
 ]
 

@@ -65,9 +65,13 @@ def _final_table(summary: dict) -> str:
     speedup, per_step = summary["measured_speedup"], summary.get("step_speedup")
     sbp = summary.get("sbp")
     measured = "n/a" if speedup is None else f"{speedup:.2f}x"
+    iqr = summary.get("measured_speedup_iqr")
+    if speedup is not None and iqr is not None and summary["method"] != "dense":
+        measured += f" (interquartile range {iqr[0]:.2f}-{iqr[1]:.2f}x)"
     if per_step is not None:
         kind = "a search" if summary["method"] == "vrpge" else "a"
-        measured += f" ({kind} step {per_step:.2f}x faster than a dense step)"
+        pace = f"{per_step:.2f}x faster" if per_step >= 1.0 else f"{1.0 / per_step:.2f}x slower"
+        measured += f"; {kind} step is {pace} than a dense step"
     lines = [
         f"{summary['model']} ({summary['method']}, keep_ratio {summary['keep_ratio']:g})",
         f"|                      | {'network' if sbp else 'subnetwork':<10} | dense      | kept   |",
@@ -80,6 +84,10 @@ def _final_table(summary: dict) -> str:
         f"train-cost saving {summary['train_cost_saving']:.2f}x (supplement C.1, finetuning included)",
         f"measured speedup {measured}, against dense steps timed in this run",
     ]
+    if summary.get("dense_reference_share") is not None:
+        lines[-1] += f" ({100.0 * summary['dense_reference_share']:.1f}% of the run's time)"
+    if summary.get("speedup_warning"):
+        lines.append(f"warning: {summary['speedup_warning']}")
     if sbp:
         kept, units = sum(sbp["kept_units"].values()), sum(sbp["units"].values())
         angle = sbp["last_angles"].get("angle/overall")
@@ -124,6 +132,37 @@ def _train(args: argparse.Namespace) -> int:
         summary = fit(cfg, out=out)
     print(_final_table(summary))
     print(f"run directory: {summary['run_dir']}")
+    print(f"export: maskprop export {summary['run_dir']}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import export_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    input_size = None
+    if args.input_size is not None:
+        try:
+            input_size = tuple(int(s) for s in args.input_size.split(","))
+        except ValueError:
+            input_size = ()
+        if len(input_size) != 3 or min(input_size) < 1:
+            raise ValueError(f"--input-size {args.input_size!r} is not C,H,W (three positive integers, e.g. 3,32,32)")
+    info = export_run(args.run_dir, args.out, args.format, checkpoint=args.checkpoint, mask=args.mask,
+                      force=args.force, input_size=input_size)
+    out = args.out or f"{args.run_dir.rstrip('/')}/export"
+    accuracy = "not measured" if info["accuracy"] is None else f"{info['accuracy']:.2f}%"
+    print(f"{info['model']} from {info['source']['checkpoint']} (phase {info['source']['phase']}, mask "
+          f"{info['source']['mask']}): accuracy {accuracy}")
+    check = info["check"]
+    worst = max([*check["narrow_vs_full_model_under_mask"].values(), *check["files_vs_narrow_model"].values()])
+    print(f"params {_count(info['params'])} of {_count(info['dense_params'])}, FLOPs / example "
+          f"{_count(info['flops'])} of {_count(info['dense_flops'])}; outputs checked against the full model under "
+          f"its mask and in every file written (max relative error {worst:.1e})")
+    print(f"wrote {out}/: {', '.join(info['files'])}, export.json")
     return 0
 
 
@@ -185,6 +224,30 @@ def build_parser() -> argparse.ArgumentParser:
                        "probability keep, as a search step draws them (widths vary)")
     bench.add_argument("--json", help="also write the results as JSON to this path")
     bench.set_defaults(run=_bench)
+
+    export = commands.add_parser(
+        "export", help="write a run's subnetwork as a physically smaller model (safetensors + plan, .pt2, ONNX)",
+        description="Export the subnetwork of a training run as an ordinary, narrower torch model: model.safetensors "
+        "with the width plan plan.json (maskprop.load_exported), model.pt2 (torch.export.load, torch alone), "
+        "model.onnx (onnxruntime; needs the onnx extra), and export.json (source checkpoint, the accuracy the run "
+        "measured, params, FLOPs and output checks). Default: last.pt of the run with its fixed subnetwork.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (maskprop train --out)")
+    export.add_argument("--out", help="export directory (default: RUN_DIR/export); written whole or not at all")
+    export.add_argument("--format", help="comma-separated list of safetensors, pt2, onnx (default: all three, onnx "
+                        "only with the onnx extra installed)")
+    export.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                        help="last.pt (default: the finished run's final network) or best.pt (best validation "
+                        "accuracy; may be from the search phase, then use --mask top_scores)")
+    export.add_argument("--mask", choices=["fixed", "top_scores"], default="fixed",
+                        help="fixed: the subnetwork the run fixed after its search (dense and sparse-backward runs: "
+                        "the whole model); top_scores: the highest-probability subnetwork of the current scores "
+                        "(for a run stopped during the search)")
+    export.add_argument("--input-size", metavar="C,H,W",
+                        help="input size (default: from the run's data config; give it for runs on your own data)")
+    export.add_argument("--force", action="store_true", help="replace an existing export directory")
+    export.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    export.set_defaults(run=_export)
     return parser
 
 
