@@ -48,16 +48,16 @@ from .setup import Run, phase_epochs, phase_optimizer, prepare
 from .state import PHASES, TrainState
 from .steps import StepContext, StepResult, sbp_step, subnet_step, vrpge_step
 from .summary import summarize, write_json
-from .timing import DenseReference, synchronize
+from .timing import DenseReference, timed_step
 
 __all__ = ["evaluate", "fit", "fix_subnetwork", "train_one_epoch"]
 
 logger = logging.getLogger(__name__)
 
 DENSE_REFERENCE_SHARE = 0.01
-"""Dense reference steps timed after every search or training epoch, as a share of its steps (at least 1, at most
-``DENSE_REFERENCE_MAX``): about 1% of the epoch's time on top (``timing.py``)."""
-DENSE_REFERENCE_MAX = 10
+"""Time the dense reference steps may take, as a share of the run's step time (``timing.py``)."""
+DENSE_REFERENCE_MIN_PAIRS = 5
+"""Dense reference steps per phase at least, each paired with an adjacent step of the run (``timing.py``)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -121,8 +121,7 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
         ctx: Step settings.
         loader: The training loader.
         log: Where per-step scalars go (every ``cfg.log_every`` steps).
-        dense_reference: Times dense steps after the epoch (search or sparse-backward training) for the measured
-            speedup.
+        dense_reference: Times dense steps paired with some of the epoch's steps, for the measured speedup.
 
     Returns:
         The epoch's training metrics.
@@ -134,14 +133,10 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
     total = phase_epochs(cfg, phase)
     bar = tqdm(loader, desc=f"{phase} {state.epoch + 1}/{total}", leave=False, disable=None, dynamic_ncols=True)
     start = time.perf_counter()
-    batch = None
     for images, labels in bar:
         batch = ctx.inputs(images, labels)
-        synchronize(ctx.device)
-        began = time.perf_counter()
-        result = step(batch)
-        synchronize(ctx.device)
-        state.times.add(phase, time.perf_counter() - began)
+        result = timed_step(lambda: step(batch), phase, state.times, ctx.device, dense_reference, batch,
+                            index=state.counters[f"{phase}_steps"], total=total * len(loader))
 
         state.counters[f"{phase}_steps"] += 1
         state.weight_schedule.step_update(state.counters[f"{phase}_steps"])
@@ -161,10 +156,6 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
     if meter.steps == 0:
         raise ValueError(f"the training loader gave no batch (batch size {cfg.data.batch_size}); "
                          f"expected at least one full batch per epoch")
-    if dense_reference is not None and phase != "finetune":
-        steps = min(DENSE_REFERENCE_MAX, max(1, round(DENSE_REFERENCE_SHARE * meter.steps)))
-        for seconds in dense_reference.time_steps(batch, steps):
-            state.times.add("dense_ref", seconds)
     state.epoch += 1
     return dict(meter.summary(), epoch_time_s=time.perf_counter() - start)
 
@@ -391,9 +382,10 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
                     if run.resumed else None)
     saver = _Saver(run)
     dense_reference = None
-    if cfg.method != "dense" and state.phase in ("search", "train"):
+    if cfg.method != "dense" and state.phase != "done":
         dense_reference = DenseReference(run.dense_model or copy.deepcopy(state.model),
-                                         lambda params: run_optimizer(params, cfg.optim), run.ctx)
+                                         lambda params: run_optimizer(params, cfg.optim), run.ctx,
+                                         share=DENSE_REFERENCE_SHARE, min_pairs=DENSE_REFERENCE_MIN_PAIRS)
     try:
         while state.phase != "done":
             _run_phase(run, log, saver, dense_reference)

@@ -1,74 +1,210 @@
-"""The summary of a finished run: what it produced (accuracy, params and FLOPs kept, widths) and what it saved
-(train-cost saving by supplement C.1, measured speedup by ``timing.py``)."""
+"""The summary of a run: what it produced (accuracy, params and FLOPs kept, widths) and what it saved (train-cost
+saving by supplement C.1, measured speedup by ``timing.py``), as one typed, versioned record.
+
+:class:`RunSummary` lists every field with its unit and how it is computed (``dataclasses.fields(RunSummary)``: each
+field's ``metadata`` has ``unit`` and ``doc``). The trainer writes it as ``summary.json``; ``maskprop report`` (and
+anything else that reads runs) reads it back with :func:`read_summary`, which also reads the summaries of earlier
+maskprop versions (no ``schema_version``: version 0) and refuses those of a newer one.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..cost import train_cost_saving
 from ..sbp import sparse_layers
-from .config import SPARSE_BACKWARD_METHODS
+from .config import SPARSE_BACKWARD_METHODS, Config
 from .files import atomic_write
-from .setup import Run
+from .setup import Run, phase_epochs
 
-__all__ = ["summarize", "write_json"]
+__all__ = ["SCHEMA_VERSION", "RunSummary", "data_identity", "read_summary", "summarize", "write_json"]
+
+SCHEMA_VERSION = 1
+"""Version of :class:`RunSummary` this maskprop writes. 0: the unversioned summaries written before (same keys, no
+spread of the measured speedup, no dataset or epochs)."""
+
+
+def _f(unit: str, doc: str, default: Any = None, factory: Any = None) -> Any:
+    metadata = {"unit": unit, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class RunSummary:
+    """What a run produced and saved; written as ``summary.json`` (one key per field)."""
+
+    schema_version: int = _f("", "version of this record (SCHEMA_VERSION when written; 0: an unversioned file)",
+                             SCHEMA_VERSION)
+    method: str = _f("", "vrpge, dense, meprop, sbp or msbp", "")
+    model: str = _f("", "registered model name", "")
+    model_kwargs: dict[str, Any] = _f("", "model.kwargs of the config", factory=dict)
+    dataset: str | None = _f("", "data.dataset of the config")
+    data: dict[str, Any] = _f("", "what identifies the data (dataset; for shapes its sizes and seed): runs with equal "
+                                  "model, model_kwargs and data are comparable", factory=dict)
+    keep_ratio: float = _f("fraction", "sparsity.keep_ratio (vrpge), sbp.ratio (sparse backward), 1 (dense)", 1.0)
+    epochs: dict[str, int] = _f("epochs", "configured epochs per phase (search and finetune, or train)", factory=dict)
+    accuracy: float | None = _f("%", "top-1 validation accuracy of the final network (the fixed subnetwork after "
+                                     "finetuning; the whole network for dense and sparse-backward runs)")
+    best_accuracy: float | None = _f("%", "best validation accuracy seen at any evaluation, any phase")
+    dense_accuracy: float | None = _f("%", "accuracy of a dense run of the same model and data: the run's own for "
+                                           "a dense run; otherwise only where a dense run is known (maskprop report "
+                                           "--baseline), never estimated")
+    dense_baseline: str | None = _f("", "run directory of the dense run dense_accuracy comes from")
+    dense_params: int = _f("parameters", "parameters of the full network", 0)
+    subnet_params: int = _f("parameters", "parameters of the final subnetwork (= dense_params when nothing is "
+                                          "pruned)", 0)
+    dense_flops: int = _f("FLOPs / example", "forward FLOPs of the full network (a multiply-add is 2)", 0)
+    subnet_flops: int = _f("FLOPs / example", "forward FLOPs of the final subnetwork", 0)
+    kept_ratio: float = _f("fraction", "kept channels of the final subnetwork over all prunable channels", 1.0)
+    train_flops: int = _f("FLOPs", "train FLOPs the run cost (supplement C.1: VR-PGE 4 f_S per example and search "
+                                   "step, 3 f_S finetuning, dense 3 f_D)", 0)
+    dense_train_flops: int = _f("FLOPs", "train FLOPs of the dense baseline (3 f_D per example over the search, or "
+                                         "the training, steps)", 0)
+    train_cost_saving: float = _f("x", "dense_train_flops / train_flops (1 for a dense run)", 1.0)
+    measured_speedup: float | None = _f("x", "dense train time over the run's train time from dense reference steps "
+                                             "paired with adjacent run steps: D / sum_p(n_p / median_p(dense / run "
+                                             "step)), D the dense baseline's steps (timing.py; 1 for a dense run)")
+    measured_speedup_iqr: list[float] | None = _f("x", "[low, high]: measured_speedup with each phase's first and "
+                                                       "third quartile of the per-pair ratios")
+    measured_speedup_phases: dict[str, dict[str, float]] = _f(
+        "x", "per phase: median, q1, q3 of dense step / run step over its pairs, and pairs (their count)",
+        factory=dict)
+    speedup_warning: str | None = _f("", "why the measured speedup deserves caution (a wide interquartile range), "
+                                         "or null")
+    dense_reference_s: float | None = _f("s", "time the dense reference steps took (timed and warm-up)")
+    dense_reference_share: float | None = _f("fraction", "dense_reference_s / run_time_s")
+    search_step_ms: float | None = _f("ms", "median time of a search step (forward, backward, updates)")
+    finetune_step_ms: float | None = _f("ms", "median time of a finetune step")
+    dense_step_ms: float | None = _f("ms", "median time of a dense reference step")
+    train_step_ms: float | None = _f("ms", "median time of a train step (dense and sparse-backward runs)")
+    step_speedup: float | None = _f("x", "median of dense / run step over the pairs of the first phase (search or "
+                                         "train)")
+    steps: dict[str, int] = _f("steps", "optimizer steps per phase (search, finetune, train)", factory=dict)
+    widths: dict[str, int] = _f("channels", "kept channels per group of the final network, in network order",
+                                factory=dict)
+    group_sizes: dict[str, int] = _f("channels", "channels per group of the full network, in network order",
+                                     factory=dict)
+    fix: dict[str, Any] = _f("", "how the subnetwork was fixed after the search (rule, per-sample accuracies)",
+                             factory=dict)
+    run_time_s: float = _f("s", "wall time of the run over all its processes (evaluation and checkpoints included)",
+                           0.0)
+    run_dir: str | None = _f("", "where the run was written (null: nothing written)")
+    sbp: dict[str, Any] | None = _f("", "sparse-backward runs: ratio, memory, sparsifier, budget, kept_units and "
+                                        "units per layer, last_angles (degrees)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The json-able dict written as ``summary.json``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "summary") -> RunSummary:
+        """Read a summary dict of this version or an earlier one; unknown keys are ignored.
+
+        Raises:
+            ValueError: A newer schema version, or not a summary.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source} is not a run summary (a json object expected, got {type(data).__name__})")
+        version = data.get("schema_version", 0)
+        if not isinstance(version, int) or version < 0:
+            raise ValueError(f"{source} has schema_version={version!r}; expected a non-negative integer")
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"{source} has summary schema version {version}, newer than this maskprop reads "
+                             f"(up to {SCHEMA_VERSION}); upgrade maskprop to read it")
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not {"method", "model"} <= set(data):
+            raise ValueError(f"{source} is not a run summary (no 'method' or 'model' key)")
+        values = {k: v for k, v in data.items() if k in names}
+        values["schema_version"] = version
+        return cls(**values)
+
+
+def read_summary(path: str | os.PathLike) -> RunSummary:
+    """Read ``summary.json`` (any version up to :data:`SCHEMA_VERSION`).
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Not json, not a summary, or a newer schema version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no run summary at '{path}'")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"'{path}' is not valid json ({err}); expected a run summary") from None
+    return RunSummary.from_dict(data, f"'{path}'")
+
+
+def data_identity(cfg: Config) -> dict[str, Any]:
+    """What identifies a run's data: the dataset, and for the generated ``shapes`` its sizes and seed."""
+    data = cfg.data
+    identity: dict[str, Any] = {"dataset": data.dataset}
+    if data.dataset == "shapes":
+        identity.update(train_size=data.train_size, val_size=data.val_size, image_size=data.image_size,
+                        seed=data.seed)
+    elif data.dataset == "imagenet":
+        identity.update(crop_size=data.crop_size)
+    return identity
 
 
 def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
-    """The summary of a finished run (see :func:`fit`)."""
-    state, cost, counters = run.state, run.ctx.cost, run.state.counters
+    """The summary of a finished run (see :class:`RunSummary`), as the dict written to ``summary.json``."""
+    state, cost, counters, cfg = run.state, run.ctx.cost, run.state.counters, run.cfg
     mask = state.fixed_mask
     steps = {kind: counters[f"{kind}_steps"] for kind in ("search", "finetune", "train")}
     times = state.times
-    if run.cfg.method == "dense":
-        saving, speedup = 1.0, 1.0
+    method = cfg.method
+    estimate = None
+    if method == "dense":
+        saving, speedup, iqr = 1.0, 1.0, [1.0, 1.0]
     else:
         saving = train_cost_saving(counters["dense_train_flops"], counters["train_flops"])
-        speedup = times.measured_speedup(steps)
-    dense_ms, search_ms, finetune_ms, train_ms = (_ms(times.median(k)) for k in ("dense_ref", "search", "finetune",
-                                                                                   "train"))
+        estimate = times.measured_speedup(steps)
+        speedup = None if estimate is None else estimate.speedup
+        iqr = None if estimate is None else [estimate.low, estimate.high]
+    phases = {} if estimate is None else estimate.phases
+    first = next(iter(phases.values()), None)
     kept = {g: int(m.sum()) for g, m in mask.items()} if mask is not None else dict(run.groups)
-    method = run.cfg.method
-    keep_ratio = {"vrpge": run.cfg.sparsity.keep_ratio, "dense": 1.0}.get(method, run.cfg.sbp.ratio)
-    summary = {
-        "method": method,
-        "model": run.cfg.model.name,
-        "keep_ratio": keep_ratio,
-        "accuracy": state.final_accuracy,
-        "best_accuracy": state.best_accuracy,
-        "dense_params": cost.params(),
-        "subnet_params": cost.params(mask),
-        "dense_flops": cost.flops(),
-        "subnet_flops": cost.flops(mask),
-        "kept_ratio": sum(kept.values()) / max(sum(run.groups.values()), 1),
-        "train_flops": counters["train_flops"],
-        "dense_train_flops": counters["dense_train_flops"],
-        "train_cost_saving": saving,
-        "measured_speedup": speedup,
-        "search_step_ms": search_ms,
-        "finetune_step_ms": finetune_ms,
-        "dense_step_ms": dense_ms,
-        "train_step_ms": train_ms,
-        "step_speedup": None if dense_ms is None or not (search_ms or train_ms) else dense_ms / (search_ms or train_ms),
-        "steps": steps,
-        "widths": kept,
-        "group_sizes": dict(run.groups),
-        "fix": state.fix_info,
-        "run_time_s": elapsed_s,
-        "run_dir": None if run.run_dir is None else str(run.run_dir),
-    }
+    keep_ratio = {"vrpge": cfg.sparsity.keep_ratio, "dense": 1.0}.get(method, cfg.sbp.ratio)
+    phase_names = ("search", "finetune") if method == "vrpge" else ("train",)
+    reference_s = times.overhead_s if method != "dense" else None
+    summary = RunSummary(
+        method=method, model=cfg.model.name, model_kwargs=dict(cfg.model.kwargs), dataset=cfg.data.dataset,
+        data=data_identity(cfg), keep_ratio=keep_ratio, epochs={p: phase_epochs(cfg, p) for p in phase_names},
+        accuracy=state.final_accuracy, best_accuracy=state.best_accuracy,
+        dense_accuracy=state.final_accuracy if method == "dense" else None,
+        dense_baseline=None if method != "dense" or run.run_dir is None else str(run.run_dir),
+        dense_params=cost.params(), subnet_params=cost.params(mask), dense_flops=cost.flops(),
+        subnet_flops=cost.flops(mask), kept_ratio=sum(kept.values()) / max(sum(run.groups.values()), 1),
+        train_flops=counters["train_flops"], dense_train_flops=counters["dense_train_flops"],
+        train_cost_saving=saving, measured_speedup=speedup, measured_speedup_iqr=iqr,
+        measured_speedup_phases=phases, speedup_warning=None if estimate is None else estimate.warning,
+        dense_reference_s=reference_s,
+        dense_reference_share=None if reference_s is None or elapsed_s <= 0 else reference_s / elapsed_s,
+        search_step_ms=_ms(times.median("search")), finetune_step_ms=_ms(times.median("finetune")),
+        dense_step_ms=_ms(times.median("dense_ref")), train_step_ms=_ms(times.median("train")),
+        step_speedup=None if first is None else first["median"],
+        steps=steps, widths=kept, group_sizes=dict(run.groups), fix=state.fix_info, run_time_s=elapsed_s,
+        run_dir=None if run.run_dir is None else str(run.run_dir),
+    )
     if method in SPARSE_BACKWARD_METHODS:
-        sbp = run.cfg.sbp
-        summary["sbp"] = {
+        sbp = cfg.sbp
+        summary.sbp = {
             "ratio": sbp.ratio, "memory": sbp.memory if method == "msbp" else 0.0, "sparsifier": sbp.sparsifier,
             "budget": sbp.budget, "kept_units": {name: layer.k for name, layer in sparse_layers(state.model)},
             "units": {name: layer.num_units for name, layer in sparse_layers(state.model)},
             "last_angles": dict(state.diagnostics),
         }
-    return summary
+    return summary.to_dict()
 
 
 def _ms(seconds: float | None) -> float | None:

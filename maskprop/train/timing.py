@@ -1,31 +1,50 @@
-"""Measured train time: per-step wall times of the run's own steps, and dense reference steps timed beside them.
+"""Measured train time: the run's own steps, each paired now and then with a dense reference step timed next to it.
 
 The paper's Table 5 (supplement C.2) compares the summed forward and backward time of sparse training with dense
-training. A run cannot also train densely, so it times a few dense steps of the same model and batch during the run
-(on a copy of the model, once per search or training epoch, so machine drift hits both alike) and estimates:
+training. A run cannot also train densely, so it times dense steps of the same model on the same batch during the run
+(on a private copy of the model with its own optimizer) and pairs each with the run step next to it: the dense step
+runs right before or right after that step (alternately), so whatever else the machine does hits both members of a
+pair alike. Pairs are taken throughout the run, in every phase (search, finetune, train): whenever the dense
+reference has used less than ``share`` of the run's step time so far, and at least ``min_pairs`` times per phase,
+spread evenly over the phase's steps (a short run spends more than ``share``; the summary states how much).
 
-    measured_speedup = median(dense step) x dense steps
-                       / (median(search step) x search steps + median(finetune step) x finetune steps
-                          + median(train step) x train steps)
+For each phase p with run steps, the ratio ``r = dense step / run step`` of every pair gives the phase's speedup
+``R_p = median(r)`` (how many times faster than a dense step a step of that phase is), and the run's
 
-where the dense baseline trains as many steps as the search phase of a VR-PGE run, or the training of a
-sparse-backward run (the same budget ``method: dense`` trains), the same convention as the train-cost saving. Step times cover forward, backward and the optimizer updates, not the data
-loading.
+    measured_speedup = D / sum_p (n_p / R_p)
+
+where ``n_p`` are the phase's steps and ``D`` the dense baseline's steps: as many as the search phase of a VR-PGE
+run, or the training of a sparse-backward run (the budget ``method: dense`` trains; the same convention as the
+train-cost saving). Using the first and third quartiles of each phase's ratios instead of the median gives the
+interquartile range stored beside it; a range wider than ``SPREAD_WARNING`` of the speedup is flagged. Step times cover
+forward, backward and the optimizer updates, not the data loading.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from .steps import StepContext, subnet_step
 
-__all__ = ["DenseReference", "StepTimes", "synchronize"]
+__all__ = ["SPREAD_WARNING", "DenseReference", "SpeedupEstimate", "StepTimes", "quartiles", "synchronize",
+           "timed_step"]
+
+T = TypeVar("T")
+
+SPREAD_WARNING = 0.25
+"""An interquartile range of the measured speedup wider than this fraction of it is flagged in the summary."""
+
+RUN_PHASES = ("search", "finetune", "train")
+
+perf_counter = time.perf_counter  # the clock of every step time (a test may replace it)
 
 
 def synchronize(device: torch.device) -> None:
@@ -34,39 +53,111 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class StepTimes:
-    """Wall times (seconds) of the run's steps by kind: ``search``, ``finetune``, ``train`` (dense), ``dense_ref``."""
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile (the inclusive method: a single value is all three)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
 
-    KINDS = ("search", "finetune", "train", "dense_ref")
+
+@dataclass
+class SpeedupEstimate:
+    """The measured speedup of a run and how it was reached (see the module docstring).
+
+    Attributes:
+        speedup: ``D / sum_p (n_p / R_p)``, dense train time over the run's train time.
+        low: The same with each phase's first-quartile ratio (the interquartile range's low end).
+        high: The same with each phase's third-quartile ratio.
+        phases: Per phase with steps: ``{"median", "q1", "q3"}`` of its per-pair ratios and ``pairs``, their count.
+        warning: Why the estimate deserves caution (a wide spread), or ``None``.
+    """
+
+    speedup: float
+    low: float
+    high: float
+    phases: dict[str, dict[str, float]]
+    warning: str | None = None
+
+
+class StepTimes:
+    """Wall times (seconds) of the run's steps by kind (``search``, ``finetune``, ``train``; ``dense_ref`` for the
+    timed dense reference steps), the pairs of a run step and its adjacent dense step by phase, and the dense
+    reference's whole time cost (``overhead_s``: timed and warm-up steps)."""
+
+    KINDS = (*RUN_PHASES, "dense_ref")
 
     def __init__(self) -> None:
         self.times: dict[str, list[float]] = {kind: [] for kind in self.KINDS}
+        self.pairs: dict[str, list[tuple[float, float]]] = {phase: [] for phase in RUN_PHASES}
+        self.overhead_s = 0.0
 
     def add(self, kind: str, seconds: float) -> None:
         self.times[kind].append(seconds)
+
+    def add_pair(self, phase: str, run_s: float, dense_s: float) -> None:
+        """A run step of ``phase`` and the dense step timed next to it (both already added by kind)."""
+        self.pairs[phase].append((run_s, dense_s))
 
     def median(self, kind: str) -> float | None:
         values = self.times[kind]
         return statistics.median(values) if values else None
 
-    def measured_speedup(self, steps: dict[str, int]) -> float | None:
-        """Estimated dense train time over the sparse run's train time (see the module docstring)."""
-        dense = self.median("dense_ref")
-        if dense is None:
-            return None
-        sparse_time = sum((self.median(kind) or 0.0) * steps.get(kind, 0) for kind in ("search", "finetune", "train"))
+    def run_seconds(self) -> float:
+        """Summed time of the run's own steps."""
+        return sum(sum(self.times[phase]) for phase in RUN_PHASES)
+
+    def phase_ratios(self, phase: str) -> list[float]:
+        """Dense step over run step, per pair of ``phase``."""
+        return [dense / run for run, dense in self.pairs[phase] if run > 0]
+
+    def measured_speedup(self, steps: Mapping[str, int]) -> SpeedupEstimate | None:
+        """Estimated dense train time over the run's train time from the paired ratios (see the module docstring).
+
+        Args:
+            steps: Run steps per phase (``search``, ``finetune``, ``train``).
+
+        Returns:
+            The estimate, or ``None`` when the dense baseline has no steps or a phase with steps has no pair.
+        """
         dense_steps = steps.get("search", 0) + steps.get("train", 0)
-        return dense * dense_steps / sparse_time if sparse_time > 0 else None
+        phases: dict[str, dict[str, float]] = {}
+        for phase in RUN_PHASES:
+            if steps.get(phase, 0) == 0:
+                continue
+            ratios = self.phase_ratios(phase)
+            if not ratios:
+                return None
+            q1, median, q3 = quartiles(ratios)
+            phases[phase] = {"median": median, "q1": q1, "q3": q3, "pairs": len(ratios)}
+        if dense_steps == 0 or not phases:
+            return None
+
+        def combined(key: str) -> float:
+            return dense_steps / sum(steps[phase] / phases[phase][key] for phase in phases)
+
+        speedup, low, high = combined("median"), combined("q1"), combined("q3")
+        warning = None
+        if (high - low) > SPREAD_WARNING * speedup:
+            warning = (f"the measured speedup {speedup:.2f}x has a wide spread (interquartile range {low:.2f}-"
+                       f"{high:.2f}x): the step times varied (a busy machine, or masks of varying width)")
+        return SpeedupEstimate(speedup, low, high, phases, warning)
 
     def state_dict(self) -> dict[str, Any]:
-        return {kind: list(values) for kind, values in self.times.items()}
+        return {**{kind: list(values) for kind, values in self.times.items()},
+                "pairs": {phase: [list(pair) for pair in pairs] for phase, pairs in self.pairs.items()},
+                "overhead_s": self.overhead_s}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore; a checkpoint written before the pairs existed restores the step times alone."""
         self.times = {kind: [float(v) for v in state.get(kind, [])] for kind in self.KINDS}
+        pairs = state.get("pairs", {})
+        self.pairs = {phase: [(float(r), float(d)) for r, d in pairs.get(phase, [])] for phase in RUN_PHASES}
+        self.overhead_s = float(state.get("overhead_s", sum(self.times["dense_ref"])))
 
 
 class DenseReference:
-    """Dense steps on a private copy of the model, to time against the sparse steps of the same run.
+    """Dense steps on a private copy of the model, paired with the run's own steps (see the module docstring).
 
     The copy has its own optimizer (the run's kind, same hyperparameters) and never touches the run's model,
     optimizers or random number generators (torch's RNGs are forked around each step), so timing does not change the
@@ -77,31 +168,78 @@ class DenseReference:
             the unconverted copy of a sparse-backward run.
         make_optimizer: Builds the optimizer for the copy's parameters.
         ctx: The run's step settings.
+        share: Time the dense reference may use, as a fraction of the run's step time.
+        min_pairs: Pairs per phase at least, spread evenly over its steps.
         warmup: Untimed steps before the first timed one (allocates optimizer buffers, warms kernels).
     """
 
     def __init__(self, model: nn.Module, make_optimizer: Callable[[Any], torch.optim.Optimizer], ctx: StepContext,
-                 warmup: int = 1) -> None:
+                 share: float = 0.01, min_pairs: int = 5, warmup: int = 1) -> None:
         self.ctx = ctx
+        self.share = share
+        self.min_pairs = min_pairs
         self.warmup = warmup
         self._model = model.train()
         self._optimizer = make_optimizer(self._model.parameters())
         self._warm = False
 
-    def time_steps(self, batch: tuple[Tensor, Tensor], steps: int = 1) -> list[float]:
-        """Seconds of each of ``steps`` dense steps on ``batch``."""
+    def due(self, times: StepTimes, phase: str, index: int, total: int) -> bool:
+        """Whether the ``index``-th step (0-based) of the ``total`` steps of ``phase`` is to be paired."""
+        pairs = len(times.pairs[phase])
+        if pairs < self.min_pairs and index >= math.floor((pairs + 0.5) * total / self.min_pairs):
+            return True
+        return times.overhead_s < self.share * times.run_seconds()
+
+    def time_step(self, batch: tuple[Tensor, Tensor], times: StepTimes) -> float:
+        """Seconds of one dense step on ``batch`` (after the warm-up on the first call); all of it, warm-up included,
+        is added to ``times.overhead_s``."""
         devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
-        times = []
+        started = perf_counter()
         with torch.random.fork_rng(devices=devices):
             if not self._warm:
                 self._warm = True
                 for _ in range(self.warmup):
                     subnet_step(self._model, self._optimizer, batch, None, self.ctx)
-            for _ in range(steps):
-                synchronize(self.ctx.device)
-                start = time.perf_counter()
-                subnet_step(self._model, self._optimizer, batch, None, self.ctx)
-                synchronize(self.ctx.device)
-                times.append(time.perf_counter() - start)
-        return times
+            synchronize(self.ctx.device)
+            start = perf_counter()
+            subnet_step(self._model, self._optimizer, batch, None, self.ctx)
+            synchronize(self.ctx.device)
+            seconds = perf_counter() - start
+        times.overhead_s += perf_counter() - started
+        return seconds
 
+
+def timed_step(step: Callable[[], T], phase: str, times: StepTimes, device: torch.device,
+               reference: DenseReference | None = None, batch: tuple[Tensor, Tensor] | None = None,
+               index: int = 0, total: int = 1) -> T:
+    """Run and time one step of ``phase`` (recorded in ``times``), paired with a dense reference step when due.
+
+    Args:
+        step: The run's step.
+        phase: Its phase.
+        times: Where the times go.
+        device: Synchronised around the timed intervals.
+        reference: The dense reference, or ``None`` (a dense run: nothing to pair).
+        batch: The step's batch, which the dense step trains on too.
+        index: The step's index within its phase (0-based), for the schedule of pairs.
+        total: The phase's steps.
+
+    Returns:
+        What ``step`` returned.
+    """
+    pair = reference is not None and reference.due(times, phase, index, total)
+    dense_first = pair and len(times.pairs[phase]) % 2 == 1  # alternate the order within the pairs
+    if dense_first:
+        dense_s = reference.time_step(batch, times)
+    synchronize(device)
+    began = perf_counter()
+    result = step()
+    synchronize(device)
+    run_s = perf_counter() - began
+    times.add(phase, run_s)
+    if pair:
+        if not dense_first:
+            dense_s = reference.time_step(batch, times)
+        times.add("dense_ref", dense_s)
+        times.add_pair(phase, run_s, dense_s)
+    return result
