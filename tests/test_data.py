@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import maskprop.train.data as data_module
+import maskprop.train.datasets as datasets_module
 from maskprop.train.config import DataConfig
 from maskprop.train.data import (
     CIFAR10_MEAN,
@@ -23,10 +24,10 @@ from maskprop.train.data import (
     SHAPES_CLASSES,
     SHAPES_MEAN,
     SHAPES_STD,
-    RandomCropFlip,
     ShapesDataset,
     build_datasets,
     build_loader,
+    crop_flip,
 )
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -174,10 +175,10 @@ def test_shapes_classes_differ_in_geometry_not_in_colour():
 def test_random_crop_flip_keeps_shape_and_content():
     image = torch.arange(3 * 8 * 8, dtype=torch.float32).view(3, 8, 8)
     torch.manual_seed(0)
-    flips = [RandomCropFlip(padding=0)(image) for _ in range(40)]
+    flips = [crop_flip(8, padding=0)(image) for _ in range(40)]
     assert all(torch.equal(out, image) or torch.equal(out, image.flip(-1)) for out in flips)
     assert any(torch.equal(out, image) for out in flips) and any(torch.equal(out, image.flip(-1)) for out in flips)
-    cropped = RandomCropFlip(padding=2, flip=False)(image)
+    cropped = crop_flip(8, padding=2, flip=False)(image)
     padded = F.pad(image, (2, 2, 2, 2))
     windows = [padded[:, i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
     assert cropped.shape == image.shape and any(torch.equal(cropped, w) for w in windows)
@@ -238,7 +239,8 @@ def test_shapes_small_cnn_reaches_high_accuracy_while_linear_stays_near_chance(o
 def test_build_datasets_shapes_from_config():
     train, val, num_classes, input_size = build_datasets(DataConfig(train_size=64, val_size=32, seed=5))
     assert (len(train), len(val), num_classes, input_size) == (64, 32, 10, (3, 32, 32))
-    assert isinstance(train.transform, RandomCropFlip) and val.transform is None
+    steps = [(type(t).__name__, getattr(t, "padding", None)) for t in train.transform.transforms]
+    assert steps == [("RandomCrop", [4, 4, 4, 4]), ("RandomHorizontalFlip", None)] and val.transform is None
     assert torch.equal(train.images, ShapesDataset(64, seed=5).images)
     train, _, _, _ = build_datasets(DataConfig(train_size=8, val_size=8, augment=False))
     assert train.transform is None
@@ -345,7 +347,7 @@ def test_cifar10_training_augmentation_crops_and_flips(tmp_path):
     train_data, _, _, _ = make_cifar(tmp_path, "cifar10", per_batch=1)
     train, _, _, _ = build_datasets(DataConfig(dataset="cifar10", root=str(tmp_path)))
     names = [type(t).__name__ for t in train.transform.transforms]
-    assert names == ["RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert names == ["RandomCrop", "RandomHorizontalFlip", "ToImage", "ToDtype", "Normalize"]  # transforms v2
     torch.manual_seed(0)
     original = torch.from_numpy(train_data[0].reshape(3, 32, 32)).float() / 255
     views = [_unnormalise(train[0][0], CIFAR10_MEAN, CIFAR10_STD) for _ in range(8)]
@@ -365,20 +367,21 @@ def test_cifar_datasets_pickle_by_reference_for_spawned_workers(tmp_path, monkey
     make_cifar(tmp_path, "cifar10", per_batch=1, test_size=2)
     train, _, _, _ = build_datasets(DataConfig(dataset="cifar10", root=str(tmp_path)))
     payload = pickle.dumps(train)
-    monkeypatch.setattr(data_module, "_UNCHECKED_CIFAR", {})  # as in a fresh process that never built the class
+    monkeypatch.setattr(datasets_module, "_UNCHECKED_CIFAR", {})  # as in a fresh process that never built the class
     copy = pickle.loads(payload)
     assert type(copy).__name__ == "UncheckedCIFAR10" and copy.targets == train.targets and len(copy) == 5
 
 
 def test_data_module_imports_torchvision_and_timm_only_where_needed():
     # shapes runs with torch alone: no module-level import of torchvision or timm (a subprocess check costs seconds).
-    tree = ast.parse(Path(data_module.__file__).read_text())
     top_level = set()
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            top_level.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            top_level.add(node.module.split(".")[0])
+    for name in ("shapes", "datasets", "transforms", "loaders", "distributed", "data"):
+        tree = ast.parse((Path(data_module.__file__).parent / f"{name}.py").read_text())
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                top_level.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                top_level.add(node.module.split(".")[0])
     assert "torch" in top_level and not top_level & {"torchvision", "timm", "PIL"}
 
 
