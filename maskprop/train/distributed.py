@@ -1,0 +1,278 @@
+"""Training on several processes with ``torch.distributed``: ``torchrun --nproc_per_node=N -m maskprop train ...``.
+
+What a DDP run keeps identical on every rank, and how:
+
+* **Data.** ``data.batch_size`` is the global batch; every rank takes its slice of the same global batch, drawn
+  from the run's loader generator, which every rank seeds alike (``maskprop.train.loaders``): the sequence of global
+  batches does not depend on the world size.
+* **Masks.** Every rank samples ``m`` and ``m'`` from the same mask generator and the same scores. Each step passes
+  its statistics ``[L(m) n, L(m') n, correct, n]`` through ``StepContext.reduce_stats`` (a sum over the ranks, see
+  :func:`all_reduce_sum`) before reading them, so the score update sees the losses of the global batch and stays
+  identical everywhere; evaluation and the fix's ``best_of_n`` sum their counts over the ranks the same way, so
+  every rank fixes the same subnetwork.
+* **Weights.** ``DistributedDataParallel`` averages the gradients. A compact step gives dropped channels zero
+  gradients, not missing ones, so DDP runs without ``find_unused_parameters``. ``sparsity.weight_grad: both``
+  back-propagates twice per step; DDP all-reduces after each backward, and the average of an average that is already
+  the same everywhere plus the second one is the average of the sum (exact, at the cost of a second all-reduce).
+* **BatchNorm.** ``sync_bn: false`` (plain DDP): each rank normalises its own share of the batch; the running
+  statistics drift apart during an epoch and are averaged over the ranks at its end (:func:`average_buffers`),
+  before evaluation, the fix and every checkpoint. ``sync_bn: true``: statistics of the kept channels over the
+  whole global batch (``maskprop.sparse.sync_batchnorm``), identical running statistics at every step.
+* **Files.** Only rank 0 writes (logs, TensorBoard, checkpoints, the summary) and shows a progress bar; a
+  checkpoint holds every rank's random state, so ``--resume`` with the same world size continues bit-identically.
+
+What is refused, with one line on every rank: a global batch that the world size does not divide, ranks started
+with different configurations (:func:`check_same_config`), resuming with another world size, ``nccl`` without CUDA,
+and the sparse-backward methods (their per-layer top-k selections, MSBP memories and balanced budgets follow each
+rank's share of the batch: they would differ between ranks). A rank that fails during set-up tells the others
+(:func:`agree`), so that all stop; a rank that fails later exits, and torchrun then stops the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["Distributed", "PeerError", "agree", "all_reduce_sum", "average_buffers", "check_same_config",
+           "check_world_size", "current", "device_for", "init_from_env", "prints_errors", "wrap_model"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands: its rank, the world size, and its rank on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """More than one process."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, the one that writes."""
+        return self.rank == 0
+
+
+def current() -> Distributed:
+    """This process's place in the initialised process group (one process when there is none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Distributed()
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer; start the ranks with torchrun, "
+                         f"which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT") from None
+
+
+def init_from_env(backend: str = "auto") -> Distributed:
+    """Join the process group torchrun describes in the environment (``WORLD_SIZE`` > 1), once per process.
+
+    Args:
+        backend: ``auto`` (gloo for CPU tensors, plus NCCL for CUDA tensors where CUDA is available), ``nccl`` or
+            ``gloo``.
+
+    Returns:
+        This process's place; one process without touching ``torch.distributed`` when ``WORLD_SIZE`` is unset or 1.
+
+    Raises:
+        ValueError: An unknown backend, ``nccl`` without CUDA, or a malformed torchrun environment.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"distributed backend {backend!r} is unknown; expected one of {', '.join(BACKENDS)}")
+    if dist.is_available() and dist.is_initialized():
+        return current()
+    if "WORLD_SIZE" not in os.environ or _env_int("WORLD_SIZE") <= 1:
+        return Distributed()
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {name} is not set; start the ranks with "
+                             f"torchrun (e.g. torchrun --nproc_per_node=4 -m maskprop train RECIPE)")
+    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("distributed backend 'nccl' needs CUDA, which is not available; use --dist-backend gloo "
+                         "(or auto) on CPUs")
+    if backend == "auto":
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s); expected "
+                             f"--nproc_per_node <= {torch.cuda.device_count()} (one GPU per rank)")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend)
+    place = current()
+    logger.info("rank %d of %d (local rank %d), backend %s", place.rank, place.world_size, local_rank, backend)
+    if place.rank != rank:
+        raise ValueError(f"process group rank {place.rank} differs from RANK={rank}")
+    return place
+
+
+def device_for(device: torch.device, place: Distributed) -> torch.device:
+    """One device per rank: a run on CUDA takes the GPU of the rank's ``LOCAL_RANK``."""
+    if not place.enabled or device.type != "cuda":
+        return device
+    if device.index is not None and device.index != place.local_rank:
+        raise ValueError(f"device={str(device)!r} names one GPU, but under torchrun each rank runs on the GPU of its "
+                         f"LOCAL_RANK (this one: cuda:{place.local_rank}); use device=cuda or device=auto")
+    return torch.device("cuda", place.local_rank)
+
+
+class PeerError(ValueError):
+    """Another rank failed; its message, prefixed with its rank."""
+
+
+def agree(error: BaseException | None) -> None:
+    """Tell every rank whether set-up failed anywhere; raise on all of them if it did (a collective).
+
+    Every rank calls this once at the same point, with the exception it caught or ``None``. A failing rank re-raises
+    its own error; the others raise :class:`PeerError` with the first failing rank's message. Either way the error
+    carries ``agreed = True``: rank 0 says it, the others keep quiet (:func:`prints_errors`).
+    """
+    place = current()
+    if not place.enabled:
+        if error is not None:
+            raise error
+        return
+    message = None if error is None else (str(error) if isinstance(error, (ValueError, FileNotFoundError))
+                                          else f"{type(error).__name__}: {error}")
+    messages: list[str | None] = [None] * place.world_size
+    dist.all_gather_object(messages, message)
+    failed = [(rank, text) for rank, text in enumerate(messages) if text is not None]
+    if not failed:
+        return
+    if error is not None:
+        error.agreed = True  # type: ignore[attr-defined]
+        raise error
+    rank, text = failed[0]
+    peer = PeerError(f"rank {rank}: {text}")
+    peer.agreed = True  # type: ignore[attr-defined]
+    raise peer
+
+
+def prints_errors(error: BaseException) -> bool:
+    """Whether this process prints ``error``: rank 0 always; another rank only an error it did not share with rank 0
+    through :func:`agree`, and only the first rank of its node (one line per node, not one per rank)."""
+    rank, local_rank = os.environ.get("RANK", "0"), os.environ.get("LOCAL_RANK", "0")
+    if rank == "0":
+        return True
+    return not getattr(error, "agreed", False) and local_rank == "0"
+
+
+def _differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            out += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key} ({x!r} vs {y!r})")
+    return out
+
+
+def check_same_config(config: Mapping[str, Any]) -> None:
+    """Stop every rank with one line if the ranks were started with different configurations (a collective).
+
+    Rank 0's settings are compared with every other rank's (as json), and the keys that differ are named.
+    """
+    place = current()
+    if not place.enabled:
+        return
+    text = json.dumps(config, sort_keys=True, default=str)
+    texts: list[str | None] = [None] * place.world_size
+    dist.all_gather_object(texts, text)
+    for rank, other in enumerate(texts):
+        if other != texts[0]:
+            diff = _differences(json.loads(texts[0]), json.loads(other))
+            error = ValueError(f"ranks started with different configurations: rank {rank} differs from rank 0 in "
+                               f"{'; '.join(diff[:5]) or 'its settings'}; start every rank with the same recipe and "
+                               f"overrides")
+            error.agreed = True  # type: ignore[attr-defined]
+            raise error
+
+
+def check_world_size(checkpoint: Mapping[str, Any], path: os.PathLike | str, place: Distributed) -> None:
+    """Refuse to resume a checkpoint written by another number of processes.
+
+    Raises:
+        ValueError: The world sizes differ (every rank's random streams and, without ``sync_bn``, the BatchNorm
+            shares depend on it, so the continuation would not be the run that was started).
+    """
+    saved = int(checkpoint.get("world_size", 1))
+    if saved != place.world_size:
+        raise ValueError(f"checkpoint '{path}' was written by a run of {saved} process(es), this run has "
+                         f"{place.world_size}; resume with the same number (torchrun --nproc_per_node x --nnodes = "
+                         f"{saved}): each rank's random streams and BatchNorm share depend on it")
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over all ranks (a new tensor; the same on every rank). The ``reduce_stats`` of DDP runs."""
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total
+
+
+class _DistributedDataParallel(DistributedDataParallel):
+    """DDP that answers ``channel_groups()`` for its module, so that ``use_mask`` runs the wrapper as the model."""
+
+    def channel_groups(self) -> dict[str, int]:
+        return self.module.channel_groups()
+
+
+def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` under DistributedDataParallel (a collective: rank 0's parameters and buffers are broadcast).
+
+    Buffers are not broadcast at every forward (``broadcast_buffers=False``): BatchNorm statistics are averaged at
+    the end of each epoch instead (:func:`average_buffers`), or synchronised at every step with ``sync_bn``.
+    """
+    device_ids = [device.index] if device.type == "cuda" else None
+    return _DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                    find_unused_parameters=False)
+
+
+@torch.no_grad()
+def average_buffers(model: nn.Module) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) over the ranks, in place; integer buffers
+    (step counts) are the same on every rank and stay."""
+    place = current()
+    if not place.enabled:
+        return
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1).double() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= place.world_size
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value``, by rank (a collective); ``[value]`` in one process."""
+    place = current()
+    if not place.enabled:
+        return [value]
+    values: list[Any] = [None] * place.world_size
+    dist.all_gather_object(values, value)
+    return values
