@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..sbp import GlobalBudget, load_sbp_state_dict, sbp_state_dict, sparse_layers
 from ..vrpge import ChannelScores
 from .config import Config, config_to_dict
+from .distributed import current, gather_objects
 from .timing import StepTimes
 
 __all__ = ["PHASES", "TrainState", "new_counters"]
@@ -50,6 +51,8 @@ class TrainState:
         elapsed_s: Wall time of the run so far, over all its processes.
         budget: The global budget of a sparse-backward run with ``sbp.budget: balanced``.
         diagnostics: The gradient estimation angles last measured (sparse-backward runs), in degrees.
+        ddp: The ``DistributedDataParallel`` wrapper of ``model`` that steps run through under torchrun (not saved:
+            the checkpoint holds ``model`` itself).
     """
 
     model: nn.Module
@@ -71,16 +74,26 @@ class TrainState:
     elapsed_s: float = 0.0
     budget: GlobalBudget | None = None
     diagnostics: dict[str, float] = field(default_factory=dict)
+    ddp: nn.Module | None = None
+
+    @property
+    def step_model(self) -> nn.Module:
+        """The module training steps run: the DDP wrapper under torchrun, else the model."""
+        return self.model if self.ddp is None else self.ddp
 
     def checkpoint(self, cfg: Config, groups: Mapping[str, int]) -> dict[str, Any]:
-        """The state as one checkpoint dict (tensors and plain Python values only; see ``checkpoint.py``)."""
-        rng = {
-            "mask": self.mask_generator.get_state(),
-            "loader": self.loader_generator.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
-            else [],
-        }
+        """The state as one checkpoint dict (tensors and plain Python values only; see ``checkpoint.py``).
+
+        Under torchrun this is a collective (every rank calls it): the dict holds every rank's global random state
+        (``rng["ranks"]``, by rank); the rest is the same on every rank.
+        """
+        own = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
+               else []}
+        ranks = gather_objects(own)
+        rng = {"mask": self.mask_generator.get_state(), "loader": self.loader_generator.get_state(), **ranks[0]}
+        if len(ranks) > 1:
+            rng["ranks"] = ranks
         return {
             "model_name": cfg.model.name,
             "model_kwargs": dict(cfg.model.kwargs),
@@ -104,6 +117,7 @@ class TrainState:
             "elapsed_s": self.elapsed_s,
             "sbp": self._sbp_state(),
             "config": config_to_dict(cfg),
+            "world_size": len(ranks),
         }
 
     def _sbp_state(self) -> dict[str, Any] | None:
@@ -141,6 +155,7 @@ class TrainState:
         rng = checkpoint["rng"]
         self.mask_generator.set_state(rng["mask"])
         self.loader_generator.set_state(rng["loader"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        own = rng["ranks"][current().rank] if "ranks" in rng else rng  # this rank's own streams under torchrun
+        torch.set_rng_state(own["torch"])
+        if own["cuda"] and torch.cuda.is_available() and len(own["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(own["cuda"])
