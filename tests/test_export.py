@@ -1,0 +1,366 @@
+"""Export: the narrow model equals the full model under its mask, and every exported file reproduces it.
+
+The exactness checks run in float64 on every registered model with a mask that keeps one channel of one group,
+keeps another group whole and drops residual-stream channels; the narrow model's output, one training step (loss,
+gradients of the kept entries, BatchNorm statistics), its parameter count and its counted FLOPs are compared with
+independent computations on the full model (``use_mask``, ``CostModel``, ``maskprop.flops``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import input_size
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import maskprop
+from maskprop.export import WidthPlan, load_exported, materialize, parse_formats, save_exported
+from maskprop.sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, random_mask, use_mask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CASES = [(name, {}) for name in maskprop.list_models()] + [
+    ("resnet20", {"prune_residual": False}),
+    ("wrn16_8", {"prune_residual": False}),
+]
+
+
+def edge_case_mask(groups: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Half of every group at random; the first group keeps one channel, the second keeps all of its channels."""
+    mask = random_mask(groups, 0.5, generator)
+    names = list(groups)
+    single = torch.zeros(groups[names[0]], dtype=torch.bool)
+    single[int(torch.randint(groups[names[0]], (1,), generator=generator))] = True
+    mask[names[0]] = single
+    mask[names[1]] = torch.ones(groups[names[1]], dtype=torch.bool)
+    return mask
+
+
+def kept_slice(module: nn.Module, name: str, tensor: torch.Tensor, mask: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The kept entries of a full-size parameter or buffer, indexed by the layer's groups (the reference slicing)."""
+    if tensor.dim() == 0:
+        return tensor
+    if isinstance(module, SparseBatchNorm2d):
+        return tensor[mask[module.group]] if module.group is not None else tensor
+    out_group, in_group = module.out_group, module.in_group
+    if out_group is not None:
+        tensor = tensor[mask[out_group]]
+    if name == "weight" and in_group is not None:
+        tensor = tensor[:, mask[in_group]]
+    return tensor
+
+
+def randomize_batchnorm(model: nn.Module) -> None:
+    """Non-trivial affine parameters and running statistics, so that a leak through a dropped channel would show."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+
+
+def counted_flops(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=[f"{n}{'-residual_kept' if k else ''}" for n, k in CASES])
+def test_narrow_model_is_exact(name, kwargs, generator):
+    torch.manual_seed(0)
+    model = maskprop.create_model(name, **kwargs).double()
+    randomize_batchnorm(model)
+    size = input_size(name)
+    groups = model.channel_groups()
+    mask = edge_case_mask(groups, generator)
+    streams = [g for g in groups if g.startswith("layer") and "." not in g]
+    assert (not streams) == (name.startswith(("vgg", "mlp")) or kwargs.get("prune_residual") is False)
+    assert all(mask[g].all() for g in streams[:1]) or any(not mask[g].all() for g in streams)  # a stream drops some
+    assert any(not mask[g].all() for g in streams) or not streams
+
+    narrow = materialize(model, mask)
+
+    # An ordinary torch module: plain layers only, same module tree and parameter names, kept sizes.
+    assert [n for n, _ in narrow.named_modules()] == [n for n, _ in model.named_modules()]
+    assert list(narrow.state_dict()) == list(model.state_dict())
+    for module_name, module in narrow.named_modules():
+        assert not isinstance(module, (SparseConv2d, SparseBatchNorm2d, SparseLinear)), module_name
+        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
+            assert type(module) in (nn.Conv2d, nn.BatchNorm2d, nn.Linear), module_name
+    full_modules = dict(model.named_modules())
+    full_state = model.state_dict()
+    for key, value in narrow.state_dict().items():
+        module_name, _, leaf = key.rpartition(".")
+        expected = kept_slice(full_modules[module_name], leaf, full_state[key], mask)
+        assert torch.equal(value, expected), key
+    shared = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    assert not shared & {t.untyped_storage().data_ptr() for t in narrow.state_dict().values()}
+
+    # Eval: the full model under the mask, both modes, to 1e-10 relative.
+    x = torch.randn(3, *size, dtype=torch.double)
+    model.eval()
+    narrow.eval()
+    with torch.no_grad():
+        out = narrow(x)
+        for mode in ("compact", "masked"):
+            with use_mask(model, mask, mode):
+                reference = model(x)
+            assert (out - reference).abs().max() <= 1e-10 * reference.abs().max(), mode
+
+    # Cost: parameters as CostModel counts the subnetwork, FLOPs as torch's counter counts them on the narrow model.
+    assert sum(p.numel() for p in narrow.parameters()) == maskprop.CostModel(model, size).params(mask)
+    assert counted_flops(narrow, x[:1]) == maskprop.flops(model, size, mask)
+
+    # One training step (an even batch: see materialize's docstring) equals a compact step of the full model.
+    model.train()
+    narrow.train()
+    x, y = torch.randn(4, *size, dtype=torch.double), torch.tensor([0, 1, 2, 3])
+    with use_mask(model, mask, "compact"):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    narrow_loss = F.cross_entropy(narrow(x), y)
+    narrow_loss.backward()
+    torch.testing.assert_close(narrow_loss, loss, rtol=1e-10, atol=0)
+    full_params = dict(model.named_parameters())
+    for key, p in narrow.named_parameters():
+        module_name, _, leaf = key.rpartition(".")
+        expected = kept_slice(full_modules[module_name], leaf, full_params[key].grad, mask)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-8, atol=1e-12, msg=f"gradient of {key}")
+    full_buffers = dict(model.named_buffers())
+    for key, b in narrow.named_buffers():
+        module_name, _, leaf = key.rpartition(".")
+        expected = kept_slice(full_modules[module_name], leaf, full_buffers[key], mask)
+        torch.testing.assert_close(b, expected, rtol=1e-10, atol=1e-14, msg=f"buffer {key}")
+
+    # The width plan rebuilds the same narrow architecture from nothing but the model name (on the meta device).
+    plan = WidthPlan.from_mask(name, kwargs, model.fc.out_features, size, groups, mask)
+    plan = WidthPlan.from_dict(json.loads(plan.dumps()))
+    rebuilt = materialize(plan.build("meta"), plan.mask())
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in narrow.state_dict().items()}
+
+
+def test_materialize_without_mask_is_the_whole_model_in_plain_layers():
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20").eval()
+    randomize_batchnorm(model)
+    whole = materialize(model)
+    assert all(type(m) is not SparseConv2d for m in whole.modules())
+    assert sum(p.numel() for p in whole.parameters()) == sum(p.numel() for p in model.parameters())
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(whole(x), model(x), rtol=0, atol=0)
+    full = maskprop.full_mask(model.channel_groups())
+    assert {k: v.shape for k, v in materialize(model, full).state_dict().items()} == \
+        {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_sparse_backward_layers_go_back_to_plain_layers():
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20")
+    model = maskprop.sbp.convert(model, ratio=0.25, memory=0.8).eval()
+    plain = materialize(model)
+    kinds = {type(m) for m in plain.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))}
+    assert kinds == {nn.Conv2d, nn.Linear, nn.BatchNorm2d}
+    assert list(plain.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+    half = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="sparse-backward layers"):
+        materialize(model, half)
+
+
+def test_materialize_rejects_a_bad_mask():
+    model = maskprop.create_model("resnet20")
+    mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(0))
+    del mask["layer1"]
+    with pytest.raises(ValueError, match="missing group"):
+        materialize(model, mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files
+
+
+# A child process in which maskprop cannot be imported: the .pt2 file must load with torch alone.
+_TORCH_ALONE = textwrap.dedent("""
+    import sys
+
+    class NoMaskprop:
+        def find_spec(self, name, path=None, target=None):
+            if name == "maskprop" or name.startswith("maskprop."):
+                raise ImportError("maskprop is hidden in this process")
+            return None
+
+    sys.meta_path.insert(0, NoMaskprop())
+    try:
+        import maskprop
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("maskprop is importable; the check would prove nothing")
+    import torch
+
+    directory = sys.argv[1]
+    module = torch.export.load(f"{directory}/model.pt2").module()
+    x = torch.load(f"{directory}/input.pt")
+    torch.save(module(x), f"{directory}/output.pt")
+    torch.save(module(x[:1]), f"{directory}/output1.pt")
+""")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """resnet20 on 16x16 inputs, a random half mask, exported in every format: (directory, model, mask, narrow)."""
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20")
+    randomize_batchnorm(model)
+    mask = edge_case_mask(model.channel_groups(), torch.Generator().manual_seed(3))
+    out = tmp_path_factory.mktemp("export") / "resnet20"
+    info = save_exported(model, mask, out, model_name="resnet20", input_size=(3, 16, 16),
+                         formats="safetensors,pt2,onnx", source={"note": "test"})
+    return out, model, mask, materialize(model, mask).eval(), info
+
+
+def test_export_directory_holds_what_export_json_says(exported):
+    out, model, mask, narrow, info = exported
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["plan.json", "model.safetensors", "model.pt2", "model.onnx", "export.json"])
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
+    assert json.loads((out / "export.json").read_text()) == info
+    assert info["note"] == "test"
+    assert info["params"] == sum(p.numel() for p in narrow.parameters()) == maskprop.CostModel(
+        model, (3, 16, 16)).params(mask)
+    assert info["flops"] == maskprop.flops(model, (3, 16, 16), mask)
+    assert info["dense_flops"] == maskprop.flops(model, (3, 16, 16))
+    assert info["widths"] == {g: int(m.sum()) for g, m in mask.items()}
+    assert set(info["check"]["files_vs_narrow_model"]) == {"model.safetensors", "model.pt2", "model.onnx"}
+    import hashlib
+
+    for name, entry in info["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"], name
+    plan = WidthPlan.load(out)
+    assert plan.model == "resnet20" and plan.num_classes == 10 and plan.input_size == (3, 16, 16)
+    assert all(torch.equal(plan.mask()[g], mask[g]) for g in mask)
+
+
+def test_load_exported_rebuilds_the_narrow_model(exported):
+    out, _, _, narrow, _ = exported
+    loaded = load_exported(out)
+    assert not loaded.training
+    assert all(not t.is_meta for t in loaded.state_dict().values())
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), narrow(x), rtol=0, atol=0)
+
+
+def test_pt2_runs_with_torch_alone_in_a_child_process(exported, tmp_path):
+    out, _, _, narrow, _ = exported
+    work = tmp_path / "child"
+    work.mkdir()
+    (work / "model.pt2").write_bytes((out / "model.pt2").read_bytes())
+    x = torch.randn(3, 3, 16, 16)
+    torch.save(x, work / "input.pt")
+    done = subprocess.run([sys.executable, "-c", _TORCH_ALONE, str(work)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(work / "output.pt"), narrow(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.load(work / "output1.pt"), narrow(x[:1]), rtol=1e-6, atol=1e-6)
+
+
+def test_onnx_file_matches_under_onnxruntime(exported):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    out, _, _, narrow, _ = exported
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):  # the batch dimension is dynamic
+        x = torch.randn(batch, 3, 16, 16)
+        (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(y), narrow(x), rtol=1e-4, atol=1e-5)
+
+
+def test_mlp_exports_and_loads(tmp_path):
+    """A model without convolutions or BatchNorm, whose input size decides its first layer."""
+    model = maskprop.create_model("mlp", in_features=3 * 8 * 8, hidden=(32, 24))
+    mask = edge_case_mask(model.channel_groups(), torch.Generator().manual_seed(0))
+    info = save_exported(model, mask, tmp_path / "mlp", model_name="mlp", input_size=(3, 8, 8),
+                         model_kwargs={"in_features": 192, "hidden": [32, 24]}, formats=["safetensors", "pt2"])
+    assert set(info["files"]) == {"plan.json", "model.safetensors", "model.pt2"}
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(tmp_path / "mlp")(x), materialize(model, mask)(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input to the Python API
+
+
+def test_unknown_format_and_missing_onnx_extra(monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown export format\(s\) 'tflite'"):
+        parse_formats("safetensors,tflite")
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # an import of it now raises ImportError
+    with pytest.raises(ValueError, match=r"onnx extra \(onnxscript is not installed\).*maskprop\[onnx\]"):
+        parse_formats("onnx")
+    assert parse_formats(None) == ["safetensors", "pt2"]
+
+
+def test_existing_output_is_refused_unless_forced(exported, tmp_path):
+    _, model, mask, _, _ = exported
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists; pass --force"):
+        save_exported(model, mask, out, model_name="resnet20", input_size=(3, 16, 16), formats="safetensors")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    save_exported(model, mask, out, model_name="resnet20", input_size=(3, 16, 16), formats="safetensors", force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.safetensors", "plan.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_a_failed_export_leaves_nothing(exported, tmp_path, monkeypatch):
+    _, model, mask, _, _ = exported
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch.export, "save", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_exported(model, mask, tmp_path / "out", model_name="resnet20", input_size=(3, 16, 16),
+                      formats="safetensors,pt2")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_exported_bad_directories(exported, tmp_path):
+    out, _, _, _, _ = exported
+    with pytest.raises(FileNotFoundError, match="width plan .* not found"):
+        load_exported(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    plan = json.loads((out / "plan.json").read_text())
+    plan["groups"]["layer1"]["kept"] += 1
+    (broken / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match="group 'layer1'"):
+        load_exported(broken)
+    plan["groups"]["layer1"]["kept"] -= 1
+    (broken / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_exported(broken)
+    (broken / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_exported(broken)
+    other = copy.deepcopy(plan)
+    first = other["groups"]["layer2"]
+    first["indices"], first["kept"] = first["indices"][:-1], first["kept"] - 1
+    (broken / "plan.json").write_text(json.dumps(other))
+    (broken / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="does not fit"):
+        load_exported(broken)

@@ -1,0 +1,229 @@
+"""``maskprop export RUN_DIR``: which checkpoint and mask it exports, the accuracy it records, and bad input.
+
+Runs are tiny real ones (``shapes`` at 16x16, a few steps); the other phases and methods are the same checkpoint
+edited by hand (``save_checkpoint``), so each case costs an export, not a run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import maskprop
+from maskprop.cli import main
+from maskprop.train.checkpoint import load_checkpoint, save_checkpoint
+from maskprop.vrpge import ChannelScores
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {
+    "seed": 0,
+    "log_every": 2,
+    "model": {"name": "resnet20"},
+    "data": {"dataset": "shapes", "train_size": 128, "val_size": 64, "image_size": 16, "batch_size": 64,
+             "workers": 0},
+    "optim": {"epochs": 1},
+    "sparsity": {"keep_ratio": 0.5, "fix_examples": 64, "fix_samples": 2},
+    "finetune": {"epochs": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished tiny VR-PGE run through ``maskprop train``: (run directory, its stdout)."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("export_cli")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["train", str(recipe), "--out", str(root / "run")]) == 0
+    return root / "run", stdout.getvalue()
+
+
+def edited_run(source: Path, target: Path, name: str = "last.pt", **changes) -> Path:
+    """A run directory holding ``source``'s last.pt with some fields changed, saved as ``name``."""
+    checkpoint = load_checkpoint(source / "last.pt")
+    checkpoint.update(changes)
+    checkpoint.pop("format")
+    target.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(checkpoint, target / name)
+    return target
+
+
+def full_model(checkpoint: dict) -> torch.nn.Module:
+    model = maskprop.create_model(checkpoint["model_name"], num_classes=10, **checkpoint["model_kwargs"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+def export(*args: str) -> int:
+    return main(["export", *map(str, args)])
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("maskprop export: error: "), err
+    return err[-1]
+
+
+def test_train_names_the_export_command(run):
+    run_dir, stdout = run
+    assert stdout.strip().splitlines()[-1] == f"export: maskprop export {run_dir}"
+
+
+def test_export_of_a_finished_run(run, capsys):
+    run_dir, _ = run
+    assert export(run_dir, "--format", "safetensors,pt2") == 0  # ONNX: tests/test_export.py
+    printed = capsys.readouterr().out
+    out = run_dir / "export"
+    assert f"wrote {out}/" in printed
+    info = json.loads((out / "export.json").read_text())
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    assert checkpoint["phase"] == "done"
+    assert info["accuracy"] == checkpoint["final_accuracy"]
+    assert info["source"]["phase"] == "done" and info["source"]["mask"] == "fixed"
+    assert info["input_size"] == [3, 16, 16]
+    mask = checkpoint["fixed_mask"]
+    assert info["widths"] == {g: int(m.sum()) for g, m in mask.items()}
+    model = full_model(checkpoint)
+    assert info["params"] == maskprop.CostModel(model, (3, 16, 16)).params(mask)
+    assert info["flops"] == maskprop.flops(model, (3, 16, 16), mask)
+    assert set(info["files"]) == {"plan.json", "model.safetensors", "model.pt2"}
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad(), maskprop.use_mask(model, mask):
+        reference = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(maskprop.load_exported(out)(x), reference, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.export.load(str(out / "model.pt2")).module()(x), reference, rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_search_phase_is_refused_unless_top_scores(run, tmp_path, capsys):
+    run_dir, _ = run
+    searching = edited_run(run_dir, tmp_path / "searching", phase="search", epoch=1, fixed_mask=None,
+                           final_accuracy=None)
+    assert export(searching) == 2
+    line = error_line(capsys)
+    assert "phase 'search'" in line and "--mask top_scores" in line
+    assert list(searching.iterdir()) == [searching / "last.pt"]
+
+    assert export(searching, "--mask", "top_scores", "--format", "safetensors") == 0
+    info = json.loads((searching / "export" / "export.json").read_text())
+    assert info["accuracy"] is None and "not measured" in info["accuracy_source"]
+    checkpoint = load_checkpoint(searching / "last.pt")
+    scores = ChannelScores(dict(checkpoint["groups"]), TINY["sparsity"]["keep_ratio"])
+    scores.load_state_dict(checkpoint["scores"])
+    assert info["widths"] == {g: int(m.sum()) for g, m in scores.top_mask().items()}
+
+
+def test_best_checkpoint_from_the_search_records_its_accuracy(run, tmp_path, capsys):
+    run_dir, _ = run
+    best = edited_run(run_dir, tmp_path / "best", name="best.pt", phase="search", fixed_mask=None,
+                      best_accuracy=42.5)
+    assert export(best, "--checkpoint", "best", "--format", "safetensors") == 2
+    assert "phase 'search'" in error_line(capsys)
+    assert export(best, "--checkpoint", "best", "--mask", "top_scores", "--format", "safetensors") == 0
+    info = json.loads((best / "export" / "export.json").read_text())
+    assert info["accuracy"] == 42.5 and info["source"]["checkpoint"].endswith("best.pt")
+
+
+def test_dense_run_exports_the_whole_model(run, tmp_path, capsys):
+    run_dir, _ = run
+    dense = edited_run(run_dir, tmp_path / "dense", method="dense", scores=None, fixed_mask=None)
+    assert export(dense, "--format", "safetensors") == 0
+    info = json.loads((dense / "export" / "export.json").read_text())
+    assert info["params"] == info["dense_params"] and info["flops"] == info["dense_flops"]
+    assert info["accuracy"] == load_checkpoint(dense / "last.pt")["final_accuracy"]
+    capsys.readouterr()
+    assert export(dense, "--mask", "top_scores", "--out", tmp_path / "top") == 2
+    assert "without channel scores" in error_line(capsys)
+    assert not (tmp_path / "top").exists()
+
+
+def test_sparse_backward_run_exports_plain_layers(tmp_path):
+    config = dict(TINY, method="msbp", model={"name": "mlp", "kwargs": {"hidden": [32, 32]}},
+                  sbp={"ratio": 0.25})
+    config["data"] = dict(TINY["data"], image_size=8)
+    maskprop.fit(config, out=tmp_path / "msbp")
+    assert export(tmp_path / "msbp", "--format", "safetensors,pt2") == 0
+    info = json.loads((tmp_path / "msbp" / "export" / "export.json").read_text())
+    assert info["input_size"] == [3, 8, 8] and info["model_kwargs"] == {"hidden": [32, 32], "in_features": 192}
+    assert info["params"] == info["dense_params"]
+    checkpoint = load_checkpoint(tmp_path / "msbp" / "last.pt")
+    model = maskprop.create_model("mlp", num_classes=10, in_features=192, hidden=[32, 32])
+    model.load_state_dict(checkpoint["model"])
+    loaded = maskprop.load_exported(tmp_path / "msbp" / "export")
+    assert {type(m) for m in loaded.modules() if isinstance(m, torch.nn.Linear)} == {torch.nn.Linear}
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: one line each, exit 2, nothing written
+
+
+def _bad_cases(run_dir: Path, tmp_path: Path) -> list[tuple[list[str], str, Path]]:
+    """(arguments, expected message part, directory that must stay as it was)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "last.pt").write_bytes((run_dir / "last.pt").read_bytes()[:5000])
+    other = edited_run(run_dir, tmp_path / "other", model_name="vgg11_bn")
+    wider = edited_run(run_dir, tmp_path / "wider", model_kwargs={"width": 2})
+    old = tmp_path / "old"
+    old.mkdir()
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    torch.save(dict(checkpoint, format=0), old / "last.pt")
+    taken = edited_run(run_dir, tmp_path / "taken")
+    (taken / "export").mkdir()
+    return [
+        ([tmp_path / "nowhere"], "does not exist", tmp_path),
+        ([empty], "has no checkpoint 'last.pt'", empty),
+        ([corrupt], "corrupt or truncated", corrupt),
+        ([other], "another model", other),
+        ([wider], "another model", wider),
+        ([old], "has format 0", old),
+        ([taken, "--format", "safetensors,tflite"], "unknown export format(s) 'tflite'", taken),
+        ([taken], "exists; pass --force", taken),
+        ([taken, "--input-size", "3,16"], "not C,H,W", taken),
+    ]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys):
+    run_dir, _ = run
+    for args, message, folder in _bad_cases(run_dir, tmp_path):
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        assert export(*args) == 2, args
+        line = error_line(capsys)
+        assert message in line, (args, line)
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, args
+
+
+def test_missing_onnx_extra_is_named(run, tmp_path, capsys, monkeypatch):
+    run_dir, _ = run
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # importing it raises ImportError
+    assert export(run_dir, "--format", "onnx", "--out", tmp_path / "out") == 2
+    line = error_line(capsys)
+    assert "onnx extra (onnxruntime is not installed)" in line and "maskprop[onnx]" in line
+    assert not (tmp_path / "out").exists()
+    assert export(run_dir, "--out", tmp_path / "out") == 0  # the default leaves out what is not installed
+    assert "model.onnx" not in json.loads((tmp_path / "out" / "export.json").read_text())["files"]
+
+
+def test_force_replaces_an_export(run, tmp_path):
+    run_dir, _ = run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert export(run_dir, "--out", out, "--format", "safetensors", "--force") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.safetensors", "plan.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
