@@ -5,10 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 from collections.abc import Sequence
 from datetime import date
+
+
+def _thread_count(value: str) -> int:
+    """``--threads``: an integer >= 0 (0 leaves torch's default), else a usage error (one line, exit status 2)."""
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = -1
+    if threads < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: torch's default), got {value!r}")
+    return threads
 
 
 def _machine(device: str) -> str:
@@ -68,6 +80,9 @@ def _final_table(summary: dict) -> str:
     iqr = summary.get("measured_speedup_iqr")
     if speedup is not None and iqr is not None and summary["method"] != "dense":
         measured += f" (interquartile range {iqr[0]:.2f}-{iqr[1]:.2f}x)"
+    measured += ", against dense steps timed in this run"
+    if summary.get("dense_reference_share") is not None:
+        measured += f" ({100.0 * summary['dense_reference_share']:.1f}% of its time)"
     if per_step is not None:
         kind = "a search" if summary["method"] == "vrpge" else "a"
         pace = f"{per_step:.2f}x faster" if per_step >= 1.0 else f"{1.0 / per_step:.2f}x slower"
@@ -82,10 +97,8 @@ def _final_table(summary: dict) -> str:
         f"| FLOPs / example      | {_count(summary['subnet_flops']):>10} | {_count(summary['dense_flops']):>10} "
         f"| {ratio(summary['subnet_flops'], summary['dense_flops']):>6} |",
         f"train-cost saving {summary['train_cost_saving']:.2f}x (supplement C.1, finetuning included)",
-        f"measured speedup {measured}, against dense steps timed in this run",
+        f"measured speedup {measured}",
     ]
-    if summary.get("dense_reference_share") is not None:
-        lines[-1] += f" ({100.0 * summary['dense_reference_share']:.1f}% of the run's time)"
     if summary.get("speedup_warning"):
         lines.append(f"warning: {summary['speedup_warning']}")
     if sbp:
@@ -103,23 +116,27 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from .train.config import load_config
+    from .train.distributed import init_from_env
     from .train.loop import fit
     from .train.setup import default_run_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    place = init_from_env(args.dist_backend)  # under torchrun: join the process group (DDP); else one process
     if args.resume is not None:
         if args.out is not None:
             raise ValueError("--out cannot be combined with --resume (the run continues in its own directory)")
+        if args.items and "=" not in args.items[0]:
+            raise ValueError(f"--resume takes no recipe, got {args.items[0]!r}: the run continues with its own "
+                             f"config.yaml; give only key=value overrides after --resume DIR")
         run_dir = Path(args.resume)
         config_path = run_dir / "config.yaml"
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run directory '{run_dir}' does not exist")
-        if not (run_dir / "last.pt").is_file():
-            raise FileNotFoundError(f"run directory '{run_dir}' has no checkpoint (expected '{run_dir / 'last.pt'}'); "
-                                    f"nothing to resume")
         if not config_path.is_file():
-            raise FileNotFoundError(f"run directory '{run_dir}' has no config.yaml; is it a maskprop run directory?")
+            raise FileNotFoundError(f"run directory '{run_dir}' has no config.yaml; nothing to resume (is it a "
+                                    f"maskprop run directory?)")
+        # A run killed before its first checkpoint has config.yaml but no last.pt: fit starts it over.
         cfg = load_config(config_path, args.items)
         summary = fit(cfg, out=run_dir, resume=True)
     else:
@@ -130,9 +147,10 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_config(recipe, overrides)
         out = args.out or cfg.out or default_run_dir(Path(recipe).stem)
         summary = fit(cfg, out=out)
-    print(_final_table(summary))
-    print(f"run directory: {summary['run_dir']}")
-    print(f"export: maskprop export {summary['run_dir']}")
+    if place.is_main:  # under torchrun only rank 0 reports
+        print(_final_table(summary))
+        print(f"run directory: {summary['run_dir']}")
+        print(f"export: maskprop export {summary['run_dir']}")
     return 0
 
 
@@ -166,6 +184,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import build_report, check_out_dir, default_report_dir, format_table, write_report
+
+    out = check_out_dir(args.out if args.out is not None else default_report_dir())
+    report = build_report(args.runs, baseline=args.baseline)
+    print(format_table(report.rows))
+    for row in report.rows:
+        if row["speedup_warning"]:
+            print(f"warning: {row['run']}: {row['speedup_warning']}")
+    try:
+        files = write_report(report, out, plots=not args.no_plots)
+    except ImportError as error:
+        raise ValueError(f"{error}; nothing written") from None
+    print(f"wrote {out}/: {', '.join(f.name for f in files)}")
+    return 0
+
+
 class _CommandParser(argparse.ArgumentParser):
     """A subcommand parser whose list positionals and options may interleave: ``train RECIPE --out DIR key=value``.
 
@@ -186,7 +221,10 @@ class _CommandParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="maskprop", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"maskprop {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     train = commands.add_parser(
@@ -198,8 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("items", nargs="*", metavar="RECIPE [key=value ...]",
                        help="recipe yaml, then overrides (with --resume: overrides only)")
     train.add_argument("--out", help="run directory (default: config 'out', else runs/<recipe>-<timestamp>)")
-    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from DIR/last.pt")
-    train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from DIR/last.pt (a run stopped "
+                       "before its first checkpoint starts over from DIR/config.yaml)")
+    train.add_argument("--threads", type=_thread_count, default=0, help="torch CPU threads (0: torch's default)")
+    train.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"], default="auto",
+                       help="under torchrun: the torch.distributed backend (auto: NCCL for CUDA tensors where CUDA is "
+                       "available, gloo for CPU tensors)")
     train.set_defaults(run=_train)
 
     bench = commands.add_parser(
@@ -248,11 +290,31 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace an existing export directory")
     export.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     export.set_defaults(run=_export)
+
+    report = commands.add_parser(
+        "report", help="compare runs: a table of accuracy, params and FLOPs kept, train-cost saving and measured "
+        "speedup, with plots",
+        description="Read run directories (or folders of them) and print one row per run: method, model, data, "
+        "keep ratio, epochs, accuracy and its gap to a dense run of the same model and data, params and FLOPs "
+        "kept, train-cost saving (formula), measured speedup with its interquartile range, wall time, status "
+        "(finished, or where it stopped). Writes report.md, report.csv, report.json and PNG plots (accuracy vs "
+        "FLOPs and params kept, saving vs measured speedup, training curves, kept widths) into a new directory.",
+    )
+    report.add_argument("runs", nargs="+", metavar="RUN", help="a run directory, or a folder of run directories")
+    report.add_argument("--out", help="new output directory (default: reports/report-<timestamp>); written whole or "
+                        "not at all")
+    report.add_argument("--baseline", metavar="RUN", help="a finished dense run (method=dense) of the same model "
+                        "and data to compare accuracies with (default: a dense run among RUN)")
+    report.add_argument("--no-plots", action="store_true", help="tables only (the plots need the report extra: "
+                        "matplotlib)")
+    report.set_defaults(run=_report)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = os.environ.get("RANK", "0")  # under torchrun, ranks other than 0 log warnings and errors only
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s {'' if rank == '0' else f'[rank {rank}] '}%(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from ._workarounds import keep_freed_host_memory
 
@@ -262,7 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:
-        print(f"maskprop {args.command}: error: {error}", file=sys.stderr)
+        from .train.distributed import prints_errors
+
+        if prints_errors(error):  # under torchrun: one line from rank 0, not one per rank
+            print(f"maskprop {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

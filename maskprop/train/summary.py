@@ -19,7 +19,7 @@ from typing import Any
 
 from ..cost import train_cost_saving
 from ..sbp import sparse_layers
-from .config import SPARSE_BACKWARD_METHODS, Config
+from .config import SPARSE_BACKWARD_METHODS, config_to_dict
 from .files import atomic_write
 from .setup import Run, phase_epochs
 
@@ -144,16 +144,12 @@ def read_summary(path: str | os.PathLike) -> RunSummary:
     return RunSummary.from_dict(data, f"'{path}'")
 
 
-def data_identity(cfg: Config) -> dict[str, Any]:
-    """What identifies a run's data: the dataset, and for the generated ``shapes`` its sizes and seed."""
-    data = cfg.data
-    identity: dict[str, Any] = {"dataset": data.dataset}
-    if data.dataset == "shapes":
-        identity.update(train_size=data.train_size, val_size=data.val_size, image_size=data.image_size,
-                        seed=data.seed)
-    elif data.dataset == "imagenet":
-        identity.update(crop_size=data.crop_size)
-    return identity
+def data_identity(data: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a run's data, from the ``data`` section of its config (a dict): the dataset, and for the
+    generated ``shapes`` its sizes, image size and seed (ImageNet: the crop size)."""
+    dataset = data.get("dataset")
+    keys = {"shapes": ("train_size", "val_size", "image_size", "seed"), "imagenet": ("crop_size",)}.get(dataset, ())
+    return {"dataset": dataset, **{key: data.get(key) for key in keys}}
 
 
 def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
@@ -179,7 +175,7 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
     reference_s = times.overhead_s if method != "dense" else None
     summary = RunSummary(
         method=method, model=cfg.model.name, model_kwargs=dict(cfg.model.kwargs), dataset=cfg.data.dataset,
-        data=data_identity(cfg), keep_ratio=keep_ratio, epochs={p: phase_epochs(cfg, p) for p in phase_names},
+        data=data_identity(config_to_dict(cfg.data)), keep_ratio=keep_ratio, epochs={p: phase_epochs(cfg, p) for p in phase_names},
         accuracy=state.final_accuracy, best_accuracy=state.best_accuracy,
         dense_accuracy=state.final_accuracy if method == "dense" else None,
         dense_baseline=None if method != "dense" or run.run_dir is None else str(run.run_dir),
