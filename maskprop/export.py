@@ -57,6 +57,7 @@ __all__ = [
     "export_run",
     "load_exported",
     "materialize",
+    "parse_formats",
     "run_input_size",
     "save_exported",
 ]
@@ -724,14 +725,15 @@ def _model_from_checkpoint(checkpoint: Mapping[str, Any], path: Path,
         raise ValueError(f"checkpoint '{path}' has {len(theirs)} channel groups ({sum(n for _, n in theirs)} "
                          f"channels), but {name} with model.kwargs={kwargs} has {len(ours)} "
                          f"({sum(n for _, n in ours)}); the checkpoint is from another model")
+    if "in_features" in kwargs and kwargs["in_features"] != math.prod(input_size):
+        raise ValueError(f"checkpoint '{path}': {name} reads {kwargs['in_features']} features but the input size "
+                         f"{input_size} has {math.prod(input_size)}; pass --input-size C,H,W")
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
-        raise ValueError(f"checkpoint '{path}' holds weights of another model than {name} "
-                         f"({' '.join(str(err).split())[:200]})") from None
-    if input_size is not None and "in_features" in kwargs and kwargs["in_features"] != math.prod(input_size):
-        raise ValueError(f"{name} reads {kwargs['in_features']} features but the input size {input_size} has "
-                         f"{math.prod(input_size)}; pass --input-size C,H,W")
+        hint = "; if the run trained on your own data, pass --input-size C,H,W" if "in_features" in kwargs else ""
+        raise ValueError(f"checkpoint '{path}' holds weights of another model than {name} with model.kwargs="
+                         f"{kwargs} ({' '.join(str(err).split())[:200]}){hint}") from None
     return model.eval(), kwargs, num_classes
 
 

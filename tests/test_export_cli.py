@@ -227,3 +227,17 @@ def test_force_replaces_an_export(run, tmp_path):
     assert export(run_dir, "--out", out, "--format", "safetensors", "--force") == 0
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.safetensors", "plan.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_input_size_follows_the_data_config():
+    from maskprop.export import run_input_size
+    from maskprop.train.config import load_config
+    from maskprop.train.data import build_datasets
+
+    cfg = load_config({"data": {"dataset": "shapes", "image_size": 24, "train_size": 4, "val_size": 4}})
+    assert run_input_size({"data": {"dataset": "shapes", "image_size": 24}}) == build_datasets(cfg.data)[3]
+    assert run_input_size({"data": {"dataset": "cifar100"}}) == (3, 32, 32)
+    assert run_input_size({"data": {"dataset": "fashion_mnist"}}) == (1, 28, 28)
+    assert run_input_size({"data": {"dataset": "imagenet", "crop_size": 160}}) == (3, 160, 160)
+    with pytest.raises(ValueError, match="--input-size"):
+        run_input_size({"data": {"dataset": "svhn"}})
