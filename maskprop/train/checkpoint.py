@@ -10,6 +10,7 @@ model before anything is loaded).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,32 @@ import torch
 
 from .files import atomic_write
 
-__all__ = ["CHECKPOINT_KEYS", "check_compatible", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_KEYS", "check_compatible", "error_reason", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_KEYS = ("format", "model_name", "model_kwargs", "groups", "method", "phase", "epoch", "step", "model",
                    "optimizers", "schedulers", "rng", "counters", "config")
 _FORMAT = 1
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+_PARAGRAPH = re.compile(r"\n\s*\n")
+
+
+def error_reason(err: BaseException, limit: int = 160) -> str:
+    """The gist of a library's error as a clause for a one-line message: its first sentence, never cut mid-word.
+
+    Torch's errors run to paragraphs of advice (``torch.load``'s weights-only refusal names its actual reason last,
+    after "WeightsUnpickler error:"). This keeps the reason itself: the first sentence of its first paragraph, without
+    terminal colour codes, line breaks or the full stop; should that still exceed ``limit`` characters, its whole
+    words up to the limit followed by "...". An error without a message gives its type name.
+    """
+    text = _ANSI.sub("", str(err))
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    text = " ".join(next((p for p in _PARAGRAPH.split(text) if p.strip()), "").split())
+    text = _SENTENCE_END.split(text, 1)[0].rstrip(".") if text else ""
+    if len(text) > limit:
+        cut = text.rfind(" ", 0, limit + 1)
+        text = text[: cut if cut > 0 else limit].rstrip(" ,;:") + " ..."
+    return text or type(err).__name__
 
 
 def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -47,9 +69,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
-        reason = " ".join(str(err).split())[:200] or type(err).__name__
-        raise ValueError(f"checkpoint '{path}' is corrupt or truncated ({reason}); resume from another run "
-                         f"directory or start a new run") from None
+        raise ValueError(f"checkpoint '{path}' is corrupt or truncated ({error_reason(err)}); resume from another "
+                         f"run directory or start a new run") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"checkpoint '{path}' is not a maskprop checkpoint (a {type(checkpoint).__name__}, "
                          f"expected a dict)")

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..cost import CostModel
 from ..models import create_model, model_entrypoint
 from ..sbp import GlobalBudget, convert, sparse_layers
 from ..vrpge import ChannelScores
-from .checkpoint import check_compatible, load_checkpoint
+from .checkpoint import check_compatible, error_reason, load_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SbpConfig, config_to_dict
 from .data import build_datasets, build_loader
 from .optim import build_schedule, run_optimizer, score_optimizer, weight_optimizer
@@ -67,14 +67,31 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
+def _labels(dataset: Dataset) -> Tensor | None:
+    """The labels of ``dataset`` where they can be read without loading its examples, else ``None``."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets)
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        return dataset.tensors[1]  # TensorDataset(images, labels)
+    if isinstance(dataset, Subset):
+        labels = _labels(dataset.dataset)
+        return None if labels is None else labels[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    return None
+
+
 def _num_classes(dataset: Dataset) -> int:
     if isinstance(getattr(dataset, "num_classes", None), int):
         return dataset.num_classes
     if getattr(dataset, "classes", None) is not None:
         return len(dataset.classes)
-    targets = getattr(dataset, "targets", None)
-    if targets is not None and len(targets) > 0:
-        return int(torch.as_tensor(targets).max()) + 1
+    labels = _labels(dataset)
+    if labels is not None and labels.numel() > 0:
+        if labels.is_floating_point() or labels.dim() != 1 or int(labels.min()) < 0:
+            raise ValueError(f"the labels of {type(dataset).__name__} are not class indices (a {labels.dtype} tensor "
+                             f"of shape {tuple(labels.shape)}, smallest {labels.min().item()}); expected one integer "
+                             f">= 0 per example")
+        return int(labels.max()) + 1
     raise ValueError(f"cannot tell the number of classes of {type(dataset).__name__}: give it a num_classes, classes "
                      f"or targets attribute, or set model.kwargs.num_classes")
 
@@ -98,8 +115,20 @@ def _build_model(cfg: Config, num_classes: int, input_size: tuple[int, int, int]
     kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "num_classes"}
     if "in_features" in inspect.signature(model_entrypoint(cfg.model.name)).parameters:
         kwargs.setdefault("in_features", math.prod(input_size))  # an MLP reads the flattened image
+    # Either key set to false keeps the residual streams whole (the models' default is to prune them).
+    prune_residual = bool(cfg.sparsity.prune_residual and kwargs.pop("prune_residual", True))
+
+    def build(**extra: Any) -> nn.Module:
+        return create_model(cfg.model.name, num_classes=num_classes, **kwargs, **extra)
+
     try:
-        model = create_model(cfg.model.name, num_classes=num_classes, **kwargs)
+        try:
+            model = build() if prune_residual else build(prune_residual=False)
+        except TypeError as err:
+            if prune_residual or "prune_residual" not in str(err):
+                raise
+            logger.warning("model %r has no residual streams; prune_residual=false changes nothing", cfg.model.name)
+            model = build()
     except TypeError as err:
         raise ValueError(f"model.kwargs={dict(cfg.model.kwargs)} do not fit model {cfg.model.name!r} ({err})") from None
     if not hasattr(model, "channel_groups"):
@@ -111,9 +140,8 @@ def _cost_model(model: nn.Module, cfg: Config, input_size: tuple[int, int, int])
     try:
         return CostModel(model, input_size)
     except RuntimeError as err:
-        reason = " ".join(str(err).split())[:200]
         raise ValueError(f"model {cfg.model.name!r} does not take {cfg.data.dataset} inputs of size {input_size} "
-                         f"({reason}); expected a model built for that input") from None
+                         f"({error_reason(err)}); expected a model built for that input") from None
 
 
 def sparse_backward(model: nn.Module, method: str, sbp: SbpConfig) -> GlobalBudget | None:
@@ -163,10 +191,15 @@ def _check_run_dir(run_dir: Path | None, resume: bool) -> dict[str, Any] | None:
     if resume:
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run directory '{run_dir}' does not exist")
-        if not last.is_file():
-            raise FileNotFoundError(f"run directory '{run_dir}' has no checkpoint (expected '{last}'); "
-                                    f"nothing to resume")
-        return load_checkpoint(last)
+        if last.is_file():
+            return load_checkpoint(last)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"run directory '{run_dir}' has no checkpoint ('{last}') and no config.yaml; "
+                                    f"nothing to resume: start a run with 'maskprop train RECIPE --out {run_dir}'")
+        # Killed before its first checkpoint: continuing it means starting it over (same seed, same result).
+        logger.warning("run directory '%s' has no checkpoint yet (the run stopped before its first save); starting "
+                       "the run over from the beginning", run_dir)
+        return None
     if last.exists():
         raise ValueError(f"run directory '{run_dir}' already holds a run ('{last}'); resume it with "
                          f"'maskprop train --resume {run_dir}' or choose another output directory")
@@ -234,8 +267,8 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         try:
             state.load(checkpoint)
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            reason = " ".join(str(err).split())[:300]
-            raise ValueError(f"checkpoint '{run_dir / 'last.pt'}' does not fit this run ({reason})") from None
+            raise ValueError(f"checkpoint '{run_dir / 'last.pt'}' does not fit this run ({error_reason(err, 300)})"
+                             ) from None
         state.model.to(device)
         logger.info("resuming %s from %s: phase %s, epoch %d, step %d", cfg.model.name, run_dir, state.phase,
                     state.epoch, state.step)

@@ -1,0 +1,101 @@
+"""The ``maskprop`` command line: usage errors are one line with exit status 2 and write nothing; --version."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import maskprop
+from maskprop.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "seed": 0,
+    "model": {"name": "resnet20"},
+    "data": {"dataset": "shapes", "train_size": 64, "val_size": 32, "image_size": 16, "batch_size": 32, "workers": 0},
+    "optim": {"epochs": 1},
+    "sparsity": {"fix_samples": 2, "fix_examples": 32},
+    "finetune": {"epochs": 0},
+}
+
+
+@pytest.fixture
+def recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def _usage_error(capsys, argv: list[str]) -> str:
+    """Run ``maskprop argv``, expect exit status 2, return the single line it printed to stderr."""
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse's usage errors
+        status = exit_.code
+    assert status == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip() and not line.startswith("usage:")
+             and not line.startswith(" ")]
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"maskprop {maskprop.__version__}"
+
+
+def test_the_package_version_is_the_one_pyproject_declares():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert maskprop.__version__ == declared
+
+
+@pytest.mark.parametrize("value", ["-1", "-8", "two", "1.5"])
+def test_train_threads_must_be_a_count(capsys, recipe, tmp_path, value):
+    out = tmp_path / "out"
+    line = _usage_error(capsys, ["train", str(recipe), "--out", str(out), "--threads", value])
+    assert line.startswith("maskprop train: error: argument --threads:") and repr(value) in line
+    assert "integer >= 0" in line
+    assert not out.exists()
+
+
+def test_train_threads_zero_and_positive_parse():
+    from maskprop.cli import build_parser
+
+    assert build_parser().parse_args(["train", "r.yaml", "--threads", "0"]).threads == 0
+    assert build_parser().parse_args(["train", "r.yaml", "--threads", "3"]).threads == 3
+
+
+def test_resume_with_a_recipe_says_resume_takes_none(capsys, recipe, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    line = _usage_error(capsys, ["train", str(recipe), "--resume", str(run)])
+    assert line == (f"maskprop train: error: --resume takes no recipe, got '{recipe}': the run continues with its own "
+                    f"config.yaml; give only key=value overrides after --resume DIR")
+    assert list(run.iterdir()) == []
+
+
+def test_resume_of_a_directory_that_is_no_run_says_how_to_start_one(capsys, tmp_path):
+    run = tmp_path / "empty"
+    run.mkdir()
+    line = _usage_error(capsys, ["train", "--resume", str(run)])
+    assert "has no config.yaml; nothing to resume" in line
+    assert list(run.iterdir()) == []
+    line = _usage_error(capsys, ["train", "--resume", str(tmp_path / "missing")])
+    assert line.endswith(f"run directory '{tmp_path / 'missing'}' does not exist")
+
+
+def test_the_command_runs_as_a_module(tmp_path):
+    """``python -m maskprop.cli --version`` (what the tests' subprocess runs use) prints the version."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "maskprop.cli", "--version"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"maskprop {maskprop.__version__}"

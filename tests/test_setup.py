@@ -1,0 +1,184 @@
+"""Setting a run up: resuming a run killed before its first checkpoint, readable checkpoint errors, the config key
+``sparsity.prune_residual`` reaching the model, and the number of classes of a user's ``TensorDataset``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Subset, TensorDataset
+
+import maskprop
+from maskprop.cli import main
+from maskprop.train import loop
+from maskprop.train.checkpoint import error_reason, load_checkpoint
+from maskprop.train.config import load_config, save_config
+from maskprop.train.setup import _num_classes
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs (conftest.py)
+
+TINY = {
+    "seed": 0,
+    "log_every": 1,
+    "model": {"name": "resnet20"},
+    "data": {"dataset": "shapes", "train_size": 64, "val_size": 32, "image_size": 16, "batch_size": 32, "workers": 0},
+    "optim": {"epochs": 1},
+    "sparsity": {"fix_samples": 2, "fix_examples": 32},
+    "finetune": {"epochs": 1},
+}
+STREAMS = {"layer1", "layer2", "layer3"}
+
+
+def tiny(**sections) -> dict:
+    config = copy.deepcopy(TINY)
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values) if isinstance(values, dict) else config.update({section: values})
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A run killed before its first checkpoint
+
+
+def _killed_before_first_checkpoint(run: Path, monkeypatch) -> None:
+    """Run ``TINY`` into ``run`` and stop it where it would write its first checkpoint, as a kill there would."""
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "save_checkpoint", killed)
+        with pytest.raises(KeyboardInterrupt):
+            maskprop.fit(TINY, out=run)
+    assert (run / "config.yaml").is_file() and not (run / "last.pt").exists()
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(tmp_path, monkeypatch, caplog):
+    run = tmp_path / "run"
+    _killed_before_first_checkpoint(run, monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--resume", str(run)]) == 0
+    assert "has no checkpoint yet" in caplog.text and "starting the run over" in caplog.text
+
+    maskprop.fit(TINY, out=tmp_path / "straight")
+    resumed, straight = load_checkpoint(run / "last.pt"), load_checkpoint(tmp_path / "straight" / "last.pt")
+    assert (resumed["phase"], resumed["step"]) == (straight["phase"], straight["step"]) == ("done", 4)
+    for name, tensor in straight["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    assert resumed["final_accuracy"] == straight["final_accuracy"]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # search 1, finetune 1: nothing left over from the killed attempt
+
+
+def test_resume_before_the_first_checkpoint_from_python_too(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _killed_before_first_checkpoint(run, monkeypatch)
+    summary = maskprop.fit(load_config(run / "config.yaml"), out=run, resume=True)
+    assert summary["steps"]["search"] == 2 and (run / "last.pt").is_file()
+
+
+def test_resume_of_a_directory_with_neither_checkpoint_nor_config_is_refused(tmp_path):
+    save_config(load_config(TINY), tmp_path / "elsewhere.yaml")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"has no checkpoint .* and no config\.yaml; nothing to resume: start "
+                                                r"a run with 'maskprop train RECIPE --out "):
+        maskprop.fit(TINY, out=tmp_path / "run", resume=True)
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint errors end cleanly
+
+
+@pytest.mark.parametrize("error, reason", [
+    (RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory. This is an "
+                  "internal miniz error. If you are seeing this error, there is a high likelihood that your "
+                  "checkpoint file is corrupted."),
+     "PytorchStreamReader failed reading zip archive: failed finding central directory"),
+    (RuntimeError("Weights only load failed. This file can still be loaded, to do so you have two options, "
+                  "\x1b[1mdo those steps only if you trust the source of the checkpoint\x1b[0m. \n\t(1) Re-run.\n\t"
+                  "WeightsUnpickler error: Unsupported global: GLOBAL __main__.Foo was not an allowed global by "
+                  "default. Please use `torch.serialization.add_safe_globals([__main__.Foo])`.\n\nCheck the docs."),
+     "Unsupported global: GLOBAL __main__.Foo was not an allowed global by default"),
+    (RuntimeError("WeightsUnpickler error: \n\nUnsupported operand 103\n\nCheck the documentation of torch.load"),
+     "Unsupported operand 103"),
+    (EOFError(), "EOFError"),
+    (ValueError("one " * 60), "one " * 39 + "one ..."),
+    (ValueError("x" * 200), "x" * 160 + " ..."),
+])
+def test_error_reason_keeps_the_first_sentence_and_whole_words(error, reason):
+    assert error_reason(error) == reason
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_corrupt_checkpoint_message_ends_cleanly(tmp_path, damage):
+    path = tmp_path / "last.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, path)
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x80\x04not a checkpoint" * 40,
+                      "empty": b""}[damage])
+    with pytest.raises(ValueError) as raised:
+        load_checkpoint(path)
+    message = str(raised.value)
+    match = re.fullmatch(rf"checkpoint '{re.escape(str(path))}' is corrupt or truncated \((.+)\); resume from another "
+                         r"run directory or start a new run", message)
+    assert match, message
+    reason = match.group(1)
+    assert "\n" not in message and "\x1b" not in message and len(reason) <= 164
+    assert not re.search(r"[.!?]\s", reason) and not reason.endswith("."), reason  # one sentence, not a cut paragraph
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sparsity.prune_residual reaches the model
+
+
+def test_prune_residual_false_keeps_every_stream_group_full_in_a_run():
+    summary = maskprop.fit(tiny(sparsity={"prune_residual": False}, finetune={"epochs": 0}))
+    expected = maskprop.create_model("resnet20", prune_residual=False).channel_groups()
+    assert not STREAMS & set(expected)
+    assert summary["group_sizes"] == expected and set(summary["widths"]) == set(expected)
+
+
+def test_prune_residual_default_prunes_the_streams():
+    summary = maskprop.fit(tiny(finetune={"epochs": 0}))
+    assert STREAMS <= set(summary["group_sizes"])
+
+
+def test_prune_residual_false_on_a_model_without_streams_warns_and_runs(caplog):
+    config = tiny(model={"name": "mlp", "kwargs": {"hidden": [16, 16]}}, sparsity={"prune_residual": False},
+                  finetune={"epochs": 0})
+    with caplog.at_level(logging.WARNING):
+        summary = maskprop.fit(config)
+    assert "has no residual streams; prune_residual=false changes nothing" in caplog.text
+    assert summary["group_sizes"] == maskprop.create_model("mlp", hidden=[16, 16]).channel_groups()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The number of classes of a user's dataset
+
+
+def _tensor_set(n: int, classes: int, seed: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    return TensorDataset(torch.randn(n, 3, 8, 8, generator=generator), labels[torch.randperm(n, generator=generator)])
+
+
+def test_num_classes_of_a_tensor_dataset_comes_from_its_labels():
+    assert _num_classes(_tensor_set(40, 5, 0)) == 5
+    assert _num_classes(Subset(_tensor_set(40, 5, 0), [0, 1, 2])) == int(_tensor_set(40, 5, 0).tensors[1][:3].max()) + 1
+
+
+def test_fit_on_tensor_datasets_needs_no_num_classes():
+    config = tiny(data={"batch_size": 20}, finetune={"epochs": 0})
+    summary = maskprop.fit(config, train_set=_tensor_set(40, 7, 0), val_set=_tensor_set(20, 7, 1))
+    assert summary["dense_flops"] == maskprop.flops(maskprop.create_model("resnet20", num_classes=7), (3, 8, 8))
+
+
+def test_tensor_dataset_with_float_labels_is_a_one_line_error():
+    images = torch.randn(8, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"^the labels of TensorDataset are not class indices \(a torch.float32 "
+                                         r"tensor of shape \(8,\), .*expected one integer >= 0 per example$"):
+        _num_classes(TensorDataset(images, torch.rand(8)))
