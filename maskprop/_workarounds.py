@@ -30,13 +30,13 @@ def keep_freed_host_memory(top_pad: int = 256 << 20) -> bool:
 
     PyTorch's CPU allocator calls ``malloc``/``free`` for every tensor. With glibc's defaults, the megabyte-sized
     activations of a training step are released to the kernel when they are freed (heap trimming, and ``mmap`` above
-    a threshold that moves with the sizes seen) and faulted back in, page by page, in the next step. On this
-    project's 2-core CPU a dense ResNet-32 step at batch 128 took 16k-250k minor page faults and up to 0.6 s of
-    system time, and a dense VGG-19 step 65k-180k faults and 2.2-3.6 s against 1.9-2.0 s without them. Smaller
-    steps, such as compact ones, mostly fit in what the heap kept and fault far less, which flattered every speedup
-    measured against dense. Fixing the ``mmap`` threshold at its largest value (32 MiB), never trimming, and growing
-    the heap in ``top_pad`` steps brings the faults of later steps to about zero, as a caching allocator (jemalloc,
-    tcmalloc, PyTorch's CUDA allocator) does. The cost: memory freed by the process stays with it.
+    a threshold that moves with the sizes seen) and faulted back in, page by page, in the next step: tens of
+    thousands of page faults per dense CPU step, slowing it by up to a third (BENCHMARKS.md, "Page faults flattered
+    the earlier table"). Smaller steps, such as compact ones, mostly fit in what the heap kept and fault far less,
+    which flattered every speedup measured against dense. Fixing the ``mmap`` threshold at its largest value
+    (32 MiB), never trimming, and growing the heap in ``top_pad`` steps brings the faults of later steps to about
+    zero, as a caching allocator (jemalloc, tcmalloc, PyTorch's CUDA allocator) does. The cost: memory freed by the
+    process stays with it.
 
     Process-wide, so it belongs to applications (``maskprop train`` and ``maskprop bench`` call it first), not to
     library code. Call it before the first large allocation.

@@ -31,11 +31,10 @@ paper's ``dL/dh + m`` for the big example, and the update is eq. (22) on the bat
 With unified top-k, ``M`` is zero on the kept units and ``gamma * (sum_b dL/dh_b + M)`` on the dropped ones. For a
 batch of one this is exactly the paper's algorithm. In the weight gradient the memory meets the mean input of the
 current batch (``(M / B) sum_b x_b``), which is less noisy than pairing it with one unrelated example: a layout
-with one memory slot per example position (batch x units) trained an MLP (h = 500, r = 0.04, gamma = 0.8) on a
-synthetic image task 1-2 points worse than this one. The memory does not depend on the batch
-size; a change of the unit or spatial shape restarts it at zero. It is a non-persistent buffer
-(``msbp_memory``), so ``state_dict`` keys equal those of ``nn.Linear`` / ``nn.Conv2d``; checkpoint it with
-:func:`maskprop.sbp.sbp_state_dict`.
+with one memory slot per example position (batch x units) trained worse (BENCHMARKS.md, "Implementation
+choices": MSBP memory layout). The memory does not depend on the batch size; a change of the unit or spatial
+shape restarts it at zero. It is a non-persistent buffer (``msbp_memory``), so ``state_dict`` keys equal those of
+``nn.Linear`` / ``nn.Conv2d``; checkpoint it with :func:`maskprop.sbp.sbp_state_dict`.
 """
 
 from __future__ import annotations

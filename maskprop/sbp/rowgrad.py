@@ -1,8 +1,8 @@
 """A persistent full-size gradient buffer for weights whose gradient is non-zero on a few rows only.
 
 With unified top-k the weight gradient of a sparse-backward layer has ``k`` non-zero rows out of ``n``. Handing
-autograd a fresh dense ``(n, m)`` tensor every step means allocating and zero-filling it, which measurements on
-this machine showed to be 64-97% of the whole sparse backward (``DESIGN.md``). Instead each layer keeps one buffer
+autograd a fresh dense ``(n, m)`` tensor every step means allocating and zero-filling it, most of the whole sparse
+backward (BENCHMARKS.md, "Implementation choices": row-sparse weight gradients). Instead each layer keeps one buffer
 and writes it into ``param.grad`` itself; before the next write it re-zeroes only the rows it wrote last time.
 
 Contract (what an optimizer or a training loop sees):

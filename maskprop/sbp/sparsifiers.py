@@ -70,9 +70,8 @@ def take_units(t: Tensor, index: Tensor) -> Tensor:
     """``t.index_select(1, index)`` for a ``(batch, n[, positions])`` tensor, in the layout of ``t``.
 
     On a channels_last gradient (units innermost) ``index_select`` along dim 1 would first copy the whole tensor into
-    the contiguous layout. Here the ``(batch x positions, n)`` rows view is gathered with ``torch.gather`` (on this
-    project's CPU 0.56 ms instead of 4.8 ms for 3 of 32 channels of a ResNet-32 first-stage gradient, 1.8 ms instead
-    of 11 ms for 16), and the result stays channels_last.
+    the contiguous layout. Here the ``(batch x positions, n)`` rows view is gathered with ``torch.gather`` (several
+    times faster, BENCHMARKS.md, "Implementation choices"), and the result stays channels_last.
     """
     if _units_innermost(t):
         batch, units, positions = t.shape
@@ -86,8 +85,8 @@ def batch_sum(t: Tensor) -> Tensor:
     """``t.sum(dim=0)`` in the layout of one example of ``t``.
 
     A reduction over the batch of a channels_last gradient into a default (contiguous) output runs against the
-    grain of the input: 33 ms instead of 1.5 ms for a ResNet-32 first-stage gradient at batch 128 on this project's
-    CPU. Writing into an output laid out like ``t[0]`` keeps input and output in step.
+    grain of the input, many times slower (BENCHMARKS.md, "Implementation choices"). Writing into an output laid
+    out like ``t[0]`` keeps input and output in step.
     """
     out = torch.empty_like(t[0])
     return torch.sum(t, dim=0, out=out)

@@ -2,9 +2,8 @@
 
 Compact execution gives BatchNorm whatever number of channels a sampled mask keeps: 12, 17, 61. PyTorch's CPU kernel
 for channels_last activations vectorises over the channels and is fast when their number is a multiple of 16; for
-other counts it was 3-10x slower on this project's CPU (forward 6.9 ms for 12 channels of a 128 x 32 x 32 batch
-against 1.5 ms for 16, backward 10.6 ms against 2.1 ms): in a ResNet-32 compact step with masks sampled per channel,
-BatchNorm took twice as long as with widths on the multiples of 16 (278 ms against 138 ms).
+other counts it was several times slower on this project's CPU, enough to double BatchNorm's share of a compact
+step with sampled widths (BENCHMARKS.md, "Implementation choices": BatchNorm).
 
 Here the activations of ``C`` channels are viewed as the rows of an ``(N / r, r C)`` matrix, ``r`` the smallest
 factor that makes ``r C`` a multiple of 16 (a free view of channels_last memory; ``N = batch x H x W``). Column sums
@@ -37,8 +36,8 @@ def eligible(x: Tensor) -> bool:
     """Whether :func:`batch_norm_nhwc` serves ``x``: a float32/float64 CPU tensor ``(B, C, H, W)`` in channels_last
     memory with fewer than 64 channels, not a multiple of 16, and ``B x H x W`` dividing into the folded rows.
 
-    Where the native kernel is fast (multiples of 16, and 64 channels or more: 0.88x-1.05x for 61 and 100 channels in
-    ``tools/bench_batchnorm.py``) it keeps the work; below 64 the path here was 1.5-2.6x faster for 8, 12, 17 and 33.
+    Where the native kernel is fast (multiples of 16, and 64 channels or more) it keeps the work; below 64 the path
+    here is the faster one (``tools/bench_batchnorm.py``; the figures are in BENCHMARKS.md).
     """
     if x.dim() != 4 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False

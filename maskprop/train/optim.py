@@ -26,8 +26,8 @@ __all__ = ["build_schedule", "run_optimizer", "score_optimizer", "weight_optimiz
 def _fused(params: list[nn.Parameter]) -> dict[str, bool]:
     """``fused=True`` where torch's fused kernels take every parameter (floating point, on the CPU or CUDA).
 
-    The fused SGD and Adam compute what the per-tensor loops compute in one pass over each tensor: on this project's
-    2-core CPU, Adam on a 784-5000-5000-10 MLP took 24 ms instead of 152 ms, more than the whole sparse backward.
+    The fused SGD and Adam compute what the per-tensor loops compute in one pass over each tensor; the per-tensor
+    Adam of a 784-5000-5000-10 MLP cost more than its whole sparse backward (BENCHMARKS.md, "Implementation choices").
     """
     supported = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return {"fused": True} if supported else {}
