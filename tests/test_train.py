@@ -446,10 +446,10 @@ def test_checkpoint_with_another_group_layout_is_refused(cli_run):
         check_compatible(checkpoint, "last.pt", "resnet20", {}, groups, "vrpge")
 
 
-def test_resume_needs_a_checkpoint(tmp_path, capsys):
+def test_resume_needs_a_run_directory(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["train", "--resume", str(tmp_path / "empty")]) == 2
-    assert "has no checkpoint" in capsys.readouterr().err
+    assert "has no config.yaml; nothing to resume" in capsys.readouterr().err
     assert list((tmp_path / "empty").iterdir()) == []
     assert main(["train", "--resume", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
