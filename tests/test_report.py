@@ -1,0 +1,302 @@
+"""``maskprop report``: rows equal to the summaries, the written files and plots, the summary schema, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import maskprop
+from maskprop.cli import _final_table, main
+from maskprop.report import REPORT_PLOTS, build_report, find_runs, make_plots, write_report
+from maskprop.train.summary import SCHEMA_VERSION, RunSummary, read_summary
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Runs of a second or two: ResNet-20 on 8x8 shapes, 2 steps per epoch.
+TINY = {
+    "seed": 0, "log_every": 2,
+    "model": {"name": "resnet20"},
+    "data": {"dataset": "shapes", "train_size": 32, "val_size": 16, "image_size": 8, "batch_size": 16, "workers": 0},
+    "optim": {"epochs": 2},
+    "sparsity": {"keep_ratio": 0.5, "fix_examples": 16, "fix_samples": 2},
+    "finetune": {"epochs": 1},
+}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny(**overrides) -> dict:
+    config = copy.deepcopy(TINY)
+    for dotted, value in overrides.items():
+        node = config
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A folder with a real dense run (search + finetune epochs) and a real VR-PGE run of the same model and data."""
+    root = tmp_path_factory.mktemp("runs")
+    maskprop.fit(tiny(method="dense", **{"optim.epochs": 3}), out=root / "dense")
+    maskprop.fit(tiny(), out=root / "vrpge")
+    return root
+
+
+def copy_runs(runs: Path, tmp_path: Path, names=("dense", "vrpge")) -> Path:
+    folder = tmp_path / "runs"
+    for name in names:
+        shutil.copytree(runs / name, folder / name, ignore=shutil.ignore_patterns("*.pt", "events.*"))
+    return folder
+
+
+def summary_of(path: Path) -> dict:
+    return json.loads((path / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The table
+
+
+def test_rows_equal_the_summaries(runs):
+    report = build_report([runs])
+    rows = {row["run"]: row for row in report.rows}
+    assert set(rows) == {"dense", "vrpge"}
+    dense, sparse = summary_of(runs / "dense"), summary_of(runs / "vrpge")
+    row = rows["vrpge"]
+    assert row["accuracy"] == sparse["accuracy"] and row["dense_accuracy"] == dense["accuracy"]
+    assert row["accuracy_gap"] == pytest.approx(sparse["accuracy"] - dense["accuracy"])
+    assert row["params_kept"] == pytest.approx(100 * sparse["subnet_params"] / sparse["dense_params"])
+    assert row["flops_kept"] == pytest.approx(100 * sparse["subnet_flops"] / sparse["dense_flops"])
+    assert row["train_cost_saving"] == sparse["train_cost_saving"] > 1
+    assert row["measured_speedup"] == sparse["measured_speedup"]
+    assert [row["measured_speedup_low"], row["measured_speedup_high"]] == sparse["measured_speedup_iqr"]
+    assert row["run_time_s"] == sparse["run_time_s"] and row["status"] == "finished"
+    assert (row["method"], row["model"], row["dataset"], row["keep"], row["epochs"]) == ("vrpge", "resnet20",
+                                                                                         "shapes", "0.5", "2+1")
+    assert row["baseline"] == "dense" and report.baselines == {"vrpge": "dense"}
+    assert rows["dense"]["epochs"] == "3" and rows["dense"]["accuracy_gap"] is None
+    assert rows["dense"]["measured_speedup"] == 1.0
+
+
+def test_the_command_prints_the_table_and_writes_every_file(runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(runs / "dense"), str(runs / "vrpge"), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    sparse = summary_of(runs / "vrpge")
+    assert "| vrpge " in stdout and f"{sparse['accuracy']:.2f}" in stdout and f"wrote {out}/" in stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(["report.md", "report.csv", "report.json",
+                                                            *REPORT_PLOTS])
+    for name in REPORT_PLOTS:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG), name
+        import matplotlib.image
+
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 200 and image.shape[1] > 300, name
+    with open(out / "report.csv", newline="") as f:
+        rows = {row["run"]: row for row in csv.DictReader(f)}
+    assert float(rows["vrpge"]["measured_speedup"]) == pytest.approx(sparse["measured_speedup"])
+    assert float(rows["vrpge"]["accuracy"]) == pytest.approx(sparse["accuracy"])
+    payload = json.loads((out / "report.json").read_text())
+    assert payload["schema_version"] == SCHEMA_VERSION and len(payload["runs"]) == 2
+    assert {r["name"]: r["summary"]["train_cost_saving"] for r in payload["runs"]}["vrpge"] == \
+        sparse["train_cost_saving"]
+    markdown = (out / "report.md").read_text()
+    assert "| vrpge" in markdown and "![accuracy](accuracy.png)" in markdown
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp directory left
+
+
+def _marks(figure) -> dict[str, int]:
+    """Panels showing each run (an artist with ``gid`` ``run:<name>``), by run name."""
+    counts: dict[str, int] = {}
+    seen = set()
+    for ax in figure.axes:
+        for artist in [*ax.lines, *ax.collections, *ax.patches]:
+            gid = artist.get_gid()
+            if gid and gid.startswith("run:") and (id(ax), gid) not in seen:
+                seen.add((id(ax), gid))
+                counts[gid[4:]] = counts.get(gid[4:], 0) + 1
+    return counts
+
+
+def test_each_plot_has_one_mark_per_run(runs, tmp_path):
+    folder = copy_runs(runs, tmp_path)
+    stopped = folder / "stopped"
+    shutil.copytree(folder / "vrpge", stopped)
+    (stopped / "summary.json").unlink()
+    figures = make_plots(build_report([folder]))
+    # accuracy: a point per sparse run and the dense run's line, in each of the two panels
+    assert _marks(figures["accuracy.png"]) == {"dense": 2, "vrpge": 2}
+    assert _marks(figures["speedup.png"]) == {"vrpge": 1}  # dense runs have nothing to compare
+    assert _marks(figures["curves.png"]) == {"dense": 2, "vrpge": 3, "stopped": 3}  # loss, accuracy; kept ratio
+    assert _marks(figures["widths.png"]) == {"vrpge": 1}  # the pruned runs
+    points = [line for ax in figures["accuracy.png"].axes for line in ax.lines if line.get_gid() == "run:vrpge"]
+    sparse = summary_of(runs / "vrpge")
+    assert points[0].get_xydata().tolist() == [[pytest.approx(100 * sparse["subnet_flops"] / sparse["dense_flops"]),
+                                               sparse["accuracy"]]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The summary schema
+
+
+def test_the_summary_documents_every_field_and_round_trips(runs):
+    import dataclasses
+
+    for f in dataclasses.fields(RunSummary):
+        assert f.metadata["doc"], f.name
+        assert "unit" in f.metadata, f.name
+    summary = read_summary(runs / "vrpge" / "summary.json")
+    assert summary.schema_version == SCHEMA_VERSION and summary.dataset == "shapes"
+    assert summary.to_dict() == summary_of(runs / "vrpge")
+    assert summary.dense_accuracy is None  # never made up without a dense run
+    dense = read_summary(runs / "dense" / "summary.json")
+    assert dense.dense_accuracy == dense.accuracy
+
+
+def test_an_unversioned_summary_is_read_with_what_the_config_says(runs, tmp_path):
+    folder = copy_runs(runs, tmp_path)
+    old = {k: v for k, v in summary_of(folder / "vrpge").items()
+           if k not in ("schema_version", "dataset", "data", "model_kwargs", "epochs", "measured_speedup_iqr",
+                        "measured_speedup_phases", "speedup_warning", "dense_reference_s", "dense_reference_share",
+                        "dense_accuracy", "dense_baseline")}
+    (folder / "vrpge" / "summary.json").write_text(json.dumps(old))
+    row = {r["run"]: r for r in build_report([folder]).rows}["vrpge"]
+    assert row["schema_version"] == 0 and row["dataset"] == "shapes" and row["epochs"] == "2+1"
+    assert row["measured_speedup"] == old["measured_speedup"] and row["measured_speedup_low"] is None
+    assert row["baseline"] == "dense"  # the data identity comes from config.yaml
+
+
+def test_a_newer_summary_is_refused(runs, tmp_path, capsys):
+    folder = copy_runs(runs, tmp_path)
+    summary = summary_of(folder / "vrpge")
+    summary["schema_version"] = SCHEMA_VERSION + 1
+    (folder / "vrpge" / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "out"
+    assert main(["report", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("maskprop report: error: ")
+    assert f"summary schema version {SCHEMA_VERSION + 1}, newer than this maskprop reads" in err[0]
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Edge cases and bad input
+
+
+def test_an_unfinished_run_is_listed_with_its_phase_and_epoch(runs, tmp_path):
+    folder = copy_runs(runs, tmp_path, names=("vrpge",))
+    (folder / "vrpge" / "summary.json").unlink()
+    lines = (folder / "vrpge" / "metrics.jsonl").read_text().splitlines()
+    (folder / "vrpge" / "metrics.jsonl").write_text(lines[0] + "\n")
+    (row,) = build_report([folder]).rows
+    assert row["status"] == "unfinished: search epoch 1/2" and row["accuracy"] is None
+    assert (row["method"], row["model"], row["epochs"]) == ("vrpge", "resnet20", "2+1")
+    (folder / "vrpge" / "metrics.jsonl").write_text("")
+    assert build_report([folder]).rows[0]["status"] == "not started"
+    out = tmp_path / "out"
+    write_report(build_report([folder]), out)  # the plots cope with a run that has nothing to show
+    assert (out / "widths.png").read_bytes().startswith(PNG)
+
+
+def test_a_damaged_metrics_line_is_skipped_and_named(runs, tmp_path, caplog):
+    folder = copy_runs(runs, tmp_path, names=("vrpge",))
+    path = folder / "vrpge" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines.insert(1, '{"phase": "search", "epo')
+    path.write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING", logger="maskprop.report"):
+        report = build_report([folder])
+    assert len(report.runs[0].metrics) == len(lines) - 1
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"skipped line 2 of '{path}': not a json epoch record")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "is not a run directory (it has no config.yaml or summary.json) and holds none in its "
+                       "subdirectories"),
+    (lambda p: p.write_text("x"), "is a file, not a run directory"),
+    (lambda p: None, "does not exist; expected a run directory or a folder of them"),
+])
+def test_a_path_that_is_not_a_run_says_what_it_lacks(tmp_path, capsys, make, message):
+    path = tmp_path / "thing"
+    make(path)
+    out = tmp_path / "out"
+    assert main(["report", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"maskprop report: error: '{path}' {message}")
+    assert not out.exists()
+
+
+def test_no_runs_at_all_is_refused():
+    with pytest.raises(ValueError, match="no runs given"):
+        find_runs([])
+
+
+def test_an_existing_output_directory_is_refused(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["report", str(runs), "--out", str(out)]) == 2
+    assert f"output directory '{out}' already exists" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_baseline_must_be_a_finished_dense_run(runs, tmp_path, capsys):
+    assert main(["report", str(runs / "vrpge"), "--baseline", str(runs / "vrpge"), "--out",
+                 str(tmp_path / "out")]) == 2
+    assert "--baseline" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    report = build_report([runs / "vrpge"], baseline=runs / "dense")  # listed too
+    rows = {row["run"]: row for row in report.rows}
+    assert rows["vrpge"]["dense_accuracy"] == summary_of(runs / "dense")["accuracy"] and "dense" in rows
+
+
+def test_without_matplotlib_the_table_still_prints_and_the_error_names_the_extra(runs, tmp_path, capsys,
+                                                                                monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    out = tmp_path / "out"
+    assert main(["report", str(runs), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "| vrpge " in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'maskprop[report]'" in err[0] and "nothing written" in err[0]
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert main(["report", str(runs), "--out", str(out), "--no-plots"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.json", "report.md"]
+
+
+def test_a_failure_while_writing_leaves_nothing(runs, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_report(build_report([runs]), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The train command's final lines
+
+
+def test_the_final_table_says_faster_or_slower_correctly(runs):
+    summary = summary_of(runs / "vrpge")
+    slower = _final_table(dict(summary, step_speedup=0.9, measured_speedup=0.8))
+    assert "a search step is 1.11x slower than a dense step" in slower and "faster" not in slower
+    faster = _final_table(dict(summary, step_speedup=1.5))
+    assert "a search step is 1.50x faster than a dense step" in faster
+    low, high = summary["measured_speedup_iqr"]
+    assert f"(interquartile range {low:.2f}-{high:.2f}x)" in faster
+    warned = _final_table(dict(summary, speedup_warning="the measured speedup 1.00x has a wide spread"))
+    assert warned.splitlines()[-1] == "warning: the measured speedup 1.00x has a wide spread"
