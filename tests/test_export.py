@@ -178,6 +178,17 @@ def test_sparse_backward_layers_go_back_to_plain_layers():
         materialize(model, half)
 
 
+@pytest.mark.slow
+def test_narrow_model_compiles():
+    """torch.compile takes the narrow model as it is (slow: inductor compiles C++ on the CPU)."""
+    model = maskprop.create_model("resnet20").eval()
+    mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(0))
+    narrow = materialize(model, mask).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(narrow)(x), narrow(x), rtol=1e-5, atol=1e-5)
+
+
 def test_materialize_rejects_a_bad_mask():
     model = maskprop.create_model("resnet20")
     mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(0))
