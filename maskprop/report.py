@@ -396,7 +396,6 @@ _NOTES = """\
 
 def _matplotlib() -> Any:
     try:
-        import matplotlib  # noqa: F401
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError(f"the report's plots need matplotlib, which is not installed: {_EXTRA} (or pass --no-plots "

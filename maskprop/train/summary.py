@@ -175,7 +175,8 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
     reference_s = times.overhead_s if method != "dense" else None
     summary = RunSummary(
         method=method, model=cfg.model.name, model_kwargs=dict(cfg.model.kwargs), dataset=cfg.data.dataset,
-        data=data_identity(config_to_dict(cfg.data)), keep_ratio=keep_ratio, epochs={p: phase_epochs(cfg, p) for p in phase_names},
+        data=data_identity(config_to_dict(cfg.data)), keep_ratio=keep_ratio,
+        epochs={p: phase_epochs(cfg, p) for p in phase_names},
         accuracy=state.final_accuracy, best_accuracy=state.best_accuracy,
         dense_accuracy=state.final_accuracy if method == "dense" else None,
         dense_baseline=None if method != "dense" or run.run_dir is None else str(run.run_dir),

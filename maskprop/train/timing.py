@@ -91,9 +91,12 @@ class StepTimes:
         self.times: dict[str, list[float]] = {kind: [] for kind in self.KINDS}
         self.pairs: dict[str, list[tuple[float, float]]] = {phase: [] for phase in RUN_PHASES}
         self.overhead_s = 0.0
+        self._run_s = 0.0
 
     def add(self, kind: str, seconds: float) -> None:
         self.times[kind].append(seconds)
+        if kind in RUN_PHASES:
+            self._run_s += seconds
 
     def add_pair(self, phase: str, run_s: float, dense_s: float) -> None:
         """A run step of ``phase`` and the dense step timed next to it (both already added by kind)."""
@@ -104,8 +107,8 @@ class StepTimes:
         return statistics.median(values) if values else None
 
     def run_seconds(self) -> float:
-        """Summed time of the run's own steps."""
-        return sum(sum(self.times[phase]) for phase in RUN_PHASES)
+        """Summed time of the run's own steps (kept as a running total: the schedule asks at every step)."""
+        return self._run_s
 
     def phase_ratios(self, phase: str) -> list[float]:
         """Dense step over run step, per pair of ``phase``."""
@@ -154,6 +157,7 @@ class StepTimes:
         pairs = state.get("pairs", {})
         self.pairs = {phase: [(float(r), float(d)) for r, d in pairs.get(phase, [])] for phase in RUN_PHASES}
         self.overhead_s = float(state.get("overhead_s", sum(self.times["dense_ref"])))
+        self._run_s = sum(sum(self.times[phase]) for phase in RUN_PHASES)
 
 
 class DenseReference:
