@@ -582,6 +582,9 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
         flops = _flops(narrow, x[:1])
     finally:
         model.train(was_training)
+    if not bool(reference.isfinite().all()):
+        raise ValueError(f"{model_name}'s output is not finite on a normal input (NaN or inf weights?); expected a "
+                         f"trained model to export")
     if not max(against_full.values()) <= _CHECK_TOLERANCE:
         raise RuntimeError(f"the narrow model differs from the full model under its mask (relative error "
                            f"{against_full}); this is a maskprop bug, please report it")

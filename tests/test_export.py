@@ -337,6 +337,16 @@ def test_existing_output_is_refused_unless_forced(exported, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
 
 
+def test_a_diverged_model_is_refused(tmp_path):
+    model = maskprop.create_model("resnet20")
+    with torch.no_grad():
+        model.fc.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="not finite"):
+        save_exported(model, None, tmp_path / "out", model_name="resnet20", input_size=(3, 16, 16),
+                      formats="safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failed_export_leaves_nothing(exported, tmp_path, monkeypatch):
     _, model, mask, _, _ = exported
 
