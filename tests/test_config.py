@@ -1,6 +1,5 @@
 """Configuration: defaults, yaml, dotted overrides, unknown keys with suggestions, type and range checks, round trip."""
 
-import dataclasses
 import os
 
 import pytest
@@ -73,6 +72,21 @@ def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
     assert cfg.optim.weight_decay == pytest.approx(1e-4)
 
 
+def test_quoted_numbers_are_text_not_numbers(tmp_path):
+    # Types are strict: a quoted number in yaml is text, and a number field says so instead of converting it.
+    with pytest.raises(ValueError, match=r"^sparsity.keep_ratio='0.5' has the wrong type; expected a number$"):
+        load_config(write_yaml(tmp_path / "run.yaml", 'sparsity:\n  keep_ratio: "0.5"\n'))
+    with pytest.raises(ValueError, match=r"^data.batch_size='64' has the wrong type; expected an integer$"):
+        load_config({"data": {"batch_size": "64"}})
+    with pytest.raises(ValueError, match=r"^sparsity.keep_ratio=True has the wrong type; expected a number$"):
+        load_config(None, ["sparsity.keep_ratio=true"])
+
+
+def test_a_section_header_with_nothing_under_it_gives_the_section_defaults(tmp_path):
+    cfg = load_config(write_yaml(tmp_path / "run.yaml", "optim:\nsparsity:\n  keep_ratio: 0.25\n"))
+    assert cfg.optim == Config().optim and cfg.sparsity.keep_ratio == 0.25
+
+
 def test_overrides_nested_typed_and_applied_after_yaml(tmp_path):
     path = write_yaml(tmp_path / "run.yaml", {"optim": {"lr": 0.05}, "data": {"dataset": "cifar100"}})
     cfg = load_config(path, [
@@ -125,6 +139,9 @@ def test_unknown_yaml_key_at_any_level_names_it_and_the_closest_key(tmp_path):
         load_config(path)
     path = write_yaml(tmp_path / "top.yaml", {"methd": "dense"})
     with pytest.raises(ValueError, match=r"^unknown config key 'methd'; did you mean 'method'\?$"):
+        load_config(path)
+    path = write_yaml(tmp_path / "section.yaml", {"optim": {"lr": 0.1}, "optimizer": {"epochs": 3}})
+    with pytest.raises(ValueError, match=r"^unknown config key 'optimizer'; did you mean 'optim'\?$"):
         load_config(path)
 
 
@@ -203,9 +220,38 @@ def test_direct_construction_validates_and_coerces():
     with pytest.raises(ValueError, match=r"^finetune.lr=0.0 is out of range"):
         FinetuneConfig(lr=0.0)
     cfg = Config()
-    cfg.optim.momentum = 1.5
     with pytest.raises(ValueError, match=r"^optim.momentum=1.5 is out of range"):
+        cfg.optim.momentum = 1.5  # checked when assigned, and left as it was
+    assert cfg.optim.momentum == 0.9
+    with pytest.raises(ValueError, match=r"^optim.warmup_epochs=400 is out of range; .*optim.epochs=300\]$"):
+        cfg.optim.warmup_epochs = 400  # a check across fields fails after the value is set: undone too
+    assert cfg.optim.warmup_epochs == 0
+    cfg.optim.lr = 2  # converted as a value read from yaml is
+    assert cfg.optim.lr == 2.0 and isinstance(cfg.optim.lr, float)
+
+
+def test_sections_can_be_given_as_mappings():
+    cfg = Config(method="dense", optim={"lr": 3, "epochs": 2}, model={"kwargs": {"width": 2}})
+    assert cfg.optim.lr == 3.0 and cfg.optim.epochs == 2 and cfg.optim.momentum == 0.9
+    assert cfg.model.name == "resnet20" and cfg.model.kwargs == {"width": 2}
+    assert cfg == load_config({"method": "dense", "optim": {"lr": 3.0, "epochs": 2}, "model": {"kwargs": {"width": 2}}})
+    with pytest.raises(ValueError, match=r"^unknown config key 'optim.lrr'; did you mean 'optim.lr'\?$"):
+        Config(optim={"lrr": 3})
+
+
+def test_validate_rechecks_edits_the_assignment_cannot_see():
+    cfg = Config(method="meprop")
+    cfg.sbp.sparsifier = "randomk"  # fine for the section alone, not for the method
+    with pytest.raises(ValueError, match=r"^sbp.sparsifier='randomk' does not fit method='meprop'"):
         cfg.validate()
+    cfg = Config()
+    cfg.model.kwargs[3] = "x"
+    with pytest.raises(ValueError, match=r"^model.kwargs key 3 has the wrong type; expected a string$"):
+        cfg.validate()
+    cfg = Config()
+    cfg.optim.lr = None
+    cfg.validate()
+    assert cfg.optim.lr == 0.1  # null is resolved again to the optimizer's default
 
 
 def test_save_then_load_gives_an_equal_config(tmp_path):
@@ -215,7 +261,15 @@ def test_save_then_load_gives_an_equal_config(tmp_path):
     save_config(cfg, path)
     assert load_config(path) == cfg
     assert yaml.safe_load(path.read_text()) == config_to_dict(cfg)
-    assert list(yaml.safe_load(path.read_text())) == [f.name for f in dataclasses.fields(Config)]
+    assert list(yaml.safe_load(path.read_text())) == list(Config.model_fields)
+
+
+def test_text_that_reads_as_a_number_is_saved_quoted(tmp_path):
+    cfg = load_config(None, ["out=1e3", "data.root=2e-5", "model.kwargs.tag=1e3"])
+    assert (cfg.out, cfg.data.root, cfg.model.kwargs) == ("1e3", "2e-5", {"tag": 1000.0})
+    cfg.model.kwargs["name"] = "5e-1"
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):

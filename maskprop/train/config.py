@@ -1,31 +1,34 @@
-"""Run configuration: validated dataclasses, loaded from yaml with dotted command-line overrides.
+"""Run configuration: the schema as pydantic models, loaded from yaml with dotted command-line overrides.
 
 A configuration flows yaml -> defaults -> command line (``load_config``) and the resolved result is saved next to the
-run (``save_config``). Every section validates itself when it is constructed, so a ``Config`` that exists is a valid
-one; errors are one line naming the dotted key, the value and what is expected.
+run (``save_config``). Every section checks its fields when it is built and when one is assigned, so a ``Config``
+that exists is a valid one (``validate()`` re-checks one edited in place, e.g. an entry of ``model.kwargs``). Errors
+are one line naming the dotted key, the value and what is expected; an unknown key gets the closest valid one.
 
-The defaults are the CIFAR recipe of the VR-PGE paper (``METHODS.md`` section 1, supplement B): batch 256, SGD lr 0.1,
-momentum 0.9, weight decay 5e-4 with a cosine schedule for the weights, Adam lr 12e-3 for the scores, and a 40-epoch
-finetune at SGD lr 1e-3 after the subnetwork is fixed. The default dataset is the built-in ``shapes`` one so that a
-run needs no files; recipes name the real dataset and its ``root``.
+Types are strict: a number field takes numbers (an integer field integers), a switch ``true`` or ``false``, a text
+field text. Yaml is read with YAML 1.2's numbers, so ``12e-3`` is a number (yaml 1.1 reads it as text).
+
+The defaults are the CIFAR recipe of the VR-PGE paper (docs/methods.md, section 1; the paper's supplement B): batch
+256, SGD lr 0.1, momentum 0.9, weight decay 5e-4 with a cosine schedule for the weights, Adam lr 12e-3 for the
+scores, and a 40-epoch finetune at SGD lr 1e-3 after the subnetwork is fixed. The default dataset is the built-in
+``shapes`` one so that a run needs no files; recipes name the real dataset and its ``root``.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
-import math
 import os
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .files import atomic_write
 
@@ -57,46 +60,82 @@ BudgetScale = Literal["none", "variance", "rms"]
 SPARSE_BACKWARD_METHODS = ("meprop", "sbp", "msbp")
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-# yaml 1.1 reads "12e-3" (no dot) as a string; numbers written that way are accepted for numeric fields.
-_FLOAT_PATTERN = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-_NULL_WORDS = ("null", "Null", "NULL", "~", "")
 
 
-class _Section:
-    """Mixin for config dataclasses: type coercion and checks at construction time.
+def _check(ok: Callable[[Any], Any], problem: str | Callable[[Any], str]) -> AfterValidator:
+    """A check of a field's value beyond its type; a failure reads ``<key>=<value> <problem>``. Null passes."""
 
-    ``_prefix`` is the section's dotted name inside ``Config`` so that errors name the full key.
+    def check(value: Any) -> Any:
+        if value is not None and not ok(value):
+            text = problem(value) if callable(problem) else problem
+            raise PydanticCustomError("maskprop", "{problem}", {"problem": text, "value": value})
+        return value
+
+    return AfterValidator(check)
+
+
+def _in_range(*, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+              what: str | None = None, null: str | None = None, note: str | None = None) -> AfterValidator:
+    """Bounds of a number; a failure reads ``is out of range; expected <what> in (<gt>, <le>]`` (or ``>= <ge>`` ...).
+
+    Args:
+        what: The noun; by default ``an integer`` or ``a number``, as the value is.
+        null: What null means, for a field that takes null.
+        note: What a special value means, e.g. ``0: never``.
     """
+    low = f"[{ge}" if ge is not None else f"({gt}" if gt is not None else None
+    high = f"{le}]" if le is not None else f"{lt})" if lt is not None else None
+    if low and high:
+        bounds = f"in {low}, {high}"
+    else:
+        bounds = next(f"{op} {bound}" for op, bound in ((">=", ge), (">", gt), ("<=", le), ("<", lt))
+                      if bound is not None)
+    tail = (" or null" + (f" ({null})" if null else "") if null is not None else "") + (f" ({note})" if note else "")
 
-    _prefix: ClassVar[str] = ""
+    def ok(value: float) -> bool:
+        return ((ge is None or value >= ge) and (gt is None or value > gt)
+                and (le is None or value <= le) and (lt is None or value < lt))
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            key = self._key(f.name)
-            value = _check_type(key, getattr(self, f.name), _field_types(type(self))[f.name])
-            object.__setattr__(self, f.name, value)
-        self._check_ranges()
+    def problem(value: float) -> str:
+        noun = what or ("an integer" if isinstance(value, int) else "a number")
+        return f"is out of range; expected {noun} {bounds}{tail}"
 
-    def validate(self) -> None:
-        """Re-run the type and range checks (for a config edited after construction)."""
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if isinstance(value, _Section):
-                value.validate()
-        self.__post_init__()
+    return _check(ok, problem)
+
+
+class _Section(BaseModel):
+    """Base of the config sections: strict types, no unknown keys, checks on assignment, one-line errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            raise _one_line(error, type(self)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        before = self.__dict__.get(name)
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as error:
+            if name in self.__dict__:  # a check across fields failed after the value was set: undo it
+                self.__dict__[name] = before
+            raise _one_line(error, type(self)) from None
+
+    def validate(self) -> None:  # type: ignore[override]  # replaces pydantic v1's deprecated classmethod
+        """Re-run every check, for a configuration edited in place (e.g. an entry of ``model.kwargs``)."""
+        for name in type(self).model_fields:
+            section = getattr(self, name)
+            if isinstance(section, _Section):
+                section.validate()
+        type(self)(**dict(self))  # takes the sections as they are: their checks across sections run on them
 
     def _key(self, name: str) -> str:
-        return f"{self._prefix}.{name}" if self._prefix else name
-
-    def _check_ranges(self) -> None:
-        """Section-specific range checks; raise ``ValueError`` naming the key."""
-
-    def _require(self, name: str, ok: bool, expected: str) -> None:
-        if not ok:
-            raise ValueError(f"{self._key(name)}={getattr(self, name)!r} is out of range; expected {expected}")
+        prefix = _SECTION_NAMES.get(type(self))
+        return f"{prefix}.{name}" if prefix else name
 
 
-@dataclass
 class ModelConfig(_Section):
     """Which network to build.
 
@@ -105,19 +144,10 @@ class ModelConfig(_Section):
         kwargs: Keyword arguments for the model factory, e.g. ``{width: 2}``; ``num_classes`` comes from the data.
     """
 
-    _prefix: ClassVar[str] = "model"
-
-    name: str = "resnet20"
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def _check_ranges(self) -> None:
-        self._require("name", bool(self.name), "a non-empty model name")
-        for key in self.kwargs:
-            if not isinstance(key, str):
-                raise ValueError(f"model.kwargs key {key!r} must be a string (a keyword argument name)")
+    name: Annotated[str, _check(bool, "is out of range; expected a non-empty model name")] = "resnet20"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass
 class DataConfig(_Section):
     """Which data, and how it is loaded.
 
@@ -136,36 +166,24 @@ class DataConfig(_Section):
         image_size: Side of the ``shapes`` images in pixels.
     """
 
-    _prefix: ClassVar[str] = "data"
-
     dataset: DatasetName = "shapes"
     root: str | None = None
-    batch_size: int = 256
-    workers: int = 2
+    batch_size: Annotated[int, _in_range(ge=1)] = 256
+    workers: Annotated[int, _in_range(ge=0)] = 2
     augment: bool = True
-    train_size: int = 10000
-    val_size: int = 2000
-    seed: int = 0
-    crop_size: int = 224
-    image_size: int = 32
-
-    def _check_ranges(self) -> None:
-        self._require("batch_size", self.batch_size >= 1, "an integer >= 1")
-        self._require("workers", self.workers >= 0, "an integer >= 0")
-        self._require("train_size", self.train_size >= 1, "an integer >= 1")
-        self._require("val_size", self.val_size >= 1, "an integer >= 1")
-        self._require("seed", self.seed >= 0, "an integer >= 0")
-        self._require("crop_size", self.crop_size >= 8, "an integer >= 8")
-        self._require("image_size", self.image_size >= 8, "an integer >= 8")
+    train_size: Annotated[int, _in_range(ge=1)] = 10000
+    val_size: Annotated[int, _in_range(ge=1)] = 2000
+    seed: Annotated[int, _in_range(ge=0)] = 0
+    crop_size: Annotated[int, _in_range(ge=8)] = 224
+    image_size: Annotated[int, _in_range(ge=8)] = 32
 
 
-@dataclass
 class SparsityConfig(_Section):
-    """VR-PGE channel sampling (``METHODS.md`` section 1).
+    """VR-PGE channel sampling (docs/methods.md, section 1).
 
     Attributes:
         keep_ratio: Budget K as a fraction of all prunable channels: sum of scores <= keep_ratio x channels.
-        estimator: ``vrpge`` (paper eq. 12, default) or ``vrpge_sym`` (the official code's symmetric form).
+        estimator: ``vrpge`` (supplement eq. (12), default) or ``vrpge_sym`` (the official code's symmetric form).
         alpha: Exponent of H^alpha(s); the variance is bounded for alpha in [1/2, 1) (supplement A.2).
         weight_grad: ``first`` back-propagates the first mask only (paper cost); ``both`` averages the weight
             gradients of both masks (official code).
@@ -182,33 +200,21 @@ class SparsityConfig(_Section):
             1 (no padding) on the CPU.
     """
 
-    _prefix: ClassVar[str] = "sparsity"
-
-    keep_ratio: float = 0.5
+    keep_ratio: Annotated[float, _in_range(gt=0, le=1, what="a fraction")] = 0.5
     estimator: Estimator = "vrpge"
-    alpha: float = 0.5
+    alpha: Annotated[float, _in_range(ge=0, lt=1)] = 0.5
     weight_grad: WeightGrad = "first"
-    init: float = 0.5
-    score_lr: float = 12e-3
+    init: Annotated[float, _in_range(gt=0, le=1, what="a probability")] = 0.5
+    score_lr: Annotated[float, _in_range(gt=0)] = 12e-3
     prune_residual: bool = True
     fix: FixRule = "best_of_n"
-    fix_samples: int = 10
-    fix_examples: int | None = None
-    align: int | None = None
-
-    def _check_ranges(self) -> None:
-        self._require("keep_ratio", 0.0 < self.keep_ratio <= 1.0, "a fraction in (0, 1]")
-        self._require("alpha", 0.0 <= self.alpha < 1.0, "a number in [0, 1)")
-        self._require("init", 0.0 < self.init <= 1.0, "a probability in (0, 1]")
-        self._require("score_lr", self.score_lr > 0.0, "a number > 0")
-        self._require("fix_samples", self.fix_samples >= 1, "an integer >= 1")
-        self._require("fix_examples", self.fix_examples is None or self.fix_examples >= 1, "an integer >= 1 or null")
-        self._require("align", self.align is None or self.align >= 1, "a positive integer or null (auto)")
+    fix_samples: Annotated[int, _in_range(ge=1)] = 10
+    fix_examples: Annotated[int | None, _in_range(ge=1, null="the whole training set")] = None
+    align: Annotated[int | None, _in_range(ge=1, null="8 on CUDA, 1 on the CPU")] = None
 
 
-@dataclass
 class SbpConfig(_Section):
-    """Sparse-backward baselines: meProp, SBP and MSBP (``METHODS.md`` sections 2-4, ``maskprop.sbp``).
+    """Sparse-backward baselines: meProp, SBP and MSBP (docs/methods.md, sections 4-6; ``maskprop.sbp``).
 
     Every ``nn.Linear`` / ``nn.Conv2d`` of the model runs its ordinary forward and propagates only ``k`` of its output
     units (conv: channels) in the backward; the output layer stays dense unless ``output_k`` is set.
@@ -221,33 +227,23 @@ class SbpConfig(_Section):
             ``topk`` (per example, original meProp) or ``randomk`` (uniformly random units; methods ``sbp`` and
             ``msbp`` only).
         budget: ``layer`` (the same ratio in every layer) or ``balanced`` (one total budget shared by all layers,
-            re-balanced after every backward so that one threshold serves every layer; paper 003).
-        scale: How layer magnitudes are made comparable for ``balanced``: ``variance`` (paper 003 eqs. (8)-(9)),
-            ``rms`` (each layer's own root mean square) or ``none``.
+            re-balanced after every backward so that one threshold serves every layer; docs/methods.md, section 6).
+        scale: How layer magnitudes are made comparable for ``balanced``: ``variance`` (the variance ratios of
+            docs/methods.md, section 6, eqs. (8)-(9)), ``rms`` (each layer's own root mean square) or ``none``.
         output_k: Units the output layer propagates, or null to leave it dense (meProp section 2.2.1).
         angle_every: Steps between measurements of the gradient estimation angle (MSBP paper Figure 5), logged to
             TensorBoard per layer and overall; each costs two extra backward passes. 0 never measures it.
     """
 
-    _prefix: ClassVar[str] = "sbp"
-
-    ratio: float = 0.04
-    memory: float = 0.8
+    ratio: Annotated[float, _in_range(gt=0, le=1, what="a fraction")] = 0.04
+    memory: Annotated[float, _in_range(ge=0, lt=1)] = 0.8
     sparsifier: Sparsifier = "topk_unified"
     budget: Budget = "layer"
     scale: BudgetScale = "variance"
-    output_k: int | None = None
-    angle_every: int = 100
-
-    def _check_ranges(self) -> None:
-        self._require("ratio", 0.0 < self.ratio <= 1.0, "a fraction in (0, 1]")
-        self._require("memory", 0.0 <= self.memory < 1.0, "a number in [0, 1)")
-        self._require("output_k", self.output_k is None or self.output_k >= 1,
-                      "an integer >= 1 or null (dense output layer)")
-        self._require("angle_every", self.angle_every >= 0, "an integer >= 0 (0: never)")
+    output_k: Annotated[int | None, _in_range(ge=1, null="dense output layer")] = None
+    angle_every: Annotated[int, _in_range(ge=0, note="0: never")] = 100
 
 
-@dataclass
 class OptimConfig(_Section):
     """Weight optimizer and schedule of the search phase (or of the whole run for dense and sparse-backward methods).
 
@@ -265,32 +261,26 @@ class OptimConfig(_Section):
         clip_grad_norm: Clip the joint gradient norm at this value (the official code uses 3), or no clipping.
     """
 
-    _prefix: ClassVar[str] = "optim"
-
     optimizer: OptimizerName | None = None
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float | None = None
+    lr: Annotated[float | None, _in_range(gt=0, null="the optimizer's default")] = None
+    momentum: Annotated[float, _in_range(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float | None, _in_range(ge=0, null="the optimizer's default")] = None
     nesterov: bool = False
-    epochs: int = 300
+    epochs: Annotated[int, _in_range(ge=1)] = 300
     schedule: Schedule = "cosine"
-    warmup_epochs: int = 0
-    label_smoothing: float = 0.0
-    clip_grad_norm: float | None = None
+    warmup_epochs: Annotated[int, _in_range(ge=0)] = 0
+    label_smoothing: Annotated[float, _in_range(ge=0, lt=1)] = 0.0
+    clip_grad_norm: Annotated[float | None, _in_range(gt=0, null="no clipping")] = None
 
-    def _check_ranges(self) -> None:
-        self._require("lr", self.lr is None or self.lr > 0.0, "a number > 0 or null (the optimizer's default)")
-        self._require("momentum", 0.0 <= self.momentum < 1.0, "a number in [0, 1)")
-        self._require("weight_decay", self.weight_decay is None or self.weight_decay >= 0.0,
-                      "a number >= 0 or null (the optimizer's default)")
-        self._require("epochs", self.epochs >= 1, "an integer >= 1")
-        self._require("warmup_epochs", 0 <= self.warmup_epochs <= self.epochs,
-                      f"an integer in [0, optim.epochs={self.epochs}]")
-        self._require("label_smoothing", 0.0 <= self.label_smoothing < 1.0, "a number in [0, 1)")
-        self._require("clip_grad_norm", self.clip_grad_norm is None or self.clip_grad_norm > 0.0,
-                      "a number > 0 or null (no clipping)")
+    @model_validator(mode="after")
+    def _check_together(self) -> OptimConfig:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"{self._key('warmup_epochs')}={self.warmup_epochs!r} is out of range; expected an "
+                             f"integer in [0, {self._key('epochs')}={self.epochs}]")
         if self.nesterov and self.momentum == 0.0:
-            raise ValueError("optim.nesterov=True needs optim.momentum > 0; got optim.momentum=0.0")
+            raise ValueError(f"{self._key('nesterov')}=True needs {self._key('momentum')} > 0; "
+                             f"got {self._key('momentum')}=0.0")
+        return self
 
     def resolve(self, method: str) -> None:
         """Fill the null fields with the defaults of ``method`` (see the attributes)."""
@@ -302,7 +292,6 @@ class OptimConfig(_Section):
             self.weight_decay = 0.0 if self.optimizer == "adam" else 5e-4
 
 
-@dataclass
 class FinetuneConfig(_Section):
     """Finetuning of the fixed subnetwork after the search (SGD, cosine schedule).
 
@@ -313,21 +302,12 @@ class FinetuneConfig(_Section):
         weight_decay: L2 weight decay.
     """
 
-    _prefix: ClassVar[str] = "finetune"
-
-    epochs: int = 40
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-
-    def _check_ranges(self) -> None:
-        self._require("epochs", self.epochs >= 0, "an integer >= 0 (0 skips finetuning)")
-        self._require("lr", self.lr > 0.0, "a number > 0")
-        self._require("momentum", 0.0 <= self.momentum < 1.0, "a number in [0, 1)")
-        self._require("weight_decay", self.weight_decay >= 0.0, "a number >= 0")
+    epochs: Annotated[int, _in_range(ge=0, note="0 skips finetuning")] = 40
+    lr: Annotated[float, _in_range(gt=0)] = 1e-3
+    momentum: Annotated[float, _in_range(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, _in_range(ge=0)] = 5e-4
 
 
-@dataclass
 class Config(_Section):
     """A whole run.
 
@@ -338,7 +318,7 @@ class Config(_Section):
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         amp: Autocast dtype: ``none`` or ``bf16``.
         channels_last: Carry activations in channels_last memory format (the default: convolutions run faster in
-            it on CPU and GPU; on this project's CPU an MSBP ResNet-32 step took 1.44 s instead of 1.90 s).
+            it on CPU and GPU).
         log_every: Steps between log lines.
         eval_every: Epochs between evaluations (0: only at the end).
         save_every: Epochs between checkpoints (0: only at the end).
@@ -354,30 +334,30 @@ class Config(_Section):
     """
 
     method: Method = "vrpge"
-    seed: int = 0
-    device: str = "auto"
+    seed: Annotated[int, _in_range(ge=0)] = 0
+    device: Annotated[str, _check(_DEVICE_PATTERN.fullmatch,
+                                  "is not a device; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")] = "auto"
     amp: Amp = "none"
     channels_last: bool = True
-    log_every: int = 50
-    eval_every: int = 1
-    save_every: int = 1
+    log_every: Annotated[int, _in_range(ge=1)] = 50
+    eval_every: Annotated[int, _in_range(ge=0, note="0: only at the end")] = 1
+    save_every: Annotated[int, _in_range(ge=0, note="0: only at the end")] = 1
     out: str | None = None
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
-    sbp: SbpConfig = field(default_factory=SbpConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    sbp: SbpConfig = Field(default_factory=SbpConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     sync_bn: bool = False
 
-    def _check_ranges(self) -> None:
-        self._require("seed", self.seed >= 0, "an integer >= 0")
-        if _DEVICE_PATTERN.fullmatch(self.device) is None:
-            raise ValueError(f"device={self.device!r} is not a device; "
-                             "expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-        self._require("log_every", self.log_every >= 1, "an integer >= 1")
-        self._require("eval_every", self.eval_every >= 0, "an integer >= 0 (0: only at the end)")
-        self._require("save_every", self.save_every >= 0, "an integer >= 0 (0: only at the end)")
+    @field_validator("model", "data", "sparsity", "sbp", "optim", "finetune", mode="before")
+    @classmethod
+    def _empty_section(cls, value: Any) -> Any:
+        return {} if value is None else value  # a yaml section header with nothing under it: the defaults
+
+    @model_validator(mode="after")
+    def _check_together(self) -> Config:
         self.optim.resolve(self.method)
         if self.method == "meprop" and self.sbp.sparsifier == "randomk":
             raise ValueError("sbp.sparsifier='randomk' does not fit method='meprop' (top-k by magnitude); expected "
@@ -385,21 +365,29 @@ class Config(_Section):
         if self.method == "msbp" and self.sbp.memory == 0.0:
             raise ValueError("sbp.memory=0.0 gives no memory; expected a memory ratio in (0, 1) for method='msbp', "
                              "or method='sbp'")
+        return self
+
+
+# The dotted name of each section, so that a section built or assigned on its own names its keys in full.
+_SECTION_NAMES: dict[type, str] = {field.annotation: name for name, field in Config.model_fields.items()
+                                   if isinstance(field.annotation, type) and issubclass(field.annotation, _Section)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Type checking
+# Errors: the first problem of pydantic's ValidationError, in one line
 
 
-_TYPE_CACHE: dict[type, dict[str, Any]] = {}
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    """Resolved types of the dataclass fields of ``cls`` (annotations are strings in this module)."""
-    if cls not in _TYPE_CACHE:
-        hints = typing.get_type_hints(cls)
-        _TYPE_CACHE[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-    return _TYPE_CACHE[cls]
+def _field_type(path: Sequence[str]) -> Any:
+    """Type of the field a dotted path names, ``Any`` below a free-form mapping, ``None`` if there is no such key."""
+    tp: Any = Config
+    for part in path:
+        if not (isinstance(tp, type) and issubclass(tp, _Section)):
+            return Any  # inside a free-form mapping such as model.kwargs
+        field = tp.model_fields.get(part)
+        if field is None:
+            return None
+        tp = field.annotation
+    return tp
 
 
 def _describe(tp: Any) -> str:
@@ -412,148 +400,84 @@ def _describe(tp: Any) -> str:
         return " or ".join(parts) + (" or null" if type(None) in args else "")
     if origin is dict or tp is dict:
         return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping of its keys"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
-class _WrongType(ValueError):
-    """A config value of the wrong type (as opposed to a value of the right type out of range)."""
+def _one_line(error: ValidationError, model: type[_Section]) -> ValueError:
+    """The first problem of ``error`` (an unknown key before any other) as a ``ValueError`` of one line."""
+    problems = error.errors(include_url=False)
+    first = next((p for p in problems if p["type"] == "extra_forbidden"), problems[0])
+    kind, value = first["type"], first["input"]
+    if kind == "value_error":  # a check across fields, worded in full where it is made
+        return ValueError(str(first["ctx"]["error"]))
+    path = [_SECTION_NAMES[model]] if model in _SECTION_NAMES else []
+    path += [str(part) for part in first["loc"]]
+    if kind == "extra_forbidden":
+        return _unknown_key_error(path)
+    if path[-1] == "[key]":
+        return ValueError(f"{'.'.join(path[:-2])} key {value!r} has the wrong type; expected a string")
+    key, tp = ".".join(path), _field_type(path)
+    if kind == "maskprop":  # a check of the converted value (a number field reads 0 as 0.0)
+        value, problem = first["ctx"]["value"], first["ctx"]["problem"]
+    elif kind == "finite_number":
+        problem = "is not finite; expected a finite number"
+    elif kind == "literal_error":
+        literal = next(a for a in (tp, *typing.get_args(tp)) if typing.get_origin(a) is Literal)
+        problem = f"is not a valid choice; expected {_describe(literal)}"
+    elif isinstance(tp, type) and issubclass(tp, _Section):
+        problem = f"has the wrong type; expected a mapping of its keys (e.g. {key}.{next(iter(tp.model_fields))}=...)"
+    else:
+        problem = f"has the wrong type; expected {_describe(tp)}"
+    return ValueError(f"{key}={value!r} {problem}")
 
 
-def _check_type(key: str, value: Any, tp: Any) -> Any:
-    """Return ``value`` converted to ``tp`` where that is lossless, or raise a one-line ``ValueError``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-
-    def bad() -> ValueError:
-        return _WrongType(f"{key}={value!r} has the wrong type; expected {_describe(tp)}")
-
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if isinstance(value, str) and value in args:
-            return value
-        raise ValueError(f"{key}={value!r} is not a valid choice; expected {_describe(tp)}")
-    if origin in (Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad()
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(key, value, arg)
-            except ValueError as err:
-                errors.append(err)
-        # A value of a fitting type but a bad value (not finite, not a valid choice) says so; otherwise list the types.
-        raise next((err for err in errors if not isinstance(err, _WrongType)), bad())
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        raise bad()
-    if origin is dict or tp is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise bad()
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and _FLOAT_PATTERN.fullmatch(value.strip()):
-            number = float(value)
-            if number.is_integer():
-                return int(number)
-        raise bad()
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str) and _FLOAT_PATTERN.fullmatch(value.strip()):
-            number = float(value)
-        else:
-            raise bad()
-        if not math.isfinite(number):
-            raise ValueError(f"{key}={value!r} is not finite; expected a finite number")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad()
-    raise TypeError(f"config field {key} has an unsupported type {tp}")  # a bug in this module, not in the input
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every dotted key of a config class, sections and leaves."""
+def _all_keys(section: type[_Section], prefix: str = "") -> list[str]:
+    """Every dotted key of a config section, sections and leaves."""
     keys = []
-    for name, tp in _field_types(cls).items():
-        dotted = f"{prefix}{name}"
-        keys.append(dotted)
-        if dataclasses.is_dataclass(tp):
-            keys.extend(_all_keys(tp, dotted + "."))
+    for name, field in section.model_fields.items():
+        keys.append(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, _Section):
+            keys.extend(_all_keys(field.annotation, f"{prefix}{name}."))
     return keys
 
 
-def _unknown_key_error(key: str, level_names: Sequence[str], prefix: str) -> ValueError:
+def _unknown_key_error(path: list[str]) -> ValueError:
     """One-line error for an unknown dotted key, suggesting the closest valid key."""
-    dotted = f"{prefix}{key}"
-    close = difflib.get_close_matches(str(key), level_names, n=1, cutoff=0.6)
+    *parents, key = path
+    prefix = "".join(f"{part}." for part in parents)
+    names = list(_field_type(parents).model_fields)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     if close:
         suggestion = f"{prefix}{close[0]}"
     else:
         # A key at the wrong level (``lr`` for ``optim.lr``): match it against the last part of the other leaf keys.
         others = [k for k in _all_keys(Config) if "." in k and not (prefix and k.startswith(prefix))]
         by_leaf = {k.rsplit(".", 1)[-1]: k for k in reversed(others)}
-        leaf = difflib.get_close_matches(str(key), list(by_leaf), n=1, cutoff=0.6)
+        leaf = difflib.get_close_matches(key, list(by_leaf), n=1, cutoff=0.6)
         suggestion = by_leaf[leaf[0]] if leaf else None
     if suggestion is not None:
-        return ValueError(f"unknown config key '{dotted}'; did you mean '{suggestion}'?")
+        return ValueError(f"unknown config key '{prefix}{key}'; did you mean '{suggestion}'?")
     where = f"in '{prefix[:-1]}'" if prefix else "at the top level"
-    return ValueError(f"unknown config key '{dotted}'; valid keys {where}: {', '.join(level_names)}")
+    return ValueError(f"unknown config key '{prefix}{key}'; valid keys {where}: {', '.join(names)}")
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
-    """Construct config dataclass ``cls`` from a nested mapping, rejecting unknown keys at every level."""
-    field_types = _field_types(cls)
-    names = list(field_types)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise _unknown_key_error(key, names, prefix)
-        tp = field_types[key]
-        if dataclasses.is_dataclass(tp):
-            if isinstance(value, tp):
-                value = config_to_dict(value)
-            if value is None:
-                value = {}
-            if not isinstance(value, Mapping):
-                raise ValueError(f"{prefix}{key}={value!r} has the wrong type; expected a mapping of its keys "
-                                 f"(e.g. {prefix}{key}.{dataclasses.fields(tp)[0].name}=...)")
-            value = _build(tp, value, f"{prefix}{key}.")
-        kwargs[key] = value
-    return cls(**kwargs)
+# ---------------------------------------------------------------------------------------------------------------------
+# Yaml and overrides
 
 
-def _override_type(path: list[str]) -> Any:
-    """Field type addressed by a dotted path, ``Any`` below a free-form mapping, ``None`` if the path is unknown."""
-    cls: Any = Config
-    for i, part in enumerate(path):
-        if not dataclasses.is_dataclass(cls):
-            return Any  # inside a free-form mapping such as model.kwargs
-        types = _field_types(cls)
-        if part not in types:
-            return None
-        cls = types[part]
-        if i < len(path) - 1 and (typing.get_origin(cls) is dict or cls is dict):
-            return Any
-    return cls
+class _YamlLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` reading YAML 1.2's exponent numbers (``12e-3``, ``1e3``; yaml 1.1 reads them as text)."""
+
+
+class _YamlDumper(yaml.SafeDumper):
+    """``yaml.safe_dump`` quoting the text that ``_YamlLoader`` would read as a number (``'1e3'``)."""
+
+
+_EXPONENT_NUMBER = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$")
+for _yaml_class in (_YamlLoader, _YamlDumper):
+    _yaml_class.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_NUMBER, list("-+.0123456789"))
+
+_NULL_WORDS = ("null", "Null", "NULL", "~", "")
 
 
 def _wants_raw_string(tp: Any) -> bool:
@@ -578,11 +502,11 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     path = dotted.split(".")
     if not dotted or any(not part for part in path):
         raise ValueError(f"override {text!r} has an empty key; expected dotted keys such as data.root=/path")
-    tp = _override_type(path)
+    tp = _field_type(path)
     if tp is not None and _wants_raw_string(tp) and raw.strip() not in _NULL_WORDS:
         return path, raw
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_YamlLoader) if raw.strip() else None
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or type(err).__name__
         raise ValueError(f"override {text!r}: value is not valid yaml ({problem})") from None
@@ -619,7 +543,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {str(path)!r} not found")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_YamlLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -630,6 +554,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of keys at the top; got {type(data).__name__}")
     return data
+
+
+def _plain(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of nested mappings as plain dicts (config sections given as models become dicts)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, _Section):
+            value = config_to_dict(value)
+        out[key] = _plain(value) if isinstance(value, Mapping) else copy.deepcopy(value)
+    return out
 
 
 def load_config(path_or_dict: str | os.PathLike | Mapping[str, Any] | Config | None = None,
@@ -665,22 +599,15 @@ def load_config(path_or_dict: str | os.PathLike | Mapping[str, Any] | Config | N
     for text in overrides:
         path, value = _parse_override(text)
         _set_path(tree, path, value, text)
-    return _build(Config, tree)
-
-
-def _plain(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of nested mappings as plain dicts (config sections given as dataclasses become dicts)."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, _Section):
-            value = config_to_dict(value)
-        out[key] = _plain(value) if isinstance(value, Mapping) else copy.deepcopy(value)
-    return out
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise _one_line(error, Config) from None
 
 
 def config_to_dict(cfg: Config | _Section) -> dict[str, Any]:
     """The configuration as nested plain dicts (a deep copy), ready for yaml or a checkpoint."""
-    return dataclasses.asdict(cfg)  # type: ignore[call-overload]
+    return copy.deepcopy(cfg.model_dump())
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
@@ -690,6 +617,6 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
         cfg: The configuration to write.
         path: Destination file; its directory is created if needed.
     """
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    text = yaml.dump(config_to_dict(cfg), Dumper=_YamlDumper, sort_keys=False, default_flow_style=False)
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
