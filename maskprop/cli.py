@@ -313,8 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")  # under torchrun, ranks other than 0 log warnings and errors only
+    tag = "" if rank == "0" else f"[rank {rank}] "
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
-                        format=f"%(asctime)s %(levelname)s {'' if rank == '0' else f'[rank {rank}] '}%(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from ._workarounds import keep_freed_host_memory
 

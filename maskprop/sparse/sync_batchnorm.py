@@ -11,38 +11,45 @@ On CUDA the gathered parameters go through torch's own ``SyncBatchNorm`` autogra
 CPU, where torch's function has no kernels (``batch_norm_stats`` is CUDA-only), through :class:`_SyncBatchNormCPU`,
 which computes the same thing with plain tensor operations and ``torch.distributed`` collectives (gloo).
 
-:func:`enable` turns it on for the process (the trainer does so for the run, under DDP with ``sync_bn: true``).
+:func:`enable` turns it on for the BatchNorm layers of one model (the trainer does so for the run's model, under DDP
+with ``sync_bn: true``); copies of the model, such as the timing's private dense reference, keep their own statistics
+and make no collective calls.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from .modules import SparseBatchNorm2d
 
-__all__ = ["active_group", "disable", "enable", "sync_batch_norm"]
+__all__ = ["disable", "enable", "group_for", "sync_batch_norm"]
 
-_ACTIVE: dict[str, Any] = {"group": None}
+_ACTIVE: dict[str, Any] = {"group": None, "layers": weakref.WeakSet()}
 
 
-def enable(group: Any = None) -> None:
-    """Synchronise the statistics of training-mode BatchNorm over ``group`` (default: the default process group)."""
+def enable(model: nn.Module, group: Any = None) -> None:
+    """Synchronise the statistics of ``model``'s training-mode BatchNorm layers over ``group`` (default: the default
+    process group)."""
+    from .modules import SparseBatchNorm2d
+
     _ACTIVE["group"] = group if group is not None else dist.group.WORLD
+    _ACTIVE["layers"] = weakref.WeakSet(m for m in model.modules() if isinstance(m, SparseBatchNorm2d))
 
 
 def disable() -> None:
     """Back to each process's own batch statistics."""
-    _ACTIVE["group"] = None
+    _ACTIVE["group"], _ACTIVE["layers"] = None, weakref.WeakSet()
 
 
-def active_group() -> Any:
-    """The process group BatchNorm synchronises over, or ``None``."""
-    return _ACTIVE["group"]
+def group_for(layer: nn.Module) -> Any:
+    """The process group ``layer`` synchronises its batch statistics over, or ``None``."""
+    return _ACTIVE["group"] if layer in _ACTIVE["layers"] else None
 
 
 def _channel_dims(x: Tensor) -> list[int]:
@@ -55,7 +62,8 @@ class _SyncBatchNormCPU(torch.autograd.Function):
                 running_var: Tensor | None, eps: float, momentum: float, group: Any, world_size: int) -> Tensor:
         dims, channels = _channel_dims(x), x.shape[1]
         shape = [1, channels] + [1] * (x.dim() - 2)
-        xf = x.float()
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # low precision computes in float32
+        xf = x.to(dtype)
         count = xf.numel() // channels
         local_mean = xf.mean(dims)
         local_m2 = (xf - local_mean.view(shape)).square().sum(dims)
@@ -74,9 +82,9 @@ class _SyncBatchNormCPU(torch.autograd.Function):
         xhat = (xf - mean.view(shape)) * invstd.view(shape)
         y = xhat
         if weight is not None:
-            y = y * weight.float().view(shape)
+            y = y * weight.to(dtype).view(shape)
         if bias is not None:
-            y = y + bias.float().view(shape)
+            y = y + bias.to(dtype).view(shape)
         ctx.save_for_backward(xhat, weight, invstd)
         ctx.group, ctx.total, ctx.shape = group, float(total), shape
         return y.to(x.dtype)
@@ -85,7 +93,7 @@ class _SyncBatchNormCPU(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
         xhat, weight, invstd = ctx.saved_tensors
         dims, shape = _channel_dims(xhat), ctx.shape
-        dy = grad_y.float()
+        dy = grad_y.to(xhat.dtype)
         sum_dy = dy.sum(dims)
         sum_dy_xhat = (dy * xhat).sum(dims)
         grad_x = None
@@ -93,7 +101,7 @@ class _SyncBatchNormCPU(torch.autograd.Function):
             combined = torch.cat([sum_dy, sum_dy_xhat])
             dist.all_reduce(combined, group=ctx.group)
             global_dy, global_dy_xhat = combined.chunk(2)
-            k = invstd if weight is None else weight.float() * invstd
+            k = invstd if weight is None else weight.to(xhat.dtype) * invstd
             grad_x = (dy - (global_dy / ctx.total).view(shape) - xhat * (global_dy_xhat / ctx.total).view(shape))
             grad_x = (grad_x * k.view(shape)).to(grad_y.dtype)
         grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
@@ -101,24 +109,29 @@ class _SyncBatchNormCPU(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-def sync_batch_norm(layer: SparseBatchNorm2d, x: Tensor, index: Tensor | None, group: Any) -> Tensor:
-    """Training-mode forward of ``layer`` on the channels ``index`` (all for ``None``) with statistics over ``group``.
+def sync_batch_norm(layer: SparseBatchNorm2d, x: Tensor, gathered: tuple[Tensor | None, ...] | None,
+                    group: Any) -> Tensor:
+    """Training-mode forward of ``layer`` with batch statistics over ``group``.
 
-    The running statistics of the kept channels move (as ``nn.BatchNorm2d`` with ``momentum``, or the cumulative
-    average for ``momentum=None``); dropped channels' statistics stay as they are.
+    Args:
+        layer: The BatchNorm layer (its momentum, eps and step count).
+        x: Its input, the channels it computes.
+        gathered: ``(running_mean, running_var, weight, bias)`` of the computed channels, as the execution state
+            gathers them (the running statistics are updated in place, for the caller to write back), or ``None``
+            for all channels (dense, or a fully kept group: the layer's own buffers move).
+        group: The process group.
+
+    Returns:
+        The normalised output. The running statistics move as ``nn.BatchNorm2d``'s (``momentum``, or the cumulative
+        average for ``momentum=None``), by the global mean and the unbiased global variance.
     """
     factor, _ = layer._momentum()  # counts the step, as nn.BatchNorm2d.forward
-    gather = (lambda t: t) if index is None else (lambda t: None if t is None else t.index_select(0, index))
-    weight, bias = gather(layer.weight), gather(layer.bias)
-    mean, var = gather(layer.running_mean), gather(layer.running_var)
+    if gathered is None:
+        gathered = (layer.running_mean, layer.running_var, layer.weight, layer.bias)
+    mean, var, weight, bias = gathered
     world_size = dist.get_world_size(group)
     if x.is_cuda:
         from torch.nn.modules._functions import SyncBatchNorm as TorchSyncBatchNorm
 
-        y = TorchSyncBatchNorm.apply(x, weight, bias, mean, var, layer.eps, factor, group, world_size)
-    else:
-        y = _SyncBatchNormCPU.apply(x, weight, bias, mean, var, layer.eps, factor, group, world_size)
-    if index is not None and mean is not None:
-        layer.running_mean.index_copy_(0, index, mean)
-        layer.running_var.index_copy_(0, index, var)
-    return y
+        return TorchSyncBatchNorm.apply(x, weight, bias, mean, var, layer.eps, factor, group, world_size)
+    return _SyncBatchNormCPU.apply(x, weight, bias, mean, var, layer.eps, factor, group, world_size)

@@ -30,6 +30,8 @@ rank's share of the batch: they would differ between ranks). A rank that fails d
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import os
@@ -43,7 +45,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["Distributed", "PeerError", "agree", "all_reduce_sum", "average_buffers", "check_same_config",
-           "check_world_size", "current", "device_for", "init_from_env", "prints_errors", "wrap_model"]
+           "check_world_size", "current", "device_for", "init_from_env", "prints_errors", "rank_local", "wrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +224,19 @@ def check_world_size(checkpoint: Mapping[str, Any], path: os.PathLike | str, pla
         raise ValueError(f"checkpoint '{path}' was written by a run of {saved} process(es), this run has "
                          f"{place.world_size}; resume with the same number (torchrun --nproc_per_node x --nnodes = "
                          f"{saved}): each rank's random streams and BatchNorm share depend on it")
+
+
+def rank_local(ctx: Any) -> Any:
+    """A copy of the step context ``ctx`` whose steps stay on this rank (no ``reduce_stats``): for work that ranks do
+    not do in step, such as the timing's dense reference steps, which each rank schedules by its own clock."""
+    if getattr(ctx, "reduce_stats", None) is None:
+        return ctx
+    try:
+        return dataclasses.replace(ctx, reduce_stats=None)
+    except TypeError:  # reduce_stats set as a plain attribute
+        local = copy.copy(ctx)
+        local.reduce_stats = None
+        return local
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:

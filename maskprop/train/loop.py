@@ -37,11 +37,20 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from ..sbp import sparse_layers
-from ..sparse import use_mask
+from ..sparse import sync_batchnorm, use_mask
 from ..vrpge import ChannelScores
 from .checkpoint import save_checkpoint
-from .config import SPARSE_BACKWARD_METHODS, Config, load_config, save_config
+from .config import SPARSE_BACKWARD_METHODS, Config, config_to_dict, load_config, save_config
 from .data import build_loader
+from .distributed import (
+    agree,
+    average_buffers,
+    check_same_config,
+    current,
+    init_from_env,
+    rank_local,
+    wrap_model,
+)
 from .logs import RunLogger
 from .optim import run_optimizer
 from .setup import Run, phase_epochs, phase_optimizer, prepare
@@ -102,13 +111,13 @@ def _step_function(state: TrainState, cfg: Config, ctx: StepContext) -> Callable
     """The step of the current phase, as a function of the batch."""
     if state.phase == "search":
         optimizers = (state.weight_optimizer, state.score_optimizer)
-        return lambda batch: vrpge_step(state.model, state.scores, optimizers, batch, state.mask_generator,
+        return lambda batch: vrpge_step(state.step_model, state.scores, optimizers, batch, state.mask_generator,
                                         cfg.sparsity, ctx)
     if cfg.method in SPARSE_BACKWARD_METHODS:
         every = cfg.sbp.angle_every
         return lambda batch: sbp_step(state.model, state.weight_optimizer, batch, ctx, state.budget,
                                       measure_angles=every > 0 and (state.step + 1) % every == 0)
-    return lambda batch: subnet_step(state.model, state.weight_optimizer, batch, state.fixed_mask, ctx)
+    return lambda batch: subnet_step(state.step_model, state.weight_optimizer, batch, state.fixed_mask, ctx)
 
 
 def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: torch.utils.data.DataLoader,
@@ -131,7 +140,8 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
     step = _step_function(state, cfg, ctx)
     meter = EpochMeter()
     total = phase_epochs(cfg, phase)
-    bar = tqdm(loader, desc=f"{phase} {state.epoch + 1}/{total}", leave=False, disable=None, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"{phase} {state.epoch + 1}/{total}", leave=False, dynamic_ncols=True,
+               disable=None if current().is_main else True)  # one progress bar: rank 0's
     start = time.perf_counter()
     for images, labels in bar:
         batch = ctx.inputs(images, labels)
@@ -182,7 +192,10 @@ def _budget_ks(state: TrainState) -> dict[str, int]:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, mask: Mapping[str, Tensor] | None,
              ctx: StepContext) -> dict[str, float]:
-    """Top-1 accuracy (percent) and mean cross entropy of the subnetwork ``mask`` (dense for ``None``), eval mode."""
+    """Top-1 accuracy (percent) and mean cross entropy of the subnetwork ``mask`` (dense for ``None``), eval mode.
+
+    Under torchrun each rank evaluates its share of ``loader`` and the sums go through ``ctx.reduce_stats``.
+    """
     was_training = model.training
     model.eval()
     loss, correct, count = 0.0, 0, 0
@@ -197,6 +210,9 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, mask: Mappin
                 count += labels.shape[0]
     finally:
         model.train(was_training)
+    if getattr(ctx, "reduce_stats", None) is not None:
+        totals = ctx.reduce_stats(torch.tensor([loss, correct, count], dtype=torch.float64, device=ctx.device))
+        loss, correct, count = totals[0].item(), int(totals[1].item()), int(totals[2].item())
     return {"loss": loss / max(count, 1), "accuracy": 100.0 * correct / max(count, 1)}
 
 
@@ -213,6 +229,9 @@ def _best_of_n(scores: ChannelScores, model: nn.Module, generator: torch.Generat
             with use_mask(model, mask, "compact"), ctx.autocast():
                 correct[i] += int((model(images).argmax(1) == labels).sum())
     model.train()
+    if getattr(ctx, "reduce_stats", None) is not None:  # every rank scored its share: the same choice everywhere
+        totals = ctx.reduce_stats(torch.tensor([*correct, count], dtype=torch.float64, device=ctx.device))
+        *correct, count = (int(t) for t in totals.tolist())
     accuracies = [100.0 * c / max(count, 1) for c in correct]
     best = max(range(samples), key=lambda i: (correct[i], -i))
     return masks[best], {"rule": "best_of_n", "train_accuracies": accuracies, "chosen": best, "examples": count}
@@ -262,8 +281,10 @@ class _Saver:
 
     def save(self, name: str = "last.pt") -> None:
         self.run.state.elapsed_s = self.elapsed()
-        if self.run.run_dir is not None:
-            save_checkpoint(self.run.state.checkpoint(self.run.cfg, self.run.groups), self.run.run_dir / name)
+        if self.run.run_dir is not None:  # every rank builds it (it gathers their random states), rank 0 writes
+            checkpoint = self.run.state.checkpoint(self.run.cfg, self.run.groups)
+            if current().is_main:
+                save_checkpoint(checkpoint, self.run.run_dir / name)
 
 
 def _eval_mask(state: TrainState) -> dict[str, Tensor] | None:
@@ -317,6 +338,8 @@ def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseRe
     epochs = phase_epochs(cfg, state.phase)
     while state.epoch < epochs:
         metrics = train_one_epoch(state, cfg, run.ctx, run.train_loader, log, dense_reference)
+        if not cfg.sync_bn:  # DDP: each rank's running statistics saw its share; their mean (no-op in one process)
+            average_buffers(state.model)
         last = state.epoch == epochs
         val = None
         if (cfg.eval_every and state.epoch % cfg.eval_every == 0) or last:
@@ -368,23 +391,35 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
         ValueError: Bad configuration, data, checkpoint or run directory (one line each; nothing is written).
         FileNotFoundError: A missing config file, dataset directory or checkpoint.
     """
-    cfg = config if isinstance(config, Config) else load_config(config)
-    cfg.validate()
-    out = out if out is not None else cfg.out
-    run = prepare(cfg, train_set, val_set, None if out is None else Path(out), resume)
+    place = init_from_env()  # under torchrun (WORLD_SIZE > 1): DDP, see maskprop/train/distributed.py
+    try:  # no collective inside: a rank that fails here tells the others in agree() below, and all stop
+        cfg = config if isinstance(config, Config) else load_config(config)
+        cfg.validate()
+        out = out if out is not None else cfg.out
+        run = prepare(cfg, train_set, val_set, None if out is None else Path(out), resume)
+    except Exception as err:
+        agree(err)
+        raise
+    agree(None)
+    check_same_config({k: v for k, v in config_to_dict(cfg).items() if k != "data"}
+                      | {"data": {k: v for k, v in config_to_dict(cfg)["data"].items() if k != "root"}})
     state = run.state
-    if run.run_dir is not None:
+    if place.enabled:
+        state.ddp = wrap_model(state.model, run.ctx.device)
+        if cfg.sync_bn:
+            sync_batchnorm.enable(state.model)
+    if run.run_dir is not None and place.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.run_dir / "config.yaml")
     position = (PHASES[state.phase], state.epoch)
-    log = RunLogger(run.run_dir, resume_step=state.step if run.resumed else None,
+    log = RunLogger(run.run_dir if place.is_main else None, resume_step=state.step if run.resumed else None,
                     keep_line=(lambda r: (PHASES.get(r.get("phase"), 99), r.get("epoch", 0)) <= position)
                     if run.resumed else None)
     saver = _Saver(run)
     dense_reference = None
     if cfg.method != "dense" and state.phase != "done":
         dense_reference = DenseReference(run.dense_model or copy.deepcopy(state.model),
-                                         lambda params: run_optimizer(params, cfg.optim), run.ctx,
+                                         lambda params: run_optimizer(params, cfg.optim), rank_local(run.ctx),
                                          share=DENSE_REFERENCE_SHARE, min_pairs=DENSE_REFERENCE_MIN_PAIRS)
     try:
         while state.phase != "done":
@@ -394,6 +429,7 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
         summary = summarize(run, saver.elapsed())
     finally:
         log.close()
-    if run.run_dir is not None:
+        sync_batchnorm.disable()
+    if run.run_dir is not None and place.is_main:
         write_json(summary, run.run_dir / "summary.json")
     return summary

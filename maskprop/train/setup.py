@@ -25,6 +25,7 @@ from ..vrpge import ChannelScores
 from .checkpoint import check_compatible, error_reason, load_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SbpConfig, config_to_dict
 from .data import build_datasets, build_loader
+from .distributed import all_reduce_sum, check_world_size, current, device_for
 from .optim import build_schedule, run_optimizer, score_optimizer, weight_optimizer
 from .state import TrainState
 from .steps import StepContext
@@ -232,11 +233,20 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     checkpoint = _check_run_dir(run_dir, resume)
     train_set, val_set, num_classes, input_size = _datasets(cfg, train_set, val_set)
     device = _resolve_device(cfg.device)
+    place = current()  # under torchrun: one device per rank, and what DDP cannot run is refused here
+    device = device_for(device, place)
+    if place.enabled and cfg.method in SPARSE_BACKWARD_METHODS:
+        raise ValueError(f"method={cfg.method!r} does not run under torch.distributed (world size "
+                         f"{place.world_size}): its top-k selections, memories and budgets follow each rank's share of "
+                         f"the batch and would differ between ranks; run it in one process")
 
     torch.manual_seed(cfg.seed)
     model = _build_model(cfg, num_classes, input_size)
     groups = model.channel_groups()
+    if place.rank > 0:  # the same initial weights everywhere, then each rank's own augmentation and dropout draws
+        torch.manual_seed(cfg.seed * 1_000_003 + place.rank)
     if checkpoint is not None:
+        check_world_size(checkpoint, run_dir / "last.pt", place)
         check_compatible(checkpoint, run_dir / "last.pt", cfg.model.name, cfg.model.kwargs, groups, cfg.method)
         _warn_changed(checkpoint["config"], config_to_dict(cfg))
     cost = _cost_model(model, cfg, input_size)  # before moving: the shapes do not depend on the device
@@ -275,6 +285,8 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     ctx = StepContext(criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), device=device,
                       cost=cost, amp_dtype=_AMP[cfg.amp], channels_last=cfg.channels_last,
                       clip_grad_norm=cfg.optim.clip_grad_norm)
+    if place.enabled:  # each step's loss sums, correct and example counts over the global batch
+        ctx.reduce_stats = all_reduce_sum
     return Run(cfg, state, ctx, train_set, train_loader, val_loader, groups, run_dir, checkpoint is not None,
                dense_model)
 

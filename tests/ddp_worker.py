@@ -1,0 +1,70 @@
+"""Run by tests/test_distributed.py under torchrun: fit each job of a json list and keep what every rank ends with.
+
+Each job is ``{"config": {...}, "out": dir or null, "resume": bool, "dump": path prefix, "rank_config": {rank:
+{dotted key: value}}}``. For every job this rank writes ``<dump>.rank<r>.json`` (the error message, if any) and, when
+the run finished, ``<dump>.rank<r>.pt``: its model state (weights and BatchNorm statistics), scores, fixed mask, fix
+description, optimizer states and per-epoch records. Errors do not stop the worker: the next job starts on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import maskprop.train.loop as loop
+
+
+def _set(config: dict, dotted: str, value) -> None:
+    node = config
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def _dump(run) -> dict:
+    state = run.state
+    return {
+        "model": {k: v.clone() for k, v in state.model.state_dict().items()},
+        "scores": None if state.scores is None else state.scores.scores.detach().clone(),
+        "fixed_mask": state.fixed_mask,
+        "fix_info": state.fix_info,
+        "weight_optimizer": state.weight_optimizer.state_dict(),
+        "score_optimizer": None if state.score_optimizer is None else state.score_optimizer.state_dict(),
+        "mask_generator": state.mask_generator.get_state(),
+        "step": state.step,
+    }
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    captured = {}
+    summarize = loop.summarize
+
+    def capture(run, elapsed):
+        captured["run"] = run
+        return summarize(run, elapsed)
+
+    loop.summarize = capture
+    for job in json.loads(Path(sys.argv[1]).read_text()):
+        config = copy.deepcopy(job["config"])
+        for dotted, value in job.get("rank_config", {}).get(str(rank), {}).items():
+            _set(config, dotted, value)
+        captured.clear()
+        try:
+            summary = loop.fit(config, out=job.get("out"), resume=job.get("resume", False))
+            result = {"error": None, "accuracy": summary["accuracy"]}
+            torch.save(_dump(captured["run"]), f"{job['dump']}.rank{rank}.pt")
+        except (ValueError, FileNotFoundError) as err:
+            result = {"error": str(err), "type": type(err).__name__}
+        Path(f"{job['dump']}.rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

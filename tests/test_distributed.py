@@ -1,0 +1,360 @@
+"""DDP on the CPU with gloo: two processes under torchrun against each other and against one process.
+
+One torchrun launch of ``tests/ddp_worker.py`` fits every job below in the same two processes (start-up costs more
+than these tiny runs); the CLI tests launch ``torchrun -m maskprop train`` itself (kill and resume, one-line errors).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+import maskprop
+import maskprop.train.loop as loop
+from maskprop.sparse import sync_batchnorm
+from maskprop.train import distributed
+from maskprop.train.checkpoint import load_checkpoint
+from maskprop.train.data import GlobalBatchSampler, build_loader
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# ResNet-20 on 16x16 shapes: 2 global batches of 64 per epoch (32 per rank), 4 search epochs, 1 finetune epoch.
+TINY = {
+    "seed": 0,
+    "log_every": 1,
+    "model": {"name": "resnet20"},
+    "data": {"dataset": "shapes", "train_size": 128, "val_size": 64, "image_size": 16, "batch_size": 64,
+             "workers": 0},
+    "optim": {"epochs": 4},
+    "sparsity": {"keep_ratio": 0.5, "fix_examples": 64, "fix_samples": 3},
+    "finetune": {"epochs": 1},
+}
+
+
+def tiny(**overrides) -> dict:
+    config = copy.deepcopy(TINY)
+    for dotted, value in overrides.items():
+        node = config
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config
+
+
+# 2 search steps, the fix, 2 finetune steps: short, because float rounding differs between one process and two (sums
+# in another order) and a ReLU input within ~1e-6 of zero then flips sign, which moves that example's gradient by a
+# whole term (measured: about one such flip per step in this network, each moving the next losses by ~1e-5).
+SYNC = tiny(sync_bn=True, **{"data.augment": False, "optim.epochs": 2})
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def _torchrun(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def _results(prefix: Path, ranks: int = 2) -> list[dict]:
+    return [json.loads(Path(f"{prefix}.rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def _states(prefix: Path, ranks: int = 2) -> list[dict]:
+    return [torch.load(f"{prefix}.rank{r}.pt", weights_only=False) for r in range(ranks)]
+
+
+def _one_process(config: dict, out: Path) -> dict:
+    """What ``ddp_worker`` dumps, from a fit in this process."""
+    captured = {}
+    summarize = loop.summarize
+
+    def capture(run, elapsed):
+        captured["run"] = run
+        return summarize(run, elapsed)
+
+    loop.summarize = capture
+    try:
+        maskprop.fit(config, out=out)
+    finally:
+        loop.summarize = summarize
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        from ddp_worker import _dump
+    finally:
+        sys.path.pop(0)
+    return _dump(captured["run"])
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """One torchrun launch (2 ranks) of every job; returns the directory and the 1-process run of the sync_bn job."""
+    root = tmp_path_factory.mktemp("ddp")
+    single = root / "single"
+    maskprop.fit(tiny(**{"optim.epochs": 1, "finetune.epochs": 0}), out=single)  # a 1-process checkpoint
+    jobs = [
+        {"config": tiny(), "out": str(root / "plain"), "dump": str(root / "plain")},
+        {"config": SYNC, "out": str(root / "sync_run"),
+         "dump": str(root / "sync")},
+        {"config": tiny(**{"sparsity.weight_grad": "both", "optim.epochs": 1, "finetune.epochs": 0}), "out": None,
+         "dump": str(root / "both")},
+        {"config": tiny(**{"data.batch_size": 63}), "out": None, "dump": str(root / "odd_batch")},
+        {"config": tiny(), "out": None, "dump": str(root / "other_config"),
+         "rank_config": {"1": {"optim.lr": 0.2}}},
+        {"config": tiny(), "out": None, "dump": str(root / "one_rank_fails"),
+         "rank_config": {"1": {"data.dataset": "cifar10", "data.root": str(root / "nowhere")}}},
+        {"config": tiny(**{"optim.epochs": 1, "finetune.epochs": 0}), "out": str(single), "resume": True,
+         "dump": str(root / "other_world")},
+        {"config": tiny(method="msbp", **{"model.name": "mlp"}), "out": None, "dump": str(root / "msbp")},
+    ]
+    spec = root / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    done = subprocess.run(_torchrun(str(REPO / "tests" / "ddp_worker.py"), str(spec)), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = _one_process(SYNC, root / "sync_single")
+    return root, reference
+
+
+def _assert_equal_states(a: dict, b: dict) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["scores"], b["scores"])
+    assert a["fixed_mask"].keys() == b["fixed_mask"].keys()
+    assert all(torch.equal(a["fixed_mask"][g], b["fixed_mask"][g]) for g in a["fixed_mask"])
+    assert a["fix_info"] == b["fix_info"]
+    for which in ("weight_optimizer", "score_optimizer"):
+        for index, fields in a[which]["state"].items():
+            for name, value in fields.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(b[which]["state"][index][name]))
+    assert torch.equal(a["mask_generator"], b["mask_generator"])
+
+
+@pytest.mark.parametrize("job", ["plain", "sync", "both"])
+def test_every_rank_holds_the_same_weights_scores_masks_and_batchnorm_statistics(ddp, job):
+    root, _ = ddp
+    assert [r["error"] for r in _results(root / job)] == [None, None]
+    rank0, rank1 = _states(root / job)
+    assert rank0["step"] == rank1["step"] > 0
+    _assert_equal_states(rank0, rank1)
+    # The runs trained: BatchNorm statistics moved away from their initial values.
+    assert not torch.equal(rank0["model"]["bn1.running_mean"], torch.zeros_like(rank0["model"]["bn1.running_mean"]))
+
+
+def test_sync_bn_two_processes_match_one_process(ddp):
+    root, single = ddp
+    two, _ = _states(root / "sync")
+    assert two["step"] == single["step"]
+    # The same masks were sampled at every step: the mask generator advanced alike, and the fix chose alike.
+    assert torch.equal(two["mask_generator"], single["mask_generator"])
+    assert two["fix_info"]["chosen"] == single["fix_info"]["chosen"]
+    assert two["fix_info"]["train_accuracies"] == single["fix_info"]["train_accuracies"]
+    assert all(torch.equal(two["fixed_mask"][g], single["fixed_mask"][g]) for g in single["fixed_mask"])
+    # Scores (each update from L(m) and L(m') of the global batch: a step of Adam moves a score by up to 12e-3) and
+    # weights agree to float tolerance, widened by the ReLU sign flips described at SYNC.
+    torch.testing.assert_close(two["scores"], single["scores"], rtol=0, atol=1e-4)
+    for key, value in single["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(two["model"][key], value, rtol=1e-3, atol=1e-4, msg=key)
+        else:
+            assert torch.equal(two["model"][key], value), key
+
+
+def test_sync_bn_losses_per_epoch_match_one_process(ddp):
+    root, _ = ddp
+    two = [json.loads(line) for line in (root / "sync_run" / "metrics.jsonl").read_text().splitlines()]
+    single = [json.loads(line) for line in (root / "sync_single" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in two] == [(r["phase"], r["epoch"]) for r in single]
+    for a, b in zip(two, single):  # L(m), L(m') and accuracy of the global batches; validation over all examples
+        for key in ("train_loss", "train_loss2", "train_accuracy", "kept_ratio_sampled", "val_loss", "val_accuracy"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), (a["phase"], a["epoch"], key)
+    plain = [json.loads(line) for line in (root / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in plain] == [("search", e) for e in range(1, 5)] + [("finetune", 1)]
+
+
+@pytest.mark.parametrize(("job", "message"), [
+    ("odd_batch", r"data.batch_size=63 is not divisible by the world size 2; expected a multiple of 2"),
+    ("other_config", r"ranks started with different configurations: rank 1 differs from rank 0 in optim.lr"),
+    ("one_rank_fails", r"rank 1: cifar10 root directory '.*nowhere' does not exist"),
+    ("other_world", r"was written by a run of 1 process\(es\), this run has 2; resume with the same number"),
+    ("msbp", r"method='msbp' does not run under torch.distributed \(world size 2\)"),
+])
+def test_bad_input_stops_every_rank_with_one_line(ddp, job, message):
+    import re
+
+    root, _ = ddp
+    results = _results(root / job)
+    assert all(r["error"] is not None and "\n" not in r["error"] for r in results), results
+    assert re.search(message, results[0]["error"]), results[0]["error"]  # what rank 0 prints
+
+
+@pytest.mark.slow  # about 30 s: two more torchrun launches
+def test_killed_two_process_run_resumes_to_the_same_end(ddp, tmp_path):
+    root, _ = ddp
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny()))
+    killed = tmp_path / "killed"
+    child = subprocess.Popen(_torchrun("-m", "maskprop", "train", str(recipe), "--out", str(killed)), cwd=REPO,
+                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (killed / "last.pt").exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(child.pid, signal.SIGKILL)  # torchrun and both ranks at once
+    finally:
+        child.wait()
+    interrupted = load_checkpoint(killed / "last.pt")
+    assert interrupted["world_size"] == 2 and len(interrupted["rng"]["ranks"]) == 2
+    assert (interrupted["phase"], interrupted["step"]) != ("done", 10), "the run finished before it was killed"
+    done = subprocess.run(_torchrun("-m", "maskprop", "train", "--resume", str(killed)), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run directory:") == 1  # rank 0 reports, alone
+    a, b = load_checkpoint(root / "plain" / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert (a["phase"], a["step"]) == (b["phase"], b["step"]) == ("done", 10)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["scores"]["scores"], b["scores"]["scores"])
+    assert all(torch.equal(a["fixed_mask"][g], b["fixed_mask"][g]) for g in a["fixed_mask"])
+    for rank in range(2):
+        assert torch.equal(a["rng"]["ranks"][rank]["torch"], b["rng"]["ranks"][rank]["torch"])
+    records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in records] == [("search", e) for e in range(1, 5)] + [("finetune", 1)]
+
+
+def test_cli_error_under_torchrun_is_one_line_from_rank_zero(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny(**{"data.batch_size": 63})))
+    done = subprocess.run(_torchrun("-m", "maskprop", "train", str(recipe), "--out", str(tmp_path / "run")),
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "maskprop train: error:" in line]
+    assert lines == ["maskprop train: error: data.batch_size=63 is not divisible by the world size 2; expected a "
+                     "multiple of 2 (the global batch is split evenly over the ranks)"]
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In this process
+
+
+def test_nccl_without_cuda_is_one_line(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=r"^distributed backend 'nccl' needs CUDA, which is not available"):
+        distributed.init_from_env("nccl")
+    assert not dist.is_initialized()
+
+
+def test_one_process_needs_no_process_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.init_from_env() == distributed.Distributed(0, 1, 0)
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_global_batches_do_not_depend_on_the_world_size(world):
+    def batches(w):
+        generator = torch.Generator().manual_seed(3)
+        samplers = [GlobalBatchSampler(50, 8, shuffle=True, drop_last=True, generator=generator, rank=r,
+                                       world_size=w) for r in range(w)]
+        epochs = []
+        for _ in range(2):  # every rank draws the same permutation from the same generator state
+            state = generator.get_state()
+            per_rank = []
+            for sampler in samplers:
+                generator.set_state(state)
+                per_rank.append(list(sampler))
+            epochs.append([sum((per_rank[r][i] for r in range(w)), []) for i in range(len(per_rank[0]))])
+        return epochs
+
+    expected = batches(1)
+    assert batches(world) == expected
+    assert all(len(batch) == 8 for epoch in expected for batch in epoch) and expected[0] != expected[1]
+
+
+def test_one_process_sampler_draws_as_torchs_random_sampler():
+    dataset = list(range(50))
+    ours = build_loader(dataset, batch_size=8, train=True, seed=5, world=(0, 1))
+    theirs = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(5))
+    for _ in range(2):
+        assert [b.tolist() for b in ours] == [b.tolist() for b in theirs]
+    assert torch.equal(ours.generator.get_state(), theirs.generator.get_state())
+
+
+def test_evaluation_shares_cover_every_example_once():
+    shares = [list(build_loader(list(range(11)), batch_size=4, train=False, world=(r, 2))) for r in range(2)]
+    seen = [int(i) for share in shares for batch in share for i in batch]
+    assert seen == list(range(11))
+    assert [len(b) for b in shares[0]] == [2, 2, 2] and [len(b) for b in shares[1]] == [2, 2, 1]
+
+
+def test_training_batch_not_divisible_by_world_size_is_refused():
+    with pytest.raises(ValueError, match=r"data.batch_size=10 is not divisible by the world size 4"):
+        build_loader(list(range(40)), batch_size=10, train=True, world=(1, 4))
+
+
+@pytest.fixture
+def single_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        sync_batchnorm.disable()
+        dist.destroy_process_group()
+
+
+def test_sync_batch_norm_matches_batch_norm_on_the_kept_channels(single_process_group):
+    torch.manual_seed(0)
+    layer = maskprop.sparse.SparseBatchNorm2d(6, group="g").double().train()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+        layer.running_var.uniform_(0.5, 2.0)
+    reference = copy.deepcopy(layer)
+    index = torch.tensor([0, 2, 5])
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    gathered = [t.index_select(0, index) for t in (layer.running_mean, layer.running_var, layer.weight, layer.bias)]
+    y = sync_batchnorm.sync_batch_norm(layer, x, gathered, dist.group.WORLD)
+    assert sync_batchnorm.group_for(layer) is None  # enable() names the layers that synchronise
+    weight, bias = reference.weight[index], reference.bias[index]
+    mean, var = reference.running_mean[index].clone(), reference.running_var[index].clone()
+    expected = F.batch_norm(x, mean, var, weight, bias, True, reference.momentum, reference.eps)
+    torch.testing.assert_close(y, expected)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, layer.weight, layer.bias), grad)
+    want = torch.autograd.grad(expected, (x, reference.weight, reference.bias), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(gathered[0], mean)  # the gathered statistics moved, for the caller to write back
+    torch.testing.assert_close(gathered[1], var)
+    assert int(layer.num_batches_tracked) == 1
+    # All channels (dense): the layer's own statistics move as nn.BatchNorm2d's.
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    y = sync_batchnorm.sync_batch_norm(layer, x, None, dist.group.WORLD)
+    torch.testing.assert_close(y, F.batch_norm(x, reference.running_mean, reference.running_var, reference.weight,
+                                               reference.bias, True, reference.momentum, reference.eps))
+    torch.testing.assert_close(layer.running_mean, reference.running_mean)
+    torch.testing.assert_close(layer.running_var, reference.running_var)
