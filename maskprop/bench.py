@@ -21,7 +21,7 @@ from torch import nn
 
 from .cost import CostModel, dense_step_flops, vrpge_step_flops
 from .models import create_model
-from .sparse import random_mask, use_mask
+from .sparse import check_align, random_mask, use_mask
 from .vrpge import ChannelScores
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class StepTiming:
     dense_saved_mb: float | None = None
     masked_saved_mb: float | None = None
     compact_saved_mb: float | None = None
+    align: int = 1
 
     @property
     def efficiency(self) -> float:
@@ -96,23 +97,57 @@ def saved_for_backward_mb(forward: Callable[[], object], exclude: Iterable[torch
     return sum(sizes.values()) / 2**20
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def resolve_device(device: str) -> torch.device:
+    """``device`` as a ``torch.device`` that this machine has, else a one-line ``ValueError``."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device; expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: the benchmark runs on 'cpu' or 'cuda'")
+    return dev
+
+
+def default_align(device: torch.device) -> int:
+    """Kept widths padded to multiples of 8 on CUDA (tensor cores, cuDNN's plan cache), not at all on the CPU (where
+    a width costs more the more channels it has: BENCHMARKS.md, ``tools/conv_blocking.py``)."""
+    return 8 if device.type == "cuda" else 1
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes: between two CUDA events on CUDA (one sync, after the step), on the host clock
+    elsewhere."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    torch.cuda.synchronize(device)  # nothing earlier in the timed window
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: dict | None, mode: str,
-          amp: torch.dtype | None) -> torch.Tensor:
+          amp: torch.dtype | None, align: int = 1) -> torch.Tensor:
     """The loss of one forward of ``model`` as the subnetwork ``mask`` (``None``: dense)."""
-    with use_mask(model, mask, mode), torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+    with use_mask(model, mask, mode, align if mode == "compact" else 1), \
+            torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
         return F.cross_entropy(model(x), y)
 
 
-def _steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: dict, amp: torch.dtype | None) -> dict:
+def _steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: dict, amp: torch.dtype | None,
+           align: int = 1) -> dict:
     """The three training steps being compared, each a closure that runs one step."""
 
     def loss_of(mask, mode):
-        return _loss(model, x, y, mask, mode, amp)
+        return _loss(model, x, y, mask, mode, amp, align)
 
     def dense():
         model.zero_grad(set_to_none=True)
@@ -146,6 +181,7 @@ def bench_model(
     seed: int = 0,
     masks: str = "exact",
     progress: Callable[[str], None] | None = None,
+    align: int | None = None,
 ) -> list[StepTiming]:
     """Times of the dense, masked (official-style) and compact VR-PGE steps for each keep ratio, and their ratios.
 
@@ -156,12 +192,26 @@ def bench_model(
     ``masks``: ``"exact"`` keeps ``round(keep x channels)`` random channels of every group (widths are multiples of
     8 or 16 where the model's are); ``"sampled"`` draws every channel with probability ``keep`` as a VR-PGE search
     step does at the start of training (:class:`maskprop.vrpge.ChannelScores` at ``init = keep``), so widths vary.
+
+    ``align``: the compact step pads kept widths to multiples of this (exact; ``None``: 8 on CUDA, 1 on the CPU).
+
+    Raises:
+        ValueError: a bad argument (one line, before anything runs).
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
+    if warmup < 0:
+        raise ValueError(f"warmup={warmup} must be >= 0")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1 (a step needs examples)")
+    if image_size < 1:
+        raise ValueError(f"image_size={image_size} must be >= 1")
+    if not keep_ratios or any(not 0.0 < rho <= 1.0 for rho in keep_ratios):
+        raise ValueError(f"keep_ratios={list(keep_ratios)}; expected one or more fractions in (0, 1]")
     if masks not in ("exact", "sampled"):
         raise ValueError(f"masks={masks!r}; expected 'exact' or 'sampled'")
-    dev = torch.device(device)
+    dev = resolve_device(device)
+    align = default_align(dev) if align is None else check_align(align)
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes=num_classes).to(dev).train()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -184,11 +234,12 @@ def bench_model(
             scores = ChannelScores(groups, keep_ratio=rho, init=rho)
             pair = {"m": scores.sample(generator), "m2": scores.sample(generator)}
         ideal[rho] = dense_step_flops(cost.flops()) / vrpge_step_flops(cost.flops(pair["m"]), cost.flops(pair["m2"]))
-        for name, fn in _steps(model, x, y, pair, amp_dtype).items():
+        for name, fn in _steps(model, x, y, pair, amp_dtype, align).items():
             configs[(rho, name)] = fn
         saved[(rho, "dense")] = dense_saved  # the same dense step for every keep ratio
         for mode in ("masked", "compact"):
-            saved[(rho, mode)] = saved_for_backward_mb(partial(_loss, model, x, y, pair["m"], mode, amp_dtype), params)
+            saved[(rho, mode)] = saved_for_backward_mb(partial(_loss, model, x, y, pair["m"], mode, amp_dtype, align),
+                                                       params)
 
     times: dict[tuple, list[float]] = {k: [] for k in configs}
     peak: dict[tuple, float | None] = {k: None for k in configs}
@@ -196,11 +247,7 @@ def bench_model(
         for key, fn in configs.items():
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            _sync(dev)
-            start = time.perf_counter()
-            fn()
-            _sync(dev)
-            elapsed = time.perf_counter() - start
+            elapsed = _timed(fn, dev)
             if rep >= warmup:
                 times[key].append(elapsed)
                 if dev.type == "cuda":
@@ -219,7 +266,7 @@ def bench_model(
         results.append(StepTiming(
             model_name, batch_size, rho, statistics.median(dense_by_rep), med["masked"], med["compact"], ideal[rho],
             speedup, (q1, q3), vs_masked, peak[(rho, "dense")], peak[(rho, "masked")], peak[(rho, "compact")],
-            saved[(rho, "dense")], saved[(rho, "masked")], saved[(rho, "compact")],
+            saved[(rho, "dense")], saved[(rho, "masked")], saved[(rho, "compact")], align,
         ))
     return results
 

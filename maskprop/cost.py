@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .sparse import SparseBatchNorm2d
+from .sparse import SparseBatchNorm2d, kept_counts
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,10 @@ class CostModel:
         self._dense_flops = sum(self._dense_layer_flops)
 
     @staticmethod
-    def _counts(mask: Mapping[str, Tensor] | None) -> dict[str, int]:
-        # One reduction per group (not per layer): this runs for every mask of every training step.
-        return {} if mask is None else {g: int(m.sum()) for g, m in mask.items()}
+    def _counts(mask: Mapping[str, Tensor | int] | None) -> dict[str, int]:
+        # Counted once per mask (not per layer): this runs for every mask of every training step. A mask may also be
+        # given as kept counts per group (ints), e.g. the aligned widths a compact step computes.
+        return {} if mask is None else kept_counts(mask)
 
     def _layer_flops(self, counts: Mapping[str, int]) -> list[int]:
         return [
@@ -70,8 +71,9 @@ class CostModel:
         per_layer = self._dense_layer_flops if mask is None else self._layer_flops(self._counts(mask))
         return {layer.name: f for layer, f in zip(self.layers, per_layer)}
 
-    def flops(self, mask: Mapping[str, Tensor] | None = None, batch_size: int = 1) -> int:
-        """Forward FLOPs for ``batch_size`` examples (dense when ``mask`` is None)."""
+    def flops(self, mask: Mapping[str, Tensor | int] | None = None, batch_size: int = 1) -> int:
+        """Forward FLOPs for ``batch_size`` examples (dense when ``mask`` is None; a mask, or channels computed per
+        group as ints)."""
         if mask is None:
             return batch_size * self._dense_flops
         return batch_size * sum(self._layer_flops(self._counts(mask)))

@@ -13,7 +13,7 @@ from conftest import input_size
 
 import maskprop
 from maskprop.sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, full_mask, random_mask, use_mask
-from maskprop.sparse.gather import gather_weight
+from maskprop.sparse.gather import gather_rows
 
 MODELS = maskprop.list_models()
 
@@ -171,17 +171,14 @@ def test_use_mask_restores_dense_and_nests(generator):
         torch.testing.assert_close(model(x), dense)
 
 
-def test_gather_weight_matches_indexing_and_its_gradient():
+def test_gather_rows_matches_indexing_and_its_gradient():
     torch.manual_seed(0)
-    weight = torch.randn(6, 5, 3, 3, dtype=torch.double, requires_grad=True)
-    out_index, in_index = torch.tensor([0, 2, 5]), torch.tensor([1, 4])
-    flat = (out_index[:, None] * 5 + in_index[None, :]).reshape(-1)
-    gathered = gather_weight(weight, out_index, in_index, flat)
-    torch.testing.assert_close(gathered, weight[out_index][:, in_index])
-    assert torch.autograd.gradcheck(lambda w: gather_weight(w, out_index, in_index, flat), (weight,))
-    assert torch.autograd.gradcheck(lambda w: gather_weight(w, out_index, None, None), (weight,))
-    assert torch.autograd.gradcheck(lambda w: gather_weight(w, None, in_index, None), (weight,))
-    assert gather_weight(weight, None, None, None) is weight
+    source = torch.randn(30, 9, dtype=torch.double, requires_grad=True)
+    index = torch.tensor([0, 2, 5, 17, 29])
+    torch.testing.assert_close(gather_rows(source, index), source[index])
+    assert torch.autograd.gradcheck(lambda s: gather_rows(s, index), (source,))
+    with torch.no_grad():
+        assert not gather_rows(source, index).requires_grad
 
 
 # --- bad input: one clear error each -------------------------------------------------------------------------------
@@ -339,22 +336,35 @@ def test_compact_batch_norm_in_channels_last_updates_running_statistics_like_nat
     assert int(bn.num_batches_tracked) == 1
 
 
-def test_kept_counts_and_indices_match_per_mask_nonzero():
-    """The batched host-side index sets (one cumsum, one nonzero for all groups) against a per-group brute force."""
-    from maskprop.sparse.execution import kept_counts, kept_indices
+def test_kept_counts_and_index_sets_match_per_mask_nonzero():
+    """The batched host-side index sets (one cumsum, one nonzero for all groups) against a per-group brute force,
+    padded or not."""
+    from maskprop.sparse.execution import _padded_index_sets
+    from maskprop.sparse.groups import aligned_width, count_kept
 
     g = torch.Generator().manual_seed(0)
-    for _ in range(100):
+    for trial in range(100):
         sizes = torch.randint(1, 40, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
         masks = [torch.rand(n, generator=g) < torch.rand(1, generator=g) for n in sizes]
-        counts = kept_counts(masks)
+        counts = count_kept(masks)
         assert counts == [int(m.sum()) for m in masks]
-        for m, index in zip(masks, kept_indices(masks, counts)):
-            assert torch.equal(index, m.nonzero().squeeze(1))
-    assert kept_counts([]) == [] and kept_indices([], []) == []
+        align = (1, 4, 8)[trial % 3]
+        widths = [aligned_width(c, n, align) if c < n else 0 for c, n in zip(counts, sizes)]
+        index, real = _padded_index_sets(torch.cat(masks), sizes, counts, widths)
+        expected, flags = [], []
+        for m, w in zip(masks, widths):
+            if w:
+                padding = (~m).nonzero().squeeze(1)[: w - int(m.sum())]
+                chosen = torch.cat([m.nonzero().squeeze(1), padding]).sort().values
+                expected.append(chosen)
+                flags.append(m[chosen])
+        assert torch.equal(index, torch.cat(expected) if expected else index.new_zeros(0))
+        assert torch.equal(real, torch.cat(flags) if flags else real.new_zeros(0))
+    assert count_kept([]) == []
     groups = {"b": 3, "a": 5}
     mask = {"a": torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool), "b": torch.tensor([0, 1, 0], dtype=torch.bool)}
     assert maskprop.sparse.check_mask(mask, groups) == [1, 3]  # in the order of the groups
+    assert maskprop.sparse.kept_counts({**mask, "c": 7}) == {"a": 3, "b": 1, "c": 7}
 
 
 def test_execution_state_puts_every_index_on_the_models_device():
@@ -371,6 +381,7 @@ def test_execution_state_puts_every_index_on_the_models_device():
     for g in groups:
         if g != "layer1":
             assert meta.index(g).device.type == "meta" and meta.index(g).shape == host.index(g).shape
-    assert host._flat.keys() == meta._flat.keys() and host._flat
-    for key, flat in host._flat.items():
-        assert meta._flat[key].device.type == "meta" and meta._flat[key].shape == flat.shape
+    assert len(host._weights) == len(meta._weights) > 0
+    for a, b in zip(host._weights, meta._weights):
+        assert b["flat"].device.type == "meta" and b["flat"].shape == a["flat"].shape
+    assert meta._norm["index"].device.type == "meta" and meta._norm["index"].shape == host._norm["index"].shape

@@ -9,10 +9,6 @@ are short is bound by how many operators it calls, not by its FLOPs. This counts
 official-style masked VR-PGE, maskprop's compact VR-PGE), and times them on a tiny batch on one CPU thread, where
 the step time is almost all host overhead. Calls on CPU tensors that a CUDA step would also make on the host (the
 index arithmetic of ``use_mask``) are counted too: the count is an upper bound on launches.
-
-``--bounds`` adds two timing-only variants of the compact step whose results are wrong on purpose: every BatchNorm
-gather and running-statistics write-back replaced by a slice, and the weight gathers replaced by slices as well. They
-bound what any cheaper gathering could win where the host limits the step.
 """
 
 from __future__ import annotations
@@ -23,50 +19,11 @@ import time
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import maskprop
 from maskprop.bench import _steps
-from maskprop.sparse import modules, random_mask
-
-_BATCH_NORM_FORWARD = modules.SparseBatchNorm2d.forward
-_GATHER_WEIGHT = modules.gather_weight
-
-
-def _sliced_batch_norm(self, x):
-    """Compact BatchNorm on the first k channels' parameters and no running statistics: timing only, wrong values."""
-    state = self._state
-    index = None if state is None else state.index(self.group)
-    if index is None or state.mode != "compact":
-        return _BATCH_NORM_FORWARD(self, x)
-    k = index.numel()
-    return F.batch_norm(x, None, None, self.weight[:k], self.bias[:k], True, 0.0, self.eps)
-
-
-def _sliced_weight(weight, out_index, in_index, flat):
-    """The first kept-count rows and columns of a weight instead of the gathered ones: timing only, wrong values."""
-    if out_index is not None:
-        weight = weight[: out_index.numel()]
-    return weight if in_index is None else weight[:, : in_index.numel()]
-
-
-def _patched(step, batch_norm: bool, weights: bool):
-    """``step`` run with the gathers replaced by slices."""
-
-    def run() -> None:
-        if batch_norm:
-            modules.SparseBatchNorm2d.forward = _sliced_batch_norm
-        if weights:
-            modules.gather_weight = _sliced_weight
-        try:
-            step()
-        finally:
-            modules.SparseBatchNorm2d.forward = _BATCH_NORM_FORWARD
-            modules.gather_weight = _GATHER_WEIGHT
-
-    return run
-
+from maskprop.sparse import random_mask
 
 def top_level_ops(fn) -> Counter:
     """Names of the ATen operators ``fn`` calls, counting only calls not made from inside another ATen operator."""
@@ -89,8 +46,7 @@ def main() -> None:
                         help="0: the smallest each model takes (32 for VGGs, whose five poolings need it; 4 otherwise)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--top", type=int, default=6, help="most frequent operators listed per step")
-    parser.add_argument("--bounds", action="store_true",
-                        help="also time the compact step with BatchNorm gathers, then all gathers, made slices")
+    parser.add_argument("--align", type=int, default=1, help="pad kept widths to multiples of this (compact step)")
     args = parser.parse_args()
     if args.batch_size < 2:
         raise SystemExit(f"--batch-size {args.batch_size}: BatchNorm in training needs a batch of at least 2")
@@ -112,10 +68,7 @@ def main() -> None:
         groups = model.channel_groups()
         masks = {"m": random_mask(groups, args.keep_ratio, generator), "m2": random_mask(groups, args.keep_ratio,
                                                                                           generator)}
-        steps = _steps(model, x, y, masks, None)
-        if args.bounds:
-            steps["compact, BatchNorm gathers as slices"] = _patched(steps["compact"], batch_norm=True, weights=False)
-            steps["compact, all gathers as slices"] = _patched(steps["compact"], batch_norm=True, weights=True)
+        steps = _steps(model, x, y, masks, None, args.align)
         for fn in steps.values():
             fn()  # warm-up
         counts = {step: top_level_ops(fn) for step, fn in steps.items()}

@@ -1,7 +1,8 @@
 """Channel groups, masks, and the compact / masked execution of channel-sparse layers."""
 
-from .execution import MODES, ExecutionState, Mask, check_mask, use_mask
-from .groups import ChannelSparseModel, channel_groups, full_mask, kept_counts, random_mask
+from .execution import MODES, ExecutionState, Mask, ModelPlan, check_mask, model_plan, prepare_mask, use_mask
+from .groups import (ChannelSparseModel, aligned_width, channel_groups, check_align, full_mask, kept_counts, kept_ratio,
+                     random_mask)
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule
 
 __all__ = [
@@ -9,14 +10,20 @@ __all__ = [
     "ChannelSparseModel",
     "ExecutionState",
     "Mask",
+    "ModelPlan",
     "SparseBatchNorm2d",
     "SparseConv2d",
     "SparseLinear",
     "SparseModule",
+    "aligned_width",
     "channel_groups",
+    "check_align",
     "check_mask",
     "full_mask",
     "kept_counts",
+    "kept_ratio",
+    "model_plan",
+    "prepare_mask",
     "random_mask",
     "use_mask",
 ]

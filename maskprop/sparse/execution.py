@@ -1,17 +1,42 @@
-"""Running a model as one channel subnetwork: masks, their validation, and the ``use_mask`` context."""
+"""Running a model as one channel subnetwork: masks, their validation, the execution state and ``use_mask``.
+
+An :class:`ExecutionState` holds everything the layers need to run one mask, prepared once per mask with a fixed
+number of tensor calls whatever the depth of the model (docs/methods.md, "Compact execution"):
+
+* the index sets of the groups that lose channels, built on the host with one ``cumsum`` and one ``nonzero`` over all
+  groups, padded up to a multiple of ``align`` (see below), and moved to the model's device in one copy (from pinned
+  memory, without blocking, on CUDA);
+* the flat indices that gather every pruned conv and linear weight (and bias) from the concatenation of the weights
+  of one kernel area, built on the device from that copy with a fixed number of calls;
+* the flat indices that gather the BatchNorm parameters and running statistics of all pruned units.
+
+In a forward pass the first layer that needs its gathered weight gathers those of all layers with one ``index_select``
+per kernel area (whose backward writes all their gradients with one zero-fill and one ``index_copy_``), and the first
+BatchNorm gathers the parameters and statistics of all units with one call each; the running statistics are written
+back with two calls once the last unit ran. A layer asking again starts a new pass, so weights changed by an optimizer
+step in between are gathered afresh.
+
+**Aligned widths.** With ``align = A`` each group's kept set is padded up to a multiple of ``A`` channels (never past
+the group's size) with its first dropped channels, so that the convolutions run on widths that GPU tensor cores and
+cuDNN's plan cache like. A padded channel does not exist for the step either: the gathered weight rows of padded
+output channels and the gathered BatchNorm weight and bias of padded channels are multiplied by zero, so its unit
+output is exactly zero, every gradient it could receive is zero, and its running statistics are not written back. The
+loss, gradients and statistics equal those of the unpadded mask; only the computed (and counted) width grows.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
+import math
+import weakref
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .gather import flat_index
-from .groups import channel_groups
-from .modules import SparseConv2d, SparseLinear, SparseModule
+from .gather import gather_rows
+from .groups import aligned_width, channel_groups, check_align, count_kept
+from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule, set_execution_state
 
 Mask = dict[str, Tensor]
 MODES = ("compact", "masked")
@@ -48,87 +73,247 @@ def check_mask(mask: Mapping[str, Tensor], groups: Mapping[str, int]) -> list[in
         if not isinstance(m, Tensor) or m.dtype != torch.bool or m.shape != (size,):
             got = f"{tuple(m.shape)} {m.dtype}" if isinstance(m, Tensor) else type(m).__name__
             raise ValueError(f"mask for group {name!r} is {got}; expected a bool tensor of shape ({size},)")
-    counts = kept_counts([mask[g] for g in groups])
+    counts = count_kept([mask[g] for g in groups])
     empty = [g for g, count in zip(groups, counts) if count == 0]
     if empty:
         raise ValueError(f"mask keeps no channel of group(s) {_names(empty)}; every group must keep at least one")
     return counts
 
 
-def _on_host(masks: list[Tensor]) -> Tensor:
-    """The masks concatenated into one host tensor."""
-    return torch.cat([m if m.device.type == "cpu" else m.cpu() for m in masks])
+class ModelPlan:
+    """What running a model as a subnetwork needs to know about it, computed once per model: its sparse layers and
+    its channel groups.
+
+    Attributes:
+        layers: Every :class:`SparseModule` of the model, in module order.
+        groups: ``{group: channels}`` (:func:`~maskprop.sparse.groups.channel_groups`).
+        weighted: The conv and linear layers that read or write a group.
+        norms: The BatchNorm layers of a group.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[nn.Module]) -> None:
+        self.layers = layers
+        self.groups = channel_groups(model)
+        self.weighted = [m for m in layers if isinstance(m, (SparseConv2d, SparseLinear))
+                         and (m.in_group is not None or m.out_group is not None)]
+        self.norms = [m for m in layers if isinstance(m, SparseBatchNorm2d) and m.group is not None]
+        widest = [max(m.weight.shape[0], m.weight.shape[1]) for m in self.weighted]
+        self.max_channels = max(widest, default=1)
+        # What gathers the weights and biases, by kernel area: (layer, kind, out group, in group, c_out, c_in, tail).
+        self.by_area: dict[int, list[tuple]] = {}
+        for m in self.weighted:
+            c_out, c_in, *tail = m.weight.shape
+            self.by_area.setdefault(math.prod(tail), []).append((m, "weight", m.out_group, m.in_group, c_out, c_in,
+                                                                 tuple(tail)))
+        for m in self.weighted:
+            if m.bias is not None and m.out_group is not None:
+                self.by_area.setdefault(1, []).append((m, "bias", m.out_group, None, m.weight.shape[0], 1, ()))
+        # BatchNorm units gathered together: those with affine parameters and running statistics (all of maskprop's).
+        self.packed_norms = [m for m in self.norms if m.affine and m.running_mean is not None
+                             and m.running_var is not None]
 
 
-def kept_counts(masks: list[Tensor]) -> list[int]:
-    """Number of kept channels of each 1-d bool mask, with a fixed number of tensor calls whatever their count."""
-    if not masks:
-        return []
-    last = [end - 1 for end in itertools.accumulate(m.numel() for m in masks)]
-    totals = _on_host(masks).cumsum(0, dtype=torch.int64)[last].tolist()
-    return [b - a for a, b in zip([0, *totals[:-1]], totals)]
+_PLANS: weakref.WeakKeyDictionary[nn.Module, ModelPlan] = weakref.WeakKeyDictionary()
 
 
-def kept_indices(masks: list[Tensor], counts: list[int]) -> list[Tensor]:
-    """Sorted kept positions of each mask (host tensors), from one ``nonzero`` over all of them."""
-    if not masks:
-        return []
-    starts = torch.tensor([0, *itertools.accumulate(m.numel() for m in masks[:-1])])
-    positions = _on_host(masks).nonzero().view(-1)
-    positions -= starts.repeat_interleave(torch.tensor(counts), output_size=positions.numel())
-    return list(positions.split(counts))
+def model_plan(model: nn.Module) -> ModelPlan:
+    """The :class:`ModelPlan` of ``model``, computed on first use and again only when its layers changed (a layer
+    replaced or added; parameters moved to another device or dtype need no new plan)."""
+    layers = [m for m in model.modules() if isinstance(m, SparseModule)]
+    plan = _PLANS.get(model)
+    if plan is None or len(plan.layers) != len(layers) or any(a is not b for a, b in zip(plan.layers, layers)):
+        plan = ModelPlan(model, layers)
+        _PLANS[model] = plan
+    return plan
+
+
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """``host`` on ``device`` in one copy: from pinned memory and without blocking the host where ``device`` is CUDA
+    (the copy is ordered on the current stream before any kernel that reads it)."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+class _Pass:
+    """The gathered tensors of one forward pass: built by the first layer that asks, used by every layer once."""
+
+    def __init__(self, tensors: dict[int, tuple], grad: bool) -> None:
+        self.tensors = tensors
+        self.grad = grad
+        self.served: set[int] = set()
+        self.updated = False
+
+    def serves(self, layer: nn.Module) -> bool:
+        """Whether this pass can serve ``layer`` now (it has not yet, and the grad mode is the one it was built in)."""
+        return id(layer) not in self.served and self.grad == torch.is_grad_enabled()
 
 
 class ExecutionState:
-    """Index sets of one mask, prepared once so the layers' forward does no index arithmetic.
+    """Everything the layers need to run one mask, prepared once so that a forward pass does no index arithmetic and
+    a fixed number of gathering calls whatever the depth (see the module docstring).
 
-    The index sets are built on the CPU and moved to the model's device in one copy; the flat weight-row indices are
-    built from them on that device. ``index(group)`` is ``None`` for a group that is kept whole (or never pruned), so
-    a fully kept group runs the dense kernel with no gather at all.
+    Layers read it (``layer.execution_state``); only :func:`use_mask` sets it. Build one with :func:`prepare_mask`
+    to do the work before a forward (a search step prepares both of its masks first), or let :func:`use_mask` build it.
+
+    Attributes:
+        mode: ``"compact"`` or ``"masked"``.
+        align: Kept widths are padded up to multiples of this (compact mode).
+        kept: ``{group: kept channels}``.
+        widths: ``{group: channels computed}``: ``kept`` padded to ``align`` (equal to ``kept`` for ``align=1`` and
+            in masked mode); what the train-cost accounting counts.
     """
 
-    def __init__(
-        self, mask: Mapping[str, Tensor], model: nn.Module, mode: str, device: torch.device,
-        counts: list[int] | None = None,
-    ) -> None:
-        """``counts``: the kept count of each mask entry in the order of ``mask`` (as :func:`check_mask` returns
-        them), or ``None`` to count here."""
+    def __init__(self, mask: Mapping[str, Tensor], model: nn.Module, mode: str = "compact",
+                 device: torch.device | None = None, counts: list[int] | None = None, align: int = 1,
+                 plan: ModelPlan | None = None) -> None:
+        """``mask`` holds every group of ``model`` (:func:`check_mask`); ``counts`` its kept counts in the order of
+        ``mask`` when already known; ``device`` defaults to the model's."""
+        if mode not in MODES:
+            raise ValueError(f"unknown execution mode {mode!r}; expected one of {MODES}")
         self.mode = mode
+        self.align = check_align(align)
+        self.plan = model_plan(model) if plan is None else plan
+        self.device = _model_device(model) if device is None else torch.device(device)
         names = list(mask)
         masks = [mask[g] for g in names]
-        counts = kept_counts(masks) if counts is None else counts
-        kept: dict[str, Tensor | None] = {
-            g: (None if count == m.numel() else index)
-            for g, m, count, index in zip(names, masks, counts, kept_indices(masks, counts))
-        }
-        self._kept = kept
-        self._flat: dict[tuple[str | None, str | None], Tensor] = {}
+        counts = count_kept(masks) if counts is None else counts
+        sizes = [m.numel() for m in masks]
+        self.kept = dict(zip(names, counts))
+        align = self.align if mode == "compact" else 1
+        self.widths = {g: aligned_width(c, n, align) for g, c, n in zip(names, counts, sizes)}
         self.masks: dict[str, Tensor] = {}
+        self._index: dict[str, Tensor] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}  # gathered group -> (start, width) in the copied index sets
+        self._weights: list[dict] = []
+        self._weight_layers: set[int] = set()
+        self._norm: dict | None = None
+        self._one: dict[int, tuple[Tensor | None, Tensor | None]] = {}  # BatchNorm outside the packed gather
+        self.padded = False
+        self._weight_pass: _Pass | None = None
+        self._norm_pass: _Pass | None = None
         if mode == "masked":
-            self.masks = {g: m.to(device, non_blocking=True) for g, m in mask.items() if kept[g] is not None}
+            pruned = [g for g, c, n in zip(names, counts, sizes) if c < n]
+            if pruned:
+                moved = to_device(torch.cat([mask[g].cpu() for g in pruned]), self.device)
+                self.masks = dict(zip(pruned, moved.split([mask[g].numel() for g in pruned])))
             self._mask_values: dict[tuple[str, torch.dtype], Tensor] = {}
             return
-        gathered = [g for g, k in kept.items() if k is not None]
-        if device.type != "cpu" and gathered:  # one host-to-device copy of the index sets
-            moved = torch.cat([kept[g] for g in gathered]).to(device).split([kept[g].numel() for g in gathered])
-            kept.update(zip(gathered, moved))
-        # Flat weight-row indices for every (in_group, out_group) pair whose both sides are gathered, built where the
-        # weights are: for ResNet-50 they are 3.4M entries at keep 0.5, too many to build on the host and copy over.
-        flat: dict[tuple[str | None, str | None], Tensor] = {}
-        for module in model.modules():
-            if isinstance(module, (SparseConv2d, SparseLinear)):
-                key = (module.in_group, module.out_group)
-                out_index, in_index = self.index(module.out_group), self.index(module.in_group)
-                if key not in flat and out_index is not None and in_index is not None:
-                    flat[key] = flat_index(out_index, in_index, module.weight.shape[1])
-        self._flat = flat
+        self._prepare_compact(names, masks, counts, sizes)
+
+    # --- preparation (once per mask) -----------------------------------------------------------------------------
+
+    def _prepare_compact(self, names: list[str], masks: list[Tensor], counts: list[int], sizes: list[int]) -> None:
+        widths = [self.widths[g] if c < n else 0 for g, c, n in zip(names, counts, sizes)]
+        if not any(widths):
+            return
+        host_masks = torch.cat([m if m.device.type == "cpu" else m.cpu() for m in masks])
+        index, real = _padded_index_sets(host_masks, sizes, counts, widths)
+        start = 0
+        for g, w in zip(names, widths):
+            if w:
+                self._offsets[g] = (start, w)
+                start += w
+        identity = len(index)  # an identity segment after the index sets serves whole and never-pruned sides
+        index_ext = torch.cat([index, torch.arange(self.plan.max_channels)])
+        real_ext = torch.cat([real, torch.ones(self.plan.max_channels, dtype=torch.bool)])
+        self.padded = not bool(real.all())
+        self._weights, norm, rows = _tables(self.plan, self._offsets, identity)
+        self._weight_layers = {id(layer) for table in self._weights for layer, _, _ in table["sources"]}
+        rows, norm_targets = _row_table(rows, index_ext, real_ext, norm, self.padded)
+
+        # One host-to-device copy of everything, then the flat rows built on the device (ResNet-50: 3.4M entries at
+        # keep 0.5, too many to build on the host and copy over).
+        pieces = [index_ext, real_ext.long(), rows.view(-1), *norm_targets]
+        moved = to_device(torch.cat(pieces), self.device).split([p.numel() for p in pieces])
+        self._index_ext, self._real_ext = moved[0], moved[1]
+        tables = self._weights + ([norm] if norm is not None else [])
+        flat, real_rows = _flat_rows(moved[2].view(-1, 4), sum(t["entries"] for t in tables), self._index_ext)
+        sizes = [t["entries"] for t in tables]
+        for table, t_flat, t_real in zip(tables, flat.split(sizes), real_rows.split(sizes)):
+            table["flat"], table["real"], table["factors"] = t_flat, t_real, {}
+        if norm is not None:
+            norm["index"] = norm.pop("flat")
+            norm["real_positions"], norm["real_targets"] = (moved[3], moved[4]) if self.padded else (None, None)
+            self._norm = norm
+
+    # --- what layers read ----------------------------------------------------------------------------------------
 
     def index(self, group: str | None) -> Tensor | None:
-        """Kept channel indices of ``group``; ``None`` when all its channels are kept or it is never pruned."""
-        return None if group is None else self._kept[group]
+        """Channels of ``group`` the compact layers compute (kept, and padding), on the model's device; ``None`` when
+        the group is kept whole, is never pruned, or in masked mode."""
+        if group is None or group not in self._offsets:
+            return None
+        start, width = self._offsets[group]
+        return self._index_ext[start:start + width]
 
-    def flat(self, in_group: str | None, out_group: str | None) -> Tensor | None:
-        return self._flat.get((in_group, out_group))
+    def weight_and_bias(self, layer: SparseConv2d | SparseLinear) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias ``layer`` runs with in compact mode: gathered when it reads or writes a pruned group
+        (all layers' at once, by the first layer of a forward pass that asks), its own otherwise."""
+        if id(layer) not in self._weight_layers:
+            return layer.weight, layer.bias
+        current = self._weight_pass
+        if current is None or not current.serves(layer):
+            current = self._weight_pass = _Pass(self._gather_weights(), torch.is_grad_enabled())
+        current.served.add(id(layer))
+        return current.tensors[id(layer)]
+
+    def batch_norm(self, layer: SparseBatchNorm2d) -> tuple[Tensor | None, Tensor | None, Tensor | None,
+                                                             Tensor | None] | None:
+        """``(running_mean, running_var, weight, bias)`` of the channels ``layer`` computes, gathered with those of
+        all units; ``None`` when its group is kept whole (the layer runs as ``nn.BatchNorm2d``).
+
+        The running statistics returned are the ones to update in place; call :meth:`batch_norm_done` after the
+        forward so that they are written back (for the truly kept channels only) once the last unit ran.
+        """
+        if layer.group not in self._offsets:
+            return None
+        norm = self._norm
+        if norm is None or id(layer) not in norm["position"]:
+            return self._gather_one(layer)
+        current = self._norm_pass
+        if current is None or not current.serves(layer):
+            self.flush()
+            current = self._norm_pass = _Pass(self._gather_norms(), torch.is_grad_enabled())
+        current.served.add(id(layer))
+        return current.tensors[id(layer)]
+
+    def batch_norm_done(self, layer: SparseBatchNorm2d, updated: bool) -> None:
+        """Record that ``layer`` ran (``updated``: its running statistics moved); writes the statistics of every unit
+        back into the model once the last unit of the pass ran."""
+        norm = self._norm
+        if norm is None or id(layer) not in norm["position"]:
+            if updated:
+                self._write_back_one(layer)
+            return
+        current = self._norm_pass
+        current.updated |= updated
+        if len(current.served) == len(norm["modules"]):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write pending running statistics back into the model (the last unit of a pass and :func:`use_mask`'s exit
+        do it; harmless otherwise)."""
+        current = self._norm_pass
+        if current is None or not current.updated:
+            return
+        norm = self._norm
+        source, stats = current.tensors["source"]
+        if self.padded:  # only the truly kept channels: padded ones' statistics stay as they were
+            source.index_copy_(0, norm["real_targets"], stats.index_select(0, norm["real_positions"]))
+        else:
+            source.index_copy_(0, norm["index"], stats)
+        modules = norm["modules"]
+        torch._foreach_copy_([m.running_mean for m in modules] + [m.running_var for m in modules],
+                             list(source.split(norm["features"] * 2)))
+        current.updated = False
 
     def apply_mask(self, group: str | None, y: Tensor) -> Tensor:
         """``y`` with the dropped channels of ``group`` (dim 1) set to zero (``masked`` mode)."""
@@ -142,16 +327,210 @@ class ExecutionState:
             self._mask_values[key] = values
         return y * values
 
+    # --- gathering (once per forward pass) -----------------------------------------------------------------------
+
+    def _gather_weights(self) -> dict[int, list[Tensor | None]]:
+        """The gathered weights (and biases) of all layers: one concatenation and one ``index_select`` per kernel
+        area; the backward writes all their gradients with one zero-fill and one ``index_copy_``."""
+        tensors: dict[int, list[Tensor | None]] = {}
+        for table in self._weights:
+            area = table["area"]
+            source = torch.cat([getattr(layer, kind).reshape(-1, area) for layer, kind, _ in table["sources"]])
+            rows = gather_rows(source, table["flat"])
+            if self.padded:
+                rows = rows * _factor(table, rows.dtype)
+            for (layer, kind, shape), piece in zip(table["sources"], rows.split(table["sizes"])):
+                pair = tensors.setdefault(id(layer), [layer.weight, layer.bias])
+                pair[0 if kind == "weight" else 1] = piece.view(shape)
+        return tensors
+
+    def _gather_norms(self) -> dict:
+        """BatchNorm weights and biases of all units with one gather (padded channels' multiplied by zero), running
+        means and variances with another."""
+        norm = self._norm
+        modules = norm["modules"]
+        params = torch.cat([m.weight for m in modules] + [m.bias for m in modules])
+        gathered = gather_rows(params, norm["index"])
+        if self.padded:
+            gathered = gathered * _factor(norm, gathered.dtype)
+        source = torch.cat([m.running_mean for m in modules] + [m.running_var for m in modules])
+        stats = source.index_select(0, norm["index"])
+        widths = norm["widths"] * 2
+        # Each unit updates its statistics in place, and autograd saved them: pieces with version counters of their own
+        # (an in-place update of one must not look like a change of another's saved input).
+        params_of, stats_of = gathered.split(widths), stats.unsafe_split_with_sizes(widths)
+        n = len(modules)
+        tensors: dict = {id(m): (stats_of[i], stats_of[n + i], params_of[i], params_of[n + i])
+                         for i, m in enumerate(modules)}
+        tensors["source"] = (source, stats)
+        return tensors
+
+    def _gather_one(self, layer: SparseBatchNorm2d) -> tuple[Tensor | None, ...]:
+        """A BatchNorm the packed gather does not serve (no affine parameters or no running statistics)."""
+        index = self.index(layer.group)
+        mean = None if layer.running_mean is None else layer.running_mean.index_select(0, index)
+        var = None if layer.running_var is None else layer.running_var.index_select(0, index)
+        weight = None if layer.weight is None else layer.weight.index_select(0, index)
+        bias = None if layer.bias is None else layer.bias.index_select(0, index)
+        if self.padded:
+            start, width = self._offsets[layer.group]
+            factor = self._real_ext[start:start + width]
+            weight = None if weight is None else weight * factor.to(weight.dtype)
+            bias = None if bias is None else bias * factor.to(bias.dtype)
+        self._one[id(layer)] = (mean, var)
+        return mean, var, weight, bias
+
+    def _write_back_one(self, layer: SparseBatchNorm2d) -> None:
+        mean, var = self._one.pop(id(layer))
+        index = self.index(layer.group)
+        start, width = self._offsets[layer.group]
+        real = self._real_ext[start:start + width].bool()
+        for running, new in ((layer.running_mean, mean), (layer.running_var, var)):
+            running.index_copy_(0, index, torch.where(real, new, running.index_select(0, index)))
+
+
+def _factor(table: dict, dtype: torch.dtype) -> Tensor:
+    """A table's 0/1 factors (1: a kept channel, 0: padding) in ``dtype``, shaped for its gathered rows."""
+    factor = table["factors"].get(dtype)
+    if factor is None:
+        factor = table["real"].to(dtype)
+        factor = factor.view(-1, 1) if table.get("area") is not None else factor
+        table["factors"][dtype] = factor
+    return factor
+
+
+def _exclusive_cumsum(t: Tensor) -> Tensor:
+    return t.cumsum(0) - t
+
+
+def _padded_index_sets(masks: Tensor, sizes: list[int], counts: list[int], widths: list[int]) -> tuple[Tensor, Tensor]:
+    """Index sets of the groups with ``widths > 0``, each its kept channels padded with its first dropped channels up
+    to its width, in channel order, concatenated; and whether each entry is a kept channel (not padding).
+
+    All groups at once, from one ``cumsum`` and one ``nonzero`` on the host.
+    """
+    sizes_t, widths_t = torch.tensor(sizes), torch.tensor(widths)
+    group_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes_t, output_size=masks.numel())
+    pruned = (widths_t > 0)[group_of]
+    selected = masks & pruned
+    pad = [w - c if w else 0 for w, c in zip(widths, counts)]
+    if any(pad):
+        dropped = ~masks & pruned
+        rank = dropped.cumsum(0)  # 1-based rank of a dropped channel among all dropped channels
+        starts = _exclusive_cumsum(sizes_t)
+        rank -= (rank - dropped.long())[starts][group_of]  # ... among those of its group
+        selected |= dropped & (rank <= torch.tensor(pad)[group_of])
+    positions = selected.nonzero().view(-1)
+    real = masks[positions]
+    starts = _exclusive_cumsum(sizes_t)
+    positions -= starts.repeat_interleave(widths_t, output_size=positions.numel())
+    return positions, real
+
+
+def _tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], identity: int) -> tuple[list[dict], dict | None,
+                                                                                          list[tuple[int, ...]]]:
+    """What one mask gathers: a table per kernel area (the weights and biases to concatenate, the sizes and shapes of
+    their gathered pieces), one for the BatchNorm units, and one row per gathered tensor for :func:`_row_table`:
+    ``(computed outputs, first row in its concatenation, input channels, outputs' start and inputs' start in the
+    extended index sets, computed inputs)``. A side kept whole reads the identity segment at ``identity``."""
+    tables, rows = [], []
+
+    def add(table: dict, layer: nn.Module, kind: str, shape_tail: tuple, base: int, c_in: int,
+            out_side: tuple[int, int], in_side: tuple[int, int]) -> None:
+        (out_start, n_out), (in_start, n_in) = out_side, in_side
+        rows.append((n_out, base, c_in, out_start, in_start, n_in))
+        table["sources"].append((layer, kind, (n_out, n_in, *shape_tail) if kind == "weight" else (n_out,)))
+        table["sizes"].append(n_out * n_in)
+        table["entries"] += n_out * n_in
+
+    for area, entries in plan.by_area.items():
+        table = {"area": area, "sources": [], "sizes": [], "entries": 0}
+        base = 0
+        for layer, kind, out_group, in_group, c_out, c_in, tail in entries:
+            if out_group not in offsets and in_group not in offsets:
+                continue
+            out_side = offsets[out_group] if out_group in offsets else (identity, c_out)
+            in_side = offsets[in_group] if in_group in offsets else (identity, c_in)
+            add(table, layer, kind, tail, base, c_in, out_side, in_side)
+            base += c_out * c_in
+        if table["sources"]:
+            tables.append(table)
+    modules = [m for m in plan.packed_norms if m.group in offsets]
+    if not modules:
+        return tables, None, rows
+    norm = {"area": None, "sources": [], "sizes": [], "entries": 0, "modules": modules,
+            "position": {id(m): i for i, m in enumerate(modules)}, "features": [m.num_features for m in modules],
+            "widths": [offsets[m.group][1] for m in modules]}
+    total = sum(norm["features"])
+    for kind, first in (("weight", 0), ("bias", total)):  # cat(weights + biases): the layout of cat(means + vars)
+        base = first
+        for m in modules:
+            add(norm, m, kind, (), base, 1, offsets[m.group], (identity, 1))
+            base += m.num_features
+    return tables, norm, rows
+
+
+def _row_table(rows: list[tuple[int, ...]], index_ext: Tensor, real_ext: Tensor, norm: dict | None,
+               padded: bool) -> tuple[Tensor, list[Tensor]]:
+    """One row per (gathered tensor, computed output channel), with a fixed number of host calls for all of them:
+    ``[first flat row, offset of its inputs in the extended index sets, kept (1) or padding (0), computed inputs]``.
+
+    Expanded over its computed inputs ``i`` (:func:`_flat_rows`), a row gives the flat rows ``first + index_ext[offset
+    + i]`` of the tensor's ``(rows, kernel area)`` view inside the concatenation of its kind. With padding, also the
+    BatchNorm entries of kept channels and where they go back (``[positions, targets]``).
+    """
+    table = torch.tensor(rows, dtype=torch.int64)
+    layer_of = torch.repeat_interleave(table[:, 0])
+    n_out, base, c_in, out_start, in_start, n_in = table[layer_of].unbind(1)
+    out_pos = out_start + torch.arange(len(layer_of)) - _exclusive_cumsum(table[:, 0])[layer_of]
+    real = real_ext[out_pos].long()
+    first = base + index_ext[out_pos] * c_in
+    table = torch.stack([first, in_start - _exclusive_cumsum(n_in), real, n_in], 1)
+    if norm is None or not padded:
+        return table, []
+    norm_rows = table[-norm["entries"]:]  # one entry per row: BatchNorm tensors have one input
+    positions = norm_rows[:, 2].nonzero().view(-1)
+    return table, [positions, norm_rows[:, 0][positions]]
+
+
+def _flat_rows(rows: Tensor, entries: int, index_ext: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat rows (and their 0/1 kept flags) from the row table, on the table's device with a fixed number of calls:
+    each row expanded over its computed inputs."""
+    expanded = rows.repeat_interleave(rows[:, 3], dim=0, output_size=entries)
+    flat = expanded[:, 0] + index_ext[expanded[:, 1] + torch.arange(entries, device=rows.device)]
+    return flat, expanded[:, 2]
+
+
+def prepare_mask(model: nn.Module, mask: Mapping[str, Tensor], mode: str = "compact", align: int = 1) -> ExecutionState:
+    """Validate ``mask`` for ``model`` and prepare everything its layers need to run it (see :class:`ExecutionState`).
+
+    Args:
+        model: A maskprop model.
+        mask: Group name -> bool tensor (one entry per channel), on any device.
+        mode: ``"compact"`` or ``"masked"``.
+        align: Pad each group's kept set up to a multiple of this many channels, never past the group's size
+            (compact mode; exact, see the module docstring). 1: no padding.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown execution mode {mode!r}; expected one of {MODES}")
+    check_align(align)
+    plan = model_plan(model)
+    counts = check_mask(mask, plan.groups)
+    return ExecutionState({g: mask[g] for g in plan.groups}, model, mode, None, counts, align, plan)
+
 
 @contextlib.contextmanager
-def use_mask(model: nn.Module, mask: Mapping[str, Tensor] | None, mode: str = "compact") -> Iterator[nn.Module]:
+def use_mask(model: nn.Module, mask: Mapping[str, Tensor] | ExecutionState | None, mode: str = "compact",
+             align: int = 1) -> Iterator[nn.Module]:
     """Run ``model`` as the subnetwork ``mask`` inside the ``with`` block.
 
     Args:
         model: a maskprop model (its layers are :mod:`maskprop.sparse.modules` layers).
-        mask: group name -> bool tensor (one entry per channel); ``None`` runs the dense model.
+        mask: group name -> bool tensor (one entry per channel); an :class:`ExecutionState` from
+            :func:`prepare_mask` (its mode and alignment apply); ``None`` runs the dense model.
         mode: ``"compact"`` (gathered channels: the cost follows the kept channels) or ``"masked"`` (dense kernels,
             mask after BatchNorm: the reference semantics).
+        align: pad kept widths to multiples of this (compact mode; see :func:`prepare_mask`).
 
     Example:
         >>> with maskprop.use_mask(model, mask):
@@ -163,17 +542,12 @@ def use_mask(model: nn.Module, mask: Mapping[str, Tensor] | None, mode: str = "c
     if mask is None:
         yield model
         return
-    groups = channel_groups(model)
-    counts = check_mask(mask, groups)
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    state = ExecutionState({g: mask[g] for g in groups}, model, mode, device, counts)
-    layers = [m for m in model.modules() if isinstance(m, SparseModule)]
-    previous = [m._state for m in layers]
-    for m in layers:
-        m._state = state
+    state = mask if isinstance(mask, ExecutionState) else prepare_mask(model, mask, mode, align)
+    layers = model_plan(model).layers
+    previous = [m.execution_state for m in layers]
+    set_execution_state(layers, [state] * len(layers))
     try:
         yield model
     finally:
-        for m, p in zip(layers, previous):
-            m._state = p
+        state.flush()
+        set_execution_state(layers, previous)

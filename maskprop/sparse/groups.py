@@ -8,6 +8,9 @@ a model is built with ``prune_residual=False``).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -48,8 +51,11 @@ class ChannelSparseModel(nn.Module):
     """Base class of maskprop's models: a ``nn.Module`` that knows its channel groups."""
 
     def channel_groups(self) -> dict[str, int]:
-        """``{group name: number of channels}`` of every prunable group, in network order."""
-        return channel_groups(self)
+        """``{group name: number of channels}`` of every prunable group, in network order (computed once per model
+        structure and cached, see :func:`maskprop.sparse.execution.model_plan`)."""
+        from .execution import model_plan
+
+        return dict(model_plan(self).groups)
 
 
 def full_mask(groups: dict[str, int], device: torch.device | str | None = None) -> dict[str, Tensor]:
@@ -72,6 +78,45 @@ def random_mask(
     return mask
 
 
-def kept_counts(mask: dict[str, Tensor]) -> dict[str, int]:
-    """Number of kept channels per group."""
-    return {g: int(m.sum()) for g, m in mask.items()}
+def count_kept(masks: Sequence[Tensor]) -> list[int]:
+    """Kept channels of each 1-d bool mask, from one ``cumsum`` over all of them on the host (a fixed number of tensor
+    calls whatever their number)."""
+    if not masks:
+        return []
+    flat = torch.cat([m if m.device.type == "cpu" else m.cpu() for m in masks])
+    last = [end - 1 for end in itertools.accumulate(m.numel() for m in masks)]
+    totals = flat.cumsum(0, dtype=torch.int64)[last].tolist()
+    return [b - a for a, b in zip([0, *totals[:-1]], totals)]
+
+
+def kept_counts(mask: Mapping[str, Tensor | int]) -> dict[str, int]:
+    """Number of kept channels per group: the one place maskprop counts them.
+
+    Args:
+        mask: group name -> bool tensor; an ``int`` value is a count already known (e.g. an aligned width) and is
+            passed through.
+    """
+    names = [g for g, m in mask.items() if not isinstance(m, int)]
+    counts = dict(zip(names, count_kept([mask[g] for g in names])))
+    return {g: m if isinstance(m, int) else counts[g] for g, m in mask.items()}
+
+
+def kept_ratio(mask: Mapping[str, Tensor | int] | None, groups: Mapping[str, int]) -> float:
+    """Kept fraction of all the prunable channels of ``groups`` (1.0 for ``None``: the dense model)."""
+    if mask is None:
+        return 1.0
+    return sum(kept_counts(mask).values()) / max(sum(groups[g] for g in mask), 1)
+
+
+def aligned_width(kept: int, size: int, align: int) -> int:
+    """``kept`` rounded up to a multiple of ``align``, but never past the group's ``size`` (padding stops there: a
+    group of 12 channels keeping 5 runs 8 wide with ``align=8``, and 12 wide, not 16, when it keeps 9)."""
+    return min(-(-kept // align) * align, size)
+
+
+def check_align(align: object) -> int:
+    """``align`` if it is a positive integer, else a one-line ``ValueError``."""
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ValueError(f"align={align!r} is not a positive integer; expected the multiple kept widths are padded "
+                         f"to (8 for GPU tensor cores, 1 for no padding)")
+    return align

@@ -16,7 +16,7 @@ The two modes agree on the loss, every gradient and the BatchNorm statistics (te
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from .._workarounds import subsampled_pointwise_input
 from . import batchnorm
-from .gather import gather_weight
 
 if TYPE_CHECKING:
     from .execution import ExecutionState
@@ -34,7 +33,18 @@ if TYPE_CHECKING:
 class SparseModule:
     """Mixin marking a layer that follows the active :class:`~maskprop.sparse.execution.ExecutionState`."""
 
-    _state: ExecutionState | None = None
+    _execution_state: ExecutionState | None = None
+
+    @property
+    def execution_state(self) -> ExecutionState | None:
+        """The subnetwork this layer runs now (``None``: dense). Read-only: :func:`maskprop.use_mask` sets it."""
+        return self._execution_state
+
+
+def set_execution_state(layers: Sequence[SparseModule], states: Sequence[ExecutionState | None]) -> None:
+    """Give each layer its execution state (used by :func:`maskprop.sparse.execution.use_mask` only)."""
+    for layer, state in zip(layers, states):
+        layer._execution_state = state
 
 
 def _grouped_forward(
@@ -44,18 +54,15 @@ def _grouped_forward(
     apply: Callable[[Tensor, Tensor, Tensor | None], Tensor],
 ) -> Tensor:
     """Forward of a conv or linear layer under the active state: dense, masked, or on the gathered weight."""
-    state = layer._state
+    state = layer.execution_state
     if state is None:
         return dense(x)
     if state.mode == "masked":
         y = dense(x)
         return state.apply_mask(layer.out_group, y) if layer.mask_output else y
-    out_index = state.index(layer.out_group)
-    in_index = state.index(layer.in_group)
-    weight = gather_weight(layer.weight, out_index, in_index, state.flat(layer.in_group, layer.out_group))
-    bias = layer.bias
-    if bias is not None and out_index is not None:
-        bias = bias.index_select(0, out_index)
+    weight, bias = state.weight_and_bias(layer)
+    if weight is layer.weight:  # neither side pruned by this mask
+        return dense(x)
     return apply(x, weight, bias)
 
 
@@ -153,25 +160,17 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
         return factor, use_batch_stats
 
     def forward(self, x: Tensor) -> Tensor:
-        state = self._state
-        index = None if state is None else state.index(self.group)
-        if index is None:  # dense, or a fully kept group: exactly nn.BatchNorm2d
+        state = self.execution_state
+        if state is None:
             return super().forward(x)
-        factor, use_batch_stats = self._momentum()
-        updates_stats = use_batch_stats and self.running_mean is not None
         if state.mode == "masked":
-            mask = state.masks[self.group]
-            mean = self.running_mean.clone() if updates_stats else self.running_mean
-            var = self.running_var.clone() if updates_stats else self.running_var
-            y = F.batch_norm(x, mean, var, self.weight, self.bias, use_batch_stats, factor, self.eps)
-            if updates_stats:
-                self.running_mean.copy_(torch.where(mask, mean, self.running_mean))
-                self.running_var.copy_(torch.where(mask, var, self.running_var))
-            return state.apply_mask(self.group, y)
-        mean = None if self.running_mean is None else self.running_mean.index_select(0, index)
-        var = None if self.running_var is None else self.running_var.index_select(0, index)
-        weight = None if self.weight is None else self.weight.index_select(0, index)
-        bias = None if self.bias is None else self.bias.index_select(0, index)
+            return self._masked_forward(x, state)
+        gathered = state.batch_norm(self)  # running mean, running var, weight, bias of the computed channels
+        if gathered is None:  # a fully kept group: exactly nn.BatchNorm2d
+            return super().forward(x)
+        mean, var, weight, bias = gathered
+        factor, use_batch_stats = self._momentum()
+        updates_stats = use_batch_stats and mean is not None
         if use_batch_stats and batchnorm.eligible(x):  # kept counts the native channels_last kernel is slow for
             y, batch_mean, batch_var = batchnorm.batch_norm_nhwc(x, weight, bias, self.eps)
             if updates_stats:  # as F.batch_norm: the running variance takes the unbiased batch variance
@@ -180,10 +179,23 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
                 var.lerp_(batch_var * (n / max(n - 1, 1)), factor)
         else:
             y = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, factor, self.eps)
-        if updates_stats:
-            self.running_mean.index_copy_(0, index, mean)
-            self.running_var.index_copy_(0, index, var)
+        state.batch_norm_done(self, updates_stats)  # the kept channels' statistics go back into the model
         return y
+
+    def _masked_forward(self, x: Tensor, state: ExecutionState) -> Tensor:
+        """Dense kernels, dropped channels' running statistics restored, the unit output masked."""
+        mask = state.masks.get(self.group) if self.group is not None else None
+        if mask is None:
+            return super().forward(x)
+        factor, use_batch_stats = self._momentum()
+        updates_stats = use_batch_stats and self.running_mean is not None
+        mean = self.running_mean.clone() if updates_stats else self.running_mean
+        var = self.running_var.clone() if updates_stats else self.running_var
+        y = F.batch_norm(x, mean, var, self.weight, self.bias, use_batch_stats, factor, self.eps)
+        if updates_stats:
+            self.running_mean.copy_(torch.where(mask, mean, self.running_mean))
+            self.running_var.copy_(torch.where(mask, var, self.running_var))
+        return state.apply_mask(self.group, y)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group={self.group!r}"

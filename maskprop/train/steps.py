@@ -9,7 +9,7 @@ logs, timing) to the loop.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..cost import CostModel, dense_step_flops, sbp_step_flops, vrpge_step_flops
 from ..sbp import GlobalBudget, gradient_angles, sparse_layers
-from ..sparse import use_mask
+from ..sparse import kept_ratio, prepare_mask, use_mask
 from ..vrpge import ChannelScores, score_grad
 from .config import SparsityConfig
 
@@ -35,6 +35,9 @@ class StepContext:
         amp_dtype: Autocast dtype (``torch.bfloat16``) or ``None``.
         channels_last: Carry the inputs (hence the activations) in channels_last memory format.
         clip_grad_norm: Clip the joint gradient norm of weights and scores at this value, or ``None``.
+        align: Compact steps pad every group's kept width up to a multiple of this (``sparsity.align`` resolved: 8
+            on CUDA, 1 on the CPU); exact, and counted in the train FLOPs, which count what is computed.
+        reduce_stats: Sums the step-statistics tensor over ranks under DDP; ``None``: single process.
     """
 
     criterion: nn.Module
@@ -43,6 +46,8 @@ class StepContext:
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     clip_grad_norm: float | None = None
+    align: int = 1
+    reduce_stats: Callable[[Tensor], Tensor] | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
@@ -85,10 +90,23 @@ class StepResult:
     diagnostics: dict[str, float] | None = None
 
 
-def _kept_ratio(mask: Mapping[str, Tensor] | None) -> float:
-    if mask is None:
-        return 1.0
-    return sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
+def _read_stats(ctx: StepContext, losses: list[Tensor], logits: Tensor, labels: Tensor) -> tuple[list[float], int,
+                                                                                               int]:
+    """The step's losses (batch means), correct count and example count, read in one device-to-host transfer.
+
+    They travel as one float64 tensor of sums ``[loss * n, ..., correct, n]`` (exact: a float32 loss times a batch
+    size fits float64's mantissa), summed over ranks by ``ctx.reduce_stats`` under DDP; the losses come back as
+    sums / count, so a single process reads exactly the losses it computed.
+    """
+    n = labels.shape[0]
+    dtype = torch.float32 if labels.device.type == "mps" else torch.float64  # MPS has no float64
+    parts = [loss.detach().to(dtype) * n for loss in losses]
+    parts += [(logits.argmax(1) == labels).sum().to(dtype), torch.full((), n, dtype=dtype, device=labels.device)]
+    stats = torch.stack(parts)
+    if ctx.reduce_stats is not None:
+        stats = ctx.reduce_stats(stats)
+    *sums, correct, count = stats.tolist()  # the one host sync of a step
+    return [total / count for total in sums], int(correct), int(count)
 
 
 def _clip(ctx: StepContext, params: Iterator[Tensor] | list[Tensor]) -> None:
@@ -125,18 +143,21 @@ def vrpge_step(model: nn.Module, scores: ChannelScores, optimizers: tuple[torch.
     flat_m, flat_m2 = scores.sample_flat(generator), scores.sample_flat(generator)
     mask_m, mask_m2 = scores.split(flat_m.cpu()), scores.split(flat_m2.cpu())
     both = sparsity.weight_grad == "both"
+    # Both masks' index sets are prepared (and on their way to the device) before the first forward.
+    state_m = prepare_mask(model, mask_m, "compact", ctx.align)
+    state_m2 = prepare_mask(model, mask_m2, "compact", ctx.align)
 
     weight_opt.zero_grad(set_to_none=True)
     score_opt.zero_grad(set_to_none=True)
-    with use_mask(model, mask_m, "compact"), ctx.autocast():
+    with use_mask(model, state_m), ctx.autocast():
         logits = model(images)
         loss_m = ctx.criterion(logits.float(), labels)
     (loss_m * 0.5 if both else loss_m).backward()
-    with torch.set_grad_enabled(both), use_mask(model, mask_m2, "compact"), ctx.autocast():
+    with torch.set_grad_enabled(both), use_mask(model, state_m2), ctx.autocast():
         loss_m2 = ctx.criterion(model(images).float(), labels)
     if both:
         (loss_m2 * 0.5).backward()
-    value_m, value_m2 = loss_m.item(), loss_m2.item()
+    (value_m, value_m2), correct, count = _read_stats(ctx, [loss_m, loss_m2], logits, labels)
 
     # supplement eq. (12): g_s = (L(m) - L(m')) H^alpha(s) grad_s ln p(m|s)  (or its symmetric form)
     s = scores.scores
@@ -146,11 +167,13 @@ def vrpge_step(model: nn.Module, scores: ChannelScores, optimizers: tuple[torch.
     score_opt.step()
     scores.project_()
 
+    # Train FLOPs count what is computed: the aligned widths, padding included.
     batch_size = labels.shape[0]
-    f_m, f_m2 = ctx.cost.flops(mask_m, batch_size), ctx.cost.flops(mask_m2, batch_size)
+    f_m, f_m2 = ctx.cost.flops(state_m.widths, batch_size), ctx.cost.flops(state_m2.widths, batch_size)
     return StepResult(
-        loss=value_m, loss2=value_m2, correct=int((logits.argmax(1) == labels).sum()), count=batch_size,
-        kept_ratio=_kept_ratio(mask_m), flops=int(vrpge_step_flops(f_m, f_m2, sparsity.weight_grad)),
+        loss=value_m, loss2=value_m2, correct=correct, count=count,
+        kept_ratio=kept_ratio(state_m.kept, state_m.plan.groups),
+        flops=int(vrpge_step_flops(f_m, f_m2, sparsity.weight_grad)),
         dense_flops=int(dense_step_flops(ctx.cost.flops(None, batch_size))), mask=mask_m, mask2=mask_m2,
     )
 
@@ -159,20 +182,23 @@ def subnet_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple
                 mask: Mapping[str, Tensor] | None, ctx: StepContext) -> StepResult:
     """One SGD step of the subnetwork ``mask`` in compact mode (the finetune phase), or of the dense model (``None``).
 
-    Costs 3 f(mask) train FLOPs (supplement C.1).
+    Costs 3 f(mask) train FLOPs (supplement C.1), f at the aligned widths computed.
     """
     images, labels = batch
+    state = None if mask is None else prepare_mask(model, mask, "compact", ctx.align)
     optimizer.zero_grad(set_to_none=True)
-    with use_mask(model, mask, "compact"), ctx.autocast():
+    with use_mask(model, state), ctx.autocast():
         logits = model(images)
         loss = ctx.criterion(logits.float(), labels)
     loss.backward()
     _clip(ctx, model.parameters())
     optimizer.step()
+    (value,), correct, count = _read_stats(ctx, [loss], logits, labels)
     batch_size = labels.shape[0]
     return StepResult(
-        loss=loss.item(), loss2=None, correct=int((logits.argmax(1) == labels).sum()), count=batch_size,
-        kept_ratio=_kept_ratio(mask), flops=int(dense_step_flops(ctx.cost.flops(mask, batch_size))),
+        loss=value, loss2=None, correct=correct, count=count,
+        kept_ratio=1.0 if state is None else kept_ratio(state.kept, state.plan.groups),
+        flops=int(dense_step_flops(ctx.cost.flops(None if state is None else state.widths, batch_size))),
         dense_flops=int(dense_step_flops(ctx.cost.flops(None, batch_size))),
     )
 

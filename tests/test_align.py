@@ -1,0 +1,205 @@
+"""Aligned widths (``align``): padding kept sets with zeroed channels changes nothing but the computed width; the
+compact step's bookkeeping makes a fixed number of calls whatever the depth; index sets reach CUDA without blocking."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import input_size
+from test_sparse import edge_case_mask, run_step
+
+import maskprop
+from maskprop.sparse import (SparseBatchNorm2d, SparseConv2d, SparseLinear, aligned_width, prepare_mask, random_mask,
+                             use_mask)
+from maskprop.sparse import execution
+
+MODELS = maskprop.list_models()
+
+
+def _nontrivial(model):
+    for m in model.modules():
+        if isinstance(m, SparseBatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_aligned_compact_equals_unpadded_masked_in_float64(name, generator):
+    """Loss, every gradient (zero on dropped and padded channels) and every buffer (padded channels' statistics
+    untouched) equal the masked reference of the unpadded mask."""
+    torch.manual_seed(0)
+    model = _nontrivial(maskprop.create_model(name).double())
+    mask = edge_case_mask(model.channel_groups(), generator)
+    x = torch.randn(3, *input_size(name), dtype=torch.double)
+    y = torch.tensor([0, 1, 2])
+    reference = copy.deepcopy(model)
+    state = prepare_mask(model, mask, "compact", align=8)
+    assert state.padded and any(state.widths[g] > state.kept[g] for g in mask)
+    loss_c, grads_c, buffers_c = run_step(model, state, "compact", x, y)
+    loss_m, grads_m, buffers_m = run_step(reference, mask, "masked", x, y)
+    torch.testing.assert_close(loss_c, loss_m, rtol=1e-10, atol=1e-12)
+    for k in grads_m:
+        torch.testing.assert_close(grads_c[k], grads_m[k], rtol=1e-8, atol=1e-10, msg=f"gradient of {k}")
+    for k in buffers_m:
+        assert torch.equal(buffers_c[k], buffers_m[k]) or torch.allclose(buffers_c[k], buffers_m[k], 1e-10, 1e-12), k
+    for mod_name, m in model.named_modules():  # dropped (padded included): exactly zero gradient
+        if isinstance(m, (SparseConv2d, SparseLinear)) and m.out_group is not None:
+            assert grads_c[f"{mod_name}.weight"][~mask[m.out_group]].count_nonzero() == 0
+        if isinstance(m, SparseBatchNorm2d) and m.group is not None:
+            assert grads_c[f"{mod_name}.bias"][~mask[m.group]].count_nonzero() == 0
+
+
+def test_padded_widths_are_computed_and_padded_outputs_are_zero(generator):
+    model = maskprop.create_model("resnet20").train()
+    groups = model.channel_groups()
+    mask = random_mask(groups, 0.3, generator)
+    outputs = {}
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: outputs.__setitem__(n, (mod.group, o.detach())))
+               for n, m in model.named_modules() if isinstance(m, SparseBatchNorm2d)]
+    state = prepare_mask(model, mask, "compact", align=8)
+    with use_mask(model, state):
+        model(torch.randn(2, 3, 16, 16))
+    for h in handles:
+        h.remove()
+    for name, (group, out) in outputs.items():
+        kept, width = int(mask[group].sum()), state.widths[group]
+        assert out.shape[1] == width == aligned_width(kept, groups[group], 8), name
+        index = state.index(group)
+        real = mask[group][index]
+        assert out[:, ~real].abs().max() == 0 if (~real).any() else True, name
+        assert int(real.sum()) == kept
+
+
+def test_padding_stops_at_the_group_size():
+    """A group smaller than ``align`` (or one whose rounded-up width would pass its size) runs at most its size."""
+    assert aligned_width(5, 12, 8) == 8 and aligned_width(9, 12, 8) == 12 and aligned_width(3, 4, 8) == 4
+    assert aligned_width(12, 12, 8) == 12 and aligned_width(1, 100, 1) == 1
+    bn = SparseBatchNorm2d(6, group="g").double()
+    conv = SparseConv2d(3, 6, 3, padding=1, out_group="g").double()
+    model = torch.nn.Sequential(conv, bn)
+    mask = {"g": torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool)}
+    state = prepare_mask(model, mask, "compact", align=8)
+    assert state.widths == {"g": 6} and state.kept == {"g": 2}
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.double)
+    with use_mask(model, state):
+        out = model(x)
+    with use_mask(reference, mask, "masked"):
+        expected = reference(x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bn.running_mean, reference[1].running_mean, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("align", [0, -8, 2.5, "8", True])
+def test_bad_align_is_one_clear_error(align):
+    model = maskprop.create_model("resnet20")
+    mask = random_mask(model.channel_groups(), 0.5)
+    with pytest.raises(ValueError, match=r"align=.* is not a positive integer"):
+        prepare_mask(model, mask, "compact", align=align)
+
+
+def test_float32_training_steps_with_several_units_and_repeated_forwards(generator):
+    """Two forwards with autograd inside one block (the BatchNorm statistics of all units updated in place between
+    them) back-propagate, and match the masked reference."""
+    torch.manual_seed(0)
+    model = maskprop.create_model("vgg11_bn")
+    reference = copy.deepcopy(model)
+    mask = random_mask(model.channel_groups(), 0.5, generator)
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 3])
+    losses = []
+    for m, mode in ((model, "compact"), (reference, "masked")):
+        with use_mask(m, mask, mode, align=8 if mode == "compact" else 1):
+            total = F.cross_entropy(m(x), y) + F.cross_entropy(m(x.flip(0)), y)
+        total.backward()
+        losses.append(total.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for (k, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=k)
+    for (k, b), c in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_optimizer_steps_inside_one_block_are_seen_by_the_next_forward(generator):
+    """A prepared state reused across steps gathers the weights afresh in every forward pass."""
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20").double()
+    mask = random_mask(model.channel_groups(), 0.5, generator)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.double)
+    state = prepare_mask(model, mask)
+    with torch.no_grad(), use_mask(model, state):
+        before = model(x)
+        for p in model.parameters():
+            p.mul_(1.5)
+        after = model(x)
+    with torch.no_grad(), use_mask(model, mask, "masked"):
+        expected = model(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-10, atol=1e-12)
+
+
+def _bookkeeping(name: str) -> int:
+    """Calls of a compact VR-PGE step on the meta device (the CUDA paths) that only gather and scatter."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gathers = {"index_select", "index", "cat", "index_copy_", "index_add_", "new_zeros", "zeros", "_foreach_copy_",
+               "repeat_interleave", "arange", "mul", "split_with_sizes", "unsafe_split_with_sizes", "_to_copy"}
+    torch.manual_seed(0)
+    model = maskprop.create_model(name).to("meta").train()
+    x = torch.randn(2, 3, 8, 8, device="meta")
+    y = torch.zeros(2, dtype=torch.long, device="meta")
+    g = torch.Generator().manual_seed(0)
+    m, m2 = random_mask(model.channel_groups(), 0.5, g), random_mask(model.channel_groups(), 0.5, g)
+    calls = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in gathers:
+                calls.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        with use_mask(model, m, align=8):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        with torch.no_grad(), use_mask(model, m2, align=8):
+            model(x)
+    return len(calls)
+
+
+def test_gathering_makes_a_fixed_number_of_calls_whatever_the_depth():
+    """ResNet-20 and ResNet-56 (3x the units) make the same number of gathering calls per compact step."""
+    assert _bookkeeping("resnet20") == _bookkeeping("resnet56")
+
+
+def test_index_sets_go_to_cuda_once_from_pinned_memory_without_blocking(monkeypatch):
+    """Where CUDA is the target, the one copy of a mask's index sets is pinned and non-blocking (checked here with
+    the copy recorded instead of made; the meta device takes the same one-copy route)."""
+    calls = []
+
+    def pin_memory(self, *args, **kwargs):
+        calls.append("pin")
+        return self
+
+    def to(self, *args, **kwargs):
+        calls.append(("to", str(args[0]), kwargs.get("non_blocking")))
+        return self
+
+    host = torch.arange(10)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "pin_memory", pin_memory)
+        patch.setattr(torch.Tensor, "to", to)
+        execution.to_device(host, torch.device("cuda"))
+    assert calls == ["pin", ("to", "cuda", True)]
+    copies = []
+    original = execution.to_device
+    monkeypatch.setattr(execution, "to_device", lambda t, d: copies.append(d.type) or original(t, d))
+    model = maskprop.create_model("resnet20").to("meta")
+    prepare_mask(model, random_mask(model.channel_groups(), 0.5), "compact", align=8)
+    assert copies == ["meta"]
