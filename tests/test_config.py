@@ -9,6 +9,7 @@ from maskprop.train.config import (
     Config,
     DataConfig,
     FinetuneConfig,
+    ModelConfig,
     OptimConfig,
     SparsityConfig,
     config_to_dict,
@@ -167,6 +168,9 @@ def test_unknown_key_without_a_close_match_lists_the_valid_keys():
     (["sbp.memory=1"], r"^sbp.memory=1.0 is out of range; expected a number in \[0, 1\)$"),
     (["sbp.ratio=0"], r"^sbp.ratio=0.0 is out of range; expected a fraction in \(0, 1\]$"),
     (["sbp.output_k=0"], r"^sbp.output_k=0 is out of range; expected an integer >= 1 or null"),
+    (["sbp.angle_every=-1"], r"^sbp.angle_every=-1 is out of range; expected an integer >= 0 \(0: never\)$"),
+    (["sparsity.align=0"], r"^sparsity.align=0 is out of range; expected an integer >= 1 or null \(8 on CUDA, 1 on"),
+    (["model.name="], r"^model.name=None has the wrong type; expected a string$"),
     (["sbp.sparsifier=topk_per_row"], r"^sbp.sparsifier='topk_per_row' is not a valid choice; expected one of 'topk'"),
     (["method=meprop", "sbp.sparsifier=randomk"], r"^sbp.sparsifier='randomk' does not fit method='meprop'"),
     (["method=msbp", "sbp.memory=0"], r"^sbp.memory=0.0 gives no memory; expected a memory ratio in \(0, 1\)"),
@@ -219,6 +223,8 @@ def test_direct_construction_validates_and_coerces():
         DataConfig(dataset="svhn")
     with pytest.raises(ValueError, match=r"^finetune.lr=0.0 is out of range"):
         FinetuneConfig(lr=0.0)
+    with pytest.raises(ValueError, match=r"^model.name='' is out of range; expected a non-empty model name$"):
+        ModelConfig(name="")
     cfg = Config()
     with pytest.raises(ValueError, match=r"^optim.momentum=1.5 is out of range"):
         cfg.optim.momentum = 1.5  # checked when assigned, and left as it was

@@ -90,7 +90,10 @@ def _in_range(*, ge: float | None = None, gt: float | None = None, le: float | N
     else:
         bounds = next(f"{op} {bound}" for op, bound in ((">=", ge), (">", gt), ("<=", le), ("<", lt))
                       if bound is not None)
-    tail = (" or null" + (f" ({null})" if null else "") if null is not None else "") + (f" ({note})" if note else "")
+    if null is not None:
+        bounds += f" or null ({null})" if null else " or null"
+    if note:
+        bounds += f" ({note})"
 
     def ok(value: float) -> bool:
         return ((ge is None or value >= ge) and (gt is None or value > gt)
@@ -98,7 +101,7 @@ def _in_range(*, ge: float | None = None, gt: float | None = None, le: float | N
 
     def problem(value: float) -> str:
         noun = what or ("an integer" if isinstance(value, int) else "a number")
-        return f"is out of range; expected {noun} {bounds}{tail}"
+        return f"is out of range; expected {noun} {bounds}"
 
     return _check(ok, problem)
 
