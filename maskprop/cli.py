@@ -38,26 +38,37 @@ def _machine(device: str) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
     from tqdm import tqdm
 
-    from .bench import bench_model, format_table
+    from .bench import bench_model, check_settings, default_align, format_table, resolve_device
+    from .train.files import atomic_write
 
+    # Every setting is checked before the first model is built, so a mistake costs no benchmark time.
+    device = resolve_device(args.device)
+    for name in args.models:
+        check_settings(name, args.batch_size, args.keep_ratios, args.repeats, args.warmup, args.image_size,
+                       args.masks, args.align)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--json {args.json}: directory '{Path(args.json).parent}' does not exist")
     if args.threads:
         torch.set_num_threads(args.threads)
+    align = default_align(device) if args.align is None else args.align
     results = []
     with tqdm(total=len(args.models) * (args.warmup + args.repeats), desc="bench", file=sys.stderr) as bar:
         for name in args.models:
             results += bench_model(
                 name, batch_size=args.batch_size, keep_ratios=args.keep_ratios, repeats=args.repeats,
                 warmup=args.warmup, image_size=args.image_size, channels_last=args.channels_last, amp=args.amp,
-                device=args.device, seed=args.seed, masks=args.masks, progress=lambda msg: bar.update(1),
+                device=args.device, seed=args.seed, masks=args.masks, progress=lambda msg: bar.update(1), align=align,
             )
     print(f"{date.today()} | {_machine(args.device)} | channels_last={args.channels_last} amp={args.amp} "
-          f"masks={args.masks}")
+          f"masks={args.masks} align={align}")
     print(format_table(results))
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_write(args.json, "w", encoding="utf-8") as f:
             json.dump([r.as_dict() for r in results], f, indent=2)
     return 0
 
@@ -80,7 +91,8 @@ def _final_table(summary: dict) -> str:
     iqr = summary.get("measured_speedup_iqr")
     if speedup is not None and iqr is not None and summary["method"] != "dense":
         measured += f" (interquartile range {iqr[0]:.2f}-{iqr[1]:.2f}x)"
-    measured += ", against dense steps timed in this run"
+    measured += " (a dense run: the baseline itself)" if summary["method"] == "dense" else \
+        ", against dense steps timed in this run"
     if summary.get("dense_reference_share") is not None:
         measured += f" ({100.0 * summary['dense_reference_share']:.1f}% of its time)"
     if per_step is not None:
@@ -256,8 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--image-size", type=int, default=32)
-    bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--threads", type=_thread_count, default=0, help="torch CPU threads (0: torch's default)")
+    bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    bench.add_argument("--align", type=int, default=None,
+                       help="pad the compact step's kept widths to multiples of this (exact; default: 8 on CUDA, 1 "
+                       "on the CPU)")
     bench.add_argument("--amp", choices=["none", "bf16"], default="none")
     bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     bench.add_argument("--seed", type=int, default=0)

@@ -377,7 +377,8 @@ _NOTES = """\
   difference in percentage points; `-` where no such run is known (never estimated).
 - **params kept**, **FLOPs kept**: the final subnetwork's parameters and forward FLOPs per example over the full
   network's (a multiply-add is 2 FLOPs).
-- **saving (formula)**: the train-cost saving of supplement C.1, dense train FLOPs over the run's (VR-PGE: 4 f_S per
+- **saving (formula)**: the train-cost saving of supplement C.1 of "Efficient Neural Network Training via Forward
+  and Backward Propagation Sparsification" (NeurIPS 2021), dense train FLOPs over the run's (VR-PGE: 4 f_S per
   search step, 3 f_S per finetune step; dense: 3 f_D over as many steps as the search; sparse backward: the dense
   forward plus each layer's backward at k / n).
 - **measured speedup**: dense train time over the run's, from dense reference steps timed during the run, each next
@@ -434,7 +435,7 @@ def _accuracy_figure(report: Report, Figure: Any) -> Any:
                 kept = 100.0 * getattr(s, attr) / max(getattr(s, total), 1)
                 point = ax.plot([kept], [s.accuracy], linestyle="none", markersize=8, gid=f"run:{record.name}",
                                 **styles[record.name])[0]
-                handles.setdefault(f"{record.name} ({s.method}, keep {_keep(s)})", point)
+                handles.setdefault(f"{record.name} ({s.method}, keep {_keep(s)}, {s.accuracy:.1f}%)", point)
             ax.set_xlim(0, 105)
             ax.set_xlabel(f"{what} kept (% of dense)")
             ax.set_ylabel("top-1 accuracy (%)")
@@ -500,15 +501,21 @@ def _curves_figure(report: Report, Figure: Any) -> Any:
         if kept:
             axes[2].plot(*zip(*kept), color=color, linewidth=1.5, marker=style["marker"], markersize=3,
                          gid=f"run:{record.name}")
+            budget = record.config.get("sparsity", {}).get("keep_ratio")
+            if isinstance(budget, (int, float)):
+                axes[2].axhline(budget, color=color, linestyle="--", linewidth=1)
+                axes[2].annotate(f"budget (keep ratio {budget:g})", (kept[0][0], budget), xytext=(0, -12),
+                                 textcoords="offset points", fontsize=8, color=color)
         switch = next((xi for xi, m in zip(x, record.metrics) if m.get("phase") == "finetune"), None)
         if switch is not None:
             for ax in axes[:2]:
                 ax.axvline(switch - 0.5, color=color, linestyle=":", linewidth=1)
     titles = ("training loss", "validation top-1 accuracy", "expected kept ratio (search)")
     ylabels = ("cross entropy (L(m) while searching)", "top-1 accuracy (%)", "expected kept channels / all")
-    for ax, title, ylabel in zip(axes, titles, ylabels):
+    xlabels = ("epoch (VR-PGE: search, then finetune after the dotted line)",) * 2 + ("search epoch",)
+    for ax, title, ylabel, xlabel in zip(axes, titles, ylabels, xlabels):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch (search, then finetune after the dotted line)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     if not any(m.get("kept_ratio_expected") is not None for r in records for m in r.metrics):
@@ -635,7 +642,10 @@ def write_report(report: Report, out: str | os.PathLike, plots: bool = True) -> 
     figures = make_plots(report) if plots else {}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the report is an ordinary directory
         (tmp / "report.md").write_text(_markdown(report, list(figures)), encoding="utf-8")
         (tmp / "report.csv").write_text(_csv(report.rows), encoding="utf-8")
         payload = {"schema_version": SCHEMA_VERSION, "rows": report.rows, "baselines": report.baselines,
