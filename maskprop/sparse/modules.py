@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._workarounds import subsampled_pointwise_input
-from . import batchnorm
+from . import batchnorm, sync_batchnorm
 
 if TYPE_CHECKING:
     from .execution import ExecutionState
@@ -161,13 +161,18 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.execution_state
+        group = sync_batchnorm.group_for(self) if self.training else None  # sync_bn under torchrun
         if state is None:
-            return super().forward(x)
+            return super().forward(x) if group is None else sync_batchnorm.sync_batch_norm(self, x, None, group)
         if state.mode == "masked":
             return self._masked_forward(x, state)
         gathered = state.batch_norm(self)  # running mean, running var, weight, bias of the computed channels
         if gathered is None:  # a fully kept group: exactly nn.BatchNorm2d
-            return super().forward(x)
+            return super().forward(x) if group is None else sync_batchnorm.sync_batch_norm(self, x, None, group)
+        if group is not None:  # statistics of the computed channels over all ranks (SyncBatchNorm's semantics)
+            y = sync_batchnorm.sync_batch_norm(self, x, gathered, group)
+            state.batch_norm_done(self, gathered[0] is not None)
+            return y
         mean, var, weight, bias = gathered
         factor, use_batch_stats = self._momentum()
         updates_stats = use_batch_stats and mean is not None
