@@ -348,7 +348,8 @@ def _cells(row: dict[str, Any]) -> list[str]:
         "accuracy_gap": "-" if gap is None else f"{gap:+.2f}", "params_kept": _fmt(row["params_kept"], 1),
         "flops_kept": _fmt(row["flops_kept"], 1),
         "train_cost_saving": "-" if row["train_cost_saving"] is None else f"{row['train_cost_saving']:.2f}x",
-        "measured_speedup": speedup, "run_time_s": _fmt(row["run_time_s"], 0),
+        "measured_speedup": speedup,
+        "run_time_s": _fmt(row["run_time_s"], 1 if (row["run_time_s"] or 0) < 10 else 0),
     }
     return [cells.get(key, _fmt(row.get(key))) for key, _, _ in COLUMNS]
 
@@ -411,6 +412,11 @@ def _style(index: int) -> dict[str, Any]:
     return {"color": colors[index % len(colors)], "marker": markers[(index // len(colors)) % len(markers)]}
 
 
+def _styles(report: Report) -> dict[str, dict[str, Any]]:
+    """Each run's colour and marker, the same in every plot."""
+    return {record.name: _style(i) for i, record in enumerate(report.runs)}
+
+
 def _accuracy_figure(report: Report, Figure: Any) -> Any:
     finished = [r for r in report.runs if r.summary is not None and r.summary.accuracy is not None]
     panels: dict[tuple[str, str], list[RunRecord]] = {}
@@ -419,7 +425,7 @@ def _accuracy_figure(report: Report, Figure: Any) -> Any:
     rows = max(len(panels), 1)
     fig = Figure(figsize=(10, 3.6 * rows + 1.0 + 0.2 * math.ceil(len(finished) / 3)), layout="constrained")
     axes = fig.subplots(rows, 2, squeeze=False)
-    styles = {r.name: _style(i) for i, r in enumerate(finished)}
+    styles = _styles(report)
     handles: dict[str, Any] = {}
     for (model, dataset), ax_row in zip(panels, axes):
         records = panels[(model, dataset)]
@@ -459,14 +465,15 @@ def _speedup_figure(report: Report, Figure: Any) -> Any:
                           (r.summary.measured_speedup_iqr or [0, 0])[1]) for r in records)]) * 1.15
     ax.plot([0, top], [0, top], color="0.5", linestyle="--", linewidth=1, label="ideal: measured = formula")
     ax.axhline(1.0, color="0.3", linestyle=":", linewidth=1, label="dense speed (1x)")
-    for i, record in enumerate(records):
+    styles = _styles(report)
+    for record in records:
         s = record.summary
-        style = _style(i)
+        style = styles[record.name]
         iqr = s.measured_speedup_iqr
         yerr = None if iqr is None else [[s.measured_speedup - iqr[0]], [iqr[1] - s.measured_speedup]]
         ax.errorbar([s.train_cost_saving], [s.measured_speedup], yerr=yerr, linestyle="none", markersize=8,
-                    capsize=4, gid=f"run:{record.name}", label=f"{record.name} ({s.method}, keep {_keep(s)})",
-                    **style)
+                    capsize=4, gid=f"run:{record.name}", label=f"{record.name} ({s.method}, keep {_keep(s)})"
+                    + (": wide spread" if s.speedup_warning else ""), **style)
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.set_aspect("equal")
@@ -486,8 +493,9 @@ def _curves_figure(report: Report, Figure: Any) -> Any:
     records = [r for r in report.runs if r.metrics]
     fig = Figure(figsize=(14, 4.2 + 0.2 * math.ceil(len(records) / 3)), layout="constrained")
     axes = fig.subplots(1, 3)
-    for i, record in enumerate(records):
-        style = _style(i)
+    styles = _styles(report)
+    for record in records:
+        style = styles[record.name]
         color, label = style["color"], f"{record.name} ({record.config.get('method', '?')})"
         x = list(range(1, len(record.metrics) + 1))
         loss = [m.get("train_loss") for m in record.metrics]
@@ -543,15 +551,17 @@ def _widths_figure(report: Report, Figure: Any) -> Any:
     fig = Figure(figsize=(max(8.0, 0.45 * max((len(p[1]) for p in panels), default=0) + 2), 3.4 * rows + 0.6),
                  layout="constrained")
     axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
-    for i, (ax, (record, names, full, kept, what)) in enumerate(zip(axes, panels)):
+    styles = _styles(report)
+    for ax, (record, names, full, kept, what) in zip(axes, panels):
         x = range(len(names))
         ax.bar(x, full, color="none", edgecolor="0.4", linewidth=1, label="full network")
-        ax.bar(x, kept, color=_style(i)["color"], alpha=0.85, gid=f"run:{record.name}", label=what)
+        ax.bar(x, kept, color=styles[record.name]["color"], alpha=0.85, gid=f"run:{record.name}", label=what)
         ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("channels" if what == "channels kept" else "units")
         kept_share = 100.0 * sum(kept) / max(sum(full), 1)
-        ax.set_title(f"{record.name} ({record.summary.method}, keep {_keep(record.summary)}): {what}, "
-                     f"{kept_share:.0f}% of all, per group in network order", fontsize=10)
+        ax.set_title(f"{record.name} ({record.summary.method}, keep {_keep(record.summary)})\n{what} per "
+                     f"{'layer' if record.summary.sbp else 'group'} in network order: {kept_share:.0f}% of all",
+                     fontsize=10)
         ax.legend(fontsize=8, loc="upper left")
         ax.grid(axis="y", alpha=0.3)
     if not panels:
