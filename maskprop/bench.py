@@ -167,6 +167,29 @@ def _steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: dict, amp:
     return {"dense": dense, "masked": masked, "compact": compact}
 
 
+def check_settings(model_name: str, batch_size: int, keep_ratios: Sequence[float], repeats: int, warmup: int,
+                   image_size: int, masks: str, align: int | None) -> None:
+    """Raise a one-line ``ValueError`` for a setting :func:`bench_model` cannot run (checked before anything runs)."""
+    from .models import list_models
+
+    if model_name not in list_models():
+        raise ValueError(f"unknown model {model_name!r}; expected one of {', '.join(list_models())}")
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1")
+    if warmup < 0:
+        raise ValueError(f"warmup={warmup} must be >= 0")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1 (a step needs examples)")
+    if image_size < 1:
+        raise ValueError(f"image_size={image_size} must be >= 1")
+    if not keep_ratios or any(not 0.0 < rho <= 1.0 for rho in keep_ratios):
+        raise ValueError(f"keep_ratios={list(keep_ratios)}; expected one or more fractions in (0, 1]")
+    if masks not in ("exact", "sampled"):
+        raise ValueError(f"masks={masks!r}; expected 'exact' or 'sampled'")
+    if align is not None:
+        check_align(align)
+
+
 def bench_model(
     model_name: str,
     batch_size: int = 128,
@@ -198,18 +221,7 @@ def bench_model(
     Raises:
         ValueError: a bad argument (one line, before anything runs).
     """
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats} must be >= 1")
-    if warmup < 0:
-        raise ValueError(f"warmup={warmup} must be >= 0")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1 (a step needs examples)")
-    if image_size < 1:
-        raise ValueError(f"image_size={image_size} must be >= 1")
-    if not keep_ratios or any(not 0.0 < rho <= 1.0 for rho in keep_ratios):
-        raise ValueError(f"keep_ratios={list(keep_ratios)}; expected one or more fractions in (0, 1]")
-    if masks not in ("exact", "sampled"):
-        raise ValueError(f"masks={masks!r}; expected 'exact' or 'sampled'")
+    check_settings(model_name, batch_size, keep_ratios, repeats, warmup, image_size, masks, align)
     dev = resolve_device(device)
     align = default_align(dev) if align is None else check_align(align)
     torch.manual_seed(seed)

@@ -130,3 +130,48 @@ def test_bench_runs_with_bf16_autocast_on_cpu():
     """The autocast path of the bench (what `--device cuda --amp bf16` takes), here on the CPU."""
     results = bench_model("resnet20", batch_size=4, keep_ratios=(0.5,), repeats=1, warmup=0, image_size=16, amp="bf16")
     assert results[0].compact_s > 0 and 0 < results[0].compact_saved_mb < results[0].dense_saved_mb
+
+
+# --- bad input: one line, exit status 2, before any benchmark runs ---------------------------------------------------
+
+
+def _bench_cli(capsys, *extra: str) -> tuple[int, str]:
+    """Exit status and stderr of a small ``maskprop bench`` run (argparse's usage errors exit through SystemExit)."""
+    try:
+        code = main(["bench", "--models", "resnet20", "--batch-size", "2", "--keep-ratios", "0.5", "--repeats", "1",
+                     "--warmup", "0", "--image-size", "16", *extra])
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_bench_negative_threads_is_a_usage_error(capsys):
+    code, err = _bench_cli(capsys, "--threads", "-1")
+    assert code == 2 and "expected an integer >= 0" in err and "Traceback" not in err
+
+
+def test_bench_cuda_without_a_gpu_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = _bench_cli(capsys, "--device", "cuda")
+    assert code == 2 and err.strip().splitlines() == [
+        "maskprop bench: error: device='cuda': CUDA is not available on this machine; use --device cpu"]
+
+
+def test_bench_batch_size_zero_is_an_error(capsys):
+    code, err = _bench_cli(capsys, "--batch-size", "0")
+    assert code == 2 and "batch_size=0 must be >= 1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_json_into_a_missing_directory_fails_before_running(tmp_path, capsys, monkeypatch):
+    ran = []
+    monkeypatch.setattr("maskprop.bench.bench_model", lambda *a, **k: ran.append(1) or [])
+    code, err = _bench_cli(capsys, "--json", str(tmp_path / "missing" / "bench.json"))
+    assert code == 2 and "does not exist" in err and not ran
+    assert not (tmp_path / "missing").exists()
+
+
+def test_bench_align_pads_and_is_recorded():
+    results = bench_model("resnet20", batch_size=2, keep_ratios=(0.5,), repeats=1, warmup=0, image_size=16, align=8)
+    assert results[0].align == 8 and results[0].compact_s > 0
+    with pytest.raises(ValueError, match="align=0 is not a positive integer"):
+        bench_model("resnet20", batch_size=2, keep_ratios=(0.5,), repeats=1, warmup=0, align=0)
