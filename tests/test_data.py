@@ -544,3 +544,30 @@ def test_loader_with_workers_is_reproducible_and_persistent():
         assert loader.persistent_workers
         runs.append([(index.tolist(), noise.tolist()) for index, noise in loader])
     assert runs[0] == runs[1]
+
+
+def test_imagenet_recipe_trains_on_a_tiny_image_folder_tree(tmp_path, one_thread):
+    # The recipe as shipped (ResNet-50, bf16, channels_last, timm transforms, SGD 0.256/0.875, warmup, label smoothing),
+    # shrunk to seconds: 32-pixel crops, a global batch of 4, one search and one finetune epoch.
+    import maskprop
+    from maskprop.train.config import load_config
+
+    make_image_folder(tmp_path / "imagenet", per_class=4)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "imagenet_resnet50.yaml"
+    cfg = load_config(recipe, [f"data.root={tmp_path / 'imagenet'}", "data.batch_size=4", "data.workers=0",
+                               "data.crop_size=32", "optim.epochs=1", "optim.warmup_epochs=1", "finetune.epochs=1",
+                               "sparsity.fix_samples=2", "device=cpu"])
+    assert (cfg.model.name, cfg.amp, cfg.channels_last, cfg.optim.lr, cfg.optim.momentum) == (
+        "resnet50", "bf16", True, 0.256, 0.875)
+    assert (cfg.optim.label_smoothing, cfg.sparsity.score_lr, cfg.data.dataset) == (0.1, 12e-3, "imagenet")
+    summary = maskprop.fit(cfg, out=tmp_path / "run")
+    assert summary["accuracy"] is not None and (tmp_path / "run" / "last.pt").is_file()
+    records = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2  # one search epoch, one finetune epoch (2 steps each: 8 images / global batch 4)
+
+
+def test_imagenet_recipe_without_train_or_val_folder_is_one_line(tmp_path):
+    (tmp_path / "imagenet" / "train" / "n01440764").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"imagenet split directory '.*val' does not exist; expected "
+                                                r"<root>/train/<class>/<image> and <root>/val/<class>/<image>"):
+        build_datasets(DataConfig(dataset="imagenet", root=str(tmp_path / "imagenet")))

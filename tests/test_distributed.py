@@ -240,6 +240,7 @@ def test_killed_two_process_run_resumes_to_the_same_end(ddp, tmp_path):
     assert [(r["phase"], r["epoch"]) for r in records] == [("search", e) for e in range(1, 5)] + [("finetune", 1)]
 
 
+@pytest.mark.slow  # about 20 s: a torchrun launch (the fixture checks every rank's message)
 def test_cli_error_under_torchrun_is_one_line_from_rank_zero(tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny(**{"data.batch_size": 63})))
