@@ -58,8 +58,9 @@ def _channel_dims(x: Tensor) -> list[int]:
 
 class _SyncBatchNormCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,  # type: ignore[override]
-                running_var: Tensor | None, eps: float, momentum: float, group: Any, world_size: int) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
+                running_mean: Tensor | None, running_var: Tensor | None, eps: float, momentum: float, group: Any,
+                world_size: int) -> Tensor:
         dims, channels = _channel_dims(x), x.shape[1]
         shape = [1, channels] + [1] * (x.dim() - 2)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # low precision computes in float32

@@ -152,7 +152,8 @@ class ShapesDataset(Dataset):
         image_size: Side of the square images in pixels.
         num_classes: Number of classes used, the first ``num_classes`` of ``SHAPES_CLASSES`` (2 to 10).
         train: Draw from the training stream of ``seed`` (else the validation stream).
-        transform: Applied to the normalised (3, S, S) float image, e.g. ``maskprop.train.transforms.crop_flip(size, padding)``.
+        transform: Applied to the normalised (3, S, S) float image, e.g.
+            ``maskprop.train.transforms.crop_flip(size, padding)``.
     """
 
     def __init__(self, size: int, seed: int = 0, image_size: int = 32, num_classes: int = 10, train: bool = True,
