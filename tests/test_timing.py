@@ -119,17 +119,16 @@ class FakeMachine:
 
 
 def _install(monkeypatch, machine: FakeMachine) -> None:
-    real_vrpge, real_subnet = loop.vrpge_step, loop.subnet_step
+    """Every run step (whatever the loop runs for its phase) and every dense reference step costs fake time."""
+    real_timed, real_subnet = timing.timed_step, timing.subnet_step
 
-    def vrpge_step(*args, **kwargs):
-        result = real_vrpge(*args, **kwargs)
-        machine.run_step(SEARCH_S)
-        return result
+    def timed(step, phase, *args, **kwargs):
+        def costly():
+            result = step()
+            machine.run_step(SEARCH_S if phase == "search" else FINETUNE_S)
+            return result
 
-    def subnet_step(*args, **kwargs):
-        result = real_subnet(*args, **kwargs)
-        machine.run_step(FINETUNE_S)
-        return result
+        return real_timed(costly, phase, *args, **kwargs)
 
     def dense_step(*args, **kwargs):
         result = real_subnet(*args, **kwargs)
@@ -137,8 +136,7 @@ def _install(monkeypatch, machine: FakeMachine) -> None:
         return result
 
     monkeypatch.setattr(timing, "perf_counter", machine.clock)
-    monkeypatch.setattr(loop, "vrpge_step", vrpge_step)
-    monkeypatch.setattr(loop, "subnet_step", subnet_step)
+    monkeypatch.setattr(loop, "timed_step", timed)
     monkeypatch.setattr(timing, "subnet_step", dense_step)
 
 
