@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -260,8 +261,11 @@ def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     the end of each epoch instead (:func:`average_buffers`), or synchronised at every step with ``sync_bn``.
     """
     device_ids = [device.index] if device.type == "cuda" else None
-    return _DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                    find_unused_parameters=False)
+    # Newer torch names broadcast_buffers=False forward_sync_buffers=False (buffers still synced once, at init).
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in parameters
+                       else {"broadcast_buffers": False})
+    return _DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False, **no_forward_sync)
 
 
 @torch.no_grad()
