@@ -322,6 +322,10 @@ def build_report(paths: Iterable[str | os.PathLike], baseline: str | os.PathLike
                           and r.key() == key), None)
             if match is not None:
                 baselines[record.name] = match
+    for record in runs:  # the summaries (as report.json lists them) gain the dense accuracy, never made up
+        match = baselines.get(record.name)
+        if match is not None:
+            record.summary.dense_accuracy, record.summary.dense_baseline = match.summary.accuracy, str(match.path)
     rows = [_row(record, baselines.get(record.name)) for record in runs]
     return Report(runs, rows, {name: b.name for name, b in baselines.items()})
 

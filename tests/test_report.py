@@ -82,6 +82,9 @@ def test_rows_equal_the_summaries(runs):
     assert (row["method"], row["model"], row["dataset"], row["keep"], row["epochs"]) == ("vrpge", "resnet20",
                                                                                          "shapes", "0.5", "2+1")
     assert row["baseline"] == "dense" and report.baselines == {"vrpge": "dense"}
+    summaries = {r.name: r.summary for r in report.runs}
+    assert (summaries["vrpge"].dense_accuracy, summaries["vrpge"].dense_baseline) == (dense["accuracy"],
+                                                                                     str(runs / "dense"))
     assert rows["dense"]["epochs"] == "3" and rows["dense"]["accuracy_gap"] is None
     assert rows["dense"]["measured_speedup"] == 1.0
 
