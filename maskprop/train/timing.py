@@ -1,8 +1,9 @@
 """Measured train time: the run's own steps, each paired now and then with a dense reference step timed next to it.
 
-The paper's Table 5 (supplement C.2) compares the summed forward and backward time of sparse training with dense
-training. A run cannot also train densely, so it times dense steps of the same model on the same batch during the run
-(on a private copy of the model with its own optimizer) and pairs each with the run step next to it: the dense step
+Table 5 (supplement C.2) of "Efficient Neural Network Training via Forward and Backward Propagation Sparsification"
+(NeurIPS 2021) compares the summed forward and backward time of sparse training with dense training. A run cannot
+also train densely, so it times dense steps of the same model on the same batch during the run (on a private copy of
+the model with its own optimizer) and pairs each with the run step next to it: the dense step
 runs right before or right after that step (alternately), so whatever else the machine does hits both members of a
 pair alike. Pairs are taken throughout the run, in every phase (search, finetune, train): whenever the dense
 reference has used less than ``share`` of the run's step time so far, and at least ``min_pairs`` times per phase,
