@@ -359,3 +359,30 @@ def test_sync_batch_norm_matches_batch_norm_on_the_kept_channels(single_process_
                                                reference.bias, True, reference.momentum, reference.eps))
     torch.testing.assert_close(layer.running_mean, reference.running_mean)
     torch.testing.assert_close(layer.running_var, reference.running_var)
+
+
+@pytest.mark.gpu
+def test_sync_batch_norm_on_cuda_runs_torchs_function_and_matches_batch_norm(tmp_path):
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
+    try:
+        torch.manual_seed(0)
+        layer = maskprop.sparse.SparseBatchNorm2d(6, group="g").cuda().train()
+        reference = copy.deepcopy(layer)
+        index = torch.tensor([0, 2, 5], device="cuda")
+        x = torch.randn(8, 3, 5, 5, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_()
+        gathered = [t.index_select(0, index) for t in (layer.running_mean, layer.running_var, layer.weight, layer.bias)]
+        y = sync_batchnorm.sync_batch_norm(layer, x, gathered, dist.group.WORLD)
+        mean, var = reference.running_mean[index].clone(), reference.running_var[index].clone()
+        expected = F.batch_norm(x, mean, var, reference.weight[index], reference.bias[index], True,
+                                reference.momentum, reference.eps)
+        torch.testing.assert_close(y, expected)
+        grad = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, layer.weight, layer.bias), grad)
+        want = torch.autograd.grad(expected, (x, reference.weight, reference.bias), grad)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(gathered[0], mean)
+        torch.testing.assert_close(gathered[1], var)
+    finally:
+        dist.destroy_process_group()
