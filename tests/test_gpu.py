@@ -55,3 +55,104 @@ def test_tiny_runs_train_on_cuda_with_bf16_and_channels_last(tmp_path, method):
     assert summary["train_cost_saving"] > 1.5
     resumed = maskprop.fit(config, out=tmp_path / "run", resume=True)  # a finished run only rewrites its summary
     assert resumed["accuracy"] == summary["accuracy"]
+
+
+def _sampled_mask(model, keep: float, seed: int) -> dict:
+    """A mask drawn per channel (odd widths, as a search step draws them), every group keeping at least one."""
+    from maskprop.vrpge import ChannelScores
+
+    return ChannelScores(model.channel_groups(), keep, keep).sample(torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("align", [1, 8])
+@pytest.mark.parametrize("name", ["resnet32", "vgg19_bn", "resnet50"])
+def test_compact_equals_masked_in_float32_channels_last_with_sampled_widths(name, align):
+    """Wrong numbers, not only crashes: cuDNN kernels on gathered (and padded) widths against dense kernels with the
+    mask, in float32 and channels_last, including the running statistics."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = maskprop.create_model(name).cuda().to(memory_format=torch.channels_last)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    reference = copy.deepcopy(model)
+    mask = _sampled_mask(model, 0.5, 1)
+    size = 64 if name == "resnet50" else 32
+    x = torch.randn(32, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.arange(32, device="cuda") % 10
+    losses = []
+    for m, mode, a in ((model, "compact", align), (reference, "masked", 1)):
+        with use_mask(m, mask, mode, align=a):
+            loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+    # float32 through a deep network: compare each gradient as a whole (a wrong index errs by O(1); rounding
+    # measured up to 7e-3 relative for a BatchNorm bias of ResNet-32 on the CPU, float64 agreeing to 1e-14)
+    for (k, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.linalg.vector_norm(p.grad - q.grad) <= 2e-2 * torch.linalg.vector_norm(q.grad) + 1e-7, k
+    for (k, b), c in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-3, atol=1e-4, msg=k)
+    for m in model.modules():  # dropped and padded channels: no gradient at all
+        if isinstance(m, torch.nn.BatchNorm2d) and m.group is not None:
+            assert m.bias.grad[~mask[m.group].cuda()].count_nonzero() == 0
+
+
+def test_compact_bf16_stays_within_bf16_tolerance_of_float32():
+    """Under bf16 autocast (and checked to have run in bf16) the compact loss and gradients stay near float32's."""
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet32").cuda().to(memory_format=torch.channels_last)
+    mask = _sampled_mask(model, 0.5, 2)
+    x = torch.randn(32, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.arange(32, device="cuda") % 10
+    results = []
+    for amp in (False, True):
+        model.zero_grad(set_to_none=True)
+        with use_mask(model, mask, align=8), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        assert logits.dtype == (torch.bfloat16 if amp else torch.float32)
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (loss32, grad32), (loss16, grad16) = results
+    torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=2e-2)
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.98
+
+
+def test_one_host_sync_per_search_step():
+    """A VR-PGE step on CUDA synchronises once (reading L(m), L(m') and the correct count); the index sets go over
+    from pinned memory without blocking."""
+    import warnings
+
+    from torch import nn
+
+    from maskprop.cost import CostModel
+    from maskprop.train.config import SparsityConfig
+    from maskprop.train.optim import score_optimizer, weight_optimizer
+    from maskprop.train.steps import StepContext, vrpge_step
+    from maskprop.vrpge import ChannelScores
+
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet32").train()
+    cost = CostModel(model, (3, 32, 32))
+    model.cuda().to(memory_format=torch.channels_last)
+    scores = ChannelScores(model.channel_groups(), 0.5, 0.5)
+    optimizers = (weight_optimizer(model.parameters(), 0.01, 0.9, 5e-4), score_optimizer(scores.scores, 1e-3))
+    ctx = StepContext(nn.CrossEntropyLoss(), torch.device("cuda"), cost, torch.bfloat16, True, align=8)
+    x = torch.randn(64, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.arange(64, device="cuda") % 10
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):  # warm-up: first allocations of pinned memory and of cuDNN plans may synchronise
+        vrpge_step(model, scores, optimizers, (x, y), generator, SparsityConfig(), ctx)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vrpge_step(model, scores, optimizers, (x, y), generator, SparsityConfig(), ctx)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 1, syncs
