@@ -52,6 +52,7 @@ from .distributed import (
     wrap_model,
 )
 from .logs import RunLogger
+from .narrow import NarrowSubnetwork
 from .optim import run_optimizer
 from .setup import Run, phase_epochs, phase_optimizer, prepare
 from .state import PHASES, TrainState
@@ -121,7 +122,8 @@ def _step_function(state: TrainState, cfg: Config, ctx: StepContext) -> Callable
 
 
 def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: torch.utils.data.DataLoader,
-                    log: RunLogger, dense_reference: DenseReference | None = None) -> dict[str, float]:
+                    log: RunLogger, dense_reference: DenseReference | None = None,
+                    narrow: NarrowSubnetwork | None = None) -> dict[str, float]:
     """Train one epoch of the current phase; update the state's counters, step count and epoch.
 
     Args:
@@ -131,13 +133,15 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
         loader: The training loader.
         log: Where per-step scalars go (every ``cfg.log_every`` steps).
         dense_reference: Times dense steps paired with some of the epoch's steps, for the measured speedup.
+        narrow: The fixed subnetwork's narrow model and optimizer, trained instead of compact steps of the full model
+            (finetune phase; see ``narrow.py``).
 
     Returns:
         The epoch's training metrics.
     """
     phase, model = state.phase, state.model
     model.train()
-    step = _step_function(state, cfg, ctx)
+    step = _step_function(state, cfg, ctx) if narrow is None else narrow.step_function(ctx)
     meter = EpochMeter()
     total = phase_epochs(cfg, phase)
     bar = tqdm(loader, desc=f"{phase} {state.epoch + 1}/{total}", leave=False, dynamic_ncols=True,
@@ -332,18 +336,36 @@ def _log_epoch(run: Run, log: RunLogger, record: dict[str, Any]) -> None:
     log.epoch(record)
 
 
+def _narrow_subnetwork(run: Run) -> NarrowSubnetwork | None:
+    """The narrow model and optimizer that train the fixed subnetwork of the finetune phase (``narrow.py``), built from
+    the full model and optimizer (a resumed run's included); ``None``: compact steps of the full model.
+
+    Under torchrun the phase keeps compact steps: the DDP wrapper is the full model's, and the narrow model would need
+    its own. ``finetune.narrow: false`` keeps them too (for comparison).
+    """
+    cfg, state = run.cfg, run.state
+    if (state.phase != "finetune" or state.fixed_mask is None or state.epoch >= phase_epochs(cfg, state.phase)
+            or state.ddp is not None or not getattr(cfg.finetune, "narrow", True)):
+        return None
+    return NarrowSubnetwork(state.model, state.fixed_mask, state.weight_optimizer)
+
+
 def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseReference | None) -> None:
     """Train the remaining epochs of the current phase, evaluating and saving as configured."""
     cfg, state = run.cfg, run.state
     epochs = phase_epochs(cfg, state.phase)
+    narrow = _narrow_subnetwork(run)
     while state.epoch < epochs:
-        metrics = train_one_epoch(state, cfg, run.ctx, run.train_loader, log, dense_reference)
+        metrics = train_one_epoch(state, cfg, run.ctx, run.train_loader, log, dense_reference, narrow)
+        if narrow is not None:  # checkpoints, best.pt and the summary read the full model and optimizer
+            narrow.write_back()
         if not cfg.sync_bn:  # DDP: each rank's running statistics saw its share; their mean (no-op in one process)
             average_buffers(state.model)
         last = state.epoch == epochs
         val = None
         if (cfg.eval_every and state.epoch % cfg.eval_every == 0) or last:
-            val = evaluate(state.model, run.val_loader, _eval_mask(state), run.ctx)
+            model, mask = (state.model, _eval_mask(state)) if narrow is None else (narrow.model, None)
+            val = evaluate(model, run.val_loader, mask, run.ctx)
             if last and state.phase != "search":
                 state.final_accuracy = val["accuracy"]
         _log_epoch(run, log, _epoch_record(run, metrics, val))
