@@ -108,9 +108,28 @@ class ModelPlan:
         for m in self.weighted:
             if m.bias is not None and m.out_group is not None:
                 self.by_area.setdefault(1, []).append((m, "bias", m.out_group, None, m.weight.shape[0], 1, ()))
+        self._sources: dict[int, tuple[tuple, bool, Tensor]] = {}
         # BatchNorm units gathered together: those with affine parameters and running statistics (all of maskprop's).
         self.packed_norms = [m for m in self.norms if m.affine and m.running_mean is not None
                              and m.running_var is not None]
+
+    def concatenated(self, area: int) -> Tensor:
+        """All weights (and biases) of one kernel area as one ``(rows, area)`` tensor, the source of every gather.
+
+        Concatenated again only when a parameter changed (its version counter or storage: an optimizer step, a
+        load, a move) or autograd now needs what a ``no_grad`` concatenation lacks, so the two masks of a search
+        step share one copy. A write through ``.data`` is invisible to version counters: write parameters under
+        ``torch.no_grad()`` instead, as optimizers do.
+        """
+        tensors = [getattr(layer, kind) for layer, kind, *_ in self.by_area[area]]
+        key = tuple((t._version, t.data_ptr()) for t in tensors)
+        grad = torch.is_grad_enabled()
+        cached = self._sources.get(area)
+        if cached is not None and cached[0] == key and (cached[1] or not grad):
+            return cached[2]
+        source = torch.cat([t.reshape(-1, area) for t in tensors])
+        self._sources[area] = (key, grad, source)
+        return source
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, ModelPlan] = weakref.WeakKeyDictionary()
@@ -334,9 +353,7 @@ class ExecutionState:
         area; the backward writes all their gradients with one zero-fill and one ``index_copy_``."""
         tensors: dict[int, list[Tensor | None]] = {}
         for table in self._weights:
-            area = table["area"]
-            source = torch.cat([getattr(layer, kind).reshape(-1, area) for layer, kind, _ in table["sources"]])
-            rows = gather_rows(source, table["flat"])
+            rows = gather_rows(self.plan.concatenated(table["area"]), table["flat"])
             if self.padded:
                 rows = rows * _factor(table, rows.dtype)
             for (layer, kind, shape), piece in zip(table["sources"], rows.split(table["sizes"])):
@@ -446,12 +463,11 @@ def _tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], identity: i
     for area, entries in plan.by_area.items():
         table = {"area": area, "sources": [], "sizes": [], "entries": 0}
         base = 0
-        for layer, kind, out_group, in_group, c_out, c_in, tail in entries:
-            if out_group not in offsets and in_group not in offsets:
-                continue
-            out_side = offsets[out_group] if out_group in offsets else (identity, c_out)
-            in_side = offsets[in_group] if in_group in offsets else (identity, c_in)
-            add(table, layer, kind, tail, base, c_in, out_side, in_side)
+        for layer, kind, out_group, in_group, c_out, c_in, tail in entries:  # rows of the area's concatenation
+            if out_group in offsets or in_group in offsets:
+                out_side = offsets[out_group] if out_group in offsets else (identity, c_out)
+                in_side = offsets[in_group] if in_group in offsets else (identity, c_in)
+                add(table, layer, kind, tail, base, c_in, out_side, in_side)
             base += c_out * c_in
         if table["sources"]:
             tables.append(table)
