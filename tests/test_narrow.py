@@ -139,6 +139,20 @@ def test_write_back_is_exact_and_builds_missing_state_with_zeros():
     assert bool(buffer[~kept].eq(0).all()) and bool(buffer[kept].ne(0).any())
 
 
+def test_evaluating_the_narrow_model_gives_the_accuracy_of_the_full_one_under_the_mask():
+    model, mask, optimizer, _, ctx, batches = _setup("resnet20", torch.float32)
+    narrow = NarrowSubnetwork(model, mask, optimizer)
+    for batch in batches[:3]:
+        narrow.step(batch, ctx)
+    narrow.write_back()
+    images = torch.cat([b[0] for b in batches])
+    labels = (narrow.model.eval()(images).argmax(1) + torch.arange(len(images)) % 2) % 4  # about half correct
+    loader = torch.utils.data.DataLoader(TensorDataset(images, labels), batch_size=16)
+    full = loop.evaluate(model, loader, mask, ctx)
+    assert loop.evaluate(narrow.model, loader, None, ctx) == pytest.approx(full, rel=1e-5)
+    assert 20 < full["accuracy"] < 80
+
+
 def test_adam_state_is_gathered_too():
     model, mask, _, _, ctx, batches = _setup("resnet20", torch.float64)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
