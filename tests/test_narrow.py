@@ -296,6 +296,22 @@ def test_a_run_finetunes_the_narrow_model_as_compact_finetuning_does(tmp_path, m
     assert decayed > 10
 
 
+def test_the_finetune_phase_alone_runs_narrow_and_ddp_keeps_compact_steps():
+    from types import SimpleNamespace
+
+    from maskprop.train.config import load_config
+
+    model, mask, optimizer, *_ = _setup("resnet20", torch.float32)
+    cfg = load_config(copy.deepcopy(TINY))
+    state = SimpleNamespace(phase="finetune", fixed_mask=mask, epoch=0, ddp=None, model=model,
+                            weight_optimizer=optimizer)
+    run = SimpleNamespace(cfg=cfg, state=state)
+    assert isinstance(loop._narrow_subnetwork(run), NarrowSubnetwork)
+    for change in ({"ddp": nn.Identity()}, {"phase": "search"}, {"epoch": 3}, {"fixed_mask": None}):
+        run.state = SimpleNamespace(**{**vars(state), **change})
+        assert loop._narrow_subnetwork(run) is None, change
+
+
 class _Stop(Exception):
     pass
 

@@ -11,12 +11,15 @@ trains the narrow pair; :meth:`NarrowSubnetwork.write_back` scatters weights, Ba
 and a resumed run rebuilds the narrow pair from the full state it saved.
 
 Exactness. SGD with momentum and weight decay, Adam and AdamW update every element from that element's weight,
-gradient and state alone, so the kept entries after any number of narrow steps equal those after as many compact steps
-of the full model under the same mask (tested bit for bit in float64, to rounding in float32). The dropped entries do
-not: a compact step gives them a zero gradient, so weight decay shrinks them and momentum keeps moving them; the narrow
-model does not hold them, and they keep the values they had when the narrow model was built (a momentum buffer the
-full optimizer did not have yet is written back with zeros there). Dropped channels are zero after BatchNorm whatever
-their weights, so the network's function under the mask is the same either way.
+gradient and state alone, so the kept entries after any number of narrow steps equal those after as many compact
+steps of the full model under the same mask, up to rounding (tested in float64 and float32 against compact steps).
+The dropped entries do not: a compact step gives them a zero gradient, so weight decay shrinks them and momentum
+keeps moving them; the narrow model does not hold them, and they keep the values they had when the narrow model was
+built (a momentum buffer the full optimizer did not have yet is written back with zeros there). Dropped channels are
+zero after BatchNorm whatever their weights, so the network's function under the mask is the same either way.
+
+Memory: the narrow model and optimizer state are a second copy of the kept entries (at keep 0.5 about a quarter of
+the full model's), held beside the full ones for the phase.
 
 The learning-rate schedule keeps driving the full optimizer (its param groups are what a checkpoint saves); every
 narrow step first copies the full param groups' hyperparameters (``lr`` and the rest) into the narrow ones.
@@ -25,6 +28,9 @@ Plain ``nn.Conv2d`` lacks the route around a oneDNN crash that maskprop's sparse
 of a strided 1x1 conv with an odd batch size, ``maskprop._workarounds``); the narrow model's strided 1x1 convs are
 made :class:`PointwiseSafeConv2d`, an ``nn.Conv2d`` that takes the same route, here only (the export keeps plain
 layers).
+
+Under torchrun the training loop keeps compact steps of the full model (its DDP wrapper is the full model's; the
+narrow model would need its own): the simple, safe choice.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._workarounds import subsampled_pointwise_input
+from ..cost import dense_step_flops
 from ..export import materialize
 from ..sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, channel_groups, check_mask
 from .steps import StepContext, StepResult, subnet_step
@@ -208,7 +215,7 @@ class NarrowSubnetwork:
         self.sync_hyperparameters()
         result = subnet_step(self.model, self.optimizer, batch, None, ctx)
         return dataclasses.replace(result, kept_ratio=self.kept_ratio(),
-                                   flops=3 * ctx.cost.flops(self.mask, result.count))
+                                   flops=int(dense_step_flops(ctx.cost.flops(self.mask, batch[1].shape[0]))))
 
     def step_function(self, ctx: StepContext) -> Callable[[tuple[Tensor, Tensor]], StepResult]:
         """The training step as a function of the batch (the narrow model put in train mode)."""
