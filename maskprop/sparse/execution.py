@@ -108,7 +108,6 @@ class ModelPlan:
         for m in self.weighted:
             if m.bias is not None and m.out_group is not None:
                 self.by_area.setdefault(1, []).append((m, "bias", m.out_group, None, m.weight.shape[0], 1, ()))
-        self._sources: dict[int, tuple[tuple, bool, Tensor]] = {}
         # BatchNorm units gathered together: those with affine parameters and running statistics (all of maskprop's).
         self.packed_norms = [m for m in self.norms if m.affine and m.running_mean is not None
                              and m.running_var is not None]
@@ -116,20 +115,10 @@ class ModelPlan:
     def concatenated(self, area: int) -> Tensor:
         """All weights (and biases) of one kernel area as one ``(rows, area)`` tensor, the source of every gather.
 
-        Concatenated again only when a parameter changed (its version counter or storage: an optimizer step, a
-        load, a move) or autograd now needs what a ``no_grad`` concatenation lacks, so the two masks of a search
-        step share one copy. A write through ``.data`` is invisible to version counters: write parameters under
-        ``torch.no_grad()`` instead, as optimizers do.
+        Made afresh in every forward pass: a cache keyed by the parameters' version counters would miss the updates
+        of fused optimizers, which do not bump them (torch's fused SGD on the CPU).
         """
-        tensors = [getattr(layer, kind) for layer, kind, *_ in self.by_area[area]]
-        key = tuple((t._version, t.data_ptr()) for t in tensors)
-        grad = torch.is_grad_enabled()
-        cached = self._sources.get(area)
-        if cached is not None and cached[0] == key and (cached[1] or not grad):
-            return cached[2]
-        source = torch.cat([t.reshape(-1, area) for t in tensors])
-        self._sources[area] = (key, grad, source)
-        return source
+        return torch.cat([getattr(layer, kind).reshape(-1, area) for layer, kind, *_ in self.by_area[area]])
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, ModelPlan] = weakref.WeakKeyDictionary()
