@@ -1,0 +1,110 @@
+"""A finetune step of the narrow model against the compact finetune step it replaces.
+
+For each model, one fixed mask keeping ``round(keep x channels)`` of every group (chosen at random), and two trainers
+on copies of the same weights, run interleaved in one process on the same batch:
+
+* ``compact``: ``subnet_step(model, sgd, batch, mask, ctx)``, the full model under ``use_mask(..., "compact")``
+  (gathered weights, BatchNorm parameters and statistics, and scattered gradients at every step);
+* ``narrow``: ``NarrowSubnetwork(model, mask, sgd).step(batch, ctx)`` (``maskprop/train/narrow.py``), the physically
+  narrow model built once.
+
+Both use the finetune optimizer (fused SGD, momentum 0.9, weight decay 5e-4). Every repetition times ``--steps`` steps
+of each, alternating; the speedup is the median over the repetitions of the ratio of the two medians measured in that
+repetition, with its interquartile range.
+
+Usage:
+    python tools/bench_narrow.py --threads 1                     # resnet32 and vgg19_bn at 32x32, keep 0.5
+    python tools/bench_narrow.py --models resnet32 --batch-size 64 --repeats 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+import maskprop
+from maskprop.bench import quartiles
+from maskprop.train.narrow import NarrowSubnetwork
+from maskprop.train.optim import weight_optimizer
+from maskprop.train.steps import StepContext, subnet_step
+
+
+def _mask(model: nn.Module, keep: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    mask = {}
+    for group, size in model.channel_groups().items():
+        kept = torch.randperm(size, generator=generator)[:max(1, round(keep * size))]
+        mask[group] = torch.zeros(size, dtype=torch.bool)
+        mask[group][kept] = True
+    return mask
+
+
+def bench(name: str, keep: float, batch_size: int, repeats: int, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = maskprop.create_model(name, num_classes=10).train()
+    mask = _mask(model, keep, torch.Generator().manual_seed(1))
+    ctx = StepContext(nn.CrossEntropyLoss(), torch.device("cpu"), maskprop.CostModel(model, (3, 32, 32)))
+    compact_opt = weight_optimizer(model.parameters(), 1e-3, 0.9, 5e-4)
+    twin = maskprop.create_model(name, num_classes=10).train()
+    twin.load_state_dict(model.state_dict())
+    narrow = NarrowSubnetwork(twin, mask, weight_optimizer(twin.parameters(), 1e-3, 0.9, 5e-4))
+    x, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
+    runs = {"compact": lambda: subnet_step(model, compact_opt, (x, y), mask, ctx),
+            "narrow": lambda: narrow.step((x, y), ctx)}
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    ratios, times = [], {k: [] for k in runs}
+    for _ in range(repeats):
+        rep = {k: [] for k in runs}
+        for _ in range(steps):
+            for k, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                rep[k].append(time.perf_counter() - start)
+        for k in runs:
+            times[k].append(statistics.median(rep[k]))
+        ratios.append(statistics.median(rep["compact"]) / statistics.median(rep["narrow"]))
+    q1, q2, q3 = quartiles(ratios)
+    return {"model": name, "keep_ratio": keep, "batch_size": batch_size,
+            "compact_s": statistics.median(times["compact"]), "narrow_s": statistics.median(times["narrow"]),
+            "speedup": q2, "speedup_iqr": [q1, q3], "repeats": repeats, "steps": steps}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet32", "vgg19_bn"])
+    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models:
+        row = bench(name, args.keep, args.batch_size, args.repeats, args.steps, args.warmup)
+        rows.append(row)
+        print(f"{name:10s} keep {row['keep_ratio']:.2f} batch {row['batch_size']}: "
+              f"compact {row['compact_s'] * 1e3:7.1f} ms  narrow {row['narrow_s'] * 1e3:7.1f} ms  "
+              f"speedup {row['speedup']:.2f}x "
+              f"(IQR {row['speedup_iqr'][0]:.2f}-{row['speedup_iqr'][1]:.2f})", flush=True)
+    if args.json:
+        info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor()
+                or platform.machine(), "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
