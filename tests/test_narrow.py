@@ -310,6 +310,9 @@ def test_the_finetune_phase_alone_runs_narrow_and_ddp_keeps_compact_steps():
     for change in ({"ddp": nn.Identity()}, {"phase": "search"}, {"epoch": 3}, {"fixed_mask": None}):
         run.state = SimpleNamespace(**{**vars(state), **change})
         assert loop._narrow_subnetwork(run) is None, change
+    run.state = state
+    run.cfg = load_config(copy.deepcopy(TINY), ["finetune.narrow=false"])  # the compact path, for comparison
+    assert loop._narrow_subnetwork(run) is None
 
 
 class _Stop(Exception):

@@ -303,12 +303,16 @@ class FinetuneConfig(_Section):
         lr: Peak learning rate.
         momentum: SGD momentum.
         weight_decay: L2 weight decay.
+        narrow: Train the physically narrow subnetwork (``maskprop.train.narrow``: no gathers, the same updates of
+            the kept weights); false keeps compact steps of the full model (for comparison). Under torchrun the
+            phase always runs compact steps.
     """
 
     epochs: Annotated[int, _in_range(ge=0, note="0 skips finetuning")] = 40
     lr: Annotated[float, _in_range(gt=0)] = 1e-3
     momentum: Annotated[float, _in_range(ge=0, lt=1)] = 0.9
     weight_decay: Annotated[float, _in_range(ge=0)] = 5e-4
+    narrow: bool = True
 
 
 class Config(_Section):

@@ -347,7 +347,7 @@ def _narrow_subnetwork(run: Run) -> NarrowSubnetwork | None:
     """
     cfg, state = run.cfg, run.state
     if (state.phase != "finetune" or state.fixed_mask is None or state.epoch >= phase_epochs(cfg, state.phase)
-            or state.ddp is not None or not getattr(cfg.finetune, "narrow", True)):
+            or state.ddp is not None or not cfg.finetune.narrow):
         return None
     return NarrowSubnetwork(state.model, state.fixed_mask, state.weight_optimizer)
 
