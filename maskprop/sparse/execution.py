@@ -99,6 +99,11 @@ class ModelPlan:
         self.norms = [m for m in layers if isinstance(m, SparseBatchNorm2d) and m.group is not None]
         widest = [max(m.weight.shape[0], m.weight.shape[1]) for m in self.weighted]
         self.max_channels = max(widest, default=1)
+        # Host tensors every mask's index sets use: the group of each channel, each group's first channel, and the
+        # identity segment that serves whole and never-pruned sides.
+        sizes = torch.tensor(list(self.groups.values()), dtype=torch.int64)
+        self.layout = (torch.repeat_interleave(torch.arange(len(sizes)), sizes), _exclusive_cumsum(sizes))
+        self.identity = (torch.arange(self.max_channels), torch.ones(self.max_channels, dtype=torch.bool))
         # What gathers the weights and biases, by kernel area: (layer, kind, out group, in group, c_out, c_in, tail).
         self.by_area: dict[int, list[tuple]] = {}
         for m in self.weighted:
@@ -223,16 +228,17 @@ class ExecutionState:
         if not any(widths):
             return
         host_masks = torch.cat([m if m.device.type == "cpu" else m.cpu() for m in masks])
-        index, real = _padded_index_sets(host_masks, sizes, counts, widths)
+        layout = self.plan.layout if names == list(self.plan.groups) else None
+        index, real = _padded_index_sets(host_masks, sizes, counts, widths, layout)
         start = 0
         for g, w in zip(names, widths):
             if w:
                 self._offsets[g] = (start, w)
                 start += w
         identity = len(index)  # an identity segment after the index sets serves whole and never-pruned sides
-        index_ext = torch.cat([index, torch.arange(self.plan.max_channels)])
-        real_ext = torch.cat([real, torch.ones(self.plan.max_channels, dtype=torch.bool)])
-        self.padded = not bool(real.all())
+        index_ext = torch.cat([index, self.plan.identity[0]])
+        real_ext = torch.cat([real, self.plan.identity[1]])
+        self.padded = any(w > c for w, c in zip(widths, counts) if w)
         self._weights, norm, rows = _tables(self.plan, self._offsets, identity)
         self._weight_layers = {id(layer) for table in self._weights for layer, _, _ in table["sources"]}
         rows, norm_targets = _row_table(rows, index_ext, real_ext, norm, self.padded)
@@ -409,26 +415,29 @@ def _exclusive_cumsum(t: Tensor) -> Tensor:
     return t.cumsum(0) - t
 
 
-def _padded_index_sets(masks: Tensor, sizes: list[int], counts: list[int], widths: list[int]) -> tuple[Tensor, Tensor]:
+def _padded_index_sets(masks: Tensor, sizes: list[int], counts: list[int], widths: list[int],
+                       layout: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Index sets of the groups with ``widths > 0``, each its kept channels padded with its first dropped channels up
     to its width, in channel order, concatenated; and whether each entry is a kept channel (not padding).
 
-    All groups at once, from one ``cumsum`` and one ``nonzero`` on the host.
+    All groups at once, from one ``cumsum`` and one ``nonzero`` on the host. ``layout``: ``(group of each channel,
+    first channel of each group)`` when already known (:class:`ModelPlan`).
     """
-    sizes_t, widths_t = torch.tensor(sizes), torch.tensor(widths)
-    group_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes_t, output_size=masks.numel())
-    pruned = (widths_t > 0)[group_of]
-    selected = masks & pruned
+    if layout is None:
+        sizes_t = torch.tensor(sizes, dtype=torch.int64)
+        layout = (torch.repeat_interleave(torch.arange(len(sizes)), sizes_t), _exclusive_cumsum(sizes_t))
+    group_of, starts = layout
+    widths_t = torch.tensor(widths, dtype=torch.int64)
+    pruned = None if all(widths) else (widths_t > 0)[group_of]  # groups kept whole take no index set
+    selected = masks if pruned is None else masks & pruned
     pad = [w - c if w else 0 for w, c in zip(widths, counts)]
     if any(pad):
-        dropped = ~masks & pruned
+        dropped = ~masks if pruned is None else ~masks & pruned
         rank = dropped.cumsum(0)  # 1-based rank of a dropped channel among all dropped channels
-        starts = _exclusive_cumsum(sizes_t)
         rank -= (rank - dropped.long())[starts][group_of]  # ... among those of its group
-        selected |= dropped & (rank <= torch.tensor(pad)[group_of])
+        selected = selected | (dropped & (rank <= torch.tensor(pad)[group_of]))
     positions = selected.nonzero().view(-1)
     real = masks[positions]
-    starts = _exclusive_cumsum(sizes_t)
     positions -= starts.repeat_interleave(widths_t, output_size=positions.numel())
     return positions, real
 
