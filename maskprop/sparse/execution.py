@@ -186,15 +186,18 @@ class ExecutionState:
 
     def __init__(self, mask: Mapping[str, Tensor], model: nn.Module, mode: str = "compact",
                  device: torch.device | None = None, counts: list[int] | None = None, align: int = 1,
-                 plan: ModelPlan | None = None) -> None:
+                 plan: ModelPlan | None = None, concatenate: bool | None = None) -> None:
         """``mask`` holds every group of ``model`` (:func:`check_mask`); ``counts`` its kept counts in the order of
-        ``mask`` when already known; ``device`` defaults to the model's."""
+        ``mask`` when already known; ``device`` defaults to the model's. ``concatenate``: gather the weights of one
+        kernel area from their concatenation with one call (default off the CPU, where calls are launches), or
+        layer by layer (default on the CPU, where a call is cheap and copying every weight per pass is not)."""
         if mode not in MODES:
             raise ValueError(f"unknown execution mode {mode!r}; expected one of {MODES}")
         self.mode = mode
         self.align = check_align(align)
         self.plan = model_plan(model) if plan is None else plan
         self.device = _model_device(model) if device is None else torch.device(device)
+        self.concatenate = self.device.type != "cpu" if concatenate is None else concatenate
         names = list(mask)
         masks = [mask[g] for g in names]
         counts = count_kept(masks) if counts is None else counts
@@ -239,7 +242,7 @@ class ExecutionState:
         index_ext = torch.cat([index, self.plan.identity[0]])
         real_ext = torch.cat([real, self.plan.identity[1]])
         self.padded = any(w > c for w, c in zip(widths, counts) if w)
-        self._weights, norm, rows = _tables(self.plan, self._offsets, identity)
+        self._weights, norm, rows = _tables(self.plan, self._offsets, identity, self.concatenate)
         self._weight_layers = {id(layer) for table in self._weights for layer, _, _ in table["sources"]}
         rows, norm_targets = _row_table(rows, index_ext, real_ext, norm, self.padded)
 
@@ -253,6 +256,8 @@ class ExecutionState:
         sizes = [t["entries"] for t in tables]
         for table, t_flat, t_real in zip(tables, flat.split(sizes), real_rows.split(sizes)):
             table["flat"], table["real"], table["factors"] = t_flat, t_real, {}
+            if not self.concatenate and "sizes" in table:  # each layer's rows of its own weight
+                table["flat_of"] = t_flat.split(table["sizes"])
         if norm is not None:
             norm["index"] = norm.pop("flat")
             norm["real_positions"], norm["real_targets"] = (moved[3], moved[4]) if self.padded else (None, None)
@@ -348,10 +353,19 @@ class ExecutionState:
         area; the backward writes all their gradients with one zero-fill and one ``index_copy_``."""
         tensors: dict[int, list[Tensor | None]] = {}
         for table in self._weights:
-            rows = gather_rows(self.plan.concatenated(table["area"]), table["flat"])
-            if self.padded:
-                rows = rows * _factor(table, rows.dtype)
-            for (layer, kind, shape), piece in zip(table["sources"], rows.split(table["sizes"])):
+            area = table["area"]
+            if self.concatenate:
+                rows = gather_rows(self.plan.concatenated(area), table["flat"])
+                if self.padded:
+                    rows = rows * _factor(table, rows.dtype)
+                pieces = rows.split(table["sizes"])
+            else:  # layer by layer (the CPU): only the kept rows of each weight are read
+                pieces = [gather_rows(getattr(layer, kind).reshape(-1, area), flat)
+                          for (layer, kind, _), flat in zip(table["sources"], table["flat_of"])]
+                if self.padded:
+                    factors = _factor(table, pieces[0].dtype).split(table["sizes"])
+                    pieces = [piece * factor for piece, factor in zip(pieces, factors)]
+            for (layer, kind, shape), piece in zip(table["sources"], pieces):
                 pair = tensors.setdefault(id(layer), [layer.weight, layer.bias])
                 pair[0 if kind == "weight" else 1] = piece.view(shape)
         return tensors
@@ -442,12 +456,13 @@ def _padded_index_sets(masks: Tensor, sizes: list[int], counts: list[int], width
     return positions, real
 
 
-def _tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], identity: int) -> tuple[list[dict], dict | None,
-                                                                                          list[tuple[int, ...]]]:
+def _tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], identity: int,
+            concatenate: bool = True) -> tuple[list[dict], dict | None, list[tuple[int, ...]]]:
     """What one mask gathers: a table per kernel area (the weights and biases to concatenate, the sizes and shapes of
     their gathered pieces), one for the BatchNorm units, and one row per gathered tensor for :func:`_row_table`:
     ``(computed outputs, first row in its concatenation, input channels, outputs' start and inputs' start in the
-    extended index sets, computed inputs)``. A side kept whole reads the identity segment at ``identity``."""
+    extended index sets, computed inputs)``. A side kept whole reads the identity segment at ``identity``. Without
+    ``concatenate`` the rows are those of each tensor's own ``(rows, area)`` view."""
     tables, rows = [], []
 
     def add(table: dict, layer: nn.Module, kind: str, shape_tail: tuple, base: int, c_in: int,
@@ -465,7 +480,7 @@ def _tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], identity: i
             if out_group in offsets or in_group in offsets:
                 out_side = offsets[out_group] if out_group in offsets else (identity, c_out)
                 in_side = offsets[in_group] if in_group in offsets else (identity, c_in)
-                add(table, layer, kind, tail, base, c_in, out_side, in_side)
+                add(table, layer, kind, tail, base if concatenate else 0, c_in, out_side, in_side)
             base += c_out * c_in
         if table["sources"]:
             tables.append(table)
