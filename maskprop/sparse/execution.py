@@ -10,8 +10,10 @@ number of tensor calls whatever the depth of the model (docs/methods.md, "Compac
   of one kernel area, built on the device from that copy with a fixed number of calls;
 * the flat indices that gather the BatchNorm parameters and running statistics of all pruned units.
 
-In a forward pass the first layer that needs its gathered weight gathers those of all layers with one ``index_select``
-per kernel area (whose backward writes all their gradients with one zero-fill and one ``index_copy_``), and the first
+In a forward pass the first layer that needs its gathered weight gathers those of all layers: off the CPU with one
+``index_select`` per kernel area from the concatenation of their weights (whose backward writes all their gradients
+with one zero-fill and one ``index_copy_``), on the CPU layer by layer (a call is cheap there, copying every weight in
+each pass is not: BENCHMARKS.md, "A fixed number of gathering calls per step"); the first
 BatchNorm gathers the parameters and statistics of all units with one call each; the running statistics are written
 back with two calls once the last unit ran. A layer asking again starts a new pass, so weights changed by an optimizer
 step in between are gathered afresh.
