@@ -38,6 +38,7 @@ def _dump(run) -> dict:
         "score_optimizer": None if state.score_optimizer is None else state.score_optimizer.state_dict(),
         "mask_generator": state.mask_generator.get_state(),
         "step": state.step,
+        "counters": dict(state.counters),
     }
 
 

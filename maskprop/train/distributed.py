@@ -30,7 +30,6 @@ rank's share of the batch: they would differ between ranks). A rank that fails d
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import json
@@ -230,14 +229,7 @@ def check_world_size(checkpoint: Mapping[str, Any], path: os.PathLike | str, pla
 def rank_local(ctx: Any) -> Any:
     """A copy of the step context ``ctx`` whose steps stay on this rank (no ``reduce_stats``): for work that ranks do
     not do in step, such as the timing's dense reference steps, which each rank schedules by its own clock."""
-    if getattr(ctx, "reduce_stats", None) is None:
-        return ctx
-    try:
-        return dataclasses.replace(ctx, reduce_stats=None)
-    except TypeError:  # reduce_stats set as a plain attribute
-        local = copy.copy(ctx)
-        local.reduce_stats = None
-        return local
+    return ctx if ctx.reduce_stats is None else dataclasses.replace(ctx, reduce_stats=None)
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:

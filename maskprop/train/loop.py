@@ -206,7 +206,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, mask: Mappin
     model.eval()
     loss, correct, count = 0.0, 0, 0
     try:
-        with use_mask(model, mask, "compact"):
+        with use_mask(model, mask, "compact", ctx.align):
             for images, labels in loader:
                 images, labels = ctx.inputs(images, labels)
                 with ctx.autocast():
@@ -216,7 +216,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, mask: Mappin
                 count += labels.shape[0]
     finally:
         model.train(was_training)
-    if getattr(ctx, "reduce_stats", None) is not None:
+    if ctx.reduce_stats is not None:
         totals = ctx.reduce_stats(torch.tensor([loss, correct, count], dtype=torch.float64, device=ctx.device))
         loss, correct, count = totals[0].item(), int(totals[1].item()), int(totals[2].item())
     return {"loss": loss / max(count, 1), "accuracy": 100.0 * correct / max(count, 1)}
@@ -232,10 +232,10 @@ def _best_of_n(scores: ChannelScores, model: nn.Module, generator: torch.Generat
         images, labels = ctx.inputs(images, labels)
         count += labels.shape[0]
         for i, mask in enumerate(masks):
-            with use_mask(model, mask, "compact"), ctx.autocast():
+            with use_mask(model, mask, "compact", ctx.align), ctx.autocast():
                 correct[i] += int((model(images).argmax(1) == labels).sum())
     model.train()
-    if getattr(ctx, "reduce_stats", None) is not None:  # every rank scored its share: the same choice everywhere
+    if ctx.reduce_stats is not None:  # every rank scored its share: the same choice everywhere
         totals = ctx.reduce_stats(torch.tensor([*correct, count], dtype=torch.float64, device=ctx.device))
         *correct, count = (int(t) for t in totals.tolist())
     accuracies = [100.0 * c / max(count, 1) for c in correct]

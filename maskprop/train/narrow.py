@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from .._workarounds import subsampled_pointwise_input
 from ..cost import dense_step_flops
 from ..export import materialize
-from ..sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, channel_groups, check_mask
+from ..sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, channel_groups, check_mask, kept_ratio
 from .steps import StepContext, StepResult, subnet_step
 
 __all__ = ["ELEMENTWISE_OPTIMIZERS", "NarrowSubnetwork", "PointwiseSafeConv2d"]
@@ -204,7 +204,7 @@ class NarrowSubnetwork:
 
     def kept_ratio(self) -> float:
         """Kept fraction of the prunable channels."""
-        return sum(int(m.sum()) for m in self.mask.values()) / max(sum(m.numel() for m in self.mask.values()), 1)
+        return kept_ratio(self.mask, {g: m.numel() for g, m in self.mask.items()})
 
     def step(self, batch: tuple[Tensor, Tensor], ctx: StepContext) -> StepResult:
         """One SGD step of the narrow model: what ``subnet_step`` does to the full model under the mask.
@@ -215,7 +215,7 @@ class NarrowSubnetwork:
         self.sync_hyperparameters()
         result = subnet_step(self.model, self.optimizer, batch, None, ctx)
         return dataclasses.replace(result, kept_ratio=self.kept_ratio(),
-                                   flops=int(dense_step_flops(ctx.cost.flops(self.mask, batch[1].shape[0]))))
+                                   flops=int(dense_step_flops(ctx.cost.flops(self.mask, result.count))))
 
     def step_function(self, ctx: StepContext) -> Callable[[tuple[Tensor, Tensor]], StepResult]:
         """The training step as a function of the batch (the narrow model put in train mode)."""

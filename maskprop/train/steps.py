@@ -167,8 +167,9 @@ def vrpge_step(model: nn.Module, scores: ChannelScores, optimizers: tuple[torch.
     score_opt.step()
     scores.project_()
 
-    # Train FLOPs count what is computed: the aligned widths, padding included.
-    batch_size = labels.shape[0]
+    # Train FLOPs count what is computed: the aligned widths, padding included, over the global batch (``count``
+    # went through ``ctx.reduce_stats``: under torchrun it sums every rank's examples).
+    batch_size = count
     f_m, f_m2 = ctx.cost.flops(state_m.widths, batch_size), ctx.cost.flops(state_m2.widths, batch_size)
     return StepResult(
         loss=value_m, loss2=value_m2, correct=correct, count=count,
@@ -180,7 +181,8 @@ def vrpge_step(model: nn.Module, scores: ChannelScores, optimizers: tuple[torch.
 
 def subnet_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[Tensor, Tensor],
                 mask: Mapping[str, Tensor] | None, ctx: StepContext) -> StepResult:
-    """One SGD step of the subnetwork ``mask`` in compact mode (the finetune phase), or of the dense model (``None``).
+    """One SGD step of the subnetwork ``mask`` in compact mode, or of the dense model (``None``): dense training, the
+    dense reference steps, a narrow model's finetune steps (``narrow.py``), and finetuning under torchrun.
 
     Costs 3 f(mask) train FLOPs (supplement C.1), f at the aligned widths computed.
     """
@@ -194,7 +196,7 @@ def subnet_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple
     _clip(ctx, model.parameters())
     optimizer.step()
     (value,), correct, count = _read_stats(ctx, [loss], logits, labels)
-    batch_size = labels.shape[0]
+    batch_size = count  # the global batch under torchrun, as in vrpge_step
     return StepResult(
         loss=value, loss2=None, correct=correct, count=count,
         kept_ratio=1.0 if state is None else kept_ratio(state.kept, state.plan.groups),

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..cost import train_cost_saving
 from ..sbp import sparse_layers
+from ..sparse import kept_counts
 from .config import SPARSE_BACKWARD_METHODS, config_to_dict
 from .files import atomic_write
 from .setup import Run, phase_epochs
@@ -169,7 +170,7 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
         iqr = None if estimate is None else [estimate.low, estimate.high]
     phases = {} if estimate is None else estimate.phases
     first = next(iter(phases.values()), None)
-    kept = {g: int(m.sum()) for g, m in mask.items()} if mask is not None else dict(run.groups)
+    kept = kept_counts(mask) if mask is not None else dict(run.groups)
     keep_ratio = {"vrpge": cfg.sparsity.keep_ratio, "dense": 1.0}.get(method, cfg.sbp.ratio)
     phase_names = ("search", "finetune") if method == "vrpge" else ("train",)
     reference_s = times.overhead_s if method != "dense" else None
