@@ -29,17 +29,17 @@ def _angle(dot: float, norm2_a: float, norm2_b: float) -> float:
 
 
 @contextlib.contextmanager
-def _probe(model: nn.Module, dense: bool) -> Iterator[None]:
+def probing(model: nn.Module, dense: bool) -> Iterator[None]:
     """Layers return their gradients through autograd and leave memory and recorded scores untouched."""
     layers = [layer for _, layer in sparse_layers(model)]
-    saved = [(layer._probe, layer.sparse_enabled) for layer in layers]
+    saved = [(layer.probe, layer.sparse_enabled) for layer in layers]
     for layer in layers:
-        layer._probe, layer.sparse_enabled = True, not dense
+        layer.probe, layer.sparse_enabled = True, not dense
     try:
         yield
     finally:
         for layer, (probe, enabled) in zip(layers, saved):
-            layer._probe, layer.sparse_enabled = probe, enabled
+            layer.probe, layer.sparse_enabled = probe, enabled
 
 
 def gradient_angles(model: nn.Module, loss: Tensor) -> dict[str, float]:
@@ -63,9 +63,9 @@ def gradient_angles(model: nn.Module, loss: Tensor) -> dict[str, float]:
     """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    with _probe(model, dense=False):
+    with probing(model, dense=False):
         estimate = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    with _probe(model, dense=True):
+    with probing(model, dense=True):
         true = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
 
     # Per-parameter float64 sums, combined per layer and overall.

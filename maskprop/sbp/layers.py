@@ -101,6 +101,8 @@ class SparseBackwardMixin:
             tensor per step).
         record_scores: keep the unit scores of the last backward in ``last_scores`` (used by the global budget).
         generator: optional random generator for ``randomk``.
+        probe: True while :func:`maskprop.sbp.diagnostics.probing` measures gradient angles: the backward reads the
+            MSBP memory without updating it and returns the weight gradient through autograd.
     """
 
     num_units: int
@@ -117,7 +119,7 @@ class SparseBackwardMixin:
         self.record_scores = False
         self.last_scores: Tensor | None = None
         self.generator: torch.Generator | None = None
-        self._probe = False  # diagnostics: read the memory without updating it, return gradients through autograd
+        self.probe = False  # diagnostics (``probing``): read the memory without updating it, gradients via autograd
         self._weight_grad = RowGradBuffer()
         self.register_buffer("msbp_memory", None, persistent=False)
 
@@ -192,7 +194,7 @@ class SparseBackwardMixin:
             kept_grad = kept_grad + take_units(share.unsqueeze(0), kept)
         if mask is not None:
             kept_grad = kept_grad * mask.index_select(1, kept).view(*kept_grad.shape[:2], *[1] * (grad.dim() - 2))
-        if self._probe:
+        if self.probe:
             return kept, kept_grad
         if self.record_scores:
             self.last_scores = unit_scores(grad.detach(), per_example=False, offset=share)
@@ -228,7 +230,7 @@ class SparseBackwardMixin:
         hooked = bool(getattr(weight, "_backward_hooks", None)) or bool(
             getattr(weight, "_post_accumulate_grad_hooks", None)
         )
-        if self.direct_grad and not self._probe and weight.is_leaf and not hooked:
+        if self.direct_grad and not self.probe and weight.is_leaf and not hooked:
             return "direct"
         return "return"
 
