@@ -158,7 +158,8 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None) -> n
 
     Plain ``nn.Conv2d`` lacks the route around a oneDNN crash that :class:`~maskprop.sparse.SparseConv2d` takes (the
     CPU weight gradient of a strided 1x1 conv with an odd batch size, ``maskprop._workarounds``): train the narrow
-    model on the CPU with even batch sizes. Inference is unaffected.
+    model on the CPU with even batch sizes, or as the trainer's finetune phase does (``maskprop.train.narrow``, whose
+    ``PointwiseSafeConv2d`` takes the same route). Inference is unaffected.
 
     Args:
         model: a maskprop model (its layers are ``maskprop.sparse`` or ``maskprop.sbp`` layers).
