@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -19,6 +21,32 @@ INPUT_SIZES.update({"wrn16_8": (3, 16, 16), "wrn28_10": (3, 8, 8)})
 
 def input_size(name: str) -> tuple[int, int, int]:
     return INPUT_SIZES[name]
+
+
+# A training run of a few seconds: ResNet-20 on 16x16 shapes, 2 steps per epoch. Test modules derive their runs from it
+# with :func:`with_overrides`.
+TINY_RUN = {
+    "seed": 0,
+    "log_every": 2,
+    "model": {"name": "resnet20"},
+    "data": {"dataset": "shapes", "train_size": 128, "val_size": 64, "image_size": 16, "batch_size": 64,
+             "workers": 0},
+    "optim": {"epochs": 2},
+    "sparsity": {"keep_ratio": 0.5, "fix_examples": 64, "fix_samples": 3},
+    "finetune": {"epochs": 1},
+}
+
+
+def with_overrides(config: dict, **overrides) -> dict:
+    """A deep copy of ``config`` with dotted-key overrides (``**{"optim.epochs": 4}``), as a plain dict."""
+    config = copy.deepcopy(config)
+    for dotted, value in overrides.items():
+        node = config
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config
 
 
 @pytest.fixture(scope="module")

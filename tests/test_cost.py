@@ -1,4 +1,4 @@
-"""Analytic FLOPs against torch.utils.flop_counter, and the train-step cost formulas (DESIGN invariant 3)."""
+"""Analytic FLOPs against torch.utils.flop_counter, and the train-step cost formulas."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from conftest import TINY_RUN, with_overrides
 
 import maskprop
 import maskprop.train.loop as loop
@@ -32,27 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ResNet-20 on 16x16 shapes: 2 global batches of 64 per epoch (32 per rank), 4 search epochs, 1 finetune epoch.
-TINY = {
-    "seed": 0,
-    "log_every": 1,
-    "model": {"name": "resnet20"},
-    "data": {"dataset": "shapes", "train_size": 128, "val_size": 64, "image_size": 16, "batch_size": 64,
-             "workers": 0},
-    "optim": {"epochs": 4},
-    "sparsity": {"keep_ratio": 0.5, "fix_examples": 64, "fix_samples": 3},
-    "finetune": {"epochs": 1},
-}
+TINY = with_overrides(TINY_RUN, log_every=1, **{"optim.epochs": 4})
 
 
 def tiny(**overrides) -> dict:
-    config = copy.deepcopy(TINY)
-    for dotted, value in overrides.items():
-        node = config
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return config
+    return with_overrides(TINY, **overrides)
 
 
 # 2 search steps, the fix, 2 finetune steps: short, because float rounding differs between one process and two (sums

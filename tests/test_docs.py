@@ -29,6 +29,7 @@ _LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")
 _OUTSIDE = re.compile("|".join([
     r"\b" + "METHODS" + r"\.md\b", r"\b" + "DESIGN" + r"\.md\b", r"\b" + "STYLE" + r"\.md\b",
     r"(?<![\w-])" + "papers" + r"/", r"\bpaper" + r" 0\d\d\b", r"\.\./" + "shared",
+    r"\b" + "DESIGN" + r" invariants?\b",
 ]))
 # docs/methods.md's "Code:" lines: `path.py`: `name`, `Class.method`, ... up to the next path or the end of the line.
 _CODE_LINE = re.compile(r"`((?:maskprop|tools)/[\w/]+\.py)`:((?:\s*`[\w.]+`(?: \([^)]*\))?,?)+)")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_RUN, with_overrides
 
 import maskprop
 from maskprop.cli import main
@@ -20,16 +21,7 @@ from maskprop.vrpge import ChannelScores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {
-    "seed": 0,
-    "log_every": 2,
-    "model": {"name": "resnet20"},
-    "data": {"dataset": "shapes", "train_size": 128, "val_size": 64, "image_size": 16, "batch_size": 64,
-             "workers": 0},
-    "optim": {"epochs": 1},
-    "sparsity": {"keep_ratio": 0.5, "fix_examples": 64, "fix_samples": 2},
-    "finetune": {"epochs": 1},
-}
+TINY = with_overrides(TINY_RUN, **{"optim.epochs": 1, "sparsity.fix_samples": 2})
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import shutil
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_RUN, with_overrides
 
 import maskprop
 from maskprop.cli import _final_table, main
@@ -19,26 +19,13 @@ from maskprop.train.summary import SCHEMA_VERSION, RunSummary, read_summary
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Runs of a second or two: ResNet-20 on 8x8 shapes, 2 steps per epoch.
-TINY = {
-    "seed": 0, "log_every": 2,
-    "model": {"name": "resnet20"},
-    "data": {"dataset": "shapes", "train_size": 32, "val_size": 16, "image_size": 8, "batch_size": 16, "workers": 0},
-    "optim": {"epochs": 2},
-    "sparsity": {"keep_ratio": 0.5, "fix_examples": 16, "fix_samples": 2},
-    "finetune": {"epochs": 1},
-}
+TINY = with_overrides(TINY_RUN, **{"data.train_size": 32, "data.val_size": 16, "data.image_size": 8,
+                                   "data.batch_size": 16, "sparsity.fix_examples": 16, "sparsity.fix_samples": 2})
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny(**overrides) -> dict:
-    config = copy.deepcopy(TINY)
-    for dotted, value in overrides.items():
-        node = config
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return config
+    return with_overrides(TINY, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Compact execution equals the masked reference; dropped channels do not exist for the step (DESIGN invariants 1-2)."""
+"""Compact execution equals the masked reference; dropped channels do not exist for the step."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import TINY_RUN, with_overrides
 
 import maskprop
 from maskprop.cli import main
@@ -32,31 +33,14 @@ from maskprop.vrpge import ChannelScores, project_scores, score_grad
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs (conftest.py)
 
-# A run of a few seconds: ResNet-20 on 16x16 shapes, 2 steps per epoch.
-TINY = {
-    "seed": 0,
-    "log_every": 2,
-    "model": {"name": "resnet20"},
-    "data": {"dataset": "shapes", "train_size": 128, "val_size": 64, "image_size": 16, "batch_size": 64,
-             "workers": 0},
-    "optim": {"epochs": 2},
-    "sparsity": {"keep_ratio": 0.5, "fix_examples": 64, "fix_samples": 3},
-    "finetune": {"epochs": 1},
-}
+TINY = TINY_RUN
 SUMMARY_KEYS = {"accuracy", "dense_params", "subnet_params", "dense_flops", "subnet_flops", "train_cost_saving",
                 "measured_speedup", "widths", "run_time_s"}
 
 
 def tiny(**overrides) -> dict:
     """TINY with dotted-key overrides, as a plain dict."""
-    config = copy.deepcopy(TINY)
-    for dotted, value in overrides.items():
-        node = config
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return config
+    return with_overrides(TINY, **overrides)
 
 
 def write_recipe(path: Path, config: dict) -> Path:
