@@ -65,6 +65,21 @@ class StepTiming:
         return d
 
 
+def describe_machine(device: str = "cpu") -> str:
+    """What a benchmark ran on, for its header line: the GPU's name, or the CPU model and torch's thread count."""
+    import platform
+
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
     """First quartile, median and third quartile (the inclusive method: a single value is all three)."""
     if len(values) == 1:

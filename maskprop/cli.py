@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 from collections.abc import Sequence
 from datetime import date
@@ -23,27 +22,13 @@ def _thread_count(value: str) -> int:
     return threads
 
 
-def _machine(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
     from tqdm import tqdm
 
-    from .bench import bench_model, check_settings, default_align, format_table, resolve_device
+    from .bench import bench_model, check_settings, default_align, describe_machine, format_table, resolve_device
     from .train.files import atomic_write
 
     # Every setting is checked before the first model is built, so a mistake costs no benchmark time.
@@ -64,7 +49,7 @@ def _bench(args: argparse.Namespace) -> int:
                 warmup=args.warmup, image_size=args.image_size, channels_last=args.channels_last, amp=args.amp,
                 device=args.device, seed=args.seed, masks=args.masks, progress=lambda msg: bar.update(1), align=align,
             )
-    print(f"{date.today()} | {_machine(args.device)} | channels_last={args.channels_last} amp={args.amp} "
+    print(f"{date.today()} | {describe_machine(args.device)} | channels_last={args.channels_last} amp={args.amp} "
           f"masks={args.masks} align={align}")
     print(format_table(results))
     if args.json:

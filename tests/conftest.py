@@ -23,6 +23,18 @@ def input_size(name: str) -> tuple[int, int, int]:
     return INPUT_SIZES[name]
 
 
+def edge_case_mask(groups: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Half of every group at random; the first group keeps one channel, the second keeps all of its channels."""
+    mask = maskprop.random_mask(groups, 0.5, generator)
+    names = list(groups)
+    single = torch.zeros(groups[names[0]], dtype=torch.bool)
+    single[int(torch.randint(groups[names[0]], (1,), generator=generator))] = True
+    mask[names[0]] = single
+    if len(names) > 1:
+        mask[names[1]] = torch.ones(groups[names[1]], dtype=torch.bool)
+    return mask
+
+
 # A training run of a few seconds: ResNet-20 on 16x16 shapes, 2 steps per epoch. Test modules derive their runs from it
 # with :func:`with_overrides`.
 TINY_RUN = {

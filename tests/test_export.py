@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import input_size
+from conftest import edge_case_mask, input_size
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -31,17 +31,6 @@ CASES = [(name, {}) for name in maskprop.list_models()] + [
     ("resnet20", {"prune_residual": False}),
     ("wrn16_8", {"prune_residual": False}),
 ]
-
-
-def edge_case_mask(groups: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Half of every group at random; the first group keeps one channel, the second keeps all of its channels."""
-    mask = random_mask(groups, 0.5, generator)
-    names = list(groups)
-    single = torch.zeros(groups[names[0]], dtype=torch.bool)
-    single[int(torch.randint(groups[names[0]], (1,), generator=generator))] = True
-    mask[names[0]] = single
-    mask[names[1]] = torch.ones(groups[names[1]], dtype=torch.bool)
-    return mask
 
 
 def kept_slice(module: nn.Module, name: str, tensor: torch.Tensor, mask: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -9,25 +9,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import input_size
+from conftest import edge_case_mask, input_size
 
 import maskprop
 from maskprop.sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, full_mask, random_mask, use_mask
 from maskprop.sparse.gather import gather_rows
 
 MODELS = maskprop.list_models()
-
-
-def edge_case_mask(groups: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random half masks, with the first group down to one channel and the second kept whole."""
-    mask = random_mask(groups, 0.5, generator)
-    names = list(groups)
-    single = torch.zeros(groups[names[0]], dtype=torch.bool)
-    single[int(torch.randint(groups[names[0]], (1,), generator=generator))] = True
-    mask[names[0]] = single
-    if len(names) > 1:
-        mask[names[1]] = torch.ones(groups[names[1]], dtype=torch.bool)
-    return mask
 
 
 def run_step(model, mask, mode, x, y):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import maskprop
-from maskprop.bench import quartiles
+from maskprop.bench import describe_machine, quartiles
 
 # model: (image size, batch sizes); the training step runs at the largest batch.
 DEFAULT_SETUPS = {"resnet32": (32, (1, 64)), "vgg19_bn": (32, (1, 64)), "resnet50": (224, (1, 8))}
@@ -140,16 +139,6 @@ def bench(name: str, image_size: int, batches: tuple[int, ...], keep: float, rep
     return rows
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 def format_table(rows: list[dict]) -> str:
     def ratio(q: tuple[float, float, float]) -> str:
         return f"{q[1]:.2f}x ({q[0]:.2f}-{q[2]:.2f})"
@@ -192,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench(name, image_size, batches, keep, args.repeats, args.warmup, args.budget,
                           args.channels_last, args.seed)
             print(f"done {name} keep {keep}", file=sys.stderr, flush=True)
-    print(f"{date.today()} | {_machine()} | channels_last={args.channels_last} repeats={args.repeats}")
+    print(f"{date.today()} | {describe_machine()} | channels_last={args.channels_last} repeats={args.repeats}")
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -30,7 +30,6 @@ import argparse
 import copy
 import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskprop import keep_freed_host_memory
+from maskprop.bench import describe_machine
 from maskprop.sbp import RowGradBuffer, SparseBackwardLinear, convert, sparse_layer
 
 DEFAULT_CONFIGS = "64x500:10,20,50;64x5000:5,50,250;1024x8192:8,64,512"
@@ -55,17 +55,6 @@ def parse_configs(text: str) -> list[tuple[int, int, list[int]]]:
         batch, width = (int(v) for v in shape.split("x"))
         configs.append((batch, width, [int(k) for k in ks.split(",")]))
     return configs
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -232,8 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         "# Sparse backward (unified top-k) against dense, CPU",
         "",
         f"- command: `{command.strip()}`",
-        f"- machine: {cpu_name()}, {args.threads} torch threads ({torch.get_num_threads()} in use), "
-        f"torch {torch.__version__}, Python {platform.python_version()}, "
+        f"- machine: {describe_machine()} ({args.threads} asked for), Python {sys.version.split()[0]}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, glibc malloc keeps freed memory: "
         f"{host_memory}, load average before the run "
         f"{load_before}",
