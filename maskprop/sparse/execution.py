@@ -254,9 +254,11 @@ class ExecutionState:
         moved = to_device(torch.cat(pieces), self.device).split([p.numel() for p in pieces])
         self._index_ext, self._real_ext = moved[0], moved[1]
         tables = self._weights + ([norm] if norm is not None else [])
-        flat, real_rows = _flat_rows(moved[2].view(-1, 4), sum(t["entries"] for t in tables), self._index_ext)
+        flat, real_rows = _flat_rows(moved[2].view(-1, 4), sum(t["entries"] for t in tables), self._index_ext,
+                                     self.padded)
         sizes = [t["entries"] for t in tables]
-        for table, t_flat, t_real in zip(tables, flat.split(sizes), real_rows.split(sizes)):
+        real_split = real_rows.split(sizes) if real_rows is not None else [None] * len(tables)
+        for table, t_flat, t_real in zip(tables, flat.split(sizes), real_split):
             table["flat"], table["real"], table["factors"] = t_flat, t_real, {}
             if not self.concatenate and "sizes" in table:  # each layer's rows of its own weight
                 table["flat_of"] = t_flat.split(table["sizes"])
@@ -524,12 +526,17 @@ def _row_table(rows: list[tuple[int, ...]], index_ext: Tensor, real_ext: Tensor,
     return table, [positions, norm_rows[:, 0][positions]]
 
 
-def _flat_rows(rows: Tensor, entries: int, index_ext: Tensor) -> tuple[Tensor, Tensor]:
-    """Flat rows (and their 0/1 kept flags) from the row table, on the table's device with a fixed number of calls:
-    each row expanded over its computed inputs."""
-    expanded = rows.repeat_interleave(rows[:, 3], dim=0, output_size=entries)
-    flat = expanded[:, 0] + index_ext[expanded[:, 1] + torch.arange(entries, device=rows.device)]
-    return flat, expanded[:, 2]
+def _flat_rows(rows: Tensor, entries: int, index_ext: Tensor, padded: bool) -> tuple[Tensor, Tensor | None]:
+    """Flat rows (and, with padding, their 0/1 kept flags) from the row table, on the table's device with a fixed
+    number of calls: each row expanded over its computed inputs.
+
+    Only the row numbers are expanded (one 1-d ``repeat_interleave``), and the columns are gathered by them: expanding
+    the 4-column table itself made preparing a VGG-19 mask at keep 0.5 take 11 ms on the CPU instead of about 4.
+    """
+    row_of = torch.repeat_interleave(torch.arange(rows.shape[0], device=rows.device), rows[:, 3], output_size=entries)
+    offsets = rows[:, 1].index_select(0, row_of).add_(torch.arange(entries, device=rows.device))
+    flat = rows[:, 0].index_select(0, row_of).add_(index_ext.index_select(0, offsets))
+    return flat, (rows[:, 2].index_select(0, row_of) if padded else None)
 
 
 def prepare_mask(model: nn.Module, mask: Mapping[str, Tensor], mode: str = "compact", align: int = 1) -> ExecutionState:
