@@ -473,11 +473,12 @@ def test_recipes_load_and_say_what_they_reproduce(recipe):
 
 @pytest.mark.slow
 def test_sparse_at_half_width_stays_within_three_points_of_dense(tmp_path):
-    """Same data, schedule and search epochs as the dense run (the sparse run also finetunes its subnetwork, and still
-    costs about 2.7x fewer train FLOPs). Runs the quickstart's short-run settings with a longer budget."""
-    recipe = load_config(REPO / "recipes" / "quickstart.yaml", [
-        "data.train_size=5000", "data.val_size=1000", "optim.epochs=25", "finetune.epochs=5", "log_every=50"])
+    """The README's quick-start claim, as stated there: the quickstart recipe as it is, against its dense twin (the same
+    recipe with ``method=dense``, trained for the search plus finetune epochs); a few minutes on 2 CPU cores."""
+    recipe = load_config(REPO / "recipes" / "quickstart.yaml")
     sparse = maskprop.fit(recipe, out=tmp_path / "sparse")
-    dense = maskprop.fit(load_config(recipe, ["method=dense"]), out=tmp_path / "dense")
+    epochs = recipe.optim.epochs + recipe.finetune.epochs
+    dense = maskprop.fit(load_config(REPO / "recipes" / "quickstart.yaml", ["method=dense", f"optim.epochs={epochs}"]),
+                         out=tmp_path / "dense")
     assert sparse["accuracy"] >= dense["accuracy"] - 3.0, (sparse["accuracy"], dense["accuracy"])
     assert math.isfinite(sparse["train_cost_saving"]) and sparse["train_cost_saving"] > 2.0
