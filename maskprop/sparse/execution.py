@@ -246,6 +246,7 @@ class ExecutionState:
         self.padded = any(w > c for w, c in zip(widths, counts) if w)
         self._weights, norm, rows = _tables(self.plan, self._offsets, identity, self.concatenate)
         self._weight_layers = {id(layer) for table in self._weights for layer, _, _ in table["sources"]}
+        layer_rows = rows
         rows, norm_targets = _row_table(rows, index_ext, real_ext, norm, self.padded)
 
         # One host-to-device copy of everything, then the flat rows built on the device (ResNet-50: 3.4M entries at
@@ -254,8 +255,16 @@ class ExecutionState:
         moved = to_device(torch.cat(pieces), self.device).split([p.numel() for p in pieces])
         self._index_ext, self._real_ext = moved[0], moved[1]
         tables = self._weights + ([norm] if norm is not None else [])
-        flat, real_rows = _flat_rows(moved[2].view(-1, 4), sum(t["entries"] for t in tables), self._index_ext,
-                                     self.padded)
+        if not self.concatenate and not self.padded:
+            # The CPU path (layer by layer): the host pays per call, not per launch, and one broadcast add per gathered
+            # tensor touches only the entries it makes (preparing a VGG-19 mask at keep 0.5 took 3 ms instead of 10).
+            firsts = moved[2].view(-1, 4)[:, 0].split([r[0] for r in layer_rows])
+            flat = torch.cat([(first[:, None] + self._index_ext[start:start + n_in]).view(-1)
+                              for first, (_, _, _, _, start, n_in) in zip(firsts, layer_rows)])
+            real_rows = None
+        else:
+            flat, real_rows = _flat_rows(moved[2].view(-1, 4), sum(t["entries"] for t in tables), self._index_ext,
+                                         self.padded)
         sizes = [t["entries"] for t in tables]
         real_split = real_rows.split(sizes) if real_rows is not None else [None] * len(tables)
         for table, t_flat, t_real in zip(tables, flat.split(sizes), real_split):
