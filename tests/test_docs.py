@@ -8,6 +8,7 @@ The scanner is tested on its own inputs first, so that a check that finds nothin
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,22 @@ _CODE_LINE = re.compile(r"`((?:maskprop|tools)/[\w/]+\.py)`:((?:\s*`[\w.]+`(?: \
 
 
 def project_files(root: Path = REPO) -> list[Path]:
-    """The project's text files: sources, tests, tools, recipes, docs and the root's docs and config."""
+    """The project's text files: sources, tests, tools, recipes, docs and the root's docs and config.
+
+    In a git checkout, the files git tracks and the untracked ones it does not ignore (so a virtual environment or a
+    run directory inside the checkout, under whatever name, is left out); elsewhere every file outside ``SKIP_DIRS``.
+    """
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
+                                capture_output=True, check=True).stdout.decode()
+        candidates = sorted(root / name for name in listed.split("\0") if name)
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout, or no git
+        candidates = sorted(root.rglob("*"))
     files = []
-    for path in sorted(root.rglob("*")):
+    for path in candidates:
         parts = set(path.relative_to(root).parts[:-1])
         if (path.is_file() and path.suffix in TEXT_SUFFIXES and not parts & SKIP_DIRS
-                and not any(part.endswith(".egg-info") for part in parts)):
+                and not any(part.endswith(".egg-info") or part.startswith(".venv") for part in parts)):
             files.append(path)
     return files
 
@@ -154,7 +165,18 @@ def test_the_project_files_include_every_kind_of_doc():
     names = {path.relative_to(REPO).as_posix() for path in FILES}
     assert {"README.md", "BENCHMARKS.md", "docs/methods.md", "maskprop/cli.py", "recipes/quickstart.yaml",
             "tests/test_docs.py", "pyproject.toml"} <= names
-    assert not any(name.startswith((".venv/", "runs/")) for name in names)
+    assert not any(name.startswith((".venv", "runs/")) for name in names)
+
+
+def test_project_files_leave_out_what_git_ignores(tmp_path):
+    """A virtual environment inside a checkout (CI makes ``.venv-ci``) holds thousands of third-party docs."""
+    (tmp_path / ".gitignore").write_text("env-under-any-name/\n")
+    for name in ("README.md", "maskprop/x.py", "env-under-any-name/lib/site.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("text\n")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    names = {path.relative_to(tmp_path).as_posix() for path in project_files(tmp_path)}
+    assert names == {"README.md", "maskprop/x.py"}
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.relative_to(REPO).as_posix())
