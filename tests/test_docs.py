@@ -171,12 +171,12 @@ def test_the_project_files_include_every_kind_of_doc():
 def test_project_files_leave_out_what_git_ignores(tmp_path):
     """A virtual environment inside a checkout (CI makes ``.venv-ci``) holds thousands of third-party docs."""
     (tmp_path / ".gitignore").write_text("env-under-any-name/\n")
-    for name in ("README.md", "maskprop/x.py", "env-under-any-name/lib/site.md"):
+    for name in ("README.md", "pkg/x.py", "env-under-any-name/lib/site.md"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("text\n")
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     names = {path.relative_to(tmp_path).as_posix() for path in project_files(tmp_path)}
-    assert names == {"README.md", "maskprop/x.py"}
+    assert names == {"README.md", "pkg/x.py"}
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.relative_to(REPO).as_posix())
