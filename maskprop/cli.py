@@ -323,13 +323,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # step (it penalised dense steps by up to a third); MALLOC_* environment variables take precedence.
     logging.getLogger(__name__).debug("glibc malloc keeps freed memory: %s", keep_freed_host_memory())
     try:
-        return args.run(args)
+        status = args.run(args)
     except (ValueError, FileNotFoundError) as error:
         from .train.distributed import prints_errors
 
         if prints_errors(error):  # under torchrun: one line from rank 0, not one per rank
             print(f"maskprop {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        status = 2
+    if "torch.distributed" in sys.modules:  # a torchrun rank leaves its process group before the interpreter ends
+        from .train.distributed import leave
+
+        leave(finished=status == 0)
+    return status
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import maskprop.train.loop as loop
+from maskprop.train.distributed import leave
 
 
 def _set(config: dict, dotted: str, value) -> None:
@@ -65,6 +66,7 @@ def main() -> None:
         except (ValueError, FileNotFoundError) as err:
             result = {"error": str(err), "type": type(err).__name__}
         Path(f"{job['dump']}.rank{rank}.json").write_text(json.dumps(result))
+    leave()
 
 
 if __name__ == "__main__":

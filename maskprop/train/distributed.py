@@ -129,6 +129,20 @@ def init_from_env(backend: str = "auto") -> Distributed:
     return place
 
 
+def leave(finished: bool = True) -> None:
+    """Leave the process group this process joined, if any (a torchrun rank at its end).
+
+    A gloo process group still alive when the interpreter exits can end the rank in ``std::terminate`` (SIGABRT,
+    "terminate called without an active exception") while its threads are torn down, turning a finished run into a
+    failed one. A rank that finished meets the others at a barrier first, so that none leaves while another still
+    talks to it; a rank that failed leaves at once, and the others' next collective fails instead of waiting for it.
+    """
+    if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def device_for(device: torch.device, place: Distributed) -> torch.device:
     """One device per rank: a run on CUDA takes the GPU of the rank's ``LOCAL_RANK``."""
     if not place.enabled or device.type != "cuda":
