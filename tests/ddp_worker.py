@@ -43,9 +43,8 @@ def _dump(run) -> dict:
     }
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    rank = int(os.environ["RANK"])
+def fit_and_dump(config: dict, out: str | None = None, resume: bool = False) -> tuple[dict, dict]:
+    """``maskprop.train.loop.fit`` of ``config``, and :func:`_dump` of the run it trained (caught at its summary)."""
     captured = {}
     summarize = loop.summarize
 
@@ -54,20 +53,28 @@ def main() -> None:
         return summarize(run, elapsed)
 
     loop.summarize = capture
+    try:
+        summary = loop.fit(config, out=out, resume=resume)
+    finally:
+        loop.summarize = summarize
+    return summary, _dump(captured["run"])
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
     for job in json.loads(Path(sys.argv[1]).read_text()):
         config = copy.deepcopy(job["config"])
         for dotted, value in job.get("rank_config", {}).get(str(rank), {}).items():
             _set(config, dotted, value)
-        captured.clear()
         try:
-            summary = loop.fit(config, out=job.get("out"), resume=job.get("resume", False))
+            summary, dump = fit_and_dump(config, out=job.get("out"), resume=job.get("resume", False))
             result = {"error": None, "accuracy": summary["accuracy"]}
-            torch.save(_dump(captured["run"]), f"{job['dump']}.rank{rank}.pt")
+            torch.save(dump, f"{job['dump']}.rank{rank}.pt")
         except (ValueError, FileNotFoundError) as err:
             result = {"error": str(err), "type": type(err).__name__}
         Path(f"{job['dump']}.rank{rank}.json").write_text(json.dumps(result))
     leave()
-
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,6 @@ import yaml
 from conftest import TINY_RUN, with_overrides
 
 import maskprop
-import maskprop.train.loop as loop
 from maskprop.sparse import sync_batchnorm
 from maskprop.train import distributed
 from maskprop.train.checkpoint import load_checkpoint
@@ -67,24 +66,12 @@ def _states(prefix: Path, ranks: int = 2) -> list[dict]:
 
 def _one_process(config: dict, out: Path) -> dict:
     """What ``ddp_worker`` dumps, from a fit in this process."""
-    captured = {}
-    summarize = loop.summarize
-
-    def capture(run, elapsed):
-        captured["run"] = run
-        return summarize(run, elapsed)
-
-    loop.summarize = capture
-    try:
-        maskprop.fit(config, out=out)
-    finally:
-        loop.summarize = summarize
     sys.path.insert(0, str(REPO / "tests"))
     try:
-        from ddp_worker import _dump
+        from ddp_worker import fit_and_dump
     finally:
         sys.path.pop(0)
-    return _dump(captured["run"])
+    return fit_and_dump(config, out=str(out))[1]
 
 
 @pytest.fixture(scope="module")
