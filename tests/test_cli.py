@@ -7,19 +7,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_RUN, with_overrides
 
 import maskprop
 from maskprop.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "seed": 0,
-    "model": {"name": "resnet20"},
-    "data": {"dataset": "shapes", "train_size": 64, "val_size": 32, "image_size": 16, "batch_size": 32, "workers": 0},
-    "optim": {"epochs": 1},
-    "sparsity": {"fix_samples": 2, "fix_examples": 32},
-    "finetune": {"epochs": 0},
-}
+TINY = with_overrides(TINY_RUN, **{"data.train_size": 64, "data.val_size": 32, "data.batch_size": 32,
+                                   "sparsity.fix_samples": 2, "sparsity.fix_examples": 32, "optim.epochs": 1,
+                                   **{"finetune.epochs": 0}})
 
 
 @pytest.fixture

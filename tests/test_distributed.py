@@ -301,22 +301,15 @@ def single_process_group(tmp_path):
         dist.destroy_process_group()
 
 
-def test_sync_batch_norm_matches_batch_norm_on_the_kept_channels(single_process_group):
-    torch.manual_seed(0)
-    layer = maskprop.sparse.SparseBatchNorm2d(6, group="g").double().train()
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5)
-        layer.bias.uniform_(-0.5, 0.5)
-        layer.running_var.uniform_(0.5, 2.0)
+def _sync_batch_norm_matches_batch_norm(layer, x: torch.Tensor, index: torch.Tensor) -> None:
+    """``sync_batch_norm`` of the kept channels ``index`` (one rank) against ``F.batch_norm`` on a copy of ``layer``:
+    output, input and affine gradients, and the gathered running statistics it moves for the caller to write back."""
     reference = copy.deepcopy(layer)
-    index = torch.tensor([0, 2, 5])
-    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     gathered = [t.index_select(0, index) for t in (layer.running_mean, layer.running_var, layer.weight, layer.bias)]
     y = sync_batchnorm.sync_batch_norm(layer, x, gathered, dist.group.WORLD)
-    assert sync_batchnorm.group_for(layer) is None  # enable() names the layers that synchronise
-    weight, bias = reference.weight[index], reference.bias[index]
     mean, var = reference.running_mean[index].clone(), reference.running_var[index].clone()
-    expected = F.batch_norm(x, mean, var, weight, bias, True, reference.momentum, reference.eps)
+    expected = F.batch_norm(x, mean, var, reference.weight[index], reference.bias[index], True, reference.momentum,
+                            reference.eps)
     torch.testing.assert_close(y, expected)
     grad = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, layer.weight, layer.bias), grad)
@@ -325,6 +318,19 @@ def test_sync_batch_norm_matches_batch_norm_on_the_kept_channels(single_process_
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(gathered[0], mean)  # the gathered statistics moved, for the caller to write back
     torch.testing.assert_close(gathered[1], var)
+
+
+def test_sync_batch_norm_matches_batch_norm_on_the_kept_channels(single_process_group):
+    torch.manual_seed(0)
+    layer = maskprop.sparse.SparseBatchNorm2d(6, group="g").double().train()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+        layer.running_var.uniform_(0.5, 2.0)
+    reference = copy.deepcopy(layer)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    _sync_batch_norm_matches_batch_norm(layer, x, torch.tensor([0, 2, 5]))
+    assert sync_batchnorm.group_for(layer) is None  # enable() names the layers that synchronise
     assert int(layer.num_batches_tracked) == 1
     # All channels (dense): the layer's own statistics move as nn.BatchNorm2d's.
     x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
@@ -342,21 +348,7 @@ def test_sync_batch_norm_on_cuda_runs_torchs_function_and_matches_batch_norm(tmp
     try:
         torch.manual_seed(0)
         layer = maskprop.sparse.SparseBatchNorm2d(6, group="g").cuda().train()
-        reference = copy.deepcopy(layer)
-        index = torch.tensor([0, 2, 5], device="cuda")
         x = torch.randn(8, 3, 5, 5, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_()
-        gathered = [t.index_select(0, index) for t in (layer.running_mean, layer.running_var, layer.weight, layer.bias)]
-        y = sync_batchnorm.sync_batch_norm(layer, x, gathered, dist.group.WORLD)
-        mean, var = reference.running_mean[index].clone(), reference.running_var[index].clone()
-        expected = F.batch_norm(x, mean, var, reference.weight[index], reference.bias[index], True,
-                                reference.momentum, reference.eps)
-        torch.testing.assert_close(y, expected)
-        grad = torch.randn_like(y)
-        got = torch.autograd.grad(y, (x, layer.weight, layer.bias), grad)
-        want = torch.autograd.grad(expected, (x, reference.weight, reference.bias), grad)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b)
-        torch.testing.assert_close(gathered[0], mean)
-        torch.testing.assert_close(gathered[1], var)
+        _sync_batch_norm_matches_batch_norm(layer, x, torch.tensor([0, 2, 5], device="cuda"))
     finally:
         dist.destroy_process_group()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.data import Subset, TensorDataset
+from conftest import TINY_RUN, with_overrides
 
 import maskprop
 from maskprop.cli import main
@@ -21,15 +22,9 @@ from maskprop.train.setup import _num_classes
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs (conftest.py)
 
-TINY = {
-    "seed": 0,
-    "log_every": 1,
-    "model": {"name": "resnet20"},
-    "data": {"dataset": "shapes", "train_size": 64, "val_size": 32, "image_size": 16, "batch_size": 32, "workers": 0},
-    "optim": {"epochs": 1},
-    "sparsity": {"fix_samples": 2, "fix_examples": 32},
-    "finetune": {"epochs": 1},
-}
+TINY = with_overrides(TINY_RUN, **{"data.train_size": 64, "data.val_size": 32, "data.batch_size": 32,
+                                   "sparsity.fix_samples": 2, "sparsity.fix_examples": 32, "optim.epochs": 1,
+                                   **{"log_every": 1}})
 STREAMS = {"layer1", "layer2", "layer3"}
 
 

@@ -29,6 +29,21 @@ def run_step(model, mask, mode, x, y):
     return loss.detach(), grads, buffers
 
 
+def compact_step_equals_masked(model, compact, mask, x, y):
+    """A training step of ``model`` under ``compact`` (a mask or a prepared state) against the masked reference of
+    ``mask`` on a copy: the same loss, gradients and buffers in float64. Returns the compact step's gradients and
+    buffers for further checks."""
+    reference = copy.deepcopy(model)
+    loss_c, grads_c, buffers_c = run_step(model, compact, "compact", x, y)
+    loss_m, grads_m, buffers_m = run_step(reference, mask, "masked", x, y)
+    torch.testing.assert_close(loss_c, loss_m, rtol=1e-10, atol=1e-12)
+    for k in grads_m:
+        torch.testing.assert_close(grads_c[k], grads_m[k], rtol=1e-8, atol=1e-10, msg=f"gradient of {k}")
+    for k in buffers_m:
+        torch.testing.assert_close(buffers_c[k], buffers_m[k], rtol=1e-10, atol=1e-12, msg=f"buffer {k}")
+    return grads_c, buffers_c
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("name", MODELS)
 def test_compact_equals_masked(name, channels_last, generator):
@@ -48,16 +63,7 @@ def test_compact_equals_masked(name, channels_last, generator):
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.tensor([0, 1, 2])
     before = {k: b.clone() for k, b in model.named_buffers()}
-
-    masked_model = copy.deepcopy(model)
-    loss_c, grads_c, buffers_c = run_step(model, mask, "compact", x, y)
-    loss_m, grads_m, buffers_m = run_step(masked_model, mask, "masked", x, y)
-
-    torch.testing.assert_close(loss_c, loss_m, rtol=1e-10, atol=1e-12)
-    for k in grads_m:
-        torch.testing.assert_close(grads_c[k], grads_m[k], rtol=1e-8, atol=1e-10, msg=f"gradient of {k}")
-    for k in buffers_m:
-        torch.testing.assert_close(buffers_c[k], buffers_m[k], rtol=1e-10, atol=1e-12, msg=f"buffer {k}")
+    grads_c, buffers_c = compact_step_equals_masked(model, mask, mask, x, y)
 
     # Dropped channels: no gradient, and BatchNorm statistics untouched.
     for mod_name, m in model.named_modules():
