@@ -50,7 +50,8 @@ Method = Literal["vrpge", "dense", "meprop", "sbp", "msbp"]
 DatasetName = Literal["shapes", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet"]
 Estimator = Literal["vrpge", "vrpge_sym"]
 WeightGrad = Literal["first", "both"]
-FixRule = Literal["best_of_n", "top_scores"]
+FixRule = Literal["best_of_n", "top_scores", "random"]
+BudgetSchedule = Literal["cubic", "linear"]
 Schedule = Literal["cosine", "step", "constant"]
 Amp = Literal["none", "bf16"]
 OptimizerName = Literal["sgd", "adam"]
@@ -193,8 +194,17 @@ class SparsityConfig(_Section):
         init: Constant the scores start at (official: 0.5), projected onto the budget before the first step.
         score_lr: Adam learning rate of the scores (supplement B: the only grid-searched hyperparameter).
         prune_residual: Prune the channels of residual streams (one shared group per stream) or keep them whole.
+        warmup_epochs: Dense epochs at the start of the search (every channel kept, the scores untouched), counted
+            inside ``optim.epochs``.
+        anneal_epochs: Epochs after the warm-up over which the budget falls from all channels to ``keep_ratio`` along
+            ``budget_schedule``; 0: the budget is ``keep_ratio`` from the first step (the paper).
+        budget_schedule: Shape of the anneal: ``cubic`` (fast at first, slow near the end, as gradual pruning does)
+            or ``linear``.
         fix: How the final subnetwork is chosen: ``best_of_n`` samples ``fix_samples`` masks and keeps the one with
-            the best training accuracy (official), ``top_scores`` keeps the largest scores up to the budget.
+            the best training accuracy (official), ``top_scores`` keeps the largest scores up to the budget;
+            ``random`` is the baseline of a random subnetwork of the same budget: fixed at the first step (each group
+            keeps ``max(1, round(keep_ratio x channels))`` channels drawn uniformly) and trained for the search and
+            finetune epochs, no search at all.
         fix_samples: Masks sampled by ``best_of_n``.
         fix_examples: Training examples (the first ones, in eval mode) ``best_of_n`` scores each mask on; null: the
             whole training set, as the official code.
@@ -210,6 +220,9 @@ class SparsityConfig(_Section):
     init: Annotated[float, _in_range(gt=0, le=1, what="a probability")] = 0.5
     score_lr: Annotated[float, _in_range(gt=0)] = 12e-3
     prune_residual: bool = True
+    warmup_epochs: Annotated[int, _in_range(ge=0)] = 0
+    anneal_epochs: Annotated[int, _in_range(ge=0, note="0: no anneal")] = 0
+    budget_schedule: BudgetSchedule = "cubic"
     fix: FixRule = "best_of_n"
     fix_samples: Annotated[int, _in_range(ge=1)] = 10
     fix_examples: Annotated[int | None, _in_range(ge=1, null="the whole training set")] = None
@@ -369,6 +382,13 @@ class Config(_Section):
         if self.method == "meprop" and self.sbp.sparsifier == "randomk":
             raise ValueError("sbp.sparsifier='randomk' does not fit method='meprop' (top-k by magnitude); expected "
                              "'topk' or 'topk_unified', or method='sbp' for random-k")
+        if self.method != "vrpge" and self.sparsity.fix == "random":
+            raise ValueError(f"sparsity.fix='random' trains a random subnetwork of the VR-PGE budget, but "
+                             f"method={self.method!r} samples no channel mask; expected method='vrpge'")
+        sp, epochs = self.sparsity, self.optim.epochs
+        if self.method == "vrpge" and sp.warmup_epochs + sp.anneal_epochs > epochs:
+            raise ValueError(f"sparsity.warmup_epochs={sp.warmup_epochs} + sparsity.anneal_epochs={sp.anneal_epochs} is "
+                             f"longer than the search; expected at most optim.epochs={epochs} in all")
         if self.method == "msbp" and self.sbp.memory == 0.0:
             raise ValueError("sbp.memory=0.0 gives no memory; expected a memory ratio in (0, 1) for method='msbp', "
                              "or method='sbp'")
