@@ -33,10 +33,10 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ..bench import quartiles
 from .steps import StepContext, subnet_step
 
-__all__ = ["SPREAD_WARNING", "DenseReference", "SpeedupEstimate", "StepTimes", "quartiles", "synchronize",
-           "timed_step"]
+__all__ = ["SPREAD_WARNING", "DenseReference", "SpeedupEstimate", "StepTimes", "synchronize", "timed_step"]
 
 T = TypeVar("T")
 
@@ -52,14 +52,6 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a wall-clock interval covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    """First quartile, median and third quartile (the inclusive method: a single value is all three)."""
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
 
 
 @dataclass
