@@ -18,8 +18,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from ._files import atomic_directory
 from .train.summary import SCHEMA_VERSION, RunSummary, data_identity, read_summary
 
 __all__ = ["REPORT_PLOTS", "Report", "RunRecord", "build_report", "find_runs", "format_table", "load_run",
@@ -654,12 +653,7 @@ def write_report(report: Report, out: str | os.PathLike, plots: bool = True) -> 
     """
     out = check_out_dir(out)
     figures = make_plots(report) if plots else {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the report is an ordinary directory
+    with atomic_directory(out) as tmp:
         (tmp / "report.md").write_text(_markdown(report, list(figures)), encoding="utf-8")
         (tmp / "report.csv").write_text(_csv(report.rows), encoding="utf-8")
         payload = {"schema_version": SCHEMA_VERSION, "rows": report.rows, "baselines": report.baselines,
@@ -668,8 +662,4 @@ def write_report(report: Report, out: str | os.PathLike, plots: bool = True) -> 
         (tmp / "report.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         for name, figure in figures.items():
             figure.savefig(tmp / name, dpi=110)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return [out / name for name in ("report.md", "report.csv", "report.json", *figures)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -274,6 +275,49 @@ def test_a_failure_while_writing_leaves_nothing(runs, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_report(build_report([runs]), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_atomic_directory_appears_whole_or_not_at_all(tmp_path):
+    from maskprop._files import atomic_directory
+
+    target = tmp_path / "nested" / "out"
+    with pytest.raises(OSError, match="disk full"), atomic_directory(target) as folder:
+        (folder / "a.txt").write_text("half")
+        raise OSError("disk full")
+    assert not target.exists() and list(target.parent.iterdir()) == []  # the temp directory is gone too
+    with atomic_directory(target) as folder:
+        assert folder.parent == target.parent and not target.exists()
+        (folder / "a.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["a.txt"] and [p.name for p in target.parent.iterdir()] == ["out"]
+    assert target.stat().st_mode & 0o777 == (tmp_path / "nested").stat().st_mode & 0o777  # not a private temp dir
+
+
+def test_an_atomic_directory_refuses_an_existing_target_unless_forced(tmp_path):
+    from maskprop._files import atomic_directory
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists"), atomic_directory(target):
+        pass
+    with pytest.raises(ValueError, match="already exists"), atomic_directory(tmp_path / "late") as folder:
+        (tmp_path / "late").mkdir()  # appeared while the directory was being filled
+        (folder / "a.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late", "out"] and not list((tmp_path / "late").iterdir())
+    with pytest.raises(OSError, match="disk full"), atomic_directory(target, force=True) as folder:
+        raise OSError("disk full")
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]  # an error keeps the old one
+    with atomic_directory(target, force=True) as folder:
+        (folder / "a.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["a.txt"] and [p.name for p in tmp_path.iterdir()] == ["late", "out"]
+
+
+def test_the_file_helpers_import_without_the_trainer(tmp_path):
+    # export (the core) uses them: importing them must not import pydantic, timm or torchvision.
+    code = ("import sys; import maskprop._files; "
+            "print(sorted(m for m in ('pydantic', 'timm', 'torchvision', 'maskprop.train') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""Writing files and directories so that a killed or failing process never leaves a half-written one behind.
+
+Standard library only: the core (export) and the trainer both use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_directory", "atomic_write"]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """Open a temp file in ``path``'s directory; on success flush, fsync and rename it over ``path``.
+
+    On any error (or a kill before the rename) ``path`` keeps its previous content; the temp file is removed when
+    Python still can. The parent directory is created if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _refuse_existing(target: Path, force: bool) -> None:
+    if not force and (target.exists() or target.is_symlink()):
+        raise ValueError(f"output directory '{target}' already exists; choose a new one, or force=True replaces it")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a new empty directory beside ``target`` to fill; when the block ends without error, rename it to
+    ``target``.
+
+    The directory gets the permissions of an ordinary ``mkdir`` (not the private ones of a temp directory). On any
+    error inside the block (or while placing it) the temp directory is removed and ``target`` is left as it was; the
+    parent directory is created if needed. With ``force`` an existing ``target`` is replaced: it is moved aside, the
+    new directory renamed into place, and only then the old one deleted.
+
+    Args:
+        target: The directory to create.
+        force: Replace an existing ``target`` instead of refusing it.
+
+    Raises:
+        ValueError: ``target`` exists and not ``force`` (checked on entry, and again before the rename).
+    """
+    target = Path(target)
+    _refuse_existing(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        yield tmp
+        _refuse_existing(target, force)  # it may have appeared while the block ran
+        if not (target.exists() or target.is_symlink()):
+            os.replace(tmp, target)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, old / target.name)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old / target.name, target)  # put the old one back (kept aside if even that fails)
+            old.rmdir()
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
