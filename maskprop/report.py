@@ -28,6 +28,7 @@ import yaml
 
 from ._files import atomic_directory
 from .train.summary import SCHEMA_VERSION, RunSummary, data_identity, read_summary
+from .train.timing import phase_epochs
 
 __all__ = ["REPORT_PLOTS", "Report", "RunRecord", "build_report", "find_runs", "format_table", "load_run",
            "make_plots", "write_report"]
@@ -161,12 +162,6 @@ def _clip(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _phase_epochs(config: dict[str, Any], phase: str) -> int | None:
-    section = "finetune" if phase == "finetune" else "optim"
-    value = config.get(section, {}).get("epochs") if isinstance(config.get(section), dict) else None
-    return value if isinstance(value, int) else None
-
-
 def _complete(summary: RunSummary, config: dict[str, Any]) -> RunSummary:
     """Fill what an earlier (unversioned) summary lacks from the run's config.yaml."""
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
@@ -179,7 +174,7 @@ def _complete(summary: RunSummary, config: dict[str, Any]) -> RunSummary:
         summary.model_kwargs = dict(model["kwargs"])
     if not summary.epochs and config:
         phases = ("search", "finetune") if summary.method == "vrpge" else ("train",)
-        summary.epochs = {p: e for p in phases if (e := _phase_epochs(config, p)) is not None}
+        summary.epochs = {p: e for p in phases if (e := phase_epochs(config, p)) is not None}
     return summary
 
 
@@ -188,7 +183,7 @@ def _status(config: dict[str, Any], metrics: list[dict[str, Any]]) -> str:
         return "not started"
     last = metrics[-1]
     phase, epoch = last.get("phase"), last.get("epoch")
-    total = _phase_epochs(config, str(phase))
+    total = phase_epochs(config, str(phase))
     return f"unfinished: {phase} epoch {epoch}/{total if total is not None else '?'}"
 
 
@@ -247,7 +242,7 @@ def _epochs(summary: RunSummary | None, config: dict[str, Any]) -> str:
         return "+".join(str(e) for e in summary.epochs.values())
     method = config.get("method")
     phases = ("search", "finetune") if method == "vrpge" else ("train",)
-    return "+".join(str(_phase_epochs(config, p)) for p in phases) if config else ""
+    return "+".join(str(phase_epochs(config, p)) for p in phases) if config else ""
 
 
 def _row(record: RunRecord, baseline: RunRecord | None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,11 @@ from torch import Tensor, nn
 from ..bench import quartiles
 from .steps import StepContext, subnet_step
 
-__all__ = ["SPREAD_WARNING", "DenseReference", "SpeedupEstimate", "StepTimes", "synchronize", "timed_step"]
+if TYPE_CHECKING:
+    from .config import Config
+
+__all__ = ["SPREAD_WARNING", "DenseReference", "SpeedupEstimate", "StepTimes", "phase_epochs", "synchronize",
+           "timed_step"]
 
 T = TypeVar("T")
 
@@ -45,7 +49,32 @@ SPREAD_WARNING = 0.25
 
 RUN_PHASES = ("search", "finetune", "train")
 
+_EPOCHS_SECTION = {"search": "optim", "train": "optim", "finetune": "finetune"}
+"""The config section whose ``epochs`` a phase runs."""
+
 perf_counter = time.perf_counter  # the clock of every step time (a test may replace it)
+
+
+def phase_epochs(config: Config | Mapping[str, Any], phase: str) -> int | None:
+    """Epochs of ``phase`` (``search``, ``train``: ``optim.epochs``; ``finetune``: ``finetune.epochs``; ``done``: 0).
+
+    Args:
+        config: The run's :class:`~maskprop.train.config.Config`, or the dict its ``config.yaml`` holds (what a report
+            reads, possibly of an older schema or edited by hand).
+        phase: The phase.
+
+    Returns:
+        The count, or ``None`` for an unknown phase or a config dict without an integer there.
+    """
+    if phase == "done":
+        return 0
+
+    def field(node: Any, name: str) -> Any:
+        return node.get(name) if isinstance(node, Mapping) else getattr(node, name, None)
+
+    section = _EPOCHS_SECTION.get(phase)
+    epochs = field(field(config, section), "epochs") if section is not None else None
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
 
 
 def synchronize(device: torch.device) -> None:
