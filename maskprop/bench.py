@@ -8,23 +8,27 @@ repetitions cancels. The ideal speedup comes from the analytic FLOPs: 3 f_D / (3
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .cost import CostModel, dense_step_flops, vrpge_step_flops
 from .models import create_model
-from .sparse import check_align, random_mask, use_mask
+from .sparse import Mask, check_align, random_mask, use_mask
 from .vrpge import ChannelScores
 
 logger = logging.getLogger(__name__)
+
+K = TypeVar("K")
 
 
 @dataclass
@@ -149,31 +153,94 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: dict | None, mode: str,
-          amp: torch.dtype | None, align: int = 1) -> torch.Tensor:
+def interleaved_times(steps: Mapping[K, Callable[[], object]], repeats: int, warmup: int = 0,
+                      device: torch.device = torch.device("cpu"), peak_mb: dict[K, float | None] | None = None,
+                      after_repetition: Callable[[int], None] | None = None) -> dict[K, list[float]]:
+    """Seconds of every step in each of ``repeats`` repetitions, after ``warmup`` untimed ones.
+
+    Every repetition runs each step once, in the order given, so that drift of the machine hits all of them alike.
+
+    Args:
+        steps: Closures that run one step each, by name.
+        repeats: Timed repetitions.
+        warmup: Untimed repetitions first.
+        device: Where the steps run (CUDA steps are timed with events).
+        peak_mb: Filled on CUDA with each step's allocator peak (MiB) in its last repetition.
+        after_repetition: Called with the number of repetitions done (warm-up included) after each.
+    """
+    times: dict[K, list[float]] = {key: [] for key in steps}
+    for rep in range(warmup + repeats):
+        for key, fn in steps.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            elapsed = _timed(fn, device)
+            if rep >= warmup:
+                times[key].append(elapsed)
+                if device.type == "cuda" and peak_mb is not None:
+                    peak_mb[key] = torch.cuda.max_memory_allocated(device) / 2**20
+        if after_repetition is not None:
+            after_repetition(rep + 1)
+    return times
+
+
+def random_batch(batch_size: int, image_size: int, num_classes: int = 10, device: torch.device | str = "cpu",
+                 channels_last: bool = True) -> tuple[Tensor, Tensor]:
+    """Standard normal images (channels_last, as training runs them, unless told otherwise) and uniform labels, from
+    torch's global generator."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
+    return x, torch.randint(0, num_classes, (batch_size,), device=device)
+
+
+def mask_pair(groups: dict[str, int], keep_ratio: float, generator: torch.Generator,
+              masks: str = "exact") -> dict[str, Mask]:
+    """The two masks of one VR-PGE step, ``{"m": ..., "m2": ...}`` (see :func:`bench_model` for ``masks``)."""
+    if masks == "exact":
+        return {"m": random_mask(groups, keep_ratio, generator), "m2": random_mask(groups, keep_ratio, generator)}
+    scores = ChannelScores(groups, keep_ratio=keep_ratio, init=keep_ratio)
+    return {"m": scores.sample(generator), "m2": scores.sample(generator)}
+
+
+def _loss(model: nn.Module, x: Tensor, y: Tensor, mask: Mask | None, mode: str, amp: torch.dtype | None,
+          align: int = 1) -> Tensor:
     """The loss of one forward of ``model`` as the subnetwork ``mask`` (``None``: dense)."""
-    with use_mask(model, mask, mode, align if mode == "compact" else 1), \
-            torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+    # No autocast context without amp: its disabled form is not accepted on every device (meta, for counting ops).
+    autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    with use_mask(model, mask, mode, align if mode == "compact" else 1), autocast:
         return F.cross_entropy(model(x), y)
 
 
-def _steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: dict, amp: torch.dtype | None,
-           align: int = 1) -> dict:
-    """The three training steps being compared, each a closure that runs one step."""
+def training_steps(model: nn.Module, x: Tensor, y: Tensor, masks: Mapping[str, Mask | None],
+                   amp: torch.dtype | None = None, align: int = 1) -> dict[str, Callable[[], None]]:
+    """The three training steps being compared, each a closure that runs one step on ``(x, y)``.
 
-    def loss_of(mask, mode):
+    ``dense``: forward and backward of the full model. ``masked``: the official code's VR-PGE step, forward and
+    backward with ``masks["m"]`` and with ``masks["m2"]`` through dense kernels. ``compact``: maskprop's VR-PGE
+    step, a compact forward and backward with ``m`` and a compact forward without autograd with ``m2`` (with masks of
+    ``None``, the same step of the dense model: a physically narrow model's VR-PGE step). No optimizer step.
+
+    Args:
+        model: A maskprop model in training mode.
+        x: The inputs.
+        y: The labels.
+        masks: ``{"m": ..., "m2": ...}`` (:func:`mask_pair`).
+        amp: Autocast to this dtype (``None``: none).
+        align: The compact step pads kept widths to multiples of this.
+    """
+
+    def loss_of(mask: Mask | None, mode: str) -> Tensor:
         return _loss(model, x, y, mask, mode, amp, align)
 
-    def dense():
+    def dense() -> None:
         model.zero_grad(set_to_none=True)
         loss_of(None, "compact").backward()
 
-    def masked():  # the official code: both samples forward and backward through dense kernels
+    def masked() -> None:  # the official code: both samples forward and backward through dense kernels
         model.zero_grad(set_to_none=True)
         loss_of(masks["m"], "masked").backward()
         loss_of(masks["m2"], "masked").backward()
 
-    def compact():  # maskprop: forward+backward with m, forward without autograd with m'
+    def compact() -> None:  # maskprop: forward+backward with m, forward without autograd with m'
         model.zero_grad(set_to_none=True)
         loss_of(masks["m"], "compact").backward()
         with torch.no_grad():
@@ -241,9 +308,7 @@ def bench_model(
     align = default_align(dev) if align is None else check_align(align)
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes=num_classes).to(dev).train()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(batch_size, 3, image_size, image_size, device=dev).contiguous(memory_format=memory_format)
-    y = torch.randint(0, num_classes, (batch_size,), device=dev)
+    x, y = random_batch(batch_size, image_size, num_classes, dev, channels_last)
     amp_dtype = {"none": None, "bf16": torch.bfloat16}[amp]
     groups = model.channel_groups()
     cost = CostModel(model, (3, image_size, image_size))
@@ -255,32 +320,18 @@ def bench_model(
     dense_saved = saved_for_backward_mb(partial(_loss, model, x, y, None, "compact", amp_dtype), params)
     saved = {}
     for rho in keep_ratios:
-        if masks == "exact":
-            pair = {"m": random_mask(groups, rho, generator), "m2": random_mask(groups, rho, generator)}
-        else:
-            scores = ChannelScores(groups, keep_ratio=rho, init=rho)
-            pair = {"m": scores.sample(generator), "m2": scores.sample(generator)}
+        pair = mask_pair(groups, rho, generator, masks)
         ideal[rho] = dense_step_flops(cost.flops()) / vrpge_step_flops(cost.flops(pair["m"]), cost.flops(pair["m2"]))
-        for name, fn in _steps(model, x, y, pair, amp_dtype, align).items():
+        for name, fn in training_steps(model, x, y, pair, amp_dtype, align).items():
             configs[(rho, name)] = fn
         saved[(rho, "dense")] = dense_saved  # the same dense step for every keep ratio
         for mode in ("masked", "compact"):
             saved[(rho, mode)] = saved_for_backward_mb(partial(_loss, model, x, y, pair["m"], mode, amp_dtype, align),
                                                        params)
 
-    times: dict[tuple, list[float]] = {k: [] for k in configs}
     peak: dict[tuple, float | None] = {k: None for k in configs}
-    for rep in range(warmup + repeats):
-        for key, fn in configs.items():
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            elapsed = _timed(fn, dev)
-            if rep >= warmup:
-                times[key].append(elapsed)
-                if dev.type == "cuda":
-                    peak[key] = torch.cuda.max_memory_allocated(dev) / 2**20
-        if progress is not None:
-            progress(f"{model_name}: repetition {rep + 1}/{warmup + repeats}")
+    times = interleaved_times(configs, repeats, warmup, dev, peak, None if progress is None else
+                              lambda done: progress(f"{model_name}: repetition {done}/{warmup + repeats}"))
     model.zero_grad(set_to_none=True)
 
     dense_by_rep = [statistics.median(times[(rho, "dense")][r] for rho in keep_ratios) for r in range(repeats)]
