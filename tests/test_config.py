@@ -73,6 +73,56 @@ def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
     assert cfg.optim.weight_decay == pytest.approx(1e-4)
 
 
+@pytest.mark.parametrize("text", ["5e-4", "12e-3", "1E-3", "+.5e+0", "1.e-2", "2.5e-1", "9E-1", "0e0"])
+def test_a_number_field_takes_exponent_text_as_yaml_1_1_leaves_it(text):
+    # yaml.safe_load (YAML 1.1) reads 5e-4 as the text '5e-4': a recipe read that way loads as maskprop reads it.
+    cfg = load_config({"optim": {"weight_decay": text, "momentum": text}, "sbp": {"memory": text}})
+    for got in (cfg.optim.weight_decay, cfg.optim.momentum, cfg.sbp.memory):
+        assert got == float(text) and type(got) is float
+    cfg.finetune.weight_decay = text  # checked as assigned, too
+    assert cfg.finetune.weight_decay == float(text)
+    assert OptimConfig(label_smoothing=text).label_smoothing == float(text)  # and when a section is built
+
+
+@pytest.mark.parametrize("text", ["abc", "0.5", "5", "5e-4x", "1e", "e5", "1e-4 ", " 1e-4", "1.5.e3", "1e+-3", "1_0e3",
+                                  "0x1p3", "1e3.5", "inf", ".inf", "nan", "", "5e-4\n"])
+def test_a_number_field_refuses_other_text(text):
+    with pytest.raises(ValueError) as info:
+        load_config({"optim": {"weight_decay": text}})
+    assert str(info.value) == f"optim.weight_decay={text!r} has the wrong type; expected a number or null"
+    with pytest.raises(ValueError) as info:
+        load_config({"sparsity": {"keep_ratio": text}})
+    assert str(info.value) == f"sparsity.keep_ratio={text!r} has the wrong type; expected a number"
+
+
+def test_exponent_text_is_checked_as_the_number_it_is():
+    with pytest.raises(ValueError, match=r"^sparsity.keep_ratio=2.0 is out of range; expected a fraction in \(0, 1\]$"):
+        load_config({"sparsity": {"keep_ratio": "2e0"}})
+    with pytest.raises(ValueError, match=r"^optim.lr=inf is not finite; expected a finite number$"):
+        load_config({"optim": {"lr": "1e400"}})
+    with pytest.raises(ValueError, match=r"^optim.lr=-0.001 is out of range; expected a number > 0 or null"):
+        load_config({"optim": {"lr": "-1e-3"}})
+
+
+def test_integer_and_other_fields_take_no_exponent_text():
+    with pytest.raises(ValueError, match=r"^data.batch_size='1e3' has the wrong type; expected an integer$"):
+        load_config({"data": {"batch_size": "1e3"}})
+    with pytest.raises(ValueError, match=r"^optim.nesterov='1e0' has the wrong type; expected true or false$"):
+        load_config({"optim": {"nesterov": "1e0"}})
+    assert load_config({"out": "1e3", "model": {"kwargs": {"tag": "1e3"}}}).model.kwargs == {"tag": "1e3"}
+
+
+def test_every_number_field_takes_exponent_text():
+    # Each float of the (resolved) defaults, written as exponent text, gives the same configuration back.
+    def as_text(tree):
+        return {k: as_text(v) if isinstance(v, dict) else f"{v:.17e}" if type(v) is float else v
+                for k, v in tree.items()}
+
+    floats = as_text(config_to_dict(Config()))
+    assert floats["sparsity"]["keep_ratio"] == "5.00000000000000000e-01" and floats["model"]["kwargs"] == {}
+    assert load_config(floats) == Config()
+
+
 def test_quoted_numbers_are_text_not_numbers(tmp_path):
     # Types are strict: a quoted number in yaml is text, and a number field says so instead of converting it.
     with pytest.raises(ValueError, match=r"^sparsity.keep_ratio='0.5' has the wrong type; expected a number$"):

@@ -5,8 +5,10 @@ run (``save_config``). Every section checks its fields when it is built and when
 that exists is a valid one (``validate()`` re-checks one edited in place, e.g. an entry of ``model.kwargs``). Errors
 are one line naming the dotted key, the value and what is expected; an unknown key gets the closest valid one.
 
-Types are strict: a number field takes numbers (an integer field integers), a switch ``true`` or ``false``, a text
-field text. Yaml is read with YAML 1.2's numbers, so ``12e-3`` is a number (yaml 1.1 reads it as text).
+Types are strict: an integer field takes integers, a switch ``true`` or ``false``, a text field text, and a number
+field numbers, or text in exponent form (``5e-4``, ``1.5E+3``: what YAML 1.2 reads as a number and YAML 1.1, e.g.
+``yaml.safe_load``, leaves as text), so a recipe loads the same from any yaml reader; other text (``'0.5'``,
+``'5e-4x'``) is refused. maskprop reads yaml with YAML 1.2's numbers itself.
 
 The defaults are the CIFAR recipe of the VR-PGE paper (docs/methods.md, section 1; the paper's supplement B): batch
 256, SGD lr 0.1, momentum 0.9, weight decay 5e-4 with a cosine schedule for the weights, Adam lr 12e-3 for the
@@ -27,7 +29,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from .files import atomic_write
@@ -59,6 +70,19 @@ Sparsifier = Literal["topk", "topk_unified", "randomk"]
 Budget = Literal["layer", "balanced"]
 BudgetScale = Literal["none", "variance", "rms"]
 SPARSE_BACKWARD_METHODS = ("meprop", "sbp", "msbp")
+
+# What YAML 1.2 reads as a number and YAML 1.1 as text: a number with an exponent and no dot needed (``12e-3``).
+_EXPONENT_NUMBER = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$")
+
+
+def _exponent_text_to_float(value: Any) -> Any:
+    """``'5e-4'`` -> ``5e-4``, so that a recipe read by a YAML 1.1 reader loads; anything else goes on unchanged."""
+    return float(value) if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value) else value
+
+
+# Every float field is a Number: strict, except for the exponent text above.
+Number = Annotated[float, BeforeValidator(_exponent_text_to_float)]
+
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -213,12 +237,12 @@ class SparsityConfig(_Section):
             1 (no padding) on the CPU.
     """
 
-    keep_ratio: Annotated[float, _in_range(gt=0, le=1, what="a fraction")] = 0.5
+    keep_ratio: Annotated[Number, _in_range(gt=0, le=1, what="a fraction")] = 0.5
     estimator: Estimator = "vrpge"
-    alpha: Annotated[float, _in_range(ge=0, lt=1)] = 0.5
+    alpha: Annotated[Number, _in_range(ge=0, lt=1)] = 0.5
     weight_grad: WeightGrad = "first"
-    init: Annotated[float, _in_range(gt=0, le=1, what="a probability")] = 0.5
-    score_lr: Annotated[float, _in_range(gt=0)] = 12e-3
+    init: Annotated[Number, _in_range(gt=0, le=1, what="a probability")] = 0.5
+    score_lr: Annotated[Number, _in_range(gt=0)] = 12e-3
     prune_residual: bool = True
     warmup_epochs: Annotated[int, _in_range(ge=0)] = 0
     anneal_epochs: Annotated[int, _in_range(ge=0, note="0: no anneal")] = 0
@@ -251,8 +275,8 @@ class SbpConfig(_Section):
             TensorBoard per layer and overall; each costs two extra backward passes. 0 never measures it.
     """
 
-    ratio: Annotated[float, _in_range(gt=0, le=1, what="a fraction")] = 0.04
-    memory: Annotated[float, _in_range(ge=0, lt=1)] = 0.8
+    ratio: Annotated[Number, _in_range(gt=0, le=1, what="a fraction")] = 0.04
+    memory: Annotated[Number, _in_range(ge=0, lt=1)] = 0.8
     sparsifier: Sparsifier = "topk_unified"
     budget: Budget = "layer"
     scale: BudgetScale = "variance"
@@ -278,15 +302,15 @@ class OptimConfig(_Section):
     """
 
     optimizer: OptimizerName | None = None
-    lr: Annotated[float | None, _in_range(gt=0, null="the optimizer's default")] = None
-    momentum: Annotated[float, _in_range(ge=0, lt=1)] = 0.9
-    weight_decay: Annotated[float | None, _in_range(ge=0, null="the optimizer's default")] = None
+    lr: Annotated[Number | None, _in_range(gt=0, null="the optimizer's default")] = None
+    momentum: Annotated[Number, _in_range(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[Number | None, _in_range(ge=0, null="the optimizer's default")] = None
     nesterov: bool = False
     epochs: Annotated[int, _in_range(ge=1)] = 300
     schedule: Schedule = "cosine"
     warmup_epochs: Annotated[int, _in_range(ge=0)] = 0
-    label_smoothing: Annotated[float, _in_range(ge=0, lt=1)] = 0.0
-    clip_grad_norm: Annotated[float | None, _in_range(gt=0, null="no clipping")] = None
+    label_smoothing: Annotated[Number, _in_range(ge=0, lt=1)] = 0.0
+    clip_grad_norm: Annotated[Number | None, _in_range(gt=0, null="no clipping")] = None
 
     @model_validator(mode="after")
     def _check_together(self) -> OptimConfig:
@@ -322,9 +346,9 @@ class FinetuneConfig(_Section):
     """
 
     epochs: Annotated[int, _in_range(ge=0, note="0 skips finetuning")] = 40
-    lr: Annotated[float, _in_range(gt=0)] = 1e-3
-    momentum: Annotated[float, _in_range(ge=0, lt=1)] = 0.9
-    weight_decay: Annotated[float, _in_range(ge=0)] = 5e-4
+    lr: Annotated[Number, _in_range(gt=0)] = 1e-3
+    momentum: Annotated[Number, _in_range(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[Number, _in_range(ge=0)] = 5e-4
     narrow: bool = True
 
 
@@ -420,6 +444,8 @@ def _field_type(path: Sequence[str]) -> Any:
 def _describe(tp: Any) -> str:
     """What a field type expects, in words."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:  # a Number
+        return _describe(args[0])
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (Union, types.UnionType):
@@ -500,7 +526,6 @@ class _YamlDumper(yaml.SafeDumper):
     """``yaml.safe_dump`` quoting the text that ``_YamlLoader`` would read as a number (``'1e3'``)."""
 
 
-_EXPONENT_NUMBER = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$")
 for _yaml_class in (_YamlLoader, _YamlDumper):
     _yaml_class.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_NUMBER, list("-+.0123456789"))
 
