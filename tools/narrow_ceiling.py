@@ -1,16 +1,17 @@
 """How close the compact VR-PGE step comes to a physically narrower network: the ceiling of channel-sparse execution.
 
 A mask that keeps the same fraction of every group of a CIFAR ResNet or VGG computes what the same network with
-proportionally fewer channels in every layer computes, on the same kernels. No channel-sparse engine can run faster than that narrow network does, so
+proportionally fewer channels in every layer computes, on the same kernels. No channel-sparse engine can run faster
+than that narrow network does, so
 
     dense / physical   the best speedup any channel-sparse step can reach on this machine,
     dense / compact    what maskprop's compact step reaches (as in ``maskprop bench``),
     physical / compact the compact step's efficiency against that ceiling (gathers, BatchNorm bookkeeping, overhead).
 
-The three steps run interleaved in one process: dense = forward + backward of the full model; compact = forward +
-backward with a random mask m plus a forward without autograd with m' (keep ``--keep-ratio`` of every group);
-physical = forward + backward plus a forward without autograd of the model built with ``width x keep`` (ResNets) or
-with every conv's width times ``keep`` (VGGs).
+The three steps run interleaved in one process (``maskprop.bench.training_steps``): dense = forward + backward of
+the full model; compact = forward + backward with a random mask m plus a forward without autograd with m' (keep
+``--keep-ratio`` of every group); physical = forward + backward plus a forward without autograd of the model built
+with ``width x keep`` (ResNets) or with every conv's width times ``keep`` (VGGs).
 
 Usage:
     python tools/narrow_ceiling.py --model resnet32 --width 2 --keep-ratio 0.5 --threads 2
@@ -21,16 +22,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-import torch.nn.functional as F
 
 import maskprop
 from maskprop import keep_freed_host_memory
-from maskprop.bench import quartiles
+from maskprop.bench import interleaved_times, mask_pair, quartiles, random_batch, training_steps
 from maskprop.models.vgg import CONFIGS, VGG
-from maskprop.sparse import random_mask, use_mask
 
 VGG_CONFIGS = {"vgg11_bn": "A", "vgg13_bn": "B", "vgg16_bn": "D", "vgg19_bn": "E"}
 
@@ -63,38 +61,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     full, narrow = (model.train() for model in models(args.model, args.width, args.keep_ratio))
-    x = torch.randn(args.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (args.batch_size,))
-    generator = torch.Generator().manual_seed(0)
-    groups = full.channel_groups()
-    m, m2 = random_mask(groups, args.keep_ratio, generator), random_mask(groups, args.keep_ratio, generator)
-    assert {g: int(k.sum()) for g, k in m.items()} == narrow.channel_groups(), "the narrow model must match the mask"
+    x, y = random_batch(args.batch_size, 32)
+    masks = mask_pair(full.channel_groups(), args.keep_ratio, torch.Generator().manual_seed(0))
+    kept = {g: int(k.sum()) for g, k in masks["m"].items()}
+    assert kept == narrow.channel_groups(), "the narrow model must match the mask"
 
-    def dense() -> None:
-        full.zero_grad(set_to_none=True)
-        F.cross_entropy(full(x), y).backward()
-
-    def compact() -> None:
-        full.zero_grad(set_to_none=True)
-        with use_mask(full, m, "compact"):
-            F.cross_entropy(full(x), y).backward()
-        with torch.no_grad(), use_mask(full, m2, "compact"):
-            F.cross_entropy(full(x), y)
-
-    def physical() -> None:
-        narrow.zero_grad(set_to_none=True)
-        F.cross_entropy(narrow(x), y).backward()
-        with torch.no_grad():
-            F.cross_entropy(narrow(x), y)
-
-    steps = {"dense": dense, "compact": compact, "physical": physical}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for rep in range(args.warmup + args.repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if rep >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+    full_steps = training_steps(full, x, y, masks)
+    steps = {"dense": full_steps["dense"], "compact": full_steps["compact"],
+             "physical": training_steps(narrow, x, y, {"m": None, "m2": None})["compact"]}
+    times = interleaved_times(steps, args.repeats, args.warmup)
     med = {name: statistics.median(values) for name, values in times.items()}
 
     def ratio(a: str, b: str) -> str:  # median and interquartile range of the per-repetition ratios a / b
@@ -110,6 +85,7 @@ def main() -> None:
     efficiency = statistics.median(p / c for p, c in zip(times["physical"], times["compact"]))
     print(f"| {1e3 * med['dense']:.0f} | {1e3 * med['compact']:.0f} | {1e3 * med['physical']:.0f} "
           f"| {ratio('dense', 'physical')} | {ratio('dense', 'compact')} | {efficiency:.0%} |")
+
 
 if __name__ == "__main__":
     main()

@@ -3,8 +3,9 @@
 Usage:
     python tools/profile_step.py --model resnet32 --keep-ratio 0.5 --batch-size 128 --threads 2
 
-Each step is profiled several times, alternating dense and compact, and the minimum per operator is kept (the
-machine drifts; minima are the least disturbed). Prints the operators sorted by their combined time.
+Each step (``maskprop.bench.training_steps``) is profiled several times, alternating dense and compact, and the
+minimum per operator is kept (the machine drifts; minima are the least disturbed). Prints the operators sorted by
+their combined time.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import maskprop
 from maskprop import keep_freed_host_memory
+from maskprop.bench import mask_pair, random_batch, training_steps
 
 
 def main() -> None:
@@ -35,34 +36,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     model = maskprop.create_model(args.model).train()
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (args.batch_size,))
-    generator = torch.Generator().manual_seed(0)
-    groups = model.channel_groups()
-    mask, mask2 = (maskprop.random_mask(groups, args.keep_ratio, generator) for _ in range(2))
+    x, y = random_batch(args.batch_size, args.image_size, channels_last=args.channels_last)
+    masks = mask_pair(model.channel_groups(), args.keep_ratio, torch.Generator().manual_seed(0))
+    steps = {name: fn for name, fn in training_steps(model, x, y, masks).items() if name in ("dense", "compact")}
 
-    def dense() -> None:
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-
-    def compact() -> None:
-        model.zero_grad(set_to_none=True)
-        with maskprop.use_mask(model, mask):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        with torch.no_grad(), maskprop.use_mask(model, mask2):
-            F.cross_entropy(model(x), y)
-
-    best: dict[str, dict[str, float]] = {"dense": {}, "compact": {}}
-    for step in (dense, compact):
+    best: dict[str, dict[str, float]] = {name: {} for name in steps}
+    for step in steps.values():
         step()  # warm-up
     for _ in range(args.repeats):
-        for step in (dense, compact):
+        for name, step in steps.items():
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step()
-            times = best[step.__name__]
+            times = best[name]
             for event in prof.key_averages():
                 ms = event.self_cpu_time_total / 1e3
                 times[event.key] = min(times.get(event.key, ms), ms)
