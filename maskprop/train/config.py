@@ -8,7 +8,8 @@ are one line naming the dotted key, the value and what is expected; an unknown k
 Types are strict: an integer field takes integers, a switch ``true`` or ``false``, a text field text, and a number
 field numbers, or text in exponent form (``5e-4``, ``1.5E+3``: what YAML 1.2 reads as a number and YAML 1.1, e.g.
 ``yaml.safe_load``, leaves as text), so a recipe loads the same from any yaml reader; other text (``'0.5'``,
-``'5e-4x'``) is refused. maskprop reads yaml with YAML 1.2's numbers itself.
+``'5e-4x'``) is refused. maskprop reads yaml with YAML 1.2's numbers itself. Bounds are pydantic ``Field``
+constraints, and pydantic's first problem (an unknown key before any other) is put in one line by ``_one_line``.
 
 The defaults are the CIFAR recipe of the VR-PGE paper (docs/methods.md, section 1; the paper's supplement B): batch
 256, SGD lr 0.1, momentum 0.9, weight decay 5e-4 with a cosine schedule for the weights, Adam lr 12e-3 for the
@@ -24,22 +25,13 @@ import os
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from .files import atomic_write
 
@@ -84,53 +76,6 @@ def _exponent_text_to_float(value: Any) -> Any:
 Number = Annotated[float, BeforeValidator(_exponent_text_to_float)]
 
 
-_DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-
-def _check(ok: Callable[[Any], Any], problem: str | Callable[[Any], str]) -> AfterValidator:
-    """A check of a field's value beyond its type; a failure reads ``<key>=<value> <problem>``. Null passes."""
-
-    def check(value: Any) -> Any:
-        if value is not None and not ok(value):
-            text = problem(value) if callable(problem) else problem
-            raise PydanticCustomError("maskprop", "{problem}", {"problem": text, "value": value})
-        return value
-
-    return AfterValidator(check)
-
-
-def _in_range(*, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
-              what: str | None = None, null: str | None = None, note: str | None = None) -> AfterValidator:
-    """Bounds of a number; a failure reads ``is out of range; expected <what> in (<gt>, <le>]`` (or ``>= <ge>`` ...).
-
-    Args:
-        what: The noun; by default ``an integer`` or ``a number``, as the value is.
-        null: What null means, for a field that takes null.
-        note: What a special value means, e.g. ``0: never``.
-    """
-    low = f"[{ge}" if ge is not None else f"({gt}" if gt is not None else None
-    high = f"{le}]" if le is not None else f"{lt})" if lt is not None else None
-    if low and high:
-        bounds = f"in {low}, {high}"
-    else:
-        bounds = next(f"{op} {bound}" for op, bound in ((">=", ge), (">", gt), ("<=", le), ("<", lt))
-                      if bound is not None)
-    if null is not None:
-        bounds += f" or null ({null})" if null else " or null"
-    if note:
-        bounds += f" ({note})"
-
-    def ok(value: float) -> bool:
-        return ((ge is None or value >= ge) and (gt is None or value > gt)
-                and (le is None or value <= le) and (lt is None or value < lt))
-
-    def problem(value: float) -> str:
-        noun = what or ("an integer" if isinstance(value, int) else "a number")
-        return f"is out of range; expected {noun} {bounds}"
-
-    return _check(ok, problem)
-
-
 class _Section(BaseModel):
     """Base of the config sections: strict types, no unknown keys, checks on assignment, one-line errors."""
 
@@ -172,7 +117,7 @@ class ModelConfig(_Section):
         kwargs: Keyword arguments for the model factory, e.g. ``{width: 2}``; ``num_classes`` comes from the data.
     """
 
-    name: Annotated[str, _check(bool, "is out of range; expected a non-empty model name")] = "resnet20"
+    name: Annotated[str, Field(min_length=1)] = "resnet20"
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -196,14 +141,14 @@ class DataConfig(_Section):
 
     dataset: DatasetName = "shapes"
     root: str | None = None
-    batch_size: Annotated[int, _in_range(ge=1)] = 256
-    workers: Annotated[int, _in_range(ge=0)] = 2
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    workers: Annotated[int, Field(ge=0)] = 2
     augment: bool = True
-    train_size: Annotated[int, _in_range(ge=1)] = 10000
-    val_size: Annotated[int, _in_range(ge=1)] = 2000
-    seed: Annotated[int, _in_range(ge=0)] = 0
-    crop_size: Annotated[int, _in_range(ge=8)] = 224
-    image_size: Annotated[int, _in_range(ge=8)] = 32
+    train_size: Annotated[int, Field(ge=1)] = 10000
+    val_size: Annotated[int, Field(ge=1)] = 2000
+    seed: Annotated[int, Field(ge=0)] = 0
+    crop_size: Annotated[int, Field(ge=8)] = 224
+    image_size: Annotated[int, Field(ge=8)] = 32
 
 
 class SparsityConfig(_Section):
@@ -237,20 +182,20 @@ class SparsityConfig(_Section):
             1 (no padding) on the CPU.
     """
 
-    keep_ratio: Annotated[Number, _in_range(gt=0, le=1, what="a fraction")] = 0.5
+    keep_ratio: Annotated[Number, Field(gt=0, le=1, json_schema_extra={"noun": "a fraction"})] = 0.5
     estimator: Estimator = "vrpge"
-    alpha: Annotated[Number, _in_range(ge=0, lt=1)] = 0.5
+    alpha: Annotated[Number, Field(ge=0, lt=1)] = 0.5
     weight_grad: WeightGrad = "first"
-    init: Annotated[Number, _in_range(gt=0, le=1, what="a probability")] = 0.5
-    score_lr: Annotated[Number, _in_range(gt=0)] = 12e-3
+    init: Annotated[Number, Field(gt=0, le=1, json_schema_extra={"noun": "a probability"})] = 0.5
+    score_lr: Annotated[Number, Field(gt=0)] = 12e-3
     prune_residual: bool = True
-    warmup_epochs: Annotated[int, _in_range(ge=0)] = 0
-    anneal_epochs: Annotated[int, _in_range(ge=0, note="0: no anneal")] = 0
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    anneal_epochs: Annotated[int, Field(ge=0, json_schema_extra={"note": "0: no anneal"})] = 0
     budget_schedule: BudgetSchedule = "cubic"
     fix: FixRule = "best_of_n"
-    fix_samples: Annotated[int, _in_range(ge=1)] = 10
-    fix_examples: Annotated[int | None, _in_range(ge=1, null="the whole training set")] = None
-    align: Annotated[int | None, _in_range(ge=1, null="8 on CUDA, 1 on the CPU")] = None
+    fix_samples: Annotated[int, Field(ge=1)] = 10
+    fix_examples: Annotated[int | None, Field(ge=1, json_schema_extra={"null": "the whole training set"})] = None
+    align: Annotated[int | None, Field(ge=1, json_schema_extra={"null": "8 on CUDA, 1 on the CPU"})] = None
 
 
 class SbpConfig(_Section):
@@ -275,13 +220,13 @@ class SbpConfig(_Section):
             TensorBoard per layer and overall; each costs two extra backward passes. 0 never measures it.
     """
 
-    ratio: Annotated[Number, _in_range(gt=0, le=1, what="a fraction")] = 0.04
-    memory: Annotated[Number, _in_range(ge=0, lt=1)] = 0.8
+    ratio: Annotated[Number, Field(gt=0, le=1, json_schema_extra={"noun": "a fraction"})] = 0.04
+    memory: Annotated[Number, Field(ge=0, lt=1)] = 0.8
     sparsifier: Sparsifier = "topk_unified"
     budget: Budget = "layer"
     scale: BudgetScale = "variance"
-    output_k: Annotated[int | None, _in_range(ge=1, null="dense output layer")] = None
-    angle_every: Annotated[int, _in_range(ge=0, note="0: never")] = 100
+    output_k: Annotated[int | None, Field(ge=1, json_schema_extra={"null": "dense output layer"})] = None
+    angle_every: Annotated[int, Field(ge=0, json_schema_extra={"note": "0: never"})] = 100
 
 
 class OptimConfig(_Section):
@@ -302,15 +247,16 @@ class OptimConfig(_Section):
     """
 
     optimizer: OptimizerName | None = None
-    lr: Annotated[Number | None, _in_range(gt=0, null="the optimizer's default")] = None
-    momentum: Annotated[Number, _in_range(ge=0, lt=1)] = 0.9
-    weight_decay: Annotated[Number | None, _in_range(ge=0, null="the optimizer's default")] = None
+    lr: Annotated[Number | None, Field(gt=0, json_schema_extra={"null": "the optimizer's default"})] = None
+    momentum: Annotated[Number, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[Number | None,
+                            Field(ge=0, json_schema_extra={"null": "the optimizer's default"})] = None
     nesterov: bool = False
-    epochs: Annotated[int, _in_range(ge=1)] = 300
+    epochs: Annotated[int, Field(ge=1)] = 300
     schedule: Schedule = "cosine"
-    warmup_epochs: Annotated[int, _in_range(ge=0)] = 0
-    label_smoothing: Annotated[Number, _in_range(ge=0, lt=1)] = 0.0
-    clip_grad_norm: Annotated[Number | None, _in_range(gt=0, null="no clipping")] = None
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    label_smoothing: Annotated[Number, Field(ge=0, lt=1)] = 0.0
+    clip_grad_norm: Annotated[Number | None, Field(gt=0, json_schema_extra={"null": "no clipping"})] = None
 
     @model_validator(mode="after")
     def _check_together(self) -> OptimConfig:
@@ -345,10 +291,10 @@ class FinetuneConfig(_Section):
             phase always runs compact steps.
     """
 
-    epochs: Annotated[int, _in_range(ge=0, note="0 skips finetuning")] = 40
-    lr: Annotated[Number, _in_range(gt=0)] = 1e-3
-    momentum: Annotated[Number, _in_range(ge=0, lt=1)] = 0.9
-    weight_decay: Annotated[Number, _in_range(ge=0)] = 5e-4
+    epochs: Annotated[int, Field(ge=0, json_schema_extra={"note": "0 skips finetuning"})] = 40
+    lr: Annotated[Number, Field(gt=0)] = 1e-3
+    momentum: Annotated[Number, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[Number, Field(ge=0)] = 5e-4
     narrow: bool = True
 
 
@@ -378,14 +324,14 @@ class Config(_Section):
     """
 
     method: Method = "vrpge"
-    seed: Annotated[int, _in_range(ge=0)] = 0
-    device: Annotated[str, _check(_DEVICE_PATTERN.fullmatch,
-                                  "is not a device; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")] = "auto"
+    seed: Annotated[int, Field(ge=0)] = 0
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
+                                 description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")] = "auto"
     amp: Amp = "none"
     channels_last: bool = True
-    log_every: Annotated[int, _in_range(ge=1)] = 50
-    eval_every: Annotated[int, _in_range(ge=0, note="0: only at the end")] = 1
-    save_every: Annotated[int, _in_range(ge=0, note="0: only at the end")] = 1
+    log_every: Annotated[int, Field(ge=1)] = 50
+    eval_every: Annotated[int, Field(ge=0, json_schema_extra={"note": "0: only at the end"})] = 1
+    save_every: Annotated[int, Field(ge=0, json_schema_extra={"note": "0: only at the end"})] = 1
     out: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -411,8 +357,8 @@ class Config(_Section):
                              f"method={self.method!r} samples no channel mask; expected method='vrpge'")
         sp, epochs = self.sparsity, self.optim.epochs
         if self.method == "vrpge" and sp.warmup_epochs + sp.anneal_epochs > epochs:
-            raise ValueError(f"sparsity.warmup_epochs={sp.warmup_epochs} + sparsity.anneal_epochs={sp.anneal_epochs} is "
-                             f"longer than the search; expected at most optim.epochs={epochs} in all")
+            raise ValueError(f"sparsity.warmup_epochs={sp.warmup_epochs} + sparsity.anneal_epochs={sp.anneal_epochs} "
+                             f"is longer than the search; expected at most optim.epochs={epochs} in all")
         if self.method == "msbp" and self.sbp.memory == 0.0:
             raise ValueError("sbp.memory=0.0 gives no memory; expected a memory ratio in (0, 1) for method='msbp', "
                              "or method='sbp'")
@@ -441,42 +387,70 @@ def _field_type(path: Sequence[str]) -> Any:
     return tp
 
 
+def _base(tp: Any) -> Any:
+    """A field type without null and its annotations: ``Annotated[float, ...] | None`` -> ``float``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is Annotated or (typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1):
+        return _base(args[0])
+    return tp
+
+
 def _describe(tp: Any) -> str:
     """What a field type expects, in words."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Annotated:  # a Number
-        return _describe(args[0])
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (Union, types.UnionType):
-        parts = [_describe(a) for a in args if a is not type(None)]
-        return " or ".join(parts) + (" or null" if type(None) in args else "")
-    if origin is dict or tp is dict:
-        return "a mapping"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+    base = _base(tp)
+    if typing.get_origin(base) is Literal:
+        text = "one of " + ", ".join(repr(a) for a in typing.get_args(base))
+    else:
+        text = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(base, "a mapping")
+    return text + (" or null" if type(None) in typing.get_args(tp) else "")
+
+
+_INTERVAL = {"ge": "[{}", "gt": "({}", "le": "{}]", "lt": "{})"}
+_HALF_LINE = {"ge": ">= {}", "gt": "> {}", "le": "<= {}", "lt": "< {}"}
+
+
+def _expected_range(field: FieldInfo) -> str:
+    """The bounds of a field, e.g. ``a fraction in (0, 1]`` or ``an integer >= 1 or null (dense output layer)``."""
+    bounds = sorted(((name, getattr(m, name)) for m in field.metadata for name in _INTERVAL
+                     if getattr(m, name, None) is not None), key=lambda bound: bound[0] in ("le", "lt"))
+    if len(bounds) == 2:
+        text = "in " + ", ".join(_INTERVAL[name].format(bound) for name, bound in bounds)
+    else:
+        text = _HALF_LINE[bounds[0][0]].format(bounds[0][1])
+    says: dict[str, Any] = field.json_schema_extra or {}  # type: ignore[assignment]  # a dict where it is set
+    text = f"{says.get('noun') or _describe(_base(field.annotation))} {text}"
+    if type(None) in typing.get_args(field.annotation):
+        text += f" or null ({says['null']})" if "null" in says else " or null"
+    return text + (f" ({says['note']})" if "note" in says else "")
 
 
 def _one_line(error: ValidationError, model: type[_Section]) -> ValueError:
     """The first problem of ``error`` (an unknown key before any other) as a ``ValueError`` of one line."""
     problems = error.errors(include_url=False)
     first = next((p for p in problems if p["type"] == "extra_forbidden"), problems[0])
-    kind, value = first["type"], first["input"]
+    kind, value, ctx = first["type"], first["input"], first.get("ctx", {})
     if kind == "value_error":  # a check across fields, worded in full where it is made
-        return ValueError(str(first["ctx"]["error"]))
+        return ValueError(str(ctx["error"]))
     path = [_SECTION_NAMES[model]] if model in _SECTION_NAMES else []
     path += [str(part) for part in first["loc"]]
     if kind == "extra_forbidden":
         return _unknown_key_error(path)
     if path[-1] == "[key]":
         return ValueError(f"{'.'.join(path[:-2])} key {value!r} has the wrong type; expected a string")
-    key, tp = ".".join(path), _field_type(path)
-    if kind == "maskprop":  # a check of the converted value (a number field reads 0 as 0.0)
-        value, problem = first["ctx"]["value"], first["ctx"]["problem"]
+    key, field = ".".join(path), _field_type(path[:-1]).model_fields[path[-1]]
+    tp, bounded = field.annotation, bool(ctx.keys() & _INTERVAL.keys())  # ctx names the bound broken, e.g. {"gt": 0}
+    if _base(tp) is float and (bounded or kind == "finite_number"):
+        value = float(value)  # it passed the type check: shown as the field holds it (0 as 0.0, '2e0' as 2.0)
+    if bounded:
+        problem = f"is out of range; expected {_expected_range(field)}"
     elif kind == "finite_number":
         problem = "is not finite; expected a finite number"
     elif kind == "literal_error":
-        literal = next(a for a in (tp, *typing.get_args(tp)) if typing.get_origin(a) is Literal)
-        problem = f"is not a valid choice; expected {_describe(literal)}"
+        problem = f"is not a valid choice; expected {_describe(_base(tp))}"
+    elif kind == "string_pattern_mismatch":
+        problem = f"is not a valid choice; expected {field.description}"
+    elif kind == "string_too_short":
+        problem = f"is too short; expected at least {ctx['min_length']} character{'s' * (ctx['min_length'] > 1)}"
     elif isinstance(tp, type) and issubclass(tp, _Section):
         problem = f"has the wrong type; expected a mapping of its keys (e.g. {key}.{next(iter(tp.model_fields))}=...)"
     else:
@@ -534,15 +508,8 @@ _NULL_WORDS = ("null", "Null", "NULL", "~", "")
 
 def _wants_raw_string(tp: Any) -> bool:
     """Whether a field takes strings only, so that an override value is kept verbatim (``out=2024``, ``amp=off``)."""
-    if tp is str:
-        return True
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) is Literal:
-        return all(isinstance(a, str) for a in args)
-    if args and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return len(rest) == 1 and _wants_raw_string(rest[0])
-    return False
+    base = _base(tp)
+    return base is str or typing.get_origin(base) is Literal and all(isinstance(a, str) for a in typing.get_args(base))
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
