@@ -245,6 +245,31 @@ def test_bad_values_give_one_line_errors_with_key_value_and_expectation(override
     assert "\n" not in str(info.value)
 
 
+LONGER_THAN_THE_SEARCH = "is longer than the search; expected at most optim.epochs=10 in all"
+NO_MASK = "samples no channel mask; expected method='vrpge'"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["sparsity.anneal_epochs=-1"],
+     "sparsity.anneal_epochs=-1 is out of range; expected an integer >= 0 (0: no anneal)"),
+    (["sparsity.warmup_epochs=-1"], "sparsity.warmup_epochs=-1 is out of range; expected an integer >= 0"),
+    (["optim.epochs=10", "sparsity.anneal_epochs=11"],
+     f"sparsity.warmup_epochs=0 + sparsity.anneal_epochs=11 {LONGER_THAN_THE_SEARCH}"),
+    (["optim.epochs=10", "sparsity.warmup_epochs=4", "sparsity.anneal_epochs=7"],
+     f"sparsity.warmup_epochs=4 + sparsity.anneal_epochs=7 {LONGER_THAN_THE_SEARCH}"),
+    (["sparsity.budget_schedule=cos"],
+     "sparsity.budget_schedule='cos' is not a valid choice; expected one of 'cubic', 'linear'"),
+    (["method=dense", "sparsity.fix=random"],
+     f"sparsity.fix='random' trains a random subnetwork of the VR-PGE budget, but method='dense' {NO_MASK}"),
+    (["method=msbp", "sparsity.fix=random"],
+     f"sparsity.fix='random' trains a random subnetwork of the VR-PGE budget, but method='msbp' {NO_MASK}"),
+])
+def test_bad_search_keys_give_one_line_errors(overrides, message):
+    with pytest.raises(ValueError) as info:
+        load_config(None, overrides)
+    assert str(info.value) == message
+
+
 @pytest.mark.parametrize("text", ["optim.lr", "=3", "optim..lr=3", "optim.lr=[1, 2"])
 def test_malformed_overrides_are_rejected(text):
     with pytest.raises(ValueError, match="override"):
@@ -284,6 +309,23 @@ def test_direct_construction_validates_and_coerces():
     assert cfg.optim.warmup_epochs == 0
     cfg.optim.lr = 2  # converted as a value read from yaml is
     assert cfg.optim.lr == 2.0 and isinstance(cfg.optim.lr, float)
+
+
+def test_search_keys_fit_the_search_and_the_method():
+    cfg = load_config(None, ["optim.epochs=10", "sparsity.warmup_epochs=3", "sparsity.anneal_epochs=7",
+                             "sparsity.budget_schedule=linear", "sparsity.fix=random"])
+    assert (cfg.sparsity.warmup_epochs, cfg.sparsity.anneal_epochs) == (3, 7) and cfg.sparsity.fix == "random"
+    assert cfg.sparsity.budget_schedule == "linear" and Config().sparsity.budget_schedule == "cubic"
+    # Only VR-PGE searches: the other methods leave the search keys unread, so they are not held to optim.epochs.
+    assert load_config(None, ["method=dense", "optim.epochs=2", "sparsity.anneal_epochs=5"]).optim.epochs == 2
+    cfg = Config(method="dense")
+    cfg.sparsity.fix = "random"  # fine for the section alone; validate() sees the method
+    with pytest.raises(ValueError, match=r"^sparsity.fix='random' trains a random subnetwork"):
+        cfg.validate()
+    cfg = Config(optim={"epochs": 10})
+    cfg.sparsity.anneal_epochs = 20
+    with pytest.raises(ValueError, match=r"^sparsity.warmup_epochs=0 \+ sparsity.anneal_epochs=20 is longer"):
+        cfg.validate()
 
 
 def test_sections_can_be_given_as_mappings():
