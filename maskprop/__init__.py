@@ -2,10 +2,11 @@
 
 The public API, small and explicit:
 
-* models: :func:`create_model`, :func:`list_models`, ``model.channel_groups()``;
+* models: :func:`create_model`, :func:`list_models`, ``model.channel_groups()``, :class:`ModelSpec` (the resolved
+  build of a model: what checkpoints and exports save and rebuild from);
 * execution: :func:`use_mask` (``"compact"`` or ``"masked"``), :func:`random_mask`, :func:`full_mask`;
 * cost: :func:`flops`, :class:`CostModel`;
-* export: :func:`materialize` (a mask -> a physically narrow plain torch model), :func:`save_exported`,
+* surgery and export: :func:`materialize` (a mask -> a physically narrow plain torch model), :func:`save_exported`,
   :func:`export_run` (what ``maskprop export`` does), :func:`load_exported`, :class:`WidthPlan`;
 * training: :func:`fit` (imported lazily: it needs the training dependencies, the core needs torch alone);
 * CPU timing: :func:`keep_freed_host_memory` (what ``maskprop train`` and ``maskprop bench`` call first).
@@ -13,15 +14,18 @@ The public API, small and explicit:
 
 from ._workarounds import keep_freed_host_memory
 from .cost import CostModel, flops
-from .export import WidthPlan, export_run, load_exported, materialize, save_exported
+from .export import WidthPlan, export_run, load_exported, save_exported
 from .models import create_model, list_models, register_model
+from .models.spec import ModelSpec
 from .sparse import Mask, channel_groups, check_mask, full_mask, random_mask, use_mask
+from .surgery import materialize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CostModel",
     "Mask",
+    "ModelSpec",
     "WidthPlan",
     "channel_groups",
     "check_mask",

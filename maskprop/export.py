@@ -1,17 +1,16 @@
 """Export a subnetwork as a physically smaller model: ordinary torch layers holding only the kept channels.
 
-:func:`materialize` turns a maskprop model and a mask into a narrow copy: every conv keeps the kept slices of its input
-and output channels, every BatchNorm the kept entries of its parameters and running statistics, every linear layer the
-kept features. The module tree, the parameter names and the models' forward code stay the same; the maskprop layers
-become plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` (sparse-backward layers too), so nothing of the mask
-machinery remains and ``torch.export``, ``torch.compile``, ONNX and DDP take the result as it is. Because maskprop
-applies the mask after BatchNorm, a dropped channel is exactly zero in the full model and its removal changes nothing:
-no bias folding is needed, and the narrow model computes what the full model computes under ``use_mask(model, mask)``.
+The narrow model is :func:`maskprop.surgery.materialize`'s: the same module tree, parameter names and forward code as
+the full model, every maskprop layer replaced by the plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` of its
+kept size (sparse-backward layers too), so ``torch.export``, ``torch.compile``, ONNX and DDP take it as it is, and it
+computes what the full model computes under ``use_mask(model, mask)``. The architecture is rebuilt from the run's
+:class:`~maskprop.models.spec.ModelSpec`, the one way maskprop builds a model.
 
 An export directory holds:
 
-* ``plan.json``: the width plan (:class:`WidthPlan`): model name and keyword arguments, number of classes, input size,
-  and for every channel group its kept count and kept channel indices;
+* ``plan.json``: the width plan (:class:`WidthPlan`): the model spec (registry name, every keyword of its factory, the
+  input size; :class:`maskprop.models.spec.ModelSpec`) and for every channel group its kept count and kept channel
+  indices;
 * ``model.safetensors``: the narrow model's state dict, rebuilt by :func:`load_exported` (the architecture is built
   on the ``meta`` device, narrowed by the plan, and the tensors are assigned to it);
 * ``model.pt2``: ``torch.export`` of the model in eval mode, dynamic batch size; ``torch.export.load(p).module()``
@@ -25,10 +24,9 @@ This module imports torch alone; safetensors, ONNX and the training package are 
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import importlib
-import inspect
 import json
 import logging
 import math
@@ -45,9 +43,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .models import create_model, model_entrypoint
-from .sbp.layers import SparseBackwardMixin
-from .sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, channel_groups, check_mask
+from .models.spec import ModelSpec
+from .sparse import channel_groups
+from .surgery import materialize
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +54,6 @@ __all__ = [
     "WidthPlan",
     "export_run",
     "load_exported",
-    "materialize",
     "parse_formats",
     "run_input_size",
     "save_exported",
@@ -66,128 +63,10 @@ FORMATS = ("safetensors", "pt2", "onnx")
 PLAN_FILE, WEIGHTS_FILE, PROGRAM_FILE, ONNX_FILE, INFO_FILE = (
     "plan.json", "model.safetensors", "model.pt2", "model.onnx", "export.json")
 _FILES = {"safetensors": WEIGHTS_FILE, "pt2": PROGRAM_FILE, "onnx": ONNX_FILE}
-_PLAN_FORMAT = 1
+_PLAN_FORMAT = 2  # 1: model, model_kwargs, num_classes and input_size at the top (read too)
 _INFO_FORMAT = 1
 _CHECK_BATCH = 2  # the output checks run a batch of 2 (a batch of 1 would not exercise the dynamic batch dimension)
 _CHECK_TOLERANCE = 1e-3  # relative, float32: the checks measure ~1e-6; anything near this is a bug, not rounding
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# materialize
-
-
-def _kept_index(mask: Mapping[str, Tensor] | None, group: str | None, device: torch.device) -> Tensor | None:
-    """Sorted kept indices of ``group`` on ``device``; ``None`` when the group is never pruned or kept whole."""
-    if mask is None or group is None or bool(mask[group].all()):
-        return None
-    return mask[group].nonzero().view(-1).to(device)
-
-
-def _select(tensor: Tensor | None, dim: int, index: Tensor | None) -> Tensor | None:
-    if tensor is None:
-        return None
-    tensor = tensor.detach()
-    return tensor.index_select(dim, index) if index is not None else tensor.clone()
-
-
-def _parameter(value: Tensor | None, like: Tensor | None) -> nn.Parameter | None:
-    return None if value is None else nn.Parameter(value.contiguous(), requires_grad=like.requires_grad)
-
-
-def _narrow_conv(layer: nn.Conv2d, mask: Mapping[str, Tensor] | None) -> nn.Conv2d:
-    out_index = _kept_index(mask, getattr(layer, "out_group", None), layer.weight.device)
-    in_index = _kept_index(mask, getattr(layer, "in_group", None), layer.weight.device)
-    weight = _select(_select(layer.weight, 0, out_index), 1, in_index)
-    bias = _select(layer.bias, 0, out_index)
-    padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
-    new = nn.Conv2d(weight.shape[1] * layer.groups, weight.shape[0], tuple(layer.kernel_size),
-                    stride=tuple(layer.stride), padding=padding, dilation=tuple(layer.dilation), groups=layer.groups,
-                    bias=bias is not None, padding_mode=layer.padding_mode, device="meta")
-    new.weight, new.bias = _parameter(weight, layer.weight), _parameter(bias, layer.bias)
-    return new
-
-
-def _narrow_linear(layer: nn.Linear, mask: Mapping[str, Tensor] | None) -> nn.Linear:
-    out_index = _kept_index(mask, getattr(layer, "out_group", None), layer.weight.device)
-    in_index = _kept_index(mask, getattr(layer, "in_group", None), layer.weight.device)
-    weight = _select(_select(layer.weight, 0, out_index), 1, in_index)
-    bias = _select(layer.bias, 0, out_index)
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    new.weight, new.bias = _parameter(weight, layer.weight), _parameter(bias, layer.bias)
-    return new
-
-
-def _narrow_batchnorm(layer: nn.BatchNorm2d, mask: Mapping[str, Tensor] | None) -> nn.BatchNorm2d:
-    reference = layer.weight if layer.weight is not None else layer.running_mean
-    index = None if reference is None else _kept_index(mask, getattr(layer, "group", None), reference.device)
-    kept = layer.num_features if index is None else index.numel()
-    new = nn.BatchNorm2d(kept, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
-                         track_running_stats=layer.track_running_stats, device="meta")
-    if layer.affine:
-        new.weight = _parameter(_select(layer.weight, 0, index), layer.weight)
-        new.bias = _parameter(_select(layer.bias, 0, index), layer.bias)
-    # Buffers are assigned as they are (None when the layer tracks no statistics).
-    new.running_mean = _select(layer.running_mean, 0, index)
-    new.running_var = _select(layer.running_var, 0, index)
-    new.num_batches_tracked = _select(layer.num_batches_tracked, 0, None)
-    return new
-
-
-def _narrow_layer(module: nn.Module, mask: Mapping[str, Tensor] | None) -> nn.Module | None:
-    """The plain torch layer that replaces a maskprop layer, or ``None`` for any other module (copied as it is)."""
-    if isinstance(module, (SparseConv2d, SparseBackwardMixin)) and isinstance(module, nn.Conv2d):
-        new = _narrow_conv(module, mask)
-    elif isinstance(module, (SparseLinear, SparseBackwardMixin)) and isinstance(module, nn.Linear):
-        new = _narrow_linear(module, mask)
-    elif isinstance(module, SparseBatchNorm2d):
-        new = _narrow_batchnorm(module, mask)
-    else:
-        return None
-    new.train(module.training)
-    return new
-
-
-def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None) -> nn.Module:
-    """A physically narrow copy of ``model`` that computes what ``model`` computes under ``use_mask(model, mask)``.
-
-    Every maskprop layer is replaced by the plain torch layer of its kept size (conv and linear weights sliced on both
-    sides, biases, BatchNorm affine parameters and running statistics); sparse-backward layers become plain layers of
-    the same size. Every other module, attribute and the forward code are deep-copied unchanged, so the result has
-    the same module tree and parameter names, on the same device and dtype, in the same train/eval mode. ``model`` is
-    not modified, and the copy shares no tensor with it. Hooks registered on replaced layers are not carried over.
-
-    Plain ``nn.Conv2d`` lacks the route around a oneDNN crash that :class:`~maskprop.sparse.SparseConv2d` takes (the
-    CPU weight gradient of a strided 1x1 conv with an odd batch size, ``maskprop._workarounds``): train the narrow
-    model on the CPU with even batch sizes, or as the trainer's finetune phase does (``maskprop.train.narrow``, whose
-    ``PointwiseSafeConv2d`` takes the same route). Inference is unaffected.
-
-    Args:
-        model: a maskprop model (its layers are ``maskprop.sparse`` or ``maskprop.sbp`` layers).
-        mask: group name -> bool tensor, as for :func:`maskprop.use_mask`; ``None`` keeps every channel (the whole
-            model as plain torch layers: the export of a dense or sparse-backward run).
-
-    Returns:
-        The narrow model.
-
-    Raises:
-        ValueError: ``mask`` is not a valid mask for ``model`` (see :func:`maskprop.check_mask`), or it drops channels
-            of a model whose convolutions were converted to sparse-backward layers (they train the whole network).
-    """
-    if mask is not None:
-        check_mask(mask, channel_groups(model))
-        if any(isinstance(m, SparseBackwardMixin) for m in model.modules()) and not all(
-                bool(m.all()) for m in mask.values()):
-            raise ValueError("cannot drop channels of a model with sparse-backward layers (they train the whole "
-                             "network and carry no channel groups); expected mask=None")
-        mask = {g: m.detach().cpu() for g, m in mask.items()}
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        new = _narrow_layer(module, mask)
-        if new is not None:
-            memo[id(module)] = new
-    if id(model) in memo:  # a bare layer
-        return memo[id(model)]
-    return copy.deepcopy(model, memo)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,32 +84,40 @@ def _where(source: str | os.PathLike | None) -> str:
 
 @dataclass(frozen=True)
 class WidthPlan:
-    """What :func:`load_exported` needs to rebuild a narrow model: architecture, classes, input size, kept channels.
+    """What :func:`load_exported` needs to rebuild a narrow model: the model spec and the kept channels.
 
     Attributes:
-        model: registry name (:func:`maskprop.list_models`).
-        model_kwargs: keyword arguments of the model's entry point, ``num_classes`` aside (an MLP's ``in_features``
-            included).
-        num_classes: outputs of the classifier.
-        input_size: ``(C, H, W)`` of one example, the input the run trained on.
+        spec: How the full-size model is built (:class:`maskprop.models.spec.ModelSpec`): registry name, every
+            keyword of its factory (``num_classes`` included), the input size the run trained on.
         channels: ``{group: number of channels}`` of the full model, in network order.
         kept: ``{group: sorted kept channel indices}``, the same groups.
     """
 
-    model: str
-    model_kwargs: dict[str, Any]
-    num_classes: int
-    input_size: tuple[int, int, int]
+    spec: ModelSpec
     channels: dict[str, int]
     kept: dict[str, list[int]]
 
+    @property
+    def model(self) -> str:
+        """Registry name of the model."""
+        return self.spec.name
+
+    @property
+    def num_classes(self) -> int | None:
+        """Outputs of the classifier, where the spec names them (else the model's default)."""
+        return self.spec.num_classes
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one example."""
+        return self.spec.input_size
+
     @classmethod
-    def from_mask(cls, model: str, model_kwargs: Mapping[str, Any], num_classes: int, input_size: Sequence[int],
-                  groups: Mapping[str, int], mask: Mapping[str, Tensor] | None) -> WidthPlan:
-        """The plan of ``mask`` (``None``: every channel kept) for a model with channel groups ``groups``."""
+    def from_mask(cls, spec: ModelSpec, groups: Mapping[str, int], mask: Mapping[str, Tensor] | None) -> WidthPlan:
+        """The plan of ``mask`` (``None``: every channel kept) for the model of ``spec`` with channel groups
+        ``groups``."""
         kept = {g: list(range(n)) if mask is None else mask[g].nonzero().view(-1).tolist() for g, n in groups.items()}
-        kwargs = {k: v for k, v in model_kwargs.items() if k != "num_classes"}
-        return cls(model, kwargs, int(num_classes), tuple(int(s) for s in input_size), dict(groups), kept)
+        return cls(spec, dict(groups), kept)
 
     def mask(self) -> dict[str, Tensor]:
         """The plan's mask: ``{group: bool tensor}`` on the CPU."""
@@ -247,16 +134,12 @@ class WidthPlan:
 
     def build(self, device: torch.device | str | None = None) -> nn.Module:
         """The full-size architecture (``device="meta"``: without allocating or initialising its weights)."""
-        with torch.device(device or "cpu"):
-            return create_model(self.model, num_classes=self.num_classes, **self.model_kwargs)
+        return self.spec.build(device)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": _PLAN_FORMAT,
-            "model": self.model,
-            "model_kwargs": dict(self.model_kwargs),
-            "num_classes": self.num_classes,
-            "input_size": list(self.input_size),
+            "spec": self.spec.to_dict(),
             "groups": {g: {"channels": n, "kept": len(self.kept[g]), "indices": self.kept[g]}
                        for g, n in self.channels.items()},
         }
@@ -271,28 +154,24 @@ class WidthPlan:
 
     @classmethod
     def from_dict(cls, data: Any, source: str | os.PathLike | None = None) -> WidthPlan:
-        """Read a plan written by :meth:`to_dict`, checking every field.
+        """Read a plan written by :meth:`to_dict` (or by maskprop 0.1's first plan format), checking every field.
 
         Raises:
-            ValueError: a missing or malformed field (one line naming it).
+            ValueError: a missing or malformed field, or a model that is not registered (one line naming it).
         """
         where = _where(source)
         if not isinstance(data, Mapping):
             raise ValueError(f"{where} is a {type(data).__name__}; expected a json object")
-        missing = [k for k in ("format", "model", "model_kwargs", "num_classes", "input_size", "groups")
-                   if k not in data]
+        if data.get("format") == 1 and isinstance(data.get("model_kwargs"), Mapping):  # before the model spec
+            data = {"format": _PLAN_FORMAT, "groups": data.get("groups"),
+                    "spec": {"name": data.get("model"), "input_size": data.get("input_size"),
+                             "kwargs": {**data["model_kwargs"], "num_classes": data.get("num_classes")}}}
+        missing = [k for k in ("format", "spec", "groups") if k not in data]
         if missing:
             raise ValueError(f"{where} lacks {', '.join(missing)}; expected a plan written by maskprop export")
         if data["format"] != _PLAN_FORMAT:
             raise ValueError(f"{where} has format {data['format']!r}; this maskprop reads format {_PLAN_FORMAT}")
-        if not isinstance(data["model"], str) or not isinstance(data["model_kwargs"], Mapping):
-            raise ValueError(f"{where}: model must be a name and model_kwargs an object, got {data['model']!r} and "
-                             f"{data['model_kwargs']!r}")
-        num_classes, size = data["num_classes"], data["input_size"]
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"{where}: num_classes={num_classes!r}; expected a positive integer")
-        if not (isinstance(size, list) and len(size) == 3 and all(type(s) is int and s > 0 for s in size)):
-            raise ValueError(f"{where}: input_size={size!r}; expected [C, H, W], positive integers")
+        spec = ModelSpec.from_dict(data["spec"], source)
         if not isinstance(data["groups"], Mapping):
             raise ValueError(f"{where}: groups must be an object {{group: {{channels, kept, indices}}}}")
         channels, kept = {}, {}
@@ -306,7 +185,7 @@ class WidthPlan:
                 raise ValueError(f"{where}: group {group!r} is {entry!r}; expected channels > 0, kept = number of "
                                  f"indices >= 1, and sorted distinct indices in [0, channels)")
             channels[group], kept[group] = n, list(indices)
-        return cls(data["model"], dict(data["model_kwargs"]), num_classes, tuple(size), channels, kept)
+        return cls(spec, channels, kept)
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(self.dumps())
@@ -367,9 +246,8 @@ def load_exported(path: str | os.PathLike, device: torch.device | str | None = N
         raise ValueError(f"'{weights}' is corrupt or truncated ({' '.join(str(err).split())[:200]})") from None
     try:
         full = plan.build("meta")
-    except TypeError as err:
-        raise ValueError(f"{_where(path / PLAN_FILE)}: model_kwargs {plan.model_kwargs} do not fit model "
-                         f"{plan.model!r} ({err})") from None
+    except ValueError as err:
+        raise ValueError(f"{_where(path / PLAN_FILE)}: {err}") from None
     narrow = materialize(full, plan.mask())
     try:
         narrow.load_state_dict(tensors, strict=True, assign=True)
@@ -416,14 +294,6 @@ def _missing_onnx() -> str | None:
         except ImportError:
             return name
     return None
-
-
-def _classifier_outputs(model: nn.Module) -> int:
-    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linear:
-        raise ValueError(f"cannot tell the number of classes of {type(model).__name__}: it has no linear classifier; "
-                         f"pass num_classes")
-    return linear[-1].out_features
 
 
 def _relative_error(output: Tensor, reference: Tensor) -> float:
@@ -522,9 +392,20 @@ def _place(folder: Path, out: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str | os.PathLike, *, model_name: str,
-                  input_size: Sequence[int], model_kwargs: Mapping[str, Any] | None = None,
-                  num_classes: int | None = None, formats: str | Iterable[str] | None = None, force: bool = False,
+def _check_spec(model: nn.Module, spec: ModelSpec) -> None:
+    """Raise unless ``spec`` builds ``model``'s architecture (the same channel groups and tensor shapes)."""
+    built = spec.build("meta")
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    if channel_groups(built) != channel_groups(model) or ours != theirs:
+        differ = next((k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)), "channel groups")
+        raise ValueError(f"spec {spec.name} with {spec.kwargs} does not build this model (they differ at {differ}: "
+                         f"{theirs.get(differ)} vs the model's {ours.get(differ)}); expected the spec the model was "
+                         f"built from")
+
+
+def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str | os.PathLike, *, spec: ModelSpec,
+                  formats: str | Iterable[str] | None = None, force: bool = False,
                   source: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Export the subnetwork ``mask`` of ``model`` to the directory ``out``, and check every file written.
 
@@ -538,10 +419,8 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
         model: the full maskprop model (``model.channel_groups()``), on any device.
         mask: the subnetwork; ``None`` exports the whole model.
         out: the export directory to create.
-        model_name: its registry name (the plan rebuilds ``create_model(model_name, ...)``).
-        input_size: ``(C, H, W)`` of one example.
-        model_kwargs: keyword arguments the model was built with (without ``num_classes``).
-        num_classes: classifier outputs (default: those of the model's last linear layer).
+        spec: how ``model`` was built (e.g. ``ModelSpec("resnet32", {"num_classes": 10}, (3, 32, 32))``); the plan
+            rebuilds the architecture from it, so it is checked to build ``model``'s shapes.
         formats: names from :data:`FORMATS`, a list or ``"safetensors,pt2"``; default every format available.
         force: replace an existing ``out``.
         source: extra information recorded in ``export.json`` (checkpoint, accuracy, ...).
@@ -550,18 +429,15 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
         The content of ``export.json``.
 
     Raises:
-        ValueError: a bad mask, format list or input size, or ``out`` exists without ``force``.
+        ValueError: a bad mask, format list or spec, or ``out`` exists without ``force``.
     """
     out = Path(out)
     chosen = parse_formats(formats)
     if out.exists() and not force:
         raise ValueError(f"output directory '{out}' exists; pass --force (force=True) to replace it")
-    if len(input_size) != 3 or not all(int(s) > 0 for s in input_size):
-        raise ValueError(f"input_size={tuple(input_size)}; expected (C, H, W)")
-    input_size = tuple(int(s) for s in input_size)
-    groups = channel_groups(model)
-    num_classes = _classifier_outputs(model) if num_classes is None else int(num_classes)
-    plan = WidthPlan.from_mask(model_name, dict(model_kwargs or {}), num_classes, input_size, groups, mask)
+    _check_spec(model, spec)
+    input_size, model_name = spec.input_size, spec.name
+    plan = WidthPlan.from_mask(spec, channel_groups(model), mask)
     narrow = materialize(model, mask)
     parameter = next(model.parameters())
     x = torch.randn(_CHECK_BATCH, *input_size, generator=torch.Generator().manual_seed(0)).to(
@@ -583,6 +459,7 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
         flops = _flops(narrow, x[:1])
     finally:
         model.train(was_training)
+    num_classes = reference.shape[-1]
     if not bool(reference.isfinite().all()):
         raise ValueError(f"{model_name}'s output is not finite on a normal input (NaN or inf weights?); expected a "
                          f"trained model to export")
@@ -602,7 +479,7 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
             "maskprop_version": __version__,
             "torch_version": torch.__version__,
             "model": model_name,
-            "model_kwargs": plan.model_kwargs,
+            "spec": spec.to_dict(),
             "num_classes": num_classes,
             "input_size": list(input_size),
             **dict(source or {}),
@@ -701,44 +578,62 @@ def _checkpoint_mask(checkpoint: Mapping[str, Any], path: Path, groups: Mapping[
     return None  # dense and sparse-backward runs train the whole network
 
 
+def _checkpoint_spec(checkpoint: Mapping[str, Any], path: Path, input_size: tuple[int, int, int] | None) -> ModelSpec:
+    """The model spec of a checkpoint, with the input size asked for.
+
+    Checkpoints save their spec; one written before the spec existed gets it derived from its config as the trainer
+    resolved it then (``model.kwargs``, ``sparsity.prune_residual``, an MLP's ``in_features`` from the input size) and
+    the number of classes from its classifier's weight.
+    """
+    where = f"checkpoint '{path}'"
+    config = checkpoint.get("config") or {}
+    if checkpoint.get("model_spec") is not None:
+        try:
+            spec = ModelSpec.from_dict(checkpoint["model_spec"], path)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        if input_size is None or input_size == spec.input_size:
+            return spec
+        spec = dataclasses.replace(spec, input_size=input_size)
+    else:
+        size = input_size or run_input_size(config)
+        name, kwargs = checkpoint["model_name"], dict(checkpoint["model_kwargs"] or {})
+        residual = bool((config.get("sparsity") or {}).get("prune_residual", True))
+        try:
+            probe = ModelSpec.resolve(name, kwargs, num_classes=1, input_size=size, prune_residual=residual)
+            classifier = [n for n, m in probe.build("meta").named_modules() if isinstance(m, nn.Linear)][-1]
+            num_classes = int(checkpoint["model"][f"{classifier}.weight"].shape[0])
+            spec = ModelSpec.resolve(name, kwargs, num_classes=num_classes, input_size=size, prune_residual=residual)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"{where} does not describe a model maskprop can build ({name} with model.kwargs="
+                             f"{kwargs}: {' '.join(str(err).split())[:200]})") from None
+    in_features = spec.kwargs.get("in_features")
+    if in_features is not None and in_features != math.prod(spec.input_size):
+        raise ValueError(f"{where}: {spec.name} reads {in_features} features but the input size {spec.input_size} "
+                         f"has {math.prod(spec.input_size)}; pass --input-size C,H,W")
+    return spec
+
+
 def _model_from_checkpoint(checkpoint: Mapping[str, Any], path: Path,
-                           input_size: tuple[int, int, int]) -> tuple[nn.Module, dict[str, Any], int]:
-    """The full model with the checkpoint's weights, its effective keyword arguments and number of classes."""
-    name, kwargs = checkpoint["model_name"], dict(checkpoint["model_kwargs"] or {})
+                           input_size: tuple[int, int, int] | None) -> tuple[nn.Module, ModelSpec]:
+    """The full model with the checkpoint's weights, and its spec."""
+    spec = _checkpoint_spec(checkpoint, path, input_size)
     try:
-        entrypoint = model_entrypoint(name)
+        model = spec.build("meta")
     except ValueError as err:
         raise ValueError(f"checkpoint '{path}': {err}") from None
-    kwargs.pop("num_classes", None)
-    if "in_features" in inspect.signature(entrypoint).parameters:
-        kwargs.setdefault("in_features", math.prod(input_size))  # an MLP reads the flattened image, as in training
-    state = checkpoint["model"]
-    try:
-        with torch.device("meta"):
-            probe = create_model(name, **kwargs)
-        classifier = [n for n, m in probe.named_modules() if isinstance(m, nn.Linear)][-1]
-        num_classes = int(state[f"{classifier}.weight"].shape[0])
-        with torch.device("meta"):
-            model = create_model(name, num_classes=num_classes, **kwargs)
-    except (TypeError, KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"checkpoint '{path}' does not describe a model maskprop can build ({name} with "
-                         f"model.kwargs={kwargs}: {' '.join(str(err).split())[:200]})") from None
     theirs = [(str(g), int(n)) for g, n in checkpoint["groups"]]
     ours = list(model.channel_groups().items())
     if theirs != ours:
         raise ValueError(f"checkpoint '{path}' has {len(theirs)} channel groups ({sum(n for _, n in theirs)} "
-                         f"channels), but {name} with model.kwargs={kwargs} has {len(ours)} "
+                         f"channels), but {spec.name} with {spec.kwargs} has {len(ours)} "
                          f"({sum(n for _, n in ours)}); the checkpoint is from another model")
-    if "in_features" in kwargs and kwargs["in_features"] != math.prod(input_size):
-        raise ValueError(f"checkpoint '{path}': {name} reads {kwargs['in_features']} features but the input size "
-                         f"{input_size} has {math.prod(input_size)}; pass --input-size C,H,W")
     try:
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(checkpoint["model"], strict=True, assign=True)
     except RuntimeError as err:
-        hint = "; if the run trained on your own data, pass --input-size C,H,W" if "in_features" in kwargs else ""
-        raise ValueError(f"checkpoint '{path}' holds weights of another model than {name} with model.kwargs="
-                         f"{kwargs} ({' '.join(str(err).split())[:200]}){hint}") from None
-    return model.eval(), kwargs, num_classes
+        raise ValueError(f"checkpoint '{path}' holds weights of another model than {spec.name} with {spec.kwargs} "
+                         f"({' '.join(str(err).split())[:200]})") from None
+    return model.eval(), spec
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
@@ -761,7 +656,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
         checkpoint: ``last`` or ``best``.
         mask: ``fixed`` or ``top_scores``.
         force: replace an existing ``out``.
-        input_size: ``(C, H, W)``; default from the run's data config (give it for runs on your own datasets).
+        input_size: ``(C, H, W)`` to check and count FLOPs at; default the input the run trained on (its model spec;
+            for a checkpoint written before the spec existed, its data config: give it for runs on your own data).
 
     Returns:
         The content of ``export.json``.
@@ -788,9 +684,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     if out.exists() and not force:
         raise ValueError(f"output directory '{out}' exists; pass --force to replace it")
     state = load_checkpoint(path)
-    config = state.get("config") or {}
-    size = tuple(int(s) for s in input_size) if input_size is not None else run_input_size(config)
-    model, kwargs, num_classes = _model_from_checkpoint(state, path, size)
+    if input_size is not None and (len(input_size) != 3 or not all(int(s) > 0 for s in input_size)):
+        raise ValueError(f"input_size={tuple(input_size)}; expected (C, H, W), positive integers")
+    model, spec = _model_from_checkpoint(state, path, None if input_size is None else tuple(map(int, input_size)))
     groups = model.channel_groups()
     subnet = _checkpoint_mask(state, path, groups, mask)
     accuracy, accuracy_source = _measured_accuracy(state, checkpoint, mask)
@@ -802,8 +698,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
         "accuracy_source": accuracy_source,
     }
     try:
-        return save_exported(model, subnet, out, model_name=state["model_name"], input_size=size, model_kwargs=kwargs,
-                             num_classes=num_classes, formats=chosen, force=force, source=source)
+        return save_exported(model, subnet, out, spec=spec, formats=chosen, force=force, source=source)
     except ValueError as err:
         if subnet is not None and "mask" in str(err):
             raise ValueError(f"checkpoint '{path}': its mask does not fit the model ({err})") from None

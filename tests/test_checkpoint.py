@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from maskprop.models.spec import ModelSpec
 from maskprop.train import checkpoint as ckpt
 from maskprop.train.checkpoint import CHECKPOINT_KEYS, check_compatible, load_checkpoint, save_checkpoint
 
@@ -66,12 +67,24 @@ def test_foreign_files_are_refused(tmp_path):
 
 
 def test_check_compatible_names_what_differs():
-    check_compatible(_checkpoint(), "c.pt", "resnet20", {}, GROUPS, "vrpge")
+    spec = ModelSpec("resnet20", {"num_classes": 10, "prune_residual": True})
+    check_compatible(_checkpoint(), "c.pt", spec, {}, GROUPS, "vrpge")
     with pytest.raises(ValueError, match="from model 'resnet20', the config builds 'resnet32'"):
-        check_compatible(_checkpoint(), "c.pt", "resnet32", {}, GROUPS, "vrpge")
+        check_compatible(_checkpoint(), "c.pt", ModelSpec("resnet32"), {}, GROUPS, "vrpge")
     with pytest.raises(ValueError, match=r"model.kwargs=\{\}, the config has model.kwargs=\{'width': 2\}"):
-        check_compatible(_checkpoint(), "c.pt", "resnet20", {"width": 2}, GROUPS, "vrpge")
+        check_compatible(_checkpoint(), "c.pt", spec, {"width": 2}, GROUPS, "vrpge")
     with pytest.raises(ValueError, match=r"group 2 is nothing in the checkpoint but 'extra' \(4\) here"):
-        check_compatible(_checkpoint(), "c.pt", "resnet20", {}, {**GROUPS, "extra": 4}, "vrpge")
+        check_compatible(_checkpoint(), "c.pt", spec, {}, {**GROUPS, "extra": 4}, "vrpge")
     with pytest.raises(ValueError, match="is a method='vrpge' run, the config says method='dense'"):
-        check_compatible(_checkpoint(), "c.pt", "resnet20", {}, GROUPS, "dense")
+        check_compatible(_checkpoint(), "c.pt", spec, {}, GROUPS, "dense")
+
+
+def test_check_compatible_compares_the_saved_spec():
+    spec = ModelSpec("resnet20", {"num_classes": 10, "prune_residual": True})
+    saved = _checkpoint()
+    saved["model_spec"] = spec.to_dict()
+    check_compatible(saved, "c.pt", spec, {"ignored": "the spec decides"}, GROUPS, "vrpge")
+    other = ModelSpec("resnet20", {"num_classes": 10, "prune_residual": False})
+    with pytest.raises(ValueError, match=r"built with \{'num_classes': 10, 'prune_residual': True\}, the config builds "
+                                         r"it with \{'num_classes': 10, 'prune_residual': False\}"):
+        check_compatible(saved, "c.pt", other, {}, GROUPS, "vrpge")

@@ -22,10 +22,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import maskprop
-from maskprop.export import WidthPlan, load_exported, materialize, parse_formats, save_exported
+from maskprop.export import WidthPlan, load_exported, parse_formats, save_exported
+from maskprop.models.spec import ModelSpec
 from maskprop.sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, random_mask, use_mask
+from maskprop.surgery import materialize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+RESNET20 = ModelSpec("resnet20", {"num_classes": 10}, (3, 16, 16))
 
 CASES = [(name, {}) for name in maskprop.list_models()] + [
     ("resnet20", {"prune_residual": False}),
@@ -132,7 +136,7 @@ def test_narrow_model_is_exact(name, kwargs, generator):
         torch.testing.assert_close(b, expected, rtol=1e-10, atol=1e-14, msg=f"buffer {key}")
 
     # The width plan rebuilds the same narrow architecture from nothing but the model name (on the meta device).
-    plan = WidthPlan.from_mask(name, kwargs, model.fc.out_features, size, groups, mask)
+    plan = WidthPlan.from_mask(ModelSpec(name, {**kwargs, "num_classes": model.fc.out_features}, size), groups, mask)
     plan = WidthPlan.from_dict(json.loads(plan.dumps()))
     rebuilt = materialize(plan.build("meta"), plan.mask())
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in narrow.state_dict().items()}
@@ -225,7 +229,7 @@ def exported(tmp_path_factory):
     randomize_batchnorm(model)
     mask = edge_case_mask(model.channel_groups(), torch.Generator().manual_seed(3))
     out = tmp_path_factory.mktemp("export") / "resnet20"
-    info = save_exported(model, mask, out, model_name="resnet20", input_size=(3, 16, 16),
+    info = save_exported(model, mask, out, spec=RESNET20,
                          formats="safetensors,pt2,onnx", source={"note": "test"})
     return out, model, mask, materialize(model, mask).eval(), info
 
@@ -292,8 +296,8 @@ def test_mlp_exports_and_loads(tmp_path):
     """A model without convolutions or BatchNorm, whose input size decides its first layer."""
     model = maskprop.create_model("mlp", in_features=3 * 8 * 8, hidden=(32, 24))
     mask = edge_case_mask(model.channel_groups(), torch.Generator().manual_seed(0))
-    info = save_exported(model, mask, tmp_path / "mlp", model_name="mlp", input_size=(3, 8, 8),
-                         model_kwargs={"in_features": 192, "hidden": [32, 24]}, formats=["safetensors", "pt2"])
+    spec = ModelSpec("mlp", {"in_features": 192, "hidden": [32, 24]}, (3, 8, 8))
+    info = save_exported(model, mask, tmp_path / "mlp", spec=spec, formats=["safetensors", "pt2"])
     assert set(info["files"]) == {"plan.json", "model.safetensors", "model.pt2"}
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -319,9 +323,9 @@ def test_existing_output_is_refused_unless_forced(exported, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="exists; pass --force"):
-        save_exported(model, mask, out, model_name="resnet20", input_size=(3, 16, 16), formats="safetensors")
+        save_exported(model, mask, out, spec=RESNET20, formats="safetensors")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    save_exported(model, mask, out, model_name="resnet20", input_size=(3, 16, 16), formats="safetensors", force=True)
+    save_exported(model, mask, out, spec=RESNET20, formats="safetensors", force=True)
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.safetensors", "plan.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
 
@@ -331,7 +335,7 @@ def test_a_diverged_model_is_refused(tmp_path):
     with torch.no_grad():
         model.fc.bias.fill_(float("nan"))
     with pytest.raises(ValueError, match="not finite"):
-        save_exported(model, None, tmp_path / "out", model_name="resnet20", input_size=(3, 16, 16),
+        save_exported(model, None, tmp_path / "out", spec=RESNET20,
                       formats="safetensors")
     assert list(tmp_path.iterdir()) == []
 
@@ -344,7 +348,7 @@ def test_a_failed_export_leaves_nothing(exported, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.export, "save", fail)
     with pytest.raises(RuntimeError, match="disk full"):
-        save_exported(model, mask, tmp_path / "out", model_name="resnet20", input_size=(3, 16, 16),
+        save_exported(model, mask, tmp_path / "out", spec=RESNET20,
                       formats="safetensors,pt2")
     assert list(tmp_path.iterdir()) == []
 
@@ -374,3 +378,32 @@ def test_load_exported_bad_directories(exported, tmp_path):
     (broken / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="does not fit"):
         load_exported(broken)
+
+
+def test_a_spec_that_does_not_build_the_model_is_refused(exported, tmp_path):
+    _, model, mask, _, _ = exported
+    with pytest.raises(ValueError, match=r"spec resnet20 with \{'num_classes': 7\} does not build this model"):
+        save_exported(model, mask, tmp_path / "out", spec=ModelSpec("resnet20", {"num_classes": 7}, (3, 16, 16)))
+    with pytest.raises(ValueError, match=r"model 'resnet20' does not take the keywords \{'depth': 3\}"):
+        save_exported(model, mask, tmp_path / "out", spec=ModelSpec("resnet20", {"depth": 3}, (3, 16, 16)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plan_of_the_first_format_still_loads(exported, tmp_path):
+    out, _, _, narrow, _ = exported
+    old = tmp_path / "old"
+    old.mkdir()
+    plan = json.loads((out / "plan.json").read_text())
+    spec = plan.pop("spec")
+    kwargs = dict(spec["kwargs"])
+    plan.update(format=1, model=spec["name"], num_classes=kwargs.pop("num_classes"), model_kwargs=kwargs,
+                input_size=spec["input_size"])
+    (old / "plan.json").write_text(json.dumps(plan))
+    (old / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(old)(x), narrow(x), rtol=0, atol=0)
+    plan["model"] = "resnet21"
+    (old / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match="names model 'resnet21', which is not registered"):
+        load_exported(old)

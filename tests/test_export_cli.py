@@ -16,6 +16,7 @@ from conftest import TINY_RUN, with_overrides
 
 import maskprop
 from maskprop.cli import main
+from maskprop.models.spec import ModelSpec
 from maskprop.train.checkpoint import load_checkpoint, save_checkpoint
 from maskprop.vrpge import ChannelScores
 
@@ -50,7 +51,7 @@ def edited_run(source: Path, target: Path, name: str = "last.pt", **changes) -> 
 
 
 def full_model(checkpoint: dict) -> torch.nn.Module:
-    model = maskprop.create_model(checkpoint["model_name"], num_classes=10, **checkpoint["model_kwargs"])
+    model = ModelSpec.from_dict(checkpoint["model_spec"]).build()
     model.load_state_dict(checkpoint["model"])
     return model.eval()
 
@@ -146,7 +147,8 @@ def test_sparse_backward_run_exports_plain_layers(tmp_path):
     maskprop.fit(config, out=tmp_path / "msbp")
     assert export(tmp_path / "msbp", "--format", "safetensors,pt2") == 0
     info = json.loads((tmp_path / "msbp" / "export" / "export.json").read_text())
-    assert info["input_size"] == [3, 8, 8] and info["model_kwargs"] == {"hidden": [32, 32], "in_features": 192}
+    assert info["input_size"] == [3, 8, 8]
+    assert info["spec"]["kwargs"] == {"hidden": [32, 32], "in_features": 192, "num_classes": 10}
     assert info["params"] == info["dense_params"]
     checkpoint = load_checkpoint(tmp_path / "msbp" / "last.pt")
     model = maskprop.create_model("mlp", num_classes=10, in_features=192, hidden=[32, 32])
@@ -169,8 +171,11 @@ def _bad_cases(run_dir: Path, tmp_path: Path) -> list[tuple[list[str], str, Path
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "last.pt").write_bytes((run_dir / "last.pt").read_bytes()[:5000])
-    other = edited_run(run_dir, tmp_path / "other", model_name="vgg11_bn")
-    wider = edited_run(run_dir, tmp_path / "wider", model_kwargs={"width": 2})
+    spec = load_checkpoint(run_dir / "last.pt")["model_spec"]
+    other = edited_run(run_dir, tmp_path / "other", model_spec={**spec, "name": "resnet32"})
+    wider = edited_run(run_dir, tmp_path / "wider", model_spec={**spec, "kwargs": {**spec["kwargs"], "width": 2}})
+    unknown = edited_run(run_dir, tmp_path / "unknown", model_spec={**spec, "name": "resnet21"})
+    rejected = edited_run(run_dir, tmp_path / "rejected", model_spec={**spec, "kwargs": {"depth": 3}})
     old = tmp_path / "old"
     old.mkdir()
     checkpoint = load_checkpoint(run_dir / "last.pt")
@@ -183,6 +188,8 @@ def _bad_cases(run_dir: Path, tmp_path: Path) -> list[tuple[list[str], str, Path
         ([corrupt], "corrupt or truncated", corrupt),
         ([other], "another model", other),
         ([wider], "another model", wider),
+        ([unknown], "names model 'resnet21', which is not registered", unknown),
+        ([rejected], "model 'resnet20' does not take the keywords {'depth': 3}", rejected),
         ([old], "has format 0", old),
         ([taken, "--format", "safetensors,tflite"], "unknown export format(s) 'tflite'", taken),
         ([taken], "exists; pass --force", taken),
@@ -234,3 +241,55 @@ def test_input_size_follows_the_data_config():
     assert run_input_size({"data": {"dataset": "imagenet", "crop_size": 160}}) == (3, 160, 160)
     with pytest.raises(ValueError, match="--input-size"):
         run_input_size({"data": {"dataset": "svhn"}})
+
+
+def test_a_checkpoint_written_before_the_model_spec_still_exports(run, tmp_path):
+    """Its spec is derived from its config, as the trainer resolved the model then."""
+    run_dir, _ = run
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    old = edited_run(run_dir, tmp_path / "old", model_spec=None)
+    assert export(old, "--format", "safetensors") == 0
+    info = json.loads((old / "export" / "export.json").read_text())
+    assert info["spec"] == checkpoint["model_spec"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every kind of run exports, exactly
+
+RUN_KINDS = {
+    "cifar_resnet": ("vrpge", {"name": "resnet20"}, {}),
+    "cifar_resnet_residual_kept": ("vrpge", {"name": "resnet20"}, {"sparsity.prune_residual": False}),
+    "wide_resnet": ("vrpge", {"name": "wrn16_8"}, {}),
+    "wide_resnet_residual_kept": ("vrpge", {"name": "wrn16_8"},
+                                  {"sparsity.prune_residual": False}),
+    "imagenet_resnet": ("vrpge", {"name": "resnet18", "kwargs": {"num_classes": 10}}, {}),
+    "imagenet_resnet_residual_kept": ("vrpge", {"name": "resnet18"}, {"sparsity.prune_residual": False}),
+    "vgg": ("vrpge", {"name": "vgg11_bn"}, {"data.image_size": 32}),  # five poolings
+    "dense_vgg": ("dense", {"name": "vgg11_bn"}, {"data.image_size": 32}),
+    "mlp_msbp": ("msbp", {"name": "mlp", "kwargs": {"hidden": [32, 32]}}, {"sbp.ratio": 0.25}),
+}
+
+
+@pytest.mark.parametrize("kind", list(RUN_KINDS))
+def test_every_kind_of_run_exports_exactly(kind, tmp_path):
+    method, model_config, overrides = RUN_KINDS[kind]
+    config = with_overrides(TINY, method=method, model=model_config, **{"optim.epochs": 1, "finetune.epochs": 0,
+                                                                        "data.train_size": 64, **overrides})
+    maskprop.fit(config, out=tmp_path / "run")
+    assert export(tmp_path / "run", "--format", "safetensors") == 0
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    spec = ModelSpec.from_dict(checkpoint["model_spec"])
+    size = config["data"]["image_size"]
+    assert spec.input_size == (3, size, size) and spec.num_classes == 10
+    if "prune_residual" in spec.kwargs:
+        assert spec.kwargs["prune_residual"] is not ("residual_kept" in kind)
+    model = full_model(checkpoint).double()
+    assert [list(g) for g in checkpoint["groups"]] == [list(g) for g in model.channel_groups().items()]
+    mask = checkpoint["fixed_mask"]
+    assert (mask is None) == (method != "vrpge")
+    loaded = maskprop.load_exported(tmp_path / "run" / "export").double()
+    x = torch.randn(3, *spec.input_size, dtype=torch.double)
+    with torch.no_grad(), maskprop.use_mask(model, mask):
+        reference = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), reference, rtol=1e-10, atol=1e-12)

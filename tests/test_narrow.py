@@ -13,9 +13,10 @@ from torch.overrides import TorchFunctionMode
 
 import maskprop
 from maskprop.sparse import use_mask
+from maskprop.surgery import index_sets
 from maskprop.train import loop
 from maskprop.train.checkpoint import load_checkpoint
-from maskprop.train.narrow import NarrowSubnetwork, PointwiseSafeConv2d, _index_sets
+from maskprop.train.narrow import NarrowSubnetwork, PointwiseSafeConv2d
 from maskprop.train.optim import build_schedule, weight_optimizer
 from maskprop.train.steps import StepContext, subnet_step
 
@@ -57,7 +58,7 @@ def _copy(model, optimizer, schedule):
 
 def _kept_entries(model, optimizer, mask):
     """Every parameter, buffer and momentum buffer of the full model, cut to the mask's kept entries, by name."""
-    sets = _index_sets(model, mask)
+    sets = index_sets(model, mask)
     params = dict(model.named_parameters())
     tensors = {**params, **dict(model.named_buffers())}
     tensors.update({f"{n}:momentum": optimizer.state[p]["momentum_buffer"] for n, p in params.items()})
@@ -102,7 +103,7 @@ def test_narrow_steps_equal_compact_steps_on_the_kept_entries(name, dtype, toler
             assert torch.equal(got[key], want[key]), key  # num_batches_tracked
     # The dropped entries keep the values they had when the narrow model was built.
     mask_all = {g: ~m for g, m in mask.items()}
-    sets = _index_sets(model2, mask_all)
+    sets = index_sets(model2, mask_all)
     for key, tensor in model2.state_dict().items():
         rows, columns = sets[key]
         if rows is not None and tensor.dim() >= 1 and rows.numel():
@@ -166,7 +167,7 @@ def test_adam_state_is_gathered_too():
     for batch in batches[1:3]:
         narrow.step(batch, ctx)
     narrow.write_back()
-    sets = _index_sets(model, mask)
+    sets = index_sets(model, mask)
     for (name, p), p2 in zip(model.named_parameters(), model2.parameters()):
         rows, columns = sets[name]
         for key in ("exp_avg", "exp_avg_sq"):
@@ -210,9 +211,9 @@ def test_an_odd_batch_takes_the_route_around_the_strided_pointwise_crash():
     model, mask, optimizer, _, ctx, _ = _setup("resnet20", torch.float32)
     model2, optimizer2, _ = _copy(model, optimizer, build_schedule(optimizer, "constant", 1))
     narrow = NarrowSubnetwork(model2, mask, optimizer2)
-    projections = [m for m in narrow.model.modules() if isinstance(m, PointwiseSafeConv2d)]
-    assert len(projections) == 2 and all(type(m) is nn.Conv2d or isinstance(m, PointwiseSafeConv2d)
-                                         for m in narrow.model.modules() if isinstance(m, nn.Conv2d))
+    convs = [m for m in narrow.model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(type(m) is PointwiseSafeConv2d for m in convs)
+    assert sum(m.kernel_size == (1, 1) and m.stride != (1, 1) for m in convs) == 2  # the two projections
     batch = (torch.randn(9, 3, 16, 16), torch.randint(0, 4, (9,)))
     with _Conv2dCalls() as calls:
         result = narrow.step(batch, ctx)
@@ -275,7 +276,7 @@ def test_a_run_finetunes_the_narrow_model_as_compact_finetuning_does(tmp_path, m
     for key in start[True]:
         assert torch.equal(start[True][key], start[False][key]), key
     model = maskprop.create_model("resnet20", num_classes=4)
-    kept, dropped = _index_sets(model, a["fixed_mask"]), _index_sets(model, {g: ~m for g, m in a["fixed_mask"].items()})
+    kept, dropped = index_sets(model, a["fixed_mask"]), index_sets(model, {g: ~m for g, m in a["fixed_mask"].items()})
 
     def cut(tensor, rows, columns):
         tensor = tensor if rows is None else tensor.index_select(0, rows)

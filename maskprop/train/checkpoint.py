@@ -3,8 +3,9 @@
 A checkpoint holds everything a run needs to continue exactly as if it had not stopped (same seed, same run): model
 and score parameters, optimizer and scheduler states, phase / epoch / step, the fixed subnetwork once there is one,
 the generator states (mask sampling, data order, torch's global CPU RNG, the CUDA RNGs), the cost counters and step
-timings, the resolved config, and the model's name and channel-group layout (to refuse a checkpoint of another
-model before anything is loaded).
+timings, the resolved config, the model's spec (``model_spec``: how it was built, what export rebuilds; absent from
+checkpoints written before it existed) and its channel-group layout (to refuse a checkpoint of another model before
+anything is loaded).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..models.spec import ModelSpec
 from .files import atomic_write
 
 __all__ = ["CHECKPOINT_KEYS", "check_compatible", "error_reason", "load_checkpoint", "save_checkpoint"]
@@ -82,24 +84,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint
 
 
-def check_compatible(checkpoint: Mapping[str, Any], path: str | os.PathLike, model_name: str,
+def check_compatible(checkpoint: Mapping[str, Any], path: str | os.PathLike, spec: ModelSpec,
                      model_kwargs: Mapping[str, Any], groups: Mapping[str, int], method: str) -> None:
     """Raise a one-line ``ValueError`` unless ``checkpoint`` was saved from this model and method.
 
     Args:
         checkpoint: A loaded checkpoint.
         path: Where it came from (for the message).
-        model_name: Registry name of the model the config builds.
-        model_kwargs: Its keyword arguments.
+        spec: The model spec the config resolves to.
+        model_kwargs: The config's ``model.kwargs`` (what a checkpoint written before the spec existed is compared
+            by).
         groups: Its channel-group layout ``{group: channels}``, in order.
         method: The config's training method.
     """
     where = f"checkpoint '{path}'"
-    if checkpoint["model_name"] != model_name:
-        raise ValueError(f"{where} is from model {checkpoint['model_name']!r}, the config builds {model_name!r}; "
+    if checkpoint["model_name"] != spec.name:
+        raise ValueError(f"{where} is from model {checkpoint['model_name']!r}, the config builds {spec.name!r}; "
                          f"resume with the run's own model (model.name={checkpoint['model_name']})")
-    if dict(checkpoint["model_kwargs"]) != dict(model_kwargs):
-        raise ValueError(f"{where} is from {model_name} with model.kwargs={dict(checkpoint['model_kwargs'])}, the "
+    saved = checkpoint.get("model_spec")
+    if saved is not None and dict(saved.get("kwargs") or {}) != spec.to_dict()["kwargs"]:
+        raise ValueError(f"{where} is from {spec.name} built with {dict(saved.get('kwargs') or {})}, the config "
+                         f"builds it with {spec.to_dict()['kwargs']}; resume with the run's own model settings")
+    if saved is None and dict(checkpoint["model_kwargs"]) != dict(model_kwargs):
+        raise ValueError(f"{where} is from {spec.name} with model.kwargs={dict(checkpoint['model_kwargs'])}, the "
                          f"config has model.kwargs={dict(model_kwargs)}; resume with the run's own model")
     theirs = [(str(name), int(size)) for name, size in checkpoint["groups"]]
     ours = list(groups.items())

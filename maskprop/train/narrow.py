@@ -25,8 +25,8 @@ The learning-rate schedule keeps driving the full optimizer (its param groups ar
 narrow step first copies the full param groups' hyperparameters (``lr`` and the rest) into the narrow ones.
 
 Plain ``nn.Conv2d`` lacks the route around a oneDNN crash that maskprop's sparse convs take (the CPU weight gradient
-of a strided 1x1 conv with an odd batch size, ``maskprop._workarounds``); the narrow model's strided 1x1 convs are
-made :class:`PointwiseSafeConv2d`, an ``nn.Conv2d`` that takes the same route, here only (the export keeps plain
+of a strided 1x1 conv with an odd batch size, ``maskprop._workarounds``); the narrow model is built with
+:class:`PointwiseSafeConv2d`, an ``nn.Conv2d`` that takes the same route, as its conv type (the export keeps plain
 layers).
 
 Under torchrun the training loop keeps compact steps of the full model (its DDP wrapper is the full model's; the
@@ -44,8 +44,8 @@ from torch import Tensor, nn
 
 from .._workarounds import subsampled_pointwise_input
 from ..cost import dense_step_flops
-from ..export import materialize
-from ..sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, channel_groups, check_mask, kept_ratio
+from ..sparse import channel_groups, check_mask, kept_ratio
+from ..surgery import gather, index_sets, materialize, scatter_
 from .steps import StepContext, StepResult, subnet_step
 
 __all__ = ["ELEMENTWISE_OPTIMIZERS", "NarrowSubnetwork", "PointwiseSafeConv2d"]
@@ -68,66 +68,6 @@ class PointwiseSafeConv2d(nn.Conv2d):
         return super()._conv_forward(x, weight, bias)
 
 
-def _route_strided_pointwise(model: nn.Module) -> None:
-    """Make every plain strided 1x1 ``nn.Conv2d`` of ``model`` a :class:`PointwiseSafeConv2d` (in place)."""
-    for module in model.modules():
-        if (type(module) is nn.Conv2d and tuple(module.kernel_size) == (1, 1) and tuple(module.stride) != (1, 1)
-                and module.padding_mode == "zeros"):
-            module.__class__ = PointwiseSafeConv2d
-
-
-def _kept(mask: Mapping[str, Tensor], group: str | None, device: torch.device) -> Tensor | None:
-    """Sorted kept indices of ``group`` on ``device``; ``None`` for a group kept whole or no group."""
-    if group is None or bool(mask[group].all()):
-        return None
-    return mask[group].nonzero().view(-1).to(device)
-
-
-def _index_sets(model: nn.Module, mask: Mapping[str, Tensor]) -> dict[str, tuple[Tensor | None, Tensor | None]]:
-    """``{tensor name: (kept indices along dim 0, along dim 1)}`` of every parameter and buffer of ``model``.
-
-    The same index sets :func:`maskprop.materialize` slices by: a conv or linear weight keeps its output group's
-    channels along dim 0 and its input group's along dim 1, its bias the output group's; a BatchNorm its group's
-    entries of every per-channel tensor; everything else (``num_batches_tracked`` included) stays whole.
-    """
-    sets: dict[str, tuple[Tensor | None, Tensor | None]] = {}
-    for prefix, module in model.named_modules():
-        tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
-        for name, tensor in tensors.items():
-            if tensor is None:
-                continue
-            rows = columns = None
-            if isinstance(module, (SparseConv2d, SparseLinear)):
-                rows = _kept(mask, getattr(module, "out_group", None), tensor.device)
-                if name == "weight":
-                    columns = _kept(mask, getattr(module, "in_group", None), tensor.device)
-            elif isinstance(module, SparseBatchNorm2d) and tensor.dim() == 1:
-                rows = _kept(mask, getattr(module, "group", None), tensor.device)
-            sets[f"{prefix}.{name}" if prefix else name] = (rows, columns)
-    return sets
-
-
-def _gather(full: Tensor, rows: Tensor | None, columns: Tensor | None) -> Tensor:
-    part = full.detach()
-    if rows is not None:
-        part = part.index_select(0, rows)
-    if columns is not None:
-        part = part.index_select(1, columns)
-    return part.clone() if rows is None and columns is None else part
-
-
-def _scatter_(full: Tensor, part: Tensor, rows: Tensor | None, columns: Tensor | None) -> None:
-    """Write ``part`` into the kept entries of ``full`` (in place, exact: the indices are unique)."""
-    if rows is not None and columns is not None:
-        full[rows.unsqueeze(1), columns] = part
-    elif rows is not None:
-        full.index_copy_(0, rows, part)
-    elif columns is not None:
-        full.index_copy_(1, columns, part)
-    else:
-        full.copy_(part)
-
-
 class NarrowSubnetwork:
     """The physically narrow model and optimizer of a fixed subnetwork, trained in place of compact steps.
 
@@ -138,7 +78,7 @@ class NarrowSubnetwork:
             hyperparameters keep driving the narrow optimizer, so its learning-rate schedule stays as it is.
 
     Attributes:
-        model: The narrow model (``maskprop.materialize``; strided 1x1 convs as :class:`PointwiseSafeConv2d`).
+        model: The narrow model (``maskprop.materialize`` with :class:`PointwiseSafeConv2d` convs).
         optimizer: The narrow optimizer, its state gathered from ``optimizer``'s.
 
     Raises:
@@ -153,20 +93,12 @@ class NarrowSubnetwork:
         check_mask(mask, channel_groups(model))
         self.full, self.full_optimizer = model, optimizer
         self.mask = {g: m.detach().cpu() for g, m in mask.items()}
-        self.model = materialize(model, self.mask)
-        _route_strided_pointwise(self.model)
-        sets = _index_sets(model, self.mask)
-        full_tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        self.model = materialize(model, self.mask, conv_type=PointwiseSafeConv2d)
+        sets = index_sets(model, self.mask)  # what materialize sliced by
         narrow_tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
         # (full tensor, narrow tensor, rows, columns) for every parameter and buffer, in the model's order
-        self._pairs = []
-        for name, full in full_tensors.items():
-            rows, columns = sets[name]
-            narrow = narrow_tensors[name]
-            if _gather(full, rows, columns).shape != narrow.shape:
-                raise RuntimeError(f"the narrow model's {name} has shape {tuple(narrow.shape)}, not that of the kept "
-                                   f"entries of the full one; this is a maskprop bug, please report it")
-            self._pairs.append((full, narrow, rows, columns))
+        self._pairs = [(full, narrow_tensors[name], *sets[name])
+                       for name, full in (*model.named_parameters(), *model.named_buffers())]
         self._by_param = {id(full): (narrow, rows, columns) for full, narrow, rows, columns in self._pairs
                           if isinstance(full, nn.Parameter)}
         groups = []
@@ -194,7 +126,7 @@ class NarrowSubnetwork:
     def _gather_state(value: object, param: Tensor, rows: Tensor | None, columns: Tensor | None) -> object:
         """A per-element state tensor (the parameter's shape) gathered, anything else (Adam's step) copied."""
         if isinstance(value, Tensor):
-            return _gather(value, rows, columns) if value.shape == param.shape else value.clone()
+            return gather(value, rows, columns) if value.shape == param.shape else value.clone()
         return value
 
     def sync_hyperparameters(self) -> None:
@@ -230,7 +162,7 @@ class NarrowSubnetwork:
         dropped entries.
         """
         for full, narrow, rows, columns in self._pairs:
-            _scatter_(full, narrow, rows, columns)
+            scatter_(full, narrow, rows, columns)
         for group in self.full_optimizer.param_groups:
             for param in group["params"]:
                 narrow, rows, columns = self._by_param[id(param)]
@@ -244,4 +176,4 @@ class NarrowSubnetwork:
                         continue
                     if not isinstance(full_state.get(key), Tensor):
                         full_state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    _scatter_(full_state[key], value, rows, columns)
+                    scatter_(full_state[key], value, rows, columns)

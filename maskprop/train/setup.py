@@ -4,9 +4,7 @@ is written (bad input gets a one-line error and leaves nothing behind), and the 
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,15 +17,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..cost import CostModel
-from ..models import create_model, model_entrypoint
+from ..models.spec import ModelSpec
 from ..sbp import GlobalBudget, convert, sparse_layers
-from ..vrpge import ChannelScores
 from .checkpoint import check_compatible, error_reason, load_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SbpConfig, config_to_dict
 from .data import build_datasets, build_loader
 from .distributed import all_reduce_sum, check_world_size, current, device_for
 from .optim import build_schedule, run_optimizer, score_optimizer, weight_optimizer
-from .state import TrainState
+from .state import TrainState, search_scores
 from .steps import StepContext
 
 __all__ = ["Run", "default_run_dir", "phase_epochs", "phase_optimizer", "prepare", "sparse_backward"]
@@ -52,6 +49,7 @@ class Run:
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
     groups: dict[str, int]
+    spec: ModelSpec
     run_dir: Path | None
     resumed: bool
     dense_model: nn.Module | None = None
@@ -112,29 +110,12 @@ def _datasets(cfg: Config, train_set: Dataset | None,
     return train_set, val_set, num_classes, tuple(image.shape)
 
 
-def _build_model(cfg: Config, num_classes: int, input_size: tuple[int, int, int]) -> nn.Module:
-    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "num_classes"}
-    if "in_features" in inspect.signature(model_entrypoint(cfg.model.name)).parameters:
-        kwargs.setdefault("in_features", math.prod(input_size))  # an MLP reads the flattened image
-    # Either key set to false keeps the residual streams whole (the models' default is to prune them).
-    prune_residual = bool(cfg.sparsity.prune_residual and kwargs.pop("prune_residual", True))
-
-    def build(**extra: Any) -> nn.Module:
-        return create_model(cfg.model.name, num_classes=num_classes, **kwargs, **extra)
-
+def _model_spec(cfg: Config, num_classes: int, input_size: tuple[int, int, int]) -> ModelSpec:
     try:
-        try:
-            model = build() if prune_residual else build(prune_residual=False)
-        except TypeError as err:
-            if prune_residual or "prune_residual" not in str(err):
-                raise
-            logger.warning("model %r has no residual streams; prune_residual=false changes nothing", cfg.model.name)
-            model = build()
-    except TypeError as err:
+        return ModelSpec.resolve(cfg.model.name, cfg.model.kwargs, num_classes=num_classes, input_size=input_size,
+                                 prune_residual=cfg.sparsity.prune_residual)
+    except ValueError as err:
         raise ValueError(f"model.kwargs={dict(cfg.model.kwargs)} do not fit model {cfg.model.name!r} ({err})") from None
-    if not hasattr(model, "channel_groups"):
-        raise ValueError(f"model {cfg.model.name!r} has no channel groups; expected a maskprop model")
-    return model
 
 
 def _cost_model(model: nn.Module, cfg: Config, input_size: tuple[int, int, int]) -> CostModel:
@@ -240,14 +221,15 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
                          f"{place.world_size}): its top-k selections, memories and budgets follow each rank's share of "
                          f"the batch and would differ between ranks; run it in one process")
 
+    spec = _model_spec(cfg, num_classes, input_size)
     torch.manual_seed(cfg.seed)
-    model = _build_model(cfg, num_classes, input_size)
+    model = spec.build()
     groups = model.channel_groups()
     if place.rank > 0:  # the same initial weights everywhere, then each rank's own augmentation and dropout draws
         torch.manual_seed(cfg.seed * 1_000_003 + place.rank)
     if checkpoint is not None:
         check_world_size(checkpoint, run_dir / "last.pt", place)
-        check_compatible(checkpoint, run_dir / "last.pt", cfg.model.name, cfg.model.kwargs, groups, cfg.method)
+        check_compatible(checkpoint, run_dir / "last.pt", spec, cfg.model.kwargs, groups, cfg.method)
         _warn_changed(checkpoint["config"], config_to_dict(cfg))
     cost = _cost_model(model, cfg, input_size)  # before moving: the shapes do not depend on the device
     model.to(device)
@@ -263,8 +245,8 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
 
     scores = score_opt = None
     first_phase = "search" if cfg.method == "vrpge" else "train"
-    if cfg.method == "vrpge":
-        scores = ChannelScores(groups, cfg.sparsity.keep_ratio, cfg.sparsity.init)
+    if cfg.method == "vrpge" and cfg.sparsity.fix != "random":  # a random subnetwork learns no keep probabilities
+        scores = search_scores(groups, cfg.sparsity)
         score_opt = score_optimizer(scores.scores, cfg.sparsity.score_lr)
     # The weight optimizer of the phase the run is in (a resumed finetune gets the finetune SGD before loading).
     resumed_phase = None if checkpoint is None else checkpoint["phase"]
@@ -288,7 +270,7 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
                       align=cfg.sparsity.align or (8 if device.type == "cuda" else 1))  # null: auto by device
     if place.enabled:  # each step's loss sums, correct and example counts over the global batch
         ctx.reduce_stats = all_reduce_sum
-    return Run(cfg, state, ctx, train_set, train_loader, val_loader, groups, run_dir, checkpoint is not None,
+    return Run(cfg, state, ctx, train_set, train_loader, val_loader, groups, spec, run_dir, checkpoint is not None,
                dense_model)
 
 

@@ -1,0 +1,131 @@
+"""The resolved build of a model: registry name, every keyword its factory gets, and the input it reads.
+
+A run resolves its model once (:meth:`ModelSpec.resolve`: the config's ``model.kwargs``, the number of classes of
+the data, ``sparsity.prune_residual``, an MLP's ``in_features`` from the input size), saves the spec in every
+checkpoint and export, and builds the model only through :meth:`ModelSpec.build`: the trainer, the export of a run,
+the width plan and :func:`maskprop.load_exported` all build the same network from the same object.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._registry import create_model, list_models, model_entrypoint
+
+__all__ = ["ModelSpec"]
+
+logger = logging.getLogger(__name__)
+
+
+def _first_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What builds a model: ``create_model(name, **kwargs)``, reading inputs of ``input_size``.
+
+    Attributes:
+        name: Registry name (:func:`maskprop.list_models`).
+        kwargs: Every keyword argument of the entry point, ``num_classes`` included (and ``prune_residual`` for
+            models with residual streams, ``in_features`` for an MLP).
+        input_size: ``(C, H, W)`` of one example.
+    """
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    input_size: tuple[int, int, int] = (3, 32, 32)
+
+    @classmethod
+    def resolve(cls, name: str, kwargs: Mapping[str, Any], *, num_classes: int, input_size: Sequence[int],
+                prune_residual: bool = True) -> ModelSpec:
+        """The spec a run builds: the configured keywords completed by what the data and the settings decide.
+
+        Args:
+            name: Registry name.
+            kwargs: The configured keywords (``model.kwargs``); a ``num_classes`` there wins over ``num_classes``.
+            num_classes: Classes of the data.
+            input_size: ``(C, H, W)`` of one example; an MLP reads ``in_features = C*H*W`` unless configured.
+            prune_residual: ``sparsity.prune_residual``; false (here or in ``kwargs``) keeps residual streams whole.
+
+        Raises:
+            ValueError: ``name`` is not registered, or the factory rejects the keywords.
+        """
+        entrypoint = model_entrypoint(name)
+        resolved = dict(kwargs)
+        resolved["num_classes"] = int(resolved.get("num_classes") or num_classes)
+        if "in_features" in inspect.signature(entrypoint).parameters:
+            resolved.setdefault("in_features", math.prod(input_size))
+        resolved["prune_residual"] = bool(prune_residual and resolved.get("prune_residual", True))
+        spec = cls(name, resolved, tuple(int(s) for s in input_size))
+        try:
+            spec.build("meta")
+        except ValueError as err:
+            if "prune_residual" not in str(err):
+                raise
+            if not resolved["prune_residual"]:
+                logger.warning("model %r has no residual streams; prune_residual=false changes nothing", name)
+            spec = cls(name, {k: v for k, v in resolved.items() if k != "prune_residual"}, spec.input_size)
+            spec.build("meta")
+        return spec
+
+    def build(self, device: torch.device | str | None = None) -> nn.Module:
+        """The full-size model (``device="meta"``: without allocating or initialising its weights).
+
+        Raises:
+            ValueError: The name is not registered or the factory rejects the keywords (one line).
+        """
+        try:
+            with torch.device(device or "cpu"):
+                model = create_model(self.name, **self.kwargs)
+        except TypeError as err:
+            raise ValueError(f"model {self.name!r} does not take the keywords {self.kwargs} "
+                             f"({_first_line(err)})") from None
+        if not hasattr(model, "channel_groups"):
+            raise ValueError(f"model {self.name!r} has no channel groups; expected a maskprop model")
+        return model
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.kwargs.get("num_classes")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for json and checkpoints (tuples become lists)."""
+        return {"name": self.name, "kwargs": _plain(self.kwargs), "input_size": list(self.input_size)}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | os.PathLike | None = None) -> ModelSpec:
+        """Read a spec written by :meth:`to_dict`, checking every field.
+
+        Raises:
+            ValueError: A missing or malformed field, or a model that is not registered (one line naming it).
+        """
+        where = f"the model spec of '{source}'" if source is not None else "model spec"
+        if not isinstance(data, Mapping) or not {"name", "kwargs", "input_size"} <= set(data):
+            raise ValueError(f"{where} is {data!r}; expected an object with name, kwargs and input_size")
+        name, kwargs, size = data["name"], data["kwargs"], data["input_size"]
+        if not isinstance(name, str) or not isinstance(kwargs, Mapping):
+            raise ValueError(f"{where}: name must be a string and kwargs an object, got {name!r} and {kwargs!r}")
+        if name not in list_models():
+            raise ValueError(f"{where} names model {name!r}, which is not registered; known models: "
+                             f"{', '.join(list_models())}")
+        if not (isinstance(size, Sequence) and len(size) == 3 and all(type(s) is int and s > 0 for s in size)):
+            raise ValueError(f"{where}: input_size={size!r}; expected [C, H, W], positive integers")
+        return cls(name, dict(kwargs), tuple(size))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
