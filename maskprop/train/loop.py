@@ -289,6 +289,7 @@ class _Saver:
         self.run.state.elapsed_s = self.elapsed()
         if self.run.run_dir is not None:  # every rank builds it (it gathers their random states), rank 0 writes
             checkpoint = self.run.state.checkpoint(self.run.cfg, self.run.groups)
+            checkpoint["model_spec"] = self.run.spec.to_dict()  # how the model was built: what export rebuilds
             if current().is_main:
                 save_checkpoint(checkpoint, self.run.run_dir / name)
 
