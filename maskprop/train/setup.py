@@ -26,6 +26,7 @@ from .distributed import all_reduce_sum, check_world_size, current, device_for
 from .optim import build_schedule, run_optimizer, score_optimizer, weight_optimizer
 from .state import TrainState, search_scores
 from .steps import StepContext
+from .timing import phase_epochs
 
 __all__ = ["Run", "default_run_dir", "phase_epochs", "phase_optimizer", "prepare", "sparse_backward"]
 
@@ -143,10 +144,6 @@ def sparse_backward(model: nn.Module, method: str, sbp: SbpConfig) -> GlobalBudg
     if sbp.output_k is not None:
         layers = layers[:-1]  # the output layer keeps its own k
     return GlobalBudget(layers, ratio=sbp.ratio, scale=sbp.scale)
-
-
-def phase_epochs(cfg: Config, phase: str) -> int:
-    return {"train": cfg.optim.epochs, "search": cfg.optim.epochs, "finetune": cfg.finetune.epochs, "done": 0}[phase]
 
 
 def phase_optimizer(cfg: Config, model: nn.Module, phase: str,
