@@ -1,7 +1,9 @@
-"""The mutable state of a run, and its conversion to and from one checkpoint dict."""
+"""The mutable state of a run, and its conversion to and from one checkpoint dict; the search's starting scores and
+budget schedule, built from the config."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,12 +13,20 @@ from timm.scheduler.scheduler import Scheduler
 from torch import Tensor, nn
 
 from ..sbp import GlobalBudget, load_sbp_state_dict, sbp_state_dict, sparse_layers
-from ..vrpge import ChannelScores
-from .config import Config, config_to_dict
+from ..vrpge import BudgetSchedule, ChannelScores
+from .config import Config, SparsityConfig, config_to_dict
 from .distributed import current, gather_objects
 from .timing import StepTimes
 
-__all__ = ["PHASES", "TrainState", "new_counters"]
+__all__ = ["ANNEAL_INIT", "PHASES", "TrainState", "initial_keep_probability", "new_counters", "search_schedule",
+           "search_scores"]
+
+logger = logging.getLogger(__name__)
+
+ANNEAL_INIT = 1.0
+"""The keep probability every channel starts at when the budget is annealed (``sparsity.anneal_epochs > 0``), in place
+of ``sparsity.init``: the anneal starts from every channel, and probabilities that started at or below the final
+budget (the default 0.5 at keep ratio 0.5) would never feel it (docs/methods.md, "Warm-up and budget anneal")."""
 
 # Phases in run order: a dense run trains then is done; a VR-PGE run searches, fixes a subnetwork, finetunes it.
 PHASES = {"train": 0, "search": 0, "finetune": 1, "done": 2}
@@ -25,6 +35,39 @@ PHASES = {"train": 0, "search": 0, "finetune": 1, "done": 2}
 def new_counters() -> dict[str, int]:
     """Cost counters of a run: train FLOPs (supplement C.1), the dense baseline's, and optimizer steps per phase."""
     return {"train_flops": 0, "dense_train_flops": 0, "search_steps": 0, "finetune_steps": 0, "train_steps": 0}
+
+
+def initial_keep_probability(sparsity: SparsityConfig) -> float:
+    """The keep probability every channel starts at, before the projection: :data:`ANNEAL_INIT` when the budget is
+    annealed, else ``sparsity.init``."""
+    if sparsity.anneal_epochs == 0:
+        return sparsity.init
+    if sparsity.init != SparsityConfig.model_fields["init"].default:
+        logger.warning("sparsity.init=%s is not used: with an anneal (sparsity.anneal_epochs=%d) every keep "
+                       "probability starts at %s", sparsity.init, sparsity.anneal_epochs, ANNEAL_INIT)
+    return ANNEAL_INIT
+
+
+def search_scores(groups: Mapping[str, int], sparsity: SparsityConfig) -> ChannelScores:
+    """The keep probabilities a search starts from: :func:`initial_keep_probability` projected onto the budget of the
+    first sampling step (all channels with an anneal, ``keep_ratio`` of them without)."""
+    return ChannelScores(groups, sparsity.keep_ratio, initial_keep_probability(sparsity),
+                         budget=float(sum(groups.values())) if sparsity.anneal_epochs else None)
+
+
+def search_schedule(sparsity: SparsityConfig, num_channels: int, steps_per_epoch: int) -> BudgetSchedule:
+    """The budget of every search step: ``warmup_epochs`` dense epochs, ``anneal_epochs`` of anneal along
+    ``budget_schedule``, then ``keep_ratio`` (:mod:`maskprop.vrpge.budget`).
+
+    Raises:
+        ValueError: An anneal with ``fix: random``, which has no keep probabilities to anneal.
+    """
+    if sparsity.fix == "random" and sparsity.anneal_epochs:
+        raise ValueError(f"sparsity.anneal_epochs={sparsity.anneal_epochs} anneals the keep probabilities of a "
+                         f"search, but sparsity.fix='random' trains a fixed random subnetwork with none; expected "
+                         f"sparsity.anneal_epochs=0 with fix='random'")
+    return BudgetSchedule(num_channels, sparsity.keep_ratio, sparsity.warmup_epochs * steps_per_epoch,
+                          sparsity.anneal_epochs * steps_per_epoch, sparsity.budget_schedule)
 
 
 @dataclass
@@ -51,6 +94,8 @@ class TrainState:
         elapsed_s: Wall time of the run so far, over all its processes.
         budget: The global budget of a sparse-backward run with ``sbp.budget: balanced``.
         diagnostics: The gradient estimation angles last measured (sparse-backward runs), in degrees.
+        schedule: The search's budget schedule (warm-up, anneal; VR-PGE runs): which kind each search step is and its
+            budget. Not saved: it follows from the config and the step count.
         ddp: The ``DistributedDataParallel`` wrapper of ``model`` that steps run through under torchrun (not saved:
             the checkpoint holds ``model`` itself).
     """
@@ -74,6 +119,7 @@ class TrainState:
     elapsed_s: float = 0.0
     budget: GlobalBudget | None = None
     diagnostics: dict[str, float] = field(default_factory=dict)
+    schedule: BudgetSchedule | None = None
     ddp: nn.Module | None = None
 
     @property

@@ -24,6 +24,35 @@ class ExpectedKept(NamedTuple):
     """``sum_j s_j / number of channels`` over the whole network."""
 
 
+class ScoreStatistics(NamedTuple):
+    """How far the keep probabilities have settled (docs/methods.md, "Diagnostics of a search")."""
+
+    near_zero: float
+    """Share of the channels with ``s_j <= margin``."""
+    near_one: float
+    """Share of the channels with ``s_j >= 1 - margin``."""
+    entropy: float
+    """Mean over the channels of the Bernoulli entropy ``-s ln s - (1 - s) ln(1 - s)``, in nats (``ln 2`` at 0.5, 0 at
+    0 and 1): the entropy of ``p(m|s)`` per channel, since the channels are independent."""
+
+
+@torch.no_grad()
+def score_statistics(s: Tensor, margin: float = 0.05) -> ScoreStatistics:
+    """The shares of keep probabilities within ``margin`` of 0 and of 1, and their mean Bernoulli entropy.
+
+    Raises:
+        ValueError: ``s`` is empty, or ``margin`` is outside ``[0, 0.5)``.
+    """
+    if not 0.0 <= margin < 0.5:
+        raise ValueError(f"margin must be in [0, 0.5), got {margin!r}")
+    if s.numel() == 0:
+        raise ValueError("score statistics of no channels: expected at least one keep probability")
+    s = s.detach().reshape(-1).double()
+    entropy = -(torch.special.xlogy(s, s) + torch.special.xlogy(1 - s, 1 - s))  # xlogy: 0 ln 0 = 0
+    near = torch.stack([(s <= margin).double().mean(), (s >= 1 - margin).double().mean(), entropy.mean()])
+    return ScoreStatistics(*near.tolist())  # one transfer from the device
+
+
 def _check_groups(groups: Mapping[str, int]) -> dict[str, int]:
     if not isinstance(groups, Mapping) or not groups:
         raise ValueError(f"groups must be a non-empty mapping {{group name: number of channels}}, got {groups!r}")
@@ -63,6 +92,8 @@ class ChannelScores(nn.Module):
         groups: ordered ``{group name: number of channels}``.
         keep_ratio: fraction of channels kept on average, in ``(0, 1]``.
         init: initial probability of every channel, in ``[0, 1]`` (the official code uses 0.5), before projection.
+        budget: the budget the scores start under, in ``[0, channels]``; default ``keep_ratio x channels``. A search
+            whose budget is annealed starts from every channel (:mod:`maskprop.vrpge.budget`, :meth:`set_budget`).
         device: device of the parameter.
         dtype: floating-point dtype of the parameter (default: torch's default dtype).
     """
@@ -73,6 +104,7 @@ class ChannelScores(nn.Module):
         keep_ratio: float,
         init: float = 0.5,
         *,
+        budget: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -87,6 +119,8 @@ class ChannelScores(nn.Module):
         self.sizes = list(self.groups.values())
         self.num_channels = sum(self.sizes)
         self.budget = self.keep_ratio * self.num_channels
+        if budget is not None:
+            self.set_budget(budget)
         self.scores = nn.Parameter(torch.full((self.num_channels,), init, device=device, dtype=dtype))
         group_index = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))
         self.register_buffer("group_index", group_index.to(self.scores.device), persistent=False)
@@ -94,6 +128,19 @@ class ChannelScores(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={len(self.groups)}, channels={self.num_channels}, keep_ratio={self.keep_ratio}"
+
+    def set_budget(self, budget: float) -> ChannelScores:
+        """Make ``budget`` the budget of :meth:`project_` and :meth:`top_mask` (an annealed search lowers it step by
+        step; ``keep_ratio`` stays the final one); projects nothing. Returns ``self``.
+
+        Raises:
+            ValueError: ``budget`` is not a number in ``[0, channels]``.
+        """
+        valid = isinstance(budget, numbers.Real) and not isinstance(budget, bool) and 0 <= budget <= self.num_channels
+        if not valid:  # rejects NaN
+            raise ValueError(f"budget must be a number in [0, {self.num_channels}] (the channels), got {budget!r}")
+        self.budget = float(budget)
+        return self
 
     @torch.no_grad()
     def project_(self) -> ChannelScores:
