@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from maskprop import keep_freed_host_memory
+from maskprop.bench import interleaved_times
 from maskprop.sbp import RowGradBuffer
 from maskprop.sbp.sparsifiers import batch_sum, take_units
 from maskprop.sparse.gather import gather_rows
@@ -37,24 +37,11 @@ from maskprop.sparse.gather import gather_rows
 Pair = tuple[str, Callable[[], object], str, Callable[[], object]]
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - start))
-    return times
-
-
 def _compare(name: str, pair: Pair, repeats: int) -> str:
     label_a, fn_a, label_b, fn_b = pair
-    fn_a(), fn_b()  # warm-up
-    a_times, b_times = [], []
-    for _ in range(repeats):  # interleaved, so that drift hits both alike
-        a_times += _median_ms(fn_a, 1)
-        b_times += _median_ms(fn_b, 1)
-    a, b = statistics.median(a_times), statistics.median(b_times)
-    ratios = [y / x for x, y in zip(a_times, b_times)]
+    times = interleaved_times({"a": fn_a, "b": fn_b}, repeats, warmup=1)
+    a, b = (1e3 * statistics.median(times[key]) for key in ("a", "b"))
+    ratios = [y / x for x, y in zip(times["a"], times["b"])]
     return f"| {name} | {label_a} | {a:.2f} | {label_b} | {b:.2f} | {statistics.median(ratios):.2f}x |"
 
 

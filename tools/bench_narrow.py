@@ -21,34 +21,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
 import maskprop
-from maskprop.bench import quartiles
+from maskprop.bench import describe_machine, interleaved_times, quartiles
 from maskprop.train.narrow import NarrowSubnetwork
 from maskprop.train.optim import weight_optimizer
 from maskprop.train.steps import StepContext, subnet_step
 
 
-def _mask(model: nn.Module, keep: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    mask = {}
-    for group, size in model.channel_groups().items():
-        kept = torch.randperm(size, generator=generator)[:max(1, round(keep * size))]
-        mask[group] = torch.zeros(size, dtype=torch.bool)
-        mask[group][kept] = True
-    return mask
-
-
 def bench(name: str, keep: float, batch_size: int, repeats: int, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     model = maskprop.create_model(name, num_classes=10).train()
-    mask = _mask(model, keep, torch.Generator().manual_seed(1))
+    mask = maskprop.random_mask(model.channel_groups(), keep, torch.Generator().manual_seed(1))
     ctx = StepContext(nn.CrossEntropyLoss(), torch.device("cpu"), maskprop.CostModel(model, (3, 32, 32)))
     compact_opt = weight_optimizer(model.parameters(), 1e-3, 0.9, 5e-4)
     twin = maskprop.create_model(name, num_classes=10).train()
@@ -57,23 +46,12 @@ def bench(name: str, keep: float, batch_size: int, repeats: int, steps: int, war
     x, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
     runs = {"compact": lambda: subnet_step(model, compact_opt, (x, y), mask, ctx),
             "narrow": lambda: narrow.step((x, y), ctx)}
-    for _ in range(warmup):
-        for fn in runs.values():
-            fn()
-    ratios, times = [], {k: [] for k in runs}
-    for _ in range(repeats):
-        rep = {k: [] for k in runs}
-        for _ in range(steps):
-            for k, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                rep[k].append(time.perf_counter() - start)
-        for k in runs:
-            times[k].append(statistics.median(rep[k]))
-        ratios.append(statistics.median(rep["compact"]) / statistics.median(rep["narrow"]))
-    q1, q2, q3 = quartiles(ratios)
+    # A repetition is ``steps`` consecutive rounds of the alternation; its median per kind gives one ratio.
+    flat = interleaved_times(runs, repeats * steps, warmup)
+    reps = {k: [statistics.median(flat[k][r * steps:(r + 1) * steps]) for r in range(repeats)] for k in runs}
+    q1, q2, q3 = quartiles([c / n for c, n in zip(reps["compact"], reps["narrow"])])
     return {"model": name, "keep_ratio": keep, "batch_size": batch_size,
-            "compact_s": statistics.median(times["compact"]), "narrow_s": statistics.median(times["narrow"]),
+            "compact_s": statistics.median(reps["compact"]), "narrow_s": statistics.median(reps["narrow"]),
             "speedup": q2, "speedup_iqr": [q1, q3], "repeats": repeats, "steps": steps}
 
 
@@ -99,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
               f"speedup {row['speedup']:.2f}x "
               f"(IQR {row['speedup_iqr'][0]:.2f}-{row['speedup_iqr'][1]:.2f})", flush=True)
     if args.json:
-        info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor()
-                or platform.machine(), "rows": rows}
+        info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": describe_machine(),
+                "rows": rows}
         with open(args.json, "w") as f:
             json.dump(info, f, indent=2)
     return 0
