@@ -1,12 +1,14 @@
-"""Operator calls of one dense training step and one compact VR-PGE step, on the CPU and on the ``meta`` device.
+"""Host-side cost of a training step: operator calls of a dense step and a compact VR-PGE step, on the CPU and on the
+``meta`` device, and step times where the arithmetic is negligible.
 
 Usage:
     python tools/count_ops.py --models resnet32 resnet50 vgg19_bn --devices cpu meta
+    python tools/count_ops.py --models resnet32 vgg19_bn --devices cpu --steps dense masked compact --repeats 30
 
-A GPU step is bounded by the host when its kernels are short: every operator call is paid for on the host, and every
-call that computes launches a kernel. This counts, for a dense step (forward and backward) and maskprop's compact
-VR-PGE step (forward and backward with ``m``, forward without autograd with ``m'``, the way ``maskprop bench`` runs
-them):
+A GPU step is bounded by the host when its kernels are short: every operator call is paid for on the host (Python,
+dispatcher, launch), and every call that computes launches a kernel. This counts, for the steps of ``maskprop bench``
+(``maskprop.bench.training_steps``: dense, forward and backward; maskprop's compact VR-PGE step, forward and backward
+with ``m`` and forward without autograd with ``m'``; with ``--steps``, also the official-style masked VR-PGE step):
 
 * ``top-level calls``: ATen operator calls not made from inside another operator, from ``torch.profiler``, views and
   metadata calls included (CPU only: on ``meta`` the profiler also sees the calls of the Python meta kernels);
@@ -17,22 +19,26 @@ them):
 With the model on ``meta`` the code takes the paths it takes on CUDA (index sets copied to the device, flat indices
 built there) without running any arithmetic, so the counts are those of a CUDA step on a machine without a GPU.
 Calls on host tensors (the index arithmetic of ``use_mask`` before its copy) are reported apart as ``host``.
+
+``--repeats N`` also times the steps, interleaved, on the CPU or CUDA: on a batch of 2 at the smallest input each
+model takes and one CPU thread, the step time is almost all host overhead, the bound on a GPU step whose kernels are
+short.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections import Counter
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import maskprop
-from maskprop.sparse import random_mask, use_mask
+from maskprop.bench import interleaved_times, mask_pair, random_batch, training_steps
 
 # Operators that only make views, read metadata or allocate without writing: no kernel on a GPU.
 NO_KERNEL = {
@@ -85,54 +91,46 @@ def device_ops(fn: Callable[[], object], device: str) -> tuple[int, Counter, Cou
     return mode.all, mode.compute, mode.host
 
 
-def steps(name: str, device: str, keep: float, batch: int, size: int, align: int = 1) -> dict[str, Callable[[], None]]:
-    """The dense step and the compact VR-PGE step of ``name`` on ``device``."""
-    torch.manual_seed(0)
-    model = maskprop.create_model(name).to(device).train()
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=device)
-    generator = torch.Generator().manual_seed(0)
-    groups = model.channel_groups()
-    m, m2 = random_mask(groups, keep, generator), random_mask(groups, keep, generator)
-    kwargs = {"align": align} if align != 1 else {}
-
-    def dense() -> None:
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-
-    def compact() -> None:
-        model.zero_grad(set_to_none=True)
-        with use_mask(model, m, "compact", **kwargs):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        with torch.no_grad(), use_mask(model, m2, "compact", **kwargs):
-            F.cross_entropy(model(x), y)
-
-    return {"dense": dense, "compact": compact}
+def smallest_input(name: str) -> int:
+    """The smallest image side ``name`` takes: 32 for VGGs (five poolings) and the ImageNet ResNet-50, else 4."""
+    return 32 if name.startswith("vgg") or name == "resnet50" else 4
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet32", "resnet50", "vgg19_bn"])
     parser.add_argument("--devices", nargs="+", default=["cpu", "meta"], choices=["cpu", "meta", "cuda"])
+    parser.add_argument("--steps", nargs="+", default=["dense", "compact"], choices=["dense", "masked", "compact"],
+                        help="steps counted (dense always: the ratios are against it)")
     parser.add_argument("--keep-ratio", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=0, help="0: the smallest each model takes")
     parser.add_argument("--align", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=0, help="also time the steps: medians of this many (not meta)")
     parser.add_argument("--top", type=int, default=5, help="most frequent compute operators listed per step")
     parser.add_argument("--json", help="also write the counts as JSON to this path")
     args = parser.parse_args()
     if args.batch_size < 2:
         raise SystemExit(f"--batch-size {args.batch_size}: BatchNorm in training needs a batch of at least 2")
-    torch.set_num_threads(1)
+    if args.image_size and args.image_size < 32 and any(name.startswith("vgg") for name in args.models):
+        raise SystemExit(f"--image-size {args.image_size}: the VGGs' five poolings need at least 32 (0 picks it)")
+    torch.set_num_threads(1)  # the host's own work, not parallel arithmetic
+    kinds = ["dense", *(step for step in args.steps if step != "dense")]
     rows = []
-    print(f"keep {args.keep_ratio:g}, batch {args.batch_size}, align {args.align}")
-    print("| model | device | step | top-level calls | / dense | operators | / dense | compute | / dense | host "
-          "| most frequent compute |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print(f"keep {args.keep_ratio:g}, batch {args.batch_size}, align {args.align}, 1 thread"
+          + (f", times: medians of {args.repeats}" if args.repeats else ""))
+    print("| model | image | device | step | top-level calls | / dense | operators | / dense | compute | / dense "
+          "| host | time (ms) | / dense | most frequent compute |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name in args.models:
-        size = 32 if name.startswith("vgg") or name == "resnet50" else 4
+        size = args.image_size or smallest_input(name)
         for device in args.devices:
-            fns = steps(name, device, args.keep_ratio, args.batch_size, size, args.align)
+            torch.manual_seed(0)
+            model = maskprop.create_model(name).to(device).train()
+            x, y = random_batch(args.batch_size, size, device=device)
+            masks = mask_pair(model.channel_groups(), args.keep_ratio, torch.Generator().manual_seed(0))
+            fns = {kind: fn for kind, fn in training_steps(model, x, y, masks, align=args.align).items()
+                   if kind in kinds}
             counted = {}
             for step, fn in fns.items():
                 fn()  # warm-up
@@ -140,16 +138,22 @@ def main() -> None:
                 calls = sum(top_level_calls(fn).values()) if device != "meta" else None
                 ops, compute, host = device_ops(fn, device)
                 counted[step] = {"calls": calls, "operators": ops, "compute": sum(compute.values()),
-                                 "host": sum(host.values()), "compute_ops": dict(compute)}
+                                 "host": sum(host.values()), "compute_ops": dict(compute), "time_ms": None}
+            if args.repeats and device != "meta":
+                times = interleaved_times(fns, args.repeats, device=torch.device(device))
+                for step in fns:
+                    counted[step]["time_ms"] = 1e3 * statistics.median(times[step])
             dense = counted["dense"]
             for step, row in counted.items():
-                ratio = {k: None if row[k] is None else row[k] / dense[k] for k in ("calls", "operators", "compute")}
+                ratio = {k: None if row[k] is None else row[k] / dense[k]
+                         for k in ("calls", "operators", "compute", "time_ms")}
                 frequent = ", ".join(f"{op} {n}" for op, n in Counter(row["compute_ops"]).most_common(args.top))
-                shown = {k: ("-", "-") if row[k] is None else (row[k], f"{ratio[k]:.2f}")
-                         for k in ("calls", "operators", "compute")}
-                print(f"| {name} | {device} | {step} | {' | '.join(f'{a} | {b}' for a, b in shown.values())} "
-                      f"| {row['host']} | {frequent} |", flush=True)
-                rows.append({"model": name, "device": device, "step": step, **row,
+                shown = [("-", "-") if row[k] is None else (row[k], f"{ratio[k]:.2f}")
+                         for k in ("calls", "operators", "compute")]
+                timed = "- | -" if row["time_ms"] is None else f"{row['time_ms']:.1f} | {ratio['time_ms']:.2f}"
+                print(f"| {name} | {size} | {device} | {step} | {' | '.join(f'{a} | {b}' for a, b in shown)} "
+                      f"| {row['host']} | {timed} | {frequent} |", flush=True)
+                rows.append({"model": name, "image": size, "device": device, "step": step, **row,
                              **{f"{k}_ratio": v for k, v in ratio.items()}})
     if args.json:
         with open(args.json, "w") as f:
