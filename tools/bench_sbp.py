@@ -16,7 +16,7 @@ the 0/1 mask of the kept units, chosen independently of maskprop).
 
 Example::
 
-    OMP_WAIT_POLICY=PASSIVE python tools/bench_sbp.py --threads 2 --out tools/results_sbp_cpu.md
+    OMP_WAIT_POLICY=PASSIVE python tools/bench_sbp.py --threads 2 --out sbp_cpu.md
 
 On a machine shared with other busy processes, OpenMP's default spin-waiting makes every parallel region wait for
 a worker thread that the OS has parked behind another process; backward passes made of many small operations then
