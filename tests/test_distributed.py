@@ -297,7 +297,6 @@ def single_process_group(tmp_path):
     try:
         yield
     finally:
-        sync_batchnorm.disable()
         dist.destroy_process_group()
 
 
@@ -330,7 +329,7 @@ def test_sync_batch_norm_matches_batch_norm_on_the_kept_channels(single_process_
     reference = copy.deepcopy(layer)
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     _sync_batch_norm_matches_batch_norm(layer, x, torch.tensor([0, 2, 5]))
-    assert sync_batchnorm.group_for(layer) is None  # enable() names the layers that synchronise
+    assert layer.process_group is None  # only enable() makes a layer synchronise
     assert int(layer.num_batches_tracked) == 1
     # All channels (dense): the layer's own statistics move as nn.BatchNorm2d's.
     x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
@@ -339,6 +338,41 @@ def test_sync_batch_norm_matches_batch_norm_on_the_kept_channels(single_process_
                                                reference.bias, True, reference.momentum, reference.eps))
     torch.testing.assert_close(layer.running_mean, reference.running_mean)
     torch.testing.assert_close(layer.running_var, reference.running_var)
+
+
+def test_enable_sets_the_process_group_on_one_models_layers_and_copies_come_without_it(single_process_group,
+                                                                                       monkeypatch):
+    """The process group is each layer's own: ``enable`` reaches every BatchNorm layer of its model and no other,
+    a deep copy (the timing's dense reference) makes no collective call, and ``disable`` clears it."""
+    model = maskprop.create_model("resnet20").train()
+    other = maskprop.create_model("resnet20").train()
+    norms = [m for m in model.modules() if isinstance(m, maskprop.sparse.SparseBatchNorm2d)]
+    assert sync_batchnorm.enable(model) is model
+    assert all(m.process_group is dist.group.WORLD for m in norms)
+    copied = copy.deepcopy(model)
+    synchronised = []
+    original = sync_batchnorm.sync_batch_norm
+    monkeypatch.setattr(sync_batchnorm, "sync_batch_norm", lambda layer, *args: synchronised.append(layer)
+                        or original(layer, *args))
+    x = torch.randn(2, 3, 16, 16)
+    model(x)
+    assert sorted(map(id, synchronised)) == sorted(map(id, norms))
+    copied(x)
+    other(x)
+    model.eval()(x)  # running statistics: nothing to synchronise
+    assert len(synchronised) == len(norms)
+    assert sync_batchnorm.disable(model) is model
+    model.train()(x)
+    assert len(synchronised) == len(norms) and all(m.process_group is None for m in norms)
+
+
+def test_wrap_model_with_sync_bn_gives_the_wrapped_models_layers_the_process_group(single_process_group):
+    model = maskprop.create_model("resnet20")
+    norms = [m for m in model.modules() if isinstance(m, maskprop.sparse.SparseBatchNorm2d)]
+    wrapped = distributed.wrap_model(model, torch.device("cpu"))
+    assert wrapped.module is model and all(m.process_group is None for m in norms)
+    distributed.wrap_model(model, torch.device("cpu"), sync_bn=True)
+    assert all(m.process_group is dist.group.WORLD for m in norms)
 
 
 @pytest.mark.gpu

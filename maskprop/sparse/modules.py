@@ -17,7 +17,7 @@ The two modes agree on the loss, every gradient and the BatchNorm statistics (te
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -144,11 +144,22 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
 
     A dropped channel does not exist for the step: its output is exactly zero, it gets no gradient, and its running
     statistics are not updated (``num_batches_tracked`` counts steps, as in ``nn.BatchNorm2d``).
+
+    Attributes:
+        process_group: The process group whose global batch the training-mode statistics are taken over, or ``None``
+            for this process's batch (set by :func:`maskprop.sparse.sync_batchnorm.enable`). Copies and pickles of
+            the layer come without it: a process group belongs to the process that joined it.
     """
+
+    process_group: Any = None
 
     def __init__(self, num_features: int, *, group: str | None = None, **kwargs) -> None:
         super().__init__(num_features, **kwargs)
         self.group = group
+        self.process_group = None
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "process_group": None}
 
     def _momentum(self) -> tuple[float, bool]:
         # Same bookkeeping as nn.BatchNorm2d.forward: the average factor, and whether batch statistics are used.
@@ -161,7 +172,7 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.execution_state
-        group = sync_batchnorm.group_for(self) if self.training else None  # sync_bn under torchrun
+        group = self.process_group if self.training else None  # sync_bn under torchrun
         if state is None:
             return super().forward(x) if group is None else sync_batchnorm.sync_batch_norm(self, x, None, group)
         if state.mode == "masked":

@@ -11,14 +11,15 @@ On CUDA the gathered parameters go through torch's own ``SyncBatchNorm`` autogra
 CPU, where torch's function has no kernels (``batch_norm_stats`` is CUDA-only), through :class:`_SyncBatchNormCPU`,
 which computes the same thing with plain tensor operations and ``torch.distributed`` collectives (gloo).
 
-:func:`enable` turns it on for the BatchNorm layers of one model (the trainer does so for the run's model, under DDP
-with ``sync_bn: true``); copies of the model, such as the timing's private dense reference, keep their own statistics
-and make no collective calls.
+Which process group a layer synchronises over is the layer's own ``process_group`` attribute (``None``: its own
+batch statistics), as in ``torch.nn.SyncBatchNorm``. :func:`enable` sets it on every BatchNorm layer of one model (the
+trainer does so for the run's model, under DDP with ``sync_bn: true``) and :func:`disable` clears it. A process group
+belongs to the process that joined it, so copies of a layer (``copy.deepcopy``, pickling) come without one: copies of
+the model, such as the timing's private dense reference, keep their own statistics and make no collective calls.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,28 +29,39 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from .modules import SparseBatchNorm2d
 
-__all__ = ["disable", "enable", "group_for", "sync_batch_norm"]
-
-_ACTIVE: dict[str, Any] = {"group": None, "layers": weakref.WeakSet()}
+__all__ = ["disable", "enable", "sync_batch_norm"]
 
 
-def enable(model: nn.Module, group: Any = None) -> None:
-    """Synchronise the statistics of ``model``'s training-mode BatchNorm layers over ``group`` (default: the default
-    process group)."""
+def _batch_norms(model: nn.Module) -> list[SparseBatchNorm2d]:
     from .modules import SparseBatchNorm2d
 
-    _ACTIVE["group"] = group if group is not None else dist.group.WORLD
-    _ACTIVE["layers"] = weakref.WeakSet(m for m in model.modules() if isinstance(m, SparseBatchNorm2d))
+    return [m for m in model.modules() if isinstance(m, SparseBatchNorm2d)]
 
 
-def disable() -> None:
-    """Back to each process's own batch statistics."""
-    _ACTIVE["group"], _ACTIVE["layers"] = None, weakref.WeakSet()
+def enable(model: nn.Module, group: Any = None) -> nn.Module:
+    """Synchronise the statistics of ``model``'s training-mode BatchNorm layers over ``group`` (default: the default
+    process group): sets the ``process_group`` of each of its :class:`~maskprop.sparse.modules.SparseBatchNorm2d`.
+
+    Returns:
+        ``model``.
+    """
+    group = group if group is not None else dist.group.WORLD
+    for layer in _batch_norms(model):
+        layer.process_group = group
+    return model
 
 
-def group_for(layer: nn.Module) -> Any:
-    """The process group ``layer`` synchronises its batch statistics over, or ``None``."""
-    return _ACTIVE["group"] if layer in _ACTIVE["layers"] else None
+def disable(model: nn.Module | None = None) -> nn.Module | None:
+    """Back to each process's own batch statistics for the BatchNorm layers of ``model``.
+
+    ``None`` clears nothing: the process group lives on the layers, and a model that is dropped takes it along.
+
+    Returns:
+        ``model``.
+    """
+    for layer in _batch_norms(model) if model is not None else []:
+        layer.process_group = None
+    return model
 
 
 def _channel_dims(x: Tensor) -> list[int]:

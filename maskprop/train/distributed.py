@@ -17,7 +17,8 @@ What a DDP run keeps identical on every rank, and how:
 * **BatchNorm.** ``sync_bn: false`` (plain DDP): each rank normalises its own share of the batch; the running
   statistics drift apart during an epoch and are averaged over the ranks at its end (:func:`average_buffers`),
   before evaluation, the fix and every checkpoint. ``sync_bn: true``: statistics of the kept channels over the
-  whole global batch (``maskprop.sparse.sync_batchnorm``), identical running statistics at every step.
+  whole global batch (``maskprop.sparse.sync_batchnorm``), identical running statistics at every step; the process
+  group they use is set on the run's BatchNorm layers (:func:`wrap_model`), not held by any module.
 * **Files.** Only rank 0 writes (logs, TensorBoard, checkpoints, the summary) and shows a progress bar; a
   checkpoint holds every rank's random state, so ``--resume`` with the same world size continues bit-identically.
 
@@ -43,6 +44,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+
+from ..sparse import sync_batchnorm
 
 __all__ = ["Distributed", "PeerError", "agree", "all_reduce_sum", "average_buffers", "check_same_config",
            "check_world_size", "current", "device_for", "init_from_env", "prints_errors", "rank_local", "wrap_model"]
@@ -260,12 +263,21 @@ class _DistributedDataParallel(DistributedDataParallel):
         return self.module.channel_groups()
 
 
-def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
+def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
     """``model`` under DistributedDataParallel (a collective: rank 0's parameters and buffers are broadcast).
 
     Buffers are not broadcast at every forward (``broadcast_buffers=False``): BatchNorm statistics are averaged at
     the end of each epoch instead (:func:`average_buffers`), or synchronised at every step with ``sync_bn``.
+
+    Args:
+        model: The run's model.
+        device: This rank's device.
+        sync_bn: Give ``model``'s BatchNorm layers the default process group, so that they normalise with the
+            statistics of the global batch (:func:`maskprop.sparse.sync_batchnorm.enable`). The group stays with
+            those layers only: copies of ``model`` made afterwards keep their own statistics.
     """
+    if sync_bn:
+        sync_batchnorm.enable(model)
     device_ids = [device.index] if device.type == "cuda" else None
     # Newer torch names broadcast_buffers=False forward_sync_buffers=False (buffers still synced once, at init).
     parameters = inspect.signature(DistributedDataParallel.__init__).parameters
