@@ -379,3 +379,21 @@ def test_execution_state_puts_every_index_on_the_models_device():
     for a, b in zip(host._weights, meta._weights):
         assert b["flat"].device.type == "meta" and b["flat"].shape == a["flat"].shape
     assert meta._norm["index"].device.type == "meta" and meta._norm["index"].shape == host._norm["index"].shape
+
+
+def test_model_plan_is_computed_once_per_model_and_lives_on_it(generator):
+    """One plan per model, kept on the model (no state_dict entry); a deep copy plans its own layers, and replacing a
+    layer makes a new plan."""
+    from maskprop.sparse import model_plan, prepare_mask
+
+    model = maskprop.create_model("resnet20")
+    keys = list(model.state_dict())
+    plan = model_plan(model)
+    assert model_plan(model) is plan and list(model.state_dict()) == keys
+    assert prepare_mask(model, random_mask(model.channel_groups(), 0.5, generator)).plan is plan
+    copied = copy.deepcopy(model)
+    copied_layers = [m for m in copied.modules() if isinstance(m, (SparseConv2d, SparseBatchNorm2d, SparseLinear))]
+    assert model_plan(copied) is not plan and all(a is b for a, b in zip(model_plan(copied).layers, copied_layers))
+    model.fc = SparseLinear(model.fc.in_features, model.fc.out_features, in_group=model.fc.in_group)
+    replanned = model_plan(model)
+    assert replanned is not plan and model.fc in replanned.layers and model_plan(model) is replanned
