@@ -1,9 +1,9 @@
 """Gradient estimation angle of SBP and MSBP against k (the MSBP paper's Figure 5), through ``maskprop.fit``.
 
 For each keep ratio r and each method (``sbp``: no memory; ``msbp``: memory gamma), trains the papers' MLP
-(in-h-h-10 with h = 500 or 5000, Adam 1e-3, batch 32) and reports the mean angle between the sparse and the true gradient over the
-last epoch (measured every ``--angle-every`` steps on the step's own graph) and the final accuracy. The paper finds the
-angle smaller with memory at every k.
+(in-h-h-10 with h = 500 or 5000, Adam 1e-3, batch 32) and reports the mean angle between the sparse and the true
+gradient over the last epoch (measured every ``--angle-every`` steps on the step's own graph) and the final accuracy.
+The paper finds the angle smaller with memory at every k.
 
 Data: MNIST from ``--mnist-root`` (``MNIST/raw/*-ubyte`` under it), or by default a synthetic 10-class task of 16x16
 images (a class template shifted by up to 2 pixels, random contrast, noise), generated from a seed.
@@ -71,9 +71,10 @@ def main() -> None:
         datasets = (None, None)
         data = {"dataset": "mnist", "root": args.mnist_root, "batch_size": 32, "workers": 0}
         source = f"MNIST from {args.mnist_root}"
-    print(f"MLP in-{args.hidden}-{args.hidden}-10, memory {args.memory:g}, Adam 1e-3, batch 32, {args.epochs} epochs, {source}; angle: mean over the last "
-          f"epoch, measured every {args.angle_every} steps")
-    print(f"| r = k / n | k of {args.hidden} | SBP angle (deg) | MSBP angle (deg) | SBP accuracy (%) | MSBP accuracy (%) |")
+    print(f"MLP in-{args.hidden}-{args.hidden}-10, memory {args.memory:g}, Adam 1e-3, batch 32, {args.epochs} epochs, "
+          f"{source}; angle: mean over the last epoch, measured every {args.angle_every} steps")
+    print(f"| r = k / n | k of {args.hidden} | SBP angle (deg) | MSBP angle (deg) | SBP accuracy (%) "
+          f"| MSBP accuracy (%) |")
     print("|---:|---:|---:|---:|---:|---:|")
     for ratio in args.ratios:
         angles, accuracies = {}, {}
@@ -85,7 +86,11 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as out:
                 summary = maskprop.fit(config, *datasets, out=Path(out) / "run")
                 records = (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()
-            angles[method] = json.loads(records[-1])["angle_overall"]
+            last = json.loads(records[-1])
+            if "angle_overall" not in last:
+                raise SystemExit(f"no angle measured in the last epoch: it has fewer than --angle-every "
+                                 f"{args.angle_every} steps (lower it, or raise --train-size)")
+            angles[method] = last["angle_overall"]
             accuracies[method] = summary["accuracy"]
         print(f"| {ratio:g} | {max(1, round(ratio * args.hidden))} | {angles['sbp']:.1f} | {angles['msbp']:.1f} "
               f"| {accuracies['sbp']:.2f} | {accuracies['msbp']:.2f} |")
