@@ -11,10 +11,10 @@ def subsampled_pointwise_input(x: Tensor, kernel_size: tuple[int, int], stride: 
     """The input of a strided 1x1 convolution subsampled by its stride, where the strided kernel would crash.
 
     The CPU weight gradient of a strided 1x1 convolution dies with a double free in torch 2.15's oneDNN for odd batch
-    sizes and some channel counts on two threads (a scan of batches 2-66 x channels 3-40 crashed for odd batches
-    only, e.g. batch 9 with 10 -> 19 channels); compact steps meet it with odd kept counts. ``conv(x[..., ::s, ::s])``
-    with stride 1 gives the same output and gradients without that kernel. Even batches, the normal training case,
-    keep the native kernel, which is faster there.
+    sizes and some channel counts on two threads (the sizes found to crash: BENCHMARKS.md, "Implementation choices");
+    compact steps meet it with odd kept counts. ``conv(x[..., ::s, ::s])`` with stride 1 gives the same output and
+    gradients without that kernel. Even batches, the normal training case, keep the native kernel, which is faster
+    there.
 
     Returns:
         The subsampled input, to convolve with stride 1 and no padding, or ``None`` where the native kernel is safe.
@@ -30,13 +30,12 @@ def keep_freed_host_memory(top_pad: int = 256 << 20) -> bool:
 
     PyTorch's CPU allocator calls ``malloc``/``free`` for every tensor. With glibc's defaults, the megabyte-sized
     activations of a training step are released to the kernel when they are freed (heap trimming, and ``mmap`` above
-    a threshold that moves with the sizes seen) and faulted back in, page by page, in the next step: tens of
-    thousands of page faults per dense CPU step, slowing it by up to a third (BENCHMARKS.md, "Page faults flattered
-    the earlier table"). Smaller steps, such as compact ones, mostly fit in what the heap kept and fault far less,
-    which flattered every speedup measured against dense. Fixing the ``mmap`` threshold at its largest value
-    (32 MiB), never trimming, and growing the heap in ``top_pad`` steps brings the faults of later steps to about
-    zero, as a caching allocator (jemalloc, tcmalloc, PyTorch's CUDA allocator) does. The cost: memory freed by the
-    process stays with it.
+    a threshold that moves with the sizes seen) and faulted back in, page by page, in the next step, which slows
+    dense CPU steps markedly (the faults and times: BENCHMARKS.md, "Page faults flattered the earlier table").
+    Smaller steps, such as compact ones, mostly fit in what the heap kept and fault far less, which flattered every
+    speedup measured against dense. Fixing the ``mmap`` threshold at its largest value (32 MiB), never trimming, and
+    growing the heap in ``top_pad`` steps brings the faults of later steps to about zero, as a caching allocator
+    (jemalloc, tcmalloc, PyTorch's CUDA allocator) does. The cost: memory freed by the process stays with it.
 
     Process-wide, so it belongs to applications (``maskprop train`` and ``maskprop bench`` call it first), not to
     library code. Call it before the first large allocation.

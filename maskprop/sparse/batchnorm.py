@@ -2,8 +2,8 @@
 
 Compact execution gives BatchNorm whatever number of channels a sampled mask keeps: 12, 17, 61. PyTorch's CPU kernel
 for channels_last activations vectorises over the channels and is fast when their number is a multiple of 16; for
-other counts it was several times slower on this project's CPU, enough to double BatchNorm's share of a compact
-step with sampled widths (BENCHMARKS.md, "Implementation choices": BatchNorm).
+other counts it is several times slower, enough to double BatchNorm's share of a compact step with sampled widths
+(the figures: BENCHMARKS.md, "Implementation choices": BatchNorm).
 
 Here the activations of ``C`` channels are viewed as the rows of an ``(N / r, r C)`` matrix, ``r`` the smallest
 factor that makes ``r C`` a multiple of 16 (a free view of channels_last memory; ``N = batch x H x W``). Column sums

@@ -252,15 +252,16 @@ class ExecutionState:
         layer_rows = rows
         rows, norm_targets = _row_table(rows, index_ext, real_ext, norm, self.padded)
 
-        # One host-to-device copy of everything, then the flat rows built on the device (ResNet-50: 3.4M entries at
-        # keep 0.5, too many to build on the host and copy over).
+        # One host-to-device copy of everything, then the flat rows built on the device: there is one per gathered
+        # weight entry, far more than the index sets they come from, too many to build on the host and copy over.
+        # (Their number for ResNet-50: BENCHMARKS.md, "A fixed number of gathering calls per step".)
         pieces = [index_ext, real_ext.long(), rows.view(-1), *norm_targets]
         moved = to_device(torch.cat(pieces), self.device).split([p.numel() for p in pieces])
         self._index_ext, self._real_ext = moved[0], moved[1]
         tables = self._weights + ([norm] if norm is not None else [])
         if not self.concatenate and not self.padded:
-            # The CPU path (layer by layer): the host pays per call, not per launch, and one broadcast add per gathered
-            # tensor touches only the entries it makes (preparing a VGG-19 mask at keep 0.5 took 3 ms instead of 10).
+            # The CPU path (layer by layer): the host pays per call, not per launch, so one broadcast add per gathered
+            # tensor, which touches only the entries it makes, beats the fixed-count expansion below.
             firsts = moved[2].view(-1, 4)[:, 0].split([r[0] for r in layer_rows])
             flat = torch.cat([(first[:, None] + self._index_ext[start:start + n_in]).view(-1)
                               for first, (_, _, _, _, start, n_in) in zip(firsts, layer_rows)])
@@ -543,7 +544,8 @@ def _flat_rows(rows: Tensor, entries: int, index_ext: Tensor, padded: bool) -> t
     number of calls: each row expanded over its computed inputs.
 
     Only the row numbers are expanded (one 1-d ``repeat_interleave``), and the columns are gathered by them: expanding
-    the 4-column table itself made preparing a VGG-19 mask at keep 0.5 take 11 ms on the CPU instead of about 4.
+    the 4-column table itself would write four entries for each one kept (the timings: BENCHMARKS.md, "A fixed number
+    of gathering calls per step").
     """
     row_of = torch.repeat_interleave(torch.arange(rows.shape[0], device=rows.device), rows[:, 3], output_size=entries)
     offsets = rows[:, 1].index_select(0, row_of).add_(torch.arange(entries, device=rows.device))

@@ -3,8 +3,8 @@
 A compact conv runs on ``W[out_kept][:, in_kept]``. Chained ``index_select`` calls cost two gathers forward and two
 ``index_add_`` scatters backward; here one ``index_select`` reads the rows of a contiguous 2-d view (of all weights
 of one kernel area at once, see :mod:`maskprop.sparse.execution`) with precomputed flat indices, and the backward
-writes the gradient into a zero tensor with one ``index_copy_`` (indices are unique, so a copy is exact and cheaper
-than an accumulate: about 2.5x on this project's 2-core CPU, BENCHMARKS.md).
+writes the gradient into a zero tensor with one ``index_copy_``: the indices are unique, so a copy is exact, and it is
+cheaper than an accumulate (BENCHMARKS.md, "Implementation choices": weight gathers).
 """
 
 from __future__ import annotations
