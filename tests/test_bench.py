@@ -11,7 +11,9 @@ import sys
 import pytest
 import torch
 
-from maskprop.bench import bench_model, format_table, saved_for_backward_mb
+import maskprop
+from maskprop.bench import (bench_model, format_table, interleaved_times, mask_pair, random_batch,
+                            saved_for_backward_mb, training_steps)
 from maskprop.cli import main
 
 
@@ -26,6 +28,25 @@ def test_bench_model_reports_all_configurations():
     table = format_table(results)
     assert table.count("\n") == 3 and "| resnet20 | 4 | 0.50 |" in table
     assert "saved for backward MB" in table
+
+
+def test_interleaved_times_runs_every_step_once_per_repetition_in_turn():
+    calls = []
+    times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=1,
+                              after_repetition=lambda done: calls.append(done))
+    assert calls == ["a", "b", 1, "a", "b", 2, "a", "b", 3]
+    assert [len(v) for v in times.values()] == [2, 2] and all(t >= 0 for v in times.values() for t in v)
+
+
+def test_the_training_steps_run_on_meta_for_counting_operators():
+    # tools/count_ops.py counts a CUDA step's operators on meta: no arithmetic, and no autocast without amp.
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20").to("meta").train()
+    x, y = random_batch(2, 4, device="meta")
+    steps = training_steps(model, x, y, mask_pair(model.channel_groups(), 0.5, torch.Generator().manual_seed(0)))
+    for step in steps.values():
+        step()
+    assert all(p.grad is not None and p.grad.is_meta for p in model.parameters() if p.requires_grad)
 
 
 def test_saved_for_backward_counts_each_storage_once_and_skips_excluded():
