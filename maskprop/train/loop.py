@@ -3,7 +3,11 @@
 A VR-PGE run (docs/methods.md, section 1) has three phases:
 
 1. ``search``: ``optim.epochs`` epochs of VR-PGE steps (``steps.vrpge_step``): weights by SGD, keep probabilities by
-   Adam with projection. After each epoch the deterministic subnetwork (``scores.top_mask()``) is evaluated.
+   Adam with projection. After each epoch the deterministic subnetwork (``scores.top_mask()``) is evaluated. The first
+   ``sparsity.warmup_epochs`` of them are dense steps (``steps.subnet_step`` without a mask; the scores wait), and over
+   the next ``sparsity.anneal_epochs`` the budget falls from every channel to ``keep_ratio`` (``state.schedule``,
+   :mod:`maskprop.vrpge.budget`). With ``sparsity.fix: random`` there is no search: a random subnetwork of the budget
+   is fixed before the first step and trained like the finetune phase trains its subnetwork (the random baseline).
 2. fix: one subnetwork is chosen, ``best_of_n`` (the official code: ``fix_samples`` masks sampled from the scores,
    each scored in eval mode on the training set, or its first ``fix_examples`` examples; the best training accuracy
    wins, the earliest sample on ties) or ``top_scores`` (the largest keep probabilities up to the budget).
@@ -39,8 +43,8 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from ..sbp import sparse_layers
-from ..sparse import sync_batchnorm, use_mask
-from ..vrpge import ChannelScores
+from ..sparse import random_mask, sync_batchnorm, use_mask
+from ..vrpge import ChannelScores, score_statistics
 from .checkpoint import save_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, config_to_dict, load_config, save_config
 from .data import build_loader
@@ -57,7 +61,7 @@ from .logs import RunLogger
 from .narrow import NarrowSubnetwork
 from .optim import run_optimizer
 from .setup import Run, phase_epochs, phase_optimizer, prepare
-from .state import PHASES, TrainState
+from .state import PHASES, TrainState, search_schedule
 from .steps import StepContext, StepResult, sbp_step, subnet_step, vrpge_step
 from .summary import summarize, write_json
 from .timing import DenseReference, timed_step
@@ -70,6 +74,10 @@ DENSE_REFERENCE_SHARE = 0.01
 """Time the dense reference steps may take, as a share of the run's step time (``timing.py``)."""
 DENSE_REFERENCE_MIN_PAIRS = 5
 """Dense reference steps per phase at least, each paired with an adjacent step of the run (``timing.py``)."""
+POLARISED_MARGIN = 0.05
+"""A keep probability this close to 0 or 1 counts as settled in the search diagnostics."""
+TOP_MASK_EXAMPLES = 512
+"""The first training examples the top-score subnetwork's training accuracy is measured on after each search epoch."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -88,6 +96,10 @@ class EpochMeter:
     steps: int = 0
     angle: float = 0.0
     angles: int = 0
+    pairs: int = 0
+    loss_gap: float = 0.0
+    grad_norm: float = 0.0
+    grad_norms: int = 0
 
     def update(self, result: StepResult) -> None:
         self.loss += result.loss * result.count
@@ -100,22 +112,57 @@ class EpochMeter:
         if not math.isnan(angle):  # not measured this step, or undefined (a zero gradient)
             self.angle += angle
             self.angles += 1
+        if result.loss2 is not None:  # a VR-PGE step: two sampled subnetworks
+            self.pairs += 1
+            self.loss_gap += abs(result.loss - result.loss2)
+        if result.grad_norm is not None:
+            self.grad_norm += result.grad_norm
+            self.grad_norms += 1
 
     def summary(self) -> dict[str, float]:
+        """The epoch's means: loss and accuracy per example; sampled kept ratio, ``loss_gap`` (``|L(m) - L(m')|``) and
+        ``grad_norm`` per step; ``train_loss2`` and ``loss_gap`` only where VR-PGE steps ran."""
         n = max(self.count, 1)
         metrics = {"train_loss": self.loss / n, "train_loss2": self.loss2 / n,
                    "train_accuracy": 100.0 * self.correct / n, "kept_ratio_sampled": self.kept / max(self.steps, 1)}
+        if self.pairs:
+            metrics["loss_gap"] = self.loss_gap / self.pairs
+        else:
+            metrics.pop("train_loss2")
+        if self.grad_norms:
+            metrics["grad_norm"] = self.grad_norm / self.grad_norms
         if self.angles:
             metrics["angle_overall"] = self.angle / self.angles
         return metrics
 
 
+def _search_kind(state: TrainState, cfg: Config) -> str:
+    """The kind of the next search step: ``warmup`` (dense), ``random`` (the fixed random subnetwork of ``fix:
+    random``), ``anneal`` (VR-PGE under a falling budget) or ``search`` (VR-PGE at the budget)."""
+    kind = "search" if state.schedule is None else state.schedule.kind(state.counters["search_steps"])
+    return "random" if kind != "warmup" and cfg.sparsity.fix == "random" else kind
+
+
 def _step_function(state: TrainState, cfg: Config, ctx: StepContext) -> Callable[[tuple[Tensor, Tensor]], StepResult]:
     """The step of the current phase, as a function of the batch."""
     if state.phase == "search":
+        kind = _search_kind(state, cfg)
+        if kind == "warmup":  # every channel, no second forward, the scores left as they are
+            return lambda batch: subnet_step(state.step_model, state.weight_optimizer, batch, None, ctx)
+        if kind == "random":  # compact steps of the fixed subnetwork (under torchrun, or finetune.narrow: false)
+            return lambda batch: subnet_step(state.step_model, state.weight_optimizer, batch, state.fixed_mask, ctx)
         optimizers = (state.weight_optimizer, state.score_optimizer)
-        return lambda batch: vrpge_step(state.step_model, state.scores, optimizers, batch, state.mask_generator,
-                                        cfg.sparsity, ctx)
+        schedule = state.schedule
+        annealed = schedule is not None and schedule.anneal_steps > 0
+
+        def search(batch: tuple[Tensor, Tensor]) -> StepResult:
+            if annealed:  # the step projects its updated scores onto the next step's budget K(t + 1), so every step
+                # samples from scores feasible for its own budget (the first from their start, feasible for K(W))
+                state.scores.set_budget(schedule.at(state.counters["search_steps"] + 1))
+            return vrpge_step(state.step_model, state.scores, optimizers, batch, state.mask_generator, cfg.sparsity,
+                              ctx)
+
+        return search
     if cfg.method in SPARSE_BACKWARD_METHODS:
         every = cfg.sbp.angle_every
         return lambda batch: sbp_step(state.model, state.weight_optimizer, batch, ctx, state.budget,
@@ -146,13 +193,14 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
     step = _step_function(state, cfg, ctx) if narrow is None else narrow.step_function(ctx)
     meter = EpochMeter()
     total = phase_epochs(cfg, phase)
+    kind, first, kind_steps = _timed_kind(state, total * len(loader))
     bar = tqdm(loader, desc=f"{phase} {state.epoch + 1}/{total}", leave=False, dynamic_ncols=True,
                disable=None if current().is_main else True)  # one progress bar: rank 0's
     start = time.perf_counter()
     for images, labels in bar:
         batch = ctx.inputs(images, labels)
-        result = timed_step(lambda: step(batch), phase, state.times, ctx.device, dense_reference, batch,
-                            index=state.counters[f"{phase}_steps"], total=total * len(loader))
+        result = timed_step(lambda: step(batch), kind, state.times, ctx.device, dense_reference, batch,
+                            index=state.counters[f"{phase}_steps"] - first, total=kind_steps)
 
         state.counters[f"{phase}_steps"] += 1
         state.weight_schedule.step_update(state.counters[f"{phase}_steps"])
@@ -176,6 +224,21 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
     return dict(meter.summary(), epoch_time_s=time.perf_counter() - start)
 
 
+def _timed_kind(state: TrainState, phase_steps: int) -> tuple[str, int, int]:
+    """How the current epoch's steps are timed: their kind in ``state.times``, the phase step their kind starts at, and
+    the kind's steps.
+
+    A warm-up step is a dense step, so it is paired as the steps of a dense run are (kind ``train``, ratio about 1):
+    mixed into the search's pairs it would pull their median towards 1 at random (``summary.py`` names it ``warmup``).
+    """
+    schedule = state.schedule
+    if state.phase != "search" or schedule is None or not schedule.warmup_steps:
+        return state.phase, 0, phase_steps
+    if state.counters["search_steps"] < schedule.warmup_steps:
+        return "train", 0, schedule.warmup_steps
+    return "search", schedule.warmup_steps, phase_steps - schedule.warmup_steps
+
+
 def _step_scalars(state: TrainState, result: StepResult) -> dict[str, float]:
     loss_tag = f"{state.phase}/loss" if result.loss2 is None else f"{state.phase}/loss_m"
     scalars = {loss_tag: result.loss, f"{state.phase}/accuracy": 100.0 * result.correct / result.count,
@@ -184,6 +247,8 @@ def _step_scalars(state: TrainState, result: StepResult) -> dict[str, float]:
     if result.loss2 is not None:
         scalars[f"{state.phase}/loss_m2"] = result.loss2
         scalars["lr/scores"] = state.score_optimizer.param_groups[0]["lr"]
+    if result.grad_norm is not None:
+        scalars[f"{state.phase}/grad_norm"] = result.grad_norm
     if state.budget is not None:
         scalars.update({f"sbp_k/{name}": k for name, k in _budget_ks(state).items()})
     return scalars
@@ -258,6 +323,9 @@ def fix_subnetwork(state: TrainState, cfg: Config, ctx: StepContext,
         The mask (on the CPU) and a json-able description of how it was chosen.
     """
     sparsity = cfg.sparsity
+    if sparsity.fix == "random":  # fixed before the search's first step (the random baseline): nothing to choose
+        _draw_random_subnetwork(state, cfg)
+        return state.fixed_mask, state.fix_info
     loader = None
     if sparsity.fix == "best_of_n":
         subset = train_set
@@ -268,6 +336,16 @@ def fix_subnetwork(state: TrainState, cfg: Config, ctx: StepContext,
                                           loader, ctx)
     logger.info("fixed the subnetwork by %s: %s", sparsity.fix, {k: v for k, v in info.items() if k != "rule"})
     return mask, info
+
+
+def _draw_random_subnetwork(state: TrainState, cfg: Config) -> None:
+    """Fix the random baseline's subnetwork (``sparsity.fix: random``) unless it is fixed already: every group keeps
+    ``max(1, round(keep_ratio x channels))`` channels drawn uniformly, from the run's mask generator (``random_mask``),
+    so the seed decides it and a resumed run keeps the one in its checkpoint."""
+    if state.fixed_mask is None:
+        groups = {name: int(size) for name, size in state.model.channel_groups().items()}
+        state.fixed_mask = random_mask(groups, cfg.sparsity.keep_ratio, state.mask_generator)
+        state.fix_info = {"rule": "random"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -295,17 +373,58 @@ class _Saver:
 
 
 def _eval_mask(state: TrainState) -> dict[str, Tensor] | None:
-    """The subnetwork evaluated in the current phase: the top scores while searching, the fixed one after."""
-    if state.phase == "search":
+    """The subnetwork evaluated in the current phase: the top scores while searching, the fixed one after (and in the
+    random baseline's search)."""
+    if state.phase == "search" and state.scores is not None:
         return {g: m.cpu() for g, m in state.scores.top_mask().items()}
     return state.fixed_mask
+
+
+def _within_budget(state: TrainState) -> bool:
+    """Whether the subnetwork the epoch evaluated fits the final budget; not while the budget is annealed (nor in the
+    warm-up before an anneal), when the top scores keep more channels, so their accuracy is no best subnetwork's."""
+    return (state.phase != "search" or state.scores is None or state.schedule is None
+            or state.scores.budget <= state.schedule.final)
+
+
+def _probe_loader(run: Run) -> torch.utils.data.DataLoader | None:
+    """The first ``TOP_MASK_EXAMPLES`` training examples, in order, for the top-score subnetwork's training accuracy
+    after each search epoch; ``None`` for runs without scores."""
+    if run.state.scores is None or run.state.phase != "search":
+        return None
+    subset = Subset(run.train_set, range(min(TOP_MASK_EXAMPLES, len(run.train_set))))
+    return build_loader(subset, run.cfg.data.batch_size, train=False, workers=0, seed=run.cfg.seed)
+
+
+def _search_diagnostics(run: Run, probe: torch.utils.data.DataLoader | None) -> dict[str, Any]:
+    """How the search stands after a search epoch (docs/methods.md, "Diagnostics of a search"): the kind of its last
+    step, the budget ``K(t) / N`` of the step after it (the budget the scores meet), and after VR-PGE steps the shares of keep probabilities within ``POLARISED_MARGIN``
+    of 0 and 1, their mean Bernoulli entropy (nats) and the training accuracy of the top-score subnetwork on the
+    probe examples (eval mode; torch's RNG forked and seeded, so every epoch sees the same augmentation draws and the
+    training draws nothing else)."""
+    state, cfg = run.state, run.cfg
+    if state.phase != "search" or state.schedule is None:
+        return {}
+    schedule, steps = state.schedule, state.counters["search_steps"]
+    kind = schedule.kind(steps - 1)
+    diagnostics: dict[str, Any] = {"step_kind": "random" if kind != "warmup" and cfg.sparsity.fix == "random" else kind,
+                                   "budget_ratio": schedule.at(steps) / schedule.num_channels}
+    if state.scores is None or kind == "warmup":
+        return diagnostics
+    stats = score_statistics(state.scores.scores, POLARISED_MARGIN)
+    diagnostics.update(scores_near_0=stats.near_zero, scores_near_1=stats.near_one, score_entropy=stats.entropy)
+    if probe is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            diagnostics["train_accuracy_top"] = evaluate(state.model, probe, _eval_mask(state), run.ctx)["accuracy"]
+    return diagnostics
 
 
 def _epoch_record(run: Run, train_metrics: dict[str, float], val: dict[str, float] | None) -> dict[str, Any]:
     state, counters = run.state, run.state.counters
     record: dict[str, Any] = {"phase": state.phase, "epoch": state.epoch, "step": state.step, **train_metrics}
     if state.phase != "search":
-        record.pop("train_loss2")
+        record.pop("train_loss2", None)
     if val is not None:
         record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
     if state.budget is not None:
@@ -321,6 +440,9 @@ def _epoch_record(run: Run, train_metrics: dict[str, float], val: dict[str, floa
     return record
 
 
+_SEARCH_SCALARS = ("budget_ratio", "loss_gap", "scores_near_0", "scores_near_1", "score_entropy", "train_accuracy_top")
+
+
 def _log_epoch(run: Run, log: RunLogger, record: dict[str, Any]) -> None:
     state = run.state
     phase, step = state.phase, state.step
@@ -329,6 +451,9 @@ def _log_epoch(run: Run, log: RunLogger, record: dict[str, Any]) -> None:
                "cost/train_flops": record["train_flops"], "cost/train_cost_saving": record["train_cost_saving"]}
     if "angle_overall" in record:
         scalars[f"{phase}/epoch_angle_overall"] = record["angle_overall"]
+    if "grad_norm" in record:
+        scalars[f"{phase}/epoch_grad_norm"] = record["grad_norm"]
+    scalars.update({f"search/{key}": record[key] for key in _SEARCH_SCALARS if key in record})
     if "val_accuracy" in record:
         scalars.update({f"val/{phase}_accuracy": record["val_accuracy"], f"val/{phase}_loss": record["val_loss"]})
     if "kept_ratio_expected" in record:
@@ -347,7 +472,9 @@ def _narrow_subnetwork(run: Run) -> NarrowSubnetwork | None:
     its own. ``finetune.narrow: false`` keeps them too (for comparison).
     """
     cfg, state = run.cfg, run.state
-    if (state.phase != "finetune" or state.fixed_mask is None or state.epoch >= phase_epochs(cfg, state.phase)
+    fixed = state.phase == "finetune" or (state.phase == "search" and cfg.sparsity.fix == "random"
+                                          and _search_kind(state, cfg) == "random")
+    if (not fixed or state.fixed_mask is None or state.epoch >= phase_epochs(cfg, state.phase)
             or state.ddp is not None or not cfg.finetune.narrow):
         return None
     return NarrowSubnetwork(state.model, state.fixed_mask, state.weight_optimizer)
@@ -358,12 +485,16 @@ def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseRe
     cfg, state = run.cfg, run.state
     epochs = phase_epochs(cfg, state.phase)
     narrow = _narrow_subnetwork(run)
+    probe = _probe_loader(run)
     while state.epoch < epochs:
+        if narrow is None and state.phase == "search" and cfg.sparsity.fix == "random":  # past the dense warm-up
+            narrow = _narrow_subnetwork(run)
         metrics = train_one_epoch(state, cfg, run.ctx, run.train_loader, log, dense_reference, narrow)
         if narrow is not None:  # checkpoints, best.pt and the summary read the full model and optimizer
             narrow.write_back()
         if not cfg.sync_bn:  # DDP: each rank's running statistics saw its share; their mean (no-op in one process)
             average_buffers(state.model)
+        metrics.update(_search_diagnostics(run, probe))
         last = state.epoch == epochs
         val = None
         if (cfg.eval_every and state.epoch % cfg.eval_every == 0) or last:
@@ -372,7 +503,7 @@ def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseRe
             if last and state.phase != "search":
                 state.final_accuracy = val["accuracy"]
         _log_epoch(run, log, _epoch_record(run, metrics, val))
-        if val is not None and val["accuracy"] > state.best_accuracy:
+        if val is not None and val["accuracy"] > state.best_accuracy and _within_budget(state):
             state.best_accuracy = val["accuracy"]
             saver.save("best.pt")
         if last or (cfg.save_every and state.epoch % cfg.save_every == 0):
@@ -391,6 +522,19 @@ def _next_phase(run: Run) -> None:
         if state.final_accuracy is None:  # no epoch ran in this phase (finetune.epochs == 0)
             state.final_accuracy = evaluate(state.model, run.val_loader, state.fixed_mask, run.ctx)["accuracy"]
         state.phase = "done"
+
+
+def _prepare_search(run: Run) -> None:
+    """The search's budget schedule, the scores' budget at the step the run starts from, and the random baseline's
+    subnetwork (drawn before the first step; a resumed run has it from its checkpoint)."""
+    cfg, state = run.cfg, run.state
+    if cfg.method != "vrpge":
+        return
+    state.schedule = search_schedule(cfg.sparsity, sum(run.groups.values()), len(run.train_loader))
+    if state.scores is not None:  # a resumed anneal continues from its step's budget (the value a fresh run starts at)
+        state.scores.set_budget(state.schedule.sampling_budget(state.counters["search_steps"]))
+    if cfg.sparsity.fix == "random" and state.phase == "search":
+        _draw_random_subnetwork(state, cfg)
 
 
 def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Dataset | None = None,
@@ -422,6 +566,7 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
         cfg.validate()
         out = out if out is not None else cfg.out
         run = prepare(cfg, train_set, val_set, None if out is None else Path(out), resume)
+        _prepare_search(run)
     except Exception as err:
         agree(err)
         raise

@@ -76,6 +76,8 @@ class StepResult:
         mask: The mask ``m`` used (search steps), on the CPU.
         mask2: The mask ``m'`` used (search steps), on the CPU.
         diagnostics: Gradient estimation angles in degrees (sparse-backward steps that measured them).
+        grad_norm: Global L2 norm of the weight gradients after the backward, before clipping (search and subnetwork
+            steps; read with the step's other statistics, no extra host sync).
     """
 
     loss: float
@@ -88,6 +90,15 @@ class StepResult:
     mask: dict[str, Tensor] | None = None
     mask2: dict[str, Tensor] | None = None
     diagnostics: dict[str, float] | None = None
+    grad_norm: float | None = None
+
+
+def _grad_norm(model: nn.Module) -> Tensor:
+    """Global L2 norm of the model's parameter gradients, as a tensor on their device (no host sync)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
 
 
 def _read_stats(ctx: StepContext, losses: list[Tensor], logits: Tensor, labels: Tensor) -> tuple[list[float], int,
@@ -96,7 +107,8 @@ def _read_stats(ctx: StepContext, losses: list[Tensor], logits: Tensor, labels: 
 
     They travel as one float64 tensor of sums ``[loss * n, ..., correct, n]`` (exact: a float32 loss times a batch
     size fits float64's mantissa), summed over ranks by ``ctx.reduce_stats`` under DDP; the losses come back as
-    sums / count, so a single process reads exactly the losses it computed.
+    sums / count, so a single process reads exactly the losses it computed. Any other per-step value rides along as a
+    "loss" (the gradient norm: the same on every rank after DDP's all-reduce, so its example-weighted mean is itself).
     """
     n = labels.shape[0]
     dtype = torch.float32 if labels.device.type == "mps" else torch.float64  # MPS has no float64
@@ -157,7 +169,8 @@ def vrpge_step(model: nn.Module, scores: ChannelScores, optimizers: tuple[torch.
         loss_m2 = ctx.criterion(model(images).float(), labels)
     if both:
         (loss_m2 * 0.5).backward()
-    (value_m, value_m2), correct, count = _read_stats(ctx, [loss_m, loss_m2], logits, labels)
+    (value_m, value_m2, grad_norm), correct, count = _read_stats(ctx, [loss_m, loss_m2, _grad_norm(model)], logits,
+                                                                 labels)
 
     # supplement eq. (12): g_s = (L(m) - L(m')) H^alpha(s) grad_s ln p(m|s)  (or its symmetric form)
     s = scores.scores
@@ -176,6 +189,7 @@ def vrpge_step(model: nn.Module, scores: ChannelScores, optimizers: tuple[torch.
         kept_ratio=kept_ratio(state_m.kept, state_m.plan.groups),
         flops=int(vrpge_step_flops(f_m, f_m2, sparsity.weight_grad)),
         dense_flops=int(dense_step_flops(ctx.cost.flops(None, batch_size))), mask=mask_m, mask2=mask_m2,
+        grad_norm=grad_norm,
     )
 
 
@@ -193,15 +207,16 @@ def subnet_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple
         logits = model(images)
         loss = ctx.criterion(logits.float(), labels)
     loss.backward()
+    grad_norm = _grad_norm(model)  # before clipping changes the gradients
     _clip(ctx, model.parameters())
     optimizer.step()
-    (value,), correct, count = _read_stats(ctx, [loss], logits, labels)
+    (value, grad_norm), correct, count = _read_stats(ctx, [loss, grad_norm], logits, labels)
     batch_size = count  # the global batch under torchrun, as in vrpge_step
     return StepResult(
         loss=value, loss2=None, correct=correct, count=count,
         kept_ratio=1.0 if state is None else kept_ratio(state.kept, state.plan.groups),
         flops=int(dense_step_flops(ctx.cost.flops(None if state is None else state.widths, batch_size))),
-        dense_flops=int(dense_step_flops(ctx.cost.flops(None, batch_size))),
+        dense_flops=int(dense_step_flops(ctx.cost.flops(None, batch_size))), grad_norm=grad_norm,
     )
 
 

@@ -23,6 +23,7 @@ from ..sparse import kept_counts
 from .config import SPARSE_BACKWARD_METHODS, config_to_dict
 from .files import atomic_write
 from .setup import Run, phase_epochs
+from .state import initial_keep_probability
 
 __all__ = ["SCHEMA_VERSION", "RunSummary", "data_identity", "read_summary", "summarize", "write_json"]
 
@@ -86,6 +87,7 @@ class RunSummary:
     finetune_step_ms: float | None = _f("ms", "median time of a finetune step")
     dense_step_ms: float | None = _f("ms", "median time of a dense reference step")
     train_step_ms: float | None = _f("ms", "median time of a train step (dense and sparse-backward runs)")
+    warmup_step_ms: float | None = _f("ms", "median time of a dense warm-up step of the search (sparsity.warmup_epochs)")
     step_speedup: float | None = _f("x", "median of dense / run step over the pairs of the first phase (search or "
                                          "train)")
     steps: dict[str, int] = _f("steps", "optimizer steps per phase (search, finetune, train)", factory=dict)
@@ -93,8 +95,12 @@ class RunSummary:
                                 factory=dict)
     group_sizes: dict[str, int] = _f("channels", "channels per group of the full network, in network order",
                                      factory=dict)
-    fix: dict[str, Any] = _f("", "how the subnetwork was fixed after the search (rule, per-sample accuracies)",
-                             factory=dict)
+    fix: dict[str, Any] = _f("", "how the subnetwork was fixed after the search (rule, per-sample accuracies; rule "
+                                 "random: the random baseline, fixed before the first step)", factory=dict)
+    search: dict[str, Any] | None = _f(
+        "", "VR-PGE runs: subnetwork ('searched' by VR-PGE, or 'random': the random baseline, no search), "
+            "warmup_epochs, anneal_epochs, budget_schedule, initial_keep_probability, and steps of each kind (warmup: "
+            "dense; anneal; search: VR-PGE at the budget; random: the fixed random subnetwork)")
     run_time_s: float = _f("s", "wall time of the run over all its processes (evaluation and checkpoints included)",
                            0.0)
     run_dir: str | None = _f("", "where the run was written (null: nothing written)")
@@ -165,10 +171,12 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
         saving, speedup, iqr = 1.0, 1.0, [1.0, 1.0]
     else:
         saving = train_cost_saving(counters["dense_train_flops"], counters["train_flops"])
-        estimate = times.measured_speedup(steps)
+        estimate = times.measured_speedup(_timed_steps(run, steps))
         speedup = None if estimate is None else estimate.speedup
         iqr = None if estimate is None else [estimate.low, estimate.high]
     phases = {} if estimate is None else estimate.phases
+    if method == "vrpge":  # its "train" pairs are the search's dense warm-up steps (loop.py: _timed_kind)
+        phases = {("warmup" if phase == "train" else phase): values for phase, values in phases.items()}
     first = next(iter(phases.values()), None)
     kept = kept_counts(mask) if mask is not None else dict(run.groups)
     keep_ratio = {"vrpge": cfg.sparsity.keep_ratio, "dense": 1.0}.get(method, cfg.sbp.ratio)
@@ -189,10 +197,12 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
         dense_reference_s=reference_s,
         dense_reference_share=None if reference_s is None or elapsed_s <= 0 else reference_s / elapsed_s,
         search_step_ms=_ms(times.median("search")), finetune_step_ms=_ms(times.median("finetune")),
-        dense_step_ms=_ms(times.median("dense_ref")), train_step_ms=_ms(times.median("train")),
+        dense_step_ms=_ms(times.median("dense_ref")),
+        train_step_ms=_ms(times.median("train")) if method != "vrpge" else None,
+        warmup_step_ms=_ms(times.median("train")) if method == "vrpge" else None,
         step_speedup=None if first is None else first["median"],
-        steps=steps, widths=kept, group_sizes=dict(run.groups), fix=state.fix_info, run_time_s=elapsed_s,
-        run_dir=None if run.run_dir is None else str(run.run_dir),
+        steps=steps, widths=kept, group_sizes=dict(run.groups), fix=state.fix_info, search=_search(run),
+        run_time_s=elapsed_s, run_dir=None if run.run_dir is None else str(run.run_dir),
     )
     if method in SPARSE_BACKWARD_METHODS:
         sbp = cfg.sbp
@@ -203,6 +213,31 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
             "last_angles": dict(state.diagnostics),
         }
     return summary.to_dict()
+
+
+def _timed_steps(run: Run, steps: dict[str, int]) -> dict[str, int]:
+    """Run steps per kind the step times are kept by: a VR-PGE run's dense warm-up steps are timed as ``train`` steps
+    (each kind's speedup is the median of its own pairs), its other search steps as ``search``."""
+    schedule = run.state.schedule
+    if run.cfg.method != "vrpge" or schedule is None:
+        return steps
+    warmup = schedule.counts(steps["search"])["warmup"]
+    return dict(steps, search=steps["search"] - warmup, train=warmup)
+
+
+def _search(run: Run) -> dict[str, Any] | None:
+    """The ``search`` field: how the subnetwork came about (see :class:`RunSummary`)."""
+    cfg, schedule = run.cfg, run.state.schedule
+    if cfg.method != "vrpge" or schedule is None:
+        return None
+    sparsity = cfg.sparsity
+    counts = schedule.counts(run.state.counters["search_steps"])
+    random = sparsity.fix == "random"
+    if random:
+        counts = {"warmup": counts["warmup"], "random": counts["anneal"] + counts["search"]}
+    return {"subnetwork": "random" if random else "searched", "warmup_epochs": sparsity.warmup_epochs,
+            "anneal_epochs": sparsity.anneal_epochs, "budget_schedule": sparsity.budget_schedule,
+            "initial_keep_probability": None if random else initial_keep_probability(sparsity), "steps": counts}
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -47,10 +47,11 @@ def score_statistics(s: Tensor, margin: float = 0.05) -> ScoreStatistics:
         raise ValueError(f"margin must be in [0, 0.5), got {margin!r}")
     if s.numel() == 0:
         raise ValueError("score statistics of no channels: expected at least one keep probability")
-    s = s.detach().reshape(-1).double()
+    s = s.detach().reshape(-1)
+    near_zero, near_one = (s <= margin).double().mean(), (s >= 1 - margin).double().mean()  # in s's own precision
+    s = s.double()
     entropy = -(torch.special.xlogy(s, s) + torch.special.xlogy(1 - s, 1 - s))  # xlogy: 0 ln 0 = 0
-    near = torch.stack([(s <= margin).double().mean(), (s >= 1 - margin).double().mean(), entropy.mean()])
-    return ScoreStatistics(*near.tolist())  # one transfer from the device
+    return ScoreStatistics(*torch.stack([near_zero, near_one, entropy.mean()]).tolist())  # one transfer
 
 
 def _check_groups(groups: Mapping[str, int]) -> dict[str, int]:

@@ -1,0 +1,431 @@
+"""A search that can learn (issue 17): the budget schedule (dense warm-up, anneal), the random-subnetwork baseline,
+what their steps cost and how they are timed, resuming them, and the per-epoch diagnostics of a search."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from conftest import TINY_RUN, with_overrides
+from torch.utils.data import DataLoader, Subset
+
+import maskprop
+from maskprop.cli import main
+from maskprop.train import loop
+from maskprop.train.checkpoint import load_checkpoint
+from maskprop.train.config import SparsityConfig, load_config
+from maskprop.train.data import build_datasets
+from maskprop.train.state import ANNEAL_INIT, search_scores
+from maskprop.train.steps import StepContext, vrpge_step
+from maskprop.vrpge import BudgetSchedule, ChannelScores, budget_at, score_grad, score_statistics
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs (conftest.py)
+
+STEPS_PER_EPOCH = 2  # TINY_RUN: 128 training examples, batch 64
+BATCH = 64
+
+
+def tiny(**overrides) -> dict:
+    return with_overrides(TINY_RUN, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The budget schedule
+
+
+@pytest.mark.parametrize("schedule, power", [("cubic", 3), ("linear", 1)])
+def test_budget_at_every_step_of_a_small_schedule_is_the_closed_form(schedule, power):
+    n, keep, warmup, anneal = 10, 0.3, 3, 5
+    k = keep * n
+    expected = [10.0] * 3 + [k + (n - k) * (1 - u / 5) ** power for u in range(5)] + [k] * 4
+    got = [budget_at(t, n, keep, warmup, anneal, schedule) for t in range(12)]
+    assert got == pytest.approx(expected, rel=0, abs=1e-12)
+    assert got[3] == 10.0 and got[8] == k  # continuous at the start of the anneal, exactly K after it
+    plan = BudgetSchedule(n, keep, warmup, anneal, schedule)
+    assert [plan.at(t) for t in range(12)] == got
+    assert [plan.kind(t) for t in range(12)] == ["warmup"] * 3 + ["anneal"] * 5 + ["search"] * 4
+    assert [plan.sampling_budget(t) for t in range(5)] == [10.0, 10.0, 10.0, 10.0, got[4]]
+    assert plan.final == k and plan.counts(6) == {"warmup": 3, "anneal": 3, "search": 0}
+    assert plan.counts(12) == {"warmup": 3, "anneal": 5, "search": 4}
+
+
+def test_without_an_anneal_the_budget_is_the_scores_own_from_the_first_sampling_step():
+    groups = {"a": 16, "b": 48}
+    scores = ChannelScores(groups, keep_ratio=0.37)
+    plan = BudgetSchedule(64, 0.37, warmup_steps=4)
+    assert [plan.at(t) for t in range(6)] == [64.0] * 4 + [scores.budget] * 2
+    assert plan.sampling_budget(0) == scores.budget  # the same float: nothing is projected again
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"step": -1}, "step must be an integer >= 0, got -1"),
+    ({"anneal_steps": 1.5}, "anneal_steps must be an integer >= 0, got 1.5"),
+    ({"num_channels": 0}, "num_channels must be >= 1, got 0"),
+    ({"keep_ratio": 0.0}, r"keep_ratio must be in \(0, 1\], got 0.0"),
+    ({"schedule": "exponential"}, "unknown budget schedule 'exponential'; expected one of cubic, linear"),
+])
+def test_budget_at_refuses_bad_arguments_in_one_line(kwargs, message):
+    arguments = {"step": 0, "num_channels": 8, "keep_ratio": 0.5, "warmup_steps": 0, "anneal_steps": 2,
+                 "schedule": "cubic", **kwargs}
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        budget_at(**arguments)
+
+
+def test_an_anneal_starts_every_keep_probability_at_one():
+    groups = {"a": 8, "b": 24}
+    annealed = search_scores(groups, SparsityConfig(anneal_epochs=2, keep_ratio=0.25))
+    assert ANNEAL_INIT == 1.0 and annealed.budget == 32.0
+    assert torch.equal(annealed.scores.detach(), torch.ones(32))
+    plain = search_scores(groups, SparsityConfig(keep_ratio=0.25, init=0.5))
+    assert plain.budget == 8.0 and torch.allclose(plain.scores.detach(), torch.full((32,), 0.25))
+    with pytest.raises(ValueError, match=r"^budget must be a number in \[0, 32\] \(the channels\), got 33$"):
+        annealed.set_budget(33)
+
+
+def test_a_full_budget_samples_the_full_mask_and_costs_what_it_computes():
+    """Every probability 1 (an anneal's first step): both masks keep every channel, the estimator is finite (zero),
+    and the step costs two full forwards and one full backward, 4 f_D."""
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20", num_classes=4).train()
+    groups = model.channel_groups()
+    scores = ChannelScores(groups, keep_ratio=0.5, init=1.0, budget=float(sum(groups.values())))
+    weights = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    adam = torch.optim.Adam([scores.scores], lr=0.1)
+    ctx = StepContext(torch.nn.CrossEntropyLoss(), torch.device("cpu"), maskprop.CostModel(model, (3, 8, 8)))
+    batch = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    n = scores.num_channels
+    for estimator in ("vrpge", "vrpge_sym"):
+        grad = score_grad(estimator, 2.0, 1.0, torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool),
+                          torch.ones(n), alpha=0.5)
+        assert torch.equal(grad, torch.zeros(n))
+    scores.set_budget(0.75 * n)  # the next step's budget: the step's projection meets it
+    result = vrpge_step(model, scores, (weights, adam), batch, torch.Generator().manual_seed(0), SparsityConfig(),
+                        ctx)
+    assert all(bool(m.all()) for m in result.mask.values()) and all(bool(m.all()) for m in result.mask2.values())
+    assert result.kept_ratio == 1.0 and result.loss == result.loss2  # the same network twice: no loss gap
+    assert result.flops == 4 * ctx.cost.flops(None, 8) and result.dense_flops == 3 * ctx.cost.flops(None, 8)
+    assert torch.equal(scores.scores.grad, torch.zeros(n))
+    torch.testing.assert_close(scores.scores.detach(), torch.full((n,), 0.75))  # all equal: the shift is common
+    assert all(math.isfinite(p.grad.abs().sum().item()) for p in model.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Score statistics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_score_statistics_on_hand_set_scores(dtype):
+    values = [0.0, 0.03, 0.05, 0.06, 0.5, 0.94, 0.95, 0.99, 1.0, 0.2]
+    s = torch.tensor(values, dtype=dtype)
+
+    def entropy(p: float) -> float:
+        return 0.0 if p in (0.0, 1.0) else -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+    stats = score_statistics(s, margin=0.05)  # 0.05 and 0.95 count, in the scores' own precision
+    assert stats.near_zero == pytest.approx(3 / 10) and stats.near_one == pytest.approx(3 / 10)
+    assert stats.entropy == pytest.approx(sum(entropy(p) for p in values) / 10, rel=1e-6)
+    assert score_statistics(torch.full((4,), 0.5)).entropy == pytest.approx(math.log(2))
+    assert score_statistics(torch.tensor([0.0, 1.0])) == (0.5, 0.5, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A tiny annealed run, watched step by step
+
+
+ANNEALED = {"optim.epochs": 4, "finetune.epochs": 1, "sparsity.warmup_epochs": 1, "sparsity.anneal_epochs": 2,
+            "data.augment": False}
+
+
+@pytest.fixture(scope="module")
+def annealed_run(tmp_path_factory):
+    """One tiny run (1 warm-up epoch, 2 anneal epochs, 1 search epoch at the budget, 1 finetune epoch) with every
+    step's result, what each VR-PGE step started from, and after every search epoch an independent measurement of
+    what the diagnostics report."""
+    out = tmp_path_factory.mktemp("annealed") / "run"
+    cfg = load_config(tiny(**ANNEALED))
+    train_set, *_ = build_datasets(cfg.data)
+    probe = DataLoader(Subset(train_set, range(min(loop.TOP_MASK_EXAMPLES, len(train_set)))), batch_size=BATCH)
+    seen: dict = {"steps": [], "vrpge": [], "epochs": []}
+
+    def watched_timed_step(step, kind, times, *args, **kwargs):
+        result = loop_timed_step(step, kind, times, *args, **kwargs)
+        seen["steps"].append((kind, result))
+        return result
+
+    def watched_vrpge_step(model, scores, optimizers, batch, generator, sparsity, ctx):
+        before = {"budget": scores.budget, "sum": float(scores.scores.detach().sum()),
+                  "scores": scores.scores.detach().clone(), "generator": generator.get_state()}
+        result = loop_vrpge_step(model, scores, optimizers, batch, generator, sparsity, ctx)
+        grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]  # no clipping in TINY_RUN
+        seen["vrpge"].append(dict(before, next_budget=scores.budget, result=result,
+                                  grad_norm=float(torch.linalg.vector_norm(torch.cat(grads)))))
+        return result
+
+    def watched_epoch(state, *args, **kwargs):
+        metrics = loop_train_one_epoch(state, *args, **kwargs)
+        if state.phase == "search":
+            mask = state.scores.top_mask()
+            model = copy.deepcopy(state.model).eval()
+            correct = count = 0
+            with torch.random.fork_rng(devices=[]), torch.no_grad(), maskprop.use_mask(model, mask, "masked"):
+                for images, labels in probe:
+                    correct += int((model(images).argmax(1) == labels).sum())
+                    count += labels.numel()
+            seen["epochs"].append({"scores": state.scores.scores.detach().clone(), "top": 100.0 * correct / count,
+                                   "steps": state.counters["search_steps"]})
+        return metrics
+
+    loop_timed_step, loop_vrpge_step, loop_train_one_epoch = loop.timed_step, loop.vrpge_step, loop.train_one_epoch
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "timed_step", watched_timed_step)
+        patch.setattr(loop, "vrpge_step", watched_vrpge_step)
+        patch.setattr(loop, "train_one_epoch", watched_epoch)
+        summary = maskprop.fit(cfg, out=out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"out": out, "summary": summary, "records": records, "cfg": cfg, **seen}
+
+
+def test_the_warmup_is_dense_and_leaves_scores_and_mask_generator_alone(annealed_run):
+    steps, vrpge = annealed_run["steps"], annealed_run["vrpge"]
+    warmup = steps[:STEPS_PER_EPOCH]
+    assert all(kind == "train" and result.loss2 is None and result.kept_ratio == 1.0 for kind, result in warmup)
+    first = vrpge[0]
+    assert torch.equal(first["scores"], torch.ones_like(first["scores"]))  # untouched by the warm-up
+    fresh = torch.Generator().manual_seed(annealed_run["cfg"].seed + 1).get_state()
+    assert torch.equal(first["generator"], fresh)  # no mask was drawn in the warm-up
+    assert first["result"].kept_ratio == 1.0 and first["result"].loss == first["result"].loss2
+
+
+def test_every_step_samples_from_scores_within_its_budget_and_projects_onto_the_next(annealed_run):
+    n = annealed_run["summary"]["group_sizes"]
+    n = sum(n.values())
+    plan = BudgetSchedule(n, 0.5, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, "cubic")
+    vrpge = annealed_run["vrpge"]
+    assert len(vrpge) == 3 * STEPS_PER_EPOCH
+    for i, step in enumerate(vrpge):
+        t = STEPS_PER_EPOCH + i
+        assert step["sum"] <= plan.at(t) + 1e-3, t  # sampled from scores within K(t)
+        assert step["budget"] == step["next_budget"] == plan.at(t + 1), t  # and projected onto K(t + 1)
+    assert vrpge[-1]["next_budget"] == 0.5 * n
+
+
+def test_train_flops_of_warmup_anneal_search_and_finetune_match_a_hand_count(annealed_run):
+    """Warm-up steps 3 f_D, VR-PGE steps (anneal or not) 3 f(m) + f(m'), finetune steps 3 f(fixed), all from
+    CostModel's numbers; the dense baseline 3 f_D per search step, warm-up included, so a warm-up lowers the saving."""
+    summary, out = annealed_run["summary"], annealed_run["out"]
+    model = maskprop.create_model("resnet20", num_classes=10)
+    cost = maskprop.CostModel(model, (3, 16, 16))
+    fixed = load_checkpoint(out / "last.pt")["fixed_mask"]
+    f_dense = BATCH * cost.flops()
+    warmup = STEPS_PER_EPOCH * 3 * f_dense
+    search = sum(3 * BATCH * cost.flops(s["result"].mask) + BATCH * cost.flops(s["result"].mask2)
+                 for s in annealed_run["vrpge"])
+    finetune = STEPS_PER_EPOCH * 3 * BATCH * cost.flops(fixed)
+    assert summary["train_flops"] == warmup + search + finetune
+    assert summary["dense_train_flops"] == 4 * STEPS_PER_EPOCH * 3 * f_dense
+    assert summary["train_cost_saving"] == pytest.approx(summary["dense_train_flops"] / summary["train_flops"])
+    first = annealed_run["vrpge"][0]["result"]
+    assert first.flops == 4 * f_dense  # the anneal's first step keeps every channel: 2 dense forwards + 1 backward
+    records = annealed_run["records"]
+    assert records[0]["train_flops"] == warmup and records[0]["train_cost_saving"] == 1.0
+
+
+def test_warmup_steps_are_timed_against_dense_steps_as_their_own_kind(annealed_run):
+    summary = annealed_run["summary"]
+    times = load_checkpoint(annealed_run["out"] / "last.pt")["times"]
+    assert len(times["train"]) == STEPS_PER_EPOCH and len(times["search"]) == 3 * STEPS_PER_EPOCH
+    phases = summary["measured_speedup_phases"]
+    assert set(phases) == {"search", "warmup", "finetune"} and phases["warmup"]["pairs"] >= 1
+    steps = {"search": 3 * STEPS_PER_EPOCH, "warmup": STEPS_PER_EPOCH, "finetune": STEPS_PER_EPOCH}
+    expected = 4 * STEPS_PER_EPOCH / sum(n / phases[p]["median"] for p, n in steps.items())
+    assert summary["measured_speedup"] == pytest.approx(expected)
+    assert summary["warmup_step_ms"] == pytest.approx(1000 * statistics.median(times["train"]))
+    assert summary["train_step_ms"] is None
+    assert summary["search"] == {"subnetwork": "searched", "warmup_epochs": 1, "anneal_epochs": 2,
+                                 "budget_schedule": "cubic", "initial_keep_probability": 1.0,
+                                 "steps": {"warmup": 2, "anneal": 4, "search": 2}}
+    assert summary["steps"] == {"search": 8, "finetune": 2, "train": 0}
+
+
+def test_search_diagnostics_match_an_independent_computation(annealed_run):
+    records = [r for r in annealed_run["records"] if r["phase"] == "search"]
+    assert [r["step_kind"] for r in records] == ["warmup", "anneal", "anneal", "search"]
+    n = sum(annealed_run["summary"]["group_sizes"].values())
+    plan = BudgetSchedule(n, 0.5, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, "cubic")
+    steps = annealed_run["steps"]
+    for epoch, record in enumerate(records):
+        assert record["budget_ratio"] == pytest.approx(plan.at((epoch + 1) * STEPS_PER_EPOCH) / n)
+        results = [result for _, result in steps[epoch * STEPS_PER_EPOCH:(epoch + 1) * STEPS_PER_EPOCH]]
+        assert record["grad_norm"] == pytest.approx(statistics.mean(r.grad_norm for r in results), rel=1e-12)
+    assert "loss_gap" not in records[0] and "train_loss2" not in records[0] and "score_entropy" not in records[0]
+    for epoch, (record, watched) in enumerate(zip(records[1:], annealed_run["epochs"][1:]), start=1):
+        vrpge = annealed_run["vrpge"][(epoch - 1) * STEPS_PER_EPOCH:epoch * STEPS_PER_EPOCH]
+        assert record["loss_gap"] == pytest.approx(statistics.mean(abs(s["result"].loss - s["result"].loss2)
+                                                                   for s in vrpge))
+        assert record["grad_norm"] == pytest.approx(statistics.mean(s["grad_norm"] for s in vrpge), rel=1e-5)
+        s = watched["scores"].double()
+        entropy = -(s * s.clamp_min(1e-300).log() + (1 - s) * (1 - s).clamp_min(1e-300).log()).mean()
+        assert record["score_entropy"] == pytest.approx(float(entropy), rel=1e-9)
+        assert record["scores_near_0"] == pytest.approx(sum(p <= 0.05 for p in s.tolist()) / len(s))
+        assert record["scores_near_1"] == pytest.approx(sum(p >= 0.95 for p in s.tolist()) / len(s))
+        assert record["train_accuracy_top"] == pytest.approx(watched["top"])
+
+
+def test_tensorboard_holds_the_search_diagnostics(annealed_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(annealed_run["out"]))
+    events.Reload()
+    expected = {"search/budget_ratio", "search/loss_gap", "search/scores_near_0", "search/scores_near_1",
+                "search/score_entropy", "search/train_accuracy_top", "search/epoch_grad_norm", "search/grad_norm"}
+    assert expected <= set(events.Tags()["scalars"])
+
+
+def test_anneal_epochs_do_not_count_as_the_best_subnetwork(annealed_run):
+    """While the budget falls the top scores keep more channels than the budget: their accuracy is not a best."""
+    records = annealed_run["records"]
+    counted = [r["val_accuracy"] for r in records if r.get("step_kind") not in ("warmup", "anneal")]
+    summary = annealed_run["summary"]
+    assert summary["best_accuracy"] == max(counted)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The random-subnetwork baseline
+
+
+RANDOM = {"optim.epochs": 3, "finetune.epochs": 1, "sparsity.warmup_epochs": 1, "sparsity.fix": "random",
+          "sparsity.keep_ratio": 0.3, "save_every": 1}
+
+
+def test_the_random_baseline_trains_the_subnetwork_its_seed_draws(tmp_path, monkeypatch):
+    kinds = []
+    loop_timed_step = loop.timed_step
+
+    def watched(step, kind, *args, **kwargs):
+        result = loop_timed_step(step, kind, *args, **kwargs)
+        kinds.append((kind, result))
+        return result
+
+    monkeypatch.setattr(loop, "timed_step", watched)
+    summary = maskprop.fit(tiny(**RANDOM), out=tmp_path / "random")
+    checkpoint = load_checkpoint(tmp_path / "random" / "last.pt")
+    groups = maskprop.create_model("resnet20").channel_groups()
+    assert summary["widths"] == {g: max(1, round(0.3 * n)) for g, n in groups.items()}
+    drawn = maskprop.random_mask(groups, 0.3, torch.Generator().manual_seed(TINY_RUN["seed"] + 1))
+    assert {g: m.tolist() for g, m in checkpoint["fixed_mask"].items()} == {g: m.tolist() for g, m in drawn.items()}
+    assert checkpoint["scores"] is None and checkpoint["optimizers"]["scores"] is None
+    assert summary["fix"] == {"rule": "random"}
+    assert summary["search"]["subnetwork"] == "random" and summary["search"]["steps"] == {"warmup": 2, "random": 4}
+    records = [json.loads(line) for line in (tmp_path / "random" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("step_kind") for r in records] == ["warmup", "random", "random", None]
+    assert all("kept_ratio_expected" not in r and "loss_gap" not in r for r in records)
+    # FLOPs: 3 f_D per warm-up step, then 3 f(mask) per step of the fixed subnetwork, search and finetune alike
+    cost = maskprop.CostModel(maskprop.create_model("resnet20", num_classes=10), (3, 16, 16))
+    assert [k for k, _ in kinds] == ["train"] * 2 + ["search"] * 4 + ["finetune"] * 2
+    assert all(r.flops == 3 * BATCH * cost.flops(drawn) for _, r in kinds[2:])
+    assert summary["train_flops"] == 2 * 3 * BATCH * cost.flops() + 6 * 3 * BATCH * cost.flops(drawn)
+    assert summary["dense_train_flops"] == 6 * 3 * BATCH * cost.flops()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resume
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(monkeypatch, epochs: int) -> None:
+    """Make the run raise when it starts search epoch ``epochs + 1`` (its checkpoint holds ``epochs`` epochs)."""
+    train_one_epoch = loop.train_one_epoch
+
+    def stop(state, *args, **kwargs):
+        if state.phase == "search" and state.epoch == epochs:
+            raise _Stop
+        return train_one_epoch(state, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", stop)
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    for key in ("phase", "epoch", "step", "counters", "best_accuracy", "final_accuracy", "fix_info"):
+        assert a[key] == b[key], key
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert (a["scores"] is None) == (b["scores"] is None)
+    if a["scores"] is not None:
+        assert torch.equal(a["scores"]["scores"], b["scores"]["scores"])
+    assert {g: m.tolist() for g, m in a["fixed_mask"].items()} == {g: m.tolist() for g, m in b["fixed_mask"].items()}
+    for which in ("weights", "scores"):
+        if a["optimizers"][which] is None:
+            assert b["optimizers"][which] is None
+            continue
+        sa, sb = a["optimizers"][which]["state"], b["optimizers"][which]["state"]
+        assert sa.keys() == sb.keys()
+        for index in sa:
+            for field, value in sa[index].items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[index][field])), (which, index, field)
+    for name in ("mask", "loader", "torch"):
+        assert torch.equal(a["rng"][name], b["rng"][name]), name
+
+
+def _records(run) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "epoch_time_s"} for line in lines]
+
+
+@pytest.mark.parametrize("name, overrides, stops", [
+    ("anneal", {"optim.epochs": 5, "sparsity.warmup_epochs": 2, "sparsity.anneal_epochs": 2}, (1, 3)),
+    ("random", RANDOM, (2,)),
+])
+def test_resume_in_the_warmup_the_anneal_and_the_random_baseline_is_exact(tmp_path, monkeypatch, name, overrides,
+                                                                        stops):
+    config = tiny(**{"finetune.epochs": 1, "save_every": 1, **overrides})
+    maskprop.fit(copy.deepcopy(config), out=tmp_path / "straight")
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    train_one_epoch = loop.train_one_epoch
+    for epochs in stops:  # 1: in the warm-up; 3: in the anneal; 2: in the random baseline's search
+        run = tmp_path / f"stopped{epochs}"
+        _stop_after(monkeypatch, epochs)
+        with pytest.raises(_Stop):
+            maskprop.fit(copy.deepcopy(config), out=run)
+        assert (load_checkpoint(run / "last.pt")["phase"], load_checkpoint(run / "last.pt")["epoch"]) == \
+            ("search", epochs)
+        monkeypatch.setattr(loop, "train_one_epoch", train_one_epoch)
+        maskprop.fit(copy.deepcopy(config), out=run, resume=True)
+        _assert_identical(straight, load_checkpoint(run / "last.pt"))
+        assert _records(run) == _records(tmp_path / "straight")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_a_random_subnetwork_of_a_dense_run_is_one_line(tmp_path, capsys):
+    with pytest.raises(ValueError, match="sparsity.fix='random'") as caught:
+        maskprop.fit(tiny(method="dense", **{"sparsity.fix": "random"}))
+    assert "\n" not in str(caught.value)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(json.dumps(TINY_RUN))
+    assert main(["train", str(recipe), "--out", str(tmp_path / "out"), "method=dense", "sparsity.fix=random"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sparsity.fix='random'" in err[0] and not (tmp_path / "out").exists()
+
+
+def test_an_anneal_of_the_random_baseline_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(json.dumps(TINY_RUN))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["train", str(recipe), "--out", str(tmp_path / "out"), "sparsity.fix=random",
+                     "sparsity.anneal_epochs=1"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sparsity.anneal_epochs=1 anneals the keep probabilities" in err[0]
+    assert not (tmp_path / "out").exists()
