@@ -1,0 +1,771 @@
+"""Static-shape compact execution: per-group capacities fixed for a window of steps, masks as buffer contents.
+
+The compact execution of :mod:`maskprop.sparse.execution` gives every step the widths of its own mask: new shapes in
+every step, index sets built on the host, and a host read of every mask. On a GPU that means new kernel plans per
+shape and a step that cannot be recorded once and replayed. Here a step runs with shapes fixed in advance instead.
+Each group ``g`` gets a *capacity* ``C_g``: the width its layers compute, chosen once per window of steps from the keep
+probabilities (:func:`choose_capacities`: a high quantile of the kept count, rounded up to the alignment) and chosen
+again only when the probabilities have moved past it (:func:`rechoose_capacities`). A
+:class:`StaticExecutionState` is built once per window: it holds, on the model's device, an index buffer of ``C_g``
+channels and a 0/1 buffer ``real`` for every group, and the flat indices that gather every conv, linear and BatchNorm
+parameter of those widths, all of sizes fixed by the capacities. Each step, :meth:`StaticExecutionState.update` writes
+the new mask into those buffers in place with a fixed sequence of device operations whose output shapes never depend
+on the mask (one stable sort of all channels by group, kept first; a gather of each group's first ``C_g`` positions;
+the flat indices recomputed from precomputed tables) and without reading anything back to the host. A group keeping
+fewer than ``C_g`` channels fills the rest with dropped channels, which run as padding exactly as ``align`` pads
+today: their gathered weight rows and BatchNorm parameters are multiplied by zero, so they output exactly zero, get
+zero gradients, and their running statistics are not written back. Since neither the shapes nor the addresses of the
+buffers change between steps, the whole step (update, forward, backward, optimizer) issues the same kernels on the
+same memory every time, which is what lets it be captured as one CUDA graph per step kind and replayed, with new
+masks written into the same buffers before each replay. A group that keeps more than ``C_g`` channels (an overflow,
+about once per thousand steps per group at the default quantile) keeps the ``C_g`` of them with the smallest
+tie-breaking uniforms ``u`` (the lowest channel numbers without ``u``); the mask actually used is recorded on the
+device (:attr:`StaticExecutionState.mask_used`, the one to give the score estimator), and on-device counters of
+overflowing steps and cut channels are read by the caller every ``N`` steps (:meth:`StaticExecutionState.read_overflow`,
+one transfer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from .gather import gather_rows
+from .groups import aligned_width, channel_groups, check_align
+from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule, set_execution_state
+
+if TYPE_CHECKING:
+    from ..vrpge import ChannelScores
+
+__all__ = [
+    "CapacityUpdate",
+    "KeptCount",
+    "OverflowReport",
+    "StaticExecutionState",
+    "StaticLayout",
+    "check_capacities",
+    "choose_capacities",
+    "kept_count_moments",
+    "mask_capacities",
+    "rechoose_capacities",
+    "use_static",
+]
+
+DEFAULT_QUANTILE = 0.999
+DEFAULT_OVERFLOW_THRESHOLD = 0.01
+# Gathered pieces cut from one concatenated buffer start at a multiple of this many elements (64 bytes in float32):
+# float32 cuBLAS kernels fault on operands that are not 16-byte aligned.
+_ALIGN_ELEMENTS = 16
+_TIE_BITS = 32  # tie-breaking uniforms enter the sort key as 32-bit integers below the group and dropped bits
+
+
+# --- capacities -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeptCount:
+    """The kept count ``K = sum_j m_j`` of one group under independent ``m_j ~ Bernoulli(s_j)`` (a Poisson-binomial
+    variable), through its mean and variance: its tail is taken from the normal approximation with continuity
+    correction, ``P(K <= c) ~ Phi((c + 1/2 - mean) / sd)``, close for groups of more than a few channels whose
+    probabilities are not all near 0 or 1 (and exact when they are all 0 or 1: then ``K`` is the constant ``mean``).
+
+    Attributes:
+        channels: The group's channels ``n``.
+        mean: ``sum_j s_j``.
+        variance: ``sum_j s_j (1 - s_j)``.
+    """
+
+    channels: int
+    mean: float
+    variance: float
+
+    def quantile(self, q: float) -> int:
+        """The smallest count ``c`` with ``P(K <= c) >= q``, in ``[0, channels]``."""
+        if self.variance <= 0.0:
+            raw = self.mean
+        else:
+            raw = self.mean + statistics.NormalDist().inv_cdf(q) * math.sqrt(self.variance) - 0.5
+        # A small tolerance keeps an integer mean of 0/1 probabilities (summed in floating point) at that integer.
+        return min(max(math.ceil(raw - 1e-9), 0), self.channels)
+
+    def overflow_probability(self, capacity: int) -> float:
+        """``P(K > capacity)``."""
+        if capacity >= self.channels:
+            return 0.0
+        if self.variance <= 0.0:
+            return 0.0 if capacity >= self.mean - 1e-9 else 1.0
+        return 1.0 - statistics.NormalDist().cdf((capacity + 0.5 - self.mean) / math.sqrt(self.variance))
+
+
+def _probabilities(scores: ChannelScores | Mapping[str, Tensor]) -> tuple[list[str], list[Tensor]]:
+    if isinstance(scores, Mapping):
+        names = list(scores)
+        values = [scores[g] for g in names]
+    elif hasattr(scores, "split") and isinstance(getattr(scores, "scores", None), Tensor):  # a ChannelScores
+        split = scores.split(scores.scores.detach())
+        names, values = list(split), list(split.values())
+    else:
+        raise TypeError(f"keep probabilities are a ChannelScores or a dict of group -> 1-d tensor, "
+                        f"got {type(scores).__name__}")
+    bad = [g for g, v in zip(names, values) if not isinstance(v, Tensor) or v.dim() != 1 or not v.is_floating_point()]
+    if bad:
+        raise ValueError(f"keep probabilities of group {bad[0]!r} are not a 1-d floating-point tensor")
+    return names, values
+
+
+def kept_count_moments(scores: ChannelScores | Mapping[str, Tensor]) -> dict[str, KeptCount]:
+    """The :class:`KeptCount` of every group, from its keep probabilities (one transfer to the host).
+
+    Args:
+        scores: A :class:`~maskprop.vrpge.ChannelScores`, or ``{group: 1-d tensor of keep probabilities}``.
+
+    Raises:
+        ValueError: a probability outside ``[0, 1]`` (or NaN), or a value that is not a 1-d float tensor.
+    """
+    names, values = _probabilities(scores)
+    if not names:
+        return {}
+    flat = torch.cat([v.detach().double().reshape(-1) for v in values])
+    group_of = torch.repeat_interleave(torch.arange(len(values), device=flat.device),
+                                       torch.tensor([v.numel() for v in values], device=flat.device))
+    sums = torch.zeros(3, len(values), dtype=torch.float64, device=flat.device)
+    sums[0].index_add_(0, group_of, flat)
+    sums[1].index_add_(0, group_of, flat * (1 - flat))
+    sums[2].index_add_(0, group_of, ((flat < 0) | (flat > 1) | flat.isnan()).double())
+    means, variances, invalid = sums.tolist()
+    bad = [g for g, count in zip(names, invalid) if count]
+    if bad:
+        raise ValueError(f"keep probabilities of group {bad[0]!r} are not all in [0, 1]")
+    return {g: KeptCount(v.numel(), mean, max(var, 0.0))
+            for g, v, mean, var in zip(names, values, means, variances)}
+
+
+def _capacity(count: KeptCount, align: int, quantile: float) -> int:
+    # At least one channel: a sampler keeps one channel of a group that drew none.
+    return aligned_width(max(count.quantile(quantile), 1), count.channels, align)
+
+
+def _check_quantile(quantile: float) -> float:
+    if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.5 <= quantile < 1.0:
+        raise ValueError(f"quantile={quantile!r} is not in [0.5, 1); expected e.g. 0.999")
+    return float(quantile)
+
+
+def choose_capacities(scores: ChannelScores | Mapping[str, Tensor], align: int = 8,
+                      quantile: float = DEFAULT_QUANTILE) -> dict[str, int]:
+    """Each group's capacity: the ``quantile`` of its kept count (:class:`KeptCount`, normal approximation), at least
+    1, rounded up to a multiple of ``align`` and clamped to ``[min(align, n), n]``.
+
+    Args:
+        scores: A :class:`~maskprop.vrpge.ChannelScores`, or ``{group: 1-d tensor of keep probabilities}``.
+        align: Capacities are multiples of this (8 for CUDA tensor cores), or the group's size.
+        quantile: A group overflows its capacity with probability about ``1 - quantile`` per sampled mask.
+    """
+    align, quantile = check_align(align), _check_quantile(quantile)
+    return {g: _capacity(count, align, quantile) for g, count in kept_count_moments(scores).items()}
+
+
+@dataclass(frozen=True)
+class CapacityUpdate:
+    """What :func:`rechoose_capacities` decided.
+
+    Attributes:
+        capacities: ``{group: capacity}`` for the next window.
+        changed: Whether any capacity differs from the current ones (the state must be rebuilt, and graphs captured
+            anew).
+        rechosen: The groups whose capacity changed.
+    """
+
+    capacities: dict[str, int]
+    changed: bool
+    rechosen: tuple[str, ...] = ()
+
+
+def rechoose_capacities(capacities: Mapping[str, int], scores: ChannelScores | Mapping[str, Tensor], align: int = 8,
+                        quantile: float = DEFAULT_QUANTILE,
+                        overflow_threshold: float = DEFAULT_OVERFLOW_THRESHOLD) -> CapacityUpdate:
+    """Capacities for the next window, with hysteresis so that scores hovering near a boundary do not change shapes
+    every window.
+
+    A group's capacity ``C`` is chosen again (as :func:`choose_capacities` would) only when the keep probabilities have
+    moved past it: when it overflows too often, ``P(K > C) > overflow_threshold`` (grow), or when it wastes more than
+    an alignment step, ``C - quantile(K) > align`` (shrink). Otherwise it stays.
+
+    Args:
+        capacities: The current ``{group: capacity}``.
+        scores: The keep probabilities now (as for :func:`choose_capacities`), with the same groups.
+        align: As for :func:`choose_capacities`.
+        quantile: As for :func:`choose_capacities`.
+        overflow_threshold: The overflow probability per mask above which a group grows; above ``1 - quantile``.
+    """
+    align, quantile = check_align(align), _check_quantile(quantile)
+    if not 1.0 - quantile <= overflow_threshold < 1.0:
+        raise ValueError(f"overflow_threshold={overflow_threshold!r} is not in [1 - quantile, 1) = "
+                         f"[{1.0 - quantile:g}, 1)")
+    counts = kept_count_moments(scores)
+    current = check_capacities(capacities, {g: c.channels for g, c in counts.items()}, align)
+    chosen = dict(current)
+    for g, count in counts.items():
+        capacity = current[g]
+        grow = count.overflow_probability(capacity) > overflow_threshold
+        shrink = capacity - count.quantile(quantile) > align
+        if grow or shrink:
+            chosen[g] = _capacity(count, align, quantile)
+    rechosen = tuple(g for g in chosen if chosen[g] != current[g])
+    return CapacityUpdate(chosen, bool(rechosen), rechosen)
+
+
+def mask_capacities(mask: Mapping[str, Tensor], align: int = 8) -> dict[str, int]:
+    """Capacities for one fixed mask (a finetune): each group's kept count rounded up to ``align`` (never past the
+    group's size), so that the mask never overflows. Reads the mask to the host once."""
+    align = check_align(align)
+    names = list(mask)
+    counts = torch.stack([mask[g].reshape(-1).sum() for g in names]).tolist() if names else []
+    return {g: aligned_width(max(int(c), 1), mask[g].numel(), align) for g, c in zip(names, counts)}
+
+
+def check_capacities(capacities: Mapping[str, int], groups: Mapping[str, int], align: int = 1) -> dict[str, int]:
+    """``capacities`` in the order of ``groups`` if every group has one in ``[min(align, n), n]``, else a one-line
+    ``ValueError``."""
+    align = check_align(align)
+    if not isinstance(capacities, Mapping):
+        raise TypeError(f"capacities are a dict of group -> int, got {type(capacities).__name__}")
+    unknown = [g for g in capacities if g not in groups]
+    missing = [g for g in groups if g not in capacities]
+    if unknown or missing:
+        raise ValueError(f"capacities do not match the model's groups: unknown {unknown[:4]}, missing {missing[:4]}")
+    for g, n in groups.items():
+        c = capacities[g]
+        if isinstance(c, bool) or not isinstance(c, int) or c > n:
+            raise ValueError(f"capacity {c!r} of group {g!r} is not an integer in [1, {n}] (its channels)")
+        if c < min(align, n):
+            raise ValueError(f"capacity {c} of group {g!r} is below the alignment {align}; expected at least "
+                             f"{min(align, n)} (the group has {n} channels)")
+    return {g: capacities[g] for g in groups}
+
+
+# --- the layout: everything fixed by the capacities, built once per window --------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupSlots:
+    """Where one group's channels sit in the mask and its computed channels ("slots") in the index buffer.
+
+    Attributes:
+        name: The group.
+        channels: Its channels ``n``.
+        capacity: Its computed width ``C`` (slots).
+        first_channel: Its first entry in the flat mask (groups in model order).
+        first_slot: Its first slot in the extended index buffer.
+    """
+
+    name: str
+    channels: int
+    capacity: int
+    first_channel: int
+    first_slot: int
+
+
+@dataclass(frozen=True)
+class GatherPiece:
+    """One gathered tensor (a weight, a bias, or one BatchNorm unit's weight or bias): its entries in its table.
+
+    Attributes:
+        layer: The layer that owns it.
+        kind: ``"weight"`` or ``"bias"``.
+        shape: The gathered tensor's shape.
+        start: Its first entry in its table (a multiple of the alignment when concatenated).
+        entries: Its entries (rows of its ``(rows, area)`` view); padding up to the next piece follows.
+    """
+
+    layer: nn.Module
+    kind: str
+    shape: tuple[int, ...]
+    start: int
+    entries: int
+
+
+@dataclass
+class GatherTable:
+    """The tensors gathered together: conv and linear weights (and biases) of one kernel area, or the BatchNorm units.
+
+    Attributes:
+        area: Elements per row (the kernel area; 1 for linear weights, biases and BatchNorm parameters).
+        pieces: Its tensors, in the order of their concatenation.
+        start: Its first entry in the state's flat index buffer.
+        entries: Its entries, padding included.
+        split_sizes: Entry counts that cut its gathered rows into pieces and paddings (pieces at even positions).
+        modules: For the BatchNorm table, its units (a piece for each one's weight, then each one's bias).
+    """
+
+    area: int
+    pieces: list[GatherPiece]
+    start: int
+    entries: int
+    split_sizes: list[int]
+    modules: list[SparseBatchNorm2d] = field(default_factory=list)
+
+
+class StaticLayout:
+    """Everything a static compact step needs that the capacities fix: slots per group, gather tables, and the
+    device tables that turn an index buffer into flat gather indices. Built once per window (per capacities) and
+    shared by the states of that window (a search step's two masks use two states of one layout).
+
+    The flat index of entry ``e`` (gathered row ``(o, i)`` of some tensor) is
+    ``row_base[r] + row_stride[r] * ext[row_slot[r]] + ext[entry_slot[e]]`` with ``r = entry_row[e]``, where ``ext``
+    is the extended index buffer: the groups' slots, then an identity segment (sides never pruned), then one null
+    slot (index 0, real 0) that padding entries read. Only ``ext`` changes from mask to mask.
+
+    Args:
+        model: A maskprop model.
+        capacities: ``{group: computed width}`` (:func:`check_capacities`).
+        align: The alignment ``capacities`` were chosen for (checked: none below it unless the group is smaller).
+        concatenate: Gather all weights of one kernel area from their concatenation with one call (default off the
+            CPU, where calls are launches) or layer by layer (default on the CPU, where copying every weight per pass
+            costs more than a call).
+        device: Where the buffers live (default: the model's).
+    """
+
+    def __init__(self, model: nn.Module, capacities: Mapping[str, int], align: int = 1,
+                 concatenate: bool | None = None, device: torch.device | str | None = None) -> None:
+        self.model = model
+        self.layers = [m for m in model.modules() if isinstance(m, SparseModule)]
+        self.groups = channel_groups(model)
+        self.align = check_align(align)
+        self.capacities = check_capacities(capacities, self.groups, self.align)
+        parameter = next(model.parameters(), None)
+        self.device = torch.device(device) if device is not None else (
+            parameter.device if parameter is not None else torch.device("cpu"))
+        self.dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+        self.concatenate = self.device.type != "cpu" if concatenate is None else concatenate
+        self.slots: dict[str, GroupSlots] = {}
+        first_channel = first_slot = 0
+        for g, n in self.groups.items():
+            self.slots[g] = GroupSlots(g, n, self.capacities[g], first_channel, first_slot)
+            first_channel, first_slot = first_channel + n, first_slot + self.capacities[g]
+        self.num_channels, self.num_slots = first_channel, first_slot
+        weighted = [m for m in self.layers if isinstance(m, (SparseConv2d, SparseLinear))
+                    and (m.in_group is not None or m.out_group is not None)]
+        norms = [m for m in self.layers if isinstance(m, SparseBatchNorm2d) and m.group is not None]
+        unpacked = [m for m in norms if not (m.affine and m.running_mean is not None and m.running_var is not None)]
+        if unpacked:
+            raise ValueError("static execution needs affine BatchNorm layers with running statistics; a pruned "
+                             f"BatchNorm of group {unpacked[0].group!r} has none")
+        widest = max([max(m.weight.shape[0], m.weight.shape[1]) for m in weighted], default=1)
+        self.identity_slot = self.num_slots
+        self.null_slot = self.num_slots + widest
+        self.ext_size = self.null_slot + 1
+        self.weighted = {id(m) for m in weighted}
+        self._build_tables(weighted, norms)
+
+    def _side(self, group: str | None, size: int) -> tuple[int, int]:
+        """(first slot, width) of one side of a gathered tensor in the extended index buffer."""
+        if group is None:
+            return self.identity_slot, size
+        return self.slots[group].first_slot, self.slots[group].capacity
+
+    def _build_tables(self, weighted: list[nn.Module], norms: list[SparseBatchNorm2d]) -> None:
+        by_area: dict[int, list[tuple[nn.Module, str]]] = {}
+        for m in weighted:
+            by_area.setdefault(math.prod(m.weight.shape[2:]), []).append((m, "weight"))
+        for m in weighted:
+            if m.bias is not None and m.out_group is not None:
+                by_area.setdefault(1, []).append((m, "bias"))
+        row_slot, row_base, row_stride, entry_row, entry_slot = [], [], [], [], []
+        rows = entries = 0
+        self.tables: list[GatherTable] = []
+
+        def add_table(area: int, sources: list[tuple], modules: list[SparseBatchNorm2d],
+                      concatenated: bool) -> GatherTable:
+            """``sources``: (layer, kind, shape tail or ``None`` for a 1-d piece, out group, in group, outputs,
+            inputs); ``concatenated``: gathered from the concatenation of the sources (else each from its own)."""
+            nonlocal rows, entries
+            # Pieces cut from one gathered buffer start aligned where the device needs it (padding reads a zero row).
+            unit = _ALIGN_ELEMENTS // math.gcd(area, _ALIGN_ELEMENTS) if self.concatenate else 1
+            table = GatherTable(area, [], entries, 0, [], modules)
+            base = 0
+            sink_row = rows  # padding entries read this row: base = the appended zero source row, stride 0
+            if unit > 1:
+                row_slot.append(torch.tensor([self.null_slot]))
+                row_base.append(torch.tensor([sum(c_out * c_in for *_, c_out, c_in in sources)]))
+                row_stride.append(torch.zeros(1, dtype=torch.int64))
+                rows += 1
+            for layer, kind, tail, out_group, in_group, c_out, c_in in sources:
+                out_first, n_out = self._side(out_group, c_out)
+                in_first, n_in = self._side(in_group, c_in)
+                row_slot.append(torch.arange(out_first, out_first + n_out))
+                row_base.append(torch.full((n_out,), base if concatenated else 0))
+                row_stride.append(torch.full((n_out,), c_in))
+                entry_row.append(torch.arange(rows, rows + n_out).repeat_interleave(n_in))
+                entry_slot.append(torch.arange(in_first, in_first + n_in).repeat(n_out))
+                n = n_out * n_in
+                pad = -n % unit
+                entry_row.append(torch.full((pad,), sink_row))
+                entry_slot.append(torch.full((pad,), self.null_slot))
+                shape = (n_out,) if tail is None else (n_out, n_in, *tail)
+                table.pieces.append(GatherPiece(layer, kind, shape, table.entries, n))
+                table.split_sizes += [n, pad]
+                table.entries += n + pad
+                rows += n_out
+                base += c_out * c_in
+            entries += table.entries
+            return table
+
+        for area, sources in by_area.items():
+            self.tables.append(add_table(area, [
+                (m, kind, tuple(m.weight.shape[2:]) if kind == "weight" else None, m.out_group,
+                 m.in_group if kind == "weight" else None, m.weight.shape[0], m.weight.shape[1] if kind == "weight" else 1)
+                for m, kind in sources], [], self.concatenate))
+        self.norm_table: GatherTable | None = None
+        if norms:
+            # cat(weights + biases) has the layout of cat(running means + running variances): one index serves both.
+            sources = [(m, kind, None, m.group, None, m.num_features, 1) for kind in ("weight", "bias") for m in norms]
+            self.norm_table = add_table(1, sources, norms, True)
+        self.norm_position = {id(m): i for i, m in enumerate(norms)}
+        self.num_entries = entries
+        self.num_rows = rows
+
+        def cat(pieces: list[Tensor]) -> Tensor:
+            return torch.cat(pieces).to(self.device) if pieces else torch.zeros(0, dtype=torch.int64,
+                                                                                 device=self.device)
+
+        self.row_slot, self.row_base, self.row_stride = cat(row_slot), cat(row_base), cat(row_stride)
+        self.entry_row, self.entry_slot = cat(entry_row), cat(entry_slot)
+        # What a mask update reads: each channel's sort key base (2 x its group), the sorted positions that fill each
+        # group's slots (a group's channels occupy its own range of the sorted order), and each slot's first channel.
+        groups = list(self.slots.values())
+        self.group_of = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([s.channels for s in groups],
+                                                                                        dtype=torch.int64))
+        self.take = torch.cat([torch.arange(s.first_channel, s.first_channel + s.capacity) for s in groups]) \
+            if groups else torch.zeros(0, dtype=torch.int64)
+        self.slot_channel = torch.cat([torch.full((s.capacity,), s.first_channel) for s in groups]) \
+            if groups else torch.zeros(0, dtype=torch.int64)
+        self.group_key = (self.group_of * 2).to(self.device)
+        self.group_of, self.take, self.slot_channel = (t.to(self.device) for t in
+                                                       (self.group_of, self.take, self.slot_channel))
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """``{group: channels computed}``: the capacities (what the train-cost accounting counts)."""
+        return dict(self.capacities)
+
+
+# --- the state: the buffers one mask lives in -----------------------------------------------------------------------
+
+
+class _Pass:
+    """The gathered tensors of one forward pass: built by the first layer that asks, used by every layer once."""
+
+    def __init__(self, tensors: dict, grad: bool) -> None:
+        self.tensors = tensors
+        self.grad = grad
+        self.served: set[int] = set()
+        self.updated = False
+
+    def serves(self, layer: nn.Module) -> bool:
+        return id(layer) not in self.served and self.grad == torch.is_grad_enabled()
+
+
+@dataclass(frozen=True)
+class OverflowReport:
+    """Overflows since the last read: steps (updates) in which some group kept more channels than its capacity, and
+    the kept channels cut from each group."""
+
+    steps: int
+    channels: dict[str, int]
+
+
+class StaticExecutionState:
+    """Compact execution with static shapes: the layers' protocol (``mode``, :meth:`weight_and_bias`,
+    :meth:`batch_norm`, :meth:`batch_norm_done`, :meth:`index`, :meth:`flush`) served from device buffers whose
+    shapes and addresses stay fixed while :meth:`update` rewrites their contents for each mask (module docstring).
+
+    Install it on the model's layers with :func:`use_static`. Build one per mask in flight (a search step's ``m`` and
+    ``m'``) from one :class:`StaticLayout` per window.
+
+    Attributes:
+        mode: Always ``"compact"``.
+        layout: The window's :class:`StaticLayout`.
+        mask_used: The flat mask (channels of all groups, in model order) the layers run after the last update: the
+            update's mask less the overflow cut (bool, on the device; refreshed in place).
+        overflow_steps: Updates since the last :meth:`read_overflow` that cut a channel (int64 scalar, device).
+        overflow_channels: Kept channels cut per group since then (int64, one per group, device).
+    """
+
+    mode = "compact"
+    masks: dict[str, Tensor] = {}  # masked mode's per-group masks: none here (BatchNorm's masked path never runs)
+
+    def __init__(self, layout: StaticLayout) -> None:
+        self.layout = layout
+        device, dtype = layout.device, layout.dtype
+        # The extended index buffer: the groups' slots, the identity segment, the null slot; and its 0/1 reals.
+        self._ext = torch.zeros(layout.ext_size, dtype=torch.int64, device=device)
+        self._ext[layout.identity_slot:layout.null_slot] = torch.arange(layout.null_slot - layout.identity_slot,
+                                                                        device=device)
+        self._real = torch.zeros(layout.ext_size, dtype=dtype, device=device)
+        self._real[layout.identity_slot:layout.null_slot] = 1
+        self._flat = torch.zeros(layout.num_entries, dtype=torch.int64, device=device)
+        self._factor = torch.zeros(layout.num_entries, dtype=dtype, device=device)
+        norm = layout.norm_table
+        self._norm_real = torch.zeros(0 if norm is None else norm.entries, dtype=torch.bool, device=device)
+        self.mask_used = torch.zeros(layout.num_channels, dtype=torch.bool, device=device)
+        self.overflow_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.overflow_channels = torch.zeros(len(layout.groups), dtype=torch.int64, device=device)
+        self._zero_rows: dict[tuple[int, torch.dtype], Tensor] = {}
+        self._weight_pass: _Pass | None = None
+        self._norm_pass: _Pass | None = None
+        # Until the first update: every group's first channels, all kept (a valid subnetwork, never cut).
+        self.update(torch.ones(layout.num_channels, dtype=torch.bool, device=device))
+        self.overflow_steps.zero_()
+        self.overflow_channels.zero_()
+
+    @classmethod
+    def create(cls, model: nn.Module, capacities: Mapping[str, int], align: int = 1,
+               concatenate: bool | None = None) -> StaticExecutionState:
+        """A state with a layout of its own (see :class:`StaticLayout` for the arguments)."""
+        return cls(StaticLayout(model, capacities, align, concatenate))
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """``{group: channels computed}``: the capacities."""
+        return self.layout.widths
+
+    # --- the mask (once per step, on the device, in place) ------------------------------------------------------
+
+    def _flat_mask(self, mask: Tensor | Mapping[str, Tensor]) -> Tensor:
+        layout = self.layout
+        if isinstance(mask, Mapping):
+            missing = [g for g in layout.groups if g not in mask]
+            if missing or len(mask) != len(layout.groups):
+                raise ValueError(f"mask does not name exactly the model's groups (missing {missing[:4]})")
+            mask = torch.cat([mask[g] for g in layout.groups])
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (layout.num_channels,):
+            got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask is {got}; expected a flat bool tensor of shape ({layout.num_channels},) or a dict "
+                             "of group -> bool tensor")
+        if mask.device != self.mask_used.device:
+            raise ValueError(f"mask is on {mask.device}, the state's buffers on {self.mask_used.device}; sample it "
+                             "there (a copy from the host would block or read the mask)")
+        return mask
+
+    @torch.no_grad()
+    def update(self, mask: Tensor | Mapping[str, Tensor], u: Tensor | None = None) -> Tensor:
+        """Make ``mask`` the mask the layers run, rewriting the buffers in place with a fixed sequence of device
+        operations (no host read, no output shape that depends on the mask).
+
+        Each group's slots take its kept channels (in channel order, or by increasing ``u``), then its dropped ones
+        as padding, up to its capacity. A group keeping more channels than its capacity keeps those with the smallest
+        ``u`` (the lowest channel numbers without ``u``); the cut is added to the overflow counters.
+
+        Args:
+            mask: The flat bool mask of all channels (groups in model order), or ``{group: bool tensor}``, on the
+                state's device; every group should keep at least one channel.
+            u: Optional tie-breaking uniforms in ``[0, 1)``, one per channel (flat, same device), e.g. those the mask
+                was sampled with (``m = u < s``: the smallest ``u`` are the surest keeps).
+
+        Returns:
+            :attr:`mask_used` (the state's own buffer).
+        """
+        layout = self.layout
+        mask = self._flat_mask(mask)
+        key = layout.group_key + (~mask).long()  # 2 x group + dropped: group by group, kept channels first
+        if u is not None:
+            if u.shape != mask.shape or u.device != mask.device or not u.is_floating_point():
+                raise ValueError(f"u must be a float tensor of shape {tuple(mask.shape)} on {mask.device}")
+            ties = (u * 2.0 ** _TIE_BITS).long().clamp_(0, 2 ** _TIE_BITS - 1)
+            key = key * 2 ** _TIE_BITS + ties
+        order = torch.sort(key, stable=True).indices
+        chosen = order.index_select(0, layout.take)  # each group's first `capacity` channels in sorted order
+        real = mask.index_select(0, chosen)
+        slots, reals = self._ext[:layout.num_slots], self._real[:layout.num_slots]
+        torch.sub(chosen, layout.slot_channel, out=slots)
+        reals.copy_(real)
+        self.mask_used.zero_()
+        self.mask_used.index_copy_(0, chosen, real)
+        cut = mask & ~self.mask_used
+        self.overflow_channels.index_add_(0, layout.group_of, cut.long())
+        self.overflow_steps.add_(cut.any().long())
+        # The flat gather indices and 0/1 factors of every gathered entry, from the new slots.
+        first = layout.row_base + layout.row_stride * self._ext.index_select(0, layout.row_slot)
+        torch.add(first.index_select(0, layout.entry_row), self._ext.index_select(0, layout.entry_slot),
+                  out=self._flat)
+        torch.index_select(self._real.index_select(0, layout.row_slot), 0, layout.entry_row, out=self._factor)
+        norm = layout.norm_table
+        if norm is not None:
+            torch.ne(self._factor[norm.start:norm.start + norm.entries], 0, out=self._norm_real)
+        return self.mask_used
+
+    def buffers(self) -> dict[str, Tensor]:
+        """The device buffers :meth:`update` rewrites in place, by name: a captured graph reads them at these
+        addresses, so they must stay these tensors for the state's life."""
+        return {"index": self._ext, "real": self._real, "flat": self._flat, "factor": self._factor,
+                "norm_real": self._norm_real, "mask_used": self.mask_used, "overflow_steps": self.overflow_steps,
+                "overflow_channels": self.overflow_channels}
+
+    def mask_used_by_group(self) -> dict[str, Tensor]:
+        """:attr:`mask_used` as ``{group: view}`` (views of the buffer: copy them to keep a step's mask)."""
+        return dict(zip(self.layout.groups, self.mask_used.split(list(self.layout.groups.values()))))
+
+    def read_overflow(self, reset: bool = True) -> OverflowReport:
+        """The overflow counters, read with one transfer (call it every ``N`` steps, outside the step), and zeroed
+        unless ``reset`` is false."""
+        values = torch.cat([self.overflow_steps.view(1), self.overflow_channels]).tolist()
+        if reset:
+            self.overflow_steps.zero_()
+            self.overflow_channels.zero_()
+        return OverflowReport(int(values[0]), dict(zip(self.layout.groups, (int(v) for v in values[1:]))))
+
+    # --- what layers read ---------------------------------------------------------------------------------------
+
+    def index(self, group: str | None) -> Tensor | None:
+        """The channels of ``group`` its layers compute now (kept first, then padding), a view of the index buffer;
+        ``None`` for a group that is never pruned."""
+        slots = self.layout.slots.get(group) if group is not None else None
+        if slots is None:
+            return None
+        return self._ext[slots.first_slot:slots.first_slot + slots.capacity]
+
+    def real(self, group: str) -> Tensor:
+        """1 for the slots of ``group`` that hold a kept channel, 0 for padding (a view of the 0/1 buffer)."""
+        slots = self.layout.slots[group]
+        return self._real[slots.first_slot:slots.first_slot + slots.capacity]
+
+    def weight_and_bias(self, layer: SparseConv2d | SparseLinear) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias ``layer`` runs with: gathered at the capacities (all layers' at once, by the first
+        layer of a forward pass that asks) when a side is pruned, its own otherwise."""
+        if id(layer) not in self.layout.weighted:
+            return layer.weight, layer.bias
+        current = self._weight_pass
+        if current is None or not current.serves(layer):
+            current = self._weight_pass = _Pass(self._gather_weights(), torch.is_grad_enabled())
+        current.served.add(id(layer))
+        return current.tensors[id(layer)]
+
+    def batch_norm(self, layer: SparseBatchNorm2d) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """``(running_mean, running_var, weight, bias)`` of the channels ``layer`` computes, gathered with those of
+        all units (padding's weight and bias zero); ``None`` for a BatchNorm outside every group."""
+        if layer.group is None or id(layer) not in self.layout.norm_position:
+            return None
+        current = self._norm_pass
+        if current is None or not current.serves(layer):
+            self.flush()
+            current = self._norm_pass = _Pass(self._gather_norms(), torch.is_grad_enabled())
+        current.served.add(id(layer))
+        return current.tensors[id(layer)]
+
+    def batch_norm_done(self, layer: SparseBatchNorm2d, updated: bool) -> None:
+        """Record that ``layer`` ran; the statistics of all units go back once the last unit of the pass ran."""
+        current = self._norm_pass
+        if current is None or id(layer) not in self.layout.norm_position:
+            return
+        current.updated |= updated
+        if len(current.served) == len(self.layout.norm_position):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write pending running statistics back into the model, for the slots holding kept channels only (padding's
+        are written back unchanged), with a fixed number of calls."""
+        current = self._norm_pass
+        if current is None or not current.updated:
+            return
+        norm = self.layout.norm_table
+        source, stats = current.tensors["source"]
+        flat = self._flat[norm.start:norm.start + norm.entries]
+        source.index_copy_(0, flat, torch.where(self._norm_real, stats, source.index_select(0, flat)))
+        modules = norm.modules
+        targets = [m.running_mean for m in modules] + [m.running_var for m in modules]
+        torch._foreach_copy_(targets, list(source[:sum(t.numel() for t in targets)].split([t.numel() for t in targets])))
+        current.updated = False
+
+    def apply_mask(self, group: str | None, y: Tensor) -> Tensor:
+        """Masked mode only; a static state is compact (kept for the layers' protocol)."""
+        raise RuntimeError("a StaticExecutionState runs compact mode only")
+
+    # --- gathering (once per forward pass) ----------------------------------------------------------------------
+
+    def _zero_row(self, area: int, like: Tensor) -> Tensor:
+        """The zero row appended to a concatenation, which the padding entries read (cached: no call per pass)."""
+        key = (area, like.dtype)
+        row = self._zero_rows.get(key)
+        if row is None or row.device != like.device:
+            row = self._zero_rows[key] = like.new_zeros(1, area)
+        return row
+
+    def _factor_of(self, table: GatherTable, dtype: torch.dtype) -> Tensor:
+        factor = self._factor[table.start:table.start + table.entries]
+        return factor if factor.dtype == dtype else factor.to(dtype)
+
+    def _gather_weights(self) -> dict[int, list[Tensor | None]]:
+        """Every gathered weight (and bias): per kernel area one concatenation, one ``index_select`` and one multiply
+        by the 0/1 factors off the CPU; layer by layer on the CPU."""
+        tensors: dict[int, list[Tensor | None]] = {}
+        for table in self.layout.tables:
+            area = table.area
+            flat = self._flat[table.start:table.start + table.entries]
+            sources = [getattr(p.layer, p.kind).reshape(-1, area) for p in table.pieces]
+            factor = self._factor_of(table, sources[0].dtype).view(-1, 1)
+            if self.layout.concatenate:
+                source = torch.cat([*sources, self._zero_row(area, sources[0])])
+                rows = gather_rows(source, flat) * factor
+                pieces = rows.split(table.split_sizes)[::2]  # one split: its backward is one concatenation
+            else:
+                flats, factors = flat.split(table.split_sizes)[::2], factor.split(table.split_sizes)[::2]
+                pieces = [gather_rows(s, f) * w for s, f, w in zip(sources, flats, factors)]
+            for p, piece in zip(table.pieces, pieces):
+                pair = tensors.setdefault(id(p.layer), [p.layer.weight, p.layer.bias])
+                pair[0 if p.kind == "weight" else 1] = piece.view(p.shape)
+        return tensors
+
+    def _gather_norms(self) -> dict:
+        """BatchNorm weights and biases of all units with one gather (padding's multiplied by zero), running means and
+        variances with another."""
+        norm = self.layout.norm_table
+        modules = norm.modules
+        flat = self._flat[norm.start:norm.start + norm.entries]
+        params = [m.weight for m in modules] + [m.bias for m in modules]
+        stats_of = [m.running_mean for m in modules] + [m.running_var for m in modules]
+        if self.layout.concatenate:
+            params.append(self._zero_row(1, params[0]).view(1))
+            stats_of.append(self._zero_row(1, stats_of[0]).view(1))
+        gathered = gather_rows(torch.cat(params), flat) * self._factor_of(norm, params[0].dtype)
+        source = torch.cat(stats_of)
+        stats = source.index_select(0, flat)
+        # Each unit updates its statistics in place, and autograd saved them: pieces with version counters of their
+        # own (an in-place update of one must not look like a change of another's saved input).
+        params_out = gathered.split(norm.split_sizes)[::2]
+        stats_out = stats.unsafe_split_with_sizes(norm.split_sizes)[::2]
+        n = len(modules)
+        tensors: dict = {id(m): (stats_out[i], stats_out[n + i], params_out[i], params_out[n + i])
+                         for i, m in enumerate(modules)}
+        tensors["source"] = (source, stats)
+        return tensors
+
+
+@contextlib.contextmanager
+def use_static(state: StaticExecutionState) -> Iterator[nn.Module]:
+    """Run the state's model on the state's current mask inside the ``with`` block (as :func:`maskprop.use_mask`
+    does for an :class:`~maskprop.sparse.execution.ExecutionState`).
+
+    Example:
+        >>> layout = StaticLayout(model, choose_capacities(scores), align=8)
+        >>> state = StaticExecutionState(layout)
+        >>> state.update(scores.sample_flat(generator))   # in place, on the device
+        >>> with use_static(state):
+        ...     loss = criterion(model(images), labels)
+        >>> loss.backward()
+    """
+    layers = state.layout.layers
+    previous = [m.execution_state for m in layers]
+    set_execution_state(layers, [state] * len(layers))  # type: ignore[list-item]
+    try:
+        yield state.layout.model
+    finally:
+        state.flush()
+        set_execution_state(layers, previous)

@@ -1,0 +1,389 @@
+"""Static-shape compact execution (``maskprop.sparse.static``): capacities, exactness against the masked reference of
+the mask actually used, buffers reused across masks, and no data-dependent operation or host read in a step."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import edge_case_mask, input_size
+from test_sparse import run_step
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import maskprop
+from maskprop.sparse import SparseBatchNorm2d, random_mask
+from maskprop.sparse.static import (KeptCount, StaticExecutionState, StaticLayout, check_capacities,
+                                    choose_capacities, kept_count_moments, mask_capacities, rechoose_capacities,
+                                    use_static)
+from maskprop.vrpge import ChannelScores
+
+MODELS = maskprop.list_models()
+
+
+def _nontrivial(model: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorm parameters and statistics away from their defaults, so that a leak through padding would show."""
+    for m in model.modules():
+        if isinstance(m, SparseBatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _capacities_and_masks(groups: dict[str, int], generator: torch.Generator):
+    """Capacities (align 8) and two masks that meet every case at these capacities.
+
+    Mask A (conftest's edge cases): the first group keeps one channel (capacity ``min(8, n)``: padding), the second
+    keeps all (capacity ``n``), the others half. Mask B: the first group keeps all its channels (an overflow of
+    ``n - 8``), the second half (capacity ``n`` with dropped channels), the others half; with three groups or more the
+    last one's capacity is a step below half, so it overflows in both masks.
+    """
+    names = list(groups)
+    mask_a = edge_case_mask(groups, generator)
+    mask_b = random_mask(groups, 0.5, generator)
+    mask_b[names[0]] = torch.ones(groups[names[0]], dtype=torch.bool)
+    capacities = mask_capacities(random_mask(groups, 0.5, generator), 8)
+    capacities[names[0]] = min(8, groups[names[0]])
+    capacities[names[1]] = groups[names[1]]
+    if len(names) >= 3:
+        last = names[-1]
+        capacities[last] = max(min(8, groups[last]), capacities[last] - 8)
+    return capacities, mask_a, mask_b
+
+
+def static_step(model, state, x, y):
+    """One training forward/backward under ``state``; returns loss, gradients and buffers (as ``run_step``)."""
+    model.zero_grad(set_to_none=True)
+    with use_static(state):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    return loss.detach(), grads, buffers
+
+
+def _assert_step_equals_masked(model, state, mask, u, x, y):
+    """Update ``state`` to ``mask``, run a step, and compare it with the masked reference of the mask actually used
+    on a copy of the model. Returns the mask actually used."""
+    reference = copy.deepcopy(model)
+    state.update(mask, u)
+    used = {g: m.clone() for g, m in state.mask_used_by_group().items()}
+    loss_s, grads_s, buffers_s = static_step(model, state, x, y)
+    loss_m, grads_m, buffers_m = run_step(reference, used, "masked", x, y)
+    torch.testing.assert_close(loss_s, loss_m, rtol=1e-10, atol=1e-12)
+    for k in grads_m:
+        torch.testing.assert_close(grads_s[k], grads_m[k], rtol=1e-8, atol=1e-10, msg=f"gradient of {k}")
+    for k in buffers_m:
+        torch.testing.assert_close(buffers_s[k], buffers_m[k], rtol=1e-10, atol=1e-12, msg=f"buffer {k}")
+    return used
+
+
+def _exactness(name: str, generator: torch.Generator, concatenate: bool | None, channels_last: bool = False) -> None:
+    torch.manual_seed(0)
+    model = _nontrivial(maskprop.create_model(name).double())
+    groups = model.channel_groups()
+    capacities, mask_a, mask_b = _capacities_and_masks(groups, generator)
+    state = StaticExecutionState(StaticLayout(model, capacities, align=8, concatenate=concatenate))
+    addresses = {k: t.data_ptr() for k, t in state.buffers().items()}
+    x = torch.randn(3, *input_size(name), dtype=torch.double)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 2])
+    used_a = _assert_step_equals_masked(model, state, mask_a, None, x, y)
+    last = list(groups)[-1] if len(groups) >= 3 else None  # the one group that overflows in mask A
+    assert all(torch.equal(used_a[g], mask_a[g]) for g in groups if g != last)
+    if last is not None:  # without u: the lowest-numbered kept channels
+        kept = mask_a[last].nonzero().view(-1)
+        assert torch.equal(used_a[last].nonzero().view(-1), kept[:capacities[last]])
+    assert state.read_overflow().steps == (last is not None)
+    u = torch.rand(sum(groups.values()), generator=generator, dtype=torch.double)
+    used_b = _assert_step_equals_masked(model, state, mask_b, u, x, y)
+    first = list(groups)[0]
+    u_first = u[:groups[first]]
+    # The overflowing first group keeps its `capacity` channels with the smallest u.
+    expected = torch.zeros(groups[first], dtype=torch.bool)
+    expected[u_first.argsort()[:capacities[first]]] = True
+    assert torch.equal(used_b[first], expected)
+    report = state.read_overflow()
+    assert report.steps == 1 and report.channels[first] == groups[first] - capacities[first]
+    cut = {g: int(mask_b[g].sum()) - int(used_b[g].sum()) for g in groups}
+    assert report.channels == cut
+    # The same buffers, at the same addresses, served both masks: what lets a captured graph replay.
+    assert {k: t.data_ptr() for k, t in state.buffers().items()} == addresses
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_static_compact_equals_masked_reference_of_the_mask_used_in_float64(name, generator, one_thread):
+    """Loss, every gradient and every buffer equal the masked reference of the mask actually used, for two
+    consecutive masks at the same capacities (one channel kept, a group kept whole, a full-capacity group with
+    dropped channels, padding, overflows), with the same buffers."""
+    _exactness(name, generator, None)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "wrn16_8", "mlp", "vgg11_bn", "resnet50"])
+def test_concatenated_gathers_as_off_the_cpu_are_exact(name, generator, one_thread):
+    """The gathers off the CPU (one per kernel area from the concatenated weights, pieces padded to aligned starts
+    that read a zero row) run here on the CPU: exact as well."""
+    _exactness(name, generator, True)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "wrn16_8"])
+def test_static_compact_in_channels_last_is_exact(name, generator, one_thread):
+    """In channels_last, BatchNorm of the capacities off the multiples of 16 runs ``maskprop.sparse.batchnorm``."""
+    _exactness(name, generator, None, channels_last=True)
+
+
+def test_padding_outputs_zero_at_the_capacities_and_eval_matches(generator):
+    """Every unit computes its capacity; padding slots output exactly zero; an eval-mode forward without autograd
+    equals the masked reference."""
+    torch.manual_seed(0)
+    model = _nontrivial(maskprop.create_model("resnet20").double()).eval()
+    groups = model.channel_groups()
+    mask = random_mask(groups, 0.3, generator)
+    capacities = mask_capacities(mask, 8)
+    state = StaticExecutionState.create(model, capacities, align=8)
+    state.update(mask)
+    outputs = {}
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: outputs.__setitem__(n, (mod.group, o.detach())))
+               for n, m in model.named_modules() if isinstance(m, SparseBatchNorm2d)]
+    x = torch.randn(2, 3, 16, 16, dtype=torch.double)
+    with torch.no_grad(), use_static(state):
+        out = model(x)
+    for h in handles:
+        h.remove()
+    for name, (group, y) in outputs.items():
+        real = state.real(group).bool()
+        assert y.shape[1] == capacities[group], name
+        assert torch.equal(mask[group][state.index(group)], real), name
+        assert y[:, ~real].abs().max() == 0 if (~real).any() else True, name
+    with torch.no_grad(), maskprop.use_mask(model, mask, "masked"):
+        expected = model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_layouts_are_shared_by_the_states_of_a_window(generator):
+    """A search step's two masks: two states of one layout, each with its own buffers."""
+    model = maskprop.create_model("resnet20")
+    groups = model.channel_groups()
+    layout = StaticLayout(model, mask_capacities(random_mask(groups, 0.5, generator), 1))
+    first, second = StaticExecutionState(layout), StaticExecutionState(layout)
+    assert first.layout is second.layout and first.widths == layout.capacities
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first.buffers().values(), second.buffers().values()))
+
+
+# --- no data-dependent operation and no host read inside a step -----------------------------------------------------
+
+
+class _DataDependentOps(TorchDispatchMode):
+    """Records the operators below autograd that read device data on the host or whose output shape depends on the
+    data (the backward's included)."""
+
+    HOST_OR_DATA_DEPENDENT = {"nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+                              "_local_scalar_dense", "is_nonzero", "equal", "allclose"}
+
+    def __init__(self, found: list[str]) -> None:
+        super().__init__()
+        self.found = found
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        self.calls += 1
+        if name in self.HOST_OR_DATA_DEPENDENT:
+            self.found.append(name)
+        elif name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices):
+                self.found.append(f"{name} with a boolean mask")
+        elif name == "repeat_interleave" and kwargs.get("output_size") is None and (len(args) < 3 or args[-1] is None):
+            self.found.append("repeat_interleave without output_size")
+        return func(*args, **kwargs)
+
+
+class _HostReads(TorchFunctionMode):
+    """Records the tensor methods that read data to the host without an operator below autograd (``tolist``,
+    ``numpy``, Python number conversions)."""
+
+    HOST_READS = {"tolist", "numpy", "item", "__bool__", "__int__", "__float__", "__index__", "__complex__"}
+
+    def __init__(self, found: list[str]) -> None:
+        super().__init__()
+        self.found = found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in self.HOST_READS:
+            self.found.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+class _Recorder:
+    """Both recorders at once: ``found`` lists every offending call, ``calls`` the operators seen."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+        self._stack = contextlib.ExitStack()
+        self._ops = _DataDependentOps(self.found)
+
+    @property
+    def calls(self) -> int:
+        return self._ops.calls
+
+    def __enter__(self) -> _Recorder:
+        self._stack.enter_context(_HostReads(self.found))
+        self._stack.enter_context(self._ops)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+
+def test_the_recorder_catches_host_reads_and_data_dependent_shapes():
+    t = torch.tensor([1.0, 0.0, 2.0])
+    for bad in (lambda: t.sum().item(), lambda: t[t > 0], lambda: t.nonzero(), lambda: bool(t.any()),
+                lambda: torch.repeat_interleave(torch.tensor([1, 2])), lambda: t.tolist(), lambda: torch.unique(t)):
+        with _Recorder() as recorder:
+            bad()
+        assert recorder.found, bad
+
+
+@pytest.mark.parametrize("name,concatenate", [("resnet20", False), ("resnet20", True), ("mlp", True),
+                                              ("wrn16_8", False), ("vgg11_bn", True)])
+def test_a_static_step_has_no_host_read_and_no_data_dependent_shape(name, concatenate, generator):
+    """``update`` (with tie-breaking uniforms, and with an overflow), a training forward and backward, another
+    ``update`` and a forward without autograd: none of ``nonzero``, ``masked_select``, ``unique``, ``.item()``,
+    boolean-mask indexing or ``repeat_interleave`` without ``output_size``."""
+    torch.manual_seed(0)
+    model = maskprop.create_model(name).train()
+    groups = model.channel_groups()
+    capacities, mask_a, mask_b = _capacities_and_masks(groups, generator)
+    state = StaticExecutionState(StaticLayout(model, capacities, align=8, concatenate=concatenate))
+    flat_a, flat_b = torch.cat(list(mask_a.values())), torch.cat(list(mask_b.values()))
+    u = torch.rand(flat_a.shape, generator=generator)
+    x, y = torch.randn(4, *input_size(name)), torch.tensor([0, 1, 2, 3])
+    with _Recorder() as recorder:
+        state.update(flat_b, u)
+        with use_static(state):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        state.update(flat_a)
+        with torch.no_grad(), use_static(state):
+            model(x)
+    assert recorder.calls > 100
+    assert not recorder.found, recorder.found
+    assert state.read_overflow().steps == (2 if len(groups) >= 3 else 1)  # the last group overflows in both
+
+
+def test_a_step_runs_on_the_meta_device():
+    """On ``meta`` (the CUDA code paths, no arithmetic) an update, forward and backward run: nothing needs data."""
+    model = maskprop.create_model("resnet20").to("meta").train()
+    groups = model.channel_groups()
+    state = StaticExecutionState.create(model, mask_capacities(random_mask(groups, 0.5), 8), align=8)
+    assert state.layout.concatenate
+    mask = torch.empty(sum(groups.values()), dtype=torch.bool, device="meta")
+    state.update(mask, torch.empty(mask.shape, device="meta"))
+    with use_static(state):
+        loss = F.cross_entropy(model(torch.empty(2, 3, 16, 16, device="meta")),
+                               torch.zeros(2, dtype=torch.long, device="meta"))
+    loss.backward()
+    assert model.fc.weight.grad.device.type == "meta"
+
+
+# --- capacities ------------------------------------------------------------------------------------------------------
+
+
+def _exact_tail(p: torch.Tensor, capacity: int) -> float:
+    """``P(K > capacity)`` of a Poisson-binomial count, by the exact recursion over channels."""
+    dist = torch.zeros(p.numel() + 1, dtype=torch.float64)
+    dist[0] = 1.0
+    for s in p.double():
+        dist[1:] = dist[1:] * (1 - s) + dist[:-1] * s
+        dist[0] *= 1 - s
+    return float(dist[capacity + 1:].sum())
+
+
+def test_the_normal_quantile_is_close_to_the_exact_poisson_binomial_one():
+    generator = torch.Generator().manual_seed(0)
+    for n in (16, 64, 512):
+        p = torch.rand(n, generator=generator, dtype=torch.float64)
+        count = kept_count_moments({"g": p})["g"]
+        q = count.quantile(0.999)
+        assert _exact_tail(p, q) <= 2e-3 and _exact_tail(p, q - 1) > 4e-4
+        assert abs(count.overflow_probability(q) - _exact_tail(p, q)) < 1e-3
+
+
+def test_choose_capacities_from_channel_scores_and_edge_probabilities():
+    model = maskprop.create_model("resnet32")
+    groups = model.channel_groups()
+    scores = ChannelScores(groups, 0.5)
+    capacities = choose_capacities(scores, align=8)
+    counts = kept_count_moments(scores)
+    for g, n in groups.items():
+        c = capacities[g]
+        assert c % 8 == 0 or c == n
+        assert counts[g].overflow_probability(c) <= 1.5e-3
+    assert capacities == choose_capacities(scores.split(scores.scores.detach()), align=8)
+    probabilities = {"ones": torch.ones(20), "zeros": torch.zeros(20), "small": torch.zeros(5), "half": torch.full(
+        (64,), 0.5)}
+    assert choose_capacities(probabilities, align=8) == {"ones": 20, "zeros": 8, "small": 5, "half": 48}
+    assert choose_capacities(probabilities, align=1)["zeros"] == 1
+    assert KeptCount(20, 20.0, 0.0).overflow_probability(19) == 1.0
+
+
+def test_mask_capacities_are_aligned_kept_counts():
+    mask = {"a": torch.tensor([1, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1], dtype=torch.bool), "b": torch.ones(3, dtype=torch.bool)}
+    assert mask_capacities(mask, 8) == {"a": 8, "b": 3}
+    assert mask_capacities(mask, 1) == {"a": 5, "b": 3}
+
+
+def test_rechoose_has_hysteresis():
+    n = 256
+
+    def at(p: float) -> dict[str, torch.Tensor]:
+        return {"g": torch.full((n,), p)}
+
+    capacities = choose_capacities(at(0.5), align=8)  # quantile: 128 + 3.09 x 8 - 1/2 -> 153 -> 160
+    assert capacities == {"g": 160}
+    same = rechoose_capacities(capacities, at(0.5), align=8)
+    assert not same.changed and same.capacities == capacities and same.rechosen == ()
+    # A rise that moves the quantile past the capacity (165 -> 168) while it overflows rarely (0.7%): no new shapes.
+    assert choose_capacities(at(0.55), align=8) == {"g": 168}
+    assert not rechoose_capacities(capacities, at(0.55), align=8).changed
+    grown = rechoose_capacities(capacities, at(0.57), align=8)  # overflows 3% of the masks
+    assert grown.changed and grown.rechosen == ("g",) and grown.capacities == {"g": 176}
+    # A fall that leaves no more than an alignment step of slack keeps the capacity; more shrinks it.
+    assert not rechoose_capacities(capacities, at(0.497), align=8).changed  # quantile 152
+    shrunk = rechoose_capacities(capacities, at(0.45), align=8)  # quantile 140
+    assert shrunk.changed and shrunk.capacities == {"g": 144}
+    # Once shrunk, the scores coming back to where they were do not grow it again (it overflows 0.1%).
+    assert not rechoose_capacities({"g": 152}, at(0.5), align=8).changed
+
+
+@pytest.mark.parametrize("capacities,message", [
+    ({"a": 4, "b": 3}, r"capacity 4 of group 'a' is below the alignment 8; expected at least 8"),
+    ({"a": 33, "b": 3}, r"capacity 33 of group 'a' is not an integer in \[1, 32\]"),
+    ({"a": 8.0, "b": 3}, r"capacity 8.0 of group 'a' is not an integer"),
+    ({"a": 8}, r"missing \['b'\]"),
+    ({"a": 8, "b": 2}, r"capacity 2 of group 'b' is below the alignment 8; expected at least 3"),
+])
+def test_bad_capacities_are_one_clear_error(capacities, message):
+    with pytest.raises(ValueError, match=message):
+        check_capacities(capacities, {"a": 32, "b": 3}, align=8)
+
+
+def test_bad_capacities_and_masks_for_a_model_are_one_clear_error():
+    model = maskprop.create_model("resnet20")
+    capacities = dict(model.channel_groups())
+    capacities["layer1"] = 4
+    with pytest.raises(ValueError, match=r"capacity 4 of group 'layer1' is below the alignment 8"):
+        StaticLayout(model, capacities, align=8)
+    state = StaticExecutionState.create(model, dict(model.channel_groups()))
+    with pytest.raises(ValueError, match=r"expected a flat bool tensor of shape \(\d+,\)"):
+        state.update(torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"not all in \[0, 1\]"):
+        choose_capacities({"g": torch.tensor([0.5, 1.5])})
