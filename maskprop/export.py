@@ -32,8 +32,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._files import atomic_directory
 from .models.spec import ModelSpec
 from .sparse import channel_groups
 from .surgery import materialize
@@ -379,19 +378,6 @@ def _write_files(narrow: nn.Module, plan: WidthPlan, formats: Sequence[str], fol
     return checks
 
 
-def _place(folder: Path, out: Path, force: bool) -> None:
-    """Rename the finished ``folder`` to ``out``; with ``force`` an existing ``out`` is replaced."""
-    old = None
-    if out.exists():
-        if not force:
-            raise ValueError(f"output directory '{out}' exists; pass --force (force=True) to replace it")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(folder, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _check_spec(model: nn.Module, spec: ModelSpec) -> None:
     """Raise unless ``spec`` builds ``model``'s architecture (the same channel groups and tensor shapes)."""
     built = spec.build("meta")
@@ -467,9 +453,7 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
         raise RuntimeError(f"the narrow model differs from the full model under its mask (relative error "
                            f"{against_full}); this is a maskprop bug, please report it")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_directory(out, force) as folder:
         file_checks = _write_files(narrow, plan, chosen, folder, x, reference)
         from . import __version__
 
@@ -498,10 +482,6 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
         for name in [PLAN_FILE, *(_FILES[f] for f in chosen)]:
             info["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
         (folder / INFO_FILE).write_text(_compact_sizes(json.dumps(info, indent=2)) + "\n")
-        _place(folder, out, force)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
     logger.info("exported %s (%s) to %s", model_name, ", ".join(chosen), out)
     return info
 

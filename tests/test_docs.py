@@ -19,7 +19,7 @@ TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg"}
 SKIP_DIRS = {".git", ".venv", "venv", "runs", "__pycache__", ".pytest_cache", ".ruff_cache", "build", "dist"}
 
 # A path under one of the top-level directories, anywhere in the text (backticked or not): maskprop/sbp/layers.py,
-# tools/bench_step.py, recipes/, docs/methods.md.
+# tools/count_ops.py, recipes/, docs/methods.md.
 _PATH = re.compile(r"(?<![\w./-])((?:" + "|".join(TOP_DIRS) + r")/[\w./*<>{}-]*)")
 # A backticked document of the repository root (named in capitals, as README.md) or `pyproject.toml`; lower-case
 # names such as `report.md` are files a run writes.
