@@ -60,9 +60,9 @@ __all__ = [
 
 DEFAULT_QUANTILE = 0.999
 DEFAULT_OVERFLOW_THRESHOLD = 0.01
-# Gathered pieces cut from one concatenated buffer start at a multiple of this many elements (64 bytes in float32):
-# float32 cuBLAS kernels fault on operands that are not 16-byte aligned.
-_ALIGN_ELEMENTS = 16
+# Gathered pieces cut from one concatenated buffer start at a multiple of this many bytes: float32 cuBLAS kernels fault
+# on operands that are not 16-byte aligned.
+_ALIGN_BYTES = 16
 _TIE_BITS = 32  # tie-breaking uniforms enter the sort key as 32-bit integers below the group and dropped bits
 
 
@@ -301,7 +301,7 @@ class GatherTable:
         pieces: Its tensors, in the order of their concatenation.
         start: Its first entry in the state's flat index buffer.
         entries: Its entries, padding included.
-        split_sizes: Entry counts that cut its gathered rows into pieces and paddings (pieces at even positions).
+        split_sizes: Entry counts that cut its gathered rows into pieces, each with the padding that follows it.
         modules: For the BatchNorm table, its units (a piece for each one's weight, then each one's bias).
     """
 
@@ -388,7 +388,9 @@ class StaticLayout:
             inputs); ``concatenated``: gathered from the concatenation of the sources (else each from its own)."""
             nonlocal rows, entries
             # Pieces cut from one gathered buffer start aligned where the device needs it (padding reads a zero row).
-            unit = _ALIGN_ELEMENTS // math.gcd(area, _ALIGN_ELEMENTS) if self.concatenate else 1
+            # (Capacities that are multiples of 8 need none in float32.)
+            elements = max(_ALIGN_BYTES // self.dtype.itemsize, 1)
+            unit = elements // math.gcd(area, elements) if self.concatenate else 1
             table = GatherTable(area, [], entries, 0, [], modules)
             base = 0
             sink_row = rows  # padding entries read this row: base = the appended zero source row, stride 0
@@ -411,7 +413,7 @@ class StaticLayout:
                 entry_slot.append(torch.full((pad,), self.null_slot))
                 shape = (n_out,) if tail is None else (n_out, n_in, *tail)
                 table.pieces.append(GatherPiece(layer, kind, shape, table.entries, n))
-                table.split_sizes += [n, pad]
+                table.split_sizes.append(n + pad)
                 table.entries += n + pad
                 rows += n_out
                 base += c_out * c_in
@@ -714,9 +716,9 @@ class StaticExecutionState:
             if self.layout.concatenate:
                 source = torch.cat([*sources, self._zero_row(area, sources[0])])
                 rows = gather_rows(source, flat) * factor
-                pieces = rows.split(table.split_sizes)[::2]  # one split: its backward is one concatenation
+                pieces = _unpadded(rows.split(table.split_sizes), table.pieces)  # backward: one concatenation
             else:
-                flats, factors = flat.split(table.split_sizes)[::2], factor.split(table.split_sizes)[::2]
+                flats, factors = flat.split(table.split_sizes), factor.split(table.split_sizes)  # no padding here
                 pieces = [gather_rows(s, f) * w for s, f, w in zip(sources, flats, factors)]
             for p, piece in zip(table.pieces, pieces):
                 pair = tensors.setdefault(id(p.layer), [p.layer.weight, p.layer.bias])
@@ -739,13 +741,19 @@ class StaticExecutionState:
         stats = source.index_select(0, flat)
         # Each unit updates its statistics in place, and autograd saved them: pieces with version counters of their
         # own (an in-place update of one must not look like a change of another's saved input).
-        params_out = gathered.split(norm.split_sizes)[::2]
-        stats_out = stats.unsafe_split_with_sizes(norm.split_sizes)[::2]
+        params_out = _unpadded(gathered.split(norm.split_sizes), norm.pieces)
+        stats_out = _unpadded(stats.unsafe_split_with_sizes(norm.split_sizes), norm.pieces)
         n = len(modules)
         tensors: dict = {id(m): (stats_out[i], stats_out[n + i], params_out[i], params_out[n + i])
                          for i, m in enumerate(modules)}
         tensors["source"] = (source, stats)
         return tensors
+
+
+def _unpadded(chunks: tuple[Tensor, ...] | list[Tensor], pieces: list[GatherPiece]) -> list[Tensor]:
+    """Each piece's entries from its chunk (the piece and its padding); the chunk itself where it has no padding, so
+    that only padded pieces add a call to the backward (the slice's)."""
+    return [chunk if chunk.shape[0] == p.entries else chunk[:p.entries] for chunk, p in zip(chunks, pieces)]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,137 @@
+"""Operator calls of a static-shape compact step (``maskprop.sparse.static``) beside a dense and a ``use_mask`` step,
+on the ``meta`` device (the code paths of CUDA, no arithmetic: the counts of a CUDA step on a machine without one).
+
+Usage:
+    python tools/count_static_ops.py --models resnet32 vgg19_bn resnet50
+
+Every step is one training forward, loss and backward. The static step also writes a new mask into its buffers
+(``update``, with tie-breaking uniforms), at capacities chosen from keep probabilities of 0.5 (``--keep``) with
+``--align``; the ``use_mask`` step runs a sampled mask of the same keep ratio with the same alignment. Counted with a
+``TorchDispatchMode`` (below autograd, the backward included):
+
+* ``launches``: operators producing data on the model's device, views and metadata calls left out (on CUDA, the
+  kernel launches);
+* ``host``: operators on host tensors (the index arithmetic ``use_mask`` does before its one copy; none for the static
+  step);
+* ``all``: every operator call, views included.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import maskprop
+from maskprop.sparse import random_mask, use_mask
+from maskprop.sparse.static import StaticExecutionState, StaticLayout, choose_capacities, use_static
+from maskprop.vrpge import ChannelScores
+
+# Operators that only make views, read metadata or allocate without writing: no kernel on a GPU.
+NO_KERNEL = {
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "as_strided", "detach", "t", "permute", "expand", "slice",
+    "select", "split", "split_with_sizes", "unsafe_split_with_sizes", "alias", "unsqueeze", "squeeze", "transpose",
+    "unbind", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "set_",
+    "unflatten", "narrow", "_has_compatible_shallow_copy_type", "is_same_size", "_local_scalar_dense", "resize_",
+    "view_as",
+}
+IMAGE_SIZES = {"resnet18": 224, "resnet34": 224, "resnet50": 224}
+
+
+class Ops(TorchDispatchMode):
+    """Counts operator calls: on the device that computes (``launches``, views left out), on the host, and all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launches = 0
+        self.host = 0
+        self.all = 0
+        self.names: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.all += 1
+        tensors = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
+        inputs = [a for a in args if isinstance(a, torch.Tensor)]
+        on_host = all(t.device.type == "cpu" for t in tensors + inputs) and (tensors or inputs)
+        if on_host:
+            self.host += 1
+        elif name not in NO_KERNEL:
+            self.launches += 1
+            self.names[name] += 1
+        return out
+
+
+def count(fn: Callable[[], object]) -> Ops:
+    with Ops() as ops:
+        fn()
+    return ops
+
+
+def counts_for(name: str, keep: float, align: int, batch: int) -> dict[str, Ops]:
+    torch.manual_seed(0)
+    model = maskprop.create_model(name).to("meta").train()
+    size = IMAGE_SIZES.get(name, 32)
+    x = torch.empty(batch, 3, size, size, device="meta")
+    y = torch.zeros(batch, dtype=torch.long, device="meta")
+    groups = model.channel_groups()
+    capacities = choose_capacities(ChannelScores(groups, keep), align=align)
+    state = StaticExecutionState(StaticLayout(model, capacities, align=align))
+    mask = torch.empty(sum(groups.values()), dtype=torch.bool, device="meta")
+    u = torch.empty(mask.shape, device="meta")
+    sampled = random_mask(groups, keep, torch.Generator().manual_seed(0))
+
+    def dense() -> None:
+        F.cross_entropy(model(x), y).backward()
+
+    def compact() -> None:
+        with use_mask(model, sampled, align=align):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+
+    def forward() -> torch.Tensor:
+        with use_static(state):
+            return F.cross_entropy(model(x), y)
+
+    dense()  # first calls (lazy initialisation) left out of the counts
+    results = {"dense": count(dense), "use_mask": count(compact), "update": count(lambda: state.update(mask, u))}
+    loss = None
+
+    def run_forward() -> None:
+        nonlocal loss
+        loss = forward()
+
+    results["static forward"] = count(run_forward)
+    results["static backward"] = count(lambda: loss.backward())
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet32", "vgg19_bn", "resnet50"])
+    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--align", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    args = parser.parse_args()
+    print(f"launches (host ops) per training step on meta, keep {args.keep}, align {args.align}; "
+          "static = update + forward + backward")
+    header = ["model", "dense", "use_mask", "static", "update", "static fwd", "static bwd", "static all ops"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name in args.models:
+        r = counts_for(name, args.keep, args.align, args.batch)
+        static = [r["update"], r["static forward"], r["static backward"]]
+        launches = sum(o.launches for o in static)
+        host = sum(o.host for o in static)
+        cells = [name, f"{r['dense'].launches} ({r['dense'].host})", f"{r['use_mask'].launches} ({r['use_mask'].host})",
+                 f"{launches} ({host})", *(str(o.launches) for o in static), str(sum(o.all for o in static))]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
