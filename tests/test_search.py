@@ -246,6 +246,7 @@ def test_warmup_steps_are_timed_against_dense_steps_as_their_own_kind(annealed_r
     expected = 4 * STEPS_PER_EPOCH / sum(n / phases[p]["median"] for p, n in steps.items())
     assert summary["measured_speedup"] == pytest.approx(expected)
     assert summary["warmup_step_ms"] == pytest.approx(1000 * statistics.median(times["train"]))
+    assert "the search's 4 anneal steps" in summary["speedup_warning"]  # they share the search's median: said
     assert summary["train_step_ms"] is None
     assert summary["search"] == {"subnetwork": "searched", "warmup_epochs": 1, "anneal_epochs": 2,
                                  "budget_schedule": "cubic", "initial_keep_probability": 1.0,

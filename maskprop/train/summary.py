@@ -24,6 +24,7 @@ from .config import SPARSE_BACKWARD_METHODS, config_to_dict
 from .files import atomic_write
 from .setup import Run, phase_epochs
 from .state import initial_keep_probability
+from .timing import SpeedupEstimate
 
 __all__ = ["SCHEMA_VERSION", "RunSummary", "data_identity", "read_summary", "summarize", "write_json"]
 
@@ -193,7 +194,7 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
         subnet_flops=cost.flops(mask), kept_ratio=sum(kept.values()) / max(sum(run.groups.values()), 1),
         train_flops=counters["train_flops"], dense_train_flops=counters["dense_train_flops"],
         train_cost_saving=saving, measured_speedup=speedup, measured_speedup_iqr=iqr,
-        measured_speedup_phases=phases, speedup_warning=None if estimate is None else estimate.warning,
+        measured_speedup_phases=phases, speedup_warning=_speedup_warning(run, estimate),
         dense_reference_s=reference_s,
         dense_reference_share=None if reference_s is None or elapsed_s <= 0 else reference_s / elapsed_s,
         search_step_ms=_ms(times.median("search")), finetune_step_ms=_ms(times.median("finetune")),
@@ -223,6 +224,20 @@ def _timed_steps(run: Run, steps: dict[str, int]) -> dict[str, int]:
         return steps
     warmup = schedule.counts(steps["search"])["warmup"]
     return dict(steps, search=steps["search"] - warmup, train=warmup)
+
+
+def _speedup_warning(run: Run, estimate: SpeedupEstimate | None) -> str | None:
+    """The estimate's own warning, and for an annealed search that its steps share one median: an anneal's steps run
+    masks from every channel down to the budget, so no one ratio stands for all of them."""
+    if estimate is None:
+        return None
+    warnings = [] if estimate.warning is None else [estimate.warning]
+    schedule = run.state.schedule
+    if schedule is not None and schedule.anneal_steps and "search" in estimate.phases:
+        warnings.append(f"the search's {schedule.anneal_steps} anneal steps, whose masks shrink from every channel to "
+                        f"the budget, share one median speedup with its other steps "
+                        f"({estimate.phases['search']['median']:.2f}x), which may misstate their time")
+    return "; ".join(warnings) or None
 
 
 def _search(run: Run) -> dict[str, Any] | None:
