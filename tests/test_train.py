@@ -407,7 +407,7 @@ def test_resume_from_a_truncated_checkpoint_names_the_file(cli_run, tmp_path, ca
 
 @pytest.mark.parametrize("override, message", [
     ("model.name=resnet32", "is from model 'resnet20', the config builds 'resnet32'"),
-    ("model.kwargs.prune_residual=false", "model.kwargs"),
+    ("model.kwargs.prune_residual=false", "the config builds it with {'prune_residual': False"),
     ("method=dense", "is a method='vrpge' run"),
 ])
 def test_resume_with_another_model_is_refused(cli_run, tmp_path, capsys, override, message):
@@ -420,14 +420,16 @@ def test_resume_with_another_model_is_refused(cli_run, tmp_path, capsys, overrid
 
 
 def test_checkpoint_with_another_group_layout_is_refused(cli_run):
+    from maskprop.models.spec import ModelSpec
     from maskprop.train.checkpoint import check_compatible
 
     checkpoint = load_checkpoint(cli_run[0] / "last.pt")
     groups = dict(maskprop.create_model("resnet20").channel_groups())
     groups["layer3"] = 32
+    spec = ModelSpec.from_dict(checkpoint["model_spec"])
     with pytest.raises(ValueError, match=r"another channel-group layout .* group 9 is 'layer3' \(64\) in the "
                                          r"checkpoint but 'layer3' \(32\) here"):
-        check_compatible(checkpoint, "last.pt", "resnet20", {}, groups, "vrpge")
+        check_compatible(checkpoint, "last.pt", spec, {}, groups, "vrpge")
 
 
 def test_resume_needs_a_run_directory(tmp_path, capsys):
