@@ -13,6 +13,7 @@ import statistics
 import pytest
 import torch
 from conftest import TINY_RUN, with_overrides
+from test_train import _assert_same_state
 from torch.utils.data import DataLoader, Subset
 
 import maskprop
@@ -354,28 +355,6 @@ def _stop_after(monkeypatch, epochs: int) -> None:
     monkeypatch.setattr(loop, "train_one_epoch", stop)
 
 
-def _assert_identical(a: dict, b: dict) -> None:
-    for key in ("phase", "epoch", "step", "counters", "best_accuracy", "final_accuracy", "fix_info"):
-        assert a[key] == b[key], key
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    assert (a["scores"] is None) == (b["scores"] is None)
-    if a["scores"] is not None:
-        assert torch.equal(a["scores"]["scores"], b["scores"]["scores"])
-    assert {g: m.tolist() for g, m in a["fixed_mask"].items()} == {g: m.tolist() for g, m in b["fixed_mask"].items()}
-    for which in ("weights", "scores"):
-        if a["optimizers"][which] is None:
-            assert b["optimizers"][which] is None
-            continue
-        sa, sb = a["optimizers"][which]["state"], b["optimizers"][which]["state"]
-        assert sa.keys() == sb.keys()
-        for index in sa:
-            for field, value in sa[index].items():
-                assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[index][field])), (which, index, field)
-    for name in ("mask", "loader", "torch"):
-        assert torch.equal(a["rng"][name], b["rng"][name]), name
-
-
 def _records(run) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k != "epoch_time_s"} for line in lines]
@@ -400,7 +379,7 @@ def test_resume_in_the_warmup_the_anneal_and_the_random_baseline_is_exact(tmp_pa
             ("search", epochs)
         monkeypatch.setattr(loop, "train_one_epoch", train_one_epoch)
         maskprop.fit(copy.deepcopy(config), out=run, resume=True)
-        _assert_identical(straight, load_checkpoint(run / "last.pt"))
+        _assert_same_state(straight, load_checkpoint(run / "last.pt"))
         assert _records(run) == _records(tmp_path / "straight")
 
 
