@@ -140,7 +140,7 @@ def test_score_statistics_on_hand_set_scores(dtype):
 
 
 ANNEALED = {"optim.epochs": 4, "finetune.epochs": 1, "sparsity.warmup_epochs": 1, "sparsity.anneal_epochs": 2,
-            "data.augment": False}
+            "data.augment": False, "sparsity.align": 1}  # align 1 on CUDA too: FLOPs of the kept widths
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +302,7 @@ def test_anneal_epochs_do_not_count_as_the_best_subnetwork(annealed_run):
 
 
 RANDOM = {"optim.epochs": 3, "finetune.epochs": 1, "sparsity.warmup_epochs": 1, "sparsity.fix": "random",
-          "sparsity.keep_ratio": 0.3, "save_every": 1}
+          "sparsity.keep_ratio": 0.3, "save_every": 1, "sparsity.align": 1}
 
 
 def test_the_random_baseline_trains_the_subnetwork_its_seed_draws(tmp_path, monkeypatch):

@@ -398,10 +398,10 @@ def _probe_loader(run: Run) -> torch.utils.data.DataLoader | None:
 
 def _search_diagnostics(run: Run, probe: torch.utils.data.DataLoader | None) -> dict[str, Any]:
     """How the search stands after a search epoch (docs/methods.md, "Diagnostics of a search"): the kind of its last
-    step, the budget ``K(t) / N`` of the step after it (the budget the scores meet), and after VR-PGE steps the shares of keep probabilities within ``POLARISED_MARGIN``
-    of 0 and 1, their mean Bernoulli entropy (nats) and the training accuracy of the top-score subnetwork on the
-    probe examples (eval mode; torch's RNG forked and seeded, so every epoch sees the same augmentation draws and the
-    training draws nothing else)."""
+    step, the budget ``K(t) / N`` of the step after it (the budget the scores meet), and after VR-PGE steps the shares
+    of keep probabilities within ``POLARISED_MARGIN`` of 0 and 1, their mean Bernoulli entropy (nats) and the training
+    accuracy of the top-score subnetwork on the probe examples (eval mode; torch's RNG forked and seeded, so every
+    epoch sees the same augmentation draws and the training draws nothing else)."""
     state, cfg = run.state, run.cfg
     if state.phase != "search" or state.schedule is None:
         return {}

@@ -88,7 +88,8 @@ class RunSummary:
     finetune_step_ms: float | None = _f("ms", "median time of a finetune step")
     dense_step_ms: float | None = _f("ms", "median time of a dense reference step")
     train_step_ms: float | None = _f("ms", "median time of a train step (dense and sparse-backward runs)")
-    warmup_step_ms: float | None = _f("ms", "median time of a dense warm-up step of the search (sparsity.warmup_epochs)")
+    warmup_step_ms: float | None = _f("ms", "median time of a dense warm-up step of the search "
+                                            "(sparsity.warmup_epochs)")
     step_speedup: float | None = _f("x", "median of dense / run step over the pairs of the first phase (search or "
                                          "train)")
     steps: dict[str, int] = _f("steps", "optimizer steps per phase (search, finetune, train)", factory=dict)

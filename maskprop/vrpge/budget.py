@@ -10,8 +10,8 @@ budget of search step ``t`` (0-based, counted over the whole search) is
 
 with ``p = 3`` (``cubic``) or ``p = 1`` (``linear``). The cubic form is the gradual-pruning schedule of "To prune, or
 not to prune: exploring the efficacy of pruning for model compression" (arXiv 2017, ICLR 2018 workshop track),
-eq. (1), written for the kept channels rather than the pruned fraction: it removes channels fast while many remain and slowly near the
-end. ``A = 0`` is the paper's search, at the budget ``K`` from its first step.
+eq. (1), written for the kept channels rather than the pruned fraction: it removes channels fast while many remain
+and slowly near the end. ``A = 0`` is the paper's search, at the budget ``K`` from its first step.
 """
 
 from __future__ import annotations
