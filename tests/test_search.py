@@ -176,7 +176,8 @@ def annealed_run(tmp_path_factory):
             correct = count = 0
             with torch.random.fork_rng(devices=[]), torch.no_grad(), maskprop.use_mask(model, mask, "masked"):
                 for images, labels in probe:
-                    correct += int((model(images).argmax(1) == labels).sum())
+                    logits = model(images.to(next(model.parameters()).device)).cpu()
+                    correct += int((logits.argmax(1) == labels).sum())
                     count += labels.numel()
             seen["epochs"].append({"scores": state.scores.scores.detach().clone(), "top": 100.0 * correct / count,
                                    "steps": state.counters["search_steps"]})
