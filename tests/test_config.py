@@ -35,7 +35,7 @@ def test_defaults_follow_the_paper_cifar_recipe():
     sparsity = cfg.sparsity
     assert (sparsity.keep_ratio, sparsity.estimator, sparsity.alpha) == (0.5, "vrpge", 0.5)
     assert sparsity.weight_grad == "first"
-    assert (sparsity.init, sparsity.score_lr, sparsity.fix, sparsity.fix_samples) == (0.5, 12e-3, "best_of_n", 10)
+    assert (sparsity.init, sparsity.score_lr, sparsity.fix, sparsity.fix_samples) == (None, 12e-3, "best_of_n", 10)
     assert sparsity.prune_residual is True
     finetune = cfg.finetune
     assert (finetune.epochs, finetune.lr, finetune.momentum, finetune.weight_decay) == (40, 1e-3, 0.9, 5e-4)
@@ -313,8 +313,12 @@ def test_direct_construction_validates_and_coerces():
 
 def test_search_keys_fit_the_search_and_the_method():
     cfg = load_config(None, ["optim.epochs=10", "sparsity.warmup_epochs=3", "sparsity.anneal_epochs=7",
-                             "sparsity.budget_schedule=linear", "sparsity.fix=random"])
-    assert (cfg.sparsity.warmup_epochs, cfg.sparsity.anneal_epochs) == (3, 7) and cfg.sparsity.fix == "random"
+                             "sparsity.budget_schedule=linear", "sparsity.fix=top_scores"])
+    assert (cfg.sparsity.warmup_epochs, cfg.sparsity.anneal_epochs) == (3, 7) and cfg.sparsity.fix == "top_scores"
+    assert load_config(None, ["sparsity.warmup_epochs=3", "sparsity.fix=random"]).sparsity.fix == "random"
+    with pytest.raises(ValueError, match=r"^sparsity.anneal_epochs=7 anneals the keep probabilities of a search, but "
+                                         r"sparsity.fix='random' trains a fixed random subnetwork with none"):
+        load_config(None, ["sparsity.anneal_epochs=7", "sparsity.fix=random"])
     assert cfg.sparsity.budget_schedule == "linear" and Config().sparsity.budget_schedule == "cubic"
     # Only VR-PGE searches: the other methods leave the search keys unread, so they are not held to optim.epochs.
     assert load_config(None, ["method=dense", "optim.epochs=2", "sparsity.anneal_epochs=5"]).optim.epochs == 2

@@ -22,7 +22,7 @@ from maskprop.train import loop
 from maskprop.train.checkpoint import load_checkpoint
 from maskprop.train.config import SparsityConfig, load_config
 from maskprop.train.data import build_datasets
-from maskprop.train.state import ANNEAL_INIT, search_scores
+from maskprop.train.state import search_scores
 from maskprop.train.steps import StepContext, vrpge_step
 from maskprop.vrpge import BudgetSchedule, ChannelScores, budget_at, score_grad, score_statistics
 
@@ -81,10 +81,12 @@ def test_budget_at_refuses_bad_arguments_in_one_line(kwargs, message):
 def test_an_anneal_starts_every_keep_probability_at_one():
     groups = {"a": 8, "b": 24}
     annealed = search_scores(groups, SparsityConfig(anneal_epochs=2, keep_ratio=0.25))
-    assert ANNEAL_INIT == 1.0 and annealed.budget == 32.0
+    assert annealed.budget == 32.0
     assert torch.equal(annealed.scores.detach(), torch.ones(32))
-    plain = search_scores(groups, SparsityConfig(keep_ratio=0.25, init=0.5))
+    plain = search_scores(groups, SparsityConfig(keep_ratio=0.25))  # the paper's start: 0.5, projected
     assert plain.budget == 8.0 and torch.allclose(plain.scores.detach(), torch.full((32,), 0.25))
+    chosen = search_scores(groups, SparsityConfig(anneal_epochs=2, keep_ratio=0.25, init=0.75))  # as set
+    assert torch.equal(chosen.scores.detach(), torch.full((32,), 0.75))
     with pytest.raises(ValueError, match=r"^budget must be a number in \[0, 32\] \(the channels\), got 33$"):
         annealed.set_budget(33)
 

@@ -160,7 +160,8 @@ class SparsityConfig(_Section):
         alpha: Exponent of H^alpha(s); the variance is bounded for alpha in [1/2, 1) (supplement A.2).
         weight_grad: ``first`` back-propagates the first mask only (paper cost); ``both`` averages the weight
             gradients of both masks (official code).
-        init: Constant the scores start at (official: 0.5), projected onto the budget before the first step.
+        init: Constant the scores start at, projected onto the budget of the first step; null: 1 with an anneal
+            (the anneal starts from every channel), else 0.5 (the official code).
         score_lr: Adam learning rate of the scores (supplement B: the only grid-searched hyperparameter).
         prune_residual: Prune the channels of residual streams (one shared group per stream) or keep them whole.
         warmup_epochs: Dense epochs at the start of the search (every channel kept, the scores untouched), counted
@@ -186,7 +187,8 @@ class SparsityConfig(_Section):
     estimator: Estimator = "vrpge"
     alpha: Annotated[Number, Field(ge=0, lt=1)] = 0.5
     weight_grad: WeightGrad = "first"
-    init: Annotated[Number, Field(gt=0, le=1, json_schema_extra={"noun": "a probability"})] = 0.5
+    init: Annotated[Number | None, Field(gt=0, le=1, json_schema_extra={
+        "noun": "a probability", "null": "1 with an anneal, else 0.5"})] = None
     score_lr: Annotated[Number, Field(gt=0)] = 12e-3
     prune_residual: bool = True
     warmup_epochs: Annotated[int, Field(ge=0)] = 0
@@ -359,6 +361,10 @@ class Config(_Section):
         if self.method == "vrpge" and sp.warmup_epochs + sp.anneal_epochs > epochs:
             raise ValueError(f"sparsity.warmup_epochs={sp.warmup_epochs} + sparsity.anneal_epochs={sp.anneal_epochs} "
                              f"is longer than the search; expected at most optim.epochs={epochs} in all")
+        if self.method == "vrpge" and sp.fix == "random" and sp.anneal_epochs:
+            raise ValueError(f"sparsity.anneal_epochs={sp.anneal_epochs} anneals the keep probabilities of a search, but "
+                             f"sparsity.fix='random' trains a fixed random subnetwork with none; expected "
+                             f"sparsity.anneal_epochs=0 with fix='random'")
         if self.method == "msbp" and self.sbp.memory == 0.0:
             raise ValueError("sbp.memory=0.0 gives no memory; expected a memory ratio in (0, 1) for method='msbp', "
                              "or method='sbp'")

@@ -18,15 +18,10 @@ from .config import Config, SparsityConfig, config_to_dict
 from .distributed import current, gather_objects
 from .timing import StepTimes
 
-__all__ = ["ANNEAL_INIT", "PHASES", "TrainState", "initial_keep_probability", "new_counters", "search_schedule",
+__all__ = ["PHASES", "TrainState", "initial_keep_probability", "new_counters", "search_schedule",
            "search_scores"]
 
 logger = logging.getLogger(__name__)
-
-ANNEAL_INIT = 1.0
-"""The keep probability every channel starts at when the budget is annealed (``sparsity.anneal_epochs > 0``), in place
-of ``sparsity.init``: the anneal starts from every channel, and probabilities that started at or below the final
-budget (the default 0.5 at keep ratio 0.5) would never feel it (docs/methods.md, "Warm-up and budget anneal")."""
 
 # Phases in run order: a dense run trains then is done; a VR-PGE run searches, fixes a subnetwork, finetunes it.
 PHASES = {"train": 0, "search": 0, "finetune": 1, "done": 2}
@@ -38,14 +33,12 @@ def new_counters() -> dict[str, int]:
 
 
 def initial_keep_probability(sparsity: SparsityConfig) -> float:
-    """The keep probability every channel starts at, before the projection: :data:`ANNEAL_INIT` when the budget is
-    annealed, else ``sparsity.init``."""
-    if sparsity.anneal_epochs == 0:
+    """The keep probability every channel starts at, before the projection: ``sparsity.init``, or when it is null 1
+    with an anneal (probabilities that started at or below the final budget, 0.5 at keep ratio 0.5, would never feel
+    it: docs/methods.md, "Warm-up and budget anneal") and the official code's 0.5 without."""
+    if sparsity.init is not None:
         return sparsity.init
-    if sparsity.init != SparsityConfig.model_fields["init"].default:
-        logger.warning("sparsity.init=%s is not used: with an anneal (sparsity.anneal_epochs=%d) every keep "
-                       "probability starts at %s", sparsity.init, sparsity.anneal_epochs, ANNEAL_INIT)
-    return ANNEAL_INIT
+    return 1.0 if sparsity.anneal_epochs else 0.5
 
 
 def search_scores(groups: Mapping[str, int], sparsity: SparsityConfig) -> ChannelScores:
@@ -57,15 +50,7 @@ def search_scores(groups: Mapping[str, int], sparsity: SparsityConfig) -> Channe
 
 def search_schedule(sparsity: SparsityConfig, num_channels: int, steps_per_epoch: int) -> BudgetSchedule:
     """The budget of every search step: ``warmup_epochs`` dense epochs, ``anneal_epochs`` of anneal along
-    ``budget_schedule``, then ``keep_ratio`` (:mod:`maskprop.vrpge.budget`).
-
-    Raises:
-        ValueError: An anneal with ``fix: random``, which has no keep probabilities to anneal.
-    """
-    if sparsity.fix == "random" and sparsity.anneal_epochs:
-        raise ValueError(f"sparsity.anneal_epochs={sparsity.anneal_epochs} anneals the keep probabilities of a "
-                         f"search, but sparsity.fix='random' trains a fixed random subnetwork with none; expected "
-                         f"sparsity.anneal_epochs=0 with fix='random'")
+    ``budget_schedule``, then ``keep_ratio`` (:mod:`maskprop.vrpge.budget`)."""
     return BudgetSchedule(num_channels, sparsity.keep_ratio, sparsity.warmup_epochs * steps_per_epoch,
                           sparsity.anneal_epochs * steps_per_epoch, sparsity.budget_schedule)
 
