@@ -28,8 +28,8 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from ._files import atomic_write
     from .bench import bench_model, check_settings, default_align, describe_machine, format_table, resolve_device
-    from .train.files import atomic_write
 
     # Every setting is checked before the first model is built, so a mistake costs no benchmark time.
     device = resolve_device(args.device)

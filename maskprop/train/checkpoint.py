@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from .._files import atomic_write
 from ..models.spec import ModelSpec
-from .files import atomic_write
 
 __all__ = ["CHECKPOINT_KEYS", "check_compatible", "error_reason", "load_checkpoint", "save_checkpoint"]
 

@@ -33,7 +33,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from .files import atomic_write
+from .._files import atomic_write
 
 __all__ = [
     "SPARSE_BACKWARD_METHODS",

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._files import atomic_write
 from ..cost import train_cost_saving
 from ..sbp import sparse_layers
 from ..sparse import kept_counts
 from .config import SPARSE_BACKWARD_METHODS, config_to_dict
-from .files import atomic_write
 from .setup import Run, phase_epochs
 from .state import initial_keep_probability
 from .timing import SpeedupEstimate
