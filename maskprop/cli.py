@@ -84,8 +84,13 @@ def _final_table(summary: dict) -> str:
         kind = "a search" if summary["method"] == "vrpge" else "a"
         pace = f"{per_step:.2f}x faster" if per_step >= 1.0 else f"{1.0 / per_step:.2f}x slower"
         measured += f"; {kind} step is {pace} than a dense step"
+    kinds = summary.get("measured_speedup_phases") or {}
+    if len(kinds) > 1:
+        measured += " (per step, " + ", ".join(f"{k} {v['median']:.2f}x" for k, v in kinds.items()) + ")"
     lines = [
-        f"{summary['model']} ({summary['method']}, keep_ratio {summary['keep_ratio']:g})",
+        f"{summary['model']} ({summary['method']}, keep_ratio {summary['keep_ratio']:g}"
+        + (", a random subnetwork: the baseline" if (summary.get("search") or {}).get("subnetwork") == "random"
+           else "") + ")",
         f"|                      | {'network' if sbp else 'subnetwork':<10} | dense      | kept   |",
         "|---|---:|---:|---:|",
         f"| top-1 accuracy (%)   | {summary['accuracy']:10.2f} |            |        |",

@@ -198,7 +198,7 @@ def annealed_run(tmp_path_factory):
 def test_the_warmup_is_dense_and_leaves_scores_and_mask_generator_alone(annealed_run):
     steps, vrpge = annealed_run["steps"], annealed_run["vrpge"]
     warmup = steps[:STEPS_PER_EPOCH]
-    assert all(kind == "train" and result.loss2 is None and result.kept_ratio == 1.0 for kind, result in warmup)
+    assert all(kind == "warmup" and result.loss2 is None and result.kept_ratio == 1.0 for kind, result in warmup)
     first = vrpge[0]
     assert torch.equal(first["scores"], torch.ones_like(first["scores"]))  # untouched by the warm-up
     fresh = torch.Generator().manual_seed(annealed_run["cfg"].seed + 1).get_state()
@@ -240,17 +240,22 @@ def test_train_flops_of_warmup_anneal_search_and_finetune_match_a_hand_count(ann
     assert records[0]["train_flops"] == warmup and records[0]["train_cost_saving"] == 1.0
 
 
-def test_warmup_steps_are_timed_against_dense_steps_as_their_own_kind(annealed_run):
+def test_warmup_and_anneal_steps_are_timed_against_dense_steps_as_kinds_of_their_own(annealed_run):
     summary = annealed_run["summary"]
     times = load_checkpoint(annealed_run["out"] / "last.pt")["times"]
-    assert len(times["train"]) == STEPS_PER_EPOCH and len(times["search"]) == 3 * STEPS_PER_EPOCH
+    assert [len(times[k]) for k in ("warmup", "anneal", "search", "train")] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH,
+                                                                               STEPS_PER_EPOCH, 0]
+    assert [k for k, _ in annealed_run["steps"]] == (["warmup"] * STEPS_PER_EPOCH + ["anneal"] * 2 * STEPS_PER_EPOCH
+                                                      + ["search"] * STEPS_PER_EPOCH + ["finetune"] * STEPS_PER_EPOCH)
     phases = summary["measured_speedup_phases"]
-    assert set(phases) == {"search", "warmup", "finetune"} and phases["warmup"]["pairs"] >= 1
-    steps = {"search": 3 * STEPS_PER_EPOCH, "warmup": STEPS_PER_EPOCH, "finetune": STEPS_PER_EPOCH}
+    assert set(phases) == {"warmup", "anneal", "search", "finetune"} and all(p["pairs"] >= 1 for p in phases.values())
+    steps = {"warmup": STEPS_PER_EPOCH, "anneal": 2 * STEPS_PER_EPOCH, "search": STEPS_PER_EPOCH,
+             "finetune": STEPS_PER_EPOCH}
     expected = 4 * STEPS_PER_EPOCH / sum(n / phases[p]["median"] for p, n in steps.items())
     assert summary["measured_speedup"] == pytest.approx(expected)
-    assert summary["warmup_step_ms"] == pytest.approx(1000 * statistics.median(times["train"]))
-    assert "the search's 4 anneal steps" in summary["speedup_warning"]  # they share the search's median: said
+    assert summary["warmup_step_ms"] == pytest.approx(1000 * statistics.median(times["warmup"]))
+    assert summary["anneal_step_ms"] == pytest.approx(1000 * statistics.median(times["anneal"]))
+    assert summary["step_speedup"] == phases["search"]["median"]  # the search at its budget, not the warm-up
     assert summary["train_step_ms"] is None
     assert summary["search"] == {"subnetwork": "searched", "warmup_epochs": 1, "anneal_epochs": 2,
                                  "budget_schedule": "cubic", "initial_keep_probability": 1.0,
@@ -332,7 +337,7 @@ def test_the_random_baseline_trains_the_subnetwork_its_seed_draws(tmp_path, monk
     assert all("kept_ratio_expected" not in r and "loss_gap" not in r for r in records)
     # FLOPs: 3 f_D per warm-up step, then 3 f(mask) per step of the fixed subnetwork, search and finetune alike
     cost = maskprop.CostModel(maskprop.create_model("resnet20", num_classes=10), (3, 16, 16))
-    assert [k for k, _ in kinds] == ["train"] * 2 + ["search"] * 4 + ["finetune"] * 2
+    assert [k for k, _ in kinds] == ["warmup"] * 2 + ["search"] * 4 + ["finetune"] * 2
     assert all(r.flops == 3 * BATCH * cost.flops(drawn) for _, r in kinds[2:])
     assert summary["train_flops"] == 2 * 3 * BATCH * cost.flops() + 6 * 3 * BATCH * cost.flops(drawn)
     assert summary["dense_train_flops"] == 6 * 3 * BATCH * cost.flops()

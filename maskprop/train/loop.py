@@ -225,18 +225,23 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
 
 
 def _timed_kind(state: TrainState, phase_steps: int) -> tuple[str, int, int]:
-    """How the current epoch's steps are timed: their kind in ``state.times``, the phase step their kind starts at, and
-    the kind's steps.
+    """How the current epoch's steps are timed: their kind in ``state.times`` (:data:`timing.STEP_KINDS`), the phase
+    step their kind starts at, and the kind's steps.
 
-    A warm-up step is a dense step, so it is paired as the steps of a dense run are (kind ``train``, ratio about 1):
-    mixed into the search's pairs it would pull their median towards 1 at random (``summary.py`` names it ``warmup``).
+    A search's dense warm-up steps and its anneal steps are kinds of their own: a warm-up step is a dense step (its
+    ratio is about 1) and an anneal step runs a mask wider than the budget, so mixed into the search's pairs either
+    would pull the search's median away from what a step at the budget costs. The schedule's phases start on epoch
+    boundaries, so one epoch's steps are all of one kind.
     """
     schedule = state.schedule
-    if state.phase != "search" or schedule is None or not schedule.warmup_steps:
+    if state.phase != "search" or schedule is None:
         return state.phase, 0, phase_steps
-    if state.counters["search_steps"] < schedule.warmup_steps:
-        return "train", 0, schedule.warmup_steps
-    return "search", schedule.warmup_steps, phase_steps - schedule.warmup_steps
+    warmup, anneal, done = schedule.warmup_steps, schedule.anneal_steps, state.counters["search_steps"]
+    if done < warmup:
+        return "warmup", 0, warmup
+    if done < warmup + anneal:
+        return "anneal", warmup, anneal
+    return "search", warmup + anneal, phase_steps - warmup - anneal
 
 
 def _step_scalars(state: TrainState, result: StepResult) -> dict[str, float]:

@@ -24,7 +24,6 @@ from ..sparse import kept_counts
 from .config import SPARSE_BACKWARD_METHODS, config_to_dict
 from .setup import Run, phase_epochs
 from .state import initial_keep_probability
-from .timing import SpeedupEstimate
 
 __all__ = ["SCHEMA_VERSION", "RunSummary", "data_identity", "read_summary", "summarize", "write_json"]
 
@@ -90,8 +89,9 @@ class RunSummary:
     train_step_ms: float | None = _f("ms", "median time of a train step (dense and sparse-backward runs)")
     warmup_step_ms: float | None = _f("ms", "median time of a dense warm-up step of the search "
                                             "(sparsity.warmup_epochs)")
-    step_speedup: float | None = _f("x", "median of dense / run step over the pairs of the first phase (search or "
-                                         "train)")
+    anneal_step_ms: float | None = _f("ms", "median time of an anneal step of the search (sparsity.anneal_epochs)")
+    step_speedup: float | None = _f("x", "median of dense / run step over the pairs of the run's main kind of step "
+                                         "(the search at its budget, or train)")
     steps: dict[str, int] = _f("steps", "optimizer steps per phase (search, finetune, train)", factory=dict)
     widths: dict[str, int] = _f("channels", "kept channels per group of the final network, in network order",
                                 factory=dict)
@@ -177,9 +177,7 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
         speedup = None if estimate is None else estimate.speedup
         iqr = None if estimate is None else [estimate.low, estimate.high]
     phases = {} if estimate is None else estimate.phases
-    if method == "vrpge":  # its "train" pairs are the search's dense warm-up steps (loop.py: _timed_kind)
-        phases = {("warmup" if phase == "train" else phase): values for phase, values in phases.items()}
-    first = next(iter(phases.values()), None)
+    first = phases.get("search") or phases.get("train")
     kept = kept_counts(mask) if mask is not None else dict(run.groups)
     keep_ratio = {"vrpge": cfg.sparsity.keep_ratio, "dense": 1.0}.get(method, cfg.sbp.ratio)
     phase_names = ("search", "finetune") if method == "vrpge" else ("train",)
@@ -195,13 +193,13 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
         subnet_flops=cost.flops(mask), kept_ratio=sum(kept.values()) / max(sum(run.groups.values()), 1),
         train_flops=counters["train_flops"], dense_train_flops=counters["dense_train_flops"],
         train_cost_saving=saving, measured_speedup=speedup, measured_speedup_iqr=iqr,
-        measured_speedup_phases=phases, speedup_warning=_speedup_warning(run, estimate),
+        measured_speedup_phases=phases, speedup_warning=None if estimate is None else estimate.warning,
         dense_reference_s=reference_s,
         dense_reference_share=None if reference_s is None or elapsed_s <= 0 else reference_s / elapsed_s,
         search_step_ms=_ms(times.median("search")), finetune_step_ms=_ms(times.median("finetune")),
         dense_step_ms=_ms(times.median("dense_ref")),
         train_step_ms=_ms(times.median("train")) if method != "vrpge" else None,
-        warmup_step_ms=_ms(times.median("train")) if method == "vrpge" else None,
+        warmup_step_ms=_ms(times.median("warmup")), anneal_step_ms=_ms(times.median("anneal")),
         step_speedup=None if first is None else first["median"],
         steps=steps, widths=kept, group_sizes=dict(run.groups), fix=state.fix_info, search=_search(run),
         run_time_s=elapsed_s, run_dir=None if run.run_dir is None else str(run.run_dir),
@@ -218,27 +216,12 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
 
 
 def _timed_steps(run: Run, steps: dict[str, int]) -> dict[str, int]:
-    """Run steps per kind the step times are kept by: a VR-PGE run's dense warm-up steps are timed as ``train`` steps
-    (each kind's speedup is the median of its own pairs), its other search steps as ``search``."""
+    """Run steps per kind the step times are kept by (:data:`timing.STEP_KINDS`): a VR-PGE search's steps split into
+    its dense warm-up, its anneal and the search at the budget."""
     schedule = run.state.schedule
     if run.cfg.method != "vrpge" or schedule is None:
         return steps
-    warmup = schedule.counts(steps["search"])["warmup"]
-    return dict(steps, search=steps["search"] - warmup, train=warmup)
-
-
-def _speedup_warning(run: Run, estimate: SpeedupEstimate | None) -> str | None:
-    """The estimate's own warning, and for an annealed search that its steps share one median: an anneal's steps run
-    masks from every channel down to the budget, so no one ratio stands for all of them."""
-    if estimate is None:
-        return None
-    warnings = [] if estimate.warning is None else [estimate.warning]
-    schedule = run.state.schedule
-    if schedule is not None and schedule.anneal_steps and "search" in estimate.phases:
-        warnings.append(f"the search's {schedule.anneal_steps} anneal steps, whose masks shrink from every channel to "
-                        f"the budget, share one median speedup with its other steps "
-                        f"({estimate.phases['search']['median']:.2f}x), which may misstate their time")
-    return "; ".join(warnings) or None
+    return dict(steps, **schedule.counts(steps["search"]))
 
 
 def _search(run: Run) -> dict[str, Any] | None:

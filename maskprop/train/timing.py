@@ -5,20 +5,24 @@ Table 5 (supplement C.2) of "Efficient Neural Network Training via Forward and B
 also train densely, so it times dense steps of the same model on the same batch during the run (on a private copy of
 the model with its own optimizer) and pairs each with the run step next to it: the dense step
 runs right before or right after that step (alternately), so whatever else the machine does hits both members of a
-pair alike. Pairs are taken throughout the run, in every phase (search, finetune, train): whenever the dense
-reference has used less than ``share`` of the run's step time so far, and at least ``min_pairs`` times per phase,
-spread evenly over the phase's steps (a short run spends more than ``share``; the summary states how much).
+pair alike. Pairs are taken throughout the run, for every kind of step (a VR-PGE search's dense ``warmup`` steps, its
+``anneal`` steps, its ``search`` steps at the budget, the ``finetune`` steps, and the ``train`` steps of the other
+methods): whenever the dense reference has used less than ``share`` of the run's step time so far, and at least
+``min_pairs`` times per kind, spread evenly over the kind's steps (a short run spends more than ``share``; the summary
+states how much).
 
-For each phase p with run steps, the ratio ``r = dense step / run step`` of every pair gives the phase's speedup
-``R_p = median(r)`` (how many times faster than a dense step a step of that phase is), and the run's
+For each kind k with run steps, the ratio ``r = dense step / run step`` of every pair gives the kind's speedup
+``R_k = median(r)`` (how many times faster than a dense step a step of that kind is), and the run's
 
-    measured_speedup = D / sum_p (n_p / R_p)
+    measured_speedup = D / sum_k (n_k / R_k)
 
-where ``n_p`` are the phase's steps and ``D`` the dense baseline's steps: as many as the search phase of a VR-PGE
-run, or the training of a sparse-backward run (the budget ``method: dense`` trains; the same convention as the
-train-cost saving). Using the first and third quartiles of each phase's ratios instead of the median gives the
-interquartile range stored beside it; a range wider than ``SPREAD_WARNING`` of the speedup is flagged. Step times cover
-forward, backward and the optimizer updates, not the data loading.
+where ``n_k`` are the kind's steps and ``D`` the dense baseline's steps: as many as the search phase of a VR-PGE run
+(warm-up and anneal included), or the training of a sparse-backward run (the budget ``method: dense`` trains; the same
+convention as the train-cost saving). A warm-up step is a dense step (its ratio is about 1) and an anneal step runs a
+mask wider than the budget, so each is its own kind: mixed into the search's pairs they would misstate the search's
+median. Using the first and third quartiles of each kind's ratios instead of the median gives the interquartile range
+stored beside it; a range wider than ``SPREAD_WARNING`` of the speedup is flagged. Step times cover forward, backward
+and the optimizer updates, not the data loading.
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ T = TypeVar("T")
 SPREAD_WARNING = 0.25
 """An interquartile range of the measured speedup wider than this fraction of it is flagged in the summary."""
 
-RUN_PHASES = ("search", "finetune", "train")
+STEP_KINDS = ("warmup", "anneal", "search", "finetune", "train")
+"""The kinds of run steps timed and paired apart: the search's dense warm-up, its anneal, the search at the budget,
+the finetune, and the training of dense and sparse-backward runs."""
 
 _EPOCHS_SECTION = {"search": "optim", "train": "optim", "finetune": "finetune"}
 """The config section whose ``epochs`` a phase runs."""
@@ -89,9 +95,9 @@ class SpeedupEstimate:
 
     Attributes:
         speedup: ``D / sum_p (n_p / R_p)``, dense train time over the run's train time.
-        low: The same with each phase's first-quartile ratio (the interquartile range's low end).
-        high: The same with each phase's third-quartile ratio.
-        phases: Per phase with steps: ``{"median", "q1", "q3"}`` of its per-pair ratios and ``pairs``, their count.
+        low: The same with each kind's first-quartile ratio (the interquartile range's low end).
+        high: The same with each kind's third-quartile ratio.
+        phases: Per kind with steps: ``{"median", "q1", "q3"}`` of its per-pair ratios and ``pairs``, their count.
         warning: Why the estimate deserves caution (a wide spread), or ``None``.
     """
 
@@ -104,25 +110,25 @@ class SpeedupEstimate:
 
 class StepTimes:
     """Wall times (seconds) of the run's steps by kind (``search``, ``finetune``, ``train``; ``dense_ref`` for the
-    timed dense reference steps), the pairs of a run step and its adjacent dense step by phase, and the dense
+    timed dense reference steps), the pairs of a run step and its adjacent dense step by kind, and the dense
     reference's whole time cost (``overhead_s``: timed and warm-up steps)."""
 
-    KINDS = (*RUN_PHASES, "dense_ref")
+    KINDS = (*STEP_KINDS, "dense_ref")
 
     def __init__(self) -> None:
         self.times: dict[str, list[float]] = {kind: [] for kind in self.KINDS}
-        self.pairs: dict[str, list[tuple[float, float]]] = {phase: [] for phase in RUN_PHASES}
+        self.pairs: dict[str, list[tuple[float, float]]] = {kind: [] for kind in STEP_KINDS}
         self.overhead_s = 0.0
         self._run_s = 0.0
 
     def add(self, kind: str, seconds: float) -> None:
         self.times[kind].append(seconds)
-        if kind in RUN_PHASES:
+        if kind in STEP_KINDS:
             self._run_s += seconds
 
-    def add_pair(self, phase: str, run_s: float, dense_s: float) -> None:
-        """A run step of ``phase`` and the dense step timed next to it (both already added by kind)."""
-        self.pairs[phase].append((run_s, dense_s))
+    def add_pair(self, kind: str, run_s: float, dense_s: float) -> None:
+        """A run step of ``kind`` and the dense step timed next to it (both already added by kind)."""
+        self.pairs[kind].append((run_s, dense_s))
 
     def median(self, kind: str) -> float | None:
         values = self.times[kind]
@@ -132,34 +138,34 @@ class StepTimes:
         """Summed time of the run's own steps (kept as a running total: the schedule asks at every step)."""
         return self._run_s
 
-    def phase_ratios(self, phase: str) -> list[float]:
-        """Dense step over run step, per pair of ``phase``."""
-        return [dense / run for run, dense in self.pairs[phase] if run > 0]
+    def phase_ratios(self, kind: str) -> list[float]:
+        """Dense step over run step, per pair of ``kind``."""
+        return [dense / run for run, dense in self.pairs[kind] if run > 0]
 
     def measured_speedup(self, steps: Mapping[str, int]) -> SpeedupEstimate | None:
         """Estimated dense train time over the run's train time from the paired ratios (see the module docstring).
 
         Args:
-            steps: Run steps per phase (``search``, ``finetune``, ``train``).
+            steps: Run steps per kind (:data:`STEP_KINDS`).
 
         Returns:
-            The estimate, or ``None`` when the dense baseline has no steps or a phase with steps has no pair.
+            The estimate, or ``None`` when the dense baseline has no steps or a kind with steps has no pair.
         """
-        dense_steps = steps.get("search", 0) + steps.get("train", 0)
+        dense_steps = sum(n for kind, n in steps.items() if kind != "finetune")
         phases: dict[str, dict[str, float]] = {}
-        for phase in RUN_PHASES:
-            if steps.get(phase, 0) == 0:
+        for kind in STEP_KINDS:
+            if steps.get(kind, 0) == 0:
                 continue
-            ratios = self.phase_ratios(phase)
+            ratios = self.phase_ratios(kind)
             if not ratios:
                 return None
             q1, median, q3 = quartiles(ratios)
-            phases[phase] = {"median": median, "q1": q1, "q3": q3, "pairs": len(ratios)}
+            phases[kind] = {"median": median, "q1": q1, "q3": q3, "pairs": len(ratios)}
         if dense_steps == 0 or not phases:
             return None
 
         def combined(key: str) -> float:
-            return dense_steps / sum(steps[phase] / phases[phase][key] for phase in phases)
+            return dense_steps / sum(steps[kind] / phases[kind][key] for kind in phases)
 
         speedup, low, high = combined("median"), combined("q1"), combined("q3")
         warning = None
@@ -170,16 +176,16 @@ class StepTimes:
 
     def state_dict(self) -> dict[str, Any]:
         return {**{kind: list(values) for kind, values in self.times.items()},
-                "pairs": {phase: [list(pair) for pair in pairs] for phase, pairs in self.pairs.items()},
+                "pairs": {kind: [list(pair) for pair in pairs] for kind, pairs in self.pairs.items()},
                 "overhead_s": self.overhead_s}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore; a checkpoint written before the pairs existed restores the step times alone."""
         self.times = {kind: [float(v) for v in state.get(kind, [])] for kind in self.KINDS}
         pairs = state.get("pairs", {})
-        self.pairs = {phase: [(float(r), float(d)) for r, d in pairs.get(phase, [])] for phase in RUN_PHASES}
+        self.pairs = {kind: [(float(r), float(d)) for r, d in pairs.get(kind, [])] for kind in STEP_KINDS}
         self.overhead_s = float(state.get("overhead_s", sum(self.times["dense_ref"])))
-        self._run_s = sum(sum(self.times[phase]) for phase in RUN_PHASES)
+        self._run_s = sum(sum(self.times[kind]) for kind in STEP_KINDS)
 
 
 class DenseReference:
@@ -195,7 +201,7 @@ class DenseReference:
         make_optimizer: Builds the optimizer for the copy's parameters.
         ctx: The run's step settings.
         share: Time the dense reference may use, as a fraction of the run's step time.
-        min_pairs: Pairs per phase at least, spread evenly over its steps.
+        min_pairs: Pairs per kind at least, spread evenly over its steps.
         warmup: Untimed steps before the first timed one (allocates optimizer buffers, warms kernels).
     """
 
@@ -209,9 +215,9 @@ class DenseReference:
         self._optimizer = make_optimizer(self._model.parameters())
         self._warm = False
 
-    def due(self, times: StepTimes, phase: str, index: int, total: int) -> bool:
-        """Whether the ``index``-th step (0-based) of the ``total`` steps of ``phase`` is to be paired."""
-        pairs = len(times.pairs[phase])
+    def due(self, times: StepTimes, kind: str, index: int, total: int) -> bool:
+        """Whether the ``index``-th step (0-based) of the ``total`` steps of ``kind`` is to be paired."""
+        pairs = len(times.pairs[kind])
         if pairs < self.min_pairs and index >= math.floor((pairs + 0.5) * total / self.min_pairs):
             return True
         return times.overhead_s < self.share * times.run_seconds()
@@ -235,26 +241,26 @@ class DenseReference:
         return seconds
 
 
-def timed_step(step: Callable[[], T], phase: str, times: StepTimes, device: torch.device,
+def timed_step(step: Callable[[], T], kind: str, times: StepTimes, device: torch.device,
                reference: DenseReference | None = None, batch: tuple[Tensor, Tensor] | None = None,
                index: int = 0, total: int = 1) -> T:
-    """Run and time one step of ``phase`` (recorded in ``times``), paired with a dense reference step when due.
+    """Run and time one step of ``kind`` (recorded in ``times``), paired with a dense reference step when due.
 
     Args:
         step: The run's step.
-        phase: Its phase.
+        kind: Its kind.
         times: Where the times go.
         device: Synchronised around the timed intervals.
         reference: The dense reference, or ``None`` (a dense run: nothing to pair).
         batch: The step's batch, which the dense step trains on too.
-        index: The step's index within its phase (0-based), for the schedule of pairs.
-        total: The phase's steps.
+        index: The step's index within its kind (0-based), for the schedule of pairs.
+        total: The kind's steps.
 
     Returns:
         What ``step`` returned.
     """
-    pair = reference is not None and reference.due(times, phase, index, total)
-    dense_first = pair and len(times.pairs[phase]) % 2 == 1  # alternate the order within the pairs
+    pair = reference is not None and reference.due(times, kind, index, total)
+    dense_first = pair and len(times.pairs[kind]) % 2 == 1  # alternate the order within the pairs
     if dense_first:
         dense_s = reference.time_step(batch, times)
     synchronize(device)
@@ -262,10 +268,10 @@ def timed_step(step: Callable[[], T], phase: str, times: StepTimes, device: torc
     result = step()
     synchronize(device)
     run_s = perf_counter() - began
-    times.add(phase, run_s)
+    times.add(kind, run_s)
     if pair:
         if not dense_first:
             dense_s = reference.time_step(batch, times)
         times.add("dense_ref", dense_s)
-        times.add_pair(phase, run_s, dense_s)
+        times.add_pair(kind, run_s, dense_s)
     return result
