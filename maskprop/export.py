@@ -516,9 +516,9 @@ def _measured_accuracy(checkpoint: Mapping[str, Any], which: str, mask_rule: str
     """The validation accuracy the run measured for exactly these weights and this mask, and where it comes from."""
     phase, epoch = checkpoint["phase"], checkpoint["epoch"]
     if which == "best":
-        # best.pt is written right after an evaluation that beat every earlier one; the search phase evaluates the
-        # top-score subnetwork, the other phases the fixed subnetwork (or the dense model).
-        evaluated = "top_scores" if phase == "search" else "fixed"
+        # best.pt is written right after an evaluation that beat every earlier one; a search evaluates its top-score
+        # subnetwork, a run with a fixed subnetwork (after the fix, or the random baseline's) that one.
+        evaluated = "top_scores" if phase == "search" and checkpoint.get("fixed_mask") is None else "fixed"
         accuracy = checkpoint.get("best_accuracy")
         if evaluated == mask_rule and accuracy is not None and accuracy >= 0:
             return float(accuracy), (f"best_accuracy of best.pt: validation top-1 (%) of these weights with this "

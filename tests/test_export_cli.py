@@ -293,3 +293,15 @@ def test_every_kind_of_run_exports_exactly(kind, tmp_path):
         reference = model(x)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), reference, rtol=1e-10, atol=1e-12)
+
+
+def test_the_random_baseline_exports_its_subnetwork_with_the_accuracy_it_measured(tmp_path):
+    """Its search phase trains the fixed random subnetwork, so best.pt's accuracy is that subnetwork's."""
+    config = with_overrides(TINY, **{"sparsity.fix": "random", "optim.epochs": 2, "finetune.epochs": 0,
+                                     "data.train_size": 64})
+    maskprop.fit(config, out=tmp_path / "run")
+    assert export(tmp_path / "run", "--checkpoint", "best", "--format", "safetensors") == 0
+    info = json.loads((tmp_path / "run" / "export" / "export.json").read_text())
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert info["accuracy"] == best["best_accuracy"] and info["source"]["mask"] == "fixed"
+    assert info["widths"] == {g: int(m.sum()) for g, m in best["fixed_mask"].items()}
