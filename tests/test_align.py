@@ -19,7 +19,8 @@ from maskprop.sparse import execution
 MODELS = maskprop.list_models()
 
 
-def _nontrivial(model):
+def nontrivial_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with random BatchNorm parameters and running statistics, so that a leak or a wrong channel shows."""
     for m in model.modules():
         if isinstance(m, SparseBatchNorm2d):
             m.weight.data.uniform_(0.5, 1.5)
@@ -34,7 +35,7 @@ def test_aligned_compact_equals_unpadded_masked_in_float64(name, generator):
     """Loss, every gradient (zero on dropped and padded channels) and every buffer (padded channels' statistics
     untouched) equal the masked reference of the unpadded mask."""
     torch.manual_seed(0)
-    model = _nontrivial(maskprop.create_model(name).double())
+    model = nontrivial_batch_norms(maskprop.create_model(name).double())
     mask = edge_case_mask(model.channel_groups(), generator)
     x = torch.randn(3, *input_size(name), dtype=torch.double)
     state = prepare_mask(model, mask, "compact", align=8)
@@ -55,7 +56,7 @@ def test_concatenated_gathers_as_on_cuda_equal_the_masked_reference(name, align,
     from maskprop.sparse.execution import ExecutionState
 
     torch.manual_seed(0)
-    model = _nontrivial(maskprop.create_model(name).double())
+    model = nontrivial_batch_norms(maskprop.create_model(name).double())
     mask = edge_case_mask(model.channel_groups(), generator)
     x = torch.randn(3, *input_size(name), dtype=torch.double)
     groups = model.channel_groups()

@@ -10,6 +10,10 @@ number of tensor calls whatever the depth of the model (docs/methods.md, "Compac
   of one kernel area, built on the device from that copy with a fixed number of calls;
 * the flat indices that gather the BatchNorm parameters and running statistics of all pruned units.
 
+Tensors gathered into one buffer (the weights of one kernel area, the BatchNorm parameters and statistics) are
+padded apart so that each starts at an aligned address (:data:`~maskprop.sparse.gather.ALIGN_ELEMENTS`), as
+vectorised GPU kernels need.
+
 In a forward pass the first layer that needs its gathered weight gathers those of all layers: off the CPU with one
 ``index_select`` per kernel area from the concatenation of their weights (whose backward writes all their gradients
 with one zero-fill and one ``index_copy_``), on the CPU layer by layer (a call is cheap there, copying every weight in
@@ -35,7 +39,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from .gather import gather_rows
+from .gather import ALIGN_ELEMENTS, gather_rows, interleave, split_padded
 from .groups import aligned_width, channel_groups, check_align, count_kept
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule, set_execution_state
 
@@ -100,11 +104,13 @@ class ModelPlan:
         self.norms = [m for m in layers if isinstance(m, SparseBatchNorm2d) and m.group is not None]
         widest = [max(m.weight.shape[0], m.weight.shape[1]) for m in self.weighted]
         self.max_channels = max(widest, default=1)
-        # Host tensors every mask's index sets use: the group of each channel, each group's first channel, and the
-        # identity segment that serves whole and never-pruned sides.
+        # Host tensors every mask's index sets use: the group of each channel, each group's first channel, the
+        # identity segment that serves whole and never-pruned sides, and the zero segment that the alignment padding
+        # between gathered pieces reads (offset 0, not a kept channel).
         sizes = torch.tensor(list(self.groups.values()), dtype=torch.int64)
         self.layout = (torch.repeat_interleave(torch.arange(len(sizes)), sizes), _exclusive_cumsum(sizes))
         self.identity = (torch.arange(self.max_channels), torch.ones(self.max_channels, dtype=torch.bool))
+        self.filler = (torch.zeros(ALIGN_ELEMENTS, dtype=torch.int64), torch.zeros(ALIGN_ELEMENTS, dtype=torch.bool))
         # What gathers the weights and biases, by kernel area: (layer, kind, out group, in group, c_out, c_in, tail).
         self.by_area: dict[int, list[tuple]] = {}
         for m in self.weighted:
@@ -117,14 +123,26 @@ class ModelPlan:
         # BatchNorm units gathered together: those with affine parameters and running statistics (all of maskprop's).
         self.packed_norms = [m for m in self.norms if m.affine and m.running_mean is not None
                              and m.running_var is not None]
+        self._zero_rows: dict[tuple, Tensor] = {}
+
+    def zero_row(self, like: Tensor) -> Tensor:
+        """One zero row shaped as a row of ``like`` (same dtype and device), made once: the last row of every
+        concatenation gathered from, which the alignment padding between gathered pieces reads."""
+        key = (tuple(like.shape[1:]), like.dtype, like.device)
+        row = self._zero_rows.get(key)
+        if row is None:
+            row = self._zero_rows[key] = like.new_zeros(1, *like.shape[1:])
+        return row
 
     def concatenated(self, area: int) -> Tensor:
-        """All weights (and biases) of one kernel area as one ``(rows, area)`` tensor, the source of every gather.
+        """All weights (and biases) of one kernel area as one ``(rows, area)`` tensor and a zero row after them (see
+        :meth:`zero_row`), the source of every gather.
 
         Made afresh in every forward pass: a cache keyed by the parameters' version counters would miss the updates
         of fused optimizers, which do not bump them (torch's fused SGD on the CPU).
         """
-        return torch.cat([getattr(layer, kind).reshape(-1, area) for layer, kind, *_ in self.by_area[area]])
+        parts = [getattr(layer, kind).reshape(-1, area) for layer, kind, *_ in self.by_area[area]]
+        return torch.cat([*parts, self.zero_row(parts[0])])
 
 
 _PLAN_ATTRIBUTE = "_maskprop_plan"
@@ -244,8 +262,8 @@ class ExecutionState:
                 self._offsets[g] = (start, w)
                 start += w
         identity = len(index)  # an identity segment after the index sets serves whole and never-pruned sides
-        index_ext = torch.cat([index, self.plan.identity[0]])
-        real_ext = torch.cat([real, self.plan.identity[1]])
+        index_ext = torch.cat([index, self.plan.identity[0], self.plan.filler[0]])
+        real_ext = torch.cat([real, self.plan.identity[1], self.plan.filler[1]])
         self.padded = any(w > c for w, c in zip(widths, counts) if w)
         self._weights, norm, rows = _tables(self.plan, self._offsets, identity, self.concatenate)
         self._weight_layers = {id(layer) for table in self._weights for layer, _, _ in table["sources"]}
@@ -273,7 +291,7 @@ class ExecutionState:
         real_split = real_rows.split(sizes) if real_rows is not None else [None] * len(tables)
         for table, t_flat, t_real in zip(tables, flat.split(sizes), real_split):
             table["flat"], table["real"], table["factors"] = t_flat, t_real, {}
-            if not self.concatenate and "sizes" in table:  # each layer's rows of its own weight
+            if not self.concatenate and table is not norm:  # each layer's rows of its own weight (no padding)
                 table["flat_of"] = t_flat.split(table["sizes"])
         if norm is not None:
             norm["index"] = norm.pop("flat")
@@ -348,7 +366,7 @@ class ExecutionState:
             source.index_copy_(0, norm["index"], stats)
         modules = norm["modules"]
         torch._foreach_copy_([m.running_mean for m in modules] + [m.running_var for m in modules],
-                             list(source.split(norm["features"] * 2)))
+                             list(source.split([*norm["features"] * 2, 1])[:-1]))  # the zero row stays behind
         current.updated = False
 
     def apply_mask(self, group: str | None, y: Tensor) -> Tensor:
@@ -367,7 +385,8 @@ class ExecutionState:
 
     def _gather_weights(self) -> dict[int, list[Tensor | None]]:
         """The gathered weights (and biases) of all layers: one concatenation and one ``index_select`` per kernel
-        area; the backward writes all their gradients with one zero-fill and one ``index_copy_``."""
+        area, each piece starting at an aligned address; the backward writes all their gradients with one zero-fill
+        and one ``index_copy_``."""
         tensors: dict[int, list[Tensor | None]] = {}
         for table in self._weights:
             area = table["area"]
@@ -375,7 +394,7 @@ class ExecutionState:
                 rows = gather_rows(self.plan.concatenated(area), table["flat"])
                 if self.padded:
                     rows = rows * _factor(table, rows.dtype)
-                pieces = rows.split(table["sizes"])
+                pieces = split_padded(rows, table["sizes"], table["pads"])
             else:  # layer by layer (the CPU): only the kept rows of each weight are read
                 pieces = [gather_rows(getattr(layer, kind).reshape(-1, area), flat)
                           for (layer, kind, _), flat in zip(table["sources"], table["flat_of"])]
@@ -389,19 +408,20 @@ class ExecutionState:
 
     def _gather_norms(self) -> dict:
         """BatchNorm weights and biases of all units with one gather (padded channels' multiplied by zero), running
-        means and variances with another."""
+        means and variances with another; each unit's pieces start at aligned addresses."""
         norm = self._norm
         modules = norm["modules"]
-        params = torch.cat([m.weight for m in modules] + [m.bias for m in modules])
-        gathered = gather_rows(params, norm["index"])
+        params = [m.weight for m in modules] + [m.bias for m in modules]
+        gathered = gather_rows(torch.cat([*params, self.plan.zero_row(params[0])]), norm["index"])
         if self.padded:
             gathered = gathered * _factor(norm, gathered.dtype)
-        source = torch.cat([m.running_mean for m in modules] + [m.running_var for m in modules])
+        buffers = [m.running_mean for m in modules] + [m.running_var for m in modules]
+        source = torch.cat([*buffers, self.plan.zero_row(buffers[0])])
         stats = source.index_select(0, norm["index"])
-        widths = norm["widths"] * 2
         # Each unit updates its statistics in place, and autograd saved them: pieces with version counters of their own
         # (an in-place update of one must not look like a change of another's saved input).
-        params_of, stats_of = gathered.split(widths), stats.unsafe_split_with_sizes(widths)
+        params_of = split_padded(gathered, norm["sizes"], norm["pads"])
+        stats_of = stats.unsafe_split_with_sizes(interleave(norm["sizes"], norm["pads"]))[::2]
         n = len(modules)
         tensors: dict = {id(m): (stats_of[i], stats_of[n + i], params_of[i], params_of[n + i])
                          for i, m in enumerate(modules)}
@@ -479,39 +499,51 @@ def _tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], identity: i
     their gathered pieces), one for the BatchNorm units, and one row per gathered tensor for :func:`_row_table`:
     ``(computed outputs, first row in its concatenation, input channels, outputs' start and inputs' start in the
     extended index sets, computed inputs)``. A side kept whole reads the identity segment at ``identity``. Without
-    ``concatenate`` the rows are those of each tensor's own ``(rows, area)`` view."""
+    ``concatenate`` the rows are those of each tensor's own ``(rows, area)`` view.
+
+    Where pieces are gathered into one buffer (the weights with ``concatenate``, the BatchNorm tensors always), each
+    piece is followed by ``pads`` rows that make the next one start at a multiple of ``ALIGN_ELEMENTS``
+    elements. They read the zero row after the concatenation (a row of the table with no input channels whose
+    outputs come from the zero segment after the identity segment), and they are not kept channels.
+    """
     tables, rows = [], []
+    filler = identity + plan.max_channels
 
     def add(table: dict, layer: nn.Module, kind: str, shape_tail: tuple, base: int, c_in: int,
-            out_side: tuple[int, int], in_side: tuple[int, int]) -> None:
+            out_side: tuple[int, int], in_side: tuple[int, int], zero_row: int | None, step: int) -> None:
         (out_start, n_out), (in_start, n_in) = out_side, in_side
         rows.append((n_out, base, c_in, out_start, in_start, n_in))
+        pad = -(n_out * n_in) % step if zero_row is not None else 0
+        if pad:
+            rows.append((pad, zero_row, 0, filler, filler, 1))
         table["sources"].append((layer, kind, (n_out, n_in, *shape_tail) if kind == "weight" else (n_out,)))
         table["sizes"].append(n_out * n_in)
-        table["entries"] += n_out * n_in
+        table["pads"].append(pad)
+        table["entries"] += n_out * n_in + pad
 
     for area, entries in plan.by_area.items():
-        table = {"area": area, "sources": [], "sizes": [], "entries": 0}
+        table = {"area": area, "sources": [], "sizes": [], "pads": [], "entries": 0}
+        zero_row = sum(c_out * c_in for *_, c_out, c_in, _ in entries) if concatenate else None
+        step = ALIGN_ELEMENTS // math.gcd(area, ALIGN_ELEMENTS)
         base = 0
         for layer, kind, out_group, in_group, c_out, c_in, tail in entries:  # rows of the area's concatenation
             if out_group in offsets or in_group in offsets:
                 out_side = offsets[out_group] if out_group in offsets else (identity, c_out)
                 in_side = offsets[in_group] if in_group in offsets else (identity, c_in)
-                add(table, layer, kind, tail, base if concatenate else 0, c_in, out_side, in_side)
+                add(table, layer, kind, tail, base if concatenate else 0, c_in, out_side, in_side, zero_row, step)
             base += c_out * c_in
         if table["sources"]:
             tables.append(table)
     modules = [m for m in plan.packed_norms if m.group in offsets]
     if not modules:
         return tables, None, rows
-    norm = {"area": None, "sources": [], "sizes": [], "entries": 0, "modules": modules,
-            "position": {id(m): i for i, m in enumerate(modules)}, "features": [m.num_features for m in modules],
-            "widths": [offsets[m.group][1] for m in modules]}
+    norm = {"area": None, "sources": [], "sizes": [], "pads": [], "entries": 0, "modules": modules,
+            "position": {id(m): i for i, m in enumerate(modules)}, "features": [m.num_features for m in modules]}
     total = sum(norm["features"])
     for kind, first in (("weight", 0), ("bias", total)):  # cat(weights + biases): the layout of cat(means + vars)
         base = first
         for m in modules:
-            add(norm, m, kind, (), base, 1, offsets[m.group], (identity, 1))
+            add(norm, m, kind, (), base, 1, offsets[m.group], (identity, 1), 2 * total, ALIGN_ELEMENTS)
             base += m.num_features
     return tables, norm, rows
 

@@ -5,12 +5,21 @@ A compact conv runs on ``W[out_kept][:, in_kept]``. Chained ``index_select`` cal
 of one kernel area at once, see :mod:`maskprop.sparse.execution`) with precomputed flat indices, and the backward
 writes the gradient into a zero tensor with one ``index_copy_``: the indices are unique, so a copy is exact, and it is
 cheaper than an accumulate (BENCHMARKS.md, "Implementation choices": weight gathers).
+
+Gathered rows that hold several tensors carry padding rows between them, so that each tensor starts at an aligned
+address; :func:`split_padded` cuts such a buffer into its tensors, leaving the padding out.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+# Every tensor gathered into a buffer shared with others starts at a multiple of this many elements of it: at least
+# 16 bytes for every dtype a model trains in. Vectorised GPU kernels (cuBLASLt, cuDNN) choose their loads by the
+# alignment of their operands' addresses; a weight at an arbitrary offset of a shared buffer makes them fail
+# ("misaligned address") or find no kernel at all.
+ALIGN_ELEMENTS = 16
 
 
 class _GatherRows(torch.autograd.Function):
@@ -31,7 +40,44 @@ class _GatherRows(torch.autograd.Function):
 
 
 def gather_rows(source: Tensor, index: Tensor) -> Tensor:
-    """Rows ``index`` (unique, int64) of a tensor, differentiable with a copy-based backward."""
+    """Rows ``index`` (int64) of a tensor, differentiable with a copy-based backward.
+
+    The indices are unique, except that padding rows may all read one row: their gradient is zero, so whichever copy
+    lands last writes the same zero there.
+    """
     if not source.requires_grad or not torch.is_grad_enabled():
         return source.index_select(0, index)
     return _GatherRows.apply(source, index)
+
+
+def interleave(sizes: list[int], pads: list[int]) -> list[int]:
+    """``[sizes[0], pads[0], sizes[1], ...]``: the split of a buffer of tensors each followed by its padding."""
+    return [n for pair in zip(sizes, pads) for n in pair]
+
+
+class _SplitPadded(torch.autograd.Function):
+    """The tensors of a padded buffer as views; the backward fills the padding (and any piece without a gradient)
+    from one zero tensor and concatenates once, where ``split``'s backward makes a zero tensor per unused piece."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, sizes: list[int], pads: list[int]) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.sizes, ctx.pads, ctx.row_shape = sizes, pads, rows.shape[1:]
+        return tuple(rows.split(interleave(sizes, pads))[::2])
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        missing = [n for grad, n in zip(grads, ctx.sizes) if grad is None]
+        like = next(grad for grad in grads if grad is not None)
+        zeros = like.new_zeros(max(ctx.pads + missing, default=0), *ctx.row_shape)
+        parts = []
+        for grad, size, pad in zip(grads, ctx.sizes, ctx.pads):
+            parts += [zeros[:size] if grad is None else grad, zeros[:pad]]
+        return torch.cat(parts), None, None
+
+
+def split_padded(rows: Tensor, sizes: list[int], pads: list[int]) -> list[Tensor]:
+    """The pieces of ``sizes`` rows of ``rows``, each followed by ``pads`` rows that are left out."""
+    if not rows.requires_grad or not torch.is_grad_enabled():
+        return list(rows.split(interleave(sizes, pads))[::2])
+    return list(_SplitPadded.apply(rows, sizes, pads))
