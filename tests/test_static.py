@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import Self
 
 import pytest
 import torch
@@ -16,9 +17,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import maskprop
 from maskprop.sparse import SparseBatchNorm2d, random_mask
-from maskprop.sparse.static import (KeptCount, StaticExecutionState, StaticLayout, check_capacities,
-                                    choose_capacities, kept_count_moments, mask_capacities, rechoose_capacities,
-                                    use_static)
+from maskprop.sparse.static import (
+    KeptCount,
+    StaticExecutionState,
+    StaticLayout,
+    check_capacities,
+    choose_capacities,
+    kept_count_moments,
+    mask_capacities,
+    rechoose_capacities,
+    use_static,
+)
 from maskprop.vrpge import ChannelScores
 
 MODELS = maskprop.list_models()
@@ -104,7 +113,7 @@ def _exactness(name: str, generator: torch.Generator, concatenate: bool | None, 
     assert state.read_overflow().steps == (last is not None)
     u = torch.rand(sum(groups.values()), generator=generator, dtype=torch.double)
     used_b = _assert_step_equals_masked(model, state, mask_b, u, x, y)
-    first = list(groups)[0]
+    first = next(iter(groups))
     u_first = u[:groups[first]]
     # The overflowing first group keeps its `capacity` channels with the smallest u.
     expected = torch.zeros(groups[first], dtype=torch.bool)
@@ -172,6 +181,20 @@ def test_padding_outputs_zero_at_the_capacities_and_eval_matches(generator):
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_leaving_the_block_drops_the_step_s_gathered_tensors(generator):
+    """A state lives for a window: once its block ends it must not keep the last step's gathered tensors (and with
+    them the autograd graph, whose gradient accumulators a graph captured on another stream must not meet)."""
+    model = maskprop.create_model("resnet20")
+    groups = model.channel_groups()
+    state = StaticExecutionState.create(model, mask_capacities(random_mask(groups, 0.5, generator), 1))
+    with use_static(state):
+        loss = model(torch.randn(2, 3, 16, 16)).sum()
+        assert state._weight_pass is not None and state._norm_pass is not None
+    assert state._weight_pass is None and state._norm_pass is None
+    loss.backward()
+    assert model.fc.weight.grad is not None
+
+
 def test_layouts_are_shared_by_the_states_of_a_window(generator):
     """A search step's two masks: two states of one layout, each with its own buffers."""
     model = maskprop.create_model("resnet20")
@@ -189,8 +212,8 @@ class _DataDependentOps(TorchDispatchMode):
     """Records the operators below autograd that read device data on the host or whose output shape depends on the
     data (the backward's included)."""
 
-    HOST_OR_DATA_DEPENDENT = {"nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
-                              "_local_scalar_dense", "is_nonzero", "equal", "allclose"}
+    HOST_OR_DATA_DEPENDENT = frozenset({"nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+                                        "_local_scalar_dense", "is_nonzero", "equal", "allclose"})
 
     def __init__(self, found: list[str]) -> None:
         super().__init__()
@@ -216,7 +239,7 @@ class _HostReads(TorchFunctionMode):
     """Records the tensor methods that read data to the host without an operator below autograd (``tolist``,
     ``numpy``, Python number conversions)."""
 
-    HOST_READS = {"tolist", "numpy", "item", "__bool__", "__int__", "__float__", "__index__", "__complex__"}
+    HOST_READS = frozenset({"tolist", "numpy", "item", "__bool__", "__int__", "__float__", "__index__", "__complex__"})
 
     def __init__(self, found: list[str]) -> None:
         super().__init__()
@@ -240,7 +263,7 @@ class _Recorder:
     def calls(self) -> int:
         return self._ops.calls
 
-    def __enter__(self) -> _Recorder:
+    def __enter__(self) -> Self:
         self._stack.enter_context(_HostReads(self.found))
         self._stack.enter_context(self._ops)
         return self
@@ -342,7 +365,8 @@ def test_choose_capacities_from_channel_scores_and_edge_probabilities():
 
 
 def test_mask_capacities_are_aligned_kept_counts():
-    mask = {"a": torch.tensor([1, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1], dtype=torch.bool), "b": torch.ones(3, dtype=torch.bool)}
+    mask = {"a": torch.tensor([1, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1], dtype=torch.bool),
+            "b": torch.ones(3, dtype=torch.bool)}
     assert mask_capacities(mask, 8) == {"a": 8, "b": 3}
     assert mask_capacities(mask, 1) == {"a": 5, "b": 3}
 

@@ -422,8 +422,8 @@ class StaticLayout:
 
         for area, sources in by_area.items():
             self.tables.append(add_table(area, [
-                (m, kind, tuple(m.weight.shape[2:]) if kind == "weight" else None, m.out_group,
-                 m.in_group if kind == "weight" else None, m.weight.shape[0], m.weight.shape[1] if kind == "weight" else 1)
+                (m, kind, tuple(m.weight.shape[2:]), m.out_group, m.in_group, m.weight.shape[0], m.weight.shape[1])
+                if kind == "weight" else (m, kind, None, m.out_group, None, m.weight.shape[0], 1)
                 for m, kind in sources], [], self.concatenate))
         self.norm_table: GatherTable | None = None
         if norms:
@@ -502,10 +502,10 @@ class StaticExecutionState:
     """
 
     mode = "compact"
-    masks: dict[str, Tensor] = {}  # masked mode's per-group masks: none here (BatchNorm's masked path never runs)
 
     def __init__(self, layout: StaticLayout) -> None:
         self.layout = layout
+        self.masks: dict[str, Tensor] = {}  # masked mode's per-group masks: none (BatchNorm's masked path never runs)
         device, dtype = layout.device, layout.dtype
         # The extended index buffer: the groups' slots, the identity segment, the null slot; and its 0/1 reals.
         self._ext = torch.zeros(layout.ext_size, dtype=torch.int64, device=device)
@@ -683,8 +683,17 @@ class StaticExecutionState:
         source.index_copy_(0, flat, torch.where(self._norm_real, stats, source.index_select(0, flat)))
         modules = norm.modules
         targets = [m.running_mean for m in modules] + [m.running_var for m in modules]
-        torch._foreach_copy_(targets, list(source[:sum(t.numel() for t in targets)].split([t.numel() for t in targets])))
+        sizes = [t.numel() for t in targets]
+        torch._foreach_copy_(targets, list(source[:sum(sizes)].split(sizes)))  # the zero row at the end stays
         current.updated = False
+
+    def release(self) -> None:
+        """End the block the state ran in: write pending statistics back and drop the gathered tensors of the last
+        pass. A state lives for a whole window, and those tensors hold the step's autograd graph (its gradient
+        accumulators included, bound to the stream they ran on, which a CUDA graph captured on another stream must
+        not depend on) and their memory until the next step."""
+        self.flush()
+        self._weight_pass = self._norm_pass = None
 
     def apply_mask(self, group: str | None, y: Tensor) -> Tensor:
         """Masked mode only; a static state is compact (kept for the layers' protocol)."""
@@ -775,5 +784,5 @@ def use_static(state: StaticExecutionState) -> Iterator[nn.Module]:
     try:
         yield state.layout.model
     finally:
-        state.flush()
+        state.release()
         set_execution_state(layers, previous)
