@@ -13,7 +13,7 @@ from conftest import edge_case_mask, input_size
 
 import maskprop
 from maskprop.sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, full_mask, random_mask, use_mask
-from maskprop.sparse.gather import gather_rows
+from maskprop.sparse.gather import gather_rows, split_padded
 
 MODELS = maskprop.list_models()
 
@@ -173,6 +173,23 @@ def test_gather_rows_matches_indexing_and_its_gradient():
     assert torch.autograd.gradcheck(lambda s: gather_rows(s, index), (source,))
     with torch.no_grad():
         assert not gather_rows(source, index).requires_grad
+
+
+def test_split_padded_leaves_the_padding_out_and_its_gradient_zero():
+    """Pieces of 3, 2 and 4 rows followed by 1, 2 and 0 padding rows; the middle piece gets no gradient."""
+    torch.manual_seed(0)
+    rows = torch.randn(12, 3, dtype=torch.double, requires_grad=True)
+    pieces = split_padded(rows, [3, 2, 4], [1, 2, 0])
+    for piece, start in zip(pieces, (0, 4, 8)):
+        assert torch.equal(piece, rows[start:start + piece.shape[0]])
+    (2 * pieces[0].sum() + pieces[2].square().sum()).backward()
+    expected = torch.zeros_like(rows)
+    expected[0:3] = 2
+    expected[8:12] = 2 * rows[8:12].detach()
+    assert torch.equal(rows.grad, expected)
+    assert torch.autograd.gradcheck(lambda r: split_padded(r, [3, 2, 4], [1, 2, 0]), (rows,))
+    with torch.no_grad():
+        assert [p.shape[0] for p in split_padded(rows, [3, 2, 4], [1, 2, 0])] == [3, 2, 4]
 
 
 # --- bad input: one clear error each -------------------------------------------------------------------------------

@@ -56,8 +56,9 @@ def interleave(sizes: list[int], pads: list[int]) -> list[int]:
 
 
 class _SplitPadded(torch.autograd.Function):
-    """The tensors of a padded buffer as views; the backward fills the padding (and any piece without a gradient)
-    from one zero tensor and concatenates once, where ``split``'s backward makes a zero tensor per unused piece."""
+    """The tensors of a padded buffer as views. The backward cuts the padding's gradient from one zero tensor with one
+    split and concatenates once: ``split``'s own backward would make a zero tensor per unused piece, and slicing one
+    zero tensor per piece would add a call per piece."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, sizes: list[int], pads: list[int]) -> tuple[Tensor, ...]:  # type: ignore[override]
@@ -66,13 +67,14 @@ class _SplitPadded(torch.autograd.Function):
         return tuple(rows.split(interleave(sizes, pads))[::2])
 
     @staticmethod
-    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        missing = [n for grad, n in zip(grads, ctx.sizes) if grad is None]
-        like = next(grad for grad in grads if grad is not None)
-        zeros = like.new_zeros(max(ctx.pads + missing, default=0), *ctx.row_shape)
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        like = next((grad for grad in grads if grad is not None), None)
+        if like is None:
+            return None, None, None
+        paddings = like.new_zeros(sum(ctx.pads), *ctx.row_shape).split(ctx.pads)
         parts = []
-        for grad, size, pad in zip(grads, ctx.sizes, ctx.pads):
-            parts += [zeros[:size] if grad is None else grad, zeros[:pad]]
+        for grad, size, padding in zip(grads, ctx.sizes, paddings):  # a piece no layer used has no gradient
+            parts += [like.new_zeros(size, *ctx.row_shape) if grad is None else grad, padding]
         return torch.cat(parts), None, None
 
 
