@@ -40,7 +40,7 @@ def isolated(test: Callable) -> Callable:
         command = [sys.executable, "-m", "pytest", node, "-q", "-rs", "-p", "no:cacheprovider"]
         try:
             child = subprocess.run(command, cwd=REPO, env={**os.environ, _IN_CHILD: "1"}, capture_output=True,
-                                   text=True, timeout=CHILD_TIMEOUT_S)
+                                   text=True, timeout=CHILD_TIMEOUT_S, check=False)
         except subprocess.TimeoutExpired:
             pytest.fail(f"{node} did not finish in {CHILD_TIMEOUT_S} s in its own process", pytrace=False)
         output = (child.stdout + child.stderr)[-6000:]

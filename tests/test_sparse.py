@@ -78,11 +78,12 @@ def test_compact_equals_masked(name, channels_last, generator):
             dropped = ~mask[m.group]
             assert grads_c[f"{mod_name}.weight"][dropped].count_nonzero() == 0
             assert grads_c[f"{mod_name}.bias"][dropped].count_nonzero() == 0
-            assert torch.equal(buffers_c[f"{mod_name}.running_mean"][dropped], before[f"{mod_name}.running_mean"][dropped])
-            assert torch.equal(buffers_c[f"{mod_name}.running_var"][dropped], before[f"{mod_name}.running_var"][dropped])
+            for stat in ("running_mean", "running_var"):
+                key = f"{mod_name}.{stat}"
+                assert torch.equal(buffers_c[key][dropped], before[key][dropped])
             if mask[m.group].any():
-                kept = mask[m.group]
-                assert not torch.equal(buffers_c[f"{mod_name}.running_mean"][kept], before[f"{mod_name}.running_mean"][kept])
+                kept, key = mask[m.group], f"{mod_name}.running_mean"
+                assert not torch.equal(buffers_c[key][kept], before[key][kept])
 
 
 @pytest.mark.parametrize("name", ["resnet20", "vgg11_bn", "wrn16_8", "resnet50", "mlp"])
@@ -211,7 +212,8 @@ def test_mask_with_unknown_group(small_model):
 def test_mask_with_wrong_size(small_model):
     mask = full_mask(small_model.channel_groups())
     mask["layer2"] = torch.ones(31, dtype=torch.bool)
-    with pytest.raises(ValueError, match=r"group 'layer2' is \(31,\) torch.bool; expected a bool tensor of shape \(32,\)"):
+    expected = r"group 'layer2' is \(31,\) torch.bool; expected a bool tensor of shape \(32,\)"
+    with pytest.raises(ValueError, match=expected):
         with use_mask(small_model, mask):
             pass
 

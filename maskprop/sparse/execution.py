@@ -528,8 +528,8 @@ def _tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], identity: i
         base = 0
         for layer, kind, out_group, in_group, c_out, c_in, tail in entries:  # rows of the area's concatenation
             if out_group in offsets or in_group in offsets:
-                out_side = offsets[out_group] if out_group in offsets else (identity, c_out)
-                in_side = offsets[in_group] if in_group in offsets else (identity, c_in)
+                out_side = offsets.get(out_group, (identity, c_out))
+                in_side = offsets.get(in_group, (identity, c_in))
                 add(table, layer, kind, tail, base if concatenate else 0, c_in, out_side, in_side, zero_row, step)
             base += c_out * c_in
         if table["sources"]:
@@ -559,7 +559,7 @@ def _row_table(rows: list[tuple[int, ...]], index_ext: Tensor, real_ext: Tensor,
     """
     table = torch.tensor(rows, dtype=torch.int64)
     layer_of = torch.repeat_interleave(table[:, 0])
-    n_out, base, c_in, out_start, in_start, n_in = table[layer_of].unbind(1)
+    _, base, c_in, out_start, in_start, n_in = table[layer_of].unbind(1)
     out_pos = out_start + torch.arange(len(layer_of)) - _exclusive_cumsum(table[:, 0])[layer_of]
     real = real_ext[out_pos].long()
     first = base + index_ext[out_pos] * c_in
