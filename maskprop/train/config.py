@@ -323,6 +323,9 @@ class Config(_Section):
         finetune: Finetune phase after the subnetwork is fixed (method ``vrpge``).
         sync_bn: Under DDP, normalise with batch statistics all-reduced over the ranks (SyncBatchNorm semantics);
             false: each rank normalises its own share, as plain DDP does.
+        cuda_graphs: Run the training steps with static shapes, each step kind captured as one CUDA graph and replayed
+            (``maskprop.train.graphs``): ``auto`` on a CUDA device when the run can be captured (else the eager steps,
+            with one log line saying why), ``true`` (an error where it cannot), ``false`` (the eager steps).
     """
 
     method: Method = "vrpge"
@@ -342,11 +345,19 @@ class Config(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     sync_bn: bool = False
+    cuda_graphs: Literal["auto", True, False] = "auto"
 
     @field_validator("model", "data", "sparsity", "sbp", "optim", "finetune", mode="before")
     @classmethod
     def _empty_section(cls, value: Any) -> Any:
         return {} if value is None else value  # a yaml section header with nothing under it: the defaults
+
+    @field_validator("cuda_graphs", mode="before")
+    @classmethod
+    def _graphs_switch(cls, value: Any) -> Any:
+        if value is True or value is False or value == "auto":  # `is`: 1 and 0 are no switch (they equal the bools)
+            return value
+        raise ValueError(f"cuda_graphs={value!r} is not a valid choice; expected 'auto', true or false")
 
     @model_validator(mode="after")
     def _check_together(self) -> Config:

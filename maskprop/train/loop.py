@@ -57,6 +57,7 @@ from .distributed import (
     rank_local,
     wrap_model,
 )
+from .graphs import GraphedDenseReference, MeterWindow, StaticSteps
 from .logs import RunLogger
 from .narrow import NarrowSubnetwork
 from .optim import run_optimizer
@@ -119,6 +120,19 @@ class EpochMeter:
             self.grad_norm += result.grad_norm
             self.grad_norms += 1
 
+    def add_window(self, window: MeterWindow) -> None:
+        """Add the sums of several static steps read at once (``graphs.py``), as their steps one by one would."""
+        self.loss += window.loss
+        self.loss2 += window.loss2
+        self.correct += round(window.correct)
+        self.count += window.count
+        self.kept += window.kept
+        self.steps += window.steps
+        self.pairs += window.pairs
+        self.loss_gap += window.loss_gap
+        self.grad_norm += window.grad_norm
+        self.grad_norms += window.steps
+
     def summary(self) -> dict[str, float]:
         """The epoch's means: loss and accuracy per example; sampled kept ratio, ``loss_gap`` (``|L(m) - L(m')|``) and
         ``grad_norm`` per step; ``train_loss2`` and ``loss_gap`` only where VR-PGE steps ran."""
@@ -172,7 +186,7 @@ def _step_function(state: TrainState, cfg: Config, ctx: StepContext) -> Callable
 
 def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: torch.utils.data.DataLoader,
                     log: RunLogger, dense_reference: DenseReference | None = None,
-                    narrow: NarrowSubnetwork | None = None) -> dict[str, float]:
+                    narrow: NarrowSubnetwork | None = None, static: StaticSteps | None = None) -> dict[str, float]:
     """Train one epoch of the current phase; update the state's counters, step count and epoch.
 
     Args:
@@ -184,10 +198,13 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
         dense_reference: Times dense steps paired with some of the epoch's steps, for the measured speedup.
         narrow: The fixed subnetwork's narrow model and optimizer, trained instead of compact steps of the full model
             (finetune phase; see ``narrow.py``).
+        static: The run's static-shape steps (``graphs.py``), run instead of the eager ones.
 
     Returns:
         The epoch's training metrics.
     """
+    if static is not None:
+        return _train_static_epoch(state, cfg, ctx, loader, log, static, dense_reference, narrow)
     phase, model = state.phase, state.model
     model.train()
     step = _step_function(state, cfg, ctx) if narrow is None else narrow.step_function(ctx)
@@ -217,6 +234,79 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
             state.diagnostics = result.diagnostics
             log.scalars(result.diagnostics, state.step)
     bar.close()
+    if meter.steps == 0:
+        raise ValueError(f"the training loader gave no batch (batch size {cfg.data.batch_size}); "
+                         f"expected at least one full batch per epoch")
+    state.epoch += 1
+    return dict(meter.summary(), epoch_time_s=time.perf_counter() - start)
+
+
+def _static_step_function(state: TrainState, cfg: Config, static: StaticSteps,
+                          narrow: NarrowSubnetwork | None) -> Callable[[tuple[Tensor, Tensor]], Any]:
+    """The static step of the current phase (``graphs.py``), as a function of the batch: what ``_step_function``
+    picks, with static shapes."""
+    if narrow is not None:
+        return lambda batch: static.plain(narrow.model, narrow.optimizer, batch, narrow=narrow)
+    kind = _search_kind(state, cfg) if state.phase == "search" else state.phase
+    if kind in ("search", "anneal"):
+        optimizers = (state.weight_optimizer, state.score_optimizer)
+        schedule = state.schedule
+
+        def search(batch: tuple[Tensor, Tensor]) -> Any:
+            if schedule is not None and schedule.anneal_steps > 0:  # as in _step_function: the next step's budget
+                state.scores.set_budget(schedule.at(state.counters["search_steps"] + 1))
+            return static.search(state.model, state.scores, optimizers, batch)
+
+        return search
+    mask = None if kind in ("warmup", "train") else state.fixed_mask  # dense, or the fixed subnetwork
+    return lambda batch: static.plain(state.model, state.weight_optimizer, batch, mask)
+
+
+def _window_result(window: MeterWindow) -> StepResult:
+    """A read of static steps as one step's result, for the step logs: the means over its steps."""
+    count, steps = max(window.count, 1), max(window.steps, 1)
+    return StepResult(loss=window.loss / count, loss2=window.loss2 / count if window.pairs else None,
+                      correct=round(window.correct), count=window.count, kept_ratio=window.kept / steps,
+                      flops=0, dense_flops=0, grad_norm=window.grad_norm / steps)
+
+
+def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: torch.utils.data.DataLoader,
+                        log: RunLogger, static: StaticSteps, dense_reference: DenseReference | None,
+                        narrow: NarrowSubnetwork | None) -> dict[str, float]:
+    """``train_one_epoch`` with static steps: nothing is read from the device inside a step; every ``log_every``
+    steps and at the end of the epoch the steps' sums come back in one transfer (and the search re-chooses its
+    capacities)."""
+    phase = state.phase
+    state.model.train()
+    if narrow is not None:
+        narrow.model.train()
+    step = _static_step_function(state, cfg, static, narrow)
+    meter = EpochMeter()
+    total = phase_epochs(cfg, phase)
+    kind, first, kind_steps = _timed_kind(state, total * len(loader))
+    scores = state.scores if phase == "search" else None
+    bar = tqdm(loader, desc=f"{phase} {state.epoch + 1}/{total}", leave=False, dynamic_ncols=True,
+               disable=None if current().is_main else True)
+    start = time.perf_counter()
+    for images, labels in bar:
+        batch = ctx.inputs(images, labels)
+        result = timed_step(lambda b=batch: step(b), kind, state.times, ctx.device, dense_reference, batch,
+                            index=state.counters[f"{phase}_steps"] - first, total=kind_steps)
+        state.counters[f"{phase}_steps"] += 1
+        state.weight_schedule.step_update(state.counters[f"{phase}_steps"])
+        state.step += 1
+        state.counters["train_flops"] += result.flops
+        if phase != "finetune":
+            state.counters["dense_train_flops"] += result.dense_flops
+        if state.step % cfg.log_every == 0:
+            window = static.read(scores)
+            meter.add_window(window)
+            read = _window_result(window)
+            bar.set_postfix(loss=f"{read.loss:.3f}", acc=f"{100.0 * meter.correct / max(meter.count, 1):.1f}",
+                            kept=f"{read.kept_ratio:.2f}", refresh=False)
+            log.scalars(_step_scalars(state, read), state.step)
+    bar.close()
+    meter.add_window(static.read(scores))
     if meter.steps == 0:
         raise ValueError(f"the training loader gave no batch (batch size {cfg.data.batch_size}); "
                          f"expected at least one full batch per epoch")
@@ -337,8 +427,10 @@ def fix_subnetwork(state: TrainState, cfg: Config, ctx: StepContext,
         if sparsity.fix_examples is not None and sparsity.fix_examples < len(train_set):
             subset = Subset(train_set, range(sparsity.fix_examples))
         loader = build_loader(subset, cfg.data.batch_size, train=False, workers=cfg.data.workers, seed=cfg.seed)
-    mask, info = _FIX_RULES[sparsity.fix](state.scores, state.model, state.mask_generator, sparsity.fix_samples,
-                                          loader, ctx)
+    scores = state.scores
+    if scores.scores.device != state.mask_generator.device:  # static steps keep them on the device (graphs.py)
+        scores = copy.deepcopy(scores).to(state.mask_generator.device)
+    mask, info = _FIX_RULES[sparsity.fix](scores, state.model, state.mask_generator, sparsity.fix_samples, loader, ctx)
     logger.info("fixed the subnetwork by %s: %s", sparsity.fix, {k: v for k, v in info.items() if k != "rule"})
     return mask, info
 
@@ -373,6 +465,8 @@ class _Saver:
         if self.run.run_dir is not None:  # every rank builds it (it gathers their random states), rank 0 writes
             checkpoint = self.run.state.checkpoint(self.run.cfg, self.run.groups)
             checkpoint["model_spec"] = self.run.spec.to_dict()  # how the model was built: what export rebuilds
+            if self.run.static is not None:  # the device generator and the capacity windows (graphs.py)
+                checkpoint["static"] = self.run.static.state_dict()
             if current().is_main:
                 save_checkpoint(checkpoint, self.run.run_dir / name)
 
@@ -494,7 +588,7 @@ def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseRe
     while state.epoch < epochs:
         if narrow is None and state.phase == "search" and cfg.sparsity.fix == "random":  # past the dense warm-up
             narrow = _narrow_subnetwork(run)
-        metrics = train_one_epoch(state, cfg, run.ctx, run.train_loader, log, dense_reference, narrow)
+        metrics = train_one_epoch(state, cfg, run.ctx, run.train_loader, log, dense_reference, narrow, run.static)
         if narrow is not None:  # checkpoints, best.pt and the summary read the full model and optimizer
             narrow.write_back()
         if not cfg.sync_bn:  # DDP: each rank's running statistics saw its share; their mean (no-op in one process)
@@ -519,6 +613,8 @@ def _next_phase(run: Run) -> None:
     """Move the state to its next phase (fixing the subnetwork after the search) and save."""
     cfg, state = run.cfg, run.state
     if state.phase == "search":
+        if run.static is not None:
+            run.static.end_search()
         state.fixed_mask, state.fix_info = fix_subnetwork(state, cfg, run.ctx, run.train_set)
         state.phase, state.epoch = "finetune", 0
         state.weight_optimizer, state.weight_schedule = phase_optimizer(cfg, state.model, "finetune",
@@ -593,15 +689,21 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
     saver = _Saver(run)
     dense_reference = None
     if cfg.method != "dense" and state.phase != "done":
-        dense_reference = DenseReference(run.dense_model or copy.deepcopy(state.model),
+        reference_type, graphed = DenseReference, {}
+        if run.graphs.capture:  # graphed steps are timed against graphed dense steps
+            reference_type, graphed = GraphedDenseReference, {"strict": run.graphs.strict,
+                                                              "batch_size": cfg.data.batch_size}
+        dense_reference = reference_type(run.dense_model or copy.deepcopy(state.model),
                                          lambda params: run_optimizer(params, cfg.optim), rank_local(run.ctx),
-                                         share=DENSE_REFERENCE_SHARE, min_pairs=DENSE_REFERENCE_MIN_PAIRS)
+                                         share=DENSE_REFERENCE_SHARE, min_pairs=DENSE_REFERENCE_MIN_PAIRS, **graphed)
     try:
         while state.phase != "done":
             _run_phase(run, log, saver, dense_reference)
             _next_phase(run)
             saver.save()
         summary = summarize(run, saver.elapsed())
+        if run.static is not None:
+            summary["static_steps"] = run.static.report()
     finally:
         log.close()
         sync_batchnorm.disable()

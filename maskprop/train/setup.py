@@ -7,7 +7,7 @@ import copy
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from .checkpoint import check_compatible, error_reason, load_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SbpConfig, config_to_dict
 from .data import build_datasets, build_loader
 from .distributed import all_reduce_sum, check_world_size, current, device_for
+from .graphs import GraphsChoice, StaticSteps, make_capturable, resolve_cuda_graphs
 from .optim import build_schedule, run_optimizer, score_optimizer, weight_optimizer
 from .state import TrainState, search_scores
 from .steps import StepContext
@@ -41,6 +42,8 @@ class Run:
 
     ``dense_model`` is an unconverted copy of the model of a sparse-backward run, for the dense reference steps of the
     measured speedup to train and time; ``None`` for the other methods, whose model runs dense without a mask.
+    ``static`` runs the steps with static shapes (``graphs.py``: ``cuda_graphs`` resolved on), ``None``: the eager
+    steps of ``steps.py``.
     """
 
     cfg: Config
@@ -54,6 +57,8 @@ class Run:
     run_dir: Path | None
     resumed: bool
     dense_model: nn.Module | None = None
+    static: StaticSteps | None = None
+    graphs: GraphsChoice = field(default_factory=lambda: GraphsChoice(False, False))
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -230,6 +235,7 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         _warn_changed(checkpoint["config"], config_to_dict(cfg))
     cost = _cost_model(model, cfg, input_size)  # before moving: the shapes do not depend on the device
     model.to(device)
+    graphs = resolve_cuda_graphs(cfg, device, place.world_size, model)
     dense_model = budget = None
     if cfg.method in SPARSE_BACKWARD_METHODS:
         dense_model = copy.deepcopy(model)
@@ -244,6 +250,8 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     first_phase = "search" if cfg.method == "vrpge" else "train"
     if cfg.method == "vrpge" and cfg.sparsity.fix != "random":  # a random subnetwork learns no keep probabilities
         scores = search_scores(groups, cfg.sparsity)
+        if graphs.static:  # static steps sample on the device, inside the step
+            scores.to(device)
         score_opt = score_optimizer(scores.scores, cfg.sparsity.score_lr)
     # The weight optimizer of the phase the run is in (a resumed finetune gets the finetune SGD before loading).
     resumed_phase = None if checkpoint is None else checkpoint["phase"]
@@ -259,6 +267,8 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
             raise ValueError(f"checkpoint '{run_dir / 'last.pt'}' does not fit this run ({error_reason(err, 300)})"
                              ) from None
         state.model.to(device)
+        if graphs.static and scores is not None:
+            scores.to(device)
         logger.info("resuming %s from %s: phase %s, epoch %d, step %d", cfg.model.name, run_dir, state.phase,
                     state.epoch, state.step)
     ctx = StepContext(criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), device=device,
@@ -267,8 +277,17 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
                       align=cfg.sparsity.align or (8 if device.type == "cuda" else 1))  # null: auto by device
     if place.enabled:  # each step's loss sums, correct and example counts over the global batch
         ctx.reduce_stats = all_reduce_sum
+    static = None
+    if graphs.static:
+        static = StaticSteps(cfg, ctx, graphs, cfg.seed + 1)
+        if checkpoint is not None and checkpoint.get("static") is not None:
+            static.load_state_dict(checkpoint["static"])
+        if graphs.capture:
+            if score_opt is not None:
+                make_capturable(score_opt)  # after the load: the checkpoint's param groups replaced the flag
+            torch.backends.cudnn.benchmark = True  # fixed shapes: each convolution's fastest kernel, picked once
     return Run(cfg, state, ctx, train_set, train_loader, val_loader, groups, spec, run_dir, checkpoint is not None,
-               dense_model)
+               dense_model, static, graphs)
 
 
 def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:

@@ -191,7 +191,18 @@ class ChannelScores(nn.Module):
             raise ValueError(f"generator is on {generator.device}, scores are on {self.scores.device}; "
                              f"create the generator with device={self.scores.device.type!r}")
         s = self.scores.detach()
-        uniform = torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype)
+        return self.mask_from_uniforms(torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype))
+
+    @torch.no_grad()
+    def mask_from_uniforms(self, uniform: Tensor) -> Tensor:
+        """Flat bool mask ``m = uniform < s`` with the empty-group policy applied: what :meth:`sample_flat` draws from
+        these uniforms. A fixed sequence of device operations with no host read and no output shape that depends on
+        the data, so that it can run inside a captured CUDA graph (``maskprop.train.graphs``).
+
+        Args:
+            uniform: ``U[0, 1)`` draws, one per channel, on the scores' device.
+        """
+        s = self.scores.detach()
         mask = uniform < s  # P(u < s_j) = s_j for u ~ U[0, 1)
         kept = torch.zeros(len(self.sizes), dtype=torch.long, device=s.device).index_add_(0, self.group_index,
                                                                                             mask.long())

@@ -1,0 +1,685 @@
+"""Training steps with static shapes, each captured as one CUDA graph and replayed (``cuda_graphs`` in the config).
+
+How a step runs on a GPU. The eager steps of ``steps.py`` give every search step the widths of its own masks: new
+shapes, index sets built on the host and a read of every mask and loss, so a GPU spends most of a step waiting for the
+host to launch its thousands of small kernels. With ``cuda_graphs`` on, every step kind runs with shapes fixed in
+advance instead, and is recorded once as a CUDA graph that the GPU then replays with one launch per step:
+
+* a **search step** (:class:`SearchStep`) computes each group at a *capacity* (:mod:`maskprop.sparse.static`), chosen
+  from the keep probabilities for a window of steps. Before each replay the host asks the device for fresh uniforms
+  ``u`` (one ``torch.rand`` from the run's device generator into a fixed buffer); inside the graph the masks are
+  ``m = u < s`` (with :class:`~maskprop.vrpge.ChannelScores`'s empty-group rule, all on the device), written into the
+  static execution states in place, then come the forward and backward of ``m``, the no-grad forward of ``m'``, the
+  VR-PGE score gradient from the loss difference as a device tensor and the masks actually used, gradient clipping,
+  SGD on the weights and Adam (``capturable``) on the scores. The projection of the scores onto the budget runs right
+  after the replay, outside the graph (about twenty kernels), because an annealed budget changes every step. Every
+  ``log_every`` steps (and at the end of an epoch) the host reads, in one transfer, the losses, correct counts,
+  ``|L(m) - L(m')|``, gradient norms and overflow counters that the steps accumulated on the device, and re-chooses
+  the capacities (:func:`~maskprop.sparse.static.rechoose_capacities`, one read of the scores); when they change, the
+  next step builds a new layout and captures a new graph (a new *window*).
+* a **fixed-mask step** (:class:`FixedMaskStep`: the finetune or random-baseline subnetwork through the full model,
+  with ``finetune.narrow: false``) runs at the aligned kept counts (``mask_capacities``), one window for the phase.
+  With ``finetune.narrow: true`` (the default) the phase trains the physically narrow model instead, and its plain
+  dense step is what is captured.
+* a **dense step** (:class:`DenseStep`: dense runs, a search's dense warm-up, the narrow finetune, and the dense
+  reference steps the measured speedup is timed against).
+
+Capture follows torch's rules for CUDA graphs: the first ``WARMUP_STEPS`` steps of every window run eagerly on a side
+stream (real steps on real batches: cuDNN's benchmark mode, on while graphs are, picks its kernels there, and the
+optimizers create their state), then the next step is captured and replayed, and every later step is a replay. Each
+batch is copied into fixed input buffers first; a batch of another size (an epoch's last, partial one) runs eagerly.
+Gradients are zeroed in place (``set_to_none=False``), autocast runs without its cache, the weight SGD is fused with
+its learning rate in a device tensor refreshed from the schedule before each replay, and the score Adam is
+``capturable``. With ``cuda_graphs: auto`` a step whose capture fails runs eagerly from then on (one warning); with
+``true`` the failure is an error.
+
+Everything here also runs eagerly on any device (the CPU tests run it): ``capture=False`` calls the same step bodies
+directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..cost import dense_step_flops, vrpge_step_flops
+from ..sparse import kept_ratio
+from ..sparse.static import (
+    StaticExecutionState,
+    StaticLayout,
+    choose_capacities,
+    mask_capacities,
+    rechoose_capacities,
+    use_static,
+)
+from ..vrpge import ChannelScores, score_grad
+from .config import SPARSE_BACKWARD_METHODS, Config, SparsityConfig
+from .steps import StepContext, _clip, _grad_norm
+from .timing import DenseReference, synchronize
+
+__all__ = ["WARMUP_STEPS", "DenseStep", "FixedMaskStep", "GraphedDenseReference", "GraphsChoice", "MeterWindow",
+           "SearchStep", "StaticSteps", "StepGraph", "resolve_cuda_graphs"]
+
+logger = logging.getLogger(__name__)
+
+WARMUP_STEPS = 3
+"""Eager steps on a side stream before a step kind is captured (torch's CUDA-graph notes use 3)."""
+
+
+# --- whether the run uses them ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GraphsChoice:
+    """How the run's steps execute.
+
+    Attributes:
+        static: The static-shape steps of this module run (else the eager steps of ``steps.py``).
+        capture: They are captured as CUDA graphs (else they run eagerly).
+        strict: ``cuda_graphs: true``: a capture that fails is an error (else the step runs eagerly from then on).
+        reason: Why they are off where ``cuda_graphs: auto`` fell back.
+    """
+
+    static: bool
+    capture: bool
+    strict: bool = False
+    reason: str = ""
+
+
+def _blockers(cfg: Config, world_size: int, model: nn.Module | None) -> list[str]:
+    """What keeps a run's steps from being captured, in words (empty: nothing)."""
+    reasons = []
+    if cfg.method in SPARSE_BACKWARD_METHODS:
+        reasons.append(f"method={cfg.method!r} picks its backward's units by top-k with data-dependent shapes in every "
+                       f"step")
+    if world_size > 1:
+        reasons.append(f"torchrun (world size {world_size}) all-reduces gradients through DDP's host-driven buckets")
+    if cfg.sync_bn:
+        reasons.append("sync_bn=true all-reduces BatchNorm statistics between ranks")
+    if cfg.optim.optimizer != "sgd":
+        reasons.append(f"optim.optimizer={cfg.optim.optimizer!r} is not the fused SGD whose learning rate lives on the "
+                       f"device")
+    if model is not None:
+        cumulative = [n for n, m in model.named_modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None]
+        if cumulative:
+            reasons.append(f"BatchNorm {cumulative[0]!r} has momentum=None (a cumulative average read on the host)")
+    return reasons
+
+
+def resolve_cuda_graphs(cfg: Config, device: torch.device, world_size: int = 1,
+                        model: nn.Module | None = None) -> GraphsChoice:
+    """Resolve ``cfg.cuda_graphs`` for a run on ``device``: ``auto`` is on for CUDA devices when nothing in the run
+    keeps its steps from being captured (else off, with one info line saying why), ``true`` must be able to.
+
+    Raises:
+        ValueError: ``cuda_graphs: true`` on a device other than CUDA, or for a run that cannot be captured.
+    """
+    setting = cfg.cuda_graphs
+    if setting is False:
+        return GraphsChoice(False, False)
+    if device.type != "cuda":
+        if setting is True:
+            raise ValueError(f"cuda_graphs=true needs a CUDA device; device resolves to '{device.type}'")
+        return GraphsChoice(False, False)
+    reasons = _blockers(cfg, world_size, model)
+    if reasons:
+        if setting is True:
+            raise ValueError(f"cuda_graphs=true cannot capture this run: {reasons[0]}; expected cuda_graphs=auto or "
+                             f"false")
+        logger.info("cuda_graphs=auto: eager steps, since %s", reasons[0])
+        return GraphsChoice(False, False, reason=reasons[0])
+    return GraphsChoice(True, True, strict=setting is True)
+
+
+# --- statistics accumulated on the device ----------------------------------------------------------------------------
+
+
+@dataclass
+class MeterWindow:
+    """Sums over the steps since the last read.
+
+    Attributes:
+        loss: ``sum`` of loss x examples of the back-propagated pass (``L(m)`` in search steps).
+        loss2: The same of ``L(m')`` (search steps).
+        correct: Correctly classified examples.
+        loss_gap: ``sum |L(m) - L(m')|`` over search steps.
+        grad_norm: ``sum`` of the weight-gradient norms.
+        count: Examples.
+        steps: Steps.
+        pairs: Search steps.
+        kept: ``sum`` of the kept ratios of the masks used.
+        overflow_steps: Search steps whose mask ``m`` or ``m'`` overflowed a capacity (each mask counts).
+        overflow_channels: Kept channels cut by the capacities, per group.
+    """
+
+    loss: float = 0.0
+    loss2: float = 0.0
+    correct: float = 0.0
+    loss_gap: float = 0.0
+    grad_norm: float = 0.0
+    count: int = 0
+    steps: int = 0
+    pairs: int = 0
+    kept: float = 0.0
+    overflow_steps: int = 0
+    overflow_channels: dict[str, int] = field(default_factory=dict)
+
+
+class DeviceMeter:
+    """Running sums of the steps' statistics: what only the device knows (losses, correct counts, loss gaps, gradient
+    norms, kept ratios of sampled masks) in one device tensor that captured steps add to in place; what the host knows
+    (examples, steps) on the host."""
+
+    _DEVICE = ("loss", "loss2", "correct", "loss_gap", "grad_norm", "kept")
+
+    def __init__(self, device: torch.device) -> None:
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.sums = torch.zeros(len(self._DEVICE), dtype=dtype, device=device)
+        self.host = MeterWindow()
+
+    @torch.no_grad()
+    def add(self, loss: Tensor, loss2: Tensor | None, logits: Tensor, labels: Tensor, grad_norm: Tensor,
+            kept: Tensor | None = None) -> None:
+        """Add one step's device values (inside the step: no host read)."""
+        n, dtype = labels.shape[0], self.sums.dtype
+        loss = loss.detach().to(dtype)
+        loss2 = loss.new_zeros(()) if loss2 is None else loss2.detach().to(dtype)
+        gap = (loss - loss2).abs() if kept is not None else loss.new_zeros(())
+        correct = (logits.argmax(1) == labels).sum().to(dtype)
+        kept = loss.new_zeros(()) if kept is None else kept.to(dtype)
+        self.sums.add_(torch.stack([loss * n, loss2 * n, correct, gap, grad_norm.detach().to(dtype), kept]))
+
+    def add_host(self, count: int, pair: bool, kept: float | None) -> None:
+        """Add one step's host values (outside the step); ``kept``: the kept ratio where the host knows it."""
+        self.host.count += count
+        self.host.steps += 1
+        self.host.pairs += int(pair)
+        if kept is not None:
+            self.host.kept += kept
+
+    def read(self, extra: list[Tensor] = ()) -> tuple[MeterWindow, list[float]]:
+        """The sums since the last read, with ``extra`` device tensors read in the same transfer; all reset."""
+        values = torch.cat([self.sums, *(t.reshape(-1).to(self.sums.dtype) for t in extra)]).tolist()
+        self.sums.zero_()
+        window, self.host = self.host, MeterWindow()
+        sums = dict(zip(self._DEVICE, values))
+        window.loss, window.loss2, window.correct = sums["loss"], sums["loss2"], sums["correct"]
+        window.loss_gap, window.grad_norm = sums["loss_gap"], sums["grad_norm"]
+        window.kept += sums["kept"]
+        return window, values[len(self._DEVICE):]
+
+
+# --- capture ---------------------------------------------------------------------------------------------------------
+
+
+def _autocast(ctx: StepContext) -> contextlib.AbstractContextManager:
+    """``ctx.autocast()`` without the cast cache: a captured graph must not keep casts of one replay for the next."""
+    return torch.autocast(ctx.device.type, dtype=ctx.amp_dtype or torch.bfloat16, enabled=ctx.amp_dtype is not None,
+                          cache_enabled=False)
+
+
+class _DeviceLearningRates:
+    """The SGD learning rates as device tensors while a step is captured, refreshed from the schedule (which writes
+    floats into the param groups) before each replay, so a replay steps with the current rate."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer], device: torch.device) -> None:
+        self.groups = [g for o in optimizers if isinstance(o, torch.optim.SGD) for g in o.param_groups]
+        unfused = [g for g in self.groups if not g.get("fused")]
+        if unfused:
+            raise RuntimeError("an SGD param group is not fused; only the fused SGD reads its learning rate from the "
+                               "device")
+        self.tensors = [torch.zeros((), dtype=torch.float32, device=device) for _ in self.groups]
+
+    def refresh(self) -> None:
+        for tensor, group in zip(self.tensors, self.groups):
+            tensor.fill_(float(group["lr"]))
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        values = [g["lr"] for g in self.groups]
+        for tensor, group in zip(self.tensors, self.groups):
+            group["lr"] = tensor
+        try:
+            yield
+        finally:
+            for value, group in zip(values, self.groups):
+                group["lr"] = value
+
+
+class StepGraph:
+    """Runs a step body eagerly, or (``capture``) as one CUDA graph captured after ``warmup`` eager steps.
+
+    Args:
+        body: The step as a function of ``(images, labels)``: device work only (no host read, no host-side state
+            that a replay would skip).
+        name: The step kind, for messages.
+        device: Where it runs.
+        capture: Capture it (CUDA only); else every call runs ``body`` directly.
+        batch_size: The batch size the graph is captured for; other sizes run eagerly.
+        optimizers: The optimizers ``body`` steps (their SGD learning rates go to the device while captured).
+        strict: A failed capture raises (``cuda_graphs: true``) rather than falling back to eager steps.
+        warmup: Eager steps on a side stream before the capture.
+    """
+
+    def __init__(self, body: Callable[[Tensor, Tensor], None], name: str, device: torch.device, capture: bool,
+                 batch_size: int, optimizers: list[torch.optim.Optimizer], strict: bool = False,
+                 warmup: int = WARMUP_STEPS) -> None:
+        self.body, self.name, self.device = body, name, device
+        self.capture = capture and device.type == "cuda"
+        self.batch_size, self.strict, self.warmup = batch_size, strict, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.captures = 0
+        self._inputs: tuple[Tensor, Tensor] | None = None
+        self._warm = 0
+        self._learning_rates: _DeviceLearningRates | None = None
+        if self.capture:
+            try:
+                self._learning_rates = _DeviceLearningRates(optimizers, device)
+            except RuntimeError as err:
+                self._give_up(err)
+
+    def _give_up(self, err: BaseException) -> None:
+        message = f"the {self.name} step cannot be captured as a CUDA graph ({type(err).__name__}: {err})"
+        if self.strict:
+            raise RuntimeError(f"{message}; set cuda_graphs=auto to fall back to eager steps, or false") from err
+        logger.warning("%s; it runs eagerly", message)
+        self.capture, self.graph = False, None
+
+    def __call__(self, images: Tensor, labels: Tensor) -> None:
+        if not self.capture or images.shape[0] != self.batch_size:
+            self.body(images, labels)
+            return
+        if self._inputs is None:
+            self._inputs = (torch.empty_like(images), torch.empty_like(labels))
+        static_images, static_labels = self._inputs
+        if static_images.shape != images.shape or static_images.stride() != images.stride():
+            self.body(images, labels)
+            return
+        static_images.copy_(images, non_blocking=True)
+        static_labels.copy_(labels, non_blocking=True)
+        if self.graph is not None:
+            self._learning_rates.refresh()
+            self.graph.replay()
+            return
+        if self._warm < self.warmup:  # real steps, on a side stream as capture wants its warm-up
+            self._warm += 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.body(static_images, static_labels)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return
+        graph = torch.cuda.CUDAGraph()
+        try:
+            self._learning_rates.refresh()
+            with self._learning_rates.installed(), torch.cuda.graph(graph):
+                self.body(static_images, static_labels)
+        except Exception as err:  # noqa: BLE001 - any capture failure: eager steps (auto) or one clear error
+            torch.cuda.synchronize(self.device)
+            self._give_up(err)
+            self.body(static_images, static_labels)  # the step that was being captured, run for real
+            return
+        self.graph = graph
+        self.captures += 1
+        graph.replay()  # capture records without running: this replay is the step
+
+
+# --- the step kinds --------------------------------------------------------------------------------------------------
+
+
+class DenseStep:
+    """One SGD step of a plain (or narrow) model: ``subnet_step`` without a mask, as a static body.
+
+    Args:
+        model: The model (train mode).
+        optimizer: Its optimizer.
+        ctx: The run's step settings.
+        meter: Where the step's statistics accumulate.
+        before: Host work before each step (the narrow model copies the schedule's hyperparameters).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: StepContext, meter: DeviceMeter,
+                 before: Callable[[], None] | None = None) -> None:
+        self.model, self.optimizer, self.ctx, self.meter, self.before = model, optimizer, ctx, meter, before
+
+    def __call__(self, images: Tensor, labels: Tensor) -> None:
+        ctx = self.ctx
+        self.optimizer.zero_grad(set_to_none=False)
+        with _autocast(ctx):
+            logits = self.model(images)
+            loss = ctx.criterion(logits.float(), labels)
+        loss.backward()
+        grad_norm = _grad_norm(self.model)
+        _clip(ctx, self.model.parameters())
+        self.optimizer.step()
+        self.meter.add(loss, None, logits, labels, grad_norm)
+
+
+class FixedMaskStep:
+    """One SGD step of a fixed subnetwork through the full model at static capacities: the aligned kept counts
+    (``mask_capacities``), so the mask never overflows; its buffers are written once.
+
+    Args:
+        model: The full model (train mode).
+        optimizer: Its optimizer.
+        mask: The subnetwork, ``{group: bool tensor}`` (any device).
+        ctx: The run's step settings.
+        meter: Where the step's statistics accumulate.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mask: Mapping[str, Tensor],
+                 ctx: StepContext, meter: DeviceMeter) -> None:
+        self.model, self.optimizer, self.ctx, self.meter = model, optimizer, ctx, meter
+        layout = StaticLayout(model, mask_capacities(mask, ctx.align), ctx.align)
+        self.state = StaticExecutionState(layout)
+        self.state.update(torch.cat([mask[g].reshape(-1) for g in layout.groups]).to(layout.device))
+        self.kept_ratio = kept_ratio(dict(mask), layout.groups)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return self.state.widths
+
+    def __call__(self, images: Tensor, labels: Tensor) -> None:
+        ctx = self.ctx
+        self.optimizer.zero_grad(set_to_none=False)
+        with use_static(self.state), _autocast(ctx):
+            logits = self.model(images)
+            loss = ctx.criterion(logits.float(), labels)
+        loss.backward()
+        grad_norm = _grad_norm(self.model)
+        _clip(ctx, self.model.parameters())
+        self.optimizer.step()
+        self.meter.add(loss, None, logits, labels, grad_norm)
+
+
+class SearchStep:
+    """One VR-PGE step at static capacities (``vrpge_step``'s math on the masks actually used; module docstring).
+
+    Args:
+        model: The full model (train mode).
+        scores: Its keep probabilities, on the model's device.
+        optimizers: ``(weight SGD, score Adam)``.
+        sparsity: Estimator, ``alpha`` and ``weight_grad``.
+        ctx: The run's step settings.
+        capacities: ``{group: capacity}`` of this window.
+        meter: Where the step's statistics accumulate.
+
+    Attributes:
+        uniforms: ``(2, channels)`` buffer of the uniforms ``m`` and ``m'`` are drawn from; :meth:`sample` refills it
+            before each step (outside a captured graph).
+        state_m, state_m2: The static execution states of ``m`` and ``m'`` (one layout).
+    """
+
+    def __init__(self, model: nn.Module, scores: ChannelScores,
+                 optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer], sparsity: SparsityConfig,
+                 ctx: StepContext, capacities: Mapping[str, int], meter: DeviceMeter) -> None:
+        self.model, self.scores, self.optimizers, self.sparsity, self.ctx, self.meter = (
+            model, scores, optimizers, sparsity, ctx, meter)
+        layout = StaticLayout(model, capacities, ctx.align)
+        if layout.device != scores.scores.device:
+            raise ValueError(f"the scores are on {scores.scores.device}, the model on {layout.device}; a static search "
+                             f"step samples on the model's device")
+        self.state_m, self.state_m2 = StaticExecutionState(layout), StaticExecutionState(layout)
+        s = scores.scores
+        self.uniforms = torch.zeros(2, s.numel(), dtype=s.dtype, device=s.device)
+        if s.grad is None:  # written in place by every step (a captured graph writes the same tensor)
+            s.grad = torch.zeros_like(s)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return self.state_m.widths
+
+    def sample(self, generator: torch.Generator) -> None:
+        """Draw the next step's uniforms into :attr:`uniforms` (one launch, on the device)."""
+        torch.rand(self.uniforms.shape, generator=generator, out=self.uniforms)
+
+    def __call__(self, images: Tensor, labels: Tensor) -> None:
+        ctx, scores, (weight_opt, score_opt) = self.ctx, self.scores, self.optimizers
+        both = self.sparsity.weight_grad == "both"
+        u_m, u_m2 = self.uniforms[0], self.uniforms[1]
+        self.state_m.update(scores.mask_from_uniforms(u_m), u_m)
+        self.state_m2.update(scores.mask_from_uniforms(u_m2), u_m2)
+        weight_opt.zero_grad(set_to_none=False)
+        with use_static(self.state_m), _autocast(ctx):
+            logits = self.model(images)
+            loss_m = ctx.criterion(logits.float(), labels)
+        (loss_m * 0.5 if both else loss_m).backward()
+        with torch.set_grad_enabled(both), use_static(self.state_m2), _autocast(ctx):
+            loss_m2 = ctx.criterion(self.model(images).float(), labels)
+        if both:
+            (loss_m2 * 0.5).backward()
+        grad_norm = _grad_norm(self.model)
+        # supplement eq. (12) on the masks actually used (an overflow cut is part of the sampled subnetwork)
+        s = scores.scores
+        used_m, used_m2 = self.state_m.mask_used, self.state_m2.mask_used
+        with torch.no_grad():
+            s.grad.copy_(score_grad(self.sparsity.estimator, loss_m.detach(), loss_m2.detach(), used_m, used_m2,
+                                    s.detach(), alpha=self.sparsity.alpha))
+        _clip(ctx, [*self.model.parameters(), s])
+        weight_opt.step()
+        score_opt.step()
+        self.meter.add(loss_m, loss_m2, logits, labels, grad_norm, used_m.sum() / used_m.numel())
+
+
+# --- the run's steps -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StaticStepResult:
+    """What the host knows of one static step without reading the device.
+
+    Attributes:
+        count: Examples in the batch.
+        flops: Train FLOPs the step cost (supplement C.1) at the widths computed (the capacities).
+        dense_flops: Train FLOPs of a dense step on the same batch.
+    """
+
+    count: int
+    flops: int
+    dense_flops: int
+
+
+def make_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Make an Adam (the scores') capturable in place: its step counts live on the parameters' device."""
+    for group in optimizer.param_groups:
+        if "capturable" in group:
+            group["capturable"] = True
+    for param, state in optimizer.state.items():
+        step = state.get("step")
+        if isinstance(step, Tensor) and step.device != param.device:
+            state["step"] = step.to(param.device, torch.float32)
+
+
+class StaticSteps:
+    """The run's static steps: one per kind and window, each a :class:`StepGraph`, the device meter, the sampling
+    generator and the capacity windows of the search.
+
+    Args:
+        cfg: The run configuration.
+        ctx: The run's step settings.
+        choice: From :func:`resolve_cuda_graphs` (``capture=False``: the same steps, eagerly).
+        seed: Seeds the device generator the search's uniforms come from.
+    """
+
+    def __init__(self, cfg: Config, ctx: StepContext, choice: GraphsChoice, seed: int) -> None:
+        self.cfg, self.ctx, self.choice = cfg, ctx, choice
+        self.generator = torch.Generator(device=ctx.device).manual_seed(seed)
+        self.meter = DeviceMeter(ctx.device)
+        self.capacities: dict[str, int] | None = None
+        self.windows = 0
+        self.shapes: set[tuple[int, ...]] = set()
+        self.overflow_steps = 0
+        self.overflow_channels: dict[str, int] = {}
+        self.captures = 0
+        self._search: tuple[SearchStep, StepGraph] | None = None
+        self._other: tuple[tuple, Any, StepGraph] | None = None
+        self._flops: dict[tuple, int] = {}
+
+    # --- steps
+
+    def _graph(self, body: Callable[[Tensor, Tensor], None], name: str,
+               optimizers: list[torch.optim.Optimizer]) -> StepGraph:
+        return StepGraph(body, name, self.ctx.device, self.choice.capture, self.cfg.data.batch_size, optimizers,
+                         self.choice.strict)
+
+    def _retire(self, graph: StepGraph | None) -> None:
+        if graph is not None:
+            self.captures += graph.captures
+
+    def search(self, model: nn.Module, scores: ChannelScores,
+               optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer], batch: tuple[Tensor, Tensor]
+               ) -> StaticStepResult:
+        """One search step (the scores projected after it onto their current budget)."""
+        if self._search is None:
+            if self.capacities is None:
+                self.capacities = choose_capacities(scores, self.ctx.align)
+            body = SearchStep(model, scores, optimizers, self.cfg.sparsity, self.ctx, self.capacities, self.meter)
+            self._search = (body, self._graph(body, "search", list(optimizers)))
+            self.windows += 1
+            self.shapes.add(tuple(self.capacities.values()))
+        body, graph = self._search
+        body.sample(self.generator)
+        graph(*batch)
+        scores.project_()
+        n = batch[1].shape[0]
+        self.meter.add_host(n, pair=True, kept=None)
+        key = ("search", n)
+        if key not in self._flops:
+            f = self.ctx.cost.flops(body.widths, n)
+            self._flops[key] = int(vrpge_step_flops(f, f, self.cfg.sparsity.weight_grad))
+        return StaticStepResult(n, self._flops[key], self._dense_flops(n))
+
+    def plain(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[Tensor, Tensor],
+              mask: Mapping[str, Tensor] | None = None, narrow: Any = None) -> StaticStepResult:
+        """One step of the dense model (``mask`` and ``narrow`` ``None``), of a narrow model (``narrow``: its
+        :class:`~maskprop.train.narrow.NarrowSubnetwork`; ``model`` and ``optimizer`` are its), or of the fixed
+        subnetwork ``mask`` through the full model."""
+        key = (id(model), id(optimizer), None if mask is None else id(mask))
+        if self._other is None or self._other[0] != key:
+            if self._other is not None:
+                self._retire(self._other[2])
+            if mask is not None:
+                body: Any = FixedMaskStep(model, optimizer, mask, self.ctx, self.meter)
+                name = "fixed-mask"
+            else:
+                body = DenseStep(model, optimizer, self.ctx, self.meter,
+                                 None if narrow is None else narrow.sync_hyperparameters)
+                name = "narrow" if narrow is not None else "dense"
+            self._other = (key, body, self._graph(body, name, [optimizer]))
+        _, body, graph = self._other
+        if getattr(body, "before", None) is not None:
+            body.before()
+        graph(*batch)
+        n = batch[1].shape[0]
+        if mask is not None:
+            kept, f = body.kept_ratio, self.ctx.cost.flops(body.widths, n)
+        elif narrow is not None:
+            kept, f = narrow.kept_ratio(), self.ctx.cost.flops(narrow.mask, n)
+        else:
+            kept, f = 1.0, self.ctx.cost.flops(None, n)
+        self.meter.add_host(n, pair=False, kept=kept)
+        return StaticStepResult(n, int(dense_step_flops(f)), self._dense_flops(n))
+
+    def _dense_flops(self, n: int) -> int:
+        key = ("dense", n)
+        if key not in self._flops:
+            self._flops[key] = int(dense_step_flops(self.ctx.cost.flops(None, n)))
+        return self._flops[key]
+
+    def end_search(self) -> None:
+        """Drop the search step and its graph (the phase is over: its memory goes back)."""
+        if self._search is not None:
+            self._retire(self._search[1])
+        self._search = None
+
+    # --- reads (every N steps, outside the steps)
+
+    def read(self, scores: ChannelScores | None = None) -> MeterWindow:
+        """The statistics since the last read, with the overflow counters, in one transfer; then, with ``scores``
+        during a search, the capacities re-chosen (one read of the scores): a change starts a new window."""
+        states = [] if self._search is None else [self._search[0].state_m, self._search[0].state_m2]
+        extra = [t for state in states for t in (state.overflow_steps, state.overflow_channels)]
+        window, values = self.meter.read(extra)
+        if states:
+            groups = list(states[0].layout.groups)
+            per_state = 1 + len(groups)
+            for i, state in enumerate(states):
+                chunk = values[i * per_state:(i + 1) * per_state]
+                window.overflow_steps += int(chunk[0])
+                for g, cut in zip(groups, chunk[1:]):
+                    window.overflow_channels[g] = window.overflow_channels.get(g, 0) + int(cut)
+                state.overflow_steps.zero_()
+                state.overflow_channels.zero_()
+        self.overflow_steps += window.overflow_steps
+        for g, cut in window.overflow_channels.items():
+            self.overflow_channels[g] = self.overflow_channels.get(g, 0) + cut
+        if scores is not None and self.capacities is not None:
+            update = rechoose_capacities(self.capacities, scores, self.ctx.align)
+            if update.changed:
+                self.capacities = update.capacities
+                self.end_search()  # the next search step builds the new window
+        return window
+
+    def report(self) -> dict[str, Any]:
+        """For the run summary: how the steps ran, the capacity windows met and the overflows."""
+        captures = self.captures + sum(g.captures for g in (
+            None if self._search is None else self._search[1], None if self._other is None else self._other[2])
+            if g is not None)
+        return {"captured": self.choice.capture, "graph_captures": captures, "search_windows": self.windows,
+                "search_shapes": len(self.shapes), "overflow_steps": self.overflow_steps,
+                "overflow_channels": sum(self.overflow_channels.values()),
+                "capacities": None if self.capacities is None else dict(self.capacities)}
+
+    # --- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly: the generator, the current capacities (re-choices have
+        hysteresis) and the counts of the report."""
+        return {"generator": self.generator.get_state(), "capacities": self.capacities, "windows": self.windows,
+                "shapes": [list(s) for s in sorted(self.shapes)], "overflow_steps": self.overflow_steps,
+                "overflow_channels": dict(self.overflow_channels), "captures": self.captures}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.capacities = None if state["capacities"] is None else dict(state["capacities"])
+        self.windows = int(state["windows"])
+        self.shapes = {tuple(s) for s in state["shapes"]}
+        self.overflow_steps = int(state["overflow_steps"])
+        self.overflow_channels = dict(state["overflow_channels"])
+        self.captures = int(state.get("captures", 0))
+        self._search = self._other = None
+
+
+class GraphedDenseReference(DenseReference):
+    """The dense reference steps (``timing.py``) as a captured dense step, so that the measured speedup compares
+    graphed steps with graphed steps. The first call runs the warm-up and the capture untimed."""
+
+    def __init__(self, *args: Any, strict: bool = False, batch_size: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._meter = DeviceMeter(self.ctx.device)  # never read: the reference's statistics are not the run's
+        self._step = StepGraph(DenseStep(self._model, self._optimizer, self.ctx, self._meter), "dense reference",
+                               self.ctx.device, True, batch_size, [self._optimizer], strict)
+
+    def time_step(self, batch: tuple[Tensor, Tensor], times: Any) -> float:
+        devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
+        started = perf_counter()
+        with torch.random.fork_rng(devices=devices):
+            if not self._warm:
+                self._warm = True
+                for _ in range(self._step.warmup + 1):
+                    self._step(*batch)
+            synchronize(self.ctx.device)
+            start = perf_counter()
+            self._step(*batch)
+            synchronize(self.ctx.device)
+            seconds = perf_counter() - start
+        times.overhead_s += perf_counter() - started
+        return seconds
