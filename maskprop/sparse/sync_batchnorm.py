@@ -51,15 +51,13 @@ def enable(model: nn.Module, group: Any = None) -> nn.Module:
     return model
 
 
-def disable(model: nn.Module | None = None) -> nn.Module | None:
+def disable(model: nn.Module) -> nn.Module:
     """Back to each process's own batch statistics for the BatchNorm layers of ``model``.
-
-    ``None`` clears nothing: the process group lives on the layers, and a model that is dropped takes it along.
 
     Returns:
         ``model``.
     """
-    for layer in _batch_norms(model) if model is not None else []:
+    for layer in _batch_norms(model):
         layer.process_group = None
     return model
 

@@ -676,9 +676,7 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
                       | {"data": {k: v for k, v in config_to_dict(cfg)["data"].items() if k != "root"}})
     state = run.state
     if place.enabled:
-        state.ddp = wrap_model(state.model, run.ctx.device)
-        if cfg.sync_bn:
-            sync_batchnorm.enable(state.model)
+        state.ddp = wrap_model(state.model, run.ctx.device, sync_bn=cfg.sync_bn)
     if run.run_dir is not None and place.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.run_dir / "config.yaml")
@@ -706,7 +704,7 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
             summary["static_steps"] = run.static.report()
     finally:
         log.close()
-        sync_batchnorm.disable()
+        sync_batchnorm.disable(state.model)
     if run.run_dir is not None and place.is_main:
         write_json(summary, run.run_dir / "summary.json")
     return summary
