@@ -57,32 +57,37 @@ from maskprop.bench import describe_machine
 from maskprop.sparse.modules import SparseBatchNorm2d
 from maskprop.train import fit, load_config
 
-# The study's setting (issue 17): shapes at 16x16 for the ResNets (VGG's five pools need 32x32), 1024 training images
-# in batches of 64 (16 steps an epoch), 12 search + 3 finetune epochs. Sized for 2 shared CPU cores: a ResNet-32 run
-# costs a few minutes with one thread. The weight lr is the paper's 0.1 at batch 256 scaled by sqrt(64/256); the
-# finetune lr is the quickstart's (3 epochs at the paper's 1e-3 barely move the weights). best_of_n scores 5 masks on
-# 256 images: a polarised search samples one mask, so more samples buy nothing but time.
+# The study's setting (issue 17), sized for 2 shared CPU cores (a run costs a few minutes with one thread): shapes at
+# 32x32, 1024 training images in batches of 64 (16 steps an epoch), 12 search + 3 finetune epochs. At 16x16 the
+# ResNet-32 did not learn densely in 15 epochs (21.8%); at 32x32 the paper's doubled widths cost 3x the time of He et
+# al.'s 16-32-64, which also learned faster in the first 48 steps (22.8% against 16.6%), hence MODEL_KWARGS. The
+# weight lr is the paper's 0.1 at batch 256 scaled by sqrt(64/256); the finetune lr is the quickstart's (3 epochs at
+# the paper's 1e-3 barely move the weights). best_of_n scores 5 masks on 256 images: a polarised search samples one
+# mask, so more samples buy nothing but time.
 SETTING = {
     "data.dataset": "shapes", "data.train_size": 1024, "data.val_size": 500, "data.batch_size": 64,
-    "data.workers": 0, "optim.lr": 0.05, "optim.schedule": "cosine", "finetune.lr": 0.01,
+    "data.image_size": 32, "data.workers": 0, "optim.lr": 0.05, "optim.schedule": "cosine", "finetune.lr": 0.01,
     "sparsity.fix_samples": 5, "sparsity.fix_examples": 256,
     "eval_every": 1, "save_every": 0, "log_every": 1000, "device": "cpu",
 }
 SEARCH_EPOCHS, FINETUNE_EPOCHS = 12, 3
-IMAGE_SIZE = {"vgg11_bn": 32, "vgg13_bn": 32, "vgg16_bn": 32, "vgg19_bn": 32}
-"""Image side per model (default 16): the CIFAR VGGs pool five times."""
-DEFAULT_IMAGE_SIZE = 16
+MODEL_KWARGS = {"resnet32": {"width": 1}}
+"""Model arguments per model (see SETTING); a run's table label shows them."""
 
 # --quick: the whole pipeline in seconds per run, for a smoke test of the tool (numbers mean nothing).
 QUICK_SETTING = dict(SETTING, **{"data.train_size": 128, "data.val_size": 64, "sparsity.fix_examples": 64})
 QUICK_EPOCHS = (3, 1)
 
-# The search maskprop recommends: each piece is measured alone as a candidate arm below (docs/methods.md, "How the
-# search behaves early"). Warm-up and anneal are counted in epochs of the search.
-DEFAULT_SEARCH = {"sparsity.warmup_epochs": 2, "sparsity.anneal_epochs": 6, "sparsity.budget_schedule": "cubic",
-                  "sparsity.init": 1.0, "sparsity.score_lr": 0.05}
+# The search maskprop recommends (docs/methods.md, "How the search behaves early"), written for a 12-epoch search:
+# 2 dense warm-up epochs, then every probability starts at 1 while the budget falls to the keep ratio along a cubic
+# anneal of 3 epochs, at a score lr that polarises the probabilities within the anneal (Adam moves a score by at most
+# the lr per step; 0.2 x 48 anneal steps ~ 10). At 0.05 half of them were still between 0.05 and 0.95 four epochs
+# after the anneal, and the masks that kept changing trained nothing well (29% against 57%).
+DEFAULT_SEARCH = {"sparsity.warmup_epochs": 2, "sparsity.anneal_epochs": 3, "sparsity.budget_schedule": "cubic",
+                  "sparsity.score_lr": 0.2}
 
 PAPER = {"sparsity.init": 0.5, "sparsity.score_lr": 12e-3, "sparsity.warmup_epochs": 0, "sparsity.anneal_epochs": 0}
+"""With an anneal every probability starts at 1 whatever ``sparsity.init`` says, so arms with one drop the init."""
 
 ARMS: dict[str, dict[str, Any]] = {
     "dense": {"method": "dense"},
@@ -94,13 +99,19 @@ ARMS: dict[str, dict[str, Any]] = {
     "official": dict(PAPER, **{"sparsity.prune_residual": False, "sparsity.estimator": "vrpge_sym",
                                "sparsity.weight_grad": "both", "optim.clip_grad_norm": 3.0, "finetune.narrow": False}),
     "paper_noresidual": dict(PAPER, **{"sparsity.prune_residual": False}),
+    # Score lr 1.0: Adam's first step sets every keep probability to about 0 or 1, so the search trains the subnetwork
+    # its first step drew (a random one, drawn from the global budget rather than per group as ``random``).
+    "polarised": dict(PAPER, **{"sparsity.score_lr": 1.0}),
     # Candidates: one piece of the default search at a time, and two combinations.
     "warmup": dict(PAPER, **{"sparsity.warmup_epochs": 2}),
-    "anneal": dict(PAPER, **{"sparsity.init": 1.0, "sparsity.anneal_epochs": 6}),
-    "lr": dict(PAPER, **{"sparsity.score_lr": 0.05}),
-    "warmup_lr": dict(PAPER, **{"sparsity.warmup_epochs": 2, "sparsity.score_lr": 0.05}),
-    "anneal_lr": dict(PAPER, **{"sparsity.init": 1.0, "sparsity.anneal_epochs": 6, "sparsity.score_lr": 0.05}),
+    "anneal": dict(PAPER, **{"sparsity.anneal_epochs": 3}),
+    "lr": dict(PAPER, **{"sparsity.score_lr": 0.2}),
+    "warmup_lr": dict(PAPER, **{"sparsity.warmup_epochs": 2, "sparsity.score_lr": 0.2}),
+    "anneal_lr": dict(PAPER, **{"sparsity.anneal_epochs": 3, "sparsity.score_lr": 0.2}),
 }
+for _arm in ARMS.values():
+    if _arm.get("sparsity.anneal_epochs"):
+        _arm.pop("sparsity.init", None)
 HARNESS_ARMS = {"official"}
 """Arms run under ``official_semantics``."""
 
@@ -109,6 +120,9 @@ EPOCH_KEYS = ("phase", "epoch", "step", "step_kind", "budget_ratio", "val_accura
               "train_accuracy_top", "train_loss", "loss_gap", "grad_norm", "scores_near_0", "scores_near_1",
               "score_entropy", "kept_ratio_expected", "kept_ratio_sampled", "epoch_time_s", "train_cost_saving")
 POLARISED_MARGIN = 0.05
+PROBE_EXAMPLES = 256
+"""Training examples of the loop's top-score accuracy after each search epoch: its 512 would cost a ResNet-32 search
+epoch of 16 steps about a sixth more; 256 resolve the 10-point differences this study reads."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -208,10 +222,16 @@ def recording(epochs: list[dict[str, Any]]) -> Iterator[None]:
         loop._log_epoch, loop.vrpge_step = log_epoch, vrpge_step
 
 
-def run_config(overrides: dict[str, Any], harness: bool = False, threads: int = 1) -> dict[str, Any]:
+def run_config(overrides: dict[str, Any], harness: bool = False, threads: int = 1,
+               probe_examples: int | None = PROBE_EXAMPLES) -> dict[str, Any]:
     """One ``maskprop.fit`` of the default config with ``overrides`` (dotted keys), optionally under the official
-    semantics; returns the summary's numbers and the epoch records."""
+    semantics; returns the summary's numbers and the epoch records. ``probe_examples``: training examples the loop
+    measures the top-score subnetwork's accuracy on after each search epoch (None: the loop's own number)."""
+    from maskprop.train import loop
+
     torch.set_num_threads(threads)
+    if probe_examples is not None and hasattr(loop, "TOP_MASK_EXAMPLES"):
+        loop.TOP_MASK_EXAMPLES = probe_examples
     cfg = load_config(None, [f"{k}={_yaml(v)}" for k, v in overrides.items()])
     epochs: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -223,6 +243,7 @@ def run_config(overrides: dict[str, Any], harness: bool = False, threads: int = 
     result = {k: summary.get(k) for k in keys}
     result["flops_kept"] = summary["subnet_flops"] / summary["dense_flops"]
     result["params_kept"] = summary["subnet_params"] / summary["dense_params"]
+    result["widths"] = summary.get("widths")
     result["wall_s"] = wall
     result["epochs"] = epochs
     return result
@@ -243,15 +264,29 @@ def _yaml(value: Any) -> str:
 def run_overrides(model: str, keep: float, arm: dict[str, Any], seed: int, setting: dict[str, Any],
                   search_epochs: int, finetune_epochs: int, extra: dict[str, Any]) -> dict[str, Any]:
     overrides = dict(setting)
-    overrides.update({"model.name": model, "data.image_size": IMAGE_SIZE.get(model, DEFAULT_IMAGE_SIZE),
-                      "seed": seed, "sparsity.keep_ratio": keep, "optim.epochs": search_epochs,
+    overrides.update({f"model.kwargs.{k}": v for k, v in MODEL_KWARGS.get(model, {}).items()})
+    overrides.update({"model.name": model, "seed": seed, "sparsity.keep_ratio": keep, "optim.epochs": search_epochs,
                       "finetune.epochs": finetune_epochs})
-    overrides.update(arm)
+    overrides.update(_scaled(arm, search_epochs))
     if overrides.get("method") == "dense":  # the same total epochs, no sparsity keys (dense runs ignore them)
         overrides["optim.epochs"] = search_epochs + finetune_epochs
         overrides = {k: v for k, v in overrides.items() if not k.startswith(("sparsity.", "finetune."))}
     overrides.update(extra)
     return overrides
+
+
+def _scaled(arm: dict[str, Any], search_epochs: int) -> dict[str, Any]:
+    """``arm`` with its warm-up and anneal epochs (written for a search of ``SEARCH_EPOCHS``) scaled to a search of
+    ``search_epochs``, each at least 1 where it was set, so a shorter run keeps the schedule's shape."""
+    arm = dict(arm)
+    if search_epochs != SEARCH_EPOCHS:
+        for key in ("sparsity.warmup_epochs", "sparsity.anneal_epochs"):
+            if arm.get(key):
+                arm[key] = max(1, round(arm[key] * search_epochs / SEARCH_EPOCHS))
+        while arm.get("sparsity.warmup_epochs", 0) + arm.get("sparsity.anneal_epochs", 0) > search_epochs:
+            key = max(("sparsity.warmup_epochs", "sparsity.anneal_epochs"), key=lambda k: arm.get(k, 0))
+            arm[key] -= 1
+    return arm
 
 
 def run_key(model: str, keep: float, arm: str, seed: int, tag: str) -> str:
@@ -297,7 +332,8 @@ def grid(args: argparse.Namespace) -> dict[str, Any]:
             continue
         overrides = run_overrides(model, keep, arm, seed, setting, search_epochs, finetune_epochs, extra)
         print(f"[{n}/{len(todo)}] {key}", flush=True)
-        result = run_config(overrides, harness=arm_name in HARNESS_ARMS, threads=args.threads)
+        result = run_config(overrides, harness=arm_name in HARNESS_ARMS, threads=args.threads,
+                            probe_examples=args.probe_examples)
         result.update(model=model, keep=keep, arm=arm_name, seed=seed, tag=tag, overrides=overrides,
                       harness=arm_name in HARNESS_ARMS, machine=machine,
                       date=datetime.datetime.now().isoformat(timespec="minutes"),
@@ -326,12 +362,18 @@ def _first_val(run: dict[str, Any]) -> float | None:
     return next((e["val_accuracy"] for e in run["epochs"] if e.get("val_accuracy") is not None), None)
 
 
+def _model_label(run: dict[str, Any]) -> str:
+    """The model's name with the arguments the run gave it, e.g. ``resnet32 (width=1)``."""
+    kwargs = [f"{k.rsplit('.', 1)[1]}={v}" for k, v in run["overrides"].items() if k.startswith("model.kwargs.")]
+    return f"{run['model']} ({', '.join(kwargs)})" if kwargs else run["model"]
+
+
 def table(data: dict[str, Any], tag: str | None = None) -> str:
     """One row per (tag, model, keep, arm): mean ± sample standard deviation over seeds."""
     rows: dict[tuple, list[dict[str, Any]]] = {}
     for run in data["runs"].values():
         if tag is None or run["tag"] == tag:
-            rows.setdefault((run["tag"], run["model"], run["keep"], run["arm"]), []).append(run)
+            rows.setdefault((run["tag"], _model_label(run), run["keep"], run["arm"]), []).append(run)
     lines = ["| setting | model | keep | arm | seeds | accuracy % | after epoch 1 % | FLOPs kept | train-cost saving "
              "| measured speedup | minutes/run |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (tag_, model, keep, arm), runs in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2],
@@ -378,18 +420,20 @@ def plot(data: dict[str, Any], path: str, tag: str | None = None) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_pol) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, run in data["runs"].items():
-        if tag is not None and run["tag"] != tag:
-            continue
-        label = f"{run['model']} {run['arm']} keep {run['keep']:g} s{run['seed']}"
+    runs = [run for run in data["runs"].values() if tag is None or run["tag"] == tag]
+    for i, run in enumerate(runs):
+        label = f"{_model_label(run)} {run['arm']} keep {run['keep']:g} seed {run['seed']} ({run['tag']})"
         xs = list(range(1, len(run["epochs"]) + 1))
-        ax_acc.plot(xs, [e.get("val_accuracy", math.nan) for e in run["epochs"]], marker="o", label=label)
+        color = f"C{i % 10}"  # one colour per run in both panels
+        ax_acc.plot(xs, [e.get("val_accuracy", math.nan) for e in run["epochs"]], marker="o", label=label,
+                    color=color)
         polarised = [e.get("scores_near_0", e.get("probe_scores_near_0", math.nan))
                      + e.get("scores_near_1", e.get("probe_scores_near_1", math.nan)) for e in run["epochs"]]
         if not all(math.isnan(p) for p in polarised):
-            ax_pol.plot(xs, polarised, marker="o", label=label)
+            ax_pol.plot(xs, polarised, marker="o", label=label, color=color)
     ax_acc.set(xlabel="epoch (search, then finetune)", ylabel="validation accuracy %", ylim=(0, 100))
-    ax_pol.set(xlabel="epoch (search)", ylabel="share of keep probabilities within 0.05 of 0 or 1", ylim=(0, 1))
+    ax_pol.set(xlabel="epoch (search; a warm-up leaves them all at 1)",
+               ylabel="share of keep probabilities within 0.05 of 0 or 1", ylim=(-0.02, 1.02))
     ax_acc.axhline(10, color="grey", lw=0.5, ls="--")
     ax_acc.legend(fontsize=7)
     ax_pol.legend(fontsize=7)
@@ -412,14 +456,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tag", help="name of the setting in the results (default: the epochs, or 'quick')")
     parser.add_argument("--quick", action="store_true", help="a tiny setting that smoke-tests the pipeline")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--probe-examples", type=int, default=PROBE_EXAMPLES,
+                        help="training examples of the top-score accuracy after each search epoch")
     parser.add_argument("--rerun", action="store_true", help="run again the runs already in the file")
     parser.add_argument("--table-only", action="store_true", help="print the file's tables, run nothing")
+    parser.add_argument("--select", action="store_true",
+                        help="with --table-only: only the runs of --arms, --models, --keeps and --seeds")
     parser.add_argument("--curves", action="store_true", help="also print every run's per-epoch table")
     parser.add_argument("--plot", help="also write a PNG of the per-epoch curves (matplotlib)")
     args = parser.parse_args(argv)
     maskprop.keep_freed_host_memory()
     if args.table_only:
         data = json.loads(Path(args.json).read_text())
+        if args.select:  # only the runs of the arms, models, keep ratios and seeds named
+            data["runs"] = {k: r for k, r in data["runs"].items()
+                            if r["arm"] in args.arms and r["model"] in args.models and r["keep"] in args.keeps
+                            and r["seed"] in args.seeds}
     else:
         data = grid(args)
     tag = args.tag if args.table_only else None
