@@ -551,7 +551,7 @@ class StaticSteps:
         scores.project_()
         n = batch[1].shape[0]
         self.meter.add_host(n, pair=True, kept=None)
-        key = ("search", n)
+        key = ("search", n, *body.widths.values())
         if key not in self._flops:
             f = self.ctx.cost.flops(body.widths, n)
             self._flops[key] = int(vrpge_step_flops(f, f, self.cfg.sparsity.weight_grad))

@@ -1,0 +1,262 @@
+"""Static-shape training steps (``maskprop.train.graphs``), run eagerly on the CPU: the search step's math against
+``vrpge_step``, no host read or data-dependent shape in a whole step, capacity windows, exact resume, and the
+``cuda_graphs`` setting's errors. Capturing them as CUDA graphs is checked on a GPU (tools/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+
+import pytest
+import torch
+from conftest import TINY_RUN, with_overrides
+from test_static import _Recorder
+from test_train import _assert_same_state
+from torch import nn
+
+import maskprop
+from maskprop.cost import CostModel
+from maskprop.sparse import random_mask
+from maskprop.sparse.static import mask_capacities
+from maskprop.train import graphs, loop, setup
+from maskprop.train.checkpoint import load_checkpoint
+from maskprop.train.config import SparsityConfig, load_config
+from maskprop.train.graphs import GraphsChoice, StaticSteps, resolve_cuda_graphs
+from maskprop.train.optim import score_optimizer, weight_optimizer
+from maskprop.train.steps import StepContext, subnet_step, vrpge_step
+from maskprop.vrpge import ChannelScores
+
+SIZE = (3, 16, 16)
+
+
+@pytest.fixture
+def static_run(monkeypatch):
+    """Runs of ``maskprop.fit`` take the static steps, eagerly (what ``cuda_graphs`` selects on CUDA)."""
+    monkeypatch.setattr(setup, "resolve_cuda_graphs", lambda cfg, device, world, model=None: GraphsChoice(True, False))
+
+
+def _parts(dtype=torch.float64, clip=None, align=8, fused_scores=False):
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20").to(dtype).train()
+    groups = model.channel_groups()
+    scores = ChannelScores(groups, 0.5, dtype=dtype)
+    with torch.no_grad():
+        scores.scores.uniform_(0.2, 0.8, generator=torch.Generator().manual_seed(3))
+    weights = weight_optimizer(model.parameters(), 0.1, 0.9, 5e-4)
+    score_opt = (torch.optim.Adam([scores.scores], lr=0.05, fused=True) if fused_scores
+                 else score_optimizer(scores.scores, 0.05))
+    ctx = StepContext(criterion=nn.CrossEntropyLoss(), device=torch.device("cpu"), cost=CostModel(model, SIZE),
+                      clip_grad_norm=clip, align=align)
+    x = torch.randn(4, *SIZE, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3])
+    return model, scores, (weights, score_opt), ctx, (x, y)
+
+
+def _config(**overrides) -> object:
+    return load_config(with_overrides(TINY_RUN, **overrides))
+
+
+@pytest.mark.parametrize("estimator,weight_grad,clip", [("vrpge", "first", None), ("vrpge_sym", "both", 0.5)])
+def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estimator, weight_grad, clip, monkeypatch,
+                                                                           one_thread):
+    """With both masks forced, one static search step gives the loss, weight and score gradients, updated weights and
+    scores of ``vrpge_step`` (compact execution) on the same masks."""
+    model, scores, optimizers, ctx, batch = _parts(clip=clip)
+    groups = model.channel_groups()
+    generator = torch.Generator().manual_seed(7)
+    masks = [torch.cat(list(random_mask(groups, 0.5, generator).values())) for _ in range(2)]
+    reference = copy.deepcopy((model, scores, optimizers))
+    sparsity = SparsityConfig(estimator=estimator, weight_grad=weight_grad, alpha=0.5)
+    cfg = _config(**{"sparsity.estimator": estimator, "sparsity.weight_grad": weight_grad})
+    assert cfg.sparsity.alpha == sparsity.alpha
+
+    forced = iter(masks)
+    monkeypatch.setattr(ChannelScores, "mask_from_uniforms", lambda self, u: next(forced).clone())
+    static = StaticSteps(cfg, ctx, GraphsChoice(True, False), seed=0)
+    static.capacities = {g: n for g, n in groups.items()}  # no overflow: the masks as given
+    result = static.search(model, scores, optimizers, batch)
+    window = static.read()
+
+    ref_model, ref_scores, ref_optimizers = reference
+    drawn = iter(masks)
+    monkeypatch.setattr(ChannelScores, "sample_flat", lambda self, g: next(drawn).clone())
+    expected = vrpge_step(ref_model, ref_scores, ref_optimizers, batch, torch.Generator(), sparsity, ctx)
+
+    assert window.steps == window.pairs == 1 and window.count == 4
+    assert window.loss / 4 == pytest.approx(expected.loss, rel=1e-12)
+    assert window.loss2 / 4 == pytest.approx(expected.loss2, rel=1e-12)
+    assert round(window.correct) == expected.correct
+    assert window.grad_norm == pytest.approx(expected.grad_norm, rel=1e-10)
+    assert window.kept == pytest.approx(expected.kept_ratio, rel=1e-12)
+    assert result.count == 4 and result.dense_flops == expected.dense_flops
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=f"gradient of {name}")
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=name)
+    for (name, b), c in zip(model.named_buffers(), ref_model.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(scores.scores.grad, ref_scores.scores.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(scores.scores, ref_scores.scores, rtol=1e-12, atol=1e-14)
+
+
+def test_static_plain_steps_equal_subnet_step_in_float64(one_thread):
+    """The dense step and the fixed-mask step equal ``subnet_step`` without and with the mask."""
+    model, _, (weights, _), ctx, batch = _parts()
+    mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(5))
+    cfg = _config()
+    for fixed in (None, mask):
+        ref_model = copy.deepcopy(model)
+        ref_opt = weight_optimizer(ref_model.parameters(), 0.1, 0.9, 5e-4)
+        ref_opt.load_state_dict(copy.deepcopy(weights.state_dict()))  # its tensors, not shared ones
+        static = StaticSteps(cfg, ctx, GraphsChoice(True, False), seed=0)
+        result = static.plain(model, weights, batch, fixed)
+        window = static.read()
+        expected = subnet_step(ref_model, ref_opt, batch, fixed, ctx)
+        assert window.loss / 4 == pytest.approx(expected.loss, rel=1e-12)
+        assert window.kept == pytest.approx(expected.kept_ratio)
+        if fixed is not None:  # the capacities are the aligned kept counts, as compact's aligned widths
+            assert result.flops == expected.flops
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_whole_static_steps_have_no_host_read_and_no_data_dependent_shape(one_thread):
+    """A search step (sampling, both updates, both forwards, backward, clipping, SGD, Adam, projection), a fixed-mask
+    step and a dense step issue none of the operations a captured graph cannot hold. (The score Adam is the fused one
+    here: the CPU's plain Adam reads its step count to the host; on CUDA it is ``capturable``.)"""
+    model, scores, optimizers, ctx, batch = _parts(dtype=torch.float32, clip=1.0, fused_scores=True)
+    static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
+    mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(5))
+    for _ in range(2):  # the first steps create the optimizers' state
+        static.search(model, scores, optimizers, batch)
+        static.plain(model, optimizers[0], batch, mask)
+        static.plain(model, optimizers[0], batch)
+    static.plain(model, optimizers[0], batch, mask)
+    for run in (lambda: static.search(model, scores, optimizers, batch),
+                lambda: static.plain(model, optimizers[0], batch, mask),
+                lambda: static.plain(model, optimizers[0], batch)):
+        with _Recorder() as recorder:
+            run()
+        assert recorder.calls > 100
+        assert not recorder.found, recorder.found
+    assert static.read().steps == 10
+
+
+def test_the_capacity_windows_of_a_run_whose_scores_move(static_run, monkeypatch, one_thread):
+    """An annealed budget moves the scores: the capacities are re-chosen at the reads, every change builds a new
+    window, and the summary counts them."""
+    built: list[dict[str, int]] = []
+    original = graphs.SearchStep.__init__
+
+    def counting(self, model, scores, optimizers, sparsity, ctx, capacities, meter):
+        built.append(dict(capacities))
+        original(self, model, scores, optimizers, sparsity, ctx, capacities, meter)
+
+    monkeypatch.setattr(graphs.SearchStep, "__init__", counting)
+    config = with_overrides(TINY_RUN, **{"optim.epochs": 3, "sparsity.anneal_epochs": 2, "log_every": 1})
+    summary = maskprop.fit(config)
+    report = summary["static_steps"]
+    assert report["captured"] is False and report["graph_captures"] == 0
+    assert len(built) >= 2 and report["search_windows"] == len(built)
+    assert report["search_shapes"] == len({tuple(c.values()) for c in built})
+    assert all(a != b for a, b in itertools.pairwise(built))  # a new window only for new capacities
+    assert sum(built[-1].values()) < sum(built[0].values())  # the budget fell: narrower
+
+
+def test_resume_with_static_steps_continues_exactly(static_run, monkeypatch, tmp_path, one_thread):
+    config = with_overrides(TINY_RUN, **{"optim.epochs": 3, "sparsity.anneal_epochs": 1, "log_every": 1,
+                                         "save_every": 1, "finetune.narrow": False})
+    maskprop.fit(config, out=tmp_path / "straight")
+    calls = {"n": 0}
+    original = loop.train_one_epoch
+
+    def stop_at_the_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", stop_at_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        maskprop.fit(config, out=tmp_path / "stopped")
+    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(loop, "train_one_epoch", original)
+    maskprop.fit(config, out=tmp_path / "stopped", resume=True)
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "stopped" / "last.pt")
+    _assert_same_state(a, b)
+    assert torch.equal(a["static"]["generator"], b["static"]["generator"])
+    assert {k: v for k, v in a["static"].items() if k != "generator"} == \
+        {k: v for k, v in b["static"].items() if k != "generator"}
+
+
+# --- the setting ------------------------------------------------------------------------------------------------------
+
+CUDA = torch.device("cuda")
+
+
+def test_cuda_graphs_true_needs_a_cuda_device():
+    with pytest.raises(ValueError, match=r"^cuda_graphs=true needs a CUDA device; device resolves to 'cpu'$"):
+        resolve_cuda_graphs(_config(cuda_graphs=True), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"device resolves to 'mps'"):
+        resolve_cuda_graphs(_config(cuda_graphs=True), torch.device("mps"))
+    assert resolve_cuda_graphs(_config(), torch.device("cpu")) == GraphsChoice(False, False)
+    assert resolve_cuda_graphs(_config(cuda_graphs=False), CUDA) == GraphsChoice(False, False)
+    assert resolve_cuda_graphs(_config(), CUDA) == GraphsChoice(True, True, strict=False)
+    assert resolve_cuda_graphs(_config(cuda_graphs=True), CUDA) == GraphsChoice(True, True, strict=True)
+
+
+def test_cuda_graphs_true_on_the_cpu_stops_a_run():
+    with pytest.raises(ValueError, match=r"cuda_graphs=true needs a CUDA device; device resolves to 'cpu'"):
+        maskprop.fit(with_overrides(TINY_RUN, cuda_graphs=True, device="cpu"))
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    ({"method": "sbp"}, r"method='sbp' picks its backward's units by top-k"),
+    ({"method": "meprop", "sbp.sparsifier": "topk"}, r"method='meprop'"),
+    ({"method": "msbp", "sbp.memory": 0.5}, r"method='msbp'"),
+    ({"sync_bn": True}, r"sync_bn=true all-reduces BatchNorm statistics"),
+    ({"optim.optimizer": "adam"}, r"optim.optimizer='adam' is not the fused SGD"),
+])
+def test_what_cannot_be_captured_is_an_error_with_true_and_eager_with_auto(overrides, reason, caplog):
+    with pytest.raises(ValueError, match=rf"^cuda_graphs=true cannot capture this run: {reason}.*; expected "
+                                         r"cuda_graphs=auto or false$"):
+        resolve_cuda_graphs(_config(cuda_graphs=True, **overrides), CUDA)
+    with caplog.at_level(logging.INFO, logger="maskprop.train.graphs"):
+        choice = resolve_cuda_graphs(_config(**overrides), CUDA)
+    assert not choice.static and not choice.capture and choice.reason
+    assert [r.getMessage() for r in caplog.records] == [f"cuda_graphs=auto: eager steps, since {choice.reason}"]
+
+
+def test_torchrun_and_cumulative_batchnorm_cannot_be_captured():
+    with pytest.raises(ValueError, match=r"torchrun \(world size 2\)"):
+        resolve_cuda_graphs(_config(cuda_graphs=True), CUDA, world_size=2)
+    model = maskprop.create_model("resnet20")
+    model.bn1.momentum = None
+    with pytest.raises(ValueError, match=r"BatchNorm 'bn1' has momentum=None"):
+        resolve_cuda_graphs(_config(cuda_graphs=True), CUDA, model=model)
+    assert not resolve_cuda_graphs(_config(), CUDA, model=model).static
+
+
+def test_maskprop_models_use_a_float_batchnorm_momentum():
+    """``SparseBatchNorm2d._momentum`` reads ``num_batches_tracked`` on the host only when momentum is None."""
+    for name in maskprop.list_models():
+        model = maskprop.create_model(name)
+        assert all(m.momentum is not None for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+@pytest.mark.parametrize("value", ["1", "yes please", "null", "Auto"])
+def test_bad_cuda_graphs_values_are_one_line(value):
+    with pytest.raises(ValueError, match=r"^cuda_graphs=.* is not a valid choice; expected 'auto', true or false$"):
+        load_config(None, [f"cuda_graphs={value}"])
+
+
+def test_a_capacity_below_the_alignment_stays_an_error(one_thread):
+    model, _, (weights, _), ctx, batch = _parts(align=8)
+    mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(5))
+    static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
+    static.capacities = {g: c for g, c in mask_capacities(mask, 8).items()}
+    first = next(iter(static.capacities))
+    static.capacities[first] = 4
+    scores = ChannelScores(model.channel_groups(), 0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"capacity 4 of group '{first}' is below the alignment 8"):
+        static.search(model, scores, (weights, score_optimizer(scores.scores, 0.1)), batch)
