@@ -488,13 +488,14 @@ class StaticStepResult:
 
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> None:
-    """Make an Adam (the scores') capturable in place: its step counts live on the parameters' device."""
+    """Make an Adam (the scores') capturable in place: its step counts live on the parameters' device. Only for
+    parameters on CUDA (torch refuses ``capturable`` elsewhere; nothing is captured there)."""
     for group in optimizer.param_groups:
-        if "capturable" in group:
+        if "capturable" in group and all(p.device.type == "cuda" for p in group["params"]):
             group["capturable"] = True
     for param, state in optimizer.state.items():
         step = state.get("step")
-        if isinstance(step, Tensor) and step.device != param.device:
+        if isinstance(step, Tensor) and step.device != param.device and param.device.type == "cuda":
             state["step"] = step.to(param.device, torch.float32)
 
 

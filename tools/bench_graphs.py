@@ -1,0 +1,227 @@
+"""Step times of the eager steps against the static steps captured as CUDA graphs (``maskprop.train.graphs``).
+
+Usage:
+    python tools/bench_graphs.py --models resnet32:32:256 vgg19_bn:32:256 resnet50:224:256 --json out/graphs.json \
+        --markdown out/graphs.md
+    python tools/bench_graphs.py --device cpu --models resnet20:16:8 --steps 2     (a dry run: the same steps, eagerly)
+
+Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-event times of ``--steps`` steps:
+
+* ``dense_eager``: ``subnet_step`` without a mask (today's dense step);
+* ``dense_graphed``: the static dense step, captured;
+* ``search_eager``: ``vrpge_step`` with fresh masks every step (today's search step, scores on the host);
+* ``search_graphed``: the static search step (fresh device uniforms every step, capacities from keep 0.5), captured;
+* ``finetune_eager``: ``subnet_step`` of one fixed sampled mask through the full model (compact);
+* ``narrow_eager``: ``subnet_step`` of that mask's narrow model (the trainer's default finetune);
+* ``finetune_graphed``: the static fixed-mask step at the aligned kept counts, captured;
+* ``narrow_graphed``: the narrow model's dense step, captured.
+
+The markdown table gives issue 18's ratios: search / dense and finetune / dense, eager and graphed (below 1: the
+sparse step is faster than the dense one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import maskprop
+from maskprop.cost import CostModel
+from maskprop.train.config import load_config
+from maskprop.train.graphs import GraphsChoice, StaticSteps, make_capturable
+from maskprop.train.narrow import NarrowSubnetwork
+from maskprop.train.optim import score_optimizer, weight_optimizer
+from maskprop.train.steps import StepContext, subnet_step, vrpge_step
+from maskprop.vrpge import ChannelScores
+
+WARMUP = 5  # calls before timing: the graphed steps' eager warm-up and capture, the eager steps' cuDNN plans
+
+
+def _time(fn: Callable[[], object], device: torch.device, steps: int) -> list[float]:
+    """Milliseconds of each of ``steps`` calls (CUDA events on a GPU) after ``WARMUP`` untimed ones."""
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def bench(name: str, size: int, batch: int, device: torch.device, steps: int, keep: float, align: int) -> dict:
+    torch.manual_seed(0)
+    capture = device.type == "cuda"
+    if capture:
+        torch.backends.cudnn.benchmark = True  # as the trainer sets it while graphs are on
+    base = maskprop.create_model(name, num_classes=10).train()
+    cost = CostModel(base, (3, size, size))
+    base.to(device).to(memory_format=torch.channels_last)
+    groups = base.channel_groups()
+    ctx = StepContext(nn.CrossEntropyLoss(), device, cost, torch.bfloat16, True, align=align)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+    cfg = load_config(None, [f"data.batch_size={batch}", "log_every=1000000"])
+    choice = GraphsChoice(True, capture, strict=True)
+    fixed = ChannelScores(groups, keep, keep).sample(torch.Generator().manual_seed(2))
+    row: dict = {"model": name, "image": size, "batch": batch, "keep": keep, "align": align, "captured": capture}
+
+    def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = copy.deepcopy(base)
+        return model, weight_optimizer(model.parameters(), 0.01, 0.9, 5e-4)
+
+    def measure(kind: str, make: Callable[[], Callable[[], object]]) -> None:
+        fn = make()
+        times = _time(fn, device, steps)
+        row[f"{kind}_ms"] = statistics.median(times)
+        print(f"{name} {size}px b{batch} {kind:17s} {row[f'{kind}_ms']:9.2f} ms (min {min(times):.2f}, max "
+              f"{max(times):.2f})", flush=True)
+        del fn
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    def dense_eager():
+        model, opt = fresh()
+        return lambda: subnet_step(model, opt, (x, y), None, ctx)
+
+    def dense_graphed():
+        model, opt = fresh()
+        static = StaticSteps(cfg, ctx, choice, seed=1)
+        return lambda: static.plain(model, opt, (x, y))
+
+    def search_eager():
+        model, opt = fresh()
+        scores = ChannelScores(groups, keep, keep)
+        optimizers = (opt, score_optimizer(scores.scores, 0.0))  # lr 0: the scores stay at the keep ratio
+        generator = torch.Generator().manual_seed(1)
+        sparsity = cfg.sparsity
+        return lambda: vrpge_step(model, scores, optimizers, (x, y), generator, sparsity, ctx)
+
+    def search_graphed():
+        model, opt = fresh()
+        scores = ChannelScores(groups, keep, keep, device=device)
+        score_opt = score_optimizer(scores.scores, 0.0)
+        make_capturable(score_opt)
+        static = StaticSteps(cfg, ctx, choice, seed=1)
+        return lambda: static.search(model, scores, (opt, score_opt), (x, y))
+
+    def finetune_eager():
+        model, opt = fresh()
+        return lambda: subnet_step(model, opt, (x, y), fixed, ctx)
+
+    def finetune_graphed():
+        model, opt = fresh()
+        static = StaticSteps(cfg, ctx, choice, seed=1)
+        return lambda: static.plain(model, opt, (x, y), fixed)
+
+    def narrow_eager():
+        model, opt = fresh()
+        narrow = NarrowSubnetwork(model, fixed, opt)
+        narrow.model.train()
+        return lambda: narrow.step((x, y), ctx)
+
+    def narrow_graphed():
+        model, opt = fresh()
+        narrow = NarrowSubnetwork(model, fixed, opt)
+        narrow.model.train()
+        static = StaticSteps(cfg, ctx, choice, seed=1)
+        return lambda: static.plain(narrow.model, narrow.optimizer, (x, y), narrow=narrow)
+
+    for kind, make in [("dense_eager", dense_eager), ("dense_graphed", dense_graphed),
+                       ("search_eager", search_eager), ("search_graphed", search_graphed),
+                       ("finetune_eager", finetune_eager), ("finetune_graphed", finetune_graphed),
+                       ("narrow_eager", narrow_eager), ("narrow_graphed", narrow_graphed)]:
+        try:
+            measure(kind, make)
+        except Exception as err:  # noqa: BLE001 - one kind failing must not lose the others' numbers
+            row[f"{kind}_error"] = f"{type(err).__name__}: {err}"[:500]
+            print(f"{name} {kind} FAILED: {row[f'{kind}_error']}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    ratio = _ratio(row)
+    row.update({"search_over_dense_eager": ratio("search_eager", "dense_eager"),
+                "search_over_dense_graphed": ratio("search_graphed", "dense_graphed"),
+                "finetune_over_dense_eager": ratio("finetune_eager", "dense_eager"),
+                "finetune_over_dense_graphed": ratio("finetune_graphed", "dense_graphed"),
+                "narrow_over_dense_graphed": ratio("narrow_graphed", "dense_graphed"),
+                "search_graphed_speedup_over_eager": ratio("search_eager", "search_graphed")})
+    if device.type == "cuda":
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def _ratio(row: dict) -> Callable[[str, str], float | None]:
+    def ratio(a: str, b: str) -> float | None:
+        x, y = row.get(f"{a}_ms"), row.get(f"{b}_ms")
+        return None if x is None or y is None or y == 0 else x / y
+    return ratio
+
+
+def markdown(rows: list[dict]) -> str:
+    def cell(value: float | None, digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = ["| model | dense eager ms | dense graphed ms | search eager ms | search graphed ms | finetune graphed ms "
+             "| narrow graphed ms | search/dense eager | search/dense graphed | finetune/dense eager | "
+             "finetune/dense graphed | narrow/dense graphed |", "|" + "---|" * 12]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            f"{r['model']} {r['image']}px b{r['batch']}", *(cell(r.get(f"{k}_ms"), 1) for k in (
+                "dense_eager", "dense_graphed", "search_eager", "search_graphed", "finetune_graphed",
+                "narrow_graphed")),
+            *(cell(r.get(k)) for k in ("search_over_dense_eager", "search_over_dense_graphed",
+                                       "finetune_over_dense_eager", "finetune_over_dense_graphed",
+                                       "narrow_over_dense_graphed"))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet32:32:256"], help="name:image_size:batch")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per kind (median reported)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--align", type=int, default=8)
+    parser.add_argument("--json", help="write the rows as JSON to this path")
+    parser.add_argument("--markdown", help="write the table to this path")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+              f"cuDNN {torch.backends.cudnn.version()}", flush=True)
+    else:
+        torch.set_num_threads(1)
+    rows = []
+    for spec in args.models:
+        name, size, batch = spec.split(":")
+        rows.append(bench(name, int(size), int(batch), device, args.steps, args.keep, args.align))
+        if args.json:  # after every model: a later one that hangs leaves the earlier ones written
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+    table = markdown(rows)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+
+
+if __name__ == "__main__":
+    main()
