@@ -180,9 +180,10 @@ def markdown(rows: list[dict]) -> str:
     def cell(value: float | None, digits: int = 2) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
-    lines = ["| model | dense eager ms | dense graphed ms | search eager ms | search graphed ms | finetune graphed ms "
-             "| narrow graphed ms | search/dense eager | search/dense graphed | finetune/dense eager | "
-             "finetune/dense graphed | narrow/dense graphed |", "|" + "---|" * 12]
+    header = ("| model | dense eager ms | dense graphed ms | search eager ms | search graphed ms | finetune graphed ms "
+              "| narrow graphed ms | search/dense eager | search/dense graphed | finetune/dense eager | "
+              "finetune/dense graphed | narrow/dense graphed |")
+    lines = [header, "|" + "---|" * 12]
     for r in rows:
         lines.append("| " + " | ".join([
             f"{r['model']} {r['image']}px b{r['batch']}", *(cell(r.get(f"{k}_ms"), 1) for k in (

@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import maskprop
 from maskprop.sparse import random_mask, use_mask
 from maskprop.sparse.static import StaticExecutionState, StaticLayout, choose_capacities, use_static
+from maskprop.train.config import SparsityConfig
 from maskprop.vrpge import ChannelScores
 
 # Operators that only make views, read metadata or allocate without writing: no kernel on a GPU.
@@ -111,13 +112,64 @@ def counts_for(name: str, keep: float, align: int, batch: int) -> dict[str, Ops]
     return results
 
 
+def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops]:
+    """Launches of a whole dense step and a whole static search step (``maskprop.train.graphs``) on ``meta``, each
+    without its optimizer steps (on CUDA a fused SGD and a capturable Adam: a few launches per tensor group, the
+    same for both) and without the projection after the search step (outside its graph): the dense step is forward,
+    loss, backward and gradient norm; the search step adds the device sampling of ``m`` and ``m'`` from uniforms, both
+    mask updates, the no-grad forward of ``m'`` and the score gradient."""
+    from maskprop.train.graphs import DeviceMeter, SearchStep
+    from maskprop.train.steps import StepContext, _grad_norm
+
+    torch.manual_seed(0)
+    model = maskprop.create_model(name).to("meta").train()
+    size = IMAGE_SIZES.get(name, 32)
+    x = torch.empty(batch, 3, size, size, device="meta")
+    y = torch.zeros(batch, dtype=torch.long, device="meta")
+    groups = model.channel_groups()
+    capacities = choose_capacities(ChannelScores(groups, keep), align=align)
+    scores = ChannelScores(groups, keep, device="meta")
+    # autocast is off; its device type must be a real one (meta has none), and CUDA is what meta stands for here
+    ctx = StepContext(torch.nn.CrossEntropyLoss(), torch.device("cuda"), None, align=align)  # type: ignore[arg-type]
+
+    class NoStep:
+        """An optimizer that does nothing (optimizer steps are left out of the counts)."""
+
+        def step(self) -> None:
+            pass
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            pass
+
+    meter = DeviceMeter(torch.device("meta"))
+    search = SearchStep(model, scores, (NoStep(), NoStep()), SparsityConfig(), ctx, capacities, meter)  # type: ignore
+
+    def dense() -> None:
+        logits = model(x)
+        ctx.criterion(logits.float(), y).backward()
+        meter.add(ctx.criterion(logits.float(), y).detach(), None, logits, y, _grad_norm(model))
+
+    dense()
+    search(x, y)
+    return {"dense step": count(dense), "static search step": count(lambda: search(x, y))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet32", "vgg19_bn", "resnet50"])
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--align", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--whole", action="store_true", help="whole steps: dense against the static search step")
     args = parser.parse_args()
+    if args.whole:
+        print(f"launches per whole step on meta (optimizer steps left out), keep {args.keep}, align {args.align}")
+        print("| model | dense step | static search step | ratio |\n|---|---|---|---|")
+        for name in args.models:
+            r = whole_steps(name, args.keep, args.align, args.batch)
+            d, s = r["dense step"].launches, r["static search step"].launches
+            print(f"| {name} | {d} | {s} | {s / d:.2f} |")
+        return
     print(f"launches (host ops) per training step on meta, keep {args.keep}, align {args.align}; "
           "static = update + forward + backward")
     header = ["model", "dense", "use_mask", "static", "update", "static fwd", "static bwd", "static all ops"]
