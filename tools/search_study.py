@@ -453,7 +453,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--search-epochs", type=int, default=SEARCH_EPOCHS)
     parser.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS)
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run, key=value")
-    parser.add_argument("--tag", help="name of the setting in the results (default: the epochs, or 'quick')")
+    parser.add_argument("--tag", help="name of the setting in the results (default: the epochs, or 'quick'); with "
+                        "--table-only, the settings to show, separated by commas")
     parser.add_argument("--quick", action="store_true", help="a tiny setting that smoke-tests the pipeline")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--probe-examples", type=int, default=PROBE_EXAMPLES,
@@ -468,18 +469,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     maskprop.keep_freed_host_memory()
     if args.table_only:
         data = json.loads(Path(args.json).read_text())
+        if args.tag:  # one setting, or several separated by commas
+            data["runs"] = {k: r for k, r in data["runs"].items() if r["tag"] in args.tag.split(",")}
         if args.select:  # only the runs of the arms, models, keep ratios and seeds named
             data["runs"] = {k: r for k, r in data["runs"].items()
                             if r["arm"] in args.arms and r["model"] in args.models and r["keep"] in args.keeps
                             and r["seed"] in args.seeds}
     else:
         data = grid(args)
-    tag = args.tag if args.table_only else None
-    print(table(data, tag))
+    print(table(data))
     if args.curves:
-        print(curves(data, tag))
+        print(curves(data))
     if args.plot:
-        plot(data, args.plot, tag)
+        plot(data, args.plot)
 
 
 if __name__ == "__main__":
