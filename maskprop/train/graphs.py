@@ -14,9 +14,11 @@ advance instead, and is recorded once as a CUDA graph that the GPU then replays 
   SGD on the weights and Adam (``capturable``) on the scores. The projection of the scores onto the budget runs right
   after the replay, outside the graph (about twenty kernels), because an annealed budget changes every step. Every
   ``log_every`` steps (and at the end of an epoch) the host reads, in one transfer, the losses, correct counts,
-  ``|L(m) - L(m')|``, gradient norms and overflow counters that the steps accumulated on the device, and re-chooses
-  the capacities (:func:`~maskprop.sparse.static.rechoose_capacities`, one read of the scores); when they change, the
-  next step builds a new layout and captures a new graph (a new *window*).
+  ``|L(m) - L(m')|``, gradient norms and overflow counters that the steps accumulated on the device; at the end of an
+  epoch it also re-chooses the capacities (:func:`~maskprop.sparse.static.rechoose_capacities`, one read of the
+  scores), and when they change the next step builds a new layout and captures a new graph (a new *window*). Windows
+  change at most once an epoch because each costs eager warm-up steps and a capture: on an H200 a 6-epoch quickstart
+  that re-chose them every 20 steps through its anneal ran mostly warm-up steps and measured 0.11x dense.
 * a **fixed-mask step** (:class:`FixedMaskStep`: the finetune or random-baseline subnetwork through the full model,
   with ``finetune.narrow: false``) runs at the aligned kept counts (``mask_capacities``), one window for the phase.
   With ``finetune.narrow: true`` (the default) the phase trains the physically narrow model instead, and its plain

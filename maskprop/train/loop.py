@@ -299,7 +299,7 @@ def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader
         if phase != "finetune":
             state.counters["dense_train_flops"] += result.dense_flops
         if state.step % cfg.log_every == 0:
-            window = static.read(scores)
+            window = static.read()  # capacities are re-chosen at the epoch's end only: each window costs a capture
             meter.add_window(window)
             read = _window_result(window)
             bar.set_postfix(loss=f"{read.loss:.3f}", acc=f"{100.0 * meter.correct / max(meter.count, 1):.1f}",
