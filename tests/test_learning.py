@@ -1,10 +1,11 @@
 """Whether the search learns: the official-semantics harness of tools/search_study.py (fast), and the default search
-against its dense twin on a small ``shapes`` run (slow: ``-m slow``).
+of the quickstart recipe against its dense twin (slow: ``-m slow``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 import maskprop
 from maskprop.sparse.modules import SparseBatchNorm2d
+from maskprop.train import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,18 +94,21 @@ def test_official_harness_restores_everything():
 
 
 @pytest.mark.slow
-def test_default_search_learns_close_to_dense(one_thread):
-    """The default search of tools/search_study.py on a small setting (ResNet-20, 16x16 shapes, 1024 images, 8 search
-    + 2 finetune epochs, keep 0.5) ends within 5 points of its dense twin and is above chance after its first epoch
-    (a dense warm-up epoch). A few minutes on one thread."""
-    study = _study()
-    setting = dict(study.SETTING, **{"model.name": "resnet20"})
-    short = {"sparsity.warmup_epochs": 1, "sparsity.anneal_epochs": 4}
-    results = {}
-    for arm in ("default", "dense"):
-        overrides = study.run_overrides("resnet20", 0.5, dict(study.ARMS[arm], **(short if arm == "default" else {})),
-                                        0, setting, 8, 2, {})
-        results[arm] = study.run_config(overrides)
-    first = next(e["val_accuracy"] for e in results["default"]["epochs"] if "val_accuracy" in e)
-    assert first > 30.0
-    assert results["default"]["accuracy"] >= results["dense"]["accuracy"] - 5.0
+def test_default_search_learns_from_its_first_epoch_and_ends_near_dense(tmp_path, one_thread):
+    """The quickstart recipe runs the default search (docs/methods.md, "How the search behaves early"): its dense
+    warm-up learns as the dense twin does, its probabilities settle at 0 or 1 within the anneal, and it ends within 3
+    points of the dense twin (the same recipe trained densely for the search plus finetune epochs). Measured on seed 0:
+    44.0% after the second epoch, 94% of the probabilities settled after the anneal, 94.0% against 95.6%. Some
+    minutes on one thread."""
+    recipe = load_config(REPO / "recipes" / "quickstart.yaml")
+    assert (recipe.sparsity.warmup_epochs, recipe.sparsity.anneal_epochs) == (2, 3)  # what the numbers above are for
+    sparse = maskprop.fit(recipe, out=tmp_path / "sparse")
+    epochs = recipe.optim.epochs + recipe.finetune.epochs
+    dense = maskprop.fit(load_config(REPO / "recipes" / "quickstart.yaml", ["method=dense", f"optim.epochs={epochs}"]),
+                         out=tmp_path / "dense")
+    records = [json.loads(line) for line in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
+    search = [r for r in records if r["phase"] == "search"]
+    assert search[1]["step_kind"] == "warmup" and search[1]["val_accuracy"] > 30.0
+    after_anneal = search[recipe.sparsity.warmup_epochs + recipe.sparsity.anneal_epochs - 1]
+    assert after_anneal["scores_near_0"] + after_anneal["scores_near_1"] > 0.8
+    assert sparse["accuracy"] >= dense["accuracy"] - 3.0, (sparse["accuracy"], dense["accuracy"])

@@ -374,8 +374,8 @@ def table(data: dict[str, Any], tag: str | None = None) -> str:
     for run in data["runs"].values():
         if tag is None or run["tag"] == tag:
             rows.setdefault((run["tag"], _model_label(run), run["keep"], run["arm"]), []).append(run)
-    lines = ["| setting | model | keep | arm | seeds | accuracy % | after epoch 1 % | FLOPs kept | train-cost saving "
-             "| measured speedup | minutes/run |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| setting | model | keep | arm | seeds | accuracy % | after epoch 1 % | FLOPs kept | train-cost saving "
+              "| measured speedup | minutes/run |"), "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (tag_, model, keep, arm), runs in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2],
                                                                                  list(ARMS).index(kv[0][3])
                                                                                  if kv[0][3] in ARMS else 99)):
@@ -396,11 +396,12 @@ def curves(data: dict[str, Any], tag: str | None = None) -> str:
     for key, run in data["runs"].items():
         if tag is not None and run["tag"] != tag:
             continue
-        out += [f"\n{key}\n", "| phase | epoch | kind | budget | val % | train % (sampled) | train % (top) | near 0 "
-                "| near 1 | entropy | mean abs(L(m)-L(m')) | grad norm |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"
-                "---:|---:|---:|"]
+        out += [f"\n{key}\n",
+                ("| phase | epoch | kind | budget | val % | train % (sampled) | train % (top) | near 0 | near 1 "
+                 "| entropy | mean abs(L(m)-L(m')) | grad norm |"),
+                "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for e in run["epochs"]:
-            def get(name: str, fmt: str = "{:.1f}") -> str:
+            def get(name: str, fmt: str = "{:.1f}", e: dict[str, Any] = e) -> str:
                 value = e.get(name, e.get(f"probe_{name}"))
                 return "-" if value is None else fmt.format(value)
 
