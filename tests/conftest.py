@@ -49,6 +49,19 @@ TINY_RUN = {
 }
 
 
+def nontrivial_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with random BatchNorm parameters and running statistics, so that a leak through a dropped or padded
+    channel, or a wrong channel, shows."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
 def with_overrides(config: dict, **overrides) -> dict:
     """A deep copy of ``config`` with dotted-key overrides (``**{"optim.epochs": 4}``), as a plain dict."""
     config = copy.deepcopy(config)

@@ -8,26 +8,22 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import edge_case_mask, input_size
+from conftest import edge_case_mask, input_size, nontrivial_batch_norms
 from test_sparse import compact_step_equals_masked
 
 import maskprop
-from maskprop.sparse import (SparseBatchNorm2d, SparseConv2d, SparseLinear, aligned_width, prepare_mask, random_mask,
-                             use_mask)
-from maskprop.sparse import execution
+from maskprop.sparse import (
+    SparseBatchNorm2d,
+    SparseConv2d,
+    SparseLinear,
+    aligned_width,
+    execution,
+    prepare_mask,
+    random_mask,
+    use_mask,
+)
 
 MODELS = maskprop.list_models()
-
-
-def nontrivial_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with random BatchNorm parameters and running statistics, so that a leak or a wrong channel shows."""
-    for m in model.modules():
-        if isinstance(m, SparseBatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 1.5)
-    return model
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import edge_case_mask, input_size
+from conftest import edge_case_mask, input_size, nontrivial_batch_norms
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -51,17 +51,6 @@ def kept_slice(module: nn.Module, name: str, tensor: torch.Tensor, mask: dict[st
     return tensor
 
 
-def randomize_batchnorm(model: nn.Module) -> None:
-    """Non-trivial affine parameters and running statistics, so that a leak through a dropped channel would show."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-
-
 def counted_flops(model: nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
@@ -72,7 +61,7 @@ def counted_flops(model: nn.Module, x: torch.Tensor) -> int:
 def test_narrow_model_is_exact(name, kwargs, generator):
     torch.manual_seed(0)
     model = maskprop.create_model(name, **kwargs).double()
-    randomize_batchnorm(model)
+    nontrivial_batch_norms(model)
     size = input_size(name)
     groups = model.channel_groups()
     mask = edge_case_mask(groups, generator)
@@ -145,7 +134,7 @@ def test_narrow_model_is_exact(name, kwargs, generator):
 def test_materialize_without_mask_is_the_whole_model_in_plain_layers():
     torch.manual_seed(0)
     model = maskprop.create_model("resnet20").eval()
-    randomize_batchnorm(model)
+    nontrivial_batch_norms(model)
     whole = materialize(model)
     assert all(type(m) is not SparseConv2d for m in whole.modules())
     assert sum(p.numel() for p in whole.parameters()) == sum(p.numel() for p in model.parameters())
@@ -226,7 +215,7 @@ def exported(tmp_path_factory):
     """resnet20 on 16x16 inputs, a random half mask, exported in every format: (directory, model, mask, narrow)."""
     torch.manual_seed(0)
     model = maskprop.create_model("resnet20")
-    randomize_batchnorm(model)
+    nontrivial_batch_norms(model)
     mask = edge_case_mask(model.channel_groups(), torch.Generator().manual_seed(3))
     out = tmp_path_factory.mktemp("export") / "resnet20"
     info = save_exported(model, mask, out, spec=RESNET20,

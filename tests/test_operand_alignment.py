@@ -17,8 +17,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import input_size
-from test_align import nontrivial_batch_norms
+from conftest import input_size, nontrivial_batch_norms
 
 import maskprop
 from maskprop.sparse import batchnorm

@@ -10,7 +10,7 @@ from typing import Self
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import edge_case_mask, input_size
+from conftest import edge_case_mask, input_size, nontrivial_batch_norms
 from test_sparse import run_step
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,17 +31,6 @@ from maskprop.sparse.static import (
 from maskprop.vrpge import ChannelScores
 
 MODELS = maskprop.list_models()
-
-
-def _nontrivial(model: torch.nn.Module) -> torch.nn.Module:
-    """BatchNorm parameters and statistics away from their defaults, so that a leak through padding would show."""
-    for m in model.modules():
-        if isinstance(m, SparseBatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 1.5)
-    return model
 
 
 def _capacities_and_masks(groups: dict[str, int], generator: torch.Generator, align: int = 8):
@@ -95,7 +84,7 @@ def _assert_step_equals_masked(model, state, mask, u, x, y):
 def _exactness(name: str, generator: torch.Generator, concatenate: bool | None, channels_last: bool = False,
                align: int = 8) -> StaticExecutionState:
     torch.manual_seed(0)
-    model = _nontrivial(maskprop.create_model(name).double())
+    model = nontrivial_batch_norms(maskprop.create_model(name).double())
     groups = model.channel_groups()
     capacities, mask_a, mask_b = _capacities_and_masks(groups, generator, align)
     state = StaticExecutionState(StaticLayout(model, capacities, align=align, concatenate=concatenate))
@@ -157,7 +146,7 @@ def test_padding_outputs_zero_at_the_capacities_and_eval_matches(generator):
     """Every unit computes its capacity; padding slots output exactly zero; an eval-mode forward without autograd
     equals the masked reference."""
     torch.manual_seed(0)
-    model = _nontrivial(maskprop.create_model("resnet20").double()).eval()
+    model = nontrivial_batch_norms(maskprop.create_model("resnet20").double()).eval()
     groups = model.channel_groups()
     mask = random_mask(groups, 0.3, generator)
     capacities = mask_capacities(mask, 8)

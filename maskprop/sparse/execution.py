@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -178,7 +178,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-class _Pass:
+class ForwardPass:
     """The gathered tensors of one forward pass: built by the first layer that asks, used by every layer once."""
 
     def __init__(self, tensors: dict[int, tuple], grad: bool) -> None:
@@ -190,6 +190,18 @@ class _Pass:
     def serves(self, layer: nn.Module) -> bool:
         """Whether this pass can serve ``layer`` now (it has not yet, and the grad mode is the one it was built in)."""
         return id(layer) not in self.served and self.grad == torch.is_grad_enabled()
+
+
+def serve(current: ForwardPass | None, layer: nn.Module, gather: Callable[[], dict],
+          before: Callable[[], None] | None = None) -> ForwardPass:
+    """The pass that serves ``layer``: ``current``, or a new one from ``gather()`` when ``layer`` starts another pass
+    (``before`` runs first, e.g. to write the previous pass's statistics back); ``layer`` is marked served."""
+    if current is None or not current.serves(layer):
+        if before is not None:
+            before()
+        current = ForwardPass(gather(), torch.is_grad_enabled())
+    current.served.add(id(layer))
+    return current
 
 
 class ExecutionState:
@@ -236,8 +248,8 @@ class ExecutionState:
         self._norm: dict | None = None
         self._one: dict[int, tuple[Tensor | None, Tensor | None]] = {}  # BatchNorm outside the packed gather
         self.padded = False
-        self._weight_pass: _Pass | None = None
-        self._norm_pass: _Pass | None = None
+        self._weight_pass: ForwardPass | None = None
+        self._norm_pass: ForwardPass | None = None
         if mode == "masked":
             pruned = [g for g, c, n in zip(names, counts, sizes) if c < n]
             if pruned:
@@ -313,11 +325,8 @@ class ExecutionState:
         (all layers' at once, by the first layer of a forward pass that asks), its own otherwise."""
         if id(layer) not in self._weight_layers:
             return layer.weight, layer.bias
-        current = self._weight_pass
-        if current is None or not current.serves(layer):
-            current = self._weight_pass = _Pass(self._gather_weights(), torch.is_grad_enabled())
-        current.served.add(id(layer))
-        return current.tensors[id(layer)]
+        self._weight_pass = serve(self._weight_pass, layer, self._gather_weights)
+        return self._weight_pass.tensors[id(layer)]
 
     def batch_norm(self, layer: SparseBatchNorm2d) -> tuple[Tensor | None, Tensor | None, Tensor | None,
                                                              Tensor | None] | None:
@@ -332,12 +341,8 @@ class ExecutionState:
         norm = self._norm
         if norm is None or id(layer) not in norm["position"]:
             return self._gather_one(layer)
-        current = self._norm_pass
-        if current is None or not current.serves(layer):
-            self.flush()
-            current = self._norm_pass = _Pass(self._gather_norms(), torch.is_grad_enabled())
-        current.served.add(id(layer))
-        return current.tensors[id(layer)]
+        self._norm_pass = serve(self._norm_pass, layer, self._gather_norms, self.flush)
+        return self._norm_pass.tensors[id(layer)]
 
     def batch_norm_done(self, layer: SparseBatchNorm2d, updated: bool) -> None:
         """Record that ``layer`` ran (``updated``: its running statistics moved); writes the statistics of every unit

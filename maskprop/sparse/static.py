@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .execution import ForwardPass, serve
 from .gather import gather_rows
 from .groups import aligned_width, channel_groups, check_align
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule, set_execution_state
@@ -462,19 +463,6 @@ class StaticLayout:
 # --- the state: the buffers one mask lives in -----------------------------------------------------------------------
 
 
-class _Pass:
-    """The gathered tensors of one forward pass: built by the first layer that asks, used by every layer once."""
-
-    def __init__(self, tensors: dict, grad: bool) -> None:
-        self.tensors = tensors
-        self.grad = grad
-        self.served: set[int] = set()
-        self.updated = False
-
-    def serves(self, layer: nn.Module) -> bool:
-        return id(layer) not in self.served and self.grad == torch.is_grad_enabled()
-
-
 @dataclass(frozen=True)
 class OverflowReport:
     """Overflows since the last read: steps (updates) in which some group kept more channels than its capacity, and
@@ -521,8 +509,8 @@ class StaticExecutionState:
         self.overflow_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.overflow_channels = torch.zeros(len(layout.groups), dtype=torch.int64, device=device)
         self._zero_rows: dict[tuple[int, torch.dtype], Tensor] = {}
-        self._weight_pass: _Pass | None = None
-        self._norm_pass: _Pass | None = None
+        self._weight_pass: ForwardPass | None = None
+        self._norm_pass: ForwardPass | None = None
         # Until the first update: every group's first channels, all kept (a valid subnetwork, never cut).
         self.update(torch.ones(layout.num_channels, dtype=torch.bool, device=device))
         self.overflow_steps.zero_()
@@ -644,23 +632,16 @@ class StaticExecutionState:
         layer of a forward pass that asks) when a side is pruned, its own otherwise."""
         if id(layer) not in self.layout.weighted:
             return layer.weight, layer.bias
-        current = self._weight_pass
-        if current is None or not current.serves(layer):
-            current = self._weight_pass = _Pass(self._gather_weights(), torch.is_grad_enabled())
-        current.served.add(id(layer))
-        return current.tensors[id(layer)]
+        self._weight_pass = serve(self._weight_pass, layer, self._gather_weights)
+        return self._weight_pass.tensors[id(layer)]
 
     def batch_norm(self, layer: SparseBatchNorm2d) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         """``(running_mean, running_var, weight, bias)`` of the channels ``layer`` computes, gathered with those of
         all units (padding's weight and bias zero); ``None`` for a BatchNorm outside every group."""
         if layer.group is None or id(layer) not in self.layout.norm_position:
             return None
-        current = self._norm_pass
-        if current is None or not current.serves(layer):
-            self.flush()
-            current = self._norm_pass = _Pass(self._gather_norms(), torch.is_grad_enabled())
-        current.served.add(id(layer))
-        return current.tensors[id(layer)]
+        self._norm_pass = serve(self._norm_pass, layer, self._gather_norms, self.flush)
+        return self._norm_pass.tensors[id(layer)]
 
     def batch_norm_done(self, layer: SparseBatchNorm2d, updated: bool) -> None:
         """Record that ``layer`` ran; the statistics of all units go back once the last unit of the pass ran."""

@@ -352,10 +352,14 @@ class DenseStep:
                  before: Callable[[], None] | None = None) -> None:
         self.model, self.optimizer, self.ctx, self.meter, self.before = model, optimizer, ctx, meter, before
 
+    def subnetwork(self) -> contextlib.AbstractContextManager:
+        """The subnetwork the step's forward runs (the whole model here)."""
+        return contextlib.nullcontext()
+
     def __call__(self, images: Tensor, labels: Tensor) -> None:
         ctx = self.ctx
         self.optimizer.zero_grad(set_to_none=False)
-        with _autocast(ctx):
+        with self.subnetwork(), _autocast(ctx):
             logits = self.model(images)
             loss = ctx.criterion(logits.float(), labels)
         loss.backward()
@@ -365,7 +369,7 @@ class DenseStep:
         self.meter.add(loss, None, logits, labels, grad_norm)
 
 
-class FixedMaskStep:
+class FixedMaskStep(DenseStep):
     """One SGD step of a fixed subnetwork through the full model at static capacities: the aligned kept counts
     (``mask_capacities``), so the mask never overflows; its buffers are written once.
 
@@ -379,7 +383,7 @@ class FixedMaskStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mask: Mapping[str, Tensor],
                  ctx: StepContext, meter: DeviceMeter) -> None:
-        self.model, self.optimizer, self.ctx, self.meter = model, optimizer, ctx, meter
+        super().__init__(model, optimizer, ctx, meter)
         layout = StaticLayout(model, mask_capacities(mask, ctx.align), ctx.align)
         self.state = StaticExecutionState(layout)
         self.state.update(torch.cat([mask[g].reshape(-1) for g in layout.groups]).to(layout.device))
@@ -389,17 +393,8 @@ class FixedMaskStep:
     def widths(self) -> dict[str, int]:
         return self.state.widths
 
-    def __call__(self, images: Tensor, labels: Tensor) -> None:
-        ctx = self.ctx
-        self.optimizer.zero_grad(set_to_none=False)
-        with use_static(self.state), _autocast(ctx):
-            logits = self.model(images)
-            loss = ctx.criterion(logits.float(), labels)
-        loss.backward()
-        grad_norm = _grad_norm(self.model)
-        _clip(ctx, self.model.parameters())
-        self.optimizer.step()
-        self.meter.add(loss, None, logits, labels, grad_norm)
+    def subnetwork(self) -> contextlib.AbstractContextManager:
+        return use_static(self.state)
 
 
 class SearchStep:
