@@ -172,9 +172,10 @@ class SparsityConfig(_Section):
             or ``linear``.
         fix: How the final subnetwork is chosen: ``best_of_n`` samples ``fix_samples`` masks and keeps the one with
             the best training accuracy (official), ``top_scores`` keeps the largest scores up to the budget;
-            ``random`` is the baseline of a random subnetwork of the same budget: fixed at the first step (each group
-            keeps ``max(1, round(keep_ratio x channels))`` channels drawn uniformly) and trained for the search and
-            finetune epochs, no search at all.
+            ``random`` is the baseline of a random subnetwork of the same budget: fixed at the first step after the
+            warm-up (each group keeps ``max(1, round(keep_ratio x channels))`` channels drawn uniformly) and trained
+            for the rest of the search and the finetune epochs, no search at all (an anneal has nothing to anneal
+            and is ignored, so a recipe's search and its random baseline differ in this key alone).
         fix_samples: Masks sampled by ``best_of_n``.
         fix_examples: Training examples (the first ones, in eval mode) ``best_of_n`` scores each mask on; null: the
             whole training set, as the official code.
@@ -372,10 +373,6 @@ class Config(_Section):
         if self.method == "vrpge" and sp.warmup_epochs + sp.anneal_epochs > epochs:
             raise ValueError(f"sparsity.warmup_epochs={sp.warmup_epochs} + sparsity.anneal_epochs={sp.anneal_epochs} "
                              f"is longer than the search; expected at most optim.epochs={epochs} in all")
-        if self.method == "vrpge" and sp.fix == "random" and sp.anneal_epochs:
-            raise ValueError(f"sparsity.anneal_epochs={sp.anneal_epochs} anneals the keep probabilities of a search, but "
-                             f"sparsity.fix='random' trains a fixed random subnetwork with none; expected "
-                             f"sparsity.anneal_epochs=0 with fix='random'")
         if self.method == "msbp" and self.sbp.memory == 0.0:
             raise ValueError("sbp.memory=0.0 gives no memory; expected a memory ratio in (0, 1) for method='msbp', "
                              "or method='sbp'")

@@ -50,9 +50,14 @@ def search_scores(groups: Mapping[str, int], sparsity: SparsityConfig) -> Channe
 
 def search_schedule(sparsity: SparsityConfig, num_channels: int, steps_per_epoch: int) -> BudgetSchedule:
     """The budget of every search step: ``warmup_epochs`` dense epochs, ``anneal_epochs`` of anneal along
-    ``budget_schedule``, then ``keep_ratio`` (:mod:`maskprop.vrpge.budget`)."""
+    ``budget_schedule``, then ``keep_ratio`` (:mod:`maskprop.vrpge.budget`). The random baseline (``fix: random``)
+    has no keep probabilities to anneal: its schedule has none."""
+    anneal = 0 if sparsity.fix == "random" else sparsity.anneal_epochs
+    if sparsity.fix == "random" and sparsity.anneal_epochs:
+        logger.info("sparsity.fix=random trains a fixed random subnetwork: sparsity.anneal_epochs=%d is ignored",
+                    sparsity.anneal_epochs)
     return BudgetSchedule(num_channels, sparsity.keep_ratio, sparsity.warmup_epochs * steps_per_epoch,
-                          sparsity.anneal_epochs * steps_per_epoch, sparsity.budget_schedule)
+                          anneal * steps_per_epoch, sparsity.budget_schedule)
 
 
 @dataclass
