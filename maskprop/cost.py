@@ -82,7 +82,8 @@ class CostModel:
         """FLOPs autograd executes in backward: weight gradients (= forward) plus input gradients (= forward) of
         every layer except those reading the network input, which need no input gradient."""
         per_layer = self.by_layer(mask)
-        return batch_size * sum(2 * f if not layer.reads_input else f for layer, f in zip(self.layers, per_layer.values()))
+        return batch_size * sum(2 * f if not layer.reads_input else f
+                                for layer, f in zip(self.layers, per_layer.values()))
 
     def params(self, mask: Mapping[str, Tensor] | None = None) -> int:
         """Parameters of the subnetwork: kept slices of conv/linear/BatchNorm parameters plus everything else."""

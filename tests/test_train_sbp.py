@@ -1,5 +1,6 @@
 """The sparse-backward baselines in the trainer: methods meprop / sbp / msbp through ``maskprop.fit`` and
-``maskprop train`` (config defaults, the step and its FLOPs, angle logging, budgets, exact resume, recipes, bad input)."""
+``maskprop train`` (config defaults, the step and its FLOPs, angle logging, budgets, exact resume, recipes, bad
+input)."""
 
 from __future__ import annotations
 
