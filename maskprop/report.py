@@ -262,7 +262,7 @@ def _row(record: RunRecord, baseline: RunRecord | None) -> dict[str, Any]:
         row["baseline"] = baseline.name
     iqr = s.measured_speedup_iqr
     row.update(
-        method=s.method, model=s.model, dataset=s.dataset, keep=_keep(s), accuracy=s.accuracy,
+        method=_method(s), model=s.model, dataset=s.dataset, keep=_keep(s), accuracy=s.accuracy,
         dense_accuracy=dense_accuracy,
         accuracy_gap=None if s.accuracy is None or dense_accuracy is None or s.method == "dense"
         else s.accuracy - dense_accuracy,
@@ -371,6 +371,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 _NOTES = """\
+- **method**: `vrpge`, `dense`, a sparse-backward method, or `random`: the random subnetwork of the VR-PGE budget
+  (`sparsity.fix: random`), the baseline a search has to beat.
 - **top-1**: validation accuracy of the final network (the fixed subnetwork after finetuning). **dense**, **vs dense**:
   accuracy of a dense run of the same model and data (`--baseline`, or a dense run among those listed) and the
   difference in percentage points; `-` where no such run is known (never estimated).
@@ -439,7 +441,7 @@ def _accuracy_figure(report: Report, Figure: Any) -> Any:
                 kept = 100.0 * getattr(s, attr) / max(getattr(s, total), 1)
                 point = ax.plot([kept], [s.accuracy], linestyle="none", markersize=8, gid=f"run:{record.name}",
                                 **styles[record.name])[0]
-                handles.setdefault(f"{record.name} ({s.method}, keep {_keep(s)}, {s.accuracy:.1f}%)", point)
+                handles.setdefault(f"{record.name} ({_method(s)}, keep {_keep(s)}, {s.accuracy:.1f}%)", point)
             ax.set_xlim(0, 105)
             ax.set_xlabel(f"{what} kept (% of dense)")
             ax.set_ylabel("top-1 accuracy (%)")
@@ -470,7 +472,7 @@ def _speedup_figure(report: Report, Figure: Any) -> Any:
         iqr = s.measured_speedup_iqr
         yerr = None if iqr is None else [[s.measured_speedup - iqr[0]], [iqr[1] - s.measured_speedup]]
         ax.errorbar([s.train_cost_saving], [s.measured_speedup], yerr=yerr, linestyle="none", markersize=8,
-                    capsize=4, gid=f"run:{record.name}", label=f"{record.name} ({s.method}, keep {_keep(s)})"
+                    capsize=4, gid=f"run:{record.name}", label=f"{record.name} ({_method(s)}, keep {_keep(s)})"
                     + (": wide spread" if s.speedup_warning else ""), **style)
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
@@ -487,6 +489,12 @@ def _speedup_figure(report: Report, Figure: Any) -> Any:
     return fig
 
 
+def _method(s: RunSummary) -> str:
+    """The run's method as the tables and plots name it: ``random`` for the random-subnetwork baseline (method
+    ``vrpge`` with ``sparsity.fix: random``), which searches nothing."""
+    return "random" if (s.search or {}).get("subnetwork") == "random" else s.method
+
+
 def _curves_figure(report: Report, Figure: Any) -> Any:
     records = [r for r in report.runs if r.metrics]
     fig = Figure(figsize=(14, 4.2 + 0.2 * math.ceil(len(records) / 3)), layout="constrained")
@@ -494,7 +502,8 @@ def _curves_figure(report: Report, Figure: Any) -> Any:
     styles = _styles(report)
     for record in records:
         style = styles[record.name]
-        color, label = style["color"], f"{record.name} ({record.config.get('method', '?')})"
+        method = _method(record.summary) if record.summary is not None else record.config.get("method", "?")
+        color, label = style["color"], f"{record.name} ({method})"
         x = list(range(1, len(record.metrics) + 1))
         loss = [m.get("train_loss") for m in record.metrics]
         axes[0].plot(x, loss, color=color, linewidth=1.5, gid=f"run:{record.name}", label=label)
@@ -557,7 +566,7 @@ def _widths_figure(report: Report, Figure: Any) -> Any:
         ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("channels" if what == "channels kept" else "units")
         kept_share = 100.0 * sum(kept) / max(sum(full), 1)
-        ax.set_title(f"{record.name} ({record.summary.method}, keep {_keep(record.summary)})\n{what} per "
+        ax.set_title(f"{record.name} ({_method(record.summary)}, keep {_keep(record.summary)})\n{what} per "
                      f"{'layer' if record.summary.sbp else 'group'} in network order: {kept_share:.0f}% of all",
                      fontsize=10)
         ax.legend(fontsize=8, loc="upper left")

@@ -334,3 +334,12 @@ def test_the_final_table_says_faster_or_slower_correctly(runs):
     assert f"(interquartile range {low:.2f}-{high:.2f}x)" in faster
     warned = _final_table(dict(summary, speedup_warning="the measured speedup 1.00x has a wide spread"))
     assert warned.splitlines()[-1] == "warning: the measured speedup 1.00x has a wide spread"
+
+
+def test_the_random_baseline_is_named_random_in_tables_and_plots():
+    from maskprop.report import _method
+    from maskprop.train.summary import RunSummary
+
+    assert _method(RunSummary(method="vrpge", search={"subnetwork": "random"})) == "random"
+    assert _method(RunSummary(method="vrpge", search={"subnetwork": "searched"})) == "vrpge"
+    assert _method(RunSummary(method="dense")) == "dense"
