@@ -74,7 +74,8 @@ def describe_machine(device: str = "cpu") -> str:
     import platform
 
     if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+        return (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+                f"cuDNN {torch.backends.cudnn.version()}")
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import maskprop
+from maskprop.bench import describe_machine
 from maskprop.cost import CostModel
 from maskprop.train.config import load_config
 from maskprop.train.graphs import GraphsChoice, StaticSteps, make_capturable
@@ -206,11 +207,9 @@ def main() -> None:
     parser.add_argument("--markdown", help="write the table to this path")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda":
-        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-              f"cuDNN {torch.backends.cudnn.version()}", flush=True)
-    else:
+    if device.type != "cuda":
         torch.set_num_threads(1)
+    print(describe_machine(args.device), flush=True)
     rows = []
     for spec in args.models:
         name, size, batch = spec.split(":")

@@ -74,14 +74,19 @@ def count(fn: Callable[[], object]) -> Ops:
     return ops
 
 
-def counts_for(name: str, keep: float, align: int, batch: int) -> dict[str, Ops]:
+def _on_meta(name: str, keep: float, align: int, batch: int) -> tuple:
+    """The model in train mode, a batch, its groups and their capacities at ``keep``, all on ``meta``."""
     torch.manual_seed(0)
     model = maskprop.create_model(name).to("meta").train()
     size = IMAGE_SIZES.get(name, 32)
     x = torch.empty(batch, 3, size, size, device="meta")
     y = torch.zeros(batch, dtype=torch.long, device="meta")
     groups = model.channel_groups()
-    capacities = choose_capacities(ChannelScores(groups, keep), align=align)
+    return model, x, y, groups, choose_capacities(ChannelScores(groups, keep), align=align)
+
+
+def counts_for(name: str, keep: float, align: int, batch: int) -> dict[str, Ops]:
+    model, x, y, groups, capacities = _on_meta(name, keep, align, batch)
     state = StaticExecutionState(StaticLayout(model, capacities, align=align))
     mask = torch.empty(sum(groups.values()), dtype=torch.bool, device="meta")
     u = torch.empty(mask.shape, device="meta")
@@ -121,13 +126,7 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
     from maskprop.train.graphs import DeviceMeter, SearchStep
     from maskprop.train.steps import StepContext, _grad_norm
 
-    torch.manual_seed(0)
-    model = maskprop.create_model(name).to("meta").train()
-    size = IMAGE_SIZES.get(name, 32)
-    x = torch.empty(batch, 3, size, size, device="meta")
-    y = torch.zeros(batch, dtype=torch.long, device="meta")
-    groups = model.channel_groups()
-    capacities = choose_capacities(ChannelScores(groups, keep), align=align)
+    model, x, y, groups, capacities = _on_meta(name, keep, align, batch)
     scores = ChannelScores(groups, keep, device="meta")
     # autocast is off; its device type must be a real one (meta has none), and CUDA is what meta stands for here
     ctx = StepContext(torch.nn.CrossEntropyLoss(), torch.device("cuda"), None, align=align)  # type: ignore[arg-type]

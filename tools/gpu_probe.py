@@ -29,6 +29,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import maskprop
+from maskprop.bench import describe_machine
 from maskprop.cost import CostModel
 from maskprop.train.config import SparsityConfig
 from maskprop.train.optim import score_optimizer, weight_optimizer
@@ -138,11 +139,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows as JSON to this path")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda":
-        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-              f"cuDNN {torch.backends.cudnn.version()}", flush=True)
-    else:
+    if device.type != "cuda":
         torch.set_num_threads(1)
+    print(describe_machine(args.device), flush=True)
     rows = []
     for spec in args.models:
         name, size, batch = spec.split(":")
