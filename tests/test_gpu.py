@@ -84,8 +84,10 @@ def test_bench_runs_on_cuda_with_bf16_and_channels_last():
 @pytest.mark.parametrize(("method", "graphs"), [("vrpge", False), ("vrpge", True), ("msbp", False)])
 def test_tiny_runs_train_on_cuda_with_bf16_and_channels_last(tmp_path, method, graphs):
     """The whole trainer on CUDA, eager (masks sampled on the CPU drive a CUDA model; the sparse backward runs there
-    too) and with its steps captured as CUDA graphs (static capacities: at keep 0.5 resnet20's 16-channel groups
-    compute whole at align 8, so only the finetune saves)."""
+    too) and with its steps captured as CUDA graphs. Graphed search steps compute the static capacities: at keep
+    probabilities of 0.5 the 0.999 quantile of the kept count, rounded up to 8, is all of resnet20's 16- and
+    32-channel groups and 48 of 64, so with the second forward a search step costs more than a dense one and the
+    train-cost saving of this 2+1-epoch run falls below 1 (counted, as everything computed is)."""
     config = {"method": method, "device": "cuda", "amp": "bf16", "channels_last": True, "log_every": 2,
               "cuda_graphs": graphs,
               "model": {"name": "resnet20"},
@@ -95,7 +97,8 @@ def test_tiny_runs_train_on_cuda_with_bf16_and_channels_last(tmp_path, method, g
               "sbp": {"ratio": 0.25, "angle_every": 1}}
     summary = maskprop.fit(config, out=tmp_path / "run")
     assert summary["accuracy"] is not None and summary["measured_speedup"] > 0
-    assert summary["train_cost_saving"] > (1.0 if graphs else 1.5)
+    assert summary["train_cost_saving"] == pytest.approx(summary["dense_train_flops"] / summary["train_flops"])
+    assert summary["train_cost_saving"] > (0.5 if graphs else 1.5)
     if graphs:
         assert summary["static_steps"]["captured"] and summary["static_steps"]["graph_captures"] >= 1
     resumed = maskprop.fit(config, out=tmp_path / "run", resume=True)  # a finished run only rewrites its summary
