@@ -112,3 +112,80 @@ def test_default_search_learns_from_its_first_epoch_and_ends_near_dense(tmp_path
     after_anneal = search[recipe.sparsity.warmup_epochs + recipe.sparsity.anneal_epochs - 1]
     assert after_anneal["scores_near_0"] + after_anneal["scores_near_1"] > 0.8
     assert sparse["accuracy"] >= dense["accuracy"] - 3.0, (sparse["accuracy"], dense["accuracy"])
+
+
+def _tool(name):
+    """A module of tools/ (no package) by file name."""
+    if name not in sys.modules:
+        sys.path.insert(0, str(REPO / "tools"))
+        try:
+            spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(REPO / "tools"))
+    return sys.modules[name]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9])
+def test_estimator_steps_to_resolve_match_monte_carlo(alpha):
+    """tools/estimator_snr.py's n_j = E[gap^2] / (h_j D_j^2) against the estimator itself, drawn 200,000 times on an
+    additive loss L(m) = -sum_j D_j m_j: its mean is the closed form -h_j^alpha D_j, its variance
+    h_j^(2 alpha - 1) E[gap^2] up to the channel's own share of the gap (1/channels here), so n_j = Var / mean^2."""
+    snr = _tool("estimator_snr")
+    from maskprop.vrpge.estimators import score_grad
+
+    g = torch.Generator().manual_seed(0)
+    channels, draws = 200, 200_000
+    s = torch.rand(channels, generator=g, dtype=torch.float64) * 0.6 + 0.2
+    importance = torch.rand(channels, generator=g, dtype=torch.float64) + 0.1
+    m = (torch.rand(draws, channels, generator=g, dtype=torch.float64) < s).double()
+    m2 = (torch.rand(draws, channels, generator=g, dtype=torch.float64) < s).double()
+    loss_m, loss_m2 = -(m @ importance)[:, None], -(m2 @ importance)[:, None]
+    estimates = score_grad("vrpge", loss_m, loss_m2, m, m2, s, alpha=alpha)
+    h = s * (1 - s)
+    mean, var = estimates.mean(0), estimates.var(0)
+    torch.testing.assert_close(mean, -h.pow(alpha) * importance, rtol=0, atol=4 * (var / draws).sqrt().max())
+    gap2 = float((loss_m - loss_m2).square().mean())
+    torch.testing.assert_close(var, h.pow(2 * alpha - 1) * gap2, rtol=0.03, atol=0)
+    predicted = snr.steps_to_resolve(gap2, importance, s)
+    torch.testing.assert_close(predicted, var / (h.pow(alpha) * importance).square(), rtol=0.03, atol=0)
+    # in this additive case E[gap^2] = 2 sum_k h_k D_k^2: n_j is twice the channels for equal importances
+    assert gap2 == pytest.approx(float(2 * (h * importance.square()).sum()), rel=0.01)
+
+
+def test_estimator_snr_measures_importance_by_toggling():
+    """The tool's D_j is the loss with channel j dropped minus the loss with it kept, in the masks it draws; the model's
+    BatchNorm statistics and torch's random state are as they were."""
+    snr = _tool("estimator_snr")
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20", num_classes=4)
+    groups = model.channel_groups()
+    batch = (torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,)))
+    criterion = torch.nn.CrossEntropyLoss()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    found = snr.measure(model, groups, [batch], criterion, keep=0.5, pairs=4, toggles=1, channels=3, seed=0)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # redo the first toggle by hand: the same generator draws the pairs, then the channels, then the base mask
+    scores = maskprop.vrpge.ChannelScores(groups, keep_ratio=0.5, init=0.5)
+    generator = torch.Generator().manual_seed(0)
+    chosen = torch.randperm(scores.num_channels, generator=generator)[:3].sort().values
+    assert chosen.tolist() == found["measured_channels"]
+    for _ in range(8):
+        scores.sample_flat(generator)
+    base = scores.sample_flat(generator)
+    model.train()
+    with torch.no_grad():
+        for i, j in enumerate(chosen.tolist()):
+            losses = []
+            for keep_j in (False, True):
+                flat = base.clone()
+                flat[j] = keep_j
+                with maskprop.use_mask(model, scores.split(flat), "compact"):
+                    losses.append(float(criterion(model(batch[0]), batch[1])))
+            model.load_state_dict(before)
+            assert found["importance"][i] == pytest.approx(losses[0] - losses[1], rel=1e-6, abs=1e-9)
+    assert found["gap2"] > 0 and found["channels"] == scores.num_channels
