@@ -11,6 +11,8 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
 * ``dense_graphed``: the static dense step, captured;
 * ``search_eager``: ``vrpge_step`` with fresh masks every step (today's search step, scores on the host);
 * ``search_graphed``: the static search step (fresh device uniforms every step, capacities from keep 0.5), captured;
+* ``settled_graphed``: the same with settled keep probabilities (1 on the fixed mask's channels, 0 elsewhere: a
+  search after its anneal, whose capacities are the kept counts), captured;
 * ``finetune_eager``: ``subnet_step`` of one fixed sampled mask through the full model (compact);
 * ``narrow_eager``: ``subnet_step`` of that mask's narrow model (the trainer's default finetune);
 * ``finetune_graphed``: the static fixed-mask step at the aligned kept counts, captured;
@@ -124,6 +126,16 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
         static = StaticSteps(cfg, ctx, choice, seed=1)
         return lambda: static.search(model, scores, (opt, score_opt), (x, y))
 
+    def settled_graphed():
+        model, opt = fresh()
+        scores = ChannelScores(groups, 1.0, device=device)  # budget: every channel, so the 0/1 scores stay as set
+        with torch.no_grad():
+            scores.scores.copy_(scores.flatten(fixed).to(scores.scores.dtype))
+        score_opt = score_optimizer(scores.scores, 0.0)
+        make_capturable(score_opt)
+        static = StaticSteps(cfg, ctx, choice, seed=1)
+        return lambda: static.search(model, scores, (opt, score_opt), (x, y))
+
     def finetune_eager():
         model, opt = fresh()
         return lambda: subnet_step(model, opt, (x, y), fixed, ctx)
@@ -148,6 +160,7 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
 
     for kind, make in [("dense_eager", dense_eager), ("dense_graphed", dense_graphed),
                        ("search_eager", search_eager), ("search_graphed", search_graphed),
+                       ("settled_graphed", settled_graphed),
                        ("finetune_eager", finetune_eager), ("finetune_graphed", finetune_graphed),
                        ("narrow_eager", narrow_eager), ("narrow_graphed", narrow_graphed)]:
         try:
@@ -160,6 +173,7 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
     ratio = _ratio(row)
     row.update({"search_over_dense_eager": ratio("search_eager", "dense_eager"),
                 "search_over_dense_graphed": ratio("search_graphed", "dense_graphed"),
+                "settled_over_dense_graphed": ratio("settled_graphed", "dense_graphed"),
                 "finetune_over_dense_eager": ratio("finetune_eager", "dense_eager"),
                 "finetune_over_dense_graphed": ratio("finetune_graphed", "dense_graphed"),
                 "narrow_over_dense_graphed": ratio("narrow_graphed", "dense_graphed"),
@@ -182,16 +196,16 @@ def markdown(rows: list[dict]) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     header = ("| model | dense eager ms | dense graphed ms | search eager ms | search graphed ms | finetune graphed ms "
-              "| narrow graphed ms | search/dense eager | search/dense graphed | finetune/dense eager | "
-              "finetune/dense graphed | narrow/dense graphed |")
-    lines = [header, "|" + "---|" * 12]
+              "| narrow graphed ms | search/dense eager | search/dense graphed | settled search/dense graphed | "
+              "finetune/dense eager | finetune/dense graphed | narrow/dense graphed |")
+    lines = [header, "|" + "---|" * 13]
     for r in rows:
         lines.append("| " + " | ".join([
             f"{r['model']} {r['image']}px b{r['batch']}", *(cell(r.get(f"{k}_ms"), 1) for k in (
                 "dense_eager", "dense_graphed", "search_eager", "search_graphed", "finetune_graphed",
                 "narrow_graphed")),
             *(cell(r.get(k)) for k in ("search_over_dense_eager", "search_over_dense_graphed",
-                                       "finetune_over_dense_eager", "finetune_over_dense_graphed",
+                                       "settled_over_dense_graphed", "finetune_over_dense_eager", "finetune_over_dense_graphed",
                                        "narrow_over_dense_graphed"))]) + " |")
     return "\n".join(lines) + "\n"
 
