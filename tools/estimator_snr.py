@@ -116,7 +116,9 @@ def measure(model: nn.Module, groups: Mapping[str, int], batches: Sequence[tuple
     quantiles = {f"q{int(q * 100)}": float(torch.quantile(magnitude, q)) for q in (0.5, 0.9, 0.99)}
     steps = {name: float(steps_to_resolve(gap2, torch.tensor([value], dtype=torch.float64), keep))
              for name, value in dict(rms=rms, **quantiles).items()}
+    h = keep * (1 - keep)
     return {"keep": keep, "pairs": pairs, "toggles": toggles, "channels": scores.num_channels,
+            "gap2_additive": 2 * scores.num_channels * h * rms**2,
             "measured_channels": chosen.tolist(), "gap2": gap2,
             "gap_abs": float(gaps.abs().mean()), "importance_rms": rms, "importance_quantiles": quantiles,
             "importance_se_mean": float(error.mean()), "significant_share": float((magnitude > 2 * error).double()
@@ -172,13 +174,14 @@ def _first_batches(run: Any, count: int) -> list[tuple[Tensor, Tensor]]:
     return batches
 
 
-HEADER = ("| after epoch | val accuracy % | E[gap^2] | RMS importance | median / 90% / 99% importance | "
-          "channels significant | steps for SNR 1: RMS / median / 90% / 99% channel |")
+HEADER = ("| after epoch | val accuracy % | E[gap^2] | its additive part 2 sum h D^2 | RMS importance | "
+          "median / 90% / 99% importance | channels significant | steps for SNR 1: RMS / median / 90% / 99% channel |")
 
 
 def _print_row(m: dict[str, Any], result: dict[str, Any]) -> None:
     q, n = m["importance_quantiles"], m["steps_to_resolve"]
-    print(f"| {m['epoch']} | {m['val_accuracy']:.1f} | {m['gap2']:.2e} | {m['importance_rms']:.1e} | "
+    print(f"| {m['epoch']} | {m['val_accuracy']:.1f} | {m['gap2']:.2e} | {m['gap2_additive']:.2e} | "
+          f"{m['importance_rms']:.1e} | "
           f"{q['q50']:.1e} / {q['q90']:.1e} / {q['q99']:.1e} | {100 * m['significant_share']:.0f}% | "
           f"{n['rms']:,.0f} / {n['q50']:,.0f} / {n['q90']:,.0f} / {n['q99']:,.0f} |", flush=True)
 
@@ -204,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.at, args.pairs, args.toggles, args.batches, args.channels = [1], 8, 2, 1, 16
     print(describe_machine())
     print(HEADER)
-    print("|---:|---:|---:|---:|---|---:|---|")
+    print("|---:|---:|---:|---:|---:|---|---:|---|")
     result = run(args)
     print(f"a search of this setting: {result['search_steps']} steps, {result['anneal_steps']} of them in the "
           f"default search's anneal")
