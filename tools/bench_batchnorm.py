@@ -43,8 +43,8 @@ def main() -> None:
         bias = torch.zeros(channels, requires_grad=True)
         grad = torch.randn_like(x)
         steps = {
-            "native": lambda: F.batch_norm(x, None, None, weight, bias, True, 0.1, 1e-5),
-            "maskprop": lambda: batch_norm_nhwc(x, weight, bias, 1e-5)[0],
+            "native": lambda x=x, w=weight, b=bias: F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5),
+            "maskprop": lambda x=x, w=weight, b=bias: batch_norm_nhwc(x, w, b, 1e-5)[0],
         }
         torch.testing.assert_close(steps["maskprop"](), steps["native"](), rtol=1e-4, atol=1e-4)
         times: dict[tuple[str, str], list[float]] = {}

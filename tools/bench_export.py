@@ -143,8 +143,8 @@ def format_table(rows: list[dict]) -> str:
     def ratio(q: tuple[float, float, float]) -> str:
         return f"{q[1]:.2f}x ({q[0]:.2f}-{q[2]:.2f})"
 
-    lines = ["| model | input | keep | measured | batch | dense ms | compact ms | exported ms | exported vs dense "
-             "(IQR) | FLOPs ideal | exported vs compact (IQR) |",
+    lines = [("| model | input | keep | measured | batch | dense ms | compact ms | exported ms | exported vs dense "
+             "(IQR) | FLOPs ideal | exported vs compact (IQR) |"),
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['input']} | {r['keep']:g} | {r['kind']} | {r['batch']} | "

@@ -221,18 +221,18 @@ def main(argv: list[str] | None = None) -> None:
         "# Sparse backward (unified top-k) against dense, CPU",
         "",
         f"- command: `{command.strip()}`",
-        f"- machine: {describe_machine()} ({args.threads} asked for), Python {sys.version.split()[0]}, "
+        (f"- machine: {describe_machine()} ({args.threads} asked for), Python {sys.version.split()[0]}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, glibc malloc keeps freed memory: "
         f"{host_memory}, load average before the run "
-        f"{load_before}",
+        f"{load_before}"),
         f"- date: {datetime.date.today().isoformat()}",
         f"- medians of {args.reps} repetitions after {args.warmup} warm-up, configurations interleaved in one process",
-        "- layer: backward of one width x width nn.Linear (dL/dW, dL/db, dL/dx); MLP: whole backward of "
-        "width-width-width-10 (ReLU), hidden layers sparse, output layer dense",
-        "- top-k share: scores + top-k + gather of g_k (`SparseBackwardLinear.select`); scatter share: writing "
-        "dW rows into the persistent buffer (`RowGradBuffer.accumulate`), both relative to the SBP layer backward",
-        "- grads = reference: the SBP layer's dL/dW, dL/db and dL/dx equal a dense backward of dL/dh times the 0/1 "
-        "mask of the top-k units (chosen by a stable sort, not by maskprop)",
+        ("- layer: backward of one width x width nn.Linear (dL/dW, dL/db, dL/dx); MLP: whole backward of "
+        "width-width-width-10 (ReLU), hidden layers sparse, output layer dense"),
+        ("- top-k share: scores + top-k + gather of g_k (`SparseBackwardLinear.select`); scatter share: writing "
+        "dW rows into the persistent buffer (`RowGradBuffer.accumulate`), both relative to the SBP layer backward"),
+        ("- grads = reference: the SBP layer's dL/dW, dL/db and dL/dx equal a dense backward of dL/dh times the 0/1 "
+        "mask of the top-k units (chosen by a stable sort, not by maskprop)"),
         "",
         table,
         "",
