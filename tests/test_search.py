@@ -415,3 +415,26 @@ def test_the_random_baseline_ignores_an_anneal(caplog):
     assert "sparsity.anneal_epochs=2 is ignored" in caplog.text
     searched = search_schedule(SparsityConfig(warmup_epochs=1, anneal_epochs=2), 32, 4)
     assert (searched.warmup_steps, searched.anneal_steps) == (4, 8)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_search_too_short_to_choose_says_so_once(caplog):
+    """A search of fewer than STEPS_PER_CHANNEL sampled steps per prunable channel warns once at its start (warm-up
+    steps sample nothing); the random baseline, dense runs and long enough searches do not."""
+    channels = sum(maskprop.create_model("resnet20", num_classes=10).channel_groups().values())
+    config = with_overrides(TINY_RUN, **{"optim.epochs": 2, "sparsity.warmup_epochs": 1, "finetune.epochs": 0})
+    with caplog.at_level(logging.WARNING, logger="maskprop.train.loop"):
+        maskprop.fit(config)
+    warnings = [r.getMessage() for r in caplog.records if "score estimator needs" in r.getMessage()]
+    assert warnings == [f"the search samples masks for 2 steps over {channels} prunable channels; the score "
+                        f"estimator needs {loop.STEPS_PER_CHANNEL * channels} or more ({loop.STEPS_PER_CHANNEL}+ a "
+                        "channel) to read a channel of typical importance, so the channels kept will be close to a "
+                        "random choice of the same budget (docs/methods.md, \"How the search behaves early\"); "
+                        "compare with sparsity.fix=random"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="maskprop.train.loop"):
+        maskprop.fit(with_overrides(config, **{"sparsity.fix": "random"}))
+        maskprop.fit(with_overrides(config, method="dense"))
+        loop._warn_if_short(warmup_steps=10, search_steps=10 + loop.STEPS_PER_CHANNEL * channels, channels=channels)
+        loop._warn_if_short(warmup_steps=10, search_steps=10, channels=channels)  # nothing sampled
+    assert "score estimator needs" not in caplog.text

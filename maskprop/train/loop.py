@@ -636,6 +636,24 @@ def _prepare_search(run: Run) -> None:
         state.scores.set_budget(state.schedule.sampling_budget(state.counters["search_steps"]))
     if cfg.sparsity.fix == "random" and state.phase == "search":
         _draw_random_subnetwork(state, cfg)
+    elif state.phase == "search" and not run.resumed:
+        _warn_if_short(state.schedule.warmup_steps, cfg.optim.epochs * len(run.train_loader), sum(run.groups.values()))
+
+
+STEPS_PER_CHANNEL = 7
+"""The fewest search steps per prunable channel after which the score estimator reads a channel of typical
+importance (signal-to-noise ratio 1): 7-23 measured on ResNet-32 (docs/methods.md, "How the search behaves early")."""
+
+
+def _warn_if_short(warmup_steps: int, search_steps: int, channels: int) -> None:
+    """Say, once at the start of a search, when it samples too few masks for the estimator to choose channels."""
+    sampled = search_steps - warmup_steps
+    if 0 < sampled < STEPS_PER_CHANNEL * channels:
+        logger.warning("the search samples masks for %d steps over %d prunable channels; the score estimator needs "
+                       "%d or more (%d+ a channel) to read a channel of typical importance, so the channels kept "
+                       "will be close to a random choice of the same budget (docs/methods.md, \"How the search "
+                       "behaves early\"); compare with sparsity.fix=random", sampled, channels,
+                       STEPS_PER_CHANNEL * channels, STEPS_PER_CHANNEL)
 
 
 def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Dataset | None = None,
