@@ -18,7 +18,7 @@ from torch import nn
 import maskprop
 from maskprop.cost import CostModel
 from maskprop.sparse import random_mask
-from maskprop.sparse.static import mask_capacities
+from maskprop.sparse.static import choose_capacities, mask_capacities
 from maskprop.train import graphs, loop, setup
 from maskprop.train.checkpoint import load_checkpoint
 from maskprop.train.config import SparsityConfig, load_config
@@ -260,3 +260,27 @@ def test_a_capacity_below_the_alignment_stays_an_error(one_thread):
     scores = ChannelScores(model.channel_groups(), 0.5, dtype=torch.float64)
     with pytest.raises(ValueError, match=rf"capacity 4 of group '{first}' is below the alignment 8"):
         static.search(model, scores, (weights, score_optimizer(scores.scores, 0.1)), batch)
+
+
+def test_a_lower_capacity_quantile_gives_narrower_steps_and_counts_its_cuts(static_run, one_thread):
+    """``sparsity.capacity_quantile`` sets the capacities the static steps run at (the quantile of each group's kept
+    count, aligned); a lower one is narrower, cuts more masks, and the summary counts the cuts."""
+    config = with_overrides(TINY_RUN, **{"optim.epochs": 1, "finetune.epochs": 0, "sparsity.keep_ratio": 0.5,
+                                         "sparsity.align": 4, "log_every": 1})
+    reports = {}
+    for quantile in (0.999, 0.6):
+        reports[quantile] = maskprop.fit(with_overrides(config, **{"sparsity.capacity_quantile": quantile})
+                                         )["static_steps"]
+    groups = maskprop.create_model("resnet20", num_classes=10).channel_groups()
+    scores = ChannelScores(groups, 0.5, 0.5)
+    for quantile, report in reports.items():
+        assert report["capacities"] == choose_capacities(scores, 4, quantile)
+    assert sum(reports[0.6]["capacities"].values()) < sum(reports[0.999]["capacities"].values())
+    assert reports[0.6]["overflow_steps"] > reports[0.999]["overflow_steps"]
+    assert reports[0.6]["overflow_channels"] > 0
+
+
+def test_capacity_quantile_outside_its_range_is_one_line():
+    for value in (0.3, 1.0):
+        with pytest.raises(ValueError, match=r"sparsity.capacity_quantile"):
+            load_config(None, [f"sparsity.capacity_quantile={value}"])

@@ -69,7 +69,8 @@ def _time(fn: Callable[[], object], device: torch.device, steps: int) -> list[fl
     return times
 
 
-def bench(name: str, size: int, batch: int, device: torch.device, steps: int, keep: float, align: int) -> dict:
+def bench(name: str, size: int, batch: int, device: torch.device, steps: int, keep: float, align: int,
+          quantile: float = 0.999) -> dict:
     torch.manual_seed(0)
     capture = device.type == "cuda"
     if capture:
@@ -81,10 +82,11 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
     ctx = StepContext(nn.CrossEntropyLoss(), device, cost, torch.bfloat16, True, align=align)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
-    cfg = load_config(None, [f"data.batch_size={batch}", "log_every=1000000"])
+    cfg = load_config(None, [f"data.batch_size={batch}", "log_every=1000000", f"sparsity.capacity_quantile={quantile}"])
     choice = GraphsChoice(True, capture, strict=True)
     fixed = ChannelScores(groups, keep, keep).sample(torch.Generator().manual_seed(2))
-    row: dict = {"model": name, "image": size, "batch": batch, "keep": keep, "align": align, "captured": capture}
+    row: dict = {"model": name, "image": size, "batch": batch, "keep": keep, "align": align, "captured": capture,
+                 "capacity_quantile": quantile}
 
     def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
         model = copy.deepcopy(base)
@@ -201,7 +203,8 @@ def markdown(rows: list[dict]) -> str:
     lines = [header, "|" + "---|" * 13]
     for r in rows:
         lines.append("| " + " | ".join([
-            f"{r['model']} {r['image']}px b{r['batch']}", *(cell(r.get(f"{k}_ms"), 1) for k in (
+            f"{r['model']} {r['image']}px b{r['batch']}"
+            + ("" if r.get("capacity_quantile", 0.999) == 0.999 else f" q{r['capacity_quantile']:g}"), *(cell(r.get(f"{k}_ms"), 1) for k in (
                 "dense_eager", "dense_graphed", "search_eager", "search_graphed", "finetune_graphed",
                 "narrow_graphed")),
             *(cell(r.get(k)) for k in ("search_over_dense_eager", "search_over_dense_graphed",
@@ -217,6 +220,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--align", type=int, default=8)
+    parser.add_argument("--capacity-quantile", type=float, default=0.999,
+                        help="sparsity.capacity_quantile of the graphed search steps (default 0.999)")
     parser.add_argument("--json", help="write the rows as JSON to this path")
     parser.add_argument("--markdown", help="write the table to this path")
     args = parser.parse_args()
@@ -227,7 +232,8 @@ def main() -> None:
     rows = []
     for spec in args.models:
         name, size, batch = spec.split(":")
-        rows.append(bench(name, int(size), int(batch), device, args.steps, args.keep, args.align))
+        rows.append(bench(name, int(size), int(batch), device, args.steps, args.keep, args.align,
+                          args.capacity_quantile))
         if args.json:  # after every model: a later one that hangs leaves the earlier ones written
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(rows, indent=2))

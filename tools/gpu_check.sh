@@ -8,15 +8,14 @@
 #    one host sync per search step, the trainer on CUDA);
 # 2. `maskprop bench --device cuda --amp bf16 --batch-size 256` at keep 0.5, align 8, sampled masks, for resnet32 and
 #    vgg19_bn (32x32) (resnet50's eager steps are timed in part 5);
-# 3. the per-step probe of the trainer's eager steps (dense, finetune, search with fresh masks, search with repeated
-#    masks: wall time, GPU-busy time, kernel launches, syncs);
-# 4. operator counts of a dense and a compact step on cuda and meta;
+# 3-4. (the eager per-step probe, tools/gpu_probe.py, and the operator counts, tools/count_ops.py, were measured on
+#    2026-12-04 and are in BENCHMARKS.md; run them by hand when the eager steps change)
 # 5. issue 18: eager steps against static steps captured as CUDA graphs (tools/bench_graphs.py: dense, search and
 #    finetune steps and a search step at settled probabilities, bf16, channels_last, batch 256, keep 0.5, for
-#    resnet32, vgg19_bn and resnet50; JSON and a
-#    markdown table of the ratios), then a short `maskprop train` of the quickstart (shapes) recipe with
+#    resnet32, vgg19_bn and resnet50; JSON and a markdown table of the ratios), the same for the CIFAR models at
+#    sparsity.capacity_quantile 0.9 (narrower static widths, more masks cut), then a short `maskprop train` of the quickstart (shapes) recipe with
 #    cuda_graphs=true against its dense twin (accuracy, measured speedup, the static steps' report) in e2e.json.
-# Limits: tests 80 s, bench 30 s, probe 30 s, counts 15 s, graph benches 130 s, the two runs 35 s each (355 s).
+# Limits: tests 80 s, bench 30 s, graph benches 130 + 45 s, the two runs 35 s each (355 s).
 # Each part has its own time limit, so one that hangs cannot take the others' time; its status is in summary.json.
 # Wheels carried in .whl/ (a newer torch, say) are installed first, into /tmp/site.
 set -u
@@ -56,12 +55,10 @@ BENCH=(-m maskprop.cli bench --device cuda --amp bf16 --batch-size 256 --keep-ra
 run bench_cifar_sampled_align8 30 $PY "${BENCH[@]}" --models resnet32 vgg19_bn --masks sampled --align 8 \
     --json "$OUT/bench_cifar_sampled_align8.json"
 
-run probe 30 $PY tools/gpu_probe.py --models resnet32:32:256 vgg19_bn:32:256 resnet50:224:256 --steps 10 \
-    --align 8 --json "$OUT/probe.json"
-run count_ops 15 $PY tools/count_ops.py --devices cuda meta --align 8 --json "$OUT/count_ops.json"
-
 run graphs 130 $PY tools/bench_graphs.py --models resnet32:32:256 vgg19_bn:32:256 resnet50:224:256 --steps 15 \
     --json "$OUT/graphs.json" --markdown "$OUT/graphs.md"
+run graphs_q90 45 $PY tools/bench_graphs.py --models resnet32:32:256 vgg19_bn:32:256 --steps 15 \
+    --capacity-quantile 0.9 --json "$OUT/graphs_q90.json" --markdown "$OUT/graphs_q90.md"
 SHORT=(device=cuda amp=bf16 cuda_graphs=true log_every=20 save_every=0 eval_every=0)
 run e2e_search 35 $PY -m maskprop.cli train recipes/quickstart.yaml "${SHORT[@]}" optim.epochs=6 \
     sparsity.warmup_epochs=1 sparsity.anneal_epochs=2 finetune.epochs=1 --out "$OUT/e2e_search"
@@ -80,7 +77,7 @@ for name in ("e2e_search", "e2e_dense"):
 (out / "e2e.json").write_text(json.dumps(rows, indent=2))
 print(json.dumps(rows, indent=2))
 PY
-[ -f "$OUT/graphs.md" ] && cat "$OUT/graphs.md" | tee -a "$LOG"
+for table in graphs graphs_q90; do [ -f "$OUT/$table.md" ] && tee -a "$LOG" < "$OUT/$table.md"; done
 
 {
     echo "{"

@@ -191,7 +191,7 @@ class CapacityUpdate:
 
 def rechoose_capacities(capacities: Mapping[str, int], scores: ChannelScores | Mapping[str, Tensor], align: int = 8,
                         quantile: float = DEFAULT_QUANTILE,
-                        overflow_threshold: float = DEFAULT_OVERFLOW_THRESHOLD) -> CapacityUpdate:
+                        overflow_threshold: float | None = None) -> CapacityUpdate:
     """Capacities for the next window, with hysteresis so that scores hovering near a boundary do not change shapes
     every window.
 
@@ -205,8 +205,13 @@ def rechoose_capacities(capacities: Mapping[str, int], scores: ChannelScores | M
         align: As for :func:`choose_capacities`.
         quantile: As for :func:`choose_capacities`.
         overflow_threshold: The overflow probability per mask above which a group grows; above ``1 - quantile``.
+            None: ten times the cut rate the quantile aims at, at least ``DEFAULT_OVERFLOW_THRESHOLD`` (1%: the
+            threshold of the default quantile) and at most halfway from ``1 - quantile`` to 1.
     """
     align, quantile = check_align(align), _check_quantile(quantile)
+    if overflow_threshold is None:
+        cut = 1.0 - quantile
+        overflow_threshold = max(DEFAULT_OVERFLOW_THRESHOLD, min(round(10 * cut, 12), 0.5 + cut / 2))
     if not 1.0 - quantile <= overflow_threshold < 1.0:
         raise ValueError(f"overflow_threshold={overflow_threshold!r} is not in [1 - quantile, 1) = "
                          f"[{1.0 - quantile:g}, 1)")

@@ -182,6 +182,10 @@ class SparsityConfig(_Section):
         align: Pad each group's kept set up to a multiple of ``align`` channels with dropped channels whose output is
             forced to zero (exact; GPU tensor cores and cuDNN's plan cache want aligned widths); null: 8 on CUDA,
             1 (no padding) on the CPU.
+        capacity_quantile: With static shapes (``cuda_graphs`` on): each group's fixed width is this quantile of its
+            kept count under the keep probabilities, rounded up to ``align``; a mask that keeps more is cut to it
+            (counted in the summary), so about ``1 - capacity_quantile`` of the masks are cut per group. Lower is
+            narrower and faster, and samples further from ``p(m|s)`` (docs/methods.md, "How a step runs on a GPU").
     """
 
     keep_ratio: Annotated[Number, Field(gt=0, le=1, json_schema_extra={"noun": "a fraction"})] = 0.5
@@ -199,6 +203,7 @@ class SparsityConfig(_Section):
     fix_samples: Annotated[int, Field(ge=1)] = 10
     fix_examples: Annotated[int | None, Field(ge=1, json_schema_extra={"null": "the whole training set"})] = None
     align: Annotated[int | None, Field(ge=1, json_schema_extra={"null": "8 on CUDA, 1 on the CPU"})] = None
+    capacity_quantile: Annotated[Number, Field(ge=0.5, lt=1)] = 0.999
 
 
 class SbpConfig(_Section):

@@ -538,7 +538,7 @@ class StaticSteps:
         """One search step (the scores projected after it onto their current budget)."""
         if self._search is None:
             if self.capacities is None:
-                self.capacities = choose_capacities(scores, self.ctx.align)
+                self.capacities = choose_capacities(scores, self.ctx.align, self.cfg.sparsity.capacity_quantile)
             body = SearchStep(model, scores, optimizers, self.cfg.sparsity, self.ctx, self.capacities, self.meter)
             self._search = (body, self._graph(body, "search", list(optimizers)))
             self.windows += 1
@@ -620,7 +620,8 @@ class StaticSteps:
         for g, cut in window.overflow_channels.items():
             self.overflow_channels[g] = self.overflow_channels.get(g, 0) + cut
         if scores is not None and self.capacities is not None:
-            update = rechoose_capacities(self.capacities, scores, self.ctx.align)
+            update = rechoose_capacities(self.capacities, scores, self.ctx.align,
+                                          self.cfg.sparsity.capacity_quantile)
             if update.changed:
                 self.capacities = update.capacities
                 self.end_search()  # the next search step builds the new window
