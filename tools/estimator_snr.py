@@ -17,7 +17,7 @@ steps, whatever ``alpha``. ``E[gap^2]`` grows with every channel's importance (a
 channels act additively), so ``n_j`` is about twice the number of channels for a channel of typical importance: the
 estimator needs steps in proportion to the width of the network before it says anything about one channel.
 
-The tool trains the study's setting densely (``tools/search_study.py``: ``shapes`` 32x32, 1,024 images in batches of
+The tool trains the study's setting densely (a cosine schedule over the last epoch of ``--at``) (``tools/search_study.py``: ``shapes`` 32x32, 1,024 images in batches of
 64, ResNet-32 at widths 16-32-64) and, after the epochs named by ``--at``, measures on fixed training batches:
 
 * ``E[gap^2]`` from ``--pairs`` independent mask pairs at ``s = --keep`` (compact forwards in train mode, as a search
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             found.update(epoch=record["epoch"], val_accuracy=record.get("val_accuracy"),
                          seconds=time.perf_counter() - start)
             result["measurements"].append(found)
-            _print_row(found, result)
+            _print_row(found)
 
     loop._log_epoch = log
     try:
@@ -178,7 +178,7 @@ HEADER = ("| after epoch | val accuracy % | E[gap^2] | its additive part 2 sum h
           "median / 90% / 99% importance | channels significant | steps for SNR 1: RMS / median / 90% / 99% channel |")
 
 
-def _print_row(m: dict[str, Any], result: dict[str, Any]) -> None:
+def _print_row(m: dict[str, Any]) -> None:
     q, n = m["importance_quantiles"], m["steps_to_resolve"]
     print(f"| {m['epoch']} | {m['val_accuracy']:.1f} | {m['gap2']:.2e} | {m['gap2_additive']:.2e} | "
           f"{m['importance_rms']:.1e} | "
