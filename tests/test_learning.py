@@ -189,3 +189,22 @@ def test_estimator_snr_measures_importance_by_toggling():
             model.load_state_dict(before)
             assert found["importance"][i] == pytest.approx(losses[0] - losses[1], rel=1e-6, abs=1e-9)
     assert found["gap2"] > 0 and found["channels"] == scores.num_channels
+
+
+def test_the_flops_matched_random_arm_finds_the_widths_of_equal_flops():
+    """``flops_matched_keep`` returns the smallest keep ratio whose per-group widths compute the FLOPs asked for, when a
+    keep ratio computes them exactly; otherwise the closest."""
+    study = _study()
+    net = maskprop.create_model("resnet20", num_classes=10)
+    groups, cost = net.channel_groups(), maskprop.CostModel(net, (3, 16, 16))
+
+    def flops(keep):
+        return cost.flops({g: max(1, round(keep * c)) for g, c in groups.items()}, 1) / cost.flops(None, 1)
+
+    for keep in (0.25, 0.5):
+        found = study.flops_matched_keep("resnet20", {}, 16, flops(keep))
+        assert flops(found) == flops(keep) and found <= keep
+        assert found == 0.001 or flops(found - 0.001) != flops(keep)  # the smallest such keep ratio
+    nearby = flops(0.5) * 1.001  # no keep ratio computes these; keep 0.5's widths come closest
+    assert flops(study.flops_matched_keep("resnet20", {}, 16, nearby)) == flops(0.5)
+    assert study._parse_arm("random@default") == ("random@default", study.ARMS["random"])

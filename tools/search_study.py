@@ -17,6 +17,8 @@ Every run is ``maskprop.fit`` on the built-in ``shapes`` dataset with config ove
   symmetric estimator; both masks back-propagated; the joint gradient clipped at 3). See ``official_semantics``.
 * candidates (``warmup``, ``anneal``, ``lr``, ...): the pieces of the default one at a time; ``--arm NAME:k=v,k=v``
   adds one on the command line.
+* ``random@ARM``: the random subnetwork at the FLOPs of ``ARM``'s run (same model, keep ratio and seed, run before it):
+  the keep ratio whose per-group widths come closest to those FLOPs (``flops_matched_keep``; kept as ``run_keep``).
 
 For each run the JSON keeps the final accuracy, FLOPs and params kept, the train-cost saving and the measured speedup
 (from the run summary), the run time, and every epoch's record (validation accuracy, training accuracy under the
@@ -299,9 +301,29 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+MATCHED = "random@"
+"""Arm prefix: ``random@ARM`` is the random subnetwork whose FLOPs come closest to those of ``ARM``'s run of the same
+model, keep ratio and seed (already in the results file): a channel budget lets a search keep channels that cost more
+FLOPs than a uniform draw's, so "same budget" also needs "same FLOPs"."""
+
+
+def flops_matched_keep(model: str, model_kwargs: dict[str, Any], image_size: int, flops_kept: float) -> float:
+    """The keep ratio (in steps of 0.001) whose random subnetwork (``max(1, round(keep x channels))`` per group, as
+    ``random_mask`` draws it) computes the FLOPs closest to ``flops_kept`` x dense; the smallest on ties."""
+    net = maskprop.create_model(model, num_classes=10, **model_kwargs)
+    groups, cost = net.channel_groups(), maskprop.CostModel(net, (3, image_size, image_size))
+    dense = cost.flops(None, 1)
+    best = min(range(1, 1001), key=lambda k: (abs(cost.flops(
+        {g: max(1, round(k / 1000 * c)) for g, c in groups.items()}, 1) / dense - flops_kept), k))
+    return best / 1000
+
+
 def _parse_arm(text: str) -> tuple[str, dict[str, Any]]:
-    """``NAME:key=value,key=value`` (values as yaml) -> an arm; ``NAME`` alone names a built-in arm."""
+    """``NAME:key=value,key=value`` (values as yaml) -> an arm; ``NAME`` alone names a built-in arm; ``random@ARM``
+    the random subnetwork at the FLOPs of ``ARM`` (see ``MATCHED``)."""
     name, _, body = text.partition(":")
+    if name.startswith(MATCHED) and not body:
+        return name, ARMS["random"]
     if not body:
         if name not in ARMS:
             raise SystemExit(f"unknown arm {name!r}; built in: {', '.join(ARMS)} (or NAME:key=value,...)")
@@ -330,11 +352,19 @@ def grid(args: argparse.Namespace) -> dict[str, Any]:
         key = run_key(model, keep, arm_name, seed, tag)
         if key in data["runs"] and not args.rerun:
             continue
-        overrides = run_overrides(model, keep, arm, seed, setting, search_epochs, finetune_epochs, extra)
+        run_keep = keep
+        if arm_name.startswith(MATCHED):  # the random subnetwork at the FLOPs of another arm's run
+            other = data["runs"].get(run_key(model, keep, arm_name[len(MATCHED):], seed, tag))
+            if other is None:
+                print(f"[{n}/{len(todo)}] {key}: skipped, no run of {arm_name[len(MATCHED):]!r} to match", flush=True)
+                continue
+            size = int(extra.get("data.image_size") or setting["data.image_size"])
+            run_keep = flops_matched_keep(model, MODEL_KWARGS.get(model, {}), size, other["flops_kept"])
+        overrides = run_overrides(model, run_keep, arm, seed, setting, search_epochs, finetune_epochs, extra)
         print(f"[{n}/{len(todo)}] {key}", flush=True)
         result = run_config(overrides, harness=arm_name in HARNESS_ARMS, threads=args.threads,
                             probe_examples=args.probe_examples)
-        result.update(model=model, keep=keep, arm=arm_name, seed=seed, tag=tag, overrides=overrides,
+        result.update(model=model, keep=keep, run_keep=run_keep, arm=arm_name, seed=seed, tag=tag, overrides=overrides,
                       harness=arm_name in HARNESS_ARMS, machine=machine,
                       date=datetime.datetime.now().isoformat(timespec="minutes"),
                       load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
