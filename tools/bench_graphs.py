@@ -120,23 +120,21 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
         sparsity = cfg.sparsity
         return lambda: vrpge_step(model, scores, optimizers, (x, y), generator, sparsity, ctx)
 
-    def search_graphed():
+    def graphed_search(scores: ChannelScores) -> Callable[[], object]:
         model, opt = fresh()
-        scores = ChannelScores(groups, keep, keep, device=device)
-        score_opt = score_optimizer(scores.scores, 0.0)
+        score_opt = score_optimizer(scores.scores, 0.0)  # lr 0: the scores stay as given
         make_capturable(score_opt)
         static = StaticSteps(cfg, ctx, choice, seed=1)
         return lambda: static.search(model, scores, (opt, score_opt), (x, y))
 
+    def search_graphed():
+        return graphed_search(ChannelScores(groups, keep, keep, device=device))
+
     def settled_graphed():
-        model, opt = fresh()
         scores = ChannelScores(groups, 1.0, device=device)  # budget: every channel, so the 0/1 scores stay as set
         with torch.no_grad():
             scores.scores.copy_(scores.flatten(fixed).to(scores.scores.dtype))
-        score_opt = score_optimizer(scores.scores, 0.0)
-        make_capturable(score_opt)
-        static = StaticSteps(cfg, ctx, choice, seed=1)
-        return lambda: static.search(model, scores, (opt, score_opt), (x, y))
+        return graphed_search(scores)
 
     def finetune_eager():
         model, opt = fresh()
