@@ -636,8 +636,9 @@ def _prepare_search(run: Run) -> None:
         state.scores.set_budget(state.schedule.sampling_budget(state.counters["search_steps"]))
     if cfg.sparsity.fix == "random" and state.phase == "search":
         _draw_random_subnetwork(state, cfg)
-    elif state.phase == "search" and not run.resumed:
-        _warn_if_short(state.schedule.warmup_steps, cfg.optim.epochs * len(run.train_loader), sum(run.groups.values()))
+    elif state.phase == "search" and not run.resumed and current().is_main:  # one line, not one a rank
+        _warn_if_short(state.schedule.warmup_steps, cfg.optim.epochs * len(run.train_loader),
+                       state.schedule.num_channels)
 
 
 STEPS_PER_CHANNEL = 7
