@@ -78,6 +78,28 @@ class CostModel:
             return batch_size * self._dense_flops
         return batch_size * sum(self._layer_flops(self._counts(mask)))
 
+    def channel_prices(self, keep_ratio: float) -> dict[str, float]:
+        """Forward FLOPs per example that one more kept channel of each group adds, when every group keeps
+        ``keep_ratio`` of its channels: ``dF/dn_g`` at ``n = keep_ratio x channels``, with ``F`` the FLOPs as a
+        function of the kept counts ``n`` (bilinear: a conv costs ``2 n_in n_out k*k H W``). A channel of a residual
+        stream, which every block of its stage reads and writes, costs several times a channel inside a block. These
+        are the prices of a budget counted in FLOPs (``sparsity.budget_unit: flops``; docs/methods.md, "A budget in
+        FLOPs"). Groups that no conv or linear layer touches are absent.
+
+        Raises:
+            ValueError: ``keep_ratio`` is outside ``(0, 1]``.
+        """
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        prices: dict[str, float] = {}
+        for layer in self.layers:
+            kept_in = layer.in_channels * (keep_ratio if layer.in_group is not None else 1.0)
+            kept_out = layer.out_channels * (keep_ratio if layer.out_group is not None else 1.0)
+            for group, partner in ((layer.in_group, kept_out), (layer.out_group, kept_in)):
+                if group is not None:
+                    prices[group] = prices.get(group, 0.0) + 2.0 * partner * layer.positions
+        return prices
+
     def backward_flops(self, mask: Mapping[str, Tensor] | None = None, batch_size: int = 1) -> int:
         """FLOPs autograd executes in backward: weight gradients (= forward) plus input gradients (= forward) of
         every layer except those reading the network input, which need no input gradient."""

@@ -62,6 +62,31 @@ def test_expected_ratio_is_about_keep_ratio_squared(generator):
     assert 0.24 < ratio < 0.27  # first conv's input (the image) is never pruned
 
 
+@pytest.mark.parametrize("name", ["resnet20", "vgg11_bn", "resnet50"])
+def test_channel_prices_are_the_flops_of_one_more_channel(name):
+    """dF/dn_g at keep 0.5 against a central difference of the counted FLOPs (exact: F is at most quadratic in each
+    group's count), and a residual stream's channel against a channel inside a block, by hand for ResNet-20."""
+    model = maskprop.create_model(name)
+    size = input_size(name)
+    cost = CostModel(model, size)
+    groups = model.channel_groups()
+    half = {g: n // 2 for g, n in groups.items()}
+    prices = cost.channel_prices(0.5)
+    assert set(prices) == set(groups)
+    for group in groups:
+        more, fewer = dict(half, **{group: half[group] + 1}), dict(half, **{group: half[group] - 1})
+        assert prices[group] == pytest.approx((cost.flops(more) - cost.flops(fewer)) / 2, rel=1e-12)
+    if name == "resnet20":  # stage 1 at 32x32, 16 channels: a 3x3 conv is 2 * 9 * 1024 FLOPs per (in, out) pair
+        pair, prices = 2 * 9 * 32 * 32, CostModel(model, (3, 32, 32)).channel_prices(0.5)
+        assert prices["layer1.0.conv1"] == (8 + 8) * pair  # written by conv1, read by conv2: 8 partners each
+        # The stream: written by the stem (3 image channels, never pruned) and by 3 blocks' conv2, read by their
+        # conv1 (8 partners each), and by stage 2's first conv1 (3x3, stride 2: 16 partners on a quarter of the
+        # positions) and 1x1 shortcut (16 partners, 256 positions).
+        assert prices["layer1"] == pytest.approx((3 + 6 * 8 + 16 / 4) * pair + 2 * 16 * 256, rel=1e-12)
+    with pytest.raises(ValueError, match="keep_ratio must be in"):
+        cost.channel_prices(0.0)
+
+
 def test_params_of_subnetwork(generator):
     model = maskprop.create_model("resnet20")
     cost = CostModel(model, (3, 32, 32))

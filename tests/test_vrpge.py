@@ -24,20 +24,22 @@ from maskprop.vrpge import (
 # ------------------------------------------------------------------------------------------------------ projection
 
 
-def reference_projection(s: torch.Tensor, budget: float, iterations: int = 200) -> tuple[torch.Tensor, float]:
-    """Independent solver: bisection in float64 on the shift v of ``clamp(s - v, 0, 1)``."""
+def reference_projection(s: torch.Tensor, budget: float, iterations: int = 200,
+                         prices: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Independent solver: bisection in float64 on the shift v of ``clamp(s - v w, 0, 1)`` (``w``: the prices, 1)."""
     s = s.double().reshape(-1)
-    if s.clamp(0, 1).sum() <= budget:
+    w = torch.ones_like(s) if prices is None else prices.double().reshape(-1)
+    if (w * s.clamp(0, 1)).sum() <= budget:
         return s.clamp(0, 1), 0.0
-    low, high = 0.0, float(s.max())
+    low, high = 0.0, float((s / w).max())
     for _ in range(iterations):
         middle = 0.5 * (low + high)
-        if (s - middle).clamp(0, 1).sum() > budget:
+        if (w * (s - middle * w).clamp(0, 1)).sum() > budget:
             low = middle
         else:
             high = middle
     v = 0.5 * (low + high)
-    return (s - v).clamp(0, 1), v
+    return (s - v * w).clamp(0, 1), v
 
 
 def assert_is_projection(s: torch.Tensor, budget: float, x: torch.Tensor, atol: float) -> None:
@@ -91,6 +93,48 @@ def test_projection_enumeration_on_tiny_sizes() -> None:
         feasible = points[points.sum(dim=1) <= budget + 1e-12]
         best = feasible[((feasible - s) ** 2).sum(dim=1).argmin()]
         torch.testing.assert_close(project_scores(s, budget), best, atol=1.5e-2, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_priced_projection_matches_kkt_and_bisection(seed: int) -> None:
+    """With prices w (a budget in FLOPs): x = clamp(s - v w, 0, 1), sum w x <= K, v (sum w x - K) = 0, and no random
+    feasible point is closer to s (the variational inequality)."""
+    generator = torch.Generator().manual_seed(seed)
+    n = [1, 3, 20, 200, 2000][seed]
+    s = torch.randn(n, generator=generator, dtype=torch.float64) * 0.8 + 0.5
+    w = torch.rand(n, generator=generator, dtype=torch.float64) * 20 + 0.05  # prices spread over 400x
+    for budget in [0.0, 0.1 * float(w.sum()), 0.5 * float(w.sum()), float(w.sum()) + 1]:
+        x = project_scores(s, budget, prices=w)
+        reference, v = reference_projection(s, budget, prices=w)
+        torch.testing.assert_close(x, reference, atol=1e-9, rtol=0)
+        torch.testing.assert_close(x, (s - v * w).clamp(0, 1), atol=1e-9, rtol=0)
+        assert x.min() >= 0 and x.max() <= 1 and float((w * x).sum()) <= budget + 1e-9 * n
+        assert abs(v * (budget - float((w * x).sum()))) <= 1e-7 * n
+        y = torch.rand(64, n, generator=generator, dtype=torch.float64)
+        y = y * torch.clamp(budget / (y * w).sum(dim=1, keepdim=True), max=1)  # feasible points
+        assert ((s - x) * (y - x)).sum(dim=1).max() <= 1e-9 * n
+
+
+def test_priced_projection_enumeration_and_unit_prices() -> None:
+    """Brute force over a grid of the priced feasible set in 2-D; prices of 1 give the channel budget's projection."""
+    grid = torch.linspace(0, 1, 201, dtype=torch.float64)
+    points = torch.cartesian_prod(grid, grid)
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(10):
+        s = torch.rand(2, generator=generator, dtype=torch.float64) * 2 - 0.5
+        w = torch.rand(2, generator=generator, dtype=torch.float64) * 4 + 0.25
+        budget = float(torch.rand(1, generator=generator, dtype=torch.float64) * w.sum())
+        feasible = points[(points * w).sum(dim=1) <= budget + 1e-12]
+        best = ((feasible - s) ** 2).sum(dim=1).min()
+        x = project_scores(s, budget, prices=w)
+        assert float((x * w).sum()) <= budget + 1e-12 and x.min() >= 0 and x.max() <= 1
+        assert ((x - s) ** 2).sum() <= best + 1e-12  # no grid point is closer,
+        assert best - ((x - s) ** 2).sum() <= 1e-2  # and the grid's best is near it
+    s = torch.randn(300, generator=generator) + 0.5
+    torch.testing.assert_close(project_scores(s, 70.0, prices=torch.ones(300)), project_scores(s, 70.0), atol=1e-6,
+                               rtol=0)
+    with pytest.raises(ValueError, match="prices must have the shape of the scores"):
+        project_scores(s, 70.0, prices=torch.ones(299))
 
 
 def test_projection_is_idempotent_and_feasible_points_are_fixed() -> None:
@@ -448,6 +492,49 @@ def test_top_mask_keeps_the_expected_count_when_scores_settle_below_the_budget()
     mask = scores.flatten(scores.top_mask())
     # round(sum s) = 3 channels, not round(K) = 6: the group maxima (0 and 4), then the largest remaining (1).
     assert torch.equal(mask.nonzero().flatten(), torch.tensor([0, 1, 4]))
+
+
+def test_priced_scores_project_onto_the_priced_budget_and_fill_it_in_top_mask() -> None:
+    """Prices scaled to a mean of 1; the scores feasible for sum w s <= K; prices of 1 change nothing; top_mask fills
+    the priced budget in score order (checked prefix by prefix)."""
+    groups, prices = {"stream": 4, "a": 4, "b": 2}, {"stream": 6.0, "a": 1.0, "b": 2.0}
+    scores = ChannelScores(groups, keep_ratio=0.5, init=0.9, prices=prices, dtype=torch.float64)
+    w = scores.prices
+    torch.testing.assert_close(w, torch.tensor([6.0] * 4 + [1.0] * 4 + [2.0] * 2, dtype=torch.float64) / 3.2)
+    s = scores.scores.detach()
+    assert float((w * s).sum()) == pytest.approx(scores.budget) and s.min() >= 0 and s.max() <= 1
+    assert s[0] < s[4]  # the expensive channels give up more probability
+    assert "priced budget" in repr(scores)
+
+    generator = torch.Generator().manual_seed(2)
+    unit = ChannelScores(groups, keep_ratio=0.3, prices=dict.fromkeys(groups, 7.0), dtype=torch.float64)
+    plain = ChannelScores(groups, keep_ratio=0.3, dtype=torch.float64)
+    for _ in range(20):
+        raw = torch.rand(10, generator=generator, dtype=torch.float64)
+        for each in (unit, plain):
+            with torch.no_grad():
+                each.scores.copy_(raw)
+            each.project_()
+        torch.testing.assert_close(unit.scores, plain.scores, atol=1e-12, rtol=0)
+        assert torch.equal(unit.flatten(unit.top_mask()), plain.flatten(plain.top_mask()))
+
+    with torch.no_grad():
+        scores.scores.copy_(torch.tensor([0.9, 0.2, 0.1, 0.0, 0.95, 0.9, 0.8, 0.3, 0.7, 0.05]))
+    kept = scores.flatten(scores.top_mask())
+    target = min(float((w * scores.scores.detach()).sum()), scores.budget)
+    forced = [0, 4, 8]  # each group's largest score
+    order = [5, 6, 7, 1, 2, 9, 3]  # the rest by score
+    totals = [float(w[forced + order[:n]].sum()) for n in range(len(order) + 1)]
+    best = min(range(len(totals)), key=lambda n: (abs(totals[n] - target), -n))
+    assert torch.equal(kept.nonzero().flatten(), torch.tensor(sorted(forced + order[:best])))
+
+
+def test_priced_scores_reject_bad_prices() -> None:
+    with pytest.raises(ValueError, match="prices must give every group a price"):
+        ChannelScores({"a": 2, "b": 2}, keep_ratio=0.5, prices={"a": 1.0})
+    for bad in (0.0, -1.0, math.nan, math.inf, True):
+        with pytest.raises(ValueError, match="price of group 'b' must be a positive finite number"):
+            ChannelScores({"a": 2, "b": 2}, keep_ratio=0.5, prices={"a": 1.0, "b": bad})
 
 
 def test_expected_kept() -> None:

@@ -1,12 +1,13 @@
-"""Euclidean projection of the scores onto the feasible set {0 <= s <= 1, sum s <= K}.
+"""Euclidean projection of the scores onto the feasible set {0 <= s <= 1, sum_j w_j s_j <= K}.
 
 The derivation is in docs/methods.md, "Projection onto the budget".
 
-The projection of s is ``clamp(s - v, 0, 1)`` for the smallest shift ``v >= 0`` with
-``f(v) = sum_j clamp(s_j - v, 0, 1) <= K`` (the KKT conditions of the quadratic program: ``v`` is the multiplier of the
-budget constraint, zero when the budget is slack). ``f`` is continuous, non-increasing and piecewise linear with
-breakpoints at ``s_j`` and ``s_j - 1``, so the exact ``v`` is found by evaluating ``f`` at every breakpoint (sorted
-scores and prefix sums), picking the segment where ``f`` crosses ``K`` and solving the linear equation on it. No
+With prices ``w_j > 0`` (all 1 for a budget counted in channels), the projection of s is
+``clamp(s - v w, 0, 1)`` for the smallest ``v >= 0`` with ``f(v) = sum_j w_j clamp(s_j - v w_j, 0, 1) <= K`` (the KKT
+conditions of the quadratic program: ``v`` is the multiplier of the budget constraint, zero when the budget is
+slack). ``f`` is continuous, non-increasing and piecewise linear with breakpoints at ``s_j / w_j`` (channel j reaches
+0) and ``(s_j - 1) / w_j`` (it leaves 1), so the exact ``v`` is found by evaluating ``f`` at every breakpoint (sorted
+breakpoints and suffix sums), picking the segment where ``f`` crosses ``K`` and solving the linear equation on it. No
 bisection, no Python loop over elements, no host synchronisation: it runs as a handful of tensor ops on any device.
 """
 
@@ -28,60 +29,80 @@ def _check_budget(budget: float) -> float:
     return float(budget)
 
 
-def _kept_mass(shift: Tensor, sorted_scores: Tensor, prefix: Tensor) -> Tensor:
-    """``f(v) = sum_j clamp(s_j - v, 0, 1)`` at every entry of ``shift``, from the sorted scores and their prefix sums.
+def _suffix_sums(sorted_keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort ``values`` (rows: one quantity each) by ``sorted_keys``' order and return the keys sorted and, per row,
+    the sums over entries ``i..n-1`` for every ``i`` in ``0..n`` (the last one 0)."""
+    keys, order = torch.sort(sorted_keys)
+    ordered = values[:, order]
+    total = ordered.sum(dim=1, keepdim=True)
+    prefix = torch.cat([ordered.new_zeros(ordered.shape[0], 1), torch.cumsum(ordered, dim=1)], dim=1)
+    return keys, total - prefix
 
-    Scores ``>= v + 1`` contribute 1, scores in ``(v, v + 1)`` contribute ``s_j - v``, the rest contribute 0.
+
+def _budget_mass(shift: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    """``f(v) = sum_j w_j clamp(x_j - v w_j, 0, 1)`` at every entry of ``shift``.
+
+    Channel j is full (contributes ``w_j``) for ``v <= a_j = (x_j - 1) / w_j``, partial (contributes
+    ``w_j x_j - v w_j^2``) for ``a_j < v < b_j = x_j / w_j`` and zero from ``b_j`` on. As ``a_j < b_j``, the partial
+    set is ``{b_j > v}`` less ``{a_j >= v}``, so every sum is a suffix sum over sorted ``a`` or sorted ``b``.
     """
-    n = sorted_scores.numel()
-    n_full = n - torch.searchsorted(sorted_scores, shift + 1, right=False)  # s_j >= v + 1
-    n_zero = torch.searchsorted(sorted_scores, shift, right=True)  # s_j <= v
-    n_partial = n - n_full - n_zero
-    partial_sum = prefix[n - n_full] - prefix[n_zero]
-    return n_full.to(shift.dtype) + partial_sum - n_partial.to(shift.dtype) * shift
+    rows = torch.stack([w, w * x, w * w])
+    a_sorted, a_suffix = _suffix_sums((x - 1) / w, rows)
+    b_sorted, b_suffix = _suffix_sums(x / w, rows[1:])
+    at_a = a_suffix[:, torch.searchsorted(a_sorted, shift, right=False)]  # entries with a_j >= v
+    at_b = b_suffix[:, torch.searchsorted(b_sorted, shift, right=True)]  # entries with b_j > v
+    partial = (at_b[0] - at_a[1]) - shift * (at_b[1] - at_a[2])
+    return at_a[0] + partial
 
 
-def project_scores(s: Tensor, budget: float) -> Tensor:
-    """Exact Euclidean projection of ``s`` onto ``{x : 0 <= x <= 1, sum x <= budget}``.
+def project_scores(s: Tensor, budget: float, prices: Tensor | None = None) -> Tensor:
+    """Exact Euclidean projection of ``s`` onto ``{x : 0 <= x <= 1, sum_j w_j x_j <= budget}``.
 
-    If ``sum clamp(s, 0, 1) <= budget`` the projection is the clamp; otherwise it is ``clamp(s - v, 0, 1)`` with the
-    unique ``v > 0`` such that ``sum clamp(s - v, 0, 1) = budget`` (docs/methods.md, "Projection onto the budget").
+    If ``sum w clamp(s, 0, 1) <= budget`` the projection is the clamp; otherwise it is ``clamp(s - v w, 0, 1)`` with
+    the unique ``v > 0`` such that ``sum w clamp(s - v w, 0, 1) = budget`` (docs/methods.md, "Projection onto the
+    budget").
 
     Args:
         s: scores of any shape; the budget applies to the sum over all entries. Floating point (half precision is
             computed in float32). The result carries no autograd history.
-        budget: the budget ``K >= 0`` (``keep_ratio x number of channels``). ``K >= s.numel()`` means no budget.
+        budget: the budget ``K >= 0`` (``keep_ratio x number of channels`` when every price is 1). ``K >= sum w``
+            means no budget.
+        prices: ``w``, positive and finite, the shape of ``s``, one price per entry; None: every price 1 (a budget
+            counted in channels).
 
     Returns:
         The projection, with the shape, dtype and device of ``s``.
 
     Raises:
-        ValueError: if ``s`` is not floating point or ``budget`` is negative or not finite.
+        ValueError: if ``s`` is not floating point, ``budget`` is negative or not finite, or ``prices`` has another
+            shape than ``s``.
     """
     budget = _check_budget(budget)
     if not s.is_floating_point():
         raise ValueError(f"scores must be a floating-point tensor, got dtype {s.dtype}")
+    if prices is not None and prices.shape != s.shape:
+        raise ValueError(f"prices must have the shape of the scores {tuple(s.shape)}, got {tuple(prices.shape)}")
     if s.numel() == 0:
         return s.detach().clone()
     work_dtype = s.dtype if s.dtype in (torch.float32, torch.float64) else torch.float32
     x = s.detach().reshape(-1).to(work_dtype)
+    w = torch.ones_like(x) if prices is None else prices.detach().reshape(-1).to(device=x.device, dtype=work_dtype)
 
-    sorted_scores = torch.sort(x).values
-    prefix = torch.cat([x.new_zeros(1), torch.cumsum(sorted_scores, 0)])
     # Candidate shifts: 0 and every breakpoint of f on v >= 0; f is linear between consecutive candidates.
-    candidates = torch.cat([x.new_zeros(1), sorted_scores, sorted_scores - 1]).clamp_min(0)
-    mass = _kept_mass(candidates, sorted_scores, prefix)
-    # [v_lo, v_hi]: the consecutive candidates between which f crosses K. v_hi exists because f(max(s, 0)) = 0;
+    candidates = torch.cat([x.new_zeros(1), x / w, (x - 1) / w]).clamp_min(0)
+    mass = _budget_mass(candidates, x, w)
+    # [v_lo, v_hi]: the consecutive candidates between which f crosses K. v_hi exists because f(max(s / w, 0)) = 0;
     # v_hi = 0 means the budget is slack (the projection is the clamp).
     v_hi = torch.where(mass <= budget, candidates, math.inf).min()
     v_lo = torch.minimum(torch.where(mass > budget, candidates, 0).max(), v_hi)
-    # On [v_lo, v_hi] the sets "full" (s_j - v >= 1) and "partial" (0 < s_j - v < 1) are fixed; take them at the
-    # midpoint and solve  n_full + sum_partial (s_j - v) = K  for v directly from s (no prefix-sum round-off).
+    # On [v_lo, v_hi] the sets "full" (x_j - v w_j >= 1) and "partial" (0 < x_j - v w_j < 1) are fixed; take them at
+    # the midpoint and solve  sum_full w + sum_partial w (x - v w) = K  for v directly (no suffix-sum round-off).
     middle = 0.5 * (v_lo + v_hi)
-    full = x - middle >= 1
-    partial = (x - middle > 0) & ~full
-    n_partial = partial.sum().to(work_dtype)
-    numerator = full.sum().to(work_dtype) + torch.where(partial, x, 0).sum() - budget
-    shift = torch.where(n_partial > 0, numerator / n_partial.clamp_min(1), v_hi)
+    left = x - middle * w
+    full = left >= 1
+    partial = (left > 0) & ~full
+    curvature = torch.where(partial, w * w, 0).sum()
+    numerator = torch.where(full, w, 0).sum() + torch.where(partial, w * x, 0).sum() - budget
+    shift = torch.where(curvature > 0, numerator / torch.where(curvature > 0, curvature, 1), v_hi)
     shift = torch.minimum(torch.maximum(shift, v_lo), v_hi)  # guards round-off; exact arithmetic lands inside
-    return (x - shift).clamp(0, 1).to(s.dtype).reshape(s.shape)
+    return (x - shift * w).clamp(0, 1).to(s.dtype).reshape(s.shape)

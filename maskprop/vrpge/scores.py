@@ -79,7 +79,10 @@ class ChannelScores(nn.Module):
 
     Group ``g`` owns the slice ``scores[offset_g : offset_g + size_g]``, groups in the order given. The feasible set is
     ``{0 <= s <= 1, sum s <= K}`` with the global budget ``K = keep_ratio x total channels``; the scores are projected
-    onto it at construction and should be projected again (:meth:`project_`) after every optimizer step.
+    onto it at construction and should be projected again (:meth:`project_`) after every optimizer step. With
+    ``prices`` the budget is priced: ``sum_j w_j s_j <= K``, the prices ``w`` scaled to a mean of 1 over the channels so
+    that ``K`` keeps its meaning (at equal probabilities ``s`` both budgets are the same); a budget in FLOPs prices each
+    channel at the FLOPs it adds (``CostModel.channel_prices``; docs/methods.md, "A budget in FLOPs").
 
     Empty-group policy: a sampled mask that drops every channel of a group would cut the network, so :meth:`sample`
     then keeps that group's channel with the largest score (the lowest index on ties). The mask returned is the
@@ -95,6 +98,8 @@ class ChannelScores(nn.Module):
         init: initial probability of every channel, in ``[0, 1]`` (the official code uses 0.5), before projection.
         budget: the budget the scores start under, in ``[0, channels]``; default ``keep_ratio x channels``. A search
             whose budget is annealed starts from every channel (:mod:`maskprop.vrpge.budget`, :meth:`set_budget`).
+        prices: ``{group: price of one of its channels}`` for a priced budget, every price positive and finite;
+            None: every channel counts 1.
         device: device of the parameter.
         dtype: floating-point dtype of the parameter (default: torch's default dtype).
     """
@@ -106,6 +111,7 @@ class ChannelScores(nn.Module):
         init: float = 0.5,
         *,
         budget: float | None = None,
+        prices: Mapping[str, float] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -125,10 +131,26 @@ class ChannelScores(nn.Module):
         self.scores = nn.Parameter(torch.full((self.num_channels,), init, device=device, dtype=dtype))
         group_index = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))
         self.register_buffer("group_index", group_index.to(self.scores.device), persistent=False)
+        self.register_buffer("prices", None if prices is None else self._channel_prices(prices), persistent=False)
         self.project_()
 
+    def _channel_prices(self, prices: Mapping[str, float]) -> Tensor:
+        """One price per channel from ``{group: price}``, scaled to a mean of 1, in the scores' dtype and device."""
+        if not isinstance(prices, Mapping) or set(prices) != set(self.groups):
+            names = sorted(prices) if isinstance(prices, Mapping) else prices
+            raise ValueError(f"prices must give every group a price: expected groups {sorted(self.groups)}, got "
+                             f"{names!r}")
+        for name, price in prices.items():
+            valid = isinstance(price, numbers.Real) and not isinstance(price, bool) and 0 < price < math.inf
+            if not valid:  # rejects NaN
+                raise ValueError(f"the price of group {name!r} must be a positive finite number, got {price!r}")
+        per_group = torch.tensor([float(prices[name]) for name in self.names], dtype=torch.float64)
+        per_channel = per_group.repeat_interleave(torch.tensor(self.sizes))
+        return (per_channel / per_channel.mean()).to(device=self.scores.device, dtype=self.scores.dtype)
+
     def extra_repr(self) -> str:
-        return f"groups={len(self.groups)}, channels={self.num_channels}, keep_ratio={self.keep_ratio}"
+        priced = "" if self.prices is None else ", priced budget"
+        return f"groups={len(self.groups)}, channels={self.num_channels}, keep_ratio={self.keep_ratio}{priced}"
 
     def set_budget(self, budget: float) -> ChannelScores:
         """Make ``budget`` the budget of :meth:`project_` and :meth:`top_mask` (an annealed search lowers it step by
@@ -145,8 +167,9 @@ class ChannelScores(nn.Module):
 
     @torch.no_grad()
     def project_(self) -> ChannelScores:
-        """Project the scores in place onto ``{0 <= s <= 1, sum s <= K}`` (no autograd); returns ``self``."""
-        self.scores.copy_(project_scores(self.scores, self.budget))
+        """Project the scores in place onto ``{0 <= s <= 1, sum s <= K}`` (``sum w s <= K`` with prices; no
+        autograd); returns ``self``."""
+        self.scores.copy_(project_scores(self.scores, self.budget, self.prices))
         return self
 
     # ----------------------------------------------------------------------------------------------- flat <-> dict
@@ -228,15 +251,28 @@ class ChannelScores(nn.Module):
         trained with. Each group first keeps its largest-score channel; the remaining places go to the largest
         remaining scores globally. Ties go to the lower flat index. Exactly
         ``max(min(round(sum s), round(K)), number of groups)`` channels are kept.
+
+        With prices, the same order fills the priced budget instead: the largest scores are kept for as long as
+        their total price comes closest to ``min(sum w s, K)`` (at least one channel per group; with every price 1
+        this is the count above).
         """
         s = self.scores.detach()
         mask = torch.zeros_like(s, dtype=torch.bool)
         mask[self._group_argmax()] = True
-        expected = float(s.sum())
-        num_kept = max(min(math.floor(expected + 0.5), math.floor(self.budget + 0.5)), len(self.sizes))
         rest = s.masked_fill(mask, -math.inf)
-        order = torch.sort(rest, descending=True, stable=True).indices
-        mask[order[: num_kept - len(self.sizes)]] = True
+        order = torch.sort(rest, descending=True, stable=True).indices[: self.num_channels - len(self.sizes)]
+        if self.prices is None:
+            expected = float(s.sum())
+            num_kept = max(min(math.floor(expected + 0.5), math.floor(self.budget + 0.5)), len(self.sizes))
+            mask[order[: num_kept - len(self.sizes)]] = True
+            return self.split(mask)
+        w = self.prices.double()
+        target = min(float((w * s.double()).sum()), self.budget)
+        total = float(w[mask].sum()) + torch.cat([w.new_zeros(1), torch.cumsum(w[order], 0)])  # price of 0, 1, ... more
+        distance = (total - target).abs()
+        # The closest total, ties to the larger one (as rounding halves up): the last index at the minimum distance.
+        extra = int(distance.numel() - 1 - torch.argmin(distance.flip(0)))
+        mask[order[:extra]] = True
         return self.split(mask)
 
     def _group_argmax(self) -> Tensor:
