@@ -257,6 +257,8 @@ NO_MASK = "samples no channel mask; expected method='vrpge'"
      f"sparsity.warmup_epochs=0 + sparsity.anneal_epochs=11 {LONGER_THAN_THE_SEARCH}"),
     (["optim.epochs=10", "sparsity.warmup_epochs=4", "sparsity.anneal_epochs=7"],
      f"sparsity.warmup_epochs=4 + sparsity.anneal_epochs=7 {LONGER_THAN_THE_SEARCH}"),
+    (["sparsity.budget_unit=params"],
+     "sparsity.budget_unit='params' is not a valid choice; expected one of 'channels', 'flops'"),
     (["sparsity.budget_schedule=cos"],
      "sparsity.budget_schedule='cos' is not a valid choice; expected one of 'cubic', 'linear'"),
     (["method=dense", "sparsity.fix=random"],

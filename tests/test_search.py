@@ -257,7 +257,8 @@ def test_warmup_and_anneal_steps_are_timed_against_dense_steps_as_kinds_of_their
     assert summary["step_speedup"] == phases["search"]["median"]  # the search at its budget, not the warm-up
     assert summary["train_step_ms"] is None
     assert summary["search"] == {"subnetwork": "searched", "warmup_epochs": 1, "anneal_epochs": 2,
-                                 "budget_schedule": "cubic", "initial_keep_probability": 1.0,
+                                 "budget_schedule": "cubic", "budget_unit": "channels",
+                                 "initial_keep_probability": 1.0,
                                  "steps": {"warmup": 2, "anneal": 4, "search": 2}}
     assert summary["steps"] == {"search": 8, "finetune": 2, "train": 0}
 
@@ -370,6 +371,8 @@ def _records(run) -> list[dict]:
 @pytest.mark.parametrize("name, overrides, stops", [
     ("anneal", {"optim.epochs": 5, "sparsity.warmup_epochs": 2, "sparsity.anneal_epochs": 2}, (1, 3)),
     ("random", RANDOM, (2,)),
+    ("priced", {"optim.epochs": 4, "sparsity.warmup_epochs": 1, "sparsity.anneal_epochs": 2,
+                "sparsity.budget_unit": "flops"}, (2,)),
 ])
 def test_resume_in_the_warmup_the_anneal_and_the_random_baseline_is_exact(tmp_path, monkeypatch, name, overrides,
                                                                         stops):
@@ -377,7 +380,7 @@ def test_resume_in_the_warmup_the_anneal_and_the_random_baseline_is_exact(tmp_pa
     maskprop.fit(copy.deepcopy(config), out=tmp_path / "straight")
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")
     train_one_epoch = loop.train_one_epoch
-    for epochs in stops:  # 1: in the warm-up; 3: in the anneal; 2: in the random baseline's search
+    for epochs in stops:  # 1: in the warm-up; 3 (2 priced): in the anneal; 2: in the random baseline's search
         run = tmp_path / f"stopped{epochs}"
         _stop_after(monkeypatch, epochs)
         with pytest.raises(_Stop):
@@ -388,6 +391,28 @@ def test_resume_in_the_warmup_the_anneal_and_the_random_baseline_is_exact(tmp_pa
         maskprop.fit(copy.deepcopy(config), out=run, resume=True)
         _assert_same_state(straight, load_checkpoint(run / "last.pt"))
         assert _records(run) == _records(tmp_path / "straight")
+
+
+def test_a_budget_in_flops_holds_the_priced_sum_and_narrows_the_expensive_channels(tmp_path):
+    """A search with ``budget_unit: flops`` ends at ``sum w s = K`` with the prices of ``CostModel.channel_prices``
+    (scaled to a mean of 1), not at ``sum s = K``; its residual streams, the dearest channels, keep less probability
+    than the channels inside the blocks (the channel budget's run keeps them about level)."""
+    config = tiny(**{"optim.epochs": 3, "finetune.epochs": 0, "sparsity.anneal_epochs": 2,
+                     "sparsity.budget_unit": "flops", "save_every": 1})
+    maskprop.fit(copy.deepcopy(config), out=tmp_path / "priced")
+    cfg = load_config(config)
+    model = maskprop.create_model("resnet20", num_classes=10)
+    groups = model.channel_groups()
+    prices = maskprop.CostModel(model, (3, 16, 16)).channel_prices(0.5)
+    w = torch.cat([torch.full((n,), prices[g]) for g, n in groups.items()]).double()
+    w = w / w.mean()
+    s = load_checkpoint(tmp_path / "priced" / "last.pt")["scores"]["scores"].double()
+    assert float((w * s).sum()) == pytest.approx(cfg.sparsity.keep_ratio * w.numel(), rel=1e-5)
+    assert abs(float(s.sum()) - cfg.sparsity.keep_ratio * w.numel()) > 1  # a priced sum, not a count
+    split = dict(zip(groups, torch.split(s, list(groups.values()))))
+    streams = torch.cat([split[g] for g in groups if "conv" not in g]).mean()
+    inner = torch.cat([split[g] for g in groups if "conv" in g]).mean()
+    assert streams < inner - 0.1, (float(streams), float(inner))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

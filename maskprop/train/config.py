@@ -55,6 +55,7 @@ Estimator = Literal["vrpge", "vrpge_sym"]
 WeightGrad = Literal["first", "both"]
 FixRule = Literal["best_of_n", "top_scores", "random"]
 BudgetSchedule = Literal["cubic", "linear"]
+BudgetUnit = Literal["channels", "flops"]
 Schedule = Literal["cosine", "step", "constant"]
 Amp = Literal["none", "bf16"]
 OptimizerName = Literal["sgd", "adam"]
@@ -170,6 +171,11 @@ class SparsityConfig(_Section):
             ``budget_schedule``; 0: the budget is ``keep_ratio`` from the first step (the paper).
         budget_schedule: Shape of the anneal: ``cubic`` (fast at first, slow near the end, as gradual pruning does)
             or ``linear``.
+        budget_unit: What the budget counts: ``channels`` (``sum s <= keep_ratio x channels``, the paper) or
+            ``flops``: each channel priced at the forward FLOPs one more of its group's channels adds when every
+            group keeps ``keep_ratio`` (``CostModel.channel_prices``), so that a residual stream's channel, which
+            every block of its stage reads and writes, costs what it computes. At equal probabilities both budgets
+            are the same (docs/methods.md, "A budget in FLOPs").
         fix: How the final subnetwork is chosen: ``best_of_n`` samples ``fix_samples`` masks and keeps the one with
             the best training accuracy (official), ``top_scores`` keeps the largest scores up to the budget;
             ``random`` is the baseline of a random subnetwork of the same budget: fixed at the first step after the
@@ -199,6 +205,7 @@ class SparsityConfig(_Section):
     warmup_epochs: Annotated[int, Field(ge=0)] = 0
     anneal_epochs: Annotated[int, Field(ge=0, json_schema_extra={"note": "0: no anneal"})] = 0
     budget_schedule: BudgetSchedule = "cubic"
+    budget_unit: BudgetUnit = "channels"
     fix: FixRule = "best_of_n"
     fix_samples: Annotated[int, Field(ge=1)] = 10
     fix_examples: Annotated[int | None, Field(ge=1, json_schema_extra={"null": "the whole training set"})] = None

@@ -249,7 +249,7 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     scores = score_opt = None
     first_phase = "search" if cfg.method == "vrpge" else "train"
     if cfg.method == "vrpge" and cfg.sparsity.fix != "random":  # a random subnetwork learns no keep probabilities
-        scores = search_scores(groups, cfg.sparsity)
+        scores = search_scores(groups, cfg.sparsity, cost)
         if graphs.static:  # static steps sample on the device, inside the step
             scores.to(device)
         score_opt = score_optimizer(scores.scores, cfg.sparsity.score_lr)

@@ -12,6 +12,7 @@ import torch
 from timm.scheduler.scheduler import Scheduler
 from torch import Tensor, nn
 
+from ..cost import CostModel
 from ..sbp import GlobalBudget, load_sbp_state_dict, sbp_state_dict, sparse_layers
 from ..vrpge import BudgetSchedule, ChannelScores
 from .config import Config, SparsityConfig, config_to_dict
@@ -41,11 +42,21 @@ def initial_keep_probability(sparsity: SparsityConfig) -> float:
     return 1.0 if sparsity.anneal_epochs else 0.5
 
 
-def search_scores(groups: Mapping[str, int], sparsity: SparsityConfig) -> ChannelScores:
+def search_scores(groups: Mapping[str, int], sparsity: SparsityConfig, cost: CostModel | None = None) -> ChannelScores:
     """The keep probabilities a search starts from: :func:`initial_keep_probability` projected onto the budget of the
-    first sampling step (all channels with an anneal, ``keep_ratio`` of them without)."""
+    first sampling step (all channels with an anneal, ``keep_ratio`` of them without); with ``budget_unit: flops``
+    the budget prices each channel at ``cost.channel_prices(keep_ratio)``.
+
+    Raises:
+        ValueError: ``budget_unit: flops`` without a cost model.
+    """
+    prices = None
+    if sparsity.budget_unit == "flops":
+        if cost is None:
+            raise ValueError("sparsity.budget_unit='flops' prices the channels from a cost model; expected one")
+        prices = cost.channel_prices(sparsity.keep_ratio)
     return ChannelScores(groups, sparsity.keep_ratio, initial_keep_probability(sparsity),
-                         budget=float(sum(groups.values())) if sparsity.anneal_epochs else None)
+                         budget=float(sum(groups.values())) if sparsity.anneal_epochs else None, prices=prices)
 
 
 def search_schedule(sparsity: SparsityConfig, num_channels: int, steps_per_epoch: int) -> BudgetSchedule:
