@@ -121,3 +121,14 @@ def test_mlp_sizes():
     model = maskprop.create_model("mlp", in_features=784, hidden=(500, 500, 500))
     assert model.channel_groups() == {"hidden1": 500, "hidden2": 500, "hidden3": 500}
     assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_vgg_width_scales_every_conv():
+    """``width`` multiplies VGG's conv widths (a quarter-width VGG-19 for small machines) and is checked."""
+    quarter = maskprop.create_model("vgg19_bn", width=0.25)
+    full = maskprop.create_model("vgg19_bn").channel_groups()
+    assert quarter.channel_groups() == {g: n // 4 for g, n in full.items()}
+    assert quarter(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="width must be a positive number"):
+            maskprop.create_model("vgg19_bn", width=bad)

@@ -3,6 +3,7 @@
 Very Deep Convolutional Networks for Large-Scale Image Recognition (Simonyan and Zisserman, 2015), in the CIFAR form
 used by the VR-PGE paper: the conv stack of configurations A/B/D/E, global average pooling (the 32x32 input is 1x1
 after five pools) and a single linear classifier. Every conv unit is its own group ``conv1`` ... ``convN``.
+``width`` scales every conv's channels (0.25: VGG-19's 64-512 become 16-128, for studies on small machines).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class VGG(ChannelSparseModel):
         norm_layer: called as ``norm_layer(num_features, group=name)``.
         act_layer: activation class.
         in_chans: input image channels.
+        width: multiplies every conv width (rounded, at least 1).
     """
 
     def __init__(
@@ -42,8 +44,11 @@ class VGG(ChannelSparseModel):
         norm_layer: NormLayer | None = None,
         act_layer: Callable[..., nn.Module] = nn.ReLU,
         in_chans: int = 3,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width < float("inf"):
+            raise ValueError(f"width must be a positive number, got {width!r}")
         norm_layer = norm_layer or SparseBatchNorm2d
         layers: list[nn.Module] = []
         in_planes, in_group, n = in_chans, None, 0
@@ -53,9 +58,10 @@ class VGG(ChannelSparseModel):
                 continue
             n += 1
             group = f"conv{n}"
-            layers.append(ConvBNAct(in_planes, int(v), 3, in_group=in_group, out_group=group,
+            planes = max(1, round(int(v) * width))
+            layers.append(ConvBNAct(in_planes, planes, 3, in_group=in_group, out_group=group,
                                     norm_layer=norm_layer, act_layer=act_layer))
-            in_planes, in_group = int(v), group
+            in_planes, in_group = planes, group
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = SparseLinear(in_planes, num_classes, in_group=in_group)
