@@ -415,6 +415,28 @@ def test_a_budget_in_flops_holds_the_priced_sum_and_narrows_the_expensive_channe
     assert streams < inner - 0.1, (float(streams), float(inner))
 
 
+def test_a_budget_mostly_spent_by_one_channel_per_group_says_so(caplog):
+    """ChannelScores.floor: the number of groups, or the sum of one channel's price per group; a search whose floor is
+    more than half of its final budget warns once (ResNet-20: 12 groups; at keep 0.05 the budget is 22.4 channels)."""
+    groups = maskprop.create_model("resnet20", num_classes=10).channel_groups()
+    assert ChannelScores(groups, 0.5).floor == 12.0
+    priced = ChannelScores(groups, 0.5, prices={g: 1.0 + i for i, g in enumerate(groups)})
+    mean = sum((1.0 + i) * n for i, n in enumerate(groups.values())) / sum(groups.values())
+    assert priced.floor == pytest.approx(sum(1.0 + i for i in range(12)) / mean, rel=1e-6)
+    config = with_overrides(TINY_RUN, **{"optim.epochs": 1, "finetune.epochs": 0, "sparsity.keep_ratio": 0.05})
+    with caplog.at_level(logging.WARNING, logger="maskprop.train.loop"):
+        maskprop.fit(config)
+    warnings = [r.getMessage() for r in caplog.records if "one channel of every group" in r.getMessage()]
+    assert warnings == ["at sparsity.keep_ratio=0.05 one channel of every group (kept even when a sample drops the "
+                        "whole group) costs 12.0 of the budget's 22.4 channels (54%): the search chooses among few "
+                        "channels, and its subnetwork computes more than the budget (docs/methods.md, \"A budget in "
+                        "FLOPs\")"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="maskprop.train.loop"):
+        maskprop.fit(with_overrides(config, **{"sparsity.keep_ratio": 0.1}))  # 12 of 44.8
+    assert "one channel of every group" not in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input
 

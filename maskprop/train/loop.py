@@ -46,7 +46,7 @@ from ..sbp import sparse_layers
 from ..sparse import random_mask, sync_batchnorm, use_mask
 from ..vrpge import ChannelScores, score_statistics
 from .checkpoint import save_checkpoint
-from .config import SPARSE_BACKWARD_METHODS, Config, config_to_dict, load_config, save_config
+from .config import SPARSE_BACKWARD_METHODS, Config, SparsityConfig, config_to_dict, load_config, save_config
 from .data import build_loader
 from .distributed import (
     agree,
@@ -639,6 +639,7 @@ def _prepare_search(run: Run) -> None:
     elif state.phase == "search" and not run.resumed and current().is_main:  # one line, not one a rank
         _warn_if_short(state.schedule.warmup_steps, cfg.optim.epochs * len(run.train_loader),
                        state.schedule.num_channels)
+        _warn_if_floor(state.scores.floor, state.schedule.final, cfg.sparsity)
 
 
 STEPS_PER_CHANNEL = 7
@@ -655,6 +656,20 @@ def _warn_if_short(warmup_steps: int, search_steps: int, channels: int) -> None:
                        "will be close to a random choice of the same budget (docs/methods.md, \"How the search "
                        "behaves early\"); compare with sparsity.fix=random", sampled, channels,
                        STEPS_PER_CHANNEL * channels, STEPS_PER_CHANNEL)
+
+
+FLOOR_SHARE = 0.5
+"""The share of the budget above which the one channel every group keeps leaves the search too little to choose."""
+
+
+def _warn_if_floor(floor: float, budget: float, sparsity: SparsityConfig) -> None:
+    """Say, once at the start of a search, when one channel per group already spends most of the budget."""
+    if floor > FLOOR_SHARE * budget:
+        unit = "channels" if sparsity.budget_unit == "channels" else "channel-equivalents of FLOPs"
+        logger.warning("at sparsity.keep_ratio=%g one channel of every group (kept even when a sample drops the "
+                       "whole group) costs %.1f of the budget's %.1f %s (%.0f%%): the search chooses among few "
+                       "channels, and its subnetwork computes more than the budget (docs/methods.md, \"A budget in "
+                       "FLOPs\")", sparsity.keep_ratio, floor, budget, unit, 100 * floor / budget)
 
 
 def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Dataset | None = None,

@@ -285,6 +285,16 @@ class ChannelScores(nn.Module):
         first = torch.full((len(self.sizes),), self.num_channels, dtype=torch.long, device=s.device)
         return first.scatter_reduce(0, self.group_index, at_max, reduce="amin")
 
+    @property
+    def floor(self) -> float:
+        """What one channel of every group costs the budget (``number of groups``, or their prices' sum with a priced
+        budget): every sampled mask spends at least that much, whatever the scores (the empty-group policy), and
+        the projection does not count it."""
+        if self.prices is None:
+            return float(len(self.sizes))
+        first = torch.tensor([0, *self.sizes[:-1]]).cumsum(0)
+        return float(self.prices.detach().cpu().double()[first].sum())
+
     @torch.no_grad()
     def expected_kept(self) -> ExpectedKept:
         """Expected kept channels per group (``sum s``) and the expected kept ratio of the whole network."""
