@@ -82,19 +82,6 @@ def test_projection_with_many_ties_and_breakpoints() -> None:
         torch.testing.assert_close(project_scores(s, budget), reference_projection(s, budget)[0], atol=1e-12, rtol=0)
 
 
-def test_projection_enumeration_on_tiny_sizes() -> None:
-    """Brute force: the minimiser of ||x - s||^2 over a fine grid of the feasible set is (close to) the projection."""
-    grid = torch.linspace(0, 1, 101, dtype=torch.float64)
-    points = torch.cartesian_prod(grid, grid)
-    generator = torch.Generator().manual_seed(3)
-    for _ in range(10):
-        s = torch.rand(2, generator=generator, dtype=torch.float64) * 2 - 0.5
-        budget = float(torch.rand(1, generator=generator, dtype=torch.float64) * 2)
-        feasible = points[points.sum(dim=1) <= budget + 1e-12]
-        best = feasible[((feasible - s) ** 2).sum(dim=1).argmin()]
-        torch.testing.assert_close(project_scores(s, budget), best, atol=1.5e-2, rtol=0)
-
-
 @pytest.mark.parametrize("seed", range(5))
 def test_priced_projection_matches_kkt_and_bisection(seed: int) -> None:
     """With prices w (a budget in FLOPs): x = clamp(s - v w, 0, 1), sum w x <= K, v (sum w x - K) = 0, and no random
@@ -115,21 +102,27 @@ def test_priced_projection_matches_kkt_and_bisection(seed: int) -> None:
         assert ((s - x) * (y - x)).sum(dim=1).max() <= 1e-9 * n
 
 
-def test_priced_projection_enumeration_and_unit_prices() -> None:
-    """Brute force over a grid of the priced feasible set in 2-D; prices of 1 give the channel budget's projection."""
+@pytest.mark.parametrize("priced", [False, True])
+def test_projection_enumeration_on_tiny_sizes(priced: bool) -> None:
+    """Brute force in 2-D: no point of a fine grid of the feasible set (priced or not) is closer to s than the
+    projection, and the grid's closest point is near it."""
     grid = torch.linspace(0, 1, 201, dtype=torch.float64)
     points = torch.cartesian_prod(grid, grid)
     generator = torch.Generator().manual_seed(5)
     for _ in range(10):
         s = torch.rand(2, generator=generator, dtype=torch.float64) * 2 - 0.5
-        w = torch.rand(2, generator=generator, dtype=torch.float64) * 4 + 0.25
+        w = torch.rand(2, generator=generator, dtype=torch.float64) * 4 + 0.25 if priced else torch.ones(2).double()
         budget = float(torch.rand(1, generator=generator, dtype=torch.float64) * w.sum())
         feasible = points[(points * w).sum(dim=1) <= budget + 1e-12]
         best = ((feasible - s) ** 2).sum(dim=1).min()
-        x = project_scores(s, budget, prices=w)
+        x = project_scores(s, budget, prices=w if priced else None)
         assert float((x * w).sum()) <= budget + 1e-12 and x.min() >= 0 and x.max() <= 1
         assert ((x - s) ** 2).sum() <= best + 1e-12  # no grid point is closer,
         assert best - ((x - s) ** 2).sum() <= 1e-2  # and the grid's best is near it
+
+
+def test_unit_prices_give_the_channel_budget_and_prices_match_the_scores() -> None:
+    generator = torch.Generator().manual_seed(5)
     s = torch.randn(300, generator=generator) + 0.5
     torch.testing.assert_close(project_scores(s, 70.0, prices=torch.ones(300)), project_scores(s, 70.0), atol=1e-6,
                                rtol=0)
