@@ -175,7 +175,8 @@ class SparsityConfig(_Section):
             ``flops``: each channel priced at the forward FLOPs one more of its group's channels adds when every
             group keeps ``keep_ratio`` (``CostModel.channel_prices``), so that a residual stream's channel, which
             every block of its stage reads and writes, costs what it computes. At equal probabilities both budgets
-            are the same (docs/methods.md, "A budget in FLOPs").
+            are the same. Measured worse than ``channels`` and than the random subnetwork on ResNet-32 and VGG-19
+            (docs/methods.md, "A budget in FLOPs"): not a default.
         fix: How the final subnetwork is chosen: ``best_of_n`` samples ``fix_samples`` masks and keeps the one with
             the best training accuracy (official), ``top_scores`` keeps the largest scores up to the budget;
             ``random`` is the baseline of a random subnetwork of the same budget: fixed at the first step after the
