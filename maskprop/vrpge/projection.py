@@ -39,7 +39,7 @@ def _suffix_sums(sorted_keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     return keys, total - prefix
 
 
-def _budget_mass(shift: Tensor, x: Tensor, w: Tensor) -> Tensor:
+def _budget_mass(shift: Tensor, x: Tensor, w: Tensor, unit_prices: bool) -> Tensor:
     """``f(v) = sum_j w_j clamp(x_j - v w_j, 0, 1)`` at every entry of ``shift``.
 
     Channel j is full (contributes ``w_j``) for ``v <= a_j = (x_j - 1) / w_j``, partial (contributes
@@ -47,11 +47,14 @@ def _budget_mass(shift: Tensor, x: Tensor, w: Tensor) -> Tensor:
     set is ``{b_j > v}`` less ``{a_j >= v}``, so every sum is a suffix sum over sorted ``a`` or sorted ``b``.
     """
     rows = torch.stack([w, w * x, w * w])
-    a_sorted, a_suffix = _suffix_sums((x - 1) / w, rows)
-    b_sorted, b_suffix = _suffix_sums(x / w, rows[1:])
+    b_sorted, b_suffix = _suffix_sums(x / w, rows)
+    if unit_prices:  # a = b - 1 keeps b's order: one sort serves both (the training step's projection)
+        a_sorted, a_suffix = b_sorted - 1, b_suffix
+    else:
+        a_sorted, a_suffix = _suffix_sums((x - 1) / w, rows)
     at_a = a_suffix[:, torch.searchsorted(a_sorted, shift, right=False)]  # entries with a_j >= v
     at_b = b_suffix[:, torch.searchsorted(b_sorted, shift, right=True)]  # entries with b_j > v
-    partial = (at_b[0] - at_a[1]) - shift * (at_b[1] - at_a[2])
+    partial = (at_b[1] - at_a[1]) - shift * (at_b[2] - at_a[2])
     return at_a[0] + partial
 
 
@@ -90,7 +93,7 @@ def project_scores(s: Tensor, budget: float, prices: Tensor | None = None) -> Te
 
     # Candidate shifts: 0 and every breakpoint of f on v >= 0; f is linear between consecutive candidates.
     candidates = torch.cat([x.new_zeros(1), x / w, (x - 1) / w]).clamp_min(0)
-    mass = _budget_mass(candidates, x, w)
+    mass = _budget_mass(candidates, x, w, unit_prices=prices is None)
     # [v_lo, v_hi]: the consecutive candidates between which f crosses K. v_hi exists because f(max(s / w, 0)) = 0;
     # v_hi = 0 means the budget is slack (the projection is the clamp).
     v_hi = torch.where(mass <= budget, candidates, math.inf).min()
