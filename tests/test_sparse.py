@@ -166,6 +166,81 @@ def test_use_mask_restores_dense_and_nests(generator):
         torch.testing.assert_close(model(x), dense)
 
 
+class _Twice(torch.nn.Module):
+    """Runs one network twice in its forward: each of its layers is called twice in one forward of the model."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x) + self.net(x.flip(-1))
+
+
+def test_a_forward_of_the_model_is_one_pass_that_gathers_once(generator):
+    """The pass starts and ends with the model's forward, whatever its layers do in between: layers called twice in one
+    forward read the tensors gathered once (exact against the masked reference, running statistics updated twice), the
+    statistics go back once per forward, and the next forward (after an optimizer step) gathers the new weights."""
+    torch.manual_seed(0)
+    model = _Twice(maskprop.create_model("resnet20")).double()
+    reference = copy.deepcopy(model)
+    mask = random_mask(model.net.channel_groups(), 0.5, generator)
+    state = maskprop.sparse.prepare_mask(model, mask)
+    calls = {"weights": 0, "norms": 0, "flush": 0}
+    for name in ("_gather_weights", "_gather_norms"):
+        original = getattr(state, name)
+        key = "weights" if "weights" in name else "norms"
+
+        def counted(original=original, key=key):
+            calls[key] += 1
+            return original()
+        setattr(state, name, counted)
+    flush = state.flush
+
+    def counted_flush():
+        calls["flush"] += state._norm_pass is not None and state._norm_pass.updated
+        flush()
+    state.flush = counted_flush
+    x, y = torch.randn(4, 3, 16, 16, dtype=torch.double), torch.randint(0, 10, (4,))
+    sgd, sgd_ref = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(reference.parameters(), lr=0.1)
+    with use_mask(model, state):
+        for step in range(2):
+            loss = F.cross_entropy(model(x), y)
+            sgd.zero_grad()
+            loss.backward()
+            sgd.step()
+            assert calls == {"weights": step + 1, "norms": step + 1, "flush": step + 1}
+    with use_mask(reference, mask, "masked"):
+        for _ in range(2):
+            loss_ref = F.cross_entropy(reference(x), y)
+            sgd_ref.zero_grad()
+            loss_ref.backward()
+            sgd_ref.step()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-10, atol=1e-12)
+    for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_a_layer_run_outside_the_models_forward_gathers_and_writes_back_at_the_end_of_the_block(generator):
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20").double()
+    reference = copy.deepcopy(model)
+    mask = random_mask(model.channel_groups(), 0.5, generator)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.double)
+
+    def start(net):  # the stem and first stage, called one by one (not through the model's forward)
+        return net.layer1(net.maxpool(net.act1(net.bn1(net.conv1(x)))))
+    with use_mask(model, mask):
+        out = start(model)
+    with use_mask(reference, mask, "masked"):
+        expected = start(reference)
+    group = model.layer1[-1].bn2.group
+    kept = mask[group] if out.shape[1] < expected.shape[1] else torch.ones(expected.shape[1], dtype=torch.bool)
+    torch.testing.assert_close(out, expected[:, kept], rtol=1e-10, atol=1e-12)
+    for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=k)
+
+
 def test_gather_rows_matches_indexing_and_its_gradient():
     torch.manual_seed(0)
     source = torch.randn(30, 9, dtype=torch.double, requires_grad=True)

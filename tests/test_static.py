@@ -170,15 +170,19 @@ def test_padding_outputs_zero_at_the_capacities_and_eval_matches(generator):
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_leaving_the_block_drops_the_step_s_gathered_tensors(generator):
-    """A state lives for a window: once its block ends it must not keep the last step's gathered tensors (and with
-    them the autograd graph, whose gradient accumulators a graph captured on another stream must not meet)."""
+def test_the_end_of_a_forward_drops_the_step_s_gathered_tensors(generator):
+    """A state lives for a window: once the model's forward returns it must not keep the pass's gathered tensors (and
+    with them the autograd graph, whose gradient accumulators a graph captured on another stream must not meet)."""
     model = maskprop.create_model("resnet20")
     groups = model.channel_groups()
     state = StaticExecutionState.create(model, mask_capacities(random_mask(groups, 0.5, generator), 1))
+    during = []
+    hook = model.fc.register_forward_pre_hook(lambda *_: during.append((state._weight_pass, state._norm_pass)))
     with use_static(state):
         loss = model(torch.randn(2, 3, 16, 16)).sum()
-        assert state._weight_pass is not None and state._norm_pass is not None
+        assert state._weight_pass is None and state._norm_pass is None
+    hook.remove()
+    assert during[0][0] is not None and during[0][1] is not None  # the pass lives while the forward runs
     assert state._weight_pass is None and state._norm_pass is None
     loss.backward()
     assert model.fc.weight.grad is not None

@@ -14,13 +14,14 @@ Tensors gathered into one buffer (the weights of one kernel area, the BatchNorm 
 padded apart so that each starts at an aligned address (:data:`~maskprop.sparse.gather.ALIGN_ELEMENTS`), as
 vectorised GPU kernels need.
 
-In a forward pass the first layer that needs its gathered weight gathers those of all layers: off the CPU with one
-``index_select`` per kernel area from the concatenation of their weights (whose backward writes all their gradients
-with one zero-fill and one ``index_copy_``), on the CPU layer by layer (a call is cheap there, copying every weight in
-each pass is not: BENCHMARKS.md, "A fixed number of gathering calls per step"); the first
-BatchNorm gathers the parameters and statistics of all units with one call each; the running statistics are written
-back with two calls once the last unit ran. A layer asking again starts a new pass, so weights changed by an optimizer
-step in between are gathered afresh.
+A forward pass is one forward of the model: :func:`use_mask` hooks the model's forward so that a pass starts when it
+starts and ends when it returns. In a pass the first layer that needs its gathered weight gathers those of all layers:
+off the CPU with one ``index_select`` per kernel area from the concatenation of their weights (whose backward writes all
+their gradients with one zero-fill and one ``index_copy_``), on the CPU layer by layer (a call is cheap there, copying
+every weight in each pass is not: BENCHMARKS.md, "A fixed number of gathering calls per step"); the first BatchNorm
+gathers the parameters and statistics of all units with one call each; the running statistics are written back with
+two calls when the forward returns. The next forward gathers afresh, so weights changed by an optimizer step in between
+are the ones it runs.
 
 **Aligned widths.** With ``align = A`` each group's kept set is padded up to a multiple of ``A`` channels (never past
 the group's size) with its first dropped channels, so that the convolutions run on widths that GPU tensor cores and
@@ -179,29 +180,46 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 class ForwardPass:
-    """The gathered tensors of one forward pass: built by the first layer that asks, used by every layer once."""
+    """The gathered tensors of one forward pass of the model: built by the first layer that asks, read by every layer.
 
-    def __init__(self, tensors: dict[int, tuple], grad: bool) -> None:
+    A pass starts and ends with the model's forward (:func:`installed` hooks it): the first layer that asks gathers
+    for all layers, and the running statistics go back once, when the forward ends. A layer called outside the model's
+    forward (a submodule run on its own) gathers a pass that lasts until the next forward of the model or the end of
+    the block."""
+
+    def __init__(self, tensors: dict, grad: bool) -> None:
         self.tensors = tensors
         self.grad = grad
-        self.served: set[int] = set()
-        self.updated = False
-
-    def serves(self, layer: nn.Module) -> bool:
-        """Whether this pass can serve ``layer`` now (it has not yet, and the grad mode is the one it was built in)."""
-        return id(layer) not in self.served and self.grad == torch.is_grad_enabled()
+        self.updated = False  # running statistics changed in place: to be written back
 
 
-def serve(current: ForwardPass | None, layer: nn.Module, gather: Callable[[], dict],
-          before: Callable[[], None] | None = None) -> ForwardPass:
-    """The pass that serves ``layer``: ``current``, or a new one from ``gather()`` when ``layer`` starts another pass
-    (``before`` runs first, e.g. to write the previous pass's statistics back); ``layer`` is marked served."""
-    if current is None or not current.serves(layer):
-        if before is not None:
+def gathered(current: ForwardPass | None, gather: Callable[[], dict],
+             before: Callable[[], None] | None = None) -> ForwardPass:
+    """``current``, or a new pass from ``gather()`` when there is none yet or it was gathered in the other grad mode
+    (``before`` runs first then, e.g. to write that pass's statistics back)."""
+    if current is None or current.grad != torch.is_grad_enabled():
+        if before is not None and current is not None:
             before()
         current = ForwardPass(gather(), torch.is_grad_enabled())
-    current.served.add(id(layer))
     return current
+
+
+@contextlib.contextmanager
+def installed(model: nn.Module, layers: list[nn.Module], state) -> Iterator[nn.Module]:
+    """Run ``layers`` (those of ``model``) under ``state`` inside the ``with`` block, each forward of ``model`` one
+    pass: a hook before it drops the previous pass's gathered tensors, a hook after it writes the running statistics
+    back (``state.release()`` both times, and once more at the end of the block)."""
+    previous = [m.execution_state for m in layers]
+    set_execution_state(layers, [state] * len(layers))
+    hooks = (model.register_forward_pre_hook(lambda *_: state.release()),
+             model.register_forward_hook(lambda *_: state.release()))
+    try:
+        yield model
+    finally:
+        for hook in hooks:
+            hook.remove()
+        state.release()
+        set_execution_state(layers, previous)
 
 
 class ExecutionState:
@@ -325,7 +343,7 @@ class ExecutionState:
         (all layers' at once, by the first layer of a forward pass that asks), its own otherwise."""
         if id(layer) not in self._weight_layers:
             return layer.weight, layer.bias
-        self._weight_pass = serve(self._weight_pass, layer, self._gather_weights)
+        self._weight_pass = gathered(self._weight_pass, self._gather_weights)
         return self._weight_pass.tensors[id(layer)]
 
     def batch_norm(self, layer: SparseBatchNorm2d) -> tuple[Tensor | None, Tensor | None, Tensor | None,
@@ -334,32 +352,34 @@ class ExecutionState:
         all units; ``None`` when its group is kept whole (the layer runs as ``nn.BatchNorm2d``).
 
         The running statistics returned are the ones to update in place; call :meth:`batch_norm_done` after the
-        forward so that they are written back (for the truly kept channels only) once the last unit ran.
+        forward so that they are written back (for the truly kept channels only) when the pass ends.
         """
         if layer.group not in self._offsets:
             return None
         norm = self._norm
         if norm is None or id(layer) not in norm["position"]:
             return self._gather_one(layer)
-        self._norm_pass = serve(self._norm_pass, layer, self._gather_norms, self.flush)
+        self._norm_pass = gathered(self._norm_pass, self._gather_norms, self.flush)
         return self._norm_pass.tensors[id(layer)]
 
     def batch_norm_done(self, layer: SparseBatchNorm2d, updated: bool) -> None:
-        """Record that ``layer`` ran (``updated``: its running statistics moved); writes the statistics of every unit
-        back into the model once the last unit of the pass ran."""
+        """Record that ``layer`` ran (``updated``: its running statistics moved in place); the statistics of every
+        unit go back into the model when the pass ends (:meth:`release`)."""
         norm = self._norm
         if norm is None or id(layer) not in norm["position"]:
             if updated:
                 self._write_back_one(layer)
             return
-        current = self._norm_pass
-        current.updated |= updated
-        if len(current.served) == len(norm["modules"]):
-            self.flush()
+        self._norm_pass.updated |= updated
+
+    def release(self) -> None:
+        """End the current pass: write its running statistics back and drop its gathered tensors (the model's forward
+        hooks do it when a forward starts and ends, :func:`use_mask` at the end of its block)."""
+        self.flush()
+        self._weight_pass = self._norm_pass = None
 
     def flush(self) -> None:
-        """Write pending running statistics back into the model (the last unit of a pass and :func:`use_mask`'s exit
-        do it; harmless otherwise)."""
+        """Write pending running statistics back into the model (harmless when none are pending)."""
         current = self._norm_pass
         if current is None or not current.updated:
             return
@@ -632,11 +652,5 @@ def use_mask(model: nn.Module, mask: Mapping[str, Tensor] | ExecutionState | Non
         yield model
         return
     state = mask if isinstance(mask, ExecutionState) else prepare_mask(model, mask, mode, align)
-    layers = model_plan(model).layers
-    previous = [m.execution_state for m in layers]
-    set_execution_state(layers, [state] * len(layers))
-    try:
+    with installed(model, model_plan(model).layers, state):
         yield model
-    finally:
-        state.flush()
-        set_execution_state(layers, previous)

@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .execution import ForwardPass, serve
+from .execution import ForwardPass, gathered, installed
 from .gather import gather_rows
 from .groups import aligned_width, channel_groups, check_align
-from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule, set_execution_state
+from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule
 
 if TYPE_CHECKING:
     from ..vrpge import ChannelScores
@@ -637,7 +637,7 @@ class StaticExecutionState:
         layer of a forward pass that asks) when a side is pruned, its own otherwise."""
         if id(layer) not in self.layout.weighted:
             return layer.weight, layer.bias
-        self._weight_pass = serve(self._weight_pass, layer, self._gather_weights)
+        self._weight_pass = gathered(self._weight_pass, self._gather_weights)
         return self._weight_pass.tensors[id(layer)]
 
     def batch_norm(self, layer: SparseBatchNorm2d) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
@@ -645,17 +645,14 @@ class StaticExecutionState:
         all units (padding's weight and bias zero); ``None`` for a BatchNorm outside every group."""
         if layer.group is None or id(layer) not in self.layout.norm_position:
             return None
-        self._norm_pass = serve(self._norm_pass, layer, self._gather_norms, self.flush)
+        self._norm_pass = gathered(self._norm_pass, self._gather_norms, self.flush)
         return self._norm_pass.tensors[id(layer)]
 
     def batch_norm_done(self, layer: SparseBatchNorm2d, updated: bool) -> None:
-        """Record that ``layer`` ran; the statistics of all units go back once the last unit of the pass ran."""
+        """Record that ``layer`` ran; the statistics of all units go back when the pass ends (:meth:`release`)."""
         current = self._norm_pass
-        if current is None or id(layer) not in self.layout.norm_position:
-            return
-        current.updated |= updated
-        if len(current.served) == len(self.layout.norm_position):
-            self.flush()
+        if current is not None and id(layer) in self.layout.norm_position:
+            current.updated |= updated
 
     def flush(self) -> None:
         """Write pending running statistics back into the model, for the slots holding kept channels only (padding's
@@ -674,10 +671,11 @@ class StaticExecutionState:
         current.updated = False
 
     def release(self) -> None:
-        """End the block the state ran in: write pending statistics back and drop the gathered tensors of the last
-        pass. A state lives for a whole window, and those tensors hold the step's autograd graph (its gradient
-        accumulators included, bound to the stream they ran on, which a CUDA graph captured on another stream must
-        not depend on) and their memory until the next step."""
+        """End the current pass: write its running statistics back and drop its gathered tensors (the model's forward
+        hooks do it when a forward starts and ends, :func:`use_static` at the end of its block). A state lives for a
+        whole window, and those tensors hold the step's autograd graph (its gradient accumulators included, bound to
+        the stream they ran on, which a CUDA graph captured on another stream must not depend on) and their memory
+        until the next step."""
         self.flush()
         self._weight_pass = self._norm_pass = None
 
@@ -764,11 +762,5 @@ def use_static(state: StaticExecutionState) -> Iterator[nn.Module]:
         ...     loss = criterion(model(images), labels)
         >>> loss.backward()
     """
-    layers = state.layout.layers
-    previous = [m.execution_state for m in layers]
-    set_execution_state(layers, [state] * len(layers))  # type: ignore[list-item]
-    try:
-        yield state.layout.model
-    finally:
-        state.release()
-        set_execution_state(layers, previous)
+    with installed(state.layout.model, state.layout.layers, state) as model:
+        yield model
