@@ -471,8 +471,8 @@ def test_execution_state_puts_every_index_on_the_models_device():
             assert meta.index(g).device.type == "meta" and meta.index(g).shape == host.index(g).shape
     assert len(host._weights) == len(meta._weights) > 0
     for a, b in zip(host._weights, meta._weights):
-        assert b["flat"].device.type == "meta" and b["flat"].shape == a["flat"].shape
-    assert meta._norm["index"].device.type == "meta" and meta._norm["index"].shape == host._norm["index"].shape
+        assert b.flat.device.type == "meta" and b.flat.shape == a.flat.shape
+    assert meta._norm.flat.device.type == "meta" and meta._norm.flat.shape == host._norm.flat.shape
 
 
 def test_model_plan_is_computed_once_per_model_and_lives_on_it(generator):

@@ -36,11 +36,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .gather import ALIGN_ELEMENTS, gather_rows, interleave, split_padded
+from .gather import ALIGN_ELEMENTS, GatherPiece, GatherTable, gather_rows, interleave, split_padded
 from .groups import aligned_width, channel_groups, check_align, count_kept
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule, set_execution_state
 
@@ -261,9 +262,11 @@ class ExecutionState:
         self.masks: dict[str, Tensor] = {}
         self._index: dict[str, Tensor] = {}
         self._offsets: dict[str, tuple[int, int]] = {}  # gathered group -> (start, width) in the copied index sets
-        self._weights: list[dict] = []
+        self._weights: list[TableIndex] = []
         self._weight_layers: set[int] = set()
-        self._norm: dict | None = None
+        self._norm: TableIndex | None = None
+        self._norm_position: dict[int, int] = {}  # id(BatchNorm unit) -> its place in the BatchNorm table
+        self._norm_kept: tuple[Tensor, Tensor] | None = None  # with padding: kept entries and where they go back
         self._one: dict[int, tuple[Tensor | None, Tensor | None]] = {}  # BatchNorm outside the packed gather
         self.padded = False
         self._weight_pass: ForwardPass | None = None
@@ -295,8 +298,8 @@ class ExecutionState:
         index_ext = torch.cat([index, self.plan.identity[0], self.plan.filler[0]])
         real_ext = torch.cat([real, self.plan.identity[1], self.plan.filler[1]])
         self.padded = any(w > c for w, c in zip(widths, counts) if w)
-        self._weights, norm, rows = _tables(self.plan, self._offsets, identity, self.concatenate)
-        self._weight_layers = {id(layer) for table in self._weights for layer, _, _ in table["sources"]}
+        weights, norm, rows = _tables(self.plan, self._offsets, identity, self.concatenate)
+        self._weight_layers = {id(p.layer) for table in weights for p in table.pieces}
         layer_rows = rows
         rows, norm_targets = _row_table(rows, index_ext, real_ext, norm, self.padded)
 
@@ -306,7 +309,7 @@ class ExecutionState:
         pieces = [index_ext, real_ext.long(), rows.view(-1), *norm_targets]
         moved = to_device(torch.cat(pieces), self.device).split([p.numel() for p in pieces])
         self._index_ext, self._real_ext = moved[0], moved[1]
-        tables = self._weights + ([norm] if norm is not None else [])
+        tables = weights + ([norm] if norm is not None else [])
         if not self.concatenate and not self.padded:
             # The CPU path (layer by layer): the host pays per call, not per launch, so one broadcast add per gathered
             # tensor, which touches only the entries it makes, beats the fixed-count expansion below.
@@ -315,18 +318,17 @@ class ExecutionState:
                               for first, (_, _, _, _, start, n_in) in zip(firsts, layer_rows)])
             real_rows = None
         else:
-            flat, real_rows = _flat_rows(moved[2].view(-1, 4), sum(t["entries"] for t in tables), self._index_ext,
+            flat, real_rows = _flat_rows(moved[2].view(-1, 4), sum(t.entries for t in tables), self._index_ext,
                                          self.padded)
-        sizes = [t["entries"] for t in tables]
-        real_split = real_rows.split(sizes) if real_rows is not None else [None] * len(tables)
-        for table, t_flat, t_real in zip(tables, flat.split(sizes), real_split):
-            table["flat"], table["real"], table["factors"] = t_flat, t_real, {}
-            if not self.concatenate and table is not norm:  # each layer's rows of its own weight (no padding)
-                table["flat_of"] = t_flat.split(table["sizes"])
+        sizes = [t.entries for t in tables]
+        flats = flat.split(sizes)
+        reals = real_rows.split(sizes) if real_rows is not None else [None] * len(tables)
+        self._weights = [TableIndex(table, t_flat, t_real, None if self.concatenate else t_flat.split(table.sizes))
+                         for table, t_flat, t_real in zip(weights, flats, reals)]
         if norm is not None:
-            norm["index"] = norm.pop("flat")
-            norm["real_positions"], norm["real_targets"] = (moved[3], moved[4]) if self.padded else (None, None)
-            self._norm = norm
+            self._norm = TableIndex(norm, flats[-1], reals[-1])
+            self._norm_position = {id(m): i for i, m in enumerate(norm.modules)}
+            self._norm_kept = (moved[3], moved[4]) if self.padded else None
 
     # --- what layers read ----------------------------------------------------------------------------------------
 
@@ -356,8 +358,7 @@ class ExecutionState:
         """
         if layer.group not in self._offsets:
             return None
-        norm = self._norm
-        if norm is None or id(layer) not in norm["position"]:
+        if id(layer) not in self._norm_position:
             return self._gather_one(layer)
         self._norm_pass = gathered(self._norm_pass, self._gather_norms, self.flush)
         return self._norm_pass.tensors[id(layer)]
@@ -365,8 +366,7 @@ class ExecutionState:
     def batch_norm_done(self, layer: SparseBatchNorm2d, updated: bool) -> None:
         """Record that ``layer`` ran (``updated``: its running statistics moved in place); the statistics of every
         unit go back into the model when the pass ends (:meth:`release`)."""
-        norm = self._norm
-        if norm is None or id(layer) not in norm["position"]:
+        if id(layer) not in self._norm_position:
             if updated:
                 self._write_back_one(layer)
             return
@@ -383,15 +383,16 @@ class ExecutionState:
         current = self._norm_pass
         if current is None or not current.updated:
             return
-        norm = self._norm
         source, stats = current.tensors["source"]
-        if self.padded:  # only the truly kept channels: padded ones' statistics stay as they were
-            source.index_copy_(0, norm["real_targets"], stats.index_select(0, norm["real_positions"]))
+        if self._norm_kept is not None:  # only the truly kept channels: padded ones' statistics stay as they were
+            positions, targets = self._norm_kept
+            source.index_copy_(0, targets, stats.index_select(0, positions))
         else:
-            source.index_copy_(0, norm["index"], stats)
-        modules = norm["modules"]
+            source.index_copy_(0, self._norm.flat, stats)
+        modules = self._norm.table.modules
+        features = [m.num_features for m in modules]
         torch._foreach_copy_([m.running_mean for m in modules] + [m.running_var for m in modules],
-                             list(source.split([*norm["features"] * 2, 1])[:-1]))  # the zero row stays behind
+                             list(source.split([*features * 2, 1])[:-1]))  # the zero row stays behind
         current.updated = False
 
     def apply_mask(self, group: str | None, y: Tensor) -> Tensor:
@@ -413,40 +414,41 @@ class ExecutionState:
         area, each piece starting at an aligned address; the backward writes all their gradients with one zero-fill
         and one ``index_copy_``."""
         tensors: dict[int, list[Tensor | None]] = {}
-        for table in self._weights:
-            area = table["area"]
+        for index in self._weights:
+            table = index.table
             if self.concatenate:
-                rows = gather_rows(self.plan.concatenated(area), table["flat"])
+                rows = gather_rows(self.plan.concatenated(table.area), index.flat)
                 if self.padded:
-                    rows = rows * _factor(table, rows.dtype)
-                pieces = split_padded(rows, table["sizes"], table["pads"])
+                    rows = rows * index.factor(rows.dtype).view(-1, 1)
+                pieces = split_padded(rows, table.sizes, table.pads)
             else:  # layer by layer (the CPU): only the kept rows of each weight are read
-                pieces = [gather_rows(getattr(layer, kind).reshape(-1, area), flat)
-                          for (layer, kind, _), flat in zip(table["sources"], table["flat_of"])]
+                pieces = [gather_rows(getattr(p.layer, p.kind).reshape(-1, table.area), flat)
+                          for p, flat in zip(table.pieces, index.per_piece)]
                 if self.padded:
-                    factors = _factor(table, pieces[0].dtype).split(table["sizes"])
+                    factors = index.factor(pieces[0].dtype).view(-1, 1).split(table.sizes)
                     pieces = [piece * factor for piece, factor in zip(pieces, factors)]
-            for (layer, kind, shape), piece in zip(table["sources"], pieces):
-                pair = tensors.setdefault(id(layer), [layer.weight, layer.bias])
-                pair[0 if kind == "weight" else 1] = piece.view(shape)
+            for p, piece in zip(table.pieces, pieces):
+                pair = tensors.setdefault(id(p.layer), [p.layer.weight, p.layer.bias])
+                pair[0 if p.kind == "weight" else 1] = piece.view(p.shape)
         return tensors
 
     def _gather_norms(self) -> dict:
         """BatchNorm weights and biases of all units with one gather (padded channels' multiplied by zero), running
         means and variances with another; each unit's pieces start at aligned addresses."""
         norm = self._norm
-        modules = norm["modules"]
+        table = norm.table
+        modules = table.modules
         params = [m.weight for m in modules] + [m.bias for m in modules]
-        gathered = gather_rows(torch.cat([*params, self.plan.zero_row(params[0])]), norm["index"])
+        gathered = gather_rows(torch.cat([*params, self.plan.zero_row(params[0])]), norm.flat)
         if self.padded:
-            gathered = gathered * _factor(norm, gathered.dtype)
+            gathered = gathered * norm.factor(gathered.dtype)
         buffers = [m.running_mean for m in modules] + [m.running_var for m in modules]
         source = torch.cat([*buffers, self.plan.zero_row(buffers[0])])
-        stats = source.index_select(0, norm["index"])
+        stats = source.index_select(0, norm.flat)
         # Each unit updates its statistics in place, and autograd saved them: pieces with version counters of their own
         # (an in-place update of one must not look like a change of another's saved input).
-        params_of = split_padded(gathered, norm["sizes"], norm["pads"])
-        stats_of = stats.unsafe_split_with_sizes(interleave(norm["sizes"], norm["pads"]))[::2]
+        params_of = split_padded(gathered, table.sizes, table.pads)
+        stats_of = stats.unsafe_split_with_sizes(interleave(table.sizes, table.pads))[::2]
         n = len(modules)
         tensors: dict = {id(m): (stats_of[i], stats_of[n + i], params_of[i], params_of[n + i])
                          for i, m in enumerate(modules)}
@@ -477,14 +479,30 @@ class ExecutionState:
             running.index_copy_(0, index, torch.where(real, new, running.index_select(0, index)))
 
 
-def _factor(table: dict, dtype: torch.dtype) -> Tensor:
-    """A table's 0/1 factors (1: a kept channel, 0: padding) in ``dtype``, shaped for its gathered rows."""
-    factor = table["factors"].get(dtype)
-    if factor is None:
-        factor = table["real"].to(dtype)
-        factor = factor.view(-1, 1) if table.get("area") is not None else factor
-        table["factors"][dtype] = factor
-    return factor
+@dataclass
+class TableIndex:
+    """What gathers a :class:`~maskprop.sparse.gather.GatherTable` for one mask, on the model's device.
+
+    Attributes:
+        table: The tensors gathered and where each sits.
+        flat: The flat rows of every entry (padding included) in the concatenation of the table's sources (with
+            ``concatenate``) or in each source's own ``(rows, area)`` view.
+        real: With aligned widths, 1 for the entries of kept channels and 0 for padding (int64); else ``None``.
+        per_piece: Layer by layer (no concatenation): ``flat`` cut into each piece's rows.
+    """
+
+    table: GatherTable
+    flat: Tensor
+    real: Tensor | None = None
+    per_piece: tuple[Tensor, ...] | None = None
+    _factors: dict[torch.dtype, Tensor] = field(default_factory=dict, repr=False)
+
+    def factor(self, dtype: torch.dtype) -> Tensor:
+        """``real`` in ``dtype``, made once per dtype: the 0/1 factors of the gathered entries."""
+        factor = self._factors.get(dtype)
+        if factor is None:
+            factor = self._factors[dtype] = self.real.to(dtype)
+        return factor
 
 
 def _exclusive_cumsum(t: Tensor) -> Tensor:
@@ -519,35 +537,38 @@ def _padded_index_sets(masks: Tensor, sizes: list[int], counts: list[int], width
 
 
 def _tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], identity: int,
-            concatenate: bool = True) -> tuple[list[dict], dict | None, list[tuple[int, ...]]]:
-    """What one mask gathers: a table per kernel area (the weights and biases to concatenate, the sizes and shapes of
-    their gathered pieces), one for the BatchNorm units, and one row per gathered tensor for :func:`_row_table`:
-    ``(computed outputs, first row in its concatenation, input channels, outputs' start and inputs' start in the
-    extended index sets, computed inputs)``. A side kept whole reads the identity segment at ``identity``. Without
-    ``concatenate`` the rows are those of each tensor's own ``(rows, area)`` view.
+            concatenate: bool = True) -> tuple[list[GatherTable], GatherTable | None, list[tuple[int, ...]]]:
+    """What one mask gathers: a table per kernel area (the weights and biases to concatenate, each piece's shape and
+    entries), one for the BatchNorm units, and one row per gathered tensor for :func:`_row_table`: ``(computed
+    outputs, first row in its concatenation, input channels, outputs' start and inputs' start in the extended index
+    sets, computed inputs)``. A side kept whole reads the identity segment at ``identity``. Without ``concatenate`` the
+    rows are those of each tensor's own ``(rows, area)`` view. The tables' entries follow each other in one flat index
+    (``GatherTable.start``): the weight tables', then the BatchNorm table's.
 
     Where pieces are gathered into one buffer (the weights with ``concatenate``, the BatchNorm tensors always), each
-    piece is followed by ``pads`` rows that make the next one start at a multiple of ``ALIGN_ELEMENTS``
+    piece is followed by padding entries that make the next one start at a multiple of ``ALIGN_ELEMENTS``
     elements. They read the zero row after the concatenation (a row of the table with no input channels whose
     outputs come from the zero segment after the identity segment), and they are not kept channels.
     """
     tables, rows = [], []
     filler = identity + plan.max_channels
+    start = 0  # the next table's first entry in the flat index of all tables
 
-    def add(table: dict, layer: nn.Module, kind: str, shape_tail: tuple, base: int, c_in: int,
+    def add(table: GatherTable, layer: nn.Module, kind: str, shape_tail: tuple, base: int, c_in: int,
             out_side: tuple[int, int], in_side: tuple[int, int], zero_row: int | None, step: int) -> None:
         (out_start, n_out), (in_start, n_in) = out_side, in_side
         rows.append((n_out, base, c_in, out_start, in_start, n_in))
-        pad = -(n_out * n_in) % step if zero_row is not None else 0
+        n = n_out * n_in
+        pad = -n % step if zero_row is not None else 0
         if pad:
             rows.append((pad, zero_row, 0, filler, filler, 1))
-        table["sources"].append((layer, kind, (n_out, n_in, *shape_tail) if kind == "weight" else (n_out,)))
-        table["sizes"].append(n_out * n_in)
-        table["pads"].append(pad)
-        table["entries"] += n_out * n_in + pad
+        shape = (n_out, n_in, *shape_tail) if kind == "weight" else (n_out,)
+        table.pieces.append(GatherPiece(layer, kind, shape, table.entries, n))
+        table.split_sizes.append(n + pad)
+        table.entries += n + pad
 
     for area, entries in plan.by_area.items():
-        table = {"area": area, "sources": [], "sizes": [], "pads": [], "entries": 0}
+        table = GatherTable(area, [], start, 0, [])
         zero_row = sum(c_out * c_in for *_, c_out, c_in, _ in entries) if concatenate else None
         step = ALIGN_ELEMENTS // math.gcd(area, ALIGN_ELEMENTS)
         base = 0
@@ -557,14 +578,14 @@ def _tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], identity: i
                 in_side = offsets.get(in_group, (identity, c_in))
                 add(table, layer, kind, tail, base if concatenate else 0, c_in, out_side, in_side, zero_row, step)
             base += c_out * c_in
-        if table["sources"]:
+        if table.pieces:
             tables.append(table)
+            start += table.entries
     modules = [m for m in plan.packed_norms if m.group in offsets]
     if not modules:
         return tables, None, rows
-    norm = {"area": None, "sources": [], "sizes": [], "pads": [], "entries": 0, "modules": modules,
-            "position": {id(m): i for i, m in enumerate(modules)}, "features": [m.num_features for m in modules]}
-    total = sum(norm["features"])
+    norm = GatherTable(1, [], start, 0, [], modules)
+    total = sum(m.num_features for m in modules)
     for kind, first in (("weight", 0), ("bias", total)):  # cat(weights + biases): the layout of cat(means + vars)
         base = first
         for m in modules:
@@ -573,7 +594,7 @@ def _tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], identity: i
     return tables, norm, rows
 
 
-def _row_table(rows: list[tuple[int, ...]], index_ext: Tensor, real_ext: Tensor, norm: dict | None,
+def _row_table(rows: list[tuple[int, ...]], index_ext: Tensor, real_ext: Tensor, norm: GatherTable | None,
                padded: bool) -> tuple[Tensor, list[Tensor]]:
     """One row per (gathered tensor, computed output channel), with a fixed number of host calls for all of them:
     ``[first flat row, offset of its inputs in the extended index sets, kept (1) or padding (0), computed inputs]``.
@@ -591,7 +612,7 @@ def _row_table(rows: list[tuple[int, ...]], index_ext: Tensor, real_ext: Tensor,
     table = torch.stack([first, in_start - _exclusive_cumsum(n_in), real, n_in], 1)
     if norm is None or not padded:
         return table, []
-    norm_rows = table[-norm["entries"]:]  # one entry per row: BatchNorm tensors have one input
+    norm_rows = table[-norm.entries:]  # one entry per row: BatchNorm tensors have one input
     positions = norm_rows[:, 2].nonzero().view(-1)
     return table, [positions, norm_rows[:, 0][positions]]
 

@@ -12,8 +12,10 @@ address; :func:`split_padded` cuts such a buffer into its tensors, leaving the p
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 # Every tensor gathered into a buffer shared with others starts at a multiple of this many elements of it: at least
 # 16 bytes for every dtype a model trains in. Vectorised GPU kernels (cuBLASLt, cuDNN) choose their loads by the
@@ -83,3 +85,56 @@ def split_padded(rows: Tensor, sizes: list[int], pads: list[int]) -> list[Tensor
     if not rows.requires_grad or not torch.is_grad_enabled():
         return list(rows.split(interleave(sizes, pads))[::2])
     return list(_SplitPadded.apply(rows, sizes, pads))
+
+
+# --- what one buffer gathers: its tensors and where they sit -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatherPiece:
+    """One gathered tensor (a weight, a bias, or one BatchNorm unit's weight or bias): its entries in its table.
+
+    Attributes:
+        layer: The layer that owns it.
+        kind: ``"weight"`` or ``"bias"``.
+        shape: The gathered tensor's shape.
+        start: Its first entry in its table (a multiple of the alignment when concatenated).
+        entries: Its entries (rows of its ``(rows, area)`` view); padding up to the next piece follows.
+    """
+
+    layer: nn.Module
+    kind: str
+    shape: tuple[int, ...]
+    start: int
+    entries: int
+
+
+@dataclass
+class GatherTable:
+    """The tensors gathered together: conv and linear weights (and biases) of one kernel area, or the BatchNorm units.
+
+    Attributes:
+        area: Elements per row (the kernel area; 1 for linear weights, biases and BatchNorm parameters).
+        pieces: Its tensors, in the order of their concatenation.
+        start: Its first entry in the state's flat index buffer.
+        entries: Its entries, padding included.
+        split_sizes: Entry counts that cut its gathered rows into pieces, each with the padding that follows it.
+        modules: For the BatchNorm table, its units (a piece for each one's weight, then each one's bias).
+    """
+
+    area: int
+    pieces: list[GatherPiece]
+    start: int
+    entries: int
+    split_sizes: list[int]
+    modules: list[nn.Module] = field(default_factory=list)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Each piece's entries, padding left out."""
+        return [p.entries for p in self.pieces]
+
+    @property
+    def pads(self) -> list[int]:
+        """The padding entries after each piece."""
+        return [n - p.entries for n, p in zip(self.split_sizes, self.pieces)]

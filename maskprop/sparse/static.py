@@ -31,14 +31,14 @@ import contextlib
 import math
 import statistics
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .execution import ForwardPass, gathered, installed
-from .gather import gather_rows
+from .gather import GatherPiece, GatherTable, gather_rows
 from .groups import aligned_width, channel_groups, check_align
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule
 
@@ -277,46 +277,6 @@ class GroupSlots:
     capacity: int
     first_channel: int
     first_slot: int
-
-
-@dataclass(frozen=True)
-class GatherPiece:
-    """One gathered tensor (a weight, a bias, or one BatchNorm unit's weight or bias): its entries in its table.
-
-    Attributes:
-        layer: The layer that owns it.
-        kind: ``"weight"`` or ``"bias"``.
-        shape: The gathered tensor's shape.
-        start: Its first entry in its table (a multiple of the alignment when concatenated).
-        entries: Its entries (rows of its ``(rows, area)`` view); padding up to the next piece follows.
-    """
-
-    layer: nn.Module
-    kind: str
-    shape: tuple[int, ...]
-    start: int
-    entries: int
-
-
-@dataclass
-class GatherTable:
-    """The tensors gathered together: conv and linear weights (and biases) of one kernel area, or the BatchNorm units.
-
-    Attributes:
-        area: Elements per row (the kernel area; 1 for linear weights, biases and BatchNorm parameters).
-        pieces: Its tensors, in the order of their concatenation.
-        start: Its first entry in the state's flat index buffer.
-        entries: Its entries, padding included.
-        split_sizes: Entry counts that cut its gathered rows into pieces, each with the padding that follows it.
-        modules: For the BatchNorm table, its units (a piece for each one's weight, then each one's bias).
-    """
-
-    area: int
-    pieces: list[GatherPiece]
-    start: int
-    entries: int
-    split_sizes: list[int]
-    modules: list[SparseBatchNorm2d] = field(default_factory=list)
 
 
 class StaticLayout:
