@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .gather import ALIGN_ELEMENTS, GatherPiece, GatherTable, gather_rows, interleave, split_padded
+from .gather import ALIGN_ELEMENTS, GatherPiece, GatherTable, gather_norms, gather_pieces, write_back_norms
 from .groups import aligned_width, channel_groups, check_align, count_kept
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule, set_execution_state
 
@@ -266,7 +266,7 @@ class ExecutionState:
         self._weight_layers: set[int] = set()
         self._norm: TableIndex | None = None
         self._norm_position: dict[int, int] = {}  # id(BatchNorm unit) -> its place in the BatchNorm table
-        self._norm_kept: tuple[Tensor, Tensor] | None = None  # with padding: kept entries and where they go back
+        self._norm_kept: Tensor | None = None  # with padding: whether each BatchNorm entry is a kept channel
         self._one: dict[int, tuple[Tensor | None, Tensor | None]] = {}  # BatchNorm outside the packed gather
         self.padded = False
         self._weight_pass: ForwardPass | None = None
@@ -301,12 +301,12 @@ class ExecutionState:
         weights, norm, rows = _tables(self.plan, self._offsets, identity, self.concatenate)
         self._weight_layers = {id(p.layer) for table in weights for p in table.pieces}
         layer_rows = rows
-        rows, norm_targets = _row_table(rows, index_ext, real_ext, norm, self.padded)
+        rows = _row_table(rows, index_ext, real_ext)
 
         # One host-to-device copy of everything, then the flat rows built on the device: there is one per gathered
         # weight entry, far more than the index sets they come from, too many to build on the host and copy over.
         # (Their number for ResNet-50: BENCHMARKS.md, "A fixed number of gathering calls per step".)
-        pieces = [index_ext, real_ext.long(), rows.view(-1), *norm_targets]
+        pieces = [index_ext, real_ext.long(), rows.view(-1)]
         moved = to_device(torch.cat(pieces), self.device).split([p.numel() for p in pieces])
         self._index_ext, self._real_ext = moved[0], moved[1]
         tables = weights + ([norm] if norm is not None else [])
@@ -323,12 +323,11 @@ class ExecutionState:
         sizes = [t.entries for t in tables]
         flats = flat.split(sizes)
         reals = real_rows.split(sizes) if real_rows is not None else [None] * len(tables)
-        self._weights = [TableIndex(table, t_flat, t_real, None if self.concatenate else t_flat.split(table.sizes))
-                         for table, t_flat, t_real in zip(weights, flats, reals)]
+        self._weights = [TableIndex(table, t_flat, t_real) for table, t_flat, t_real in zip(weights, flats, reals)]
         if norm is not None:
             self._norm = TableIndex(norm, flats[-1], reals[-1])
             self._norm_position = {id(m): i for i, m in enumerate(norm.modules)}
-            self._norm_kept = (moved[3], moved[4]) if self.padded else None
+            self._norm_kept = reals[-1].bool() if self.padded else None
 
     # --- what layers read ----------------------------------------------------------------------------------------
 
@@ -383,16 +382,7 @@ class ExecutionState:
         current = self._norm_pass
         if current is None or not current.updated:
             return
-        source, stats = current.tensors["source"]
-        if self._norm_kept is not None:  # only the truly kept channels: padded ones' statistics stay as they were
-            positions, targets = self._norm_kept
-            source.index_copy_(0, targets, stats.index_select(0, positions))
-        else:
-            source.index_copy_(0, self._norm.flat, stats)
-        modules = self._norm.table.modules
-        features = [m.num_features for m in modules]
-        torch._foreach_copy_([m.running_mean for m in modules] + [m.running_var for m in modules],
-                             list(source.split([*features * 2, 1])[:-1]))  # the zero row stays behind
+        write_back_norms(self._norm.table, current.tensors, self._norm.flat, self._norm_kept)
         current.updated = False
 
     def apply_mask(self, group: str | None, y: Tensor) -> Tensor:
@@ -410,50 +400,27 @@ class ExecutionState:
     # --- gathering (once per forward pass) -----------------------------------------------------------------------
 
     def _gather_weights(self) -> dict[int, list[Tensor | None]]:
-        """The gathered weights (and biases) of all layers: one concatenation and one ``index_select`` per kernel
-        area, each piece starting at an aligned address; the backward writes all their gradients with one zero-fill
-        and one ``index_copy_``."""
+        """The gathered weights (and biases) of all layers: off the CPU one concatenation and one ``index_select`` per
+        kernel area, each piece starting at an aligned address (the backward writes all their gradients with one
+        zero-fill and one ``index_copy_``); on the CPU layer by layer, reading only the kept rows of each weight."""
         tensors: dict[int, list[Tensor | None]] = {}
         for index in self._weights:
             table = index.table
-            if self.concatenate:
-                rows = gather_rows(self.plan.concatenated(table.area), index.flat)
-                if self.padded:
-                    rows = rows * index.factor(rows.dtype).view(-1, 1)
-                pieces = split_padded(rows, table.sizes, table.pads)
-            else:  # layer by layer (the CPU): only the kept rows of each weight are read
-                pieces = [gather_rows(getattr(p.layer, p.kind).reshape(-1, table.area), flat)
-                          for p, flat in zip(table.pieces, index.per_piece)]
-                if self.padded:
-                    factors = index.factor(pieces[0].dtype).view(-1, 1).split(table.sizes)
-                    pieces = [piece * factor for piece, factor in zip(pieces, factors)]
-            for p, piece in zip(table.pieces, pieces):
+            source = self.plan.concatenated(table.area) if self.concatenate else None
+            factor = index.factor(source.dtype if source is not None else table.pieces[0].layer.weight.dtype) \
+                if self.padded else None
+            for p, piece in zip(table.pieces, gather_pieces(table, index.flat, factor, source)):
                 pair = tensors.setdefault(id(p.layer), [p.layer.weight, p.layer.bias])
-                pair[0 if p.kind == "weight" else 1] = piece.view(p.shape)
+                pair[0 if p.kind == "weight" else 1] = piece
         return tensors
 
     def _gather_norms(self) -> dict:
         """BatchNorm weights and biases of all units with one gather (padded channels' multiplied by zero), running
         means and variances with another; each unit's pieces start at aligned addresses."""
         norm = self._norm
-        table = norm.table
-        modules = table.modules
-        params = [m.weight for m in modules] + [m.bias for m in modules]
-        gathered = gather_rows(torch.cat([*params, self.plan.zero_row(params[0])]), norm.flat)
-        if self.padded:
-            gathered = gathered * norm.factor(gathered.dtype)
-        buffers = [m.running_mean for m in modules] + [m.running_var for m in modules]
-        source = torch.cat([*buffers, self.plan.zero_row(buffers[0])])
-        stats = source.index_select(0, norm.flat)
-        # Each unit updates its statistics in place, and autograd saved them: pieces with version counters of their own
-        # (an in-place update of one must not look like a change of another's saved input).
-        params_of = split_padded(gathered, table.sizes, table.pads)
-        stats_of = stats.unsafe_split_with_sizes(interleave(table.sizes, table.pads))[::2]
-        n = len(modules)
-        tensors: dict = {id(m): (stats_of[i], stats_of[n + i], params_of[i], params_of[n + i])
-                         for i, m in enumerate(modules)}
-        tensors["source"] = (source, stats)
-        return tensors
+        first = norm.table.modules[0]
+        factor = norm.factor(first.weight.dtype) if self.padded else None
+        return gather_norms(norm.table, norm.flat, factor, self.plan.zero_row(first.weight))
 
     def _gather_one(self, layer: SparseBatchNorm2d) -> tuple[Tensor | None, ...]:
         """A BatchNorm the packed gather does not serve (no affine parameters or no running statistics)."""
@@ -488,13 +455,11 @@ class TableIndex:
         flat: The flat rows of every entry (padding included) in the concatenation of the table's sources (with
             ``concatenate``) or in each source's own ``(rows, area)`` view.
         real: With aligned widths, 1 for the entries of kept channels and 0 for padding (int64); else ``None``.
-        per_piece: Layer by layer (no concatenation): ``flat`` cut into each piece's rows.
     """
 
     table: GatherTable
     flat: Tensor
     real: Tensor | None = None
-    per_piece: tuple[Tensor, ...] | None = None
     _factors: dict[torch.dtype, Tensor] = field(default_factory=dict, repr=False)
 
     def factor(self, dtype: torch.dtype) -> Tensor:
@@ -594,14 +559,12 @@ def _tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], identity: i
     return tables, norm, rows
 
 
-def _row_table(rows: list[tuple[int, ...]], index_ext: Tensor, real_ext: Tensor, norm: GatherTable | None,
-               padded: bool) -> tuple[Tensor, list[Tensor]]:
+def _row_table(rows: list[tuple[int, ...]], index_ext: Tensor, real_ext: Tensor) -> Tensor:
     """One row per (gathered tensor, computed output channel), with a fixed number of host calls for all of them:
     ``[first flat row, offset of its inputs in the extended index sets, kept (1) or padding (0), computed inputs]``.
 
     Expanded over its computed inputs ``i`` (:func:`_flat_rows`), a row gives the flat rows ``first + index_ext[offset
-    + i]`` of the tensor's ``(rows, kernel area)`` view inside the concatenation of its kind. With padding, also the
-    BatchNorm entries of kept channels and where they go back (``[positions, targets]``).
+    + i]`` of the tensor's ``(rows, kernel area)`` view inside the concatenation of its kind.
     """
     table = torch.tensor(rows, dtype=torch.int64)
     layer_of = torch.repeat_interleave(table[:, 0])
@@ -609,12 +572,7 @@ def _row_table(rows: list[tuple[int, ...]], index_ext: Tensor, real_ext: Tensor,
     out_pos = out_start + torch.arange(len(layer_of)) - _exclusive_cumsum(table[:, 0])[layer_of]
     real = real_ext[out_pos].long()
     first = base + index_ext[out_pos] * c_in
-    table = torch.stack([first, in_start - _exclusive_cumsum(n_in), real, n_in], 1)
-    if norm is None or not padded:
-        return table, []
-    norm_rows = table[-norm.entries:]  # one entry per row: BatchNorm tensors have one input
-    positions = norm_rows[:, 2].nonzero().view(-1)
-    return table, [positions, norm_rows[:, 0][positions]]
+    return torch.stack([first, in_start - _exclusive_cumsum(n_in), real, n_in], 1)
 
 
 def _flat_rows(rows: Tensor, entries: int, index_ext: Tensor, padded: bool) -> tuple[Tensor, Tensor | None]:

@@ -73,10 +73,13 @@ class _SplitPadded(torch.autograd.Function):
         like = next((grad for grad in grads if grad is not None), None)
         if like is None:
             return None, None, None
-        paddings = like.new_zeros(sum(ctx.pads), *ctx.row_shape).split(ctx.pads)
+        padded = sum(ctx.pads) > 0  # no zero tensor (and no call) for a buffer without padding
+        paddings = like.new_zeros(sum(ctx.pads), *ctx.row_shape).split(ctx.pads) if padded else [None] * len(ctx.pads)
         parts = []
         for grad, size, padding in zip(grads, ctx.sizes, paddings):  # a piece no layer used has no gradient
-            parts += [like.new_zeros(size, *ctx.row_shape) if grad is None else grad, padding]
+            parts.append(like.new_zeros(size, *ctx.row_shape) if grad is None else grad)
+            if padding is not None and padding.shape[0]:
+                parts.append(padding)
         return torch.cat(parts), None, None
 
 
@@ -138,3 +141,70 @@ class GatherTable:
     def pads(self) -> list[int]:
         """The padding entries after each piece."""
         return [n - p.entries for n, p in zip(self.split_sizes, self.pieces)]
+
+
+# --- gathering a table for one mask: shared by the eager and the static execution states ----------------------------
+
+
+def gather_pieces(table: GatherTable, flat: Tensor, factor: Tensor | None = None,
+                  source: Tensor | None = None) -> list[Tensor]:
+    """The table's tensors for one mask, shaped as its pieces say.
+
+    With ``source`` (the concatenation, as ``(rows, area)`` views, of every tensor ``flat`` indexes, and a zero row that
+    the padding entries read) one ``index_select`` gathers all pieces, which are cut from its rows at their aligned
+    starts; without, each piece is gathered from its own tensor, ``flat`` holding each piece's rows in that tensor and
+    no padding. ``factor``: the entries' 0/1 factors (0 for a padded channel) when some are padding.
+    """
+    if source is not None:
+        rows = gather_rows(source, flat)
+        if factor is not None:
+            rows = rows * factor.view(-1, 1)
+        pieces = split_padded(rows, table.sizes, table.pads)
+    else:
+        sizes = table.sizes
+        pieces = [gather_rows(getattr(p.layer, p.kind).reshape(-1, table.area), f)
+                  for p, f in zip(table.pieces, flat.split(sizes))]
+        if factor is not None:
+            pieces = [piece * f.view(-1, 1) for piece, f in zip(pieces, factor.split(sizes))]
+    return [piece.view(p.shape) for p, piece in zip(table.pieces, pieces)]
+
+
+def gather_norms(table: GatherTable, flat: Tensor, factor: Tensor | None, zero: Tensor) -> dict:
+    """The BatchNorm table's tensors for one mask: ``{id(unit): (running mean, running var, weight, bias)}`` of the
+    channels each unit computes, and ``"source"``: ``(the concatenated statistics, the gathered ones)`` for
+    :func:`write_back_norms`.
+
+    The table's pieces are every unit's weight, then every unit's bias; the concatenation of the means and variances
+    has the same layout, so ``flat`` gathers both (one ``index_select`` each). ``factor`` zeroes the weight and bias of
+    padded channels; ``zero`` (one element) is appended to both concatenations for the padding entries to read.
+    """
+    modules = table.modules
+    params = [m.weight for m in modules] + [m.bias for m in modules]
+    gathered = gather_rows(torch.cat([*params, zero.to(params[0].dtype)]), flat)
+    if factor is not None:
+        gathered = gathered * factor
+    buffers = [m.running_mean for m in modules] + [m.running_var for m in modules]
+    source = torch.cat([*buffers, zero.to(buffers[0].dtype)])
+    stats = source.index_select(0, flat)
+    # Each unit updates its statistics in place, and autograd saved them: pieces with version counters of their own
+    # (an in-place update of one must not look like a change of another's saved input).
+    params_of = split_padded(gathered, table.sizes, table.pads)
+    stats_of = stats.unsafe_split_with_sizes(interleave(table.sizes, table.pads))[::2]
+    n = len(modules)
+    tensors: dict = {id(m): (stats_of[i], stats_of[n + i], params_of[i], params_of[n + i])
+                     for i, m in enumerate(modules)}
+    tensors["source"] = (source, stats)
+    return tensors
+
+
+def write_back_norms(table: GatherTable, tensors: dict, flat: Tensor, kept: Tensor | None = None) -> None:
+    """Write the statistics the units updated in place (``tensors`` from :func:`gather_norms`) back into the units'
+    buffers with a fixed number of calls; with ``kept`` (bool, one per entry) only those of kept channels, padding's
+    left as they were."""
+    source, stats = tensors["source"]
+    if kept is not None:
+        stats = torch.where(kept, stats, source.index_select(0, flat))
+    source.index_copy_(0, flat, stats)
+    targets = [m.running_mean for m in table.modules] + [m.running_var for m in table.modules]
+    sizes = [t.numel() for t in targets]
+    torch._foreach_copy_(targets, list(source[:sum(sizes)].split(sizes)))  # the zero at the end stays behind

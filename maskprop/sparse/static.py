@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .execution import ForwardPass, gathered, installed
-from .gather import GatherPiece, GatherTable, gather_rows
+from .gather import GatherPiece, GatherTable, gather_norms, gather_pieces, write_back_norms
 from .groups import aligned_width, channel_groups, check_align
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule
 
@@ -621,13 +621,7 @@ class StaticExecutionState:
         if current is None or not current.updated:
             return
         norm = self.layout.norm_table
-        source, stats = current.tensors["source"]
-        flat = self._flat[norm.start:norm.start + norm.entries]
-        source.index_copy_(0, flat, torch.where(self._norm_real, stats, source.index_select(0, flat)))
-        modules = norm.modules
-        targets = [m.running_mean for m in modules] + [m.running_var for m in modules]
-        sizes = [t.numel() for t in targets]
-        torch._foreach_copy_(targets, list(source[:sum(sizes)].split(sizes)))  # the zero row at the end stays
+        write_back_norms(norm, current.tensors, self._slice(norm)[0], self._norm_real)
         current.updated = False
 
     def release(self) -> None:
@@ -653,60 +647,34 @@ class StaticExecutionState:
             row = self._zero_rows[key] = like.new_zeros(1, area)
         return row
 
-    def _factor_of(self, table: GatherTable, dtype: torch.dtype) -> Tensor:
-        factor = self._factor[table.start:table.start + table.entries]
-        return factor if factor.dtype == dtype else factor.to(dtype)
+    def _slice(self, table: GatherTable) -> tuple[Tensor, Tensor]:
+        """The table's flat indices and 0/1 factors (views of the state's buffers)."""
+        end = table.start + table.entries
+        return self._flat[table.start:end], self._factor[table.start:end]
 
     def _gather_weights(self) -> dict[int, list[Tensor | None]]:
         """Every gathered weight (and bias): per kernel area one concatenation, one ``index_select`` and one multiply
         by the 0/1 factors off the CPU; layer by layer on the CPU."""
         tensors: dict[int, list[Tensor | None]] = {}
         for table in self.layout.tables:
-            area = table.area
-            flat = self._flat[table.start:table.start + table.entries]
-            sources = [getattr(p.layer, p.kind).reshape(-1, area) for p in table.pieces]
-            factor = self._factor_of(table, sources[0].dtype).view(-1, 1)
+            flat, factor = self._slice(table)
+            source = None
             if self.layout.concatenate:
-                source = torch.cat([*sources, self._zero_row(area, sources[0])])
-                rows = gather_rows(source, flat) * factor
-                pieces = _unpadded(rows.split(table.split_sizes), table.pieces)  # backward: one concatenation
-            else:
-                flats, factors = flat.split(table.split_sizes), factor.split(table.split_sizes)  # no padding here
-                pieces = [gather_rows(s, f) * w for s, f, w in zip(sources, flats, factors)]
-            for p, piece in zip(table.pieces, pieces):
+                sources = [getattr(p.layer, p.kind).reshape(-1, table.area) for p in table.pieces]
+                source = torch.cat([*sources, self._zero_row(table.area, sources[0])])
+            dtype = table.pieces[0].layer.weight.dtype
+            for p, piece in zip(table.pieces, gather_pieces(table, flat, factor.to(dtype), source)):
                 pair = tensors.setdefault(id(p.layer), [p.layer.weight, p.layer.bias])
-                pair[0 if p.kind == "weight" else 1] = piece.view(p.shape)
+                pair[0 if p.kind == "weight" else 1] = piece
         return tensors
 
     def _gather_norms(self) -> dict:
         """BatchNorm weights and biases of all units with one gather (padding's multiplied by zero), running means and
         variances with another."""
         norm = self.layout.norm_table
-        modules = norm.modules
-        flat = self._flat[norm.start:norm.start + norm.entries]
-        params = [m.weight for m in modules] + [m.bias for m in modules]
-        stats_of = [m.running_mean for m in modules] + [m.running_var for m in modules]
-        if self.layout.concatenate:
-            params.append(self._zero_row(1, params[0]).view(1))
-            stats_of.append(self._zero_row(1, stats_of[0]).view(1))
-        gathered = gather_rows(torch.cat(params), flat) * self._factor_of(norm, params[0].dtype)
-        source = torch.cat(stats_of)
-        stats = source.index_select(0, flat)
-        # Each unit updates its statistics in place, and autograd saved them: pieces with version counters of their
-        # own (an in-place update of one must not look like a change of another's saved input).
-        params_out = _unpadded(gathered.split(norm.split_sizes), norm.pieces)
-        stats_out = _unpadded(stats.unsafe_split_with_sizes(norm.split_sizes), norm.pieces)
-        n = len(modules)
-        tensors: dict = {id(m): (stats_out[i], stats_out[n + i], params_out[i], params_out[n + i])
-                         for i, m in enumerate(modules)}
-        tensors["source"] = (source, stats)
-        return tensors
-
-
-def _unpadded(chunks: tuple[Tensor, ...] | list[Tensor], pieces: list[GatherPiece]) -> list[Tensor]:
-    """Each piece's entries from its chunk (the piece and its padding); the chunk itself where it has no padding, so
-    that only padded pieces add a call to the backward (the slice's)."""
-    return [chunk if chunk.shape[0] == p.entries else chunk[:p.entries] for chunk, p in zip(chunks, pieces)]
+        flat, factor = self._slice(norm)
+        weight = norm.modules[0].weight
+        return gather_norms(norm, flat, factor.to(weight.dtype), self._zero_row(1, weight).view(1))
 
 
 @contextlib.contextmanager
