@@ -8,6 +8,12 @@ cheaper than an accumulate (BENCHMARKS.md, "Implementation choices": weight gath
 
 Gathered rows that hold several tensors carry padding rows between them, so that each tensor starts at an aligned
 address; :func:`split_padded` cuts such a buffer into its tensors, leaving the padding out.
+
+What one buffer gathers is a :class:`GatherTable` of :class:`GatherPiece` entries, and :func:`gather_pieces`,
+:func:`gather_norms` and :func:`write_back_norms` gather a table and write BatchNorm statistics back for both execution
+states: the eager one (:mod:`maskprop.sparse.execution`, index sets built per mask) and the static one
+(:mod:`maskprop.sparse.static`, index buffers rewritten in place); they differ only in where the flat indices come
+from.
 """
 
 from __future__ import annotations
