@@ -266,6 +266,9 @@ def test_split_padded_leaves_the_padding_out_and_its_gradient_zero():
     assert torch.autograd.gradcheck(lambda r: split_padded(r, [3, 2, 4], [1, 2, 0]), (rows,))
     with torch.no_grad():
         assert [p.shape[0] for p in split_padded(rows, [3, 2, 4], [1, 2, 0])] == [3, 2, 4]
+    unpadded = torch.randn(9, 3, dtype=torch.double, requires_grad=True)  # no padding at all: the backward makes none
+    assert torch.autograd.gradcheck(lambda r: split_padded(r, [3, 2, 4], [0, 0, 0]), (unpadded,))
+    assert torch.autograd.gradcheck(lambda r: split_padded(r, [3, 2, 4], [0, 0, 0])[1], (unpadded,))
 
 
 # --- bad input: one clear error each -------------------------------------------------------------------------------
