@@ -407,8 +407,7 @@ class ExecutionState:
         for index in self._weights:
             table = index.table
             source = self.plan.concatenated(table.area) if self.concatenate else None
-            factor = index.factor(source.dtype if source is not None else table.pieces[0].layer.weight.dtype) \
-                if self.padded else None
+            factor = index.factor(table.pieces[0].layer.weight.dtype) if self.padded else None
             for p, piece in zip(table.pieces, gather_pieces(table, index.flat, factor, source)):
                 pair = tensors.setdefault(id(p.layer), [p.layer.weight, p.layer.bias])
                 pair[0 if p.kind == "weight" else 1] = piece
