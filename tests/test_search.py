@@ -437,6 +437,40 @@ def test_a_budget_mostly_spent_by_one_channel_per_group_says_so(caplog):
     assert "one channel of every group" not in caplog.text
 
 
+def test_the_budget_spent_is_the_priced_sum_of_the_scores():
+    """ChannelScores.spent: sum s, or sum w s with prices (normalised to mean 1), against a hand computation."""
+    groups = {"a": 3, "b": 2}
+    scores = ChannelScores(groups, 0.8)
+    with torch.no_grad():
+        scores.scores.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]))
+    assert scores.spent() == pytest.approx(1.5)
+    priced = ChannelScores(groups, 0.8, prices={"a": 1.0, "b": 4.0})
+    with torch.no_grad():
+        priced.scores.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]))
+    w_a, w_b = 5 / 11, 20 / 11  # prices 1 and 4 over channels 3 and 2: mean 11 / 5
+    assert priced.spent() == pytest.approx(w_a * 0.6 + w_b * 0.9)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_search_that_ends_below_its_budget_says_so(caplog):
+    """The summary's fix records the share of the budget the scores spend at the end of the search; below SPENT_SHARE
+    a warning says so. Probabilities held at 0.05 (an init below the budget, a score lr too small to move them) spend
+    a tenth of keep 0.5; the default start spends all of it."""
+    config = with_overrides(TINY_RUN, **{"optim.epochs": 1, "finetune.epochs": 0, "sparsity.init": 0.05,
+                                         "sparsity.score_lr": 1e-12})
+    with caplog.at_level(logging.WARNING, logger="maskprop.train.loop"):
+        summary = maskprop.fit(config)
+    assert summary["fix"]["budget_spent"] == pytest.approx(0.1, rel=1e-4)
+    warnings = [r.getMessage() for r in caplog.records if "the search ended spending" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("the search ended spending 10% of its budget "
+                                                         "(sparsity.keep_ratio=0.5)")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="maskprop.train.loop"):
+        summary = maskprop.fit(with_overrides(config, **{"sparsity.init": None}))
+    assert summary["fix"]["budget_spent"] == pytest.approx(1.0, abs=1e-4)
+    assert "the search ended spending" not in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input
 

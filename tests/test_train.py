@@ -280,7 +280,7 @@ def test_top_scores_fix_keeps_the_largest_scores(tmp_path):
     scores = ChannelScores({name: size for name, size in checkpoint["groups"]}, keep_ratio=0.5)
     scores.load_state_dict(checkpoint["scores"])
     assert {g: int(m.sum()) for g, m in scores.top_mask().items()} == summary["widths"]
-    assert summary["fix"] == {"rule": "top_scores"}
+    assert summary["fix"] == {"rule": "top_scores", "budget_spent": pytest.approx(scores.spent() / scores.budget)}
     assert summary["steps"]["finetune"] == 0 and summary["accuracy"] is not None
 
 

@@ -97,7 +97,8 @@ class RunSummary:
                                 factory=dict)
     group_sizes: dict[str, int] = _f("channels", "channels per group of the full network, in network order",
                                      factory=dict)
-    fix: dict[str, Any] = _f("", "how the subnetwork was fixed after the search (rule, per-sample accuracies; rule "
+    fix: dict[str, Any] = _f("", "how the subnetwork was fixed after the search (rule, per-sample accuracies, "
+                                 "budget_spent: the share of the budget the final keep probabilities spend; rule "
                                  "random: the random baseline, fixed before the first step)", factory=dict)
     search: dict[str, Any] | None = _f(
         "", "VR-PGE runs: subnetwork ('searched' by VR-PGE, or 'random': the random baseline, no search), "

@@ -296,6 +296,14 @@ class ChannelScores(nn.Module):
         return float(self.prices.detach().cpu().double()[first].sum())
 
     @torch.no_grad()
+    def spent(self) -> float:
+        """The budget the scores spend: ``sum s`` (``sum w s`` with prices), at most :attr:`budget` after
+        :meth:`project_`. The constraint is an inequality, so a search can end below its budget: a probability the
+        estimator drove to 0 gets no gradient there (``m_j - s_j = 0`` in every sample) and stays."""
+        s = self.scores.detach()
+        return float(s.sum() if self.prices is None else (s * self.prices).sum())
+
+    @torch.no_grad()
     def expected_kept(self) -> ExpectedKept:
         """Expected kept channels per group (``sum s``) and the expected kept ratio of the whole network."""
         s = self.scores.detach()
