@@ -248,6 +248,7 @@ def run_config(overrides: dict[str, Any], harness: bool = False, threads: int = 
     result["flops_kept"] = summary["subnet_flops"] / summary["dense_flops"]
     result["params_kept"] = summary["subnet_params"] / summary["dense_params"]
     result["widths"] = summary.get("widths")
+    result["budget_spent"] = (summary.get("fix") or {}).get("budget_spent")  # a search's; None for the others
     result["wall_s"] = wall
     result["epochs"] = epochs
     return result
@@ -406,8 +407,9 @@ def table(data: dict[str, Any], tag: str | None = None) -> str:
     for run in data["runs"].values():
         if tag is None or run["tag"] == tag:
             rows.setdefault((run["tag"], _model_label(run), run["keep"], run["arm"]), []).append(run)
-    lines = [("| setting | model | keep | arm | seeds | accuracy % | after epoch 1 % | FLOPs kept | train-cost saving "
-              "| measured speedup | minutes/run |"), "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| setting | model | keep | arm | seeds | accuracy % | after epoch 1 % | FLOPs kept | budget spent "
+              "| train-cost saving | measured speedup | minutes/run |"),
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (tag_, model, keep, arm), runs in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2],
                                                                                  list(ARMS).index(kv[0][3])
                                                                                  if kv[0][3] in ARMS else 99)):
@@ -416,6 +418,7 @@ def table(data: dict[str, Any], tag: str | None = None) -> str:
             f"| {tag_} | {model} | {1.0 if dense else keep:g} | {arm} | {len(runs)} "
             f"| {_mean_spread([r['accuracy'] for r in runs])} | {_mean_spread([_first_val(r) for r in runs])} "
             f"| {_mean_spread([r['flops_kept'] for r in runs], 3)} "
+            f"| {_mean_spread([r.get('budget_spent') for r in runs], 2)} "
             f"| {'-' if dense else _mean_spread([r['train_cost_saving'] for r in runs], 2) + 'x'} "
             f"| {'-' if dense else _mean_spread([r['measured_speedup'] for r in runs], 2) + 'x'} "
             f"| {statistics.mean(r['wall_s'] for r in runs) / 60:.1f} |")
