@@ -36,12 +36,12 @@ def static_run(monkeypatch):
     monkeypatch.setattr(setup, "resolve_cuda_graphs", lambda cfg, device, world, model=None: GraphsChoice(True, False))
 
 
-def _parts(dtype=torch.float64, clip=None, align=8, fused_scores=False, priced=False, spend=False):
+def _parts(dtype=torch.float64, clip=None, align=8, fused_scores=False, priced=False):
     torch.manual_seed(0)
     model = maskprop.create_model("resnet20").to(dtype).train()
     groups = model.channel_groups()
     prices = CostModel(model, SIZE).channel_prices(0.5) if priced else None  # a budget in FLOPs
-    scores = ChannelScores(groups, 0.5, dtype=dtype, prices=prices, spend=spend)
+    scores = ChannelScores(groups, 0.5, dtype=dtype, prices=prices)
     with torch.no_grad():
         scores.scores.uniform_(0.2, 0.8, generator=torch.Generator().manual_seed(3))
     weights = weight_optimizer(model.parameters(), 0.1, 0.9, 5e-4)
@@ -121,15 +121,13 @@ def test_static_plain_steps_equal_subnet_step_in_float64(one_thread):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize(("priced", "spend"), [(False, False), (True, False), (False, True)],
-                         ids=["channels", "flops", "spend"])
-def test_whole_static_steps_have_no_host_read_and_no_data_dependent_shape(one_thread, priced, spend):
+@pytest.mark.parametrize("priced", [False, True])
+def test_whole_static_steps_have_no_host_read_and_no_data_dependent_shape(one_thread, priced):
     """A search step (sampling, both updates, both forwards, backward, clipping, SGD, Adam, projection, onto a budget
-    in channels or in FLOPs, or one to spend), a fixed-mask step and a dense step issue none of the operations a captured graph cannot
+    in channels or in FLOPs), a fixed-mask step and a dense step issue none of the operations a captured graph cannot
     hold. (The score Adam is the fused one here: the CPU's plain Adam reads its step count to the host; on CUDA it is
     ``capturable``.)"""
-    model, scores, optimizers, ctx, batch = _parts(dtype=torch.float32, clip=1.0, fused_scores=True, priced=priced,
-                                                   spend=spend)
+    model, scores, optimizers, ctx, batch = _parts(dtype=torch.float32, clip=1.0, fused_scores=True, priced=priced)
     static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
     mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(5))
     for _ in range(2):  # the first steps create the optimizers' state

@@ -257,7 +257,7 @@ def test_warmup_and_anneal_steps_are_timed_against_dense_steps_as_kinds_of_their
     assert summary["step_speedup"] == phases["search"]["median"]  # the search at its budget, not the warm-up
     assert summary["train_step_ms"] is None
     assert summary["search"] == {"subnetwork": "searched", "warmup_epochs": 1, "anneal_epochs": 2,
-                                 "budget_schedule": "cubic", "budget_unit": "channels", "spend_budget": False,
+                                 "budget_schedule": "cubic", "budget_unit": "channels",
                                  "initial_keep_probability": 1.0,
                                  "steps": {"warmup": 2, "anneal": 4, "search": 2}}
     assert summary["steps"] == {"search": 8, "finetune": 2, "train": 0}
@@ -455,8 +455,7 @@ def test_the_budget_spent_is_the_priced_sum_of_the_scores():
 def test_a_search_that_ends_below_its_budget_says_so(caplog):
     """The summary's fix records the share of the budget the scores spend at the end of the search; below SPENT_SHARE
     a warning says so. Probabilities held at 0.05 (an init below the budget, a score lr too small to move them) spend
-    a tenth of keep 0.5; the default start spends all of it, and so does sparsity.spend_budget (the budget an
-    equality) from the same start."""
+    a tenth of keep 0.5; the default start spends all of it."""
     config = with_overrides(TINY_RUN, **{"optim.epochs": 1, "finetune.epochs": 0, "sparsity.init": 0.05,
                                          "sparsity.score_lr": 1e-12})
     with caplog.at_level(logging.WARNING, logger="maskprop.train.loop"):
@@ -465,13 +464,11 @@ def test_a_search_that_ends_below_its_budget_says_so(caplog):
     warnings = [r.getMessage() for r in caplog.records if "the search ended spending" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("the search ended spending 10% of its budget "
                                                          "(sparsity.keep_ratio=0.5)")
-    for overrides in ({"sparsity.init": None}, {"sparsity.spend_budget": True}):  # the default start; an equality
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="maskprop.train.loop"):
-            summary = maskprop.fit(with_overrides(config, **overrides))
-        assert summary["fix"]["budget_spent"] == pytest.approx(1.0, abs=1e-4)
-        assert summary["search"]["spend_budget"] == overrides.get("sparsity.spend_budget", False)
-        assert "the search ended spending" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="maskprop.train.loop"):
+        summary = maskprop.fit(with_overrides(config, **{"sparsity.init": None}))
+    assert summary["fix"]["budget_spent"] == pytest.approx(1.0, abs=1e-4)
+    assert "the search ended spending" not in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------------------------

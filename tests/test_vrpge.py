@@ -103,49 +103,6 @@ def test_priced_projection_matches_kkt_and_bisection(seed: int) -> None:
 
 
 @pytest.mark.parametrize("priced", [False, True])
-@pytest.mark.parametrize("seed", range(4))
-def test_spending_projection_matches_a_bisection_over_shifts_of_either_sign(seed: int, priced: bool) -> None:
-    """``spend=True`` projects onto the face sum w x = K: x = clamp(s - v w, 0, 1) with v of either sign such that the
-    sum is K exactly (a float64 bisection on v over a bracket of both signs); where the budget binds it is the
-    ordinary projection, and a budget above sum w gives all ones."""
-    generator = torch.Generator().manual_seed(seed)
-    n = [1, 3, 40, 800][seed]
-    s = torch.randn(n, generator=generator, dtype=torch.float64) * 0.8 + 0.3
-    w = torch.rand(n, generator=generator, dtype=torch.float64) * 5 + 0.1 if priced else torch.ones(n, dtype=torch.float64)
-    total = float(w.sum())
-    for budget in [0.0, 0.05 * total, 0.3 * total, 0.9 * total, total, total + 1]:
-        x = project_scores(s, budget, prices=w if priced else None, spend=True)
-        low, high = float(((s - 1) / w).min()) - 1, float((s / w).max()) + 1  # f(low) = sum w, f(high) = 0
-        for _ in range(200):
-            middle = 0.5 * (low + high)
-            if (w * (s - middle * w).clamp(0, 1)).sum() > budget:
-                low = middle
-            else:
-                high = middle
-        reference = (s - 0.5 * (low + high) * w).clamp(0, 1)
-        torch.testing.assert_close(x, reference, atol=1e-9, rtol=0)
-        assert abs(float((w * x).sum()) - min(budget, total)) <= 1e-9 * n
-        if float((w * s.clamp(0, 1)).sum()) > budget:  # the budget binds: the same as the inequality's projection
-            torch.testing.assert_close(x, project_scores(s, budget, prices=w if priced else None), atol=1e-12,
-                                       rtol=0)
-
-
-def test_scores_that_spend_their_budget_raise_the_channels_below_it() -> None:
-    """ChannelScores(spend=True): scores summing below the budget are raised by one shift (channels at 0 too) until
-    they spend it; the default keeps them (the paper's upper bound). By hand: 2.5 spent of 4; the 0.9 reaches 1
-    first, and the six others rise by t with 6 t + 0.1 = 1.5, t = 7 / 30."""
-    groups = {"a": 4, "b": 4}
-    for spend, expected in ((False, [0.0, 0.0, 0.2, 0.9, 0.0, 0.1, 0.3, 1.0]),
-                            (True, [7 / 30, 7 / 30, 0.2 + 7 / 30, 1.0, 7 / 30, 0.1 + 7 / 30, 0.3 + 7 / 30, 1.0])):
-        scores = ChannelScores(groups, 0.5, spend=spend)
-        with torch.no_grad():
-            scores.scores.copy_(torch.tensor([0.0, 0.0, 0.2, 0.9, 0.0, 0.1, 0.3, 1.0]))
-        scores.project_()
-        torch.testing.assert_close(scores.scores.detach(), torch.tensor(expected), atol=1e-6, rtol=0)
-        assert ("spends the budget" in repr(scores)) == spend
-
-
-@pytest.mark.parametrize("priced", [False, True])
 def test_projection_enumeration_on_tiny_sizes(priced: bool) -> None:
     """Brute force in 2-D: no point of a fine grid of the feasible set (priced or not) is closer to s than the
     projection, and the grid's closest point is near it."""

@@ -177,9 +177,6 @@ class SparsityConfig(_Section):
             every block of its stage reads and writes, costs what it computes. At equal probabilities both budgets
             are the same. Measured worse than ``channels`` and than the random subnetwork on ResNet-32 and VGG-19
             (docs/methods.md, "A budget in FLOPs"): not a default.
-        spend_budget: Make the budget an equality (``sum s = budget``) instead of the paper's upper bound, so that
-            keep probabilities the estimator drove to 0 are raised again while the others do not fill the budget
-            (docs/methods.md, "Fixing the subnetwork"): a search then ends spending its whole budget.
         fix: How the final subnetwork is chosen: ``best_of_n`` samples ``fix_samples`` masks and keeps the one with
             the best training accuracy (official), ``top_scores`` keeps the largest scores up to the budget;
             ``random`` is the baseline of a random subnetwork of the same budget: fixed at the first step after the
@@ -210,7 +207,6 @@ class SparsityConfig(_Section):
     anneal_epochs: Annotated[int, Field(ge=0, json_schema_extra={"note": "0: no anneal"})] = 0
     budget_schedule: BudgetSchedule = "cubic"
     budget_unit: BudgetUnit = "channels"
-    spend_budget: bool = False
     fix: FixRule = "best_of_n"
     fix_samples: Annotated[int, Field(ge=1)] = 10
     fix_examples: Annotated[int | None, Field(ge=1, json_schema_extra={"null": "the whole training set"})] = None

@@ -56,8 +56,7 @@ def search_scores(groups: Mapping[str, int], sparsity: SparsityConfig, cost: Cos
             raise ValueError("sparsity.budget_unit='flops' prices the channels from a cost model; expected one")
         prices = cost.channel_prices(sparsity.keep_ratio)
     return ChannelScores(groups, sparsity.keep_ratio, initial_keep_probability(sparsity),
-                         budget=float(sum(groups.values())) if sparsity.anneal_epochs else None, prices=prices,
-                         spend=sparsity.spend_budget)
+                         budget=float(sum(groups.values())) if sparsity.anneal_epochs else None, prices=prices)
 
 
 def search_schedule(sparsity: SparsityConfig, num_channels: int, steps_per_epoch: int) -> BudgetSchedule:

@@ -58,14 +58,12 @@ def _budget_mass(shift: Tensor, x: Tensor, w: Tensor, unit_prices: bool) -> Tens
     return at_a[0] + partial
 
 
-def project_scores(s: Tensor, budget: float, prices: Tensor | None = None, *, spend: bool = False) -> Tensor:
-    """Exact Euclidean projection of ``s`` onto ``{x : 0 <= x <= 1, sum_j w_j x_j <= budget}`` (with ``spend``:
-    ``sum_j w_j x_j = budget``).
+def project_scores(s: Tensor, budget: float, prices: Tensor | None = None) -> Tensor:
+    """Exact Euclidean projection of ``s`` onto ``{x : 0 <= x <= 1, sum_j w_j x_j <= budget}``.
 
     If ``sum w clamp(s, 0, 1) <= budget`` the projection is the clamp; otherwise it is ``clamp(s - v w, 0, 1)`` with
     the unique ``v > 0`` such that ``sum w clamp(s - v w, 0, 1) = budget`` (docs/methods.md, "Projection onto the
-    budget"). With ``spend`` the budget is an equality: ``v`` may be negative, raising every channel below 1 by
-    ``-v w_j`` until the budget is spent (a budget above ``sum w`` gives all ones).
+    budget").
 
     Args:
         s: scores of any shape; the budget applies to the sum over all entries. Floating point (half precision is
@@ -74,7 +72,6 @@ def project_scores(s: Tensor, budget: float, prices: Tensor | None = None, *, sp
             means no budget.
         prices: ``w``, positive and finite, the shape of ``s``, one price per entry; None: every price 1 (a budget
             counted in channels).
-        spend: Project onto the face ``sum w x = budget`` (the whole budget spent) instead of the half-space.
 
     Returns:
         The projection, with the shape, dtype and device of ``s``.
@@ -94,19 +91,13 @@ def project_scores(s: Tensor, budget: float, prices: Tensor | None = None, *, sp
     x = s.detach().reshape(-1).to(work_dtype)
     w = torch.ones_like(x) if prices is None else prices.detach().reshape(-1).to(device=x.device, dtype=work_dtype)
 
-    # Candidate shifts: every breakpoint of f, and 0 with v >= 0 only (the inequality); f is linear between
-    # consecutive candidates.
-    if spend:
-        candidates = torch.cat([x / w, (x - 1) / w])
-        lowest = candidates.min()
-    else:
-        candidates = torch.cat([x.new_zeros(1), x / w, (x - 1) / w]).clamp_min(0)
-        lowest = 0
+    # Candidate shifts: 0 and every breakpoint of f on v >= 0; f is linear between consecutive candidates.
+    candidates = torch.cat([x.new_zeros(1), x / w, (x - 1) / w]).clamp_min(0)
     mass = _budget_mass(candidates, x, w, unit_prices=prices is None)
     # [v_lo, v_hi]: the consecutive candidates between which f crosses K. v_hi exists because f(max(s / w, 0)) = 0;
-    # v_hi = 0 means the budget is slack (the projection is the clamp); with spend, v_hi = min(a) means K >= sum w.
+    # v_hi = 0 means the budget is slack (the projection is the clamp).
     v_hi = torch.where(mass <= budget, candidates, math.inf).min()
-    v_lo = torch.minimum(torch.where(mass > budget, candidates, lowest).max(), v_hi)
+    v_lo = torch.minimum(torch.where(mass > budget, candidates, 0).max(), v_hi)
     # On [v_lo, v_hi] the sets "full" (x_j - v w_j >= 1) and "partial" (0 < x_j - v w_j < 1) are fixed; take them at
     # the midpoint and solve  sum_full w + sum_partial w (x - v w) = K  for v directly (no suffix-sum round-off).
     middle = 0.5 * (v_lo + v_hi)

@@ -100,7 +100,6 @@ class ChannelScores(nn.Module):
             whose budget is annealed starts from every channel (:mod:`maskprop.vrpge.budget`, :meth:`set_budget`).
         prices: ``{group: price of one of its channels}`` for a priced budget, every price positive and finite;
             None: every channel counts 1.
-        spend: The budget is an equality, ``sum s = K`` (every projection spends it), not the paper's upper bound.
         device: device of the parameter.
         dtype: floating-point dtype of the parameter (default: torch's default dtype).
     """
@@ -113,7 +112,6 @@ class ChannelScores(nn.Module):
         *,
         budget: float | None = None,
         prices: Mapping[str, float] | None = None,
-        spend: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -128,7 +126,6 @@ class ChannelScores(nn.Module):
         self.sizes = list(self.groups.values())
         self.num_channels = sum(self.sizes)
         self.budget = self.keep_ratio * self.num_channels
-        self.spend = bool(spend)
         if budget is not None:
             self.set_budget(budget)
         self.scores = nn.Parameter(torch.full((self.num_channels,), init, device=device, dtype=dtype))
@@ -153,8 +150,7 @@ class ChannelScores(nn.Module):
 
     def extra_repr(self) -> str:
         priced = "" if self.prices is None else ", priced budget"
-        spend = ", spends the budget" if self.spend else ""
-        return f"groups={len(self.groups)}, channels={self.num_channels}, keep_ratio={self.keep_ratio}{priced}{spend}"
+        return f"groups={len(self.groups)}, channels={self.num_channels}, keep_ratio={self.keep_ratio}{priced}"
 
     def set_budget(self, budget: float) -> ChannelScores:
         """Make ``budget`` the budget of :meth:`project_` and :meth:`top_mask` (an annealed search lowers it step by
@@ -171,9 +167,9 @@ class ChannelScores(nn.Module):
 
     @torch.no_grad()
     def project_(self) -> ChannelScores:
-        """Project the scores in place onto ``{0 <= s <= 1, sum s <= K}`` (``sum w s <= K`` with prices; ``= K``
-        with ``spend``; no autograd); returns ``self``."""
-        self.scores.copy_(project_scores(self.scores, self.budget, self.prices, spend=self.spend))
+        """Project the scores in place onto ``{0 <= s <= 1, sum s <= K}`` (``sum w s <= K`` with prices; no
+        autograd); returns ``self``."""
+        self.scores.copy_(project_scores(self.scores, self.budget, self.prices))
         return self
 
     # ----------------------------------------------------------------------------------------------- flat <-> dict
