@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .execution import ForwardPass, gathered, installed
+from .execution import ForwardPass, gathered, installed, model_plan
 from .gather import GatherPiece, GatherTable, gather_norms, gather_pieces, write_back_norms
-from .groups import aligned_width, channel_groups, check_align
-from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule
+from .groups import aligned_width, check_align
+from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear
 
 if TYPE_CHECKING:
     from ..vrpge import ChannelScores
@@ -302,8 +302,8 @@ class StaticLayout:
     def __init__(self, model: nn.Module, capacities: Mapping[str, int], align: int = 1,
                  concatenate: bool | None = None, device: torch.device | str | None = None) -> None:
         self.model = model
-        self.layers = [m for m in model.modules() if isinstance(m, SparseModule)]
-        self.groups = channel_groups(model)
+        self.plan = model_plan(model)  # the model's layers and groups, and the zero rows the gathers append
+        self.layers, self.groups = self.plan.layers, self.plan.groups
         self.align = check_align(align)
         self.capacities = check_capacities(capacities, self.groups, self.align)
         parameter = next(model.parameters(), None)
@@ -473,7 +473,6 @@ class StaticExecutionState:
         self.mask_used = torch.zeros(layout.num_channels, dtype=torch.bool, device=device)
         self.overflow_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.overflow_channels = torch.zeros(len(layout.groups), dtype=torch.int64, device=device)
-        self._zero_rows: dict[tuple[int, torch.dtype], Tensor] = {}
         self._weight_pass: ForwardPass | None = None
         self._norm_pass: ForwardPass | None = None
         # Until the first update: every group's first channels, all kept (a valid subnetwork, never cut).
@@ -639,14 +638,6 @@ class StaticExecutionState:
 
     # --- gathering (once per forward pass) ----------------------------------------------------------------------
 
-    def _zero_row(self, area: int, like: Tensor) -> Tensor:
-        """The zero row appended to a concatenation, which the padding entries read (cached: no call per pass)."""
-        key = (area, like.dtype)
-        row = self._zero_rows.get(key)
-        if row is None or row.device != like.device:
-            row = self._zero_rows[key] = like.new_zeros(1, area)
-        return row
-
     def _slice(self, table: GatherTable) -> tuple[Tensor, Tensor]:
         """The table's flat indices and 0/1 factors (views of the state's buffers)."""
         end = table.start + table.entries
@@ -661,7 +652,7 @@ class StaticExecutionState:
             source = None
             if self.layout.concatenate:
                 sources = [getattr(p.layer, p.kind).reshape(-1, table.area) for p in table.pieces]
-                source = torch.cat([*sources, self._zero_row(table.area, sources[0])])
+                source = torch.cat([*sources, self.layout.plan.zero_row(sources[0])])
             dtype = table.pieces[0].layer.weight.dtype
             for p, piece in zip(table.pieces, gather_pieces(table, flat, factor.to(dtype), source)):
                 pair = tensors.setdefault(id(p.layer), [p.layer.weight, p.layer.bias])
@@ -674,7 +665,7 @@ class StaticExecutionState:
         norm = self.layout.norm_table
         flat, factor = self._slice(norm)
         weight = norm.modules[0].weight
-        return gather_norms(norm, flat, factor.to(weight.dtype), self._zero_row(1, weight).view(1))
+        return gather_norms(norm, flat, factor.to(weight.dtype), self.layout.plan.zero_row(weight))
 
 
 @contextlib.contextmanager
