@@ -437,7 +437,7 @@ def fix_subnetwork(state: TrainState, cfg: Config, ctx: StepContext,
         logger.warning("the search ended spending %.0f%% of its budget (sparsity.keep_ratio=%g): keep probabilities "
                        "the estimator drove to 0 stay there, so the subnetwork is smaller than asked and a random "
                        "subnetwork of the same budget is larger; a lower sparsity.score_lr settles them more slowly "
-                       "(docs/methods.md, \"How the search behaves early\")", 100 * info["budget_spent"],
+                       "(docs/methods.md, \"Fixing the subnetwork\")", 100 * info["budget_spent"],
                        sparsity.keep_ratio)
     return mask, info
 
