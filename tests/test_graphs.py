@@ -5,11 +5,16 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import itertools
+import json
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import TINY_RUN, with_overrides
 from test_static import _Recorder
 from test_train import _assert_same_state
@@ -28,6 +33,7 @@ from maskprop.train.steps import StepContext, subnet_step, vrpge_step
 from maskprop.vrpge import ChannelScores
 
 SIZE = (3, 16, 16)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -287,3 +293,29 @@ def test_capacity_quantile_outside_its_range_is_one_line():
     for value in (0.3, 1.0):
         with pytest.raises(ValueError, match=r"sparsity.capacity_quantile"):
             load_config(None, [f"sparsity.capacity_quantile={value}"])
+
+
+def test_the_windows_tool_reports_a_run_s_windows_within_its_bound(tmp_path, capsys, one_thread):
+    """tools/static_windows.py runs a recipe with the static steps on the CPU: at most one window per search epoch
+    after the warm-up, the report's counts equal the windows it lists, and the patches are undone after."""
+    original = graphs.SearchStep.__init__
+    spec = importlib.util.spec_from_file_location("static_windows", REPO / "tools" / "static_windows.py")
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool
+    try:
+        spec.loader.exec_module(tool)
+        recipe = tmp_path / "tiny.yaml"
+        recipe.write_text(yaml.safe_dump(with_overrides(TINY_RUN, **{"optim.epochs": 4, "sparsity.warmup_epochs": 1,
+                                                                      "sparsity.anneal_epochs": 2})))
+        assert tool.main([str(recipe), "--json", str(tmp_path / "w.json")]) == 0
+        result = json.loads((tmp_path / "w.json").read_text())
+        windows, report = result["windows"], result["static_steps"]
+        assert 2 <= report["search_windows"] == len(windows) <= 4 - 1
+        assert report["search_shapes"] == len({tuple(w.values()) for w in windows})
+        assert all(c % 8 == 0 or c < 8 for w in windows for c in w.values())  # align 8, as CUDA runs use
+        assert f"{report['search_windows']} search windows" in capsys.readouterr().out
+        assert setup.resolve_cuda_graphs is resolve_cuda_graphs and graphs.SearchStep.__init__ is original
+        assert tool.main([str(recipe), "optim.epochs=zero"]) == 2
+        assert "optim.epochs" in capsys.readouterr().err
+    finally:
+        sys.modules.pop(spec.name, None)
