@@ -387,6 +387,29 @@ def test_rechoose_has_hysteresis():
     assert not rechoose_capacities({"g": 152}, at(0.5), align=8).changed
 
 
+def test_rechoose_shrinks_only_for_a_saving_worth_a_new_window():
+    """Shrinking alone needs ``min_shrink`` of the channels computed per step; a group that must grow takes every
+    pending change with it."""
+    n = 256
+    big = {"a": torch.full((n,), 0.5), "b": torch.full((n,), 0.5), "c": torch.full((n,), 0.5)}
+    capacities = choose_capacities(big, align=8)
+    assert capacities == {"a": 160, "b": 160, "c": 160}  # 480 channels computed per step
+    one_falls = dict(big, a=torch.full((n,), 0.45))  # a's quantile 140 -> 144: 16 channels, 3.3% of 480
+    assert choose_capacities(one_falls, align=8)["a"] == 144
+    assert not rechoose_capacities(capacities, one_falls, align=8).changed  # default: 5%
+    assert rechoose_capacities(capacities, one_falls, align=8, min_shrink=0.03).capacities == dict(capacities, a=144)
+    assert rechoose_capacities(capacities, one_falls, align=8, min_shrink=0.0).rechosen == ("a",)
+    two_fall = dict(one_falls, b=torch.full((n,), 0.45))  # 32 channels, 6.7%
+    assert rechoose_capacities(capacities, two_fall, align=8).capacities == {"a": 144, "b": 144, "c": 160}
+    # c overflows 3% of the masks: it grows, and a's pending shrink comes along in the same new window.
+    grow_and_fall = dict(one_falls, c=torch.full((n,), 0.57))
+    update = rechoose_capacities(capacities, grow_and_fall, align=8)
+    assert update.capacities == {"a": 144, "b": 160, "c": 176} and update.rechosen == ("a", "c")
+    for bad in (-0.1, 1.0, True, "0.1"):
+        with pytest.raises(ValueError, match=r"min_shrink=.* is not in \[0, 1\)"):
+            rechoose_capacities(capacities, big, align=8, min_shrink=bad)
+
+
 @pytest.mark.parametrize("capacities,message", [
     ({"a": 4, "b": 3}, r"capacity 4 of group 'a' is below the alignment 8; expected at least 8"),
     ({"a": 33, "b": 3}, r"capacity 33 of group 'a' is not an integer in \[1, 32\]"),

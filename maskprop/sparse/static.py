@@ -61,6 +61,9 @@ __all__ = [
 
 DEFAULT_QUANTILE = 0.999
 DEFAULT_OVERFLOW_THRESHOLD = 0.01
+DEFAULT_MIN_SHRINK = 0.05
+"""The share of its channels a window must give up before shrinking alone starts a new one (a new window costs eager
+warm-up steps and a graph capture; :func:`rechoose_capacities`)."""
 # Gathered pieces cut from one concatenated buffer start at a multiple of this many bytes: float32 cuBLAS kernels fault
 # on operands that are not 16-byte aligned.
 _ALIGN_BYTES = 16
@@ -190,14 +193,16 @@ class CapacityUpdate:
 
 
 def rechoose_capacities(capacities: Mapping[str, int], scores: ChannelScores | Mapping[str, Tensor], align: int = 8,
-                        quantile: float = DEFAULT_QUANTILE,
-                        overflow_threshold: float | None = None) -> CapacityUpdate:
-    """Capacities for the next window, with hysteresis so that scores hovering near a boundary do not change shapes
-    every window.
+                        quantile: float = DEFAULT_QUANTILE, overflow_threshold: float | None = None,
+                        min_shrink: float = DEFAULT_MIN_SHRINK) -> CapacityUpdate:
+    """Capacities for the next window, with hysteresis so that scores hovering near a boundary, or drifting by a few
+    channels, do not change shapes (and capture a new graph) every window.
 
-    A group's capacity ``C`` is chosen again (as :func:`choose_capacities` would) only when the keep probabilities have
-    moved past it: when it overflows too often, ``P(K > C) > overflow_threshold`` (grow), or when it wastes more than
-    an alignment step, ``C - quantile(K) > align`` (shrink). Otherwise it stays.
+    A group's capacity ``C`` is due to be chosen again (as :func:`choose_capacities` would) when the keep probabilities
+    have moved past it: when it overflows too often, ``P(K > C) > overflow_threshold`` (grow), or when it wastes more
+    than an alignment step, ``C - quantile(K) > align`` (shrink). A group that must grow starts a new window, and every
+    group due for a change changes with it; shrinking alone starts one only when it gives up at least ``min_shrink``
+    of the channels computed per step (the sum of the capacities). Otherwise every capacity stays.
 
     Args:
         capacities: The current ``{group: capacity}``.
@@ -207,6 +212,8 @@ def rechoose_capacities(capacities: Mapping[str, int], scores: ChannelScores | M
         overflow_threshold: The overflow probability per mask above which a group grows; above ``1 - quantile``.
             None: ten times the cut rate the quantile aims at, at least ``DEFAULT_OVERFLOW_THRESHOLD`` (1%: the
             threshold of the default quantile) and at most halfway from ``1 - quantile`` to 1.
+        min_shrink: The share in ``[0, 1)`` of the channels computed per step that shrinking alone must save; 0
+            shrinks at every group's first spare alignment step.
     """
     align, quantile = check_align(align), _check_quantile(quantile)
     if overflow_threshold is None:
@@ -215,15 +222,20 @@ def rechoose_capacities(capacities: Mapping[str, int], scores: ChannelScores | M
     if not 1.0 - quantile <= overflow_threshold < 1.0:
         raise ValueError(f"overflow_threshold={overflow_threshold!r} is not in [1 - quantile, 1) = "
                          f"[{1.0 - quantile:g}, 1)")
+    if isinstance(min_shrink, bool) or not isinstance(min_shrink, (int, float)) or not 0.0 <= min_shrink < 1.0:
+        raise ValueError(f"min_shrink={min_shrink!r} is not in [0, 1); expected e.g. {DEFAULT_MIN_SHRINK}")
     counts = kept_count_moments(scores)
     current = check_capacities(capacities, {g: c.channels for g, c in counts.items()}, align)
-    chosen = dict(current)
+    chosen, grows = dict(current), False
     for g, count in counts.items():
         capacity = current[g]
         grow = count.overflow_probability(capacity) > overflow_threshold
         shrink = capacity - count.quantile(quantile) > align
         if grow or shrink:
             chosen[g] = _capacity(count, align, quantile)
+            grows = grows or chosen[g] > capacity
+    if not grows and sum(current.values()) - sum(chosen.values()) < min_shrink * sum(current.values()):
+        chosen = dict(current)
     rechosen = tuple(g for g in chosen if chosen[g] != current[g])
     return CapacityUpdate(chosen, bool(rechosen), rechosen)
 
