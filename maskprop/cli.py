@@ -1,4 +1,10 @@
-"""The ``maskprop`` command: ``maskprop train`` (run a recipe, or resume a run) and ``maskprop bench``."""
+"""The maskprop command: channel-sparse training (VR-PGE) and its baselines.
+
+maskprop train: run a recipe (search, fix, finetune; or dense, or a sparse-backward baseline), or resume a run.
+maskprop bench: time dense, masked and compact training steps on this machine.
+maskprop export: write a run's subnetwork as a physically smaller model.
+maskprop report: compare runs (accuracy, size, train-cost saving, measured speedup), with plots.
+"""
 
 from __future__ import annotations
 
@@ -225,7 +231,8 @@ class _CommandParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="maskprop", description=__doc__)
+    parser = argparse.ArgumentParser(prog="maskprop", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"maskprop {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
