@@ -16,7 +16,8 @@ advance instead, and is recorded once as a CUDA graph that the GPU then replays 
   ``log_every`` steps (and at the end of an epoch) the host reads, in one transfer, the losses, correct counts,
   ``|L(m) - L(m')|``, gradient norms and overflow counters that the steps accumulated on the device; at the end of an
   epoch it also re-chooses the capacities (:func:`~maskprop.sparse.static.rechoose_capacities`, one read of the
-  scores), and when they change the next step builds a new layout and captures a new graph (a new *window*). Windows
+  scores: a group that overflows grows, shrinking waits until it saves 5% of the channels computed), and when they
+  change the next step builds a new layout and captures a new graph (a new *window*). Windows
   change at most once an epoch because each costs eager warm-up steps and a capture: on an H200 a 6-epoch quickstart
   that re-chose them every 20 steps through its anneal ran mostly warm-up steps and measured 0.11x dense.
 * a **fixed-mask step** (:class:`FixedMaskStep`: the finetune or random-baseline subnetwork through the full model,
