@@ -71,10 +71,17 @@ def _kept_entries(model, optimizer, mask):
     return out
 
 
+@pytest.mark.parametrize("align", [1, 8])
 @pytest.mark.parametrize("name", ["resnet20", "vgg11_bn"])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_narrow_steps_equal_compact_steps_on_the_kept_entries(name, dtype, tolerance):
+def test_narrow_steps_equal_compact_steps_on_the_kept_entries(name, dtype, tolerance, align):
+    """With ``align`` 8 the narrow model's widths are padded to multiples of 8 by channels that stay zero: the same
+    subnetwork, trained the same."""
     model, mask, optimizer, schedule, ctx, batches = _setup(name, dtype)
+    if align > 1:  # a group keeping all but 7 channels: padded to the whole group, which the narrow model holds
+        whole = next(g for g, m in mask.items() if m.numel() % 8 == 0 and int(m.sum()) != 1)
+        mask[whole] = torch.ones_like(mask[whole])
+        mask[whole][1:8] = False
     subnet_step(model, optimizer, batches[0], mask, ctx)  # the full optimizer has momentum to gather
     schedule.step_update(1)
     model2, optimizer2, schedule2 = _copy(model, optimizer, schedule)
@@ -83,15 +90,30 @@ def test_narrow_steps_equal_compact_steps_on_the_kept_entries(name, dtype, toler
     for i, batch in enumerate(batches[1:], 2):
         compact = subnet_step(model, optimizer, batch, mask, ctx)
         schedule.step_update(i)
-    narrow = NarrowSubnetwork(model2, mask, optimizer2)
+    narrow = NarrowSubnetwork(model2, mask, optimizer2, align=align)
+    widths = {g: int(m.sum()) for g, m in narrow.computed.items()}
+    if align == 1:
+        assert all(torch.equal(narrow.computed[g], mask[g]) for g in mask)
+    else:
+        assert all(w % 8 == 0 or w == mask[g].numel() for g, w in widths.items())
+        assert any(w > int(mask[g].sum()) for g, w in widths.items())
+        assert all(torch.equal(narrow.computed[g] & mask[g], mask[g]) for g in mask)
     for i, batch in enumerate(batches[1:], 2):
         result = narrow.step(batch, ctx)
         schedule2.step_update(i)  # the schedule drives the full optimizer; the narrow one follows it
     assert optimizer.param_groups[0]["lr"] != optimizer.defaults["lr"]
+    if align > 1:  # the padding channels' weights, BatchNorm parameters and momentum are still exactly zero
+        pad = {g: narrow.computed[g] & ~mask[g] for g in mask}
+        held = index_sets(model2, narrow.computed)
+        for key, tensor in dict(narrow.model.named_parameters()).items():
+            padding = _padding_entries(tensor, *held[key], pad, model2, key)
+            momentum = narrow.optimizer.state[tensor]["momentum_buffer"]
+            assert all(not t.any() for t in padding + _padding_entries(momentum, *held[key], pad, model2, key)), key
     narrow.write_back()
 
-    assert (result.flops, result.kept_ratio, result.count) == (compact.flops, compact.kept_ratio, compact.count)
-    assert result.flops == 3 * ctx.cost.flops(mask, 8)
+    assert (result.kept_ratio, result.count) == (compact.kept_ratio, compact.count)
+    assert result.flops == 3 * ctx.cost.flops(narrow.computed, 8)  # what is computed, padding included
+    assert (result.flops == compact.flops) == (align == 1)
     assert abs(result.loss - compact.loss) <= 1e-4 * abs(compact.loss)
     want, got = _kept_entries(model, optimizer, mask), _kept_entries(model2, optimizer2, mask)
     assert want.keys() == got.keys()
@@ -118,6 +140,17 @@ def test_narrow_steps_equal_compact_steps_on_the_kept_entries(name, dtype, toler
     with torch.no_grad():
         assert torch.equal(narrow.model(x), narrow.model(x))
         assert torch.allclose(narrow.model(x), b, rtol=0, atol=100 * tolerance * float(a.abs().max()))
+
+
+def _padding_entries(tensor, rows, columns, pad, model, key):
+    """The rows and columns of a narrow tensor that stand for padding channels (``pad``: per group)."""
+    full_rows, full_columns = index_sets(model, pad)[key]
+    out = []
+    if rows is not None and full_rows is not None and full_rows.numel():
+        out.append(tensor.detach().index_select(0, torch.searchsorted(rows, full_rows)))
+    if columns is not None and full_columns is not None and full_columns.numel():
+        out.append(tensor.detach().index_select(1, torch.searchsorted(columns, full_columns)))
+    return out
 
 
 def test_write_back_is_exact_and_builds_missing_state_with_zeros():
@@ -154,7 +187,8 @@ def test_evaluating_the_narrow_model_gives_the_accuracy_of_the_full_one_under_th
     assert 20 < full["accuracy"] < 80
 
 
-def test_adam_state_is_gathered_too():
+@pytest.mark.parametrize("align", [1, 8])
+def test_adam_state_is_gathered_too(align):
     model, mask, _, _, ctx, batches = _setup("resnet20", torch.float64)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
     subnet_step(model, optimizer, batches[0], mask, ctx)
@@ -163,11 +197,18 @@ def test_adam_state_is_gathered_too():
     optimizer2.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     for batch in batches[1:3]:
         subnet_step(model, optimizer, batch, mask, ctx)
-    narrow = NarrowSubnetwork(model2, mask, optimizer2)
+    before = [copy.deepcopy(optimizer2.state[p]) for p in model2.parameters()]
+    narrow = NarrowSubnetwork(model2, mask, optimizer2, align=align)
     for batch in batches[1:3]:
         narrow.step(batch, ctx)
     narrow.write_back()
     sets = index_sets(model, mask)
+    dropped = index_sets(model, {g: ~m for g, m in mask.items()})
+    for (name, p2), state in zip(model2.named_parameters(), before):  # the dropped entries (padding's too): untouched
+        rows = dropped[name][0]
+        if rows is not None and rows.numel():
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(optimizer2.state[p2][key].index_select(0, rows), state[key].index_select(0, rows))
     for (name, p), p2 in zip(model.named_parameters(), model2.parameters()):
         rows, columns = sets[name]
         for key in ("exp_avg", "exp_avg_sq"):
@@ -186,6 +227,8 @@ def test_a_non_elementwise_optimizer_or_a_bad_mask_is_refused():
         NarrowSubnetwork(model, mask, torch.optim.LBFGS(model.parameters()))
     with pytest.raises(ValueError, match="not parameters of the model"):
         NarrowSubnetwork(model, mask, torch.optim.SGD([*model.parameters(), nn.Parameter(torch.zeros(3))], lr=0.1))
+    with pytest.raises(ValueError, match="align=0 is not a positive integer"):
+        NarrowSubnetwork(model, mask, optimizer, align=0)
     with pytest.raises(ValueError):
         NarrowSubnetwork(model, {g: m for g, m in list(mask.items())[1:]}, optimizer)
 
@@ -306,8 +349,10 @@ def test_the_finetune_phase_alone_runs_narrow_and_ddp_keeps_compact_steps():
     cfg = load_config(copy.deepcopy(TINY))
     state = SimpleNamespace(phase="finetune", fixed_mask=mask, epoch=0, ddp=None, model=model,
                             weight_optimizer=optimizer)
-    run = SimpleNamespace(cfg=cfg, state=state)
-    assert isinstance(loop._narrow_subnetwork(run), NarrowSubnetwork)
+    run = SimpleNamespace(cfg=cfg, state=state, ctx=SimpleNamespace(align=8))
+    narrow = loop._narrow_subnetwork(run)
+    assert isinstance(narrow, NarrowSubnetwork)  # at the run's alignment (8 on CUDA)
+    assert all(int(m.sum()) % 8 == 0 or int(m.sum()) == m.numel() for m in narrow.computed.values())
     for change in ({"ddp": nn.Identity()}, {"phase": "search"}, {"epoch": 3}, {"fixed_mask": None}):
         run.state = SimpleNamespace(**{**vars(state), **change})
         assert loop._narrow_subnetwork(run) is None, change

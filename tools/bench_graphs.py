@@ -14,7 +14,8 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
 * ``settled_graphed``: the same with settled keep probabilities (1 on the fixed mask's channels, 0 elsewhere: a
   search after its anneal, whose capacities are the kept counts), captured;
 * ``finetune_eager``: ``subnet_step`` of one fixed sampled mask through the full model (compact);
-* ``narrow_eager``: ``subnet_step`` of that mask's narrow model (the trainer's default finetune);
+* ``narrow_eager``: ``subnet_step`` of that mask's narrow model, its widths padded to ``align`` (the trainer's default
+  finetune);
 * ``finetune_graphed``: the static fixed-mask step at the aligned kept counts, captured;
 * ``narrow_graphed``: the narrow model's dense step, captured.
 
@@ -147,13 +148,13 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
 
     def narrow_eager():
         model, opt = fresh()
-        narrow = NarrowSubnetwork(model, fixed, opt)
+        narrow = NarrowSubnetwork(model, fixed, opt, align=ctx.align)
         narrow.model.train()
         return lambda: narrow.step((x, y), ctx)
 
     def narrow_graphed():
         model, opt = fresh()
-        narrow = NarrowSubnetwork(model, fixed, opt)
+        narrow = NarrowSubnetwork(model, fixed, opt, align=ctx.align)
         narrow.model.train()
         static = StaticSteps(cfg, ctx, choice, seed=1)
         return lambda: static.plain(narrow.model, narrow.optimizer, (x, y), narrow=narrow)

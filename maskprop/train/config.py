@@ -303,8 +303,8 @@ class FinetuneConfig(_Section):
         momentum: SGD momentum.
         weight_decay: L2 weight decay.
         narrow: Train the physically narrow subnetwork (``maskprop.train.narrow``: no gathers, the same updates of
-            the kept weights); false keeps compact steps of the full model (for comparison). Under torchrun the
-            phase always runs compact steps.
+            the kept weights; its widths padded to ``sparsity.align`` with channels that stay zero); false keeps
+            compact steps of the full model (for comparison). Under torchrun the phase always runs compact steps.
     """
 
     epochs: Annotated[int, Field(ge=0, json_schema_extra={"note": "0 skips finetuning"})] = 40

@@ -588,7 +588,7 @@ def _narrow_subnetwork(run: Run) -> NarrowSubnetwork | None:
     if (not fixed or state.fixed_mask is None or state.epoch >= phase_epochs(cfg, state.phase)
             or state.ddp is not None or not cfg.finetune.narrow):
         return None
-    return NarrowSubnetwork(state.model, state.fixed_mask, state.weight_optimizer)
+    return NarrowSubnetwork(state.model, state.fixed_mask, state.weight_optimizer, align=run.ctx.align)
 
 
 def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseReference | None) -> None:

@@ -18,6 +18,16 @@ keeps moving them; the narrow model does not hold them, and they keep the values
 built (a momentum buffer the full optimizer did not have yet is written back with zeros there). Dropped channels are
 zero after BatchNorm whatever their weights, so the network's function under the mask is the same either way.
 
+Aligned widths. A GPU runs widths that are multiples of 8 far faster than odd ones (tensor cores, cuDNN's kernels),
+so with ``align > 1`` (the trainer passes ``sparsity.align``: 8 on CUDA) each group of the narrow model is padded up to
+a multiple of ``align`` with channels that stay exactly zero: their conv rows and BatchNorm weight and bias are zero,
+and so are the columns of every layer that reads them. Such a channel outputs 0 (BatchNorm normalises a constant 0 to
+0 and scales it by 0), every layer ignores it, and every gradient it could receive is a product with one of those
+zeros, so its weights, momentum and Adam moments stay 0 under any number of steps, weight decay included. The padded
+model computes what the unpadded one does, up to the order of the sums (tested in float64); write-back scatters the
+subnetwork's own entries only. The padding channels are taken from the group's dropped channels, whose full-model
+entries stay untouched.
+
 Memory: the narrow model and optimizer state are a second copy of the kept entries (at keep 0.5 about a quarter of
 the full model's), held beside the full ones for the phase.
 
@@ -44,7 +54,7 @@ from torch import Tensor, nn
 
 from .._workarounds import subsampled_pointwise_input
 from ..cost import dense_step_flops
-from ..sparse import channel_groups, check_mask, kept_ratio
+from ..sparse import aligned_width, channel_groups, check_align, check_mask, kept_ratio
 from ..surgery import gather, index_sets, materialize, scatter_
 from .steps import StepContext, StepResult, subnet_step
 
@@ -76,46 +86,54 @@ class NarrowSubnetwork:
         mask: The fixed subnetwork, ``{group: bool tensor}``.
         optimizer: The full model's optimizer (SGD, Adam or AdamW over the model's parameters); its param groups'
             hyperparameters keep driving the narrow optimizer, so its learning-rate schedule stays as it is.
+        align: Each group's width in the narrow model is its kept count rounded up to a multiple of this (never past
+            the group's size), padded with channels that stay exactly zero (see the module docstring); 1: no padding.
 
     Attributes:
         model: The narrow model (``maskprop.materialize`` with :class:`PointwiseSafeConv2d` convs).
         optimizer: The narrow optimizer, its state gathered from ``optimizer``'s.
+        mask: The subnetwork (on the CPU).
+        computed: The channels the narrow model holds: ``mask`` and, with ``align > 1``, the padding channels.
 
     Raises:
-        ValueError: ``mask`` does not fit ``model``, or ``optimizer`` is not elementwise (SGD, Adam, AdamW) or holds
-            tensors that are not the model's parameters.
+        ValueError: ``mask`` does not fit ``model``, ``align`` is not a positive integer, or ``optimizer`` is not
+            elementwise (SGD, Adam, AdamW) or holds tensors that are not the model's parameters.
     """
 
-    def __init__(self, model: nn.Module, mask: Mapping[str, Tensor], optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, model: nn.Module, mask: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,
+                 align: int = 1) -> None:
         if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
             raise ValueError(f"narrow training needs an optimizer that updates every element on its own (SGD, Adam, "
                              f"AdamW) so that gathering its state is exact; got {type(optimizer).__name__}")
         check_mask(mask, channel_groups(model))
         self.full, self.full_optimizer = model, optimizer
         self.mask = {g: m.detach().cpu() for g, m in mask.items()}
-        self.model = materialize(model, self.mask, conv_type=PointwiseSafeConv2d)
-        sets = index_sets(model, self.mask)  # what materialize sliced by
+        self.computed = _padded(self.mask, check_align(align))
+        self.model = materialize(model, self.computed, conv_type=PointwiseSafeConv2d)
+        sets, own = index_sets(model, self.computed), index_sets(model, self.mask)  # what materialize sliced by
         narrow_tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
-        # (full tensor, narrow tensor, rows, columns) for every parameter and buffer, in the model's order
-        self._pairs = [(full, narrow_tensors[name], *sets[name])
+        # Every parameter and buffer, in the model's order: the full and narrow tensors, the rows and columns of the
+        # full one the narrow one holds, and the subnetwork's own entries (full indices; positions in the narrow one).
+        self._pairs = [_Pair(name, full, narrow_tensors[name], *sets[name], *own[name])
                        for name, full in (*model.named_parameters(), *model.named_buffers())]
-        self._by_param = {id(full): (narrow, rows, columns) for full, narrow, rows, columns in self._pairs
-                          if isinstance(full, nn.Parameter)}
+        self._by_param = {id(pair.full): pair for pair in self._pairs if isinstance(pair.full, nn.Parameter)}
         groups = []
         for group in optimizer.param_groups:
             if any(id(p) not in self._by_param for p in group["params"]):
                 raise ValueError("the optimizer holds tensors that are not parameters of the model; expected the "
                                  "optimizer of the model's own parameters")
             groups.append({**self._hyperparameters(group),
-                           "params": [self._by_param[id(p)][0] for p in group["params"]]})
+                           "params": [self._by_param[id(p)].narrow for p in group["params"]]})
         self.optimizer = type(optimizer)(groups, **optimizer.defaults)
         with torch.no_grad():
+            for pair in self._pairs:
+                pair.zero_padding(pair.narrow, fill=1.0 if pair.is_variance else 0.0)
             for group in optimizer.param_groups:
                 for param in group["params"]:
-                    narrow, rows, columns = self._by_param[id(param)]
+                    pair = self._by_param[id(param)]
                     if optimizer.state.get(param):
-                        self.optimizer.state[narrow] = {
-                            key: self._gather_state(value, param, rows, columns)
+                        self.optimizer.state[pair.narrow] = {
+                            key: self._gather_state(value, pair)
                             for key, value in optimizer.state[param].items()}
 
     @staticmethod
@@ -123,10 +141,15 @@ class NarrowSubnetwork:
         return {key: value for key, value in group.items() if key != "params"}
 
     @staticmethod
-    def _gather_state(value: object, param: Tensor, rows: Tensor | None, columns: Tensor | None) -> object:
-        """A per-element state tensor (the parameter's shape) gathered, anything else (Adam's step) copied."""
+    def _gather_state(value: object, pair: _Pair) -> object:
+        """A per-element state tensor (the parameter's shape) gathered, zero at the padding; anything else (Adam's
+        step) copied."""
         if isinstance(value, Tensor):
-            return gather(value, rows, columns) if value.shape == param.shape else value.clone()
+            if value.shape != pair.full.shape:
+                return value.clone()
+            part = gather(value, pair.rows, pair.columns)
+            pair.zero_padding(part)
+            return part
         return value
 
     def sync_hyperparameters(self) -> None:
@@ -141,13 +164,13 @@ class NarrowSubnetwork:
     def step(self, batch: tuple[Tensor, Tensor], ctx: StepContext) -> StepResult:
         """One SGD step of the narrow model: what ``subnet_step`` does to the full model under the mask.
 
-        The result counts what a compact step of the mask counts: 3 f(mask) train FLOPs (supplement C.1), f of the
-        kept widths (nothing is padded here), and the mask's kept ratio.
+        The result counts what a compact step of the mask counts: 3 f train FLOPs (supplement C.1), f at the widths
+        computed (the aligned ones, padding included), and the mask's kept ratio.
         """
         self.sync_hyperparameters()
         result = subnet_step(self.model, self.optimizer, batch, None, ctx)
         return dataclasses.replace(result, kept_ratio=self.kept_ratio(),
-                                   flops=int(dense_step_flops(ctx.cost.flops(self.mask, result.count))))
+                                   flops=int(dense_step_flops(ctx.cost.flops(self.computed, result.count))))
 
     def step_function(self, ctx: StepContext) -> Callable[[tuple[Tensor, Tensor]], StepResult]:
         """The training step as a function of the batch (the narrow model put in train mode)."""
@@ -161,19 +184,94 @@ class NarrowSubnetwork:
         A state tensor the full optimizer does not have yet (the first steps ran narrow) is created with zeros in the
         dropped entries.
         """
-        for full, narrow, rows, columns in self._pairs:
-            scatter_(full, narrow, rows, columns)
+        for pair in self._pairs:
+            scatter_(pair.full, pair.own_part(pair.narrow), pair.own_rows, pair.own_columns)
         for group in self.full_optimizer.param_groups:
             for param in group["params"]:
-                narrow, rows, columns = self._by_param[id(param)]
-                state = self.optimizer.state.get(narrow)
+                pair = self._by_param[id(param)]
+                state = self.optimizer.state.get(pair.narrow)
                 if not state:
                     continue
                 full_state = self.full_optimizer.state[param]
                 for key, value in state.items():
-                    if not isinstance(value, Tensor) or value.shape != narrow.shape:  # Adam's step: copied
+                    if not isinstance(value, Tensor) or value.shape != pair.narrow.shape:  # Adam's step: copied
                         full_state[key] = value.clone() if isinstance(value, Tensor) else value
                         continue
                     if not isinstance(full_state.get(key), Tensor):
                         full_state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    scatter_(full_state[key], value, rows, columns)
+                    scatter_(full_state[key], pair.own_part(value), pair.own_rows, pair.own_columns)
+
+
+def _padded(mask: Mapping[str, Tensor], align: int) -> dict[str, Tensor]:
+    """``mask`` with each group's kept set grown to its aligned width by its first dropped channels."""
+    if align == 1:
+        return dict(mask)
+    padded = {}
+    for g, m in mask.items():
+        m = m.reshape(-1).clone()
+        kept = int(m.sum())
+        extra = aligned_width(kept, m.numel(), align) - kept
+        m[(~m).nonzero().flatten()[:extra]] = True
+        padded[g] = m
+    return padded
+
+
+def _positions(held: Tensor | None, own: Tensor | None) -> Tensor | None:
+    """Where the entries ``own`` stand in the held index set ``held`` (both sorted; None: every index); None where
+    they are the same set."""
+    if own is None or (held is not None and held.numel() == own.numel()):
+        return None
+    return own if held is None else torch.searchsorted(held, own)
+
+
+@dataclasses.dataclass
+class _Pair:
+    """One parameter or buffer of the full model and its narrow copy.
+
+    Attributes:
+        name: Its name in the state dict.
+        full: The full model's tensor.
+        narrow: The narrow model's.
+        rows, columns: The full tensor's rows and columns the narrow one holds (None: all).
+        own_rows, own_columns: Those of the subnetwork itself (without the padding).
+    """
+
+    name: str
+    full: Tensor
+    narrow: Tensor
+    rows: Tensor | None
+    columns: Tensor | None
+    own_rows: Tensor | None
+    own_columns: Tensor | None
+
+    def __post_init__(self) -> None:
+        self.row_positions = _positions(self.rows, self.own_rows)
+        self.column_positions = _positions(self.columns, self.own_columns)
+        self.padding_rows = _complement(self.row_positions, self.narrow.shape[0] if self.narrow.dim() else None)
+        self.padding_columns = _complement(self.column_positions,
+                                           self.narrow.shape[1] if self.narrow.dim() > 1 else None)
+
+    @property
+    def is_variance(self) -> bool:
+        """A BatchNorm's ``running_var`` (its padding holds 1, as a fresh BatchNorm's)."""
+        return self.name.rsplit(".", 1)[-1] == "running_var"
+
+    def own_part(self, narrow: Tensor) -> Tensor:
+        """The subnetwork's own entries of a narrow-shaped tensor (the padding left out)."""
+        return gather(narrow, self.row_positions, self.column_positions)
+
+    def zero_padding(self, narrow: Tensor, fill: float = 0.0) -> None:
+        """Set the padding entries of a narrow-shaped tensor (in place)."""
+        if self.padding_rows is not None:
+            narrow.data.index_fill_(0, self.padding_rows, fill)
+        if self.padding_columns is not None:
+            narrow.data.index_fill_(1, self.padding_columns, 0.0)
+
+
+def _complement(positions: Tensor | None, size: int | None) -> Tensor | None:
+    """The positions in ``range(size)`` not in ``positions`` (None where there is nothing to pad)."""
+    if positions is None or size is None:
+        return None
+    keep = torch.ones(size, dtype=torch.bool, device=positions.device)
+    keep[positions] = False
+    return keep.nonzero().flatten()
