@@ -234,6 +234,9 @@ class _Pair:
         narrow: The narrow model's.
         rows, columns: The full tensor's rows and columns the narrow one holds (None: all).
         own_rows, own_columns: Those of the subnetwork itself (without the padding).
+        row_positions, column_positions: Where the subnetwork's own rows and columns stand in the narrow tensor
+            (None: all of it).
+        padding_rows, padding_columns: Where the padding stands in it (None: no padding).
     """
 
     name: str
@@ -243,6 +246,10 @@ class _Pair:
     columns: Tensor | None
     own_rows: Tensor | None
     own_columns: Tensor | None
+    row_positions: Tensor | None = dataclasses.field(init=False)
+    column_positions: Tensor | None = dataclasses.field(init=False)
+    padding_rows: Tensor | None = dataclasses.field(init=False)
+    padding_columns: Tensor | None = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.row_positions = _positions(self.rows, self.own_rows)
