@@ -464,6 +464,14 @@ def test_a_search_that_ends_below_its_budget_says_so(caplog):
     warnings = [r.getMessage() for r in caplog.records if "the search ended spending" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("the search ended spending 10% of its budget "
                                                          "(sparsity.keep_ratio=0.5)")
+    assert "anneal steps" not in warnings[0]  # no anneal: nothing to say about the lr's travel in it
+    caplog.clear()
+    annealed = with_overrides(config, **{"optim.epochs": 2, "sparsity.anneal_epochs": 1})  # 2 steps an epoch
+    with caplog.at_level(logging.WARNING, logger="maskprop.train.loop"):
+        summary = maskprop.fit(annealed)
+    assert summary["fix"]["budget_spent"] == pytest.approx(0.1, rel=1e-4)
+    warnings = [r.getMessage() for r in caplog.records if "the search ended spending" in r.getMessage()]
+    assert len(warnings) == 1 and "(sparsity.score_lr x anneal steps = 1e-12 x 2 = 2e-12, the most" in warnings[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="maskprop.train.loop"):
         summary = maskprop.fit(with_overrides(config, **{"sparsity.init": None}))

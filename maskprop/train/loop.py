@@ -434,11 +434,15 @@ def fix_subnetwork(state: TrainState, cfg: Config, ctx: StepContext,
     info["budget_spent"] = scores.spent() / scores.budget if scores.budget > 0 else 1.0
     logger.info("fixed the subnetwork by %s: %s", sparsity.fix, {k: v for k, v in info.items() if k != "rule"})
     if info["budget_spent"] < SPENT_SHARE and current().is_main:
+        anneal = 0 if state.schedule is None else state.schedule.anneal_steps
+        travel = (f" (sparsity.score_lr x anneal steps = {sparsity.score_lr:g} x {anneal} = "
+                  f"{sparsity.score_lr * anneal:.3g}, the most a probability can move in the anneal; searches that "
+                  f"spent their budget had 14-154)") if anneal else ""
         logger.warning("the search ended spending %.0f%% of its budget (sparsity.keep_ratio=%g): keep probabilities "
                        "the estimator drove to 0 stay there, so the subnetwork is smaller than asked and a random "
-                       "subnetwork of the same budget is larger; a lower sparsity.score_lr settles them more slowly "
-                       "(docs/methods.md, \"Fixing the subnetwork\")", 100 * info["budget_spent"],
-                       sparsity.keep_ratio)
+                       "subnetwork of the same budget is larger; a lower sparsity.score_lr settles them more "
+                       "slowly%s (docs/methods.md, \"Fixing the subnetwork\")", 100 * info["budget_spent"],
+                       sparsity.keep_ratio, travel)
     return mask, info
 
 
