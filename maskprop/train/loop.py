@@ -436,8 +436,8 @@ def fix_subnetwork(state: TrainState, cfg: Config, ctx: StepContext,
     if info["budget_spent"] < SPENT_SHARE and current().is_main:
         anneal = 0 if state.schedule is None else state.schedule.anneal_steps
         travel = (f" (sparsity.score_lr x anneal steps = {sparsity.score_lr:g} x {anneal} = "
-                  f"{sparsity.score_lr * anneal:.3g}, the most a probability can move in the anneal; searches that "
-                  f"spent their budget had 14-154)") if anneal else ""
+                  f"{sparsity.score_lr * anneal:.3g}, the most a probability can move in the anneal; measured "
+                  f"searches spending 81-100% had 14-154)") if anneal else ""
         logger.warning("the search ended spending %.0f%% of its budget (sparsity.keep_ratio=%g): keep probabilities "
                        "the estimator drove to 0 stay there, so the subnetwork is smaller than asked and a random "
                        "subnetwork of the same budget is larger; a lower sparsity.score_lr settles them more "
