@@ -22,8 +22,9 @@ advance instead, and is recorded once as a CUDA graph that the GPU then replays 
   that re-chose them every 20 steps through its anneal ran mostly warm-up steps and measured 0.11x dense.
 * a **fixed-mask step** (:class:`FixedMaskStep`: the finetune or random-baseline subnetwork through the full model,
   with ``finetune.narrow: false``) runs at the aligned kept counts (``mask_capacities``), one window for the phase.
-  With ``finetune.narrow: true`` (the default) the phase trains the physically narrow model instead, and its plain
-  dense step is what is captured.
+  With ``finetune.narrow: true`` (the default) the phase trains the physically narrow model instead (its widths
+  padded to ``align`` with channels that stay zero: :mod:`maskprop.train.narrow`), and its plain dense step is what is
+  captured.
 * a **dense step** (:class:`DenseStep`: dense runs, a search's dense warm-up, the narrow finetune, and the dense
   reference steps the measured speedup is timed against).
 
