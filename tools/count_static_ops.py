@@ -118,13 +118,16 @@ def counts_for(name: str, keep: float, align: int, batch: int) -> dict[str, Ops]
 
 
 def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops]:
-    """Launches of a whole dense step and a whole static search step (``maskprop.train.graphs``) on ``meta``, each
-    without its optimizer steps (on CUDA a fused SGD and a capturable Adam: a few launches per tensor group, the
-    same for both) and without the projection after the search step (outside its graph): the dense step is forward,
-    loss, backward and gradient norm; the search step adds the device sampling of ``m`` and ``m'`` from uniforms, both
-    mask updates, the no-grad forward of ``m'`` and the score gradient."""
-    from maskprop.train.graphs import DeviceMeter, SearchStep
-    from maskprop.train.steps import StepContext, _grad_norm
+    """Launches of the whole steps the trainer captures (``maskprop.train.graphs``) on ``meta``, each without its
+    optimizer steps (on CUDA a fused SGD and a capturable Adam: a few launches per tensor group, the same for all) and
+    without the projection after the search step (outside its graph). The dense step is forward, loss, backward and
+    gradient norm; the search step adds the device sampling of ``m`` and ``m'`` from uniforms, both mask updates, the
+    no-grad forward of ``m'`` and the score gradient; the fixed-mask finetune step is the dense step of the full model
+    under a sampled mask at its aligned kept counts (``finetune.narrow: false``); the narrow finetune step is the dense
+    step of that mask's narrow model, padded to ``align`` (the default finetune)."""
+    from maskprop.train.graphs import DenseStep, DeviceMeter, FixedMaskStep, SearchStep
+    from maskprop.train.narrow import NarrowSubnetwork
+    from maskprop.train.steps import StepContext
 
     model, x, y, groups, capacities = _on_meta(name, keep, align, batch)
     scores = ChannelScores(groups, keep, device="meta")
@@ -143,14 +146,22 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
     meter = DeviceMeter(torch.device("meta"))
     search = SearchStep(model, scores, (NoStep(), NoStep()), SparsityConfig(), ctx, capacities, meter)  # type: ignore
 
-    def dense() -> None:
-        logits = model(x)
-        ctx.criterion(logits.float(), y).backward()
-        meter.add(ctx.criterion(logits.float(), y).detach(), None, logits, y, _grad_norm(model))
+    dense_step = DenseStep(model, NoStep(), ctx, meter)  # type: ignore[arg-type]
 
-    dense()
-    search(x, y)
-    return {"dense step": count(dense), "static search step": count(lambda: search(x, y))}
+    # The finetune steps of a sampled subnetwork: through the full model at its aligned kept counts
+    # (finetune.narrow: false), and the narrow model (built on the CPU, then moved to meta), padded to ``align``.
+    mask = random_mask(groups, keep, torch.Generator().manual_seed(0))
+    fixed = FixedMaskStep(model, NoStep(), mask, ctx, meter)  # type: ignore[arg-type]
+    cpu_model = maskprop.create_model(name).train()
+    narrow_model = NarrowSubnetwork(cpu_model, mask, torch.optim.SGD(cpu_model.parameters(), lr=0.1),
+                                    align=align).model.to("meta")
+    narrow = DenseStep(narrow_model, NoStep(), ctx, meter)  # type: ignore[arg-type]
+
+    steps = {"dense step": lambda: dense_step(x, y), "static search step": lambda: search(x, y), "fixed-mask step": lambda: fixed(x, y),
+             "narrow step": lambda: narrow(x, y)}
+    for step in steps.values():
+        step()
+    return {kind: count(step) for kind, step in steps.items()}
 
 
 def main() -> None:
@@ -159,15 +170,18 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--align", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--whole", action="store_true", help="whole steps: dense against the static search step")
+    parser.add_argument("--whole", action="store_true",
+                        help="whole steps: dense against the static search step and the two finetune steps")
     args = parser.parse_args()
     if args.whole:
         print(f"launches per whole step on meta (optimizer steps left out), keep {args.keep}, align {args.align}")
-        print("| model | dense step | static search step | ratio |\n|---|---|---|---|")
+        print("| model | dense step | static search step | ratio | fixed-mask finetune step | narrow finetune step |\n"
+              "|---|---:|---:|---:|---:|---:|")
         for name in args.models:
             r = whole_steps(name, args.keep, args.align, args.batch)
             d, s = r["dense step"].launches, r["static search step"].launches
-            print(f"| {name} | {d} | {s} | {s / d:.2f} |")
+            print(f"| {name} | {d} | {s} | {s / d:.2f} | {r['fixed-mask step'].launches} | "
+                  f"{r['narrow step'].launches} |")
         return
     print(f"launches (host ops) per training step on meta, keep {args.keep}, align {args.align}; "
           "static = update + forward + backward")
