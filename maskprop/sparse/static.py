@@ -235,7 +235,8 @@ def rechoose_capacities(capacities: Mapping[str, int], scores: ChannelScores | M
         if grow or shrink:
             chosen[g] = _capacity(count, align, quantile)
             grows = grows or chosen[g] > capacity
-    if not grows and sum(current.values()) - sum(chosen.values()) < min_shrink * sum(current.values()):
+    total = sum(current.values())
+    if not grows and total - sum(chosen.values()) < min_shrink * total:
         chosen = dict(current)
     rechosen = tuple(g for g in chosen if chosen[g] != current[g])
     return CapacityUpdate(chosen, bool(rechosen), rechosen)

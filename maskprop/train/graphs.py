@@ -582,7 +582,7 @@ class StaticSteps:
         if mask is not None:
             kept, f = body.kept_ratio, self.ctx.cost.flops(body.widths, n)
         elif narrow is not None:
-            kept, f = narrow.kept_ratio(), self.ctx.cost.flops(narrow.computed, n)
+            kept, f = narrow.kept_ratio(), self.ctx.cost.flops(narrow.widths, n)
         else:
             kept, f = 1.0, self.ctx.cost.flops(None, n)
         self.meter.add_host(n, pair=False, kept=kept)

@@ -94,6 +94,7 @@ class NarrowSubnetwork:
         optimizer: The narrow optimizer, its state gathered from ``optimizer``'s.
         mask: The subnetwork (on the CPU).
         computed: The channels the narrow model holds: ``mask`` and, with ``align > 1``, the padding channels.
+        widths: ``{group: channels}`` of ``computed``: the widths the narrow model computes.
 
     Raises:
         ValueError: ``mask`` does not fit ``model``, ``align`` is not a positive integer, or ``optimizer`` is not
@@ -109,6 +110,9 @@ class NarrowSubnetwork:
         self.full, self.full_optimizer = model, optimizer
         self.mask = {g: m.detach().cpu() for g, m in mask.items()}
         self.computed = _padded(self.mask, check_align(align))
+        # Fixed for the phase: counted once here, not in every step.
+        self.widths = {g: int(m.sum()) for g, m in self.computed.items()}
+        self._kept_ratio = kept_ratio(self.mask, {g: m.numel() for g, m in self.mask.items()})
         self.model = materialize(model, self.computed, conv_type=PointwiseSafeConv2d)
         sets, own = index_sets(model, self.computed), index_sets(model, self.mask)  # what materialize sliced by
         narrow_tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
@@ -158,8 +162,8 @@ class NarrowSubnetwork:
             narrow.update(self._hyperparameters(full))
 
     def kept_ratio(self) -> float:
-        """Kept fraction of the prunable channels."""
-        return kept_ratio(self.mask, {g: m.numel() for g, m in self.mask.items()})
+        """Kept fraction of the prunable channels (of the subnetwork, the padding left out)."""
+        return self._kept_ratio
 
     def step(self, batch: tuple[Tensor, Tensor], ctx: StepContext) -> StepResult:
         """One SGD step of the narrow model: what ``subnet_step`` does to the full model under the mask.
@@ -170,7 +174,7 @@ class NarrowSubnetwork:
         self.sync_hyperparameters()
         result = subnet_step(self.model, self.optimizer, batch, None, ctx)
         return dataclasses.replace(result, kept_ratio=self.kept_ratio(),
-                                   flops=int(dense_step_flops(ctx.cost.flops(self.computed, result.count))))
+                                   flops=int(dense_step_flops(ctx.cost.flops(self.widths, result.count))))
 
     def step_function(self, ctx: StepContext) -> Callable[[tuple[Tensor, Tensor]], StepResult]:
         """The training step as a function of the batch (the narrow model put in train mode)."""
@@ -203,7 +207,8 @@ class NarrowSubnetwork:
 
 
 def _padded(mask: Mapping[str, Tensor], align: int) -> dict[str, Tensor]:
-    """``mask`` with each group's kept set grown to its aligned width by its first dropped channels."""
+    """``mask`` with each group's kept set grown to its aligned width by its first dropped channels (the channels
+    compact execution pads with)."""
     if align == 1:
         return dict(mask)
     padded = {}
