@@ -100,10 +100,10 @@ def _final_table(summary: dict) -> str:
         f"|                      | {'network' if sbp else 'subnetwork':<10} | dense      | kept   |",
         "|---|---:|---:|---:|",
         f"| top-1 accuracy (%)   | {summary['accuracy']:10.2f} |            |        |",
-        f"| params               | {_count(summary['subnet_params']):>10} | {_count(summary['dense_params']):>10} "
-        f"| {ratio(summary['subnet_params'], summary['dense_params']):>6} |",
-        f"| FLOPs / example      | {_count(summary['subnet_flops']):>10} | {_count(summary['dense_flops']):>10} "
-        f"| {ratio(summary['subnet_flops'], summary['dense_flops']):>6} |",
+        (f"| params               | {_count(summary['subnet_params']):>10} | {_count(summary['dense_params']):>10} "
+         f"| {ratio(summary['subnet_params'], summary['dense_params']):>6} |"),
+        (f"| FLOPs / example      | {_count(summary['subnet_flops']):>10} | {_count(summary['dense_flops']):>10} "
+         f"| {ratio(summary['subnet_flops'], summary['dense_flops']):>6} |"),
         f"train-cost saving {summary['train_cost_saving']:.2f}x (supplement C.1, finetuning included)",
         f"measured speedup {measured}",
     ]
@@ -331,8 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ._workarounds import keep_freed_host_memory
 
-    # Both commands time dense against sparse steps on the CPU: keep glibc from faulting freed memory back in every
-    # step (it penalised dense steps by up to a third); MALLOC_* environment variables take precedence.
+    # train and bench time dense against sparse steps on the CPU (the other commands lose nothing by it): keep glibc
+    # from faulting freed memory back in every step (it penalised dense steps by up to a third); MALLOC_* environment
+    # variables take precedence.
     logging.getLogger(__name__).debug("glibc malloc keeps freed memory: %s", keep_freed_host_memory())
     try:
         status = args.run(args)
