@@ -1,7 +1,9 @@
 """GPU checks of the execution engine (skipped without CUDA).
 
 Each test runs in a pytest process of its own (:func:`isolated`): a CUDA error such as a misaligned or illegal
-address leaves the CUDA context of its process unusable, and every later test there would fail with it.
+address leaves the CUDA context of its process unusable, and every later test there would fail with it. Run this
+way they go one after the other; ``python tools/isolated_tests.py tests/test_gpu.py --jobs 6`` (what
+``tools/gpu_check.sh`` does) starts the same processes six at a time.
 """
 
 from __future__ import annotations

@@ -5,19 +5,20 @@
 #     tools/gpu_check.sh results/gpu-$(date +%F)
 #
 # 1. the GPU tests (compact == masked in float32 channels_last with sampled and aligned widths, bf16 tolerance,
-#    one host sync per search step, the trainer on CUDA);
-# 2. `maskprop bench --device cuda --amp bf16 --batch-size 256` at keep 0.5, align 8, sampled masks, for resnet32 and
-#    vgg19_bn (32x32) (resnet50's eager steps are timed in part 5);
-# 3-4. (the eager per-step probe, tools/gpu_probe.py, and the operator counts, tools/count_ops.py, were measured on
-#    2026-12-04 and are in BENCHMARKS.md; run them by hand when the eager steps change)
-# 5. issue 18: eager steps against static steps captured as CUDA graphs (tools/bench_graphs.py: dense, search and
-#    finetune steps and a search step at settled probabilities, bf16, channels_last, batch 256, keep 0.5, for
-#    resnet32, vgg19_bn and resnet50; JSON and a markdown table of the ratios), the same for the CIFAR models at
-#    sparsity.capacity_quantile 0.9 (narrower static widths, more masks cut), then a short `maskprop train` of the quickstart (shapes) recipe with
-#    cuda_graphs=true against its dense twin (accuracy, measured speedup, the static steps' report) in e2e.json.
-# Limits: tests 80 s, bench 30 s, graph benches 130 + 45 s, the two runs 35 s each (355 s).
-# Each part has its own time limit, so one that hangs cannot take the others' time; its status is in summary.json.
-# Wheels carried in .whl/ (a newer torch, say) are installed first, into /tmp/site.
+#    aligned operands, one host sync per search step, the trainer on CUDA), each in a process of its own, six at a
+#    time (tools/isolated_tests.py): gpu_tests.json;
+# 2. issue 18's step times: eager steps against static steps captured as CUDA graphs (tools/bench_graphs.py: dense,
+#    search, settled search, fixed-mask and narrow finetune steps, bf16, channels_last, batch 256, keep 0.5, align 8,
+#    for resnet32, vgg19_bn and resnet50@224): graphs.json and graphs.md (the ratios);
+# 3. issue 18's whole runs: `maskprop train` of the short search on shapes with cuda_graphs=true for the same three
+#    models, one after the other, then their dense twins at once (tools/e2e_runs.py): accuracy, the summary's measured
+#    speedup beside its target, the capacity windows: e2e.json and e2e.md.
+# By hand when the eager steps change (measured on 2026-12-04, in BENCHMARKS.md): `maskprop bench --device cuda --amp
+# bf16 --batch-size 256 --masks sampled --align 8`, the probe tools/gpu_probe.py and the counts of tools/count_ops.py;
+# and `tools/bench_graphs.py --capacity-quantile 0.9` for narrower static widths.
+# Limits: tests 75 s, step times 105 s, whole runs 175 s (42 s a run): 355 s. Each part has its own time limit, so one
+# that hangs cannot take the others' time; its status is in summary.json.
+# Wheels carried in .whl/ (pydantic, which the image lacks) are installed first, into /tmp/site.
 set -u
 OUT=${1:?usage: tools/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -49,35 +50,12 @@ json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(info)
 PY
 
-run tests 80 $PY -m pytest tests/test_gpu.py -q -x -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
-
-BENCH=(-m maskprop.cli bench --device cuda --amp bf16 --batch-size 256 --keep-ratios 0.5 --repeats 5 --warmup 2)
-run bench_cifar_sampled_align8 30 $PY "${BENCH[@]}" --models resnet32 vgg19_bn --masks sampled --align 8 \
-    --json "$OUT/bench_cifar_sampled_align8.json"
-
-run graphs 130 $PY tools/bench_graphs.py --models resnet32:32:256 vgg19_bn:32:256 resnet50:224:256 --steps 15 \
+run tests 75 $PY tools/isolated_tests.py tests/test_gpu.py --jobs 6 --timeout 70 --json "$OUT/gpu_tests.json"
+run graphs 105 $PY tools/bench_graphs.py --models resnet32:32:256 vgg19_bn:32:256 resnet50:224:256 --steps 10 \
     --json "$OUT/graphs.json" --markdown "$OUT/graphs.md"
-run graphs_q90 45 $PY tools/bench_graphs.py --models resnet32:32:256 vgg19_bn:32:256 --steps 15 \
-    --capacity-quantile 0.9 --json "$OUT/graphs_q90.json" --markdown "$OUT/graphs_q90.md"
-SHORT=(device=cuda amp=bf16 cuda_graphs=true log_every=20 save_every=0 eval_every=0)
-run e2e_search 35 $PY -m maskprop.cli train recipes/quickstart.yaml "${SHORT[@]}" optim.epochs=6 \
-    sparsity.warmup_epochs=1 sparsity.anneal_epochs=2 finetune.epochs=1 --out "$OUT/e2e_search"
-run e2e_dense 35 $PY -m maskprop.cli train recipes/quickstart.yaml "${SHORT[@]}" method=dense optim.epochs=7 \
-    --out "$OUT/e2e_dense"
-$PY - "$OUT" <<'PY' >> "$LOG" 2>&1
-import json, sys
-from pathlib import Path
-out, rows = Path(sys.argv[1]), {}
-for name in ("e2e_search", "e2e_dense"):
-    path = out / name / "summary.json"
-    if path.is_file():
-        s = json.loads(path.read_text())
-        rows[name] = {k: s.get(k) for k in ("accuracy", "measured_speedup", "measured_speedup_iqr", "train_cost_saving",
-                                           "run_time_s", "static_steps")}
-(out / "e2e.json").write_text(json.dumps(rows, indent=2))
-print(json.dumps(rows, indent=2))
-PY
-for table in graphs graphs_q90; do [ -f "$OUT/$table.md" ] && tee -a "$LOG" < "$OUT/$table.md"; done
+run e2e 175 $PY tools/e2e_runs.py --out "$OUT/e2e" --timeout 42 \
+    --models resnet32:32:10240 vgg19_bn:32:10240 resnet50:224:2560:8
+for table in graphs.md e2e/e2e.md; do [ -f "$OUT/$table" ] && tee -a "$LOG" < "$OUT/$table"; done
 
 {
     echo "{"

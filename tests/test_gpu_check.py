@@ -1,0 +1,109 @@
+"""The tools ``tools/gpu_check.sh`` runs, checked on the CPU: a GPU check has one try, so its parts must work as they
+are when a GPU is lent (``tools/isolated_tests.py``: the GPU tests in processes of their own, several at a time;
+``tools/e2e_runs.py``: whole runs against their dense twins)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+SAMPLE_TESTS = '''
+import os, time, pytest
+
+def test_runs_inside_its_child():
+    assert os.environ.get("MASKPROP_ISOLATED_TEST") == "1"
+
+@pytest.mark.parametrize("x", [1, 2])
+def test_param(x):
+    assert x in (1, 2)
+
+def test_fails():
+    assert False, "the failure's own message"
+
+def test_skips():
+    pytest.skip("no GPU")
+
+def test_hangs():
+    time.sleep(60)
+'''
+
+
+def test_isolated_tests_reports_each_outcome_and_fails_on_a_failure_or_a_timeout(tmp_path, capsys):
+    tool = _tool("isolated_tests")
+    (tmp_path / "test_sample.py").write_text(SAMPLE_TESTS)
+    out = tmp_path / "out.json"
+    status = tool.main([str(tmp_path / "test_sample.py"), "--jobs", "3", "--timeout", "4", "--json", str(out)])
+    assert status == 1
+    result = json.loads(out.read_text())
+    outcomes = {r["node"].split("::")[1]: r["outcome"] for r in result["tests"]}
+    assert outcomes == {"test_runs_inside_its_child": "passed", "test_param[1]": "passed", "test_param[2]": "passed",
+                        "test_fails": "failed", "test_skips": "skipped", "test_hangs": "timeout"}
+    assert result["counts"] == {"passed": 3, "skipped": 1, "failed": 1, "timeout": 1}
+    assert result["tests_collected"] == 6
+    printed = capsys.readouterr().out
+    assert "the failure's own message" in printed and "3 passed, 1 skipped, 1 failed, 1 timeout" in printed
+
+
+def test_isolated_tests_passes_when_every_test_passes_or_skips(tmp_path):
+    tool = _tool("isolated_tests")
+    (tmp_path / "test_fine.py").write_text("import pytest\ndef test_a():\n    pass\n"
+                                           "def test_b():\n    pytest.skip('no GPU')\n")
+    assert tool.main([str(tmp_path / "test_fine.py"), "--jobs", "2", "--timeout", "30"]) == 0
+
+
+@pytest.mark.parametrize("args", [["--jobs", "0"], ["--json", "/no/such/dir/out.json"]])
+def test_isolated_tests_usage_errors_are_one_line(tmp_path, args):
+    (tmp_path / "test_fine.py").write_text("def test_a():\n    pass\n")
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "isolated_tests.py"), str(tmp_path / "test_fine.py"),
+                           *args], capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("isolated_tests.py: error: ")
+    assert "Traceback" not in done.stderr
+
+
+def test_isolated_tests_collects_the_gpu_tests_of_this_repository():
+    nodes = _tool("isolated_tests").collect("tests/test_gpu.py")
+    assert len(nodes) >= 20 and all(n.startswith("tests/test_gpu.py::test_") for n in nodes)
+
+
+def test_e2e_runs_pairs_a_sparse_run_with_its_dense_twin(tmp_path, capsys):
+    """The dry run on the CPU: both runs finish, the sparse one's summary fields are read, the twin trains for the
+    search plus finetune epochs, and the table has the row."""
+    tool = _tool("e2e_runs")
+    out = tmp_path / "e2e"
+    status = tool.main(["--out", str(out), "--models", "resnet20:16:64", "--device", "cpu", "--batch-size", "32",
+                        "--epochs", "4", "--finetune-epochs", "1", "--threads", "1", "--timeout", "300", "--set",
+                        "data.val_size=32", "sparsity.fix_examples=32", "sparsity.fix_samples=2"])
+    assert status == 0
+    rows = json.loads((out / "e2e.json").read_text())["resnet20_16px"]
+    sparse, dense = rows["vrpge"], rows["dense"]
+    assert sparse["exit_status"] == 0 and dense["exit_status"] == 0
+    assert sparse["measured_speedup"] > 0 and sparse["accuracy"] is not None and dense["accuracy"] is not None
+    config = (out / "resnet20_16px_dense" / "config.yaml").read_text()
+    assert "method: dense" in config and "epochs: 5" in config
+    table = (out / "e2e.md").read_text()
+    assert "| resnet20_16px |" in table and f"{sparse['measured_speedup']:.2f}x" in table
+
+
+@pytest.mark.parametrize("spec", ["resnet32", "resnet32:32", "resnet32:x:100", "resnet32:4:100", "resnet32:32:0"])
+def test_e2e_runs_bad_model_specs_are_one_line(tmp_path, spec):
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "e2e_runs.py"), "--out", str(tmp_path / "o"),
+                           "--models", spec], capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert "NAME:IMAGE:TRAIN_IMAGES" in done.stderr or "image >= 8" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "o").exists()

@@ -1,0 +1,110 @@
+"""Run every test of a pytest file in a process of its own, several at a time, and report each outcome.
+
+Usage:
+    python tools/isolated_tests.py tests/test_gpu.py --jobs 6 --json out/gpu_tests.json
+
+``tests/test_gpu.py`` isolates its tests already (a CUDA error leaves its process's context unusable, so each test
+runs in a child pytest process), but one after the other: 23 tests, each paying an interpreter, torch's import and a
+CUDA context, took longer than a GPU check can give them. This tool starts the same children ``--jobs`` at a time,
+each with ``MASKPROP_ISOLATED_TEST=1`` so that the test runs inside it directly, and a time limit per test; tests that
+share one GPU this way check results, not times. It prints one line per test and a count, writes the outcomes as
+JSON, and exits 1 if any test failed or timed out (0 when all passed or were skipped; 2 for a usage error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ISOLATED_ENV = "MASKPROP_ISOLATED_TEST"  # tests/test_gpu.py: inside such a child the test runs in the process itself
+REPO = Path(__file__).resolve().parents[1]
+
+
+def workdir(path: str) -> Path:
+    """Where the tests of ``path`` run: the repository for its own tests (its conftest and imports), else the file's
+    folder."""
+    file = Path(path).resolve()
+    return REPO if file.is_relative_to(REPO) else file.parent
+
+
+def collect(path: str, python: str = sys.executable) -> list[str]:
+    """The node ids pytest collects from ``path`` (``file::test[params]``), relative to :func:`workdir`."""
+    done = subprocess.run([python, "-m", "pytest", str(Path(path).resolve()), "--collect-only", "-q", "-p",
+                           "no:cacheprovider"], cwd=workdir(path), capture_output=True, text=True, check=False)
+    nodes = [line.strip() for line in done.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+    if done.returncode not in (0, 5) or (done.returncode == 0 and not nodes):
+        raise RuntimeError(f"pytest could not collect {path} (exit {done.returncode}):\n{done.stdout[-2000:]}"
+                           f"{done.stderr[-2000:]}")
+    return nodes
+
+
+def run_one(node: str, cwd: Path, timeout: float, threads: int, python: str = sys.executable) -> dict:
+    """Run one test in its own pytest process: its outcome (passed, skipped, failed, timeout), seconds, output."""
+    env = {**os.environ, ISOLATED_ENV: "1", "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([python, "-m", "pytest", node, "-q", "-rs", "-p", "no:cacheprovider"], cwd=cwd,
+                              env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as expired:
+        output = (expired.stdout or b"") + (expired.stderr or b"")
+        output = output.decode(errors="replace") if isinstance(output, bytes) else output
+        return {"node": node, "outcome": "timeout", "seconds": round(time.perf_counter() - start, 1),
+                "output": output[-4000:]}
+    output = done.stdout + done.stderr
+    tally = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if done.returncode == 0:
+        outcome = "passed" if re.search(r"\b\d+ passed\b", tally) else "skipped"
+    else:
+        outcome = "failed"
+    return {"node": node, "outcome": outcome, "seconds": round(time.perf_counter() - start, 1),
+            "output": output[-4000:] if outcome == "failed" else ""}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", help="a pytest file, e.g. tests/test_gpu.py")
+    parser.add_argument("--jobs", type=int, default=6, help="tests running at once (default 6)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds one test may take (default 120)")
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each test's process (default 2)")
+    parser.add_argument("--json", help="write the outcomes to this path")
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or args.timeout <= 0 or args.threads < 1:
+        parser.error(f"--jobs {args.jobs}, --timeout {args.timeout}, --threads {args.threads}: expected a positive "
+                     f"number each")
+    if not Path(args.path).is_file():
+        parser.error(f"{args.path}: no such test file")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json {args.json}: its directory does not exist")
+    nodes, cwd = collect(args.path), workdir(args.path)
+    start = time.perf_counter()
+    results: list[dict] = []
+
+    def tally() -> dict[str, int]:
+        return {outcome: sum(r["outcome"] == outcome for r in results)
+                for outcome in ("passed", "skipped", "failed", "timeout")}
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for result in pool.map(lambda node: run_one(node, cwd, args.timeout, args.threads), nodes):
+            print(f"{result['outcome']:8s} {result['seconds']:6.1f} s  {result['node']}", flush=True)
+            if result["output"]:
+                print(result["output"], flush=True)
+            results.append(result)
+            if args.json:  # after every test: a check stopped from outside keeps what finished
+                Path(args.json).write_text(json.dumps({
+                    "path": args.path, "jobs": args.jobs, "tests_collected": len(nodes),
+                    "wall_s": round(time.perf_counter() - start, 1), "counts": tally(), "tests": results}, indent=2))
+    counts = tally()
+    print(", ".join(f"{n} {outcome}" for outcome, n in counts.items()) + f" in {time.perf_counter() - start:.1f} s "
+          f"({len(nodes)} tests, {args.jobs} at a time)", flush=True)
+    return 1 if counts["failed"] or counts["timeout"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
