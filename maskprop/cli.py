@@ -109,6 +109,13 @@ def _final_table(summary: dict) -> str:
     ]
     if summary.get("speedup_warning"):
         lines.append(f"warning: {summary['speedup_warning']}")
+    static = summary.get("static_steps")
+    if static and static.get("captured"):
+        overhead = static.get("warmup_capture_s") or 0.0
+        share = f" ({100.0 * overhead / summary['run_time_s']:.0f}% of the run)" if summary.get("run_time_s") else ""
+        lines.append(f"CUDA graphs: {static['graph_captures']} captures, {static['search_windows']} search windows; "
+                     f"their eager warm-up steps and captures took {overhead:.1f} s{share}, which the measured "
+                     f"speedup (replayed steps) leaves out")
     if sbp:
         kept, units = sum(sbp["kept_units"].values()), sum(sbp["units"].values())
         angle = sbp["last_angles"].get("angle/overall")

@@ -336,6 +336,18 @@ def test_the_final_table_says_faster_or_slower_correctly(runs):
     assert warned.splitlines()[-1] == "warning: the measured speedup 1.00x has a wide spread"
 
 
+def test_the_final_table_gives_the_time_of_graph_captures_beside_the_speedup(runs):
+    """A graphed run's windows cost eager warm-up steps and a capture each, which the measured speedup (paired
+    replayed steps) leaves out: the final lines say how long they took and what share of the run."""
+    summary = dict(summary_of(runs / "vrpge"), run_time_s=40.0)
+    static = {"captured": True, "graph_captures": 5, "search_windows": 3, "warmup_capture_s": 6.0}
+    lines = _final_table(dict(summary, static_steps=static)).splitlines()
+    assert lines[-1] == ("CUDA graphs: 5 captures, 3 search windows; their eager warm-up steps and captures took "
+                         "6.0 s (15% of the run), which the measured speedup (replayed steps) leaves out")
+    eager = _final_table(dict(summary, static_steps=dict(static, captured=False)))
+    assert "CUDA graphs" not in eager and "CUDA graphs" not in _final_table(summary)
+
+
 def test_the_random_baseline_is_named_random_in_tables_and_plots():
     from maskprop.report import _method
     from maskprop.train.summary import RunSummary

@@ -281,6 +281,7 @@ class StepGraph:
         self.batch_size, self.strict, self.warmup = batch_size, strict, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captures = 0
+        self.overhead_s = 0.0  # wall seconds of the eager warm-up steps and the capture (synchronised around them)
         self._inputs: tuple[Tensor, Tensor] | None = None
         self._warm = 0
         self._learning_rates: _DeviceLearningRates | None = None
@@ -313,6 +314,16 @@ class StepGraph:
             self._learning_rates.refresh()
             self.graph.replay()
             return
+        # The window's first steps: timed whole (they synchronise, once per window), for the run summary.
+        torch.cuda.synchronize(self.device)
+        started = perf_counter()
+        try:
+            self._warm_up_or_capture(static_images, static_labels)
+        finally:
+            torch.cuda.synchronize(self.device)
+            self.overhead_s += perf_counter() - started
+
+    def _warm_up_or_capture(self, static_images: Tensor, static_labels: Tensor) -> None:
         if self._warm < self.warmup:  # real steps, on a side stream as capture wants its warm-up
             self._warm += 1
             side = torch.cuda.Stream(self.device)
@@ -519,6 +530,7 @@ class StaticSteps:
         self.overflow_steps = 0
         self.overflow_channels: dict[str, int] = {}
         self.captures = 0
+        self.overhead_s = 0.0
         self._search: tuple[SearchStep, StepGraph] | None = None
         self._other: tuple[tuple, Any, StepGraph] | None = None
         self._flops: dict[tuple, int] = {}
@@ -533,6 +545,7 @@ class StaticSteps:
     def _retire(self, graph: StepGraph | None) -> None:
         if graph is not None:
             self.captures += graph.captures
+            self.overhead_s += graph.overhead_s
 
     def search(self, model: nn.Module, scores: ChannelScores,
                optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer], batch: tuple[Tensor, Tensor]
@@ -629,14 +642,22 @@ class StaticSteps:
                 self.end_search()  # the next search step builds the new window
         return window
 
+    def _totals(self) -> tuple[int, float]:
+        """Graph captures and seconds of window warm-up and capture so far, the live graphs' included."""
+        live = [g for g in (None if self._search is None else self._search[1],
+                            None if self._other is None else self._other[2]) if g is not None]
+        return (self.captures + sum(g.captures for g in live),
+                self.overhead_s + sum(g.overhead_s for g in live))
+
     def report(self) -> dict[str, Any]:
-        """For the run summary: how the steps ran, the capacity windows met and the overflows."""
-        captures = self.captures + sum(g.captures for g in (
-            None if self._search is None else self._search[1], None if self._other is None else self._other[2])
-            if g is not None)
+        """For the run summary: how the steps ran, the capacity windows met, the overflows, and the wall seconds of
+        the windows' eager warm-up steps and captures (``warmup_capture_s``; the measured speedup compares replayed
+        steps and leaves them out)."""
+        captures, overhead_s = self._totals()
         return {"captured": self.choice.capture, "graph_captures": captures, "search_windows": self.windows,
                 "search_shapes": len(self.shapes), "overflow_steps": self.overflow_steps,
                 "overflow_channels": sum(self.overflow_channels.values()),
+                "warmup_capture_s": round(overhead_s, 3),
                 "capacities": None if self.capacities is None else dict(self.capacities)}
 
     # --- checkpoints
@@ -644,9 +665,10 @@ class StaticSteps:
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue exactly: the generator, the current capacities (re-choices have
         hysteresis) and the counts of the report."""
+        captures, overhead_s = self._totals()
         return {"generator": self.generator.get_state(), "capacities": self.capacities, "windows": self.windows,
                 "shapes": [list(s) for s in sorted(self.shapes)], "overflow_steps": self.overflow_steps,
-                "overflow_channels": dict(self.overflow_channels), "captures": self.captures}
+                "overflow_channels": dict(self.overflow_channels), "captures": captures, "overhead_s": overhead_s}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.generator.set_state(state["generator"])
@@ -656,6 +678,7 @@ class StaticSteps:
         self.overflow_steps = int(state["overflow_steps"])
         self.overflow_channels = dict(state["overflow_channels"])
         self.captures = int(state.get("captures", 0))
+        self.overhead_s = float(state.get("overhead_s", 0.0))
         self._search = self._other = None
 
 
