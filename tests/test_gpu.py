@@ -178,6 +178,49 @@ def test_compact_bf16_stays_within_bf16_tolerance_of_float32():
 
 
 @isolated
+def test_graphed_search_with_m2_on_a_side_stream_equals_one_stream():
+    """A captured search step that runs the forward of m' on a side stream beside the backward of m (the default)
+    gives the losses, weights, scores and BatchNorm statistics of the same step on one stream, replay after replay."""
+    from torch import nn
+
+    from maskprop.cost import CostModel
+    from maskprop.train.config import load_config
+    from maskprop.train.graphs import GraphsChoice, StaticSteps, make_capturable
+    from maskprop.train.optim import score_optimizer, weight_optimizer
+    from maskprop.train.steps import StepContext
+    from maskprop.vrpge import ChannelScores
+
+    torch.manual_seed(0)
+    base = maskprop.create_model("resnet32").train()
+    cost = CostModel(base, (3, 32, 32))
+    base.cuda().to(memory_format=torch.channels_last)
+    ctx = StepContext(nn.CrossEntropyLoss(), torch.device("cuda"), cost, None, True, align=8)
+    cfg = load_config(None, ["data.batch_size=64", "log_every=1000"])
+    x = torch.randn(64, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.arange(64, device="cuda") % 10
+    runs = []
+    for overlap in (True, False):
+        model = copy.deepcopy(base)
+        scores = ChannelScores(model.channel_groups(), 0.5, 0.5, device="cuda")
+        weights = weight_optimizer(model.parameters(), 0.05, 0.9, 5e-4)
+        score_opt = score_optimizer(scores.scores, 0.05)
+        make_capturable(score_opt)
+        static = StaticSteps(cfg, ctx, GraphsChoice(True, True, strict=True), seed=1, overlap=overlap)
+        for _ in range(7):  # 3 eager warm-up steps, the capture, 3 replays
+            static.search(model, scores, (weights, score_opt), (x, y))
+        assert (static._search[0].side_stream is not None) == overlap
+        window = static.read()
+        assert window.steps == 7 and static.report()["graph_captures"] == 1
+        runs.append((window.loss, window.loss2, scores.scores.detach().clone(),
+                     {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    (loss_a, loss2_a, s_a, state_a), (loss_b, loss2_b, s_b, state_b) = runs
+    assert loss_a == pytest.approx(loss_b, rel=1e-4) and loss2_a == pytest.approx(loss2_b, rel=1e-4)
+    torch.testing.assert_close(s_a, s_b, rtol=1e-4, atol=1e-5)
+    for k in state_a:
+        torch.testing.assert_close(state_a[k], state_b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@isolated
 def test_one_host_sync_per_search_step():
     """A VR-PGE step on CUDA synchronises once (reading L(m), L(m') and the correct count); the index sets go over
     from pinned memory without blocking."""

@@ -11,6 +11,8 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
 * ``dense_graphed``: the static dense step, captured;
 * ``search_eager``: ``vrpge_step`` with fresh masks every step (today's search step, scores on the host);
 * ``search_graphed``: the static search step (fresh device uniforms every step, capacities from keep 0.5), captured;
+* ``search_one_stream_graphed``: the same with the forward of ``m'`` after the backward of ``m`` on one stream (the
+  default runs them side by side on two: ``SearchStep(overlap=True)``);
 * ``settled_graphed``: the same with settled keep probabilities (1 on the fixed mask's channels, 0 elsewhere: a
   search after its anneal, whose capacities are the kept counts), captured;
 * ``finetune_eager``: ``subnet_step`` of one fixed sampled mask through the full model (compact);
@@ -97,7 +99,7 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
         fn = make()
         times = _time(fn, device, steps)
         row[f"{kind}_ms"] = statistics.median(times)
-        print(f"{name} {size}px b{batch} {kind:17s} {row[f'{kind}_ms']:9.2f} ms (min {min(times):.2f}, max "
+        print(f"{name} {size}px b{batch} {kind:25s} {row[f'{kind}_ms']:9.2f} ms (min {min(times):.2f}, max "
               f"{max(times):.2f})", flush=True)
         del fn
         if device.type == "cuda":
@@ -121,15 +123,18 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
         sparsity = cfg.sparsity
         return lambda: vrpge_step(model, scores, optimizers, (x, y), generator, sparsity, ctx)
 
-    def graphed_search(scores: ChannelScores) -> Callable[[], object]:
+    def graphed_search(scores: ChannelScores, overlap: bool = True) -> Callable[[], object]:
         model, opt = fresh()
         score_opt = score_optimizer(scores.scores, 0.0)  # lr 0: the scores stay as given
         make_capturable(score_opt)
-        static = StaticSteps(cfg, ctx, choice, seed=1)
+        static = StaticSteps(cfg, ctx, choice, seed=1, overlap=overlap)
         return lambda: static.search(model, scores, (opt, score_opt), (x, y))
 
     def search_graphed():
         return graphed_search(ChannelScores(groups, keep, keep, device=device))
+
+    def search_one_stream_graphed():
+        return graphed_search(ChannelScores(groups, keep, keep, device=device), overlap=False)
 
     def settled_graphed():
         scores = ChannelScores(groups, 1.0, device=device)  # budget: every channel, so the 0/1 scores stay as set
@@ -161,6 +166,7 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
 
     for kind, make in [("dense_eager", dense_eager), ("dense_graphed", dense_graphed),
                        ("search_eager", search_eager), ("search_graphed", search_graphed),
+                       ("search_one_stream_graphed", search_one_stream_graphed),
                        ("settled_graphed", settled_graphed),
                        ("finetune_eager", finetune_eager), ("finetune_graphed", finetune_graphed),
                        ("narrow_eager", narrow_eager), ("narrow_graphed", narrow_graphed)]:
@@ -178,7 +184,8 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
                 "finetune_over_dense_eager": ratio("finetune_eager", "dense_eager"),
                 "finetune_over_dense_graphed": ratio("finetune_graphed", "dense_graphed"),
                 "narrow_over_dense_graphed": ratio("narrow_graphed", "dense_graphed"),
-                "search_graphed_speedup_over_eager": ratio("search_eager", "search_graphed")})
+                "search_graphed_speedup_over_eager": ratio("search_eager", "search_graphed"),
+                "overlap_speedup": ratio("search_one_stream_graphed", "search_graphed")})
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
@@ -198,8 +205,8 @@ def markdown(rows: list[dict]) -> str:
 
     header = ("| model | dense eager ms | dense graphed ms | search eager ms | search graphed ms | finetune graphed ms "
               "| narrow graphed ms | search/dense eager | search/dense graphed | settled search/dense graphed | "
-              "finetune/dense eager | finetune/dense graphed | narrow/dense graphed |")
-    lines = [header, "|" + "---|" * 13]
+              "finetune/dense eager | finetune/dense graphed | narrow/dense graphed | search one stream / two streams |")
+    lines = [header, "|" + "---|" * 14]
     for r in rows:
         lines.append("| " + " | ".join([
             f"{r['model']} {r['image']}px b{r['batch']}"
@@ -208,7 +215,7 @@ def markdown(rows: list[dict]) -> str:
                 "narrow_graphed")),
             *(cell(r.get(k)) for k in ("search_over_dense_eager", "search_over_dense_graphed",
                                        "settled_over_dense_graphed", "finetune_over_dense_eager", "finetune_over_dense_graphed",
-                                       "narrow_over_dense_graphed"))]) + " |")
+                                       "narrow_over_dense_graphed", "overlap_speedup"))]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -421,6 +421,11 @@ class SearchStep:
         ctx: The run's step settings.
         capacities: ``{group: capacity}`` of this window.
         meter: Where the step's statistics accumulate.
+        overlap: On CUDA, run the no-grad forward of ``m'`` on a side stream beside the backward of ``m`` (with
+            ``weight_grad: first``). Neither reads what the other writes (the forward of ``m`` has written its
+            BatchNorm statistics back before ``m'`` starts), so the results are those of running them in turn; at
+            CIFAR scale their kernels are too small to fill the GPU, and a captured graph runs the two branches at
+            once. ``False``: one stream.
 
     Attributes:
         uniforms: ``(2, channels)`` buffer of the uniforms ``m`` and ``m'`` are drawn from; :meth:`sample` refills it
@@ -430,10 +435,12 @@ class SearchStep:
 
     def __init__(self, model: nn.Module, scores: ChannelScores,
                  optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer], sparsity: SparsityConfig,
-                 ctx: StepContext, capacities: Mapping[str, int], meter: DeviceMeter) -> None:
+                 ctx: StepContext, capacities: Mapping[str, int], meter: DeviceMeter, overlap: bool = True) -> None:
         self.model, self.scores, self.optimizers, self.sparsity, self.ctx, self.meter = (
             model, scores, optimizers, sparsity, ctx, meter)
         layout = StaticLayout(model, capacities, ctx.align)
+        overlap = overlap and layout.device.type == "cuda" and sparsity.weight_grad == "first"
+        self.side_stream = torch.cuda.Stream(layout.device) if overlap else None
         if layout.device != scores.scores.device:
             raise ValueError(f"the scores are on {scores.scores.device}, the model on {layout.device}; a static search "
                              f"step samples on the model's device")
@@ -454,18 +461,25 @@ class SearchStep:
     def __call__(self, images: Tensor, labels: Tensor) -> None:
         ctx, scores, (weight_opt, score_opt) = self.ctx, self.scores, self.optimizers
         both = self.sparsity.weight_grad == "both"
-        u_m, u_m2 = self.uniforms[0], self.uniforms[1]
+        u_m = self.uniforms[0]
         self.state_m.update(scores.mask_from_uniforms(u_m), u_m)
-        self.state_m2.update(scores.mask_from_uniforms(u_m2), u_m2)
         weight_opt.zero_grad(set_to_none=False)
         with use_static(self.state_m), _autocast(ctx):
             logits = self.model(images)
             loss_m = ctx.criterion(logits.float(), labels)
-        (loss_m * 0.5 if both else loss_m).backward()
-        with torch.set_grad_enabled(both), use_static(self.state_m2), _autocast(ctx):
-            loss_m2 = ctx.criterion(self.model(images).float(), labels)
-        if both:
+        if both:  # the official code's cost: a backward of each mask, in turn
+            (loss_m * 0.5).backward()
+            loss_m2 = self._forward_m2(images, labels, grad=True)
             (loss_m2 * 0.5).backward()
+        else:  # m' (no grad) on the side stream, if any, while m's backward runs on this one
+            main = torch.cuda.current_stream(images.device) if self.side_stream is not None else None
+            if main is not None:
+                self.side_stream.wait_stream(main)  # after m's forward, its statistics written back
+            with torch.cuda.stream(self.side_stream) if main is not None else contextlib.nullcontext():
+                loss_m2 = self._forward_m2(images, labels, grad=False)
+            loss_m.backward()
+            if main is not None:
+                main.wait_stream(self.side_stream)
         grad_norm = _grad_norm(self.model)
         # supplement eq. (12) on the masks actually used (an overflow cut is part of the sampled subnetwork)
         s = scores.scores
@@ -477,6 +491,13 @@ class SearchStep:
         weight_opt.step()
         score_opt.step()
         self.meter.add(loss_m, loss_m2, logits, labels, grad_norm, used_m.sum() / used_m.numel())
+
+    def _forward_m2(self, images: Tensor, labels: Tensor, grad: bool) -> Tensor:
+        """L(m'): the second mask written into its buffers, then its forward."""
+        u_m2 = self.uniforms[1]
+        self.state_m2.update(self.scores.mask_from_uniforms(u_m2), u_m2)
+        with torch.set_grad_enabled(grad), use_static(self.state_m2), _autocast(self.ctx):
+            return self.ctx.criterion(self.model(images).float(), labels)
 
 
 # --- the run's steps -------------------------------------------------------------------------------------------------
@@ -518,10 +539,11 @@ class StaticSteps:
         ctx: The run's step settings.
         choice: From :func:`resolve_cuda_graphs` (``capture=False``: the same steps, eagerly).
         seed: Seeds the device generator the search's uniforms come from.
+        overlap: Search steps run the forward of ``m'`` beside the backward of ``m`` on CUDA (:class:`SearchStep`).
     """
 
-    def __init__(self, cfg: Config, ctx: StepContext, choice: GraphsChoice, seed: int) -> None:
-        self.cfg, self.ctx, self.choice = cfg, ctx, choice
+    def __init__(self, cfg: Config, ctx: StepContext, choice: GraphsChoice, seed: int, overlap: bool = True) -> None:
+        self.cfg, self.ctx, self.choice, self.overlap = cfg, ctx, choice, overlap
         self.generator = torch.Generator(device=ctx.device).manual_seed(seed)
         self.meter = DeviceMeter(ctx.device)
         self.capacities: dict[str, int] | None = None
@@ -554,7 +576,8 @@ class StaticSteps:
         if self._search is None:
             if self.capacities is None:
                 self.capacities = choose_capacities(scores, self.ctx.align, self.cfg.sparsity.capacity_quantile)
-            body = SearchStep(model, scores, optimizers, self.cfg.sparsity, self.ctx, self.capacities, self.meter)
+            body = SearchStep(model, scores, optimizers, self.cfg.sparsity, self.ctx, self.capacities, self.meter,
+                              self.overlap)
             self._search = (body, self._graph(body, "search", list(optimizers)))
             self.windows += 1
             self.shapes.add(tuple(self.capacities.values()))
