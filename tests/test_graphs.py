@@ -157,9 +157,9 @@ def test_the_capacity_windows_of_a_run_whose_scores_move(static_run, monkeypatch
     built: list[dict[str, int]] = []
     original = graphs.SearchStep.__init__
 
-    def counting(self, model, scores, optimizers, sparsity, ctx, capacities, meter):
+    def counting(self, model, scores, optimizers, sparsity, ctx, capacities, *args, **kwargs):
         built.append(dict(capacities))
-        original(self, model, scores, optimizers, sparsity, ctx, capacities, meter)
+        original(self, model, scores, optimizers, sparsity, ctx, capacities, *args, **kwargs)
 
     monkeypatch.setattr(graphs.SearchStep, "__init__", counting)
     config = with_overrides(TINY_RUN, **{"optim.epochs": 3, "sparsity.anneal_epochs": 2, "log_every": 1})
@@ -319,3 +319,27 @@ def test_the_windows_tool_reports_a_run_s_windows_within_its_bound(tmp_path, cap
         assert "optim.epochs" in capsys.readouterr().err
     finally:
         sys.modules.pop(spec.name, None)
+
+
+def test_static_steps_take_their_gradients_fresh_and_norm_them_in_one_go():
+    """Counted on ``meta`` as CUDA runs them (``tools/count_static_ops.py``): the backward of every static step writes
+    the gradients themselves (set to ``None`` before it) instead of adding into zeroed ones, one launch per parameter
+    saved, and the gradient norm takes the multi-tensor route; the search step adds the forward of ``m'``, the two
+    mask updates and the score gradient to a dense step's launches, not a second set of per-parameter ones."""
+    spec = importlib.util.spec_from_file_location("count_static_ops", REPO / "tools" / "count_static_ops.py")
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool
+    try:
+        spec.loader.exec_module(tool)
+        counts = tool.whole_steps("resnet20", 0.5, 8, 8)
+    finally:
+        sys.modules.pop(spec.name, None)
+    params = len(list(maskprop.create_model("resnet20").parameters()))
+    dense_adds = counts["dense step"].names["add_"]  # in-place adds of the forward (BatchNorm's batch counters, ...)
+    assert dense_adds < params // 2  # none per parameter
+    for kind, ops in counts.items():
+        forwards = 2 if kind == "static search step" else 1
+        assert ops.names["add_"] <= forwards * dense_adds + 1, (kind, ops.names["add_"], dense_adds)
+        assert ops.names["linalg_vector_norm"] <= 1 and ops.names["_foreach_norm"] == 1, kind
+    dense, search = counts["dense step"].launches, counts["static search step"].launches
+    assert dense < search < 2.5 * dense

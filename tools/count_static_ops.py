@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,9 @@ class Ops(TorchDispatchMode):
 
 
 def count(fn: Callable[[], object]) -> Ops:
-    with Ops() as ops:
+    """The operator calls of ``fn()``, with the gradient norms taking the multi-tensor route CUDA takes (torch falls
+    back to one norm per tensor on ``meta`` only)."""
+    with mock.patch.object(torch.nn.utils.clip_grad, "_has_foreach_support", lambda tensors, device: True), Ops() as ops:
         fn()
     return ops
 
@@ -135,27 +138,35 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
     ctx = StepContext(torch.nn.CrossEntropyLoss(), torch.device("cuda"), None, align=align)  # type: ignore[arg-type]
 
     class NoStep:
-        """An optimizer that does nothing (optimizer steps are left out of the counts)."""
+        """An optimizer whose steps do nothing (they are left out of the counts); ``zero_grad`` as torch's."""
+
+        def __init__(self, params=()) -> None:
+            self.params = list(params)
 
         def step(self) -> None:
             pass
 
         def zero_grad(self, set_to_none: bool = True) -> None:
-            pass
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if set_to_none:
+                for p in self.params:
+                    p.grad = None
+            elif grads:
+                torch._foreach_zero_(grads)  # as torch's optimizers zero them on CUDA: one multi-tensor launch
 
     meter = DeviceMeter(torch.device("meta"))
-    search = SearchStep(model, scores, (NoStep(), NoStep()), SparsityConfig(), ctx, capacities, meter)  # type: ignore
+    search = SearchStep(model, scores, (NoStep(model.parameters()), NoStep()), SparsityConfig(), ctx, capacities, meter)  # type: ignore
 
-    dense_step = DenseStep(model, NoStep(), ctx, meter)  # type: ignore[arg-type]
+    dense_step = DenseStep(model, NoStep(model.parameters()), ctx, meter)  # type: ignore[arg-type]
 
     # The finetune steps of a sampled subnetwork: through the full model at its aligned kept counts
     # (finetune.narrow: false), and the narrow model (built on the CPU, then moved to meta), padded to ``align``.
     mask = random_mask(groups, keep, torch.Generator().manual_seed(0))
-    fixed = FixedMaskStep(model, NoStep(), mask, ctx, meter)  # type: ignore[arg-type]
+    fixed = FixedMaskStep(model, NoStep(model.parameters()), mask, ctx, meter)  # type: ignore[arg-type]
     cpu_model = maskprop.create_model(name).train()
     narrow_model = NarrowSubnetwork(cpu_model, mask, torch.optim.SGD(cpu_model.parameters(), lr=0.1),
                                     align=align).model.to("meta")
-    narrow = DenseStep(narrow_model, NoStep(), ctx, meter)  # type: ignore[arg-type]
+    narrow = DenseStep(narrow_model, NoStep(narrow_model.parameters()), ctx, meter)  # type: ignore[arg-type]
 
     steps = {"dense step": lambda: dense_step(x, y), "static search step": lambda: search(x, y), "fixed-mask step": lambda: fixed(x, y),
              "narrow step": lambda: narrow(x, y)}

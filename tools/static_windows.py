@@ -39,9 +39,9 @@ def static_steps_on_the_cpu() -> Iterator[list[dict[str, int]]]:
     windows: list[dict[str, int]] = []
     build, resolve = graphs.SearchStep.__init__, setup.resolve_cuda_graphs
 
-    def recording(self, model, scores, optimizers, sparsity, ctx, capacities, meter):
+    def recording(self, model, scores, optimizers, sparsity, ctx, capacities, *args, **kwargs):
         windows.append({g: int(c) for g, c in capacities.items()})
-        build(self, model, scores, optimizers, sparsity, ctx, capacities, meter)
+        build(self, model, scores, optimizers, sparsity, ctx, capacities, *args, **kwargs)
 
     graphs.SearchStep.__init__ = recording
     setup.resolve_cuda_graphs = lambda cfg, device, world, model=None: GraphsChoice(True, False)
