@@ -107,3 +107,20 @@ def test_e2e_runs_bad_model_specs_are_one_line(tmp_path, spec):
     assert done.returncode == 2
     assert "NAME:IMAGE:TRAIN_IMAGES" in done.stderr or "image >= 8" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_through_on_the_cpu_as_a_dry_run(tmp_path):
+    """``GPU_CHECK_DRY_RUN=1 tools/gpu_check.sh OUT`` runs every part at toy sizes on the CPU (about a minute): each part
+    exits 0 and writes what the GPU run would, and summary.json names them all."""
+    import os
+
+    out = tmp_path / "check"
+    done = subprocess.run(["bash", "tools/gpu_check.sh", str(out)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "GPU_CHECK_DRY_RUN": "1", "PYTHON": sys.executable}, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"tests", "graphs", "e2e"} and all(s["exit_status"] == 0 for s in summary.values())
+    for name in ("machine.json", "gpu_tests.json", "graphs.json", "graphs.md", "e2e/e2e.json", "e2e/e2e.md"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "gpu_tests.json").read_text())["counts"]["failed"] == 0

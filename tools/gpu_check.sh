@@ -19,6 +19,8 @@
 # Limits: tests 75 s, step times 105 s, whole runs 175 s (42 s a run): 355 s. Each part has its own time limit, so one
 # that hangs cannot take the others' time; its status is in summary.json.
 # Wheels carried in .whl/ (pydantic, which the image lacks) are installed first, into /tmp/site.
+# GPU_CHECK_DRY_RUN=1 runs the same parts on the CPU at toy sizes (eager steps, 1 thread, generous limits): a check of
+# the script itself, for a machine without a GPU (tests/test_gpu_check.py).
 set -u
 OUT=${1:?usage: tools/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -50,11 +52,20 @@ json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(info)
 PY
 
-run tests 75 $PY tools/isolated_tests.py tests/test_gpu.py --jobs 6 --timeout 70 --json "$OUT/gpu_tests.json"
-run graphs 105 $PY tools/bench_graphs.py --models resnet32:32:256 vgg19_bn:32:256 resnet50:224:256 --steps 10 \
-    --json "$OUT/graphs.json" --markdown "$OUT/graphs.md"
-run e2e 175 $PY tools/e2e_runs.py --out "$OUT/e2e" --timeout 42 \
-    --models resnet32:32:10240 vgg19_bn:32:10240 resnet50:224:2560:8
+if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
+    LIMITS=(240 240 240) JOBS=2
+    GRAPHS=(--device cpu --models resnet20:16:8 --steps 2)
+    E2E=(--device cpu --timeout 120 --threads 1 --batch-size 32 --epochs 4 --models resnet20:16:64
+         --set data.val_size=32 sparsity.fix_examples=32 sparsity.fix_samples=2)
+else
+    LIMITS=(75 105 175) JOBS=6
+    GRAPHS=(--models resnet32:32:256 vgg19_bn:32:256 resnet50:224:256 --steps 10)
+    E2E=(--timeout 42 --models resnet32:32:10240 vgg19_bn:32:10240 resnet50:224:2560:8)
+fi
+run tests "${LIMITS[0]}" $PY tools/isolated_tests.py tests/test_gpu.py --jobs "$JOBS" --timeout 70 \
+    --json "$OUT/gpu_tests.json"
+run graphs "${LIMITS[1]}" $PY tools/bench_graphs.py "${GRAPHS[@]}" --json "$OUT/graphs.json" --markdown "$OUT/graphs.md"
+run e2e "${LIMITS[2]}" $PY tools/e2e_runs.py --out "$OUT/e2e" "${E2E[@]}"
 for table in graphs.md e2e/e2e.md; do [ -f "$OUT/$table" ] && tee -a "$LOG" < "$OUT/$table"; done
 
 {
