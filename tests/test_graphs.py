@@ -343,3 +343,30 @@ def test_static_steps_take_their_gradients_fresh_and_norm_them_in_one_go():
         assert ops.names["linalg_vector_norm"] <= 1 and ops.names["_foreach_norm"] == 1, kind
     dense, search = counts["dense step"].launches, counts["static search step"].launches
     assert dense < search < 2.5 * dense
+
+
+def test_a_failed_capture_tries_the_step_s_simpler_form_first(caplog):
+    """The search step's capture with the forward of m' on a side stream has a fallback: if capturing it fails, the
+    step drops the side stream and is captured again after a new warm-up; only a failure of that one gives up (an
+    error with ``cuda_graphs: true``, eager steps with ``auto``)."""
+    calls = []
+    graph = graphs.StepGraph(lambda x, y: calls.append("two streams"), "search", torch.device("cpu"), False, 8, [],
+                             strict=True, fallback=lambda: lambda x, y: calls.append("one stream"))
+    graph._warm = graphs.WARMUP_STEPS
+    with caplog.at_level(logging.WARNING, logger="maskprop.train.graphs"):
+        graph._give_up(RuntimeError("operation not permitted when stream is capturing"))
+    assert "capturing its simpler form instead" in caplog.text and graph.fallback is None and graph._warm == 0
+    graph.body(None, None)
+    assert calls == ["one stream"]
+    with pytest.raises(RuntimeError, match="cannot be captured as a CUDA graph.*cuda_graphs=auto"):
+        graph._give_up(RuntimeError("again"))
+    lenient = graphs.StepGraph(lambda x, y: None, "search", torch.device("cpu"), False, 8, [], strict=False)
+    lenient.capture = True
+    lenient._give_up(RuntimeError("no"))
+    assert lenient.capture is False
+
+
+def test_the_static_search_step_offers_its_one_stream_form():
+    step = graphs.SearchStep.__new__(graphs.SearchStep)
+    step.side_stream = object()
+    assert step.one_stream() is step and step.side_stream is None

@@ -271,12 +271,14 @@ class StepGraph:
         optimizers: The optimizers ``body`` steps (their SGD learning rates go to the device while captured).
         strict: A failed capture raises (``cuda_graphs: true``) rather than falling back to eager steps.
         warmup: Eager steps on a side stream before the capture.
+        fallback: A simpler body to capture instead if capturing ``body`` fails (tried first, before giving up).
     """
 
     def __init__(self, body: Callable[[Tensor, Tensor], None], name: str, device: torch.device, capture: bool,
                  batch_size: int, optimizers: list[torch.optim.Optimizer], strict: bool = False,
-                 warmup: int = WARMUP_STEPS) -> None:
-        self.body, self.name, self.device = body, name, device
+                 warmup: int = WARMUP_STEPS,
+                 fallback: Callable[[], Callable[[Tensor, Tensor], None]] | None = None) -> None:
+        self.body, self.name, self.device, self.fallback = body, name, device, fallback
         self.capture = capture and device.type == "cuda"
         self.batch_size, self.strict, self.warmup = batch_size, strict, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -289,9 +291,14 @@ class StepGraph:
             try:
                 self._learning_rates = _DeviceLearningRates(optimizers, device)
             except RuntimeError as err:
-                self._give_up(err)
+                self._give_up(err, try_fallback=False)
 
-    def _give_up(self, err: BaseException) -> None:
+    def _give_up(self, err: BaseException, try_fallback: bool = True) -> None:
+        if try_fallback and self.fallback is not None:  # capture the simpler body next; this step runs it eagerly
+            self.body, self.fallback, self._warm = self.fallback(), None, 0  # warmed up again before the capture
+            logger.warning("the %s step could not be captured as a CUDA graph (%s: %s); capturing its simpler form "
+                           "instead", self.name, type(err).__name__, err)
+            return
         message = f"the {self.name} step cannot be captured as a CUDA graph ({type(err).__name__}: {err})"
         if self.strict:
             raise RuntimeError(f"{message}; set cuda_graphs=auto to fall back to eager steps, or false") from err
@@ -495,6 +502,11 @@ class SearchStep:
         score_opt.step()
         self.meter.add(loss_m, loss_m2, logits, labels, grad_norm, used_m.sum() / used_m.numel())
 
+    def one_stream(self) -> SearchStep:
+        """This step with the forward of ``m'`` back on the main stream (if capturing two streams fails)."""
+        self.side_stream = None
+        return self
+
     def _forward_m2(self, images: Tensor, labels: Tensor, grad: bool) -> Tensor:
         """L(m'): the second mask written into its buffers, then its forward."""
         u_m2 = self.uniforms[1]
@@ -562,10 +574,10 @@ class StaticSteps:
 
     # --- steps
 
-    def _graph(self, body: Callable[[Tensor, Tensor], None], name: str,
-               optimizers: list[torch.optim.Optimizer]) -> StepGraph:
+    def _graph(self, body: Callable[[Tensor, Tensor], None], name: str, optimizers: list[torch.optim.Optimizer],
+               fallback: Callable[[], Callable[[Tensor, Tensor], None]] | None = None) -> StepGraph:
         return StepGraph(body, name, self.ctx.device, self.choice.capture, self.cfg.data.batch_size, optimizers,
-                         self.choice.strict)
+                         self.choice.strict, fallback=fallback)
 
     def _retire(self, graph: StepGraph | None) -> None:
         if graph is not None:
@@ -581,7 +593,8 @@ class StaticSteps:
                 self.capacities = choose_capacities(scores, self.ctx.align, self.cfg.sparsity.capacity_quantile)
             body = SearchStep(model, scores, optimizers, self.cfg.sparsity, self.ctx, self.capacities, self.meter,
                               self.overlap)
-            self._search = (body, self._graph(body, "search", list(optimizers)))
+            fallback = body.one_stream if body.side_stream is not None else None
+            self._search = (body, self._graph(body, "search", list(optimizers), fallback))
             self.windows += 1
             self.shapes.add(tuple(self.capacities.values()))
         body, graph = self._search
