@@ -38,7 +38,9 @@ def collect(path: str, python: str = sys.executable) -> list[str]:
     """The node ids pytest collects from ``path`` (``file::test[params]``), relative to :func:`workdir`."""
     done = subprocess.run([python, "-m", "pytest", str(Path(path).resolve()), "--collect-only", "-q", "-p",
                            "no:cacheprovider"], cwd=workdir(path), capture_output=True, text=True, check=False)
-    nodes = [line.strip() for line in done.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+    # node ids, each once (a warnings summary may name a node again)
+    nodes = list(dict.fromkeys(line.strip() for line in done.stdout.splitlines()
+                               if "::" in line and not line.startswith(" ") and " " not in line.strip()))
     if done.returncode not in (0, 5) or (done.returncode == 0 and not nodes):
         raise RuntimeError(f"pytest could not collect {path} (exit {done.returncode}):\n{done.stdout[-2000:]}"
                            f"{done.stderr[-2000:]}")
