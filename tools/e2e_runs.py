@@ -1,11 +1,12 @@
 """Whole ``maskprop train`` runs of the short search on ``shapes``, per model, against their dense twins.
 
 Usage (what ``tools/gpu_check.sh`` runs on a GPU):
-    python tools/e2e_runs.py --out OUT --models resnet32:32:10240 vgg19_bn:32:10240 resnet50:224:2560:8
+    python tools/e2e_runs.py --out OUT --models resnet32:32:10240:4 vgg19_bn:32:10240:4 resnet50:224:2560:8
     python tools/e2e_runs.py --out OUT --models resnet20:16:128 --device cpu --batch-size 32 \
         --set data.val_size=64 sparsity.fix_examples=64     (a dry run on the CPU: the same runs, eager)
 
-A model is ``NAME:IMAGE:TRAIN_IMAGES[:WORKERS]``. Each sparse run is ``recipes/quickstart.yaml`` (VR-PGE, keep 0.5)
+A model is ``NAME:IMAGE:TRAIN_IMAGES[:WORKERS]`` (loader processes: 4 as the CIFAR recipes, 8 at 224 pixels, so
+that the loader keeps up with graphed steps of a few milliseconds). Each sparse run is ``recipes/quickstart.yaml`` (VR-PGE, keep 0.5)
 with the model, batch (256 by default, as issue 18's targets), a short schedule (``--epochs`` search epochs: one dense
 warm-up, a two-epoch anneal, the rest searching; ``--finetune-epochs``), bf16, channels_last and
 ``cuda_graphs=true`` on CUDA. Its dense twin is the same recipe with ``method=dense`` trained for the search plus
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory for the runs, e2e.json and e2e.md (created)")
     parser.add_argument("--models", nargs="+", type=ModelRun.parse,
-                        default=[ModelRun.parse(m) for m in ("resnet32:32:10240", "vgg19_bn:32:10240",
+                        default=[ModelRun.parse(m) for m in ("resnet32:32:10240:4", "vgg19_bn:32:10240:4",
                                                               "resnet50:224:2560:8")])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-size", type=int, default=256)

@@ -60,7 +60,7 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
 else
     LIMITS=(75 105 175) JOBS=6
     GRAPHS=(--models resnet32:32:256 vgg19_bn:32:256 resnet50:224:256 --steps 10)
-    E2E=(--timeout 42 --models resnet32:32:10240 vgg19_bn:32:10240 resnet50:224:2560:8)
+    E2E=(--timeout 42 --models resnet32:32:10240:4 vgg19_bn:32:10240:4 resnet50:224:2560:8)
 fi
 run tests "${LIMITS[0]}" $PY tools/isolated_tests.py tests/test_gpu.py --jobs "$JOBS" --timeout 70 \
     --json "$OUT/gpu_tests.json"
