@@ -4,7 +4,7 @@ Usage:
     python tools/isolated_tests.py tests/test_gpu.py --jobs 6 --json out/gpu_tests.json
 
 ``tests/test_gpu.py`` isolates its tests already (a CUDA error leaves its process's context unusable, so each test
-runs in a child pytest process), but one after the other: 23 tests, each paying an interpreter, torch's import and a
+runs in a child pytest process), but one after the other: 25 tests, each paying an interpreter, torch's import and a
 CUDA context, took longer than a GPU check can give them. This tool starts the same children ``--jobs`` at a time,
 each with ``MASKPROP_ISOLATED_TEST=1`` so that the test runs inside it directly, and a time limit per test; tests that
 share one GPU this way check results, not times. It prints one line per test and a count, writes the outcomes as
