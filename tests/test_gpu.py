@@ -2,8 +2,8 @@
 
 Each test runs in a pytest process of its own (:func:`isolated`): a CUDA error such as a misaligned or illegal
 address leaves the CUDA context of its process unusable, and every later test there would fail with it. Run this
-way they go one after the other; ``python tools/isolated_tests.py tests/test_gpu.py --jobs 6`` (what
-``tools/gpu_check.sh`` does) starts the same processes six at a time.
+way they go one after the other; ``python tools/isolated_tests.py tests/test_gpu.py --jobs 8`` (what
+``tools/gpu_check.sh`` does) starts the same processes eight at a time.
 """
 
 from __future__ import annotations
@@ -177,10 +177,10 @@ def test_compact_bf16_stays_within_bf16_tolerance_of_float32():
     assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.7
 
 
-@isolated
-def test_graphed_search_with_m2_on_a_side_stream_equals_one_stream():
-    """A captured search step that runs the forward of m' on a side stream beside the backward of m (the default)
-    gives the losses, weights, scores and BatchNorm statistics of the same step on one stream, replay after replay."""
+def _search_runs(overlaps: tuple[bool, ...], captures: tuple[bool, ...], windows: int, steps: int = 7) -> list:
+    """resnet32 search steps on CUDA (float32, channels_last, batch 64) from the same weights, scores and uniforms, for
+    each ``(overlap, capture)`` pair: ``windows`` capacity windows (each later one 8 channels narrower per group) of
+    ``steps`` steps each. Returns, per run, the window's losses, the scores, the weights and the graph captures."""
     from torch import nn
 
     from maskprop.cost import CostModel
@@ -199,25 +199,62 @@ def test_graphed_search_with_m2_on_a_side_stream_equals_one_stream():
     x = torch.randn(64, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.arange(64, device="cuda") % 10
     runs = []
-    for overlap in (True, False):
+    for overlap, capture in zip(overlaps, captures):
         model = copy.deepcopy(base)
         scores = ChannelScores(model.channel_groups(), 0.5, 0.5, device="cuda")
         weights = weight_optimizer(model.parameters(), 0.05, 0.9, 5e-4)
         score_opt = score_optimizer(scores.scores, 0.05)
         make_capturable(score_opt)
-        static = StaticSteps(cfg, ctx, GraphsChoice(True, True, strict=True), seed=1, overlap=overlap)
-        for _ in range(7):  # 3 eager warm-up steps, the capture, 3 replays
-            static.search(model, scores, (weights, score_opt), (x, y))
-        assert (static._search[0].side_stream is not None) == overlap
-        window = static.read()
-        assert window.steps == 7 and static.report()["graph_captures"] == 1
-        runs.append((window.loss, window.loss2, scores.scores.detach().clone(),
-                     {k: v.detach().clone() for k, v in model.state_dict().items()}))
-    (loss_a, loss2_a, s_a, state_a), (loss_b, loss2_b, s_b, state_b) = runs
-    assert loss_a == pytest.approx(loss_b, rel=1e-4) and loss2_a == pytest.approx(loss2_b, rel=1e-4)
-    torch.testing.assert_close(s_a, s_b, rtol=1e-4, atol=1e-5)
+        static = StaticSteps(cfg, ctx, GraphsChoice(True, capture, strict=True), seed=1, overlap=overlap)
+        loss = loss2 = 0.0
+        for window in range(windows):
+            if window:  # narrower capacities: the next step builds a new window
+                static.capacities = {g: max(8, c - 8) for g, c in static.capacities.items()}
+                static.end_search()
+            for _ in range(steps):
+                static.search(model, scores, (weights, score_opt), (x, y))
+            assert (static._search[0].side_stream is not None) == overlap
+            read = static.read()
+            assert read.steps == steps
+            loss, loss2 = loss + read.loss, loss2 + read.loss2
+        runs.append((loss, loss2, scores.scores.detach().clone(),
+                     {k: v.detach().clone() for k, v in model.state_dict().items()},
+                     static.report()["graph_captures"]))
+    return runs
+
+
+def _assert_same_runs(a: tuple, b: tuple, rtol: float, atol: float) -> None:
+    (loss_a, loss2_a, s_a, state_a, _), (loss_b, loss2_b, s_b, state_b, _) = a, b
+    assert loss_a == pytest.approx(loss_b, rel=rtol) and loss2_a == pytest.approx(loss2_b, rel=rtol)
+    torch.testing.assert_close(s_a, s_b, rtol=rtol, atol=atol)
     for k in state_a:
-        torch.testing.assert_close(state_a[k], state_b[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(state_a[k], state_b[k], rtol=rtol, atol=atol, msg=k)
+
+
+@isolated
+def test_graphed_search_with_m2_on_a_side_stream_equals_one_stream():
+    """A captured search step that runs the forward of m' on a side stream beside the backward of m (the default)
+    gives the losses, weights, scores and BatchNorm statistics of the same step on one stream, replay after replay
+    (7 steps: 3 eager warm-up steps, the capture, 3 replays)."""
+    two, one = _search_runs((True, False), (True, True), windows=1)
+    assert two[-1] == one[-1] == 1
+    _assert_same_runs(two, one, rtol=1e-4, atol=1e-5)
+
+
+@isolated
+def test_a_later_window_captured_after_one_eager_step_equals_eager_steps():
+    """The search's second capacity window warms up one eager step (``NEW_WINDOW_WARMUP_STEPS``) before its capture,
+    with cuDNN's benchmark mode on as in a run (it must pick the new widths' kernels in that step, not during the
+    capture): over two windows the graphed steps give the eager steps' losses, weights and scores."""
+    from maskprop.train.graphs import NEW_WINDOW_WARMUP_STEPS, WARMUP_STEPS
+
+    assert NEW_WINDOW_WARMUP_STEPS < WARMUP_STEPS
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    graphed, eager = _search_runs((True, True), (True, False), windows=2, steps=5)
+    assert graphed[-1] == 2 and eager[-1] == 0
+    # the two may run different cuDNN kernels (chosen by timing): equal to float32 accumulation order
+    _assert_same_runs(graphed, eager, rtol=1e-3, atol=1e-4)
 
 
 @isolated

@@ -373,3 +373,39 @@ def test_the_static_search_step_offers_its_one_stream_form():
     step = graphs.SearchStep.__new__(graphs.SearchStep)
     step.side_stream = object()
     assert step.one_stream() is step and step.side_stream is None
+
+
+def test_later_search_windows_warm_up_once_and_keep_a_failed_overlap_off(monkeypatch, one_thread):
+    """The first search window (and every other step kind) warms up ``WARMUP_STEPS`` eager steps before its capture;
+    a later search window, once a search step was captured in the process, only ``NEW_WINDOW_WARMUP_STEPS`` (new
+    widths, the same model, optimizers and streams). A two-stream search step whose capture fell back to one stream
+    builds its later windows on one stream."""
+    model, scores, optimizers, ctx, batch = _parts(torch.float32)
+    static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
+    made = []
+    original = graphs.SearchStep.__init__
+
+    def with_a_side_stream(self, *args, **kwargs):  # as on CUDA: the step has a side stream while overlap is on
+        original(self, *args, **kwargs)
+        self.side_stream = object() if args[-1] else None
+        made.append(self)
+
+    monkeypatch.setattr(graphs.SearchStep, "__init__", with_a_side_stream)
+    monkeypatch.setattr(graphs.SearchStep, "__call__", lambda self, images, labels: None)  # no CUDA stream to run on
+    warmups = []
+    for window in range(3):
+        static.search(model, scores, optimizers, batch)
+        body, graph = static._search
+        warmups.append(graph.warmup)
+        if window == 0:
+            assert graph.fallback is not None
+            assert graph.fallback() is body and body.side_stream is None and static.overlap is False
+        graph.captures = 1  # as a captured graph on CUDA
+        static.end_search()  # new capacities: the next step builds a new window
+    assert warmups == [graphs.WARMUP_STEPS, graphs.NEW_WINDOW_WARMUP_STEPS, graphs.NEW_WINDOW_WARMUP_STEPS]
+    assert [step.side_stream is None for step in made] == [True, True, True] and static._search is None
+    monkeypatch.undo()
+    assert static.report()["graph_captures"] == 3
+    fresh = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)  # a new process (a resumed run)
+    fresh.search(model, scores, optimizers, batch)
+    assert fresh._search[1].warmup == graphs.WARMUP_STEPS

@@ -5,7 +5,7 @@
 #     tools/gpu_check.sh results/gpu-$(date +%F)
 #
 # 1. the GPU tests (compact == masked in float32 channels_last with sampled and aligned widths, bf16 tolerance,
-#    aligned operands, one host sync per search step, the trainer on CUDA), each in a process of its own, six at a
+#    aligned operands, one host sync per search step, the trainer on CUDA), each in a process of its own, eight at a
 #    time (tools/isolated_tests.py): gpu_tests.json;
 # 2. issue 18's step times: eager steps against static steps captured as CUDA graphs (tools/bench_graphs.py: dense,
 #    search, settled search, fixed-mask and narrow finetune steps, bf16, channels_last, batch 256, keep 0.5, align 8,
@@ -58,7 +58,7 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
     E2E=(--device cpu --timeout 120 --threads 1 --batch-size 32 --epochs 4 --models resnet20:16:64
          --set data.val_size=32 sparsity.fix_examples=32 sparsity.fix_samples=2)
 else
-    LIMITS=(75 105 175) JOBS=6
+    LIMITS=(75 105 175) JOBS=8
     GRAPHS=(--models resnet32:32:256 vgg19_bn:32:256 resnet50:224:256 --steps 10)
     E2E=(--timeout 42 --models resnet32:32:10240:4 vgg19_bn:32:10240:4 resnet50:224:2560:8)
 fi

@@ -1,7 +1,7 @@
 """Run every test of a pytest file in a process of its own, several at a time, and report each outcome.
 
 Usage:
-    python tools/isolated_tests.py tests/test_gpu.py --jobs 6 --json out/gpu_tests.json
+    python tools/isolated_tests.py tests/test_gpu.py --jobs 8 --json out/gpu_tests.json
 
 ``tests/test_gpu.py`` isolates its tests already (a CUDA error leaves its process's context unusable, so each test
 runs in a child pytest process), but one after the other: 25 tests, each paying an interpreter, torch's import and a

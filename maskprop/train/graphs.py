@@ -28,11 +28,13 @@ advance instead, and is recorded once as a CUDA graph that the GPU then replays 
 * a **dense step** (:class:`DenseStep`: dense runs, a search's dense warm-up, the narrow finetune, and the dense
   reference steps the measured speedup is timed against).
 
-Capture follows torch's rules for CUDA graphs: the first ``WARMUP_STEPS`` steps of every window run eagerly on a side
+Capture follows torch's rules for CUDA graphs: the first ``WARMUP_STEPS`` steps of a step kind run eagerly on a side
 stream (real steps on real batches: cuDNN's benchmark mode, on while graphs are, picks its kernels there, and the
-optimizers create their state), then the next step is captured and replayed, and every later step is a replay. Each
+optimizers create their state), then the next step is captured and replayed, and every later step is a replay; a
+later window of the search needs only ``NEW_WINDOW_WARMUP_STEPS`` eager step (new widths, nothing else new). Each
 batch is copied into fixed input buffers first; a batch of another size (an epoch's last, partial one) runs eagerly.
-Gradients are zeroed in place (``set_to_none=False``), autocast runs without its cache, the weight SGD is fused with
+Gradients are set to ``None`` before each backward (its gradient tensors become the ``.grad``, in the graph's
+memory, as in torch's whole-network capture), autocast runs without its cache, the weight SGD is fused with
 its learning rate in a device tensor refreshed from the schedule before each replay, and the score Adam is
 ``capturable``. With ``cuda_graphs: auto`` a step whose capture fails runs eagerly from then on (one warning); with
 ``true`` the failure is an error.
@@ -68,13 +70,17 @@ from .config import SPARSE_BACKWARD_METHODS, Config, SparsityConfig
 from .steps import StepContext, _clip, _grad_norm
 from .timing import DenseReference, synchronize
 
-__all__ = ["WARMUP_STEPS", "DenseStep", "FixedMaskStep", "GraphedDenseReference", "GraphsChoice", "MeterWindow",
+__all__ = ["NEW_WINDOW_WARMUP_STEPS", "WARMUP_STEPS", "DenseStep", "FixedMaskStep", "GraphedDenseReference", "GraphsChoice", "MeterWindow",
            "SearchStep", "StaticSteps", "StepGraph", "resolve_cuda_graphs"]
 
 logger = logging.getLogger(__name__)
 
 WARMUP_STEPS = 3
-"""Eager steps on a side stream before a step kind is captured (torch's CUDA-graph notes use 3)."""
+"""Eager steps on a side stream before a step kind is first captured (torch's CUDA-graph notes use 3): the optimizers
+create their state, cuDNN its handles, and its benchmark mode picks kernels for the step's shapes."""
+NEW_WINDOW_WARMUP_STEPS = 1
+"""Eager steps before the search step of a later window is captured: the model, optimizers and streams are the ones
+already captured, and one step lets cuDNN pick kernels for the new widths."""
 
 
 # --- whether the run uses them ----------------------------------------------------------------------------------------
@@ -569,15 +575,17 @@ class StaticSteps:
         self.captures = 0
         self.overhead_s = 0.0
         self._search: tuple[SearchStep, StepGraph] | None = None
+        self._search_captured = False  # a search step was captured in this process (later windows warm up less)
         self._other: tuple[tuple, Any, StepGraph] | None = None
         self._flops: dict[tuple, int] = {}
 
     # --- steps
 
     def _graph(self, body: Callable[[Tensor, Tensor], None], name: str, optimizers: list[torch.optim.Optimizer],
-               fallback: Callable[[], Callable[[Tensor, Tensor], None]] | None = None) -> StepGraph:
+               fallback: Callable[[], Callable[[Tensor, Tensor], None]] | None = None,
+               warmup: int = WARMUP_STEPS) -> StepGraph:
         return StepGraph(body, name, self.ctx.device, self.choice.capture, self.cfg.data.batch_size, optimizers,
-                         self.choice.strict, fallback=fallback)
+                         self.choice.strict, warmup, fallback)
 
     def _retire(self, graph: StepGraph | None) -> None:
         if graph is not None:
@@ -593,8 +601,14 @@ class StaticSteps:
                 self.capacities = choose_capacities(scores, self.ctx.align, self.cfg.sparsity.capacity_quantile)
             body = SearchStep(model, scores, optimizers, self.cfg.sparsity, self.ctx, self.capacities, self.meter,
                               self.overlap)
-            fallback = body.one_stream if body.side_stream is not None else None
-            self._search = (body, self._graph(body, "search", list(optimizers), fallback))
+
+            def one_stream() -> SearchStep:  # capturing two streams failed: one stream, in later windows too
+                self.overlap = False
+                return body.one_stream()
+
+            fallback = one_stream if body.side_stream is not None else None
+            warmup = NEW_WINDOW_WARMUP_STEPS if self._search_captured else WARMUP_STEPS
+            self._search = (body, self._graph(body, "search", list(optimizers), fallback, warmup))
             self.windows += 1
             self.shapes.add(tuple(self.capacities.values()))
         body, graph = self._search
@@ -650,6 +664,7 @@ class StaticSteps:
         """Drop the search step and its graph (the phase is over: its memory goes back)."""
         if self._search is not None:
             self._retire(self._search[1])
+            self._search_captured = self._search_captured or self._search[1].captures > 0
         self._search = None
 
     # --- reads (every N steps, outside the steps)
