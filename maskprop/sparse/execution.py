@@ -37,6 +37,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +88,51 @@ def check_mask(mask: Mapping[str, Tensor], groups: Mapping[str, int]) -> list[in
     return counts
 
 
+class GatherSource(NamedTuple):
+    """One conv or linear weight (or bias) a subnetwork gathers from, in the concatenation of its kernel area.
+
+    Attributes:
+        layer: The layer that owns it.
+        kind: ``"weight"`` or ``"bias"``.
+        out_group: The group of its output channels (``None``: never pruned).
+        in_group: The group of its input channels (``None`` for a bias or a side never pruned).
+        outputs: Its output channels (rows of its ``(rows, area)`` view: ``outputs x inputs``).
+        inputs: Its input channels (1 for a bias).
+        tail: The kernel's shape after the channels (``()`` for linear weights and biases).
+    """
+
+    layer: nn.Module
+    kind: str
+    out_group: str | None
+    in_group: str | None
+    outputs: int
+    inputs: int
+    tail: tuple[int, ...]
+
+
+class RowBlock(NamedTuple):
+    """The gathered rows of one tensor (a :class:`GatherSource` or a BatchNorm unit's weight or bias), or the padding
+    after it, in terms of the extended index sets ``ext`` (the groups' index sets, then an identity segment for sides
+    kept whole, then a zero segment that padding reads): computed output ``o`` reads the flat rows
+    ``base + stride * ext[out_start + o] + ext[in_start + i]`` for ``i < inputs``.
+
+    Attributes:
+        outputs: Computed output channels (padding: entries).
+        base: The tensor's first row in its concatenation (padding: the zero row after it).
+        stride: Rows per output channel: the tensor's input channels (padding: 0).
+        out_start: Where its output channels' indices start in ``ext``.
+        in_start: Where its input channels' indices start in ``ext``.
+        inputs: Computed input channels (padding: 1).
+    """
+
+    outputs: int
+    base: int
+    stride: int
+    out_start: int
+    in_start: int
+    inputs: int
+
+
 class ModelPlan:
     """What running a model as a subnetwork needs to know about it, computed once per model: its sparse layers and
     its channel groups.
@@ -113,15 +159,16 @@ class ModelPlan:
         self.layout = (torch.repeat_interleave(torch.arange(len(sizes)), sizes), _exclusive_cumsum(sizes))
         self.identity = (torch.arange(self.max_channels), torch.ones(self.max_channels, dtype=torch.bool))
         self.filler = (torch.zeros(ALIGN_ELEMENTS, dtype=torch.int64), torch.zeros(ALIGN_ELEMENTS, dtype=torch.bool))
-        # What gathers the weights and biases, by kernel area: (layer, kind, out group, in group, c_out, c_in, tail).
-        self.by_area: dict[int, list[tuple]] = {}
+        # What gathers the weights and biases, by kernel area (weights, then biases after the area-1 weights).
+        self.by_area: dict[int, list[GatherSource]] = {}
         for m in self.weighted:
             c_out, c_in, *tail = m.weight.shape
-            self.by_area.setdefault(math.prod(tail), []).append((m, "weight", m.out_group, m.in_group, c_out, c_in,
-                                                                 tuple(tail)))
+            self.by_area.setdefault(math.prod(tail), []).append(
+                GatherSource(m, "weight", m.out_group, m.in_group, c_out, c_in, tuple(tail)))
         for m in self.weighted:
             if m.bias is not None and m.out_group is not None:
-                self.by_area.setdefault(1, []).append((m, "bias", m.out_group, None, m.weight.shape[0], 1, ()))
+                self.by_area.setdefault(1, []).append(GatherSource(m, "bias", m.out_group, None, m.weight.shape[0], 1,
+                                                                   ()))
         # BatchNorm units gathered together: those with affine parameters and running statistics (all of maskprop's).
         self.packed_norms = [m for m in self.norms if m.affine and m.running_mean is not None
                              and m.running_var is not None]
@@ -143,7 +190,7 @@ class ModelPlan:
         Made afresh in every forward pass: a cache keyed by the parameters' version counters would miss the updates
         of fused optimizers, which do not bump them (torch's fused SGD on the CPU).
         """
-        parts = [getattr(layer, kind).reshape(-1, area) for layer, kind, *_ in self.by_area[area]]
+        parts = [getattr(source.layer, source.kind).reshape(-1, area) for source in self.by_area[area]]
         return torch.cat([*parts, self.zero_row(parts[0])])
 
 
@@ -298,10 +345,9 @@ class ExecutionState:
         index_ext = torch.cat([index, self.plan.identity[0], self.plan.filler[0]])
         real_ext = torch.cat([real, self.plan.identity[1], self.plan.filler[1]])
         self.padded = any(w > c for w, c in zip(widths, counts) if w)
-        weights, norm, rows = _tables(self.plan, self._offsets, identity, self.concatenate)
+        weights, norm, blocks = gather_tables(self.plan, self._offsets, identity, self.concatenate)
         self._weight_layers = {id(p.layer) for table in weights for p in table.pieces}
-        layer_rows = rows
-        rows = _row_table(rows, index_ext, real_ext)
+        rows = _row_table(blocks, index_ext, real_ext)
 
         # One host-to-device copy of everything, then the flat rows built on the device: there is one per gathered
         # weight entry, far more than the index sets they come from, too many to build on the host and copy over.
@@ -313,9 +359,9 @@ class ExecutionState:
         if not self.concatenate and not self.padded:
             # The CPU path (layer by layer): the host pays per call, not per launch, so one broadcast add per gathered
             # tensor, which touches only the entries it makes, beats the fixed-count expansion below.
-            firsts = moved[2].view(-1, 4)[:, 0].split([r[0] for r in layer_rows])
+            firsts = moved[2].view(-1, 4)[:, 0].split([b.outputs for b in blocks])
             flat = torch.cat([(first[:, None] + self._index_ext[start:start + n_in]).view(-1)
-                              for first, (_, _, _, _, start, n_in) in zip(firsts, layer_rows)])
+                              for first, (*_, start, n_in) in zip(firsts, blocks)])
             real_rows = None
         else:
             flat, real_rows = _flat_rows(moved[2].view(-1, 4), sum(t.entries for t in tables), self._index_ext,
@@ -500,54 +546,57 @@ def _padded_index_sets(masks: Tensor, sizes: list[int], counts: list[int], width
     return positions, real
 
 
-def _tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], identity: int,
-            concatenate: bool = True) -> tuple[list[GatherTable], GatherTable | None, list[tuple[int, ...]]]:
-    """What one mask gathers: a table per kernel area (the weights and biases to concatenate, each piece's shape and
-    entries), one for the BatchNorm units, and one row per gathered tensor for :func:`_row_table`: ``(computed
-    outputs, first row in its concatenation, input channels, outputs' start and inputs' start in the extended index
-    sets, computed inputs)``. A side kept whole reads the identity segment at ``identity``. Without ``concatenate`` the
-    rows are those of each tensor's own ``(rows, area)`` view. The tables' entries follow each other in one flat index
-    (``GatherTable.start``): the weight tables', then the BatchNorm table's.
+def gather_tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], identity: int,
+                  concatenate: bool = True) -> tuple[list[GatherTable], GatherTable | None, list[RowBlock]]:
+    """What a subnetwork gathers, from where its groups' index sets sit in the extended index sets (``offsets``:
+    ``{group: (start, width)}`` of the groups that lose channels; :class:`RowBlock`): a table per kernel area (the
+    weights and biases to concatenate, each piece's shape and entries), one for the BatchNorm units, and the row
+    blocks of every gathered tensor. A side kept whole reads the identity segment at ``identity``; the zero segment
+    follows it at ``identity + plan.max_channels``. Without ``concatenate`` the rows are those of each tensor's own
+    ``(rows, area)`` view. The tables' entries follow each other in one flat index (``GatherTable.start``): the weight
+    tables', then the BatchNorm table's. Used per mask by :func:`prepare_mask` and per window of capacities by
+    :class:`~maskprop.sparse.static.StaticLayout`.
 
     Where pieces are gathered into one buffer (the weights with ``concatenate``, the BatchNorm tensors always), each
     piece is followed by padding entries that make the next one start at a multiple of ``ALIGN_ELEMENTS``
-    elements. They read the zero row after the concatenation (a row of the table with no input channels whose
-    outputs come from the zero segment after the identity segment), and they are not kept channels.
+    elements. They read the zero row after the concatenation (a block with no input channels whose outputs come from
+    the zero segment), and they are not kept channels.
     """
-    tables, rows = [], []
+    tables, blocks = [], []
     filler = identity + plan.max_channels
     start = 0  # the next table's first entry in the flat index of all tables
 
-    def add(table: GatherTable, layer: nn.Module, kind: str, shape_tail: tuple, base: int, c_in: int,
+    def add(table: GatherTable, layer: nn.Module, kind: str, shape_tail: tuple, base: int, stride: int,
             out_side: tuple[int, int], in_side: tuple[int, int], zero_row: int | None, step: int) -> None:
         (out_start, n_out), (in_start, n_in) = out_side, in_side
-        rows.append((n_out, base, c_in, out_start, in_start, n_in))
+        blocks.append(RowBlock(n_out, base, stride, out_start, in_start, n_in))
         n = n_out * n_in
         pad = -n % step if zero_row is not None else 0
         if pad:
-            rows.append((pad, zero_row, 0, filler, filler, 1))
+            blocks.append(RowBlock(pad, zero_row, 0, filler, filler, 1))
         shape = (n_out, n_in, *shape_tail) if kind == "weight" else (n_out,)
         table.pieces.append(GatherPiece(layer, kind, shape, table.entries, n))
         table.split_sizes.append(n + pad)
         table.entries += n + pad
 
-    for area, entries in plan.by_area.items():
+    for area, sources in plan.by_area.items():
         table = GatherTable(area, [], start, 0, [])
-        zero_row = sum(c_out * c_in for *_, c_out, c_in, _ in entries) if concatenate else None
+        zero_row = sum(src.outputs * src.inputs for src in sources) if concatenate else None
         step = ALIGN_ELEMENTS // math.gcd(area, ALIGN_ELEMENTS)
         base = 0
-        for layer, kind, out_group, in_group, c_out, c_in, tail in entries:  # rows of the area's concatenation
-            if out_group in offsets or in_group in offsets:
-                out_side = offsets.get(out_group, (identity, c_out))
-                in_side = offsets.get(in_group, (identity, c_in))
-                add(table, layer, kind, tail, base if concatenate else 0, c_in, out_side, in_side, zero_row, step)
-            base += c_out * c_in
+        for src in sources:  # rows of the area's concatenation
+            if src.out_group in offsets or src.in_group in offsets:
+                out_side = offsets.get(src.out_group, (identity, src.outputs))
+                in_side = offsets.get(src.in_group, (identity, src.inputs))
+                add(table, src.layer, src.kind, src.tail, base if concatenate else 0, src.inputs, out_side, in_side,
+                    zero_row, step)
+            base += src.outputs * src.inputs
         if table.pieces:
             tables.append(table)
             start += table.entries
     modules = [m for m in plan.packed_norms if m.group in offsets]
     if not modules:
-        return tables, None, rows
+        return tables, None, blocks
     norm = GatherTable(1, [], start, 0, [], modules)
     total = sum(m.num_features for m in modules)
     for kind, first in (("weight", 0), ("bias", total)):  # cat(weights + biases): the layout of cat(means + vars)
@@ -555,17 +604,17 @@ def _tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], identity: i
         for m in modules:
             add(norm, m, kind, (), base, 1, offsets[m.group], (identity, 1), 2 * total, ALIGN_ELEMENTS)
             base += m.num_features
-    return tables, norm, rows
+    return tables, norm, blocks
 
 
-def _row_table(rows: list[tuple[int, ...]], index_ext: Tensor, real_ext: Tensor) -> Tensor:
+def _row_table(blocks: list[RowBlock], index_ext: Tensor, real_ext: Tensor) -> Tensor:
     """One row per (gathered tensor, computed output channel), with a fixed number of host calls for all of them:
     ``[first flat row, offset of its inputs in the extended index sets, kept (1) or padding (0), computed inputs]``.
 
     Expanded over its computed inputs ``i`` (:func:`_flat_rows`), a row gives the flat rows ``first + index_ext[offset
     + i]`` of the tensor's ``(rows, kernel area)`` view inside the concatenation of its kind.
     """
-    table = torch.tensor(rows, dtype=torch.int64)
+    table = torch.tensor(blocks, dtype=torch.int64)
     layer_of = torch.repeat_interleave(table[:, 0])
     _, base, c_in, out_start, in_start, n_in = table[layer_of].unbind(1)
     out_pos = out_start + torch.arange(len(layer_of)) - _exclusive_cumsum(table[:, 0])[layer_of]

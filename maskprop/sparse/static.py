@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .execution import ForwardPass, gathered, installed, model_plan
-from .gather import GatherPiece, GatherTable, gather_norms, gather_pieces, write_back_norms
+from .execution import ForwardPass, RowBlock, gather_tables, gathered, installed, model_plan
+from .gather import ALIGN_ELEMENTS, GatherTable, gather_norms, gather_pieces, write_back_norms
 from .groups import aligned_width, check_align
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear
 
@@ -65,9 +65,6 @@ DEFAULT_MIN_SHRINK = 0.05
 """The share of its channels a window must give up before shrinking alone starts a new one (a new window costs eager
 warm-up steps and a graph capture; :func:`rechoose_capacities`). On ResNet-32 with the quickstart's search it cut the
 windows from 7 to 3 (docs/methods.md, "How a step runs on a GPU")."""
-# Gathered pieces cut from one concatenated buffer start at a multiple of this many bytes: float32 cuBLAS kernels fault
-# on operands that are not 16-byte aligned.
-_ALIGN_BYTES = 16
 _TIE_BITS = 32  # tie-breaking uniforms enter the sort key as 32-bit integers below the group and dropped bits
 
 
@@ -300,8 +297,10 @@ class StaticLayout:
 
     The flat index of entry ``e`` (gathered row ``(o, i)`` of some tensor) is
     ``row_base[r] + row_stride[r] * ext[row_slot[r]] + ext[entry_slot[e]]`` with ``r = entry_row[e]``, where ``ext``
-    is the extended index buffer: the groups' slots, then an identity segment (sides never pruned), then one null
-    slot (index 0, real 0) that padding entries read. Only ``ext`` changes from mask to mask.
+    is the extended index buffer: the groups' slots, then an identity segment (sides never pruned), then a zero segment
+    (index 0, real 0) that the padding between gathered pieces reads. The tables come from the row blocks of
+    :func:`~maskprop.sparse.execution.gather_tables`, as the index sets of one mask do. Only ``ext`` changes from mask
+    to mask.
 
     Args:
         model: A maskprop model.
@@ -331,97 +330,49 @@ class StaticLayout:
             self.slots[g] = GroupSlots(g, n, self.capacities[g], first_channel, first_slot)
             first_channel, first_slot = first_channel + n, first_slot + self.capacities[g]
         self.num_channels, self.num_slots = first_channel, first_slot
-        weighted = [m for m in self.layers if isinstance(m, (SparseConv2d, SparseLinear))
-                    and (m.in_group is not None or m.out_group is not None)]
-        norms = [m for m in self.layers if isinstance(m, SparseBatchNorm2d) and m.group is not None]
-        unpacked = [m for m in norms if not (m.affine and m.running_mean is not None and m.running_var is not None)]
+        packed = {id(m) for m in self.plan.packed_norms}
+        unpacked = [m for m in self.plan.norms if id(m) not in packed]
         if unpacked:
             raise ValueError("static execution needs affine BatchNorm layers with running statistics; a pruned "
                              f"BatchNorm of group {unpacked[0].group!r} has none")
-        widest = max([max(m.weight.shape[0], m.weight.shape[1]) for m in weighted], default=1)
+        # The extended index buffer: the groups' slots, an identity segment (sides never pruned), a zero segment that
+        # the padding between gathered pieces reads (index 0, not a kept channel).
         self.identity_slot = self.num_slots
-        self.null_slot = self.num_slots + widest
-        self.ext_size = self.null_slot + 1
-        self.weighted = {id(m) for m in weighted}
-        self._build_tables(weighted, norms)
+        self.zero_slot = self.identity_slot + self.plan.max_channels
+        self.ext_size = self.zero_slot + ALIGN_ELEMENTS
+        offsets = {g: (slots.first_slot, slots.capacity) for g, slots in self.slots.items()}
+        self.tables, self.norm_table, blocks = gather_tables(self.plan, offsets, self.identity_slot, self.concatenate)
+        self.weighted = {id(p.layer) for table in self.tables for p in table.pieces}
+        self.norm_position = {} if self.norm_table is None else {
+            id(m): i for i, m in enumerate(self.norm_table.modules)}
+        self.num_entries = sum(t.entries for t in self.tables) + (0 if self.norm_table is None
+                                                                   else self.norm_table.entries)
+        self._build_rows(blocks)
+        self._build_sort_tables()
 
-    def _side(self, group: str | None, size: int) -> tuple[int, int]:
-        """(first slot, width) of one side of a gathered tensor in the extended index buffer."""
-        if group is None:
-            return self.identity_slot, size
-        return self.slots[group].first_slot, self.slots[group].capacity
-
-    def _build_tables(self, weighted: list[nn.Module], norms: list[SparseBatchNorm2d]) -> None:
-        by_area: dict[int, list[tuple[nn.Module, str]]] = {}
-        for m in weighted:
-            by_area.setdefault(math.prod(m.weight.shape[2:]), []).append((m, "weight"))
-        for m in weighted:
-            if m.bias is not None and m.out_group is not None:
-                by_area.setdefault(1, []).append((m, "bias"))
-        row_slot, row_base, row_stride, entry_row, entry_slot = [], [], [], [], []
-        rows = entries = 0
-        self.tables: list[GatherTable] = []
-
-        def add_table(area: int, sources: list[tuple], modules: list[SparseBatchNorm2d],
-                      concatenated: bool) -> GatherTable:
-            """``sources``: (layer, kind, shape tail or ``None`` for a 1-d piece, out group, in group, outputs,
-            inputs); ``concatenated``: gathered from the concatenation of the sources (else each from its own)."""
-            nonlocal rows, entries
-            # Pieces cut from one gathered buffer start aligned where the device needs it (padding reads a zero row).
-            # (Capacities that are multiples of 8 need none in float32.)
-            elements = max(_ALIGN_BYTES // self.dtype.itemsize, 1)
-            unit = elements // math.gcd(area, elements) if self.concatenate else 1
-            table = GatherTable(area, [], entries, 0, [], modules)
-            base = 0
-            sink_row = rows  # padding entries read this row: base = the appended zero source row, stride 0
-            if unit > 1:
-                row_slot.append(torch.tensor([self.null_slot]))
-                row_base.append(torch.tensor([sum(c_out * c_in for *_, c_out, c_in in sources)]))
-                row_stride.append(torch.zeros(1, dtype=torch.int64))
-                rows += 1
-            for layer, kind, tail, out_group, in_group, c_out, c_in in sources:
-                out_first, n_out = self._side(out_group, c_out)
-                in_first, n_in = self._side(in_group, c_in)
-                row_slot.append(torch.arange(out_first, out_first + n_out))
-                row_base.append(torch.full((n_out,), base if concatenated else 0))
-                row_stride.append(torch.full((n_out,), c_in))
-                entry_row.append(torch.arange(rows, rows + n_out).repeat_interleave(n_in))
-                entry_slot.append(torch.arange(in_first, in_first + n_in).repeat(n_out))
-                n = n_out * n_in
-                pad = -n % unit
-                entry_row.append(torch.full((pad,), sink_row))
-                entry_slot.append(torch.full((pad,), self.null_slot))
-                shape = (n_out,) if tail is None else (n_out, n_in, *tail)
-                table.pieces.append(GatherPiece(layer, kind, shape, table.entries, n))
-                table.split_sizes.append(n + pad)
-                table.entries += n + pad
-                rows += n_out
-                base += c_out * c_in
-            entries += table.entries
-            return table
-
-        for area, sources in by_area.items():
-            self.tables.append(add_table(area, [
-                (m, kind, tuple(m.weight.shape[2:]), m.out_group, m.in_group, m.weight.shape[0], m.weight.shape[1])
-                if kind == "weight" else (m, kind, None, m.out_group, None, m.weight.shape[0], 1)
-                for m, kind in sources], [], self.concatenate))
-        self.norm_table: GatherTable | None = None
-        if norms:
-            # cat(weights + biases) has the layout of cat(running means + running variances): one index serves both.
-            sources = [(m, kind, None, m.group, None, m.num_features, 1) for kind in ("weight", "bias") for m in norms]
-            self.norm_table = add_table(1, sources, norms, True)
-        self.norm_position = {id(m): i for i, m in enumerate(norms)}
-        self.num_entries = entries
-        self.num_rows = rows
+    def _build_rows(self, blocks: list[RowBlock]) -> None:
+        """The device tables of the flat index formula (class docstring), one row per computed output channel of
+        every gathered tensor and one entry per gathered row, from the tensors' row blocks."""
+        outputs = torch.tensor([b.outputs for b in blocks], dtype=torch.int64)
+        first_row = (outputs.cumsum(0) - outputs).tolist()
+        self.num_rows = int(outputs.sum())
 
         def cat(pieces: list[Tensor]) -> Tensor:
             return torch.cat(pieces).to(self.device) if pieces else torch.zeros(0, dtype=torch.int64,
                                                                                  device=self.device)
 
-        self.row_slot, self.row_base, self.row_stride = cat(row_slot), cat(row_base), cat(row_stride)
-        self.entry_row, self.entry_slot = cat(entry_row), cat(entry_slot)
-        # What a mask update reads: each channel's sort key base (2 x its group), the sorted positions that fill each
-        # group's slots (a group's channels occupy its own range of the sorted order), and each slot's first channel.
+        def per_row(values: list[int]) -> Tensor:
+            return torch.repeat_interleave(torch.tensor(values, dtype=torch.int64), outputs).to(self.device)
+
+        self.row_slot = cat([torch.arange(b.out_start, b.out_start + b.outputs) for b in blocks])
+        self.row_base, self.row_stride = per_row([b.base for b in blocks]), per_row([b.stride for b in blocks])
+        self.entry_row = cat([torch.arange(r, r + b.outputs).repeat_interleave(b.inputs)
+                              for b, r in zip(blocks, first_row)])
+        self.entry_slot = cat([torch.arange(b.in_start, b.in_start + b.inputs).repeat(b.outputs) for b in blocks])
+
+    def _build_sort_tables(self) -> None:
+        """What a mask update reads: each channel's sort key base (2 x its group), the sorted positions that fill each
+        group's slots (a group's channels occupy its own range of the sorted order), and each slot's first channel."""
         groups = list(self.slots.values())
         self.group_of = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([s.channels for s in groups],
                                                                                         dtype=torch.int64))
@@ -474,12 +425,12 @@ class StaticExecutionState:
         self.layout = layout
         self.masks: dict[str, Tensor] = {}  # masked mode's per-group masks: none (BatchNorm's masked path never runs)
         device, dtype = layout.device, layout.dtype
-        # The extended index buffer: the groups' slots, the identity segment, the null slot; and its 0/1 reals.
+        # The extended index buffer: the groups' slots, the identity segment, the zero segment; and its 0/1 reals.
         self._ext = torch.zeros(layout.ext_size, dtype=torch.int64, device=device)
-        self._ext[layout.identity_slot:layout.null_slot] = torch.arange(layout.null_slot - layout.identity_slot,
+        self._ext[layout.identity_slot:layout.zero_slot] = torch.arange(layout.zero_slot - layout.identity_slot,
                                                                         device=device)
         self._real = torch.zeros(layout.ext_size, dtype=dtype, device=device)
-        self._real[layout.identity_slot:layout.null_slot] = 1
+        self._real[layout.identity_slot:layout.zero_slot] = 1
         self._flat = torch.zeros(layout.num_entries, dtype=torch.int64, device=device)
         self._factor = torch.zeros(layout.num_entries, dtype=dtype, device=device)
         norm = layout.norm_table
