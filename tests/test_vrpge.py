@@ -191,6 +191,31 @@ def test_projection_rejects_bad_budget(budget: float) -> None:
         project_scores(torch.rand(4), budget)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("priced", [False, True])
+def test_a_budget_on_the_device_projects_as_the_number_without_a_host_read(dtype, priced) -> None:
+    """The projection inside a captured search step reads its budget from a device scalar: the same result, bit for
+    bit, as the budget given as a number, and no value goes to the host."""
+    from test_static import _Recorder
+
+    generator = torch.Generator().manual_seed(3)
+    prices = torch.rand(300, generator=generator, dtype=torch.float64) + 0.5 if priced else None
+    for budget in (0.0, 17.25, 70.0, 150.5, 400.0):  # an empty budget, binding ones, a slack one
+        s = (torch.rand(300, generator=generator, dtype=torch.float64) * 1.4 - 0.2).to(dtype)
+        w = None if prices is None else prices.to(dtype)
+        device_budget = torch.tensor(budget, dtype=dtype)
+        with _Recorder() as recorder:
+            x = project_scores(s, device_budget, prices=w)
+        assert not recorder.found, recorder.found
+        torch.testing.assert_close(x, project_scores(s, budget, prices=w), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("budget", [torch.ones(2), torch.tensor(3), torch.tensor([True])], ids=["two", "int", "bool"])
+def test_a_bad_budget_tensor_is_one_line(budget) -> None:
+    with pytest.raises(ValueError, match="one floating-point value on the scores' device"):
+        project_scores(torch.rand(4), budget)
+
+
 def test_projection_rejects_integer_scores() -> None:
     with pytest.raises(ValueError, match="floating-point"):
         project_scores(torch.ones(4, dtype=torch.long), 2.0)

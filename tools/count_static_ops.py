@@ -122,12 +122,12 @@ def counts_for(name: str, keep: float, align: int, batch: int) -> dict[str, Ops]
 
 def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops]:
     """Launches of the whole steps the trainer captures (``maskprop.train.graphs``) on ``meta``, each without its
-    optimizer steps (on CUDA a fused SGD and a capturable Adam: a few launches per tensor group, the same for all) and
-    without the projection after the search step (outside its graph). The dense step is forward, loss, backward and
-    gradient norm; the search step adds the device sampling of ``m`` and ``m'`` from uniforms, both mask updates, the
-    no-grad forward of ``m'`` and the score gradient; the fixed-mask finetune step is the dense step of the full model
-    under a sampled mask at its aligned kept counts (``finetune.narrow: false``); the narrow finetune step is the dense
-    step of that mask's narrow model, padded to ``align`` (the default finetune)."""
+    optimizer steps (on CUDA a fused SGD and a capturable Adam: a few launches per tensor group, the same for all). The
+    dense step is forward, loss, backward and gradient norm; the search step adds the device sampling of ``m`` and
+    ``m'`` from uniforms, both mask updates, the no-grad forward of ``m'``, the score gradient and the projection of
+    the scores onto the budget (also counted alone: ``projection``); the fixed-mask finetune step is the dense step of
+    the full model under a sampled mask at its aligned kept counts (``finetune.narrow: false``); the narrow finetune
+    step is the dense step of that mask's narrow model, padded to ``align`` (the default finetune)."""
     from maskprop.train.graphs import DenseStep, DeviceMeter, FixedMaskStep, SearchStep
     from maskprop.train.narrow import NarrowSubnetwork
     from maskprop.train.steps import StepContext
@@ -173,15 +173,16 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
     for step in steps.values():
         step()
     counts = {kind: count(step) for kind, step in steps.items()}
-    # The search step's branch that runs on a side stream on CUDA (m's mask update and forward), counted apart:
-    # the rest is the step's critical path when the two streams overlap fully.
-    branch, forward_m2 = Ops(), SearchStep._forward_m2
+    counts["projection"] = count(lambda: scores.project_(search.budget))
+    # The search step's branch that runs on a side stream on CUDA (the mask update and forward of m', the score update),
+    # counted apart: the rest is the step's critical path when the two streams overlap fully.
+    branch, side_branch = Ops(), SearchStep._side_branch
 
     def counted(self, *args, **kwargs):
         with branch:
-            return forward_m2(self, *args, **kwargs)
+            return side_branch(self, *args, **kwargs)
 
-    with mock.patch.object(SearchStep, "_forward_m2", counted):
+    with mock.patch.object(SearchStep, "_side_branch", counted):
         counts["static search step, main stream"] = count(lambda: search(x, y))
     counts["static search step, main stream"].launches -= branch.launches
     counts["static search step, side stream"] = branch

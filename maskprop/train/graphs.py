@@ -7,12 +7,13 @@ advance instead, and is recorded once as a CUDA graph that the GPU then replays 
 
 * a **search step** (:class:`SearchStep`) computes each group at a *capacity* (:mod:`maskprop.sparse.static`), chosen
   from the keep probabilities for a window of steps. Before each replay the host asks the device for fresh uniforms
-  ``u`` (one ``torch.rand`` from the run's device generator into a fixed buffer); inside the graph the masks are
-  ``m = u < s`` (with :class:`~maskprop.vrpge.ChannelScores`'s empty-group rule, all on the device), written into the
-  static execution states in place, then come the forward and backward of ``m``, the no-grad forward of ``m'``, the
-  VR-PGE score gradient from the loss difference as a device tensor and the masks actually used, gradient clipping,
-  SGD on the weights and Adam (``capturable``) on the scores. The projection of the scores onto the budget runs right
-  after the replay, outside the graph (about twenty kernels), because an annealed budget changes every step. Every
+  ``u`` (one ``torch.rand`` from the run's device generator into a fixed buffer) and writes the step's budget into a
+  device scalar (an annealed budget changes every step); inside the graph the masks are ``m = u < s`` (with
+  :class:`~maskprop.vrpge.ChannelScores`'s empty-group rule, all on the device), written into the static execution
+  states in place, then come the forward and backward of ``m``, the no-grad forward of ``m'``, the VR-PGE score
+  gradient from the loss difference as a device tensor and the masks actually used, gradient clipping, SGD on the
+  weights, Adam (``capturable``) on the scores and their projection onto the budget (exact, with a fixed sequence of
+  kernels: :func:`~maskprop.vrpge.project_scores`). Every
   ``log_every`` steps (and at the end of an epoch) the host reads, in one transfer, the losses, correct counts,
   ``|L(m) - L(m')|``, gradient norms and overflow counters that the steps accumulated on the device; at the end of an
   epoch it also re-chooses the capacities (:func:`~maskprop.sparse.static.rechoose_capacities`, one read of the
@@ -438,14 +439,17 @@ class SearchStep:
         capacities: ``{group: capacity}`` of this window.
         meter: Where the step's statistics accumulate.
         overlap: On CUDA, run the no-grad forward of ``m'`` on a side stream beside the backward of ``m`` (with
-            ``weight_grad: first``). Neither reads what the other writes (the forward of ``m`` has written its
-            BatchNorm statistics back before ``m'`` starts), so the results are those of running them in turn; at
-            CIFAR scale their kernels are too small to fill the GPU, and a captured graph runs the two branches at
-            once. ``False``: one stream.
+            ``weight_grad: first``), and after it the score update when no gradient clipping ties it to the weights'
+            gradients (:meth:`_side_branch`). Neither branch reads what the other writes (the forward of ``m`` has
+            written its BatchNorm statistics back before ``m'`` starts), so the results are those of running them in
+            turn; at CIFAR scale their kernels are too small to fill the GPU, and a captured graph runs the two
+            branches at once. ``False``: one stream.
 
     Attributes:
-        uniforms: ``(2, channels)`` buffer of the uniforms ``m`` and ``m'`` are drawn from; :meth:`sample` refills it
-            before each step (outside a captured graph).
+        uniforms: ``(2, channels)`` buffer of the uniforms ``m`` and ``m'`` are drawn from; :meth:`prepare` refills
+            it before each step (outside a captured graph).
+        budget: The budget the step projects its updated scores onto (a device scalar :meth:`prepare` writes the
+            scores' current budget into: an annealed budget changes every step).
         state_m, state_m2: The static execution states of ``m`` and ``m'`` (one layout).
     """
 
@@ -463,6 +467,7 @@ class SearchStep:
         self.state_m, self.state_m2 = StaticExecutionState(layout), StaticExecutionState(layout)
         s = scores.scores
         self.uniforms = torch.zeros(2, s.numel(), dtype=s.dtype, device=s.device)
+        self.budget = torch.zeros((), dtype=s.dtype, device=s.device)
         if s.grad is None:  # written in place by every step (a captured graph writes the same tensor)
             s.grad = torch.zeros_like(s)
 
@@ -470,13 +475,18 @@ class SearchStep:
     def widths(self) -> dict[str, int]:
         return self.state_m.widths
 
-    def sample(self, generator: torch.Generator) -> None:
-        """Draw the next step's uniforms into :attr:`uniforms` (one launch, on the device)."""
+    def prepare(self, generator: torch.Generator) -> None:
+        """Before each step, outside a captured graph: draw its uniforms into :attr:`uniforms` and write the scores'
+        budget into :attr:`budget` (one launch each, on the device, no host read)."""
         torch.rand(self.uniforms.shape, generator=generator, out=self.uniforms)
+        self.budget.fill_(self.scores.budget)
 
     def __call__(self, images: Tensor, labels: Tensor) -> None:
-        ctx, scores, (weight_opt, score_opt) = self.ctx, self.scores, self.optimizers
+        ctx, scores, weight_opt = self.ctx, self.scores, self.optimizers[0]
         both = self.sparsity.weight_grad == "both"
+        # Without gradient clipping (which takes one norm over the weights' and the scores' gradients) the score
+        # update reads the two losses and masks only: it runs beside m's backward, with the forward of m'.
+        scores_apart = not both and ctx.clip_grad_norm is None
         u_m = self.uniforms[0]
         self.state_m.update(scores.mask_from_uniforms(u_m), u_m)
         weight_opt.zero_grad(set_to_none=True)  # as DenseStep: the backward's gradients become the .grad
@@ -492,21 +502,43 @@ class SearchStep:
             if main is not None:
                 self.side_stream.wait_stream(main)  # after m's forward, its statistics written back
             with torch.cuda.stream(self.side_stream) if main is not None else contextlib.nullcontext():
-                loss_m2 = self._forward_m2(images, labels, grad=False)
+                loss_m2 = self._side_branch(images, labels, loss_m, scores_apart)
             loss_m.backward()
             if main is not None:
                 main.wait_stream(self.side_stream)
         grad_norm = _grad_norm(self.model)
-        # supplement eq. (12) on the masks actually used (an overflow cut is part of the sampled subnetwork)
-        s = scores.scores
-        used_m, used_m2 = self.state_m.mask_used, self.state_m2.mask_used
-        with torch.no_grad():
-            s.grad.copy_(score_grad(self.sparsity.estimator, loss_m.detach(), loss_m2.detach(), used_m, used_m2,
-                                    s.detach(), alpha=self.sparsity.alpha))
-        _clip(ctx, [*self.model.parameters(), s])
+        if not scores_apart:
+            self._score_gradient(loss_m, loss_m2)
+            _clip(ctx, [*self.model.parameters(), scores.scores])
         weight_opt.step()
-        score_opt.step()
+        if not scores_apart:
+            self._score_update()
+        used_m = self.state_m.mask_used
         self.meter.add(loss_m, loss_m2, logits, labels, grad_norm, used_m.sum() / used_m.numel())
+
+    def _side_branch(self, images: Tensor, labels: Tensor, loss_m: Tensor, update_scores: bool) -> Tensor:
+        """What runs beside the backward of ``m`` (on the side stream on CUDA): ``m'`` written into its buffers and
+        its no-grad forward, then (``update_scores``) the scores' gradient, Adam step and projection. Returns
+        ``L(m')``."""
+        loss_m2 = self._forward_m2(images, labels, grad=False)
+        if update_scores:
+            self._score_gradient(loss_m, loss_m2)
+            self._score_update()
+        return loss_m2
+
+    def _score_gradient(self, loss_m: Tensor, loss_m2: Tensor) -> None:
+        """Supplement eq. (12) on the masks actually used (an overflow cut is part of the sampled subnetwork), into
+        the scores' ``.grad``."""
+        s = self.scores.scores
+        with torch.no_grad():
+            s.grad.copy_(score_grad(self.sparsity.estimator, loss_m.detach(), loss_m2.detach(),
+                                    self.state_m.mask_used, self.state_m2.mask_used, s.detach(),
+                                    alpha=self.sparsity.alpha))
+
+    def _score_update(self) -> None:
+        """Adam on the scores, then their projection onto the next step's budget (as ``vrpge_step``)."""
+        self.optimizers[1].step()
+        self.scores.project_(self.budget)
 
     def one_stream(self) -> SearchStep:
         """This step with the forward of ``m'`` back on the main stream (if capturing two streams fails)."""
@@ -595,7 +627,7 @@ class StaticSteps:
     def search(self, model: nn.Module, scores: ChannelScores,
                optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer], batch: tuple[Tensor, Tensor]
                ) -> StaticStepResult:
-        """One search step (the scores projected after it onto their current budget)."""
+        """One search step (the scores projected in it onto their current budget)."""
         if self._search is None:
             if self.capacities is None:
                 self.capacities = choose_capacities(scores, self.ctx.align, self.cfg.sparsity.capacity_quantile)
@@ -612,9 +644,8 @@ class StaticSteps:
             self.windows += 1
             self.shapes.add(tuple(self.capacities.values()))
         body, graph = self._search
-        body.sample(self.generator)
+        body.prepare(self.generator)
         graph(*batch)
-        scores.project_()
         n = batch[1].shape[0]
         self.meter.add_host(n, pair=True, kept=None)
         key = ("search", n, *body.widths.values())

@@ -20,11 +20,13 @@ import torch
 from torch import Tensor
 
 
-def _check_budget(budget: float) -> float:
-    is_number = isinstance(budget, numbers.Real) and not isinstance(budget, bool)
-    if isinstance(budget, Tensor) and budget.numel() == 1 and not budget.dtype == torch.bool:
-        budget, is_number = float(budget), True
-    if not is_number or not math.isfinite(budget) or budget < 0:
+def _check_budget(budget: float | Tensor, s: Tensor) -> float | Tensor:
+    if isinstance(budget, Tensor):  # on the device: its value is not read (a CUDA graph replays this with new ones)
+        if budget.numel() != 1 or not budget.is_floating_point() or budget.device != s.device:
+            raise ValueError(f"a budget tensor must be one floating-point value on the scores' device {s.device}, "
+                             f"got shape {tuple(budget.shape)} {budget.dtype} on {budget.device}")
+        return budget.reshape(())
+    if not isinstance(budget, numbers.Real) or isinstance(budget, bool) or not math.isfinite(budget) or budget < 0:
         raise ValueError(f"budget must be a finite number >= 0, got {budget!r}")
     return float(budget)
 
@@ -58,7 +60,7 @@ def _budget_mass(shift: Tensor, x: Tensor, w: Tensor, unit_prices: bool) -> Tens
     return at_a[0] + partial
 
 
-def project_scores(s: Tensor, budget: float, prices: Tensor | None = None) -> Tensor:
+def project_scores(s: Tensor, budget: float | Tensor, prices: Tensor | None = None) -> Tensor:
     """Exact Euclidean projection of ``s`` onto ``{x : 0 <= x <= 1, sum_j w_j x_j <= budget}``.
 
     If ``sum w clamp(s, 0, 1) <= budget`` the projection is the clamp; otherwise it is ``clamp(s - v w, 0, 1)`` with
@@ -69,7 +71,9 @@ def project_scores(s: Tensor, budget: float, prices: Tensor | None = None) -> Te
         s: scores of any shape; the budget applies to the sum over all entries. Floating point (half precision is
             computed in float32). The result carries no autograd history.
         budget: the budget ``K >= 0`` (``keep_ratio x number of channels`` when every price is 1). ``K >= sum w``
-            means no budget.
+            means no budget. A one-element tensor on the device of ``s`` is used without reading it to the host (the
+            projection inside a captured CUDA graph, whose budget is rewritten before each replay): its value is the
+            caller's to check.
         prices: ``w``, positive and finite, the shape of ``s``, one price per entry; None: every price 1 (a budget
             counted in channels).
 
@@ -80,7 +84,7 @@ def project_scores(s: Tensor, budget: float, prices: Tensor | None = None) -> Te
         ValueError: if ``s`` is not floating point, ``budget`` is negative or not finite, or ``prices`` has another
             shape than ``s``.
     """
-    budget = _check_budget(budget)
+    budget = _check_budget(budget, s)
     if not s.is_floating_point():
         raise ValueError(f"scores must be a floating-point tensor, got dtype {s.dtype}")
     if prices is not None and prices.shape != s.shape:
@@ -90,6 +94,8 @@ def project_scores(s: Tensor, budget: float, prices: Tensor | None = None) -> Te
     work_dtype = s.dtype if s.dtype in (torch.float32, torch.float64) else torch.float32
     x = s.detach().reshape(-1).to(work_dtype)
     w = torch.ones_like(x) if prices is None else prices.detach().reshape(-1).to(device=x.device, dtype=work_dtype)
+    if isinstance(budget, Tensor):
+        budget = budget.to(work_dtype)
 
     # Candidate shifts: 0 and every breakpoint of f on v >= 0; f is linear between consecutive candidates.
     candidates = torch.cat([x.new_zeros(1), x / w, (x - 1) / w]).clamp_min(0)

@@ -166,10 +166,16 @@ class ChannelScores(nn.Module):
         return self
 
     @torch.no_grad()
-    def project_(self) -> ChannelScores:
+    def project_(self, budget: Tensor | None = None) -> ChannelScores:
         """Project the scores in place onto ``{0 <= s <= 1, sum s <= K}`` (``sum w s <= K`` with prices; no
-        autograd); returns ``self``."""
-        self.scores.copy_(project_scores(self.scores, self.budget, self.prices))
+        autograd); returns ``self``.
+
+        Args:
+            budget: ``K`` as a one-element tensor on the scores' device, read there and not on the host (a static
+                search step captured as a CUDA graph writes :attr:`budget` into it before each replay); default
+                :attr:`budget`.
+        """
+        self.scores.copy_(project_scores(self.scores, self.budget if budget is None else budget, self.prices))
         return self
 
     # ----------------------------------------------------------------------------------------------- flat <-> dict
