@@ -71,8 +71,8 @@ from .config import SPARSE_BACKWARD_METHODS, Config, SparsityConfig
 from .steps import StepContext, _clip, _grad_norm
 from .timing import DenseReference, synchronize
 
-__all__ = ["NEW_WINDOW_WARMUP_STEPS", "WARMUP_STEPS", "DenseStep", "FixedMaskStep", "GraphedDenseReference", "GraphsChoice", "MeterWindow",
-           "SearchStep", "StaticSteps", "StepGraph", "resolve_cuda_graphs"]
+__all__ = ["NEW_WINDOW_WARMUP_STEPS", "WARMUP_STEPS", "DenseStep", "FixedMaskStep", "GraphedDenseReference",
+           "GraphsChoice", "MeterWindow", "SearchStep", "StaticSteps", "StepGraph", "resolve_cuda_graphs"]
 
 logger = logging.getLogger(__name__)
 
@@ -541,7 +541,8 @@ class SearchStep:
         self.scores.project_(self.budget)
 
     def one_stream(self) -> SearchStep:
-        """This step with the forward of ``m'`` back on the main stream (if capturing two streams fails)."""
+        """This step with its side branch (the forward of ``m'``, the score update) back on the main stream (if
+        capturing two streams fails)."""
         self.side_stream = None
         return self
 
