@@ -124,3 +124,22 @@ def test_gpu_check_runs_through_on_the_cpu_as_a_dry_run(tmp_path):
     for name in ("machine.json", "gpu_tests.json", "graphs.json", "graphs.md", "e2e/e2e.json", "e2e/e2e.md"):
         assert (out / name).is_file(), name
     assert json.loads((out / "gpu_tests.json").read_text())["counts"]["failed"] == 0
+
+
+def test_the_step_times_table_gives_the_targets_rows_as_speedups():
+    """``tools/bench_graphs.py`` writes the targets' rows as dense time / step time beside the target and the ceiling
+    (a search step's ceiling three quarters of the narrow model's: it adds a forward of m')."""
+    tool = _tool("bench_graphs")
+    try:
+        row = {"model": "resnet32", "dense_eager_ms": 14.0, "dense_graphed_ms": 6.0, "search_graphed_ms": 7.5,
+               "narrow_graphed_ms": 5.0}
+        lines = tool.targets_table([row, {"model": "resnet20", "dense_eager_ms": 1.0}]).splitlines()
+    finally:
+        sys.modules.pop("bench_graphs", None)
+    assert lines[0] == "| speedup (dense step time / step time) | resnet32 | resnet20 |"
+    assert lines[2:] == [
+        "| search / dense eager | 1.87x (target 2.00x, ceiling 2.47x) | - |",
+        "| search / dense graphed | 0.80x (target 0.90x, ceiling 0.95x) | - |",
+        "| narrow finetune / dense eager | 2.80x (target 2.50x, ceiling 3.30x) | - |",
+        "| narrow finetune / dense graphed | 1.20x (target 1.20x, ceiling 1.27x) | - |",
+    ]

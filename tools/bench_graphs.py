@@ -21,8 +21,10 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
 * ``finetune_graphed``: the static fixed-mask step at the aligned kept counts, captured;
 * ``narrow_graphed``: the narrow model's dense step, captured.
 
-The markdown table gives issue 18's ratios: search / dense and finetune / dense, eager and graphed (below 1: the
-sparse step is faster than the dense one).
+The markdown has two tables: the step times with their ratios (step time / dense step time: below 1, the sparse step
+is faster), and issue 18's rows as speedups (dense step time / step time) beside their targets and the ceiling
+measured before (on an H200, the physically narrow model at half width with its whole step in one graph; a search
+step adds a forward of ``m'``, a third of a step, so its ceiling is three quarters of that).
 """
 
 from __future__ import annotations
@@ -192,6 +194,41 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
     return row
 
 
+# Issue 18's targets (speedups on an H200: bf16, channels_last, batch 256, keep 0.5) and the ceiling measured before
+# (the half-width model's whole step as one graph, against the dense eager and graphed steps).
+TARGETS = {
+    "search / dense eager": ("search_graphed", "dense_eager", {"resnet32": 2.0, "vgg19_bn": 2.0, "resnet50": 1.15}),
+    "search / dense graphed": ("search_graphed", "dense_graphed", {"resnet32": 0.9, "vgg19_bn": 1.1, "resnet50": 1.15}),
+    "narrow finetune / dense eager": ("narrow_graphed", "dense_eager", {"resnet32": 2.5, "vgg19_bn": 3.0,
+                                                                       "resnet50": 1.6}),
+    "narrow finetune / dense graphed": ("narrow_graphed", "dense_graphed", {"resnet32": 1.2, "vgg19_bn": 1.5,
+                                                                           "resnet50": 1.6}),
+}
+CEILINGS = {"dense_eager": {"resnet32": 3.3, "vgg19_bn": 4.3, "resnet50": 1.7},
+            "dense_graphed": {"resnet32": 1.27, "vgg19_bn": 1.66, "resnet50": 1.65}}
+
+
+def targets_table(rows: list[dict]) -> str:
+    """Issue 18's rows as speedups (dense step time / step time: maskprop's graphed search and narrow finetune steps
+    against the dense step run eagerly, as other tools run it, and graphed, as maskprop runs it) beside their targets
+    and ceilings: one column per model."""
+    lines = ["| speedup (dense step time / step time) | " + " | ".join(r["model"] for r in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for label, (step, dense, targets) in TARGETS.items():
+        cells = []
+        for r in rows:
+            x, y = r.get(f"{dense}_ms"), r.get(f"{step}_ms")
+            cell = "-" if x is None or y is None or y == 0 else f"{x / y:.2f}x"
+            ceiling = CEILINGS[dense].get(r["model"])
+            if ceiling is not None and step == "search_graphed":
+                ceiling *= 0.75  # a search step adds a forward of m'
+            bounds = [f"target {targets[r['model']]:.2f}x"] if r["model"] in targets else []
+            bounds += [f"ceiling {ceiling:.2f}x"] if ceiling is not None else []
+            cells.append(cell + (f" ({', '.join(bounds)})" if bounds else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _ratio(row: dict) -> Callable[[str, str], float | None]:
     def ratio(a: str, b: str) -> float | None:
         x, y = row.get(f"{a}_ms"), row.get(f"{b}_ms")
@@ -243,7 +280,7 @@ def main() -> None:
         if args.json:  # after every model: a later one that hangs leaves the earlier ones written
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(rows, indent=2))
-    table = markdown(rows)
+    table = markdown(rows) + "\n" + targets_table(rows)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table)
