@@ -412,3 +412,17 @@ def test_later_search_windows_warm_up_once_and_keep_a_failed_overlap_off(monkeyp
     fresh = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)  # a new process (a resumed run)
     fresh.search(model, scores, optimizers, batch)
     assert fresh._search[1].warmup == graphs.WARMUP_STEPS
+
+
+def test_the_search_step_projects_onto_the_budget_of_each_step(one_thread):
+    """The projection inside the step reads the budget from a device scalar that each step's ``prepare`` rewrites:
+    an annealed budget, lowered between steps, binds at every step's own value."""
+    model, scores, optimizers, ctx, batch = _parts(torch.float64)
+    static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
+    total = scores.num_channels
+    for keep, binds in ((0.9, False), (0.4, True), (0.3, True)):  # the scores start at 0.2-0.8 (sum ~ 0.5 N)
+        scores.set_budget(keep * total)
+        static.search(model, scores, optimizers, batch)
+        assert float(static._search[0].budget) == keep * total
+        spent = float(scores.scores.detach().sum())
+        assert spent == pytest.approx(keep * total, abs=1e-9) if binds else spent < keep * total
