@@ -355,7 +355,6 @@ class StaticLayout:
         every gathered tensor and one entry per gathered row, from the tensors' row blocks."""
         outputs = torch.tensor([b.outputs for b in blocks], dtype=torch.int64)
         first_row = (outputs.cumsum(0) - outputs).tolist()
-        self.num_rows = int(outputs.sum())
 
         def cat(pieces: list[Tensor]) -> Tensor:
             return torch.cat(pieces).to(self.device) if pieces else torch.zeros(0, dtype=torch.int64,
