@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under torchrun: fit each job of a json list and keep what every rank ends with.
 
 Each job is ``{"config": {...}, "out": dir or null, "resume": bool, "dump": path prefix, "rank_config": {rank:
-{dotted key: value}}}``. For every job this rank writes ``<dump>.rank<r>.json`` (the error message, if any) and, when
+{dotted key: value}}, "static": bool}`` (``static``: the static-shape steps, run eagerly, as ``cuda_graphs`` selects
+them on CUDA under torchrun). For every job this rank writes ``<dump>.rank<r>.json`` (the error message, if any) and, when
 the run finished, ``<dump>.rank<r>.pt``: its model state (weights and BatchNorm statistics), scores, fixed mask, fix
 description, optimizer states and per-epoch records. Errors do not stop the worker: the next job starts on every rank.
 """
@@ -17,7 +18,9 @@ from pathlib import Path
 import torch
 
 import maskprop.train.loop as loop
+from maskprop.train import setup
 from maskprop.train.distributed import leave
+from maskprop.train.graphs import GraphsChoice
 
 
 def _set(config: dict, dotted: str, value) -> None:
@@ -43,20 +46,24 @@ def _dump(run) -> dict:
     }
 
 
-def fit_and_dump(config: dict, out: str | None = None, resume: bool = False) -> tuple[dict, dict]:
-    """``maskprop.train.loop.fit`` of ``config``, and :func:`_dump` of the run it trained (caught at its summary)."""
+def fit_and_dump(config: dict, out: str | None = None, resume: bool = False, static: bool = False
+                 ) -> tuple[dict, dict]:
+    """``maskprop.train.loop.fit`` of ``config``, and :func:`_dump` of the run it trained (caught at its summary);
+    ``static``: with the static-shape steps, eagerly."""
     captured = {}
-    summarize = loop.summarize
+    summarize, resolve = loop.summarize, setup.resolve_cuda_graphs
 
     def capture(run, elapsed):
         captured["run"] = run
         return summarize(run, elapsed)
 
     loop.summarize = capture
+    if static:
+        setup.resolve_cuda_graphs = lambda cfg, device, world, model=None: GraphsChoice(True, False)
     try:
         summary = loop.fit(config, out=out, resume=resume)
     finally:
-        loop.summarize = summarize
+        loop.summarize, setup.resolve_cuda_graphs = summarize, resolve
     return summary, _dump(captured["run"])
 
 
@@ -68,7 +75,8 @@ def main() -> None:
         for dotted, value in job.get("rank_config", {}).get(str(rank), {}).items():
             _set(config, dotted, value)
         try:
-            summary, dump = fit_and_dump(config, out=job.get("out"), resume=job.get("resume", False))
+            summary, dump = fit_and_dump(config, out=job.get("out"), resume=job.get("resume", False),
+                                         static=job.get("static", False))
             result = {"error": None, "accuracy": summary["accuracy"]}
             torch.save(dump, f"{job['dump']}.rank{rank}.pt")
         except (ValueError, FileNotFoundError) as err:

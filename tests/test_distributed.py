@@ -7,6 +7,7 @@ than these tiny runs); the CLI tests launch ``torchrun -m maskprop train`` itsel
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from maskprop.sparse import sync_batchnorm
 from maskprop.train import distributed
 from maskprop.train.checkpoint import load_checkpoint
 from maskprop.train.data import GlobalBatchSampler, build_loader
+from maskprop.train.graphs import GraphsChoice, StaticSteps
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,6 +45,9 @@ def tiny(**overrides) -> dict:
 # in another order) and a ReLU input within ~1e-6 of zero then flips sign, which moves that example's gradient by a
 # whole term (measured: about one such flip per step in this network, each moving the next losses by ~1e-5).
 SYNC = tiny(sync_bn=True, **{"data.augment": False, "optim.epochs": 2})
+# The static-shape steps (what cuda_graphs selects on CUDA under torchrun, run eagerly): an MLP has no BatchNorm, so
+# 2 processes compute what 1 process computes on the global batch, to float rounding.
+STATIC = tiny(**{"model.name": "mlp", "data.augment": False, "optim.epochs": 2})
 
 
 def _env() -> dict:
@@ -64,14 +69,14 @@ def _states(prefix: Path, ranks: int = 2) -> list[dict]:
     return [torch.load(f"{prefix}.rank{r}.pt", weights_only=False) for r in range(ranks)]
 
 
-def _one_process(config: dict, out: Path) -> dict:
+def _one_process(config: dict, out: Path, static: bool = False) -> dict:
     """What ``ddp_worker`` dumps, from a fit in this process."""
     sys.path.insert(0, str(REPO / "tests"))
     try:
         from ddp_worker import fit_and_dump
     finally:
         sys.path.pop(0)
-    return fit_and_dump(config, out=str(out))[1]
+    return fit_and_dump(config, out=str(out), static=static)[1]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +99,7 @@ def ddp(tmp_path_factory):
         {"config": tiny(**{"optim.epochs": 1, "finetune.epochs": 0}), "out": str(single), "resume": True,
          "dump": str(root / "other_world")},
         {"config": tiny(method="msbp", **{"model.name": "mlp"}), "out": None, "dump": str(root / "msbp")},
+        {"config": STATIC, "out": str(root / "static_run"), "dump": str(root / "static"), "static": True},
     ]
     spec = root / "jobs.json"
     spec.write_text(json.dumps(jobs))
@@ -101,7 +107,8 @@ def ddp(tmp_path_factory):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     reference = _one_process(SYNC, root / "sync_single")
-    return root, reference
+    static_reference = _one_process(STATIC, root / "static_single", static=True)
+    return root, reference, static_reference
 
 
 def _assert_equal_states(a: dict, b: dict) -> None:
@@ -119,19 +126,41 @@ def _assert_equal_states(a: dict, b: dict) -> None:
     assert torch.equal(a["mask_generator"], b["mask_generator"])
 
 
-@pytest.mark.parametrize("job", ["plain", "sync", "both"])
+@pytest.mark.parametrize("job", ["plain", "sync", "both", "static"])
 def test_every_rank_holds_the_same_weights_scores_masks_and_batchnorm_statistics(ddp, job):
-    root, _ = ddp
+    root, *_ = ddp
     assert [r["error"] for r in _results(root / job)] == [None, None]
     rank0, rank1 = _states(root / job)
     assert rank0["step"] == rank1["step"] > 0
     _assert_equal_states(rank0, rank1)
-    # The runs trained: BatchNorm statistics moved away from their initial values.
-    assert not torch.equal(rank0["model"]["bn1.running_mean"], torch.zeros_like(rank0["model"]["bn1.running_mean"]))
+    if job != "static":  # the runs trained: BatchNorm statistics moved away from their initial values (the MLP has none)
+        assert not torch.equal(rank0["model"]["bn1.running_mean"], torch.zeros_like(rank0["model"]["bn1.running_mean"]))
+
+
+def test_static_steps_two_processes_match_one_process(ddp):
+    """The static-shape steps under torchrun (eagerly: the steps CUDA runs there) go through DDP, and their score
+    update reads L(m) and L(m') of the global batch: 2 processes compute what 1 process computes, to float rounding
+    (an MLP: no BatchNorm, whose statistics would be each rank's own)."""
+    root, _, single = ddp
+    two, _ = _states(root / "static")
+    assert two["step"] == single["step"] and two["counters"] == single["counters"]
+    assert two["fix_info"]["chosen"] == single["fix_info"]["chosen"]
+    assert all(torch.equal(two["fixed_mask"][g], single["fixed_mask"][g]) for g in single["fixed_mask"])
+    torch.testing.assert_close(two["scores"], single["scores"], rtol=0, atol=1e-5)
+    assert not torch.equal(two["scores"], torch.full_like(two["scores"], 0.5))  # the scores moved
+    for key, value in single["model"].items():
+        torch.testing.assert_close(two["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    records = [[json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("static_run", "static_single")]
+    assert [(r["phase"], r["epoch"]) for r in records[0]] == [(r["phase"], r["epoch"]) for r in records[1]]
+    for a, b in zip(*records):  # the logged means are those of the global batches, not of rank 0's share
+        for key in ("train_loss", "train_loss2", "train_accuracy", "kept_ratio_sampled", "val_loss", "val_accuracy"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), (a["phase"], a["epoch"], key)
 
 
 def test_sync_bn_two_processes_match_one_process(ddp):
-    root, single = ddp
+    root, single, _ = ddp
     two, _ = _states(root / "sync")
     assert two["step"] == single["step"]
     # The same masks were sampled at every step: the mask generator advanced alike, and the fix chose alike.
@@ -152,7 +181,7 @@ def test_sync_bn_two_processes_match_one_process(ddp):
 
 
 def test_sync_bn_losses_per_epoch_match_one_process(ddp):
-    root, _ = ddp
+    root, *_ = ddp
     two = [json.loads(line) for line in (root / "sync_run" / "metrics.jsonl").read_text().splitlines()]
     single = [json.loads(line) for line in (root / "sync_single" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["epoch"]) for r in two] == [(r["phase"], r["epoch"]) for r in single]
@@ -174,7 +203,7 @@ def test_sync_bn_losses_per_epoch_match_one_process(ddp):
 def test_bad_input_stops_every_rank_with_one_line(ddp, job, message):
     import re
 
-    root, _ = ddp
+    root, *_ = ddp
     results = _results(root / job)
     assert all(r["error"] is not None and "\n" not in r["error"] for r in results), results
     assert re.search(message, results[0]["error"]), results[0]["error"]  # what rank 0 prints
@@ -182,7 +211,7 @@ def test_bad_input_stops_every_rank_with_one_line(ddp, job, message):
 
 @pytest.mark.slow  # about 30 s: two more torchrun launches
 def test_killed_two_process_run_resumes_to_the_same_end(ddp, tmp_path):
-    root, _ = ddp
+    root, *_ = ddp
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny()))
     killed = tmp_path / "killed"
@@ -298,6 +327,41 @@ def single_process_group(tmp_path):
         yield
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("weight_grad", ["first", "both"])
+def test_static_steps_through_ddp_on_one_rank_equal_static_steps_in_float64(single_process_group, weight_grad):
+    """The static steps as torchrun runs them (the model under DDP, L(m) and L(m') and the logged sums summed over
+    the ranks) on one rank give bit for bit what they give in one process: DDP's gradient average over one rank and
+    the global losses change nothing. The search steps, a fixed-mask step and a dense step, on ResNet-20 (BatchNorm,
+    gathered weights)."""
+    from test_graphs import _config, _parts
+
+    model, scores, optimizers, ctx, batch = _parts()
+    mask = maskprop.random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(5))
+    cfg = _config(**{"sparsity.weight_grad": weight_grad})
+    runs = []
+    for wrapped in (False, True):
+        model_, scores_, optimizers_ = copy.deepcopy((model, scores, optimizers))
+        step_model, step_ctx = model_, ctx
+        if wrapped:
+            step_model = distributed.wrap_model(model_, torch.device("cpu"))
+            step_ctx = dataclasses.replace(ctx, reduce_stats=distributed.all_reduce_sum)
+        static = StaticSteps(cfg, step_ctx, GraphsChoice(True, False), seed=0)
+        windows = []
+        for _ in range(2):
+            static.search(step_model, scores_, optimizers_, batch)
+        windows.append(static.read())
+        static.plain(step_model, optimizers_[0], batch, mask)
+        static.plain(step_model, optimizers_[0], batch)
+        windows.append(static.read())
+        runs.append((model_, scores_, windows))
+    (plain, plain_scores, plain_windows), (ddp, ddp_scores, ddp_windows) = runs
+    assert plain_windows == ddp_windows
+    assert plain_windows[0].pairs == 2 and plain_windows[1].steps == 2
+    assert torch.equal(plain_scores.scores, ddp_scores.scores)
+    for (name, a), b in zip(plain.state_dict().items(), ddp.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def _sync_batch_norm_matches_batch_norm(layer, x: torch.Tensor, index: torch.Tensor) -> None:

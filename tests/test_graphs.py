@@ -173,6 +173,15 @@ def test_the_capacity_windows_of_a_run_whose_scores_move(static_run, monkeypatch
     assert sum(built[-1].values()) < sum(built[0].values())  # the budget fell: narrower
 
 
+def test_static_steps_run_eagerly_with_adam_on_the_weights(static_run, one_thread):
+    """What ``cuda_graphs: auto`` runs on CUDA with Adam on the weights, which cannot be captured: the static steps,
+    eagerly, through the search and the finetune."""
+    summary = maskprop.fit(with_overrides(TINY_RUN, **{"optim.optimizer": "adam", "optim.lr": 1e-3}))
+    report = summary["static_steps"]
+    assert report["captured"] is False and report["search_windows"] >= 1
+    assert summary["steps"]["search"] > 0 and summary["steps"]["finetune"] > 0
+
+
 def test_resume_with_static_steps_continues_exactly(static_run, monkeypatch, tmp_path, one_thread):
     config = with_overrides(TINY_RUN, **{"optim.epochs": 3, "sparsity.anneal_epochs": 1, "log_every": 1,
                                          "save_every": 1, "finetune.narrow": False})
@@ -220,31 +229,35 @@ def test_cuda_graphs_true_on_the_cpu_stops_a_run():
         maskprop.fit(with_overrides(TINY_RUN, cuda_graphs=True, device="cpu"))
 
 
-@pytest.mark.parametrize("overrides,reason", [
-    ({"method": "sbp"}, r"method='sbp' picks its backward's units by top-k"),
-    ({"method": "meprop", "sbp.sparsifier": "topk"}, r"method='meprop'"),
-    ({"method": "msbp", "sbp.memory": 0.5}, r"method='msbp'"),
-    ({"sync_bn": True}, r"sync_bn=true all-reduces BatchNorm statistics"),
-    ({"optim.optimizer": "adam"}, r"optim.optimizer='adam' is not the fused SGD"),
+@pytest.mark.parametrize("overrides,world_size,reason,static", [
+    ({"method": "sbp"}, 1, r"method='sbp' picks its backward's units by top-k", False),
+    ({"method": "meprop", "sbp.sparsifier": "topk"}, 1, r"method='meprop'", False),
+    ({"method": "msbp", "sbp.memory": 0.5}, 1, r"method='msbp'", False),
+    ({"sync_bn": True}, 2, r"sync_bn=true all-reduces BatchNorm statistics", False),
+    ({"optim.optimizer": "adam"}, 1, r"optim.optimizer='adam' is not the fused SGD", True),
+    ({}, 2, r"torchrun \(world size 2\) all-reduces gradients through DDP's host-driven buckets", True),
 ])
-def test_what_cannot_be_captured_is_an_error_with_true_and_eager_with_auto(overrides, reason, caplog):
+def test_what_cannot_be_captured_is_an_error_with_true_and_eager_with_auto(overrides, world_size, reason, static,
+                                                                           caplog):
+    """With ``auto``, a run that cannot be captured takes the static-shape steps eagerly where they can run (torchrun,
+    Adam on the weights), and the eager steps of ``steps.py`` where they cannot (data-dependent top-k, sync_bn)."""
     with pytest.raises(ValueError, match=rf"^cuda_graphs=true cannot capture this run: {reason}.*; expected "
                                          r"cuda_graphs=auto or false$"):
-        resolve_cuda_graphs(_config(cuda_graphs=True, **overrides), CUDA)
+        resolve_cuda_graphs(_config(cuda_graphs=True, **overrides), CUDA, world_size)
     with caplog.at_level(logging.INFO, logger="maskprop.train.graphs"):
-        choice = resolve_cuda_graphs(_config(**overrides), CUDA)
-    assert not choice.static and not choice.capture and choice.reason
-    assert [r.getMessage() for r in caplog.records] == [f"cuda_graphs=auto: eager steps, since {choice.reason}"]
+        choice = resolve_cuda_graphs(_config(**overrides), CUDA, world_size)
+    assert choice.static == static and not choice.capture and choice.reason
+    said = ("static-shape steps, run eagerly (not captured)" if static else "eager steps")
+    assert [r.getMessage() for r in caplog.records] == [f"cuda_graphs=auto: {said}, since {choice.reason}"]
 
 
-def test_torchrun_and_cumulative_batchnorm_cannot_be_captured():
-    with pytest.raises(ValueError, match=r"torchrun \(world size 2\)"):
-        resolve_cuda_graphs(_config(cuda_graphs=True), CUDA, world_size=2)
+def test_cumulative_batchnorm_cannot_be_captured():
     model = maskprop.create_model("resnet20")
     model.bn1.momentum = None
     with pytest.raises(ValueError, match=r"BatchNorm 'bn1' has momentum=None"):
         resolve_cuda_graphs(_config(cuda_graphs=True), CUDA, model=model)
-    assert not resolve_cuda_graphs(_config(), CUDA, model=model).static
+    choice = resolve_cuda_graphs(_config(), CUDA, model=model)
+    assert choice.static and not choice.capture
 
 
 def test_maskprop_models_use_a_float_batchnorm_momentum():

@@ -11,6 +11,8 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
 * ``dense_graphed``: the static dense step, captured;
 * ``search_eager``: ``vrpge_step`` with fresh masks every step (today's search step, scores on the host);
 * ``search_graphed``: the static search step (fresh device uniforms every step, capacities from keep 0.5), captured;
+* ``search_static``: the same step, not captured (what each rank runs under torchrun, where DDP's host-driven
+  all-reduce keeps the step out of a graph);
 * ``search_one_stream_graphed``: the same with the forward of ``m'`` after the backward of ``m`` on one stream (the
   default runs them side by side on two: ``SearchStep(overlap=True)``);
 * ``settled_graphed``: the same with settled keep probabilities (1 on the fixed mask's channels, 0 elsewhere: a
@@ -125,15 +127,19 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
         sparsity = cfg.sparsity
         return lambda: vrpge_step(model, scores, optimizers, (x, y), generator, sparsity, ctx)
 
-    def graphed_search(scores: ChannelScores, overlap: bool = True) -> Callable[[], object]:
+    def graphed_search(scores: ChannelScores, overlap: bool = True, captured: bool = True) -> Callable[[], object]:
         model, opt = fresh()
         score_opt = score_optimizer(scores.scores, 0.0)  # lr 0: the scores stay as given
-        make_capturable(score_opt)
-        static = StaticSteps(cfg, ctx, choice, seed=1, overlap=overlap)
+        if captured:
+            make_capturable(score_opt)
+        static = StaticSteps(cfg, ctx, choice if captured else GraphsChoice(True, False), seed=1, overlap=overlap)
         return lambda: static.search(model, scores, (opt, score_opt), (x, y))
 
     def search_graphed():
         return graphed_search(ChannelScores(groups, keep, keep, device=device))
+
+    def search_static():
+        return graphed_search(ChannelScores(groups, keep, keep, device=device), captured=False)
 
     def search_one_stream_graphed():
         return graphed_search(ChannelScores(groups, keep, keep, device=device), overlap=False)
@@ -168,6 +174,7 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
 
     for kind, make in [("dense_eager", dense_eager), ("dense_graphed", dense_graphed),
                        ("search_eager", search_eager), ("search_graphed", search_graphed),
+                       ("search_static", search_static),
                        ("search_one_stream_graphed", search_one_stream_graphed),
                        ("settled_graphed", settled_graphed),
                        ("finetune_eager", finetune_eager), ("finetune_graphed", finetune_graphed),
@@ -181,6 +188,7 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
                 torch.cuda.synchronize()
     ratio = _ratio(row)
     row.update({"search_over_dense_eager": ratio("search_eager", "dense_eager"),
+                "static_search_over_dense_eager": ratio("search_static", "dense_eager"),
                 "search_over_dense_graphed": ratio("search_graphed", "dense_graphed"),
                 "settled_over_dense_graphed": ratio("settled_graphed", "dense_graphed"),
                 "finetune_over_dense_eager": ratio("finetune_eager", "dense_eager"),
@@ -240,18 +248,21 @@ def markdown(rows: list[dict]) -> str:
     def cell(value: float | None, digits: int = 2) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
-    header = ("| model | dense eager ms | dense graphed ms | search eager ms | search graphed ms | finetune graphed ms "
-              "| narrow graphed ms | search/dense eager | search/dense graphed | settled search/dense graphed | "
-              "finetune/dense eager | finetune/dense graphed | narrow/dense graphed | search one stream / two streams |")
-    lines = [header, "|" + "---|" * 14]
+    header = ("| model | dense eager ms | dense graphed ms | search eager ms | search graphed ms | search static ms "
+              "| finetune graphed ms | narrow graphed ms | search/dense eager | search/dense graphed | "
+              "static search/dense eager | settled search/dense graphed | finetune/dense eager | "
+              "finetune/dense graphed | narrow/dense graphed | search one stream / two streams |")
+    lines = [header, "|" + "---|" * 16]
     for r in rows:
         lines.append("| " + " | ".join([
             f"{r['model']} {r['image']}px b{r['batch']}"
-            + ("" if r.get("capacity_quantile", 0.999) == 0.999 else f" q{r['capacity_quantile']:g}"), *(cell(r.get(f"{k}_ms"), 1) for k in (
-                "dense_eager", "dense_graphed", "search_eager", "search_graphed", "finetune_graphed",
+            + ("" if r.get("capacity_quantile", 0.999) == 0.999 else f" q{r['capacity_quantile']:g}"),
+            *(cell(r.get(f"{k}_ms"), 1) for k in (
+                "dense_eager", "dense_graphed", "search_eager", "search_graphed", "search_static", "finetune_graphed",
                 "narrow_graphed")),
             *(cell(r.get(k)) for k in ("search_over_dense_eager", "search_over_dense_graphed",
-                                       "settled_over_dense_graphed", "finetune_over_dense_eager", "finetune_over_dense_graphed",
+                                       "static_search_over_dense_eager", "settled_over_dense_graphed",
+                                       "finetune_over_dense_eager", "finetune_over_dense_graphed",
                                        "narrow_over_dense_graphed", "overlap_speedup"))]) + " |")
     return "\n".join(lines) + "\n"
 

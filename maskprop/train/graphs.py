@@ -40,6 +40,13 @@ its learning rate in a device tensor refreshed from the schedule before each rep
 ``capturable``. With ``cuda_graphs: auto`` a step whose capture fails runs eagerly from then on (one warning); with
 ``true`` the failure is an error.
 
+Where a run cannot be captured but the steps can still have static shapes (under torchrun, whose DDP all-reduces the
+gradients from the host; Adam on the weights; a BatchNorm with ``momentum=None``), ``cuda_graphs: auto`` runs these
+same steps eagerly (:func:`resolve_cuda_graphs`): fixed widths, so cuDNN keeps its plans, and no host read inside a
+step. Under torchrun they run through the DDP wrapper, as the eager steps do; the search step's score update then
+reads ``L(m)`` and ``L(m')`` of the global batch (one all-reduce of three numbers, after the backward) and the meter's
+reads sum the ranks' losses, correct counts and examples (one all-reduce per read).
+
 Everything here also runs eagerly on any device (the CPU tests run it): ``capture=False`` calls the same step bodies
 directly.
 """
@@ -95,7 +102,7 @@ class GraphsChoice:
         static: The static-shape steps of this module run (else the eager steps of ``steps.py``).
         capture: They are captured as CUDA graphs (else they run eagerly).
         strict: ``cuda_graphs: true``: a capture that fails is an error (else the step runs eagerly from then on).
-        reason: Why they are off where ``cuda_graphs: auto`` fell back.
+        reason: Why they are not captured (or not static) where ``cuda_graphs: auto`` fell back.
     """
 
     static: bool
@@ -104,31 +111,35 @@ class GraphsChoice:
     reason: str = ""
 
 
-def _blockers(cfg: Config, world_size: int, model: nn.Module | None) -> list[str]:
-    """What keeps a run's steps from being captured, in words (empty: nothing)."""
-    reasons = []
+def _blockers(cfg: Config, world_size: int, model: nn.Module | None) -> tuple[list[str], list[str]]:
+    """What keeps a run from static steps at all, and what keeps them from being captured, in words (empty lists:
+    nothing)."""
+    static = []
     if cfg.method in SPARSE_BACKWARD_METHODS:
-        reasons.append(f"method={cfg.method!r} picks its backward's units by top-k with data-dependent shapes in every "
-                       f"step")
-    if world_size > 1:
-        reasons.append(f"torchrun (world size {world_size}) all-reduces gradients through DDP's host-driven buckets")
+        static.append(f"method={cfg.method!r} picks its backward's units by top-k with data-dependent shapes in every "
+                      f"step")
     if cfg.sync_bn:
-        reasons.append("sync_bn=true all-reduces BatchNorm statistics between ranks")
+        static.append("sync_bn=true all-reduces BatchNorm statistics between ranks")
+    capture = []
+    if world_size > 1:
+        capture.append(f"torchrun (world size {world_size}) all-reduces gradients through DDP's host-driven buckets")
     if cfg.optim.optimizer != "sgd":
-        reasons.append(f"optim.optimizer={cfg.optim.optimizer!r} is not the fused SGD whose learning rate lives on the "
+        capture.append(f"optim.optimizer={cfg.optim.optimizer!r} is not the fused SGD whose learning rate lives on the "
                        f"device")
     if model is not None:
         cumulative = [n for n, m in model.named_modules()
                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None]
         if cumulative:
-            reasons.append(f"BatchNorm {cumulative[0]!r} has momentum=None (a cumulative average read on the host)")
-    return reasons
+            capture.append(f"BatchNorm {cumulative[0]!r} has momentum=None (a cumulative average read on the host)")
+    return static, capture
 
 
 def resolve_cuda_graphs(cfg: Config, device: torch.device, world_size: int = 1,
                         model: nn.Module | None = None) -> GraphsChoice:
     """Resolve ``cfg.cuda_graphs`` for a run on ``device``: ``auto`` is on for CUDA devices when nothing in the run
-    keeps its steps from being captured (else off, with one info line saying why), ``true`` must be able to.
+    keeps its steps from being captured; ``true`` must be able to. Where ``auto`` cannot capture, the run still takes
+    the static-shape steps (run eagerly: fixed widths, no host read inside a step) unless they cannot run either (the
+    sparse-backward methods, ``sync_bn``); one info line says which and why.
 
     Raises:
         ValueError: ``cuda_graphs: true`` on a device other than CUDA, or for a run that cannot be captured.
@@ -140,13 +151,17 @@ def resolve_cuda_graphs(cfg: Config, device: torch.device, world_size: int = 1,
         if setting is True:
             raise ValueError(f"cuda_graphs=true needs a CUDA device; device resolves to '{device.type}'")
         return GraphsChoice(False, False)
-    reasons = _blockers(cfg, world_size, model)
-    if reasons:
-        if setting is True:
-            raise ValueError(f"cuda_graphs=true cannot capture this run: {reasons[0]}; expected cuda_graphs=auto or "
-                             f"false")
-        logger.info("cuda_graphs=auto: eager steps, since %s", reasons[0])
-        return GraphsChoice(False, False, reason=reasons[0])
+    no_static, no_capture = _blockers(cfg, world_size, model)
+    reasons = no_static + no_capture
+    if reasons and setting is True:
+        raise ValueError(f"cuda_graphs=true cannot capture this run: {reasons[0]}; expected cuda_graphs=auto or "
+                         f"false")
+    if no_static:
+        logger.info("cuda_graphs=auto: eager steps, since %s", no_static[0])
+        return GraphsChoice(False, False, reason=no_static[0])
+    if no_capture:
+        logger.info("cuda_graphs=auto: static-shape steps, run eagerly (not captured), since %s", no_capture[0])
+        return GraphsChoice(True, False, reason=no_capture[0])
     return GraphsChoice(True, True, strict=setting is True)
 
 
@@ -191,19 +206,26 @@ class DeviceMeter:
 
     _DEVICE = ("loss", "loss2", "correct", "loss_gap", "grad_norm", "kept")
 
-    def __init__(self, device: torch.device) -> None:
+    _SUMMED = 3  # loss, loss2 and correct are this rank's sums; the rest is the same on every rank
+
+    def __init__(self, device: torch.device, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         self.sums = torch.zeros(len(self._DEVICE), dtype=dtype, device=device)
         self.host = MeterWindow()
+        self.reduce = reduce
 
     @torch.no_grad()
     def add(self, loss: Tensor, loss2: Tensor | None, logits: Tensor, labels: Tensor, grad_norm: Tensor,
-            kept: Tensor | None = None) -> None:
-        """Add one step's device values (inside the step: no host read)."""
+            kept: Tensor | None = None, gap: Tensor | None = None) -> None:
+        """Add one step's device values (inside the step: no host read). ``gap``: ``|L(m) - L(m')|`` of the global
+        batch under torchrun (default: of ``loss`` and ``loss2``, where a pair is given with ``kept``)."""
         n, dtype = labels.shape[0], self.sums.dtype
         loss = loss.detach().to(dtype)
         loss2 = loss.new_zeros(()) if loss2 is None else loss2.detach().to(dtype)
-        gap = (loss - loss2).abs() if kept is not None else loss.new_zeros(())
+        if gap is not None:
+            gap = gap.to(dtype)
+        else:
+            gap = (loss - loss2).abs() if kept is not None else loss.new_zeros(())
         correct = (logits.argmax(1) == labels).sum().to(dtype)
         kept = loss.new_zeros(()) if kept is None else kept.to(dtype)
         self.sums.add_(torch.stack([loss * n, loss2 * n, correct, gap, grad_norm.detach().to(dtype), kept]))
@@ -217,10 +239,19 @@ class DeviceMeter:
             self.host.kept += kept
 
     def read(self, extra: list[Tensor] = ()) -> tuple[MeterWindow, list[float]]:
-        """The sums since the last read, with ``extra`` device tensors read in the same transfer; all reset."""
-        values = torch.cat([self.sums, *(t.reshape(-1).to(self.sums.dtype) for t in extra)]).tolist()
+        """The sums since the last read, with ``extra`` device tensors read in the same transfer; all reset. With
+        ``reduce`` (under torchrun, a collective: every rank reads at the same steps) the losses, correct counts and
+        examples are summed over the ranks first."""
+        device = [self.sums, *(t.reshape(-1).to(self.sums.dtype) for t in extra)]
+        if self.reduce is not None:
+            summed = self.reduce(torch.cat([self.sums[:self._SUMMED], self.sums.new_tensor([self.host.count])]))
+            device += [summed]
+        values = torch.cat(device).tolist()
         self.sums.zero_()
         window, self.host = self.host, MeterWindow()
+        if self.reduce is not None:
+            values[:self._SUMMED], window.count = values[-self._SUMMED - 1:-1], int(values[-1])
+            values = values[:-self._SUMMED - 1]
         sums = dict(zip(self._DEVICE, values))
         window.loss, window.loss2, window.correct = sums["loss"], sums["loss2"], sums["correct"]
         window.loss_gap, window.grad_norm = sums["loss_gap"], sums["grad_norm"]
@@ -485,8 +516,10 @@ class SearchStep:
         ctx, scores, weight_opt = self.ctx, self.scores, self.optimizers[0]
         both = self.sparsity.weight_grad == "both"
         # Without gradient clipping (which takes one norm over the weights' and the scores' gradients) the score
-        # update reads the two losses and masks only: it runs beside m's backward, with the forward of m'.
-        scores_apart = not both and ctx.clip_grad_norm is None
+        # update reads the two losses and masks only: it runs beside m's backward, with the forward of m'. Under
+        # torchrun it reads the losses of the global batch, summed over the ranks after the backward (one collective,
+        # on the main stream, after DDP's).
+        scores_apart = not both and ctx.clip_grad_norm is None and ctx.reduce_stats is None
         u_m = self.uniforms[0]
         self.state_m.update(scores.mask_from_uniforms(u_m), u_m)
         weight_opt.zero_grad(set_to_none=True)  # as DenseStep: the backward's gradients become the .grad
@@ -507,14 +540,26 @@ class SearchStep:
             if main is not None:
                 main.wait_stream(self.side_stream)
         grad_norm = _grad_norm(self.model)
+        pair = self._global_losses(loss_m, loss_m2, labels.shape[0])
         if not scores_apart:
-            self._score_gradient(loss_m, loss_m2)
+            self._score_gradient(*pair)
             _clip(ctx, [*self.model.parameters(), scores.scores])
         weight_opt.step()
         if not scores_apart:
             self._score_update()
         used_m = self.state_m.mask_used
-        self.meter.add(loss_m, loss_m2, logits, labels, grad_norm, used_m.sum() / used_m.numel())
+        gap = None if ctx.reduce_stats is None else (pair[0] - pair[1]).abs()
+        self.meter.add(loss_m, loss_m2, logits, labels, grad_norm, used_m.sum() / used_m.numel(), gap)
+
+    def _global_losses(self, loss_m: Tensor, loss_m2: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """``L(m)`` and ``L(m')`` of the global batch under torchrun (the example-weighted means of the ranks' losses,
+        one all-reduce of three numbers on the device); the losses themselves in one process."""
+        if self.ctx.reduce_stats is None:
+            return loss_m.detach(), loss_m2.detach()
+        dtype = self.meter.sums.dtype
+        sums = self.ctx.reduce_stats(torch.stack([loss_m.detach().to(dtype) * n, loss_m2.detach().to(dtype) * n,
+                                                  self.meter.sums.new_full((), n)]))
+        return sums[0] / sums[2], sums[1] / sums[2]
 
     def _side_branch(self, images: Tensor, labels: Tensor, loss_m: Tensor, update_scores: bool) -> Tensor:
         """What runs beside the backward of ``m`` (on the side stream on CUDA): ``m'`` written into its buffers and
@@ -562,7 +607,7 @@ class StaticStepResult:
     """What the host knows of one static step without reading the device.
 
     Attributes:
-        count: Examples in the batch.
+        count: Examples in the batch (the global batch under torchrun).
         flops: Train FLOPs the step cost (supplement C.1) at the widths computed (the capacities).
         dense_flops: Train FLOPs of a dense step on the same batch.
     """
@@ -594,12 +639,15 @@ class StaticSteps:
         choice: From :func:`resolve_cuda_graphs` (``capture=False``: the same steps, eagerly).
         seed: Seeds the device generator the search's uniforms come from.
         overlap: Search steps run the forward of ``m'`` beside the backward of ``m`` on CUDA (:class:`SearchStep`).
+        world_size: Processes under torchrun, each with an equal share of the global batch (train FLOPs count the
+            global batch, as the eager steps do).
     """
 
-    def __init__(self, cfg: Config, ctx: StepContext, choice: GraphsChoice, seed: int, overlap: bool = True) -> None:
-        self.cfg, self.ctx, self.choice, self.overlap = cfg, ctx, choice, overlap
+    def __init__(self, cfg: Config, ctx: StepContext, choice: GraphsChoice, seed: int, overlap: bool = True,
+                 world_size: int = 1) -> None:
+        self.cfg, self.ctx, self.choice, self.overlap, self.world_size = cfg, ctx, choice, overlap, world_size
         self.generator = torch.Generator(device=ctx.device).manual_seed(seed)
-        self.meter = DeviceMeter(ctx.device)
+        self.meter = DeviceMeter(ctx.device, ctx.reduce_stats)
         self.capacities: dict[str, int] | None = None
         self.windows = 0
         self.shapes: set[tuple[int, ...]] = set()
@@ -647,8 +695,8 @@ class StaticSteps:
         body, graph = self._search
         body.prepare(self.generator)
         graph(*batch)
-        n = batch[1].shape[0]
-        self.meter.add_host(n, pair=True, kept=None)
+        self.meter.add_host(batch[1].shape[0], pair=True, kept=None)
+        n = batch[1].shape[0] * self.world_size
         key = ("search", n, *body.widths.values())
         if key not in self._flops:
             f = self.ctx.cost.flops(body.widths, n)
@@ -676,14 +724,14 @@ class StaticSteps:
         if getattr(body, "before", None) is not None:
             body.before()
         graph(*batch)
-        n = batch[1].shape[0]
+        n = batch[1].shape[0] * self.world_size
         if mask is not None:
             kept, f = body.kept_ratio, self.ctx.cost.flops(body.widths, n)
         elif narrow is not None:
             kept, f = narrow.kept_ratio(), self.ctx.cost.flops(narrow.widths, n)
         else:
             kept, f = 1.0, self.ctx.cost.flops(None, n)
-        self.meter.add_host(n, pair=False, kept=kept)
+        self.meter.add_host(batch[1].shape[0], pair=False, kept=kept)
         return StaticStepResult(n, int(dense_step_flops(f)), self._dense_flops(n))
 
     def _dense_flops(self, n: int) -> int:

@@ -244,7 +244,7 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
 def _static_step_function(state: TrainState, cfg: Config, static: StaticSteps,
                           narrow: NarrowSubnetwork | None) -> Callable[[tuple[Tensor, Tensor]], Any]:
     """The static step of the current phase (``graphs.py``), as a function of the batch: what ``_step_function``
-    picks, with static shapes."""
+    picks, with static shapes (through the DDP wrapper under torchrun, as the eager steps)."""
     if narrow is not None:
         return lambda batch: static.plain(narrow.model, narrow.optimizer, batch, narrow=narrow)
     kind = _search_kind(state, cfg) if state.phase == "search" else state.phase
@@ -255,11 +255,11 @@ def _static_step_function(state: TrainState, cfg: Config, static: StaticSteps,
         def search(batch: tuple[Tensor, Tensor]) -> Any:
             if schedule is not None and schedule.anneal_steps > 0:  # as in _step_function: the next step's budget
                 state.scores.set_budget(schedule.at(state.counters["search_steps"] + 1))
-            return static.search(state.model, state.scores, optimizers, batch)
+            return static.search(state.step_model, state.scores, optimizers, batch)
 
         return search
     mask = None if kind in ("warmup", "train") else state.fixed_mask  # dense, or the fixed subnetwork
-    return lambda batch: static.plain(state.model, state.weight_optimizer, batch, mask)
+    return lambda batch: static.plain(state.step_model, state.weight_optimizer, batch, mask)
 
 
 def _window_result(window: MeterWindow) -> StepResult:

@@ -279,12 +279,12 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         ctx.reduce_stats = all_reduce_sum
     static = None
     if graphs.static:
-        static = StaticSteps(cfg, ctx, graphs, cfg.seed + 1)
+        static = StaticSteps(cfg, ctx, graphs, cfg.seed + 1, world_size=place.world_size)
         if checkpoint is not None and checkpoint.get("static") is not None:
             static.load_state_dict(checkpoint["static"])
-        if graphs.capture:
-            if score_opt is not None:
-                make_capturable(score_opt)  # after the load: the checkpoint's param groups replaced the flag
+        if graphs.capture and score_opt is not None:
+            make_capturable(score_opt)  # after the load: the checkpoint's param groups replaced the flag
+        if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: each convolution's fastest kernel, picked once
     return Run(cfg, state, ctx, train_set, train_loader, val_loader, groups, spec, run_dir, checkpoint is not None,
                dense_model, static, graphs)
