@@ -246,7 +246,7 @@ def _static_step_function(state: TrainState, cfg: Config, static: StaticSteps,
     """The static step of the current phase (``graphs.py``), as a function of the batch: what ``_step_function``
     picks, with static shapes (through the DDP wrapper under torchrun, as the eager steps)."""
     if narrow is not None:
-        return lambda batch: static.plain(narrow.model, narrow.optimizer, batch, narrow=narrow)
+        return lambda batch: static.plain(narrow.step_model, narrow.optimizer, batch, narrow=narrow)
     kind = _search_kind(state, cfg) if state.phase == "search" else state.phase
     if kind in ("search", "anneal"):
         optimizers = (state.weight_optimizer, state.score_optimizer)
@@ -583,16 +583,20 @@ def _narrow_subnetwork(run: Run) -> NarrowSubnetwork | None:
     """The narrow model and optimizer that train the fixed subnetwork of the finetune phase (``narrow.py``), built from
     the full model and optimizer (a resumed run's included); ``None``: compact steps of the full model.
 
-    Under torchrun the phase keeps compact steps: the DDP wrapper is the full model's, and the narrow model would need
-    its own. ``finetune.narrow: false`` keeps them too (for comparison).
+    Under torchrun the narrow model gets a DDP wrapper of its own (its ``step_model``; building it is a collective,
+    and every rank builds the same narrow model at the same epoch). With ``sync_bn`` the phase keeps compact steps,
+    whose BatchNorm synchronises over the ranks; ``finetune.narrow: false`` keeps them too (for comparison).
     """
     cfg, state = run.cfg, run.state
     fixed = state.phase == "finetune" or (state.phase == "search" and cfg.sparsity.fix == "random"
                                           and _search_kind(state, cfg) == "random")
     if (not fixed or state.fixed_mask is None or state.epoch >= phase_epochs(cfg, state.phase)
-            or state.ddp is not None or not cfg.finetune.narrow):
+            or (state.ddp is not None and cfg.sync_bn) or not cfg.finetune.narrow):
         return None
-    return NarrowSubnetwork(state.model, state.fixed_mask, state.weight_optimizer, align=run.ctx.align)
+    narrow = NarrowSubnetwork(state.model, state.fixed_mask, state.weight_optimizer, align=run.ctx.align)
+    if state.ddp is not None:
+        narrow.step_model = wrap_model(narrow.model, run.ctx.device)
+    return narrow
 
 
 def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseReference | None) -> None:
@@ -605,10 +609,10 @@ def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseRe
         if narrow is None and state.phase == "search" and cfg.sparsity.fix == "random":  # past the dense warm-up
             narrow = _narrow_subnetwork(run)
         metrics = train_one_epoch(state, cfg, run.ctx, run.train_loader, log, dense_reference, narrow, run.static)
+        if not cfg.sync_bn:  # DDP: each rank's running statistics saw its share; their mean (no-op in one process)
+            average_buffers(state.model if narrow is None else narrow.model)
         if narrow is not None:  # checkpoints, best.pt and the summary read the full model and optimizer
             narrow.write_back()
-        if not cfg.sync_bn:  # DDP: each rank's running statistics saw its share; their mean (no-op in one process)
-            average_buffers(state.model)
         metrics.update(_search_diagnostics(run, probe))
         last = state.epoch == epochs
         val = None

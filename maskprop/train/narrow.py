@@ -39,8 +39,9 @@ of a strided 1x1 conv with an odd batch size, ``maskprop._workarounds``); the na
 :class:`PointwiseSafeConv2d`, an ``nn.Conv2d`` that takes the same route, as its conv type (the export keeps plain
 layers).
 
-Under torchrun the training loop keeps compact steps of the full model (its DDP wrapper is the full model's; the
-narrow model would need its own): the simple, safe choice.
+Under torchrun the training loop wraps the narrow model in a DDP wrapper of its own
+(:attr:`NarrowSubnetwork.step_model`), which every step runs; the ranks' narrow models are the same, built from the
+same full model and mask.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class NarrowSubnetwork:
         mask: The subnetwork (on the CPU).
         computed: The channels the narrow model holds: ``mask`` and, with ``align > 1``, the padding channels.
         widths: ``{group: channels}`` of ``computed``: the widths the narrow model computes.
+        step_model: The module the training steps run: ``model``, or the DDP wrapper the training loop gives it under
+            torchrun.
 
     Raises:
         ValueError: ``mask`` does not fit ``model``, ``align`` is not a positive integer, or ``optimizer`` is not
@@ -114,6 +117,7 @@ class NarrowSubnetwork:
         self.widths = {g: int(m.sum()) for g, m in self.computed.items()}
         self._kept_ratio = kept_ratio(self.mask, {g: m.numel() for g, m in self.mask.items()})
         self.model = materialize(model, self.computed, conv_type=PointwiseSafeConv2d)
+        self.step_model: nn.Module = self.model
         sets, own = index_sets(model, self.computed), index_sets(model, self.mask)  # what materialize sliced by
         narrow_tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
         # Every parameter and buffer, in the model's order: the full and narrow tensors, the rows and columns of the
@@ -172,7 +176,7 @@ class NarrowSubnetwork:
         computed (the aligned ones, padding included), and the mask's kept ratio.
         """
         self.sync_hyperparameters()
-        result = subnet_step(self.model, self.optimizer, batch, None, ctx)
+        result = subnet_step(self.step_model, self.optimizer, batch, None, ctx)
         return dataclasses.replace(result, kept_ratio=self.kept_ratio(),
                                    flops=int(dense_step_flops(ctx.cost.flops(self.widths, result.count))))
 
