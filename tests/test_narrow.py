@@ -340,7 +340,7 @@ def test_a_run_finetunes_the_narrow_model_as_compact_finetuning_does(tmp_path, m
     assert decayed > 10
 
 
-def test_the_finetune_phase_alone_runs_narrow_and_ddp_keeps_compact_steps():
+def test_the_finetune_phase_alone_runs_narrow_and_under_ddp_through_a_wrapper_of_its_own(monkeypatch):
     from types import SimpleNamespace
 
     from maskprop.train.config import load_config
@@ -349,13 +349,20 @@ def test_the_finetune_phase_alone_runs_narrow_and_ddp_keeps_compact_steps():
     cfg = load_config(copy.deepcopy(TINY))
     state = SimpleNamespace(phase="finetune", fixed_mask=mask, epoch=0, ddp=None, model=model,
                             weight_optimizer=optimizer)
-    run = SimpleNamespace(cfg=cfg, state=state, ctx=SimpleNamespace(align=8))
+    run = SimpleNamespace(cfg=cfg, state=state, ctx=SimpleNamespace(align=8, device=torch.device("cpu")))
     narrow = loop._narrow_subnetwork(run)
-    assert isinstance(narrow, NarrowSubnetwork)  # at the run's alignment (8 on CUDA)
-    assert all(int(m.sum()) % 8 == 0 or int(m.sum()) == m.numel() for m in narrow.computed.values())
-    for change in ({"ddp": nn.Identity()}, {"phase": "search"}, {"epoch": 3}, {"fixed_mask": None}):
+    assert isinstance(narrow, NarrowSubnetwork) and narrow.step_model is narrow.model
+    assert all(int(m.sum()) % 8 == 0 or int(m.sum()) == m.numel() for m in narrow.computed.values())  # align 8
+    for change in ({"phase": "search"}, {"epoch": 3}, {"fixed_mask": None}):
         run.state = SimpleNamespace(**{**vars(state), **change})
         assert loop._narrow_subnetwork(run) is None, change
+    # Under torchrun: the narrow model's own DDP wrapper runs the steps; with sync_bn, compact steps of the full model.
+    monkeypatch.setattr(loop, "wrap_model", lambda module, device: ("wrapped", module, device))
+    run.state = SimpleNamespace(**{**vars(state), "ddp": nn.Identity()})
+    narrow = loop._narrow_subnetwork(run)
+    assert narrow.step_model == ("wrapped", narrow.model, torch.device("cpu"))
+    run.cfg = load_config(copy.deepcopy(TINY), ["sync_bn=true"])
+    assert loop._narrow_subnetwork(run) is None
     run.state = state
     run.cfg = load_config(copy.deepcopy(TINY), ["finetune.narrow=false"])  # the compact path, for comparison
     assert loop._narrow_subnetwork(run) is None
