@@ -109,6 +109,33 @@ def test_tiny_runs_train_on_cuda_with_bf16_and_channels_last(tmp_path, method, g
     assert resumed["accuracy"] == summary["accuracy"]
 
 
+@isolated
+def test_torchrun_on_cuda_runs_the_static_steps_eagerly_through_ddp(tmp_path):
+    """Under torchrun (one process here, NCCL) ``cuda_graphs: auto`` runs the static-shape steps without capturing
+    them, through DDP, the narrow finetune through a DDP wrapper of its own."""
+    import json
+
+    import yaml
+
+    config = {"device": "cuda", "amp": "bf16", "channels_last": True, "log_every": 2, "model": {"name": "resnet20"},
+              "data": {"dataset": "shapes", "train_size": 128, "val_size": 64, "image_size": 16, "batch_size": 64,
+                       "workers": 0},
+              "optim": {"epochs": 2}, "sparsity": {"fix_examples": 64, "fix_samples": 2}, "finetune": {"epochs": 1}}
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", _IN_CHILD)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                           "-m", "maskprop", "train", str(recipe), "--out", str(tmp_path / "run")],
+                          cwd=REPO, env={**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get(
+                              "PYTHONPATH")]))}, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    static = summary["static_steps"]
+    assert static["captured"] is False and static["graph_captures"] == 0 and static["search_windows"] >= 1
+    assert summary["accuracy"] is not None and summary["measured_speedup"] > 0
+
+
 def _sampled_mask(model, keep: float, seed: int) -> dict:
     """A mask drawn per channel (odd widths, as a search step draws them), every group keeping at least one."""
     from maskprop.vrpge import ChannelScores

@@ -1,4 +1,4 @@
-"""A search that can learn (issue 17): the budget schedule (dense warm-up, anneal), the random-subnetwork baseline,
+"""A search that can learn: the budget schedule (dense warm-up, anneal), the random-subnetwork baseline,
 what their steps cost and how they are timed, resuming them, and the per-epoch diagnostics of a search."""
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
 * ``narrow_graphed``: the narrow model's dense step, captured.
 
 The markdown has two tables: the step times with their ratios (step time / dense step time: below 1, the sparse step
-is faster), and issue 18's rows as speedups (dense step time / step time) beside their targets and the ceiling
+is faster), and the GPU targets' rows as speedups (dense step time / step time) beside their targets and the ceiling
 measured before (on an H200, the physically narrow model at half width with its whole step in one graph; a search
 step adds a forward of ``m'``, a third of a step, so its ceiling is three quarters of that).
 """
@@ -202,7 +202,7 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
     return row
 
 
-# Issue 18's targets (speedups on an H200: bf16, channels_last, batch 256, keep 0.5) and the ceiling measured before
+# The GPU targets (speedups on an H200: bf16, channels_last, batch 256, keep 0.5) and the ceiling measured before
 # (the half-width model's whole step as one graph, against the dense eager and graphed steps).
 TARGETS = {
     "search / dense eager": ("search_graphed", "dense_eager", {"resnet32": 2.0, "vgg19_bn": 2.0, "resnet50": 1.15}),
@@ -217,7 +217,7 @@ CEILINGS = {"dense_eager": {"resnet32": 3.3, "vgg19_bn": 4.3, "resnet50": 1.7},
 
 
 def targets_table(rows: list[dict]) -> str:
-    """Issue 18's rows as speedups (dense step time / step time: maskprop's graphed search and narrow finetune steps
+    """The GPU targets' rows as speedups (dense step time / step time: maskprop's graphed search and narrow finetune steps
     against the dense step run eagerly, as other tools run it, and graphed, as maskprop runs it) beside their targets
     and ceilings: one column per model."""
     lines = ["| speedup (dense step time / step time) | " + " | ".join(r["model"] for r in rows) + " |",

@@ -7,10 +7,10 @@ Usage (what ``tools/gpu_check.sh`` runs on a GPU):
 
 A model is ``NAME:IMAGE:TRAIN_IMAGES[:WORKERS]`` (loader processes: 4 as the CIFAR recipes, 8 at 224 pixels, so
 that the loader keeps up with graphed steps of a few milliseconds). Each sparse run is ``recipes/quickstart.yaml`` (VR-PGE, keep 0.5)
-with the model, batch (256 by default, as issue 18's targets), a short schedule (``--epochs`` search epochs: one dense
+with the model, batch (256 by default, as the GPU targets), a short schedule (``--epochs`` search epochs: one dense
 warm-up, a two-epoch anneal, the rest searching; ``--finetune-epochs``), bf16, channels_last and
 ``cuda_graphs=true`` on CUDA. Its dense twin is the same recipe with ``method=dense`` trained for the search plus
-finetune epochs. The summary's measured speedup is what the issue's last row asks for: dense steps timed inside the
+finetune epochs. The summary's measured speedup is what the targets' last row is about: dense steps timed inside the
 run, beside its own steps. So the sparse runs go one after the other (nothing else on the device while they time),
 and the dense twins, whose accuracy alone is read, all at once afterwards. Every run has ``--timeout`` seconds.
 Writes ``e2e.json`` (each run's summary fields, exit status and seconds) and ``e2e.md`` (the table, with the targets)
@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "quickstart.yaml"
-# Issue 18's targets for a whole run's measured speedup (bf16, channels_last, batch 256, keep 0.5, on an H200).
+# The GPU targets for a whole run's measured speedup (bf16, channels_last, batch 256, keep 0.5, on an H200).
 TARGETS = {"resnet32": 1.0, "vgg19_bn": 1.2, "resnet50": 1.15}
 FIELDS = ("accuracy", "measured_speedup", "measured_speedup_iqr", "train_cost_saving", "run_time_s", "static_steps",
           "speedup_warning")

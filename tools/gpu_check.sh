@@ -7,10 +7,10 @@
 # 1. the GPU tests (compact == masked in float32 channels_last with sampled and aligned widths, bf16 tolerance,
 #    aligned operands, one host sync per search step, the trainer on CUDA), each in a process of its own, eight at a
 #    time (tools/isolated_tests.py): gpu_tests.json;
-# 2. issue 18's step times: eager steps against static steps captured as CUDA graphs (tools/bench_graphs.py: dense,
+# 2. the step times of the GPU targets: eager steps against static steps captured as CUDA graphs (tools/bench_graphs.py: dense,
 #    search, settled search, fixed-mask and narrow finetune steps, bf16, channels_last, batch 256, keep 0.5, align 8,
 #    for resnet32, vgg19_bn and resnet50@224): graphs.json and graphs.md (the ratios);
-# 3. issue 18's whole runs: `maskprop train` of the short search on shapes with cuda_graphs=true for the same three
+# 3. the whole runs of the GPU targets: `maskprop train` of the short search on shapes with cuda_graphs=true for the same three
 #    models, one after the other, then their dense twins at once (tools/e2e_runs.py): accuracy, the summary's measured
 #    speedup beside its target, the capacity windows: e2e.json and e2e.md.
 # By hand when the eager steps change (measured on 2026-12-04, in BENCHMARKS.md): `maskprop bench --device cuda --amp

@@ -59,7 +59,7 @@ from maskprop.bench import describe_machine
 from maskprop.sparse.modules import SparseBatchNorm2d
 from maskprop.train import fit, load_config
 
-# The study's setting (issue 17), sized for 2 shared CPU cores (a run costs a few minutes with one thread): shapes at
+# The study's setting, sized for 2 shared CPU cores (a run costs a few minutes with one thread): shapes at
 # 32x32, 1024 training images in batches of 64 (16 steps an epoch), 12 search + 3 finetune epochs. At 16x16 the
 # ResNet-32 did not learn densely in 15 epochs (21.8%); at 32x32 the paper's doubled widths cost 3x the time of He et
 # al.'s 16-32-64, which also learned faster in the first 48 steps (22.8% against 16.6%), hence MODEL_KWARGS. The
