@@ -242,16 +242,16 @@ class DeviceMeter:
         """The sums since the last read, with ``extra`` device tensors read in the same transfer; all reset. With
         ``reduce`` (under torchrun, a collective: every rank reads at the same steps) the losses, correct counts and
         examples are summed over the ranks first."""
-        device = [self.sums, *(t.reshape(-1).to(self.sums.dtype) for t in extra)]
-        if self.reduce is not None:
-            summed = self.reduce(torch.cat([self.sums[:self._SUMMED], self.sums.new_tensor([self.host.count])]))
-            device += [summed]
-        values = torch.cat(device).tolist()
+        parts = [self.sums, *(t.reshape(-1).to(self.sums.dtype) for t in extra)]
+        if self.reduce is not None:  # appended: [loss, loss2, correct, examples] of all ranks
+            parts.append(self.reduce(torch.cat([self.sums[:self._SUMMED], self.sums.new_tensor([self.host.count])])))
+        values = torch.cat(parts).tolist()
         self.sums.zero_()
         window, self.host = self.host, MeterWindow()
         if self.reduce is not None:
-            values[:self._SUMMED], window.count = values[-self._SUMMED - 1:-1], int(values[-1])
-            values = values[:-self._SUMMED - 1]
+            *summed, count = values[-self._SUMMED - 1:]
+            values = summed + values[self._SUMMED:-self._SUMMED - 1]
+            window.count = int(count)
         sums = dict(zip(self._DEVICE, values))
         window.loss, window.loss2, window.correct = sums["loss"], sums["loss2"], sums["correct"]
         window.loss_gap, window.grad_norm = sums["loss_gap"], sums["grad_norm"]
