@@ -116,6 +116,9 @@ def _final_table(summary: dict) -> str:
         lines.append(f"CUDA graphs: {static['graph_captures']} captures, {static['search_windows']} search windows; "
                      f"their eager warm-up steps and captures took {overhead:.1f} s{share}, which the measured "
                      f"speedup (replayed steps) leaves out")
+    elif static and static.get("not_captured_because"):
+        lines.append(f"static-shape steps, not captured as CUDA graphs since {static['not_captured_because']}: "
+                     f"{static['search_windows']} search windows")
     if sbp:
         kept, units = sum(sbp["kept_units"].values()), sum(sbp["units"].values())
         angle = sbp["last_angles"].get("angle/overall")

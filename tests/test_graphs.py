@@ -251,6 +251,13 @@ def test_what_cannot_be_captured_is_an_error_with_true_and_eager_with_auto(overr
     assert [r.getMessage() for r in caplog.records] == [f"cuda_graphs=auto: {said}, since {choice.reason}"]
 
 
+def test_the_report_says_why_static_steps_were_not_captured():
+    _, _, _, ctx, _ = _parts()
+    choice = resolve_cuda_graphs(_config(), CUDA, world_size=2)
+    assert StaticSteps(_config(), ctx, choice, seed=0).report()["not_captured_because"] == choice.reason
+    assert StaticSteps(_config(), ctx, GraphsChoice(True, True), seed=0).report()["not_captured_because"] is None
+
+
 def test_cumulative_batchnorm_cannot_be_captured():
     model = maskprop.create_model("resnet20")
     model.bn1.momentum = None

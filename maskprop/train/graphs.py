@@ -784,11 +784,12 @@ class StaticSteps:
                 self.overhead_s + sum(g.overhead_s for g in live))
 
     def report(self) -> dict[str, Any]:
-        """For the run summary: how the steps ran, the capacity windows met, the overflows, and the wall seconds of
-        the windows' eager warm-up steps and captures (``warmup_capture_s``; the measured speedup compares replayed
+        """For the run summary: how the steps ran (and why not captured, where ``cuda_graphs: auto`` could not), the
+        capacity windows met, the overflows, and the wall seconds of the windows' eager warm-up steps and captures (``warmup_capture_s``; the measured speedup compares replayed
         steps and leaves them out)."""
         captures, overhead_s = self._totals()
-        return {"captured": self.choice.capture, "graph_captures": captures, "search_windows": self.windows,
+        return {"captured": self.choice.capture, "not_captured_because": self.choice.reason or None,
+                "graph_captures": captures, "search_windows": self.windows,
                 "search_shapes": len(self.shapes), "overflow_steps": self.overflow_steps,
                 "overflow_channels": sum(self.overflow_channels.values()),
                 "warmup_capture_s": round(overhead_s, 3),
