@@ -41,7 +41,8 @@ its learning rate in a device tensor refreshed from the schedule before each rep
 ``true`` the failure is an error.
 
 Where a run cannot be captured but the steps can still have static shapes (under torchrun, whose DDP all-reduces the
-gradients from the host; Adam on the weights; a BatchNorm with ``momentum=None``), ``cuda_graphs: auto`` runs these
+gradients from the host, with or without ``sync_bn``; Adam on the weights; a BatchNorm with ``momentum=None``),
+``cuda_graphs: auto`` runs these
 same steps eagerly (:func:`resolve_cuda_graphs`): fixed widths, so cuDNN keeps its plans, and no host read inside a
 step. Under torchrun they run through the DDP wrapper, as the eager steps do; the search step's score update then
 reads ``L(m)`` and ``L(m')`` of the global batch (one all-reduce of three numbers, after the backward) and the meter's
@@ -118,9 +119,9 @@ def _blockers(cfg: Config, world_size: int, model: nn.Module | None) -> tuple[li
     if cfg.method in SPARSE_BACKWARD_METHODS:
         static.append(f"method={cfg.method!r} picks its backward's units by top-k with data-dependent shapes in every "
                       f"step")
-    if cfg.sync_bn:
-        static.append("sync_bn=true all-reduces BatchNorm statistics between ranks")
     capture = []
+    if cfg.sync_bn:
+        capture.append("sync_bn=true all-reduces BatchNorm statistics between ranks")
     if world_size > 1:
         capture.append(f"torchrun (world size {world_size}) all-reduces gradients through DDP's host-driven buckets")
     if cfg.optim.optimizer != "sgd":
@@ -139,7 +140,7 @@ def resolve_cuda_graphs(cfg: Config, device: torch.device, world_size: int = 1,
     """Resolve ``cfg.cuda_graphs`` for a run on ``device``: ``auto`` is on for CUDA devices when nothing in the run
     keeps its steps from being captured; ``true`` must be able to. Where ``auto`` cannot capture, the run still takes
     the static-shape steps (run eagerly: fixed widths, no host read inside a step) unless they cannot run either (the
-    sparse-backward methods, ``sync_bn``); one info line says which and why.
+    sparse-backward methods); one info line says which and why.
 
     Raises:
         ValueError: ``cuda_graphs: true`` on a device other than CUDA, or for a run that cannot be captured.
