@@ -124,11 +124,10 @@ def test_torchrun_on_cuda_runs_the_static_steps_eagerly_through_ddp(tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", _IN_CHILD)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # the GPU check's wheels
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                            "-m", "maskprop", "train", str(recipe), "--out", str(tmp_path / "run")],
-                          cwd=REPO, env={**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get(
-                              "PYTHONPATH")]))}, capture_output=True, text=True,
-                          timeout=600, check=False)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     static = summary["static_steps"]
