@@ -28,6 +28,11 @@ def _thread_count(value: str) -> int:
     return threads
 
 
+TRAINER_STEPS_ON_CUDA = (
+    "note: these are eager steps with the widths of each mask; on CUDA `maskprop train` runs static-shape steps, "
+    "captured as CUDA graphs where it can (cuda_graphs: auto); `python tools/bench_graphs.py` times those")
+
+
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -58,6 +63,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"{date.today()} | {describe_machine(args.device)} | channels_last={args.channels_last} amp={args.amp} "
           f"masks={args.masks} align={align}")
     print(format_table(results))
+    if device.type == "cuda":
+        print(TRAINER_STEPS_ON_CUDA)
     if args.json:
         with atomic_write(args.json, "w", encoding="utf-8") as f:
             json.dump([r.as_dict() for r in results], f, indent=2)

@@ -88,9 +88,24 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     code = main(["bench", "--models", "resnet20", "--batch-size", "2", "--keep-ratios", "0.5", "--repeats", "1",
                  "--warmup", "0", "--image-size", "16", "--json", str(out)])
     assert code == 0
-    assert "| resnet20 | 2 | 0.50 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| resnet20 | 2 | 0.50 |" in printed and "note:" not in printed
     rows = json.loads(out.read_text())
     assert rows[0]["model"] == "resnet20" and rows[0]["speedup_vs_dense"] > 0
+
+
+def test_bench_cli_on_cuda_says_the_trainer_runs_other_steps(capsys, monkeypatch):
+    """On CUDA the trainer runs static-shape (graphed) steps, not the eager steps ``maskprop bench`` times: the
+    output says so and where those are timed."""
+    import maskprop.bench
+    from maskprop.cli import TRAINER_STEPS_ON_CUDA
+
+    monkeypatch.setattr(maskprop.bench, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(maskprop.bench, "describe_machine", lambda device: "a GPU")
+    monkeypatch.setattr(maskprop.bench, "bench_model", lambda *args, **kwargs: [])
+    assert main(["bench", "--models", "resnet20", "--device", "cuda", "--repeats", "1", "--warmup", "0"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == TRAINER_STEPS_ON_CUDA
+    assert "tools/bench_graphs.py" in TRAINER_STEPS_ON_CUDA
 
 
 def test_bench_cli_unknown_model(capsys):
