@@ -463,16 +463,17 @@ class SearchStep:
     """One VR-PGE step at static capacities (``vrpge_step``'s math on the masks actually used; module docstring).
 
     Args:
-        model: The full model (train mode).
+        model: The full model (train mode), or its DDP wrapper under torchrun.
         scores: Its keep probabilities, on the model's device.
         optimizers: ``(weight SGD, score Adam)``.
         sparsity: Estimator, ``alpha`` and ``weight_grad``.
-        ctx: The run's step settings.
+        ctx: The run's step settings (with ``reduce_stats`` under torchrun: the score update reads ``L(m)`` and
+            ``L(m')`` of the global batch, :meth:`_global_losses`).
         capacities: ``{group: capacity}`` of this window.
         meter: Where the step's statistics accumulate.
         overlap: On CUDA, run the no-grad forward of ``m'`` on a side stream beside the backward of ``m`` (with
-            ``weight_grad: first``), and after it the score update when no gradient clipping ties it to the weights'
-            gradients (:meth:`_side_branch`). Neither branch reads what the other writes (the forward of ``m`` has
+            ``weight_grad: first``), and after it the score update when neither gradient clipping nor the sum over
+            the ranks ties it to the backward (:meth:`_side_branch`). Neither branch reads what the other writes (the forward of ``m`` has
             written its BatchNorm statistics back before ``m'`` starts), so the results are those of running them in
             turn; at CIFAR scale their kernels are too small to fill the GPU, and a captured graph runs the two
             branches at once. ``False``: one stream.
