@@ -103,15 +103,16 @@ def _tensor(module: nn.Module, name: str, sets: Mapping[str, IndexSets]) -> Tens
     return None if tensor is None else gather(tensor, *sets[name])
 
 
-def _narrow_layer(module: nn.Module, sets: Mapping[str, IndexSets], conv_type: type[nn.Conv2d]) -> nn.Module:
+def _narrow_layer(module: nn.Module, sets: Mapping[str, IndexSets], conv_type: type[nn.Conv2d],
+                  norm_type: type[nn.BatchNorm2d]) -> nn.Module:
     """The plain torch layer of the kept size that replaces a maskprop layer."""
     if isinstance(module, SparseBatchNorm2d):
         running_mean = _tensor(module, "running_mean", sets)
         weight = _tensor(module, "weight", sets)
         kept = (weight if weight is not None else running_mean)
-        new = nn.BatchNorm2d(module.num_features if kept is None else kept.shape[0], eps=module.eps,
-                             momentum=module.momentum, affine=module.affine,
-                             track_running_stats=module.track_running_stats, device="meta")
+        new = norm_type(module.num_features if kept is None else kept.shape[0], eps=module.eps,
+                        momentum=module.momentum, affine=module.affine,
+                        track_running_stats=module.track_running_stats, device="meta")
         if module.affine:
             new.weight = _parameter(weight, module.weight)
             new.bias = _parameter(_tensor(module, "bias", sets), module.bias)
@@ -133,7 +134,8 @@ def _narrow_layer(module: nn.Module, sets: Mapping[str, IndexSets], conv_type: t
 
 
 def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
-                conv_type: type[nn.Conv2d] = nn.Conv2d) -> nn.Module:
+                conv_type: type[nn.Conv2d] = nn.Conv2d, norm_type: type[nn.BatchNorm2d] = nn.BatchNorm2d
+                ) -> nn.Module:
     """A physically narrow copy of ``model`` that computes what ``model`` computes under ``use_mask(model, mask)``.
 
     Every maskprop layer is replaced by the plain torch layer of its kept size (conv and linear weights sliced on both
@@ -153,6 +155,9 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
         mask: Group name -> bool tensor, as for :func:`maskprop.use_mask`; ``None`` keeps every channel (the whole
             model as plain torch layers: the export of a dense or sparse-backward run).
         conv_type: The ``nn.Conv2d`` class (or a subclass with the same constructor) the convolutions become.
+        norm_type: The ``nn.BatchNorm2d`` class (or a subclass with the same constructor) the BatchNorm layers become
+            (the trainer's finetune under torchrun with ``sync_bn`` passes :class:`~maskprop.sparse.SparseBatchNorm2d`,
+            whose statistics :mod:`maskprop.sparse.sync_batchnorm` synchronises over the ranks, also on the CPU).
 
     Returns:
         The narrow model.
@@ -172,7 +177,7 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
     for module in model.modules():
         sets = _layer_sets(module, mask)
         if sets is not None:
-            memo[id(module)] = _narrow_layer(module, sets, conv_type)
+            memo[id(module)] = _narrow_layer(module, sets, conv_type, norm_type)
     if id(model) in memo:  # a bare layer
         return memo[id(model)]
     return copy.deepcopy(model, memo)

@@ -145,6 +145,24 @@ def test_materialize_without_mask_is_the_whole_model_in_plain_layers():
         {k: v.shape for k, v in model.state_dict().items()}
 
 
+def test_materialize_with_maskprops_batchnorm_trains_as_with_torchs():
+    """``norm_type=SparseBatchNorm2d`` (the finetune under torchrun with sync_bn): the same narrow model, whose
+    BatchNorm layers can synchronise; one process, no process group: the same outputs, gradients and statistics."""
+    torch.manual_seed(0)
+    model = nontrivial_batch_norms(maskprop.create_model("resnet20").double().train())
+    mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(0))
+    plain, sparse = materialize(model, mask), materialize(model, mask, norm_type=maskprop.sparse.SparseBatchNorm2d)
+    norms = [m for m in sparse.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(type(m) is maskprop.sparse.SparseBatchNorm2d for m in norms)
+    x, y = torch.randn(4, 3, 16, 16, dtype=torch.double), torch.tensor([0, 1, 2, 3])
+    for narrow in (plain, sparse):
+        F.cross_entropy(narrow(x), y).backward()
+    for (key, a), b in zip(plain.named_parameters(), sparse.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=key)
+    for (key, a), b in zip(plain.named_buffers(), sparse.buffers()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=key)
+
+
 def test_sparse_backward_layers_go_back_to_plain_layers():
     torch.manual_seed(0)
     model = maskprop.create_model("resnet20")

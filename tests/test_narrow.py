@@ -356,13 +356,18 @@ def test_the_finetune_phase_alone_runs_narrow_and_under_ddp_through_a_wrapper_of
     for change in ({"phase": "search"}, {"epoch": 3}, {"fixed_mask": None}):
         run.state = SimpleNamespace(**{**vars(state), **change})
         assert loop._narrow_subnetwork(run) is None, change
-    # Under torchrun: the narrow model's own DDP wrapper runs the steps; with sync_bn, compact steps of the full model.
-    monkeypatch.setattr(loop, "wrap_model", lambda module, device: ("wrapped", module, device))
+    # Under torchrun: the narrow model's own DDP wrapper runs the steps; with sync_bn its BatchNorm layers are
+    # maskprop's, which synchronise over the ranks (wrap_model gives them the process group).
+    monkeypatch.setattr(loop, "wrap_model", lambda module, device, sync_bn: ("wrapped", module, device, sync_bn))
     run.state = SimpleNamespace(**{**vars(state), "ddp": nn.Identity()})
     narrow = loop._narrow_subnetwork(run)
-    assert narrow.step_model == ("wrapped", narrow.model, torch.device("cpu"))
+    assert narrow.step_model == ("wrapped", narrow.model, torch.device("cpu"), False)
+    assert all(type(m) is nn.BatchNorm2d for m in narrow.model.modules() if isinstance(m, nn.BatchNorm2d))
     run.cfg = load_config(copy.deepcopy(TINY), ["sync_bn=true"])
-    assert loop._narrow_subnetwork(run) is None
+    narrow = loop._narrow_subnetwork(run)
+    assert narrow.step_model == ("wrapped", narrow.model, torch.device("cpu"), True)
+    norms = [m for m in narrow.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(isinstance(m, maskprop.sparse.SparseBatchNorm2d) for m in norms)
     run.state = state
     run.cfg = load_config(copy.deepcopy(TINY), ["finetune.narrow=false"])  # the compact path, for comparison
     assert loop._narrow_subnetwork(run) is None

@@ -43,7 +43,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from ..sbp import sparse_layers
-from ..sparse import random_mask, sync_batchnorm, use_mask
+from ..sparse import SparseBatchNorm2d, random_mask, sync_batchnorm, use_mask
 from ..vrpge import ChannelScores, score_statistics
 from .checkpoint import save_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SparsityConfig, config_to_dict, load_config, save_config
@@ -584,18 +584,20 @@ def _narrow_subnetwork(run: Run) -> NarrowSubnetwork | None:
     the full model and optimizer (a resumed run's included); ``None``: compact steps of the full model.
 
     Under torchrun the narrow model gets a DDP wrapper of its own (its ``step_model``; building it is a collective,
-    and every rank builds the same narrow model at the same epoch). With ``sync_bn`` the phase keeps compact steps,
-    whose BatchNorm synchronises over the ranks; ``finetune.narrow: false`` keeps them too (for comparison).
+    and every rank builds the same narrow model at the same epoch), with ``sync_bn`` BatchNorm layers that synchronise
+    over the ranks as the full model's do. ``finetune.narrow: false`` keeps compact steps (for comparison).
     """
     cfg, state = run.cfg, run.state
     fixed = state.phase == "finetune" or (state.phase == "search" and cfg.sparsity.fix == "random"
                                           and _search_kind(state, cfg) == "random")
     if (not fixed or state.fixed_mask is None or state.epoch >= phase_epochs(cfg, state.phase)
-            or (state.ddp is not None and cfg.sync_bn) or not cfg.finetune.narrow):
+            or not cfg.finetune.narrow):
         return None
-    narrow = NarrowSubnetwork(state.model, state.fixed_mask, state.weight_optimizer, align=run.ctx.align)
+    synchronised = state.ddp is not None and cfg.sync_bn
+    narrow = NarrowSubnetwork(state.model, state.fixed_mask, state.weight_optimizer, align=run.ctx.align,
+                              norm_type=SparseBatchNorm2d if synchronised else nn.BatchNorm2d)
     if state.ddp is not None:
-        narrow.step_model = wrap_model(narrow.model, run.ctx.device)
+        narrow.step_model = wrap_model(narrow.model, run.ctx.device, sync_bn=cfg.sync_bn)
     return narrow
 
 

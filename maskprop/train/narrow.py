@@ -41,7 +41,8 @@ layers).
 
 Under torchrun the training loop wraps the narrow model in a DDP wrapper of its own
 (:attr:`NarrowSubnetwork.step_model`), which every step runs; the ranks' narrow models are the same, built from the
-same full model and mask.
+same full model and mask. With ``sync_bn`` its BatchNorm layers are :class:`~maskprop.sparse.SparseBatchNorm2d`
+(``norm_type``), which normalise with the statistics of the global batch as the full model's do.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class NarrowSubnetwork:
             hyperparameters keep driving the narrow optimizer, so its learning-rate schedule stays as it is.
         align: Each group's width in the narrow model is its kept count rounded up to a multiple of this (never past
             the group's size), padded with channels that stay exactly zero (see the module docstring); 1: no padding.
+        norm_type: The BatchNorm class of the narrow model (:func:`maskprop.materialize`'s ``norm_type``).
 
     Attributes:
         model: The narrow model (``maskprop.materialize`` with :class:`PointwiseSafeConv2d` convs).
@@ -105,7 +107,7 @@ class NarrowSubnetwork:
     """
 
     def __init__(self, model: nn.Module, mask: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,
-                 align: int = 1) -> None:
+                 align: int = 1, norm_type: type[nn.BatchNorm2d] = nn.BatchNorm2d) -> None:
         if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
             raise ValueError(f"narrow training needs an optimizer that updates every element on its own (SGD, Adam, "
                              f"AdamW) so that gathering its state is exact; got {type(optimizer).__name__}")
@@ -116,7 +118,7 @@ class NarrowSubnetwork:
         # Fixed for the phase: counted once here, not in every step.
         self.widths = {g: int(m.sum()) for g, m in self.computed.items()}
         self._kept_ratio = kept_ratio(self.mask, {g: m.numel() for g, m in self.mask.items()})
-        self.model = materialize(model, self.computed, conv_type=PointwiseSafeConv2d)
+        self.model = materialize(model, self.computed, conv_type=PointwiseSafeConv2d, norm_type=norm_type)
         self.step_model: nn.Module = self.model
         sets, own = index_sets(model, self.computed), index_sets(model, self.mask)  # what materialize sliced by
         narrow_tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}

@@ -196,8 +196,8 @@ def vrpge_step(model: nn.Module, scores: ChannelScores, optimizers: tuple[torch.
 def subnet_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[Tensor, Tensor],
                 mask: Mapping[str, Tensor] | None, ctx: StepContext) -> StepResult:
     """One SGD step of the subnetwork ``mask`` in compact mode, or of the dense model (``None``): dense training, the
-    dense reference steps, a narrow model's finetune steps (``narrow.py``), and finetuning with ``sync_bn`` under
-    torchrun.
+    dense reference steps, a narrow model's finetune steps (``narrow.py``), and compact finetuning
+    (``finetune.narrow: false``).
 
     Costs 3 f(mask) train FLOPs (supplement C.1), f at the aligned widths computed.
     """
