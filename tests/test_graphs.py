@@ -30,6 +30,7 @@ from maskprop.train.config import SparsityConfig, load_config
 from maskprop.train.graphs import GraphsChoice, StaticSteps, resolve_cuda_graphs
 from maskprop.train.optim import score_optimizer, weight_optimizer
 from maskprop.train.steps import StepContext, subnet_step, vrpge_step
+from maskprop.train.summary import RunSummary
 from maskprop.vrpge import ChannelScores
 
 SIZE = (3, 16, 16)
@@ -180,6 +181,7 @@ def test_static_steps_run_eagerly_with_adam_on_the_weights(static_run, one_threa
     report = summary["static_steps"]
     assert report["captured"] is False and report["search_windows"] >= 1
     assert summary["steps"]["search"] > 0 and summary["steps"]["finetune"] > 0
+    assert RunSummary.from_dict(summary).static_steps == report  # a field of the summary's schema: report reads it
 
 
 def test_resume_with_static_steps_continues_exactly(static_run, monkeypatch, tmp_path, one_thread):

@@ -756,8 +756,6 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
             _next_phase(run)
             saver.save()
         summary = summarize(run, saver.elapsed())
-        if run.static is not None:
-            summary["static_steps"] = run.static.report()
     finally:
         log.close()
         sync_batchnorm.disable(state.model)

@@ -109,6 +109,12 @@ class RunSummary:
     run_dir: str | None = _f("", "where the run was written (null: nothing written)")
     sbp: dict[str, Any] | None = _f("", "sparse-backward runs: ratio, memory, sparsifier, budget, kept_units and "
                                         "units per layer, last_angles (degrees)")
+    static_steps: dict[str, Any] | None = _f(
+        "", "runs with static-shape steps (CUDA, cuda_graphs auto or true): captured (as CUDA graphs), "
+            "not_captured_because (why auto could not), graph_captures, search_windows and search_shapes (capacity "
+            "windows and distinct widths met), overflow_steps and overflow_channels (masks cut to a capacity, "
+            "channels cut), warmup_capture_s (s: the windows' eager warm-up steps and captures), capacities (the "
+            "last window's, per group)")
 
     def to_dict(self) -> dict[str, Any]:
         """The json-able dict written as ``summary.json``."""
@@ -204,6 +210,7 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
         step_speedup=None if first is None else first["median"],
         steps=steps, widths=kept, group_sizes=dict(run.groups), fix=state.fix_info, search=_search(run),
         run_time_s=elapsed_s, run_dir=None if run.run_dir is None else str(run.run_dir),
+        static_steps=None if run.static is None else run.static.report(),
     )
     if method in SPARSE_BACKWARD_METHODS:
         sbp = cfg.sbp
