@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -129,13 +130,16 @@ def test_static_plain_steps_equal_subnet_step_in_float64(one_thread):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("priced", [False, True])
-def test_whole_static_steps_have_no_host_read_and_no_data_dependent_shape(one_thread, priced):
+@pytest.mark.parametrize("priced,ranks", [(False, False), (True, False), (False, True)])
+def test_whole_static_steps_have_no_host_read_and_no_data_dependent_shape(one_thread, priced, ranks):
     """A search step (sampling, both updates, both forwards, backward, clipping, SGD, Adam, projection, onto a budget
     in channels or in FLOPs), a fixed-mask step and a dense step issue none of the operations a captured graph cannot
-    hold. (The score Adam is the fused one here: the CPU's plain Adam reads its step count to the host; on CUDA it is
-    ``capturable``.)"""
+    hold; nor does the search step's sum of its losses over the ranks (``ranks``: as under torchrun, with a stand-in
+    for the all-reduce). (The score Adam is the fused one here: the CPU's plain Adam reads its step count to the host;
+    on CUDA it is ``capturable``.)"""
     model, scores, optimizers, ctx, batch = _parts(dtype=torch.float32, clip=1.0, fused_scores=True, priced=priced)
+    if ranks:
+        ctx = dataclasses.replace(ctx, reduce_stats=lambda t: t * 2)  # two ranks with the same batch
     static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
     mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(5))
     for _ in range(2):  # the first steps create the optimizers' state
