@@ -667,8 +667,9 @@ class StaticSteps:
     def _graph(self, body: Callable[[Tensor, Tensor], None], name: str, optimizers: list[torch.optim.Optimizer],
                fallback: Callable[[], Callable[[Tensor, Tensor], None]] | None = None,
                warmup: int = WARMUP_STEPS) -> StepGraph:
-        return StepGraph(body, name, self.ctx.device, self.choice.capture, self.cfg.data.batch_size, optimizers,
-                         self.choice.strict, warmup, fallback)
+        batch_size = self.cfg.data.batch_size // self.world_size  # this process's share of the global batch
+        return StepGraph(body, name, self.ctx.device, self.choice.capture, batch_size, optimizers, self.choice.strict,
+                         warmup, fallback)
 
     def _retire(self, graph: StepGraph | None) -> None:
         if graph is not None:
