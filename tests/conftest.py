@@ -89,6 +89,18 @@ def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
 
 
+@pytest.fixture
+def single_process_group(tmp_path):
+    """A gloo process group of one rank (this process): the collectives of a torchrun run, summing over one rank."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` run where CUDA is available and are skipped elsewhere."""
     if torch.cuda.is_available():

@@ -59,7 +59,7 @@ def fit_and_dump(config: dict, out: str | None = None, resume: bool = False, sta
 
     loop.summarize = capture
     if static:
-        setup.resolve_cuda_graphs = lambda cfg, device, world, model=None: GraphsChoice(True, False)
+        setup.resolve_cuda_graphs = lambda cfg, device, model=None: GraphsChoice(True, False)
     try:
         summary = loop.fit(config, out=out, resume=resume)
     finally:

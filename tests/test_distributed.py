@@ -143,8 +143,9 @@ def test_every_rank_holds_the_same_weights_scores_masks_and_batchnorm_statistics
 
 @pytest.mark.parametrize(("job", "rtol", "atol"), [("static", 1e-4, 1e-5), ("static_sync", 1e-3, 1e-4)])
 def test_static_steps_two_processes_match_one_process(ddp, job, rtol, atol):
-    """The static-shape steps under torchrun (eagerly: the steps CUDA runs there) go through DDP, and their score
-    update reads L(m) and L(m') of the global batch: 2 processes compute what 1 process computes, to float rounding.
+    """The static-shape steps under torchrun (eagerly: the steps CUDA runs there) average the ranks' gradients between
+    their two halves, and their score update reads L(m) and L(m') of the global batch: 2 processes compute what 1
+    process computes, to float rounding.
     ``static``: an MLP (no BatchNorm, whose statistics would be each rank's own); ``static_sync``: ResNet-20 with
     ``sync_bn`` (the tolerances of the ReLU sign flips described at SYNC)."""
     root, _, *references = ddp
@@ -330,48 +331,40 @@ def test_training_batch_not_divisible_by_world_size_is_refused():
         build_loader(list(range(40)), batch_size=10, train=True, world=(1, 4))
 
 
-@pytest.fixture
-def single_process_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("weight_grad", ["first", "both"])
-def test_static_steps_through_ddp_on_one_rank_equal_static_steps_in_float64(single_process_group, weight_grad):
-    """The static steps as torchrun runs them (the model under DDP, L(m) and L(m') and the logged sums summed over
-    the ranks) on one rank give bit for bit what they give in one process: DDP's gradient average over one rank and
-    the global losses change nothing. The search steps, a fixed-mask step and a dense step, on ResNet-20 (BatchNorm,
-    gathered weights)."""
+def test_static_steps_with_the_gradient_average_on_one_rank_equal_static_steps_in_float64(single_process_group,
+                                                                                        weight_grad):
+    """The static steps as torchrun runs them (each step in two halves, the gradients, L(m) and L(m') summed over the
+    ranks between them, the logged sums summed at each read) on one rank give bit for bit what they give in one
+    process: the average over one rank and the global losses change nothing. The search steps, a fixed-mask step and
+    a dense step, on ResNet-20 (BatchNorm, gathered weights)."""
     from test_graphs import _config, _parts
 
     model, scores, optimizers, ctx, batch = _parts()
     mask = maskprop.random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(5))
     cfg = _config(**{"sparsity.weight_grad": weight_grad})
     runs = []
-    for wrapped in (False, True):
+    for ranks in (False, True):
         model_, scores_, optimizers_ = copy.deepcopy((model, scores, optimizers))
-        step_model, step_ctx = model_, ctx
-        if wrapped:
-            step_model = distributed.wrap_model(model_, torch.device("cpu"))
-            step_ctx = dataclasses.replace(ctx, reduce_stats=distributed.all_reduce_sum)
+        step_ctx = dataclasses.replace(ctx, reduce_stats=distributed.all_reduce_sum) if ranks else ctx
         static = StaticSteps(cfg, step_ctx, GraphsChoice(True, False), seed=0)
         windows = []
         for _ in range(2):
-            static.search(step_model, scores_, optimizers_, batch)
+            static.search(model_, scores_, optimizers_, batch)
+        assert (static._search[0].average is not None) == ranks
         windows.append(static.read())
-        static.plain(step_model, optimizers_[0], batch, mask)
-        static.plain(step_model, optimizers_[0], batch)
+        static.plain(model_, optimizers_[0], batch, mask)
+        static.plain(model_, optimizers_[0], batch)
         windows.append(static.read())
         runs.append((model_, scores_, windows))
-    (plain, plain_scores, plain_windows), (ddp, ddp_scores, ddp_windows) = runs
-    assert plain_windows == ddp_windows
+    (plain, plain_scores, plain_windows), (ranked, ranked_scores, ranked_windows) = runs
+    assert plain_windows == ranked_windows
     assert plain_windows[0].pairs == 2 and plain_windows[1].steps == 2
-    assert torch.equal(plain_scores.scores, ddp_scores.scores)
-    for (name, a), b in zip(plain.state_dict().items(), ddp.state_dict().values()):
+    assert torch.equal(plain_scores.scores, ranked_scores.scores)
+    for (name, a), b in zip(plain.state_dict().items(), ranked.state_dict().values()):
         assert torch.equal(a, b), name
+    with pytest.raises(TypeError, match=r"pass the model, not its DDP wrapper"):
+        static.plain(distributed.wrap_model(copy.deepcopy(model), torch.device("cpu")), optimizers_[0], batch)
 
 
 def _sync_batch_norm_matches_batch_norm(layer, x: torch.Tensor, index: torch.Tensor) -> None:

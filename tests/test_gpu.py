@@ -9,6 +9,7 @@ way they go one after the other; ``python tools/isolated_tests.py tests/test_gpu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
 import subprocess
@@ -110,17 +111,18 @@ def test_tiny_runs_train_on_cuda_with_bf16_and_channels_last(tmp_path, method, g
 
 
 @isolated
-def test_torchrun_on_cuda_runs_the_static_steps_eagerly_through_ddp(tmp_path):
-    """Under torchrun (one process here, NCCL) ``cuda_graphs: auto`` runs the static-shape steps without capturing
-    them, through DDP, the narrow finetune through a DDP wrapper of its own."""
+def test_torchrun_on_cuda_captures_the_static_steps(tmp_path):
+    """Under torchrun (one process here, NCCL) ``cuda_graphs: auto`` captures the static-shape steps, each as two
+    graphs with the gradient average between them (the search, the dense warm-up and the narrow finetune)."""
     import json
 
     import yaml
 
     config = {"device": "cuda", "amp": "bf16", "channels_last": True, "log_every": 2, "model": {"name": "resnet20"},
-              "data": {"dataset": "shapes", "train_size": 128, "val_size": 64, "image_size": 16, "batch_size": 64,
+              "data": {"dataset": "shapes", "train_size": 384, "val_size": 64, "image_size": 16, "batch_size": 64,
                        "workers": 0},
-              "optim": {"epochs": 2}, "sparsity": {"fix_examples": 64, "fix_samples": 2}, "finetune": {"epochs": 1}}
+              "optim": {"epochs": 3}, "sparsity": {"warmup_epochs": 1, "fix_examples": 64, "fix_samples": 2},
+              "finetune": {"epochs": 1}}  # 6 steps an epoch: each step kind warms up 3, is captured, replays
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", _IN_CHILD)}
@@ -131,7 +133,7 @@ def test_torchrun_on_cuda_runs_the_static_steps_eagerly_through_ddp(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     static = summary["static_steps"]
-    assert static["captured"] is False and static["graph_captures"] == 0 and static["search_windows"] >= 1
+    assert static["captured"] is True and static["graph_captures"] >= 3 and static["search_windows"] >= 1
     assert summary["accuracy"] is not None and summary["measured_speedup"] > 0
 
 
@@ -203,14 +205,18 @@ def test_compact_bf16_stays_within_bf16_tolerance_of_float32():
     assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.7
 
 
-def _search_runs(overlaps: tuple[bool, ...], captures: tuple[bool, ...], windows: int, steps: int = 7) -> list:
+def _search_runs(overlaps: tuple[bool, ...], captures: tuple[bool, ...], windows: int, steps: int = 7,
+                 ranks: tuple[bool, ...] | None = None) -> list:
     """resnet32 search steps on CUDA (float32, channels_last, batch 64) from the same weights, scores and uniforms, for
     each ``(overlap, capture)`` pair: ``windows`` capacity windows (each later one 8 channels narrower per group) of
-    ``steps`` steps each. Returns, per run, the window's losses, the scores, the weights and the graph captures."""
+    ``steps`` steps each; ``ranks``: per run, as under torchrun (the gradient average between the step's halves, in the
+    process group the caller started). Returns, per run, the window's losses, the scores, the weights and the graph
+    captures."""
     from torch import nn
 
     from maskprop.cost import CostModel
     from maskprop.train.config import load_config
+    from maskprop.train.distributed import all_reduce_sum
     from maskprop.train.graphs import GraphsChoice, StaticSteps, make_capturable
     from maskprop.train.optim import score_optimizer, weight_optimizer
     from maskprop.train.steps import StepContext
@@ -225,13 +231,14 @@ def _search_runs(overlaps: tuple[bool, ...], captures: tuple[bool, ...], windows
     x = torch.randn(64, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.arange(64, device="cuda") % 10
     runs = []
-    for overlap, capture in zip(overlaps, captures):
+    for overlap, capture, ranked in zip(overlaps, captures, ranks or (False,) * len(captures)):
         model = copy.deepcopy(base)
         scores = ChannelScores(model.channel_groups(), 0.5, 0.5, device="cuda")
         weights = weight_optimizer(model.parameters(), 0.05, 0.9, 5e-4)
         score_opt = score_optimizer(scores.scores, 0.05)
         make_capturable(score_opt)
-        static = StaticSteps(cfg, ctx, GraphsChoice(True, capture, strict=True), seed=1, overlap=overlap)
+        step_ctx = dataclasses.replace(ctx, reduce_stats=all_reduce_sum) if ranked else ctx
+        static = StaticSteps(cfg, step_ctx, GraphsChoice(True, capture, strict=True), seed=1, overlap=overlap)
         loss = loss2 = 0.0
         for window in range(windows):
             if window:  # narrower capacities: the next step builds a new window
@@ -240,6 +247,7 @@ def _search_runs(overlaps: tuple[bool, ...], captures: tuple[bool, ...], windows
             for _ in range(steps):
                 static.search(model, scores, (weights, score_opt), (x, y))
             assert (static._search[0].side_stream is not None) == overlap
+            assert (static._search[0].average is not None) == ranked
             read = static.read()
             assert read.steps == steps
             loss, loss2 = loss + read.loss, loss2 + read.loss2
@@ -265,6 +273,23 @@ def test_graphed_search_with_m2_on_a_side_stream_equals_one_stream():
     two, one = _search_runs((True, False), (True, True), windows=1)
     assert two[-1] == one[-1] == 1
     _assert_same_runs(two, one, rtol=1e-4, atol=1e-5)
+
+
+@isolated
+def test_graphed_search_under_torchrun_equals_one_process(tmp_path):
+    """Under torchrun (a process group of one rank, NCCL) a search step is captured as two graphs with the gradient
+    average between them, a collective the host issues: replay after replay it gives the losses, weights, scores and
+    BatchNorm statistics of the one-process graphed step and of its eager twin."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ranked, one, eager = _search_runs((True, True, True), (True, True, False), windows=1, ranks=(True, False, True))
+    finally:
+        dist.destroy_process_group()
+    assert ranked[-1] == one[-1] == 1 and eager[-1] == 0
+    _assert_same_runs(ranked, one, rtol=1e-4, atol=1e-5)
+    _assert_same_runs(ranked, eager, rtol=1e-4, atol=1e-5)
 
 
 @isolated

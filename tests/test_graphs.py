@@ -27,6 +27,7 @@ from maskprop.sparse import random_mask
 from maskprop.sparse.static import choose_capacities, mask_capacities
 from maskprop.train import graphs, loop, setup
 from maskprop.train.checkpoint import load_checkpoint
+from maskprop.train.distributed import all_reduce_sum
 from maskprop.train.config import SparsityConfig, load_config
 from maskprop.train.graphs import GraphsChoice, StaticSteps, resolve_cuda_graphs
 from maskprop.train.optim import score_optimizer, weight_optimizer
@@ -41,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def static_run(monkeypatch):
     """Runs of ``maskprop.fit`` take the static steps, eagerly (what ``cuda_graphs`` selects on CUDA)."""
-    monkeypatch.setattr(setup, "resolve_cuda_graphs", lambda cfg, device, world, model=None: GraphsChoice(True, False))
+    monkeypatch.setattr(setup, "resolve_cuda_graphs", lambda cfg, device, model=None: GraphsChoice(True, False))
 
 
 def _parts(dtype=torch.float64, clip=None, align=8, fused_scores=False, priced=False):
@@ -131,15 +132,16 @@ def test_static_plain_steps_equal_subnet_step_in_float64(one_thread):
 
 
 @pytest.mark.parametrize("priced,ranks", [(False, False), (True, False), (False, True)])
-def test_whole_static_steps_have_no_host_read_and_no_data_dependent_shape(one_thread, priced, ranks):
+def test_whole_static_steps_have_no_host_read_and_no_data_dependent_shape(one_thread, request, priced, ranks):
     """A search step (sampling, both updates, both forwards, backward, clipping, SGD, Adam, projection, onto a budget
     in channels or in FLOPs), a fixed-mask step and a dense step issue none of the operations a captured graph cannot
-    hold; nor does the search step's sum of its losses over the ranks (``ranks``: as under torchrun, with a stand-in
-    for the all-reduce). (The score Adam is the fused one here: the CPU's plain Adam reads its step count to the host;
-    on CUDA it is ``capturable``.)"""
+    hold; nor do their halves around the gradient average (``ranks``: as under torchrun, in a process group of one
+    rank). (The score Adam is the fused one here: the CPU's plain Adam reads its step count to the host; on CUDA it is
+    ``capturable``.)"""
     model, scores, optimizers, ctx, batch = _parts(dtype=torch.float32, clip=1.0, fused_scores=True, priced=priced)
     if ranks:
-        ctx = dataclasses.replace(ctx, reduce_stats=lambda t: t * 2)  # two ranks with the same batch
+        request.getfixturevalue("single_process_group")
+        ctx = dataclasses.replace(ctx, reduce_stats=all_reduce_sum)
     static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
     mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(5))
     for _ in range(2):  # the first steps create the optimizers' state
@@ -235,23 +237,22 @@ def test_cuda_graphs_true_on_the_cpu_stops_a_run():
         maskprop.fit(with_overrides(TINY_RUN, cuda_graphs=True, device="cpu"))
 
 
-@pytest.mark.parametrize("overrides,world_size,reason,static", [
-    ({"method": "sbp"}, 1, r"method='sbp' picks its backward's units by top-k", False),
-    ({"method": "meprop", "sbp.sparsifier": "topk"}, 1, r"method='meprop'", False),
-    ({"method": "msbp", "sbp.memory": 0.5}, 1, r"method='msbp'", False),
-    ({"sync_bn": True}, 1, r"sync_bn=true all-reduces BatchNorm statistics", True),
-    ({"optim.optimizer": "adam"}, 1, r"optim.optimizer='adam' is not the fused SGD", True),
-    ({}, 2, r"torchrun \(world size 2\) all-reduces gradients through DDP's host-driven buckets", True),
+@pytest.mark.parametrize("overrides,reason,static", [
+    ({"method": "sbp"}, r"method='sbp' picks its backward's units by top-k", False),
+    ({"method": "meprop", "sbp.sparsifier": "topk"}, r"method='meprop'", False),
+    ({"method": "msbp", "sbp.memory": 0.5}, r"method='msbp'", False),
+    ({"sync_bn": True}, r"sync_bn=true all-gathers BatchNorm statistics between ranks inside the forward", True),
+    ({"optim.optimizer": "adam"}, r"optim.optimizer='adam' is not the fused SGD", True),
 ])
-def test_what_cannot_be_captured_is_an_error_with_true_and_eager_with_auto(overrides, world_size, reason, static,
-                                                                           caplog):
-    """With ``auto``, a run that cannot be captured takes the static-shape steps eagerly where they can run (torchrun,
-    sync_bn, Adam on the weights), and the eager steps of ``steps.py`` where they cannot (data-dependent top-k)."""
+def test_what_cannot_be_captured_is_an_error_with_true_and_eager_with_auto(overrides, reason, static, caplog):
+    """With ``auto``, a run that cannot be captured takes the static-shape steps eagerly where they can run (sync_bn,
+    Adam on the weights), and the eager steps of ``steps.py`` where they cannot (data-dependent top-k). Torchrun alone
+    is captured (the gradient average runs between two graphs)."""
     with pytest.raises(ValueError, match=rf"^cuda_graphs=true cannot capture this run: {reason}.*; expected "
                                          r"cuda_graphs=auto or false$"):
-        resolve_cuda_graphs(_config(cuda_graphs=True, **overrides), CUDA, world_size)
+        resolve_cuda_graphs(_config(cuda_graphs=True, **overrides), CUDA)
     with caplog.at_level(logging.INFO, logger="maskprop.train.graphs"):
-        choice = resolve_cuda_graphs(_config(**overrides), CUDA, world_size)
+        choice = resolve_cuda_graphs(_config(**overrides), CUDA)
     assert choice.static == static and not choice.capture and choice.reason
     said = ("static-shape steps, run eagerly (not captured)" if static else "eager steps")
     assert [r.getMessage() for r in caplog.records] == [f"cuda_graphs=auto: {said}, since {choice.reason}"]
@@ -259,7 +260,7 @@ def test_what_cannot_be_captured_is_an_error_with_true_and_eager_with_auto(overr
 
 def test_the_report_says_why_static_steps_were_not_captured():
     _, _, _, ctx, _ = _parts()
-    choice = resolve_cuda_graphs(_config(), CUDA, world_size=2)
+    choice = resolve_cuda_graphs(_config(sync_bn=True), CUDA)
     assert StaticSteps(_config(), ctx, choice, seed=0).report()["not_captured_because"] == choice.reason
     assert StaticSteps(_config(), ctx, GraphsChoice(True, True), seed=0).report()["not_captured_because"] is None
 
@@ -416,7 +417,7 @@ def test_later_search_windows_warm_up_once_and_keep_a_failed_overlap_off(monkeyp
 
     def with_a_side_stream(self, *args, **kwargs):  # as on CUDA: the step has a side stream while overlap is on
         original(self, *args, **kwargs)
-        self.side_stream = object() if args[-1] else None
+        self.side_stream = object() if args[7] else None  # overlap
         made.append(self)
 
     monkeypatch.setattr(graphs.SearchStep, "__init__", with_a_side_stream)

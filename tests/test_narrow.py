@@ -349,7 +349,8 @@ def test_the_finetune_phase_alone_runs_narrow_and_under_ddp_through_a_wrapper_of
     cfg = load_config(copy.deepcopy(TINY))
     state = SimpleNamespace(phase="finetune", fixed_mask=mask, epoch=0, ddp=None, model=model,
                             weight_optimizer=optimizer)
-    run = SimpleNamespace(cfg=cfg, state=state, ctx=SimpleNamespace(align=8, device=torch.device("cpu")))
+    run = SimpleNamespace(cfg=cfg, state=state, ctx=SimpleNamespace(align=8, device=torch.device("cpu")),
+                          static=None)
     narrow = loop._narrow_subnetwork(run)
     assert isinstance(narrow, NarrowSubnetwork) and narrow.step_model is narrow.model
     assert all(int(m.sum()) % 8 == 0 or int(m.sum()) == m.numel() for m in narrow.computed.values())  # align 8
@@ -368,7 +369,17 @@ def test_the_finetune_phase_alone_runs_narrow_and_under_ddp_through_a_wrapper_of
     assert narrow.step_model == ("wrapped", narrow.model, torch.device("cpu"), True)
     norms = [m for m in narrow.model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and all(isinstance(m, maskprop.sparse.SparseBatchNorm2d) for m in norms)
-    run.state = state
+    # The static steps (a GPU run) average the narrow model's gradients themselves: no wrapper; with sync_bn its
+    # BatchNorm layers get the process group all the same.
+    enabled = []
+    monkeypatch.setattr(loop.sync_batchnorm, "enable", enabled.append)
+    run.static = object()
+    narrow = loop._narrow_subnetwork(run)
+    assert narrow.step_model is narrow.model and enabled == [narrow.model]
+    run.cfg = load_config(copy.deepcopy(TINY))
+    narrow = loop._narrow_subnetwork(run)
+    assert narrow.step_model is narrow.model and enabled == [enabled[0]]
+    run.state, run.static = state, None
     run.cfg = load_config(copy.deepcopy(TINY), ["finetune.narrow=false"])  # the compact path, for comparison
     assert loop._narrow_subnetwork(run) is None
 

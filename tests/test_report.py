@@ -346,7 +346,7 @@ def test_the_final_table_gives_the_time_of_graph_captures_beside_the_speedup(run
                          "6.0 s (15% of the run), which the measured speedup (replayed steps) leaves out")
     eager = _final_table(dict(summary, static_steps=dict(static, captured=False)))
     assert "CUDA graphs" not in eager and "CUDA graphs" not in _final_table(summary)
-    reason = "torchrun (world size 4) all-reduces gradients through DDP's host-driven buckets"
+    reason = "sync_bn=true all-gathers BatchNorm statistics between ranks inside the forward"
     lines = _final_table(dict(summary, static_steps=dict(static, captured=False, not_captured_because=reason)))
     assert lines.splitlines()[-1] == f"static-shape steps, not captured as CUDA graphs since {reason}: 3 search windows"
 

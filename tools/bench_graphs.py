@@ -11,8 +11,10 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
 * ``dense_graphed``: the static dense step, captured;
 * ``search_eager``: ``vrpge_step`` with fresh masks every step (today's search step, scores on the host);
 * ``search_graphed``: the static search step (fresh device uniforms every step, capacities from keep 0.5), captured;
-* ``search_static``: the same step, not captured (what each rank runs under torchrun, where DDP's host-driven
-  all-reduce keeps the step out of a graph);
+* ``search_static``: the same step, not captured (what runs where a setting keeps the step out of a graph:
+  ``sync_bn`` under torchrun, Adam on the weights);
+* ``search_ranks_graphed``: the same step as torchrun runs it, in a process group of one rank: two graphs with the
+  gradient average (one ``all_reduce`` of the gradients and losses, NCCL on CUDA) between them;
 * ``search_one_stream_graphed``: the same with the forward of ``m'`` after the backward of ``m`` on one stream (the
   default runs them side by side on two: ``SearchStep(overlap=True)``);
 * ``settled_graphed``: the same with settled keep probabilities (1 on the fixed mask's channels, 0 elsewhere: a
@@ -33,19 +35,23 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import maskprop
 from maskprop.bench import describe_machine
 from maskprop.cost import CostModel
 from maskprop.train.config import load_config
+from maskprop.train.distributed import all_reduce_sum
 from maskprop.train.graphs import GraphsChoice, StaticSteps, make_capturable
 from maskprop.train.narrow import NarrowSubnetwork
 from maskprop.train.optim import score_optimizer, weight_optimizer
@@ -77,7 +83,9 @@ def _time(fn: Callable[[], object], device: torch.device, steps: int) -> list[fl
 
 
 def bench(name: str, size: int, batch: int, device: torch.device, steps: int, keep: float, align: int,
-          quantile: float = 0.999) -> dict:
+          quantile: float = 0.999, save: Callable[[dict], None] = lambda row: None) -> dict:
+    """One model's row: every step kind's median time (``save``d after each kind: a time limit that ends the run
+    keeps what was measured) and the ratios."""
     torch.manual_seed(0)
     capture = device.type == "cuda"
     if capture:
@@ -127,12 +135,15 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
         sparsity = cfg.sparsity
         return lambda: vrpge_step(model, scores, optimizers, (x, y), generator, sparsity, ctx)
 
-    def graphed_search(scores: ChannelScores, overlap: bool = True, captured: bool = True) -> Callable[[], object]:
+    def graphed_search(scores: ChannelScores, overlap: bool = True, captured: bool = True,
+                       ranks: bool = False) -> Callable[[], object]:
         model, opt = fresh()
         score_opt = score_optimizer(scores.scores, 0.0)  # lr 0: the scores stay as given
         if captured:
             make_capturable(score_opt)
-        static = StaticSteps(cfg, ctx, choice if captured else GraphsChoice(True, False), seed=1, overlap=overlap)
+        step_ctx = dataclasses.replace(ctx, reduce_stats=all_reduce_sum) if ranks else ctx
+        static = StaticSteps(cfg, step_ctx, choice if captured else GraphsChoice(True, False), seed=1,
+                             overlap=overlap)
         return lambda: static.search(model, scores, (opt, score_opt), (x, y))
 
     def search_graphed():
@@ -140,6 +151,9 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
 
     def search_static():
         return graphed_search(ChannelScores(groups, keep, keep, device=device), captured=False)
+
+    def search_ranks_graphed():
+        return graphed_search(ChannelScores(groups, keep, keep, device=device), ranks=True)
 
     def search_one_stream_graphed():
         return graphed_search(ChannelScores(groups, keep, keep, device=device), overlap=False)
@@ -178,7 +192,8 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
                        ("search_one_stream_graphed", search_one_stream_graphed),
                        ("settled_graphed", settled_graphed),
                        ("finetune_eager", finetune_eager), ("finetune_graphed", finetune_graphed),
-                       ("narrow_eager", narrow_eager), ("narrow_graphed", narrow_graphed)]:
+                       ("narrow_eager", narrow_eager), ("narrow_graphed", narrow_graphed),
+                       ("search_ranks_graphed", search_ranks_graphed)]:
         try:
             measure(kind, make)
         except Exception as err:  # noqa: BLE001 - one kind failing must not lose the others' numbers
@@ -186,6 +201,7 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
             print(f"{name} {kind} FAILED: {row[f'{kind}_error']}", flush=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
+        save(row)
     ratio = _ratio(row)
     row.update({"search_over_dense_eager": ratio("search_eager", "dense_eager"),
                 "static_search_over_dense_eager": ratio("search_static", "dense_eager"),
@@ -195,6 +211,7 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
                 "finetune_over_dense_graphed": ratio("finetune_graphed", "dense_graphed"),
                 "narrow_over_dense_graphed": ratio("narrow_graphed", "dense_graphed"),
                 "search_graphed_speedup_over_eager": ratio("search_eager", "search_graphed"),
+                "ranks_over_one_process": ratio("search_ranks_graphed", "search_graphed"),
                 "overlap_speedup": ratio("search_one_stream_graphed", "search_graphed")})
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -251,8 +268,9 @@ def markdown(rows: list[dict]) -> str:
     header = ("| model | dense eager ms | dense graphed ms | search eager ms | search graphed ms | search static ms "
               "| finetune graphed ms | narrow graphed ms | search/dense eager | search/dense graphed | "
               "static search/dense eager | settled search/dense graphed | finetune/dense eager | "
-              "finetune/dense graphed | narrow/dense graphed | search one stream / two streams |")
-    lines = [header, "|" + "---|" * 16]
+              "finetune/dense graphed | narrow/dense graphed | search one stream / two streams | "
+              "search under torchrun (one rank) / one process |")
+    lines = [header, "|" + "---|" * 17]
     for r in rows:
         lines.append("| " + " | ".join([
             f"{r['model']} {r['image']}px b{r['batch']}"
@@ -263,7 +281,8 @@ def markdown(rows: list[dict]) -> str:
             *(cell(r.get(k)) for k in ("search_over_dense_eager", "search_over_dense_graphed",
                                        "static_search_over_dense_eager", "settled_over_dense_graphed",
                                        "finetune_over_dense_eager", "finetune_over_dense_graphed",
-                                       "narrow_over_dense_graphed", "overlap_speedup"))]) + " |")
+                                       "narrow_over_dense_graphed", "overlap_speedup",
+                                       "ranks_over_one_process"))]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -284,13 +303,23 @@ def main() -> None:
         torch.set_num_threads(1)
     print(describe_machine(args.device), flush=True)
     rows = []
-    for spec in args.models:
-        name, size, batch = spec.split(":")
-        rows.append(bench(name, int(size), int(batch), device, args.steps, args.keep, args.align,
-                          args.capacity_quantile))
-        if args.json:  # after every model: a later one that hangs leaves the earlier ones written
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(rows, indent=2))
+    with tempfile.TemporaryDirectory() as store:  # a process group of one rank, for search_ranks_graphed
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}/pg",
+                                rank=0, world_size=1)
+        try:
+            def save(row: dict) -> None:  # after every step kind: a run cut short keeps what it measured
+                if args.json:
+                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.json).write_text(json.dumps([*rows, row], indent=2))
+
+            for spec in args.models:
+                name, size, batch = spec.split(":")
+                row = bench(name, int(size), int(batch), device, args.steps, args.keep, args.align,
+                            args.capacity_quantile, save)
+                save(row)  # with its ratios
+                rows.append(row)
+        finally:
+            dist.destroy_process_group()
     table = markdown(rows) + "\n" + targets_table(rows)
     print(table)
     if args.markdown:

@@ -40,13 +40,20 @@ its learning rate in a device tensor refreshed from the schedule before each rep
 ``capturable``. With ``cuda_graphs: auto`` a step whose capture fails runs eagerly from then on (one warning); with
 ``true`` the failure is an error.
 
-Where a run cannot be captured but the steps can still have static shapes (under torchrun, whose DDP all-reduces the
-gradients from the host, with or without ``sync_bn``; Adam on the weights; a BatchNorm with ``momentum=None``),
-``cuda_graphs: auto`` runs these
-same steps eagerly (:func:`resolve_cuda_graphs`): fixed widths, so cuDNN keeps its plans, and no host read inside a
-step. Under torchrun they run through the DDP wrapper, as the eager steps do; the search step's score update then
-reads ``L(m)`` and ``L(m')`` of the global batch (one all-reduce of three numbers, after the backward) and the meter's
-reads sum the ranks' losses, correct counts and examples (one all-reduce per read).
+Under torchrun every rank replays the same steps on its share of the global batch, and the ranks' gradients are
+averaged between two halves of each step, each captured as a graph of its own (:class:`GradientAverage`): the first
+(masks, forwards, backward) ends by packing this rank's weight gradients, with ``L(m) n``, ``L(m') n`` and ``n``, into
+one flat buffer; the host then issues one ``all_reduce`` of that buffer (NCCL on GPUs, a launch that reads nothing
+back); the second (the average installed as the gradients, gradient norm, score update from the global batch's
+losses, SGD, Adam, projection, the meter) follows. So no collective is recorded in a graph, and a rank whose capture
+failed still issues the same collectives as the others. The meter's reads sum the ranks' losses, correct counts and
+examples (one all-reduce per read). The static steps bypass the run's DDP wrapper (whose all-reduces are issued from
+the host inside the backward).
+
+Where a run cannot be captured but the steps can still have static shapes (``sync_bn``, whose BatchNorm layers
+all-gather statistics inside the forward; Adam on the weights; a BatchNorm with ``momentum=None``),
+``cuda_graphs: auto`` runs these same steps eagerly (:func:`resolve_cuda_graphs`): fixed widths, so cuDNN keeps its
+plans, and no host read inside a step.
 
 Everything here also runs eagerly on any device (the CPU tests run it): ``capture=False`` calls the same step bodies
 directly.
@@ -62,6 +69,7 @@ from time import perf_counter
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..cost import dense_step_flops, vrpge_step_flops
@@ -79,8 +87,9 @@ from .config import SPARSE_BACKWARD_METHODS, Config, SparsityConfig
 from .steps import StepContext, _clip, _grad_norm
 from .timing import DenseReference, synchronize
 
-__all__ = ["NEW_WINDOW_WARMUP_STEPS", "WARMUP_STEPS", "DenseStep", "FixedMaskStep", "GraphedDenseReference",
-           "GraphsChoice", "MeterWindow", "SearchStep", "StaticSteps", "StepGraph", "resolve_cuda_graphs"]
+__all__ = ["NEW_WINDOW_WARMUP_STEPS", "WARMUP_STEPS", "DenseStep", "FixedMaskStep", "GradientAverage",
+           "GraphedDenseReference", "GraphsChoice", "MeterWindow", "SearchStep", "StaticSteps", "StepGraph",
+           "resolve_cuda_graphs"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +121,7 @@ class GraphsChoice:
     reason: str = ""
 
 
-def _blockers(cfg: Config, world_size: int, model: nn.Module | None) -> tuple[list[str], list[str]]:
+def _blockers(cfg: Config, model: nn.Module | None) -> tuple[list[str], list[str]]:
     """What keeps a run from static steps at all, and what keeps them from being captured, in words (empty lists:
     nothing)."""
     static = []
@@ -121,9 +130,7 @@ def _blockers(cfg: Config, world_size: int, model: nn.Module | None) -> tuple[li
                       f"step")
     capture = []
     if cfg.sync_bn:
-        capture.append("sync_bn=true all-reduces BatchNorm statistics between ranks")
-    if world_size > 1:
-        capture.append(f"torchrun (world size {world_size}) all-reduces gradients through DDP's host-driven buckets")
+        capture.append("sync_bn=true all-gathers BatchNorm statistics between ranks inside the forward")
     if cfg.optim.optimizer != "sgd":
         capture.append(f"optim.optimizer={cfg.optim.optimizer!r} is not the fused SGD whose learning rate lives on the "
                        f"device")
@@ -135,8 +142,7 @@ def _blockers(cfg: Config, world_size: int, model: nn.Module | None) -> tuple[li
     return static, capture
 
 
-def resolve_cuda_graphs(cfg: Config, device: torch.device, world_size: int = 1,
-                        model: nn.Module | None = None) -> GraphsChoice:
+def resolve_cuda_graphs(cfg: Config, device: torch.device, model: nn.Module | None = None) -> GraphsChoice:
     """Resolve ``cfg.cuda_graphs`` for a run on ``device``: ``auto`` is on for CUDA devices when nothing in the run
     keeps its steps from being captured; ``true`` must be able to. Where ``auto`` cannot capture, the run still takes
     the static-shape steps (run eagerly: fixed widths, no host read inside a step) unless they cannot run either (the
@@ -152,7 +158,7 @@ def resolve_cuda_graphs(cfg: Config, device: torch.device, world_size: int = 1,
         if setting is True:
             raise ValueError(f"cuda_graphs=true needs a CUDA device; device resolves to '{device.type}'")
         return GraphsChoice(False, False)
-    no_static, no_capture = _blockers(cfg, world_size, model)
+    no_static, no_capture = _blockers(cfg, model)
     reasons = no_static + no_capture
     if reasons and setting is True:
         raise ValueError(f"cuda_graphs=true cannot capture this run: {reasons[0]}; expected cuda_graphs=auto or "
@@ -260,6 +266,61 @@ class DeviceMeter:
         return window, values[len(self._DEVICE):]
 
 
+# --- the ranks' gradients --------------------------------------------------------------------------------------------
+
+
+class GradientAverage:
+    """Under torchrun: the weight gradients of a static step averaged over the ranks between the step's two halves,
+    with a few of the step's values summed alongside (module docstring).
+
+    One flat buffer holds every parameter's gradient and then the values: :meth:`pack` (the end of the first half, on
+    the device) writes this rank's into it, :meth:`all_reduce` (on the host, between the halves) sums it over the ranks
+    in place with one collective, and :meth:`unpack` (the start of the second half) divides the gradients by the world
+    size and installs views of the buffer as the parameters' ``.grad``, which the clipping and the optimizer then read.
+    The buffer never moves, so both halves can be captured as graphs, and the collective stays outside them.
+
+    Args:
+        parameters: The parameters the step trains (those that require a gradient are averaged; one dtype).
+        values: How many step values ride along (summed, not averaged).
+        world_size: The ranks the sum runs over.
+    """
+
+    def __init__(self, parameters: Iterator[Tensor] | list[Tensor], values: int, world_size: int) -> None:
+        self.parameters = [p for p in parameters if p.requires_grad]
+        dtypes = {p.dtype for p in self.parameters}
+        if len(dtypes) != 1:
+            raise ValueError(f"the gradient average needs parameters of one dtype; got {sorted(map(str, dtypes))}")
+        self.world_size = world_size
+        self._numel = sum(p.numel() for p in self.parameters)
+        self.flat = torch.zeros(self._numel + values, dtype=dtypes.pop(), device=self.parameters[0].device)
+        self._grads = [g.view_as(p) for g, p in
+                       zip(self.flat[:self._numel].split([p.numel() for p in self.parameters]), self.parameters)]
+        self.values = self.flat[self._numel:]
+        """The values of the last :meth:`all_reduce`, summed over the ranks."""
+
+    def pack(self, values: list[Tensor] = ()) -> None:
+        """This rank's gradients (after the backward) and ``values`` (scalars) into the buffer: one copy kernel."""
+        missing = [i for i, p in enumerate(self.parameters) if p.grad is None]
+        if missing:  # a parameter the step did not use: DDP (find_unused_parameters=False) refuses it too
+            raise RuntimeError(f"parameter {missing[0]} (of shape {tuple(self.parameters[missing[0]].shape)}) got no "
+                               f"gradient in the step; every parameter the gradient average holds must")
+        parts = [p.grad.reshape(-1) for p in self.parameters]
+        if values:
+            parts.append(torch.stack([v.detach().to(self.flat.dtype) for v in values]))
+        torch.cat(parts, out=self.flat)
+
+    def all_reduce(self) -> None:
+        """The sum over the ranks, in place: one collective issued by the host (on a GPU it reads nothing back)."""
+        dist.all_reduce(self.flat)
+
+    def unpack(self) -> None:
+        """The summed gradients divided by the world size, installed as the parameters' ``.grad``."""
+        if self.world_size > 1:
+            self.flat[:self._numel].div_(self.world_size)
+        for p, grad in zip(self.parameters, self._grads):
+            p.grad = grad
+
+
 # --- capture ---------------------------------------------------------------------------------------------------------
 
 
@@ -298,11 +359,15 @@ class _DeviceLearningRates:
 
 
 class StepGraph:
-    """Runs a step body eagerly, or (``capture``) as one CUDA graph captured after ``warmup`` eager steps.
+    """Runs a step body eagerly, or (``capture``) as CUDA graphs captured after ``warmup`` eager steps: one graph, or
+    under torchrun two (the halves before and after the gradient average, the collective between them issued by the
+    host: :class:`GradientAverage`).
 
     Args:
-        body: The step as a function of ``(images, labels)``: device work only (no host read, no host-side state
-            that a replay would skip).
+        body: The step: a function of ``(images, labels)`` (device work only: no host read, no host-side state that a
+            replay would skip). A body with an ``average`` (a :class:`GradientAverage`, under torchrun) is a step in
+            two halves, ``body.forward_backward(images, labels)`` and ``body.update()``, ``average.all_reduce()``
+            between them.
         name: The step kind, for messages.
         device: Where it runs.
         capture: Capture it (CUDA only); else every call runs ``body`` directly.
@@ -320,7 +385,7 @@ class StepGraph:
         self.body, self.name, self.device, self.fallback = body, name, device, fallback
         self.capture = capture and device.type == "cuda"
         self.batch_size, self.strict, self.warmup = batch_size, strict, warmup
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graphs: list[torch.cuda.CUDAGraph] = []  # the captured step: one graph, or its two halves
         self.captures = 0
         self.overhead_s = 0.0  # wall seconds of the eager warm-up steps and the capture (synchronised around them)
         self._inputs: tuple[Tensor, Tensor] | None = None
@@ -342,23 +407,45 @@ class StepGraph:
         if self.strict:
             raise RuntimeError(f"{message}; set cuda_graphs=auto to fall back to eager steps, or false") from err
         logger.warning("%s; it runs eagerly", message)
-        self.capture, self.graph = False, None
+        self.capture, self.graphs = False, []
+
+    def _parts(self, images: Tensor, labels: Tensor) -> list[Callable[[], None]]:
+        """The step as the pieces captured one graph each, in order; the gradient average runs after the first."""
+        average = getattr(self.body, "average", None)
+        if average is None:
+            return [lambda: self.body(images, labels)]
+        return [lambda: self.body.forward_backward(images, labels), self.body.update]
+
+    def _between(self, part: int) -> None:
+        """Host work after part ``part`` of the step (the ranks' collective after the first half, under torchrun)."""
+        average = getattr(self.body, "average", None)
+        if average is not None and part == 0:
+            average.all_reduce()
+
+    def _run(self, images: Tensor, labels: Tensor, start: int = 0) -> None:
+        """The step's parts from ``start`` on, eagerly."""
+        for i, part in enumerate(self._parts(images, labels)):
+            if i >= start:
+                part()
+                self._between(i)
 
     def __call__(self, images: Tensor, labels: Tensor) -> None:
         if not self.capture or images.shape[0] != self.batch_size:
-            self.body(images, labels)
+            self._run(images, labels)
             return
         if self._inputs is None:
             self._inputs = (torch.empty_like(images), torch.empty_like(labels))
         static_images, static_labels = self._inputs
         if static_images.shape != images.shape or static_images.stride() != images.stride():
-            self.body(images, labels)
+            self._run(images, labels)
             return
         static_images.copy_(images, non_blocking=True)
         static_labels.copy_(labels, non_blocking=True)
-        if self.graph is not None:
+        if self.graphs:
             self._learning_rates.refresh()
-            self.graph.replay()
+            for i, graph in enumerate(self.graphs):
+                graph.replay()
+                self._between(i)
             return
         # The window's first steps: timed whole (they synchronise, once per window), for the run summary.
         torch.cuda.synchronize(self.device)
@@ -375,22 +462,27 @@ class StepGraph:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self.body(static_images, static_labels)
+                self._run(static_images, static_labels)
             torch.cuda.current_stream(self.device).wait_stream(side)
             return
-        graph = torch.cuda.CUDAGraph()
-        try:
-            self._learning_rates.refresh()
-            with self._learning_rates.installed(), torch.cuda.graph(graph):
-                self.body(static_images, static_labels)
-        except Exception as err:  # noqa: BLE001 - any capture failure: eager steps (auto) or one clear error
-            torch.cuda.synchronize(self.device)
-            self._give_up(err)
-            self.body(static_images, static_labels)  # the step that was being captured, run for real
-            return
-        self.graph = graph
+        graphs: list[torch.cuda.CUDAGraph] = []
+        self._learning_rates.refresh()
+        with self._learning_rates.installed():
+            for i, part in enumerate(self._parts(static_images, static_labels)):
+                graph = torch.cuda.CUDAGraph()
+                try:  # the halves share one memory pool: the second reads what the first left (replayed in order)
+                    with torch.cuda.graph(graph, pool=graphs[0].pool() if graphs else None):
+                        part()
+                except Exception as err:  # noqa: BLE001 - any capture failure: eager steps (auto) or one clear error
+                    torch.cuda.synchronize(self.device)
+                    self._give_up(err)
+                    self._run(static_images, static_labels, start=i)  # the rest of the step, run for real
+                    return
+                graphs.append(graph)
+                graph.replay()  # capture records without running: this replay is the step's part
+                self._between(i)
+        self.graphs = graphs
         self.captures += 1
-        graph.replay()  # capture records without running: this replay is the step
 
 
 # --- the step kinds --------------------------------------------------------------------------------------------------
@@ -400,22 +492,33 @@ class DenseStep:
     """One SGD step of a plain (or narrow) model: ``subnet_step`` without a mask, as a static body.
 
     Args:
-        model: The model (train mode).
+        model: The model (train mode; not a DDP wrapper: under torchrun ``average`` averages the gradients).
         optimizer: Its optimizer.
         ctx: The run's step settings.
         meter: Where the step's statistics accumulate.
         before: Host work before each step (the narrow model copies the schedule's hyperparameters).
+        average: Under torchrun, the gradient average between :meth:`forward_backward` and :meth:`update`.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: StepContext, meter: DeviceMeter,
-                 before: Callable[[], None] | None = None) -> None:
+                 before: Callable[[], None] | None = None, average: GradientAverage | None = None) -> None:
         self.model, self.optimizer, self.ctx, self.meter, self.before = model, optimizer, ctx, meter, before
+        self.average = average
+        self._pass: tuple[Tensor, ...] = ()  # what the first half leaves the second (the same tensors in a graph)
 
     def subnetwork(self) -> contextlib.AbstractContextManager:
         """The subnetwork the step's forward runs (the whole model here)."""
         return contextlib.nullcontext()
 
     def __call__(self, images: Tensor, labels: Tensor) -> None:
+        """The whole step (one graph when captured)."""
+        self.forward_backward(images, labels)
+        if self.average is not None:
+            self.average.all_reduce()
+        self.update()
+
+    def forward_backward(self, images: Tensor, labels: Tensor) -> None:
+        """The step's first half: forward, loss, backward (under torchrun, the gradients packed for the average)."""
         ctx = self.ctx
         # The backward's gradient tensors become the .grad (in the graph's memory when captured, rewritten by every
         # replay) instead of being added into zeroed ones: one launch per parameter fewer, as torch's whole-network
@@ -425,8 +528,17 @@ class DenseStep:
             logits = self.model(images)
             loss = ctx.criterion(logits.float(), labels)
         loss.backward()
+        if self.average is not None:
+            self.average.pack()
+        self._pass = (loss.detach(), logits.detach(), labels)
+
+    def update(self) -> None:
+        """The step's second half: (the averaged gradients installed,) gradient norm, clipping, SGD, the meter."""
+        if self.average is not None:
+            self.average.unpack()
+        loss, logits, labels = self._pass
         grad_norm = _grad_norm(self.model)
-        _clip(ctx, self.model.parameters())
+        _clip(self.ctx, self.model.parameters())
         self.optimizer.step()
         self.meter.add(loss, None, logits, labels, grad_norm)
 
@@ -441,11 +553,12 @@ class FixedMaskStep(DenseStep):
         mask: The subnetwork, ``{group: bool tensor}`` (any device).
         ctx: The run's step settings.
         meter: Where the step's statistics accumulate.
+        average: Under torchrun, the gradient average between the step's halves.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mask: Mapping[str, Tensor],
-                 ctx: StepContext, meter: DeviceMeter) -> None:
-        super().__init__(model, optimizer, ctx, meter)
+                 ctx: StepContext, meter: DeviceMeter, average: GradientAverage | None = None) -> None:
+        super().__init__(model, optimizer, ctx, meter, average=average)
         layout = StaticLayout(model, mask_capacities(mask, ctx.align), ctx.align)
         self.state = StaticExecutionState(layout)
         self.state.update(torch.cat([mask[g].reshape(-1) for g in layout.groups]).to(layout.device))
@@ -463,20 +576,21 @@ class SearchStep:
     """One VR-PGE step at static capacities (``vrpge_step``'s math on the masks actually used; module docstring).
 
     Args:
-        model: The full model (train mode), or its DDP wrapper under torchrun.
+        model: The full model (train mode; not a DDP wrapper).
         scores: Its keep probabilities, on the model's device.
         optimizers: ``(weight SGD, score Adam)``.
         sparsity: Estimator, ``alpha`` and ``weight_grad``.
-        ctx: The run's step settings (with ``reduce_stats`` under torchrun: the score update reads ``L(m)`` and
-            ``L(m')`` of the global batch, :meth:`_global_losses`).
+        ctx: The run's step settings.
         capacities: ``{group: capacity}`` of this window.
         meter: Where the step's statistics accumulate.
         overlap: On CUDA, run the no-grad forward of ``m'`` on a side stream beside the backward of ``m`` (with
             ``weight_grad: first``), and after it the score update when neither gradient clipping nor the sum over
-            the ranks ties it to the backward (:meth:`_side_branch`). Neither branch reads what the other writes (the forward of ``m`` has
-            written its BatchNorm statistics back before ``m'`` starts), so the results are those of running them in
-            turn; at CIFAR scale their kernels are too small to fill the GPU, and a captured graph runs the two
-            branches at once. ``False``: one stream.
+            the ranks ties it to the backward (:meth:`_side_branch`). Neither branch reads what the other writes (the
+            forward of ``m`` has written its BatchNorm statistics back before ``m'`` starts), so the results are those
+            of running them in turn; at CIFAR scale their kernels are too small to fill the GPU, and a captured graph
+            runs the two branches at once. ``False``: one stream.
+        average: Under torchrun, the gradient average between :meth:`forward_backward` and :meth:`update`, which also
+            sums ``L(m) n``, ``L(m') n`` and ``n``: the score update reads the losses of the global batch.
 
     Attributes:
         uniforms: ``(2, channels)`` buffer of the uniforms ``m`` and ``m'`` are drawn from; :meth:`prepare` refills
@@ -488,9 +602,16 @@ class SearchStep:
 
     def __init__(self, model: nn.Module, scores: ChannelScores,
                  optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer], sparsity: SparsityConfig,
-                 ctx: StepContext, capacities: Mapping[str, int], meter: DeviceMeter, overlap: bool = True) -> None:
+                 ctx: StepContext, capacities: Mapping[str, int], meter: DeviceMeter, overlap: bool = True,
+                 average: GradientAverage | None = None) -> None:
         self.model, self.scores, self.optimizers, self.sparsity, self.ctx, self.meter = (
             model, scores, optimizers, sparsity, ctx, meter)
+        self.average = average
+        # Without gradient clipping (which takes one norm over the weights' and the scores' gradients) the score
+        # update reads the two losses and masks only: it runs beside m's backward, with the forward of m'. Under
+        # torchrun it reads the losses of the global batch, summed with the gradients after the backward.
+        self.scores_apart = (sparsity.weight_grad == "first" and ctx.clip_grad_norm is None and average is None)
+        self._pass: tuple[Tensor, ...] = ()  # what the first half leaves the second (the same tensors in a graph)
         layout = StaticLayout(model, capacities, ctx.align)
         overlap = overlap and layout.device.type == "cuda" and sparsity.weight_grad == "first"
         self.side_stream = torch.cuda.Stream(layout.device) if overlap else None
@@ -515,20 +636,24 @@ class SearchStep:
         self.budget.fill_(self.scores.budget)
 
     def __call__(self, images: Tensor, labels: Tensor) -> None:
-        ctx, scores, weight_opt = self.ctx, self.scores, self.optimizers[0]
-        both = self.sparsity.weight_grad == "both"
-        # Without gradient clipping (which takes one norm over the weights' and the scores' gradients) the score
-        # update reads the two losses and masks only: it runs beside m's backward, with the forward of m'. Under
-        # torchrun it reads the losses of the global batch, summed over the ranks after the backward (one collective,
-        # on the main stream, after DDP's).
-        scores_apart = not both and ctx.clip_grad_norm is None and ctx.reduce_stats is None
+        """The whole step (one graph when captured)."""
+        self.forward_backward(images, labels)
+        if self.average is not None:
+            self.average.all_reduce()
+        self.update()
+
+    def forward_backward(self, images: Tensor, labels: Tensor) -> None:
+        """The step's first half: ``m`` written into its buffers, its forward and backward, the forward of ``m'``
+        (and, apart from the backward, the score update); under torchrun the gradients and losses packed for the
+        average."""
+        ctx = self.ctx
         u_m = self.uniforms[0]
-        self.state_m.update(scores.mask_from_uniforms(u_m), u_m)
-        weight_opt.zero_grad(set_to_none=True)  # as DenseStep: the backward's gradients become the .grad
+        self.state_m.update(self.scores.mask_from_uniforms(u_m), u_m)
+        self.optimizers[0].zero_grad(set_to_none=True)  # as DenseStep: the backward's gradients become the .grad
         with use_static(self.state_m), _autocast(ctx):
             logits = self.model(images)
             loss_m = ctx.criterion(logits.float(), labels)
-        if both:  # the official code's cost: a backward of each mask, in turn
+        if self.sparsity.weight_grad == "both":  # the official code's cost: a backward of each mask, in turn
             (loss_m * 0.5).backward()
             loss_m2 = self._forward_m2(images, labels, grad=True)
             (loss_m2 * 0.5).backward()
@@ -537,31 +662,37 @@ class SearchStep:
             if main is not None:
                 self.side_stream.wait_stream(main)  # after m's forward, its statistics written back
             with torch.cuda.stream(self.side_stream) if main is not None else contextlib.nullcontext():
-                loss_m2 = self._side_branch(images, labels, loss_m, scores_apart)
+                loss_m2 = self._side_branch(images, labels, loss_m, self.scores_apart)
             loss_m.backward()
             if main is not None:
                 main.wait_stream(self.side_stream)
+        loss_m, loss_m2 = loss_m.detach(), loss_m2.detach()
+        if self.average is not None:
+            n = labels.shape[0]
+            self.average.pack([loss_m * n, loss_m2 * n, loss_m.new_full((), n)])
+        self._pass = (loss_m, loss_m2, logits.detach(), labels)
+
+    def update(self) -> None:
+        """The step's second half: (the averaged gradients installed,) gradient norm, the score gradient and
+        clipping, SGD on the weights, Adam on the scores and their projection (unless done apart), the meter."""
+        loss_m, loss_m2, logits, labels = self._pass
+        gap = None
+        if self.average is not None:  # L(m) and L(m') of the global batch
+            self.average.unpack()
+            summed = self.average.values
+            pair = (summed[0] / summed[2], summed[1] / summed[2])
+            gap = (pair[0] - pair[1]).abs()
+        else:
+            pair = (loss_m, loss_m2)
         grad_norm = _grad_norm(self.model)
-        pair = self._global_losses(loss_m, loss_m2, labels.shape[0])
-        if not scores_apart:
+        if not self.scores_apart:
             self._score_gradient(*pair)
-            _clip(ctx, [*self.model.parameters(), scores.scores])
-        weight_opt.step()
-        if not scores_apart:
+            _clip(self.ctx, [*self.model.parameters(), self.scores.scores])
+        self.optimizers[0].step()
+        if not self.scores_apart:
             self._score_update()
         used_m = self.state_m.mask_used
-        gap = None if ctx.reduce_stats is None else (pair[0] - pair[1]).abs()
         self.meter.add(loss_m, loss_m2, logits, labels, grad_norm, used_m.sum() / used_m.numel(), gap)
-
-    def _global_losses(self, loss_m: Tensor, loss_m2: Tensor, n: int) -> tuple[Tensor, Tensor]:
-        """``L(m)`` and ``L(m')`` of the global batch under torchrun (the example-weighted means of the ranks' losses,
-        one all-reduce of three numbers on the device); the losses themselves in one process."""
-        if self.ctx.reduce_stats is None:
-            return loss_m.detach(), loss_m2.detach()
-        dtype = self.meter.sums.dtype
-        sums = self.ctx.reduce_stats(torch.stack([loss_m.detach().to(dtype) * n, loss_m2.detach().to(dtype) * n,
-                                                  self.meter.sums.new_full((), n)]))
-        return sums[0] / sums[2], sums[1] / sums[2]
 
     def _side_branch(self, images: Tensor, labels: Tensor, loss_m: Tensor, update_scores: bool) -> Tensor:
         """What runs beside the backward of ``m`` (on the side stream on CUDA): ``m'`` written into its buffers and
@@ -633,11 +764,12 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> None:
 
 class StaticSteps:
     """The run's static steps: one per kind and window, each a :class:`StepGraph`, the device meter, the sampling
-    generator and the capacity windows of the search.
+    generator and the capacity windows of the search. The steps take the models themselves, never a DDP wrapper:
+    under torchrun they average the gradients over the ranks themselves (:class:`GradientAverage`).
 
     Args:
         cfg: The run configuration.
-        ctx: The run's step settings.
+        ctx: The run's step settings (with ``reduce_stats`` under torchrun).
         choice: From :func:`resolve_cuda_graphs` (``capture=False``: the same steps, eagerly).
         seed: Seeds the device generator the search's uniforms come from.
         overlap: Search steps run the forward of ``m'`` beside the backward of ``m`` on CUDA (:class:`SearchStep`).
@@ -671,6 +803,16 @@ class StaticSteps:
         return StepGraph(body, name, self.ctx.device, self.choice.capture, batch_size, optimizers, self.choice.strict,
                          warmup, fallback)
 
+    def _average(self, model: nn.Module, values: int) -> GradientAverage | None:
+        """Under torchrun (the step statistics are summed over the ranks), the gradient average of ``model``'s
+        steps."""
+        if isinstance(model, nn.parallel.DistributedDataParallel):  # its backward would average them a second time
+            raise TypeError("the static steps average the ranks' gradients themselves; pass the model, not its DDP "
+                            "wrapper")
+        if self.ctx.reduce_stats is None:
+            return None
+        return GradientAverage(model.parameters(), values, self.world_size)
+
     def _retire(self, graph: StepGraph | None) -> None:
         if graph is not None:
             self.captures += graph.captures
@@ -684,7 +826,7 @@ class StaticSteps:
             if self.capacities is None:
                 self.capacities = choose_capacities(scores, self.ctx.align, self.cfg.sparsity.capacity_quantile)
             body = SearchStep(model, scores, optimizers, self.cfg.sparsity, self.ctx, self.capacities, self.meter,
-                              self.overlap)
+                              self.overlap, self._average(model, 3))
 
             def one_stream() -> SearchStep:  # capturing two streams failed: one stream, in later windows too
                 self.overlap = False
@@ -716,11 +858,11 @@ class StaticSteps:
             if self._other is not None:
                 self._retire(self._other[2])
             if mask is not None:
-                body: Any = FixedMaskStep(model, optimizer, mask, self.ctx, self.meter)
+                body: Any = FixedMaskStep(model, optimizer, mask, self.ctx, self.meter, self._average(model, 0))
                 name = "fixed-mask"
             else:
                 body = DenseStep(model, optimizer, self.ctx, self.meter,
-                                 None if narrow is None else narrow.sync_hyperparameters)
+                                 None if narrow is None else narrow.sync_hyperparameters, self._average(model, 0))
                 name = "narrow" if narrow is not None else "dense"
             self._other = (key, body, self._graph(body, name, [optimizer]))
         _, body, graph = self._other

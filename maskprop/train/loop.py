@@ -244,9 +244,9 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
 def _static_step_function(state: TrainState, cfg: Config, static: StaticSteps,
                           narrow: NarrowSubnetwork | None) -> Callable[[tuple[Tensor, Tensor]], Any]:
     """The static step of the current phase (``graphs.py``), as a function of the batch: what ``_step_function``
-    picks, with static shapes (through the DDP wrapper under torchrun, as the eager steps)."""
+    picks, with static shapes (under torchrun on the models themselves: the static steps average the gradients)."""
     if narrow is not None:
-        return lambda batch: static.plain(narrow.step_model, narrow.optimizer, batch, narrow=narrow)
+        return lambda batch: static.plain(narrow.model, narrow.optimizer, batch, narrow=narrow)
     kind = _search_kind(state, cfg) if state.phase == "search" else state.phase
     if kind in ("search", "anneal"):
         optimizers = (state.weight_optimizer, state.score_optimizer)
@@ -255,11 +255,11 @@ def _static_step_function(state: TrainState, cfg: Config, static: StaticSteps,
         def search(batch: tuple[Tensor, Tensor]) -> Any:
             if schedule is not None and schedule.anneal_steps > 0:  # as in _step_function: the next step's budget
                 state.scores.set_budget(schedule.at(state.counters["search_steps"] + 1))
-            return static.search(state.step_model, state.scores, optimizers, batch)
+            return static.search(state.model, state.scores, optimizers, batch)
 
         return search
     mask = None if kind in ("warmup", "train") else state.fixed_mask  # dense, or the fixed subnetwork
-    return lambda batch: static.plain(state.step_model, state.weight_optimizer, batch, mask)
+    return lambda batch: static.plain(state.model, state.weight_optimizer, batch, mask)
 
 
 def _window_result(window: MeterWindow) -> StepResult:
@@ -583,9 +583,10 @@ def _narrow_subnetwork(run: Run) -> NarrowSubnetwork | None:
     """The narrow model and optimizer that train the fixed subnetwork of the finetune phase (``narrow.py``), built from
     the full model and optimizer (a resumed run's included); ``None``: compact steps of the full model.
 
-    Under torchrun the narrow model gets a DDP wrapper of its own (its ``step_model``; building it is a collective,
-    and every rank builds the same narrow model at the same epoch), with ``sync_bn`` BatchNorm layers that synchronise
-    over the ranks as the full model's do. ``finetune.narrow: false`` keeps compact steps (for comparison).
+    Under torchrun the narrow model has ``sync_bn`` BatchNorm layers that synchronise over the ranks as the full
+    model's do, and the eager steps get a DDP wrapper of its own (its ``step_model``; building it is a collective, and
+    every rank builds the same narrow model at the same epoch); the static steps average its gradients themselves.
+    ``finetune.narrow: false`` keeps compact steps (for comparison).
     """
     cfg, state = run.cfg, run.state
     fixed = state.phase == "finetune" or (state.phase == "search" and cfg.sparsity.fix == "random"
@@ -596,8 +597,10 @@ def _narrow_subnetwork(run: Run) -> NarrowSubnetwork | None:
     synchronised = state.ddp is not None and cfg.sync_bn
     narrow = NarrowSubnetwork(state.model, state.fixed_mask, state.weight_optimizer, align=run.ctx.align,
                               norm_type=SparseBatchNorm2d if synchronised else nn.BatchNorm2d)
-    if state.ddp is not None:
+    if state.ddp is not None and run.static is None:
         narrow.step_model = wrap_model(narrow.model, run.ctx.device, sync_bn=cfg.sync_bn)
+    elif synchronised:
+        sync_batchnorm.enable(narrow.model)
     return narrow
 
 

@@ -39,10 +39,11 @@ of a strided 1x1 conv with an odd batch size, ``maskprop._workarounds``); the na
 :class:`PointwiseSafeConv2d`, an ``nn.Conv2d`` that takes the same route, as its conv type (the export keeps plain
 layers).
 
-Under torchrun the training loop wraps the narrow model in a DDP wrapper of its own
-(:attr:`NarrowSubnetwork.step_model`), which every step runs; the ranks' narrow models are the same, built from the
-same full model and mask. With ``sync_bn`` its BatchNorm layers are :class:`~maskprop.sparse.SparseBatchNorm2d`
-(``norm_type``), which normalise with the statistics of the global batch as the full model's do.
+Under torchrun the ranks' narrow models are the same, built from the same full model and mask; the eager steps run
+a DDP wrapper of it that the training loop builds (:attr:`NarrowSubnetwork.step_model`), the static steps of a GPU run
+average its gradients themselves (``graphs.py``). With ``sync_bn`` its BatchNorm layers are
+:class:`~maskprop.sparse.SparseBatchNorm2d` (``norm_type``), which normalise with the statistics of the global batch as
+the full model's do.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ class NarrowSubnetwork:
         mask: The subnetwork (on the CPU).
         computed: The channels the narrow model holds: ``mask`` and, with ``align > 1``, the padding channels.
         widths: ``{group: channels}`` of ``computed``: the widths the narrow model computes.
-        step_model: The module the training steps run: ``model``, or the DDP wrapper the training loop gives it under
-            torchrun.
+        step_model: The module the eager training steps run: ``model``, or the DDP wrapper the training loop gives it
+            under torchrun.
 
     Raises:
         ValueError: ``mask`` does not fit ``model``, ``align`` is not a positive integer, or ``optimizer`` is not

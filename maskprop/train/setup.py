@@ -235,7 +235,7 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         _warn_changed(checkpoint["config"], config_to_dict(cfg))
     cost = _cost_model(model, cfg, input_size)  # before moving: the shapes do not depend on the device
     model.to(device)
-    graphs = resolve_cuda_graphs(cfg, device, place.world_size, model)
+    graphs = resolve_cuda_graphs(cfg, device, model)
     dense_model = budget = None
     if cfg.method in SPARSE_BACKWARD_METHODS:
         dense_model = copy.deepcopy(model)
