@@ -453,3 +453,104 @@ def test_the_search_step_projects_onto_the_budget_of_each_step(one_thread):
         assert float(static._search[0].budget) == keep * total
         spent = float(scores.scores.detach().sum())
         assert spent == pytest.approx(keep * total, abs=1e-9) if binds else spent < keep * total
+
+
+class _Halves:
+    """A step in two halves whose parts say what ran (``log``); ``fail`` names a part whose capture fails."""
+
+    def __init__(self, log: list[str], fail: str | None = None) -> None:
+        self.log, self.fail, self.capturing = log, fail, False
+        self.average = self  # its all_reduce stands for the ranks' collective
+
+    def forward_backward(self, images, labels) -> None:
+        self._part("A")
+
+    def update(self) -> None:
+        self._part("B")
+
+    def all_reduce(self) -> None:
+        self.log.append("all_reduce")
+
+    def _part(self, name: str) -> None:
+        if self.capturing and name == self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.log.append(f"capture {name}" if self.capturing else name)
+
+
+@pytest.fixture
+def fake_capture(monkeypatch):
+    """``torch.cuda``'s streams and graphs, as the CPU can play them: a graph records the part run in its capture
+    (which runs it, flagged as capturing, instead of recording kernels) and a replay logs that part as run."""
+    import contextlib
+    from types import SimpleNamespace
+
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    active: list = []
+
+    class Graph:
+        def __init__(self) -> None:
+            self.part = None
+
+        def pool(self) -> tuple:
+            return ("pool", id(self))
+
+        def replay(self) -> None:
+            self.body.log.append(self.part)
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        body = active[0]
+        body.capturing, before = True, len(body.log)
+        try:
+            yield
+        finally:
+            body.capturing = False
+        g.body, g.part = body, body.log[before].removeprefix("capture ") if len(body.log) > before else None
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+
+    def make(body: _Halves, **kwargs) -> graphs.StepGraph:
+        active.append(body)
+        step = graphs.StepGraph(body, "test", torch.device("cpu"), False, 4, [], warmup=1, **kwargs)
+        step.capture = True  # as on CUDA
+        step._learning_rates = SimpleNamespace(refresh=lambda: None, installed=contextlib.nullcontext)
+        return step
+
+    return make
+
+
+@pytest.mark.parametrize("fail", [None, "A", "B"])
+def test_a_step_in_two_halves_issues_the_ranks_collective_once_per_step_in_every_path(fake_capture, fail, caplog):
+    """Under torchrun a captured step is two graphs with the collective issued between them by the host: warm-up,
+    capture and replays each issue it exactly once, after the first half and before the second (ranks whose capture
+    failed must issue the same collectives as the others, or they wait on each other for ever). A capture that fails
+    in either half runs the rest of that step eagerly, once, and the later steps eagerly."""
+    log: list[str] = []
+    step = fake_capture(_Halves(log, fail))
+    images, labels = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
+    steps = []
+    for _ in range(4):
+        log.clear()
+        step(images, labels)
+        steps.append(list(log))
+    warm, replay = ["A", "all_reduce", "B"], ["A", "all_reduce", "B"]
+    if fail is None:
+        assert steps == [warm, ["capture A", "A", "all_reduce", "capture B", "B"], replay, replay]
+        assert step.captures == 1 and len(step.graphs) == 2
+    elif fail == "A":
+        assert steps == [warm, ["A", "all_reduce", "B"], warm, warm]
+        assert step.captures == 0 and not step.graphs and not step.capture
+    else:  # the first half was captured and run: only the second runs eagerly
+        assert steps == [warm, ["capture A", "A", "all_reduce", "B"], warm, warm]
+        assert step.captures == 0 and not step.graphs and not step.capture
+    assert all(s.count("all_reduce") == 1 and s.index("all_reduce") == s.index("A") + 1 for s in steps)
+    assert len(caplog.records) == (fail is not None)
+    images = torch.zeros(3, 3)  # another batch size (an epoch's last batch): eagerly, the collective all the same
+    log.clear()
+    step(images, labels[:3])
+    assert log == warm
