@@ -453,3 +453,32 @@ def test_sync_batch_norm_on_cuda_runs_torchs_function_and_matches_batch_norm(tmp
         _sync_batch_norm_matches_batch_norm(layer, x, torch.tensor([0, 2, 5], device="cuda"))
     finally:
         dist.destroy_process_group()
+
+
+def test_the_gradient_average_keeps_each_gradient_in_its_parameters_layout(single_process_group):
+    """The flat buffer of :class:`GradientAverage` hands each parameter a gradient with the parameter's strides (a
+    channels_last conv weight gets a channels_last gradient, as autograd gives it and as CUDA's fused optimizers
+    require), holding what the backward computed (one rank: nothing to divide), and the summed values beside them."""
+    from maskprop.train.graphs import GradientAverage
+
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20", num_classes=10).double().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    average = GradientAverage(model.parameters(), 2, world_size=1)
+    F.cross_entropy(model(x), torch.arange(4)).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())  # channels_last weights
+    average.pack([torch.tensor(1.5), torch.tensor(4.0)])
+    average.all_reduce()
+    for p in model.parameters():
+        p.grad = None
+    average.unpack()
+    for name, p in model.named_parameters():
+        assert p.grad.stride() == p.stride(), name
+        assert torch.equal(p.grad, grads[name]), name
+    assert average.values.tolist() == [1.5, 4.0]
+    assert average.flat.data_ptr() == next(model.parameters()).grad.data_ptr()  # views of the one buffer
+    for p in model.parameters():
+        p.grad = None
+    with pytest.raises(RuntimeError, match=r"got no gradient in the step"):
+        average.pack()

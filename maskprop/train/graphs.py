@@ -277,7 +277,9 @@ class GradientAverage:
     the device) writes this rank's into it, :meth:`all_reduce` (on the host, between the halves) sums it over the ranks
     in place with one collective, and :meth:`unpack` (the start of the second half) divides the gradients by the world
     size and installs views of the buffer as the parameters' ``.grad``, which the clipping and the optimizer then read.
-    The buffer never moves, so both halves can be captured as graphs, and the collective stays outside them.
+    Each view has its parameter's strides (a channels_last weight gets a channels_last gradient, as autograd gives it,
+    and as the fused optimizers require). The buffer never moves, so both halves can be captured as graphs, and the
+    collective stays outside them.
 
     Args:
         parameters: The parameters the step trains (those that require a gradient are averaged; one dtype).
@@ -293,21 +295,22 @@ class GradientAverage:
         self.world_size = world_size
         self._numel = sum(p.numel() for p in self.parameters)
         self.flat = torch.zeros(self._numel + values, dtype=dtypes.pop(), device=self.parameters[0].device)
-        self._grads = [g.view_as(p) for g, p in
-                       zip(self.flat[:self._numel].split([p.numel() for p in self.parameters]), self.parameters)]
+        # Each gradient's slice laid out as its parameter (dense strides in the parameter's memory format).
+        pieces = self.flat[:self._numel].split([p.numel() for p in self.parameters])
+        self._grads = [piece.as_strided(p.shape, torch.empty_like(p, device="meta").stride())
+                       for piece, p in zip(pieces, self.parameters)]
         self.values = self.flat[self._numel:]
         """The values of the last :meth:`all_reduce`, summed over the ranks."""
 
     def pack(self, values: list[Tensor] = ()) -> None:
-        """This rank's gradients (after the backward) and ``values`` (scalars) into the buffer: one copy kernel."""
+        """This rank's gradients (after the backward) and ``values`` (scalars) into the buffer: a multi-tensor copy."""
         missing = [i for i, p in enumerate(self.parameters) if p.grad is None]
         if missing:  # a parameter the step did not use: DDP (find_unused_parameters=False) refuses it too
             raise RuntimeError(f"parameter {missing[0]} (of shape {tuple(self.parameters[missing[0]].shape)}) got no "
                                f"gradient in the step; every parameter the gradient average holds must")
-        parts = [p.grad.reshape(-1) for p in self.parameters]
+        torch._foreach_copy_(self._grads, [p.grad for p in self.parameters])
         if values:
-            parts.append(torch.stack([v.detach().to(self.flat.dtype) for v in values]))
-        torch.cat(parts, out=self.flat)
+            self.values.copy_(torch.stack([v.detach().to(self.flat.dtype) for v in values]))
 
     def all_reduce(self) -> None:
         """The sum over the ranks, in place: one collective issued by the host (on a GPU it reads nothing back)."""
