@@ -27,8 +27,8 @@ from maskprop.sparse import random_mask
 from maskprop.sparse.static import choose_capacities, mask_capacities
 from maskprop.train import graphs, loop, setup
 from maskprop.train.checkpoint import load_checkpoint
-from maskprop.train.distributed import all_reduce_sum
 from maskprop.train.config import SparsityConfig, load_config
+from maskprop.train.distributed import all_reduce_sum
 from maskprop.train.graphs import GraphsChoice, StaticSteps, resolve_cuda_graphs
 from maskprop.train.optim import score_optimizer, weight_optimizer
 from maskprop.train.steps import StepContext, subnet_step, vrpge_step

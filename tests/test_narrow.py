@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 from torch.overrides import TorchFunctionMode
+from torch.utils.data import TensorDataset
 
 import maskprop
 from maskprop.sparse import use_mask

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import Subset, TensorDataset
 from conftest import TINY_RUN, with_overrides
+from torch.utils.data import Subset, TensorDataset
 
 import maskprop
 from maskprop.cli import main

@@ -88,8 +88,8 @@ from .steps import StepContext, _clip, _grad_norm
 from .timing import DenseReference, synchronize
 
 __all__ = ["NEW_WINDOW_WARMUP_STEPS", "WARMUP_STEPS", "DenseStep", "FixedMaskStep", "GradientAverage",
-           "GraphedDenseReference", "GraphsChoice", "MeterWindow", "SearchStep", "StaticSteps", "StepGraph",
-           "resolve_cuda_graphs"]
+           "GraphedDenseReference", "GraphsChoice", "MeterWindow", "SearchStep", "StaticStep", "StaticSteps",
+           "StepGraph", "resolve_cuda_graphs"]
 
 logger = logging.getLogger(__name__)
 
@@ -368,9 +368,9 @@ class StepGraph:
 
     Args:
         body: The step: a function of ``(images, labels)`` (device work only: no host read, no host-side state that a
-            replay would skip). A body with an ``average`` (a :class:`GradientAverage`, under torchrun) is a step in
-            two halves, ``body.forward_backward(images, labels)`` and ``body.update()``, ``average.all_reduce()``
-            between them.
+            replay would skip). A body with an ``average`` (a :class:`StaticStep` under torchrun) runs in two halves,
+            ``body.forward_backward(images, labels)`` and ``body.update()``, with ``average.all_reduce()`` between
+            them.
         name: The step kind, for messages.
         device: Where it runs.
         capture: Capture it (CUDA only); else every call runs ``body`` directly.
@@ -491,7 +491,28 @@ class StepGraph:
 # --- the step kinds --------------------------------------------------------------------------------------------------
 
 
-class DenseStep:
+class StaticStep:
+    """A static step in two halves around the gradient average: :meth:`forward_backward` (to the backward, leaving
+    what the rest needs) and :meth:`update` (the optimizer steps and the meter). Called, it runs both, with
+    ``average``'s collective between them under torchrun; :class:`StepGraph` captures the whole call as one graph, or
+    under torchrun each half as one."""
+
+    average: GradientAverage | None = None
+
+    def __call__(self, images: Tensor, labels: Tensor) -> None:
+        self.forward_backward(images, labels)
+        if self.average is not None:
+            self.average.all_reduce()
+        self.update()
+
+    def forward_backward(self, images: Tensor, labels: Tensor) -> None:
+        raise NotImplementedError
+
+    def update(self) -> None:
+        raise NotImplementedError
+
+
+class DenseStep(StaticStep):
     """One SGD step of a plain (or narrow) model: ``subnet_step`` without a mask, as a static body.
 
     Args:
@@ -512,13 +533,6 @@ class DenseStep:
     def subnetwork(self) -> contextlib.AbstractContextManager:
         """The subnetwork the step's forward runs (the whole model here)."""
         return contextlib.nullcontext()
-
-    def __call__(self, images: Tensor, labels: Tensor) -> None:
-        """The whole step (one graph when captured)."""
-        self.forward_backward(images, labels)
-        if self.average is not None:
-            self.average.all_reduce()
-        self.update()
 
     def forward_backward(self, images: Tensor, labels: Tensor) -> None:
         """The step's first half: forward, loss, backward (under torchrun, the gradients packed for the average)."""
@@ -575,7 +589,7 @@ class FixedMaskStep(DenseStep):
         return use_static(self.state)
 
 
-class SearchStep:
+class SearchStep(StaticStep):
     """One VR-PGE step at static capacities (``vrpge_step``'s math on the masks actually used; module docstring).
 
     Args:
@@ -637,13 +651,6 @@ class SearchStep:
         budget into :attr:`budget` (one launch each, on the device, no host read)."""
         torch.rand(self.uniforms.shape, generator=generator, out=self.uniforms)
         self.budget.fill_(self.scores.budget)
-
-    def __call__(self, images: Tensor, labels: Tensor) -> None:
-        """The whole step (one graph when captured)."""
-        self.forward_backward(images, labels)
-        if self.average is not None:
-            self.average.all_reduce()
-        self.update()
 
     def forward_backward(self, images: Tensor, labels: Tensor) -> None:
         """The step's first half: ``m`` written into its buffers, its forward and backward, the forward of ``m'``
