@@ -9,7 +9,8 @@
 #    time (tools/isolated_tests.py): gpu_tests.json;
 # 2. the step times of the GPU targets: eager steps against static steps captured as CUDA graphs (tools/bench_graphs.py: dense,
 #    search, settled search, fixed-mask and narrow finetune steps, bf16, channels_last, batch 256, keep 0.5, align 8,
-#    for resnet32, vgg19_bn and resnet50@224): graphs.json and graphs.md (the ratios);
+#    for resnet32, vgg19_bn and resnet50@224; last, the search step as torchrun captures it, on one rank): graphs.json
+#    (written after every step kind) and graphs.md (the ratios);
 # 3. the whole runs of the GPU targets: `maskprop train` of the short search on shapes with cuda_graphs=true for the same three
 #    models, one after the other, then their dense twins at once (tools/e2e_runs.py): accuracy, the summary's measured
 #    speedup beside its target, the capacity windows: e2e.json and e2e.md.
