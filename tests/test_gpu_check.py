@@ -67,6 +67,19 @@ def test_isolated_tests_passes_when_every_test_passes_or_skips(tmp_path):
     assert tool.main([str(tmp_path / "test_fine.py"), "--jobs", "2", "--timeout", "30"]) == 0
 
 
+def test_isolated_tests_records_each_test_as_it_finishes(tmp_path, capsys):
+    """A slow test does not hold back the outcomes of the tests after it (a check stopped from outside keeps every
+    test that finished); the JSON lists them in the file's order."""
+    tool = _tool("isolated_tests")
+    (tmp_path / "test_order.py").write_text("import time\ndef test_slow():\n    time.sleep(3)\n"
+                                            "def test_quick():\n    pass\n")
+    out = tmp_path / "out.json"
+    assert tool.main([str(tmp_path / "test_order.py"), "--jobs", "2", "--timeout", "60", "--json", str(out)]) == 0
+    printed = [line.split()[-1].split("::")[1] for line in capsys.readouterr().out.splitlines() if "::" in line]
+    assert printed == ["test_quick", "test_slow"]
+    assert [r["node"].split("::")[1] for r in json.loads(out.read_text())["tests"]] == ["test_slow", "test_quick"]
+
+
 @pytest.mark.parametrize("args", [["--jobs", "0"], ["--json", "/no/such/dir/out.json"]])
 def test_isolated_tests_usage_errors_are_one_line(tmp_path, args):
     (tmp_path / "test_fine.py").write_text("def test_a():\n    pass\n")

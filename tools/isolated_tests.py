@@ -20,7 +20,7 @@ import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ISOLATED_ENV = "MASKPROP_ISOLATED_TEST"  # tests/test_gpu.py: inside such a child the test runs in the process itself
@@ -93,11 +93,14 @@ def main(argv: list[str] | None = None) -> int:
                 for outcome in ("passed", "skipped", "failed", "timeout")}
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        for result in pool.map(lambda node: run_one(node, cwd, args.timeout, args.threads), nodes):
+        futures = [pool.submit(run_one, node, cwd, args.timeout, args.threads) for node in nodes]
+        for future in as_completed(futures):  # as each finishes: a slow test does not hold back the others' results
+            result = future.result()
             print(f"{result['outcome']:8s} {result['seconds']:6.1f} s  {result['node']}", flush=True)
             if result["output"]:
                 print(result["output"], flush=True)
             results.append(result)
+            results.sort(key=lambda r: nodes.index(r["node"]))  # in the file's order
             if args.json:  # after every test: a check stopped from outside keeps what finished
                 Path(args.json).write_text(json.dumps({
                     "path": args.path, "jobs": args.jobs, "tests_collected": len(nodes),
