@@ -127,8 +127,10 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
     ``m'`` from uniforms, both mask updates, the no-grad forward of ``m'``, the score gradient and the projection of
     the scores onto the budget (also counted alone: ``projection``); the fixed-mask finetune step is the dense step of
     the full model under a sampled mask at its aligned kept counts (``finetune.narrow: false``); the narrow finetune
-    step is the dense step of that mask's narrow model, padded to ``align`` (the default finetune)."""
-    from maskprop.train.graphs import DenseStep, DeviceMeter, FixedMaskStep, SearchStep
+    step is the dense step of that mask's narrow model, padded to ``align`` (the default finetune). The search step as
+    torchrun runs it (two ranks: its two halves, the gradients and losses packed for the all-reduce between them and
+    averaged after it, the score update after the average) is counted too, the collective itself as one launch."""
+    from maskprop.train.graphs import DenseStep, DeviceMeter, FixedMaskStep, GradientAverage, SearchStep
     from maskprop.train.narrow import NarrowSubnetwork
     from maskprop.train.steps import StepContext
 
@@ -186,6 +188,19 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
         counts["static search step, main stream"] = count(lambda: search(x, y))
     counts["static search step, main stream"].launches -= branch.launches
     counts["static search step, side stream"] = branch
+
+    average = GradientAverage(model.parameters(), 3, world_size=2)
+    ranked = SearchStep(model, scores, (NoStep(model.parameters()), NoStep()), SparsityConfig(), ctx,  # type: ignore
+                        capacities, meter, average=average)
+    with mock.patch.object(GradientAverage, "all_reduce", lambda self: None):  # no process group on meta
+        ranked(x, y)
+        counts["torchrun search step"] = count(lambda: ranked(x, y))
+        branch.launches = 0
+        with mock.patch.object(SearchStep, "_side_branch", counted):
+            counts["torchrun search step, main stream"] = count(lambda: ranked(x, y))
+    for kind in ("torchrun search step", "torchrun search step, main stream"):
+        counts[kind].launches += 1  # the all-reduce between the halves
+    counts["torchrun search step, main stream"].launches -= branch.launches
     return counts
 
 
@@ -201,13 +216,15 @@ def main() -> None:
     if args.whole:
         print(f"launches per whole step on meta (optimizer steps left out), keep {args.keep}, align {args.align}")
         print("| model | dense step | static search step | ratio | its main stream (m' beside) | ratio | "
-              "fixed-mask finetune step | narrow finetune step |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+              "fixed-mask finetune step | narrow finetune step | search step under torchrun (main stream) |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name in args.models:
             r = whole_steps(name, args.keep, args.align, args.batch)
             d, s = r["dense step"].launches, r["static search step"].launches
             main_stream = r["static search step, main stream"].launches
             print(f"| {name} | {d} | {s} | {s / d:.2f} | {main_stream} | {main_stream / d:.2f} | "
-                  f"{r['fixed-mask step'].launches} | {r['narrow step'].launches} |")
+                  f"{r['fixed-mask step'].launches} | {r['narrow step'].launches} | "
+                  f"{r['torchrun search step'].launches} ({r['torchrun search step, main stream'].launches}) |")
         return
     print(f"launches (host ops) per training step on meta, keep {args.keep}, align {args.align}; "
           "static = update + forward + backward")
