@@ -125,7 +125,8 @@ class TrainState:
 
     @property
     def step_model(self) -> nn.Module:
-        """The module training steps run: the DDP wrapper under torchrun, else the model."""
+        """The module the eager training steps run: the DDP wrapper under torchrun, else the model (the static steps of
+        a GPU run take the model and average its gradients themselves)."""
         return self.model if self.ddp is None else self.ddp
 
     def checkpoint(self, cfg: Config, groups: Mapping[str, int]) -> dict[str, Any]:
