@@ -376,6 +376,13 @@ def test_static_steps_take_their_gradients_fresh_and_norm_them_in_one_go():
     # on CUDA the mask update and forward of m' and the score update run on a side stream: what stays on the main one
     main, side = counts["static search step, main stream"].launches, counts["static search step, side stream"].launches
     assert main + side == search and dense < main < 1.6 * dense and side > projection
+    # under torchrun: a few launches more (packing, division, global losses, the collective); the score update waits
+    # for the all-reduce, on the main stream
+    ranked = counts["torchrun search step"].launches
+    ranked_main, ranked_side = (counts[f"torchrun search step, {stream} stream"].launches
+                                for stream in ("main", "side"))
+    assert ranked_main + ranked_side == ranked and search < ranked <= search + 20
+    assert ranked_main > main + projection and ranked_side < side - projection
 
 
 def test_a_failed_capture_tries_the_step_s_simpler_form_first(caplog):
