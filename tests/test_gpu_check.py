@@ -125,18 +125,29 @@ def test_e2e_runs_bad_model_specs_are_one_line(tmp_path, spec):
 @pytest.mark.slow
 def test_gpu_check_runs_through_on_the_cpu_as_a_dry_run(tmp_path):
     """``GPU_CHECK_DRY_RUN=1 tools/gpu_check.sh OUT`` runs every part at toy sizes on the CPU (about a minute): each part
-    exits 0 and writes what the GPU run would, and summary.json names them all."""
+    exits 0 and writes what the GPU run would, and summary.json names them all; with a second directory, the archive
+    and tables a lent machine can return."""
     import os
+    import tarfile
 
-    out = tmp_path / "check"
-    done = subprocess.run(["bash", "tools/gpu_check.sh", str(out)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "GPU_CHECK_DRY_RUN": "1", "PYTHON": sys.executable}, check=False)
+    out, bundle = tmp_path / "check", tmp_path / "back"
+    done = subprocess.run(["bash", "tools/gpu_check.sh", str(out), str(bundle)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "GPU_CHECK_DRY_RUN": "1", "PYTHON": sys.executable},
+                          check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"tests", "graphs", "e2e"} and all(s["exit_status"] == 0 for s in summary.values())
     for name in ("machine.json", "gpu_tests.json", "graphs.json", "graphs.md", "e2e/e2e.json", "e2e/e2e.md"):
         assert (out / name).is_file(), name
     assert json.loads((out / "gpu_tests.json").read_text())["counts"]["failed"] == 0
+    # what a lent machine returns (at most 8 files): the archive of every result, checkpoints left out, and the tables
+    assert sorted(p.name for p in bundle.iterdir()) == ["e2e.md", "gpu_check.log", "gpu_check.tgz", "gpu_tests.json",
+                                                        "graphs.md", "summary.json"]
+    with tarfile.open(bundle / "gpu_check.tgz") as archive:
+        names = archive.getnames()
+    assert {"check/graphs.json", "check/e2e/e2e.json", "check/machine.json"} <= set(names)
+    assert not [n for n in names if n.endswith(".pt")] and any(n.endswith("summary.json") and "/e2e/" in n
+                                                                for n in names)
 
 
 def test_the_step_times_table_gives_the_targets_rows_as_speedups():

@@ -3,6 +3,10 @@
 # given (and a log beside it). Run from the repository root:
 #
 #     tools/gpu_check.sh results/gpu-$(date +%F)
+#     tools/gpu_check.sh /tmp/gpu_check "$OUT"     (a lent machine that returns at most 8 files from $OUT)
+#
+# With a second directory, that one receives gpu_check.tgz (every result file of OUT, the runs' checkpoints left out)
+# and, to read at once, summary.json, gpu_tests.json, graphs.md, e2e.md and gpu_check.log: six files.
 #
 # 1. the GPU tests (compact == masked in float32 channels_last with sampled and aligned widths, bf16 tolerance,
 #    aligned operands, one host sync per search step, the trainer on CUDA), each in a process of its own, eight at a
@@ -23,7 +27,8 @@
 # GPU_CHECK_DRY_RUN=1 runs the same parts on the CPU at toy sizes (eager steps, 1 thread, generous limits): a check of
 # the script itself, for a machine without a GPU (tests/test_gpu_check.py).
 set -u
-OUT=${1:?usage: tools/gpu_check.sh OUT_DIR}
+OUT=${1:?usage: tools/gpu_check.sh OUT_DIR [BUNDLE_DIR]}
+BUNDLE=${2:-}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -81,3 +86,12 @@ for table in graphs.md e2e/e2e.md; do [ -f "$OUT/$table" ] && tee -a "$LOG" < "$
     echo "}"
 } > "$OUT/summary.json"
 cat "$OUT/summary.json"
+
+if [ -n "$BUNDLE" ]; then  # few files to carry back: one archive of everything, and the main tables beside it
+    mkdir -p "$BUNDLE"
+    tar -czf "$BUNDLE/gpu_check.tgz" --exclude='*.pt' -C "$(dirname "$OUT")" "$(basename "$OUT")"
+    for file in summary.json gpu_tests.json graphs.md e2e/e2e.md gpu_check.log; do
+        [ -f "$OUT/$file" ] && cp "$OUT/$file" "$BUNDLE/"
+    done
+    ls -l "$BUNDLE"
+fi
