@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,3 +168,24 @@ def test_the_step_times_table_gives_the_targets_rows_as_speedups():
         "| narrow finetune / dense eager | 2.80x (target 2.50x, ceiling 3.30x) | - |",
         "| narrow finetune / dense graphed | 1.20x (target 1.20x, ceiling 1.27x) | - |",
     ]
+
+
+def test_bench_graphs_profiles_every_kind_on_request(tmp_path):
+    """``--profile DIR``: each step kind's operators by their own time in ``DIR/<model>.md`` (kernels by device time
+    on a GPU) and the graphed search step's trace, gzipped JSON (here on the CPU, eagerly, at a toy size, two kinds:
+    ``--kinds``)."""
+    import gzip
+
+    tool = _tool("bench_graphs")
+    try:
+        tool.PROFILE_STEPS = 1
+        row = tool.bench("resnet20", 16, 4, torch.device("cpu"), 1, 0.5, 8, profile_dir=tmp_path,
+                         kinds=["dense_eager", "search_graphed"])
+    finally:
+        sys.modules.pop("bench_graphs", None)
+    assert [k for k in row if k.endswith("_ms")] == ["dense_eager_ms", "search_graphed_ms"]
+    text = (tmp_path / "resnet20.md").read_text()
+    assert text.count("## resnet20 16px b4: ") == 2 and ": search_graphed (1 steps" in text
+    assert "aten::convolution" in text and "Self CPU" in text
+    trace = json.loads(gzip.decompress((tmp_path / "resnet20_search_graphed.json.gz").read_bytes()))
+    assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])

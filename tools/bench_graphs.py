@@ -4,6 +4,7 @@ Usage:
     python tools/bench_graphs.py --models resnet32:32:256 vgg19_bn:32:256 resnet50:224:256 --json out/graphs.json \
         --markdown out/graphs.md
     python tools/bench_graphs.py --device cpu --models resnet20:16:8 --steps 2     (a dry run: the same steps, eagerly)
+    python tools/bench_graphs.py --models resnet32:32:256 --steps 5 --profile out/profile      (where the time goes)
 
 Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-event times of ``--steps`` steps:
 
@@ -25,6 +26,10 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
 * ``finetune_graphed``: the static fixed-mask step at the aligned kept counts, captured;
 * ``narrow_graphed``: the narrow model's dense step, captured.
 
+With ``--profile DIR`` every kind also runs ``PROFILE_STEPS`` steps under ``torch.profiler`` (the GPU's kernels, those
+replayed from a graph included): ``DIR/<model>.md`` gets each kind's kernels by their own device time (host time on a
+CPU), and ``DIR/<model>_search_graphed.json.gz`` the search step's trace (for ``chrome://tracing`` or Perfetto).
+
 The markdown has two tables: the step times with their ratios (step time / dense step time: below 1, the sparse step
 is faster), and the GPU targets' rows as speedups (dense step time / step time) beside their targets and the ceiling
 measured before (on an H200, the physically narrow model at half width with its whole step in one graph; a search
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gzip
 import json
 import statistics
 import tempfile
@@ -82,10 +88,42 @@ def _time(fn: Callable[[], object], device: torch.device, steps: int) -> list[fl
     return times
 
 
+KINDS = ["dense_eager", "dense_graphed", "search_eager", "search_graphed", "search_static", "search_one_stream_graphed",
+         "settled_graphed", "finetune_eager", "finetune_graphed", "narrow_eager", "narrow_graphed",
+         "search_ranks_graphed"]
+"""The step kinds, in the order they are timed (``search_ranks_graphed`` needs a process group: ``main`` starts one of
+one rank)."""
+
+PROFILE_STEPS = 3
+"""Steps of each kind ``--profile`` records, after the timed ones."""
+
+
+def profile(fn: Callable[[], object], device: torch.device, trace: Path | None = None) -> str:
+    """The operators and kernels of ``PROFILE_STEPS`` calls of ``fn`` as torch.profiler's table, by their own device
+    time on CUDA (host time elsewhere); with ``trace``, the chrome trace gzipped there."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(PROFILE_STEPS):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    if trace is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(raw))
+            trace.write_bytes(gzip.compress(raw.read_bytes()))
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+
+
 def bench(name: str, size: int, batch: int, device: torch.device, steps: int, keep: float, align: int,
-          quantile: float = 0.999, save: Callable[[dict], None] = lambda row: None) -> dict:
+          quantile: float = 0.999, save: Callable[[dict], None] = lambda row: None,
+          profile_dir: Path | None = None, kinds: list[str] | None = None) -> dict:
     """One model's row: every step kind's median time (``save``d after each kind: a time limit that ends the run
-    keeps what was measured) and the ratios."""
+    keeps what was measured) and the ratios; with ``profile_dir``, each kind's profile (module docstring); ``kinds``:
+    only these (default all, ``KINDS``)."""
     torch.manual_seed(0)
     capture = device.type == "cuda"
     if capture:
@@ -113,6 +151,12 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
         row[f"{kind}_ms"] = statistics.median(times)
         print(f"{name} {size}px b{batch} {kind:25s} {row[f'{kind}_ms']:9.2f} ms (min {min(times):.2f}, max "
               f"{max(times):.2f})", flush=True)
+        if profile_dir is not None:
+            trace = profile_dir / f"{name}_{kind}.json.gz" if kind == "search_graphed" else None
+            table = profile(fn, device, trace)
+            with open(profile_dir / f"{name}.md", "a") as out:
+                out.write(f"## {name} {size}px b{batch}: {kind} ({PROFILE_STEPS} steps, median step "
+                          f"{row[f'{kind}_ms']:.2f} ms)\n\n```\n{table}\n```\n\n")
         del fn
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -186,14 +230,13 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
         static = StaticSteps(cfg, ctx, choice, seed=1)
         return lambda: static.plain(narrow.model, narrow.optimizer, (x, y), narrow=narrow)
 
-    for kind, make in [("dense_eager", dense_eager), ("dense_graphed", dense_graphed),
-                       ("search_eager", search_eager), ("search_graphed", search_graphed),
-                       ("search_static", search_static),
-                       ("search_one_stream_graphed", search_one_stream_graphed),
-                       ("settled_graphed", settled_graphed),
-                       ("finetune_eager", finetune_eager), ("finetune_graphed", finetune_graphed),
-                       ("narrow_eager", narrow_eager), ("narrow_graphed", narrow_graphed),
-                       ("search_ranks_graphed", search_ranks_graphed)]:
+    makers = {"dense_eager": dense_eager, "dense_graphed": dense_graphed, "search_eager": search_eager,
+              "search_graphed": search_graphed, "search_static": search_static,
+              "search_one_stream_graphed": search_one_stream_graphed, "settled_graphed": settled_graphed,
+              "finetune_eager": finetune_eager, "finetune_graphed": finetune_graphed, "narrow_eager": narrow_eager,
+              "narrow_graphed": narrow_graphed, "search_ranks_graphed": search_ranks_graphed}
+    for kind in kinds or KINDS:
+        make = makers[kind]
         try:
             measure(kind, make)
         except Exception as err:  # noqa: BLE001 - one kind failing must not lose the others' numbers
@@ -297,7 +340,11 @@ def main() -> None:
                         help="sparsity.capacity_quantile of the graphed search steps (default 0.999)")
     parser.add_argument("--json", help="write the rows as JSON to this path")
     parser.add_argument("--markdown", help="write the table to this path")
+    parser.add_argument("--profile", type=Path, help="directory for each kind's profile (module docstring)")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, help="only these step kinds (default: all)")
     args = parser.parse_args()
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     if device.type != "cuda":
         torch.set_num_threads(1)
@@ -315,7 +362,7 @@ def main() -> None:
             for spec in args.models:
                 name, size, batch = spec.split(":")
                 row = bench(name, int(size), int(batch), device, args.steps, args.keep, args.align,
-                            args.capacity_quantile, save)
+                            args.capacity_quantile, save, args.profile, args.kinds)
                 save(row)  # with its ratios
                 rows.append(row)
         finally:
