@@ -39,6 +39,7 @@ step adds a forward of ``m'``, a third of a step, so its ceiling is three quarte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gzip
@@ -46,7 +47,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -91,8 +92,8 @@ def _time(fn: Callable[[], object], device: torch.device, steps: int) -> list[fl
 KINDS = ["dense_eager", "dense_graphed", "search_eager", "search_graphed", "search_static", "search_one_stream_graphed",
          "settled_graphed", "finetune_eager", "finetune_graphed", "narrow_eager", "narrow_graphed",
          "search_ranks_graphed"]
-"""The step kinds, in the order they are timed (``search_ranks_graphed`` needs a process group: ``main`` starts one of
-one rank)."""
+"""The step kinds, in the order they are timed (``search_ranks_graphed`` in a process group of one rank:
+:func:`one_rank_group`)."""
 
 PROFILE_STEPS = 3
 """Steps of each kind ``--profile`` records, after the timed ones."""
@@ -116,6 +117,20 @@ def profile(fn: Callable[[], object], device: torch.device, trace: Path | None =
             trace.write_bytes(gzip.compress(raw.read_bytes()))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+
+
+@contextlib.contextmanager
+def one_rank_group(device: torch.device) -> Iterator[None]:
+    """A process group of this process alone (NCCL on CUDA, gloo elsewhere), for the step as torchrun runs it; gone
+    afterwards, so that no collective's watchdog outlives the kind that needs it. A failure to start it fails that
+    kind only."""
+    with tempfile.TemporaryDirectory() as store:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}/pg",
+                                rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
 
 
 def bench(name: str, size: int, batch: int, device: torch.device, steps: int, keep: float, align: int,
@@ -238,7 +253,8 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
     for kind in kinds or KINDS:
         make = makers[kind]
         try:
-            measure(kind, make)
+            with one_rank_group(device) if kind == "search_ranks_graphed" else contextlib.nullcontext():
+                measure(kind, make)
         except Exception as err:  # noqa: BLE001 - one kind failing must not lose the others' numbers
             row[f"{kind}_error"] = f"{type(err).__name__}: {err}"[:500]
             print(f"{name} {kind} FAILED: {row[f'{kind}_error']}", flush=True)
@@ -350,23 +366,18 @@ def main() -> None:
         torch.set_num_threads(1)
     print(describe_machine(args.device), flush=True)
     rows = []
-    with tempfile.TemporaryDirectory() as store:  # a process group of one rank, for search_ranks_graphed
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}/pg",
-                                rank=0, world_size=1)
-        try:
-            def save(row: dict) -> None:  # after every step kind: a run cut short keeps what it measured
-                if args.json:
-                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.json).write_text(json.dumps([*rows, row], indent=2))
 
-            for spec in args.models:
-                name, size, batch = spec.split(":")
-                row = bench(name, int(size), int(batch), device, args.steps, args.keep, args.align,
-                            args.capacity_quantile, save, args.profile, args.kinds)
-                save(row)  # with its ratios
-                rows.append(row)
-        finally:
-            dist.destroy_process_group()
+    def save(row: dict) -> None:  # after every step kind: a run cut short keeps what it measured
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps([*rows, row], indent=2))
+
+    for spec in args.models:
+        name, size, batch = spec.split(":")
+        row = bench(name, int(size), int(batch), device, args.steps, args.keep, args.align, args.capacity_quantile,
+                    save, args.profile, args.kinds)
+        save(row)  # with its ratios
+        rows.append(row)
     table = markdown(rows) + "\n" + targets_table(rows)
     print(table)
     if args.markdown:
