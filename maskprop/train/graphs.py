@@ -1,4 +1,4 @@
-"""Training steps with static shapes, each captured as one CUDA graph and replayed (``cuda_graphs`` in the config).
+"""Static-shape training steps, each captured as one CUDA graph (two under torchrun) and replayed (``cuda_graphs``).
 
 How a step runs on a GPU. The eager steps of ``steps.py`` give every search step the widths of its own masks: new
 shapes, index sets built on the host and a read of every mask and loss, so a GPU spends most of a step waiting for the
