@@ -14,8 +14,9 @@ What a DDP run keeps identical on every rank, and how:
   gradients, not missing ones, so DDP runs without ``find_unused_parameters``. ``sparsity.weight_grad: both``
   back-propagates twice per step; DDP all-reduces after each backward, and the average of an average that is already
   the same everywhere plus the second one is the average of the sum (exact, at the cost of a second all-reduce).
-  On CUDA the ranks run the static-shape steps of ``maskprop.train.graphs`` through the same wrapper, eagerly (not
-  captured as CUDA graphs), with the same sums over the ranks.
+  On CUDA the ranks run the static-shape steps of ``maskprop.train.graphs`` instead, on the model itself: each step
+  packs its gradients and losses into one buffer, all-reduced between two halves captured as CUDA graphs
+  (``GradientAverage``; uncaptured with ``sync_bn``), with the same sums over the ranks.
 * **BatchNorm.** ``sync_bn: false`` (plain DDP): each rank normalises its own share of the batch; the running
   statistics drift apart during an epoch and are averaged over the ranks at its end (:func:`average_buffers`),
   before evaluation, the fix and every checkpoint. ``sync_bn: true``: statistics of the kept channels over the
