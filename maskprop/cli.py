@@ -297,16 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
 
     export = commands.add_parser(
-        "export", help="write a run's subnetwork as a physically smaller model (safetensors + plan, .pt2, ONNX)",
+        "export", help="write a run's subnetwork as a physically smaller model (safetensors + plan, .pt2, ONNX, timm)",
         description="Export the subnetwork of a training run as an ordinary, narrower torch model: model.safetensors "
         "with the width plan plan.json (maskprop.load_exported), model.pt2 (torch.export.load, torch alone), "
-        "model.onnx (onnxruntime; needs the onnx extra), and export.json (source checkpoint, the accuracy the run "
-        "measured, params, FLOPs and output checks). Default: last.pt of the run with its fixed subnetwork.",
+        "model.onnx (onnxruntime; needs the onnx extra), for the ImageNet ResNets timm_pruned.txt (timm's "
+        "adapt_model_from_string rebuilds the model, which loads model.safetensors), and export.json (source "
+        "checkpoint, the accuracy the run measured, params, FLOPs and output checks). Default: last.pt of the run with "
+        "its fixed subnetwork.",
     )
     export.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (maskprop train --out)")
     export.add_argument("--out", help="export directory (default: RUN_DIR/export); written whole or not at all")
-    export.add_argument("--format", help="comma-separated list of safetensors, pt2, onnx (default: all three, onnx "
-                        "only with the onnx extra installed)")
+    export.add_argument("--format", help="comma-separated list of safetensors, pt2, onnx, timm (default: every one "
+                        "that applies: onnx with the onnx extra installed, timm for resnet18, resnet34 and resnet50)")
     export.add_argument("--checkpoint", choices=["last", "best"], default="last",
                         help="last.pt (default: the finished run's final network) or best.pt (best validation "
                         "accuracy; may be from the search phase, then use --mask top_scores)")

@@ -16,10 +16,14 @@ An export directory holds:
 * ``model.pt2``: ``torch.export`` of the model in eval mode, dynamic batch size; ``torch.export.load(p).module()``
   runs it with torch alone;
 * ``model.onnx``: ``torch.onnx.export(..., dynamo=True)``, dynamic batch size (needs the ``onnx`` extra);
+* ``timm_pruned.txt`` (the ImageNet ResNets: resnet18, resnet34, resnet50): the narrow widths as timm's pruned-model
+  string (every conv, BatchNorm and linear weight's shape), which ``timm.models.adapt_model_from_string`` applies to
+  ``timm.create_model(name)``; ``model.safetensors`` then loads into it as it is, since these models share timm's
+  module tree and state-dict keys (:func:`load_timm`);
 * ``export.json``: what was exported and from where, the accuracy the run measured, and the parameters, FLOPs and
   output checks measured on the exported module and on each written file.
 
-This module imports torch alone; safetensors, ONNX and the training package are imported when needed.
+This module imports torch alone; safetensors, ONNX, timm and the training package are imported when needed.
 """
 
 from __future__ import annotations
@@ -53,15 +57,21 @@ __all__ = [
     "WidthPlan",
     "export_run",
     "load_exported",
+    "load_timm",
     "parse_formats",
     "run_input_size",
     "save_exported",
+    "timm_twin",
 ]
 
-FORMATS = ("safetensors", "pt2", "onnx")
-PLAN_FILE, WEIGHTS_FILE, PROGRAM_FILE, ONNX_FILE, INFO_FILE = (
-    "plan.json", "model.safetensors", "model.pt2", "model.onnx", "export.json")
-_FILES = {"safetensors": WEIGHTS_FILE, "pt2": PROGRAM_FILE, "onnx": ONNX_FILE}
+FORMATS = ("safetensors", "pt2", "onnx", "timm")
+PLAN_FILE, WEIGHTS_FILE, PROGRAM_FILE, ONNX_FILE, TIMM_FILE, INFO_FILE = (
+    "plan.json", "model.safetensors", "model.pt2", "model.onnx", "timm_pruned.txt", "export.json")
+_FILES = {"safetensors": WEIGHTS_FILE, "pt2": PROGRAM_FILE, "onnx": ONNX_FILE, "timm": TIMM_FILE}
+_TIMM_TWINS = ("resnet18", "resnet34", "resnet50")
+"""maskprop's models built with timm's module tree and state-dict keys (the ImageNet ResNets, as torchvision's)."""
+_TIMM_KWARGS = {"num_classes", "in_chans", "prune_residual", "zero_init_residual"}
+"""Keywords of those models that leave the architecture as timm builds it (the last two decide groups and init)."""
 _PLAN_FORMAT = 2  # 1: model, model_kwargs, num_classes and input_size at the top (read too)
 _INFO_FORMAT = 1
 _CHECK_BATCH = 2  # the output checks run a batch of 2 (a batch of 1 would not exercise the dynamic batch dimension)
@@ -259,6 +269,68 @@ def load_exported(path: str | os.PathLike, device: torch.device | str | None = N
     return narrow.eval()
 
 
+def timm_twin(spec: ModelSpec) -> str | None:
+    """The timm model that builds ``spec``'s architecture with the same module names and state-dict keys, or ``None``.
+
+    The ImageNet ResNets (``resnet18``, ``resnet34``, ``resnet50``, with their default ImageNet stem) have one: timm's
+    model of the same name, created with the spec's ``num_classes`` and ``in_chans``.
+    """
+    kwargs = dict(spec.kwargs)
+    if spec.name not in _TIMM_TWINS or kwargs.pop("stem", "imagenet") != "imagenet":
+        return None
+    return spec.name if set(kwargs) <= _TIMM_KWARGS else None
+
+
+def timm_pruned_string(narrow: nn.Module) -> str:
+    """``narrow``'s widths as timm's pruned-model string: ``name.weight:[shape]`` of every conv, BatchNorm and linear
+    layer, joined by ``***`` (what ``timm.models.adapt_model_from_string`` reads)."""
+    layers = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+    return "***".join(f"{name}.weight:{list(module.weight.shape)}" for name, module in narrow.named_modules()
+                      if isinstance(module, layers))
+
+
+def load_timm(path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:
+    """Rebuild an export directory's narrow model as a timm model, the way timm alone does it:
+    ``adapt_model_from_string(timm.create_model(name, num_classes=..., in_chans=...), timm_pruned.txt)``, then
+    ``model.safetensors`` loaded into it (built on the ``meta`` device here, so nothing is initialised twice).
+
+    Args:
+        path: an export directory with ``plan.json``, ``timm_pruned.txt`` and ``model.safetensors``.
+        device: where the tensors are loaded (default: the CPU).
+
+    Returns:
+        timm's model with the narrow widths and the exported weights, in eval mode.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: the plan's model has no timm twin, or the files do not fit it.
+    """
+    import timm
+    from safetensors.torch import load_file
+    from timm.models import adapt_model_from_string
+
+    path = Path(path)
+    plan = WidthPlan.load(path)
+    twin = timm_twin(plan.spec)
+    if twin is None:
+        raise ValueError(f"{plan.model} with {plan.spec.kwargs} has no timm twin; expected one of "
+                         f"{', '.join(_TIMM_TWINS)} with the ImageNet stem")
+    missing = [name for name in (TIMM_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"'{path}' lacks {', '.join(missing)}; export with --format timm")
+    with torch.device("meta"):
+        parent = timm.create_model(twin, pretrained=False, num_classes=plan.num_classes or 1000,
+                                   in_chans=plan.input_size[0])
+    model = adapt_model_from_string(parent, (path / TIMM_FILE).read_text())
+    try:
+        model.load_state_dict(load_file(path / WEIGHTS_FILE, device=str(torch.device(device or "cpu"))),
+                              strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"'{path / WEIGHTS_FILE}' does not fit timm's {twin} adapted by {TIMM_FILE} "
+                         f"({' '.join(str(err).split())[:300]})") from None
+    return model.eval()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Writing an export directory
 
@@ -266,13 +338,15 @@ def load_exported(path: str | os.PathLike, device: torch.device | str | None = N
 def parse_formats(formats: str | Iterable[str] | None) -> list[str]:
     """``"safetensors,pt2"`` or a list of names -> the checked list, in :data:`FORMATS` order.
 
-    ``None`` is every format this installation can write (``onnx`` only with the ``onnx`` extra installed).
+    ``None`` is every format this installation can write for any model (``onnx`` only with the ``onnx`` extra
+    installed; ``timm`` is added by :func:`save_exported` for models with a timm twin). ``timm`` brings
+    ``safetensors`` with it (the weights timm loads).
 
     Raises:
         ValueError: an unknown or empty format list, or ``onnx`` without the ``onnx`` extra.
     """
     if formats is None:
-        return [f for f in FORMATS if f != "onnx" or _missing_onnx() is None]
+        return [f for f in FORMATS if f != "timm" and (f != "onnx" or _missing_onnx() is None)]
     names = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else [str(f).strip() for f in formats]
     unknown = [f for f in names if f not in FORMATS]
     if unknown or not names:
@@ -283,6 +357,8 @@ def parse_formats(formats: str | Iterable[str] | None) -> list[str]:
         if missing is not None:
             raise ValueError(f"format 'onnx' needs the onnx extra ({missing} is not installed): pip install "
                              f"'maskprop[onnx]', or export --format safetensors,pt2")
+    if "timm" in names:
+        names.append("safetensors")
     return [f for f in FORMATS if f in names]
 
 
@@ -371,6 +447,9 @@ def _write_files(narrow: nn.Module, plan: WidthPlan, formats: Sequence[str], fol
     if "onnx" in formats:
         _write_onnx(narrow, x, folder / ONNX_FILE)
         checks[ONNX_FILE] = _relative_error(_run_onnx(folder / ONNX_FILE, x), reference)
+    if "timm" in formats:
+        (folder / TIMM_FILE).write_text(timm_pruned_string(narrow))  # no newline: timm reads the text as is
+        checks[TIMM_FILE] = _relative_error(load_timm(folder, x.device)(x), reference)
     bad = {name: err for name, err in checks.items() if not err <= _CHECK_TOLERANCE}
     if bad:
         raise RuntimeError(f"exported files do not reproduce the narrow model's output (relative error {bad}); "
@@ -407,7 +486,8 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
         out: the export directory to create.
         spec: how ``model`` was built (e.g. ``ModelSpec("resnet32", {"num_classes": 10}, (3, 32, 32))``); the plan
             rebuilds the architecture from it, so it is checked to build ``model``'s shapes.
-        formats: names from :data:`FORMATS`, a list or ``"safetensors,pt2"``; default every format available.
+        formats: names from :data:`FORMATS`, a list or ``"safetensors,pt2"``; default every format available for
+            the model (``timm`` where it has a timm twin: :func:`timm_twin`).
         force: replace an existing ``out``.
         source: extra information recorded in ``export.json`` (checkpoint, accuracy, ...).
 
@@ -419,6 +499,12 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
     """
     out = Path(out)
     chosen = parse_formats(formats)
+    twin = timm_twin(spec)
+    if formats is None and twin is not None:
+        chosen = parse_formats([*chosen, "timm"])
+    if "timm" in chosen and twin is None:
+        raise ValueError(f"format 'timm' is for models timm builds with the same layers ({', '.join(_TIMM_TWINS)} "
+                         f"with the ImageNet stem); {spec.name} with {spec.kwargs} has no timm twin")
     if out.exists() and not force:
         raise ValueError(f"output directory '{out}' exists; pass --force (force=True) to replace it")
     _check_spec(model, spec)
@@ -472,6 +558,8 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
             "flops": flops,
             "dense_flops": dense_flops,
             "widths": plan.widths(),
+            **({"timm": {"model": twin, "num_classes": num_classes, "in_chans": input_size[0]}}
+               if "timm" in chosen else {}),
             "check": {
                 "input": f"{_CHECK_BATCH} x {list(input_size)} seeded normal, eval mode, {str(parameter.dtype)[6:]}",
                 "narrow_vs_full_model_under_mask": against_full,
@@ -653,7 +741,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
         raise ValueError(f"unknown checkpoint {checkpoint!r}; expected 'last' or 'best'")
     if mask not in ("fixed", "top_scores"):
         raise ValueError(f"unknown mask {mask!r}; expected 'fixed' or 'top_scores'")
-    chosen = parse_formats(formats)
+    parse_formats(formats)  # a bad format list fails before the checkpoint is read
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory '{run_dir}' does not exist")
     path = run_dir / f"{checkpoint}.pt"
@@ -678,7 +766,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
         "accuracy_source": accuracy_source,
     }
     try:
-        return save_exported(model, subnet, out, spec=spec, formats=chosen, force=force, source=source)
+        return save_exported(model, subnet, out, spec=spec, formats=formats, force=force, source=source)
     except ValueError as err:
         if subnet is not None and "mask" in str(err):
             raise ValueError(f"checkpoint '{path}': its mask does not fit the model ({err})") from None

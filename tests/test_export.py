@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import maskprop
-from maskprop.export import WidthPlan, load_exported, parse_formats, save_exported
+from maskprop.export import WidthPlan, load_exported, load_timm, parse_formats, save_exported, timm_twin
 from maskprop.models.spec import ModelSpec
 from maskprop.sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, random_mask, use_mask
 from maskprop.surgery import materialize
@@ -309,6 +309,104 @@ def test_mlp_exports_and_loads(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(load_exported(tmp_path / "mlp")(x), materialize(model, mask)(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# timm: the ImageNet ResNets rebuilt by timm alone
+
+# A child process without maskprop: what README.md tells a timm user to run on an export directory.
+_TIMM_ALONE = textwrap.dedent("""
+    import json, sys
+
+    class NoMaskprop:
+        def find_spec(self, name, path=None, target=None):
+            if name == "maskprop" or name.startswith("maskprop."):
+                raise ImportError("maskprop is hidden in this process")
+            return None
+
+    sys.meta_path.insert(0, NoMaskprop())
+    import safetensors.torch
+    import timm
+    import torch
+
+    directory = sys.argv[1]
+    info = json.load(open(f"{directory}/export.json"))["timm"]
+    model = timm.create_model(info["model"], num_classes=info["num_classes"], in_chans=info["in_chans"])
+    model = timm.models.adapt_model_from_string(model, open(f"{directory}/timm_pruned.txt").read())
+    model.load_state_dict(safetensors.torch.load_file(f"{directory}/model.safetensors"))
+    torch.save(model.eval()(torch.load(f"{directory}/input.pt")), f"{directory}/output.pt")
+""")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_timm_rebuilds_the_imagenet_resnets_exactly(name, tmp_path):
+    """timm's model adapted by ``timm_pruned.txt`` with ``model.safetensors`` is the narrow model: the same eval
+    output, and in training the same output, gradients (by parameter name) and BatchNorm statistics, in float64."""
+    torch.manual_seed(0)
+    model = nontrivial_batch_norms(maskprop.create_model(name, num_classes=7)).double()
+    mask = edge_case_mask(model.channel_groups(), torch.Generator().manual_seed(1))
+    spec = ModelSpec.resolve(name, {}, num_classes=7, input_size=(3, 48, 48))
+    info = save_exported(model, mask, tmp_path / name, spec=spec, formats="timm")
+    assert sorted(p.name for p in (tmp_path / name).iterdir()) == [
+        "export.json", "model.safetensors", "plan.json", "timm_pruned.txt"]
+    assert info["timm"] == {"model": name, "num_classes": 7, "in_chans": 3}
+    assert info["check"]["files_vs_narrow_model"]["timm_pruned.txt"] <= 1e-12
+    narrow = materialize(model, mask)
+    rebuilt = load_timm(tmp_path / name)
+    assert type(rebuilt).__module__.startswith("timm.")
+    x = torch.randn(4, 3, 48, 48, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), narrow.eval()(x), rtol=1e-12, atol=1e-12)
+    y = torch.randint(7, (4,))
+    for net in (narrow, rebuilt):
+        net.train()
+        F.cross_entropy(net(x), y).backward()
+    theirs = dict(rebuilt.named_parameters())
+    for key, p in narrow.named_parameters():
+        torch.testing.assert_close(theirs[key].grad, p.grad, rtol=1e-10, atol=1e-12, msg=key)
+    theirs = dict(rebuilt.named_buffers())
+    for key, b in narrow.named_buffers():
+        torch.testing.assert_close(theirs[key], b, rtol=1e-12, atol=1e-12, msg=key)
+
+
+def test_timm_alone_loads_the_export_in_a_child_process(tmp_path):
+    """The README's timm recipe, in a process where maskprop cannot be imported."""
+    torch.manual_seed(0)
+    model = nontrivial_batch_norms(maskprop.create_model("resnet18", num_classes=5))
+    mask = edge_case_mask(model.channel_groups(), torch.Generator().manual_seed(2))
+    out = tmp_path / "r18"
+    save_exported(model, mask, out, spec=ModelSpec.resolve("resnet18", {}, num_classes=5, input_size=(3, 32, 32)),
+                  formats="timm")
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, out / "input.pt")
+    done = subprocess.run([sys.executable, "-c", _TIMM_ALONE, str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(out / "output.pt"), materialize(model, mask).eval()(x),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_timm_format_is_the_default_only_for_models_with_a_timm_twin(tmp_path):
+    assert timm_twin(ModelSpec.resolve("resnet50", {}, num_classes=10, input_size=(3, 64, 64))) == "resnet50"
+    assert timm_twin(ModelSpec("resnet18", {"num_classes": 10, "stem": "cifar"}, (3, 32, 32))) is None
+    assert timm_twin(RESNET20) is None and timm_twin(ModelSpec("vgg11_bn", {}, (3, 32, 32))) is None
+    assert parse_formats("timm") == ["safetensors", "timm"]  # the weights timm loads come with it
+    assert "timm" not in parse_formats(None)
+    model = maskprop.create_model("resnet18", num_classes=3)
+    info = save_exported(model, None, tmp_path / "r18", spec=ModelSpec.resolve("resnet18", {}, num_classes=3,
+                         input_size=(3, 32, 32)), formats=None)
+    assert "timm_pruned.txt" in info["files"] and "timm_pruned.txt" in info["check"]["files_vs_narrow_model"]
+    small = maskprop.create_model("resnet20")
+    with pytest.raises(ValueError, match=r"format 'timm' is for .* resnet20 with \{'num_classes': 10\} has no timm"):
+        save_exported(small, None, tmp_path / "r20", spec=RESNET20, formats="timm")
+    assert not (tmp_path / "r20").exists()
+    info = save_exported(small, None, tmp_path / "r20", spec=RESNET20, formats=None)
+    assert "timm_pruned.txt" not in info["files"] and "timm" not in info
+    with pytest.raises(ValueError, match="resnet20 with .* has no timm twin"):
+        load_timm(tmp_path / "r20")
+    (tmp_path / "r18" / "timm_pruned.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks timm_pruned.txt; export with --format timm"):
+        load_timm(tmp_path / "r18")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

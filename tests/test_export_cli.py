@@ -192,6 +192,7 @@ def _bad_cases(run_dir: Path, tmp_path: Path) -> list[tuple[list[str], str, Path
         ([rejected], "model 'resnet20' does not take the keywords {'depth': 3}", rejected),
         ([old], "has format 0", old),
         ([taken, "--format", "safetensors,tflite"], "unknown export format(s) 'tflite'", taken),
+        ([run_dir, "--format", "timm", "--out", tmp_path / "timm"], "resnet20 with", tmp_path),
         ([taken], "exists; pass --force", taken),
         ([taken, "--input-size", "3,16"], "not C,H,W", taken),
     ]
