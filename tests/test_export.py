@@ -201,8 +201,8 @@ def test_materialize_rejects_a_bad_mask():
 # Files
 
 
-# A child process in which maskprop cannot be imported: the .pt2 file must load with torch alone.
-_TORCH_ALONE = textwrap.dedent("""
+# The start of a child process in which maskprop cannot be imported.
+_WITHOUT_MASKPROP = textwrap.dedent("""
     import sys
 
     class NoMaskprop:
@@ -218,6 +218,10 @@ _TORCH_ALONE = textwrap.dedent("""
         pass
     else:
         raise SystemExit("maskprop is importable; the check would prove nothing")
+""")
+
+# The .pt2 file must load with torch alone.
+_TORCH_ALONE = _WITHOUT_MASKPROP + textwrap.dedent("""
     import torch
 
     directory = sys.argv[1]
@@ -314,17 +318,10 @@ def test_mlp_exports_and_loads(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # timm: the ImageNet ResNets rebuilt by timm alone
 
-# A child process without maskprop: what README.md tells a timm user to run on an export directory.
-_TIMM_ALONE = textwrap.dedent("""
-    import json, sys
+# What README.md tells a timm user to run on an export directory, without maskprop.
+_TIMM_ALONE = _WITHOUT_MASKPROP + textwrap.dedent("""
+    import json
 
-    class NoMaskprop:
-        def find_spec(self, name, path=None, target=None):
-            if name == "maskprop" or name.startswith("maskprop."):
-                raise ImportError("maskprop is hidden in this process")
-            return None
-
-    sys.meta_path.insert(0, NoMaskprop())
     import safetensors.torch
     import timm
     import torch
