@@ -6,6 +6,7 @@ Standard library only: the core (export) and the trainer both use it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_directory", "atomic_write"]
+__all__ = ["atomic_directory", "atomic_write", "sha256"]
 
 
 @contextlib.contextmanager
@@ -84,3 +85,12 @@ def atomic_directory(target: str | os.PathLike, force: bool = False) -> Iterator
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 digest of the file ``path``, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

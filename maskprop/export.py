@@ -29,7 +29,6 @@ This module imports torch alone; safetensors, ONNX, timm and the training packag
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
 import logging
@@ -45,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._files import atomic_directory
+from ._files import atomic_directory, sha256
 from .models.spec import ModelSpec
 from .sparse import channel_groups
 from .surgery import materialize
@@ -384,14 +383,6 @@ def _flops(model: nn.Module, x: Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _export_program(model: nn.Module, x: Tensor) -> torch.export.ExportedProgram:
     batch = torch.export.Dim("batch", min=1)
     return torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
@@ -568,7 +559,7 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
             "files": {},
         }
         for name in [PLAN_FILE, *(_FILES[f] for f in chosen)]:
-            info["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+            info["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": sha256(folder / name)}
         (folder / INFO_FILE).write_text(_compact_sizes(json.dumps(info, indent=2)) + "\n")
     logger.info("exported %s (%s) to %s", model_name, ", ".join(chosen), out)
     return info

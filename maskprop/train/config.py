@@ -116,10 +116,16 @@ class ModelConfig(_Section):
     Attributes:
         name: Name in the model registry (``maskprop.models``), e.g. ``resnet20``, ``resnet32``, ``vgg19``.
         kwargs: Keyword arguments for the model factory, e.g. ``{width: 2}``; ``num_classes`` comes from the data.
+        weights: Initial weights: a state-dict file (``.safetensors``, or a ``torch.save`` file such as ``.pth``,
+            read with ``weights_only=True``; a dict holding it under ``model`` or ``state_dict``, and keys prefixed
+            ``module.`` by DDP, are read too), loaded before the first step. torchvision's and timm's ResNet weights
+            fit the ImageNet ResNets as they are. A classifier of another shape (another number of classes) keeps its
+            initialisation, and the log and the summary say so. A resumed run takes its weights from its checkpoint.
     """
 
     name: Annotated[str, Field(min_length=1)] = "resnet20"
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: Annotated[str, Field(min_length=1)] | None = None
 
 
 class DataConfig(_Section):

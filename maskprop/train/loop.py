@@ -483,6 +483,8 @@ class _Saver:
             checkpoint["model_spec"] = self.run.spec.to_dict()  # how the model was built: what export rebuilds
             if self.run.static is not None:  # the device generator and the capacity windows (graphs.py)
                 checkpoint["static"] = self.run.static.state_dict()
+            if self.run.initial_weights is not None:  # what the run started from, for the summary after a resume
+                checkpoint["initial_weights"] = self.run.initial_weights.to_dict()
             if current().is_main:
                 save_checkpoint(checkpoint, self.run.run_dir / name)
 

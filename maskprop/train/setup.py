@@ -28,6 +28,7 @@ from .optim import build_schedule, run_optimizer, score_optimizer, weight_optimi
 from .state import TrainState, search_scores
 from .steps import StepContext
 from .timing import phase_epochs
+from .weights import InitialWeights, load_initial_weights
 
 __all__ = ["Run", "default_run_dir", "phase_epochs", "phase_optimizer", "prepare", "sparse_backward"]
 
@@ -43,7 +44,8 @@ class Run:
     ``dense_model`` is an unconverted copy of the model of a sparse-backward run, for the dense reference steps of the
     measured speedup to train and time; ``None`` for the other methods, whose model runs dense without a mask.
     ``static`` runs the steps with static shapes (``graphs.py``: ``cuda_graphs`` resolved on), ``None``: the eager
-    steps of ``steps.py``.
+    steps of ``steps.py``. ``initial_weights``: what ``model.weights`` loaded (for a resumed run, what it started
+    from; ``None``: no file).
     """
 
     cfg: Config
@@ -59,6 +61,7 @@ class Run:
     dense_model: nn.Module | None = None
     static: StaticSteps | None = None
     graphs: GraphsChoice = field(default_factory=lambda: GraphsChoice(False, False))
+    initial_weights: InitialWeights | None = None
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -226,6 +229,10 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     spec = _model_spec(cfg, num_classes, input_size)
     torch.manual_seed(cfg.seed)
     model = spec.build()
+    if checkpoint is None:
+        initial = None if cfg.model.weights is None else load_initial_weights(model, cfg.model.weights, cfg.model.name)
+    else:  # a resumed run's weights are in its checkpoint
+        initial = None if checkpoint.get("initial_weights") is None else InitialWeights(**checkpoint["initial_weights"])
     groups = model.channel_groups()
     if place.rank > 0:  # the same initial weights everywhere, then each rank's own augmentation and dropout draws
         torch.manual_seed(cfg.seed * 1_000_003 + place.rank)
@@ -287,7 +294,7 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: each convolution's fastest kernel, picked once
     return Run(cfg, state, ctx, train_set, train_loader, val_loader, groups, spec, run_dir, checkpoint is not None,
-               dense_model, static, graphs)
+               dense_model, static, graphs, initial)
 
 
 def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:

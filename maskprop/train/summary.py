@@ -115,6 +115,9 @@ class RunSummary:
             "windows and distinct widths met), overflow_steps and overflow_channels (masks cut to a capacity, "
             "channels cut), warmup_capture_s (s: the windows' eager warm-up steps and captures), capacities (the "
             "last window's, per group)")
+    initial_weights: dict[str, Any] | None = _f(
+        "", "model.weights the run started from: path, sha256, tensors (loaded) and kept_initialisation (the "
+            "classifier's keys where the file's is of another shape or absent); null: the seed's initialisation")
 
     def to_dict(self) -> dict[str, Any]:
         """The json-able dict written as ``summary.json``."""
@@ -211,6 +214,7 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
         steps=steps, widths=kept, group_sizes=dict(run.groups), fix=state.fix_info, search=_search(run),
         run_time_s=elapsed_s, run_dir=None if run.run_dir is None else str(run.run_dir),
         static_steps=None if run.static is None else run.static.report(),
+        initial_weights=None if run.initial_weights is None else run.initial_weights.to_dict(),
     )
     if method in SPARSE_BACKWARD_METHODS:
         sbp = cfg.sbp

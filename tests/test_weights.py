@@ -1,0 +1,142 @@
+"""``model.weights``: a run starts from a state-dict file (torchvision's, timm's, a checkpoint's, a DDP save), a
+classifier of another shape keeps its initialisation, and anything else that does not fit is one line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torchvision
+import yaml
+from conftest import TINY_RUN, with_overrides
+
+from maskprop.cli import main
+from maskprop.train.checkpoint import load_checkpoint
+from maskprop.train.config import load_config
+from maskprop.train.setup import prepare
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RESNET18 = with_overrides(TINY_RUN, **{"model.name": "resnet18", "optim.epochs": 1})
+
+
+def prepared(config: dict, **overrides):
+    """``prepare`` of ``config`` with dotted-key overrides: the built run, nothing written."""
+    return prepare(load_config(with_overrides(config, **overrides)))
+
+
+def assert_holds(model: torch.nn.Module, state: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> None:
+    own = model.state_dict()
+    for key, value in state.items():
+        if key not in skip:
+            assert torch.equal(own[key], value), key
+
+
+@pytest.mark.parametrize("source", ["torchvision .pth", "timm .safetensors"])
+def test_torchvision_and_timm_resnet_weights_load_as_they_are(source, tmp_path):
+    torch.manual_seed(1)
+    if source.startswith("torchvision"):
+        state = torchvision.models.resnet18(num_classes=10).state_dict()
+        path = tmp_path / "resnet18.pth"
+        torch.save(state, path)
+    else:
+        state = timm.create_model("resnet18", num_classes=10).state_dict()
+        path = tmp_path / "resnet18.safetensors"
+        safetensors.torch.save_file(state, path)
+    run = prepared(RESNET18, **{"model.weights": str(path)})
+    assert_holds(run.state.model, state)
+    assert run.initial_weights.tensors == len(state) and run.initial_weights.kept_initialisation == []
+    assert run.initial_weights.path == str(path.resolve())
+    import hashlib
+
+    assert run.initial_weights.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_classifier_of_another_shape_keeps_its_initialisation(tmp_path, caplog):
+    """ImageNet's 1000-class weights into a 10-class model: everything but ``fc`` loads; ``fc`` is the seed's."""
+    state = torchvision.models.resnet18().state_dict()
+    path = tmp_path / "imagenet.pth"
+    torch.save(state, path)
+    fresh = prepared(RESNET18).state.model.state_dict()
+    with caplog.at_level(logging.WARNING, logger="maskprop.train.weights"):
+        run = prepared(RESNET18, **{"model.weights": str(path)})
+    assert_holds(run.state.model, state, skip=("fc.weight", "fc.bias"))
+    own = run.state.model.state_dict()
+    assert torch.equal(own["fc.weight"], fresh["fc.weight"]) and torch.equal(own["fc.bias"], fresh["fc.bias"])
+    assert run.initial_weights.kept_initialisation == ["fc.bias", "fc.weight"]
+    assert "classifier keeps its initialisation" in caplog.text and "[1000, 512]" in caplog.text
+    del state["fc.weight"], state["fc.bias"]  # a feature extractor's weights: no classifier at all
+    torch.save(state, path)
+    assert prepared(RESNET18, **{"model.weights": str(path)}).initial_weights.kept_initialisation == [
+        "fc.bias", "fc.weight"]
+
+
+def test_wrapped_and_ddp_prefixed_state_dicts_and_checkpoints_load(tmp_path):
+    torch.manual_seed(2)
+    state = torchvision.models.resnet18(num_classes=10).state_dict()
+    for name, data in [("wrapped.pt", {"epoch": 3, "state_dict": state}),
+                       ("ddp.pt", {"model": {f"module.{k}": v for k, v in state.items()}}),
+                       ("no_counters.pt", {k: v for k, v in state.items() if "num_batches_tracked" not in k})]:
+        torch.save(data, tmp_path / name)
+        run = prepared(RESNET18, **{"model.weights": str(tmp_path / name)})
+        assert_holds(run.state.model, {k: v for k, v in state.items() if "num_batches_tracked" not in k})
+    # a finished run's checkpoint starts another run (here a dense run's weights start a search)
+    out = tmp_path / "dense"
+    recipe = tmp_path / "dense.yaml"
+    recipe.write_text(yaml.safe_dump(with_overrides(TINY_RUN, method="dense", **{"optim.epochs": 1})))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", str(recipe), "--out", str(out)]) == 0
+    run = prepared(TINY_RUN, **{"model.weights": str(out / "last.pt")})
+    assert_holds(run.state.model, load_checkpoint(out / "last.pt")["model"])
+
+
+def test_the_summary_and_a_resumed_run_keep_what_the_run_started_from(tmp_path):
+    torch.manual_seed(3)
+    path = tmp_path / "start.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    recipe = tmp_path / "r18.yaml"
+    recipe.write_text(yaml.safe_dump(with_overrides(RESNET18, method="dense", **{"model.weights": str(path)})))
+    out = tmp_path / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", str(recipe), "--out", str(out)]) == 0
+    started = json.loads((out / "summary.json").read_text())["initial_weights"]
+    assert started["path"] == str(path.resolve()) and started["kept_initialisation"] == ["fc.bias", "fc.weight"]
+    path.unlink()  # a resumed run reads its checkpoint, not the file
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", "--resume", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["initial_weights"] == started
+
+
+def test_weights_that_do_not_fit_are_one_line_and_write_nothing(tmp_path, capsys):
+    torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), tmp_path / "resnet34.pth")
+    (tmp_path / "corrupt.pth").write_bytes(b"not a zip file at all")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "no_state.pt")
+    state = torchvision.models.resnet18(num_classes=10).state_dict()
+    torch.save(dict(state, **{"conv1.weight": torch.zeros(32, 3, 7, 7)}), tmp_path / "narrow_stem.pth")
+    torch.save({k: v for k, v in state.items() if k != "layer1.0.conv1.weight"}, tmp_path / "one_missing.pth")
+    recipe = tmp_path / "r18.yaml"
+    recipe.write_text(yaml.safe_dump(RESNET18))
+    cases = [
+        ("nowhere.pth", "does not exist; expected a state-dict file"),
+        ("corrupt.pth", "is not a readable state dict"),
+        ("list.pt", "holds a list; expected parameter names mapped to tensors"),
+        ("no_state.pt", "holds a dict with keys ['epoch', 'optimizer'] and no state dict under model"),
+        ("narrow_stem.pth", "does not fit resnet18: 1 of other shapes (conv1.weight [32, 3, 7, 7] against "
+                            "conv1.weight [64, 3, 7, 7])"),
+        ("one_missing.pth", "does not fit resnet18: 1 of the model's tensors missing (layer1.0.conv1.weight)"),
+        ("resnet34.pth", "does not fit resnet18: 96 unknown to it (layer1.2.conv1.weight, layer1.2.bn1.weight, "
+                         "layer1.2.bn1.bias, ...); expected the state dict of the same architecture"),
+    ]
+    for name, message in cases:
+        out = tmp_path / "out"
+        assert main(["train", str(recipe), "--out", str(out), f"model.weights={tmp_path / name}"]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("maskprop train: error: model.weights '") and message in err[-1], err[-1]
+        assert not out.exists()
