@@ -118,6 +118,7 @@ def test_weights_that_do_not_fit_are_one_line_and_write_nothing(tmp_path, capsys
     (tmp_path / "corrupt.pth").write_bytes(b"not a zip file at all")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "no_state.pt")
+    torch.save(torchvision.models.resnet18(), tmp_path / "whole_model.pt")
     state = torchvision.models.resnet18(num_classes=10).state_dict()
     torch.save(dict(state, **{"conv1.weight": torch.zeros(32, 3, 7, 7)}), tmp_path / "narrow_stem.pth")
     torch.save({k: v for k, v in state.items() if k != "layer1.0.conv1.weight"}, tmp_path / "one_missing.pth")
@@ -126,6 +127,9 @@ def test_weights_that_do_not_fit_are_one_line_and_write_nothing(tmp_path, capsys
     cases = [
         ("nowhere.pth", "does not exist; expected a state-dict file"),
         ("corrupt.pth", "is not a readable state dict"),
+        ("whole_model.pt", "torchvision.models.resnet.ResNet was not an allowed global by default); a whole pickled "
+                           "model? save its state_dict() instead"),
+        (".", "is a directory; expected a state-dict file"),
         ("list.pt", "holds a list; expected parameter names mapped to tensors"),
         ("no_state.pt", "holds a dict with keys ['epoch', 'optimizer'] and no state dict under model"),
         ("narrow_stem.pth", "does not fit resnet18: 1 of other shapes (conv1.weight [32, 3, 7, 7] against "

@@ -59,8 +59,8 @@ class InitialWeights:
 def _read(path: Path) -> Any:
     where = f"model.weights '{path}'"
     if not path.is_file():
-        raise ValueError(f"{where} does not exist; expected a state-dict file (.safetensors, or .pt/.pth from "
-                         f"torch.save)")
+        raise ValueError(f"{where} {'is a directory' if path.is_dir() else 'does not exist'}; expected a state-dict "
+                         f"file (.safetensors, or .pt/.pth from torch.save)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -68,7 +68,8 @@ def _read(path: Path) -> Any:
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  # pickle, zip, safetensors and torch errors alike: the file is unreadable
-        raise ValueError(f"{where} is not a readable state dict ({error_reason(err)})") from None
+        hint = ("; a whole pickled model? save its state_dict() instead" if "Unsupported global" in str(err) else "")
+        raise ValueError(f"{where} is not a readable state dict ({error_reason(err)}){hint}") from None
 
 
 def _state_dict(data: Any, where: str) -> dict[str, Tensor]:
