@@ -90,12 +90,14 @@ def test_tiny_runs_train_on_cuda_with_bf16_and_channels_last(tmp_path, method, g
     too) and with its steps captured as CUDA graphs. Graphed search steps compute the static capacities: at keep
     probabilities of 0.5 the 0.999 quantile of the kept count, rounded up to 8, is all of resnet20's 16- and
     32-channel groups and 48 of 64, so with the second forward a search step costs more than a dense one and the
-    train-cost saving of this 2+1-epoch run falls below 1 (counted, as everything computed is)."""
+    train-cost saving of this 2+1-epoch run falls below 1 (counted, as everything computed is). The graphed run loads
+    its batches in worker processes, whose pinned copies a thread of this process makes while the steps are captured
+    (a capture that other threads' CUDA calls break would fail here)."""
     config = {"method": method, "device": "cuda", "amp": "bf16", "channels_last": True, "log_every": 2,
               "cuda_graphs": graphs,
               "model": {"name": "resnet20"},
               "data": {"dataset": "shapes", "train_size": 128, "val_size": 64, "image_size": 16, "batch_size": 64,
-                       "workers": 0},
+                       "workers": 2 if graphs else 0},
               "optim": {"epochs": 2}, "sparsity": {"fix_examples": 64, "fix_samples": 2}, "finetune": {"epochs": 1},
               "sbp": {"ratio": 0.25, "angle_every": 1}}
     summary = maskprop.fit(config, out=tmp_path / "run")
@@ -120,7 +122,7 @@ def test_torchrun_on_cuda_captures_the_static_steps(tmp_path):
 
     config = {"device": "cuda", "amp": "bf16", "channels_last": True, "log_every": 2, "model": {"name": "resnet20"},
               "data": {"dataset": "shapes", "train_size": 384, "val_size": 64, "image_size": 16, "batch_size": 64,
-                       "workers": 0},
+                       "workers": 2},  # a pin-memory thread and NCCL's watchdog run beside the captures
               "optim": {"epochs": 3}, "sparsity": {"warmup_epochs": 1, "fix_examples": 64, "fix_samples": 2},
               "finetune": {"epochs": 1}}  # 6 steps an epoch: each step kind warms up 3, is captured, replays
     recipe = tmp_path / "tiny.yaml"

@@ -491,7 +491,9 @@ def fake_capture(monkeypatch):
     import contextlib
     from types import SimpleNamespace
 
-    stream = SimpleNamespace(wait_stream=lambda other: None)
+    stream = SimpleNamespace(wait_stream=lambda other: None, name="ambient")
+    capture_stream = SimpleNamespace(wait_stream=lambda other: None, name="capture")
+    current = [stream]  # the current stream, as torch.cuda tracks it
     active: list = []
 
     class Graph:
@@ -505,18 +507,25 @@ def fake_capture(monkeypatch):
             self.body.log.append(self.part)
 
     @contextlib.contextmanager
-    def graph(g, pool=None):
-        body = active[0]
+    def graph(g, pool=None, stream=None, capture_error_mode="global"):
+        # As torch's: the capture runs on a capture stream of its own, made current; a capture that fails ends
+        # with the capture stream still current (the capture's end raises before the stream is restored). Only a
+        # capture that leaves other threads' CUDA calls alone (the loader's pin-memory thread) succeeds on CUDA.
+        assert capture_error_mode == "thread_local", capture_error_mode
+        body, ambient = active[0], current[0]
         body.capturing, before = True, len(body.log)
+        current[0] = capture_stream
         try:
             yield
         finally:
             body.capturing = False
+        current[0] = ambient
         g.body, g.part = body, body.log[before].removeprefix("capture ") if len(body.log) > before else None
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: current.__setitem__(0, s))
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", graph)
@@ -526,6 +535,7 @@ def fake_capture(monkeypatch):
         step = graphs.StepGraph(body, "test", torch.device("cpu"), False, 4, [], warmup=1, **kwargs)
         step.capture = True  # as on CUDA
         step._learning_rates = SimpleNamespace(refresh=lambda: None, installed=contextlib.nullcontext)
+        step.current_stream = lambda: current[0].name
         return step
 
     return make
@@ -557,6 +567,7 @@ def test_a_step_in_two_halves_issues_the_ranks_collective_once_per_step_in_every
         assert step.captures == 0 and not step.graphs and not step.capture
     assert all(s.count("all_reduce") == 1 and s.index("all_reduce") == s.index("A") + 1 for s in steps)
     assert len(caplog.records) == (fail is not None)
+    assert step.current_stream() == "ambient"  # a failed capture gave the stream back
     images = torch.zeros(3, 3)  # another batch size (an epoch's last batch): eagerly, the collective all the same
     log.clear()
     step(images, labels[:3])

@@ -470,13 +470,20 @@ class StepGraph:
             return
         graphs: list[torch.cuda.CUDAGraph] = []
         self._learning_rates.refresh()
+        ambient = torch.cuda.current_stream(self.device)
         with self._learning_rates.installed():
             for i, part in enumerate(self._parts(static_images, static_labels)):
                 graph = torch.cuda.CUDAGraph()
                 try:  # the halves share one memory pool: the second reads what the first left (replayed in order)
-                    with torch.cuda.graph(graph, pool=graphs[0].pool() if graphs else None):
+                    # thread_local: only this thread's unsafe calls break the capture, not those of the loader's
+                    # pin-memory thread (pinned buffers for the next batches) or of NCCL's watchdog under torchrun
+                    with torch.cuda.graph(graph, pool=graphs[0].pool() if graphs else None,
+                                          capture_error_mode="thread_local"):
                         part()
                 except Exception as err:  # noqa: BLE001 - any capture failure: eager steps (auto) or one clear error
+                    # A failed capture leaves the capture stream current (torch's graph context ends the capture
+                    # first, and that raises before it restores the stream): the rest of the run goes back to ours.
+                    torch.cuda.set_stream(ambient)
                     torch.cuda.synchronize(self.device)
                     self._give_up(err)
                     self._run(static_images, static_labels, start=i)  # the rest of the step, run for real
