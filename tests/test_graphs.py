@@ -572,3 +572,30 @@ def test_a_step_in_two_halves_issues_the_ranks_collective_once_per_step_in_every
     log.clear()
     step(images, labels[:3])
     assert log == warm
+
+
+def test_the_graphed_dense_reference_captures_each_ranks_share_of_the_batch(monkeypatch):
+    """Under torchrun each rank steps on its share of the global batch: the graphed dense reference is captured for
+    that size (captured for the global batch, it would never see a batch it fits, and the run's graphed steps would
+    be timed against eager dense steps)."""
+    from maskprop.train import loop
+
+    prepare = loop.prepare
+
+    def on_two_ranks(cfg, *args, **kwargs):  # the static steps of rank 0 of 2, captured (as on CUDA)
+        run = prepare(cfg, *args, **kwargs)
+        run.graphs = graphs.GraphsChoice(static=True, capture=True)
+        run.static = graphs.StaticSteps(cfg, run.ctx, run.graphs, 0, world_size=2)
+        return run
+
+    class Built(Exception):
+        pass
+
+    def reference(*args, batch_size, **kwargs):
+        raise Built(batch_size)
+
+    monkeypatch.setattr(loop, "prepare", on_two_ranks)
+    monkeypatch.setattr(loop, "GraphedDenseReference", reference)
+    with pytest.raises(Built) as built:
+        maskprop.fit(TINY_RUN)
+    assert built.value.args == (TINY_RUN["data"]["batch_size"] // 2,)

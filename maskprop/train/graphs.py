@@ -813,12 +813,16 @@ class StaticSteps:
 
     # --- steps
 
+    @property
+    def batch_size(self) -> int:
+        """The examples of this process's steps: its share of the global batch (the size a graph is captured for)."""
+        return self.cfg.data.batch_size // self.world_size
+
     def _graph(self, body: Callable[[Tensor, Tensor], None], name: str, optimizers: list[torch.optim.Optimizer],
                fallback: Callable[[], Callable[[Tensor, Tensor], None]] | None = None,
                warmup: int = WARMUP_STEPS) -> StepGraph:
-        batch_size = self.cfg.data.batch_size // self.world_size  # this process's share of the global batch
-        return StepGraph(body, name, self.ctx.device, self.choice.capture, batch_size, optimizers, self.choice.strict,
-                         warmup, fallback)
+        return StepGraph(body, name, self.ctx.device, self.choice.capture, self.batch_size, optimizers,
+                         self.choice.strict, warmup, fallback)
 
     def _average(self, model: nn.Module, values: int) -> GradientAverage | None:
         """Under torchrun (the step statistics are summed over the ranks), the gradient average of ``model``'s

@@ -749,9 +749,9 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
     dense_reference = None
     if cfg.method != "dense" and state.phase != "done":
         reference_type, graphed = DenseReference, {}
-        if run.graphs.capture:  # graphed steps are timed against graphed dense steps
+        if run.graphs.capture:  # graphed steps are timed against graphed dense steps of the same (per-rank) batch
             reference_type, graphed = GraphedDenseReference, {"strict": run.graphs.strict,
-                                                              "batch_size": cfg.data.batch_size}
+                                                              "batch_size": run.static.batch_size}
         dense_reference = reference_type(run.dense_model or copy.deepcopy(state.model),
                                          lambda params: run_optimizer(params, cfg.optim), rank_local(run.ctx),
                                          share=DENSE_REFERENCE_SHARE, min_pairs=DENSE_REFERENCE_MIN_PAIRS, **graphed)
