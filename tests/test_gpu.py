@@ -219,7 +219,7 @@ def _search_runs(overlaps: tuple[bool, ...], captures: tuple[bool, ...], windows
     from maskprop.cost import CostModel
     from maskprop.train.config import load_config
     from maskprop.train.distributed import all_reduce_sum
-    from maskprop.train.graphs import GraphsChoice, StaticSteps, make_capturable
+    from maskprop.train.graphs import GraphsChoice, StaticSteps, set_capturable
     from maskprop.train.optim import score_optimizer, weight_optimizer
     from maskprop.train.steps import StepContext
     from maskprop.vrpge import ChannelScores
@@ -238,7 +238,7 @@ def _search_runs(overlaps: tuple[bool, ...], captures: tuple[bool, ...], windows
         scores = ChannelScores(model.channel_groups(), 0.5, 0.5, device="cuda")
         weights = weight_optimizer(model.parameters(), 0.05, 0.9, 5e-4)
         score_opt = score_optimizer(scores.scores, 0.05)
-        make_capturable(score_opt)
+        set_capturable(score_opt)
         step_ctx = dataclasses.replace(ctx, reduce_stats=all_reduce_sum) if ranked else ctx
         static = StaticSteps(cfg, step_ctx, GraphsChoice(True, capture, strict=True), seed=1, overlap=overlap)
         loss = loss2 = 0.0

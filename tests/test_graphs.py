@@ -216,6 +216,35 @@ def test_resume_with_static_steps_continues_exactly(static_run, monkeypatch, tmp
         {k: v for k, v in b["static"].items() if k != "generator"}
 
 
+def test_a_run_captured_on_a_gpu_resumes_where_nothing_is_captured(monkeypatch, tmp_path, one_thread):
+    """A captured run saves its score Adam capturable (its step counts on the GPU); resumed on the CPU (or with
+    ``cuda_graphs: false``) the flag must go, or torch's Adam refuses the first step."""
+    from maskprop.train.checkpoint import save_checkpoint
+
+    config = with_overrides(TINY_RUN, **{"optim.epochs": 3, "save_every": 1})
+    original = loop.train_one_epoch
+    calls = {"n": 0}
+
+    def stop_at_the_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", stop_at_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        maskprop.fit(config, out=tmp_path / "run")
+    monkeypatch.setattr(loop, "train_one_epoch", original)
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert checkpoint["phase"] == "search"
+    for group in checkpoint["optimizers"]["scores"]["param_groups"]:
+        group["capturable"] = True  # as the captured run saved it
+    checkpoint.pop("format")
+    save_checkpoint(checkpoint, tmp_path / "run" / "last.pt")
+    summary = maskprop.fit(config, out=tmp_path / "run", resume=True)
+    assert summary["steps"]["search"] > checkpoint["counters"]["search_steps"]
+
+
 # --- the setting ------------------------------------------------------------------------------------------------------
 
 CUDA = torch.device("cuda")

@@ -59,7 +59,7 @@ from maskprop.bench import describe_machine
 from maskprop.cost import CostModel
 from maskprop.train.config import load_config
 from maskprop.train.distributed import all_reduce_sum
-from maskprop.train.graphs import GraphsChoice, StaticSteps, make_capturable
+from maskprop.train.graphs import GraphsChoice, StaticSteps, set_capturable
 from maskprop.train.narrow import NarrowSubnetwork
 from maskprop.train.optim import score_optimizer, weight_optimizer
 from maskprop.train.steps import StepContext, subnet_step, vrpge_step
@@ -199,7 +199,7 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
         model, opt = fresh()
         score_opt = score_optimizer(scores.scores, 0.0)  # lr 0: the scores stay as given
         if captured:
-            make_capturable(score_opt)
+            set_capturable(score_opt)
         step_ctx = dataclasses.replace(ctx, reduce_stats=all_reduce_sum) if ranks else ctx
         static = StaticSteps(cfg, step_ctx, choice if captured else GraphsChoice(True, False), seed=1,
                              overlap=overlap)

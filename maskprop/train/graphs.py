@@ -767,16 +767,20 @@ class StaticStepResult:
     dense_flops: int
 
 
-def make_capturable(optimizer: torch.optim.Optimizer) -> None:
-    """Make an Adam (the scores') capturable in place: its step counts live on the parameters' device. Only for
-    parameters on CUDA (torch refuses ``capturable`` elsewhere; nothing is captured there)."""
+def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool = True) -> None:
+    """Make an Adam (the scores') capturable in place, its step counts on the parameters' device, or (``False``) not,
+    its step counts on the host as torch keeps them. Capturable only for parameters on CUDA (torch refuses it
+    elsewhere; nothing is captured there). Called after every load too: a checkpoint's param groups bring the flag
+    of the run that saved it, and a run captured on a GPU may resume where nothing is captured."""
     for group in optimizer.param_groups:
-        if "capturable" in group and all(p.device.type == "cuda" for p in group["params"]):
-            group["capturable"] = True
+        if "capturable" in group:
+            group["capturable"] = capturable and all(p.device.type == "cuda" for p in group["params"])
     for param, state in optimizer.state.items():
         step = state.get("step")
-        if isinstance(step, Tensor) and step.device != param.device and param.device.type == "cuda":
-            state["step"] = step.to(param.device, torch.float32)
+        if isinstance(step, Tensor):
+            device = param.device if capturable and param.device.type == "cuda" else torch.device("cpu")
+            if step.device != device:
+                state["step"] = step.to(device, torch.float32)
 
 
 class StaticSteps:

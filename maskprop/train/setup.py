@@ -23,7 +23,7 @@ from .checkpoint import check_compatible, error_reason, load_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SbpConfig, config_to_dict
 from .data import build_datasets, build_loader
 from .distributed import all_reduce_sum, check_world_size, current, device_for
-from .graphs import GraphsChoice, StaticSteps, make_capturable, resolve_cuda_graphs
+from .graphs import GraphsChoice, StaticSteps, resolve_cuda_graphs, set_capturable
 from .optim import build_schedule, run_optimizer, score_optimizer, weight_optimizer
 from .state import TrainState, search_scores
 from .steps import StepContext
@@ -289,10 +289,10 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         static = StaticSteps(cfg, ctx, graphs, cfg.seed + 1, world_size=place.world_size)
         if checkpoint is not None and checkpoint.get("static") is not None:
             static.load_state_dict(checkpoint["static"])
-        if graphs.capture and score_opt is not None:
-            make_capturable(score_opt)  # after the load: the checkpoint's param groups replaced the flag
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: each convolution's fastest kernel, picked once
+    if score_opt is not None:  # after the load: the checkpoint's param groups brought the flag of the run that saved it
+        set_capturable(score_opt, graphs.capture)
     return Run(cfg, state, ctx, train_set, train_loader, val_loader, groups, spec, run_dir, checkpoint is not None,
                dense_model, static, graphs, initial)
 
