@@ -37,7 +37,10 @@ batch is copied into fixed input buffers first; a batch of another size (an epoc
 Gradients are set to ``None`` before each backward (its gradient tensors become the ``.grad``, in the graph's
 memory, as in torch's whole-network capture), autocast runs without its cache, the weight SGD is fused with
 its learning rate in a device tensor refreshed from the schedule before each replay, and the score Adam is
-``capturable``. With ``cuda_graphs: auto`` a step whose capture fails runs eagerly from then on (one warning); with
+``capturable``. A capture restricts this thread alone (``capture_error_mode="thread_local"``): the data loader's
+pin-memory thread, which pins the next batches while a step is captured, and NCCL's watchdog under torchrun go on
+as usual (in torch's default mode their CUDA calls would break the capture). With ``cuda_graphs: auto`` a step whose
+capture fails runs eagerly from then on (one warning; the stream the capture left current is given back); with
 ``true`` the failure is an error.
 
 Under torchrun every rank replays the same steps on its share of the global batch, and the ranks' gradients are
