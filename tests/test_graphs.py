@@ -190,12 +190,9 @@ def test_static_steps_run_eagerly_with_adam_on_the_weights(static_run, one_threa
     assert RunSummary.from_dict(summary).static_steps == report  # a field of the summary's schema: report reads it
 
 
-def test_resume_with_static_steps_continues_exactly(static_run, monkeypatch, tmp_path, one_thread):
-    config = with_overrides(TINY_RUN, **{"optim.epochs": 3, "sparsity.anneal_epochs": 1, "log_every": 1,
-                                         "save_every": 1, "finetune.narrow": False})
-    maskprop.fit(config, out=tmp_path / "straight")
-    calls = {"n": 0}
-    original = loop.train_one_epoch
+def _stopped_in_the_second_epoch(config: dict, out: Path, monkeypatch) -> None:
+    """Run ``config`` into ``out`` and stop it (as a Ctrl-C would) when its second epoch starts."""
+    original, calls = loop.train_one_epoch, {"n": 0}
 
     def stop_at_the_second_epoch(*args, **kwargs):
         calls["n"] += 1
@@ -203,11 +200,18 @@ def test_resume_with_static_steps_continues_exactly(static_run, monkeypatch, tmp
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_one_epoch", stop_at_the_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        maskprop.fit(config, out=tmp_path / "stopped")
-    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["epoch"] == 1
-    monkeypatch.setattr(loop, "train_one_epoch", original)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "train_one_epoch", stop_at_the_second_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            maskprop.fit(config, out=out)
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_resume_with_static_steps_continues_exactly(static_run, monkeypatch, tmp_path, one_thread):
+    config = with_overrides(TINY_RUN, **{"optim.epochs": 3, "sparsity.anneal_epochs": 1, "log_every": 1,
+                                         "save_every": 1, "finetune.narrow": False})
+    maskprop.fit(config, out=tmp_path / "straight")
+    _stopped_in_the_second_epoch(config, tmp_path / "stopped", monkeypatch)
     maskprop.fit(config, out=tmp_path / "stopped", resume=True)
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "stopped" / "last.pt")
     _assert_same_state(a, b)
@@ -222,19 +226,7 @@ def test_a_run_captured_on_a_gpu_resumes_where_nothing_is_captured(monkeypatch, 
     from maskprop.train.checkpoint import save_checkpoint
 
     config = with_overrides(TINY_RUN, **{"optim.epochs": 3, "save_every": 1})
-    original = loop.train_one_epoch
-    calls = {"n": 0}
-
-    def stop_at_the_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_one_epoch", stop_at_the_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        maskprop.fit(config, out=tmp_path / "run")
-    monkeypatch.setattr(loop, "train_one_epoch", original)
+    _stopped_in_the_second_epoch(config, tmp_path / "run", monkeypatch)
     checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
     assert checkpoint["phase"] == "search"
     for group in checkpoint["optimizers"]["scores"]["param_groups"]:
