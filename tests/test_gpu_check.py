@@ -8,6 +8,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def test_isolated_tests_reports_each_outcome_and_fails_on_a_failure_or_a_timeout
     outcomes = {r["node"].split("::")[1]: r["outcome"] for r in result["tests"]}
     assert outcomes == {"test_runs_inside_its_child": "passed", "test_param[1]": "passed", "test_param[2]": "passed",
                         "test_fails": "failed", "test_skips": "skipped", "test_hangs": "timeout"}
-    assert result["counts"] == {"passed": 3, "skipped": 1, "failed": 1, "timeout": 1}
+    assert result["counts"] == {"passed": 3, "skipped": 1, "failed": 1, "timeout": 1, "stopped": 0}
     assert result["tests_collected"] == 6
     printed = capsys.readouterr().out
     assert "the failure's own message" in printed and "3 passed, 1 skipped, 1 failed, 1 timeout" in printed
@@ -79,6 +80,29 @@ def test_isolated_tests_records_each_test_as_it_finishes(tmp_path, capsys):
     printed = [line.split()[-1].split("::")[1] for line in capsys.readouterr().out.splitlines() if "::" in line]
     assert printed == ["test_quick", "test_slow"]
     assert [r["node"].split("::")[1] for r in json.loads(out.read_text())["tests"]] == ["test_slow", "test_quick"]
+
+
+def test_isolated_tests_stopped_by_sigterm_keeps_what_finished(tmp_path):
+    """The GPU check's time limit ends the tool with SIGTERM: the JSON keeps the finished tests and names those that
+    did not finish."""
+    import signal
+
+    (tmp_path / "test_stop.py").write_text("import time\ndef test_quick():\n    pass\n"
+                                          "def test_slow():\n    time.sleep(8)\n")
+    out = tmp_path / "out.json"
+    child = subprocess.Popen([sys.executable, str(REPO / "tools" / "isolated_tests.py"), str(tmp_path / "test_stop.py"),
+                              "--jobs", "2", "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and json.loads(out.read_text())["counts"]["passed"] == 1):
+        assert time.monotonic() < deadline and child.poll() is None, child.communicate()
+        time.sleep(0.1)
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=30) == 128 + signal.SIGTERM
+    result = json.loads(out.read_text())
+    assert {r["node"].split("::")[1]: r["outcome"] for r in result["tests"]} == {"test_quick": "passed",
+                                                                                "test_slow": "stopped"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial file left
 
 
 @pytest.mark.parametrize("args", [["--jobs", "0"], ["--json", "/no/such/dir/out.json"]])

@@ -10,7 +10,9 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
 
 * ``dense_eager``: ``subnet_step`` without a mask (today's dense step);
 * ``dense_graphed``: the static dense step, captured;
-* ``search_eager``: ``vrpge_step`` with fresh masks every step (today's search step, scores on the host);
+* ``search_eager``: ``vrpge_step`` with fresh masks every step (the trainer's eager search step, scores on the host;
+  cuDNN's benchmark mode off, as the trainer runs it, since every step brings new widths; on for the other kinds, as
+  the trainer sets it while graphs are on);
 * ``search_graphed``: the static search step (fresh device uniforms every step, capacities from keep 0.5), captured;
 * ``search_static``: the same step, not captured (what runs where a setting keeps the step out of a graph:
   ``sync_bn`` under torchrun, Adam on the weights);
@@ -141,8 +143,6 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
     only these (default all, ``KINDS``)."""
     torch.manual_seed(0)
     capture = device.type == "cuda"
-    if capture:
-        torch.backends.cudnn.benchmark = True  # as the trainer sets it while graphs are on
     base = maskprop.create_model(name, num_classes=10).train()
     cost = CostModel(base, (3, size, size))
     base.to(device).to(memory_format=torch.channels_last)
@@ -252,6 +252,8 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
               "narrow_graphed": narrow_graphed, "search_ranks_graphed": search_ranks_graphed}
     for kind in kinds or KINDS:
         make = makers[kind]
+        if capture:  # as the trainer: on while graphs are; its eager search (new widths every step) runs without it
+            torch.backends.cudnn.benchmark = kind != "search_eager"
         try:
             with one_rank_group(device) if kind == "search_ranks_graphed" else contextlib.nullcontext():
                 measure(kind, make)
@@ -259,7 +261,8 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
             row[f"{kind}_error"] = f"{type(err).__name__}: {err}"[:500]
             print(f"{name} {kind} FAILED: {row[f'{kind}_error']}", flush=True)
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                with contextlib.suppress(Exception):  # a sticky CUDA error raises again here: the next kinds say so
+                    torch.cuda.synchronize()
         save(row)
     ratio = _ratio(row)
     row.update({"search_over_dense_eager": ratio("search_eager", "dense_eager"),
@@ -378,10 +381,9 @@ def main() -> None:
                     save, args.profile, args.kinds)
         save(row)  # with its ratios
         rows.append(row)
-    table = markdown(rows) + "\n" + targets_table(rows)
-    print(table)
-    if args.markdown:
-        Path(args.markdown).write_text(table)
+        if args.markdown:  # after every model: a run cut short keeps the tables of the models it finished
+            Path(args.markdown).write_text(markdown(rows) + "\n" + targets_table(rows))
+    print(markdown(rows) + "\n" + targets_table(rows))
 
 
 if __name__ == "__main__":

@@ -25,21 +25,51 @@
 # --profile DIR` (each kind's kernels by device time, and the search step's trace).
 # Limits: tests 75 s, step times 105 s, whole runs 175 s (42 s a run): 355 s. Each part has its own time limit, so one
 # that hangs cannot take the others' time; its status is in summary.json.
-# Wheels carried in .whl/ (pydantic, which the image lacks) are installed first, into /tmp/site.
+# Wheels carried in .whl/ (pydantic, which the image lacks) are installed first, into /tmp/site; the repository and
+# /tmp/site are on PYTHONPATH (the package is not installed there). With a second directory, the bundle below is
+# rewritten after every part, so that a check stopped from outside still returns what finished.
 # GPU_CHECK_DRY_RUN=1 runs the same parts on the CPU at toy sizes (eager steps, 1 thread, generous limits): a check of
 # the script itself, for a machine without a GPU (tests/test_gpu_check.py).
 set -u
 OUT=${1:?usage: tools/gpu_check.sh OUT_DIR [BUNDLE_DIR]}
 BUNDLE=${2:-}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
-fi
+PY=${PYTHON:-python3}
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl >> "$LOG" 2>&1 || echo "installing the carried wheels failed (status $?)" | tee -a "$LOG"
+fi
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+$PY -c "import pydantic, maskprop; print('maskprop', maskprop.__version__, 'pydantic', pydantic.VERSION)" \
+    >> "$LOG" 2>&1 || echo "cannot import maskprop or pydantic: every part below will fail (see $LOG)" | tee -a "$LOG"
+df -h /dev/shm >> "$LOG" 2>&1  # the loader workers of the whole runs hand their batches over through it
 declare -A STATUS
+
+bundle() {  # the few files a lent machine returns: one archive of everything, and the main tables beside it
+    [ -n "$BUNDLE" ] || return 0
+    mkdir -p "$BUNDLE"
+    tar -czf "$BUNDLE/gpu_check.tgz" --exclude='*.pt' -C "$(dirname "$OUT")" "$(basename "$OUT")" 2>> "$LOG"
+    for file in summary.json gpu_tests.json graphs.md e2e/e2e.md gpu_check.log; do
+        [ -f "$OUT/$file" ] && cp "$OUT/$file" "$BUNDLE/"
+    done
+    return 0
+}
+
+summary() {  # the parts' exit statuses and seconds, so far
+    {
+        echo "{"
+        local first=1 name
+        for name in "${!STATUS[@]}"; do
+            [ $first = 1 ] || echo ","
+            first=0
+            printf '  "%s": {"exit_status": %s, "seconds": %s}' "$name" "${STATUS[$name]% *}" "${STATUS[$name]#* }"
+        done
+        echo
+        echo "}"
+    } > "$OUT/summary.json"
+}
 
 run() {  # run NAME SECONDS COMMAND...: the command's status recorded under NAME, its output appended to the log
     local name=$1 seconds=$2
@@ -49,6 +79,8 @@ run() {  # run NAME SECONDS COMMAND...: the command's status recorded under NAME
     timeout --kill-after=10 "$seconds" "$@" >> "$LOG" 2>&1
     STATUS[$name]="$? $((SECONDS - start))"
     echo "   status ${STATUS[$name]% *}, ${STATUS[$name]#* } s" | tee -a "$LOG"
+    summary
+    bundle
 }
 
 $PY - "$OUT/machine.json" <<'PY' >> "$LOG" 2>&1
@@ -70,30 +102,13 @@ else
     GRAPHS=(--models resnet32:32:256 vgg19_bn:32:256 resnet50:224:256 --steps 10)
     E2E=(--timeout 42 --models resnet32:32:10240:4 vgg19_bn:32:10240:4 resnet50:224:2560:8)
 fi
-run tests "${LIMITS[0]}" $PY tools/isolated_tests.py tests/test_gpu.py --jobs "$JOBS" --timeout 70 \
+run tests "${LIMITS[0]}" $PY tools/isolated_tests.py tests/test_gpu.py --jobs "$JOBS" --timeout 60 \
     --json "$OUT/gpu_tests.json"
 run graphs "${LIMITS[1]}" $PY tools/bench_graphs.py "${GRAPHS[@]}" --json "$OUT/graphs.json" --markdown "$OUT/graphs.md"
+rm -rf "$OUT/e2e"  # the runs of an earlier check in the same place (a run directory is never overwritten)
 run e2e "${LIMITS[2]}" $PY tools/e2e_runs.py --out "$OUT/e2e" "${E2E[@]}"
 for table in graphs.md e2e/e2e.md; do [ -f "$OUT/$table" ] && tee -a "$LOG" < "$OUT/$table"; done
-
-{
-    echo "{"
-    first=1
-    for name in "${!STATUS[@]}"; do
-        [ $first = 1 ] || echo ","
-        first=0
-        printf '  "%s": {"exit_status": %s, "seconds": %s}' "$name" "${STATUS[$name]% *}" "${STATUS[$name]#* }"
-    done
-    echo
-    echo "}"
-} > "$OUT/summary.json"
+summary
 cat "$OUT/summary.json"
-
-if [ -n "$BUNDLE" ]; then  # few files to carry back: one archive of everything, and the main tables beside it
-    mkdir -p "$BUNDLE"
-    tar -czf "$BUNDLE/gpu_check.tgz" --exclude='*.pt' -C "$(dirname "$OUT")" "$(basename "$OUT")"
-    for file in summary.json gpu_tests.json graphs.md e2e/e2e.md gpu_check.log; do
-        [ -f "$OUT/$file" ] && cp "$OUT/$file" "$BUNDLE/"
-    done
-    ls -l "$BUNDLE"
-fi
+bundle
+[ -z "$BUNDLE" ] || ls -l "$BUNDLE"

@@ -8,7 +8,11 @@ runs in a child pytest process), but one after the other: 25 tests, each paying 
 CUDA context, took longer than a GPU check can give them. This tool starts the same children ``--jobs`` at a time,
 each with ``MASKPROP_ISOLATED_TEST=1`` so that the test runs inside it directly, and a time limit per test; tests that
 share one GPU this way check results, not times. It prints one line per test and a count, writes the outcomes as
-JSON, and exits 1 if any test failed or timed out (0 when all passed or were skipped; 2 for a usage error).
+JSON (after every test, replacing the file whole), and exits 1 if any test failed or timed out (0 when all passed or
+were skipped; 2 for a usage error). Stopped by SIGTERM (the time limit of a GPU check), it writes the JSON once more,
+the tests still running or waiting marked ``stopped``, and exits 143. The children load no third-party pytest
+plugins (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``): the tests need none, and a GPU image may carry many that slow every
+start.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +30,7 @@ from pathlib import Path
 
 ISOLATED_ENV = "MASKPROP_ISOLATED_TEST"  # tests/test_gpu.py: inside such a child the test runs in the process itself
 REPO = Path(__file__).resolve().parents[1]
+NO_PLUGINS = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
 
 
 def workdir(path: str) -> Path:
@@ -37,7 +43,8 @@ def workdir(path: str) -> Path:
 def collect(path: str, python: str = sys.executable) -> list[str]:
     """The node ids pytest collects from ``path`` (``file::test[params]``), relative to :func:`workdir`."""
     done = subprocess.run([python, "-m", "pytest", str(Path(path).resolve()), "--collect-only", "-q", "-p",
-                           "no:cacheprovider"], cwd=workdir(path), capture_output=True, text=True, check=False)
+                           "no:cacheprovider"], cwd=workdir(path), env={**os.environ, **NO_PLUGINS},
+                          capture_output=True, text=True, check=False)
     # node ids, each once (a warnings summary may name a node again)
     nodes = list(dict.fromkeys(line.strip() for line in done.stdout.splitlines()
                                if "::" in line and not line.startswith(" ") and " " not in line.strip()))
@@ -49,7 +56,7 @@ def collect(path: str, python: str = sys.executable) -> list[str]:
 
 def run_one(node: str, cwd: Path, timeout: float, threads: int, python: str = sys.executable) -> dict:
     """Run one test in its own pytest process: its outcome (passed, skipped, failed, timeout), seconds, output."""
-    env = {**os.environ, ISOLATED_ENV: "1", "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, **NO_PLUGINS, ISOLATED_ENV: "1", "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     try:
         done = subprocess.run([python, "-m", "pytest", node, "-q", "-rs", "-p", "no:cacheprovider"], cwd=cwd,
@@ -90,8 +97,26 @@ def main(argv: list[str] | None = None) -> int:
 
     def tally() -> dict[str, int]:
         return {outcome: sum(r["outcome"] == outcome for r in results)
-                for outcome in ("passed", "skipped", "failed", "timeout")}
+                for outcome in ("passed", "skipped", "failed", "timeout", "stopped")}
 
+    def write(tests: list[dict]) -> None:
+        if args.json:  # whole or not at all: a kill while writing leaves the previous file
+            path = Path(args.json)
+            part = path.with_name(f".{path.name}.part")
+            part.write_text(json.dumps({
+                "path": args.path, "jobs": args.jobs, "tests_collected": len(nodes),
+                "wall_s": round(time.perf_counter() - start, 1), "counts": tally(), "tests": tests}, indent=2))
+            os.replace(part, path)
+
+    def stopped(signum: int, frame: object) -> None:  # the check's time limit: keep what finished, say what did not
+        finished = {r["node"] for r in results}
+        results.extend({"node": n, "outcome": "stopped", "seconds": None, "output": ""} for n in nodes
+                       if n not in finished)
+        write(sorted(results, key=lambda r: nodes.index(r["node"])))
+        print(f"stopped by signal {signum}: {tally()}", flush=True)
+        os._exit(128 + signum)  # the children get the same signal from the check's timeout (one process group)
+
+    signal.signal(signal.SIGTERM, stopped)
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_one, node, cwd, args.timeout, args.threads) for node in nodes]
         for future in as_completed(futures):  # as each finishes: a slow test does not hold back the others' results
@@ -101,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(result["output"], flush=True)
             results.append(result)
             results.sort(key=lambda r: nodes.index(r["node"]))  # in the file's order
-            if args.json:  # after every test: a check stopped from outside keeps what finished
-                Path(args.json).write_text(json.dumps({
-                    "path": args.path, "jobs": args.jobs, "tests_collected": len(nodes),
-                    "wall_s": round(time.perf_counter() - start, 1), "counts": tally(), "tests": results}, indent=2))
+            write(results)  # after every test: a check stopped from outside keeps what finished
     counts = tally()
     print(", ".join(f"{n} {outcome}" for outcome, n in counts.items()) + f" in {time.perf_counter() - start:.1f} s "
           f"({len(nodes)} tests, {args.jobs} at a time)", flush=True)
