@@ -477,3 +477,13 @@ def test_recipes_load_and_say_what_they_reproduce(recipe):
         assert (cfg.optim.epochs, cfg.optim.schedule, cfg.sparsity.score_lr) == (300, "cosine", 12e-3)
         assert (cfg.finetune.epochs, cfg.finetune.lr) == (40, 1e-3)
         assert cfg.data.root is None
+
+
+def test_the_search_epochs_leave_the_cuda_generators_alone(monkeypatch):
+    """Only the run's start seeds torch's CUDA generators (``torch.manual_seed`` seeds every device); the probe of the
+    top-score subnetwork after each search epoch seeds the CPU's alone, or a CUDA run's dropout draws would restart
+    every epoch, and alike on every rank."""
+    seeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    summary = maskprop.fit(with_overrides(TINY_RUN, **{"optim.epochs": 3}))
+    assert summary["steps"]["search"] == 6 and seeded == [TINY_RUN["seed"]]

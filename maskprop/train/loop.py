@@ -530,9 +530,10 @@ def _search_diagnostics(run: Run, probe: torch.utils.data.DataLoader | None) -> 
         return diagnostics
     stats = score_statistics(state.scores.scores, POLARISED_MARGIN)
     diagnostics.update(scores_near_0=stats.near_zero, scores_near_1=stats.near_one, score_entropy=stats.entropy)
-    if probe is not None:
+    if probe is not None:  # the same probe every epoch; only the CPU's generator is seeded and given back (a CUDA
+        # generator seeded here would restart the run's dropout draws every epoch, and alike on every rank)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
+            torch.default_generator.manual_seed(cfg.seed)
             diagnostics["train_accuracy_top"] = evaluate(state.model, probe, _eval_mask(state), run.ctx)["accuracy"]
     return diagnostics
 
