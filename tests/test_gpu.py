@@ -114,8 +114,11 @@ def test_tiny_runs_train_on_cuda_with_bf16_and_channels_last(tmp_path, method, g
 
 @isolated
 def test_torchrun_on_cuda_captures_the_static_steps(tmp_path):
-    """Under torchrun (one process here, NCCL) ``cuda_graphs: auto`` captures the static-shape steps, each as two
-    graphs with the gradient average between them (the search, the dense warm-up and the narrow finetune)."""
+    """``torchrun --nproc_per_node=1`` (how a one-GPU job is often launched) is a one-process run: ``WORLD_SIZE=1``
+    joins no process group, and ``cuda_graphs: auto`` captures the static-shape steps (the search, the dense warm-up
+    and the narrow finetune) as one graph each. The two-graph step with the NCCL all-reduce between its halves is
+    tested at the step level (``test_graphed_search_under_torchrun_equals_one_process``); the trainer with several
+    NCCL ranks needs several GPUs."""
     import json
 
     import yaml
