@@ -282,6 +282,23 @@ def test_nccl_without_cuda_is_one_line(monkeypatch):
     assert not dist.is_initialized()
 
 
+def test_device_for_gives_each_rank_its_gpu_and_refuses_what_cannot_run(monkeypatch):
+    two = distributed.Distributed(1, 2, 1)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
+    assert distributed.device_for(torch.device("cuda"), two) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"^device='cuda:0' names one GPU, but under torchrun each rank"):
+        distributed.device_for(torch.device("cuda", 0), two)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)  # two ranks, one GPU on this node
+    with pytest.raises(ValueError, match=r"^LOCAL_RANK=1 but this node has 1 GPU\(s\); expected --nproc_per_node <= 1"):
+        distributed.device_for(torch.device("cuda"), two)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None: "gloo")
+    assert distributed.device_for(torch.device("cpu"), two) == torch.device("cpu")  # CPU ranks need no GPU each
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None: "nccl")
+    with pytest.raises(ValueError, match=r"^device='cpu' but the process group runs NCCL alone, which carries no CPU "):
+        distributed.device_for(torch.device("cpu"), two)
+    assert distributed.device_for(torch.device("cpu"), distributed.Distributed()) == torch.device("cpu")
+
+
 def test_one_process_needs_no_process_group(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.init_from_env() == distributed.Distributed(0, 1, 0)

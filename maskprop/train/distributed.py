@@ -122,11 +122,12 @@ def init_from_env(backend: str = "auto") -> Distributed:
                          "(or auto) on CPUs")
     if backend == "auto":
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s); expected "
-                             f"--nproc_per_node <= {torch.cuda.device_count()} (one GPU per rank)")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if local_rank < gpus:
         torch.cuda.set_device(local_rank)
+    elif backend == "nccl":  # a CPU run may have more ranks than the node has GPUs (device_for checks a CUDA run)
+        raise ValueError(f"LOCAL_RANK={local_rank} but this node has {gpus} GPU(s); expected --nproc_per_node <= "
+                         f"{gpus} (one GPU per rank)")
     dist.init_process_group(backend)
     place = current()
     logger.info("rank %d of %d (local rank %d), backend %s", place.rank, place.world_size, local_rank, backend)
@@ -150,9 +151,16 @@ def leave(finished: bool = True) -> None:
 
 
 def device_for(device: torch.device, place: Distributed) -> torch.device:
-    """One device per rank: a run on CUDA takes the GPU of the rank's ``LOCAL_RANK``."""
+    """One device per rank: a run on CUDA takes the GPU of the rank's ``LOCAL_RANK``; NCCL alone carries no CPU
+    tensors."""
+    if place.enabled and device.type != "cuda" and dist.get_backend() == "nccl":
+        raise ValueError(f"device={str(device)!r} but the process group runs NCCL alone, which carries no CPU "
+                         f"tensors; use --dist-backend auto (or gloo) on CPUs")
     if not place.enabled or device.type != "cuda":
         return device
+    if place.local_rank >= torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK={place.local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
+                         f"expected --nproc_per_node <= {torch.cuda.device_count()} (one GPU per rank)")
     if device.index is not None and device.index != place.local_rank:
         raise ValueError(f"device={str(device)!r} names one GPU, but under torchrun each rank runs on the GPU of its "
                          f"LOCAL_RANK (this one: cuda:{place.local_rank}); use device=cuda or device=auto")
