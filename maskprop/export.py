@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -320,7 +321,12 @@ def load_timm(path: str | os.PathLike, device: torch.device | str | None = None)
     with torch.device("meta"):
         parent = timm.create_model(twin, pretrained=False, num_classes=plan.num_classes or 1000,
                                    in_chans=plan.input_size[0])
-    model = adapt_model_from_string(parent, (path / TIMM_FILE).read_text())
+    try:
+        model = adapt_model_from_string(parent, (path / TIMM_FILE).read_text())
+    except (KeyError, IndexError, ValueError) as err:  # a layer missing, or a shape timm cannot read
+        raise ValueError(f"'{path / TIMM_FILE}' does not describe timm {timm.__version__}'s {twin} "
+                         f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); expected the file maskprop "
+                         f"export wrote, unedited") from None
     try:
         model.load_state_dict(load_file(path / WEIGHTS_FILE, device=str(torch.device(device or "cpu"))),
                               strict=True, assign=True)
@@ -357,6 +363,8 @@ def parse_formats(formats: str | Iterable[str] | None) -> list[str]:
             raise ValueError(f"format 'onnx' needs the onnx extra ({missing} is not installed): pip install "
                              f"'maskprop[onnx]', or export --format safetensors,pt2")
     if "timm" in names:
+        if importlib.util.find_spec("timm") is None:
+            raise ValueError("format 'timm' needs timm, which is not installed: pip install timm")
         names.append("safetensors")
     return [f for f in FORMATS if f in names]
 
@@ -491,7 +499,7 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
     out = Path(out)
     chosen = parse_formats(formats)
     twin = timm_twin(spec)
-    if formats is None and twin is not None:
+    if formats is None and twin is not None and importlib.util.find_spec("timm") is not None:
         chosen = parse_formats([*chosen, "timm"])
     if "timm" in chosen and twin is None:
         raise ValueError(f"format 'timm' is for models timm builds with the same layers ({', '.join(_TIMM_TWINS)} "

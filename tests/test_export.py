@@ -401,9 +401,27 @@ def test_timm_format_is_the_default_only_for_models_with_a_timm_twin(tmp_path):
     assert "timm_pruned.txt" not in info["files"] and "timm" not in info
     with pytest.raises(ValueError, match="resnet20 with .* has no timm twin"):
         load_timm(tmp_path / "r20")
-    (tmp_path / "r18" / "timm_pruned.txt").unlink()
+    spec_file = tmp_path / "r18" / "timm_pruned.txt"
+    spec_file.write_text(spec_file.read_text() + "\n")  # saved again by an editor
+    with pytest.raises(ValueError, match=r"timm_pruned.txt' does not describe timm .*'s resnet18 \(ValueError: .*\); "
+                                         r"expected the file maskprop export wrote, unedited$"):
+        load_timm(tmp_path / "r18")
+    spec_file.unlink()
     with pytest.raises(FileNotFoundError, match="lacks timm_pruned.txt; export with --format timm"):
         load_timm(tmp_path / "r18")
+
+
+def test_without_timm_the_default_export_leaves_the_timm_file_out(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"^format 'timm' needs timm, which is not installed: pip install timm$"):
+        parse_formats("timm")
+    model = maskprop.create_model("resnet18", num_classes=3)
+    spec = ModelSpec.resolve("resnet18", {}, num_classes=3, input_size=(3, 32, 32))
+    info = save_exported(model, None, tmp_path / "r18", spec=spec, formats=None)
+    assert "timm_pruned.txt" not in info["files"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torchvision
 import yaml
 from conftest import TINY_RUN, with_overrides
 
+import maskprop
 from maskprop.cli import main
 from maskprop.train.checkpoint import load_checkpoint
 from maskprop.train.config import load_config
@@ -96,6 +97,29 @@ def test_wrapped_and_ddp_prefixed_state_dicts_and_checkpoints_load(tmp_path):
     assert_holds(run.state.model, load_checkpoint(out / "last.pt")["model"])
 
 
+def test_files_as_downloads_and_training_scripts_leave_them(tmp_path):
+    """A download cache's link to a blob without a suffix (read by content), a training script's checkpoint with its
+    argparse arguments beside the weights, and a private non-tensor entry."""
+    import argparse
+
+    torch.manual_seed(4)
+    state = torchvision.models.resnet18(num_classes=10).state_dict()
+    blob = tmp_path / "blobs" / "3f2a9c"
+    blob.parent.mkdir()
+    safetensors.torch.save_file(state, blob)
+    link = tmp_path / "snapshots" / "model.safetensors"
+    link.parent.mkdir()
+    link.symlink_to(blob)
+    run = prepared(RESNET18, **{"model.weights": str(link)})
+    assert_holds(run.state.model, state)
+    assert run.initial_weights.path == str(link)
+    torch.save({"epoch": 90, "arch": "resnet18", "state_dict": state, "args": argparse.Namespace(lr=0.1)},
+               tmp_path / "checkpoint.pth.tar")
+    assert_holds(prepared(RESNET18, **{"model.weights": str(tmp_path / "checkpoint.pth.tar")}).state.model, state)
+    torch.save({**state, "_metadata": {"": {"version": 1}}}, tmp_path / "with_metadata.pt")
+    assert_holds(prepared(RESNET18, **{"model.weights": str(tmp_path / "with_metadata.pt")}).state.model, state)
+
+
 def test_the_summary_and_a_resumed_run_keep_what_the_run_started_from(tmp_path):
     torch.manual_seed(3)
     path = tmp_path / "start.pth"
@@ -107,10 +131,18 @@ def test_the_summary_and_a_resumed_run_keep_what_the_run_started_from(tmp_path):
         assert main(["train", str(recipe), "--out", str(out)]) == 0
     started = json.loads((out / "summary.json").read_text())["initial_weights"]
     assert started["path"] == str(path.resolve()) and started["kept_initialisation"] == ["fc.bias", "fc.weight"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["weights"] == str(path.resolve())
     path.unlink()  # a resumed run reads its checkpoint, not the file
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["train", "--resume", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["initial_weights"] == started
+    checkpoint = load_checkpoint(out / "last.pt")
+    checkpoint.pop("format")
+    from maskprop.train.checkpoint import save_checkpoint
+
+    save_checkpoint(dict(checkpoint, initial_weights={"path": "x"}), out / "last.pt")  # edited by hand: no digest
+    with pytest.raises(ValueError, match=r"last.pt': initial_weights is \{'path': 'x'\}, not what maskprop writes"):
+        maskprop.fit(load_config(with_overrides(RESNET18, method="dense")), out=out, resume=True)
 
 
 def test_weights_that_do_not_fit_are_one_line_and_write_nothing(tmp_path, capsys):
@@ -127,8 +159,8 @@ def test_weights_that_do_not_fit_are_one_line_and_write_nothing(tmp_path, capsys
     cases = [
         ("nowhere.pth", "does not exist; expected a state-dict file"),
         ("corrupt.pth", "is not a readable state dict"),
-        ("whole_model.pt", "torchvision.models.resnet.ResNet was not an allowed global by default); a whole pickled "
-                           "model? save its state_dict() instead"),
+        ("whole_model.pt", "torchvision.models.resnet.ResNet was not an allowed global by default); it holds Python "
+                           "objects besides tensors (a whole pickled model?): save the state dict alone"),
         (".", "is a directory; expected a state-dict file"),
         ("list.pt", "holds a list; expected parameter names mapped to tensors"),
         ("no_state.pt", "holds a dict with keys ['epoch', 'optimizer'] and no state dict under model"),

@@ -231,8 +231,11 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     model = spec.build()
     if checkpoint is None:
         initial = None if cfg.model.weights is None else load_initial_weights(model, cfg.model.weights, cfg.model.name)
+        if initial is not None:  # config.yaml keeps the absolute path: a resume from elsewhere finds the same file
+            cfg.model.weights = initial.path
     else:  # a resumed run's weights are in its checkpoint
-        initial = None if checkpoint.get("initial_weights") is None else InitialWeights(**checkpoint["initial_weights"])
+        saved = checkpoint.get("initial_weights")
+        initial = None if saved is None else InitialWeights.from_dict(saved, f"checkpoint '{run_dir / 'last.pt'}'")
     groups = model.channel_groups()
     if place.rank > 0:  # the same initial weights everywhere, then each rank's own augmentation and dropout draws
         torch.manual_seed(cfg.seed * 1_000_003 + place.rank)

@@ -1,9 +1,11 @@
 """Initial weights of a run (``model.weights``): a state-dict file loaded into the model before the first step.
 
-The file is a ``.safetensors`` file or anything ``torch.save`` wrote (read with ``weights_only=True``: no code runs).
-What training scripts commonly save around a state dict is unwrapped: a dict holding it under ``model``,
-``state_dict`` or ``model_state_dict`` (maskprop's own checkpoints hold it under ``model``), and the ``module.``
-prefix of keys saved from a DDP wrapper. maskprop's ImageNet ResNets have torchvision's and timm's module names, so
+The file is a safetensors file (told by its content: a download cache links ``model.safetensors`` to a blob without a
+suffix) or anything ``torch.save`` wrote (read with ``weights_only=True``: no code runs; a training script's argparse
+arguments are allowed beside the tensors). What training scripts commonly save around a state dict is unwrapped: a
+dict holding it under ``model``, ``state_dict`` or ``model_state_dict`` (maskprop's own checkpoints hold it under
+``model``), private non-tensor entries such as ``_metadata``, and the ``module.`` prefix of keys saved from a DDP
+wrapper. maskprop's ImageNet ResNets have torchvision's and timm's module names, so
 those libraries' ResNet weights load as they are.
 
 Every tensor must fit: the same keys and shapes, except the classifier (the model's last linear layer), which keeps
@@ -15,9 +17,11 @@ first keys that do not fit.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +59,27 @@ class InitialWeights:
         return {"path": self.path, "sha256": self.sha256, "tensors": self.tensors,
                 "kept_initialisation": list(self.kept_initialisation)}
 
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> InitialWeights:
+        """What :meth:`to_dict` wrote (a checkpoint's ``initial_weights``); unknown keys are ignored.
+
+        Raises:
+            ValueError: a missing or malformed field (one line naming ``source``).
+        """
+        names = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in dict(data).items() if k in names})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: initial_weights is {data!r}, not what maskprop writes ({err})") from None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By content, not name (a download cache links ``model.safetensors`` to a blob without a suffix): a safetensors
+    file starts with its header's length in 8 bytes, then the json header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
 
 def _read(path: Path) -> Any:
     where = f"model.weights '{path}'"
@@ -62,18 +87,24 @@ def _read(path: Path) -> Any:
         raise ValueError(f"{where} {'is a directory' if path.is_dir() else 'does not exist'}; expected a state-dict "
                          f"file (.safetensors, or .pt/.pth from torch.save)")
     try:
-        if path.suffix == ".safetensors":
+        if _is_safetensors(path):
             from safetensors.torch import load_file
 
             return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # Training scripts (timm's, torchvision's references) save their argparse arguments beside the weights.
+        allowed = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.4
+        with allowed([argparse.Namespace]) if allowed is not None else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  # pickle, zip, safetensors and torch errors alike: the file is unreadable
-        hint = ("; a whole pickled model? save its state_dict() instead" if "Unsupported global" in str(err) else "")
+        hint = ("; it holds Python objects besides tensors (a whole pickled model?): save the state dict alone, "
+                "torch.save(model.state_dict(), path)" if "Unsupported global" in str(err) else "")
         raise ValueError(f"{where} is not a readable state dict ({error_reason(err)}){hint}") from None
 
 
 def _state_dict(data: Any, where: str) -> dict[str, Tensor]:
     """The state dict inside what was read: the tensors themselves, or under a common wrapper key."""
+    if isinstance(data, Mapping):  # private entries beside the tensors (an explicit "_metadata") are not weights
+        data = {k: v for k, v in data.items() if not (str(k).startswith("_") and not isinstance(v, Tensor))}
     if isinstance(data, Mapping) and not all(isinstance(v, Tensor) for v in data.values()):
         inner = next((data[k] for k in _WRAPPERS if isinstance(data.get(k), Mapping)), None)
         if inner is None:
@@ -100,7 +131,7 @@ def load_initial_weights(model: nn.Module, path: str | Path, name: str | None = 
     Raises:
         ValueError: the file is missing or unreadable, holds no state dict, or does not fit the model (one line).
     """
-    path = Path(path).expanduser().resolve()
+    path = Path(path).expanduser().absolute()  # as given (a link keeps its name), from the working directory
     where = f"model.weights '{path}'"
     state = _state_dict(_read(path), where)
     own = model.state_dict()
