@@ -5,14 +5,13 @@ suffix) or anything ``torch.save`` wrote (read with ``weights_only=True``: no co
 arguments are allowed beside the tensors). What training scripts commonly save around a state dict is unwrapped: a
 dict holding it under ``model``, ``state_dict`` or ``model_state_dict`` (maskprop's own checkpoints hold it under
 ``model``), private non-tensor entries such as ``_metadata``, and the ``module.`` prefix of keys saved from a DDP
-wrapper. maskprop's ImageNet ResNets have torchvision's and timm's module names, so
-those libraries' ResNet weights load as they are.
+wrapper. maskprop's ImageNet ResNets have torchvision's and timm's module names, so those libraries' ResNet weights
+load as they are.
 
 Every tensor must fit: the same keys and shapes, except the classifier (the model's last linear layer), which keeps
 its initialisation when its shape differs or the file has none (weights of another number of classes, or of a
-feature extractor: the usual start of a transfer), and
-BatchNorm's ``num_batches_tracked``, which older files lack. Anything else is a one-line ``ValueError`` naming the
-first keys that do not fit.
+feature extractor: the usual start of a transfer), and BatchNorm's ``num_batches_tracked``, which older files lack.
+Anything else is a one-line ``ValueError`` naming the first keys that do not fit.
 """
 
 from __future__ import annotations
@@ -43,11 +42,11 @@ class InitialWeights:
     """What a run started from (the summary's ``initial_weights``).
 
     Attributes:
-        path: The file, as an absolute path.
+        path: The file, as an absolute path (a link keeps its own name).
         sha256: Its digest.
         tensors: Tensors loaded into the model.
         kept_initialisation: Keys of the model left at their initialisation: the classifier's, where the file's is of
-            another shape.
+            another shape or absent.
     """
 
     path: str
@@ -135,7 +134,7 @@ def load_initial_weights(model: nn.Module, path: str | Path, name: str | None = 
     where = f"model.weights '{path}'"
     state = _state_dict(_read(path), where)
     own = model.state_dict()
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    linears = [key for key, module in model.named_modules() if isinstance(module, nn.Linear)]
     classifier = {f"{linears[-1]}.{p}" for p in ("weight", "bias")} if linears else set()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
