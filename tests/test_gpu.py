@@ -227,6 +227,8 @@ def _search_runs(overlaps: tuple[bool, ...], captures: tuple[bool, ...], windows
     from maskprop.train.steps import StepContext
     from maskprop.vrpge import ChannelScores
 
+    # plain float32 in every run: TF32's rounding would widen what differs between kernels and between replays
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     base = maskprop.create_model("resnet32").train()
     cost = CostModel(base, (3, 32, 32))
@@ -306,7 +308,6 @@ def test_a_later_window_captured_after_one_eager_step_equals_eager_steps():
 
     assert NEW_WINDOW_WARMUP_STEPS < WARMUP_STEPS
     torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     graphed, eager = _search_runs((True, True), (True, False), windows=2, steps=5)
     assert graphed[-1] == 2 and eager[-1] == 0
     # the two may run different cuDNN kernels (chosen by timing): equal to float32 accumulation order
