@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from test_data import make_mnist
 from torch.utils.data import Dataset
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import maskprop
@@ -121,6 +122,38 @@ def test_measuring_angles_changes_nothing_of_the_step(bars):
         assert torch.equal(p, q), name
     for (name, layer), other in zip(sparse_layers(a), (layer for _, layer in sparse_layers(b))):
         assert torch.equal(layer.msbp_memory, other.msbp_memory), name
+
+
+def test_the_step_reports_what_it_computed_in_one_host_read(bars):
+    """Loss, correct count and gradient norm (before clipping) against their computation apart on a twin model; the
+    step reads them to the host in one ``tolist`` and nothing else (no budget: its update reads scores by design)."""
+    ctx = StepContext(criterion=torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), clip_grad_norm=1e-3,
+                      cost=CostModel(maskprop.create_model("mlp", num_classes=4, in_features=64, hidden=(32, 32)),
+                                     (1, 8, 8)))
+    images, labels = bars[0].images[:32], bars[0].targets[:32]
+    (model, _), (twin, _) = _converted(), _converted()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # Adam reads its step count on the host on the CPU
+    logits = twin(images)
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    norm = torch.cat([p.grad.reshape(-1) for p in twin.parameters()]).norm()
+
+    class HostReads(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", None) in ("tolist", "item", "__int__", "__float__", "__bool__", "numpy"):
+                self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with HostReads() as reads:
+        result = sbp_step(model, optimizer, (images, labels), ctx)
+    assert reads.names == ["tolist"]
+    assert result.loss == pytest.approx(loss.item(), rel=1e-6)
+    assert result.grad_norm == pytest.approx(norm.item(), rel=1e-5) and norm.item() > 100 * 1e-3  # clipping ran after
+    assert (result.correct, result.count) == (int((logits.argmax(1) == labels).sum()), 32)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -76,8 +76,8 @@ class StepResult:
         mask: The mask ``m`` used (search steps), on the CPU.
         mask2: The mask ``m'`` used (search steps), on the CPU.
         diagnostics: Gradient estimation angles in degrees (sparse-backward steps that measured them).
-        grad_norm: Global L2 norm of the weight gradients after the backward, before clipping (search and subnetwork
-            steps; read with the step's other statistics, no extra host sync).
+        grad_norm: Global L2 norm of the weight gradients after the backward, before clipping (every step kind;
+            read with the step's other statistics, no extra host sync).
     """
 
     loss: float
@@ -242,12 +242,14 @@ def sbp_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[Te
     loss.backward()
     if budget is not None:
         budget.update()
+    grad_norm = _grad_norm(model)  # before clipping changes the gradients, as in subnet_step
     _clip(ctx, model.parameters())
     optimizer.step()
-    batch_size = labels.shape[0]
+    (value, grad_norm), correct, batch_size = _read_stats(ctx, [loss, grad_norm], logits, labels)
     layer_flops = {name: batch_size * f for name, f in ctx.cost.by_layer().items()}
     return StepResult(
-        loss=loss.item(), loss2=None, correct=int((logits.argmax(1) == labels).sum()), count=batch_size,
-        kept_ratio=1.0, flops=int(sbp_step_flops(layer_flops, fractions)),
+        loss=value, loss2=None, correct=correct, count=batch_size, kept_ratio=1.0,
+        flops=int(sbp_step_flops(layer_flops, fractions)),
         dense_flops=int(dense_step_flops(ctx.cost.flops(None, batch_size))), diagnostics=diagnostics,
+        grad_norm=grad_norm,
     )
