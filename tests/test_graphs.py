@@ -67,13 +67,19 @@ def _config(**overrides) -> object:
     return load_config(with_overrides(TINY_RUN, **overrides))
 
 
-@pytest.mark.parametrize("estimator,weight_grad,clip", [("vrpge", "first", None), ("vrpge", "first", 0.5),
-                                                      ("vrpge_sym", "both", 0.5)])
-def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estimator, weight_grad, clip, monkeypatch,
-                                                                           one_thread):
+@pytest.mark.parametrize("estimator,weight_grad,clip,m2_first", [("vrpge", "first", None, True),
+                                                               ("vrpge", "first", 0.5, True),
+                                                               ("vrpge", "first", None, False),
+                                                               ("vrpge_sym", "both", 0.5, False)])
+def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estimator, weight_grad, clip, m2_first,
+                                                                           monkeypatch, one_thread):
     """With both masks forced, one static search step gives the loss, weight and score gradients, updated weights and
-    scores of ``vrpge_step`` (compact execution) on the same masks."""
+    scores, and BatchNorm statistics of ``vrpge_step`` (compact execution) on the same masks: with the forward of
+    ``m'`` first and its statistics added after those of ``m`` (``SearchStep.m2_first``), and with ``m`` first (two
+    BatchNorm momenta in the model, or a backward of each mask)."""
     model, scores, optimizers, ctx, batch = _parts(clip=clip)
+    if not m2_first and weight_grad == "first":
+        next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).momentum = 0.2
     groups = model.channel_groups()
     generator = torch.Generator().manual_seed(7)
     masks = [torch.cat(list(random_mask(groups, 0.5, generator).values())) for _ in range(2)]
@@ -82,12 +88,13 @@ def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estim
     cfg = _config(**{"sparsity.estimator": estimator, "sparsity.weight_grad": weight_grad})
     assert cfg.sparsity.alpha == sparsity.alpha
 
-    forced = iter(masks)
-    monkeypatch.setattr(ChannelScores, "mask_from_uniforms", lambda self, u: next(forced).clone())
+    # m from the first row of the step's uniforms, m' from the second, in whichever order the step draws them
+    monkeypatch.setattr(ChannelScores, "mask_from_uniforms", lambda self, u: masks[u.storage_offset() > 0].clone())
     static = StaticSteps(cfg, ctx, GraphsChoice(True, False), seed=0)
     static.capacities = {g: n for g, n in groups.items()}  # no overflow: the masks as given
     result = static.search(model, scores, optimizers, batch)
     window = static.read()
+    assert static._search[0].m2_first is m2_first
 
     ref_model, ref_scores, ref_optimizers = reference
     drawn = iter(masks)
@@ -395,8 +402,12 @@ def test_static_steps_take_their_gradients_fresh_and_norm_them_in_one_go():
     projection = counts["projection"].launches  # a fixed sequence of kernels whatever the model (sort, cumsum, ...)
     assert 0 < projection < 80 and dense < search - projection < 2.5 * dense
     # on CUDA the mask update and forward of m' and the score update run on a side stream: what stays on the main one
-    main, side = counts["static search step, main stream"].launches, counts["static search step, side stream"].launches
-    assert main + side == search and dense < main < 1.6 * dense and side > projection
+    main, side, critical = (counts[f"static search step, {part}"].launches
+                            for part in ("main stream", "side stream", "critical path"))
+    assert main + side == search and dense < main < 1.5 * dense and side > projection + counts["dense step"].names[
+        "convolution"]
+    # m' goes first, its forward beside m's and the score update beside m's backward: the side stream waits for nothing
+    assert critical == main
     # under torchrun: a few launches more (packing, division, global losses, the collective); the score update waits
     # for the all-reduce, on the main stream
     ranked = counts["torchrun search step"].launches

@@ -198,6 +198,94 @@ def test_layouts_are_shared_by_the_states_of_a_window(generator):
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first.buffers().values(), second.buffers().values()))
 
 
+# --- deferred statistics: a pass that can run beside another one ----------------------------------------------------
+
+
+def _norm_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: b for k, b in model.named_buffers() if k.rsplit(".", 1)[-1] in ("running_mean", "running_var",
+                                                                               "num_batches_tracked")}
+
+
+@pytest.mark.parametrize("name,concatenate", [("resnet20", False), ("vgg11_bn", True), ("mlp", True)])
+def test_a_deferred_pass_touches_no_statistics_until_committed_then_as_if_run_in_turn(name, concatenate, generator,
+                                                                                       one_thread):
+    """Pass B defers its statistics: run before pass A, it neither reads the model's running statistics (NaN while it
+    runs) nor writes them or the batch counts; committed after A, they equal those of A then B run in turn (float64),
+    and so do B's loss and gradients."""
+    torch.manual_seed(0)
+    model = nontrivial_batch_norms(maskprop.create_model(name).double()).train()
+    groups = model.channel_groups()
+    capacities, mask_a, mask_b = _capacities_and_masks(groups, generator)
+    layout = StaticLayout(model, capacities, align=8, concatenate=concatenate)
+    a, b = StaticExecutionState(layout), StaticExecutionState(layout)
+    b.defers_statistics = True
+    a.update(mask_a)
+    b.update(mask_b)
+    x, y = torch.randn(3, *input_size(name), dtype=torch.double), torch.tensor([0, 1, 2])
+    reference = copy.deepcopy(model)
+    ref_a, ref_b = StaticExecutionState(StaticLayout(reference, capacities, align=8)), None
+    ref_a.update(mask_a)
+    ref_b = StaticExecutionState(ref_a.layout)
+    ref_b.update(mask_b)
+    static_step(reference, ref_a, x, y)
+    expected_loss, expected_grads, expected = static_step(reference, ref_b, x, y)
+
+    buffers = _norm_buffers(model)
+    saved = {k: t.clone() for k, t in buffers.items()}
+    versions = {k: t._version for k, t in buffers.items()}
+    with torch.no_grad():
+        for k, t in buffers.items():
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+    loss_b, grads_b, _ = static_step(model, b, x, y)  # B first
+    assert {k: t._version for k, t in buffers.items()} == {k: v + t.is_floating_point() for (k, v), t in
+                                                           zip(versions.items(), buffers.values())}  # only the fill
+    assert all(torch.equal(t, saved[k]) for k, t in buffers.items() if not t.is_floating_point())  # counts unmoved
+    with torch.no_grad():
+        for k, t in buffers.items():
+            t.copy_(saved[k])
+    static_step(model, a, x, y)  # then A, which moves the statistics as usual
+    b.commit_statistics()
+    torch.testing.assert_close(loss_b, expected_loss, rtol=1e-12, atol=1e-14)
+    for k in expected_grads:
+        torch.testing.assert_close(grads_b[k], expected_grads[k], rtol=1e-10, atol=1e-12, msg=f"gradient of {k}")
+    for k, t in _norm_buffers(model).items():
+        torch.testing.assert_close(t, expected[k], rtol=1e-12, atol=1e-14, msg=k)
+    b.commit_statistics()  # nothing pending any more: a second commit changes nothing
+    for k, t in _norm_buffers(model).items():
+        torch.testing.assert_close(t, expected[k], rtol=1e-12, atol=1e-14, msg=k)
+
+
+def test_a_deferring_state_evaluates_with_the_running_statistics(generator):
+    """In eval mode nothing is deferred: the layers normalise with the model's running statistics."""
+    model = nontrivial_batch_norms(maskprop.create_model("resnet20").double()).eval()
+    capacities, mask, _ = _capacities_and_masks(model.channel_groups(), generator)
+    plain, deferring = (StaticExecutionState(StaticLayout(model, capacities, align=8)) for _ in range(2))
+    deferring.defers_statistics = True
+    x = torch.randn(2, *input_size("resnet20"), dtype=torch.double)
+    outputs = []
+    for state in (plain, deferring):
+        state.update(mask)
+        with torch.no_grad(), use_static(state):
+            outputs.append(model(x))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+
+
+def test_statistics_defer_only_with_one_momentum_for_every_batch_norm(generator):
+    model = maskprop.create_model("resnet20")
+    capacities, _, _ = _capacities_and_masks(model.channel_groups(), generator)
+    assert StaticLayout(model, capacities, align=8).norm_momentum == 0.1
+    mlp = maskprop.create_model("mlp")  # no BatchNorm: nothing to defer
+    assert StaticLayout(mlp, mask_capacities(random_mask(mlp.channel_groups(), 0.5, generator), 8), 8).can_defer_statistics
+    for momentum in (None, 0.2):  # the cumulative average, and two momenta in one model
+        changed = copy.deepcopy(model)
+        next(m for m in changed.modules() if isinstance(m, SparseBatchNorm2d)).momentum = momentum
+        state = StaticExecutionState(StaticLayout(changed, capacities, align=8))
+        assert state.layout.norm_momentum is None and not state.layout.can_defer_statistics
+        with pytest.raises(ValueError, match="cannot defer their statistics: they need one momentum"):
+            state.defers_statistics = True
+
+
 # --- no data-dependent operation and no host read inside a step -----------------------------------------------------
 
 

@@ -18,8 +18,8 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
   ``sync_bn`` under torchrun, Adam on the weights);
 * ``search_ranks_graphed``: the same step as torchrun runs it, in a process group of one rank: two graphs with the
   gradient average (one ``all_reduce`` of the gradients and losses, NCCL on CUDA) between them;
-* ``search_one_stream_graphed``: the same with the forward of ``m'`` after the backward of ``m`` on one stream (the
-  default runs them side by side on two: ``SearchStep(overlap=True)``);
+* ``search_one_stream_graphed``: the same on one stream (the default runs the branch of ``m'``, its forward and the
+  score update, beside the forward and backward of ``m`` on a second one: ``SearchStep(overlap=True)``);
 * ``settled_graphed``: the same with settled keep probabilities (1 on the fixed mask's channels, 0 elsewhere: a
   search after its anneal, whose capacities are the kept counts), captured;
 * ``finetune_eager``: ``subnet_step`` of one fixed sampled mask through the full model (compact);

@@ -176,38 +176,77 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
         step()
     counts = {kind: count(step) for kind, step in steps.items()}
     counts["projection"] = count(lambda: scores.project_(search.budget))
-    # The search step's branch that runs on a side stream on CUDA (the mask update and forward of m', the score update),
-    # counted apart: the rest is the step's critical path when the two streams overlap fully.
-    branch, side_branch = Ops(), SearchStep._side_branch
-
-    def counted(self, *args, **kwargs):
-        with branch:
-            return side_branch(self, *args, **kwargs)
-
-    with mock.patch.object(SearchStep, "_side_branch", counted):
-        counts["static search step, main stream"] = count(lambda: search(x, y))
-    counts["static search step, main stream"].launches -= branch.launches
-    counts["static search step, side stream"] = branch
+    counts.update(by_stream("static search step", search, x, y))
 
     average = GradientAverage(model.parameters(), 3, world_size=2)
     ranked = SearchStep(model, scores, (NoStep(model.parameters()), NoStep()), SparsityConfig(), ctx,  # type: ignore
                         capacities, meter, average=average)
-    ranked_branch = Ops()
-
-    def counted_ranked(self, *args, **kwargs):
-        with ranked_branch:
-            return side_branch(self, *args, **kwargs)
-
     with mock.patch.object(GradientAverage, "all_reduce", lambda self: None):  # no process group on meta
         ranked(x, y)
         counts["torchrun search step"] = count(lambda: ranked(x, y))
-        with mock.patch.object(SearchStep, "_side_branch", counted_ranked):
-            counts["torchrun search step, main stream"] = count(lambda: ranked(x, y))
-    for kind in ("torchrun search step", "torchrun search step, main stream"):
-        counts[kind].launches += 1  # the all-reduce between the halves
-    counts["torchrun search step, main stream"].launches -= ranked_branch.launches
-    counts["torchrun search step, side stream"] = ranked_branch
+        counts.update(by_stream("torchrun search step", ranked, x, y, collectives=1))
+    counts["torchrun search step"].launches += 1  # the all-reduce between the halves
     return counts
+
+
+class Streams:
+    """Launches of a search step by CUDA stream, and its critical path when the streams overlap fully.
+
+    On CUDA the step forks a side stream at its start; with ``m'`` first (``SearchStep.m2_first``) the mask update and
+    forward of ``m'`` (``B`` launches) run there beside the mask update and forward of ``m`` (``A``, after the
+    ``pre`` launches before the fork); after both, the side stream runs its tail (``T``: the forward of ``m'`` when it
+    did not run first, the commit of its statistics, the score update when it is not tied to the backward) beside
+    the backward of ``m`` (``W``); ``post`` follows the join. The critical path is
+    ``pre + max(A + W, max(A, B) + T) + post``."""
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[int, int]] = []  # (main-stream launches before the block, the block's launches)
+        self.backward: tuple[int, int] | None = None
+
+    def summary(self, total: int) -> dict[str, int]:
+        side = sum(n for _, n in self.blocks)
+        first, (tail_at, tail) = (self.blocks[0] if len(self.blocks) == 2 else (None, 0)), self.blocks[-1]
+        pre = first[0] if first is not None else tail_at
+        b = first[1] if first is not None else 0
+        a = tail_at - pre  # main-stream launches from the fork to the tail (m's mask update and forward)
+        w = self.backward[1]
+        post = total - pre - a - b - tail - w
+        return {"main": total - side, "side": side, "critical": pre + max(a + w, max(a, b) + tail) + post}
+
+
+def by_stream(kind: str, step, x: torch.Tensor, y: torch.Tensor, collectives: int = 0) -> dict[str, Ops]:
+    """``kind``'s launches on the main and the side stream and its critical path (:class:`Streams`) as ``Ops``
+    counts (``collectives`` launches added to the main stream: the all-reduce under torchrun)."""
+    import contextlib
+
+    from maskprop.train.graphs import SearchStep
+
+    streams, outer = Streams(), Ops()
+
+    @contextlib.contextmanager
+    def on_side(self):
+        start = outer.launches
+        with Ops() as inner:
+            yield
+        streams.blocks.append((start - sum(n for _, n in streams.blocks), inner.launches))
+
+    backward = torch.autograd.backward
+
+    def counted_backward(*args, **kwargs):
+        start = outer.launches
+        backward(*args, **kwargs)
+        streams.backward = (start, outer.launches - start)
+
+    with mock.patch.object(SearchStep, "_on_side", on_side), mock.patch.object(torch.autograd, "backward",
+                                                                                   counted_backward), \
+            mock.patch.object(torch.nn.utils.clip_grad, "_has_foreach_support", lambda tensors, device: True), outer:
+        step(x, y)
+    result = {}
+    for name, value in streams.summary(outer.launches).items():
+        ops = Ops()
+        ops.launches = value + (collectives if name != "side" else 0)
+        result[f"{kind}, {name} {'path' if name == 'critical' else 'stream'}"] = ops
+    return result
 
 
 def main() -> None:
@@ -221,16 +260,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.whole:
         print(f"launches per whole step on meta (optimizer steps left out), keep {args.keep}, align {args.align}")
-        print("| model | dense step | static search step | ratio | its main stream (m' beside) | ratio | "
-              "fixed-mask finetune step | narrow finetune step | search step under torchrun (main stream) |\n"
+        print("| model | dense step | static search step | ratio | its critical path (two streams) | ratio | "
+              "fixed-mask finetune step | narrow finetune step | search step under torchrun (critical path) |\n"
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name in args.models:
             r = whole_steps(name, args.keep, args.align, args.batch)
             d, s = r["dense step"].launches, r["static search step"].launches
-            main_stream = r["static search step, main stream"].launches
-            print(f"| {name} | {d} | {s} | {s / d:.2f} | {main_stream} | {main_stream / d:.2f} | "
+            critical = r["static search step, critical path"].launches
+            print(f"| {name} | {d} | {s} | {s / d:.2f} | {critical} | {critical / d:.2f} | "
                   f"{r['fixed-mask step'].launches} | {r['narrow step'].launches} | "
-                  f"{r['torchrun search step'].launches} ({r['torchrun search step, main stream'].launches}) |")
+                  f"{r['torchrun search step'].launches} ({r['torchrun search step, critical path'].launches}) |")
         return
     print(f"launches (host ops) per training step on meta, keep {args.keep}, align {args.align}; "
           "static = update + forward + backward")

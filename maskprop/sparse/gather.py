@@ -175,7 +175,8 @@ def gather_pieces(table: GatherTable, flat: Tensor, factor: Tensor | None = None
     return [piece.view(p.shape) for p, piece in zip(table.pieces, pieces)]
 
 
-def gather_norms(table: GatherTable, flat: Tensor, factor: Tensor | None, zero: Tensor) -> dict:
+def gather_norms(table: GatherTable, flat: Tensor, factor: Tensor | None, zero: Tensor,
+                 deferred: bool = False) -> dict:
     """The BatchNorm table's tensors for one mask: ``{id(unit): (running mean, running var, weight, bias)}`` of the
     channels each unit computes, and ``"source"``: ``(the concatenated statistics, the gathered ones)`` for
     :func:`write_back_norms`.
@@ -183,6 +184,9 @@ def gather_norms(table: GatherTable, flat: Tensor, factor: Tensor | None, zero: 
     The table's pieces are every unit's weight, then every unit's bias; the concatenation of the means and variances
     has the same layout, so ``flat`` gathers both (one ``index_select`` each). ``factor`` zeroes the weight and bias of
     padded channels; ``zero`` (one element) is appended to both concatenations for the padding entries to read.
+    ``deferred``: the running statistics handed to the units are zeros, not the model's (which are not read), so that
+    a training pass leaves in them ``momentum x`` its batch statistics, to be added to the model's later
+    (:func:`write_back_norms` with ``momentum``); the source is then ``None``.
     """
     modules = table.modules
     params = [m.weight for m in modules] + [m.bias for m in modules]
@@ -190,8 +194,8 @@ def gather_norms(table: GatherTable, flat: Tensor, factor: Tensor | None, zero: 
     if factor is not None:
         gathered = gathered * factor
     buffers = [m.running_mean for m in modules] + [m.running_var for m in modules]
-    source = torch.cat([*buffers, zero.to(buffers[0].dtype)])
-    stats = source.index_select(0, flat)
+    source = None if deferred else torch.cat([*buffers, zero.to(buffers[0].dtype)])
+    stats = buffers[0].new_zeros(flat.shape) if deferred else source.index_select(0, flat)
     # Each unit updates its statistics in place, and autograd saved them: pieces with version counters of their own
     # (an in-place update of one must not look like a change of another's saved input).
     params_of = split_padded(gathered, table.sizes, table.pads)
@@ -203,14 +207,29 @@ def gather_norms(table: GatherTable, flat: Tensor, factor: Tensor | None, zero: 
     return tensors
 
 
-def write_back_norms(table: GatherTable, tensors: dict, flat: Tensor, kept: Tensor | None = None) -> None:
+def write_back_norms(table: GatherTable, tensors: dict, flat: Tensor, kept: Tensor | None = None,
+                     momentum: float | None = None) -> None:
     """Write the statistics the units updated in place (``tensors`` from :func:`gather_norms`) back into the units'
     buffers with a fixed number of calls; with ``kept`` (bool, one per entry) only those of kept channels, padding's
-    left as they were."""
+    left as they were.
+
+    ``momentum``: the statistics were gathered ``deferred`` (they hold ``momentum x`` the pass's batch statistics);
+    each running statistic ``r`` becomes ``(1 - momentum) r + momentum b``, from ``r`` as it is now (which may have
+    moved since the pass ran: the same as if the pass had run now), and every unit counts one more batch
+    (``num_batches_tracked``, which the units left alone)."""
+    targets = [m.running_mean for m in table.modules] + [m.running_var for m in table.modules]
     source, stats = tensors["source"]
-    if kept is not None:
+    if momentum is not None:
+        source = torch.cat([*targets, stats.new_zeros(1)])
+        current = source.index_select(0, flat)
+        stats = current * (1.0 - momentum) + stats
+        if kept is not None:
+            stats = torch.where(kept, stats, current)
+        counters = [m.num_batches_tracked for m in table.modules if m.num_batches_tracked is not None]
+        if counters:
+            torch._foreach_add_(counters, 1)
+    elif kept is not None:
         stats = torch.where(kept, stats, source.index_select(0, flat))
     source.index_copy_(0, flat, stats)
-    targets = [m.running_mean for m in table.modules] + [m.running_var for m in table.modules]
     sizes = [t.numel() for t in targets]
     torch._foreach_copy_(targets, list(source[:sum(sizes)].split(sizes)))  # the zero at the end stays behind

@@ -161,10 +161,11 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "process_group": None}
 
-    def _momentum(self) -> tuple[float, bool]:
+    def _momentum(self, count: bool = True) -> tuple[float, bool]:
         # Same bookkeeping as nn.BatchNorm2d.forward: the average factor, and whether batch statistics are used.
+        # ``count=False``: the batch is counted later, with the statistics (a deferred pass: StaticExecutionState).
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        if count and self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -185,7 +186,7 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
             state.batch_norm_done(self, gathered[0] is not None)
             return y
         mean, var, weight, bias = gathered
-        factor, use_batch_stats = self._momentum()
+        factor, use_batch_stats = self._momentum(count=not state.defers_statistics)
         updates_stats = use_batch_stats and mean is not None
         if use_batch_stats and batchnorm.eligible(x):  # kept counts the native channels_last kernel is slow for
             y, batch_mean, batch_var = batchnorm.batch_norm_nhwc(x, weight, bias, self.eps)

@@ -347,6 +347,14 @@ class StaticLayout:
             id(m): i for i, m in enumerate(self.norm_table.modules)}
         self.num_entries = sum(t.entries for t in self.tables) + (0 if self.norm_table is None
                                                                    else self.norm_table.entries)
+        # A pass can defer its running statistics (StaticExecutionState.defers_statistics) when the model has no
+        # BatchNorm, or when every one is in the norm table and all share one momentum (not the cumulative average).
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = {m.momentum for m in norms}
+        self.norm_momentum: float | None = None
+        if len(momenta) == 1 and None not in momenta and all(id(m) in self.norm_position for m in norms):
+            self.norm_momentum = float(momenta.pop())
+        self.can_defer_statistics = not norms or self.norm_momentum is not None
         self._build_rows(blocks)
         self._build_sort_tables()
 
@@ -439,6 +447,8 @@ class StaticExecutionState:
         self.overflow_channels = torch.zeros(len(layout.groups), dtype=torch.int64, device=device)
         self._weight_pass: ForwardPass | None = None
         self._norm_pass: ForwardPass | None = None
+        self._defers = False
+        self._deferred: ForwardPass | None = None  # a deferred pass's statistics, until commit_statistics()
         # Until the first update: every group's first channels, all kept (a valid subnetwork, never cut).
         self.update(torch.ones(layout.num_channels, dtype=torch.bool, device=device))
         self.overflow_steps.zero_()
@@ -520,6 +530,34 @@ class StaticExecutionState:
             torch.ne(self._factor[norm.start:norm.start + norm.entries], 0, out=self._norm_real)
         return self.mask_used
 
+    @property
+    def defers_statistics(self) -> bool:
+        """Whether a training pass under this state leaves the model's BatchNorm running statistics and batch counts
+        alone (it neither reads nor writes them) and keeps its own until :meth:`commit_statistics` adds them to the
+        model's as they are then: the same as if the pass had run at that moment. A search step sets it on the state
+        of ``m'``, whose forward can then run on another CUDA stream at the same time as the forward of ``m``, which
+        updates the same statistics (``maskprop.train.graphs.SearchStep``). Needs every BatchNorm of the model in the
+        layout, with one momentum (:attr:`StaticLayout.can_defer_statistics`)."""
+        return self._defers
+
+    @defers_statistics.setter
+    def defers_statistics(self, value: bool) -> None:
+        if value and not self.layout.can_defer_statistics:
+            raise ValueError("this model's BatchNorm layers cannot defer their statistics: they need one momentum "
+                             "(not None), all of them in the pruned groups' layout")
+        self.flush()
+        self._defers = bool(value)
+
+    def commit_statistics(self) -> None:
+        """Add the statistics of the last deferred pass to the model's running statistics (for the kept channels),
+        and count its batch in every BatchNorm layer; nothing when no pass is pending. A fixed sequence of device
+        operations, no host read."""
+        pending, self._deferred = self._deferred, None
+        if pending is not None:
+            norm = self.layout.norm_table
+            write_back_norms(norm, pending.tensors, self._slice(norm)[0], self._norm_real,
+                             momentum=self.layout.norm_momentum)
+
     def buffers(self) -> dict[str, Tensor]:
         """The device buffers :meth:`update` rewrites in place, by name: a captured graph reads them at these
         addresses, so they must stay these tensors for the state's life."""
@@ -583,8 +621,13 @@ class StaticExecutionState:
         current = self._norm_pass
         if current is None or not current.updated:
             return
-        norm = self.layout.norm_table
-        write_back_norms(norm, current.tensors, self._slice(norm)[0], self._norm_real)
+        if self._defers:  # kept for commit_statistics
+            if self._deferred is not None and self._deferred is not current:
+                raise RuntimeError("a second deferred pass ran before the first one's statistics were committed")
+            self._deferred = current
+        else:
+            norm = self.layout.norm_table
+            write_back_norms(norm, current.tensors, self._slice(norm)[0], self._norm_real)
         current.updated = False
 
     def release(self) -> None:
@@ -629,7 +672,14 @@ class StaticExecutionState:
         norm = self.layout.norm_table
         flat, factor = self._slice(norm)
         weight = norm.modules[0].weight
-        return gather_norms(norm, flat, factor.to(weight.dtype), self.layout.plan.zero_row(weight))
+        deferred = False
+        if self._defers:  # training passes only: in eval mode the layers normalise with the running statistics
+            training = {m.training for m in norm.modules}
+            if len(training) > 1:
+                raise ValueError("a pass that defers its statistics needs all BatchNorm layers in one mode (train or "
+                                 "eval)")
+            deferred = training == {True}
+        return gather_norms(norm, flat, factor.to(weight.dtype), self.layout.plan.zero_row(weight), deferred)
 
 
 @contextlib.contextmanager

@@ -10,10 +10,12 @@ advance instead, and is recorded once as a CUDA graph that the GPU then replays 
   ``u`` (one ``torch.rand`` from the run's device generator into a fixed buffer) and writes the step's budget into a
   device scalar (an annealed budget changes every step); inside the graph the masks are ``m = u < s`` (with
   :class:`~maskprop.vrpge.ChannelScores`'s empty-group rule, all on the device), written into the static execution
-  states in place, then come the forward and backward of ``m``, the no-grad forward of ``m'``, the VR-PGE score
+  states in place, then come the no-grad forward of ``m'``, the forward and backward of ``m``, the VR-PGE score
   gradient from the loss difference as a device tensor and the masks actually used, gradient clipping, SGD on the
   weights, Adam (``capturable``) on the scores and their projection onto the budget (exact, with a fixed sequence of
-  kernels: :func:`~maskprop.vrpge.project_scores`). Every
+  kernels: :func:`~maskprop.vrpge.project_scores`). On CUDA the branch of ``m'`` runs on a second stream: its mask
+  update and forward beside those of ``m``, then (once ``m``'s forward is done) its BatchNorm statistics and the
+  score update beside ``m``'s backward, so that a replay runs the two at once (:class:`SearchStep`). Every
   ``log_every`` steps (and at the end of an epoch) the host reads, in one transfer, the losses, correct counts,
   ``|L(m) - L(m')|``, gradient norms and overflow counters that the steps accumulated on the device; at the end of an
   epoch it also re-chooses the capacities (:func:`~maskprop.sparse.static.rechoose_capacities`, one read of the
@@ -610,12 +612,15 @@ class SearchStep(StaticStep):
         ctx: The run's step settings.
         capacities: ``{group: capacity}`` of this window.
         meter: Where the step's statistics accumulate.
-        overlap: On CUDA, run the no-grad forward of ``m'`` on a side stream beside the backward of ``m`` (with
-            ``weight_grad: first``), and after it the score update when neither gradient clipping nor the sum over
-            the ranks ties it to the backward (:meth:`_side_branch`). Neither branch reads what the other writes (the
-            forward of ``m`` has written its BatchNorm statistics back before ``m'`` starts), so the results are those
-            of running them in turn; at CIFAR scale their kernels are too small to fill the GPU, and a captured graph
-            runs the two branches at once. ``False``: one stream.
+        overlap: On CUDA, run the branch of ``m'`` on a side stream (with ``weight_grad: first``): its mask update
+            and no-grad forward beside those of ``m`` (:attr:`m2_first`), then, once the forward of ``m`` is done, the
+            commit of its BatchNorm statistics and the score update (when neither gradient clipping nor the sum over
+            the ranks ties it to the backward: :meth:`_side_branch`) beside the backward of ``m``. Neither branch
+            reads what the other writes while both run (``m'`` defers its BatchNorm statistics and batch counts,
+            which are added to the model's after ``m``'s: :attr:`StaticExecutionState.defers_statistics`), so the
+            results are those of running them in turn, ``m`` first; at CIFAR scale their kernels are too small to
+            fill the GPU, and a captured graph runs the two branches at once. ``False``: one stream, in the same
+            order.
         average: Under torchrun, the gradient average between :meth:`forward_backward` and :meth:`update`, which also
             sums ``L(m) n``, ``L(m') n`` and ``n``: the score update reads the losses of the global batch.
 
@@ -625,6 +630,10 @@ class SearchStep(StaticStep):
         budget: The budget the step projects its updated scores onto (a device scalar :meth:`prepare` writes the
             scores' current budget into: an annealed budget changes every step).
         state_m, state_m2: The static execution states of ``m`` and ``m'`` (one layout).
+        m2_first: Whether the forward of ``m'`` runs before (on CUDA: beside) that of ``m``, its BatchNorm statistics
+            deferred. Not with ``weight_grad: both`` (each mask's backward in turn), ``sync_bn`` (whose layers move
+            their statistics inside their collectives), or BatchNorm layers the layout cannot defer (momenta that
+            differ or are ``None``: :attr:`StaticLayout.can_defer_statistics`); then ``m'`` follows ``m``'s forward.
     """
 
     def __init__(self, model: nn.Module, scores: ChannelScores,
@@ -635,7 +644,7 @@ class SearchStep(StaticStep):
             model, scores, optimizers, sparsity, ctx, meter)
         self.average = average
         # Without gradient clipping (which takes one norm over the weights' and the scores' gradients) the score
-        # update reads the two losses and masks only: it runs beside m's backward, with the forward of m'. Under
+        # update reads the two losses and masks only: it runs beside m's backward, after the forward of m'. Under
         # torchrun it reads the losses of the global batch, summed with the gradients after the backward.
         self.scores_apart = (sparsity.weight_grad == "first" and ctx.clip_grad_norm is None and average is None)
         self._pass: tuple[Tensor, ...] = ()  # what the first half leaves the second (the same tensors in a graph)
@@ -646,6 +655,11 @@ class SearchStep(StaticStep):
             raise ValueError(f"the scores are on {scores.scores.device}, the model on {layout.device}; a static search "
                              f"step samples on the model's device")
         self.state_m, self.state_m2 = StaticExecutionState(layout), StaticExecutionState(layout)
+        # m' first (class docstring): its forward does not wait for m's, whose BatchNorm statistics it would otherwise
+        # have to follow; its own are added after m's (deferred).
+        synchronised = any(getattr(m, "process_group", None) is not None for m in model.modules())
+        self.m2_first = sparsity.weight_grad == "first" and layout.can_defer_statistics and not synchronised
+        self.state_m2.defers_statistics = self.m2_first
         s = scores.scores
         self.uniforms = torch.zeros(2, s.numel(), dtype=s.dtype, device=s.device)
         self.budget = torch.zeros((), dtype=s.dtype, device=s.device)
@@ -663,26 +677,27 @@ class SearchStep(StaticStep):
         self.budget.fill_(self.scores.budget)
 
     def forward_backward(self, images: Tensor, labels: Tensor) -> None:
-        """The step's first half: ``m`` written into its buffers, its forward and backward, the forward of ``m'``
-        (and, apart from the backward, the score update); under torchrun the gradients and losses packed for the
-        average."""
-        ctx = self.ctx
-        u_m = self.uniforms[0]
-        self.state_m.update(self.scores.mask_from_uniforms(u_m), u_m)
-        self.optimizers[0].zero_grad(set_to_none=True)  # as DenseStep: the backward's gradients become the .grad
-        with use_static(self.state_m), _autocast(ctx):
-            logits = self.model(images)
-            loss_m = ctx.criterion(logits.float(), labels)
+        """The step's first half: both masks written into their buffers, the forward of ``m'`` and the forward and
+        backward of ``m`` (and, apart from the backward, the score update); under torchrun the gradients and losses
+        packed for the average."""
         if self.sparsity.weight_grad == "both":  # the official code's cost: a backward of each mask, in turn
+            logits, loss_m = self._forward_m(images, labels)
             (loss_m * 0.5).backward()
             loss_m2 = self._forward_m2(images, labels, grad=True)
             (loss_m2 * 0.5).backward()
-        else:  # m' (no grad) on the side stream, if any, while m's backward runs on this one
+        else:  # m' (no grad) on the side stream, if any, beside m's forward (m' first) and backward on this one
             main = torch.cuda.current_stream(images.device) if self.side_stream is not None else None
             if main is not None:
-                self.side_stream.wait_stream(main)  # after m's forward, its statistics written back
-            with torch.cuda.stream(self.side_stream) if main is not None else contextlib.nullcontext():
-                loss_m2 = self._side_branch(images, labels, loss_m, self.scores_apart)
+                self.side_stream.wait_stream(main)
+            loss_m2 = None
+            if self.m2_first:
+                with self._on_side():
+                    loss_m2 = self._forward_m2(images, labels, grad=False)
+            logits, loss_m = self._forward_m(images, labels)
+            if main is not None:
+                self.side_stream.wait_stream(main)  # after m's forward: its statistics written back, L(m) computed
+            with self._on_side():
+                loss_m2 = self._side_branch(images, labels, loss_m, loss_m2)
             loss_m.backward()
             if main is not None:
                 main.wait_stream(self.side_stream)
@@ -714,12 +729,19 @@ class SearchStep(StaticStep):
         used_m = self.state_m.mask_used
         self.meter.add(loss_m, loss_m2, logits, labels, grad_norm, used_m.sum() / used_m.numel(), gap)
 
-    def _side_branch(self, images: Tensor, labels: Tensor, loss_m: Tensor, update_scores: bool) -> Tensor:
-        """What runs beside the backward of ``m`` (on the side stream on CUDA): ``m'`` written into its buffers and
-        its no-grad forward, then (``update_scores``) the scores' gradient, Adam step and projection. Returns
-        ``L(m')``."""
-        loss_m2 = self._forward_m2(images, labels, grad=False)
-        if update_scores:
+    def _on_side(self) -> contextlib.AbstractContextManager:
+        """Where the branch of ``m'`` runs: the side stream, if any."""
+        return torch.cuda.stream(self.side_stream) if self.side_stream is not None else contextlib.nullcontext()
+
+    def _side_branch(self, images: Tensor, labels: Tensor, loss_m: Tensor, loss_m2: Tensor | None) -> Tensor:
+        """What runs beside the backward of ``m`` (on the side stream on CUDA), after the forward of ``m``: the
+        forward of ``m'`` unless it ran already (``loss_m2``; then its statistics are added to the model's now), then,
+        unless gradient clipping or the sum over the ranks ties them to the backward, the scores' gradient, Adam step
+        and projection. Returns ``L(m')``."""
+        if loss_m2 is None:
+            loss_m2 = self._forward_m2(images, labels, grad=False)
+        self.state_m2.commit_statistics()
+        if self.scores_apart:
             self._score_gradient(loss_m, loss_m2)
             self._score_update()
         return loss_m2
@@ -739,10 +761,20 @@ class SearchStep(StaticStep):
         self.scores.project_(self.budget)
 
     def one_stream(self) -> SearchStep:
-        """This step with its side branch (the forward of ``m'``, the score update) back on the main stream (if
-        capturing two streams fails)."""
+        """This step with its side branch (the mask update and forward of ``m'``, the commit of its statistics, the
+        score update) back on the main stream, in the same order (if capturing two streams fails)."""
         self.side_stream = None
         return self
+
+    def _forward_m(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``m`` written into its buffers, the weights' gradients set to ``None`` (as :class:`DenseStep`: the backward's
+        gradients become the ``.grad``), and its forward: ``(logits, L(m))``."""
+        u_m = self.uniforms[0]
+        self.state_m.update(self.scores.mask_from_uniforms(u_m), u_m)
+        self.optimizers[0].zero_grad(set_to_none=True)
+        with use_static(self.state_m), _autocast(self.ctx):
+            logits = self.model(images)
+            return logits, self.ctx.criterion(logits.float(), labels)
 
     def _forward_m2(self, images: Tensor, labels: Tensor, grad: bool) -> Tensor:
         """L(m'): the second mask written into its buffers, then its forward."""
@@ -796,7 +828,7 @@ class StaticSteps:
         ctx: The run's step settings (with ``reduce_stats`` under torchrun).
         choice: From :func:`resolve_cuda_graphs` (``capture=False``: the same steps, eagerly).
         seed: Seeds the device generator the search's uniforms come from.
-        overlap: Search steps run the forward of ``m'`` beside the backward of ``m`` on CUDA (:class:`SearchStep`).
+        overlap: Search steps run the branch of ``m'`` on a side stream on CUDA (:class:`SearchStep`).
         world_size: Processes under torchrun, each with an equal share of the global batch (train FLOPs count the
             global batch, as the eager steps do).
     """
