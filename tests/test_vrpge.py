@@ -72,6 +72,20 @@ def test_projection_matches_kkt_and_bisection(seed: int, dtype: torch.dtype) -> 
         assert_is_projection(s, budget, x, atol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_unit_prices_project_as_the_priced_formula_at_prices_one(dtype: torch.dtype) -> None:
+    """Without prices the projection skips the multiplications by 1 (fewer kernels in a training step): the same
+    projection as with explicit prices of 1, ties and saturated entries included, with a budget number or tensor."""
+    generator = torch.Generator().manual_seed(11)
+    for n in (1, 7, 300):
+        s = (torch.randn(n, generator=generator, dtype=torch.float64) * 0.8 + 0.5).to(dtype)
+        s[: n // 3] = s[0]  # ties
+        ones = torch.ones_like(s)
+        for budget in (0.0, 0.4 * n, float(n), torch.tensor(0.3 * n, dtype=dtype)):
+            torch.testing.assert_close(project_scores(s, budget), project_scores(s, budget, ones),
+                                       rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+
+
 def test_projection_with_many_ties_and_breakpoints() -> None:
     """Scores and budgets on a 0.25 grid put the solution on breakpoints of f and create many ties."""
     generator = torch.Generator().manual_seed(4)

@@ -31,32 +31,38 @@ def _check_budget(budget: float | Tensor, s: Tensor) -> float | Tensor:
     return float(budget)
 
 
-def _suffix_sums(sorted_keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+def _suffix_sums(sorted_keys: Tensor, values: Tensor | None) -> tuple[Tensor, Tensor]:
     """Sort ``values`` (rows: one quantity each) by ``sorted_keys``' order and return the keys sorted and, per row,
-    the sums over entries ``i..n-1`` for every ``i`` in ``0..n`` (the last one 0)."""
+    the sums over entries ``i..n-1`` for every ``i`` in ``0..n`` (the last one 0). ``values=None``: the rows are
+    ``[1, key]`` (unit prices), whose sums need no gather of the first row: ``n - i`` (exact in floating point)."""
     keys, order = torch.sort(sorted_keys)
-    ordered = values[:, order]
+    ordered = keys.unsqueeze(0) if values is None else values[:, order]
     total = ordered.sum(dim=1, keepdim=True)
-    prefix = torch.cat([ordered.new_zeros(ordered.shape[0], 1), torch.cumsum(ordered, dim=1)], dim=1)
-    return keys, total - prefix
+    suffix = total - torch.cat([ordered.new_zeros(ordered.shape[0], 1), torch.cumsum(ordered, dim=1)], dim=1)
+    if values is None:
+        n = keys.numel()
+        suffix = torch.cat([torch.arange(n, -1, -1, dtype=keys.dtype, device=keys.device).unsqueeze(0), suffix])
+    return keys, suffix
 
 
-def _budget_mass(shift: Tensor, x: Tensor, w: Tensor, unit_prices: bool) -> Tensor:
-    """``f(v) = sum_j w_j clamp(x_j - v w_j, 0, 1)`` at every entry of ``shift``.
+def _budget_mass(shift: Tensor, x: Tensor, w: Tensor | None) -> Tensor:
+    """``f(v) = sum_j w_j clamp(x_j - v w_j, 0, 1)`` at every entry of ``shift`` (``w=None``: every price 1).
 
     Channel j is full (contributes ``w_j``) for ``v <= a_j = (x_j - 1) / w_j``, partial (contributes
     ``w_j x_j - v w_j^2``) for ``a_j < v < b_j = x_j / w_j`` and zero from ``b_j`` on. As ``a_j < b_j``, the partial
     set is ``{b_j > v}`` less ``{a_j >= v}``, so every sum is a suffix sum over sorted ``a`` or sorted ``b``.
     """
-    rows = torch.stack([w, w * x, w * w])
-    b_sorted, b_suffix = _suffix_sums(x / w, rows)
-    if unit_prices:  # a = b - 1 keeps b's order: one sort serves both (the training step's projection)
+    if w is None:  # a = b - 1 keeps b's order: one sort serves both (the training step's projection); w = w^2 = 1
+        b_sorted, b_suffix = _suffix_sums(x, None)
         a_sorted, a_suffix = b_sorted - 1, b_suffix
     else:
+        rows = torch.stack([w, w * x, w * w])
+        b_sorted, b_suffix = _suffix_sums(x / w, rows)
         a_sorted, a_suffix = _suffix_sums((x - 1) / w, rows)
     at_a = a_suffix[:, torch.searchsorted(a_sorted, shift, right=False)]  # entries with a_j >= v
     at_b = b_suffix[:, torch.searchsorted(b_sorted, shift, right=True)]  # entries with b_j > v
-    partial = (at_b[1] - at_a[1]) - shift * (at_b[2] - at_a[2])
+    curvature = at_b[0] - at_a[0] if w is None else at_b[2] - at_a[2]  # sum of w^2 over the partial set
+    partial = (at_b[1] - at_a[1]) - shift * curvature
     return at_a[0] + partial
 
 
@@ -93,13 +99,15 @@ def project_scores(s: Tensor, budget: float | Tensor, prices: Tensor | None = No
         return s.detach().clone()
     work_dtype = s.dtype if s.dtype in (torch.float32, torch.float64) else torch.float32
     x = s.detach().reshape(-1).to(work_dtype)
-    w = torch.ones_like(x) if prices is None else prices.detach().reshape(-1).to(device=x.device, dtype=work_dtype)
+    # Every price 1 (w=None) skips the multiplications by 1 of the priced formulas: the same numbers, fewer kernels.
+    w = None if prices is None else prices.detach().reshape(-1).to(device=x.device, dtype=work_dtype)
     if isinstance(budget, Tensor):
         budget = budget.to(work_dtype)
 
     # Candidate shifts: 0 and every breakpoint of f on v >= 0; f is linear between consecutive candidates.
-    candidates = torch.cat([x.new_zeros(1), x / w, (x - 1) / w]).clamp_min(0)
-    mass = _budget_mass(candidates, x, w, unit_prices=prices is None)
+    breakpoints = [x, x - 1] if w is None else [x / w, (x - 1) / w]
+    candidates = torch.cat([x.new_zeros(1), *breakpoints]).clamp_min(0)
+    mass = _budget_mass(candidates, x, w)
     # [v_lo, v_hi]: the consecutive candidates between which f crosses K. v_hi exists because f(max(s / w, 0)) = 0;
     # v_hi = 0 means the budget is slack (the projection is the clamp).
     v_hi = torch.where(mass <= budget, candidates, math.inf).min()
@@ -107,11 +115,15 @@ def project_scores(s: Tensor, budget: float | Tensor, prices: Tensor | None = No
     # On [v_lo, v_hi] the sets "full" (x_j - v w_j >= 1) and "partial" (0 < x_j - v w_j < 1) are fixed; take them at
     # the midpoint and solve  sum_full w + sum_partial w (x - v w) = K  for v directly (no suffix-sum round-off).
     middle = 0.5 * (v_lo + v_hi)
-    left = x - middle * w
+    left = x - (middle if w is None else middle * w)
     full = left >= 1
     partial = (left > 0) & ~full
-    curvature = torch.where(partial, w * w, 0).sum()
-    numerator = torch.where(full, w, 0).sum() + torch.where(partial, w * x, 0).sum() - budget
+    if w is None:
+        curvature = partial.sum(dtype=x.dtype)
+        numerator = full.sum(dtype=x.dtype) + torch.where(partial, x, 0).sum() - budget
+    else:
+        curvature = torch.where(partial, w * w, 0).sum()
+        numerator = torch.where(full, w, 0).sum() + torch.where(partial, w * x, 0).sum() - budget
     shift = torch.where(curvature > 0, numerator / torch.where(curvature > 0, curvature, 1), v_hi)
     shift = torch.minimum(torch.maximum(shift, v_lo), v_hi)  # guards round-off; exact arithmetic lands inside
-    return (x - shift * w).clamp(0, 1).to(s.dtype).reshape(s.shape)
+    return (x - (shift if w is None else shift * w)).clamp(0, 1).to(s.dtype).reshape(s.shape)
