@@ -438,6 +438,35 @@ def test_a_failed_capture_tries_the_step_s_simpler_form_first(caplog):
     assert lenient.capture is False
 
 
+def test_a_search_step_that_failed_before_committing_m2_statistics_leaves_the_next_step_clean(monkeypatch,
+                                                                                              one_thread):
+    """A step that raises after the forward of ``m'`` and before its statistics are committed (as a failed capture
+    does, whose kernels never ran) leaves a deferred pass behind; the next step discards it and runs as a step from
+    the same state would, and the layout made its zero rows up front (none is made inside a step)."""
+    model, scores, optimizers, ctx, batch = _parts()
+    static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
+    static.search(model, scores, optimizers, batch)
+    step = static._search[0]
+    plan = step.state_m.layout.plan
+    rows = dict(plan._zero_rows)
+    assert step.m2_first and rows
+    original = graphs.SearchStep._forward_m
+
+    def failing(self, *args):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(graphs.SearchStep, "_forward_m", failing)
+    with pytest.raises(RuntimeError, match="capture failed"):
+        static.search(model, scores, optimizers, batch)
+    assert step.state_m2._deferred is not None  # the failed step's pass, never committed
+    monkeypatch.setattr(graphs.SearchStep, "_forward_m", original)
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    static.search(model, scores, optimizers, batch)
+    assert step.state_m2._deferred is None and plan._zero_rows == rows
+    counts = [k for k in buffers if k.endswith("num_batches_tracked")]
+    assert all(int(dict(model.named_buffers())[k]) == int(buffers[k]) + 2 for k in counts)  # m and m', once each
+
+
 def test_the_static_search_step_offers_its_one_stream_form():
     step = graphs.SearchStep.__new__(graphs.SearchStep)
     step.side_stream = object()

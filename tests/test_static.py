@@ -256,6 +256,20 @@ def test_a_deferred_pass_touches_no_statistics_until_committed_then_as_if_run_in
         torch.testing.assert_close(t, expected[k], rtol=1e-12, atol=1e-14, msg=k)
 
 
+@pytest.mark.parametrize("concatenate", [True, False])
+def test_a_layout_makes_its_zero_rows_before_any_pass(concatenate, generator):
+    """No pass creates a zero row: made inside a step they could be filled on one CUDA stream and read on another."""
+    model = maskprop.create_model("resnet20").train()
+    capacities, mask, _ = _capacities_and_masks(model.channel_groups(), generator)
+    layout = StaticLayout(model, capacities, align=8, concatenate=concatenate)
+    rows = dict(layout.plan._zero_rows)
+    assert rows
+    state = StaticExecutionState(layout)
+    state.update(mask)
+    static_step(model, state, torch.randn(2, *input_size("resnet20")), torch.tensor([0, 1]))
+    assert layout.plan._zero_rows == rows
+
+
 def test_a_deferring_state_evaluates_with_the_running_statistics(generator):
     """In eval mode nothing is deferred: the layers normalise with the model's running statistics."""
     model = nontrivial_batch_norms(maskprop.create_model("resnet20").double()).eval()

@@ -355,6 +355,13 @@ class StaticLayout:
         if len(momenta) == 1 and None not in momenta and all(id(m) in self.norm_position for m in norms):
             self.norm_momentum = float(momenta.pop())
         self.can_defer_statistics = not norms or self.norm_momentum is not None
+        # The zero rows the gathers append are made now, once: made lazily by the first pass of a step, they could be
+        # filled on one CUDA stream (a search step's m' runs first, on a side stream) and read on another unordered.
+        for table in self.tables if self.concatenate else ():
+            piece = table.pieces[0]
+            self.plan.zero_row(getattr(piece.layer, piece.kind).reshape(-1, table.area))
+        if self.norm_table is not None:
+            self.plan.zero_row(self.norm_table.modules[0].weight)
         self._build_rows(blocks)
         self._build_sort_tables()
 
@@ -547,6 +554,11 @@ class StaticExecutionState:
                              "(not None), all of them in the pruned groups' layout")
         self.flush()
         self._defers = bool(value)
+
+    def discard_statistics(self) -> None:
+        """Drop a deferred pass whose statistics were not committed: that of a step that failed between the pass and
+        its commit (a capture that raised: its kernels never ran), so that the next step starts clean."""
+        self._deferred = None
 
     def commit_statistics(self) -> None:
         """Add the statistics of the last deferred pass to the model's running statistics (for the kept channels),

@@ -691,6 +691,7 @@ class SearchStep(StaticStep):
                 self.side_stream.wait_stream(main)
             loss_m2 = None
             if self.m2_first:
+                self.state_m2.discard_statistics()  # left pending only by a step that failed (a capture that raised)
                 with self._on_side():
                     loss_m2 = self._forward_m2(images, labels, grad=False)
             logits, loss_m = self._forward_m(images, labels)
