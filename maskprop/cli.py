@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--input-size", metavar="C,H,W",
                         help="input size (default: from the run's data config; give it for runs on your own data)")
     export.add_argument("--force", action="store_true", help="replace an existing export directory")
-    export.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    export.add_argument("--threads", type=_thread_count, default=0, help="torch CPU threads (0: torch's default)")
     export.set_defaults(run=_export)
 
     report = commands.add_parser(

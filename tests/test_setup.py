@@ -119,8 +119,8 @@ def test_a_corrupt_checkpoint_message_ends_cleanly(tmp_path, damage):
     with pytest.raises(ValueError) as raised:
         load_checkpoint(path)
     message = str(raised.value)
-    match = re.fullmatch(rf"checkpoint '{re.escape(str(path))}' is corrupt or truncated \((.+)\); resume from another "
-                         r"run directory or start a new run", message)
+    match = re.fullmatch(rf"checkpoint '{re.escape(str(path))}' is corrupt or truncated \((.+)\); expected a "
+                         r"complete checkpoint written by maskprop train", message)
     assert match, message
     reason = match.group(1)
     assert "\n" not in message and "\x1b" not in message and len(reason) <= 164

@@ -71,8 +71,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
-        raise ValueError(f"checkpoint '{path}' is corrupt or truncated ({error_reason(err)}); resume from another "
-                         f"run directory or start a new run") from None
+        raise ValueError(f"checkpoint '{path}' is corrupt or truncated ({error_reason(err)}); expected a complete "
+                         f"checkpoint written by maskprop train") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"checkpoint '{path}' is not a maskprop checkpoint (a {type(checkpoint).__name__}, "
                          f"expected a dict)")
