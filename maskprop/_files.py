@@ -17,17 +17,25 @@ from typing import IO
 __all__ = ["atomic_directory", "atomic_write", "sha256"]
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
     """Open a temp file in ``path``'s directory; on success flush, fsync and rename it over ``path``.
 
     On any error (or a kill before the rename) ``path`` keeps its previous content; the temp file is removed when
-    Python still can. The parent directory is created if needed.
+    Python still can. The parent directory is created if needed. The file gets the permissions of an ordinary
+    ``open`` (not the private ones of a temp file: a run directory on a shared filesystem stays readable).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
@@ -48,7 +56,9 @@ def atomic_directory(target: str | os.PathLike, force: bool = False) -> Iterator
     """Yield a new empty directory beside ``target`` to fill; when the block ends without error, rename it to
     ``target``.
 
-    The directory gets the permissions of an ordinary ``mkdir`` (not the private ones of a temp directory). On any
+    The directory gets the permissions of an ordinary ``mkdir`` (not the private ones of a temp directory), and the
+    files written into it those of an ordinary ``open`` (some writers, safetensors' among them, make theirs private).
+    On any
     error inside the block (or while placing it) the temp directory is removed and ``target`` is left as it was; the
     parent directory is created if needed. With ``force`` an existing ``target`` is replaced: it is moved aside, the
     new directory renamed into place, and only then the old one deleted.
@@ -65,10 +75,12 @@ def atomic_directory(target: str | os.PathLike, force: bool = False) -> Iterator
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = _umask()
         tmp.chmod(0o777 & ~umask)
         yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file() and not file.is_symlink():
+                file.chmod(0o666 & ~umask)
         _refuse_existing(target, force)  # it may have appeared while the block ran
         if not (target.exists() or target.is_symlink()):
             os.replace(tmp, target)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -248,6 +249,15 @@ def test_a_baseline_must_be_a_finished_dense_run(runs, tmp_path, capsys):
     report = build_report([runs / "vrpge"], baseline=runs / "dense")  # listed too
     rows = {row["run"]: row for row in report.rows}
     assert rows["vrpge"]["dense_accuracy"] == summary_of(runs / "dense")["accuracy"] and "dense" in rows
+    # a dense run of another model compares with none of the runs: refused, not listed silently
+    folder = copy_runs(runs, tmp_path)
+    summary = summary_of(folder / "dense")
+    (folder / "dense" / "summary.json").write_text(json.dumps(dict(summary, model="vgg11_bn")))
+    assert main(["report", str(folder / "vrpge"), "--baseline", str(folder / "dense"), "--out",
+                 str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(vgg11_bn on shapes) has the model and data of none of the runs (resnet20 on shapes)" in \
+        err[0] and not (tmp_path / "other").exists()
 
 
 def test_without_matplotlib_the_table_still_prints_and_the_error_names_the_extra(runs, tmp_path, capsys,
@@ -312,6 +322,27 @@ def test_an_atomic_directory_refuses_an_existing_target_unless_forced(tmp_path):
     assert [p.name for p in target.iterdir()] == ["a.txt"] and [p.name for p in tmp_path.iterdir()] == ["late", "out"]
 
 
+def test_written_files_get_ordinary_permissions(tmp_path):
+    """Files written atomically, and files a writer made private inside an atomic directory (safetensors' do), get
+    the mode of an ordinary ``open`` under the process's umask, as the files beside them in a run directory."""
+    from maskprop._files import atomic_directory, atomic_write
+
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "summary.json", "w") as f:
+            f.write("{}")
+        with atomic_directory(tmp_path / "export") as folder:
+            private = folder / "model.safetensors"
+            private.write_bytes(b"x")
+            private.chmod(0o600)
+        (tmp_path / "plain.txt").write_text("x")
+        assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "summary.json", tmp_path / "export" /
+                                                            "model.safetensors", tmp_path / "plain.txt")} == {
+            "summary.json": 0o644, "model.safetensors": 0o644, "plain.txt": 0o644}
+    finally:
+        os.umask(old)
+
+
 def test_the_file_helpers_import_without_the_trainer(tmp_path):
     # export (the core) uses them: importing them must not import pydantic, timm or torchvision.
     code = ("import sys; import maskprop._files; "
@@ -358,3 +389,8 @@ def test_the_random_baseline_is_named_random_in_tables_and_plots():
     assert _method(RunSummary(method="vrpge", search={"subnetwork": "random"})) == "random"
     assert _method(RunSummary(method="vrpge", search={"subnetwork": "searched"})) == "vrpge"
     assert _method(RunSummary(method="dense")) == "dense"
+
+
+def test_the_header_counts_one_run_in_the_singular(runs, tmp_path, capsys):
+    assert main(["report", str(runs / "vrpge"), "--no-plots", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.md").read_text().splitlines()[2].startswith("1 run, ")
