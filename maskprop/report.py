@@ -304,6 +304,12 @@ def build_report(paths: Iterable[str | os.PathLike], baseline: str | os.PathLike
             what = "an unfinished run" if base.summary is None else f"a method={base.summary.method!r} run"
             raise ValueError(f"--baseline '{base_path}' is {what}; expected a finished dense run (method=dense) of "
                              f"the same model and data")
+        compared = [r for r in runs if r is not base and r.key() is not None and r.summary.method != "dense"]
+        if compared and not any(r.key() == base.key() for r in compared):
+            theirs = sorted({f"{r.summary.model} on {r.summary.dataset}" for r in compared})
+            raise ValueError(f"--baseline '{base_path}' ({base.summary.model} on {base.summary.dataset}) has the model "
+                             f"and data of none of the runs ({', '.join(theirs)}); expected a dense run of the same "
+                             f"model and data")
     baselines: dict[str, RunRecord] = {}
     for record in runs:
         key = record.key()
@@ -528,10 +534,13 @@ def _curves_figure(report: Report, Figure: Any) -> Any:
     titles = ("training loss", "validation top-1 accuracy", "expected kept ratio (search)")
     ylabels = ("cross entropy (L(m) while searching)", "top-1 accuracy (%)", "expected kept channels / all")
     xlabels = ("epoch (VR-PGE: search, then finetune after the dotted line)",) * 2 + ("search epoch",)
+    from matplotlib.ticker import MaxNLocator
+
     for ax, title, ylabel, xlabel in zip(axes, titles, ylabels, xlabels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 1.5
         ax.grid(alpha=0.3)
     if not any(m.get("kept_ratio_expected") is not None for r in records for m in r.metrics):
         axes[2].text(0.5, 0.5, "no VR-PGE search", ha="center", va="center", transform=axes[2].transAxes)
@@ -632,7 +641,9 @@ def _csv(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _markdown(report: Report, plots: Sequence[str]) -> str:
-    lines = ["# maskprop report", "", f"{len(report.runs)} runs, {datetime.now().strftime('%Y-%m-%d %H:%M')}.", "",
+    count = len(report.runs)
+    lines = ["# maskprop report", "", f"{count} run{'s' * (count != 1)}, {datetime.now().strftime('%Y-%m-%d %H:%M')}.",
+             "",
              format_table(report.rows), "", _NOTES]
     warnings = [f"- {row['run']}: {row['speedup_warning']}" for row in report.rows if row["speedup_warning"]]
     if warnings:
