@@ -22,6 +22,7 @@ from maskprop.sbp import convert, sparse_layers
 from maskprop.train import loop
 from maskprop.train.checkpoint import load_checkpoint
 from maskprop.train.config import Config, load_config
+from maskprop.train.summary import read_summary
 from maskprop.train.steps import StepContext, sbp_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +170,10 @@ def msbp_run(bars, tmp_path_factory):
 def test_msbp_run_learns_and_reports_its_costs(msbp_run, bars):
     out, summary = msbp_run
     assert summary["method"] == "msbp" and summary["accuracy"] > 90.0
+    # the datasets given to fit, not the config's: such runs pair only with runs of the same kind and sizes
+    assert summary["dataset"] == "custom" and summary["data"] == {
+        "dataset": "custom", "train": "Bars", "train_size": len(bars[0]), "val": "Bars", "val_size": len(bars[1])}
+    assert read_summary(out / "summary.json").data == summary["data"]
     steps = summary["steps"]["train"]
     assert steps == 3 * 8
     # every hidden layer keeps 8 of 32 units; the output layer is dense

@@ -45,7 +45,8 @@ class Run:
     measured speedup to train and time; ``None`` for the other methods, whose model runs dense without a mask.
     ``static`` runs the steps with static shapes (``graphs.py``: ``cuda_graphs`` resolved on), ``None``: the eager
     steps of ``steps.py``. ``initial_weights``: what ``model.weights`` loaded (for a resumed run, what it started
-    from; ``None``: no file).
+    from; ``None``: no file). ``given_data``: what identifies datasets passed in by the caller instead of the ones
+    ``config.data`` names (``dataset: "custom"``, their types and sizes; ``None``: the config's).
     """
 
     cfg: Config
@@ -62,6 +63,7 @@ class Run:
     static: StaticSteps | None = None
     graphs: GraphsChoice = field(default_factory=lambda: GraphsChoice(False, False))
     initial_weights: InitialWeights | None = None
+    given_data: dict[str, Any] | None = None
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -217,6 +219,7 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
             run_dir: Path | None = None, resume: bool = False) -> Run:
     """Build and check everything a run needs; raise one-line errors before anything is written."""
     checkpoint = _check_run_dir(run_dir, resume)
+    given = None if train_set is None else _given_data(train_set, val_set)
     train_set, val_set, num_classes, input_size = _datasets(cfg, train_set, val_set)
     device = _resolve_device(cfg.device)
     place = current()  # under torchrun: one device per rank, and what DDP cannot run is refused here
@@ -297,7 +300,16 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     if score_opt is not None:  # after the load: the checkpoint's param groups brought the flag of the run that saved it
         set_capturable(score_opt, graphs.capture)
     return Run(cfg, state, ctx, train_set, train_loader, val_loader, groups, spec, run_dir, checkpoint is not None,
-               dense_model, static, graphs, initial)
+               dense_model, static, graphs, initial, given)
+
+
+def _given_data(train_set: Dataset, val_set: Dataset | None) -> dict[str, Any]:
+    """What identifies datasets a caller passed to ``fit`` (the summary's ``data``): not the config's dataset."""
+    def size(dataset: Dataset | None) -> int | None:
+        return len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
+
+    return {"dataset": "custom", "train": type(train_set).__name__, "train_size": size(train_set),
+            "val": type(val_set).__name__, "val_size": size(val_set)}
 
 
 def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:

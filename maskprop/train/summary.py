@@ -48,9 +48,10 @@ class RunSummary:
     method: str = _f("", "vrpge, dense, meprop, sbp or msbp", "")
     model: str = _f("", "registered model name", "")
     model_kwargs: dict[str, Any] = _f("", "model.kwargs of the config", factory=dict)
-    dataset: str | None = _f("", "data.dataset of the config")
-    data: dict[str, Any] = _f("", "what identifies the data (dataset; for shapes its sizes and seed): runs with equal "
-                                  "model, model_kwargs and data are comparable", factory=dict)
+    dataset: str | None = _f("", "data.dataset of the config; custom for datasets passed to maskprop.fit")
+    data: dict[str, Any] = _f("", "what identifies the data (dataset; for shapes its sizes and seed; for datasets "
+                                  "passed to maskprop.fit their types and sizes): runs with equal model, model_kwargs "
+                                  "and data are comparable", factory=dict)
     keep_ratio: float = _f("fraction", "sparsity.keep_ratio (vrpge), sbp.ratio (sparse backward), 1 (dense)", 1.0)
     epochs: dict[str, int] = _f("epochs", "configured epochs per phase (search and finetune, or train)", factory=dict)
     accuracy: float | None = _f("%", "top-1 validation accuracy of the final network (the fixed subnetwork after "
@@ -193,8 +194,10 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
     phase_names = ("search", "finetune") if method == "vrpge" else ("train",)
     reference_s = times.overhead_s if method != "dense" else None
     summary = RunSummary(
-        method=method, model=cfg.model.name, model_kwargs=dict(cfg.model.kwargs), dataset=cfg.data.dataset,
-        data=data_identity(config_to_dict(cfg.data)), keep_ratio=keep_ratio,
+        method=method, model=cfg.model.name, model_kwargs=dict(cfg.model.kwargs),
+        dataset=cfg.data.dataset if run.given_data is None else run.given_data["dataset"],
+        data=data_identity(config_to_dict(cfg.data)) if run.given_data is None else dict(run.given_data),
+        keep_ratio=keep_ratio,
         epochs={p: phase_epochs(cfg, p) for p in phase_names},
         accuracy=state.final_accuracy, best_accuracy=state.best_accuracy,
         dense_accuracy=state.final_accuracy if method == "dense" else None,
