@@ -487,3 +487,15 @@ def test_the_search_epochs_leave_the_cuda_generators_alone(monkeypatch):
     monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
     summary = maskprop.fit(with_overrides(TINY_RUN, **{"optim.epochs": 3}))
     assert summary["steps"]["search"] == 6 and seeded == [TINY_RUN["seed"]]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+def test_a_one_step_phase_runs_at_the_peak_lr_without_a_warning(schedule, caplog):
+    """A phase of one optimizer update (a shortened run) takes the peak learning rate, and no schedule logs a line the
+    user can do nothing about (timm's cosine warns that it would have no effect)."""
+    from maskprop.train.optim import build_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+    with caplog.at_level("WARNING"):
+        build_schedule(optimizer, schedule, 1).step_update(0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.3) and not caplog.records

@@ -93,4 +93,6 @@ def build_schedule(optimizer: torch.optim.Optimizer, schedule: Schedule, total_s
     """
     if schedule not in _SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(_SCHEDULES)}")
+    if total_steps <= 1:  # a one-step phase: every schedule gives its peak there (and timm's cosine warns that it has
+        schedule = "constant"  # no effect, a line the user can do nothing about)
     return _SCHEDULES[schedule](optimizer, max(total_steps, 1), warmup_steps)
