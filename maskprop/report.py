@@ -237,6 +237,18 @@ def _keep(summary: RunSummary) -> str:
     return f"{summary.keep_ratio:g}"
 
 
+def _config_keep(config: dict[str, Any]) -> str | None:
+    """``_keep`` from a run's config.yaml (an unfinished run has no summary); ``None`` where it does not say."""
+    method = config.get("method", "vrpge")
+    section, key = {"vrpge": ("sparsity", "keep_ratio")}.get(method, ("sbp", "ratio"))
+    ratio = config.get(section, {}).get(key) if isinstance(config.get(section), dict) else None
+    if method == "dense":
+        return "1"
+    if not isinstance(ratio, (int, float)):
+        return None
+    return f"{ratio:g}" if method == "vrpge" else f"{ratio:g} backward"
+
+
 def _epochs(summary: RunSummary | None, config: dict[str, Any]) -> str:
     if summary is not None and summary.epochs:
         return "+".join(str(e) for e in summary.epochs.values())
@@ -251,7 +263,8 @@ def _row(record: RunRecord, baseline: RunRecord | None) -> dict[str, Any]:
     data = config.get("data", {}) if isinstance(config.get("data"), dict) else {}
     row: dict[str, Any] = {key: None for key, _, _ in COLUMNS}
     row.update(run=record.name, status=record.status, path=str(record.path), epochs=_epochs(s, config),
-               method=config.get("method"), model=model.get("name"), dataset=data.get("dataset"), keep=None,
+               method=config.get("method"), model=model.get("name"), dataset=data.get("dataset"),
+               keep=_config_keep(config),
                measured_speedup_low=None, measured_speedup_high=None, speedup_warning=None, baseline=None,
                schema_version=None)
     if s is None:

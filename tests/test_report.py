@@ -191,7 +191,7 @@ def test_an_unfinished_run_is_listed_with_its_phase_and_epoch(runs, tmp_path):
     (folder / "vrpge" / "metrics.jsonl").write_text(lines[0] + "\n")
     (row,) = build_report([folder]).rows
     assert row["status"] == "unfinished: search epoch 1/2" and row["accuracy"] is None
-    assert (row["method"], row["model"], row["epochs"]) == ("vrpge", "resnet20", "2+1")
+    assert (row["method"], row["model"], row["epochs"], row["keep"]) == ("vrpge", "resnet20", "2+1", "0.5")
     (folder / "vrpge" / "metrics.jsonl").write_text("")
     assert build_report([folder]).rows[0]["status"] == "not started"
     out = tmp_path / "out"
