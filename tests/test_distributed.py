@@ -299,9 +299,14 @@ def test_device_for_gives_each_rank_its_gpu_and_refuses_what_cannot_run(monkeypa
     assert distributed.device_for(torch.device("cpu"), distributed.Distributed()) == torch.device("cpu")
 
 
-def test_one_process_needs_no_process_group(monkeypatch):
+def test_one_process_needs_no_process_group(monkeypatch, caplog):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert distributed.init_from_env() == distributed.Distributed(0, 1, 0)
+    with caplog.at_level("WARNING"):
+        assert distributed.init_from_env() == distributed.Distributed(0, 1, 0)
+        assert not caplog.records
+        assert distributed.init_from_env("nccl") == distributed.Distributed(0, 1, 0)  # asked for, not used: said
+    assert [r.getMessage() for r in caplog.records] == [
+        "distributed backend 'nccl' is not used: this is one process (torchrun starts several)"]
     assert not dist.is_initialized()
 
 

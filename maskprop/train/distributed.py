@@ -111,6 +111,9 @@ def init_from_env(backend: str = "auto") -> Distributed:
     if dist.is_available() and dist.is_initialized():
         return current()
     if "WORLD_SIZE" not in os.environ or _env_int("WORLD_SIZE") <= 1:
+        if backend != "auto":
+            logger.warning("distributed backend %r is not used: this is one process (torchrun starts several)",
+                           backend)
         return Distributed()
     for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
