@@ -51,7 +51,7 @@ def test_damaged_files_are_named_as_corrupt(tmp_path, damage):
     save_checkpoint(_checkpoint(), path)
     data = path.read_bytes()
     path.write_bytes({"truncate": data[: len(data) // 3], "garbage": b"\x00not a zip" * 10, "empty": b""}[damage])
-    with pytest.raises(ValueError, match=rf"^checkpoint '{path}' is corrupt or truncated \(.*\); resume from"):
+    with pytest.raises(ValueError, match=rf"^checkpoint '{path}' is corrupt or truncated \(.*\); expected a complete "):
         load_checkpoint(path)
 
 

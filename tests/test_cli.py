@@ -62,6 +62,11 @@ def test_train_threads_must_be_a_count(capsys, recipe, tmp_path, value):
     assert not out.exists()
 
 
+def test_export_threads_must_be_a_count_too(capsys, tmp_path):
+    line = _usage_error(capsys, ["export", str(tmp_path), "--threads", "-1"])
+    assert line.startswith("maskprop export: error: argument --threads:") and "integer >= 0" in line
+
+
 def test_train_threads_zero_and_positive_parse():
     from maskprop.cli import build_parser
 

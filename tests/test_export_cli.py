@@ -195,7 +195,6 @@ def _bad_cases(run_dir: Path, tmp_path: Path) -> list[tuple[list[str], str, Path
         ([run_dir, "--format", "timm", "--out", tmp_path / "timm"], "resnet20 with", tmp_path),
         ([taken], "exists; pass --force", taken),
         ([taken, "--input-size", "3,16"], "not C,H,W", taken),
-        ([taken, "--threads", "-1"], "expected an integer >= 0", taken),
     ]
 
 
