@@ -429,6 +429,28 @@ def test_sync_batch_norm_matches_batch_norm_on_the_kept_channels(single_process_
     torch.testing.assert_close(layer.running_var, reference.running_var)
 
 
+def test_a_static_pass_with_sync_bn_counts_one_batch_per_layer(single_process_group):
+    """A static state counts a training pass's batch for all BatchNorm layers at once; synchronised layers leave it
+    to the state too (each counted once, not twice), as plain ones, and move their statistics as without sync_bn."""
+    from maskprop.sparse.static import StaticExecutionState, StaticLayout, mask_capacities
+
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20").double().train()
+    mask = maskprop.random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(1))
+    plain = copy.deepcopy(model)
+    sync_batchnorm.enable(model)
+    x, y = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1])
+    for net in (model, plain):
+        state = StaticExecutionState(StaticLayout(net, mask_capacities(mask, 1), align=1))
+        state.update(mask)
+        with maskprop.sparse.static.use_static(state):
+            F.cross_entropy(net(x), y).backward()
+    counts = {k: int(b) for k, b in model.named_buffers() if k.endswith("num_batches_tracked")}
+    assert counts and set(counts.values()) == {1}
+    for (name, a), b in zip(model.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+
+
 def test_enable_sets_the_process_group_on_one_models_layers_and_copies_come_without_it(single_process_group,
                                                                                        monkeypatch):
     """The process group is each layer's own: ``enable`` reaches every BatchNorm layer of its model and no other,

@@ -398,6 +398,11 @@ def test_static_steps_take_their_gradients_fresh_and_norm_them_in_one_go():
         ops, forwards = counts[kind], 2 if kind == "static search step" else 1
         assert ops.names["add_"] <= forwards * dense_adds + 1, (kind, ops.names["add_"], dense_adds)
         assert ops.names["linalg_vector_norm"] <= 1 and ops.names["_foreach_norm"] == 1, kind
+    # a static pass counts its batch in every BatchNorm with one multi-tensor add, not one add_ per layer as torch's
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in maskprop.create_model("resnet20").modules())
+    fixed = counts["fixed-mask step"].names
+    assert fixed["add_"] == dense_adds - norms and fixed["_foreach_add_"] == 1
+    assert counts["static search step"].names["_foreach_add_"] == 2  # m's and m''s
     dense, search = counts["dense step"].launches, counts["static search step"].launches
     projection = counts["projection"].launches  # a fixed sequence of kernels whatever the model (sort, cumsum, ...)
     assert 0 < projection < 60 and dense < search - projection < 2.5 * dense

@@ -283,11 +283,11 @@ class ExecutionState:
         kept: ``{group: kept channels}``.
         widths: ``{group: channels computed}``: ``kept`` padded to ``align`` (equal to ``kept`` for ``align=1`` and
             in masked mode); what the train-cost accounting counts.
-        defers_statistics: Always false: BatchNorm layers count their batches themselves (a static state's pass may
-            defer that, with its statistics: :class:`~maskprop.sparse.static.StaticExecutionState`).
+        counts_batches: Always true: BatchNorm layers count their batches themselves (``num_batches_tracked``; a
+            static state counts them all at once: :class:`~maskprop.sparse.static.StaticExecutionState`).
     """
 
-    defers_statistics = False
+    counts_batches = True
 
     def __init__(self, mask: Mapping[str, Tensor], model: nn.Module, mode: str = "compact",
                  device: torch.device | None = None, counts: list[int] | None = None, align: int = 1,

@@ -208,15 +208,15 @@ def gather_norms(table: GatherTable, flat: Tensor, factor: Tensor | None, zero: 
 
 
 def write_back_norms(table: GatherTable, tensors: dict, flat: Tensor, kept: Tensor | None = None,
-                     momentum: float | None = None) -> None:
+                     momentum: float | None = None, count: bool = False) -> None:
     """Write the statistics the units updated in place (``tensors`` from :func:`gather_norms`) back into the units'
     buffers with a fixed number of calls; with ``kept`` (bool, one per entry) only those of kept channels, padding's
     left as they were.
 
     ``momentum``: the statistics were gathered ``deferred`` (they hold ``momentum x`` the pass's batch statistics);
     each running statistic ``r`` becomes ``(1 - momentum) r + momentum b``, from ``r`` as it is now (which may have
-    moved since the pass ran: the same as if the pass had run now), and every unit counts one more batch
-    (``num_batches_tracked``, which the units left alone)."""
+    moved since the pass ran: the same as if the pass had run now). ``count``: every unit counts one more batch
+    (``num_batches_tracked``, which the units left alone), with one multi-tensor add."""
     targets = [m.running_mean for m in table.modules] + [m.running_var for m in table.modules]
     source, stats = tensors["source"]
     if momentum is not None:
@@ -225,11 +225,11 @@ def write_back_norms(table: GatherTable, tensors: dict, flat: Tensor, kept: Tens
         stats = current * (1.0 - momentum) + stats
         if kept is not None:
             stats = torch.where(kept, stats, current)
-        counters = [m.num_batches_tracked for m in table.modules if m.num_batches_tracked is not None]
-        if counters:
-            torch._foreach_add_(counters, 1)
     elif kept is not None:
         stats = torch.where(kept, stats, source.index_select(0, flat))
+    counters = [m.num_batches_tracked for m in table.modules if m.num_batches_tracked is not None] if count else []
+    if counters:
+        torch._foreach_add_(counters, 1)
     source.index_copy_(0, flat, stats)
     sizes = [t.numel() for t in targets]
     torch._foreach_copy_(targets, list(source[:sum(sizes)].split(sizes)))  # the zero at the end stays behind

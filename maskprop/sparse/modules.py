@@ -163,7 +163,7 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
 
     def _momentum(self, count: bool = True) -> tuple[float, bool]:
         # Same bookkeeping as nn.BatchNorm2d.forward: the average factor, and whether batch statistics are used.
-        # ``count=False``: the batch is counted later, with the statistics (a deferred pass: StaticExecutionState).
+        # ``count=False``: the execution state counts the batch for all layers at once (StaticExecutionState).
         factor = 0.0 if self.momentum is None else self.momentum
         if count and self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -182,11 +182,11 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
         if gathered is None:  # a fully kept group: exactly nn.BatchNorm2d
             return super().forward(x) if group is None else sync_batchnorm.sync_batch_norm(self, x, None, group)
         if group is not None:  # statistics of the computed channels over all ranks (SyncBatchNorm's semantics)
-            y = sync_batchnorm.sync_batch_norm(self, x, gathered, group)
+            y = sync_batchnorm.sync_batch_norm(self, x, gathered, group, count=state.counts_batches)
             state.batch_norm_done(self, gathered[0] is not None)
             return y
         mean, var, weight, bias = gathered
-        factor, use_batch_stats = self._momentum(count=not state.defers_statistics)
+        factor, use_batch_stats = self._momentum(count=state.counts_batches)
         updates_stats = use_batch_stats and mean is not None
         if use_batch_stats and batchnorm.eligible(x):  # kept counts the native channels_last kernel is slow for
             y, batch_mean, batch_var = batchnorm.batch_norm_nhwc(x, weight, bias, self.eps)

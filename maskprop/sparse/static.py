@@ -538,6 +538,14 @@ class StaticExecutionState:
         return self.mask_used
 
     @property
+    def counts_batches(self) -> bool:
+        """Whether BatchNorm layers count their batches themselves: only where they need the count in the pass
+        (``momentum=None``, the cumulative average: :attr:`StaticLayout.norm_momentum` is ``None``). Otherwise the
+        state counts a training pass's batch in all of them with one multi-tensor add when it writes their statistics
+        back (on a GPU one launch instead of one per layer)."""
+        return self.layout.norm_momentum is None
+
+    @property
     def defers_statistics(self) -> bool:
         """Whether a training pass under this state leaves the model's BatchNorm running statistics and batch counts
         alone (it neither reads nor writes them) and keeps its own until :meth:`commit_statistics` adds them to the
@@ -568,7 +576,7 @@ class StaticExecutionState:
         if pending is not None:
             norm = self.layout.norm_table
             write_back_norms(norm, pending.tensors, self._slice(norm)[0], self._norm_real,
-                             momentum=self.layout.norm_momentum)
+                             momentum=self.layout.norm_momentum, count=True)
 
     def buffers(self) -> dict[str, Tensor]:
         """The device buffers :meth:`update` rewrites in place, by name: a captured graph reads them at these
@@ -639,7 +647,8 @@ class StaticExecutionState:
             self._deferred = current
         else:
             norm = self.layout.norm_table
-            write_back_norms(norm, current.tensors, self._slice(norm)[0], self._norm_real)
+            write_back_norms(norm, current.tensors, self._slice(norm)[0], self._norm_real,
+                             count=not self.counts_batches)
         current.updated = False
 
     def release(self) -> None:

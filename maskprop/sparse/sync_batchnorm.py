@@ -121,7 +121,7 @@ class _SyncBatchNormCPU(torch.autograd.Function):
 
 
 def sync_batch_norm(layer: SparseBatchNorm2d, x: Tensor, gathered: tuple[Tensor | None, ...] | None,
-                    group: Any) -> Tensor:
+                    group: Any, count: bool = True) -> Tensor:
     """Training-mode forward of ``layer`` with batch statistics over ``group``.
 
     Args:
@@ -131,12 +131,13 @@ def sync_batch_norm(layer: SparseBatchNorm2d, x: Tensor, gathered: tuple[Tensor 
             gathers them (the running statistics are updated in place, for the caller to write back), or ``None``
             for all channels (dense, or a fully kept group: the layer's own buffers move).
         group: The process group.
+        count: Count the batch in ``layer.num_batches_tracked`` (false where the execution state counts it).
 
     Returns:
         The normalised output. The running statistics move as ``nn.BatchNorm2d``'s (``momentum``, or the cumulative
         average for ``momentum=None``), by the global mean and the unbiased global variance.
     """
-    factor, _ = layer._momentum()  # counts the step, as nn.BatchNorm2d.forward
+    factor, _ = layer._momentum(count)  # counts the step, as nn.BatchNorm2d.forward
     if gathered is None:
         gathered = (layer.running_mean, layer.running_var, layer.weight, layer.bias)
     mean, var, weight, bias = gathered
