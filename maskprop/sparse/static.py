@@ -310,6 +310,13 @@ class StaticLayout:
             CPU, where calls are launches) or layer by layer (default on the CPU, where copying every weight per pass
             costs more than a call).
         device: Where the buffers live (default: the model's).
+
+    Attributes:
+        norm_momentum: The momentum all the model's BatchNorm layers share, when they do and all are in the layout
+            (not ``None``, the cumulative average); else ``None``. A state of this layout then counts its passes'
+            batches for the layers (:attr:`StaticExecutionState.counts_batches`).
+        can_defer_statistics: Whether a state of this layout can defer a pass's statistics
+            (:attr:`StaticExecutionState.defers_statistics`): a model without BatchNorm, or ``norm_momentum`` set.
     """
 
     def __init__(self, model: nn.Module, capacities: Mapping[str, int], align: int = 1,
