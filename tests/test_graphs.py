@@ -377,6 +377,32 @@ def test_the_windows_tool_reports_a_run_s_windows_within_its_bound(tmp_path, cap
         sys.modules.pop(spec.name, None)
 
 
+def _count_tool():
+    spec = importlib.util.spec_from_file_location("count_static_ops", REPO / "tools" / "count_static_ops.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+@pytest.mark.parametrize("blocks,backward,total,critical", [
+    # m' first: pre 10, m's update and forward A 60 beside m''s B 50; then the tail T 20 beside the backward W 30;
+    # post 30. The backward outlasts the tail: 10 + max(60 + 30, max(60, 50) + 20) + 30
+    ([(10, 50), (70, 20)], 30, 200, 130),
+    # the tail outlasts the backward (vgg19_bn's case): 10 + max(60 + 30, 60 + 45) + 30
+    ([(10, 50), (70, 45)], 30, 225, 145),
+    # m' after m's forward: one block (B = 0), its forward and tail T 120 beside the backward W 30: 0 + max(80 + 30,
+    # 80 + 120) + 20
+    ([(80, 120)], 30, 250, 220),
+])
+def test_the_count_tool_s_critical_path_by_hand(blocks, backward, total, critical):
+    """``tools/count_static_ops.py``'s critical path of two streams, against the schedule worked out by hand."""
+    streams = _count_tool().Streams()
+    streams.blocks, streams.backward = blocks, (0, backward)
+    summary = streams.summary(total)
+    assert summary == {"main": total - sum(n for _, n in blocks), "side": sum(n for _, n in blocks),
+                       "critical": critical}
+
+
 def test_static_steps_take_their_gradients_fresh_and_norm_them_in_one_go():
     """Counted on ``meta`` as CUDA runs them (``tools/count_static_ops.py``): the backward of every static step writes
     the gradients themselves (set to ``None`` before it) instead of adding into zeroed ones, one launch per parameter

@@ -205,7 +205,7 @@ class Streams:
 
     def summary(self, total: int) -> dict[str, int]:
         side = sum(n for _, n in self.blocks)
-        first, (tail_at, tail) = (self.blocks[0] if len(self.blocks) == 2 else (None, 0)), self.blocks[-1]
+        first, (tail_at, tail) = (self.blocks[0] if len(self.blocks) == 2 else None), self.blocks[-1]
         pre = first[0] if first is not None else tail_at
         b = first[1] if first is not None else 0
         a = tail_at - pre  # main-stream launches from the fork to the tail (m's mask update and forward)
