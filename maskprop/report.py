@@ -538,8 +538,9 @@ def _curves_figure(report: Report, Figure: Any) -> Any:
             budget = record.config.get("sparsity", {}).get("keep_ratio")
             if isinstance(budget, (int, float)):
                 axes[2].axhline(budget, color=color, linestyle="--", linewidth=1)
-                axes[2].annotate(f"budget (keep ratio {budget:g})", (kept[0][0], budget), xytext=(0, -12),
-                                 textcoords="offset points", fontsize=8, color=color)
+                # at the right end, above the line: where the curve, settled at or under its budget, leaves room
+                axes[2].annotate(f"budget (keep ratio {budget:g})", (kept[-1][0], budget), xytext=(0, 3),
+                                 textcoords="offset points", fontsize=8, color=color, ha="right", va="bottom")
         switch = next((xi for xi, m in zip(x, record.metrics) if m.get("phase") == "finetune"), None)
         if switch is not None:
             for ax in axes[:2]:
