@@ -194,6 +194,22 @@ def test_the_step_times_table_gives_the_targets_rows_as_speedups():
     ]
 
 
+def test_bench_graphs_times_the_search_with_m2_after_m_on_request():
+    """``--kinds search_m_first_graphed`` times the search step with the forward of ``m'`` after that of ``m`` (the
+    schedule before deferred statistics) and reports the default's speedup over it; the default kinds leave it out."""
+    tool = _tool("bench_graphs")
+    try:
+        assert "search_m_first_graphed" not in tool.KINDS and "search_m_first_graphed" in tool.EXTRA_KINDS
+        row = tool.bench("resnet20", 16, 4, torch.device("cpu"), 1, 0.5, 8,
+                         kinds=["search_graphed", "search_m_first_graphed"])
+        table = tool.markdown([row])
+    finally:
+        sys.modules.pop("bench_graphs", None)
+    assert row["search_m_first_graphed_ms"] > 0 and row["m2_first_speedup"] == pytest.approx(
+        row["search_m_first_graphed_ms"] / row["search_graphed_ms"])
+    assert "search m' after m / m' first" in table.splitlines()[0] and table.splitlines()[1].count("---") == 18
+
+
 def test_bench_graphs_profiles_every_kind_on_request(tmp_path):
     """``--profile DIR``: each step kind's operators by their own time in ``DIR/<model>.md`` (kernels by device time
     on a GPU) and the graphed search step's trace, gzipped JSON (here on the CPU, eagerly, at a toy size, two kinds:

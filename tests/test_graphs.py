@@ -70,15 +70,16 @@ def _config(**overrides) -> object:
 @pytest.mark.parametrize("estimator,weight_grad,clip,m2_first", [("vrpge", "first", None, True),
                                                                ("vrpge", "first", 0.5, True),
                                                                ("vrpge", "first", None, False),
+                                                               ("vrpge", "first", None, "off"),
                                                                ("vrpge_sym", "both", 0.5, False)])
 def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estimator, weight_grad, clip, m2_first,
                                                                            monkeypatch, one_thread):
     """With both masks forced, one static search step gives the loss, weight and score gradients, updated weights and
     scores, and BatchNorm statistics of ``vrpge_step`` (compact execution) on the same masks: with the forward of
     ``m'`` first and its statistics added after those of ``m`` (``SearchStep.m2_first``), and with ``m`` first (two
-    BatchNorm momenta in the model, or a backward of each mask)."""
+    BatchNorm momenta in the model, ``m2_first=False``, or a backward of each mask)."""
     model, scores, optimizers, ctx, batch = _parts(clip=clip)
-    if not m2_first and weight_grad == "first":
+    if m2_first is False and weight_grad == "first":
         next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).momentum = 0.2
     groups = model.channel_groups()
     generator = torch.Generator().manual_seed(7)
@@ -90,11 +91,11 @@ def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estim
 
     # m from the first row of the step's uniforms, m' from the second, in whichever order the step draws them
     monkeypatch.setattr(ChannelScores, "mask_from_uniforms", lambda self, u: masks[u.storage_offset() > 0].clone())
-    static = StaticSteps(cfg, ctx, GraphsChoice(True, False), seed=0)
+    static = StaticSteps(cfg, ctx, GraphsChoice(True, False), seed=0, m2_first=m2_first != "off")
     static.capacities = {g: n for g, n in groups.items()}  # no overflow: the masks as given
     result = static.search(model, scores, optimizers, batch)
     window = static.read()
-    assert static._search[0].m2_first is m2_first
+    assert static._search[0].m2_first is (m2_first is True)
 
     ref_model, ref_scores, ref_optimizers = reference
     drawn = iter(masks)

@@ -20,6 +20,9 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
   gradient average (one ``all_reduce`` of the gradients and losses, NCCL on CUDA) between them;
 * ``search_one_stream_graphed``: the same on one stream (the default runs the branch of ``m'``, its forward and the
   score update, beside the forward and backward of ``m`` on a second one: ``SearchStep(overlap=True)``);
+* ``search_m_first_graphed`` (only with ``--kinds``): the same with the forward of ``m'`` after that of ``m``, beside
+  the backward only (``SearchStep(m2_first=False)``: the schedule before ``m'`` deferred its BatchNorm statistics;
+  ``m2_first_speedup`` is its time over the default's);
 * ``settled_graphed``: the same with settled keep probabilities (1 on the fixed mask's channels, 0 elsewhere: a
   search after its anneal, whose capacities are the kept counts), captured;
 * ``finetune_eager``: ``subnet_step`` of one fixed sampled mask through the full model (compact);
@@ -96,6 +99,8 @@ KINDS = ["dense_eager", "dense_graphed", "search_eager", "search_graphed", "sear
          "search_ranks_graphed"]
 """The step kinds, in the order they are timed (``search_ranks_graphed`` in a process group of one rank:
 :func:`one_rank_group`)."""
+EXTRA_KINDS = ["search_m_first_graphed"]
+"""Kinds timed only when ``--kinds`` names them (the check's time limit has no room for them)."""
 
 PROFILE_STEPS = 3
 """Steps of each kind ``--profile`` records, after the timed ones."""
@@ -195,14 +200,14 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
         return lambda: vrpge_step(model, scores, optimizers, (x, y), generator, sparsity, ctx)
 
     def graphed_search(scores: ChannelScores, overlap: bool = True, captured: bool = True,
-                       ranks: bool = False) -> Callable[[], object]:
+                       ranks: bool = False, m2_first: bool = True) -> Callable[[], object]:
         model, opt = fresh()
         score_opt = score_optimizer(scores.scores, 0.0)  # lr 0: the scores stay as given
         if captured:
             set_capturable(score_opt)
         step_ctx = dataclasses.replace(ctx, reduce_stats=all_reduce_sum) if ranks else ctx
         static = StaticSteps(cfg, step_ctx, choice if captured else GraphsChoice(True, False), seed=1,
-                             overlap=overlap)
+                             overlap=overlap, m2_first=m2_first)
         return lambda: static.search(model, scores, (opt, score_opt), (x, y))
 
     def search_graphed():
@@ -216,6 +221,9 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
 
     def search_one_stream_graphed():
         return graphed_search(ChannelScores(groups, keep, keep, device=device), overlap=False)
+
+    def search_m_first_graphed():
+        return graphed_search(ChannelScores(groups, keep, keep, device=device), m2_first=False)
 
     def settled_graphed():
         scores = ChannelScores(groups, 1.0, device=device)  # budget: every channel, so the 0/1 scores stay as set
@@ -249,7 +257,8 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
               "search_graphed": search_graphed, "search_static": search_static,
               "search_one_stream_graphed": search_one_stream_graphed, "settled_graphed": settled_graphed,
               "finetune_eager": finetune_eager, "finetune_graphed": finetune_graphed, "narrow_eager": narrow_eager,
-              "narrow_graphed": narrow_graphed, "search_ranks_graphed": search_ranks_graphed}
+              "narrow_graphed": narrow_graphed, "search_ranks_graphed": search_ranks_graphed,
+              "search_m_first_graphed": search_m_first_graphed}
     for kind in kinds or KINDS:
         make = makers[kind]
         if capture:  # as the trainer: on while graphs are; its eager search (new widths every step) runs without it
@@ -274,7 +283,8 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
                 "narrow_over_dense_graphed": ratio("narrow_graphed", "dense_graphed"),
                 "search_graphed_speedup_over_eager": ratio("search_eager", "search_graphed"),
                 "ranks_over_one_process": ratio("search_ranks_graphed", "search_graphed"),
-                "overlap_speedup": ratio("search_one_stream_graphed", "search_graphed")})
+                "overlap_speedup": ratio("search_one_stream_graphed", "search_graphed"),
+                "m2_first_speedup": ratio("search_m_first_graphed", "search_graphed")})
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
@@ -331,8 +341,8 @@ def markdown(rows: list[dict]) -> str:
               "| finetune graphed ms | narrow graphed ms | search/dense eager | search/dense graphed | "
               "static search/dense eager | settled search/dense graphed | finetune/dense eager | "
               "finetune/dense graphed | narrow/dense graphed | search one stream / two streams | "
-              "search under torchrun (one rank) / one process |")
-    lines = [header, "|" + "---|" * 17]
+              "search under torchrun (one rank) / one process | search m' after m / m' first |")
+    lines = [header, "|" + "---|" * 18]
     for r in rows:
         lines.append("| " + " | ".join([
             f"{r['model']} {r['image']}px b{r['batch']}"
@@ -344,7 +354,7 @@ def markdown(rows: list[dict]) -> str:
                                        "static_search_over_dense_eager", "settled_over_dense_graphed",
                                        "finetune_over_dense_eager", "finetune_over_dense_graphed",
                                        "narrow_over_dense_graphed", "overlap_speedup",
-                                       "ranks_over_one_process"))]) + " |")
+                                       "ranks_over_one_process", "m2_first_speedup"))]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -360,7 +370,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows as JSON to this path")
     parser.add_argument("--markdown", help="write the table to this path")
     parser.add_argument("--profile", type=Path, help="directory for each kind's profile (module docstring)")
-    parser.add_argument("--kinds", nargs="+", choices=KINDS, help="only these step kinds (default: all)")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS + EXTRA_KINDS,
+                        help=f"only these step kinds (default: all but {', '.join(EXTRA_KINDS)})")
     args = parser.parse_args()
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)

@@ -623,6 +623,8 @@ class SearchStep(StaticStep):
             order.
         average: Under torchrun, the gradient average between :meth:`forward_backward` and :meth:`update`, which also
             sums ``L(m) n``, ``L(m') n`` and ``n``: the score update reads the losses of the global batch.
+        m2_first: Run the forward of ``m'`` first where the step can (:attr:`m2_first`); ``False``: after the forward
+            of ``m`` (the schedule before deferred statistics, for comparison: ``tools/bench_graphs.py``).
 
     Attributes:
         uniforms: ``(2, channels)`` buffer of the uniforms ``m`` and ``m'`` are drawn from; :meth:`prepare` refills
@@ -639,7 +641,7 @@ class SearchStep(StaticStep):
     def __init__(self, model: nn.Module, scores: ChannelScores,
                  optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer], sparsity: SparsityConfig,
                  ctx: StepContext, capacities: Mapping[str, int], meter: DeviceMeter, overlap: bool = True,
-                 average: GradientAverage | None = None) -> None:
+                 average: GradientAverage | None = None, *, m2_first: bool = True) -> None:
         self.model, self.scores, self.optimizers, self.sparsity, self.ctx, self.meter = (
             model, scores, optimizers, sparsity, ctx, meter)
         self.average = average
@@ -658,7 +660,8 @@ class SearchStep(StaticStep):
         # m' first (class docstring): its forward does not wait for m's, whose BatchNorm statistics it would otherwise
         # have to follow; its own are added after m's (deferred).
         synchronised = any(getattr(m, "process_group", None) is not None for m in model.modules())
-        self.m2_first = sparsity.weight_grad == "first" and layout.can_defer_statistics and not synchronised
+        self.m2_first = (m2_first and sparsity.weight_grad == "first" and layout.can_defer_statistics
+                         and not synchronised)
         self.state_m2.defers_statistics = self.m2_first
         s = scores.scores
         self.uniforms = torch.zeros(2, s.numel(), dtype=s.dtype, device=s.device)
@@ -830,13 +833,15 @@ class StaticSteps:
         choice: From :func:`resolve_cuda_graphs` (``capture=False``: the same steps, eagerly).
         seed: Seeds the device generator the search's uniforms come from.
         overlap: Search steps run the branch of ``m'`` on a side stream on CUDA (:class:`SearchStep`).
+        m2_first: Search steps run the forward of ``m'`` first where they can (:class:`SearchStep`).
         world_size: Processes under torchrun, each with an equal share of the global batch (train FLOPs count the
             global batch, as the eager steps do).
     """
 
     def __init__(self, cfg: Config, ctx: StepContext, choice: GraphsChoice, seed: int, overlap: bool = True,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, m2_first: bool = True) -> None:
         self.cfg, self.ctx, self.choice, self.overlap, self.world_size = cfg, ctx, choice, overlap, world_size
+        self.m2_first = m2_first
         self.generator = torch.Generator(device=ctx.device).manual_seed(seed)
         self.meter = DeviceMeter(ctx.device, ctx.reduce_stats)
         self.capacities: dict[str, int] | None = None
@@ -887,7 +892,7 @@ class StaticSteps:
             if self.capacities is None:
                 self.capacities = choose_capacities(scores, self.ctx.align, self.cfg.sparsity.capacity_quantile)
             body = SearchStep(model, scores, optimizers, self.cfg.sparsity, self.ctx, self.capacities, self.meter,
-                              self.overlap, self._average(model, 3))
+                              self.overlap, self._average(model, 3), m2_first=self.m2_first)
 
             def one_stream() -> SearchStep:  # capturing two streams failed: one stream, in later windows too
                 self.overlap = False
