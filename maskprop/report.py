@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from ._files import atomic_directory
+from .train.config import SPARSE_BACKWARD_METHODS
 from .train.summary import SCHEMA_VERSION, RunSummary, data_identity, read_summary
 from .train.timing import phase_epochs
 
@@ -229,24 +230,28 @@ COLUMNS = (
 """Table columns: (row key, heading, unit)."""
 
 
-def _keep(summary: RunSummary) -> str:
-    if summary.method == "dense":
-        return "1"
-    if summary.sbp is not None or summary.method in ("meprop", "sbp", "msbp"):
-        return f"{summary.keep_ratio:g} backward"
-    return f"{summary.keep_ratio:g}"
-
-
-def _config_keep(config: dict[str, Any]) -> str | None:
-    """``_keep`` from a run's config.yaml (an unfinished run has no summary); ``None`` where it does not say."""
-    method = config.get("method", "vrpge")
-    section, key = {"vrpge": ("sparsity", "keep_ratio")}.get(method, ("sbp", "ratio"))
-    ratio = config.get(section, {}).get(key) if isinstance(config.get(section), dict) else None
+def _keep_text(method: str | None, ratio: Any, backward: bool) -> str | None:
+    """The keep column: ``1`` for dense, ``0.1 backward`` for a sparse-backward ratio, else the keep ratio; ``None``
+    where the ratio is not a number."""
     if method == "dense":
         return "1"
     if not isinstance(ratio, (int, float)):
         return None
-    return f"{ratio:g}" if method == "vrpge" else f"{ratio:g} backward"
+    return f"{ratio:g} backward" if backward else f"{ratio:g}"
+
+
+def _keep(summary: RunSummary) -> str | None:
+    backward = summary.sbp is not None or summary.method in SPARSE_BACKWARD_METHODS
+    return _keep_text(summary.method, summary.keep_ratio, backward)
+
+
+def _config_keep(config: dict[str, Any]) -> str | None:
+    """``_keep`` from a run's config.yaml (an unfinished run has no summary)."""
+    method = config.get("method", "vrpge")
+    section, key = ("sparsity", "keep_ratio") if method == "vrpge" else ("sbp", "ratio")
+    values = config.get(section)
+    ratio = values.get(key) if isinstance(values, dict) else None
+    return _keep_text(method, ratio, method in SPARSE_BACKWARD_METHODS)
 
 
 def _epochs(summary: RunSummary | None, config: dict[str, Any]) -> str:
