@@ -129,8 +129,7 @@ def init_from_env(backend: str = "auto") -> Distributed:
     if local_rank < gpus:
         torch.cuda.set_device(local_rank)
     elif backend == "nccl":  # a CPU run may have more ranks than the node has GPUs (device_for checks a CUDA run)
-        raise ValueError(f"LOCAL_RANK={local_rank} but this node has {gpus} GPU(s); expected --nproc_per_node <= "
-                         f"{gpus} (one GPU per rank)")
+        raise _too_few_gpus(local_rank, gpus)
     dist.init_process_group(backend)
     place = current()
     logger.info("rank %d of %d (local rank %d), backend %s", place.rank, place.world_size, local_rank, backend)
@@ -153,6 +152,11 @@ def leave(finished: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def _too_few_gpus(local_rank: int, gpus: int) -> ValueError:
+    return ValueError(f"LOCAL_RANK={local_rank} but this node has {gpus} GPU(s); expected --nproc_per_node <= {gpus} "
+                      f"(one GPU per rank)")
+
+
 def device_for(device: torch.device, place: Distributed) -> torch.device:
     """One device per rank: a run on CUDA takes the GPU of the rank's ``LOCAL_RANK``; NCCL alone carries no CPU
     tensors."""
@@ -162,8 +166,7 @@ def device_for(device: torch.device, place: Distributed) -> torch.device:
     if not place.enabled or device.type != "cuda":
         return device
     if place.local_rank >= torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK={place.local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
-                         f"expected --nproc_per_node <= {torch.cuda.device_count()} (one GPU per rank)")
+        raise _too_few_gpus(place.local_rank, torch.cuda.device_count())
     if device.index is not None and device.index != place.local_rank:
         raise ValueError(f"device={str(device)!r} names one GPU, but under torchrun each rank runs on the GPU of its "
                          f"LOCAL_RANK (this one: cuda:{place.local_rank}); use device=cuda or device=auto")
