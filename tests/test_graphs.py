@@ -398,7 +398,7 @@ def _count_tool():
 def test_the_count_tool_s_critical_path_by_hand(blocks, backward, total, critical):
     """``tools/count_static_ops.py``'s critical path of two streams, against the schedule worked out by hand."""
     streams = _count_tool().Streams()
-    streams.blocks, streams.backward = blocks, (0, backward)
+    streams.blocks, streams.backward = blocks, backward
     summary = streams.summary(total)
     assert summary == {"main": total - sum(n for _, n in blocks), "side": sum(n for _, n in blocks),
                        "critical": critical}

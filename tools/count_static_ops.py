@@ -201,7 +201,7 @@ class Streams:
 
     def __init__(self) -> None:
         self.blocks: list[tuple[int, int]] = []  # (main-stream launches before the block, the block's launches)
-        self.backward: tuple[int, int] | None = None
+        self.backward = 0  # the backward's launches
 
     def summary(self, total: int) -> dict[str, int]:
         side = sum(n for _, n in self.blocks)
@@ -209,7 +209,7 @@ class Streams:
         pre = first[0] if first is not None else tail_at
         b = first[1] if first is not None else 0
         a = tail_at - pre  # main-stream launches from the fork to the tail (m's mask update and forward)
-        w = self.backward[1]
+        w = self.backward
         post = total - pre - a - b - tail - w
         return {"main": total - side, "side": side, "critical": pre + max(a + w, max(a, b) + tail) + post}
 
@@ -235,7 +235,7 @@ def by_stream(kind: str, step, x: torch.Tensor, y: torch.Tensor, collectives: in
     def counted_backward(*args, **kwargs):
         start = outer.launches
         backward(*args, **kwargs)
-        streams.backward = (start, outer.launches - start)
+        streams.backward = outer.launches - start
 
     with mock.patch.object(SearchStep, "_on_side", on_side), mock.patch.object(torch.autograd, "backward",
                                                                                    counted_backward), \

@@ -219,14 +219,14 @@ def write_back_norms(table: GatherTable, tensors: dict, flat: Tensor, kept: Tens
     (``num_batches_tracked``, which the units left alone), with one multi-tensor add."""
     targets = [m.running_mean for m in table.modules] + [m.running_var for m in table.modules]
     source, stats = tensors["source"]
-    if momentum is not None:
+    if momentum is not None:  # the statistics as they are now (a deferred pass did not gather them)
         source = torch.cat([*targets, stats.new_zeros(1)])
+    if momentum is not None or kept is not None:
         current = source.index_select(0, flat)
-        stats = current * (1.0 - momentum) + stats
+        if momentum is not None:
+            stats = current * (1.0 - momentum) + stats
         if kept is not None:
             stats = torch.where(kept, stats, current)
-    elif kept is not None:
-        stats = torch.where(kept, stats, source.index_select(0, flat))
     counters = [m.num_batches_tracked for m in table.modules if m.num_batches_tracked is not None] if count else []
     if counters:
         torch._foreach_add_(counters, 1)
