@@ -1,8 +1,9 @@
 """Run by tests/test_distributed.py under torchrun: fit each job of a json list and keep what every rank ends with.
 
 Each job is ``{"config": {...}, "out": dir or null, "resume": bool, "dump": path prefix, "rank_config": {rank:
-{dotted key: value}}, "static": bool}`` (``static``: the static-shape steps, run eagerly, as ``cuda_graphs`` selects
-them on CUDA under torchrun). For every job this rank writes ``<dump>.rank<r>.json`` (the error message, if any) and, when
+{dotted key: value}}, "static": bool, "perturb": bool}`` (``static``: the static-shape steps, run eagerly, as
+``cuda_graphs`` selects them on CUDA under torchrun; ``perturb``: rank 1 builds its model with other weights, which the
+run must replace by rank 0's). For every job this rank writes ``<dump>.rank<r>.json`` (the error message, if any) and, when
 the run finished, ``<dump>.rank<r>.pt``: its model state (weights and BatchNorm statistics), scores, fixed mask, fix
 description, optimizer states and per-epoch records. Errors do not stop the worker: the next job starts on every rank.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 import maskprop.train.loop as loop
+from maskprop.models.spec import ModelSpec
 from maskprop.train import setup
 from maskprop.train.distributed import leave
 from maskprop.train.graphs import GraphsChoice
@@ -43,15 +45,23 @@ def _dump(run) -> dict:
         "mask_generator": state.mask_generator.get_state(),
         "step": state.step,
         "counters": dict(state.counters),
+        "ddp": state.ddp is not None,
     }
 
 
-def fit_and_dump(config: dict, out: str | None = None, resume: bool = False, static: bool = False
-                 ) -> tuple[dict, dict]:
+def fit_and_dump(config: dict, out: str | None = None, resume: bool = False, static: bool = False,
+                 perturb: bool = False) -> tuple[dict, dict]:
     """``maskprop.train.loop.fit`` of ``config``, and :func:`_dump` of the run it trained (caught at its summary);
-    ``static``: with the static-shape steps, eagerly."""
+    ``static``: with the static-shape steps, eagerly; ``perturb``: the model built with every weight plus 1."""
     captured = {}
-    summarize, resolve = loop.summarize, setup.resolve_cuda_graphs
+    summarize, resolve, build = loop.summarize, setup.resolve_cuda_graphs, ModelSpec.build
+
+    def perturbed(spec, *args, **kwargs):
+        model = build(spec, *args, **kwargs)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        return model
 
     def capture(run, elapsed):
         captured["run"] = run
@@ -60,10 +70,12 @@ def fit_and_dump(config: dict, out: str | None = None, resume: bool = False, sta
     loop.summarize = capture
     if static:
         setup.resolve_cuda_graphs = lambda cfg, device, model=None: GraphsChoice(True, False)
+    if perturb:
+        ModelSpec.build = perturbed
     try:
         summary = loop.fit(config, out=out, resume=resume)
     finally:
-        loop.summarize, setup.resolve_cuda_graphs = summarize, resolve
+        loop.summarize, setup.resolve_cuda_graphs, ModelSpec.build = summarize, resolve, build
     return summary, _dump(captured["run"])
 
 
@@ -76,7 +88,8 @@ def main() -> None:
             _set(config, dotted, value)
         try:
             summary, dump = fit_and_dump(config, out=job.get("out"), resume=job.get("resume", False),
-                                         static=job.get("static", False))
+                                         static=job.get("static", False),
+                                         perturb=job.get("perturb", False) and rank == 1)
             result = {"error": None, "accuracy": summary["accuracy"]}
             torch.save(dump, f"{job['dump']}.rank{rank}.pt")
         except (ValueError, FileNotFoundError) as err:

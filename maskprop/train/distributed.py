@@ -14,14 +14,16 @@ What a DDP run keeps identical on every rank, and how:
   gradients, not missing ones, so DDP runs without ``find_unused_parameters``. ``sparsity.weight_grad: both``
   back-propagates twice per step; DDP all-reduces after each backward, and the average of an average that is already
   the same everywhere plus the second one is the average of the sum (exact, at the cost of a second all-reduce).
-  On CUDA the ranks run the static-shape steps of ``maskprop.train.graphs`` instead, on the model itself: each step
-  packs its gradients and losses into one buffer, all-reduced between two halves captured as CUDA graphs
-  (``GradientAverage``; uncaptured with ``sync_bn``), with the same sums over the ranks.
+  On CUDA the ranks run the static-shape steps of ``maskprop.train.graphs`` instead, on the model itself (no DDP
+  wrapper: rank 0's weights are broadcast once, :func:`share_model`): each step packs its gradients and losses into
+  one buffer, all-reduced between two halves captured as CUDA graphs (``GradientAverage``; uncaptured with
+  ``sync_bn``), with the same sums over the ranks.
 * **BatchNorm.** ``sync_bn: false`` (plain DDP): each rank normalises its own share of the batch; the running
   statistics drift apart during an epoch and are averaged over the ranks at its end (:func:`average_buffers`),
   before evaluation, the fix and every checkpoint. ``sync_bn: true``: statistics of the kept channels over the
   whole global batch (``maskprop.sparse.sync_batchnorm``), identical running statistics at every step; the process
-  group they use is set on the run's BatchNorm layers (:func:`wrap_model`), not held by any module.
+  group they use is set on the run's BatchNorm layers (:func:`wrap_model`, :func:`share_model`), not held by
+  any module.
 * **Files.** Only rank 0 writes (logs, TensorBoard, checkpoints, the summary) and shows a progress bar; a
   checkpoint holds every rank's random state, so ``--resume`` with the same world size continues bit-identically.
 
@@ -278,6 +280,30 @@ class _DistributedDataParallel(DistributedDataParallel):
 
     def channel_groups(self) -> dict[str, int]:
         return self.module.channel_groups()
+
+
+@torch.no_grad()
+def share_model(model: nn.Module, sync_bn: bool = False) -> None:
+    """Give every rank rank 0's parameters and buffers, as wrapping ``model`` in DistributedDataParallel does (a
+    collective: one broadcast per dtype), without the wrapper: for the static steps of ``maskprop.train.graphs``,
+    which average the gradients themselves (the wrapper's buckets would hold a second copy of every gradient).
+
+    Args:
+        model: The run's model.
+        sync_bn: Give its BatchNorm layers the default process group (as :func:`wrap_model`).
+    """
+    if sync_bn:
+        sync_batchnorm.enable(model)
+    if not current().enabled:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for tensors in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        dist.broadcast(flat, src=0)
+        torch._foreach_copy_(tensors, [piece.view_as(t) for piece, t in
+                                       zip(flat.split([t.numel() for t in tensors]), tensors)])
 
 
 def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:

@@ -55,6 +55,7 @@ from .distributed import (
     current,
     init_from_env,
     rank_local,
+    share_model,
     wrap_model,
 )
 from .graphs import GraphedDenseReference, MeterWindow, StaticSteps
@@ -597,7 +598,7 @@ def _narrow_subnetwork(run: Run) -> NarrowSubnetwork | None:
     if (not fixed or state.fixed_mask is None or state.epoch >= phase_epochs(cfg, state.phase)
             or not cfg.finetune.narrow):
         return None
-    synchronised = state.ddp is not None and cfg.sync_bn
+    synchronised = current().enabled and cfg.sync_bn
     narrow = NarrowSubnetwork(state.model, state.fixed_mask, state.weight_optimizer, align=run.ctx.align,
                               norm_type=SparseBatchNorm2d if synchronised else nn.BatchNorm2d)
     if state.ddp is not None and run.static is None:
@@ -737,8 +738,10 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
     check_same_config({k: v for k, v in config_to_dict(cfg).items() if k != "data"}
                       | {"data": {k: v for k, v in config_to_dict(cfg)["data"].items() if k != "root"}})
     state = run.state
-    if place.enabled:
+    if place.enabled and run.static is None:
         state.ddp = wrap_model(state.model, run.ctx.device, sync_bn=cfg.sync_bn)
+    elif place.enabled:  # the static steps average the gradients themselves: no wrapper, rank 0's weights shared
+        share_model(state.model, sync_bn=cfg.sync_bn)
     if run.run_dir is not None and place.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.run_dir / "config.yaml")

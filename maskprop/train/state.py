@@ -97,8 +97,9 @@ class TrainState:
         diagnostics: The gradient estimation angles last measured (sparse-backward runs), in degrees.
         schedule: The search's budget schedule (warm-up, anneal; VR-PGE runs): which kind each search step is and its
             budget. Not saved: it follows from the config and the step count.
-        ddp: The ``DistributedDataParallel`` wrapper of ``model`` that steps run through under torchrun (not saved:
-            the checkpoint holds ``model`` itself).
+        ddp: The ``DistributedDataParallel`` wrapper of ``model`` that the eager steps run through under torchrun
+            (not saved: the checkpoint holds ``model`` itself); ``None`` with the static steps, which average the
+            gradients themselves.
     """
 
     model: nn.Module
