@@ -360,6 +360,7 @@ def test_the_finetune_phase_alone_runs_narrow_and_under_ddp_through_a_wrapper_of
     # Under torchrun: the narrow model's own DDP wrapper runs the steps; with sync_bn its BatchNorm layers are
     # maskprop's, which synchronise over the ranks (wrap_model gives them the process group).
     monkeypatch.setattr(loop, "wrap_model", lambda module, device, sync_bn: ("wrapped", module, device, sync_bn))
+    monkeypatch.setattr(loop, "current", lambda: SimpleNamespace(enabled=True, is_main=True))
     run.state = SimpleNamespace(**{**vars(state), "ddp": nn.Identity()})
     narrow = loop._narrow_subnetwork(run)
     assert narrow.step_model == ("wrapped", narrow.model, torch.device("cpu"), False)
@@ -369,11 +370,11 @@ def test_the_finetune_phase_alone_runs_narrow_and_under_ddp_through_a_wrapper_of
     assert narrow.step_model == ("wrapped", narrow.model, torch.device("cpu"), True)
     norms = [m for m in narrow.model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and all(isinstance(m, maskprop.sparse.SparseBatchNorm2d) for m in norms)
-    # The static steps (a GPU run) average the narrow model's gradients themselves: no wrapper; with sync_bn its
-    # BatchNorm layers get the process group all the same.
+    # The static steps (a GPU run) average the narrow model's gradients themselves: no wrapper (the full model has
+    # none either); with sync_bn its BatchNorm layers get the process group all the same.
     enabled = []
     monkeypatch.setattr(loop.sync_batchnorm, "enable", enabled.append)
-    run.static = object()
+    run.static, run.state = object(), SimpleNamespace(**{**vars(state), "ddp": None})
     narrow = loop._narrow_subnetwork(run)
     assert narrow.step_model is narrow.model and enabled == [narrow.model]
     run.cfg = load_config(copy.deepcopy(TINY))
