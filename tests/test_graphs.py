@@ -432,7 +432,9 @@ def test_static_steps_take_their_gradients_fresh_and_norm_them_in_one_go():
     assert counts["static search step"].names["_foreach_add_"] == 2  # m's and m''s
     dense, search = counts["dense step"].launches, counts["static search step"].launches
     projection = counts["projection"].launches  # a fixed sequence of kernels whatever the model (sort, cumsum, ...)
-    assert 0 < projection < 60 and dense < search - projection < 2.5 * dense
+    assert 0 < projection <= 50 and dense < search - projection < 2.5 * dense
+    # one mask's sampling (the empty-group policy included) and update: small kernels at the head of each stream
+    assert 0 < counts["mask update"].launches <= 40
     # on CUDA the mask update and forward of m' and the score update run on a side stream: what stays on the main one
     main, side, critical = (counts[f"static search step, {part}"].launches
                             for part in ("main stream", "side stream", "critical path"))

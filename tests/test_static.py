@@ -367,6 +367,28 @@ class _Recorder:
         self._stack.close()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_tie_uniforms_of_any_float_dtype_order_each_group_s_channels_within_its_own_slots(dtype):
+    """The kept channels take a group's first slots by increasing ``u`` in every float dtype (``u x 2^32`` overflows
+    half precision: the ties are taken in float32), and a draw of 1 (half and bfloat16 round some up) stays in its
+    group."""
+    model = maskprop.create_model("resnet20")
+    groups = model.channel_groups()
+    names = list(groups)
+    state = StaticExecutionState(StaticLayout(model, {g: n for g, n in groups.items()}, align=1))
+    mask = {g: torch.arange(n) % 2 == 0 for g, n in groups.items()}  # even channels kept: no overflow
+    u = {g: torch.linspace(0.9, 0, n, dtype=torch.float64).to(dtype) for g, n in groups.items()}  # decreasing
+    u[names[0]][1] = 1.0  # a dropped channel of the first group at u = 1
+    state.update(torch.cat(list(mask.values())), torch.cat(list(u.values())))
+    used = state.mask_used_by_group()
+    assert all(torch.equal(used[g], mask[g]) for g in groups)
+    assert state.read_overflow().steps == 0
+    first = state.index(names[0])  # its slots: kept channels by increasing u, then the dropped ones
+    kept = int(mask[names[0]].sum())
+    assert torch.equal(first[:kept], torch.arange(0, groups[names[0]], 2).flip(0))
+    assert sorted(first.tolist()) == list(range(groups[names[0]]))
+
+
 def test_the_recorder_catches_host_reads_and_data_dependent_shapes():
     t = torch.tensor([1.0, 0.0, 2.0])
     for bad in (lambda: t.sum().item(), lambda: t[t > 0], lambda: t.nonzero(), lambda: bool(t.any()),

@@ -125,11 +125,12 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
     optimizer steps (on CUDA a fused SGD and a capturable Adam: a few launches per tensor group, the same for all). The
     dense step is forward, loss, backward and gradient norm; the search step adds the device sampling of ``m`` and
     ``m'`` from uniforms, both mask updates, the no-grad forward of ``m'``, the score gradient and the projection of
-    the scores onto the budget (also counted alone: ``projection``); the fixed-mask finetune step is the dense step of
-    the full model under a sampled mask at its aligned kept counts (``finetune.narrow: false``); the narrow finetune
-    step is the dense step of that mask's narrow model, padded to ``align`` (the default finetune). The search step as
-    torchrun runs it (two ranks: its two halves, the gradients and losses packed for the all-reduce between them and
-    averaged after it, the score update after the average) is counted too, the collective itself as one launch."""
+    the scores onto the budget (also counted alone: ``projection``; and one mask's sampling and update: ``mask
+    update``); the fixed-mask finetune step is the dense step of the full model under a sampled mask at its aligned
+    kept counts (``finetune.narrow: false``); the narrow finetune step is the dense step of that mask's narrow model,
+    padded to ``align`` (the default finetune). The search step as torchrun runs it (two ranks: its two halves, the
+    gradients and losses packed for the all-reduce between them and averaged after it, the score update after the
+    average) is counted too, the collective itself as one launch."""
     from maskprop.train.graphs import DenseStep, DeviceMeter, FixedMaskStep, GradientAverage, SearchStep
     from maskprop.train.narrow import NarrowSubnetwork
     from maskprop.train.steps import StepContext
@@ -176,6 +177,8 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
         step()
     counts = {kind: count(step) for kind, step in steps.items()}
     counts["projection"] = count(lambda: scores.project_(search.budget))
+    u = search.uniforms[0]
+    counts["mask update"] = count(lambda: search.state_m.update(scores.mask_from_uniforms(u), u))
     counts.update(by_stream("static search step", search, x, y))
 
     average = GradientAverage(model.parameters(), 3, world_size=2)

@@ -392,8 +392,9 @@ class StaticLayout:
         self.entry_slot = cat([torch.arange(b.in_start, b.in_start + b.inputs).repeat(b.outputs) for b in blocks])
 
     def _build_sort_tables(self) -> None:
-        """What a mask update reads: each channel's sort key base (2 x its group), the sorted positions that fill each
-        group's slots (a group's channels occupy its own range of the sorted order), and each slot's first channel."""
+        """What a mask update reads: each channel's sort key if kept and if dropped (its group and the dropped bit
+        above the tie-breaking bits: :meth:`StaticExecutionState.update`), the sorted positions that fill each group's
+        slots (a group's channels occupy its own range of the sorted order), and each slot's first channel."""
         groups = list(self.slots.values())
         self.group_of = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([s.channels for s in groups],
                                                                                         dtype=torch.int64))
@@ -401,7 +402,8 @@ class StaticLayout:
             if groups else torch.zeros(0, dtype=torch.int64)
         self.slot_channel = torch.cat([torch.full((s.capacity,), s.first_channel) for s in groups]) \
             if groups else torch.zeros(0, dtype=torch.int64)
-        self.group_key = (self.group_of * 2).to(self.device)
+        self.key_kept = (self.group_of * 2 ** (_TIE_BITS + 1)).to(self.device)
+        self.key_dropped = self.key_kept + 2 ** _TIE_BITS
         self.group_of, self.take, self.slot_channel = (t.to(self.device) for t in
                                                        (self.group_of, self.take, self.slot_channel))
 
@@ -517,12 +519,16 @@ class StaticExecutionState:
         """
         layout = self.layout
         mask = self._flat_mask(mask)
-        key = layout.group_key + (~mask).long()  # 2 x group + dropped: group by group, kept channels first
+        # (2 x group + dropped) x 2^32 + u's 32 leading bits: group by group, kept channels first, by increasing u
+        key = torch.where(mask, layout.key_kept, layout.key_dropped)
         if u is not None:
             if u.shape != mask.shape or u.device != mask.device or not u.is_floating_point():
                 raise ValueError(f"u must be a float tensor of shape {tuple(mask.shape)} on {mask.device}")
-            ties = (u * 2.0 ** _TIE_BITS).long().clamp_(0, 2 ** _TIE_BITS - 1)
-            key = key * 2 ** _TIE_BITS + ties
+            if torch.finfo(u.dtype).eps > 2.0 ** -23:  # half, bfloat16: u x 2^32 overflows half; a draw may round to 1
+                ties = (u.float() * 2.0 ** _TIE_BITS).long().clamp_(0, 2 ** _TIE_BITS - 1)
+            else:
+                ties = (u * 2.0 ** _TIE_BITS).long()  # exact, and below 2^32 for u < 1
+            key.add_(ties)
         order = torch.sort(key, stable=True).indices
         chosen = order.index_select(0, layout.take)  # each group's first `capacity` channels in sorted order
         real = mask.index_select(0, chosen)
@@ -531,11 +537,11 @@ class StaticExecutionState:
         reals.copy_(real)
         self.mask_used.zero_()
         self.mask_used.index_copy_(0, chosen, real)
-        cut = mask & ~self.mask_used
+        cut = torch.gt(mask, self.mask_used)  # kept, not used
         self.overflow_channels.index_add_(0, layout.group_of, cut.long())
-        self.overflow_steps.add_(cut.any().long())
+        self.overflow_steps.add_(cut.any())
         # The flat gather indices and 0/1 factors of every gathered entry, from the new slots.
-        first = layout.row_base + layout.row_stride * self._ext.index_select(0, layout.row_slot)
+        first = torch.addcmul(layout.row_base, layout.row_stride, self._ext.index_select(0, layout.row_slot))
         torch.add(first.index_select(0, layout.entry_row), self._ext.index_select(0, layout.entry_slot),
                   out=self._flat)
         torch.index_select(self._real.index_select(0, layout.row_slot), 0, layout.entry_row, out=self._factor)

@@ -110,20 +110,23 @@ def project_scores(s: Tensor, budget: float | Tensor, prices: Tensor | None = No
     mass = _budget_mass(candidates, x, w)
     # [v_lo, v_hi]: the consecutive candidates between which f crosses K. v_hi exists because f(max(s / w, 0)) = 0;
     # v_hi = 0 means the budget is slack (the projection is the clamp).
-    v_hi = torch.where(mass <= budget, candidates, math.inf).min()
-    v_lo = torch.minimum(torch.where(mass > budget, candidates, 0).max(), v_hi)
+    over = mass > budget
+    v_hi = candidates.masked_fill(over, math.inf).min()
+    v_lo = torch.minimum((candidates * over).max(), v_hi)  # candidates >= 0: those not over count as 0
     # On [v_lo, v_hi] the sets "full" (x_j - v w_j >= 1) and "partial" (0 < x_j - v w_j < 1) are fixed; take them at
     # the midpoint and solve  sum_full w + sum_partial w (x - v w) = K  for v directly (no suffix-sum round-off).
     middle = 0.5 * (v_lo + v_hi)
     left = x - (middle if w is None else middle * w)
     full = left >= 1
-    partial = (left > 0) & ~full
+    partial = (left > 0) ^ full  # full is part of left > 0
     if w is None:
-        curvature = partial.sum(dtype=x.dtype)
-        numerator = full.sum(dtype=x.dtype) + torch.where(partial, x, 0).sum() - budget
+        curvature = partial.sum(dtype=x.dtype)  # a count: 0 or at least 1
+        numerator = full.sum(dtype=x.dtype) + (x * partial).sum() - budget
+        ratio = numerator / curvature.clamp_min(1)
     else:
-        curvature = torch.where(partial, w * w, 0).sum()
-        numerator = torch.where(full, w, 0).sum() + torch.where(partial, w * x, 0).sum() - budget
-    shift = torch.where(curvature > 0, numerator / torch.where(curvature > 0, curvature, 1), v_hi)
+        curvature = (w * w * partial).sum()
+        numerator = (w * full).sum() + (w * x * partial).sum() - budget
+        ratio = numerator / torch.where(curvature > 0, curvature, 1)
+    shift = torch.where(curvature > 0, ratio, v_hi)
     shift = torch.minimum(torch.maximum(shift, v_lo), v_hi)  # guards round-off; exact arithmetic lands inside
     return (x - (shift if w is None else shift * w)).clamp(0, 1).to(s.dtype).reshape(s.shape)

@@ -131,6 +131,8 @@ class ChannelScores(nn.Module):
         self.scores = nn.Parameter(torch.full((self.num_channels,), init, device=device, dtype=dtype))
         group_index = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))
         self.register_buffer("group_index", group_index.to(self.scores.device), persistent=False)
+        self.register_buffer("channel_index", torch.arange(self.num_channels, device=self.scores.device),
+                             persistent=False)
         self.register_buffer("prices", None if prices is None else self._channel_prices(prices), persistent=False)
         self.project_()
 
@@ -286,8 +288,7 @@ class ChannelScores(nn.Module):
         s = self.scores.detach()
         group_max = torch.full((len(self.sizes),), -math.inf, dtype=s.dtype, device=s.device)
         group_max = group_max.scatter_reduce(0, self.group_index, s, reduce="amax")
-        position = torch.arange(self.num_channels, device=s.device)
-        at_max = torch.where(s == group_max[self.group_index], position, self.num_channels)
+        at_max = torch.where(s == group_max[self.group_index], self.channel_index, self.num_channels)
         first = torch.full((len(self.sizes),), self.num_channels, dtype=torch.long, device=s.device)
         return first.scatter_reduce(0, self.group_index, at_max, reduce="amin")
 
