@@ -184,11 +184,12 @@ class SparsityConfig(_Section):
             are the same. Measured worse than ``channels`` and than the random subnetwork on ResNet-32 and VGG-19
             (docs/methods.md, "A budget in FLOPs"): not a default.
         fix: How the final subnetwork is chosen: ``best_of_n`` samples ``fix_samples`` masks and keeps the one with
-            the best training accuracy (official), ``top_scores`` keeps the largest scores up to the budget;
-            ``random`` is the baseline of a random subnetwork of the same budget: fixed at the first step after the
-            warm-up (each group keeps ``max(1, round(keep_ratio x channels))`` channels drawn uniformly) and trained
-            for the rest of the search and the finetune epochs, no search at all (an anneal has nothing to anneal
-            and is ignored, so a recipe's search and its random baseline differ in this key alone).
+            the best training accuracy (official), ``top_scores`` keeps the largest scores up to the budget; ``random``
+            is the baseline of a random subnetwork of the same budget: fixed before the first step (the warm-up draws no
+            mask: the same subnetwork as one drawn after it; each group keeps ``max(1, round(keep_ratio x channels))``
+            channels drawn uniformly) and trained for the rest of the search and the finetune epochs, no search at all
+            (an anneal has nothing to anneal and is ignored, so a recipe's search and its random baseline differ in this
+            key alone).
         fix_samples: Masks sampled by ``best_of_n``.
         fix_examples: Training examples (the first ones, in eval mode) ``best_of_n`` scores each mask on; null: the
             whole training set, as the official code.
@@ -310,7 +311,8 @@ class FinetuneConfig(_Section):
         weight_decay: L2 weight decay.
         narrow: Train the physically narrow subnetwork (``maskprop.train.narrow``: no gathers, the same updates of
             the kept weights; its widths padded to ``sparsity.align`` with channels that stay zero); false keeps
-            compact steps of the full model (for comparison). Under torchrun the phase always runs compact steps.
+            compact steps of the full model (for comparison). Under torchrun too (its gradients averaged over the
+            ranks).
     """
 
     epochs: Annotated[int, Field(ge=0, json_schema_extra={"note": "0 skips finetuning"})] = 40
@@ -344,8 +346,9 @@ class Config(_Section):
         sync_bn: Under DDP, normalise with batch statistics all-reduced over the ranks (SyncBatchNorm semantics);
             false: each rank normalises its own share, as plain DDP does.
         cuda_graphs: Run the training steps with static shapes, each step kind captured as one CUDA graph and replayed
-            (``maskprop.train.graphs``): ``auto`` on a CUDA device when the run can be captured (else the eager steps,
-            with one log line saying why), ``true`` (an error where it cannot), ``false`` (the eager steps).
+            (``maskprop.train.graphs``): ``auto`` on a CUDA device when the run can be captured (else the static-shape
+            steps uncaptured, or the eager steps for the sparse-backward methods, with one log line saying why),
+            ``true`` (an error where it cannot), ``false`` (the eager steps).
     """
 
     method: Method = "vrpge"

@@ -5,11 +5,11 @@ What a DDP run keeps identical on every rank, and how:
 * **Data.** ``data.batch_size`` is the global batch; every rank takes its slice of the same global batch, drawn
   from the run's loader generator, which every rank seeds alike (``maskprop.train.loaders``): the sequence of global
   batches does not depend on the world size.
-* **Masks.** Every rank samples ``m`` and ``m'`` from the same mask generator and the same scores. Each step passes
-  its statistics ``[L(m) n, L(m') n, correct, n]`` through ``StepContext.reduce_stats`` (a sum over the ranks, see
-  :func:`all_reduce_sum`) before reading them, so the score update sees the losses of the global batch and stays
-  identical everywhere; evaluation and the fix's ``best_of_n`` sum their counts over the ranks the same way, so
-  every rank fixes the same subnetwork.
+* **Masks.** Every rank samples ``m`` and ``m'`` from the same mask generator and the same scores. Each eager step
+  passes its statistics ``[L(m) n, L(m') n, |g| n, correct, n]`` through ``StepContext.reduce_stats`` (a sum over the
+  ranks, see :func:`all_reduce_sum`) before reading them (a static step packs ``L(m) n``, ``L(m') n`` and ``n`` with its
+  gradients), so the score update sees the losses of the global batch and stays identical everywhere; evaluation and the
+  fix's ``best_of_n`` sum their counts over the ranks the same way, so every rank fixes the same subnetwork.
 * **Weights.** ``DistributedDataParallel`` averages the gradients. A compact step gives dropped channels zero
   gradients, not missing ones, so DDP runs without ``find_unused_parameters``. ``sparsity.weight_grad: both``
   back-propagates twice per step; DDP all-reduces after each backward, and the average of an average that is already
@@ -27,11 +27,12 @@ What a DDP run keeps identical on every rank, and how:
 * **Files.** Only rank 0 writes (logs, TensorBoard, checkpoints, the summary) and shows a progress bar; a
   checkpoint holds every rank's random state, so ``--resume`` with the same world size continues bit-identically.
 
-What is refused, with one line on every rank: a global batch that the world size does not divide, ranks started
-with different configurations (:func:`check_same_config`), resuming with another world size, ``nccl`` without CUDA,
-and the sparse-backward methods (their per-layer top-k selections, MSBP memories and balanced budgets follow each
-rank's share of the batch: they would differ between ranks). A rank that fails during set-up tells the others
-(:func:`agree`), so that all stop; a rank that fails later exits, and torchrun then stops the others.
+What is refused, with one line (printed by rank 0 once the process group is up; every rank stops): a global batch that
+the world size does not divide, ranks started with different configurations (:func:`check_same_config`), resuming with
+another world size, ``nccl`` without CUDA, and the sparse-backward methods (their per-layer top-k selections, MSBP
+memories and balanced budgets follow each rank's share of the batch: they would differ between ranks). A rank that fails
+during set-up tells the others (:func:`agree`), so that all stop; a rank that fails later exits, and torchrun then stops
+the others.
 """
 
 from __future__ import annotations

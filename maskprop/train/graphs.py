@@ -13,7 +13,8 @@ advance instead, and is recorded once as a CUDA graph that the GPU then replays 
   states in place, then come the no-grad forward of ``m'``, the forward and backward of ``m``, the VR-PGE score
   gradient from the loss difference as a device tensor and the masks actually used, gradient clipping, SGD on the
   weights, Adam (``capturable``) on the scores and their projection onto the budget (exact, with a fixed sequence of
-  kernels: :func:`~maskprop.vrpge.project_scores`). On CUDA the branch of ``m'`` runs on a second stream: its mask
+  kernels: :func:`~maskprop.vrpge.project_scores`). On CUDA, with ``weight_grad: first``, the branch of ``m'`` runs
+on a second stream: its mask
   update and forward beside those of ``m``, then (once ``m``'s forward is done) its BatchNorm statistics and the
   score update beside ``m``'s backward, so that a replay runs the two at once (:class:`SearchStep`). Every
   ``log_every`` steps (and at the end of an epoch) the host reads, in one transfer, the losses, correct counts,
@@ -35,7 +36,8 @@ Capture follows torch's rules for CUDA graphs: the first ``WARMUP_STEPS`` steps 
 stream (real steps on real batches: cuDNN's benchmark mode, on while graphs are, picks its kernels there, and the
 optimizers create their state), then the next step is captured and replayed, and every later step is a replay; a
 later window of the search needs only ``NEW_WINDOW_WARMUP_STEPS`` eager step (new widths, nothing else new). Each
-batch is copied into fixed input buffers first; a batch of another size (an epoch's last, partial one) runs eagerly.
+batch is copied into fixed input buffers first; a batch of another size runs eagerly (the trainer's loaders drop an
+epoch's partial last batch: none occurs in a run).
 Gradients are set to ``None`` before each backward (its gradient tensors become the ``.grad``, in the graph's
 memory, as in torch's whole-network capture), autocast runs without its cache, the weight SGD is fused with
 its learning rate in a device tensor refreshed from the schedule before each replay, and the score Adam is

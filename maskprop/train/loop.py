@@ -13,7 +13,8 @@ A VR-PGE run (docs/methods.md, section 1) has three phases:
    wins, the earliest sample on ties) or ``top_scores`` (the largest keep probabilities up to the budget).
 3. ``finetune``: ``finetune.epochs`` epochs of SGD on that subnetwork (lr 1e-3, cosine), trained as the physically
    narrow model (``narrow.py``; written back into the full model after every epoch, so checkpoints hold the full
-   model); compact steps of the full model under torchrun.
+   model), under torchrun too (its gradients averaged over the ranks); compact steps of the full model only with
+   ``finetune.narrow: false``.
 
 A ``dense`` run trains the same model with the same harness for ``optim.epochs`` epochs (phase ``train``), and so does
 a sparse-backward run (``meprop``, ``sbp``, ``msbp``: docs/methods.md, sections 4-6), whose linear and conv layers
