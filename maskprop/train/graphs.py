@@ -526,6 +526,28 @@ class StaticStep:
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def batches_counted_at_once(model: nn.Module) -> Iterator[None]:
+    """Inside the block, the training forwards of ``model``'s BatchNorm layers leave their ``num_batches_tracked``
+    alone (torch's layers add one to it each, one launch per layer on a GPU); once the block ends without an error,
+    one multi-tensor add counts one batch in all of them: the counts torch's layers give for one forward, at one launch
+    instead of one per layer. For layers with a momentum (with ``momentum=None`` the count sets the average and the
+    layer keeps it) and without a process group (``sync_bn``, whose layers count in their own collective function)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+             and m.track_running_stats and m.momentum is not None and m.num_batches_tracked is not None
+             and getattr(m, "process_group", None) is None]
+    counters = [m.num_batches_tracked for m in norms]
+    for m in norms:
+        m.num_batches_tracked = None  # torch's BatchNorm then takes its momentum and counts nothing
+    try:
+        yield
+    finally:
+        for m, counter in zip(norms, counters):
+            m.num_batches_tracked = counter
+    if counters:
+        torch._foreach_add_(counters, 1)
+
+
 class DenseStep(StaticStep):
     """One SGD step of a plain (or narrow) model: ``subnet_step`` without a mask, as a static body.
 
@@ -545,8 +567,9 @@ class DenseStep(StaticStep):
         self._pass: tuple[Tensor, ...] = ()  # what the first half leaves the second (the same tensors in a graph)
 
     def subnetwork(self) -> contextlib.AbstractContextManager:
-        """The subnetwork the step's forward runs (the whole model here)."""
-        return contextlib.nullcontext()
+        """The subnetwork the step's forward runs: the whole model here, its BatchNorm layers counting the batch with
+        one multi-tensor add (:func:`batches_counted_at_once`)."""
+        return batches_counted_at_once(self.model)
 
     def forward_backward(self, images: Tensor, labels: Tensor) -> None:
         """The step's first half: forward, loss, backward (under torchrun, the gradients packed for the average)."""
