@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(for a run stopped during the search)")
     export.add_argument("--input-size", metavar="C,H,W",
                         help="input size (default: from the run's data config; give it for runs on your own data)")
-    export.add_argument("--force", action="store_true", help="replace an existing export directory")
+    export.add_argument("--force", action="store_true",
+                        help="replace an earlier export in --out (a directory with export.json and only export files)")
     export.add_argument("--threads", type=_thread_count, default=0, help="torch CPU threads (0: torch's default)")
     export.set_defaults(run=_export)
 

@@ -68,6 +68,23 @@ FORMATS = ("safetensors", "pt2", "onnx", "timm")
 PLAN_FILE, WEIGHTS_FILE, PROGRAM_FILE, ONNX_FILE, TIMM_FILE, INFO_FILE = (
     "plan.json", "model.safetensors", "model.pt2", "model.onnx", "timm_pruned.txt", "export.json")
 _FILES = {"safetensors": WEIGHTS_FILE, "pt2": PROGRAM_FILE, "onnx": ONNX_FILE, "timm": TIMM_FILE}
+# What an export directory may hold (an ONNX file over 2 GB keeps its weights beside it): all that --force deletes.
+_EXPORT_NAMES = {PLAN_FILE, WEIGHTS_FILE, PROGRAM_FILE, ONNX_FILE, ONNX_FILE + ".data", TIMM_FILE, INFO_FILE}
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an existing ``out`` unless ``force``, and even then unless it is an earlier export (``export.json`` and
+    no file an export does not write): replacing deletes it, and a run directory or a folder of runs named by mistake
+    must survive."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise ValueError(f"output directory '{out}' exists; pass --force (force=True) to replace it")
+    others = sorted(p.name for p in out.iterdir() if p.name not in _EXPORT_NAMES) if out.is_dir() else [out.name]
+    if others or not (out / INFO_FILE).is_file():
+        what = f"it holds '{others[0]}'" if others else f"it has no {INFO_FILE}"
+        raise ValueError(f"'{out}' is not an earlier maskprop export ({what}); --force replaces only an export "
+                         f"directory: expected a new directory for the output")
 _TIMM_TWINS = ("resnet18", "resnet34", "resnet50")
 """maskprop's models built with timm's module tree and state-dict keys (the ImageNet ResNets, as torchvision's)."""
 _TIMM_KWARGS = {"num_classes", "in_chans", "prune_residual", "zero_init_residual"}
@@ -487,7 +504,8 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
             rebuilds the architecture from it, so it is checked to build ``model``'s shapes.
         formats: names from :data:`FORMATS`, a list or ``"safetensors,pt2"``; default every format available for
             the model (``timm`` where it has a timm twin: :func:`timm_twin`).
-        force: replace an existing ``out``.
+        force: replace an existing ``out`` that is an earlier export (``export.json`` and only the files an export
+            writes; anything else is refused).
         source: extra information recorded in ``export.json`` (checkpoint, accuracy, ...).
 
     Returns:
@@ -504,8 +522,7 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
     if "timm" in chosen and twin is None:
         raise ValueError(f"format 'timm' is for models timm builds with the same layers ({', '.join(_TIMM_TWINS)} "
                          f"with the ImageNet stem); {spec.name} with {spec.kwargs} has no timm twin")
-    if out.exists() and not force:
-        raise ValueError(f"output directory '{out}' exists; pass --force (force=True) to replace it")
+    _check_out(out, force)
     _check_spec(model, spec)
     input_size, model_name = spec.input_size, spec.name
     plan = WidthPlan.from_mask(spec, channel_groups(model), mask)
@@ -722,7 +739,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
         formats: see :func:`save_exported`.
         checkpoint: ``last`` or ``best``.
         mask: ``fixed`` or ``top_scores``.
-        force: replace an existing ``out``.
+        force: replace an existing ``out`` that is an earlier export (``export.json`` and only the files an export
+            writes; anything else is refused).
         input_size: ``(C, H, W)`` to check and count FLOPs at; default the input the run trained on (its model spec;
             for a checkpoint written before the spec existed, its data config: give it for runs on your own data).
 
@@ -748,8 +766,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
         raise FileNotFoundError(f"run directory '{run_dir}' has no checkpoint '{path.name}'; expected the directory "
                                 f"of a maskprop train run")
     out = Path(out) if out is not None else run_dir / "export"
-    if out.exists() and not force:
-        raise ValueError(f"output directory '{out}' exists; pass --force to replace it")
+    _check_out(out, force)
     state = load_checkpoint(path)
     if input_size is not None and (len(input_size) != 3 or not all(int(s) > 0 for s in input_size)):
         raise ValueError(f"input_size={tuple(input_size)}; expected (C, H, W), positive integers")

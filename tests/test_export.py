@@ -437,17 +437,25 @@ def test_unknown_format_and_missing_onnx_extra(monkeypatch):
     assert parse_formats(None) == ["safetensors", "pt2"]
 
 
-def test_existing_output_is_refused_unless_forced(exported, tmp_path):
+def test_existing_output_is_refused_unless_forced_and_force_replaces_only_an_export(exported, tmp_path):
     _, model, mask, _, _ = exported
     out = tmp_path / "taken"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    save_exported(model, mask, out, spec=RESNET20, formats="safetensors,pt2")
     with pytest.raises(ValueError, match="exists; pass --force"):
         save_exported(model, mask, out, spec=RESNET20, formats="safetensors")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    save_exported(model, mask, out, spec=RESNET20, formats="safetensors", force=True)
+    save_exported(model, mask, out, spec=RESNET20, formats="safetensors", force=True)  # an earlier export: replaced
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.safetensors", "plan.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+    # Anything else named by mistake survives --force: a folder with other files (a run directory, a folder of runs)
+    # or without export.json.
+    (out / "keep.txt").write_text("mine")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for folder, holds in ((out, "it holds 'keep.txt'"), (mine, "it has no export.json"), (tmp_path, "it holds 'mine'")):
+        before = sorted(tmp_path.rglob("*"))
+        with pytest.raises(ValueError, match=f"not an earlier maskprop export \\({holds}\\)"):
+            save_exported(model, mask, folder, spec=RESNET20, formats="safetensors", force=True)
+        assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_a_diverged_model_is_refused(tmp_path):

@@ -208,6 +208,17 @@ def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys):
         assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, args
 
 
+def test_force_never_replaces_the_run_or_a_folder_of_runs(run, tmp_path, capsys):
+    """``--out`` naming the run directory or the folder it lies in is refused even with ``--force`` (replacing
+    deletes it); the run keeps every file."""
+    run_dir, _ = run
+    before = sorted(p.relative_to(run_dir.parent) for p in run_dir.parent.rglob("*"))
+    for out in (run_dir, run_dir.parent):
+        assert export(run_dir, "--out", out, "--force", "--format", "safetensors") == 2
+        assert "is not an earlier maskprop export" in error_line(capsys)
+    assert sorted(p.relative_to(run_dir.parent) for p in run_dir.parent.rglob("*")) == before
+
+
 def test_missing_onnx_extra_is_named(run, tmp_path, capsys, monkeypatch):
     run_dir, _ = run
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # importing it raises ImportError
@@ -223,8 +234,7 @@ def test_missing_onnx_extra_is_named(run, tmp_path, capsys, monkeypatch):
 def test_force_replaces_an_export(run, tmp_path):
     run_dir, _ = run
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    assert export(run_dir, "--out", out, "--format", "safetensors,pt2") == 0
     assert export(run_dir, "--out", out, "--format", "safetensors", "--force") == 0
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.safetensors", "plan.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
