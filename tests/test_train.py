@@ -377,6 +377,9 @@ def test_resume_of_a_finished_run_only_rewrites_the_summary(cli_run, tmp_path):
     ("data.dataset=cifar10", "data.root is required for dataset 'cifar10'"),
     ("method=msbp sbp.memory=0", "sbp.memory=0.0 gives no memory"),
     ("model.kwargs.widht=2", "do not fit model 'resnet20'"),
+    ("model.name=resnet99", "model.name='resnet99' is not a registered model; expected one of mlp, "),
+    ("model.kwargs.width=0", "width must be a positive number, got 0"),
+    ("data.train_size=40", "gives no full batch of 64"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, override, message):
     recipe = write_recipe(tmp_path / "tiny.yaml", TINY)

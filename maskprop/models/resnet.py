@@ -202,22 +202,24 @@ class ResNet(ChannelSparseModel):
         return self.fc(x)
 
 
-def _cifar_resnet(depth: int, num_classes: int, width: int, **kwargs) -> ResNet:
+def _cifar_resnet(depth: int, num_classes: int, width: float, **kwargs) -> ResNet:
     if (depth - 2) % 6 != 0:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width < float("inf"):
+        raise ValueError(f"width must be a positive number, got {width!r}")
     n = (depth - 2) // 6
-    widths = [16 * width, 32 * width, 64 * width]
+    widths = [max(1, round(planes * width)) for planes in (16, 32, 64)]  # rounded, at least 1 (as VGG's)
     return ResNet(BasicBlock, [n, n, n], widths, num_classes=num_classes, stem="cifar", **kwargs)
 
 
 @register_model
-def resnet20(num_classes: int = 10, width: int = 1, **kwargs) -> ResNet:
+def resnet20(num_classes: int = 10, width: float = 1, **kwargs) -> ResNet:
     """ResNet-20 for CIFAR (16-32-64 channels; ``width`` multiplies them)."""
     return _cifar_resnet(20, num_classes, width, **kwargs)
 
 
 @register_model
-def resnet32(num_classes: int = 10, width: int = 2, **kwargs) -> ResNet:
+def resnet32(num_classes: int = 10, width: float = 2, **kwargs) -> ResNet:
     """ResNet-32 for CIFAR with the VR-PGE paper's DOUBLED widths 32-64-128 by default (supplement B).
 
     Pass ``width=1`` for He et al.'s original 16-32-64.
@@ -226,7 +228,7 @@ def resnet32(num_classes: int = 10, width: int = 2, **kwargs) -> ResNet:
 
 
 @register_model
-def resnet56(num_classes: int = 10, width: int = 1, **kwargs) -> ResNet:
+def resnet56(num_classes: int = 10, width: float = 1, **kwargs) -> ResNet:
     """ResNet-56 for CIFAR (16-32-64 channels; ``width`` multiplies them)."""
     return _cifar_resnet(56, num_classes, width, **kwargs)
 

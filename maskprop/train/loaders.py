@@ -139,8 +139,9 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 
     drop_last = train if drop_last is None else drop_last
     size = len(dataset)  # type: ignore[arg-type]
     if drop_last and size < batch_size:
-        raise ValueError(f"a dataset of {size} examples gives no full batch of batch_size={batch_size} with drop_last; "
-                         f"expected batch_size <= {size} or drop_last=False")
+        raise ValueError(f"a training set of {size} examples gives no full batch of {batch_size} (an epoch drops its "
+                         f"partial last batch); expected data.batch_size <= {size}, or more training examples "
+                         f"(data.train_size)")
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
     sampler = GlobalBatchSampler(size, batch_size, shuffle=train, drop_last=drop_last, generator=generator, rank=rank,

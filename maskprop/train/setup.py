@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..cost import CostModel
+from ..models import list_models
 from ..models.spec import ModelSpec
 from ..sbp import GlobalBudget, convert, sparse_layers
 from .checkpoint import check_compatible, error_reason, load_checkpoint
@@ -122,6 +123,9 @@ def _datasets(cfg: Config, train_set: Dataset | None,
 
 
 def _model_spec(cfg: Config, num_classes: int, input_size: tuple[int, int, int]) -> ModelSpec:
+    if cfg.model.name not in list_models():  # the name itself, before the keywords
+        raise ValueError(f"model.name={cfg.model.name!r} is not a registered model; expected one of "
+                         f"{', '.join(list_models())}")
     try:
         return ModelSpec.resolve(cfg.model.name, cfg.model.kwargs, num_classes=num_classes, input_size=input_size,
                                  prune_residual=cfg.sparsity.prune_residual)
