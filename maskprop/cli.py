@@ -163,6 +163,7 @@ def _train(args: argparse.Namespace) -> int:
                                     f"maskprop run directory?)")
         # A run killed before its first checkpoint has config.yaml but no last.pt: fit starts it over.
         cfg = load_config(config_path, args.items)
+        args.resumable = run_dir  # named if the run is interrupted
         summary = fit(cfg, out=run_dir, resume=True)
     else:
         if not args.items or "=" in args.items[0]:
@@ -171,6 +172,7 @@ def _train(args: argparse.Namespace) -> int:
         recipe, overrides = args.items[0], args.items[1:]
         cfg = load_config(recipe, overrides)
         out = args.out or cfg.out or default_run_dir(Path(recipe).stem)
+        args.resumable = out
         summary = fit(cfg, out=out)
     if place.is_main:  # under torchrun only rank 0 reports
         print(_final_table(summary))
@@ -363,6 +365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if prints_errors(error):  # under torchrun: one line from rank 0, not one per rank
             print(f"maskprop {args.command}: error: {error}", file=sys.stderr)
         status = 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the run was
+        run_dir = getattr(args, "resumable", None)
+        hint = (f"; maskprop train --resume {run_dir} continues from its last checkpoint (or starts over where none "
+                f"was saved)" if run_dir else "")
+        print(f"maskprop {args.command}: interrupted{hint}", file=sys.stderr)
+        status = 130
     if "torch.distributed" in sys.modules:  # a torchrun rank leaves its process group before the interpreter ends
         from .train.distributed import leave
 

@@ -390,6 +390,24 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, override, me
     assert not out.exists()
 
 
+def test_ctrl_c_is_one_line_naming_how_to_resume(tmp_path, capsys, monkeypatch):
+    import maskprop.export
+    import maskprop.train.loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
+    monkeypatch.setattr(maskprop.train.loop, "fit", interrupted)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"maskprop train: interrupted; maskprop train --resume {tmp_path / 'out'} continues from its last "
+                   f"checkpoint (or starts over where none was saved)"]
+    monkeypatch.setattr(maskprop.export, "export_run", interrupted)
+    assert main(["export", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["maskprop export: interrupted"]
+
+
 def test_missing_data_root_says_where_it_looked(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
     assert main(["train", str(recipe), "--out", str(tmp_path / "out"), "data.dataset=cifar10",
