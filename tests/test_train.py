@@ -436,6 +436,7 @@ def test_resume_from_a_truncated_checkpoint_names_the_file(cli_run, tmp_path, ca
     ("model.name=resnet32", "is from model 'resnet20', the config builds 'resnet32'"),
     ("model.kwargs.prune_residual=false", "the config builds it with {'prune_residual': False"),
     ("method=dense", "is a method='vrpge' run"),
+    ("finetune.epochs=3", "finetune.epochs=3, but the run in"),  # the run has finished: nothing would train
 ])
 def test_resume_with_another_model_is_refused(cli_run, tmp_path, capsys, override, message):
     run = tmp_path / "run"
@@ -444,6 +445,35 @@ def test_resume_with_another_model_is_refused(cli_run, tmp_path, capsys, overrid
     assert main(["train", "--resume", str(run), override]) == 2
     assert message in capsys.readouterr().err
     assert _snapshot(run) == before
+
+
+def test_resumed_epochs_change_only_where_the_run_has_not_been():
+    """A resumed run may lengthen or shorten the phase it is in, not below the epochs it has trained there, and may
+    not change a phase it has finished (its summary would report epochs that never ran)."""
+    from maskprop.train.config import config_to_dict, load_config
+    from maskprop.train.setup import _check_resumed_epochs
+
+    saved = config_to_dict(load_config(copy.deepcopy(TINY)))  # 2 search epochs, 1 finetune epoch
+
+    def check(phase: str, epoch: int, *overrides: str, method: str = "vrpge") -> None:
+        config = load_config(copy.deepcopy(TINY), [f"method={method}", *overrides])
+        _check_resumed_epochs({"phase": phase, "epoch": epoch, "config": {**saved, "method": method}}, config,
+                              Path("runs/x"))
+
+    for overrides in ([], ["optim.epochs=1"], ["optim.epochs=9"], ["finetune.epochs=4"]):
+        check("search", 1, *overrides)
+    check("finetune", 0, "finetune.epochs=3")
+    check("train", 1, "optim.epochs=5", method="dense")
+    with pytest.raises(ValueError, match=r"optim.epochs=1 is below the 2 search epochs the run in 'runs/x' has "
+                                         r"trained; expected at least 2"):
+        check("search", 2, "optim.epochs=1")
+    with pytest.raises(ValueError, match=r"optim.epochs=1 is below the 2 train epochs"):
+        check("train", 2, "optim.epochs=1", method="dense")
+    with pytest.raises(ValueError, match=r"optim.epochs=5, but the run in 'runs/x' has finished its search phase "
+                                         r"after 2 epochs; expected optim.epochs=2"):
+        check("finetune", 0, "optim.epochs=5")
+    with pytest.raises(ValueError, match=r"finetune.epochs=3, but .* finished its finetune phase after 1 epoch;"):
+        check("done", 1, "finetune.epochs=3")
 
 
 def test_checkpoint_with_another_group_layout_is_refused(cli_run):

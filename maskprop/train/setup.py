@@ -26,7 +26,7 @@ from .data import build_datasets, build_loader
 from .distributed import all_reduce_sum, check_world_size, current, device_for
 from .graphs import GraphsChoice, StaticSteps, resolve_cuda_graphs, set_capturable
 from .optim import build_schedule, run_optimizer, score_optimizer, weight_optimizer
-from .state import TrainState, search_scores
+from .state import PHASES, TrainState, search_scores
 from .steps import StepContext
 from .timing import phase_epochs
 from .weights import InitialWeights, load_initial_weights
@@ -205,6 +205,25 @@ def _check_run_dir(run_dir: Path | None, resume: bool) -> dict[str, Any] | None:
 _FREE_ON_RESUME = {"data.root", "data.workers", "device", "log_every", "eval_every", "save_every", "out"}
 
 
+def _check_resumed_epochs(checkpoint: Mapping[str, Any], cfg: Config, run_dir: Path) -> None:
+    """A resumed run may lengthen or shorten its current phase, not below the epochs it has trained in it, nor change
+    a phase it has finished (the summary would report epochs that never ran)."""
+    phase, epoch = checkpoint["phase"], checkpoint["epoch"]
+    phases = [("search", "optim.epochs"), ("finetune", "finetune.epochs")] if cfg.method == "vrpge" else [
+        ("train", "optim.epochs")]
+    for name, key in phases:
+        before, now = phase_epochs(checkpoint["config"], name), phase_epochs(cfg, name)
+        if before is None or before == now:
+            continue
+        if PHASES.get(phase, 0) > PHASES[name]:
+            raise ValueError(f"{key}={now}, but the run in '{run_dir}' has finished its {name} phase after {before} "
+                             f"epoch{'s' if before != 1 else ''}; expected {key}={before} (a finished phase cannot "
+                             f"change)")
+        if phase == name and now < epoch:
+            raise ValueError(f"{key}={now} is below the {epoch} {name} epochs the run in '{run_dir}' has trained; "
+                             f"expected at least {epoch}")
+
+
 def _warn_changed(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> None:
     """Log the settings that differ from the checkpoint's: the run continues, but not as it started."""
     changed = []
@@ -249,6 +268,7 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     if checkpoint is not None:
         check_world_size(checkpoint, run_dir / "last.pt", place)
         check_compatible(checkpoint, run_dir / "last.pt", spec, cfg.model.kwargs, groups, cfg.method)
+        _check_resumed_epochs(checkpoint, cfg, run_dir)
         _warn_changed(checkpoint["config"], config_to_dict(cfg))
     cost = _cost_model(model, cfg, input_size)  # before moving: the shapes do not depend on the device
     model.to(device)
