@@ -53,7 +53,8 @@ def _bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     align = default_align(device) if args.align is None else args.align
     results = []
-    with tqdm(total=len(args.models) * (args.warmup + args.repeats), desc="bench", file=sys.stderr) as bar:
+    with tqdm(total=len(args.models) * (args.warmup + args.repeats), desc="bench", file=sys.stderr,
+              disable=None) as bar:  # no bar where stderr is not a terminal (logs, CI)
         for name in args.models:
             results += bench_model(
                 name, batch_size=args.batch_size, keep_ratios=args.keep_ratios, repeats=args.repeats,
@@ -104,14 +105,18 @@ def _final_table(summary: dict) -> str:
         f"{summary['model']} ({summary['method']}, keep_ratio {summary['keep_ratio']:g}"
         + (", a random subnetwork: the baseline" if (summary.get("search") or {}).get("subnetwork") == "random"
            else "") + ")",
-        f"|                      | {'network' if sbp else 'subnetwork':<10} | dense      | kept   |",
+        f"|                      | {'network' if sbp or summary['method'] == 'dense' else 'subnetwork':<10} "
+        f"| dense      | kept   |",
         "|---|---:|---:|---:|",
         f"| top-1 accuracy (%)   | {summary['accuracy']:10.2f} |            |        |",
         (f"| params               | {_count(summary['subnet_params']):>10} | {_count(summary['dense_params']):>10} "
          f"| {ratio(summary['subnet_params'], summary['dense_params']):>6} |"),
         (f"| FLOPs / example      | {_count(summary['subnet_flops']):>10} | {_count(summary['dense_flops']):>10} "
          f"| {ratio(summary['subnet_flops'], summary['dense_flops']):>6} |"),
-        f"train-cost saving {summary['train_cost_saving']:.2f}x (supplement C.1, finetuning included)",
+        f"train-cost saving {summary['train_cost_saving']:.2f}x ("
+        + ("supplement C.1, finetuning included" if summary["method"] == "vrpge" else
+           "a dense run: the baseline itself" if summary["method"] == "dense" else
+           "train FLOPs against a dense run's") + ")",
         f"measured speedup {measured}",
     ]
     if summary.get("speedup_warning"):
@@ -228,7 +233,15 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-class _CommandParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    """An ``argparse.ArgumentParser`` whose usage errors are one line, as every other error of the CLI: what was wrong
+    and where the help is (argparse prints its usage block first), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _CommandParser(_Parser):
     """A subcommand parser whose list positionals and options may interleave: ``train RECIPE --out DIR key=value``.
 
     Parsers without a list positional (``bench``) parse exactly as ``argparse.ArgumentParser``.
@@ -250,8 +263,7 @@ class _CommandParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="maskprop", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="maskprop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"maskprop {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 

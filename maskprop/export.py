@@ -678,6 +678,10 @@ def _checkpoint_spec(checkpoint: Mapping[str, Any], path: Path, input_size: tupl
             raise ValueError(f"{where}: {err}") from None
         if input_size is None or input_size == spec.input_size:
             return spec
+        logger.warning("input size %s is not the %s the run trained on: the FLOPs are counted at %s, the accuracy "
+                       "recorded was measured at %s", ",".join(map(str, input_size)),
+                       ",".join(map(str, spec.input_size)), ",".join(map(str, input_size)),
+                       ",".join(map(str, spec.input_size)))
         spec = dataclasses.replace(spec, input_size=input_size)
     else:
         size = input_size or run_input_size(config)

@@ -33,9 +33,8 @@ def _usage_error(capsys, argv: list[str]) -> str:
         status = exit_.code
     assert status == 2
     captured = capsys.readouterr()
-    lines = [line for line in captured.err.splitlines() if line.strip() and not line.startswith("usage:")
-             and not line.startswith(" ")]
-    assert len(lines) == 1, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err  # no usage block before it
     assert "Traceback" not in captured.err
     return lines[0]
 

@@ -7,6 +7,7 @@ edited by hand (``save_checkpoint``), so each case costs an export, not a run.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,17 @@ def test_force_never_replaces_the_run_or_a_folder_of_runs(run, tmp_path, capsys)
         assert export(run_dir, "--out", out, "--force", "--format", "safetensors") == 2
         assert "is not an earlier maskprop export" in error_line(capsys)
     assert sorted(p.relative_to(run_dir.parent) for p in run_dir.parent.rglob("*")) == before
+
+
+def test_another_input_size_than_the_run_s_is_said(run, tmp_path, caplog):
+    run_dir, _ = run
+    with caplog.at_level(logging.WARNING, logger="maskprop.export"):
+        assert export(run_dir, "--out", tmp_path / "same", "--format", "safetensors", "--input-size", "3,16,16") == 0
+        assert not caplog.records
+        assert export(run_dir, "--out", tmp_path / "other", "--format", "safetensors", "--input-size", "3,24,24") == 0
+    assert "input size 3,24,24 is not the 3,16,16 the run trained on" in caplog.text
+    info = json.loads((tmp_path / "other" / "export.json").read_text())
+    assert info["flops"] > json.loads((tmp_path / "same" / "export.json").read_text())["flops"]
 
 
 def test_missing_onnx_extra_is_named(run, tmp_path, capsys, monkeypatch):
