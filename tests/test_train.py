@@ -408,6 +408,17 @@ def test_ctrl_c_is_one_line_naming_how_to_resume(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err.strip().splitlines() == ["maskprop export: interrupted"]
 
 
+def test_a_new_run_does_not_overwrite_a_run_that_never_saved_a_checkpoint(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("seed: 7\n")  # a run stopped before its first checkpoint
+    assert main(["train", str(recipe), "--out", str(out)]) == 2
+    assert (f"run directory '{out}' holds another run's files (config.yaml); continue that run with 'maskprop train "
+            f"--resume {out}'") in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["config.yaml"] and (out / "config.yaml").read_text() == "seed: 7\n"
+
+
 def test_missing_data_root_says_where_it_looked(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
     assert main(["train", str(recipe), "--out", str(tmp_path / "out"), "data.dataset=cifar10",

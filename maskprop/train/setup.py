@@ -198,7 +198,15 @@ def _check_run_dir(run_dir: Path | None, resume: bool) -> dict[str, Any] | None:
                          f"'maskprop train --resume {run_dir}' or choose another output directory")
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"output path '{run_dir}' exists and is not a directory")
+    found = [name for name in _RUN_FILES if (run_dir / name).exists()]
+    if found:  # a run stopped before its first checkpoint, or what is left of one: a new run would overwrite it
+        raise ValueError(f"run directory '{run_dir}' holds another run's files ({', '.join(found)}); continue that run "
+                         f"with 'maskprop train --resume {run_dir}' or choose another output directory")
     return None
+
+
+# The files a run writes into its directory (last.pt aside), which a new run there would overwrite or mix with.
+_RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "best.pt")
 
 
 # Settings a resumed run may change without changing what it computes.
