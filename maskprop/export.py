@@ -619,10 +619,10 @@ def run_input_size(config: Mapping[str, Any]) -> tuple[int, int, int]:
 def _measured_accuracy(checkpoint: Mapping[str, Any], which: str, mask_rule: str) -> tuple[float | None, str]:
     """The validation accuracy the run measured for exactly these weights and this mask, and where it comes from."""
     phase, epoch = checkpoint["phase"], checkpoint["epoch"]
-    if which == "best":
-        # best.pt is written right after an evaluation that beat every earlier one; a search evaluates its top-score
-        # subnetwork, a run with a fixed subnetwork (after the fix, or the random baseline's) that one.
-        evaluated = "top_scores" if phase == "search" and checkpoint.get("fixed_mask") is None else "fixed"
+    # A checkpoint is written right after its epoch's evaluation, if any; a search evaluates its top-score subnetwork,
+    # a run with a fixed subnetwork (after the fix, or the random baseline's) that one.
+    evaluated = "top_scores" if phase == "search" and checkpoint.get("fixed_mask") is None else "fixed"
+    if which == "best":  # written when that evaluation beat every earlier one
         accuracy = checkpoint.get("best_accuracy")
         if evaluated == mask_rule and accuracy is not None and accuracy >= 0:
             return float(accuracy), (f"best_accuracy of best.pt: validation top-1 (%) of these weights with this "
@@ -632,9 +632,16 @@ def _measured_accuracy(checkpoint: Mapping[str, Any], which: str, mask_rule: str
     accuracy = checkpoint.get("final_accuracy")
     if phase == "done" and mask_rule == "fixed" and accuracy is not None:
         return float(accuracy), "final_accuracy of last.pt: validation top-1 (%) of the finished run's final network"
+    last = checkpoint.get("last_accuracy")
+    if phase != "done" and last is not None and evaluated == mask_rule:
+        return float(last), (f"last_accuracy of last.pt: validation top-1 (%) of these weights with this mask, "
+                             f"measured at epoch {epoch} of phase {phase!r}")
+    if phase != "done" and last is not None:
+        return None, (f"not measured: last.pt (phase {phase!r}) was evaluated with the {evaluated} subnetwork, this "
+                      f"export is the {mask_rule} one")
     if phase != "done":
         return None, (f"not measured: the run stopped in phase {phase!r} at epoch {epoch}, and last.pt records no "
-                      f"accuracy of these weights (export best.pt, or finish the run)")
+                      f"accuracy of these weights (its epoch did not evaluate: export best.pt, or finish the run)")
     return None, "not measured: the run's final accuracy is that of its fixed subnetwork, not of the top scores"
 
 

@@ -102,7 +102,7 @@ def test_export_of_a_finished_run(run, capsys):
 def test_search_phase_is_refused_unless_top_scores(run, tmp_path, capsys):
     run_dir, _ = run
     searching = edited_run(run_dir, tmp_path / "searching", phase="search", epoch=1, fixed_mask=None,
-                           final_accuracy=None)
+                           final_accuracy=None, last_accuracy=None)
     assert export(searching) == 2
     line = error_line(capsys)
     assert "phase 'search'" in line and "--mask top_scores" in line
@@ -115,6 +115,26 @@ def test_search_phase_is_refused_unless_top_scores(run, tmp_path, capsys):
     scores = ChannelScores(dict(checkpoint["groups"]), TINY["sparsity"]["keep_ratio"])
     scores.load_state_dict(checkpoint["scores"])
     assert info["widths"] == {g: int(m.sum()) for g, m in scores.top_mask().items()}
+
+
+def test_last_checkpoint_of_an_unfinished_run_records_its_epoch_s_accuracy(run, tmp_path):
+    """last.pt keeps the accuracy its epoch measured (a finished run's is its final one), which an export of the
+    subnetwork that epoch evaluated records; another subnetwork's export records none."""
+    run_dir, _ = run
+    finished = load_checkpoint(run_dir / "last.pt")
+    assert finished["last_accuracy"] == finished["final_accuracy"] is not None
+    searching = edited_run(run_dir, tmp_path / "searching", phase="search", epoch=1, fixed_mask=None,
+                           final_accuracy=None, last_accuracy=37.5)
+    assert export(searching, "--mask", "top_scores", "--format", "safetensors") == 0
+    info = json.loads((searching / "export" / "export.json").read_text())
+    assert info["accuracy"] == 37.5 and "measured at epoch 1 of phase 'search'" in info["accuracy_source"]
+    tuning = edited_run(run_dir, tmp_path / "tuning", phase="finetune", epoch=1, final_accuracy=None,
+                        last_accuracy=41.0)
+    assert export(tuning, "--format", "safetensors") == 0
+    assert json.loads((tuning / "export" / "export.json").read_text())["accuracy"] == 41.0
+    assert export(tuning, "--mask", "top_scores", "--format", "safetensors", "--out", tuning / "top") == 0
+    info = json.loads((tuning / "top" / "export.json").read_text())
+    assert info["accuracy"] is None and "evaluated with the fixed subnetwork" in info["accuracy_source"]
 
 
 def test_best_checkpoint_from_the_search_records_its_accuracy(run, tmp_path, capsys):

@@ -631,6 +631,7 @@ def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseRe
             val = evaluate(model, run.val_loader, mask, run.ctx)
             if last and state.phase != "search":
                 state.final_accuracy = val["accuracy"]
+        state.last_accuracy = None if val is None else val["accuracy"]  # of the weights the checkpoint saves
         _log_epoch(run, log, _epoch_record(run, metrics, val))
         if val is not None and val["accuracy"] > state.best_accuracy and _within_budget(state):
             state.best_accuracy = val["accuracy"]
@@ -647,6 +648,7 @@ def _next_phase(run: Run) -> None:
             run.static.end_search()
         state.fixed_mask, state.fix_info = fix_subnetwork(state, cfg, run.ctx, run.train_set)
         state.phase, state.epoch = "finetune", 0
+        state.last_accuracy = None  # measured with the top scores, not with the fixed subnetwork
         state.weight_optimizer, state.weight_schedule = phase_optimizer(cfg, state.model, "finetune",
                                                                          len(run.train_loader))
     else:

@@ -91,6 +91,8 @@ class TrainState:
         counters: Cost counters (:func:`new_counters`).
         best_accuracy: Best validation accuracy seen, in percent (-1 before the first evaluation).
         final_accuracy: Validation accuracy of the final network, once the run is done.
+        last_accuracy: Validation accuracy of the current weights with the subnetwork the last epoch evaluated (the
+            top scores while searching, the fixed one after), when that epoch evaluated; else ``None``.
         times: Step wall times.
         elapsed_s: Wall time of the run so far, over all its processes.
         budget: The global budget of a sparse-backward run with ``sbp.budget: balanced``.
@@ -117,6 +119,7 @@ class TrainState:
     counters: dict[str, int] = field(default_factory=new_counters)
     best_accuracy: float = -1.0
     final_accuracy: float | None = None
+    last_accuracy: float | None = None
     times: StepTimes = field(default_factory=StepTimes)
     elapsed_s: float = 0.0
     budget: GlobalBudget | None = None
@@ -162,6 +165,7 @@ class TrainState:
             "counters": dict(self.counters),
             "best_accuracy": self.best_accuracy,
             "final_accuracy": self.final_accuracy,
+            "last_accuracy": self.last_accuracy,
             "times": self.times.state_dict(),
             "elapsed_s": self.elapsed_s,
             "sbp": self._sbp_state(),
@@ -193,6 +197,7 @@ class TrainState:
         self.counters = dict(checkpoint["counters"])
         self.best_accuracy = checkpoint["best_accuracy"]
         self.final_accuracy = checkpoint["final_accuracy"]
+        self.last_accuracy = checkpoint.get("last_accuracy")  # not in checkpoints of 2026-12-05 and before
         self.times.load_state_dict(checkpoint["times"])
         self.elapsed_s = checkpoint["elapsed_s"]
         sbp = checkpoint.get("sbp")
