@@ -93,7 +93,8 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Run directories among ``paths``: each a run directory, or a folder whose subdirectories are runs.
+    """Run directories among ``paths``: each a run directory, or a folder whose subdirectories are runs (both, for a
+    run directory whose subdirectories hold runs).
 
     Raises:
         FileNotFoundError: A path that does not exist.
@@ -104,8 +105,8 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
         path = Path(raw)
         if not path.exists():
             raise FileNotFoundError(f"'{path}' does not exist; expected a run directory or a folder of them")
-        if _is_run_dir(path):
-            found.append(path)
+        if _is_run_dir(path):  # and the runs in its subdirectories, if any (a run written into a folder of runs)
+            found += [path, *sorted(child for child in path.iterdir() if child.is_dir() and _is_run_dir(child))]
             continue
         if not path.is_dir():
             raise ValueError(f"'{path}' is a file, not a run directory; expected a directory with config.yaml and "
@@ -319,7 +320,9 @@ def build_report(paths: Iterable[str | os.PathLike], baseline: str | os.PathLike
     if base_path is not None:
         base = next(r for r in runs if r.path.resolve() == base_path.resolve())
         if base.summary is None or base.summary.method != "dense":
-            what = "an unfinished run" if base.summary is None else f"a method={base.summary.method!r} run"
+            what = "an unfinished run" if base.summary is None else (
+                "a random-subnetwork run (method='vrpge', sparsity.fix=random)" if _method(base.summary) == "random"
+                else f"a method={base.summary.method!r} run")
             raise ValueError(f"--baseline '{base_path}' is {what}; expected a finished dense run (method=dense) of "
                              f"the same model and data")
         compared = [r for r in runs if r is not base and r.key() is not None and r.summary.method != "dense"]

@@ -228,6 +228,16 @@ def test_a_path_that_is_not_a_run_says_what_it_lacks(tmp_path, capsys, make, mes
     assert not out.exists()
 
 
+def test_a_run_directory_holding_runs_reports_them_all(tmp_path):
+    outer = tmp_path / "outer"
+    for run in (outer, outer / "a", outer / "b"):
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text("seed: 0\n")
+    (outer / "plain").mkdir()
+    assert find_runs([outer]) == [outer, outer / "a", outer / "b"]
+    assert find_runs([outer / "a"]) == [outer / "a"]
+
+
 def test_no_runs_at_all_is_refused():
     with pytest.raises(ValueError, match="no runs given"):
         find_runs([])
