@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 from datetime import date
 
@@ -379,8 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the run was
         run_dir = getattr(args, "resumable", None)
-        hint = (f"; maskprop train --resume {run_dir} continues from its last checkpoint (or starts over where none "
-                f"was saved)" if run_dir else "")
+        hint = ""
+        if run_dir is not None and (Path(run_dir) / "config.yaml").is_file():  # written once the run has started
+            hint = (f"; maskprop train --resume {run_dir} continues from its last checkpoint (or starts over where "
+                    f"none was saved)")
         print(f"maskprop {args.command}: interrupted{hint}", file=sys.stderr)
         status = 130
     if "torch.distributed" in sys.modules:  # a torchrun rank leaves its process group before the interpreter ends

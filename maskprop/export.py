@@ -74,14 +74,15 @@ _EXPORT_NAMES = {PLAN_FILE, WEIGHTS_FILE, PROGRAM_FILE, ONNX_FILE, ONNX_FILE + "
 
 def _check_out(out: Path, force: bool) -> None:
     """Refuse an existing ``out`` unless ``force``, and even then unless it is an earlier export (``export.json`` and
-    no file an export does not write): replacing deletes it, and a run directory or a folder of runs named by mistake
-    must survive."""
+    no file an export does not write) or empty: replacing deletes it, and a run directory or a folder of runs named by
+    mistake must survive."""
     if not (out.exists() or out.is_symlink()):
         return
     if not force:
         raise ValueError(f"output directory '{out}' exists; pass --force (force=True) to replace it")
     others = sorted(p.name for p in out.iterdir() if p.name not in _EXPORT_NAMES) if out.is_dir() else [out.name]
-    if others or not (out / INFO_FILE).is_file():
+    empty = out.is_dir() and not out.is_symlink() and next(out.iterdir(), None) is None
+    if others or not (empty or (out / INFO_FILE).is_file()):
         what = f"it holds '{others[0]}'" if others else f"it has no {INFO_FILE}"
         raise ValueError(f"'{out}' is not an earlier maskprop export ({what}); --force replaces only an export "
                          f"directory: expected a new directory for the output")
@@ -641,11 +642,12 @@ def _measured_accuracy(checkpoint: Mapping[str, Any], which: str, mask_rule: str
                       f"export is the {mask_rule} one")
     if phase != "done":
         return None, (f"not measured: the run stopped in phase {phase!r} at epoch {epoch}, and last.pt records no "
-                      f"accuracy of these weights (its epoch did not evaluate: export best.pt, or finish the run)")
+                      f"accuracy of these weights (its epoch did not evaluate, or evaluated the top scores above the "
+                      f"final budget, in a warm-up or anneal: export best.pt, or finish the run)")
     return None, "not measured: the run's final accuracy is that of its fixed subnetwork, not of the top scores"
 
 
-def _checkpoint_mask(checkpoint: Mapping[str, Any], path: Path, groups: Mapping[str, int],
+def _checkpoint_mask(checkpoint: Mapping[str, Any], path: Path, model: nn.Module, spec: ModelSpec,
                      mask_rule: str) -> dict[str, Tensor] | None:
     """The subnetwork to export: the fixed one (``None`` for runs that train the whole network), or the top scores."""
     method, phase = checkpoint["method"], checkpoint["phase"]
@@ -656,8 +658,14 @@ def _checkpoint_mask(checkpoint: Mapping[str, Any], path: Path, groups: Mapping[
                              f"top_scores needs a VR-PGE run")
         from .vrpge import ChannelScores
 
-        keep_ratio = (checkpoint["config"].get("sparsity") or {}).get("keep_ratio")
-        scores = ChannelScores(groups, keep_ratio)
+        sparsity = checkpoint["config"].get("sparsity") or {}
+        keep_ratio = sparsity.get("keep_ratio")
+        prices = None  # a budget in FLOPs: the channel prices the run's top-score subnetworks were chosen with
+        if sparsity.get("budget_unit") == "flops":
+            from .cost import CostModel
+
+            prices = CostModel(model, spec.input_size).channel_prices(keep_ratio)
+        scores = ChannelScores(model.channel_groups(), keep_ratio, prices=prices)
         scores.load_state_dict(scores_state)
         return {g: m.cpu() for g, m in scores.top_mask().items()}
     if checkpoint.get("fixed_mask") is not None:
@@ -782,8 +790,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     if input_size is not None and (len(input_size) != 3 or not all(int(s) > 0 for s in input_size)):
         raise ValueError(f"input_size={tuple(input_size)}; expected (C, H, W), positive integers")
     model, spec = _model_from_checkpoint(state, path, None if input_size is None else tuple(map(int, input_size)))
-    groups = model.channel_groups()
-    subnet = _checkpoint_mask(state, path, groups, mask)
+    subnet = _checkpoint_mask(state, path, model, spec, mask)
     accuracy, accuracy_source = _measured_accuracy(state, checkpoint, mask)
     source = {
         "source": {"run_dir": str(run_dir), "checkpoint": str(path), "method": state["method"],

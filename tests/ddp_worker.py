@@ -3,7 +3,7 @@
 Each job is ``{"config": {...}, "out": dir or null, "resume": bool, "dump": path prefix, "rank_config": {rank:
 {dotted key: value}}, "static": bool, "perturb": bool}`` (``static``: the static-shape steps, run eagerly, as
 ``cuda_graphs`` selects them on CUDA under torchrun; ``perturb``: rank 1 builds its model with other weights, which the
-run must replace by rank 0's). For every job this rank writes ``<dump>.rank<r>.json`` (the error message, if any)
+run must replace by rank 0's, or ``"shape"``: with a buffer more, which the run must refuse). For every job this rank writes ``<dump>.rank<r>.json`` (the error message, if any)
 and, when the run finished, ``<dump>.rank<r>.pt``: its model state (weights and BatchNorm statistics), scores, fixed
 mask, fix description, optimizer states and per-epoch records. Errors do not stop the worker: the next job starts on every rank.
 """
@@ -50,14 +50,17 @@ def _dump(run) -> dict:
 
 
 def fit_and_dump(config: dict, out: str | None = None, resume: bool = False, static: bool = False,
-                 perturb: bool = False) -> tuple[dict, dict]:
+                 perturb: bool | str = False) -> tuple[dict, dict]:
     """``maskprop.train.loop.fit`` of ``config``, and :func:`_dump` of the run it trained (caught at its summary);
-    ``static``: with the static-shape steps, eagerly; ``perturb``: the model built with every weight plus 1."""
+    ``static``: with the static-shape steps, eagerly; ``perturb``: the model built with every weight plus 1
+    (``"shape"``: with one buffer more)."""
     captured = {}
     summarize, resolve, build = loop.summarize, setup.resolve_cuda_graphs, ModelSpec.build
 
     def perturbed(spec, *args, **kwargs):
         model = build(spec, *args, **kwargs)
+        if perturb == "shape":
+            model.register_buffer("extra", torch.zeros(3))
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
@@ -89,7 +92,7 @@ def main() -> None:
         try:
             summary, dump = fit_and_dump(config, out=job.get("out"), resume=job.get("resume", False),
                                          static=job.get("static", False),
-                                         perturb=job.get("perturb", False) and rank == 1)
+                                         perturb=rank == 1 and job.get("perturb", False))
             result = {"error": None, "accuracy": summary["accuracy"]}
             torch.save(dump, f"{job['dump']}.rank{rank}.pt")
         except (ValueError, FileNotFoundError) as err:

@@ -101,6 +101,7 @@ def ddp(tmp_path_factory):
         {"config": tiny(method="msbp", **{"model.name": "mlp"}), "out": None, "dump": str(root / "msbp")},
         {"config": STATIC, "out": str(root / "static_run"), "dump": str(root / "static"), "static": True,
          "perturb": True},
+        {"config": STATIC, "out": None, "dump": str(root / "static_other_model"), "static": True, "perturb": "shape"},
         {"config": SYNC, "out": str(root / "static_sync_run"), "dump": str(root / "static_sync"), "static": True},
         {"config": with_overrides(STATIC, **{"sparsity.weight_grad": "both", "optim.clip_grad_norm": 1.0}),
          "out": None, "dump": str(root / "static_both"), "static": True},
@@ -212,6 +213,8 @@ def test_sync_bn_losses_per_epoch_match_one_process(ddp):
     ("one_rank_fails", r"rank 1: cifar10 root directory '.*nowhere' does not exist"),
     ("other_world", r"was written by a run of 1 process\(es\), this run has 2; resume with the same number"),
     ("msbp", r"method='msbp' does not run under torch.distributed \(world size 2\)"),
+    ("static_other_model", r"rank 1 built another model than rank 0 \(extra \[3\] float32 against .*\); expected the "
+                           r"same model on every rank"),
 ])
 def test_bad_input_stops_every_rank_with_one_line(ddp, job, message):
     import re

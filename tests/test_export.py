@@ -451,11 +451,20 @@ def test_existing_output_is_refused_unless_forced_and_force_replaces_only_an_exp
     (out / "keep.txt").write_text("mine")
     mine = tmp_path / "mine"
     mine.mkdir()
-    for folder, holds in ((out, "it holds 'keep.txt'"), (mine, "it has no export.json"), (tmp_path, "it holds 'mine'")):
+    (mine / "notes.txt").write_text("mine")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "plan.json").write_text("{}")
+    for folder, holds in ((out, "it holds 'keep.txt'"), (mine / "notes.txt", "it holds 'notes.txt'"),
+                          (partial, "it has no export.json"), (tmp_path, "it holds 'mine'")):
         before = sorted(tmp_path.rglob("*"))
         with pytest.raises(ValueError, match=f"not an earlier maskprop export \\({holds}\\)"):
             save_exported(model, mask, folder, spec=RESNET20, formats="safetensors", force=True)
         assert sorted(tmp_path.rglob("*")) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_exported(model, mask, empty, spec=RESNET20, formats="safetensors", force=True)  # nothing to lose
+    assert (empty / "export.json").is_file()
 
 
 def test_a_diverged_model_is_refused(tmp_path):

@@ -413,6 +413,16 @@ def test_a_budget_in_flops_holds_the_priced_sum_and_narrows_the_expensive_channe
     streams = torch.cat([split[g] for g in groups if "conv" not in g]).mean()
     inner = torch.cat([split[g] for g in groups if "conv" in g]).mean()
     assert streams < inner - 0.1, (float(streams), float(inner))
+    # Its top-score subnetwork, as the run evaluated it and as an export rebuilds it, is chosen at these prices.
+    from maskprop.export import export_run
+
+    info = export_run(tmp_path / "priced", tmp_path / "export", "safetensors", mask="top_scores")
+    top = {}
+    for rule, kwargs in (("priced", {"prices": prices}), ("count", {})):
+        scores = ChannelScores(groups, cfg.sparsity.keep_ratio, **kwargs)
+        scores.load_state_dict(load_checkpoint(tmp_path / "priced" / "last.pt")["scores"])
+        top[rule] = {g: int(m.sum()) for g, m in scores.top_mask().items()}
+    assert info["widths"] == top["priced"] != top["count"]
 
 
 def test_a_budget_mostly_spent_by_one_channel_per_group_says_so(caplog):

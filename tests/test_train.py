@@ -397,8 +397,16 @@ def test_ctrl_c_is_one_line_naming_how_to_resume(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
+    def interrupted_once_started(config, out, **kwargs):  # config.yaml written: --resume can continue the run
+        Path(out).mkdir()
+        (Path(out) / "config.yaml").write_text("seed: 0\n")
+        raise KeyboardInterrupt
+
     recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
     monkeypatch.setattr(maskprop.train.loop, "fit", interrupted)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["maskprop train: interrupted"]  # nothing to resume
+    monkeypatch.setattr(maskprop.train.loop, "fit", interrupted_once_started)
     assert main(["train", str(recipe), "--out", str(tmp_path / "out")]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"maskprop train: interrupted; maskprop train --resume {tmp_path / 'out'} continues from its last "
@@ -456,6 +464,35 @@ def test_resume_with_another_model_is_refused(cli_run, tmp_path, capsys, overrid
     assert main(["train", "--resume", str(run), override]) == 2
     assert message in capsys.readouterr().err
     assert _snapshot(run) == before
+
+
+def test_last_checkpoint_keeps_the_accuracy_of_the_subnetwork_an_export_gives(monkeypatch, tmp_path):
+    """last.pt's ``last_accuracy``: that of its epoch's evaluation, but not of the top scores above the final budget
+    (a warm-up or anneal evaluates wider subnetworks than an export of the checkpoint rebuilds), nor of an epoch
+    that did not evaluate."""
+    from maskprop.train import loop
+
+    saved = []
+    save = loop._Saver.save
+
+    def recording(self, name="last.pt"):
+        state = self.run.state
+        if name == "last.pt":
+            saved.append((state.phase, state.epoch, state.last_accuracy))
+        save(self, name)
+
+    monkeypatch.setattr(loop._Saver, "save", recording)
+    maskprop.fit(tiny(**{"optim.epochs": 4, "sparsity.warmup_epochs": 1, "sparsity.anneal_epochs": 2,
+                         "finetune.epochs": 2, "eval_every": 1, "save_every": 1}), out=tmp_path / "run")
+    measured = {(r["phase"], r["epoch"]): r.get("val_accuracy") for r in
+                map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
+    by_epoch = {(phase, epoch): accuracy for phase, epoch, accuracy in saved if epoch > 0}
+    # the warm-up and the anneal's first epoch evaluate wider subnetworks; the anneal's last one projects onto the
+    # final budget already
+    assert by_epoch[("search", 1)] is None and by_epoch[("search", 2)] is None
+    for key in (("search", 3), ("search", 4), ("finetune", 1), ("finetune", 2)):
+        assert by_epoch[key] == measured[key] is not None, key
+    assert ("finetune", 0, None) in saved  # after the fix: the top scores' accuracy is not the fixed subnetwork's
 
 
 def test_resumed_epochs_change_only_where_the_run_has_not_been():

@@ -297,8 +297,17 @@ def share_model(model: nn.Module, sync_bn: bool = False) -> None:
         sync_batchnorm.enable(model)
     if not current().enabled:
         return
+    named = [*model.named_parameters(), *model.named_buffers()]
+    # Every rank checks that all built the same tensors (as DDP does) before a broadcast of mismatched sizes could hang.
+    signatures = gather_objects([f"{name} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for name, t in named])
+    for rank, theirs in enumerate(signatures[1:], start=1):
+        if theirs != signatures[0]:
+            extra = [signatures[0][len(theirs):] or ["nothing"], theirs[len(signatures[0]):] or ["nothing"]]
+            ours, other = next(((a, b) for a, b in zip(signatures[0], theirs) if a != b), (extra[0][0], extra[1][0]))
+            raise ValueError(f"rank {rank} built another model than rank 0 ({other} against {ours}); expected the same "
+                             f"model on every rank (the same config and data)")
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for _, tensor in named:
         by_dtype.setdefault(tensor.dtype, []).append(tensor)
     for tensors in by_dtype.values():
         flat = torch.cat([t.detach().reshape(-1) for t in tensors])

@@ -532,10 +532,11 @@ def batches_counted_at_once(model: nn.Module) -> Iterator[None]:
     alone (torch's layers add one to it each, one launch per layer on a GPU); once the block ends without an error,
     one multi-tensor add counts one batch in all of them: the counts torch's layers give for one forward, at one launch
     instead of one per layer. For layers with a momentum (with ``momentum=None`` the count sets the average and the
-    layer keeps it) and without a process group (``sync_bn``, whose layers count in their own collective function)."""
+    layer keeps it) and without a process group (``sync_bn``, whose layers count in their own collective function;
+    torch's ``nn.SyncBatchNorm`` likewise)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
              and m.track_running_stats and m.momentum is not None and m.num_batches_tracked is not None
-             and getattr(m, "process_group", None) is None]
+             and getattr(m, "process_group", None) is None and not isinstance(m, nn.SyncBatchNorm)]
     counters = [m.num_batches_tracked for m in norms]
     for m in norms:
         m.num_batches_tracked = None  # torch's BatchNorm then takes its momentum and counts nothing

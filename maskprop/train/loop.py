@@ -631,7 +631,9 @@ def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseRe
             val = evaluate(model, run.val_loader, mask, run.ctx)
             if last and state.phase != "search":
                 state.final_accuracy = val["accuracy"]
-        state.last_accuracy = None if val is None else val["accuracy"]  # of the weights the checkpoint saves
+        # the accuracy of the weights the checkpoint saves, with the subnetwork an export of it gives (not the top
+        # scores above the final budget, in a warm-up or anneal)
+        state.last_accuracy = val["accuracy"] if val is not None and _within_budget(state) else None
         _log_epoch(run, log, _epoch_record(run, metrics, val))
         if val is not None and val["accuracy"] > state.best_accuracy and _within_budget(state):
             state.best_accuracy = val["accuracy"]
