@@ -1,11 +1,12 @@
 """Run by tests/test_distributed.py under torchrun: fit each job of a json list and keep what every rank ends with.
 
-Each job is ``{"config": {...}, "out": dir or null, "resume": bool, "dump": path prefix, "rank_config": {rank:
-{dotted key: value}}, "static": bool, "perturb": bool}`` (``static``: the static-shape steps, run eagerly, as
-``cuda_graphs`` selects them on CUDA under torchrun; ``perturb``: rank 1 builds its model with other weights, which the
-run must replace by rank 0's, or ``"shape"``: with a buffer more, which the run must refuse). For every job this rank writes ``<dump>.rank<r>.json`` (the error message, if any)
-and, when the run finished, ``<dump>.rank<r>.pt``: its model state (weights and BatchNorm statistics), scores, fixed
-mask, fix description, optimizer states and per-epoch records. Errors do not stop the worker: the next job starts on every rank.
+Each job is ``{"config": {...}, "out": dir or null, "resume": bool, "dump": path prefix, "rank_config": {rank: {dotted
+key: value}}, "static": bool, "perturb": bool}`` (``static``: the static-shape steps, run eagerly, as ``cuda_graphs``
+selects them on CUDA under torchrun; ``perturb``: rank 1 builds its model with other weights, which the run must replace
+by rank 0's, or ``"shape"``: with a buffer more, which the run must refuse). For every job this rank writes
+``<dump>.rank<r>.json`` (the error message, if any) and, when the run finished, ``<dump>.rank<r>.pt``: its model state
+(weights and BatchNorm statistics), scores, fixed mask, fix description, optimizer states and per-epoch records. Errors
+do not stop the worker: the next job starts on every rank.
 """
 
 from __future__ import annotations
