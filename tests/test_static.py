@@ -188,6 +188,23 @@ def test_the_end_of_a_forward_drops_the_step_s_gathered_tensors(generator):
     assert model.fc.weight.grad is not None
 
 
+def test_weights_skip_the_zero_factor_where_the_batch_norm_after_them_zeroes_padding(generator):
+    """The gathered weights of layers whose grouped BatchNorm masks their output need no multiply by the 0/1 factors
+    (exact all the same: ``test_static_compact_equals_masked_reference_of_the_mask_used_in_float64``, whose MLP case
+    fails without the factor); layers that mask their own output (an MLP, a WideResNet's residual writers) and the
+    BatchNorm table keep it."""
+    def factors(name: str) -> list[bool]:
+        model = maskprop.create_model(name)
+        layout = StaticLayout(model, mask_capacities(random_mask(model.channel_groups(), 0.5, generator), 8), 8,
+                              concatenate=True)
+        norms = [] if layout.norm_table is None else [layout.norm_table.needs_factor]
+        return [t.needs_factor for t in layout.tables] + norms
+
+    assert factors("resnet20") == factors("vgg11_bn") == [False, False, True]  # 3x3; 1x1 and linear; BatchNorm
+    assert factors("mlp") == [True]  # no BatchNorm
+    assert factors("wrn16_8") == [True, True, True]  # each weight table holds a layer masking its own output
+
+
 def test_layouts_are_shared_by_the_states_of_a_window(generator):
     """A search step's two masks: two states of one layout, each with its own buffers."""
     model = maskprop.create_model("resnet20")

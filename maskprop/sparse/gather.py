@@ -148,6 +148,17 @@ class GatherTable:
         """The padding entries after each piece."""
         return [n - p.entries for n, p in zip(self.split_sizes, self.pieces)]
 
+    @property
+    def needs_factor(self) -> bool:
+        """Whether its padded entries must be multiplied by zero. Not for weights whose layers leave their output to
+        be masked by the grouped BatchNorm that follows (``mask_output`` false): a padded output channel, whatever its
+        weights, leaves that BatchNorm as zero (its gathered weight and bias are zero there), and so receives a zero
+        gradient; a padded input channel reads zeros (its producer's padded output, or a sum of them). So one multiply
+        of every gathered weight, and one in the backward, are saved, and the weights, outputs and gradients stay
+        those of the subnetwork (given finite values). The BatchNorm table itself, and layers that mask their own
+        output, need it."""
+        return bool(self.modules) or any(getattr(p.layer, "mask_output", True) for p in self.pieces)
+
 
 # --- gathering a table for one mask: shared by the eager and the static execution states ----------------------------
 
@@ -159,8 +170,10 @@ def gather_pieces(table: GatherTable, flat: Tensor, factor: Tensor | None = None
     With ``source`` (the concatenation, as ``(rows, area)`` views, of every tensor ``flat`` indexes, and a zero row that
     the padding entries read) one ``index_select`` gathers all pieces, which are cut from its rows at their aligned
     starts; without, each piece is gathered from its own tensor, ``flat`` holding each piece's rows in that tensor and
-    no padding. ``factor``: the entries' 0/1 factors (0 for a padded channel) when some are padding.
+    no padding. ``factor``: the entries' 0/1 factors (0 for a padded channel) when some are padding, applied where
+    the table needs them (:attr:`GatherTable.needs_factor`).
     """
+    factor = factor if table.needs_factor else None
     if source is not None:
         rows = gather_rows(source, flat)
         if factor is not None:
