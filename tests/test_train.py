@@ -598,3 +598,25 @@ def test_a_one_step_phase_runs_at_the_peak_lr_without_a_warning(schedule, caplog
     with caplog.at_level("WARNING"):
         build_schedule(optimizer, schedule, 1).step_update(0)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.3) and not caplog.records
+
+
+def test_the_epoch_log_line_shortens_floats_and_large_counters():
+    import logging
+
+    from maskprop.train.logs import RunLogger
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("maskprop.train.logs")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        RunLogger(None).epoch({"phase": "search", "epoch": 3, "train_loss": 0.123456, "train_flops": 22765436928,
+                               "step": 999999, "fix": {"rule": "best_of_n"}})
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert [r.getMessage() for r in records] == ["phase=search epoch=3 train_loss=0.1235 train_flops=2.277e+10 "
+                                                 "step=999999"]

@@ -81,4 +81,8 @@ class RunLogger:
 
 
 def _short(value: Any) -> str:
+    """A value as the epoch's log line shows it: 4 significant digits for floats and for integers past a million
+    (the FLOP counters: ``2.277e+10``); ``metrics.jsonl`` keeps every digit."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**6:
+        return f"{value:.4g}"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
