@@ -587,7 +587,7 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
         for name in [PLAN_FILE, *(_FILES[f] for f in chosen)]:
             info["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": sha256(folder / name)}
         (folder / INFO_FILE).write_text(_compact_sizes(json.dumps(info, indent=2)) + "\n")
-    logger.info("exported %s (%s) to %s", model_name, ", ".join(chosen), out)
+    logger.debug("exported %s (%s) to %s", model_name, ", ".join(chosen), out)
     return info
 
 
