@@ -59,11 +59,11 @@ class Ops(TorchDispatchMode):
         name = func.overloadpacket.__name__
         self.all += 1
         tensors = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
-        inputs = [a for a in args if isinstance(a, torch.Tensor)]
+        inputs = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, torch.Tensor)]
         on_host = all(t.device.type == "cpu" for t in tensors + inputs) and (tensors or inputs)
         if on_host:
             self.host += 1
-        elif name not in NO_KERNEL:
+        elif name not in NO_KERNEL and (tensors or inputs):  # (dtype arithmetic, promote_types, touches no tensor)
             self.launches += 1
             self.names[name] += 1
         return out
