@@ -272,7 +272,7 @@ def test_a_run_captured_on_a_gpu_resumes_where_nothing_is_captured(monkeypatch, 
     checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
     assert checkpoint["phase"] == "search"
     for group in checkpoint["optimizers"]["scores"]["param_groups"]:
-        group["capturable"] = True  # as the captured run saved it
+        group["capturable"] = group["fused"] = True  # as the captured run saved it
     checkpoint.pop("format")
     save_checkpoint(checkpoint, tmp_path / "run" / "last.pt")
     summary = maskprop.fit(config, out=tmp_path / "run", resume=True)

@@ -10,20 +10,19 @@ advance instead, and is recorded once as a CUDA graph that the GPU then replays 
   ``u`` (one ``torch.rand`` from the run's device generator into a fixed buffer) and writes the step's budget into a
   device scalar (an annealed budget changes every step); inside the graph the masks are ``m = u < s`` (with
   :class:`~maskprop.vrpge.ChannelScores`'s empty-group rule, all on the device), written into the static execution
-  states in place, then come the no-grad forward of ``m'``, the forward and backward of ``m``, the VR-PGE score
-  gradient from the loss difference as a device tensor and the masks actually used, gradient clipping, SGD on the
-  weights, Adam (``capturable``) on the scores and their projection onto the budget (exact, with a fixed sequence of
-  kernels: :func:`~maskprop.vrpge.project_scores`). On CUDA, with ``weight_grad: first``, the branch of ``m'`` runs
-on a second stream: its mask
-  update and forward beside those of ``m``, then (once ``m``'s forward is done) its BatchNorm statistics and the
-  score update beside ``m``'s backward, so that a replay runs the two at once (:class:`SearchStep`). Every
-  ``log_every`` steps (and at the end of an epoch) the host reads, in one transfer, the losses, correct counts,
+  states in place, then come the no-grad forward of ``m'``, the forward and backward of ``m``, the VR-PGE score gradient
+  from the loss difference as a device tensor and the masks actually used, gradient clipping, SGD on the weights, Adam
+  (``capturable``, fused) on the scores and their projection onto the budget (exact, with a fixed sequence of kernels:
+  :func:`~maskprop.vrpge.project_scores`). On CUDA, with ``weight_grad: first``, the branch of ``m'`` runs on a second
+  stream: its mask update and forward beside those of ``m``, then (once ``m``'s forward is done) its BatchNorm
+  statistics and the score update beside ``m``'s backward, so that a replay runs the two at once (:class:`SearchStep`).
+  Every ``log_every`` steps (and at the end of an epoch) the host reads, in one transfer, the losses, correct counts,
   ``|L(m) - L(m')|``, gradient norms and overflow counters that the steps accumulated on the device; at the end of an
-  epoch it also re-chooses the capacities (:func:`~maskprop.sparse.static.rechoose_capacities`, one read of the
-  scores: a group that overflows grows, shrinking waits until it saves 5% of the channels computed), and when they
-  change the next step builds a new layout and captures a new graph (a new *window*). Windows
-  change at most once an epoch because each costs eager warm-up steps and a capture: on an H200 a 6-epoch quickstart
-  that re-chose them every 20 steps through its anneal ran mostly warm-up steps and measured 0.11x dense.
+  epoch it also re-chooses the capacities (:func:`~maskprop.sparse.static.rechoose_capacities`, one read of the scores:
+  a group that overflows grows, shrinking waits until it saves 5% of the channels computed), and when they change the
+  next step builds a new layout and captures a new graph (a new *window*). Windows change at most once an epoch because
+  each costs eager warm-up steps and a capture: on an H200 a 6-epoch quickstart that re-chose them every 20 steps
+  through its anneal ran mostly warm-up steps and measured 0.11x dense.
 * a **fixed-mask step** (:class:`FixedMaskStep`: the finetune or random-baseline subnetwork through the full model,
   with ``finetune.narrow: false``) runs at the aligned kept counts (``mask_capacities``), one window for the phase.
   With ``finetune.narrow: true`` (the default) the phase trains the physically narrow model instead (its widths
@@ -37,18 +36,16 @@ stream (real steps on real batches: cuDNN's benchmark mode, on while graphs are,
 optimizers create their state), then the next step is captured and replayed, and every later step is a replay; a
 later window of the search needs only ``NEW_WINDOW_WARMUP_STEPS`` eager step (new widths, nothing else new). Each
 batch is copied into fixed input buffers first; a batch of another size runs eagerly (the trainer's loaders drop an
-epoch's partial last batch: none occurs in a run).
-Gradients are set to ``None`` before each backward (its gradient tensors become the ``.grad``, in the graph's
-memory, as in torch's whole-network capture), autocast runs without its cache, the weight SGD is fused with
-its learning rate in a device tensor refreshed from the schedule before each replay, and the score Adam is
-``capturable``. A capture restricts this thread alone (``capture_error_mode="thread_local"``): the data loader's
-pin-memory thread, which pins the next batches while a step is captured, and NCCL's watchdog under torchrun go on
-as usual (in torch's default mode their CUDA calls would break the capture). With ``cuda_graphs: auto`` a step whose
-capture fails runs eagerly from then on (one warning; the stream the capture left current is given back); with
-``true`` the failure is an error.
-
-Under torchrun every rank replays the same steps on its share of the global batch, and the ranks' gradients are
-averaged between two halves of each step, each captured as a graph of its own (:class:`GradientAverage`): the first
+epoch's partial last batch: none occurs in a run). Gradients are set to ``None`` before each backward (its gradient
+tensors become the ``.grad``, in the graph's memory, as in torch's whole-network capture), autocast runs without its
+cache, the weight SGD is fused with its learning rate in a device tensor refreshed from the schedule before each replay,
+and the score Adam is ``capturable`` and fused. A capture restricts this thread alone
+(``capture_error_mode="thread_local"``): the data loader's pin-memory thread, which pins the next batches while a step
+is captured, and NCCL's watchdog under torchrun go on as usual (in torch's default mode their CUDA calls would break the
+capture). With ``cuda_graphs: auto`` a step whose capture fails runs eagerly from then on (one warning; the stream the
+capture left current is given back); with ``true`` the failure is an error.  Under torchrun every rank replays the same
+steps on its share of the global batch, and the ranks' gradients are averaged between two halves of each step, each
+captured as a graph of its own (:class:`GradientAverage`): the first
 (masks, forwards, backward) ends by packing this rank's weight gradients, with ``L(m) n``, ``L(m') n`` and ``n``, into
 one flat buffer; the host then issues one ``all_reduce`` of that buffer (NCCL on GPUs, a launch that reads nothing
 back); the second (the average installed as the gradients, gradient norm, score update from the global batch's
@@ -843,11 +840,15 @@ class StaticStepResult:
 def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool = True) -> None:
     """Make an Adam (the scores') capturable in place, its step counts on the parameters' device, or (``False``) not,
     its step counts on the host as torch keeps them. Capturable only for parameters on CUDA (torch refuses it
-    elsewhere; nothing is captured there). Called after every load too: a checkpoint's param groups bring the flag
-    of the run that saved it, and a run captured on a GPU may resume where nothing is captured."""
+    elsewhere; nothing is captured there), and then fused: one kernel for the step (and one for the step count), where
+    the capturable multi-tensor Adam launches about fifteen, on the side stream's path beside the backward. Called
+    after every load too: a checkpoint's param groups bring the flags of the run that saved it, and a run captured on
+    a GPU may resume where nothing is captured."""
     for group in optimizer.param_groups:
         if "capturable" in group:
             group["capturable"] = capturable and all(p.device.type == "cuda" for p in group["params"])
+            if "fused" in group:  # Adam: fused where captured (its CUDA kernel reads no host value)
+                group["fused"] = group["capturable"]
     for param, state in optimizer.state.items():
         step = state.get("step")
         if isinstance(step, Tensor):
