@@ -477,6 +477,7 @@ def _accuracy_figure(report: Report, Figure: Any) -> Any:
     if not panels:
         for ax in axes[0]:
             ax.text(0.5, 0.5, "no finished run", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()  # as the widths plot: no empty axes around the message
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(3, len(handles)),
                    fontsize=8, frameon=False)
