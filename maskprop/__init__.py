@@ -44,9 +44,22 @@ __all__ = [
 ]
 
 
+# Subpackages reached as attributes (``maskprop.vrpge.ChannelScores`` after ``import maskprop``), imported on first use:
+# ``train`` and ``report`` need the training and report dependencies, the rest torch alone.
+_SUBPACKAGES = ("bench", "cost", "export", "models", "report", "sbp", "sparse", "surgery", "train", "vrpge")
+
+
 def __getattr__(name: str):
     if name == "fit":
         from .train import fit
 
         return fit
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'maskprop' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "fit", *_SUBPACKAGES})

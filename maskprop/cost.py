@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .sparse import SparseBatchNorm2d, kept_counts
+from .sparse import SparseBatchNorm2d, channel_groups, check_mask, kept_counts
 
 
 @dataclass(frozen=True)
@@ -47,17 +47,23 @@ class CostModel:
         if len(input_size) != 3:
             raise ValueError(f"input_size must be (C, H, W), got {tuple(input_size)}")
         self.input_size = tuple(int(s) for s in input_size)
+        self.groups = channel_groups(model)
         self.layers = _record_shapes(model, self.input_size)
         self._other_params = _unprunable_params(model)
         self._norm = [(m.group, m.num_features, m.affine) for m in model.modules() if isinstance(m, SparseBatchNorm2d)]
         self._dense_layer_flops = self._layer_flops({})
         self._dense_flops = sum(self._dense_layer_flops)
 
-    @staticmethod
-    def _counts(mask: Mapping[str, Tensor | int] | None) -> dict[str, int]:
+    def _counts(self, mask: Mapping[str, Tensor | int] | None) -> dict[str, int]:
         # Counted once per mask (not per layer): this runs for every mask of every training step. A mask may also be
-        # given as kept counts per group (ints), e.g. the aligned widths a compact step computes.
-        return {} if mask is None else kept_counts(mask)
+        # given as kept counts per group (ints), e.g. the aligned widths a compact step computes (the trainer's, not
+        # checked again); a mask of bool tensors is checked as use_mask checks it (one line for a missing or unknown
+        # group, a wrong shape or dtype, an empty group).
+        if mask is None:
+            return {}
+        if not any(isinstance(m, int) for m in mask.values()):
+            check_mask(mask, self.groups)
+        return kept_counts(mask)
 
     def _layer_flops(self, counts: Mapping[str, int]) -> list[int]:
         return [
@@ -73,7 +79,14 @@ class CostModel:
 
     def flops(self, mask: Mapping[str, Tensor | int] | None = None, batch_size: int = 1) -> int:
         """Forward FLOPs for ``batch_size`` examples (dense when ``mask`` is None; a mask, or channels computed per
-        group as ints)."""
+        group as ints).
+
+        Raises:
+            ValueError: a mask that does not fit the model (as :func:`maskprop.check_mask` says), or ``batch_size``
+                below 1.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if mask is None:
             return batch_size * self._dense_flops
         return batch_size * sum(self._layer_flops(self._counts(mask)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,3 +121,21 @@ def test_train_step_formulas():
 def test_bad_input_size():
     with pytest.raises(ValueError, match=r"input_size must be \(C, H, W\) or \(N, C, H, W\), got \(32, 32\)"):
         maskprop.flops(maskprop.create_model("resnet20"), (32, 32))
+
+
+def test_a_mask_that_does_not_fit_is_one_line_and_batch_sizes_are_checked():
+    model = maskprop.create_model("resnet20")
+    groups = model.channel_groups()
+    cost = CostModel(model, (3, 32, 32))
+    good = maskprop.random_mask(groups, 0.5, torch.Generator().manual_seed(0))
+    short = {**good, "layer1": torch.ones(5, dtype=torch.bool)}
+    for mask, message in (({"conv1": torch.ones(16, dtype=torch.bool)}, "mask has unknown group(s) 'conv1'"),
+                          ({g: m for g, m in good.items() if g != "layer1"}, "mask is missing group(s) 'layer1'"),
+                          (short, "mask for group 'layer1' is (5,) torch.bool; expected a bool tensor of shape (16,)")):
+        for count in (cost.flops, cost.params, lambda m: maskprop.flops(model, (3, 32, 32), m)):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                count(mask)
+    assert cost.flops({g: int(m.sum()) for g, m in good.items()}) == cost.flops(good)  # widths as ints: as before
+    for batch in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {batch}"):
+            cost.flops(good, batch_size=batch)

@@ -132,3 +132,29 @@ def test_vgg_width_scales_every_conv():
     for bad in (0, -1.0, float("nan"), True):
         with pytest.raises(ValueError, match="width must be a positive number"):
             maskprop.create_model("vgg19_bn", width=bad)
+
+
+def test_bad_model_arguments_and_plain_models_are_one_line():
+    with pytest.raises(ValueError, match=r"num_classes must be an integer >= 1, got 0"):
+        maskprop.create_model("resnet20", num_classes=0)
+    with pytest.raises(ValueError, match=r"model 'resnet20' does not take the keywords \{'widht': 2\}"):
+        maskprop.create_model("resnet20", widht=2)
+    model = maskprop.create_model("resnet20")
+    mask = maskprop.random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(0))
+    for plain in (torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), maskprop.materialize(model, mask)):
+        with pytest.raises(ValueError, match=r"^this model has no channel groups to mask: expected a maskprop model"):
+            with maskprop.use_mask(plain, mask):
+                pass
+    from maskprop.vrpge import ChannelScores
+
+    with pytest.raises(ValueError, match=r"\(pass model.channel_groups\(\)\), got ResNet$"):
+        ChannelScores(model, 0.5)
+
+
+def test_subpackages_are_attributes_of_the_package():
+    import maskprop as package
+
+    assert package.vrpge.ChannelScores is not None and package.sbp.convert is not None
+    assert {"fit", "vrpge", "report", "train"} <= set(dir(package))
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        package.nothing  # noqa: B018

@@ -301,6 +301,52 @@ def test_fit_with_user_datasets_and_no_run_directory_writes_nothing(tmp_path, mo
     assert summary["dense_flops"] == maskprop.flops(maskprop.create_model("resnet20", num_classes=4), (3, 8, 8))
 
 
+def _tensor_sets(n: int = 64, channels: int = 3, dtype=torch.float32, top_label: int = 3):
+    images = torch.randn(n, channels, 8, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    return torch.utils.data.TensorDataset(images, torch.arange(n) % (top_label + 1))
+
+
+@pytest.mark.parametrize("train, val, message", [
+    (None, lambda: _tensor_sets()[:0], "val_set has no examples; expected a dataset of (image, label) pairs"),
+    (lambda: torch.utils.data.TensorDataset(torch.randn(8, 3, 8, 8)), None,
+     "train_set[0] is a tuple of 1; expected an (image, label) pair"),
+    (lambda: _tensor_sets(dtype=torch.float64), None,
+     "train_set[0]'s image is a torch.float64 tensor; expected float32"),
+    (None, lambda: _tensor_sets(top_label=7), "val_set has labels from 0 to 7, the model 4 classes; expected labels "
+                                              "in [0, 3]"),
+    (None, lambda: _tensor_sets(channels=1), "model 'resnet20' does not take val_set inputs of size (1, 8, 8)"),
+])
+def test_given_datasets_are_checked_before_anything_is_written(tmp_path, train, val, message):
+    train_set = _tensor_sets() if train is None else train()
+    val_set = _tensor_sets() if val is None else val()
+    if isinstance(val_set, tuple):  # a slice of a TensorDataset is a tuple of tensors
+        val_set = torch.utils.data.TensorDataset(*val_set)
+    with pytest.raises(ValueError) as error:
+        maskprop.fit(tiny(**{"optim.epochs": 1, "finetune.epochs": 0}), train_set=train_set, val_set=val_set,
+                     out=tmp_path / "out")
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_on_given_datasets_resumes_only_with_them(tmp_path):
+    train_set, val_set = _tensor_sets(), _tensor_sets(32)
+    config = tiny(**{"optim.epochs": 1, "finetune.epochs": 0, "data.batch_size": 32, "sparsity.fix_samples": 2})
+    maskprop.fit(copy.deepcopy(config), train_set=train_set, val_set=val_set, out=tmp_path / "run")
+    with pytest.raises(ValueError, match=r"trained on datasets given to maskprop.fit \(TensorDataset of 64 examples\); "
+                                         r"expected the same train_set and val_set to resume it"):
+        maskprop.fit(copy.deepcopy(config), out=tmp_path / "run", resume=True)
+    with pytest.raises(ValueError, match=r"trained on 64 and validated on 32 examples, the datasets given now have 64 "
+                                         r"and 64; expected the same datasets"):
+        maskprop.fit(copy.deepcopy(config), train_set=train_set, val_set=train_set, out=tmp_path / "run", resume=True)
+    summary = maskprop.fit(copy.deepcopy(config), train_set=train_set, val_set=val_set, out=tmp_path / "run",
+                           resume=True)
+    assert summary["data"]["dataset"] == "custom"
+    maskprop.fit(copy.deepcopy(config), out=tmp_path / "shapes")
+    with pytest.raises(ValueError, match=r"trained on config.data's dataset; expected no train_set and val_set"):
+        maskprop.fit(copy.deepcopy(config), train_set=train_set, val_set=val_set, out=tmp_path / "shapes",
+                     resume=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Resume
 

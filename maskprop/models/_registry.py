@@ -41,8 +41,16 @@ def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Modu
         name: a name from :func:`list_models`.
         num_classes: outputs of the classifier (default: the model's own, 10 for CIFAR models, 1000 for ImageNet).
         **kwargs: passed to the model's entry point (e.g. ``width=2``, ``prune_residual=False``).
+
+    Raises:
+        ValueError: an unknown name, a ``num_classes`` below 1, or keywords the model does not take.
     """
     entrypoint = model_entrypoint(name)
     if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         kwargs["num_classes"] = num_classes
-    return entrypoint(**kwargs)
+    try:
+        return entrypoint(**kwargs)
+    except TypeError as err:  # an unknown keyword: one line naming it, as the trainer's config says it
+        raise ValueError(f"model {name!r} does not take the keywords {kwargs} ({err})") from None

@@ -67,6 +67,9 @@ def check_mask(mask: Mapping[str, Tensor], groups: Mapping[str, int]) -> list[in
     """
     if not isinstance(mask, Mapping):
         raise TypeError(f"a mask is a dict of group name -> bool tensor, got {type(mask).__name__}")
+    if not groups:
+        raise ValueError("this model has no channel groups to mask: expected a maskprop model (maskprop.create_model), "
+                         "not a plain torch one or a materialized subnetwork")
     unknown = [g for g in mask if g not in groups]
     if unknown:
         raise ValueError(

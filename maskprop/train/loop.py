@@ -487,6 +487,8 @@ class _Saver:
                 checkpoint["static"] = self.run.static.state_dict()
             if self.run.initial_weights is not None:  # what the run started from, for the summary after a resume
                 checkpoint["initial_weights"] = self.run.initial_weights.to_dict()
+            if self.run.given_data is not None:  # datasets given to fit: a resume must give them again
+                checkpoint["given_data"] = dict(self.run.given_data)
             if current().is_main:
                 save_checkpoint(checkpoint, self.run.run_dir / name)
 

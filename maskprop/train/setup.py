@@ -113,13 +113,39 @@ def _datasets(cfg: Config, train_set: Dataset | None,
         return build_datasets(cfg.data)
     if train_set is None or val_set is None:
         raise ValueError("give both train_set and val_set, or neither (then config.data names them)")
+    shapes = {}
+    for name, dataset in (("train_set", train_set), ("val_set", val_set)):
+        if hasattr(dataset, "__len__") and len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError(f"{name} has no examples; expected a dataset of (image, label) pairs")
+        shapes[name] = _probe_example(name, dataset)
     num_classes = cfg.model.kwargs.get("num_classes") or _num_classes(train_set)
+    for name, dataset in (("train_set", train_set), ("val_set", val_set)):
+        labels = _labels(dataset)
+        if labels is not None and labels.numel() > 0 and not labels.is_floating_point() and (
+                int(labels.max()) >= num_classes or int(labels.min()) < 0):
+            raise ValueError(f"{name} has labels from {int(labels.min())} to {int(labels.max())}, the model "
+                             f"{num_classes} classes; expected labels in [0, {num_classes - 1}] (or set "
+                             f"model.kwargs.num_classes)")
+    return train_set, val_set, num_classes, shapes["train_set"]
+
+
+def _probe_example(name: str, dataset: Dataset) -> tuple[int, int, int]:
+    """The image size of ``dataset[0]``, after checking it is an ``(image, label)`` pair with a float ``(C, H, W)``
+    tensor image (one line naming what it is instead)."""
     with torch.random.fork_rng(devices=[]):  # reading an augmented example must not move the global RNG
-        image = train_set[0][0]
+        sample = dataset[0]
+    if not isinstance(sample, (tuple, list)) or len(sample) != 2:
+        what = f"a {type(sample).__name__} of {len(sample)}" if isinstance(sample, (tuple, list)) else \
+            f"a {type(sample).__name__}"
+        raise ValueError(f"{name}[0] is {what}; expected an (image, label) pair")
+    image = sample[0]
     if not isinstance(image, Tensor) or image.dim() != 3:
-        raise ValueError(f"train_set[0] must be (image, label) with a (C, H, W) tensor image; got "
+        raise ValueError(f"{name}[0] must be (image, label) with a (C, H, W) tensor image; got "
                          f"{type(image).__name__} {tuple(getattr(image, 'shape', ()))}")
-    return train_set, val_set, num_classes, tuple(image.shape)
+    if image.dtype != torch.float32:
+        raise ValueError(f"{name}[0]'s image is a {image.dtype} tensor; expected float32 (e.g. torchvision's "
+                         f"v2.ToDtype(torch.float32, scale=True))")
+    return tuple(image.shape)  # type: ignore[return-value]
 
 
 def _model_spec(cfg: Config, num_classes: int, input_size: tuple[int, int, int]) -> ModelSpec:
@@ -133,12 +159,15 @@ def _model_spec(cfg: Config, num_classes: int, input_size: tuple[int, int, int])
         raise ValueError(f"model.kwargs={dict(cfg.model.kwargs)} do not fit model {cfg.model.name!r} ({err})") from None
 
 
-def _cost_model(model: nn.Module, cfg: Config, input_size: tuple[int, int, int]) -> CostModel:
+def _cost_model(model: nn.Module, cfg: Config, input_size: tuple[int, int, int], data: str | None = None
+                ) -> CostModel:
+    """The run's cost model at ``input_size``: one line where the model does not take that input (``data`` names
+    whose inputs they are; default the config's dataset)."""
     try:
         return CostModel(model, input_size)
     except RuntimeError as err:
-        raise ValueError(f"model {cfg.model.name!r} does not take {cfg.data.dataset} inputs of size {input_size} "
-                         f"({error_reason(err)}); expected a model built for that input") from None
+        raise ValueError(f"model {cfg.model.name!r} does not take {data or cfg.data.dataset} inputs of size "
+                         f"{input_size} ({error_reason(err)}); expected a model built for that input") from None
 
 
 def sparse_backward(model: nn.Module, method: str, sbp: SbpConfig) -> GlobalBudget | None:
@@ -251,6 +280,8 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     """Build and check everything a run needs; raise one-line errors before anything is written."""
     checkpoint = _check_run_dir(run_dir, resume)
     given = None if train_set is None else _given_data(train_set, val_set)
+    if checkpoint is not None:
+        _check_resumed_data(checkpoint.get("given_data"), given, run_dir)
     train_set, val_set, num_classes, input_size = _datasets(cfg, train_set, val_set)
     device = _resolve_device(cfg.device)
     place = current()  # under torchrun: one device per rank, and what DDP cannot run is refused here
@@ -278,7 +309,13 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         check_compatible(checkpoint, run_dir / "last.pt", spec, cfg.model.kwargs, groups, cfg.method)
         _check_resumed_epochs(checkpoint, cfg, run_dir)
         _warn_changed(checkpoint["config"], config_to_dict(cfg))
-    cost = _cost_model(model, cfg, input_size)  # before moving: the shapes do not depend on the device
+    cost = _cost_model(model, cfg, input_size, None if given is None else "train_set")  # before moving it
+    if given is not None:  # the validation images must fit the model too (a failure would come after an epoch)
+        val_size = _probe_example("val_set", val_set)
+        if val_size != input_size:
+            _cost_model(model, cfg, val_size, "val_set")
+            logger.warning("val_set's images are %s, train_set's %s: the model takes both, and evaluates at the "
+                           "former", val_size, input_size)
     model.to(device)
     graphs = resolve_cuda_graphs(cfg, device, model)
     dense_model = budget = None
@@ -333,6 +370,24 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         set_capturable(score_opt, graphs.capture)
     return Run(cfg, state, ctx, train_set, train_loader, val_loader, groups, spec, run_dir, checkpoint is not None,
                dense_model, static, graphs, initial, given)
+
+
+def _check_resumed_data(saved: Mapping[str, Any] | None, given: Mapping[str, Any] | None, run_dir: Path) -> None:
+    """A resumed run trains on the data it started on: the datasets given to ``fit`` again (as many examples), or the
+    config's when none were given."""
+    if saved is None and given is None:
+        return
+    if given is None:
+        raise ValueError(f"the run in '{run_dir}' trained on datasets given to maskprop.fit ({saved['train']} of "
+                         f"{saved['train_size']} examples); expected the same train_set and val_set to resume it "
+                         f"(maskprop.fit(config, train_set, val_set, out=..., resume=True)), not config.data's")
+    if saved is None:
+        raise ValueError(f"the run in '{run_dir}' trained on config.data's dataset; expected no train_set and val_set "
+                         f"to resume it")
+    sizes = [(saved.get(k), given.get(k)) for k in ("train_size", "val_size")]
+    if any(a != b for a, b in sizes):
+        raise ValueError(f"the run in '{run_dir}' trained on {sizes[0][0]} and validated on {sizes[1][0]} examples, "
+                         f"the datasets given now have {sizes[0][1]} and {sizes[1][1]}; expected the same datasets")
 
 
 def _given_data(train_set: Dataset, val_set: Dataset | None) -> dict[str, Any]:

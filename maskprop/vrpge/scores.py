@@ -56,7 +56,9 @@ def score_statistics(s: Tensor, margin: float = 0.05) -> ScoreStatistics:
 
 def _check_groups(groups: Mapping[str, int]) -> dict[str, int]:
     if not isinstance(groups, Mapping) or not groups:
-        raise ValueError(f"groups must be a non-empty mapping {{group name: number of channels}}, got {groups!r}")
+        got = type(groups).__name__ if isinstance(groups, torch.nn.Module) else repr(groups)[:80]
+        hint = " (pass model.channel_groups())" if isinstance(groups, torch.nn.Module) else ""
+        raise ValueError(f"groups must be a non-empty mapping {{group name: number of channels}}{hint}, got {got}")
     for name, size in groups.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"group names must be non-empty strings, got {name!r}")
