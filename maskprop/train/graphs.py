@@ -840,19 +840,22 @@ class StaticStepResult:
 def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool = True) -> None:
     """Make an Adam (the scores') capturable in place, its step counts on the parameters' device, or (``False``) not,
     its step counts on the host as torch keeps them. Capturable only for parameters on CUDA (torch refuses it
-    elsewhere; nothing is captured there), and then fused: one kernel for the step (and one for the step count), where
-    the capturable multi-tensor Adam launches about fifteen, on the side stream's path beside the backward. Called
-    after every load too: a checkpoint's param groups bring the flags of the run that saved it, and a run captured on
-    a GPU may resume where nothing is captured."""
+    elsewhere; nothing is captured there); fused there, captured or not: one kernel for the step (and one for the step
+    count), where the capturable multi-tensor Adam launches about fifteen, on the side stream's path beside the
+    backward. Called after every load too: a checkpoint's param groups bring the flags of the run that saved it, and
+    a run captured on a GPU may resume where nothing is captured."""
     for group in optimizer.param_groups:
         if "capturable" in group:
-            group["capturable"] = capturable and all(p.device.type == "cuda" for p in group["params"])
-            if "fused" in group:  # Adam: fused where captured (its CUDA kernel reads no host value)
-                group["fused"] = group["capturable"]
+            on_cuda = all(p.device.type == "cuda" for p in group["params"])
+            group["capturable"] = capturable and on_cuda
+            if "fused" in group:  # Adam: fused on CUDA (its kernel reads no host value, so it may be captured)
+                group["fused"] = on_cuda
     for param, state in optimizer.state.items():
         step = state.get("step")
         if isinstance(step, Tensor):
-            device = param.device if capturable and param.device.type == "cuda" else torch.device("cpu")
+            # on the device where Adam is capturable or fused (on CUDA: always fused), on the host otherwise
+            fused = any(g.get("fused") for g in optimizer.param_groups if any(q is param for q in g["params"]))
+            device = param.device if (capturable or fused) and param.device.type == "cuda" else torch.device("cpu")
             if step.device != device:
                 state["step"] = step.to(device, torch.float32)
 
