@@ -268,7 +268,14 @@ def load_exported(path: str | os.PathLike, device: torch.device | str | None = N
         raise FileNotFoundError(f"'{weights}' not found; export with --format safetensors to load with maskprop "
                                 f"(or load model.pt2 with torch.export.load)")
     try:
-        tensors = load_file(weights, device=str(torch.device(device or "cpu")))
+        where = torch.device(device or "cpu")
+        if where.type == "meta":
+            raise TypeError("meta holds no values")
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device to load weights on ({err}); expected e.g. 'cpu' or "
+                         f"'cuda'") from None
+    try:
+        tensors = load_file(weights, device=str(where))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"'{weights}' is corrupt or truncated ({' '.join(str(err).split())[:200]})") from None
     try:

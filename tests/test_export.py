@@ -544,3 +544,10 @@ def test_a_plan_of_the_first_format_still_loads(exported, tmp_path):
     (old / "plan.json").write_text(json.dumps(plan))
     with pytest.raises(ValueError, match="names model 'resnet21', which is not registered"):
         load_exported(old)
+
+
+def test_loading_onto_a_device_that_holds_no_values_is_one_line(exported):
+    out = exported[0]
+    for device, reason in (("meta", "meta holds no values"), ("gpu", "Expected one of")):
+        with pytest.raises(ValueError, match=f"^device='{device}' is not a device to load weights on \\({reason}"):
+            maskprop.load_exported(out, device=device)
