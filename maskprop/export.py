@@ -491,6 +491,12 @@ def _check_spec(model: nn.Module, spec: ModelSpec) -> None:
         raise ValueError(f"spec {spec.name} with {spec.kwargs} does not build this model (they differ at {differ}: "
                          f"{theirs.get(differ)} vs the model's {ours.get(differ)}); expected the spec the model was "
                          f"built from")
+    try:
+        with torch.no_grad():
+            built.eval()(torch.zeros(1, *spec.input_size, device="meta"))
+    except RuntimeError as err:
+        raise ValueError(f"spec {spec.name}'s input_size {tuple(spec.input_size)} does not fit the model "
+                         f"({' '.join(str(err).split())[:160]}); expected the input the model takes") from None
 
 
 def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str | os.PathLike, *, spec: ModelSpec,

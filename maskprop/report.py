@@ -101,6 +101,8 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
         ValueError: A path that is neither a run directory nor a folder holding one; no paths at all.
     """
     found: list[Path] = []
+    if isinstance(paths, (str, os.PathLike)):  # one path, not its letters
+        paths = [paths]
     for raw in paths:
         path = Path(raw)
         if not path.exists():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,3 +160,31 @@ def test_subpackages_are_attributes_of_the_package():
     assert {"fit", "vrpge", "report", "train"} <= set(dir(package))
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         package.nothing  # noqa: B018
+
+
+def test_masks_are_made_from_groups_and_one_name_is_not_its_letters(tmp_path):
+    model = maskprop.create_model("resnet20")
+    for make in (lambda: maskprop.random_mask(model, 0.5), lambda: maskprop.full_mask(model)):
+        with pytest.raises(TypeError, match=r"\(pass model.channel_groups\(\)\), got ResNet$"):
+            make()
+    mlp = maskprop.create_model("mlp", num_classes=4, in_features=8)
+    from maskprop.sbp import convert, sparse_layers
+
+    converted = convert(copy.deepcopy(mlp), ratio=0.5, exempt="last")  # the output layer, as ("last",)
+    names = [name for name, _ in sparse_layers(converted)]
+    assert names == [name for name, _ in sparse_layers(convert(copy.deepcopy(mlp), ratio=0.5, exempt=("last",)))]
+    from maskprop.report import find_runs
+
+    with pytest.raises(FileNotFoundError, match=f"'{tmp_path / 'run1'}' does not exist"):
+        find_runs(str(tmp_path / "run1"))
+
+
+def test_an_export_spec_whose_input_the_model_cannot_take_is_one_line(tmp_path):
+    from maskprop.models.spec import ModelSpec
+
+    model = maskprop.create_model("resnet20")
+    mask = maskprop.random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(0))
+    spec = ModelSpec.resolve("resnet20", {}, num_classes=10, input_size=(1, 32, 32))
+    with pytest.raises(ValueError, match=r"^spec resnet20's input_size \(1, 32, 32\) does not fit the model"):
+        maskprop.save_exported(model, mask, tmp_path / "out", spec=spec, formats="safetensors")
+    assert not (tmp_path / "out").exists()

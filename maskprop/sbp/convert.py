@@ -120,6 +120,7 @@ def convert(
         logger.warning("convert: %s has no nn.Linear or nn.Conv2d to convert", type(model).__name__)
         return model
     names = {name for name, _ in candidates}
+    exempt = (exempt,) if isinstance(exempt, str) else tuple(exempt)  # one name, not its letters
     unknown = [e for e in exempt if e != "last" and e not in names]
     if unknown:
         raise ValueError(f"exempt names {unknown} are not nn.Linear/nn.Conv2d modules of the model; expected names "

@@ -58,15 +58,36 @@ class ChannelSparseModel(nn.Module):
         return dict(model_plan(self).groups)
 
 
-def full_mask(groups: dict[str, int], device: torch.device | str | None = None) -> dict[str, Tensor]:
-    """The mask that keeps every channel (runs the dense network)."""
+def _check_group_sizes(groups: Mapping[str, int]) -> None:
+    if not isinstance(groups, Mapping):
+        hint = " (pass model.channel_groups())" if isinstance(groups, nn.Module) else ""
+        raise TypeError(f"groups must be a mapping {{group name: number of channels}}{hint}, got "
+                        f"{type(groups).__name__}")
+
+
+def full_mask(groups: Mapping[str, int], device: torch.device | str | None = None) -> dict[str, Tensor]:
+    """The mask that keeps every channel (runs the dense network).
+
+    Args:
+        groups: ``{group: channels}`` (``model.channel_groups()``).
+        device: where the mask lives (default: the CPU).
+    """
+    _check_group_sizes(groups)
     return {g: torch.ones(n, dtype=torch.bool, device=device) for g, n in groups.items()}
 
 
 def random_mask(
-    groups: dict[str, int], keep_ratio: float, generator: torch.Generator | None = None
+    groups: Mapping[str, int], keep_ratio: float, generator: torch.Generator | None = None
 ) -> dict[str, Tensor]:
-    """Keep ``max(1, round(keep_ratio * n))`` channels chosen uniformly at random in every group (benchmarks, tests)."""
+    """Keep ``max(1, round(keep_ratio * n))`` channels chosen uniformly at random in every group (the random
+    baseline's subnetwork, benchmarks, tests).
+
+    Args:
+        groups: ``{group: channels}`` (``model.channel_groups()``).
+        keep_ratio: in ``(0, 1]``.
+        generator: the source of randomness (default: torch's global one).
+    """
+    _check_group_sizes(groups)
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
     mask = {}
