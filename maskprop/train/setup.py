@@ -224,13 +224,15 @@ def _check_run_dir(run_dir: Path | None, resume: bool) -> dict[str, Any] | None:
         return None
     if last.exists():
         raise ValueError(f"run directory '{run_dir}' already holds a run ('{last}'); resume it with "
-                         f"'maskprop train --resume {run_dir}' or choose another output directory")
+                         f"'maskprop train --resume {run_dir}' (from Python: fit(..., resume=True)) or choose another "
+                         f"output directory")
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"output path '{run_dir}' exists and is not a directory")
     found = [name for name in _RUN_FILES if (run_dir / name).exists()]
     if found:  # a run stopped before its first checkpoint, or what is left of one: a new run would overwrite it
         raise ValueError(f"run directory '{run_dir}' holds another run's files ({', '.join(found)}); continue that run "
-                         f"with 'maskprop train --resume {run_dir}' or choose another output directory")
+                         f"with 'maskprop train --resume {run_dir}' (from Python: fit(..., resume=True)) or choose "
+                         f"another output directory")
     return None
 
 
