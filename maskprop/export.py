@@ -70,22 +70,6 @@ PLAN_FILE, WEIGHTS_FILE, PROGRAM_FILE, ONNX_FILE, TIMM_FILE, INFO_FILE = (
 _FILES = {"safetensors": WEIGHTS_FILE, "pt2": PROGRAM_FILE, "onnx": ONNX_FILE, "timm": TIMM_FILE}
 # What an export directory may hold (an ONNX file over 2 GB keeps its weights beside it): all that --force deletes.
 _EXPORT_NAMES = {PLAN_FILE, WEIGHTS_FILE, PROGRAM_FILE, ONNX_FILE, ONNX_FILE + ".data", TIMM_FILE, INFO_FILE}
-
-
-def _check_out(out: Path, force: bool) -> None:
-    """Refuse an existing ``out`` unless ``force``, and even then unless it is an earlier export (``export.json`` and
-    no file an export does not write) or empty: replacing deletes it, and a run directory or a folder of runs named by
-    mistake must survive."""
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not force:
-        raise ValueError(f"output directory '{out}' exists; pass --force (force=True) to replace it")
-    others = sorted(p.name for p in out.iterdir() if p.name not in _EXPORT_NAMES) if out.is_dir() else [out.name]
-    empty = out.is_dir() and not out.is_symlink() and next(out.iterdir(), None) is None
-    if others or not (empty or (out / INFO_FILE).is_file()):
-        what = f"it holds '{others[0]}'" if others else f"it has no {INFO_FILE}"
-        raise ValueError(f"'{out}' is not an earlier maskprop export ({what}); --force replaces only an export "
-                         f"directory: expected a new directory for the output")
 _TIMM_TWINS = ("resnet18", "resnet34", "resnet50")
 """maskprop's models built with timm's module tree and state-dict keys (the ImageNet ResNets, as torchvision's)."""
 _TIMM_KWARGS = {"num_classes", "in_chans", "prune_residual", "zero_init_residual"}
@@ -479,6 +463,22 @@ def _write_files(narrow: nn.Module, plan: WidthPlan, formats: Sequence[str], fol
         raise RuntimeError(f"exported files do not reproduce the narrow model's output (relative error {bad}); "
                            f"this is a maskprop bug, please report it")
     return checks
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an existing ``out`` unless ``force``, and even then unless it is an earlier export (``export.json`` and
+    no file an export does not write) or empty: replacing deletes it, and a run directory or a folder of runs named by
+    mistake must survive."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise ValueError(f"output directory '{out}' exists; pass --force (force=True) to replace it")
+    names = [p.name for p in out.iterdir()] if out.is_dir() and not out.is_symlink() else [out.name]
+    others = sorted(n for n in names if n not in _EXPORT_NAMES)
+    if others or (names and INFO_FILE not in names):  # an empty directory holds nothing to lose
+        what = f"it holds '{others[0]}'" if others else f"it has no {INFO_FILE}"
+        raise ValueError(f"'{out}' is not an earlier maskprop export ({what}); --force replaces only an export "
+                         f"directory: expected a new directory for the output")
 
 
 def _check_spec(model: nn.Module, spec: ModelSpec) -> None:

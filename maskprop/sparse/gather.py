@@ -18,6 +18,7 @@ from.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -148,7 +149,7 @@ class GatherTable:
         """The padding entries after each piece."""
         return [n - p.entries for n, p in zip(self.split_sizes, self.pieces)]
 
-    @property
+    @functools.cached_property
     def needs_factor(self) -> bool:
         """Whether its padded entries must be multiplied by zero. Not for weights whose layers leave their output to
         be masked by the grouped BatchNorm that follows (``mask_output`` false): a padded output channel, whatever its
@@ -156,7 +157,7 @@ class GatherTable:
         gradient; a padded input channel reads zeros (its producer's padded output, or a sum of them). So one multiply
         of every gathered weight, and one in the backward, are saved, and the weights, outputs and gradients stay
         those of the subnetwork (given finite values). The BatchNorm table itself, and layers that mask their own
-        output, need it."""
+        output, need it. Read at every pass, found once (a table is complete before its first pass)."""
         return bool(self.modules) or any(getattr(p.layer, "mask_output", True) for p in self.pieces)
 
 

@@ -845,19 +845,17 @@ def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool = True) ->
     backward. Called after every load too: a checkpoint's param groups bring the flags of the run that saved it, and
     a run captured on a GPU may resume where nothing is captured."""
     for group in optimizer.param_groups:
-        if "capturable" in group:
-            on_cuda = all(p.device.type == "cuda" for p in group["params"])
-            group["capturable"] = capturable and on_cuda
-            if "fused" in group:  # Adam: fused on CUDA (its kernel reads no host value, so it may be captured)
-                group["fused"] = on_cuda
-    for param, state in optimizer.state.items():
-        step = state.get("step")
-        if isinstance(step, Tensor):
-            # on the device where Adam is capturable or fused (on CUDA: always fused), on the host otherwise
-            fused = any(g.get("fused") for g in optimizer.param_groups if any(q is param for q in g["params"]))
-            device = param.device if (capturable or fused) and param.device.type == "cuda" else torch.device("cpu")
-            if step.device != device:
-                state["step"] = step.to(device, torch.float32)
+        if "capturable" not in group:
+            continue
+        on_cuda = all(p.device.type == "cuda" for p in group["params"])
+        group["capturable"] = capturable and on_cuda
+        if "fused" in group:  # Adam: fused on CUDA (its kernel reads no host value, so it may be captured)
+            group["fused"] = on_cuda
+        for param in group["params"]:  # step counts on the device where capturable or fused, else on the host
+            step = optimizer.state.get(param, {}).get("step")
+            device = param.device if on_cuda and (group["capturable"] or group.get("fused")) else torch.device("cpu")
+            if isinstance(step, Tensor) and step.device != device:
+                optimizer.state[param]["step"] = step.to(device, torch.float32)
 
 
 class StaticSteps:

@@ -107,10 +107,13 @@ def _num_classes(dataset: Dataset) -> int:
                      f"or targets attribute, or set model.kwargs.num_classes")
 
 
-def _datasets(cfg: Config, train_set: Dataset | None,
-              val_set: Dataset | None) -> tuple[Dataset, Dataset, int, tuple[int, int, int]]:
+def _datasets(cfg: Config, train_set: Dataset | None, val_set: Dataset | None
+              ) -> tuple[Dataset, Dataset, int, tuple[int, int, int], tuple[int, int, int]]:
+    """The run's datasets, their number of classes, and the training and validation image sizes (``(C, H, W)``; one
+    size for the config's datasets)."""
     if train_set is None and val_set is None:
-        return build_datasets(cfg.data)
+        train_set, val_set, num_classes, input_size = build_datasets(cfg.data)
+        return train_set, val_set, num_classes, input_size, input_size
     if train_set is None or val_set is None:
         raise ValueError("give both train_set and val_set, or neither (then config.data names them)")
     shapes = {}
@@ -126,7 +129,7 @@ def _datasets(cfg: Config, train_set: Dataset | None,
             raise ValueError(f"{name} has labels from {int(labels.min())} to {int(labels.max())}, the model "
                              f"{num_classes} classes; expected labels in [0, {num_classes - 1}] (or set "
                              f"model.kwargs.num_classes)")
-    return train_set, val_set, num_classes, shapes["train_set"]
+    return train_set, val_set, num_classes, shapes["train_set"], shapes["val_set"]
 
 
 def _probe_example(name: str, dataset: Dataset) -> tuple[int, int, int]:
@@ -284,7 +287,7 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     given = None if train_set is None else _given_data(train_set, val_set)
     if checkpoint is not None:
         _check_resumed_data(checkpoint.get("given_data"), given, run_dir)
-    train_set, val_set, num_classes, input_size = _datasets(cfg, train_set, val_set)
+    train_set, val_set, num_classes, input_size, val_size = _datasets(cfg, train_set, val_set)
     device = _resolve_device(cfg.device)
     place = current()  # under torchrun: one device per rank, and what DDP cannot run is refused here
     device = device_for(device, place)
@@ -312,12 +315,10 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         _check_resumed_epochs(checkpoint, cfg, run_dir)
         _warn_changed(checkpoint["config"], config_to_dict(cfg))
     cost = _cost_model(model, cfg, input_size, None if given is None else "train_set")  # before moving it
-    if given is not None:  # the validation images must fit the model too (a failure would come after an epoch)
-        val_size = _probe_example("val_set", val_set)
-        if val_size != input_size:
-            _cost_model(model, cfg, val_size, "val_set")
-            logger.warning("val_set's images are %s, train_set's %s: the model takes both, and evaluates at the "
-                           "former", val_size, input_size)
+    if val_size != input_size:  # the validation images must fit the model too (a failure would come after an epoch)
+        _cost_model(model, cfg, val_size, "val_set")
+        logger.warning("val_set's images are %s, train_set's %s: the model takes both, and evaluates at the former",
+                       val_size, input_size)
     model.to(device)
     graphs = resolve_cuda_graphs(cfg, device, model)
     dense_model = budget = None
