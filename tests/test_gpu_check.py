@@ -194,20 +194,24 @@ def test_the_step_times_table_gives_the_targets_rows_as_speedups():
     ]
 
 
-def test_bench_graphs_times_the_search_with_m2_after_m_on_request():
-    """``--kinds search_m_first_graphed`` times the search step with the forward of ``m'`` after that of ``m`` (the
-    schedule before deferred statistics) and reports the default's speedup over it; the default kinds leave it out."""
+def test_bench_graphs_times_the_search_s_earlier_schedules_on_request():
+    """``--kinds search_m_first_graphed search_m_at_start_graphed`` time the search step with the forward of ``m'``
+    after that of ``m`` (the schedule before deferred statistics) and with each step's ``m`` drawn at its start (before
+    the step before drew it beside its backward), and report the default's speedup over each; the default kinds leave
+    them out."""
     tool = _tool("bench_graphs")
+    extra = ["search_m_first_graphed", "search_m_at_start_graphed"]
     try:
-        assert "search_m_first_graphed" not in tool.KINDS and "search_m_first_graphed" in tool.EXTRA_KINDS
-        row = tool.bench("resnet20", 16, 4, torch.device("cpu"), 1, 0.5, 8,
-                         kinds=["search_graphed", "search_m_first_graphed"])
+        assert not set(extra) & set(tool.KINDS) and set(extra) <= set(tool.EXTRA_KINDS)
+        row = tool.bench("resnet20", 16, 4, torch.device("cpu"), 1, 0.5, 8, kinds=["search_graphed", *extra])
         table = tool.markdown([row])
     finally:
         sys.modules.pop("bench_graphs", None)
-    assert row["search_m_first_graphed_ms"] > 0 and row["m2_first_speedup"] == pytest.approx(
-        row["search_m_first_graphed_ms"] / row["search_graphed_ms"])
-    assert "search m' after m / m' first" in table.splitlines()[0] and table.splitlines()[1].count("---") == 18
+    for kind, speedup in zip(extra, ("m2_first_speedup", "m_ahead_speedup")):
+        assert row[f"{kind}_ms"] > 0 and row[speedup] == pytest.approx(row[f"{kind}_ms"] / row["search_graphed_ms"])
+    header = table.splitlines()[0]
+    assert "search m' after m / m' first" in header and "search m at the step's start / m ahead" in header
+    assert table.splitlines()[1].count("---") == 19
 
 
 def test_bench_graphs_profiles_every_kind_on_request(tmp_path):

@@ -24,7 +24,7 @@ from torch import nn
 import maskprop
 from maskprop.cost import CostModel
 from maskprop.sparse import random_mask
-from maskprop.sparse.static import choose_capacities, mask_capacities
+from maskprop.sparse.static import StaticExecutionState, choose_capacities, mask_capacities
 from maskprop.train import graphs, loop, setup
 from maskprop.train.checkpoint import load_checkpoint
 from maskprop.train.config import SparsityConfig, load_config
@@ -89,13 +89,16 @@ def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estim
     cfg = _config(**{"sparsity.estimator": estimator, "sparsity.weight_grad": weight_grad})
     assert cfg.sparsity.alpha == sparsity.alpha
 
-    # m from the first row of the step's uniforms, m' from the second, in whichever order the step draws them
-    monkeypatch.setattr(ChannelScores, "mask_from_uniforms", lambda self, u: masks[u.storage_offset() > 0].clone())
+    # m from its row of the step's uniforms (the second where the step draws the next m, beside the backward), m' from
+    # the other, in whichever order the step draws them
+    m_row = int(weight_grad == "first" and clip is None)
+    monkeypatch.setattr(ChannelScores, "mask_from_uniforms",
+                        lambda self, u: masks[(u.storage_offset() > 0) != m_row].clone())
     static = StaticSteps(cfg, ctx, GraphsChoice(True, False), seed=0, m2_first=m2_first != "off")
     static.capacities = {g: n for g, n in groups.items()}  # no overflow: the masks as given
     result = static.search(model, scores, optimizers, batch)
     window = static.read()
-    assert static._search[0].m2_first is (m2_first is True)
+    assert static._search[0].m2_first is (m2_first is True) and static._search[0].m_row == m_row
 
     ref_model, ref_scores, ref_optimizers = reference
     drawn = iter(masks)
@@ -116,6 +119,69 @@ def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estim
         torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-12, msg=name)
     torch.testing.assert_close(scores.scores.grad, ref_scores.scores.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(scores.scores, ref_scores.scores, rtol=1e-12, atol=1e-14)
+
+
+def test_search_steps_drawing_m_in_the_step_before_equal_those_drawing_it_at_their_start(one_thread):
+    """Drawing each step's ``m`` in the step before, beside the backward (``m_ahead``, the default), changes when the
+    masks are drawn, not what is computed: the generator gives every mask the same uniforms, so steps of either
+    schedule end bit-identical (weights, scores, statistics, the step sums), a new window on the way included."""
+    runs = []
+    for ahead in (True, False):
+        model, scores, optimizers, ctx, batch = _parts(align=1)
+        static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0, m_ahead=ahead)
+        static.capacities = {g: n // 2 for g, n in model.channel_groups().items()}  # cuts in some steps
+        windows = []
+        for step in range(4):
+            if step == 2:
+                windows.append(dataclasses.astuple(static.read()))
+                static.end_search()
+                static.capacities = {g: n + 1 for g, n in static.capacities.items()}
+            static.search(model, scores, optimizers, batch)
+        assert static._search[0].m_ahead is ahead
+        windows.append(dataclasses.astuple(static.read()))
+        runs.append((model, scores, windows, static.overflow_steps))
+    (model, scores, window, cut), (ref_model, ref_scores, ref_window, ref_cut) = runs
+    assert window == ref_window and cut == ref_cut > 0
+    assert torch.equal(scores.scores, ref_scores.scores)
+    for (name, a), b in itertools.chain(zip(model.named_parameters(), ref_model.parameters()),
+                                        zip(model.named_buffers(), ref_model.buffers())):
+        assert torch.equal(a, b), name
+
+
+def test_each_search_step_prepares_the_next_m_from_the_scores_it_projected(one_thread):
+    """With ``m_ahead`` (the default) a search step draws the next step's ``m`` right after its projection: every step
+    runs the mask its own start would have drawn (``update`` at the start of the step, from the scores as they are
+    then and the uniforms drawn for it), across a new capacity window too (the uniforms carried over); its overflow
+    cuts are counted when a step runs the mask, never for the one prepared for a step that has not run."""
+    model, scores, optimizers, ctx, batch = _parts(align=1)
+    with torch.no_grad():  # above the budget (a keep ratio of 0.5): the first projection moves them down
+        scores.scores.uniform_(0.6, 1.0, generator=torch.Generator().manual_seed(3))
+    static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
+    static.capacities = {g: n // 4 for g, n in model.channel_groups().items()}  # narrow: cuts in most steps
+    first = torch.rand(scores.scores.shape, generator=torch.Generator().manual_seed(0), dtype=scores.scores.dtype)
+    cuts = 0
+    for step in range(5):
+        if step == 3:  # a new window: its first m is prepared again, from the uniforms drawn for it
+            static.end_search()
+            static.capacities = {g: n + 1 for g, n in static.capacities.items()}
+            cuts = 0
+        u = first if step == 0 else static._pending_uniforms()
+        s_before = scores.scores.detach().clone()
+        static.search(model, scores, optimizers, batch)
+        body = static._search[0]
+        assert body.m_ahead and not torch.equal(scores.scores.detach(), s_before)  # the scores moved: m follows
+        reference = StaticExecutionState(body.state_m.layout)
+        with torch.no_grad():
+            moved = scores.scores.clone()
+            scores.scores.copy_(s_before)
+            reference.update(scores.mask_from_uniforms(u), u)
+            scores.scores.copy_(moved)
+        for name, buffer in reference.buffers().items():
+            if not name.startswith("overflow"):
+                assert torch.equal(body.state_m.buffers()[name], buffer), (step, name)
+        cuts += int(reference.overflow_channels.sum())
+        assert int(body.state_m.overflow_channels.sum()) == cuts > 0, step
+        assert int(body.state_next.overflow_channels.sum()) > 0  # the next m's, counted when a step takes it
 
 
 def test_static_plain_steps_equal_subnet_step_in_float64(one_thread):
@@ -257,9 +323,12 @@ def test_resume_with_static_steps_continues_exactly(static_run, monkeypatch, tmp
     maskprop.fit(config, out=tmp_path / "stopped", resume=True)
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "stopped" / "last.pt")
     _assert_same_state(a, b)
-    assert torch.equal(a["static"]["generator"], b["static"]["generator"])
-    assert {k: v for k, v in a["static"].items() if k != "generator"} == \
-        {k: v for k, v in b["static"].items() if k != "generator"}
+    tensors = ("generator", "next_uniforms")  # the search's state: its generator, the uniforms of its next m
+    assert a["static"]["next_uniforms"] is not None
+    for key in tensors:
+        assert torch.equal(a["static"][key], b["static"][key]), key
+    assert {k: v for k, v in a["static"].items() if k not in tensors} == \
+        {k: v for k, v in b["static"].items() if k not in tensors}
 
 
 def test_a_run_captured_on_a_gpu_resumes_where_nothing_is_captured(monkeypatch, tmp_path, one_thread):
@@ -461,8 +530,8 @@ def test_static_steps_take_their_gradients_fresh_and_norm_them_in_one_go():
         assert ops.names["add_"] <= forwards * dense_adds + 2 * updates, (kind, ops.names["add_"], dense_adds)
         assert ops.names["linalg_vector_norm"] <= 1 and ops.names["_foreach_norm"] == 1, kind
         # every pass counts its batch in all BatchNorm layers with one multi-tensor add, not one add_ per layer as
-        # torch's layers do
-        assert ops.names["_foreach_add_"] == forwards, kind
+        # torch's layers do (the search step adds one: the overflow counts of the m it takes from the step before)
+        assert ops.names["_foreach_add_"] == forwards + (kind == "static search step"), kind
     fixed = counts["fixed-mask step"].names
     assert fixed["add_"] == dense_adds == counts["narrow step"].names["add_"]
     dense, search = counts["dense step"].launches, counts["static search step"].launches
@@ -475,8 +544,14 @@ def test_static_steps_take_their_gradients_fresh_and_norm_them_in_one_go():
                             for part in ("main stream", "side stream", "critical path"))
     assert main + side == search and dense < main < 1.5 * dense and side > projection + counts["dense step"].names[
         "convolution"]
-    # m' goes first, its forward beside m's and the score update beside m's backward: the side stream waits for nothing
-    assert critical == main
+    # m' goes first, its forward beside m's; the score update and the next step's m beside m's backward: the main
+    # stream starts with a copy of that m's buffers (three copies, one per dtype, and two for its overflow counts)
+    # instead of the mask update, which moved to the side stream
+    at_start = [counts[f"search step, m drawn at its start, {stream} stream"].launches for stream in ("main", "side")]
+    assert main == at_start[0] - counts["mask update"].launches + 5 and side == at_start[1] + counts[
+        "mask update"].launches
+    assert critical >= max(main, side) and counts["search step, m drawn at its start, critical path"].launches >= \
+        at_start[0]
     # under torchrun: a few launches more (packing, division, global losses, the collective); the score update waits
     # for the all-reduce, on the main stream
     ranked = counts["torchrun search step"].launches

@@ -215,6 +215,30 @@ def test_layouts_are_shared_by_the_states_of_a_window(generator):
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first.buffers().values(), second.buffers().values()))
 
 
+def test_a_state_takes_a_mask_written_into_another_as_if_updated_with_it(generator):
+    """``take`` gives a state the buffers ``update`` would have written there, and moves the other state's overflow
+    counts over (added, then zeroed there): a mask is counted once, by the state that runs it. States of another layout
+    are refused."""
+    model = maskprop.create_model("resnet20")
+    groups = model.channel_groups()
+    capacities = {g: max(1, n // 4) for g, n in groups.items()}  # narrow: a keep-0.5 mask overflows
+    layout = StaticLayout(model, capacities)
+    running, prepared, direct = (StaticExecutionState(layout) for _ in range(3))
+    for _ in range(3):
+        mask = torch.cat(list(random_mask(groups, 0.5, generator).values()))
+        u = torch.rand(mask.shape, generator=generator)
+        prepared.update(mask, u)
+        running.take(prepared)
+        direct.update(mask, u)
+        for (name, a), b in zip(running.buffers().items(), direct.buffers().values()):  # the counters included
+            assert torch.equal(a, b), name
+        assert not prepared.overflow_channels.any() and not prepared.overflow_steps
+    assert int(running.overflow_steps) == 3 and running.overflow_channels.sum() > 0
+    other = StaticExecutionState(StaticLayout(model, capacities))
+    with pytest.raises(ValueError, match="same layout"):
+        running.take(other)
+
+
 # --- deferred statistics: a pass that can run beside another one ----------------------------------------------------
 
 

@@ -23,6 +23,9 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
 * ``search_m_first_graphed`` (only with ``--kinds``): the same with the forward of ``m'`` after that of ``m``, beside
   the backward only (``SearchStep(m2_first=False)``: the schedule before ``m'`` deferred its BatchNorm statistics;
   ``m2_first_speedup`` is its time over the default's);
+* ``search_m_at_start_graphed`` (only with ``--kinds``): the same with each step's ``m`` drawn at its start, on the
+  main stream, instead of by the step before beside its backward (``SearchStep(m_ahead=False)``; ``m_ahead_speedup``
+  is its time over the default's);
 * ``settled_graphed``: the same with settled keep probabilities (1 on the fixed mask's channels, 0 elsewhere: a
   search after its anneal, whose capacities are the kept counts), captured;
 * ``finetune_eager``: ``subnet_step`` of one fixed sampled mask through the full model (compact);
@@ -99,7 +102,7 @@ KINDS = ["dense_eager", "dense_graphed", "search_eager", "search_graphed", "sear
          "search_ranks_graphed"]
 """The step kinds, in the order they are timed (``search_ranks_graphed`` in a process group of one rank:
 :func:`one_rank_group`)."""
-EXTRA_KINDS = ["search_m_first_graphed"]
+EXTRA_KINDS = ["search_m_first_graphed", "search_m_at_start_graphed"]
 """Kinds timed only when ``--kinds`` names them (the check's time limit has no room for them)."""
 
 PROFILE_STEPS = 3
@@ -200,14 +203,14 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
         return lambda: vrpge_step(model, scores, optimizers, (x, y), generator, sparsity, ctx)
 
     def graphed_search(scores: ChannelScores, overlap: bool = True, captured: bool = True,
-                       ranks: bool = False, m2_first: bool = True) -> Callable[[], object]:
+                       ranks: bool = False, m2_first: bool = True, m_ahead: bool = True) -> Callable[[], object]:
         model, opt = fresh()
         score_opt = score_optimizer(scores.scores, 0.0)  # lr 0: the scores stay as given
         if captured:
             set_capturable(score_opt)
         step_ctx = dataclasses.replace(ctx, reduce_stats=all_reduce_sum) if ranks else ctx
         static = StaticSteps(cfg, step_ctx, choice if captured else GraphsChoice(True, False), seed=1,
-                             overlap=overlap, m2_first=m2_first)
+                             overlap=overlap, m2_first=m2_first, m_ahead=m_ahead)
         return lambda: static.search(model, scores, (opt, score_opt), (x, y))
 
     def search_graphed():
@@ -224,6 +227,9 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
 
     def search_m_first_graphed():
         return graphed_search(ChannelScores(groups, keep, keep, device=device), m2_first=False)
+
+    def search_m_at_start_graphed():
+        return graphed_search(ChannelScores(groups, keep, keep, device=device), m_ahead=False)
 
     def settled_graphed():
         scores = ChannelScores(groups, 1.0, device=device)  # budget: every channel, so the 0/1 scores stay as set
@@ -258,7 +264,8 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
               "search_one_stream_graphed": search_one_stream_graphed, "settled_graphed": settled_graphed,
               "finetune_eager": finetune_eager, "finetune_graphed": finetune_graphed, "narrow_eager": narrow_eager,
               "narrow_graphed": narrow_graphed, "search_ranks_graphed": search_ranks_graphed,
-              "search_m_first_graphed": search_m_first_graphed}
+              "search_m_first_graphed": search_m_first_graphed,
+              "search_m_at_start_graphed": search_m_at_start_graphed}
     for kind in kinds or KINDS:
         make = makers[kind]
         if capture:  # as the trainer: on while graphs are; its eager search (new widths every step) runs without it
@@ -284,7 +291,8 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
                 "search_graphed_speedup_over_eager": ratio("search_eager", "search_graphed"),
                 "ranks_over_one_process": ratio("search_ranks_graphed", "search_graphed"),
                 "overlap_speedup": ratio("search_one_stream_graphed", "search_graphed"),
-                "m2_first_speedup": ratio("search_m_first_graphed", "search_graphed")})
+                "m2_first_speedup": ratio("search_m_first_graphed", "search_graphed"),
+                "m_ahead_speedup": ratio("search_m_at_start_graphed", "search_graphed")})
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
@@ -341,8 +349,9 @@ def markdown(rows: list[dict]) -> str:
               "| finetune graphed ms | narrow graphed ms | search/dense eager | search/dense graphed | "
               "static search/dense eager | settled search/dense graphed | finetune/dense eager | "
               "finetune/dense graphed | narrow/dense graphed | search one stream / two streams | "
-              "search under torchrun (one rank) / one process | search m' after m / m' first |")
-    lines = [header, "|" + "---|" * 18]
+              "search under torchrun (one rank) / one process | search m' after m / m' first | "
+              "search m at the step's start / m ahead |")
+    lines = [header, "|" + "---|" * 19]
     for r in rows:
         lines.append("| " + " | ".join([
             f"{r['model']} {r['image']}px b{r['batch']}"
@@ -354,7 +363,8 @@ def markdown(rows: list[dict]) -> str:
                                        "static_search_over_dense_eager", "settled_over_dense_graphed",
                                        "finetune_over_dense_eager", "finetune_over_dense_graphed",
                                        "narrow_over_dense_graphed", "overlap_speedup",
-                                       "ranks_over_one_process", "m2_first_speedup"))]) + " |")
+                                       "ranks_over_one_process", "m2_first_speedup", "m_ahead_speedup"))])
+                     + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -130,7 +130,8 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
     kept counts (``finetune.narrow: false``); the narrow finetune step is the dense step of that mask's narrow model,
     padded to ``align`` (the default finetune). The search step as torchrun runs it (two ranks: its two halves, the
     gradients and losses packed for the all-reduce between them and averaged after it, the score update after the
-    average) is counted too, the collective itself as one launch."""
+    average) is counted too, the collective itself as one launch; and the search step that draws its ``m`` at its own
+    start, on the main stream, instead of in the step before beside the backward (``SearchStep(m_ahead=False)``)."""
     from maskprop.train.graphs import DenseStep, DeviceMeter, FixedMaskStep, GradientAverage, SearchStep
     from maskprop.train.narrow import NarrowSubnetwork
     from maskprop.train.steps import StepContext
@@ -180,6 +181,10 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
     u = search.uniforms[0]
     counts["mask update"] = count(lambda: search.state_m.update(scores.mask_from_uniforms(u), u))
     counts.update(by_stream("static search step", search, x, y))
+    at_start = SearchStep(model, scores, (NoStep(model.parameters()), NoStep()), SparsityConfig(), ctx,  # type: ignore
+                          capacities, meter, m_ahead=False)
+    at_start(x, y)
+    counts.update(by_stream("search step, m drawn at its start", at_start, x, y))
 
     average = GradientAverage(model.parameters(), 3, world_size=2)
     ranked = SearchStep(model, scores, (NoStep(model.parameters()), NoStep()), SparsityConfig(), ctx,  # type: ignore
@@ -264,13 +269,14 @@ def main() -> None:
     if args.whole:
         print(f"launches per whole step on meta (optimizer steps left out), keep {args.keep}, align {args.align}")
         print("| model | dense step | static search step | ratio | its critical path (two streams) | ratio | "
-              "fixed-mask finetune step | narrow finetune step | search step under torchrun (critical path) |\n"
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "the path with m drawn at the step's start | fixed-mask finetune step | narrow finetune step | "
+              "search step under torchrun (critical path) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name in args.models:
             r = whole_steps(name, args.keep, args.align, args.batch)
             d, s = r["dense step"].launches, r["static search step"].launches
             critical = r["static search step, critical path"].launches
             print(f"| {name} | {d} | {s} | {s / d:.2f} | {critical} | {critical / d:.2f} | "
+                  f"{r['search step, m drawn at its start, critical path'].launches} | "
                   f"{r['fixed-mask step'].launches} | {r['narrow step'].launches} | "
                   f"{r['torchrun search step'].launches} ({r['torchrun search step, critical path'].launches}) |")
         return

@@ -20,11 +20,11 @@
 #    speedup beside its target, the capacity windows: e2e.json and e2e.md.
 # By hand when the eager steps change (measured on 2026-12-04, in BENCHMARKS.md): `maskprop bench --device cuda --amp
 # bf16 --batch-size 256 --masks sampled --align 8`, the probe tools/gpu_probe.py and the counts of tools/count_ops.py;
-# `tools/bench_graphs.py --capacity-quantile 0.9` for narrower static widths; what running m' beside m gains,
-# `tools/bench_graphs.py --models resnet32:32:256 vgg19_bn:32:256 --steps 10 --kinds dense_graphed search_graphed
-# search_m_first_graphed search_one_stream_graphed`; and where a step's time goes, `tools/bench_graphs.py --models
-# resnet32:32:256 --steps 5 --kinds dense_graphed search_graphed narrow_graphed --profile DIR` (each kind's kernels by
-# device time, and the search step's trace).
+# `tools/bench_graphs.py --capacity-quantile 0.9` for narrower static widths; what running m' beside m and drawing m
+# in the step before gain, `tools/bench_graphs.py --models resnet32:32:256 vgg19_bn:32:256 --steps 10 --kinds
+# dense_graphed search_graphed search_m_first_graphed search_m_at_start_graphed search_one_stream_graphed`; and where
+# a step's time goes, `tools/bench_graphs.py --models resnet32:32:256 --steps 5 --kinds dense_graphed search_graphed
+# narrow_graphed --profile DIR` (each kind's kernels by device time, and the search step's trace).
 # Limits: tests 75 s, step times 105 s, whole runs 175 s (42 s a run): 355 s. Each part has its own time limit, so one
 # that hangs cannot take the others' time; its status is in summary.json.
 # Wheels carried in .whl/ (pydantic, which the image lacks) are installed first, into /tmp/site; the repository and

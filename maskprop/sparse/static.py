@@ -550,6 +550,29 @@ class StaticExecutionState:
             torch.ne(self._factor[norm.start:norm.start + norm.entries], 0, out=self._norm_real)
         return self.mask_used
 
+    @torch.no_grad()
+    def take(self, other: StaticExecutionState) -> None:
+        """Make the mask ``other`` was last updated with this state's, as if :meth:`update` had written it here: its
+        buffers copied (one multi-tensor copy per dtype) and its overflow counts moved to this state's counters
+        (added here, zeroed there), with no host read. ``other`` must share this state's layout.
+
+        With it a mask can be prepared while this state's is still in use: a search step writes its next ``m`` into
+        a second state beside the backward of the current one, which reads this state's buffers
+        (``maskprop.train.graphs.SearchStep``), and takes it at the start of the next step."""
+        if other.layout is not self.layout:
+            raise ValueError("take() needs a state of the same layout (the same window)")
+        for mine, theirs in zip(self._mask_buffers(), other._mask_buffers()):
+            torch._foreach_copy_(mine, theirs)
+        counters = [self.overflow_steps, self.overflow_channels]
+        theirs = [other.overflow_steps, other.overflow_channels]
+        torch._foreach_add_(counters, theirs)
+        torch._foreach_zero_(theirs)
+
+    def _mask_buffers(self) -> list[list[Tensor]]:
+        """The buffers :meth:`update` writes (the counters aside), grouped by dtype: a multi-tensor kernel takes one
+        dtype."""
+        return [[self._ext, self._flat], [self._real, self._factor], [self.mask_used, self._norm_real]]
+
     @property
     def counts_batches(self) -> bool:
         """Whether BatchNorm layers count their batches themselves: only where they need the count in the pass

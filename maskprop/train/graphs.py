@@ -7,15 +7,18 @@ advance instead, and is recorded once as a CUDA graph that the GPU then replays 
 
 * a **search step** (:class:`SearchStep`) computes each group at a *capacity* (:mod:`maskprop.sparse.static`), chosen
   from the keep probabilities for a window of steps. Before each replay the host asks the device for fresh uniforms
-  ``u`` (one ``torch.rand`` from the run's device generator into a fixed buffer) and writes the step's budget into a
+  ``u`` (one ``torch.rand`` from the run's device generator into a fixed buffer: those of this step's ``m'`` and of
+  the next step's ``m``) and writes the step's budget into a
   device scalar (an annealed budget changes every step); inside the graph the masks are ``m = u < s`` (with
   :class:`~maskprop.vrpge.ChannelScores`'s empty-group rule, all on the device), written into the static execution
   states in place, then come the no-grad forward of ``m'``, the forward and backward of ``m``, the VR-PGE score gradient
   from the loss difference as a device tensor and the masks actually used, gradient clipping, SGD on the weights, Adam
   (``capturable``, fused) on the scores and their projection onto the budget (exact, with a fixed sequence of kernels:
   :func:`~maskprop.vrpge.project_scores`). On CUDA, with ``weight_grad: first``, the branch of ``m'`` runs on a second
-  stream: its mask update and forward beside those of ``m``, then (once ``m``'s forward is done) its BatchNorm
-  statistics and the score update beside ``m``'s backward, so that a replay runs the two at once (:class:`SearchStep`).
+  stream: its mask update and forward beside the forward of ``m``, then (once ``m``'s forward is done) its BatchNorm
+  statistics, the score update and the next step's ``m`` (drawn from the projected scores with uniforms the host
+  drew for it one step early) beside ``m``'s backward, so that a replay runs the two at once and the next replay's
+  main stream starts its forward after one copy of that mask's buffers (:class:`SearchStep`).
   Every ``log_every`` steps (and at the end of an epoch) the host reads, in one transfer, the losses, correct counts,
   ``|L(m) - L(m')|``, gradient norms and overflow counters that the steps accumulated on the device; at the end of an
   epoch it also re-chooses the capacities (:func:`~maskprop.sparse.static.rechoose_capacities`, one read of the scores:
@@ -656,13 +659,31 @@ class SearchStep(StaticStep):
             sums ``L(m) n``, ``L(m') n`` and ``n``: the score update reads the losses of the global batch.
         m2_first: Run the forward of ``m'`` first where the step can (:attr:`m2_first`); ``False``: after the forward
             of ``m`` (the schedule before deferred statistics, for comparison: ``tools/bench_graphs.py``).
+        m_ahead: Each step prepares the next step's ``m`` (:attr:`state_next`) right after its projection of the
+            scores, from which that mask is drawn: on CUDA at the end of the side stream, beside the backward, so
+            that the main stream starts the next forward at once (a copy of the buffers,
+            :meth:`StaticExecutionState.take`) instead of after a mask update of some forty kernels. The same masks
+            as drawing ``m`` at the start of its step, which ``False`` does (for comparison: ``tools/bench_graphs.py``)
+            and which the step does where its score update follows the backward (gradient clipping, torchrun,
+            ``weight_grad: both``: :attr:`m_ahead`).
+        next_uniforms: With ``m_ahead``, the uniforms of the first step's ``m`` (drawn for it by the window before, or
+            kept in a checkpoint); ``None``: :meth:`prepare` draws them before the first step.
 
     Attributes:
-        uniforms: ``(2, channels)`` buffer of the uniforms ``m`` and ``m'`` are drawn from; :meth:`prepare` refills
-            it before each step (outside a captured graph).
+        uniforms: ``(2, channels)`` buffer of the uniforms the masks are drawn from, :attr:`m_row` those of ``m``
+            (with ``m_ahead`` the next step's), the other row those of this step's ``m'``; :meth:`prepare` refills it
+            before each step (outside a captured graph). Between steps the row of ``m`` holds the uniforms of the
+            ``m`` :attr:`state_next` holds (:attr:`next_uniforms`). The rows are ordered so that the generator gives
+            every mask the same uniforms in both schedules: with ``m_ahead`` those of the first ``m`` are drawn
+            alone, and each step then draws those of its ``m'`` and of the next ``m`` (row 0, row 1), the order in which a
+            step drawing its own ``m`` draws those of ``m`` and ``m'`` (row 0, row 1) on the generator's stream.
+        m_row: The row of :attr:`uniforms` that ``m`` is drawn from: 1 with ``m_ahead``, else 0.
         budget: The budget the step projects its updated scores onto (a device scalar :meth:`prepare` writes the
             scores' current budget into: an annealed budget changes every step).
         state_m, state_m2: The static execution states of ``m`` and ``m'`` (one layout).
+        state_next: With ``m_ahead``, the next step's ``m``, prepared by this step (the same layout).
+        m_ahead: Whether this step prepares the next one's ``m``: the argument, where the score update runs beside the
+            backward.
         m2_first: Whether the forward of ``m'`` runs before (on CUDA: beside) that of ``m``, its BatchNorm statistics
             deferred. Not with ``weight_grad: both`` (each mask's backward in turn), ``sync_bn`` (whose layers move
             their statistics inside their collectives), or BatchNorm layers the layout cannot defer (momenta that
@@ -672,7 +693,8 @@ class SearchStep(StaticStep):
     def __init__(self, model: nn.Module, scores: ChannelScores,
                  optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer], sparsity: SparsityConfig,
                  ctx: StepContext, capacities: Mapping[str, int], meter: DeviceMeter, overlap: bool = True,
-                 average: GradientAverage | None = None, *, m2_first: bool = True) -> None:
+                 average: GradientAverage | None = None, *, m2_first: bool = True, m_ahead: bool = True,
+                 next_uniforms: Tensor | None = None) -> None:
         self.model, self.scores, self.optimizers, self.sparsity, self.ctx, self.meter = (
             model, scores, optimizers, sparsity, ctx, meter)
         self.average = average
@@ -687,7 +709,7 @@ class SearchStep(StaticStep):
         if layout.device != scores.scores.device:
             raise ValueError(f"the scores are on {scores.scores.device}, the model on {layout.device}; a static search "
                              f"step samples on the model's device")
-        self.state_m, self.state_m2 = StaticExecutionState(layout), StaticExecutionState(layout)
+        self.state_m, self.state_m2, self.state_next = (StaticExecutionState(layout) for _ in range(3))
         # m' first (class docstring): its forward does not wait for m's, whose BatchNorm statistics it would otherwise
         # have to follow; its own are added after m's (deferred).
         synchronised = any(getattr(m, "process_group", None) is not None for m in model.modules())
@@ -697,6 +719,12 @@ class SearchStep(StaticStep):
         s = scores.scores
         self.uniforms = torch.zeros(2, s.numel(), dtype=s.dtype, device=s.device)
         self.budget = torch.zeros((), dtype=s.dtype, device=s.device)
+        # The next m prepared beside the backward where the score update is (without clipping or ranks); elsewhere it
+        # would follow the backward on the main stream anyway, one copy of the buffers later.
+        self.m_ahead = m_ahead and self.scores_apart
+        self.m_row = 1 if self.m_ahead else 0
+        self._first_uniforms = next_uniforms
+        self._started = not self.m_ahead
         if s.grad is None:  # written in place by every step (a captured graph writes the same tensor)
             s.grad = torch.zeros_like(s)
 
@@ -706,14 +734,39 @@ class SearchStep(StaticStep):
 
     def prepare(self, generator: torch.Generator) -> None:
         """Before each step, outside a captured graph: draw its uniforms into :attr:`uniforms` and write the scores'
-        budget into :attr:`budget` (one launch each, on the device, no host read)."""
+        budget into :attr:`budget` (one launch each, on the device, no host read). Before the first step, also
+        prepare its ``m`` from the uniforms given for it (``next_uniforms``), else from new ones."""
+        if not self._started:
+            first = self._first_uniforms
+            if first is None:
+                first = torch.rand(self.uniforms.shape[1:], generator=generator, device=self.uniforms.device,
+                                   dtype=self.uniforms.dtype)
+            self.uniforms[self.m_row].copy_(first)
+            self._prepare_next()
+            self._started = True
         torch.rand(self.uniforms.shape, generator=generator, out=self.uniforms)
         self.budget.fill_(self.scores.budget)
+
+    @property
+    def next_uniforms(self) -> Tensor | None:
+        """Between steps, the uniforms of the next step's ``m`` (a view of :attr:`uniforms`; ``None`` before the first
+        step when none were given, or without ``m_ahead``): what a later window or a resumed run prepares it from."""
+        if not self.m_ahead:
+            return None
+        return self.uniforms[self.m_row] if self._started else self._first_uniforms
+
+    def _prepare_next(self) -> None:
+        """The next step's ``m`` from the current scores and its row of :attr:`uniforms`, into
+        :attr:`state_next` (its overflow counted when a step takes it)."""
+        u = self.uniforms[self.m_row]
+        self.state_next.update(self.scores.mask_from_uniforms(u), u)
 
     def forward_backward(self, images: Tensor, labels: Tensor) -> None:
         """The step's first half: both masks written into their buffers, the forward of ``m'`` and the forward and
         backward of ``m`` (and, apart from the backward, the score update); under torchrun the gradients and losses
         packed for the average."""
+        if self.m_ahead:
+            self.state_m.take(self.state_next)  # m, prepared by the step before (before the side stream forks)
         if self.sparsity.weight_grad == "both":  # the official code's cost: a backward of each mask, in turn
             logits, loss_m = self._forward_m(images, labels)
             (loss_m * 0.5).backward()
@@ -791,9 +844,12 @@ class SearchStep(StaticStep):
                                     alpha=self.sparsity.alpha))
 
     def _score_update(self) -> None:
-        """Adam on the scores, then their projection onto the next step's budget (as ``vrpge_step``)."""
+        """Adam on the scores, then their projection onto the next step's budget (as ``vrpge_step``), and the next
+        step's ``m`` drawn from them."""
         self.optimizers[1].step()
         self.scores.project_(self.budget)
+        if self.m_ahead:
+            self._prepare_next()
 
     def one_stream(self) -> SearchStep:
         """This step with its side branch (the mask update and forward of ``m'``, the commit of its statistics, the
@@ -802,10 +858,12 @@ class SearchStep(StaticStep):
         return self
 
     def _forward_m(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """``m`` written into its buffers, the weights' gradients set to ``None`` (as :class:`DenseStep`: the backward's
-        gradients become the ``.grad``), and its forward: ``(logits, L(m))``."""
-        u_m = self.uniforms[0]
-        self.state_m.update(self.scores.mask_from_uniforms(u_m), u_m)
+        """The weights' gradients set to ``None`` (as :class:`DenseStep`: the backward's gradients become the
+        ``.grad``), and the forward of ``m`` (written into its buffers first without ``m_ahead``): ``(logits,
+        L(m))``."""
+        if not self.m_ahead:
+            u_m = self.uniforms[self.m_row]
+            self.state_m.update(self.scores.mask_from_uniforms(u_m), u_m)
         self.optimizers[0].zero_grad(set_to_none=True)
         with use_static(self.state_m), _autocast(self.ctx):
             logits = self.model(images)
@@ -813,7 +871,7 @@ class SearchStep(StaticStep):
 
     def _forward_m2(self, images: Tensor, labels: Tensor, grad: bool) -> Tensor:
         """L(m'): the second mask written into its buffers, then its forward."""
-        u_m2 = self.uniforms[1]
+        u_m2 = self.uniforms[1 - self.m_row]
         self.state_m2.update(self.scores.mask_from_uniforms(u_m2), u_m2)
         with torch.set_grad_enabled(grad), use_static(self.state_m2), _autocast(self.ctx):
             return self.ctx.criterion(self.model(images).float(), labels)
@@ -870,14 +928,15 @@ class StaticSteps:
         seed: Seeds the device generator the search's uniforms come from.
         overlap: Search steps run the branch of ``m'`` on a side stream on CUDA (:class:`SearchStep`).
         m2_first: Search steps run the forward of ``m'`` first where they can (:class:`SearchStep`).
+        m_ahead: Search steps prepare the next step's ``m`` beside their backward (:class:`SearchStep`).
         world_size: Processes under torchrun, each with an equal share of the global batch (train FLOPs count the
             global batch, as the eager steps do).
     """
 
     def __init__(self, cfg: Config, ctx: StepContext, choice: GraphsChoice, seed: int, overlap: bool = True,
-                 world_size: int = 1, m2_first: bool = True) -> None:
+                 world_size: int = 1, m2_first: bool = True, m_ahead: bool = True) -> None:
         self.cfg, self.ctx, self.choice, self.overlap, self.world_size = cfg, ctx, choice, overlap, world_size
-        self.m2_first = m2_first
+        self.m2_first, self.m_ahead = m2_first, m_ahead
         self.generator = torch.Generator(device=ctx.device).manual_seed(seed)
         self.meter = DeviceMeter(ctx.device, ctx.reduce_stats)
         self.capacities: dict[str, int] | None = None
@@ -889,6 +948,7 @@ class StaticSteps:
         self.overhead_s = 0.0
         self._search: tuple[SearchStep, StepGraph] | None = None
         self._search_captured = False  # a search step was captured in this process (later windows warm up less)
+        self._next_uniforms: Tensor | None = None  # those of the next search step's m, from an ended window
         self._other: tuple[tuple, Any, StepGraph] | None = None
         self._flops: dict[tuple, int] = {}
 
@@ -928,7 +988,8 @@ class StaticSteps:
             if self.capacities is None:
                 self.capacities = choose_capacities(scores, self.ctx.align, self.cfg.sparsity.capacity_quantile)
             body = SearchStep(model, scores, optimizers, self.cfg.sparsity, self.ctx, self.capacities, self.meter,
-                              self.overlap, self._average(model, 3), m2_first=self.m2_first)
+                              self.overlap, self._average(model, 3), m2_first=self.m2_first,
+                              m_ahead=self.m_ahead, next_uniforms=self._next_uniforms)
 
             def one_stream() -> SearchStep:  # capturing two streams failed: one stream, in later windows too
                 self.overlap = False
@@ -988,11 +1049,18 @@ class StaticSteps:
         return self._flops[key]
 
     def end_search(self) -> None:
-        """Drop the search step and its graph (the phase is over: its memory goes back)."""
+        """Drop the search step and its graph (the window or the phase is over: its memory goes back), keeping the
+        uniforms its next ``m`` was drawn from for the next window."""
         if self._search is not None:
+            self._next_uniforms = self._pending_uniforms()
             self._retire(self._search[1])
             self._search_captured = self._search_captured or self._search[1].captures > 0
         self._search = None
+
+    def _pending_uniforms(self) -> Tensor | None:
+        """The uniforms of the next search step's ``m`` (a copy), if drawn."""
+        live = self._next_uniforms if self._search is None else self._search[0].next_uniforms
+        return None if live is None else live.clone()
 
     # --- reads (every N steps, outside the steps)
 
@@ -1032,8 +1100,8 @@ class StaticSteps:
 
     def report(self) -> dict[str, Any]:
         """For the run summary: how the steps ran (and why not captured, where ``cuda_graphs: auto`` could not), the
-        capacity windows met, the overflows, and the wall seconds of the windows' eager warm-up steps and captures (``warmup_capture_s``; the measured speedup compares replayed
-        steps and leaves them out)."""
+        capacity windows met, the overflows, and the wall seconds of the windows' eager warm-up steps and captures
+        (``warmup_capture_s``; the measured speedup compares replayed steps and leaves them out)."""
         captures, overhead_s = self._totals()
         return {"captured": self.choice.capture, "not_captured_because": self.choice.reason or None,
                 "graph_captures": captures, "search_windows": self.windows,
@@ -1045,15 +1113,19 @@ class StaticSteps:
     # --- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to continue exactly: the generator, the current capacities (re-choices have
-        hysteresis) and the counts of the report."""
+        """What a resumed run needs to continue exactly: the generator, the uniforms drawn for the next search step's
+        ``m``, the current capacities (re-choices have hysteresis) and the counts of the report."""
         captures, overhead_s = self._totals()
-        return {"generator": self.generator.get_state(), "capacities": self.capacities, "windows": self.windows,
+        pending = self._pending_uniforms()
+        return {"generator": self.generator.get_state(), "next_uniforms": None if pending is None else pending.cpu(),
+                "capacities": self.capacities, "windows": self.windows,
                 "shapes": [list(s) for s in sorted(self.shapes)], "overflow_steps": self.overflow_steps,
                 "overflow_channels": dict(self.overflow_channels), "captures": captures, "overhead_s": overhead_s}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        pending = state.get("next_uniforms")  # (not in the checkpoints of earlier versions: drawn anew)
+        self._next_uniforms = None if pending is None else pending.to(self.ctx.device)
         self.capacities = None if state["capacities"] is None else dict(state["capacities"])
         self.windows = int(state["windows"])
         self.shapes = {tuple(s) for s in state["shapes"]}
