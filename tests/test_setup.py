@@ -173,6 +173,29 @@ def test_fit_on_tensor_datasets_needs_no_num_classes():
     assert summary["dense_flops"] == maskprop.flops(maskprop.create_model("resnet20", num_classes=7), (3, 8, 8))
 
 
+@pytest.mark.parametrize("method", ["vrpge", "dense"])
+def test_fit_hands_over_the_trained_network_without_a_run_directory(method, tmp_path, monkeypatch):
+    """``fit(out=None)`` writes nothing, and returns the trained network with the summary: its narrow model has the
+    subnetwork's parameters and computes the accuracy the summary reports on the validation set, and it exports as a
+    run directory does (the files checked against it)."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny(method=method, data={"batch_size": 20})
+    val = _tensor_set(20, 7, 1)
+    result = maskprop.fit(config, train_set=_tensor_set(40, 7, 0), val_set=val)
+    assert list(tmp_path.iterdir()) == []
+    assert isinstance(result, dict) and result["method"] == method and not result.model.training
+    assert (result.mask is None) == (method == "dense") and result.spec.name == "resnet20"
+    narrow = result.narrow()
+    assert sum(p.numel() for p in narrow.parameters()) == result["subnet_params"]
+    with torch.no_grad():
+        predicted = narrow(val.tensors[0]).argmax(1)
+    assert 100.0 * (predicted == val.tensors[1]).double().mean().item() == pytest.approx(result["accuracy"])
+    info = result.export(tmp_path / "export", formats="safetensors")
+    assert info["accuracy"] == result["accuracy"] and info["params"] == result["subnet_params"]
+    with torch.no_grad():
+        torch.testing.assert_close(maskprop.load_exported(tmp_path / "export")(val.tensors[0]), narrow(val.tensors[0]))
+
+
 def test_tensor_dataset_with_float_labels_is_a_one_line_error():
     images = torch.randn(8, 3, 8, 8)
     with pytest.raises(ValueError, match=r"^the labels of TensorDataset are not class indices \(a torch.float32 "

@@ -13,6 +13,7 @@ from .data import build_datasets, build_loader
 
 __all__ = [
     "Config",
+    "FitResult",
     "StepContext",
     "StepResult",
     "build_datasets",
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "fit": "loop", "train_one_epoch": "loop", "evaluate": "loop", "fix_subnetwork": "loop",
+    "fit": "loop", "FitResult": "loop", "train_one_epoch": "loop", "evaluate": "loop", "fix_subnetwork": "loop",
     "vrpge_step": "steps", "subnet_step": "steps", "StepContext": "steps", "StepResult": "steps",
     "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
 }

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
+from ..models.spec import ModelSpec
 from ..sbp import sparse_layers
 from ..sparse import SparseBatchNorm2d, random_mask, sync_batchnorm, use_mask
 from ..vrpge import ChannelScores, score_statistics
@@ -708,9 +709,54 @@ def _warn_if_floor(floor: float, budget: float, sparsity: SparsityConfig) -> Non
                        "FLOPs\")", sparsity.keep_ratio, floor, budget, unit, 100 * floor / budget)
 
 
+class FitResult(dict):
+    """What :func:`fit` returns: the run's summary (this dict, as written to ``summary.json``) with the trained network
+    attached, so that a run without a directory (``out=None``) still hands its result over.
+
+    Attributes:
+        model: The full maskprop model with the final weights (a plain copy built from :attr:`spec`: no DDP wrapper,
+            no sparse-backward layers), in eval mode, on the run's device.
+        mask: The subnetwork the run fixed (``{group: bool tensor}``, VR-PGE), or ``None``: the whole model (dense
+            and sparse-backward runs).
+        spec: How :attr:`model` was built (:class:`~maskprop.models.spec.ModelSpec`): what an export rebuilds.
+    """
+
+    def __init__(self, summary: Mapping[str, Any], model: nn.Module, mask: Mapping[str, Tensor] | None,
+                 spec: ModelSpec) -> None:
+        super().__init__(summary)
+        self.model, self.mask, self.spec = model, None if mask is None else dict(mask), spec
+
+    def narrow(self) -> nn.Module:
+        """The subnetwork as a plain, physically smaller model of the same architecture (:func:`maskprop.materialize`:
+        what ``model`` computes under ``mask``, in eval mode)."""
+        from ..surgery import materialize
+
+        return materialize(self.model, self.mask).eval()
+
+    def export(self, out: str | os.PathLike, formats: str | list[str] | None = None, *,
+               force: bool = False) -> dict[str, Any]:
+        """Export the subnetwork to the directory ``out`` as ``maskprop export`` does for a run directory
+        (:func:`maskprop.export.save_exported`: every file written is checked; ``export.json`` records the run's
+        final accuracy). Returns the content of ``export.json``."""
+        from ..export import save_exported
+
+        source = {"source": {"method": self["method"], "mask": "fixed" if self.mask is not None else
+                             "none (whole model)"},
+                  "accuracy": self["accuracy"], "accuracy_source": "the run's final accuracy (maskprop.fit)"}
+        return save_exported(self.model, self.mask, out, spec=self.spec, formats=formats, force=force, source=source)
+
+
+def _trained_model(run: Run) -> nn.Module:
+    """The run's model with its final weights as a plain model built from the run's spec (the weights its tensors, not
+    copies), in eval mode."""
+    model = run.spec.build("meta")
+    model.load_state_dict(run.state.model.state_dict(), strict=True, assign=True)
+    return model.eval()
+
+
 def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Dataset | None = None,
         val_set: Dataset | None = None, out: str | os.PathLike | None = None, *,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False) -> FitResult:
     """Train a model as the configuration says (VR-PGE search + fix + finetune, dense, or a sparse-backward baseline)
     and summarise the run.
 
@@ -725,7 +771,8 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
         The summary (also written to ``summary.json``): ``accuracy`` (top-1 % of the final network), ``dense_params``,
         ``subnet_params``, ``dense_flops``, ``subnet_flops`` (forward, one example), ``train_cost_saving``
         (supplement C.1, over the masks actually used, finetuning included), ``measured_speedup`` (``timing.py``),
-        ``widths`` (kept channels per group of the final mask), ``run_time_s`` and more.
+        ``widths`` (kept channels per group of the final mask), ``run_time_s`` and more; a :class:`FitResult`, which
+        also holds the trained network (``.model``, ``.mask``, ``.narrow()``, ``.export(dir)``).
 
     Raises:
         ValueError: Bad configuration, data, checkpoint or run directory (one line each; nothing is written).
@@ -777,4 +824,4 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
         sync_batchnorm.disable(state.model)
     if run.run_dir is not None and place.is_main:
         write_json(summary, run.run_dir / "summary.json")
-    return summary
+    return FitResult(summary, _trained_model(run), state.fixed_mask if cfg.method == "vrpge" else None, run.spec)
