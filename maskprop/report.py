@@ -314,7 +314,7 @@ def build_report(paths: Iterable[str | os.PathLike], baseline: str | os.PathLike
     if baseline is not None:
         base_path = Path(baseline)
         if not base_path.exists():
-            raise FileNotFoundError(f"--baseline '{base_path}' does not exist; expected a finished dense run")
+            raise FileNotFoundError(f"the baseline '{base_path}' does not exist; expected a finished dense run")
         if base_path.resolve() not in {p.resolve() for p in run_paths}:
             run_paths.append(base_path)
     runs = [load_run(path, name) for path, name in zip(run_paths, _names(run_paths))]
@@ -325,14 +325,14 @@ def build_report(paths: Iterable[str | os.PathLike], baseline: str | os.PathLike
             what = "an unfinished run" if base.summary is None else (
                 "a random-subnetwork run (method='vrpge', sparsity.fix=random)" if _method(base.summary) == "random"
                 else f"a method={base.summary.method!r} run")
-            raise ValueError(f"--baseline '{base_path}' is {what}; expected a finished dense run (method=dense) of "
+            raise ValueError(f"the baseline '{base_path}' is {what}; expected a finished dense run (method=dense) of "
                              f"the same model and data")
         compared = [r for r in runs if r is not base and r.key() is not None and r.summary.method != "dense"]
         if compared and not any(r.key() == base.key() for r in compared):
             theirs = sorted({f"{r.summary.model} on {r.summary.dataset}" for r in compared})
-            raise ValueError(f"--baseline '{base_path}' ({base.summary.model} on {base.summary.dataset}) has the model "
-                             f"and data of none of the runs ({', '.join(theirs)}); expected a dense run of the same "
-                             f"model and data")
+            raise ValueError(f"the baseline '{base_path}' ({base.summary.model} on {base.summary.dataset}) has the "
+                             f"model and data of none of the runs ({', '.join(theirs)}); expected a dense run of the "
+                             f"same model and data")
     baselines: dict[str, RunRecord] = {}
     for record in runs:
         key = record.key()

@@ -255,7 +255,7 @@ def test_an_existing_output_directory_is_refused(runs, tmp_path, capsys):
 def test_a_baseline_must_be_a_finished_dense_run(runs, tmp_path, capsys):
     assert main(["report", str(runs / "vrpge"), "--baseline", str(runs / "vrpge"), "--out",
                  str(tmp_path / "out")]) == 2
-    assert "--baseline" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert "the baseline '" in capsys.readouterr().err and not (tmp_path / "out").exists()
     report = build_report([runs / "vrpge"], baseline=runs / "dense")  # listed too
     rows = {row["run"]: row for row in report.rows}
     assert rows["vrpge"]["dense_accuracy"] == summary_of(runs / "dense")["accuracy"] and "dense" in rows
