@@ -121,24 +121,38 @@ def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estim
     torch.testing.assert_close(scores.scores, ref_scores.scores, rtol=1e-12, atol=1e-14)
 
 
-def test_search_steps_drawing_m_in_the_step_before_equal_those_drawing_it_at_their_start(one_thread):
+@pytest.mark.parametrize("per_call", [False, True])
+def test_search_steps_drawing_m_in_the_step_before_equal_those_drawing_it_at_their_start(one_thread, monkeypatch,
+                                                                                          per_call):
     """Drawing each step's ``m`` in the step before, beside the backward (``m_ahead``, the default), changes when the
     masks are drawn, not what is computed: the generator gives every mask the same uniforms, so steps of either
-    schedule end bit-identical (weights, scores, statistics, the step sums), a new window on the way included."""
+    schedule end bit-identical (weights, scores, statistics, the step sums), a new window on the way included. Also
+    where a draw's values depend on how the draws are split into calls, as a CUDA generator's do (``per_call``: each
+    call's values from its own number): every mask has a draw of its own, in the same order."""
+
+    def by_call(calls):
+        def uniform_(tensor, *args, generator=None, **kwargs):
+            values = torch.linspace(0, 1, tensor.numel() + 1, dtype=tensor.dtype)[:-1]
+            return tensor.copy_(values.roll(37 * next(calls)).view_as(tensor))
+        return uniform_
+
     runs = []
     for ahead in (True, False):
         model, scores, optimizers, ctx, batch = _parts(align=1)
-        static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0, m_ahead=ahead)
-        static.capacities = {g: n // 2 for g, n in model.channel_groups().items()}  # cuts in some steps
-        windows = []
-        for step in range(4):
-            if step == 2:
-                windows.append(dataclasses.astuple(static.read()))
-                static.end_search()
-                static.capacities = {g: n + 1 for g, n in static.capacities.items()}
-            static.search(model, scores, optimizers, batch)
-        assert static._search[0].m_ahead is ahead
-        windows.append(dataclasses.astuple(static.read()))
+        with monkeypatch.context() as patch:
+            if per_call:
+                patch.setattr(torch.Tensor, "uniform_", by_call(itertools.count(1)))
+            static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0, m_ahead=ahead)
+            static.capacities = {g: n // 2 for g, n in model.channel_groups().items()}  # cuts in some steps
+            windows = []
+            for step in range(4):
+                if step == 2:
+                    windows.append(dataclasses.astuple(static.read()))
+                    static.end_search()
+                    static.capacities = {g: n + 1 for g, n in static.capacities.items()}
+                static.search(model, scores, optimizers, batch)
+            assert static._search[0].m_ahead is ahead
+            windows.append(dataclasses.astuple(static.read()))
         runs.append((model, scores, windows, static.overflow_steps))
     (model, scores, window, cut), (ref_model, ref_scores, ref_window, ref_cut) = runs
     assert window == ref_window and cut == ref_cut > 0

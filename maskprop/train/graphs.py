@@ -7,8 +7,9 @@ advance instead, and is recorded once as a CUDA graph that the GPU then replays 
 
 * a **search step** (:class:`SearchStep`) computes each group at a *capacity* (:mod:`maskprop.sparse.static`), chosen
   from the keep probabilities for a window of steps. Before each replay the host asks the device for fresh uniforms
-  ``u`` (one ``torch.rand`` from the run's device generator into a fixed buffer: those of this step's ``m'`` and of
-  the next step's ``m``) and writes the step's budget into a
+  ``u`` (from the run's device generator into a fixed buffer, one draw a mask: this step's ``m'`` and the next
+  step's ``m``, or where the score update follows the backward, this step's ``m`` and ``m'``) and writes the step's
+  budget into a
   device scalar (an annealed budget changes every step); inside the graph the masks are ``m = u < s`` (with
   :class:`~maskprop.vrpge.ChannelScores`'s empty-group rule, all on the device), written into the static execution
   states in place, then come the no-grad forward of ``m'``, the forward and backward of ``m``, the VR-PGE score gradient
@@ -647,9 +648,10 @@ class SearchStep(StaticStep):
         capacities: ``{group: capacity}`` of this window.
         meter: Where the step's statistics accumulate.
         overlap: On CUDA, run the branch of ``m'`` on a side stream (with ``weight_grad: first``): its mask update
-            and no-grad forward beside those of ``m`` (:attr:`m2_first`), then, once the forward of ``m`` is done, the
-            commit of its BatchNorm statistics and the score update (when neither gradient clipping nor the sum over
-            the ranks ties it to the backward: :meth:`_side_branch`) beside the backward of ``m``. Neither branch
+            and no-grad forward beside the forward of ``m`` (:attr:`m2_first`), then, once the forward of ``m`` is
+            done, the commit of its BatchNorm statistics, the score update and the next step's ``m`` (when neither
+            gradient clipping nor the sum over the ranks ties them to the backward: :meth:`_side_branch`,
+            ``m_ahead``) beside the backward of ``m``. Neither branch
             reads what the other writes while both run (``m'`` defers its BatchNorm statistics and batch counts,
             which are added to the model's after ``m``'s: :attr:`StaticExecutionState.defers_statistics`), so the
             results are those of running them in turn, ``m`` first; at CIFAR scale their kernels are too small to
@@ -673,10 +675,11 @@ class SearchStep(StaticStep):
         uniforms: ``(2, channels)`` buffer of the uniforms the masks are drawn from, :attr:`m_row` those of ``m``
             (with ``m_ahead`` the next step's), the other row those of this step's ``m'``; :meth:`prepare` refills it
             before each step (outside a captured graph). Between steps the row of ``m`` holds the uniforms of the
-            ``m`` :attr:`state_next` holds (:attr:`next_uniforms`). The rows are ordered so that the generator gives
-            every mask the same uniforms in both schedules: with ``m_ahead`` those of the first ``m`` are drawn
-            alone, and each step then draws those of its ``m'`` and of the next ``m`` (row 0, row 1), the order in which a
-            step drawing its own ``m`` draws those of ``m`` and ``m'`` (row 0, row 1) on the generator's stream.
+            ``m`` :attr:`state_next` holds (:attr:`next_uniforms`). Each mask's uniforms are one draw of their own from
+            the generator, in the order the masks are used, so that every mask gets the same uniforms in both
+            schedules, on any device (a CUDA generator's draws depend on how they are split into calls): with
+            ``m_ahead`` those of the first ``m`` are drawn alone, and each step then draws those of its ``m'`` (row
+            0) and of the next ``m`` (row 1); without, those of its ``m`` (row 0) and of its ``m'`` (row 1).
         m_row: The row of :attr:`uniforms` that ``m`` is drawn from: 1 with ``m_ahead``, else 0.
         budget: The budget the step projects its updated scores onto (a device scalar :meth:`prepare` writes the
             scores' current budget into: an annealed budget changes every step).
@@ -733,18 +736,18 @@ class SearchStep(StaticStep):
         return self.state_m.widths
 
     def prepare(self, generator: torch.Generator) -> None:
-        """Before each step, outside a captured graph: draw its uniforms into :attr:`uniforms` and write the scores'
-        budget into :attr:`budget` (one launch each, on the device, no host read). Before the first step, also
-        prepare its ``m`` from the uniforms given for it (``next_uniforms``), else from new ones."""
+        """Before each step, outside a captured graph: draw its uniforms into :attr:`uniforms` (a draw for each row)
+        and write the scores' budget into :attr:`budget` (three launches, on the device, no host read). Before the
+        first step, also prepare its ``m`` from the uniforms given for it (``next_uniforms``), else from new ones."""
         if not self._started:
-            first = self._first_uniforms
-            if first is None:
-                first = torch.rand(self.uniforms.shape[1:], generator=generator, device=self.uniforms.device,
-                                   dtype=self.uniforms.dtype)
-            self.uniforms[self.m_row].copy_(first)
+            if self._first_uniforms is None:
+                self.uniforms[self.m_row].uniform_(generator=generator)
+            else:
+                self.uniforms[self.m_row].copy_(self._first_uniforms)
             self._prepare_next()
             self._started = True
-        torch.rand(self.uniforms.shape, generator=generator, out=self.uniforms)
+        for row in self.uniforms:
+            row.uniform_(generator=generator)
         self.budget.fill_(self.scores.budget)
 
     @property
@@ -762,9 +765,9 @@ class SearchStep(StaticStep):
         self.state_next.update(self.scores.mask_from_uniforms(u), u)
 
     def forward_backward(self, images: Tensor, labels: Tensor) -> None:
-        """The step's first half: both masks written into their buffers, the forward of ``m'`` and the forward and
-        backward of ``m`` (and, apart from the backward, the score update); under torchrun the gradients and losses
-        packed for the average."""
+        """The step's first half: ``m`` taken from :attr:`state_next` (with ``m_ahead``; else drawn) and ``m'`` drawn
+        into their buffers, the forward of ``m'`` and the forward and backward of ``m`` (and, apart from the backward,
+        the score update and the next ``m``); under torchrun the gradients and losses packed for the average."""
         if self.m_ahead:
             self.state_m.take(self.state_next)  # m, prepared by the step before (before the side stream forks)
         if self.sparsity.weight_grad == "both":  # the official code's cost: a backward of each mask, in turn
@@ -853,7 +856,7 @@ class SearchStep(StaticStep):
 
     def one_stream(self) -> SearchStep:
         """This step with its side branch (the mask update and forward of ``m'``, the commit of its statistics, the
-        score update) back on the main stream, in the same order (if capturing two streams fails)."""
+        score update, the next ``m``) back on the main stream, in the same order (if capturing two streams fails)."""
         self.side_stream = None
         return self
 
@@ -1050,7 +1053,8 @@ class StaticSteps:
 
     def end_search(self) -> None:
         """Drop the search step and its graph (the window or the phase is over: its memory goes back), keeping the
-        uniforms its next ``m`` was drawn from for the next window."""
+        uniforms its next ``m`` was drawn from for the next window. Its overflow counters go with it: :meth:`read`
+        first (as :meth:`read` itself does at a window change, and the trainer at the end of each epoch)."""
         if self._search is not None:
             self._next_uniforms = self._pending_uniforms()
             self._retire(self._search[1])
