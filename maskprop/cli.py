@@ -13,9 +13,9 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from collections.abc import Sequence
 from datetime import date
+from pathlib import Path
 
 
 def _thread_count(value: str) -> int:

@@ -12,8 +12,15 @@ import pytest
 import torch
 
 import maskprop
-from maskprop.bench import (bench_model, format_table, interleaved_times, mask_pair, random_batch,
-                            saved_for_backward_mb, training_steps)
+from maskprop.bench import (
+    bench_model,
+    format_table,
+    interleaved_times,
+    mask_pair,
+    random_batch,
+    saved_for_backward_mb,
+    training_steps,
+)
 from maskprop.cli import main
 
 

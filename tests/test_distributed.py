@@ -508,7 +508,7 @@ def test_the_gradient_average_keeps_each_gradient_in_its_parameters_layout(singl
     """The flat buffer of :class:`GradientAverage` hands each parameter a gradient with the parameter's strides (a
     channels_last conv weight gets a channels_last gradient, as autograd gives it and as CUDA's fused optimizers
     require), holding what the backward computed (one rank: nothing to divide), and the summed values beside them."""
-    from maskprop.train.graphs import GradientAverage
+    from maskprop.train.static_steps import GradientAverage
 
     torch.manual_seed(0)
     model = maskprop.create_model("resnet20", num_classes=10).double().to(memory_format=torch.channels_last)

@@ -149,9 +149,9 @@ def test_e2e_runs_bad_model_specs_are_one_line(tmp_path, spec):
 
 @pytest.mark.slow
 def test_gpu_check_runs_through_on_the_cpu_as_a_dry_run(tmp_path):
-    """``GPU_CHECK_DRY_RUN=1 tools/gpu_check.sh OUT`` runs every part at toy sizes on the CPU (about a minute): each part
-    exits 0 and writes what the GPU run would, and summary.json names them all; with a second directory, the archive
-    and tables a lent machine can return."""
+    """``GPU_CHECK_DRY_RUN=1 tools/gpu_check.sh OUT`` runs every part at toy sizes on the CPU (about a minute): each
+    part exits 0 and writes what the GPU run would, and summary.json names them all; with a second directory, the
+    archive and tables a lent machine can return."""
     import os
     import tarfile
 

@@ -25,7 +25,7 @@ import maskprop
 from maskprop.cost import CostModel
 from maskprop.sparse import random_mask
 from maskprop.sparse.static import StaticExecutionState, choose_capacities, mask_capacities
-from maskprop.train import graphs, loop, setup
+from maskprop.train import graphs, loop, setup, static_steps
 from maskprop.train.checkpoint import load_checkpoint
 from maskprop.train.config import SparsityConfig, load_config
 from maskprop.train.distributed import all_reduce_sum
@@ -235,7 +235,7 @@ def test_batches_counted_at_once_as_torch_s_layers_count_them():
     counters = [m.num_batches_tracked for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     x = torch.randn(2, 3, 8, 8)
     for _ in range(2):
-        with graphs.batches_counted_at_once(model):
+        with static_steps.batches_counted_at_once(model):
             model(x)
         reference(x)
     assert [int(c) for c in counters] == [2, 2, 2]
@@ -243,10 +243,10 @@ def test_batches_counted_at_once_as_torch_s_layers_count_them():
     for (k, b), (_, r) in zip(model.named_buffers(), reference.named_buffers()):
         assert torch.equal(b, r), k
     model.eval()
-    with graphs.batches_counted_at_once(model):
+    with static_steps.batches_counted_at_once(model):
         model(x)
     model.train()
-    with pytest.raises(RuntimeError), graphs.batches_counted_at_once(model):
+    with pytest.raises(RuntimeError), static_steps.batches_counted_at_once(model):
         model(x[:, :2])  # a wrong input: the forward fails
     assert [int(c) for c in counters] == [2, 2, 2]
     assert all(m.num_batches_tracked is c for m, c in zip(
@@ -285,13 +285,13 @@ def test_the_capacity_windows_of_a_run_whose_scores_move(static_run, monkeypatch
     """An annealed budget moves the scores: the capacities are re-chosen at the reads, every change builds a new
     window, and the summary counts them."""
     built: list[dict[str, int]] = []
-    original = graphs.SearchStep.__init__
+    original = static_steps.SearchStep.__init__
 
     def counting(self, model, scores, optimizers, sparsity, ctx, capacities, *args, **kwargs):
         built.append(dict(capacities))
         original(self, model, scores, optimizers, sparsity, ctx, capacities, *args, **kwargs)
 
-    monkeypatch.setattr(graphs.SearchStep, "__init__", counting)
+    monkeypatch.setattr(static_steps.SearchStep, "__init__", counting)
     config = with_overrides(TINY_RUN, **{"optim.epochs": 3, "sparsity.anneal_epochs": 2, "log_every": 1})
     summary = maskprop.fit(config)
     report = summary["static_steps"]
@@ -472,7 +472,7 @@ def test_capacity_quantile_outside_its_range_is_one_line():
 def test_the_windows_tool_reports_a_run_s_windows_within_its_bound(tmp_path, capsys, one_thread):
     """tools/static_windows.py runs a recipe with the static steps on the CPU: at most one window per search epoch
     after the warm-up, the report's counts equal the windows it lists, and the patches are undone after."""
-    original = graphs.SearchStep.__init__
+    original = static_steps.SearchStep.__init__
     spec = importlib.util.spec_from_file_location("static_windows", REPO / "tools" / "static_windows.py")
     tool = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = tool
@@ -488,7 +488,7 @@ def test_the_windows_tool_reports_a_run_s_windows_within_its_bound(tmp_path, cap
         assert report["search_shapes"] == len({tuple(w.values()) for w in windows})
         assert all(c % 8 == 0 or c < 8 for w in windows for c in w.values())  # align 8, as CUDA runs use
         assert f"{report['search_windows']} search windows" in capsys.readouterr().out
-        assert setup.resolve_cuda_graphs is resolve_cuda_graphs and graphs.SearchStep.__init__ is original
+        assert setup.resolve_cuda_graphs is resolve_cuda_graphs and static_steps.SearchStep.__init__ is original
         assert tool.main([str(recipe), "optim.epochs=zero"]) == 2
         assert "optim.epochs" in capsys.readouterr().err
     finally:
@@ -608,16 +608,16 @@ def test_a_search_step_that_failed_before_committing_m2_statistics_leaves_the_ne
     plan = step.state_m.layout.plan
     rows = dict(plan._zero_rows)
     assert step.m2_first and rows
-    original = graphs.SearchStep._forward_m
+    original = static_steps.SearchStep._forward_m
 
     def failing(self, *args):
         raise RuntimeError("capture failed")
 
-    monkeypatch.setattr(graphs.SearchStep, "_forward_m", failing)
+    monkeypatch.setattr(static_steps.SearchStep, "_forward_m", failing)
     with pytest.raises(RuntimeError, match="capture failed"):
         static.search(model, scores, optimizers, batch)
     assert step.state_m2._deferred is not None  # the failed step's pass, never committed
-    monkeypatch.setattr(graphs.SearchStep, "_forward_m", original)
+    monkeypatch.setattr(static_steps.SearchStep, "_forward_m", original)
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     static.search(model, scores, optimizers, batch)
     assert step.state_m2._deferred is None and plan._zero_rows == rows
@@ -626,7 +626,7 @@ def test_a_search_step_that_failed_before_committing_m2_statistics_leaves_the_ne
 
 
 def test_the_static_search_step_offers_its_one_stream_form():
-    step = graphs.SearchStep.__new__(graphs.SearchStep)
+    step = static_steps.SearchStep.__new__(static_steps.SearchStep)
     step.side_stream = object()
     assert step.one_stream() is step and step.side_stream is None
 
@@ -639,15 +639,16 @@ def test_later_search_windows_warm_up_once_and_keep_a_failed_overlap_off(monkeyp
     model, scores, optimizers, ctx, batch = _parts(torch.float32)
     static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
     made = []
-    original = graphs.SearchStep.__init__
+    original = static_steps.SearchStep.__init__
 
     def with_a_side_stream(self, *args, **kwargs):  # as on CUDA: the step has a side stream while overlap is on
         original(self, *args, **kwargs)
         self.side_stream = object() if args[7] else None  # overlap
         made.append(self)
 
-    monkeypatch.setattr(graphs.SearchStep, "__init__", with_a_side_stream)
-    monkeypatch.setattr(graphs.SearchStep, "__call__", lambda self, images, labels: None)  # no CUDA stream to run on
+    monkeypatch.setattr(static_steps.SearchStep, "__init__", with_a_side_stream)
+    # no CUDA stream to run on
+    monkeypatch.setattr(static_steps.SearchStep, "__call__", lambda self, images, labels: None)
     warmups = []
     for window in range(3):
         static.search(model, scores, optimizers, batch)

@@ -331,7 +331,8 @@ def test_statistics_defer_only_with_one_momentum_for_every_batch_norm(generator)
     capacities, _, _ = _capacities_and_masks(model.channel_groups(), generator)
     assert StaticLayout(model, capacities, align=8).norm_momentum == 0.1
     mlp = maskprop.create_model("mlp")  # no BatchNorm: nothing to defer
-    assert StaticLayout(mlp, mask_capacities(random_mask(mlp.channel_groups(), 0.5, generator), 8), 8).can_defer_statistics
+    mlp_capacities = mask_capacities(random_mask(mlp.channel_groups(), 0.5, generator), 8)
+    assert StaticLayout(mlp, mlp_capacities, 8).can_defer_statistics
     for momentum in (None, 0.2):  # the cumulative average, and two momenta in one model
         changed = copy.deepcopy(model)
         next(m for m in changed.modules() if isinstance(m, SparseBatchNorm2d)).momentum = momentum

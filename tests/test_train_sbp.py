@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_data import make_mnist
-from torch.utils.data import Dataset
 from torch.overrides import TorchFunctionMode
+from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import maskprop
@@ -22,8 +22,8 @@ from maskprop.sbp import convert, sparse_layers
 from maskprop.train import loop
 from maskprop.train.checkpoint import load_checkpoint
 from maskprop.train.config import Config, load_config
-from maskprop.train.summary import read_summary
 from maskprop.train.steps import StepContext, sbp_step
+from maskprop.train.summary import read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs (conftest.py)

@@ -314,9 +314,9 @@ CEILINGS = {"dense_eager": {"resnet32": 3.3, "vgg19_bn": 4.3, "resnet50": 1.7},
 
 
 def targets_table(rows: list[dict]) -> str:
-    """The GPU targets' rows as speedups (dense step time / step time: maskprop's graphed search and narrow finetune steps
-    against the dense step run eagerly, as other tools run it, and graphed, as maskprop runs it) beside their targets
-    and ceilings: one column per model."""
+    """The GPU targets' rows as speedups (dense step time / step time: maskprop's graphed search and narrow finetune
+    steps against the dense step run eagerly, as other tools run it, and graphed, as maskprop runs it) beside their
+    targets and ceilings: one column per model."""
     lines = ["| speedup (dense step time / step time) | " + " | ".join(r["model"] for r in rows) + " |",
              "|---|" + "---|" * len(rows)]
     for label, (step, dense, targets) in TARGETS.items():

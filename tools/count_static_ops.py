@@ -72,7 +72,8 @@ class Ops(TorchDispatchMode):
 def count(fn: Callable[[], object]) -> Ops:
     """The operator calls of ``fn()``, with the gradient norms taking the multi-tensor route CUDA takes (torch falls
     back to one norm per tensor on ``meta`` only)."""
-    with mock.patch.object(torch.nn.utils.clip_grad, "_has_foreach_support", lambda tensors, device: True), Ops() as ops:
+    with mock.patch.object(torch.nn.utils.clip_grad, "_has_foreach_support", lambda tensors, device: True), \
+            Ops() as ops:
         fn()
     return ops
 
@@ -132,8 +133,9 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
     gradients and losses packed for the all-reduce between them and averaged after it, the score update after the
     average) is counted too, the collective itself as one launch; and the search step that draws its ``m`` at its own
     start, on the main stream, instead of in the step before beside the backward (``SearchStep(m_ahead=False)``)."""
-    from maskprop.train.graphs import DenseStep, DeviceMeter, FixedMaskStep, GradientAverage, SearchStep
+    from maskprop.train.meter import DeviceMeter
     from maskprop.train.narrow import NarrowSubnetwork
+    from maskprop.train.static_steps import DenseStep, FixedMaskStep, GradientAverage, SearchStep
     from maskprop.train.steps import StepContext
 
     model, x, y, groups, capacities = _on_meta(name, keep, align, batch)
@@ -227,7 +229,7 @@ def by_stream(kind: str, step, x: torch.Tensor, y: torch.Tensor, collectives: in
     counts (``collectives`` launches added to the main stream: the all-reduce under torchrun)."""
     import contextlib
 
-    from maskprop.train.graphs import SearchStep
+    from maskprop.train.static_steps import SearchStep
 
     streams, outer = Streams(), Ops()
 

@@ -5,16 +5,16 @@ Usage (what ``tools/gpu_check.sh`` runs on a GPU):
     python tools/e2e_runs.py --out OUT --models resnet20:16:128 --device cpu --batch-size 32 \
         --set data.val_size=64 sparsity.fix_examples=64     (a dry run on the CPU: the same runs, eager)
 
-A model is ``NAME:IMAGE:TRAIN_IMAGES[:WORKERS]`` (loader processes: 4 as the CIFAR recipes, 8 at 224 pixels, so
-that the loader keeps up with graphed steps of a few milliseconds). Each sparse run is ``recipes/quickstart.yaml`` (VR-PGE, keep 0.5)
-with the model, batch (256 by default, as the GPU targets), a short schedule (``--epochs`` search epochs: one dense
-warm-up, a two-epoch anneal, the rest searching; ``--finetune-epochs``), bf16, channels_last and
-``cuda_graphs=true`` on CUDA. Its dense twin is the same recipe with ``method=dense`` trained for the search plus
-finetune epochs. The summary's measured speedup is what the targets' last row is about: dense steps timed inside the
-run, beside its own steps. So the sparse runs go one after the other (nothing else on the device while they time),
-and the dense twins, whose accuracy alone is read, all at once afterwards. Every run has ``--timeout`` seconds.
-Writes ``e2e.json`` (each run's summary fields, exit status and seconds) and ``e2e.md`` (the table, with the targets)
-into ``--out``, and each run's directory beside them.
+A model is ``NAME:IMAGE:TRAIN_IMAGES[:WORKERS]`` (loader processes: 4 as the CIFAR recipes, 8 at 224 pixels, so that the
+loader keeps up with graphed steps of a few milliseconds). Each sparse run is ``recipes/quickstart.yaml`` (VR-PGE, keep
+0.5) with the model, batch (256 by default, as the GPU targets), a short schedule (``--epochs`` search epochs: one dense
+warm-up, a two-epoch anneal, the rest searching; ``--finetune-epochs``), bf16, channels_last and ``cuda_graphs=true`` on
+CUDA. Its dense twin is the same recipe with ``method=dense`` trained for the search plus finetune epochs. The summary's
+measured speedup is what the targets' last row is about: dense steps timed inside the run, beside its own steps. So the
+sparse runs go one after the other (nothing else on the device while they time), and the dense twins, whose accuracy
+alone is read, all at once afterwards. Every run has ``--timeout`` seconds. Writes ``e2e.json`` (each run's summary
+fields, exit status and seconds) and ``e2e.md`` (the table, with the targets) into ``--out``, and each run's directory
+beside them.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ steps, whatever ``alpha``. ``E[gap^2]`` grows with every channel's importance (a
 channels act additively), so ``n_j`` is about twice the number of channels for a channel of typical importance: the
 estimator needs steps in proportion to the width of the network before it says anything about one channel.
 
-The tool trains the study's setting densely (a cosine schedule over the last epoch of ``--at``) (``tools/search_study.py``: ``shapes`` 32x32, 1,024 images in batches of
-64, ResNet-32 at widths 16-32-64) and, after the epochs named by ``--at``, measures on fixed training batches:
+The tool trains the study's setting densely (a cosine schedule over the last epoch of ``--at``)
+(``tools/search_study.py``: ``shapes`` 32x32, 1,024 images in batches of 64, ResNet-32 at widths 16-32-64) and, after
+the epochs named by ``--at``, measures on fixed training batches:
 
 * ``E[gap^2]`` from ``--pairs`` independent mask pairs at ``s = --keep`` (compact forwards in train mode, as a search
   step runs them), and

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import maskprop
-from maskprop.train import graphs, setup
+from maskprop.train import setup, static_steps
 from maskprop.train.config import load_config
 from maskprop.train.graphs import GraphsChoice
 
@@ -37,18 +37,18 @@ def static_steps_on_the_cpu() -> Iterator[list[dict[str, int]]]:
     """Within: runs take the static-shape steps eagerly (what ``cuda_graphs`` selects on CUDA), and the list yielded
     receives the capacities of every search window as it is built."""
     windows: list[dict[str, int]] = []
-    build, resolve = graphs.SearchStep.__init__, setup.resolve_cuda_graphs
+    build, resolve = static_steps.SearchStep.__init__, setup.resolve_cuda_graphs
 
     def recording(self, model, scores, optimizers, sparsity, ctx, capacities, *args, **kwargs):
         windows.append({g: int(c) for g, c in capacities.items()})
         build(self, model, scores, optimizers, sparsity, ctx, capacities, *args, **kwargs)
 
-    graphs.SearchStep.__init__ = recording
+    static_steps.SearchStep.__init__ = recording
     setup.resolve_cuda_graphs = lambda cfg, device, world, model=None: GraphsChoice(True, False)
     try:
         yield windows
     finally:
-        graphs.SearchStep.__init__, setup.resolve_cuda_graphs = build, resolve
+        static_steps.SearchStep.__init__, setup.resolve_cuda_graphs = build, resolve
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,16 @@
 """Channel groups, masks, and the compact / masked execution of channel-sparse layers."""
 
 from .execution import MODES, ExecutionState, Mask, ModelPlan, check_mask, model_plan, prepare_mask, use_mask
-from .groups import (ChannelSparseModel, aligned_width, channel_groups, check_align, full_mask, kept_counts, kept_ratio,
-                     random_mask)
+from .groups import (
+                     ChannelSparseModel,
+                     aligned_width,
+                     channel_groups,
+                     check_align,
+                     full_mask,
+                     kept_counts,
+                     kept_ratio,
+                     random_mask,
+)
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule
 
 __all__ = [

@@ -558,7 +558,7 @@ class StaticExecutionState:
 
         With it a mask can be prepared while this state's is still in use: a search step writes its next ``m`` into
         a second state beside the backward of the current one, which reads this state's buffers
-        (``maskprop.train.graphs.SearchStep``), and takes it at the start of the next step."""
+        (``maskprop.train.static_steps.SearchStep``), and takes it at the start of the next step."""
         if other.layout is not self.layout:
             raise ValueError("take() needs a state of the same layout (the same window)")
         for mine, theirs in zip(self._mask_buffers(), other._mask_buffers()):
@@ -587,8 +587,8 @@ class StaticExecutionState:
         alone (it neither reads nor writes them) and keeps its own until :meth:`commit_statistics` adds them to the
         model's as they are then: the same as if the pass had run at that moment. A search step sets it on the state
         of ``m'``, whose forward can then run on another CUDA stream at the same time as the forward of ``m``, which
-        updates the same statistics (``maskprop.train.graphs.SearchStep``). Needs every BatchNorm of the model in the
-        layout, with one momentum (:attr:`StaticLayout.can_defer_statistics`)."""
+        updates the same statistics (``maskprop.train.static_steps.SearchStep``). Needs every BatchNorm of the model
+        in the layout, with one momentum (:attr:`StaticLayout.can_defer_statistics`)."""
         return self._defers
 
     @defers_statistics.setter

@@ -103,8 +103,8 @@ class RunSummary:
                                  "random: the random baseline, fixed before the first step)", factory=dict)
     search: dict[str, Any] | None = _f(
         "", "VR-PGE runs: subnetwork ('searched' by VR-PGE, or 'random': the random baseline, no search), "
-            "warmup_epochs, anneal_epochs, budget_schedule, budget_unit, initial_keep_probability, and steps of each kind (warmup: "
-            "dense; anneal; search: VR-PGE at the budget; random: the fixed random subnetwork)")
+            "warmup_epochs, anneal_epochs, budget_schedule, budget_unit, initial_keep_probability, and steps of each "
+            "kind (warmup: dense; anneal; search: VR-PGE at the budget; random: the fixed random subnetwork)")
     run_time_s: float = _f("s", "wall time of the run over all its processes (evaluation and checkpoints included)",
                            0.0)
     run_dir: str | None = _f("", "where the run was written (null: nothing written)")
@@ -251,7 +251,8 @@ def _search(run: Run) -> dict[str, Any] | None:
         counts = {"warmup": counts["warmup"], "random": counts["anneal"] + counts["search"]}
     return {"subnetwork": "random" if random else "searched", "warmup_epochs": sparsity.warmup_epochs,
             "anneal_epochs": sparsity.anneal_epochs, "budget_schedule": sparsity.budget_schedule,
-            "budget_unit": sparsity.budget_unit, "initial_keep_probability": None if random else initial_keep_probability(sparsity), "steps": counts}
+            "budget_unit": sparsity.budget_unit,
+            "initial_keep_probability": None if random else initial_keep_probability(sparsity), "steps": counts}
 
 
 def _ms(seconds: float | None) -> float | None:
