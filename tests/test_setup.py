@@ -196,6 +196,42 @@ def test_fit_hands_over_the_trained_network_without_a_run_directory(method, tmp_
         torch.testing.assert_close(maskprop.load_exported(tmp_path / "export")(val.tensors[0]), narrow(val.tensors[0]))
 
 
+def test_labels_of_a_narrower_integer_type_train_as_int64_ones(tmp_path):
+    """A dataset holding its labels as int32 (or uint8) trains as with int64 labels (the loss takes int64: the batches
+    are converted on their way to the device), to the same weights."""
+    config = tiny(data={"batch_size": 20}, finetune={"epochs": 0})
+    results = []
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        train, val = _tensor_set(40, 7, 0), _tensor_set(20, 7, 1)
+        train, val = (TensorDataset(d.tensors[0], d.tensors[1].to(dtype)) for d in (train, val))
+        results.append(maskprop.fit(config, train_set=train, val_set=val))
+    for result in results[1:]:
+        assert result["accuracy"] == results[0]["accuracy"]
+        for (name, a), b in zip(result.model.state_dict().items(), results[0].model.state_dict().values()):
+            assert torch.equal(a, b), name
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __init__(self, label) -> None:
+        self.label = label
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int):
+        return torch.zeros(3, 8, 8), self.label
+
+
+@pytest.mark.parametrize("label,what", [(0.5, "float 0.5"), ("cat", "str 'cat'"),
+                                        (torch.tensor(1.0), "a torch.float32 tensor of shape ()"),
+                                        (torch.tensor([0, 1]), "a torch.int64 tensor of shape (2,)")])
+def test_a_label_that_is_not_a_class_index_is_a_one_line_error(label, what, tmp_path):
+    config = tiny(model={"name": "resnet20", "kwargs": {"num_classes": 3}})
+    with pytest.raises(ValueError, match=rf"^train_set\[0\]'s label is {re.escape(what)}; expected a class index"):
+        maskprop.fit(config, train_set=_Pairs(label), val_set=_Pairs(0), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_tensor_dataset_with_float_labels_is_a_one_line_error():
     images = torch.randn(8, 3, 8, 8)
     with pytest.raises(ValueError, match=r"^the labels of TensorDataset are not class indices \(a torch.float32 "

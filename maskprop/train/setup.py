@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -148,6 +149,15 @@ def _probe_example(name: str, dataset: Dataset) -> tuple[int, int, int]:
     if image.dtype != torch.float32:
         raise ValueError(f"{name}[0]'s image is a {image.dtype} tensor; expected float32 (e.g. torchvision's "
                          f"v2.ToDtype(torch.float32, scale=True))")
+    label = sample[1]
+    integer = isinstance(label, numbers.Integral) and not isinstance(label, bool) or (
+        isinstance(label, Tensor) and label.numel() == 1 and not label.is_floating_point()
+        and not label.is_complex() and label.dtype != torch.bool)
+    if not integer:
+        what = f"a {label.dtype} tensor of shape {tuple(label.shape)}" if isinstance(label, Tensor) else \
+            f"{type(label).__name__} {label!r}"[:80]
+        raise ValueError(f"{name}[0]'s label is {what}; expected a class index (an int, or an integer tensor of one "
+                         f"element)")
     return tuple(image.shape)  # type: ignore[return-value]
 
 

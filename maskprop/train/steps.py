@@ -54,11 +54,12 @@ class StepContext:
                               enabled=self.amp_dtype is not None)
 
     def inputs(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """A batch moved to the device, images in the configured memory format."""
+        """A batch moved to the device, images in the configured memory format, labels as int64 (what the loss takes;
+        a dataset may hold them in a narrower integer type)."""
         images = images.to(self.device, non_blocking=True)
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
-        return images, labels.to(self.device, non_blocking=True)
+        return images, labels.to(self.device, torch.long, non_blocking=True)
 
 
 @dataclass
