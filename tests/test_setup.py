@@ -232,6 +232,29 @@ def test_a_label_that_is_not_a_class_index_is_a_one_line_error(label, what, tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_resuming_a_finished_run_returns_its_record_unchanged(tmp_path, caplog):
+    """``fit(..., resume=True)`` on a run that has finished trains nothing and rewrites nothing: a changed setting is
+    reported, and ``config.yaml`` and ``summary.json`` stay as the run wrote them; the result is the saved summary with
+    the final network."""
+    config = tiny(finetune={"epochs": 0})
+    first = maskprop.fit(config, out=tmp_path / "run")
+    files = {name: (tmp_path / "run" / name).read_bytes() for name in ("config.yaml", "summary.json", "last.pt")}
+    changed = tiny(finetune={"epochs": 0}, sparsity={"keep_ratio": 0.25})
+    with caplog.at_level(logging.INFO):
+        again = maskprop.fit(changed, out=tmp_path / "run", resume=True)
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in files} == files
+    assert again == first and again["keep_ratio"] == 0.5
+    assert "sparsity.keep_ratio: 0.5 -> 0.25" in caplog.text and "has finished: nothing to train" in caplog.text
+    for (name, a), b in zip(again.model.state_dict().items(), first.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("config", [None, 3, ["model.name=resnet20"]])
+def test_fit_without_a_config_is_a_one_line_type_error(config):
+    with pytest.raises(TypeError, match=r"^config is \w+; expected a Config, a mapping or a yaml path"):
+        maskprop.fit(config)
+
+
 def test_tensor_dataset_with_float_labels_is_a_one_line_error():
     images = torch.randn(8, 3, 8, 8)
     with pytest.raises(ValueError, match=r"^the labels of TensorDataset are not class indices \(a torch.float32 "

@@ -67,7 +67,7 @@ from .optim import run_optimizer
 from .setup import Run, phase_epochs, phase_optimizer, prepare
 from .state import PHASES, TrainState, search_schedule
 from .steps import StepContext, StepResult, sbp_step, subnet_step, vrpge_step
-from .summary import summarize, write_json
+from .summary import read_summary, summarize, write_json
 from .timing import DenseReference, timed_step
 
 __all__ = ["evaluate", "fit", "fix_subnetwork", "train_one_epoch"]
@@ -754,6 +754,14 @@ def _trained_model(run: Run) -> nn.Module:
     return model.eval()
 
 
+def _saved_summary(run: Run) -> dict[str, Any] | None:
+    """The summary of a resumed run that had finished (as its ``summary.json`` holds it), else ``None``."""
+    path = None if run.run_dir is None else run.run_dir / "summary.json"
+    if not run.resumed or run.state.phase != "done" or path is None or not path.is_file():
+        return None
+    return read_summary(path).to_dict()
+
+
 def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Dataset | None = None,
         val_set: Dataset | None = None, out: str | os.PathLike | None = None, *,
         resume: bool = False) -> FitResult:
@@ -775,9 +783,13 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
         also holds the trained network (``.model``, ``.mask``, ``.narrow()``, ``.export(dir)``).
 
     Raises:
+        TypeError: ``config`` is not one of the above (``None`` included).
         ValueError: Bad configuration, data, checkpoint or run directory (one line each; nothing is written).
         FileNotFoundError: A missing config file, dataset directory or checkpoint.
     """
+    if not isinstance(config, (Config, Mapping, str, os.PathLike)):  # None too: the defaults train for hours
+        raise TypeError(f"config is {type(config).__name__}; expected a Config, a mapping or a yaml path "
+                        f"(maskprop.train.config; load_config(None) gives the defaults)")
     place = init_from_env()  # under torchrun (WORLD_SIZE > 1): DDP, see maskprop/train/distributed.py
     try:  # no collective inside: a rank that fails here tells the others in agree() below, and all stop
         cfg = config if isinstance(config, Config) else load_config(config)
@@ -792,6 +804,10 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
     check_same_config({k: v for k, v in config_to_dict(cfg).items() if k != "data"}
                       | {"data": {k: v for k, v in config_to_dict(cfg)["data"].items() if k != "root"}})
     state = run.state
+    saved = _saved_summary(run)
+    if saved is not None:  # a finished run: nothing to train, and its record stays as it was
+        logger.info("the run in '%s' has finished: nothing to train; its summary as saved", run.run_dir)
+        return FitResult(saved, _trained_model(run), state.fixed_mask if cfg.method == "vrpge" else None, run.spec)
     if place.enabled and run.static is None:
         state.ddp = wrap_model(state.model, run.ctx.device, sync_bn=cfg.sync_bn)
     elif place.enabled:  # the static steps average the gradients themselves: no wrapper, rank 0's weights shared
