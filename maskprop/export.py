@@ -232,7 +232,7 @@ def load_exported(path: str | os.PathLike, device: torch.device | str | None = N
     :func:`materialize`, and the saved tensors are assigned to it (``load_state_dict(assign=True)``).
 
     Args:
-        path: the export directory.
+        path: the export directory (or its ``plan.json``).
         device: where the tensors are loaded (default: the CPU).
 
     Returns:
@@ -246,11 +246,14 @@ def load_exported(path: str | os.PathLike, device: torch.device | str | None = N
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.name == PLAN_FILE and path.is_file():  # the plan named instead of its directory
+        path = path.parent
     plan = WidthPlan.load(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"'{weights}' not found; export with --format safetensors to load with maskprop "
-                                f"(or load model.pt2 with torch.export.load)")
+        raise FileNotFoundError(f"'{weights}' not found; export with the safetensors format (--format safetensors, "
+                                f"formats='safetensors') to load with maskprop (or load model.pt2 with "
+                                f"torch.export.load)")
     try:
         where = torch.device(device or "cpu")
         if where.type == "meta":
@@ -471,14 +474,14 @@ def _check_out(out: Path, force: bool) -> None:
     mistake must survive."""
     if not (out.exists() or out.is_symlink()):
         return
-    if not force:
-        raise ValueError(f"output directory '{out}' exists; pass --force (force=True) to replace it")
     names = [p.name for p in out.iterdir()] if out.is_dir() and not out.is_symlink() else [out.name]
     others = sorted(n for n in names if n not in _EXPORT_NAMES)
     if others or (names and INFO_FILE not in names):  # an empty directory holds nothing to lose
         what = f"it holds '{others[0]}'" if others else f"it has no {INFO_FILE}"
-        raise ValueError(f"'{out}' is not an earlier maskprop export ({what}); --force replaces only an export "
-                         f"directory: expected a new directory for the output")
+        raise ValueError(f"'{out}' exists and is not an earlier maskprop export ({what}); expected a new directory "
+                         f"for the output (--force, force=True, replaces only an earlier export)")
+    if not force:
+        raise ValueError(f"output directory '{out}' exists; pass --force (force=True) to replace it")
 
 
 def _check_spec(model: nn.Module, spec: ModelSpec) -> None:
@@ -685,8 +688,9 @@ def _checkpoint_mask(checkpoint: Mapping[str, Any], path: Path, model: nn.Module
         return checkpoint["fixed_mask"]
     if method == "vrpge":
         raise ValueError(f"checkpoint '{path}' is from phase {phase!r} (epoch {checkpoint['epoch']}): the run has "
-                         f"not fixed its subnetwork yet; finish it (maskprop train --resume), or export the "
-                         f"highest-probability subnetwork with --mask top_scores")
+                         f"not fixed its subnetwork yet; finish it (maskprop train --resume, or fit(..., "
+                         f"resume=True)), or export the highest-probability subnetwork (--mask top_scores, "
+                         f"mask='top_scores')")
     return None  # dense and sparse-backward runs train the whole network
 
 

@@ -275,6 +275,7 @@ def test_load_exported_rebuilds_the_narrow_model(exported):
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), narrow(x), rtol=0, atol=0)
+        torch.testing.assert_close(load_exported(out / "plan.json")(x), narrow(x), rtol=0, atol=0)  # the plan named
 
 
 def test_pt2_runs_with_torch_alone_in_a_child_process(exported, tmp_path):
@@ -458,8 +459,9 @@ def test_existing_output_is_refused_unless_forced_and_force_replaces_only_an_exp
     for folder, holds in ((out, "it holds 'keep.txt'"), (mine / "notes.txt", "it holds 'notes.txt'"),
                           (partial, "it has no export.json"), (tmp_path, "it holds 'mine'")):
         before = sorted(tmp_path.rglob("*"))
-        with pytest.raises(ValueError, match=f"not an earlier maskprop export \\({holds}\\)"):
-            save_exported(model, mask, folder, spec=RESNET20, formats="safetensors", force=True)
+        for force in (True, False):  # without force too: no advice to force what force would refuse
+            with pytest.raises(ValueError, match=f"not an earlier maskprop export \\({holds}\\); expected a new"):
+                save_exported(model, mask, folder, spec=RESNET20, formats="safetensors", force=force)
         assert sorted(tmp_path.rglob("*")) == before
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -230,7 +230,8 @@ def _check_run_dir(run_dir: Path | None, resume: bool) -> dict[str, Any] | None:
             return load_checkpoint(last)
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"run directory '{run_dir}' has no checkpoint ('{last}') and no config.yaml; "
-                                    f"nothing to resume: start a run with 'maskprop train RECIPE --out {run_dir}'")
+                                    f"nothing to resume: start a run with 'maskprop train RECIPE --out {run_dir}' "
+                                    f"(from Python: fit(config, out=...))")
         # Killed before its first checkpoint: continuing it means starting it over (same seed, same result).
         logger.warning("run directory '%s' has no checkpoint yet (the run stopped before its first save); starting "
                        "the run over from the beginning", run_dir)
