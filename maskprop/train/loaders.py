@@ -141,7 +141,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 
     if drop_last and size < batch_size:
         raise ValueError(f"a training set of {size} examples gives no full batch of {batch_size} (an epoch drops its "
                          f"partial last batch); expected data.batch_size <= {size}, or more training examples "
-                         f"(data.train_size)")
+                         f"(for the shapes dataset, data.train_size)")
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
     sampler = GlobalBatchSampler(size, batch_size, shuffle=train, drop_last=drop_last, generator=generator, rank=rank,
