@@ -7,6 +7,7 @@ example: its cost scales with kept_in x kept_out, hence about rho^2 of dense for
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -44,11 +45,12 @@ class CostModel:
     """
 
     def __init__(self, model: nn.Module, input_size: Sequence[int]) -> None:
-        if len(input_size) != 3:
-            raise ValueError(f"input_size must be (C, H, W), got {tuple(input_size)}")
-        self.input_size = tuple(int(s) for s in input_size)
+        self.input_size = _size(input_size, 3, "(C, H, W)")
         self.groups = channel_groups(model)
-        self.layers = _record_shapes(model, self.input_size)
+        try:
+            self.layers = _record_shapes(model, self.input_size)
+        except RuntimeError as err:  # the model does not take this input (channels, a too-small image, features)
+            raise InputSizeError(model, self.input_size, " ".join(str(err).split())[:160]) from None
         self._other_params = _unprunable_params(model)
         self._norm = [(m.group, m.num_features, m.affine) for m in model.modules() if isinstance(m, SparseBatchNorm2d)]
         self._dense_layer_flops = self._layer_flops({})
@@ -133,6 +135,24 @@ class CostModel:
         return total
 
 
+class InputSizeError(ValueError):
+    """A model that does not take inputs of the size given (one line; ``reason``: what its forward said)."""
+
+    def __init__(self, model: nn.Module, size: tuple[int, ...], reason: str) -> None:
+        super().__init__(f"{type(model).__name__} does not take an input of size {size} ({reason}); expected the "
+                         f"(C, H, W) it was built for")
+        self.size, self.reason = size, reason
+
+
+def _size(input_size: object, lengths: int | tuple[int, ...], expected: str) -> tuple[int, ...]:
+    """``input_size`` as a tuple of positive ints of one of ``lengths``; a one-line ``ValueError`` otherwise."""
+    lengths = (lengths,) if isinstance(lengths, int) else lengths
+    if (not isinstance(input_size, (tuple, list, torch.Size)) or len(input_size) not in lengths
+            or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in input_size)):
+        raise ValueError(f"input_size must be {expected}, positive integers; got {input_size!r}")
+    return tuple(int(s) for s in input_size)
+
+
 def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> list[LayerShape]:
     shapes: list[LayerShape] = []
     handles = []
@@ -185,8 +205,7 @@ def flops(model: nn.Module, input_size: Sequence[int], mask: Mapping[str, Tensor
         input_size: ``(C, H, W)`` for one example, or ``(N, C, H, W)`` for a batch.
         mask: group name -> bool tensor; ``None`` for the dense model.
     """
-    if len(input_size) not in (3, 4):
-        raise ValueError(f"input_size must be (C, H, W) or (N, C, H, W), got {tuple(input_size)}")
+    input_size = _size(input_size, (3, 4), "(C, H, W) or (N, C, H, W)")
     batch = input_size[0] if len(input_size) == 4 else 1
     return CostModel(model, input_size[-3:]).flops(mask, batch_size=batch)
 

@@ -364,6 +364,9 @@ def parse_formats(formats: str | Iterable[str] | None) -> list[str]:
     """
     if formats is None:
         return [f for f in FORMATS if f != "timm" and (f != "onnx" or _missing_onnx() is None)]
+    if not isinstance(formats, (str, list, tuple, set, frozenset)):
+        raise ValueError(f"formats={formats!r}; expected None, a comma-separated string or a list of "
+                         f"{', '.join(FORMATS)}")
     names = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else [str(f).strip() for f in formats]
     unknown = [f for f in names if f not in FORMATS]
     if unknown or not names:
@@ -373,7 +376,8 @@ def parse_formats(formats: str | Iterable[str] | None) -> list[str]:
         missing = _missing_onnx()
         if missing is not None:
             raise ValueError(f"format 'onnx' needs the onnx extra ({missing} is not installed): pip install "
-                             f"'maskprop[onnx]', or export --format safetensors,pt2")
+                             f"'maskprop[onnx]', or export the other formats (--format safetensors,pt2, "
+                             f"formats='safetensors,pt2')")
     if "timm" in names:
         if importlib.util.find_spec("timm") is None:
             raise ValueError("format 'timm' needs timm, which is not installed: pip install timm")
@@ -531,6 +535,11 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
     Raises:
         ValueError: a bad mask, format list or spec, or ``out`` exists without ``force``.
     """
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"spec is {type(spec).__name__}; expected a ModelSpec, e.g. ModelSpec('resnet32', "
+                        f"{{'num_classes': 10}}, (3, 32, 32))")
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out is {type(out).__name__}; expected the export directory's path")
     out = Path(out)
     chosen = parse_formats(formats)
     twin = timm_twin(spec)

@@ -118,9 +118,16 @@ def test_train_step_formulas():
         vrpge_step_flops(1.0, 1.0, weight_grad="all")
 
 
-def test_bad_input_size():
-    with pytest.raises(ValueError, match=r"input_size must be \(C, H, W\) or \(N, C, H, W\), got \(32, 32\)"):
-        maskprop.flops(maskprop.create_model("resnet20"), (32, 32))
+@pytest.mark.parametrize("size", [(32, 32), 32, (3, 32.0, 32), (3, 0, 32), "3,32,32"])
+def test_bad_input_size(size):
+    with pytest.raises(ValueError, match=r"^input_size must be \(C, H, W\) or \(N, C, H, W\), positive integers; got "):
+        maskprop.flops(maskprop.create_model("resnet20"), size)
+
+
+def test_an_input_the_model_does_not_take_is_one_line():
+    with pytest.raises(ValueError, match=r"^ResNet does not take an input of size \(1, 32, 32\) \(.*\); expected the "
+                                         r"\(C, H, W\) it was built for$"):
+        maskprop.flops(maskprop.create_model("resnet20"), (1, 32, 32))
 
 
 def test_a_mask_that_does_not_fit_is_one_line_and_batch_sizes_are_checked():

@@ -553,3 +553,29 @@ def test_loading_onto_a_device_that_holds_no_values_is_one_line(exported):
     for device, reason in (("meta", "meta holds no values"), ("gpu", "Expected one of")):
         with pytest.raises(ValueError, match=f"^device='{device}' is not a device to load weights on \\({reason}"):
             maskprop.load_exported(out, device=device)
+
+
+def test_arguments_of_the_wrong_kind_are_one_line_errors(tmp_path):
+    """A newcomer's slips with the public functions (a model name for a spec, no output path, a number for the
+    formats, a seed for a generator, a string for a ratio, an input size of two numbers) are one line each, naming
+    what was given and what is expected, and write nothing."""
+    model = maskprop.create_model("resnet20")
+    groups = model.channel_groups()
+    mask = random_mask(groups, 0.5, torch.Generator().manual_seed(0))
+    cases = [
+        (TypeError, r"^spec is str; expected a ModelSpec, e\.g\. ModelSpec\('resnet32'",
+         lambda: save_exported(model, mask, tmp_path / "a", spec="resnet20")),
+        (TypeError, r"^out is NoneType; expected the export directory's path",
+         lambda: save_exported(model, mask, None, spec=RESNET20)),
+        (ValueError, r"^formats=5; expected None, a comma-separated string or a list of safetensors",
+         lambda: save_exported(model, mask, tmp_path / "b", spec=RESNET20, formats=5)),
+        (TypeError, r"^generator is int; expected a torch\.Generator", lambda: random_mask(groups, 0.5, 0)),
+        (ValueError, r"^keep_ratio must be a number in \(0, 1\], got '0\.5'", lambda: random_mask(groups, "0.5")),
+        (ValueError, r"^ModelSpec input_size=16; expected \(C, H, W\), positive integers",
+         lambda: ModelSpec("resnet20", {}, 16)),
+        (TypeError, r"^ModelSpec takes a name \(str\) and kwargs \(a mapping\)", lambda: ModelSpec(20)),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+    assert list(tmp_path.iterdir()) == []

@@ -330,7 +330,7 @@ def test_unknown_mode(small_model):
 
 
 def test_random_mask_ratio_is_validated():
-    with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"keep_ratio must be a number in \(0, 1\], got 1.5"):
         random_mask({"a": 4}, 1.5)
 
 

@@ -45,6 +45,16 @@ class ModelSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     input_size: tuple[int, int, int] = (3, 32, 32)
 
+    def __post_init__(self) -> None:
+        size = self.input_size
+        if not isinstance(self.name, str) or not isinstance(self.kwargs, Mapping):
+            raise TypeError(f"ModelSpec takes a name (str) and kwargs (a mapping); got {self.name!r} and "
+                            f"{self.kwargs!r}")
+        if not (isinstance(size, Sequence) and len(size) == 3
+                and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+            raise ValueError(f"ModelSpec input_size={size!r}; expected (C, H, W), positive integers")
+        object.__setattr__(self, "input_size", tuple(size))
+
     @classmethod
     def resolve(cls, name: str, kwargs: Mapping[str, Any], *, num_classes: int, input_size: Sequence[int],
                 prune_residual: bool = True) -> ModelSpec:

@@ -88,8 +88,11 @@ def random_mask(
         generator: the source of randomness (default: torch's global one).
     """
     _check_group_sizes(groups)
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator is {type(generator).__name__}; expected a torch.Generator (e.g. "
+                        f"torch.Generator().manual_seed(0)) or None")
     mask = {}
     for g, n in groups.items():
         kept = torch.randperm(n, generator=generator)[: max(1, round(keep_ratio * n))]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from ..cost import CostModel
+from ..cost import CostModel, InputSizeError
 from ..models import list_models
 from ..models.spec import ModelSpec
 from ..sbp import GlobalBudget, convert, sparse_layers
@@ -178,9 +178,10 @@ def _cost_model(model: nn.Module, cfg: Config, input_size: tuple[int, int, int],
     whose inputs they are; default the config's dataset)."""
     try:
         return CostModel(model, input_size)
-    except RuntimeError as err:
+    except InputSizeError as err:
         raise ValueError(f"model {cfg.model.name!r} does not take {data or cfg.data.dataset} inputs of size "
-                         f"{input_size} ({error_reason(err)}); expected a model built for that input") from None
+                         f"{input_size} ({err.reason}); expected a model built for that input (model.kwargs.in_chans "
+                         f"for other than 3 channels)") from None
 
 
 def sparse_backward(model: nn.Module, method: str, sbp: SbpConfig) -> GlobalBudget | None:
