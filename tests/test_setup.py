@@ -18,6 +18,7 @@ from maskprop.cli import main
 from maskprop.train import loop
 from maskprop.train.checkpoint import error_reason, load_checkpoint
 from maskprop.train.config import load_config, save_config
+from maskprop.train.distributed import Distributed
 from maskprop.train.setup import _num_classes
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs (conftest.py)
@@ -230,6 +231,16 @@ def test_a_label_that_is_not_a_class_index_is_a_one_line_error(label, what, tmp_
     with pytest.raises(ValueError, match=rf"^train_set\[0\]'s label is {re.escape(what)}; expected a class index"):
         maskprop.fit(config, train_set=_Pairs(label), val_set=_Pairs(0), out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_under_torchrun_only_the_main_rank_writes_the_export(tmp_path, monkeypatch):
+    """Every rank holds the same network after ``fit``; ``.export`` writes it from rank 0 alone (ranks writing one
+    directory at once would race), and returns ``None`` on the others."""
+    result = maskprop.fit(tiny(finetune={"epochs": 0}))
+    monkeypatch.setattr(loop, "current", lambda: Distributed(rank=1, world_size=2))
+    assert result.export(tmp_path / "export", formats="safetensors") is None and not (tmp_path / "export").exists()
+    monkeypatch.setattr(loop, "current", lambda: Distributed(rank=0, world_size=2))
+    assert result.export(tmp_path / "export", formats="safetensors")["params"] == result["subnet_params"]
 
 
 def test_resuming_a_finished_run_returns_its_record_unchanged(tmp_path, caplog):

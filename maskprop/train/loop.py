@@ -734,12 +734,15 @@ class FitResult(dict):
         return materialize(self.model, self.mask).eval()
 
     def export(self, out: str | os.PathLike, formats: str | list[str] | None = None, *,
-               force: bool = False) -> dict[str, Any]:
+               force: bool = False) -> dict[str, Any] | None:
         """Export the subnetwork to the directory ``out`` as ``maskprop export`` does for a run directory
         (:func:`maskprop.export.save_exported`: every file written is checked; ``export.json`` records the run's
-        final accuracy). Returns the content of ``export.json``."""
+        final accuracy). Returns the content of ``export.json``; under torchrun only the main rank writes (the
+        ranks hold the same network), and the others return ``None``."""
         from ..export import save_exported
 
+        if not current().is_main:
+            return None
         source = {"source": {"method": self["method"], "mask": "fixed" if self.mask is not None else
                              "none (whole model)"},
                   "accuracy": self["accuracy"], "accuracy_source": "the run's final accuracy (maskprop.fit)"}
