@@ -82,6 +82,21 @@ def test_isolated_tests_records_each_test_as_it_finishes(tmp_path, capsys):
     assert [r["node"].split("::")[1] for r in json.loads(out.read_text())["tests"]] == ["test_slow", "test_quick"]
 
 
+def test_isolated_tests_start_the_tests_named_first_first(tmp_path, capsys):
+    """``--first WORD``: the tests whose node id holds the word start before the others (one at a time here, so they
+    also finish first); the outcomes keep the file's order."""
+    tool = _tool("isolated_tests")
+    (tmp_path / "test_first.py").write_text("def test_a():\n    pass\ndef test_b_graphed():\n    pass\n"
+                                            "def test_c():\n    pass\ndef test_d_graphed():\n    pass\n")
+    out = tmp_path / "out.json"
+    assert tool.main([str(tmp_path / "test_first.py"), "--jobs", "1", "--timeout", "60", "--json", str(out),
+                      "--first", "graphed"]) == 0
+    printed = [line.split()[-1].split("::")[1] for line in capsys.readouterr().out.splitlines() if "::" in line]
+    assert printed == ["test_b_graphed", "test_d_graphed", "test_a", "test_c"]
+    assert [r["node"].split("::")[1] for r in json.loads(out.read_text())["tests"]] == [
+        "test_a", "test_b_graphed", "test_c", "test_d_graphed"]
+
+
 def test_isolated_tests_stopped_by_sigterm_keeps_what_finished(tmp_path):
     """The GPU check's time limit ends the tool with SIGTERM: the JSON keeps the finished tests and names those that
     did not finish."""

@@ -50,6 +50,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import gc
 import gzip
 import json
 import statistics
@@ -181,6 +182,7 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
                 out.write(f"## {name} {size}px b{batch}: {kind} ({PROFILE_STEPS} steps, median step "
                           f"{row[f'{kind}_ms']:.2f} ms)\n\n```\n{table}\n```\n\n")
         del fn
+        gc.collect()  # a step kind's graphs, model and buffers go now, before the next kind is measured
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()

@@ -11,13 +11,13 @@
 # 1. the GPU tests (compact == masked in float32 channels_last with sampled and aligned widths, bf16 tolerance,
 #    aligned operands, one host sync per search step, the trainer on CUDA), each in a process of its own, eight at a
 #    time (tools/isolated_tests.py): gpu_tests.json;
-# 2. the step times of the GPU targets: eager steps against static steps captured as CUDA graphs (tools/bench_graphs.py: dense,
-#    search, settled search, fixed-mask and narrow finetune steps, bf16, channels_last, batch 256, keep 0.5, align 8,
-#    for resnet32, vgg19_bn and resnet50@224; last, the search step as torchrun captures it, on one rank): graphs.json
-#    (written after every step kind) and graphs.md (the ratios);
-# 3. the whole runs of the GPU targets: `maskprop train` of the short search on shapes with cuda_graphs=true for the same three
-#    models, one after the other, then their dense twins at once (tools/e2e_runs.py): accuracy, the summary's measured
-#    speedup beside its target, the capacity windows: e2e.json and e2e.md.
+# 2. the step times of the GPU targets: eager steps against static steps captured as CUDA graphs (tools/bench_graphs.py:
+#    dense, search, settled search, fixed-mask and narrow finetune steps, bf16, channels_last, batch 256, keep 0.5,
+#    align 8, for resnet32, vgg19_bn and resnet50@224; last, the search step as torchrun captures it, on one rank):
+#    graphs.json (written after every step kind) and graphs.md (the ratios);
+# 3. the whole runs of the GPU targets: `maskprop train` of the short search on shapes with cuda_graphs=true for the
+#    same three models, one after the other, then their dense twins at once (tools/e2e_runs.py): accuracy, the
+#    summary's measured speedup beside its target, the capacity windows: e2e.json and e2e.md.
 # By hand when the eager steps change (measured on 2026-12-04, in BENCHMARKS.md): `maskprop bench --device cuda --amp
 # bf16 --batch-size 256 --masks sampled --align 8`, the probe tools/gpu_probe.py and the counts of tools/count_ops.py;
 # `tools/bench_graphs.py --capacity-quantile 0.9` for narrower static widths; what running m' beside m and drawing m
@@ -27,9 +27,10 @@
 # narrow_graphed --profile DIR` (each kind's kernels by device time, and the search step's trace).
 # Limits: tests 75 s, step times 105 s, whole runs 175 s (42 s a run): 355 s. Each part has its own time limit, so one
 # that hangs cannot take the others' time; its status is in summary.json.
-# Wheels carried in .whl/ (pydantic, which the image lacks) are installed first, into /tmp/site; the repository and
-# /tmp/site are on PYTHONPATH (the package is not installed there). With a second directory, the bundle below is
-# rewritten after every part, so that a check stopped from outside still returns what finished.
+# Wheels carried in .whl/ (what the image lacks, all of it: pydantic 2.14.4, pydantic-core 2.50.5, annotated-types,
+# typing-inspection and typing-extensions, for CPython 3.12 on x86-64) are installed first, into /tmp/site; the
+# repository and /tmp/site are on PYTHONPATH (the package is not installed there). With a second directory, the bundle
+# below is rewritten after every part, so that a check stopped from outside still returns what finished.
 # GPU_CHECK_DRY_RUN=1 runs the same parts on the CPU at toy sizes (eager steps, 1 thread, generous limits): a check of
 # the script itself, for a machine without a GPU (tests/test_gpu_check.py).
 set -u
@@ -105,7 +106,7 @@ else
     E2E=(--timeout 42 --models resnet32:32:10240:4 vgg19_bn:32:10240:4 resnet50:224:2560:8)
 fi
 run tests "${LIMITS[0]}" $PY tools/isolated_tests.py tests/test_gpu.py --jobs "$JOBS" --timeout 60 \
-    --json "$OUT/gpu_tests.json"
+    --json "$OUT/gpu_tests.json" --first graphed later_window host_sync  # the graph tests before the limit can cut them
 run graphs "${LIMITS[1]}" $PY tools/bench_graphs.py "${GRAPHS[@]}" --json "$OUT/graphs.json" --markdown "$OUT/graphs.md"
 rm -rf "$OUT/e2e"  # the runs of an earlier check in the same place (a run directory is never overwritten)
 run e2e "${LIMITS[2]}" $PY tools/e2e_runs.py --out "$OUT/e2e" "${E2E[@]}"

@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds one test may take (default 120)")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each test's process (default 2)")
     parser.add_argument("--json", help="write the outcomes to this path")
+    parser.add_argument("--first", nargs="+", default=[], metavar="WORD",
+                        help="start the tests whose node id holds one of these words first (the ones a time limit "
+                             "must not cut); the outcomes keep the file's order")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.timeout <= 0 or args.threads < 1:
         parser.error(f"--jobs {args.jobs}, --timeout {args.timeout}, --threads {args.threads}: expected a positive "
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stopped)
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_one, node, cwd, args.timeout, args.threads) for node in nodes]
+        order = sorted(nodes, key=lambda n: not any(word in n for word in args.first))  # stable: the file's order
+        futures = [pool.submit(run_one, node, cwd, args.timeout, args.threads) for node in order]
         for future in as_completed(futures):  # as each finishes: a slow test does not hold back the others' results
             result = future.result()
             print(f"{result['outcome']:8s} {result['seconds']:6.1f} s  {result['node']}", flush=True)

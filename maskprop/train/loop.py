@@ -27,12 +27,13 @@ of every phase, and a resumed run continues from the last one exactly as if it h
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -358,6 +359,18 @@ def _budget_ks(state: TrainState) -> dict[str, int]:
     return {names[id(layer)]: k for layer, k in zip(state.budget.layers, state.budget.ks)}
 
 
+@contextlib.contextmanager
+def _new_widths() -> Iterator[None]:
+    """cuDNN's benchmark mode off inside (and back as it was after): for compact forwards of masks whose widths the run
+    has not met, each of whose new convolution shapes the mode would time again (the static steps turn it on)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, mask: Mapping[str, Tensor] | None,
              ctx: StepContext) -> dict[str, float]:
@@ -368,8 +381,9 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, mask: Mappin
     was_training = model.training
     model.eval()
     loss, correct, count = 0.0, 0, 0
+    widths = _new_widths() if mask is not None else contextlib.nullcontext()
     try:
-        with use_mask(model, mask, "compact", ctx.align):
+        with use_mask(model, mask, "compact", ctx.align), widths:
             for images, labels in loader:
                 images, labels = ctx.inputs(images, labels)
                 with ctx.autocast():
@@ -391,12 +405,13 @@ def _best_of_n(scores: ChannelScores, model: nn.Module, generator: torch.Generat
     masks = [scores.split(scores.sample_flat(generator).cpu()) for _ in range(samples)]
     correct, count = [0] * samples, 0
     model.eval()
-    for images, labels in loader:  # every mask sees the same batches (same augmentation draws)
-        images, labels = ctx.inputs(images, labels)
-        count += labels.shape[0]
-        for i, mask in enumerate(masks):
-            with use_mask(model, mask, "compact", ctx.align), ctx.autocast():
-                correct[i] += int((model(images).argmax(1) == labels).sum())
+    with _new_widths():
+        for images, labels in loader:  # every mask sees the same batches (same augmentation draws)
+            images, labels = ctx.inputs(images, labels)
+            count += labels.shape[0]
+            for i, mask in enumerate(masks):
+                with use_mask(model, mask, "compact", ctx.align), ctx.autocast():
+                    correct[i] += int((model(images).argmax(1) == labels).sum())
     model.train()
     if ctx.reduce_stats is not None:  # every rank scored its share: the same choice everywhere
         totals = ctx.reduce_stats(torch.tensor([*correct, count], dtype=torch.float64, device=ctx.device))
