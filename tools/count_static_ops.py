@@ -129,9 +129,10 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
     the scores onto the budget (also counted alone: ``projection``; and one mask's sampling and update: ``mask
     update``); the fixed-mask finetune step is the dense step of the full model under a sampled mask at its aligned
     kept counts (``finetune.narrow: false``); the narrow finetune step is the dense step of that mask's narrow model,
-    padded to ``align`` (the default finetune). The search step as torchrun runs it (two ranks: its two halves, the
-    gradients and losses packed for the all-reduce between them and averaged after it, the score update after the
-    average) is counted too, the collective itself as one launch; and the search step that draws its ``m`` at its own
+    padded to ``align`` (the default finetune). The search step as torchrun runs it (two ranks: its three pieces, the
+    losses packed for an all-reduce after the forwards, the score update beside the backward from the losses summed,
+    the gradients packed for an all-reduce after the backward and averaged after it) is counted too, each collective
+    as one launch; and the search step that draws its ``m`` at its own
     start, on the main stream, instead of in the step before beside the backward (``SearchStep(m_ahead=False)``)."""
     from maskprop.train.meter import DeviceMeter
     from maskprop.train.narrow import NarrowSubnetwork
@@ -191,11 +192,11 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
     average = GradientAverage(model.parameters(), 3, world_size=2)
     ranked = SearchStep(model, scores, (NoStep(model.parameters()), NoStep()), SparsityConfig(), ctx,  # type: ignore
                         capacities, meter, average=average)
-    with mock.patch.object(GradientAverage, "all_reduce", lambda self: None):  # no process group on meta
+    with mock.patch.object(GradientAverage, "all_reduce", lambda self, part="all": None):  # no process group on meta
         ranked(x, y)
         counts["torchrun search step"] = count(lambda: ranked(x, y))
-        counts.update(by_stream("torchrun search step", ranked, x, y, collectives=1))
-    counts["torchrun search step"].launches += 1  # the all-reduce between the halves
+        counts.update(by_stream("torchrun search step", ranked, x, y, collectives=2))
+    counts["torchrun search step"].launches += 2  # the all-reduces between the pieces
     return counts
 
 
@@ -207,14 +208,27 @@ class Streams:
     ``pre`` launches before the fork); after both, the side stream runs its tail (``T``: the forward of ``m'`` when it
     did not run first, the commit of its statistics, the score update when it is not tied to the backward) beside
     the backward of ``m`` (``W``); ``post`` follows the join. The critical path is
-    ``pre + max(A + W, max(A, B) + T) + post``."""
+    ``pre + max(A + W, max(A, B) + T) + post``.
+
+    Under torchrun (``join``: the step's launches when its streams first join) the step is three pieces, the losses'
+    all-reduce after the forwards and the gradients' after the backward: the streams join after the forwards of ``m``
+    (``A``) and ``m'`` (``B``), ``mid`` launches follow on the main stream, and the tail ``T`` (the score update)
+    forks beside the backward ``W``: ``pre + max(A, B) + mid + max(W, T) + post``."""
 
     def __init__(self) -> None:
         self.blocks: list[tuple[int, int]] = []  # (main-stream launches before the block, the block's launches)
         self.backward = 0  # the backward's launches
+        self.join: int | None = None  # the launches issued when the streams first join (three pieces)
 
     def summary(self, total: int) -> dict[str, int]:
         side = sum(n for _, n in self.blocks)
+        if self.join is not None:
+            (pre, b), (tail_at, tail) = self.blocks
+            a = self.join - pre - b
+            mid = tail_at - pre - a
+            post = total - pre - a - b - mid - tail - self.backward
+            critical = pre + max(a, b) + mid + max(self.backward, tail) + post
+            return {"main": total - side, "side": side, "critical": critical}
         first, (tail_at, tail) = (self.blocks[0] if len(self.blocks) == 2 else None), self.blocks[-1]
         pre = first[0] if first is not None else tail_at
         b = first[1] if first is not None else 0
@@ -226,7 +240,8 @@ class Streams:
 
 def by_stream(kind: str, step, x: torch.Tensor, y: torch.Tensor, collectives: int = 0) -> dict[str, Ops]:
     """``kind``'s launches on the main and the side stream and its critical path (:class:`Streams`) as ``Ops``
-    counts (``collectives`` launches added to the main stream: the all-reduce under torchrun)."""
+    counts (``collectives`` launches added to the main stream: the all-reduces under torchrun, where the step's
+    streams join between its pieces)."""
     import contextlib
 
     from maskprop.train.static_steps import SearchStep
@@ -247,8 +262,16 @@ def by_stream(kind: str, step, x: torch.Tensor, y: torch.Tensor, collectives: in
         backward(*args, **kwargs)
         streams.backward = outer.launches - start
 
+    class Main:  # the main stream of a step in pieces, which joins the side stream at the end of each
+        def wait_stream(self, other) -> None:
+            if streams.join is None:
+                streams.join = outer.launches
+
+    pieces = len(step.pieces(x, y)) if step.average is not None else 1
+    fork = (lambda self, device: Main()) if pieces == 3 else SearchStep._fork
     with mock.patch.object(SearchStep, "_on_side", on_side), mock.patch.object(torch.autograd, "backward",
                                                                                    counted_backward), \
+            mock.patch.object(SearchStep, "_fork", fork), \
             mock.patch.object(torch.nn.utils.clip_grad, "_has_foreach_support", lambda tensors, device: True), outer:
         step(x, y)
     result = {}

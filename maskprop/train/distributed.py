@@ -16,8 +16,8 @@ What a DDP run keeps identical on every rank, and how:
   the same everywhere plus the second one is the average of the sum (exact, at the cost of a second all-reduce).
   On CUDA the ranks run the static-shape steps of ``maskprop.train.graphs`` instead, on the model itself (no DDP
   wrapper: rank 0's weights are broadcast once, :func:`share_model`): each step packs its gradients and losses into
-  one buffer, all-reduced between two halves captured as CUDA graphs (``GradientAverage``; uncaptured with
-  ``sync_bn``), with the same sums over the ranks.
+  one buffer, all-reduced between pieces captured as CUDA graphs (the losses after a search step's forwards, the
+  gradients after its backward: ``GradientAverage``; uncaptured with ``sync_bn``), with the same sums over the ranks.
 * **BatchNorm.** ``sync_bn: false`` (plain DDP): each rank normalises its own share of the batch; the running
   statistics drift apart during an epoch and are averaged over the ranks at its end (:func:`average_buffers`),
   before evaluation, the fix and every checkpoint. ``sync_bn: true``: statistics of the kept channels over the

@@ -37,26 +37,29 @@ advance instead, and is recorded once as a CUDA graph that the GPU then replays 
 
 Capture follows torch's rules for CUDA graphs: the first ``WARMUP_STEPS`` steps of a step kind run eagerly on a side
 stream (real steps on real batches: cuDNN's benchmark mode, on while graphs are, picks its kernels there, and the
-optimizers create their state), then the next step is captured and replayed, and every later step is a replay; a
-later window of the search needs only ``NEW_WINDOW_WARMUP_STEPS`` eager step (new widths, nothing else new). Each
-batch is copied into fixed input buffers first; a batch of another size runs eagerly (the trainer's loaders drop an
-epoch's partial last batch: none occurs in a run). Gradients are set to ``None`` before each backward (its gradient
-tensors become the ``.grad``, in the graph's memory, as in torch's whole-network capture), autocast runs without its
-cache, the weight SGD is fused with its learning rate in a device tensor refreshed from the schedule before each replay,
-and the score Adam is ``capturable`` and fused. A capture restricts this thread alone
-(``capture_error_mode="thread_local"``): the data loader's pin-memory thread, which pins the next batches while a step
-is captured, and NCCL's watchdog under torchrun go on as usual (in torch's default mode their CUDA calls would break the
-capture). With ``cuda_graphs: auto`` a step whose capture fails runs eagerly from then on (one warning; the stream the
-capture left current is given back); with ``true`` the failure is an error.  Under torchrun every rank replays the same
-steps on its share of the global batch, and the ranks' gradients are averaged between two halves of each step, each
-captured as a graph of its own (:class:`GradientAverage`): the first
-(masks, forwards, backward) ends by packing this rank's weight gradients, with ``L(m) n``, ``L(m') n`` and ``n``, into
-one flat buffer; the host then issues one ``all_reduce`` of that buffer (NCCL on GPUs, a launch that reads nothing
-back); the second (the average installed as the gradients, gradient norm, score update from the global batch's
-losses, SGD, Adam, projection, the meter) follows. So no collective is recorded in a graph, and a rank whose capture
-failed still issues the same collectives as the others. The meter's reads sum the ranks' losses, correct counts and
-examples (one all-reduce per read). The static steps bypass the run's DDP wrapper (whose all-reduces are issued from
-the host inside the backward).
+optimizers create their state), then the next step is captured and replayed, and every later step is a replay; a later
+window of the search needs only ``NEW_WINDOW_WARMUP_STEPS`` eager step (new widths, nothing else new). Each batch is
+copied into fixed input buffers first; a batch of another size runs eagerly (the trainer's loaders drop an epoch's
+partial last batch: none occurs in a run). Gradients are set to ``None`` before each backward (its gradient tensors
+become the ``.grad``, in the graph's memory, as in torch's whole-network capture), autocast runs without its cache, the
+weight SGD is fused with its learning rate in a device tensor refreshed from the schedule before each replay, and the
+score Adam is ``capturable`` and fused. A capture restricts this thread alone (``capture_error_mode="thread_local"``):
+the data loader's pin-memory thread, which pins the next batches while a step is captured, and NCCL's watchdog under
+torchrun go on as usual (in torch's default mode their CUDA calls would break the capture). With ``cuda_graphs: auto`` a
+step whose capture fails runs eagerly from then on (one warning; the stream the capture left current is given back);
+with ``true`` the failure is an error. Under torchrun every rank replays the same steps on its share of the global
+batch, and the ranks' gradients are averaged between pieces of each step, each piece captured as a graph of its own
+(:class:`~maskprop.train.static_steps.GradientAverage`). A search step is three pieces: the first (masks, both forwards)
+ends by packing ``L(m) n``, ``L(m') n`` and ``n`` into a flat buffer, which the host sums over the ranks with one
+``all_reduce`` (NCCL on GPUs, a launch that reads nothing back); the second runs the backward and, beside it on the side
+stream as in one process, the score update from the global batch's losses and the next ``m``, and packs this rank's
+weight gradients into the same buffer, summed by a second ``all_reduce``; the third (the average installed as the
+gradients, gradient norm, SGD, the meter) follows. The plain steps, and a search step whose score update needs the
+gradients (clipping) or runs after both backwards, are two halves around one ``all_reduce`` of the gradients and the
+losses (:meth:`~maskprop.train.static_steps.StaticStep.pieces`). So no collective is recorded in a graph, and a rank
+whose capture failed still issues the same collectives as the others. The meter's reads sum the ranks' losses, correct
+counts and examples (one all-reduce per read). The static steps bypass the run's DDP wrapper (whose all-reduces are
+issued from the host inside the backward).
 
 Where a run cannot be captured but the steps can still have static shapes (``sync_bn``, whose BatchNorm layers
 all-gather statistics inside the forward; Adam on the weights; a BatchNorm with ``momentum=None``),
@@ -203,16 +206,23 @@ class _DeviceLearningRates:
                 group["lr"] = value
 
 
+def _reason(err: BaseException) -> str:
+    """What made a capture fail: ``err``, and the error it was raised in the handling of, where there is one (a step
+    that raises inside the capture makes torch's end of the capture raise too, with a message of its own)."""
+    first = err.__context__ if err.__context__ is not None and err.__context__ is not err else None
+    text = f"{type(err).__name__}: {err}"
+    return text if first is None else f"{text}; first {type(first).__name__}: {first}"
+
+
 class StepGraph:
     """Runs a step body eagerly, or (``capture``) as CUDA graphs captured after ``warmup`` eager steps: one graph, or
-    under torchrun two (the halves before and after the gradient average, the collective between them issued by the
-    host: :class:`GradientAverage`).
+    under torchrun one per piece of the step (the ranks' collectives between them issued by the host:
+    :class:`~maskprop.train.static_steps.GradientAverage`).
 
     Args:
         body: The step: a function of ``(images, labels)`` (device work only: no host read, no host-side state that a
             replay would skip). A body with an ``average`` (a :class:`~maskprop.train.static_steps.StaticStep` under
-            torchrun) runs in two halves, ``body.forward_backward(images, labels)`` and ``body.update()``, with
-            ``average.all_reduce()`` between them.
+            torchrun) runs in its pieces, ``body.pieces(images, labels)``, with ``body.between(i)`` after each.
         name: The step kind, for messages.
         device: Where it runs.
         capture: Capture it (CUDA only); else every call runs ``body`` directly.
@@ -230,7 +240,7 @@ class StepGraph:
         self.body, self.name, self.device, self.fallback = body, name, device, fallback
         self.capture = capture and device.type == "cuda"
         self.batch_size, self.strict, self.warmup = batch_size, strict, warmup
-        self.graphs: list[torch.cuda.CUDAGraph] = []  # the captured step: one graph, or its two halves
+        self.graphs: list[torch.cuda.CUDAGraph] = []  # the captured step: one graph, or one a piece
         self.captures = 0
         self.overhead_s = 0.0  # wall seconds of the eager warm-up steps and the capture (synchronised around them)
         self._inputs: tuple[Tensor, Tensor] | None = None
@@ -243,29 +253,29 @@ class StepGraph:
                 self._give_up(err, try_fallback=False)
 
     def _give_up(self, err: BaseException, try_fallback: bool = True) -> None:
+        reason = _reason(err)
         if try_fallback and self.fallback is not None:  # capture the simpler body next; this step runs it eagerly
             self.body, self.fallback, self._warm = self.fallback(), None, 0  # warmed up again before the capture
-            logger.warning("the %s step could not be captured as a CUDA graph (%s: %s); capturing its simpler form "
-                           "instead", self.name, type(err).__name__, err)
+            logger.warning("the %s step could not be captured as a CUDA graph (%s); capturing its simpler form "
+                           "instead", self.name, reason)
             return
-        message = f"the {self.name} step cannot be captured as a CUDA graph ({type(err).__name__}: {err})"
+        message = f"the {self.name} step cannot be captured as a CUDA graph ({reason})"
         if self.strict:
             raise RuntimeError(f"{message}; set cuda_graphs=auto to fall back to eager steps, or false") from err
         logger.warning("%s; it runs eagerly", message)
         self.capture, self.graphs = False, []
 
     def _parts(self, images: Tensor, labels: Tensor) -> list[Callable[[], None]]:
-        """The step as the pieces captured one graph each, in order; the gradient average runs after the first."""
-        average = getattr(self.body, "average", None)
-        if average is None:
+        """The step as the pieces captured one graph each, in order: the whole step, or under torchrun the body's
+        pieces (:meth:`~maskprop.train.static_steps.StaticStep.pieces`), the ranks' collectives between them."""
+        if getattr(self.body, "average", None) is None:
             return [lambda: self.body(images, labels)]
-        return [lambda: self.body.forward_backward(images, labels), self.body.update]
+        return self.body.pieces(images, labels)
 
     def _between(self, part: int) -> None:
-        """Host work after part ``part`` of the step (the ranks' collective after the first half, under torchrun)."""
-        average = getattr(self.body, "average", None)
-        if average is not None and part == 0:
-            average.all_reduce()
+        """Host work after part ``part`` of the step: under torchrun, the body's collective there (if any)."""
+        if getattr(self.body, "average", None) is not None:
+            self.body.between(part)
 
     def _run(self, images: Tensor, labels: Tensor, start: int = 0) -> None:
         """The step's parts from ``start`` on, eagerly."""
@@ -316,7 +326,7 @@ class StepGraph:
         with self._learning_rates.installed():
             for i, part in enumerate(self._parts(static_images, static_labels)):
                 graph = torch.cuda.CUDAGraph()
-                try:  # the halves share one memory pool: the second reads what the first left (replayed in order)
+                try:  # the pieces share one memory pool: each reads what the one before left (replayed in order)
                     # thread_local: only this thread's unsafe calls break the capture, not those of the loader's
                     # pin-memory thread (pinned buffers for the next batches) or of NCCL's watchdog under torchrun
                     with torch.cuda.graph(graph, pool=graphs[0].pool() if graphs else None,
@@ -334,6 +344,7 @@ class StepGraph:
                 graph.replay()  # capture records without running: this replay is the step's part
                 self._between(i)
         self.graphs = graphs
+        self.fallback = None  # captured: no simpler form needed (and its closure no longer keeps its owner alive)
         self.captures += 1
 
 

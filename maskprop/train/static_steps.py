@@ -1,10 +1,10 @@
 """The bodies of the static-shape steps that ``maskprop.train.graphs`` captures as CUDA graphs and replays: the dense
 step (:class:`DenseStep`: dense runs, the search's warm-up, the narrow finetune model, the dense reference steps), a
 fixed subnetwork's step through the full model (:class:`FixedMaskStep`) and the VR-PGE search step
-(:class:`SearchStep`), each in two halves around the ranks' gradient average under torchrun
-(:class:`GradientAverage`). Each issues a fixed sequence of device operations, with no host read and no output shape
-that depends on the data (``tests/test_graphs.py`` checks), on buffers whose addresses stay fixed, so that it can be
-recorded once and replayed; ``maskprop.train.graphs`` tells how a step runs on a GPU."""
+(:class:`SearchStep`), each in pieces around the ranks' collectives under torchrun (:class:`GradientAverage`). Each
+issues a fixed sequence of device operations, with no host read and no output shape that depends on the data
+(``tests/test_graphs.py`` checks), on buffers whose addresses stay fixed, so that it can be recorded once and replayed;
+``maskprop.train.graphs`` tells how a step runs on a GPU."""
 
 from __future__ import annotations
 
@@ -29,16 +29,17 @@ __all__ = ["DenseStep", "FixedMaskStep", "GradientAverage", "SearchStep", "Stati
 
 
 class GradientAverage:
-    """Under torchrun: the weight gradients of a static step averaged over the ranks between the step's two halves,
-    with a few of the step's values summed alongside (``maskprop.train.graphs``' docstring).
+    """Under torchrun: the weight gradients of a static step averaged over the ranks between the step's pieces, with
+    a few of the step's values summed alongside (``maskprop.train.graphs``' docstring).
 
-    One flat buffer holds every parameter's gradient and then the values: :meth:`pack` (the end of the first half, on
-    the device) writes this rank's into it, :meth:`all_reduce` (on the host, between the halves) sums it over the ranks
-    in place with one collective, and :meth:`unpack` (the start of the second half) divides the gradients by the world
-    size and installs views of the buffer as the parameters' ``.grad``, which the clipping and the optimizer then read.
-    Each view has its parameter's strides (a channels_last weight gets a channels_last gradient, as autograd gives it,
-    and as the fused optimizers require). The buffer never moves, so both halves can be captured as graphs, and the
-    collective stays outside them.
+    One flat buffer holds every parameter's gradient and then the values: :meth:`pack` (after the backward, on the
+    device) writes this rank's into it, :meth:`all_reduce` (on the host, between two pieces) sums it over the ranks in
+    place with one collective, and :meth:`unpack` (the start of the last piece) divides the gradients by the world size
+    and installs views of the buffer as the parameters' ``.grad``, which the clipping and the optimizer then read. A
+    search step whose score update runs beside its backward packs and sums its values first (:meth:`pack_values`,
+    ``all_reduce("values")`` after the forwards), then the gradients. Each view has its parameter's strides (a
+    channels_last weight gets a channels_last gradient, as autograd gives it, and as the fused optimizers require). The
+    buffer never moves, so every piece can be captured as a graph, and the collectives stay outside them.
 
     Args:
         parameters: The parameters the step trains (those that require a gradient are averaged; one dtype).
@@ -69,11 +70,17 @@ class GradientAverage:
                                f"gradient in the step; every parameter the gradient average holds must")
         torch._foreach_copy_(self._grads, [p.grad for p in self.parameters])
         if values:
-            self.values.copy_(torch.stack([v.detach().to(self.flat.dtype) for v in values]))
+            self.pack_values(values)
 
-    def all_reduce(self) -> None:
-        """The sum over the ranks, in place: one collective issued by the host (on a GPU it reads nothing back)."""
-        dist.all_reduce(self.flat)
+    def pack_values(self, values: list[Tensor]) -> None:
+        """This rank's ``values`` (scalars) alone into the buffer (one stack and copy)."""
+        self.values.copy_(torch.stack([v.detach().to(self.flat.dtype) for v in values]))
+
+    def all_reduce(self, part: str = "all") -> None:
+        """The sum over the ranks, in place: one collective issued by the host (on a GPU it reads nothing back), of
+        the whole buffer, or of its ``"values"`` or ``"gradients"`` alone (a step whose values are needed before its
+        backward sums them first, then its gradients after it)."""
+        dist.all_reduce({"all": self.flat, "values": self.values, "gradients": self.flat[:self._numel]}[part])
 
     def unpack(self) -> None:
         """The summed gradients divided by the world size, installed as the parameters' ``.grad``."""
@@ -93,18 +100,27 @@ def _autocast(ctx: StepContext) -> contextlib.AbstractContextManager:
 
 
 class StaticStep:
-    """A static step in two halves around the gradient average: :meth:`forward_backward` (to the backward, leaving
-    what the rest needs) and :meth:`update` (the optimizer steps and the meter). Called, it runs both, with
-    ``average``'s collective between them under torchrun; :class:`StepGraph` captures the whole call as one graph, or
-    under torchrun each half as one."""
+    """A static step in pieces around the ranks' collectives (:meth:`pieces`, :meth:`between`): by default two halves
+    around the gradient average, :meth:`forward_backward` (to the backward, leaving what the rest needs) and
+    :meth:`update` (the optimizer steps and the meter). Called, it runs them in turn, with the collectives between
+    them under torchrun; ``maskprop.train.graphs.StepGraph`` captures the whole call as one graph, or under torchrun
+    each piece as one."""
 
     average: GradientAverage | None = None
 
     def __call__(self, images: Tensor, labels: Tensor) -> None:
-        self.forward_backward(images, labels)
-        if self.average is not None:
+        for i, piece in enumerate(self.pieces(images, labels)):
+            piece()
+            self.between(i)
+
+    def pieces(self, images: Tensor, labels: Tensor) -> list[Callable[[], None]]:
+        """The step as pieces run in turn, with :meth:`between` after each: under torchrun, one captured graph each."""
+        return [lambda: self.forward_backward(images, labels), self.update]
+
+    def between(self, piece: int) -> None:
+        """Host work after piece ``piece``: under torchrun, the gradient average's collective after the first."""
+        if self.average is not None and piece == 0:
             self.average.all_reduce()
-        self.update()
 
     def forward_backward(self, images: Tensor, labels: Tensor) -> None:
         raise NotImplementedError
@@ -227,16 +243,16 @@ class SearchStep(StaticStep):
         meter: Where the step's statistics accumulate.
         overlap: On CUDA, run the branch of ``m'`` on a side stream (with ``weight_grad: first``): its mask update
             and no-grad forward beside the forward of ``m`` (:attr:`m2_first`), then, once the forward of ``m`` is
-            done, the commit of its BatchNorm statistics, the score update and the next step's ``m`` (when neither
-            gradient clipping nor the sum over the ranks ties them to the backward: :meth:`_side_branch`,
-            ``m_ahead``) beside the backward of ``m``. Neither branch
+            done, the commit of its BatchNorm statistics, the score update and the next step's ``m`` (unless gradient
+            clipping ties them to the backward: :meth:`_side_branch`, ``m_ahead``; under torchrun :meth:`backward`)
+            beside the backward of ``m``. Neither branch
             reads what the other writes while both run (``m'`` defers its BatchNorm statistics and batch counts,
             which are added to the model's after ``m``'s: :attr:`StaticExecutionState.defers_statistics`), so the
             results are those of running them in turn, ``m`` first; at CIFAR scale their kernels are too small to
             fill the GPU, and a captured graph runs the two branches at once. ``False``: one stream, in the same
             order.
-        average: Under torchrun, the gradient average between :meth:`forward_backward` and :meth:`update`, which also
-            sums ``L(m) n``, ``L(m') n`` and ``n``: the score update reads the losses of the global batch.
+        average: Under torchrun, the gradient average, which also sums ``L(m) n``, ``L(m') n`` and ``n``: the score
+            update reads the losses of the global batch (summed after the forwards, :meth:`pieces`).
         m2_first: Run the forward of ``m'`` first where the step can (:attr:`m2_first`); ``False``: after the forward
             of ``m`` (the schedule before deferred statistics, for comparison: ``tools/bench_graphs.py``).
         m_ahead: Each step prepares the next step's ``m`` (:attr:`state_next`) right after its projection of the
@@ -244,8 +260,8 @@ class SearchStep(StaticStep):
             that the main stream starts the next forward at once (a copy of the buffers,
             :meth:`StaticExecutionState.take`) instead of after a mask update of some forty kernels. The same masks
             as drawing ``m`` at the start of its step, which ``False`` does (for comparison: ``tools/bench_graphs.py``)
-            and which the step does where its score update follows the backward (gradient clipping, torchrun,
-            ``weight_grad: both``: :attr:`m_ahead`).
+            and which the step does where its score update follows the backward (gradient clipping, ``weight_grad:
+            both``: :attr:`m_ahead`).
         next_uniforms: With ``m_ahead``, the uniforms of the first step's ``m`` (drawn for it by the window before, or
             kept in a checkpoint); ``None``: :meth:`prepare` draws them before the first step.
 
@@ -281,9 +297,11 @@ class SearchStep(StaticStep):
         self.average = average
         # Without gradient clipping (which takes one norm over the weights' and the scores' gradients) the score
         # update reads the two losses and masks only: it runs beside m's backward, after the forward of m'. Under
-        # torchrun it reads the losses of the global batch, summed with the gradients after the backward.
-        self.scores_apart = (sparsity.weight_grad == "first" and ctx.clip_grad_norm is None and average is None)
-        self._pass: tuple[Tensor, ...] = ()  # what the first half leaves the second (the same tensors in a graph)
+        # torchrun it reads the losses of the global batch: the step then runs in three pieces (pieces()), the loss
+        # sums all-reduced after the forward, the gradients after the backward.
+        self.scores_apart = sparsity.weight_grad == "first" and ctx.clip_grad_norm is None
+        self._pass: tuple[Tensor, ...] = ()  # what a piece leaves the next (the same tensors in a graph)
+        self._loss_m: Tensor | None = None  # L(m) with its graph, from the forward piece to the backward piece
         layout = StaticLayout(model, capacities, ctx.align)
         overlap = overlap and layout.device.type == "cuda" and sparsity.weight_grad == "first"
         self.side_stream = torch.cuda.Stream(layout.device) if overlap else None
@@ -300,8 +318,8 @@ class SearchStep(StaticStep):
         s = scores.scores
         self.uniforms = torch.zeros(2, s.numel(), dtype=s.dtype, device=s.device)
         self.budget = torch.zeros((), dtype=s.dtype, device=s.device)
-        # The next m prepared beside the backward where the score update is (without clipping or ranks); elsewhere it
-        # would follow the backward on the main stream anyway, one copy of the buffers later.
+        # The next m prepared beside the backward where the score update is (without clipping); elsewhere it would
+        # follow the backward on the main stream anyway, one copy of the buffers later.
         self.m_ahead = m_ahead and self.scores_apart
         self.m_row = 1 if self.m_ahead else 0
         self._first_uniforms = next_uniforms
@@ -342,10 +360,75 @@ class SearchStep(StaticStep):
         u = self.uniforms[self.m_row]
         self.state_next.update(self.scores.mask_from_uniforms(u), u)
 
+    def pieces(self, images: Tensor, labels: Tensor) -> list[Callable[[], None]]:
+        """Under torchrun without clipping, three pieces: :meth:`forward`, :meth:`backward` (the score update, from the
+        losses of the global batch, beside it) and :meth:`update`; else the two halves of :class:`StaticStep`."""
+        if self.average is None or not self.scores_apart:
+            return super().pieces(images, labels)
+        return [lambda: self.forward(images, labels), self.backward, self.update]
+
+    def between(self, piece: int) -> None:
+        """Under torchrun in three pieces: the sum of the loss sums over the ranks after the forward (a collective of
+        three numbers), the gradients' after the backward; else as :class:`StaticStep`."""
+        if self.average is None or not self.scores_apart:
+            super().between(piece)
+        elif piece < 2:
+            self.average.all_reduce("values" if piece == 0 else "gradients")
+
+    def forward(self, images: Tensor, labels: Tensor) -> None:
+        """The first of three pieces under torchrun: ``m`` taken from :attr:`state_next` (with ``m_ahead``) and ``m'``
+        drawn, the forwards of ``m'`` (on the side stream, beside that of ``m`` where it goes first) and ``m``, both
+        done, and ``L(m) n``, ``L(m') n`` and ``n`` packed for their sum over the ranks."""
+        if self.m_ahead:
+            self.state_m.take(self.state_next)
+        main = self._fork(images.device)
+        loss_m2 = None
+        if self.m2_first:
+            self.state_m2.discard_statistics()  # left pending only by a step that failed (a capture that raised)
+            with self._on_side():
+                loss_m2 = self._forward_m2(images, labels, grad=False)
+        logits, loss_m = self._forward_m(images, labels)
+        if loss_m2 is None:  # m' after m's forward (statistics it cannot defer)
+            if main is not None:
+                self.side_stream.wait_stream(main)
+            with self._on_side():
+                loss_m2 = self._forward_m2(images, labels, grad=False)
+        if main is not None:
+            main.wait_stream(self.side_stream)
+        n = labels.shape[0]
+        self.average.pack_values([loss_m * n, loss_m2 * n, loss_m.new_full((), n)])
+        self._loss_m = loss_m
+        self._pass = (loss_m.detach(), loss_m2.detach(), logits.detach(), labels)
+
+    def backward(self) -> None:
+        """The second piece: the backward of ``m`` and, beside it on the side stream, the commit of the statistics of
+        ``m'``, the score update from ``L(m)`` and ``L(m')`` of the global batch and the next ``m``; the gradients
+        packed for their sum over the ranks."""
+        main = self._fork(self._pass[0].device)
+        summed = self.average.values
+        with self._on_side():
+            self.state_m2.commit_statistics()
+            self._score_gradient(summed[0] / summed[2], summed[1] / summed[2])
+            self._score_update()
+        loss_m, self._loss_m = self._loss_m, None
+        loss_m.backward()
+        if main is not None:
+            main.wait_stream(self.side_stream)
+        self.average.pack()
+
+    def _fork(self, device: torch.device) -> torch.cuda.Stream | None:
+        """The main stream, after the side stream (if any) was made to wait for it."""
+        if self.side_stream is None:
+            return None
+        main = torch.cuda.current_stream(device)
+        self.side_stream.wait_stream(main)
+        return main
+
     def forward_backward(self, images: Tensor, labels: Tensor) -> None:
         """The step's first half: ``m`` taken from :attr:`state_next` (with ``m_ahead``; else drawn) and ``m'`` drawn
         into their buffers, the forward of ``m'`` and the forward and backward of ``m`` (and, apart from the backward,
-        the score update and the next ``m``); under torchrun the gradients and losses packed for the average."""
+        the score update and the next ``m``); under torchrun (with clipping) the gradients and losses packed for the
+        average."""
         if self.m_ahead:
             self.state_m.take(self.state_next)  # m, prepared by the step before (before the side stream forks)
         if self.sparsity.weight_grad == "both":  # the official code's cost: a backward of each mask, in turn
@@ -354,9 +437,7 @@ class SearchStep(StaticStep):
             loss_m2 = self._forward_m2(images, labels, grad=True)
             (loss_m2 * 0.5).backward()
         else:  # m' (no grad) on the side stream, if any, beside m's forward (m' first) and backward on this one
-            main = torch.cuda.current_stream(images.device) if self.side_stream is not None else None
-            if main is not None:
-                self.side_stream.wait_stream(main)
+            main = self._fork(images.device)
             loss_m2 = None
             if self.m2_first:
                 self.state_m2.discard_statistics()  # left pending only by a step that failed (a capture that raised)
@@ -405,8 +486,8 @@ class SearchStep(StaticStep):
     def _side_branch(self, images: Tensor, labels: Tensor, loss_m: Tensor, loss_m2: Tensor | None) -> Tensor:
         """What runs beside the backward of ``m`` (on the side stream on CUDA), after the forward of ``m``: the
         forward of ``m'`` unless it ran already (``loss_m2``; then its statistics are added to the model's now), then,
-        unless gradient clipping or the sum over the ranks ties them to the backward, the scores' gradient, Adam step
-        and projection. Returns ``L(m')``."""
+        unless gradient clipping ties them to the backward, the scores' gradient, Adam step and projection (under
+        torchrun :meth:`backward` runs them). Returns ``L(m')``."""
         if loss_m2 is None:
             loss_m2 = self._forward_m2(images, labels, grad=False)
         self.state_m2.commit_statistics()
