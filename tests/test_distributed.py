@@ -147,7 +147,7 @@ def test_every_rank_holds_the_same_weights_scores_masks_and_batchnorm_statistics
 @pytest.mark.parametrize(("job", "rtol", "atol"), [("static", 1e-4, 1e-5), ("static_sync", 1e-3, 1e-4)])
 def test_static_steps_two_processes_match_one_process(ddp, job, rtol, atol):
     """The static-shape steps under torchrun (eagerly: the steps CUDA runs there) average the ranks' gradients between
-    their two halves, and their score update reads L(m) and L(m') of the global batch: 2 processes compute what 1
+    their pieces, and their score update reads L(m) and L(m') of the global batch: 2 processes compute what 1
     process computes, to float rounding.
     ``static``: an MLP (no BatchNorm, whose statistics would be each rank's own); ``static_sync``: ResNet-20 with
     ``sync_bn`` (the tolerances of the ReLU sign flips described at SYNC)."""
@@ -361,7 +361,7 @@ def test_training_batch_not_divisible_by_world_size_is_refused():
 @pytest.mark.parametrize("weight_grad", ["first", "both"])
 def test_static_steps_with_the_gradient_average_on_one_rank_equal_static_steps_in_float64(single_process_group,
                                                                                         weight_grad):
-    """The static steps as torchrun runs them (each step in two halves, the gradients, L(m) and L(m') summed over the
+    """The static steps as torchrun runs them (each step in pieces, L(m) and L(m') and the gradients summed over the
     ranks between them, the logged sums summed at each read) on one rank give bit for bit what they give in one
     process: the average over one rank and the global losses change nothing. The search steps, a fixed-mask step and
     a dense step, on ResNet-20 (BatchNorm, gathered weights)."""
@@ -392,6 +392,81 @@ def test_static_steps_with_the_gradient_average_on_one_rank_equal_static_steps_i
         assert torch.equal(a, b), name
     with pytest.raises(TypeError, match=r"pass the model, not its DDP wrapper"):
         static.plain(distributed.wrap_model(copy.deepcopy(model), torch.device("cpu")), optimizers_[0], batch)
+
+
+@pytest.mark.parametrize("where", ["end", "backward"])
+def test_a_failed_capture_of_the_backward_piece_runs_it_again_eagerly(single_process_group, monkeypatch, where,
+                                                                       caplog):
+    """Under torchrun a search step's backward is a piece of its own, captured after the forward's graph; when its
+    capture fails (``cuda_graphs: auto``), its host-side code has run (the pending statistics of ``m'`` taken, the
+    backward's ``.grad`` made) and none of its kernels: the piece runs again eagerly, from the forward's graph kept for
+    it, the statistics of ``m'`` pending again, the gradients new. CUDA's graphs are played by stand-ins whose capture
+    runs the piece on the CPU and then fails (at its end, or in the backward): the weights end as one eager step's
+    (the gradients are not added twice), the commit of ``m'`` runs again with its statistics pending, and the next
+    steps run eagerly."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from test_graphs import _config, _parts
+
+    from maskprop.sparse.static import StaticExecutionState
+    from maskprop.train import static_steps
+
+    model, scores, optimizers, ctx, batch = _parts()
+    ctx = dataclasses.replace(ctx, reduce_stats=distributed.all_reduce_sum)
+    runs = []
+    for captured in (False, True):
+        model_, scores_, optimizers_ = copy.deepcopy((model, scores, optimizers))
+        static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
+        static.search(model_, scores_, optimizers_, batch)  # the first step, eager: builds the step
+        body, step = static._search
+        assert len(body.pieces(*batch)) == 3
+        if captured:
+            captures, commits = [], []
+            stream = SimpleNamespace(wait_stream=lambda other: None)
+
+            capturing = [False]
+
+            @contextlib.contextmanager
+            def graph(g, pool=None, stream=None, capture_error_mode="global"):
+                captures.append(len(captures))
+                capturing[0] = True
+                try:
+                    yield
+                finally:
+                    capturing[0] = False
+                if where == "end" and len(captures) == 2:
+                    raise RuntimeError("operation failed due to a previous error during capture")
+
+            def commit(state, original=StaticExecutionState.commit_statistics):
+                if state is body.state_m2:
+                    commits.append(state.deferred is not None)
+                return original(state)
+
+            def backward(tensor, *args, original=torch.Tensor.backward, **kwargs):
+                if where == "backward" and len(captures) == 2 and len(commits) == 1:
+                    raise RuntimeError("operation not permitted when stream is capturing")
+                return original(tensor, *args, **kwargs)
+
+            for name, value in (("synchronize", lambda device=None: None), ("Stream", lambda device=None: stream),
+                                ("current_stream", lambda device=None: stream), ("set_stream", lambda s: None),
+                                ("CUDAGraph", lambda: SimpleNamespace(pool=lambda: None, replay=lambda: None)),
+                                ("graph", graph)):
+                monkeypatch.setattr(torch.cuda, name, value)
+            monkeypatch.setattr(StaticExecutionState, "commit_statistics", commit)
+            monkeypatch.setattr(static_steps, "_capturing", lambda device: capturing[0])
+            monkeypatch.setattr(torch.Tensor, "backward", backward)
+            step.capture, step.warmup, step._warm, step.batch_size = True, 0, 0, batch[1].shape[0]
+            step._learning_rates = SimpleNamespace(refresh=lambda: None, installed=contextlib.nullcontext)
+        body.prepare(static.generator)
+        step(*batch)
+        runs.append((model_, captured and (captures, commits, step.capture)))
+        monkeypatch.undo()
+    (eager, _), (recovered, (captures, commits, still_capturing)) = runs
+    assert captures == [0, 1] and commits == [True, True] and not still_capturing
+    assert "could not be captured" in caplog.text or "runs eagerly" in caplog.text
+    for (name, a), b in zip(recovered.named_parameters(), eager.parameters()):
+        assert torch.equal(a, b), name
 
 
 def _sync_batch_norm_matches_batch_norm(layer, x: torch.Tensor, index: torch.Tensor) -> None:

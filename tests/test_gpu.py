@@ -116,8 +116,8 @@ def test_tiny_runs_train_on_cuda_with_bf16_and_channels_last(tmp_path, method, g
 def test_torchrun_on_cuda_captures_the_static_steps(tmp_path):
     """``torchrun --nproc_per_node=1`` (how a one-GPU job is often launched) is a one-process run: ``WORLD_SIZE=1``
     joins no process group, and ``cuda_graphs: auto`` captures the static-shape steps (the search, the dense warm-up
-    and the narrow finetune) as one graph each. The two-graph step with the NCCL all-reduce between its halves is
-    tested at the step level (``test_graphed_search_under_torchrun_equals_one_process``); the trainer with several
+    and the narrow finetune) as one graph each. The step in pieces with the NCCL all-reduces between them is tested
+    at the step level (``test_graphed_search_under_torchrun_equals_one_process``); the trainer with several
     NCCL ranks needs several GPUs."""
     import json
 
@@ -284,8 +284,9 @@ def test_graphed_search_with_m2_on_a_side_stream_equals_one_stream():
 
 @isolated
 def test_graphed_search_under_torchrun_equals_one_process(tmp_path):
-    """Under torchrun (a process group of one rank, NCCL) a search step is captured as two graphs with the gradient
-    average between them, a collective the host issues: replay after replay it gives the losses, weights, scores and
+    """Under torchrun (a process group of one rank, NCCL) a search step is captured as three graphs (forward, backward
+    beside the score update, update) with the losses' and the gradients' all-reduces between them, collectives the host
+    issues: replay after replay it gives the losses, weights, scores and
     BatchNorm statistics of the one-process graphed step and of its eager twin."""
     import torch.distributed as dist
 

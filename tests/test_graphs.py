@@ -430,7 +430,7 @@ def test_cuda_graphs_true_on_the_cpu_stops_a_run():
 def test_what_cannot_be_captured_is_an_error_with_true_and_eager_with_auto(overrides, reason, static, caplog):
     """With ``auto``, a run that cannot be captured takes the static-shape steps eagerly where they can run (sync_bn,
     Adam on the weights), and the eager steps of ``steps.py`` where they cannot (data-dependent top-k). Torchrun alone
-    is captured (the gradient average runs between two graphs)."""
+    is captured (the ranks' all-reduces run between its graphs)."""
     with pytest.raises(ValueError, match=rf"^cuda_graphs=true cannot capture this run: {reason}.*; expected "
                                          r"cuda_graphs=auto or false$"):
         resolve_cuda_graphs(_config(cuda_graphs=True, **overrides), CUDA)

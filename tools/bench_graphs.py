@@ -16,8 +16,9 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
 * ``search_graphed``: the static search step (fresh device uniforms every step, capacities from keep 0.5), captured;
 * ``search_static``: the same step, not captured (what runs where a setting keeps the step out of a graph:
   ``sync_bn`` under torchrun, Adam on the weights);
-* ``search_ranks_graphed``: the same step as torchrun runs it, in a process group of one rank: two graphs with the
-  gradient average (one ``all_reduce`` of the gradients and losses, NCCL on CUDA) between them;
+* ``search_ranks_graphed``: the same step as torchrun runs it, in a process group of one rank: three graphs (forward,
+  backward beside the score update, update) with an ``all_reduce`` of the losses and one of the gradients (NCCL on
+  CUDA) between them;
 * ``search_one_stream_graphed``: the same on one stream (the default runs the branch of ``m'``, its forward and the
   score update, beside the forward and backward of ``m`` on a second one: ``SearchStep(overlap=True)``);
 * ``search_m_first_graphed`` (only with ``--kinds``): the same with the forward of ``m'`` after that of ``m``, beside

@@ -268,6 +268,8 @@ def by_stream(kind: str, step, x: torch.Tensor, y: torch.Tensor, collectives: in
                 streams.join = outer.launches
 
     pieces = len(step.pieces(x, y)) if step.average is not None else 1
+    if pieces == 3 and not step.m2_first:
+        raise ValueError("the critical path of a step in three pieces is counted with m' first (SearchStep.m2_first)")
     fork = (lambda self, device: Main()) if pieces == 3 else SearchStep._fork
     with mock.patch.object(SearchStep, "_on_side", on_side), mock.patch.object(torch.autograd, "backward",
                                                                                    counted_backward), \

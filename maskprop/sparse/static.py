@@ -599,6 +599,16 @@ class StaticExecutionState:
         self.flush()
         self._defers = bool(value)
 
+    @property
+    def deferred(self) -> ForwardPass | None:
+        """The deferred pass whose statistics :meth:`commit_statistics` adds next (``None``: none pending). A step whose
+        capture failed after the commit (the commit's kernels never ran) sets it back, to commit it again."""
+        return self._deferred
+
+    @deferred.setter
+    def deferred(self, value: ForwardPass | None) -> None:
+        self._deferred = value
+
     def discard_statistics(self) -> None:
         """Drop a deferred pass whose statistics were not committed: that of a step that failed between the pass and
         its commit (a capture that raised: its kernels never ran), so that the next step starts clean."""

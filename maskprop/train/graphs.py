@@ -1,4 +1,5 @@
-"""Static-shape training steps, each captured as one CUDA graph (two under torchrun) and replayed (``cuda_graphs``).
+"""Static-shape training steps, each captured as one CUDA graph (two or three under torchrun) and replayed
+(``cuda_graphs``).
 
 How a step runs on a GPU. The eager steps of ``steps.py`` give every search step the widths of its own masks: new
 shapes, index sets built on the host and a read of every mask and loss, so a GPU spends most of a step waiting for the
@@ -338,6 +339,9 @@ class StepGraph:
                     torch.cuda.set_stream(ambient)
                     torch.cuda.synchronize(self.device)
                     self._give_up(err)
+                    retry = getattr(self.body, "retry", None)
+                    if retry is not None:  # the piece's host-side code ran during the capture: undo what it consumed
+                        retry(i)
                     self._run(static_images, static_labels, start=i)  # the rest of the step, run for real
                     return
                 graphs.append(graph)

@@ -99,6 +99,11 @@ def _autocast(ctx: StepContext) -> contextlib.AbstractContextManager:
                           cache_enabled=False)
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class StaticStep:
     """A static step in pieces around the ranks' collectives (:meth:`pieces`, :meth:`between`): by default two halves
     around the gradient average, :meth:`forward_backward` (to the backward, leaving what the rest needs) and
@@ -121,6 +126,10 @@ class StaticStep:
         """Host work after piece ``piece``: under torchrun, the gradient average's collective after the first."""
         if self.average is not None and piece == 0:
             self.average.all_reduce()
+
+    def retry(self, piece: int) -> None:
+        """Before piece ``piece`` runs again eagerly because its capture failed (its host-side code ran, none of its
+        kernels did): put back the host-side state it consumed. The halves consume none."""
 
     def forward_backward(self, images: Tensor, labels: Tensor) -> None:
         raise NotImplementedError
@@ -302,6 +311,7 @@ class SearchStep(StaticStep):
         self.scores_apart = sparsity.weight_grad == "first" and ctx.clip_grad_norm is None
         self._pass: tuple[Tensor, ...] = ()  # what a piece leaves the next (the same tensors in a graph)
         self._loss_m: Tensor | None = None  # L(m) with its graph, from the forward piece to the backward piece
+        self._m2_statistics = None  # the pass of m' the backward piece commits (put back if it runs again)
         layout = StaticLayout(model, capacities, ctx.align)
         overlap = overlap and layout.device.type == "cuda" and sparsity.weight_grad == "first"
         self.side_stream = torch.cuda.Stream(layout.device) if overlap else None
@@ -403,18 +413,28 @@ class SearchStep(StaticStep):
     def backward(self) -> None:
         """The second piece: the backward of ``m`` and, beside it on the side stream, the commit of the statistics of
         ``m'``, the score update from ``L(m)`` and ``L(m')`` of the global batch and the next ``m``; the gradients
-        packed for their sum over the ranks."""
-        main = self._fork(self._pass[0].device)
+        packed for their sum over the ranks. While captured, the forward's graph is kept (``retain_graph``) and
+        :meth:`retry` can run the piece again should the capture fail; :meth:`update` lets the graph go."""
+        device = self._pass[0].device
+        main = self._fork(device)
         summed = self.average.values
+        self._m2_statistics = self.state_m2.deferred
         with self._on_side():
             self.state_m2.commit_statistics()
             self._score_gradient(summed[0] / summed[2], summed[1] / summed[2])
             self._score_update()
-        loss_m, self._loss_m = self._loss_m, None
-        loss_m.backward()
+        self._loss_m.backward(retain_graph=_capturing(device))
         if main is not None:
             main.wait_stream(self.side_stream)
         self.average.pack()
+
+    def retry(self, piece: int) -> None:
+        """Before a piece of the step under torchrun runs again eagerly after its capture failed: for the backward,
+        the statistics of ``m'`` pending again and the weights' gradients dropped (the failed capture's backward made
+        ``.grad`` tensors no kernel wrote). The forward discards a pending pass itself; the update consumes nothing."""
+        if piece == 1:
+            self.state_m2.deferred = self._m2_statistics
+            self.optimizers[0].zero_grad(set_to_none=True)
 
     def _fork(self, device: torch.device) -> torch.cuda.Stream | None:
         """The main stream, after the side stream (if any) was made to wait for it."""
@@ -427,8 +447,8 @@ class SearchStep(StaticStep):
     def forward_backward(self, images: Tensor, labels: Tensor) -> None:
         """The step's first half: ``m`` taken from :attr:`state_next` (with ``m_ahead``; else drawn) and ``m'`` drawn
         into their buffers, the forward of ``m'`` and the forward and backward of ``m`` (and, apart from the backward,
-        the score update and the next ``m``); under torchrun (with clipping) the gradients and losses packed for the
-        average."""
+        the score update and the next ``m``); under torchrun (with clipping or ``weight_grad: both``) the gradients and
+        losses packed for the average."""
         if self.m_ahead:
             self.state_m.take(self.state_next)  # m, prepared by the step before (before the side stream forks)
         if self.sparsity.weight_grad == "both":  # the official code's cost: a backward of each mask, in turn
@@ -460,6 +480,7 @@ class SearchStep(StaticStep):
     def update(self) -> None:
         """The step's second half: (the averaged gradients installed,) gradient norm, the score gradient and
         clipping, SGD on the weights, Adam on the scores and their projection (unless done apart), the meter."""
+        self._loss_m = self._m2_statistics = None  # the forward's graph, held for a backward piece that may run again
         loss_m, loss_m2, logits, labels = self._pass
         gap = None
         if self.average is not None:  # L(m) and L(m') of the global batch
