@@ -816,6 +816,16 @@ def fake_capture(monkeypatch):
     return make
 
 
+def _logged_steps(step, log: list[str], images, labels, steps: int = 4) -> list[list[str]]:
+    """What each of ``steps`` calls of ``step`` logged."""
+    logged = []
+    for _ in range(steps):
+        log.clear()
+        step(images, labels)
+        logged.append(list(log))
+    return logged
+
+
 @pytest.mark.parametrize("fail", [None, "A", "B"])
 def test_a_step_in_two_halves_issues_the_ranks_collective_once_per_step_in_every_path(fake_capture, fail, caplog):
     """Under torchrun a captured step is two graphs with the collective issued between them by the host: warm-up,
@@ -825,11 +835,7 @@ def test_a_step_in_two_halves_issues_the_ranks_collective_once_per_step_in_every
     log: list[str] = []
     step = fake_capture(_Halves(log, fail))
     images, labels = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
-    steps = []
-    for _ in range(4):
-        log.clear()
-        step(images, labels)
-        steps.append(list(log))
+    steps = _logged_steps(step, log, images, labels)
     warm, replay = ["A", "all_reduce", "B"], ["A", "all_reduce", "B"]
     if fail is None:
         assert steps == [warm, ["capture A", "A", "all_reduce", "capture B", "B"], replay, replay]
@@ -856,12 +862,7 @@ def test_a_step_in_three_pieces_issues_each_collective_once_per_step_in_every_pa
     runs the rest of that step eagerly and the later steps eagerly."""
     log: list[str] = []
     step = fake_capture(_Thirds(log, fail))
-    images, labels = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
-    steps = []
-    for _ in range(4):
-        log.clear()
-        step(images, labels)
-        steps.append(list(log))
+    steps = _logged_steps(step, log, torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
     run = ["A", "all_reduce 0", "B", "all_reduce 1", "C"]
     captured = ["capture A", "A", "all_reduce 0", "capture B", "B", "all_reduce 1", "capture C", "C"]
     if fail is None:

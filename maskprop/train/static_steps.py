@@ -391,13 +391,7 @@ class SearchStep(StaticStep):
         done, and ``L(m) n``, ``L(m') n`` and ``n`` packed for their sum over the ranks."""
         if self.m_ahead:
             self.state_m.take(self.state_next)
-        main = self._fork(images.device)
-        loss_m2 = None
-        if self.m2_first:
-            self.state_m2.discard_statistics()  # left pending only by a step that failed (a capture that raised)
-            with self._on_side():
-                loss_m2 = self._forward_m2(images, labels, grad=False)
-        logits, loss_m = self._forward_m(images, labels)
+        main, logits, loss_m, loss_m2 = self._forwards(images, labels)
         if loss_m2 is None:  # m' after m's forward (statistics it cannot defer)
             if main is not None:
                 self.side_stream.wait_stream(main)
@@ -436,6 +430,19 @@ class SearchStep(StaticStep):
             self.state_m2.deferred = self._m2_statistics
             self.optimizers[0].zero_grad(set_to_none=True)
 
+    def _forwards(self, images: Tensor, labels: Tensor) -> tuple[torch.cuda.Stream | None, Tensor, Tensor,
+                                                                   Tensor | None]:
+        """The side stream forked, the no-grad forward of ``m'`` on it where it goes first (:attr:`m2_first`), and the
+        forward of ``m``: ``(the main stream or None, logits, L(m), L(m') or None)``."""
+        main = self._fork(images.device)
+        loss_m2 = None
+        if self.m2_first:
+            self.state_m2.discard_statistics()  # left pending only by a step that failed (a capture that raised)
+            with self._on_side():
+                loss_m2 = self._forward_m2(images, labels, grad=False)
+        logits, loss_m = self._forward_m(images, labels)
+        return main, logits, loss_m, loss_m2
+
     def _fork(self, device: torch.device) -> torch.cuda.Stream | None:
         """The main stream, after the side stream (if any) was made to wait for it."""
         if self.side_stream is None:
@@ -457,13 +464,7 @@ class SearchStep(StaticStep):
             loss_m2 = self._forward_m2(images, labels, grad=True)
             (loss_m2 * 0.5).backward()
         else:  # m' (no grad) on the side stream, if any, beside m's forward (m' first) and backward on this one
-            main = self._fork(images.device)
-            loss_m2 = None
-            if self.m2_first:
-                self.state_m2.discard_statistics()  # left pending only by a step that failed (a capture that raised)
-                with self._on_side():
-                    loss_m2 = self._forward_m2(images, labels, grad=False)
-            logits, loss_m = self._forward_m(images, labels)
+            main, logits, loss_m, loss_m2 = self._forwards(images, labels)
             if main is not None:
                 self.side_stream.wait_stream(main)  # after m's forward: its statistics written back, L(m) computed
             with self._on_side():
