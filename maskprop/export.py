@@ -534,6 +534,7 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
 
     Raises:
         ValueError: a bad mask, format list or spec, or ``out`` exists without ``force``.
+        TypeError: ``spec`` is not a :class:`ModelSpec`, or ``out`` not a path.
     """
     if not isinstance(spec, ModelSpec):
         raise TypeError(f"spec is {type(spec).__name__}; expected a ModelSpec, e.g. ModelSpec('resnet32', "

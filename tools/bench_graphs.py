@@ -19,8 +19,9 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
 * ``search_ranks_graphed``: the same step as torchrun runs it, in a process group of one rank: three graphs (forward,
   backward beside the score update, update) with an ``all_reduce`` of the losses and one of the gradients (NCCL on
   CUDA) between them;
-* ``search_one_stream_graphed``: the same on one stream (the default runs the branch of ``m'``, its forward and the
-  score update, beside the forward and backward of ``m`` on a second one: ``SearchStep(overlap=True)``);
+* ``search_one_stream_graphed``: the same on one stream (the default runs the branch of ``m'``, its forward, the
+  score update and the next step's ``m``, beside the forward and backward of ``m`` on a second one:
+  ``SearchStep(overlap=True)``);
 * ``search_m_first_graphed`` (only with ``--kinds``): the same with the forward of ``m'`` after that of ``m``, beside
   the backward only (``SearchStep(m2_first=False)``: the schedule before ``m'`` deferred its BatchNorm statistics;
   ``m2_first_speedup`` is its time over the default's);

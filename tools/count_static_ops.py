@@ -204,16 +204,17 @@ class Streams:
     """Launches of a search step by CUDA stream, and its critical path when the streams overlap fully.
 
     On CUDA the step forks a side stream at its start; with ``m'`` first (``SearchStep.m2_first``) the mask update and
-    forward of ``m'`` (``B`` launches) run there beside the mask update and forward of ``m`` (``A``, after the
-    ``pre`` launches before the fork); after both, the side stream runs its tail (``T``: the forward of ``m'`` when it
-    did not run first, the commit of its statistics, the score update when it is not tied to the backward) beside
-    the backward of ``m`` (``W``); ``post`` follows the join. The critical path is
+    forward of ``m'`` (``B`` launches) run there beside the forward of ``m`` (``A``, with its mask update unless the
+    step before drew it: then it is taken among the ``pre`` launches before the fork); after both, the side stream runs
+    its tail (``T``: the forward of ``m'`` when it did not run first, the commit of its statistics, the score update and
+    the next step's ``m`` when they are not tied to the backward) beside the backward of ``m`` (``W``); ``post``
+    follows the join. The critical path is
     ``pre + max(A + W, max(A, B) + T) + post``.
 
     Under torchrun (``join``: the step's launches when its streams first join) the step is three pieces, the losses'
     all-reduce after the forwards and the gradients' after the backward: the streams join after the forwards of ``m``
-    (``A``) and ``m'`` (``B``), ``mid`` launches follow on the main stream, and the tail ``T`` (the score update)
-    forks beside the backward ``W``: ``pre + max(A, B) + mid + max(W, T) + post``."""
+    (``A``) and ``m'`` (``B``), ``mid`` launches follow on the main stream, and the tail ``T`` (the score update and
+    the next ``m``) forks beside the backward ``W``: ``pre + max(A, B) + mid + max(W, T) + post``."""
 
     def __init__(self) -> None:
         self.blocks: list[tuple[int, int]] = []  # (main-stream launches before the block, the block's launches)

@@ -56,11 +56,11 @@ ends by packing ``L(m) n``, ``L(m') n`` and ``n`` into a flat buffer, which the 
 stream as in one process, the score update from the global batch's losses and the next ``m``, and packs this rank's
 weight gradients into the same buffer, summed by a second ``all_reduce``; the third (the average installed as the
 gradients, gradient norm, SGD, the meter) follows. The plain steps, and a search step whose score update needs the
-gradients (clipping) or runs after both backwards, are two halves around one ``all_reduce`` of the gradients and the
-losses (:meth:`~maskprop.train.static_steps.StaticStep.pieces`). So no collective is recorded in a graph, and a rank
-whose capture failed still issues the same collectives as the others. The meter's reads sum the ranks' losses, correct
-counts and examples (one all-reduce per read). The static steps bypass the run's DDP wrapper (whose all-reduces are
-issued from the host inside the backward).
+gradients (clipping) or runs after both backwards, are two halves around one ``all_reduce`` of the gradients (and a
+search step's losses: :meth:`~maskprop.train.static_steps.StaticStep.pieces`). So no collective is recorded in a graph,
+and a rank whose capture failed still issues the same collectives as the others. The meter's reads sum the ranks'
+losses, correct counts and examples (one all-reduce per read). The static steps bypass the run's DDP wrapper (whose
+all-reduces are issued from the host inside the backward).
 
 Where a run cannot be captured but the steps can still have static shapes (``sync_bn``, whose BatchNorm layers
 all-gather statistics inside the forward; Adam on the weights; a BatchNorm with ``momentum=None``),

@@ -729,8 +729,8 @@ class FitResult(dict):
     attached, so that a run without a directory (``out=None``) still hands its result over.
 
     Attributes:
-        model: The full maskprop model with the final weights (a plain copy built from :attr:`spec`: no DDP wrapper,
-            no sparse-backward layers), in eval mode, on the run's device.
+        model: The full maskprop model with the final weights (a plain model built from :attr:`spec` holding the run's
+            final weight tensors: no DDP wrapper, no sparse-backward layers), in eval mode, on the run's device.
         mask: The subnetwork the run fixed (``{group: bool tensor}``, VR-PGE), or ``None``: the whole model (dense
             and sparse-backward runs).
         spec: How :attr:`model` was built (:class:`~maskprop.models.spec.ModelSpec`): what an export rebuilds.
