@@ -7,13 +7,13 @@ example: its cost scales with kept_in x kept_out, hence about rho^2 of dense for
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .models.spec import check_input_size
 from .sparse import SparseBatchNorm2d, channel_groups, check_mask, kept_counts
 
 
@@ -45,7 +45,7 @@ class CostModel:
     """
 
     def __init__(self, model: nn.Module, input_size: Sequence[int]) -> None:
-        self.input_size = _size(input_size, 3, "(C, H, W)")
+        self.input_size = check_input_size(input_size)
         self.groups = channel_groups(model)
         try:
             self.layers = _record_shapes(model, self.input_size)
@@ -144,15 +144,6 @@ class InputSizeError(ValueError):
         self.size, self.reason = size, reason
 
 
-def _size(input_size: object, lengths: int | tuple[int, ...], expected: str) -> tuple[int, ...]:
-    """``input_size`` as a tuple of positive ints of one of ``lengths``; a one-line ``ValueError`` otherwise."""
-    lengths = (lengths,) if isinstance(lengths, int) else lengths
-    if (not isinstance(input_size, (tuple, list, torch.Size)) or len(input_size) not in lengths
-            or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in input_size)):
-        raise ValueError(f"input_size must be {expected}, positive integers; got {input_size!r}")
-    return tuple(int(s) for s in input_size)
-
-
 def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> list[LayerShape]:
     shapes: list[LayerShape] = []
     handles = []
@@ -205,7 +196,7 @@ def flops(model: nn.Module, input_size: Sequence[int], mask: Mapping[str, Tensor
         input_size: ``(C, H, W)`` for one example, or ``(N, C, H, W)`` for a batch.
         mask: group name -> bool tensor; ``None`` for the dense model.
     """
-    input_size = _size(input_size, (3, 4), "(C, H, W) or (N, C, H, W)")
+    input_size = check_input_size(input_size, (3, 4), "(C, H, W) or (N, C, H, W)")
     batch = input_size[0] if len(input_size) == 4 else 1
     return CostModel(model, input_size[-3:]).flops(mask, batch_size=batch)
 

@@ -571,7 +571,7 @@ def test_arguments_of_the_wrong_kind_are_one_line_errors(tmp_path):
          lambda: save_exported(model, mask, tmp_path / "b", spec=RESNET20, formats=5)),
         (TypeError, r"^generator is int; expected a torch\.Generator", lambda: random_mask(groups, 0.5, 0)),
         (ValueError, r"^keep_ratio must be a number in \(0, 1\], got '0\.5'", lambda: random_mask(groups, "0.5")),
-        (ValueError, r"^ModelSpec input_size=16; expected \(C, H, W\), positive integers",
+        (ValueError, r"^ModelSpec input_size must be \(C, H, W\), positive integers; got 16",
          lambda: ModelSpec("resnet20", {}, 16)),
         (TypeError, r"^ModelSpec takes a name \(str\) and kwargs \(a mapping\)", lambda: ModelSpec(20)),
     ]

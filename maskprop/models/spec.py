@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,16 @@ def _first_line(err: BaseException) -> str:
     return " ".join(str(err).split())[:200]
 
 
+def check_input_size(input_size: object, lengths: int | tuple[int, ...] = 3, expected: str = "(C, H, W)",
+                     name: str = "input_size") -> tuple[int, ...]:
+    """``input_size`` as a tuple of positive ints of one of ``lengths``; a one-line ``ValueError`` otherwise."""
+    lengths = (lengths,) if isinstance(lengths, int) else lengths
+    if (not isinstance(input_size, Sequence) or isinstance(input_size, str) or len(input_size) not in lengths
+            or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in input_size)):
+        raise ValueError(f"{name} must be {expected}, positive integers; got {input_size!r}")
+    return tuple(int(s) for s in input_size)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What builds a model: ``create_model(name, **kwargs)``, reading inputs of ``input_size``.
@@ -46,14 +57,10 @@ class ModelSpec:
     input_size: tuple[int, int, int] = (3, 32, 32)
 
     def __post_init__(self) -> None:
-        size = self.input_size
         if not isinstance(self.name, str) or not isinstance(self.kwargs, Mapping):
             raise TypeError(f"ModelSpec takes a name (str) and kwargs (a mapping); got {self.name!r} and "
                             f"{self.kwargs!r}")
-        if not (isinstance(size, Sequence) and len(size) == 3
-                and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
-            raise ValueError(f"ModelSpec input_size={size!r}; expected (C, H, W), positive integers")
-        object.__setattr__(self, "input_size", tuple(size))
+        object.__setattr__(self, "input_size", check_input_size(self.input_size, name="ModelSpec input_size"))
 
     @classmethod
     def resolve(cls, name: str, kwargs: Mapping[str, Any], *, num_classes: int, input_size: Sequence[int],
@@ -123,14 +130,13 @@ class ModelSpec:
         if not isinstance(data, Mapping) or not {"name", "kwargs", "input_size"} <= set(data):
             raise ValueError(f"{where} is {data!r}; expected an object with name, kwargs and input_size")
         name, kwargs, size = data["name"], data["kwargs"], data["input_size"]
-        if not isinstance(name, str) or not isinstance(kwargs, Mapping):
-            raise ValueError(f"{where}: name must be a string and kwargs an object, got {name!r} and {kwargs!r}")
-        if name not in list_models():
+        if isinstance(name, str) and name not in list_models():
             raise ValueError(f"{where} names model {name!r}, which is not registered; known models: "
                              f"{', '.join(list_models())}")
-        if not (isinstance(size, Sequence) and len(size) == 3 and all(type(s) is int and s > 0 for s in size)):
-            raise ValueError(f"{where}: input_size={size!r}; expected [C, H, W], positive integers")
-        return cls(name, dict(kwargs), tuple(size))
+        try:  # the types of name and kwargs and the input size, as every spec is checked
+            return cls(name, dict(kwargs) if isinstance(kwargs, Mapping) else kwargs, size)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from None
 
 
 def _plain(value: Any) -> Any:

@@ -53,13 +53,14 @@ class GradientAverage:
         if len(dtypes) != 1:
             raise ValueError(f"the gradient average needs parameters of one dtype; got {sorted(map(str, dtypes))}")
         self.world_size = world_size
-        self._numel = sum(p.numel() for p in self.parameters)
-        self.flat = torch.zeros(self._numel + values, dtype=dtypes.pop(), device=self.parameters[0].device)
+        numel = sum(p.numel() for p in self.parameters)
+        self.flat = torch.zeros(numel + values, dtype=dtypes.pop(), device=self.parameters[0].device)
+        self._gradients = self.flat[:numel]  # every parameter's gradient, then the values
         # Each gradient's slice laid out as its parameter (dense strides in the parameter's memory format).
-        pieces = self.flat[:self._numel].split([p.numel() for p in self.parameters])
+        pieces = self._gradients.split([p.numel() for p in self.parameters])
         self._grads = [piece.as_strided(p.shape, torch.empty_like(p, device="meta").stride())
                        for piece, p in zip(pieces, self.parameters)]
-        self.values = self.flat[self._numel:]
+        self.values = self.flat[numel:]
         """The values of the last :meth:`all_reduce`, summed over the ranks."""
 
     def pack(self, values: list[Tensor] = ()) -> None:
@@ -80,12 +81,12 @@ class GradientAverage:
         """The sum over the ranks, in place: one collective issued by the host (on a GPU it reads nothing back), of
         the whole buffer, or of its ``"values"`` or ``"gradients"`` alone (a step whose values are needed before its
         backward sums them first, then its gradients after it)."""
-        dist.all_reduce({"all": self.flat, "values": self.values, "gradients": self.flat[:self._numel]}[part])
+        dist.all_reduce({"all": self.flat, "values": self.values, "gradients": self._gradients}[part])
 
     def unpack(self) -> None:
         """The summed gradients divided by the world size, installed as the parameters' ``.grad``."""
         if self.world_size > 1:
-            self.flat[:self._numel].div_(self.world_size)
+            self._gradients.div_(self.world_size)
         for p, grad in zip(self.parameters, self._grads):
             p.grad = grad
 
@@ -283,7 +284,6 @@ class SearchStep(StaticStep):
             schedules, on any device (a CUDA generator's draws depend on how they are split into calls): with
             ``m_ahead`` those of the first ``m`` are drawn alone, and each step then draws those of its ``m'`` (row
             0) and of the next ``m`` (row 1); without, those of its ``m`` (row 0) and of its ``m'`` (row 1).
-        m_row: The row of :attr:`uniforms` that ``m`` is drawn from: 1 with ``m_ahead``, else 0.
         budget: The budget the step projects its updated scores onto (a device scalar :meth:`prepare` writes the
             scores' current budget into: an annealed budget changes every step).
         state_m, state_m2: The static execution states of ``m`` and ``m'`` (one layout).
@@ -331,7 +331,6 @@ class SearchStep(StaticStep):
         # The next m prepared beside the backward where the score update is (without clipping); elsewhere it would
         # follow the backward on the main stream anyway, one copy of the buffers later.
         self.m_ahead = m_ahead and self.scores_apart
-        self.m_row = 1 if self.m_ahead else 0
         self._first_uniforms = next_uniforms
         self._started = not self.m_ahead
         if s.grad is None:  # written in place by every step (a captured graph writes the same tensor)
@@ -340,6 +339,11 @@ class SearchStep(StaticStep):
     @property
     def widths(self) -> dict[str, int]:
         return self.state_m.widths
+
+    @property
+    def m_row(self) -> int:
+        """The row of :attr:`uniforms` that ``m`` is drawn from: 1 with ``m_ahead``, else 0."""
+        return int(self.m_ahead)
 
     def prepare(self, generator: torch.Generator) -> None:
         """Before each step, outside a captured graph: draw its uniforms into :attr:`uniforms` (a draw for each row)
