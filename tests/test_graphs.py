@@ -89,16 +89,15 @@ def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estim
     cfg = _config(**{"sparsity.estimator": estimator, "sparsity.weight_grad": weight_grad})
     assert cfg.sparsity.alpha == sparsity.alpha
 
-    # m from its row of the step's uniforms (the second where the step draws the next m, beside the backward), m' from
-    # the other, in whichever order the step draws them
-    m_row = int(weight_grad == "first" and clip is None)
-    monkeypatch.setattr(ChannelScores, "mask_from_uniforms",
-                        lambda self, u: masks[(u.storage_offset() > 0) != m_row].clone())
+    # m and m' drawn together, from the rows of the step's uniforms (where the step prepares the next step's masks
+    # beside the backward, also before the first step: the same masks twice)
+    monkeypatch.setattr(ChannelScores, "mask_from_uniforms", lambda self, u: torch.stack(masks))
     static = StaticSteps(cfg, ctx, GraphsChoice(True, False), seed=0, m2_first=m2_first != "off")
     static.capacities = {g: n for g, n in groups.items()}  # no overflow: the masks as given
     result = static.search(model, scores, optimizers, batch)
     window = static.read()
-    assert static._search[0].m2_first is (m2_first is True) and static._search[0].m_row == m_row
+    assert static._search[0].m2_first is (m2_first is True)
+    assert static._search[0].m_ahead is (weight_grad == "first" and clip is None)
 
     ref_model, ref_scores, ref_optimizers = reference
     drawn = iter(masks)
@@ -124,8 +123,8 @@ def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estim
 @pytest.mark.parametrize("per_call", [False, True])
 def test_search_steps_drawing_m_in_the_step_before_equal_those_drawing_it_at_their_start(one_thread, monkeypatch,
                                                                                           per_call):
-    """Drawing each step's ``m`` in the step before, beside the backward (``m_ahead``, the default), changes when the
-    masks are drawn, not what is computed: the generator gives every mask the same uniforms, so steps of either
+    """Drawing each step's ``m`` and ``m'`` in the step before, beside the backward (``m_ahead``, the default), changes
+    when the masks are drawn, not what is computed: the generator gives every mask the same uniforms, so steps of either
     schedule end bit-identical (weights, scores, statistics, the step sums), a new window on the way included. Also
     where a draw's values depend on how the draws are split into calls, as a CUDA generator's do (``per_call``: each
     call's values from its own number): every mask has a draw of its own, in the same order."""
@@ -162,20 +161,23 @@ def test_search_steps_drawing_m_in_the_step_before_equal_those_drawing_it_at_the
         assert torch.equal(a, b), name
 
 
-def test_each_search_step_prepares_the_next_m_from_the_scores_it_projected(one_thread):
-    """With ``m_ahead`` (the default) a search step draws the next step's ``m`` right after its projection: every step
-    runs the mask its own start would have drawn (``update`` at the start of the step, from the scores as they are
-    then and the uniforms drawn for it), across a new capacity window too (the uniforms carried over); its overflow
-    cuts are counted when a step runs the mask, never for the one prepared for a step that has not run."""
+def test_each_search_step_prepares_the_next_masks_from_the_scores_it_projected(one_thread):
+    """With ``m_ahead`` (the default) a search step draws the next step's ``m`` and ``m'`` right after its projection,
+    with one update: every step runs the masks its own start would have drawn (an ``update`` of each at the start of
+    the step, from the scores as they are then and the uniforms drawn for it), across a new capacity window too (the
+    uniforms carried over); their overflow cuts are counted when a step runs the masks, never for those prepared for a
+    step that has not run."""
     model, scores, optimizers, ctx, batch = _parts(align=1)
     with torch.no_grad():  # above the budget (a keep ratio of 0.5): the first projection moves them down
         scores.scores.uniform_(0.6, 1.0, generator=torch.Generator().manual_seed(3))
     static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
     static.capacities = {g: n // 4 for g, n in model.channel_groups().items()}  # narrow: cuts in most steps
-    first = torch.rand(scores.scores.shape, generator=torch.Generator().manual_seed(0), dtype=scores.scores.dtype)
+    first = scores.scores.new_empty(2, scores.num_channels)  # the uniforms of the first m and m', a draw each
+    for row, generator in zip(first, itertools.repeat(torch.Generator().manual_seed(0))):
+        row.uniform_(generator=generator)
     cuts = 0
     for step in range(5):
-        if step == 3:  # a new window: its first m is prepared again, from the uniforms drawn for it
+        if step == 3:  # a new window: its first masks are prepared again, from the uniforms drawn for them
             static.end_search()
             static.capacities = {g: n + 1 for g, n in static.capacities.items()}
             cuts = 0
@@ -184,18 +186,20 @@ def test_each_search_step_prepares_the_next_m_from_the_scores_it_projected(one_t
         static.search(model, scores, optimizers, batch)
         body = static._search[0]
         assert body.m_ahead and not torch.equal(scores.scores.detach(), s_before)  # the scores moved: m follows
-        reference = StaticExecutionState(body.state_m.layout)
+        reference = [StaticExecutionState(body.state_m.layout) for _ in range(2)]
         with torch.no_grad():
             moved = scores.scores.clone()
             scores.scores.copy_(s_before)
-            reference.update(scores.mask_from_uniforms(u), u)
+            for state, row in zip(reference, u):  # one mask at a time
+                state.update(scores.mask_from_uniforms(row), row)
             scores.scores.copy_(moved)
-        for name, buffer in reference.buffers().items():
-            if not name.startswith("overflow"):
-                assert torch.equal(body.state_m.buffers()[name], buffer), (step, name)
-        cuts += int(reference.overflow_channels.sum())
-        assert int(body.state_m.overflow_channels.sum()) == cuts > 0, step
-        assert int(body.state_next.overflow_channels.sum()) > 0  # the next m's, counted when a step takes it
+        for state, ran in zip(reference, body.masks):
+            for name, buffer in state.buffers().items():
+                if not name.startswith("overflow"):
+                    assert torch.equal(ran.buffers()[name], buffer), (step, name)
+            cuts += int(state.overflow_channels.sum())
+        assert sum(int(s.overflow_channels.sum()) for s in body.masks) == cuts > 0, step
+        assert int(body.next_masks._rows.overflow_channels.sum()) > 0  # the next masks', counted when a step takes them
 
 
 def test_static_plain_steps_equal_subnet_step_in_float64(one_thread):
@@ -337,12 +341,37 @@ def test_resume_with_static_steps_continues_exactly(static_run, monkeypatch, tmp
     maskprop.fit(config, out=tmp_path / "stopped", resume=True)
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "stopped" / "last.pt")
     _assert_same_state(a, b)
-    tensors = ("generator", "next_uniforms")  # the search's state: its generator, the uniforms of its next m
-    assert a["static"]["next_uniforms"] is not None
+    tensors = ("generator", "next_uniforms")  # the search's state: its generator, the uniforms of its next masks
+    assert a["static"]["next_uniforms"].shape == (2, sum(maskprop.create_model("resnet20").channel_groups().values()))
     for key in tensors:
         assert torch.equal(a["static"][key], b["static"][key]), key
     assert {k: v for k, v in a["static"].items() if k not in tensors} == \
         {k: v for k, v in b["static"].items() if k not in tensors}
+
+
+def test_a_checkpoint_with_the_uniforms_of_the_next_m_alone_resumes_as_it_would_have(one_thread):
+    """Checkpoints of the version that prepared only the next ``m`` ahead kept its uniforms alone, and the generator
+    before those of ``m'``: a step resumed from one draws them first and runs the masks that version would have run
+    (those of a checkpoint holding both rows, the generator one draw further)."""
+    runs = []
+    for old in (True, False):
+        model, scores, optimizers, ctx, batch = _parts(align=1)
+        static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
+        u_m = torch.rand(scores.num_channels, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        if old:
+            static._next_uniforms = u_m
+        else:
+            u_m2 = torch.empty_like(u_m).uniform_(generator=static.generator)  # m''s, drawn by the generator next
+            static._next_uniforms = torch.stack([u_m, u_m2])
+        for _ in range(2):
+            static.search(model, scores, optimizers, batch)
+        runs.append((model, scores, static._search[0].masks))
+    (model, scores, masks), (ref_model, ref_scores, ref_masks) = runs
+    for a, b in zip(masks, ref_masks):
+        assert torch.equal(a.mask_used, b.mask_used)
+    assert torch.equal(scores.scores, ref_scores.scores)
+    for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_a_run_captured_on_a_gpu_resumes_where_nothing_is_captured(monkeypatch, tmp_path, one_thread):
@@ -582,7 +611,7 @@ def test_static_steps_take_their_gradients_fresh_and_norm_them_in_one_go():
     assert dense_adds < params // 2  # none per parameter
     for kind in ("dense step", "static search step", "fixed-mask step", "narrow step"):
         ops, forwards = counts[kind], 2 if kind == "static search step" else 1
-        updates = 2 if kind == "static search step" else 0  # each adds its ties and its overflows in place
+        updates = 1 if kind == "static search step" else 0  # m and m' together: their ties and overflows in place
         assert ops.names["add_"] <= forwards * dense_adds + 2 * updates, (kind, ops.names["add_"], dense_adds)
         assert ops.names["linalg_vector_norm"] <= 1 and ops.names["_foreach_norm"] == 1, kind
         # every pass counts its batch in all BatchNorm layers with one multi-tensor add, not one add_ per layer as
@@ -593,23 +622,25 @@ def test_static_steps_take_their_gradients_fresh_and_norm_them_in_one_go():
     dense, search = counts["dense step"].launches, counts["static search step"].launches
     projection = counts["projection"].launches  # a fixed sequence of kernels whatever the model (sort, cumsum, ...)
     assert 0 < projection <= 50 and dense < search - projection < 2.5 * dense
-    # one mask's sampling (the empty-group policy included) and update: small kernels at the head of each stream
+    # one mask's sampling (the empty-group policy included) and update: small kernels; a search step's two masks with
+    # one update, of the same launches
     assert 0 < counts["mask update"].launches <= 40
-    # on CUDA the mask update and forward of m' and the score update run on a side stream: what stays on the main one
+    assert counts["mask update, m and m' together"].launches == counts["mask update"].launches
+    # on CUDA the forward of m' and the score update run on a side stream: what stays on the main one
     main, side, critical = (counts[f"static search step, {part}"].launches
                             for part in ("main stream", "side stream", "critical path"))
     assert main + side == search and dense < main < 1.5 * dense and side > projection + counts["dense step"].names[
         "convolution"]
-    # m' goes first, its forward beside m's; the score update and the next step's m beside m's backward: the main
-    # stream starts with a copy of that m's buffers (three copies, one per dtype, and two for its overflow counts)
-    # instead of the mask update, which moved to the side stream
+    # m' goes first, its forward beside m's; the score update and the next step's masks beside m's backward: the step
+    # starts with a copy of those masks' buffers (three copies, one per dtype, and two for their overflow counts)
+    # instead of their update, which moved to the side stream
     at_start = [counts[f"search step, m drawn at its start, {stream} stream"].launches for stream in ("main", "side")]
     assert main == at_start[0] - counts["mask update"].launches + 5 and side == at_start[1] + counts[
         "mask update"].launches
     assert critical >= max(main, side) and counts["search step, m drawn at its start, critical path"].launches >= \
         at_start[0]
     # under torchrun: a few launches more (packing, division, global losses, the two collectives); the score update
-    # and the next m still run beside the backward, from the losses summed over the ranks after the forwards, where
+    # and the next masks still run beside the backward, from the losses summed over the ranks after the forwards, where
     # the streams join: the critical path is the longer forward, then the longer of the backward and the score update
     ranked = counts["torchrun search step"].launches
     ranked_main, ranked_side, ranked_critical = (counts[f"torchrun search step, {part}"].launches

@@ -21,6 +21,7 @@ from maskprop.sparse.static import (
     KeptCount,
     StaticExecutionState,
     StaticLayout,
+    StaticStates,
     check_capacities,
     choose_capacities,
     kept_count_moments,
@@ -237,6 +238,60 @@ def test_a_state_takes_a_mask_written_into_another_as_if_updated_with_it(generat
     other = StaticExecutionState(StaticLayout(model, capacities))
     with pytest.raises(ValueError, match="same layout"):
         running.take(other)
+
+
+@pytest.mark.parametrize("name,concatenate", [("resnet20", False), ("vgg11_bn", True), ("mlp", True)])
+@pytest.mark.parametrize("ties", [True, False])
+def test_states_updated_together_hold_what_one_update_each_writes(name, concatenate, ties, generator):
+    """``StaticStates``: one update of ``k`` masks (the launches of one) writes into each state exactly what its own
+    ``update`` would (every buffer, the overflow counters included, with and without tie-breaking uniforms, masks that
+    overflow), the states' buffers are rows of shared tensors at fixed addresses, and a ``take`` of ``k`` states equals
+    ``k`` takes. The masks come from ``mask_from_uniforms`` of ``(k, channels)`` uniforms, which equals a call per
+    row."""
+    model = maskprop.create_model(name)
+    groups = model.channel_groups()
+    capacities = {g: max(1, n // 4) for g, n in groups.items()}  # narrow: a keep-0.5 mask overflows
+    layout = StaticLayout(model, capacities, concatenate=concatenate)
+    scores = ChannelScores(groups, 0.5)
+    with torch.no_grad():
+        scores.scores.uniform_(0.0, 1.0, generator=generator)
+        scores.scores[: next(iter(groups.values()))] = 0.01  # the first group's channels all likely dropped
+    together, prepared, alone = StaticStates(layout, 3), StaticStates(layout, 3), [StaticExecutionState(layout)
+                                                                                   for _ in range(3)]
+    addresses = [{k: t.data_ptr() for k, t in s.buffers().items()} for s in together]
+    for _ in range(2):
+        u = torch.rand(3, scores.num_channels, generator=generator)
+        u[2] = u[2] * 1e-3 + (1 - 1e-3)  # the third mask keeps almost nothing: no overflow there, unlike the others
+        masks = scores.mask_from_uniforms(u)
+        for row, mask in zip(u, masks):
+            assert torch.equal(scores.mask_from_uniforms(row), mask)  # the empty-group rule row by row
+        prepared.update(masks, u if ties else None)
+        together.take(prepared)
+        for state, mask, row in zip(alone, masks, u):
+            state.update(mask, row if ties else None)
+        for a, b in zip(together, alone):
+            for (key, x), y in zip(a.buffers().items(), b.buffers().values()):
+                assert torch.equal(x, y), key
+        assert not prepared._rows.overflow_channels.any()
+    assert [int(s.overflow_steps) for s in together] == [2, 2, 0]
+    assert [{k: t.data_ptr() for k, t in s.buffers().items()} for s in together] == addresses
+    assert together[1].mask_used.data_ptr() == together[0].mask_used.data_ptr() + scores.num_channels
+
+
+def test_bad_masks_for_states_updated_together_are_one_clear_error(generator):
+    model = maskprop.create_model("resnet20")
+    groups = model.channel_groups()
+    layout = StaticLayout(model, dict(groups))
+    states = StaticStates(layout, 2)
+    n = layout.num_channels
+    with pytest.raises(ValueError, match=rf"masks is \({n},\) torch.bool; expected a bool tensor of shape \(2, {n}\)"):
+        states.update(torch.ones(n, dtype=torch.bool))
+    with pytest.raises(ValueError, match=rf"u is \(1, {n}\) torch.float32 on cpu; expected a float tensor of shape"):
+        states.update(torch.ones(2, n, dtype=torch.bool), torch.rand(1, n))
+    with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
+        StaticStates(layout, 0)
+    with pytest.raises(ValueError, match="same layout"):
+        states.take(StaticStates(layout, 3))
 
 
 # --- deferred statistics: a pass that can run beside another one ----------------------------------------------------

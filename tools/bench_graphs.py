@@ -25,9 +25,9 @@ Per model, bf16 autocast, channels_last, keep 0.5, align 8, the median of CUDA-e
 * ``search_m_first_graphed`` (only with ``--kinds``): the same with the forward of ``m'`` after that of ``m``, beside
   the backward only (``SearchStep(m2_first=False)``: the schedule before ``m'`` deferred its BatchNorm statistics;
   ``m2_first_speedup`` is its time over the default's);
-* ``search_m_at_start_graphed`` (only with ``--kinds``): the same with each step's ``m`` drawn at its start, on the
-  main stream, instead of by the step before beside its backward (``SearchStep(m_ahead=False)``; ``m_ahead_speedup``
-  is its time over the default's);
+* ``search_m_at_start_graphed`` (only with ``--kinds``): the same with each step's ``m`` and ``m'`` drawn at its start,
+  on the main stream, instead of by the step before beside its backward (``SearchStep(m_ahead=False)``;
+  ``m_ahead_speedup`` is its time over the default's);
 * ``settled_graphed``: the same with settled keep probabilities (1 on the fixed mask's channels, 0 elsewhere: a
   search after its anneal, whose capacities are the kept counts), captured;
 * ``finetune_eager``: ``subnet_step`` of one fixed sampled mask through the full model (compact);

@@ -125,15 +125,16 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
     """Launches of the whole steps the trainer captures (``maskprop.train.graphs``) on ``meta``, each without its
     optimizer steps (on CUDA a fused SGD and a capturable Adam: a few launches per tensor group, the same for all). The
     dense step is forward, loss, backward and gradient norm; the search step adds the device sampling of ``m`` and
-    ``m'`` from uniforms, both mask updates, the no-grad forward of ``m'``, the score gradient and the projection of
-    the scores onto the budget (also counted alone: ``projection``; and one mask's sampling and update: ``mask
-    update``); the fixed-mask finetune step is the dense step of the full model under a sampled mask at its aligned
-    kept counts (``finetune.narrow: false``); the narrow finetune step is the dense step of that mask's narrow model,
-    padded to ``align`` (the default finetune). The search step as torchrun runs it (two ranks: its three pieces, the
-    losses packed for an all-reduce after the forwards, the score update beside the backward from the losses summed,
-    the gradients packed for an all-reduce after the backward and averaged after it) is counted too, each collective
-    as one launch; and the search step that draws its ``m`` at its own
-    start, on the main stream, instead of in the step before beside the backward (``SearchStep(m_ahead=False)``)."""
+    ``m'`` from uniforms, their mask update (one for both), the no-grad forward of ``m'``, the score gradient and the
+    projection of the scores onto the budget (also counted alone: ``projection``; and one mask's sampling and update:
+    ``mask update``, and both masks' in one: ``mask update, m and m' together``); the fixed-mask finetune step is the
+    dense step of the full model under a sampled mask at its aligned kept counts (``finetune.narrow: false``); the
+    narrow finetune step is the dense step of that mask's narrow model, padded to ``align`` (the default finetune). The
+    search step as torchrun runs it (two ranks: its three pieces, the losses packed for an all-reduce after the
+    forwards, the score update beside the backward from the losses summed, the gradients packed for an all-reduce after
+    the backward and averaged after it) is counted too, each collective as one launch; and the search step that draws
+    its ``m`` and ``m'`` at its own start, on the main stream, instead of in the step before beside the backward
+    (``SearchStep(m_ahead=False)``)."""
     from maskprop.train.meter import DeviceMeter
     from maskprop.train.narrow import NarrowSubnetwork
     from maskprop.train.static_steps import DenseStep, FixedMaskStep, GradientAverage, SearchStep
@@ -183,6 +184,8 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
     counts["projection"] = count(lambda: scores.project_(search.budget))
     u = search.uniforms[0]
     counts["mask update"] = count(lambda: search.state_m.update(scores.mask_from_uniforms(u), u))
+    counts["mask update, m and m' together"] = count(  # a search step's: two rows, the launches of one
+        lambda: search.masks.update(scores.mask_from_uniforms(search.uniforms), search.uniforms))
     counts.update(by_stream("static search step", search, x, y))
     at_start = SearchStep(model, scores, (NoStep(model.parameters()), NoStep()), SparsityConfig(), ctx,  # type: ignore
                           capacities, meter, m_ahead=False)
@@ -203,18 +206,18 @@ def whole_steps(name: str, keep: float, align: int, batch: int) -> dict[str, Ops
 class Streams:
     """Launches of a search step by CUDA stream, and its critical path when the streams overlap fully.
 
-    On CUDA the step forks a side stream at its start; with ``m'`` first (``SearchStep.m2_first``) the mask update and
-    forward of ``m'`` (``B`` launches) run there beside the forward of ``m`` (``A``, with its mask update unless the
-    step before drew it: then it is taken among the ``pre`` launches before the fork); after both, the side stream runs
-    its tail (``T``: the forward of ``m'`` when it did not run first, the commit of its statistics, the score update and
-    the next step's ``m`` when they are not tied to the backward) beside the backward of ``m`` (``W``); ``post``
-    follows the join. The critical path is
+    On CUDA the step forks a side stream at its start, after the step's masks are in place among the ``pre`` launches
+    (taken from those the step before prepared, or drawn with one mask update); with ``m'`` first
+    (``SearchStep.m2_first``) the forward of ``m'`` (``B`` launches) runs there beside the forward of ``m`` (``A``);
+    after both, the side stream runs its tail (``T``: the forward of ``m'`` when it did not run first, the commit of its
+    statistics, the score update and the next step's masks when they are not tied to the backward) beside the backward
+    of ``m`` (``W``); ``post`` follows the join. The critical path is
     ``pre + max(A + W, max(A, B) + T) + post``.
 
     Under torchrun (``join``: the step's launches when its streams first join) the step is three pieces, the losses'
     all-reduce after the forwards and the gradients' after the backward: the streams join after the forwards of ``m``
     (``A``) and ``m'`` (``B``), ``mid`` launches follow on the main stream, and the tail ``T`` (the score update and
-    the next ``m``) forks beside the backward ``W``: ``pre + max(A, B) + mid + max(W, T) + post``."""
+    the next masks) forks beside the backward ``W``: ``pre + max(A, B) + mid + max(W, T) + post``."""
 
     def __init__(self) -> None:
         self.blocks: list[tuple[int, int]] = []  # (main-stream launches before the block, the block's launches)
@@ -233,7 +236,7 @@ class Streams:
         first, (tail_at, tail) = (self.blocks[0] if len(self.blocks) == 2 else None), self.blocks[-1]
         pre = first[0] if first is not None else tail_at
         b = first[1] if first is not None else 0
-        a = tail_at - pre  # main-stream launches from the fork to the tail (m's mask update and forward)
+        a = tail_at - pre  # main-stream launches from the fork to the tail (m's forward)
         w = self.backward
         post = total - pre - a - b - tail - w
         return {"main": total - side, "side": side, "critical": pre + max(a + w, max(a, b) + tail) + post}
@@ -297,7 +300,7 @@ def main() -> None:
     if args.whole:
         print(f"launches per whole step on meta (optimizer steps left out), keep {args.keep}, align {args.align}")
         print("| model | dense step | static search step | ratio | its critical path (two streams) | ratio | "
-              "the path with m drawn at the step's start | fixed-mask finetune step | narrow finetune step | "
+              "the path with m and m' drawn at the step's start | fixed-mask finetune step | narrow finetune step | "
               "search step under torchrun (critical path) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name in args.models:
             r = whole_steps(name, args.keep, args.align, args.batch)

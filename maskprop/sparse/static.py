@@ -22,7 +22,9 @@ about once per thousand steps per group at the default quantile) keeps the ``C_g
 tie-breaking uniforms ``u`` (the lowest channel numbers without ``u``); the mask actually used is recorded on the
 device (:attr:`StaticExecutionState.mask_used`, the one to give the score estimator), and on-device counters of
 overflowing steps and cut channels are read by the caller every ``N`` steps (:meth:`StaticExecutionState.read_overflow`,
-one transfer).
+one transfer). Several states of one window can share their buffers as the rows of common tensors
+(:class:`StaticStates`): one update then writes all their masks with the kernels of one, as a search step writes its
+``m`` and ``m'``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __all__ = [
     "OverflowReport",
     "StaticExecutionState",
     "StaticLayout",
+    "StaticStates",
     "check_capacities",
     "choose_capacities",
     "kept_count_moments",
@@ -425,6 +428,89 @@ class OverflowReport:
     channels: dict[str, int]
 
 
+def _check_uniforms(u: Tensor, mask: Tensor) -> Tensor:
+    """``u`` as tie-breaking uniforms of ``mask`` (a float tensor of its shape, on its device)."""
+    if not isinstance(u, Tensor) or u.shape != mask.shape or u.device != mask.device or not u.is_floating_point():
+        got = f"{tuple(u.shape)} {u.dtype} on {u.device}" if isinstance(u, Tensor) else type(u).__name__
+        raise ValueError(f"u is {got}; expected a float tensor of shape {tuple(mask.shape)} on {mask.device}")
+    return u
+
+
+class _MaskRows:
+    """The buffers a mask update writes, for ``k`` masks of one layout: row ``i`` of each is the ``i``-th state's
+    (``k = 1`` for a state alone, ``k = 2`` for the two masks a search step draws together: :class:`StaticStates`).
+    :meth:`write` updates all rows with the launches of one; ``rows.row(i)`` is row ``i`` as ``(1, ...)`` views."""
+
+    def __init__(self, layout: StaticLayout, k: int, *, _views: tuple[Tensor, ...] | None = None) -> None:
+        self.layout, self.k = layout, k
+        if _views is not None:
+            (self.ext, self.real, self.flat, self.factor, self.norm_real, self.mask_used, self.overflow_steps,
+             self.overflow_channels) = _views
+            return
+        device, dtype = layout.device, layout.dtype
+        # The extended index buffer: the groups' slots, the identity segment, the zero segment; and its 0/1 reals.
+        self.ext = torch.zeros(k, layout.ext_size, dtype=torch.int64, device=device)
+        self.ext[:, layout.identity_slot:layout.zero_slot] = torch.arange(layout.zero_slot - layout.identity_slot,
+                                                                          device=device)
+        self.real = torch.zeros(k, layout.ext_size, dtype=dtype, device=device)
+        self.real[:, layout.identity_slot:layout.zero_slot] = 1
+        self.flat = torch.zeros(k, layout.num_entries, dtype=torch.int64, device=device)
+        self.factor = torch.zeros(k, layout.num_entries, dtype=dtype, device=device)
+        norm = layout.norm_table
+        self.norm_real = torch.zeros(k, 0 if norm is None else norm.entries, dtype=torch.bool, device=device)
+        self.mask_used = torch.zeros(k, layout.num_channels, dtype=torch.bool, device=device)
+        self.overflow_steps = torch.zeros(k, dtype=torch.int64, device=device)
+        self.overflow_channels = torch.zeros(k, len(layout.groups), dtype=torch.int64, device=device)
+
+    def row(self, i: int) -> _MaskRows:
+        views = (self.ext, self.real, self.flat, self.factor, self.norm_real, self.mask_used, self.overflow_steps,
+                 self.overflow_channels)
+        return _MaskRows(self.layout, 1, _views=tuple(t[i:i + 1] for t in views))
+
+    def by_dtype(self) -> list[list[Tensor]]:
+        """The mask's buffers (the counters aside), grouped by dtype: a multi-tensor kernel takes one dtype."""
+        return [[self.ext, self.flat], [self.real, self.factor], [self.mask_used, self.norm_real]]
+
+    def write(self, mask: Tensor, u: Tensor | None) -> None:
+        """Make row ``i`` hold ``mask[i]`` (``(k, channels)`` bool; ``u``: ``(k, channels)`` tie-breaking uniforms or
+        ``None``): :meth:`StaticExecutionState.update`'s fixed sequence of device operations, one for all rows."""
+        layout = self.layout
+        # (2 x group + dropped) x 2^32 + u's 32 leading bits: group by group, kept channels first, by increasing u
+        key = torch.where(mask, layout.key_kept, layout.key_dropped)
+        if u is not None:
+            if torch.finfo(u.dtype).eps > 2.0 ** -23:  # half, bfloat16: u x 2^32 overflows half; a draw may round to 1
+                ties = (u.float() * 2.0 ** _TIE_BITS).long().clamp_(0, 2 ** _TIE_BITS - 1)
+            else:
+                ties = (u * 2.0 ** _TIE_BITS).long()  # exact, and below 2^32 for u < 1
+            key.add_(ties)
+        order = torch.sort(key, dim=-1, stable=True).indices
+        chosen = order.index_select(1, layout.take)  # each group's first `capacity` channels in sorted order
+        real = mask.gather(1, chosen)
+        torch.sub(chosen, layout.slot_channel, out=self.ext[:, :layout.num_slots])
+        self.real[:, :layout.num_slots].copy_(real)
+        self.mask_used.zero_().scatter_(1, chosen, real)
+        cut = torch.gt(mask, self.mask_used)  # kept, not used
+        self.overflow_channels.index_add_(1, layout.group_of, cut.long())
+        self.overflow_steps.add_(cut.any(dim=1))
+        # The flat gather indices and 0/1 factors of every gathered entry, from the new slots.
+        first = torch.addcmul(layout.row_base, layout.row_stride, self.ext.index_select(1, layout.row_slot))
+        torch.add(first.index_select(1, layout.entry_row), self.ext.index_select(1, layout.entry_slot), out=self.flat)
+        torch.index_select(self.real.index_select(1, layout.row_slot), 1, layout.entry_row, out=self.factor)
+        norm = layout.norm_table
+        if norm is not None:
+            torch.ne(self.factor[:, norm.start:norm.start + norm.entries], 0, out=self.norm_real)
+
+    def take(self, other: _MaskRows) -> None:
+        """Copy ``other``'s masks into these rows (one multi-tensor copy per dtype) and move its overflow counts here
+        (added here, zeroed there)."""
+        for mine, theirs in zip(self.by_dtype(), other.by_dtype()):
+            torch._foreach_copy_(mine, theirs)
+        counters = [self.overflow_steps, self.overflow_channels]
+        theirs = [other.overflow_steps, other.overflow_channels]
+        torch._foreach_add_(counters, theirs)
+        torch._foreach_zero_(theirs)
+
+
 class StaticExecutionState:
     """Compact execution with static shapes: the layers' protocol (``mode``, :meth:`weight_and_bias`,
     :meth:`batch_norm`, :meth:`batch_norm_done`, :meth:`index`, :meth:`flush`) served from device buffers whose
@@ -444,29 +530,21 @@ class StaticExecutionState:
 
     mode = "compact"
 
-    def __init__(self, layout: StaticLayout) -> None:
+    def __init__(self, layout: StaticLayout, rows: _MaskRows | None = None) -> None:
         self.layout = layout
         self.masks: dict[str, Tensor] = {}  # masked mode's per-group masks: none (BatchNorm's masked path never runs)
-        device, dtype = layout.device, layout.dtype
-        # The extended index buffer: the groups' slots, the identity segment, the zero segment; and its 0/1 reals.
-        self._ext = torch.zeros(layout.ext_size, dtype=torch.int64, device=device)
-        self._ext[layout.identity_slot:layout.zero_slot] = torch.arange(layout.zero_slot - layout.identity_slot,
-                                                                        device=device)
-        self._real = torch.zeros(layout.ext_size, dtype=dtype, device=device)
-        self._real[layout.identity_slot:layout.zero_slot] = 1
-        self._flat = torch.zeros(layout.num_entries, dtype=torch.int64, device=device)
-        self._factor = torch.zeros(layout.num_entries, dtype=dtype, device=device)
-        norm = layout.norm_table
-        self._norm_real = torch.zeros(0 if norm is None else norm.entries, dtype=torch.bool, device=device)
-        self.mask_used = torch.zeros(layout.num_channels, dtype=torch.bool, device=device)
-        self.overflow_steps = torch.zeros((), dtype=torch.int64, device=device)
-        self.overflow_channels = torch.zeros(len(layout.groups), dtype=torch.int64, device=device)
+        # The buffers update() writes, as the one row of a (1, ...) view: alone, or one of StaticStates' rows.
+        self._rows = _MaskRows(layout, 1) if rows is None else rows
+        self._ext, self._real, self._flat, self._factor, self._norm_real, self.mask_used = (
+            t[0] for t in (self._rows.ext, self._rows.real, self._rows.flat, self._rows.factor, self._rows.norm_real,
+                           self._rows.mask_used))
+        self.overflow_steps, self.overflow_channels = self._rows.overflow_steps[0], self._rows.overflow_channels[0]
         self._weight_pass: ForwardPass | None = None
         self._norm_pass: ForwardPass | None = None
         self._defers = False
         self._deferred: ForwardPass | None = None  # a deferred pass's statistics, until commit_statistics()
         # Until the first update: every group's first channels, all kept (a valid subnetwork, never cut).
-        self.update(torch.ones(layout.num_channels, dtype=torch.bool, device=device))
+        self.update(torch.ones(layout.num_channels, dtype=torch.bool, device=layout.device))
         self.overflow_steps.zero_()
         self.overflow_channels.zero_()
 
@@ -517,37 +595,8 @@ class StaticExecutionState:
         Returns:
             :attr:`mask_used` (the state's own buffer).
         """
-        layout = self.layout
         mask = self._flat_mask(mask)
-        # (2 x group + dropped) x 2^32 + u's 32 leading bits: group by group, kept channels first, by increasing u
-        key = torch.where(mask, layout.key_kept, layout.key_dropped)
-        if u is not None:
-            if u.shape != mask.shape or u.device != mask.device or not u.is_floating_point():
-                raise ValueError(f"u must be a float tensor of shape {tuple(mask.shape)} on {mask.device}")
-            if torch.finfo(u.dtype).eps > 2.0 ** -23:  # half, bfloat16: u x 2^32 overflows half; a draw may round to 1
-                ties = (u.float() * 2.0 ** _TIE_BITS).long().clamp_(0, 2 ** _TIE_BITS - 1)
-            else:
-                ties = (u * 2.0 ** _TIE_BITS).long()  # exact, and below 2^32 for u < 1
-            key.add_(ties)
-        order = torch.sort(key, stable=True).indices
-        chosen = order.index_select(0, layout.take)  # each group's first `capacity` channels in sorted order
-        real = mask.index_select(0, chosen)
-        slots, reals = self._ext[:layout.num_slots], self._real[:layout.num_slots]
-        torch.sub(chosen, layout.slot_channel, out=slots)
-        reals.copy_(real)
-        self.mask_used.zero_()
-        self.mask_used.index_copy_(0, chosen, real)
-        cut = torch.gt(mask, self.mask_used)  # kept, not used
-        self.overflow_channels.index_add_(0, layout.group_of, cut.long())
-        self.overflow_steps.add_(cut.any())
-        # The flat gather indices and 0/1 factors of every gathered entry, from the new slots.
-        first = torch.addcmul(layout.row_base, layout.row_stride, self._ext.index_select(0, layout.row_slot))
-        torch.add(first.index_select(0, layout.entry_row), self._ext.index_select(0, layout.entry_slot),
-                  out=self._flat)
-        torch.index_select(self._real.index_select(0, layout.row_slot), 0, layout.entry_row, out=self._factor)
-        norm = layout.norm_table
-        if norm is not None:
-            torch.ne(self._factor[norm.start:norm.start + norm.entries], 0, out=self._norm_real)
+        self._rows.write(mask.unsqueeze(0), None if u is None else _check_uniforms(u, mask).unsqueeze(0))
         return self.mask_used
 
     @torch.no_grad()
@@ -561,17 +610,7 @@ class StaticExecutionState:
         (``maskprop.train.static_steps.SearchStep``), and takes it at the start of the next step."""
         if other.layout is not self.layout:
             raise ValueError("take() needs a state of the same layout (the same window)")
-        for mine, theirs in zip(self._mask_buffers(), other._mask_buffers()):
-            torch._foreach_copy_(mine, theirs)
-        counters = [self.overflow_steps, self.overflow_channels]
-        theirs = [other.overflow_steps, other.overflow_channels]
-        torch._foreach_add_(counters, theirs)
-        torch._foreach_zero_(theirs)
-
-    def _mask_buffers(self) -> list[list[Tensor]]:
-        """The buffers :meth:`update` writes (the counters aside), grouped by dtype: a multi-tensor kernel takes one
-        dtype."""
-        return [[self._ext, self._flat], [self._real, self._factor], [self.mask_used, self._norm_real]]
+        self._rows.take(other._rows)
 
     @property
     def counts_batches(self) -> bool:
@@ -747,6 +786,66 @@ class StaticExecutionState:
                                  "eval)")
             deferred = training == {True}
         return gather_norms(norm, flat, factor.to(weight.dtype), self.layout.plan.zero_row(weight), deferred)
+
+
+class StaticStates:
+    """``k`` static execution states of one layout whose buffers are the rows of shared tensors, so that one
+    :meth:`update` writes all ``k`` masks with the launches of one (a mask update is some forty small kernels whatever
+    the number of masks) and one :meth:`take` copies them all.
+
+    A search step draws its two masks ``m`` and ``m'`` from the same scores: it prepares both with one update
+    (``maskprop.train.static_steps.SearchStep``).
+
+    Example:
+        >>> states = StaticStates(StaticLayout(model, choose_capacities(scores), align=8), 2)
+        >>> u = torch.rand(2, scores.num_channels, generator=generator)
+        >>> states.update(scores.mask_from_uniforms(u), u)   # row i: states[i]'s mask
+        >>> with use_static(states[0]):
+        ...     loss = criterion(model(images), labels)
+
+    Args:
+        layout: The window's layout.
+        k: The number of states.
+    """
+
+    def __init__(self, layout: StaticLayout, k: int) -> None:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        self.layout = layout
+        self._rows = _MaskRows(layout, k)
+        self.states = tuple(StaticExecutionState(layout, self._rows.row(i)) for i in range(k))
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __getitem__(self, i: int) -> StaticExecutionState:
+        return self.states[i]
+
+    def __iter__(self) -> Iterator[StaticExecutionState]:
+        return iter(self.states)
+
+    @torch.no_grad()
+    def update(self, masks: Tensor, u: Tensor | None = None) -> Tensor:
+        """Make ``masks[i]`` the mask of ``self[i]``, for every ``i`` at once, as :meth:`StaticExecutionState.update`
+        does for one (same arguments with a leading dimension of ``k``: ``(k, channels)`` bool masks and optional
+        uniforms). Returns the ``(k, channels)`` masks used (the states' :attr:`~StaticExecutionState.mask_used` are
+        its rows)."""
+        shape = (len(self), self.layout.num_channels)
+        if not isinstance(masks, Tensor) or masks.dtype != torch.bool or masks.shape != shape:
+            got = f"{tuple(masks.shape)} {masks.dtype}" if isinstance(masks, Tensor) else type(masks).__name__
+            raise ValueError(f"masks is {got}; expected a bool tensor of shape {shape} (one flat mask per state)")
+        if masks.device != self._rows.mask_used.device:
+            raise ValueError(f"masks are on {masks.device}, the states' buffers on {self._rows.mask_used.device}")
+        self._rows.write(masks, None if u is None else _check_uniforms(u, masks))
+        return self._rows.mask_used
+
+    @torch.no_grad()
+    def take(self, other: StaticStates) -> None:
+        """Make every mask of ``other`` (same layout and ``k``) this one's, as :meth:`StaticExecutionState.take` does
+        for one state, with the same five launches."""
+        if other.layout is not self.layout or len(other) != len(self):
+            raise ValueError("take() needs states of the same layout (the same window) and number")
+        self._rows.take(other._rows)
 
 
 @contextlib.contextmanager

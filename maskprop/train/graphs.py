@@ -8,19 +8,18 @@ advance instead, and is recorded once as a CUDA graph that the GPU then replays 
 
 * a **search step** (:class:`SearchStep`) computes each group at a *capacity* (:mod:`maskprop.sparse.static`), chosen
   from the keep probabilities for a window of steps. Before each replay the host asks the device for fresh uniforms
-  ``u`` (from the run's device generator into a fixed buffer, one draw a mask: this step's ``m'`` and the next
-  step's ``m``, or where the score update follows the backward, this step's ``m`` and ``m'``) and writes the step's
-  budget into a
-  device scalar (an annealed budget changes every step); inside the graph the masks are ``m = u < s`` (with
-  :class:`~maskprop.vrpge.ChannelScores`'s empty-group rule, all on the device), written into the static execution
-  states in place, then come the no-grad forward of ``m'``, the forward and backward of ``m``, the VR-PGE score gradient
-  from the loss difference as a device tensor and the masks actually used, gradient clipping, SGD on the weights, Adam
-  (``capturable``, fused) on the scores and their projection onto the budget (exact, with a fixed sequence of kernels:
-  :func:`~maskprop.vrpge.project_scores`). On CUDA, with ``weight_grad: first``, the branch of ``m'`` runs on a second
-  stream: its mask update and forward beside the forward of ``m``, then (once ``m``'s forward is done) its BatchNorm
-  statistics, the score update and the next step's ``m`` (drawn from the projected scores with uniforms the host
-  drew for it one step early) beside ``m``'s backward, so that a replay runs the two at once and the next replay's
-  main stream starts its forward after one copy of that mask's buffers (:class:`SearchStep`).
+  ``u`` (from the run's device generator into a fixed buffer, one draw a mask: the next step's ``m`` and ``m'``, or
+  where the score update follows the backward, this step's) and writes the step's budget into a device scalar (an
+  annealed budget changes every step); inside the graph the masks are ``m = u < s`` (with
+  :class:`~maskprop.vrpge.ChannelScores`'s empty-group rule, all on the device), both written into the static execution
+  states in place with one mask update, then come the no-grad forward of ``m'``, the forward and backward of ``m``, the
+  VR-PGE score gradient from the loss difference as a device tensor and the masks actually used, gradient clipping, SGD
+  on the weights, Adam (``capturable``, fused) on the scores and their projection onto the budget (exact, with a fixed
+  sequence of kernels: :func:`~maskprop.vrpge.project_scores`). On CUDA, with ``weight_grad: first``, the branch of
+  ``m'`` runs on a second stream: its forward beside the forward of ``m``, then (once ``m``'s forward is done) its
+  BatchNorm statistics, the score update and the next step's ``m`` and ``m'`` (drawn from the projected scores with
+  uniforms the host drew for them one step early) beside ``m``'s backward, so that a replay runs the two at once and the
+  next replay starts its forwards after one copy of those masks' buffers (:class:`SearchStep`).
   Every ``log_every`` steps (and at the end of an epoch) the host reads, in one transfer, the losses, correct counts,
   ``|L(m) - L(m')|``, gradient norms and overflow counters that the steps accumulated on the device; at the end of an
   epoch it also re-chooses the capacities (:func:`~maskprop.sparse.static.rechoose_capacities`, one read of the scores:
@@ -53,7 +52,7 @@ batch, and the ranks' gradients are averaged between pieces of each step, each p
 (:class:`~maskprop.train.static_steps.GradientAverage`). A search step is three pieces: the first (masks, both forwards)
 ends by packing ``L(m) n``, ``L(m') n`` and ``n`` into a flat buffer, which the host sums over the ranks with one
 ``all_reduce`` (NCCL on GPUs, a launch that reads nothing back); the second runs the backward and, beside it on the side
-stream as in one process, the score update from the global batch's losses and the next ``m``, and packs this rank's
+stream as in one process, the score update from the global batch's losses and the next masks, and packs this rank's
 weight gradients into the same buffer, summed by a second ``all_reduce``; the third (the average installed as the
 gradients, gradient norm, SGD, the meter) follows. The plain steps, and a search step whose score update needs the
 gradients (clipping) or runs after both backwards, are two halves around one ``all_reduce`` of the gradients (and a
@@ -403,7 +402,7 @@ class StaticSteps:
         seed: Seeds the device generator the search's uniforms come from.
         overlap: Search steps run the branch of ``m'`` on a side stream on CUDA (:class:`SearchStep`).
         m2_first: Search steps run the forward of ``m'`` first where they can (:class:`SearchStep`).
-        m_ahead: Search steps prepare the next step's ``m`` beside their backward (:class:`SearchStep`).
+        m_ahead: Search steps prepare the next step's ``m`` and ``m'`` beside their backward (:class:`SearchStep`).
         world_size: Processes under torchrun, each with an equal share of the global batch (train FLOPs count the
             global batch, as the eager steps do).
     """
@@ -423,7 +422,7 @@ class StaticSteps:
         self.overhead_s = 0.0
         self._search: tuple[SearchStep, StepGraph] | None = None
         self._search_captured = False  # a search step was captured in this process (later windows warm up less)
-        self._next_uniforms: Tensor | None = None  # those of the next search step's m, from an ended window
+        self._next_uniforms: Tensor | None = None  # those of the next search step's masks, from an ended window
         self._other: tuple[tuple, Any, StepGraph] | None = None
         self._flops: dict[tuple, int] = {}
 
@@ -525,7 +524,7 @@ class StaticSteps:
 
     def end_search(self) -> None:
         """Drop the search step and its graph (the window or the phase is over: its memory goes back), keeping the
-        uniforms its next ``m`` was drawn from for the next window. Its overflow counters go with it: :meth:`read`
+        uniforms its next masks were drawn from for the next window. Its overflow counters go with it: :meth:`read`
         first (as :meth:`read` itself does at a window change, and the trainer at the end of each epoch)."""
         if self._search is not None:
             self._next_uniforms = self._pending_uniforms()
@@ -534,7 +533,7 @@ class StaticSteps:
         self._search = None
 
     def _pending_uniforms(self) -> Tensor | None:
-        """The uniforms of the next search step's ``m`` (a copy), if drawn."""
+        """The uniforms of the next search step's ``m`` and ``m'`` (a copy), if drawn."""
         live = self._next_uniforms if self._search is None else self._search[0].next_uniforms
         return None if live is None else live.clone()
 
@@ -590,7 +589,7 @@ class StaticSteps:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue exactly: the generator, the uniforms drawn for the next search step's
-        ``m``, the current capacities (re-choices have hysteresis) and the counts of the report."""
+        ``m`` and ``m'``, the current capacities (re-choices have hysteresis) and the counts of the report."""
         captures, overhead_s = self._totals()
         pending = self._pending_uniforms()
         return {"generator": self.generator.get_state(), "next_uniforms": None if pending is None else pending.cpu(),
@@ -600,7 +599,7 @@ class StaticSteps:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.generator.set_state(state["generator"])
-        pending = state.get("next_uniforms")  # (not in the checkpoints of earlier versions: drawn anew)
+        pending = state.get("next_uniforms")  # absent from the oldest checkpoints (drawn anew); m's alone in later ones
         self._next_uniforms = None if pending is None else pending.to(self.ctx.device)
         self.capacities = None if state["capacities"] is None else dict(state["capacities"])
         self.windows = int(state["windows"])

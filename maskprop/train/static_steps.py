@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..sparse import kept_ratio
-from ..sparse.static import StaticExecutionState, StaticLayout, mask_capacities, use_static
+from ..sparse.static import StaticExecutionState, StaticLayout, StaticStates, mask_capacities, use_static
 from ..vrpge import ChannelScores, score_grad
 from .config import SparsityConfig
 from .meter import DeviceMeter
@@ -251,45 +251,45 @@ class SearchStep(StaticStep):
         ctx: The run's step settings.
         capacities: ``{group: capacity}`` of this window.
         meter: Where the step's statistics accumulate.
-        overlap: On CUDA, run the branch of ``m'`` on a side stream (with ``weight_grad: first``): its mask update
-            and no-grad forward beside the forward of ``m`` (:attr:`m2_first`), then, once the forward of ``m`` is
-            done, the commit of its BatchNorm statistics, the score update and the next step's ``m`` (unless gradient
-            clipping ties them to the backward: :meth:`_side_branch`, ``m_ahead``; under torchrun :meth:`backward`)
-            beside the backward of ``m``. Neither branch
-            reads what the other writes while both run (``m'`` defers its BatchNorm statistics and batch counts,
-            which are added to the model's after ``m``'s: :attr:`StaticExecutionState.defers_statistics`), so the
-            results are those of running them in turn, ``m`` first; at CIFAR scale their kernels are too small to
-            fill the GPU, and a captured graph runs the two branches at once. ``False``: one stream, in the same
-            order.
+        overlap: On CUDA, run the branch of ``m'`` on a side stream (with ``weight_grad: first``): its no-grad forward
+            beside the forward of ``m`` (:attr:`m2_first`), then, once the forward of ``m`` is done, the commit of its
+            BatchNorm statistics, the score update and the next step's masks (unless gradient clipping ties them to the
+            backward: :meth:`_side_branch`, ``m_ahead``; under torchrun :meth:`backward`) beside the backward of ``m``.
+            Neither branch reads what the other writes while both run (``m'`` defers its BatchNorm statistics and batch
+            counts, which are added to the model's after ``m``'s: :attr:`StaticExecutionState.defers_statistics`), so
+            the results are those of running them in turn, ``m`` first; at CIFAR scale their kernels are too small to
+            fill the GPU, and a captured graph runs the two branches at once. ``False``: one stream, in the same order.
         average: Under torchrun, the gradient average, which also sums ``L(m) n``, ``L(m') n`` and ``n``: the score
             update reads the losses of the global batch (summed after the forwards, :meth:`pieces`).
         m2_first: Run the forward of ``m'`` first where the step can (:attr:`m2_first`); ``False``: after the forward
             of ``m`` (the schedule before deferred statistics, for comparison: ``tools/bench_graphs.py``).
-        m_ahead: Each step prepares the next step's ``m`` (:attr:`state_next`) right after its projection of the
-            scores, from which that mask is drawn: on CUDA at the end of the side stream, beside the backward, so
-            that the main stream starts the next forward at once (a copy of the buffers,
-            :meth:`StaticExecutionState.take`) instead of after a mask update of some forty kernels. The same masks
-            as drawing ``m`` at the start of its step, which ``False`` does (for comparison: ``tools/bench_graphs.py``)
-            and which the step does where its score update follows the backward (gradient clipping, ``weight_grad:
-            both``: :attr:`m_ahead`).
-        next_uniforms: With ``m_ahead``, the uniforms of the first step's ``m`` (drawn for it by the window before, or
-            kept in a checkpoint); ``None``: :meth:`prepare` draws them before the first step.
+        m_ahead: Each step prepares the next step's ``m`` and ``m'`` (:attr:`next_masks`, one mask update for both)
+            right after its projection of the scores, from which they are drawn: on CUDA at the end of the side
+            stream, beside the backward, so that the next step starts its forwards at once (a copy of the buffers,
+            :meth:`StaticStates.take`, five launches) instead of after a mask update of some forty kernels. The same
+            masks as drawing them at the start of their step, which ``False`` does (for comparison:
+            ``tools/bench_graphs.py``) and which the step does where its score update follows the backward (gradient
+            clipping, ``weight_grad: both``: :attr:`m_ahead`).
+        next_uniforms: With ``m_ahead``, the uniforms of the first step's ``m`` and ``m'`` (``(2, channels)``, drawn
+            for them by the window before, or kept in a checkpoint; a checkpoint of an earlier version kept ``m``'s
+            alone, ``(channels,)``: ``m'``'s are then drawn); ``None``: :meth:`prepare` draws them before the first
+            step.
 
     Attributes:
-        uniforms: ``(2, channels)`` buffer of the uniforms the masks are drawn from, :attr:`m_row` those of ``m``
-            (with ``m_ahead`` the next step's), the other row those of this step's ``m'``; :meth:`prepare` refills it
-            before each step (outside a captured graph). Between steps the row of ``m`` holds the uniforms of the
-            ``m`` :attr:`state_next` holds (:attr:`next_uniforms`). Each mask's uniforms are one draw of their own from
-            the generator, in the order the masks are used, so that every mask gets the same uniforms in both
-            schedules, on any device (a CUDA generator's draws depend on how they are split into calls): with
-            ``m_ahead`` those of the first ``m`` are drawn alone, and each step then draws those of its ``m'`` (row
-            0) and of the next ``m`` (row 1); without, those of its ``m`` (row 0) and of its ``m'`` (row 1).
+        uniforms: ``(2, channels)`` buffer of the uniforms the masks are drawn from: row 0 those of ``m``, row 1
+            those of ``m'`` (with ``m_ahead`` the next step's, else this step's); :meth:`prepare` refills it before
+            each step (outside a captured graph). With ``m_ahead`` it holds between steps the uniforms of the masks
+            :attr:`next_masks` holds (:attr:`next_uniforms`). Each mask's uniforms are one draw of their own from the
+            generator, in the order the masks are used (``m``, ``m'``, the next ``m``, ...), so that every mask gets
+            the same uniforms in both schedules, on any device (a CUDA generator's draws depend on how they are split
+            into calls).
         budget: The budget the step projects its updated scores onto (a device scalar :meth:`prepare` writes the
             scores' current budget into: an annealed budget changes every step).
-        state_m, state_m2: The static execution states of ``m`` and ``m'`` (one layout).
-        state_next: With ``m_ahead``, the next step's ``m``, prepared by this step (the same layout).
-        m_ahead: Whether this step prepares the next one's ``m``: the argument, where the score update runs beside the
-            backward.
+        masks: The static execution states of ``m`` and ``m'`` (:class:`StaticStates`, one layout), also as
+            ``state_m`` and ``state_m2``.
+        next_masks: With ``m_ahead``, the next step's ``m`` and ``m'``, prepared by this step (the same layout).
+        m_ahead: Whether this step prepares the next one's masks: the argument, where the score update runs beside
+            the backward.
         m2_first: Whether the forward of ``m'`` runs before (on CUDA: beside) that of ``m``, its BatchNorm statistics
             deferred. Not with ``weight_grad: both`` (each mask's backward in turn), ``sync_bn`` (whose layers move
             their statistics inside their collectives), or BatchNorm layers the layout cannot defer (momenta that
@@ -318,7 +318,8 @@ class SearchStep(StaticStep):
         if layout.device != scores.scores.device:
             raise ValueError(f"the scores are on {scores.scores.device}, the model on {layout.device}; a static search "
                              f"step samples on the model's device")
-        self.state_m, self.state_m2, self.state_next = (StaticExecutionState(layout) for _ in range(3))
+        self.masks = StaticStates(layout, 2)  # this step's m and m', written together
+        self.state_m, self.state_m2 = self.masks
         # m' first (class docstring): its forward does not wait for m's, whose BatchNorm statistics it would otherwise
         # have to follow; its own are added after m's (deferred).
         synchronised = any(getattr(m, "process_group", None) is not None for m in model.modules())
@@ -328,9 +329,10 @@ class SearchStep(StaticStep):
         s = scores.scores
         self.uniforms = torch.zeros(2, s.numel(), dtype=s.dtype, device=s.device)
         self.budget = torch.zeros((), dtype=s.dtype, device=s.device)
-        # The next m prepared beside the backward where the score update is (without clipping); elsewhere it would
-        # follow the backward on the main stream anyway, one copy of the buffers later.
+        # The next masks prepared beside the backward where the score update is (without clipping); elsewhere they
+        # would follow the backward on the main stream anyway, one copy of the buffers later.
         self.m_ahead = m_ahead and self.scores_apart
+        self.next_masks = StaticStates(layout, 2) if self.m_ahead else None
         self._first_uniforms = next_uniforms
         self._started = not self.m_ahead
         if s.grad is None:  # written in place by every step (a captured graph writes the same tensor)
@@ -340,20 +342,21 @@ class SearchStep(StaticStep):
     def widths(self) -> dict[str, int]:
         return self.state_m.widths
 
-    @property
-    def m_row(self) -> int:
-        """The row of :attr:`uniforms` that ``m`` is drawn from: 1 with ``m_ahead``, else 0."""
-        return int(self.m_ahead)
-
     def prepare(self, generator: torch.Generator) -> None:
         """Before each step, outside a captured graph: draw its uniforms into :attr:`uniforms` (a draw for each row)
         and write the scores' budget into :attr:`budget` (three launches, on the device, no host read). Before the
-        first step, also prepare its ``m`` from the uniforms given for it (``next_uniforms``), else from new ones."""
+        first step (with ``m_ahead``), also prepare its ``m`` and ``m'`` from the uniforms given for them
+        (``next_uniforms``), else from new ones."""
         if not self._started:
-            if self._first_uniforms is None:
-                self.uniforms[self.m_row].uniform_(generator=generator)
+            first = self._first_uniforms
+            if first is None:
+                for row in self.uniforms:
+                    row.uniform_(generator=generator)
+            elif first.dim() == 1:  # from a checkpoint of an earlier version: m's alone, m''s drawn after them then
+                self.uniforms[0].copy_(first)
+                self.uniforms[1].uniform_(generator=generator)
             else:
-                self.uniforms[self.m_row].copy_(self._first_uniforms)
+                self.uniforms.copy_(first)
             self._prepare_next()
             self._started = True
         for row in self.uniforms:
@@ -362,17 +365,26 @@ class SearchStep(StaticStep):
 
     @property
     def next_uniforms(self) -> Tensor | None:
-        """Between steps, the uniforms of the next step's ``m`` (a view of :attr:`uniforms`; ``None`` before the first
-        step when none were given, or without ``m_ahead``): what a later window or a resumed run prepares it from."""
+        """Between steps, the uniforms of the next step's ``m`` and ``m'`` (:attr:`uniforms` itself; ``None`` before
+        the first step when none were given, or without ``m_ahead``): what a later window or a resumed run prepares
+        them from."""
         if not self.m_ahead:
             return None
-        return self.uniforms[self.m_row] if self._started else self._first_uniforms
+        return self.uniforms if self._started else self._first_uniforms
 
     def _prepare_next(self) -> None:
-        """The next step's ``m`` from the current scores and its row of :attr:`uniforms`, into
-        :attr:`state_next` (its overflow counted when a step takes it)."""
-        u = self.uniforms[self.m_row]
-        self.state_next.update(self.scores.mask_from_uniforms(u), u)
+        """The next step's ``m`` and ``m'`` from the current scores and :attr:`uniforms`, into :attr:`next_masks` with
+        one mask update (their overflow counted when a step takes them)."""
+        self.next_masks.update(self.scores.mask_from_uniforms(self.uniforms), self.uniforms)
+
+    def _masks_for_step(self) -> None:
+        """This step's ``m`` and ``m'`` into :attr:`masks`, before the side stream forks: those the step before
+        prepared (``m_ahead``: a copy, five launches), else drawn now from :attr:`uniforms` (one mask update for
+        both)."""
+        if self.m_ahead:
+            self.masks.take(self.next_masks)
+        else:
+            self.masks.update(self.scores.mask_from_uniforms(self.uniforms), self.uniforms)
 
     def pieces(self, images: Tensor, labels: Tensor) -> list[Callable[[], None]]:
         """Under torchrun without clipping, three pieces: :meth:`forward`, :meth:`backward` (the score update, from the
@@ -390,11 +402,10 @@ class SearchStep(StaticStep):
             self.average.all_reduce("values" if piece == 0 else "gradients")
 
     def forward(self, images: Tensor, labels: Tensor) -> None:
-        """The first of three pieces under torchrun: ``m`` taken from :attr:`state_next` (with ``m_ahead``) and ``m'``
-        drawn, the forwards of ``m'`` (on the side stream, beside that of ``m`` where it goes first) and ``m``, both
+        """The first of three pieces under torchrun: ``m`` and ``m'`` taken from :attr:`next_masks` (with ``m_ahead``),
+        the forwards of ``m'`` (on the side stream, beside that of ``m`` where it goes first) and ``m``, both
         done, and ``L(m) n``, ``L(m') n`` and ``n`` packed for their sum over the ranks."""
-        if self.m_ahead:
-            self.state_m.take(self.state_next)
+        self._masks_for_step()
         main, logits, loss_m, loss_m2 = self._forwards(images, labels)
         if loss_m2 is None:  # m' after m's forward (statistics it cannot defer)
             if main is not None:
@@ -410,9 +421,9 @@ class SearchStep(StaticStep):
 
     def backward(self) -> None:
         """The second piece: the backward of ``m`` and, beside it on the side stream, the commit of the statistics of
-        ``m'``, the score update from ``L(m)`` and ``L(m')`` of the global batch and the next ``m``; the gradients
-        packed for their sum over the ranks. While captured, the forward's graph is kept (``retain_graph``) and
-        :meth:`retry` can run the piece again should the capture fail; :meth:`update` lets the graph go."""
+        ``m'``, the score update from ``L(m)`` and ``L(m')`` of the global batch and the next ``m`` and ``m'``; the
+        gradients packed for their sum over the ranks. While captured, the forward's graph is kept (``retain_graph``)
+        and :meth:`retry` can run the piece again should the capture fail; :meth:`update` lets the graph go."""
         device = self._pass[0].device
         main = self._fork(device)
         summed = self.average.values
@@ -456,12 +467,11 @@ class SearchStep(StaticStep):
         return main
 
     def forward_backward(self, images: Tensor, labels: Tensor) -> None:
-        """The step's first half: ``m`` taken from :attr:`state_next` (with ``m_ahead``; else drawn) and ``m'`` drawn
-        into their buffers, the forward of ``m'`` and the forward and backward of ``m`` (and, apart from the backward,
-        the score update and the next ``m``); under torchrun (with clipping or ``weight_grad: both``) the gradients and
+        """The step's first half: ``m`` and ``m'`` taken from :attr:`next_masks` (with ``m_ahead``; else drawn) into
+        their buffers, the forward of ``m'`` and the forward and backward of ``m`` (and, apart from the backward,
+        the score update and the next masks); under torchrun (with clipping or ``weight_grad: both``) the gradients and
         losses packed for the average."""
-        if self.m_ahead:
-            self.state_m.take(self.state_next)  # m, prepared by the step before (before the side stream forks)
+        self._masks_for_step()
         if self.sparsity.weight_grad == "both":  # the official code's cost: a backward of each mask, in turn
             logits, loss_m = self._forward_m(images, labels)
             (loss_m * 0.5).backward()
@@ -540,26 +550,21 @@ class SearchStep(StaticStep):
             self._prepare_next()
 
     def one_stream(self) -> SearchStep:
-        """This step with its side branch (the mask update and forward of ``m'``, the commit of its statistics, the
-        score update, the next ``m``) back on the main stream, in the same order (if capturing two streams fails)."""
+        """This step with its side branch (the forward of ``m'``, the commit of its statistics, the
+        score update, the next masks) back on the main stream, in the same order (if capturing two streams fails)."""
         self.side_stream = None
         return self
 
     def _forward_m(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """The weights' gradients set to ``None`` (as :class:`DenseStep`: the backward's gradients become the
-        ``.grad``), and the forward of ``m`` (written into its buffers first without ``m_ahead``): ``(logits,
+        ``.grad``), and the forward of ``m``: ``(logits,
         L(m))``."""
-        if not self.m_ahead:
-            u_m = self.uniforms[self.m_row]
-            self.state_m.update(self.scores.mask_from_uniforms(u_m), u_m)
         self.optimizers[0].zero_grad(set_to_none=True)
         with use_static(self.state_m), _autocast(self.ctx):
             logits = self.model(images)
             return logits, self.ctx.criterion(logits.float(), labels)
 
     def _forward_m2(self, images: Tensor, labels: Tensor, grad: bool) -> Tensor:
-        """L(m'): the second mask written into its buffers, then its forward."""
-        u_m2 = self.uniforms[1 - self.m_row]
-        self.state_m2.update(self.scores.mask_from_uniforms(u_m2), u_m2)
+        """L(m'): the forward of the second mask."""
         with torch.set_grad_enabled(grad), use_static(self.state_m2), _autocast(self.ctx):
             return self.ctx.criterion(self.model(images).float(), labels)

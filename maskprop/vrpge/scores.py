@@ -233,14 +233,15 @@ class ChannelScores(nn.Module):
         the data, so that it can run inside a captured CUDA graph (``maskprop.train.graphs``).
 
         Args:
-            uniform: ``U[0, 1)`` draws, one per channel, on the scores' device.
+            uniform: ``U[0, 1)`` draws, one per channel, on the scores' device; ``(k, channels)`` for ``k`` masks at
+                once (one row each, with the launches of one).
         """
         s = self.scores.detach()
         mask = uniform < s  # P(u < s_j) = s_j for u ~ U[0, 1)
-        kept = torch.zeros(len(self.sizes), dtype=torch.long, device=s.device).index_add_(0, self.group_index,
-                                                                                            mask.long())
+        kept = torch.zeros(*mask.shape[:-1], len(self.sizes), dtype=torch.long, device=s.device).index_add_(
+            -1, self.group_index, mask.long())
         best = self._group_argmax()
-        mask[best] |= kept == 0
+        mask[..., best] |= kept == 0
         return mask
 
     def sample(self, generator: torch.Generator) -> dict[str, Tensor]:
