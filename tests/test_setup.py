@@ -233,6 +233,33 @@ def test_a_label_that_is_not_a_class_index_is_a_one_line_error(label, what, tmp_
     assert not (tmp_path / "run").exists()
 
 
+class _Unlabelled(torch.utils.data.Dataset):
+    """Examples whose labels cannot be read up front (no ``targets``), the last ones out of range."""
+
+    def __init__(self, n: int, bad_from: int) -> None:
+        self.n, self.bad_from = n, bad_from
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return torch.zeros(3, 8, 8), 7 if index >= self.bad_from else index % 3
+
+
+@pytest.mark.parametrize("method", ["vrpge", "dense"])
+def test_a_label_out_of_range_met_in_a_batch_is_a_one_line_error(method):
+    """Labels a dataset cannot show up front are checked in each batch on the host before they reach the loss (on a
+    GPU a label out of range is a device-side assert that ends the process's CUDA context): one line naming the range
+    found, in the training and in the validation data."""
+    config = tiny(method=method, model={"name": "resnet20", "kwargs": {"num_classes": 3}},
+                  data={"batch_size": 4})
+    message = r"^a batch has labels from [0-2] to 7, the model 3 classes; expected labels in \[0, 2\] \(or set"
+    with pytest.raises(ValueError, match=message):
+        maskprop.fit(config, train_set=_Unlabelled(16, 14), val_set=_Unlabelled(8, 8))
+    with pytest.raises(ValueError, match=message):
+        maskprop.fit(config, train_set=_Unlabelled(16, 16), val_set=_Unlabelled(8, 6))
+
+
 def test_under_torchrun_only_the_main_rank_writes_the_export(tmp_path, monkeypatch):
     """Every rank holds the same network after ``fit``; ``.export`` writes it from rank 0 alone (ranks writing one
     directory at once would race), and returns ``None`` on the others."""

@@ -371,7 +371,8 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     ctx = StepContext(criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), device=device,
                       cost=cost, amp_dtype=_AMP[cfg.amp], channels_last=cfg.channels_last,
                       clip_grad_norm=cfg.optim.clip_grad_norm,
-                      align=cfg.sparsity.align or (8 if device.type == "cuda" else 1))  # null: auto by device
+                      align=cfg.sparsity.align or (8 if device.type == "cuda" else 1),  # null: auto by device
+                      num_classes=spec.num_classes)
     if place.enabled:  # each step's loss sums, correct and example counts over the global batch
         ctx.reduce_stats = all_reduce_sum
     static = None

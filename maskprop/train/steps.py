@@ -38,6 +38,9 @@ class StepContext:
         align: Compact steps pad every group's kept width up to a multiple of this (``sparsity.align`` resolved: 8
             on CUDA, 1 on the CPU); exact, and counted in the train FLOPs, which count what is computed.
         reduce_stats: Sums the step-statistics tensor over ranks under DDP; ``None``: single process.
+        num_classes: The classes the model predicts: :meth:`inputs` checks every batch's labels against them on the
+            host, where the loader leaves them (a label out of range would otherwise fail inside the loss: on a GPU
+            as a device-side assert that ends the process's CUDA context); ``None``: unchecked.
     """
 
     criterion: nn.Module
@@ -48,6 +51,7 @@ class StepContext:
     clip_grad_norm: float | None = None
     align: int = 1
     reduce_stats: Callable[[Tensor], Tensor] | None = None
+    num_classes: int | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
@@ -55,7 +59,14 @@ class StepContext:
 
     def inputs(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """A batch moved to the device, images in the configured memory format, labels as int64 (what the loss takes;
-        a dataset may hold them in a narrower integer type)."""
+        a dataset may hold them in a narrower integer type), after checking that they index the model's classes
+        (labels on the host; one line naming the range found, as the datasets' check before a run does for labels it
+        can read up front)."""
+        if self.num_classes is not None and labels.device.type == "cpu" and labels.numel():
+            low, high = (int(v) for v in torch.aminmax(labels))
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(f"a batch has labels from {low} to {high}, the model {self.num_classes} classes; "
+                                 f"expected labels in [0, {self.num_classes - 1}] (or set model.kwargs.num_classes)")
         images = images.to(self.device, non_blocking=True)
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
