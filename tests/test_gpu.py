@@ -211,11 +211,12 @@ def test_compact_bf16_stays_within_bf16_tolerance_of_float32():
 
 
 def _search_runs(overlaps: tuple[bool, ...], captures: tuple[bool, ...], windows: int, steps: int = 7,
-                 ranks: tuple[bool, ...] | None = None) -> list:
+                 ranks: tuple[bool, ...] | None = None, ahead: tuple[bool, ...] | None = None) -> list:
     """resnet32 search steps on CUDA (float32, channels_last, batch 64) from the same weights, scores and uniforms, for
     each ``(overlap, capture)`` pair: ``windows`` capacity windows (each later one 8 channels narrower per group) of
     ``steps`` steps each; ``ranks``: per run, as under torchrun (the gradient average between the step's halves, in the
-    process group the caller started). Returns, per run, the window's losses, the scores, the weights and the graph
+    process group the caller started); ``ahead``: per run, whether each step draws the next one's masks
+    (``SearchStep.m_ahead``, the default). Returns, per run, the window's losses, the scores, the weights and the graph
     captures."""
     from torch import nn
 
@@ -238,14 +239,16 @@ def _search_runs(overlaps: tuple[bool, ...], captures: tuple[bool, ...], windows
     x = torch.randn(64, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.arange(64, device="cuda") % 10
     runs = []
-    for overlap, capture, ranked in zip(overlaps, captures, ranks or (False,) * len(captures)):
+    for overlap, capture, ranked, m_ahead in zip(overlaps, captures, ranks or (False,) * len(captures),
+                                                 ahead or (True,) * len(captures)):
         model = copy.deepcopy(base)
         scores = ChannelScores(model.channel_groups(), 0.5, 0.5, device="cuda")
         weights = weight_optimizer(model.parameters(), 0.05, 0.9, 5e-4)
         score_opt = score_optimizer(scores.scores, 0.05)
         set_capturable(score_opt)
         step_ctx = dataclasses.replace(ctx, reduce_stats=all_reduce_sum) if ranked else ctx
-        static = StaticSteps(cfg, step_ctx, GraphsChoice(True, capture, strict=True), seed=1, overlap=overlap)
+        static = StaticSteps(cfg, step_ctx, GraphsChoice(True, capture, strict=True), seed=1, overlap=overlap,
+                             m_ahead=m_ahead)
         loss = loss2 = 0.0
         for window in range(windows):
             if window:  # narrower capacities: the next step builds a new window
@@ -255,6 +258,7 @@ def _search_runs(overlaps: tuple[bool, ...], captures: tuple[bool, ...], windows
                 static.search(model, scores, (weights, score_opt), (x, y))
             assert (static._search[0].side_stream is not None) == overlap
             assert (static._search[0].average is not None) == ranked
+            assert static._search[0].m_ahead == m_ahead
             read = static.read()
             assert read.steps == steps
             loss, loss2 = loss + read.loss, loss2 + read.loss2
@@ -280,6 +284,48 @@ def test_graphed_search_with_m2_on_a_side_stream_equals_one_stream():
     two, one = _search_runs((True, False), (True, True), windows=1)
     assert two[-1] == one[-1] == 1
     _assert_same_runs(two, one, rtol=1e-4, atol=1e-5)
+
+
+@isolated
+def test_graphed_search_drawing_the_masks_ahead_equals_drawing_them_at_each_start():
+    """A captured search step that draws the next step's ``m`` and ``m'`` beside its backward (the default) gives the
+    losses, weights, scores and BatchNorm statistics of one that draws them at its start: each mask has its own draw
+    from the CUDA generator, so the masks are the same, replay after replay and across a new window (whose first
+    masks are prepared again from the uniforms carried over)."""
+    ahead, at_start = _search_runs((True, True), (True, True), windows=2, steps=5, ahead=(True, False))
+    assert ahead[-1] == at_start[-1] == 2
+    _assert_same_runs(ahead, at_start, rtol=1e-4, atol=1e-5)
+
+
+@isolated
+def test_masks_updated_together_on_cuda_equal_one_update_each_and_the_cpu():
+    """Two masks written with one update on CUDA (``StaticStates``: a two-row sort of resnet50's 11,456 channels takes
+    another algorithm than one row's) hold what one update of each writes, on CUDA and on the CPU, overflow counts
+    included."""
+    from maskprop.sparse.static import StaticExecutionState, StaticLayout, StaticStates, choose_capacities
+    from maskprop.vrpge import ChannelScores
+
+    results = []
+    for device in ("cuda", "cpu"):
+        model = maskprop.create_model("resnet50").to(device)
+        scores = ChannelScores(model.channel_groups(), 0.5, device=device)
+        with torch.no_grad():
+            scores.scores.copy_(torch.rand(scores.num_channels, generator=torch.Generator().manual_seed(0)))
+        layout = StaticLayout(model, {g: max(8, c - 16) for g, c in choose_capacities(scores, 8).items()}, align=8)
+        u = torch.rand(2, scores.num_channels, generator=torch.Generator().manual_seed(1)).to(device)
+        together = StaticStates(layout, 2)
+        together.update(scores.mask_from_uniforms(u), u)
+        alone = [StaticExecutionState(layout) for _ in range(2)]
+        for state, row in zip(alone, u):
+            state.update(scores.mask_from_uniforms(row), row)
+        for a, b in zip(together, alone):
+            for (key, x), y in zip(a.buffers().items(), b.buffers().values()):
+                assert torch.equal(x, y), (device, key)
+        assert sum(int(s.overflow_steps) for s in together) > 0
+        results.append([{k: t.cpu() for k, t in s.buffers().items()} for s in together])
+    for on_cuda, on_cpu in zip(*results):
+        for key in on_cpu:
+            assert torch.equal(on_cuda[key], on_cpu[key]), key
 
 
 @isolated

@@ -121,8 +121,8 @@ def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estim
 
 
 @pytest.mark.parametrize("per_call", [False, True])
-def test_search_steps_drawing_m_in_the_step_before_equal_those_drawing_it_at_their_start(one_thread, monkeypatch,
-                                                                                          per_call):
+def test_search_steps_drawing_their_masks_in_the_step_before_equal_those_drawing_them_at_their_start(
+        one_thread, monkeypatch, per_call):
     """Drawing each step's ``m`` and ``m'`` in the step before, beside the backward (``m_ahead``, the default), changes
     when the masks are drawn, not what is computed: the generator gives every mask the same uniforms, so steps of either
     schedule end bit-identical (weights, scores, statistics, the step sums), a new window on the way included. Also
@@ -257,14 +257,16 @@ def test_batches_counted_at_once_as_torch_s_layers_count_them():
         (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)), counters))
 
 
-@pytest.mark.parametrize("priced,ranks", [(False, False), (True, False), (False, True)])
-def test_whole_static_steps_have_no_host_read_and_no_data_dependent_shape(one_thread, request, priced, ranks):
-    """A search step (sampling, both updates, both forwards, backward, clipping, SGD, Adam, projection, onto a budget
-    in channels or in FLOPs), a fixed-mask step and a dense step issue none of the operations a captured graph cannot
-    hold; nor do their halves around the gradient average (``ranks``: as under torchrun, in a process group of one
-    rank). (The score Adam is the fused one here: the CPU's plain Adam reads its step count to the host; on CUDA it is
-    ``capturable``.)"""
-    model, scores, optimizers, ctx, batch = _parts(dtype=torch.float32, clip=1.0, fused_scores=True, priced=priced)
+@pytest.mark.parametrize("priced,ranks,clip", [(False, False, 1.0), (True, False, 1.0), (False, True, 1.0),
+                                               (False, False, None), (False, True, None)])
+def test_whole_static_steps_have_no_host_read_and_no_data_dependent_shape(one_thread, request, priced, ranks, clip):
+    """A search step (sampling, the masks' update, both forwards, backward, clipping, SGD, Adam, projection, onto a
+    budget in channels or in FLOPs), a fixed-mask step and a dense step issue none of the operations a captured graph
+    cannot hold; nor do their pieces around the gradient average (``ranks``: as under torchrun, in a process group of
+    one rank). Without clipping the search step prepares the next step's masks after its projection and takes them
+    at its start (``m_ahead``), under torchrun in three pieces. (The score Adam is the fused one here: the CPU's plain
+    Adam reads its step count to the host; on CUDA it is ``capturable``.)"""
+    model, scores, optimizers, ctx, batch = _parts(dtype=torch.float32, clip=clip, fused_scores=True, priced=priced)
     if ranks:
         request.getfixturevalue("single_process_group")
         ctx = dataclasses.replace(ctx, reduce_stats=all_reduce_sum)
@@ -282,6 +284,7 @@ def test_whole_static_steps_have_no_host_read_and_no_data_dependent_shape(one_th
             run()
         assert recorder.calls > 100
         assert not recorder.found, recorder.found
+    assert static._search[0].m_ahead is (clip is None)
     assert static.read().steps == 10
 
 

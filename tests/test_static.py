@@ -258,6 +258,7 @@ def test_states_updated_together_hold_what_one_update_each_writes(name, concaten
         scores.scores[: next(iter(groups.values()))] = 0.01  # the first group's channels all likely dropped
     together, prepared, alone = StaticStates(layout, 3), StaticStates(layout, 3), [StaticExecutionState(layout)
                                                                                    for _ in range(3)]
+    row_by_row = StaticStates(layout, 3)  # each member's own update writes its row alone
     addresses = [{k: t.data_ptr() for k, t in s.buffers().items()} for s in together]
     for _ in range(2):
         u = torch.rand(3, scores.num_channels, generator=generator)
@@ -270,6 +271,11 @@ def test_states_updated_together_hold_what_one_update_each_writes(name, concaten
         for state, mask, row in zip(alone, masks, u):
             state.update(mask, row if ties else None)
         for a, b in zip(together, alone):
+            for (key, x), y in zip(a.buffers().items(), b.buffers().values()):
+                assert torch.equal(x, y), key
+        for state, mask, row in zip(row_by_row, masks, u):
+            state.update(mask, row if ties else None)
+        for a, b in zip(row_by_row, alone):
             for (key, x), y in zip(a.buffers().items(), b.buffers().values()):
                 assert torch.equal(x, y), key
         assert not prepared._rows.overflow_channels.any()
@@ -290,6 +296,8 @@ def test_bad_masks_for_states_updated_together_are_one_clear_error(generator):
         states.update(torch.ones(2, n, dtype=torch.bool), torch.rand(1, n))
     with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
         StaticStates(layout, 0)
+    with pytest.raises(ValueError, match="a state takes one row of buffers, got 2; build states of several rows"):
+        StaticExecutionState(layout, states._rows)
     with pytest.raises(ValueError, match="same layout"):
         states.take(StaticStates(layout, 3))
 

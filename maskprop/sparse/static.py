@@ -516,8 +516,9 @@ class StaticExecutionState:
     :meth:`batch_norm`, :meth:`batch_norm_done`, :meth:`index`, :meth:`flush`) served from device buffers whose
     shapes and addresses stay fixed while :meth:`update` rewrites their contents for each mask (module docstring).
 
-    Install it on the model's layers with :func:`use_static`. Build one per mask in flight (a search step's ``m`` and
-    ``m'``) from one :class:`StaticLayout` per window.
+    Install it on the model's layers with :func:`use_static`. Build one per mask in flight from one
+    :class:`StaticLayout` per window, alone or, for masks drawn together (a search step's ``m`` and ``m'``), as the
+    rows of one :class:`StaticStates`.
 
     Attributes:
         mode: Always ``"compact"``.
@@ -534,6 +535,9 @@ class StaticExecutionState:
         self.layout = layout
         self.masks: dict[str, Tensor] = {}  # masked mode's per-group masks: none (BatchNorm's masked path never runs)
         # The buffers update() writes, as the one row of a (1, ...) view: alone, or one of StaticStates' rows.
+        if rows is not None and rows.k != 1:
+            raise ValueError(f"a state takes one row of buffers, got {rows.k}; build states of several rows with "
+                             "StaticStates")
         self._rows = _MaskRows(layout, 1) if rows is None else rows
         self._ext, self._real, self._flat, self._factor, self._norm_real, self.mask_used = (
             t[0] for t in (self._rows.ext, self._rows.real, self._rows.flat, self._rows.factor, self._rows.norm_real,
@@ -605,9 +609,10 @@ class StaticExecutionState:
         buffers copied (one multi-tensor copy per dtype) and its overflow counts moved to this state's counters
         (added here, zeroed there), with no host read. ``other`` must share this state's layout.
 
-        With it a mask can be prepared while this state's is still in use: a search step writes its next ``m`` into
-        a second state beside the backward of the current one, which reads this state's buffers
-        (``maskprop.train.static_steps.SearchStep``), and takes it at the start of the next step."""
+        With it a mask can be prepared while this state's is still in use: a search step writes its next ``m`` and
+        ``m'`` into a second pair of states beside the backward of the current ``m``, which reads this pair's
+        buffers, and takes them at the start of the next step (:meth:`StaticStates.take`, the same for several
+        states at once; ``maskprop.train.static_steps.SearchStep``)."""
         if other.layout is not self.layout:
             raise ValueError("take() needs a state of the same layout (the same window)")
         self._rows.take(other._rows)
@@ -791,7 +796,8 @@ class StaticExecutionState:
 class StaticStates:
     """``k`` static execution states of one layout whose buffers are the rows of shared tensors, so that one
     :meth:`update` writes all ``k`` masks with the launches of one (a mask update is some forty small kernels whatever
-    the number of masks) and one :meth:`take` copies them all.
+    the number of masks; on CUDA the sort of several rows of more than 4096 channels adds a few) and one :meth:`take`
+    copies them all.
 
     A search step draws its two masks ``m`` and ``m'`` from the same scores: it prepares both with one update
     (``maskprop.train.static_steps.SearchStep``).

@@ -542,8 +542,8 @@ class SearchStep(StaticStep):
                                     alpha=self.sparsity.alpha))
 
     def _score_update(self) -> None:
-        """Adam on the scores, then their projection onto the next step's budget (as ``vrpge_step``), and the next
-        step's ``m`` drawn from them."""
+        """Adam on the scores, then their projection onto the next step's budget (as ``vrpge_step``), and (with
+        ``m_ahead``) the next step's ``m`` and ``m'`` drawn from them."""
         self.optimizers[1].step()
         self.scores.project_(self.budget)
         if self.m_ahead:
