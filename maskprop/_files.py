@@ -14,13 +14,37 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_directory", "atomic_write", "sha256"]
+__all__ = ["atomic_directory", "atomic_write", "check_creatable", "make_directory", "sha256"]
 
 
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def check_creatable(path: str | os.PathLike, target: str | os.PathLike | None = None) -> None:
+    """Check that no part of ``path`` is a file (where ``mkdir(parents=True)`` would raise ``FileExistsError`` or
+    ``NotADirectoryError`` naming only that part).
+
+    Raises:
+        ValueError: one line naming ``target`` (default ``path``: what was to be created) and the file in the way.
+    """
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.is_dir():
+            return
+        if part.exists() or part.is_symlink():
+            raise ValueError(f"cannot create '{target or path}': '{part}' is a file, not a directory")
+
+
+def make_directory(path: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
+    """Create ``path`` and its missing parents (as ``mkdir(parents=True, exist_ok=True)``) and return it; a file in
+    the way is one line naming ``target`` (:func:`check_creatable`)."""
+    path = Path(path)
+    check_creatable(path, target)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @contextlib.contextmanager
@@ -32,7 +56,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     ``open`` (not the private ones of a temp file: a run directory on a shared filesystem stays readable).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(path.parent, path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
@@ -72,7 +96,7 @@ def atomic_directory(target: str | os.PathLike, force: bool = False) -> Iterator
     """
     target = Path(target)
     _refuse_existing(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(target.parent, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         umask = _umask()

@@ -96,14 +96,16 @@ def _final_table(summary: dict) -> str:
     if summary.get("dense_reference_share") is not None:
         measured += f" ({100.0 * summary['dense_reference_share']:.1f}% of its time)"
     if per_step is not None:
-        kind = "a search" if summary["method"] == "vrpge" else "a"
+        random = (summary.get("search") or {}).get("subnetwork") == "random"
+        kind = "a subnetwork" if random else "a search" if summary["method"] == "vrpge" else "a"
         pace = f"{per_step:.2f}x faster" if per_step >= 1.0 else f"{1.0 / per_step:.2f}x slower"
         measured += f"; {kind} step is {pace} than a dense step"
     kinds = summary.get("measured_speedup_phases") or {}
     if len(kinds) > 1:
         measured += " (per step, " + ", ".join(f"{k} {v['median']:.2f}x" for k, v in kinds.items()) + ")"
     lines = [
-        f"{summary['model']} ({summary['method']}, keep_ratio {summary['keep_ratio']:g}"
+        f"{summary['model']} ({summary['method']}, "
+        + (f"sbp.ratio {sbp['ratio']:g}" if sbp and "ratio" in sbp else f"keep_ratio {summary['keep_ratio']:g}")
         + (", a random subnetwork: the baseline" if (summary.get("search") or {}).get("subnetwork") == "random"
            else "") + ")",
         f"|                      | {'network' if sbp or summary['method'] == 'dense' else 'subnetwork':<10} "
@@ -218,9 +220,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from ._files import check_creatable
     from .report import build_report, check_out_dir, default_report_dir, format_table, write_report
 
     out = check_out_dir(args.out if args.out is not None else default_report_dir())
+    check_creatable(out.parent, out)  # before the runs are read and the table printed
     report = build_report(args.runs, baseline=args.baseline)
     print(format_table(report.rows))
     for row in report.rows:
@@ -378,6 +382,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if prints_errors(error):  # under torchrun: one line from rank 0, not one per rank
             print(f"maskprop {args.command}: error: {error}", file=sys.stderr)
         status = 2
+    except OSError as error:  # the system refused (permissions, a full disk): one line, not a traceback
+        where = f": '{error.filename}'" if error.filename else ""
+        print(f"maskprop {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
+        status = 1
     except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the run was
         run_dir = getattr(args, "resumable", None)
         hint = ""

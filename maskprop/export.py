@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._files import atomic_directory, sha256
+from ._files import atomic_directory, check_creatable, sha256
 from .models.spec import ModelSpec
 from .sparse import channel_groups
 from .surgery import materialize
@@ -477,6 +477,7 @@ def _check_out(out: Path, force: bool) -> None:
     no file an export does not write) or empty: replacing deletes it, and a run directory or a folder of runs named by
     mistake must survive."""
     if not (out.exists() or out.is_symlink()):
+        check_creatable(out.parent, out)  # a file on the way: one line before anything is computed
         return
     names = [p.name for p in out.iterdir()] if out.is_dir() and not out.is_symlink() else [out.name]
     others = sorted(n for n in names if n not in _EXPORT_NAMES)

@@ -99,3 +99,32 @@ def test_the_command_runs_as_a_module(tmp_path):
     done = subprocess.run([sys.executable, "-m", "maskprop.cli", "--version"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == f"maskprop {maskprop.__version__}"
+
+
+def test_an_output_path_through_a_file_is_one_line_for_every_command(capsys, recipe, tmp_path):
+    """``--out`` below a regular file: one line naming both, exit status 2, nothing written (mkdir would raise
+    FileExistsError or NotADirectoryError, a traceback), before any work is done."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    for argv, out in ((["train", str(recipe)], blocker / "run"), (["report", str(tmp_path)], blocker / "x" / "rep")):
+        line = _usage_error(capsys, [*argv, "--out", str(out)])
+        assert line == f"maskprop {argv[0]}: error: cannot create '{out}': '{blocker}' is a file, not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "tiny.yaml"]
+    from maskprop.export import _check_out  # export checks its --out so, once it has found the run
+
+    with pytest.raises(ValueError, match=r"^cannot create '.*exp': '.*afile' is a file, not a directory$"):
+        _check_out(blocker / "exp", force=False)
+
+
+def test_a_refusal_of_the_system_is_one_line(capsys, recipe, tmp_path, monkeypatch):
+    """An ``OSError`` the system raises (here a permission refused when the run directory is made) is one line naming
+    the path, exit status 1 (not a usage error), not a traceback."""
+    import maskprop.train.loop as loop
+
+    def refuse(path, target=None):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(loop, "make_directory", refuse)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"maskprop train: error: Permission denied: '{tmp_path / 'run'}'"

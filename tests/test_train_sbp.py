@@ -125,6 +125,29 @@ def test_measuring_angles_changes_nothing_of_the_step(bars):
         assert torch.equal(layer.msbp_memory, other.msbp_memory), name
 
 
+def test_steps_that_measure_angles_are_left_out_of_the_step_times(bars, monkeypatch):
+    """A step that measures its gradient angles runs a second backward: it is neither timed nor paired with a dense
+    step (the measured speedup would count the diagnostic); the other steps are timed as usual."""
+    from maskprop.train import steps as steps_module
+    from maskprop.train import timing
+
+    events = []
+    angles, timed_step = steps_module.gradient_angles, timing.timed_step
+    monkeypatch.setattr(steps_module, "gradient_angles", lambda *a, **k: events.append("angles") or angles(*a, **k))
+
+    def recording(step, *args, timed=True, **kwargs):
+        events.append(timed)
+        return timed_step(step, *args, timed=timed, **kwargs)
+
+    monkeypatch.setattr(loop, "timed_step", recording)
+    summary = maskprop.fit(mlp_config(**{"sbp.angle_every": 3}), train_set=bars[0], val_set=bars[1])
+    steps = [e for e in events if e != "angles"]
+    assert len(steps) == 24 and steps.count(False) == 8  # 3 epochs of 8 steps; every third measures its angles
+    measured = [events[i + 1] == "angles" for i, e in enumerate(events) if e != "angles"]
+    assert [not t for t in steps] == measured  # exactly the steps that measured angles ran untimed
+    assert summary["measured_speedup"] is not None
+
+
 def test_the_step_reports_what_it_computed_in_one_host_read(bars):
     """Loss, correct count and gradient norm (before clipping) against their computation apart on a twin model; the
     step reads them to the host in one ``tolist`` and nothing else (no budget: its update reads scores by design)."""
@@ -170,6 +193,9 @@ def msbp_run(bars, tmp_path_factory):
 def test_msbp_run_learns_and_reports_its_costs(msbp_run, bars):
     out, summary = msbp_run
     assert summary["method"] == "msbp" and summary["accuracy"] > 90.0
+    from maskprop.cli import _final_table  # the closing table names the ratio a sparse-backward run used
+
+    assert _final_table(summary).splitlines()[0] == "mlp (msbp, sbp.ratio 0.25)"
     # the datasets given to fit, not the config's: such runs pair only with runs of the same kind and sizes
     assert summary["dataset"] == "custom" and summary["data"] == {
         "dataset": "custom", "train": "Bars", "train_size": len(bars[0]), "val": "Bars", "val_size": len(bars[1])}
@@ -256,7 +282,7 @@ def test_a_cnn_trains_with_a_sparse_backward_through_the_cli(tmp_path, capsys):
                                   "amp": "bf16", "channels_last": True}))
     assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 0
     table = capsys.readouterr().out
-    assert "resnet20 (sbp, keep_ratio 0.25)" in table and "sparse backward:" in table
+    assert "resnet20 (sbp, sbp.ratio 0.25)" in table and "sparse backward:" in table
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     layers = summary["sbp"]["kept_units"]
     assert len(layers) == 21 and "fc" not in layers  # the stem, 18 block convs, 2 projections; fc dense
@@ -283,3 +309,24 @@ def test_a_model_that_does_not_fit_the_input_is_a_one_line_error(tmp_path, capsy
     assert main(["train", str(recipe), "--out", str(out), "data.dataset=mnist", f"data.root={tmp_path / 'data'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "model 'resnet32' does not take mnist inputs of size (1, 28, 28)" in err and not out.exists()
+
+
+@pytest.mark.parametrize("budget", ["layer", "balanced"])
+def test_a_model_with_no_hidden_layer_is_refused_rather_than_trained_dense(budget, bars, tmp_path):
+    """An MLP without hidden layers has only its output layer, which stays dense: the run would be dense training
+    labelled ``meprop``. One line, nothing written; ``sbp.output_k`` sparsifies that layer (with a per-layer budget)."""
+    config = mlp_config(**{"method": "meprop", "model.kwargs.hidden": "[]", "sbp.budget": budget})
+    with pytest.raises(ValueError, match=r"^method=meprop: the model has no linear or conv layer besides its output"):
+        maskprop.fit(config, train_set=bars[0], val_set=bars[1], out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    if budget == "layer":
+        summary = maskprop.fit(mlp_config(**{"method": "meprop", "model.kwargs.hidden": "[]", "sbp.output_k": 2,
+                                             "optim.epochs": 1}), train_set=bars[0], val_set=bars[1])
+        assert summary["sbp"]["kept_units"] == {"fc": 2}
+
+
+def test_an_output_k_the_output_layer_cannot_keep_names_the_config_key(bars, tmp_path):
+    config = mlp_config(**{"method": "meprop", "sbp.output_k": 5})  # Bars has 4 classes
+    with pytest.raises(ValueError, match=r"^sbp.output_k=5 does not fit the output layer \(.*expected 1 <= k <= 4"):
+        maskprop.fit(config, train_set=bars[0], val_set=bars[1], out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
+from .._files import make_directory
 from ..models.spec import ModelSpec
 from ..sbp import sparse_layers
 from ..sparse import SparseBatchNorm2d, random_mask, sync_batchnorm, use_mask
@@ -182,10 +183,16 @@ def _step_function(state: TrainState, cfg: Config, ctx: StepContext) -> Callable
 
         return search
     if cfg.method in SPARSE_BACKWARD_METHODS:
-        every = cfg.sbp.angle_every
         return lambda batch: sbp_step(state.model, state.weight_optimizer, batch, ctx, state.budget,
-                                      measure_angles=every > 0 and (state.step + 1) % every == 0)
+                                      measure_angles=_measures_angles(state, cfg))
     return lambda batch: subnet_step(state.step_model, state.weight_optimizer, batch, state.fixed_mask, ctx)
+
+
+def _measures_angles(state: TrainState, cfg: Config) -> bool:
+    """Whether the next step of a sparse-backward run measures its gradient angles (every ``sbp.angle_every``): it
+    then runs a second backward, and is left out of the step times (``timed_step``)."""
+    every = cfg.sbp.angle_every if cfg.method in SPARSE_BACKWARD_METHODS else 0
+    return every > 0 and (state.step + 1) % every == 0
 
 
 def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: torch.utils.data.DataLoader,
@@ -221,7 +228,8 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
     for images, labels in bar:
         batch = ctx.inputs(images, labels)
         result = timed_step(lambda: step(batch), kind, state.times, ctx.device, dense_reference, batch,
-                            index=state.counters[f"{phase}_steps"] - first, total=kind_steps)
+                            index=state.counters[f"{phase}_steps"] - first, total=kind_steps,
+                            timed=not (narrow is None and _measures_angles(state, cfg)))
 
         state.counters[f"{phase}_steps"] += 1
         state.weight_schedule.step_update(state.counters[f"{phase}_steps"])
@@ -831,7 +839,7 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
     elif place.enabled:  # the static steps average the gradients themselves: no wrapper, rank 0's weights shared
         share_model(state.model, sync_bn=cfg.sync_bn)
     if run.run_dir is not None and place.is_main:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
+        make_directory(run.run_dir)
         save_config(cfg, run.run_dir / "config.yaml")
     position = (PHASES[state.phase], state.epoch)
     log = RunLogger(run.run_dir if place.is_main else None, resume_step=state.step if run.resumed else None,

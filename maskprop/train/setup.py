@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .._files import check_creatable
 from ..cost import CostModel, InputSizeError
 from ..models import list_models
 from ..models.spec import ModelSpec
@@ -194,12 +195,21 @@ def sparse_backward(model: nn.Module, method: str, sbp: SbpConfig) -> GlobalBudg
     output layer's own k aside) is shared by the layers and re-balanced after every backward.
     """
     memory = sbp.memory if method == "msbp" else 0.0
-    convert(model, ratio=sbp.ratio, sparsifier=sbp.sparsifier, memory=memory, output_k=sbp.output_k)
-    if sbp.budget != "balanced":
-        return None
+    try:
+        convert(model, ratio=sbp.ratio, sparsifier=sbp.sparsifier, memory=memory, output_k=sbp.output_k)
+    except ValueError as err:
+        if sbp.output_k is None:
+            raise
+        raise ValueError(f"sbp.output_k={sbp.output_k} does not fit the output layer ({err})") from None
     layers = [layer for _, layer in sparse_layers(model)]
     if sbp.output_k is not None:
         layers = layers[:-1]  # the output layer keeps its own k
+    if not layers and (sbp.output_k is None or sbp.budget == "balanced"):  # a dense run under another name
+        raise ValueError(f"method={method}: the model has no linear or conv layer besides its output layer, so no "
+                         f"backward would be sparse; expected a model with hidden layers (or sbp.output_k for the "
+                         f"output layer{', with sbp.budget: layer' if sbp.budget == 'balanced' else ''})")
+    if sbp.budget != "balanced":
+        return None
     return GlobalBudget(layers, ratio=sbp.ratio, scale=sbp.scale)
 
 
@@ -243,6 +253,7 @@ def _check_run_dir(run_dir: Path | None, resume: bool) -> dict[str, Any] | None:
                          f"output directory")
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"output path '{run_dir}' exists and is not a directory")
+    check_creatable(run_dir.parent, run_dir)  # before anything is prepared, not when the run starts writing
     found = [name for name in _RUN_FILES if (run_dir / name).exists()]
     if found:  # a run stopped before its first checkpoint, or what is left of one: a new run would overwrite it
         raise ValueError(f"run directory '{run_dir}' holds another run's files ({', '.join(found)}); continue that run "

@@ -171,7 +171,7 @@ class StepTimes:
         warning = None
         if (high - low) > SPREAD_WARNING * speedup:
             warning = (f"the measured speedup {speedup:.2f}x has a wide spread (interquartile range {low:.2f}-"
-                       f"{high:.2f}x): the step times varied (a busy machine, or masks of varying width)")
+                       f"{high:.2f}x): the step times varied (a busy machine, or steps whose widths vary)")
         return SpeedupEstimate(speedup, low, high, phases, warning)
 
     def state_dict(self) -> dict[str, Any]:
@@ -243,7 +243,7 @@ class DenseReference:
 
 def timed_step(step: Callable[[], T], kind: str, times: StepTimes, device: torch.device,
                reference: DenseReference | None = None, batch: tuple[Tensor, Tensor] | None = None,
-               index: int = 0, total: int = 1) -> T:
+               index: int = 0, total: int = 1, timed: bool = True) -> T:
     """Run and time one step of ``kind`` (recorded in ``times``), paired with a dense reference step when due.
 
     Args:
@@ -255,10 +255,15 @@ def timed_step(step: Callable[[], T], kind: str, times: StepTimes, device: torch
         batch: The step's batch, which the dense step trains on too.
         index: The step's index within its kind (0-based), for the schedule of pairs.
         total: The kind's steps.
+        timed: ``False`` for a step that also measures something besides training (the sparse-backward steps'
+            gradient angles: a second backward): it runs neither timed nor paired, and a pair due is taken at the
+            next step.
 
     Returns:
         What ``step`` returned.
     """
+    if not timed:
+        return step()
     pair = reference is not None and reference.due(times, kind, index, total)
     dense_first = pair and len(times.pairs[kind]) % 2 == 1  # alternate the order within the pairs
     if dense_first:
