@@ -18,6 +18,17 @@ from datetime import date
 from pathlib import Path
 
 
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line: a DataLoader worker's error comes back with the worker's traceback as its
+    message, whose last line is the error itself."""
+    text = str(error)
+    if "\nOriginal Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        prefix = f"{type(error).__name__}: "
+        text = last[len(prefix):] if last.startswith(prefix) else last
+    return text
+
+
 def _thread_count(value: str) -> int:
     """``--threads``: an integer >= 0 (0 leaves torch's default), else a usage error (one line, exit status 2)."""
     try:
@@ -355,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="new output directory (default: reports/report-<timestamp>); written whole or "
                         "not at all")
     report.add_argument("--baseline", metavar="RUN", help="a finished dense run (method=dense) of the same model "
-                        "and data to compare accuracies with (default: a dense run among RUN)")
+                        "and data to compare accuracies with (default: the dense run among RUN of each run's seed, "
+                        "then the fewest other settings differing)")
     report.add_argument("--no-plots", action="store_true", help="tables only (the plots need the report extra: "
                         "matplotlib)")
     report.set_defaults(run=_report)
@@ -380,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train.distributed import prints_errors
 
         if prints_errors(error):  # under torchrun: one line from rank 0, not one per rank
-            print(f"maskprop {args.command}: error: {error}", file=sys.stderr)
+            print(f"maskprop {args.command}: error: {_one_line(error)}", file=sys.stderr)
         status = 2
     except OSError as error:  # the system refused (permissions, a full disk): one line, not a traceback
         where = f": '{error.filename}'" if error.filename else ""

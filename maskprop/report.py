@@ -6,8 +6,10 @@ and folders of runs into one row per run; :func:`write_report` writes ``report.m
 and the PNG plots (matplotlib, the optional extra ``report``) into a new directory, all or nothing.
 
 A run's accuracy is compared with a dense run of the same model and data (equal ``model``, ``model_kwargs`` and
-``data`` in the summaries): the one given as ``baseline``, else the first finished dense run among those read. No
-dense run, no gap: the dense accuracy is never estimated.
+``data`` in the summaries): the one given as ``baseline``, else the closest finished dense run among those read (the
+run's seed first, then the fewest other settings that differ; see :func:`_closest`). Where several are equally close,
+a warning names the one chosen; where several are listed, an info line names each run's. No dense run, no gap: the
+dense accuracy is never estimated.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import logging
 import math
 import os
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -53,7 +56,7 @@ class RunRecord:
         config: ``config.yaml`` as a dict (empty where missing).
         summary: ``summary.json``, or ``None`` for an unfinished run.
         metrics: The readable lines of ``metrics.jsonl``, in order.
-        status: ``finished``, or where the run stopped (phase and epoch), or ``not started``.
+        status: ``finished``, or where the run stopped (phase and epoch), or ``unfinished: no epoch completed``.
     """
 
     path: Path
@@ -67,12 +70,14 @@ class RunRecord:
     def finished(self) -> bool:
         return self.summary is not None
 
-    def key(self) -> tuple[str, str, str] | None:
-        """Model, model kwargs and data: runs with equal keys are comparable; ``None`` where unknown."""
+    def key(self) -> tuple[str, str, str, int] | None:
+        """Model, model kwargs, data and the full network's parameters: runs with equal keys are comparable; ``None``
+        where unknown. (The data names a dataset read from disk, not its content: the parameter count tells a
+        100-class subset of ImageNet, or a stand-in, from the whole, through the classifier.)"""
         s = self.summary
         if s is None or not s.model:
             return None
-        return s.model, json.dumps(s.model_kwargs, sort_keys=True), json.dumps(s.data, sort_keys=True)
+        return s.model, json.dumps(s.model_kwargs, sort_keys=True), json.dumps(s.data, sort_keys=True), s.dense_params
 
 
 @dataclass
@@ -183,8 +188,8 @@ def _complete(summary: RunSummary, config: dict[str, Any]) -> RunSummary:
 
 
 def _status(config: dict[str, Any], metrics: list[dict[str, Any]]) -> str:
-    if not metrics:
-        return "not started"
+    if not metrics:  # killed in its first epoch, or before it (config.yaml is written first): nothing tells them apart
+        return "unfinished: no epoch completed"
     last = metrics[-1]
     phase, epoch = last.get("phase"), last.get("epoch")
     total = phase_epochs(config, str(phase))
@@ -257,6 +262,16 @@ def _config_keep(config: dict[str, Any]) -> str | None:
     return _keep_text(method, ratio, method in SPARSE_BACKWARD_METHODS)
 
 
+def _config_method(config: dict[str, Any]) -> str | None:
+    """:func:`_method` from a run's config.yaml (an unfinished run has no summary): ``random`` for method ``vrpge``
+    (the default) with ``sparsity.fix: random``, else the config's method (``None`` where it names none)."""
+    method = config.get("method")
+    sparsity = config.get("sparsity")
+    if method in (None, "vrpge") and isinstance(sparsity, dict) and sparsity.get("fix") == "random":
+        return "random"
+    return method
+
+
 def _epochs(summary: RunSummary | None, config: dict[str, Any]) -> str:
     if summary is not None and summary.epochs:
         return "+".join(str(e) for e in summary.epochs.values())
@@ -271,7 +286,7 @@ def _row(record: RunRecord, baseline: RunRecord | None) -> dict[str, Any]:
     data = config.get("data", {}) if isinstance(config.get("data"), dict) else {}
     row: dict[str, Any] = {key: None for key, _, _ in COLUMNS}
     row.update(run=record.name, status=record.status, path=str(record.path), epochs=_epochs(s, config),
-               method=config.get("method"), model=model.get("name"), dataset=data.get("dataset"),
+               method=_config_method(config), model=model.get("name"), dataset=data.get("dataset"),
                keep=_config_keep(config),
                measured_speedup_low=None, measured_speedup_high=None, speedup_warning=None, baseline=None,
                schema_version=None)
@@ -331,26 +346,106 @@ def build_report(paths: Iterable[str | os.PathLike], baseline: str | os.PathLike
         if compared and not any(r.key() == base.key() for r in compared):
             theirs = sorted({f"{r.summary.model} on {r.summary.dataset}" for r in compared})
             raise ValueError(f"the baseline '{base_path}' ({base.summary.model} on {base.summary.dataset}) has the "
-                             f"model and data of none of the runs ({', '.join(theirs)}); expected a dense run of the "
-                             f"same model and data")
+                             f"model and data of none of the runs ({', '.join(theirs)}): {_nearest(base, compared)}; "
+                             f"expected a dense run of the same model and data")
     baselines: dict[str, RunRecord] = {}
+    dense = [r for r in runs if r.key() is not None and r.summary.method == "dense"]
     for record in runs:
         key = record.key()
         if key is None or record.summary.method == "dense":
             continue
         if base is not None and base.key() == key:
             baselines[record.name] = base
-        else:
-            match = next((r for r in runs if r.summary is not None and r.summary.method == "dense"
-                          and r.key() == key), None)
-            if match is not None:
-                baselines[record.name] = match
+            continue
+        candidates = [r for r in dense if r.key() == key]
+        if not candidates:
+            continue
+        match, tied = _closest(record, candidates)
+        baselines[record.name] = match
+        what = f"of {record.summary.model} on {record.summary.dataset}"
+        if len(tied) > 1:
+            logger.warning("%s: the dense runs %s %s are equally close to it (%s); compared with '%s', the first "
+                           "listed (pass --baseline to choose)", record.name, ", ".join(f"'{r.name}'" for r in tied),
+                           what, _closeness(record, match), match.name)
+        elif len(candidates) > 1:
+            logger.info("%s: dense baseline '%s', the closest of %d dense runs %s (%s)", record.name, match.name,
+                        len(candidates), what, _closeness(record, match))
     for record in runs:  # the summaries (as report.json lists them) gain the dense accuracy, never made up
         match = baselines.get(record.name)
         if match is not None:
             record.summary.dense_accuracy, record.summary.dense_baseline = match.summary.accuracy, str(match.path)
     rows = [_row(record, baselines.get(record.name)) for record in runs]
     return Report(runs, rows, {name: b.name for name, b in baselines.items()})
+
+
+def _identity(summary: RunSummary) -> dict[str, Any]:
+    """What :meth:`RunRecord.key` compares, as dotted settings: ``model``, ``model.kwargs.<name>``, ``data.<name>``,
+    ``parameters``."""
+    return {"model": summary.model, **{f"model.kwargs.{k}": v for k, v in summary.model_kwargs.items()},
+            **{f"data.{k}": v for k, v in summary.data.items()}, "parameters": summary.dense_params}
+
+
+def _differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The keys of two flat settings whose values differ (a key one lacks differs), sorted."""
+    return sorted(k for k in set(mine) | set(theirs) if k not in mine or k not in theirs or mine[k] != theirs[k])
+
+
+def _nearest(base: RunRecord, compared: Sequence[RunRecord]) -> str:
+    """Where the baseline's model and data differ from those of the nearest of ``compared`` (the fewest settings)."""
+    mine = _identity(base.summary)
+    nearest = min(compared, key=lambda r: len(_differences(mine, _identity(r.summary))))
+    theirs = _identity(nearest.summary)
+    keys = _differences(mine, theirs)
+    shown = ", ".join(f"{k} {mine.get(k, 'unset')} vs {theirs.get(k, 'unset')}" for k in keys[:4])
+    more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+    return f"it differs from the nearest, '{nearest.name}', in {shown}{more} (baseline vs run)"
+
+
+_UNCOMPARED = frozenset({"method", "seed", "out", "sparsity", "sbp", "finetune", "optim.epochs", "log_every",
+                         "eval_every", "save_every"})
+"""Config settings :func:`_closest` leaves out: the method's own, the epochs (compared in total), output and logging."""
+
+
+def _settings(record: RunRecord) -> dict[str, Any]:
+    """A finished run's config.yaml as dotted settings (less :data:`_UNCOMPARED`), with its epochs in total."""
+
+    def flat(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, value in node.items():
+            key = f"{prefix}{name}"
+            if key in _UNCOMPARED:
+                continue
+            out.update(flat(value, f"{key}.") if isinstance(value, dict) and value else {key: value})
+        return out
+
+    return {**flat(record.config, ""), "epochs": sum(record.summary.epochs.values())}
+
+
+def _distance(record: RunRecord, dense: RunRecord) -> tuple[bool, int]:
+    seed = record.config.get("seed")
+    return seed is None or dense.config.get("seed") != seed, len(_differences(_settings(record), _settings(dense)))
+
+
+def _closest(record: RunRecord, candidates: Sequence[RunRecord]) -> tuple[RunRecord, list[RunRecord]]:
+    """The dense run among ``candidates`` (of the model and data of ``record``) to compare ``record`` with: one of its
+    seed first, then the one with the fewest other config settings that differ (its method's own settings, output and
+    logging left out; epochs in total: a dense twin trains as many as the search and finetune); and those as close as
+    it, itself first (the first listed)."""
+    distances = [_distance(record, c) for c in candidates]
+    best = min(distances)
+    tied = [c for c, d in zip(candidates, distances) if d == best]
+    return tied[0], tied
+
+
+def _closeness(record: RunRecord, dense: RunRecord) -> str:
+    """How close a dense run is to ``record``: its seed, the settings that differ."""
+    seed, theirs = record.config.get("seed"), dense.config.get("seed")
+    same = seed is not None and theirs == seed
+    keys = _differences(_settings(record), _settings(dense))
+    settings = "no other setting differs" if not keys else (
+        f"{len(keys)} other setting{'s' * (len(keys) != 1)} differ{'s' * (len(keys) == 1)}: {', '.join(keys[:4])}"
+        + (" ..." if len(keys) > 4 else ""))
+    return f"{'the same seed' if same else 'seed'} {theirs}{'' if same else f', the run has {seed}'}; {settings}"
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -402,11 +497,14 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 _NOTES = """\
 - **method**: `vrpge`, `dense`, a sparse-backward method, or `random`: the random subnetwork of the VR-PGE budget
   (`sparsity.fix: random`), the baseline a search has to beat.
-- **top-1**: validation accuracy of the final network (the fixed subnetwork after finetuning). **dense**, **vs dense**:
-  accuracy of a dense run of the same model and data (`--baseline`, or a dense run among those listed) and the
-  difference in percentage points; `-` where no such run is known (never estimated).
-- **params kept**, **FLOPs kept**: the final subnetwork's parameters and forward FLOPs per example over the full
-  network's (a multiply-add is 2 FLOPs).
+- **top-1**: validation accuracy of the final network: for `vrpge` and `random` the fixed subnetwork after
+  finetuning; for `dense` and the sparse-backward methods the full network they trained. **dense**, **vs dense**:
+  accuracy of a dense run of the same model and data (`--baseline`, or the dense run among those listed with the run's
+  seed, then the fewest other settings differing) and the difference in percentage points; `-` where no such run is
+  known (never estimated).
+- **params kept**, **FLOPs kept**: the final network's parameters and forward FLOPs per example over the full
+  network's (a multiply-add is 2 FLOPs): the fixed subnetwork's for `vrpge` and `random`; 100 for `dense` and the
+  sparse-backward methods, which prune nothing (they save train cost in the backward, not size).
 - **saving (formula)**: the train-cost saving of supplement C.1 of "Efficient Neural Network Training via Forward
   and Backward Propagation Sparsification" (NeurIPS 2021), dense train FLOPs over the run's (VR-PGE: 4 f_S per
   search step, 3 f_S per finetune step; dense: 3 f_D over as many steps as the search; sparse backward: the dense
@@ -417,7 +515,8 @@ _NOTES = """\
   range (see the warnings). Runs written before summaries were versioned carry the earlier estimate (no range).
 - **keep**: the keep ratio of VR-PGE (expected kept channels), or the fraction of units a sparse-backward method
   propagates in the backward. **epochs**: search+finetune, or train. **wall time**: the whole run, evaluation and
-  checkpoints included.
+  checkpoints included, and for all but dense runs the dense reference steps timed for the measured speedup too (a
+  large share of a short run: `dense_reference_share` of the summaries in `report.json`).
 """
 
 
@@ -434,16 +533,42 @@ def _matplotlib() -> Any:
     return Figure
 
 
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
+           "#bcbd22")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+_LINES = ("-", "--", "-.", ":")
+_DENSE_LINES = ("--", ":", "-.", (0, (8, 2, 1, 2, 1, 2)))
+
+
 def _style(index: int) -> dict[str, Any]:
-    colors = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
-              "#bcbd22")
-    markers = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
-    return {"color": colors[index % len(colors)], "marker": markers[(index // len(colors)) % len(markers)]}
+    """Run ``index``'s colour, marker, line style of its curves and of its dense reference line: the colours cycle
+    every 10 runs; the marker and the line styles change with each cycle, so that runs 0 and 10 differ."""
+    cycle = index // len(_COLORS)
+    return {"color": _COLORS[index % len(_COLORS)], "marker": _MARKERS[cycle % len(_MARKERS)],
+            "linestyle": _LINES[cycle % len(_LINES)], "dense_linestyle": _DENSE_LINES[cycle % len(_DENSE_LINES)]}
 
 
 def _styles(report: Report) -> dict[str, dict[str, Any]]:
-    """Each run's colour and marker, the same in every plot."""
+    """Each run's style (:func:`_style`), the same in every plot."""
     return {record.name: _style(i) for i, record in enumerate(report.runs)}
+
+
+def _legend(fig: Any, handles: Sequence[Any], labels: Sequence[str], ncol: int, height: float) -> None:
+    """A legend under the panels with every entry in full: labels wrapped at spaces, as many columns (up to ``ncol``)
+    as fit the figure's width, the figure widened where one column does not, and made ``height`` inches (the panels)
+    taller by the legend's height."""
+    if not handles:
+        fig.set_figheight(height)
+        return
+    labels = [textwrap.fill(label, 60, break_long_words=False, break_on_hyphens=False) for label in labels]
+    width = fig.get_figwidth()
+    for columns in range(min(ncol, len(labels)), 0, -1):
+        legend = fig.legend(handles, labels, loc="outside lower center", ncol=columns, fontsize=8, frameon=False)
+        box = legend.get_window_extent()
+        if columns == 1 or box.width / fig.dpi <= width - 0.3:
+            break
+        legend.remove()
+    fig.set_size_inches(max(width, box.width / fig.dpi + 0.3), height + box.height / fig.dpi + 0.2)
 
 
 def _accuracy_figure(report: Report, Figure: Any) -> Any:
@@ -452,7 +577,7 @@ def _accuracy_figure(report: Report, Figure: Any) -> Any:
     for record in finished:
         panels.setdefault((record.summary.model, str(record.summary.dataset)), []).append(record)
     rows = max(len(panels), 1)
-    fig = Figure(figsize=(10, 3.6 * rows + 1.0 + 0.2 * math.ceil(len(finished) / 3)), layout="constrained")
+    fig = Figure(figsize=(10, 3.6 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, 2, squeeze=False)
     styles = _styles(report)
     handles: dict[str, Any] = {}
@@ -463,13 +588,14 @@ def _accuracy_figure(report: Report, Figure: Any) -> Any:
             for record in records:
                 s = record.summary
                 if s.method == "dense":
-                    line = ax.axhline(s.accuracy, color=styles[record.name]["color"], linestyle="--", linewidth=1.2,
-                                      gid=f"run:{record.name}")
+                    style = styles[record.name]
+                    line = ax.axhline(s.accuracy, color=style["color"], linestyle=style["dense_linestyle"],
+                                      linewidth=1.2, gid=f"run:{record.name}")
                     handles.setdefault(f"{record.name} (dense, {s.accuracy:.1f}%)", line)
                     continue
                 kept = 100.0 * getattr(s, attr) / max(getattr(s, total), 1)
                 point = ax.plot([kept], [s.accuracy], linestyle="none", markersize=8, gid=f"run:{record.name}",
-                                **styles[record.name])[0]
+                                color=styles[record.name]["color"], marker=styles[record.name]["marker"])[0]
                 handles.setdefault(f"{record.name} ({_method(s)}, keep {_keep(s)}, {s.accuracy:.1f}%)", point)
             ax.set_xlim(0, 105)
             ax.set_xlabel(f"{what} kept (% of dense)")
@@ -480,16 +606,14 @@ def _accuracy_figure(report: Report, Figure: Any) -> Any:
         for ax in axes[0]:
             ax.text(0.5, 0.5, "no finished run", ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()  # as the widths plot: no empty axes around the message
-    if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(3, len(handles)),
-                   fontsize=8, frameon=False)
+    _legend(fig, list(handles.values()), list(handles), 3, 3.6 * rows + 0.6)
     return fig
 
 
 def _speedup_figure(report: Report, Figure: Any) -> Any:
     records = [r for r in report.runs if r.summary is not None and r.summary.method != "dense"
                and r.summary.measured_speedup is not None]
-    fig = Figure(figsize=(6.5, 5.5 + 0.2 * math.ceil(len(records) / 2)), layout="constrained")
+    fig = Figure(figsize=(6.5, 5.5), layout="constrained")
     ax = fig.subplots()
     top = max([1.0, *(max(r.summary.train_cost_saving, r.summary.measured_speedup,
                           (r.summary.measured_speedup_iqr or [0, 0])[1]) for r in records)]) * 1.15
@@ -503,7 +627,7 @@ def _speedup_figure(report: Report, Figure: Any) -> Any:
         yerr = None if iqr is None else [[s.measured_speedup - iqr[0]], [iqr[1] - s.measured_speedup]]
         ax.errorbar([s.train_cost_saving], [s.measured_speedup], yerr=yerr, linestyle="none", markersize=8,
                     capsize=4, gid=f"run:{record.name}", label=f"{record.name} ({_method(s)}, keep {_keep(s)})"
-                    + (": wide spread" if s.speedup_warning else ""), **style)
+                    + (": wide spread" if s.speedup_warning else ""), color=style["color"], marker=style["marker"])
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.set_aspect("equal")
@@ -515,7 +639,7 @@ def _speedup_figure(report: Report, Figure: Any) -> Any:
     if not records:
         ax.text(0.5, 0.5, "no sparse run with a measured speedup", ha="center", va="center", transform=ax.transAxes)
     handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    _legend(fig, handles, labels, 2, 5.5)
     return fig
 
 
@@ -525,40 +649,56 @@ def _method(s: RunSummary) -> str:
     return "random" if (s.search or {}).get("subnetwork") == "random" else s.method
 
 
+def _epoch_points(record: RunRecord) -> list[tuple[int, dict[str, Any]]]:
+    """The run's metrics records with the epoch each ends, counted over the run: the record's own epoch, a finetune
+    epoch after the search's epochs (as configured; else as many as recorded). A record without an integer epoch is
+    left out."""
+    records = [m for m in record.metrics if isinstance(m["epoch"], int) and not isinstance(m["epoch"], bool)]
+    searched = (record.summary.epochs if record.summary is not None else {}).get("search")
+    if not isinstance(searched, int):
+        searched = phase_epochs(record.config, "search")
+    if not isinstance(searched, int):
+        searched = max((m["epoch"] for m in records if m.get("phase") == "search"), default=0)
+    return [(m["epoch"] + (searched if m.get("phase") == "finetune" else 0), m) for m in records]
+
+
 def _curves_figure(report: Report, Figure: Any) -> Any:
     records = [r for r in report.runs if r.metrics]
-    fig = Figure(figsize=(14, 4.2 + 0.2 * math.ceil(len(records) / 3)), layout="constrained")
+    fig = Figure(figsize=(14, 4.2), layout="constrained")
     axes = fig.subplots(1, 3)
     styles = _styles(report)
+    finetuned = False
     for record in records:
         style = styles[record.name]
-        method = _method(record.summary) if record.summary is not None else record.config.get("method", "?")
+        method = _method(record.summary) if record.summary is not None else _config_method(record.config) or "?"
         color, label = style["color"], f"{record.name} ({method})"
-        x = list(range(1, len(record.metrics) + 1))
-        loss = [m.get("train_loss") for m in record.metrics]
-        axes[0].plot(x, loss, color=color, linewidth=1.5, gid=f"run:{record.name}", label=label)
-        val = [(xi, m["val_accuracy"]) for xi, m in zip(x, record.metrics) if m.get("val_accuracy") is not None]
+        line = {"color": color, "linestyle": style["linestyle"], "linewidth": 1.5, "marker": style["marker"],
+                "markersize": 3, "gid": f"run:{record.name}"}
+        points = _epoch_points(record)
+        loss = [(x, m["train_loss"]) for x, m in points if m.get("train_loss") is not None]
+        axes[0].plot(*(zip(*loss) if loss else ([], [])), label=label, **line)
+        val = [(x, m["val_accuracy"]) for x, m in points if m.get("val_accuracy") is not None]
         if val:
-            axes[1].plot(*zip(*val), color=color, linewidth=1.5, marker=style["marker"], markersize=3,
-                         gid=f"run:{record.name}")
-        kept = [(xi, m["kept_ratio_expected"]) for xi, m in zip(x, record.metrics)
+            axes[1].plot(*zip(*val), **line)
+        kept = [(x, m["kept_ratio_expected"]) for x, m in points
                 if m.get("kept_ratio_expected") is not None and m.get("phase") == "search"]
         if kept:
-            axes[2].plot(*zip(*kept), color=color, linewidth=1.5, marker=style["marker"], markersize=3,
-                         gid=f"run:{record.name}")
+            axes[2].plot(*zip(*kept), **line)
             budget = record.config.get("sparsity", {}).get("keep_ratio")
             if isinstance(budget, (int, float)):
                 axes[2].axhline(budget, color=color, linestyle="--", linewidth=1)
                 # at the right end, above the line: where the curve, settled at or under its budget, leaves room
                 axes[2].annotate(f"budget (keep ratio {budget:g})", (kept[-1][0], budget), xytext=(0, 3),
                                  textcoords="offset points", fontsize=8, color=color, ha="right", va="bottom")
-        switch = next((xi for xi, m in zip(x, record.metrics) if m.get("phase") == "finetune"), None)
-        if switch is not None:
+        switch = min((x - m["epoch"] for x, m in points if m.get("phase") == "finetune"), default=None)
+        if switch is not None:  # between the search's last epoch and the first finetune epoch
+            finetuned = True
             for ax in axes[:2]:
-                ax.axvline(switch - 0.5, color=color, linestyle=":", linewidth=1)
+                ax.axvline(switch + 0.5, color=color, linestyle=":", linewidth=1)
     titles = ("training loss", "validation top-1 accuracy", "expected kept ratio (search)")
     ylabels = ("cross entropy (L(m) while searching)", "top-1 accuracy (%)", "expected kept channels / all")
-    xlabels = ("epoch (VR-PGE: search, then finetune after the dotted line)",) * 2 + ("search epoch",)
+    epoch = "epoch (VR-PGE: search, then finetune after the dotted line)" if finetuned else "epoch"
+    xlabels = (epoch, epoch, "search epoch")
     from matplotlib.ticker import MaxNLocator
 
     for ax, title, ylabel, xlabel in zip(axes, titles, ylabels, xlabels):
@@ -570,7 +710,7 @@ def _curves_figure(report: Report, Figure: Any) -> Any:
     if not any(m.get("kept_ratio_expected") is not None for r in records for m in r.metrics):
         axes[2].text(0.5, 0.5, "no VR-PGE search", ha="center", va="center", transform=axes[2].transAxes)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    _legend(fig, handles, labels, 3, 4.2)
     return fig
 
 
@@ -701,5 +841,5 @@ def write_report(report: Report, out: str | os.PathLike, plots: bool = True) -> 
                              "summary": None if r.summary is None else r.summary.to_dict()} for r in report.runs]}
         (tmp / "report.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         for name, figure in figures.items():
-            figure.savefig(tmp / name, dpi=110)
+            figure.savefig(tmp / name, dpi=110, bbox_inches="tight")  # nothing cut off, whatever the layout
     return [out / name for name in ("report.md", "report.csv", "report.json", *figures)]

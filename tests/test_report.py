@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import TINY_RUN, with_overrides
 
 import maskprop
 from maskprop.cli import _final_table, main
-from maskprop.report import REPORT_PLOTS, build_report, find_runs, make_plots, write_report
+from maskprop.report import _NOTES, REPORT_PLOTS, build_report, find_runs, make_plots, write_report
 from maskprop.train.summary import SCHEMA_VERSION, RunSummary, read_summary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,6 +51,22 @@ def summary_of(path: Path) -> dict:
     return json.loads((path / "summary.json").read_text())
 
 
+def edit_config(path: Path, **overrides) -> None:
+    """Change a run directory's config.yaml (dotted keys, as :func:`with_overrides`)."""
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    (path / "config.yaml").write_text(yaml.safe_dump(with_overrides(config, **overrides)))
+
+
+def many_runs(runs: Path, tmp_path: Path, count: int) -> Path:
+    """A folder of ``count`` copies of the two runs, alternately, under names as long as default run names."""
+    folder = tmp_path / "many"
+    for i in range(count):
+        name = ("dense", "vrpge")[i % 2]
+        shutil.copytree(runs / name, folder / f"{i:02d}-{name}-resnet20-shapes-keep0.5-20261205-220000",
+                        ignore=shutil.ignore_patterns("*.pt", "events.*"))
+    return folder
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The table
 
@@ -76,6 +93,58 @@ def test_rows_equal_the_summaries(runs):
                                                                                      str(runs / "dense"))
     assert rows["dense"]["epochs"] == "3" and rows["dense"]["accuracy_gap"] is None
     assert rows["dense"]["measured_speedup"] == 1.0
+
+
+def test_a_run_is_compared_with_the_dense_run_of_its_seed_and_settings(runs, tmp_path, caplog):
+    folder = copy_runs(runs, tmp_path)
+    shutil.copytree(folder / "dense", folder / "a_dense")  # listed first
+    edit_config(folder / "a_dense", seed=1)
+    (folder / "a_dense" / "summary.json").write_text(json.dumps(dict(summary_of(folder / "a_dense"), accuracy=1.5)))
+
+    def report():
+        caplog.clear()
+        with caplog.at_level("INFO", logger="maskprop.report"):
+            rows = {row["run"]: row for row in build_report([folder]).rows}
+        return rows["vrpge"], [(r.levelname, r.getMessage()) for r in caplog.records]
+
+    row, logged = report()  # the seed decides
+    assert row["baseline"] == "dense" and row["dense_accuracy"] == summary_of(folder / "dense")["accuracy"]
+    assert logged == [("INFO", "vrpge: dense baseline 'dense', the closest of 2 dense runs of resnet20 on shapes (the "
+                               "same seed 0; no other setting differs)")]
+    lr = yaml.safe_load((folder / "a_dense" / "config.yaml").read_text())["optim"]["lr"]
+    edit_config(folder / "a_dense", seed=0, **{"optim.lr": lr * 5})  # the same seed: the settings decide
+    row, logged = report()
+    assert row["baseline"] == "dense" and [level for level, _ in logged] == ["INFO"]
+    edit_config(folder / "dense", seed=2)
+    row, logged = report()
+    assert row["baseline"] == "a_dense" and row["dense_accuracy"] == 1.5
+    assert logged == [("INFO", "vrpge: dense baseline 'a_dense', the closest of 2 dense runs of resnet20 on shapes "
+                               "(the same seed 0; 1 other setting differs: optim.lr)")]
+    edit_config(folder / "a_dense", seed=1, **{"optim.lr": lr})
+    row, logged = report()  # neither of its seed, the same settings: a warning names the one chosen
+    assert row["baseline"] == "a_dense"
+    assert logged == [("WARNING", "vrpge: the dense runs 'a_dense', 'dense' of resnet20 on shapes are equally close "
+                                  "to it (seed 1, the run has 0; no other setting differs); compared with 'a_dense', "
+                                  "the first listed (pass --baseline to choose)")]
+
+
+def test_a_dense_run_of_another_class_count_is_no_baseline(runs, tmp_path):
+    """Runs name a dataset read from disk, not its content: a dense run whose network has other parameters (a subset
+    of ImageNet's classes, a stand-in) is not the dense twin of a run on the whole, whatever the data's name."""
+    folder = copy_runs(runs, tmp_path)
+    summary = summary_of(folder / "dense")
+    (folder / "dense" / "summary.json").write_text(json.dumps(dict(summary, dense_params=summary["dense_params"] - 65)))
+    row = {row["run"]: row for row in build_report([folder]).rows}["vrpge"]
+    assert row["baseline"] is None and row["dense_accuracy"] is None
+
+
+def test_the_notes_are_true_of_every_kind_of_row():
+    notes = {line.split("**")[1]: line for line in _NOTES.replace("\n  ", " ").splitlines()}
+    top1, kept = notes["top-1"], notes["params kept"]
+    assert "for `vrpge` and `random` the fixed subnetwork after finetuning" in top1
+    assert "for `dense` and the sparse-backward methods the full network they trained" in top1
+    assert "the fixed subnetwork's for `vrpge` and `random`; 100 for `dense` and the sparse-backward methods" in kept
+    assert "the dense reference steps timed for the measured speedup" in notes["keep"].split("**wall time**")[1]
 
 
 def test_the_command_prints_the_table_and_writes_every_file(runs, tmp_path, capsys):
@@ -136,6 +205,56 @@ def test_each_plot_has_one_mark_per_run(runs, tmp_path):
                                                sparse["accuracy"]]]
 
 
+def test_the_curves_plot_each_record_at_its_epoch(runs, tmp_path):
+    folder = copy_runs(runs, tmp_path)
+
+    def loss_panel():
+        figure = make_plots(build_report([folder]))["curves.png"]
+        ax = figure.axes[0]
+        lines = {line.get_gid(): line for line in ax.lines if line.get_gid()}
+        dotted = [line.get_xdata()[0] for line in ax.lines if not line.get_gid()]
+        return lines["run:vrpge"].get_xdata().tolist() if "run:vrpge" in lines else None, dotted, ax.get_xlabel()
+
+    assert loss_panel() == ([1, 2, 3], [2.5], "epoch (VR-PGE: search, then finetune after the dotted line)")
+    path = folder / "vrpge" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(['{"phase": "search", "epo', *lines[1:]]) + "\n")  # the first epoch's line damaged
+    assert loss_panel()[:2] == ([2, 3], [2.5])  # search epoch 2, finetune epoch 1 after the 2 search epochs
+    shutil.rmtree(folder / "vrpge")  # no run with a finetune phase: no dotted line to speak of
+    assert loss_panel()[1:] == ([], "epoch")
+
+
+def test_runs_0_and_10_look_different_in_every_plot(runs, tmp_path):
+    folder = many_runs(runs, tmp_path, 11)
+    figures = make_plots(build_report([folder]))
+    names = sorted(p.name for p in folder.iterdir())
+    first, eleventh = f"run:{names[0]}", f"run:{names[10]}"
+    for ax in figures["curves.png"].axes[:2]:
+        lines = {line.get_gid(): line for line in ax.lines}
+        looks = [(lines[gid].get_color(), lines[gid].get_linestyle(), lines[gid].get_marker())
+                 for gid in (first, eleventh)]
+        assert looks[0] != looks[1] and looks[0][0] == looks[1][0]  # the colours repeat, the rest does not
+        assert looks[0][2] not in ("None", "", None)  # markers in the loss panel too
+    for ax in figures["accuracy.png"].axes:  # both dense: reference lines of different styles
+        lines = {line.get_gid(): line for line in ax.lines}
+        assert lines[first].get_linestyle() != lines[eleventh].get_linestyle()
+
+
+def test_every_legend_entry_shows_in_full(runs, tmp_path):
+    """Many runs with names as long as the default ones: the legends lie within their figures."""
+    figures = make_plots(build_report([many_runs(runs, tmp_path, 12)]))
+    for name in ("accuracy.png", "speedup.png", "curves.png"):
+        figure = figures[name]
+        figure.draw_without_rendering()
+        (legend,) = figure.legends
+        assert len(legend.get_texts()) >= 6, name
+        bounds = figure.bbox
+        for artist in [legend, *legend.get_texts()]:
+            box = artist.get_window_extent()
+            assert bounds.x0 - 1 <= box.x0 and box.x1 <= bounds.x1 + 1, (name, artist)
+            assert bounds.y0 - 1 <= box.y0 and box.y1 <= bounds.y1 + 1, (name, artist)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The summary schema
 
@@ -192,8 +311,8 @@ def test_an_unfinished_run_is_listed_with_its_phase_and_epoch(runs, tmp_path):
     (row,) = build_report([folder]).rows
     assert row["status"] == "unfinished: search epoch 1/2" and row["accuracy"] is None
     assert (row["method"], row["model"], row["epochs"], row["keep"]) == ("vrpge", "resnet20", "2+1", "0.5")
-    (folder / "vrpge" / "metrics.jsonl").write_text("")
-    assert build_report([folder]).rows[0]["status"] == "not started"
+    (folder / "vrpge" / "metrics.jsonl").write_text("")  # killed in its first epoch: config.yaml was written
+    assert build_report([folder]).rows[0]["status"] == "unfinished: no epoch completed"
     out = tmp_path / "out"
     write_report(build_report([folder]), out)  # the plots cope with a run that has nothing to show
     assert (out / "widths.png").read_bytes().startswith(PNG)
@@ -266,8 +385,19 @@ def test_a_baseline_must_be_a_finished_dense_run(runs, tmp_path, capsys):
     assert main(["report", str(folder / "vrpge"), "--baseline", str(folder / "dense"), "--out",
                  str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "(vgg11_bn on shapes) has the model and data of none of the runs (resnet20 on shapes)" in \
-        err[0] and not (tmp_path / "other").exists()
+    assert len(err) == 1 and "(vgg11_bn on shapes) has the model and data of none of the runs (resnet20 on shapes): " \
+        "it differs from the nearest, 'vrpge', in model vgg11_bn vs resnet20 (baseline vs run)" in err[0]
+    assert not (tmp_path / "other").exists()
+    # only the data differs: the error names the setting, not just "resnet20 on shapes" twice
+    data = dict(summary["data"], train_size=64)
+    (folder / "dense" / "summary.json").write_text(json.dumps(dict(summary, data=data)))
+    assert main(["report", str(folder / "vrpge"), "--baseline", str(folder / "dense"), "--out",
+                 str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("(resnet20 on shapes) has the model and data of none of the runs "
+                                             "(resnet20 on shapes): it differs from the nearest, 'vrpge', in "
+                                             "data.train_size 64 vs 32 (baseline vs run); expected a dense run of the "
+                                             "same model and data")
 
 
 def test_without_matplotlib_the_table_still_prints_and_the_error_names_the_extra(runs, tmp_path, capsys,
@@ -399,6 +529,16 @@ def test_the_random_baseline_is_named_random_in_tables_and_plots():
     assert _method(RunSummary(method="vrpge", search={"subnetwork": "random"})) == "random"
     assert _method(RunSummary(method="vrpge", search={"subnetwork": "searched"})) == "vrpge"
     assert _method(RunSummary(method="dense")) == "dense"
+
+
+def test_an_unfinished_random_subnetwork_is_named_random(runs, tmp_path):
+    folder = copy_runs(runs, tmp_path, names=("vrpge",))
+    edit_config(folder / "vrpge", **{"sparsity.fix": "random"})
+    (folder / "vrpge" / "summary.json").unlink()
+    report = build_report([folder])
+    assert report.rows[0]["method"] == "random"
+    _, labels = make_plots(report)["curves.png"].axes[0].get_legend_handles_labels()
+    assert labels == ["vrpge (random)"]
 
 
 def test_the_header_counts_one_run_in_the_singular(runs, tmp_path, capsys):
