@@ -4,6 +4,7 @@ formats, clear errors for missing or malformed directories, reproducible loaders
 import ast
 import gzip
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -428,6 +429,22 @@ def test_cifar_labels_out_of_range_are_rejected(tmp_path):
         build_datasets(DataConfig(dataset="cifar10", root=str(tmp_path)))
 
 
+@pytest.mark.parametrize("labels,dtype,split", [([1, 2, 3], np.uint8, "train"), ([], np.uint8, "train"),
+                                                ([1], np.float32, "test")])
+def test_cifar_files_whose_labels_do_not_match_their_images_are_rejected(tmp_path, labels, dtype, split):
+    """Labels one more or fewer than the images (the labels of every later image would be shifted, or a step would
+    fail on an index), or pixels that are not uint8 (a step would fail in the image conversion): one line at load."""
+    make_cifar(tmp_path, "cifar10", per_batch=1)
+    name = "data_batch_2" if split == "train" else "test_batch"
+    write_cifar_pickle(tmp_path / "cifar-10-batches-py" / name,
+                       {"data": np.zeros((1, 3072), dtype), "labels": labels})
+    images = 5 if split == "train" else 1
+    count = 4 + len(labels) if split == "train" else 1
+    with pytest.raises(ValueError, match=rf"^cifar10 {split} files in '.*' hold {images} images as {np.dtype(dtype)} "
+                                         rf"and {count} labels; expected one label per image and uint8 pixels"):
+        build_datasets(DataConfig(dataset="cifar10", root=str(tmp_path)))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # ImageNet
 
@@ -572,3 +589,23 @@ def test_imagenet_recipe_without_train_or_val_folder_is_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"imagenet split directory '.*val' does not exist; expected "
                                                 r"<root>/train/<class>/<image> and <root>/val/<class>/<image>"):
         build_datasets(DataConfig(dataset="imagenet", root=str(tmp_path / "imagenet")))
+
+
+def test_an_image_that_cannot_be_read_names_its_file(tmp_path):
+    """A truncated or non-image file among the images passes the folder scan and fails when a step reaches it: one
+    line naming the file (a ValueError, usage error), also when a DataLoader worker meets it (the command line prints
+    the worker's last line, not its traceback)."""
+    from maskprop.cli import _one_line
+
+    make_image_folder(tmp_path)
+    bad = tmp_path / "train" / "n01440764" / "n01440764_9.JPEG"
+    bad.write_bytes(b"not an image")
+    train, *_ = build_datasets(DataConfig(dataset="imagenet", root=str(tmp_path), crop_size=32))
+    index = [path for path, _ in train.samples].index(str(bad))
+    message = rf"^cannot read image '{re.escape(str(bad))}' \(cannot identify image file .*\); expected an image file"
+    with pytest.raises(ValueError, match=message):
+        train[index]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train, [index]), num_workers=1)
+    with pytest.raises(ValueError) as caught:
+        next(iter(loader))
+    assert "Original Traceback" in str(caught.value) and re.match(message, _one_line(caught.value))

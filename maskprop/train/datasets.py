@@ -129,6 +129,10 @@ def cifar_datasets(name: str, root: str | os.PathLike | None, augment: bool = Tr
     num_classes = 10 if name == "cifar10" else 100
     for split, dataset in (("train", train_set), ("test", val_set)):
         targets = dataset.targets
+        if len(dataset.data) != len(targets) or str(dataset.data.dtype) != "uint8":
+            raise ValueError(f"{name} {split} files in '{folder}' hold {len(dataset.data)} images as "
+                             f"{dataset.data.dtype} and {len(targets)} labels; expected one label per image and uint8 "
+                             f"pixels (b'data': N x 3072 uint8)")
         if targets and not 0 <= min(targets) <= max(targets) < num_classes:
             raise ValueError(f"{name} {split} labels in '{folder}' span [{min(targets)}, {max(targets)}]; "
                              f"expected labels in [0, {num_classes - 1}]")
@@ -255,13 +259,25 @@ def imagenet_datasets(root: str | os.PathLike | None, augment: bool = True,
     sets = []
     for split, transform in (("train", train_transform), ("val", eval_transform)):
         try:
-            sets.append(datasets.ImageFolder(str(root / split), transform=transform))
+            sets.append(datasets.ImageFolder(str(root / split), transform=transform, loader=read_image))
         except FileNotFoundError as err:  # a class folder without images
             message = f"imagenet split '{root / split}' is not in ImageFolder layout ({err}); {layout}"
             raise ValueError(message) from None
     logger.info("imagenet from %s: %d classes, %d train, %d val images", root, len(classes["train"]),
                 len(sets[0]), len(sets[1]))
     return sets[0], sets[1], len(classes["train"])
+
+
+def read_image(path: str) -> object:
+    """torchvision's default image loader (an RGB PIL image), with one line naming the file where it cannot be read:
+    a truncated or non-image file that the folder scan took for an image fails only when a step reaches it."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError (an OSError), truncated files
+        raise ValueError(f"cannot read image '{path}' ({' '.join(str(err).split())}); expected an image file PIL "
+                         f"can open: replace or remove it") from None
 
 
 def build_datasets(cfg_data: DataConfig) -> tuple[Dataset, Dataset, int, tuple[int, int, int]]:
