@@ -5,6 +5,7 @@ import ast
 import gzip
 import pickle
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -609,3 +610,35 @@ def test_an_image_that_cannot_be_read_names_its_file(tmp_path):
     with pytest.raises(ValueError) as caught:
         next(iter(loader))
     assert "Original Traceback" in str(caught.value) and re.match(message, _one_line(caught.value))
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "mnist", "imagenet"])
+def test_a_root_that_is_a_file_says_so(tmp_path, dataset):
+    """An archive named as the root (``cifar-10-python.tar.gz``, say) is a file, not a missing directory."""
+    archive = tmp_path / "data.tar.gz"
+    archive.write_bytes(b"\x1f\x8b")
+    with pytest.raises(ValueError, match=rf"^{dataset} root directory '{re.escape(str(archive))}' is a file, not a "
+                                         rf"directory \(an archive\? extract it\); expected"):
+        build_datasets(DataConfig(dataset=dataset, root=str(archive)))
+    make_image_folder(tmp_path / "folder")
+    if dataset == "imagenet":  # an unextracted val.tar beside train/
+        shutil.rmtree(tmp_path / "folder" / "val")
+        (tmp_path / "folder" / "val").write_bytes(b"")
+        with pytest.raises(ValueError, match=r"^imagenet split directory '.*val' is a file, not a directory"):
+            build_datasets(DataConfig(dataset="imagenet", root=str(tmp_path / "folder")))
+
+
+def test_data_settings_the_dataset_does_not_read_are_warned_of(tmp_path, caplog):
+    make_cifar(tmp_path, "cifar10", per_batch=1)
+    with caplog.at_level("WARNING", logger="maskprop.train.datasets"):
+        build_datasets(DataConfig(dataset="cifar10", root=str(tmp_path), train_size=8, crop_size=64))
+    assert ("data.dataset=cifar10 does not read data.train_size=8, data.crop_size=64 (set for another dataset?): "
+            "they change nothing") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="maskprop.train.datasets"):
+        build_datasets(DataConfig(dataset="shapes", root=str(tmp_path), train_size=8, val_size=8))
+    assert "data.dataset=shapes does not read data.root=" in caplog.text and "train_size" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="maskprop.train.datasets"):
+        build_datasets(DataConfig(dataset="cifar10", root=str(tmp_path)))
+    assert "does not read" not in caplog.text

@@ -298,3 +298,29 @@ def test_tensor_dataset_with_float_labels_is_a_one_line_error():
     with pytest.raises(ValueError, match=r"^the labels of TensorDataset are not class indices \(a torch.float32 "
                                          r"tensor of shape \(8,\), .*expected one integer >= 0 per example$"):
         _num_classes(TensorDataset(images, torch.rand(8)))
+
+
+def test_settings_are_checked_before_the_data_is_read(tmp_path):
+    """A device that is not there or an unknown model is said before the dataset is looked at (an ImageNet folder
+    scan takes minutes): the error is the setting's, not the data's."""
+    missing = {"dataset": "imagenet", "root": str(tmp_path / "nowhere")}
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^device='cuda' but CUDA is not available"):
+            maskprop.fit(tiny(device="cuda", data=missing))
+    with pytest.raises(ValueError, match="^model.name='resnet33' is not a registered model"):
+        maskprop.fit(tiny(model={"name": "resnet33"}, data=missing))
+    with pytest.raises(FileNotFoundError, match="imagenet root directory .* does not exist"):
+        maskprop.fit(tiny(data=missing))
+
+
+def test_a_relative_data_root_is_saved_absolute(tmp_path, monkeypatch):
+    """config.yaml keeps data.root absolute, so that ``--resume`` from another directory (or a torchrun node started
+    elsewhere) finds the data."""
+    from test_data import make_cifar
+
+    make_cifar(tmp_path / "data", "cifar10", per_batch=4)
+    monkeypatch.chdir(tmp_path)
+    config = tiny(method="dense", data={"dataset": "cifar10", "root": "data", "batch_size": 4}, finetune={"epochs": 0})
+    maskprop.fit(config, out=tmp_path / "run")
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.data.root == str(tmp_path / "data")

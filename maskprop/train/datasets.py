@@ -31,6 +31,16 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def _check_directory(path: Path, what: str, expected: str) -> None:
+    """One line where ``path`` (``what``: e.g. "cifar10 root directory") is missing or is a file (an archive not
+    extracted, say)."""
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ValueError(f"{what} '{path}' is a file, not a directory (an archive? extract it); {expected}")
+    raise FileNotFoundError(f"{what} '{path}' does not exist; {expected}")
+
+
 _CIFAR_LAYOUT = {
     "cifar10": ("cifar-10-batches-py",
                 ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"),
@@ -53,8 +63,7 @@ def _cifar_folder(name: str, root: str | os.PathLike | None) -> Path:
     root = Path(root).expanduser()
     if root.name == folder and not (root / folder).is_dir():
         root = root.parent
-    if not root.is_dir():
-        raise FileNotFoundError(f"{name} root directory '{root}' does not exist; {expected}")
+    _check_directory(root, f"{name} root directory", expected)
     missing = [f for f in (*files, meta) if not (root / folder / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{name} files missing under '{root / folder}': {', '.join(missing)}; {expected}")
@@ -177,8 +186,7 @@ def mnist_datasets(name: str, root: str | os.PathLike | None) -> tuple[Dataset, 
         root = root.parent.parent
     elif root.name == folder and not (root / folder).is_dir():
         root = root.parent
-    if not root.is_dir():
-        raise FileNotFoundError(f"{name} root directory '{root}' does not exist; {expected}")
+    _check_directory(root, f"{name} root directory", expected)
     raw = root / folder / "raw"
     missing = [f for f in _MNIST_FILES if not (raw / f).is_file()]
     if missing:
@@ -235,13 +243,11 @@ def imagenet_datasets(root: str | os.PathLike | None, augment: bool = True,
     if root is None:
         raise ValueError(f"data.root is required for dataset 'imagenet'; {layout}")
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"imagenet root directory '{root}' does not exist; {layout}")
+    _check_directory(root, "imagenet root directory", layout)
     classes = {}
     for split in ("train", "val"):
         folder = root / split
-        if not folder.is_dir():
-            raise FileNotFoundError(f"imagenet split directory '{folder}' does not exist; {layout}")
+        _check_directory(folder, "imagenet split directory", layout)
         classes[split] = _image_classes(folder)
         if not classes[split]:
             flat = any(Path(e.name).suffix.lower() in IMAGE_EXTENSIONS for e in os.scandir(folder))
@@ -280,6 +286,22 @@ def read_image(path: str) -> object:
                          f"can open: replace or remove it") from None
 
 
+_USED_BY = {"root": ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet"), "train_size": ("shapes",),
+            "val_size": ("shapes",), "image_size": ("shapes",), "seed": ("shapes",), "crop_size": ("imagenet",)}
+"""The data settings only some datasets read (the others are read by every dataset)."""
+
+
+def _warn_unused(cfg_data: DataConfig) -> None:
+    """Warn of settings changed from their defaults that the dataset does not read (``data.train_size`` on CIFAR, a
+    ``data.root`` given to ``shapes``): a run that looks configured but is not."""
+    fields = type(cfg_data).model_fields
+    unused = [key for key, users in _USED_BY.items()
+              if cfg_data.dataset not in users and getattr(cfg_data, key) != fields[key].default]
+    if unused:
+        logger.warning("data.dataset=%s does not read %s (set for another dataset?): they change nothing",
+                       cfg_data.dataset, ", ".join(f"data.{key}={getattr(cfg_data, key)!r}" for key in unused))
+
+
 def build_datasets(cfg_data: DataConfig) -> tuple[Dataset, Dataset, int, tuple[int, int, int]]:
     """The training and validation sets named by a data config.
 
@@ -290,6 +312,7 @@ def build_datasets(cfg_data: DataConfig) -> tuple[Dataset, Dataset, int, tuple[i
         ``(train_set, val_set, num_classes, input_size)`` with ``input_size`` = (channels, height, width).
     """
     name = cfg_data.dataset
+    _warn_unused(cfg_data)
     if name == "shapes":
         size = cfg_data.image_size
         train_set, val_set = shapes_datasets(cfg_data.train_size, cfg_data.val_size, cfg_data.seed, cfg_data.augment,

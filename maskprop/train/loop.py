@@ -711,10 +711,10 @@ def _warn_if_short(warmup_steps: int, search_steps: int, channels: int) -> None:
     """Say, once at the start of a search, when it samples too few masks for the estimator to choose channels."""
     sampled = search_steps - warmup_steps
     if 0 < sampled < STEPS_PER_CHANNEL * channels:
-        logger.warning("the search samples masks for %d steps over %d prunable channels; the score estimator needs "
+        logger.warning("the search samples masks for %d step%s over %d prunable channels; the score estimator needs "
                        "%d or more (%d+ a channel) to read a channel of typical importance, so the channels kept "
                        "will be close to a random choice of the same budget (docs/methods.md, \"How the search "
-                       "behaves early\"); compare with sparsity.fix=random", sampled, channels,
+                       "behaves early\"); compare with sparsity.fix=random", sampled, "s" * (sampled != 1), channels,
                        STEPS_PER_CHANNEL * channels, STEPS_PER_CHANNEL)
 
 

@@ -310,8 +310,12 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     given = None if train_set is None else _given_data(train_set, val_set)
     if checkpoint is not None:
         _check_resumed_data(checkpoint.get("given_data"), given, run_dir)
+    device = _resolve_device(cfg.device)  # settings checked before a dataset is read (ImageNet's folder scan: minutes)
+    if cfg.model.name not in list_models():
+        _model_spec(cfg, 0, (0, 0, 0))  # its one-line error
+    if given is None and cfg.data.root is not None:  # config.yaml keeps it absolute: a resume from elsewhere finds it
+        cfg.data.root = str(Path(cfg.data.root).expanduser().absolute())
     train_set, val_set, num_classes, input_size, val_size = _datasets(cfg, train_set, val_set)
-    device = _resolve_device(cfg.device)
     place = current()  # under torchrun: one device per rank, and what DDP cannot run is refused here
     device = device_for(device, place)
     if place.enabled and cfg.method in SPARSE_BACKWARD_METHODS:
