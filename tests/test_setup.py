@@ -324,3 +324,11 @@ def test_a_relative_data_root_is_saved_absolute(tmp_path, monkeypatch):
     maskprop.fit(config, out=tmp_path / "run")
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.data.root == str(tmp_path / "data")
+
+
+def test_a_dataset_of_one_class_is_warned_of(caplog):
+    """One class (an ImageFolder of one folder, a stand-in): every prediction is right and the run reports 100%."""
+    one = TensorDataset(torch.randn(40, 3, 8, 8), torch.zeros(40, dtype=torch.long))
+    with caplog.at_level(logging.WARNING):
+        summary = maskprop.fit(tiny(data={"batch_size": 20}, finetune={"epochs": 0}), train_set=one, val_set=one)
+    assert "the data has 1 class: every prediction is right" in caplog.text and summary["accuracy"] == 100.0

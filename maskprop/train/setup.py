@@ -316,6 +316,9 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     if given is None and cfg.data.root is not None:  # config.yaml keeps it absolute: a resume from elsewhere finds it
         cfg.data.root = str(Path(cfg.data.root).expanduser().absolute())
     train_set, val_set, num_classes, input_size, val_size = _datasets(cfg, train_set, val_set)
+    if num_classes < 2:
+        logger.warning("the data has %d class: every prediction is right, and the accuracy (100%%) says nothing; "
+                       "expected a classification task of two classes or more (model.kwargs.num_classes)", num_classes)
     place = current()  # under torchrun: one device per rank, and what DDP cannot run is refused here
     device = device_for(device, place)
     if place.enabled and cfg.method in SPARSE_BACKWARD_METHODS:
