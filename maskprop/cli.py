@@ -375,9 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    rank = os.environ.get("RANK", "0")  # under torchrun, ranks other than 0 log warnings and errors only
-    tag = "" if rank == "0" else f"[rank {rank}] "
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+    rank = os.environ.get("RANK", "0")  # under torchrun, ranks other than 0 log errors only (rank 0 the warnings: the
+    tag = "" if rank == "0" else f"[rank {rank}] "  # ranks run the same settings and meet the same ones)
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.ERROR,
                         format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from ._workarounds import keep_freed_host_memory
@@ -398,13 +398,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": '{error.filename}'" if error.filename else ""
         print(f"maskprop {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
         status = 1
-    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the run was
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the run was (under torchrun: rank 0's)
         run_dir = getattr(args, "resumable", None)
         hint = ""
         if run_dir is not None and (Path(run_dir) / "config.yaml").is_file():  # written once the run has started
-            hint = (f"; maskprop train --resume {run_dir} continues from its last checkpoint (or starts over where "
-                    f"none was saved)")
-        print(f"maskprop {args.command}: interrupted{hint}", file=sys.stderr)
+            from .train.distributed import resume_command
+
+            hint = (f"; {resume_command(run_dir)} continues from its last checkpoint (or starts over where none was "
+                    f"saved)")
+        if rank == "0":
+            print(f"maskprop {args.command}: interrupted{hint}", file=sys.stderr)
         status = 130
     if "torch.distributed" in sys.modules:  # a torchrun rank leaves its process group before the interpreter ends
         from .train.distributed import leave

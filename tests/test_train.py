@@ -460,6 +460,32 @@ def test_ctrl_c_is_one_line_naming_how_to_resume(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(maskprop.export, "export_run", interrupted)
     assert main(["export", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["maskprop export: interrupted"]
+    # under torchrun (two ranks on one node): rank 0's line alone, with the torchrun command that resumes the run
+    import maskprop.train.distributed as distributed
+
+    monkeypatch.setattr(maskprop.train.loop, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(distributed, "init_from_env", lambda backend: distributed.Distributed())  # no process group
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert main(["train", "--resume", str(tmp_path / "out")]) == 130
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ([] if rank == "1" else [
+            f"maskprop train: interrupted; torchrun --nproc_per_node 2 -m maskprop train --resume {tmp_path / 'out'} "
+            f"continues from its last checkpoint (or starts over where none was saved)"])
+
+
+def test_the_command_that_resumes_a_run_names_torchrun_where_it_ran_under_it(monkeypatch):
+    from maskprop.train.distributed import resume_command
+
+    assert resume_command("runs/a") == "maskprop train --resume runs/a"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_command("runs/a") == "torchrun --nproc_per_node 2 --nnodes 2 -m maskprop train --resume runs/a"
+    assert resume_command("runs/a", 1) == "maskprop train --resume runs/a"  # a checkpoint of one process
+    assert resume_command("runs/a", 8) == ("torchrun --nproc_per_node N --nnodes M -m maskprop train --resume runs/a "
+                                           "(N x M = 8)")
 
 
 def test_a_new_run_does_not_overwrite_a_run_that_never_saved_a_checkpoint(tmp_path, capsys):

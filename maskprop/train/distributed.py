@@ -44,6 +44,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -217,6 +218,19 @@ def prints_errors(error: BaseException) -> bool:
     return not getattr(error, "agreed", False) and local_rank == "0"
 
 
+def resume_command(run_dir: os.PathLike | str, world_size: int | None = None) -> str:
+    """The command that resumes ``run_dir`` in ``world_size`` processes (default: as many as this one runs in, read
+    from torchrun's environment): ``maskprop train --resume DIR`` for one, under ``torchrun`` for more."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    if world <= 1:
+        return f"maskprop train --resume {run_dir}"
+    if world_size is not None and world != int(os.environ.get("WORLD_SIZE", "1")):
+        return f"torchrun --nproc_per_node N --nnodes M -m maskprop train --resume {run_dir} (N x M = {world})"
+    nodes = f" --nnodes {world // local}" if world > local else ""
+    return f"torchrun --nproc_per_node {local}{nodes} -m maskprop train --resume {run_dir}"
+
+
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(a) | set(b), key=str):
@@ -259,8 +273,8 @@ def check_world_size(checkpoint: Mapping[str, Any], path: os.PathLike | str, pla
     saved = int(checkpoint.get("world_size", 1))
     if saved != place.world_size:
         raise ValueError(f"checkpoint '{path}' was written by a run of {saved} process(es), this run has "
-                         f"{place.world_size}; resume with the same number (torchrun --nproc_per_node x --nnodes = "
-                         f"{saved}): each rank's random streams and BatchNorm share depend on it")
+                         f"{place.world_size}; resume with the same number ({resume_command(Path(path).parent, saved)}"
+                         f"): each rank's random streams and BatchNorm share depend on it")
 
 
 def rank_local(ctx: Any) -> Any:

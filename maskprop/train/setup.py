@@ -25,7 +25,7 @@ from ..sbp import GlobalBudget, convert, sparse_layers
 from .checkpoint import check_compatible, error_reason, load_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SbpConfig, config_to_dict
 from .data import build_datasets, build_loader
-from .distributed import all_reduce_sum, check_world_size, current, device_for
+from .distributed import all_reduce_sum, check_world_size, current, device_for, resume_command
 from .graphs import GraphsChoice, StaticSteps, resolve_cuda_graphs, set_capturable
 from .optim import build_schedule, run_optimizer, score_optimizer, weight_optimizer
 from .state import PHASES, TrainState, search_scores
@@ -249,7 +249,7 @@ def _check_run_dir(run_dir: Path | None, resume: bool) -> dict[str, Any] | None:
         return None
     if last.exists():
         raise ValueError(f"run directory '{run_dir}' already holds a run ('{last}'); resume it with "
-                         f"'maskprop train --resume {run_dir}' (from Python: fit(..., resume=True)) or choose another "
+                         f"'{resume_command(run_dir)}' (from Python: fit(..., resume=True)) or choose another "
                          f"output directory")
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"output path '{run_dir}' exists and is not a directory")
@@ -257,8 +257,8 @@ def _check_run_dir(run_dir: Path | None, resume: bool) -> dict[str, Any] | None:
     found = [name for name in _RUN_FILES if (run_dir / name).exists()]
     if found:  # a run stopped before its first checkpoint, or what is left of one: a new run would overwrite it
         raise ValueError(f"run directory '{run_dir}' holds another run's files ({', '.join(found)}); continue that run "
-                         f"with 'maskprop train --resume {run_dir}' (from Python: fit(..., resume=True)) or choose "
-                         f"another output directory")
+                         f"with '{resume_command(run_dir)}' (from Python: fit(..., resume=True)) or choose another "
+                         f"output directory")
     return None
 
 
