@@ -330,3 +330,18 @@ def test_an_output_k_the_output_layer_cannot_keep_names_the_config_key(bars, tmp
     with pytest.raises(ValueError, match=r"^sbp.output_k=5 does not fit the output layer \(.*expected 1 <= k <= 4"):
         maskprop.fit(config, train_set=bars[0], val_set=bars[1], out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_adam_by_default_at_a_recipe_s_sgd_rate_is_warned_of(caplog):
+    """A sparse-backward method on a recipe written for SGD (the quickstart's lr 0.02, weight decay 5e-4) trains Adam
+    at that rate: a warning names both settings and the two ways out; none where the optimizer is chosen."""
+    recipe = REPO / "recipes" / "quickstart.yaml"
+    with caplog.at_level("WARNING", logger="maskprop.train.config"):
+        load_config(str(recipe), ["method=sbp"])
+    assert ("method=sbp trains with Adam (its papers' optimizer: optim.optimizer is unset) at optim.lr=0.02 and "
+            "optim.weight_decay=0.0005 from the config") in caplog.text
+    for overrides in (["method=sbp", "optim.optimizer=adam"], ["method=sbp", "optim.optimizer=sgd"], []):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="maskprop.train.config"):
+            load_config(str(recipe), overrides)
+        assert "trains with Adam" not in caplog.text, overrides

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import os
 import re
 import types
@@ -292,9 +293,17 @@ class OptimConfig(_Section):
         return self
 
     def resolve(self, method: str) -> None:
-        """Fill the null fields with the defaults of ``method`` (see the attributes)."""
+        """Fill the null fields with the defaults of ``method`` (see the attributes); warn where a sparse-backward
+        method gets Adam by default with a learning rate or weight decay the config set (a recipe's, tuned for SGD)."""
         if self.optimizer is None:
             self.optimizer = "adam" if method in SPARSE_BACKWARD_METHODS else "sgd"
+            set_here = [f"{self._key(k)}={v!r}" for k, v in (("lr", self.lr), ("weight_decay", self.weight_decay))
+                        if v is not None and (k == "lr" or v > 0)]
+            if self.optimizer == "adam" and set_here:
+                logging.getLogger(__name__).warning(
+                    "method=%s trains with Adam (its papers' optimizer: optim.optimizer is unset) at %s from the "
+                    "config, a setting for SGD perhaps; optim.lr=0.001 optim.weight_decay=0 are the papers' Adam, "
+                    "optim.optimizer=sgd keeps SGD", method, " and ".join(set_here))
         if self.lr is None:
             self.lr = 1e-3 if self.optimizer == "adam" else 0.1
         if self.weight_decay is None:
