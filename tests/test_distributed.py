@@ -194,6 +194,12 @@ def test_sync_bn_two_processes_match_one_process(ddp):
             assert torch.equal(two["model"][key], value), key
 
 
+def test_the_summary_records_the_processes_a_run_trained_in(ddp):
+    root, *_ = ddp
+    for run, processes in (("sync_run", 2), ("sync_single", 1)):
+        assert json.loads((root / run / "summary.json").read_text())["world_size"] == processes, run
+
+
 def test_sync_bn_losses_per_epoch_match_one_process(ddp):
     root, *_ = ddp
     two = [json.loads(line) for line in (root / "sync_run" / "metrics.jsonl").read_text().splitlines()]

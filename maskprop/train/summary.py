@@ -22,6 +22,7 @@ from ..cost import train_cost_saving
 from ..sbp import sparse_layers
 from ..sparse import kept_counts
 from .config import SPARSE_BACKWARD_METHODS, config_to_dict
+from .distributed import current
 from .setup import Run, phase_epochs
 from .state import initial_keep_probability
 
@@ -108,6 +109,8 @@ class RunSummary:
     run_time_s: float = _f("s", "wall time of the run over all its processes (evaluation and checkpoints included)",
                            0.0)
     run_dir: str | None = _f("", "where the run was written (null: nothing written)")
+    world_size: int = _f("processes", "processes the run trained in (torchrun's ranks; 1: one process); a resume "
+                                      "needs as many", 1)
     sbp: dict[str, Any] | None = _f("", "sparse-backward runs: ratio, memory, sparsifier, budget, kept_units and "
                                         "units per layer, last_angles (degrees)")
     static_steps: dict[str, Any] | None = _f(
@@ -216,6 +219,7 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
         step_speedup=None if first is None else first["median"],
         steps=steps, widths=kept, group_sizes=dict(run.groups), fix=state.fix_info, search=_search(run),
         run_time_s=elapsed_s, run_dir=None if run.run_dir is None else str(run.run_dir),
+        world_size=current().world_size,
         static_steps=None if run.static is None else run.static.report(),
         initial_weights=None if run.initial_weights is None else run.initial_weights.to_dict(),
     )
