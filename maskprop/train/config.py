@@ -237,8 +237,9 @@ class SbpConfig(_Section):
             ``msbp`` only).
         budget: ``layer`` (the same ratio in every layer) or ``balanced`` (one total budget shared by all layers,
             re-balanced after every backward so that one threshold serves every layer; docs/methods.md, section 6).
-        scale: How layer magnitudes are made comparable for ``balanced``: ``variance`` (the variance ratios of
-            docs/methods.md, section 6, eqs. (8)-(9)), ``rms`` (each layer's own root mean square) or ``none``.
+        scale: How layer magnitudes are made comparable for ``balanced``: ``rms`` (each layer's own root mean square;
+            the default: it trained best, docs/methods.md, section 6), ``variance`` (the variance ratios of eqs.
+            (8)-(9) there) or ``none``.
         output_k: Units the output layer propagates, or null to leave it dense (meProp section 2.2.1).
         angle_every: Steps between measurements of the gradient estimation angle (MSBP paper Figure 5), logged to
             TensorBoard per layer and overall; each costs two extra backward passes. 0 never measures it.
@@ -248,7 +249,7 @@ class SbpConfig(_Section):
     memory: Annotated[Number, Field(ge=0, lt=1)] = 0.8
     sparsifier: Sparsifier = "topk_unified"
     budget: Budget = "layer"
-    scale: BudgetScale = "variance"
+    scale: BudgetScale = "rms"
     output_k: Annotated[int | None, Field(ge=1, json_schema_extra={"null": "dense output layer"})] = None
     angle_every: Annotated[int, Field(ge=0, json_schema_extra={"note": "0: never"})] = 100
 
