@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from ._files import atomic_directory
-from .train.config import SPARSE_BACKWARD_METHODS
+from .train.config import SPARSE_BACKWARD_METHODS, changed_keys, dotted
 from .train.summary import SCHEMA_VERSION, RunSummary, data_identity, read_summary
 from .train.timing import phase_epochs
 
@@ -385,17 +385,12 @@ def _identity(summary: RunSummary) -> dict[str, Any]:
             **{f"data.{k}": v for k, v in summary.data.items()}, "parameters": summary.dense_params}
 
 
-def _differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
-    """The keys of two flat settings whose values differ (a key one lacks differs), sorted."""
-    return sorted(k for k in set(mine) | set(theirs) if k not in mine or k not in theirs or mine[k] != theirs[k])
-
-
 def _nearest(base: RunRecord, compared: Sequence[RunRecord]) -> str:
     """Where the baseline's model and data differ from those of the nearest of ``compared`` (the fewest settings)."""
     mine = _identity(base.summary)
-    nearest = min(compared, key=lambda r: len(_differences(mine, _identity(r.summary))))
+    nearest = min(compared, key=lambda r: len(changed_keys(mine, _identity(r.summary))))
     theirs = _identity(nearest.summary)
-    keys = _differences(mine, theirs)
+    keys = changed_keys(mine, theirs)
     shown = ", ".join(f"{k} {mine.get(k, 'unset')} vs {theirs.get(k, 'unset')}" for k in keys[:4])
     more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
     return f"it differs from the nearest, '{nearest.name}', in {shown}{more} (baseline vs run)"
@@ -407,23 +402,16 @@ _UNCOMPARED = frozenset({"method", "seed", "out", "sparsity", "sbp", "finetune",
 
 
 def _settings(record: RunRecord) -> dict[str, Any]:
-    """A finished run's config.yaml as dotted settings (less :data:`_UNCOMPARED`), with its epochs in total."""
-
-    def flat(node: dict[str, Any], prefix: str) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, value in node.items():
-            key = f"{prefix}{name}"
-            if key in _UNCOMPARED:
-                continue
-            out.update(flat(value, f"{key}.") if isinstance(value, dict) and value else {key: value})
-        return out
-
-    return {**flat(record.config, ""), "epochs": sum(record.summary.epochs.values())}
+    """A finished run's config.yaml as dotted settings (less :data:`_UNCOMPARED` and what lies under them), with its
+    epochs in total."""
+    settings = {key: value for key, value in dotted(record.config).items()
+                if not any(key == name or key.startswith(f"{name}.") for name in _UNCOMPARED)}
+    return {**settings, "epochs": sum(record.summary.epochs.values())}
 
 
 def _distance(record: RunRecord, dense: RunRecord) -> tuple[bool, int]:
     seed = record.config.get("seed")
-    return seed is None or dense.config.get("seed") != seed, len(_differences(_settings(record), _settings(dense)))
+    return seed is None or dense.config.get("seed") != seed, len(changed_keys(_settings(record), _settings(dense)))
 
 
 def _closest(record: RunRecord, candidates: Sequence[RunRecord]) -> tuple[RunRecord, list[RunRecord]]:
@@ -441,7 +429,7 @@ def _closeness(record: RunRecord, dense: RunRecord) -> str:
     """How close a dense run is to ``record``: its seed, the settings that differ."""
     seed, theirs = record.config.get("seed"), dense.config.get("seed")
     same = seed is not None and theirs == seed
-    keys = _differences(_settings(record), _settings(dense))
+    keys = changed_keys(_settings(record), _settings(dense))
     settings = "no other setting differs" if not keys else (
         f"{len(keys)} other setting{'s' * (len(keys) != 1)} differ{'s' * (len(keys) == 1)}: {', '.join(keys[:4])}"
         + (" ..." if len(keys) > 4 else ""))

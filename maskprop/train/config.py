@@ -670,6 +670,24 @@ def load_config(path_or_dict: str | os.PathLike | Mapping[str, Any] | Config | N
         raise _one_line(error, Config) from None
 
 
+def dotted(settings: Mapping[str, Any], leaves: Sequence[str] = (), prefix: str = "") -> dict[str, Any]:
+    """Nested settings (a config as dicts) as one flat dict of dotted keys (``optim.lr``); a mapping under a key named
+    in ``leaves`` (``kwargs``: a model's keywords, compared whole) or an empty one stays one value."""
+    out: dict[str, Any] = {}
+    for name, value in settings.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping) and value and name not in leaves:
+            out.update(dotted(value, leaves, f"{key}."))
+        else:
+            out[key] = value
+    return out
+
+
+def changed_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The keys of two flat settings (:func:`dotted`) whose values differ, a key one of them lacks included; sorted."""
+    return sorted(k for k in set(a) | set(b) if k not in a or k not in b or a[k] != b[k])
+
+
 def config_to_dict(cfg: Config | _Section) -> dict[str, Any]:
     """The configuration as nested plain dicts (a deep copy), ready for yaml or a checkpoint."""
     return copy.deepcopy(cfg.model_dump())

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..sparse import sync_batchnorm
+from .config import changed_keys, dotted
 
 __all__ = ["Distributed", "PeerError", "agree", "all_reduce_sum", "average_buffers", "check_same_config",
            "check_world_size", "current", "device_for", "init_from_env", "prints_errors", "rank_local", "wrap_model"]
@@ -231,17 +232,6 @@ def resume_command(run_dir: os.PathLike | str, world_size: int | None = None) ->
     return f"torchrun --nproc_per_node {local}{nodes} -m maskprop train --resume {run_dir}"
 
 
-def _differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b), key=str):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, Mapping) and isinstance(y, Mapping):
-            out += _differences(x, y, f"{prefix}{key}.")
-        elif x != y:
-            out.append(f"{prefix}{key} ({x!r} vs {y!r})")
-    return out
-
-
 def check_same_config(config: Mapping[str, Any]) -> None:
     """Stop every rank with one line if the ranks were started with different configurations (a collective).
 
@@ -255,7 +245,8 @@ def check_same_config(config: Mapping[str, Any]) -> None:
     dist.all_gather_object(texts, text)
     for rank, other in enumerate(texts):
         if other != texts[0]:
-            diff = _differences(json.loads(texts[0]), json.loads(other))
+            mine, theirs = dotted(json.loads(texts[0])), dotted(json.loads(other))
+            diff = [f"{key} ({mine.get(key)!r} vs {theirs.get(key)!r})" for key in changed_keys(mine, theirs)]
             error = ValueError(f"ranks started with different configurations: rank {rank} differs from rank 0 in "
                                f"{'; '.join(diff[:5]) or 'its settings'}; start every rank with the same recipe and "
                                f"overrides")

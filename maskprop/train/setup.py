@@ -23,7 +23,7 @@ from ..models import list_models
 from ..models.spec import ModelSpec
 from ..sbp import GlobalBudget, convert, sparse_layers
 from .checkpoint import check_compatible, error_reason, load_checkpoint
-from .config import SPARSE_BACKWARD_METHODS, Config, SbpConfig, config_to_dict
+from .config import SPARSE_BACKWARD_METHODS, Config, SbpConfig, changed_keys, config_to_dict, dotted
 from .data import build_datasets, build_loader
 from .distributed import all_reduce_sum, check_world_size, current, device_for, resume_command
 from .graphs import GraphsChoice, StaticSteps, resolve_cuda_graphs, set_capturable
@@ -289,15 +289,10 @@ def _check_resumed_epochs(checkpoint: Mapping[str, Any], cfg: Config, run_dir: P
                              f"expected at least {epoch}")
 
 
-def _warn_changed(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> None:
+def _warn_changed(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """Log the settings that differ from the checkpoint's: the run continues, but not as it started."""
-    changed = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, Mapping) and isinstance(b, Mapping) and key != "kwargs":
-            _warn_changed(a, b, f"{prefix}{key}.")
-        elif a != b and f"{prefix}{key}" not in _FREE_ON_RESUME:
-            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    a, b = dotted(saved, leaves=("kwargs",)), dotted(current, leaves=("kwargs",))
+    changed = [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in changed_keys(a, b) if key not in _FREE_ON_RESUME]
     if changed:
         logger.warning("resuming with settings changed since the checkpoint (schedules keep their saved lengths): %s",
                        "; ".join(changed))

@@ -372,10 +372,14 @@ class SearchStep(StaticStep):
             return None
         return self.uniforms if self._started else self._first_uniforms
 
+    def _draw(self, states: StaticStates) -> None:
+        """``m`` and ``m'`` drawn from the current scores and :attr:`uniforms` into ``states``, with one mask
+        update."""
+        states.update(self.scores.mask_from_uniforms(self.uniforms), self.uniforms)
+
     def _prepare_next(self) -> None:
-        """The next step's ``m`` and ``m'`` from the current scores and :attr:`uniforms`, into :attr:`next_masks` with
-        one mask update (their overflow counted when a step takes them)."""
-        self.next_masks.update(self.scores.mask_from_uniforms(self.uniforms), self.uniforms)
+        """The next step's ``m`` and ``m'`` into :attr:`next_masks` (their overflow counted when a step takes them)."""
+        self._draw(self.next_masks)
 
     def _masks_for_step(self) -> None:
         """This step's ``m`` and ``m'`` into :attr:`masks`, before the side stream forks: those the step before
@@ -384,7 +388,7 @@ class SearchStep(StaticStep):
         if self.m_ahead:
             self.masks.take(self.next_masks)
         else:
-            self.masks.update(self.scores.mask_from_uniforms(self.uniforms), self.uniforms)
+            self._draw(self.masks)
 
     def pieces(self, images: Tensor, labels: Tensor) -> list[Callable[[], None]]:
         """Under torchrun without clipping, three pieces: :meth:`forward`, :meth:`backward` (the score update, from the
