@@ -289,7 +289,7 @@ def _row(record: RunRecord, baseline: RunRecord | None) -> dict[str, Any]:
                method=_config_method(config), model=model.get("name"), dataset=data.get("dataset"),
                keep=_config_keep(config),
                measured_speedup_low=None, measured_speedup_high=None, speedup_warning=None, baseline=None,
-               schema_version=None)
+               ranks=None, schema_version=None)
     if s is None:
         return row
     dense_accuracy = s.dense_accuracy
@@ -306,7 +306,8 @@ def _row(record: RunRecord, baseline: RunRecord | None) -> dict[str, Any]:
         flops_kept=100.0 * s.subnet_flops / s.dense_flops if s.dense_flops else None,
         train_cost_saving=s.train_cost_saving, measured_speedup=s.measured_speedup,
         measured_speedup_low=None if iqr is None else iqr[0], measured_speedup_high=None if iqr is None else iqr[1],
-        speedup_warning=s.speedup_warning, run_time_s=s.run_time_s, schema_version=s.schema_version,
+        speedup_warning=s.speedup_warning, run_time_s=s.run_time_s, ranks=s.world_size,
+        schema_version=s.schema_version,
     )
     return row
 
@@ -459,7 +460,8 @@ def _cells(row: dict[str, Any]) -> list[str]:
         "flops_kept": _fmt(row["flops_kept"], 1),
         "train_cost_saving": "-" if row["train_cost_saving"] is None else f"{row['train_cost_saving']:.2f}x",
         "measured_speedup": speedup,
-        "run_time_s": _fmt(row["run_time_s"], 1 if (row["run_time_s"] or 0) < 10 else 0),
+        "run_time_s": _fmt(row["run_time_s"], 1 if (row["run_time_s"] or 0) < 10 else 0)
+        + (f" on {row['ranks']} ranks" if (row.get("ranks") or 1) > 1 else ""),
     }
     return [cells.get(key, _fmt(row.get(key))) for key, _, _ in COLUMNS]
 
@@ -504,7 +506,8 @@ _NOTES = """\
 - **keep**: the keep ratio of VR-PGE (expected kept channels), or the fraction of units a sparse-backward method
   propagates in the backward. **epochs**: search+finetune, or train. **wall time**: the whole run, evaluation and
   checkpoints included, and for all but dense runs the dense reference steps timed for the measured speedup too (a
-  large share of a short run: `dense_reference_share` of the summaries in `report.json`).
+  large share of a short run: `dense_reference_share` of the summaries in `report.json`); `on N ranks` for a run of
+  N processes under torchrun (its measured speedup is timed on rank 0, each step on its share of the global batch).
 """
 
 
@@ -785,7 +788,7 @@ def check_out_dir(out: str | os.PathLike) -> Path:
 def _csv(rows: Sequence[dict[str, Any]]) -> str:
     keys = ["run", "method", "model", "dataset", "keep", "epochs", "accuracy", "dense_accuracy", "accuracy_gap",
             "baseline", "params_kept", "flops_kept", "train_cost_saving", "measured_speedup", "measured_speedup_low",
-            "measured_speedup_high", "speedup_warning", "run_time_s", "status", "schema_version", "path"]
+            "measured_speedup_high", "speedup_warning", "run_time_s", "ranks", "status", "schema_version", "path"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from conftest import TINY_RUN, with_overrides
 
 import maskprop
 from maskprop.cli import _final_table, main
-from maskprop.report import _NOTES, REPORT_PLOTS, build_report, find_runs, make_plots, write_report
+from maskprop.report import _NOTES, REPORT_PLOTS, _csv, build_report, find_runs, format_table, make_plots, write_report
 from maskprop.train.summary import SCHEMA_VERSION, RunSummary, read_summary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,6 +94,18 @@ def test_rows_equal_the_summaries(runs):
                                                                                      str(runs / "dense"))
     assert rows["dense"]["epochs"] == "3" and rows["dense"]["accuracy_gap"] is None
     assert rows["dense"]["measured_speedup"] == 1.0
+
+
+def test_a_run_of_several_processes_says_how_many(runs, tmp_path):
+    folder = copy_runs(runs, tmp_path)
+    summary = summary_of(folder / "vrpge")
+    (folder / "vrpge" / "summary.json").write_text(json.dumps({**summary, "world_size": 2}))
+    report = build_report([folder])
+    rows = {row["run"]: row for row in report.rows}
+    assert (rows["vrpge"]["ranks"], rows["dense"]["ranks"]) == (2, 1)
+    table = {line.split("|")[1].strip(): line for line in format_table(report.rows).splitlines()[2:]}
+    assert " on 2 ranks |" in table["vrpge"] and "ranks" not in table["dense"]
+    assert "ranks" in next(csv.reader(io.StringIO(_csv(report.rows))))
 
 
 def test_a_run_is_compared_with_the_dense_run_of_its_seed_and_settings(runs, tmp_path, caplog):
