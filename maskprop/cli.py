@@ -391,12 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         from .train.distributed import prints_errors
 
-        if prints_errors(error):  # under torchrun: one line from rank 0, not one per rank
-            print(f"maskprop {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        if prints_errors(error):  # under torchrun: one line from rank 0, not one per rank, or from the rank that failed
+            print(f"maskprop {args.command}: error: {tag}{_one_line(error)}", file=sys.stderr)
         status = 2
     except OSError as error:  # the system refused (permissions, a full disk): one line, not a traceback
         where = f": '{error.filename}'" if error.filename else ""
-        print(f"maskprop {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
+        print(f"maskprop {args.command}: error: {tag}{error.strerror or error}{where}", file=sys.stderr)
         status = 1
     except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the run was (under torchrun: rank 0's)
         run_dir = getattr(args, "resumable", None)

@@ -282,6 +282,27 @@ def test_cli_error_under_torchrun_is_one_line_from_rank_zero(tmp_path):
 # In this process
 
 
+@pytest.mark.parametrize("agreed", [False, True])
+def test_an_error_of_one_rank_alone_is_printed_by_that_rank(monkeypatch, tmp_path, capsys, agreed):
+    """An error a rank did not share through ``agree`` is printed by that rank,
+    named (no other rank knows it); one it shared is printed by rank 0 alone."""
+    from maskprop.cli import main
+
+    for name, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    missing = tmp_path / "nowhere"
+    if agreed:
+        def fail(path):
+            error = FileNotFoundError(f"the path '{path}' does not exist")
+            error.agreed = True
+            raise error
+
+        monkeypatch.setattr("maskprop.report.find_runs", lambda paths: fail(paths[0]))
+    assert main(["report", str(missing)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [] if agreed else [f"maskprop report: error: [rank 1] the path '{missing}' does not exist"], lines
+
+
 def test_nccl_without_cuda_is_one_line(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available")

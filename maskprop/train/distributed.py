@@ -212,11 +212,8 @@ def agree(error: BaseException | None) -> None:
 
 def prints_errors(error: BaseException) -> bool:
     """Whether this process prints ``error``: rank 0 always; another rank only an error it did not share with rank 0
-    through :func:`agree`, and only the first rank of its node (one line per node, not one per rank)."""
-    rank, local_rank = os.environ.get("RANK", "0"), os.environ.get("LOCAL_RANK", "0")
-    if rank == "0":
-        return True
-    return not getattr(error, "agreed", False) and local_rank == "0"
+    through :func:`agree` (an error of its own: no other rank would say it)."""
+    return os.environ.get("RANK", "0") == "0" or not getattr(error, "agreed", False)
 
 
 def resume_command(run_dir: os.PathLike | str, world_size: int | None = None) -> str:
