@@ -306,20 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
         "and backwards) and maskprop's compact VR-PGE step, interleaved in one process, with the ideal speedup "
         "3 f_D / (4 f_S) from the analytic FLOPs.",
     )
-    bench.add_argument("--models", nargs="+", default=["resnet32"], help="registered model names")
-    bench.add_argument("--batch-size", type=int, default=128)
-    bench.add_argument("--keep-ratios", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
-    bench.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
-    bench.add_argument("--warmup", type=int, default=2)
-    bench.add_argument("--image-size", type=int, default=32)
+    bench.add_argument("--models", nargs="+", default=["resnet32"],
+                       help="registered model names (default: resnet32)")
+    bench.add_argument("--batch-size", type=int, default=128, help="examples per step (default: 128)")
+    bench.add_argument("--keep-ratios", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
+                       help="fractions of each group's channels kept, one row each (default: 1 0.75 0.5 0.25)")
+    bench.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported; default: 5)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default: 2)")
+    bench.add_argument("--image-size", type=int, default=32, help="square input images of this side (default: 32)")
     bench.add_argument("--threads", type=_thread_count, default=0, help="torch CPU threads (0: torch's default)")
     bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     bench.add_argument("--align", type=int, default=None,
                        help="pad the compact step's kept widths to multiples of this (exact; default: 8 on CUDA, 1 "
                        "on the CPU)")
-    bench.add_argument("--amp", choices=["none", "bf16"], default="none")
-    bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--amp", choices=["none", "bf16"], default="none",
+                       help="bf16: the steps under bf16 autocast (default: none, float32)")
+    bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                       help="the input batch in channels_last memory format, as training runs it (default: on)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the weights, the batch and the masks (default: 0)")
     bench.add_argument("--masks", choices=["exact", "sampled"], default="exact",
                        help="exact: round(keep x channels) of every group; sampled: each channel kept with "
                        "probability keep, as a search step draws them (widths vary)")
