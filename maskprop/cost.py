@@ -30,6 +30,7 @@ class LayerShape:
     kernel_area: int  # weights per (in, out) channel pair
     bias: bool
     reads_input: bool  # reads the network input (its backward computes no input gradient)
+    groups: int = 1  # a grouped conv's output channel reads in_channels / groups of the inputs: all above / groups
 
 
 class CostModel:
@@ -70,7 +71,7 @@ class CostModel:
     def _layer_flops(self, counts: Mapping[str, int]) -> list[int]:
         return [
             2 * counts.get(layer.in_group, layer.in_channels) * counts.get(layer.out_group, layer.out_channels)
-            * layer.positions
+            * layer.positions // layer.groups
             for layer in self.layers
         ]
 
@@ -112,7 +113,7 @@ class CostModel:
             kept_out = layer.out_channels * (keep_ratio if layer.out_group is not None else 1.0)
             for group, partner in ((layer.in_group, kept_out), (layer.out_group, kept_in)):
                 if group is not None:
-                    prices[group] = prices.get(group, 0.0) + 2.0 * partner * layer.positions
+                    prices[group] = prices.get(group, 0.0) + 2.0 * partner * layer.positions / layer.groups
         return prices
 
     def backward_flops(self, mask: Mapping[str, Tensor] | None = None, batch_size: int = 1) -> int:
@@ -129,7 +130,7 @@ class CostModel:
         for layer in self.layers:
             kept_in = counts.get(layer.in_group, layer.in_channels)
             kept_out = counts.get(layer.out_group, layer.out_channels)
-            total += kept_in * kept_out * layer.kernel_area + (kept_out if layer.bias else 0)
+            total += kept_in * kept_out * layer.kernel_area // layer.groups + (kept_out if layer.bias else 0)
         for group, features, affine in self._norm:
             total += 2 * counts.get(group, features) if affine else 0
         return total
@@ -156,14 +157,13 @@ def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> list[LayerS
             reads_input = inputs[0].data_ptr() == x.data_ptr()
             if isinstance(module, nn.Conv2d):
                 k = module.weight.shape[2] * module.weight.shape[3]
-                positions = k * output.shape[2] * output.shape[3] // module.groups
+                positions, kernel_area, groups = k * output.shape[2] * output.shape[3], k, module.groups
                 c_in, c_out = module.in_channels, module.out_channels
-                kernel_area = k // module.groups
             else:
-                positions, c_in, c_out, kernel_area = 1, module.in_features, module.out_features, 1
+                positions, c_in, c_out, kernel_area, groups = 1, module.in_features, module.out_features, 1, 1
             shapes.append(LayerShape(
                 name, getattr(module, "in_group", None), getattr(module, "out_group", None), c_in, c_out,
-                positions, kernel_area, module.bias is not None, reads_input,
+                positions, kernel_area, module.bias is not None, reads_input, groups,
             ))
         return record
 

@@ -118,6 +118,43 @@ def test_train_step_formulas():
         vrpge_step_flops(1.0, 1.0, weight_grad="all")
 
 
+def test_vrpge_step_flops_back_propagates_the_first_mask():
+    """weight_grad="first": forward and backward of m (3 f(m)), forward only of m' (f(m')); the two masks' costs
+    differ, so the order matters."""
+    assert vrpge_step_flops(2.0, 1.0) == 3 * 2.0 + 1.0
+    assert vrpge_step_flops(1.0, 2.0) == 3 * 1.0 + 2.0
+    assert vrpge_step_flops(1.0, 2.0, weight_grad="both") == 3 * 1.0 + 3 * 2.0
+
+
+def _counted_plain(model, size):
+    """Forward FLOPs torch counts for a batch of 2, and the parameters of ``model``. Only the forward: torch 2.14's
+    counter counts a grouped convolution's input gradient as if it were not grouped (10x the forward, depthwise 3x3)."""
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(2, *size))
+    return counter.get_total_flops(), sum(p.numel() for p in model.parameters())
+
+
+def test_grouped_convolutions_of_a_plain_model_are_counted_as_torch_counts_them():
+    """A model of plain torch layers (never pruned) with grouped and depthwise convolutions: forward FLOPs against
+    torch's flop counter and a hand count, parameters against the tensors' sizes; the last two convolutions have
+    groups that divide neither the kernel area nor the positions (an early integer division would truncate)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(6, 9, 3, padding=1, groups=3), torch.nn.ReLU(),
+        torch.nn.Conv2d(9, 9, 3, groups=9, bias=False), torch.nn.ReLU(),
+        torch.nn.Conv2d(9, 8, 3, padding=1, groups=1, bias=False), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, groups=8, bias=False), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 6, 1, groups=2), torch.nn.Flatten(), torch.nn.Linear(6 * 4 * 4, 5),
+    )
+    forward, params = _counted_plain(model, (6, 8, 8))
+    cost = CostModel(model, (6, 8, 8))
+    assert (cost.flops(batch_size=2), cost.params()) == (forward, params)
+    # per example: 2 x 9 outputs x 2 inputs each x 9 x 64 positions, 2 x 9 x 1 x 9 x 36, 2 x 8 x 9 x 9 x 36,
+    # 2 x 8 x 1 x 9 x 16, 2 x 6 x 4 x 16, 2 x 96 x 5
+    assert cost.flops() == (2 * 9 * 2 * 9 * 64 + 2 * 9 * 9 * 36 + 2 * 8 * 9 * 9 * 36 + 2 * 8 * 9 * 16 + 2 * 6 * 4 * 16
+                            + 2 * 96 * 5)
+
+
 @pytest.mark.parametrize("size", [(32, 32), 32, (3, 32.0, 32), (3, 0, 32), "3,32,32"])
 def test_bad_input_size(size):
     with pytest.raises(ValueError, match=r"^input_size must be \(C, H, W\) or \(N, C, H, W\), positive integers; got "):

@@ -398,6 +398,35 @@ def test_unknown_estimator_and_mismatched_lengths_are_rejected() -> None:
     assert get_estimator("vrpge") is vrpge and get_estimator("vrpge_sym") is vrpge_sym
 
 
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_score_grad_passes_eps_on_to_the_estimator(name: str, alpha: float) -> None:
+    """A non-default eps reaches the estimator through score_grad: at s = 0 and s = 1 (h = 0) the factor is
+    eps^(alpha - 1), against the closed form of docs/methods.md with h clamped at eps, in float64."""
+    s = torch.tensor([0.0, 1.0, 0.3, 0.0], dtype=torch.float64)
+    mask = torch.tensor([True, False, True, False])  # channel 0 forced in at s = 0 (the empty-group policy)
+    mask2 = torch.tensor([False, True, False, True])
+    eps = 0.01
+    factor = (s * (1 - s)).clamp_min(eps) ** (alpha - 1)
+    m, m2 = mask.double(), mask2.double()
+    expected = (3.0 - 1.25) * ((m - s) if name == "vrpge" else 0.5 * (m - m2)) * factor
+    got = score_grad(name, 3.0, 1.25, mask, mask2, s, alpha=alpha, eps=eps)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(get_estimator(name)(3.0, 1.25, mask, *([mask2] if name == "vrpge_sym" else []), s,
+                                                   alpha=alpha, eps=eps), expected, rtol=1e-12, atol=0)
+
+
+def test_estimators_carry_no_autograd_history_of_the_scores() -> None:
+    """The results are meant for scores.grad: no autograd history even when s (the parameter itself) requires grad."""
+    s = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64, requires_grad=True)
+    mask, mask2 = torch.tensor([True, False, True]), torch.tensor([False, False, True])
+    loss = torch.tensor(2.0, dtype=torch.float64, requires_grad=True) * 1.5
+    results = [log_prob_grad(mask, s), vrpge(loss, 1.0, mask, s), vrpge_sym(loss, 1.0, mask, mask2, s),
+               *(score_grad(name, loss, 1.0, mask, mask2, s) for name in sorted(ESTIMATORS))]
+    for g in results:
+        assert not g.requires_grad and g.grad_fn is None
+
+
 # ----------------------------------------------------------------------------------------------------- scores
 
 GROUPS = {"stem": 4, "layer1": 8, "layer1.0.conv1": 8, "fc_in": 3}
@@ -501,6 +530,67 @@ def test_empty_group_policy_keeps_the_largest_score() -> None:
         assert torch.equal(mask["c"], torch.tensor([True, False, False]))  # all zero: lowest index
     expected = 400 * 0.8 * 0.8 * 0.95  # P(group "a" drawn empty) = prod_j (1 - s_j)
     assert abs(fallbacks - expected) <= 5 * math.sqrt(400 * 0.608 * 0.392)
+
+
+def test_a_channel_is_kept_exactly_when_its_uniform_is_below_its_score() -> None:
+    """m = [u < s]: a score of 0 is never kept, even at u = 0 (torch.rand can draw 0), a uniform equal to its score
+    drops the channel and the float just below it keeps it; rows of a batch each follow the rule."""
+    scores = ChannelScores({"a": 4, "b": 2}, keep_ratio=1.0, dtype=torch.float64)
+    s = torch.tensor([0.0, 0.5, 0.5, 1.0, 0.0, 1.0], dtype=torch.float64)  # groups a and b keep their s = 1 channel
+    with torch.no_grad():
+        scores.scores.copy_(s)
+    below = torch.nextafter(torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+    u = torch.tensor([0.0, 0.5, float(below), 0.999, 0.0, 0.0], dtype=torch.float64)
+    expected = torch.tensor([False, False, True, True, False, True])
+    assert torch.equal(scores.mask_from_uniforms(u), expected)
+    batch = torch.stack([u, torch.zeros(6, dtype=torch.float64)])
+    assert torch.equal(scores.mask_from_uniforms(batch), torch.stack([expected, s > 0]))
+
+
+def test_top_mask_never_keeps_more_than_the_budget_when_the_scores_spend_more() -> None:
+    """Scores not yet projected onto a lowered budget (set_budget projects nothing) spend more than K: top_mask keeps
+    round(K) channels, and with prices the prefix whose price comes closest to K (not to sum w s)."""
+    groups = {"a": 4, "b": 4}
+    plain = ChannelScores(groups, keep_ratio=1.0, dtype=torch.float64).set_budget(4.0)
+    unit = ChannelScores(groups, keep_ratio=1.0, prices={"a": 3.0, "b": 3.0}, dtype=torch.float64).set_budget(4.0)
+    priced = ChannelScores(groups, keep_ratio=1.0, prices={"a": 1.0, "b": 3.0}, dtype=torch.float64).set_budget(4.0)
+    s = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.95, 0.85, 0.75, 0.65], dtype=torch.float64)  # sum 6.2 > K = 4
+    for each in (plain, unit, priced):
+        with torch.no_grad():
+            each.scores.copy_(s)
+    for each in (plain, unit):
+        assert torch.equal(each.flatten(each.top_mask()).nonzero().flatten(), torch.tensor([0, 1, 4, 5]))
+    w = priced.prices  # 0.5 for a, 1.5 for b
+    assert float((w * s).sum()) > priced.budget
+    forced, order = [4, 0], [5, 1, 6, 2, 7, 3]  # group maxima, then the rest by score
+    totals = [float(w[forced + order[:n]].sum()) for n in range(len(order) + 1)]
+    best = min(range(len(totals)), key=lambda n: (abs(totals[n] - priced.budget), -n))
+    kept = priced.flatten(priced.top_mask())
+    assert torch.equal(kept.nonzero().flatten(), torch.tensor(sorted(forced + order[:best])))
+
+
+def test_priced_top_mask_rounds_a_half_up_as_the_count_does() -> None:
+    """Equal prices: the priced rule equals the count rule, ties included: sum s = 2.5 keeps 3 channels (halves
+    rounded up, the larger total on a tie), in float64 and float32 (both exact here)."""
+    groups = {"a": 2, "b": 2}
+    for dtype in (torch.float64, torch.float32):
+        plain = ChannelScores(groups, keep_ratio=1.0, dtype=dtype)
+        unit = ChannelScores(groups, keep_ratio=1.0, prices={"a": 5.0, "b": 5.0}, dtype=dtype)
+        for each in (plain, unit):
+            with torch.no_grad():
+                each.scores.copy_(torch.tensor([0.75, 0.5, 0.75, 0.5]))  # sum 2.5 <= K = 4
+        for each in (plain, unit):
+            assert torch.equal(each.flatten(each.top_mask()), torch.tensor([True, True, True, False]))
+
+
+def test_floor_is_one_channel_of_every_group_with_groups_of_different_sizes() -> None:
+    """ChannelScores.floor: the number of groups, or the sum over groups of one channel's (normalised) price; the
+    groups' first channels found from unequal sizes."""
+    groups = {"a": 3, "b": 1, "c": 2}
+    assert ChannelScores(groups, keep_ratio=0.5).floor == 3.0
+    priced = ChannelScores(groups, keep_ratio=0.5, prices={"a": 1.0, "b": 2.0, "c": 4.0}, dtype=torch.float64)
+    mean = (3 * 1.0 + 1 * 2.0 + 2 * 4.0) / 6
+    assert priced.floor == pytest.approx((1.0 + 2.0 + 4.0) / mean, rel=1e-12)
 
 
 def test_top_mask_keeps_the_budget_and_one_channel_per_group() -> None:
