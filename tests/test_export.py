@@ -178,6 +178,57 @@ def test_sparse_backward_layers_go_back_to_plain_layers():
         materialize(model, half)
 
 
+def test_narrow_layers_are_built_at_their_kept_sizes_and_frozen_parameters_stay_frozen():
+    """Every plain layer's size attributes (``num_features``, in/out channels and features) are those of its tensors,
+    and a parameter frozen in the full model is frozen in the narrow one."""
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20")
+    mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(0))
+    conv = next(m for m in model.modules() if isinstance(m, SparseConv2d))
+    norm = next(m for m in model.modules() if isinstance(m, SparseBatchNorm2d))
+    for p in (*conv.parameters(), *norm.parameters()):
+        p.requires_grad_(False)
+    narrow = materialize(model, mask)
+    full = dict(model.named_parameters())
+    assert [(k, p.requires_grad) for k, p in narrow.named_parameters()] == [
+        (k, p.requires_grad) for k, p in full.items()]
+    assert not all(p.requires_grad for p in narrow.parameters())
+    kinds = set()
+    for module in narrow.modules():
+        if isinstance(module, nn.Conv2d):
+            assert (module.out_channels, module.in_channels // module.groups) == tuple(module.weight.shape[:2])
+        elif isinstance(module, nn.BatchNorm2d):
+            assert module.num_features == module.weight.shape[0] == module.running_mean.shape[0]
+        elif isinstance(module, nn.Linear):
+            assert (module.out_features, module.in_features) == tuple(module.weight.shape)
+            assert module.in_features < model.fc.in_features  # cut to the kept channels
+        else:
+            continue
+        kinds.add(type(module))
+    assert kinds == {nn.Conv2d, nn.BatchNorm2d, nn.Linear}
+
+
+def test_gather_and_scatter_move_the_kept_entries_as_boolean_indexing_does():
+    """``gather`` returns a detached copy of the kept rows and columns; ``scatter_`` writes exactly those back."""
+    from maskprop.surgery import gather, scatter_
+
+    full = nn.Parameter(torch.randn(6, 5, 3, dtype=torch.float64))
+    keep_rows, keep_columns = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool), torch.tensor([0, 1, 1, 0, 1],
+                                                                                               dtype=torch.bool)
+    rows, columns = keep_rows.nonzero().view(-1), keep_columns.nonzero().view(-1)
+    for r, c, expected in ((rows, columns, full[keep_rows][:, keep_columns]), (rows, None, full[keep_rows]),
+                           (None, columns, full[:, keep_columns]), (None, None, full)):
+        part = gather(full, r, c)
+        assert torch.equal(part, expected) and not part.requires_grad and part.grad_fn is None
+        assert part.untyped_storage().data_ptr() != full.untyped_storage().data_ptr()
+        target = torch.zeros_like(full, requires_grad=False)
+        scatter_(target, part + 1, r, c)
+        written = torch.zeros(6, 5, dtype=torch.bool)
+        written[(keep_rows if r is not None else slice(None)), :] = True
+        written[:, ~keep_columns if c is not None else slice(0)] = False
+        assert torch.equal(target[written], full.detach()[written] + 1) and not target[~written].any()
+
+
 @pytest.mark.slow
 def test_narrow_model_compiles():
     """torch.compile takes the narrow model as it is (slow: inductor compiles C++ on the CPU)."""
@@ -490,6 +541,33 @@ def test_a_failed_export_leaves_nothing(exported, tmp_path, monkeypatch):
         save_exported(model, mask, tmp_path / "out", spec=RESNET20,
                       formats="safetensors,pt2")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shift", [1.0, -1.0])
+def test_a_file_that_does_not_reproduce_the_narrow_model_is_refused(tmp_path, monkeypatch, shift):
+    """The read-back check measures the largest absolute difference: a file off by ``shift`` either way is refused,
+    and nothing is left behind."""
+    export_module = sys.modules["maskprop.export"]
+    real = export_module.load_exported
+
+    def off(folder, device=None):
+        loaded = real(folder, device)
+        return lambda x: loaded(x) + shift
+
+    monkeypatch.setattr(export_module, "load_exported", off)
+    model = maskprop.create_model("mlp", in_features=3 * 8 * 8, hidden=(32, 24))
+    spec = ModelSpec("mlp", {"in_features": 192, "hidden": [32, 24]}, (3, 8, 8))
+    with pytest.raises(RuntimeError, match=r"do not reproduce the narrow model's output .*model.safetensors"):
+        save_exported(model, None, tmp_path / "mlp", spec=spec, formats="safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plan_index_past_its_group_is_refused():
+    plan = WidthPlan.from_mask(RESNET20, {"layer1": 16}, {"layer1": torch.arange(16) % 2 == 1}).to_dict()
+    assert WidthPlan.from_dict(plan).kept["layer1"][-1] == 15
+    plan["groups"]["layer1"]["indices"][-1] = 16  # one past the last channel
+    with pytest.raises(ValueError, match="group 'layer1'"):
+        WidthPlan.from_dict(plan)
 
 
 def test_load_exported_bad_directories(exported, tmp_path):

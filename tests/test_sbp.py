@@ -191,6 +191,19 @@ def test_randomk_is_reproducible_with_a_generator():
     assert torch.equal(a, b) and a.tolist() == sorted(set(a.tolist())) and len(a) == 5
 
 
+def test_top_k_without_ties_is_sorted_and_unit_scores_sum_over_positions():
+    """The fast path (no tie at the cut) returns each row's indices sorted ascending too, and per-example scores sum
+    the magnitudes over a channel's positions, as the unified ones do."""
+    torch.manual_seed(0)
+    scores = torch.randn(6, 20, dtype=DTYPE)  # distinct values: no ties
+    for k in (1, 5, 19):
+        assert torch.equal(top_k_indices(scores, k), _reference_topk(scores, k))
+    grad, offset = torch.randn(3, 5, 4, dtype=DTYPE), torch.randn(5, 4, dtype=DTYPE)
+    torch.testing.assert_close(sbp.unit_scores(grad), grad.abs().sum(dim=2), rtol=1e-15, atol=0)
+    torch.testing.assert_close(sbp.unit_scores(grad, offset=offset), (grad + offset).abs().sum(dim=2),
+                               rtol=1e-15, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # MSBP memory
 
@@ -489,6 +502,73 @@ def test_variance_scales_and_global_budget():
     model(torch.randn(8, 5)).pow(2).sum().backward()
     ks = budget.update()
     assert sum(ks) == 9 and [model[0].k, model[2].k] == ks and budget.spreads[-1] == 0.0
+
+
+def test_proportional_allocation_shares_what_is_above_min_k_and_ties_go_to_the_earlier_layer():
+    # sizes [2, 10], total 6, min_k 1: the 4 units above min_k split over [1, 9]: quotas 0.4 and 3.6 -> [0, 3] and the
+    # unit left goes to the larger remainder (0.6): [1 + 0, 1 + 4].
+    assert sbp.proportional_allocation([2, 10], 6) == [1, 5]
+    assert sbp.proportional_allocation([1, 10], 11) == [1, 10]  # never more than a layer's size
+    # sizes [4, 4], total 5: quotas 1.5 and 1.5, the unit left to the earlier layer.
+    assert sbp.proportional_allocation([4, 4], 5) == [3, 2]
+    assert sbp.proportional_allocation([3, 3], 3, min_k=0) == [2, 1]
+
+
+def test_balance_step_bisects_the_bracket_at_its_midpoint_hand_computed():
+    a, b = torch.tensor([8.0, 6.0, 4.0, 2.0]), torch.tensor([7.0, 5.0, 3.0, 1.0])
+    # ks [4, 0]: bracket [2, 7], mid 4.5; 4 entries >= 4.5 (8, 6 | 7, 5) reach the total, so the threshold is in
+    # [4.5, 7]: each layer keeps what is above 7 ([1, 0]) and the 3 missing come from [4.5, 7] in proportion to
+    # [1, 2] entries there: [2, 2] (a common threshold at once).
+    assert balance_step([a, b], [4, 0], min_k=0) == [2, 2]
+    # ks [0, 2] of [9, 3] and [4, 2]: bracket [2, 9], mid 5.5; one entry >= 5.5 (9), short of 2, so the threshold is
+    # in [2, 5.5): each layer keeps what is >= 5.5 ([1, 0]) and the one missing comes from [2, 5.5) in proportion to
+    # [1, 2] entries there (3 | 4, 2): the second layer's share 2/3 has the larger remainder: [1, 1].
+    assert balance_step([torch.tensor([9.0, 3.0]), torch.tensor([4.0, 2.0])], [0, 2], min_k=0) == [1, 1]
+    # A bracket down to adjacent floats is settled exactly: the global top 2 of {1+ulp} and {1, 1} (ties: lower
+    # layer first).
+    up = math.nextafter(1.0, 2.0)
+    assert balance_step([torch.tensor([up], dtype=DTYPE), torch.tensor([1.0, 1.0], dtype=DTYPE)], [0, 2],
+                        min_k=0) == [1, 1]
+
+
+def test_balance_out_of_steps_takes_the_global_top_entries():
+    torch.manual_seed(0)
+    scores = [torch.rand(50) * 4, torch.rand(30), torch.rand(80) * 0.5 + 0.2]
+    settled = balance(scores, 40, ks=[30, 5, 5])
+    direct = balance(scores, 40, ks=[30, 5, 5], max_steps=0)  # no step: the exact global top 40 - 3 beyond min_k
+    assert direct.ks == settled.ks and sum(direct.ks) == 40 and direct.spreads[-1] == 0.0
+    free = torch.cat([s.sort(descending=True).values[1:] for s in scores])
+    cut = free.sort(descending=True).values[40 - 3 - 1]
+    assert direct.ks == [1 + int((s.sort(descending=True).values[1:] >= cut).sum()) for s in scores]
+
+
+@pytest.mark.parametrize("scale", ["none", "variance", "rms"])
+def test_global_budget_balances_the_scaled_scores(scale):
+    """What ``update`` balances: each layer's recorded scores times its variance factor, or over their root mean
+    square."""
+    torch.manual_seed(0)
+    model = convert(nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 24, 1), nn.ReLU(), nn.Conv2d(24, 8, 3),
+                                  nn.ReLU(), nn.Flatten(), nn.Linear(200, 3)), ratio=0.2)
+    budget = GlobalBudget(model, total=12, scale=scale)
+    start = list(budget.ks)
+    model(torch.randn(4, 3, 9, 9)).pow(2).sum().backward()
+    raw = [layer.last_scores.double() for layer in budget.layers]
+    geometry = [(3, 16, 9), (16, 24, 1), (24, 8, 9)]
+    if scale == "variance":
+        scaled = [s * f for s, f in zip(raw, variance_scales(geometry))]
+    elif scale == "rms":
+        scaled = [s / s.square().mean().sqrt() for s in raw]
+    else:
+        scaled = raw
+    assert budget.update() == balance(scaled, 12, ks=start).ks
+
+
+def test_a_global_budget_by_ratio_keeps_at_least_min_k_per_layer():
+    model = convert(nn.Sequential(nn.Linear(5, 20), nn.ReLU(), nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 3)),
+                    ratio=0.2)
+    budget = GlobalBudget(model, ratio=0.01)  # round(0.01 * 30) = 0 units: raised to min_k = 1 per layer
+    assert budget.total == 2 and budget.ks == [1, 1]
+    assert GlobalBudget(model, ratio=0.5).total == 15
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -192,6 +192,41 @@ def test_the_schedule_spends_about_the_share_on_a_long_phase_and_pairs_a_short_o
     assert estimate.phases["search"]["median"] == pytest.approx(DENSE_S / SEARCH_S)
 
 
+def test_pairs_alternate_sides_and_the_dense_reference_cost_is_its_overhead_not_run_time(monkeypatch):
+    """The dense step of the first pair runs after its run step, of the second before it, and so on; the dense step's
+    time (its warm-up left out) is recorded as a ``dense_ref`` time and in the pair; the whole dense cost, warm-up
+    included, is ``overhead_s``; ``run_seconds`` counts the run's own steps alone, also after a checkpoint."""
+    machine, events = FakeMachine(), []
+
+    def dense(*args, **kwargs):
+        events.append("dense")
+        machine.dense_step()
+
+    def run():
+        events.append("run")
+        machine.run_step(SEARCH_S)
+
+    monkeypatch.setattr(timing, "perf_counter", machine.clock)
+    monkeypatch.setattr(timing, "subnet_step", dense)
+    ctx = StepContext(torch.nn.CrossEntropyLoss(), torch.device("cpu"), None)
+    reference = DenseReference(torch.nn.Linear(2, 2), lambda params: torch.optim.SGD(params, lr=0.1), ctx, share=0.0,
+                               min_pairs=4, warmup=1)
+    times = StepTimes()
+    for index in range(4):
+        timed_step(run, "search", times, ctx.device, reference, batch=None, index=index, total=4)
+    assert events == ["run", "dense", "dense",  # the first dense call warms up first
+                      "dense", "run", "run", "dense", "dense", "run"]
+    assert times.pairs["search"] == [(SEARCH_S, DENSE_S)] * 4 and times.times["dense_ref"] == [DENSE_S] * 4
+    assert times.overhead_s == pytest.approx(5 * DENSE_S)  # four timed dense steps and the warm-up
+    assert times.run_seconds() == pytest.approx(4 * SEARCH_S)
+    restored = StepTimes()
+    restored.load_state_dict(times.state_dict())
+    assert restored.run_seconds() == pytest.approx(4 * SEARCH_S) and restored.overhead_s == pytest.approx(5 * DENSE_S)
+    for seconds in (1.0, 2.0, 9.0):
+        times.add("finetune", seconds)
+    assert times.median("finetune") == 2.0 and times.run_seconds() == pytest.approx(4 * SEARCH_S + 12.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Timing changes nothing
 
