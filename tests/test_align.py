@@ -102,6 +102,77 @@ def test_padding_stops_at_the_group_size():
     torch.testing.assert_close(bn.running_mean, reference[1].running_mean, rtol=1e-12, atol=0)
 
 
+def _two_units(first: dict, second: dict) -> torch.nn.Sequential:
+    """conv -> BatchNorm (group g, ``first``'s options) -> conv -> BatchNorm (group h, ``second``'s) -> classifier,
+    with random affine parameters and running statistics where the BatchNorms have them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        SparseConv2d(3, 12, 3, padding=1, out_group="g"), SparseBatchNorm2d(12, group="g", **first), torch.nn.ReLU(),
+        SparseConv2d(12, 10, 3, padding=1, in_group="g", out_group="h"), SparseBatchNorm2d(10, group="h", **second),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), SparseLinear(10, 4, in_group="h")).double()
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            if bn.affine:
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+            if bn.running_mean is not None:
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+_TWO_UNIT_MASK = {"g": torch.tensor([0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0], dtype=torch.bool),  # 3 kept: width 4
+                  "h": torch.tensor([1, 0, 0, 1, 1, 0, 0, 1, 1, 0], dtype=torch.bool)}  # 5 kept: width 8
+
+
+def test_a_batch_norm_without_running_statistics_zeroes_its_padded_channels():
+    """A BatchNorm outside the packed gather (affine, no running statistics) is gathered on its own; its padded
+    channels' weight and bias are multiplied by zero as the packed ones are, so the padded step equals the masked
+    reference of the unpadded mask (loss, every gradient, every buffer)."""
+    model = _two_units({}, {"track_running_stats": False})
+    state = prepare_mask(model, _TWO_UNIT_MASK, "compact", align=4)
+    assert state.padded and state.widths == {"g": 4, "h": 8}
+    assert id(model[4]) not in state._norm_position  # not in the packed gather
+    x = torch.randn(4, 3, 6, 6, dtype=torch.double)
+    compact_step_equals_masked(model, state, _TWO_UNIT_MASK, x, torch.tensor([0, 1, 2, 3]))
+
+
+def test_a_batch_norm_without_affine_parameters_writes_back_only_its_kept_channels_statistics():
+    """A BatchNorm outside the packed gather (running statistics, no affine parameters) writes back the statistics of
+    its kept channels only: its padded channels' stay as they were, as in the masked reference; its kept channels'
+    outputs and statistics equal the reference's."""
+    model = _two_units({"affine": False}, {})[:2]
+    reference = copy.deepcopy(model)
+    mask = {"g": _TWO_UNIT_MASK["g"]}
+    state = prepare_mask(model, mask, "compact", align=4)
+    assert state.padded and state.widths == {"g": 4} and id(model[1]) not in state._norm_position
+    x = torch.randn(4, 3, 6, 6, dtype=torch.double)
+    with use_mask(model, state):
+        out = model(x)
+    with use_mask(reference, mask, "masked"):
+        expected = reference(x)
+    real = mask["g"][state.index("g")]
+    assert int(real.sum()) == 3
+    torch.testing.assert_close(out[:, real], expected[:, mask["g"]], rtol=1e-10, atol=1e-12)
+    for stat in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(model[1], stat), getattr(reference[1], stat), rtol=1e-12, atol=0, msg=stat)
+    assert not torch.equal(model[1].running_mean[mask["g"]], _two_units({"affine": False}, {})[1].running_mean[
+        mask["g"]])  # the kept channels did move
+
+
+@pytest.mark.parametrize("options", [{"affine": False}, {"affine": False, "track_running_stats": False}])
+def test_a_batch_norm_without_affine_parameters_zeroes_its_padded_outputs(options):
+    """The conv before a grouped BatchNorm leaves its padded outputs to that BatchNorm; one without a weight and
+    bias to zero multiplies its padded outputs by zero instead, so that the next layer reads zeros there (they leaked
+    through before: 0.63 off the masked reference at align 4): the padded step equals the masked reference of the
+    unpadded mask (loss, every gradient, every buffer)."""
+    model = _two_units(options, {})
+    state = prepare_mask(model, _TWO_UNIT_MASK, "compact", align=4)
+    assert state.padded and id(model[1]) not in state._norm_position
+    x = torch.randn(4, 3, 6, 6, dtype=torch.double)
+    compact_step_equals_masked(model, state, _TWO_UNIT_MASK, x, torch.tensor([0, 1, 2, 3]))
+
+
 @pytest.mark.parametrize("align", [0, -8, 2.5, "8", True])
 def test_bad_align_is_one_clear_error(align):
     model = maskprop.create_model("resnet20")

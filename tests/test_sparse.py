@@ -427,6 +427,39 @@ def test_compact_batch_norm_in_channels_last_updates_running_statistics_like_nat
     assert int(bn.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("mode,channels_last", [("compact", False), ("compact", True), ("masked", False)],
+                         ids=["compact", "compact-channels_last", "masked"])
+def test_cumulative_average_batch_norm_of_a_subnetwork_averages_its_batches(mode, channels_last):
+    """``momentum=None`` (the cumulative average): after ``k`` steps the kept channels' running mean and variance are
+    the plain averages of the ``k`` batch means and unbiased batch variances (computed here from the conv output);
+    dropped channels keep their initial statistics, and every step is counted. Compact and masked mode share the
+    momentum bookkeeping, so only a closed form tells a wrong averaging factor."""
+    torch.manual_seed(0)
+    conv = SparseConv2d(3, 12, 3, padding=1, out_group="g").double()
+    bn = SparseBatchNorm2d(12, group="g", momentum=None).double()
+    model = torch.nn.Sequential(conv, bn)
+    kept = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0], dtype=torch.bool)  # 6: off the multiples of 16
+    means, variances = [], []
+    for step in range(3):
+        x = torch.randn(4, 3, 4, 4, dtype=torch.double) * (step + 1) + step
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            h = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        means.append(h.mean(dim=(0, 2, 3)))
+        variances.append(h.var(dim=(0, 2, 3)))  # unbiased, as running_var takes it
+        with use_mask(model, {"g": kept}, mode):
+            model(x)
+    if channels_last:
+        from maskprop.sparse import batchnorm
+        assert batchnorm.eligible(h[:, kept].contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(bn.running_mean[kept], torch.stack(means).mean(0)[kept], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(bn.running_var[kept], torch.stack(variances).mean(0)[kept], rtol=1e-12, atol=1e-14)
+    assert torch.equal(bn.running_mean[~kept], torch.zeros(6, dtype=torch.double))
+    assert torch.equal(bn.running_var[~kept], torch.ones(6, dtype=torch.double))
+    assert int(bn.num_batches_tracked) == 3
+
+
 def test_kept_counts_and_index_sets_match_per_mask_nonzero():
     """The batched host-side index sets (one cumsum, one nonzero for all groups) against a per-group brute force,
     padded or not."""

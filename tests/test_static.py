@@ -405,6 +405,19 @@ def test_statistics_defer_only_with_one_momentum_for_every_batch_norm(generator)
             state.defers_statistics = True
 
 
+def test_statistics_do_not_defer_with_a_batch_norm_outside_the_pruned_groups(generator):
+    """A BatchNorm of no group (a residual stream kept whole) runs as ``nn.BatchNorm2d`` and updates its statistics
+    in the pass itself: a layout with one cannot defer a pass's statistics, though every BatchNorm has momentum 0.1."""
+    model = maskprop.create_model("resnet20", prune_residual=False)
+    norms = [m for m in model.modules() if isinstance(m, SparseBatchNorm2d)]
+    assert any(m.group is None for m in norms) and {m.momentum for m in norms} == {0.1}
+    capacities = mask_capacities(random_mask(model.channel_groups(), 0.5, generator), 8)
+    state = StaticExecutionState(StaticLayout(model, capacities, align=8))
+    assert state.layout.norm_momentum is None and not state.layout.can_defer_statistics and state.counts_batches
+    with pytest.raises(ValueError, match="cannot defer their statistics"):
+        state.defers_statistics = True
+
+
 # --- no data-dependent operation and no host read inside a step -----------------------------------------------------
 
 
@@ -492,6 +505,26 @@ def test_tie_uniforms_of_any_float_dtype_order_each_group_s_channels_within_its_
     kept = int(mask[names[0]].sum())
     assert torch.equal(first[:kept], torch.arange(0, groups[names[0]], 2).flip(0))
     assert sorted(first.tolist()) == list(range(groups[names[0]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_kept_channel_whose_half_precision_u_is_one_still_comes_before_every_dropped_channel(dtype):
+    """A kept channel's ``u`` that half precision rounds up to 1 still sorts before the dropped channels of its
+    group, even one at ``u = 0`` with a lower channel number: at a capacity of exactly the kept count nothing is cut."""
+    model = maskprop.create_model("resnet20")
+    groups = model.channel_groups()
+    first = next(iter(groups))
+    n = groups[first]
+    state = StaticExecutionState(StaticLayout(model, {**groups, first: n // 2}, align=1))
+    mask = {g: torch.arange(k) % 2 == 0 for g, k in groups.items()}  # even channels kept: n // 2 in the first group
+    u = {g: torch.full((k,), 0.5, dtype=dtype) for g, k in groups.items()}
+    u[first][2] = 1.0  # kept, rounded up to 1
+    u[first][1] = 0.0  # dropped, before it in channel order
+    state.update(torch.cat(list(mask.values())), torch.cat(list(u.values())))
+    used = state.mask_used_by_group()
+    assert all(torch.equal(used[g], mask[g]) for g in groups)
+    assert state.read_overflow().steps == 0
+    assert torch.equal(state.index(first).sort().values, torch.arange(0, n, 2))
 
 
 def test_the_recorder_catches_host_reads_and_data_dependent_shapes():
@@ -591,6 +624,14 @@ def test_mask_capacities_are_aligned_kept_counts():
             "b": torch.ones(3, dtype=torch.bool)}
     assert mask_capacities(mask, 8) == {"a": 8, "b": 3}
     assert mask_capacities(mask, 1) == {"a": 5, "b": 3}
+
+
+def test_mask_capacities_of_a_group_that_keeps_nothing_are_its_smallest_valid_capacity():
+    """A group the mask empties still gets a capacity a layout accepts: ``min(align, n)``, not 0."""
+    mask = {"a": torch.zeros(11, dtype=torch.bool), "b": torch.zeros(3, dtype=torch.bool)}
+    assert mask_capacities(mask, 8) == {"a": 8, "b": 3}
+    assert mask_capacities(mask, 1) == {"a": 1, "b": 1}
+    assert check_capacities(mask_capacities(mask, 8), {"a": 11, "b": 3}, align=8) == {"a": 8, "b": 3}
 
 
 def test_rechoose_has_hysteresis():

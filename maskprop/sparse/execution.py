@@ -415,6 +415,13 @@ class ExecutionState:
         self._norm_pass = gathered(self._norm_pass, self._gather_norms, self.flush)
         return self._norm_pass.tensors[id(layer)]
 
+    def padding_factor(self, layer: SparseBatchNorm2d) -> Tensor | None:
+        """The 0/1 factors of the channels ``layer`` computes (0 for padding) when some are padding, else ``None``."""
+        if not self.padded or layer.group not in self._offsets:
+            return None
+        start, width = self._offsets[layer.group]
+        return self._real_ext[start:start + width]
+
     def batch_norm_done(self, layer: SparseBatchNorm2d, updated: bool) -> None:
         """Record that ``layer`` ran (``updated``: its running statistics moved in place); the statistics of every
         unit go back into the model when the pass ends (:meth:`release`)."""

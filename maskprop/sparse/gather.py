@@ -151,13 +151,14 @@ class GatherTable:
 
     @functools.cached_property
     def needs_factor(self) -> bool:
-        """Whether its padded entries must be multiplied by zero. Not for weights whose layers leave their output to
-        be masked by the grouped BatchNorm that follows (``mask_output`` false): a padded output channel, whatever its
-        weights, leaves that BatchNorm as zero (its gathered weight and bias are zero there), and so receives a zero
-        gradient; a padded input channel reads zeros (its producer's padded output, or a sum of them). So one multiply
-        of every gathered weight, and one in the backward, are saved, and the weights, outputs and gradients stay
-        those of the subnetwork (given finite values). The BatchNorm table itself, and layers that mask their own
-        output, need it. Read at every pass, found once (a table is complete before its first pass)."""
+        """Whether its padded entries must be multiplied by zero. Not for weights whose layers leave their output to be
+        masked by the grouped BatchNorm that follows (``mask_output`` false): a padded output channel, whatever its
+        weights, leaves that BatchNorm as zero (its gathered weight and bias are zero there; one without them multiplies
+        its output by zero there), and so receives a zero gradient; a padded input channel reads zeros (its producer's
+        padded output, or a sum of them). So one multiply of every gathered weight, and one in the backward, are saved,
+        and the weights, outputs and gradients stay those of the subnetwork (given finite values). The BatchNorm table
+        itself, and layers that mask their own output, need it. Read at every pass, found once (a table is complete
+        before its first pass)."""
         return bool(self.modules) or any(getattr(p.layer, "mask_output", True) for p in self.pieces)
 
 

@@ -184,7 +184,7 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
         if group is not None:  # statistics of the computed channels over all ranks (SyncBatchNorm's semantics)
             y = sync_batchnorm.sync_batch_norm(self, x, gathered, group, count=state.counts_batches)
             state.batch_norm_done(self, gathered[0] is not None)
-            return y
+            return self._zero_padding(y, state)
         mean, var, weight, bias = gathered
         factor, use_batch_stats = self._momentum(count=state.counts_batches)
         updates_stats = use_batch_stats and mean is not None
@@ -197,7 +197,13 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
         else:
             y = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, factor, self.eps)
         state.batch_norm_done(self, updates_stats)  # the kept channels' statistics go back into the model
-        return y
+        return self._zero_padding(y, state)
+
+    def _zero_padding(self, y: Tensor, state: ExecutionState) -> Tensor:
+        """``y`` with its padded channels zeroed, for a layer without affine parameters (one with them zeroes its
+        padded outputs through its gathered weight and bias; the layer before leaves that to this one)."""
+        factor = None if self.affine else state.padding_factor(self)
+        return y if factor is None else y * factor.to(y.dtype).view(1, -1, *([1] * (y.dim() - 2)))
 
     def _masked_forward(self, x: Tensor, state: ExecutionState) -> Tensor:
         """Dense kernels, dropped channels' running statistics restored, the unit output masked."""

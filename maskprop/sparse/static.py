@@ -719,6 +719,11 @@ class StaticExecutionState:
         self._norm_pass = gathered(self._norm_pass, self._gather_norms, self.flush)
         return self._norm_pass.tensors[id(layer)]
 
+    def padding_factor(self, layer: SparseBatchNorm2d) -> None:
+        """``None``: every BatchNorm of a pruned group has affine parameters here (the layout refuses others), whose
+        gathered weight and bias zero the padded outputs."""
+        return None
+
     def batch_norm_done(self, layer: SparseBatchNorm2d, updated: bool) -> None:
         """Record that ``layer`` ran; the statistics of all units go back when the pass ends (:meth:`release`)."""
         current = self._norm_pass
