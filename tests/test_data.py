@@ -466,6 +466,22 @@ def test_imagenet_image_folder_loads_with_timm_transforms(tmp_path):
     assert val.transform.transforms[0].size in (256, [256], (256, 256))
 
 
+@pytest.mark.parametrize("hidden_images", [1, 0])
+def test_imagenet_hidden_folders_are_no_classes(tmp_path, hidden_images):
+    """A hidden folder in a split (a notebook's .ipynb_checkpoints, with or without images) is not a class: the labels
+    index the visible class folders, as many as the classifier has outputs, and the sets pickle (spawned workers)."""
+    import pickle
+
+    make_image_folder(tmp_path)
+    make_image_folder(tmp_path / "hidden", classes=(".ipynb_checkpoints",), per_class=hidden_images)
+    for split in ("train", "val"):
+        (tmp_path / "hidden" / split / ".ipynb_checkpoints").rename(tmp_path / split / ".ipynb_checkpoints")
+    train, val, num_classes, _ = build_datasets(DataConfig(dataset="imagenet", root=str(tmp_path), crop_size=32))
+    assert num_classes == 2 and train.classes == val.classes == ["n01440764", "n01443537"]
+    assert sorted(label for _, label in train.samples) == [0, 0, 1, 1] and len(val) == 4
+    assert pickle.loads(pickle.dumps(train)).class_to_idx == train.class_to_idx
+
+
 def test_imagenet_crop_size_and_no_augmentation(tmp_path):
     make_image_folder(tmp_path, per_class=1)
     train, val, _, input_size = build_datasets(DataConfig(dataset="imagenet", root=str(tmp_path), crop_size=64,
@@ -642,3 +658,133 @@ def test_data_settings_the_dataset_does_not_read_are_warned_of(tmp_path, caplog)
     with caplog.at_level("WARNING", logger="maskprop.train.datasets"):
         build_datasets(DataConfig(dataset="cifar10", root=str(tmp_path)))
     assert "does not read" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Constants, label ranges and sizes against independent values
+
+
+def test_normalisation_constants_are_the_published_training_set_statistics(tmp_path):
+    """The per-channel statistics quoted for each training set, and each dataset normalising with its own."""
+    from maskprop.train import transforms
+
+    assert (transforms.CIFAR10_MEAN, transforms.CIFAR10_STD) == ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    assert (transforms.CIFAR100_MEAN, transforms.CIFAR100_STD) == ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    assert (transforms.MNIST_MEAN, transforms.MNIST_STD) == ((0.1307,), (0.3081,))
+    assert (transforms.FASHION_MNIST_MEAN, transforms.FASHION_MNIST_STD) == ((0.2860,), (0.3530,))
+
+    def steps(dataset):
+        return {type(t).__name__: t for t in dataset.transform.transforms}
+
+    make_cifar(tmp_path / "c100", "cifar100", per_batch=1, test_size=1)
+    train, val, _, _ = build_datasets(DataConfig(dataset="cifar100", root=str(tmp_path / "c100")))
+    for dataset in (train, val):
+        normalize = steps(dataset)["Normalize"]
+        assert (tuple(normalize.mean), tuple(normalize.std)) == ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    crop = steps(train)["RandomCrop"]
+    assert (tuple(crop.size), list(crop.padding)) == ((32, 32), [4, 4, 4, 4])  # the standard 32 + 4-pixel padding
+    make_mnist(tmp_path / "f", folder="FashionMNIST", train_size=2, test_size=2)
+    train, _, _, _ = build_datasets(DataConfig(dataset="fashion_mnist", root=str(tmp_path / "f")))
+    assert (tuple(steps(train)["Normalize"].mean), tuple(steps(train)["Normalize"].std)) == ((0.2860,), (0.3530,))
+
+
+@pytest.mark.parametrize("name,label", [("cifar10", 10), ("cifar10", -1), ("cifar100", 100)])
+def test_cifar_labels_just_outside_the_classes_are_rejected(tmp_path, name, label):
+    make_cifar(tmp_path, name, per_batch=1)
+    folder, test_file, key = (("cifar-10-batches-py", "test_batch", "labels") if name == "cifar10"
+                              else ("cifar-100-python", "test", "fine_labels"))
+    write_cifar_pickle(tmp_path / folder / test_file, {"data": np.zeros((2, 3072), np.uint8), key: [0, label]})
+    span = rf"test labels .* span \[{min(0, label)}, {max(0, label)}\]; expected labels in"
+    with pytest.raises(ValueError, match=span):
+        build_datasets(DataConfig(dataset=name, root=str(tmp_path)))
+
+
+def test_mnist_label_10_is_rejected_and_the_input_size_is_channels_height_width(tmp_path):
+    raw = make_mnist(tmp_path, train_size=4, test_size=2)
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.array([0, 10]))
+    with pytest.raises(ValueError, match=r"test labels .* span \[0, 10\]; expected labels in \[0, 9\]"):
+        build_datasets(DataConfig(dataset="mnist", root=str(tmp_path)))
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.array([0, 9]))
+    for prefix, n in (("train", 4), ("t10k", 2)):  # images of 20 rows and 28 columns
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", np.zeros((n, 20, 28)))
+    assert build_datasets(DataConfig(dataset="mnist", root=str(tmp_path)))[3] == (1, 20, 28)
+
+
+def test_shapes_of_more_than_one_chunk_keep_one_image_per_label():
+    dataset = ShapesDataset(1030, seed=0, image_size=8)  # past the 1024-image rendering chunk
+    assert dataset.images.shape == (1030, 3, 8, 8) and len(dataset.targets) == 1030
+    assert torch.bincount(dataset.targets, minlength=10).tolist() == [103] * 10
+
+
+def test_build_datasets_shapes_validation_set_is_the_validation_stream_and_padding_is_an_eighth():
+    train, val, _, input_size = build_datasets(DataConfig(train_size=40, val_size=30, seed=2, image_size=16))
+    assert input_size == (3, 16, 16)
+    assert torch.equal(val.images, ShapesDataset(30, seed=2, image_size=16, train=False).images) and not val.train
+    assert not (train.images[:, None] == val.images[None]).flatten(2).all(2).any()  # no image shared
+    assert train.transform.transforms[0].padding == [2, 2, 2, 2]  # 16 / 8
+    with pytest.raises(ValueError, match="num_classes=1 must be in"):
+        ShapesDataset(10, num_classes=1)
+
+
+def test_shapes_horizontal_bars_vary_down_the_rows_and_vertical_bars_along_them():
+    dataset = ShapesDataset(400, seed=0)
+    pixels = dataset.images.float()
+    down = (pixels[:, :, 1:, :] - pixels[:, :, :-1, :]).abs().mean((1, 2, 3))  # change from one row to the next
+    along = (pixels[:, :, :, 1:] - pixels[:, :, :, :-1]).abs().mean((1, 2, 3))
+    horizontal, vertical = dataset.targets == SHAPES_CLASSES.index("horizontal_bars"), dataset.targets == 6
+    assert SHAPES_CLASSES[6] == "vertical_bars"
+    assert (down[horizontal] > along[horizontal]).float().mean() > 0.9
+    assert (along[vertical] > down[vertical]).float().mean() > 0.9
+
+
+def test_shapes_background_interpolation_is_exact_for_a_ramp():
+    """The hat matrix interpolates linearly between 4 nodes spanning [-1, 1] to pixel centres (i + 1/2) * 2/S - 1:
+    its rows sum to one and it reproduces a linear function of the nodes exactly."""
+    from maskprop.train.shapes import _hat_matrix
+
+    for size in (8, 32):
+        hat = _hat_matrix(size, 4).double()
+        centres = torch.tensor([(i + 0.5) * 2 / size - 1 for i in range(size)], dtype=torch.float64)
+        torch.testing.assert_close(hat.sum(1), torch.ones(size, dtype=torch.float64))
+        torch.testing.assert_close(hat @ torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0], dtype=torch.float64), centres)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loader lengths and worker seeds
+
+
+@pytest.mark.parametrize("size,batch,train,drop_last,world", [
+    (50, 8, True, True, (0, 1)), (50, 8, True, False, (0, 1)), (48, 8, True, False, (1, 2)),
+    (50, 8, True, True, (1, 2)),
+    (11, 4, False, None, (0, 2)), (11, 4, False, None, (1, 2)), (10, 4, False, None, (0, 1))])
+def test_loader_length_is_the_number_of_batches_it_yields(size, batch, train, drop_last, world):
+    loader = build_loader(_Indexed(size), batch_size=batch, train=train, drop_last=drop_last, world=world)
+    assert len(loader) == len(list(loader))
+
+
+def test_a_training_set_of_exactly_one_batch_gives_one_batch():
+    assert _epoch(build_loader(_Indexed(8), batch_size=8, train=True)).__len__() == 8
+
+
+def test_worker_reseeding_gives_each_rank_its_own_streams_and_leaves_rank_zero_alone():
+    import random
+
+    from maskprop.train.loaders import _ReseedWorker
+
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        draws = {}
+        for rank in (1, 2, 3):
+            torch.manual_seed(1234)  # the same base seed on every rank
+            _ReseedWorker(rank)(0)
+            draws[rank] = (torch.rand(()).item(), random.random(), np.random.rand())
+        assert all(len({d[k] for d in draws.values()}) == 3 for k in range(3))  # torch, random, numpy all differ
+        torch.manual_seed(1234)
+        base = torch.rand(()).item()
+        assert all(d[0] != base for d in draws.values())
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+    assert build_loader(_Indexed(8), 4, train=True, workers=1, world=(0, 2)).worker_init_fn is None
+    assert build_loader(_Indexed(8), 4, train=True, workers=0, world=(1, 2)).worker_init_fn is None

@@ -380,6 +380,13 @@ def test_evaluation_shares_cover_every_example_once():
     assert [len(b) for b in shares[0]] == [2, 2, 2] and [len(b) for b in shares[1]] == [2, 2, 1]
 
 
+def test_a_last_global_batch_that_ranks_cannot_share_is_refused():
+    """Several ranks cannot split a partial last global batch evenly: kept (drop_last=False), it is refused."""
+    with pytest.raises(ValueError, match=r"50 examples leave a last global batch of 2 that 2 ranks cannot share"):
+        GlobalBatchSampler(50, 8, shuffle=False, drop_last=False, rank=1, world_size=2)
+    assert [len(b) for b in GlobalBatchSampler(50, 8, shuffle=False, drop_last=False)][-1] == 2  # one process keeps it
+
+
 def test_training_batch_not_divisible_by_world_size_is_refused():
     with pytest.raises(ValueError, match=r"data.batch_size=10 is not divisible by the world size 4"):
         build_loader(list(range(40)), batch_size=10, train=True, world=(1, 4))

@@ -95,10 +95,33 @@ def _unchecked_cifar(name: str) -> type:
     return _UNCHECKED_CIFAR[name]
 
 
+def _visible_image_folder() -> type:
+    """torchvision's ``ImageFolder`` whose classes are the folders :func:`_image_classes` counts, those whose names do
+    not start with a dot: torchvision's own takes every folder, so a ``.ipynb_checkpoints`` would become class 0, shift
+    every label by one and leave the last class outside the classifier. Made on first use, as :func:`_unchecked_cifar`.
+    """
+    if "VisibleImageFolder" not in _UNCHECKED_CIFAR:
+        from torchvision import datasets
+
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            classes = _image_classes(Path(directory))
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {name: index for index, name in enumerate(classes)}
+
+        _UNCHECKED_CIFAR["VisibleImageFolder"] = type("VisibleImageFolder", (datasets.ImageFolder,), {
+            "__module__": __name__, "__qualname__": "VisibleImageFolder", "find_classes": find_classes,
+            "__doc__": "torchvision's ImageFolder without hidden class folders (names starting with a dot).",
+        })
+    return _UNCHECKED_CIFAR["VisibleImageFolder"]
+
+
 def __getattr__(name: str) -> type:
-    # PEP 562: pickle looks the CIFAR classes up here, also in a fresh worker process that has not made them yet.
+    # PEP 562: pickle looks these classes up here, also in a fresh worker process that has not made them yet.
     if name in ("UncheckedCIFAR10", "UncheckedCIFAR100"):
         return _unchecked_cifar(name)
+    if name == "VisibleImageFolder":
+        return _visible_image_folder()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -259,13 +282,12 @@ def imagenet_datasets(root: str | os.PathLike | None, augment: bool = True,
         raise ValueError(f"imagenet train and val class folders differ under '{root}' ({len(classes['train'])} vs "
                          f"{len(classes['val'])}; only in train: {only_train}, only in val: {only_val}); "
                          f"expected the same class folders in both")
-    from torchvision import datasets
-
+    image_folder = _visible_image_folder()
     train_transform, eval_transform = imagenet_transforms(crop_size, augment)
     sets = []
     for split, transform in (("train", train_transform), ("val", eval_transform)):
         try:
-            sets.append(datasets.ImageFolder(str(root / split), transform=transform, loader=read_image))
+            sets.append(image_folder(str(root / split), transform=transform, loader=read_image))
         except FileNotFoundError as err:  # a class folder without images
             message = f"imagenet split '{root / split}' is not in ImageFolder layout ({err}); {layout}"
             raise ValueError(message) from None
