@@ -428,6 +428,20 @@ def test_static_steps_with_the_gradient_average_on_one_rank_equal_static_steps_i
         static.plain(distributed.wrap_model(copy.deepcopy(model), torch.device("cpu")), optimizers_[0], batch)
 
 
+def test_the_logged_loss_gap_of_the_global_batch_is_absolute(single_process_group, monkeypatch):
+    """Under torchrun a search step logs ``|L(m) - L(m')|`` of the losses summed over the ranks (one here): the gap of
+    the two subnetworks' losses by hand, whichever is larger (both orders of two masks)."""
+    from test_graphs import _forced_search_window, _uneven_masks
+
+    small, large = _uneven_masks()
+    signs = set()
+    for masks in ((small, large), (large, small)):
+        window, (loss_m, loss_m2) = _forced_search_window(monkeypatch, list(masks), distributed.all_reduce_sum)
+        assert window.loss / 4 == pytest.approx(loss_m, rel=1e-6)
+        assert window.loss_gap == pytest.approx(abs(loss_m - loss_m2), rel=1e-4)
+        signs.add(loss_m < loss_m2)
+    assert signs == {True, False}
+
 @pytest.mark.parametrize("where", ["end", "backward"])
 def test_a_failed_capture_of_the_backward_piece_runs_it_again_eagerly(single_process_group, monkeypatch, where,
                                                                        caplog):
@@ -640,3 +654,21 @@ def test_the_gradient_average_keeps_each_gradient_in_its_parameters_layout(singl
         p.grad = None
     with pytest.raises(RuntimeError, match=r"got no gradient in the step"):
         average.pack()
+
+
+def test_the_gradient_average_divides_the_ranks_sum_by_the_world_size(single_process_group):
+    """:meth:`GradientAverage.unpack` installs the sum over the ranks divided by the world size: declared for two ranks
+    in a group of one (whose sum is this rank's gradient), every gradient comes back halved, the values summed only."""
+    from maskprop.train.static_steps import GradientAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)).double()
+    average = GradientAverage(model.parameters(), 1, world_size=2)
+    F.cross_entropy(model(torch.randn(6, 5, dtype=torch.float64)), torch.arange(6) % 3).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    average.pack([torch.tensor(3.0)])
+    average.all_reduce()
+    average.unpack()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name] / 2, rtol=0, atol=0, msg=name)
+    assert average.values.tolist() == [3.0]

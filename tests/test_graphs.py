@@ -228,6 +228,67 @@ def test_static_plain_steps_equal_subnet_step_in_float64(one_thread):
             torch.testing.assert_close(b, buffers[k], rtol=1e-12, atol=1e-14, msg=k)
 
 
+
+def test_static_plain_steps_log_the_gradient_norm_before_clipping(one_thread):
+    """The dense and the fixed-mask step log the L2 norm of the weight gradients by hand (float64), before a tight
+    ``clip_grad_norm`` scales them down."""
+    model, _, _, ctx, batch = _parts()
+    mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(5))
+    for fixed in (None, mask):
+        reference = copy.deepcopy(model)
+        with maskprop.sparse.use_mask(reference, fixed, "masked"):
+            nn.functional.cross_entropy(reference(batch[0]).float(), batch[1]).backward()  # the steps' float32 loss
+        norm = sum(float(p.grad.pow(2).sum()) for p in reference.parameters() if p.grad is not None) ** 0.5
+        static = StaticSteps(_config(), dataclasses.replace(ctx, clip_grad_norm=norm / 4), GraphsChoice(True, False),
+                             seed=0)
+        model_ = copy.deepcopy(model)
+        static.plain(model_, weight_optimizer(model_.parameters(), 0.1, 0.9, 5e-4), batch, fixed)
+        assert static.read().grad_norm == pytest.approx(norm, rel=1e-7)
+
+
+def _forced_search_window(monkeypatch, masks, reduce_stats=None):
+    """One static search step whose ``m`` and ``m'`` are ``masks`` (flat, forced through ``mask_from_uniforms``, at
+    full capacities: no overflow), read as its window: ``(window, loss of m, loss of m')`` with the losses of the two
+    subnetworks by hand (masked execution, the loss in float32 as the steps take it)."""
+    model, scores, optimizers, ctx, batch = _parts()
+    groups = model.channel_groups()
+    losses = []
+    for flat in masks:
+        mask = dict(zip(groups, flat.split(list(groups.values()))))
+        reference = copy.deepcopy(model)
+        with torch.no_grad(), maskprop.sparse.use_mask(reference, mask, "masked"):
+            losses.append(float(nn.functional.cross_entropy(reference(batch[0]).float(), batch[1])))
+    with monkeypatch.context() as patch:
+        patch.setattr(ChannelScores, "mask_from_uniforms", lambda self, u: torch.stack(masks))
+        static = StaticSteps(_config(), dataclasses.replace(ctx, reduce_stats=reduce_stats), GraphsChoice(True, False),
+                             seed=0)
+        static.capacities = dict(groups)
+        static.search(model, scores, optimizers, batch)
+        return static.read(), losses
+
+
+def _uneven_masks():
+    """Two flat masks of ResNet-20 with different kept counts (a quarter and three quarters of each group)."""
+    groups = maskprop.create_model("resnet20").channel_groups()
+    return [torch.cat(list(random_mask(groups, keep, torch.Generator().manual_seed(seed)).values()))
+            for keep, seed in ((0.25, 1), (0.75, 2))]
+
+
+def test_a_search_window_logs_the_loss_gap_and_the_kept_ratio_of_m(monkeypatch, one_thread):
+    """A search step's window holds ``|L(m) - L(m')|`` (whichever loss is larger: both orders of two masks) and the
+    kept ratio of ``m``, not of ``m'``, against the losses and kept counts by hand."""
+    small, large = _uneven_masks()
+    signs = set()
+    for masks in ((small, large), (large, small)):
+        window, (loss_m, loss_m2) = _forced_search_window(monkeypatch, list(masks))
+        assert window.loss / 4 == pytest.approx(loss_m, rel=1e-6)
+        assert window.loss2 / 4 == pytest.approx(loss_m2, rel=1e-6)
+        assert window.loss_gap == pytest.approx(abs(loss_m - loss_m2), rel=1e-4)
+        assert window.kept == pytest.approx(float(masks[0].sum()) / masks[0].numel(), rel=1e-12)
+        signs.add(loss_m < loss_m2)
+    assert signs == {True, False}
+
+
 def test_batches_counted_at_once_as_torch_s_layers_count_them():
     """One training forward inside the block counts one batch in every BatchNorm layer (a ``momentum=None`` layer
     counting itself, as it must for its average), with the same statistics as torch's counting; eval forwards and a
@@ -933,3 +994,33 @@ def test_the_graphed_dense_reference_captures_each_ranks_share_of_the_batch(monk
     with pytest.raises(Built) as built:
         maskprop.fit(TINY_RUN)
     assert built.value.args == (TINY_RUN["data"]["batch_size"] // 2,)
+
+
+def test_static_steps_count_the_global_batch_of_every_rank(one_thread):
+    """Under torchrun (rank 0 of 2, its share of 4 examples) a static step's examples and train FLOPs are those of the
+    global batch of 8: ``3 f + f`` at the search step's widths, ``3 f`` at the fixed mask's aligned kept counts, and a
+    dense step's ``3 f_D``, by the cost model at 8 examples."""
+    model, scores, optimizers, ctx, batch = _parts()
+    static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0, world_size=2)
+    f = ctx.cost.flops
+    result = static.search(model, scores, optimizers, batch)
+    widths = static._search[0].widths
+    assert (result.count, result.flops, result.dense_flops) == (8, 4 * f(widths, 8), 3 * f(None, 8))
+    mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(5))
+    result = static.plain(model, optimizers[0], batch, mask)
+    assert (result.count, result.flops) == (8, 3 * f(mask_capacities(mask, ctx.align), 8))
+    assert static.plain(model, optimizers[0], batch).flops == 3 * f(None, 8)
+
+
+def test_a_resumed_search_keeps_the_capacities_of_its_window(one_thread):
+    """The capacities live in the checkpoint (re-choices have hysteresis): a resumed search steps at those of the
+    window it stopped in (here the full widths), not at those its scores would choose afresh."""
+    model, scores, optimizers, ctx, batch = _parts()
+    static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
+    static.capacities = dict(model.channel_groups())
+    assert choose_capacities(scores, ctx.align, _config().sparsity.capacity_quantile) != static.capacities
+    static.search(model, scores, optimizers, batch)
+    resumed = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
+    resumed.load_state_dict(static.state_dict())
+    resumed.search(model, scores, optimizers, batch)
+    assert resumed._search[0].widths == static._search[0].widths == model.channel_groups()

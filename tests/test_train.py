@@ -157,6 +157,89 @@ def test_subnet_step_costs_three_forwards_of_its_mask():
     assert result.loss2 is None and result.kept_ratio < 0.6
 
 
+
+def test_vrpge_step_passes_its_alpha_to_the_estimator():
+    """The score gradient takes ``sparsity.alpha`` (here 0.9, not the estimator's default 0.5)."""
+    model, scores, optimizers, ctx, batch = _step_setup()
+    s0, scores_before = scores.scores.detach().clone(), copy.deepcopy(scores)
+    result = vrpge_step(model, scores, optimizers, batch, torch.Generator().manual_seed(7),
+                        SparsityConfig(alpha=0.9), ctx)
+    replay = torch.Generator().manual_seed(7)
+    flat_m, flat_m2 = scores_before.sample_flat(replay), scores_before.sample_flat(replay)
+    expected = score_grad("vrpge", result.loss, result.loss2, flat_m, flat_m2, s0, alpha=0.9)
+    torch.testing.assert_close(scores.scores.grad, expected, rtol=0, atol=0)
+    assert not torch.allclose(expected, score_grad("vrpge", result.loss, result.loss2, flat_m, flat_m2, s0, alpha=0.5))
+
+
+def test_vrpge_step_reports_the_kept_ratio_of_m():
+    """``kept_ratio`` is the kept fraction of the back-propagated mask ``m``, counted by hand (not that of ``m'``)."""
+    model, scores, optimizers, ctx, batch = _step_setup()
+    result = vrpge_step(model, scores, optimizers, batch, torch.Generator().manual_seed(7), SparsityConfig(), ctx)
+    kept = [int(result.mask[g].sum()) for g in scores.groups]
+    kept2 = [int(result.mask2[g].sum()) for g in scores.groups]
+    assert sum(kept) != sum(kept2)
+    assert result.kept_ratio == sum(kept) / sum(scores.groups.values())
+
+
+def test_vrpge_step_projects_the_updated_scores_onto_the_budget():
+    """After the Adam step the scores are projected: with a score learning rate large enough to leave the feasible
+    set, they equal ``project_scores`` of the Adam step by hand (and differ from it unprojected)."""
+    model, scores, (weights, _), ctx, batch = _step_setup()
+    s0 = scores.scores.detach().clone()
+    adam = torch.optim.Adam([scores.scores], lr=0.5)
+    vrpge_step(model, scores, (weights, adam), batch, torch.Generator().manual_seed(7), SparsityConfig(), ctx)
+    g = scores.scores.grad
+    adam_step = s0 - 0.5 * g / (g.abs() + 1e-8)
+    expected = project_scores(adam_step, scores.budget)
+    assert not torch.allclose(expected, adam_step)
+    torch.testing.assert_close(scores.scores.detach(), expected, rtol=0, atol=1e-6)
+
+
+def test_steps_read_the_global_batch_through_reduce_stats():
+    """Under torchrun ``ctx.reduce_stats`` sums ``[loss * n, ..., correct, n]`` over the ranks: two ranks with the
+    same batch (a stand-in doubling the sums) give the one-process losses, twice the examples and correct counts, and
+    train FLOPs of the global batch of 16."""
+    import dataclasses
+
+    for kind in ("vrpge", "subnet"):
+        runs = []
+        for reduce in (None, lambda stats: stats * 2):
+            model, scores, optimizers, ctx, batch = _step_setup()
+            ctx = dataclasses.replace(ctx, reduce_stats=reduce)
+            if kind == "vrpge":
+                runs.append(vrpge_step(model, scores, optimizers, batch, torch.Generator().manual_seed(7),
+                                       SparsityConfig(), ctx))
+            else:
+                runs.append(subnet_step(model, optimizers[0], batch, scores.top_mask(), ctx))
+        one, two = runs
+        assert two.loss == pytest.approx(one.loss, rel=1e-12) and two.count == 16 and two.correct == 2 * one.correct
+        assert two.grad_norm == pytest.approx(one.grad_norm, rel=1e-12)
+        f = ctx.cost.flops
+        assert two.dense_flops == 3 * f(None, 16)
+        if kind == "vrpge":
+            assert two.loss2 == pytest.approx(one.loss2, rel=1e-12)
+            assert two.flops == 3 * f(two.mask, 16) + f(two.mask2, 16)
+        else:
+            assert two.flops == 3 * f(scores.top_mask(), 16)
+
+
+def test_subnet_step_reports_the_gradient_norm_before_clipping():
+    """``grad_norm`` is the L2 norm of all the weight gradients, by hand in float64, before the clipping (which is
+    tight here) scales them to ``clip_grad_norm``."""
+    import dataclasses
+
+    model, scores, optimizers, ctx, batch = _step_setup()
+    mask = scores.top_mask()
+    reference = copy.deepcopy(model)
+    _loss(reference, mask, batch).backward()
+    norm = sum(float(p.grad.double().pow(2).sum()) for p in reference.parameters() if p.grad is not None) ** 0.5
+    ctx = dataclasses.replace(ctx, clip_grad_norm=norm / 4)
+    result = subnet_step(model, optimizers[0], batch, mask, ctx)
+    assert result.grad_norm == pytest.approx(norm, rel=1e-5)
+    clipped = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None) ** 0.5
+    assert clipped == pytest.approx(norm / 4, rel=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Whole runs
 
@@ -670,6 +753,66 @@ def test_a_one_step_phase_runs_at_the_peak_lr_without_a_warning(schedule, caplog
     with caplog.at_level("WARNING"):
         build_schedule(optimizer, schedule, 1).step_update(0)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.3) and not caplog.records
+
+
+
+def _learning_rates(schedule: str, peak: float, total: int, warmup: int) -> list[float]:
+    from maskprop.train.optim import build_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    scheduler = build_schedule(optimizer, schedule, total, warmup)
+    rates = []
+    for t in range(total):
+        scheduler.step_update(t)
+        rates.append(optimizer.param_groups[0]["lr"])
+    return rates
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_schedules_follow_their_closed_forms_per_update(schedule):
+    """The learning rate at every update of a 16-update phase with 4 warm-up updates, by hand: linear from 0 to the
+    peak during the warm-up (counted inside the phase), then cosine to 0 at the end of the phase, or the peak."""
+    import math
+
+    peak, total, warmup = 0.3, 16, 4
+    want = [peak * t / warmup if t < warmup else
+            0.5 * peak * (1 + math.cos(math.pi * t / total)) if schedule == "cosine" else peak for t in range(total)]
+    assert _learning_rates(schedule, peak, total, warmup) == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_the_step_schedule_decays_tenfold_at_half_and_three_quarters_of_the_phase(warmup):
+    """``step``: linear warm-up from 0 (counted inside the phase), the peak, then x0.1 from update 8 of 16 (50%) and
+    x0.01 from update 12 (75%), every update by hand. timm's scheduler applies a decay point one update early and, by
+    default, counts the decay points after the warm-up: the ten-fold decays came at updates 11 and 15 with a 4-update
+    warm-up, and at 7 and 11 without one."""
+    peak, total = 0.3, 16
+    expected = [peak * t / warmup if t < warmup else peak * 0.1 ** ((t >= 8) + (t >= 12)) for t in range(total)]
+    assert _learning_rates("step", peak, total, warmup) == pytest.approx(expected, rel=1e-12)
+
+
+def test_optimizers_apply_their_weight_decay_and_the_scores_none():
+    """At a zero gradient only the weight decay moves a parameter: SGD by ``lr x weight_decay x w``, Adam (the
+    sparse-backward methods) by its first step ``lr g / (|g| + eps)`` with ``g = weight_decay x w``, the scores' Adam
+    not at all."""
+    from maskprop.train.config import OptimConfig
+    from maskprop.train.optim import run_optimizer, score_optimizer, weight_optimizer
+
+    def one_step(make):
+        p = torch.nn.Parameter(torch.tensor([0.5, -2.0], dtype=torch.float64))
+        optimizer = make([p])
+        p.grad = torch.zeros_like(p)
+        optimizer.step()
+        return p.detach()
+
+    w = torch.tensor([0.5, -2.0], dtype=torch.float64)
+    torch.testing.assert_close(one_step(lambda ps: weight_optimizer(ps, 0.1, 0.9, 5e-4)), w * (1 - 0.1 * 5e-4))
+    sgd = OptimConfig(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+    torch.testing.assert_close(one_step(lambda ps: run_optimizer(ps, sgd)), w * (1 - 0.1 * 5e-4))
+    adam = OptimConfig(optimizer="adam", lr=1e-2, weight_decay=1e-3)
+    g = 1e-3 * w  # L2 decay added to the (zero) gradient; Adam's first step is lr g / (|g| + eps)
+    torch.testing.assert_close(one_step(lambda ps: run_optimizer(ps, adam)), w - 1e-2 * g / (g.abs() + 1e-8))
+    torch.testing.assert_close(one_step(lambda ps: score_optimizer(ps[0], 12e-3)), w, rtol=0, atol=0)
 
 
 def test_the_epoch_log_line_shortens_floats_and_large_counters():

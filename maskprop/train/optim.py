@@ -66,8 +66,10 @@ def _cosine(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> Schedu
 
 
 def _step(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> Scheduler:
-    return MultiStepLRScheduler(optimizer, decay_t=[total // 2, (3 * total) // 4], decay_rate=0.1, warmup_t=warmup,
-                                t_in_epochs=False)
+    # timm applies a milestone m from update m - 1 on, and by default counts the milestones after the warmup: the
+    # decays at updates total // 2 and 3 total // 4 of the phase, warmup included, as build_schedule says.
+    return MultiStepLRScheduler(optimizer, decay_t=[total // 2 + 1, (3 * total) // 4 + 1], decay_rate=0.1,
+                                warmup_t=warmup, warmup_prefix=False, t_in_epochs=False)
 
 
 def _constant(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> Scheduler:
