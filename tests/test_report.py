@@ -18,7 +18,7 @@ from conftest import TINY_RUN, with_overrides
 import maskprop
 from maskprop.cli import _final_table, main
 from maskprop.report import _NOTES, REPORT_PLOTS, _csv, build_report, find_runs, format_table, make_plots, write_report
-from maskprop.train.summary import SCHEMA_VERSION, RunSummary, read_summary
+from maskprop.train.summary import SCHEMA_VERSION, RunSummary, data_identity, read_summary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -284,6 +284,16 @@ def test_the_summary_documents_every_field_and_round_trips(runs):
     assert summary.dense_accuracy is None  # never made up without a dense run
     dense = read_summary(runs / "dense" / "summary.json")
     assert dense.dense_accuracy == dense.accuracy
+
+
+def test_the_data_identity_of_generated_shapes_holds_their_sizes_and_seed():
+    """Shapes runs of another seed or size trained on other data: they are no baseline of each other."""
+    data = {"dataset": "shapes", "train_size": 128, "val_size": 64, "image_size": 16, "seed": 3, "root": "/x",
+            "batch_size": 64}
+    assert data_identity(data) == {"dataset": "shapes", "train_size": 128, "val_size": 64, "image_size": 16, "seed": 3}
+    assert data_identity({"dataset": "imagenet", "crop_size": 224, "seed": 3}) == {"dataset": "imagenet",
+                                                                                    "crop_size": 224}
+    assert data_identity({"dataset": "cifar10", "seed": 3}) == {"dataset": "cifar10"}
 
 
 def test_an_unversioned_summary_is_read_with_what_the_config_says(runs, tmp_path):

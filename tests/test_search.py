@@ -4,6 +4,7 @@ what their steps cost and how they are timed, resuming them, and the per-epoch d
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
@@ -153,11 +154,12 @@ def annealed_run(tmp_path_factory):
     cfg = load_config(tiny(**ANNEALED))
     train_set, *_ = build_datasets(cfg.data)
     probe = DataLoader(Subset(train_set, range(min(loop.TOP_MASK_EXAMPLES, len(train_set)))), batch_size=BATCH)
-    seen: dict = {"steps": [], "vrpge": [], "epochs": []}
+    seen: dict = {"steps": [], "vrpge": [], "epochs": [], "timed": [], "cpu_rng": []}
 
     def watched_timed_step(step, kind, times, *args, **kwargs):
         result = loop_timed_step(step, kind, times, *args, **kwargs)
         seen["steps"].append((kind, result))
+        seen["timed"].append((kind, kwargs["index"], kwargs["total"]))
         return result
 
     def watched_vrpge_step(model, scores, optimizers, batch, generator, sparsity, ctx):
@@ -170,7 +172,9 @@ def annealed_run(tmp_path_factory):
         return result
 
     def watched_epoch(state, *args, **kwargs):
+        before = torch.get_rng_state()
         metrics = loop_train_one_epoch(state, *args, **kwargs)
+        seen["cpu_rng"].append((state.phase, before, torch.get_rng_state()))
         if state.phase == "search":
             mask = state.scores.top_mask()
             model = copy.deepcopy(state.model).eval()
@@ -255,12 +259,47 @@ def test_warmup_and_anneal_steps_are_timed_against_dense_steps_as_kinds_of_their
     assert summary["warmup_step_ms"] == pytest.approx(1000 * statistics.median(times["warmup"]))
     assert summary["anneal_step_ms"] == pytest.approx(1000 * statistics.median(times["anneal"]))
     assert summary["step_speedup"] == phases["search"]["median"]  # the search at its budget, not the warm-up
+    assert summary["dense_reference_share"] == pytest.approx(summary["dense_reference_s"] / summary["run_time_s"])
     assert summary["train_step_ms"] is None
     assert summary["search"] == {"subnetwork": "searched", "warmup_epochs": 1, "anneal_epochs": 2,
                                  "budget_schedule": "cubic", "budget_unit": "channels",
                                  "initial_keep_probability": 1.0,
                                  "steps": {"warmup": 2, "anneal": 4, "search": 2}}
     assert summary["steps"] == {"search": 8, "finetune": 2, "train": 0}
+
+
+def test_warmup_anneal_search_and_finetune_steps_are_paired_by_their_index_among_their_kind(annealed_run):
+    """The dense reference pairs are spread over each kind's own steps: every step is timed by its index among the
+    steps of its kind and their number (not the phase's), so each kind gets its pairs."""
+    timed = annealed_run["timed"]
+    kinds = [kind for kind, _, _ in timed]
+    assert set(kinds) == {"warmup", "anneal", "search", "finetune"}
+    for kind in set(kinds):
+        mine = [(index, total) for k, index, total in timed if k == kind]
+        assert mine == [(i, kinds.count(kind)) for i in range(len(mine))], kind
+
+
+def test_the_epoch_records_are_the_means_of_their_steps_at_the_cosine_lr(annealed_run):
+    """Each epoch's record: loss, L(m') and accuracy over its examples, the sampled kept ratio over its steps (as the
+    steps reported them), and the weights' learning rate after its last step, the cosine of each phase from its peak
+    (optim.lr 0.1 over 4 x 2 search steps, finetune.lr 1e-3 over 2) to 0."""
+    records, steps = annealed_run["records"], annealed_run["steps"]
+    assert [(r["phase"], r["epoch"]) for r in records] == [("search", e) for e in range(1, 5)] + [("finetune", 1)]
+    for epoch, record in enumerate(records):
+        results = [result for _, result in steps[epoch * STEPS_PER_EPOCH:(epoch + 1) * STEPS_PER_EPOCH]]
+        count = sum(r.count for r in results)
+        assert record["train_loss"] == pytest.approx(sum(r.loss * r.count for r in results) / count, rel=1e-12)
+        assert record["train_accuracy"] == pytest.approx(100.0 * sum(r.correct for r in results) / count)
+        assert record["kept_ratio_sampled"] == pytest.approx(statistics.mean(r.kept_ratio for r in results))
+        if record.get("step_kind") in ("anneal", "search"):
+            assert record["train_loss2"] == pytest.approx(sum(r.loss2 * r.count for r in results) / count, rel=1e-12)
+        else:
+            assert "train_loss2" not in record
+    peaks = {"search": (0.1, 4 * STEPS_PER_EPOCH), "finetune": (1e-3, STEPS_PER_EPOCH)}
+    for record in records:
+        peak, total = peaks[record["phase"]]
+        t = record["epoch"] * STEPS_PER_EPOCH
+        assert record["lr"] == pytest.approx(0.5 * peak * (1 + math.cos(math.pi * t / total)), abs=1e-12)
 
 
 def test_search_diagnostics_match_an_independent_computation(annealed_run):
@@ -287,6 +326,17 @@ def test_search_diagnostics_match_an_independent_computation(annealed_run):
         assert record["train_accuracy_top"] == pytest.approx(watched["top"])
 
 
+def test_the_diagnostics_between_search_epochs_leave_the_cpu_generator_as_the_epoch_left_it(annealed_run):
+    """The probe of the top-score subnetwork after each search epoch seeds torch's CPU generator inside a fork: the next
+    epoch draws (augmentation, dropout) on from where the last one stopped, not from the seed again every epoch."""
+    search = [(before, after) for phase, before, after in annealed_run["cpu_rng"] if phase == "search"]
+    assert len(search) == 4
+    for (_, after), (before, _) in itertools.pairwise(search):
+        assert torch.equal(before, after)
+    fresh = torch.Generator().manual_seed(annealed_run["cfg"].seed).get_state()
+    assert not any(torch.equal(before, fresh) for before, _ in search)
+
+
 def test_tensorboard_holds_the_search_diagnostics(annealed_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -303,6 +353,29 @@ def test_anneal_epochs_do_not_count_as_the_best_subnetwork(annealed_run):
     counted = [r["val_accuracy"] for r in records if r.get("step_kind") not in ("warmup", "anneal")]
     summary = annealed_run["summary"]
     assert summary["best_accuracy"] == max(counted)
+
+
+def test_each_phase_ends_evaluated_and_only_subnetworks_within_the_budget_are_best(tmp_path, monkeypatch):
+    """With eval_every 2 the epochs evaluated are every second one and the last of each phase (search epoch 3, the
+    finetune's only one). The validation accuracies are scripted (90 for the anneal's first epoch, whose top scores
+    keep more channels than the budget; 20 for its last, projected onto the final budget; 30 for the finetune):
+    best_accuracy and best.pt are the finetune's, the accuracy above the budget is no best."""
+    evaluate, scripted = loop.evaluate, iter([90.0, 20.0, 30.0])
+
+    def scripted_evaluate(model, loader, mask, ctx):
+        result = evaluate(model, loader, mask, ctx)
+        return dict(result, accuracy=next(scripted)) if len(loader.dataset) == 64 else result  # the validation set
+
+    monkeypatch.setattr(loop, "evaluate", scripted_evaluate)
+    config = tiny(**{"optim.epochs": 3, "sparsity.warmup_epochs": 1, "sparsity.anneal_epochs": 2,
+                     "finetune.epochs": 1, "eval_every": 2})
+    summary = maskprop.fit(config, out=tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"], r.get("val_accuracy")) for r in records] == [
+        ("search", 1, None), ("search", 2, 90.0), ("search", 3, 20.0), ("finetune", 1, 30.0)]
+    assert summary["best_accuracy"] == summary["accuracy"] == 30.0
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert (best["phase"], best["epoch"], best["best_accuracy"]) == ("finetune", 1, 30.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -391,6 +464,38 @@ def test_resume_in_the_warmup_the_anneal_and_the_random_baseline_is_exact(tmp_pa
         maskprop.fit(copy.deepcopy(config), out=run, resume=True)
         _assert_same_state(straight, load_checkpoint(run / "last.pt"))
         assert _records(run) == _records(tmp_path / "straight")
+
+
+def test_a_resume_in_the_finetune_keeps_records_wall_time_best_accuracy_and_step_times(tmp_path, monkeypatch):
+    """A resume in the finetune keeps every record of the search before it (phases in run order: the search's are
+    earlier than any finetune epoch) and carries on the checkpoint's wall time (run_time_s counts the processes before
+    it: a scripted 1e6 s), its best accuracy (a scripted 99%, above any this run reaches) and its step times (those
+    timed before the stop stay the first of the final checkpoint's)."""
+    from maskprop.train.checkpoint import save_checkpoint
+
+    config, run = tiny(**{"finetune.epochs": 2, "save_every": 1}), tmp_path / "run"
+    train_one_epoch = loop.train_one_epoch
+
+    def stop(state, *args, **kwargs):
+        if state.phase == "finetune" and state.epoch == 1:
+            raise _Stop
+        return train_one_epoch(state, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", stop)
+    with pytest.raises(_Stop):
+        maskprop.fit(copy.deepcopy(config), out=run)
+    stopped = load_checkpoint(run / "last.pt")
+    assert (stopped["phase"], stopped["epoch"]) == ("finetune", 1)
+    save_checkpoint(dict(stopped, elapsed_s=1e6, best_accuracy=99.0), run / "last.pt")
+    monkeypatch.setattr(loop, "train_one_epoch", train_one_epoch)
+    summary = maskprop.fit(copy.deepcopy(config), out=run, resume=True)
+    assert [(r["phase"], r["epoch"]) for r in _records(run)] == [("search", 1), ("search", 2), ("finetune", 1),
+                                                                  ("finetune", 2)]
+    assert 1e6 < summary["run_time_s"] < 1e6 + 600 and summary["best_accuracy"] == 99.0
+    times = load_checkpoint(run / "last.pt")["times"]
+    assert times["search"] == stopped["times"]["search"] and len(times["search"]) == 2 * STEPS_PER_EPOCH
+    assert times["finetune"][:STEPS_PER_EPOCH] == stopped["times"]["finetune"]
+    assert len(times["finetune"]) == 2 * STEPS_PER_EPOCH
 
 
 def test_a_budget_in_flops_holds_the_priced_sum_and_narrows_the_expensive_channels(tmp_path):

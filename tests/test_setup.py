@@ -104,6 +104,8 @@ def test_resume_of_a_directory_with_neither_checkpoint_nor_config_is_refused(tmp
     (EOFError(), "EOFError"),
     (ValueError("one " * 60), "one " * 39 + "one ..."),
     (ValueError("x" * 200), "x" * 160 + " ..."),
+    (ValueError("y" * 160), "y" * 160),  # exactly the limit: whole
+    (ValueError("a" * 150 + " " + "b" * 9 + " c"), "a" * 150 + " " + "b" * 9 + " ..."),  # a word ending at the limit
 ])
 def test_error_reason_keeps_the_first_sentence_and_whole_words(error, reason):
     assert error_reason(error) == reason

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import TINY_RUN, with_overrides
+from conftest import TINY_RUN, nontrivial_batch_norms, with_overrides
 
 import maskprop
 from maskprop.cli import main
@@ -241,6 +241,97 @@ def test_subnet_step_reports_the_gradient_norm_before_clipping():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# One epoch's means, evaluation, the best-of-n fix
+
+
+def test_the_epoch_means_weigh_each_batch_by_its_examples():
+    """EpochMeter: the loss, L(m') and the accuracy are means over the examples (a short last batch weighs less); the
+    sampled kept ratio, |L(m) - L(m')| and the gradient norm are means over the steps. Against a hand computation."""
+    from maskprop.train.loop import EpochMeter
+    from maskprop.train.steps import StepResult
+
+    meter = EpochMeter()
+    meter.update(StepResult(loss=1.0, loss2=1.5, correct=6, count=8, kept_ratio=0.5, flops=0, dense_flops=0,
+                            grad_norm=2.0))
+    meter.update(StepResult(loss=4.0, loss2=3.0, correct=1, count=2, kept_ratio=0.25, flops=0, dense_flops=0,
+                            grad_norm=5.0))
+    expected = {"train_loss": (8 * 1.0 + 2 * 4.0) / 10, "train_loss2": (8 * 1.5 + 2 * 3.0) / 10,
+                "train_accuracy": 100.0 * 7 / 10, "kept_ratio_sampled": (0.5 + 0.25) / 2, "loss_gap": (0.5 + 1.0) / 2,
+                "grad_norm": (2.0 + 5.0) / 2}
+    assert meter.summary() == pytest.approx(expected, rel=1e-12)
+
+
+def _classifier_data(n: int = 11, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_evaluate_gives_the_mean_loss_and_accuracy_over_every_example():
+    """evaluate: the cross entropy summed over every example over their count (a short last batch weighs less) and the
+    top-1 accuracy of the subnetwork in eval mode, against plain torch in float64 on the masked model; the model's
+    mode is given back."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from maskprop.train.loop import evaluate
+
+    torch.manual_seed(0)
+    model = nontrivial_batch_norms(maskprop.create_model("resnet20", num_classes=4)).train()
+    images, labels = _classifier_data()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)  # batches of 4, 4 and 3
+    ctx = StepContext(torch.nn.CrossEntropyLoss(), torch.device("cpu"), maskprop.CostModel(model, (3, 8, 8)))
+    mask = maskprop.random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(1))
+    for m in (None, mask):
+        result = evaluate(model, loader, m, ctx)
+        reference = copy.deepcopy(model).double().eval()
+        with torch.no_grad(), use_mask(reference, m, "masked"):
+            logits = reference(images.double())
+        assert result["loss"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
+        assert result["accuracy"] == pytest.approx(100.0 * int((logits.argmax(1) == labels).sum()) / len(labels))
+        assert model.training
+
+
+def test_best_of_n_keeps_the_earliest_sample_of_the_best_training_accuracy():
+    """_best_of_n: masks drawn one after another from the run's mask generator, each scored in eval mode on every
+    example; the accuracies in percent of all examples, and the first of the best wins. Against the same draws scored
+    on the masked model; with a classifier that predicts class 0 whatever the mask, every sample ties and the first
+    wins."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from maskprop.train.loop import _best_of_n
+
+    torch.manual_seed(0)
+    model = nontrivial_batch_norms(maskprop.create_model("resnet20", num_classes=4))
+    images, labels = _classifier_data(23)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8)
+    ctx = StepContext(torch.nn.CrossEntropyLoss(), torch.device("cpu"), maskprop.CostModel(model, (3, 8, 8)))
+    with torch.no_grad():  # a classifier whose predictions vary with the mask
+        model.fc.weight.normal_(0.0, 3.0)
+    scores = ChannelScores(model.channel_groups(), keep_ratio=0.3)
+    for tie in (False, True):
+        if tie:
+            with torch.no_grad():
+                model.fc.weight.zero_()
+                model.fc.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+        generator = torch.Generator().manual_seed(5)
+        drawn = copy.deepcopy(generator)
+        masks = [scores.split(scores.sample_flat(drawn)) for _ in range(4)]
+        accuracies = []
+        for mask in masks:
+            with torch.no_grad(), use_mask(model.eval(), mask, "masked"):
+                accuracies.append(100.0 * int((model(images).argmax(1) == labels).sum()) / len(labels))
+        chosen, info = _best_of_n(scores, model.train(), generator, 4, loader, ctx)
+        best = accuracies.index(max(accuracies))
+        assert info == {"rule": "best_of_n", "train_accuracies": pytest.approx(accuracies), "chosen": best,
+                        "examples": 23}
+        assert {g: m.tolist() for g, m in chosen.items()} == {g: m.tolist() for g, m in masks[best].items()}
+        assert torch.equal(generator.get_state(), drawn.get_state()) and model.training
+        if tie:
+            assert len(set(accuracies)) == 1 and best == 0
+        else:
+            assert len(set(accuracies)) > 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Whole runs
 
 
@@ -279,9 +370,10 @@ def test_cli_run_writes_every_artifact(cli_run):
     assert "accuracy" in stdout and "train-cost saving" in stdout and str(out) in stdout
 
 
-def _accuracy_of_checkpoint(path: Path) -> float:
-    """Top-1 accuracy (%) of a finished run's final subnetwork on its validation set, recomputed from the checkpoint
-    with plain torch: a forward in eval mode with every dropped channel's output zeroed (masked mode)."""
+def _accuracy_of_checkpoint(path: Path, mask: dict | None | str = "fixed") -> float:
+    """Top-1 accuracy (%) of a finished run's final subnetwork (or of ``mask``: ``None`` for the whole network) on its
+    validation set, recomputed from the checkpoint with plain torch: a forward in eval mode with every dropped
+    channel's output zeroed (masked mode)."""
     from torch.utils.data import DataLoader
 
     from maskprop.train.data import build_datasets
@@ -293,7 +385,7 @@ def _accuracy_of_checkpoint(path: Path) -> float:
     model.load_state_dict(checkpoint["model"])
     model.eval()
     correct = count = 0
-    with torch.no_grad(), use_mask(model, checkpoint["fixed_mask"], "masked"):
+    with torch.no_grad(), use_mask(model, checkpoint["fixed_mask"] if mask == "fixed" else mask, "masked"):
         for images, labels in DataLoader(val_set, batch_size=cfg.data.batch_size):
             correct += int((model(images).argmax(1) == labels).sum())
             count += labels.numel()
@@ -347,9 +439,17 @@ def test_train_cost_saving_sums_the_masks_actually_used(cli_run):
     assert 0.25 * summary["dense_train_flops"] / 3 < search_flops < summary["dense_train_flops"] / 2
 
 
+def test_the_summary_kept_ratio_is_the_fixed_subnetworks_share_of_all_prunable_channels(cli_run):
+    out, _ = cli_run
+    summary = json.loads((out / "summary.json").read_text())
+    fixed = load_checkpoint(out / "last.pt")["fixed_mask"]
+    channels = sum(maskprop.create_model("resnet20").channel_groups().values())
+    assert summary["kept_ratio"] == pytest.approx(sum(int(m.sum()) for m in fixed.values()) / channels, rel=1e-12)
+
+
 def test_dense_method_trains_the_same_model_with_no_mask(tmp_path):
     summary = maskprop.fit(tiny(method="dense", **{"optim.epochs": 1}), out=tmp_path / "dense")
-    assert summary["train_cost_saving"] == 1.0 and summary["measured_speedup"] == 1.0
+    assert summary["train_cost_saving"] == 1.0 and summary["measured_speedup"] == 1.0 and summary["keep_ratio"] == 1.0
     assert summary["subnet_flops"] == summary["dense_flops"] and summary["subnet_params"] == summary["dense_params"]
     assert summary["steps"] == {"search": 0, "finetune": 0, "train": 2}
     checkpoint = load_checkpoint(tmp_path / "dense" / "last.pt")
@@ -365,6 +465,23 @@ def test_top_scores_fix_keeps_the_largest_scores(tmp_path):
     assert {g: int(m.sum()) for g, m in scores.top_mask().items()} == summary["widths"]
     assert summary["fix"] == {"rule": "top_scores", "budget_spent": pytest.approx(scores.spent() / scores.budget)}
     assert summary["steps"]["finetune"] == 0 and summary["accuracy"] is not None
+
+
+def test_without_finetune_epochs_the_accuracy_is_the_fixed_subnetworks(tmp_path):
+    """finetune.epochs 0: the summary's accuracy is that of the subnetwork best_of_n fixed, measured after the fix (not
+    the top scores' that the search's last epoch evaluated, nor the whole network's), recomputed from the checkpoint
+    in plain torch; at this seed the three differ."""
+    maskprop.fit(tiny(**{"optim.epochs": 1, "finetune.epochs": 0}), out=tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert summary["fix"]["rule"] == "best_of_n" and summary["steps"]["finetune"] == 0
+    fixed = _accuracy_of_checkpoint(tmp_path / "run" / "last.pt")
+    scores = ChannelScores({name: size for name, size in checkpoint["groups"]}, keep_ratio=0.5)
+    scores.load_state_dict(checkpoint["scores"])
+    others = {rule: _accuracy_of_checkpoint(tmp_path / "run" / "last.pt", mask) for rule, mask in
+              (("top_scores", scores.top_mask()), ("dense", None))}
+    assert summary["accuracy"] == pytest.approx(fixed, abs=1e-9) == checkpoint["final_accuracy"]
+    assert fixed not in others.values(), others
 
 
 def test_best_of_n_fix_keeps_the_sample_with_the_best_training_accuracy(cli_run):
