@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 
 import pytest
 import safetensors.torch
@@ -176,3 +177,28 @@ def test_weights_that_do_not_fit_are_one_line_and_write_nothing(tmp_path, capsys
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("maskprop train: error: model.weights '") and message in err[-1], err[-1]
         assert not out.exists()
+
+
+def test_the_classifier_is_the_last_linear_layer_and_partial_prefixes_or_private_tensors_do_not_fit(tmp_path):
+    """In a model of several linear layers (an MLP) only the last is the classifier that may keep its initialisation:
+    another shape there loads the rest, another shape in a hidden layer is an error. The count of tensors loaded is
+    the file's (less the classifier kept). A ``module.`` prefix on some keys only is no DDP save, and a private key
+    that holds a tensor is a weight like any other: both do not fit."""
+    mlp = with_overrides(TINY_RUN, **{"model.name": "mlp", "model.kwargs.hidden": [16, 12]})
+    state = prepared(mlp).state.model.state_dict()
+    names = [k for k in state if k.endswith(".weight")]
+    first, last = names[0], names[-1]
+    other_head = dict(state, **{last: torch.zeros(7, 12), last[:-len("weight")] + "bias": torch.zeros(7)})
+    torch.save(other_head, tmp_path / "other_head.pt")
+    run = prepared(mlp, **{"model.weights": str(tmp_path / "other_head.pt")})
+    assert run.initial_weights.kept_initialisation == sorted([last, last[:-len("weight")] + "bias"])
+    assert run.initial_weights.tensors == len(state) - 2
+    assert_holds(run.state.model, state, skip=(last, last[:-len("weight")] + "bias"))
+    cases = {"other_hidden.pt": (dict(state, **{first: torch.zeros(16, 5)}), "1 of other shapes"),
+             "half_prefixed.pt": ({(f"module.{k}" if i % 2 else k): v for i, (k, v) in enumerate(state.items())},
+                                  f"{len(state) // 2} unknown to it (module."),
+             "private_tensor.pt": (dict(state, _extra=torch.zeros(3)), "1 unknown to it (_extra)")}
+    for name, (data, message) in cases.items():
+        torch.save(data, tmp_path / name)
+        with pytest.raises(ValueError, match=rf"does not fit mlp: .*{re.escape(message)}"):
+            prepared(mlp, **{"model.weights": str(tmp_path / name)})
