@@ -369,7 +369,7 @@ def test_cifar_datasets_pickle_by_reference_for_spawned_workers(tmp_path, monkey
     make_cifar(tmp_path, "cifar10", per_batch=1, test_size=2)
     train, _, _, _ = build_datasets(DataConfig(dataset="cifar10", root=str(tmp_path)))
     payload = pickle.dumps(train)
-    monkeypatch.setattr(datasets_module, "_UNCHECKED_CIFAR", {})  # as in a fresh process that never built the class
+    monkeypatch.setattr(datasets_module, "_TORCHVISION_CLASSES", {})  # as in a fresh process that never built the class
     copy = pickle.loads(payload)
     assert type(copy).__name__ == "UncheckedCIFAR10" and copy.targets == train.targets and len(copy) == 5
 

@@ -70,7 +70,7 @@ def _cifar_folder(name: str, root: str | os.PathLike | None) -> Path:
     return root
 
 
-_UNCHECKED_CIFAR: dict[str, type] = {}
+_TORCHVISION_CLASSES: dict[str, type] = {}  # made on first use: UncheckedCIFAR10, UncheckedCIFAR100, VisibleImageFolder
 
 
 def _unchecked_cifar(name: str) -> type:
@@ -80,11 +80,11 @@ def _unchecked_cifar(name: str) -> type:
     the same format both load. The class is made on first use (torchvision is imported then) and lives in this module
     under ``name``, so datasets pickle by reference into spawned DataLoader workers.
     """
-    if name not in _UNCHECKED_CIFAR:
+    if name not in _TORCHVISION_CLASSES:
         from torchvision import datasets
 
         base = getattr(datasets, name.removeprefix("Unchecked"))
-        _UNCHECKED_CIFAR[name] = type(name, (base,), {
+        _TORCHVISION_CLASSES[name] = type(name, (base,), {
             "__module__": __name__,
             "__qualname__": name,
             "__doc__": f"torchvision's {base.__name__} without MD5 checks of its files.",
@@ -92,7 +92,7 @@ def _unchecked_cifar(name: str) -> type:
             "test_list": [[filename, None] for filename, _ in base.test_list],
             "meta": {**base.meta, "md5": None},
         })
-    return _UNCHECKED_CIFAR[name]
+    return _TORCHVISION_CLASSES[name]
 
 
 def _visible_image_folder() -> type:
@@ -100,7 +100,7 @@ def _visible_image_folder() -> type:
     not start with a dot: torchvision's own takes every folder, so a ``.ipynb_checkpoints`` would become class 0, shift
     every label by one and leave the last class outside the classifier. Made on first use, as :func:`_unchecked_cifar`.
     """
-    if "VisibleImageFolder" not in _UNCHECKED_CIFAR:
+    if "VisibleImageFolder" not in _TORCHVISION_CLASSES:
         from torchvision import datasets
 
         def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
@@ -109,11 +109,11 @@ def _visible_image_folder() -> type:
                 raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
             return classes, {name: index for index, name in enumerate(classes)}
 
-        _UNCHECKED_CIFAR["VisibleImageFolder"] = type("VisibleImageFolder", (datasets.ImageFolder,), {
+        _TORCHVISION_CLASSES["VisibleImageFolder"] = type("VisibleImageFolder", (datasets.ImageFolder,), {
             "__module__": __name__, "__qualname__": "VisibleImageFolder", "find_classes": find_classes,
             "__doc__": "torchvision's ImageFolder without hidden class folders (names starting with a dot).",
         })
-    return _UNCHECKED_CIFAR["VisibleImageFolder"]
+    return _TORCHVISION_CLASSES["VisibleImageFolder"]
 
 
 def __getattr__(name: str) -> type:
