@@ -231,6 +231,8 @@ def test_sparse_and_dense_runs_of_the_same_recipe_both_learn(bars):
         summary = maskprop.fit(mlp_config(method=method, **{"sbp.angle_every": 0}), *bars)
         assert summary["accuracy"] > 90.0, method
         assert (summary["train_cost_saving"] > 1.5) == (method != "dense"), method
+        if method != "dense":  # the config's sbp.memory (0.8) is MSBP's: these run, and report, none
+            assert summary["sbp"]["memory"] == 0.0, method
 
 
 def test_balanced_budget_keeps_the_total_and_moves_it_between_layers(bars):
