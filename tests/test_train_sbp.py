@@ -347,3 +347,24 @@ def test_adam_by_default_at_a_recipe_s_sgd_rate_is_warned_of(caplog):
         with caplog.at_level("WARNING", logger="maskprop.train.config"):
             load_config(str(recipe), overrides)
         assert "trains with Adam" not in caplog.text, overrides
+
+
+def test_a_resume_keeps_the_angles_measured_before_the_stop(bars, tmp_path, monkeypatch):
+    """Angles measured every 16 steps (8 an epoch): at the end of epoch 2 only. A run stopped in epoch 3 and resumed
+    measures none again, so its summary's last angles are the checkpoint's, as the run's that did not stop."""
+    config = mlp_config(**{"sbp.angle_every": 16})
+    straight = maskprop.fit(config, *bars, out=tmp_path / "straight")
+    real, calls = loop.train_one_epoch, []
+
+    def dies_in_epoch_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # after epoch 2 was checkpointed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", dies_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        maskprop.fit(config, *bars, out=tmp_path / "resumed")
+    monkeypatch.setattr(loop, "train_one_epoch", real)
+    resumed = maskprop.fit(config, *bars, out=tmp_path / "resumed", resume=True)
+    assert straight["sbp"]["last_angles"] and resumed["sbp"]["last_angles"] == straight["sbp"]["last_angles"]
