@@ -241,23 +241,26 @@ def test_balanced_budget_keeps_the_total_and_moves_it_between_layers(bars):
     assert sum(kept.values()) == 16 and summary["accuracy"] > 90.0
 
 
+def stopped_in_epoch(epoch: int, monkeypatch, run) -> None:
+    """``run()`` interrupted (Ctrl-C) as epoch ``epoch`` starts, after the epoch before was checkpointed."""
+    real, calls = loop.train_one_epoch, []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(loop, "train_one_epoch", real)
+
+
 def test_resume_continues_exactly(bars, tmp_path, monkeypatch):
     config = mlp_config(**{"sbp.budget": "balanced", "sbp.sparsifier": "randomk", "sbp.angle_every": 3})
     maskprop.fit(config, *bars, out=tmp_path / "straight")
-
-    real = loop.train_one_epoch
-    calls = []
-
-    def dies_in_epoch_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # after epoch 1 was checkpointed
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_one_epoch", dies_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        maskprop.fit(config, *bars, out=tmp_path / "resumed")
-    monkeypatch.setattr(loop, "train_one_epoch", real)
+    stopped_in_epoch(2, monkeypatch, lambda: maskprop.fit(config, *bars, out=tmp_path / "resumed"))
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
     maskprop.fit(config, *bars, out=tmp_path / "resumed", resume=True)
 
@@ -354,17 +357,6 @@ def test_a_resume_keeps_the_angles_measured_before_the_stop(bars, tmp_path, monk
     measures none again, so its summary's last angles are the checkpoint's, as the run's that did not stop."""
     config = mlp_config(**{"sbp.angle_every": 16})
     straight = maskprop.fit(config, *bars, out=tmp_path / "straight")
-    real, calls = loop.train_one_epoch, []
-
-    def dies_in_epoch_three(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # after epoch 2 was checkpointed
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_one_epoch", dies_in_epoch_three)
-    with pytest.raises(KeyboardInterrupt):
-        maskprop.fit(config, *bars, out=tmp_path / "resumed")
-    monkeypatch.setattr(loop, "train_one_epoch", real)
+    stopped_in_epoch(3, monkeypatch, lambda: maskprop.fit(config, *bars, out=tmp_path / "resumed"))
     resumed = maskprop.fit(config, *bars, out=tmp_path / "resumed", resume=True)
     assert straight["sbp"]["last_angles"] and resumed["sbp"]["last_angles"] == straight["sbp"]["last_angles"]
