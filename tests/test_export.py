@@ -318,6 +318,18 @@ def test_export_directory_holds_what_export_json_says(exported):
     assert all(torch.equal(plan.mask()[g], mask[g]) for g in mask)
 
 
+def test_export_json_records_each_file_s_size_and_the_weights_carry_torch_metadata(exported):
+    """The sizes in export.json are those of the files written, and model.safetensors declares torch tensors
+    (``format: pt``, what safetensors-based loaders such as transformers' check) and names its plan."""
+    from safetensors import safe_open
+
+    out, info = exported[0], exported[4]
+    for name, entry in info["files"].items():
+        assert entry["bytes"] == (out / name).stat().st_size, name
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "maskprop_plan": "plan.json"}
+
+
 def test_load_exported_rebuilds_the_narrow_model(exported):
     out, _, _, narrow, _ = exported
     loaded = load_exported(out)
@@ -543,15 +555,18 @@ def test_a_failed_export_leaves_nothing(exported, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("shift", [1.0, -1.0])
+@pytest.mark.parametrize("shift", [1.0, -1.0, float("nan"), "0.5%"])
 def test_a_file_that_does_not_reproduce_the_narrow_model_is_refused(tmp_path, monkeypatch, shift):
-    """The read-back check measures the largest absolute difference: a file off by ``shift`` either way is refused,
-    and nothing is left behind."""
+    """The read-back check measures the largest absolute difference: a file off by ``shift`` either way, one whose
+    output is NaN, or one off by 0.5% of the output (five times the 1e-3 relative tolerance) is refused, and nothing
+    is left behind."""
     export_module = sys.modules["maskprop.export"]
     real = export_module.load_exported
 
     def off(folder, device=None):
         loaded = real(folder, device)
+        if shift == "0.5%":
+            return lambda x: loaded(x) * 1.005
         return lambda x: loaded(x) + shift
 
     monkeypatch.setattr(export_module, "load_exported", off)
@@ -568,6 +583,18 @@ def test_a_plan_index_past_its_group_is_refused():
     plan["groups"]["layer1"]["indices"][-1] = 16  # one past the last channel
     with pytest.raises(ValueError, match="group 'layer1'"):
         WidthPlan.from_dict(plan)
+    for indices in ([1, 1, 3], [-1, 3, 5], [3, 1, 5]):  # a repeated, a negative, an unsorted index
+        plan["groups"]["layer1"].update(indices=indices, kept=3)
+        with pytest.raises(ValueError, match="group 'layer1'"):
+            WidthPlan.from_dict(plan)
+
+
+def test_a_plan_of_the_first_format_keeps_its_number_of_classes():
+    old = {"format": 1, "model": "resnet20", "model_kwargs": {"width": 2}, "num_classes": 7,
+           "input_size": [3, 16, 16], "groups": {"layer1": {"channels": 32, "kept": 2, "indices": [0, 5]}}}
+    plan = WidthPlan.from_dict(old)
+    assert plan.spec == ModelSpec("resnet20", {"width": 2, "num_classes": 7}, (3, 16, 16))
+    assert plan.num_classes == 7 and plan.kept == {"layer1": [0, 5]} and plan.channels == {"layer1": 32}
 
 
 def test_load_exported_bad_directories(exported, tmp_path):

@@ -148,12 +148,26 @@ def test_best_checkpoint_from_the_search_records_its_accuracy(run, tmp_path, cap
     assert info["accuracy"] == 42.5 and info["source"]["checkpoint"].endswith("best.pt")
 
 
+def test_a_subnetwork_the_checkpoint_did_not_evaluate_records_no_accuracy(run, tmp_path):
+    """A finished run's final accuracy and a fine-tuning best.pt's accuracy are those of the fixed subnetwork: an
+    export of the top-score subnetwork records none."""
+    run_dir, _ = run
+    assert export(run_dir, "--mask", "top_scores", "--format", "safetensors", "--out", tmp_path / "top") == 0
+    info = json.loads((tmp_path / "top" / "export.json").read_text())
+    assert info["accuracy"] is None and info["source"]["mask"] == "top_scores"
+    best = edited_run(run_dir, tmp_path / "best", name="best.pt", phase="finetune", best_accuracy=42.5)
+    assert export(best, "--checkpoint", "best", "--mask", "top_scores", "--format", "safetensors") == 0
+    info = json.loads((best / "export" / "export.json").read_text())
+    assert info["accuracy"] is None and "evaluated with the fixed subnetwork" in info["accuracy_source"]
+
+
 def test_dense_run_exports_the_whole_model(run, tmp_path, capsys):
     run_dir, _ = run
     dense = edited_run(run_dir, tmp_path / "dense", method="dense", scores=None, fixed_mask=None)
     assert export(dense, "--format", "safetensors") == 0
     info = json.loads((dense / "export" / "export.json").read_text())
     assert info["params"] == info["dense_params"] and info["flops"] == info["dense_flops"]
+    assert info["source"]["mask"] == "none (whole model)"
     assert info["accuracy"] == load_checkpoint(dense / "last.pt")["final_accuracy"]
     capsys.readouterr()
     assert export(dense, "--mask", "top_scores", "--out", tmp_path / "top") == 2

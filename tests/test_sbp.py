@@ -204,6 +204,35 @@ def test_top_k_without_ties_is_sorted_and_unit_scores_sum_over_positions():
                                rtol=1e-15, atol=0)
 
 
+def test_keep_count_rounds_to_nearest_and_keeps_at_least_one_unit():
+    """k = round(ratio * n), but never 0: a ratio too small for the layer still propagates one unit."""
+    assert [sbp.keep_count(10, r) for r in (0.01, 0.04, 0.14, 0.16, 0.5, 1.0)] == [1, 1, 1, 2, 5, 10]
+    layer, dense = _linear_pair(5, 10, ratio=0.01)
+    assert layer.k == 1
+    x, g = torch.randn(3, 5, dtype=DTYPE), torch.randn(3, 10, dtype=DTYPE)
+    for got, want in zip(_grads(layer, x, g), _grads(dense, x, g * _keep_mask(g, 1, "topk_unified"))):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "conv_kwargs",
+    [dict(kernel_size=3, padding=(0, 2)),  # symmetric, but unequal between height and width
+     dict(kernel_size=(4, 3), padding="same"),  # asymmetric in height only (1 above, 2 below)
+     dict(kernel_size=(3, 4), padding="same")],  # asymmetric in width only
+)
+def test_conv_with_unequal_or_asymmetric_padding_matches_nn_conv2d(conv_kwargs):
+    """With k = n the layer is nn.Conv2d: the same output shape and values, and the same gradients."""
+    torch.manual_seed(0)
+    dense = nn.Conv2d(3, 5, **conv_kwargs).to(DTYPE)
+    conv = SparseBackwardConv2d(3, 5, k=5, **conv_kwargs).to(DTYPE)
+    conv.load_state_dict(dense.state_dict())
+    x = torch.randn(2, 3, 7, 8, dtype=DTYPE)
+    torch.testing.assert_close(conv(x.clone().requires_grad_(True)), dense(x), rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(dense(x))
+    for got, want in zip(_grads(conv, x, g), _grads(dense, x, g)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # MSBP memory
 
@@ -298,6 +327,34 @@ def test_msbp_conv_matches_its_equations_in_both_memory_formats(sparsifier, memo
         torch.testing.assert_close(conv.msbp_memory, memory.flatten(1))
     if memory_format == torch.channels_last:
         assert conv.msbp_memory.stride() == (1, 8)  # kept in the gradient's layout
+
+
+def test_recorded_scores_are_those_selected_with_the_msbp_memory_share():
+    """What the global budget balances (``last_scores``) is the selection score |dL/dh + M / B| summed over the
+    batch, memory included."""
+    layer, _ = _linear_pair(5, 6, k=2, memory=0.5)
+    layer.record_scores = True
+    memory = torch.zeros(6, dtype=DTYPE)
+    torch.manual_seed(2)
+    for batch in (3, 2, 4):
+        x, g = torch.randn(batch, 5, dtype=DTYPE), torch.randn(batch, 6, dtype=DTYPE)
+        h = g + memory / batch
+        _grads(layer, x, g)
+        torch.testing.assert_close(layer.last_scores, h.abs().sum(0))
+        memory = 0.5 * (h.sum(0) - (h * _keep_mask(h, 2, "topk_unified")).sum(0))
+    assert memory.abs().sum() > 0
+
+
+def test_msbp_memory_restarts_at_zero_when_the_gradient_dtype_changes():
+    """A memory left in another dtype (e.g. by a step under autocast) is not mixed into this gradient."""
+    layer, dense = _linear_pair(5, 6, k=2, memory=0.5)
+    torch.manual_seed(3)
+    x, g = torch.randn(3, 5, dtype=DTYPE), torch.randn(3, 6, dtype=DTYPE)
+    layer.msbp_memory = torch.ones(6, dtype=torch.float32)
+    for got, want in zip(_grads(layer, x, g), _grads(dense, x, g * _keep_mask(g, 2, "topk_unified"))):
+        torch.testing.assert_close(got, want)
+    assert layer.msbp_memory.dtype == DTYPE
+    torch.testing.assert_close(layer.msbp_memory, 0.5 * (g - g * _keep_mask(g, 2, "topk_unified")).sum(0))
 
 
 def test_take_units_and_batch_sum_keep_values_in_every_layout():
@@ -412,6 +469,28 @@ def test_autograd_grad_and_partial_backward():
     torch.testing.assert_close(layer.weight.grad, w_ref)
 
 
+def test_weight_hooks_see_the_sparse_gradient_with_direct_grad_on():
+    """A hook on the weight (a user's, or a gradient-clipping or logging tool's) makes the layer hand its weight
+    gradient to autograd, so the hook fires, even with ``direct_grad`` left on."""
+    layer, dense = _linear_pair(6, 9, k=2)
+    assert layer.direct_grad
+    x, g = torch.randn(3, 6, dtype=DTYPE), torch.randn(3, 9, dtype=DTYPE)
+    w_ref = _reference_sparse_grads(layer, dense, x, g)[0]
+    seen, accumulated = [], []
+    handle = layer.weight.register_hook(lambda grad: seen.append(grad.clone()))
+    layer(x).backward(g)
+    handle.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], w_ref)
+    torch.testing.assert_close(layer.weight.grad, w_ref)
+    layer.zero_grad(set_to_none=True)
+    handle = layer.weight.register_post_accumulate_grad_hook(lambda p: accumulated.append(p.grad.clone()))
+    layer(x).backward(g)
+    handle.remove()
+    assert len(accumulated) == 1
+    torch.testing.assert_close(accumulated[0], w_ref)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Conversion
 
@@ -450,6 +529,49 @@ def test_convert_swaps_layers_keeps_parameters_and_exempts_the_output():
         pass
 
     assert isinstance(convert(nn.Sequential(MyLinear(4, 4), nn.Linear(4, 2)), k=1)[0], SparseBackwardLinear)
+
+
+def test_converted_layers_keep_every_setting_of_the_original():
+    """A converted conv computes nn.Conv2d's output and, with k = n, its gradients, for stride, padding, padding
+    mode and dilation that differ from the defaults (and between height and width); the converted layers run the
+    sparsifier and memory asked for and keep the training mode."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=(2, 1), padding=(1, 2), dilation=(2, 1), padding_mode="reflect").to(DTYPE)
+    reference = copy.deepcopy(conv)
+    layer = convert(nn.Sequential(conv), k=4, sparsifier="topk", memory=0.3, exempt=())[0]
+    assert isinstance(layer, SparseBackwardConv2d)
+    assert (layer.sparsifier, layer.memory_ratio) == ("topk", 0.3)
+    x = torch.randn(2, 3, 11, 10, dtype=DTYPE)
+    torch.testing.assert_close(layer(x.clone().requires_grad_(True)), reference(x), rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(reference(x))
+    for got, want in zip(_grads(layer, x, g), _grads(reference, x, g)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    # The sparsifier reaches the backward: per-example top-1 keeps each example's own unit.
+    torch.manual_seed(1)
+    linear = nn.Linear(6, 4).to(DTYPE)
+    reference = copy.deepcopy(linear)
+    layer = convert(nn.Sequential(linear), k=1, sparsifier="topk", exempt=())[0]
+    grad = torch.tensor([[3.0, 4.0, 0.0, 0.1], [3.0, 0.0, -4.0, 0.2]], dtype=DTYPE)  # unified would keep unit 0
+    x = torch.randn(2, 6, dtype=DTYPE)
+    for got, want in zip(_grads(layer, x, grad), _grads(reference, x, grad * _keep_mask(grad, 1, "topk"))):
+        torch.testing.assert_close(got, want)
+
+    model = _Net().eval()
+    convert(model, k=2)
+    assert not any(m.training for m in model.modules())
+    assert all(m.training for m in convert(_Net().train(), k=2).modules())
+
+
+def test_dense_backward_nests_and_restores_each_layer_s_own_setting():
+    model = convert(_Net(), k=2)
+    layers = [layer for _, layer in sbp.sparse_layers(model)]
+    layers[0].sparse_enabled = False  # switched off by hand before
+    with sbp.dense_backward(model):
+        with sbp.dense_backward(model):
+            pass
+        assert not any(layer.sparse_enabled for layer in layers)  # the outer block still runs dense
+    assert [layer.sparse_enabled for layer in layers] == [False] + [True] * (len(layers) - 1)
 
 
 def test_sbp_state_roundtrip():
