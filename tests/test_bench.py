@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from maskprop.bench import (
     format_table,
     interleaved_times,
     mask_pair,
+    quartiles,
     random_batch,
     saved_for_backward_mb,
     training_steps,
@@ -43,6 +45,97 @@ def test_interleaved_times_runs_every_step_once_per_repetition_in_turn():
                               after_repetition=lambda done: calls.append(done))
     assert calls == ["a", "b", 1, "a", "b", 2, "a", "b", 3]
     assert [len(v) for v in times.values()] == [2, 2] and all(t >= 0 for v in times.values() for t in v)
+
+
+def test_quartiles_are_numpys_linear_percentiles():
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 6, 8):
+        values = rng.lognormal(size=n).tolist()
+        assert quartiles(values) == pytest.approx(tuple(np.percentile(values, [25, 50, 75])))
+    assert quartiles([3.0]) == (3.0, 3.0, 3.0)
+
+
+def test_speedups_are_medians_of_ratios_paired_within_a_repetition(monkeypatch):
+    """Step times set by hand: a repetition's dense time is the median over the keep ratios; the speedup and its
+    quartiles are those of dense / compact per repetition, vs masked the median of masked / compact; the ideal is
+    3 f_D / (3 f(m) + f(m')) of the step's two masks."""
+    import maskprop.bench
+    from maskprop.cost import CostModel
+
+    ratios, repeats = (0.75, 0.5, 0.25), 5
+    rng = np.random.default_rng(1)
+    drawn = {(rho, name): rng.lognormal(size=repeats).tolist() for rho in ratios
+             for name in ("dense", "masked", "compact")}
+    calls = []
+
+    def fake_times(steps, repeats_, warmup, *args, **kwargs):
+        calls.append((sorted(steps, key=str), repeats_, warmup))
+        return {key: list(drawn[key]) for key in steps}
+
+    monkeypatch.setattr(maskprop.bench, "interleaved_times", fake_times)
+    results = bench_model("resnet20", batch_size=2, keep_ratios=ratios, repeats=repeats, warmup=3, image_size=8,
+                          masks="sampled", seed=4)
+    assert calls == [(sorted(drawn, key=str), repeats, 3)]
+    dense = np.median([drawn[(rho, "dense")] for rho in ratios], axis=0)  # per repetition
+    model = maskprop.create_model("resnet20", num_classes=10)
+    cost, generator = CostModel(model, (3, 8, 8)), torch.Generator().manual_seed(4)
+    table = format_table(results).splitlines()[2:]
+    for r, rho, line in zip(results, ratios, table):
+        masked, compact = np.array(drawn[(rho, "masked")]), np.array(drawn[(rho, "compact")])
+        low, median, high = np.percentile(dense / compact, [25, 50, 75])
+        assert r.keep_ratio == rho
+        assert (r.dense_s, r.masked_s, r.compact_s) == pytest.approx((np.median(dense), np.median(masked),
+                                                                      np.median(compact)))
+        assert (r.speedup_vs_dense, *r.speedup_iqr) == pytest.approx((median, low, high))
+        assert r.speedup_vs_masked == pytest.approx(np.median(masked / compact))
+        pair = mask_pair(model.channel_groups(), rho, generator, "sampled")
+        ideal = 3 * cost.flops() / (3 * cost.flops(pair["m"]) + cost.flops(pair["m2"]))
+        assert r.ideal == pytest.approx(ideal) and r.efficiency == pytest.approx(median / ideal)
+        assert f"| {median:.2f}x ({low:.2f}-{high:.2f}) | {ideal:.2f}x | {median / ideal:.0%} |" in line
+
+
+def test_sampled_masks_keep_each_channel_with_the_keep_probability():
+    groups = maskprop.create_model("resnet20").channel_groups()
+    channels = 2 * sum(groups.values())  # two masks
+    for keep in (0.25, 0.75):
+        pair = mask_pair(groups, keep, torch.Generator().manual_seed(0), "sampled")
+        kept = sum(int(m.sum()) for mask in pair.values() for m in mask.values())
+        assert kept / channels == pytest.approx(keep, abs=4 * (keep * (1 - keep) / channels) ** 0.5)
+
+
+def test_the_compact_step_runs_its_second_forward_without_autograd():
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20").train()
+    x, y = random_batch(2, 8)
+    grad_enabled = []
+    model.register_forward_pre_hook(lambda module, inputs: grad_enabled.append(torch.is_grad_enabled()))
+    steps = training_steps(model, x, y, mask_pair(model.channel_groups(), 0.5, torch.Generator().manual_seed(0)))
+    for name, expected in (("dense", [True]), ("masked", [True, True]), ("compact", [True, False])):
+        grad_enabled.clear()
+        steps[name]()
+        assert grad_enabled == expected, name
+
+
+def test_cuda_steps_are_timed_in_seconds_between_events(monkeypatch):
+    """CUDA events measure milliseconds; the step times are seconds (no GPU needed: the events are stand-ins)."""
+    from maskprop.bench import _timed
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 250.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    assert _timed(lambda: None, torch.device("cuda")) == 0.25
 
 
 def test_the_training_steps_run_on_meta_for_counting_operators():
@@ -218,3 +311,18 @@ def test_bench_align_pads_and_is_recorded():
     assert results[0].align == 8 and results[0].compact_s > 0
     with pytest.raises(ValueError, match="align=0 is not a positive integer"):
         bench_model("resnet20", batch_size=2, keep_ratios=(0.5,), repeats=1, warmup=0, align=0)
+
+
+def test_bench_defaults_are_the_commands():
+    """``bench_model`` and ``maskprop bench`` run the same measurement unless told otherwise; on the CPU kept widths
+    are not padded."""
+    import inspect
+
+    from maskprop.bench import default_align
+    from maskprop.cli import build_parser
+
+    args = build_parser().parse_args(["bench"])
+    defaults = inspect.signature(bench_model).parameters
+    for name in ("repeats", "warmup", "batch_size", "image_size", "seed"):
+        assert defaults[name].default == getattr(args, name), name
+    assert (default_align(torch.device("cpu")), default_align(torch.device("cuda"))) == (1, 8)

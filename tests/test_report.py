@@ -17,7 +17,17 @@ from conftest import TINY_RUN, with_overrides
 
 import maskprop
 from maskprop.cli import _final_table, main
-from maskprop.report import _NOTES, REPORT_PLOTS, _csv, build_report, find_runs, format_table, make_plots, write_report
+from maskprop.report import (
+    _NOTES,
+    COLUMNS,
+    REPORT_PLOTS,
+    _csv,
+    build_report,
+    find_runs,
+    format_table,
+    make_plots,
+    write_report,
+)
 from maskprop.train.summary import SCHEMA_VERSION, RunSummary, data_identity, read_summary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,6 +161,92 @@ def test_a_dense_run_of_another_class_count_is_no_baseline(runs, tmp_path):
     assert row["baseline"] is None and row["dense_accuracy"] is None
 
 
+def test_a_dense_runs_own_method_settings_do_not_count_against_it(runs, tmp_path):
+    """The sparsity, sbp and finetune sections are the sparse methods' own: a dense run that left other values there
+    differs from the run in no setting, and is closer than one of another learning rate."""
+    folder = copy_runs(runs, tmp_path)
+    shutil.copytree(folder / "dense", folder / "a_dense")  # listed first
+    lr = yaml.safe_load((folder / "a_dense" / "config.yaml").read_text())["optim"]["lr"]
+    edit_config(folder / "a_dense", **{"optim.lr": lr * 5})
+    edit_config(folder / "dense", **{"sparsity.keep_ratio": 0.9, "sparsity.fix_samples": 7, "finetune.epochs": 5,
+                                     "sbp.ratio": 0.3})
+    row = {row["run"]: row for row in build_report([folder]).rows}["vrpge"]
+    assert row["baseline"] == "dense"
+
+
+def test_a_refused_baseline_names_the_nearest_run_and_counts_what_it_does_not_show(runs, tmp_path):
+    folder = copy_runs(runs, tmp_path)
+    summary = summary_of(folder / "dense")
+    (folder / "dense" / "summary.json").write_text(json.dumps(dict(summary, model="vgg11_bn")))
+    shutil.copytree(folder / "vrpge", folder / "vrpge2")  # 6 settings from the baseline; vrpge 1 (the model)
+    far = summary_of(folder / "vrpge2")
+    data = dict(far["data"], train_size=64, val_size=8, image_size=16, seed=3)
+    (folder / "vrpge2" / "summary.json").write_text(json.dumps(dict(far, data=data, model_kwargs={"width": 2})))
+    with pytest.raises(ValueError, match=r"it differs from the nearest, 'vrpge', in model vgg11_bn vs resnet20 "
+                                         r"\(baseline vs run\)"):
+        build_report([folder / "vrpge", folder / "vrpge2"], baseline=folder / "dense")
+    with pytest.raises(ValueError) as err:
+        build_report([folder / "vrpge2"], baseline=folder / "dense")
+    message = str(err.value)
+    assert "it differs from the nearest, 'vrpge2', in " in message
+    assert message.count(" vs ") == 4 + 1 and "and 2 more (baseline vs run)" in message  # 4 shown of 6
+
+
+def test_sparse_backward_runs_keep_their_ratio_in_the_backward(runs, tmp_path):
+    """The keep column of a sparse-backward run, finished or not, is its sbp.ratio, marked ``backward``."""
+    folder = copy_runs(runs, tmp_path, names=("vrpge",))
+    finished, stopped = folder / "sbp", folder / "stopped"
+    for run in (finished, stopped):
+        shutil.copytree(folder / "vrpge", run)
+        edit_config(run, method="sbp", **{"sbp.ratio": 0.25})  # sparsity.keep_ratio stays 0.5
+    summary = summary_of(finished)
+    units = {"conv1": 16, "layer1.0.conv1": 16, "fc": 10}
+    kept = {"conv1": 4, "layer1.0.conv1": 4, "fc": 3}
+    (finished / "summary.json").write_text(json.dumps(dict(
+        summary, method="sbp", keep_ratio=0.25, epochs={"train": 2}, widths={}, group_sizes={},
+        sbp={"ratio": 0.25, "units": units, "kept_units": kept})))
+    (stopped / "summary.json").unlink()
+    report = build_report([folder])
+    rows = {row["run"]: row for row in report.rows}
+    assert (rows["sbp"]["keep"], rows["sbp"]["epochs"]) == ("0.25 backward", "2")
+    assert (rows["stopped"]["keep"], rows["stopped"]["epochs"]) == ("0.25 backward", "2")
+    assert rows["vrpge"]["keep"] == "0.5"
+    (ax,) = [ax for ax in make_plots(report)["widths.png"].axes if ax.get_title().startswith("sbp ")]
+    full, propagated = ax.containers
+    assert [bar.get_height() for bar in full] == [16, 16, 10]
+    assert [bar.get_height() for bar in propagated] == [4, 4, 3]
+
+
+def test_the_table_shows_each_number_as_the_notes_say():
+    """Hand-made rows: a gap with its sign, the interquartile range low-high and ``!`` for a wide one (not for dense
+    runs), ``-`` for what is not a finite number, wall time with a decimal under 10 s."""
+    blank = {key: None for key, _, _ in COLUMNS} | {"measured_speedup_low": None, "measured_speedup_high": None,
+                                                     "speedup_warning": None, "ranks": 1}
+    sparse = dict(blank, run="s", method="vrpge", accuracy=float("nan"), dense_accuracy=90.0, accuracy_gap=1.5,
+                  params_kept=25.0, flops_kept=float("inf"), train_cost_saving=2.5, measured_speedup=1.5,
+                  measured_speedup_low=1.25, measured_speedup_high=1.75, speedup_warning="wide", run_time_s=9.94)
+    dense = dict(blank, run="d", method="dense", accuracy=90.0, accuracy_gap=-2.0, train_cost_saving=1.0,
+                 measured_speedup=1.0, measured_speedup_low=0.875, measured_speedup_high=1.125, run_time_s=12.6)
+    lines = format_table([sparse, dense]).splitlines()
+    headings = [cell.strip() for cell in lines[0].split("|")[1:-1]]
+    cells = [dict(zip(headings, (cell.strip() for cell in line.split("|")[1:-1]))) for line in lines[2:]]
+    assert {k: cells[0][k] for k in ("top-1 (%)", "dense (%)", "vs dense (pp)", "params kept (%)", "FLOPs kept (%)",
+                                     "saving (formula)", "measured speedup", "wall time (s)")} == {
+        "top-1 (%)": "-", "dense (%)": "90.00", "vs dense (pp)": "+1.50", "params kept (%)": "25.0",
+        "FLOPs kept (%)": "-", "saving (formula)": "2.50x", "measured speedup": "1.50x (1.25-1.75) !",
+        "wall time (s)": "9.9"}
+    assert (cells[1]["vs dense (pp)"], cells[1]["measured speedup"], cells[1]["wall time (s)"]) == (
+        "-2.00", "1.00x", "13")
+
+
+def test_an_unfinished_run_in_its_finetune_counts_the_finetune_epochs(runs, tmp_path):
+    folder = copy_runs(runs, tmp_path, names=("vrpge",))
+    (folder / "vrpge" / "summary.json").unlink()
+    edit_config(folder / "vrpge", **{"finetune.epochs": 4})  # search: 2
+    (row,) = build_report([folder]).rows
+    assert row["status"] == "unfinished: finetune epoch 1/4" and row["epochs"] == "2+4"
+
+
 def test_the_notes_are_true_of_every_kind_of_row():
     notes = {line.split("**")[1]: line for line in _NOTES.replace("\n  ", " ").splitlines()}
     top1, kept = notes["top-1"], notes["params kept"]
@@ -186,6 +282,26 @@ def test_the_command_prints_the_table_and_writes_every_file(runs, tmp_path, caps
     markdown = (out / "report.md").read_text()
     assert "| vrpge" in markdown and "![accuracy](accuracy.png)" in markdown
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp directory left
+
+
+def test_the_csv_and_markdown_hold_every_value(runs, tmp_path):
+    folder = copy_runs(runs, tmp_path)
+    summary = summary_of(folder / "vrpge")
+    (folder / "vrpge" / "summary.json").write_text(json.dumps(dict(summary, speedup_warning="a wide spread")))
+    report = build_report([folder])
+    write_report(report, tmp_path / "out", plots=False)
+    with open(tmp_path / "out" / "report.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        written = {row["run"]: row for row in reader}
+    expected = [key for key, _, _ in COLUMNS] + ["measured_speedup_low", "measured_speedup_high", "baseline",
+                                                 "speedup_warning", "ranks", "schema_version", "path"]
+    assert set(expected) <= set(reader.fieldnames)
+    for row in report.rows:
+        assert {k: written[row["run"]][k] for k in expected} == {k: "" if row[k] is None else str(row[k])
+                                                                 for k in expected}
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "Dense baselines: vrpge vs dense" in markdown.splitlines()
+    assert "- vrpge: a wide spread" in markdown.splitlines()
 
 
 def _marks(figure) -> dict[str, int]:
@@ -235,6 +351,55 @@ def test_the_curves_plot_each_record_at_its_epoch(runs, tmp_path):
     assert loss_panel()[:2] == ([2, 3], [2.5])  # search epoch 2, finetune epoch 1 after the 2 search epochs
     shutil.rmtree(folder / "vrpge")  # no run with a finetune phase: no dotted line to speak of
     assert loss_panel()[1:] == ([], "epoch")
+
+
+def test_the_plots_draw_each_runs_values(runs, tmp_path):
+    """Accuracy against FLOPs and params kept, dense runs as lines at their accuracy; formula saving against measured
+    speedup with its interquartile range; bars of the full and the kept widths."""
+    figures = make_plots(build_report([runs]))
+    sparse, dense = summary_of(runs / "vrpge"), summary_of(runs / "dense")
+    flops_ax, params_ax = figures["accuracy.png"].axes[:2]
+    for ax, kept in ((flops_ax, 100 * sparse["subnet_flops"] / sparse["dense_flops"]),
+                     (params_ax, 100 * sparse["subnet_params"] / sparse["dense_params"])):
+        lines = {line.get_gid(): line for line in ax.lines}
+        assert lines["run:vrpge"].get_xydata().tolist() == [[pytest.approx(kept), sparse["accuracy"]]]
+        assert list(lines["run:dense"].get_ydata()) == [dense["accuracy"]] * 2
+    (ax,) = figures["speedup.png"].axes
+    (bars,) = ax.containers
+    point, _, (segments,) = bars
+    saving, measured = sparse["train_cost_saving"], sparse["measured_speedup"]
+    assert point.get_xydata().tolist() == [[saving, measured]]
+    low, high = sparse["measured_speedup_iqr"]
+    assert [s.tolist() for s in segments.get_segments()] == [[[saving, pytest.approx(low)],
+                                                              [saving, pytest.approx(high)]]]
+    (ax,) = figures["widths.png"].axes
+    full, kept = ax.containers
+    assert [bar.get_height() for bar in full] == list(sparse["group_sizes"].values())
+    assert [bar.get_height() for bar in kept] == list(sparse["widths"].values())
+
+
+def test_the_curves_plot_every_epochs_value(runs, tmp_path):
+    """Validation accuracy at every epoch; the expected kept ratio at each search epoch with the budget line; a run
+    whose config no longer says its search epochs counts those recorded."""
+    folder = copy_runs(runs, tmp_path)
+    stopped = folder / "stopped"
+    shutil.copytree(folder / "vrpge", stopped)
+    (stopped / "summary.json").unlink()
+    config = yaml.safe_load((stopped / "config.yaml").read_text())
+    del config["optim"]["epochs"]
+    (stopped / "config.yaml").write_text(yaml.safe_dump(config))
+    axes = make_plots(build_report([folder]))["curves.png"].axes
+    metrics = {name: [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("dense", "vrpge")}
+    val = {line.get_gid(): line.get_xydata().tolist() for line in axes[1].lines if line.get_gid()}
+    assert val["run:dense"] == [[m["epoch"], m["val_accuracy"]] for m in metrics["dense"]]
+    assert val["run:vrpge"] == val["run:stopped"] == [[x, m["val_accuracy"]] for x, m in
+                                                      zip([1, 2, 3], metrics["vrpge"])]
+    kept = {line.get_gid(): line.get_xydata().tolist() for line in axes[2].lines if line.get_gid()}
+    assert kept["run:vrpge"] == [[m["epoch"], m["kept_ratio_expected"]] for m in metrics["vrpge"]
+                                 if m["phase"] == "search"]
+    budgets = [line.get_ydata()[0] for line in axes[2].lines if not line.get_gid()]
+    assert budgets == [0.5, 0.5]  # vrpge's and stopped's keep ratio
 
 
 def test_runs_0_and_10_look_different_in_every_plot(runs, tmp_path):
