@@ -11,6 +11,7 @@ from conftest import TINY_RUN, with_overrides
 
 import maskprop
 from maskprop.cli import main
+from maskprop.train.config import load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = with_overrides(TINY_RUN, **{"data.train_size": 64, "data.val_size": 32, "data.batch_size": 32,
@@ -128,3 +129,73 @@ def test_a_refusal_of_the_system_is_one_line(capsys, recipe, tmp_path, monkeypat
     assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert err.strip() == f"maskprop train: error: Permission denied: '{tmp_path / 'run'}'"
+
+
+@pytest.fixture
+def fit_calls(monkeypatch) -> list:
+    """``maskprop.train.loop.fit`` replaced by one that records what ``maskprop train`` hands it, then stops as Ctrl-C
+    would (exit status 130, nothing trained)."""
+    calls = []
+
+    def fake_fit(cfg, out=None, resume=False):
+        calls.append({"cfg": cfg, "out": out, "resume": resume})
+        raise KeyboardInterrupt
+
+    from maskprop.train import loop
+
+    monkeypatch.setattr(loop, "fit", fake_fit)
+    return calls
+
+
+def test_train_hands_the_recipe_its_overrides_and_the_output_directory_to_fit(recipe, tmp_path, fit_calls, capsys):
+    # Options may come between the overrides; every override after the recipe is applied.
+    assert main(["train", str(recipe), "optim.lr=0.3", "--out", str(tmp_path / "a"), "seed=5", "data.seed=2"]) == 130
+    call = fit_calls[-1]
+    assert (call["cfg"].optim.lr, call["cfg"].seed, call["cfg"].data.seed) == (0.3, 5, 2)
+    assert (call["out"], call["resume"]) == (str(tmp_path / "a"), False)
+    assert "interrupted" in capsys.readouterr().err
+    # --out wins over the config's out, which wins over the default runs/<recipe>-<timestamp>.
+    assert main(["train", str(recipe), f"out={tmp_path / 'b'}", "--out", str(tmp_path / "a")]) == 130
+    assert fit_calls[-1]["out"] == str(tmp_path / "a")
+    assert main(["train", str(recipe), f"out={tmp_path / 'b'}"]) == 130
+    assert fit_calls[-1]["out"] == str(tmp_path / "b")
+    assert main(["train", str(recipe)]) == 130
+    assert Path(fit_calls[-1]["out"]).parent == Path("runs") and Path(fit_calls[-1]["out"]).name.startswith("tiny-")
+
+
+def test_train_resume_applies_its_overrides_to_the_runs_config(tmp_path, fit_calls):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config(TINY), run / "config.yaml")
+    assert main(["train", "--resume", str(run), "optim.lr=0.3", "log_every=7"]) == 130
+    call = fit_calls[-1]
+    assert (call["cfg"].optim.lr, call["cfg"].log_every, call["out"], call["resume"]) == (0.3, 7, run, True)
+    assert call["cfg"].data.train_size == TINY["data"]["train_size"]  # the rest from the run's config.yaml
+
+
+def test_train_threads_reach_torch(recipe, fit_calls, monkeypatch):
+    import torch
+
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    assert main(["train", str(recipe), "--threads", "3"]) == 130 and threads == [3]
+    assert main(["train", str(recipe)]) == 130 and threads == [3]  # 0: torch's default, left alone
+
+
+def test_train_usage_errors_of_the_positional_items(capsys, recipe, tmp_path, fit_calls):
+    line = _usage_error(capsys, ["train", "optim.lr=0.1"])
+    assert line == ("maskprop train: error: expected a recipe (e.g. recipes/quickstart.yaml) before the key=value "
+                    "overrides, or --resume DIR")
+    run = tmp_path / "run"
+    run.mkdir()
+    line = _usage_error(capsys, ["train", "--resume", str(run), "--out", str(tmp_path / "x")])
+    assert line == ("maskprop train: error: --out cannot be combined with --resume (the run continues in its own "
+                    "directory)")
+    assert fit_calls == [] and list(run.iterdir()) == []
+
+
+@pytest.mark.parametrize("size", ["0,32,32", "3,32", "3,32,32,1", "3,a,32", "3,-1,32"])
+def test_export_input_size_must_be_three_positive_integers(capsys, tmp_path, size):
+    line = _usage_error(capsys, ["export", str(tmp_path), "--input-size", size])
+    assert line == (f"maskprop export: error: --input-size {size!r} is not C,H,W (three positive integers, e.g. "
+                    f"3,32,32)")

@@ -12,7 +12,9 @@ from maskprop.train.config import (
     ModelConfig,
     OptimConfig,
     SparsityConfig,
+    changed_keys,
     config_to_dict,
+    dotted,
     load_config,
     save_config,
 )
@@ -394,3 +396,147 @@ def test_config_to_dict_is_a_deep_copy():
     data["model"]["kwargs"]["width"] = 8
     assert cfg.model.kwargs["width"] == 2
     assert data["sparsity"]["keep_ratio"] == 0.5
+
+
+def test_defaults_of_the_sparse_backward_and_remaining_keys_are_the_documented_ones():
+    # README / docs/methods.md: sbp.memory 0.8, sbp.angle_every 100, sbp.scale rms, sparsity.capacity_quantile 0.999.
+    cfg = Config()
+    sbp = cfg.sbp
+    assert (sbp.ratio, sbp.memory, sbp.sparsifier, sbp.budget, sbp.scale, sbp.output_k, sbp.angle_every) == (
+        0.04, 0.8, "topk_unified", "layer", "rms", None, 100)
+    assert (cfg.sparsity.capacity_quantile, cfg.sparsity.align, cfg.sparsity.fix_examples) == (0.999, None, None)
+    assert (cfg.sparsity.warmup_epochs, cfg.sparsity.anneal_epochs, cfg.sparsity.budget_unit) == (0, 0, "channels")
+    assert cfg.finetune.narrow is True and cfg.optim.nesterov is False
+    assert (cfg.channels_last, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.sync_bn, cfg.cuda_graphs) == (
+        True, 50, 1, 1, False, "auto")
+
+
+@pytest.mark.parametrize(("key", "inside", "outside", "expected"), [
+    ("sparsity.init", [1, 1e-9], [0, 1.5], r"a probability in \(0, 1\]"),
+    ("sparsity.capacity_quantile", [0.5, 0.9999], [0.4999, 1], r"a number in \[0.5, 1\)"),
+    ("sparsity.fix_examples", [1], [0], r"an integer >= 1 or null"),
+    ("sparsity.keep_ratio", [1, 1e-9], [0, 1.0000001], r"a fraction in \(0, 1\]"),
+    ("sbp.ratio", [1, 1e-9], [0, 1.5], r"a fraction in \(0, 1\]"),
+    ("sbp.memory", [0, 0.999], [1, -0.1], r"a number in \[0, 1\)"),
+    ("optim.momentum", [0, 0.999], [1, -0.1], r"a number in \[0, 1\)"),
+    ("optim.label_smoothing", [0, 0.999], [1, -0.1], r"a number in \[0, 1\)"),
+    ("optim.clip_grad_norm", [1e-9], [0, -1], r"a number > 0 or null"),
+    ("optim.weight_decay", [0], [-1e-9], r"a number >= 0 or null"),
+    ("finetune.momentum", [0, 0.999], [1], r"a number in \[0, 1\)"),
+    ("finetune.weight_decay", [0], [-1e-9], r"a number >= 0"),
+    ("log_every", [1], [0], r"an integer >= 1"),
+    ("eval_every", [0], [-1], r"an integer >= 0 \(0: only at the end\)"),
+    ("save_every", [0], [-1], r"an integer >= 0 \(0: only at the end\)"),
+    ("seed", [0], [-1], r"an integer >= 0"),
+    ("data.image_size", [8], [7], r"an integer >= 8"),
+    ("data.crop_size", [8], [7], r"an integer >= 8"),
+    ("data.train_size", [1], [0], r"an integer >= 1"),
+    ("data.val_size", [1], [0], r"an integer >= 1"),
+])
+def test_each_bound_is_where_its_message_says(key, inside, outside, expected):
+    # The bounds themselves, both sides of each: a value on a closed end loads, one on an open end or past it is
+    # refused with the interval the message states.
+    section, _, name = key.rpartition(".")
+    for value in inside:
+        cfg = load_config(None, [f"{key}={value}"])
+        assert getattr(getattr(cfg, section) if section else cfg, name) == value
+    for value in outside:
+        with pytest.raises(ValueError, match=rf"^{key}=\S+ is out of range; expected {expected}"):
+            load_config(None, [f"{key}={value}"])
+
+
+def test_optim_checks_across_its_fields_at_their_boundaries():
+    assert load_config(None, ["optim.epochs=5", "optim.warmup_epochs=5"]).optim.warmup_epochs == 5  # all warm-up
+    with pytest.raises(ValueError, match=r"^optim.warmup_epochs=6 is out of range; expected an integer in "
+                                         r"\[0, optim.epochs=5\]$"):
+        load_config(None, ["optim.epochs=5", "optim.warmup_epochs=6"])
+    assert load_config(None, ["optim.nesterov=true", "optim.momentum=0.5"]).optim.nesterov is True
+    with pytest.raises(ValueError, match=r"^optim.nesterov=True needs optim.momentum > 0; got optim.momentum=0.0$"):
+        load_config(None, ["optim.nesterov=true", "optim.momentum=0"])
+
+
+@pytest.mark.parametrize(("method", "optimizer", "lr", "weight_decay"), [
+    ("vrpge", "sgd", 0.1, 5e-4), ("dense", "sgd", 0.1, 5e-4),
+    ("meprop", "adam", 1e-3, 0.0), ("sbp", "adam", 1e-3, 0.0), ("msbp", "adam", 1e-3, 0.0),
+])
+def test_null_optimizer_settings_resolve_to_the_methods_defaults(method, optimizer, lr, weight_decay, caplog):
+    # optim.optimizer null: Adam for the sparse-backward methods, SGD otherwise; lr and weight_decay null: the
+    # optimizer's defaults (SGD 0.1 and 5e-4, Adam 1e-3 and 0); values the config sets are kept as they are.
+    optim = load_config(None, [f"method={method}"]).optim
+    assert (optim.optimizer, optim.lr, optim.weight_decay) == (optimizer, lr, weight_decay)
+    other = "adam" if optimizer == "sgd" else "sgd"
+    optim = load_config(None, [f"method={method}", f"optim.optimizer={other}"]).optim
+    assert (optim.optimizer, optim.lr, optim.weight_decay) == ((other, 1e-3, 0.0) if other == "adam" else
+                                                                 (other, 0.1, 5e-4))
+    with caplog.at_level("WARNING", logger="maskprop.train.config"):
+        optim = load_config(None, [f"method={method}", "optim.lr=0.05", "optim.weight_decay=1e-4"]).optim
+    assert (optim.optimizer, optim.lr, optim.weight_decay) == (optimizer, 0.05, 1e-4)
+    # The warning of an Adam default meeting a learning rate set for SGD is given where Adam is the default only.
+    assert ("trains with Adam" in caplog.text) == (optimizer == "adam")
+
+
+def test_cross_section_checks_hold_for_every_method():
+    for method in ("dense", "meprop", "sbp", "msbp"):
+        with pytest.raises(ValueError, match=rf"^sparsity.fix='random' .* but method='{method}' samples no channel"):
+            load_config(None, [f"method={method}", "sparsity.fix=random"])
+    assert load_config(None, ["method=sbp", "sbp.sparsifier=randomk"]).sbp.sparsifier == "randomk"
+    assert load_config(None, ["method=sbp", "sbp.memory=0"]).sbp.memory == 0.0  # no memory: fine for SBP
+
+
+@pytest.mark.parametrize("value", [1, 0, "true", "yes", None])
+def test_cuda_graphs_takes_only_auto_true_or_false(value):
+    for good in ("auto", True, False):
+        got = load_config({"cuda_graphs": good}).cuda_graphs
+        assert got == good and type(got) is type(good)
+    with pytest.raises(ValueError, match=r"^cuda_graphs=.* is not a valid choice; expected 'auto', true or false$"):
+        load_config({"cuda_graphs": value})
+
+
+def test_override_of_cuda_graphs_and_device_parse_as_their_fields_take_them():
+    # cuda_graphs is 'auto' or a switch: its override text is read as yaml (true, a bool), not kept as text.
+    assert load_config(None, ["cuda_graphs=true"]).cuda_graphs is True
+    assert load_config(None, ["cuda_graphs=false"]).cuda_graphs is False
+    assert load_config(None, ["cuda_graphs=auto"]).cuda_graphs == "auto"
+    assert load_config(None, ["device=cuda:12"]).device == "cuda:12"  # any device index, not one digit
+
+
+def test_override_value_is_everything_after_the_first_equals_sign():
+    cfg = load_config(None, ["data.root=/data/a=b", "model.kwargs.tag=x=1", "out= runs/a b "])
+    assert cfg.data.root == "/data/a=b" and cfg.model.kwargs == {"tag": "x=1"}
+    assert cfg.out == " runs/a b "  # a string field takes the text as written, spaces included
+
+
+def test_override_of_a_mapping_merges_into_the_mapping_at_every_depth():
+    cfg = load_config({"optim": {"clip_grad_norm": 3.0, "epochs": 7}, "model": {"kwargs": {"width": 2, "x": {"a": 1}}}},
+                      ["optim={lr: 0.01}", "model={kwargs: {depth: 3, x: {b: 2}}}"])
+    assert (cfg.optim.lr, cfg.optim.clip_grad_norm, cfg.optim.epochs) == (0.01, 3.0, 7)
+    assert cfg.model.kwargs == {"width": 2, "depth": 3, "x": {"a": 1, "b": 2}}
+    # A value that is not a mapping replaces what was there.
+    assert load_config({"model": {"kwargs": {"x": {"a": 1}}}}, ["model.kwargs.x=5"]).model.kwargs == {"x": 5}
+
+
+def test_a_single_override_may_be_given_as_a_string():
+    assert load_config(None, "optim.lr=0.3").optim.lr == 0.3
+
+
+def test_load_config_from_a_mapping_does_not_alias_its_values():
+    source = {"model": {"kwargs": {"stages": [3, 3, 3]}}}
+    cfg = load_config(source)
+    cfg.model.kwargs["stages"].append(4)
+    assert source == {"model": {"kwargs": {"stages": [3, 3, 3]}}}
+
+
+def test_dotted_flattens_nested_settings_keeping_leaves_and_empty_mappings_whole():
+    settings = {"method": "dense", "optim": {"lr": 0.1, "sub": {"x": 1}}, "model": {"kwargs": {"width": 2}},
+                "empty": {}}
+    assert dotted(settings) == {"method": "dense", "optim.lr": 0.1, "optim.sub.x": 1, "model.kwargs.width": 2,
+                                "empty": {}}
+    assert dotted(settings, leaves=("kwargs",)) == {"method": "dense", "optim.lr": 0.1, "optim.sub.x": 1,
+                                                    "model.kwargs": {"width": 2}, "empty": {}}
+
+
+def test_changed_keys_names_every_differing_or_missing_key_sorted():
+    a = {"optim.lr": 0.1, "seed": 0, "method": "dense", "only.a": 1}
+    b = {"optim.lr": 0.2, "seed": 0, "method": "dense", "only.b": None}
+    assert changed_keys(a, b) == ["only.a", "only.b", "optim.lr"]
+    assert changed_keys(a, a) == [] and changed_keys({}, {"x": 1}) == ["x"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from maskprop.train import loop
 from maskprop.train.checkpoint import error_reason, load_checkpoint
 from maskprop.train.config import load_config, save_config
 from maskprop.train.distributed import Distributed
-from maskprop.train.setup import _num_classes
+from maskprop.train.setup import _num_classes, phase_optimizer, prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs (conftest.py)
 
@@ -334,3 +335,55 @@ def test_a_dataset_of_one_class_is_warned_of(caplog):
     with caplog.at_level(logging.WARNING):
         summary = maskprop.fit(tiny(data={"batch_size": 20}, finetune={"epochs": 0}), train_set=one, val_set=one)
     assert "the data has 1 class: every prediction is right" in caplog.text and summary["accuracy"] == 100.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Each setting reaches the object that uses it
+
+
+def test_prepare_hands_each_setting_to_the_object_that_uses_it():
+    """Label smoothing reaches the loss, clip_grad_norm and the CPU's align (null: 1) the step context, score_lr the
+    scores' Adam, the seed the generators (masks: seed + 1); validation reads every example once, in order."""
+    cfg = load_config(tiny(seed=3, device="cpu", data={"val_size": 40}, sparsity={"score_lr": 0.05},
+                           optim={"label_smoothing": 0.1, "clip_grad_norm": 2.0}))
+    run = prepare(cfg)
+    assert run.ctx.criterion.label_smoothing == 0.1 and run.ctx.clip_grad_norm == 2.0 and run.ctx.align == 1
+    assert run.state.score_optimizer.param_groups[0]["lr"] == 0.05
+    assert (run.state.mask_generator.initial_seed(), run.state.loader_generator.initial_seed()) == (4, 3)
+    labels = torch.cat([y for _, y in run.val_loader])
+    assert torch.equal(labels, torch.as_tensor(run.val_loader.dataset.targets))  # 40 of 40, unshuffled
+    assert [len(y) for _, y in run.train_loader] == [32, 32]
+    assert load_config(tiny(sparsity={"align": 4})).sparsity.align == 4 and prepare(
+        load_config(tiny(device="cpu", sparsity={"align": 4}))).ctx.align == 4
+
+
+def test_phase_optimizer_follows_each_phases_recipe():
+    """The search runs SGD at optim's settings with a linear warm-up of optim.warmup_epochs then a cosine to 0 at
+    optim.epochs; the finetune SGD at finetune's settings (nesterov: optim's) with its own cosine; closed forms."""
+    cfg = load_config(None, ["optim.lr=0.2", "optim.momentum=0.8", "optim.weight_decay=1e-4", "optim.nesterov=true",
+                             "optim.epochs=4", "optim.warmup_epochs=1", "finetune.lr=0.03", "finetune.momentum=0.7",
+                             "finetune.weight_decay=2e-4", "finetune.epochs=2"])
+    model, steps = torch.nn.Linear(3, 2), 5
+
+    def lrs(phase: str, config=cfg) -> tuple[dict, list[float]]:
+        optimizer, schedule = phase_optimizer(config, model, phase, steps)
+        group = {k: optimizer.param_groups[0].get(k) for k in ("momentum", "weight_decay", "nesterov")}
+        seen = []
+        for t in range(21):
+            schedule.step_update(t)
+            seen.append(optimizer.param_groups[0]["lr"])
+        return {"type": type(optimizer).__name__, **group}, seen
+
+    group, seen = lrs("search")
+    assert group == {"type": "SGD", "momentum": 0.8, "weight_decay": 1e-4, "nesterov": True}
+    expected = [0.2 * t / 5 if t < 5 else 0.5 * 0.2 * (1 + math.cos(math.pi * t / 20)) for t in range(21)]
+    assert seen == pytest.approx(expected, abs=1e-12)
+    group, seen = lrs("finetune")
+    assert group == {"type": "SGD", "momentum": 0.7, "weight_decay": 2e-4, "nesterov": True}
+    expected = [0.5 * 0.03 * (1 + math.cos(math.pi * min(t, 10) / 10)) for t in range(21)]
+    assert seen == pytest.approx(expected, abs=1e-12)
+    constant = load_config(cfg, ["optim.schedule=constant", "optim.warmup_epochs=0"])
+    assert lrs("search", constant)[1] == pytest.approx([0.2] * 21)
+    group, seen = lrs("train", load_config(None, ["method=msbp", "optim.epochs=4"]))
+    assert group["type"] == "Adam" and seen == pytest.approx(
+        [0.5 * 1e-3 * (1 + math.cos(math.pi * t / 20)) for t in range(21)], abs=1e-15)
