@@ -300,7 +300,11 @@ def test_an_error_of_one_rank_alone_is_printed_by_that_rank(monkeypatch, tmp_pat
         monkeypatch.setattr("maskprop.report.find_runs", lambda paths: fail(paths[0]))
     assert main(["report", str(missing)]) == 2
     lines = capsys.readouterr().err.splitlines()
-    assert lines == [] if agreed else [f"maskprop report: error: [rank 1] the path '{missing}' does not exist"], lines
+    if agreed:
+        assert lines == [], lines
+    else:  # (``assert a == b if c else [...]`` would assert the non-empty list itself)
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"maskprop report: error: [rank 1] '{missing}' does not exist"), lines
 
 
 def test_nccl_without_cuda_is_one_line(monkeypatch):
@@ -672,3 +676,171 @@ def test_the_gradient_average_divides_the_ranks_sum_by_the_world_size(single_pro
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name] / 2, rtol=0, atol=0, msg=name)
     assert average.values.tolist() == [3.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rank arithmetic as another rank sees it (the collectives' other ranks supplied by hand)
+
+
+def test_world_size_one_is_one_process_without_the_rest_of_torchruns_environment(monkeypatch):
+    """``WORLD_SIZE=1`` without RANK, MASTER_ADDR or MASTER_PORT (a scheduler that exports it for every job) is one
+    process, as no WORLD_SIZE is: nothing is asked of torchrun's other variables, no process group is joined."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init_from_env() == distributed.Distributed(0, 1, 0)
+    assert not dist.is_initialized()
+
+
+def test_device_for_takes_the_local_rank_not_the_global_rank(monkeypatch):
+    """On the second node of two (4 ranks, 2 GPUs a node) rank 3 is local rank 1: it runs on cuda:1, may name cuda:1,
+    and is refused cuda:0 (another rank's GPU)."""
+    third = distributed.Distributed(3, 4, 1)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
+    assert distributed.device_for(torch.device("cuda"), third) == torch.device("cuda", 1)
+    assert distributed.device_for(torch.device("cuda", 1), third) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"\(this one: cuda:1\)"):
+        distributed.device_for(torch.device("cuda", 0), third)
+
+
+def test_agree_gives_every_rank_the_first_failing_ranks_message(monkeypatch):
+    """Rank 0 of 4, which did not fail, while ranks 2 and 3 did: it raises PeerError with rank 2's message (the lowest
+    failing rank, so that every rank that did not fail says the same line), marked agreed; a rank that failed raises
+    its own error, marked agreed too."""
+    messages = [None, None, "disk full", "no such file"]
+
+    def all_gather_object(out, mine):
+        out[:] = [mine, *messages[1:]]
+
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Distributed(0, 4, 0))
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+    with pytest.raises(distributed.PeerError, match=r"^rank 2: disk full$") as raised:
+        distributed.agree(None)
+    assert raised.value.agreed is True
+    own = ValueError("bad recipe")
+    with pytest.raises(ValueError, match=r"^bad recipe$") as raised:
+        distributed.agree(own)
+    assert raised.value is own and own.agreed is True
+    messages[2:] = [None, None]
+    distributed.agree(None)  # nobody failed: nothing raised
+
+
+def test_a_checkpoint_without_a_world_size_is_one_of_one_process(tmp_path):
+    """Checkpoints written before the world size was saved came from one process: they resume in one process and are
+    refused under torchrun, as a checkpoint that says 1."""
+    for checkpoint in ({}, {"world_size": 1}):
+        distributed.check_world_size(checkpoint, tmp_path / "last.pt", distributed.Distributed())
+        with pytest.raises(ValueError, match=r"written by a run of 1 process\(es\), this run has 2"):
+            distributed.check_world_size(checkpoint, tmp_path / "last.pt", distributed.Distributed(0, 2, 0))
+
+
+def test_rank_local_steps_make_no_collective():
+    """``rank_local`` gives a copy of the step context without ``reduce_stats`` (steps that each rank schedules by its
+    own clock must not meet the others in a collective), and leaves the run's context as it was."""
+    from maskprop.train.steps import StepContext
+
+    ctx = StepContext(criterion=torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), cost=None,
+                      reduce_stats=distributed.all_reduce_sum)
+    local = distributed.rank_local(ctx)
+    assert local.reduce_stats is None and ctx.reduce_stats is distributed.all_reduce_sum
+    assert dataclasses.replace(local, reduce_stats=distributed.all_reduce_sum) == ctx
+    plain = dataclasses.replace(ctx, reduce_stats=None)
+    assert distributed.rank_local(plain) is plain
+
+
+def test_average_buffers_gives_every_rank_the_mean_of_the_ranks_statistics(monkeypatch):
+    """Without sync_bn each rank's running statistics saw its own share; at an epoch's end every rank takes their
+    mean (rank 0 of 2 here, the other rank's buffers added to the sum by hand), in the buffers' own dtype; the integer
+    batch counts, the same on every rank, stay as they are."""
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for mine, theirs in zip(model.buffers(), other.buffers()):
+            if mine.is_floating_point():
+                mine.uniform_(0.5, 2.0)
+                theirs.uniform_(-1.0, 3.0)
+            else:
+                mine.fill_(7)
+                theirs.fill_(7)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    theirs = dict(other.named_buffers())
+    summand = torch.cat([b.reshape(-1).double() for b in other.buffers() if b.is_floating_point()])
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Distributed(0, 2, 0))
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor, *args, **kwargs: tensor.add_(summand))
+    distributed.average_buffers(model)
+    floats = 0
+    for name, b in model.named_buffers():
+        if b.is_floating_point():
+            floats += 1
+            want = ((before[name].double() + theirs[name].double()) / 2).to(b.dtype)
+            torch.testing.assert_close(b, want, rtol=0, atol=0, msg=name)
+        else:
+            assert torch.equal(b, before[name]), name
+    assert floats > 0
+
+
+def test_sync_batch_norm_over_two_uneven_shares_equals_batch_norm_of_the_global_batch(monkeypatch):
+    """Rank 0's share (3 examples) of a global batch whose other share (5 examples, another mean) the collectives
+    supply by hand, in float64: the output and the input gradient are those of ``F.batch_norm`` over the whole global
+    batch, the running statistics move by the global mean and unbiased global variance (eps and momentum of the
+    layer's own), and the affine gradients are the sums over rank 0's share alone (DDP averages them)."""
+    torch.manual_seed(0)
+    layer = maskprop.sparse.SparseBatchNorm2d(4, group="g", eps=0.01, momentum=0.3).double().train()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+        layer.running_var.uniform_(0.5, 2.0)
+    reference = copy.deepcopy(layer)
+    x = torch.randn(8, 4, 3, 3, dtype=torch.float64) + 3.0 * (torch.arange(8) >= 3).double().view(8, 1, 1, 1)
+    grad = torch.randn_like(x)
+    dims, shape = [0, 2, 3], (1, 4, 1, 1)
+    xhat = (x - x.mean(dims).view(shape)) / (x.var(dims, unbiased=False) + layer.eps).sqrt().view(shape)
+    theirs = x[3:]
+    their_mean = theirs.mean(dims)
+    their_stats = torch.cat([torch.tensor([theirs.numel() / 4], dtype=torch.float64), their_mean,
+                             (theirs - their_mean.view(shape)).square().sum(dims)])
+    their_sums = torch.cat([grad[3:].sum(dims), (grad[3:] * xhat[3:]).sum(dims)])
+
+    def all_gather(out, stats, group=None):
+        out[0].copy_(stats)
+        out[1].copy_(their_stats)
+
+    monkeypatch.setattr(sync_batchnorm.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(sync_batchnorm.dist, "all_gather", all_gather)
+    monkeypatch.setattr(sync_batchnorm.dist, "all_reduce", lambda tensor, group=None: tensor.add_(their_sums))
+    share = x[:3].clone().requires_grad_()
+    y = sync_batchnorm.sync_batch_norm(layer, share, None, None)
+    whole = x.clone().requires_grad_()
+    expected = F.batch_norm(whole, reference.running_mean, reference.running_var, reference.weight, reference.bias,
+                            True, reference.momentum, reference.eps)
+    torch.testing.assert_close(y, expected[:3])
+    torch.testing.assert_close(layer.running_mean, reference.running_mean)
+    torch.testing.assert_close(layer.running_var, reference.running_var)
+    grad_x, grad_w, grad_b = torch.autograd.grad(y, (share, layer.weight, layer.bias), grad[:3])
+    (want_x,) = torch.autograd.grad(expected, whole, grad)
+    torch.testing.assert_close(grad_x, want_x[:3])
+    torch.testing.assert_close(grad_w, (grad[:3] * xhat[:3]).sum(dims))
+    torch.testing.assert_close(grad_b, grad[:3].sum(dims))
+
+
+def test_enable_sets_the_process_group_it_is_given(single_process_group):
+    """``enable(model, group)`` synchronises over ``group`` (not the default group it takes when given none)."""
+    group = dist.new_group([0])
+    model = maskprop.create_model("resnet20")
+    norms = [m for m in model.modules() if isinstance(m, maskprop.sparse.SparseBatchNorm2d)]
+    sync_batchnorm.enable(model, group)
+    assert norms and all(m.process_group is group for m in norms) and group is not dist.group.WORLD
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"size": 11, "batch_size": 4, "shuffle": False, "drop_last": False, "rank": 0, "world_size": 2, "shard": True},
+    {"size": 11, "batch_size": 4, "shuffle": False, "drop_last": False, "rank": 1, "world_size": 2, "shard": True},
+    {"size": 50, "batch_size": 8, "shuffle": False, "drop_last": False},
+    {"size": 50, "batch_size": 8, "shuffle": False, "drop_last": True, "rank": 1, "world_size": 2},
+])
+def test_a_samplers_length_is_the_number_of_batches_it_gives(kwargs):
+    """``len`` of a loader (the progress bar's total, the steps a phase schedules) counts its sampler's batches: an
+    evaluation share with a partial last batch, a kept partial last global batch, a dropped one."""
+    sampler = GlobalBatchSampler(**kwargs)
+    assert len(sampler) == len(list(sampler)) > 0

@@ -24,7 +24,7 @@ from torch import nn
 import maskprop
 from maskprop.cost import CostModel
 from maskprop.sparse import random_mask
-from maskprop.sparse.static import StaticExecutionState, choose_capacities, mask_capacities
+from maskprop.sparse.static import StaticExecutionState, choose_capacities, mask_capacities, rechoose_capacities
 from maskprop.train import graphs, loop, setup, static_steps
 from maskprop.train.checkpoint import load_checkpoint
 from maskprop.train.config import SparsityConfig, load_config
@@ -1024,3 +1024,98 @@ def test_a_resumed_search_keeps_the_capacities_of_its_window(one_thread):
     resumed.load_state_dict(static.state_dict())
     resumed.search(model, scores, optimizers, batch)
     assert resumed._search[0].widths == static._search[0].widths == model.channel_groups()
+
+
+def test_static_steps_are_read_and_logged_every_log_every_steps_of_the_run(static_run, monkeypatch, one_thread):
+    """A run of static steps reads their statistics and logs them after every ``log_every``-th step of the run (its
+    step count over the phases, as the eager steps do), and also at the end of each epoch without logging: each logged
+    read holds the examples of the steps since the read before (4 steps of 32 an epoch, log_every 3, 12 steps)."""
+    logged = []
+    original = loop._step_scalars
+
+    def recording(state, result):
+        logged.append((state.step, result.count))
+        return original(state, result)
+
+    monkeypatch.setattr(loop, "_step_scalars", recording)
+    summary = maskprop.fit(with_overrides(TINY_RUN, log_every=3, **{"data.batch_size": 32}))
+    steps = sum(summary["steps"].values())
+    assert steps == 12
+    reads = sorted({*range(3, steps + 1, 3), *range(4, steps + 1, 4)})  # logged reads, and each epoch's last read
+    expected = [(s, 32 * (s - max([0] + [r for r in reads if r < s]))) for s in range(3, steps + 1, 3)]
+    assert logged == expected
+
+
+def test_each_read_counts_the_overflows_since_the_read_before_over_both_masks(one_thread):
+    """A read returns the overflow cuts of the steps since the read before, per group the sum of those of ``m`` and of
+    ``m'`` (read by hand from the two execution states' counters), adds them to the run's totals, and starts the
+    counters again: a second read without a step in between finds none."""
+    model, scores, optimizers, ctx, batch = _parts(align=1)
+    static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
+    static.capacities = {g: n // 4 for g, n in model.channel_groups().items()}  # narrow: cuts in most steps
+    for _ in range(2):
+        static.search(model, scores, optimizers, batch)
+    body = static._search[0]
+    groups = list(body.state_m.layout.groups)
+    steps = sum(int(s.overflow_steps.sum()) for s in (body.state_m, body.state_m2))
+    per_mask = [{g: int(s.overflow_channels[..., i].sum()) for i, g in enumerate(groups)}
+                for s in (body.state_m, body.state_m2)]
+    channels = {g: per_mask[0][g] + per_mask[1][g] for g in groups}
+    assert steps > 0 and any(per_mask[0][g] > 0 and per_mask[1][g] > 0 for g in groups)
+    window = static.read()
+    assert window.overflow_steps == steps and window.overflow_channels == channels
+    again = static.read()
+    assert again.overflow_steps == 0 and set(again.overflow_channels.values()) == {0}
+    assert static.overflow_steps == steps and static.overflow_channels == channels
+
+
+def test_a_read_whose_capacities_stay_keeps_the_window(one_thread):
+    """A read with the scores re-chooses the capacities: where they stay (hysteresis, scores that moved by one step),
+    the window and its step are kept; where they change (full widths, which the scores would shrink), the next search
+    step builds a new window at the new capacities."""
+    model, scores, optimizers, ctx, batch = _parts()
+    quantile = _config().sparsity.capacity_quantile
+    static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
+    static.search(model, scores, optimizers, batch)
+    body = static._search[0]
+    assert not rechoose_capacities(static.capacities, scores, ctx.align, quantile).changed
+    static.read(scores)
+    static.search(model, scores, optimizers, batch)
+    assert static._search[0] is body and static.windows == 1
+    static.capacities = dict(model.channel_groups())
+    update = rechoose_capacities(static.capacities, scores, ctx.align, quantile)
+    assert update.changed
+    static.read(scores)
+    static.search(model, scores, optimizers, batch)
+    assert static._search[0] is not body and static.windows == 2 and static.capacities == update.capacities
+
+
+def test_windows_never_captured_warm_up_in_full_again(monkeypatch, one_thread):
+    """Until a search step was captured in the process (eager static steps, a capture that failed), every new window
+    warms up ``WARMUP_STEPS`` eager steps: the shorter warm-up of later windows is for a process with graphs."""
+    model, scores, optimizers, ctx, batch = _parts(torch.float32)
+    static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
+    monkeypatch.setattr(static_steps.SearchStep, "__call__", lambda self, images, labels: None)
+    for _ in range(2):
+        static.search(model, scores, optimizers, batch)
+        assert static._search[1].warmup == graphs.WARMUP_STEPS and static._search[1].captures == 0
+        static.end_search()
+
+
+def test_the_graphed_dense_reference_times_a_replay_after_its_warm_up_and_capture(monkeypatch, one_thread):
+    """The first timing of the graphed dense reference runs its ``WARMUP_STEPS`` eager steps and the capture's step
+    untimed, so that the step timed between the two synchronisations is a replay (not the capture); later timings run
+    the timed step alone."""
+    from types import SimpleNamespace
+
+    events = []
+    monkeypatch.setattr(graphs.StepGraph, "__call__", lambda self, images, labels: events.append("step"))
+    monkeypatch.setattr(graphs, "synchronize", lambda device: events.append("sync"))
+    model, _, _, ctx, batch = _parts(torch.float32)
+    reference = graphs.GraphedDenseReference(model, lambda params: torch.optim.SGD(params, lr=0.1), ctx, batch_size=4)
+    times = SimpleNamespace(overhead_s=0.0)
+    reference.time_step(batch, times)
+    assert events == ["step"] * (graphs.WARMUP_STEPS + 1) + ["sync", "step", "sync"]
+    events.clear()
+    reference.time_step(batch, times)
+    assert events == ["sync", "step", "sync"]
