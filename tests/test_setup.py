@@ -18,9 +18,9 @@ import maskprop
 from maskprop.cli import main
 from maskprop.train import loop
 from maskprop.train.checkpoint import error_reason, load_checkpoint
-from maskprop.train.config import load_config, save_config
+from maskprop.train.config import config_to_dict, load_config, save_config
 from maskprop.train.distributed import Distributed
-from maskprop.train.setup import _num_classes, phase_optimizer, prepare
+from maskprop.train.setup import _num_classes, _warn_changed, phase_optimizer, prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs (conftest.py)
 
@@ -290,6 +290,34 @@ def test_resuming_a_finished_run_returns_its_record_unchanged(tmp_path, caplog):
         assert torch.equal(a, b), name
 
 
+def test_a_finished_run_whose_search_trained_adam_resumes_with_its_finetune_sgd(tmp_path):
+    """A resumed VR-PGE run past its search (finetuning, or done) gets the finetune SGD, the optimizer its checkpoint
+    saved, also where the search trained Adam: its SGD state would not load into the search's Adam."""
+    config = tiny(optim={"optimizer": "adam", "lr": 1e-3}, finetune={"lr": 0.03, "momentum": 0.7})
+    first = maskprop.fit(config, out=tmp_path / "run")
+    run = prepare(load_config(config), run_dir=tmp_path / "run", resume=True)
+    group = run.state.weight_optimizer.param_groups[0]
+    assert run.state.phase == "done" and type(run.state.weight_optimizer).__name__ == "SGD"
+    assert group["momentum"] == 0.7 and group["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine's end
+    assert maskprop.fit(config, out=tmp_path / "run", resume=True) == first
+
+
+def test_a_resume_warns_of_each_changed_setting_but_the_free_ones(caplog):
+    """The settings that change what a resumed run computes are named in one warning, each with its saved and its new
+    value; those that do not (where the data lies, loader workers, device, logging and saving intervals, out) are
+    left out."""
+    saved = config_to_dict(load_config(tiny()))
+    free = ["data.root=/elsewhere", "data.workers=2", "device=cpu", "log_every=7", "eval_every=3", "save_every=5",
+            "out=runs/b"]
+    with caplog.at_level(logging.WARNING, logger="maskprop.train.setup"):
+        _warn_changed(saved, config_to_dict(load_config(tiny(), free)))
+        assert caplog.records == []
+        _warn_changed(saved, config_to_dict(load_config(tiny(), [*free, "optim.lr=0.05", "seed=4"])))
+    assert [r.getMessage() for r in caplog.records] == [
+        "resuming with settings changed since the checkpoint (schedules keep their saved lengths): optim.lr: 0.1 -> "
+        "0.05; seed: 0 -> 4"]
+
+
 @pytest.mark.parametrize("config", [None, 3, ["model.name=resnet20"]])
 def test_fit_without_a_config_is_a_one_line_type_error(config):
     with pytest.raises(TypeError, match=r"^config is \w+; expected a Config, a mapping or a yaml path"):
@@ -301,6 +329,13 @@ def test_tensor_dataset_with_float_labels_is_a_one_line_error():
     with pytest.raises(ValueError, match=r"^the labels of TensorDataset are not class indices \(a torch.float32 "
                                          r"tensor of shape \(8,\), .*expected one integer >= 0 per example$"):
         _num_classes(TensorDataset(images, torch.rand(8)))
+
+
+def test_tensor_dataset_with_negative_labels_is_a_one_line_error():
+    images = torch.randn(4, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"^the labels of TensorDataset are not class indices \(a torch.int64 "
+                                         r"tensor of shape \(4,\), smallest -1\); expected one integer >= 0"):
+        _num_classes(TensorDataset(images, torch.tensor([0, -1, 2, 1])))
 
 
 def test_settings_are_checked_before_the_data_is_read(tmp_path):

@@ -514,6 +514,8 @@ def _tensor_sets(n: int = 64, channels: int = 3, dtype=torch.float32, top_label:
      "train_set[0]'s image is a torch.float64 tensor; expected float32"),
     (None, lambda: _tensor_sets(top_label=7), "val_set has labels from 0 to 7, the model 4 classes; expected labels "
                                               "in [0, 3]"),
+    (None, lambda: _tensor_sets(top_label=4), "val_set has labels from 0 to 4, the model 4 classes; expected labels "
+                                              "in [0, 3]"),  # one past the last class
     (None, lambda: _tensor_sets(channels=1), "model 'resnet20' does not take val_set inputs of size (1, 8, 8)"),
 ])
 def test_given_datasets_are_checked_before_anything_is_written(tmp_path, train, val, message):
@@ -697,6 +699,19 @@ def test_a_new_run_does_not_overwrite_a_run_that_never_saved_a_checkpoint(tmp_pa
     assert (f"run directory '{out}' holds another run's files (config.yaml); continue that run with 'maskprop train "
             f"--resume {out}'") in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["config.yaml"] and (out / "config.yaml").read_text() == "seed: 7\n"
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "summary.json", "best.pt"])
+def test_a_new_run_does_not_mix_with_any_file_another_run_left(tmp_path, capsys, name):
+    """Each file a run writes (last.pt aside) marks its directory as another run's: a new run there is refused, and
+    the file is left as it was."""
+    recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"left over")
+    assert main(["train", str(recipe), "--out", str(out)]) == 2
+    assert f"run directory '{out}' holds another run's files ({name}); continue that run" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == [name] and (out / name).read_bytes() == b"left over"
 
 
 def test_missing_data_root_says_where_it_looked(tmp_path, capsys):

@@ -22,6 +22,7 @@ from maskprop.sbp import convert, sparse_layers
 from maskprop.train import loop
 from maskprop.train.checkpoint import load_checkpoint
 from maskprop.train.config import Config, load_config
+from maskprop.train.setup import sparse_backward
 from maskprop.train.steps import StepContext, sbp_step
 from maskprop.train.summary import read_summary
 
@@ -335,6 +336,39 @@ def test_an_output_k_the_output_layer_cannot_keep_names_the_config_key(bars, tmp
     with pytest.raises(ValueError, match=r"^sbp.output_k=5 does not fit the output layer \(.*expected 1 <= k <= 4"):
         maskprop.fit(config, train_set=bars[0], val_set=bars[1], out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_sparse_backward_hands_each_sbp_setting_to_the_layers_and_the_budget():
+    """sbp.sparsifier reaches every layer, sbp.memory MSBP's layers only (meprop and sbp run none), sbp.scale the
+    balanced budget; with sbp.output_k the output layer keeps that k and the budget shares round(ratio x units) of the
+    hidden layers alone (6 + 10 units: 8, proportionally 3 and 5)."""
+    for method, memory in (("msbp", 0.7), ("sbp", 0.0), ("meprop", 0.0)):
+        sbp = load_config(None, [f"method={method}", "sbp.sparsifier=topk", "sbp.memory=0.7", "sbp.ratio=0.5",
+                                 "sbp.budget=balanced", "sbp.scale=variance", "sbp.output_k=3"]).sbp
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 10), torch.nn.ReLU(),
+                                    torch.nn.Linear(10, 4))
+        budget = sparse_backward(model, method, sbp)
+        layers = dict(sparse_layers(model))
+        assert {name: (layer.sparsifier, layer.memory_ratio) for name, layer in layers.items()} == {
+            name: ("topk", memory) for name in ("0", "2", "4")}, method
+        assert budget.scale == "variance" and budget.total == 8 and budget.ks == [3, 5]
+        assert [id(layer) for layer in budget.layers] == [id(layers["0"]), id(layers["2"])]
+        assert [layers[name].keep_k for name in ("0", "2", "4")] == [3, 5, 3]
+
+
+def test_an_output_k_alone_with_a_balanced_budget_is_refused():
+    """A model whose only layer is the output layer: sbp.output_k sparsifies it with a per-layer budget, but a
+    balanced budget would have no layer to share out; one line naming the way out."""
+    def single() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+
+    balanced = load_config(None, ["method=meprop", "sbp.output_k=2", "sbp.budget=balanced"]).sbp
+    with pytest.raises(ValueError, match=r"^method=meprop: the model has no linear or conv layer besides its output "
+                                         r"layer, .*\(or sbp.output_k for the output layer, with sbp.budget: layer\)$"):
+        sparse_backward(single(), "meprop", balanced)
+    model = single()
+    assert sparse_backward(model, "meprop", load_config(None, ["method=meprop", "sbp.output_k=2"]).sbp) is None
+    assert [layer.keep_k for _, layer in sparse_layers(model)] == [2]
 
 
 def test_adam_by_default_at_a_recipe_s_sgd_rate_is_warned_of(caplog):
