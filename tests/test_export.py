@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -330,6 +331,16 @@ def test_export_json_records_each_file_s_size_and_the_weights_carry_torch_metada
         assert f.metadata() == {"format": "pt", "maskprop_plan": "plan.json"}
 
 
+def test_export_json_counts_the_full_model_and_checks_it_in_both_mask_modes(exported):
+    """``dense_params`` is the full model's parameter count (``params`` the narrow one's), and the narrow model was
+    compared with the full model under its mask in both ``use_mask`` modes."""
+    _, model, _, _, info = exported
+    assert info["dense_params"] == sum(p.numel() for p in model.parameters()) == maskprop.CostModel(
+        model, (3, 16, 16)).params() > info["params"]
+    checks = info["check"]["narrow_vs_full_model_under_mask"]
+    assert set(checks) == {"compact", "masked"} and all(0 <= err <= 1e-5 for err in checks.values())
+
+
 def test_load_exported_rebuilds_the_narrow_model(exported):
     out, _, _, narrow, _ = exported
     loaded = load_exported(out)
@@ -447,6 +458,39 @@ def test_timm_alone_loads_the_export_in_a_child_process(tmp_path):
                                    rtol=1e-6, atol=1e-6)
 
 
+def test_a_one_channel_resnet_s_timm_twin_is_created_with_its_in_chans(tmp_path):
+    """resnet18 on 1-channel images: export.json's timm entry and :func:`load_timm` create timm's model with
+    ``in_chans=1``, which reproduces the narrow model in float64."""
+    torch.manual_seed(0)
+    model = nontrivial_batch_norms(maskprop.create_model("resnet18", num_classes=4, in_chans=1)).double()
+    mask = edge_case_mask(model.channel_groups(), torch.Generator().manual_seed(4))
+    spec = ModelSpec.resolve("resnet18", {"in_chans": 1}, num_classes=4, input_size=(1, 32, 32))
+    info = save_exported(model, mask, tmp_path / "r18", spec=spec, formats="timm")
+    assert info["timm"] == {"model": "resnet18", "num_classes": 4, "in_chans": 1}
+    rebuilt = load_timm(tmp_path / "r18")
+    assert rebuilt.conv1.weight.shape[1] == 1
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), materialize(model, mask).eval()(x), rtol=1e-12, atol=1e-12)
+
+
+def test_only_keywords_that_leave_timm_s_layers_keep_a_timm_twin():
+    """An ImageNet ResNet built with another activation is not timm's model; the number of classes, the input
+    channels, the residual pruning and the residual init leave it timm's."""
+    same = {"num_classes": 10, "in_chans": 1, "prune_residual": False, "zero_init_residual": True, "stem": "imagenet"}
+    assert timm_twin(ModelSpec("resnet34", same, (1, 32, 32))) == "resnet34"
+    assert timm_twin(ModelSpec("resnet34", {**same, "act_layer": nn.GELU}, (1, 32, 32))) is None
+
+
+def test_an_explicit_format_list_is_what_a_model_with_a_timm_twin_gets(tmp_path):
+    """The timm format is added to the default formats only: ``formats="safetensors"`` writes no timm file."""
+    model = maskprop.create_model("resnet18", num_classes=3)
+    spec = ModelSpec.resolve("resnet18", {}, num_classes=3, input_size=(3, 32, 32))
+    info = save_exported(model, None, tmp_path / "r18", spec=spec, formats="safetensors")
+    assert sorted(p.name for p in (tmp_path / "r18").iterdir()) == ["export.json", "model.safetensors", "plan.json"]
+    assert "timm" not in info and set(info["check"]["files_vs_narrow_model"]) == {"model.safetensors"}
+
+
 def test_timm_format_is_the_default_only_for_models_with_a_timm_twin(tmp_path):
     assert timm_twin(ModelSpec.resolve("resnet50", {}, num_classes=10, input_size=(3, 64, 64))) == "resnet50"
     assert timm_twin(ModelSpec("resnet18", {"num_classes": 10, "stem": "cifar"}, (3, 32, 32))) is None
@@ -501,6 +545,14 @@ def test_unknown_format_and_missing_onnx_extra(monkeypatch):
     assert parse_formats(None) == ["safetensors", "pt2"]
 
 
+def test_format_lists_with_spaces_are_read_and_an_empty_one_is_refused():
+    assert parse_formats("pt2, safetensors") == ["safetensors", "pt2"]
+    assert parse_formats([" pt2 "]) == ["pt2"]
+    for empty in ([], ()):
+        with pytest.raises(ValueError, match=r"unknown export format\(s\) \(none given\)"):
+            parse_formats(empty)
+
+
 def test_existing_output_is_refused_unless_forced_and_force_replaces_only_an_export(exported, tmp_path):
     _, model, mask, _, _ = exported
     out = tmp_path / "taken"
@@ -530,6 +582,57 @@ def test_existing_output_is_refused_unless_forced_and_force_replaces_only_an_exp
     empty.mkdir()
     save_exported(model, mask, empty, spec=RESNET20, formats="safetensors", force=True)  # nothing to lose
     assert (empty / "export.json").is_file()
+
+
+def test_force_replaces_an_export_with_onnx_external_weights_but_never_a_symlink(exported, tmp_path):
+    """An earlier export may hold ``model.onnx.data`` (the weights of an ONNX file over 2 GB): --force replaces it. A
+    symlink named as the output, even a dangling one, is not an earlier export: refused with or without --force."""
+    _, model, mask, _, _ = exported
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for name in ("export.json", "plan.json", "model.onnx", "model.onnx.data"):
+        (earlier / name).write_text("old")
+    save_exported(model, mask, earlier, spec=RESNET20, formats="safetensors", force=True)
+    assert sorted(p.name for p in earlier.iterdir()) == ["export.json", "model.safetensors", "plan.json"]
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    for force in (True, False):
+        with pytest.raises(ValueError, match=r"'.*link' exists and is not an earlier maskprop export"):
+            save_exported(model, mask, link, spec=RESNET20, formats="safetensors", force=force)
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "link"]
+
+
+def test_export_leaves_the_model_in_its_mode_and_unchanged(tmp_path):
+    """The checks run in eval mode; afterwards the model is in the mode it was in, every submodule too, with the
+    same parameters and BatchNorm statistics."""
+    model = nontrivial_batch_norms(maskprop.create_model("resnet20"))
+    mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(0))
+    before = copy.deepcopy(model.state_dict())
+    for training in (True, False):
+        model.train(training)
+        save_exported(model, mask, tmp_path / str(training), spec=RESNET20, formats="safetensors")
+        assert all(m.training is training for m in model.modules())
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_narrow_model_that_differs_from_the_full_model_under_its_mask_is_refused(tmp_path, monkeypatch):
+    """The narrow model is checked against the full model under its mask before anything is written: a narrow model
+    off by 1 in its classifier's bias is refused as a maskprop bug, and nothing is left behind."""
+    export_module = sys.modules["maskprop.export"]
+    real = export_module.materialize
+
+    def off(model, mask):
+        narrow = real(model, mask)
+        with torch.no_grad():
+            narrow.fc.bias.add_(1.0)
+        return narrow
+
+    monkeypatch.setattr(export_module, "materialize", off)
+    model = maskprop.create_model("resnet20")
+    mask = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match=r"^the narrow model differs from the full model under its mask"):
+        save_exported(model, mask, tmp_path / "out", spec=RESNET20, formats="safetensors")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_diverged_model_is_refused(tmp_path):
@@ -577,6 +680,47 @@ def test_a_file_that_does_not_reproduce_the_narrow_model_is_refused(tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("fmt", ["pt2", "onnx", "timm"])
+def test_a_program_onnx_or_timm_file_that_does_not_reproduce_the_narrow_model_is_refused(tmp_path, monkeypatch, fmt):
+    """Each file is read back the way its users read it (``torch.export.load``, onnxruntime, timm) and compared with
+    the narrow model: a reader whose outputs are off by 1 fails the export, naming its file, and leaves nothing."""
+    export_module = sys.modules["maskprop.export"]
+    if fmt == "pt2":
+        real_load = torch.export.load
+
+        class OffProgram:
+            def __init__(self, program):
+                self.program = program
+
+            def module(self):
+                module = self.program.module()
+                return lambda x: module(x) + 1.0
+
+        monkeypatch.setattr(torch.export, "load", lambda *args, **kwargs: OffProgram(real_load(*args, **kwargs)))
+    elif fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+        real_run = export_module._run_onnx
+        monkeypatch.setattr(export_module, "_run_onnx", lambda path, x: real_run(path, x) + 1.0)
+    else:
+        real_timm = export_module.load_timm
+
+        def off_timm(folder, device=None):
+            loaded = real_timm(folder, device)
+            return lambda x: loaded(x) + 1.0
+
+        monkeypatch.setattr(export_module, "load_timm", off_timm)
+    if fmt == "timm":
+        model = maskprop.create_model("resnet18", num_classes=3)
+        spec = ModelSpec.resolve("resnet18", {}, num_classes=3, input_size=(3, 32, 32))
+    else:
+        model = maskprop.create_model("mlp", in_features=3 * 8 * 8, hidden=(32, 24))
+        spec = ModelSpec("mlp", {"in_features": 192, "hidden": [32, 24]}, (3, 8, 8))
+    name = {"pt2": "model.pt2", "onnx": "model.onnx", "timm": "timm_pruned.txt"}[fmt]
+    with pytest.raises(RuntimeError, match=rf"do not reproduce the narrow model's output .*'{re.escape(name)}'"):
+        save_exported(model, None, tmp_path / "out", spec=spec, formats=fmt)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_plan_index_past_its_group_is_refused():
     plan = WidthPlan.from_mask(RESNET20, {"layer1": 16}, {"layer1": torch.arange(16) % 2 == 1}).to_dict()
     assert WidthPlan.from_dict(plan).kept["layer1"][-1] == 15
@@ -595,6 +739,32 @@ def test_a_plan_of_the_first_format_keeps_its_number_of_classes():
     plan = WidthPlan.from_dict(old)
     assert plan.spec == ModelSpec("resnet20", {"width": 2, "num_classes": 7}, (3, 16, 16))
     assert plan.num_classes == 7 and plan.kept == {"layer1": [0, 5]} and plan.channels == {"layer1": 32}
+
+
+def test_a_plan_with_an_empty_group_a_non_integer_index_or_another_format_is_refused():
+    plan = WidthPlan.from_mask(RESNET20, {"layer1": 16}, {"layer1": torch.arange(16) % 2 == 1}).to_dict()
+    for indices in ([], [0.0, 3.0], [True, 3]):  # no channel kept, float indices, a bool index
+        plan["groups"]["layer1"].update(indices=indices, kept=len(indices))
+        with pytest.raises(ValueError, match="group 'layer1'"):
+            WidthPlan.from_dict(plan)
+    plan["groups"]["layer1"].update(indices=[1, 3], kept=2)
+    assert WidthPlan.from_dict(plan).kept == {"layer1": [1, 3]}
+    with pytest.raises(ValueError, match=r"has format 3; this maskprop reads format 2$"):
+        WidthPlan.from_dict({**plan, "format": 3})
+
+
+def test_weights_with_a_tensor_the_plan_does_not_hold_are_refused(exported, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = exported[0]
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "plan.json").write_bytes((out / "plan.json").read_bytes())
+    tensors = load_file(out / "model.safetensors")
+    tensors["fc2.weight"] = torch.zeros(3)
+    save_file(tensors, str(extra / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model.safetensors' does not fit .*Unexpected key.*fc2\.weight"):
+        load_exported(extra)
 
 
 def test_load_exported_bad_directories(exported, tmp_path):

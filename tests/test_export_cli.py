@@ -6,6 +6,7 @@ edited by hand (``save_checkpoint``), so each case costs an export, not a run.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -115,6 +116,28 @@ def test_search_phase_is_refused_unless_top_scores(run, tmp_path, capsys):
     scores = ChannelScores(dict(checkpoint["groups"]), TINY["sparsity"]["keep_ratio"])
     scores.load_state_dict(checkpoint["scores"])
     assert info["widths"] == {g: int(m.sum()) for g, m in scores.top_mask().items()}
+
+
+def test_top_scores_of_a_run_with_a_budget_in_flops_are_chosen_at_its_channel_prices(run, tmp_path):
+    """With ``sparsity.budget_unit: flops`` the top-score subnetwork fills the priced budget (each channel at
+    ``CostModel.channel_prices``), which here is another subnetwork than the channel budget's."""
+    run_dir, _ = run
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    config = copy.deepcopy(checkpoint["config"])
+    config["sparsity"]["budget_unit"] = "flops"
+    priced = edited_run(run_dir, tmp_path / "priced", phase="search", epoch=1, fixed_mask=None, final_accuracy=None,
+                        last_accuracy=None, config=config)
+    assert export(priced, "--mask", "top_scores", "--format", "safetensors") == 0
+    groups, keep_ratio = dict(checkpoint["groups"]), config["sparsity"]["keep_ratio"]
+    prices = maskprop.CostModel(full_model(checkpoint), (3, 16, 16)).channel_prices(keep_ratio)
+    masks = {}
+    for unit, scores in (("flops", ChannelScores(groups, keep_ratio, prices=prices)),
+                         ("channels", ChannelScores(groups, keep_ratio))):
+        scores.load_state_dict(checkpoint["scores"])
+        masks[unit] = scores.top_mask()
+    assert any(not torch.equal(masks["flops"][g], masks["channels"][g]) for g in groups)  # the prices matter here
+    exported = maskprop.WidthPlan.load(priced / "export").mask()
+    assert all(torch.equal(exported[g], masks["flops"][g]) for g in groups)
 
 
 def test_last_checkpoint_of_an_unfinished_run_records_its_epoch_s_accuracy(run, tmp_path):
@@ -300,6 +323,24 @@ def test_input_size_follows_the_data_config():
         run_input_size({"data": {"dataset": "svhn"}})
 
 
+def test_input_size_of_every_dataset_and_of_the_config_defaults():
+    """mnist and both CIFARs at their fixed sizes; a config that leaves the dataset, the image size or the ImageNet
+    crop out gets the trainer's defaults (shapes, its default image size, the default crop)."""
+    from maskprop.export import run_input_size
+    from maskprop.train.config import load_config
+    from maskprop.train.data import build_datasets
+
+    assert run_input_size({"data": {"dataset": "mnist"}}) == (1, 28, 28)
+    assert run_input_size({"data": {"dataset": "cifar10"}}) == (3, 32, 32)
+    defaults = load_config({}).data
+    small = {"train_size": 4, "val_size": 4}
+    assert run_input_size({}) == run_input_size({"data": {"dataset": "shapes"}}) == build_datasets(
+        load_config({"data": small}).data)[3]
+    assert run_input_size({"data": {"image_size": 24}}) == build_datasets(
+        load_config({"data": {**small, "image_size": 24}}).data)[3] == (3, 24, 24)
+    assert run_input_size({"data": {"dataset": "imagenet"}}) == (3, defaults.crop_size, defaults.crop_size)
+
+
 def test_a_checkpoint_written_before_the_model_spec_still_exports(run, tmp_path):
     """Its spec is derived from its config, as the trainer resolved the model then."""
     run_dir, _ = run
@@ -308,6 +349,32 @@ def test_a_checkpoint_written_before_the_model_spec_still_exports(run, tmp_path)
     assert export(old, "--format", "safetensors") == 0
     info = json.loads((old / "export" / "export.json").read_text())
     assert info["spec"] == checkpoint["model_spec"]
+
+
+def test_a_checkpoint_written_before_the_model_spec_exports_at_the_input_size_given(run, tmp_path):
+    """Its input size comes from --input-size where given: a run on data the config does not describe needs it."""
+    run_dir, _ = run
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    config = copy.deepcopy(checkpoint["config"])
+    config["data"]["dataset"] = "my_images"
+    old = edited_run(run_dir, tmp_path / "old", model_spec=None, config=config)
+    assert export(old, "--format", "safetensors", "--input-size", "3,16,16") == 0
+    assert json.loads((old / "export" / "export.json").read_text())["spec"] == checkpoint["model_spec"]
+    assert export(old, "--format", "safetensors", "--input-size", "3,24,24", "--out", tmp_path / "larger") == 0
+    info = json.loads((tmp_path / "larger" / "export.json").read_text())
+    assert info["input_size"] == [3, 24, 24] and info["spec"]["input_size"] == [3, 24, 24]
+
+
+def test_an_mlp_checkpoint_written_before_the_model_spec_still_exports(tmp_path):
+    """Its number of classes is read from its classifier, the last linear layer (not the first hidden one)."""
+    config = with_overrides(TINY, method="dense", model={"name": "mlp", "kwargs": {"hidden": [32, 24]}},
+                            **{"data.image_size": 8, "data.train_size": 64, "finetune.epochs": 0})
+    maskprop.fit(config, out=tmp_path / "run")
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    old = edited_run(tmp_path / "run", tmp_path / "old", model_spec=None)
+    assert export(old, "--format", "safetensors") == 0
+    info = json.loads((old / "export" / "export.json").read_text())
+    assert info["spec"] == checkpoint["model_spec"] and info["spec"]["kwargs"]["num_classes"] == 10
 
 
 # ---------------------------------------------------------------------------------------------------------------------
