@@ -326,3 +326,52 @@ def test_bench_defaults_are_the_commands():
     for name in ("repeats", "warmup", "batch_size", "image_size", "seed"):
         assert defaults[name].default == getattr(args, name), name
     assert (default_align(torch.device("cpu")), default_align(torch.device("cuda"))) == (1, 8)
+
+
+def _count_ops_tool():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("count_ops", Path(__file__).resolve().parents[1] / "tools" /
+                                                  "count_ops.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_count_ops_splits_device_operators_from_host_ones_and_leaves_views_out():
+    tool = _count_ops_tool()
+    on_meta, on_host = torch.empty(3, device="meta"), torch.ones(3)
+    total, compute, host = tool.device_ops(lambda: ((on_meta + 1).view(3), on_host * 2), "meta")
+    assert (total, dict(compute), dict(host)) == (3, {"add": 1}, {"mul": 1})
+
+
+def test_count_ops_top_level_calls_include_the_backward_s_and_not_the_nested_ones():
+    """The calls autograd's backward nodes make are top-level calls too (their parent is the node, not an operator);
+    the calls an operator makes from inside (``linear``'s ``matmul``, ``mm``'s ``resolve_conj``) are not."""
+    tool = _count_ops_tool()
+    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(2, 3)
+    calls = tool.top_level_calls(lambda: torch.nn.functional.linear(x, w).sum().backward())
+    assert calls["linear"] == 1 and calls["sum"] == 1 and calls["mm"] == 1  # the mm of linear's backward
+    assert "matmul" not in calls and "resolve_conj" not in calls and "transpose" not in calls
+
+
+def test_count_ops_rows_give_median_times_and_ratios_to_the_dense_step(tmp_path, monkeypatch):
+    """``tools/count_ops.py``: each step's time is the median of its repetitions in milliseconds, and every ``_ratio``
+    is the step's count or time over the dense step's."""
+    tool = _count_ops_tool()
+    seconds = {"dense": [0.001, 0.002, 0.5], "compact": [0.001, 0.003, 0.9]}  # medians 2 and 3 ms, means far above
+    monkeypatch.setattr(tool, "interleaved_times", lambda fns, repeats, device: {k: seconds[k] for k in fns})
+    out = tmp_path / "counts.json"
+    monkeypatch.setattr(sys, "argv", ["count_ops.py", "--models", "resnet20", "--devices", "cpu", "--repeats", "3",
+                                      "--json", str(out)])
+    tool.main()
+    rows = {r["step"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"dense", "compact"} and rows["dense"]["image"] == 4
+    assert rows["dense"]["time_ms"] == pytest.approx(2.0) and rows["compact"]["time_ms"] == pytest.approx(3.0)
+    for step, row in rows.items():
+        assert row["compute"] == sum(row["compute_ops"].values()) and 0 < row["compute"] < row["operators"]
+        for key in ("calls", "operators", "compute", "time_ms"):
+            assert row[f"{key}_ratio"] == pytest.approx(row[key] / rows["dense"][key]), (step, key)
+    assert rows["compact"]["time_ms_ratio"] == pytest.approx(1.5)
+    assert [tool.smallest_input(n) for n in ("resnet32", "vgg19_bn", "resnet50")] == [4, 32, 32]

@@ -248,3 +248,233 @@ def test_bench_graphs_profiles_every_kind_on_request(tmp_path):
     assert "aten::convolution" in text and "Self CPU" in text
     trace = json.loads(gzip.decompress((tmp_path / "resnet20_search_graphed.json.gz").read_bytes()))
     assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+
+
+def test_bench_graphs_reports_medians_and_each_ratio_of_the_named_step_times():
+    """Each kind's time is the median of its steps (not the mean: one slow step must not move it), the row is saved
+    after every kind (a time limit keeps what was measured), and every ratio is the step time its name says over the
+    one it says (``_speedup``: the other schedule's time over the default's), in the markdown column of that name."""
+    tool = _tool("bench_graphs")
+    kinds = tool.KINDS + tool.EXTRA_KINDS
+    medians = {kind: float(3 + i) for i, kind in enumerate(kinds)}  # distinct, known medians
+    timed, saved = [], []
+
+    def fake_time(fn, device, steps):
+        kind = kinds[len(timed)]
+        timed.append(kind)
+        return [medians[kind] / 2, medians[kind], 100 * medians[kind]]  # median m, mean far above it
+
+    try:
+        tool._time = fake_time
+        row = tool.bench("resnet20", 16, 4, torch.device("cpu"), 3, 0.5, 8, kinds=kinds,
+                         save=lambda r: saved.append({k for k in r if k.endswith("_ms")}))
+        table = tool.markdown([row])
+    finally:
+        sys.modules.pop("bench_graphs", None)
+    assert timed == kinds and not [k for k in row if k.endswith("_error")]
+    assert {k: row[f"{k}_ms"] for k in kinds} == medians
+    assert saved == [{f"{k}_ms" for k in kinds[:i + 1]} for i in range(len(kinds))]
+    expected = {"search_over_dense_eager": ("search_eager", "dense_eager"),
+                "static_search_over_dense_eager": ("search_static", "dense_eager"),
+                "search_over_dense_graphed": ("search_graphed", "dense_graphed"),
+                "settled_over_dense_graphed": ("settled_graphed", "dense_graphed"),
+                "finetune_over_dense_eager": ("finetune_eager", "dense_eager"),
+                "finetune_over_dense_graphed": ("finetune_graphed", "dense_graphed"),
+                "narrow_over_dense_graphed": ("narrow_graphed", "dense_graphed"),
+                "search_graphed_speedup_over_eager": ("search_eager", "search_graphed"),
+                "ranks_over_one_process": ("search_ranks_graphed", "search_graphed"),
+                "overlap_speedup": ("search_one_stream_graphed", "search_graphed"),
+                "m2_first_speedup": ("search_m_first_graphed", "search_graphed"),
+                "m_ahead_speedup": ("search_m_at_start_graphed", "search_graphed")}
+    for name, (top, bottom) in expected.items():
+        assert row[name] == pytest.approx(medians[top] / medians[bottom]), name
+    header, _, line = table.splitlines()
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")],
+                     [c.strip() for c in line.strip("|").split("|")]))
+    for column, kind in [("dense eager ms", "dense_eager"), ("dense graphed ms", "dense_graphed"),
+                         ("search eager ms", "search_eager"), ("search graphed ms", "search_graphed"),
+                         ("search static ms", "search_static"), ("finetune graphed ms", "finetune_graphed"),
+                         ("narrow graphed ms", "narrow_graphed")]:
+        assert cells[column] == f"{medians[kind]:.1f}", column
+    for column, name in [("search/dense eager", "search_over_dense_eager"),
+                         ("search/dense graphed", "search_over_dense_graphed"),
+                         ("static search/dense eager", "static_search_over_dense_eager"),
+                         ("settled search/dense graphed", "settled_over_dense_graphed"),
+                         ("finetune/dense eager", "finetune_over_dense_eager"),
+                         ("finetune/dense graphed", "finetune_over_dense_graphed"),
+                         ("narrow/dense graphed", "narrow_over_dense_graphed"),
+                         ("search one stream / two streams", "overlap_speedup"),
+                         ("search under torchrun (one rank) / one process", "ranks_over_one_process"),
+                         ("search m' after m / m' first", "m2_first_speedup"),
+                         ("search m at the step's start / m ahead", "m_ahead_speedup")]:
+        top, bottom = expected[name]
+        assert cells[column] == f"{medians[top] / medians[bottom]:.2f}", column
+
+
+def test_bench_graphs_times_each_step_in_milliseconds_after_its_warm_up():
+    import time as clock
+
+    tool = _tool("bench_graphs")
+    calls = []
+    try:
+        times = tool._time(lambda: (calls.append(1), clock.sleep(0.02)), torch.device("cpu"), 3)
+        warmup = tool.WARMUP
+    finally:
+        sys.modules.pop("bench_graphs", None)
+    assert len(calls) == warmup + 3 and len(times) == 3
+    assert all(19.0 <= t < 1000.0 for t in times)  # 20 ms sleeps, in milliseconds
+
+
+def test_the_targets_table_binds_each_target_and_ceiling_to_its_model():
+    """The GPU targets and the ceilings measured before (BENCHMARKS.md: resnet32 >= 2.0x / 0.9x / 2.5x / 1.2x,
+    vgg19_bn >= 2.0x / 1.1x / 3.0x / 1.5x against the dense eager / graphed step, ceilings 3.3x and 1.27x, 4.3x and
+    1.66x; resnet50 1.15x / 1.15x / 1.6x / 1.6x, ceilings 1.7x and 1.65x), each in its own model's column; the step
+    times of vgg19_bn are those BENCHMARKS.md records."""
+    tool = _tool("bench_graphs")
+    try:
+        rows = [{"model": "resnet32", "dense_eager_ms": 12.0, "dense_graphed_ms": 6.0, "search_graphed_ms": 8.0,
+                 "narrow_graphed_ms": 4.0},
+                {"model": "vgg19_bn", "dense_eager_ms": 7.25, "dense_graphed_ms": 3.55, "search_graphed_ms": 5.92,
+                 "narrow_graphed_ms": 3.47},
+                {"model": "resnet50", "dense_eager_ms": 10.0, "dense_graphed_ms": 8.0, "search_graphed_ms": 8.0,
+                 "narrow_graphed_ms": 5.0}]
+        lines = tool.targets_table(rows).splitlines()
+    finally:
+        sys.modules.pop("bench_graphs", None)
+    assert lines[0] == "| speedup (dense step time / step time) | resnet32 | vgg19_bn | resnet50 |"
+    assert lines[2:] == [
+        ("| search / dense eager | 1.50x (target 2.00x, ceiling 2.47x) | 1.22x (target 2.00x, ceiling 3.22x) "
+         "| 1.25x (target 1.15x, ceiling 1.27x) |"),
+        ("| search / dense graphed | 0.75x (target 0.90x, ceiling 0.95x) | 0.60x (target 1.10x, ceiling 1.24x) "
+         "| 1.00x (target 1.15x, ceiling 1.24x) |"),
+        ("| narrow finetune / dense eager | 3.00x (target 2.50x, ceiling 3.30x) | 2.09x (target 3.00x, ceiling 4.30x) "
+         "| 2.00x (target 1.60x, ceiling 1.70x) |"),
+        ("| narrow finetune / dense graphed | 1.50x (target 1.20x, ceiling 1.27x) "
+         "| 1.02x (target 1.50x, ceiling 1.66x) | 1.60x (target 1.60x, ceiling 1.65x) |"),
+    ]
+
+
+def test_e2e_runs_overrides_give_the_short_search_and_its_dense_twin():
+    """A sparse run: one warm-up epoch, a two-epoch anneal, ``--finetune-epochs``; its twin: ``method=dense`` for the
+    search plus finetune epochs; bf16 and graphs on CUDA only; ``--set`` last, so that it wins."""
+    import argparse
+
+    tool = _tool("e2e_runs")
+    model = tool.ModelRun.parse("vgg19_bn:32:512:4")
+    for device, amp, graphs in (("cuda", "bf16", "true"), ("cpu", "none", "false")):
+        args = argparse.Namespace(device=device, seed=3, batch_size=64, epochs=6, finetune_epochs=2,
+                                  set=["optim.lr=0.3"])
+        sparse, dense = tool.overrides(model, args, dense=False), tool.overrides(model, args, dense=True)
+        for run in (sparse, dense):
+            assert {f"device={device}", f"amp={amp}", f"cuda_graphs={graphs}", "channels_last=true", "seed=3",
+                    "model.name=vgg19_bn", "data.image_size=32", "data.train_size=512", "data.workers=4",
+                    "data.batch_size=64"} <= set(run)
+            assert run[-1] == "optim.lr=0.3"
+        assert {"optim.epochs=6", "sparsity.warmup_epochs=1", "sparsity.anneal_epochs=2",
+                "finetune.epochs=2"} <= set(sparse) and not any(o.startswith("method=") for o in sparse)
+        assert {"method=dense", "optim.epochs=8"} <= set(dense)
+        assert not any(o.startswith(("sparsity.", "finetune.")) for o in dense)
+    assert tool.ModelRun.parse("resnet20:16:128") == tool.ModelRun("resnet20", 16, 128, 0)  # no loader processes
+
+
+def test_e2e_runs_finish_kills_a_run_past_its_timeout_counted_from_its_start(tmp_path):
+    """``--timeout`` counts from the run's launch (not from the wait): a run that has had 10 of its 11 seconds gets
+    about one more, is killed and recorded as ``timeout``; a run that fails keeps its summary's fields out."""
+    tool = _tool("e2e_runs")
+    began = time.perf_counter()
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    row = tool.finish(slow, tmp_path / "slow", time.perf_counter() - 10.0, 11.0)
+    assert row["exit_status"] == "timeout" and slow.returncode is not None
+    assert time.perf_counter() - began < 8.0 and 10.0 < row["seconds"] < 18.0
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"accuracy": 61.5, "measured_speedup": 1.3, "other": 1}))
+    done = tool.finish(subprocess.Popen([sys.executable, "-c", "pass"]), out, time.perf_counter(), 30.0)
+    assert done["exit_status"] == 0 and done["accuracy"] == 61.5 and done["measured_speedup"] == 1.3
+    assert set(done) == {"exit_status", "seconds", "run", *tool.FIELDS}
+    failed = tool.finish(subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]), out, time.perf_counter(),
+                         30.0)
+    assert failed["exit_status"] == 3 and "accuracy" not in failed
+
+
+def test_e2e_runs_table_puts_each_value_in_its_column_beside_its_model_s_target():
+    tool = _tool("e2e_runs")
+    rows = {"resnet32_32px": {"model": "resnet32",
+                              "vrpge": {"accuracy": 71.25, "measured_speedup": 1.234,
+                                        "measured_speedup_iqr": [1.1, 1.4],
+                                        "train_cost_saving": 1.9, "seconds": 40.0,
+                                        "static_steps": {"search_windows": 3, "graph_captures": 5,
+                                                         "warmup_capture_s": 2.25}},
+                              "dense": {"accuracy": 80.0, "seconds": 30.5}},
+            "vgg19_bn_32px": {"model": "vgg19_bn", "vrpge": {"exit_status": "timeout"}, "dense": {}},
+            "resnet50_224px": {"model": "resnet50", "vrpge": {}},
+            "resnet20_16px": {"model": "resnet20", "vrpge": {}}}
+    lines = tool.table(rows).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = {line.split("|")[1].strip(): dict(zip(header, [c.strip() for c in line.strip("|").split("|")]))
+             for line in lines[2:]}
+    assert cells["resnet32_32px"] == {
+        "model": "resnet32_32px", "sparse top-1 %": "71.2", "dense twin top-1 %": "80.0",
+        "measured speedup (IQR)": "1.23x (1.10-1.40)", "target": ">= 1.00x", "train-cost saving": "1.90x",
+        "capacity windows": "3", "captures": "5", "their warm-up and capture s": "2.2", "sparse run s": "40.0",
+        "dense run s (concurrent)": "30.5"}
+    assert [cells[tag]["target"] for tag in ("vgg19_bn_32px", "resnet50_224px", "resnet20_16px")] == [
+        ">= 1.20x", ">= 1.15x", "-"]
+    assert cells["vgg19_bn_32px"]["sparse top-1 %"] == "-" and cells["vgg19_bn_32px"]["measured speedup (IQR)"] == "-"
+
+
+def test_e2e_runs_time_the_sparse_runs_alone_and_fail_when_any_run_fails(tmp_path, monkeypatch):
+    """The sparse runs go one after the other (each finished before the next starts: their speedups are timings),
+    then the dense twins all at once; the exit status is 1 when any run of either kind did not exit 0."""
+    tool = _tool("e2e_runs")
+    events = []
+    for failing in (None, ("resnet20_16px", "dense"), ("resnet32_16px", "vrpge")):
+        events.clear()
+
+        def launch(model, args, dense):
+            kind = "dense" if dense else "vrpge"
+            events.append(("launch", model.tag, kind))
+            return (model.tag, kind), tmp_path / f"{model.tag}_{kind}", 0.0
+
+        def finish(started, out, start, timeout, failing=failing):
+            events.append(("finish", *started))
+            return {"exit_status": 1 if started == failing else 0, "seconds": 1.0, "run": out.name}
+
+        monkeypatch.setattr(tool, "launch", launch)
+        monkeypatch.setattr(tool, "finish", finish)
+        status = tool.main(["--out", str(tmp_path / "o"), "--models", "resnet20:16:64", "resnet32:16:64"])
+        assert status == (0 if failing is None else 1), failing
+        assert events == [("launch", "resnet20_16px", "vrpge"), ("finish", "resnet20_16px", "vrpge"),
+                          ("launch", "resnet32_16px", "vrpge"), ("finish", "resnet32_16px", "vrpge"),
+                          ("launch", "resnet20_16px", "dense"), ("launch", "resnet32_16px", "dense"),
+                          ("finish", "resnet20_16px", "dense"), ("finish", "resnet32_16px", "dense")]
+        saved = json.loads((tmp_path / "o" / "e2e.json").read_text())
+        assert {tag: {kind: r["exit_status"] for kind, r in pair.items() if kind != "model"}
+                for tag, pair in saved.items()} == {
+            tag: {kind: 1 if (tag, kind) == failing else 0 for kind in ("vrpge", "dense")}
+            for tag in ("resnet20_16px", "resnet32_16px")}
+
+
+def test_isolated_tests_fail_on_a_timeout_alone_and_give_each_child_its_threads(tmp_path):
+    """A test past ``--timeout`` fails the run even when nothing else fails; each child gets ``--threads`` as its
+    OMP_NUM_THREADS."""
+    tool = _tool("isolated_tests")
+    (tmp_path / "test_slow.py").write_text("import os, time\ndef test_threads():\n"
+                                           "    assert os.environ['OMP_NUM_THREADS'] == '3'\n"
+                                           "def test_hangs():\n    time.sleep(60)\n")
+    out = tmp_path / "out.json"
+    began = time.perf_counter()
+    assert tool.main([str(tmp_path / "test_slow.py"), "--jobs", "2", "--timeout", "3", "--threads", "3", "--json",
+                      str(out)]) == 1
+    assert time.perf_counter() - began < 30
+    result = json.loads(out.read_text())
+    assert {r["node"].split("::")[1]: r["outcome"] for r in result["tests"]} == {"test_threads": "passed",
+                                                                                "test_hangs": "timeout"}
+    assert result["counts"] == {"passed": 1, "skipped": 0, "failed": 0, "timeout": 1, "stopped": 0}
+
+
+def test_isolated_tests_collect_nothing_from_a_file_without_tests(tmp_path):
+    tool = _tool("isolated_tests")
+    (tmp_path / "test_none.py").write_text("x = 1\n")
+    assert tool.collect(str(tmp_path / "test_none.py")) == []
+    assert tool.main([str(tmp_path / "test_none.py")]) == 0

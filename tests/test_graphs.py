@@ -1119,3 +1119,77 @@ def test_the_graphed_dense_reference_times_a_replay_after_its_warm_up_and_captur
     events.clear()
     reference.time_step(batch, times)
     assert events == ["sync", "step", "sync"]
+
+
+@pytest.mark.parametrize("blocks,backward,total,critical,join", [
+    # m''s forward B 70 outlasts m's update and forward A 60: pre 10, then the tail T 40 after both beside the
+    # backward W 30, post 30: 10 + max(60 + 30, max(60, 70) + 40) + 30
+    ([(10, 70), (70, 40)], 30, 240, 150, None),
+    # three pieces, m's forward A 70 outlasting m''s B 40 (joined at launch 115: pre 5, B 40, A 70), mid 5, the tail
+    # T 40 beside the backward W 60, post 20: 5 + max(70, 40) + 5 + max(60, 40) + 20
+    ([(5, 40), (80, 40)], 60, 240, 160, 115),
+])
+def test_the_count_tool_s_critical_path_waits_for_the_longer_forward(blocks, backward, total, critical, join):
+    streams = _count_tool().Streams()
+    streams.blocks, streams.backward, streams.join = blocks, backward, join
+    assert streams.summary(total) == {"main": total - sum(n for _, n in blocks), "side": sum(n for _, n in blocks),
+                                      "critical": critical}
+
+
+def test_the_windows_tool_keeps_an_alignment_given_on_its_command_line(tmp_path, one_thread):
+    """``sparsity.align`` defaults to 8 only when the command line does not set it."""
+    spec = importlib.util.spec_from_file_location("static_windows", REPO / "tools" / "static_windows.py")
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool
+    try:
+        spec.loader.exec_module(tool)
+        recipe = tmp_path / "tiny.yaml"
+        recipe.write_text(yaml.safe_dump(with_overrides(TINY_RUN, **{"optim.epochs": 3, "sparsity.warmup_epochs": 1,
+                                                                      "sparsity.anneal_epochs": 1})))
+        assert tool.main([str(recipe), "sparsity.align=3", "--json", str(tmp_path / "w.json")]) == 0
+    finally:
+        sys.modules.pop(spec.name, None)
+    result = json.loads((tmp_path / "w.json").read_text())
+    assert result["config"]["sparsity"]["align"] == 3
+    capacities = [c for w in result["windows"] for c in w.values()]
+    assert all(c % 3 == 0 or c in (16, 32, 64) for c in capacities)  # aligned to 3, or a group's whole width
+    assert any(c % 8 for c in capacities)
+
+
+def test_the_count_tool_counts_what_touches_the_device_as_launches_and_views_as_none():
+    """An operator with any tensor on the device is a launch (a copy from the host to it, a scalar from the host
+    combined with a device tensor); one whose tensors are all on the host is host work; views are neither."""
+    tool = _count_tool()
+    on_meta, on_host, scalar = torch.empty(4, device="meta"), torch.arange(4), torch.tensor(2.0)
+    with tool.Ops() as ops:
+        on_host.to("meta")
+        on_meta * scalar
+        on_host + 1
+        on_meta.view(2, 2)
+        on_meta.copy_(on_meta)
+    assert (ops.launches, ops.host, ops.all) == (3, 1, 5)
+    assert dict(ops.names) == {"_to_copy": 1, "mul": 1, "copy_": 1}
+
+
+def test_the_count_tool_records_each_side_block_after_the_main_stream_launches_before_it():
+    """``by_stream`` on a step of known launches: 2 before the fork, m''s forward (5) on the side beside m's (3), the
+    tail (4) on the side, 1 after; no backward. Critical path: 2 + max(3, 5) + 4 + 1 (the longer forward first)."""
+    from maskprop.train.static_steps import SearchStep
+
+    class Known(SearchStep):
+        def __init__(self) -> None:
+            self.average = None
+
+        def __call__(self, x, y) -> None:
+            x + 1, x + 2
+            with self._on_side():
+                [x * 2 for _ in range(5)]
+            [x - 1 for _ in range(3)]
+            with self._on_side():
+                [x * 3 for _ in range(4)]
+            x + 3
+
+    x = torch.empty(3, device="meta")
+    counts = _count_tool().by_stream("known", Known(), x, x)
+    assert {k: v.launches for k, v in counts.items()} == {"known, main stream": 6, "known, side stream": 9,
+                                                          "known, critical path": 12}

@@ -732,3 +732,38 @@ def test_an_unfinished_random_subnetwork_is_named_random(runs, tmp_path):
 def test_the_header_counts_one_run_in_the_singular(runs, tmp_path, capsys):
     assert main(["report", str(runs / "vrpge"), "--no-plots", "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "report.md").read_text().splitlines()[2].startswith("1 run, ")
+
+
+def test_a_forced_atomic_directory_puts_the_old_one_back_when_its_rename_fails(tmp_path, monkeypatch):
+    """``force``: the old directory is moved aside before the new one is renamed into place; if that rename fails, the
+    old one goes back where it was and nothing else is left beside it."""
+    from maskprop._files import atomic_directory
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    replace = os.replace
+
+    def failing(src, dst):
+        if str(src).endswith(".tmp") and Path(dst) == target:
+            raise OSError("no space left")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="no space left"), atomic_directory(target, force=True) as folder:
+        (folder / "a.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert (target / "keep.txt").read_text() == "mine"
+
+
+def test_a_dangling_link_in_the_way_is_one_line_naming_it(tmp_path):
+    from maskprop._files import atomic_write, make_directory
+
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "missing")
+    with pytest.raises(ValueError, match="'.*runs' is a file, not a directory"):
+        make_directory(link / "a", "the run")
+    with atomic_write(tmp_path / "new" / "deeper" / "summary.json", "w") as f:  # missing parents are created
+        f.write("{}")
+    assert (tmp_path / "new" / "deeper" / "summary.json").read_text() == "{}"
+    assert [p.name for p in (tmp_path / "new" / "deeper").iterdir()] == ["summary.json"]

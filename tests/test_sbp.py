@@ -810,3 +810,57 @@ def test_msbp_mlp_trains_within_two_points_of_dense():
         torch.set_num_threads(threads)
     assert 90.0 < dense_acc < 99.9  # learnable, and not trivially perfect for the comparison to mean something
     assert msbp_acc >= dense_acc - 2.0, (dense_acc, msbp_acc)
+
+
+def test_row_grad_buffer_holds_exactly_the_rows_written_since_the_last_clear():
+    """``param.grad`` after every write equals a dense tensor kept by hand: rows accumulated since it was last cleared,
+    zero elsewhere; rows written before a clear never come back, also after an in-place change of the gradient that
+    touched other rows (weight decay, noise, clipping in place), and after the parameter changes dtype."""
+    param = nn.Parameter(torch.zeros(6, 3, dtype=DTYPE))
+    buffer, expected = sbp.RowGradBuffer(), torch.zeros(6, 3, dtype=DTYPE)
+    gen = torch.Generator().manual_seed(0)
+
+    def write(rows, clear=False):
+        nonlocal expected
+        if clear:
+            param.grad, expected = None, torch.zeros(6, 3, dtype=param.dtype)
+        rows = torch.tensor(rows)
+        values = torch.randn(len(rows), 3, generator=gen, dtype=DTYPE).to(param.dtype)
+        buffer.accumulate(param, rows, values)
+        expected = expected.index_add(0, rows, values)
+        torch.testing.assert_close(param.grad, expected, rtol=0, atol=0)
+
+    write([1, 4], clear=True)
+    write([2, 4])  # accumulated: rows 1, 2 and 4 may be non-zero
+    write([0], clear=True)
+    param.grad.add_(1.0)  # in place, every row
+    expected += 1.0
+    write([3], clear=True)
+    write([5], clear=True)
+    param.grad.add_(1.0)
+    expected += 1.0
+    write([2])  # accumulated into a gradient changed in place
+    write([1], clear=True)
+    write([0, 5], clear=True)
+    param.data = param.data.float()
+    write([2], clear=True)
+    assert param.grad.dtype == torch.float32
+
+
+def test_gradient_angles_are_degrees_in_float64_nan_for_a_zero_vector_and_clamped():
+    # nearly parallel float32 vectors: their angle needs float64 sums (in float32 the cosine rounds to 1)
+    a = torch.ones(1000)
+    b = a.clone()
+    b[0] = 1.001
+    x, y = 999 + float(b[0]), 999 + float(b[0]) ** 2
+    reference = math.degrees(math.acos(x / math.sqrt(1000 * y)))
+    assert 0.0 < reference < 0.01
+    assert sbp.angle_degrees(a, b) == pytest.approx(reference, rel=1e-6)
+    assert sbp.angle_degrees(torch.tensor([1.0, 0.0]), torch.tensor([0.0, -2.0])) == pytest.approx(90.0)
+    assert math.isnan(sbp.angle_degrees(torch.zeros(3), torch.ones(3)))
+    assert math.isnan(sbp.angle_degrees(torch.ones(3), torch.zeros(3)))
+    # parallel and opposite vectors whose cosine rounds past +-1: 0 and 180 degrees, not a math domain error
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        v = torch.randn(7, generator=gen, dtype=torch.float64)
+        assert [sbp.angle_degrees(v, s * v) for s in (0.1, 3.0, -1.0)] == pytest.approx([0.0, 0.0, 180.0], abs=1e-5)
