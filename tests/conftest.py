@@ -1,8 +1,12 @@
-"""Shared test helpers: a small input size per model, and deterministic generators."""
+"""Shared test helpers: a small input size per model, deterministic generators, and the scripts of tools/."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -17,6 +21,21 @@ INPUT_SIZES = {name: (3, 32, 32) for name in maskprop.list_models()}
 INPUT_SIZES.update({name: (3, 48, 48) for name in IMAGENET_MODELS})
 INPUT_SIZES.update({f"resnet{d}": (3, 16, 16) for d in (20, 32, 56)})
 INPUT_SIZES.update({"wrn16_8": (3, 16, 16), "wrn28_10": (3, 8, 8)})
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` as a fresh module (tools/ is no package), registered in ``sys.modules`` under its name (its
+    dataclasses need that) and run with tools/ on the path (one tool imports another)."""
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(TOOLS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(TOOLS))
+    return module
 
 
 def input_size(name: str) -> tuple[int, int, int]:

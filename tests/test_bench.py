@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import load_tool
 
 import maskprop
 from maskprop.bench import (
@@ -329,14 +330,7 @@ def test_bench_defaults_are_the_commands():
 
 
 def _count_ops_tool():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("count_ops", Path(__file__).resolve().parents[1] / "tools" /
-                                                  "count_ops.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool("count_ops")
 
 
 def test_count_ops_splits_device_operators_from_host_ones_and_leaves_views_out():

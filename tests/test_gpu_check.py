@@ -4,7 +4,6 @@ are when a GPU is lent (``tools/isolated_tests.py``: the GPU tests in processes 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,16 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+_tool = load_tool
 
 
 SAMPLE_TESTS = '''

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import itertools
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import TINY_RUN, with_overrides
+from conftest import TINY_RUN, load_tool, with_overrides
 from test_static import _Recorder
 from test_train import _assert_same_state
 from torch import nn
@@ -36,7 +34,6 @@ from maskprop.train.summary import RunSummary
 from maskprop.vrpge import ChannelScores
 
 SIZE = (3, 16, 16)
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -603,33 +600,29 @@ def test_the_windows_tool_reports_a_run_s_windows_within_its_bound(tmp_path, cap
     """tools/static_windows.py runs a recipe with the static steps on the CPU: at most one window per search epoch
     after the warm-up, the report's counts equal the windows it lists, and the patches are undone after."""
     original = static_steps.SearchStep.__init__
-    spec = importlib.util.spec_from_file_location("static_windows", REPO / "tools" / "static_windows.py")
-    tool = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = tool
-    try:
-        spec.loader.exec_module(tool)
-        recipe = tmp_path / "tiny.yaml"
-        recipe.write_text(yaml.safe_dump(with_overrides(TINY_RUN, **{"optim.epochs": 4, "sparsity.warmup_epochs": 1,
-                                                                      "sparsity.anneal_epochs": 2})))
-        assert tool.main([str(recipe), "--json", str(tmp_path / "w.json")]) == 0
-        result = json.loads((tmp_path / "w.json").read_text())
-        windows, report = result["windows"], result["static_steps"]
-        assert 2 <= report["search_windows"] == len(windows) <= 4 - 1
-        assert report["search_shapes"] == len({tuple(w.values()) for w in windows})
-        assert all(c % 8 == 0 or c < 8 for w in windows for c in w.values())  # align 8, as CUDA runs use
-        assert f"{report['search_windows']} search windows" in capsys.readouterr().out
-        assert setup.resolve_cuda_graphs is resolve_cuda_graphs and static_steps.SearchStep.__init__ is original
-        assert tool.main([str(recipe), "optim.epochs=zero"]) == 2
-        assert "optim.epochs" in capsys.readouterr().err
-    finally:
-        sys.modules.pop(spec.name, None)
+    tool, recipe = load_tool("static_windows"), _search_recipe(tmp_path, epochs=4, anneal=2)
+    assert tool.main([str(recipe), "--json", str(tmp_path / "w.json")]) == 0
+    result = json.loads((tmp_path / "w.json").read_text())
+    windows, report = result["windows"], result["static_steps"]
+    assert 2 <= report["search_windows"] == len(windows) <= 4 - 1
+    assert report["search_shapes"] == len({tuple(w.values()) for w in windows})
+    assert all(c % 8 == 0 or c < 8 for w in windows for c in w.values())  # align 8, as CUDA runs use
+    assert f"{report['search_windows']} search windows" in capsys.readouterr().out
+    assert setup.resolve_cuda_graphs is resolve_cuda_graphs and static_steps.SearchStep.__init__ is original
+    assert tool.main([str(recipe), "optim.epochs=zero"]) == 2
+    assert "optim.epochs" in capsys.readouterr().err
+
+
+def _search_recipe(folder: Path, epochs: int, anneal: int) -> Path:
+    """A tiny recipe of a short search (one warm-up epoch, then an anneal), written into ``folder``."""
+    recipe = folder / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(with_overrides(TINY_RUN, **{"optim.epochs": epochs, "sparsity.warmup_epochs": 1,
+                                                                  "sparsity.anneal_epochs": anneal})))
+    return recipe
 
 
 def _count_tool():
-    spec = importlib.util.spec_from_file_location("count_static_ops", REPO / "tools" / "count_static_ops.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool("count_static_ops")
 
 
 @pytest.mark.parametrize("blocks,backward,total,critical,join", [
@@ -662,14 +655,7 @@ def test_static_steps_take_their_gradients_fresh_and_norm_them_in_one_go():
     saved, and the gradient norm takes the multi-tensor route; the search step adds the forward of ``m'``, the two
     mask updates, the score gradient and the projection to a dense step's launches, not a second set of per-parameter
     ones."""
-    spec = importlib.util.spec_from_file_location("count_static_ops", REPO / "tools" / "count_static_ops.py")
-    tool = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = tool
-    try:
-        spec.loader.exec_module(tool)
-        counts = tool.whole_steps("resnet20", 0.5, 8, 8)
-    finally:
-        sys.modules.pop(spec.name, None)
+    counts = _count_tool().whole_steps("resnet20", 0.5, 8, 8)
     params = len(list(maskprop.create_model("resnet20").parameters()))
     dense_adds = counts["dense step"].names["add_"]  # in-place adds of the forward (the residual additions)
     assert dense_adds < params // 2  # none per parameter
@@ -1138,17 +1124,8 @@ def test_the_count_tool_s_critical_path_waits_for_the_longer_forward(blocks, bac
 
 def test_the_windows_tool_keeps_an_alignment_given_on_its_command_line(tmp_path, one_thread):
     """``sparsity.align`` defaults to 8 only when the command line does not set it."""
-    spec = importlib.util.spec_from_file_location("static_windows", REPO / "tools" / "static_windows.py")
-    tool = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = tool
-    try:
-        spec.loader.exec_module(tool)
-        recipe = tmp_path / "tiny.yaml"
-        recipe.write_text(yaml.safe_dump(with_overrides(TINY_RUN, **{"optim.epochs": 3, "sparsity.warmup_epochs": 1,
-                                                                      "sparsity.anneal_epochs": 1})))
-        assert tool.main([str(recipe), "sparsity.align=3", "--json", str(tmp_path / "w.json")]) == 0
-    finally:
-        sys.modules.pop(spec.name, None)
+    recipe = _search_recipe(tmp_path, epochs=3, anneal=1)
+    assert load_tool("static_windows").main([str(recipe), "sparsity.align=3", "--json", str(tmp_path / "w.json")]) == 0
     result = json.loads((tmp_path / "w.json").read_text())
     assert result["config"]["sparsity"]["align"] == 3
     capacities = [c for w in result["windows"] for c in w.values()]

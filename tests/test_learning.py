@@ -4,13 +4,13 @@ of the quickstart recipe against its dense twin (slow: ``-m slow``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 
 import maskprop
 from maskprop.sparse.modules import SparseBatchNorm2d
@@ -21,13 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _study():
     """tools/search_study.py as a module (tools/ is no package)."""
-    name = "search_study"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "search_study.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return _tool("search_study")
 
 
 def _first_norm_outputs(model, mask, mode):
@@ -116,16 +110,7 @@ def test_default_search_learns_from_its_first_epoch_and_ends_near_dense(tmp_path
 
 def _tool(name):
     """A module of tools/ (no package) by file name."""
-    if name not in sys.modules:
-        sys.path.insert(0, str(REPO / "tools"))
-        try:
-            spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        finally:
-            sys.path.remove(str(REPO / "tools"))
-    return sys.modules[name]
+    return sys.modules[name] if name in sys.modules else load_tool(name)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9])
