@@ -369,3 +369,30 @@ def test_count_ops_rows_give_median_times_and_ratios_to_the_dense_step(tmp_path,
             assert row[f"{key}_ratio"] == pytest.approx(row[key] / rows["dense"][key]), (step, key)
     assert rows["compact"]["time_ms_ratio"] == pytest.approx(1.5)
     assert [tool.smallest_input(n) for n in ("resnet32", "vgg19_bn", "resnet50")] == [4, 32, 32]
+
+
+def test_keep_freed_host_memory_leaves_glibc_malloc_tunables_alone(monkeypatch):
+    """A ``glibc.malloc.*`` tunable in GLIBC_TUNABLES is the user's choice as a ``MALLOC_*`` variable is: nothing is
+    set (returns before any mallopt call, so safe in this process)."""
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")
+    assert maskprop.keep_freed_host_memory() is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="linux only")
+def test_keep_freed_host_memory_sets_the_mmap_threshold_first_then_trim_and_top_pad(monkeypatch):
+    """The mallopt calls, against glibc's malloc.h (M_TRIM_THRESHOLD -1, M_TOP_PAD -2, M_MMAP_THRESHOLD -3): the mmap
+    threshold fixed at 32 MiB first, no trimming, the heap grown in ``top_pad`` steps; recorded by a stand-in libc."""
+    import ctypes
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    for key in [k for k in os.environ if k.startswith("MALLOC_")] + ["GLIBC_TUNABLES"]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    assert maskprop.keep_freed_host_memory(top_pad=1 << 20) is True
+    assert calls == [(-3, 32 * 2**20), (-1, 2**62), (-2, 2**20)]

@@ -380,3 +380,33 @@ def test_resolved_spec_keeps_configured_keywords_and_completes_the_rest(caplog):
         assert not caplog.records
         ModelSpec.resolve("vgg11_bn", {}, num_classes=10, input_size=(3, 32, 32), prune_residual=False)
     assert "model 'vgg11_bn' has no residual streams" in caplog.text
+
+
+def test_the_registry_lists_sorted_names_and_refuses_a_bool_class_count():
+    names = maskprop.list_models()
+    assert names == sorted(names) and len(set(names)) == len(names)
+    with pytest.raises(ValueError, match=r"num_classes must be an integer >= 1, got True"):
+        maskprop.create_model("resnet20", num_classes=True)
+
+
+def test_conv_bn_act_keeps_the_size_and_init_weights_is_he_fan_out_with_unit_batch_norm():
+    """ConvBNAct pads kernel_size // 2 (odd kernels keep the spatial size, stride 1) and normalises its own group;
+    init_weights: convs N(0, 2 / fan_out) (out channels x kernel area), zero conv bias, BatchNorm weight 1 bias 0."""
+    from torch import nn
+
+    from maskprop.models.layers import ConvBNAct, init_weights
+
+    for k in (1, 3, 5):
+        block = ConvBNAct(3, 8, k, in_group="a", out_group="b")
+        assert block(torch.randn(2, 3, 9, 9)).shape == (2, 8, 9, 9), k
+        assert block[1].group == "b"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 256, 3, bias=True), nn.BatchNorm2d(256))
+    with torch.no_grad():
+        for p in (model[0].bias, model[1].weight, model[1].bias):
+            p.uniform_(0.5, 1.5)
+    init_weights(model)
+    std = float(model[0].weight.detach().double().std())
+    assert std == pytest.approx((2 / (256 * 9)) ** 0.5, rel=0.02)  # 147,456 draws: about 0.2% standard error
+    assert torch.equal(model[0].bias, torch.zeros(256))
+    assert torch.equal(model[1].weight, torch.ones(256)) and torch.equal(model[1].bias, torch.zeros(256))

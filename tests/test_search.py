@@ -326,6 +326,24 @@ def test_search_diagnostics_match_an_independent_computation(annealed_run):
         assert record["train_accuracy_top"] == pytest.approx(watched["top"])
 
 
+def test_search_diagnostics_of_hand_set_scores():
+    """_search_diagnostics after a VR-PGE epoch: the kind of the epoch's last step, the budget K(t) / N of the next
+    step, the shares of keep probabilities within 0.05 of 0 and of 1 (0.05 and 0.95 included, 0.051 and 0.949 not)
+    and their mean Bernoulli entropy in nats; no probe, no top-mask accuracy. Against a hand computation."""
+    from types import SimpleNamespace
+
+    values = [0.0, 0.045, 0.05, 0.051, 0.5, 0.949, 0.95, 0.955, 1.0, 0.3]
+    schedule = BudgetSchedule(10, 0.5, 2, 4, "linear")
+    state = SimpleNamespace(phase="search", schedule=schedule, counters={"search_steps": 5},
+                            scores=SimpleNamespace(scores=torch.tensor(values, dtype=torch.float64)))
+    run = SimpleNamespace(state=state, cfg=SimpleNamespace(sparsity=SimpleNamespace(fix="best_of_n"), seed=0))
+    entropy = sum(0.0 if p in (0.0, 1.0) else -(p * math.log(p) + (1 - p) * math.log(1 - p)) for p in values) / 10
+    got = loop._search_diagnostics(run, None)
+    assert got.pop("step_kind") == "anneal"
+    assert got == pytest.approx({"budget_ratio": (5 + 5 * (1 - 3 / 4)) / 10,
+                                 "scores_near_0": 0.3, "scores_near_1": 0.3, "score_entropy": entropy}, rel=1e-12)
+
+
 def test_the_diagnostics_between_search_epochs_leave_the_cpu_generator_as_the_epoch_left_it(annealed_run):
     """The probe of the top-score subnetwork after each search epoch seeds torch's CPU generator inside a fork: the next
     epoch draws (augmentation, dropout) on from where the last one stopped, not from the seed again every epoch."""
@@ -345,6 +363,67 @@ def test_tensorboard_holds_the_search_diagnostics(annealed_run):
     expected = {"search/budget_ratio", "search/loss_gap", "search/scores_near_0", "search/scores_near_1",
                 "search/score_entropy", "search/train_accuracy_top", "search/epoch_grad_norm", "search/grad_norm"}
     assert expected <= set(events.Tags()["scalars"])
+
+
+def test_tensorboard_epoch_scalars_are_the_records_at_their_steps(annealed_run):
+    """Every epoch scalar is the value of its metrics.jsonl record, logged at the record's step (the epoch's last
+    step) and at no other step; the score histogram is logged at the same steps, with every keep probability."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(annealed_run["out"]), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    records, expected = annealed_run["records"], {}
+    for r in records:
+        p = r["phase"]
+        values = {f"{p}/epoch_loss": r["train_loss"], f"{p}/epoch_accuracy": r["train_accuracy"],
+                  f"{p}/kept_ratio_sampled_mean": r["kept_ratio_sampled"], f"{p}/epoch_grad_norm": r["grad_norm"],
+                  "cost/train_flops": r["train_flops"], "cost/train_cost_saving": r["train_cost_saving"],
+                  f"val/{p}_accuracy": r["val_accuracy"], f"val/{p}_loss": r["val_loss"],
+                  "search/kept_ratio_expected": r["kept_ratio_expected"],
+                  **{f"widths/{g}": w for g, w in r["widths_expected"].items()}}
+        values.update({f"search/{k}": r[k] for k in ("budget_ratio", "loss_gap", "scores_near_0", "scores_near_1",
+                                                      "score_entropy", "train_accuracy_top") if k in r})
+        for tag, value in values.items():
+            expected.setdefault(tag, {})[r["step"]] = value
+    assert set(expected["search/score_entropy"]) == {r["step"] for r in records[1:4]}  # VR-PGE epochs only
+    for tag, by_step in expected.items():
+        got = {e.step: e.value for e in events.Scalars(tag)}
+        assert got == pytest.approx(by_step, rel=1e-6), tag
+    histograms = events.Histograms("search/scores")
+    assert [h.step for h in histograms] == [r["step"] for r in records]
+    n = sum(annealed_run["summary"]["group_sizes"].values())
+    assert all(h.histogram_value.num == n for h in histograms)
+    for h, watched in zip(histograms, annealed_run["epochs"]):
+        assert h.histogram_value.sum == pytest.approx(float(watched["scores"].double().sum()), rel=1e-6)
+
+
+def test_tensorboard_step_scalars_are_the_results_of_every_log_every_th_step(annealed_run):
+    """Every ``log_every`` steps (and only then), the step's own result at its step: the loss (of m and of m' after
+    VR-PGE steps), the accuracy in percent, the sampled kept ratio and the gradient norm; and the learning rates after
+    the step (the weights' cosine of each phase, the scores' constant Adam rate during VR-PGE steps)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(annealed_run["out"]), size_guidance={"scalars": 0})
+    events.Reload()
+    cfg, expected = annealed_run["cfg"], {}
+    search_steps = 4 * STEPS_PER_EPOCH
+    for i, (kind, result) in enumerate(annealed_run["steps"]):
+        step = i + 1
+        if step % cfg.log_every:
+            continue
+        p = "finetune" if kind == "finetune" else "search"
+        peak, t, total = (1e-3, step - search_steps, STEPS_PER_EPOCH) if p == "finetune" else (0.1, step, search_steps)
+        values = {f"{p}/loss" if result.loss2 is None else f"{p}/loss_m": result.loss,
+                  f"{p}/accuracy": 100.0 * result.correct / result.count, f"{p}/kept_ratio_sampled": result.kept_ratio,
+                  f"{p}/grad_norm": result.grad_norm, "lr/weights": 0.5 * peak * (1 + math.cos(math.pi * t / total))}
+        if result.loss2 is not None:
+            values.update({f"{p}/loss_m2": result.loss2, "lr/scores": cfg.sparsity.score_lr})
+        for tag, value in values.items():
+            expected.setdefault(tag, {})[step] = value
+    assert set(expected["search/loss"]) == {2} and set(expected["search/loss_m"]) == {4, 6, 8}
+    for tag, by_step in expected.items():
+        got = {e.step: e.value for e in events.Scalars(tag)}
+        assert got == pytest.approx(by_step, rel=1e-6, abs=1e-9), tag
 
 
 def test_anneal_epochs_do_not_count_as_the_best_subnetwork(annealed_run):
@@ -550,6 +629,20 @@ def test_a_budget_mostly_spent_by_one_channel_per_group_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="maskprop.train.loop"):
         maskprop.fit(with_overrides(config, **{"sparsity.keep_ratio": 0.1}))  # 12 of 44.8
     assert "one channel of every group" not in caplog.text
+
+
+def test_the_floor_warning_starts_just_above_half_of_the_budget(caplog):
+    """_warn_if_floor: a floor of exactly FLOOR_SHARE (half) of the budget says nothing, one just above it warns, in
+    the budget's unit."""
+    with caplog.at_level(logging.WARNING, logger="maskprop.train.loop"):
+        loop._warn_if_floor(11.0, 22.0, SparsityConfig(keep_ratio=0.1))
+    assert "one channel of every group" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="maskprop.train.loop"):
+        loop._warn_if_floor(11.1, 22.0, SparsityConfig(keep_ratio=0.1, budget_unit="flops"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "at sparsity.keep_ratio=0.1 one channel of every group (kept even when a sample drops the whole group) costs "
+        "11.1 of the budget's 22.0 channel-equivalents of FLOPs (50%): the search chooses among few channels, and its "
+        "subnetwork computes more than the budget (docs/methods.md, \"A budget in FLOPs\")"]
 
 
 def test_the_budget_spent_is_the_priced_sum_of_the_scores():

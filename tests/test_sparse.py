@@ -527,3 +527,20 @@ def test_model_plan_is_computed_once_per_model_and_lives_on_it(generator):
     model.fc = SparseLinear(model.fc.in_features, model.fc.out_features, in_group=model.fc.in_group)
     replanned = model_plan(model)
     assert replanned is not plan and model.fc in replanned.layers and model_plan(model) is replanned
+
+
+def test_the_strided_pointwise_route_is_taken_only_where_the_crash_can_happen():
+    """subsampled_pointwise_input: an odd CPU batch into a strided 1x1 conv without padding, with gradients, gives the
+    input subsampled by each dimension's own stride (a stride-1 conv of it equals the strided conv); a padded, a
+    larger-kernel, an unstrided conv, an even batch or no gradients keep the native kernel (``None``)."""
+    from maskprop._workarounds import subsampled_pointwise_input
+
+    x, w = torch.randn(3, 2, 7, 9, dtype=torch.float64), torch.randn(4, 2, 1, 1, dtype=torch.float64)
+    sub = subsampled_pointwise_input(x, (1, 1), (2, 3), (0, 0))
+    assert torch.equal(sub, x[:, :, ::2, ::3])
+    torch.testing.assert_close(F.conv2d(sub, w), F.conv2d(x, w, stride=(2, 3)), rtol=1e-12, atol=1e-12)
+    for kernel, stride, padding in [((1, 1), (2, 2), (1, 1)), ((3, 3), (2, 2), (0, 0)), ((1, 1), (1, 1), (0, 0))]:
+        assert subsampled_pointwise_input(x, kernel, stride, padding) is None, (kernel, stride, padding)
+    assert subsampled_pointwise_input(x[:2], (1, 1), (2, 2), (0, 0)) is None
+    with torch.no_grad():
+        assert subsampled_pointwise_input(x, (1, 1), (2, 2), (0, 0)) is None

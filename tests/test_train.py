@@ -261,6 +261,33 @@ def test_the_epoch_means_weigh_each_batch_by_its_examples():
     assert meter.summary() == pytest.approx(expected, rel=1e-12)
 
 
+def test_static_windows_give_the_epoch_means_their_steps_would_give():
+    """EpochMeter.add_window: the sums of static steps read at once (graphs.py) give the epoch means the steps one by
+    one would (a window of plain steps, without pairs, has its gradient-norm mean too); _window_result: a window as one
+    step's result for the step logs, its means over its examples and steps. Against a hand computation."""
+    from maskprop.train.loop import EpochMeter, _window_result
+    from maskprop.train.meter import MeterWindow
+
+    plain = MeterWindow(loss=8 * 1.0 + 2 * 4.0, correct=6.9999, grad_norm=2.0 + 5.0, count=10, steps=2,
+                        kept=0.5 + 0.25)  # a float32 sum of correct predictions a little under 7
+    meter = EpochMeter()
+    meter.add_window(plain)
+    assert meter.summary() == pytest.approx({"train_loss": 1.6, "train_accuracy": 70.0, "kept_ratio_sampled": 0.375,
+                                             "grad_norm": 3.5}, rel=1e-12)
+    read = _window_result(plain)
+    assert read.loss2 is None and read.correct == 7 and read.count == 10
+    assert (read.loss, read.kept_ratio, read.grad_norm) == pytest.approx((1.6, 0.375, 3.5), rel=1e-12)
+    search = MeterWindow(loss=12.0, loss2=18.0, correct=3.0, loss_gap=0.5 + 1.5, grad_norm=3.0, count=6, steps=3,
+                         pairs=3, kept=0.9)
+    meter = EpochMeter()
+    meter.add_window(search)
+    assert meter.summary() == pytest.approx({"train_loss": 2.0, "train_loss2": 3.0, "train_accuracy": 50.0,
+                                             "kept_ratio_sampled": 0.3, "loss_gap": 2.0 / 3, "grad_norm": 1.0},
+                                            rel=1e-12)
+    read = _window_result(search)
+    assert (read.loss, read.loss2, read.kept_ratio, read.grad_norm) == pytest.approx((2.0, 3.0, 0.3, 1.0), rel=1e-12)
+
+
 def _classifier_data(n: int = 11, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
@@ -967,3 +994,41 @@ def test_the_epoch_log_line_shortens_floats_and_large_counters():
         logger.setLevel(old_level)
     assert [r.getMessage() for r in records] == ["phase=search epoch=3 train_loss=0.1235 train_flops=2.277e+10 "
                                                  "step=999999"]
+
+
+def test_a_resumed_logger_keeps_the_checkpoints_lines_and_purges_the_later_events(tmp_path):
+    """RunLogger of a resumed run: metrics.jsonl keeps the lines keep_line accepts (a line cut short by the kill is
+    dropped; a kept last line missing its newline gets one), and TensorBoard drops the killed run's events after the
+    resumed step and keeps those up to it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from maskprop.train.logs import RunLogger
+
+    killed = RunLogger(tmp_path)
+    for step in (2, 4, 6):  # the checkpoint covers steps 2 and 4
+        killed.scalars({"search/loss": float(step)}, step)
+        killed.epoch({"phase": "search", "epoch": step // 2})
+    killed.close()
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"phase": "search", "ep')  # cut short by the kill
+    resumed = RunLogger(tmp_path, resume_step=4, keep_line=lambda r: r["epoch"] <= 2)
+    resumed.scalars({"search/loss": 60.0}, 6)
+    resumed.epoch({"phase": "search", "epoch": 3})
+    resumed.close()
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("search/loss")] == [(2, 2.0), (4, 4.0), (6, 60.0)]
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}', encoding="utf-8")  # no final newline
+    again = RunLogger(tmp_path, resume_step=4, keep_line=lambda r: True)
+    again.epoch({"epoch": 3})
+    again.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n'
+    assert RunLogger(tmp_path).close() is None and (tmp_path / "metrics.jsonl").read_text() == ""  # a new run
+
+
+def test_the_log_line_shortens_counters_from_a_million_on():
+    from maskprop.train.logs import _short
+
+    assert (_short(10**6), _short(10**6 - 1), _short(-(10**6)), _short(True)) == ("1e+06", "999999", "-1e+06", "True")

@@ -227,6 +227,38 @@ def test_angles_and_losses_reach_tensorboard(msbp_run):
     assert [e.step for e in events.Scalars("angle/overall")] == [4, 8, 12, 16, 20, 24]  # every sbp.angle_every steps
 
 
+def test_the_epoch_angle_is_the_mean_of_the_angles_measured_in_the_epoch(msbp_run):
+    """angle_overall of an epoch's record (and train/epoch_angle_overall at its step) is the mean over the steps that
+    measured angles (every sbp.angle_every = 4 of the epoch's 8 steps), not over all of its steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = msbp_run[0]
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0})
+    events.Reload()
+    measured = {e.step: e.value for e in events.Scalars("angle/overall")}
+    epoch_angles = {e.step: e.value for e in events.Scalars("train/epoch_angle_overall")}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for epoch, record in enumerate(records, start=1):
+        mine = [a for step, a in measured.items() if (epoch - 1) * 8 < step <= epoch * 8]
+        assert len(mine) == 2
+        assert record["angle_overall"] == pytest.approx(sum(mine) / 2, rel=1e-6)
+        assert epoch_angles[record["step"]] == pytest.approx(record["angle_overall"], rel=1e-6)
+
+
+
+def test_the_logged_ks_are_each_layers_own_by_name():
+    """_budget_ks (the sbp_k record and the sbp_k/<layer> scalars): the units each layer of a global budget keeps,
+    under that layer's name, for layers keeping different numbers of units."""
+    from types import SimpleNamespace
+
+    model, _ = _converted()
+    layers = dict(sparse_layers(model))
+    assert list(layers) == ["hidden.1", "hidden.3"]
+    state = SimpleNamespace(model=model, budget=SimpleNamespace(layers=[layers["hidden.1"], layers["hidden.3"]],
+                                                                ks=[3, 11]))
+    assert loop._budget_ks(state) == {"hidden.1": 3, "hidden.3": 11}
+
+
 def test_sparse_and_dense_runs_of_the_same_recipe_both_learn(bars):
     for method in ("meprop", "sbp", "dense"):
         summary = maskprop.fit(mlp_config(method=method, **{"sbp.angle_every": 0}), *bars)
