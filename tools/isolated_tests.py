@@ -8,11 +8,11 @@ runs in a child pytest process), but one after the other: 25 tests, each paying 
 CUDA context, took longer than a GPU check can give them. This tool starts the same children ``--jobs`` at a time,
 each with ``MASKPROP_ISOLATED_TEST=1`` so that the test runs inside it directly, and a time limit per test; tests that
 share one GPU this way check results, not times. It prints one line per test and a count, writes the outcomes as
-JSON (at the start and after every test, replacing the file whole), and exits 1 if any test failed or timed out (0 when all passed or
-were skipped; 2 for a usage error). Stopped by SIGTERM (the time limit of a GPU check), it writes the JSON once more,
-the tests still running or waiting marked ``stopped``, and exits 143. The children load no third-party pytest
-plugins (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``): the tests need none, and a GPU image may carry many that slow every
-start.
+JSON (at the start and after every test, replacing the file whole), and exits 1 if any test failed or timed out (0
+when all passed or were skipped; 2 for a usage error). Stopped by SIGTERM (the time limit of a GPU check), it writes
+the JSON once more, the tests still running or waiting marked ``stopped``, and exits 143. The children load no
+third-party pytest plugins (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``): the tests need none, and a GPU image may carry many
+that slow every start.
 """
 
 from __future__ import annotations
