@@ -3,7 +3,8 @@
 The public API, small and explicit:
 
 * models: :func:`create_model`, :func:`list_models`, ``model.channel_groups()``, :class:`ModelSpec` (the resolved
-  build of a model: what checkpoints and exports save and rebuild from);
+  build of a model: what checkpoints and exports save and rebuild from); a network of your own:
+  :func:`register_model` and :func:`check_model` (is it wired so that its subnetworks compute what their masks say);
 * execution: :func:`use_mask` (``"compact"`` or ``"masked"``), :func:`random_mask`, :func:`full_mask`;
 * cost: :func:`flops`, :class:`CostModel`;
 * surgery and export: :func:`materialize` (a mask -> a physically narrow plain torch model), :func:`save_exported`,
@@ -13,6 +14,7 @@ The public API, small and explicit:
 """
 
 from ._workarounds import keep_freed_host_memory
+from .check import check_model
 from .cost import CostModel, flops
 from .export import WidthPlan, export_run, load_exported, save_exported
 from .models import create_model, list_models, register_model
@@ -29,6 +31,7 @@ __all__ = [
     "WidthPlan",
     "channel_groups",
     "check_mask",
+    "check_model",
     "create_model",
     "export_run",
     "flops",

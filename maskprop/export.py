@@ -716,7 +716,7 @@ def _checkpoint_spec(checkpoint: Mapping[str, Any], path: Path, input_size: tupl
     config = checkpoint.get("config") or {}
     if checkpoint.get("model_spec") is not None:
         try:
-            spec = ModelSpec.from_dict(checkpoint["model_spec"], path)
+            spec = ModelSpec.from_dict(checkpoint["model_spec"], path, import_module=True)  # the run's own
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
         if input_size is None or input_size == spec.input_size:

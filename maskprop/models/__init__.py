@@ -1,7 +1,7 @@
 """Model registry and the channel-sparse model family."""
 
 from . import mlp, resnet, vgg, wide_resnet  # noqa: F401  (register the entry points)
-from ._registry import create_model, list_models, model_entrypoint, register_model
+from ._registry import create_model, import_models, list_models, model_entrypoint, register_model
 from .mlp import MLP
 from .resnet import BasicBlock, Bottleneck, ResNet
 from .vgg import VGG
@@ -9,5 +9,5 @@ from .wide_resnet import WideBasic, WideResNet
 
 __all__ = [
     "MLP", "VGG", "BasicBlock", "Bottleneck", "ResNet", "WideBasic", "WideResNet",
-    "create_model", "list_models", "model_entrypoint", "register_model",
+    "create_model", "import_models", "list_models", "model_entrypoint", "register_model",
 ]

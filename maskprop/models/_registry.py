@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import importlib
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -10,12 +15,71 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register ``fn`` under its own name; a duplicate name is an error."""
+    """Register ``fn`` under its own name; a duplicate name is an error.
+
+    The same function registered again (a module imported a second time, say once as the script ``__main__`` and once
+    by ``model.module``) replaces its first registration.
+    """
     name = fn.__name__
-    if name in _MODELS:
-        raise ValueError(f"model {name!r} is already registered")
+    known = _MODELS.get(name)
+    if known is not None and not (known.__qualname__ == fn.__qualname__
+                                  and (known.__module__ == fn.__module__ or "__main__" in (known.__module__,
+                                                                                             fn.__module__))):
+        raise ValueError(f"model {name!r} is already registered (by {known.__module__}.{known.__qualname__})")
     _MODELS[name] = fn
     return fn
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def check_module_name(module: object, name: str = "model.module") -> str:
+    """``module`` as a dotted Python module name (``my_nets``, ``lab.models``); a one-line ``ValueError`` otherwise."""
+    if not isinstance(module, str) or not _MODULE_NAME.fullmatch(module) or module.endswith(".py"):
+        stem = module[:-3].replace("/", ".") if isinstance(module, str) and module.endswith(".py") else ""
+        hint = f" (a module name, not a file: {stem!r})" if _MODULE_NAME.fullmatch(stem) else ""
+        raise ValueError(f"{name}={module!r} is not a Python module name; expected dotted identifiers such as "
+                         f"'my_nets' or 'lab.models'{hint}")
+    return module
+
+
+@contextlib.contextmanager
+def _current_directory_on_path() -> Iterator[None]:
+    """The current directory first on ``sys.path`` inside the block, as ``python -m`` has it (the console script
+    ``maskprop`` starts with its own directory there instead)."""
+    here = os.getcwd()
+    sys.path.insert(0, here)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(here)
+
+
+def import_models(module: str, name: str = "model.module") -> list[str]:
+    """Import ``module`` (from the Python path or the current directory) so that the models it registers with
+    :func:`register_model` can be built by name; returns the names it registered (none if it was imported before).
+
+    Raises:
+        ValueError: ``module`` is not a module name, is not found, or raises while it is imported (one line with its
+            error; ``python -c "import MODULE"`` shows the traceback).
+    """
+    check_module_name(module, name)
+    before = set(_MODELS)
+    try:
+        with _current_directory_on_path():
+            importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name == module or module.startswith(f"{err.name}."):
+            raise ValueError(f"{name}={module!r}: no module named {err.name!r} on the Python path or in the current "
+                             f"directory ({os.getcwd()}); expected a module that registers its models with "
+                             f"@maskprop.register_model") from None
+        raise ValueError(f"{name}={module!r} could not be imported: {err}") from None
+    except Exception as err:  # the user's module failing as it is imported: its error in one line
+        message = " ".join(str(err).split())[:300]
+        raise ValueError(f"{name}={module!r} raised {type(err).__name__} as it was imported: {message} (python -c "
+                         f"'import {module}' shows where)") from None
+    return sorted(set(_MODELS) - before)
 
 
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._registry import create_model, list_models, model_entrypoint
+from ._registry import check_module_name, create_model, import_models, list_models, model_entrypoint
 
 __all__ = ["ModelSpec"]
 
@@ -50,21 +50,26 @@ class ModelSpec:
         kwargs: Every keyword argument of the entry point, ``num_classes`` included (and ``prune_residual`` for
             models with residual streams, ``in_features`` for an MLP).
         input_size: ``(C, H, W)`` of one example.
+        module: The Python module that registers ``name`` (``model.module``: a network of your own), imported before
+            the model is built; None for maskprop's models.
     """
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     input_size: tuple[int, int, int] = (3, 32, 32)
+    module: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not isinstance(self.kwargs, Mapping):
             raise TypeError(f"ModelSpec takes a name (str) and kwargs (a mapping); got {self.name!r} and "
                             f"{self.kwargs!r}")
         object.__setattr__(self, "input_size", check_input_size(self.input_size, name="ModelSpec input_size"))
+        if self.module is not None:
+            check_module_name(self.module, "ModelSpec module")
 
     @classmethod
     def resolve(cls, name: str, kwargs: Mapping[str, Any], *, num_classes: int, input_size: Sequence[int],
-                prune_residual: bool = True) -> ModelSpec:
+                prune_residual: bool = True, module: str | None = None) -> ModelSpec:
         """The spec a run builds: the configured keywords completed by what the data and the settings decide.
 
         Args:
@@ -73,17 +78,20 @@ class ModelSpec:
             num_classes: Classes of the data.
             input_size: ``(C, H, W)`` of one example; an MLP reads ``in_features = C*H*W`` unless configured.
             prune_residual: ``sparsity.prune_residual``; false (here or in ``kwargs``) keeps residual streams whole.
+            module: The module that registers ``name`` (imported first), or None.
 
         Raises:
-            ValueError: ``name`` is not registered, or the factory rejects the keywords.
+            ValueError: ``name`` is not registered (by ``module``), or the factory rejects the keywords.
         """
+        if module is not None:
+            import_models(module)
         entrypoint = model_entrypoint(name)
         resolved = dict(kwargs)
         resolved["num_classes"] = int(resolved.get("num_classes") or num_classes)
         if "in_features" in inspect.signature(entrypoint).parameters:
             resolved.setdefault("in_features", math.prod(input_size))
         resolved["prune_residual"] = bool(prune_residual and resolved.get("prune_residual", True))
-        spec = cls(name, resolved, tuple(int(s) for s in input_size))
+        spec = cls(name, resolved, tuple(int(s) for s in input_size), module)
         try:
             spec.build("meta")
         except ValueError as err:
@@ -91,7 +99,7 @@ class ModelSpec:
                 raise
             if not resolved["prune_residual"]:
                 logger.warning("model %r has no residual streams; prune_residual=false changes nothing", name)
-            spec = cls(name, {k: v for k, v in resolved.items() if k != "prune_residual"}, spec.input_size)
+            spec = cls(name, {k: v for k, v in resolved.items() if k != "prune_residual"}, spec.input_size, module)
             spec.build("meta")
         return spec
 
@@ -101,6 +109,8 @@ class ModelSpec:
         Raises:
             ValueError: The name is not registered or the factory rejects the keywords (one line).
         """
+        if self.module is not None and self.name not in list_models():
+            import_models(self.module, "the model spec's module")
         try:
             with torch.device(device or "cpu"):
                 model = create_model(self.name, **self.kwargs)
@@ -117,24 +127,41 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for json and checkpoints (tuples become lists)."""
-        return {"name": self.name, "kwargs": _plain(self.kwargs), "input_size": list(self.input_size)}
+        plain = {"name": self.name, "kwargs": _plain(self.kwargs), "input_size": list(self.input_size)}
+        return plain if self.module is None else {**plain, "module": self.module}
 
     @classmethod
-    def from_dict(cls, data: Any, source: str | os.PathLike | None = None) -> ModelSpec:
+    def from_dict(cls, data: Any, source: str | os.PathLike | None = None, *,
+                  import_module: bool = False) -> ModelSpec:
         """Read a spec written by :meth:`to_dict`, checking every field.
 
+        Args:
+            data: The dict.
+            source: Where it was read, for the messages.
+            import_module: Import the spec's ``module`` where its model is not registered yet. A run's own files
+                (its checkpoint, read by ``maskprop train --resume`` and ``maskprop export``) do; an export directory,
+                which may come from anyone, does not: importing a module named in a file runs code.
+
         Raises:
-            ValueError: A missing or malformed field, or a model that is not registered (one line naming it).
+            ValueError: A missing or malformed field, or a model that is not registered (one line naming it, and the
+                module to import where the spec names one).
         """
         where = f"the model spec of '{source}'" if source is not None else "model spec"
         if not isinstance(data, Mapping) or not {"name", "kwargs", "input_size"} <= set(data):
             raise ValueError(f"{where} is {data!r}; expected an object with name, kwargs and input_size")
-        name, kwargs, size = data["name"], data["kwargs"], data["input_size"]
+        name, kwargs, size, module = data["name"], data["kwargs"], data["input_size"], data.get("module")
+        if module is not None:
+            check_module_name(module, f"{where}'s module")
+        if isinstance(name, str) and name not in list_models() and module is not None and import_module:
+            import_models(module)
         if isinstance(name, str) and name not in list_models():
+            if module is not None:
+                raise ValueError(f"{where} names model {name!r} of module {module!r}, which is not registered here; "
+                                 f"import {module} first (its @maskprop.register_model registers the model)")
             raise ValueError(f"{where} names model {name!r}, which is not registered; known models: "
                              f"{', '.join(list_models())}")
         try:  # the types of name and kwargs and the input size, as every spec is checked
-            return cls(name, dict(kwargs) if isinstance(kwargs, Mapping) else kwargs, size)
+            return cls(name, dict(kwargs) if isinstance(kwargs, Mapping) else kwargs, size, module)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: {err}") from None
 

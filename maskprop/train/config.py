@@ -35,6 +35,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.fields import FieldInfo
 
 from .._files import atomic_write
+from ..models._registry import check_module_name
 
 __all__ = [
     "SPARSE_BACKWARD_METHODS",
@@ -122,11 +123,21 @@ class ModelConfig(_Section):
             ``module.`` by DDP, are read too), loaded before the first step. torchvision's and timm's ResNet weights
             fit the ImageNet ResNets as they are. A classifier of another shape (another number of classes) keeps its
             initialisation, and the log and the summary say so. A resumed run takes its weights from its checkpoint.
+        module: A Python module (``my_nets`` for ``./my_nets.py``, or an installed ``lab.models``) imported before the
+            model is built, whose ``@maskprop.register_model`` functions become model names: a network of your own.
+            The run checks it once (:func:`maskprop.check_model`) and records the module, so that ``--resume`` and
+            ``maskprop export`` import it again.
     """
 
     name: Annotated[str, Field(min_length=1)] = "resnet20"
     kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: Annotated[str, Field(min_length=1)] | None = None
+    module: str | None = None
+
+    @field_validator("module")
+    @classmethod
+    def _module_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_module_name(value)
 
 
 class DataConfig(_Section):

@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .._files import check_creatable
+from ..check import check_model
 from ..cost import CostModel, InputSizeError
-from ..models import list_models
+from ..models import import_models, list_models
 from ..models.spec import ModelSpec
 from ..sbp import GlobalBudget, convert, sparse_layers
 from .checkpoint import check_compatible, error_reason, load_checkpoint
@@ -164,11 +165,12 @@ def _probe_example(name: str, dataset: Dataset) -> tuple[int, int, int]:
 
 def _model_spec(cfg: Config, num_classes: int, input_size: tuple[int, int, int]) -> ModelSpec:
     if cfg.model.name not in list_models():  # the name itself, before the keywords
-        raise ValueError(f"model.name={cfg.model.name!r} is not a registered model; expected one of "
+        imported = "" if cfg.model.module is None else f" (with model.module={cfg.model.module!r} imported)"
+        raise ValueError(f"model.name={cfg.model.name!r} is not a registered model{imported}; expected one of "
                          f"{', '.join(list_models())}")
     try:
         return ModelSpec.resolve(cfg.model.name, cfg.model.kwargs, num_classes=num_classes, input_size=input_size,
-                                 prune_residual=cfg.sparsity.prune_residual)
+                                 prune_residual=cfg.sparsity.prune_residual, module=cfg.model.module)
     except ValueError as err:
         raise ValueError(f"model.kwargs={dict(cfg.model.kwargs)} do not fit model {cfg.model.name!r} ({err})") from None
 
@@ -306,6 +308,10 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     if checkpoint is not None:
         _check_resumed_data(checkpoint.get("given_data"), given, run_dir)
     device = _resolve_device(cfg.device)  # settings checked before a dataset is read (ImageNet's folder scan: minutes)
+    if cfg.model.module is not None:
+        registered = import_models(cfg.model.module)
+        if registered:
+            logger.info("model.module %s registers %s", cfg.model.module, ", ".join(registered))
     if cfg.model.name not in list_models():
         _model_spec(cfg, 0, (0, 0, 0))  # its one-line error
     if given is None and cfg.data.root is not None:  # config.yaml keeps it absolute: a resume from elsewhere finds it
@@ -324,6 +330,8 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     spec = _model_spec(cfg, num_classes, input_size)
     torch.manual_seed(cfg.seed)
     model = spec.build()
+    if spec.module is not None:  # a network of the user's own: are its groups wired as its forward runs?
+        logger.info("checked %s of %s: %s", spec.name, spec.module, check_model(model, input_size))
     if checkpoint is None:
         initial = None if cfg.model.weights is None else load_initial_weights(model, cfg.model.weights, cfg.model.name)
         if initial is not None:  # config.yaml keeps the absolute path: a resume from elsewhere finds the same file

@@ -1,0 +1,71 @@
+"""A network of your own for maskprop: a small residual network, registered so that a run can build it by name.
+
+Train it with ``model.module: examples.my_nets`` and ``model.name: small_resnet`` (from the repository root), e.g.
+``maskprop train recipes/quickstart.yaml model.module=examples.my_nets model.name=small_resnet``, or from Python
+after ``import examples.my_nets``. README, "Your own network", states the rules this file follows:
+
+* every conv, BatchNorm and linear layer on channels that may be pruned is one of ``maskprop.sparse``'s and names the
+  group it writes (``out_group``, a BatchNorm's ``group``) and the group it reads (``in_group``);
+* channels that meet in a residual add are one group (here each stage's stream, ``stage1`` and ``stage2``);
+* between those layers, only operations that act on each channel alone (activations, pooling, the add).
+
+``maskprop.check_model(model, (3, 32, 32))`` runs it every way maskprop does and says where the wiring is wrong.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import maskprop
+from maskprop.models.layers import ConvBNAct, init_weights
+from maskprop.sparse import ChannelSparseModel, SparseBatchNorm2d, SparseConv2d, SparseLinear
+
+
+class Block(nn.Module):
+    """conv-BN-ReLU into the block's own group, then conv-BN back into the stream's group, added to the stream."""
+
+    def __init__(self, channels: int, inner: int, *, name: str, stream: str | None) -> None:
+        super().__init__()
+        self.unit = ConvBNAct(channels, inner, 3, in_group=stream, out_group=name)
+        self.conv = SparseConv2d(inner, channels, 3, padding=1, bias=False, in_group=name, out_group=stream)
+        self.bn = SparseBatchNorm2d(channels, group=stream)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x + self.bn(self.conv(self.unit(x))))
+
+
+class SmallResNet(ChannelSparseModel):
+    """Two stages of ``blocks`` residual blocks; a strided 1x1 projection (conv-BN) starts the second stage's stream.
+
+    Args:
+        num_classes: Classifier outputs.
+        width: Channels of the first stage (the second has twice as many).
+        blocks: Residual blocks per stage.
+        prune_residual: False keeps both streams whole (their layers name no group) and prunes inside the blocks only.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16, blocks: int = 2, prune_residual: bool = True) -> None:
+        super().__init__()
+        s1, s2 = ("stage1", "stage2") if prune_residual else (None, None)
+        self.stem = ConvBNAct(3, width, 3, out_group=s1)
+        self.stage1 = nn.Sequential(*[Block(width, width, name=f"stage1.{i}", stream=s1) for i in range(blocks)])
+        self.project = nn.Sequential(
+            SparseConv2d(width, 2 * width, 1, stride=2, bias=False, in_group=s1, out_group=s2),
+            SparseBatchNorm2d(2 * width, group=s2),
+        )
+        self.stage2 = nn.Sequential(*[Block(2 * width, 2 * width, name=f"stage2.{i}", stream=s2)
+                                      for i in range(blocks)])
+        self.fc = SparseLinear(2 * width, num_classes, in_group=s2)
+        init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stage1(self.stem(x))
+        x = self.stage2(self.project(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@maskprop.register_model
+def small_resnet(num_classes: int = 10, **kwargs) -> SmallResNet:
+    """The example network: ``maskprop.create_model("small_resnet", width=32)`` once this module is imported."""
+    return SmallResNet(num_classes=num_classes, **kwargs)

@@ -1,0 +1,253 @@
+"""Check that a channel-sparse model of your own is wired so that its subnetworks compute what their masks say.
+
+maskprop runs a model as a subnetwork through the channel groups its layers name (``in_group``, ``out_group``,
+``group``): every tensor that meets another in an add must carry one group's channels, a layer must read the group that
+the layer before it writes, and everything between the grouped layers must act on each channel alone (activations,
+pooling, dropout). Python cannot see those rules in a ``forward``; running the model can. :func:`check_model` runs a
+float64 copy on the CPU the ways a run does and compares them, the reference being the masked execution (dense
+kernels, the mask applied after BatchNorm), which takes no index of a group:
+
+* ``dense``: the mask that keeps every channel, masked and compact, equals the model run without a mask;
+* ``compact``: a training step on the gathered channels (the CPU's sparse step) equals the masked one: the loss, every
+  parameter's gradient and every buffer (BatchNorm statistics);
+* ``static``: the same with the static-shape step of a GPU run (capacities fixed for a window; one group padded with
+  zero channels, another cut to its capacity);
+* ``narrow``: :func:`maskprop.materialize`'s plain narrow model (what ``maskprop export`` writes) computes the
+  subnetwork's outputs in eval mode;
+* ``flops``: :class:`maskprop.CostModel` (what the train-cost saving counts) agrees with ``torch.utils.flop_counter``
+  on the narrow model, so no FLOPs outside the conv and linear layers go uncounted.
+
+It raises one ``ValueError`` naming the first check that fails and what differed, with a hint at the usual cause. The
+builtin models pass it (tests/test_own_model.py); ``maskprop train`` runs it on a model that ``model.module`` registers.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .cost import CostModel
+from .models.spec import check_input_size
+from .sparse import channel_groups, random_mask, use_mask
+from .sparse.static import StaticExecutionState, mask_capacities, use_static
+from .surgery import materialize
+
+__all__ = ["ModelCheck", "check_model"]
+
+CHECKS = ("dense", "compact", "static", "narrow", "flops")
+
+_WIRING = ("check the wiring: every conv, BatchNorm and linear layer on channels that may be pruned must be one of "
+           "maskprop.sparse's, naming the group it reads (in_group) and the one it writes; tensors added together must "
+           "carry one group's channels; and what runs between those layers must act on each channel alone (no mean "
+           "over channels, no concatenation, no flatten of a feature map into a linear layer)")
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """What :func:`check_model` ran: the model's groups and the checks that passed."""
+
+    groups: int
+    channels: int
+    checks: tuple[str, ...]
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"{self.groups} channel groups ({self.channels} channels): {', '.join(self.checks)} agree in float64 "
+                f"({self.seconds:.1f} s)")
+
+
+def _step(model: nn.Module, run: Callable[[], object], x: Tensor, y: Tensor
+          ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """A training forward and backward of ``model`` inside the context ``run()`` makes: loss, gradients, buffers."""
+    model.zero_grad(set_to_none=True)
+    with run():
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    grads = {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
+    return loss.detach(), grads, {k: b.clone() for k, b in model.named_buffers()}
+
+
+def _far(a: Tensor, b: Tensor, rtol: float = 1e-8, atol: float = 1e-10) -> float | None:
+    """The largest difference of ``a`` from ``b`` relative to ``b``'s largest entry, where it exceeds ``rtol`` (and
+    ``atol``); None where it does not. Relative to the tensor, not to each entry: BatchNorm over a few values per
+    channel (a 1x1 map, a batch of 3) amplifies float64's round-off in small entries, while a wiring error moves a
+    tensor by a good part of its size."""
+    if a.shape != b.shape:
+        return float("inf")
+    if a.dtype == torch.bool or not a.is_floating_point():
+        return None if torch.equal(a, b) else float("inf")
+    if a.numel() == 0:
+        return None
+    scale = float(b.abs().max())
+    gap = float((a - b).abs().max())
+    return gap / max(scale, 1e-300) if gap > atol + rtol * scale else None
+
+
+def _compare(check: str, what: str, got: tuple, expected: tuple, hint: str) -> None:
+    """One line naming the first quantity of a step that differs from the reference's."""
+    loss, grads, buffers = got
+    loss_r, grads_r, buffers_r = expected
+    pairs = [("the loss", loss, loss_r)]
+    pairs += [(f"the gradient of {k}", grads[k], grads_r[k]) for k in grads_r]
+    pairs += [(f"the buffer {k}", buffers[k], buffers_r[k]) for k in buffers_r]
+    for name, a, b in pairs:
+        gap = _far(a, b)
+        if gap is not None:
+            raise ValueError(f"check {check!r} failed: {what} differs from the masked reference in {name} (by "
+                             f"{gap:.3g} of its largest entry); {hint}")
+
+
+def _guard(check: str, what: str, hint: str, run: Callable[[], object]) -> object:
+    try:
+        return run()
+    except Exception as err:  # the user's model failing inside a pass: one line, with the error it raised
+        message = " ".join(str(err).split())[:300]
+        raise ValueError(f"check {check!r} failed: {what} raised {type(err).__name__}: {message}; {hint}") from None
+
+
+def _random_statistics(model: nn.Module, generator: torch.Generator) -> None:
+    """BatchNorm affine parameters and running statistics away from 1 and 0, so that a leak through a dropped or a
+    padded channel shows."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for name, low, high in (("weight", 0.5, 1.5), ("bias", -0.5, 0.5), ("running_mean", -0.5, 0.5),
+                                        ("running_var", 0.5, 1.5)):
+                    t = getattr(m, name)
+                    if t is not None:
+                        t.copy_(torch.rand(t.shape, generator=generator, dtype=t.dtype) * (high - low) + low)
+
+
+def _edge_mask(groups: Mapping[str, int], generator: torch.Generator) -> dict[str, Tensor]:
+    """Half of each group at random, the first group down to one channel and the second whole."""
+    mask = random_mask(groups, 0.5, generator)
+    names = list(groups)
+    one = torch.zeros(groups[names[0]], dtype=torch.bool)
+    one[int(torch.randint(groups[names[0]], (1,), generator=generator))] = True
+    mask[names[0]] = one
+    if len(names) > 1:
+        mask[names[1]] = torch.ones(groups[names[1]], dtype=torch.bool)
+    return mask
+
+
+def check_model(model: nn.Module, input_size: Sequence[int], *, batch_size: int = 3, align: int = 8,
+                seed: int = 0) -> ModelCheck:
+    """Check that every way maskprop runs ``model`` as a subnetwork computes the subnetwork its mask names.
+
+    The model is not changed: a float64 copy runs on the CPU, with random BatchNorm parameters and statistics, with
+    dropout off, on a mask that keeps one channel of the first group, every channel of the second and a random half
+    of the rest
+    (the checks are listed in the module's docstring), and another mask that keeps a random half of every group.
+
+    Args:
+        model: A channel-sparse model (its layers :mod:`maskprop.sparse`'s, naming their groups), in any mode, on any
+            device.
+        input_size: ``(C, H, W)`` of one example.
+        batch_size: Examples per pass (at least 2: BatchNorm needs two values per channel in training).
+        align: The alignment of the static step's widths (``sparsity.align``; 8 on CUDA).
+        seed: Seed of the input, the labels, the masks and the statistics.
+
+    Returns:
+        A :class:`ModelCheck` (its ``str`` is one line for a log).
+
+    Raises:
+        ValueError: The model has no channel groups, a group's layers disagree on its size, or a check fails (one
+            line naming the check, what differed and by how much, and the usual cause).
+    """
+    started = time.perf_counter()
+    input_size = check_input_size(input_size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"batch_size must be an integer >= 2 (BatchNorm trains on two values per channel or more), "
+                         f"got {batch_size!r}")
+    groups = channel_groups(model)
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no channel groups: its convolutions, BatchNorm and linear layers "
+                         f"must be maskprop.sparse's SparseConv2d, SparseBatchNorm2d and SparseLinear naming their "
+                         f"groups (or maskprop.models.layers.ConvBNAct)")
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream untouched
+        return _check(model, input_size, groups, batch_size, align, seed, started)
+
+
+def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int], batch_size: int, align: int,
+           seed: int, started: float) -> ModelCheck:
+    generator = torch.Generator().manual_seed(seed)
+    base = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).train()
+    for m in base.modules():  # dropout draws for each width anew: the passes would differ by their draws alone
+        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                          nn.FeatureAlphaDropout)):
+            m.eval()
+    _random_statistics(base, generator)
+    x = torch.randn(batch_size, *input_size, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        out = _guard("dense", "the model without a mask", "is it a model of these inputs?", lambda: base(x))
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        raise ValueError(f"{type(model).__name__} returns {type(out).__name__}"
+                         f"{tuple(out.shape) if isinstance(out, Tensor) else ''}; expected logits of shape "
+                         f"(batch, classes)")
+    y = torch.arange(batch_size) % out.shape[1]
+    mask = _edge_mask(groups, generator)
+    full = {g: torch.ones(n, dtype=torch.bool) for g, n in groups.items()}
+
+    def step(check: str, what: str, hint: str, context: Callable[[nn.Module], object],
+             model_: nn.Module | None = None) -> tuple:
+        model_ = copy.deepcopy(base) if model_ is None else model_
+        return _guard(check, what, hint, lambda: _step(model_, lambda: context(model_), x, y))
+
+    hint = f"maskprop must see every channel; {_WIRING}"
+    dense = step("dense", "the model without a mask", hint, lambda m: torch.enable_grad())
+    for mode in ("masked", "compact"):
+        what = f"the {mode} pass of the mask that keeps every channel"
+        _compare("dense", what, step("dense", what, hint, lambda m, mode=mode: use_mask(m, full, mode)), dense, hint)
+
+    half = random_mask(groups, 0.5, generator)  # the edge mask keeps the second group whole: this one does not
+    for name, kept in (("one channel, every channel, half", mask), ("half of every group", half)):
+        what = f"the compact training step (kept channels gathered; {name})"
+        masked = step("compact", "the masked pass", _WIRING, lambda m, kept=kept: use_mask(m, kept, "masked"))
+        got = step("compact", what, _WIRING, lambda m, kept=kept: use_mask(m, kept, "compact"))
+        _compare("compact", what, got, masked, _WIRING)
+
+    # The static step: capacities of another draw, so that some groups pad with zero channels and others overflow.
+    static_model = copy.deepcopy(base)
+    capacities = mask_capacities(random_mask(groups, 0.5, generator), align)
+    what = f"the static-shape step (widths padded to multiples of {align}, as on a GPU)"
+    state = _guard("static", what, _WIRING, lambda: StaticExecutionState.create(static_model, capacities, align))
+    _guard("static", what, _WIRING, lambda: state.update(half))
+    used = {g: m.clone() for g, m in state.mask_used_by_group().items()}
+    reference = step("static", "the masked pass", _WIRING, lambda m: use_mask(m, used, "masked"))
+    got = step("static", what, _WIRING, lambda m: use_static(state), static_model)
+    _compare("static", what, got, reference, _WIRING)
+    state.release()
+
+    # The narrow model, in eval mode (running statistics), against the compact subnetwork.
+    hint = ("materialize() replaces maskprop's layers with plain torch ones of the kept widths and copies everything "
+            "else; a forward that reads a layer's full width (e.g. its out_channels) breaks it")
+    evaluated = copy.deepcopy(base).eval()
+    with torch.no_grad():
+        with use_mask(evaluated, mask, "compact"):
+            expected = evaluated(x)
+        narrow = _guard("narrow", "materialize()", hint, lambda: materialize(evaluated, mask))
+        got = _guard("narrow", "the narrow model", hint, lambda: narrow(x))
+    gap = _far(got, expected)
+    if gap is not None:
+        raise ValueError(f"check 'narrow' failed: the narrow model's outputs differ from the subnetwork's by "
+                         f"{gap:.3g} of their largest; {hint}")
+
+    # FLOPs: the cost model against torch's counter on the narrow model (one example).
+    counted = _guard("flops", "maskprop.CostModel", _WIRING,
+                     lambda: CostModel(evaluated, input_size).flops(mask, batch_size=1))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        narrow(x[:1])
+    if counted != counter.get_total_flops():
+        raise ValueError(f"check 'flops' failed: maskprop.CostModel counts {counted} FLOPs of the subnetwork per "
+                         f"example, torch.utils.flop_counter {counter.get_total_flops()}: the model computes FLOPs "
+                         f"outside its conv and linear layers (a matmul in its forward?), which the train-cost saving "
+                         f"would leave out")
+    return ModelCheck(len(groups), sum(groups.values()), CHECKS, time.perf_counter() - started)
+

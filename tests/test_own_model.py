@@ -1,0 +1,256 @@
+"""A network of the user's own: check_model finds the wiring errors, model.module registers it for every command."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_RUN, with_overrides
+from torch import nn
+
+import maskprop
+from maskprop.models import import_models, list_models, register_model
+from maskprop.models.layers import ConvBNAct
+from maskprop.sparse import ChannelSparseModel, SparseBatchNorm2d, SparseLinear
+from maskprop.train.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("name,kwargs,size", [
+    ("resnet20", {}, (3, 32, 32)),
+    ("vgg11_bn", {"width": 0.25}, (3, 32, 32)),
+    ("wrn16_8", {"drop_rate": 0.3}, (3, 16, 16)),  # dropout: off for the check, or the passes would differ
+    ("resnet50", {}, (3, 32, 32)),
+    ("mlp", {"in_features": 192}, (3, 8, 8)),
+])
+def test_the_builtin_models_pass(name, kwargs, size):
+    model = maskprop.create_model(name, **kwargs)
+    state = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    result = maskprop.check_model(model, size)
+    assert result.checks == ("dense", "compact", "static", "narrow", "flops")
+    assert (result.groups, result.channels) == (len(model.channel_groups()), sum(model.channel_groups().values()))
+    assert str(result).startswith(f"{result.groups} channel groups ({result.channels} channels): dense, compact")
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's random stream is left alone
+    for key, value in model.state_dict().items():  # and the model: the check runs on a copy
+        assert torch.equal(value, state[key]), key
+
+
+class Wired(ChannelSparseModel):
+    """Three conv units (groups a, b, c) and a classifier; ``variant`` breaks one rule, or none (``ok``)."""
+
+    def __init__(self, variant: str = "ok") -> None:
+        super().__init__()
+        self.variant = variant
+        self.a = ConvBNAct(3, 8, 3, out_group="a")
+        self.b = ConvBNAct(8, 8, 3, in_group="a", out_group="b")
+        self.c = ConvBNAct(8, 8, 3, in_group="a" if variant == "reads_another_group" else "b", out_group="c")
+        if variant == "batch_norm_without_group":
+            self.c[1] = SparseBatchNorm2d(8)
+        self.fc = SparseLinear(8, 4, in_group="c")
+        self.plain = nn.Conv2d(8, 8, 1)
+        self.extra = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        a = self.a(x)
+        b = self.b(a)
+        if self.variant == "adds_two_groups":  # equal sizes: masked mode runs, compact mode broadcasts or fails
+            b = b + a
+        if self.variant == "mixes_channels":
+            b = b * b.mean(dim=1, keepdim=True)
+        if self.variant == "plain_conv":
+            b = self.plain(b)
+        out = self.fc(F.adaptive_avg_pool2d(self.c(b), 1).flatten(1))
+        if self.variant == "matmul":
+            out = out @ self.extra
+        if self.variant == "reads_its_width":
+            out = out * self.c[0].out_channels
+        return out
+
+
+@pytest.mark.parametrize("variant,check,says", [
+    ("adds_two_groups", "compact", "differs from the masked reference in the loss"),
+    ("mixes_channels", "compact", "differs from the masked reference"),
+    ("plain_conv", "compact", "raised RuntimeError"),
+    ("reads_another_group", "compact", "raised RuntimeError"),
+    ("batch_norm_without_group", "compact", "raised RuntimeError"),
+    ("matmul", "flops", "torch.utils.flop_counter"),
+    ("reads_its_width", "narrow", "narrow model's outputs differ"),
+])
+def test_each_wiring_error_is_one_line_naming_its_check(variant, check, says):
+    assert "flops" in str(maskprop.check_model(Wired("ok"), (3, 8, 8)))
+    with pytest.raises(ValueError) as err:
+        maskprop.check_model(Wired(variant), (3, 8, 8))
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"check {check!r} failed: ") and says in line
+
+
+def test_bad_input_to_check_model():
+    with pytest.raises(ValueError, match="has no channel groups"):
+        maskprop.check_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2)), (3, 8, 8))
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 2 .* got 1"):
+        maskprop.check_model(Wired(), (3, 8, 8), batch_size=1)
+    with pytest.raises(ValueError, match=r"input_size must be \(C, H, W\)"):
+        maskprop.check_model(Wired(), (8, 8))
+    with pytest.raises(ValueError, match=r"check 'dense' failed: the model without a mask raised RuntimeError"):
+        maskprop.check_model(Wired(), (1, 8, 8))  # a conv of 3 input channels
+
+
+def test_the_example_network_passes_and_registers():
+    import examples.my_nets  # noqa: F401  (registers small_resnet)
+
+    for prune_residual in (True, False):
+        model = maskprop.create_model("small_resnet", prune_residual=prune_residual)
+        assert ("stage1" in model.channel_groups()) == prune_residual
+        maskprop.check_model(model, (3, 32, 32))
+
+
+# -- model.module: the registry imports it -----------------------------------------------------------------------------
+
+def _module(directory: Path, name: str, body: str) -> None:
+    (directory / f"{name}.py").write_text(textwrap.dedent(body))
+
+
+NETS = """
+    import maskprop
+    from maskprop.models.layers import ConvBNAct
+    from maskprop.sparse import ChannelSparseModel, SparseLinear
+    from torch import nn
+
+    class Net(ChannelSparseModel):
+        def __init__(self, num_classes=10, width=8):
+            super().__init__()
+            self.features = nn.Sequential(ConvBNAct(3, width, 3, out_group="a"),
+                                          ConvBNAct(width, width, 3, stride=2, in_group="a", out_group="b"),
+                                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.fc = SparseLinear(width, num_classes, in_group="b")
+
+        def forward(self, x):
+            return self.fc(self.features(x))
+
+    @maskprop.register_model
+    def {name}(num_classes=10, **kwargs):
+        return Net(num_classes, **kwargs)
+"""
+
+
+@pytest.fixture
+def own_module(tmp_path, monkeypatch):
+    """A module in the current directory (``tmp_path``) registering ``net_<id>``, removed from the registry after."""
+    from maskprop.models import _registry
+
+    name = f"net_{os.getpid()}_{len(list_models())}"
+    module = f"own_{name}"
+    _module(tmp_path, module, NETS.replace("{name}", name))
+    monkeypatch.chdir(tmp_path)
+    yield module, name
+    _registry._MODELS.pop(name, None)
+    sys.modules.pop(module, None)
+
+
+def test_import_models_finds_the_module_in_the_current_directory_and_leaves_sys_path(own_module):
+    module, name = own_module
+    path = list(sys.path)
+    assert import_models(module) == [name] and name in list_models()
+    assert import_models(module) == []  # imported once
+    assert sys.path == path
+
+
+def test_import_models_errors_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _module(tmp_path, "own_raises", "raise RuntimeError('broken\\nmodule')")
+    _module(tmp_path, "own_needs", "import own_not_installed_anywhere")
+    cases = [("own_missing_xyz", rf"model.module='own_missing_xyz': no module named 'own_missing_xyz' on the Python "
+                                 rf"path or in the current directory \({tmp_path}\)"),
+             ("own_raises", r"model.module='own_raises' raised RuntimeError as it was imported: broken module \(python "
+                            r"-c 'import own_raises' shows where\)"),
+             ("own_needs", r"model.module='own_needs' could not be imported: No module named 'own_not_installed_any"),
+             ("own.py", r"is not a Python module name; .* \(a module name, not a file: 'own'\)")]
+    try:
+        for module, message in cases:
+            with pytest.raises(ValueError, match=message):
+                import_models(module)
+    finally:
+        for module in ("own_raises", "own_needs"):
+            sys.modules.pop(module, None)
+
+
+def test_register_model_takes_the_same_function_again_and_refuses_another():
+    from maskprop.models import _registry
+
+    def own_twice():
+        return None
+
+    try:
+        register_model(own_twice)
+        again = type(own_twice)(own_twice.__code__, own_twice.__globals__, "own_twice")  # a module imported again
+        again.__qualname__ = own_twice.__qualname__
+        assert register_model(again) is again and _registry._MODELS["own_twice"] is again
+        other = type(own_twice)(own_twice.__code__, own_twice.__globals__, "own_twice")
+        other.__qualname__ = "elsewhere.own_twice"
+        with pytest.raises(ValueError, match=r"model 'own_twice' is already registered \(by .*own_twice\)"):
+            register_model(other)
+    finally:
+        _registry._MODELS.pop("own_twice", None)
+
+
+def test_the_spec_carries_the_module_and_imports_it_only_when_asked(own_module):
+    module, name = own_module
+    data = {"name": name, "kwargs": {"num_classes": 3}, "input_size": [3, 16, 16], "module": module}
+    with pytest.raises(ValueError, match=rf"names model '{name}' of module '{module}', which is not registered here; "
+                                         rf"import {module} first"):
+        maskprop.ModelSpec.from_dict(data, "plan.json")  # an export directory's plan: importing would run its code
+    spec = maskprop.ModelSpec.from_dict(data, "last.pt", import_module=True)  # a run's own checkpoint
+    assert spec.module == module and spec.to_dict() == data and spec.build().fc.out_features == 3
+    plain = maskprop.ModelSpec("resnet20", {"num_classes": 10})
+    assert "module" not in plain.to_dict() and maskprop.ModelSpec.from_dict(plain.to_dict()).module is None
+    with pytest.raises(ValueError, match="ModelSpec module='a b' is not a Python module name"):
+        maskprop.ModelSpec("resnet20", {}, (3, 32, 32), "a b")
+
+
+def test_config_checks_the_module_name():
+    assert Config(model={"module": "lab.models"}).model.module == "lab.models"
+    with pytest.raises(ValueError, match=r"model.module='my-nets' is not a Python module name"):
+        Config(model={"module": "my-nets"})
+
+
+def test_a_run_of_an_own_network_checks_it_exports_it_and_resumes_it(own_module, tmp_path, caplog):
+    module, name = own_module
+    config = with_overrides(TINY_RUN, **{"model.name": name, "model.module": module, "finetune.epochs": 1})
+    with caplog.at_level("INFO", logger="maskprop.train.setup"):
+        result = maskprop.fit(config, out=tmp_path / "run")
+    assert f"model.module {module} registers {name}" in caplog.text
+    assert f"checked {name} of {module}: 2 channel groups (16 channels): dense, compact, static" in caplog.text
+    assert set(result["widths"]) == {"a", "b"}
+    maskprop.export_run(tmp_path / "run", tmp_path / "export", formats=("safetensors",))
+    plan = json.loads((tmp_path / "export" / "plan.json").read_text())
+    assert plan["spec"]["module"] == module
+    narrow = maskprop.load_exported(tmp_path / "export")  # registered in this process
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), maskprop.use_mask(result.model, result.mask, "compact"):
+        torch.testing.assert_close(narrow(x), result.model(x))
+
+    # A fresh process imports the module for --resume and export, where the run's directory is the current one, and
+    # says in one line where it cannot find it.
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "maskprop"]
+    done = subprocess.run([*command, "train", "--resume", str(tmp_path / "run")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for args in (["train", "--resume", str(tmp_path / "run")], ["export", str(tmp_path / "run"), "--out", "x"]):
+        failed = subprocess.run([*command, *args], cwd=elsewhere, env=env, capture_output=True, text=True)
+        assert failed.returncode == 2 and len(failed.stderr.strip().splitlines()) == 1, failed.stderr[-2000:]
+        assert f"model.module='{module}': no module named '{module}'" in failed.stderr
+    assert not (elsewhere / "x").exists()
