@@ -56,6 +56,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     # Every setting is checked before the first model is built, so a mistake costs no benchmark time.
     device = resolve_device(args.device)
+    if args.module is not None:
+        from .models import import_models
+
+        import_models(args.module, "--module")
     for name in args.models:
         check_settings(name, args.batch_size, args.keep_ratios, args.repeats, args.warmup, args.image_size,
                        args.masks, args.align)
@@ -308,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--models", nargs="+", default=["resnet32"],
                        help="registered model names (default: resnet32)")
+    bench.add_argument("--module", default=None,
+                       help="a Python module to import first, whose @maskprop.register_model networks --models may "
+                       "name (as model.module in a run; README, 'Your own network')")
     bench.add_argument("--batch-size", type=int, default=128, help="examples per step (default: 128)")
     bench.add_argument("--keep-ratios", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
                        help="fractions of each group's channels kept, one row each (default: 1 0.75 0.5 0.25)")

@@ -254,3 +254,17 @@ def test_a_run_of_an_own_network_checks_it_exports_it_and_resumes_it(own_module,
         assert failed.returncode == 2 and len(failed.stderr.strip().splitlines()) == 1, failed.stderr[-2000:]
         assert f"model.module='{module}': no module named '{module}'" in failed.stderr
     assert not (elsewhere / "x").exists()
+
+
+def test_bench_times_an_own_network_named_by_its_module(own_module, capsys):
+    from maskprop.cli import main
+
+    module, name = own_module
+    assert main(["bench", "--module", module, "--models", name, "--batch-size", "4", "--keep-ratios", "0.5",
+                 "--repeats", "1", "--warmup", "0", "--image-size", "16"]) == 0
+    assert f"| {name} | 4 | 0.50 |" in capsys.readouterr().out
+    assert main(["bench", "--module", "own_missing_xyz", "--models", name]) == 2
+    assert capsys.readouterr().err.strip() == (f"maskprop bench: error: --module='own_missing_xyz': no module named "
+                                               f"'own_missing_xyz' on the Python path or in the current directory "
+                                               f"({os.getcwd()}); expected a module that registers its models with "
+                                               f"@maskprop.register_model")
