@@ -106,9 +106,10 @@ def test_bad_input_to_check_model():
         maskprop.check_model(Wired(), (1, 8, 8))  # a conv of 3 input channels
 
 
-def test_the_example_network_passes_and_registers():
-    import examples.my_nets  # noqa: F401  (registers small_resnet)
-
+def test_the_example_network_passes_and_registers(monkeypatch):
+    monkeypatch.chdir(REPO)
+    import_models("examples.my_nets")  # as model.module names it from the repository's root (README)
+    assert "small_resnet" in list_models()
     for prune_residual in (True, False):
         model = maskprop.create_model("small_resnet", prune_residual=prune_residual)
         assert ("stage1" in model.channel_groups()) == prune_residual
