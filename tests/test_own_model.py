@@ -269,3 +269,17 @@ def test_bench_times_an_own_network_named_by_its_module(own_module, capsys):
                                                f"'own_missing_xyz' on the Python path or in the current directory "
                                                f"({os.getcwd()}); expected a module that registers its models with "
                                                f"@maskprop.register_model")
+
+
+def test_a_run_checks_a_network_registered_in_the_process_too(own_module, tmp_path, caplog):
+    module, name = own_module
+    import_models(module)  # as a script that imports its networks and calls maskprop.fit does
+    config = with_overrides(TINY_RUN, **{"model.name": name, "optim.epochs": 1, "finetune.epochs": 1,
+                                         "sparsity.fix": "random"})
+    with caplog.at_level("INFO", logger="maskprop.train.setup"):
+        maskprop.fit(config)
+    assert f"checked {name} of {module}: 2 channel groups" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="maskprop.train.setup"):
+        maskprop.fit(with_overrides(config, **{"model.name": "resnet20"}))
+    assert "checked" not in caplog.text  # maskprop's own models are checked by its tests

@@ -125,8 +125,8 @@ class ModelConfig(_Section):
             initialisation, and the log and the summary say so. A resumed run takes its weights from its checkpoint.
         module: A Python module (``my_nets`` for ``./my_nets.py``, or an installed ``lab.models``) imported before the
             model is built, whose ``@maskprop.register_model`` functions become model names: a network of your own.
-            The run checks it once (:func:`maskprop.check_model`) and records the module, so that ``--resume`` and
-            ``maskprop export`` import it again.
+            The run checks the model once (:func:`maskprop.check_model`, as for any model registered outside maskprop)
+            and records the module, so that ``--resume`` and ``maskprop export`` import it again.
     """
 
     name: Annotated[str, Field(min_length=1)] = "resnet20"

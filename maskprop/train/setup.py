@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from .._files import check_creatable
 from ..check import check_model
 from ..cost import CostModel, InputSizeError
-from ..models import import_models, list_models
+from ..models import import_models, list_models, model_entrypoint
 from ..models.spec import ModelSpec
 from ..sbp import GlobalBudget, convert, sparse_layers
 from .checkpoint import check_compatible, error_reason, load_checkpoint
@@ -330,8 +330,9 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     spec = _model_spec(cfg, num_classes, input_size)
     torch.manual_seed(cfg.seed)
     model = spec.build()
-    if spec.module is not None:  # a network of the user's own: are its groups wired as its forward runs?
-        logger.info("checked %s of %s: %s", spec.name, spec.module, check_model(model, input_size))
+    source = model_entrypoint(spec.name).__module__
+    if not source.startswith("maskprop."):  # a network of the user's own: are its groups wired as its forward runs?
+        logger.info("checked %s of %s: %s", spec.name, source, check_model(model, input_size))
     if checkpoint is None:
         initial = None if cfg.model.weights is None else load_initial_weights(model, cfg.model.weights, cfg.model.name)
         if initial is not None:  # config.yaml keeps the absolute path: a resume from elsewhere finds the same file
