@@ -1,4 +1,5 @@
-"""A network of your own for maskprop: a small residual network, registered so that a run can build it by name.
+"""Networks of your own for maskprop: a small ResNet and a small MobileNet, registered so that a run can build them by
+name.
 
 Train it with ``model.module: examples.my_nets`` and ``model.name: small_resnet`` (from the repository root), e.g.
 ``maskprop train recipes/quickstart.yaml model.module=examples.my_nets model.name=small_resnet``, or from Python
@@ -7,6 +8,7 @@ after ``import examples.my_nets``. README, "Your own network", states the rules 
 * every conv, BatchNorm and linear layer on channels that may be pruned is one of ``maskprop.sparse``'s and names the
   group it writes (``out_group``, a BatchNorm's ``group``) and the group it reads (``in_group``);
 * channels that meet in a residual add are one group (here each stage's stream, ``stage1`` and ``stage2``);
+* a depthwise conv (``groups`` = its channels) reads and writes one group (``small_mobilenet``'s blocks);
 * between those layers, only operations that act on each channel alone (activations, pooling, the add).
 
 ``maskprop.check_model(model, (3, 32, 32))`` runs it every way maskprop does and says where the wiring is wrong.
@@ -65,7 +67,60 @@ class SmallResNet(ChannelSparseModel):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: a 1x1 expansion into the block's group, a depthwise 3x3 conv on that same group (each
+    channel alone: ``groups`` = channels, ``in_group`` = ``out_group``), a 1x1 projection back into the stream's group,
+    and the residual add."""
+
+    def __init__(self, channels: int, expanded: int, *, name: str, stream: str | None) -> None:
+        super().__init__()
+        self.expand = ConvBNAct(channels, expanded, 1, in_group=stream, out_group=name, act_layer=nn.ReLU6)
+        self.depthwise = nn.Sequential(
+            SparseConv2d(expanded, expanded, 3, padding=1, groups=expanded, bias=False, in_group=name, out_group=name),
+            SparseBatchNorm2d(expanded, group=name),
+            nn.ReLU6(inplace=True),
+        )
+        self.project = nn.Sequential(
+            SparseConv2d(expanded, channels, 1, bias=False, in_group=name, out_group=stream),
+            SparseBatchNorm2d(channels, group=stream),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.project(self.depthwise(self.expand(x)))
+
+
+class SmallMobileNet(ChannelSparseModel):
+    """A stem, ``blocks`` inverted residual blocks (expansion ``expansion``) on one stream, pooling, a classifier.
+
+    Args:
+        num_classes: Classifier outputs.
+        width: Channels of the stream.
+        blocks: Inverted residual blocks.
+        expansion: Channels inside a block per stream channel.
+        prune_residual: False keeps the stream whole.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16, blocks: int = 2, expansion: int = 4,
+                 prune_residual: bool = True) -> None:
+        super().__init__()
+        stream = "stream" if prune_residual else None
+        self.stem = ConvBNAct(3, width, 3, stride=2, out_group=stream, act_layer=nn.ReLU6)
+        self.blocks = nn.Sequential(*[InvertedResidual(width, expansion * width, name=f"block{i}", stream=stream)
+                                      for i in range(blocks)])
+        self.fc = SparseLinear(width, num_classes, in_group=stream)
+        init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
+
+
 @maskprop.register_model
 def small_resnet(num_classes: int = 10, **kwargs) -> SmallResNet:
     """The example network: ``maskprop.create_model("small_resnet", width=32)`` once this module is imported."""
     return SmallResNet(num_classes=num_classes, **kwargs)
+
+
+@maskprop.register_model
+def small_mobilenet(num_classes: int = 10, **kwargs) -> SmallMobileNet:
+    """The example with depthwise convolutions: ``maskprop.create_model("small_mobilenet")`` once imported."""
+    return SmallMobileNet(num_classes=num_classes, **kwargs)

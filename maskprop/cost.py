@@ -31,6 +31,20 @@ class LayerShape:
     bias: bool
     reads_input: bool  # reads the network input (its backward computes no input gradient)
     groups: int = 1  # a grouped conv's output channel reads in_channels / groups of the inputs: all above / groups
+    depthwise: bool = False  # a depthwise conv of one group: output channel j reads input j alone, at any width
+
+    def flops(self, counts: Mapping[str, int]) -> int:
+        """Forward multiply-adds x 2 for one example with ``counts`` channels kept per group."""
+        kept_out = counts.get(self.out_group, self.out_channels)
+        if self.depthwise:
+            return 2 * kept_out * self.positions
+        return 2 * counts.get(self.in_group, self.in_channels) * kept_out * self.positions // self.groups
+
+    def params(self, counts: Mapping[str, int]) -> int:
+        """Weights and bias kept with ``counts`` channels kept per group."""
+        kept_out = counts.get(self.out_group, self.out_channels)
+        kept_in = 1 if self.depthwise else counts.get(self.in_group, self.in_channels) // self.groups
+        return kept_in * kept_out * self.kernel_area + (kept_out if self.bias else 0)
 
 
 class CostModel:
@@ -69,11 +83,7 @@ class CostModel:
         return kept_counts(mask)
 
     def _layer_flops(self, counts: Mapping[str, int]) -> list[int]:
-        return [
-            2 * counts.get(layer.in_group, layer.in_channels) * counts.get(layer.out_group, layer.out_channels)
-            * layer.positions // layer.groups
-            for layer in self.layers
-        ]
+        return [layer.flops(counts) for layer in self.layers]
 
     def by_layer(self, mask: Mapping[str, Tensor] | None = None) -> dict[str, int]:
         """Forward FLOPs of each conv and linear layer for one example."""
@@ -109,6 +119,10 @@ class CostModel:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
         prices: dict[str, float] = {}
         for layer in self.layers:
+            if layer.depthwise:  # 2 n k*k H W: linear in its one group's count
+                if layer.out_group is not None:
+                    prices[layer.out_group] = prices.get(layer.out_group, 0.0) + 2.0 * layer.positions
+                continue
             kept_in = layer.in_channels * (keep_ratio if layer.in_group is not None else 1.0)
             kept_out = layer.out_channels * (keep_ratio if layer.out_group is not None else 1.0)
             for group, partner in ((layer.in_group, kept_out), (layer.out_group, kept_in)):
@@ -128,9 +142,7 @@ class CostModel:
         counts = self._counts(mask)
         total = self._other_params
         for layer in self.layers:
-            kept_in = counts.get(layer.in_group, layer.in_channels)
-            kept_out = counts.get(layer.out_group, layer.out_channels)
-            total += kept_in * kept_out * layer.kernel_area // layer.groups + (kept_out if layer.bias else 0)
+            total += layer.params(counts)
         for group, features, affine in self._norm:
             total += 2 * counts.get(group, features) if affine else 0
         return total
@@ -158,12 +170,14 @@ def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> list[LayerS
             if isinstance(module, nn.Conv2d):
                 k = module.weight.shape[2] * module.weight.shape[3]
                 positions, kernel_area, groups = k * output.shape[2] * output.shape[3], k, module.groups
+                depthwise = bool(getattr(module, "depthwise", False))
                 c_in, c_out = module.in_channels, module.out_channels
             else:
                 positions, c_in, c_out, kernel_area, groups = 1, module.in_features, module.out_features, 1, 1
+                depthwise = False
             shapes.append(LayerShape(
                 name, getattr(module, "in_group", None), getattr(module, "out_group", None), c_in, c_out,
-                positions, kernel_area, module.bias is not None, reads_input, groups,
+                positions, kernel_area, module.bias is not None, reads_input, groups, depthwise,
             ))
         return record
 

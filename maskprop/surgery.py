@@ -51,7 +51,7 @@ def _layer_sets(module: nn.Module, mask: Mapping[str, Tensor] | None) -> dict[st
     device = next((t.device for t in tensors.values() if t is not None), torch.device("cpu"))
     if _is_conv(module) or _is_linear(module):
         rows = _kept(mask, getattr(module, "out_group", None), device)
-        columns = _kept(mask, getattr(module, "in_group", None), device)
+        columns = _kept(mask, getattr(module, "weight_in_group", getattr(module, "in_group", None)), device)
         return {"weight": (rows, columns), "bias": (rows, None)}
     if isinstance(module, SparseBatchNorm2d):
         rows = _kept(mask, getattr(module, "group", None), device)
@@ -123,9 +123,10 @@ def _narrow_layer(module: nn.Module, sets: Mapping[str, IndexSets], conv_type: t
         weight, bias = _tensor(module, "weight", sets), _tensor(module, "bias", sets)
         if isinstance(module, nn.Conv2d):
             padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
-            new = conv_type(weight.shape[1] * module.groups, weight.shape[0], tuple(module.kernel_size),
+            groups = weight.shape[0] if getattr(module, "depthwise", False) else module.groups
+            new = conv_type(weight.shape[1] * groups, weight.shape[0], tuple(module.kernel_size),
                             stride=tuple(module.stride), padding=padding, dilation=tuple(module.dilation),
-                            groups=module.groups, bias=bias is not None, padding_mode=module.padding_mode,
+                            groups=groups, bias=bias is not None, padding_mode=module.padding_mode,
                             device="meta")
         else:
             new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")

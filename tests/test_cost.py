@@ -183,3 +183,43 @@ def test_a_mask_that_does_not_fit_is_one_line_and_batch_sizes_are_checked():
     for batch in (0, -3, 2.5):
         with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {batch}"):
             cost.flops(good, batch_size=batch)
+
+
+class _Depthwise(torch.nn.Module):
+    """A 1x1 conv into group ``g``, a depthwise 3x3 conv on ``g`` (stride 2, with bias), a 1x1 conv out of it."""
+
+    def __init__(self):
+        super().__init__()
+        from maskprop.sparse import SparseConv2d, SparseLinear
+
+        self.expand = SparseConv2d(3, 12, 1, out_group="g")
+        self.depthwise = SparseConv2d(12, 12, 3, stride=2, padding=1, groups=12, bias=True, in_group="g",
+                                      out_group="g", mask_output=True)
+        self.project = SparseConv2d(12, 6, 1, in_group="g", out_group="h", mask_output=True)
+        self.fc = SparseLinear(6, 3, in_group="h")
+
+    def forward(self, x):
+        return self.fc(self.project(self.depthwise(self.expand(x).relu())).mean((2, 3)))
+
+
+def test_a_depthwise_conv_costs_its_kept_channels_once(generator):
+    """Forward FLOPs against torch's counter, parameters against the narrow model's, prices against a central
+    difference, and the layers by hand (the depthwise conv: 2 x 9 x 8x8 positions per kept channel). The backward is
+    counted by hand: torch's counter (2.14) counts a grouped conv's backward as ``groups + 1`` forwards, not 2."""
+    model = _Depthwise()
+    cost = CostModel(model, (3, 16, 16))
+    for keep in (1.0, 0.5, 0.25):
+        mask = random_mask({"g": 12, "h": 6}, keep, generator)
+        g, h = int(mask["g"].sum()), int(mask["h"].sum())
+        x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+        forward, _ = counted_flops(model, mask, x, y)
+        layers = {"expand": 2 * 3 * g * 256, "depthwise": 2 * 9 * 64 * g, "project": 2 * g * h * 64, "fc": 2 * h * 3}
+        assert cost.by_layer(mask) == layers and forward == cost.flops(mask, batch_size=2) == 2 * sum(layers.values())
+        # weight and input gradients each cost a forward; the expansion reads the image and takes no input gradient
+        assert cost.backward_flops(mask, batch_size=2) == 2 * (2 * sum(layers.values()) - layers["expand"])
+        assert cost.params(mask) == sum(p.numel() for p in maskprop.materialize(model, mask).parameters())
+    half = {"g": 6, "h": 3}
+    prices = cost.channel_prices(0.5)
+    for group in half:
+        more, fewer = dict(half, **{group: half[group] + 1}), dict(half, **{group: half[group] - 1})
+        assert prices[group] == pytest.approx((cost.flops(more) - cost.flops(fewer)) / 2, rel=1e-12)

@@ -544,3 +544,36 @@ def test_the_strided_pointwise_route_is_taken_only_where_the_crash_can_happen():
     assert subsampled_pointwise_input(x[:2], (1, 1), (2, 2), (0, 0)) is None
     with torch.no_grad():
         assert subsampled_pointwise_input(x, (1, 1), (2, 2), (0, 0)) is None
+
+
+def test_only_a_depthwise_grouped_conv_on_one_group_can_be_pruned():
+    conv = SparseConv2d(8, 8, 3, padding=1, groups=8, in_group="g", out_group="g")
+    assert conv.depthwise and conv.weight_in_group is None
+    assert SparseConv2d(8, 8, 3, groups=8).depthwise  # never pruned, and still depthwise
+    plain = SparseConv2d(8, 8, 3, in_group="a", out_group="b")
+    assert not plain.depthwise and plain.weight_in_group == "a"
+    for kwargs in ({"groups": 8, "in_group": "a", "out_group": "b"}, {"groups": 2, "in_group": "g", "out_group": "g"}):
+        with pytest.raises(ValueError, match=r"a grouped convolution \(groups=\d, 8 -> 8 channels, .* expected "
+                                             r"groups=1, or a depthwise one \(groups = in_channels = out_channels\) "
+                                             r"with in_group = out_group"):
+            SparseConv2d(8, 8, 3, **kwargs)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_a_depthwise_conv_runs_on_its_kept_channels(padding_mode, generator):
+    """Compact against masked in float64 (weights, bias, gradients), and the narrow conv's groups its width."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        SparseConv2d(3, 10, 1, out_group="g", mask_output=True),
+        SparseConv2d(10, 10, 3, padding=1, groups=10, bias=True, in_group="g", out_group="g", mask_output=True,
+                     padding_mode=padding_mode),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), SparseLinear(10, 3, in_group="g"),
+    ).double()
+    mask = random_mask({"g": 10}, 0.5, generator)
+    x, y = torch.randn(2, 3, 6, 6, dtype=torch.double), torch.tensor([0, 2])
+    compact_step_equals_masked(model, mask, mask, x, y)
+    narrow = maskprop.materialize(model, mask)
+    kept = int(mask["g"].sum())
+    assert narrow[1].groups == kept and tuple(narrow[1].weight.shape) == (kept, 1, 3, 3)
+    with torch.no_grad(), use_mask(model, mask, "compact"):
+        torch.testing.assert_close(narrow(x), model(x), rtol=1e-12, atol=1e-12)

@@ -98,7 +98,8 @@ class GatherSource(NamedTuple):
         layer: The layer that owns it.
         kind: ``"weight"`` or ``"bias"``.
         out_group: The group of its output channels (``None``: never pruned).
-        in_group: The group of its input channels (``None`` for a bias or a side never pruned).
+        in_group: The group of its input channels (``None`` for a bias, a side never pruned, or the weight of a
+            depthwise conv, whose rows alone follow its group).
         outputs: Its output channels (rows of its ``(rows, area)`` view: ``outputs x inputs``).
         inputs: Its input channels (1 for a bias).
         tail: The kernel's shape after the channels (``()`` for linear weights and biases).
@@ -136,6 +137,11 @@ class RowBlock(NamedTuple):
     inputs: int
 
 
+def _weight_in_group(layer: nn.Module) -> str | None:
+    """The group of a weight's input dimension (``None`` for a depthwise conv's single input channel per row)."""
+    return layer.weight_in_group if isinstance(layer, SparseConv2d) else layer.in_group
+
+
 class ModelPlan:
     """What running a model as a subnetwork needs to know about it, computed once per model: its sparse layers and
     its channel groups.
@@ -167,7 +173,7 @@ class ModelPlan:
         for m in self.weighted:
             c_out, c_in, *tail = m.weight.shape
             self.by_area.setdefault(math.prod(tail), []).append(
-                GatherSource(m, "weight", m.out_group, m.in_group, c_out, c_in, tuple(tail)))
+                GatherSource(m, "weight", m.out_group, _weight_in_group(m), c_out, c_in, tuple(tail)))
         for m in self.weighted:
             if m.bias is not None and m.out_group is not None:
                 self.by_area.setdefault(1, []).append(GatherSource(m, "bias", m.out_group, None, m.weight.shape[0], 1,

@@ -69,6 +69,10 @@ def _grouped_forward(
 class SparseConv2d(nn.Conv2d, SparseModule):
     """``nn.Conv2d`` whose input and output channels belong to channel groups.
 
+    A depthwise convolution (``groups = in_channels = out_channels``, as in MobileNets) reads and writes one group
+    (``in_group = out_group``): output channel ``j`` reads input channel ``j`` alone, so a subnetwork keeps the rows
+    of the kept channels and runs with ``groups`` equal to its width. Other grouped convolutions are refused.
+
     Args:
         in_group: group of the input channels (``None``: the input is never pruned, e.g. the image).
         out_group: group of the output channels (``None``: never pruned).
@@ -91,8 +95,13 @@ class SparseConv2d(nn.Conv2d, SparseModule):
         **kwargs,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias, **kwargs)
-        if self.groups != 1 and (in_group is not None or out_group is not None):
-            raise ValueError(f"grouped convolutions (groups={self.groups}) cannot be channel-pruned; expected groups=1")
+        self.depthwise = self.groups > 1 and self.groups == in_channels == out_channels
+        if self.groups != 1 and (in_group is not None or out_group is not None) and not (
+                self.depthwise and in_group == out_group):
+            raise ValueError(f"a grouped convolution (groups={self.groups}, {in_channels} -> {out_channels} channels, "
+                             f"in_group={in_group!r}, out_group={out_group!r}) cannot be channel-pruned; expected "
+                             f"groups=1, or a depthwise one (groups = in_channels = out_channels) with in_group = "
+                             f"out_group")
         self.in_group = in_group
         self.out_group = out_group
         self.mask_output = mask_output
@@ -100,11 +109,23 @@ class SparseConv2d(nn.Conv2d, SparseModule):
     def forward(self, x: Tensor) -> Tensor:
         return _grouped_forward(self, x, super().forward, self._conv_forward)
 
+    @property
+    def weight_in_group(self) -> str | None:
+        """The group that indexes the weight's input dimension: ``in_group``, or ``None`` for a depthwise conv (its
+        weight has one input channel per output channel, and the rows already follow the group)."""
+        return None if self.depthwise else self.in_group
+
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        groups = weight.shape[0] if self.depthwise else self.groups  # a depthwise conv of the gathered width
         subsampled = subsampled_pointwise_input(x, self.kernel_size, self.stride, self.padding)
         if subsampled is not None:  # a oneDNN crash (see maskprop._workarounds)
-            return F.conv2d(subsampled, weight, bias, 1, 0, self.dilation, self.groups)
-        return super()._conv_forward(x, weight, bias)
+            return F.conv2d(subsampled, weight, bias, 1, 0, self.dilation, groups)
+        if groups == self.groups:
+            return super()._conv_forward(x, weight, bias)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, groups)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, in_group={self.in_group!r}, out_group={self.out_group!r}"
