@@ -82,7 +82,8 @@ def misaligned(operands: list[tuple[str, str, torch.Tensor]]) -> list[str]:
 
 
 def compact_step_operands_are_aligned(name: str, dtype: torch.dtype, device: str = "cpu", align: int = 1,
-                                      batch: int = 2, concatenate: bool = True) -> None:
+                                      batch: int = 2, concatenate: bool = True,
+                                      size: tuple[int, int, int] | None = None) -> None:
     """A compact training step of ``name`` with odd kept widths on the CUDA code path (``concatenate``): every kernel
     operand aligned, and loss, gradients and running statistics equal to the masked reference within ``dtype``'s
     rounding."""
@@ -92,7 +93,7 @@ def compact_step_operands_are_aligned(name: str, dtype: torch.dtype, device: str
     groups = model.channel_groups()
     mask = odd_width_mask(groups, torch.Generator().manual_seed(0))
     assert any(int(m.sum()) in ODD_WIDTHS for m in mask.values())
-    x = torch.randn(batch, *input_size(name), device=device, dtype=dtype)
+    x = torch.randn(batch, *(size or input_size(name)), device=device, dtype=dtype)
     y = torch.arange(batch, device=device) % 10
     state = ExecutionState(mask, model, "compact", align=align, concatenate=concatenate)
     with recorded_operands() as operands:
@@ -128,3 +129,15 @@ def test_gathered_operands_are_aligned_with_padded_widths():
 def test_gathered_operands_are_aligned_on_the_cpu_path():
     """The CPU's own path (weights gathered layer by layer, BatchNorm tensors from one buffer) as well."""
     compact_step_operands_are_aligned("resnet20", torch.float32, concatenate=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gathered_operands_of_depthwise_convolutions_are_aligned(dtype, monkeypatch):
+    """examples/my_nets.py's MobileNet: a depthwise weight gathers rows of 9 elements, one input channel each."""
+    from pathlib import Path
+
+    from maskprop.models import import_models
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    import_models("examples.my_nets")
+    compact_step_operands_are_aligned("small_mobilenet", dtype, size=(3, 16, 16))
