@@ -100,8 +100,8 @@ def _compare(check: str, what: str, got: tuple, expected: tuple, hint: str) -> N
     for name, a, b in pairs:
         gap = _far(a, b)
         if gap is not None:
-            raise ValueError(f"check {check!r} failed: {what} differs from the masked reference in {name} (by "
-                             f"{gap:.3g} of its largest entry); {hint}")
+            raise ValueError(f"check {check!r} failed: {what} differs from the masked reference in {name} "
+                             f"(relative difference {gap:.3g}); {hint}")
 
 
 def _guard(check: str, what: str, hint: str, run: Callable[[], object]) -> object:
@@ -236,8 +236,8 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
         got = _guard("narrow", "the narrow model", hint, lambda: narrow(x))
     gap = _far(got, expected)
     if gap is not None:
-        raise ValueError(f"check 'narrow' failed: the narrow model's outputs differ from the subnetwork's by "
-                         f"{gap:.3g} of their largest; {hint}")
+        raise ValueError(f"check 'narrow' failed: the narrow model's outputs differ from the subnetwork's "
+                         f"(relative difference {gap:.3g}); {hint}")
 
     # FLOPs: the cost model against torch's counter on the narrow model (one example).
     counted = _guard("flops", "maskprop.CostModel", _WIRING,
