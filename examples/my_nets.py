@@ -1,9 +1,10 @@
 """Networks of your own for maskprop: a small ResNet and a small MobileNet, registered so that a run can build them by
 name.
 
-Train it with ``model.module: examples.my_nets`` and ``model.name: small_resnet`` (from the repository root), e.g.
-``maskprop train recipes/quickstart.yaml model.module=examples.my_nets model.name=small_resnet``, or from Python
-after ``import examples.my_nets``. README, "Your own network", states the rules this file follows:
+Train one with ``model.module: examples.my_nets`` and ``model.name: small_resnet`` (or ``small_mobilenet``), from the
+repository root, e.g. ``maskprop train recipes/quickstart.yaml model.module=examples.my_nets
+model.name=small_resnet``, or from Python after ``import examples.my_nets``. README, "Your own network", states the
+rules this file follows:
 
 * every conv, BatchNorm and linear layer on channels that may be pruned is one of ``maskprop.sparse``'s and names the
   group it writes (``out_group``, a BatchNorm's ``group``) and the group it reads (``in_group``);
