@@ -19,7 +19,7 @@ from torch import nn
 import maskprop
 from maskprop.models import import_models, list_models, register_model
 from maskprop.models.layers import ConvBNAct
-from maskprop.sparse import ChannelSparseModel, SparseBatchNorm2d, SparseLinear
+from maskprop.sparse import ChannelSparseModel, SparseBatchNorm2d, SparseConv2d, SparseLinear
 from maskprop.train.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +57,8 @@ class Wired(ChannelSparseModel):
         self.c = ConvBNAct(8, 8, 3, in_group="a" if variant == "reads_another_group" else "b", out_group="c")
         if variant == "batch_norm_without_group":
             self.c[1] = SparseBatchNorm2d(8)
+        if variant == "no_batch_norm_and_no_mask_output":
+            self.b = nn.Sequential(SparseConv2d(8, 8, 3, padding=1, in_group="a", out_group="b"), nn.ReLU())
         self.fc = SparseLinear(8, 4, in_group="c")
         self.plain = nn.Conv2d(8, 8, 1)
         self.extra = nn.Parameter(torch.randn(4, 4))
@@ -84,6 +86,7 @@ class Wired(ChannelSparseModel):
     ("plain_conv", "compact", "raised RuntimeError"),
     ("reads_another_group", "compact", "raised RuntimeError"),
     ("batch_norm_without_group", "compact", "raised RuntimeError"),
+    ("no_batch_norm_and_no_mask_output", "compact", "needs mask_output=True"),
     ("matmul", "flops", "torch.utils.flop_counter"),
     ("reads_its_width", "narrow", "narrow model's outputs differ"),
 ])
