@@ -223,3 +223,27 @@ def test_a_depthwise_conv_costs_its_kept_channels_once(generator):
     for group in half:
         more, fewer = dict(half, **{group: half[group] + 1}), dict(half, **{group: half[group] - 1})
         assert prices[group] == pytest.approx((cost.flops(more) - cost.flops(fewer)) / 2, rel=1e-12)
+
+
+class _DepthwiseStem(_Depthwise):
+    """``_Depthwise`` after a depthwise 3x3 conv on the image, whose channels are never pruned."""
+
+    def __init__(self):
+        super().__init__()
+        from maskprop.sparse import SparseConv2d
+
+        self.stem = SparseConv2d(3, 3, 3, padding=1, groups=3)
+
+    def forward(self, x):
+        return super().forward(self.stem(x))
+
+
+@pytest.mark.parametrize("keep", [0.25, 0.5, 1.0])
+def test_depthwise_prices_are_linear_at_every_keep_ratio_and_name_groups_only(keep):
+    """By hand: g's channel costs the expansion's 2 x 3 x 16x16, the depthwise conv's 2 x 9 x 8x8 (whatever the kept
+    ratio: it is linear in g) and the projection's 2 x (keep x 6) x 8x8; h's the projection's 2 x (keep x 12) x 8x8
+    and the classifier's 2 x 3. The stem's depthwise conv, never pruned, prices no group."""
+    prices = CostModel(_DepthwiseStem(), (3, 16, 16)).channel_prices(keep)
+    assert set(prices) == {"g", "h"}
+    assert prices["g"] == pytest.approx(2 * 3 * 256 + 2 * 9 * 64 + 2 * keep * 6 * 64, rel=1e-12)
+    assert prices["h"] == pytest.approx(2 * keep * 12 * 64 + 2 * 3, rel=1e-12)

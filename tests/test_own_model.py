@@ -287,3 +287,155 @@ def test_a_run_checks_a_network_registered_in_the_process_too(own_module, tmp_pa
     with caplog.at_level("INFO", logger="maskprop.train.setup"):
         maskprop.fit(with_overrides(config, **{"model.name": "resnet20"}))
     assert "checked" not in caplog.text  # maskprop's own models are checked by its tests
+
+
+# -- check_model's comparisons, each on its own ------------------------------------------------------------------------
+
+def test_a_difference_is_measured_against_the_largest_entry_and_shapes_and_counts_exactly():
+    from maskprop.check import _far
+
+    b = torch.tensor([[100.0, 1e-6], [-3.0, 0.0]], dtype=torch.float64)
+    assert _far(b.clone(), b) is None
+    assert _far(b + 1e-7, b) is None  # 1e-9 of the largest entry: round-off, however large next to 1e-6
+    moved = b.clone()
+    moved[0, 1] += 1e-4  # 1e-6 of the largest entry: above rtol = 1e-8
+    assert _far(moved, b) == pytest.approx(1e-6, rel=1e-6)
+    assert _far(torch.zeros(2, 1), torch.zeros(2, 3)) == float("inf")  # another shape, though it broadcasts
+    assert _far(torch.tensor(3), torch.tensor(2)) == float("inf")  # num_batches_tracked: exactly
+    assert _far(torch.tensor(2), torch.tensor(2)) is None
+
+
+def test_a_step_is_compared_in_every_gradient_and_every_buffer():
+    """The first quantity that differs is named: a gradient, a BatchNorm statistic, a batch count."""
+    import contextlib
+
+    from maskprop.check import _compare, _step
+
+    model = Wired().double()
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2])
+    reference = _step(model, contextlib.nullcontext, x, y)
+    _compare("compact", "the step", reference, copy.deepcopy(reference), "hint")
+    for kind, key in (("gradient of", "b.0.weight"), ("buffer", "c.1.running_var"),
+                      ("buffer", "a.1.num_batches_tracked")):
+        loss, grads, buffers = copy.deepcopy(reference)
+        moved = grads if kind == "gradient of" else buffers
+        moved[key] = moved[key] + 1
+        with pytest.raises(ValueError, match=rf"^check 'compact' failed: the step differs from the masked reference "
+                                             rf"in the {kind} {key} \(relative difference .*\); hint$"):
+            _compare("compact", "the step", (loss, grads, buffers), reference, "hint")
+
+
+def test_check_model_wants_logits_of_shape_batch_by_classes():
+    class Extra(Wired):
+        def forward(self, x):
+            return super().forward(x)[..., None]
+
+    class Pair(Wired):
+        def forward(self, x):
+            return super().forward(x), x
+
+    with pytest.raises(ValueError, match=r"^Extra returns Tensor\(3, 4, 1\); expected logits of shape "
+                                         r"\(batch, classes\)$"):
+        maskprop.check_model(Extra(), (3, 8, 8))
+    with pytest.raises(ValueError, match=r"^Pair returns tuple; expected logits of shape \(batch, classes\)$"):
+        maskprop.check_model(Pair(), (3, 8, 8))
+
+
+def test_a_failing_check_leaves_the_callers_random_stream_alone():
+    class Draws(Wired):  # a model drawing from torch's stream in its forward (noise, stochastic depth)
+        def forward(self, x):
+            torch.rand(1)
+            return super().forward(x)
+
+    model = Draws("adds_two_groups")
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match="^check 'compact' failed"):
+        maskprop.check_model(model, (3, 8, 8))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_model_in_eval_mode_is_checked_as_it_trains():
+    class MixesInTraining(Wired):  # a wiring error on a training-only path (a regularizer, say)
+        def forward(self, x):
+            self.variant = "mixes_channels" if self.training else "ok"
+            return super().forward(x)
+
+    model = MixesInTraining().eval()
+    with pytest.raises(ValueError, match="^check 'compact' failed: .* differs from the masked reference"):
+        maskprop.check_model(model, (3, 8, 8))
+    assert not model.training
+
+
+def test_the_flops_check_refuses_a_layer_the_cost_model_counts_but_that_computes_nothing():
+    class Skipped(nn.Linear):  # a linear layer whose forward computes no product: the saving would count its FLOPs
+        def forward(self, x):
+            return x
+
+    class Head(Wired):
+        def __init__(self):
+            super().__init__()
+            self.head = Skipped(4, 4)
+
+        def forward(self, x):
+            return self.head(super().forward(x))
+
+    with pytest.raises(ValueError, match=r"^check 'flops' failed: maskprop.CostModel counts \d+ FLOPs .* "
+                                         r"torch.utils.flop_counter \d+"):
+        maskprop.check_model(Head(), (3, 8, 8))
+
+
+# -- the registry and the spec, each branch ----------------------------------------------------------------------------
+
+def test_a_script_registering_a_modules_function_again_replaces_it():
+    """The module imported by model.module and the same file run as the script (__main__) register one function."""
+    from maskprop.models import _registry
+
+    def own_script():
+        return None
+
+    try:
+        own_script.__module__ = "own_nets"
+        register_model(own_script)
+        again = type(own_script)(own_script.__code__, own_script.__globals__, "own_script")
+        again.__qualname__, again.__module__ = own_script.__qualname__, "__main__"
+        assert register_model(again) is again and _registry._MODELS["own_script"] is again
+    finally:
+        _registry._MODELS.pop("own_script", None)
+
+
+def test_the_current_directory_comes_first_while_the_module_is_imported(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _module(tmp_path, "own_first", "import sys\nFIRST = sys.path[0]\n")
+    try:
+        import_models("own_first")
+        assert sys.modules["own_first"].FIRST == os.getcwd()  # as python -m has it: before site-packages
+    finally:
+        sys.modules.pop("own_first", None)
+
+
+def test_a_missing_package_of_the_module_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^model.module='own_missing_pkg.nets': no module named 'own_missing_pkg' "
+                                         r"on the Python path or in the current directory"):
+        import_models("own_missing_pkg.nets")
+
+
+def test_resolve_and_build_import_the_spec_module(own_module, tmp_path):
+    from maskprop.models import _registry
+
+    module, name = own_module
+    spec = maskprop.ModelSpec.resolve(name, {}, num_classes=3, input_size=(3, 16, 16), module=module)
+    assert name in list_models() and spec.module == module and spec.build().fc.out_features == 3
+    _registry._MODELS.pop(name)
+    sys.modules.pop(module)
+    assert spec.build().fc.out_features == 3 and name in list_models()  # a spec built in a fresh process
+    # A factory taking prune_residual: the first spec resolve tries is the one kept, and it records the module.
+    _module(tmp_path, "own_residual", NETS.replace("{name}", "own_residual_net").replace(
+        "(num_classes=10, **kwargs)", "(num_classes=10, prune_residual=True, **kwargs)"))
+    try:
+        spec = maskprop.ModelSpec.resolve("own_residual_net", {}, num_classes=3, input_size=(3, 16, 16),
+                                          module="own_residual")
+        assert spec.kwargs["prune_residual"] is True and spec.module == "own_residual"
+    finally:
+        _registry._MODELS.pop("own_residual_net", None)
+        sys.modules.pop("own_residual", None)

@@ -577,3 +577,22 @@ def test_a_depthwise_conv_runs_on_its_kept_channels(padding_mode, generator):
     assert narrow[1].groups == kept and tuple(narrow[1].weight.shape) == (kept, 1, 3, 3)
     with torch.no_grad(), use_mask(model, mask, "compact"):
         torch.testing.assert_close(narrow(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_grouped_conv_of_more_outputs_than_inputs_is_not_depthwise(generator):
+    """A channel multiplier (groups = in_channels < out_channels) is refused on a group and, never pruned, keeps its
+    own groups in the narrow model."""
+    assert not SparseConv2d(4, 8, 3, groups=4).depthwise
+    with pytest.raises(ValueError, match=r"a grouped convolution \(groups=4, 4 -> 8 channels"):
+        SparseConv2d(4, 8, 3, groups=4, in_group="g", out_group="g")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        SparseConv2d(3, 6, 3, padding=1, groups=3), SparseConv2d(6, 8, 1, out_group="g", mask_output=True),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), SparseLinear(8, 3, in_group="g"),
+    ).double()
+    mask = random_mask({"g": 8}, 0.5, generator)
+    narrow = maskprop.materialize(model, mask)
+    assert (narrow[0].in_channels, narrow[0].out_channels, narrow[0].groups) == (3, 6, 3)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.double)
+    with torch.no_grad(), use_mask(model, mask, "compact"):
+        torch.testing.assert_close(narrow(x), model(x), rtol=1e-12, atol=1e-12)
