@@ -7,7 +7,8 @@ pooling, dropout). Python cannot see those rules in a ``forward``; running the m
 float64 copy on the CPU the ways a run does and compares them, the reference being the masked execution (dense
 kernels, the mask applied after BatchNorm), which takes no index of a group:
 
-* ``dense``: the mask that keeps every channel, masked and compact, equals the model run without a mask;
+* ``dense``: a training step of the model without a mask runs (a mask that keeps every channel runs the model as it
+  is);
 * ``compact``: a training step on the gathered channels (the CPU's sparse step) equals the masked one: the loss, every
   parameter's gradient and every buffer (BatchNorm statistics);
 * ``static``: the same with the static-shape step of a GPU run (capacities fixed for a window; one group padded with
@@ -23,6 +24,7 @@ builtin models pass it (tests/test_own_model.py); ``maskprop train`` runs it on 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,12 +33,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cost import CostModel
 from .models.spec import check_input_size
-from .sparse import channel_groups, random_mask, use_mask
-from .sparse.static import StaticExecutionState, mask_capacities, use_static
+from .sparse import aligned_width, channel_groups, check_align, random_mask, use_mask
+from .sparse.static import StaticExecutionState, use_static
 from .surgery import materialize
 
 __all__ = ["ModelCheck", "check_model"]
@@ -86,6 +89,11 @@ def _far(a: Tensor, b: Tensor, rtol: float = 1e-8, atol: float = 1e-10) -> float
         return None if torch.equal(a, b) else float("inf")
     if a.numel() == 0:
         return None
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    if bool(nan_a.any()) or bool(nan_b.any()):  # NaN compares false with every bound: where it is, it must match
+        if not torch.equal(nan_a, nan_b):
+            return float("nan")
+        return _far(a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0), rtol, atol)
     scale = float(b.abs().max())
     gap = float((a - b).abs().max())
     return gap / max(scale, 1e-300) if gap > atol + rtol * scale else None
@@ -143,9 +151,10 @@ def check_model(model: nn.Module, input_size: Sequence[int], *, batch_size: int 
     """Check that every way maskprop runs ``model`` as a subnetwork computes the subnetwork its mask names.
 
     The model is not changed: a float64 copy runs on the CPU, with random BatchNorm parameters and statistics, with
-    dropout off, on a mask that keeps one channel of the first group, every channel of the second and a random half
-    of the rest
-    (the checks are listed in the module's docstring), and another mask that keeps a random half of every group.
+    dropout off (modules and functions) and the random stream seeded alike before each pass (stochastic depth draws
+    the same in each), on a mask that keeps one channel of the first group, every channel of the second and a random
+    half of the rest, and on another that keeps a random half of every group (the checks are listed in the module's
+    docstring).
 
     Args:
         model: A channel-sparse model (its layers :mod:`maskprop.sparse`'s, naming their groups), in any mode, on any
@@ -153,7 +162,7 @@ def check_model(model: nn.Module, input_size: Sequence[int], *, batch_size: int 
         input_size: ``(C, H, W)`` of one example.
         batch_size: Examples per pass (at least 2: BatchNorm needs two values per channel in training).
         align: The alignment of the static step's widths (``sparsity.align``; 8 on CUDA).
-        seed: Seed of the input, the labels, the masks and the statistics.
+        seed: Seed of the input, the labels, the masks, the statistics and the passes' random draws.
 
     Returns:
         A :class:`ModelCheck` (its ``str`` is one line for a log).
@@ -172,40 +181,73 @@ def check_model(model: nn.Module, input_size: Sequence[int], *, batch_size: int 
         raise ValueError(f"{type(model).__name__} has no channel groups: its convolutions, BatchNorm and linear layers "
                          f"must be maskprop.sparse's SparseConv2d, SparseBatchNorm2d and SparseLinear naming their "
                          f"groups (or maskprop.models.layers.ConvBNAct)")
-    with torch.random.fork_rng(devices=[]):  # the caller's random stream untouched
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    align = check_align(align)
+    with torch.random.fork_rng(devices=[]), _NoDropout():  # the caller's random stream untouched
         return _check(model, input_size, groups, batch_size, align, seed, started)
+
+
+class _NoDropout(TorchFunctionMode):
+    """Dropout as the identity (modules and functions alike): each pass would draw its own masks, for tensors of its
+    own widths, and differ by its draws alone."""
+
+    DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                          torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.DROPOUTS:
+            return args[0] if args else kwargs["input"]
+        return func(*args, **kwargs)
+
+
+def _static_capacities(groups: Mapping[str, int], mask: Mapping[str, Tensor], align: int) -> dict[str, int]:
+    """Capacities at which ``mask`` meets every case of a static step that the groups allow: below the kept count (the
+    surplus cut: in the first group that can be cut, and every third group after), above it (padded with zero
+    channels), and the kept count rounded up to ``align``. A capacity is never below ``min(align, channels)``."""
+    names = list(groups)
+    kept = {g: int(mask[g].sum()) for g in names}
+    low = {g: min(align, groups[g]) for g in names}
+
+    def capacity(g: str, case: str) -> int:
+        if case == "cut" and kept[g] > low[g]:
+            return max(low[g], kept[g] - align)
+        if case in ("cut", "pad") and kept[g] < groups[g]:
+            return min(groups[g], max(low[g], kept[g] + 1))
+        return aligned_width(kept[g], groups[g], align)
+
+    capacities = {g: capacity(g, ("cut", "pad", "fit")[i % 3]) for i, g in enumerate(names)}
+    first = next((g for g in names if kept[g] > low[g]), None)
+    if first is not None:
+        capacities[first] = capacity(first, "cut")
+    return capacities
 
 
 def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int], batch_size: int, align: int,
            seed: int, started: float) -> ModelCheck:
     generator = torch.Generator().manual_seed(seed)
     base = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).train()
-    for m in base.modules():  # dropout draws for each width anew: the passes would differ by their draws alone
-        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                          nn.FeatureAlphaDropout)):
-            m.eval()
     _random_statistics(base, generator)
     x = torch.randn(batch_size, *input_size, generator=generator, dtype=torch.float64)
     with torch.no_grad():
         out = _guard("dense", "the model without a mask", "is it a model of these inputs?", lambda: base(x))
-    if not isinstance(out, Tensor) or out.dim() != 2:
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[1] < 1:
         raise ValueError(f"{type(model).__name__} returns {type(out).__name__}"
                          f"{tuple(out.shape) if isinstance(out, Tensor) else ''}; expected logits of shape "
                          f"(batch, classes)")
     y = torch.arange(batch_size) % out.shape[1]
     mask = _edge_mask(groups, generator)
-    full = {g: torch.ones(n, dtype=torch.bool) for g, n in groups.items()}
 
     def step(check: str, what: str, hint: str, context: Callable[[nn.Module], object],
              model_: nn.Module | None = None) -> tuple:
         model_ = copy.deepcopy(base) if model_ is None else model_
+        torch.manual_seed(seed)  # what else draws at random (stochastic depth) draws the same in every pass
         return _guard(check, what, hint, lambda: _step(model_, lambda: context(model_), x, y))
 
-    hint = f"maskprop must see every channel; {_WIRING}"
-    dense = step("dense", "the model without a mask", hint, lambda m: torch.enable_grad())
-    for mode in ("masked", "compact"):
-        what = f"the {mode} pass of the mask that keeps every channel"
-        _compare("dense", what, step("dense", what, hint, lambda m, mode=mode: use_mask(m, full, mode)), dense, hint)
+    # A mask that keeps every channel runs the model as it is: the dense check is a training step that runs.
+    step("dense", "a training step of the model without a mask", "is it a model of these inputs?",
+         lambda m: contextlib.nullcontext())
 
     half = random_mask(groups, 0.5, generator)  # the edge mask keeps the second group whole: this one does not
     for name, kept in (("one channel, every channel, half", mask), ("half of every group", half)):
@@ -214,12 +256,13 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
         got = step("compact", what, _WIRING, lambda m, kept=kept: use_mask(m, kept, "compact"))
         _compare("compact", what, got, masked, _WIRING)
 
-    # The static step: capacities of another draw, so that some groups pad with zero channels and others overflow.
+    # The static step of a GPU run, at capacities that cut one group's surplus and pad another with zero channels.
     static_model = copy.deepcopy(base)
-    capacities = mask_capacities(random_mask(groups, 0.5, generator), align)
-    what = f"the static-shape step (widths padded to multiples of {align}, as on a GPU)"
-    state = _guard("static", what, _WIRING, lambda: StaticExecutionState.create(static_model, capacities, align))
-    _guard("static", what, _WIRING, lambda: state.update(half))
+    capacities = _static_capacities(groups, half, align)
+    what = f"the static-shape step (capacities fixed for a window, align {align}: how a run on CUDA computes)"
+    runs_static = "a run on CUDA runs its steps this way"
+    state = _guard("static", what, runs_static, lambda: StaticExecutionState.create(static_model, capacities, align))
+    _guard("static", what, runs_static, lambda: state.update(half))
     used = {g: m.clone() for g, m in state.mask_used_by_group().items()}
     reference = step("static", "the masked pass", _WIRING, lambda m: use_mask(m, used, "masked"))
     got = step("static", what, _WIRING, lambda m: use_static(state), static_model)
@@ -230,9 +273,13 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
     hint = ("materialize() replaces maskprop's layers with plain torch ones of the kept widths and copies everything "
             "else; a forward that reads a layer's full width (e.g. its out_channels) breaks it")
     evaluated = copy.deepcopy(base).eval()
-    with torch.no_grad():
+
+    def compact_eval() -> Tensor:
         with use_mask(evaluated, mask, "compact"):
-            expected = evaluated(x)
+            return evaluated(x)
+
+    with torch.no_grad():
+        expected = _guard("narrow", "the compact subnetwork in eval mode", _WIRING, compact_eval)
         narrow = _guard("narrow", "materialize()", hint, lambda: materialize(evaluated, mask))
         got = _guard("narrow", "the narrow model", hint, lambda: narrow(x))
     gap = _far(got, expected)
@@ -243,12 +290,15 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
     # FLOPs: the cost model against torch's counter on the narrow model (one example).
     counted = _guard("flops", "maskprop.CostModel", _WIRING,
                      lambda: CostModel(evaluated, input_size).flops(mask, batch_size=1))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        narrow(x[:1])
-    if counted != counter.get_total_flops():
-        raise ValueError(f"check 'flops' failed: maskprop.CostModel counts {counted} FLOPs of the subnetwork per "
-                         f"example, torch.utils.flop_counter {counter.get_total_flops()}: the model computes FLOPs "
-                         f"outside its conv and linear layers (a matmul in its forward?), which the train-cost saving "
-                         f"would leave out")
-    return ModelCheck(len(groups), sum(groups.values()), CHECKS, time.perf_counter() - started)
 
+    def count() -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            narrow(x[:1])
+        return counter.get_total_flops()
+
+    flops = _guard("flops", "the narrow model on one example", hint, count)
+    if counted != flops:
+        raise ValueError(f"check 'flops' failed: maskprop.CostModel counts {counted} FLOPs of the subnetwork per "
+                         f"example, torch.utils.flop_counter {flops}: the model computes FLOPs outside its conv and "
+                         f"linear layers (a matmul in its forward?), which the train-cost saving would leave out")
+    return ModelCheck(len(groups), sum(groups.values()), CHECKS, time.perf_counter() - started)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -439,3 +440,191 @@ def test_resolve_and_build_import_the_spec_module(own_module, tmp_path):
     finally:
         _registry._MODELS.pop("own_residual_net", None)
         sys.modules.pop("own_residual", None)
+
+
+def test_a_script_cannot_replace_a_model_of_another_file():
+    """A script's own ``resnet20`` (its ``__main__``, another source file) is refused, not swapped for maskprop's."""
+    from maskprop.models import _registry
+
+    namespace = {"__name__": "__main__"}
+    exec(compile("def resnet20(num_classes=10, **kwargs):\n    return None\n", "script.py", "exec"), namespace)
+    builtin = _registry._MODELS["resnet20"]
+    with pytest.raises(ValueError, match=r"model 'resnet20' is already registered \(by maskprop\.models\.resnet\."):
+        register_model(namespace["resnet20"])
+    assert _registry._MODELS["resnet20"] is builtin
+
+
+def test_a_nan_is_a_difference_unless_both_sides_have_it_in_the_same_places():
+    from maskprop.check import _far
+
+    b = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    assert math.isnan(_far(torch.tensor([math.nan, 1.0], dtype=torch.float64), b))
+    assert math.isnan(_far(b, torch.tensor([math.nan, 1.0], dtype=torch.float64)))
+    both = torch.tensor([math.nan, 1.0], dtype=torch.float64)
+    assert _far(both.clone(), both) is None
+    assert _far(both.clone() + torch.tensor([0.0, 1.0], dtype=torch.float64), both) == pytest.approx(1.0)
+
+
+# -- what the review found: stochastic forwards, the static step's cases, one line everywhere ------------------------
+
+class Stochastic(Wired):
+    """Functional dropout on the activations and stochastic depth (a per-example draw) on a residual branch."""
+
+    def forward(self, x):
+        a = self.a(x)
+        b = F.dropout(self.b(a), 0.5, training=self.training)
+        keep = torch.empty(x.shape[0], 1, 1, 1, dtype=x.dtype).bernoulli_(0.5) / 0.5 if self.training else 1.0
+        c = self.c(b)
+        c = c + keep * self.c(b)  # one group: the same channels
+        return self.fc(F.adaptive_avg_pool2d(c, 1).flatten(1))
+
+
+def test_a_forward_that_draws_at_random_passes_as_every_pass_draws_alike():
+    assert maskprop.check_model(Stochastic(), (3, 8, 8)).checks[-1] == "flops"
+
+
+def test_the_static_check_cuts_one_group_and_pads_another():
+    from maskprop.check import _static_capacities
+
+    groups = {"a": 16, "b": 64, "c": 64, "d": 8, "e": 32}
+    mask = {g: torch.arange(n) < n // 2 for g, n in groups.items()}  # 8, 32, 32, 4, 16 kept
+    capacities = _static_capacities(groups, mask, 8)
+    # a: 8 kept cannot go below the alignment, so padded; b: the first group that can be cut, by the alignment; c:
+    # fitted; d: padded up to its size; e: padded by one
+    assert capacities == {"a": 9, "b": 24, "c": 32, "d": 8, "e": 17}
+    assert all(min(8, n) <= capacities[g] <= n for g, n in groups.items())
+
+
+def test_the_static_check_sees_a_cut_channel(monkeypatch):
+    """With the surplus of a group cut, the reference is the mask actually used: a state that ignored its capacity
+    (ran every kept channel) would fail the check."""
+    from maskprop.sparse import static
+
+    calls = []
+    original = static.StaticExecutionState.mask_used_by_group
+
+    def used(self):
+        result = original(self)
+        calls.append({g: int(m.sum()) for g, m in result.items()})
+        return result
+
+    monkeypatch.setattr(static.StaticExecutionState, "mask_used_by_group", used)
+    maskprop.check_model(maskprop.create_model("resnet20"), (3, 16, 16))
+    half = maskprop.random_mask(maskprop.create_model("resnet20").channel_groups(), 0.5)
+    assert calls and any(calls[0][g] < int(half[g].sum()) for g in calls[0])  # a group ran fewer than it kept
+
+
+def test_every_failure_of_check_model_is_one_line():
+    class BrokenInEval(Wired):
+        def forward(self, x):
+            if not self.training:
+                return self.fc(F.adaptive_avg_pool2d(self.b(self.a(x)), 1).flatten(1)[:, :1].expand(-1, 8))
+            return super().forward(x)
+
+    class NoAffine(Wired):
+        def __init__(self):
+            super().__init__()
+            self.c[1] = SparseBatchNorm2d(8, group="c", affine=False)
+
+    class NoGradient(Wired):  # logits cut from the graph: a training step cannot run
+        def forward(self, x):
+            return super().forward(x).detach()
+
+    cases = [(BrokenInEval(), r"^check 'narrow' failed: the compact subnetwork in eval mode raised RuntimeError: "),
+             (NoAffine(), r"^check 'static' failed: .* raised ValueError: static execution needs affine BatchNorm .*; "
+                          r"a run on CUDA runs its steps this way$"),
+             (NoGradient(), r"^check 'dense' failed: a training step of the model without a mask raised "
+                            r"RuntimeError: element 0 of tensors does not require grad")]
+    for model, message in cases:
+        with pytest.raises(ValueError, match=message) as err:
+            maskprop.check_model(model, (3, 8, 8))
+        assert "\n" not in str(err.value)
+    for seed in (1.5, None, True):
+        with pytest.raises(ValueError, match=rf"^seed must be an integer, got {seed}$"):
+            maskprop.check_model(Wired(), (3, 8, 8), seed=seed)
+
+
+def test_a_run_can_skip_the_check_and_says_how_when_it_fails(own_module, tmp_path):
+    module, name = own_module
+    import_models(module)
+    from maskprop.models import _registry
+
+    real = _registry._MODELS[name]
+    _registry._MODELS[name] = lambda num_classes=10, **kw: Stochastic().to(torch.float32) if False else _Broken()
+    _registry._MODELS[name].__module__ = module
+    try:
+        config = with_overrides(TINY_RUN, **{"model.name": name, "optim.epochs": 1, "finetune.epochs": 1,
+                                             "sparsity.fix": "random"})
+        with pytest.raises(ValueError, match=rf"^model {name} of {module}: check 'compact' failed: .*"
+                                             rf"\(model.check=false skips this check\)$"):
+            maskprop.fit(config)
+        maskprop.fit(with_overrides(config, **{"model.check": False}))  # trains (wrongly, as it was told)
+    finally:
+        _registry._MODELS[name] = real
+
+
+class _Broken(Wired):
+    def __init__(self):
+        super().__init__("mixes_channels")
+        self.fc = SparseLinear(8, 10, in_group="c")
+
+
+def test_module_errors_that_are_not_exceptions_and_names_it_does_not_register(tmp_path, monkeypatch, own_module):
+    module, name = own_module
+    _module(tmp_path, "own_exits", "import sys\nsys.exit(3)")
+    try:
+        with pytest.raises(ValueError, match=r"^model.module='own_exits' raised SystemExit as it was imported: 3 "):
+            import_models("own_exits")
+    finally:
+        sys.modules.pop("own_exits", None)
+    data = {"name": "not_there", "kwargs": {}, "input_size": [3, 16, 16], "module": module}
+    with pytest.raises(ValueError, match=rf"names model 'not_there' of module '{module}', which the module no longer "
+                                         rf"registers \(registered: "):
+        maskprop.ModelSpec.from_dict(data, "last.pt", import_module=True)
+    with pytest.raises(ValueError, match=r"^model.name='not_there' is not a registered model; expected one of .* \(a "
+                                         r"network of your own: model.module names the module that registers it\)$"):
+        maskprop.fit(with_overrides(TINY_RUN, **{"model.name": "not_there"}))
+
+
+class Shared(ChannelSparseModel):
+    """A unit applied twice (shared weights: its BatchNorm counts two batches a step) and a unit that never runs (its
+    BatchNorm counts none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = ConvBNAct(3, 8, 3, out_group="a")
+        self.twice = ConvBNAct(8, 8, 3, in_group="a", out_group="a")  # reads and writes one group
+        self.unused = ConvBNAct(8, 8, 3, in_group="a", out_group="b")
+        self.fc = SparseLinear(8, 4, in_group="a")
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.twice(self.twice(self.a(x))), 1).flatten(1))
+
+
+def test_batchnorm_layers_count_a_batch_per_call_in_the_static_step_too():
+    """The static step counted one batch in every BatchNorm layer per forward, however often it ran; the check
+    compares every buffer, num_batches_tracked included."""
+    assert maskprop.check_model(Shared(), (3, 8, 8)).checks[2] == "static"
+
+
+def test_a_dense_static_step_counts_batches_as_torch_does():
+    from maskprop.train.static_steps import batches_counted_at_once
+
+    def net():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
+        model.extra = nn.BatchNorm2d(4)  # never runs
+
+        def forward(x):
+            x = model[1](model[0](x))
+            return model[1](model[2](x))  # model[1] twice
+        return model, forward
+
+    (ours, run_ours), (torchs, run_torchs) = net(), net()
+    x = torch.randn(2, 3, 6, 6)
+    with batches_counted_at_once(ours):
+        run_ours(x)
+    run_torchs(x)
+    assert [int(m.num_batches_tracked) for m in ours if isinstance(m, nn.BatchNorm2d)] == [2, 1, 0]
+    for a, b in zip(ours.state_dict().items(), torchs.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]

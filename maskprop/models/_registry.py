@@ -17,17 +17,22 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register ``fn`` under its own name; a duplicate name is an error.
 
-    The same function registered again (a module imported a second time, say once as the script ``__main__`` and once
-    by ``model.module``) replaces its first registration.
+    The same function registered again (the same source file and name: a module imported a second time, say once as
+    the script ``__main__`` and once by ``model.module``) replaces its first registration.
     """
     name = fn.__name__
     known = _MODELS.get(name)
-    if known is not None and not (known.__qualname__ == fn.__qualname__
-                                  and (known.__module__ == fn.__module__ or "__main__" in (known.__module__,
-                                                                                             fn.__module__))):
+    if known is not None and not _same_function(known, fn):
         raise ValueError(f"model {name!r} is already registered (by {known.__module__}.{known.__qualname__})")
     _MODELS[name] = fn
     return fn
+
+
+def _same_function(a: Callable, b: Callable) -> bool:
+    """``a`` and ``b`` are one function of one source file, defined twice (its module imported under two names)."""
+    file_a, file_b = (getattr(getattr(f, "__code__", None), "co_filename", None) for f in (a, b))
+    return (a.__qualname__ == b.__qualname__ and file_a is not None and file_a == file_b
+            and (a.__module__ == b.__module__ or "__main__" in (a.__module__, b.__module__)))
 
 
 _MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
@@ -75,7 +80,7 @@ def import_models(module: str, name: str = "model.module") -> list[str]:
                              f"directory ({os.getcwd()}); expected a module that registers its models with "
                              f"@maskprop.register_model") from None
         raise ValueError(f"{name}={module!r} could not be imported: {err}") from None
-    except Exception as err:  # the user's module failing as it is imported: its error in one line
+    except (Exception, SystemExit) as err:  # the user's module failing as it is imported (or exiting): one line
         message = " ".join(str(err).split())[:300]
         raise ValueError(f"{name}={module!r} raised {type(err).__name__} as it was imported: {message} (python -c "
                          f"'import {module}' shows where)") from None

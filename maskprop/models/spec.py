@@ -155,6 +155,9 @@ class ModelSpec:
         if isinstance(name, str) and name not in list_models() and module is not None and import_module:
             import_models(module)
         if isinstance(name, str) and name not in list_models():
+            if module is not None and import_module:
+                raise ValueError(f"{where} names model {name!r} of module {module!r}, which the module no longer "
+                                 f"registers (registered: {', '.join(list_models())})")
             if module is not None:
                 raise ValueError(f"{where} names model {name!r} of module {module!r}, which is not registered here; "
                                  f"import {module} first (its @maskprop.register_model registers the model)")

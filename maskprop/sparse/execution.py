@@ -248,6 +248,7 @@ class ForwardPass:
         self.tensors = tensors
         self.grad = grad
         self.updated = False  # running statistics changed in place: to be written back
+        self.batches: dict[int, int] = {}  # by id(layer): the training calls of each BatchNorm layer in this pass
 
 
 def gathered(current: ForwardPass | None, gather: Callable[[], dict],

@@ -19,6 +19,7 @@ from.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -222,16 +223,29 @@ def gather_norms(table: GatherTable, flat: Tensor, factor: Tensor | None, zero: 
     return tensors
 
 
+def add_batches(counters: Sequence[Tensor | None], batches: Sequence[int]) -> None:
+    """Add ``batches[i]`` to ``counters[i]`` (BatchNorm layers' ``num_batches_tracked``; ``None``: the layer tracks no
+    count) with one multi-tensor add: of one number where every layer counts the same (a forward that ran each layer
+    once), of one per layer otherwise."""
+    pairs = [(c, int(n)) for c, n in zip(counters, batches, strict=True) if c is not None and n]
+    if not pairs:
+        return
+    counts = {n for _, n in pairs}
+    tensors = [c for c, _ in pairs]
+    torch._foreach_add_(tensors, counts.pop() if len(counts) == 1 else [n for _, n in pairs])
+
+
 def write_back_norms(table: GatherTable, tensors: dict, flat: Tensor, kept: Tensor | None = None,
-                     momentum: float | None = None, count: bool = False) -> None:
+                     momentum: float | None = None, batches: Sequence[int] | None = None) -> None:
     """Write the statistics the units updated in place (``tensors`` from :func:`gather_norms`) back into the units'
     buffers with a fixed number of calls; with ``kept`` (bool, one per entry) only those of kept channels, padding's
     left as they were.
 
     ``momentum``: the statistics were gathered ``deferred`` (they hold ``momentum x`` the pass's batch statistics);
     each running statistic ``r`` becomes ``(1 - momentum) r + momentum b``, from ``r`` as it is now (which may have
-    moved since the pass ran: the same as if the pass had run now). ``count``: every unit counts one more batch
-    (``num_batches_tracked``, which the units left alone), with one multi-tensor add."""
+    moved since the pass ran: the same as if the pass had run now). ``batches``: the batches each unit counts
+    (``num_batches_tracked``, which the units left alone: one per training call in the pass), with one multi-tensor
+    add."""
     targets = [m.running_mean for m in table.modules] + [m.running_var for m in table.modules]
     source, stats = tensors["source"]
     if momentum is not None:  # the statistics as they are now (a deferred pass did not gather them)
@@ -242,9 +256,8 @@ def write_back_norms(table: GatherTable, tensors: dict, flat: Tensor, kept: Tens
             stats = current * (1.0 - momentum) + stats
         if kept is not None:
             stats = torch.where(kept, stats, current)
-    counters = [m.num_batches_tracked for m in table.modules if m.num_batches_tracked is not None] if count else []
-    if counters:
-        torch._foreach_add_(counters, 1)
+    if batches is not None:
+        add_batches([m.num_batches_tracked for m in table.modules], batches)
     source.index_copy_(0, flat, stats)
     sizes = [t.numel() for t in targets]
     torch._foreach_copy_(targets, list(source[:sum(sizes)].split(sizes)))  # the zero at the end stays behind

@@ -666,7 +666,7 @@ class StaticExecutionState:
         if pending is not None:
             norm = self.layout.norm_table
             write_back_norms(norm, pending.tensors, self._slice(norm)[0], self._norm_real,
-                             momentum=self.layout.norm_momentum, count=True)
+                             momentum=self.layout.norm_momentum, batches=_batches(norm, pending))
 
     def buffers(self) -> dict[str, Tensor]:
         """The device buffers :meth:`update` rewrites in place, by name: a captured graph reads them at these
@@ -729,6 +729,8 @@ class StaticExecutionState:
         current = self._norm_pass
         if current is not None and id(layer) in self.layout.norm_position:
             current.updated |= updated
+            if updated:  # a batch it counts: once per call (a layer may run twice in a forward, or not at all)
+                current.batches[id(layer)] = current.batches.get(id(layer), 0) + 1
 
     def flush(self) -> None:
         """Write pending running statistics back into the model, for the slots holding kept channels only (padding's
@@ -743,7 +745,7 @@ class StaticExecutionState:
         else:
             norm = self.layout.norm_table
             write_back_norms(norm, current.tensors, self._slice(norm)[0], self._norm_real,
-                             count=not self.counts_batches)
+                             batches=None if self.counts_batches else _batches(norm, current))
         current.updated = False
 
     def release(self) -> None:
@@ -796,6 +798,11 @@ class StaticExecutionState:
                                  "eval)")
             deferred = training == {True}
         return gather_norms(norm, flat, factor.to(weight.dtype), self.layout.plan.zero_row(weight), deferred)
+
+
+def _batches(norm: GatherTable, current: ForwardPass) -> list[int]:
+    """The batches each unit of the BatchNorm table counted in ``current`` (its training calls)."""
+    return [current.batches.get(id(m), 0) for m in norm.modules]
 
 
 class StaticStates:

@@ -165,9 +165,10 @@ def _probe_example(name: str, dataset: Dataset) -> tuple[int, int, int]:
 
 def _model_spec(cfg: Config, num_classes: int, input_size: tuple[int, int, int]) -> ModelSpec:
     if cfg.model.name not in list_models():  # the name itself, before the keywords
-        imported = "" if cfg.model.module is None else f" (with model.module={cfg.model.module!r} imported)"
-        raise ValueError(f"model.name={cfg.model.name!r} is not a registered model{imported}; expected one of "
-                         f"{', '.join(list_models())}")
+        imported = (" (a network of your own: model.module names the module that registers it)"
+                    if cfg.model.module is None else f" (with model.module={cfg.model.module!r} imported)")
+        raise ValueError(f"model.name={cfg.model.name!r} is not a registered model; expected one of "
+                         f"{', '.join(list_models())}{imported}")
     try:
         return ModelSpec.resolve(cfg.model.name, cfg.model.kwargs, num_classes=num_classes, input_size=input_size,
                                  prune_residual=cfg.sparsity.prune_residual, module=cfg.model.module)
@@ -331,8 +332,12 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     torch.manual_seed(cfg.seed)
     model = spec.build()
     source = model_entrypoint(spec.name).__module__
-    if not source.startswith("maskprop."):  # a network of the user's own: are its groups wired as its forward runs?
-        logger.info("checked %s of %s: %s", spec.name, source, check_model(model, input_size))
+    if cfg.model.check and not source.startswith("maskprop."):  # a network of the user's own: wired as it runs?
+        try:
+            checked = check_model(model, input_size)
+        except ValueError as err:
+            raise ValueError(f"model {spec.name} of {source}: {err} (model.check=false skips this check)") from None
+        logger.info("checked %s of %s: %s", spec.name, source, checked)
     if checkpoint is None:
         initial = None if cfg.model.weights is None else load_initial_weights(model, cfg.model.weights, cfg.model.name)
         if initial is not None:  # config.yaml keeps the absolute path: a resume from elsewhere finds the same file

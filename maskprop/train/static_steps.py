@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..sparse import kept_ratio
+from ..sparse.gather import add_batches
 from ..sparse.static import StaticExecutionState, StaticLayout, StaticStates, mask_capacities, use_static
 from ..vrpge import ChannelScores, score_grad
 from .config import SparsityConfig
@@ -143,23 +144,31 @@ class StaticStep:
 def batches_counted_at_once(model: nn.Module) -> Iterator[None]:
     """Inside the block, the training forwards of ``model``'s BatchNorm layers leave their ``num_batches_tracked``
     alone (torch's layers add one to it each, one launch per layer on a GPU); once the block ends without an error,
-    one multi-tensor add counts one batch in all of them: the counts torch's layers give for one forward, at one launch
-    instead of one per layer. For layers with a momentum (with ``momentum=None`` the count sets the average and the
+    one multi-tensor add counts their batches (one per call, as torch's layers count them) at one launch instead of one
+    per layer. For layers with a momentum (with ``momentum=None`` the count sets the average and the
     layer keeps it) and without a process group (``sync_bn``, whose layers count in their own collective function;
     torch's ``nn.SyncBatchNorm`` likewise)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
              and m.track_running_stats and m.momentum is not None and m.num_batches_tracked is not None
              and getattr(m, "process_group", None) is None and not isinstance(m, nn.SyncBatchNorm)]
     counters = [m.num_batches_tracked for m in norms]
+    calls = [0] * len(norms)  # training calls of each layer in the block (a layer may run twice, or not at all)
+
+    def count(i: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            calls[i] += 1
+        return hook
+
+    hooks = [m.register_forward_pre_hook(count(i)) for i, m in enumerate(norms)]
     for m in norms:
         m.num_batches_tracked = None  # torch's BatchNorm then takes its momentum and counts nothing
     try:
         yield
     finally:
-        for m, counter in zip(norms, counters):
+        for m, counter, hook in zip(norms, counters, hooks):
             m.num_batches_tracked = counter
-    if counters:
-        torch._foreach_add_(counters, 1)
+            hook.remove()
+    add_batches(counters, calls)
 
 
 class DenseStep(StaticStep):
