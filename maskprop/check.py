@@ -19,7 +19,8 @@ kernels, the mask applied after BatchNorm), which takes no index of a group:
   on the narrow model, so no FLOPs outside the conv and linear layers go uncounted.
 
 It raises one ``ValueError`` naming the first check that fails and what differed, with a hint at the usual cause. The
-builtin models pass it (tests/test_own_model.py); ``maskprop train`` runs it on a model that ``model.module`` registers.
+builtin models pass it (tests/test_own_model.py); ``maskprop train`` runs it at the start of a run on every model
+registered outside maskprop (``model.check: false`` skips it).
 """
 
 from __future__ import annotations
