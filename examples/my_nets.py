@@ -1,7 +1,7 @@
-"""Networks of your own for maskprop: a small ResNet and a small MobileNet, registered so that a run can build them by
-name.
+"""Networks of your own for maskprop: a small ResNet, a small MobileNet and a small VGG with a flattened head,
+registered so that a run can build them by name.
 
-Train one with ``model.module: examples.my_nets`` and ``model.name: small_resnet`` (or ``small_mobilenet``), from the
+Train one with ``model.module: examples.my_nets`` and ``model.name: small_resnet`` (or another), from the
 repository root, e.g. ``maskprop train recipes/quickstart.yaml model.module=examples.my_nets
 model.name=small_resnet``, or from Python after ``import examples.my_nets``. README, "Your own network", states the
 rules this file follows:
@@ -10,6 +10,7 @@ rules this file follows:
   group it writes (``out_group``, a BatchNorm's ``group``) and the group it reads (``in_group``);
 * channels that meet in a residual add are one group (here each stage's stream, ``stage1`` and ``stage2``);
 * a depthwise conv (``groups`` = its channels) reads and writes one group (``small_mobilenet``'s blocks);
+* a linear layer on a flattened feature map names the features per channel (``in_positions``: ``small_vgg``'s head);
 * between those layers, only operations that act on each channel alone (activations, pooling, the add).
 
 ``maskprop.check_model(model, (3, 32, 32))`` runs it every way maskprop does and says where the wiring is wrong.
@@ -115,6 +116,35 @@ class SmallMobileNet(ChannelSparseModel):
         return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
 
 
+class SmallVGG(ChannelSparseModel):
+    """Conv units and max-pools down to a 4x4 map, flattened into a hidden linear layer and a classifier, as the
+    original VGG heads are: the hidden layer reads ``in_positions = 4 x 4`` features per channel of the last conv's
+    group, and its own outputs are a group too (pruned, masked after it: ``mask_output``, no BatchNorm follows).
+
+    Args:
+        num_classes: Classifier outputs.
+        width: Channels of the first conv unit (the others have 2x and 4x as many).
+        hidden: Outputs of the hidden linear layer.
+        image_size: Side of the input images (a multiple of 8: three pools to a map of ``image_size / 8``).
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16, hidden: int = 64, image_size: int = 32) -> None:
+        super().__init__()
+        side = image_size // 8
+        self.features = nn.Sequential(
+            ConvBNAct(3, width, 3, out_group="conv1"), nn.MaxPool2d(2),
+            ConvBNAct(width, 2 * width, 3, in_group="conv1", out_group="conv2"), nn.MaxPool2d(2),
+            ConvBNAct(2 * width, 4 * width, 3, in_group="conv2", out_group="conv3"), nn.MaxPool2d(2),
+        )
+        self.hidden = SparseLinear(4 * width * side * side, hidden, in_group="conv3", out_group="hidden",
+                                   mask_output=True, in_positions=side * side)
+        self.fc = SparseLinear(hidden, num_classes, in_group="hidden")
+        init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.relu(self.hidden(self.features(x).flatten(1))))
+
+
 @maskprop.register_model
 def small_resnet(num_classes: int = 10, **kwargs) -> SmallResNet:
     """The example network: ``maskprop.create_model("small_resnet", width=32)`` once this module is imported."""
@@ -125,3 +155,9 @@ def small_resnet(num_classes: int = 10, **kwargs) -> SmallResNet:
 def small_mobilenet(num_classes: int = 10, **kwargs) -> SmallMobileNet:
     """The example with depthwise convolutions: ``maskprop.create_model("small_mobilenet")`` once imported."""
     return SmallMobileNet(num_classes=num_classes, **kwargs)
+
+
+@maskprop.register_model
+def small_vgg(num_classes: int = 10, **kwargs) -> SmallVGG:
+    """The example with a flattened feature map: ``maskprop.create_model("small_vgg")`` once imported."""
+    return SmallVGG(num_classes=num_classes, **kwargs)

@@ -50,8 +50,8 @@ CHECKS = ("dense", "compact", "static", "narrow", "flops")
 _WIRING = ("check the wiring: every conv, BatchNorm and linear layer on channels that may be pruned must be one of "
            "maskprop.sparse's, naming the group it reads (in_group) and the one it writes, and a conv that no grouped "
            "BatchNorm follows needs mask_output=True; tensors added together must carry one group's channels; and "
-           "what runs between those layers must act on each channel alone (no mean over channels, no concatenation, "
-           "no flatten of a feature map into a linear layer)")
+           "what runs between those layers must act on each channel alone (no mean over channels, no concatenation; "
+           "a feature map flattened into a linear layer: SparseLinear(in_positions=H*W))")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ class LayerShape:
     out_group: str | None
     in_channels: int
     out_channels: int
-    positions: int  # kernel area x output positions (conv), 1 (linear): multiply-adds per (in, out) channel pair
+    positions: int  # kernel area x output positions (conv), features per channel (linear): multiply-adds per pair
     kernel_area: int  # weights per (in, out) channel pair
     bias: bool
     reads_input: bool  # reads the network input (its backward computes no input gradient)
@@ -173,7 +173,8 @@ def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> list[LayerS
                 depthwise = bool(getattr(module, "depthwise", False))
                 c_in, c_out = module.in_channels, module.out_channels
             else:
-                positions, c_in, c_out, kernel_area, groups = 1, module.in_features, module.out_features, 1, 1
+                k = getattr(module, "in_positions", 1)  # features per input channel (a flattened feature map)
+                positions, c_in, c_out, kernel_area, groups = k, module.in_features // k, module.out_features, k, 1
                 depthwise = False
             shapes.append(LayerShape(
                 name, getattr(module, "in_group", None), getattr(module, "out_group", None), c_in, c_out,

@@ -52,6 +52,9 @@ def _layer_sets(module: nn.Module, mask: Mapping[str, Tensor] | None) -> dict[st
     if _is_conv(module) or _is_linear(module):
         rows = _kept(mask, getattr(module, "out_group", None), device)
         columns = _kept(mask, getattr(module, "weight_in_group", getattr(module, "in_group", None)), device)
+        positions = getattr(module, "in_positions", 1)
+        if columns is not None and positions > 1:  # a flattened feature map: every position of each kept channel
+            columns = (columns.unsqueeze(1) * positions + torch.arange(positions, device=device)).flatten()
         return {"weight": (rows, columns), "bias": (rows, None)}
     if isinstance(module, SparseBatchNorm2d):
         rows = _kept(mask, getattr(module, "group", None), device)

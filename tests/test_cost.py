@@ -247,3 +247,20 @@ def test_depthwise_prices_are_linear_at_every_keep_ratio_and_name_groups_only(ke
     assert set(prices) == {"g", "h"}
     assert prices["g"] == pytest.approx(2 * 3 * 256 + 2 * 9 * 64 + 2 * keep * 6 * 64, rel=1e-12)
     assert prices["h"] == pytest.approx(2 * keep * 12 * 64 + 2 * 3, rel=1e-12)
+
+
+def test_a_linear_layer_on_a_flattened_map_costs_its_kept_channels_times_their_positions(generator):
+    """FLOPs and parameters by hand and against torch's counter and the narrow model: ``2 n_in (H W) n_out``."""
+    from maskprop.sparse import SparseConv2d, SparseLinear
+
+    model = torch.nn.Sequential(SparseConv2d(3, 6, 3, padding=1, out_group="g", mask_output=True),
+                                torch.nn.Flatten(), SparseLinear(6 * 16, 5, in_group="g", in_positions=16))
+    cost = CostModel(model, (3, 4, 4))
+    for keep in (1.0, 0.5):
+        mask = random_mask({"g": 6}, keep, generator)
+        g = int(mask["g"].sum())
+        assert cost.by_layer(mask) == {"0": 2 * 3 * 9 * 16 * g, "2": 2 * g * 16 * 5}
+        forward, backward = counted_flops(model, mask, torch.randn(2, 3, 4, 4), torch.tensor([0, 1]))
+        assert forward == cost.flops(mask, batch_size=2) and backward == cost.backward_flops(mask, batch_size=2)
+        assert cost.params(mask) == sum(p.numel() for p in maskprop.materialize(model, mask).parameters())
+    assert cost.channel_prices(0.5)["g"] == pytest.approx(2 * 3 * 9 * 16 + 2 * 16 * 5)

@@ -132,12 +132,14 @@ def test_gathered_operands_are_aligned_on_the_cpu_path():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gathered_operands_of_depthwise_convolutions_are_aligned(dtype, monkeypatch):
-    """examples/my_nets.py's MobileNet: a depthwise weight gathers rows of 9 elements, one input channel each."""
+@pytest.mark.parametrize("name", ["small_mobilenet", "small_vgg"])
+def test_gathered_operands_of_depthwise_convolutions_and_flattened_maps_are_aligned(name, dtype, monkeypatch):
+    """examples/my_nets.py's MobileNet (a depthwise weight gathers rows of 9 elements, one input channel each) and VGG
+    (its hidden layer rows of 16 positions per channel of a flattened 4x4 map)."""
     from pathlib import Path
 
     from maskprop.models import import_models
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     import_models("examples.my_nets")
-    compact_step_operands_are_aligned("small_mobilenet", dtype, size=(3, 16, 16))
+    compact_step_operands_are_aligned(name, dtype, size=(3, 32, 32))  # small_vgg's default: a 4x4 map flattened

@@ -113,12 +113,16 @@ def test_bad_input_to_check_model():
 def test_the_example_network_passes_and_registers(monkeypatch):
     monkeypatch.chdir(REPO)
     import_models("examples.my_nets")  # as model.module names it from the repository's root (README)
-    assert {"small_resnet", "small_mobilenet"} <= set(list_models())
+    assert {"small_resnet", "small_mobilenet", "small_vgg"} <= set(list_models())
     for name, stream in (("small_resnet", "stage1"), ("small_mobilenet", "stream")):  # the second: depthwise convs
         for prune_residual in (True, False):
             model = maskprop.create_model(name, prune_residual=prune_residual)
             assert (stream in model.channel_groups()) == prune_residual
             maskprop.check_model(model, (3, 32, 32))
+    for size in (32, 16):  # a flattened 4x4, then 2x2, map into a pruned hidden layer
+        model = maskprop.create_model("small_vgg", image_size=size)
+        assert model.hidden.in_positions == (size // 8) ** 2 and "hidden" in model.channel_groups()
+        maskprop.check_model(model, (3, size, size))
 
 
 # -- model.module: the registry imports it -----------------------------------------------------------------------------

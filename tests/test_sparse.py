@@ -596,3 +596,30 @@ def test_a_grouped_conv_of_more_outputs_than_inputs_is_not_depthwise(generator):
     x = torch.randn(2, 3, 6, 6, dtype=torch.double)
     with torch.no_grad(), use_mask(model, mask, "compact"):
         torch.testing.assert_close(narrow(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_linear_layer_on_a_flattened_map_keeps_every_position_of_each_kept_channel(generator):
+    """``in_positions``: compact against masked in float64, the narrow layer's columns by hand, and bad values."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        SparseConv2d(3, 6, 3, padding=1, out_group="g", mask_output=True), torch.nn.Flatten(),
+        SparseLinear(6 * 4 * 4, 7, in_group="g", out_group="h", mask_output=True, in_positions=16), torch.nn.ReLU(),
+        SparseLinear(7, 3, in_group="h"),
+    ).double()
+    assert maskprop.channel_groups(model) == {"g": 6, "h": 7} and model[2].in_channels == 6
+    mask = random_mask({"g": 6, "h": 7}, 0.5, generator)
+    x, y = torch.randn(2, 3, 4, 4, dtype=torch.double), torch.tensor([0, 2])
+    compact_step_equals_masked(model, mask, mask, x, y)
+    narrow = maskprop.materialize(model, mask)
+    kept, hidden = mask["g"].nonzero().flatten(), mask["h"].nonzero().flatten()
+    columns = torch.cat([torch.arange(16) + 16 * int(c) for c in kept])  # flatten's order: channel, then position
+    torch.testing.assert_close(narrow[2].weight, model[2].weight[hidden][:, columns], rtol=0, atol=0)
+    with torch.no_grad(), use_mask(model, mask, "compact"):
+        torch.testing.assert_close(narrow(x), model(x), rtol=1e-12, atol=1e-12)
+    for positions in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match=rf"in_positions={positions!r} must be a positive integer dividing "
+                                             r"in_features=96"):
+            SparseLinear(96, 3, in_group="g", in_positions=positions)
+    with pytest.raises(ValueError, match=r"layer '1' gives group 'g' 96 channels, but it has 6"):
+        maskprop.channel_groups(torch.nn.Sequential(SparseConv2d(3, 6, 3, out_group="g"),
+                                                    SparseLinear(96, 3, in_group="g")))  # in_positions forgotten

@@ -142,6 +142,15 @@ def _weight_in_group(layer: nn.Module) -> str | None:
     return layer.weight_in_group if isinstance(layer, SparseConv2d) else layer.in_group
 
 
+def weight_view(layer: SparseConv2d | SparseLinear) -> tuple[int, int, tuple[int, ...]]:
+    """``(outputs, input channels, the shape after them)`` of a layer's weight: a conv's ``(out, in, kh, kw)``, a
+    linear layer's ``(out, in)``, or ``(out, channels, positions)`` for one on a flattened feature map."""
+    if isinstance(layer, SparseLinear) and layer.in_positions > 1:
+        return layer.out_features, layer.in_channels, (layer.in_positions,)
+    c_out, c_in, *tail = layer.weight.shape
+    return c_out, c_in, tuple(tail)
+
+
 class ModelPlan:
     """What running a model as a subnetwork needs to know about it, computed once per model: its sparse layers and
     its channel groups.
@@ -159,7 +168,7 @@ class ModelPlan:
         self.weighted = [m for m in layers if isinstance(m, (SparseConv2d, SparseLinear))
                          and (m.in_group is not None or m.out_group is not None)]
         self.norms = [m for m in layers if isinstance(m, SparseBatchNorm2d) and m.group is not None]
-        widest = [max(m.weight.shape[0], m.weight.shape[1]) for m in self.weighted]
+        widest = [max(weight_view(m)[:2]) for m in self.weighted]
         self.max_channels = max(widest, default=1)
         # Host tensors every mask's index sets use: the group of each channel, each group's first channel, the
         # identity segment that serves whole and never-pruned sides, and the zero segment that the alignment padding
@@ -171,9 +180,9 @@ class ModelPlan:
         # What gathers the weights and biases, by kernel area (weights, then biases after the area-1 weights).
         self.by_area: dict[int, list[GatherSource]] = {}
         for m in self.weighted:
-            c_out, c_in, *tail = m.weight.shape
+            c_out, c_in, tail = weight_view(m)
             self.by_area.setdefault(math.prod(tail), []).append(
-                GatherSource(m, "weight", m.out_group, _weight_in_group(m), c_out, c_in, tuple(tail)))
+                GatherSource(m, "weight", m.out_group, _weight_in_group(m), c_out, c_in, tail))
         for m in self.weighted:
             if m.bias is not None and m.out_group is not None:
                 self.by_area.setdefault(1, []).append(GatherSource(m, "bias", m.out_group, None, m.weight.shape[0], 1,

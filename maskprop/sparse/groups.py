@@ -40,7 +40,7 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
             add(module.group, module.num_features, where)
     for where, module in model.named_modules():  # inputs must read a group that some layer writes
         if isinstance(module, (SparseConv2d, SparseLinear)) and module.in_group is not None:
-            size = module.in_channels if isinstance(module, SparseConv2d) else module.in_features
+            size = module.in_channels  # a linear layer on a flattened map: in_features / in_positions
             if module.in_group not in groups:
                 raise ValueError(f"layer {where!r} reads group {module.in_group!r} that no layer writes")
             add(module.in_group, size, where)

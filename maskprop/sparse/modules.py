@@ -136,6 +136,16 @@ class SparseLinear(nn.Linear, SparseModule):
 
     The classifier of every model is a ``SparseLinear`` with ``out_group=None``: it reads only the kept features and
     its outputs are never pruned.
+
+    A linear layer on a flattened feature map (a classic VGG or LeNet head: ``x.flatten(1)`` of ``C x H x W``) reads
+    ``in_positions = H x W`` features per channel of its ``in_group``, channel by channel, as ``flatten`` lays them
+    out: ``in_features = C x in_positions``. A subnetwork keeps the ``in_positions`` columns of each kept channel.
+
+    Args:
+        in_group: group of the input channels (``None``: never pruned).
+        out_group: group of the outputs (``None``: never pruned, as a classifier's).
+        mask_output: in ``masked`` mode, multiply the output by the mask (no BatchNorm follows a linear layer).
+        in_positions: input features per channel of ``in_group`` (1: a pooled or vector input).
     """
 
     def __init__(
@@ -147,17 +157,34 @@ class SparseLinear(nn.Linear, SparseModule):
         in_group: str | None = None,
         out_group: str | None = None,
         mask_output: bool = False,
+        in_positions: int = 1,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias)
+        if isinstance(in_positions, bool) or not isinstance(in_positions, int) or in_positions < 1 \
+                or in_features % in_positions:
+            raise ValueError(f"in_positions={in_positions!r} must be a positive integer dividing in_features="
+                             f"{in_features} (the features of one input channel: H x W of a flattened feature map)")
         self.in_group = in_group
         self.out_group = out_group
         self.mask_output = mask_output
+        self.in_positions = in_positions
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels: ``in_features / in_positions``."""
+        return self.in_features // self.in_positions
 
     def forward(self, x: Tensor) -> Tensor:
-        return _grouped_forward(self, x, super().forward, F.linear)
+        return _grouped_forward(self, x, super().forward, self._linear)
+
+    @staticmethod
+    def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        # A gathered weight of a flattened feature map is (outputs, channels, positions): flatten's order.
+        return F.linear(x, weight.flatten(1) if weight.dim() == 3 else weight, bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, in_group={self.in_group!r}, out_group={self.out_group!r}"
+        positions = f", in_positions={self.in_positions}" if self.in_positions != 1 else ""
+        return f"{super().extra_repr()}, in_group={self.in_group!r}, out_group={self.out_group!r}{positions}"
 
 
 class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
