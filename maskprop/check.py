@@ -90,11 +90,11 @@ def _far(a: Tensor, b: Tensor, rtol: float = 1e-8, atol: float = 1e-10) -> float
         return None if torch.equal(a, b) else float("inf")
     if a.numel() == 0:
         return None
-    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    if bool(nan_a.any()) or bool(nan_b.any()):  # NaN compares false with every bound: where it is, it must match
-        if not torch.equal(nan_a, nan_b):
-            return float("nan")
-        return _far(a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0), rtol, atol)
+    odd_a, odd_b = ~torch.isfinite(a), ~torch.isfinite(b)
+    if bool(odd_a.any()) or bool(odd_b.any()):  # NaN and infinities: where they are, they must be the same
+        same = (torch.equal(odd_a, odd_b) and torch.equal(torch.isnan(a), torch.isnan(b))
+                and torch.equal(torch.isposinf(a), torch.isposinf(b)))
+        return _far(a.masked_fill(odd_a, 0), b.masked_fill(odd_b, 0), rtol, atol) if same else float("nan")
     scale = float(b.abs().max())
     gap = float((a - b).abs().max())
     return gap / max(scale, 1e-300) if gap > atol + rtol * scale else None
@@ -194,7 +194,8 @@ class _NoDropout(TorchFunctionMode):
     own widths, and differ by its draws alone."""
 
     DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-                          torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout})
+                          torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout,
+                          torch.dropout_, torch.alpha_dropout_, torch.feature_dropout_, torch.feature_alpha_dropout_})
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

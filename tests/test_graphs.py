@@ -313,6 +313,7 @@ def test_batches_counted_at_once_as_torch_s_layers_count_them():
     assert [int(c) for c in counters] == [2, 2, 2]
     assert all(m.num_batches_tracked is c for m, c in zip(
         (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)), counters))
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the counting hooks go with the block, error or not
 
 
 @pytest.mark.parametrize("priced,ranks,clip", [(False, False, 1.0), (True, False, 1.0), (False, True, 1.0),

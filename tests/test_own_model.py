@@ -632,3 +632,62 @@ def test_a_dense_static_step_counts_batches_as_torch_does():
     assert [int(m.num_batches_tracked) for m in ours if isinstance(m, nn.BatchNorm2d)] == [2, 1, 0]
     for a, b in zip(ours.state_dict().items(), torchs.state_dict().items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
+
+
+# -- a second review: dropout in every form, a model without source code ---------------------------------------------
+
+def test_dropout_is_the_identity_inside_the_check_in_every_form():
+    """Modules (in place or not) and functions, called with positional or keyword arguments: each pass would draw
+    its own masks, for tensors of its own widths."""
+    from maskprop.check import _NoDropout
+
+    x = torch.randn(4, 6, 5, 5)
+    forms = [(nn.Dropout(0.5, inplace=True), x), (nn.Dropout1d(0.5), x.flatten(2)), (nn.Dropout2d(0.5, True), x),
+             (nn.Dropout3d(0.5), x.unsqueeze(2)), (nn.AlphaDropout(0.5), x), (nn.FeatureAlphaDropout(0.5), x),
+             (lambda t: F.dropout(input=t, p=0.5, training=True), x),
+             (lambda t: torch.dropout(input=t, p=0.5, train=True), x),
+             (lambda t: torch.feature_dropout(t, 0.5, True), x)]
+    for form, t in forms:
+        given = t.clone()
+        with _NoDropout():
+            out = form(given)
+        assert torch.equal(out, t) and torch.equal(given, t), form
+    assert not torch.equal(nn.Dropout2d(0.5)(x), x)  # outside the check they draw
+
+    class Dropped(Wired):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout2d(0.5, inplace=True)
+
+        def forward(self, x):
+            return self.fc(F.adaptive_avg_pool2d(self.c(self.drop(self.b(self.a(x)))), 1).flatten(1))
+
+    assert maskprop.check_model(Dropped(), (3, 8, 8)).checks[-1] == "flops"
+
+
+def test_register_model_refuses_a_callable_of_another_module_without_source_code():
+    """Without a code object there is no source file to tell a re-import from another model of that name: two
+    classes named alike, one in ``__main__``, are two models."""
+    from maskprop.models import _registry
+
+    first = type("own_class", (nn.Module,), {"__module__": "elsewhere"})
+    second = type("own_class", (nn.Module,), {"__module__": "__main__"})
+    try:
+        register_model(first)
+        with pytest.raises(ValueError, match=r"model 'own_class' is already registered \(by elsewhere\.own_class\)"):
+            register_model(second)
+        assert _registry._MODELS["own_class"] is first
+    finally:
+        _registry._MODELS.pop("own_class", None)
+
+
+def test_an_infinity_is_a_difference_unless_both_sides_have_it_in_the_same_places():
+    """An infinity in the reference made the bound infinite, and one on both sides made the gap NaN: every difference
+    passed (a review found it)."""
+    from maskprop.check import _far
+
+    inf = math.inf
+    b = torch.tensor([inf, 1.0], dtype=torch.float64)
+    assert _far(torch.tensor([5.0, 1.0], dtype=torch.float64), b) is not None  # finite against infinite
+    assert _far(torch.tensor([inf, 5.0], dtype=torch.float64), b) is not None  # the same infinity, then 5 against 1
+    assert _far(b.clone(), b) is None

@@ -703,3 +703,94 @@ def test_bad_capacities_and_masks_for_a_model_are_one_clear_error():
         state.update(torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"not all in \[0, 1\]"):
         choose_capacities({"g": torch.tensor([0.5, 1.5])})
+
+
+# --- batch counts: one per training call of each BatchNorm, as torch's layers count ----------------------------------
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_layers_that_count_their_own_batches_are_not_counted_again(momentum, generator, one_thread):
+    """With a BatchNorm outside the pruned groups (or ``momentum=None``) the layers count their batches themselves
+    (:attr:`StaticExecutionState.counts_batches`): the write-back must not count them a second time."""
+    torch.manual_seed(0)
+    model = nontrivial_batch_norms(maskprop.create_model("resnet20", prune_residual=False).double())
+    for m in model.modules():
+        if isinstance(m, SparseBatchNorm2d):
+            m.momentum = momentum
+    groups = model.channel_groups()
+    capacities, mask, _ = _capacities_and_masks(groups, generator)
+    state = StaticExecutionState(StaticLayout(model, capacities, align=8))
+    assert state.counts_batches
+    x, y = torch.randn(3, *input_size("resnet20"), dtype=torch.double), torch.tensor([0, 1, 2])
+    _assert_step_equals_masked(model, state, mask, None, x, y)
+    assert {int(m.num_batches_tracked) for m in model.modules() if isinstance(m, SparseBatchNorm2d)} == {1}
+
+
+def test_a_batch_norm_in_eval_mode_counts_no_batch_in_a_training_step(generator, one_thread):
+    """A frozen BatchNorm (eval mode) in a training pass neither moves its statistics nor counts a batch, as torch's
+    layer; the others count theirs."""
+    torch.manual_seed(0)
+    model = nontrivial_batch_norms(maskprop.create_model("resnet20").double()).train()
+    norms = [m for m in model.modules() if isinstance(m, SparseBatchNorm2d)]
+    frozen = norms[1]
+    frozen.eval()
+    capacities, mask, _ = _capacities_and_masks(model.channel_groups(), generator)
+    state = StaticExecutionState(StaticLayout(model, capacities, align=8))
+    x, y = torch.randn(3, *input_size("resnet20"), dtype=torch.double), torch.tensor([0, 1, 2])
+    _assert_step_equals_masked(model, state, mask, None, x, y)
+    assert [int(m.num_batches_tracked) for m in norms] == [0 if m is frozen else 1 for m in norms]
+
+
+class _SharedUnit(torch.nn.Module):
+    """A conv-BN unit applied twice (its BatchNorm counts two batches a pass) and one that never runs (none)."""
+
+    def __init__(self):
+        super().__init__()
+        from maskprop.models.layers import ConvBNAct
+        from maskprop.sparse import SparseLinear
+
+        self.a = ConvBNAct(3, 8, 3, out_group="a")
+        self.twice = ConvBNAct(8, 8, 3, in_group="a", out_group="a")
+        self.unused = ConvBNAct(8, 8, 3, in_group="a", out_group="b")
+        self.fc = SparseLinear(8, 4, in_group="a")
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.twice(self.twice(self.a(x))), 1).flatten(1))
+
+
+def _deferred_against_in_turn(generator):
+    """A deferred pass of ``_SharedUnit`` committed, and the masked reference of its mask: both models."""
+    torch.manual_seed(0)
+    model = nontrivial_batch_norms(_SharedUnit().double()).train()
+    groups = maskprop.channel_groups(model)
+    mask = random_mask(groups, 0.5, generator)
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.double), torch.tensor([0, 1, 2])
+    reference = copy.deepcopy(model)
+    with maskprop.use_mask(reference, mask, "masked"):  # the reference, run in turn
+        F.cross_entropy(reference(x), y).backward()
+    deferring = StaticExecutionState(StaticLayout(model, dict(groups), align=1))  # capacities: every channel
+    deferring.defers_statistics = True
+    deferring.update(mask)
+    with use_static(deferring):  # the unit never run has no gradient: no static_step
+        F.cross_entropy(model(x), y).backward()
+    assert {int(m.num_batches_tracked) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0}
+    deferring.commit_statistics()
+    return model, reference
+
+
+def test_a_deferred_pass_counts_each_layer_s_calls_when_committed(generator):
+    """Committed, a deferred pass counts what its layers ran: two batches for the unit applied twice, none for the
+    unit that never ran, as the masked reference (and torch's layers) count them."""
+    model, reference = _deferred_against_in_turn(generator)
+    counts = {k: int(b) for k, b in model.named_buffers() if k.endswith("num_batches_tracked")}
+    assert counts == {"a.1.num_batches_tracked": 1, "twice.1.num_batches_tracked": 2,
+                      "unused.1.num_batches_tracked": 0}
+    assert counts == {k: int(b) for k, b in reference.named_buffers() if k.endswith("num_batches_tracked")}
+
+
+def test_a_deferred_pass_moves_the_statistics_of_a_layer_applied_twice_or_never_as_run_in_turn(generator):
+    """A unit that ran k times in a deferred pass decays by (1 - momentum)^k at the commit (it decayed once, whatever
+    k, before a review found it)."""
+    model, reference = _deferred_against_in_turn(generator)
+    for (k, b), (_, r) in zip(_norm_buffers(model).items(), _norm_buffers(reference).items()):
+        torch.testing.assert_close(b, r, rtol=1e-12, atol=1e-14, msg=k)

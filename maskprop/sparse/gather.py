@@ -235,6 +235,18 @@ def add_batches(counters: Sequence[Tensor | None], batches: Sequence[int]) -> No
     torch._foreach_add_(tensors, counts.pop() if len(counts) == 1 else [n for _, n in pairs])
 
 
+def _decay(table: GatherTable, momentum: float, batches: Sequence[int] | None) -> float | Tensor:
+    """``(1 - momentum)^k`` for the entries of each unit of the BatchNorm table that ran ``k`` times in a deferred
+    pass: one number where every unit ran once (a forward that runs each layer once), else one per entry."""
+    counts = [1] * len(table.modules) if batches is None else [int(n) for n in batches]
+    if set(counts) == {1}:
+        return 1.0 - momentum
+    unit = {id(m): k for m, k in zip(table.modules, counts, strict=True)}
+    like = table.modules[0].running_mean
+    return torch.cat([like.new_full((size,), (1.0 - momentum) ** unit[id(piece.layer)])
+                      for piece, size in zip(table.pieces, table.split_sizes)])
+
+
 def write_back_norms(table: GatherTable, tensors: dict, flat: Tensor, kept: Tensor | None = None,
                      momentum: float | None = None, batches: Sequence[int] | None = None) -> None:
     """Write the statistics the units updated in place (``tensors`` from :func:`gather_norms`) back into the units'
@@ -252,8 +264,8 @@ def write_back_norms(table: GatherTable, tensors: dict, flat: Tensor, kept: Tens
         source = torch.cat([*targets, stats.new_zeros(1)])
     if momentum is not None or kept is not None:
         current = source.index_select(0, flat)
-        if momentum is not None:
-            stats = current * (1.0 - momentum) + stats
+        if momentum is not None:  # a unit that ran k times decays by (1 - momentum)^k (its stats summed k batches)
+            stats = current * _decay(table, momentum, batches) + stats
         if kept is not None:
             stats = torch.where(kept, stats, current)
     if batches is not None:

@@ -746,6 +746,7 @@ class StaticExecutionState:
             norm = self.layout.norm_table
             write_back_norms(norm, current.tensors, self._slice(norm)[0], self._norm_real,
                              batches=None if self.counts_batches else _batches(norm, current))
+            current.batches = {}  # counted: a later write-back of this pass counts only what runs after it
         current.updated = False
 
     def release(self) -> None:
