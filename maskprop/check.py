@@ -135,7 +135,7 @@ def _random_statistics(model: nn.Module, generator: torch.Generator) -> None:
                         t.copy_(torch.rand(t.shape, generator=generator, dtype=t.dtype) * (high - low) + low)
 
 
-def _edge_mask(groups: Mapping[str, int], generator: torch.Generator) -> dict[str, Tensor]:
+def edge_mask(groups: Mapping[str, int], generator: torch.Generator) -> dict[str, Tensor]:
     """Half of each group at random, the first group down to one channel and the second whole."""
     mask = random_mask(groups, 0.5, generator)
     names = list(groups)
@@ -239,7 +239,7 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
                          f"{tuple(out.shape) if isinstance(out, Tensor) else ''}; expected logits of shape "
                          f"(batch, classes)")
     y = torch.arange(batch_size) % out.shape[1]
-    mask = _edge_mask(groups, generator)
+    mask = edge_mask(groups, generator)
 
     def step(check: str, what: str, hint: str, context: Callable[[nn.Module], object],
              model_: nn.Module | None = None) -> tuple:

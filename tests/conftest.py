@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import maskprop
+from maskprop.check import edge_mask
 
 IMAGENET_MODELS = {"resnet18", "resnet34", "resnet50"}
 # Heavy models run in the default suite at the smallest input that keeps every stage non-degenerate: 48 leaves the
@@ -42,16 +43,9 @@ def input_size(name: str) -> tuple[int, int, int]:
     return INPUT_SIZES[name]
 
 
-def edge_case_mask(groups: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Half of every group at random; the first group keeps one channel, the second keeps all of its channels."""
-    mask = maskprop.random_mask(groups, 0.5, generator)
-    names = list(groups)
-    single = torch.zeros(groups[names[0]], dtype=torch.bool)
-    single[int(torch.randint(groups[names[0]], (1,), generator=generator))] = True
-    mask[names[0]] = single
-    if len(names) > 1:
-        mask[names[1]] = torch.ones(groups[names[1]], dtype=torch.bool)
-    return mask
+# Half of every group at random; the first group keeps one channel, the second keeps all of its channels: the mask
+# maskprop.check_model runs a network's subnetworks with first.
+edge_case_mask = edge_mask
 
 
 # A training run of a few seconds: ResNet-20 on 16x16 shapes, 2 steps per epoch. Test modules derive their runs from it
