@@ -12,7 +12,8 @@ kernels, the mask applied after BatchNorm), which takes no index of a group:
 * ``compact``: a training step on the gathered channels (the CPU's sparse step) equals the masked one: the loss, every
   parameter's gradient and every buffer (BatchNorm statistics);
 * ``static``: the same with the static-shape step of a GPU run (capacities fixed for a window; one group padded with
-  zero channels, another cut to its capacity);
+  zero channels, another cut to its capacity), and again with its BatchNorm statistics deferred and committed after
+  the pass, as a search step's second mask runs on CUDA;
 * ``narrow``: :func:`maskprop.materialize`'s plain narrow model (what ``maskprop export`` writes) computes the
   subnetwork's outputs in eval mode;
 * ``flops``: :class:`maskprop.CostModel` (what the train-cost saving counts) agrees with ``torch.utils.flop_counter``
@@ -270,6 +271,18 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
     got = step("static", what, _WIRING, lambda m: use_static(state), static_model)
     _compare("static", what, got, reference, _WIRING)
     state.release()
+    if state.layout.can_defer_statistics:  # m' of a search step on CUDA: its statistics kept, then added as if in turn
+        deferred_model = copy.deepcopy(base)
+        what = "the static step with its BatchNorm statistics deferred (a search step's second mask on CUDA)"
+        deferring = _guard("static", what, runs_static,
+                           lambda: StaticExecutionState.create(deferred_model, capacities, align))
+        deferring.defers_statistics = True
+        _guard("static", what, runs_static, lambda: deferring.update(half))
+        loss, grads, _ = step("static", what, _WIRING, lambda m: use_static(deferring), deferred_model)
+        _guard("static", what, _WIRING, deferring.commit_statistics)
+        buffers = {k: b.clone() for k, b in deferred_model.named_buffers()}
+        _compare("static", what, (loss, grads, buffers), reference, _WIRING)
+        deferring.release()
 
     # The narrow model, in eval mode (running statistics), against the compact subnetwork.
     hint = ("materialize() replaces maskprop's layers with plain torch ones of the kept widths and copies everything "

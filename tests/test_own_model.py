@@ -691,3 +691,16 @@ def test_an_infinity_is_a_difference_unless_both_sides_have_it_in_the_same_place
     assert _far(torch.tensor([5.0, 1.0], dtype=torch.float64), b) is not None  # finite against infinite
     assert _far(torch.tensor([inf, 5.0], dtype=torch.float64), b) is not None  # the same infinity, then 5 against 1
     assert _far(b.clone(), b) is None
+
+
+def test_the_static_check_runs_the_deferred_pass_of_a_search_step(monkeypatch):
+    """Without the decay of a unit by (1 - momentum)^k for its k calls (the second review's bug), the check fails on
+    a unit applied twice, in the deferred pass only."""
+    from maskprop.sparse import gather
+
+    assert maskprop.check_model(Shared(), (3, 8, 8)).checks[2] == "static"
+    monkeypatch.setattr(gather, "_decay", lambda table, momentum, batches: 1.0 - momentum)
+    with pytest.raises(ValueError, match=r"^check 'static' failed: the static step with its BatchNorm statistics "
+                                         r"deferred \(a search step's second mask on CUDA\) differs from the masked "
+                                         r"reference in the buffer twice\.1\.running_mean"):
+        maskprop.check_model(Shared(), (3, 8, 8))
