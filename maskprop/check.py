@@ -123,9 +123,9 @@ def _guard(check: str, what: str, hint: str, run: Callable[[], object]) -> objec
         raise ValueError(f"check {check!r} failed: {what} raised {type(err).__name__}: {message}; {hint}") from None
 
 
-def _random_statistics(model: nn.Module, generator: torch.Generator) -> None:
-    """BatchNorm affine parameters and running statistics away from 1 and 0, so that a leak through a dropped or a
-    padded channel shows."""
+def nontrivial_batch_norms(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """``model`` with BatchNorm affine parameters and running statistics drawn away from 1 and 0 (from ``generator``,
+    or torch's global one), so that a leak through a dropped or a padded channel, or a wrong channel, shows."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -133,7 +133,8 @@ def _random_statistics(model: nn.Module, generator: torch.Generator) -> None:
                                         ("running_var", 0.5, 1.5)):
                     t = getattr(m, name)
                     if t is not None:
-                        t.copy_(torch.rand(t.shape, generator=generator, dtype=t.dtype) * (high - low) + low)
+                        t.uniform_(low, high, generator=generator)
+    return model
 
 
 def edge_mask(groups: Mapping[str, int], generator: torch.Generator) -> dict[str, Tensor]:
@@ -231,7 +232,7 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
            seed: int, started: float) -> ModelCheck:
     generator = torch.Generator().manual_seed(seed)
     base = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).train()
-    _random_statistics(base, generator)
+    nontrivial_batch_norms(base, generator)
     x = torch.randn(batch_size, *input_size, generator=generator, dtype=torch.float64)
     with torch.no_grad():
         out = _guard("dense", "the model without a mask", "is it a model of these inputs?", lambda: base(x))

@@ -137,11 +137,6 @@ class RowBlock(NamedTuple):
     inputs: int
 
 
-def _weight_in_group(layer: nn.Module) -> str | None:
-    """The group of a weight's input dimension (``None`` for a depthwise conv's single input channel per row)."""
-    return layer.weight_in_group if isinstance(layer, SparseConv2d) else layer.in_group
-
-
 def weight_view(layer: SparseConv2d | SparseLinear) -> tuple[int, int, tuple[int, ...]]:
     """``(outputs, input channels, the shape after them)`` of a layer's weight: a conv's ``(out, in, kh, kw)``, a
     linear layer's ``(out, in)``, or ``(out, channels, positions)`` for one on a flattened feature map."""
@@ -182,7 +177,7 @@ class ModelPlan:
         for m in self.weighted:
             c_out, c_in, tail = weight_view(m)
             self.by_area.setdefault(math.prod(tail), []).append(
-                GatherSource(m, "weight", m.out_group, _weight_in_group(m), c_out, c_in, tail))
+                GatherSource(m, "weight", m.out_group, m.weight_in_group, c_out, c_in, tail))
         for m in self.weighted:
             if m.bias is not None and m.out_group is not None:
                 self.by_area.setdefault(1, []).append(GatherSource(m, "bias", m.out_group, None, m.weight.shape[0], 1,

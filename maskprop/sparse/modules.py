@@ -174,6 +174,11 @@ class SparseLinear(nn.Linear, SparseModule):
         """Input channels: ``in_features / in_positions``."""
         return self.in_features // self.in_positions
 
+    @property
+    def weight_in_group(self) -> str | None:
+        """The group that indexes the weight's input dimension: ``in_group`` (its columns, ``in_positions`` each)."""
+        return self.in_group
+
     def forward(self, x: Tensor) -> Tensor:
         return _grouped_forward(self, x, super().forward, self._linear)
 
