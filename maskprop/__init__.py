@@ -5,6 +5,7 @@ The public API, small and explicit:
 * models: :func:`create_model`, :func:`list_models`, ``model.channel_groups()``, :class:`ModelSpec` (the resolved
   build of a model: what checkpoints and exports save and rebuild from); a network of your own:
   :func:`register_model` and :func:`check_model` (is it wired so that its subnetworks compute what their masks say);
+  a network of plain torch layers (torchvision's, timm's): :func:`make_prunable`; :func:`channel_groups` of any model;
 * execution: :func:`use_mask` (``"compact"`` or ``"masked"``), :func:`random_mask`, :func:`full_mask`;
 * cost: :func:`flops`, :class:`CostModel`;
 * surgery and export: :func:`materialize` (a mask -> a physically narrow plain torch model), :func:`save_exported`,
@@ -19,6 +20,7 @@ from .cost import CostModel, flops
 from .export import WidthPlan, export_run, load_exported, save_exported
 from .models import create_model, list_models, register_model
 from .models.spec import ModelSpec
+from .prunable import make_prunable
 from .sparse import Mask, channel_groups, check_mask, full_mask, random_mask, use_mask
 from .surgery import materialize
 
@@ -39,6 +41,7 @@ __all__ = [
     "keep_freed_host_memory",
     "list_models",
     "load_exported",
+    "make_prunable",
     "materialize",
     "random_mask",
     "register_model",
@@ -49,7 +52,8 @@ __all__ = [
 
 # Subpackages reached as attributes (``maskprop.vrpge.ChannelScores`` after ``import maskprop``), imported on first use:
 # ``train`` and ``report`` need the training and report dependencies, the rest torch alone.
-_SUBPACKAGES = ("bench", "cost", "export", "models", "report", "sbp", "sparse", "surgery", "train", "vrpge")
+_SUBPACKAGES = ("bench", "cost", "export", "models", "prunable", "report", "sbp", "sparse", "surgery", "train",
+                "vrpge")
 
 
 def __getattr__(name: str):

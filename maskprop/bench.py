@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .cost import CostModel, dense_step_flops, vrpge_step_flops
 from .models import create_model
-from .sparse import Mask, check_align, random_mask, use_mask
+from .sparse import Mask, channel_groups, check_align, random_mask, use_mask
 from .vrpge import ChannelScores
 
 logger = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ def bench_model(
     model = create_model(model_name, num_classes=num_classes).to(dev).train()
     x, y = random_batch(batch_size, image_size, num_classes, dev, channels_last)
     amp_dtype = {"none": None, "bf16": torch.bfloat16}[amp]
-    groups = model.channel_groups()
+    groups = channel_groups(model)
     cost = CostModel(model, (3, image_size, image_size))
     generator = torch.Generator().manual_seed(seed)
 

@@ -149,7 +149,7 @@ def edge_mask(groups: Mapping[str, int], generator: torch.Generator) -> dict[str
     return mask
 
 
-def check_model(model: nn.Module, input_size: Sequence[int], *, batch_size: int = 3, align: int = 8,
+def check_model(model: nn.Module, input_size: Sequence[int], *, batch_size: int | None = None, align: int = 8,
                 seed: int = 0) -> ModelCheck:
     """Check that every way maskprop runs ``model`` as a subnetwork computes the subnetwork its mask names.
 
@@ -163,7 +163,10 @@ def check_model(model: nn.Module, input_size: Sequence[int], *, batch_size: int 
         model: A channel-sparse model (its layers :mod:`maskprop.sparse`'s, naming their groups), in any mode, on any
             device.
         input_size: ``(C, H, W)`` of one example.
-        batch_size: Examples per pass (at least 2: BatchNorm needs two values per channel in training).
+        batch_size: Examples per pass (at least 2: BatchNorm needs two values per channel in training). ``None``:
+            3, or more where a BatchNorm layer sees fewer than 16 values per channel (up to 16 examples, when the
+            last feature maps are 1 x 1, as an ImageNet network's are at 32 x 32): a batch norm over a handful of
+            values amplifies float64 rounding past the comparisons' tolerance.
         align: The alignment of the static step's widths (``sparsity.align``; 8 on CUDA).
         seed: Seed of the input, the labels, the masks, the statistics and the passes' random draws.
 
@@ -176,7 +179,7 @@ def check_model(model: nn.Module, input_size: Sequence[int], *, batch_size: int 
     """
     started = time.perf_counter()
     input_size = check_input_size(input_size)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2):
         raise ValueError(f"batch_size must be an integer >= 2 (BatchNorm trains on two values per channel or more), "
                          f"got {batch_size!r}")
     groups = channel_groups(model)
@@ -228,11 +231,35 @@ def _static_capacities(groups: Mapping[str, int], mask: Mapping[str, Tensor], al
     return capacities
 
 
-def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int], batch_size: int, align: int,
+_BATCH_NORM_VALUES = 16  # values per channel that the default batch gives every BatchNorm layer, at least
+
+
+def _batch_size(model: nn.Module, input_size: tuple[int, ...]) -> int:
+    """3, or the examples that give every BatchNorm layer :data:`_BATCH_NORM_VALUES` values per channel (a forward of
+    one example in eval mode measures the positions each one normalises over)."""
+    positions: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: positions.append(args[0][0].numel() // args[0].shape[1]))
+             for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            _guard("dense", "the model without a mask", "is it a model of these inputs?",
+                   lambda: model.eval()(torch.zeros(1, *input_size, dtype=torch.float64)))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    fewest = min(positions, default=_BATCH_NORM_VALUES)
+    return max(3, min(_BATCH_NORM_VALUES, -(-_BATCH_NORM_VALUES // max(fewest, 1))))
+
+
+def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int], batch_size: int | None, align: int,
            seed: int, started: float) -> ModelCheck:
     generator = torch.Generator().manual_seed(seed)
     base = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).train()
     nontrivial_batch_norms(base, generator)
+    if batch_size is None:
+        batch_size = _batch_size(base, input_size)
     x = torch.randn(batch_size, *input_size, generator=generator, dtype=torch.float64)
     with torch.no_grad():
         out = _guard("dense", "the model without a mask", "is it a model of these inputs?", lambda: base(x))

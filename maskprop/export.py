@@ -692,7 +692,7 @@ def _checkpoint_mask(checkpoint: Mapping[str, Any], path: Path, model: nn.Module
             from .cost import CostModel
 
             prices = CostModel(model, spec.input_size).channel_prices(keep_ratio)
-        scores = ChannelScores(model.channel_groups(), keep_ratio, prices=prices)
+        scores = ChannelScores(channel_groups(model), keep_ratio, prices=prices)
         scores.load_state_dict(scores_state)
         return {g: m.cpu() for g, m in scores.top_mask().items()}
     if checkpoint.get("fixed_mask") is not None:
@@ -754,7 +754,7 @@ def _model_from_checkpoint(checkpoint: Mapping[str, Any], path: Path,
     except ValueError as err:
         raise ValueError(f"checkpoint '{path}': {err}") from None
     theirs = [(str(g), int(n)) for g, n in checkpoint["groups"]]
-    ours = list(model.channel_groups().items())
+    ours = list(channel_groups(model).items())
     if theirs != ours:
         raise ValueError(f"checkpoint '{path}' has {len(theirs)} channel groups ({sum(n for _, n in theirs)} "
                          f"channels), but {spec.name} with {spec.kwargs} has {len(ours)} "

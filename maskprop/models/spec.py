@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..sparse.modules import SparseModule
 from ._registry import check_module_name, create_model, import_models, list_models, model_entrypoint
 
 __all__ = ["ModelSpec"]
@@ -95,7 +96,7 @@ class ModelSpec:
         try:
             spec.build("meta")
         except ValueError as err:
-            if "prune_residual" not in str(err):
+            if "keyword argument 'prune_residual'" not in str(err):  # not "the factory does not take it"
                 raise
             if not resolved["prune_residual"]:
                 logger.warning("model %r has no residual streams; prune_residual=false changes nothing", name)
@@ -117,8 +118,9 @@ class ModelSpec:
         except TypeError as err:
             raise ValueError(f"model {self.name!r} does not take the keywords {self.kwargs} "
                              f"({_first_line(err)})") from None
-        if not hasattr(model, "channel_groups"):
-            raise ValueError(f"model {self.name!r} has no channel groups; expected a maskprop model")
+        if not any(isinstance(m, SparseModule) for m in model.modules()):
+            raise ValueError(f"model {self.name!r} has no maskprop layers; expected a model written with them, or "
+                             f"one that maskprop.make_prunable converted")
         return model
 
     @property

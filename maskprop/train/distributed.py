@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..sparse import sync_batchnorm
+from ..sparse import channel_groups, sync_batchnorm
 from .config import changed_keys, dotted
 
 __all__ = ["Distributed", "PeerError", "agree", "all_reduce_sum", "average_buffers", "check_same_config",
@@ -282,7 +282,7 @@ class _DistributedDataParallel(DistributedDataParallel):
     """DDP that answers ``channel_groups()`` for its module, so that ``use_mask`` runs the wrapper as the model."""
 
     def channel_groups(self) -> dict[str, int]:
-        return self.module.channel_groups()
+        return channel_groups(self.module)
 
 
 @torch.no_grad()

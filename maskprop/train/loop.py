@@ -47,7 +47,7 @@ from tqdm import tqdm
 from .._files import make_directory
 from ..models.spec import ModelSpec
 from ..sbp import sparse_layers
-from ..sparse import SparseBatchNorm2d, random_mask, sync_batchnorm, use_mask
+from ..sparse import SparseBatchNorm2d, channel_groups, random_mask, sync_batchnorm, use_mask
 from ..vrpge import ChannelScores, score_statistics
 from .checkpoint import save_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SparsityConfig, config_to_dict, load_config, save_config
@@ -482,7 +482,7 @@ def _draw_random_subnetwork(state: TrainState, cfg: Config) -> None:
     ``max(1, round(keep_ratio x channels))`` channels drawn uniformly, from the run's mask generator (``random_mask``),
     so the seed decides it and a resumed run keeps the one in its checkpoint."""
     if state.fixed_mask is None:
-        groups = {name: int(size) for name, size in state.model.channel_groups().items()}
+        groups = {name: int(size) for name, size in channel_groups(state.model).items()}
         state.fixed_mask = random_mask(groups, cfg.sparsity.keep_ratio, state.mask_generator)
         state.fix_info = {"rule": "random"}
 

@@ -23,6 +23,7 @@ from ..cost import CostModel, InputSizeError
 from ..models import import_models, list_models, model_entrypoint
 from ..models.spec import ModelSpec
 from ..sbp import GlobalBudget, convert, sparse_layers
+from ..sparse import channel_groups
 from .checkpoint import check_compatible, error_reason, load_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SbpConfig, changed_keys, config_to_dict, dotted
 from .data import build_datasets, build_loader
@@ -345,7 +346,7 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     else:  # a resumed run's weights are in its checkpoint
         saved = checkpoint.get("initial_weights")
         initial = None if saved is None else InitialWeights.from_dict(saved, f"checkpoint '{run_dir / 'last.pt'}'")
-    groups = model.channel_groups()
+    groups = channel_groups(model)
     if place.rank > 0:  # the same initial weights everywhere, then each rank's own augmentation and dropout draws
         torch.manual_seed(cfg.seed * 1_000_003 + place.rank)
     if checkpoint is not None:

@@ -1,0 +1,566 @@
+"""Make a network written with plain torch layers channel-prunable: trace it, find its channel groups, swap in
+maskprop's layers.
+
+:func:`make_prunable` traces the model's forward with ``torch.fx`` (on a ``meta`` copy: nothing is computed) and
+follows every tensor whose dimension 1 is a channel dimension through the graph. A convolution or linear layer starts
+a new channel space (its output channels); channel-wise operations pass a space on; an add or multiply of two
+feature maps makes their spaces one (a residual stream, or a gate); a depthwise convolution reads and writes one
+space. A space is prunable when each tensor of it is read only in ways a subnetwork computes exactly. It is left
+whole (never pruned) when it is
+
+* the model's input or output, or read by an operation that mixes or reorders channels (a concatenation, a grouped
+  convolution, a mean over channels, a transpose, a slice, a layer maskprop does not convert: LayerNorm,
+  BatchNorm1d, a module of its own code that ``torch.fx`` keeps whole);
+* read by a convolution or linear layer while its dropped channels would not be zero in the masked reference (after
+  an operation that is not zero at zero, such as a sigmoid or adding a constant): the masked reference runs the
+  dense kernels, which would read them;
+* multiplied or added with a tensor indexed by channel that is not a feature map (a per-channel scale parameter);
+* a residual stream and ``prune_residual=False``; or written by a layer named in ``exclude``.
+
+Every prunable space becomes a group named after the module path its writers share (``layer2``), or after its first
+writer. Its convolutions, BatchNorm and linear layers become :class:`~maskprop.sparse.SparseConv2d`,
+:class:`~maskprop.sparse.SparseBatchNorm2d` and :class:`~maskprop.sparse.SparseLinear` holding the same parameter
+tensors (state_dict keys unchanged); a layer that writes a group and is not followed by its BatchNorm masks its own
+output (``mask_output``). The forward code is not changed: the model computes exactly what it computed before, and
+:func:`maskprop.check_model` checks its subnetworks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import operator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .models.spec import check_input_size
+from .sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear
+from .sparse.modules import SparseModule
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["make_prunable"]
+
+# Channel-wise operations: each output channel reads its own input channel (spatially or elementwise). The value says
+# whether a channel that is zero stays zero (f(0) = 0): the masked reference holds dropped channels at zero.
+_ELEMENTWISE_MODULES: dict[type[nn.Module], bool] = {
+    nn.ReLU: True, nn.ReLU6: True, nn.LeakyReLU: True, nn.ELU: True, nn.SELU: True, nn.CELU: True, nn.GELU: True,
+    nn.SiLU: True, nn.Mish: True, nn.Hardswish: True, nn.Tanh: True, nn.Softsign: True, nn.Identity: True,
+    nn.Dropout: True, nn.Sigmoid: False, nn.Hardsigmoid: False, nn.Softplus: False,
+}
+_SPATIAL_MODULES: dict[type[nn.Module], bool] = {
+    nn.MaxPool2d: True, nn.AvgPool2d: True, nn.AdaptiveAvgPool2d: True, nn.AdaptiveMaxPool2d: True,
+    nn.Dropout2d: True, nn.Upsample: True, nn.ZeroPad2d: True,
+}
+_ELEMENTWISE_FUNCTIONS: dict[object, bool] = {
+    **dict.fromkeys([F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, torch.selu,
+                     F.celu, F.gelu, F.silu, F.mish, F.hardswish, torch.tanh, F.tanh, F.softsign, F.dropout,
+                     torch.dropout], True),
+    **dict.fromkeys([torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, torch.exp], False),
+}
+_SPATIAL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.max_pool2d,
+                      F.dropout2d, F.interpolate}
+_ELEMENTWISE_METHODS = {"relu": True, "relu_": True, "tanh": True, "tanh_": True, "sigmoid": False,
+                        "sigmoid_": False, "exp": False, "contiguous": True, "clone": True, "float": True,
+                        "double": True, "half": True, "bfloat16": True, "type_as": True}
+_FACTORIES = {"new_empty", "new_zeros", "new_ones", "new_full", torch.empty_like, torch.zeros_like, torch.ones_like,
+              torch.rand_like, torch.randn_like, torch.full_like}  # they read the shape, dtype and device alone
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+_DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
+_FLATTEN = {torch.flatten, "flatten", "view", "reshape", torch.reshape}
+_REDUCE = {torch.mean, "mean", torch.sum, "sum", torch.amax, "amax"}
+
+
+@dataclass
+class _Value:
+    """A tensor of the traced forward whose dimension 1 is the channel space ``space``; ``zero``: its dropped channels
+    are zero in the masked reference (``why_not`` says where that was lost); ``positions``: features per channel of a
+    feature map flattened to ``(N, C * positions)`` (0: not flattened)."""
+
+    space: int
+    zero: bool = True
+    why_not: str = ""
+    positions: int = 0
+
+
+@dataclass
+class _Spaces:
+    """Channel spaces with union-find; a space's writers and why it is left whole, kept at its root."""
+
+    parent: list[int] = field(default_factory=list)
+    writers: dict[int, list[str]] = field(default_factory=dict)
+    whole: dict[int, str] = field(default_factory=dict)
+    residual: set[int] = field(default_factory=set)
+
+    def new(self, writer: str | None = None, whole: str | None = None) -> int:
+        self.parent.append(len(self.parent))
+        space = len(self.parent) - 1
+        self.writers[space] = [] if writer is None else [writer]
+        if whole is not None:
+            self.whole[space] = whole
+        return space
+
+    def find(self, space: int) -> int:
+        while self.parent[space] != space:
+            self.parent[space] = self.parent[self.parent[space]]
+            space = self.parent[space]
+        return space
+
+    def union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return a
+        a, b = min(a, b), max(a, b)  # the older space is the root: writers stay in graph order
+        self.parent[b] = a
+        self.writers[a] = self.writers[a] + [w for w in self.writers.pop(b) if w not in self.writers[a]]
+        if b in self.whole:
+            self.whole.setdefault(a, self.whole.pop(b))
+        if b in self.residual:
+            self.residual.discard(b)
+            self.residual.add(a)
+        return a
+
+    def leave_whole(self, space: int, why: str) -> None:
+        self.whole.setdefault(self.find(space), why)
+
+
+
+@dataclass
+class _Layer:
+    """What the trace found for one conv, BatchNorm or linear layer: the spaces it reads and writes."""
+
+    kind: str  # "conv", "depthwise", "bn", "linear"
+    reads: list[int] = field(default_factory=list)
+    writes: list[int] = field(default_factory=list)
+    positions: set[int] = field(default_factory=set)
+    nodes: list[fx.Node] = field(default_factory=list)
+
+
+def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual: bool = True,
+                  exclude: Iterable[str] = ()) -> nn.Module:
+    """Swap a plain torch network's layers for maskprop's, with the channel groups its forward implies.
+
+    The model's ``nn.Conv2d``, ``nn.BatchNorm2d`` and ``nn.Linear`` layers (exactly those classes: a subclass may
+    compute something else) on prunable channels are replaced, in place, by maskprop's layers holding the same
+    parameters and buffers; the rest of the model, and its forward code, are left as they are. Which channels can be
+    pruned, and which must stay whole, is read from the forward traced with ``torch.fx`` (the module docstring gives
+    the rules); the groups' names follow the module paths. The model then trains, exports and reports like a built-in
+    one; :func:`maskprop.check_model` checks it (``maskprop train`` does, for a model registered outside maskprop).
+
+    Args:
+        model: A network of torch layers whose forward ``torch.fx.symbolic_trace`` can trace (torchvision's ResNets,
+            VGGs, MobileNets, timm's ResNets; no control flow on tensor values), in any mode, on any device.
+        input_size: ``(C, H, W)`` of one example (for the shapes of the traced forward).
+        prune_residual: ``False`` keeps every channel space that meets another in an add (the residual streams) whole.
+        exclude: Names of conv or linear layers whose output channels stay whole (e.g. ``["conv1"]``).
+
+    Returns:
+        ``model``, its layers replaced.
+
+    Raises:
+        ValueError: ``torch.fx`` cannot trace the forward, the model already has maskprop layers, an ``exclude`` name
+            is not a conv or linear layer of the model, or no channel can be pruned (one line, naming why the largest
+            spaces are left whole).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model is {type(model).__name__}; expected a torch.nn.Module")
+    input_size = check_input_size(input_size)
+    if any(isinstance(m, SparseModule) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} already has maskprop layers (make_prunable was applied, or it is "
+                         f"written with them); expected a model of plain torch layers")
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    modules = dict(model.named_modules())
+    unknown = [name for name in exclude if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear))]
+    if unknown:
+        raise ValueError(f"exclude names {unknown} are not nn.Conv2d or nn.Linear layers of {type(model).__name__}")
+    graph = _trace(model, input_size)
+    spaces, layers = _follow(graph, modules)
+    if not prune_residual:
+        for space in list(spaces.residual):
+            spaces.leave_whole(space, "a residual stream (prune_residual=False)")
+    for name in exclude:
+        for space in layers[name].writes if name in layers else ():
+            spaces.leave_whole(space, f"written by {name!r}, which exclude names")
+    for entry in layers.values():
+        if len(entry.positions) > 1:
+            spaces.leave_whole(entry.reads[0], f"read by a linear layer with {sorted(entry.positions)} features per "
+                                               f"channel in different calls")
+    groups = _group_names(spaces)
+    if not groups:
+        raise ValueError(f"no channel of {type(model).__name__} can be pruned: {_why_whole(spaces, layers, modules)}")
+    replaced = _replace(model, modules, layers, spaces, groups)
+    prunable = sum(_width(modules, spaces, root) for root in groups)
+    logger.debug("make_prunable: %s has %d channel groups (%d channels) in %d converted layers; left whole: %s",
+                type(model).__name__, len(groups), prunable, replaced, _why_whole(spaces, layers, modules))
+    return model
+
+
+def _trace(model: nn.Module, input_size: tuple[int, ...]) -> fx.Graph:
+    """The forward in training mode, traced on a ``meta`` copy, with every node's output shape."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    copied = copy.deepcopy(model).to(device="meta").train()
+    try:
+        traced = fx.symbolic_trace(copied)
+    except Exception as err:  # torch.fx's errors are of many types; the first line says what it met
+        message = " ".join(str(err).split())[:300]
+        raise ValueError(f"torch.fx could not trace {type(model).__name__}'s forward ({type(err).__name__}: "
+                         f"{message}); expected a forward without control flow on tensor values (or a model written "
+                         f"with maskprop's layers)") from None
+    try:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        ShapeProp(traced).propagate(torch.zeros(2, *input_size, device="meta", dtype=dtype))
+    except Exception as err:
+        message = " ".join(str(err).split())[:300]
+        raise ValueError(f"{type(model).__name__} did not run on an input of size {tuple(input_size)} "
+                         f"({type(err).__name__}: {message})") from None
+    return traced.graph
+
+
+def _shape(node: object) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _where(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return repr(node.target)
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{target} ({node.name})"
+
+
+def _follow(graph: fx.Graph, modules: dict[str, nn.Module]) -> tuple[_Spaces, dict[str, _Layer]]:
+    """Walk the traced graph once, in order: the channel space of every tensor, and what each layer reads and
+    writes."""
+    spaces = _Spaces()
+    layers: dict[str, _Layer] = {}
+    values: dict[fx.Node, _Value] = {}
+    walk = _Walk(spaces, layers, values)
+    for node in graph.nodes:
+        shape = _shape(node)
+        if node.op == "placeholder":
+            if shape is not None and len(shape) >= 2:
+                values[node] = _Value(spaces.new(whole="the model's input"))
+        elif node.op == "output":
+            walk.opaque(node, "the model's output")
+        elif node.op == "get_attr":
+            continue  # a parameter or buffer: a tensor of no channel space
+        elif shape is None:  # no tensor: a size or a shape is fine, anything else (a split, a tuple) reads channels
+            if not _is_query(node):
+                walk.opaque(node, "an operation that mixes or reorders channels")
+        else:
+            value = walk.module(node, modules[node.target]) if node.op == "call_module" else walk.function(node)
+            if value is not None:
+                values[node] = value
+    return spaces, layers
+
+
+def _is_query(node: fx.Node) -> bool:
+    """``x.size()``, ``x.dim()``, ``x.shape`` and items of them: they read no channel's values."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and (
+        node.target is getattr and node.args[1] in ("shape", "ndim", "dtype", "device")
+        or node.target is operator.getitem and isinstance(node.args[0], fx.Node) and _is_query(node.args[0]))
+
+
+@dataclass
+class _Walk:
+    """The rules of :func:`_follow`, node by node."""
+
+    spaces: _Spaces
+    layers: dict[str, _Layer]
+    values: dict[fx.Node, _Value]
+
+    def inputs(self, node: fx.Node, *, in_kwargs: bool = True) -> list[_Value]:
+        found: list[_Value] = []
+        fx.node.map_arg((node.args, node.kwargs) if in_kwargs else node.args,
+                        lambda a: found.append(self.values[a]) if a in self.values else None)
+        return found
+
+    def opaque(self, node: fx.Node, why: str) -> None:
+        """``node`` reads its channel spaces in a way a subnetwork cannot run: they stay whole."""
+        for value in self.inputs(node):
+            self.spaces.leave_whole(value.space, f"{why} at {_where(node)}")
+
+    def needs_zero(self, value: _Value, node: fx.Node) -> None:
+        if not value.zero:
+            self.spaces.leave_whole(value.space, f"read by {_where(node)} after {value.why_not}, which is not 0 at 0")
+
+    def layer(self, node: fx.Node, kind: str) -> _Layer:
+        entry = self.layers.setdefault(node.target, _Layer(kind))
+        entry.nodes.append(node)
+        return entry
+
+    def reads(self, entry: _Layer, space: int) -> int:
+        """One layer reads one space: a layer called twice makes the spaces it reads one."""
+        if entry.reads:
+            space = self.spaces.union(entry.reads[0], space)
+        entry.reads = [space]
+        return space
+
+    def writes(self, entry: _Layer, name: str) -> int:
+        if not entry.writes:
+            entry.writes = [self.spaces.new(writer=name)]
+        return entry.writes[0]
+
+    def module(self, node: fx.Node, module: nn.Module) -> _Value | None:
+        """The channel space of a module's output, and what the module reads and writes."""
+        name, kind = node.target, type(module)
+        values = self.inputs(node)
+        first = self.values.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        if len(values) > (first is not None) or first is not None and first.positions and kind is not nn.Linear \
+                and kind not in _ELEMENTWISE_MODULES:
+            self.opaque(node, f"{kind.__name__} called on more than one feature map, or on a flattened one")
+            return None
+        if kind is nn.Conv2d:
+            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+            if module.groups > 1 and not depthwise:
+                self.opaque(node, "a grouped convolution")
+                return None
+            entry = self.layer(node, "depthwise" if depthwise else "conv")
+            if depthwise:  # output channel j reads input channel j alone: one space (kept zero by its BatchNorm)
+                space = first.space if first is not None else self.spaces.new(whole=f"read by {name!r} from outside")
+                space = self.reads(entry, space)
+                entry.writes = entry.reads  # it passes the space on: the conv before it names the group
+                return _Value(space)
+            if first is not None:
+                self.needs_zero(first, node)
+                self.reads(entry, first.space)
+            return _Value(self.writes(entry, name))
+        if kind is nn.Linear:
+            entry = self.layer(node, "linear")
+            if first is not None:
+                if len(_shape(node.args[0]) or ()) != 2:
+                    self.opaque(node, "a linear layer on a tensor of more than two dimensions")
+                else:
+                    self.needs_zero(first, node)
+                    self.reads(entry, first.space)
+                    entry.positions.add(first.positions or 1)
+            return _Value(self.writes(entry, name))
+        if first is None:
+            return None  # a layer on channels that are whole: its output is whole too
+        if kind is nn.BatchNorm2d:
+            if not module.affine or not module.track_running_stats:
+                self.spaces.leave_whole(first.space, f"normalised by {name!r} without affine parameters or running "
+                                                     f"statistics")
+            self.reads(self.layer(node, "bn"), first.space)
+            return _Value(first.space)  # the BatchNorm of a group masks its output
+        if isinstance(module, nn.Hardtanh):  # ReLU6 too
+            return _channelwise(first, module.min_val <= 0 <= module.max_val, node)
+        if kind in _ELEMENTWISE_MODULES:
+            return _channelwise(first, _ELEMENTWISE_MODULES[kind], node)
+        if kind in _SPATIAL_MODULES:
+            return _channelwise(first, _SPATIAL_MODULES[kind], node)
+        if kind is nn.Flatten:
+            return self.flattened(node, first)
+        self.opaque(node, f"{kind.__name__}, which maskprop does not convert")
+        return None
+
+    def flattened(self, node: fx.Node, value: _Value) -> _Value | None:
+        """``(N, C, H, W) -> (N, C * H * W)``: the same space, ``H * W`` features per channel, in flatten's order."""
+        before, after = _shape(node.args[0]), _shape(node)
+        if before is not None and after is not None and len(before) >= 2 and len(after) == 2 \
+                and after[0] == before[0]:
+            if value.positions and after == before:
+                return value
+            positions = math.prod(before[2:])
+            if not value.positions and after[1] == before[1] * positions:
+                return _Value(value.space, value.zero, value.why_not, positions)
+        self.opaque(node, "a reshape that moves the channel dimension")
+        return None
+
+    def function(self, node: fx.Node) -> _Value | None:
+        """The channel space of a function's or a tensor method's output."""
+        target = node.target
+        values = self.inputs(node)
+        if not values:
+            return None  # a tensor of no channel space: noise, a constant
+        args = [self.values.get(a, a) if isinstance(a, fx.Node) else a for a in node.args]  # untracked: the node
+        first = args[0] if args and isinstance(args[0], _Value) else None
+        key = target if node.op == "call_function" else str(target)
+        if key in _FACTORIES:
+            return None  # a new tensor of no channel space (stochastic depth's noise)
+        if first is not None and len(values) == 1:
+            if node.op == "call_method" and key in _ELEMENTWISE_METHODS:
+                return _channelwise(first, _ELEMENTWISE_METHODS[key], node)
+            if target in _ELEMENTWISE_FUNCTIONS:
+                return _channelwise(first, _ELEMENTWISE_FUNCTIONS[target], node)
+            if _is_stochastic_depth(target):  # one factor per example (or batch), 0 or 1 / keep: zero stays zero
+                return _channelwise(first, True, node)
+            if target is F.hardtanh:
+                low, high = node.kwargs.get("min_val", -1.0), node.kwargs.get("max_val", 1.0)
+                return _channelwise(first, low <= 0 <= high, node)
+            if not first.positions and (target in _SPATIAL_FUNCTIONS or target is F.pad):
+                return _channelwise(first, target is not F.pad or not node.kwargs.get("value"), node)
+            if key in _FLATTEN:
+                return self.flattened(node, first)
+            if key in _REDUCE:
+                return self.reduced(node, first)
+        if key in _ADD | _SUB | _MUL | _DIV and len(node.args) == 2 and len(self.inputs(node, in_kwargs=False)) \
+                == len(values):
+            return self.binary(node, key, args)
+        self.opaque(node, "an operation that mixes or reorders channels")
+        return None
+
+    def reduced(self, node: fx.Node, value: _Value) -> _Value | None:
+        """A mean, sum or maximum over spatial dimensions keeps the channel space."""
+        before, after = _shape(node.args[0]), _shape(node)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is not None and not value.positions:
+            dims = {d % len(before) for d in ((dims,) if isinstance(dims, int) else dims)}
+            if not dims & {0, 1} and len(after) >= 2 and after[1] == before[1]:
+                return _Value(value.space, value.zero, value.why_not)
+        self.opaque(node, "a reduction over channels")
+        return None
+
+    def binary(self, node: fx.Node, key: object, operands: list) -> _Value | None:
+        """An add, subtract, multiply or divide: two feature maps make one channel space (a residual stream, a gate);
+        a number, or a tensor the same for every channel (stochastic depth's per-example factor), keeps the space."""
+        a, b = operands
+        if isinstance(a, _Value) and isinstance(b, _Value):
+            if key in _DIV or a.positions != b.positions:
+                self.opaque(node, "an operation between channel spaces maskprop does not pair")
+                return None
+            space = self.spaces.union(a.space, b.space)
+            if key in _MUL:  # a product is zero where either factor is
+                return _Value(space, a.zero or b.zero, "", a.positions)
+            self.spaces.residual.add(space)
+            return _Value(space, a.zero and b.zero, a.why_not or b.why_not, a.positions)
+        value, other = (a, b) if isinstance(a, _Value) else (b, a)
+        if key in _DIV and value is not a:
+            self.opaque(node, "a division by a feature map")
+            return None
+        if isinstance(other, fx.Node):
+            shape, out = _shape(other), _shape(node)
+            if shape is None or out is None or _broadcast_channels(shape, out) != 1:
+                self.opaque(node, "a product or sum with a per-channel tensor that is not a feature map")
+                return None
+            return _channelwise(value, key in _MUL | _DIV, node)
+        if isinstance(other, (int, float)):
+            return _channelwise(value, key in _MUL | _DIV or other == 0, node)
+        self.opaque(node, "an operation maskprop does not follow")
+        return None
+
+
+def _is_stochastic_depth(target: object) -> bool:
+    """torchvision's ``stochastic_depth`` (kept whole by ``torch.fx.wrap``, so the trace does not see its factor)."""
+    return getattr(target, "__name__", "") == "stochastic_depth" \
+        and getattr(target, "__module__", "").startswith("torchvision.ops")
+
+
+def _channelwise(value: _Value, keeps_zero: bool, node: fx.Node) -> _Value:
+    if value.zero and not keeps_zero:
+        return _Value(value.space, False, _where(node), value.positions)
+    return _Value(value.space, value.zero, value.why_not, value.positions)
+
+
+def _broadcast_channels(other: tuple[int, ...], out: tuple[int, ...]) -> int:
+    """How many channels a tensor of shape ``other`` holds when broadcast to ``out`` (1: the same for every channel)."""
+    axis = 1 - (len(out) - len(other))
+    return other[axis] if 0 <= axis < len(other) else 1
+
+
+def _group_names(spaces: _Spaces) -> dict[int, str]:
+    """``{root space: group name}`` of the prunable spaces: the module path their writers share, else the first
+    writer (writers are in graph order)."""
+    roots = sorted({spaces.find(s) for s in range(len(spaces.parent))})
+    prunable = [r for r in roots if r not in spaces.whole and spaces.writers[r]]
+    names: dict[int, str] = {}
+    for root in prunable:
+        parts = [w.split(".") for w in spaces.writers[root]]
+        common = []
+        for column in zip(*parts):
+            if len(set(column)) > 1:
+                break
+            common.append(column[0])
+        names[root] = ".".join(common)
+    taken = [n for n in names.values() if n]
+    for root, name in names.items():
+        if not name or taken.count(name) > 1:
+            names[root] = spaces.writers[root][0]
+    return names
+
+
+def _width(modules: dict[str, nn.Module], spaces: _Spaces, root: int) -> int:
+    module = modules[spaces.writers[root][0]]
+    return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+
+
+def _why_whole(spaces: _Spaces, layers: dict[str, _Layer], modules: dict[str, nn.Module], limit: int = 3) -> str:
+    """The widest spaces left whole (written by a layer), and why."""
+    whole = [(root, why) for root, why in spaces.whole.items() if spaces.writers.get(root)]
+    if not whole:
+        return "none"
+    whole.sort(key=lambda item: -_width(modules, spaces, item[0]))
+    shown = "; ".join(f"{spaces.writers[r][0]!r} ({_width(modules, spaces, r)} channels): {why}"
+                      for r, why in whole[:limit])
+    more = f"; and {len(whole) - limit} more" if len(whole) > limit else ""
+    return f"{shown}{more}"
+
+
+def _replace(model: nn.Module, modules: dict[str, nn.Module], layers: dict[str, _Layer], spaces: _Spaces,
+             groups: dict[int, str]) -> int:
+    """Put maskprop's layer in place of every conv, BatchNorm and linear layer that reads or writes a group."""
+
+    def group(found: list[int]) -> str | None:  # a layer reads (writes) one space: the trace joined its calls'
+        return groups.get(spaces.find(found[0])) if found else None
+
+    replaced = 0
+    for name, entry in layers.items():
+        old = modules[name]
+        in_group, out_group = group(entry.reads), group(entry.writes)
+        if entry.kind == "bn":
+            if in_group is None:
+                continue
+            with torch.device("meta"):
+                new = SparseBatchNorm2d(old.num_features, group=in_group, eps=old.eps, momentum=old.momentum,
+                                        affine=old.affine, track_running_stats=old.track_running_stats)
+        elif in_group is None and out_group is None:
+            continue
+        else:
+            masks = out_group is not None and not all(_normalised_by(node, out_group, layers, spaces, groups)
+                                                      for node in entry.nodes)
+            with torch.device("meta"):
+                if isinstance(old, nn.Conv2d):
+                    if entry.kind == "depthwise":
+                        in_group = out_group
+                    new = SparseConv2d(old.in_channels, old.out_channels, old.kernel_size, stride=old.stride,
+                                       padding=old.padding, dilation=old.dilation, groups=old.groups,
+                                       bias=old.bias is not None, padding_mode=old.padding_mode, in_group=in_group,
+                                       out_group=out_group, mask_output=masks)
+                else:
+                    positions = next(iter(entry.positions)) if in_group is not None else 1
+                    new = SparseLinear(old.in_features, old.out_features, bias=old.bias is not None,
+                                       in_group=in_group, out_group=out_group, mask_output=masks,
+                                       in_positions=positions)
+        new.load_state_dict(old.state_dict(keep_vars=True), assign=True)
+        new.train(old.training)
+        _put(model, old, new)
+        replaced += 1
+    return replaced
+
+
+def _normalised_by(node: fx.Node, group: str, layers: dict[str, _Layer], spaces: _Spaces,
+                   groups: dict[int, str]) -> bool:
+    """The layer's output at ``node`` goes to one BatchNorm of its group and nowhere else (which masks it)."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return False
+    entry = layers.get(users[0].target)
+    return entry is not None and entry.kind == "bn" and groups.get(spaces.find(entry.reads[0])) == group
+
+
+def _put(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """``new`` wherever ``model`` holds ``old`` (under every name, if it is shared)."""
+    for parent in model.modules():
+        for child_name, child in list(parent.named_children()):
+            if child is old:
+                setattr(parent, child_name, new)

@@ -1,0 +1,332 @@
+"""make_prunable: a network of plain torch layers (torchvision's, timm's, one's own) made channel-prunable."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import TINY_RUN, with_overrides
+from torch import nn
+
+import maskprop
+from maskprop import prunable
+from maskprop.models import list_models
+from maskprop.sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name.startswith("timm:"):
+        return timm.create_model(name[5:], num_classes=10)
+    kwargs = {"width_mult": 0.5} if name == "mobilenet_v2" else {}
+    return getattr(torchvision.models, name)(num_classes=10, **kwargs)
+
+
+@pytest.mark.parametrize("name", [
+    "resnet18",            # residual streams: the stem and layer1's blocks are one group
+    "mobilenet_v2",        # depthwise convs read and write their expansion's group
+    "mobilenet_v3_small",  # squeeze-and-excitation gates: a product makes the gate's channels the gated ones
+    "efficientnet_b0",     # stochastic depth (torch.fx keeps torchvision's function whole)
+    "regnet_x_400mf",      # grouped convs: the channels they read stay whole
+    "densenet121",         # concatenations: only the bottleneck convs' outputs are pruned
+    "timm:resnet18",
+])
+def test_torchvision_and_timm_networks_convert_compute_the_same_and_pass_the_check(name):
+    model = _build(name).eval()
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    assert maskprop.make_prunable(model, (3, 32, 32)) is model
+    after = model.state_dict(keep_vars=True)
+    assert list(after) == list(tensors) and all(after[k] is tensors[k] for k in tensors)  # the same tensors, keys
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # the forward code is unchanged, and so is what it computes
+    assert not model.training
+    result = maskprop.check_model(model, (3, 32, 32))
+    groups = maskprop.channel_groups(model)
+    assert result.groups == len(groups) > 0
+    layers = [m for m in model.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
+    assert {m.out_group for m in layers} - {None} == set(groups)
+
+
+def test_resnet18s_groups_are_its_streams_and_its_blocks_inner_convs():
+    model = maskprop.make_prunable(torchvision.models.resnet18(num_classes=10), (3, 224, 224))
+    expected = {"conv1": 64}  # the stem's output meets layer1's blocks in their adds
+    for stage, width in zip(range(1, 5), (64, 128, 256, 512)):
+        for block in range(2):
+            expected[f"layer{stage}.{block}.conv1"] = width
+            if stage > 1 and block == 0:
+                expected[f"layer{stage}"] = width  # the projection and the blocks' second convs: the module path
+    assert maskprop.channel_groups(model) == expected
+    assert model.layer2[0].downsample[0].out_group == model.layer2[1].conv2.out_group == "layer2"
+    assert model.layer2[0].conv1.in_group == "conv1" and model.layer2[0].downsample[0].in_group == "conv1"
+    assert model.fc.in_group == "layer4" and model.fc.out_group is None and model.conv1.in_group is None
+    assert not any(m.mask_output for m in model.modules() if isinstance(m, SparseConv2d))  # each has its BatchNorm
+    assert model.bn1.group == "conv1" and type(model.relu) is nn.ReLU
+
+    inner = maskprop.make_prunable(torchvision.models.resnet18(num_classes=10), (3, 64, 64), prune_residual=False)
+    assert set(maskprop.channel_groups(inner)) == {f"layer{s}.{b}.conv1" for s in range(1, 5) for b in range(2)}
+    assert inner.layer1[0].conv2.in_group == "layer1.0.conv1" and inner.layer1[0].conv2.out_group is None
+    assert type(inner.bn1) is nn.BatchNorm2d and type(inner.conv1) is nn.Conv2d  # never pruned: left as they were
+
+    excluded = maskprop.make_prunable(torchvision.models.resnet18(num_classes=10), (3, 64, 64), exclude=["conv1"])
+    assert "conv1" not in maskprop.channel_groups(excluded) and "layer2" in maskprop.channel_groups(excluded)
+    assert excluded.layer1[1].conv2.out_group is None  # one stream with the stem
+
+
+class Plain(nn.Module):
+    """A network of plain torch layers meeting most rules of make_prunable once."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
+                                   nn.Conv2d(12, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.se_reduce = nn.Conv2d(8, 4, 1)  # no BatchNorm follows: it masks its own output
+        self.se_expand = nn.Conv2d(4, 8, 1)  # the gate: multiplied into the stream, one group with it
+        self.gated = nn.Conv2d(8, 6, 3, padding=1)
+        self.after = nn.Conv2d(6, 6, 1, bias=False)  # reads the gated conv's channels after a sigmoid: not 0 at 0
+        self.bn6 = nn.BatchNorm2d(6)
+        self.branch = nn.Conv2d(6, 4, 1, bias=False)
+        self.grouped = nn.Conv2d(10, 10, 3, padding=1, groups=2, bias=False)
+        self.scale = nn.Parameter(torch.full((10, 1, 1), 0.5))
+        self.down = nn.Conv2d(10, 16, 3, stride=2, padding=1, bias=False)
+        self.bn16 = nn.BatchNorm2d(16)
+        self.hidden = nn.Linear(16 * 4 * 4, 20)  # a flattened 4 x 4 map: 16 features per channel
+        self.fc = nn.Linear(20, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.block(x))
+        x = x * torch.sigmoid(self.se_expand(F.relu(self.se_reduce(F.adaptive_avg_pool2d(x, 1)))))
+        y = F.relu(self.bn6(self.after(torch.sigmoid(self.gated(x)))))
+        z = self.grouped(torch.cat([y, self.branch(y)], 1)) * self.scale
+        z = F.max_pool2d(F.relu(self.bn16(self.down(z))), 2)
+        return self.fc(F.relu(self.hidden(z.view(z.size(0), -1))))
+
+
+def test_each_rule_of_a_plain_network():
+    model = maskprop.make_prunable(Plain(), (3, 16, 16))
+    assert maskprop.channel_groups(model) == {"stem.0": 8, "block.0": 12, "se_reduce": 4, "down": 16, "hidden": 20}
+    # the stream: the stem, the block's second conv and the gate (a product's factors are one channel space)
+    assert model.stem[0].out_group == model.block[3].out_group == model.se_expand.out_group == "stem.0"
+    assert model.stem[1].group == model.block[4].group == "stem.0" and model.block[1].group == "block.0"
+    assert (model.se_reduce.in_group, model.se_reduce.out_group, model.se_reduce.mask_output) == \
+        ("stem.0", "se_reduce", True)
+    assert model.se_expand.in_group == "se_reduce" and model.se_expand.mask_output  # a sigmoid follows, no BatchNorm
+    assert not model.stem[0].mask_output and not model.block[3].mask_output
+    # the gated conv's output passes a sigmoid before a conv reads it; the concatenation's inputs; the grouped conv
+    assert model.gated.in_group == "stem.0" and model.gated.out_group is None
+    assert type(model.after) is type(model.branch) is type(model.grouped) is nn.Conv2d
+    assert type(model.bn6) is nn.BatchNorm2d
+    assert model.down.in_group is None and model.bn16.group == "down"
+    assert (model.hidden.in_group, model.hidden.in_positions, model.hidden.out_group, model.hidden.mask_output) == \
+        ("down", 16, "hidden", True)
+    assert (model.fc.in_group, model.fc.out_group) == ("hidden", None)
+    maskprop.check_model(model, (3, 16, 16))
+
+
+class Between(nn.Module):
+    """conv-BN, then one operation, then a conv: is the first conv's output prunable?"""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.param = nn.Parameter(torch.linspace(0.5, 1.5, 8).view(8, 1, 1))
+        self.conv2 = nn.Conv2d(16 if op == "cat" else 8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(x))
+        op = self.op
+        if op == "relu":
+            x = F.relu(x)
+        elif op == "sigmoid":
+            x = torch.sigmoid(x)
+        elif op == "plus one":
+            x = x + 1.0
+        elif op == "times two":
+            x = 2 * x
+        elif op == "per-channel scale":
+            x = x * self.param
+        elif op == "per-example noise" and self.training:  # stochastic depth as timm writes it
+            x = x * x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(0.8).div_(0.8)
+        elif op == "cat":
+            x = torch.cat([x, x], 1)
+        elif op == "mean over channels":
+            x = x - x.mean(1, keepdim=True)
+        elif op == "slice":
+            x = torch.cat([x[:, 4:], x[:, :4]], 1)
+        elif op == "spatial mean":
+            x = x * x.mean((2, 3), keepdim=True)
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((-2, -1)))
+
+
+@pytest.mark.parametrize("op,prunable_", [
+    ("relu", True), ("times two", True), ("per-example noise", True), ("spatial mean", True),
+    ("sigmoid", False), ("plus one", False), ("per-channel scale", False), ("cat", False),
+    ("mean over channels", False), ("slice", False),
+])
+def test_what_keeps_a_channel_space_prunable(op, prunable_):
+    model = maskprop.make_prunable(Between(op), (3, 8, 8))
+    assert ("conv1" in maskprop.channel_groups(model)) is prunable_
+    assert set(maskprop.channel_groups(model)) >= {"conv2"}
+    if prunable_:
+        maskprop.check_model(model, (3, 8, 8))
+
+
+@pytest.mark.parametrize("op", ["sigmoid", "plus one", "per-channel scale", "mean over channels"])
+def test_the_rules_that_leave_a_space_whole_are_needed(op, monkeypatch):
+    """With a rule switched off, make_prunable prunes the space, and check_model finds the subnetwork wrong."""
+    monkeypatch.setattr(prunable._Walk, "opaque", lambda self, node, why: None)
+    monkeypatch.setattr(prunable, "_channelwise", lambda value, keeps_zero, node: prunable._Value(
+        value.space, value.zero, value.why_not, value.positions))
+    model = maskprop.make_prunable(Between(op), (3, 8, 8))
+    assert "conv1" in maskprop.channel_groups(model)
+    with pytest.raises(ValueError, match="check 'compact' failed"):
+        maskprop.check_model(model, (3, 8, 8))
+
+
+def test_a_layer_no_batchnorm_follows_must_mask_its_output(monkeypatch):
+    monkeypatch.setattr(prunable, "_normalised_by", lambda *args: True)
+    model = maskprop.make_prunable(Plain(), (3, 16, 16))
+    assert not model.se_reduce.mask_output
+    with pytest.raises(ValueError, match="check 'compact' failed"):
+        maskprop.check_model(model, (3, 16, 16))
+
+
+def test_a_module_called_twice_reads_and_writes_one_group():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+            self.b = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+            self.shared = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(6)
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            u = F.relu(self.bn(self.shared(F.relu(self.a(x)))))
+            v = F.relu(self.bn(self.shared(F.relu(self.b(x)))))
+            return self.fc((u + v).mean((2, 3)))
+
+    model = maskprop.make_prunable(Twice(), (3, 8, 8))
+    assert model.a.out_group == model.b.out_group == model.shared.in_group == "a"  # one input space for `shared`
+    assert not model.shared.mask_output  # each call's output goes to a BatchNorm of its group alone
+    assert maskprop.channel_groups(model) == {"a": 6, "shared": 6}
+    maskprop.check_model(model, (3, 8, 8))
+
+
+def test_make_prunable_errors_are_one_line():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else -self.conv(x)
+
+    cases = [
+        (lambda: maskprop.make_prunable(Branchy(), (3, 8, 8)), "torch.fx could not trace Branchy's forward"),
+        (lambda: maskprop.make_prunable(Plain(), (1, 16, 16)), r"Plain did not run on an input of size \(1, 16, 16\)"),
+        (lambda: maskprop.make_prunable(maskprop.create_model("resnet20"), (3, 32, 32)), "already has maskprop layers"),
+        (lambda: maskprop.make_prunable(Plain(), (3, 16, 16), exclude=["stem", "nope"]),
+         r"exclude names \['stem', 'nope'\] are not nn.Conv2d or nn.Linear layers of Plain"),
+        (lambda: maskprop.make_prunable(nn.Sequential(nn.Flatten(), nn.Linear(12, 10)), (3, 2, 2)),
+         r"no channel of Sequential can be pruned: '1' \(10 channels\): the model's output"),
+        (lambda: maskprop.make_prunable(Plain(), (3, 16)), "input_size"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as info:
+            call()
+        assert "\n" not in str(info.value)
+    with pytest.raises(TypeError, match="expected a torch.nn.Module"):
+        maskprop.make_prunable("resnet18", (3, 32, 32))
+
+
+def test_a_model_on_another_device_or_dtype_keeps_its_tensors_and_modes():
+    model = Plain().to(torch.float64)
+    model.block.train(False)
+    maskprop.make_prunable(model, (3, 16, 16))
+    assert model.stem[0].weight.dtype == torch.float64 and model.training and not model.block[0].training
+    assert isinstance(model.block[1], SparseBatchNorm2d) and not model.block[1].training
+
+
+NETS = """
+    import torch.nn.functional as F
+    from torch import nn
+
+    import maskprop
+
+
+    class Net(nn.Module):
+        def __init__(self, num_classes=10, width=8):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            self.conv2 = nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(width)
+            self.fc = nn.Linear(width, num_classes)
+
+        def forward(self, x):
+            x = F.relu(self.bn1(self.conv1(x)))
+            x = F.relu(self.bn2(self.conv2(x)) + F.avg_pool2d(x, 2))
+            return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+    @maskprop.register_model
+    def {name}(num_classes=10, prune_residual=True):
+        return maskprop.make_prunable(Net(num_classes), (3, 16, 16), prune_residual=prune_residual)
+"""
+
+
+def test_a_run_trains_exports_and_reloads_a_converted_network(tmp_path, monkeypatch, caplog):
+    from maskprop.models import _registry
+
+    name = f"plain_{os.getpid()}_{len(list_models())}"
+    (tmp_path / f"own_{name}.py").write_text(textwrap.dedent(NETS.replace("{name}", name)))
+    monkeypatch.chdir(tmp_path)
+    try:
+        config = with_overrides(TINY_RUN, **{"model.name": name, "model.module": f"own_{name}"})
+        with caplog.at_level("INFO", logger="maskprop.train.setup"):
+            result = maskprop.fit(config, out=tmp_path / "run")
+        assert f"checked {name} of own_{name}: 1 channel groups (8 channels): dense, compact" in caplog.text
+        assert set(result["widths"]) == {"conv1"}  # the stream: conv1 and conv2 meet in the add
+        maskprop.export_run(tmp_path / "run", tmp_path / "export", formats=("safetensors",))
+        narrow = maskprop.load_exported(tmp_path / "export")
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad(), maskprop.use_mask(result.model, result.mask, "compact"):
+            torch.testing.assert_close(narrow(x), result.model(x))
+        assert narrow.conv1.out_channels == int(result.mask["conv1"].sum()) < 8
+        off = with_overrides(config, **{"sparsity.prune_residual": False})
+        with pytest.raises(ValueError, match="no channel of Net can be pruned.*prune_residual=False"):
+            maskprop.fit(off, out=tmp_path / "off")
+    finally:
+        _registry._MODELS.pop(name, None)
+        sys.modules.pop(f"own_{name}", None)
+
+
+def test_the_example_module_registers_torchvision_networks(monkeypatch):
+    from maskprop.models import import_models
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import_models("examples.torchvision_nets")
+    model = maskprop.create_model("tv_mobilenet_v2", num_classes=10, width_mult=0.25)
+    assert "features.2.conv.0.0" in maskprop.channel_groups(model)  # an inverted residual's expansion
+    assert copy.deepcopy(model).features[2].conv[1][0].depthwise
+    full = maskprop.create_model("tv_resnet18", num_classes=10, prune_residual=False)
+    assert "conv1" not in maskprop.channel_groups(full)
