@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .models.spec import check_input_size
-from .sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear
+from .sparse import SparseBatchNorm2d, SparseBatchNormAct2d, SparseConv2d, SparseLinear
 from .sparse.modules import SparseModule
 
 logger = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def _trace(model: nn.Module, input_size: tuple[int, ...]) -> fx.Graph:
 
     copied = copy.deepcopy(model).to(device="meta").train()
     try:
-        traced = fx.symbolic_trace(copied)
+        traced = fx.GraphModule(copied, _Tracer().trace(copied))
     except Exception as err:  # torch.fx's errors are of many types; the first line says what it met
         message = " ".join(str(err).split())[:300]
         raise ValueError(f"torch.fx could not trace {type(model).__name__}'s forward ({type(err).__name__}: "
@@ -222,6 +222,27 @@ def _trace(model: nn.Module, input_size: tuple[int, ...]) -> fx.Graph:
         raise ValueError(f"{type(model).__name__} did not run on an input of size {tuple(input_size)} "
                          f"({type(err).__name__}: {message})") from None
     return traced.graph
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping timm's ``BatchNormAct2d`` whole (a BatchNorm and its activation, converted as one)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _is_batch_norm_act(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _is_batch_norm_act(module: nn.Module) -> bool:
+    """timm's ``BatchNormAct2d`` (told by its class, so that timm need not be imported): a BatchNorm, then ``drop``
+    and ``act``."""
+    kind = type(module)
+    return kind.__name__ == "BatchNormAct2d" and kind.__module__ == "timm.layers.norm_act"
+
+
+def _keeps_zero(module: nn.Module) -> bool | None:
+    """Whether a channel-wise module maps 0 to 0 (``None``: not a module known to act on each channel alone)."""
+    if isinstance(module, nn.Hardtanh):  # ReLU6 too
+        return module.min_val <= 0 <= module.max_val
+    return _ELEMENTWISE_MODULES.get(type(module))
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
@@ -347,16 +368,20 @@ class _Walk:
             return _Value(self.writes(entry, name))
         if first is None:
             return None  # a layer on channels that are whole: its output is whole too
-        if kind is nn.BatchNorm2d:
+        if kind is nn.BatchNorm2d or _is_batch_norm_act(module):
+            after = [] if kind is nn.BatchNorm2d else [_keeps_zero(module.drop), _keeps_zero(module.act)]
+            if None in after:
+                self.opaque(node, f"{kind.__name__} with {type(module.drop).__name__} and {type(module.act).__name__}"
+                                  f" after it, not known to act on each channel alone")
+                return None
             if not module.affine or not module.track_running_stats:
                 self.spaces.leave_whole(first.space, f"normalised by {name!r} without affine parameters or running "
                                                      f"statistics")
             self.reads(self.layer(node, "bn"), first.space)
-            return _Value(first.space)  # the BatchNorm of a group masks its output
-        if isinstance(module, nn.Hardtanh):  # ReLU6 too
-            return _channelwise(first, module.min_val <= 0 <= module.max_val, node)
-        if kind in _ELEMENTWISE_MODULES:
-            return _channelwise(first, _ELEMENTWISE_MODULES[kind], node)
+            return _channelwise(_Value(first.space), all(after), node)  # the BatchNorm of a group masks its output
+        keeps_zero = _keeps_zero(module)
+        if keeps_zero is not None:
+            return _channelwise(first, keeps_zero, node)
         if kind in _SPATIAL_MODULES:
             return _channelwise(first, _SPATIAL_MODULES[kind], node)
         if kind is nn.Flatten:
@@ -520,9 +545,11 @@ def _replace(model: nn.Module, modules: dict[str, nn.Module], layers: dict[str, 
         if entry.kind == "bn":
             if in_group is None:
                 continue
+            fused = dict(act=old.act, drop=old.drop) if _is_batch_norm_act(old) else {}
             with torch.device("meta"):
-                new = SparseBatchNorm2d(old.num_features, group=in_group, eps=old.eps, momentum=old.momentum,
-                                        affine=old.affine, track_running_stats=old.track_running_stats)
+                new = (SparseBatchNormAct2d if fused else SparseBatchNorm2d)(
+                    old.num_features, group=in_group, eps=old.eps, momentum=old.momentum, affine=old.affine,
+                    track_running_stats=old.track_running_stats, **fused)
         elif in_group is None and out_group is None:
             continue
         else:

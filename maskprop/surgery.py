@@ -22,7 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from .sbp.layers import SparseBackwardMixin
-from .sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, channel_groups, check_mask
+from .sparse import (
+    BatchNormAct2d,
+    SparseBatchNorm2d,
+    SparseBatchNormAct2d,
+    SparseConv2d,
+    SparseLinear,
+    channel_groups,
+    check_mask,
+)
 
 __all__ = ["IndexSets", "gather", "index_sets", "materialize", "scatter_"]
 
@@ -106,6 +114,10 @@ def _tensor(module: nn.Module, name: str, sets: Mapping[str, IndexSets]) -> Tens
     return None if tensor is None else gather(tensor, *sets[name])
 
 
+_WITH_ACTIVATION = {nn.BatchNorm2d: BatchNormAct2d, SparseBatchNorm2d: SparseBatchNormAct2d}
+"""The narrow layer of a :class:`~maskprop.sparse.SparseBatchNormAct2d`, by ``norm_type``."""
+
+
 def _narrow_layer(module: nn.Module, sets: Mapping[str, IndexSets], conv_type: type[nn.Conv2d],
                   norm_type: type[nn.BatchNorm2d]) -> nn.Module:
     """The plain torch layer of the kept size that replaces a maskprop layer."""
@@ -113,9 +125,17 @@ def _narrow_layer(module: nn.Module, sets: Mapping[str, IndexSets], conv_type: t
         running_mean = _tensor(module, "running_mean", sets)
         weight = _tensor(module, "weight", sets)
         kept = (weight if weight is not None else running_mean)
+        if isinstance(module, SparseBatchNormAct2d):  # its activation (and dropout) come along
+            if norm_type not in _WITH_ACTIVATION:
+                raise ValueError(f"norm_type={norm_type.__name__} has no variant with an activation after it, which "
+                                 f"{type(module).__name__} needs; expected one of "
+                                 f"{[t.__name__ for t in _WITH_ACTIVATION]}")
+            norm_type = _WITH_ACTIVATION[norm_type]
         new = norm_type(module.num_features if kept is None else kept.shape[0], eps=module.eps,
                         momentum=module.momentum, affine=module.affine,
                         track_running_stats=module.track_running_stats, device="meta")
+        if isinstance(module, SparseBatchNormAct2d):
+            new.drop, new.act = copy.deepcopy(module.drop), copy.deepcopy(module.act)
         if module.affine:
             new.weight = _parameter(weight, module.weight)
             new.bias = _parameter(_tensor(module, "bias", sets), module.bias)

@@ -39,6 +39,7 @@ def _build(name: str) -> nn.Module:
     "regnet_x_400mf",      # grouped convs: the channels they read stay whole
     "densenet121",         # concatenations: only the bottleneck convs' outputs are pruned
     "timm:resnet18",
+    "timm:mobilenetv3_small_050",  # timm's fused BatchNorm-activation layers (BatchNormAct2d)
 ])
 def test_torchvision_and_timm_networks_convert_compute_the_same_and_pass_the_check(name):
     model = _build(name).eval()
@@ -320,13 +321,46 @@ def test_a_run_trains_exports_and_reloads_a_converted_network(tmp_path, monkeypa
         sys.modules.pop(f"own_{name}", None)
 
 
+def test_timms_fused_batchnorm_activation_becomes_one_layer_that_narrows_with_its_activation():
+    from timm.layers import BatchNormAct2d as TimmBatchNormAct2d
+
+    from maskprop.sparse import BatchNormAct2d, SparseBatchNormAct2d
+
+    def net(act_layer):
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), TimmBatchNormAct2d(8, act_layer=act_layer),
+                             nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    model = net(nn.SiLU)
+    keys = list(model.state_dict())
+    maskprop.make_prunable(model, (3, 8, 8))
+    assert type(model[1]) is SparseBatchNormAct2d and model[1].group == "0" and type(model[1].act) is nn.SiLU
+    assert list(model.state_dict()) == keys and maskprop.channel_groups(model) == {"0": 8, "2": 8}
+    maskprop.check_model(model, (3, 8, 8))
+    mask = {"0": torch.arange(8) % 2 == 0, "2": torch.arange(8) < 3}
+    narrow = maskprop.materialize(model, mask)
+    assert type(narrow[1]) is BatchNormAct2d and type(narrow[1].act) is nn.SiLU and narrow[1].num_features == 4
+    assert narrow[1].act is not model[1].act  # the narrow model shares nothing with the full one
+    synchronised = maskprop.materialize(model, mask, norm_type=SparseBatchNorm2d)
+    assert type(synchronised[1]) is SparseBatchNormAct2d and synchronised[1].group is None
+    with pytest.raises(ValueError, match="norm_type=SyncBatchNorm has no variant with an activation after it"):
+        maskprop.materialize(model, mask, norm_type=nn.SyncBatchNorm)
+
+    # an activation that is not 0 at 0 before a conv, or one not known to act on each channel alone: left whole
+    assert "0" not in maskprop.channel_groups(maskprop.make_prunable(net(nn.Sigmoid), (3, 8, 8)))
+    odd = maskprop.make_prunable(net(nn.PReLU), (3, 8, 8))
+    assert "0" not in maskprop.channel_groups(odd) and type(odd[1]) is TimmBatchNormAct2d
+
+
 def test_the_example_module_registers_torchvision_networks(monkeypatch):
     from maskprop.models import import_models
 
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import_models("examples.torchvision_nets")
+    import_models("examples.converted_nets")
     model = maskprop.create_model("tv_mobilenet_v2", num_classes=10, width_mult=0.25)
     assert "features.2.conv.0.0" in maskprop.channel_groups(model)  # an inverted residual's expansion
     assert copy.deepcopy(model).features[2].conv[1][0].depthwise
     full = maskprop.create_model("tv_resnet18", num_classes=10, prune_residual=False)
     assert "conv1" not in maskprop.channel_groups(full)
+    efficient = maskprop.create_model("timm_efficientnet_b0", num_classes=10)
+    assert len(maskprop.channel_groups(efficient)) == 40

@@ -11,15 +11,17 @@ from .groups import (
                      kept_ratio,
                      random_mask,
 )
-from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule
+from .modules import BatchNormAct2d, SparseBatchNorm2d, SparseBatchNormAct2d, SparseConv2d, SparseLinear, SparseModule
 
 __all__ = [
     "MODES",
+    "BatchNormAct2d",
     "ChannelSparseModel",
     "ExecutionState",
     "Mask",
     "ModelPlan",
     "SparseBatchNorm2d",
+    "SparseBatchNormAct2d",
     "SparseConv2d",
     "SparseLinear",
     "SparseModule",

@@ -275,3 +275,26 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group={self.group!r}"
+
+
+class _ActivationAfter:
+    """A BatchNorm layer followed by ``drop`` and ``act`` in one module, with the BatchNorm's state_dict keys (and
+    ``drop.*`` / ``act.*`` for theirs, if any): timm's ``BatchNormAct2d``, which fuses them so."""
+
+    def __init__(self, *args, act: nn.Module | None = None, drop: nn.Module | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.drop = nn.Identity() if drop is None else drop
+        self.act = nn.Identity() if act is None else act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class SparseBatchNormAct2d(_ActivationAfter, SparseBatchNorm2d):
+    """:class:`SparseBatchNorm2d` followed by ``drop`` and ``act``: what :func:`maskprop.make_prunable` puts in place
+    of timm's ``BatchNormAct2d`` (same state_dict keys). The mask applies after the BatchNorm, before ``act``."""
+
+
+class BatchNormAct2d(_ActivationAfter, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` followed by ``drop`` and ``act`` in plain torch: the narrow model's layer where the full model
+    has a :class:`SparseBatchNormAct2d`."""

@@ -1,0 +1,48 @@
+"""torchvision's and timm's networks, written with plain torch layers, made channel-prunable by
+``maskprop.make_prunable`` and registered so that a run can build them by name.
+
+Train one with ``model.module: examples.converted_nets`` and ``model.name: tv_resnet18`` (or ``tv_mobilenet_v2``,
+``timm_efficientnet_b0``), from the repository root, e.g. ``maskprop train recipes/quickstart.yaml
+model.module=examples.converted_nets model.name=tv_resnet18``. ``make_prunable`` traces the forward with
+``torch.fx`` and swaps each conv, BatchNorm and linear layer on prunable channels for maskprop's, with the same
+parameters (a torchvision or timm checkpoint loads as it is); the run checks the result with ``maskprop.check_model``
+before its first step.
+
+The trace reads the shapes at ``INPUT_SIZE``; they decide only how many features per channel a flattened feature map
+gives a linear layer, and these networks pool to one position before theirs, so the models train at any input size.
+"""
+
+from __future__ import annotations
+
+import timm
+import torchvision
+from torch import nn
+
+import maskprop
+
+INPUT_SIZE = (3, 32, 32)
+
+
+@maskprop.register_model
+def tv_resnet18(num_classes: int = 1000, prune_residual: bool = True) -> nn.Module:
+    """torchvision's ResNet-18: a group per stage stream (the stem's output and ``layer1``'s blocks are one) and one
+    per block's inner conv."""
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    return maskprop.make_prunable(model, INPUT_SIZE, prune_residual=prune_residual)
+
+
+@maskprop.register_model
+def tv_mobilenet_v2(num_classes: int = 1000, prune_residual: bool = True, width_mult: float = 1.0) -> nn.Module:
+    """torchvision's MobileNetV2: each inverted residual's expansion is a group its depthwise conv reads and writes;
+    blocks that add into one stream share its group."""
+    model = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width_mult)
+    return maskprop.make_prunable(model, INPUT_SIZE, prune_residual=prune_residual)
+
+
+@maskprop.register_model
+def timm_efficientnet_b0(num_classes: int = 1000, prune_residual: bool = True,
+                         drop_path_rate: float = 0.0) -> nn.Module:
+    """timm's EfficientNet-B0: its fused BatchNorm-activation layers become maskprop's (``SparseBatchNormAct2d``), and
+    each squeeze-and-excitation gate is one group with the channels it scales."""
+    model = timm.create_model("efficientnet_b0", num_classes=num_classes, drop_path_rate=drop_path_rate)
+    return maskprop.make_prunable(model, INPUT_SIZE, prune_residual=prune_residual)
