@@ -412,14 +412,16 @@ def test_odd_widths_run_on_cuda_with_aligned_operands(name, dtype):
 
 @isolated
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", ["small_mobilenet", "small_vgg"])
-def test_own_networks_run_on_cuda_with_aligned_operands(name, dtype, monkeypatch):
+@pytest.mark.parametrize("module,name", [("examples.my_nets", "small_mobilenet"), ("examples.my_nets", "small_vgg"),
+                                         ("examples.converted_nets", "timm_efficientnet_b0")])
+def test_own_networks_run_on_cuda_with_aligned_operands(module, name, dtype, monkeypatch):
     """examples/my_nets.py's MobileNet (cuDNN's depthwise kernels at the gathered width) and VGG (a flattened map into
-    a pruned hidden layer) with odd widths: operands aligned, compact equal to masked."""
+    a pruned hidden layer), and timm's EfficientNet-B0 converted by make_prunable, with odd widths: operands aligned,
+    compact equal to masked."""
     from maskprop.models import import_models
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     monkeypatch.chdir(REPO)
-    import_models("examples.my_nets")
+    import_models(module)
     compact_step_operands_are_aligned(name, dtype, device="cuda", batch=8, size=(3, 32, 32))

@@ -90,7 +90,7 @@ def compact_step_operands_are_aligned(name: str, dtype: torch.dtype, device: str
     torch.manual_seed(0)
     model = nontrivial_batch_norms(maskprop.create_model(name).to(device)).to(dtype)
     reference = copy.deepcopy(model)
-    groups = model.channel_groups()
+    groups = maskprop.channel_groups(model)
     mask = odd_width_mask(groups, torch.Generator().manual_seed(0))
     assert any(int(m.sum()) in ODD_WIDTHS for m in mask.values())
     x = torch.randn(batch, *(size or input_size(name)), device=device, dtype=dtype)
@@ -132,14 +132,16 @@ def test_gathered_operands_are_aligned_on_the_cpu_path():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", ["small_mobilenet", "small_vgg"])
-def test_gathered_operands_of_depthwise_convolutions_and_flattened_maps_are_aligned(name, dtype, monkeypatch):
+@pytest.mark.parametrize("module,name", [("examples.my_nets", "small_mobilenet"), ("examples.my_nets", "small_vgg"),
+                                         ("examples.converted_nets", "timm_efficientnet_b0")])
+def test_gathered_operands_of_depthwise_convolutions_and_flattened_maps_are_aligned(module, name, dtype, monkeypatch):
     """examples/my_nets.py's MobileNet (a depthwise weight gathers rows of 9 elements, one input channel each) and VGG
-    (its hidden layer rows of 16 positions per channel of a flattened 4x4 map)."""
+    (its hidden layer rows of 16 positions per channel of a flattened 4x4 map); timm's EfficientNet-B0 converted by
+    make_prunable (depthwise convs, squeeze-and-excitation gates, fused BatchNorm-activation layers)."""
     from pathlib import Path
 
     from maskprop.models import import_models
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    import_models("examples.my_nets")
+    import_models(module)
     compact_step_operands_are_aligned(name, dtype, size=(3, 32, 32))  # small_vgg's default: a 4x4 map flattened
