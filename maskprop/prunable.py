@@ -53,10 +53,9 @@ _ELEMENTWISE_MODULES: dict[type[nn.Module], bool] = {
     nn.SiLU: True, nn.Mish: True, nn.Hardswish: True, nn.Tanh: True, nn.Softsign: True, nn.Identity: True,
     nn.Dropout: True, nn.Sigmoid: False, nn.Hardsigmoid: False, nn.Softplus: False,
 }
-_SPATIAL_MODULES: dict[type[nn.Module], bool] = {
-    nn.MaxPool2d: True, nn.AvgPool2d: True, nn.AdaptiveAvgPool2d: True, nn.AdaptiveMaxPool2d: True,
-    nn.Dropout2d: True, nn.Upsample: True, nn.ZeroPad2d: True,
-}
+# Spatial operations on each channel alone, each 0 at 0 (pooling, zero padding, nearest or bilinear resizing).
+_SPATIAL_MODULES = {nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout2d, nn.Upsample,
+                    nn.ZeroPad2d}
 _ELEMENTWISE_FUNCTIONS: dict[object, bool] = {
     **dict.fromkeys([F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, torch.selu,
                      F.celu, F.gelu, F.silu, F.mish, F.hardswish, torch.tanh, F.tanh, F.softsign, F.dropout,
@@ -198,7 +197,7 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
     replaced = _replace(model, modules, layers, spaces, groups)
     prunable = sum(_width(modules, spaces, root) for root in groups)
     logger.debug("make_prunable: %s has %d channel groups (%d channels) in %d converted layers; left whole: %s",
-                type(model).__name__, len(groups), prunable, replaced, _why_whole(spaces, layers, modules))
+                 type(model).__name__, len(groups), prunable, replaced, _why_whole(spaces, layers, modules))
     return model
 
 
@@ -383,7 +382,7 @@ class _Walk:
         if keeps_zero is not None:
             return _channelwise(first, keeps_zero, node)
         if kind in _SPATIAL_MODULES:
-            return _channelwise(first, _SPATIAL_MODULES[kind], node)
+            return _channelwise(first, True, node)
         if kind is nn.Flatten:
             return self.flattened(node, first)
         self.opaque(node, f"{kind.__name__}, which maskprop does not convert")
