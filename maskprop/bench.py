@@ -253,10 +253,11 @@ def training_steps(model: nn.Module, x: Tensor, y: Tensor, masks: Mapping[str, M
 def check_settings(model_name: str, batch_size: int, keep_ratios: Sequence[float], repeats: int, warmup: int,
                    image_size: int, masks: str, align: int | None) -> None:
     """Raise a one-line ``ValueError`` for a setting :func:`bench_model` cannot run (checked before anything runs)."""
-    from .models import list_models
+    from .models import is_model, list_models
 
-    if model_name not in list_models():
-        raise ValueError(f"unknown model {model_name!r}; expected one of {', '.join(list_models())}")
+    if not is_model(model_name):
+        raise ValueError(f"unknown model {model_name!r}; expected one of {', '.join(list_models())}, or timm:NAME or "
+                         f"torchvision:NAME")
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
     if warmup < 0:

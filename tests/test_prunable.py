@@ -364,3 +364,43 @@ def test_the_example_module_registers_torchvision_networks(monkeypatch):
     assert "conv1" not in maskprop.channel_groups(full)
     efficient = maskprop.create_model("timm_efficientnet_b0", num_classes=10)
     assert len(maskprop.channel_groups(efficient)) == 40
+
+
+def test_timm_and_torchvision_names_build_their_models_made_prunable():
+    from maskprop.models import converted_source, is_model
+
+    assert [converted_source(n) for n in ("timm:resnet18", "torchvision:vgg11_bn", "timm:", "x:resnet18", "resnet18",
+                                          None)] == ["timm", "torchvision", None, None, None, None]
+    assert is_model("timm:anything") and is_model("resnet20") and not is_model("timm") and not is_model(3)
+    torch.manual_seed(0)
+    built = maskprop.create_model("timm:resnet18", num_classes=7)
+    torch.manual_seed(0)
+    expected = maskprop.make_prunable(timm.create_model("resnet18", num_classes=7), (3, 224, 224))
+    assert maskprop.channel_groups(built) == maskprop.channel_groups(expected) and built.fc.out_features == 7
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), expected.state_dict().values()))
+    small = maskprop.create_model("torchvision:mobilenet_v2", num_classes=10, width_mult=0.25, prune_residual=False)
+    assert small.features[1].conv[1].out_channels == 8 and "features.3" not in maskprop.channel_groups(small)
+    assert maskprop.create_model("timm:resnet18", in_chans=1).conv1.in_channels == 1  # traced at 1 x 224 x 224
+    cases = [("timm:no_such_net", r"unknown model 'timm:no_such_net': timm has no model 'no_such_net'"),
+             ("torchvision:no_such_net", r"torchvision has no model 'no_such_net'"),
+             ("pytorch:resnet18", r"unknown model 'pytorch:resnet18'; known models: .*, or timm:NAME")]
+    for name, message in cases:
+        with pytest.raises(ValueError, match=message):
+            maskprop.create_model(name)
+    with pytest.raises(ValueError, match=r"model 'torchvision:resnet18' does not take the keywords \{'depth': 3"):
+        maskprop.create_model("torchvision:resnet18", depth=3)
+
+
+def test_a_run_of_a_torchvision_name_checks_the_conversion_and_exports_without_a_module(tmp_path, caplog):
+    config = with_overrides(TINY_RUN, **{"model.name": "torchvision:resnet18"})
+    with caplog.at_level("INFO", logger="maskprop.train.setup"):
+        result = maskprop.fit(config, out=tmp_path / "run")
+    assert "checked torchvision:resnet18 of torchvision: 12 channel groups (2880 channels)" in caplog.text
+    maskprop.export_run(tmp_path / "run", tmp_path / "export", formats=("safetensors",))
+    narrow = maskprop.load_exported(tmp_path / "export")  # no module to import: torchvision builds it
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), maskprop.use_mask(result.model, result.mask, "compact"):
+        torch.testing.assert_close(narrow(x), result.model(x))
+    with pytest.raises(ValueError, match=r"^model.name='timm:nope': unknown model 'timm:nope': timm has no model"):
+        maskprop.fit(with_overrides(TINY_RUN, **{"model.name": "timm:nope"}), out=tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()

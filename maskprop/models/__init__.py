@@ -1,7 +1,15 @@
 """Model registry and the channel-sparse model family."""
 
 from . import mlp, resnet, vgg, wide_resnet  # noqa: F401  (register the entry points)
-from ._registry import create_model, import_models, list_models, model_entrypoint, register_model
+from ._registry import (
+                        converted_source,
+                        create_model,
+                        import_models,
+                        is_model,
+                        list_models,
+                        model_entrypoint,
+                        register_model,
+)
 from .mlp import MLP
 from .resnet import BasicBlock, Bottleneck, ResNet
 from .vgg import VGG
@@ -9,5 +17,6 @@ from .wide_resnet import WideBasic, WideResNet
 
 __all__ = [
     "MLP", "VGG", "BasicBlock", "Bottleneck", "ResNet", "WideBasic", "WideResNet",
-    "create_model", "import_models", "list_models", "model_entrypoint", "register_model",
+    "converted_source", "create_model", "import_models", "is_model", "list_models", "model_entrypoint",
+    "register_model",
 ]

@@ -87,14 +87,69 @@ def import_models(module: str, name: str = "model.module") -> list[str]:
     return sorted(set(_MODELS) - before)
 
 
+CONVERTED_SOURCES = ("timm", "torchvision")
+"""Libraries whose models a name such as ``timm:efficientnet_b0`` builds, made prunable by ``make_prunable``."""
+
+CONVERTED_INPUT_SIZE = (224, 224)
+"""The image size ``make_prunable`` traces those models at (their heads pool globally, so they train at any size)."""
+
+
+def converted_source(name: object) -> str | None:
+    """``"timm"`` or ``"torchvision"`` for a name of the form ``SOURCE:ARCH`` (a model of that library, made prunable),
+    else ``None``."""
+    if not isinstance(name, str):
+        return None
+    source, colon, arch = name.partition(":")
+    return source if colon and arch and source in CONVERTED_SOURCES else None
+
+
+def _converted_entrypoint(name: str) -> Callable[..., nn.Module]:
+    """The entry point of ``timm:ARCH`` or ``torchvision:ARCH``: the library's model built with its own keywords, then
+    made prunable (``prune_residual`` is make_prunable's)."""
+    source, _, arch = name.partition(":")
+    if source == "timm":
+        import timm
+
+        if not timm.is_model(arch):
+            raise ValueError(f"unknown model {name!r}: timm has no model {arch!r} (timm.list_models() names them)")
+        create = timm.create_model
+    else:
+        import torchvision
+
+        if arch not in torchvision.models.list_models():
+            raise ValueError(f"unknown model {name!r}: torchvision has no model {arch!r} "
+                             f"(torchvision.models.list_models() names them)")
+        create = torchvision.models.get_model
+
+    def build(num_classes: int = 1000, prune_residual: bool = True, **kwargs) -> nn.Module:
+        from ..prunable import make_prunable
+
+        model = create(arch, num_classes=num_classes, **kwargs)
+        channels = kwargs.get("in_chans", 3)  # timm's keyword for the input's channels
+        return make_prunable(model, (channels, *CONVERTED_INPUT_SIZE), prune_residual=prune_residual)
+
+    build.__name__ = build.__qualname__ = name
+    return build
+
+
+def is_model(name: object) -> bool:
+    """``name`` builds a model: registered, or ``timm:ARCH`` / ``torchvision:ARCH`` (not checked against the
+    library's list until it is built)."""
+    return isinstance(name, str) and (name in _MODELS or converted_source(name) is not None)
+
+
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:
-    """The function that builds the registered model ``name``.
+    """The function that builds the registered model ``name``, or timm's or torchvision's model ``ARCH`` for
+    ``timm:ARCH`` or ``torchvision:ARCH``, converted by :func:`maskprop.make_prunable`.
 
     Raises:
-        ValueError: ``name`` is not registered (the message lists the known models).
+        ValueError: ``name`` is not registered (the message lists the known models), or the library has no such model.
     """
+    if converted_source(name) is not None and name not in _MODELS:
+        return _converted_entrypoint(name)
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}, or timm:NAME and "
+                         f"torchvision:NAME for a model of those libraries made prunable")
     return _MODELS[name]
 
 

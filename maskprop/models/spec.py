@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..sparse.modules import SparseModule
-from ._registry import check_module_name, create_model, import_models, list_models, model_entrypoint
+from ._registry import check_module_name, create_model, import_models, is_model, list_models, model_entrypoint
 
 __all__ = ["ModelSpec"]
 
@@ -110,7 +110,7 @@ class ModelSpec:
         Raises:
             ValueError: The name is not registered or the factory rejects the keywords (one line).
         """
-        if self.module is not None and self.name not in list_models():
+        if self.module is not None and not is_model(self.name):
             import_models(self.module, "the model spec's module")
         try:
             with torch.device(device or "cpu"):
@@ -154,9 +154,9 @@ class ModelSpec:
         name, kwargs, size, module = data["name"], data["kwargs"], data["input_size"], data.get("module")
         if module is not None:
             check_module_name(module, f"{where}'s module")
-        if isinstance(name, str) and name not in list_models() and module is not None and import_module:
+        if isinstance(name, str) and not is_model(name) and module is not None and import_module:
             import_models(module)
-        if isinstance(name, str) and name not in list_models():
+        if isinstance(name, str) and not is_model(name):
             if module is not None and import_module:
                 raise ValueError(f"{where} names model {name!r} of module {module!r}, which the module no longer "
                                  f"registers (registered: {', '.join(list_models())})")

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from .._files import check_creatable
 from ..check import check_model
 from ..cost import CostModel, InputSizeError
-from ..models import import_models, list_models, model_entrypoint
+from ..models import converted_source, import_models, is_model, list_models, model_entrypoint
 from ..models.spec import ModelSpec
 from ..sbp import GlobalBudget, convert, sparse_layers
 from ..sparse import channel_groups
@@ -165,11 +165,15 @@ def _probe_example(name: str, dataset: Dataset) -> tuple[int, int, int]:
 
 
 def _model_spec(cfg: Config, num_classes: int, input_size: tuple[int, int, int]) -> ModelSpec:
-    if cfg.model.name not in list_models():  # the name itself, before the keywords
+    if not is_model(cfg.model.name):  # the name itself, before the keywords
         imported = (" (a network of your own: model.module names the module that registers it)"
                     if cfg.model.module is None else f" (with model.module={cfg.model.module!r} imported)")
         raise ValueError(f"model.name={cfg.model.name!r} is not a registered model; expected one of "
-                         f"{', '.join(list_models())}{imported}")
+                         f"{', '.join(list_models())}, or timm:NAME or torchvision:NAME{imported}")
+    try:
+        model_entrypoint(cfg.model.name)  # timm:NAME and torchvision:NAME: does the library have the model?
+    except ValueError as err:
+        raise ValueError(f"model.name={cfg.model.name!r}: {err}") from None
     try:
         return ModelSpec.resolve(cfg.model.name, cfg.model.kwargs, num_classes=num_classes, input_size=input_size,
                                  prune_residual=cfg.sparsity.prune_residual, module=cfg.model.module)
@@ -314,7 +318,7 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         registered = import_models(cfg.model.module)
         if registered:
             logger.info("model.module %s registers %s", cfg.model.module, ", ".join(registered))
-    if cfg.model.name not in list_models():
+    if not is_model(cfg.model.name):
         _model_spec(cfg, 0, (0, 0, 0))  # its one-line error
     if given is None and cfg.data.root is not None:  # config.yaml keeps it absolute: a resume from elsewhere finds it
         cfg.data.root = str(Path(cfg.data.root).expanduser().absolute())
@@ -332,8 +336,8 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     spec = _model_spec(cfg, num_classes, input_size)
     torch.manual_seed(cfg.seed)
     model = spec.build()
-    source = model_entrypoint(spec.name).__module__
-    if cfg.model.check and not source.startswith("maskprop."):  # a network of the user's own: wired as it runs?
+    source = converted_source(spec.name) or model_entrypoint(spec.name).__module__
+    if cfg.model.check and not source.startswith("maskprop."):  # a network of the user's own (or converted): right?
         try:
             checked = check_model(model, input_size)
         except ValueError as err:
