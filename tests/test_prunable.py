@@ -404,3 +404,16 @@ def test_a_run_of_a_torchvision_name_checks_the_conversion_and_exports_without_a
     with pytest.raises(ValueError, match=r"^model.name='timm:nope': unknown model 'timm:nope': timm has no model"):
         maskprop.fit(with_overrides(TINY_RUN, **{"model.name": "timm:nope"}), out=tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
+
+
+def test_a_torchvision_checkpoint_loads_into_the_converted_model_as_it_is(tmp_path):
+    from maskprop.train.weights import load_initial_weights
+
+    torch.manual_seed(1)
+    pretrained = torchvision.models.resnet18(num_classes=1000)  # another head: ImageNet's
+    torch.save(pretrained.state_dict(), tmp_path / "resnet18.pth")
+    model = maskprop.create_model("torchvision:resnet18", num_classes=10)
+    loaded = load_initial_weights(model, tmp_path / "resnet18.pth", "torchvision:resnet18")
+    assert loaded.kept_initialisation == ["fc.bias", "fc.weight"] and loaded.tensors == len(pretrained.state_dict()) - 2
+    assert torch.equal(model.layer2[0].downsample[0].weight, pretrained.layer2[0].downsample[0].weight)
+    assert isinstance(model.layer2[0].downsample[0], SparseConv2d)
