@@ -43,6 +43,7 @@ from .sparse import SparseBatchNorm2d, SparseBatchNormAct2d, SparseConv2d, Spars
 from .sparse.modules import SparseModule
 
 logger = logging.getLogger(__name__)
+_SAID: set[str] = set()  # the summaries logged at INFO
 
 __all__ = ["make_prunable"]
 
@@ -196,8 +197,10 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
         raise ValueError(f"no channel of {type(model).__name__} can be pruned: {_why_whole(spaces, layers, modules)}")
     replaced = _replace(model, modules, layers, spaces, groups)
     prunable = sum(_width(modules, spaces, root) for root in groups)
-    logger.debug("make_prunable: %s has %d channel groups (%d channels) in %d converted layers; left whole: %s",
-                 type(model).__name__, len(groups), prunable, replaced, _why_whole(spaces, layers, modules))
+    summary = (f"make_prunable: {type(model).__name__} has {len(groups)} channel groups ({prunable} channels) in "
+               f"{replaced} converted layers; left whole: {_why_whole(spaces, layers, modules)}")
+    logger.log(logging.DEBUG if summary in _SAID else logging.INFO, summary)  # once a process: a run builds it often
+    _SAID.add(summary)
     return model
 
 
