@@ -417,3 +417,29 @@ def test_a_torchvision_checkpoint_loads_into_the_converted_model_as_it_is(tmp_pa
     assert loaded.kept_initialisation == ["fc.bias", "fc.weight"] and loaded.tensors == len(pretrained.state_dict()) - 2
     assert torch.equal(model.layer2[0].downsample[0].weight, pretrained.layer2[0].downsample[0].weight)
     assert isinstance(model.layer2[0].downsample[0], SparseConv2d)
+
+
+def test_a_timm_model_exports_its_narrow_widths_for_timm_where_timm_rebuilds_it_exactly(tmp_path):
+    from maskprop.export import load_timm, save_exported
+    from maskprop.models.spec import ModelSpec
+
+    for name, kwargs in (("timm:mobilenetv3_small_050", {"drop_path_rate": 0.1}), ("timm:regnetx_002", {})):
+        spec = ModelSpec.resolve(name, kwargs, num_classes=10, input_size=(3, 32, 32))
+        torch.manual_seed(0)
+        model = spec.build().eval()
+        mask = maskprop.random_mask(maskprop.channel_groups(model), 0.5, torch.Generator().manual_seed(0))
+        out = tmp_path / name.replace(":", "_")
+        if name.endswith("regnetx_002"):  # grouped convs: timm would narrow them as depthwise ones
+            with pytest.raises(ValueError, match="timm's adapt_model_from_string does not rebuild timm:regnetx_002"):
+                save_exported(model, mask, out, spec=spec, formats="safetensors,timm")
+            assert not out.exists()
+            continue
+        info = save_exported(model, mask, out, spec=spec, formats="safetensors,timm")
+        assert info["timm"] == {"model": "mobilenetv3_small_050", "drop_path_rate": 0.1, "num_classes": 10}
+        rebuilt = load_timm(out)  # timm's own model, adapted to the narrow widths, the exported weights in it
+        assert type(rebuilt).__module__.startswith("timm.")
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad(), maskprop.use_mask(model, mask, "compact"):
+            torch.testing.assert_close(rebuilt(x), model(x), rtol=1e-4, atol=1e-5)
+        default = save_exported(model, mask, tmp_path / "default", spec=spec)  # the timm file: asked for only
+        assert "model.safetensors" in default["files"] and "timm_pruned.txt" not in default["files"]
