@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 import textwrap
@@ -149,6 +150,9 @@ class Between(nn.Module):
         self.conv2 = nn.Conv2d(16 if op == "cat" else 8, 8, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(8)
         self.fc = nn.Linear(8, 10)
+        self.hardtanh = nn.Hardtanh(0.5, 2.0)
+        self.hardsigmoid = nn.Hardsigmoid()
+        self.softmax = nn.Softmax2d()  # a layer maskprop does not convert
 
     def forward(self, x):
         x = self.bn1(self.conv1(x))
@@ -173,6 +177,33 @@ class Between(nn.Module):
             x = torch.cat([x[:, 4:], x[:, :4]], 1)
         elif op == "spatial mean":
             x = x * x.mean((2, 3), keepdim=True)
+        elif op == "Hardsigmoid":
+            x = self.hardsigmoid(x)
+        elif op == "sigmoid method":
+            x = x.sigmoid()
+        elif op == "plus its sigmoid":
+            x = x + torch.sigmoid(x)
+        elif op == "over a feature map":
+            x = x / (2 * x)
+        elif op == "a number over it":
+            x = 2 / x
+        elif op == "Hardtanh above 0":
+            x = self.hardtanh(x)
+        elif op == "hardtanh above 0":
+            x = F.hardtanh(x, 0.5, 2.0)
+        elif op == "hardtanh around 0":
+            x = F.hardtanh(x, -0.5, 2.0)
+        elif op == "pad with ones":
+            x = F.pad(x, (1, 1, 1, 1), value=1.0)
+        elif op == "reflect pad":
+            x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        elif op == "noise in training" and self.training:  # traced as it trains: the noise is per channel
+            x = x + 0.1 * torch.randn_like(x)
+        elif op == "Softmax2d":
+            x = self.softmax(x)
+        elif op == "chunk":
+            a, b = x.chunk(2, 1)
+            x = torch.cat([b, a], 1)
         x = F.relu(self.bn2(self.conv2(x)))
         return self.fc(x.mean((-2, -1)))
 
@@ -181,6 +212,10 @@ class Between(nn.Module):
     ("relu", True), ("times two", True), ("per-example noise", True), ("spatial mean", True),
     ("sigmoid", False), ("plus one", False), ("per-channel scale", False), ("cat", False),
     ("mean over channels", False), ("slice", False),
+    ("hardtanh around 0", True), ("reflect pad", True), ("Hardsigmoid", False), ("sigmoid method", False),
+    ("plus its sigmoid", False), ("over a feature map", False), ("a number over it", False),
+    ("Hardtanh above 0", False), ("hardtanh above 0", False), ("pad with ones", False), ("chunk", False),
+    ("Softmax2d", False), ("noise in training", False),
 ])
 def test_what_keeps_a_channel_space_prunable(op, prunable_):
     model = maskprop.make_prunable(Between(op), (3, 8, 8))
@@ -443,3 +478,204 @@ def test_a_timm_model_exports_its_narrow_widths_for_timm_where_timm_rebuilds_it_
             torch.testing.assert_close(rebuilt(x), model(x), rtol=1e-4, atol=1e-5)
         default = save_exported(model, mask, tmp_path / "default", spec=spec)  # the timm file: asked for only
         assert "model.safetensors" in default["files"] and "timm_pruned.txt" not in default["files"]
+
+
+class Reduced(nn.Module):
+    """conv1-BN, conv2-BN, then a head that reduces over the channels of an 8 x 8 map of 8 channels (H = C)."""
+
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        self.head = head
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        x = x.mean(1) if self.head == "mean(1)" else x.sum(-3)  # (N, H, W): dimension 1 is now the rows
+        return self.fc(x.amax(-1))
+
+
+@pytest.mark.parametrize("head", ["mean(1)", "sum(-3)"])
+def test_a_reduction_over_channels_is_one_even_where_the_rows_are_as_many(head):
+    model = maskprop.make_prunable(Reduced(head), (3, 8, 8))
+    assert maskprop.channel_groups(model) == {"conv1": 8}  # conv2's channels are reduced: whole
+    maskprop.check_model(model, (3, 8, 8))
+
+
+class Unnormalised(nn.Module):
+    """Convs whose output does not go to their group's BatchNorm alone: each must mask its own output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.both = nn.Conv2d(8, 8, 3, padding=1)  # read by its BatchNorm and by the add
+        self.bn_both = nn.BatchNorm2d(8)
+        self.direct = nn.Conv2d(8, 6, 1)  # read by a conv directly
+        self.next = nn.Conv2d(6, 6, 1, bias=False)
+        self.bn_next = nn.BatchNorm2d(6)
+        self.twice = nn.Conv2d(6, 4, 1)  # called twice: once into its BatchNorm, once into a ReLU
+        self.bn_twice = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        y = self.both(x)
+        x = F.relu(self.bn_both(y)) + y
+        x = F.relu(self.bn_next(self.next(self.direct(x))))
+        x = F.relu(self.bn_twice(self.twice(x))) + F.relu(self.twice(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_layer_masks_its_output_unless_its_groups_batchnorm_alone_reads_every_call():
+    model = maskprop.make_prunable(Unnormalised(), (3, 8, 8))
+    assert set(maskprop.channel_groups(model)) == {"stem", "both", "direct", "next", "twice"}
+    assert not model.stem.mask_output and not model.next.mask_output
+    assert model.both.mask_output and model.direct.mask_output and model.twice.mask_output
+    maskprop.check_model(model, (3, 8, 8))
+
+
+class Unit(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class Streams(nn.Module):
+    """Three residual streams: one in ``s1`` (its writers share ``s1`` and nothing after it), two in ``s2``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s1 = nn.ModuleDict({"a": Unit(3, 8), "b": Unit(8, 8)})
+        self.s2 = nn.ModuleDict({"c": Unit(8, 6), "d": Unit(6, 6), "e": Unit(6, 4), "f": Unit(4, 4)})
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.s1["a"](x))
+        x = F.relu(x + self.s1["b"](x))
+        x = F.relu(self.s2["c"](x))
+        x = F.relu(x + self.s2["d"](x))
+        x = F.relu(self.s2["e"](x))
+        x = F.relu(x + self.s2["f"](x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_group_names_are_the_writers_leading_common_path_unless_two_groups_share_it():
+    model = maskprop.make_prunable(Streams(), (3, 8, 8))
+    assert maskprop.channel_groups(model) == {"s1": 8, "s2.c.conv": 6, "s2.e.conv": 4}
+    maskprop.check_model(model, (3, 8, 8))
+
+
+def test_a_channel_multiplier_and_a_linear_layer_on_a_4d_map_leave_their_channels_whole():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = Unit(3, 8)
+            self.conv1 = Unit(8, 8)
+            self.mult = nn.Conv2d(8, 16, 3, padding=1, groups=8, bias=False)  # a channel multiplier: not depthwise
+            self.bn2 = nn.BatchNorm2d(16)
+            self.conv3 = Unit(16, 8)
+            self.rows = nn.Linear(8, 6)  # on the last dimension (the columns) of a 4-D map: not a channel space
+            self.fc = nn.Linear(6, 10)
+
+        def forward(self, x):
+            x = F.relu(self.conv1(F.relu(self.stem(x))))
+            x = F.relu(self.conv3(F.relu(self.bn2(self.mult(x)))))
+            return self.fc(self.rows(x).mean((1, 2)))
+
+    model = maskprop.make_prunable(Odd(), (3, 8, 8))
+    assert maskprop.channel_groups(model) == {"stem.conv": 8}
+    assert type(model.mult) is nn.Conv2d and type(model.rows) is nn.Linear and type(model.conv3.bn) is nn.BatchNorm2d
+    # (no check_model: its FLOPs check counts a linear layer once per example, not once per row of a 4-D map)
+
+
+class Heads(nn.Module):
+    """Linear layers reading feature maps: flattened twice, after a sigmoid, and one layer reading two spaces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = Unit(3, 8)
+        self.b = Unit(3, 8)
+        self.c = Unit(3, 32)
+        self.d = Unit(3, 8)
+        self.fc1 = nn.Linear(8 * 4 * 4, 16)  # reads a's 4 x 4 map, flattened and viewed again
+        self.fc2 = nn.Linear(8, 16)  # reads b after a sigmoid
+        self.shared = nn.Linear(32, 16)  # reads d's 2 x 2 map flattened (4 per channel) and c pooled (1 per channel)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        n = x.size(0)
+        h = self.fc1(F.adaptive_avg_pool2d(F.relu(self.a(x)), 4).flatten(1).view(n, -1))
+        h = h + self.fc2(torch.sigmoid(self.b(x)).mean((2, 3)))
+        d = F.adaptive_avg_pool2d(F.relu(self.d(x)), 2).flatten(1)
+        c = F.relu(self.c(x)).mean((2, 3))
+        return self.fc(F.relu(h + self.shared(d) + self.shared(c)))
+
+
+def test_what_a_linear_layer_reads_from_a_flattened_map():
+    model = maskprop.make_prunable(Heads(), (3, 8, 8))
+    assert maskprop.channel_groups(model) == {"a.conv": 8, "fc1": 16}
+    assert (model.fc1.in_group, model.fc1.in_positions) == ("a.conv", 16)  # flatten(1) then view(n, -1): the same
+    assert model.fc2.in_group is None  # b's channels after a sigmoid: not 0 at 0
+    assert model.shared.in_group is None  # 4 features per channel of b, 1 of c: never one group
+    maskprop.check_model(model, (3, 8, 8))
+
+
+def test_torchvisions_stochastic_depth_keeps_a_residual_stream_prunable():
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = Unit(3, 8)
+            self.block = Unit(8, 8)
+            self.drop = torchvision.ops.StochasticDepth(0.2, "row")  # torch.fx keeps its function whole
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = F.relu(self.stem(x))
+            x = F.relu(x + self.drop(self.block(x)))
+            return self.fc(x.mean((2, 3)))
+
+    model = maskprop.make_prunable(Deep(), (3, 8, 8))
+    assert maskprop.channel_groups(model) == {"stem.conv": 8}  # the stream: the stem and the block
+    maskprop.check_model(model, (3, 8, 8))
+
+
+def test_check_models_default_batch_gives_each_batchnorm_16_values_per_channel():
+    from maskprop.check import _batch_size
+
+    def net(*size: int) -> nn.Module:  # BatchNorm layers over 8 x 8 positions and over the pooled size
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(size),
+                             nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * math.prod(size), 3)).double()
+
+    assert [_batch_size(net(*size), (3, 8, 8)) for size in [(1, 1), (2, 2), (5, 1), (3, 3), (8, 8)]] == \
+        [16, 4, 4, 3, 3]  # ceil(16 / positions), at least 3
+    no_batchnorm = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 3)).double()
+    vector = nn.Sequential(nn.Conv2d(3, 4, 5), nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    assert _batch_size(no_batchnorm, (3, 8, 8)) == 3 and _batch_size(vector, (3, 5, 5)) == 16
+
+
+def test_a_space_joined_with_one_left_whole_is_whole():
+    class Joined(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = Unit(3, 8)
+            self.b = Unit(3, 8)  # concatenated, then added to a's channels (its space is joined to an older one)
+            self.mix = Unit(16, 8)
+            self.after = Unit(8, 8)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            a, b = F.relu(self.a(x)), F.relu(self.b(x))
+            z = self.mix(torch.cat([b, b], 1))
+            return self.fc(F.relu(self.after(a + b) + z).mean((2, 3)))
+
+    model = maskprop.make_prunable(Joined(), (3, 8, 8))
+    assert maskprop.channel_groups(model) == {"mix.conv": 8}
+    maskprop.check_model(model, (3, 8, 8))
