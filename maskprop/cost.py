@@ -174,7 +174,9 @@ def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> list[LayerS
                 c_in, c_out = module.in_channels, module.out_channels
             else:
                 k = getattr(module, "in_positions", 1)  # features per input channel (a flattened feature map)
-                positions, c_in, c_out, kernel_area, groups = k, module.in_features // k, module.out_features, k, 1
+                rows = output.numel() // output.shape[-1]  # 1, or the rows of a map it runs on (its last dimension)
+                positions, kernel_area, groups = k * rows, k, 1
+                c_in, c_out = module.in_features // k, module.out_features
                 depthwise = False
             shapes.append(LayerShape(
                 name, getattr(module, "in_group", None), getattr(module, "out_group", None), c_in, c_out,

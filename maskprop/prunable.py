@@ -70,6 +70,7 @@ _ELEMENTWISE_METHODS = {"relu": True, "relu_": True, "tanh": True, "tanh_": True
                         "double": True, "half": True, "bfloat16": True, "type_as": True}
 _FACTORIES = {"new_empty", "new_zeros", "new_ones", "new_full", torch.empty_like, torch.zeros_like, torch.ones_like,
               torch.rand_like, torch.randn_like, torch.full_like}  # they read the shape, dtype and device alone
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, F.relu_, torch.relu_}
 _ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
 _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
@@ -141,6 +142,7 @@ class _Layer:
     writes: list[int] = field(default_factory=list)
     positions: set[int] = field(default_factory=set)
     nodes: list[fx.Node] = field(default_factory=list)
+    whole: bool = False  # a call that no channel space can describe (a linear layer on a map's last dimension)
 
 
 def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual: bool = True,
@@ -180,8 +182,7 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
     unknown = [name for name in exclude if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear))]
     if unknown:
         raise ValueError(f"exclude names {unknown} are not nn.Conv2d or nn.Linear layers of {type(model).__name__}")
-    graph = _trace(model, input_size)
-    spaces, layers = _follow(graph, modules)
+    spaces, layers = _follow(_trace(model, input_size), modules)
     if not prune_residual:
         for space in list(spaces.residual):
             spaces.leave_whole(space, "a residual stream (prune_residual=False)")
@@ -189,6 +190,9 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
         for space in layers[name].writes if name in layers else ():
             spaces.leave_whole(space, f"written by {name!r}, which exclude names")
     for entry in layers.values():
+        if entry.whole:  # a linear layer also run on a map's last dimension
+            for space in entry.reads + entry.writes:
+                spaces.leave_whole(space, "read or written by a linear layer that also runs on a map's last dimension")
         if len(entry.positions) > 1:
             spaces.leave_whole(entry.reads[0], f"read by a linear layer with {sorted(entry.positions)} features per "
                                                f"channel in different calls")
@@ -204,26 +208,38 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
     return model
 
 
-def _trace(model: nn.Module, input_size: tuple[int, ...]) -> fx.Graph:
-    """The forward in training mode, traced on a ``meta`` copy, with every node's output shape."""
+def _trace(model: nn.Module, input_size: tuple[int, ...]) -> list[fx.Graph]:
+    """The forward in training and in eval mode (code may differ between them), each traced on a ``meta`` copy, with
+    every node's output shape."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    copied = copy.deepcopy(model).to(device="meta").train()
     try:
-        traced = fx.GraphModule(copied, _Tracer().trace(copied))
-    except Exception as err:  # torch.fx's errors are of many types; the first line says what it met
-        message = " ".join(str(err).split())[:300]
-        raise ValueError(f"torch.fx could not trace {type(model).__name__}'s forward ({type(err).__name__}: "
-                         f"{message}); expected a forward without control flow on tensor values (or a model written "
-                         f"with maskprop's layers)") from None
-    try:
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-        ShapeProp(traced).propagate(torch.zeros(2, *input_size, device="meta", dtype=dtype))
-    except Exception as err:
-        message = " ".join(str(err).split())[:300]
-        raise ValueError(f"{type(model).__name__} did not run on an input of size {tuple(input_size)} "
-                         f"({type(err).__name__}: {message})") from None
-    return traced.graph
+        copied = copy.deepcopy(model).to(device="meta")
+    except Exception as err:  # a model holding something that cannot be copied (a lock, a file)
+        raise ValueError(f"{type(model).__name__} could not be copied to trace it ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:200]})") from None
+    for module in copied.modules():  # a cumulative average reads its count on the host, which meta tensors lack
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
+            module.momentum = 0.1
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    graphs = []
+    for training in (True, False):
+        copied.train(training)
+        try:
+            traced = fx.GraphModule(copied, _Tracer().trace(copied))
+        except Exception as err:  # torch.fx's errors are of many types; the first line says what it met
+            message = " ".join(str(err).split())[:300]
+            raise ValueError(f"torch.fx could not trace {type(model).__name__}'s forward ({type(err).__name__}: "
+                             f"{message}); expected a forward without control flow on tensor values (or a model "
+                             f"written with maskprop's layers)") from None
+        try:
+            ShapeProp(traced).propagate(torch.zeros(2, *input_size, device="meta", dtype=dtype))
+        except Exception as err:
+            message = " ".join(str(err).split())[:300]
+            raise ValueError(f"{type(model).__name__} did not run on an input of size {tuple(input_size)} "
+                             f"({type(err).__name__}: {message})") from None
+        graphs.append(traced.graph)
+    return graphs
 
 
 class _Tracer(fx.Tracer):
@@ -259,13 +275,19 @@ def _where(node: fx.Node) -> str:
     return f"{target} ({node.name})"
 
 
-def _follow(graph: fx.Graph, modules: dict[str, nn.Module]) -> tuple[_Spaces, dict[str, _Layer]]:
-    """Walk the traced graph once, in order: the channel space of every tensor, and what each layer reads and
-    writes."""
+def _follow(graphs: list[fx.Graph], modules: dict[str, nn.Module]) -> tuple[_Spaces, dict[str, _Layer]]:
+    """Walk each traced graph once, in order: the channel space of every tensor, and what each layer reads and writes
+    (a layer reads and writes the same spaces in every graph; a space left whole in one is whole)."""
     spaces = _Spaces()
     layers: dict[str, _Layer] = {}
-    values: dict[fx.Node, _Value] = {}
-    walk = _Walk(spaces, layers, values)
+    for graph in graphs:
+        _walk_graph(graph, modules, _Walk(spaces, layers, {}))
+    return spaces, layers
+
+
+def _walk_graph(graph: fx.Graph, modules: dict[str, nn.Module], walk: _Walk) -> None:
+    values = walk.values
+    spaces = walk.spaces
     for node in graph.nodes:
         shape = _shape(node)
         if node.op == "placeholder":
@@ -279,10 +301,26 @@ def _follow(graph: fx.Graph, modules: dict[str, nn.Module]) -> tuple[_Spaces, di
             if not _is_query(node):
                 walk.opaque(node, "an operation that mixes or reorders channels")
         else:
-            value = walk.module(node, modules[node.target]) if node.op == "call_module" else walk.function(node)
+            module = modules[node.target] if node.op == "call_module" else None
+            value = walk.module(node, module) if module is not None else walk.function(node)
             if value is not None:
                 values[node] = value
-    return spaces, layers
+            source = node.args[0] if node.args else None
+            if _in_place(node, module) and source in values:  # what reads the tensor later reads it changed
+                if value is None:
+                    del values[source]
+                else:
+                    values[source] = value
+
+
+def _in_place(node: fx.Node, module: nn.Module | None) -> bool:
+    """``node`` changes its first argument: a tensor method ending in ``_`` (``y.add_(1)``), an in-place operator, or a
+    function or module with ``inplace=True``."""
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).startswith("_")
+    if module is not None:
+        return bool(getattr(module, "inplace", False))
+    return node.kwargs.get("inplace") is True or node.target in _IN_PLACE_OPERATORS
 
 
 def _is_query(node: fx.Node) -> bool:
@@ -360,13 +398,14 @@ class _Walk:
             return _Value(self.writes(entry, name))
         if kind is nn.Linear:
             entry = self.layer(node, "linear")
+            if len(_shape(node.args[0]) or ()) != 2:  # its features are a map's last dimension: no channel space
+                self.opaque(node, "a linear layer on a tensor of more than two dimensions")
+                entry.whole = True
+                return None
             if first is not None:
-                if len(_shape(node.args[0]) or ()) != 2:
-                    self.opaque(node, "a linear layer on a tensor of more than two dimensions")
-                else:
-                    self.needs_zero(first, node)
-                    self.reads(entry, first.space)
-                    entry.positions.add(first.positions or 1)
+                self.needs_zero(first, node)
+                self.reads(entry, first.space)
+                entry.positions.add(first.positions or 1)
             return _Value(self.writes(entry, name))
         if first is None:
             return None  # a layer on channels that are whole: its output is whole too
@@ -396,7 +435,7 @@ class _Walk:
         before, after = _shape(node.args[0]), _shape(node)
         if before is not None and after is not None and len(before) >= 2 and len(after) == 2 \
                 and after[0] == before[0]:
-            if value.positions and after == before:
+            if after == before:  # already (N, features)
                 return value
             positions = math.prod(before[2:])
             if not value.positions and after[1] == before[1] * positions:
@@ -453,7 +492,13 @@ class _Walk:
         a number, or a tensor the same for every channel (stochastic depth's per-example factor), keeps the space."""
         a, b = operands
         if isinstance(a, _Value) and isinstance(b, _Value):
-            if key in _DIV or a.positions != b.positions:
+            out = _shape(node)
+            channels = [_broadcast_channels(_shape(arg) or (), out or ()) for arg in node.args[:2]]
+            if channels[0] != channels[1] and 1 in channels and key not in _DIV:  # one map broadcast over the other's
+                one, other = (a, b) if channels[0] == 1 else (b, a)  # channels: a factor the same for each channel
+                self.spaces.leave_whole(one.space, f"broadcast over the channels of another map at {_where(node)}")
+                return _channelwise(other, key in _MUL, node)
+            if key in _DIV or a.positions != b.positions or channels[0] != channels[1]:
                 self.opaque(node, "an operation between channel spaces maskprop does not pair")
                 return None
             space = self.spaces.union(a.space, b.space)

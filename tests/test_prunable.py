@@ -593,7 +593,7 @@ def test_a_channel_multiplier_and_a_linear_layer_on_a_4d_map_leave_their_channel
     model = maskprop.make_prunable(Odd(), (3, 8, 8))
     assert maskprop.channel_groups(model) == {"stem.conv": 8}
     assert type(model.mult) is nn.Conv2d and type(model.rows) is nn.Linear and type(model.conv3.bn) is nn.BatchNorm2d
-    # (no check_model: its FLOPs check counts a linear layer once per example, not once per row of a 4-D map)
+    maskprop.check_model(model, (3, 8, 8))
 
 
 class Heads(nn.Module):
@@ -679,3 +679,70 @@ def test_a_space_joined_with_one_left_whole_is_whole():
     model = maskprop.make_prunable(Joined(), (3, 8, 8))
     assert maskprop.channel_groups(model) == {"mix.conv": 8}
     maskprop.check_model(model, (3, 8, 8))
+
+
+class Found(nn.Module):
+    """Cases a review found: a one-channel gate broadcast over a map, an in-place change the forward does not rebind,
+    an op in eval mode alone, a cumulative BatchNorm, a flatten of what is flat already."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        self.a = Unit(3, 8)
+        self.gate = nn.Conv2d(8, 1, 1)
+        self.b = Unit(8, 8)
+        if case == "cumulative":
+            self.b.bn.momentum = None
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.case == "in place":
+            y.add_(1.0)  # the node y stays what later code reads
+        y = F.relu(y)
+        if self.case == "gate":
+            y = y * torch.sigmoid(self.gate(y))
+        elif self.case == "plus gate":
+            y = y + self.gate(y)
+        elif self.case == "in eval" and not self.training:
+            y = torch.sigmoid(y)
+        y = F.relu(self.b(y)).mean((2, 3))
+        return self.fc(y.flatten(1) + y if self.case == "flat" else y)  # flat already: the same space, as y
+
+
+@pytest.mark.parametrize("case,a_prunable", [("gate", True), ("plus gate", False), ("in place", False),
+                                             ("in eval", False), ("cumulative", True), ("flat", True)])
+def test_what_a_review_found(case, a_prunable):
+    model = maskprop.make_prunable(Found(case), (3, 8, 8))
+    groups = maskprop.channel_groups(model)
+    assert ("a.conv" in groups) is a_prunable and "gate" not in groups and groups["b.conv"] == 8
+    assert model.fc.in_group == "b.conv" and model.fc.in_positions == 1
+    maskprop.check_model(model, (3, 8, 8))
+    assert model.b.bn.momentum == (None if case == "cumulative" else 0.1)  # the model's own, not the trace's copy
+
+
+def test_a_model_that_cannot_be_copied_is_one_line():
+    import threading
+
+    model = Plain()
+    model.lock = threading.Lock()
+    with pytest.raises(ValueError, match=r"^Plain could not be copied to trace it \(TypeError: cannot pickle"):
+        maskprop.make_prunable(model, (3, 16, 16))
+
+
+def test_the_cost_model_counts_a_linear_layer_once_per_row_of_a_map():
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rows = nn.Linear(8, 6)
+            self.fc = nn.Linear(6, 10)
+
+        def forward(self, x):
+            return self.fc(self.rows(x).mean((1, 2)))
+
+    assert maskprop.flops(Rows(), (3, 5, 8)) == 2 * 8 * 6 * 3 * 5 + 2 * 6 * 10
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        Rows()(torch.zeros(1, 3, 5, 8))
+    assert counter.get_total_flops() == maskprop.flops(Rows(), (3, 5, 8))
