@@ -306,7 +306,7 @@ def _walk_graph(graph: fx.Graph, modules: dict[str, nn.Module], walk: _Walk) -> 
             if value is not None:
                 values[node] = value
             source = node.args[0] if node.args else None
-            if _in_place(node, module) and source in values:  # what reads the tensor later reads it changed
+            if isinstance(source, fx.Node) and source in values and _in_place(node, module):  # later reads see it
                 if value is None:
                     del values[source]
                 else:
