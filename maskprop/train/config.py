@@ -116,8 +116,11 @@ class ModelConfig(_Section):
     """Which network to build.
 
     Attributes:
-        name: Name in the model registry (``maskprop.models``), e.g. ``resnet20``, ``resnet32``, ``vgg19``.
-        kwargs: Keyword arguments for the model factory, e.g. ``{width: 2}``; ``num_classes`` comes from the data.
+        name: Name in the model registry (``maskprop.models``), e.g. ``resnet20``, ``resnet32``, ``vgg19_bn``; or
+            ``timm:NAME`` / ``torchvision:NAME``, that library's model made prunable by :func:`maskprop.make_prunable`
+            (checked like a network of your own).
+        kwargs: Keyword arguments for the model factory, e.g. ``{width: 2}`` (timm's ``create_model`` or torchvision's
+            ``get_model`` for those names); ``num_classes`` comes from the data.
         weights: Initial weights: a state-dict file (``.safetensors``, or a ``torch.save`` file such as ``.pth``,
             read with ``weights_only=True``; a dict holding it under ``model`` or ``state_dict``, and keys prefixed
             ``module.`` by DDP, are read too), loaded before the first step. torchvision's and timm's ResNet weights
