@@ -1,16 +1,18 @@
 """Make a network written with plain torch layers channel-prunable: trace it, find its channel groups, swap in
 maskprop's layers.
 
-:func:`make_prunable` traces the model's forward with ``torch.fx`` (on a ``meta`` copy: nothing is computed) and
-follows every tensor whose dimension 1 is a channel dimension through the graph. A convolution or linear layer starts
-a new channel space (its output channels); channel-wise operations pass a space on; an add or multiply of two
-feature maps makes their spaces one (a residual stream, or a gate); a depthwise convolution reads and writes one
-space. A space is prunable when each tensor of it is read only in ways a subnetwork computes exactly. It is left
-whole (never pruned) when it is
+:func:`make_prunable` traces the model's forward with ``torch.fx`` (on a ``meta`` copy: nothing is computed), in
+training and in eval mode, and follows every tensor whose dimension 1 is a channel dimension through each graph. A
+convolution or linear layer starts a new channel space (its output channels); channel-wise operations pass a space
+on; an add or multiply of two feature maps of the same width makes their spaces one (a residual stream, or a gate); a
+depthwise convolution reads and writes one space; an in-place operation changes what later reads of its tensor see.
+A space is prunable when each tensor of it is read only in ways a subnetwork computes exactly. It is left whole
+(never pruned) when it is
 
 * the model's input or output, or read by an operation that mixes or reorders channels (a concatenation, a grouped
-  convolution, a mean over channels, a transpose, a slice, a layer maskprop does not convert: LayerNorm,
-  BatchNorm1d, a module of its own code that ``torch.fx`` keeps whole);
+  convolution, a mean over channels, a transpose, a slice, a linear layer on a map's last dimension, a layer maskprop
+  does not convert: LayerNorm, BatchNorm1d, a module of its own code that ``torch.fx`` keeps whole);
+* a one-channel map broadcast over another's channels (a spatial gate: the other keeps its space);
 * read by a convolution or linear layer while its dropped channels would not be zero in the masked reference (after
   an operation that is not zero at zero, such as a sigmoid or adding a constant): the masked reference runs the
   dense kernels, which would read them;
@@ -19,10 +21,11 @@ whole (never pruned) when it is
 
 Every prunable space becomes a group named after the module path its writers share (``layer2``), or after its first
 writer. Its convolutions, BatchNorm and linear layers become :class:`~maskprop.sparse.SparseConv2d`,
-:class:`~maskprop.sparse.SparseBatchNorm2d` and :class:`~maskprop.sparse.SparseLinear` holding the same parameter
-tensors (state_dict keys unchanged); a layer that writes a group and is not followed by its BatchNorm masks its own
-output (``mask_output``). The forward code is not changed: the model computes exactly what it computed before, and
-:func:`maskprop.check_model` checks its subnetworks.
+:class:`~maskprop.sparse.SparseBatchNorm2d` (timm's ``BatchNormAct2d``: :class:`~maskprop.sparse.SparseBatchNormAct2d`)
+and :class:`~maskprop.sparse.SparseLinear` holding the same parameter tensors (state_dict keys unchanged); a layer
+that writes a group and is not followed by its BatchNorm masks its own output (``mask_output``). The forward code is
+not changed: the model computes exactly what it computed before, and :func:`maskprop.check_model` checks its
+subnetworks.
 """
 
 from __future__ import annotations
