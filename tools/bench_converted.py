@@ -8,19 +8,20 @@ maskprop's ImageNet ResNets are torchvision's architecture with maskprop's layer
 torchvision's own model the same layers and the same groups. Each repetition times one dense step (forward and
 backward) of each model, then one compact step of each on a random mask keeping the same share of every group, in
 turn; the table gives the medians of the paired ratios (converted / built-in), with their interquartile range, and
-each model's compact speedup over its own dense step. A converted model should cost what the built-in one does.
+each model's compact speedup over its own dense step, with the ideal one (dense FLOPs over the mask's FLOPs). A
+converted model should cost what the built-in one does.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torchvision
 
 import maskprop
+from maskprop.bench import quartiles
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, mask: dict | None) -> float:
@@ -33,11 +34,6 @@ def _step(model: torch.nn.Module, x: torch.Tensor, mask: dict | None) -> float:
     loss.backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
-
-
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
-    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
-    return q1, median, q3
 
 
 def main() -> None:
@@ -57,8 +53,8 @@ def main() -> None:
     print(f"batch {args.batch_size}, {args.image_size}x{args.image_size}, keep {args.keep}, {args.threads} threads, "
           f"float32, channels_last, medians of {args.repeats} paired ratios (interquartile range)")
     print("| model | groups (built-in / converted) | dense: converted / built-in | compact: converted / built-in "
-          "| compact speedup, built-in | compact speedup, converted |")
-    print("|---|---|---:|---:|---:|---:|")
+          "| compact speedup, built-in | compact speedup, converted | ideal |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for name in args.models:
         torch.manual_seed(0)
         builtin = maskprop.create_model(name, num_classes=1000)
@@ -75,12 +71,13 @@ def main() -> None:
                         times[i, compact].append(elapsed)
 
         def ratio(num: tuple[int, bool], den: tuple[int, bool]) -> str:
-            q1, median, q3 = _quartiles([a / b for a, b in zip(times[num], times[den])])
+            q1, median, q3 = quartiles([a / b for a, b in zip(times[num], times[den])])
             return f"{median:.2f}x ({q1:.2f}-{q3:.2f})"
 
         groups = [len(maskprop.channel_groups(m)) for m in models]
         print(f"| {name} | {groups[0]} / {groups[1]} | {ratio((1, False), (0, False))} | {ratio((1, True), (0, True))} "
-              f"| {ratio((0, False), (0, True))} | {ratio((1, False), (1, True))} |")
+              f"| {ratio((0, False), (0, True))} | {ratio((1, False), (1, True))} "
+              f"| {maskprop.flops(builtin, size) / maskprop.flops(builtin, size, masks[0]):.2f}x |")
 
 
 if __name__ == "__main__":
