@@ -6,6 +6,7 @@ than these tiny runs); the CLI tests launch ``torchrun -m maskprop train`` itsel
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -844,3 +845,61 @@ def test_a_samplers_length_is_the_number_of_batches_it_gives(kwargs):
     evaluation share with a partial last batch, a kept partial last global batch, a dropped one."""
     sampler = GlobalBatchSampler(**kwargs)
     assert len(sampler) == len(list(sampler)) > 0
+
+
+def _nominal_only(model: torch.nn.Module) -> list[str]:
+    """The parameters whose gradient's strides differ from theirs where it matters (a dimension of size > 1)."""
+    return [name for name, p in model.named_parameters() if p.grad is not None
+            and any(size > 1 and a != b for size, a, b in zip(p.shape, p.grad.stride(), p.stride()))]
+
+
+@pytest.mark.parametrize("name", ["resnet50", "torchvision:mobilenet_v2"])
+def test_gradients_differ_from_their_parameters_strides_in_size_one_dimensions_at_most(name):
+    """What makes silencing DDP's stride warning safe (``distributed.NOMINAL_STRIDES_WARNING``): dense, compact and
+    narrow steps on channels_last activations give every gradient its parameter's layout, the strides of size-1
+    dimensions aside (which dense 1x1 and depthwise convs do set otherwise: the case the warning is about)."""
+    torch.manual_seed(0)
+    model = maskprop.create_model(name, num_classes=10)
+    images = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    labels = torch.tensor([1, 2])
+    mask = maskprop.random_mask(maskprop.channel_groups(model), 0.5, generator=torch.Generator().manual_seed(0))
+    narrow = maskprop.materialize(model, mask)
+    nominal = 0
+    for net, mode in [(model, None), (model, "compact"), (model, "masked"), (narrow, None)]:
+        net.zero_grad(set_to_none=True)
+        with maskprop.use_mask(net, mask, mode=mode) if mode else contextlib.nullcontext():
+            F.cross_entropy(net(images), labels).backward()
+        assert _nominal_only(net) == [], mode
+        nominal += sum(p.grad.stride() != p.stride() for p in net.parameters() if p.grad is not None)
+    assert nominal > 0  # the dense 1x1 and depthwise weights: the case exists in these networks
+
+
+_DDP_BACKWARD = """
+import sys, warnings, torch, torch.distributed as dist
+from maskprop.train import distributed
+torch.set_num_threads(2)  # oneDNN's multi-threaded 1x1 conv gives the weight channels_last strides (one thread: not)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+model = torch.nn.Sequential(torch.nn.Conv2d(64, 128, 1), torch.nn.ReLU(), torch.nn.Conv2d(128, 64, 1))
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    ddp = distributed.wrap_model(model, torch.device("cpu"))
+    if sys.argv[2] == "unfiltered":
+        warnings.simplefilter("always")
+    ddp(torch.randn(4, 64, 8, 8).contiguous(memory_format=torch.channels_last)).sum().backward()
+print(sum(p.grad.stride() != p.stride() for p in model.parameters()),
+      sum(distributed.NOMINAL_STRIDES_WARNING in str(w.message) for w in seen))
+dist.destroy_process_group()
+"""
+
+
+def test_wrap_model_silences_ddps_warning_about_nominal_gradient_strides(tmp_path):
+    """DDP on a 1x1 conv of channels_last activations warns about strides unless :func:`wrap_model` silenced it
+    (each in a fresh process: the warning is given once a process)."""
+    counts = {}
+    for how in ("filtered", "unfiltered"):
+        done = subprocess.run([sys.executable, "-c", _DDP_BACKWARD, str(tmp_path / f"store-{how}"), how], cwd=REPO,
+                              env=dict(_env(), OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        nominal, counts[how] = map(int, done.stdout.split()[-2:])
+        assert nominal > 0  # the case: a gradient whose strides differ from its parameter's in a size-1 dimension
+    assert counts == {"filtered": 0, "unfiltered": 1}

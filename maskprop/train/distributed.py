@@ -42,6 +42,7 @@ import inspect
 import json
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,14 @@ __all__ = ["Distributed", "PeerError", "agree", "all_reduce_sum", "average_buffe
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "nccl", "gloo")
+
+# DDP warns once a process when a gradient's strides differ from its bucket's, comparing them exactly, also where a
+# dimension has size 1 and its stride means nothing. A dense step gives the weight of a 1x1 or depthwise conv on
+# channels_last activations such a gradient (strides (I, 1, I, I) against the parameter's (I, 1, 1, 1)): the same
+# memory layout, copied into the bucket as fast, a warning PyTorch's maintainers call spurious (its issue "Spurious
+# 'Grad strides do not match bucket view strides' warning for 1x1 convolution"). Every gradient a run makes differs
+# from its parameter's strides in size-1 dimensions at most (tested), so the warning says nothing about a run.
+NOMINAL_STRIDES_WARNING = "Grad strides do not match bucket view strides"
 
 
 @dataclass(frozen=True)
@@ -322,7 +331,8 @@ def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = False) ->
     """``model`` under DistributedDataParallel (a collective: rank 0's parameters and buffers are broadcast).
 
     Buffers are not broadcast at every forward (``broadcast_buffers=False``): BatchNorm statistics are averaged at
-    the end of each epoch instead (:func:`average_buffers`), or synchronised at every step with ``sync_bn``.
+    the end of each epoch instead (:func:`average_buffers`), or synchronised at every step with ``sync_bn``. DDP's
+    warning about gradient strides is silenced (:data:`NOMINAL_STRIDES_WARNING`: only nominal in maskprop's runs).
 
     Args:
         model: The run's model.
@@ -333,6 +343,7 @@ def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = False) ->
     """
     if sync_bn:
         sync_batchnorm.enable(model)
+    warnings.filterwarnings("ignore", message=NOMINAL_STRIDES_WARNING, category=UserWarning)
     device_ids = [device.index] if device.type == "cuda" else None
     # Newer torch names broadcast_buffers=False forward_sync_buffers=False (buffers still synced once, at init).
     parameters = inspect.signature(DistributedDataParallel.__init__).parameters
