@@ -191,11 +191,11 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
             of a model whose convolutions were converted to sparse-backward layers (they train the whole network).
     """
     if mask is not None:
-        check_mask(mask, channel_groups(model))
         if any(isinstance(m, SparseBackwardMixin) for m in model.modules()) and not all(
-                bool(m.all()) for m in mask.values()):
+                bool(m.all()) for m in mask.values() if isinstance(m, Tensor)):
             raise ValueError("cannot drop channels of a model with sparse-backward layers (they train the whole "
                              "network and carry no channel groups); expected mask=None")
+        check_mask(mask, channel_groups(model))
         mask = {g: m.detach().cpu() for g, m in mask.items()}
     memo: dict[int, Any] = {}
     for module in model.modules():

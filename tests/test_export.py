@@ -167,14 +167,15 @@ def test_materialize_with_maskprops_batchnorm_trains_as_with_torchs():
 def test_sparse_backward_layers_go_back_to_plain_layers():
     torch.manual_seed(0)
     model = maskprop.create_model("resnet20")
+    half = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(0))
     model = maskprop.sbp.convert(model, ratio=0.25, memory=0.8).eval()
+    assert model.channel_groups() == {}  # the converted model trains every channel
     plain = materialize(model)
     kinds = {type(m) for m in plain.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))}
     assert kinds == {nn.Conv2d, nn.Linear, nn.BatchNorm2d}
     assert list(plain.state_dict()) == list(model.state_dict())
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
-    half = random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="sparse-backward layers"):
         materialize(model, half)
 

@@ -532,6 +532,28 @@ def test_convert_swaps_layers_keeps_parameters_and_exempts_the_output():
     assert isinstance(convert(nn.Sequential(MyLinear(4, 4), nn.Linear(4, 2)), k=1)[0], SparseBackwardLinear)
 
 
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "vgg11_bn"])
+def test_a_converted_maskprop_model_names_no_channel_group(name):
+    """The layers convert leaves (BatchNorm, the exempt classifier) stop naming groups: none reads a group that no layer
+    writes any more (the MLP's classifier read its last hidden layer's), and the model answers no groups; its output is
+    unchanged. A conversion that converts nothing (everything exempt) leaves the groups."""
+    import maskprop
+
+    torch.manual_seed(0)
+    model = maskprop.create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32) if name != "mlp" else torch.randn(2, 3 * 32 * 32)
+    before = model(x)
+    convert(model, ratio=0.5)
+    assert maskprop.channel_groups(model) == model.channel_groups() == {}
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+    untouched = maskprop.create_model(name, num_classes=10)
+    groups = untouched.channel_groups()
+    convert(untouched, ratio=0.5, exempt=[n for n, m in untouched.named_modules() if isinstance(m, (nn.Linear,
+                                                                                                    nn.Conv2d))])
+    assert untouched.channel_groups() == groups
+
+
 def test_converted_layers_keep_every_setting_of_the_original():
     """A converted conv computes nn.Conv2d's output and, with k = n, its gradients, for stride, padding, padding
     mode and dilation that differ from the defaults (and between height and width); the converted layers run the

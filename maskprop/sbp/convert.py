@@ -16,6 +16,7 @@ from maskprop.sbp.layers import (
     keep_count,
 )
 from maskprop.sbp.sparsifiers import get_sparsifier
+from maskprop.sparse.modules import SparseBatchNorm2d, SparseConv2d, SparseLinear
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,10 @@ def convert(
         exempt: qualified module names to leave dense, and/or ``"last"`` for the output layer.
         output_k: if given, the output layer is converted with this ``k`` (and not exempted).
 
+    A sparse-backward layer trains every channel, so a model of maskprop's layers that this converts carries no channel
+    groups afterwards: the layers left as they were (BatchNorm, an exempt output layer) stop naming groups
+    (``channel_groups(model)`` is empty), rather than reading groups that no layer writes any more.
+
     Returns:
         The model with sparse-backward layers.
 
@@ -143,7 +148,18 @@ def convert(
             _set_submodule(model, name, new)
         else:
             converted = new
+    if converted is model and any(isinstance(m, SparseBackwardMixin) for m in model.modules()):
+        _drop_channel_groups(model)
     return converted
+
+
+def _drop_channel_groups(model: nn.Module) -> None:
+    """Make the channel-sparse layers of ``model`` name no group (see :func:`convert`)."""
+    for module in model.modules():
+        if isinstance(module, (SparseConv2d, SparseLinear)):
+            module.in_group = module.out_group = None
+        elif isinstance(module, SparseBatchNorm2d):
+            module.group = None
 
 
 @contextlib.contextmanager
