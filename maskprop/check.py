@@ -36,9 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import FlopCounterMode
 
-from .cost import CostModel
+from .cost import CostModel, counting_flops
 from .models.spec import check_input_size
 from .sparse import aligned_width, channel_groups, check_align, random_mask, use_mask
 from .sparse.static import StaticExecutionState, use_static
@@ -335,7 +334,7 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
                      lambda: CostModel(evaluated, input_size).flops(mask, batch_size=1))
 
     def count() -> int:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), counting_flops() as counter:
             narrow(x[:1])
         return counter.get_total_flops()
 

@@ -1,17 +1,22 @@
 """Analytic FLOPs of dense and channel-sparse models, and the train-step costs of VR-PGE (supplement C.1).
 
-FLOPs count convolutions and linear layers only, a multiply-add as 2, the way ``torch.utils.flop_counter`` counts
-them. A conv keeping ``i`` of its input and ``o`` of its output channels costs ``2 * i * o * k*k * H_out * W_out`` per
-example: its cost scales with kept_in x kept_out, hence about rho^2 of dense for a keep ratio rho.
+FLOPs count a multiply-add as 2, the way ``torch.utils.flop_counter`` counts them. A conv keeping ``i`` of its input
+and ``o`` of its output channels costs ``2 * i * o * k*k * H_out * W_out`` per example: its cost scales with kept_in x
+kept_out, hence about rho^2 of dense for a keep ratio rho. FLOPs that ``torch.utils.flop_counter`` finds outside the
+conv and linear layers (the matrix products of attention) are counted once, at their dense value, for every mask: a
+subnetwork never prunes them (:func:`maskprop.check_model` checks that it does not).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from .models.spec import check_input_size
 from .sparse import SparseBatchNorm2d, channel_groups, check_mask, kept_counts
@@ -63,13 +68,15 @@ class CostModel:
         self.input_size = check_input_size(input_size)
         self.groups = channel_groups(model)
         try:
-            self.layers = _record_shapes(model, self.input_size)
+            self.layers, counted = _record_shapes(model, self.input_size)
         except RuntimeError as err:  # the model does not take this input (channels, a too-small image, features)
             raise InputSizeError(model, self.input_size, " ".join(str(err).split())[:160]) from None
         self._other_params = _unprunable_params(model)
         self._norm = [(m.group, m.num_features, m.affine) for m in model.modules() if isinstance(m, SparseBatchNorm2d)]
         self._dense_layer_flops = self._layer_flops({})
-        self._dense_flops = sum(self._dense_layer_flops)
+        # FLOPs outside the conv and linear layers: the same in every subnetwork.
+        self.other_flops = max(counted - sum(self._dense_layer_flops), 0)
+        self._dense_flops = sum(self._dense_layer_flops) + self.other_flops
 
     def _counts(self, mask: Mapping[str, Tensor | int] | None) -> dict[str, int]:
         # Counted once per mask (not per layer): this runs for every mask of every training step. A mask may also be
@@ -102,7 +109,7 @@ class CostModel:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if mask is None:
             return batch_size * self._dense_flops
-        return batch_size * sum(self._layer_flops(self._counts(mask)))
+        return batch_size * (sum(self._layer_flops(self._counts(mask))) + self.other_flops)
 
     def channel_prices(self, keep_ratio: float) -> dict[str, float]:
         """Forward FLOPs per example that one more kept channel of each group adds, when every group keeps
@@ -132,10 +139,11 @@ class CostModel:
 
     def backward_flops(self, mask: Mapping[str, Tensor] | None = None, batch_size: int = 1) -> int:
         """FLOPs autograd executes in backward: weight gradients (= forward) plus input gradients (= forward) of
-        every layer except those reading the network input, which need no input gradient."""
+        every layer except those reading the network input, which need no input gradient; and twice the FLOPs outside
+        the layers (a product of two activations has a gradient for each)."""
         per_layer = self.by_layer(mask)
-        return batch_size * sum(2 * f if not layer.reads_input else f
-                                for layer, f in zip(self.layers, per_layer.values()))
+        return batch_size * (sum(2 * f if not layer.reads_input else f
+                                 for layer, f in zip(self.layers, per_layer.values())) + 2 * self.other_flops)
 
     def params(self, mask: Mapping[str, Tensor] | None = None) -> int:
         """Parameters of the subnetwork: kept slices of conv/linear/BatchNorm parameters plus everything else."""
@@ -157,7 +165,9 @@ class InputSizeError(ValueError):
         self.size, self.reason = size, reason
 
 
-def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> list[LayerShape]:
+def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[LayerShape], int]:
+    """The shapes of the conv and linear layers, and every FLOP ``torch.utils.flop_counter`` counts, of the model's
+    eval forward on one example."""
     shapes: list[LayerShape] = []
     handles = []
     param = next(model.parameters(), None)
@@ -190,13 +200,27 @@ def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> list[LayerS
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), counting_flops() as counter:
             model(x)
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return shapes
+    return shapes, counter.get_total_flops()
+
+
+@contextlib.contextmanager
+def counting_flops() -> Iterator[FlopCounterMode]:
+    """``torch.utils.flop_counter.FlopCounterMode`` with attention computed by the operations it counts: the fused
+    kernels of ``scaled_dot_product_attention`` on the CPU and of ``nn.MultiheadAttention``'s inference fast path are
+    not in the counter's tables (they would count 0), its math kernels are."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            yield counter
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def _unprunable_params(model: nn.Module) -> int:

@@ -264,3 +264,25 @@ def test_a_linear_layer_on_a_flattened_map_costs_its_kept_channels_times_their_p
         assert forward == cost.flops(mask, batch_size=2) and backward == cost.backward_flops(mask, batch_size=2)
         assert cost.params(mask) == sum(p.numel() for p in maskprop.materialize(model, mask).parameters())
     assert cost.channel_prices(0.5)["g"] == pytest.approx(2 * 3 * 9 * 16 + 2 * 16 * 5)
+
+
+def test_attention_is_counted_by_the_operations_torchs_counter_knows():
+    """The CPU's fused attention kernel and ``nn.MultiheadAttention``'s inference fast path count 0 FLOPs in
+    ``FlopCounterMode``; ``counting_flops`` runs them as their math kernels: ``2 L^2 d`` per product, and the
+    projections as linear layers."""
+    from maskprop.cost import counting_flops
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 5, 4)  # batch, heads, tokens, head width
+    with FlopCounterMode(display=False) as fused:
+        F.scaled_dot_product_attention(q, q, q)
+    with counting_flops() as counted:
+        F.scaled_dot_product_attention(q, q, q)
+    assert fused.get_total_flops() == 0 and counted.get_total_flops() == 2 * (2 * 2 * 3 * 5 * 5 * 4)
+    attention = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad(), counting_flops() as counted:
+        attention(x, x, x, need_weights=False)
+    projections = 2 * 2 * 5 * (3 * 8 * 8 + 8 * 8)
+    assert counted.get_total_flops() == projections + 2 * (2 * 2 * 5 * 5 * 8)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored

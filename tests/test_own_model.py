@@ -73,8 +73,11 @@ class Wired(ChannelSparseModel):
             b = b * b.mean(dim=1, keepdim=True)
         if self.variant == "plain_conv":
             b = self.plain(b)
-        out = self.fc(F.adaptive_avg_pool2d(self.c(b), 1).flatten(1))
-        if self.variant == "matmul":
+        features = F.adaptive_avg_pool2d(self.c(b), 1).flatten(1)
+        out = self.fc(features)
+        if self.variant == "matmul":  # a product over the kept channels of c: its FLOPs follow the mask
+            out = out + (features @ features.t()).sum(1, keepdim=True)
+        if self.variant == "matmul_after":  # a product of the classifier's outputs: the same FLOPs in every subnetwork
             out = out @ self.extra
         if self.variant == "reads_its_width":
             out = out * self.c[0].out_channels
@@ -88,7 +91,7 @@ class Wired(ChannelSparseModel):
     ("reads_another_group", "compact", "raised RuntimeError"),
     ("batch_norm_without_group", "compact", "raised RuntimeError"),
     ("no_batch_norm_and_no_mask_output", "compact", "needs mask_output=True"),
-    ("matmul", "flops", "torch.utils.flop_counter"),
+    ("matmul", "flops", "torch.utils.flop_counter"),  # FLOPs outside the layers that a subnetwork prunes
     ("reads_its_width", "narrow", "narrow model's outputs differ"),
 ])
 def test_each_wiring_error_is_one_line_naming_its_check(variant, check, says):
@@ -97,6 +100,19 @@ def test_each_wiring_error_is_one_line_naming_its_check(variant, check, says):
         maskprop.check_model(Wired(variant), (3, 8, 8))
     line = str(err.value)
     assert "\n" not in line and line.startswith(f"check {check!r} failed: ") and says in line
+
+
+def test_flops_outside_the_layers_that_no_subnetwork_prunes_are_counted_and_pass():
+    """A product of the classifier's outputs (attention's matrix products, in a transformer): counted once, at their
+    dense value, by the cost model (dense and every mask alike), so the check passes."""
+    model = Wired("matmul_after")
+    assert "flops" in str(maskprop.check_model(model, (3, 8, 8)))
+    cost, plain = maskprop.CostModel(model, (3, 8, 8)), maskprop.CostModel(Wired("ok"), (3, 8, 8))
+    assert cost.other_flops == 2 * 4 * 4 and plain.other_flops == 0  # (1 x 4) @ (4 x 4): 16 multiply-adds
+    mask = maskprop.random_mask(model.channel_groups(), 0.5, torch.Generator().manual_seed(0))
+    assert cost.flops(mask, batch_size=3) == plain.flops(mask, batch_size=3) + 3 * 32
+    assert cost.flops() == plain.flops() + 32
+    assert cost.backward_flops(mask) == plain.backward_flops(mask) + 2 * 32
 
 
 def test_bad_input_to_check_model():
