@@ -6,11 +6,14 @@ training and in eval mode, and follows every tensor whose dimension 1 is a chann
 convolution or linear layer starts a new channel space (its output channels); channel-wise operations pass a space
 on; an add or multiply of two feature maps of the same width makes their spaces one (a residual stream, or a gate); a
 depthwise convolution reads and writes one space; an in-place operation changes what later reads of its tensor see.
+A linear layer on a tensor of more than two dimensions (tokens, a channels-last map) writes a space held in the last
+dimension, which elementwise operations and products with another such space pass on and a linear layer reads (the
+hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves it whole.
 A space is prunable when each tensor of it is read only in ways a subnetwork computes exactly. It is left whole
 (never pruned) when it is
 
 * the model's input or output, or read by an operation that mixes or reorders channels (a concatenation, a grouped
-  convolution, a mean over channels, a transpose, a slice, a linear layer on a map's last dimension, a layer maskprop
+  convolution, a mean over channels, a transpose, a slice, a linear layer on a feature map's width, a layer maskprop
   does not convert: LayerNorm, BatchNorm1d, a module of its own code that ``torch.fx`` keeps whole);
 * a one-channel map broadcast over another's channels (a spatial gate: the other keeps its space);
 * read by a convolution or linear layer while its dropped channels would not be zero in the masked reference (after
@@ -31,6 +34,7 @@ subnetworks.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import operator
@@ -84,14 +88,16 @@ _REDUCE = {torch.mean, "mean", torch.sum, "sum", torch.amax, "amax"}
 
 @dataclass
 class _Value:
-    """A tensor of the traced forward whose dimension 1 is the channel space ``space``; ``zero``: its dropped channels
-    are zero in the masked reference (``why_not`` says where that was lost); ``positions``: features per channel of a
-    feature map flattened to ``(N, C * positions)`` (0: not flattened)."""
+    """A tensor of the traced forward whose dimension 1 is the channel space ``space`` (``last``: whose last dimension
+    is, a linear layer's output of more than two dimensions); ``zero``: its dropped channels are zero in the masked
+    reference (``why_not`` says where that was lost); ``positions``: features per channel of a feature map flattened
+    to ``(N, C * positions)`` (0: not flattened)."""
 
     space: int
     zero: bool = True
     why_not: str = ""
     positions: int = 0
+    last: bool = False
 
 
 @dataclass
@@ -145,7 +151,7 @@ class _Layer:
     writes: list[int] = field(default_factory=list)
     positions: set[int] = field(default_factory=set)
     nodes: list[fx.Node] = field(default_factory=list)
-    whole: bool = False  # a call that no channel space can describe (a linear layer on a map's last dimension)
+    whole: bool = False  # a call that no channel space can describe (a linear layer on a feature map's width)
 
 
 def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual: bool = True,
@@ -193,9 +199,9 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
         for space in layers[name].writes if name in layers else ():
             spaces.leave_whole(space, f"written by {name!r}, which exclude names")
     for entry in layers.values():
-        if entry.whole:  # a linear layer also run on a map's last dimension
+        if entry.whole:  # a linear layer also run on a feature map's width
             for space in entry.reads + entry.writes:
-                spaces.leave_whole(space, "read or written by a linear layer that also runs on a map's last dimension")
+                spaces.leave_whole(space, "read or written by a linear layer that also runs on a feature map's width")
         if len(entry.positions) > 1:
             spaces.leave_whole(entry.reads[0], f"read by a linear layer with {sorted(entry.positions)} features per "
                                                f"channel in different calls")
@@ -384,6 +390,9 @@ class _Walk:
                 and kind not in _ELEMENTWISE_MODULES:
             self.opaque(node, f"{kind.__name__} called on more than one feature map, or on a flattened one")
             return None
+        if first is not None and first.last and kind is not nn.Linear and _keeps_zero(module) is None:
+            self.opaque(node, f"{kind.__name__} on channels in the last dimension")
+            return None
         if kind is nn.Conv2d:
             depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
             if module.groups > 1 and not depthwise:
@@ -401,15 +410,16 @@ class _Walk:
             return _Value(self.writes(entry, name))
         if kind is nn.Linear:
             entry = self.layer(node, "linear")
-            if len(_shape(node.args[0]) or ()) != 2:  # its features are a map's last dimension: no channel space
-                self.opaque(node, "a linear layer on a tensor of more than two dimensions")
+            last = len(_shape(node.args[0]) or ()) > 2  # it reads and writes the last dimension of its input
+            if last and first is not None and not first.last:  # a feature map's width: no channel space
+                self.opaque(node, "a linear layer on a feature map's width (its last dimension)")
                 entry.whole = True
                 return None
             if first is not None:
                 self.needs_zero(first, node)
                 self.reads(entry, first.space)
                 entry.positions.add(first.positions or 1)
-            return _Value(self.writes(entry, name))
+            return _Value(self.writes(entry, name), last=last)
         if first is None:
             return None  # a layer on channels that are whole: its output is whole too
         if kind is nn.BatchNorm2d or _is_batch_norm_act(module):
@@ -467,6 +477,9 @@ class _Walk:
             if target is F.hardtanh:
                 low, high = node.kwargs.get("min_val", -1.0), node.kwargs.get("max_val", 1.0)
                 return _channelwise(first, low <= 0 <= high, node)
+            if first.last and key not in _ADD | _SUB | _MUL | _DIV:  # the rules below read dimension 1
+                self.opaque(node, "an operation on channels in the last dimension that maskprop does not follow")
+                return None
             if not first.positions and (target in _SPATIAL_FUNCTIONS or target is F.pad):
                 return _channelwise(first, target is not F.pad or not node.kwargs.get("value"), node)
             if key in _FLATTEN:
@@ -496,7 +509,10 @@ class _Walk:
         a, b = operands
         if isinstance(a, _Value) and isinstance(b, _Value):
             out = _shape(node)
-            channels = [_broadcast_channels(_shape(arg) or (), out or ()) for arg in node.args[:2]]
+            if a.last != b.last:
+                self.opaque(node, "an operation between channels in dimension 1 and in the last dimension")
+                return None
+            channels = [_broadcast_channels(_shape(arg) or (), out or (), a.last) for arg in node.args[:2]]
             if channels[0] != channels[1] and 1 in channels and key not in _DIV:  # one map broadcast over the other's
                 one, other = (a, b) if channels[0] == 1 else (b, a)  # channels: a factor the same for each channel
                 self.spaces.leave_whole(one.space, f"broadcast over the channels of another map at {_where(node)}")
@@ -506,16 +522,16 @@ class _Walk:
                 return None
             space = self.spaces.union(a.space, b.space)
             if key in _MUL:  # a product is zero where either factor is
-                return _Value(space, a.zero or b.zero, "", a.positions)
+                return _Value(space, a.zero or b.zero, "", a.positions, a.last)
             self.spaces.residual.add(space)
-            return _Value(space, a.zero and b.zero, a.why_not or b.why_not, a.positions)
+            return _Value(space, a.zero and b.zero, a.why_not or b.why_not, a.positions, a.last)
         value, other = (a, b) if isinstance(a, _Value) else (b, a)
         if key in _DIV and value is not a:
             self.opaque(node, "a division by a feature map")
             return None
         if isinstance(other, fx.Node):
             shape, out = _shape(other), _shape(node)
-            if shape is None or out is None or _broadcast_channels(shape, out) != 1:
+            if shape is None or out is None or _broadcast_channels(shape, out, value.last) != 1:
                 self.opaque(node, "a product or sum with a per-channel tensor that is not a feature map")
                 return None
             return _channelwise(value, key in _MUL | _DIV, node)
@@ -533,12 +549,15 @@ def _is_stochastic_depth(target: object) -> bool:
 
 def _channelwise(value: _Value, keeps_zero: bool, node: fx.Node) -> _Value:
     if value.zero and not keeps_zero:
-        return _Value(value.space, False, _where(node), value.positions)
-    return _Value(value.space, value.zero, value.why_not, value.positions)
+        return dataclasses.replace(value, zero=False, why_not=_where(node))
+    return dataclasses.replace(value)
 
 
-def _broadcast_channels(other: tuple[int, ...], out: tuple[int, ...]) -> int:
-    """How many channels a tensor of shape ``other`` holds when broadcast to ``out`` (1: the same for every channel)."""
+def _broadcast_channels(other: tuple[int, ...], out: tuple[int, ...], last: bool = False) -> int:
+    """How many channels a tensor of shape ``other`` holds when broadcast to ``out`` (1: the same for every channel),
+    the channels being dimension 1 of ``out``, or its last dimension where ``last``."""
+    if last:
+        return other[-1] if other else 1
     axis = 1 - (len(out) - len(other))
     return other[axis] if 0 <= axis < len(other) else 1
 

@@ -416,6 +416,10 @@ def test_timm_and_torchvision_names_build_their_models_made_prunable():
     small = maskprop.create_model("torchvision:mobilenet_v2", num_classes=10, width_mult=0.25, prune_residual=False)
     assert small.features[1].conv[1].out_channels == 8 and "features.3" not in maskprop.channel_groups(small)
     assert maskprop.create_model("timm:resnet18", in_chans=1).conv1.in_channels == 1  # traced at 1 x 224 x 224
+    vit = maskprop.create_model("timm:vit_tiny_patch16_224", img_size=32, patch_size=8)  # traced at its own size
+    assert len(maskprop.channel_groups(vit)) == 12
+    tv_vit = maskprop.create_model("torchvision:vit_b_16", image_size=32, num_classes=10)
+    assert len(maskprop.channel_groups(tv_vit)) == 12
     cases = [("timm:no_such_net", r"unknown model 'timm:no_such_net': timm has no model 'no_such_net'"),
              ("torchvision:no_such_net", r"torchvision has no model 'no_such_net'"),
              ("pytorch:resnet18", r"unknown model 'pytorch:resnet18'; known models: .*, or timm:NAME")]
@@ -753,3 +757,151 @@ def test_the_cost_model_counts_a_linear_layer_once_per_row_of_a_map():
     with FlopCounterMode(display=False) as counter:
         Rows()(torch.zeros(1, 3, 5, 8))
     assert counter.get_total_flops() == maskprop.flops(Rows(), (3, 5, 8))
+
+
+class Tokens(nn.Module):
+    """A transformer's MLP on tokens ``(N, L, C)``: LayerNorm, fc1, one operation, fc2, a residual add; then a
+    classifier on the mean token. Is fc1's output (the last dimension) prunable?"""
+
+    def __init__(self, op: str = "gelu") -> None:
+        super().__init__()
+        self.op = op
+        self.stem = Unit(3, 8)  # a group that stays prunable whatever op does
+        self.embed = nn.Conv2d(8, 8, 2, stride=2)
+        self.norm = nn.LayerNorm(8)
+        self.fc1 = nn.Linear(8, 16)
+        self.gate = nn.Linear(8, 16)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(0.0)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 16))
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        t = self.embed(F.relu(self.stem(x))).flatten(2).transpose(1, 2)  # (N, L, C): the tokens
+        h = self.fc1(self.norm(t))
+        op = self.op
+        if op == "gelu":
+            h = self.drop(self.act(h))
+        elif op == "times two":
+            h = 2 * h
+        elif op == "gated":  # SwiGLU: two linear layers' outputs multiplied: one space
+            h = F.silu(self.gate(self.norm(t))) * h
+        elif op == "sigmoid":
+            h = torch.sigmoid(h)
+        elif op == "per-channel scale":
+            h = h * self.scale
+        elif op == "softmax":
+            h = h.softmax(-1)
+        elif op == "mean over channels":
+            h = h - h.mean(-1, keepdim=True)
+        elif op == "transpose":
+            h = h.transpose(1, 2).contiguous().transpose(1, 2)
+        elif op == "LayerNorm":
+            h = F.layer_norm(h, (16,))
+        elif op == "Dropout1d":
+            h = F.dropout1d(h, 0.0)
+        t = t + self.fc2(h)
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize("op,prunable_", [
+    ("gelu", True), ("times two", True), ("gated", True), ("sigmoid", False), ("per-channel scale", False),
+    ("softmax", False), ("mean over channels", False), ("transpose", False), ("LayerNorm", False),
+    ("Dropout1d", False),
+])
+def test_a_linear_layers_outputs_in_the_last_dimension_are_a_channel_space(op, prunable_):
+    """fc1 writes the last dimension of the tokens; elementwise operations and products with another linear layer's
+    outputs keep it, and fc2 reads it (in compact form: the kept columns of its weight); the residual stream and
+    everything else a subnetwork could not compute exactly stay whole."""
+    torch.manual_seed(0)
+    model = Tokens(op).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    maskprop.make_prunable(model, (3, 8, 8))
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    groups = maskprop.channel_groups(model)
+    assert set(groups) == {"stem.conv", "fc1"} if prunable_ else {"stem.conv"}  # the embedding, fc2: the stream
+    if prunable_:
+        assert (model.fc1.out_group, model.fc2.in_group, model.fc1.mask_output) == ("fc1", "fc1", True)
+        assert getattr(model.gate, "out_group", None) == ("fc1" if op == "gated" else None)
+        maskprop.check_model(model, (3, 8, 8))
+
+
+@pytest.mark.parametrize("op", ["sigmoid", "per-channel scale", "softmax", "mean over channels"])
+def test_the_rules_that_leave_a_last_dimension_whole_are_needed(op, monkeypatch):
+    """With the rules switched off, fc1's outputs are pruned after each operation, and check_model finds it wrong."""
+    monkeypatch.setattr(prunable._Walk, "opaque", lambda self, node, why: None)
+    monkeypatch.setattr(prunable._Spaces, "leave_whole", lambda self, space, why: None)
+    monkeypatch.setattr(prunable, "_channelwise", lambda value, keeps_zero, node: value)
+    real = prunable._Walk.function
+
+    def passing(self, node):  # every operation on one tracked value passes it on
+        values = self.inputs(node)
+        return values[0] if len(values) == 1 else real(self, node)
+
+    monkeypatch.setattr(prunable._Walk, "function", passing)
+    model = maskprop.make_prunable(Tokens(op), (3, 8, 8))
+    assert model.fc2.in_group == "fc1"
+    with pytest.raises(ValueError, match="check 'compact' failed"):
+        maskprop.check_model(model, (3, 8, 8))
+
+
+def test_a_masked_linear_layer_zeroes_its_outputs_in_the_last_dimension():
+    """``masked`` mode multiplies a linear layer's outputs by the mask along the last dimension, whatever the rank;
+    compact mode computes the kept ones alone, the same values."""
+    torch.manual_seed(0)
+    model = maskprop.make_prunable(Tokens(), (3, 8, 8)).double()
+    keep = torch.tensor([True, False] * 8)
+    seen = {}
+    model.fc1.register_forward_hook(lambda m, i, o: seen.setdefault(maskprop.sparse.SparseLinear, []).append(o))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for mode in ("masked", "compact"):
+        with maskprop.use_mask(model, {"fc1": keep, "stem.conv": torch.ones(8, dtype=torch.bool)}, mode=mode):
+            model(x)
+    masked, compact = seen[maskprop.sparse.SparseLinear]
+    assert masked.shape == (2, 16, 16) and compact.shape == (2, 16, 8)
+    assert torch.equal(masked[..., ~keep], torch.zeros_like(masked[..., ~keep]))
+    torch.testing.assert_close(compact, masked[..., keep], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,size", [("timm:convnext_atto", 32), ("timm:vit_tiny_patch16_224", 32)])
+def test_convnext_and_vit_prune_their_mlps_hidden_units(name, size):
+    """ConvNeXt's and ViT's MLP hidden units (4 C, between two linear layers on the channels-last map or the tokens)
+    become one group per block; the residual streams (behind LayerNorm, layer scale, attention) stay whole. The cost
+    model counts attention's products once, at their dense value (the check compares it with torch's counter)."""
+    torch.manual_seed(0)
+    kwargs = {"img_size": size} if "vit" in name else {}
+    model = timm.create_model(name[5:], num_classes=10, **kwargs).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        before = model(x)
+    maskprop.make_prunable(model, (3, size, size))
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    groups = maskprop.channel_groups(model)
+    blocks = [m for m in model.modules() if type(m).__name__ == "Mlp"]
+    assert len(groups) == len(blocks) > 0 and all(g.endswith("mlp.fc1") for g in groups)
+    assert all(m.fc1.out_group == m.fc2.in_group is not None for m in blocks)
+    maskprop.check_model(model, (3, size, size))
+    other = maskprop.CostModel(model, (3, size, size)).other_flops
+    assert (other > 0) is ("vit" in name)  # attention's products: outside the linear layers
+
+
+def test_a_torchvision_vit_counts_its_attentions_linear_products_as_flops_no_mask_prunes():
+    """torchvision's ViT runs ``nn.MultiheadAttention`` (its projections are not ``nn.Linear`` calls): its FLOPs are
+    counted outside the layers, the MLPs' hidden units are pruned, and the check passes."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                              num_classes=10)
+    maskprop.make_prunable(model, (3, 32, 32))
+    assert maskprop.channel_groups(model) == {f"encoder.layers.encoder_layer_{i}.mlp.0": 32 for i in range(2)}
+    maskprop.check_model(model, (3, 32, 32))
+    tokens, width = 16 + 1, 16
+    projections = 2 * (3 * width * width + width * width) * tokens  # in_proj (q, k, v) and out_proj, per layer
+    products = 2 * 2 * tokens * tokens * width  # q k^T and the weights times v, per layer
+    assert maskprop.CostModel(model, (3, 32, 32)).other_flops == 2 * (projections + products)

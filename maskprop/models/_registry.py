@@ -91,7 +91,8 @@ CONVERTED_SOURCES = ("timm", "torchvision")
 """Libraries whose models a name such as ``timm:efficientnet_b0`` builds, made prunable by ``make_prunable``."""
 
 CONVERTED_INPUT_SIZE = (224, 224)
-"""The image size ``make_prunable`` traces those models at (their heads pool globally, so they train at any size)."""
+"""The image size ``make_prunable`` traces those models at (convolutional heads pool globally, so they train at any
+size), unless their keywords fix one (``img_size`` of timm's, ``image_size`` of torchvision's vision transformers)."""
 
 
 def converted_source(name: object) -> str | None:
@@ -126,7 +127,9 @@ def _converted_entrypoint(name: str) -> Callable[..., nn.Module]:
 
         model = create(arch, num_classes=num_classes, **kwargs)
         channels = kwargs.get("in_chans", 3)  # timm's keyword for the input's channels
-        return make_prunable(model, (channels, *CONVERTED_INPUT_SIZE), prune_residual=prune_residual)
+        size = kwargs.get("img_size", kwargs.get("image_size", CONVERTED_INPUT_SIZE))
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        return make_prunable(model, (channels, *size), prune_residual=prune_residual)
 
     build.__name__ = build.__qualname__ = name
     return build

@@ -456,15 +456,17 @@ class ExecutionState:
         write_back_norms(self._norm.table, current.tensors, self._norm.flat, self._norm_kept)
         current.updated = False
 
-    def apply_mask(self, group: str | None, y: Tensor) -> Tensor:
-        """``y`` with the dropped channels of ``group`` (dim 1) set to zero (``masked`` mode)."""
+    def apply_mask(self, group: str | None, y: Tensor, last: bool = False) -> Tensor:
+        """``y`` with the dropped channels of ``group`` set to zero (``masked`` mode): channels in dimension 1 (a
+        feature map), or in the last dimension where ``last`` (a linear layer's output, whatever its rank)."""
         mask = self.masks.get(group) if group is not None else None
         if mask is None:
             return y
-        key = (group, y.dtype)
+        trailing = 0 if last else y.dim() - 2
+        key = (group, y.dtype, trailing)
         values = self._mask_values.get(key)
         if values is None:
-            values = mask.to(y.dtype).view(-1, *([1] * (y.dim() - 2)))
+            values = mask.to(y.dtype).view(-1, *([1] * trailing))
             self._mask_values[key] = values
         return y * values
 

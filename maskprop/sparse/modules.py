@@ -58,8 +58,8 @@ def _grouped_forward(
     if state is None:
         return dense(x)
     if state.mode == "masked":
-        y = dense(x)
-        return state.apply_mask(layer.out_group, y) if layer.mask_output else y
+        y = dense(x)  # a linear layer's outputs are its output's last dimension
+        return state.apply_mask(layer.out_group, y, last=isinstance(layer, nn.Linear)) if layer.mask_output else y
     weight, bias = state.weight_and_bias(layer)
     if weight is layer.weight:  # neither side pruned by this mask
         return dense(x)
@@ -140,6 +140,10 @@ class SparseLinear(nn.Linear, SparseModule):
     A linear layer on a flattened feature map (a classic VGG or LeNet head: ``x.flatten(1)`` of ``C x H x W``) reads
     ``in_positions = H x W`` features per channel of its ``in_group``, channel by channel, as ``flatten`` lays them
     out: ``in_features = C x in_positions``. A subnetwork keeps the ``in_positions`` columns of each kept channel.
+
+    On an input of more than two dimensions (a transformer's tokens ``(N, L, C)``, a ConvNeXt block's
+    channels-last map ``(N, H, W, C)``) the layer reads and writes the last dimension, as ``nn.Linear`` does: its
+    groups' channels are that dimension's (``in_positions = 1``), in compact form as in masked mode.
 
     Args:
         in_group: group of the input channels (``None``: never pruned).

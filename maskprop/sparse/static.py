@@ -758,7 +758,7 @@ class StaticExecutionState:
         self.flush()
         self._weight_pass = self._norm_pass = None
 
-    def apply_mask(self, group: str | None, y: Tensor) -> Tensor:
+    def apply_mask(self, group: str | None, y: Tensor, last: bool = False) -> Tensor:
         """Masked mode only; a static state is compact (kept for the layers' protocol)."""
         raise RuntimeError("a StaticExecutionState runs compact mode only")
 
