@@ -475,15 +475,19 @@ def _write_files(narrow: nn.Module, plan: WidthPlan, formats: Sequence[str], fol
         checks[ONNX_FILE] = _relative_error(_run_onnx(folder / ONNX_FILE, x), reference)
     if "timm" in formats:
         (folder / TIMM_FILE).write_text(timm_pruned_string(narrow))  # no newline: timm reads the text as is
+        failure = ""
         try:
             checks[TIMM_FILE] = _relative_error(load_timm(folder, x.device)(x), reference)
-        except ValueError as err:
+        except (ValueError, RuntimeError) as err:  # the rebuilt model does not take the weights or the input
             checks[TIMM_FILE] = float("inf")
+            failure = f"the model it builds does not take the exported weights and input ({type(err).__name__})"
             logger.debug("load_timm: %s", err)
         if not checks[TIMM_FILE] <= _CHECK_TOLERANCE and converted_source(plan.spec.name) == "timm":
+            found = failure or f"the model it builds computes other outputs, relative error {checks[TIMM_FILE]:.3g}"
             raise ValueError(f"timm's adapt_model_from_string does not rebuild {plan.spec.name}'s narrow model "
-                             f"(relative error {checks[TIMM_FILE]:.3g}): it narrows every grouped convolution as a "
-                             f"depthwise one and reads one width per layer; leave out the 'timm' format")
+                             f"({found}): it sets each layer's width from the weights' shapes where the model's own "
+                             f"code may not follow them (a grouped convolution narrowed as a depthwise one, an MLP "
+                             f"built from one hidden ratio); leave out the 'timm' format")
     bad = {name: err for name, err in checks.items() if not err <= _CHECK_TOLERANCE}
     if bad:
         raise RuntimeError(f"exported files do not reproduce the narrow model's output (relative error {bad}); "
