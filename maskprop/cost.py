@@ -69,7 +69,8 @@ class CostModel:
         self.groups = channel_groups(model)
         try:
             self.layers, counted = _record_shapes(model, self.input_size)
-        except RuntimeError as err:  # the model does not take this input (channels, a too-small image, features)
+        except (RuntimeError, AssertionError) as err:  # the model does not take this input (channels, a too-small
+            # image, features; a transformer built for another image size asserts it)
             raise InputSizeError(model, self.input_size, " ".join(str(err).split())[:160]) from None
         self._other_params = _unprunable_params(model)
         self._norm = [(m.group, m.num_features, m.affine) for m in model.modules() if isinstance(m, SparseBatchNorm2d)]

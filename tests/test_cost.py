@@ -167,6 +167,16 @@ def test_an_input_the_model_does_not_take_is_one_line():
         maskprop.flops(maskprop.create_model("resnet20"), (1, 32, 32))
 
 
+def test_a_transformer_built_for_another_image_size_is_one_line():
+    """A vision transformer asserts its input's size (``AssertionError``, not ``RuntimeError``)."""
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10)
+    with pytest.raises(ValueError, match=r"^VisionTransformer does not take an input of size \(3, 64, 64\) \(Input "
+                                         r"height \(64\) doesn't match model \(32\)\.\); expected the"):
+        maskprop.flops(vit, (3, 64, 64))
+
+
 def test_a_mask_that_does_not_fit_is_one_line_and_batch_sizes_are_checked():
     model = maskprop.create_model("resnet20")
     groups = model.channel_groups()

@@ -422,3 +422,16 @@ def test_phase_optimizer_follows_each_phases_recipe():
     group, seen = lrs("train", load_config(None, ["method=msbp", "optim.epochs=4"]))
     assert group["type"] == "Adam" and seen == pytest.approx(
         [0.5 * 1e-3 * (1 + math.cos(math.pi * t / 20)) for t in range(21)], abs=1e-15)
+
+
+@pytest.mark.parametrize("name,keyword", [("timm:vit_tiny_patch16_224", "img_size"),
+                                          ("torchvision:vit_b_16", "image_size")])
+def test_a_vision_transformer_of_another_image_size_names_the_keyword_that_sets_it(name, keyword, tmp_path):
+    """A converted model whose check fails on the run's images (a transformer built for 224 x 224 reading 16 x 16)
+    says which keyword sets its image size; with the check off, the cost model says the same in one line."""
+    config = with_overrides(TINY_RUN, **{"model.name": name})
+    with pytest.raises(ValueError, match=rf"^model {name} of {name.split(':')[0]}: check 'dense' failed: .*; a model "
+                                         rf"built for one image size takes model.kwargs.{keyword}=16 \(model.check"):
+        maskprop.fit(config, out=tmp_path / "checked")
+    with pytest.raises(ValueError, match=rf"^model '{name}' does not take shapes inputs of size \(3, 16, 16\)"):
+        maskprop.fit(with_overrides(config, **{"model.check": False}), out=tmp_path / "unchecked")

@@ -341,7 +341,11 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         try:
             checked = check_model(model, input_size)
         except ValueError as err:
-            raise ValueError(f"model {spec.name} of {source}: {err} (model.check=false skips this check)") from None
+            size = {"timm": "img_size", "torchvision": "image_size"}.get(source)
+            hint = (f"; a model built for one image size takes model.kwargs.{size}={input_size[-1]}"
+                    if size and str(err).startswith("check 'dense' failed") else "")
+            raise ValueError(f"model {spec.name} of {source}: {err}{hint} (model.check=false skips this check)") \
+                from None
         logger.info("checked %s of %s: %s", spec.name, source, checked)
     if checkpoint is None:
         initial = None if cfg.model.weights is None else load_initial_weights(model, cfg.model.weights, cfg.model.name)
