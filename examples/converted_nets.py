@@ -2,14 +2,15 @@
 ``maskprop.make_prunable`` and registered so that a run can build them by name.
 
 Train one with ``model.module: examples.converted_nets`` and ``model.name: tv_resnet18`` (or ``tv_mobilenet_v2``,
-``timm_efficientnet_b0``), from the repository root, e.g. ``maskprop train recipes/quickstart.yaml
+``timm_efficientnet_b0``, ``timm_vit_tiny``), from the repository root, e.g. ``maskprop train recipes/quickstart.yaml
 model.module=examples.converted_nets model.name=tv_resnet18``. ``make_prunable`` traces the forward with
 ``torch.fx`` and swaps each conv, BatchNorm and linear layer on prunable channels for maskprop's, with the same
 parameters (a torchvision or timm checkpoint loads as it is); the run checks the result with ``maskprop.check_model``
 before its first step.
 
 The trace reads the shapes at ``INPUT_SIZE``; they decide only how many features per channel a flattened feature map
-gives a linear layer, and these networks pool to one position before theirs, so the models train at any input size.
+gives a linear layer, and the convolutional networks pool to one position before theirs, so they train at any input
+size; the vision transformer is built for ``INPUT_SIZE``.
 """
 
 from __future__ import annotations
@@ -46,3 +47,12 @@ def timm_efficientnet_b0(num_classes: int = 1000, prune_residual: bool = True,
     each squeeze-and-excitation gate is one group with the channels it scales."""
     model = timm.create_model("efficientnet_b0", num_classes=num_classes, drop_path_rate=drop_path_rate)
     return maskprop.make_prunable(model, INPUT_SIZE, prune_residual=prune_residual)
+
+
+@maskprop.register_model
+def timm_vit_tiny(num_classes: int = 1000, drop_path_rate: float = 0.0) -> nn.Module:
+    """timm's ViT-Tiny for 32 x 32 images (patches of 4 x 4: 64 tokens): the hidden units of each block's MLP are a
+    group (768 of them, between ``fc1`` and ``fc2``); the residual stream and attention stay whole."""
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, img_size=INPUT_SIZE[1:], patch_size=4,
+                              drop_path_rate=drop_path_rate)
+    return maskprop.make_prunable(model, INPUT_SIZE)

@@ -71,10 +71,14 @@ def recorded_operands() -> Iterator[list[tuple[str, str, torch.Tensor]]]:
 
 def misaligned(operands: list[tuple[str, str, torch.Tensor]]) -> list[str]:
     """The operands that do not start at a 16-byte boundary or are not laid out as the kernel expects (contiguous;
-    activations may be channels_last)."""
+    activations may be channels_last, and a linear layer's input rows of a larger tensor, as a transformer's class
+    token ``x[:, 0]``, where each row starts at a 16-byte boundary)."""
     bad = []
     for kernel, name, t in operands:
-        layout_ok = t.is_contiguous() or (name == "input" and t.is_contiguous(memory_format=torch.channels_last))
+        rows = kernel == "linear" and name == "input" and t.stride(-1) == 1 and all(
+            stride * t.element_size() % ALIGNMENT == 0 for stride in t.stride()[:-1])
+        layout_ok = t.is_contiguous() or rows or (name == "input" and t.is_contiguous(
+            memory_format=torch.channels_last))
         if t.data_ptr() % ALIGNMENT or not layout_ok:
             bad.append(f"{kernel} {name} {tuple(t.shape)} {t.dtype} at {t.data_ptr() % ALIGNMENT} mod {ALIGNMENT}, "
                        f"strides {t.stride()}")
@@ -133,11 +137,14 @@ def test_gathered_operands_are_aligned_on_the_cpu_path():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("module,name", [("examples.my_nets", "small_mobilenet"), ("examples.my_nets", "small_vgg"),
-                                         ("examples.converted_nets", "timm_efficientnet_b0")])
+                                         ("examples.converted_nets", "timm_efficientnet_b0"),
+                                         ("examples.converted_nets", "timm_vit_tiny"),
+                                         ("examples.converted_nets", "timm:convnext_atto")])
 def test_gathered_operands_of_depthwise_convolutions_and_flattened_maps_are_aligned(module, name, dtype, monkeypatch):
     """examples/my_nets.py's MobileNet (a depthwise weight gathers rows of 9 elements, one input channel each) and VGG
     (its hidden layer rows of 16 positions per channel of a flattened 4x4 map); timm's EfficientNet-B0 converted by
-    make_prunable (depthwise convs, squeeze-and-excitation gates, fused BatchNorm-activation layers)."""
+    make_prunable (depthwise convs, squeeze-and-excitation gates, fused BatchNorm-activation layers); timm's ViT and
+    ConvNeXt (linear layers on tokens and on a channels-last map, their outputs' last dimension pruned)."""
     from pathlib import Path
 
     from maskprop.models import import_models
