@@ -94,6 +94,10 @@ def convert(
     its own k (meProp section 2.2.1): by default the output layer stays dense (``exempt=("last",)``); with
     ``output_k`` it is converted with that ``k`` instead.
 
+    A sparse-backward layer trains every channel, so a model of maskprop's layers that this converts carries no channel
+    groups afterwards: the layers left as they were (BatchNorm, an exempt output layer) stop naming groups
+    (``channel_groups(model)`` is empty), rather than reading groups that no layer writes any more.
+
     Args:
         model: the model, changed in place (returned for convenience; a bare Linear/Conv2d is returned converted).
         k: units kept per hidden layer; give this or ``ratio``.
@@ -102,10 +106,6 @@ def convert(
         memory: MSBP memory ratio gamma in [0, 1); 0 is SBP.
         exempt: qualified module names to leave dense, and/or ``"last"`` for the output layer.
         output_k: if given, the output layer is converted with this ``k`` (and not exempted).
-
-    A sparse-backward layer trains every channel, so a model of maskprop's layers that this converts carries no channel
-    groups afterwards: the layers left as they were (BatchNorm, an exempt output layer) stop naming groups
-    (``channel_groups(model)`` is empty), rather than reading groups that no layer writes any more.
 
     Returns:
         The model with sparse-backward layers.
