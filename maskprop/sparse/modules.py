@@ -58,7 +58,7 @@ def _grouped_forward(
     if state is None:
         return dense(x)
     if state.mode == "masked":
-        y = dense(x)  # a linear layer's outputs are its output's last dimension
+        y = dense(x)  # a linear layer's output channels are the last dimension, a conv's dimension 1
         return state.apply_mask(layer.out_group, y, last=isinstance(layer, nn.Linear)) if layer.mask_output else y
     weight, bias = state.weight_and_bias(layer)
     if weight is layer.weight:  # neither side pruned by this mask
