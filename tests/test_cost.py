@@ -11,7 +11,14 @@ from conftest import input_size
 from torch.utils.flop_counter import FlopCounterMode
 
 import maskprop
-from maskprop.cost import CostModel, dense_step_flops, train_cost_saving, vrpge_step_flops
+from maskprop.cost import (
+    CostModel,
+    InputSizeError,
+    counting_flops,
+    dense_step_flops,
+    train_cost_saving,
+    vrpge_step_flops,
+)
 from maskprop.sparse import full_mask, random_mask, use_mask
 
 
@@ -296,3 +303,20 @@ def test_attention_is_counted_by_the_operations_torchs_counter_knows():
     projections = 2 * 2 * 5 * (3 * 8 * 8 + 8 * 8)
     assert counted.get_total_flops() == projections + 2 * (2 * 2 * 5 * 5 * 8)
     assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def test_counting_flops_gives_back_the_fast_path_setting_it_found_also_when_the_forward_raises():
+    """``counting_flops`` turns ``nn.MultiheadAttention``'s fast path off while it counts, then back to what it was:
+    off stays off; on is on again after a model that does not take its input (the cost model's error)."""
+    found = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        with counting_flops():
+            assert not torch.backends.mha.get_fastpath_enabled()
+        assert not torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(True)
+        with pytest.raises(InputSizeError):
+            CostModel(torch.nn.Conv2d(3, 4, 5), (3, 2, 2))  # a 5 x 5 kernel on a 2 x 2 image
+        assert torch.backends.mha.get_fastpath_enabled()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(found)

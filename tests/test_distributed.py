@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -903,3 +904,17 @@ def test_wrap_model_silences_ddps_warning_about_nominal_gradient_strides(tmp_pat
         nominal, counts[how] = map(int, done.stdout.split()[-2:])
         assert nominal > 0  # the case: a gradient whose strides differ from its parameter's in a size-1 dimension
     assert counts == {"filtered": 0, "unfiltered": 1}
+
+
+def test_wrap_model_silences_the_nominal_strides_warning_alone(monkeypatch):
+    """The filter :func:`wrap_model` adds matches DDP's stride warning (its first sentence) and nothing else: another
+    UserWarning, or one that names strides otherwise, is still shown."""
+    monkeypatch.setattr(distributed, "_DistributedDataParallel", lambda model, **kwargs: model)
+    with warnings.catch_warnings(record=True) as seen:  # the filters are as they were after the block
+        warnings.simplefilter("always")
+        distributed.wrap_model(torch.nn.Linear(2, 2), torch.device("cpu"))
+        warnings.warn(f"{distributed.NOMINAL_STRIDES_WARNING}. This may indicate grad was not created according to "
+                      f"the gradient layout contract", UserWarning)
+        warnings.warn("Grad strides of another kind", UserWarning)
+        warnings.warn("an unrelated warning", UserWarning)
+    assert [str(w.message) for w in seen] == ["Grad strides of another kind", "an unrelated warning"]

@@ -164,6 +164,14 @@ def test_materialize_with_maskprops_batchnorm_trains_as_with_torchs():
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=key)
 
 
+def test_a_malformed_mask_for_sparse_backward_layers_is_a_value_error():
+    """``materialize`` on a converted model reads only the tensors of a mask for its refusal; a mask of other values
+    (a list) is check_mask's one-line ValueError, not an AttributeError."""
+    model = maskprop.sbp.convert(maskprop.create_model("resnet20"), ratio=0.25)
+    with pytest.raises(ValueError, match="no channel groups"):
+        materialize(model, {"conv1": [True, False]})
+
+
 def test_sparse_backward_layers_go_back_to_plain_layers():
     torch.manual_seed(0)
     model = maskprop.create_model("resnet20")

@@ -17,8 +17,10 @@ from conftest import TINY_RUN, with_overrides
 from torch import nn
 
 import maskprop
-from maskprop import prunable
+from maskprop import export, prunable
+from maskprop.export import save_exported
 from maskprop.models import list_models
+from maskprop.models.spec import ModelSpec
 from maskprop.sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -782,6 +784,10 @@ class Tokens(nn.Module):
         self.act = nn.GELU()
         self.drop = nn.Dropout(0.0)
         self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 16))
+        self.alpha = nn.Parameter(torch.tensor(0.5))  # one factor for every unit
+        self.unit = nn.Linear(8, 1)  # one output per token: broadcast over the units
+        self.pool = nn.MaxPool2d((1, 3), stride=1, padding=(0, 1))  # on (N, L, C): over neighbouring units
+        self.tok = nn.Linear(16, 16)  # on the L = 16 tokens
         self.fc2 = nn.Linear(16, 8)
         self.head = nn.Linear(8, 10)
 
@@ -809,6 +815,20 @@ class Tokens(nn.Module):
             h = F.layer_norm(h, (16,))
         elif op == "Dropout1d":
             h = F.dropout1d(h, 0.0)
+        elif op == "silu by hand":  # timm's Swish: x * sigmoid(x), zero where x is
+            h = h * torch.sigmoid(h)
+        elif op == "sum with a gate":  # two linear layers' outputs added: one space, zero where both are
+            h = F.gelu(h) + self.gate(self.norm(t))
+        elif op == "scalar factor":  # a 0-d parameter: the same for every unit
+            h = F.gelu(h) * self.alpha
+        elif op == "one-unit gate":  # (N, L, 1) broadcast over the units: the gate's space stays whole, not fc1's
+            h = F.gelu(h) * torch.sigmoid(self.unit(self.norm(t)))
+        elif op == "max pool over units":
+            h = F.max_pool2d(F.gelu(h), (1, 3), 1, (0, 1))
+        elif op == "pooling module":
+            h = self.pool(F.gelu(h))
+        elif op == "mean over units, read by a linear layer":  # (N, L): tok would read fc1's units as its features
+            h = F.gelu(h) * self.tok(h.mean(-1)).unsqueeze(-1)
         t = t + self.fc2(h)
         return self.head(t.mean(1))
 
@@ -816,7 +836,9 @@ class Tokens(nn.Module):
 @pytest.mark.parametrize("op,prunable_", [
     ("gelu", True), ("times two", True), ("gated", True), ("sigmoid", False), ("per-channel scale", False),
     ("softmax", False), ("mean over channels", False), ("transpose", False), ("LayerNorm", False),
-    ("Dropout1d", False),
+    ("Dropout1d", False), ("silu by hand", True), ("sum with a gate", True), ("scalar factor", True),
+    ("one-unit gate", True), ("max pool over units", False), ("pooling module", False),
+    ("mean over units, read by a linear layer", False),
 ])
 def test_a_linear_layers_outputs_in_the_last_dimension_are_a_channel_space(op, prunable_):
     """fc1 writes the last dimension of the tokens; elementwise operations and products with another linear layer's
@@ -831,10 +853,11 @@ def test_a_linear_layers_outputs_in_the_last_dimension_are_a_channel_space(op, p
     with torch.no_grad():
         assert torch.equal(model(x), before)
     groups = maskprop.channel_groups(model)
-    assert set(groups) == {"stem.conv", "fc1"} if prunable_ else {"stem.conv"}  # the embedding, fc2: the stream
+    assert set(groups) == ({"stem.conv", "fc1"} if prunable_ else {"stem.conv"})  # the embedding, fc2: the stream
     if prunable_:
         assert (model.fc1.out_group, model.fc2.in_group, model.fc1.mask_output) == ("fc1", "fc1", True)
-        assert getattr(model.gate, "out_group", None) == ("fc1" if op == "gated" else None)
+        assert getattr(model.gate, "out_group", None) == ("fc1" if op in ("gated", "sum with a gate") else None)
+        assert getattr(model.unit, "out_group", None) is None  # the one-unit gate: broadcast, whole
         maskprop.check_model(model, (3, 8, 8))
 
 
@@ -873,6 +896,123 @@ def test_a_masked_linear_layer_zeroes_its_outputs_in_the_last_dimension():
     assert masked.shape == (2, 16, 16) and compact.shape == (2, 16, 8)
     assert torch.equal(masked[..., ~keep], torch.zeros_like(masked[..., ~keep]))
     torch.testing.assert_close(compact, masked[..., keep], rtol=1e-12, atol=1e-12)
+
+
+class Crossed(nn.Module):
+    """A feature map (channels in dimension 1) plus a linear layer's outputs on another map's last dimension, of the
+    same shape: their channels are different dimensions of the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = Unit(3, 8)
+        self.other = Unit(3, 8)
+        self.rows = nn.Linear(8, 8)
+        self.after = Unit(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = F.relu(self.stem(x))  # (N, 8, 8, 8)
+        z = y + self.rows(F.layer_norm(self.other(x), (8,)))  # rows' 8 outputs are the sum's last dimension
+        return self.fc(F.relu(self.after(F.relu(z))).mean((2, 3)))
+
+
+def test_a_sum_of_a_feature_map_and_a_linear_layers_last_dimension_leaves_both_whole():
+    """A product or sum of a tensor whose channels are dimension 1 and one whose channels are its last dimension pairs
+    no channels: both spaces stay whole (the stem's and rows'), the layer after them is still prunable."""
+    model = maskprop.make_prunable(Crossed(), (3, 8, 8))
+    assert maskprop.channel_groups(model) == {"after.conv": 8}
+    assert type(model.stem.conv) is nn.Conv2d and type(model.rows) is nn.Linear
+    maskprop.check_model(model, (3, 8, 8))
+
+
+class Widths(nn.Module):
+    """``fc`` runs on pooled channels (N, 8) and on a feature map's width (its last dimension, 8 columns)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = Unit(3, 8)
+        self.c = Unit(8, 8)
+        self.b = Unit(8, 8)
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        pooled = F.relu(self.b(F.relu(self.c(y)))).mean((2, 3))
+        return self.head(self.fc(pooled) + self.fc(y).mean((1, 2)))
+
+
+def test_a_linear_layer_also_run_on_a_feature_maps_last_dimension_reads_and_writes_whole_channels():
+    """A linear layer called on a feature map's width in one call cannot drop columns in another: the channels it
+    reads from the pooled map (b's) stay whole, as do a's that it runs across; c's stay prunable."""
+    model = maskprop.make_prunable(Widths(), (3, 8, 8))
+    assert maskprop.channel_groups(model) == {"c.conv": 8}
+    assert type(model.fc) is nn.Linear and model.b.conv.out_group is None
+    maskprop.check_model(model, (3, 8, 8))
+
+
+class Pooled(nn.Module):
+    """A conv (no BatchNorm: it masks its output) and a linear layer whose outputs are added: one group, masked in
+    dimension 1 of a 4-D map and in the last dimension of a 2-D one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.lin = nn.Linear(3, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv(x)).mean((2, 3)) + self.lin(x.mean((2, 3))))
+
+
+def test_a_masked_linear_layer_and_a_conv_of_one_group_each_mask_their_own_dimension():
+    """``masked`` mode keeps the mask's values per group and layout: the conv's (C, 1, 1) and the linear layer's (C,)
+    of the same group are not mixed up (check_model compares them with the compact step)."""
+    model = maskprop.make_prunable(Pooled(), (3, 8, 8))
+    assert maskprop.channel_groups(model) == {"conv": 8} and model.lin.out_group == "conv"
+    assert model.conv.mask_output and model.lin.mask_output
+    maskprop.check_model(model, (3, 8, 8))
+
+
+def test_a_vits_export_counts_attention_flops_as_its_cost_model_does(tmp_path):
+    """export.json's FLOPs (torch's counter on the narrow and the full model) count attention's products by their
+    math kernels, as the cost model does: the same numbers, dense and narrow, attention included."""
+    spec = ModelSpec.resolve("timm:vit_tiny_patch16_224", {"img_size": 32}, num_classes=10, input_size=(3, 32, 32))
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    mask = maskprop.random_mask(maskprop.channel_groups(model), 0.5, torch.Generator().manual_seed(0))
+    info = save_exported(model, mask, tmp_path / "vit", spec=spec, formats="safetensors")
+    cost = maskprop.CostModel(model, (3, 32, 32))
+    assert cost.other_flops > 0
+    assert (info["flops"], info["dense_flops"]) == (cost.flops(mask), cost.flops())
+
+
+def test_timm_names_build_traced_at_an_img_size_given_as_a_list_of_height_and_width():
+    """A config's ``img_size: [32, 48]`` (YAML gives a list; not square) is the size the model is traced at."""
+    vit = maskprop.create_model("timm:vit_tiny_patch16_224", img_size=[32, 48], num_classes=10)
+    assert len(maskprop.channel_groups(vit)) == 12
+    assert vit(torch.zeros(1, 3, 32, 48)).shape == (1, 10)
+
+
+def test_a_timm_model_exports_nothing_where_timms_rebuilt_model_fails_on_the_input(tmp_path, monkeypatch):
+    """A model timm rebuilds that takes the weights but fails on the input (a RuntimeError in its forward) is refused
+    in one line as one that does not take them, naming the error; nothing is written."""
+    spec = ModelSpec.resolve("timm:mobilenetv3_small_050", {}, num_classes=10, input_size=(3, 32, 32))
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    mask = maskprop.random_mask(maskprop.channel_groups(model), 0.5, torch.Generator().manual_seed(0))
+
+    def rebuilt(folder, device):
+        def forward(x):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+        return forward
+
+    monkeypatch.setattr(export, "load_timm", rebuilt)
+    out = tmp_path / "mobilenet"
+    with pytest.raises(ValueError, match=r"does not rebuild timm:mobilenetv3_small_050's narrow model \(the model it "
+                                         r"builds does not take the exported weights and input \(RuntimeError\)\)"):
+        save_exported(model, mask, out, spec=spec, formats="safetensors,timm")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("name,size", [("timm:convnext_atto", 32), ("timm:vit_tiny_patch16_224", 32)])

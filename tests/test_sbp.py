@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import maskprop
 from maskprop import sbp
 from maskprop.sbp import (
     GlobalBudget,
@@ -551,7 +552,16 @@ def test_a_converted_maskprop_model_names_no_channel_group(name):
     groups = untouched.channel_groups()
     convert(untouched, ratio=0.5, exempt=[n for n, m in untouched.named_modules() if isinstance(m, (nn.Linear,
                                                                                                     nn.Conv2d))])
-    assert untouched.channel_groups() == groups
+    assert maskprop.channel_groups(untouched) == groups  # read again: model.channel_groups() keeps its first answer
+
+
+def test_a_converted_model_names_no_channel_group_where_a_hidden_layer_is_exempt():
+    """A hidden conv that ``exempt`` leaves as it is (a maskprop layer) stops naming its output group too: nothing
+    in the converted model drops channels."""
+    model = maskprop.create_model("resnet20", num_classes=10)
+    convert(model, ratio=0.5, exempt=["layer1.0.conv1"])
+    assert isinstance(model.layer1[0].conv1, maskprop.sparse.SparseConv2d)
+    assert model.layer1[0].conv1.out_group is None and maskprop.channel_groups(model) == {}
 
 
 def test_converted_layers_keep_every_setting_of_the_original():
