@@ -176,8 +176,9 @@ def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[
                     dtype=param.dtype if param is not None else None)
 
     def hook(name: str):
-        def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            reads_input = inputs[0].data_ptr() == x.data_ptr()
+        def record(module: nn.Module, inputs: tuple[Tensor, ...], keywords: dict, output: Tensor) -> None:
+            given = inputs[0] if inputs else next(iter(keywords.values()))  # layer(x) or layer(input=x)
+            reads_input = given.data_ptr() == x.data_ptr()
             if isinstance(module, nn.Conv2d):
                 k = module.weight.shape[2] * module.weight.shape[3]
                 positions, kernel_area, groups = k * output.shape[2] * output.shape[3], k, module.groups
@@ -197,7 +198,7 @@ def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[
 
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            handles.append(module.register_forward_hook(hook(name)))
+            handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
     was_training = model.training
     try:
         model.eval()

@@ -385,7 +385,10 @@ class _Walk:
         """The channel space of a module's output, and what the module reads and writes."""
         name, kind = node.target, type(module)
         values = self.inputs(node)
-        first = self.values.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        source = node.args[0] if node.args else next(iter(node.kwargs.values()), None)  # its input (``input=x``)
+        first = self.values.get(source) if isinstance(source, fx.Node) else None
+        # A layer's call on a tensor no rule follows reads a whole space: a call on a prunable one joins it, whole.
+        outside = f"read by {name!r} from a tensor maskprop does not follow"
         if len(values) > (first is not None) or first is not None and first.positions and kind is not nn.Linear \
                 and kind not in _ELEMENTWISE_MODULES:
             self.opaque(node, f"{kind.__name__} called on more than one feature map, or on a flattened one")
@@ -406,21 +409,23 @@ class _Walk:
                 return _Value(space)
             if first is not None:
                 self.needs_zero(first, node)
-                self.reads(entry, first.space)
+            self.reads(entry, first.space if first is not None else self.spaces.new(whole=outside))
             return _Value(self.writes(entry, name))
         if kind is nn.Linear:
             entry = self.layer(node, "linear")
-            last = len(_shape(node.args[0]) or ()) > 2  # it reads and writes the last dimension of its input
+            last = len(_shape(source) or ()) > 2  # it reads and writes the last dimension of its input
             if last and first is not None and not first.last:  # a feature map's width: no channel space
                 self.opaque(node, "a linear layer on a feature map's width (its last dimension)")
                 entry.whole = True
                 return None
             if first is not None:
                 self.needs_zero(first, node)
-                self.reads(entry, first.space)
                 entry.positions.add(first.positions or 1)
+            self.reads(entry, first.space if first is not None else self.spaces.new(whole=outside))
             return _Value(self.writes(entry, name), last=last)
         if first is None:
+            if kind is nn.BatchNorm2d or _is_batch_norm_act(module):
+                self.reads(self.layer(node, "bn"), self.spaces.new(whole=outside))
             return None  # a layer on channels that are whole: its output is whole too
         if kind is nn.BatchNorm2d or _is_batch_norm_act(module):
             after = [] if kind is nn.BatchNorm2d else [_keeps_zero(module.drop), _keeps_zero(module.act)]

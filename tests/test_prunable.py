@@ -1053,3 +1053,35 @@ def test_a_torchvision_vit_counts_its_attentions_linear_products_as_flops_no_mas
     projections = 2 * (3 * width * width + width * width) * tokens  # in_proj (q, k, v) and out_proj, per layer
     products = 2 * 2 * tokens * tokens * width  # q k^T and the weights times v, per layer
     assert maskprop.CostModel(model, (3, 32, 32)).other_flops == 2 * (projections + products)
+
+
+class CalledTwice(nn.Module):
+    """``fc2`` (and the conv ``c2``) read a prunable space in one call and a tensor no rule follows (after a
+    LayerNorm, a concatenation) in another; ``fc1`` is called with ``input=`` as a keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = nn.LayerNorm(8)
+        self.fc1, self.fc2, self.wide = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 16)
+        self.c1, self.c2 = Unit(3, 4), nn.Conv2d(4, 8, 4, stride=4)
+        self.d1, self.d2 = Unit(3, 4), nn.Conv2d(4, 8, 3)  # a prunable space, for contrast
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        n = self.norm(t)
+        h = self.fc2(F.gelu(self.fc1(input=n))) + self.fc2(F.layer_norm(self.wide(n), (16,)))
+        c = F.relu(self.c1(x))
+        c = self.c2(c) + self.c2(torch.cat([c[:, :2], c[:, 2:]], 1))
+        d = self.d2(F.relu(self.d1(x)))
+        return self.head((t + h).mean(1) + c.mean((2, 3)) + d.mean((2, 3)))
+
+
+def test_a_layer_that_also_reads_a_tensor_no_rule_follows_keeps_what_it_reads_whole():
+    """A layer runs one weight in every call: where one call reads a prunable space and another a tensor the trace
+    does not follow, the space stays whole (the compact step would hand the second call a full-width input)."""
+    model = maskprop.make_prunable(CalledTwice(), (3, 16, 16))
+    assert maskprop.channel_groups(model) == {"d1.conv": 4}
+    assert type(model.fc2) is nn.Linear and type(model.c2) is nn.Conv2d and model.d2.in_group == "d1.conv"
+    maskprop.check_model(model, (3, 16, 16))
