@@ -101,6 +101,30 @@ def test_step_flops_formula_matches_the_flop_counter():
         sbp_step_flops(per_layer, {"hidden.9": 0.5})
 
 
+@pytest.mark.parametrize("source", ["timm", "torchvision"])
+def test_a_transformers_sparse_backward_step_counts_attention_as_dense(source):
+    """With every gradient kept a sparse-backward step costs what a dense one does, attention's products included
+    (``CostModel.other_flops``, a dense forward and backward); torchvision's ``nn.MultiheadAttention`` keeps its output
+    projection, whose weight it reads without calling the layer."""
+    torch.manual_seed(0)
+    if source == "timm":
+        from timm.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=10)
+    else:
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                                  num_classes=10)
+    cost = CostModel(model, (3, 32, 32))
+    convert(model, ratio=1.0)
+    assert cost.other_flops > 0 and not any("out_proj" in name for name, _ in sparse_layers(model))
+    ctx = StepContext(criterion=torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), cost=cost)
+    batch = (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    result = sbp_step(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, ctx)
+    assert result.flops == result.dense_flops == 3 * cost.flops(None, 4)
+
+
 def _converted(seed: int = 0):
     torch.manual_seed(seed)
     model = convert(maskprop.create_model("mlp", num_classes=4, in_features=64, hidden=(32, 32)), ratio=0.25,

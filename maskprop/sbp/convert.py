@@ -94,6 +94,9 @@ def convert(
     its own k (meProp section 2.2.1): by default the output layer stays dense (``exempt=("last",)``); with
     ``output_k`` it is converted with that ``k`` instead.
 
+    The output projection of an ``nn.MultiheadAttention``, whose weight the attention reads without calling the layer,
+    is not converted.
+
     A sparse-backward layer trains every channel, so a model of maskprop's layers that this converts carries no channel
     groups afterwards: the layers left as they were (BatchNorm, an exempt output layer) stop naming groups
     (``channel_groups(model)`` is empty), rather than reading groups that no layer writes any more.
@@ -120,7 +123,10 @@ def convert(
         raise ValueError(f"got k={k!r} and ratio={ratio!r}; expected exactly one of them")
     if ratio is not None:
         keep_count(1, ratio)
-    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, _CONVERTIBLE)]
+    # nn.MultiheadAttention reads its out_proj's weight itself, never calling the layer: it stays as it is.
+    attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, _CONVERTIBLE)
+                  and id(m) not in attention]
     if not candidates:
         logger.warning("convert: %s has no nn.Linear or nn.Conv2d to convert", type(model).__name__)
         return model

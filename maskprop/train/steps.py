@@ -242,7 +242,8 @@ def sbp_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[Te
     Figure 5) are measured first on the same graph, which changes nothing of the step. A global ``budget`` re-balances
     every layer's ``k`` from this backward's scores for the next step.
 
-    Costs ``sum_l f_l (1 + 2 k_l / n_l)`` train FLOPs (``maskprop.cost.sbp_step_flops``) with the ``k`` of this step.
+    Costs ``sum_l f_l (1 + 2 k_l / n_l)`` train FLOPs (``maskprop.cost.sbp_step_flops``) with the ``k`` of this step,
+    plus three times the FLOPs outside the layers (attention's products: a dense forward and backward).
     """
     images, labels = batch
     optimizer.zero_grad(set_to_none=True)
@@ -261,7 +262,7 @@ def sbp_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[Te
     layer_flops = {name: batch_size * f for name, f in ctx.cost.by_layer().items()}
     return StepResult(
         loss=value, loss2=None, correct=correct, count=batch_size, kept_ratio=1.0,
-        flops=int(sbp_step_flops(layer_flops, fractions)),
+        flops=int(sbp_step_flops(layer_flops, fractions) + dense_step_flops(batch_size * ctx.cost.other_flops)),
         dense_flops=int(dense_step_flops(ctx.cost.flops(None, batch_size))), diagnostics=diagnostics,
         grad_norm=grad_norm,
     )
