@@ -342,5 +342,6 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
     if counted != flops:
         raise ValueError(f"check 'flops' failed: maskprop.CostModel counts {counted} FLOPs of the subnetwork per "
                          f"example, torch.utils.flop_counter {flops}: the model computes FLOPs outside its conv and "
-                         f"linear layers (a matmul in its forward?), which the train-cost saving would leave out")
+                         f"linear layers that change with the mask (a matmul on pruned channels?), which the "
+                         f"train-cost saving would count at their dense value")
     return ModelCheck(len(groups), sum(groups.values()), CHECKS, time.perf_counter() - started)

@@ -190,11 +190,14 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
         ValueError: ``mask`` is not a valid mask for ``model`` (see :func:`maskprop.check_mask`), or it drops channels
             of a model whose convolutions were converted to sparse-backward layers (they train the whole network).
     """
-    if mask is not None:
-        if any(isinstance(m, SparseBackwardMixin) for m in model.modules()) and not all(
-                bool(m.all()) for m in mask.values() if isinstance(m, Tensor)):
+    if mask is not None and any(isinstance(m, SparseBackwardMixin) for m in model.modules()):
+        tensors = [m for m in mask.values() if isinstance(m, Tensor)]
+        if not all(bool(m.all()) for m in tensors):
             raise ValueError("cannot drop channels of a model with sparse-backward layers (they train the whole "
                              "network and carry no channel groups); expected mask=None")
+        if len(tensors) == len(mask):  # a mask that keeps every channel: the whole model
+            mask = None
+    if mask is not None:
         check_mask(mask, channel_groups(model))
         mask = {g: m.detach().cpu() for g, m in mask.items()}
     memo: dict[int, Any] = {}

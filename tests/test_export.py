@@ -186,6 +186,8 @@ def test_sparse_backward_layers_go_back_to_plain_layers():
     torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="sparse-backward layers"):
         materialize(model, half)
+    full = {g: torch.ones_like(m) for g, m in half.items()}  # keeps every channel: the whole model, as before convert
+    torch.testing.assert_close(materialize(model, full)(x), plain(x), rtol=0, atol=0)
 
 
 def test_narrow_layers_are_built_at_their_kept_sizes_and_frozen_parameters_stay_frozen():

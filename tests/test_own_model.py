@@ -91,7 +91,7 @@ class Wired(ChannelSparseModel):
     ("reads_another_group", "compact", "raised RuntimeError"),
     ("batch_norm_without_group", "compact", "raised RuntimeError"),
     ("no_batch_norm_and_no_mask_output", "compact", "needs mask_output=True"),
-    ("matmul", "flops", "torch.utils.flop_counter"),  # FLOPs outside the layers that a subnetwork prunes
+    ("matmul", "flops", "outside its conv and linear layers that change with the mask"),  # a subnetwork prunes them
     ("reads_its_width", "narrow", "narrow model's outputs differ"),
 ])
 def test_each_wiring_error_is_one_line_naming_its_check(variant, check, says):

@@ -341,7 +341,7 @@ class ExecutionState:
             if pruned:
                 moved = to_device(torch.cat([mask[g].cpu() for g in pruned]), self.device)
                 self.masks = dict(zip(pruned, moved.split([mask[g].numel() for g in pruned])))
-            self._mask_values: dict[tuple[str, torch.dtype], Tensor] = {}
+            self._mask_values: dict[tuple[str, torch.dtype, int], Tensor] = {}  # (group, dtype, dims after it)
             return
         self._prepare_compact(names, masks, counts, sizes)
 
