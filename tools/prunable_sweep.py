@@ -1,0 +1,105 @@
+"""Which of timm's and torchvision's networks ``maskprop.make_prunable`` converts, and whether the result is right.
+
+Usage:
+    python tools/prunable_sweep.py                       # every network below, about 5 minutes on two CPU threads
+    python tools/prunable_sweep.py --only swin_t deit_tiny_patch16_224 --threads 1
+
+For each network: built with 10 classes (and the keywords below), made prunable at the input size below, then checked
+by ``maskprop.check_model`` (dense, compact, static-shape and narrow passes against the masked reference in float64,
+and the FLOPs against ``torch.utils.flop_counter``). A row gives the groups, the prunable channels, the share of the
+dense FLOPs in layers that read or write a group (what pruning can reduce), and the check's result; a network that
+cannot be converted gives the first words of the one-line error. A failed check would be a bug of ``make_prunable``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Any
+
+import timm
+import torch
+import torchvision
+
+import maskprop
+
+# (library, model, keywords, image size): convolutional networks, MLPs on channels-last maps and vision transformers.
+NETWORKS: list[tuple[str, str, dict[str, Any], int]] = [
+    ("torchvision", "resnet18", {}, 64),
+    ("torchvision", "mobilenet_v2", {}, 64),
+    ("torchvision", "efficientnet_b0", {}, 64),
+    ("torchvision", "regnet_x_400mf", {}, 64),
+    ("torchvision", "densenet121", {}, 64),
+    ("torchvision", "convnext_tiny", {}, 64),
+    ("torchvision", "swin_t", {}, 64),
+    ("torchvision", "maxvit_t", {}, 224),
+    ("torchvision", "vit_b_16", {"image_size": 32}, 32),
+    ("timm", "resnet18", {}, 64),
+    ("timm", "mobilenetv3_small_050", {}, 64),
+    ("timm", "repvit_m1", {}, 64),
+    ("timm", "convnext_atto", {}, 64),
+    ("timm", "convnextv2_atto", {}, 64),
+    ("timm", "edgenext_xx_small", {}, 64),
+    ("timm", "fastvit_t8", {}, 64),
+    ("timm", "poolformer_s12", {}, 64),
+    ("timm", "convmixer_768_32", {}, 64),
+    ("timm", "efficientformer_l1", {}, 224),
+    ("timm", "levit_128s", {}, 224),
+    ("timm", "coat_lite_tiny", {}, 224),
+    ("timm", "mobilevit_xxs", {}, 64),
+    ("timm", "vit_tiny_patch16_224", {"img_size": 32}, 32),
+    ("timm", "deit_tiny_patch16_224", {"img_size": 32}, 32),
+    ("timm", "swin_tiny_patch4_window7_224", {}, 224),
+    ("timm", "mixer_s16_224", {"img_size": 64}, 64),
+    ("timm", "resmlp_12_224", {"img_size": 32}, 32),
+]
+
+
+def prunable_share(model: torch.nn.Module, size: int) -> float:
+    """The share of the dense forward FLOPs in conv and linear layers that read or write a group."""
+    cost = maskprop.CostModel(model, (3, size, size))
+    groups = maskprop.channel_groups(model)
+    touched = sum(f for layer, f in zip(cost.layers, cost.by_layer().values())
+                  if layer.in_group in groups or layer.out_group in groups)
+    return touched / cost.flops()
+
+
+def sweep(library: str, name: str, kwargs: dict[str, Any], size: int) -> str:
+    torch.manual_seed(0)
+    create = timm.create_model if library == "timm" else torchvision.models.get_model
+    model = create(name, num_classes=10, **kwargs)
+    started = time.perf_counter()
+    try:
+        maskprop.make_prunable(model, (3, size, size))
+    except ValueError as err:
+        return f"| {library} | {name} | {size} | - | - | - | not converted: {str(err)[:110]}... | |"
+    groups = maskprop.channel_groups(model)
+    share = prunable_share(model, size)
+    try:
+        checked = maskprop.check_model(model, (3, size, size), batch_size=2)
+        result = f"check passed ({len(checked.checks)} checks)"
+    except ValueError as err:
+        result = f"**check failed**: {str(err)[:160]}"
+    return (f"| {library} | {name} | {size} | {len(groups)} | {sum(groups.values())} | {100 * share:.0f}% | {result} "
+            f"| {time.perf_counter() - started:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=None, help="model names to run (default: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.disable(logging.INFO)  # make_prunable's summaries
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+          f"{args.threads} threads, check_model in float64, batch 2")
+    print("| library | model | input | groups | prunable channels | FLOPs in pruned layers | result | seconds |")
+    print("|---|---|---:|---:|---:|---:|---|---:|")
+    for library, name, kwargs, size in NETWORKS:
+        if args.only is None or name in args.only:
+            print(sweep(library, name, kwargs, size), flush=True)
+
+
+if __name__ == "__main__":
+    main()
