@@ -872,7 +872,8 @@ def test_gradients_differ_from_their_parameters_strides_in_size_one_dimensions_a
             F.cross_entropy(net(images), labels).backward()
         assert _nominal_only(net) == [], mode
         nominal += sum(p.grad.stride() != p.stride() for p in net.parameters() if p.grad is not None)
-    assert nominal > 0  # the dense 1x1 and depthwise weights: the case exists in these networks
+    if nominal == 0:  # another torch's kernels may lay these gradients out as their parameters: nothing to silence
+        pytest.skip("no gradient with nominally different strides in this torch build")
 
 
 _DDP_BACKWARD = """
@@ -902,7 +903,8 @@ def test_wrap_model_silences_ddps_warning_about_nominal_gradient_strides(tmp_pat
                               env=dict(_env(), OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]
         nominal, counts[how] = map(int, done.stdout.split()[-2:])
-        assert nominal > 0  # the case: a gradient whose strides differ from its parameter's in a size-1 dimension
+        if nominal == 0:  # the case (a gradient whose strides differ in a size-1 dimension) needs oneDNN's layout
+            pytest.skip("this torch build lays the 1x1 conv's gradient out as its parameter: DDP does not warn")
     assert counts == {"filtered": 0, "unfiltered": 1}
 
 
