@@ -13,7 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import TINY_RUN, with_overrides
+from conftest import TINY_RUN, load_tool, with_overrides
 from torch import nn
 
 import maskprop
@@ -1085,3 +1085,14 @@ def test_a_layer_that_also_reads_a_tensor_no_rule_follows_keeps_what_it_reads_wh
     assert maskprop.channel_groups(model) == {"d1.conv": 4}
     assert type(model.fc2) is nn.Linear and type(model.c2) is nn.Conv2d and model.d2.in_group == "d1.conv"
     maskprop.check_model(model, (3, 16, 16))
+
+
+def test_the_sweep_tool_converts_checks_and_reports_a_refusal_in_its_row():
+    """``tools/prunable_sweep.py``: a converted network's row gives its groups, channels, the share of FLOPs in pruned
+    layers (ResNet-18: every conv and the classifier touch a group) and the check; a refused one the error's start."""
+    sweep = load_tool("prunable_sweep")
+    row = sweep.sweep("timm", "resnet18", {}, 32).split(" | ")
+    assert row[1:7] == ["resnet18", "32", "12", "2880", "100%", "check passed (5 checks)"]
+    refused = sweep.sweep("timm", "convnextv2_atto", {}, 32)
+    assert "| - | - | - | not converted: no channel of ConvNeXt can be pruned" in refused
+    assert {name for _, name, _, _ in sweep.NETWORKS} >= {"convnext_tiny", "vit_b_16", "swin_t", "densenet121"}
