@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .cost import CostModel, counting_flops
+from .cost import CostModel, counted_flops
 from .models.spec import check_input_size
 from .sparse import aligned_width, channel_groups, check_align, random_mask, use_mask
 from .sparse.static import StaticExecutionState, use_static
@@ -333,12 +333,7 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
     counted = _guard("flops", "maskprop.CostModel", _WIRING,
                      lambda: CostModel(evaluated, input_size).flops(mask, batch_size=1))
 
-    def count() -> int:
-        with torch.no_grad(), counting_flops() as counter:
-            narrow(x[:1])
-        return counter.get_total_flops()
-
-    flops = _guard("flops", "the narrow model on one example", hint, count)
+    flops = _guard("flops", "the narrow model on one example", hint, lambda: counted_flops(narrow, x[:1]))
     if counted != flops:
         raise ValueError(f"check 'flops' failed: maskprop.CostModel counts {counted} FLOPs of the subnetwork per "
                          f"example, torch.utils.flop_counter {flops}: the model computes FLOPs outside its conv and "

@@ -225,6 +225,14 @@ def counting_flops() -> Iterator[FlopCounterMode]:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
+def counted_flops(model: nn.Module, x: Tensor) -> int:
+    """The FLOPs ``torch.utils.flop_counter`` counts in ``model(x)`` without autograd, attention included
+    (:func:`counting_flops`): what :func:`maskprop.check_model` and ``maskprop export`` compare the cost model with."""
+    with torch.no_grad(), counting_flops() as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
 def _unprunable_params(model: nn.Module) -> int:
     counted = {id(p) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, SparseBatchNorm2d))
                for p in m.parameters(recurse=False)}

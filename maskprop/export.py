@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ._files import atomic_directory, check_creatable, sha256
+from .cost import counted_flops
 from .models import converted_source
 from .models.spec import ModelSpec
 from .sparse import channel_groups
@@ -410,14 +411,6 @@ def _relative_error(output: Tensor, reference: Tensor) -> float:
     return float((output - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 
-def _flops(model: nn.Module, x: Tensor) -> int:
-    from .cost import counting_flops
-
-    with torch.no_grad(), counting_flops() as counter:
-        model(x)
-    return int(counter.get_total_flops())
-
-
 def _export_program(model: nn.Module, x: Tensor) -> torch.export.ExportedProgram:
     batch = torch.export.Dim("batch", min=1)
     return torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
@@ -594,8 +587,8 @@ def save_exported(model: nn.Module, mask: Mapping[str, Tensor] | None, out: str 
             for mode in ("compact", "masked"):
                 with use_mask(model, mask, mode):
                     against_full[mode] = _relative_error(reference, model(x))
-            dense_flops = _flops(model, x[:1])
-        flops = _flops(narrow, x[:1])
+            dense_flops = counted_flops(model, x[:1])
+        flops = counted_flops(narrow, x[:1])
     finally:
         model.train(was_training)
     num_classes = reference.shape[-1]
