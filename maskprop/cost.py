@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .models.spec import check_input_size
 from .sparse import SparseBatchNorm2d, channel_groups, check_mask, kept_counts
+from .sparse.groups import concatenated_counts, concatenations
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class CostModel:
     def __init__(self, model: nn.Module, input_size: Sequence[int]) -> None:
         self.input_size = check_input_size(input_size)
         self.groups = channel_groups(model)
+        self.concatenated = concatenations(model)  # a layer reading one keeps the sum of its parts' channels
         try:
             self.layers, counted = _record_shapes(model, self.input_size)
         except (RuntimeError, AssertionError) as err:  # the model does not take this input (channels, a too-small
@@ -88,7 +90,8 @@ class CostModel:
             return {}
         if not any(isinstance(m, int) for m in mask.values()):
             check_mask(mask, self.groups)
-        return kept_counts(mask)
+        counts = kept_counts(mask)
+        return concatenated_counts(counts, self.concatenated) if self.concatenated else counts
 
     def _layer_flops(self, counts: Mapping[str, int]) -> list[int]:
         return [layer.flops(counts) for layer in self.layers]
@@ -131,9 +134,11 @@ class CostModel:
                 if layer.out_group is not None:
                     prices[layer.out_group] = prices.get(layer.out_group, 0.0) + 2.0 * layer.positions
                 continue
-            kept_in = layer.in_channels * (keep_ratio if layer.in_group is not None else 1.0)
+            # A concatenated input's parts: each of its groups keeps keep_ratio of its channels.
+            parts = self.concatenated.get(layer.in_group, ((layer.in_group, layer.in_channels),))
+            kept_in = sum(n * (keep_ratio if g is not None else 1.0) for g, n in parts)
             kept_out = layer.out_channels * (keep_ratio if layer.out_group is not None else 1.0)
-            for group, partner in ((layer.in_group, kept_out), (layer.out_group, kept_in)):
+            for group, partner in [(g, kept_out) for g, _ in parts] + [(layer.out_group, kept_in)]:
                 if group is not None:
                     prices[group] = prices.get(group, 0.0) + 2.0 * partner * layer.positions / layer.groups
         return prices

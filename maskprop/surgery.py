@@ -31,6 +31,7 @@ from .sparse import (
     channel_groups,
     check_mask,
 )
+from .sparse.groups import concatenated_masks, concatenations, drop_concatenations
 
 __all__ = ["IndexSets", "gather", "index_sets", "materialize", "scatter_"]
 
@@ -51,6 +52,13 @@ def _is_conv(module: nn.Module) -> bool:
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (SparseLinear, SparseBackwardMixin)) and isinstance(module, nn.Linear)
+
+
+def _with_concatenations(model: nn.Module, mask: Mapping[str, Tensor] | None) -> Mapping[str, Tensor] | None:
+    """``mask`` and the masks of the model's concatenated groups (the layers reading them keep their parts' kept
+    channels, side by side)."""
+    concatenated = concatenations(model)
+    return concatenated_masks(mask, concatenated) if mask is not None and concatenated else mask
 
 
 def _layer_sets(module: nn.Module, mask: Mapping[str, Tensor] | None) -> dict[str, IndexSets] | None:
@@ -74,6 +82,7 @@ def _layer_sets(module: nn.Module, mask: Mapping[str, Tensor] | None) -> dict[st
 def index_sets(model: nn.Module, mask: Mapping[str, Tensor] | None) -> dict[str, IndexSets]:
     """``{tensor name: (rows, columns)}`` of every parameter and buffer of ``model`` (names as in its state dict)."""
     sets: dict[str, IndexSets] = {}
+    mask = _with_concatenations(model, mask)
     for prefix, module in model.named_modules():
         layer = _layer_sets(module, mask) or {}
         tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
@@ -199,7 +208,7 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
             mask = None
     if mask is not None:
         check_mask(mask, channel_groups(model))
-        mask = {g: m.detach().cpu() for g, m in mask.items()}
+        mask = _with_concatenations(model, {g: m.detach().cpu() for g, m in mask.items()})
     memo: dict[int, Any] = {}
     for module in model.modules():
         sets = _layer_sets(module, mask)
@@ -207,4 +216,6 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
             memo[id(module)] = _narrow_layer(module, sets, conv_type, norm_type)
     if id(model) in memo:  # a bare layer
         return memo[id(model)]
-    return copy.deepcopy(model, memo)
+    narrow = copy.deepcopy(model, memo)
+    drop_concatenations(narrow)  # its layers name no group
+    return narrow

@@ -16,6 +16,7 @@ from maskprop.sbp.layers import (
     keep_count,
 )
 from maskprop.sbp.sparsifiers import get_sparsifier
+from maskprop.sparse.groups import drop_concatenations
 from maskprop.sparse.modules import SparseBatchNorm2d, SparseConv2d, SparseLinear
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def convert(
 
 def _drop_channel_groups(model: nn.Module) -> None:
     """Make the channel-sparse layers of ``model`` name no group (see :func:`convert`)."""
+    drop_concatenations(model)
     for module in model.modules():
         if isinstance(module, (SparseConv2d, SparseLinear)):
             module.in_group = module.out_group = None

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .gather import ALIGN_ELEMENTS, GatherPiece, GatherTable, gather_norms, gather_pieces, write_back_norms
-from .groups import aligned_width, channel_groups, check_align, count_kept
+from .groups import aligned_width, channel_groups, check_align, concatenations, count_kept
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule, set_execution_state
 
 Mask = dict[str, Tensor]
@@ -153,6 +153,7 @@ class ModelPlan:
     Attributes:
         layers: Every :class:`SparseModule` of the model, in module order.
         groups: ``{group: channels}`` (:func:`~maskprop.sparse.groups.channel_groups`).
+        concatenations: ``{concatenated group: its parts}`` (:func:`~maskprop.sparse.groups.concatenate_groups`).
         weighted: The conv and linear layers that read or write a group.
         norms: The BatchNorm layers of a group.
     """
@@ -160,11 +161,13 @@ class ModelPlan:
     def __init__(self, model: nn.Module, layers: list[nn.Module]) -> None:
         self.layers = layers
         self.groups = channel_groups(model)
+        self.concatenations = concatenations(model)
         self.weighted = [m for m in layers if isinstance(m, (SparseConv2d, SparseLinear))
                          and (m.in_group is not None or m.out_group is not None)]
         self.norms = [m for m in layers if isinstance(m, SparseBatchNorm2d) and m.group is not None]
         widest = [max(weight_view(m)[:2]) for m in self.weighted]
-        self.max_channels = max(widest, default=1)
+        whole_parts = [n for parts in self.concatenations.values() for g, n in parts if g is None]
+        self.max_channels = max(widest + whole_parts, default=1)
         # Host tensors every mask's index sets use: the group of each channel, each group's first channel, the
         # identity segment that serves whole and never-pruned sides, and the zero segment that the alignment padding
         # between gathered pieces reads (offset 0, not a kept channel).
@@ -338,9 +341,14 @@ class ExecutionState:
         self._norm_pass: ForwardPass | None = None
         if mode == "masked":
             pruned = [g for g, c, n in zip(names, counts, sizes) if c < n]
-            if pruned:
-                moved = to_device(torch.cat([mask[g].cpu() for g in pruned]), self.device)
-                self.masks = dict(zip(pruned, moved.split([mask[g].numel() for g in pruned])))
+            host = {g: mask[g].cpu() for g in pruned}
+            for name, parts in self.plan.concatenations.items():  # a concatenation of pruned parts is pruned
+                if any(g in host for g, _ in parts):
+                    host[name] = torch.cat([host[g] if g in host else torch.ones(n, dtype=torch.bool)
+                                            for g, n in parts])
+            if host:
+                moved = to_device(torch.cat(list(host.values())), self.device)
+                self.masks = dict(zip(host, moved.split([m.numel() for m in host.values()])))
             self._mask_values: dict[tuple[str, torch.dtype, int], Tensor] = {}  # (group, dtype, dims after it)
             return
         self._prepare_compact(names, masks, counts, sizes)
@@ -359,6 +367,8 @@ class ExecutionState:
             if w:
                 self._offsets[g] = (start, w)
                 start += w
+        if self.plan.concatenations:
+            index, real = self._concatenated_index_sets(index, real)
         identity = len(index)  # an identity segment after the index sets serves whole and never-pruned sides
         index_ext = torch.cat([index, self.plan.identity[0], self.plan.filler[0]])
         real_ext = torch.cat([real, self.plan.identity[1], self.plan.filler[1]])
@@ -392,6 +402,28 @@ class ExecutionState:
             self._norm = TableIndex(norm, flats[-1], reals[-1])
             self._norm_position = {id(m): i for i, m in enumerate(norm.modules)}
             self._norm_kept = reals[-1].bool() if self.padded else None
+
+    def _concatenated_index_sets(self, index: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
+        """``index`` and ``real`` followed by the index sets of the concatenated groups that lose channels: each
+        part's set (its whole range where this mask prunes it not) shifted by the channels of the parts before it."""
+        pieces, reals, start = [index], [real], index.numel()
+        for name, parts in self.plan.concatenations.items():
+            if not any(g in self._offsets for g, _ in parts):
+                continue  # read whole
+            first = 0
+            for g, n in parts:
+                if g in self._offsets:
+                    at, w = self._offsets[g]
+                    pieces.append(index[at:at + w] + first)
+                    reals.append(real[at:at + w])
+                else:
+                    pieces.append(torch.arange(first, first + n))
+                    reals.append(torch.ones(n, dtype=real.dtype))
+                first += n
+            width = sum(p.numel() for p in pieces) - start
+            self._offsets[name] = (start, width)
+            start += width
+        return torch.cat(pieces), torch.cat(reals)
 
     # --- what layers read ----------------------------------------------------------------------------------------
 

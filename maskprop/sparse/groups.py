@@ -16,14 +16,90 @@ from torch import Tensor, nn
 
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear
 
+Part = tuple[str | None, int]
+"""One part of a concatenated group: a group (``None``: channels never pruned) and its number of channels."""
+
+_CONCATENATIONS = "_maskprop_concatenations"
+
+
+def concatenate_groups(model: nn.Module, name: str, parts: Sequence[Part]) -> str:
+    """Declare the group ``name``: the channels of ``parts`` side by side, as ``torch.cat(..., dim=1)`` lays them out.
+
+    A layer whose input is such a concatenation reads ``name`` (its ``in_group``; a BatchNorm on it, its ``group``):
+    in a subnetwork its input is the concatenation of the parts' kept channels, in order, which is what the forward's
+    own ``torch.cat`` makes of the parts' compact tensors. A concatenated group has no channels of its own: masks,
+    scores and budgets name its parts, and no layer writes it. DenseNet's dense blocks, Inception's branches and CSP
+    stages read such groups; :func:`maskprop.make_prunable` declares them.
+
+    Args:
+        model: The model whose layers read ``name`` (the declaration is kept on it, a plain attribute).
+        name: The group's name (not the name of a group any layer writes).
+        parts: ``(group, channels)`` in channel order; a part whose group is ``None`` is never pruned. At least one
+            part names a group.
+
+    Returns:
+        ``name``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a concatenated group's name is a non-empty string, got {name!r}")
+    parts = tuple(parts)
+    if not all(isinstance(p, tuple) and len(p) == 2 and (p[0] is None or isinstance(p[0], str))
+               and isinstance(p[1], int) and not isinstance(p[1], bool) and p[1] > 0 for p in parts):
+        raise ValueError(f"parts of {name!r} are {parts!r}; expected (group name or None, channels > 0) pairs")
+    if all(group is None for group, _ in parts):
+        raise ValueError(f"concatenated group {name!r} has no part that names a group; expected at least one")
+    declared = dict(getattr(model, _CONCATENATIONS, {}))
+    declared[name] = parts
+    setattr(model, _CONCATENATIONS, declared)
+    return name
+
+
+def concatenations(model: nn.Module) -> dict[str, tuple[Part, ...]]:
+    """``{name: parts}`` of the concatenated groups declared on ``model`` or any of its submodules (a wrapper such as
+    DDP sees its module's), see :func:`concatenate_groups`."""
+    found: dict[str, tuple[Part, ...]] = {}
+    for module in model.modules():
+        found.update(getattr(module, _CONCATENATIONS, {}))
+    return found
+
+
+def drop_concatenations(model: nn.Module) -> None:
+    """Remove every concatenated group declared on ``model`` and its submodules (its layers name no group any more:
+    a materialized subnetwork, a sparse-backward conversion)."""
+    for module in model.modules():
+        if _CONCATENATIONS in module.__dict__:
+            delattr(module, _CONCATENATIONS)
+
+
+def concatenated_counts(counts: Mapping[str, int], concatenated: Mapping[str, Sequence[Part]]) -> dict[str, int]:
+    """``counts`` (channels per group) and the channels of each concatenated group: the sum over its parts (a part of
+    no group, or of a group ``counts`` lacks, counts whole)."""
+    extended = dict(counts)
+    for name, parts in concatenated.items():
+        extended[name] = sum(n if group is None else counts.get(group, n) for group, n in parts)
+    return extended
+
+
+def concatenated_masks(mask: Mapping[str, Tensor], concatenated: Mapping[str, Sequence[Part]]) -> dict[str, Tensor]:
+    """``mask`` and the mask of each concatenated group: its parts' masks side by side (a part of no group keeps
+    every channel)."""
+    extended = dict(mask)
+    for name, parts in concatenated.items():
+        like = next(mask[g] for g, _ in parts if g is not None)
+        extended[name] = torch.cat([like.new_ones(n) if g is None else mask[g] for g, n in parts])
+    return extended
+
 
 def channel_groups(model: nn.Module) -> dict[str, int]:
     """Ordered ``{group name: number of channels}`` of a model, in the order the groups are first written.
+    Concatenated groups (:func:`concatenate_groups`) are not among them: they have no channels of their own.
 
     Raises:
-        ValueError: if two layers disagree on the size of a group (a model-definition bug).
+        ValueError: if two layers disagree on the size of a group, a layer reads a group no layer writes, or a
+            concatenated group does not fit its parts or its readers (a model-definition bug).
     """
     groups: dict[str, int] = {}
+    concatenated = concatenations(model)
 
     def add(name: str | None, size: int, where: str) -> None:
         if name is None:
@@ -31,19 +107,39 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
         if groups.setdefault(name, size) != size:
             raise ValueError(f"layer {where!r} gives group {name!r} {size} channels, but it has {groups[name]}")
 
+    def read(name: str, size: int, where: str) -> None:
+        width = sum(n for _, n in concatenated[name])
+        if size != width:
+            raise ValueError(f"layer {where!r} reads concatenated group {name!r} as {size} channels, but its parts "
+                             f"have {width}")
+
     for where, module in model.named_modules():
+        if isinstance(module, (SparseConv2d, SparseLinear)) and module.out_group in concatenated:
+            raise ValueError(f"layer {where!r} writes concatenated group {module.out_group!r}; a concatenation is "
+                             f"read, its parts are written")
         if isinstance(module, SparseConv2d):
             add(module.out_group, module.out_channels, where)
         elif isinstance(module, SparseLinear):
             add(module.out_group, module.out_features, where)
         elif isinstance(module, SparseBatchNorm2d):
-            add(module.group, module.num_features, where)
+            if module.group in concatenated:
+                read(module.group, module.num_features, where)
+            else:
+                add(module.group, module.num_features, where)
     for where, module in model.named_modules():  # inputs must read a group that some layer writes
         if isinstance(module, (SparseConv2d, SparseLinear)) and module.in_group is not None:
             size = module.in_channels  # a linear layer on a flattened map: in_features / in_positions
+            if module.in_group in concatenated:
+                read(module.in_group, size, where)
+                continue
             if module.in_group not in groups:
                 raise ValueError(f"layer {where!r} reads group {module.in_group!r} that no layer writes")
             add(module.in_group, size, where)
+    for name, parts in concatenated.items():
+        for group, size in parts:
+            if group is not None and groups.get(group) != size:
+                has = "no layer writes it" if group not in groups else f"it has {groups[group]}"
+                raise ValueError(f"concatenated group {name!r} takes {size} channels of group {group!r}, but {has}")
     return groups
 
 

@@ -300,8 +300,9 @@ class StaticLayout:
 
     The flat index of entry ``e`` (gathered row ``(o, i)`` of some tensor) is
     ``row_base[r] + row_stride[r] * ext[row_slot[r]] + ext[entry_slot[e]]`` with ``r = entry_row[e]``, where ``ext``
-    is the extended index buffer: the groups' slots, then an identity segment (sides never pruned), then a zero segment
-    (index 0, real 0) that the padding between gathered pieces reads. The tables come from the row blocks of
+    is the extended index buffer: the groups' slots, then the concatenated groups' slots (their parts' slots side by
+    side), then an identity segment (sides never pruned), then a zero segment (index 0, real 0) that the padding
+    between gathered pieces reads. The tables come from the row blocks of
     :func:`~maskprop.sparse.execution.gather_tables`, as the index sets of one mask do. Only ``ext`` changes from mask
     to mask.
 
@@ -340,6 +341,23 @@ class StaticLayout:
             self.slots[g] = GroupSlots(g, n, self.capacities[g], first_channel, first_slot)
             first_channel, first_slot = first_channel + n, first_slot + self.capacities[g]
         self.num_channels, self.num_slots = first_channel, first_slot
+        # The slots of each concatenated group follow: each part's slots (its identity range for a part of no group)
+        # shifted by the channels of the parts before it, rewritten by every mask update from the groups' slots.
+        self.concatenated_slots: dict[str, GroupSlots] = {}
+        width = {name: sum(n if g is None else self.capacities[g] for g, n in parts)
+                 for name, parts in self.plan.concatenations.items()}
+        self.identity_slot = self.num_slots + sum(width.values())
+        sources, shifts = [], []
+        for name, parts in self.plan.concatenations.items():
+            self.concatenated_slots[name] = GroupSlots(name, sum(n for _, n in parts), width[name], -1, first_slot)
+            first_slot += width[name]
+            shift = 0
+            for g, n in parts:
+                slots = None if g is None else self.slots[g]
+                start = self.identity_slot if slots is None else slots.first_slot
+                sources.append(torch.arange(start, start + (n if slots is None else slots.capacity)))
+                shifts.append(torch.full_like(sources[-1], shift))
+                shift += n
         packed = {id(m) for m in self.plan.packed_norms}
         unpacked = [m for m in self.plan.norms if id(m) not in packed]
         if unpacked:
@@ -347,10 +365,12 @@ class StaticLayout:
                              f"BatchNorm of group {unpacked[0].group!r} has none")
         # The extended index buffer: the groups' slots, an identity segment (sides never pruned), a zero segment that
         # the padding between gathered pieces reads (index 0, not a kept channel).
-        self.identity_slot = self.num_slots
         self.zero_slot = self.identity_slot + self.plan.max_channels
         self.ext_size = self.zero_slot + ALIGN_ELEMENTS
-        offsets = {g: (slots.first_slot, slots.capacity) for g, slots in self.slots.items()}
+        self.concatenated_source, self.concatenated_shift = (
+            (torch.cat(sources).to(self.device), torch.cat(shifts).to(self.device)) if sources else (None, None))
+        offsets = {g: (slots.first_slot, slots.capacity)
+                   for g, slots in (self.slots | self.concatenated_slots).items()}
         self.tables, self.norm_table, blocks = gather_tables(self.plan, offsets, self.identity_slot, self.concatenate)
         self.weighted = {id(p.layer) for table in self.tables for p in table.pieces}
         self.norm_position = {} if self.norm_table is None else {
@@ -488,6 +508,11 @@ class _MaskRows:
         real = mask.gather(1, chosen)
         torch.sub(chosen, layout.slot_channel, out=self.ext[:, :layout.num_slots])
         self.real[:, :layout.num_slots].copy_(real)
+        if layout.concatenated_source is not None:  # the concatenated groups' slots, from their parts'
+            ends = slice(layout.num_slots, layout.identity_slot)
+            source = layout.concatenated_source
+            self.ext[:, ends].copy_(self.ext.index_select(1, source).add_(layout.concatenated_shift))
+            self.real[:, ends].copy_(self.real.index_select(1, source))
         self.mask_used.zero_().scatter_(1, chosen, real)
         cut = torch.gt(mask, self.mask_used)  # kept, not used
         self.overflow_channels.index_add_(1, layout.group_of, cut.long())
@@ -693,7 +718,8 @@ class StaticExecutionState:
     def index(self, group: str | None) -> Tensor | None:
         """The channels of ``group`` its layers compute now (kept first, then padding), a view of the index buffer;
         ``None`` for a group that is never pruned."""
-        slots = self.layout.slots.get(group) if group is not None else None
+        slots = None if group is None else (self.layout.slots.get(group)
+                                            or self.layout.concatenated_slots.get(group))
         if slots is None:
             return None
         return self._ext[slots.first_slot:slots.first_slot + slots.capacity]
