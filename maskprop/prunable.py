@@ -9,12 +9,19 @@ depthwise convolution reads and writes one space; an in-place operation changes 
 A linear layer on a tensor of more than two dimensions (tokens, a channels-last map) writes a space held in the last
 dimension, which elementwise operations and products with another such space pass on and a linear layer reads (the
 hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves it whole.
+A concatenation along the channels (``torch.cat(..., dim=1)``) makes a space of its parts side by side, which
+channel-wise operations pass on and conv, BatchNorm and linear layers read as a concatenated group
+(:func:`~maskprop.sparse.concatenate_groups`): DenseNet's dense blocks, Inception's branches, CSP and DLA stages. The
+forward's own ``torch.cat`` of the parts' compact tensors is the compact concatenation; no layer writes it, and where
+it is read in a way a subnetwork cannot run (sliced, added to another space, the model's output) all its parts stay
+whole.
 A space is prunable when each tensor of it is read only in ways a subnetwork computes exactly. It is left whole
 (never pruned) when it is
 
-* the model's input or output, or read by an operation that mixes or reorders channels (a concatenation, a grouped
-  convolution, a mean over channels, a transpose, a slice, a linear layer on a feature map's width, a layer maskprop
-  does not convert: LayerNorm, BatchNorm1d, a module of its own code that ``torch.fx`` keeps whole);
+* the model's input or output, or read by an operation that mixes or reorders channels (a concatenation along
+  another dimension, a grouped convolution, a mean over channels, a transpose, a slice or split, a linear layer on a
+  feature map's width, a layer maskprop does not convert: LayerNorm, BatchNorm1d, a module of its own code that
+  ``torch.fx`` keeps whole);
 * a one-channel map broadcast over another's channels (a spatial gate: the other keeps its space);
 * read by a convolution or linear layer while its dropped channels would not be zero in the masked reference (after
   an operation that is not zero at zero, such as a sigmoid or adding a constant): the masked reference runs the
@@ -47,6 +54,7 @@ from torch import fx, nn
 
 from .models.spec import check_input_size
 from .sparse import SparseBatchNorm2d, SparseBatchNormAct2d, SparseConv2d, SparseLinear
+from .sparse.groups import concatenate_groups
 from .sparse.modules import SparseModule
 
 logger = logging.getLogger(__name__)
@@ -84,6 +92,7 @@ _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 _DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 _FLATTEN = {torch.flatten, "flatten", "view", "reshape", torch.reshape}
 _REDUCE = {torch.mean, "mean", torch.sum, "sum", torch.amax, "amax"}
+_CONCATENATE = {torch.cat, torch.concat, torch.concatenate}
 
 
 @dataclass
@@ -108,6 +117,7 @@ class _Spaces:
     writers: dict[int, list[str]] = field(default_factory=dict)
     whole: dict[int, str] = field(default_factory=dict)
     residual: set[int] = field(default_factory=set)
+    concatenated: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # its (part space, channels)
 
     def new(self, writer: str | None = None, whole: str | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -123,10 +133,32 @@ class _Spaces:
             space = self.parent[space]
         return space
 
+    def concatenation(self, parts: list[tuple[int, int]]) -> int:
+        """A new space made of ``parts`` side by side (a ``torch.cat`` along the channels): no layer writes it, and
+        it stays whole exactly when all its parts do."""
+        space = self.new()
+        self.concatenated[space] = parts
+        return space
+
+    def _parts_key(self, space: int) -> list[tuple[object, int]]:
+        # A part no layer writes is whole for good (the model's input, a tensor no rule follows): such parts compare
+        # by width, so that the concatenation traced in each mode is the same one.
+        return [(root if self.writers[root] else None, n)
+                for root, n in ((self.find(s), n) for s, n in self.concatenated[space])]
+
     def union(self, a: int, b: int) -> int:
         a, b = self.find(a), self.find(b)
         if a == b:
             return a
+        if a in self.concatenated or b in self.concatenated:  # two concatenations of the same parts are one
+            if a in self.concatenated and b in self.concatenated and self._parts_key(a) == self._parts_key(b):
+                a, b = min(a, b), max(a, b)
+                self.parent[b] = a
+                self.concatenated.pop(b)
+                return a
+            why = "a concatenation of channel groups mixed with another channel space"
+            self.leave_whole(a, why)
+            self.leave_whole(b, why)
         a, b = min(a, b), max(a, b)  # the older space is the root: writers stay in graph order
         self.parent[b] = a
         self.writers[a] = self.writers[a] + [w for w in self.writers.pop(b) if w not in self.writers[a]]
@@ -138,7 +170,12 @@ class _Spaces:
         return a
 
     def leave_whole(self, space: int, why: str) -> None:
-        self.whole.setdefault(self.find(space), why)
+        root = self.find(space)
+        if root in self.whole:
+            return
+        self.whole[root] = why
+        for part, _ in self.concatenated.get(root, ()):  # a concatenation is whole when its parts are
+            self.leave_whole(part, why)
 
 
 
@@ -208,10 +245,15 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
     groups = _group_names(spaces)
     if not groups:
         raise ValueError(f"no channel of {type(model).__name__} can be pruned: {_why_whole(spaces, layers, modules)}")
-    replaced = _replace(model, modules, layers, spaces, groups)
+    concatenated = _concatenations(spaces, layers, groups)
+    replaced = _replace(model, modules, layers, spaces, groups | {root: name for root, (name, _) in
+                                                                  concatenated.items()})
+    for name, parts in concatenated.values():
+        concatenate_groups(model, name, parts)
     prunable = sum(_width(modules, spaces, root) for root in groups)
-    summary = (f"make_prunable: {type(model).__name__} has {len(groups)} channel groups ({prunable} channels) in "
-               f"{replaced} converted layers; left whole: {_why_whole(spaces, layers, modules)}")
+    read = f", {len(concatenated)} concatenations of them read" if concatenated else ""
+    summary = (f"make_prunable: {type(model).__name__} has {len(groups)} channel groups ({prunable} channels{read}) "
+               f"in {replaced} converted layers; left whole: {_why_whole(spaces, layers, modules)}")
     logger.log(logging.DEBUG if summary in _SAID else logging.INFO, summary)  # once a process: a run builds it often
     _SAID.add(summary)
     return model
@@ -403,6 +445,9 @@ class _Walk:
                 return None
             entry = self.layer(node, "depthwise" if depthwise else "conv")
             if depthwise:  # output channel j reads input channel j alone: one space (kept zero by its BatchNorm)
+                if first is not None and self.spaces.find(first.space) in self.spaces.concatenated:
+                    self.opaque(node, "a depthwise convolution of a concatenation (it would write it)")
+                    return None
                 space = first.space if first is not None else self.spaces.new(whole=f"read by {name!r} from outside")
                 space = self.reads(entry, space)
                 entry.writes = entry.reads  # it passes the space on: the conv before it names the group
@@ -472,6 +517,8 @@ class _Walk:
         key = target if node.op == "call_function" else str(target)
         if key in _FACTORIES:
             return None  # a new tensor of no channel space (stochastic depth's noise)
+        if key in _CONCATENATE:
+            return self.concatenated(node)
         if first is not None and len(values) == 1:
             if node.op == "call_method" and key in _ELEMENTWISE_METHODS:
                 return _channelwise(first, _ELEMENTWISE_METHODS[key], node)
@@ -496,6 +543,38 @@ class _Walk:
             return self.binary(node, key, args)
         self.opaque(node, "an operation that mixes or reorders channels")
         return None
+
+    def concatenated(self, node: fx.Node) -> _Value | None:
+        """``torch.cat(tensors, dim=1)`` of feature maps: a space of the parts side by side (a part that is itself a
+        concatenation gives its parts; a tensor no rule follows, a whole part). Along another dimension the spaces
+        stay whole."""
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out = _shape(node)
+        if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or out is None or len(out) < 2 \
+                or dim % len(out) != 1:
+            self.opaque(node, "a concatenation along another dimension than the channels")
+            return None
+        if len(tensors) == 1 and tensors[0] in self.values:  # a concatenation of one tensor: that tensor
+            return dataclasses.replace(self.values[tensors[0]])
+        parts: list[tuple[int, int]] = []
+        values: list[_Value] = []
+        for tensor in tensors:
+            shape = _shape(tensor)
+            value = self.values.get(tensor) if isinstance(tensor, fx.Node) else None
+            if shape is None or len(shape) != len(out) or value is not None and (value.last or value.positions):
+                self.opaque(node, "a concatenation of tensors maskprop does not follow along the channels")
+                return None
+            if value is None:
+                parts.append((self.spaces.new(whole=f"concatenated at {_where(node)} from a tensor maskprop does "
+                                                    f"not follow"), shape[1]))
+                continue
+            values.append(value)
+            root = self.spaces.find(value.space)
+            parts.extend(self.spaces.concatenated.get(root, [(root, shape[1])]))
+        space = self.spaces.concatenation(parts)
+        lost = next((v for v in values if not v.zero), None)
+        return _Value(space, lost is None, "" if lost is None else lost.why_not)
 
     def reduced(self, node: fx.Node, value: _Value) -> _Value | None:
         """A mean, sum or maximum over spatial dimensions keeps the channel space."""
@@ -586,6 +665,21 @@ def _group_names(spaces: _Spaces) -> dict[int, str]:
         if not name or taken.count(name) > 1:
             names[root] = spaces.writers[root][0]
     return names
+
+
+def _concatenations(spaces: _Spaces, layers: dict[str, _Layer], groups: dict[int, str]
+                    ) -> dict[int, tuple[str, list[tuple[str | None, int]]]]:
+    """``{root space: (name, parts)}`` of the concatenations a layer reads that have a prunable part, each named
+    after its first reader (``"features.denseblock1.denselayer2.norm1:input"``); a part that is no group is
+    ``(None, channels)``."""
+    found: dict[int, tuple[str, list[tuple[str | None, int]]]] = {}
+    for name, entry in layers.items():
+        root = spaces.find(entry.reads[0]) if entry.reads else None
+        if root in spaces.concatenated and root not in found and root not in spaces.whole:
+            parts = [(groups.get(spaces.find(part)), n) for part, n in spaces.concatenated[root]]
+            if any(group is not None for group, _ in parts):
+                found[root] = (f"{name}:input", parts)
+    return found
 
 
 def _width(modules: dict[str, nn.Module], spaces: _Spaces, root: int) -> int:

@@ -31,6 +31,8 @@ def _build(name: str) -> nn.Module:
     if name.startswith("timm:"):
         return timm.create_model(name[5:], num_classes=10)
     kwargs = {"width_mult": 0.5} if name == "mobilenet_v2" else {}
+    if name == "googlenet":
+        kwargs = {"aux_logits": False, "init_weights": False}
     return getattr(torchvision.models, name)(num_classes=10, **kwargs)
 
 
@@ -40,7 +42,8 @@ def _build(name: str) -> nn.Module:
     "mobilenet_v3_small",  # squeeze-and-excitation gates: a product makes the gate's channels the gated ones
     "efficientnet_b0",     # stochastic depth (torch.fx keeps torchvision's function whole)
     "regnet_x_400mf",      # grouped convs: the channels they read stay whole
-    "densenet121",         # concatenations: only the bottleneck convs' outputs are pruned
+    "densenet121",         # concatenations read by BatchNorm: every layer's growth channels are a group
+    "googlenet",           # Inception: each block's branches read the previous block's concatenation
     "timm:resnet18",
     "timm:mobilenetv3_small_050",  # timm's fused BatchNorm-activation layers (BatchNormAct2d)
 ])
@@ -212,7 +215,7 @@ class Between(nn.Module):
 
 @pytest.mark.parametrize("op,prunable_", [
     ("relu", True), ("times two", True), ("per-example noise", True), ("spatial mean", True),
-    ("sigmoid", False), ("plus one", False), ("per-channel scale", False), ("cat", False),
+    ("sigmoid", False), ("plus one", False), ("per-channel scale", False), ("cat", True),
     ("mean over channels", False), ("slice", False),
     ("hardtanh around 0", True), ("reflect pad", True), ("Hardsigmoid", False), ("sigmoid method", False),
     ("plus its sigmoid", False), ("over a feature map", False), ("a number over it", False),
@@ -687,14 +690,14 @@ def test_a_space_joined_with_one_left_whole_is_whole():
         def __init__(self):
             super().__init__()
             self.a = Unit(3, 8)
-            self.b = Unit(3, 8)  # concatenated, then added to a's channels (its space is joined to an older one)
+            self.b = Unit(3, 8)  # reordered, then added to a's channels (its space is joined to an older one)
             self.mix = Unit(16, 8)
             self.after = Unit(8, 8)
             self.fc = nn.Linear(8, 10)
 
         def forward(self, x):
             a, b = F.relu(self.a(x)), F.relu(self.b(x))
-            z = self.mix(torch.cat([b, b], 1))
+            z = self.mix(torch.cat([b, b.flip(1)], 1))
             return self.fc(F.relu(self.after(a + b) + z).mean((2, 3)))
 
     model = maskprop.make_prunable(Joined(), (3, 8, 8))
@@ -1096,3 +1099,94 @@ def test_the_sweep_tool_converts_checks_and_reports_a_refusal_in_its_row():
     refused = sweep.sweep("timm", "convnextv2_atto", {}, 32)
     assert "| - | - | - | not converted: no channel of ConvNeXt can be pruned" in refused
     assert {name for _, name, _, _ in sweep.NETWORKS} >= {"convnext_tiny", "vit_b_16", "swin_t", "densenet121"}
+
+
+def test_densenet_prunes_its_growth_channels_through_concatenations():
+    """Each dense layer's growth channels (``conv2``) are a group that every later layer of its block reads through
+    the block's concatenation, in the order of the forward's ``torch.cat``; the first layer reads the block input
+    itself (a concatenation of one tensor)."""
+    model = maskprop.make_prunable(torchvision.models.densenet121(num_classes=10), (3, 32, 32))
+    groups = maskprop.channel_groups(model)
+    assert len(groups) == 1 + 2 * 58 + 3  # the stem, each layer's bottleneck and growth, the transitions
+    assert all(type(m) in (SparseConv2d, SparseBatchNorm2d) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)))
+    block = model.features.denseblock1
+    assert block.denselayer1.norm1.group == block.denselayer1.conv1.in_group == "features.conv0"
+    name = block.denselayer3.norm1.group
+    assert block.denselayer3.conv1.in_group == name
+    assert maskprop.sparse.concatenations(model)[name] == (
+        ("features.conv0", 64), ("features.denseblock1.denselayer1.conv2", 32),
+        ("features.denseblock1.denselayer2.conv2", 32))
+    assert block.denselayer1.conv2.mask_output  # its output goes into the concatenation, not to its BatchNorm
+    assert model.features.norm5.group == model.classifier.in_group  # the last block's concatenation, pooled
+    assert len(maskprop.sparse.concatenations(model)) == 54 + 4  # layers 2.. of each block, the transitions, norm5
+
+
+class Concatenating(nn.Module):
+    """Two units (8 and 6 channels) concatenated along the channels, ``op`` on the concatenation, then a unit and a
+    classifier reading it."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.b = Unit(3, 8), Unit(3, 6)
+        width = {"image": 17, "nested": 20, "twice": 14, "batch": 8, "depthwise": 14}.get(op, 14)
+        self.dw = nn.Conv2d(14, 14, 3, padding=1, groups=14, bias=False)
+        self.c = Unit(3, 6)
+        self.after = Unit(width, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        a, b = F.relu(self.a(x)), F.relu(self.b(x))
+        if self.op == "image":  # the model's input as a part: never pruned
+            y = torch.cat([a, x, b], 1)
+        elif self.op == "nested":  # a concatenation of a concatenation: its parts
+            y = torch.cat([torch.cat([a, b], 1), F.relu(self.c(x))], 1)
+        elif self.op == "batch":  # along the examples: no channel space
+            y = torch.cat([a, a], 0)[:2]
+        elif self.op == "slice":
+            y = torch.cat([a, b], 1)[:, :14]
+        elif self.op == "depthwise":
+            y = self.dw(torch.cat([a, b], 1))
+        elif self.op == "sigmoid":  # a conv then reads channels that are not zero where dropped
+            y = torch.sigmoid(torch.cat([a, b], 1))
+        elif self.op == "added":  # a concatenation joined with another space
+            y = torch.cat([a, b], 1)
+            y = y + torch.cat([b, a], 1)
+        elif self.op == "pooled":
+            y = F.max_pool2d(F.relu(torch.cat(tensors=[a, b], dim=-3)), 2)
+        else:
+            raise ValueError(self.op)
+        return self.fc(F.relu(self.after(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("op,parts", [
+    ("image", (("a.conv", 8), (None, 3), ("b.conv", 6))),
+    ("nested", (("a.conv", 8), ("b.conv", 6), ("c.conv", 6))),
+    ("pooled", (("a.conv", 8), ("b.conv", 6))),
+    ("batch", None), ("slice", None), ("depthwise", None), ("sigmoid", None), ("added", None),
+])
+def test_what_a_concatenation_passes_on(op, parts):
+    model = maskprop.make_prunable(Concatenating(op), (3, 8, 8))
+    groups = maskprop.channel_groups(model)
+    if parts is None:  # its parts stay whole
+        assert "a.conv" not in groups and model.after.conv.in_group is None
+        return
+    assert maskprop.sparse.concatenations(model) == {"after.conv:input": parts}
+    assert model.after.conv.in_group == "after.conv:input" and model.a.conv.out_group == "a.conv"
+    maskprop.check_model(model, (3, 8, 8))
+
+
+def test_a_concatenation_declared_in_another_order_fails_the_check(monkeypatch):
+    """The order of a concatenated group's parts is the forward's: declared the other way round (the same width),
+    the compact step reads the wrong columns and check_model says so."""
+    found = prunable._concatenations
+
+    def swapped(*args):
+        return {root: (name, parts[::-1]) for root, (name, parts) in found(*args).items()}
+
+    monkeypatch.setattr(prunable, "_concatenations", swapped)
+    model = maskprop.make_prunable(Concatenating("pooled"), (3, 8, 8))
+    assert maskprop.sparse.concatenations(model) == {"after.conv:input": (("b.conv", 6), ("a.conv", 8))}
+    with pytest.raises(ValueError, match="check 'compact' failed"):
+        maskprop.check_model(model, (3, 8, 8))
