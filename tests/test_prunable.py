@@ -1095,9 +1095,9 @@ def test_the_sweep_tool_converts_checks_and_reports_a_refusal_in_its_row():
     layers (ResNet-18: every conv and the classifier touch a group) and the check; a refused one the error's start."""
     sweep = load_tool("prunable_sweep")
     row = sweep.sweep("timm", "resnet18", {}, 32).split(" | ")
-    assert row[1:7] == ["resnet18", "32", "12", "2880", "100%", "check passed (5 checks)"]
+    assert row[1:8] == ["resnet18", "32", "12", "2880", "0", "100%", "check passed (5 checks)"]
     refused = sweep.sweep("timm", "convnextv2_atto", {}, 32)
-    assert "| - | - | - | not converted: no channel of ConvNeXt can be pruned" in refused
+    assert "| - | - | - | - | not converted: no channel of ConvNeXt can be pruned" in refused
     assert {name for _, name, _, _ in sweep.NETWORKS} >= {"convnext_tiny", "vit_b_16", "swin_t", "densenet121"}
 
 

@@ -214,15 +214,16 @@ _PLAN_ATTRIBUTE = "_maskprop_plan"
 
 
 def model_plan(model: nn.Module) -> ModelPlan:
-    """The :class:`ModelPlan` of ``model``, computed on first use and again only when its layers changed (a layer
-    replaced or added; parameters moved to another device or dtype need no new plan).
+    """The :class:`ModelPlan` of ``model``, computed on first use and again only when its layers or its concatenated
+    groups changed (a layer replaced or added; parameters moved to another device or dtype need no new plan).
 
     The plan is kept on the model itself (a plain attribute, not a submodule: no parameter, buffer or state_dict key),
     so it lives and dies with the model, and a deep copy of the model carries a plan of the copy's own layers.
     """
     layers = [m for m in model.modules() if isinstance(m, SparseModule)]
     plan = getattr(model, _PLAN_ATTRIBUTE, None)
-    if plan is None or len(plan.layers) != len(layers) or any(a is not b for a, b in zip(plan.layers, layers)):
+    if plan is None or len(plan.layers) != len(layers) or any(a is not b for a, b in zip(plan.layers, layers)) \
+            or plan.concatenations != concatenations(model):
         plan = ModelPlan(model, layers)
         setattr(model, _PLAN_ATTRIBUTE, plan)
     return plan

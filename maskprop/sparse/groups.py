@@ -59,7 +59,10 @@ def concatenations(model: nn.Module) -> dict[str, tuple[Part, ...]]:
     DDP sees its module's), see :func:`concatenate_groups`."""
     found: dict[str, tuple[Part, ...]] = {}
     for module in model.modules():
-        found.update(getattr(module, _CONCATENATIONS, {}))
+        for name, parts in getattr(module, _CONCATENATIONS, {}).items():
+            if found.setdefault(name, parts) != parts:
+                raise ValueError(f"concatenated group {name!r} is declared twice, as {found[name]} and as {parts}; "
+                                 f"expected one declaration per name")
     return found
 
 

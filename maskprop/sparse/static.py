@@ -725,8 +725,9 @@ class StaticExecutionState:
         return self._ext[slots.first_slot:slots.first_slot + slots.capacity]
 
     def real(self, group: str) -> Tensor:
-        """1 for the slots of ``group`` that hold a kept channel, 0 for padding (a view of the 0/1 buffer)."""
-        slots = self.layout.slots[group]
+        """1 for the slots of ``group`` (or of a concatenated group) that hold a kept channel, 0 for padding (a view
+        of the 0/1 buffer)."""
+        slots = self.layout.slots.get(group) or self.layout.concatenated_slots[group]
         return self._real[slots.first_slot:slots.first_slot + slots.capacity]
 
     def weight_and_bias(self, layer: SparseConv2d | SparseLinear) -> tuple[Tensor, Tensor | None]:
