@@ -6,7 +6,8 @@ Usage:
 
 For each network: built with 10 classes (and the keywords below), made prunable at the input size below, then checked
 by ``maskprop.check_model`` (dense, compact, static-shape and narrow passes against the masked reference in float64,
-and the FLOPs against ``torch.utils.flop_counter``). A row gives the groups, the prunable channels, the share of the
+and the FLOPs against ``torch.utils.flop_counter``). A row gives the groups, the prunable channels, the concatenated
+groups that layers read (``torch.cat`` of groups along the channels), the share of the
 dense FLOPs in layers that read or write a group (what pruning can reduce), and the check's result; a network that
 cannot be converted gives the first words of the one-line error. A failed check would be a bug of ``make_prunable``.
 """
@@ -31,6 +32,9 @@ NETWORKS: list[tuple[str, str, dict[str, Any], int]] = [
     ("torchvision", "efficientnet_b0", {}, 64),
     ("torchvision", "regnet_x_400mf", {}, 64),
     ("torchvision", "densenet121", {}, 64),
+    ("torchvision", "googlenet", {"aux_logits": False, "init_weights": False}, 64),
+    ("torchvision", "inception_v3", {"aux_logits": False, "init_weights": False}, 96),
+    ("torchvision", "squeezenet1_1", {}, 64),
     ("torchvision", "convnext_tiny", {}, 64),
     ("torchvision", "swin_t", {}, 64),
     ("torchvision", "maxvit_t", {}, 224),
@@ -38,6 +42,9 @@ NETWORKS: list[tuple[str, str, dict[str, Any], int]] = [
     ("timm", "resnet18", {}, 64),
     ("timm", "mobilenetv3_small_050", {}, 64),
     ("timm", "repvit_m1", {}, 64),
+    ("timm", "cspresnet50", {}, 64),
+    ("timm", "dla34", {}, 64),
+    ("timm", "ghostnet_100", {}, 64),
     ("timm", "convnext_atto", {}, 64),
     ("timm", "convnextv2_atto", {}, 64),
     ("timm", "edgenext_xx_small", {}, 64),
@@ -57,9 +64,10 @@ NETWORKS: list[tuple[str, str, dict[str, Any], int]] = [
 
 
 def prunable_share(model: torch.nn.Module, size: int) -> float:
-    """The share of the dense forward FLOPs in conv and linear layers that read or write a group."""
+    """The share of the dense forward FLOPs in conv and linear layers that read or write a group (or a concatenation
+    of groups)."""
     cost = maskprop.CostModel(model, (3, size, size))
-    groups = maskprop.channel_groups(model)
+    groups = maskprop.channel_groups(model) | maskprop.sparse.concatenations(model)
     touched = sum(f for layer, f in zip(cost.layers, cost.by_layer().values())
                   if layer.in_group in groups or layer.out_group in groups)
     return touched / cost.flops()
@@ -73,7 +81,7 @@ def sweep(library: str, name: str, kwargs: dict[str, Any], size: int) -> str:
     try:
         maskprop.make_prunable(model, (3, size, size))
     except ValueError as err:
-        return f"| {library} | {name} | {size} | - | - | - | not converted: {str(err)[:110]}... | |"
+        return f"| {library} | {name} | {size} | - | - | - | - | not converted: {str(err)[:110]}... | |"
     groups = maskprop.channel_groups(model)
     share = prunable_share(model, size)
     try:
@@ -81,8 +89,9 @@ def sweep(library: str, name: str, kwargs: dict[str, Any], size: int) -> str:
         result = f"check passed ({len(checked.checks)} checks)"
     except ValueError as err:
         result = f"**check failed**: {str(err)[:160]}"
-    return (f"| {library} | {name} | {size} | {len(groups)} | {sum(groups.values())} | {100 * share:.0f}% | {result} "
-            f"| {time.perf_counter() - started:.0f} |")
+    concatenations = len(maskprop.sparse.concatenations(model))
+    return (f"| {library} | {name} | {size} | {len(groups)} | {sum(groups.values())} | {concatenations} | "
+            f"{100 * share:.0f}% | {result} | {time.perf_counter() - started:.0f} |")
 
 
 def main() -> None:
@@ -94,8 +103,9 @@ def main() -> None:
     logging.disable(logging.INFO)  # make_prunable's summaries
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
           f"{args.threads} threads, check_model in float64, batch 2")
-    print("| library | model | input | groups | prunable channels | FLOPs in pruned layers | result | seconds |")
-    print("|---|---|---:|---:|---:|---:|---|---:|")
+    print("| library | model | input | groups | prunable channels | concatenations read | FLOPs in pruned layers | "
+          "result | seconds |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|")
     for library, name, kwargs, size in NETWORKS:
         if args.only is None or name in args.only:
             print(sweep(library, name, kwargs, size), flush=True)
