@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from conftest import edge_case_mask, input_size, nontrivial_batch_norms
 from test_sparse import compact_step_equals_masked
 
@@ -245,24 +246,28 @@ def test_fused_optimizer_steps_are_seen_by_the_next_step(generator):
     assert losses["compact"][0] != pytest.approx(losses["compact"][2], rel=1e-3)
 
 
-def _bookkeeping(name: str) -> int:
-    """Calls of a compact VR-PGE step on the meta device (the CUDA paths) that only gather and scatter."""
+def _bookkeeping(name: str | torch.nn.Module) -> int:
+    """Calls of a compact VR-PGE step on the meta device (the CUDA paths) that only gather and scatter (``name``: a
+    registered model, or a model). The forward's own concatenations (``torch.cat`` of a DenseNet) are not counted."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     gathers = {"index_select", "index", "cat", "index_copy_", "index_add_", "new_zeros", "zeros", "_foreach_copy_",
                "repeat_interleave", "arange", "mul", "split_with_sizes", "unsafe_split_with_sizes", "_to_copy"}
     torch.manual_seed(0)
-    model = maskprop.create_model(name).to("meta").train()
+    model = maskprop.create_model(name) if isinstance(name, str) else name
+    model = model.to("meta").train()
     x = torch.randn(2, 3, 8, 8, device="meta")
     y = torch.zeros(2, dtype=torch.long, device="meta")
     g = torch.Generator().manual_seed(0)
-    m, m2 = random_mask(model.channel_groups(), 0.5, g), random_mask(model.channel_groups(), 0.5, g)
+    groups = maskprop.channel_groups(model)
+    m, m2 = random_mask(groups, 0.5, g), random_mask(groups, 0.5, g)
     calls = []
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ in gathers:
-                calls.append(func.overloadpacket.__name__)
+            name = func.overloadpacket.__name__
+            if name in gathers and not (name == "cat" and args[1:] == (1,)):
+                calls.append(name)
             return func(*args, **(kwargs or {}))
 
     with Count():
@@ -275,8 +280,34 @@ def _bookkeeping(name: str) -> int:
 
 
 def test_gathering_makes_a_fixed_number_of_calls_whatever_the_depth():
-    """ResNet-20 and ResNet-56 (3x the units) make the same number of gathering calls per compact step."""
+    """ResNet-20 and ResNet-56 (3x the units) make the same number of gathering calls per compact step; so do two
+    DenseNets of 2 and 6 layers a block, whose concatenated groups have 2-6 parts."""
     assert _bookkeeping("resnet20") == _bookkeeping("resnet56")
+
+    def densenet(layers: int) -> torch.nn.Module:
+        model = torchvision.models.DenseNet(growth_rate=8, block_config=(layers, layers), num_init_features=8,
+                                            bn_size=2, num_classes=10)
+        return maskprop.make_prunable(model, (3, 8, 8))
+
+    assert _bookkeeping(densenet(2)) == _bookkeeping(densenet(6))
+
+    def preparing(model: torch.nn.Module) -> int:  # every tensor call that prepares a mask, on the host or not
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        model = model.to("meta")
+        mask = random_mask(maskprop.channel_groups(model), 0.5, torch.Generator().manual_seed(0))
+        calls = []
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                calls.append(func)
+                return func(*args, **(kwargs or {}))
+
+        with Count():
+            maskprop.sparse.prepare_mask(model, mask, align=8)
+        return len(calls)
+
+    assert preparing(densenet(2)) == preparing(densenet(6))
 
 
 def test_index_sets_go_to_cuda_once_from_pinned_memory_without_blocking(monkeypatch):

@@ -1,15 +1,15 @@
 """Which of timm's and torchvision's networks ``maskprop.make_prunable`` converts, and whether the result is right.
 
 Usage:
-    python tools/prunable_sweep.py                       # every network below, about 5 minutes on two CPU threads
+    python tools/prunable_sweep.py                       # every network below, about 6 minutes on two CPU threads
     python tools/prunable_sweep.py --only swin_t deit_tiny_patch16_224 --threads 1
 
 For each network: built with 10 classes (and the keywords below), made prunable at the input size below, then checked
 by ``maskprop.check_model`` (dense, compact, static-shape and narrow passes against the masked reference in float64,
 and the FLOPs against ``torch.utils.flop_counter``). A row gives the groups, the prunable channels, the concatenated
-groups that layers read (``torch.cat`` of groups along the channels), the share of the
-dense FLOPs in layers that read or write a group (what pruning can reduce), and the check's result; a network that
-cannot be converted gives the first words of the one-line error. A failed check would be a bug of ``make_prunable``.
+groups that layers read (``torch.cat`` of groups along the channels), the share of the dense FLOPs in layers that
+read or write a group (what pruning can reduce), and the check's result; a network that cannot be converted gives the
+first words of the one-line error. A failed check would be a bug of ``make_prunable``.
 """
 
 from __future__ import annotations

@@ -126,6 +126,10 @@ def _converted_entrypoint(name: str) -> Callable[..., nn.Module]:
         from ..prunable import make_prunable
 
         model = create(arch, num_classes=num_classes, **kwargs)
+        if getattr(model, "aux_logits", False) is True:  # torchvision's GoogLeNet and Inception-v3
+            raise ValueError(f"{name} returns auxiliary logits in training (a tuple, not one tensor of logits), which "
+                             f"maskprop trains without; pass model.kwargs.aux_logits=false (and init_weights=false "
+                             f"for GoogLeNet, to skip its slow initialisation)")
         channels = kwargs.get("in_chans", 3)  # timm's keyword for the input's channels
         size = kwargs.get("img_size", kwargs.get("image_size", CONVERTED_INPUT_SIZE))
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)

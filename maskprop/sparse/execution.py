@@ -406,25 +406,35 @@ class ExecutionState:
 
     def _concatenated_index_sets(self, index: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
         """``index`` and ``real`` followed by the index sets of the concatenated groups that lose channels: each
-        part's set (its whole range where this mask prunes it not) shifted by the channels of the parts before it."""
-        pieces, reals, start = [index], [real], index.numel()
+        part's set (its whole range, from the identity segment, where this mask prunes it not) shifted by the
+        channels of the parts before it. A fixed number of tensor calls for all of them, whatever their parts."""
+        identity = index.numel()  # where the identity segment starts in the source below
+        starts, lengths, shifts = [], [], []
+        start = identity
         for name, parts in self.plan.concatenations.items():
             if not any(g in self._offsets for g, _ in parts):
                 continue  # read whole
-            first = 0
+            first = width = 0
             for g, n in parts:
-                if g in self._offsets:
-                    at, w = self._offsets[g]
-                    pieces.append(index[at:at + w] + first)
-                    reals.append(real[at:at + w])
-                else:
-                    pieces.append(torch.arange(first, first + n))
-                    reals.append(torch.ones(n, dtype=real.dtype))
+                at, w = self._offsets.get(g, (identity, n))
+                starts.append(at)
+                lengths.append(w)
+                shifts.append(first)
                 first += n
-            width = sum(p.numel() for p in pieces) - start
+                width += w
             self._offsets[name] = (start, width)
             start += width
-        return torch.cat(pieces), torch.cat(reals)
+        if not lengths:
+            return index, real
+        lengths_t = torch.tensor(lengths)
+        total = start - identity
+        positions = torch.repeat_interleave(torch.tensor(starts) - _exclusive_cumsum(lengths_t), lengths_t,
+                                            output_size=total).add_(torch.arange(total))
+        shifts_t = torch.repeat_interleave(torch.tensor(shifts), lengths_t, output_size=total)
+        source = torch.cat([index, self.plan.identity[0]])
+        source_real = torch.cat([real, self.plan.identity[1]])
+        return (torch.cat([index, source.index_select(0, positions).add_(shifts_t)]),
+                torch.cat([real, source_real.index_select(0, positions)]))
 
     # --- what layers read ----------------------------------------------------------------------------------------
 
