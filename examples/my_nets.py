@@ -1,5 +1,5 @@
-"""Networks of your own for maskprop: a small ResNet, a small MobileNet and a small VGG with a flattened head,
-registered so that a run can build them by name.
+"""Networks of your own for maskprop: a small ResNet, a small MobileNet, a small VGG with a flattened head and a small
+DenseNet, registered so that a run can build them by name.
 
 Train one with ``model.module: examples.my_nets`` and ``model.name: small_resnet`` (or another), from the
 repository root, e.g. ``maskprop train recipes/quickstart.yaml model.module=examples.my_nets
@@ -11,6 +11,8 @@ rules this file follows:
 * channels that meet in a residual add are one group (here each stage's stream, ``stage1`` and ``stage2``);
 * a depthwise conv (``groups`` = its channels) reads and writes one group (``small_mobilenet``'s blocks);
 * a linear layer on a flattened feature map names the features per channel (``in_positions``: ``small_vgg``'s head);
+* a layer reading a concatenation of groups (``torch.cat(..., 1)``) reads a concatenated group declared with
+  ``maskprop.sparse.concatenate_groups`` (``small_densenet``'s BatchNorm and 1x1 convs);
 * between those layers, only operations that act on each channel alone (activations, pooling, the add).
 
 ``maskprop.check_model(model, (3, 32, 32))`` runs it every way maskprop does and says where the wiring is wrong.
@@ -18,12 +20,13 @@ rules this file follows:
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import maskprop
 from maskprop.models.layers import ConvBNAct, init_weights
-from maskprop.sparse import ChannelSparseModel, SparseBatchNorm2d, SparseConv2d, SparseLinear
+from maskprop.sparse import ChannelSparseModel, SparseBatchNorm2d, SparseConv2d, SparseLinear, concatenate_groups
 
 
 class Block(nn.Module):
@@ -145,6 +148,58 @@ class SmallVGG(ChannelSparseModel):
         return self.fc(F.relu(self.hidden(self.features(x).flatten(1))))
 
 
+class DenseLayer(nn.Module):
+    """DenseNet's layer: BatchNorm-ReLU-1x1 conv on the concatenation of everything before it (a concatenated group),
+    BatchNorm-ReLU-3x3 conv into its own growth channels (a group, masked by the conv itself in the reference: no
+    BatchNorm of its group alone reads it)."""
+
+    def __init__(self, reads: str, channels: int, inner: int, growth: int, *, name: str) -> None:
+        super().__init__()
+        self.norm = SparseBatchNorm2d(channels, group=reads)
+        self.conv1 = SparseConv2d(channels, inner, 1, bias=False, in_group=reads, out_group=f"{name}.inner")
+        self.unit = nn.Sequential(SparseBatchNorm2d(inner, group=f"{name}.inner"), nn.ReLU())
+        self.conv2 = SparseConv2d(inner, growth, 3, padding=1, bias=False, in_group=f"{name}.inner", out_group=name,
+                                  mask_output=True)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        return self.conv2(self.unit(self.conv1(F.relu(self.norm(torch.cat(features, 1))))))
+
+
+class SmallDenseNet(ChannelSparseModel):
+    """A stem and ``layers`` dense layers, each reading the stem's and every earlier layer's channels side by side;
+    a BatchNorm and the classifier read all of them. Every part is a group of its own, so each layer's growth channels
+    are pruned for every later reader at once.
+
+    Args:
+        num_classes: Classifier outputs.
+        width: Channels of the stem.
+        growth: Channels each dense layer adds.
+        layers: Dense layers.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16, growth: int = 12, layers: int = 4) -> None:
+        super().__init__()
+        self.stem = ConvBNAct(3, width, 3, stride=2, out_group="stem")
+        parts = [("stem", width)]
+        self.layers = nn.ModuleList()
+        for i in range(layers):
+            reads = concatenate_groups(self, f"layer{i}.input", parts)  # the stem's, then each earlier layer's
+            self.layers.append(DenseLayer(reads, sum(n for _, n in parts), 4 * growth, growth, name=f"layer{i}"))
+            parts = [*parts, (f"layer{i}", growth)]
+        channels = sum(n for _, n in parts)
+        reads = concatenate_groups(self, "head.input", parts)
+        self.norm = SparseBatchNorm2d(channels, group=reads)
+        self.fc = SparseLinear(channels, num_classes, in_group=reads)
+        init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(features))
+        x = F.relu(self.norm(torch.cat(features, 1)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 @maskprop.register_model
 def small_resnet(num_classes: int = 10, **kwargs) -> SmallResNet:
     """The example network: ``maskprop.create_model("small_resnet", width=32)`` once this module is imported."""
@@ -161,3 +216,9 @@ def small_mobilenet(num_classes: int = 10, **kwargs) -> SmallMobileNet:
 def small_vgg(num_classes: int = 10, **kwargs) -> SmallVGG:
     """The example with a flattened feature map: ``maskprop.create_model("small_vgg")`` once imported."""
     return SmallVGG(num_classes=num_classes, **kwargs)
+
+
+@maskprop.register_model
+def small_densenet(num_classes: int = 10, **kwargs) -> SmallDenseNet:
+    """The example with concatenated groups: ``maskprop.create_model("small_densenet")`` once imported."""
+    return SmallDenseNet(num_classes=num_classes, **kwargs)

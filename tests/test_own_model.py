@@ -129,7 +129,7 @@ def test_bad_input_to_check_model():
 def test_the_example_network_passes_and_registers(monkeypatch):
     monkeypatch.chdir(REPO)
     import_models("examples.my_nets")  # as model.module names it from the repository's root (README)
-    assert {"small_resnet", "small_mobilenet", "small_vgg"} <= set(list_models())
+    assert {"small_resnet", "small_mobilenet", "small_vgg", "small_densenet"} <= set(list_models())
     for name, stream in (("small_resnet", "stage1"), ("small_mobilenet", "stream")):  # the second: depthwise convs
         for prune_residual in (True, False):
             model = maskprop.create_model(name, prune_residual=prune_residual)
@@ -139,6 +139,10 @@ def test_the_example_network_passes_and_registers(monkeypatch):
         model = maskprop.create_model("small_vgg", image_size=size)
         assert model.hidden.in_positions == (size // 8) ** 2 and "hidden" in model.channel_groups()
         maskprop.check_model(model, (3, size, size))
+    model = maskprop.create_model("small_densenet", width=8, growth=4, layers=3)  # concatenated groups
+    assert maskprop.sparse.concatenations(model)["layer2.input"] == (("stem", 8), ("layer0", 4), ("layer1", 4))
+    assert model.fc.in_group == "head.input" and "layer2" in model.channel_groups()
+    maskprop.check_model(model, (3, 16, 16))
 
 
 # -- model.module: the registry imports it -----------------------------------------------------------------------------
