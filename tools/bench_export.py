@@ -100,7 +100,7 @@ def bench(name: str, image_size: int, batches: tuple[int, ...], keep: float, rep
     torch.manual_seed(seed)
     model = maskprop.create_model(name)
     size = (3, image_size, image_size)
-    mask = maskprop.random_mask(model.channel_groups(), keep, torch.Generator().manual_seed(seed))
+    mask = maskprop.random_mask(maskprop.channel_groups(model), keep, torch.Generator().manual_seed(seed))
     exported = maskprop.materialize(model, mask)
     cost = maskprop.CostModel(model, size)
     ideal_forward = cost.flops() / cost.flops(mask)

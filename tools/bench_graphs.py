@@ -157,7 +157,7 @@ def bench(name: str, size: int, batch: int, device: torch.device, steps: int, ke
     base = maskprop.create_model(name, num_classes=10).train()
     cost = CostModel(base, (3, size, size))
     base.to(device).to(memory_format=torch.channels_last)
-    groups = base.channel_groups()
+    groups = maskprop.channel_groups(base)
     ctx = StepContext(nn.CrossEntropyLoss(), device, cost, torch.bfloat16, True, align=align)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)

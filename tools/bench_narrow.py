@@ -43,7 +43,7 @@ from maskprop.train.steps import StepContext, subnet_step
 def bench(name: str, keep: float, batch_size: int, repeats: int, steps: int, warmup: int, world_size: int = 1) -> dict:
     torch.manual_seed(0)
     model = maskprop.create_model(name, num_classes=10).train()
-    mask = maskprop.random_mask(model.channel_groups(), keep, torch.Generator().manual_seed(1))
+    mask = maskprop.random_mask(maskprop.channel_groups(model), keep, torch.Generator().manual_seed(1))
     ctx = StepContext(nn.CrossEntropyLoss(), torch.device("cpu"), maskprop.CostModel(model, (3, 32, 32)))
     compact_opt = weight_optimizer(model.parameters(), 1e-3, 0.9, 5e-4)
     twin = maskprop.create_model(name, num_classes=10).train()

@@ -128,7 +128,7 @@ def main() -> None:
             torch.manual_seed(0)
             model = maskprop.create_model(name).to(device).train()
             x, y = random_batch(args.batch_size, size, device=device)
-            masks = mask_pair(model.channel_groups(), args.keep_ratio, torch.Generator().manual_seed(0))
+            masks = mask_pair(maskprop.channel_groups(model), args.keep_ratio, torch.Generator().manual_seed(0))
             fns = {kind: fn for kind, fn in training_steps(model, x, y, masks, align=args.align).items()
                    if kind in kinds}
             counted = {}

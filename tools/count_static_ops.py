@@ -85,7 +85,7 @@ def _on_meta(name: str, keep: float, align: int, batch: int) -> tuple:
     size = IMAGE_SIZES.get(name, 32)
     x = torch.empty(batch, 3, size, size, device="meta")
     y = torch.zeros(batch, dtype=torch.long, device="meta")
-    groups = model.channel_groups()
+    groups = maskprop.channel_groups(model)
     return model, x, y, groups, choose_capacities(ChannelScores(groups, keep), align=align)
 
 

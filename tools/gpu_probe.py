@@ -88,7 +88,7 @@ def probe(name: str, size: int, batch: int, device: torch.device, steps: int, ke
     model = maskprop.create_model(name, num_classes=10).train()
     cost = CostModel(model, (3, size, size))
     model.to(device).to(memory_format=torch.channels_last)
-    scores = ChannelScores(model.channel_groups(), keep, keep)
+    scores = ChannelScores(maskprop.channel_groups(model), keep, keep)
     optimizers = (weight_optimizer(model.parameters(), 0.01, 0.9, 5e-4), score_optimizer(scores.scores, 0.0))
     ctx = StepContext(nn.CrossEntropyLoss(), device, cost, torch.bfloat16 if amp else None, True, align=align)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)

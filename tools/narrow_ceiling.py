@@ -62,9 +62,9 @@ def main() -> None:
     torch.manual_seed(0)
     full, narrow = (model.train() for model in models(args.model, args.width, args.keep_ratio))
     x, y = random_batch(args.batch_size, 32)
-    masks = mask_pair(full.channel_groups(), args.keep_ratio, torch.Generator().manual_seed(0))
+    masks = mask_pair(maskprop.channel_groups(full), args.keep_ratio, torch.Generator().manual_seed(0))
     kept = {g: int(k.sum()) for g, k in masks["m"].items()}
-    assert kept == narrow.channel_groups(), "the narrow model must match the mask"
+    assert kept == maskprop.channel_groups(narrow), "the narrow model must match the mask"
 
     full_steps = training_steps(full, x, y, masks)
     steps = {"dense": full_steps["dense"], "compact": full_steps["compact"],

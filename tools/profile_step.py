@@ -37,7 +37,7 @@ def main() -> None:
 
     model = maskprop.create_model(args.model).train()
     x, y = random_batch(args.batch_size, args.image_size, channels_last=args.channels_last)
-    masks = mask_pair(model.channel_groups(), args.keep_ratio, torch.Generator().manual_seed(0))
+    masks = mask_pair(maskprop.channel_groups(model), args.keep_ratio, torch.Generator().manual_seed(0))
     steps = {name: fn for name, fn in training_steps(model, x, y, masks).items() if name in ("dense", "compact")}
 
     best: dict[str, dict[str, float]] = {name: {} for name in steps}

@@ -314,7 +314,7 @@ def flops_matched_keep(model: str, model_kwargs: dict[str, Any], image_size: int
     """The keep ratio (in steps of 0.001) whose random subnetwork (``max(1, round(keep x channels))`` per group, as
     ``random_mask`` draws it) computes the FLOPs closest to ``flops_kept`` x dense; the smallest on ties."""
     net = maskprop.create_model(model, num_classes=10, **model_kwargs)
-    groups, cost = net.channel_groups(), maskprop.CostModel(net, (3, image_size, image_size))
+    groups, cost = maskprop.channel_groups(net), maskprop.CostModel(net, (3, image_size, image_size))
     dense = cost.flops(None, 1)
     best = min(range(1, 1001), key=lambda k: (abs(cost.flops(
         {g: max(1, round(k / 1000 * c)) for g, c in groups.items()}, 1) / dense - flops_kept), k))
