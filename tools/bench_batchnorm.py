@@ -2,6 +2,7 @@
 
 Usage:
     python tools/bench_batchnorm.py --threads 2
+    python tools/bench_batchnorm.py --cases 127:16 253:8 509:4 --batch-size 32   # channels:side pairs of one's own
 
 For each channel count (the widths compact steps produce) and spatial size, times the forward and the backward
 (input, weight and bias gradients) of both implementations on the same channels_last batch, interleaved, and checks
@@ -28,7 +29,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--cases", nargs="+", default=None, metavar="C:S",
+                        help="channels:side pairs (default: the widths below 100 that compact steps produce)")
     args = parser.parse_args()
+    cases = CASES if args.cases is None else [tuple(int(v) for v in case.split(":")) for case in args.cases]
     keep_freed_host_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -36,7 +40,7 @@ def main() -> None:
     print("| channels | H = W | native forward (ms) | native backward (ms) | maskprop forward (ms) "
           "| maskprop backward (ms) | forward + backward speedup |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
-    for channels, size in CASES:
+    for channels, size in cases:
         x = torch.randn(args.batch_size, channels, size, size).contiguous(memory_format=torch.channels_last)
         x.requires_grad_()
         weight = torch.ones(channels, requires_grad=True)
