@@ -184,9 +184,10 @@ def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[
         def record(module: nn.Module, inputs: tuple[Tensor, ...], keywords: dict, output: Tensor) -> None:
             given = inputs[0] if inputs else next(iter(keywords.values()))  # layer(x) or layer(input=x)
             reads_input = given.data_ptr() == x.data_ptr()
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, nn.Conv2d):  # on the example's map, or on several maps stacked as examples
                 k = module.weight.shape[2] * module.weight.shape[3]
-                positions, kernel_area, groups = k * output.shape[2] * output.shape[3], k, module.groups
+                positions = k * output.shape[0] * output.shape[2] * output.shape[3]
+                kernel_area, groups = k, module.groups
                 depthwise = bool(getattr(module, "depthwise", False))
                 c_in, c_out = module.in_channels, module.out_channels
             else:

@@ -100,13 +100,15 @@ class _Value:
     """A tensor of the traced forward whose dimension 1 is the channel space ``space`` (``last``: whose last dimension
     is, a linear layer's output of more than two dimensions); ``zero``: its dropped channels are zero in the masked
     reference (``why_not`` says where that was lost); ``positions``: features per channel of a feature map flattened
-    to ``(N, C * positions)`` (0: not flattened)."""
+    to ``(N, C * positions)`` (0: not flattened); ``unzeroed``: the parts of a concatenation whose dropped channels
+    are not zero (``zero`` is about the others), and why."""
 
     space: int
     zero: bool = True
     why_not: str = ""
     positions: int = 0
     last: bool = False
+    unzeroed: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass
@@ -405,6 +407,8 @@ class _Walk:
     def needs_zero(self, value: _Value, node: fx.Node) -> None:
         if not value.zero:
             self.spaces.leave_whole(value.space, f"read by {_where(node)} after {value.why_not}, which is not 0 at 0")
+        for part, why in value.unzeroed:  # a concatenation's parts that are not: those alone
+            self.spaces.leave_whole(part, f"read by {_where(node)} after {why}, which is not 0 at 0")
 
     def layer(self, node: fx.Node, kind: str) -> _Layer:
         entry = self.layers.setdefault(node.target, _Layer(kind))
@@ -447,6 +451,8 @@ class _Walk:
             if depthwise:  # output channel j reads input channel j alone: one space (kept zero by its BatchNorm)
                 if first is not None and self.spaces.find(first.space) in self.spaces.concatenated:
                     self.opaque(node, "a depthwise convolution of a concatenation (it would write it)")
+                    self.reads(entry, self.spaces.new(whole=f"read by {name!r} as a concatenation"))
+                    entry.writes = entry.reads  # so are its channels in its other calls
                     return None
                 space = first.space if first is not None else self.spaces.new(whole=f"read by {name!r} from outside")
                 space = self.reads(entry, space)
@@ -502,7 +508,7 @@ class _Walk:
                 return value
             positions = math.prod(before[2:])
             if not value.positions and after[1] == before[1] * positions:
-                return _Value(value.space, value.zero, value.why_not, positions)
+                return dataclasses.replace(value, positions=positions)
         self.opaque(node, "a reshape that moves the channel dimension")
         return None
 
@@ -549,7 +555,7 @@ class _Walk:
         concatenation gives its parts; a tensor no rule follows, a whole part). Along another dimension the spaces
         stay whole."""
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
         out = _shape(node)
         if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or out is None or len(out) < 2 \
                 or dim % len(out) != 1:
@@ -558,7 +564,7 @@ class _Walk:
         if len(tensors) == 1 and tensors[0] in self.values:  # a concatenation of one tensor: that tensor
             return dataclasses.replace(self.values[tensors[0]])
         parts: list[tuple[int, int]] = []
-        values: list[_Value] = []
+        unzeroed: list[tuple[int, str]] = []
         for tensor in tensors:
             shape = _shape(tensor)
             value = self.values.get(tensor) if isinstance(tensor, fx.Node) else None
@@ -569,12 +575,11 @@ class _Walk:
                 parts.append((self.spaces.new(whole=f"concatenated at {_where(node)} from a tensor maskprop does "
                                                     f"not follow"), shape[1]))
                 continue
-            values.append(value)
             root = self.spaces.find(value.space)
             parts.extend(self.spaces.concatenated.get(root, [(root, shape[1])]))
-        space = self.spaces.concatenation(parts)
-        lost = next((v for v in values if not v.zero), None)
-        return _Value(space, lost is None, "" if lost is None else lost.why_not)
+            unzeroed.extend(value.unzeroed if value.zero else [(root, value.why_not)])
+        # A reader that needs zeros where channels are dropped leaves the parts that are not whole, not the others.
+        return _Value(self.spaces.concatenation(parts), unzeroed=tuple(unzeroed))
 
     def reduced(self, node: fx.Node, value: _Value) -> _Value | None:
         """A mean, sum or maximum over spatial dimensions keeps the channel space."""
@@ -583,7 +588,7 @@ class _Walk:
         if dims is not None and not value.positions:
             dims = {d % len(before) for d in ((dims,) if isinstance(dims, int) else dims)}
             if not dims & {0, 1} and len(after) >= 2 and after[1] == before[1]:
-                return _Value(value.space, value.zero, value.why_not)
+                return dataclasses.replace(value)
         self.opaque(node, "a reduction over channels")
         return None
 
@@ -606,9 +611,10 @@ class _Walk:
                 return None
             space = self.spaces.union(a.space, b.space)
             if key in _MUL:  # a product is zero where either factor is
-                return _Value(space, a.zero or b.zero, "", a.positions, a.last)
+                return _Value(space, a.zero or b.zero, "", a.positions, a.last, a.unzeroed + b.unzeroed)
             self.spaces.residual.add(space)
-            return _Value(space, a.zero and b.zero, a.why_not or b.why_not, a.positions, a.last)
+            return _Value(space, a.zero and b.zero, a.why_not or b.why_not, a.positions, a.last,
+                          a.unzeroed + b.unzeroed)
         value, other = (a, b) if isinstance(a, _Value) else (b, a)
         if key in _DIV and value is not a:
             self.opaque(node, "a division by a feature map")
@@ -673,12 +679,17 @@ def _concatenations(spaces: _Spaces, layers: dict[str, _Layer], groups: dict[int
     after its first reader (``"features.denseblock1.denselayer2.norm1:input"``); a part that is no group is
     ``(None, channels)``."""
     found: dict[int, tuple[str, list[tuple[str | None, int]]]] = {}
+    taken = set(groups.values())
     for name, entry in layers.items():
         root = spaces.find(entry.reads[0]) if entry.reads else None
         if root in spaces.concatenated and root not in found and root not in spaces.whole:
             parts = [(groups.get(spaces.find(part)), n) for part, n in spaces.concatenated[root]]
             if any(group is not None for group, _ in parts):
-                found[root] = (f"{name}:input", parts)
+                unique, n = f"{name}:input", 1
+                while unique in taken:  # a module may be named so too
+                    unique, n = f"{name}:input{n}", n + 1
+                taken.add(unique)
+                found[root] = (unique, parts)
     return found
 
 

@@ -318,3 +318,23 @@ def test_counting_flops_gives_back_the_fast_path_setting_it_found_also_when_the_
         assert torch.backends.mha.get_fastpath_enabled()
     finally:
         torch.backends.mha.set_fastpath_enabled(found)
+
+
+def test_a_layer_run_on_maps_stacked_as_examples_costs_each_of_them():
+    """A conv (or linear layer) called on two maps of one example stacked along the batch (a siamese branch, a
+    multi-crop head) costs twice its one-map FLOPs per example, as torch's counter counts it."""
+
+    class Stacked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4, 5)
+
+        def forward(self, x):
+            y = self.conv(torch.cat([x, x.flip(3)], 0)).mean((2, 3))
+            return self.fc(y).view(2, -1, 5).sum(0)
+
+    forward, _ = _counted_plain(Stacked(), (3, 8, 8))
+    cost = CostModel(Stacked(), (3, 8, 8))
+    assert cost.flops(batch_size=2) == forward
+    assert cost.by_layer() == {"conv": 2 * (2 * 3 * 4 * 9 * 64), "fc": 2 * (2 * 4 * 5)}

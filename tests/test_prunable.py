@@ -433,7 +433,7 @@ def test_timm_and_torchvision_names_build_their_models_made_prunable():
             maskprop.create_model(name)
     with pytest.raises(ValueError, match=r"model 'torchvision:resnet18' does not take the keywords \{'depth': 3"):
         maskprop.create_model("torchvision:resnet18", depth=3)
-    with pytest.raises(ValueError, match=r"torchvision:googlenet returns auxiliary logits .* model.kwargs.aux_logits=false"):
+    with pytest.raises(ValueError, match=r"googlenet returns auxiliary logits .* model.kwargs.aux_logits=false"):
         maskprop.create_model("torchvision:googlenet", init_weights=False)
     googlenet = maskprop.create_model("torchvision:googlenet", num_classes=10, aux_logits=False, init_weights=False)
     assert len(maskprop.sparse.concatenations(googlenet)) == 9

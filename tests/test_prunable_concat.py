@@ -1,0 +1,300 @@
+"""make_prunable's rules for ``torch.cat`` along the channels: which concatenations it declares, which parts it
+leaves whole, and that ``check_model`` passes on what it declares (a review's cases and its mutants' killers)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import maskprop
+from maskprop.sparse import concatenations
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+AB = (("a.conv", 8), ("b.conv", 6))
+
+
+class Unit(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class Cat(nn.Module):
+    """Units ``a`` (8 channels), ``b`` (6), ``c`` (8) and ``d`` (6) of the image; ``case`` concatenates some of them
+    into ``y``, which the unit ``after`` reads before the classifier (or the case returns on its own)."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        self.a, self.b, self.c, self.d = Unit(3, 8), Unit(3, 6), Unit(3, 8), Unit(3, 6)
+        self.e = Unit(14, 8)  # another reader of a concatenation of a and b
+        self.f = Unit(3, 14)  # a map as wide as a and b side by side
+        self.bn14 = nn.BatchNorm2d(14)
+        self.dw = nn.Conv2d(14, 14, 3, padding=1, groups=14, bias=False)
+        widths = {"thrice": 24, "untracked, other widths in eval": 16, "untracked, same widths in eval": 11,
+                  "whole parts alone": 6, "along the examples": 8, "nested after a merge": 22}
+        self.after = Unit(widths.get(case, 14), 8)
+        features = {"2-D": 14, "flattened": 14 * 16, "flattened maps side by side": 14 * 64,
+                    "token sequences along the tokens": 128 * 8}
+        self.lin = nn.Linear(features.get(case, 8), 8)
+        self.t1, self.t2 = nn.Linear(3, 8), nn.Linear(3, 8)
+        self.fc, self.fc2 = nn.Linear(8, 10), nn.Linear(8, 10)
+
+    def head(self, y):
+        return self.fc(F.relu(self.after(y)).mean((2, 3)))
+
+    def other_head(self, z):
+        return self.fc2(F.relu(z).mean((2, 3)))
+
+    def forward(self, x):
+        case = self.case
+
+        def unit(name):
+            return F.relu(getattr(self, name)(x))
+
+        if case == "concat":
+            return self.head(torch.concat([unit("a"), unit("b")], dim=1))
+        if case == "concatenate":
+            return self.head(torch.concatenate((unit("a"), unit("b")), 1))
+        if case == "sigmoid part, then BatchNorm":  # the BatchNorm masks what a conv then reads
+            return self.head(F.relu(self.bn14(torch.cat([torch.sigmoid(unit("a")), unit("b")], 1))))
+        if case == "sigmoid part, then conv":  # a's dropped channels are not zero where the conv reads them: a whole
+            return self.head(torch.cat([torch.sigmoid(unit("a")), unit("b")], 1))
+        if case == "in place":
+            return self.head(torch.cat([self.a(x).relu_(), self.b(x).relu_()], 1))
+        if case == "thrice":
+            a = unit("a")
+            return self.head(torch.cat([a, a, a], 1))
+        if case == "2-D":  # pooled features side by side into a linear layer
+            a, b = unit("a"), unit("b")
+            return self.fc(F.relu(self.lin(torch.cat([a.mean((2, 3)), b.amax((2, 3))], 1))))
+        if case == "flattened":  # a concatenation flattened into a linear layer: 16 positions per channel
+            y = F.max_pool2d(torch.cat([unit("a"), unit("b")], 1), 2).flatten(1)
+            return self.fc(F.relu(self.lin(y)))
+        if case == "in each mode":
+            y = torch.cat([unit("a"), unit("b")], 1)
+            return self.head(y if self.training else 2 * y)
+        if case == "swapped in eval":
+            a, b = unit("a"), unit("b")
+            return self.head(torch.cat([a, b] if self.training else [b, a], 1))
+        if case == "one reader of two concatenations of other parts":
+            a, b, c, d = unit("a"), unit("b"), unit("c"), unit("d")
+            return self.head(torch.cat([a, b], 1)) + self.head(torch.cat([c, d], 1))
+        if case == "one reader of two concatenations of the same parts":
+            a, b = unit("a"), unit("b")
+            return self.head(torch.cat([a, b], 1)) + self.head(torch.cat([2 * a, b + b], 1))
+        if case == "read, then added to a map":  # the add mixes the concatenation with f's channels
+            y = torch.cat([unit("a"), unit("b")], 1)
+            z = self.e(y)
+            return self.head(y + self.f(x)) + self.other_head(z)
+        if case == "normalised, then added to the same parts":
+            a, b = unit("a"), unit("b")
+            return self.head(F.relu(self.bn14(torch.cat([a, b], 1))) + torch.cat([a, b], 1))
+        if case == "normalised, then added to other parts":
+            a, b, c, d = unit("a"), unit("b"), unit("c"), unit("d")
+            return self.head(F.relu(self.bn14(torch.cat([a, b], 1))) + torch.cat([c, d], 1))
+        if case == "a part joined later":  # e's output and a are one space, a part of both concatenations
+            a, b = unit("a"), unit("b")
+            z = F.relu(self.e(torch.cat([a, b], 1))) + a
+            return self.head(torch.cat([z, b], 1))
+        if case == "a part joined with an older map after the read":  # a's space becomes c's (the older root)
+            c, a, b = unit("c"), unit("a"), unit("b")
+            out = self.head(torch.cat([a, b], 1))
+            return out + self.other_head(c + a)
+        if case == "untracked, other widths in eval":  # 3 and 5 channels no rule follows, swapped in eval
+            three, five = x.flip(1), x[:, [0, 1, 2, 0, 1]]
+            a = unit("a")
+            return self.head(torch.cat([three, a, five] if self.training else [five, a, three], 1))
+        if case == "untracked, same widths in eval":  # another tensor no rule follows, as wide, in eval
+            three = x.flip(1) if self.training else x[:, [2, 1, 0]]
+            return self.head(torch.cat([three, unit("a")], 1))
+        if case == "whole parts alone":
+            return self.head(torch.cat([x.flip(1), x], 1))
+        if case == "along the examples":  # a conv reads a and c stacked as examples: no channel space
+            out = self.head(torch.cat([unit("a"), unit("c")], 0))
+            return out.view(2, -1, 10).sum(0)
+        if case == "flattened maps side by side":  # (N, 8 * 64) and (N, 6 * 64): no channel positions to follow
+            return self.fc(F.relu(self.lin(torch.cat([unit("a").flatten(1), unit("b").flatten(1)], 1))))
+        if case == "token sequences along the tokens":  # (N, 64, 8) twice along the tokens: dim 1 is no channel
+            tokens = x.flatten(2).transpose(1, 2)
+            y = torch.cat([F.gelu(self.t1(tokens)), F.gelu(self.t2(tokens))], 1)
+            return self.fc(F.relu(self.lin(y.flatten(1))))
+        if case == "nested after a merge":  # y2's concatenation joined y1's (its older twin) before the nesting
+            a, b = unit("a"), unit("b")
+            y1, y2 = torch.cat([a, b], 1), torch.cat([a, b], 1)
+            z = self.e(y1 + y2)
+            return self.head(torch.cat([y2, unit("c")], 1)) + self.other_head(z)
+        if case == "depthwise after a merge":
+            a, b = unit("a"), unit("b")
+            y1, y2 = torch.cat([a, b], 1), torch.cat([a, b], 1)
+            z = self.e(y1 + y2)
+            return self.head(F.relu(self.bn14(self.dw(y2)))) + self.other_head(z)
+        if case == "a reader in training alone":  # e reads y2 before y2 joins y1: e is the first reader
+            a, b = unit("a"), unit("b")
+            y1, y2 = torch.cat([a, b], 1), torch.cat([a, b], 1)
+            z = self.e(y2) if self.training else None
+            out = self.head(y1 + y2)
+            return out + self.other_head(z) if self.training else out
+        if case == "two readers":
+            y = torch.cat([unit("a"), unit("b")], 1)
+            z = self.e(y)
+            return self.head(F.relu(self.bn14(y))) + self.other_head(z)
+        if case == "an empty 1-D tensor":  # torch.cat skips a (0,) tensor; the rule leaves the parts whole
+            a = unit("a")
+            return self.fc(F.relu(self.e.bn(self.e.conv(torch.cat([a, unit("b"), a.new_empty(0)], 1)))).mean((2, 3)))
+        raise ValueError(case)
+
+
+@pytest.mark.parametrize("case,declared,absent", [
+    ("concat", {"after.conv:input": AB}, ()),
+    ("concatenate", {"after.conv:input": AB}, ()),
+    ("sigmoid part, then BatchNorm", {"bn14:input": AB}, ()),
+    ("sigmoid part, then conv", {"after.conv:input": ((None, 8), ("b.conv", 6))}, ("a.conv",)),
+    ("in place", {"after.conv:input": AB}, ()),
+    ("thrice", {"after.conv:input": (("a.conv", 8),) * 3}, ()),
+    ("2-D", {"lin:input": AB}, ()),
+    ("flattened", {"lin:input": AB}, ()),
+    ("in each mode", {"after.conv:input": AB}, ()),
+    ("swapped in eval", {}, ("a.conv", "b.conv")),
+    ("one reader of two concatenations of other parts", {}, ("a.conv", "b.conv", "c.conv", "d.conv")),
+    ("one reader of two concatenations of the same parts", {"after.conv:input": AB}, ()),
+    ("read, then added to a map", {}, ("a.conv", "b.conv", "f.conv")),
+    ("normalised, then added to the same parts", {"bn14:input": AB}, ()),
+    ("normalised, then added to other parts", {}, ("a.conv", "b.conv", "c.conv", "d.conv")),
+    ("a part joined later", {"e.conv:input": AB, "after.conv:input": AB}, ()),
+    ("a part joined with an older map after the read", {"after.conv:input": (("c.conv", 8), ("b.conv", 6))},
+     ("a.conv",)),
+    ("untracked, other widths in eval", {}, ("a.conv",)),
+    ("untracked, same widths in eval", {"after.conv:input": ((None, 3), ("a.conv", 8))}, ()),
+    ("whole parts alone", {}, ()),
+    ("along the examples", {}, ("a.conv", "c.conv")),
+    ("flattened maps side by side", {}, ("a.conv", "b.conv")),
+    ("token sequences along the tokens", {}, ("t1", "t2")),
+    ("nested after a merge", {"e.conv:input": AB, "after.conv:input": AB + (("c.conv", 8),)}, ()),
+    ("depthwise after a merge", {}, ("a.conv", "b.conv")),
+    ("a reader in training alone", {"e.conv:input": AB}, ()),
+    ("two readers", {"e.conv:input": AB}, ()),
+    ("an empty 1-D tensor", {}, ("a.conv", "b.conv")),
+])
+def test_what_make_prunable_declares_for_a_concatenation(case, declared, absent):
+    """The concatenated groups declared (each named after its first reader, its parts in the forward's order, a part
+    of no group ``None``), the groups left whole, and the subnetworks checked against the masked reference."""
+    model = maskprop.make_prunable(Cat(case), (3, 8, 8))
+    groups = maskprop.channel_groups(model)
+    assert concatenations(model) == declared
+    assert not set(absent) & set(groups), absent  # left whole (or, joined, named otherwise)
+    readers = {m.in_group for m in model.modules() if hasattr(m, "in_group")} | \
+        {m.group for m in model.modules() if hasattr(m, "group")}
+    assert set(declared) <= readers  # each declared name is read
+    maskprop.check_model(model, (3, 8, 8))  # "along the examples": the head's conv costs two maps an example
+
+
+def test_the_readers_of_one_concatenation_read_one_group_named_after_the_first():
+    """A conv, a BatchNorm and the conv after it read one concatenation: one group, named after the conv called first
+    (``e``), in training and eval mode alike; a reader seen in training alone names it when it reads first."""
+    model = maskprop.make_prunable(Cat("two readers"), (3, 8, 8))
+    assert model.e.conv.in_group == model.bn14.group == model.after.conv.in_group == "e.conv:input"
+    model = maskprop.make_prunable(Cat("a reader in training alone"), (3, 8, 8))
+    assert model.e.conv.in_group == model.after.conv.in_group == "e.conv:input"
+    model = maskprop.make_prunable(Cat("flattened"), (3, 8, 8))
+    assert (model.lin.in_group, model.lin.in_positions) == ("lin:input", 16)
+    model = maskprop.make_prunable(Cat("2-D"), (3, 8, 8))
+    assert (model.lin.in_group, model.lin.in_positions) == ("lin:input", 1)
+
+
+def test_timms_dla_concatenates_residual_streams_in_its_roots():
+    """timm's DLA-46-x-C: each tree's root conv reads its children side by side, residual streams among them."""
+    torch.manual_seed(0)
+    model = maskprop.make_prunable(timm.create_model("dla46x_c", num_classes=10), (3, 64, 64))
+    declared = concatenations(model)
+    assert len(declared) == 6 and all(name.endswith(".root.conv:input") for name in declared)
+    maskprop.check_model(model, (3, 64, 64))
+
+
+class DepthwiseTwice(nn.Module):
+    """One depthwise conv called on c's channels and on a concatenation of a and b (as wide)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = Unit(3, 8), Unit(3, 6), Unit(3, 14)
+        self.dw = nn.Conv2d(14, 14, 3, padding=1, groups=14, bias=False)
+        self.bn = nn.BatchNorm2d(14)
+        self.d = Unit(14, 8)
+        self.fc, self.fc2 = nn.Linear(8, 10), nn.Linear(14, 10)
+
+    def forward(self, x):
+        a, b, c = F.relu(self.a(x)), F.relu(self.b(x)), F.relu(self.c(x))
+        y = self.dw(c)
+        z = self.dw(torch.cat([a, b], 1))  # refused: a and b stay whole, z is a tensor no rule follows
+        return self.fc(F.relu(self.d(F.relu(self.bn(y)))).mean((2, 3))) + self.fc2(z.mean((2, 3)))
+
+
+def test_a_depthwise_conv_also_called_on_a_concatenation_reads_whole_channels():
+    """Like a layer called on a tensor no rule follows (``CalledTwice`` in test_prunable.py), the refused call's
+    full-width input must leave what the other call reads whole."""
+    model = maskprop.make_prunable(DepthwiseTwice(), (3, 8, 8))
+    assert maskprop.channel_groups(model) == {"d.conv": 8}
+    maskprop.check_model(model, (3, 8, 8))
+
+
+class Axis(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.after = Unit(3, 8), Unit(3, 6), Unit(14, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.concatenate([F.relu(self.a(x)), F.relu(self.b(x))], axis=1)  # numpy's keyword, torch's signature
+        return self.fc(F.relu(self.after(y)).mean((2, 3)))
+
+
+def test_torch_concatenate_with_its_axis_keyword_declares_a_concatenation():
+    model = maskprop.make_prunable(Axis(), (3, 8, 8))
+    assert concatenations(model) == {"after.conv:input": AB}
+
+
+class Colliding(nn.Module):
+    """A conv registered as ``"e:input"`` (nn.Module accepts the name) writes a group of that name, while a
+    concatenation that ``e`` reads is named ``"e:input"`` too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = Unit(3, 8), Unit(3, 6)
+        self.e = nn.Conv2d(14, 8, 3, padding=1, bias=False)
+        setattr(self, "e:input", nn.Conv2d(8, 8, 3, padding=1, bias=False))
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = F.relu(self.e(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)))
+        return self.fc(F.relu(self.bn(getattr(self, "e:input")(y))).mean((2, 3)))
+
+
+def test_a_concatenations_name_never_collides_with_a_group():
+    model = maskprop.make_prunable(Colliding(), (3, 8, 8))
+    maskprop.channel_groups(model)
+
+
+class NormalisedImage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.after = Unit(3, 8), Unit(11, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.cat([x - 0.5, F.relu(self.a(x))], 1)  # the image, not 0 at 0 but never pruned, beside a
+        return self.fc(F.relu(self.after(y)).mean((2, 3)))
+
+
+def test_a_whole_part_that_is_not_zero_at_zero_leaves_the_other_parts_prunable():
+    model = maskprop.make_prunable(NormalisedImage(), (3, 8, 8))
+    assert concatenations(model) == {"after.conv:input": ((None, 3), ("a.conv", 8))}
+    maskprop.check_model(model, (3, 8, 8))
