@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import edge_case_mask, nontrivial_batch_norms
-from test_sparse import compact_step_equals_masked, run_step
-from test_static import static_step
+from test_sparse import compact_step_equals_masked
+from test_static import _assert_step_equals_masked
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -336,9 +336,7 @@ def test_static_step_equals_masked_reference_of_the_mask_used(concatenate, gener
     mask_a, mask_b = _static_masks(generator)
     u = torch.rand(sum(GROUPS.values()), generator=generator, dtype=torch.double)
     for mask, ties, cut in ((mask_a, None, {"g1": 1}), (mask_b, u, {"stem": 4, "b0": 1, "b1": 1, "b2": 1})):
-        reference = copy.deepcopy(model)
-        state.update(mask, ties)
-        used = {g: m.clone() for g, m in state.mask_used_by_group().items()}
+        used = _assert_step_equals_masked(model, state, mask, ties, x, y)
         assert state.read_overflow().channels == {g: cut.get(g, 0) for g in GROUPS}
         for g in GROUPS:  # the mask used keeps what fits of the mask
             assert int(used[g].sum()) == min(int(mask[g].sum()), CAPACITIES[g]) and not (used[g] & ~mask[g]).any()
@@ -350,13 +348,6 @@ def test_static_step_equals_masked_reference_of_the_mask_used(concatenate, gener
             index, kept = state.index(name), concatenated_masks(used, concatenations(model))[name]
             assert torch.equal(index, torch.cat(pieces)), name
             assert int(kept[index].sum()) == int(kept.sum()), name  # every channel used is computed
-        loss_s, grads_s, buffers_s = static_step(model, state, x, y)
-        loss_m, grads_m, buffers_m = run_step(reference, used, "masked", x, y)
-        torch.testing.assert_close(loss_s, loss_m, rtol=1e-10, atol=1e-12)
-        for k in grads_m:
-            torch.testing.assert_close(grads_s[k], grads_m[k], rtol=1e-8, atol=1e-10, msg=f"gradient of {k}")
-        for k in buffers_m:
-            torch.testing.assert_close(buffers_s[k], buffers_m[k], rtol=1e-10, atol=1e-12, msg=f"buffer {k}")
     assert {k: t.data_ptr() for k, t in state.buffers().items()} == addresses
 
 

@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from test_prunable import Unit
 from torch import nn
 
 import maskprop
@@ -15,16 +16,6 @@ from maskprop.sparse import concatenations
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 AB = (("a.conv", 8), ("b.conv", 6))
-
-
-class Unit(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
 
 
 class Cat(nn.Module):
