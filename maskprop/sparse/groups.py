@@ -3,7 +3,9 @@
 Every prunable conv-BN unit writes its output into a named group. Channels that meet in a residual add share one
 group (a ResNet stage's stem or projection output and all its block outputs), so every add happens on one index set.
 A layer whose group is ``None`` is never pruned (the image input, the classifier's outputs, and residual streams when
-a model is built with ``prune_residual=False``).
+a model is built with ``prune_residual=False``). A layer that reads channels of several groups side by side (the
+``torch.cat`` of a DenseNet block) reads a concatenated group (:func:`concatenate_groups`): no layer writes it, and
+masks name its parts.
 """
 
 from __future__ import annotations
