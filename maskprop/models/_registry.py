@@ -125,11 +125,11 @@ def _converted_entrypoint(name: str) -> Callable[..., nn.Module]:
     def build(num_classes: int = 1000, prune_residual: bool = True, **kwargs) -> nn.Module:
         from ..prunable import make_prunable
 
-        model = create(arch, num_classes=num_classes, **kwargs)
-        if getattr(model, "aux_logits", False) is True:  # torchvision's GoogLeNet and Inception-v3
+        if source == "torchvision" and arch in ("googlenet", "inception_v3") and kwargs.get("aux_logits", True):
             raise ValueError(f"{name} returns auxiliary logits in training (a tuple, not one tensor of logits), which "
                              f"maskprop trains without; pass model.kwargs.aux_logits=false (and init_weights=false "
                              f"for GoogLeNet, to skip its slow initialisation)")
+        model = create(arch, num_classes=num_classes, **kwargs)
         channels = kwargs.get("in_chans", 3)  # timm's keyword for the input's channels
         size = kwargs.get("img_size", kwargs.get("image_size", CONVERTED_INPUT_SIZE))
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
