@@ -21,6 +21,7 @@ from torch import nn
 
 import maskprop
 from maskprop.cost import CostModel
+from maskprop.models import import_models
 from maskprop.sparse import random_mask
 from maskprop.sparse.static import StaticExecutionState, choose_capacities, mask_capacities, rechoose_capacities
 from maskprop.train import graphs, loop, setup, static_steps
@@ -42,9 +43,9 @@ def static_run(monkeypatch):
     monkeypatch.setattr(setup, "resolve_cuda_graphs", lambda cfg, device, model=None: GraphsChoice(True, False))
 
 
-def _parts(dtype=torch.float64, clip=None, align=8, fused_scores=False, priced=False):
+def _parts(dtype=torch.float64, clip=None, align=8, fused_scores=False, priced=False, name="resnet20"):
     torch.manual_seed(0)
-    model = maskprop.create_model("resnet20").to(dtype).train()
+    model = maskprop.create_model(name).to(dtype).train()
     groups = model.channel_groups()
     prices = CostModel(model, SIZE).channel_prices(0.5) if priced else None  # a budget in FLOPs
     scores = ChannelScores(groups, 0.5, dtype=dtype, prices=prices)
@@ -64,18 +65,24 @@ def _config(**overrides) -> object:
     return load_config(with_overrides(TINY_RUN, **overrides))
 
 
-@pytest.mark.parametrize("estimator,weight_grad,clip,m2_first", [("vrpge", "first", None, True),
-                                                               ("vrpge", "first", 0.5, True),
-                                                               ("vrpge", "first", None, False),
-                                                               ("vrpge", "first", None, "off"),
-                                                               ("vrpge_sym", "both", 0.5, False)])
+@pytest.mark.parametrize("estimator,weight_grad,clip,m2_first,name", [
+    ("vrpge", "first", None, True, "resnet20"),
+    ("vrpge", "first", 0.5, True, "resnet20"),
+    ("vrpge", "first", None, False, "resnet20"),
+    ("vrpge", "first", None, "off", "resnet20"),
+    ("vrpge_sym", "both", 0.5, False, "resnet20"),
+    ("vrpge", "first", None, True, "small_densenet"),  # examples/my_nets.py: layers reading concatenated groups
+])
 def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estimator, weight_grad, clip, m2_first,
-                                                                           monkeypatch, one_thread):
+                                                                           name, monkeypatch, one_thread):
     """With both masks forced, one static search step gives the loss, weight and score gradients, updated weights and
     scores, and BatchNorm statistics of ``vrpge_step`` (compact execution) on the same masks: with the forward of
     ``m'`` first and its statistics added after those of ``m`` (``SearchStep.m2_first``), and with ``m`` first (two
     BatchNorm momenta in the model, ``m2_first=False``, or a backward of each mask)."""
-    model, scores, optimizers, ctx, batch = _parts(clip=clip)
+    if name == "small_densenet":
+        monkeypatch.chdir(Path(__file__).resolve().parents[1])
+        import_models("examples.my_nets")
+    model, scores, optimizers, ctx, batch = _parts(clip=clip, name=name)
     if m2_first is False and weight_grad == "first":
         next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).momentum = 0.2
     groups = model.channel_groups()
