@@ -705,6 +705,9 @@ def _curves_figure(report: Report, Figure: Any) -> Any:
     return fig
 
 
+_WIDTHS_ACROSS = 48  # groups from which the widths plot lays its bars across, a row per group
+
+
 def _widths_figure(report: Report, Figure: Any) -> Any:
     panels = []
     for record in report.runs:
@@ -719,23 +722,36 @@ def _widths_figure(report: Report, Figure: Any) -> Any:
             names = list(s.group_sizes)
             panels.append((record, names, [s.group_sizes[g] for g in names], [s.widths.get(g, 0) for g in names],
                            "channels kept"))
-    rows = max(len(panels), 1)
-    fig = Figure(figsize=(max(8.0, 0.45 * max((len(p[1]) for p in panels), default=0) + 2), 3.4 * rows + 0.6),
-                 layout="constrained")
-    axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
+    most = max((len(p[1]) for p in panels), default=0)
+    across = most > _WIDTHS_ACROSS  # a network of many groups (DenseNet-121: 120): a row per group, a column per run
+    if across:
+        fig = Figure(figsize=(6.5 * max(len(panels), 1), 0.16 * most + 1.6), layout="constrained")
+        axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0, :]
+    else:
+        rows = max(len(panels), 1)
+        fig = Figure(figsize=(max(8.0, 0.45 * most + 2), 3.4 * rows + 0.6), layout="constrained")
+        axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
     styles = _styles(report)
     for ax, (record, names, full, kept, what) in zip(axes, panels):
-        x = range(len(names))
-        ax.bar(x, full, color="none", edgecolor="0.4", linewidth=1, label="full network")
-        ax.bar(x, kept, color=styles[record.name]["color"], alpha=0.85, gid=f"run:{record.name}", label=what)
-        ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("channels" if what == "channels kept" else "units")
+        at = range(len(names))
+        bars = ax.barh if across else ax.bar
+        bars(at, full, color="none", edgecolor="0.4", linewidth=1 if not across else 0.6, label="full network")
+        bars(at, kept, color=styles[record.name]["color"], alpha=0.85, gid=f"run:{record.name}", label=what)
+        unit = "channels" if what == "channels kept" else "units"
+        if across:
+            ax.set_yticks(list(at), names, fontsize=6)
+            ax.set_ylim(len(names) - 0.5, -0.5)  # network order from the top
+            ax.set_xlabel(unit)
+            ax.grid(axis="x", alpha=0.3)
+        else:
+            ax.set_xticks(list(at), names, rotation=60, ha="right", fontsize=7)
+            ax.set_ylabel(unit)
+            ax.grid(axis="y", alpha=0.3)
         kept_share = 100.0 * sum(kept) / max(sum(full), 1)
         ax.set_title(f"{record.name} ({_method(record.summary)}, keep {_keep(record.summary)})\n{what} per "
                      f"{'layer' if record.summary.sbp else 'group'} in network order: {kept_share:.0f}% of all",
                      fontsize=10)
-        ax.legend(fontsize=8, loc="upper left")
-        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right" if across else "upper left")
     if not panels:
         axes[0].text(0.5, 0.5, "no pruned run", ha="center", va="center", transform=axes[0].transAxes)
         axes[0].set_axis_off()
@@ -751,7 +767,7 @@ def make_plots(report: Report) -> dict[str, Any]:
       error bars), the ideal diagonal drawn;
     - ``curves.png``: training loss, validation accuracy and the expected kept ratio of the search, per epoch;
     - ``widths.png``: each pruned run's kept channels per group against the full widths, in network order (for the
-      sparse-backward methods, the units each layer propagates).
+      sparse-backward methods, the units each layer propagates); a network of many groups gets a row per group.
 
     Every run's marks carry the ``gid`` ``run:<name>``.
 

@@ -378,6 +378,25 @@ def test_the_plots_draw_each_runs_values(runs, tmp_path):
     assert [bar.get_height() for bar in kept] == list(sparse["widths"].values())
 
 
+def test_the_widths_of_a_network_of_many_groups_are_a_row_each(runs, tmp_path):
+    """A run of 120 groups (DenseNet-121's) gets a bar across per group, top to bottom in network order, each named,
+    instead of 120 bars side by side in a strip too wide to read."""
+    folder = copy_runs(runs, tmp_path, names=("vrpge",))
+    summary = summary_of(folder / "vrpge")
+    sizes = {f"block.layer{i}": 32 + i for i in range(120)}
+    kept = {g: n // 2 for g, n in sizes.items()}
+    (folder / "vrpge" / "summary.json").write_text(json.dumps(dict(summary, group_sizes=sizes, widths=kept)))
+    figure = make_plots(build_report([folder]))["widths.png"]
+    (ax,) = figure.axes
+    full, kept_bars = ax.containers
+    assert [bar.get_width() for bar in full] == list(sizes.values())
+    assert [bar.get_width() for bar in kept_bars] == list(kept.values())
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(sizes)
+    assert ax.get_ylim() == (119.5, -0.5)  # the first group at the top
+    width, height = figure.get_size_inches()
+    assert height > 2 * width
+
+
 def test_the_curves_plot_every_epochs_value(runs, tmp_path):
     """Validation accuracy at every epoch; the expected kept ratio at each search epoch with the budget line; a run
     whose config no longer says its search epochs counts those recorded."""
