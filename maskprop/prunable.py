@@ -3,9 +3,10 @@ maskprop's layers.
 
 :func:`make_prunable` traces the model's forward with ``torch.fx`` (on a ``meta`` copy: nothing is computed), in
 training and in eval mode, and follows every tensor whose dimension 1 is a channel dimension through each graph. A
-convolution or linear layer starts a new channel space (its output channels); channel-wise operations pass a space
-on; an add or multiply of two feature maps of the same width makes their spaces one (a residual stream, or a gate); a
-depthwise convolution reads and writes one space; an in-place operation changes what later reads of its tensor see.
+convolution or linear layer starts a new channel space (its output channels); channel-wise operations (a crop of
+each channel's map too) pass a space on; an add or multiply of two feature maps of the same width makes their spaces
+one (a residual stream, or a gate); a depthwise convolution reads and writes one space; an in-place operation changes
+what later reads of its tensor see.
 A linear layer on a tensor of more than two dimensions (tokens, a channels-last map) writes a space held in the last
 dimension, which elementwise operations and products with another such space pass on and a linear layer reads (the
 hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves it whole.
@@ -19,9 +20,9 @@ A space is prunable when each tensor of it is read only in ways a subnetwork com
 (never pruned) when it is
 
 * the model's input or output, or read by an operation that mixes or reorders channels (a concatenation along
-  another dimension, a grouped convolution, a mean over channels, a transpose, a slice or split, a linear layer on a
-  feature map's width, a layer maskprop does not convert: LayerNorm, BatchNorm1d, a module of its own code that
-  ``torch.fx`` keeps whole);
+  another dimension, a grouped convolution, a mean over channels, a transpose, a slice of some channels or a split,
+  a linear layer on a feature map's width, a layer maskprop does not convert: LayerNorm, BatchNorm1d, a module of its
+  own code that ``torch.fx`` keeps whole);
 * a one-channel map broadcast over another's channels (a spatial gate: the other keeps its space);
 * read by a convolution or linear layer while its dropped channels would not be zero in the masked reference (after
   an operation that is not zero at zero, such as a sigmoid or adding a constant): the masked reference runs the
@@ -544,6 +545,8 @@ class _Walk:
                 return self.flattened(node, first)
             if key in _REDUCE:
                 return self.reduced(node, first)
+            if target is operator.getitem and not first.positions and _keeps_channels(node):
+                return _channelwise(first, True, node)  # a crop of each channel's map
         if key in _ADD | _SUB | _MUL | _DIV and len(node.args) == 2 and len(self.inputs(node, in_kwargs=False)) \
                 == len(values):
             return self.binary(node, key, args)
@@ -629,6 +632,17 @@ class _Walk:
             return _channelwise(value, key in _MUL | _DIV or other == 0, node)
         self.opaque(node, "an operation maskprop does not follow")
         return None
+
+
+def _keeps_channels(node: fx.Node) -> bool:
+    """``x[index]`` of a feature map keeps every example and every channel, in order (``x[:, :C]`` of a map of
+    ``C`` channels, ``x[:, :, 1:, ::2]``): it crops or subsamples each channel's map alone."""
+    before, after = _shape(node.args[0]), _shape(node)
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if before is None or after is None or len(before) != len(after) or len(index) > len(before) \
+            or not all(isinstance(i, slice) for i in index):
+        return False
+    return after[:2] == before[:2] and all(i.step in (None, 1) for i in index[:2])
 
 
 def _is_stochastic_depth(target: object) -> bool:

@@ -209,6 +209,14 @@ class Between(nn.Module):
         elif op == "chunk":
             a, b = x.chunk(2, 1)
             x = torch.cat([b, a], 1)
+        elif op == "crop":  # each channel's map cropped, subsampled
+            x = x[:, :, 1:, ::2]
+        elif op == "all channels sliced":  # x[:, :C] of C channels: every channel, in order
+            x = x[:, :8, :, :]
+        elif op == "channels from 1":
+            x = F.pad(x[:, 1:], (0, 0, 0, 0, 0, 1))
+        elif op == "examples sliced":
+            x = torch.cat([x[:1], x[1:]], 0)
         x = F.relu(self.bn2(self.conv2(x)))
         return self.fc(x.mean((-2, -1)))
 
@@ -221,6 +229,7 @@ class Between(nn.Module):
     ("plus its sigmoid", False), ("over a feature map", False), ("a number over it", False),
     ("Hardtanh above 0", False), ("hardtanh above 0", False), ("pad with ones", False), ("chunk", False),
     ("Softmax2d", False), ("noise in training", False),
+    ("crop", True), ("all channels sliced", True), ("channels from 1", False), ("examples sliced", False),
 ])
 def test_what_keeps_a_channel_space_prunable(op, prunable_):
     model = maskprop.make_prunable(Between(op), (3, 8, 8))
@@ -230,7 +239,7 @@ def test_what_keeps_a_channel_space_prunable(op, prunable_):
         maskprop.check_model(model, (3, 8, 8))
 
 
-@pytest.mark.parametrize("op", ["sigmoid", "plus one", "per-channel scale", "mean over channels"])
+@pytest.mark.parametrize("op", ["sigmoid", "plus one", "per-channel scale", "mean over channels", "channels from 1"])
 def test_the_rules_that_leave_a_space_whole_are_needed(op, monkeypatch):
     """With a rule switched off, make_prunable prunes the space, and check_model finds the subnetwork wrong."""
     monkeypatch.setattr(prunable._Walk, "opaque", lambda self, node, why: None)
@@ -1134,7 +1143,7 @@ class Concatenating(nn.Module):
         super().__init__()
         self.op = op
         self.a, self.b = Unit(3, 8), Unit(3, 6)
-        width = {"image": 17, "nested": 20, "twice": 14, "batch": 8, "depthwise": 14}.get(op, 14)
+        width = {"image": 17, "nested": 20, "twice": 14, "batch": 8, "depthwise": 14, "slice": 13}.get(op, 14)
         self.dw = nn.Conv2d(14, 14, 3, padding=1, groups=14, bias=False)
         self.c = Unit(3, 6)
         self.after = Unit(width, 8)
@@ -1148,7 +1157,9 @@ class Concatenating(nn.Module):
             y = torch.cat([torch.cat([a, b], 1), F.relu(self.c(x))], 1)
         elif self.op == "batch":  # along the examples: no channel space
             y = torch.cat([a, a], 0)[:2]
-        elif self.op == "slice":
+        elif self.op == "slice":  # some of its channels
+            y = torch.cat([a, b], 1)[:, 1:]
+        elif self.op == "all sliced":  # every channel, in order: the concatenation itself
             y = torch.cat([a, b], 1)[:, :14]
         elif self.op == "depthwise":
             y = self.dw(torch.cat([a, b], 1))
@@ -1168,6 +1179,7 @@ class Concatenating(nn.Module):
     ("image", (("a.conv", 8), (None, 3), ("b.conv", 6))),
     ("nested", (("a.conv", 8), ("b.conv", 6), ("c.conv", 6))),
     ("pooled", (("a.conv", 8), ("b.conv", 6))),
+    ("all sliced", (("a.conv", 8), ("b.conv", 6))),
     ("batch", None), ("slice", None), ("depthwise", None), ("sigmoid", None), ("added", None),
 ])
 def test_what_a_concatenation_passes_on(op, parts):
