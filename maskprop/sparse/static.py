@@ -303,8 +303,8 @@ class StaticLayout:
     is the extended index buffer: the groups' slots, then the concatenated groups' slots (their parts' slots side by
     side), then an identity segment (sides never pruned), then a zero segment (index 0, real 0) that the padding
     between gathered pieces reads. The tables come from the row blocks of
-    :func:`~maskprop.sparse.execution.gather_tables`, as the index sets of one mask do. Only ``ext`` changes from mask
-    to mask.
+    :func:`~maskprop.sparse.execution.gather_tables`, as the index sets of one mask do. Only ``ext`` changes from
+    mask to mask.
 
     Args:
         model: A maskprop model.
@@ -363,8 +363,8 @@ class StaticLayout:
         if unpacked:
             raise ValueError("static execution needs affine BatchNorm layers with running statistics; a pruned "
                              f"BatchNorm of group {unpacked[0].group!r} has none")
-        # The extended index buffer: the groups' slots, an identity segment (sides never pruned), a zero segment that
-        # the padding between gathered pieces reads (index 0, not a kept channel).
+        # The extended index buffer: the groups' slots, the concatenated groups' slots, an identity segment (sides
+        # never pruned), a zero segment that the padding between gathered pieces reads (index 0, not a kept channel).
         self.zero_slot = self.identity_slot + self.plan.max_channels
         self.ext_size = self.zero_slot + ALIGN_ELEMENTS
         self.concatenated_source, self.concatenated_shift = (
