@@ -50,8 +50,10 @@ CHECKS = ("dense", "compact", "static", "narrow", "flops")
 _WIRING = ("check the wiring: every conv, BatchNorm and linear layer on channels that may be pruned must be one of "
            "maskprop.sparse's, naming the group it reads (in_group) and the one it writes, and a conv that no grouped "
            "BatchNorm follows needs mask_output=True; tensors added together must carry one group's channels; and "
-           "what runs between those layers must act on each channel alone (no mean over channels, no concatenation; "
-           "a feature map flattened into a linear layer: SparseLinear(in_positions=H*W))")
+           "what runs between those layers must act on each channel alone (no mean over channels, no slice of "
+           "channels; a feature map flattened into a linear layer: SparseLinear(in_positions=H*W); a layer reading "
+           "torch.cat of groups reads a concatenated group, its parts declared in the cat's order: "
+           "maskprop.sparse.concatenate_groups)")
 
 
 @dataclass(frozen=True)
