@@ -221,7 +221,7 @@ def _export(args: argparse.Namespace) -> int:
             raise ValueError(f"--input-size {args.input_size!r} is not C,H,W (three positive integers, e.g. 3,32,32)")
     info = export_run(args.run_dir, args.out, args.format, checkpoint=args.checkpoint, mask=args.mask,
                       force=args.force, input_size=input_size)
-    out = args.out or f"{args.run_dir.rstrip('/')}/export"
+    out = Path(args.out) if args.out else Path(args.run_dir) / "export"  # printed without a doubled slash
     accuracy = "not measured" if info["accuracy"] is None else f"{info['accuracy']:.2f}%"
     print(f"{info['model']} from {info['source']['checkpoint']} (phase {info['source']['phase']}, mask "
           f"{info['source']['mask']}): accuracy {accuracy}")

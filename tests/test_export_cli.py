@@ -79,6 +79,8 @@ def test_export_of_a_finished_run(run, capsys):
     printed = capsys.readouterr().out
     out = run_dir / "export"
     assert f"wrote {out}/" in printed
+    assert export(f"{run_dir}/", "--out", f"{run_dir}/again/", "--format", "safetensors") == 0  # slashes as typed
+    assert f"wrote {run_dir}/again/: " in capsys.readouterr().out
     info = json.loads((out / "export.json").read_text())
     checkpoint = load_checkpoint(run_dir / "last.pt")
     assert checkpoint["phase"] == "done"
