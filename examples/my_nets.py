@@ -150,8 +150,9 @@ class SmallVGG(ChannelSparseModel):
 
 class DenseLayer(nn.Module):
     """DenseNet's layer: BatchNorm-ReLU-1x1 conv on the concatenation of everything before it (a concatenated group),
-    BatchNorm-ReLU-3x3 conv into its own growth channels (a group, masked by the conv itself in the reference: no
-    BatchNorm of its group alone reads it)."""
+    BatchNorm-ReLU-3x3 conv into its own growth channels (a group). Every reader of those is a BatchNorm of a
+    concatenation, which masks them in the reference, so ``mask_output`` is optional here; it keeps the conv's output
+    exact for any other reader (what ``make_prunable`` does)."""
 
     def __init__(self, reads: str, channels: int, inner: int, growth: int, *, name: str) -> None:
         super().__init__()

@@ -528,18 +528,32 @@ class _Reader(nn.Module):
         self.conv = SparseConv2d(conv_width, 5, 1, in_group="ab", out_group=writer)
 
 
+def test_a_reader_of_an_undeclared_concatenation_is_told_how_to_declare_it():
+    model = _Reader()
+    model.conv.in_group = "abc"
+    with pytest.raises(ValueError, match=r"^layer 'conv' reads group 'abc' that no layer writes \(if it reads a "
+                                         r"torch.cat of groups, declare it: maskprop.sparse.concatenate_groups\(model, "
+                                         r"'abc', \[\(part, channels\), ...\]\)\)$"):
+        channel_groups(model)
+
+
 def test_a_valid_reader_has_its_parts_groups_only():
     assert channel_groups(_Reader()) == {"a": 4, "b": 3}
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"writer": "ab"}, "layer 'conv' writes concatenated group 'ab'; a concatenation is read, its parts are written"),
+    ({"writer": "ab"}, "layer 'conv' writes concatenated group 'ab'; a concatenation is read, its parts are written "
+                       "(or give the concatenation a name no layer writes)"),
     ({"conv_width": 8}, "layer 'conv' reads concatenated group 'ab' as 8 channels, but its parts have 7"),
     ({"norm_width": 6}, "layer 'norm' reads concatenated group 'ab' as 6 channels, but its parts have 7"),
     ({"parts": (("a", 4), ("c", 3))}, "concatenated group 'ab' takes 3 channels of group 'c', but no layer writes it"),
     ({"parts": (("a", 4), ("b", 2), (None, 1))},
      "concatenated group 'ab' takes 2 channels of group 'b', but it has 3"),
-], ids=["written", "conv_width", "norm_width", "unknown_part", "part_size"])
+    ({"parts": (("a", 4), ("b", 2))},  # the readers' width differs too: the part is named first
+     "concatenated group 'ab' takes 2 channels of group 'b', but it has 3"),
+    ({"parts": (("a", 4), ("b", 3), ("ghost", 4))},
+     "concatenated group 'ab' takes 4 channels of group 'ghost', but no layer writes it"),
+], ids=["written", "conv_width", "norm_width", "unknown_part", "part_size", "part_before_readers", "extra_part"])
 def test_a_bad_declaration_is_one_clear_error(kwargs, message):
     model = _Reader(**kwargs)
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
@@ -566,20 +580,31 @@ def test_concatenate_groups_refuses_a_bad_name(name):
         concatenate_groups(nn.Module(), name, [("a", 4)])
 
 
-@pytest.mark.parametrize("parts", [[("a", 0)], [("a", -2)], [("a", True)], [("a", 4.0)], [["a", 4]], [("a",)],
-                                   [(3, 4)], [("a", 4, 1)], "a4"],
-                         ids=["zero", "negative", "bool", "float", "list", "one", "int_name", "three", "string"])
+@pytest.mark.parametrize("parts", [[("a", 0)], [("a", -2)], [("a", True)], [("a", 4.0)], [("a",)], [(3, 4)],
+                                   [("a", 4, 1)], "a4"],
+                         ids=["zero", "negative", "bool", "float", "one", "int_name", "three", "string"])
 def test_concatenate_groups_refuses_bad_parts(parts):
     module = nn.Module()
-    with pytest.raises(ValueError, match=r"^parts of 'c' are .*; expected \(group name or None, channels > 0\) pairs$"):
+    with pytest.raises(ValueError, match=r"^part .* of 'c' is not a \(group name or None, channels > 0\) pair$"):
         concatenate_groups(module, "c", parts)
     assert concatenations(module) == {}  # nothing declared
 
 
+def test_concatenate_groups_takes_any_pair_of_a_name_and_an_integer():
+    """Lists and integers of other types (numpy's, a 0-d tensor's item) are parts as tuples of ints are."""
+    import numpy as np
+
+    module = nn.Module()
+    concatenate_groups(module, "c", [["a", np.int64(4)], (None, torch.tensor(3).item())])
+    assert concatenations(module) == {"c": (("a", 4), (None, 3))}
+    assert all(type(n) is int for _, n in concatenations(module)["c"])
+
+
 @pytest.mark.parametrize("parts", [[(None, 4)], [(None, 4), (None, 2)], []], ids=["one", "two", "none"])
 def test_concatenate_groups_refuses_parts_of_no_group(parts):
-    with pytest.raises(ValueError, match=r"^concatenated group 'c' has no part that names a group; expected at least "
-                                         r"one$"):
+    with pytest.raises(ValueError, match=r"^concatenated group 'c' has no part that names a group; expected at "
+                                         r"least one \(a layer reading channels that are never pruned reads "
+                                         r"in_group=None\)$"):
         concatenate_groups(nn.Module(), "c", parts)
 
 
@@ -598,8 +623,14 @@ def test_declarations_are_found_on_wrappers_kept_by_copies_and_dropped_on_reques
 
 
 def test_one_name_declared_twice_with_other_parts_is_one_clear_error():
+    model = DenseTiny()
+    concatenate_groups(model, "cat1", PARTS["cat1"])  # the same parts again: one declaration
+    with pytest.raises(ValueError, match=r"^concatenated group 'cat1' is declared twice on DenseTiny, as .* and as "
+                                         r"\(\('stem', 8\),\); expected one name per concatenation$"):
+        concatenate_groups(model, "cat1", [("stem", STEM)])
+    assert concatenations(model)["cat1"] == tuple(PARTS["cat1"])
     model = nn.Sequential(DenseTiny(), DenseTiny())
-    concatenate_groups(model[1], "cat1", [("stem", STEM)])
+    concatenate_groups(model[1].layers, "cat1", [("stem", STEM)])  # on another module: seen when they are read
     with pytest.raises(ValueError, match="concatenated group 'cat1' is declared twice"):
         concatenations(model)
 

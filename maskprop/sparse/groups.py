@@ -11,6 +11,7 @@ masks name its parts.
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -44,16 +45,28 @@ def concatenate_groups(model: nn.Module, name: str, parts: Sequence[Part]) -> st
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"a concatenated group's name is a non-empty string, got {name!r}")
-    parts = tuple(parts)
-    if not all(isinstance(p, tuple) and len(p) == 2 and (p[0] is None or isinstance(p[0], str))
-               and isinstance(p[1], int) and not isinstance(p[1], bool) and p[1] > 0 for p in parts):
-        raise ValueError(f"parts of {name!r} are {parts!r}; expected (group name or None, channels > 0) pairs")
+    parts = tuple(_part(name, p) for p in parts)
     if all(group is None for group, _ in parts):
-        raise ValueError(f"concatenated group {name!r} has no part that names a group; expected at least one")
+        raise ValueError(f"concatenated group {name!r} has no part that names a group; expected at least one (a layer "
+                         f"reading channels that are never pruned reads in_group=None)")
     declared = dict(getattr(model, _CONCATENATIONS, {}))
-    declared[name] = parts
+    if declared.setdefault(name, parts) != parts:
+        raise ValueError(f"concatenated group {name!r} is declared twice on {type(model).__name__}, as "
+                         f"{declared[name]} and as {parts}; expected one name per concatenation")
     setattr(model, _CONCATENATIONS, declared)
     return name
+
+
+def _part(name: str, part: object) -> Part:
+    """``part`` as ``(group or None, channels)``: any pair of a name (or ``None``) and a positive integer."""
+    try:
+        group, channels = part
+        channels = 0 if isinstance(channels, bool) else operator.index(channels)
+    except (TypeError, ValueError):
+        group, channels = None, 0
+    if not (group is None or isinstance(group, str)) or channels < 1:
+        raise ValueError(f"part {part!r} of {name!r} is not a (group name or None, channels > 0) pair")
+    return group, channels
 
 
 def concatenations(model: nn.Module) -> dict[str, tuple[Part, ...]]:
@@ -118,19 +131,29 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
             raise ValueError(f"layer {where!r} reads concatenated group {name!r} as {size} channels, but its parts "
                              f"have {width}")
 
+    normalising: list[tuple[str, int, str]] = []  # BatchNorm layers on a concatenation, checked after its parts
     for where, module in model.named_modules():
         if isinstance(module, (SparseConv2d, SparseLinear)) and module.out_group in concatenated:
             raise ValueError(f"layer {where!r} writes concatenated group {module.out_group!r}; a concatenation is "
-                             f"read, its parts are written")
+                             f"read, its parts are written (or give the concatenation a name no layer writes)")
         if isinstance(module, SparseConv2d):
             add(module.out_group, module.out_channels, where)
         elif isinstance(module, SparseLinear):
             add(module.out_group, module.out_features, where)
         elif isinstance(module, SparseBatchNorm2d):
             if module.group in concatenated:
-                read(module.group, module.num_features, where)
+                normalising.append((module.group, module.num_features, where))
             else:
                 add(module.group, module.num_features, where)
+    for name, parts in concatenated.items():  # before its readers: a part's error names the part
+        for group, size in parts:
+            if group is not None and groups.get(group) != size:
+                has = "no layer writes it" if group not in groups else f"it has {groups[group]}"
+                also = "; it is a concatenated group: list its parts" if group in concatenated else ""
+                raise ValueError(f"concatenated group {name!r} takes {size} channels of group {group!r}, but {has}"
+                                 f"{also}")
+    for name, size, where in normalising:
+        read(name, size, where)
     for where, module in model.named_modules():  # inputs must read a group that some layer writes
         if isinstance(module, (SparseConv2d, SparseLinear)) and module.in_group is not None:
             size = module.in_channels  # a linear layer on a flattened map: in_features / in_positions
@@ -138,13 +161,10 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
                 read(module.in_group, size, where)
                 continue
             if module.in_group not in groups:
-                raise ValueError(f"layer {where!r} reads group {module.in_group!r} that no layer writes")
+                raise ValueError(f"layer {where!r} reads group {module.in_group!r} that no layer writes (if it reads a "
+                                 f"torch.cat of groups, declare it: maskprop.sparse.concatenate_groups(model, "
+                                 f"{module.in_group!r}, [(part, channels), ...]))")
             add(module.in_group, size, where)
-    for name, parts in concatenated.items():
-        for group, size in parts:
-            if group is not None and groups.get(group) != size:
-                has = "no layer writes it" if group not in groups else f"it has {groups[group]}"
-                raise ValueError(f"concatenated group {name!r} takes {size} channels of group {group!r}, but {has}")
     return groups
 
 
