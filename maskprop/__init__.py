@@ -11,10 +11,11 @@ The public API, small and explicit:
 * surgery and export: :func:`materialize` (a mask -> a physically narrow plain torch model), :func:`save_exported`,
   :func:`export_run` (what ``maskprop export`` does), :func:`load_exported`, :class:`WidthPlan`;
 * training: :func:`fit` (imported lazily: it needs the training dependencies, the core needs torch alone);
-* CPU timing: :func:`keep_freed_host_memory` (what ``maskprop train`` and ``maskprop bench`` call first).
+* CPU timing: :func:`keep_freed_host_memory`, :func:`enlarge_onednn_primitive_cache` (what ``maskprop train`` and
+  ``maskprop bench`` call first).
 """
 
-from ._workarounds import keep_freed_host_memory
+from ._workarounds import enlarge_onednn_primitive_cache, keep_freed_host_memory
 from .check import check_model
 from .cost import CostModel, flops
 from .export import WidthPlan, export_run, load_exported, save_exported
@@ -38,6 +39,7 @@ __all__ = [
     "export_run",
     "flops",
     "full_mask",
+    "enlarge_onednn_primitive_cache",
     "keep_freed_host_memory",
     "list_models",
     "load_exported",

@@ -62,3 +62,32 @@ def keep_freed_host_memory(top_pad: int = 256 << 20) -> bool:
     # The mmap threshold first: setting the trim threshold alone would freeze the dynamic mmap threshold at 128 KiB.
     return all(mallopt(option, value) == 1 for option, value in (
         (m_mmap_threshold, 32 << 20), (m_trim_threshold, 1 << 62), (m_top_pad, top_pad)))
+
+
+ONEDNN_PRIMITIVE_CACHE = 16384
+"""Kernels (primitives) oneDNN keeps per process, where the user has not chosen: 16 times its default of 1024."""
+
+
+def enlarge_onednn_primitive_cache(capacity: int = ONEDNN_PRIMITIVE_CACHE) -> bool:
+    """Let oneDNN keep the kernels of many more convolution shapes than its default 1,024.
+
+    oneDNN, which runs PyTorch's CPU convolutions, builds a kernel (a primitive) for each shape it meets and keeps the
+    most recent 1,024. A compact step of a deep network meets new widths at every step, three kernels per convolution
+    and mask (forward, input gradient, weight gradient): a VR-PGE step of DenseNet-121 makes about 700, so kernels are
+    evicted and built again every step, the dense reference step's own among them. With 16,384 kept, that compact
+    step ran 1.06x a dense step at keep 0.5 instead of 0.57x, and the dense step 372 ms instead of 541 (BENCHMARKS.md,
+    "DenseNet-121"). The cost: the memory of the kernels kept.
+
+    Process-wide, and read by oneDNN when it builds its first kernel, so it belongs to applications (``maskprop
+    train`` and ``maskprop bench`` call it first), not to library code.
+
+    Returns:
+        ``True`` where it set ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``; ``False`` where the user set it (or the older
+        ``DNNL_PRIMITIVE_CACHE_CAPACITY``): their choice wins.
+    """
+    import os
+
+    if "ONEDNN_PRIMITIVE_CACHE_CAPACITY" in os.environ or "DNNL_PRIMITIVE_CACHE_CAPACITY" in os.environ:
+        return False
+    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
+    return True

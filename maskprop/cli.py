@@ -391,12 +391,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.ERROR,
                         format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from ._workarounds import keep_freed_host_memory
+    from ._workarounds import enlarge_onednn_primitive_cache, keep_freed_host_memory
 
     # train and bench time dense against sparse steps on the CPU (the other commands lose nothing by it): keep glibc
-    # from faulting freed memory back in every step (it penalised dense steps by up to a third); MALLOC_* environment
-    # variables take precedence.
+    # from faulting freed memory back in every step (it penalised dense steps by up to a third), and oneDNN from
+    # building its convolution kernels anew every step (sampled widths evicted them); environment variables that set
+    # either take precedence.
     logging.getLogger(__name__).debug("glibc malloc keeps freed memory: %s", keep_freed_host_memory())
+    logging.getLogger(__name__).debug("oneDNN primitive cache enlarged: %s", enlarge_onednn_primitive_cache())
     try:
         status = args.run(args)
     except (ValueError, FileNotFoundError) as error:

@@ -263,6 +263,26 @@ def test_keep_freed_host_memory_leaves_user_malloc_settings_alone():
     assert applied == "False"
 
 
+def test_the_onednn_primitive_cache_is_enlarged_unless_the_user_sized_it(monkeypatch, capsys):
+    """``maskprop bench`` (and ``train``) set oneDNN's kernel cache before any convolution runs; a capacity the user
+    gave, under either of oneDNN's names, stays."""
+    from maskprop import enlarge_onednn_primitive_cache
+    from maskprop._workarounds import ONEDNN_PRIMITIVE_CACHE
+
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"):
+        monkeypatch.delenv(name, raising=False)
+    assert _bench_cli(capsys)[0] == 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_PRIMITIVE_CACHE) == "16384"
+    assert not enlarge_onednn_primitive_cache()  # already set: left as it is
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    assert not enlarge_onednn_primitive_cache(4096) and os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    monkeypatch.setenv("DNNL_PRIMITIVE_CACHE_CAPACITY", "128")
+    assert not enlarge_onednn_primitive_cache() and "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
+    monkeypatch.delenv("DNNL_PRIMITIVE_CACHE_CAPACITY")
+    assert enlarge_onednn_primitive_cache(4096) and os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "4096"
+
+
 def test_bench_runs_with_bf16_autocast_on_cpu():
     """The autocast path of the bench (what `--device cuda --amp bf16` takes), here on the CPU."""
     results = bench_model("resnet20", batch_size=4, keep_ratios=(0.5,), repeats=1, warmup=0, image_size=16, amp="bf16")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import maskprop
-from maskprop import keep_freed_host_memory
+from maskprop import enlarge_onednn_primitive_cache, keep_freed_host_memory
 
 
 class ShiftedTemplates(Dataset):
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     keep_freed_host_memory()  # as maskprop train / bench do: no page faults penalising the larger steps
+    enlarge_onednn_primitive_cache()  # oneDNN keeps the kernels of the widths it meets
     torch.set_num_threads(args.threads)
     if args.mnist_root is None:
         datasets = (ShiftedTemplates(args.train_size, seed=0), ShiftedTemplates(2000, seed=1))

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from maskprop import keep_freed_host_memory
+from maskprop import enlarge_onednn_primitive_cache, keep_freed_host_memory
 from maskprop.sparse.batchnorm import batch_norm_nhwc
 
 CASES = [(8, 32), (12, 32), (16, 32), (17, 32), (24, 16), (32, 16), (33, 16), (61, 8), (64, 8), (100, 8)]
@@ -34,6 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     cases = CASES if args.cases is None else [tuple(int(v) for v in case.split(":")) for case in args.cases]
     keep_freed_host_memory()
+    enlarge_onednn_primitive_cache()  # oneDNN keeps the kernels of the widths it meets
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"batch {args.batch_size}, {args.threads} threads, float32, channels_last, medians of {args.repeats}")

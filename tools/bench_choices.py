@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from maskprop import keep_freed_host_memory
+from maskprop import enlarge_onednn_primitive_cache, keep_freed_host_memory
 from maskprop.bench import interleaved_times
 from maskprop.sbp import RowGradBuffer
 from maskprop.sbp.sparsifiers import batch_sum, take_units
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     args = parser.parse_args()
     keep_freed_host_memory()
+    enlarge_onednn_primitive_cache()  # oneDNN keeps the kernels of the widths it meets
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"{args.threads} threads, float32, medians of {args.repeats}, interleaved; ratio = median of B / A per "

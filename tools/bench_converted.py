@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
     maskprop.keep_freed_host_memory()
+    maskprop.enlarge_onednn_primitive_cache()
     torch.set_num_threads(args.threads)
     size = (3, args.image_size, args.image_size)
     x = torch.randn(args.batch_size, *size).contiguous(memory_format=torch.channels_last)

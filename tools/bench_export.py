@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     maskprop.keep_freed_host_memory()
+    maskprop.enlarge_onednn_primitive_cache()
     rows = []
     for name in args.models:
         image_size, batches = DEFAULT_SETUPS.get(name, (32, (1, 64)))

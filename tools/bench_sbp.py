@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskprop import keep_freed_host_memory
+from maskprop import enlarge_onednn_primitive_cache, keep_freed_host_memory
 from maskprop.bench import describe_machine
 from maskprop.sbp import RowGradBuffer, SparseBackwardLinear, convert, sparse_layer
 
@@ -211,6 +211,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     host_memory = keep_freed_host_memory()  # as maskprop bench does: no page faults penalising the larger steps
+    enlarge_onednn_primitive_cache()  # oneDNN keeps the kernels of the widths it meets
     load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
     table = run(args)
     policy = os.environ.get("OMP_WAIT_POLICY")

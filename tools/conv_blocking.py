@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from maskprop import keep_freed_host_memory
+from maskprop import enlarge_onednn_primitive_cache, keep_freed_host_memory
 
 
 def main() -> None:
@@ -34,6 +34,7 @@ def main() -> None:
     if min(args.channels) < 1:
         raise SystemExit(f"--channels {args.channels}: every channel count must be >= 1")
     keep_freed_host_memory()  # as maskprop bench does: no page faults penalising the larger tensors
+    enlarge_onednn_primitive_cache()  # oneDNN keeps the kernels of the widths it meets
     if args.threads:
         torch.set_num_threads(args.threads)
 

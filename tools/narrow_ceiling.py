@@ -26,7 +26,7 @@ import statistics
 import torch
 
 import maskprop
-from maskprop import keep_freed_host_memory
+from maskprop import enlarge_onednn_primitive_cache, keep_freed_host_memory
 from maskprop.bench import interleaved_times, mask_pair, quartiles, random_batch, training_steps
 from maskprop.models.vgg import CONFIGS, VGG
 
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
     keep_freed_host_memory()  # as maskprop train / bench do: no page faults penalising the larger steps
+    enlarge_onednn_primitive_cache()  # oneDNN keeps the kernels of the widths it meets
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     full, narrow = (model.train() for model in models(args.model, args.width, args.keep_ratio))

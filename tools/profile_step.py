@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import maskprop
-from maskprop import keep_freed_host_memory
+from maskprop import enlarge_onednn_primitive_cache, keep_freed_host_memory
 from maskprop.bench import mask_pair, random_batch, training_steps
 
 
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     keep_freed_host_memory()  # as maskprop train / bench do: no page faults penalising the larger steps
+    enlarge_onednn_primitive_cache()  # oneDNN keeps the kernels of the widths it meets
     if args.threads:
         torch.set_num_threads(args.threads)
 

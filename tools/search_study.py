@@ -503,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--plot", help="also write a PNG of the per-epoch curves (matplotlib)")
     args = parser.parse_args(argv)
     maskprop.keep_freed_host_memory()
+    maskprop.enlarge_onednn_primitive_cache()
     if args.table_only:
         data = json.loads(Path(args.json).read_text())
         if args.tag:  # one setting, or several separated by commas
