@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from .cost import CostModel, counted_flops
 from .models.spec import check_input_size
-from .sparse import aligned_width, channel_groups, check_align, random_mask, use_mask
+from .sparse import aligned_width, channel_groups, check_align, concatenations, random_mask, use_mask
 from .sparse.static import StaticExecutionState, use_static
 from .surgery import materialize
 
@@ -54,6 +54,10 @@ _WIRING = ("check the wiring: every conv, BatchNorm and linear layer on channels
            "channels; a feature map flattened into a linear layer: SparseLinear(in_positions=H*W); a layer reading "
            "torch.cat of groups reads a concatenated group, its parts declared in the cat's order: "
            "maskprop.sparse.concatenate_groups)")
+
+
+_ORDER = ("check each concatenated group's parts: in the order of the forward's torch.cat, each as wide as its group; "
+          "then ")
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,7 @@ def _batch_size(model: nn.Module, input_size: tuple[int, ...]) -> int:
 def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int], batch_size: int | None, align: int,
            seed: int, started: float) -> ModelCheck:
     generator = torch.Generator().manual_seed(seed)
+    wiring = (_ORDER + _WIRING) if concatenations(model) else _WIRING  # the likelier mistake first
     base = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).train()
     nontrivial_batch_norms(base, generator)
     if batch_size is None:
@@ -267,7 +272,8 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[1] < 1:
         raise ValueError(f"{type(model).__name__} returns {type(out).__name__}"
                          f"{tuple(out.shape) if isinstance(out, Tensor) else ''}; expected logits of shape "
-                         f"(batch, classes)")
+                         f"(batch, classes) (a model with auxiliary heads is built without them: torchvision's "
+                         f"GoogLeNet and Inception-v3 with aux_logits=False)")
     y = torch.arange(batch_size) % out.shape[1]
     mask = edge_mask(groups, generator)
 
@@ -284,9 +290,9 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
     half = random_mask(groups, 0.5, generator)  # the edge mask keeps the second group whole: this one does not
     for name, kept in (("one channel, every channel, half", mask), ("half of every group", half)):
         what = f"the compact training step (kept channels gathered; {name})"
-        masked = step("compact", "the masked pass", _WIRING, lambda m, kept=kept: use_mask(m, kept, "masked"))
-        got = step("compact", what, _WIRING, lambda m, kept=kept: use_mask(m, kept, "compact"))
-        _compare("compact", what, got, masked, _WIRING)
+        masked = step("compact", "the masked pass", wiring, lambda m, kept=kept: use_mask(m, kept, "masked"))
+        got = step("compact", what, wiring, lambda m, kept=kept: use_mask(m, kept, "compact"))
+        _compare("compact", what, got, masked, wiring)
 
     # The static step of a GPU run, at capacities that cut one group's surplus and pad another with zero channels.
     static_model = copy.deepcopy(base)
@@ -296,9 +302,9 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
     state = _guard("static", what, runs_static, lambda: StaticExecutionState.create(static_model, capacities, align))
     _guard("static", what, runs_static, lambda: state.update(half))
     used = {g: m.clone() for g, m in state.mask_used_by_group().items()}
-    reference = step("static", "the masked pass", _WIRING, lambda m: use_mask(m, used, "masked"))
-    got = step("static", what, _WIRING, lambda m: use_static(state), static_model)
-    _compare("static", what, got, reference, _WIRING)
+    reference = step("static", "the masked pass", wiring, lambda m: use_mask(m, used, "masked"))
+    got = step("static", what, wiring, lambda m: use_static(state), static_model)
+    _compare("static", what, got, reference, wiring)
     state.release()
     if state.layout.can_defer_statistics:  # m' of a search step on CUDA: its statistics kept, then added as if in turn
         deferred_model = copy.deepcopy(base)
@@ -307,10 +313,10 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
                            lambda: StaticExecutionState.create(deferred_model, capacities, align))
         deferring.defers_statistics = True
         _guard("static", what, runs_static, lambda: deferring.update(half))
-        loss, grads, _ = step("static", what, _WIRING, lambda m: use_static(deferring), deferred_model)
-        _guard("static", what, _WIRING, deferring.commit_statistics)
+        loss, grads, _ = step("static", what, wiring, lambda m: use_static(deferring), deferred_model)
+        _guard("static", what, wiring, deferring.commit_statistics)
         buffers = {k: b.clone() for k, b in deferred_model.named_buffers()}
-        _compare("static", what, (loss, grads, buffers), reference, _WIRING)
+        _compare("static", what, (loss, grads, buffers), reference, wiring)
         deferring.release()
 
     # The narrow model, in eval mode (running statistics), against the compact subnetwork.
@@ -323,7 +329,7 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
             return evaluated(x)
 
     with torch.no_grad():
-        expected = _guard("narrow", "the compact subnetwork in eval mode", _WIRING, compact_eval)
+        expected = _guard("narrow", "the compact subnetwork in eval mode", wiring, compact_eval)
         narrow = _guard("narrow", "materialize()", hint, lambda: materialize(evaluated, mask))
         got = _guard("narrow", "the narrow model", hint, lambda: narrow(x))
     gap = _far(got, expected)
@@ -332,7 +338,7 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
                          f"(relative difference {gap:.3g}); {hint}")
 
     # FLOPs: the cost model against torch's counter on the narrow model (one example).
-    counted = _guard("flops", "maskprop.CostModel", _WIRING,
+    counted = _guard("flops", "maskprop.CostModel", wiring,
                      lambda: CostModel(evaluated, input_size).flops(mask, batch_size=1))
 
     flops = _guard("flops", "the narrow model on one example", hint, lambda: counted_flops(narrow, x[:1]))

@@ -348,7 +348,8 @@ def _walk_graph(graph: fx.Graph, modules: dict[str, nn.Module], walk: _Walk) -> 
             if shape is not None and len(shape) >= 2:
                 values[node] = _Value(spaces.new(whole="the model's input"))
         elif node.op == "output":
-            walk.opaque(node, "the model's output")
+            for value in walk.inputs(node):
+                spaces.leave_whole(value.space, "the model's output")
         elif node.op == "get_attr":
             continue  # a parameter or buffer: a tensor of no channel space
         elif shape is None:  # no tensor: a size or a shape is fine, anything else (a split, a tuple) reads channels

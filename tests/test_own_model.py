@@ -360,9 +360,11 @@ def test_check_model_wants_logits_of_shape_batch_by_classes():
             return super().forward(x), x
 
     with pytest.raises(ValueError, match=r"^Extra returns Tensor\(3, 4, 1\); expected logits of shape "
-                                         r"\(batch, classes\)$"):
+                                         r"\(batch, classes\) \(a model with auxiliary heads"):
         maskprop.check_model(Extra(), (3, 8, 8))
-    with pytest.raises(ValueError, match=r"^Pair returns tuple; expected logits of shape \(batch, classes\)$"):
+    with pytest.raises(ValueError, match=r"^Pair returns tuple; expected logits of shape \(batch, classes\) \(a "
+                                         r"model with auxiliary heads is built without them: torchvision's GoogLeNet "
+                                         r"and Inception-v3 with aux_logits=False\)$"):
         maskprop.check_model(Pair(), (3, 8, 8))
 
 
