@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .gather import ALIGN_ELEMENTS, GatherPiece, GatherTable, gather_norms, gather_pieces, write_back_norms
-from .groups import aligned_width, channel_groups, check_align, concatenations, count_kept
+from .groups import aligned_width, channel_groups, check_align, concatenations, count_kept, declared_in
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule, set_execution_state
 
 Mask = dict[str, Tensor]
@@ -220,10 +220,11 @@ def model_plan(model: nn.Module) -> ModelPlan:
     The plan is kept on the model itself (a plain attribute, not a submodule: no parameter, buffer or state_dict key),
     so it lives and dies with the model, and a deep copy of the model carries a plan of the copy's own layers.
     """
-    layers = [m for m in model.modules() if isinstance(m, SparseModule)]
+    modules = list(model.modules())  # one walk of the module tree for the layers and the declarations
+    layers = [m for m in modules if isinstance(m, SparseModule)]
     plan = getattr(model, _PLAN_ATTRIBUTE, None)
     if plan is None or len(plan.layers) != len(layers) or any(a is not b for a, b in zip(plan.layers, layers)) \
-            or plan.concatenations != concatenations(model):
+            or plan.concatenations != declared_in(modules):
         plan = ModelPlan(model, layers)
         setattr(model, _PLAN_ATTRIBUTE, plan)
     return plan

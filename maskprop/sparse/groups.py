@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -72,8 +72,13 @@ def _part(name: str, part: object) -> Part:
 def concatenations(model: nn.Module) -> dict[str, tuple[Part, ...]]:
     """``{name: parts}`` of the concatenated groups declared on ``model`` or any of its submodules (a wrapper such as
     DDP sees its module's), see :func:`concatenate_groups`."""
+    return declared_in(model.modules())
+
+
+def declared_in(modules: Iterable[nn.Module]) -> dict[str, tuple[Part, ...]]:
+    """The concatenated groups declared on ``modules`` (:func:`concatenations` of a model, from its module list)."""
     found: dict[str, tuple[Part, ...]] = {}
-    for module in model.modules():
+    for module in modules:
         for name, parts in getattr(module, _CONCATENATIONS, {}).items():
             if found.setdefault(name, parts) != parts:
                 raise ValueError(f"concatenated group {name!r} is declared twice, as {found[name]} and as {parts}; "

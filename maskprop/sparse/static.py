@@ -369,8 +369,8 @@ class StaticLayout:
         self.ext_size = self.zero_slot + ALIGN_ELEMENTS
         self.concatenated_source, self.concatenated_shift = (
             (torch.cat(sources).to(self.device), torch.cat(shifts).to(self.device)) if sources else (None, None))
-        offsets = {g: (slots.first_slot, slots.capacity)
-                   for g, slots in (self.slots | self.concatenated_slots).items()}
+        self.read_slots = self.slots | self.concatenated_slots  # what a layer's group names: either kind
+        offsets = {g: (slots.first_slot, slots.capacity) for g, slots in self.read_slots.items()}
         self.tables, self.norm_table, blocks = gather_tables(self.plan, offsets, self.identity_slot, self.concatenate)
         self.weighted = {id(p.layer) for table in self.tables for p in table.pieces}
         self.norm_position = {} if self.norm_table is None else {
@@ -718,8 +718,7 @@ class StaticExecutionState:
     def index(self, group: str | None) -> Tensor | None:
         """The channels of ``group`` its layers compute now (kept first, then padding), a view of the index buffer;
         ``None`` for a group that is never pruned."""
-        slots = None if group is None else (self.layout.slots.get(group)
-                                            or self.layout.concatenated_slots.get(group))
+        slots = self.layout.read_slots.get(group)
         if slots is None:
             return None
         return self._ext[slots.first_slot:slots.first_slot + slots.capacity]
@@ -727,7 +726,7 @@ class StaticExecutionState:
     def real(self, group: str) -> Tensor:
         """1 for the slots of ``group`` (or of a concatenated group) that hold a kept channel, 0 for padding (a view
         of the 0/1 buffer)."""
-        slots = self.layout.slots.get(group) or self.layout.concatenated_slots[group]
+        slots = self.layout.read_slots[group]
         return self._real[slots.first_slot:slots.first_slot + slots.capacity]
 
     def weight_and_bias(self, layer: SparseConv2d | SparseLinear) -> tuple[Tensor, Tensor | None]:
