@@ -1,5 +1,5 @@
-"""Networks of your own for maskprop: a small ResNet, a small MobileNet, a small VGG with a flattened head and a small
-DenseNet, registered so that a run can build them by name.
+"""Networks of your own for maskprop: a small ResNet, a small MobileNet, a small VGG with a flattened head, a small
+DenseNet and a small GhostNet, registered so that a run can build them by name.
 
 Train one with ``model.module: examples.my_nets`` and ``model.name: small_resnet`` (or another), from the
 repository root, e.g. ``maskprop train recipes/quickstart.yaml model.module=examples.my_nets
@@ -12,7 +12,8 @@ rules this file follows:
 * a depthwise conv (``groups`` = its channels) reads and writes one group (``small_mobilenet``'s blocks);
 * a linear layer on a flattened feature map names the features per channel (``in_positions``: ``small_vgg``'s head);
 * a layer reading a concatenation of groups (``torch.cat(..., 1)``) reads a concatenated group declared with
-  ``maskprop.sparse.concatenate_groups`` (``small_densenet``'s BatchNorm and 1x1 convs);
+  ``maskprop.sparse.concatenate_groups`` (``small_densenet``'s BatchNorm and 1x1 convs); a layer whose output is
+  added to such a concatenation writes it (``small_ghostnet``'s stem and shortcut convs);
 * between those layers, only operations that act on each channel alone (activations, pooling, the add).
 
 ``maskprop.check_model(model, (3, 32, 32))`` runs it every way maskprop does and says where the wiring is wrong.
@@ -201,6 +202,97 @@ class SmallDenseNet(ChannelSparseModel):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class GhostModule(nn.Module):
+    """GhostNet's module: a 1x1 conv-BN into ``group``'s channels, and beside them their "ghosts", a depthwise 3x3
+    conv-BN of those same channels: ``torch.cat([primary, ghosts], 1)``, group ``group`` twice side by side (the
+    depthwise conv reads and writes ``group``: ghost ``j`` is made from channel ``j`` alone, so the two halves keep the
+    same channels). Its output is the concatenated group ``output``, which the caller declares."""
+
+    def __init__(self, in_channels: int, channels: int, *, reads: str | None, group: str, act: bool = True) -> None:
+        super().__init__()
+        self.primary = ConvBNAct(in_channels, channels, 1, in_group=reads, out_group=group,
+                                 act_layer=nn.ReLU if act else nn.Identity)
+        self.cheap = nn.Sequential(
+            SparseConv2d(channels, channels, 3, padding=1, groups=channels, bias=False, in_group=group,
+                         out_group=group),
+            SparseBatchNorm2d(channels, group=group),
+            nn.ReLU() if act else nn.Identity(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        primary = self.primary(x)
+        return torch.cat([primary, self.cheap(primary)], 1)
+
+
+class GhostBlock(nn.Module):
+    """GhostNet's bottleneck: a ghost module into the block's channels (with ReLU), one back into the stream's (without),
+    added to the stream. With ``stride=2``, a depthwise conv-BN between them on the inner concatenation, and a
+    shortcut (depthwise conv-BN, 1x1 conv-BN) that *writes* the next stream's concatenated group ``out``: a residual
+    stream that is a concatenation is written whole by the layers that write it, and its channels are its parts'."""
+
+    def __init__(self, in_channels: int, inner: int, out_channels: int, *, name: str, reads: str, out: str,
+                 part: str, stride: int = 1) -> None:
+        super().__init__()
+        self.ghost1 = GhostModule(in_channels, inner // 2, reads=reads, group=f"{name}.inner")
+        inner_group = f"{name}.ghost1"
+        self.down = None if stride == 1 else nn.Sequential(
+            SparseConv2d(inner, inner, 3, stride=2, padding=1, groups=inner, bias=False, in_group=inner_group,
+                         out_group=inner_group),
+            SparseBatchNorm2d(inner, group=inner_group),
+        )
+        self.ghost2 = GhostModule(inner, out_channels // 2, reads=inner_group, group=part, act=False)
+        self.shortcut = nn.Identity() if stride == 1 and in_channels == out_channels else nn.Sequential(
+            SparseConv2d(in_channels, in_channels, 3, stride=stride, padding=1, groups=in_channels, bias=False,
+                         in_group=reads, out_group=reads),
+            SparseBatchNorm2d(in_channels, group=reads),
+            SparseConv2d(in_channels, out_channels, 1, bias=False, in_group=reads, out_group=out),
+            SparseBatchNorm2d(out_channels, group=out),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.ghost1(x)
+        if self.down is not None:
+            y = self.down(y)
+        return self.ghost2(y) + self.shortcut(x)
+
+
+class SmallGhostNet(ChannelSparseModel):
+    """A stem, two stages of ghost bottlenecks (the second strided) and a classifier. Each stage's residual stream is a
+    concatenated group, ``stage{i}`` = its part group ``stage{i}.part`` twice (the output of every block's second ghost
+    module), written as a whole by the stem (stage 0) and by the strided block's shortcut conv (stage 1): their rows
+    follow the concatenation's kept channels.
+
+    Args:
+        num_classes: Classifier outputs.
+        width: Channels of the first stage's stream (the second has twice as many; even).
+        blocks: Ghost bottlenecks per stage.
+        expansion: Channels inside a block per stream channel.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16, blocks: int = 2, expansion: int = 2) -> None:
+        super().__init__()
+        streams = []
+        for i, channels in enumerate((width, 2 * width)):
+            streams.append((concatenate_groups(self, f"stage{i}", [(f"stage{i}.part", channels // 2)] * 2), channels))
+        self.stem = ConvBNAct(3, width, 3, stride=2, out_group=streams[0][0])
+        layers = []
+        for i, (stream, channels) in enumerate(streams):
+            for j in range(blocks):
+                name = f"stage{i}.{j}"
+                inner = expansion * channels
+                concatenate_groups(self, f"{name}.ghost1", [(f"{name}.inner", inner // 2)] * 2)
+                first = i > 0 and j == 0  # the strided block starts the stream of its stage
+                reads, in_channels = streams[i - 1] if first else (stream, channels)
+                layers.append(GhostBlock(in_channels, inner, channels, name=name, reads=reads, out=stream,
+                                         part=f"stage{i}.part", stride=2 if first else 1))
+        self.blocks = nn.Sequential(*layers)
+        self.fc = SparseLinear(2 * width, num_classes, in_group=streams[1][0])
+        init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
+
+
 @maskprop.register_model
 def small_resnet(num_classes: int = 10, **kwargs) -> SmallResNet:
     """The example network: ``maskprop.create_model("small_resnet", width=32)`` once this module is imported."""
@@ -223,3 +315,10 @@ def small_vgg(num_classes: int = 10, **kwargs) -> SmallVGG:
 def small_densenet(num_classes: int = 10, **kwargs) -> SmallDenseNet:
     """The example with concatenated groups: ``maskprop.create_model("small_densenet")`` once imported."""
     return SmallDenseNet(num_classes=num_classes, **kwargs)
+
+
+@maskprop.register_model
+def small_ghostnet(num_classes: int = 10, **kwargs) -> SmallGhostNet:
+    """The example with concatenated groups that layers write: ``maskprop.create_model("small_ghostnet")`` once
+    imported."""
+    return SmallGhostNet(num_classes=num_classes, **kwargs)

@@ -128,19 +128,25 @@ class CostModel:
         """
         if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        def parts(group: str | None, channels: int) -> tuple[tuple[str | None, int], ...]:
+            # A concatenated group is its parts, each of whose groups keeps keep_ratio of its channels.
+            return self.concatenated.get(group, ((group, channels),))
+
+        def kept(sides: tuple[tuple[str | None, int], ...]) -> float:
+            return sum(n * (keep_ratio if g is not None else 1.0) for g, n in sides)
+
         prices: dict[str, float] = {}
         for layer in self.layers:
+            outputs = parts(layer.out_group, layer.out_channels)
             if layer.depthwise:  # 2 n k*k H W: linear in its one group's count
-                if layer.out_group is not None:
-                    prices[layer.out_group] = prices.get(layer.out_group, 0.0) + 2.0 * layer.positions
-                continue
-            # A concatenated input's parts: each of its groups keeps keep_ratio of its channels.
-            parts = self.concatenated.get(layer.in_group, ((layer.in_group, layer.in_channels),))
-            kept_in = sum(n * (keep_ratio if g is not None else 1.0) for g, n in parts)
-            kept_out = layer.out_channels * (keep_ratio if layer.out_group is not None else 1.0)
-            for group, partner in [(g, kept_out) for g, _ in parts] + [(layer.out_group, kept_in)]:
+                pairs = [(g, 2.0 * layer.positions) for g, _ in outputs]
+            else:  # 2 n_in n_out k*k H W / groups: bilinear
+                inputs = parts(layer.in_group, layer.in_channels)
+                scale = 2.0 * layer.positions / layer.groups
+                pairs = [(g, scale * kept(outputs)) for g, _ in inputs] + [(g, scale * kept(inputs)) for g, _ in outputs]
+            for group, price in pairs:  # a group that is two parts of a concatenation is priced for both
                 if group is not None:
-                    prices[group] = prices.get(group, 0.0) + 2.0 * partner * layer.positions / layer.groups
+                    prices[group] = prices.get(group, 0.0) + price
         return prices
 
     def backward_flops(self, mask: Mapping[str, Tensor] | None = None, batch_size: int = 1) -> int:

@@ -41,8 +41,10 @@ subnetworks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import io
 import logging
 import math
 import operator
@@ -143,34 +145,49 @@ class _Spaces:
         self.concatenated[space] = parts
         return space
 
-    def _parts_key(self, space: int) -> list[tuple[object, int]]:
-        # A part no layer writes is whole for good (the model's input, a tensor no rule follows): such parts compare
-        # by width, so that the concatenation traced in each mode is the same one.
-        return [(root if self.writers[root] else None, n)
-                for root, n in ((self.find(s), n) for s, n in self.concatenated[space])]
-
     def union(self, a: int, b: int) -> int:
+        """One space of ``a`` and ``b`` (an add or product of their tensors, a layer reading both). A concatenation
+        stays one: joined with a space of its own channels (no part of a concatenation), that space's writers write
+        the concatenation (a residual stream of concatenations, GhostNet's); joined with another concatenation of as
+        many parts of the same widths, their parts are joined pair by pair. Anything else with a concatenation leaves
+        both whole."""
         a, b = self.find(a), self.find(b)
         if a == b:
             return a
-        if a in self.concatenated or b in self.concatenated:  # two concatenations of the same parts are one
-            if a in self.concatenated and b in self.concatenated and self._parts_key(a) == self._parts_key(b):
-                a, b = min(a, b), max(a, b)
-                self.parent[b] = a
-                self.concatenated.pop(b)
-                return a
-            why = "a concatenation of channel groups mixed with another channel space"
-            self.leave_whole(a, why)
-            self.leave_whole(b, why)
-        a, b = min(a, b), max(a, b)  # the older space is the root: writers stay in graph order
-        self.parent[b] = a
-        self.writers[a] = self.writers[a] + [w for w in self.writers.pop(b) if w not in self.writers[a]]
-        if b in self.whole:
-            self.whole.setdefault(a, self.whole.pop(b))
-        if b in self.residual:
-            self.residual.discard(b)
-            self.residual.add(a)
-        return a
+        if a in self.concatenated and b in self.concatenated:
+            if [n for _, n in self.concatenated[a]] == [n for _, n in self.concatenated[b]]:
+                for x, y in zip(self.concatenated[a], self.concatenated[b]):  # plain spaces: no recursion past one
+                    self.union(x[0], y[0])
+            else:
+                self._mixed(a, b)
+            self.concatenated.pop(max(a, b))
+            return self._merge(min(a, b), max(a, b))
+        if a in self.concatenated or b in self.concatenated:
+            concatenation, plain = (a, b) if a in self.concatenated else (b, a)
+            if any(self.find(part) == plain for parts in self.concatenated.values() for part, _ in parts):
+                self._mixed(a, b)  # a part of a concatenation cannot also be the whole of one
+            return self._merge(concatenation, plain)
+        return self._merge(min(a, b), max(a, b))  # the older space is the root: writers stay in graph order
+
+    def _mixed(self, a: int, b: int) -> None:
+        why = "a concatenation of channel groups mixed with another channel space"
+        self.leave_whole(a, why)
+        self.leave_whole(b, why)
+
+    def _merge(self, root: int, other: int) -> int:
+        """``other`` becomes part of ``root``: its writers (in graph order), whether it is whole or residual."""
+        self.parent[other] = root
+        writers = self.writers.pop(other)
+        older, newer = (writers, self.writers[root]) if other < root else (self.writers[root], writers)
+        self.writers[root] = older + [w for w in newer if w not in older]
+        why = self.whole.pop(other, None) or self.whole.pop(root, None)
+        if why is not None:
+            self.whole.pop(root, None)
+            self.leave_whole(root, why)  # a concatenation's parts with it
+        if other in self.residual:
+            self.residual.discard(other)
+            self.residual.add(root)
+        return root
 
     def leave_whole(self, space: int, why: str) -> None:
         root = self.find(space)
@@ -265,8 +282,6 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
 def _trace(model: nn.Module, input_size: tuple[int, ...]) -> list[fx.Graph]:
     """The forward in training and in eval mode (code may differ between them), each traced on a ``meta`` copy, with
     every node's output shape."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
     try:
         copied = copy.deepcopy(model).to(device="meta")
     except Exception as err:  # a model holding something that cannot be copied (a lock, a file)
@@ -286,14 +301,32 @@ def _trace(model: nn.Module, input_size: tuple[int, ...]) -> list[fx.Graph]:
             raise ValueError(f"torch.fx could not trace {type(model).__name__}'s forward ({type(err).__name__}: "
                              f"{message}); expected a forward without control flow on tensor values (or a model "
                              f"written with maskprop's layers)") from None
+        shapes = _shape_propagation(traced)
         try:
-            ShapeProp(traced).propagate(torch.zeros(2, *input_size, device="meta", dtype=dtype))
+            with contextlib.redirect_stderr(io.StringIO()):  # torch prints the traceback of a node that fails
+                shapes.propagate(torch.zeros(2, *input_size, device="meta", dtype=dtype))
         except Exception as err:
-            message = " ".join(str(err).split())[:300]
-            raise ValueError(f"{type(model).__name__} did not run on an input of size {tuple(input_size)} "
-                             f"({type(err).__name__}: {message})") from None
+            cause = err.__cause__ or err  # torch wraps the node's error in one that prints its metadata
+            message = " ".join(str(cause).split())[:300]
+            raise ValueError(f"{type(model).__name__} did not run on an input of size {tuple(input_size)} (at "
+                             f"{_where(shapes.node) if shapes.node else 'its start'}: {type(cause).__name__}: "
+                             f"{message})") from None
         graphs.append(traced.graph)
     return graphs
+
+
+def _shape_propagation(traced: fx.GraphModule) -> fx.Interpreter:
+    """torch.fx's shape propagation of ``traced``, remembering the node it runs (``.node``: where a forward fails)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    class Shapes(ShapeProp):
+        node: fx.Node | None = None
+
+        def run_node(self, n: fx.Node) -> object:
+            self.node = n
+            return super().run_node(n)
+
+    return Shapes(traced)
 
 
 class _Tracer(fx.Tracer):
@@ -451,11 +484,6 @@ class _Walk:
                 return None
             entry = self.layer(node, "depthwise" if depthwise else "conv")
             if depthwise:  # output channel j reads input channel j alone: one space (kept zero by its BatchNorm)
-                if first is not None and self.spaces.find(first.space) in self.spaces.concatenated:
-                    self.opaque(node, "a depthwise convolution of a concatenation (it would write it)")
-                    self.reads(entry, self.spaces.new(whole=f"read by {name!r} as a concatenation"))
-                    entry.writes = entry.reads  # so are its channels in its other calls
-                    return None
                 space = first.space if first is not None else self.spaces.new(whole=f"read by {name!r} from outside")
                 space = self.reads(entry, space)
                 entry.writes = entry.reads  # it passes the space on: the conv before it names the group
@@ -671,16 +699,8 @@ def _group_names(spaces: _Spaces) -> dict[int, str]:
     """``{root space: group name}`` of the prunable spaces: the module path their writers share, else the first
     writer (writers are in graph order)."""
     roots = sorted({spaces.find(s) for s in range(len(spaces.parent))})
-    prunable = [r for r in roots if r not in spaces.whole and spaces.writers[r]]
-    names: dict[int, str] = {}
-    for root in prunable:
-        parts = [w.split(".") for w in spaces.writers[root]]
-        common = []
-        for column in zip(*parts):
-            if len(set(column)) > 1:
-                break
-            common.append(column[0])
-        names[root] = ".".join(common)
+    prunable = [r for r in roots if r not in spaces.whole and spaces.writers[r] and r not in spaces.concatenated]
+    names = {root: _common_path(spaces.writers[root]) for root in prunable}
     taken = [n for n in names.values() if n]
     for root, name in names.items():
         if not name or taken.count(name) > 1:
@@ -688,11 +708,22 @@ def _group_names(spaces: _Spaces) -> dict[int, str]:
     return names
 
 
+def _common_path(modules: list[str]) -> str:
+    """The leading module path that all of ``modules`` share (``""``: none)."""
+    common = []
+    for column in zip(*(m.split(".") for m in modules)):
+        if len(set(column)) > 1:
+            break
+        common.append(column[0])
+    return ".".join(common)
+
+
 def _concatenations(spaces: _Spaces, layers: dict[str, _Layer], groups: dict[int, str]
                     ) -> dict[int, tuple[str, list[tuple[str | None, int]]]]:
-    """``{root space: (name, parts)}`` of the concatenations a layer reads that have a prunable part, each named
-    after its first reader (``"features.denseblock1.denselayer2.norm1:input"``); a part that is no group is
-    ``(None, channels)``."""
+    """``{root space: (name, parts)}`` of the concatenations a layer reads or writes that have a prunable part; a
+    part that is no group is ``(None, channels)``. One that layers write is named as a group is, after its writers
+    (``"conv_stem"``); one that layers only read, after its first reader
+    (``"features.denseblock1.denselayer2.norm1:input"``)."""
     found: dict[int, tuple[str, list[tuple[str | None, int]]]] = {}
     taken = set(groups.values())
     for name, entry in layers.items():
@@ -700,9 +731,11 @@ def _concatenations(spaces: _Spaces, layers: dict[str, _Layer], groups: dict[int
         if root in spaces.concatenated and root not in found and root not in spaces.whole:
             parts = [(groups.get(spaces.find(part)), n) for part, n in spaces.concatenated[root]]
             if any(group is not None for group, _ in parts):
-                unique, n = f"{name}:input", 1
-                while unique in taken:  # a module may be named so too
-                    unique, n = f"{name}:input{n}", n + 1
+                writers = spaces.writers[root]
+                base = (_common_path(writers) or writers[0]) if writers else f"{name}:input"
+                unique, n = base, 1
+                while unique in taken:  # a group, or a module read so, may be named so too
+                    unique, n = f"{base}:{n}" if writers else f"{name}:input{n}", n + 1
                 taken.add(unique)
                 found[root] = (unique, parts)
     return found

@@ -542,8 +542,7 @@ def test_a_valid_reader_has_its_parts_groups_only():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"writer": "ab"}, "layer 'conv' writes concatenated group 'ab'; a concatenation is read, its parts are written "
-                       "(or give the concatenation a name no layer writes)"),
+    ({"writer": "ab"}, "layer 'conv' writes concatenated group 'ab' as 5 channels, but its parts have 7"),
     ({"conv_width": 8}, "layer 'conv' reads concatenated group 'ab' as 8 channels, but its parts have 7"),
     ({"norm_width": 6}, "layer 'norm' reads concatenated group 'ab' as 6 channels, but its parts have 7"),
     ({"parts": (("a", 4), ("c", 3))}, "concatenated group 'ab' takes 3 channels of group 'c', but no layer writes it"),

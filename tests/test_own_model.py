@@ -129,7 +129,7 @@ def test_bad_input_to_check_model():
 def test_the_example_network_passes_and_registers(monkeypatch):
     monkeypatch.chdir(REPO)
     import_models("examples.my_nets")  # as model.module names it from the repository's root (README)
-    assert {"small_resnet", "small_mobilenet", "small_vgg", "small_densenet"} <= set(list_models())
+    assert {"small_resnet", "small_mobilenet", "small_vgg", "small_densenet", "small_ghostnet"} <= set(list_models())
     for name, stream in (("small_resnet", "stage1"), ("small_mobilenet", "stream")):  # the second: depthwise convs
         for prune_residual in (True, False):
             model = maskprop.create_model(name, prune_residual=prune_residual)
@@ -142,6 +142,12 @@ def test_the_example_network_passes_and_registers(monkeypatch):
     model = maskprop.create_model("small_densenet", width=8, growth=4, layers=3)  # concatenated groups
     assert maskprop.sparse.concatenations(model)["layer2.input"] == (("stem", 8), ("layer0", 4), ("layer1", 4))
     assert model.fc.in_group == "head.input" and "layer2" in model.channel_groups()
+    maskprop.check_model(model, (3, 16, 16))
+    model = maskprop.create_model("small_ghostnet", width=8, blocks=1)  # concatenated groups that layers write
+    assert maskprop.sparse.concatenations(model)["stage1"] == (("stage1.part", 8), ("stage1.part", 8))
+    assert model.stem[0].out_group == model.blocks[0].ghost2.primary[0].in_group[:6] == "stage0"
+    assert model.blocks[1].shortcut[2].out_group == model.fc.in_group == "stage1"
+    assert set(model.channel_groups()) == {"stage0.part", "stage1.part", "stage0.0.inner", "stage1.0.inner"}
     maskprop.check_model(model, (3, 16, 16))
 
 

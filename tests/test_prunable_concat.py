@@ -155,11 +155,11 @@ class Cat(nn.Module):
     ("flattened", {"lin:input": AB}, ()),
     ("in each mode", {"after.conv:input": AB}, ()),
     ("swapped in eval", {}, ("a.conv", "b.conv")),
-    ("one reader of two concatenations of other parts", {}, ("a.conv", "b.conv", "c.conv", "d.conv")),
+    ("one reader of two concatenations of other parts", {"after.conv:input": AB}, ("c.conv", "d.conv")),  # joined
     ("one reader of two concatenations of the same parts", {"after.conv:input": AB}, ()),
-    ("read, then added to a map", {}, ("a.conv", "b.conv", "f.conv")),
+    ("read, then added to a map", {"f.conv": AB}, ("f.conv",)),  # f's conv writes the concatenation: named after it
     ("normalised, then added to the same parts", {"bn14:input": AB}, ()),
-    ("normalised, then added to other parts", {}, ("a.conv", "b.conv", "c.conv", "d.conv")),
+    ("normalised, then added to other parts", {"bn14:input": AB}, ("c.conv", "d.conv")),
     ("a part joined later", {"e.conv:input": AB, "after.conv:input": AB}, ()),
     ("a part joined with an older map after the read", {"after.conv:input": (("c.conv", 8), ("b.conv", 6))},
      ("a.conv",)),
@@ -170,7 +170,7 @@ class Cat(nn.Module):
     ("flattened maps side by side", {}, ("a.conv", "b.conv")),
     ("token sequences along the tokens", {}, ("t1", "t2")),
     ("nested after a merge", {"e.conv:input": AB, "after.conv:input": AB + (("c.conv", 8),)}, ()),
-    ("depthwise after a merge", {}, ("a.conv", "b.conv")),
+    ("depthwise after a merge", {"e.conv:input": AB}, ()),
     ("a reader in training alone", {"e.conv:input": AB}, ()),
     ("two readers", {"e.conv:input": AB}, ()),
     ("an empty 1-D tensor", {}, ("a.conv", "b.conv")),
@@ -224,15 +224,18 @@ class DepthwiseTwice(nn.Module):
     def forward(self, x):
         a, b, c = F.relu(self.a(x)), F.relu(self.b(x)), F.relu(self.c(x))
         y = self.dw(c)
-        z = self.dw(torch.cat([a, b], 1))  # refused: a and b stay whole, z is a tensor no rule follows
+        z = self.dw(torch.cat([a, b], 1))  # the same channels as c's: c's unit writes the concatenation
         return self.fc(F.relu(self.d(F.relu(self.bn(y)))).mean((2, 3))) + self.fc2(z.mean((2, 3)))
 
 
-def test_a_depthwise_conv_also_called_on_a_concatenation_reads_whole_channels():
-    """Like a layer called on a tensor no rule follows (``CalledTwice`` in test_prunable.py), the refused call's
-    full-width input must leave what the other call reads whole."""
+def test_a_depthwise_conv_also_called_on_a_concatenation_makes_the_other_input_write_it():
+    """One layer reads one channel space: its call on ``c`` and its call on the concatenation of ``a`` and ``b`` make
+    them one, which ``c``'s conv and BatchNorm write and normalise as the concatenation (a and b its parts)."""
     model = maskprop.make_prunable(DepthwiseTwice(), (3, 8, 8))
-    assert maskprop.channel_groups(model) == {"d.conv": 8}
+    assert maskprop.channel_groups(model) == {"a.conv": 8, "b.conv": 6, "d.conv": 8}
+    name = model.c.conv.out_group
+    assert concatenations(model) == {name: AB} and name == "c.conv"  # named after its writer
+    assert model.c.bn.group == model.bn.group == model.dw.in_group == model.dw.out_group == model.d.conv.in_group == name
     maskprop.check_model(model, (3, 8, 8))
 
 
@@ -289,3 +292,92 @@ def test_a_whole_part_that_is_not_zero_at_zero_leaves_the_other_parts_prunable()
     model = maskprop.make_prunable(NormalisedImage(), (3, 8, 8))
     assert concatenations(model) == {"after.conv:input": ((None, 3), ("a.conv", 8))}
     maskprop.check_model(model, (3, 8, 8))
+
+
+class PlainGhostModule(nn.Module):
+    def __init__(self, in_channels: int, channels: int, act: bool) -> None:
+        super().__init__()
+        act_layer = nn.ReLU if act else nn.Identity
+        self.primary = nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False), nn.BatchNorm2d(channels),
+                                     act_layer())
+        self.cheap = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
+                                   nn.BatchNorm2d(channels), act_layer())
+
+    def forward(self, x):
+        primary = self.primary(x)
+        return torch.cat([primary, self.cheap(primary)], 1)
+
+
+class PlainGhostBlock(nn.Module):
+    """examples/my_nets.py's ``GhostBlock`` in plain torch layers, with a squeeze-and-excitation gate on the strided
+    block's inner concatenation (timm's GhostNet has one in some blocks)."""
+
+    def __init__(self, in_channels: int, inner: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.ghost1 = PlainGhostModule(in_channels, inner // 2, act=True)
+        self.down = None if stride == 1 else nn.Sequential(
+            nn.Conv2d(inner, inner, 3, stride=2, padding=1, groups=inner, bias=False), nn.BatchNorm2d(inner))
+        self.se = None if stride == 1 else nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(inner, 4, 1), nn.ReLU(),
+                                                         nn.Conv2d(4, inner, 1), nn.Hardsigmoid())
+        self.ghost2 = PlainGhostModule(inner, out_channels // 2, act=False)
+        self.shortcut = nn.Identity() if stride == 1 and in_channels == out_channels else nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, 3, stride=stride, padding=1, groups=in_channels, bias=False),
+            nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        y = self.ghost1(x)
+        if self.down is not None:
+            y = self.down(y)
+            y = y * self.se(y)
+        return self.ghost2(y) + self.shortcut(x)
+
+
+class PlainGhostNet(nn.Module):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.blocks = nn.Sequential(PlainGhostBlock(width, 2 * width, width, 1),
+                                    PlainGhostBlock(width, 4 * width, 2 * width, 2),
+                                    PlainGhostBlock(2 * width, 4 * width, 2 * width, 1))
+        self.fc = nn.Linear(2 * width, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_a_residual_stream_of_concatenations_is_written_by_the_layers_added_to_it():
+    """GhostNet: each block's output is a ghost module's concatenation (a 1x1 conv's channels and a depthwise conv's
+    of those same channels: one group twice), added to the stream. The stem and the strided block's shortcut conv
+    write their stage's stream, that concatenation, and two streams of the same part widths are one (the identity
+    shortcut); a depthwise conv and the gate's conv read and write the inner concatenation they run on. Every
+    conv is pruned (examples/my_nets.py's SmallGhostNet declares such groups by hand)."""
+    model = maskprop.make_prunable(PlainGhostNet(), (3, 16, 16))
+    declared = concatenations(model)
+    stream0, stream1 = model.stem[0].out_group, model.blocks[1].shortcut[2].out_group
+    assert (stream0, stream1) == ("stem.0", "blocks.1.shortcut.2")  # named after their writers
+    part0, part1 = model.blocks[0].ghost2.primary[0].out_group, model.blocks[2].ghost2.primary[0].out_group
+    assert declared[stream0] == ((part0, 4), (part0, 4)) and declared[stream1] == ((part1, 8), (part1, 8))
+    assert model.blocks[1].ghost2.primary[0].out_group == part1  # the streams of a stage's blocks are one
+    assert model.blocks[0].shortcut is not None and model.blocks[2].ghost1.primary[0].in_group == stream1
+    inner = model.blocks[1].down[0].out_group
+    assert model.blocks[1].down[0].in_group == inner == model.blocks[1].se[3].out_group == model.blocks[1].down[1].group
+    assert declared[inner] == ((model.blocks[1].ghost1.primary[0].out_group, 16),) * 2
+    assert all(isinstance(m, maskprop.sparse.SparseConv2d) for m in model.modules() if isinstance(m, nn.Conv2d))
+    groups = maskprop.channel_groups(model)
+    assert sorted(groups.values()) == [4, 4, 8, 8, 16, 16]  # per block: the inner part; per stage: the stream part
+    maskprop.check_model(model, (3, 16, 16))
+
+
+def test_timms_ghostnet_prunes_every_convolution_but_its_head():
+    torch.manual_seed(0)
+    model = maskprop.make_prunable(timm.create_model("ghostnet_050", num_classes=10), (3, 32, 32))
+    assert len(maskprop.channel_groups(model)) == 30 and len(concatenations(model)) == 22
+    assert model.conv_stem.out_group == "conv_stem" and model.blocks[1][0].shortcut[2].out_group in concatenations(model)
+    assert model.blocks[3][0].se.conv_expand.out_group == model.blocks[3][0].conv_dw.out_group  # the gate's channels
+    whole = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not isinstance(
+        m, maskprop.sparse.SparseConv2d)]
+    assert whole == []  # conv_head reads the pooled map: a SparseConv2d reading the last stream, writing no group
+    assert model.conv_head.out_group is None
+    maskprop.check_model(model, (3, 32, 32))

@@ -130,26 +130,21 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
         if groups.setdefault(name, size) != size:
             raise ValueError(f"layer {where!r} gives group {name!r} {size} channels, but it has {groups[name]}")
 
-    def read(name: str, size: int, where: str) -> None:
+    def read(name: str, size: int, where: str, verb: str = "reads") -> None:
         width = sum(n for _, n in concatenated[name])
         if size != width:
-            raise ValueError(f"layer {where!r} reads concatenated group {name!r} as {size} channels, but its parts "
+            raise ValueError(f"layer {where!r} {verb} concatenated group {name!r} as {size} channels, but its parts "
                              f"have {width}")
 
-    normalising: list[tuple[str, int, str]] = []  # BatchNorm layers on a concatenation, checked after its parts
+    on_concatenations: list[tuple[str, int, str, str]] = []  # layers writing or normalising one, after its parts
     for where, module in model.named_modules():
-        if isinstance(module, (SparseConv2d, SparseLinear)) and module.out_group in concatenated:
-            raise ValueError(f"layer {where!r} writes concatenated group {module.out_group!r}; a concatenation is "
-                             f"read, its parts are written (or give the concatenation a name no layer writes)")
-        if isinstance(module, SparseConv2d):
-            add(module.out_group, module.out_channels, where)
-        elif isinstance(module, SparseLinear):
-            add(module.out_group, module.out_features, where)
-        elif isinstance(module, SparseBatchNorm2d):
-            if module.group in concatenated:
-                normalising.append((module.group, module.num_features, where))
+        if isinstance(module, (SparseConv2d, SparseLinear, SparseBatchNorm2d)):
+            norm = isinstance(module, SparseBatchNorm2d)
+            name, size = (module.group, module.num_features) if norm else (module.out_group, module.weight.shape[0])
+            if name in concatenated:
+                on_concatenations.append((name, size, where, "reads" if norm else "writes"))
             else:
-                add(module.group, module.num_features, where)
+                add(name, size, where)
     for name, parts in concatenated.items():  # before its readers: a part's error names the part
         for group, size in parts:
             if group is not None and groups.get(group) != size:
@@ -157,8 +152,8 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
                 also = "; it is a concatenated group: list its parts" if group in concatenated else ""
                 raise ValueError(f"concatenated group {name!r} takes {size} channels of group {group!r}, but {has}"
                                  f"{also}")
-    for name, size, where in normalising:
-        read(name, size, where)
+    for name, size, where, verb in on_concatenations:
+        read(name, size, where, verb)
     for where, module in model.named_modules():  # inputs must read a group that some layer writes
         if isinstance(module, (SparseConv2d, SparseLinear)) and module.in_group is not None:
             size = module.in_channels  # a linear layer on a flattened map: in_features / in_positions
