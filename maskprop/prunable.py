@@ -13,9 +13,11 @@ hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves
 A concatenation along the channels (``torch.cat(..., dim=1)``) makes a space of its parts side by side, which
 channel-wise operations pass on and conv, BatchNorm and linear layers read as a concatenated group
 (:func:`~maskprop.sparse.concatenate_groups`): DenseNet's dense blocks, Inception's branches, CSP and DLA stages. The
-forward's own ``torch.cat`` of the parts' compact tensors is the compact concatenation; no layer writes it, and where
-it is read in a way a subnetwork cannot run (sliced, added to another space, the model's output) all its parts stay
-whole.
+forward's own ``torch.cat`` of the parts' compact tensors is the compact concatenation. Added to a space of its width
+(no part of a concatenation), that space's writers write it, and added to another concatenation of the same part
+widths, the two are one, their parts joined pair by pair (GhostNet's residual streams); a depthwise conv on it reads
+and writes it. Where it is read in a way a subnetwork cannot run (sliced, added to a space of other part widths, the
+model's output) all its parts stay whole.
 A space is prunable when each tensor of it is read only in ways a subnetwork computes exactly. It is left whole
 (never pruned) when it is
 
@@ -31,7 +33,8 @@ A space is prunable when each tensor of it is read only in ways a subnetwork com
 * a residual stream and ``prune_residual=False``; or written by a layer named in ``exclude``.
 
 Every prunable space becomes a group named after the module path its writers share (``layer2``), or after its first
-writer. Its convolutions, BatchNorm and linear layers become :class:`~maskprop.sparse.SparseConv2d`,
+writer; so does a concatenation that layers write, and one they only read is named after its first reader
+(``conv:input``). Its convolutions, BatchNorm and linear layers become :class:`~maskprop.sparse.SparseConv2d`,
 :class:`~maskprop.sparse.SparseBatchNorm2d` (timm's ``BatchNormAct2d``: :class:`~maskprop.sparse.SparseBatchNormAct2d`)
 and :class:`~maskprop.sparse.SparseLinear` holding the same parameter tensors (state_dict keys unchanged); a layer
 that writes a group and is not followed by its BatchNorm masks its own output (``mask_output``). The forward code is

@@ -72,6 +72,7 @@ def _config(**overrides) -> object:
     ("vrpge", "first", None, "off", "resnet20"),
     ("vrpge_sym", "both", 0.5, False, "resnet20"),
     ("vrpge", "first", None, True, "small_densenet"),  # examples/my_nets.py: layers reading concatenated groups
+    ("vrpge", "first", None, True, "small_ghostnet"),  # and layers writing them
 ])
 def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estimator, weight_grad, clip, m2_first,
                                                                            name, monkeypatch, one_thread):
@@ -79,7 +80,7 @@ def test_static_search_step_equals_vrpge_step_on_the_same_masks_in_float64(estim
     scores, and BatchNorm statistics of ``vrpge_step`` (compact execution) on the same masks: with the forward of
     ``m'`` first and its statistics added after those of ``m`` (``SearchStep.m2_first``), and with ``m`` first (two
     BatchNorm momenta in the model, ``m2_first=False``, or a backward of each mask)."""
-    if name == "small_densenet":
+    if name.startswith("small_"):
         monkeypatch.chdir(Path(__file__).resolve().parents[1])
         import_models("examples.my_nets")
     model, scores, optimizers, ctx, batch = _parts(clip=clip, name=name)

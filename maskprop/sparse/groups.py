@@ -4,8 +4,8 @@ Every prunable conv-BN unit writes its output into a named group. Channels that 
 group (a ResNet stage's stem or projection output and all its block outputs), so every add happens on one index set.
 A layer whose group is ``None`` is never pruned (the image input, the classifier's outputs, and residual streams when
 a model is built with ``prune_residual=False``). A layer that reads channels of several groups side by side (the
-``torch.cat`` of a DenseNet block) reads a concatenated group (:func:`concatenate_groups`): no layer writes it, and
-masks name its parts.
+``torch.cat`` of a DenseNet block) reads a concatenated group (:func:`concatenate_groups`), and a layer whose output
+is added to such a concatenation writes it (GhostNet's residual streams); masks name its parts.
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ def concatenate_groups(model: nn.Module, name: str, parts: Sequence[Part]) -> st
 
     A layer whose input is such a concatenation reads ``name`` (its ``in_group``; a BatchNorm on it, its ``group``):
     in a subnetwork its input is the concatenation of the parts' kept channels, in order, which is what the forward's
-    own ``torch.cat`` makes of the parts' compact tensors. A concatenated group has no channels of its own: masks,
-    scores and budgets name its parts, and no layer writes it. DenseNet's dense blocks, Inception's branches and CSP
-    stages read such groups; :func:`maskprop.make_prunable` declares them.
+    own ``torch.cat`` makes of the parts' compact tensors. A layer whose output is added to the concatenation writes
+    ``name`` (its ``out_group``): its output channels are that same index set. A concatenated group has no channels
+    of its own: masks, scores and budgets name its parts. DenseNet's dense blocks, Inception's branches and CSP
+    stages read such groups, GhostNet's stem and shortcut convs write them; :func:`maskprop.make_prunable` declares
+    them.
 
     Args:
-        model: The model whose layers read ``name`` (the declaration is kept on it, a plain attribute).
-        name: The group's name (not the name of a group any layer writes).
+        model: The model whose layers read or write ``name`` (the declaration is kept on it, a plain attribute).
+        name: The group's name (not the name of a group of channels of its own).
         parts: ``(group, channels)`` in channel order; a part whose group is ``None`` is never pruned. At least one
             part names a group.
 
@@ -119,7 +121,7 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
 
     Raises:
         ValueError: if two layers disagree on the size of a group, a layer reads a group no layer writes, or a
-            concatenated group does not fit its parts or its readers (a model-definition bug).
+            concatenated group does not fit its parts, its readers or its writers (a model-definition bug).
     """
     groups: dict[str, int] = {}
     concatenated = concatenations(model)
