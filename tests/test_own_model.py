@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -732,3 +733,50 @@ def test_the_static_check_runs_the_deferred_pass_of_a_search_step(monkeypatch):
                                          r"deferred \(a search step's second mask on CUDA\) differs from the masked "
                                          r"reference in the buffer twice\.1\.running_mean"):
         maskprop.check_model(Shared(), (3, 8, 8))
+
+
+class MisWired(ChannelSparseModel):
+    """Groups ``a`` (8 channels) and ``b`` (6), a classifier; ``wrong`` names the layer whose input side names no group
+    although it reads pruned channels (``None``), the mistake a subnetwork alone shows."""
+
+    def __init__(self, wrong: str) -> None:
+        super().__init__()
+        self.a = SparseConv2d(3, 8, 3, padding=1, out_group="a")
+        self.a_bn = SparseBatchNorm2d(8, group="a")
+        self.b = SparseConv2d(8, 6, 3, padding=1, in_group=None if wrong == "b" else "a", out_group="b")
+        self.b_bn = SparseBatchNorm2d(6, group=None if wrong == "b_bn" else "b")
+        self.fc = SparseLinear(6, 4, in_group=None if wrong == "fc" else "b")
+
+    def forward(self, x):
+        x = F.relu(self.b_bn(self.b(F.relu(self.a_bn(self.a(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("wrong,message", [
+    ("b", "layer 'b' (SparseConv2d, in_group=None) gets 4 channels in this subnetwork but computes on 8: in_group must "
+          "name the group (or concatenated group) its input carries (None: channels never pruned)"),
+    ("b_bn", "layer 'b_bn' (SparseBatchNorm2d, group=None) gets 3 channels in this subnetwork but computes on 6: group "
+             "must name the group (or concatenated group) its input carries (None: channels never pruned)"),
+    ("fc", "layer 'fc' (SparseLinear, in_group=None) gets 3 channels in this subnetwork but computes on 6: in_group "
+           "must name the group (or concatenated group) its input carries (None: channels never pruned)"),
+])
+def test_a_layer_naming_no_group_on_pruned_channels_is_named_in_one_line(wrong, message):
+    """Dense and masked runs are full width, so only a subnetwork shows it: compact and static execution, and
+    check_model (on its float64 copy, the layer still named), say which layer and which side, not torch's shape
+    error."""
+    from maskprop.sparse.static import StaticExecutionState, use_static
+
+    model = MisWired(wrong)
+    mask = {"a": torch.arange(8) < 4, "b": torch.arange(6) < 3}
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        with maskprop.use_mask(model, mask):
+            model(x)
+    state = StaticExecutionState.create(model, {"a": 4, "b": 3})
+    state.update(torch.cat([mask["a"], mask["b"]]))
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"), use_static(state):
+        model(x)
+    with pytest.raises(ValueError, match=rf"^check 'compact' failed: .* raised ValueError: layer '{wrong}' "):
+        maskprop.check_model(model, (3, 8, 8))
+    with maskprop.use_mask(model, mask, "masked"):
+        assert model(x).shape == (2, 4)  # the masked reference runs: the mistake is the compact width alone

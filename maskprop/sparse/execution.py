@@ -160,6 +160,7 @@ class ModelPlan:
 
     def __init__(self, model: nn.Module, layers: list[nn.Module]) -> None:
         self.layers = layers
+        self._names = {m: name for name, m in model.named_modules() if isinstance(m, SparseModule)}  # a deep copy's too
         self.groups = channel_groups(model)
         self.concatenations = concatenations(model)
         self.weighted = [m for m in layers if isinstance(m, (SparseConv2d, SparseLinear))
@@ -189,6 +190,10 @@ class ModelPlan:
         self.packed_norms = [m for m in self.norms if m.affine and m.running_mean is not None
                              and m.running_var is not None]
         self._zero_rows: dict[tuple, Tensor] = {}
+
+    def name_of(self, layer: nn.Module) -> str:
+        """``layer``'s name in the model (for error messages)."""
+        return self._names.get(layer, type(layer).__name__)
 
     def zero_row(self, like: Tensor) -> Tensor:
         """One zero row shaped as a row of ``like`` (same dtype and device), made once: the last row of every

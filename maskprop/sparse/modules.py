@@ -61,9 +61,28 @@ def _grouped_forward(
         y = dense(x)  # a linear layer's output channels are the last dimension, a conv's dimension 1
         return state.apply_mask(layer.out_group, y, last=isinstance(layer, nn.Linear)) if layer.mask_output else y
     weight, bias = state.weight_and_bias(layer)
-    if weight is layer.weight:  # neither side pruned by this mask
-        return dense(x)
-    return apply(x, weight, bias)
+    try:
+        if weight is layer.weight:  # neither side pruned by this mask
+            return dense(x)
+        return apply(x, weight, bias)
+    except RuntimeError as err:  # an input of another width than the weight's: a wrong in_group, said in one line
+        linear = isinstance(layer, nn.Linear)
+        got = x.shape[-1] if linear else x.shape[1] if x.dim() > 1 else None
+        takes = weight[0].numel() if linear else weight.shape[0] if layer.depthwise else weight.shape[1] * layer.groups
+        if got is None or got == takes:
+            raise
+        raise _wiring_error(layer, state, "in_group", layer.in_group, got, takes) from err
+
+
+def _wiring_error(layer: nn.Module, state: ExecutionState, side: str, group: str | None, got: int,
+                  takes: int) -> ValueError:
+    """A layer whose input in a subnetwork is not as wide as what it computes on: the group it names is not the one
+    its input carries (a model-definition bug that only a subnetwork shows: dense and masked runs are full width)."""
+    plan = state.plan if hasattr(state, "plan") else state.layout.plan
+    channels = f"{got} channel" + ("s" if got != 1 else "")
+    return ValueError(f"layer {plan.name_of(layer)!r} ({type(layer).__name__}, {side}={group!r}) gets {channels} in "
+                      f"this subnetwork but computes on {takes}: {side} must name the group (or concatenated group) "
+                      f"its input carries (None: channels never pruned)")
 
 
 class SparseConv2d(nn.Conv2d, SparseModule):
@@ -235,6 +254,16 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
             return super().forward(x) if group is None else sync_batchnorm.sync_batch_norm(self, x, None, group)
         if state.mode == "masked":
             return self._masked_forward(x, state)
+        try:
+            return self._compact_forward(x, state, group)
+        except RuntimeError as err:  # an input of another width than the channels normalised: a wrong group
+            gathered = state.batch_norm(self)
+            takes = next((t.shape[0] for t in gathered or () if t is not None), self.num_features)
+            if x.dim() < 2 or x.shape[1] == takes:
+                raise
+            raise _wiring_error(self, state, "group", self.group, x.shape[1], takes) from err
+
+    def _compact_forward(self, x: Tensor, state: ExecutionState, group: Any) -> Tensor:
         gathered = state.batch_norm(self)  # running mean, running var, weight, bias of the computed channels
         if gathered is None:  # a fully kept group: exactly nn.BatchNorm2d
             return super().forward(x) if group is None else sync_batchnorm.sync_batch_norm(self, x, None, group)
