@@ -225,10 +225,11 @@ class GhostModule(nn.Module):
 
 
 class GhostBlock(nn.Module):
-    """GhostNet's bottleneck: a ghost module into the block's channels (with ReLU), one back into the stream's (without),
-    added to the stream. With ``stride=2``, a depthwise conv-BN between them on the inner concatenation, and a
-    shortcut (depthwise conv-BN, 1x1 conv-BN) that *writes* the next stream's concatenated group ``out``: a residual
-    stream that is a concatenation is written whole by the layers that write it, and its channels are its parts'."""
+    """GhostNet's bottleneck: a ghost module into the block's channels (with ReLU), one back into the stream's
+    (without), added to the stream. With ``stride=2``, a depthwise conv-BN between them on the inner concatenation,
+    and a shortcut (depthwise conv-BN, 1x1 conv-BN) that *writes* the next stream's concatenated group ``out``: a
+    residual stream that is a concatenation is written whole by the layers that write it, and its channels are its
+    parts'."""
 
     def __init__(self, in_channels: int, inner: int, out_channels: int, *, name: str, reads: str, out: str,
                  part: str, stride: int = 1) -> None:

@@ -143,7 +143,8 @@ class CostModel:
             else:  # 2 n_in n_out k*k H W / groups: bilinear
                 inputs = parts(layer.in_group, layer.in_channels)
                 scale = 2.0 * layer.positions / layer.groups
-                pairs = [(g, scale * kept(outputs)) for g, _ in inputs] + [(g, scale * kept(inputs)) for g, _ in outputs]
+                pairs = [(g, scale * kept(outputs)) for g, _ in inputs]
+                pairs += [(g, scale * kept(inputs)) for g, _ in outputs]
             for group, price in pairs:  # a group that is two parts of a concatenation is priced for both
                 if group is not None:
                     prices[group] = prices.get(group, 0.0) + price

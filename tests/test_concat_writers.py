@@ -14,8 +14,6 @@ FLOPs (exact: the FLOPs are quadratic in each group's kept count, ``g`` being re
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -235,7 +235,8 @@ def test_a_depthwise_conv_also_called_on_a_concatenation_makes_the_other_input_w
     assert maskprop.channel_groups(model) == {"a.conv": 8, "b.conv": 6, "d.conv": 8}
     name = model.c.conv.out_group
     assert concatenations(model) == {name: AB} and name == "c.conv"  # named after its writer
-    assert model.c.bn.group == model.bn.group == model.dw.in_group == model.dw.out_group == model.d.conv.in_group == name
+    assert model.c.bn.group == model.bn.group == model.dw.in_group == model.dw.out_group == name
+    assert model.d.conv.in_group == name
     maskprop.check_model(model, (3, 8, 8))
 
 
@@ -374,7 +375,8 @@ def test_timms_ghostnet_prunes_every_convolution_but_its_head():
     torch.manual_seed(0)
     model = maskprop.make_prunable(timm.create_model("ghostnet_050", num_classes=10), (3, 32, 32))
     assert len(maskprop.channel_groups(model)) == 30 and len(concatenations(model)) == 22
-    assert model.conv_stem.out_group == "conv_stem" and model.blocks[1][0].shortcut[2].out_group in concatenations(model)
+    assert model.conv_stem.out_group == "conv_stem"
+    assert model.blocks[1][0].shortcut[2].out_group in concatenations(model)
     assert model.blocks[3][0].se.conv_expand.out_group == model.blocks[3][0].conv_dw.out_group  # the gate's channels
     whole = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not isinstance(
         m, maskprop.sparse.SparseConv2d)]
