@@ -371,7 +371,7 @@ def test_a_residual_stream_of_concatenations_is_written_by_the_layers_added_to_i
     maskprop.check_model(model, (3, 16, 16))
 
 
-def test_timms_ghostnet_prunes_every_convolution_but_its_head():
+def test_timms_ghostnet_prunes_every_convolution_the_heads_outputs_left_whole():
     torch.manual_seed(0)
     model = maskprop.make_prunable(timm.create_model("ghostnet_050", num_classes=10), (3, 32, 32))
     assert len(maskprop.channel_groups(model)) == 30 and len(concatenations(model)) == 22
