@@ -51,6 +51,7 @@ import io
 import logging
 import math
 import operator
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -304,10 +305,11 @@ def _trace(model: nn.Module, input_size: tuple[int, ...]) -> list[fx.Graph]:
             raise ValueError(f"torch.fx could not trace {type(model).__name__}'s forward ({type(err).__name__}: "
                              f"{message}); expected a forward without control flow on tensor values (or a model "
                              f"written with maskprop's layers)") from None
-        shapes = _shape_propagation(traced)
+        shapes, printed = _shape_propagation(traced), io.StringIO()
         try:
-            with contextlib.redirect_stderr(io.StringIO()):  # torch prints the traceback of a node that fails
+            with contextlib.redirect_stderr(printed):  # torch prints the traceback of a node that fails
                 shapes.propagate(torch.zeros(2, *input_size, device="meta", dtype=dtype))
+            sys.stderr.write(printed.getvalue())  # what the model's forward printed (a warning): said as it was
         except Exception as err:
             cause = err.__cause__ or err  # torch wraps the node's error in one that prints its metadata
             message = " ".join(str(cause).split())[:300]
@@ -729,8 +731,9 @@ def _concatenations(spaces: _Spaces, layers: dict[str, _Layer], groups: dict[int
     (``"features.denseblock1.denselayer2.norm1:input"``)."""
     found: dict[int, tuple[str, list[tuple[str | None, int]]]] = {}
     taken = set(groups.values())
-    for name, entry in layers.items():
-        root = spaces.find(entry.reads[0]) if entry.reads else None
+    touched = [(name, spaces.find(side[0])) for name, entry in layers.items() for side in (entry.reads, entry.writes)
+               if side]  # written and read by none (a sum left unused), its writers must still write it
+    for name, root in touched:
         if root in spaces.concatenated and root not in found and root not in spaces.whole:
             parts = [(groups.get(spaces.find(part)), n) for part, n in spaces.concatenated[root]]
             if any(group is not None for group, _ in parts):

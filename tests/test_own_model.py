@@ -89,8 +89,10 @@ class Wired(ChannelSparseModel):
     ("adds_two_groups", "compact", "differs from the masked reference in the loss"),
     ("mixes_channels", "compact", "differs from the masked reference"),
     ("plain_conv", "compact", "raised RuntimeError"),
-    ("reads_another_group", "compact", "raised RuntimeError"),
-    ("batch_norm_without_group", "compact", "raised RuntimeError"),
+    ("reads_another_group", "compact", "raised ValueError: layer 'c.0' (SparseConv2d, in_group='a') gets 8 channels in "
+                                       "this subnetwork but computes on 1: in_group must name the group"),
+    ("batch_norm_without_group", "compact", "raised ValueError: layer 'c.1' (SparseBatchNorm2d, group=None) gets 4 "
+                                            "channels in this subnetwork but computes on 8: group must name the group"),
     ("no_batch_norm_and_no_mask_output", "compact", "needs mask_output=True"),
     ("matmul", "flops", "outside its conv and linear layers that change with the mask"),  # a subnetwork prunes them
     ("reads_its_width", "narrow", "narrow model's outputs differ"),
@@ -563,7 +565,8 @@ def test_every_failure_of_check_model_is_one_line():
         def forward(self, x):
             return super().forward(x).detach()
 
-    cases = [(BrokenInEval(), r"^check 'narrow' failed: the compact subnetwork in eval mode raised RuntimeError: "),
+    cases = [(BrokenInEval(), r"^check 'narrow' failed: the compact subnetwork in eval mode raised ValueError: layer "
+                              r"'fc' \(SparseLinear, in_group='c'\) gets 8 channels in this subnetwork but "),
              (NoAffine(), r"^check 'static' failed: .* raised ValueError: static execution needs affine BatchNorm .*; "
                           r"a run on CUDA runs its steps this way$"),
              (NoGradient(), r"^check 'dense' failed: a training step of the model without a mask raised "
@@ -780,3 +783,49 @@ def test_a_layer_naming_no_group_on_pruned_channels_is_named_in_one_line(wrong, 
         maskprop.check_model(model, (3, 8, 8))
     with maskprop.use_mask(model, mask, "masked"):
         assert model(x).shape == (2, 4)  # the masked reference runs: the mistake is the compact width alone
+
+
+class ReadsAnother(ChannelSparseModel):
+    """Groups ``a`` and ``b`` (8 channels each); ``wrong`` names the layer that reads ``a``'s channels while it names
+    ``b``: the BatchNorm ``b_bn`` or the depthwise conv ``dw``."""
+
+    def __init__(self, wrong: str) -> None:
+        super().__init__()
+        self.wrong = wrong
+        self.a = SparseConv2d(3, 8, 3, padding=1, out_group="a")
+        self.a_bn = SparseBatchNorm2d(8, group="a")
+        self.b = SparseConv2d(3, 8, 3, padding=1, out_group="b")
+        self.b_bn = SparseBatchNorm2d(8, group="b")
+        self.dw = SparseConv2d(8, 8, 3, padding=1, groups=8, in_group="b", out_group="b", mask_output=True)
+        self.fc = SparseLinear(8, 4, in_group="b")
+
+    def forward(self, x):
+        a = F.relu(self.a_bn(self.a(x)))
+        b = self.b_bn(a if self.wrong == "b_bn" else self.b(x))
+        y = self.dw(a if self.wrong == "dw" else F.relu(b))
+        return self.fc(F.relu(y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("wrong,message", [
+    ("b_bn", "layer 'b_bn' (SparseBatchNorm2d, group='b') gets 4 channels in this subnetwork but computes on 3: "),
+    ("dw", "layer 'dw' (SparseConv2d, in_group='b') gets 4 channels in this subnetwork but computes on 3: "),
+])
+def test_a_layer_naming_another_group_is_told_the_width_it_computes_on_in_the_subnetwork(wrong, message):
+    """The width said is the named group's kept count (3 of 8), not the layer's full width."""
+    mask = {"a": torch.arange(8) < 4, "b": torch.arange(8) < 3}
+    model = ReadsAnother(wrong)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"), maskprop.use_mask(model, mask):
+        model(torch.randn(2, 3, 8, 8))
+
+
+def test_an_error_of_a_layer_of_the_right_width_is_torchs_own():
+    """An input as wide as the layer computes on but of another dtype is no wiring error: torch's RuntimeError, for
+    a conv and for a BatchNorm."""
+    model = ReadsAnother("none").double()
+    mask = {"a": torch.arange(8) < 4, "b": torch.arange(8) < 3}
+    x = torch.randn(2, 3, 8, 8)
+    with maskprop.use_mask(model, mask):
+        with pytest.raises(RuntimeError):
+            model(x)  # the first conv's input is float, its weight float64
+        with pytest.raises(RuntimeError):
+            model.b_bn(torch.randn(2, 3, 8, 8))

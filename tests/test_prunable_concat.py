@@ -383,3 +383,135 @@ def test_timms_ghostnet_prunes_every_convolution_the_heads_outputs_left_whole():
     assert whole == []  # conv_head reads the pooled map: a SparseConv2d reading the last stream, writing no group
     assert model.conv_head.out_group is None
     maskprop.check_model(model, (3, 32, 32))
+
+
+# --- a review of the layers that write a concatenation: joins, names, what stays whole ---------------------------
+
+
+class ConcatenatedFirst(nn.Module):
+    """``f``'s map is concatenated beside ``a`` (a part of ``z``, read in training alone) and then added to the
+    concatenation of ``a`` and ``b``; with ``older``, ``f``'s map is first added to ``g``'s, an older map (so ``z``'s
+    part is no longer its space's root when the concatenation is added). The eval trace, which would see ``f``'s
+    part as the concatenation's parts, has no reader of ``z``: the training trace alone must see the conflict."""
+
+    def __init__(self, older: bool) -> None:
+        super().__init__()
+        self.older = older
+        self.g, self.a, self.b, self.f = Unit(3, 14), Unit(3, 8), Unit(3, 6), Unit(3, 14)
+        self.head = Unit(14, 8)
+        self.fc, self.fc2 = nn.Linear(8, 10), nn.Linear(22, 10)
+
+    def forward(self, x):
+        g = F.relu(self.g(x))
+        a, b, f = F.relu(self.a(x)), F.relu(self.b(x)), F.relu(self.f(x))
+        z = torch.cat([f, a], 1)
+        if self.older:
+            f = f + g
+        out = self.fc(F.relu(self.head(torch.cat([a, b], 1) + f)).mean((2, 3)))
+        return out + self.fc2(z.mean((2, 3))) if self.training else out  # z's reader is traced first, alone
+
+
+@pytest.mark.parametrize("older", [False, True])
+def test_a_map_concatenated_before_it_is_added_to_a_concatenation_stays_whole(older):
+    """A map that is a part of one concatenation cannot be written as the whole of another: ``f`` (and ``g``, added
+    to it) writes no group, and the subnetworks compute what the masked reference does."""
+    model = maskprop.make_prunable(ConcatenatedFirst(older), (3, 8, 8))
+    written = [getattr(m.conv, "out_group", None) for m in ([model.f, model.g] if older else [model.f])]
+    assert written == [None] * len(written)
+    maskprop.check_model(model, (3, 8, 8))
+
+
+class AddsTheImage(nn.Module):
+    """The concatenation of ``a`` and ``b`` added to the image (14 channels, never pruned)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = Unit(14, 8), Unit(14, 6), Unit(14, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1) + x
+        return self.fc(F.relu(self.head(y)).mean((2, 3)))
+
+
+def test_a_concatenation_added_to_a_whole_map_leaves_its_parts_whole():
+    """The image's channels are whole, so the concatenation it is added to is, and so are its parts: only the head
+    conv's channels are a group."""
+    model = maskprop.make_prunable(AddsTheImage(), (14, 8, 8))
+    assert maskprop.channel_groups(model) == {"head.conv": 8} and concatenations(model) == {}
+    maskprop.check_model(model, (14, 8, 8))
+
+
+class Writers(nn.Module):
+    """``block``'s convs write two concatenations: ``block.f`` and ``block.g`` the one of ``a`` and ``b``, ``block.h``
+    and ``block.k`` the one of ``c`` and ``d``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = Unit(3, 8), Unit(3, 6), Unit(3, 8), Unit(3, 6)
+        self.block = nn.ModuleDict({name: Unit(3, 14) for name in "fghk"})
+        self.head, self.head2 = Unit(14, 8), Unit(14, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        a, b, c, d = (F.relu(getattr(self, n)(x)) for n in "abcd")
+        s1 = torch.cat([a, b], 1) + self.block["f"](x) + self.block["g"](x)
+        s2 = torch.cat([c, d], 1) + self.block["h"](x) + self.block["k"](x)
+        return self.fc(F.relu(self.head(F.relu(s1))).mean((2, 3)) + F.relu(self.head2(F.relu(s2))).mean((2, 3)))
+
+
+def test_a_written_concatenation_is_named_after_its_writers_common_path_and_never_twice():
+    """Both streams' writers share ``block``: one stream is ``block``, the other a name made unique from it (not
+    its first writer's, nor a reader's ``block.h.bn:input``), and their declarations are each its own parts."""
+    model = maskprop.make_prunable(Writers(), (3, 8, 8))
+    s1, s2 = model.block["f"].conv.out_group, model.block["h"].conv.out_group
+    assert s1 != s2 and "block" in (s1, s2) and all(s.startswith("block") and ":input" not in s for s in (s1, s2))
+    declared = concatenations(model)
+    assert declared[s1] == (("a.conv", 8), ("b.conv", 6)) and declared[s2] == (("c.conv", 8), ("d.conv", 6))
+    maskprop.check_model(model, (3, 8, 8))
+
+
+class OlderWriter(nn.Module):
+    """``f``'s map, made before the concatenation that ``g``'s conv writes, is added to it: ``f`` and ``g`` write it
+    and share no module path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.f, self.g, self.head = Unit(3, 8), Unit(3, 6), Unit(3, 14), Unit(3, 14), Unit(14, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        f = self.f(x)
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1) + self.g(x)
+        return self.fc(F.relu(self.head(F.relu(y + f))).mean((2, 3)))
+
+
+def test_a_written_concatenation_without_a_common_path_is_named_after_its_first_writer_in_graph_order():
+    model = maskprop.make_prunable(OlderWriter(), (3, 8, 8))
+    assert model.f.conv.out_group == model.g.conv.out_group == "f.conv"
+    maskprop.check_model(model, (3, 8, 8))
+
+
+class UnreadWriter(nn.Module):
+    """``f`` (a conv with a bias, no BatchNorm) is added to the concatenation of ``a`` and ``b``, a sum that no layer
+    reads (left unused); the head reads another concatenation of ``a`` and ``b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = Unit(3, 8), Unit(3, 6), Unit(14, 8)
+        self.f = nn.Conv2d(3, 14, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        a, b = F.relu(self.a(x)), F.relu(self.b(x))
+        unused = torch.cat([a, b], 1) + self.f(x)  # noqa: F841 (computed in every forward)
+        return self.fc(F.relu(self.head(torch.cat([a, b], 1))).mean((2, 3)))
+
+
+def test_a_concatenation_written_by_a_layer_but_read_by_none_is_declared_for_its_writer():
+    """Without the declaration ``f`` would stay a full-width conv while the parts it is added to are pruned: the
+    compact add fails (a review found it)."""
+    model = maskprop.make_prunable(UnreadWriter(), (3, 8, 8))
+    assert concatenations(model)["f"] == (("a.conv", 8), ("b.conv", 6)) and model.f.out_group == "f"
+    maskprop.check_model(model, (3, 8, 8))
+
