@@ -1212,3 +1212,22 @@ def test_a_concatenation_declared_in_another_order_fails_the_check(monkeypatch):
                                          "order of the forward's torch.cat, each as wide as its group; then check "
                                          "the wiring"):
         maskprop.check_model(model, (3, 8, 8))
+
+
+def test_what_a_forward_prints_while_traced_is_passed_on(capfd, monkeypatch):
+    """make_prunable silences torch's traceback of a forward that fails in its shape propagation, not what a forward
+    that runs prints there (a leaf module's warning)."""
+    import sys
+
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    run_node = ShapeProp.run_node
+
+    def talking(self, node):
+        if node.op == "call_module":
+            print(f"note from {node.target}", file=sys.stderr)
+        return run_node(self, node)
+
+    monkeypatch.setattr(ShapeProp, "run_node", talking)
+    maskprop.make_prunable(Plain(), (3, 16, 16))
+    assert capfd.readouterr().err.count("note from stem.0") == 2  # traced in training and in eval mode
