@@ -128,6 +128,7 @@ class CostModel:
         """
         if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+
         def parts(group: str | None, channels: int) -> tuple[tuple[str | None, int], ...]:
             # A concatenated group is its parts, each of whose groups keeps keep_ratio of its channels.
             return self.concatenated.get(group, ((group, channels),))

@@ -132,7 +132,7 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
         if groups.setdefault(name, size) != size:
             raise ValueError(f"layer {where!r} gives group {name!r} {size} channels, but it has {groups[name]}")
 
-    def read(name: str, size: int, where: str, verb: str = "reads") -> None:
+    def fits(name: str, size: int, where: str, verb: str = "reads") -> None:
         width = sum(n for _, n in concatenated[name])
         if size != width:
             raise ValueError(f"layer {where!r} {verb} concatenated group {name!r} as {size} channels, but its parts "
@@ -155,12 +155,12 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
                 raise ValueError(f"concatenated group {name!r} takes {size} channels of group {group!r}, but {has}"
                                  f"{also}")
     for name, size, where, verb in on_concatenations:
-        read(name, size, where, verb)
+        fits(name, size, where, verb)
     for where, module in model.named_modules():  # inputs must read a group that some layer writes
         if isinstance(module, (SparseConv2d, SparseLinear)) and module.in_group is not None:
             size = module.in_channels  # a linear layer on a flattened map: in_features / in_positions
             if module.in_group in concatenated:
-                read(module.in_group, size, where)
+                fits(module.in_group, size, where)
                 continue
             if module.in_group not in groups:
                 raise ValueError(f"layer {where!r} reads group {module.in_group!r} that no layer writes (if it reads a "

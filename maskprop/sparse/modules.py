@@ -264,6 +264,7 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
             raise _wiring_error(self, state, "group", self.group, x.shape[1], takes) from err
 
     def _compact_forward(self, x: Tensor, state: ExecutionState, group: Any) -> Tensor:
+        """The BatchNorm of the computed channels (``group``: the process group of synchronised statistics)."""
         gathered = state.batch_norm(self)  # running mean, running var, weight, bias of the computed channels
         if gathered is None:  # a fully kept group: exactly nn.BatchNorm2d
             return super().forward(x) if group is None else sync_batchnorm.sync_batch_norm(self, x, None, group)
