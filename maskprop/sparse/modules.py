@@ -67,22 +67,34 @@ def _grouped_forward(
         return apply(x, weight, bias)
     except RuntimeError as err:  # an input of another width than the weight's: a wrong in_group, said in one line
         linear = isinstance(layer, nn.Linear)
-        got = x.shape[-1] if linear else x.shape[1] if x.dim() > 1 else None
-        takes = weight[0].numel() if linear else weight.shape[0] if layer.depthwise else weight.shape[1] * layer.groups
-        if got is None or got == takes:
+        got = x.shape[-1] // layer.in_positions if linear else x.shape[1] if x.dim() > 1 else None
+        wiring = _wiring_error(layer, state, "in_group", layer.in_group, got, layer.in_channels)
+        if wiring is None:
             raise
-        raise _wiring_error(layer, state, "in_group", layer.in_group, got, takes) from err
+        raise wiring from err
 
 
-def _wiring_error(layer: nn.Module, state: ExecutionState, side: str, group: str | None, got: int,
-                  takes: int) -> ValueError:
-    """A layer whose input in a subnetwork is not as wide as what it computes on: the group it names is not the one
-    its input carries (a model-definition bug that only a subnetwork shows: dense and masked runs are full width)."""
+def _wiring_error(layer: nn.Module, state: ExecutionState, side: str, group: str | None, got: int | None,
+                  full: int) -> ValueError | None:
+    """A layer given, in a subnetwork, the computed channels of a group other than the one it names (``side``: its
+    ``in_group``, a BatchNorm's ``group``): a model-definition bug that only a subnetwork shows, since dense and
+    masked runs are full width. ``None`` where no group of its full width computes ``got`` channels in this
+    subnetwork (an input of another size altogether: torch's own error says it)."""
     plan = state.plan if hasattr(state, "plan") else state.layout.plan
-    channels = f"{got} channel" + ("s" if got != 1 else "")
-    return ValueError(f"layer {plan.name_of(layer)!r} ({type(layer).__name__}, {side}={group!r}) gets {channels} in "
-                      f"this subnetwork but computes on {takes}: {side} must name the group (or concatenated group) "
-                      f"its input carries (None: channels never pruned)")
+    widths = dict(state.widths)
+    sizes = dict(plan.groups)
+    for name, parts in plan.concatenations.items():
+        sizes[name] = sum(n for _, n in parts)
+        widths[name] = sum(n if g is None else widths.get(g, n) for g, n in parts)
+    carried = [name for name, size in sizes.items()  # the pruned groups of its width (full ones: too many to say)
+               if size == full and widths.get(name, size) == got != size and name != group]
+    if not carried:
+        return None
+    which = " or ".join(repr(name) for name in carried[:3])
+    return ValueError(f"layer {plan.name_of(layer)!r} ({type(layer).__name__}, {side}={group!r}) is given {got} of "
+                      f"its {full} channels in this subnetwork, as many as {which} computes here: its {side} must "
+                      f"name the group (or concatenated group) of the channels it reads (None: channels never "
+                      f"pruned)")
 
 
 class SparseConv2d(nn.Conv2d, SparseModule):
@@ -257,11 +269,11 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
         try:
             return self._compact_forward(x, state, group)
         except RuntimeError as err:  # an input of another width than the channels normalised: a wrong group
-            gathered = state.batch_norm(self)
-            takes = next((t.shape[0] for t in gathered or () if t is not None), self.num_features)
-            if x.dim() < 2 or x.shape[1] == takes:
+            got = x.shape[1] if x.dim() > 1 else None
+            wiring = _wiring_error(self, state, "group", self.group, got, self.num_features)
+            if wiring is None:
                 raise
-            raise _wiring_error(self, state, "group", self.group, x.shape[1], takes) from err
+            raise wiring from err
 
     def _compact_forward(self, x: Tensor, state: ExecutionState, group: Any) -> Tensor:
         """The BatchNorm of the computed channels (``group``: the process group of synchronised statistics)."""
