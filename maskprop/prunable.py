@@ -335,10 +335,18 @@ def _shape_propagation(traced: fx.GraphModule) -> fx.Interpreter:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping timm's ``BatchNormAct2d`` whole (a BatchNorm and its activation, converted as one)."""
+    """torch.fx's tracer, keeping timm's ``BatchNormAct2d`` (a BatchNorm and its activation, converted as one) and
+    timm's ``Linear`` whole."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_batch_norm_act(m) or super().is_leaf_module(m, module_qualified_name)
+        return _is_batch_norm_act(m) or _is_timm_linear(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _is_timm_linear(module: nn.Module) -> bool:
+    """timm's ``Linear`` (GhostNet's and MobileNetV3's classifiers): ``nn.Linear`` with a cast of its weight to the
+    input's dtype under TorchScript alone, so the same layer otherwise (converted as one)."""
+    kind = type(module)
+    return kind.__name__ == "Linear" and kind.__module__ == "timm.layers.linear"
 
 
 def _is_batch_norm_act(module: nn.Module) -> bool:
@@ -469,7 +477,7 @@ class _Walk:
 
     def module(self, node: fx.Node, module: nn.Module) -> _Value | None:
         """The channel space of a module's output, and what the module reads and writes."""
-        name, kind = node.target, type(module)
+        name, kind = node.target, nn.Linear if _is_timm_linear(module) else type(module)
         values = self.inputs(node)
         source = node.args[0] if node.args else next(iter(node.kwargs.values()), None)  # its input (``input=x``)
         first = self.values.get(source) if isinstance(source, fx.Node) else None

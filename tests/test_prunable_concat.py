@@ -371,17 +371,20 @@ def test_a_residual_stream_of_concatenations_is_written_by_the_layers_added_to_i
     maskprop.check_model(model, (3, 16, 16))
 
 
-def test_timms_ghostnet_prunes_every_convolution_the_heads_outputs_left_whole():
+def test_timms_ghostnet_prunes_every_convolution():
+    """Its classifier is timm's ``Linear`` (nn.Linear but for a cast under TorchScript), converted as nn.Linear is,
+    so that the head conv's outputs are a group too."""
     torch.manual_seed(0)
     model = maskprop.make_prunable(timm.create_model("ghostnet_050", num_classes=10), (3, 32, 32))
-    assert len(maskprop.channel_groups(model)) == 30 and len(concatenations(model)) == 22
+    assert len(maskprop.channel_groups(model)) == 31 and len(concatenations(model)) == 22
     assert model.conv_stem.out_group == "conv_stem"
     assert model.blocks[1][0].shortcut[2].out_group in concatenations(model)
     assert model.blocks[3][0].se.conv_expand.out_group == model.blocks[3][0].conv_dw.out_group  # the gate's channels
     whole = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not isinstance(
         m, maskprop.sparse.SparseConv2d)]
-    assert whole == []  # conv_head reads the pooled map: a SparseConv2d reading the last stream, writing no group
-    assert model.conv_head.out_group is None
+    assert whole == []
+    assert model.conv_head.out_group == model.classifier.in_group == "conv_head"
+    assert type(model.classifier) is maskprop.sparse.SparseLinear
     maskprop.check_model(model, (3, 32, 32))
 
 
