@@ -39,7 +39,17 @@ from torch.overrides import TorchFunctionMode
 
 from .cost import CostModel, counted_flops
 from .models.spec import check_input_size
-from .sparse import aligned_width, channel_groups, check_align, concatenations, random_mask, use_mask
+from .sparse import (
+    SparseBatchNorm2d,
+    SparseConv2d,
+    SparseLinear,
+    aligned_width,
+    channel_groups,
+    check_align,
+    concatenations,
+    random_mask,
+    use_mask,
+)
 from .sparse.static import StaticExecutionState, use_static
 from .surgery import materialize
 
@@ -195,8 +205,20 @@ def check_model(model: nn.Module, input_size: Sequence[int], *, batch_size: int 
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     align = check_align(align)
+    _check_normalised_groups(model)
     with torch.random.fork_rng(devices=[]), _NoDropout():  # the caller's random stream untouched
         return _check(model, input_size, groups, batch_size, align, seed, started)
+
+
+def _check_normalised_groups(model: nn.Module) -> None:
+    """A BatchNorm layer's group is one that a conv or linear layer writes (a mistyped one would be a group of its
+    own, which no mask of it could mean)."""
+    written = {m.out_group for m in model.modules() if isinstance(m, (SparseConv2d, SparseLinear))}
+    for where, module in model.named_modules():
+        group = getattr(module, "group", None) if isinstance(module, SparseBatchNorm2d) else None
+        if group is not None and group not in written and group not in concatenations(model):
+            raise ValueError(f"layer {where!r} normalises group {group!r}, which no conv or linear layer writes; "
+                             f"expected the group of the layer before it")
 
 
 class _NoDropout(TorchFunctionMode):

@@ -834,3 +834,15 @@ def test_an_error_of_a_layer_of_the_right_width_is_torchs_own():
             model(x)  # the first conv's input is float, its weight float64
         with pytest.raises(RuntimeError):
             model.b_bn(torch.randn(2, 3, 8, 8))
+
+
+def test_check_model_refuses_a_batchnorm_on_a_group_no_layer_writes():
+    """A BatchNorm's group mistyped (``"nope"``) is a group of its own, written by no conv, that only an uneven mask
+    told apart before: check_model says so first (a newcomer's read found it). A BatchNorm on its own under a mask
+    (``use_mask(bn, mask)``) stays possible."""
+    model = MisWired("none")
+    model.b_bn.group = "nope"
+    assert "nope" in maskprop.channel_groups(model)
+    with pytest.raises(ValueError, match=r"^layer 'b_bn' normalises group 'nope', which no conv or linear layer "
+                                         r"writes; expected the group of the layer before it$"):
+        maskprop.check_model(model, (3, 8, 8))
