@@ -50,6 +50,7 @@ from .sparse import (
     random_mask,
     use_mask,
 )
+from .sparse.modules import WiringError
 from .sparse.static import StaticExecutionState, use_static
 from .surgery import materialize
 
@@ -135,7 +136,8 @@ def _guard(check: str, what: str, hint: str, run: Callable[[], object]) -> objec
         return run()
     except Exception as err:  # the user's model failing inside a pass: one line, with the error it raised
         message = " ".join(str(err).split())[:300]
-        raise ValueError(f"check {check!r} failed: {what} raised {type(err).__name__}: {message}; {hint}") from None
+        advice = "" if isinstance(err, WiringError) else f"; {hint}"  # it names the layer and what to change
+        raise ValueError(f"check {check!r} failed: {what} raised {type(err).__name__}: {message}{advice}") from None
 
 
 def nontrivial_batch_norms(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:

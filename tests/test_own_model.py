@@ -90,9 +90,9 @@ class Wired(ChannelSparseModel):
     ("mixes_channels", "compact", "differs from the masked reference"),
     ("plain_conv", "compact", "raised RuntimeError"),
     ("reads_another_group", "compact", "raised RuntimeError"),  # b's 8 channels, kept whole: no pruned group to name
-    ("batch_norm_without_group", "compact", "raised ValueError: layer 'c.1' (SparseBatchNorm2d, group=None) is given 4 "
-                                            "of its 8 channels in this subnetwork, as many as 'c' computes here: its "
-                                            "group must name the group"),
+    ("batch_norm_without_group", "compact", "raised WiringError: layer 'c.1' (SparseBatchNorm2d, group=None) is "
+                                            "given 4 of its 8 channels in this subnetwork, as many as 'c' computes "
+                                            "here: its group must name the group"),
     ("no_batch_norm_and_no_mask_output", "compact", "needs mask_output=True"),
     ("matmul", "flops", "outside its conv and linear layers that change with the mask"),  # a subnetwork prunes them
     ("reads_its_width", "narrow", "narrow model's outputs differ"),
@@ -781,7 +781,8 @@ def test_a_layer_naming_no_group_on_pruned_channels_is_named_in_one_line(wrong, 
     state.update(torch.cat([mask["a"], mask["b"]]))
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"), use_static(state):
         model(x)
-    with pytest.raises(ValueError, match=rf"^check 'compact' failed: .* raised ValueError: layer '{wrong}' "):
+    with pytest.raises(ValueError, match=rf"^check 'compact' failed: .* raised WiringError: layer '{wrong}' .* "
+                                         rf"\(None: channels never pruned\)$"):  # no generic advice after it
         maskprop.check_model(model, (3, 8, 8))
     with maskprop.use_mask(model, mask, "masked"):
         assert model(x).shape == (2, 4)  # the masked reference runs: the mistake is the compact width alone

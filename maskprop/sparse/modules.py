@@ -74,8 +74,13 @@ def _grouped_forward(
         raise wiring from err
 
 
+class WiringError(ValueError):
+    """A layer given, in a subnetwork, the channels of another group than the one it names (the message says which
+    layer, which group and what to change)."""
+
+
 def _wiring_error(layer: nn.Module, state: ExecutionState, side: str, group: str | None, got: int | None,
-                  full: int) -> ValueError | None:
+                  full: int) -> WiringError | None:
     """A layer given, in a subnetwork, the computed channels of a group other than the one it names (``side``: its
     ``in_group``, a BatchNorm's ``group``): a model-definition bug that only a subnetwork shows, since dense and
     masked runs are full width. ``None`` where no group of its full width computes ``got`` channels in this
@@ -91,10 +96,10 @@ def _wiring_error(layer: nn.Module, state: ExecutionState, side: str, group: str
     if not carried:
         return None
     which = " or ".join(repr(name) for name in carried[:3])
-    return ValueError(f"layer {plan.name_of(layer)!r} ({type(layer).__name__}, {side}={group!r}) is given {got} of "
-                      f"its {full} channels in this subnetwork, as many as {which} computes here: its {side} must "
-                      f"name the group (or concatenated group) of the channels it reads (None: channels never "
-                      f"pruned)")
+    return WiringError(f"layer {plan.name_of(layer)!r} ({type(layer).__name__}, {side}={group!r}) is given {got} of "
+                       f"its {full} channels in this subnetwork, as many as {which} computes here: its {side} must "
+                       f"name the group (or concatenated group) of the channels it reads (None: channels never "
+                       f"pruned)")
 
 
 class SparseConv2d(nn.Conv2d, SparseModule):

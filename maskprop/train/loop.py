@@ -458,7 +458,8 @@ def fix_subnetwork(state: TrainState, cfg: Config, ctx: StepContext,
         scores = copy.deepcopy(scores).to(state.mask_generator.device)
     mask, info = _FIX_RULES[sparsity.fix](scores, state.model, state.mask_generator, sparsity.fix_samples, loader, ctx)
     info["budget_spent"] = scores.spent() / scores.budget if scores.budget > 0 else 1.0
-    logger.info("fixed the subnetwork by %s: %s", sparsity.fix, {k: v for k, v in info.items() if k != "rule"})
+    logger.info("fixed the subnetwork by %s: %s", sparsity.fix,
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in info.items() if k != "rule"})
     if info["budget_spent"] < SPENT_SHARE and current().is_main:
         anneal = 0 if state.schedule is None else state.schedule.anneal_steps
         travel = (f" (sparsity.score_lr x anneal steps = {sparsity.score_lr:g} x {anneal} = "
