@@ -132,12 +132,40 @@ def _compare(check: str, what: str, got: tuple, expected: tuple, hint: str) -> N
 
 
 def _guard(check: str, what: str, hint: str, run: Callable[[], object]) -> object:
+    running: list[nn.Module] = []  # the modules whose forward has started and not ended: at an error, where it was
+
+    def started(module: nn.Module, _inputs: object) -> None:
+        running.append(module)
+
+    def ended(*_: object) -> None:  # returns None: the output stays the module's
+        running.pop()
+
+    hooks = (nn.modules.module.register_module_forward_pre_hook(started),
+             nn.modules.module.register_module_forward_hook(ended))
     try:
         return run()
     except Exception as err:  # the user's model failing inside a pass: one line, with the error it raised
         message = " ".join(str(err).split())[:300]
         advice = "" if isinstance(err, WiringError) else f"; {hint}"  # it names the layer and what to change
-        raise ValueError(f"check {check!r} failed: {what} raised {type(err).__name__}: {message}{advice}") from None
+        raise ValueError(f"check {check!r} failed: {what} raised {type(err).__name__}{_where(running, err)}: "
+                         f"{message}{advice}") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _where(running: list[nn.Module], err: Exception) -> str:
+    """`` in 'layer' (Conv2d)`` for the innermost module running when ``err`` was raised (none: ``""``), and where
+    it is a plain torch layer that a subnetwork would need to be maskprop's, that too."""
+    if not running or len(running) < 2 or isinstance(err, WiringError):
+        return ""
+    names = {module: name for name, module in running[0].named_modules()}
+    layer = running[-1]
+    plain = isinstance(layer, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)) and not isinstance(
+        layer, (SparseConv2d, SparseLinear, SparseBatchNorm2d))
+    kind = f"{type(layer).__name__}, a plain torch layer: on channels that may be pruned it must be maskprop.sparse's" \
+        if plain else type(layer).__name__
+    return f" in {names.get(layer, '?')!r} ({kind})"
 
 
 def nontrivial_batch_norms(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:

@@ -565,7 +565,8 @@ def test_every_failure_of_check_model_is_one_line():
         def forward(self, x):
             return super().forward(x).detach()
 
-    cases = [(BrokenInEval(), r"^check 'narrow' failed: the compact subnetwork in eval mode raised RuntimeError: "),
+    cases = [(BrokenInEval(), r"^check 'narrow' failed: the compact subnetwork in eval mode raised RuntimeError in "
+                              r"'fc' \(SparseLinear\): mat1 and mat2 shapes cannot be multiplied"),
              (NoAffine(), r"^check 'static' failed: .* raised ValueError: static execution needs affine BatchNorm .*; "
                           r"a run on CUDA runs its steps this way$"),
              (NoGradient(), r"^check 'dense' failed: a training step of the model without a mask raised "
@@ -847,3 +848,30 @@ def test_check_model_refuses_a_batchnorm_on_a_group_no_layer_writes():
     with pytest.raises(ValueError, match=r"^layer 'b_bn' normalises group 'nope', which no conv or linear layer "
                                          r"writes; expected the group of the layer before it$"):
         maskprop.check_model(model, (3, 8, 8))
+
+
+class PlainInTheStream(ChannelSparseModel):
+    """A plain ``nn.Conv2d`` (depthwise) on group ``a``'s pruned channels: a subnetwork hands it fewer channels than
+    its weight takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = ConvBNAct(3, 8, 3, out_group="a")
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = SparseLinear(8, 4, in_group="a")
+
+    def forward(self, x):
+        return self.fc(self.dw(self.a(x)).mean((2, 3)))
+
+
+def test_a_failure_inside_a_layer_names_the_layer_and_a_plain_torch_layer_says_so():
+    """check_model names the innermost module running when a pass failed, and what to do where it is a plain torch
+    conv, BatchNorm or linear layer on channels that may be pruned (a newcomer's read: torch's message alone)."""
+    with pytest.raises(ValueError, match=r"^check 'compact' failed: .* raised RuntimeError in 'dw' \(Conv2d, a plain "
+                                         r"torch layer: on channels that may be pruned it must be maskprop.sparse's\): "
+                                         r"Given groups=8"):
+        maskprop.check_model(PlainInTheStream(), (3, 8, 8))
+    hooks = nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks
+    before = [len(h) for h in hooks]
+    maskprop.check_model(Wired(), (3, 8, 8))  # its hooks change no output (the check passes) and are gone after it
+    assert [len(h) for h in hooks] == before
