@@ -206,7 +206,8 @@ class GhostModule(nn.Module):
     """GhostNet's module: a 1x1 conv-BN into ``group``'s channels, and beside them their "ghosts", a depthwise 3x3
     conv-BN of those same channels: ``torch.cat([primary, ghosts], 1)``, group ``group`` twice side by side (the
     depthwise conv reads and writes ``group``: ghost ``j`` is made from channel ``j`` alone, so the two halves keep the
-    same channels). Its output is the concatenated group ``output``, which the caller declares."""
+    same channels). The caller declares that concatenation (``concatenate_groups(model, name, [(group, channels)] *
+    2)``) and names it where a layer reads or writes it."""
 
     def __init__(self, in_channels: int, channels: int, *, reads: str | None, group: str, act: bool = True) -> None:
         super().__init__()
