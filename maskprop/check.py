@@ -67,8 +67,8 @@ _WIRING = ("check the wiring: every conv, BatchNorm and linear layer on channels
            "maskprop.sparse.concatenate_groups)")
 
 
-_ORDER = ("check each concatenated group's parts: in the order of the forward's torch.cat, each as wide as its group; "
-          "then ")
+_ORDER = ("check each concatenated group's parts ({}): in the order of the forward's torch.cat, each as wide as its "
+          "group; then ")
 
 
 @dataclass(frozen=True)
@@ -313,7 +313,10 @@ def _batch_size(model: nn.Module, input_size: tuple[int, ...]) -> int:
 def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int], batch_size: int | None, align: int,
            seed: int, started: float) -> ModelCheck:
     generator = torch.Generator().manual_seed(seed)
-    wiring = (_ORDER + _WIRING) if concatenations(model) else _WIRING  # the likelier mistake first
+    declared = list(concatenations(model))
+    names = ", ".join(repr(name) for name in declared[:3]) + (f", ... ({len(declared)} in all)" if len(declared) > 3
+                                                             else "")
+    wiring = (_ORDER.format(names) + _WIRING) if declared else _WIRING  # the likelier mistake first
     base = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).train()
     nontrivial_batch_norms(base, generator)
     if batch_size is None:

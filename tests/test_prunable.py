@@ -1208,9 +1208,9 @@ def test_a_concatenation_declared_in_another_order_fails_the_check(monkeypatch):
     monkeypatch.setattr(prunable, "_concatenations", swapped)
     model = maskprop.make_prunable(Concatenating("pooled"), (3, 8, 8))
     assert maskprop.sparse.concatenations(model) == {"after.conv:input": (("b.conv", 6), ("a.conv", 8))}
-    with pytest.raises(ValueError, match="check 'compact' failed: .*; check each concatenated group's parts: in the "
-                                         "order of the forward's torch.cat, each as wide as its group; then check "
-                                         "the wiring"):
+    with pytest.raises(ValueError, match="check 'compact' failed: .*; check each concatenated group's parts "
+                                         r"\('after.conv:input'\): in the order of the forward's torch.cat, each as "
+                                         "wide as its group; then check the wiring"):
         maskprop.check_model(model, (3, 8, 8))
 
 
