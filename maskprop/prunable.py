@@ -143,8 +143,8 @@ class _Spaces:
         return space
 
     def concatenation(self, parts: list[tuple[int, int]]) -> int:
-        """A new space made of ``parts`` side by side (a ``torch.cat`` along the channels): no layer writes it, and
-        it stays whole exactly when all its parts do."""
+        """A new space made of ``parts`` side by side (a ``torch.cat`` along the channels), which no layer writes
+        until a space of its width joins it (:meth:`union`); left whole, so are its parts."""
         space = self.new()
         self.concatenated[space] = parts
         return space
