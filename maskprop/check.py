@@ -50,6 +50,7 @@ from .sparse import (
     random_mask,
     use_mask,
 )
+from .sparse.execution import _names
 from .sparse.modules import WiringError
 from .sparse.static import StaticExecutionState, use_static
 from .surgery import materialize
@@ -244,9 +245,10 @@ def _check_normalised_groups(model: nn.Module) -> None:
     """A BatchNorm layer's group is one that a conv or linear layer writes (a mistyped one would be a group of its
     own, which no mask of it could mean)."""
     written = {m.out_group for m in model.modules() if isinstance(m, (SparseConv2d, SparseLinear))}
+    written |= set(concatenations(model))
     for where, module in model.named_modules():
         group = getattr(module, "group", None) if isinstance(module, SparseBatchNorm2d) else None
-        if group is not None and group not in written and group not in concatenations(model):
+        if group is not None and group not in written:
             raise ValueError(f"layer {where!r} normalises group {group!r}, which no conv or linear layer writes; "
                              f"expected the group of the layer before it")
 
@@ -314,9 +316,7 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
            seed: int, started: float) -> ModelCheck:
     generator = torch.Generator().manual_seed(seed)
     declared = list(concatenations(model))
-    names = ", ".join(repr(name) for name in declared[:3]) + (f", ... ({len(declared)} in all)" if len(declared) > 3
-                                                             else "")
-    wiring = (_ORDER.format(names) + _WIRING) if declared else _WIRING  # the likelier mistake first
+    wiring = (_ORDER.format(_names(declared, limit=3)) + _WIRING) if declared else _WIRING  # the likelier one first
     base = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).train()
     nontrivial_batch_norms(base, generator)
     if batch_size is None:

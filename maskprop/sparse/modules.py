@@ -85,12 +85,11 @@ def _wiring_error(layer: nn.Module, state: ExecutionState, side: str, group: str
     ``in_group``, a BatchNorm's ``group``): a model-definition bug that only a subnetwork shows, since dense and
     masked runs are full width. ``None`` where no group of its full width computes ``got`` channels in this
     subnetwork (an input of another size altogether: torch's own error says it)."""
+    from .groups import concatenated_counts
+
     plan = state.plan if hasattr(state, "plan") else state.layout.plan
-    widths = dict(state.widths)
-    sizes = dict(plan.groups)
-    for name, parts in plan.concatenations.items():
-        sizes[name] = sum(n for _, n in parts)
-        widths[name] = sum(n if g is None else widths.get(g, n) for g, n in parts)
+    sizes = concatenated_counts(plan.groups, plan.concatenations)
+    widths = concatenated_counts(state.widths, plan.concatenations)
     carried = [name for name, size in sizes.items()  # the pruned groups of its width (full ones: too many to say)
                if size == full and widths.get(name, size) == got != size and name != group]
     if not carried:
