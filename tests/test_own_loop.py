@@ -1,0 +1,102 @@
+"""examples/own_loop.py: VR-PGE in a loop of your own computes what the trainer's step computes; it runs end to end."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import maskprop
+from maskprop.train.config import SparsityConfig
+from maskprop.train.shapes import shapes_datasets
+from maskprop.train.steps import StepContext, subnet_step, vrpge_step
+from maskprop.vrpge import ChannelScores
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_loop.py"
+
+
+@pytest.fixture(scope="module")
+def own_loop():
+    spec = importlib.util.spec_from_file_location("own_loop", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _setup(model: torch.nn.Module, seed: int):
+    scores = ChannelScores(maskprop.channel_groups(model), keep_ratio=0.5)
+    with torch.no_grad():  # spread the probabilities, so that each channel's factor in the estimator differs
+        scores.scores.add_(0.4 * torch.rand(scores.num_channels, generator=torch.Generator().manual_seed(seed)) - 0.2)
+    scores.project_()
+    weights = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    adam = torch.optim.Adam([scores.scores], lr=0.05)
+    return scores, weights, adam
+
+
+def test_the_examples_search_step_is_the_trainers(own_loop):
+    """Three steps of the example's search_step and of the trainer's vrpge_step from the same weights, probabilities
+    and mask generator: the same masks, losses, weights, optimizer states and probabilities."""
+    torch.manual_seed(0)
+    model = own_loop.build_model(num_classes=4).train()
+    twin = copy.deepcopy(model)
+    scores, weights, adam = _setup(model, 1)
+    twin_scores, twin_weights, twin_adam = _setup(twin, 1)
+    ctx = StepContext(torch.nn.CrossEntropyLoss(), torch.device("cpu"), maskprop.CostModel(twin, (3, 16, 16)))
+    generator, twin_generator = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    batches = [(torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,))) for _ in range(3)]
+    for step, (images, labels) in enumerate(batches):
+        scores.set_budget(scores.budget * 0.9)  # a falling budget, as in an anneal
+        twin_scores.set_budget(twin_scores.budget * 0.9)
+        loss = own_loop.search_step(model, scores, weights, adam, images, labels, generator)
+        result = vrpge_step(twin, twin_scores, (twin_weights, twin_adam), (images, labels), twin_generator,
+                            SparsityConfig(), ctx)
+        assert float(loss) == pytest.approx(result.loss, rel=1e-6), step
+        torch.testing.assert_close(scores.scores.detach(), twin_scores.scores.detach(), msg=f"step {step}")
+        assert float(scores.scores.detach().sum()) <= scores.budget * (1 + 1e-6)  # float32 sums
+        for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p, q, msg=f"step {step}: {name}")
+    assert torch.equal(generator.get_state(), twin_generator.get_state())  # the same draws, in the same order
+    for (name, b), c in zip(model.named_buffers(), twin.named_buffers(), strict=True):  # BatchNorm statistics of m, m'
+        torch.testing.assert_close(b, c[1], msg=name)
+    # and the steps changed something: the probabilities moved off their start
+    start, *_ = _setup(copy.deepcopy(model), 1)
+    assert not torch.allclose(scores.scores.detach(), start.scores.detach())
+
+
+def test_the_examples_dense_step_is_the_trainers(own_loop):
+    torch.manual_seed(0)
+    model = own_loop.build_model(num_classes=4).train()
+    twin = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    ctx = StepContext(torch.nn.CrossEntropyLoss(), torch.device("cpu"), maskprop.CostModel(twin, (3, 16, 16)))
+    for _ in range(2):
+        images, labels = torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,))
+        loss = own_loop.dense_step(model, optimizer, images, labels)
+        result = subnet_step(twin, twin_optimizer, (images, labels), None, ctx)
+        assert float(loss) == pytest.approx(result.loss, rel=1e-6)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_the_example_runs_end_to_end_and_saves_the_narrow_model(own_loop, tmp_path, capsys):
+    result = own_loop.main(["--out", str(tmp_path), "--train-size", "64", "--val-size", "40", "--batch-size", "32",
+                            "--warmup-epochs", "1", "--anneal-epochs", "1", "--search-epochs", "1",
+                            "--finetune-epochs", "1", "--keep-ratio", "0.25"])
+    printed = capsys.readouterr().out
+    assert printed.count("search epoch") == 3 and "narrow model:" in printed
+    # the subnetwork keeps about a quarter of the channels (top_mask: round(sum s) of them, at most the budget)
+    assert 0.05 < result["kept_ratio"] <= 0.25 + 1e-9 and 0 < result["flops_kept"] < 0.25
+    # the saved program is the trained narrow model: torch alone runs it to the accuracy the script measured
+    program = torch.export.load(tmp_path / "narrow.pt2").module()
+    _, val_set = shapes_datasets(64, 40, seed=0)
+    correct = 0
+    with torch.no_grad():
+        for images, labels in DataLoader(val_set, 7):  # a batch size it was not exported with
+            correct += int((program(images).argmax(1) == labels).sum())
+    assert math.isclose(100.0 * correct / len(val_set), result["accuracy"])
