@@ -115,7 +115,35 @@ def test_isolated_tests_stopped_by_sigterm_keeps_what_finished(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial file left
 
 
-@pytest.mark.parametrize("args", [["--jobs", "0"], ["--json", "/no/such/dir/out.json"]])
+def test_isolated_tests_rerun_runs_only_what_did_not_pass_or_skip(tmp_path, capsys):
+    """``--rerun JSON``: a second try of the tests an earlier run records as failed, timed out or stopped (a check's
+    time limit), and of no other."""
+    tool = _tool("isolated_tests")
+    (tmp_path / "test_again.py").write_text("import pytest\ndef test_a():\n    pass\ndef test_b():\n    pass\n"
+                                            "def test_c():\n    assert False\ndef test_d():\n    pytest.skip()\n"
+                                            "def test_e():\n    pass\n")
+    earlier = tmp_path / "earlier.json"
+    nodes = dict(zip("abcde", tool.collect(str(tmp_path / "test_again.py")), strict=True))
+    assert all(n.endswith(f"::test_{name}") for name, n in nodes.items())
+    earlier.write_text(json.dumps({"tests": [{"node": nodes["a"], "outcome": "passed"},
+                                             {"node": nodes["b"], "outcome": "stopped"},
+                                             {"node": nodes["c"], "outcome": "failed"},
+                                             {"node": nodes["d"], "outcome": "timeout"},
+                                             {"node": nodes["e"], "outcome": "skipped"}]}))
+    out = tmp_path / "again.json"
+    status = tool.main([str(tmp_path / "test_again.py"), "--jobs", "2", "--timeout", "60", "--rerun", str(earlier),
+                        "--json", str(out)])
+    assert status == 1  # test_c fails again
+    result = json.loads(out.read_text())
+    assert {r["node"].split("::")[1]: r["outcome"] for r in result["tests"]} == {
+        "test_b": "passed", "test_c": "failed", "test_d": "skipped"}
+    assert "rerunning 3 tests" in capsys.readouterr().out
+    earlier.write_text(json.dumps({"tests": [{"node": nodes["a"], "outcome": "passed"}]}))  # nothing left to rerun
+    assert tool.main([str(tmp_path / "test_again.py"), "--rerun", str(earlier), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["tests"] == []
+
+
+@pytest.mark.parametrize("args", [["--jobs", "0"], ["--json", "/no/such/dir/out.json"], ["--rerun", "/no/such.json"]])
 def test_isolated_tests_usage_errors_are_one_line(tmp_path, args):
     (tmp_path / "test_fine.py").write_text("def test_a():\n    pass\n")
     done = subprocess.run([sys.executable, str(REPO / "tools" / "isolated_tests.py"), str(tmp_path / "test_fine.py"),

@@ -26,7 +26,10 @@
 # a step's time goes, `tools/bench_graphs.py --models resnet32:32:256 --steps 5 --kinds dense_graphed search_graphed
 # narrow_graphed --profile DIR` (each kind's kernels by device time, and the search step's trace).
 # Limits: tests 75 s, step times 105 s, whole runs 175 s (42 s a run): 355 s. Each part has its own time limit, so one
-# that hangs cannot take the others' time; its status is in summary.json.
+# that hangs cannot take the others' time; its status is in summary.json. Tests the limit stopped (gpu_tests.json
+# marks them "stopped"), or that failed, get a second try of their own in a minute or so, the wheels installed as below:
+# `PYTHONPATH=/tmp/site:$PWD python3 tools/isolated_tests.py tests/test_gpu.py --jobs 8 --timeout 60 --rerun
+# OUT/gpu_tests.json --json OUT/gpu_tests_rerun.json`.
 # Wheels carried in .whl/ (what the image lacks, all of it: pydantic 2.14.4, pydantic-core 2.50.5, annotated-types,
 # typing-inspection and typing-extensions, for CPython 3.12 on x86-64) are installed first, into /tmp/site; the
 # repository and /tmp/site are on PYTHONPATH (the package is not installed there). With a second directory, the bundle

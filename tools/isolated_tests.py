@@ -2,6 +2,7 @@
 
 Usage:
     python tools/isolated_tests.py tests/test_gpu.py --jobs 8 --json out/gpu_tests.json
+    python tools/isolated_tests.py tests/test_gpu.py --jobs 8 --rerun out/gpu_tests.json --json out/again.json
 
 ``tests/test_gpu.py`` isolates its tests already (a CUDA error leaves its process's context unusable, so each test
 runs in a child pytest process), but one after the other: 25 tests, each paying an interpreter, torch's import and a
@@ -76,6 +77,20 @@ def run_one(node: str, cwd: Path, timeout: float, threads: int, python: str = sy
             "output": output[-4000:] if outcome == "failed" else ""}
 
 
+RERUN = ("failed", "timeout", "stopped")
+"""The outcomes ``--rerun`` runs again."""
+
+
+def unfinished(path: str, parser: argparse.ArgumentParser) -> set[str]:
+    """The node ids an earlier ``--json`` file records as failed, timed out or stopped (a usage error if it cannot
+    be read as one)."""
+    try:
+        tests = json.loads(Path(path).read_text())["tests"]
+        return {test["node"] for test in tests if test["outcome"] in RERUN}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        parser.error(f"--rerun {path}: not a file this tool wrote ({type(error).__name__}: {error})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", help="a pytest file, e.g. tests/test_gpu.py")
@@ -83,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds one test may take (default 120)")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each test's process (default 2)")
     parser.add_argument("--json", help="write the outcomes to this path")
+    parser.add_argument("--rerun", metavar="JSON",
+                        help="run only the tests that did not pass or skip in this earlier --json file (failed, "
+                             "timed out, or stopped by a check's time limit): a second try that spends no time on "
+                             "the rest")
     parser.add_argument("--first", nargs="+", default=[], metavar="WORD",
                         help="start the tests whose node id holds one of these words first (the ones a time limit "
                              "must not cut); the outcomes keep the file's order")
@@ -94,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.path}: no such test file")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: its directory does not exist")
+    again = None if args.rerun is None else unfinished(args.rerun, parser)
     nodes, cwd = collect(args.path), workdir(args.path)
+    if again is not None:
+        nodes = [node for node in nodes if node in again]  # the file's order
+        print(f"rerunning {len(nodes)} tests that did not pass or skip in {args.rerun}", flush=True)
     start = time.perf_counter()
     results: list[dict] = []
 
