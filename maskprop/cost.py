@@ -2,9 +2,11 @@
 
 FLOPs count a multiply-add as 2, the way ``torch.utils.flop_counter`` counts them. A conv keeping ``i`` of its input
 and ``o`` of its output channels costs ``2 * i * o * k*k * H_out * W_out`` per example: its cost scales with kept_in x
-kept_out, hence about rho^2 of dense for a keep ratio rho. FLOPs that ``torch.utils.flop_counter`` finds outside the
-conv and linear layers (the matrix products of attention) are counted once, at their dense value, for every mask: a
-subnetwork never prunes them (:func:`maskprop.check_model` checks that it does not).
+kept_out, hence about rho^2 of dense for a keep ratio rho. The two matrix products of a
+:class:`~maskprop.sparse.SparseAttention` (``q k^T`` and the weights times ``v``) cost ``4 * heads * tokens^2`` per
+kept head feature, linear in its group's count. FLOPs that ``torch.utils.flop_counter`` finds elsewhere (the products
+of attention left whole) are counted once, at their dense value, for every mask: a subnetwork never prunes them
+(:func:`maskprop.check_model` checks that it does not).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .models.spec import check_input_size
-from .sparse import SparseBatchNorm2d, channel_groups, check_mask, kept_counts
+from .sparse import SparseAttention, SparseBatchNorm2d, channel_groups, check_mask, kept_counts
 from .sparse.groups import concatenated_counts, concatenations
 
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What the cost of one conv or linear layer depends on."""
+    """What the cost of one conv or linear layer depends on (or of an attention's two products: a "depthwise" layer
+    of its head features, ``positions`` multiply-adds per kept feature, no weights)."""
 
     name: str
     in_group: str | None
@@ -192,6 +195,12 @@ def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[
         def record(module: nn.Module, inputs: tuple[Tensor, ...], keywords: dict, output: Tensor) -> None:
             given = inputs[0] if inputs else next(iter(keywords.values()))  # layer(x) or layer(input=x)
             reads_input = given.data_ptr() == x.data_ptr()
+            if isinstance(module, SparseAttention):  # its two products, q k^T and (softmax) v: 2 heads tokens^2
+                # multiply-adds per kept head feature, linear in its group's count like a depthwise conv's
+                pairs = 2 * module.num_heads * given.shape[0] * given.shape[1] ** 2
+                shapes.append(LayerShape(f"{name}:products", None, module.group, module.head_dim, module.head_dim,
+                                         pairs, 0, False, False, depthwise=True))
+                return
             if isinstance(module, nn.Conv2d):  # on the example's map, or on several maps stacked as examples
                 k = module.weight.shape[2] * module.weight.shape[3]
                 positions = k * output.shape[0] * output.shape[2] * output.shape[3]
@@ -211,7 +220,7 @@ def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[
         return record
 
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv2d, nn.Linear, SparseAttention)):
             handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
     was_training = model.training
     try:

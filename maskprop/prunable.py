@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .models.spec import check_input_size
-from .sparse import SparseBatchNorm2d, SparseBatchNormAct2d, SparseConv2d, SparseLinear
+from .sparse import SparseAttention, SparseBatchNorm2d, SparseBatchNormAct2d, SparseConv2d, SparseLinear
 from .sparse.groups import concatenate_groups
 from .sparse.modules import SparseModule
 
@@ -127,6 +127,8 @@ class _Spaces:
     whole: dict[int, str] = field(default_factory=dict)
     residual: set[int] = field(default_factory=set)
     concatenated: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # its (part space, channels)
+    widths: dict[int, int] = field(default_factory=dict)  # the channels of a space no conv or linear layer writes
+    attention: dict[str, int] = field(default_factory=dict)  # timm attention by path: its heads' features
 
     def new(self, writer: str | None = None, whole: str | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -274,8 +276,13 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
                                                                   concatenated.items()})
     for name, parts in concatenated.values():
         concatenate_groups(model, name, parts)
+    for name, head in spaces.attention.items():  # its heads' features a group: maskprop's attention runs them
+        group = groups.get(spaces.find(head))
+        if group is not None:
+            _put(model, modules[name], _sparse_attention(modules[name], group))
+            replaced += 1
     prunable = sum(_width(modules, spaces, root) for root in groups)
-    read = f", {len(concatenated)} concatenations of them read" if concatenated else ""
+    read = f", {len(concatenated)} concatenations of them" if concatenated else ""
     summary = (f"make_prunable: {type(model).__name__} has {len(groups)} channel groups ({prunable} channels{read}) "
                f"in {replaced} converted layers; left whole: {_why_whole(spaces, layers, modules)}")
     logger.log(logging.DEBUG if summary in _SAID else logging.INFO, summary)  # once a process: a run builds it often
@@ -335,11 +342,33 @@ def _shape_propagation(traced: fx.GraphModule) -> fx.Interpreter:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping timm's ``BatchNormAct2d`` (a BatchNorm and its activation, converted as one) and
-    timm's ``Linear`` whole."""
+    """torch.fx's tracer, keeping timm's ``BatchNormAct2d`` (a BatchNorm and its activation, converted as one),
+    timm's ``Linear`` and timm's plain ``Attention`` (converted to :class:`~maskprop.sparse.SparseAttention`) whole."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_batch_norm_act(m) or _is_timm_linear(m) or super().is_leaf_module(m, module_qualified_name)
+        return _is_batch_norm_act(m) or _is_timm_linear(m) or _is_timm_attention(m) \
+            or super().is_leaf_module(m, module_qualified_name)
+
+
+_TIMM_ATTENTION = {"timm.layers.attention", "timm.models.vision_transformer"}  # where timm versions define it
+
+
+def _is_timm_attention(module: nn.Module) -> bool:
+    """timm's multi-head self-attention (``Attention``: vision transformers, DeiT, ...) in the form
+    :class:`~maskprop.sparse.SparseAttention` computes: ``qkv`` and ``proj`` linear layers, no query-key or output
+    normalisation, no gate, dropouts around it. Any other form (and timm's other classes named ``Attention``) is
+    traced through, its heads left whole."""
+    kind = type(module)
+    if kind.__name__ != "Attention" or kind.__module__ not in _TIMM_ATTENTION:
+        return False
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    heads, width = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    linear = all(type(m) is nn.Linear or _is_timm_linear(m) for m in (qkv, proj))
+    plain = all(isinstance(getattr(module, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm", "norm"))
+    return linear and plain and getattr(module, "gate", None) is None and isinstance(heads, int) \
+        and isinstance(width, int) and qkv.out_features == 3 * heads * width and proj.in_features == heads * width \
+        and isinstance(getattr(module, "attn_drop", None), nn.Dropout) \
+        and isinstance(getattr(module, "proj_drop", None), (nn.Dropout, nn.Identity))
 
 
 def _is_timm_linear(module: nn.Module) -> bool:
@@ -490,6 +519,8 @@ class _Walk:
         if first is not None and first.last and kind is not nn.Linear and _keeps_zero(module) is None:
             self.opaque(node, f"{kind.__name__} on channels in the last dimension")
             return None
+        if _is_timm_attention(module):
+            return self.attention(node, name, module, first)
         if kind is nn.Conv2d:
             depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
             if module.groups > 1 and not depthwise:
@@ -541,6 +572,28 @@ class _Walk:
             return self.flattened(node, first)
         self.opaque(node, f"{kind.__name__}, which maskprop does not convert")
         return None
+
+    def attention(self, node: fx.Node, name: str, module: nn.Module, first: _Value | None) -> _Value | None:
+        """timm's ``Attention`` on tokens: ``qkv`` reads their features (the last dimension), the heads' features are
+        a space of ``head_dim`` channels that ``qkv`` writes ``3 x heads`` times over (a concatenation) and ``proj``
+        reads ``heads`` times, and ``proj`` writes the output."""
+        if first is not None and not first.last:
+            self.opaque(node, "attention on channels in dimension 1")
+            return None
+        qkv = self.layers.setdefault(f"{name}.qkv", _Layer("linear", positions={1}))
+        proj = self.layers.setdefault(f"{name}.proj", _Layer("linear", positions={1}))
+        if first is not None:
+            self.needs_zero(first, node)
+        self.reads(qkv, first.space if first is not None else
+                   self.spaces.new(whole=f"read by {name!r} from a tensor maskprop does not follow"))
+        if name not in self.spaces.attention:  # its first call: the heads' features, written and read by head
+            heads, width = module.num_heads, module.head_dim
+            head = self.spaces.attention[name] = self.spaces.new(writer=name)
+            self.spaces.widths[head] = width
+            qkv.writes = [self.spaces.concatenation([(head, width)] * (3 * heads))]
+            self.spaces.writers[qkv.writes[0]] = [f"{name}.qkv"]
+            proj.reads = [self.spaces.concatenation([(head, width)] * heads)]
+        return _Value(self.writes(proj, f"{name}.proj"), last=True)
 
     def flattened(self, node: fx.Node, value: _Value) -> _Value | None:
         """``(N, C, H, W) -> (N, C * H * W)``: the same space, ``H * W`` features per channel, in flatten's order."""
@@ -756,6 +809,8 @@ def _concatenations(spaces: _Spaces, layers: dict[str, _Layer], groups: dict[int
 
 
 def _width(modules: dict[str, nn.Module], spaces: _Spaces, root: int) -> int:
+    if root in spaces.widths:
+        return spaces.widths[root]
     module = modules[spaces.writers[root][0]]
     return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
 
@@ -794,8 +849,8 @@ def _replace(model: nn.Module, modules: dict[str, nn.Module], layers: dict[str, 
         elif in_group is None and out_group is None:
             continue
         else:
-            masks = out_group is not None and not all(_normalised_by(node, out_group, layers, spaces, groups)
-                                                      for node in entry.nodes)
+            masks = out_group is not None and not (entry.nodes and all(  # an attention's qkv has no node: it masks
+                _normalised_by(node, out_group, layers, spaces, groups) for node in entry.nodes))
             with torch.device("meta"):
                 if isinstance(old, nn.Conv2d):
                     if entry.kind == "depthwise":
@@ -814,6 +869,15 @@ def _replace(model: nn.Module, modules: dict[str, nn.Module], layers: dict[str, 
         _put(model, old, new)
         replaced += 1
     return replaced
+
+
+def _sparse_attention(old: nn.Module, group: str) -> SparseAttention:
+    """maskprop's attention in place of timm's ``old`` (its ``qkv`` and ``proj`` already maskprop's layers), holding
+    the same modules."""
+    new = SparseAttention(old.qkv, old.proj, old.num_heads, old.head_dim, group, attn_drop=old.attn_drop,
+                          proj_drop=old.proj_drop, q_norm=old.q_norm, k_norm=old.k_norm,
+                          norm=getattr(old, "norm", None))
+    return new.train(old.training)
 
 
 def _normalised_by(node: fx.Node, group: str, layers: dict[str, _Layer], spaces: _Spaces,

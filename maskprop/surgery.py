@@ -31,6 +31,7 @@ from .sparse import (
     channel_groups,
     check_mask,
 )
+from .sparse.attention import SparseAttention
 from .sparse.groups import concatenated_masks, concatenations, drop_concatenations
 
 __all__ = ["IndexSets", "gather", "index_sets", "materialize", "scatter_"]
@@ -218,4 +219,7 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
         return memo[id(model)]
     narrow = copy.deepcopy(model, memo)
     drop_concatenations(narrow)  # its layers name no group
+    for module in narrow.modules():
+        if isinstance(module, SparseAttention):  # it runs at the narrow head width, at the full width's scale
+            module.group = None
     return narrow

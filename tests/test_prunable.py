@@ -433,7 +433,7 @@ def test_timm_and_torchvision_names_build_their_models_made_prunable():
     assert small.features[1].conv[1].out_channels == 8 and "features.3" not in maskprop.channel_groups(small)
     assert maskprop.create_model("timm:resnet18", in_chans=1).conv1.in_channels == 1  # traced at 1 x 224 x 224
     vit = maskprop.create_model("timm:vit_tiny_patch16_224", img_size=32, patch_size=8)  # traced at its own size
-    assert len(maskprop.channel_groups(vit)) == 12
+    assert len(maskprop.channel_groups(vit)) == 24  # each block: its MLP hidden units and its heads' features
     tv_vit = maskprop.create_model("torchvision:vit_b_16", image_size=32, num_classes=10)
     assert len(maskprop.channel_groups(tv_vit)) == 12
     cases = [("timm:no_such_net", r"unknown model 'timm:no_such_net': timm has no model 'no_such_net'"),
@@ -1001,14 +1001,15 @@ def test_a_vits_export_counts_attention_flops_as_its_cost_model_does(tmp_path):
     mask = maskprop.random_mask(maskprop.channel_groups(model), 0.5, torch.Generator().manual_seed(0))
     info = save_exported(model, mask, tmp_path / "vit", spec=spec, formats="safetensors")
     cost = maskprop.CostModel(model, (3, 32, 32))
-    assert cost.other_flops > 0
+    assert cost.other_flops == 0  # its attention's products are its heads' features' (pruned): none left outside
+    assert sum(name.endswith(":products") for name in cost.by_layer()) == 12
     assert (info["flops"], info["dense_flops"]) == (cost.flops(mask), cost.flops())
 
 
 def test_timm_names_build_traced_at_an_img_size_given_as_a_list_of_height_and_width():
     """A config's ``img_size: [32, 48]`` (YAML gives a list; not square) is the size the model is traced at."""
     vit = maskprop.create_model("timm:vit_tiny_patch16_224", img_size=[32, 48], num_classes=10)
-    assert len(maskprop.channel_groups(vit)) == 12
+    assert len(maskprop.channel_groups(vit)) == 24
     assert vit(torch.zeros(1, 3, 32, 48)).shape == (1, 10)
 
 
@@ -1036,8 +1037,9 @@ def test_a_timm_model_exports_nothing_where_timms_rebuilt_model_fails_on_the_inp
 @pytest.mark.parametrize("name,size", [("timm:convnext_atto", 32), ("timm:vit_tiny_patch16_224", 32)])
 def test_convnext_and_vit_prune_their_mlps_hidden_units(name, size):
     """ConvNeXt's and ViT's MLP hidden units (4 C, between two linear layers on the channels-last map or the tokens)
-    become one group per block; the residual streams (behind LayerNorm, layer scale, attention) stay whole. The cost
-    model counts attention's products once, at their dense value (the check compares it with torch's counter)."""
+    become one group per block, and so do ViT's heads' features (tests/test_attention.py); the residual streams
+    (behind LayerNorm, layer scale, attention) stay whole. The cost model counts every FLOP torch's counter finds in
+    the layers it prunes (the check compares them)."""
     torch.manual_seed(0)
     kwargs = {"img_size": size} if "vit" in name else {}
     model = timm.create_model(name[5:], num_classes=10, **kwargs).eval()
@@ -1049,11 +1051,13 @@ def test_convnext_and_vit_prune_their_mlps_hidden_units(name, size):
         assert torch.equal(model(x), before)
     groups = maskprop.channel_groups(model)
     blocks = [m for m in model.modules() if type(m).__name__ == "Mlp"]
-    assert len(groups) == len(blocks) > 0 and all(g.endswith("mlp.fc1") for g in groups)
+    heads = [name for name, m in model.named_modules() if isinstance(m, maskprop.sparse.SparseAttention)]
+    assert len(heads) == (len(blocks) if "vit" in name else 0)
+    assert len(groups) == len(blocks) + len(heads) and len(blocks) > 0
+    assert sorted(groups) == sorted([g for g in groups if g.endswith("mlp.fc1")] + heads)
     assert all(m.fc1.out_group == m.fc2.in_group is not None for m in blocks)
     maskprop.check_model(model, (3, size, size))
-    other = maskprop.CostModel(model, (3, size, size)).other_flops
-    assert (other > 0) is ("vit" in name)  # attention's products: outside the linear layers
+    assert maskprop.CostModel(model, (3, size, size)).other_flops == 0
 
 
 def test_a_torchvision_vit_counts_its_attentions_linear_products_as_flops_no_mask_prunes():

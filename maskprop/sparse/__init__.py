@@ -1,5 +1,6 @@
 """Channel groups, masks, and the compact / masked execution of channel-sparse layers."""
 
+from .attention import SparseAttention
 from .execution import MODES, ExecutionState, Mask, ModelPlan, check_mask, model_plan, prepare_mask, use_mask
 from .groups import (
                      ChannelSparseModel,
@@ -22,6 +23,7 @@ __all__ = [
     "ExecutionState",
     "Mask",
     "ModelPlan",
+    "SparseAttention",
     "SparseBatchNorm2d",
     "SparseBatchNormAct2d",
     "SparseConv2d",

@@ -1,0 +1,201 @@
+"""Attention heads' features as a channel group: timm's ``Attention`` made prunable (``SparseAttention``).
+
+Each check against an independent computation: timm's own module, attention written out by hand on the kept
+features, torch's FLOP counter, central differences of the FLOPs."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+
+import pytest
+import torch
+
+import maskprop
+from maskprop.cost import CostModel, counting_flops
+from maskprop.sparse import SparseAttention
+
+timm = pytest.importorskip("timm")
+
+SIZE = (3, 16, 16)  # 16 tokens of 4 x 4 patches and a class token
+HEADS, HEAD_DIM, WIDTH = 3, 8, 24
+
+
+def _vit(**kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    options = dict(img_size=16, patch_size=4, embed_dim=WIDTH, depth=2, num_heads=HEADS, num_classes=5,
+                   qkv_bias=True) | kwargs
+    return timm.models.vision_transformer.VisionTransformer(**options)
+
+
+@pytest.fixture
+def vit64():
+    model = maskprop.make_prunable(_vit(), SIZE).double()
+    return model
+
+
+def _mask(model, generator_seed: int = 0, keep: float = 0.5) -> dict[str, torch.Tensor]:
+    return maskprop.random_mask(maskprop.channel_groups(model), keep, torch.Generator().manual_seed(generator_seed))
+
+
+def test_timms_attention_becomes_maskprops_computing_the_same():
+    """The converted model computes what timm's did (train and eval mode), with the same parameters under the same
+    names, and each block's heads' features are a group of head_dim channels."""
+    plain = _vit(attn_drop_rate=0.0).double()
+    converted = maskprop.make_prunable(copy.deepcopy(plain), SIZE)
+    assert list(converted.state_dict()) == list(plain.state_dict())
+    assert [type(b.attn) for b in converted.blocks] == [SparseAttention] * 2
+    groups = maskprop.channel_groups(converted)
+    assert {g: n for g, n in groups.items() if g.endswith("attn")} == {"blocks.0.attn": HEAD_DIM,
+                                                                      "blocks.1.attn": HEAD_DIM}
+    attn = converted.blocks[0].attn
+    assert (attn.qkv.out_group, attn.proj.in_group, attn.group) == ("blocks.0.attn.qkv", "blocks.0.attn.proj:input",
+                                                                   "blocks.0.attn")
+    assert maskprop.sparse.concatenations(converted)["blocks.0.attn.qkv"] == (("blocks.0.attn", HEAD_DIM),) * 9
+    assert maskprop.sparse.concatenations(converted)["blocks.0.attn.proj:input"] == (("blocks.0.attn", HEAD_DIM),) * 3
+    x = torch.randn(3, *SIZE, dtype=torch.float64)
+    for training in (True, False):
+        plain.train(training)
+        converted.train(training)
+        torch.testing.assert_close(converted(x), plain(x), rtol=1e-12, atol=1e-12)
+
+
+def _by_hand(attn: SparseAttention, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Attention on the kept features of every head, written out: the full projections' outputs sliced, the softmax at
+    the full head width's scale, the output projection on the kept columns."""
+    batch, tokens, _ = x.shape
+    qkv = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(batch, tokens, 3, HEADS, HEAD_DIM)[..., kept]
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (batch, heads, tokens, kept)
+    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(HEAD_DIM), dim=-1)
+    out = (weights @ v).transpose(1, 2)  # (batch, tokens, heads, kept)
+    columns = attn.proj.weight.reshape(-1, HEADS, HEAD_DIM)[..., kept].flatten(1)
+    return out.flatten(2) @ columns.T + attn.proj.bias
+
+
+def test_a_subnetwork_runs_attention_on_its_kept_features_only(vit64):
+    """Compact execution computes attention on the kept head features alone (the projections run narrow), equal to
+    attention written out by hand on them and to masked execution, gradients included."""
+    mask = _mask(vit64)
+    attn = vit64.blocks[0].attn
+    kept = mask["blocks.0.attn"].nonzero().flatten()
+    x = torch.randn(2, 17, WIDTH, dtype=torch.float64, requires_grad=True)
+    widths = []
+    hook = attn.qkv.register_forward_hook(lambda m, i, o: widths.append(o.shape[-1]))
+    with maskprop.use_mask(vit64, mask):
+        compact = attn(x)
+    hook.remove()
+    assert widths == [3 * HEADS * len(kept)] and 0 < len(kept) < HEAD_DIM
+    torch.testing.assert_close(compact, _by_hand(attn, x, kept), rtol=1e-12, atol=1e-12)
+    grads = {}
+    for mode in ("compact", "masked"):
+        vit64.zero_grad()
+        images = torch.randn(2, *SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        with maskprop.use_mask(vit64, mask, mode):
+            loss = vit64(images).square().sum()
+        loss.backward()
+        grads[mode] = (loss.item(), {n: p.grad.clone() for n, p in vit64.named_parameters() if p.grad is not None})
+    assert grads["compact"][0] == pytest.approx(grads["masked"][0], rel=1e-12)
+    assert grads["compact"][1].keys() == grads["masked"][1].keys()
+    for name, grad in grads["compact"][1].items():
+        torch.testing.assert_close(grad, grads["masked"][1][name], rtol=1e-10, atol=1e-12, msg=name)
+    qkv_grad = grads["compact"][1]["blocks.0.attn.qkv.weight"].reshape(3, HEADS, HEAD_DIM, WIDTH)
+    assert qkv_grad[:, :, ~mask["blocks.0.attn"]].abs().max() == 0  # a dropped feature's rows learn nothing
+
+
+def test_the_cost_model_counts_attentions_products_by_its_kept_features(vit64):
+    """Both products cost ``2 x 2 x heads x tokens^2`` FLOPs per kept feature; forward and backward against torch's
+    counter on a compact step; prices against central differences."""
+    cost = CostModel(vit64, SIZE)
+    tokens = 17
+    for seed, keep in ((0, 0.5), (1, 0.25), (2, 1.0)):
+        mask = _mask(vit64, seed, keep)
+        kept = int(mask["blocks.1.attn"].sum())
+        assert cost.by_layer(mask)["blocks.1.attn:products"] == 4 * HEADS * tokens ** 2 * kept
+        images = torch.randn(2, *SIZE, dtype=torch.float64)
+        with counting_flops() as counter, maskprop.use_mask(vit64, mask):
+            loss = vit64(images).sum()
+            forward = counter.get_total_flops()
+            loss.backward()
+        assert forward == cost.flops(mask, batch_size=2)
+        assert counter.get_total_flops() - forward == cost.backward_flops(mask, batch_size=2)
+    assert cost.other_flops == 0  # every product torch counts is in a layer the masks narrow
+    half = {g: n // 2 for g, n in cost.groups.items()}
+    prices = cost.channel_prices(0.5)
+    for group in half:
+        more, fewer = dict(half, **{group: half[group] + 1}), dict(half, **{group: half[group] - 1})
+        assert prices[group] == pytest.approx((cost.flops(more) - cost.flops(fewer)) / 2, rel=1e-12)
+
+
+def test_check_model_and_export_take_a_vit_with_pruned_heads(vit64, tmp_path):
+    """check_model's every check (compact, static with capacities, narrow, FLOPs) passes; the exported narrow model
+    runs attention at the kept head width with the full width's scale, in every file format."""
+    maskprop.check_model(vit64, SIZE)
+    spec = maskprop.ModelSpec.resolve("timm:vit_tiny_patch16_224", {"img_size": 16, "patch_size": 4, "embed_dim": WIDTH,
+                                                                    "depth": 2, "num_heads": HEADS},
+                                      num_classes=5, input_size=SIZE)
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    mask = _mask(model)
+    formats = "safetensors,pt2,onnx" if importlib.util.find_spec("onnxscript") else "safetensors,pt2"
+    info = maskprop.save_exported(model, mask, tmp_path / "vit", spec=spec, formats=formats)
+    assert info["flops"] == CostModel(model, SIZE).flops(mask)
+    narrow = maskprop.load_exported(tmp_path / "vit")
+    attn = narrow.blocks[0].attn
+    kept = int(mask["blocks.0.attn"].sum())
+    assert isinstance(attn, SparseAttention) and attn.group is None and attn.scale == HEAD_DIM ** -0.5
+    assert attn.qkv.out_features == 3 * HEADS * kept and type(attn.qkv) is torch.nn.Linear
+    x = torch.randn(2, *SIZE)
+    with maskprop.use_mask(model, mask):
+        expected = model(x)
+    torch.testing.assert_close(narrow(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_in_another_form_keeps_its_heads_whole():
+    """Query-key normalisation (its LayerNorm reads every head feature) and timm's other classes named ``Attention``
+    (BEiT's, with its relative position bias) are traced through as before: their heads stay whole, the model
+    computes what it did."""
+    normed = maskprop.make_prunable(_vit(qk_norm=True), SIZE)
+    assert not any(isinstance(m, SparseAttention) for m in normed.modules())
+    assert not any(g.endswith("attn") for g in maskprop.channel_groups(normed))
+    beit = timm.models.beit.Beit(img_size=16, patch_size=4, embed_dim=WIDTH, depth=1, num_heads=HEADS,
+                                 num_classes=5).eval()
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        before = beit(x)
+    maskprop.make_prunable(beit, SIZE)
+    assert not any(isinstance(m, SparseAttention) for m in beit.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(beit(x), before, rtol=0, atol=0)
+
+
+def test_exclude_names_qkv_to_keep_a_blocks_heads_whole():
+    model = maskprop.make_prunable(_vit(), SIZE, exclude=["blocks.0.attn.qkv"])
+    groups = maskprop.channel_groups(model)
+    assert "blocks.0.attn" not in groups and "blocks.1.attn" in groups
+    assert type(model.blocks[0].attn).__name__ == "Attention" and isinstance(model.blocks[1].attn, SparseAttention)
+    maskprop.check_model(model, SIZE)
+
+
+def test_sparse_attention_refuses_projections_of_other_widths():
+    qkv, proj = torch.nn.Linear(24, 70), torch.nn.Linear(24, 24)
+    with pytest.raises(ValueError, match="qkv writes 70 and proj reads 24 features; expected 72 and 24 for 3 heads"):
+        SparseAttention(qkv, proj, 3, 8)
+
+
+def test_dropout_on_the_attention_weights_draws_alike_in_both_modes(vit64):
+    """The fused kernel's dropout draws one number per attention weight, (heads, tokens, tokens) whatever the head
+    width: compact and masked steps with the same seed drop the same weights."""
+    for block in vit64.blocks:
+        block.attn.attn_drop.p = 0.3
+    mask = _mask(vit64, 3)
+    x = torch.randn(2, *SIZE, dtype=torch.float64)
+    outputs = []
+    for mode in ("compact", "masked"):
+        torch.manual_seed(7)
+        with maskprop.use_mask(vit64, mask, mode):
+            outputs.append(vit64(x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    torch.manual_seed(8)
+    with maskprop.use_mask(vit64, mask):
+        assert not torch.allclose(vit64(x), outputs[0])  # the dropout does drop
