@@ -69,6 +69,7 @@ def search_step(model: nn.Module, scores: ChannelScores, weight_opt: torch.optim
         align: Pad every kept width to a multiple of this (8 on a GPU: tensor cores; exact either way).
     """
     flat_m, flat_m2 = scores.sample_flat(generator), scores.sample_flat(generator)  # m, m' ~ Bernoulli(s)
+    # use_mask takes {group: mask}; split on the host, the masks cross from the GPU in one copy each, not one a group
     weight_opt.zero_grad(set_to_none=True)
     score_opt.zero_grad(set_to_none=True)
     with maskprop.use_mask(model, scores.split(flat_m.cpu()), align=align):  # forward + backward on m's channels
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # 3-4. The search: dense warm-up steps, then VR-PGE steps while the budget falls to the keep ratio and after.
     start, step = time.perf_counter(), 0
     for epoch in range(args.warmup_epochs + args.anneal_epochs + args.search_epochs):
+        kind = schedule.kind(step)  # of the epoch's first step: warmup, anneal or search
         for images, labels in train_loader:
             images, labels = images.to(device), labels.to(device)
             if schedule.kind(step) == "warmup":
@@ -160,8 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             step += 1
         kept = scores.expected_kept().ratio
         top1 = accuracy(model, val_loader, device, scores.top_mask())
-        print(f"search epoch {epoch}: loss {float(loss):.3f}, expected kept {kept:.3f}, top-score subnetwork "
-              f"{top1:.1f}%")
+        print(f"search epoch {epoch} ({kind}): loss {float(loss):.3f}, expected kept {kept:.3f}, top-score "
+              f"subnetwork {top1:.1f}%")
 
     # 5. Fix the subnetwork, cut it out, finetune it as the plain narrow model it is.
     mask = scores.top_mask()

@@ -257,6 +257,55 @@ def test_the_spec_carries_the_module_and_imports_it_only_when_asked(own_module):
         maskprop.ModelSpec("resnet20", {}, (3, 32, 32), "a b")
 
 
+def test_a_spec_of_a_network_registered_by_a_module_names_that_module(own_module, tmp_path):
+    """A spec built without ``module`` for a network a module registered names it (so an export or a checkpoint
+    rebuilds it in another process); maskprop's models, timm's and torchvision's, and networks a script registers
+    (``__main__``) name none; an unknown name says how to register one."""
+    module, name = own_module
+    import_models(module)
+    spec = maskprop.ModelSpec(name, {"num_classes": 3}, (3, 16, 16))
+    assert spec.module == module and spec.to_dict()["module"] == module
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    mask = maskprop.random_mask(maskprop.channel_groups(model), 0.5, torch.Generator().manual_seed(0))
+    maskprop.save_exported(model, mask, tmp_path / "exported", spec=spec, formats="safetensors")
+    assert json.loads((tmp_path / "exported" / "plan.json").read_text())["spec"]["module"] == module
+    assert maskprop.ModelSpec("resnet20").module is None and maskprop.ModelSpec("timm:resnet18").module is None
+    from maskprop.models import _registry
+
+    def own_script_net(num_classes=10):
+        return None
+
+    own_script_net.__module__ = "__main__"
+    _registry._MODELS["own_script_net"] = own_script_net
+    try:
+        assert maskprop.ModelSpec("own_script_net").module is None
+    finally:
+        _registry._MODELS.pop("own_script_net")
+    with pytest.raises(ValueError, match=r"unknown model 'own_unknown'; .*register it with @maskprop.register_model"):
+        maskprop.ModelSpec.resolve("own_unknown", {}, num_classes=3, input_size=(3, 16, 16))
+
+
+def test_a_subnetwork_given_an_input_of_another_size_says_so_in_one_line():
+    """A flattened feature map of another size than the model was made prunable for, and an input without a batch
+    dimension: one line each in compact mode (torch's own would name the subnetwork's sizes), as dense runs give."""
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(),
+                        nn.Linear(16 * 8 * 8, 10))
+    maskprop.make_prunable(net, (3, 32, 32))
+    mask = maskprop.random_mask(maskprop.channel_groups(net), 0.5, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"layer '5' \(SparseLinear\) reads 64 features per channel \(a feature map of "
+                                         r"64 positions, flattened\), but is given 256 per channel of the 8 kept: an "
+                                         r"input of another size than the model was built or made prunable for"):
+        with maskprop.use_mask(net, mask):
+            net(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+        with maskprop.use_mask(net, mask):
+            net(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match=r"no channel groups to mask: .*maskprop.make_prunable\(model, input_size\)"):
+        with maskprop.use_mask(nn.Linear(2, 2), {}):
+            pass
+
+
 def test_config_checks_the_module_name():
     assert Config(model={"module": "lab.models"}).model.module == "lab.models"
     with pytest.raises(ValueError, match=r"model.module='my-nets' is not a Python module name"):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import maskprop
 from maskprop.vrpge import (
     ESTIMATORS,
     ChannelScores,
@@ -685,6 +686,37 @@ def test_state_dict_round_trip_and_layout_check(tmp_path) -> None:
         with pytest.raises(ValueError, match="cannot load ChannelScores.*another model"):
             target.load_state_dict(state)
         assert torch.equal(target[0].scores, before)  # nothing partial was written
+
+
+def test_a_loaded_state_restores_the_budget_its_scores_were_projected_onto() -> None:
+    """An annealed search's scores are feasible for the budget of their last projection: a load restores it (so that
+    top_mask keeps as many channels as before), also into scores built with another keep ratio; a state saved before
+    the budget was kept leaves the budget as built."""
+    scores = ChannelScores(GROUPS, keep_ratio=0.3, init=1.0, budget=20.0)
+    scores.set_budget(15.5).project_()
+    kept = int(scores.flatten(scores.top_mask()).sum())
+    for keep_ratio in (0.3, 0.5):
+        restored = ChannelScores(GROUPS, keep_ratio=keep_ratio)
+        restored.load_state_dict(scores.state_dict())
+        assert restored.budget == 15.5 and int(restored.flatten(restored.top_mask()).sum()) == kept == 16
+    old = scores.state_dict()
+    old["_extra_state"] = {"groups": old["_extra_state"]["groups"]}
+    restored = ChannelScores(GROUPS, keep_ratio=0.3)
+    restored.load_state_dict(old)
+    assert restored.budget == pytest.approx(0.3 * 23)
+
+
+def test_the_estimators_refuse_a_dict_mask_and_per_example_losses_in_one_line() -> None:
+    scores = ChannelScores(GROUPS, keep_ratio=0.5)
+    with pytest.raises(TypeError, match=r"mask_m is a dict of groups; expected one flat tensor .*flatten\(mask\)"):
+        vrpge(1.0, 2.0, scores.top_mask(), scores.scores)
+    flat = scores.sample_flat(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"the losses have shape \(8,\); expected each mask's loss .*mean over the "):
+        vrpge(torch.ones(8), torch.zeros(8), flat, scores.scores)
+    with pytest.raises(ValueError, match=r"a model of plain torch layers has none: maskprop.make_prunable"):
+        ChannelScores(maskprop.channel_groups(torch.nn.Linear(2, 2)), 0.5)
+    two = torch.stack([flat, ~flat])  # two masks at once, one loss each: (2, 1)
+    assert vrpge(torch.tensor([[1.0], [2.0]]), torch.zeros(2, 1), two, scores.scores).shape == (2, 23)
 
 
 def test_score_training_loop_finds_the_useful_channels() -> None:

@@ -156,7 +156,8 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
         return _converted_entrypoint(name)
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}, or timm:NAME and "
-                         f"torchvision:NAME for a model of those libraries made prunable")
+                         f"torchvision:NAME for a model of those libraries made prunable (a network of your own: "
+                         f"register it with @maskprop.register_model)")
     return _MODELS[name]
 
 

@@ -21,7 +21,15 @@ import torch
 from torch import nn
 
 from ..sparse.modules import SparseModule
-from ._registry import check_module_name, create_model, import_models, is_model, list_models, model_entrypoint
+from ._registry import (
+    check_module_name,
+    converted_source,
+    create_model,
+    import_models,
+    is_model,
+    list_models,
+    model_entrypoint,
+)
 
 __all__ = ["ModelSpec"]
 
@@ -65,6 +73,9 @@ class ModelSpec:
             raise TypeError(f"ModelSpec takes a name (str) and kwargs (a mapping); got {self.name!r} and "
                             f"{self.kwargs!r}")
         object.__setattr__(self, "input_size", check_input_size(self.input_size, name="ModelSpec input_size"))
+        if self.module is None:  # a network of your own registered from a module: the module that registers it, so
+            # that a checkpoint or an export of it builds it in another process (a script's own, __main__, cannot)
+            object.__setattr__(self, "module", _registering_module(self.name))
         if self.module is not None:
             check_module_name(self.module, "ModelSpec module")
 
@@ -177,3 +188,12 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _registering_module(name: str) -> str | None:
+    """The module whose ``@register_model`` registered ``name``, where it is neither maskprop's own nor a script's
+    ``__main__``; None otherwise (and for names not registered, or timm's and torchvision's)."""
+    if not is_model(name) or converted_source(name) is not None:
+        return None
+    module = model_entrypoint(name).__module__
+    return None if module == "__main__" or module.split(".")[0] == "maskprop" else module

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -41,6 +41,9 @@ def _check_eps(eps: float) -> float:
 
 
 def _as_mask(mask: Tensor, s: Tensor, name: str) -> Tensor:
+    if isinstance(mask, Mapping):
+        raise TypeError(f"{name} is a dict of groups; expected one flat tensor of every channel, in the scores' order "
+                        f"(ChannelScores.flatten(mask), or the mask ChannelScores.sample_flat draws)")
     if mask.shape[-1:] != s.shape[-1:]:
         raise ValueError(f"{name} has {tuple(mask.shape)[-1:]} channels in its last dimension, scores have "
                          f"{tuple(s.shape)[-1:]}; pass flat tensors of the same length")
@@ -49,6 +52,9 @@ def _as_mask(mask: Tensor, s: Tensor, name: str) -> Tensor:
 
 def _loss_gap(loss_m: Tensor | float, loss_m2: Tensor | float, s: Tensor) -> Tensor:
     gap = torch.as_tensor(loss_m, device=s.device) - torch.as_tensor(loss_m2, device=s.device)
+    if gap.dim() and gap.shape[-1] != 1:  # one loss per example (reduction="none"): the estimator takes the batch's
+        raise ValueError(f"the losses have shape {tuple(gap.shape)}; expected each mask's loss on the batch (a number, "
+                         f"or one per mask as (k, 1) for k masks): take the mean over the examples")
     return gap.detach().to(s.dtype)
 
 

@@ -58,6 +58,8 @@ def _check_groups(groups: Mapping[str, int]) -> dict[str, int]:
     if not isinstance(groups, Mapping) or not groups:
         got = type(groups).__name__ if isinstance(groups, torch.nn.Module) else repr(groups)[:80]
         hint = " (pass model.channel_groups())" if isinstance(groups, torch.nn.Module) else ""
+        if isinstance(groups, Mapping):  # maskprop.channel_groups of a model of plain torch layers
+            hint = " (a model of plain torch layers has none: maskprop.make_prunable(model, input_size) first)"
         raise ValueError(f"groups must be a non-empty mapping {{group name: number of channels}}{hint}, got {got}")
     for name, size in groups.items():
         if not isinstance(name, str) or not name:
@@ -324,10 +326,14 @@ class ChannelScores(nn.Module):
     # ------------------------------------------------------------------------------------------------- state dict
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"groups": [[name, size] for name, size in self.groups.items()]}
+        # The budget too: the scores are feasible for the budget they were last projected onto (an annealed search's
+        # falls step by step), which a load restores. The keep ratio may differ: a resumed run may change it.
+        return {"groups": [[name, size] for name, size in self.groups.items()], "budget": self.budget}
 
     def set_extra_state(self, state: Any) -> None:
         self._check_layout(state)
+        if "budget" in state:  # states saved before the budget was kept leave it as it is
+            self.set_budget(float(state["budget"]))
 
     def _check_layout(self, state: Any) -> None:
         groups = state.get("groups") if isinstance(state, Mapping) else None
