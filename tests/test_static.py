@@ -413,7 +413,7 @@ def test_statistics_do_not_defer_with_a_batch_norm_outside_the_pruned_groups(gen
     assert any(m.group is None for m in norms) and {m.momentum for m in norms} == {0.1}
     capacities = mask_capacities(random_mask(model.channel_groups(), 0.5, generator), 8)
     state = StaticExecutionState(StaticLayout(model, capacities, align=8))
-    assert state.layout.norm_momentum is None and not state.layout.can_defer_statistics and state.counts_batches
+    assert state.layout.norm_momentum is None and not state.layout.can_defer_statistics and state.layers_count_batches
     with pytest.raises(ValueError, match="cannot defer their statistics"):
         state.defers_statistics = True
 
@@ -711,7 +711,7 @@ def test_bad_capacities_and_masks_for_a_model_are_one_clear_error():
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_layers_that_count_their_own_batches_are_not_counted_again(momentum, generator, one_thread):
     """With a BatchNorm outside the pruned groups (or ``momentum=None``) the layers count their batches themselves
-    (:attr:`StaticExecutionState.counts_batches`): the write-back must not count them a second time."""
+    (:attr:`StaticExecutionState.layers_count_batches`): the write-back must not count them a second time."""
     torch.manual_seed(0)
     model = nontrivial_batch_norms(maskprop.create_model("resnet20", prune_residual=False).double())
     for m in model.modules():
@@ -720,7 +720,7 @@ def test_layers_that_count_their_own_batches_are_not_counted_again(momentum, gen
     groups = model.channel_groups()
     capacities, mask, _ = _capacities_and_masks(groups, generator)
     state = StaticExecutionState(StaticLayout(model, capacities, align=8))
-    assert state.counts_batches
+    assert state.layers_count_batches
     x, y = torch.randn(3, *input_size("resnet20"), dtype=torch.double), torch.tensor([0, 1, 2])
     _assert_step_equals_masked(model, state, mask, None, x, y)
     assert {int(m.num_batches_tracked) for m in model.modules() if isinstance(m, SparseBatchNorm2d)} == {1}

@@ -1,7 +1,8 @@
 """Running a model as one channel subnetwork: masks, their validation, the execution state and ``use_mask``.
 
-An :class:`ExecutionState` holds everything the layers need to run one mask, prepared once per mask with a fixed
-number of tensor calls whatever the depth of the model (docs/methods.md, "Compact execution"):
+An :class:`ExecutionState` holds everything the layers need to run one mask, prepared once per mask (off the CPU
+with a fixed number of tensor calls whatever the depth of the model; on the CPU, where a call costs no launch, with
+one call per gathered tensor; docs/methods.md, "Compact execution"):
 
 * the index sets of the groups that lose channels, built on the host with one ``cumsum`` and one ``nonzero`` over all
   groups, padded up to a multiple of ``align`` (see below), and moved to the model's device in one copy (from pinned
@@ -68,8 +69,9 @@ def check_mask(mask: Mapping[str, Tensor], groups: Mapping[str, int]) -> list[in
     if not isinstance(mask, Mapping):
         raise TypeError(f"a mask is a dict of group name -> bool tensor, got {type(mask).__name__}")
     if not groups:
-        raise ValueError("this model has no channel groups to mask: expected a maskprop model (maskprop.create_model), "
-                         "not a plain torch one or a materialized subnetwork")
+        raise ValueError("this model has no channel groups to mask: expected a maskprop model (maskprop.create_model, "
+                         "or a network of plain torch layers after maskprop.make_prunable(model, input_size)), not a "
+                         "plain torch one or a materialized subnetwork")
     unknown = [g for g in mask if g not in groups]
     if unknown:
         raise ValueError(
@@ -295,10 +297,11 @@ def installed(model: nn.Module, layers: list[nn.Module], state) -> Iterator[nn.M
 
 
 class ExecutionState:
-    """Everything the layers need to run one mask, prepared once so that a forward pass does no index arithmetic and
-    a fixed number of gathering calls whatever the depth (see the module docstring).
+    """Everything the layers need to run one mask, prepared once so that a forward pass does no index arithmetic
+    (off the CPU, a fixed number of gathering calls whatever the depth; on the CPU one per gathered tensor: see the
+    module docstring).
 
-    Layers read it (``layer.execution_state``); only :func:`use_mask` sets it. Build one with :func:`prepare_mask`
+    Layers read it (``layer.execution_state``); :func:`use_mask` sets it. Build one with :func:`prepare_mask`
     to do the work before a forward (a search step prepares both of its masks first), or let :func:`use_mask` build it.
 
     Attributes:
@@ -307,11 +310,11 @@ class ExecutionState:
         kept: ``{group: kept channels}``.
         widths: ``{group: channels computed}``: ``kept`` padded to ``align`` (equal to ``kept`` for ``align=1`` and
             in masked mode); what the train-cost accounting counts.
-        counts_batches: Always true: BatchNorm layers count their batches themselves (``num_batches_tracked``; a
+        layers_count_batches: Always true: BatchNorm layers count their batches themselves (``num_batches_tracked``; a
             static state counts them all at once: :class:`~maskprop.sparse.static.StaticExecutionState`).
     """
 
-    counts_batches = True
+    layers_count_batches = True
 
     def __init__(self, mask: Mapping[str, Tensor], model: nn.Module, mode: str = "compact",
                  device: torch.device | None = None, counts: list[int] | None = None, align: int = 1,
@@ -401,9 +404,9 @@ class ExecutionState:
         else:
             flat, real_rows = _flat_rows(moved[2].view(-1, 4), sum(t.entries for t in tables), self._index_ext,
                                          self.padded)
-        sizes = [t.entries for t in tables]
-        flats = flat.split(sizes)
-        reals = real_rows.split(sizes) if real_rows is not None else [None] * len(tables)
+        entry_counts = [t.entries for t in tables]
+        flats = flat.split(entry_counts)
+        reals = real_rows.split(entry_counts) if real_rows is not None else [None] * len(tables)
         self._weights = [TableIndex(table, t_flat, t_real) for table, t_flat, t_real in zip(weights, flats, reals)]
         if norm is not None:
             self._norm = TableIndex(norm, flats[-1], reals[-1])
@@ -685,17 +688,20 @@ def gather_tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], ident
 
 def _row_table(blocks: list[RowBlock], index_ext: Tensor, real_ext: Tensor) -> Tensor:
     """One row per (gathered tensor, computed output channel), with a fixed number of host calls for all of them:
-    ``[first flat row, offset of its inputs in the extended index sets, kept (1) or padding (0), computed inputs]``.
+    ``[first flat row, shift, kept (1) or padding (0), computed inputs]``, where ``shift`` is the start of the row's
+    inputs in the extended index sets minus the row's first entry in the expanded table (the entries of all rows
+    before it).
 
-    Expanded over its computed inputs ``i`` (:func:`_flat_rows`), a row gives the flat rows ``first + index_ext[offset
-    + i]`` of the tensor's ``(rows, kernel area)`` view inside the concatenation of its kind.
+    Expanded over its computed inputs (:func:`_flat_rows`), entry ``e`` of the table (input ``i`` of its row) has
+    ``shift + e`` = that start ``+ i``, and gives the flat row ``first + index_ext[start + i]`` of the tensor's
+    ``(rows, kernel area)`` view inside the concatenation of its kind.
     """
     table = torch.tensor(blocks, dtype=torch.int64)
-    layer_of = torch.repeat_interleave(table[:, 0])
-    _, base, c_in, out_start, in_start, n_in = table[layer_of].unbind(1)
-    out_pos = out_start + torch.arange(len(layer_of)) - _exclusive_cumsum(table[:, 0])[layer_of]
+    block_of = torch.repeat_interleave(table[:, 0])  # the row block of each row
+    _, base, stride, out_start, in_start, n_in = table[block_of].unbind(1)  # RowBlock's fields
+    out_pos = out_start + torch.arange(len(block_of)) - _exclusive_cumsum(table[:, 0])[block_of]
     real = real_ext[out_pos].long()
-    first = base + index_ext[out_pos] * c_in
+    first = base + index_ext[out_pos] * stride
     return torch.stack([first, in_start - _exclusive_cumsum(n_in), real, n_in], 1)
 
 

@@ -37,12 +37,14 @@ class SparseModule:
 
     @property
     def execution_state(self) -> ExecutionState | None:
-        """The subnetwork this layer runs now (``None``: dense). Read-only: :func:`maskprop.use_mask` sets it."""
+        """The subnetwork this layer runs now (``None``: dense). Read-only: :func:`maskprop.use_mask` and
+        :func:`maskprop.sparse.static.use_static` set it."""
         return self._execution_state
 
 
 def set_execution_state(layers: Sequence[SparseModule], states: Sequence[ExecutionState | None]) -> None:
-    """Give each layer its execution state (used by :func:`maskprop.sparse.execution.use_mask` only)."""
+    """Give each layer its execution state (``installed``: what :func:`~maskprop.sparse.execution.use_mask` and
+    :func:`~maskprop.sparse.static.use_static` do)."""
     for layer, state in zip(layers, states):
         layer._execution_state = state
 
@@ -69,9 +71,16 @@ def _grouped_forward(
         linear = isinstance(layer, nn.Linear)
         got = x.shape[-1] // layer.in_positions if linear else x.shape[1] if x.dim() > 1 else None
         wiring = _wiring_error(layer, state, "in_group", layer.in_group, got, layer.in_channels)
-        if wiring is None:
-            raise
-        raise wiring from err
+        if wiring is not None:
+            raise wiring from err
+        if linear and weight.dim() == 3 and x.shape[-1] % weight.shape[1] == 0:  # a flattened map of another size
+            plan = state.plan if hasattr(state, "plan") else state.layout.plan
+            raise ValueError(f"layer {plan.name_of(layer)!r} ({type(layer).__name__}) reads {layer.in_positions} "
+                             f"features per channel (a feature map of {layer.in_positions} positions, flattened), "
+                             f"but is given {x.shape[-1] // weight.shape[1]} per channel of the {weight.shape[1]} "
+                             f"kept: an input of another size than the model was built or made prunable for"
+                             ) from err
+        raise
 
 
 class WiringError(ValueError):
@@ -270,6 +279,7 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
             return super().forward(x) if group is None else sync_batchnorm.sync_batch_norm(self, x, None, group)
         if state.mode == "masked":
             return self._masked_forward(x, state)
+        self._check_input_dim(x)  # nn.BatchNorm2d's one line for an input that is not (N, C, H, W), as dense runs say
         try:
             return self._compact_forward(x, state, group)
         except RuntimeError as err:  # an input of another width than the channels normalised: a wrong group
@@ -285,11 +295,11 @@ class SparseBatchNorm2d(nn.BatchNorm2d, SparseModule):
         if gathered is None:  # a fully kept group: exactly nn.BatchNorm2d
             return super().forward(x) if group is None else sync_batchnorm.sync_batch_norm(self, x, None, group)
         if group is not None:  # statistics of the computed channels over all ranks (SyncBatchNorm's semantics)
-            y = sync_batchnorm.sync_batch_norm(self, x, gathered, group, count=state.counts_batches)
+            y = sync_batchnorm.sync_batch_norm(self, x, gathered, group, count=state.layers_count_batches)
             state.batch_norm_done(self, gathered[0] is not None)
             return self._zero_padding(y, state)
         mean, var, weight, bias = gathered
-        factor, use_batch_stats = self._momentum(count=state.counts_batches)
+        factor, use_batch_stats = self._momentum(count=state.layers_count_batches)
         updates_stats = use_batch_stats and mean is not None
         if use_batch_stats and batchnorm.eligible(x):  # kept counts the native channels_last kernel is slow for
             y, batch_mean, batch_var = batchnorm.batch_norm_nhwc(x, weight, bias, self.eps)

@@ -318,7 +318,7 @@ class StaticLayout:
     Attributes:
         norm_momentum: The momentum all the model's BatchNorm layers share, when they do and all are in the layout
             (not ``None``, the cumulative average); else ``None``. A state of this layout then counts its passes'
-            batches for the layers (:attr:`StaticExecutionState.counts_batches`).
+            batches for the layers (its :attr:`StaticExecutionState.layers_count_batches` is false).
         can_defer_statistics: Whether a state of this layout can defer a pass's statistics
             (:attr:`StaticExecutionState.defers_statistics`): a model without BatchNorm, or ``norm_momentum`` set.
     """
@@ -572,7 +572,8 @@ class StaticExecutionState:
         self._norm_pass: ForwardPass | None = None
         self._defers = False
         self._deferred: ForwardPass | None = None  # a deferred pass's statistics, until commit_statistics()
-        # Until the first update: every group's first channels, all kept (a valid subnetwork, never cut).
+        # Until the first update: every channel kept, cut to each group's capacity (a valid subnetwork; the cuts of
+        # this start are not counted: the counters are zeroed below).
         self.update(torch.ones(layout.num_channels, dtype=torch.bool, device=layout.device))
         self.overflow_steps.zero_()
         self.overflow_channels.zero_()
@@ -643,7 +644,7 @@ class StaticExecutionState:
         self._rows.take(other._rows)
 
     @property
-    def counts_batches(self) -> bool:
+    def layers_count_batches(self) -> bool:
         """Whether BatchNorm layers count their batches themselves: only where they need the count in the pass
         (``momentum=None``, the cumulative average: :attr:`StaticLayout.norm_momentum` is ``None``). Otherwise the
         state counts a training pass's batch in all of them with one multi-tensor add when it writes their statistics
@@ -771,7 +772,7 @@ class StaticExecutionState:
         else:
             norm = self.layout.norm_table
             write_back_norms(norm, current.tensors, self._slice(norm)[0], self._norm_real,
-                             batches=None if self.counts_batches else _batches(norm, current))
+                             batches=None if self.layers_count_batches else _batches(norm, current))
             current.batches = {}  # counted: a later write-back of this pass counts only what runs after it
         current.updated = False
 

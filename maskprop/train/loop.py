@@ -168,7 +168,7 @@ def _step_function(state: TrainState, cfg: Config, ctx: StepContext) -> Callable
         kind = _search_kind(state, cfg)
         if kind == "warmup":  # every channel, no second forward, the scores left as they are
             return lambda batch: subnet_step(state.step_model, state.weight_optimizer, batch, None, ctx)
-        if kind == "random":  # compact steps of the fixed subnetwork (under torchrun, or finetune.narrow: false)
+        if kind == "random":  # compact steps of the fixed subnetwork (finetune.narrow: false)
             return lambda batch: subnet_step(state.step_model, state.weight_optimizer, batch, state.fixed_mask, ctx)
         optimizers = (state.weight_optimizer, state.score_optimizer)
         schedule = state.schedule

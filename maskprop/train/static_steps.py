@@ -454,7 +454,7 @@ class SearchStep(StaticStep):
         """Before a piece of the step under torchrun runs again eagerly after its capture failed: for the backward,
         the statistics of ``m'`` pending again and the weights' gradients dropped (the failed capture's backward made
         ``.grad`` tensors no kernel wrote). The forward discards a pending pass itself; the update consumes nothing."""
-        if piece == 1:
+        if self.average is not None and self.scores_apart and piece == 1:  # the three pieces' backward
             self.state_m2.deferred = self._m2_statistics
             self.optimizers[0].zero_grad(set_to_none=True)
 
