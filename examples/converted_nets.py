@@ -52,7 +52,8 @@ def timm_efficientnet_b0(num_classes: int = 1000, prune_residual: bool = True,
 @maskprop.register_model
 def timm_vit_tiny(num_classes: int = 1000, drop_path_rate: float = 0.0) -> nn.Module:
     """timm's ViT-Tiny for 32 x 32 images (patches of 4 x 4: 64 tokens): the hidden units of each block's MLP are a
-    group (768 of them, between ``fc1`` and ``fc2``); the residual stream and attention stay whole."""
+    group (768 of them, between ``fc1`` and ``fc2``), and so are its attention heads' features (64, shared by the
+    3 heads' queries, keys and values); the residual stream stays whole."""
     model = timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, img_size=INPUT_SIZE[1:], patch_size=4,
                               drop_path_rate=drop_path_rate)
     return maskprop.make_prunable(model, INPUT_SIZE)

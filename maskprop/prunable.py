@@ -9,7 +9,9 @@ one (a residual stream, or a gate); a depthwise convolution reads and writes one
 what later reads of its tensor see.
 A linear layer on a tensor of more than two dimensions (tokens, a channels-last map) writes a space held in the last
 dimension, which elementwise operations and products with another such space pass on and a linear layer reads (the
-hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves it whole.
+hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves it whole. timm's plain multi-head
+self-attention is traced as one module: its heads' features are a space that ``qkv`` writes once per head slice and
+``proj`` reads once per head, and it becomes :class:`~maskprop.sparse.SparseAttention`.
 A concatenation along the channels (``torch.cat(..., dim=1)``) makes a space of its parts side by side, which
 channel-wise operations pass on and conv, BatchNorm and linear layers read as a concatenated group
 (:func:`~maskprop.sparse.concatenate_groups`): DenseNet's dense blocks, Inception's branches, CSP and DLA stages. The

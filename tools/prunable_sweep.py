@@ -7,8 +7,9 @@ Usage:
 For each network: built with 10 classes (and the keywords below), made prunable at the input size below, then checked
 by ``maskprop.check_model`` (dense, compact, static-shape and narrow passes against the masked reference in float64,
 and the FLOPs against ``torch.utils.flop_counter``). A row gives the groups, the prunable channels, the concatenated
-groups that layers read (``torch.cat`` of groups along the channels), the share of the dense FLOPs in layers that
-read or write a group (what pruning can reduce), and the check's result; a network that cannot be converted gives the
+groups that layers read or write (``torch.cat`` of groups along the channels; an attention's ``qkv`` and ``proj`` one
+each), the share of the dense FLOPs in layers that read or write a group (what pruning can reduce; an attention's
+products count as one), and the check's result; a network that cannot be converted gives the
 first words of the one-line error. A failed check would be a bug of ``make_prunable``.
 """
 
@@ -69,8 +70,8 @@ NETWORKS: list[tuple[str, str, dict[str, Any], int]] = [
 
 
 def prunable_share(model: torch.nn.Module, size: int) -> float:
-    """The share of the dense forward FLOPs in conv and linear layers that read or write a group (or a concatenation
-    of groups)."""
+    """The share of the dense forward FLOPs in conv and linear layers (and attention's products) that read or write a
+    group (or a concatenation of groups)."""
     cost = maskprop.CostModel(model, (3, size, size))
     groups = maskprop.channel_groups(model) | maskprop.sparse.concatenations(model)
     touched = sum(f for layer, f in zip(cost.layers, cost.by_layer().values())
@@ -108,7 +109,7 @@ def main() -> None:
     logging.disable(logging.INFO)  # make_prunable's summaries
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
           f"{args.threads} threads, check_model in float64, batch 2")
-    print("| library | model | input | groups | prunable channels | concatenations read | FLOPs in pruned layers | "
+    print("| library | model | input | groups | prunable channels | concatenations | FLOPs in pruned layers | "
           "result | seconds |")
     print("|---|---|---:|---:|---:|---:|---:|---|---:|")
     for library, name, kwargs, size in NETWORKS:
