@@ -1011,6 +1011,10 @@ def test_a_resumed_logger_keeps_the_checkpoints_lines_and_purges_the_later_event
     killed.close()
     with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write('{"phase": "search", "ep')  # cut short by the kill
+    # TensorBoard orders event files by name, whose first field is the second they were opened in: a resumed run
+    # (a later process) opens its file at least a second after the killed one did. Within one second a process's
+    # file counter decides, and 10 sorts before 9 (how this test failed once the suite had opened ten writers).
+    time.sleep(1.05)
     resumed = RunLogger(tmp_path, resume_step=4, keep_line=lambda r: r["epoch"] <= 2)
     resumed.scalars({"search/loss": 60.0}, 6)
     resumed.epoch({"phase": "search", "epoch": 3})

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -708,7 +708,16 @@ class StaticExecutionState:
     def read_overflow(self, reset: bool = True) -> OverflowReport:
         """The overflow counters, read with one transfer (call it every ``N`` steps, outside the step), and zeroed
         unless ``reset`` is false."""
-        values = torch.cat([self.overflow_steps.view(1), self.overflow_channels]).tolist()
+        return self.overflow_report(torch.cat(self.overflow_counters()).tolist(), reset)
+
+    def overflow_counters(self) -> list[Tensor]:
+        """The overflow counters as device tensors, ``1 + groups`` numbers in all: what :meth:`read_overflow` reads,
+        and what a caller reading other sums in the same transfer appends to them (``maskprop.train.graphs``)."""
+        return [self.overflow_steps.view(1), self.overflow_channels]
+
+    def overflow_report(self, values: Sequence[float], reset: bool = True) -> OverflowReport:
+        """The report of :meth:`overflow_counters` read as ``values``; the counters zeroed unless ``reset`` is
+        false."""
         if reset:
             self.overflow_steps.zero_()
             self.overflow_channels.zero_()

@@ -543,18 +543,13 @@ class StaticSteps:
         """The statistics since the last read, with the overflow counters, in one transfer; then, with ``scores``
         during a search, the capacities re-chosen (one read of the scores): a change starts a new window."""
         states = [] if self._search is None else [self._search[0].state_m, self._search[0].state_m2]
-        extra = [t for state in states for t in (state.overflow_steps, state.overflow_channels)]
-        window, values = self.meter.read(extra)
-        if states:
-            groups = list(states[0].layout.groups)
-            per_state = 1 + len(groups)
-            for i, state in enumerate(states):
-                chunk = values[i * per_state:(i + 1) * per_state]
-                window.overflow_steps += int(chunk[0])
-                for g, cut in zip(groups, chunk[1:]):
-                    window.overflow_channels[g] = window.overflow_channels.get(g, 0) + int(cut)
-                state.overflow_steps.zero_()
-                state.overflow_channels.zero_()
+        window, values = self.meter.read([t for state in states for t in state.overflow_counters()])
+        for i, state in enumerate(states):
+            per_state = 1 + len(state.layout.groups)
+            report = state.overflow_report(values[i * per_state:(i + 1) * per_state])
+            window.overflow_steps += report.steps
+            for g, cut in report.channels.items():
+                window.overflow_channels[g] = window.overflow_channels.get(g, 0) + cut
         self.overflow_steps += window.overflow_steps
         for g, cut in window.overflow_channels.items():
             self.overflow_channels[g] = self.overflow_channels.get(g, 0) + cut

@@ -155,10 +155,12 @@ class EpochMeter:
         return metrics
 
 
-def _search_kind(state: TrainState, cfg: Config) -> str:
-    """The kind of the next search step: ``warmup`` (dense), ``random`` (the fixed random subnetwork of ``fix:
-    random``), ``anneal`` (VR-PGE under a falling budget) or ``search`` (VR-PGE at the budget)."""
-    kind = "search" if state.schedule is None else state.schedule.kind(state.counters["search_steps"])
+def _search_kind(state: TrainState, cfg: Config, step: int | None = None) -> str:
+    """The kind of search step ``step`` (default: the next one): ``warmup`` (dense), ``random`` (the fixed random
+    subnetwork of ``fix: random``), ``anneal`` (VR-PGE under a falling budget) or ``search`` (VR-PGE at the
+    budget)."""
+    step = state.counters["search_steps"] if step is None else step
+    kind = "search" if state.schedule is None else state.schedule.kind(step)
     return "random" if kind != "warmup" and cfg.sparsity.fix == "random" else kind
 
 
@@ -171,13 +173,9 @@ def _step_function(state: TrainState, cfg: Config, ctx: StepContext) -> Callable
         if kind == "random":  # compact steps of the fixed subnetwork (finetune.narrow: false)
             return lambda batch: subnet_step(state.step_model, state.weight_optimizer, batch, state.fixed_mask, ctx)
         optimizers = (state.weight_optimizer, state.score_optimizer)
-        schedule = state.schedule
-        annealed = schedule is not None and schedule.anneal_steps > 0
 
         def search(batch: tuple[Tensor, Tensor]) -> StepResult:
-            if annealed:  # the step projects its updated scores onto the next step's budget K(t + 1), so every step
-                # samples from scores feasible for its own budget (the first from their start, feasible for K(W))
-                state.scores.set_budget(schedule.at(state.counters["search_steps"] + 1))
+            _set_next_budget(state)
             return vrpge_step(state.step_model, state.scores, optimizers, batch, state.mask_generator, cfg.sparsity,
                               ctx)
 
@@ -186,6 +184,40 @@ def _step_function(state: TrainState, cfg: Config, ctx: StepContext) -> Callable
         return lambda batch: sbp_step(state.model, state.weight_optimizer, batch, ctx, state.budget,
                                       measure_angles=_measures_angles(state, cfg))
     return lambda batch: subnet_step(state.step_model, state.weight_optimizer, batch, state.fixed_mask, ctx)
+
+
+def _set_next_budget(state: TrainState) -> None:
+    """Before a search step of an annealed budget: the step projects its updated scores onto the next step's budget
+    ``K(t + 1)``, so that every step samples from scores feasible for its own budget (the first from their start,
+    feasible for ``K(W)``)."""
+    schedule = state.schedule
+    if schedule is not None and schedule.anneal_steps > 0:
+        state.scores.set_budget(schedule.at(state.counters["search_steps"] + 1))
+
+
+def _count_step(state: TrainState, phase: str, result: StepResult) -> None:
+    """A step's counters: the phase's steps (and the weights' schedule at them), the run's step, the train FLOPs."""
+    state.counters[f"{phase}_steps"] += 1
+    state.weight_schedule.step_update(state.counters[f"{phase}_steps"])
+    state.step += 1
+    state.counters["train_flops"] += result.flops
+    if phase != "finetune":  # the dense baseline trains as many steps as the search (see timing.py)
+        state.counters["dense_train_flops"] += result.dense_flops
+
+
+def _progress_bar(state: TrainState, loader: torch.utils.data.DataLoader, total: int) -> tqdm:
+    """The epoch's progress bar: rank 0's alone."""
+    return tqdm(loader, desc=f"{state.phase} {state.epoch + 1}/{total}", leave=False, dynamic_ncols=True,
+                disable=None if current().is_main else True)
+
+
+def _end_epoch(state: TrainState, cfg: Config, meter: EpochMeter, start: float) -> dict[str, float]:
+    """The epoch's metrics, after checking it trained a step; the state's epoch counted."""
+    if meter.steps == 0:
+        raise ValueError(f"the training loader gave no batch (batch size {cfg.data.batch_size}); "
+                         f"expected at least one full batch per epoch")
+    state.epoch += 1
+    return dict(meter.summary(), epoch_time_s=time.perf_counter() - start)
 
 
 def _measures_angles(state: TrainState, cfg: Config) -> bool:
@@ -222,21 +254,14 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
     meter = EpochMeter()
     total = phase_epochs(cfg, phase)
     kind, first, kind_steps = _timed_kind(state, total * len(loader))
-    bar = tqdm(loader, desc=f"{phase} {state.epoch + 1}/{total}", leave=False, dynamic_ncols=True,
-               disable=None if current().is_main else True)  # one progress bar: rank 0's
+    bar = _progress_bar(state, loader, total)
     start = time.perf_counter()
     for images, labels in bar:
         batch = ctx.inputs(images, labels)
         result = timed_step(lambda: step(batch), kind, state.times, ctx.device, dense_reference, batch,
                             index=state.counters[f"{phase}_steps"] - first, total=kind_steps,
                             timed=not (narrow is None and _measures_angles(state, cfg)))
-
-        state.counters[f"{phase}_steps"] += 1
-        state.weight_schedule.step_update(state.counters[f"{phase}_steps"])
-        state.step += 1
-        state.counters["train_flops"] += result.flops
-        if phase != "finetune":  # the dense baseline trains as many steps as the search (see timing.py)
-            state.counters["dense_train_flops"] += result.dense_flops
+        _count_step(state, phase, result)
         meter.update(result)
         bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{100.0 * meter.correct / meter.count:.1f}",
                         kept=f"{result.kept_ratio:.2f}", refresh=False)
@@ -246,11 +271,7 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
             state.diagnostics = result.diagnostics
             log.scalars(result.diagnostics, state.step)
     bar.close()
-    if meter.steps == 0:
-        raise ValueError(f"the training loader gave no batch (batch size {cfg.data.batch_size}); "
-                         f"expected at least one full batch per epoch")
-    state.epoch += 1
-    return dict(meter.summary(), epoch_time_s=time.perf_counter() - start)
+    return _end_epoch(state, cfg, meter, start)
 
 
 def _static_step_function(state: TrainState, cfg: Config, static: StaticSteps,
@@ -262,11 +283,9 @@ def _static_step_function(state: TrainState, cfg: Config, static: StaticSteps,
     kind = _search_kind(state, cfg) if state.phase == "search" else state.phase
     if kind in ("search", "anneal"):
         optimizers = (state.weight_optimizer, state.score_optimizer)
-        schedule = state.schedule
 
         def search(batch: tuple[Tensor, Tensor]) -> Any:
-            if schedule is not None and schedule.anneal_steps > 0:  # as in _step_function: the next step's budget
-                state.scores.set_budget(schedule.at(state.counters["search_steps"] + 1))
+            _set_next_budget(state)
             return static.search(state.model, state.scores, optimizers, batch)
 
         return search
@@ -297,19 +316,13 @@ def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader
     total = phase_epochs(cfg, phase)
     kind, first, kind_steps = _timed_kind(state, total * len(loader))
     scores = state.scores if phase == "search" else None
-    bar = tqdm(loader, desc=f"{phase} {state.epoch + 1}/{total}", leave=False, dynamic_ncols=True,
-               disable=None if current().is_main else True)
+    bar = _progress_bar(state, loader, total)
     start = time.perf_counter()
     for images, labels in bar:
         batch = ctx.inputs(images, labels)
         result = timed_step(lambda b=batch: step(b), kind, state.times, ctx.device, dense_reference, batch,
                             index=state.counters[f"{phase}_steps"] - first, total=kind_steps)
-        state.counters[f"{phase}_steps"] += 1
-        state.weight_schedule.step_update(state.counters[f"{phase}_steps"])
-        state.step += 1
-        state.counters["train_flops"] += result.flops
-        if phase != "finetune":
-            state.counters["dense_train_flops"] += result.dense_flops
+        _count_step(state, phase, result)
         if state.step % cfg.log_every == 0:
             window = static.read()  # capacities are re-chosen at the epoch's end only: each window costs a capture
             meter.add_window(window)
@@ -319,11 +332,7 @@ def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader
             log.scalars(_step_scalars(state, read), state.step)
     bar.close()
     meter.add_window(static.read(scores))
-    if meter.steps == 0:
-        raise ValueError(f"the training loader gave no batch (batch size {cfg.data.batch_size}); "
-                         f"expected at least one full batch per epoch")
-    state.epoch += 1
-    return dict(meter.summary(), epoch_time_s=time.perf_counter() - start)
+    return _end_epoch(state, cfg, meter, start)
 
 
 def _timed_kind(state: TrainState, phase_steps: int) -> tuple[str, int, int]:
@@ -552,9 +561,8 @@ def _search_diagnostics(run: Run, probe: torch.utils.data.DataLoader | None) -> 
     if state.phase != "search" or state.schedule is None:
         return {}
     schedule, steps = state.schedule, state.counters["search_steps"]
-    kind = schedule.kind(steps - 1)
-    diagnostics: dict[str, Any] = {"step_kind": "random" if kind != "warmup" and cfg.sparsity.fix == "random" else kind,
-                                   "budget_ratio": schedule.at(steps) / schedule.num_channels}
+    kind = _search_kind(state, cfg, steps - 1)
+    diagnostics: dict[str, Any] = {"step_kind": kind, "budget_ratio": schedule.at(steps) / schedule.num_channels}
     if state.scores is None or kind == "warmup":
         return diagnostics
     stats = score_statistics(state.scores.scores, POLARISED_MARGIN)
