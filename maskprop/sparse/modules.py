@@ -74,7 +74,7 @@ def _grouped_forward(
         if wiring is not None:
             raise wiring from err
         if linear and weight.dim() == 3 and x.shape[-1] % weight.shape[1] == 0:  # a flattened map of another size
-            plan = state.plan if hasattr(state, "plan") else state.layout.plan
+            plan = state.plan
             raise ValueError(f"layer {plan.name_of(layer)!r} ({type(layer).__name__}) reads {layer.in_positions} "
                              f"features per channel (a feature map of {layer.in_positions} positions, flattened), "
                              f"but is given {x.shape[-1] // weight.shape[1]} per channel of the {weight.shape[1]} "
@@ -96,7 +96,7 @@ def _wiring_error(layer: nn.Module, state: ExecutionState, side: str, group: str
     subnetwork (an input of another size altogether: torch's own error says it)."""
     from .groups import concatenated_counts
 
-    plan = state.plan if hasattr(state, "plan") else state.layout.plan
+    plan = state.plan
     sizes = concatenated_counts(plan.groups, plan.concatenations)
     widths = concatenated_counts(state.widths, plan.concatenations)
     carried = [name for name, size in sizes.items()  # the pruned groups of its width (full ones: too many to say)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .execution import ForwardPass, RowBlock, gather_tables, gathered, installed, model_plan
+from .execution import ForwardPass, ModelPlan, RowBlock, gather_tables, gathered, installed, model_plan
 from .gather import ALIGN_ELEMENTS, GatherTable, gather_norms, gather_pieces, write_back_norms
 from .groups import aligned_width, check_align
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear
@@ -642,6 +642,11 @@ class StaticExecutionState:
         if other.layout is not self.layout:
             raise ValueError("take() needs a state of the same layout (the same window)")
         self._rows.take(other._rows)
+
+    @property
+    def plan(self) -> ModelPlan:
+        """The model's layers and groups (its layout's), as an eager state's: what layers' error messages read."""
+        return self.layout.plan
 
     @property
     def layers_count_batches(self) -> bool:
