@@ -256,7 +256,8 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
     unknown = [name for name in exclude if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear))]
     if unknown:
         raise ValueError(f"exclude names {unknown} are not nn.Conv2d or nn.Linear layers of {type(model).__name__}")
-    spaces, layers = _follow(_trace(model, input_size), modules)
+    attention = _convertible_attention(modules)
+    spaces, layers = _follow(_trace(model, input_size, attention), modules, attention)
     if not prune_residual:
         for space in list(spaces.residual):
             spaces.leave_whole(space, "a residual stream (prune_residual=False)")
@@ -292,9 +293,17 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
     return model
 
 
-def _trace(model: nn.Module, input_size: tuple[int, ...]) -> list[fx.Graph]:
+def _convertible_attention(modules: dict[str, nn.Module]) -> frozenset[str]:
+    """The paths of timm's plain attention modules (:func:`_is_timm_attention`) whose ``qkv`` and ``proj`` are their
+    own (a projection shared with another module is listed under that module's path: its attention is traced
+    through, its heads whole)."""
+    return frozenset(name for name, m in modules.items() if _is_timm_attention(m)
+                     and modules.get(f"{name}.qkv") is m.qkv and modules.get(f"{name}.proj") is m.proj)
+
+
+def _trace(model: nn.Module, input_size: tuple[int, ...], attention: frozenset[str] = frozenset()) -> list[fx.Graph]:
     """The forward in training and in eval mode (code may differ between them), each traced on a ``meta`` copy, with
-    every node's output shape."""
+    every node's output shape; the modules at the paths ``attention`` kept whole."""
     try:
         copied = copy.deepcopy(model).to(device="meta")
     except Exception as err:  # a model holding something that cannot be copied (a lock, a file)
@@ -308,7 +317,7 @@ def _trace(model: nn.Module, input_size: tuple[int, ...]) -> list[fx.Graph]:
     for training in (True, False):
         copied.train(training)
         try:
-            traced = fx.GraphModule(copied, _Tracer().trace(copied))
+            traced = fx.GraphModule(copied, _Tracer(attention).trace(copied))
         except Exception as err:  # torch.fx's errors are of many types; the first line says what it met
             message = " ".join(str(err).split())[:300]
             raise ValueError(f"torch.fx could not trace {type(model).__name__}'s forward ({type(err).__name__}: "
@@ -345,10 +354,15 @@ def _shape_propagation(traced: fx.GraphModule) -> fx.Interpreter:
 
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping timm's ``BatchNormAct2d`` (a BatchNorm and its activation, converted as one),
-    timm's ``Linear`` and timm's plain ``Attention`` (converted to :class:`~maskprop.sparse.SparseAttention`) whole."""
+    timm's ``Linear`` and the attention modules at the paths ``attention`` (to become
+    :class:`~maskprop.sparse.SparseAttention`) whole."""
+
+    def __init__(self, attention: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.attention = attention
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_batch_norm_act(m) or _is_timm_linear(m) or _is_timm_attention(m) \
+        return _is_batch_norm_act(m) or _is_timm_linear(m) or module_qualified_name in self.attention \
             or super().is_leaf_module(m, module_qualified_name)
 
 
@@ -406,13 +420,15 @@ def _where(node: fx.Node) -> str:
     return f"{target} ({node.name})"
 
 
-def _follow(graphs: list[fx.Graph], modules: dict[str, nn.Module]) -> tuple[_Spaces, dict[str, _Layer]]:
+def _follow(graphs: list[fx.Graph], modules: dict[str, nn.Module], attention: frozenset[str] = frozenset()
+            ) -> tuple[_Spaces, dict[str, _Layer]]:
     """Walk each traced graph once, in order: the channel space of every tensor, and what each layer reads and writes
-    (a layer reads and writes the same spaces in every graph; a space left whole in one is whole)."""
+    (a layer reads and writes the same spaces in every graph; a space left whole in one is whole); the modules at the
+    paths ``attention`` as attention."""
     spaces = _Spaces()
     layers: dict[str, _Layer] = {}
     for graph in graphs:
-        _walk_graph(graph, modules, _Walk(spaces, layers, {}))
+        _walk_graph(graph, modules, _Walk(spaces, layers, {}, attention))
     return spaces, layers
 
 
@@ -471,6 +487,7 @@ class _Walk:
     spaces: _Spaces
     layers: dict[str, _Layer]
     values: dict[fx.Node, _Value]
+    attention: frozenset[str] = frozenset()  # paths of the attention modules to convert
 
     def inputs(self, node: fx.Node, *, in_kwargs: bool = True) -> list[_Value]:
         found: list[_Value] = []
@@ -518,11 +535,11 @@ class _Walk:
                 and kind not in _ELEMENTWISE_MODULES:
             self.opaque(node, f"{kind.__name__} called on more than one feature map, or on a flattened one")
             return None
+        if name in self.attention:  # it reads its input's last dimension, as a linear layer does
+            return self.attended(node, name, module, first)
         if first is not None and first.last and kind is not nn.Linear and _keeps_zero(module) is None:
             self.opaque(node, f"{kind.__name__} on channels in the last dimension")
             return None
-        if _is_timm_attention(module):
-            return self.attention(node, name, module, first)
         if kind is nn.Conv2d:
             depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
             if module.groups > 1 and not depthwise:
@@ -575,7 +592,7 @@ class _Walk:
         self.opaque(node, f"{kind.__name__}, which maskprop does not convert")
         return None
 
-    def attention(self, node: fx.Node, name: str, module: nn.Module, first: _Value | None) -> _Value | None:
+    def attended(self, node: fx.Node, name: str, module: nn.Module, first: _Value | None) -> _Value | None:
         """timm's ``Attention`` on tokens: ``qkv`` reads their features (the last dimension), the heads' features are
         a space of ``head_dim`` channels that ``qkv`` writes ``3 x heads`` times over (a concatenation) and ``proj``
         reads ``heads`` times, and ``proj`` writes the output."""
@@ -895,6 +912,6 @@ def _normalised_by(node: fx.Node, group: str, layers: dict[str, _Layer], spaces:
 def _put(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """``new`` wherever ``model`` holds ``old`` (under every name, if it is shared)."""
     for parent in model.modules():
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in list(parent._modules.items()):  # every name: named_children lists a child once
             if child is old:
                 setattr(parent, child_name, new)

@@ -221,5 +221,5 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
     drop_concatenations(narrow)  # its layers name no group
     for module in narrow.modules():
         if isinstance(module, SparseAttention):  # it runs at the narrow head width, at the full width's scale
-            module.group = None
+            module.group, module.head_dim = None, module.qkv.out_features // (3 * module.num_heads)
     return narrow

@@ -199,3 +199,133 @@ def test_dropout_on_the_attention_weights_draws_alike_in_both_modes(vit64):
     torch.manual_seed(8)
     with maskprop.use_mask(vit64, mask):
         assert not torch.allclose(vit64(x), outputs[0])  # the dropout does drop
+
+
+class Attention(timm.layers.Attention):
+    """A class of timm's name, defined elsewhere, computing something else: not converted."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("make", [lambda: Attention(WIDTH, HEADS, qkv_bias=True),
+                                  lambda: timm.layers.Attention(WIDTH, HEADS, qkv_bias=True, gated=True)],
+                         ids=["same name elsewhere", "gated"])
+def test_only_timms_plain_attention_is_converted(make):
+    plain = _vit().double().eval()
+    for block in plain.blocks:
+        block.attn = make().double()
+    x = torch.randn(2, *SIZE, dtype=torch.float64)
+    expected = plain(x)
+    converted = maskprop.make_prunable(plain, SIZE)
+    assert not any(isinstance(m, SparseAttention) for m in converted.modules())
+    torch.testing.assert_close(converted(x), expected, rtol=0, atol=0)
+
+
+def test_a_model_in_eval_mode_converts_to_eval_mode_with_no_dropout_drawn():
+    plain = _vit(attn_drop_rate=0.5).double().eval()
+    converted = maskprop.make_prunable(copy.deepcopy(plain), SIZE)
+    assert not any(m.training for m in converted.modules())
+    x = torch.randn(2, *SIZE, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), plain(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("keywords", [{"is_causal": True}, {"attn_mask": "random"}], ids=["causal", "mask"])
+def test_sparse_attention_takes_timms_mask_arguments(vit64, keywords):
+    if keywords.get("attn_mask") == "random":
+        keywords = {"attn_mask": (torch.rand(17, 17, generator=torch.Generator().manual_seed(0)) > 0.5)
+                    | torch.eye(17, dtype=torch.bool)}
+    ours = vit64.blocks[0].attn
+    theirs = timm.layers.Attention(WIDTH, HEADS, qkv_bias=True).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 17, WIDTH, dtype=torch.float64)
+    torch.testing.assert_close(ours(x, **keywords), theirs(x, **keywords), rtol=1e-12, atol=1e-12)
+
+
+def test_make_prunables_summary_counts_each_heads_features_once(caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="maskprop.prunable"):
+        maskprop.make_prunable(_vit(), SIZE)
+    assert "has 4 channel groups (208 channels, 4 concatenations of them) in 10 converted layers" in caplog.text
+
+
+def test_the_cost_model_of_a_narrow_vit_counts_its_kept_head_width(vit64):
+    """The narrow model keeps the full width's scale but runs, and is priced at, the kept head width; made prunable
+    again, it checks."""
+    mask = _mask(vit64)
+    narrow = maskprop.materialize(vit64, mask).eval()
+    kept = int(mask["blocks.0.attn"].sum())
+    assert narrow.blocks[0].attn.head_dim == kept and narrow.blocks[0].attn.scale == HEAD_DIM ** -0.5
+    x = torch.zeros(1, *SIZE, dtype=torch.float64)
+    assert CostModel(narrow, SIZE).flops() == maskprop.cost.counted_flops(narrow, x) == CostModel(vit64, SIZE).flops(
+        mask)
+    maskprop.check_model(maskprop.make_prunable(narrow, SIZE), SIZE)
+
+
+def test_attention_modules_sharing_a_projection_or_held_twice_convert_or_stay_whole_exactly():
+    """A projection shared by two attention modules is listed under one path: those modules are traced through,
+    their heads whole; one attention module held under two names is converted under both."""
+    shared = _vit().double()
+    shared.blocks[1].attn.qkv = shared.blocks[0].attn.qkv
+    x = torch.randn(2, *SIZE, dtype=torch.float64)
+    expected = shared(x)
+    maskprop.make_prunable(shared, SIZE)
+    assert isinstance(shared.blocks[0].attn, SparseAttention) is False and "blocks.0.attn" not in \
+        maskprop.channel_groups(shared)
+    torch.testing.assert_close(shared(x), expected, rtol=1e-12, atol=1e-12)
+    maskprop.check_model(shared, SIZE)
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Linear(16, WIDTH)
+            self.norm = torch.nn.LayerNorm(WIDTH)
+            self.a1 = timm.layers.Attention(WIDTH, HEADS)
+            self.a2 = self.a1
+            self.head = torch.nn.Linear(WIDTH, 3)
+
+        def forward(self, x):
+            x = self.norm(self.embed(x.flatten(2)[..., :16]))  # 3 tokens of 16 features
+            return self.head((x + self.a1(x) + self.a2(self.norm(x))).mean(1))
+
+    twice = Twice().double()
+    maskprop.make_prunable(twice, SIZE)
+    assert isinstance(twice.a1, SparseAttention) and twice.a2 is twice.a1
+    maskprop.check_model(twice, SIZE)
+
+
+def test_attention_reading_a_pruned_space_reads_it_as_a_linear_layer_does():
+    """Tokens written by a linear layer and read by attention directly (no LayerNorm on them): the tokens' features
+    are a group that qkv reads, proj writes (its output added to them) and the head reads; exact against the masked
+    reference."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Linear(16, WIDTH)
+            self.attn = timm.layers.Attention(WIDTH, HEADS, qkv_bias=True)
+            self.head = torch.nn.Linear(WIDTH, 3)
+
+        def forward(self, x):
+            tokens = self.embed(x.flatten(2)[..., :16])  # 3 tokens of 16 features
+            return self.head(tokens + self.attn(tokens)).mean(1)
+
+    net = maskprop.make_prunable(Net().double(), SIZE)
+    assert net.attn.qkv.in_group == net.attn.proj.out_group == net.embed.out_group == net.head.in_group == "embed"
+    assert net.attn.proj.mask_output and set(maskprop.channel_groups(net)) == {"embed", "attn"}
+    maskprop.check_model(net, SIZE)
+
+
+def test_attention_on_channels_in_dimension_1_leaves_them_whole():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+            self.attn, self.head = timm.layers.Attention(16, 2), torch.nn.Linear(16, 5)
+
+        def forward(self, x):
+            return self.head(self.attn(self.b(self.c(x)).relu().mean(3)).mean(1))
+
+    with pytest.raises(ValueError, match=r"'c' \(8 channels\): attention on channels in dimension 1"):
+        maskprop.make_prunable(Net(), SIZE)

@@ -421,8 +421,8 @@ def test_odd_widths_run_on_cuda_with_aligned_operands(name, dtype):
 def test_own_networks_run_on_cuda_with_aligned_operands(module, name, dtype, monkeypatch):
     """examples/my_nets.py's MobileNet (cuDNN's depthwise kernels at the gathered width) and VGG (a flattened map into
     a pruned hidden layer), timm's EfficientNet-B0, ViT and ConvNeXt converted by make_prunable (cuBLAS on 3-D
-    inputs at odd widths; the ViT's attention at odd head widths), and the small DenseNet and GhostNet (concatenated groups read, and written), with odd
-    widths: operands aligned, compact equal to masked."""
+    inputs at odd widths; the ViT's attention at odd head widths), and the small DenseNet and GhostNet (concatenated
+    groups read, and written), with odd widths: operands aligned, compact equal to masked."""
     from maskprop.models import import_models
 
     torch.backends.cudnn.allow_tf32 = False

@@ -32,7 +32,8 @@ class SparseAttention(nn.Module):
             the concatenated group of ``3 x heads`` parts of ``group``, or a plain narrow ``nn.Linear``).
         proj: The output projection, ``heads x head_dim -> C_out``.
         num_heads: Attention heads.
-        head_dim: The full head width (the group's channels): the scale is ``head_dim ** -0.5``.
+        head_dim: The head width (the group's channels): the scale is ``head_dim ** -0.5``, and stays so when
+            :func:`maskprop.materialize` narrows the module (``head_dim`` then the kept width).
         group: The channel group of the head features (``None``: never pruned).
         attn_drop: Dropout on the attention weights (its ``p`` is what the fused kernel applies in training).
         proj_drop: Dropout after ``proj``.
