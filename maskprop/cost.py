@@ -198,7 +198,7 @@ def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[
             if isinstance(module, SparseAttention):  # its two products, q k^T and (softmax) v: 2 heads tokens^2
                 # multiply-adds per kept head feature, linear in its group's count like a depthwise conv's
                 pairs = 2 * module.num_heads * given.shape[0] * given.shape[1] ** 2
-                width = module.qkv.out_features // (3 * module.num_heads)  # a narrow model's: fewer than head_dim
+                width = module.qkv.out_features // (3 * module.num_heads)  # the width its projection runs at
                 shapes.append(LayerShape(f"{name}:products", None, module.group, width, width, pairs, 0, False, False,
                                          depthwise=True))
                 return

@@ -285,8 +285,8 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
             _put(model, modules[name], _sparse_attention(modules[name], group))
             replaced += 1
     prunable = sum(_width(modules, spaces, root) for root in groups)
-    read = f", {len(concatenated)} concatenations of them" if concatenated else ""
-    summary = (f"make_prunable: {type(model).__name__} has {len(groups)} channel groups ({prunable} channels{read}) "
+    joined = f", {len(concatenated)} concatenations of them" if concatenated else ""
+    summary = (f"make_prunable: {type(model).__name__} has {len(groups)} channel groups ({prunable} channels{joined}) "
                f"in {replaced} converted layers; left whole: {_why_whole(spaces, layers, modules)}")
     logger.log(logging.DEBUG if summary in _SAID else logging.INFO, summary)  # once a process: a run builds it often
     _SAID.add(summary)

@@ -74,8 +74,7 @@ def _grouped_forward(
         if wiring is not None:
             raise wiring from err
         if linear and weight.dim() == 3 and x.shape[-1] % weight.shape[1] == 0:  # a flattened map of another size
-            plan = state.plan
-            raise ValueError(f"layer {plan.name_of(layer)!r} ({type(layer).__name__}) reads {layer.in_positions} "
+            raise ValueError(f"layer {state.plan.name_of(layer)!r} ({type(layer).__name__}) reads {layer.in_positions} "
                              f"features per channel (a feature map of {layer.in_positions} positions, flattened), "
                              f"but is given {x.shape[-1] // weight.shape[1]} per channel of the {weight.shape[1]} "
                              f"kept: an input of another size than the model was built or made prunable for"
