@@ -129,7 +129,6 @@ class _Spaces:
     whole: dict[int, str] = field(default_factory=dict)
     residual: set[int] = field(default_factory=set)
     concatenated: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # its (part space, channels)
-    widths: dict[int, int] = field(default_factory=dict)  # the channels of a space no conv or linear layer writes
     attention: dict[str, int] = field(default_factory=dict)  # timm attention by path: its heads' features
 
     def new(self, writer: str | None = None, whole: str | None = None) -> int:
@@ -608,7 +607,6 @@ class _Walk:
         if name not in self.spaces.attention:  # its first call: the heads' features, written and read by head
             heads, width = module.num_heads, module.head_dim
             head = self.spaces.attention[name] = self.spaces.new(writer=name)
-            self.spaces.widths[head] = width
             qkv.writes = [self.spaces.concatenation([(head, width)] * (3 * heads))]
             self.spaces.writers[qkv.writes[0]] = [f"{name}.qkv"]
             proj.reads = [self.spaces.concatenation([(head, width)] * heads)]
@@ -828,9 +826,10 @@ def _concatenations(spaces: _Spaces, layers: dict[str, _Layer], groups: dict[int
 
 
 def _width(modules: dict[str, nn.Module], spaces: _Spaces, root: int) -> int:
-    if root in spaces.widths:
-        return spaces.widths[root]
-    module = modules[spaces.writers[root][0]]
+    writer = spaces.writers[root][0]
+    module = modules[writer]
+    if writer in spaces.attention:  # an attention's heads' features
+        return module.head_dim
     return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
 
 
