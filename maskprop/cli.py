@@ -40,6 +40,17 @@ def _thread_count(value: str) -> int:
     return threads
 
 
+def _train_threads(value: str) -> int | str:
+    """``train --threads``: ``auto`` or an integer >= 0, else a usage error (one line, exit status 2)."""
+    if value == "auto":
+        return value
+    try:
+        return _thread_count(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 0 (0: torch's default), "
+                                         f"got {value!r}") from None
+
+
 TRAINER_STEPS_ON_CUDA = (
     "note: these are eager steps with the widths of each mask; on CUDA `maskprop train` runs static-shape steps, "
     "captured as CUDA graphs where it can (cuda_graphs: auto); `python tools/bench_graphs.py` times those")
@@ -118,6 +129,11 @@ def _final_table(summary: dict) -> str:
     kinds = summary.get("measured_speedup_phases") or {}
     if len(kinds) > 1:
         measured += " (per step, " + ", ".join(f"{k} {v['median']:.2f}x" for k, v in kinds.items()) + ")"
+    threads = summary.get("threads") or {}
+    if threads.get("setting") == "auto" and threads.get("used"):
+        low, high = threads["used"]
+        count = f"{low} CPU thread{'s' if high > 1 else ''}" if low == high else f"{low}-{high} CPU threads"
+        measured += f"; {count} (auto: the cores other processes left free)"
     lines = [
         f"{summary['model']} ({summary['method']}, "
         + (f"sbp.ratio {sbp['ratio']:g}" if sbp and "ratio" in sbp else f"keep_ratio {summary['keep_ratio']:g}")
@@ -161,15 +177,11 @@ def _final_table(summary: dict) -> str:
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from .train.config import load_config
     from .train.distributed import init_from_env
     from .train.loop import fit
     from .train.setup import default_run_dir
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     place = init_from_env(args.dist_backend)  # under torchrun: join the process group (DDP); else one process
     if args.resume is not None:
         if args.out is not None:
@@ -187,7 +199,7 @@ def _train(args: argparse.Namespace) -> int:
         # A run killed before its first checkpoint has config.yaml but no last.pt: fit starts it over.
         cfg = load_config(config_path, args.items)
         args.resumable = run_dir  # named if the run is interrupted
-        summary = fit(cfg, out=run_dir, resume=True)
+        summary = fit(cfg, out=run_dir, resume=True, threads=args.threads)
     else:
         if not args.items or "=" in args.items[0]:
             raise ValueError("expected a recipe (e.g. recipes/quickstart.yaml) before the key=value overrides, "
@@ -196,7 +208,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_config(recipe, overrides)
         out = args.out or cfg.out or default_run_dir(Path(recipe).stem)
         args.resumable = out
-        summary = fit(cfg, out=out)
+        summary = fit(cfg, out=out, threads=args.threads)
     if place.is_main:  # under torchrun only rank 0 reports
         print(_final_table(summary))
         print(f"run directory: {summary['run_dir']}")
@@ -298,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default: config 'out', else runs/<recipe>-<timestamp>)")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from DIR/last.pt (a run stopped "
                        "before its first checkpoint starts over from DIR/config.yaml)")
-    train.add_argument("--threads", type=_thread_count, default=0, help="torch CPU threads (0: torch's default)")
+    train.add_argument("--threads", type=_train_threads, default="auto",
+                       help="torch CPU threads: auto (default: the cores other processes leave free, re-chosen every "
+                       "epoch), N, or 0 (torch's default)")
     train.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"], default="auto",
                        help="under torchrun: the torch.distributed backend (auto: NCCL for CUDA tensors where CUDA is "
                        "available, gloo for CPU tensors)")

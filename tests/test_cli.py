@@ -58,7 +58,7 @@ def test_train_threads_must_be_a_count(capsys, recipe, tmp_path, value):
     out = tmp_path / "out"
     line = _usage_error(capsys, ["train", str(recipe), "--out", str(out), "--threads", value])
     assert line.startswith("maskprop train: error: argument --threads:") and repr(value) in line
-    assert "integer >= 0" in line
+    assert "auto or an integer >= 0" in line
     assert not out.exists()
 
 
@@ -72,6 +72,9 @@ def test_train_threads_zero_and_positive_parse():
 
     assert build_parser().parse_args(["train", "r.yaml", "--threads", "0"]).threads == 0
     assert build_parser().parse_args(["train", "r.yaml", "--threads", "3"]).threads == 3
+    assert build_parser().parse_args(["train", "r.yaml", "--threads", "auto"]).threads == "auto"
+    assert build_parser().parse_args(["train", "r.yaml"]).threads == "auto"  # the default
+    assert build_parser().parse_args(["bench", "--threads", "2"]).threads == 2
 
 
 def test_resume_with_a_recipe_says_resume_takes_none(capsys, recipe, tmp_path):
@@ -137,8 +140,8 @@ def fit_calls(monkeypatch) -> list:
     would (exit status 130, nothing trained)."""
     calls = []
 
-    def fake_fit(cfg, out=None, resume=False):
-        calls.append({"cfg": cfg, "out": out, "resume": resume})
+    def fake_fit(cfg, out=None, resume=False, threads=None):
+        calls.append({"cfg": cfg, "out": out, "resume": resume, "threads": threads})
         raise KeyboardInterrupt
 
     from maskprop.train import loop
@@ -173,13 +176,14 @@ def test_train_resume_applies_its_overrides_to_the_runs_config(tmp_path, fit_cal
     assert call["cfg"].data.train_size == TINY["data"]["train_size"]  # the rest from the run's config.yaml
 
 
-def test_train_threads_reach_torch(recipe, fit_calls, monkeypatch):
-    import torch
-
-    threads = []
-    monkeypatch.setattr(torch, "set_num_threads", threads.append)
-    assert main(["train", str(recipe), "--threads", "3"]) == 130 and threads == [3]
-    assert main(["train", str(recipe)]) == 130 and threads == [3]  # 0: torch's default, left alone
+def test_train_threads_reach_fit(recipe, fit_calls, tmp_path):
+    assert main(["train", str(recipe), "--threads", "3"]) == 130 and fit_calls[-1]["threads"] == 3
+    assert main(["train", str(recipe), "--threads", "0"]) == 130 and fit_calls[-1]["threads"] == 0
+    assert main(["train", str(recipe)]) == 130 and fit_calls[-1]["threads"] == "auto"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(recipe.read_text())
+    assert main(["train", "--resume", str(tmp_path / "run"), "--threads", "1"]) == 130
+    assert fit_calls[-1]["threads"] == 1 and fit_calls[-1]["resume"]
 
 
 def test_train_usage_errors_of_the_positional_items(capsys, recipe, tmp_path, fit_calls):

@@ -714,6 +714,18 @@ def test_the_final_table_says_faster_or_slower_correctly(runs):
     assert warned.splitlines()[-1] == "warning: the measured speedup 1.00x has a wide spread"
 
 
+@pytest.mark.parametrize(("threads", "said"), [
+    ({"setting": "auto", "used": [1, 1]}, "; 1 CPU thread (auto: the cores other processes left free)"),
+    ({"setting": "auto", "used": [2, 2]}, "; 2 CPU threads (auto: the cores other processes left free)"),
+    ({"setting": "auto", "used": [1, 2]}, "; 1-2 CPU threads (auto: the cores other processes left free)"),
+    ({"setting": 2, "used": [2, 2]}, None), (None, None),  # a fixed count, or a summary of an older maskprop
+])
+def test_the_final_table_says_what_threads_auto_chose(runs, threads, said):
+    measured = next(line for line in _final_table(dict(summary_of(runs / "vrpge"), threads=threads)).splitlines()
+                    if line.startswith("measured speedup"))
+    assert measured.endswith(said) if said else "CPU thread" not in measured
+
+
 def test_the_final_table_gives_the_time_of_graph_captures_beside_the_speedup(runs):
     """A graphed run's windows cost eager warm-up steps and a capture each, which the measured speedup (paired
     replayed steps) leaves out: the final lines say how long they took and what share of the run."""

@@ -608,8 +608,10 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     config = tiny(**{"optim.epochs": 4, "finetune.epochs": 1, "save_every": 1})
     recipe = write_recipe(tmp_path / "resume.yaml", config)
     killed = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the same kernels as this process
-    child = subprocess.Popen([sys.executable, "-m", "maskprop.cli", "train", str(recipe), "--out", str(killed)],
+    threads = str(torch.get_num_threads())  # the same kernels as this process (not --threads auto's choice)
+    env = dict(os.environ, OMP_NUM_THREADS=threads)
+    child = subprocess.Popen([sys.executable, "-m", "maskprop.cli", "train", str(recipe), "--out", str(killed),
+                              "--threads", threads],
                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -622,7 +624,7 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     interrupted = load_checkpoint(killed / "last.pt")
     assert (interrupted["phase"], interrupted["step"]) != ("done", 10), "the run finished before it was killed"
 
-    assert main(["train", "--resume", str(killed)]) == 0
+    assert main(["train", "--resume", str(killed), "--threads", threads]) == 0
     maskprop.fit(config, out=tmp_path / "straight")
     _assert_same_state(load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(killed / "last.pt"))
     records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]

@@ -70,6 +70,7 @@ from .setup import Run, phase_epochs, phase_optimizer, prepare
 from .state import PHASES, TrainState, search_schedule
 from .steps import StepContext, StepResult, sbp_step, subnet_step, vrpge_step
 from .summary import read_summary, summarize, write_json
+from .threads import RunThreads, run_threads
 from .timing import DenseReference, timed_step
 
 __all__ = ["evaluate", "fit", "fix_subnetwork", "train_one_epoch"]
@@ -653,6 +654,7 @@ def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseRe
     while state.epoch < epochs:
         if narrow is None and state.phase == "search" and cfg.sparsity.fix == "random":  # past the dense warm-up
             narrow = _narrow_subnetwork(run)
+        run.threads.update()  # threads: auto follows the machine's load, an epoch at a time
         metrics = train_one_epoch(state, cfg, run.ctx, run.train_loader, log, dense_reference, narrow, run.static)
         if not cfg.sync_bn:  # DDP: each rank's running statistics saw its share; their mean (no-op in one process)
             average_buffers(state.model if narrow is None else narrow.model)
@@ -799,7 +801,7 @@ def _saved_summary(run: Run) -> dict[str, Any] | None:
 
 def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Dataset | None = None,
         val_set: Dataset | None = None, out: str | os.PathLike | None = None, *,
-        resume: bool = False) -> FitResult:
+        resume: bool = False, threads: int | str | None = None) -> FitResult:
     """Train a model as the configuration says (VR-PGE search + fix + finetune, dense, or a sparse-backward baseline)
     and summarise the run.
 
@@ -809,6 +811,10 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
         val_set: Validation set; given together with ``train_set``.
         out: Run directory (default ``config.out``); ``None`` for both writes nothing.
         resume: Continue the run in ``out`` from its ``last.pt``, exactly as if it had not stopped.
+        threads: torch's CPU threads for the run (set back when it returns): an integer, ``"auto"`` (the cores other
+            processes leave free, re-chosen before each epoch; ``threads.py``; ``maskprop train``'s default) or
+            ``None`` (torch's threads as they are). A run's floating-point results depend on its thread count, so
+            runs to be compared bit for bit take a fixed one.
 
     Returns:
         The summary (also written to ``summary.json``): ``accuracy`` (top-1 % of the final network), ``dense_params``,
@@ -825,12 +831,20 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
     if not isinstance(config, (Config, Mapping, str, os.PathLike)):  # None too: the defaults train for hours
         raise TypeError(f"config is {type(config).__name__}; expected a Config, a mapping or a yaml path "
                         f"(maskprop.train.config; load_config(None) gives the defaults)")
+    with run_threads(threads) as cpu_threads:
+        return _fit(config, train_set, val_set, out, resume, cpu_threads)
+
+
+def _fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Dataset | None, val_set: Dataset | None,
+         out: str | os.PathLike | None, resume: bool, threads: RunThreads) -> FitResult:
+    """:func:`fit` with its threads set."""
     place = init_from_env()  # under torchrun (WORLD_SIZE > 1): DDP, see maskprop/train/distributed.py
     try:  # no collective inside: a rank that fails here tells the others in agree() below, and all stop
         cfg = config if isinstance(config, Config) else load_config(config)
         cfg.validate()
         out = out if out is not None else cfg.out
         run = prepare(cfg, train_set, val_set, None if out is None else Path(out), resume)
+        run.threads = threads
         _prepare_search(run)
     except Exception as err:
         agree(err)

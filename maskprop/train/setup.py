@@ -32,6 +32,7 @@ from .graphs import GraphsChoice, StaticSteps, resolve_cuda_graphs, set_capturab
 from .optim import build_schedule, run_optimizer, score_optimizer, weight_optimizer
 from .state import PHASES, TrainState, search_scores
 from .steps import StepContext
+from .threads import RunThreads
 from .timing import phase_epochs
 from .weights import InitialWeights, load_initial_weights
 
@@ -51,7 +52,8 @@ class Run:
     ``static`` runs the steps with static shapes (``graphs.py``: ``cuda_graphs`` resolved on), ``None``: the eager
     steps of ``steps.py``. ``initial_weights``: what ``model.weights`` loaded (for a resumed run, what it started
     from; ``None``: no file). ``given_data``: what identifies datasets passed in by the caller instead of the ones
-    ``config.data`` names (``dataset: "custom"``, their types and sizes; ``None``: the config's).
+    ``config.data`` names (``dataset: "custom"``, their types and sizes; ``None``: the config's). ``threads``: torch's
+    CPU threads for the steps (``threads.py``; :func:`maskprop.fit` sets its own).
     """
 
     cfg: Config
@@ -69,6 +71,7 @@ class Run:
     graphs: GraphsChoice = field(default_factory=lambda: GraphsChoice(False, False))
     initial_weights: InitialWeights | None = None
     given_data: dict[str, Any] | None = None
+    threads: RunThreads = field(default_factory=lambda: RunThreads(None))
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -109,6 +109,9 @@ class RunSummary:
     run_time_s: float = _f("s", "wall time of the run over all its processes (evaluation and checkpoints included)",
                            0.0)
     run_dir: str | None = _f("", "where the run was written (null: nothing written)")
+    threads: dict[str, Any] | None = _f("threads", "torch CPU threads of the run's steps: setting (auto, a count, or "
+                                                   "null: torch's default) and used ([fewest, most]; auto re-chooses "
+                                                   "them every epoch from the machine's load)")
     world_size: int = _f("processes", "processes the run trained in (torchrun's ranks; 1: one process); a resume "
                                       "needs as many", 1)
     sbp: dict[str, Any] | None = _f("", "sparse-backward runs: ratio, memory, sparsifier, budget, kept_units and "
@@ -219,7 +222,7 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
         step_speedup=None if first is None else first["median"],
         steps=steps, widths=kept, group_sizes=dict(run.groups), fix=state.fix_info, search=_search(run),
         run_time_s=elapsed_s, run_dir=None if run.run_dir is None else str(run.run_dir),
-        world_size=current().world_size,
+        world_size=current().world_size, threads=run.threads.record(),
         static_steps=None if run.static is None else run.static.report(),
         initial_weights=None if run.initial_weights is None else run.initial_weights.to_dict(),
     )
