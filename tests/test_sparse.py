@@ -304,6 +304,15 @@ def test_mask_not_bool(small_model):
             pass
 
 
+def test_mask_on_the_meta_device(small_model):
+    mask = full_mask(small_model.channel_groups())
+    mask["layer2"] = torch.ones(32, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="^mask for group 'layer2' is on the meta device; expected a tensor with "
+                                         "values"):
+        with use_mask(small_model, mask):
+            pass
+
+
 def test_mask_for_another_model(small_model):
     other = full_mask(maskprop.create_model("resnet32", width=1).channel_groups())
     with pytest.raises(ValueError, match="another model"):

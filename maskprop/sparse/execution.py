@@ -86,6 +86,9 @@ def check_mask(mask: Mapping[str, Tensor], groups: Mapping[str, int]) -> list[in
         if not isinstance(m, Tensor) or m.dtype != torch.bool or m.shape != (size,):
             got = f"{tuple(m.shape)} {m.dtype}" if isinstance(m, Tensor) else type(m).__name__
             raise ValueError(f"mask for group {name!r} is {got}; expected a bool tensor of shape ({size},)")
+        if m.is_meta:  # its kept channels are what the execution is built from
+            raise ValueError(f"mask for group {name!r} is on the meta device; expected a tensor with values (on the "
+                             f"CPU or the model's device)")
     counts = count_kept([mask[g] for g in groups])
     empty = [g for g, count in zip(groups, counts) if count == 0]
     if empty:
