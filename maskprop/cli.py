@@ -64,6 +64,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from ._files import atomic_write
     from .bench import bench_model, check_settings, default_align, describe_machine, format_table, resolve_device
+    from .threads import BUSY_SLACK, allowed_cores, busy_by_others, read_cpu
 
     # Every setting is checked before the first model is built, so a mistake costs no benchmark time.
     device = resolve_device(args.device)
@@ -79,7 +80,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     align = default_align(device) if args.align is None else args.align
-    results = []
+    results, start = [], read_cpu()
     with tqdm(total=len(args.models) * (args.warmup + args.repeats), desc="bench", file=sys.stderr,
               disable=None) as bar:  # no bar where stderr is not a terminal (logs, CI)
         for name in args.models:
@@ -88,14 +89,21 @@ def _bench(args: argparse.Namespace) -> int:
                 warmup=args.warmup, image_size=args.image_size, channels_last=args.channels_last, amp=args.amp,
                 device=args.device, seed=args.seed, masks=args.masks, progress=lambda msg: bar.update(1), align=align,
             )
-    print(f"{date.today()} | {describe_machine(args.device)} | channels_last={args.channels_last} amp={args.amp} "
-          f"masks={args.masks} align={align}")
+    end, cores = read_cpu(), allowed_cores()
+    others = None if start is None or end is None else busy_by_others(start, end, cores)
+    load = "" if others is None else f" | other processes kept {others:.1f} of {cores} cores busy"
+    print(f"{date.today()} | {describe_machine(args.device)}{load} | channels_last={args.channels_last} "
+          f"amp={args.amp} masks={args.masks} align={align}")
     print(format_table(results))
     if device.type == "cuda":
         print(TRAINER_STEPS_ON_CUDA)
+    elif others is not None and others > BUSY_SLACK and torch.get_num_threads() > max(1, int(cores - others)):
+        print(f"note: {torch.get_num_threads()} threads beside other processes wait for each other at every "
+              f"operation, the compact steps most, so these ratios understate the saving; measure on a quiet "
+              f"machine or with --threads {max(1, int(cores - others + BUSY_SLACK))}")
     if args.json:
         with atomic_write(args.json, "w", encoding="utf-8") as f:
-            json.dump([r.as_dict() for r in results], f, indent=2)
+            json.dump([dict(r.as_dict(), cores_busy_by_others=others) for r in results], f, indent=2)
     return 0
 
 

@@ -184,15 +184,48 @@ def test_bench_sampled_masks_vary_widths_and_bad_choice_is_an_error():
         bench_model("resnet20", batch_size=2, keep_ratios=(0.5,), repeats=1, warmup=0, masks="bernoulli")
 
 
-def test_bench_cli_writes_json(tmp_path, capsys):
+def _machine_load(monkeypatch, others: float, cores: int = 2) -> None:
+    """``maskprop bench``'s readings of the load: ``others`` of ``cores`` busy with other processes."""
+    import maskprop.threads
+    from maskprop.threads import CpuReading
+
+    readings = iter([CpuReading(0.0, 0.0, 0.0), CpuReading(10.0, 10.0 * others + 3.0, 3.0)])
+    monkeypatch.setattr(maskprop.threads, "read_cpu", lambda: next(readings))
+    monkeypatch.setattr(maskprop.threads, "allowed_cores", lambda: cores)
+
+
+BENCH_TINY = ["bench", "--models", "resnet20", "--batch-size", "2", "--keep-ratios", "0.5", "--repeats", "1",
+              "--warmup", "0", "--image-size", "16"]
+
+
+def test_bench_cli_writes_json(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--models", "resnet20", "--batch-size", "2", "--keep-ratios", "0.5", "--repeats", "1",
-                 "--warmup", "0", "--image-size", "16", "--json", str(out)])
-    assert code == 0
+    _machine_load(monkeypatch, 0.1)
+    assert main([*BENCH_TINY, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| resnet20 | 2 | 0.50 |" in printed and "note:" not in printed
+    assert " | other processes kept 0.1 of 2 cores busy | " in printed.splitlines()[0]
     rows = json.loads(out.read_text())
     assert rows[0]["model"] == "resnet20" and rows[0]["speedup_vs_dense"] > 0
+    assert rows[0]["cores_busy_by_others"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("threads", "others", "note"), [
+    (2, 1.0, "note: 2 threads beside other processes wait for each other at every operation, the compact steps "
+             "most, so these ratios understate the saving; measure on a quiet machine or with --threads 1"),
+    (1, 1.0, None),  # one thread beside one busy process: nothing to say
+    (2, 0.1, None),  # a quiet machine
+])
+def test_bench_cli_says_when_the_machine_was_busy(capsys, monkeypatch, threads, others, note):
+    before = torch.get_num_threads()
+    try:
+        _machine_load(monkeypatch, others)
+        assert main([*BENCH_TINY, "--threads", str(threads)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    printed = capsys.readouterr().out
+    assert f" | other processes kept {others:.1f} of 2 cores busy | " in printed.splitlines()[0]
+    assert (printed.splitlines()[-1] == note) if note else "note:" not in printed
 
 
 def test_bench_cli_on_cuda_says_the_trainer_runs_other_steps(capsys, monkeypatch):

@@ -1,4 +1,4 @@
-"""``threads: auto`` (maskprop/train/threads.py): the load it reads, the threads it sets, and a run that uses it."""
+"""``threads: auto`` (maskprop/threads.py): the load it reads, the threads it sets, and a run that uses it."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from conftest import TINY_RUN
 
 import maskprop
-from maskprop.train import threads as threads_module
-from maskprop.train.threads import BUSY_SLACK, MIN_INTERVAL_S, CpuReading, RunThreads, read_cpu, run_threads
+from maskprop import threads as threads_module
+from maskprop.threads import BUSY_SLACK, MIN_INTERVAL_S, CpuReading, RunThreads, read_cpu, run_threads
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_auto_follows_the_load_from_one_update_to_the_next(set_threads, caplog):
     clocks, first_wait = Clocks(), []
     choice = RunThreads("auto", cores=2, most=2, read=clocks.read, sleep=first_wait.append)
     clocks.advance(0.1, busy=1.0, own=0.0)
-    with caplog.at_level(logging.INFO, logger="maskprop.train.threads"):
+    with caplog.at_level(logging.INFO, logger="maskprop.threads"):
         assert choice.update() == 1  # one other busy core
     assert "torch threads 2 -> 1: other processes kept 1.0 of the 2 cores busy" in caplog.text
     clocks.advance(30.0, busy=1.0, own=1.0)  # our one thread beside nothing else

@@ -48,6 +48,7 @@ from .._files import make_directory
 from ..models.spec import ModelSpec
 from ..sbp import sparse_layers
 from ..sparse import SparseBatchNorm2d, channel_groups, random_mask, sync_batchnorm, use_mask
+from ..threads import RunThreads, run_threads
 from ..vrpge import ChannelScores, score_statistics
 from .checkpoint import save_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SparsityConfig, config_to_dict, load_config, save_config
@@ -70,7 +71,6 @@ from .setup import Run, phase_epochs, phase_optimizer, prepare
 from .state import PHASES, TrainState, search_schedule
 from .steps import StepContext, StepResult, sbp_step, subnet_step, vrpge_step
 from .summary import read_summary, summarize, write_json
-from .threads import RunThreads, run_threads
 from .timing import DenseReference, timed_step
 
 __all__ = ["evaluate", "fit", "fix_subnetwork", "train_one_epoch"]

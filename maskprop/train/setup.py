@@ -24,6 +24,7 @@ from ..models import converted_source, import_models, is_model, list_models, mod
 from ..models.spec import ModelSpec
 from ..sbp import GlobalBudget, convert, sparse_layers
 from ..sparse import channel_groups
+from ..threads import RunThreads
 from .checkpoint import check_compatible, error_reason, load_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SbpConfig, changed_keys, config_to_dict, dotted
 from .data import build_datasets, build_loader
@@ -32,7 +33,6 @@ from .graphs import GraphsChoice, StaticSteps, resolve_cuda_graphs, set_capturab
 from .optim import build_schedule, run_optimizer, score_optimizer, weight_optimizer
 from .state import PHASES, TrainState, search_scores
 from .steps import StepContext
-from .threads import RunThreads
 from .timing import phase_epochs
 from .weights import InitialWeights, load_initial_weights
 

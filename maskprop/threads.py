@@ -14,7 +14,8 @@ cores rounded down (a core counts as free when at most :data:`BUSY_SLACK` of it 
 count torch started with (``OMP_NUM_THREADS`` or the cores). The trainer reads it before each epoch, so a run follows
 the machine's load; the dense reference steps (``timing.py``) run with the same threads as the steps they are paired
 with. Where ``/proc/stat`` cannot be read (not Linux), ``auto`` leaves torch's default. :func:`maskprop.fit` sets
-the threads back to what they were when it returns.
+the threads back to what they were when it returns. ``maskprop bench`` states the same measure of the load beside its
+table (:func:`busy_by_others`), so that a table measured on a busy machine says so.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BUSY_SLACK", "CpuReading", "RunThreads", "check_threads", "read_cpu", "run_threads"]
+__all__ = ["BUSY_SLACK", "CpuReading", "RunThreads", "allowed_cores", "busy_by_others", "check_threads", "read_cpu",
+           "run_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,21 @@ def read_cpu(stat: str = "/proc/stat") -> CpuReading | None:
     return CpuReading(wall=time.monotonic(), busy=busy / ticks, own=time.process_time())
 
 
+def busy_by_others(start: CpuReading, end: CpuReading, cores: int) -> float:
+    """How many of ``cores`` other processes kept busy between two readings: busy time less this process's own CPU
+    time, over the wall time (between 0 and ``cores``; ``/proc/stat`` counts in ticks of 10 ms)."""
+    wall = end.wall - start.wall
+    if wall <= 0:
+        return 0.0
+    return min(float(cores), max(0.0, (end.busy - start.busy) - (end.own - start.own)) / wall)
+
+
+def allowed_cores() -> int:
+    """The cores this process may run on (its affinity, else ``os.cpu_count()``)."""
+    allowed = _allowed_cpus()
+    return len(allowed) if allowed else (os.cpu_count() or 1)
+
+
 class RunThreads:
     """torch's CPU threads for a run: a fixed count, or (``setting="auto"``) the cores other processes leave free.
 
@@ -103,8 +120,7 @@ class RunThreads:
     def __init__(self, setting: int | str | None = "auto", cores: int | None = None, most: int | None = None,
                  read: Callable[[], CpuReading | None] = read_cpu, sleep: Callable[[float], None] = time.sleep) -> None:
         self.setting = check_threads(setting) or None
-        allowed = _allowed_cpus()
-        self.cores = cores if cores is not None else len(allowed) if allowed else (os.cpu_count() or 1)
+        self.cores = cores if cores is not None else allowed_cores()
         self.most = most if most is not None else torch.get_num_threads()
         self._read, self._sleep = read, sleep
         self._last = read() if self.setting == "auto" else None
@@ -124,9 +140,7 @@ class RunThreads:
                 self._sleep(max(0.0, MIN_INTERVAL_S - (time.monotonic() - self._last.wall)))
             now = self._read()
             if now is not None and now.wall > self._last.wall:
-                busy, own = now.busy - self._last.busy, now.own - self._last.own
-                self.others = min(self.cores, max(0.0, busy - own) / (now.wall - self._last.wall))  # ticks: 10 ms
-                self._last = now
+                self.others, self._last = busy_by_others(self._last, now, self.cores), now
                 threads = min(self.most, max(1, math.floor(self.cores - self.others + BUSY_SLACK)))
                 if threads != torch.get_num_threads():
                     logger.info("torch threads %d -> %d: other processes kept %.1f of the %d cores busy "
