@@ -81,7 +81,7 @@ def overrides(model: ModelRun, args: argparse.Namespace, dense: bool) -> list[st
 def launch(model: ModelRun, args: argparse.Namespace, dense: bool) -> tuple[subprocess.Popen, Path, float]:
     out = Path(args.out) / f"{model.tag}_{'dense' if dense else 'vrpge'}"
     command = [sys.executable, "-m", "maskprop.cli", "train", str(RECIPE), *overrides(model, args, dense), "--out",
-               str(out)] + (["--threads", str(args.threads)] if args.threads else [])
+               str(out), "--threads", args.threads]
     with open(out.with_suffix(".log"), "w") as log:  # the child writes through its own copy of the descriptor
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     return process, out, time.perf_counter()
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=6, help="search epochs (1 warm-up + 2 anneal + the rest)")
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (0: torch's default)")
+    parser.add_argument("--threads", default="auto", help="torch CPU threads per run: auto (maskprop train's "
+                        "default: the cores the other processes leave free), N, or 0 (torch's default)")
     parser.add_argument("--timeout", type=float, default=45.0, help="seconds each run may take (default 45)")
     parser.add_argument("--set", nargs="*", default=[], help="more key=value overrides for every run")
     args = parser.parse_args(argv)
