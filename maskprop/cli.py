@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default: config 'out', else runs/<recipe>-<timestamp>)")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from DIR/last.pt (a run stopped "
                        "before its first checkpoint starts over from DIR/config.yaml)")
-    train.add_argument("--threads", type=_train_threads, default="auto",
+    train.add_argument("--threads", type=_train_threads, default="auto", metavar="auto|N",
                        help="torch CPU threads: auto (default: the cores other processes leave free, re-chosen every "
                        "epoch), N, or 0 (torch's default)")
     train.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"], default="auto",
