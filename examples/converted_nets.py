@@ -57,3 +57,10 @@ def timm_vit_tiny(num_classes: int = 1000, drop_path_rate: float = 0.0) -> nn.Mo
     model = timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, img_size=INPUT_SIZE[1:], patch_size=4,
                               drop_path_rate=drop_path_rate)
     return maskprop.make_prunable(model, INPUT_SIZE)
+
+
+if __name__ == "__main__":  # python examples/converted_nets.py: each network checked, and how a run trains one
+    for net in ("tv_resnet18", "tv_mobilenet_v2", "timm_efficientnet_b0", "timm_vit_tiny"):
+        print(f"{net}: {maskprop.check_model(maskprop.create_model(net, num_classes=10), INPUT_SIZE)}")
+    print("train one: maskprop train recipes/quickstart.yaml model.module=examples.converted_nets "
+          "model.name=tv_resnet18")

@@ -324,3 +324,9 @@ def small_ghostnet(num_classes: int = 10, **kwargs) -> SmallGhostNet:
     """The example with concatenated groups that layers write: ``maskprop.create_model("small_ghostnet")`` once
     imported."""
     return SmallGhostNet(num_classes=num_classes, **kwargs)
+
+
+if __name__ == "__main__":  # python examples/my_nets.py: each network checked, and how a run trains one
+    for net in ("small_resnet", "small_mobilenet", "small_vgg", "small_densenet", "small_ghostnet"):
+        print(f"{net}: {maskprop.check_model(maskprop.create_model(net, num_classes=10), (3, 32, 32))}")
+    print("train one: maskprop train recipes/quickstart.yaml model.module=examples.my_nets model.name=small_resnet")

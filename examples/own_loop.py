@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import maskprop
+from maskprop.threads import RunThreads, check_threads
 from maskprop.train.shapes import shapes_datasets
 from maskprop.vrpge import BudgetSchedule, ChannelScores, vrpge
 
@@ -107,6 +108,11 @@ def accuracy(model: nn.Module, loader: DataLoader, device: torch.device, mask: d
     return 100.0 * correct / total
 
 
+def threads(value: str) -> int | str:
+    """``--threads``: ``auto`` or a count (``maskprop.threads``)."""
+    return check_threads(value if value == "auto" else int(value))
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("own_loop"), help="where the narrow model is saved")
@@ -124,10 +130,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                              "(Adam moves each by at most the lr a step; default 0.2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=threads, default="auto",
+                        metavar="auto|N", help="torch CPU threads: auto (default: the cores other processes leave "
+                        "free, re-chosen every epoch) or N")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     align = 8 if device.type == "cuda" else 1
+    if device.type == "cpu":  # before the first convolution, as maskprop train does (README, "From Python")
+        maskprop.keep_freed_host_memory()
+        maskprop.enlarge_onednn_primitive_cache()
+    cpu_threads = RunThreads(args.threads)  # set before each epoch
 
     train_set, val_set = shapes_datasets(args.train_size, args.val_size, seed=args.seed)
     train_loader = DataLoader(train_set, args.batch_size, shuffle=True, drop_last=True)
@@ -149,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # 3-4. The search: dense warm-up steps, then VR-PGE steps while the budget falls to the keep ratio and after.
     start, step = time.perf_counter(), 0
-    for epoch in range(args.warmup_epochs + args.anneal_epochs + args.search_epochs):
+    for epoch in range(1, args.warmup_epochs + args.anneal_epochs + args.search_epochs + 1):
+        cpu_threads.update()
         kind = schedule.kind(step)  # of the epoch's first step: warmup, anneal or search
         for images, labels in train_loader:
             images, labels = images.to(device), labels.to(device)
@@ -170,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     narrow = maskprop.materialize(model, mask)
     finetune_opt = torch.optim.SGD(narrow.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True)
     for _ in range(args.finetune_epochs):
+        cpu_threads.update()
         for images, labels in train_loader:
             dense_step(narrow, finetune_opt, images.to(device), labels.to(device))
     minutes = (time.perf_counter() - start) / 60

@@ -439,8 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run_dir is not None and (Path(run_dir) / "config.yaml").is_file():  # written once the run has started
             from .train.distributed import resume_command
 
-            hint = (f"; {resume_command(run_dir)} continues from its last checkpoint (or starts over where none was "
-                    f"saved)")
+            saved = (Path(run_dir) / "last.pt").is_file()
+            hint = f"; {resume_command(run_dir)} " + ("continues from its last checkpoint" if saved else
+                                                      "starts it over (it stopped before its first checkpoint)")
         if rank == "0":
             print(f"maskprop {args.command}: interrupted{hint}", file=sys.stderr)
         status = 130

@@ -380,6 +380,10 @@ def parse_formats(formats: str | Iterable[str] | None) -> list[str]:
         raise ValueError(f"formats={formats!r}; expected None, a comma-separated string or a list of "
                          f"{', '.join(FORMATS)}")
     names = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else [str(f).strip() for f in formats]
+    if "" in names and any(names):  # "safetensors,,pt2", a trailing comma
+        raise ValueError(f"export formats {formats!r} have an empty entry; expected a comma-separated list of "
+                         f"{', '.join(FORMATS)} (no empty name between commas)")
+    names = [f for f in names if f]
     unknown = [f for f in names if f not in FORMATS]
     if unknown or not names:
         raise ValueError(f"unknown export format(s) {', '.join(map(repr, unknown)) or '(none given)'}; expected a "

@@ -128,12 +128,14 @@ class RunThreads:
         self.others: float | None = None  # the cores others kept busy over the last interval
 
     def update(self) -> int:
-        """Before a stretch of steps (an epoch): with ``auto``, measure the load since the last update (or since
-        creation) and set torch's threads for what comes next.
+        """Before a stretch of steps (an epoch): set torch's threads for what comes next (a fixed count; with
+        ``auto``, from the load measured since the last update, or since creation).
 
         Returns:
-            The threads now set (unchanged for a fixed setting, or where the clocks cannot be read).
+            The threads now set (``auto`` leaves them as they are where the clocks cannot be read).
         """
+        if isinstance(self.setting, int) and self.setting != torch.get_num_threads():
+            torch.set_num_threads(self.setting)
         threads = torch.get_num_threads()
         if self._last is not None:
             if not self.used:  # the first choice: measured over at least MIN_INTERVAL_S

@@ -559,9 +559,13 @@ def test_unknown_format_and_missing_onnx_extra(monkeypatch):
 def test_format_lists_with_spaces_are_read_and_an_empty_one_is_refused():
     assert parse_formats("pt2, safetensors") == ["safetensors", "pt2"]
     assert parse_formats([" pt2 "]) == ["pt2"]
-    for empty in ([], ()):
+    for empty in ([], (), ""):
         with pytest.raises(ValueError, match=r"unknown export format\(s\) \(none given\)"):
             parse_formats(empty)
+    for gap in ("safetensors,,pt2", "pt2,", ["pt2", " "]):
+        with pytest.raises(ValueError, match=r"^export formats .* have an empty entry; expected a comma-separated "
+                                             r"list of safetensors, pt2, onnx, timm \(no empty name between commas\)$"):
+            parse_formats(gap)
 
 
 def test_existing_output_is_refused_unless_forced_and_force_replaces_only_an_export(exported, tmp_path):

@@ -91,6 +91,9 @@ def test_without_clocks_or_with_a_fixed_setting_the_threads_stay(set_threads):
     assert fixed.update() == 2 and fixed.record() == {"setting": None, "used": [2, 2]}
     assert RunThreads(0).record()["setting"] is None
     assert set_threads == []
+    three = RunThreads(3)  # a fixed count: every update sets it (a loop of one's own needs no run_threads)
+    assert three.update() == 3 and set_threads == [3] and three.update() == 3 and set_threads == [3]
+    assert three.record() == {"setting": 3, "used": [3, 3]}
 
 
 def test_run_threads_sets_a_count_and_puts_the_old_one_back(set_threads):

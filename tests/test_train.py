@@ -686,8 +686,13 @@ def test_ctrl_c_is_one_line_naming_how_to_resume(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(maskprop.train.loop, "fit", interrupted_once_started)
     assert main(["train", str(recipe), "--out", str(tmp_path / "out")]) == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"maskprop train: interrupted; maskprop train --resume {tmp_path / 'out'} continues from its last "
-                   f"checkpoint (or starts over where none was saved)"]
+    assert err == [f"maskprop train: interrupted; maskprop train --resume {tmp_path / 'out'} starts it over (it "
+                   f"stopped before its first checkpoint)"]
+    (tmp_path / "out" / "last.pt").write_bytes(b"")  # a checkpoint saved: the resume continues from it
+    monkeypatch.setattr(maskprop.train.loop, "fit", interrupted)
+    assert main(["train", "--resume", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"maskprop train: interrupted; maskprop train --resume {tmp_path / 'out'} continues from its last checkpoint"]
     monkeypatch.setattr(maskprop.export, "export_run", interrupted)
     assert main(["export", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["maskprop export: interrupted"]
@@ -704,7 +709,7 @@ def test_ctrl_c_is_one_line_naming_how_to_resume(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err.strip().splitlines()
         assert err == ([] if rank == "1" else [
             f"maskprop train: interrupted; torchrun --nproc_per_node 2 -m maskprop train --resume {tmp_path / 'out'} "
-            f"continues from its last checkpoint (or starts over where none was saved)"])
+            f"continues from its last checkpoint"])
 
 
 def test_the_command_that_resumes_a_run_names_torchrun_where_it_ran_under_it(monkeypatch):
