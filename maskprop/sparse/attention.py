@@ -104,11 +104,12 @@ class SparseMultiheadAttention(SparseAttention):
     matrix (``in_proj_weight``) without ``bias_k``, ``bias_v`` or ``add_zero_attn``. The forward is
     :class:`SparseAttention`'s behind torch's call signature: either layout (``batch_first``), unbatched ``(L, E)``
     inputs, torch's ``key_padding_mask`` and ``attn_mask`` (``True`` of a boolean mask is a position not attended, a
-    float mask is added; the ``is_causal`` hint as torch takes it), and the attention weights where ``need_weights``
-    asks for them (then computed by matrix products, not the fused kernel: the weights of the kept features, averaged
-    over the heads unless ``average_attn_weights=False``). ``qkv`` holds ``in_proj_weight`` and ``in_proj_bias``,
-    ``proj`` is ``out_proj``; the state dict has torch's keys (state-dict hooks rename them both ways), so a checkpoint
-    of either module loads into the other.
+    float mask is added; ``is_causal`` a hint that ``attn_mask`` is the causal mask, which runs), and the attention
+    weights where ``need_weights`` asks for them (then computed by matrix products, not the fused kernel: the weights
+    of the kept features, after dropout as torch returns them, averaged over the heads unless
+    ``average_attn_weights=False``). ``qkv`` holds ``in_proj_weight`` and ``in_proj_bias``, ``proj`` is
+    ``out_proj``; the state dict has torch's keys (state-dict hooks rename them both ways), so a checkpoint of either
+    module loads into the other.
 
     Args:
         qkv, proj, num_heads, head_dim, group: As :class:`SparseAttention`'s.
@@ -143,13 +144,12 @@ class SparseMultiheadAttention(SparseAttention):
         mask = self._mask(key_padding_mask, attn_mask, batch, tokens, x.dtype)
         q, k, v = self._heads(x)
         weights = None
-        if need_weights:  # torch's math: the weights to return, dropped out as they multiply the values
+        if need_weights:  # torch's math: the weights it returns are those the values are multiplied by, dropout and all
             weights = torch.softmax(q @ k.transpose(-2, -1) * self.scale + (0.0 if mask is None else mask), dim=-1)
-            heads = F.dropout(weights, self.attn_drop.p, self.training) @ v
+            weights = F.dropout(weights, self.attn_drop.p, self.training)
+            heads = weights @ v
             weights = weights.mean(dim=1) if average_attn_weights else weights
-        elif is_causal and key_padding_mask is None:  # torch's hint: the causal kernel in place of attn_mask
-            heads = self._attend(q, k, v, None, True)
-        else:
+        else:  # is_causal says attn_mask is causal: it is what runs
             heads = self._attend(q, k, v, mask, False)
         out = self._output(heads)
         if not batched:
