@@ -288,12 +288,7 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
             spaces.leave_whole(entry.reads[0], f"read by a linear layer with {sorted(entry.positions)} features per "
                                                f"channel in different calls")
     for name, head in spaces.attention.items():  # torch's module, kept, computes with its own parameters
-        if not isinstance(modules[name], nn.MultiheadAttention):
-            continue
-        called = layers.get(f"{name}.out_proj")  # by the forward itself: a layer of its own, which the module reads
-        for space in [head, *called.reads, *called.writes] if called is not None else ():
-            spaces.leave_whole(space, f"{name}.out_proj called outside its nn.MultiheadAttention")
-        if spaces.find(head) in spaces.whole:
+        if isinstance(modules[name], nn.MultiheadAttention) and spaces.find(head) in spaces.whole:
             for space in layers[f"{name}.qkv"].reads + layers[f"{name}.proj"].writes:
                 spaces.leave_whole(space, f"read or written by {name!r}, an nn.MultiheadAttention whose heads stay "
                                           f"whole ({spaces.whole[spaces.find(head)]})")
@@ -533,6 +528,10 @@ def _walk_graph(graph: fx.Graph, modules: dict[str, nn.Module], walk: _Walk) -> 
             if not _is_query(node):
                 whole = walk.whole.get(node.target) if node.op == "call_module" else None
                 walk.opaque(node, whole or "an operation that mixes or reorders channels")
+        elif (owner := _multihead_owner(node, modules, walk.attention)) is not None:
+            why = f"{node.target} called outside its nn.MultiheadAttention"
+            walk.opaque(node, why)
+            walk.keep_whole(owner, modules[owner], why)
         else:
             module = modules[node.target] if node.op == "call_module" else None
             value = walk.module(node, module) if module is not None else walk.function(node)
@@ -544,6 +543,13 @@ def _walk_graph(graph: fx.Graph, modules: dict[str, nn.Module], walk: _Walk) -> 
                     del values[source]
                 else:
                     values[source] = value
+
+
+def _multihead_owner(node: fx.Node, modules: dict[str, nn.Module], attention: frozenset[str]) -> str | None:
+    """The path of the ``nn.MultiheadAttention`` to convert whose child (its ``out_proj``) ``node`` calls on its own:
+    torch's module reads that layer's weight without calling it, so the two stay whole together."""
+    owner = node.target.rpartition(".")[0] if node.op == "call_module" else ""
+    return owner if owner in attention and isinstance(modules[owner], nn.MultiheadAttention) else None
 
 
 def _in_place(node: fx.Node, module: nn.Module | None) -> bool:
@@ -704,7 +710,7 @@ class _Walk:
         """An attention module on tokens: ``qkv`` reads their features (the last dimension), ``proj`` writes the
         output's (:meth:`attention_layers`). A call maskprop's attention does not compute (cross-attention, a second
         feature map, channels in dimension 1) leaves the module whole, its heads and the tokens it reads and writes."""
-        qkv, proj, head = self.attention_layers(name, module)
+        qkv, proj, _ = self.attention_layers(name, module)
         first = self.values.get(source) if isinstance(source, fx.Node) else None
         why = ""
         if isinstance(module, nn.MultiheadAttention) and not _attends_itself(node):
@@ -715,15 +721,21 @@ class _Walk:
             why = "attention on channels in dimension 1"
         if why:
             self.opaque(node, why)
-            self.spaces.leave_whole(head, f"{why} at {_where(node)}")
-            self.reads(qkv, self.spaces.new(whole=f"{why} at {_where(node)}"))
-            self.spaces.leave_whole(proj.writes[0], f"{why} at {_where(node)}")
+            self.keep_whole(name, module, f"{why} at {_where(node)}")
             return None
         if first is not None:
             self.needs_zero(first, node)
         self.reads(qkv, first.space if first is not None else
                    self.spaces.new(whole=f"read by {name!r} from a tensor maskprop does not follow"))
         return _Value(proj.writes[0], last=True)
+
+    def keep_whole(self, name: str, module: nn.Module, why: str) -> None:
+        """The attention module ``name`` stays as it is: its heads' features whole, and the tokens its ``qkv`` reads
+        and its ``proj`` writes, in every call."""
+        qkv, proj, head = self.attention_layers(name, module)
+        self.spaces.leave_whole(head, why)
+        self.reads(qkv, self.spaces.new(whole=why))
+        self.spaces.leave_whole(proj.writes[0], why)
 
     def attention_layers(self, name: str, module: nn.Module) -> tuple[_Layer, _Layer, int]:
         """The ``qkv`` and ``proj`` layers of the attention module ``name`` and the space of its heads' features
