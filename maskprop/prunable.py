@@ -268,8 +268,9 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
     whole = {name: why for name, why in forms.items() if why}
     modules |= _multihead_projections(modules, attention)  # nn.MultiheadAttention's, as SparseMultiheadAttention's
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
-    exclude = [f"{name[:-len('.out_proj')]}.proj" if name.endswith(".out_proj") and name[:-len(".out_proj")]
-               in attention else name for name in exclude]  # nn.MultiheadAttention's out_proj: its proj
+    renamed = {f"{name}.out_proj": f"{name}.proj" for name in attention
+               if isinstance(modules[name], nn.MultiheadAttention)}
+    exclude = [renamed.get(name, name) for name in exclude]  # an nn.MultiheadAttention's out_proj is its proj
     unknown = [name for name in exclude if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear))]
     if unknown:
         raise ValueError(f"exclude names {unknown} are not nn.Conv2d or nn.Linear layers of {type(model).__name__}")
