@@ -176,6 +176,7 @@ class SparseMultiheadAttention(SparseAttention):
         return mask
 
     def batch_and_tokens(self, query: Tensor) -> tuple[int, int]:
+        """The examples and tokens of ``query`` in torch's layouts: ``(L, E)``, and ``(N, L, E)`` or ``(L, N, E)``."""
         if query.dim() == 2:
             return 1, query.shape[0]
         return (query.shape[0], query.shape[1]) if self.batch_first else (query.shape[1], query.shape[0])
