@@ -3,8 +3,9 @@
 FLOPs count a multiply-add as 2, the way ``torch.utils.flop_counter`` counts them. A conv keeping ``i`` of its input
 and ``o`` of its output channels costs ``2 * i * o * k*k * H_out * W_out`` per example: its cost scales with kept_in x
 kept_out, hence about rho^2 of dense for a keep ratio rho. The two matrix products of a
-:class:`~maskprop.sparse.SparseAttention` (``q k^T`` and the weights times ``v``) cost ``4 * heads * tokens^2`` per
-kept head feature, linear in its group's count. FLOPs that ``torch.utils.flop_counter`` finds elsewhere (the products
+:class:`~maskprop.sparse.SparseAttention` (``q k^T`` and the weights times ``v``; its subclass
+:class:`~maskprop.sparse.SparseMultiheadAttention` too) cost ``4 * heads * tokens^2`` per kept head feature, linear in
+its group's count. FLOPs that ``torch.utils.flop_counter`` finds elsewhere (the products
 of attention left whole) are counted once, at their dense value, for every mask: a subnetwork never prunes them
 (:func:`maskprop.check_model` checks that it does not).
 """
@@ -197,7 +198,8 @@ def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[
             reads_input = given.data_ptr() == x.data_ptr()
             if isinstance(module, SparseAttention):  # its two products, q k^T and (softmax) v: 2 heads tokens^2
                 # multiply-adds per kept head feature, linear in its group's count like a depthwise conv's
-                pairs = 2 * module.num_heads * given.shape[0] * given.shape[1] ** 2
+                batch, tokens = module.batch_and_tokens(given)  # nn.MultiheadAttention's layouts too
+                pairs = 2 * module.num_heads * batch * tokens ** 2
                 width = module.qkv.out_features // (3 * module.num_heads)  # the width its projection runs at
                 shapes.append(LayerShape(f"{name}:products", None, module.group, width, width, pairs, 0, False, False,
                                          depthwise=True))

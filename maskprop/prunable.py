@@ -11,7 +11,11 @@ A linear layer on a tensor of more than two dimensions (tokens, a channels-last 
 dimension, which elementwise operations and products with another such space pass on and a linear layer reads (the
 hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves it whole. timm's plain multi-head
 self-attention is traced as one module: its heads' features are a space that ``qkv`` writes once per head slice and
-``proj`` reads once per head, and it becomes :class:`~maskprop.sparse.SparseAttention`.
+``proj`` reads once per head, and it becomes :class:`~maskprop.sparse.SparseAttention`. torch's
+``nn.MultiheadAttention`` called on one tensor as query, key and value (torchvision's vision transformers) is traced
+so too, its packed in-projection read as ``qkv`` and its ``out_proj`` as ``proj``, and becomes
+:class:`~maskprop.sparse.SparseMultiheadAttention`; in another form, or where its heads stay whole, it is left whole
+with the tokens it reads and writes.
 A concatenation along the channels (``torch.cat(..., dim=1)``) makes a space of its parts side by side, which
 channel-wise operations pass on and conv, BatchNorm and linear layers read as a concatenated group
 (:func:`~maskprop.sparse.concatenate_groups`): DenseNet's dense blocks, Inception's branches, CSP and DLA stages. The
@@ -54,6 +58,7 @@ import logging
 import math
 import operator
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -62,7 +67,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .models.spec import check_input_size
-from .sparse import SparseAttention, SparseBatchNorm2d, SparseBatchNormAct2d, SparseConv2d, SparseLinear
+from .sparse import (
+    SparseAttention,
+    SparseBatchNorm2d,
+    SparseBatchNormAct2d,
+    SparseConv2d,
+    SparseLinear,
+    SparseMultiheadAttention,
+)
 from .sparse.groups import concatenate_groups
 from .sparse.modules import SparseModule
 
@@ -129,7 +141,7 @@ class _Spaces:
     whole: dict[int, str] = field(default_factory=dict)
     residual: set[int] = field(default_factory=set)
     concatenated: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # its (part space, channels)
-    attention: dict[str, int] = field(default_factory=dict)  # timm attention by path: its heads' features
+    attention: dict[str, int] = field(default_factory=dict)  # attention modules by path: their heads' features
 
     def new(self, writer: str | None = None, whole: str | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -250,13 +262,19 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
     if any(isinstance(m, SparseModule) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already has maskprop layers (make_prunable was applied, or it is "
                          f"written with them); expected a model of plain torch layers")
-    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     modules = dict(model.named_modules())
+    forms = _attention_forms(model, modules)
+    attention = frozenset(name for name, why in forms.items() if not why)
+    whole = {name: why for name, why in forms.items() if why}
+    modules |= _multihead_projections(modules, attention)  # nn.MultiheadAttention's, as SparseMultiheadAttention's
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    renamed = {f"{name}.out_proj": f"{name}.proj" for name in attention
+               if isinstance(modules[name], nn.MultiheadAttention)}
+    exclude = [renamed.get(name, name) for name in exclude]  # an nn.MultiheadAttention's out_proj is its proj
     unknown = [name for name in exclude if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear))]
     if unknown:
         raise ValueError(f"exclude names {unknown} are not nn.Conv2d or nn.Linear layers of {type(model).__name__}")
-    attention = _convertible_attention(modules)
-    spaces, layers = _follow(_trace(model, input_size, attention), modules, attention)
+    spaces, layers = _follow(_trace(model, input_size, frozenset(forms)), modules, attention, whole)
     if not prune_residual:
         for space in list(spaces.residual):
             spaces.leave_whole(space, "a residual stream (prune_residual=False)")
@@ -270,18 +288,25 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
         if len(entry.positions) > 1:
             spaces.leave_whole(entry.reads[0], f"read by a linear layer with {sorted(entry.positions)} features per "
                                                f"channel in different calls")
+    for name, head in spaces.attention.items():  # torch's module, kept, computes with its own parameters
+        if isinstance(modules[name], nn.MultiheadAttention) and spaces.find(head) in spaces.whole:
+            for space in layers[f"{name}.qkv"].reads + layers[f"{name}.proj"].writes:
+                spaces.leave_whole(space, f"read or written by {name!r}, an nn.MultiheadAttention whose heads stay "
+                                          f"whole ({spaces.whole[spaces.find(head)]})")
     groups = _group_names(spaces)
     if not groups:
         raise ValueError(f"no channel of {type(model).__name__} can be pruned: {_why_whole(spaces, layers, modules)}")
     concatenated = _concatenations(spaces, layers, groups)
-    replaced = _replace(model, modules, layers, spaces, groups | {root: name for root, (name, _) in
-                                                                  concatenated.items()})
+    converted = _replace(model, modules, layers, spaces, groups | {root: name for root, (name, _) in
+                                                                   concatenated.items()})
+    replaced = len(converted)
     for name, parts in concatenated.values():
         concatenate_groups(model, name, parts)
     for name, head in spaces.attention.items():  # its heads' features a group: maskprop's attention runs them
         group = groups.get(spaces.find(head))
         if group is not None:
-            _put(model, modules[name], _sparse_attention(modules[name], group))
+            new = _sparse_attention(modules[name], group, converted[f"{name}.qkv"], converted[f"{name}.proj"])
+            _put(model, modules[name], new)
             replaced += 1
     prunable = sum(_width(modules, spaces, root) for root in groups)
     joined = f", {len(concatenated)} concatenations of them" if concatenated else ""
@@ -292,17 +317,65 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
     return model
 
 
-def _convertible_attention(modules: dict[str, nn.Module]) -> frozenset[str]:
-    """The paths of timm's plain attention modules (:func:`_is_timm_attention`) whose ``qkv`` and ``proj`` are their
-    own (a projection shared with another module is listed under that module's path: its attention is traced
-    through, its heads whole)."""
-    return frozenset(name for name, m in modules.items() if _is_timm_attention(m)
-                     and modules.get(f"{name}.qkv") is m.qkv and modules.get(f"{name}.proj") is m.proj)
+def _attention_forms(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
+    """``{path: why it stays whole}`` of the attention modules maskprop converts (``""``) or keeps as they are
+    (traced as one module, the tokens they read and write whole): timm's plain attention (:func:`_is_timm_attention`)
+    whose ``qkv`` and ``proj`` are its own (a projection shared with another module is listed under that module's
+    path); torch's ``nn.MultiheadAttention`` in the form :class:`~maskprop.sparse.SparseMultiheadAttention` computes,
+    its projections held by no other module, or else why not; a narrow model's
+    :class:`~maskprop.sparse.SparseMultiheadAttention`, kept. timm's attention in another form is not listed: it is
+    traced through, its heads whole."""
+    held = Counter(id(child) for parent in model.modules() for child in parent._modules.values())
+    held.update(id(tensor) for module in model.modules() for tensor in module._parameters.values())
+    forms = {}
+    for name, module in modules.items():
+        if _is_timm_attention(module):
+            if modules.get(f"{name}.qkv") is module.qkv and modules.get(f"{name}.proj") is module.proj:
+                forms[name] = ""
+        elif type(module) is nn.MultiheadAttention:  # a subclass may compute something else
+            shared = any(held[id(part)] > 1 for part in (module.in_proj_weight, module.in_proj_bias, module.out_proj)
+                         if part is not None)
+            forms[name] = _why_multihead_whole(module) or (
+                "an nn.MultiheadAttention whose projections another module holds too" if shared else "")
+        elif isinstance(module, SparseMultiheadAttention):  # fx cannot trace its forward (it reads the shapes)
+            forms[name] = "maskprop's SparseMultiheadAttention, which make_prunable keeps as it is"
+    return forms
+
+
+def _why_multihead_whole(module: nn.MultiheadAttention) -> str:
+    """Why :class:`~maskprop.sparse.SparseMultiheadAttention` does not compute what ``module`` does (``""``: it
+    does): its query, key and value projections are separate matrices, or it attends a learnt key and value or a zero
+    one besides the tokens."""
+    if not module._qkv_same_embed_dim or module.in_proj_weight is None:
+        return (f"an nn.MultiheadAttention with separate query, key and value projections (kdim={module.kdim}, "
+                f"vdim={module.vdim}, embed_dim={module.embed_dim})")
+    if module.bias_k is not None or module.bias_v is not None:
+        return "an nn.MultiheadAttention with add_bias_kv=True"
+    if module.add_zero_attn:
+        return "an nn.MultiheadAttention with add_zero_attn=True"
+    if not isinstance(module.out_proj, nn.Linear):
+        return f"an nn.MultiheadAttention whose out_proj is a {type(module.out_proj).__name__}"
+    return ""
+
+
+def _multihead_projections(modules: dict[str, nn.Module], attention: frozenset[str]) -> dict[str, nn.Module]:
+    """``{path: layer}`` of the projections of the ``nn.MultiheadAttention`` modules at the paths ``attention``,
+    named as :class:`~maskprop.sparse.SparseMultiheadAttention` names them: ``qkv``, a linear layer holding
+    ``in_proj_weight`` and ``in_proj_bias`` themselves, and ``proj``, its ``out_proj``."""
+    found: dict[str, nn.Module] = {}
+    for name in attention:
+        module = modules[name]
+        if isinstance(module, nn.MultiheadAttention):
+            with torch.device("meta"):
+                qkv = nn.Linear(module.embed_dim, 3 * module.embed_dim, bias=module.in_proj_bias is not None)
+            qkv.weight, qkv.bias = module.in_proj_weight, module.in_proj_bias
+            found[f"{name}.qkv"], found[f"{name}.proj"] = qkv.train(module.training), module.out_proj
+    return found
 
 
 def _trace(model: nn.Module, input_size: tuple[int, ...], attention: frozenset[str] = frozenset()) -> list[fx.Graph]:
     """The forward in training and in eval mode (code may differ between them), each traced on a ``meta`` copy, with
-    every node's output shape; the modules at the paths ``attention`` kept whole."""
+    every node's output shape; the modules at the paths ``attention`` traced as one."""
     try:
         copied = copy.deepcopy(model).to(device="meta")
     except Exception as err:  # a model holding something that cannot be copied (a lock, a file)
@@ -353,8 +426,8 @@ def _shape_propagation(traced: fx.GraphModule) -> fx.Interpreter:
 
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping timm's ``BatchNormAct2d`` (a BatchNorm and its activation, converted as one),
-    timm's ``Linear`` and the attention modules at the paths ``attention`` (to become
-    :class:`~maskprop.sparse.SparseAttention`) whole."""
+    timm's ``Linear`` and the attention modules at the paths ``attention`` (:func:`_attention_forms`) whole, as it
+    keeps torch's modules (``nn.MultiheadAttention``)."""
 
     def __init__(self, attention: frozenset[str] = frozenset()) -> None:
         super().__init__()
@@ -419,15 +492,16 @@ def _where(node: fx.Node) -> str:
     return f"{target} ({node.name})"
 
 
-def _follow(graphs: list[fx.Graph], modules: dict[str, nn.Module], attention: frozenset[str] = frozenset()
-            ) -> tuple[_Spaces, dict[str, _Layer]]:
+def _follow(graphs: list[fx.Graph], modules: dict[str, nn.Module], attention: frozenset[str] = frozenset(),
+            whole: dict[str, str] | None = None) -> tuple[_Spaces, dict[str, _Layer]]:
     """Walk each traced graph once, in order: the channel space of every tensor, and what each layer reads and writes
     (a layer reads and writes the same spaces in every graph; a space left whole in one is whole); the modules at the
-    paths ``attention`` as attention."""
+    paths ``attention`` as attention, those in ``whole`` (``nn.MultiheadAttention`` by path) whole, for the reason
+    given."""
     spaces = _Spaces()
     layers: dict[str, _Layer] = {}
     for graph in graphs:
-        _walk_graph(graph, modules, _Walk(spaces, layers, {}, attention))
+        _walk_graph(graph, modules, _Walk(spaces, layers, {}, attention, whole or {}))
     return spaces, layers
 
 
@@ -435,6 +509,8 @@ def _walk_graph(graph: fx.Graph, modules: dict[str, nn.Module], walk: _Walk) -> 
     values = walk.values
     spaces = walk.spaces
     for node in graph.nodes:
+        if walk.item_of_pair(node):
+            continue
         shape = _shape(node)
         if node.op == "placeholder":
             if shape is not None and len(shape) >= 2:
@@ -444,9 +520,19 @@ def _walk_graph(graph: fx.Graph, modules: dict[str, nn.Module], walk: _Walk) -> 
                 spaces.leave_whole(value.space, "the model's output")
         elif node.op == "get_attr":
             continue  # a parameter or buffer: a tensor of no channel space
+        elif node.op == "call_module" and node.target in walk.attention:  # nn.MultiheadAttention's output: a pair
+            module = modules[node.target]
+            value = walk.module(node, module)
+            if value is not None:
+                (walk.pairs if isinstance(module, nn.MultiheadAttention) else values)[node] = value
         elif shape is None:  # no tensor: a size or a shape is fine, anything else (a split, a tuple) reads channels
             if not _is_query(node):
-                walk.opaque(node, "an operation that mixes or reorders channels")
+                whole = walk.whole.get(node.target) if node.op == "call_module" else None
+                walk.opaque(node, whole or "an operation that mixes or reorders channels")
+        elif (owner := _multihead_owner(node, modules, walk.attention)) is not None:
+            why = f"{node.target} called outside its nn.MultiheadAttention"
+            walk.opaque(node, why)
+            walk.keep_whole(owner, modules[owner], why)
         else:
             module = modules[node.target] if node.op == "call_module" else None
             value = walk.module(node, module) if module is not None else walk.function(node)
@@ -458,6 +544,13 @@ def _walk_graph(graph: fx.Graph, modules: dict[str, nn.Module], walk: _Walk) -> 
                     del values[source]
                 else:
                     values[source] = value
+
+
+def _multihead_owner(node: fx.Node, modules: dict[str, nn.Module], attention: frozenset[str]) -> str | None:
+    """The path of the ``nn.MultiheadAttention`` to convert whose child (its ``out_proj``) ``node`` calls on its own:
+    torch's module reads that layer's weight without calling it, so the two stay whole together."""
+    owner = node.target.rpartition(".")[0] if node.op == "call_module" else ""
+    return owner if owner in attention and isinstance(modules[owner], nn.MultiheadAttention) else None
 
 
 def _in_place(node: fx.Node, module: nn.Module | None) -> bool:
@@ -487,12 +580,31 @@ class _Walk:
     layers: dict[str, _Layer]
     values: dict[fx.Node, _Value]
     attention: frozenset[str] = frozenset()  # paths of the attention modules to convert
+    whole: dict[str, str] = field(default_factory=dict)  # nn.MultiheadAttention left whole by path: why
+    pairs: dict[fx.Node, _Value] = field(default_factory=dict)  # nn.MultiheadAttention's (output, weights)
 
     def inputs(self, node: fx.Node, *, in_kwargs: bool = True) -> list[_Value]:
         found: list[_Value] = []
         fx.node.map_arg((node.args, node.kwargs) if in_kwargs else node.args,
                         lambda a: found.append(self.values[a]) if a in self.values else None)
         return found
+
+    def item_of_pair(self, node: fx.Node) -> bool:
+        """``output, weights = attention(x, x, x)``: item 0 of an ``nn.MultiheadAttention``'s pair is its output, in
+        the space ``proj`` writes, item 1 its weights (``None``, or a tensor of no channel space), and ``node`` is
+        done; any other read of the pair reads the output whole (and the rules for ``node`` follow)."""
+        pairs = [source for source in node.all_input_nodes if source in self.pairs]
+        if not pairs:
+            return False
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in pairs \
+                and node.args[1] in (0, 1, -1, -2):
+            if node.args[1] in (0, -2):
+                self.values[node] = dataclasses.replace(self.pairs[node.args[0]])
+            return True
+        for pair in pairs:
+            self.spaces.leave_whole(self.pairs[pair].space, f"nn.MultiheadAttention's (output, weights) read whole at "
+                                                            f"{_where(node)}")
+        return False
 
     def opaque(self, node: fx.Node, why: str) -> None:
         """``node`` reads its channel spaces in a way a subnetwork cannot run: they stay whole."""
@@ -525,8 +637,10 @@ class _Walk:
     def module(self, node: fx.Node, module: nn.Module) -> _Value | None:
         """The channel space of a module's output, and what the module reads and writes."""
         name, kind = node.target, nn.Linear if _is_timm_linear(module) else type(module)
-        values = self.inputs(node)
         source = node.args[0] if node.args else next(iter(node.kwargs.values()), None)  # its input (``input=x``)
+        if name in self.attention:  # it reads its input's last dimension, as a linear layer does
+            return self.attended(node, name, module, source)
+        values = self.inputs(node)
         first = self.values.get(source) if isinstance(source, fx.Node) else None
         # A layer's call on a tensor no rule follows reads a whole space: a call on a prunable one joins it, whole.
         outside = f"read by {name!r} from a tensor maskprop does not follow"
@@ -534,8 +648,10 @@ class _Walk:
                 and kind not in _ELEMENTWISE_MODULES:
             self.opaque(node, f"{kind.__name__} called on more than one feature map, or on a flattened one")
             return None
-        if name in self.attention:  # it reads its input's last dimension, as a linear layer does
-            return self.attended(node, name, module, first)
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+            self.opaque(node, f"{kind.__name__}, which maskprop keeps whole (its inference fast path reads its "
+                              f"nn.MultiheadAttention's parameters)")
+            return None
         if first is not None and first.last and kind is not nn.Linear and _keeps_zero(module) is None:
             self.opaque(node, f"{kind.__name__} on channels in the last dimension")
             return None
@@ -591,26 +707,51 @@ class _Walk:
         self.opaque(node, f"{kind.__name__}, which maskprop does not convert")
         return None
 
-    def attended(self, node: fx.Node, name: str, module: nn.Module, first: _Value | None) -> _Value | None:
-        """timm's ``Attention`` on tokens: ``qkv`` reads their features (the last dimension), the heads' features are
-        a space of ``head_dim`` channels that ``qkv`` writes ``3 x heads`` times over (a concatenation) and ``proj``
-        reads ``heads`` times, and ``proj`` writes the output."""
-        if first is not None and not first.last:
-            self.opaque(node, "attention on channels in dimension 1")
+    def attended(self, node: fx.Node, name: str, module: nn.Module, source: object) -> _Value | None:
+        """An attention module on tokens: ``qkv`` reads their features (the last dimension), ``proj`` writes the
+        output's (:meth:`attention_layers`). A call maskprop's attention does not compute (cross-attention, a second
+        feature map, channels in dimension 1) leaves the module whole, its heads and the tokens it reads and writes."""
+        qkv, proj, _ = self.attention_layers(name, module)
+        first = self.values.get(source) if isinstance(source, fx.Node) else None
+        why = ""
+        if isinstance(module, nn.MultiheadAttention) and not _attends_itself(node):
+            why = "nn.MultiheadAttention as cross-attention (its query, key and value not one tensor)"
+        elif any(n in self.values and n is not source for n in node.all_input_nodes):
+            why = f"{type(module).__name__} called on more than one feature map"
+        elif first is not None and not first.last:
+            why = "attention on channels in dimension 1"
+        if why:
+            self.opaque(node, why)
+            self.keep_whole(name, module, f"{why} at {_where(node)}")
             return None
-        qkv = self.layers.setdefault(f"{name}.qkv", _Layer("linear", positions={1}))
-        proj = self.layers.setdefault(f"{name}.proj", _Layer("linear", positions={1}))
         if first is not None:
             self.needs_zero(first, node)
         self.reads(qkv, first.space if first is not None else
                    self.spaces.new(whole=f"read by {name!r} from a tensor maskprop does not follow"))
-        if name not in self.spaces.attention:  # its first call: the heads' features, written and read by head
+        return _Value(proj.writes[0], last=True)
+
+    def keep_whole(self, name: str, module: nn.Module, why: str) -> None:
+        """The attention module ``name`` stays as it is: its heads' features whole, and the tokens its ``qkv`` reads
+        and its ``proj`` writes, in every call."""
+        qkv, proj, head = self.attention_layers(name, module)
+        self.spaces.leave_whole(head, why)
+        self.reads(qkv, self.spaces.new(whole=why))
+        self.spaces.leave_whole(proj.writes[0], why)
+
+    def attention_layers(self, name: str, module: nn.Module) -> tuple[_Layer, _Layer, int]:
+        """The ``qkv`` and ``proj`` layers of the attention module ``name`` and the space of its heads' features
+        (``head_dim`` channels), made at its first call: ``qkv`` writes the heads' features ``3 x heads`` times over
+        (a concatenation), ``proj`` reads them ``heads`` times and writes a space of its own."""
+        qkv = self.layers.setdefault(f"{name}.qkv", _Layer("linear", positions={1}))
+        proj = self.layers.setdefault(f"{name}.proj", _Layer("linear", positions={1}))
+        if name not in self.spaces.attention:
             heads, width = module.num_heads, module.head_dim
             head = self.spaces.attention[name] = self.spaces.new(writer=name)
             qkv.writes = [self.spaces.concatenation([(head, width)] * (3 * heads))]
             self.spaces.writers[qkv.writes[0]] = [f"{name}.qkv"]
             proj.reads = [self.spaces.concatenation([(head, width)] * heads)]
-        return _Value(self.writes(proj, f"{name}.proj"), last=True)
+            proj.writes = [self.spaces.new(writer=f"{name}.proj")]
+        return qkv, proj, self.spaces.attention[name]
 
     def flattened(self, node: fx.Node, value: _Value) -> _Value | None:
         """``(N, C, H, W) -> (N, C * H * W)``: the same space, ``H * W`` features per channel, in flatten's order."""
@@ -746,6 +887,13 @@ class _Walk:
         return None
 
 
+def _attends_itself(node: fx.Node) -> bool:
+    """``attention(x, x, x)``: an ``nn.MultiheadAttention`` called with one tensor as query, key and value."""
+    query, key, value = (node.args[i] if i < len(node.args) else node.kwargs.get(name)
+                         for i, name in enumerate(("query", "key", "value")))
+    return isinstance(query, fx.Node) and query is key is value
+
+
 def _keeps_channels(node: fx.Node) -> bool:
     """``x[index]`` of a feature map keeps every example and every channel, in order (``x[:, :C]`` of a map of
     ``C`` channels, ``x[:, :, 1:, ::2]``): it crops or subsamples each channel's map alone."""
@@ -846,13 +994,15 @@ def _why_whole(spaces: _Spaces, layers: dict[str, _Layer], modules: dict[str, nn
 
 
 def _replace(model: nn.Module, modules: dict[str, nn.Module], layers: dict[str, _Layer], spaces: _Spaces,
-             groups: dict[int, str]) -> int:
-    """Put maskprop's layer in place of every conv, BatchNorm and linear layer that reads or writes a group."""
+             groups: dict[int, str]) -> dict[str, nn.Module]:
+    """Put maskprop's layer in place of every conv, BatchNorm and linear layer that reads or writes a group; the new
+    layers by path (``nn.MultiheadAttention``'s projections, which its module does not call, are not put in the
+    model: its :class:`~maskprop.sparse.SparseMultiheadAttention` holds them)."""
 
     def group(found: list[int]) -> str | None:  # a layer reads (writes) one space: the trace joined its calls'
         return groups.get(spaces.find(found[0])) if found else None
 
-    replaced = 0
+    replaced: dict[str, nn.Module] = {}
     for name, entry in layers.items():
         old = modules[name]
         in_group, out_group = group(entry.reads), group(entry.writes)
@@ -885,16 +1035,20 @@ def _replace(model: nn.Module, modules: dict[str, nn.Module], layers: dict[str, 
         new.load_state_dict(old.state_dict(keep_vars=True), assign=True)
         new.train(old.training)
         _put(model, old, new)
-        replaced += 1
+        replaced[name] = new
     return replaced
 
 
-def _sparse_attention(old: nn.Module, group: str) -> SparseAttention:
-    """maskprop's attention in place of timm's ``old`` (its ``qkv`` and ``proj`` already maskprop's layers), holding
-    the same modules."""
-    new = SparseAttention(old.qkv, old.proj, old.num_heads, old.head_dim, group, attn_drop=old.attn_drop,
-                          proj_drop=old.proj_drop, q_norm=old.q_norm, k_norm=old.k_norm,
-                          norm=getattr(old, "norm", None))
+def _sparse_attention(old: nn.Module, group: str, qkv: nn.Module, proj: nn.Module) -> SparseAttention:
+    """maskprop's attention in place of timm's or torch's ``old``, running maskprop's ``qkv`` and ``proj`` (holding
+    ``old``'s parameters) and holding timm's other modules."""
+    if isinstance(old, nn.MultiheadAttention):
+        new = SparseMultiheadAttention(qkv, proj, old.num_heads, old.head_dim, group, dropout=old.dropout,
+                                       batch_first=old.batch_first)
+    else:
+        new = SparseAttention(qkv, proj, old.num_heads, old.head_dim, group, attn_drop=old.attn_drop,
+                              proj_drop=old.proj_drop, q_norm=old.q_norm, k_norm=old.k_norm,
+                              norm=getattr(old, "norm", None))
     return new.train(old.training)
 
 

@@ -1,6 +1,6 @@
 """Channel groups, masks, and the compact / masked execution of channel-sparse layers."""
 
-from .attention import SparseAttention
+from .attention import SparseAttention, SparseMultiheadAttention
 from .execution import MODES, ExecutionState, Mask, ModelPlan, check_mask, model_plan, prepare_mask, use_mask
 from .groups import (
                      ChannelSparseModel,
@@ -29,6 +29,7 @@ __all__ = [
     "SparseConv2d",
     "SparseLinear",
     "SparseModule",
+    "SparseMultiheadAttention",
     "aligned_width",
     "channel_groups",
     "check_align",

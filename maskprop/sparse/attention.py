@@ -8,16 +8,19 @@ head width: the ``qkv`` projection writes the group once for each of ``3 x heads
 the full width's, ``head_dim ** -0.5``: in masked mode the dropped features are zero, so both modes compute the same
 products, and the narrow model keeps the scale it was trained with.
 
-:func:`maskprop.make_prunable` puts this module in place of timm's ``Attention`` (vision transformers, DeiT, ...),
-with the same ``qkv`` and ``proj`` parameters and the same module tree.
+:func:`maskprop.make_prunable` puts :class:`SparseAttention` in place of timm's ``Attention`` (vision transformers,
+DeiT, ...), with the same ``qkv`` and ``proj`` parameters and the same module tree, and
+:class:`SparseMultiheadAttention` in place of torch's ``nn.MultiheadAttention`` attending a tensor to itself
+(torchvision's vision transformers), with the same parameters under the same state-dict keys.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SparseAttention"]
+__all__ = ["SparseAttention", "SparseMultiheadAttention"]
 
 
 class SparseAttention(nn.Module):
@@ -61,14 +64,147 @@ class SparseAttention(nn.Module):
         self.proj_drop = proj_drop if proj_drop is not None else nn.Identity()
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        return self._output(self._attend(*self._heads(x), attn_mask, is_causal))
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The queries, keys and values of tokens ``x`` ``(N, L, C)``, each ``(N, heads, L, width)`` at the width the
+        projection runs (the full head width, or the kept features of a subnetwork)."""
         batch, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask,
-                                           dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal,
-                                           scale=self.scale)
-        x = self.norm(x.transpose(1, 2).reshape(batch, tokens, -1))
-        return self.proj_drop(self.proj(x))
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+        """The fused kernel at the full width's scale, its dropout on the weights in training."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                              dropout_p=self.attn_drop.p if self.training else 0.0)
+
+    def _output(self, heads: Tensor) -> Tensor:
+        """The heads' outputs ``(N, heads, L, width)`` side by side and projected: ``(N, L, C_out)``."""
+        batch, _, tokens, _ = heads.shape
+        return self.proj_drop(self.proj(self.norm(heads.transpose(1, 2).reshape(batch, tokens, -1))))
+
+    def batch_and_tokens(self, x: Tensor) -> tuple[int, int]:
+        """The examples and tokens of the input ``x`` (the cost model prices the two products by them)."""
+        return x.shape[0], x.shape[1]
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, group={self.group!r}"
+
+
+_TORCH_KEYS = {"qkv.weight": "in_proj_weight", "qkv.bias": "in_proj_bias", "proj.weight": "out_proj.weight",
+               "proj.bias": "out_proj.bias"}
+"""The state-dict keys of :class:`SparseMultiheadAttention`'s tensors in ``nn.MultiheadAttention``, by its own."""
+
+
+class SparseMultiheadAttention(SparseAttention):
+    """torch's ``nn.MultiheadAttention`` attending a tensor to itself, at whatever head width its projections run.
+
+    :func:`maskprop.make_prunable` puts it in place of an ``nn.MultiheadAttention`` called as self-attention
+    (``attention(x, x, x)``: torchvision's vision transformers) whose query, key and value projections are one packed
+    matrix (``in_proj_weight``) without ``bias_k``, ``bias_v`` or ``add_zero_attn``. The forward is
+    :class:`SparseAttention`'s behind torch's call signature: either layout (``batch_first``), unbatched ``(L, E)``
+    inputs, torch's ``key_padding_mask`` and ``attn_mask`` (``True`` of a boolean mask is a position not attended, a
+    float mask is added; ``is_causal`` a hint that ``attn_mask`` is the causal mask, which runs), and the attention
+    weights where ``need_weights`` asks for them (then computed by matrix products, not the fused kernel: the weights
+    of the kept features, after dropout as torch returns them, averaged over the heads unless
+    ``average_attn_weights=False``). ``qkv`` holds ``in_proj_weight`` and ``in_proj_bias``, ``proj`` is
+    ``out_proj``; the state dict has torch's keys (state-dict hooks rename them both ways), so a checkpoint of either
+    module loads into the other.
+
+    Args:
+        qkv, proj, num_heads, head_dim, group: As :class:`SparseAttention`'s.
+        dropout: torch's ``dropout``: the probability of dropping an attention weight in training.
+        batch_first: torch's: inputs and output are ``(N, L, E)``; else ``(L, N, E)``.
+    """
+
+    def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, head_dim: int, group: str | None = None, *,
+                 dropout: float = 0.0, batch_first: bool = False) -> None:
+        super().__init__(qkv, proj, num_heads, head_dim, group, attn_drop=nn.Dropout(dropout))
+        self.batch_first = batch_first
+        self.register_state_dict_post_hook(_to_torch_keys)
+        self.register_load_state_dict_pre_hook(_from_torch_keys)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        if key is not query or value is not query:
+            raise ValueError(f"{type(self).__name__} attends a tensor to itself, got a key or value that is not the "
+                             f"query; expected attention(x, x, x) (cross-attention keeps nn.MultiheadAttention)")
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query has shape {tuple(query.shape)}; expected (L, E) or "
+                             f"{'(N, L, E)' if self.batch_first else '(L, N, E)'} (batch_first={self.batch_first})")
+        if is_causal and attn_mask is None:
+            raise ValueError("is_causal=True without attn_mask; expected the causal mask as attn_mask, as "
+                             "nn.MultiheadAttention takes it (is_causal is a hint)")
+        batched = query.dim() == 3
+        x = query.unsqueeze(0) if not batched else query if self.batch_first else query.transpose(0, 1)
+        if key_padding_mask is not None and not batched:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+        batch, tokens = x.shape[0], x.shape[1]
+        mask = self._mask(key_padding_mask, attn_mask, batch, tokens, x.dtype)
+        q, k, v = self._heads(x)
+        weights = None
+        if need_weights:  # torch's math: the weights it returns are those the values are multiplied by, dropout and all
+            weights = torch.softmax(q @ k.transpose(-2, -1) * self.scale + (0.0 if mask is None else mask), dim=-1)
+            weights = F.dropout(weights, self.attn_drop.p, self.training)
+            heads = weights @ v
+            weights = weights.mean(dim=1) if average_attn_weights else weights
+        else:  # is_causal says attn_mask is causal: it is what runs
+            heads = self._attend(q, k, v, mask, False)
+        out = self._output(heads)
+        if not batched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        return (out if self.batch_first else out.transpose(0, 1).contiguous()), weights
+
+    def _mask(self, key_padding_mask: Tensor | None, attn_mask: Tensor | None, batch: int, tokens: int,
+              dtype: torch.dtype) -> Tensor | None:
+        """torch's two masks as one additive mask that broadcasts to ``(N, heads, L, L)`` (``None``: neither)."""
+        mask = None
+        if attn_mask is not None:
+            shapes = {2: (tokens, tokens), 3: (batch * self.num_heads, tokens, tokens)}
+            if shapes.get(attn_mask.dim()) != tuple(attn_mask.shape):
+                raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}; expected {shapes[2]} or {shapes[3]} "
+                                 f"((L, L) or (N x heads, L, L))")
+            mask = _additive(attn_mask, "attn_mask", dtype)
+            mask = mask.view(batch, self.num_heads, tokens, tokens) if mask.dim() == 3 else mask
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (batch, tokens):
+                raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected "
+                                 f"{(batch, tokens)} (N, L)")
+            padding = _additive(key_padding_mask, "key_padding_mask", dtype).view(batch, 1, 1, tokens)
+            mask = padding if mask is None else mask + padding
+        return mask
+
+    def batch_and_tokens(self, query: Tensor) -> tuple[int, int]:
+        """The examples and tokens of ``query`` in torch's layouts: ``(L, E)``, and ``(N, L, E)`` or ``(L, N, E)``."""
+        if query.dim() == 2:
+            return 1, query.shape[0]
+        return (query.shape[0], query.shape[1]) if self.batch_first else (query.shape[1], query.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, batch_first={self.batch_first}"
+
+
+def _additive(mask: Tensor, name: str, dtype: torch.dtype) -> Tensor:
+    """torch's attention mask as the values added to the scores: a boolean mask's ``True`` is ``-inf`` (not
+    attended), a float mask is added as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    if not mask.is_floating_point():
+        raise ValueError(f"{name} is a {mask.dtype} tensor; expected a bool or floating-point mask")
+    return mask.to(dtype)
+
+
+def _to_torch_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: the tensors under ``nn.MultiheadAttention``'s keys, in its order (they are the last ones
+    written, so popping and writing them again keeps the model's order)."""
+    for own, torch_key in _TORCH_KEYS.items():
+        if prefix + own in state_dict:
+            state_dict[prefix + torch_key] = state_dict.pop(prefix + own)
+
+
+def _from_torch_keys(module: nn.Module, state_dict: dict, prefix: str, *_: object) -> None:
+    """Load hook: ``nn.MultiheadAttention``'s keys read as the tensors of ``qkv`` and ``proj``."""
+    for own, torch_key in _TORCH_KEYS.items():
+        if prefix + torch_key in state_dict:
+            state_dict[prefix + own] = state_dict.pop(prefix + torch_key)
