@@ -142,6 +142,9 @@ def _final_table(summary: dict) -> str:
         low, high = threads["used"]
         count = f"{low} CPU thread{'s' if high > 1 else ''}" if low == high else f"{low}-{high} CPU threads"
         measured += f"; {count} (auto: the cores other processes left free)"
+    dense_known = summary.get("dense_accuracy") is not None and summary["method"] != "dense"
+    dense_accuracy = f"{summary['dense_accuracy']:10.2f}" if dense_known else f"{'-':>10}"
+    accuracy_gap = f"{summary['accuracy'] - summary['dense_accuracy']:+5.1f}pp"[-6:] if dense_known else f"{'':>6}"
     lines = [
         f"{summary['model']} ({summary['method']}, "
         + (f"sbp.ratio {sbp['ratio']:g}" if sbp and "ratio" in sbp else f"keep_ratio {summary['keep_ratio']:g}")
@@ -150,11 +153,13 @@ def _final_table(summary: dict) -> str:
         f"|                      | {'network' if sbp or summary['method'] == 'dense' else 'subnetwork':<10} "
         f"| dense      | kept   |",
         "|---|---:|---:|---:|",
-        f"| top-1 accuracy (%)   | {summary['accuracy']:10.2f} |            |        |",
+        f"| top-1 accuracy (%)   | {summary['accuracy']:10.2f} | {dense_accuracy} | {accuracy_gap} |",
         (f"| params               | {_count(summary['subnet_params']):>10} | {_count(summary['dense_params']):>10} "
          f"| {ratio(summary['subnet_params'], summary['dense_params']):>6} |"),
         (f"| FLOPs / example      | {_count(summary['subnet_flops']):>10} | {_count(summary['dense_flops']):>10} "
          f"| {ratio(summary['subnet_flops'], summary['dense_flops']):>6} |"),
+        *([] if dense_known or summary["method"] == "dense" else [
+            "(the dense accuracy: train the dense twin, method=dense, and compare: maskprop report RUN DENSE_RUN)"]),
         f"train-cost saving {summary['train_cost_saving']:.2f}x ("
         + ("supplement C.1, finetuning included" if summary["method"] == "vrpge" else
            "a dense run: the baseline itself" if summary["method"] == "dense" else

@@ -714,6 +714,17 @@ def test_the_final_table_says_faster_or_slower_correctly(runs):
     assert warned.splitlines()[-1] == "warning: the measured speedup 1.00x has a wide spread"
 
 
+def test_the_final_table_gives_the_dense_accuracy_where_known_and_else_says_how_to_get_it(runs):
+    hint = "(the dense accuracy: train the dense twin, method=dense, and compare: maskprop report RUN DENSE_RUN)"
+    summary = summary_of(runs / "vrpge")
+    unknown = _final_table(dict(summary, dense_accuracy=None)).splitlines()
+    assert unknown[3].split("|")[2:4] == [f" {summary['accuracy']:10.2f} ", f" {'-':>10} "] and hint in unknown
+    known = _final_table(dict(summary, accuracy=72.8, dense_accuracy=75.0)).splitlines()
+    assert known[3] == "| top-1 accuracy (%)   |      72.80 |      75.00 | -2.2pp |" and hint not in known
+    dense = _final_table(summary_of(runs / "dense")).splitlines()
+    assert hint not in dense and dense[3].endswith(f"| {'-':>10} |        |")  # the baseline itself
+
+
 @pytest.mark.parametrize(("threads", "said"), [
     ({"setting": "auto", "used": [1, 1]}, "; 1 CPU thread (auto: the cores other processes left free)"),
     ({"setting": "auto", "used": [2, 2]}, "; 2 CPU threads (auto: the cores other processes left free)"),
