@@ -333,8 +333,13 @@ def build_datasets(cfg_data: DataConfig) -> tuple[Dataset, Dataset, int, tuple[i
     Returns:
         ``(train_set, val_set, num_classes, input_size)`` with ``input_size`` = (channels, height, width).
     """
+    built = _build_datasets(cfg_data)
+    _warn_unused(cfg_data)  # once the data is there: a missing dataset is one line, not a warning and the error
+    return built
+
+
+def _build_datasets(cfg_data: DataConfig) -> tuple[Dataset, Dataset, int, tuple[int, int, int]]:
     name = cfg_data.dataset
-    _warn_unused(cfg_data)
     if name == "shapes":
         size = cfg_data.image_size
         train_set, val_set = shapes_datasets(cfg_data.train_size, cfg_data.val_size, cfg_data.seed, cfg_data.augment,
