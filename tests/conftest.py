@@ -68,6 +68,20 @@ TINY_RUN = {
 nontrivial_batch_norms = check.nontrivial_batch_norms
 
 
+def attention_by_hand(attn: torch.nn.Module, x: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A maskprop attention module (full width) on tokens ``x`` ``(N, L, C)`` with only the head features ``kept``,
+    written out: the full projections' outputs sliced, the softmax at the full head width's scale, the output
+    projection on the kept columns. Returns the output and the attention weights averaged over the heads."""
+    batch, tokens, _ = x.shape
+    heads, width = attn.num_heads, attn.head_dim
+    qkv = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(batch, tokens, 3, heads, width)[..., kept]
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (batch, heads, tokens, kept)
+    weights = torch.softmax(q @ k.transpose(-2, -1) / width ** 0.5, dim=-1)
+    out = (weights @ v).transpose(1, 2)  # (batch, tokens, heads, kept)
+    columns = attn.proj.weight.reshape(-1, heads, width)[..., kept].flatten(1)
+    return out.flatten(2) @ columns.T + attn.proj.bias, weights.mean(1)
+
+
 def with_overrides(config: dict, **overrides) -> dict:
     """A deep copy of ``config`` with dotted-key overrides (``**{"optim.epochs": 4}``), as a plain dict."""
     config = copy.deepcopy(config)

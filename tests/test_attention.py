@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import math
 
 import pytest
 import torch
+from conftest import attention_by_hand
 
 import maskprop
 from maskprop.cost import CostModel, counting_flops
@@ -61,18 +61,6 @@ def test_timms_attention_becomes_maskprops_computing_the_same():
         torch.testing.assert_close(converted(x), plain(x), rtol=1e-12, atol=1e-12)
 
 
-def _by_hand(attn: SparseAttention, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Attention on the kept features of every head, written out: the full projections' outputs sliced, the softmax at
-    the full head width's scale, the output projection on the kept columns."""
-    batch, tokens, _ = x.shape
-    qkv = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(batch, tokens, 3, HEADS, HEAD_DIM)[..., kept]
-    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (batch, heads, tokens, kept)
-    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(HEAD_DIM), dim=-1)
-    out = (weights @ v).transpose(1, 2)  # (batch, tokens, heads, kept)
-    columns = attn.proj.weight.reshape(-1, HEADS, HEAD_DIM)[..., kept].flatten(1)
-    return out.flatten(2) @ columns.T + attn.proj.bias
-
-
 def test_a_subnetwork_runs_attention_on_its_kept_features_only(vit64):
     """Compact execution computes attention on the kept head features alone (the projections run narrow), equal to
     attention written out by hand on them and to masked execution, gradients included."""
@@ -86,7 +74,7 @@ def test_a_subnetwork_runs_attention_on_its_kept_features_only(vit64):
         compact = attn(x)
     hook.remove()
     assert widths == [3 * HEADS * len(kept)] and 0 < len(kept) < HEAD_DIM
-    torch.testing.assert_close(compact, _by_hand(attn, x, kept), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compact, attention_by_hand(attn, x, kept)[0], rtol=1e-12, atol=1e-12)
     grads = {}
     for mode in ("compact", "masked"):
         vit64.zero_grad()

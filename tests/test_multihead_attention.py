@@ -8,10 +8,10 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-import math
 
 import pytest
 import torch
+from conftest import attention_by_hand
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -102,20 +102,6 @@ def test_checkpoints_load_both_ways_under_torchs_keys_and_the_parameters_are_tor
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in _vit().parameters())
 
 
-def _by_hand(attn: SparseMultiheadAttention, x: torch.Tensor, kept: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention on the kept features of every head, written out: the full projections' outputs sliced, the softmax
-    at the full head width's scale, the output projection on the kept columns; and the weights averaged over the
-    heads."""
-    batch, tokens, _ = x.shape
-    qkv = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(batch, tokens, 3, HEADS, HEAD_DIM)[..., kept]
-    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (batch, heads, tokens, kept)
-    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(HEAD_DIM), dim=-1)
-    out = (weights @ v).transpose(1, 2)  # (batch, tokens, heads, kept)
-    columns = attn.proj.weight.reshape(-1, HEADS, HEAD_DIM)[..., kept].flatten(1)
-    return out.flatten(2) @ columns.T + attn.proj.bias, weights.mean(1)
-
-
 def test_a_subnetwork_runs_attention_on_its_kept_features_only(vit64):
     """Compact execution computes attention on the kept head features alone (the projections run narrow), equal to
     attention written out by hand on them, weights included where asked for, and to masked execution, gradients
@@ -132,7 +118,7 @@ def test_a_subnetwork_runs_attention_on_its_kept_features_only(vit64):
             outputs[mode] = (attn(x, x, x, need_weights=False)[0], *attn(x, x, x))
     hook.remove()
     assert widths[:2] == [3 * HEADS * len(kept)] * 2 and 0 < len(kept) < HEAD_DIM
-    expected, weights = _by_hand(attn, x, kept)
+    expected, weights = attention_by_hand(attn, x, kept)
     for mode, (fused, out, averaged) in outputs.items():
         for got, want in ((fused, expected), (out, expected), (averaged, weights)):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=mode)
