@@ -82,6 +82,23 @@ def attention_by_hand(attn: torch.nn.Module, x: torch.Tensor, kept: torch.Tensor
     return out.flatten(2) @ columns.T + attn.proj.bias, weights.mean(1)
 
 
+def compact_equals_masked(model: torch.nn.Module, mask: dict, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Assert that the loss ``model(images).square().sum()`` and every gradient are the same in compact and masked
+    execution of ``mask`` (float64 tolerances); return the compact gradients by parameter name."""
+    grads = {}
+    for mode in ("compact", "masked"):
+        model.zero_grad()
+        with maskprop.use_mask(model, mask, mode):
+            loss = model(images).square().sum()
+        loss.backward()
+        grads[mode] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads["compact"][0] == pytest.approx(grads["masked"][0], rel=1e-12)
+    assert grads["compact"][1].keys() == grads["masked"][1].keys()
+    for name, grad in grads["compact"][1].items():
+        torch.testing.assert_close(grad, grads["masked"][1][name], rtol=1e-10, atol=1e-12, msg=name)
+    return grads["compact"][1]
+
+
 def with_overrides(config: dict, **overrides) -> dict:
     """A deep copy of ``config`` with dotted-key overrides (``**{"optim.epochs": 4}``), as a plain dict."""
     config = copy.deepcopy(config)

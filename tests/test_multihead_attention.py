@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import torch
-from conftest import attention_by_hand
+from conftest import attention_by_hand, compact_equals_masked
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -122,18 +122,8 @@ def test_a_subnetwork_runs_attention_on_its_kept_features_only(vit64):
     for mode, (fused, out, averaged) in outputs.items():
         for got, want in ((fused, expected), (out, expected), (averaged, weights)):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=mode)
-    grads = {}
-    for mode in ("compact", "masked"):
-        vit64.zero_grad()
-        with maskprop.use_mask(vit64, mask, mode):
-            loss = vit64(_images(1)).square().sum()
-        loss.backward()
-        grads[mode] = (loss.item(), {n: p.grad.clone() for n, p in vit64.named_parameters() if p.grad is not None})
-    assert grads["compact"][0] == pytest.approx(grads["masked"][0], rel=1e-12)
-    assert grads["compact"][1].keys() == grads["masked"][1].keys()
-    for name, grad in grads["compact"][1].items():
-        torch.testing.assert_close(grad, grads["masked"][1][name], rtol=1e-10, atol=1e-12, msg=name)
-    in_grad = grads["compact"][1][f"{ATTENTION.format(0)}.qkv.weight"].reshape(3, HEADS, HEAD_DIM, WIDTH)
+    grads = compact_equals_masked(vit64, mask, _images(1))
+    in_grad = grads[f"{ATTENTION.format(0)}.qkv.weight"].reshape(3, HEADS, HEAD_DIM, WIDTH)
     assert in_grad[:, :, ~mask[ATTENTION.format(0)]].abs().max() == 0  # a dropped feature's rows learn nothing
 
 
