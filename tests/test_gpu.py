@@ -415,6 +415,7 @@ def test_odd_widths_run_on_cuda_with_aligned_operands(name, dtype):
 @pytest.mark.parametrize("module,name", [("examples.my_nets", "small_mobilenet"), ("examples.my_nets", "small_vgg"),
                                          ("examples.converted_nets", "timm_efficientnet_b0"),
                                          ("examples.converted_nets", "timm_vit_tiny"),
+                                         ("examples.converted_nets", "tv_vit_tiny"),
                                          ("examples.converted_nets", "timm:convnext_atto"),
                                          ("examples.my_nets", "small_densenet"),
                                          ("examples.my_nets", "small_ghostnet")])

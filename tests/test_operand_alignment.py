@@ -146,6 +146,7 @@ def test_gathered_operands_are_aligned_on_the_cpu_path():
 @pytest.mark.parametrize("module,name", [("examples.my_nets", "small_mobilenet"), ("examples.my_nets", "small_vgg"),
                                          ("examples.converted_nets", "timm_efficientnet_b0"),
                                          ("examples.converted_nets", "timm_vit_tiny"),
+                                         ("examples.converted_nets", "tv_vit_tiny"),
                                          ("examples.converted_nets", "timm:convnext_atto"),
                                          ("examples.my_nets", "small_densenet"),
                                          ("examples.my_nets", "small_ghostnet")])
