@@ -421,6 +421,33 @@ def test_multihead_attention_in_another_form_stays_whole_saying_why(make, keys, 
     assert type(net.attn) is type(make())
 
 
+class ReadsItsWeights(nn.Module):
+    """An attention module whose parameters the forward also reads itself (a penalty on them)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.inner, self.name = nn.MultiheadAttention(WIDTH, HEADS, batch_first=True), name
+
+    def forward(self, x, y, z):
+        read = {"in_proj_weight": lambda: self.inner.in_proj_weight, "in_proj_bias": lambda: self.inner.in_proj_bias,
+                "out_proj.weight": lambda: self.inner.out_proj.weight}[self.name]
+        return self.inner(x, y, z)[0] + read().sum(), None
+
+
+@pytest.mark.parametrize("name", ["in_proj_weight", "in_proj_bias", "out_proj.weight"])
+def test_multihead_attention_whose_parameters_the_forward_reads_stays_whole(name):
+    """SparseMultiheadAttention holds no ``in_proj_weight`` and no ``out_proj``: torch's module stays, and the
+    model still runs."""
+    net = Attending(ReadsItsWeights(name))
+    x = torch.randn(2, *SIZE)
+    expected = net(x)
+    with pytest.raises(ValueError, match=rf"'attn.inner' \(8 channels\): attn.inner.{name} read outside its "
+                                         rf"nn.MultiheadAttention"):
+        maskprop.make_prunable(net, SIZE)
+    assert type(net.attn.inner) is nn.MultiheadAttention
+    torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+
+
 def test_its_output_pair_read_otherwise_than_item_by_item_leaves_the_output_whole():
     class Sliced(nn.Module):
         def __init__(self) -> None:
