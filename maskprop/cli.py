@@ -97,7 +97,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(format_table(results))
     if device.type == "cuda":
         print(TRAINER_STEPS_ON_CUDA)
-    elif others is not None and others > BUSY_SLACK and torch.get_num_threads() > max(1, int(cores - others)):
+    elif others is not None and others > BUSY_SLACK and torch.get_num_threads() > max(1, int(cores - others +
+                                                                                               BUSY_SLACK)):
         print(f"note: {torch.get_num_threads()} threads beside other processes wait for each other at every "
               f"operation, the compact steps most, so these ratios understate the saving; measure on a quiet "
               f"machine or with --threads {max(1, int(cores - others + BUSY_SLACK))}")

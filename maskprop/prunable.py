@@ -518,8 +518,11 @@ def _walk_graph(graph: fx.Graph, modules: dict[str, nn.Module], walk: _Walk) -> 
         elif node.op == "output":
             for value in walk.inputs(node):
                 spaces.leave_whole(value.space, "the model's output")
-        elif node.op == "get_attr":
-            continue  # a parameter or buffer: a tensor of no channel space
+        elif node.op == "get_attr":  # a parameter or buffer: a tensor of no channel space
+            owner = next((name for name in walk.attention if node.target.startswith(f"{name}.")
+                          and isinstance(modules[name], nn.MultiheadAttention)), None)
+            if owner is not None:  # SparseMultiheadAttention holds no in_proj_weight, no out_proj
+                walk.keep_whole(owner, modules[owner], f"{node.target} read outside its nn.MultiheadAttention")
         elif node.op == "call_module" and node.target in walk.attention:  # nn.MultiheadAttention's output: a pair
             module = modules[node.target]
             value = walk.module(node, module)

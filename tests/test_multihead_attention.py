@@ -5,6 +5,7 @@ attention written out by hand on the kept features, torch's FLOP counter, centra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
@@ -190,6 +191,7 @@ def test_sparse_multihead_attention_says_what_it_does_not_take_in_one_line():
     x = torch.randn(2, 5, WIDTH, dtype=torch.float64)
     cases = [((x, x.clone(), x), {}, r"attends a tensor to itself, got a key or value that is not the query; "
                                      r"expected attention\(x, x, x\)"),
+             ((x, x, x.clone()), {}, r"attends a tensor to itself, got a key or value that is not the query"),
              ((x, x, x), {"is_causal": True}, r"is_causal=True without attn_mask; expected the causal mask"),
              ((x, x, x), {"attn_mask": torch.zeros(5, 4, dtype=torch.bool)},
               r"attn_mask has shape \(5, 4\); expected \(5, 5\) or \(8, 5, 5\)"),
@@ -397,6 +399,33 @@ def test_multihead_attention_in_another_form_stays_whole_saying_why(make, keys, 
     assert type(net.attn) is type(make())
 
 
+class ReadsItsWeights(nn.Module):
+    """An attention module whose parameters the forward also reads itself (a penalty on them)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.inner, self.name = nn.MultiheadAttention(WIDTH, HEADS, batch_first=True), name
+
+    def forward(self, x, y, z):
+        read = {"in_proj_weight": lambda: self.inner.in_proj_weight, "in_proj_bias": lambda: self.inner.in_proj_bias,
+                "out_proj.weight": lambda: self.inner.out_proj.weight}[self.name]
+        return self.inner(x, y, z)[0] + read().sum(), None
+
+
+@pytest.mark.parametrize("name", ["in_proj_weight", "in_proj_bias", "out_proj.weight"])
+def test_multihead_attention_whose_parameters_the_forward_reads_stays_whole(name):
+    """SparseMultiheadAttention holds no ``in_proj_weight`` and no ``out_proj``: torch's module stays, and the
+    model still runs."""
+    net = Attending(ReadsItsWeights(name))
+    x = torch.randn(2, *SIZE)
+    expected = net(x)
+    with pytest.raises(ValueError, match=rf"'attn.inner' \(8 channels\): attn.inner.{name} read outside its "
+                                         rf"nn.MultiheadAttention"):
+        maskprop.make_prunable(net, SIZE)
+    assert type(net.attn.inner) is nn.MultiheadAttention
+    torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+
+
 def test_its_output_pair_read_otherwise_than_item_by_item_leaves_the_output_whole():
     class Sliced(nn.Module):
         def __init__(self) -> None:
@@ -412,6 +441,74 @@ def test_its_output_pair_read_otherwise_than_item_by_item_leaves_the_output_whol
     assert isinstance(net.attn, SparseMultiheadAttention) and net.attn.proj.out_group is None
     maskprop.check_model(net, SIZE)
 
+
+class Paired(nn.Module):
+    """Attention's output pair read by negative index (``pair[-2]``, ``pair[-1]``), or unpacked with the per-head
+    weights used (``out, w = ...``)."""
+
+    def __init__(self, negative: bool) -> None:
+        super().__init__()
+        self.embed, self.head, self.negative = nn.Linear(16, WIDTH), nn.Linear(WIDTH, 5), negative
+        self.attn = nn.MultiheadAttention(WIDTH, HEADS, batch_first=True)
+
+    def forward(self, x):
+        t = self.embed(x.flatten(2)[..., :16])
+        if self.negative:
+            pair = self.attn(t, t, t)
+            out, weights = pair[-2], pair[-1]
+        else:
+            out, weights = self.attn(t, t, t, average_attn_weights=False)
+        return self.head(t + out).mean(1) + weights.flatten(1).mean(1, keepdim=True)
+
+
+@pytest.mark.parametrize("negative", [True, False], ids=["pair[-2], pair[-1]", "out, weights ="])
+def test_the_output_item_is_in_the_tokens_space_and_the_weights_in_none(negative):
+    """Item 0 (-2) of the pair is the output in the space proj writes, here the embedding's (added to it); item 1 (-1),
+    the weights, is in no channel space (a mean over them reads no channel)."""
+    net = maskprop.make_prunable(Paired(negative), SIZE)
+    assert isinstance(net.attn, SparseMultiheadAttention)
+    assert net.attn.qkv.in_group == net.attn.proj.out_group == net.head.in_group == "embed"
+    maskprop.check_model(net, SIZE)
+
+
+def test_a_subclass_of_multihead_attention_is_not_converted():
+    """A subclass of nn.MultiheadAttention may compute something else: make_prunable never puts maskprop's
+    attention in its place (it says it cannot trace it, or keeps it)."""
+
+    class Doubled(nn.MultiheadAttention):
+        def forward(self, query, key, value, **kwargs):
+            out, weights = super().forward(query, key, value, **kwargs)
+            return 2 * out, weights
+
+    net = Attending(Doubled(WIDTH, HEADS, batch_first=True))
+    x = torch.randn(2, *SIZE)
+    expected = net(x)
+    with contextlib.suppress(ValueError):
+        maskprop.make_prunable(net, SIZE)
+    assert type(net.attn) is Doubled
+    torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+
+
+def test_attention_whose_value_is_another_tensor_stays_whole():
+    class Values(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.other, self.head = nn.Linear(16, WIDTH), nn.Linear(16, WIDTH), nn.Linear(WIDTH, 5)
+            self.attn = nn.MultiheadAttention(WIDTH, HEADS, batch_first=True)
+
+        def forward(self, x):
+            t = x.flatten(2)[..., :16]
+            q = self.embed(t)
+            return self.head(self.attn(q, q, self.other(t))[0]).mean(1)
+
+    net = Values()
+    x = torch.randn(2, *SIZE)
+    expected = net(x)
+    with pytest.raises(ValueError, match=r"nn.MultiheadAttention as cross-attention \(its query, key and value not "
+                                         r"one tensor\) at 'attn'"):
+        maskprop.make_prunable(net, SIZE)
+    assert type(net.attn) is nn.MultiheadAttention
+    torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
 
 def test_a_module_held_under_two_names_is_converted_under_both():
     class Twice(nn.Module):

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -157,3 +158,29 @@ def test_a_run_records_its_threads_and_gives_them_back(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="^threads='all'"):
         maskprop.fit(TINY_RUN, out=tmp_path / "bad", threads="all")
     assert not (tmp_path / "bad").exists()
+
+
+def test_each_choice_reads_the_load_since_the_last_one_alone(set_threads):
+    """The interval starts where the last one ended: a quiet second after 30 busy seconds is a quiet machine; and
+    this process's CPU time above the cores' busy ticks (their rounding) is no load, not a negative one."""
+    clocks = Clocks()
+    choice = _threads(clocks)
+    clocks.advance(30.0, busy=2.0, own=1.0)
+    assert choice.update() == 1 and choice.others == pytest.approx(1.0)
+    clocks.advance(1.0, busy=1.0, own=1.0)
+    assert choice.update() == 2 and choice.others == pytest.approx(0.0)
+    clocks.advance(1.0, busy=0.95, own=1.0)
+    assert choice.update() == 2 and choice.others == 0.0
+
+
+def test_the_first_choice_waits_for_the_rest_of_min_interval(set_threads):
+    waits = []
+    now = lambda: CpuReading(time.monotonic(), 0.0, 0.0)  # noqa: E731
+    choice = RunThreads("auto", cores=2, most=2, read=now, sleep=waits.append)
+    time.sleep(0.2)
+    choice.update()
+    assert len(waits) == 1 and 0.0 <= waits[0] <= MIN_INTERVAL_S - 0.2 + 1e-3
+    late = RunThreads("auto", cores=2, most=2, read=lambda: CpuReading(time.monotonic() - 1.0, 0.0, 0.0),
+                      sleep=waits.append)
+    late.update()
+    assert waits[1] == 0.0  # measured over long enough already
