@@ -10,16 +10,18 @@ def subsampled_pointwise_input(x: Tensor, kernel_size: tuple[int, int], stride: 
                                padding: tuple[int, int]) -> Tensor | None:
     """The input of a strided 1x1 convolution subsampled by its stride, where the strided kernel would crash.
 
-    The CPU weight gradient of a strided 1x1 convolution dies with a double free in torch 2.15's oneDNN for odd batch
-    sizes and some channel counts on two threads (the sizes found to crash: BENCHMARKS.md, "Implementation choices");
-    compact steps meet it with odd kept counts. ``conv(x[..., ::s, ::s])`` with stride 1 gives the same output and
-    gradients without that kernel. Even batches, the normal training case, keep the native kernel, which is faster
-    there.
+    The CPU weight gradient of a strided 1x1 convolution corrupts the heap (a double free, "corrupted double-linked
+    list", a segmentation fault) in oneDNN (torch 2.14, 2.15) for some channel counts whenever the thread count does
+    not divide the batch: an odd batch on two threads, a batch of 16 on three, 5 or 6, of 18 on four; the batches
+    they divide never crashed (the sizes found to crash: BENCHMARKS.md, "Implementation choices"). Compact steps
+    meet it with odd kept counts, and ``--threads auto`` with whatever count the load leaves. ``conv(x[..., ::s,
+    ::s])`` with stride 1 gives the same output and gradients without that kernel. Batches the threads divide, the
+    normal training case, keep the native kernel, which is faster there.
 
     Returns:
         The subsampled input, to convolve with stride 1 and no padding, or ``None`` where the native kernel is safe.
     """
-    if (x.shape[0] % 2 and tuple(kernel_size) == (1, 1) and tuple(stride) != (1, 1) and tuple(padding) == (0, 0)
+    if (x.shape[0] % torch.get_num_threads() and tuple(kernel_size) == (1, 1) and tuple(stride) != (1, 1) and tuple(padding) == (0, 0)
             and x.device.type == "cpu" and torch.is_grad_enabled()):
         return x[:, :, ::stride[0], ::stride[1]]
     return None

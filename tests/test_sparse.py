@@ -345,19 +345,20 @@ def test_random_mask_ratio_is_validated():
 
 @pytest.mark.parametrize("layer", ["maskprop.sparse.SparseConv2d(10, 19, 1, stride=2)",
                                    "maskprop.sbp.SparseBackwardConv2d(10, 19, 1, stride=2, k=19)"])
-def test_strided_1x1_conv_with_an_odd_batch_trains_without_the_onednn_crash(layer):
-    """torch 2.15's CPU weight gradient of a strided 1x1 conv dies (double free) for some odd batches and channel
-    counts on two threads; maskprop's convolutions route those batches around it (``maskprop._workarounds``). In a
-    child process, since a crash would take pytest down with it; the gradients must equal those of the plain strided
-    convolution computed on one thread."""
+@pytest.mark.parametrize(("threads", "batch"), [(2, 9), (3, 16)])
+def test_strided_1x1_conv_with_an_odd_batch_trains_without_the_onednn_crash(layer, threads, batch):
+    """oneDNN's CPU weight gradient of a strided 1x1 conv corrupts the heap for some channel counts when the thread
+    count does not divide the batch (9 on two threads, 16 on three); maskprop's convolutions route those batches
+    around it (``maskprop._workarounds``). In a child process, since a crash would take pytest down with it; the
+    gradients must equal those of the plain strided convolution computed on one thread."""
     script = f"""
 import torch, torch.nn.functional as F
 import maskprop, maskprop.sbp, maskprop.sparse
 torch.manual_seed(0)
 conv = {layer}
-x = torch.randn(9, 10, 32, 32).contiguous(memory_format=torch.channels_last)
+x = torch.randn({batch}, 10, 32, 32).contiguous(memory_format=torch.channels_last)
 grads = []
-for threads, module in ((2, conv), (1, None)):
+for threads, module in (({threads}, conv), (1, None)):
     torch.set_num_threads(threads)
     xi, w = x.clone().requires_grad_(), conv.weight.detach().clone().requires_grad_()
     out = module(xi) if module is not None else F.conv2d(xi, w, conv.bias, stride=2)
@@ -538,19 +539,25 @@ def test_model_plan_is_computed_once_per_model_and_lives_on_it(generator):
     assert replanned is not plan and model.fc in replanned.layers and model_plan(model) is replanned
 
 
-def test_the_strided_pointwise_route_is_taken_only_where_the_crash_can_happen():
-    """subsampled_pointwise_input: an odd CPU batch into a strided 1x1 conv without padding, with gradients, gives the
-    input subsampled by each dimension's own stride (a stride-1 conv of it equals the strided conv); a padded, a
-    larger-kernel, an unstrided conv, an even batch or no gradients keep the native kernel (``None``)."""
+@pytest.mark.parametrize(("threads", "crashing", "safe"), [(2, 3, 2), (3, 16, 15), (4, 18, 16), (1, None, 3)])
+def test_the_strided_pointwise_route_is_taken_only_where_the_crash_can_happen(threads, crashing, safe, monkeypatch):
+    """subsampled_pointwise_input: a CPU batch the thread count does not divide into a strided 1x1 conv without
+    padding, with gradients, gives the input subsampled by each dimension's own stride (a stride-1 conv of it equals
+    the strided conv); a padded, a larger-kernel, an unstrided conv, a batch the threads divide (any batch on one
+    thread) or no gradients keep the native kernel (``None``)."""
     from maskprop._workarounds import subsampled_pointwise_input
 
-    x, w = torch.randn(3, 2, 7, 9, dtype=torch.float64), torch.randn(4, 2, 1, 1, dtype=torch.float64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    w = torch.randn(4, 2, 1, 1, dtype=torch.float64)
+    assert subsampled_pointwise_input(torch.randn(safe, 2, 7, 9), (1, 1), (2, 2), (0, 0)) is None
+    if crashing is None:
+        return
+    x = torch.randn(crashing, 2, 7, 9, dtype=torch.float64)
     sub = subsampled_pointwise_input(x, (1, 1), (2, 3), (0, 0))
     assert torch.equal(sub, x[:, :, ::2, ::3])
     torch.testing.assert_close(F.conv2d(sub, w), F.conv2d(x, w, stride=(2, 3)), rtol=1e-12, atol=1e-12)
     for kernel, stride, padding in [((1, 1), (2, 2), (1, 1)), ((3, 3), (2, 2), (0, 0)), ((1, 1), (1, 1), (0, 0))]:
         assert subsampled_pointwise_input(x, kernel, stride, padding) is None, (kernel, stride, padding)
-    assert subsampled_pointwise_input(x[:2], (1, 1), (2, 2), (0, 0)) is None
     with torch.no_grad():
         assert subsampled_pointwise_input(x, (1, 1), (2, 2), (0, 0)) is None
 
