@@ -21,8 +21,8 @@ def subsampled_pointwise_input(x: Tensor, kernel_size: tuple[int, int], stride: 
     Returns:
         The subsampled input, to convolve with stride 1 and no padding, or ``None`` where the native kernel is safe.
     """
-    if (x.shape[0] % torch.get_num_threads() and tuple(kernel_size) == (1, 1) and tuple(stride) != (1, 1) and tuple(padding) == (0, 0)
-            and x.device.type == "cpu" and torch.is_grad_enabled()):
+    if (x.shape[0] % torch.get_num_threads() and tuple(kernel_size) == (1, 1) and tuple(stride) != (1, 1)
+            and tuple(padding) == (0, 0) and x.device.type == "cpu" and torch.is_grad_enabled()):
         return x[:, :, ::stride[0], ::stride[1]]
     return None
 

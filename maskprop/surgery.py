@@ -180,9 +180,10 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
     layers are not carried over.
 
     Plain ``nn.Conv2d`` lacks the route around a oneDNN crash that :class:`~maskprop.sparse.SparseConv2d` takes (the
-    CPU weight gradient of a strided 1x1 conv with an odd batch size, ``maskprop._workarounds``): to train the narrow
-    model on the CPU with odd batch sizes, pass ``conv_type=maskprop.train.narrow.PointwiseSafeConv2d`` (the
-    trainer's finetune phase does). Inference is unaffected.
+    CPU weight gradient of a strided 1x1 conv with a batch the thread count does not divide,
+    ``maskprop._workarounds``): to train the narrow model on the CPU with such batches, pass
+    ``conv_type=maskprop.train.narrow.PointwiseSafeConv2d`` (the trainer's finetune phase does). Inference is
+    unaffected.
 
     Args:
         model: A maskprop model (its layers are ``maskprop.sparse`` or ``maskprop.sbp`` layers).

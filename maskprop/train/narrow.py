@@ -35,9 +35,9 @@ The learning-rate schedule keeps driving the full optimizer (its param groups ar
 narrow step first copies the full param groups' hyperparameters (``lr`` and the rest) into the narrow ones.
 
 Plain ``nn.Conv2d`` lacks the route around a oneDNN crash that maskprop's sparse convs take (the CPU weight gradient
-of a strided 1x1 conv with an odd batch size, ``maskprop._workarounds``); the narrow model is built with
-:class:`PointwiseSafeConv2d`, an ``nn.Conv2d`` that takes the same route, as its conv type (the export keeps plain
-layers).
+of a strided 1x1 conv with a batch the thread count does not divide, ``maskprop._workarounds``); the narrow model is
+built with :class:`PointwiseSafeConv2d`, an ``nn.Conv2d`` that takes the same route, as its conv type (the export
+keeps plain layers).
 
 Under torchrun the ranks' narrow models are the same, built from the same full model and mask; the eager steps run
 a DDP wrapper of it that the training loop builds (:attr:`NarrowSubnetwork.step_model`), the static steps of a GPU run
