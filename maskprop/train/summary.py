@@ -111,7 +111,8 @@ class RunSummary:
     run_dir: str | None = _f("", "where the run was written (null: nothing written)")
     threads: dict[str, Any] | None = _f("threads", "torch CPU threads of the run's steps: setting (auto, a count, or "
                                                    "null: torch's default) and used ([fewest, most]; auto re-chooses "
-                                                   "them every epoch from the machine's load)")
+                                                   "them every epoch from the machine's load); a resumed run's since "
+                                                   "its resume")
     world_size: int = _f("processes", "processes the run trained in (torchrun's ranks; 1: one process); a resume "
                                       "needs as many", 1)
     sbp: dict[str, Any] | None = _f("", "sparse-backward runs: ratio, memory, sparsifier, budget, kept_units and "
