@@ -64,7 +64,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from ._files import atomic_write
     from .bench import bench_model, check_settings, default_align, describe_machine, format_table, resolve_device
-    from .threads import BUSY_SLACK, allowed_cores, busy_by_others, read_cpu
+    from .threads import BUSY_SLACK, allowed_cores, busy_by_others, free_cores, read_cpu
 
     # Every setting is checked before the first model is built, so a mistake costs no benchmark time.
     device = resolve_device(args.device)
@@ -97,11 +97,10 @@ def _bench(args: argparse.Namespace) -> int:
     print(format_table(results))
     if device.type == "cuda":
         print(TRAINER_STEPS_ON_CUDA)
-    elif others is not None and others > BUSY_SLACK and torch.get_num_threads() > max(1, int(cores - others +
-                                                                                               BUSY_SLACK)):
+    elif others is not None and others > BUSY_SLACK and torch.get_num_threads() > (free := free_cores(cores, others)):
         print(f"note: {torch.get_num_threads()} threads beside other processes wait for each other at every "
               f"operation, the compact steps most, so these ratios understate the saving; measure on a quiet "
-              f"machine or with --threads {max(1, int(cores - others + BUSY_SLACK))}")
+              f"machine or with --threads {free}")
     if args.json:
         with atomic_write(args.json, "w", encoding="utf-8") as f:
             json.dump([dict(r.as_dict(), cores_busy_by_others=others) for r in results], f, indent=2)

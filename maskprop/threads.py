@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BUSY_SLACK", "CpuReading", "RunThreads", "allowed_cores", "busy_by_others", "check_threads", "read_cpu",
-           "run_threads"]
+__all__ = ["BUSY_SLACK", "CpuReading", "RunThreads", "allowed_cores", "busy_by_others", "check_threads", "free_cores",
+           "read_cpu", "run_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,12 @@ def busy_by_others(start: CpuReading, end: CpuReading, cores: int) -> float:
     return min(float(cores), max(0.0, (end.busy - start.busy) - (end.own - start.own)) / wall)
 
 
+def free_cores(cores: int, others: float) -> int:
+    """The cores others left free (at least 1): a core counts as free when at most :data:`BUSY_SLACK` of it was
+    busy."""
+    return max(1, math.floor(cores - others + BUSY_SLACK))
+
+
 def allowed_cores() -> int:
     """The cores this process may run on (its affinity, else ``os.cpu_count()``)."""
     allowed = _allowed_cpus()
@@ -143,7 +149,7 @@ class RunThreads:
             now = self._read()
             if now is not None and now.wall > self._last.wall:
                 self.others, self._last = busy_by_others(self._last, now, self.cores), now
-                threads = min(self.most, max(1, math.floor(self.cores - self.others + BUSY_SLACK)))
+                threads = min(self.most, free_cores(self.cores, self.others))
                 if threads != torch.get_num_threads():
                     logger.info("torch threads %d -> %d: other processes kept %.1f of the %d cores busy "
                                 "(threads: auto)", torch.get_num_threads(), threads, self.others, self.cores)
