@@ -111,6 +111,17 @@ def with_overrides(config: dict, **overrides) -> dict:
     return config
 
 
+@pytest.fixture(autouse=True)
+def _threads_kept():
+    """torch's thread count as each test found it, whatever the test (an in-process ``maskprop bench --threads``,
+    ``export --threads``) set: a test that depends on it (the oneDNN route takes batches the threads do not divide)
+    must not depend on the tests before it."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for the rest of the module: its models are small, and on a shared 2-core machine a second
