@@ -103,6 +103,21 @@ def test_checkpoints_load_both_ways_under_torchs_keys_and_the_parameters_are_tor
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in _vit().parameters())
 
 
+def test_a_partial_torch_state_dict_names_what_it_lacks_by_torchs_keys():
+    """A state dict without some of the attention's tensors: load_state_dict's missing keys (strict=False) and its
+    strict error name them as nn.MultiheadAttention does, not by maskprop's qkv and proj."""
+    converted = maskprop.make_prunable(_vit(seed=1), SIZE)
+    state = _vit().state_dict()
+    attention = "encoder.layers.encoder_layer_0.self_attention"
+    for key in ("in_proj_bias", "out_proj.weight"):
+        del state[f"{attention}.{key}"]
+    result = converted.load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == [f"{attention}.in_proj_bias", f"{attention}.out_proj.weight"]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: .*self_attention\.in_proj_bias") as error:
+        converted.load_state_dict(state)
+    assert "qkv" not in str(error.value) and ".proj." not in str(error.value)
+
+
 def test_a_subnetwork_runs_attention_on_its_kept_features_only(vit64):
     """Compact execution computes attention on the kept head features alone (the projections run narrow), equal to
     attention written out by hand on them, weights included where asked for, and to masked execution, gradients

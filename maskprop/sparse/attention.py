@@ -123,6 +123,7 @@ class SparseMultiheadAttention(SparseAttention):
         self.batch_first = batch_first
         self.register_state_dict_post_hook(_to_torch_keys)
         self.register_load_state_dict_pre_hook(_from_torch_keys)
+        self.register_load_state_dict_post_hook(_missing_as_torch_keys)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
@@ -205,6 +206,18 @@ def _to_torch_keys(module: nn.Module, state_dict: dict, prefix: str, local_metad
 
 def _from_torch_keys(module: nn.Module, state_dict: dict, prefix: str, *_: object) -> None:
     """Load hook: ``nn.MultiheadAttention``'s keys read as the tensors of ``qkv`` and ``proj``."""
+    module._load_prefix = prefix  # for the missing keys' names, after the load
     for own, torch_key in _TORCH_KEYS.items():
         if prefix + torch_key in state_dict:
             state_dict[prefix + own] = state_dict.pop(prefix + torch_key)
+
+
+def _missing_as_torch_keys(module: nn.Module, incompatible_keys: object) -> None:
+    """Load post-hook: a tensor the state dict lacked is named by ``nn.MultiheadAttention``'s key (``in_proj_bias``,
+    not ``qkv.bias``) in ``load_state_dict``'s missing keys and its strict error."""
+    prefix = module.__dict__.pop("_load_prefix", None)
+    if prefix is None:
+        return
+    names = {prefix + own: prefix + torch_key for own, torch_key in _TORCH_KEYS.items()}
+    missing = incompatible_keys.missing_keys
+    missing[:] = [names.get(key, key) for key in missing]
