@@ -441,6 +441,57 @@ def test_multihead_attention_whose_parameters_the_forward_reads_stays_whole(name
     torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
 
 
+class ReadsItsSettings(nn.Module):
+    """A forward that reads its attention's settings: the layout by ``batch_first``, a per-head mask of
+    ``num_heads``, an output scaled by ``embed_dim`` (as a transformer's block may)."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(16, WIDTH), nn.Linear(WIDTH, 5)
+        self.attn = nn.MultiheadAttention(WIDTH, HEADS, dropout=0.25, batch_first=batch_first)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.flatten(2)[..., :16]  # 3 tokens of 16 features, (N, 3, 16)
+        t = self.embed(t if self.attn.batch_first else t.transpose(0, 1))
+        mask = x.new_ones(x.shape[0] * self.attn.num_heads, 3, 3, dtype=torch.bool).triu(1)  # causal, per head
+        out = self.attn(t, t, t, attn_mask=mask, need_weights=False)[0] * self.attn.embed_dim ** -0.5
+        return self.head(out).mean(1 if self.attn.batch_first else 0)
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch first", "sequence first"])
+def test_a_forward_reading_torchs_settings_runs_converted_full_compact_and_narrow(batch_first):
+    """SparseMultiheadAttention answers torch's attribute names as torch does (settings, and the same tensors and
+    layer under in_proj_weight, in_proj_bias, out_proj), so a forward reading them is converted and runs: the full
+    model computes torch's, compact execution masked's, and the narrow model compact's (its embed_dim the full
+    model's, which this forward scales by)."""
+    torch.manual_seed(0)
+    plain = ReadsItsSettings(batch_first).double().eval()
+    x = torch.randn(3, *SIZE, dtype=torch.float64)
+    expected = plain(x)
+    torch_attn = plain.attn
+    net = maskprop.make_prunable(copy.deepcopy(plain), SIZE)
+    attn = net.attn
+    assert isinstance(attn, SparseMultiheadAttention)
+    for name in ("embed_dim", "kdim", "vdim", "num_heads", "dropout", "batch_first", "head_dim",
+                 "_qkv_same_embed_dim", "bias_k", "bias_v", "add_zero_attn", "q_proj_weight"):
+        assert getattr(attn, name) == getattr(torch_attn, name), name
+    assert attn.in_proj_weight is attn.qkv.weight and attn.in_proj_bias is attn.qkv.bias and attn.out_proj is attn.proj
+    torch.testing.assert_close(attn.in_proj_weight, torch_attn.in_proj_weight, rtol=0, atol=0)
+    torch.testing.assert_close(attn.out_proj.weight, torch_attn.out_proj.weight, rtol=0, atol=0)
+    torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
+
+    mask = _mask(net, keep=0.5)
+    assert 0 < int(mask["attn"].sum()) < HEAD_DIM
+    compact_equals_masked(net, mask, x)
+    with maskprop.use_mask(net, mask), torch.no_grad():
+        compact = net(x)
+    narrow = maskprop.materialize(copy.deepcopy(net), mask)
+    kept_tokens = int(mask["embed"].sum())
+    assert narrow.attn.head_dim == int(mask["attn"].sum()) and narrow.attn.qkv.in_features == kept_tokens < WIDTH
+    assert narrow.attn.embed_dim == WIDTH  # as the scale: what the forward computed with in training
+    torch.testing.assert_close(narrow(x), compact, rtol=1e-12, atol=1e-12)
+
+
 def test_its_output_pair_read_otherwise_than_item_by_item_leaves_the_output_whole():
     class Sliced(nn.Module):
         def __init__(self) -> None:

@@ -109,7 +109,10 @@ class SparseMultiheadAttention(SparseAttention):
     of the kept features, after dropout as torch returns them, averaged over the heads unless
     ``average_attn_weights=False``). ``qkv`` holds ``in_proj_weight`` and ``in_proj_bias``, ``proj`` is
     ``out_proj``; the state dict has torch's keys (state-dict hooks rename them both ways), so a checkpoint of either
-    module loads into the other.
+    module loads into the other. torch's attributes read as torch's do (``embed_dim``, ``kdim``, ``vdim``,
+    ``num_heads``, ``dropout``, ``batch_first``, ``in_proj_weight``, ``in_proj_bias``, ``out_proj``: the same tensors
+    and layer), save ``head_dim``, the width a head runs at (a narrow model's kept features); a narrow model keeps
+    ``embed_dim`` the full model's, as it keeps the scale, so that a forward computing with it is unchanged.
 
     Args:
         qkv, proj, num_heads, head_dim, group: As :class:`SparseAttention`'s.
@@ -121,9 +124,36 @@ class SparseMultiheadAttention(SparseAttention):
                  dropout: float = 0.0, batch_first: bool = False) -> None:
         super().__init__(qkv, proj, num_heads, head_dim, group, attn_drop=nn.Dropout(dropout))
         self.batch_first = batch_first
+        # torch's embed_dim (and kdim, vdim): the width of the tokens it was built for, kept by a narrow model (as the
+        # scale is), so that a forward computing with it computes what it did in training
+        self.embed_dim = self.kdim = self.vdim = qkv.in_features
         self.register_state_dict_post_hook(_to_torch_keys)
         self.register_load_state_dict_pre_hook(_from_torch_keys)
         self.register_load_state_dict_post_hook(_missing_as_torch_keys)
+
+    # nn.MultiheadAttention's settings and parameters under its names, read-only, for code that reads them (a forward
+    # reshaping by ``embed_dim``, an initialisation of ``in_proj_weight``): the form this module computes has them so.
+    _qkv_same_embed_dim, add_zero_attn = True, False
+    bias_k = bias_v = q_proj_weight = k_proj_weight = v_proj_weight = None
+
+    @property
+    def dropout(self) -> float:
+        """torch's ``dropout``: the probability of dropping an attention weight in training."""
+        return self.attn_drop.p
+
+    @property
+    def in_proj_weight(self) -> nn.Parameter:
+        """torch's packed query, key and value weight: ``qkv.weight`` itself."""
+        return self.qkv.weight
+
+    @property
+    def in_proj_bias(self) -> nn.Parameter | None:
+        return self.qkv.bias
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        """torch's output projection: ``proj`` itself."""
+        return self.proj
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
