@@ -13,7 +13,7 @@ from conftest import edge_case_mask, input_size
 
 import maskprop
 from maskprop.sparse import SparseBatchNorm2d, SparseConv2d, SparseLinear, full_mask, random_mask, use_mask
-from maskprop.sparse.gather import gather_rows, split_padded
+from maskprop.sparse.gather import gather_rows, gather_side, split_padded
 
 MODELS = maskprop.list_models()
 
@@ -249,6 +249,36 @@ def test_gather_rows_matches_indexing_and_its_gradient():
     assert torch.autograd.gradcheck(lambda s: gather_rows(s, index), (source,))
     with torch.no_grad():
         assert not gather_rows(source, index).requires_grad
+
+
+@pytest.mark.parametrize("dim", [0, 1, None], ids=["rows", "columns", "flat rows"])
+def test_gather_side_reads_a_weight_on_its_pruned_sides_with_its_gradient(dim):
+    """A 6 x 5 x 3 x 3 weight's kept outputs, inputs or both: W[out][:, in], and torch's gradient of it."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 5, 3, 3, dtype=torch.double, requires_grad=True)
+    out_index, in_index = torch.tensor([0, 2, 5]), torch.tensor([1, 4])
+    index = {0: out_index, 1: in_index, None: (out_index[:, None] * 5 + in_index).view(-1)}[dim]
+    rows, columns = (out_index if dim != 1 else torch.arange(6)), (in_index if dim != 0 else torch.arange(5))
+    expected = weight[rows][:, columns]
+    torch.testing.assert_close(gather_side(weight, dim, index, 9, 5).view_as(expected), expected, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda w: gather_side(w, dim, index, 9, 5), (weight,))
+
+
+def test_on_the_cpu_a_tensor_pruned_on_one_side_is_read_by_its_groups_index_alone(generator):
+    """The CPU path reads a tensor whose input side is whole (the first conv) by its output channels, one
+    whose output side is whole (the classifier) by its input channels, and only one pruned on both by flat rows: an
+    index per kept entry, which for a transformer's linear layers would outweigh the weights it gathers."""
+    from maskprop.sparse.execution import ExecutionState
+
+    model = maskprop.create_model("resnet20")
+    mask = random_mask(model.channel_groups(), 0.5, generator)
+    state = ExecutionState(mask, model, "compact")
+    dims = {(state.plan.name_of(g.piece.layer), g.piece.kind): g.dim for g in state._layer_gathers}
+    assert dims[("conv1", "weight")] == 0 and dims[("fc", "weight")] == 1 and dims[("layer1.0.conv1", "weight")] is None
+    for g in state._layer_gathers:
+        side = {0: g.piece.shape[0], 1: g.piece.shape[1]}
+        assert g.index.numel() == side.get(g.dim, g.piece.shape[0] * g.piece.shape[1])
+    assert not state._weights  # nothing gathered by tables on the CPU without padding
 
 
 def test_split_padded_leaves_the_padding_out_and_its_gradient_zero():
@@ -509,7 +539,7 @@ def test_execution_state_puts_every_index_on_the_models_device():
     groups = model.channel_groups()
     mask = random_mask(groups, 0.5, torch.Generator().manual_seed(0))
     mask["layer1"][:] = True  # a fully kept group has no index anywhere
-    host = ExecutionState(mask, model, "compact", torch.device("cpu"))
+    host = ExecutionState(mask, model, "compact", torch.device("cpu"), concatenate=True)
     meta = ExecutionState(mask, model, "compact", torch.device("meta"))
     assert host.index("layer1") is None and meta.index("layer1") is None
     for g in groups:

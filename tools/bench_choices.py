@@ -16,7 +16,9 @@ each pair's two results are checked to agree before they are timed:
   (re-zeroes only the rows written last step) against a fresh zero-filled full-size tensor per step.
 * ``gather``: forward and backward of ``W[out_kept][:, in_kept]`` for a 256 x 256 x 3 x 3 conv weight at keep 0.5 by
   ``maskprop.sparse.gather.gather_rows`` on the flat ``(c_out * c_in, 9)`` view against two chained
-  ``index_select`` calls.
+  ``index_select`` calls; and a linear weight pruned on one side (a transformer MLP's 3072 x 768 ``fc1``, its
+  outputs, and 768 x 3072 ``fc2``, its inputs) read along that side by ``gather_side`` against the flat rows of every
+  kept entry (built per mask, as a step would).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from maskprop import enlarge_onednn_primitive_cache, keep_freed_host_memory
 from maskprop.bench import interleaved_times
 from maskprop.sbp import RowGradBuffer
 from maskprop.sbp.sparsifiers import batch_sum, take_units
-from maskprop.sparse.gather import gather_rows
+from maskprop.sparse.gather import gather_rows, gather_side
 
 Pair = tuple[str, Callable[[], object], str, Callable[[], object]]
 
@@ -110,7 +112,32 @@ def gather_pairs(channels: int = 256) -> list[tuple[str, Pair]]:
     expected = weight.index_select(0, out_index).index_select(1, in_index)
     assert torch.equal(gather_rows(weight.view(channels * channels, 9), flat).view(kept, kept, 3, 3), expected)
     return [(f"gather W[out][:, in] of a {channels}-channel 3x3 conv at keep 0.5, forward + backward",
-             ("gather_rows", flat_gather, "chained index_select", chained))]
+             ("gather_rows", flat_gather, "chained index_select", chained)),
+            *(one_side_pair(*shape) for shape in ((3072, 768, 0), (768, 3072, 1)))]
+
+
+def one_side_pair(outputs: int, inputs: int, dim: int) -> tuple[str, Pair]:
+    """A linear weight pruned on one side (a transformer MLP's ``fc1``, ``dim`` 0, or ``fc2``, 1) at keep 0.5:
+    ``gather_side`` along that side against the flat rows of every kept entry, which the step builds per mask."""
+    weight = nn.Parameter(torch.randn(outputs, inputs))
+    side = torch.randperm(weight.shape[dim])[:weight.shape[dim] // 2].sort().values
+    out_index, in_index = (side, torch.arange(inputs)) if dim == 0 else (torch.arange(outputs), side)
+    upstream = torch.randn(len(out_index), len(in_index))
+
+    def by_side() -> None:
+        gather_side(weight, dim, side, 1, inputs).view_as(upstream).backward(upstream)
+        weight.grad = None
+
+    def by_flat_rows() -> None:
+        flat = (out_index[:, None] * inputs + in_index).view(-1)
+        gather_rows(weight.view(-1, 1), flat).view_as(upstream).backward(upstream)
+        weight.grad = None
+
+    expected = weight[out_index][:, in_index]
+    assert torch.equal(gather_side(weight, dim, side, 1, inputs).view_as(expected), expected)
+    what = "W[out] (inputs whole)" if dim == 0 else "W[:, in] (outputs whole)"
+    return (f"gather {what} of a {outputs} x {inputs} linear at keep 0.5, forward + backward",
+            ("gather_side", by_side, "flat rows, built per mask", by_flat_rows))
 
 
 SECTIONS = {"layout": layout_pairs, "adam": adam_pairs, "rowgrad": rowgrad_pairs, "gather": gather_pairs}

@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .gather import ALIGN_ELEMENTS, GatherPiece, GatherTable, gather_norms, gather_pieces, write_back_norms
+from .gather import ALIGN_ELEMENTS, GatherPiece, GatherTable, gather_norms, gather_pieces, gather_side, write_back_norms
 from .groups import aligned_width, channel_groups, check_align, concatenations, count_kept, declared_in
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule, set_execution_state
 
@@ -343,7 +343,8 @@ class ExecutionState:
         self.masks: dict[str, Tensor] = {}
         self._index: dict[str, Tensor] = {}
         self._offsets: dict[str, tuple[int, int]] = {}  # gathered group -> (start, width) in the copied index sets
-        self._weights: list[TableIndex] = []
+        self._weights: list[TableIndex] = []  # what gathers each table (off the CPU, or with padding)
+        self._layer_gathers: list[LayerGather] = []  # or each tensor of them (on the CPU, without padding)
         self._weight_layers: set[int] = set()
         self._norm: TableIndex | None = None
         self._norm_position: dict[int, int] = {}  # id(BatchNorm unit) -> its place in the BatchNorm table
@@ -398,15 +399,22 @@ class ExecutionState:
         self._index_ext, self._real_ext = moved[0], moved[1]
         tables = weights + ([norm] if norm is not None else [])
         if not self.concatenate and not self.padded:
-            # The CPU path (layer by layer): the host pays per call, not per launch, so one broadcast add per gathered
-            # tensor, which touches only the entries it makes, beats the fixed-count expansion below.
+            # The CPU path (layer by layer): the host pays per call, not per launch. A tensor pruned on one side is
+            # read along that side by its group's index set; one pruned on both sides (and the BatchNorm table) by
+            # flat rows, one broadcast add per tensor, which touches only the entries it makes. Both beat the
+            # fixed-count expansion below.
             firsts = moved[2].view(-1, 4)[:, 0].split([b.outputs for b in blocks])
-            flat = torch.cat([(first[:, None] + self._index_ext[start:start + n_in]).view(-1)
-                              for first, (*_, start, n_in) in zip(firsts, blocks)])
-            real_rows = None
-        else:
-            flat, real_rows = _flat_rows(moved[2].view(-1, 4), sum(t.entries for t in tables), self._index_ext,
-                                         self.padded)
+            pieces = [(table, p) for table in weights for p in table.pieces]
+            self._layer_gathers = [self._layer_gather(table, piece, block, first, identity) for (table, piece), block,
+                                   first in zip(pieces, blocks, firsts)]
+            if norm is not None:
+                flat = torch.cat([(first[:, None] + self._index_ext[start:start + n_in]).view(-1)
+                                  for first, (*_, start, n_in) in zip(firsts[len(pieces):], blocks[len(pieces):])])
+                self._norm = TableIndex(norm, flat)
+                self._norm_position = {id(m): i for i, m in enumerate(norm.modules)}
+            return
+        flat, real_rows = _flat_rows(moved[2].view(-1, 4), sum(t.entries for t in tables), self._index_ext,
+                                     self.padded)
         entry_counts = [t.entries for t in tables]
         flats = flat.split(entry_counts)
         reals = real_rows.split(entry_counts) if real_rows is not None else [None] * len(tables)
@@ -415,6 +423,19 @@ class ExecutionState:
             self._norm = TableIndex(norm, flats[-1], reals[-1])
             self._norm_position = {id(m): i for i, m in enumerate(norm.modules)}
             self._norm_kept = reals[-1].bool() if self.padded else None
+
+    def _layer_gather(self, table: GatherTable, piece: GatherPiece, block: RowBlock, first: Tensor,
+                      identity: int) -> LayerGather:
+        """How the CPU path reads one tensor of a weight table for this mask, from its row block: along its one
+        pruned side, or by flat rows (``first``: each computed output's first flat row) where both are pruned."""
+        out_whole, in_whole = block.out_start == identity, block.in_start == identity
+        if in_whole:  # its rows (a bias, a weight whose input channels are kept whole)
+            dim, index = 0, self._index_ext[block.out_start:block.out_start + block.outputs]
+        elif out_whole:
+            dim, index = 1, self._index_ext[block.in_start:block.in_start + block.inputs]
+        else:
+            dim, index = None, (first[:, None] + self._index_ext[block.in_start:block.in_start + block.inputs]).view(-1)
+        return LayerGather(piece, table.area, block.stride, dim, index)
 
     def _concatenated_index_sets(self, index: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
         """``index`` and ``real`` followed by the index sets of the concatenated groups that lose channels: each
@@ -532,6 +553,11 @@ class ExecutionState:
         kernel area, each piece starting at an aligned address (the backward writes all their gradients with one
         zero-fill and one ``index_copy_``); on the CPU layer by layer, reading only the kept rows of each weight."""
         tensors: dict[int, list[Tensor | None]] = {}
+        for gather in self._layer_gathers:  # the CPU path
+            p = gather.piece
+            pair = tensors.setdefault(id(p.layer), [p.layer.weight, p.layer.bias])
+            pair[0 if p.kind == "weight" else 1] = gather_side(getattr(p.layer, p.kind), gather.dim, gather.index,
+                                                               gather.area, gather.channels).view(p.shape)
         for index in self._weights:
             table = index.table
             source = self.plan.concatenated(table.area) if self.concatenate else None
@@ -595,6 +621,25 @@ class TableIndex:
         if factor is None:
             factor = self._factors[dtype] = self.real.to(dtype)
         return factor
+
+
+class LayerGather(NamedTuple):
+    """How the CPU path reads one weight or bias for a mask (:func:`~maskprop.sparse.gather.gather_side`).
+
+    Attributes:
+        piece: The tensor, and the shape it is gathered to.
+        area: Its table's kernel area (the elements of a flat row).
+        channels: Its input channels.
+        dim: 0: ``index`` holds its computed output channels (its input side kept whole); 1: its computed input
+            channels (its output side kept whole); ``None``: the flat rows of both.
+        index: As ``dim`` says, on the model's device.
+    """
+
+    piece: GatherPiece
+    area: int
+    channels: int
+    dim: int | None
+    index: Tensor
 
 
 def _exclusive_cumsum(t: Tensor) -> Tensor:

@@ -32,32 +32,44 @@ from torch import Tensor, nn
 ALIGN_ELEMENTS = 16
 
 
-class _GatherRows(torch.autograd.Function):
-    """``source.index_select(0, index)`` whose backward is one zero-fill and one ``index_copy_``."""
+class _Gather(torch.autograd.Function):
+    """``source.index_select(dim, index)`` whose backward is one zero-fill and one ``index_copy_``."""
 
     @staticmethod
-    def forward(ctx, source: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, source: Tensor, index: Tensor, dim: int) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(index)
-        ctx.source_shape = source.shape
-        return source.index_select(0, index)
+        ctx.source_shape, ctx.dim = source.shape, dim
+        return source.index_select(dim, index)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (index,) = ctx.saved_tensors
         full = grad.new_zeros(ctx.source_shape)
-        full.index_copy_(0, index, grad)
-        return full, None
+        full.index_copy_(ctx.dim, index, grad)
+        return full, None, None
 
 
-def gather_rows(source: Tensor, index: Tensor) -> Tensor:
-    """Rows ``index`` (int64) of a tensor, differentiable with a copy-based backward.
+def gather_rows(source: Tensor, index: Tensor, dim: int = 0) -> Tensor:
+    """Rows ``index`` (int64) of a tensor (its slices along ``dim``), differentiable with a copy-based backward.
 
     The indices are unique, except that padding rows may all read one row: their gradient is zero, so whichever copy
     lands last writes the same zero there.
     """
     if not source.requires_grad or not torch.is_grad_enabled():
-        return source.index_select(0, index)
-    return _GatherRows.apply(source, index)
+        return source.index_select(dim, index)
+    return _Gather.apply(source, index, dim)
+
+
+def gather_side(tensor: Tensor, dim: int | None, index: Tensor, area: int, channels: int) -> Tensor:
+    """A weight (or bias) of ``channels`` input channels read on the sides a subnetwork prunes, from the tensor itself:
+    ``dim`` 0, its output channels ``index`` (rows of its ``(outputs, rest)`` view); ``dim`` 1, its input channels
+    ``index`` (of its ``(outputs, channels, rest)`` view); ``None``, both: ``index`` the flat rows of its
+    ``(rows, area)`` view. A side kept whole takes no index at all, so a tensor pruned on one side costs one index
+    of its channels instead of one per row it keeps (BENCHMARKS.md, "Implementation choices": weight gathers)."""
+    if dim is None:
+        return gather_rows(tensor.reshape(-1, area), index)
+    rest = (-1,) if dim == 0 else (channels, -1)
+    return gather_rows(tensor.reshape(tensor.shape[0], *rest), index, dim)
 
 
 def interleave(sizes: list[int], pads: list[int]) -> list[int]:
