@@ -8,7 +8,9 @@ one call per gathered tensor; docs/methods.md, "Compact execution"):
   groups, padded up to a multiple of ``align`` (see below), and moved to the model's device in one copy (from pinned
   memory, without blocking, on CUDA);
 * the flat indices that gather every pruned conv and linear weight (and bias) from the concatenation of the weights
-  of one kernel area, built on the device from that copy with a fixed number of calls;
+  of one kernel area, built on the device from that copy with a fixed number of calls (on the CPU, without padding,
+  each tensor is read from itself: along its one pruned side by that group's index set, a transformer's linear
+  layers and a network's first and last layers; by flat indices only where both sides are pruned);
 * the flat indices that gather the BatchNorm parameters and running statistics of all pruned units.
 
 Tensors gathered into one buffer (the weights of one kernel area, the BatchNorm parameters and statistics) are
