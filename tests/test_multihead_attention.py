@@ -492,6 +492,19 @@ def test_a_forward_reading_torchs_settings_runs_converted_full_compact_and_narro
     torch.testing.assert_close(narrow(x), compact, rtol=1e-12, atol=1e-12)
 
 
+def test_every_setting_torch_names_reads_as_torchs_at_a_dropout_of_its_own():
+    """Each of torch's settings and absent tensors, at a dropout other than the test above's: ``dropout`` is the
+    attention's own (following its ``attn_drop``), and the separate projections torch's packed form lacks are None."""
+    plain = nn.MultiheadAttention(WIDTH, HEADS, dropout=0.125, batch_first=True)
+    attn = maskprop.make_prunable(Attending(copy.deepcopy(plain)), SIZE).attn
+    assert isinstance(attn, SparseMultiheadAttention)
+    for name in ("embed_dim", "kdim", "vdim", "num_heads", "dropout", "batch_first", "head_dim", "_qkv_same_embed_dim",
+                 "bias_k", "bias_v", "add_zero_attn", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        assert getattr(attn, name) == getattr(plain, name), name
+    attn.attn_drop.p = 0.5
+    assert attn.dropout == 0.5
+
+
 def test_its_output_pair_read_otherwise_than_item_by_item_leaves_the_output_whole():
     class Sliced(nn.Module):
         def __init__(self) -> None:
