@@ -262,6 +262,8 @@ def test_gather_side_reads_a_weight_on_its_pruned_sides_with_its_gradient(dim):
     expected = weight[rows][:, columns]
     torch.testing.assert_close(gather_side(weight, dim, index, 9, 5).view_as(expected), expected, rtol=0, atol=0)
     assert torch.autograd.gradcheck(lambda w: gather_side(w, dim, index, 9, 5), (weight,))
+    with torch.no_grad():  # without autograd (an evaluation): index_select along the same side
+        torch.testing.assert_close(gather_side(weight, dim, index, 9, 5).view_as(expected), expected, rtol=0, atol=0)
 
 
 def test_on_the_cpu_a_tensor_pruned_on_one_side_is_read_by_its_groups_index_alone(generator):
