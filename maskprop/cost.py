@@ -200,7 +200,7 @@ def _record_shapes(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[
                 # multiply-adds per kept head feature, linear in its group's count like a depthwise conv's
                 batch, tokens = module.batch_and_tokens(given)  # nn.MultiheadAttention's layouts too
                 pairs = 2 * module.num_heads * batch * tokens ** 2
-                width = module.qkv.out_features // (3 * module.num_heads)  # the width its projection runs at
+                width = module.head_width  # the width its projection runs at
                 shapes.append(LayerShape(f"{name}:products", None, module.group, width, width, pairs, 0, False, False,
                                          depthwise=True))
                 return

@@ -521,7 +521,7 @@ def _walk_graph(graph: fx.Graph, modules: dict[str, nn.Module], walk: _Walk) -> 
         elif node.op == "get_attr":  # a parameter or buffer: a tensor of no channel space
             owner = next((name for name in walk.attention if node.target.startswith(f"{name}.")
                           and isinstance(modules[name], nn.MultiheadAttention)), None)
-            if owner is not None:  # SparseMultiheadAttention holds no in_proj_weight, no out_proj
+            if owner is not None:  # a subnetwork's attention runs a gathered in_proj_weight, not the one read here
                 walk.keep_whole(owner, modules[owner], f"{node.target} read outside its nn.MultiheadAttention")
         elif node.op == "call_module" and node.target in walk.attention:  # nn.MultiheadAttention's output: a pair
             module = modules[node.target]
@@ -748,7 +748,7 @@ class _Walk:
         qkv = self.layers.setdefault(f"{name}.qkv", _Layer("linear", positions={1}))
         proj = self.layers.setdefault(f"{name}.proj", _Layer("linear", positions={1}))
         if name not in self.spaces.attention:
-            heads, width = module.num_heads, module.head_dim
+            heads, width = module.num_heads, _head_width(module)
             head = self.spaces.attention[name] = self.spaces.new(writer=name)
             qkv.writes = [self.spaces.concatenation([(head, width)] * (3 * heads))]
             self.spaces.writers[qkv.writes[0]] = [f"{name}.qkv"]
@@ -980,8 +980,14 @@ def _width(modules: dict[str, nn.Module], spaces: _Spaces, root: int) -> int:
     writer = spaces.writers[root][0]
     module = modules[writer]
     if writer in spaces.attention:  # an attention's heads' features
-        return module.head_dim
+        return _head_width(module)
     return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+
+
+def _head_width(module: nn.Module) -> int:
+    """The features a head of an attention module runs at: its ``head_dim``, or the kept features of maskprop's narrow
+    attention (whose ``head_dim`` stays the full width's)."""
+    return module.head_width if isinstance(module, SparseAttention) else module.head_dim
 
 
 def _why_whole(spaces: _Spaces, layers: dict[str, _Layer], modules: dict[str, nn.Module], limit: int = 3) -> str:

@@ -221,6 +221,6 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
     narrow = copy.deepcopy(model, memo)
     drop_concatenations(narrow)  # its layers name no group
     for module in narrow.modules():
-        if isinstance(module, SparseAttention):  # it runs at the narrow head width, at the full width's scale
-            module.group, module.head_dim = None, module.qkv.out_features // (3 * module.num_heads)
+        if isinstance(module, SparseAttention):  # it runs at the narrow head width (head_width), at the full
+            module.group = None  # width's head_dim and scale
     return narrow

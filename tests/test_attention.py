@@ -228,12 +228,13 @@ def test_make_prunables_summary_counts_each_heads_features_once(caplog):
 
 
 def test_the_cost_model_of_a_narrow_vit_counts_its_kept_head_width(vit64):
-    """The narrow model keeps the full width's scale but runs, and is priced at, the kept head width; made prunable
-    again, it checks."""
+    """The narrow model keeps the full width's head_dim and scale but runs, and is priced at, the kept head width;
+    made prunable again, it checks."""
     mask = _mask(vit64)
     narrow = maskprop.materialize(vit64, mask).eval()
     kept = int(mask["blocks.0.attn"].sum())
-    assert narrow.blocks[0].attn.head_dim == kept and narrow.blocks[0].attn.scale == HEAD_DIM ** -0.5
+    attn = narrow.blocks[0].attn
+    assert (attn.head_width, attn.head_dim, attn.scale) == (kept, HEAD_DIM, HEAD_DIM ** -0.5)
     x = torch.zeros(1, *SIZE, dtype=torch.float64)
     assert CostModel(narrow, SIZE).flops() == maskprop.cost.counted_flops(narrow, x) == CostModel(vit64, SIZE).flops(
         mask)

@@ -252,7 +252,8 @@ def test_a_narrow_vit_keeps_the_scale_and_is_priced_at_its_kept_head_width(vit64
     narrow = maskprop.materialize(vit64, mask).eval()
     attn = narrow.encoder.layers[0].self_attention
     kept = int(mask[ATTENTION.format(0)].sum())
-    assert (attn.head_dim, attn.scale, attn.group, type(attn.qkv)) == (kept, HEAD_DIM ** -0.5, None, nn.Linear)
+    assert (attn.head_width, attn.head_dim, attn.scale) == (kept, HEAD_DIM, HEAD_DIM ** -0.5)
+    assert attn.group is None and type(attn.qkv) is nn.Linear
     x = _images()
     vit64.eval()
     with maskprop.use_mask(vit64, mask):
@@ -429,8 +430,8 @@ class ReadsItsWeights(nn.Module):
 
 @pytest.mark.parametrize("name", ["in_proj_weight", "in_proj_bias", "out_proj.weight"])
 def test_multihead_attention_whose_parameters_the_forward_reads_stays_whole(name):
-    """SparseMultiheadAttention holds no ``in_proj_weight`` and no ``out_proj``: torch's module stays, and the
-    model still runs."""
+    """A forward that computes with the parameters themselves would read the full tensors while a subnetwork's
+    attention runs gathered ones: torch's module stays, and the model still runs."""
     net = Attending(ReadsItsWeights(name))
     x = torch.randn(2, *SIZE)
     expected = net(x)
@@ -487,8 +488,8 @@ def test_a_forward_reading_torchs_settings_runs_converted_full_compact_and_narro
         compact = net(x)
     narrow = maskprop.materialize(copy.deepcopy(net), mask)
     kept_tokens = int(mask["embed"].sum())
-    assert narrow.attn.head_dim == int(mask["attn"].sum()) and narrow.attn.qkv.in_features == kept_tokens < WIDTH
-    assert narrow.attn.embed_dim == WIDTH  # as the scale: what the forward computed with in training
+    assert narrow.attn.head_width == int(mask["attn"].sum()) and narrow.attn.qkv.in_features == kept_tokens < WIDTH
+    assert (narrow.attn.embed_dim, narrow.attn.head_dim) == (WIDTH, HEAD_DIM)  # as the scale: what it trained with
     torch.testing.assert_close(narrow(x), compact, rtol=1e-12, atol=1e-12)
 
 
@@ -518,10 +519,9 @@ class ScalesByHeadDim(nn.Module):
         return self.head(self.attn(t, t, t, need_weights=False)[0] * self.attn.head_dim ** -0.5).mean(1)
 
 
-@pytest.mark.xfail(strict=True, reason="review29: materialize() sets head_dim to the kept width (groups and "
-                                       "make_prunable read it so), so a forward computing with torch's head_dim "
-                                       "differs narrow from compact, unlike one computing with embed_dim")
 def test_a_forward_reading_head_dim_computes_narrow_what_it_does_compact():
+    """A narrow model keeps torch's head_dim the full width's (as it keeps the scale and embed_dim); its heads run at
+    head_width."""
     torch.manual_seed(0)
     net = maskprop.make_prunable(ScalesByHeadDim().double(), SIZE)
     mask = _mask(net, seed=1)

@@ -35,8 +35,9 @@ class SparseAttention(nn.Module):
             the concatenated group of ``3 x heads`` parts of ``group``, or a plain narrow ``nn.Linear``).
         proj: The output projection, ``heads x head_dim -> C_out``.
         num_heads: Attention heads.
-        head_dim: The head width (the group's channels): the scale is ``head_dim ** -0.5``, and stays so when
-            :func:`maskprop.materialize` narrows the module (``head_dim`` then the kept width).
+        head_dim: The head width (the group's channels): the scale is ``head_dim ** -0.5``. Both stay the full
+            width's when :func:`maskprop.materialize` narrows the module, so that a forward computing with them
+            computes what it did in training; :attr:`head_width` is the width a head runs at.
         group: The channel group of the head features (``None``: never pruned).
         attn_drop: Dropout on the attention weights (its ``p`` is what the fused kernel applies in training).
         proj_drop: Dropout after ``proj``.
@@ -63,6 +64,11 @@ class SparseAttention(nn.Module):
         self.proj = proj
         self.proj_drop = proj_drop if proj_drop is not None else nn.Identity()
 
+    @property
+    def head_width(self) -> int:
+        """The features a head runs at: ``head_dim``, or a narrow model's kept features (read from ``qkv``)."""
+        return self.qkv.out_features // (3 * self.num_heads)
+
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         return self._output(self._attend(*self._heads(x), attn_mask, is_causal))
 
@@ -88,7 +94,8 @@ class SparseAttention(nn.Module):
         return x.shape[0], x.shape[1]
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, group={self.group!r}"
+        narrow = f", head_width={self.head_width}" if self.head_width != self.head_dim else ""
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}{narrow}, group={self.group!r}"
 
 
 _TORCH_KEYS = {"qkv.weight": "in_proj_weight", "qkv.bias": "in_proj_bias", "proj.weight": "out_proj.weight",
@@ -110,9 +117,9 @@ class SparseMultiheadAttention(SparseAttention):
     ``average_attn_weights=False``). ``qkv`` holds ``in_proj_weight`` and ``in_proj_bias``, ``proj`` is
     ``out_proj``; the state dict has torch's keys (state-dict hooks rename them both ways), so a checkpoint of either
     module loads into the other. torch's attributes read as torch's do (``embed_dim``, ``kdim``, ``vdim``,
-    ``num_heads``, ``dropout``, ``batch_first``, ``in_proj_weight``, ``in_proj_bias``, ``out_proj``: the same tensors
-    and layer), save ``head_dim``, the width a head runs at (a narrow model's kept features); a narrow model keeps
-    ``embed_dim`` the full model's, as it keeps the scale, so that a forward computing with it is unchanged.
+    ``num_heads``, ``head_dim``, ``dropout``, ``batch_first``, ``in_proj_weight``, ``in_proj_bias``, ``out_proj``: the
+    same tensors and layer); a narrow model keeps ``embed_dim`` and ``head_dim`` the full model's, as it keeps the
+    scale, so that a forward computing with them is unchanged (``head_width``: the features a head runs at).
 
     Args:
         qkv, proj, num_heads, head_dim, group: As :class:`SparseAttention`'s.

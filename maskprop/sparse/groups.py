@@ -142,7 +142,7 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
     on_concatenations: list[tuple[str, int, str, str]] = []  # layers writing or normalising one, after its parts
     for where, module in model.named_modules():
         if isinstance(module, SparseAttention):  # its heads' features: a group its qkv writes once per head slice
-            add(module.group, module.head_dim, where)
+            add(module.group, module.head_width, where)
         elif isinstance(module, (SparseConv2d, SparseLinear, SparseBatchNorm2d)):
             norm = isinstance(module, SparseBatchNorm2d)
             name, size = (module.group, module.num_features) if norm else (module.out_group, module.weight.shape[0])
