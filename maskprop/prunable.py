@@ -28,7 +28,8 @@ A space is prunable when each tensor of it is read only in ways a subnetwork com
 (never pruned) when it is
 
 * the model's input or output, or read by an operation that mixes or reorders channels (a concatenation along
-  another dimension, a grouped convolution, a mean over channels, a transpose, a slice of some channels or a split,
+  another dimension, a grouped convolution, a mean over channels, a transpose that moves them, a slice of some
+  channels or a split,
   a linear layer on a feature map's width, a layer maskprop does not convert: LayerNorm, BatchNorm1d, a module of its
   own code that ``torch.fx`` keeps whole);
 * a one-channel map broadcast over another's channels (a spatial gate: the other keeps its space);
@@ -114,6 +115,8 @@ _DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 _FLATTEN = {torch.flatten, "flatten", "view", "reshape", torch.reshape}
 _REDUCE = {torch.mean, "mean", torch.sum, "sum", torch.amax, "amax"}
 _CONCATENATE = {torch.cat, torch.concat, torch.concatenate}
+_TRANSPOSE = {"transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims}
+_PERMUTE = {"permute", torch.permute}
 
 
 @dataclass
@@ -792,6 +795,8 @@ class _Walk:
             if target is F.hardtanh:
                 low, high = node.kwargs.get("min_val", -1.0), node.kwargs.get("max_val", 1.0)
                 return _channelwise(first, low <= 0 <= high, node)
+            if first.last and _keeps_last(node, key):  # tokens transposed, indexed or pooled
+                return _channelwise(first, True, node)
             if first.last and key not in _ADD | _SUB | _MUL | _DIV:  # the rules below read dimension 1
                 self.opaque(node, "an operation on channels in the last dimension that maskprop does not follow")
                 return None
@@ -906,6 +911,38 @@ def _keeps_channels(node: fx.Node) -> bool:
             or not all(isinstance(i, slice) for i in index):
         return False
     return after[:2] == before[:2] and all(i.step in (None, 1) for i in index[:2])
+
+
+def _keeps_last(node: fx.Node, key: object) -> bool:
+    """An operation on a tensor whose channels are its last dimension that leaves that dimension last and whole (each
+    channel's values moved or combined with its own alone, a zero staying zero): a transpose or permutation of the
+    other dimensions (a sequence-first layout), an index of them (a class token, ``x[:, 0]``), a new one before the
+    last, or their mean, sum or maximum (tokens pooled), into a tensor of two dimensions or more."""
+    before, after = _shape(node.args[0]), _shape(node)
+    if before is None or after is None or len(after) < 2 or after[-1] != before[-1]:
+        return False
+    rank, args = len(before), list(node.args[1:])
+
+    def others(dims: object) -> bool:  # dimensions named, none of them the last
+        dims = (dims,) if isinstance(dims, int) else dims
+        return isinstance(dims, (tuple, list)) and all(isinstance(d, int) and d % rank != rank - 1 for d in dims)
+
+    if key in _TRANSPOSE:
+        dims = args if args else [node.kwargs.get("dim0"), node.kwargs.get("dim1")]
+        return len(dims) == 2 and others(dims)
+    if key in _PERMUTE:
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args or node.kwargs.get("dims")
+        return isinstance(dims, (tuple, list)) and len(dims) == rank and isinstance(dims[-1], int) \
+            and dims[-1] % rank == rank - 1
+    if key in ("unsqueeze", torch.unsqueeze):
+        dim = args[0] if args else node.kwargs.get("dim")
+        return isinstance(dim, int) and dim % (rank + 1) != rank
+    if key is operator.getitem:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        return len(index) < rank and all(isinstance(i, (int, slice)) for i in index)
+    if key in _REDUCE:
+        return others(args[0] if args else node.kwargs.get("dim"))
+    return False
 
 
 def _is_stochastic_depth(target: object) -> bool:

@@ -452,8 +452,8 @@ class ReadsItsSettings(nn.Module):
         self.attn = nn.MultiheadAttention(WIDTH, HEADS, dropout=0.25, batch_first=batch_first)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.flatten(2)[..., :16]  # 3 tokens of 16 features, (N, 3, 16)
-        t = self.embed(t if self.attn.batch_first else t.transpose(0, 1))
+        t = self.embed(x.flatten(2)[..., :16])  # 3 tokens of 16 features, (N, 3, 16) -> (N, 3, WIDTH)
+        t = t if self.attn.batch_first else t.transpose(0, 1)  # sequence first: (3, N, WIDTH), the features last
         mask = x.new_ones(x.shape[0] * self.attn.num_heads, 3, 3, dtype=torch.bool).triu(1)  # causal, per head
         out = self.attn(t, t, t, attn_mask=mask, need_weights=False)[0] * self.attn.embed_dim ** -0.5
         return self.head(out).mean(1 if self.attn.batch_first else 0)

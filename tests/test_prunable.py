@@ -847,6 +847,18 @@ class Tokens(nn.Module):
             h = self.pool(F.gelu(h))
         elif op == "mean over units, read by a linear layer":  # (N, L): tok would read fc1's units as its features
             h = F.gelu(h) * self.tok(h.mean(-1)).unsqueeze(-1)
+        elif op == "tokens transposed":  # sequence first and back: the units stay last
+            h = F.gelu(h).transpose(0, 1).contiguous().transpose(1, 0)
+        elif op == "tokens permuted":
+            h = F.gelu(h).permute(1, 0, 2).permute([1, 0, 2])
+        elif op == "first token added":  # x[:, :1]: a class token's units, broadcast over the tokens
+            h = F.gelu(h)
+            h = h + h[:, :1]
+        elif op == "tokens pooled":  # their mean and maximum, per unit
+            h = F.gelu(h)
+            h = h + h.mean(1, keepdim=True) + torch.amax(h, dim=(0, 1), keepdim=True)
+        elif op == "one token":  # x[:, 0] of (N, L, C): (N, C)
+            h = F.gelu(h) + F.gelu(h)[:, 0].unsqueeze(1)
         t = t + self.fc2(h)
         return self.head(t.mean(1))
 
@@ -856,7 +868,8 @@ class Tokens(nn.Module):
     ("softmax", False), ("mean over channels", False), ("transpose", False), ("LayerNorm", False),
     ("Dropout1d", False), ("silu by hand", True), ("sum with a gate", True), ("scalar factor", True),
     ("one-unit gate", True), ("max pool over units", False), ("pooling module", False),
-    ("mean over units, read by a linear layer", False),
+    ("mean over units, read by a linear layer", False), ("tokens transposed", True), ("tokens permuted", True),
+    ("first token added", True), ("tokens pooled", True), ("one token", True),
 ])
 def test_a_linear_layers_outputs_in_the_last_dimension_are_a_channel_space(op, prunable_):
     """fc1 writes the last dimension of the tokens; elementwise operations and products with another linear layer's
