@@ -851,6 +851,10 @@ class Tokens(nn.Module):
             h = F.gelu(h).transpose(0, 1).contiguous().transpose(1, 0)
         elif op == "tokens permuted":
             h = F.gelu(h).permute(1, 0, 2).permute([1, 0, 2])
+        elif op == "units permuted away":  # (N, C, L) in between: the units not last
+            h = F.gelu(h).permute(0, 2, 1).permute(0, 2, 1)
+        elif op == "units reordered by an index":  # the same shape, the units in another order
+            h = F.gelu(h)[:, :, torch.arange(15, -1, -1, device=h.device)]
         elif op == "first token added":  # x[:, :1]: a class token's units, broadcast over the tokens
             h = F.gelu(h)
             h = h + h[:, :1]
@@ -869,7 +873,8 @@ class Tokens(nn.Module):
     ("Dropout1d", False), ("silu by hand", True), ("sum with a gate", True), ("scalar factor", True),
     ("one-unit gate", True), ("max pool over units", False), ("pooling module", False),
     ("mean over units, read by a linear layer", False), ("tokens transposed", True), ("tokens permuted", True),
-    ("first token added", True), ("tokens pooled", True), ("one token", True),
+    ("first token added", True), ("tokens pooled", True), ("one token", True), ("units permuted away", False),
+    ("units reordered by an index", False),
 ])
 def test_a_linear_layers_outputs_in_the_last_dimension_are_a_channel_space(op, prunable_):
     """fc1 writes the last dimension of the tokens; elementwise operations and products with another linear layer's
