@@ -410,8 +410,8 @@ class ExecutionState:
             self._layer_gathers = [self._layer_gather(table, piece, block, first, identity) for (table, piece), block,
                                    first in zip(pieces, blocks, firsts)]
             if norm is not None:
-                flat = torch.cat([(first[:, None] + self._index_ext[start:start + n_in]).view(-1)
-                                  for first, (*_, start, n_in) in zip(firsts[len(pieces):], blocks[len(pieces):])])
+                flat = torch.cat([self._block_rows(block, first) for block, first in zip(blocks[len(pieces):],
+                                                                                         firsts[len(pieces):])])
                 self._norm = TableIndex(norm, flat)
                 self._norm_position = {id(m): i for i, m in enumerate(norm.modules)}
             return
@@ -436,8 +436,13 @@ class ExecutionState:
         elif out_whole:
             dim, index = 1, self._index_ext[block.in_start:block.in_start + block.inputs]
         else:
-            dim, index = None, (first[:, None] + self._index_ext[block.in_start:block.in_start + block.inputs]).view(-1)
+            dim, index = None, self._block_rows(block, first)
         return LayerGather(piece, table.area, block.stride, dim, index)
+
+    def _block_rows(self, block: RowBlock, first: Tensor) -> Tensor:
+        """The flat rows of a row block (``first``: each computed output's first flat row), one broadcast add: each
+        output's rows are its first plus the block's input indices."""
+        return (first[:, None] + self._index_ext[block.in_start:block.in_start + block.inputs]).view(-1)
 
     def _concatenated_index_sets(self, index: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
         """``index`` and ``real`` followed by the index sets of the concatenated groups that lose channels: each
