@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=threads, default="auto",
                         metavar="auto|N", help="torch CPU threads: auto (default: the cores other processes leave "
-                        "free, re-chosen every epoch) or N")
+                        "free, re-chosen every epoch and every 30 s) or N")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if device.type == "cpu":  # before the first convolution, as maskprop train does (README, "From Python")
         maskprop.keep_freed_host_memory()
         maskprop.enlarge_onednn_primitive_cache()
-    cpu_threads = RunThreads(args.threads)  # set before each epoch
+    cpu_threads = RunThreads(args.threads)  # set before each epoch, re-chosen every 30 s within one
 
     train_set, val_set = shapes_datasets(args.train_size, args.val_size, seed=args.seed)
     train_loader = DataLoader(train_set, args.batch_size, shuffle=True, drop_last=True)
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 loss = search_step(model, scores, weight_opt, score_opt, images, labels, generator, align=align)
             weight_lr.step()
             step += 1
+            cpu_threads.tick()  # a long epoch follows the load within it
         kept = scores.expected_kept().ratio
         top1 = accuracy(model, val_loader, device, scores.top_mask())
         print(f"search epoch {epoch} ({kind}): loss {float(loss):.3f}, expected kept {kept:.3f}, top-score "

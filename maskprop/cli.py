@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "before its first checkpoint starts over from DIR/config.yaml)")
     train.add_argument("--threads", type=_train_threads, default="auto", metavar="auto|N",
                        help="torch CPU threads: auto (default: the cores other processes leave free, re-chosen every "
-                       "epoch), N, or 0 (torch's default)")
+                       "epoch and every 30 s), N, or 0 (torch's default)")
     train.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"], default="auto",
                        help="under torchrun: the torch.distributed backend (auto: NCCL for CUDA tensors where CUDA is "
                        "available, gloo for CPU tensors)")

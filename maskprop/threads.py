@@ -1,4 +1,4 @@
-"""``threads: auto``: as many torch CPU threads as the cores other processes leave free, re-chosen every epoch.
+"""``threads: auto``: as many torch CPU threads as the cores other processes leave free, re-chosen as the load moves.
 
 A CPU step of maskprop's compact execution runs many small operations, each an OpenMP parallel region that waits for
 all of its threads. When another process holds one of the cores, a thread of ours is parked behind it and every region
@@ -11,11 +11,13 @@ avoid that wait.
 anything else (``/proc/stat``'s busy time of those cores, less this process's own CPU time, over the wall time: other
 processes, this run's data-loading workers, the hypervisor's steal), and sets ``torch.set_num_threads`` to the free
 cores rounded down (a core counts as free when at most :data:`BUSY_SLACK` of it was busy), between 1 and the thread
-count torch started with (``OMP_NUM_THREADS`` or the cores). The trainer reads it before each epoch, so a run follows
-the machine's load; the dense reference steps (``timing.py``) run with the same threads as the steps they are paired
-with. Where ``/proc/stat`` cannot be read (not Linux), ``auto`` leaves torch's default. :func:`maskprop.fit` sets
-the threads back to what they were when it returns. ``maskprop bench`` states the same measure of the load beside its
-table (:func:`busy_by_others`), so that a table measured on a busy machine says so.
+count torch started with (``OMP_NUM_THREADS`` or the cores). The trainer reads it before each epoch and, within an
+epoch, between two steps once :data:`INTERVAL_S` have passed since the last reading (an epoch of a CIFAR recipe on the
+CPU lasts minutes, a load can come and go inside it), so a run follows the machine's load; a dense reference step
+(``timing.py``) runs right after the step it is paired with, so each pair shares its thread count. Where
+``/proc/stat`` cannot be read (not Linux), ``auto`` leaves torch's default. :func:`maskprop.fit` sets the threads back
+to what they were when it returns. ``maskprop bench`` states the same measure of the load beside its table
+(:func:`busy_by_others`), so that a table measured on a busy machine says so.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BUSY_SLACK", "CpuReading", "RunThreads", "allowed_cores", "busy_by_others", "check_threads", "free_cores",
-           "read_cpu", "run_threads"]
+__all__ = ["BUSY_SLACK", "INTERVAL_S", "CpuReading", "RunThreads", "allowed_cores", "busy_by_others", "check_threads",
+           "free_cores", "read_cpu", "run_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ BUSY_SLACK = 0.2
 
 MIN_INTERVAL_S = 0.5
 """The shortest wall time a choice is measured over: the first one waits for the rest of it."""
+
+INTERVAL_S = 30.0
+"""How long ``auto`` keeps a choice within a stretch of steps before it reads the load again (:meth:`RunThreads.tick`):
+long against ``/proc/stat``'s 10 ms ticks and a reading's cost (a file read), short against an epoch on the CPU."""
 
 
 @dataclass(frozen=True)
@@ -121,14 +127,17 @@ class RunThreads:
         most: The most threads ``auto`` sets (default: ``torch.get_num_threads()`` now, torch's default or the user's).
         read: The clock reader (:func:`read_cpu`; a test passes its own).
         sleep: How to wait (``time.sleep``; a test passes its own).
+        clock: The wall clock the readings' ``wall`` is on (``time.monotonic``; a test passes its own).
+        interval: Seconds between two choices within a stretch of steps (:meth:`tick`).
     """
 
     def __init__(self, setting: int | str | None = "auto", cores: int | None = None, most: int | None = None,
-                 read: Callable[[], CpuReading | None] = read_cpu, sleep: Callable[[float], None] = time.sleep) -> None:
+                 read: Callable[[], CpuReading | None] = read_cpu, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic, interval: float = INTERVAL_S) -> None:
         self.setting = check_threads(setting) or None
         self.cores = cores if cores is not None else allowed_cores()
         self.most = most if most is not None else torch.get_num_threads()
-        self._read, self._sleep = read, sleep
+        self._read, self._sleep, self._clock, self.interval = read, sleep, clock, interval
         self._last = read() if self.setting == "auto" else None
         self.used: list[int] = []  # the threads of each stretch of steps, in order
         self.others: float | None = None  # the cores others kept busy over the last interval
@@ -145,7 +154,7 @@ class RunThreads:
         threads = torch.get_num_threads()
         if self._last is not None:
             if not self.used:  # the first choice: measured over at least MIN_INTERVAL_S
-                self._sleep(max(0.0, MIN_INTERVAL_S - (time.monotonic() - self._last.wall)))
+                self._sleep(max(0.0, MIN_INTERVAL_S - (self._clock() - self._last.wall)))
             now = self._read()
             if now is not None and now.wall > self._last.wall:
                 self.others, self._last = busy_by_others(self._last, now, self.cores), now
@@ -156,6 +165,12 @@ class RunThreads:
                     torch.set_num_threads(threads)
         self.used.append(threads)
         return threads
+
+    def tick(self) -> None:
+        """Between two steps of a stretch: with ``auto``, :meth:`update` again once :attr:`interval` seconds have passed
+        since the last reading (a fixed count, or clocks that cannot be read, cost one comparison)."""
+        if self._last is not None and self.used and self._clock() - self._last.wall >= self.interval:
+            self.update()
 
     def record(self) -> dict[str, object]:
         """What the summary says of it: the setting (``null``: torch's default) and the fewest and most threads the

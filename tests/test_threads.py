@@ -14,7 +14,7 @@ from conftest import TINY_RUN
 
 import maskprop
 from maskprop import threads as threads_module
-from maskprop.threads import BUSY_SLACK, MIN_INTERVAL_S, CpuReading, RunThreads, read_cpu, run_threads
+from maskprop.threads import BUSY_SLACK, INTERVAL_S, MIN_INTERVAL_S, CpuReading, RunThreads, read_cpu, run_threads
 
 
 @pytest.fixture
@@ -46,8 +46,9 @@ class Clocks:
         return CpuReading(self.wall, self.busy, self.own)
 
 
-def _threads(clocks: Clocks, cores: int = 2, most: int = 2) -> RunThreads:
-    return RunThreads("auto", cores=cores, most=most, read=clocks.read, sleep=lambda s: None)
+def _threads(clocks: Clocks, cores: int = 2, most: int = 2, interval: float = 30.0) -> RunThreads:
+    return RunThreads("auto", cores=cores, most=most, read=clocks.read, sleep=lambda s: None,
+                      clock=lambda: clocks.wall, interval=interval)
 
 
 @pytest.mark.parametrize(("cores", "most", "others", "expected"), [
@@ -143,14 +144,45 @@ def test_auto_measures_another_busy_process(set_threads):
     assert 0.5 <= choice.others <= choice.cores  # the spinning child (and whatever else shares the machine)
 
 
+def test_within_an_epoch_a_choice_is_kept_for_the_interval_then_made_again(set_threads):
+    """Between steps, ``tick`` reads the load only once ``interval`` seconds have passed since the last reading, and
+    then measures it over those seconds alone; a fixed count never reads it."""
+    clocks = Clocks()
+    choice = _threads(clocks, interval=30.0)
+    choice.tick()  # no choice made yet (the trainer's update before the first epoch makes it): nothing to follow
+    assert choice.used == [] and set_threads == []
+    clocks.advance(1.0, busy=0.0, own=0.0)
+    assert choice.update() == 2
+    clocks.advance(29.0, busy=2.0, own=1.0)  # another process takes a core ...
+    choice.tick()  # ... but 29 s are not the interval yet
+    assert choice.used == [2] and set_threads == []
+    clocks.advance(1.0, busy=2.0, own=1.0)
+    choice.tick()  # 30 s: measured over the 30 s since the last reading
+    assert choice.used == [2, 1] and set_threads == [1] and choice.others == pytest.approx(1.0)
+    clocks.advance(10.0, busy=1.0, own=1.0)
+    choice.tick()
+    assert choice.used == [2, 1]
+    clocks.advance(20.0, busy=1.0, own=1.0)  # the other process has gone
+    choice.tick()
+    assert choice.used == [2, 1, 2] and set_threads == [1, 2]
+    assert INTERVAL_S == RunThreads().interval
+    fixed = RunThreads(1, read=clocks.read, clock=lambda: clocks.wall, interval=0.0)
+    fixed.update()
+    clocks.advance(100.0, busy=2.0, own=0.0)
+    fixed.tick()
+    assert fixed.used == [1] and fixed.others is None
+
+
 def test_a_run_records_its_threads_and_gives_them_back(tmp_path, monkeypatch):
     before = torch.get_num_threads()
-    updates = []
+    updates, ticks = [], []
     monkeypatch.setattr(threads_module.RunThreads, "update",
                         lambda self: updates.append(self.setting) or self.used.append(1) or 1)
+    monkeypatch.setattr(threads_module.RunThreads, "tick", lambda self: ticks.append(self.setting))
     result = maskprop.fit(TINY_RUN, out=tmp_path / "auto", threads="auto")
     epochs = TINY_RUN["optim"]["epochs"] + TINY_RUN["finetune"]["epochs"]
     assert updates == ["auto"] * epochs  # before every epoch
+    assert len(ticks) == sum(result["steps"].values()) > epochs  # and after every step within the epochs
     assert result["threads"] == {"setting": "auto", "used": [1, 1]}
     monkeypatch.undo()
     assert maskprop.fit(TINY_RUN, threads=1)["threads"] == {"setting": 1, "used": [1, 1]}

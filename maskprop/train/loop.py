@@ -230,7 +230,8 @@ def _measures_angles(state: TrainState, cfg: Config) -> bool:
 
 def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: torch.utils.data.DataLoader,
                     log: RunLogger, dense_reference: DenseReference | None = None,
-                    narrow: NarrowSubnetwork | None = None, static: StaticSteps | None = None) -> dict[str, float]:
+                    narrow: NarrowSubnetwork | None = None, static: StaticSteps | None = None,
+                    threads: RunThreads | None = None) -> dict[str, float]:
     """Train one epoch of the current phase; update the state's counters, step count and epoch.
 
     Args:
@@ -243,12 +244,13 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
         narrow: The fixed subnetwork's narrow model and optimizer, trained instead of compact steps of the full model
             (finetune phase; see ``narrow.py``).
         static: The run's static-shape steps (``graphs.py``), run instead of the eager ones.
+        threads: The run's CPU threads, re-chosen between steps as the machine's load moves (``threads: auto``).
 
     Returns:
         The epoch's training metrics.
     """
     if static is not None:
-        return _train_static_epoch(state, cfg, ctx, loader, log, static, dense_reference, narrow)
+        return _train_static_epoch(state, cfg, ctx, loader, log, static, dense_reference, narrow, threads)
     phase, model = state.phase, state.model
     model.train()
     step = _step_function(state, cfg, ctx) if narrow is None else narrow.step_function(ctx)
@@ -271,6 +273,8 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
         if result.diagnostics:
             state.diagnostics = result.diagnostics
             log.scalars(result.diagnostics, state.step)
+        if threads is not None:
+            threads.tick()
     bar.close()
     return _end_epoch(state, cfg, meter, start)
 
@@ -304,7 +308,7 @@ def _window_result(window: MeterWindow) -> StepResult:
 
 def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: torch.utils.data.DataLoader,
                         log: RunLogger, static: StaticSteps, dense_reference: DenseReference | None,
-                        narrow: NarrowSubnetwork | None) -> dict[str, float]:
+                        narrow: NarrowSubnetwork | None, threads: RunThreads | None = None) -> dict[str, float]:
     """``train_one_epoch`` with static steps: nothing is read from the device inside a step; every ``log_every``
     steps and at the end of the epoch the steps' sums come back in one transfer (and the search re-chooses its
     capacities)."""
@@ -331,6 +335,8 @@ def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader
             bar.set_postfix(loss=f"{read.loss:.3f}", acc=f"{100.0 * meter.correct / max(meter.count, 1):.1f}",
                             kept=f"{read.kept_ratio:.2f}", refresh=False)
             log.scalars(_step_scalars(state, read), state.step)
+        if threads is not None:
+            threads.tick()
     bar.close()
     meter.add_window(static.read(scores))
     return _end_epoch(state, cfg, meter, start)
@@ -654,8 +660,9 @@ def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseRe
     while state.epoch < epochs:
         if narrow is None and state.phase == "search" and cfg.sparsity.fix == "random":  # past the dense warm-up
             narrow = _narrow_subnetwork(run)
-        run.threads.update()  # threads: auto follows the machine's load, an epoch at a time
-        metrics = train_one_epoch(state, cfg, run.ctx, run.train_loader, log, dense_reference, narrow, run.static)
+        run.threads.update()  # threads: auto follows the machine's load (and within the epoch, every INTERVAL_S)
+        metrics = train_one_epoch(state, cfg, run.ctx, run.train_loader, log, dense_reference, narrow, run.static,
+                                  run.threads)
         if not cfg.sync_bn:  # DDP: each rank's running statistics saw its share; their mean (no-op in one process)
             average_buffers(state.model if narrow is None else narrow.model)
         if narrow is not None:  # checkpoints, best.pt and the summary read the full model and optimizer
@@ -812,9 +819,9 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
         out: Run directory (default ``config.out``); ``None`` for both writes nothing.
         resume: Continue the run in ``out`` from its ``last.pt``, exactly as if it had not stopped.
         threads: torch's CPU threads for the run (set back when it returns): an integer, ``"auto"`` (the cores other
-            processes leave free, re-chosen before each epoch; ``threads.py``; ``maskprop train``'s default) or
-            ``None`` (torch's threads as they are). A run's floating-point results depend on its thread count, so
-            runs to be compared bit for bit take a fixed one.
+            processes leave free, re-chosen before each epoch and every 30 s within one; ``threads.py``; ``maskprop
+            train``'s default) or ``None`` (torch's threads as they are). A run's floating-point results depend on its
+            thread count, so runs to be compared bit for bit take a fixed one.
 
     Returns:
         The summary (also written to ``summary.json``): ``accuracy`` (top-1 % of the final network), ``dense_params``,
