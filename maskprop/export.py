@@ -231,7 +231,9 @@ def load_exported(path: str | os.PathLike, device: torch.device | str | None = N
     """Rebuild the narrow model of an export directory from its ``plan.json`` and ``model.safetensors``.
 
     The architecture is built on the ``meta`` device (nothing allocated or initialised), narrowed by the plan with
-    :func:`materialize`, and the saved tensors are assigned to it (``load_state_dict(assign=True)``).
+    :func:`materialize`, and the saved tensors are assigned to it (``load_state_dict(assign=True)``). Buffers that a
+    state dict does not hold (non-persistent: a Swin Transformer's relative position index and shifted-window mask,
+    which its constructor computes) are taken from the full model built on ``device``, where it has any.
 
     Args:
         path: the export directory (or its ``plan.json``).
@@ -277,6 +279,7 @@ def load_exported(path: str | os.PathLike, device: torch.device | str | None = N
     except RuntimeError as err:
         reason = " ".join(str(err).split())[:300]
         raise ValueError(f"'{weights}' does not fit {_where(path / PLAN_FILE)} ({reason})") from None
+    plan.spec.build_unsaved_buffers(narrow)
     left = [name for name, t in (*narrow.named_parameters(), *narrow.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"'{weights}' has no tensor for {', '.join(left[:5])}; expected the narrow model's state dict")
@@ -783,6 +786,7 @@ def _model_from_checkpoint(checkpoint: Mapping[str, Any], path: Path,
     except RuntimeError as err:
         raise ValueError(f"checkpoint '{path}' holds weights of another model than {spec.name} with {spec.kwargs} "
                          f"({' '.join(str(err).split())[:200]})") from None
+    spec.build_unsaved_buffers(model)
     return model.eval(), spec
 
 

@@ -11,7 +11,8 @@ A linear layer on a tensor of more than two dimensions (tokens, a channels-last 
 dimension, which elementwise operations and products with another such space pass on and a linear layer reads (the
 hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves it whole. timm's plain multi-head
 self-attention is traced as one module: its heads' features are a space that ``qkv`` writes once per head slice and
-``proj`` reads once per head, and it becomes :class:`~maskprop.sparse.SparseAttention`. torch's
+``proj`` reads once per head, and it becomes :class:`~maskprop.sparse.SparseAttention` (timm's ``WindowAttention``,
+Swin Transformer's, :class:`~maskprop.sparse.SparseWindowAttention`). torch's
 ``nn.MultiheadAttention`` called on one tensor as query, key and value (torchvision's vision transformers) is traced
 so too, its packed in-projection read as ``qkv`` and its ``out_proj`` as ``proj``, and becomes
 :class:`~maskprop.sparse.SparseMultiheadAttention`; in another form, or where its heads stay whole, it is left whole
@@ -75,6 +76,7 @@ from .sparse import (
     SparseConv2d,
     SparseLinear,
     SparseMultiheadAttention,
+    SparseWindowAttention,
 )
 from .sparse.groups import concatenate_groups
 from .sparse.modules import SparseModule
@@ -332,7 +334,7 @@ def _attention_forms(model: nn.Module, modules: dict[str, nn.Module]) -> dict[st
     held.update(id(tensor) for module in model.modules() for tensor in module._parameters.values())
     forms = {}
     for name, module in modules.items():
-        if _is_timm_attention(module):
+        if _is_timm_attention(module) or _is_timm_window_attention(module):
             if modules.get(f"{name}.qkv") is module.qkv and modules.get(f"{name}.proj") is module.proj:
                 forms[name] = ""
         elif type(module) is nn.MultiheadAttention:  # a subclass may compute something else
@@ -460,6 +462,33 @@ def _is_timm_attention(module: nn.Module) -> bool:
         and isinstance(width, int) and qkv.out_features == 3 * heads * width and proj.in_features == heads * width \
         and isinstance(getattr(module, "attn_drop", None), nn.Dropout) \
         and isinstance(getattr(module, "proj_drop", None), (nn.Dropout, nn.Identity))
+
+
+def _is_timm_window_attention(module: nn.Module) -> bool:
+    """timm's ``WindowAttention`` (Swin Transformer) in the form :class:`~maskprop.sparse.SparseWindowAttention`
+    computes: ``qkv`` and ``proj`` linear layers, a relative position bias of one number per head and pair of a
+    window's tokens, dropouts around it. Another form is traced through, its heads left whole."""
+    if not _is_window_attention_class(module):
+        return False
+    qkv, proj, heads = getattr(module, "qkv", None), getattr(module, "proj", None), getattr(module, "num_heads", None)
+    table = getattr(module, "relative_position_bias_table", None)
+    index, size = getattr(module, "relative_position_index", None), getattr(module, "window_size", None)
+    if not (all(type(m) is nn.Linear for m in (qkv, proj)) and isinstance(heads, int)
+            and isinstance(table, nn.Parameter) and isinstance(index, torch.Tensor) and isinstance(size, tuple)
+            and len(size) == 2):
+        return False
+    area = size[0] * size[1]
+    return qkv.out_features % (3 * heads) == 0 and proj.in_features == qkv.out_features // 3 \
+        and table.dim() == 2 and table.shape[1] == heads and tuple(index.shape) == (area, area) \
+        and isinstance(getattr(module, "attn_drop", None), nn.Dropout) \
+        and isinstance(getattr(module, "proj_drop", None), (nn.Dropout, nn.Identity))
+
+
+def _is_window_attention_class(module: nn.Module) -> bool:
+    """Whether ``module`` is of timm's class ``WindowAttention`` (told by its class, so that timm need not be
+    imported)."""
+    kind = type(module)
+    return kind.__name__ == "WindowAttention" and kind.__module__ == "timm.models.swin_transformer"
 
 
 def _is_timm_linear(module: nn.Module) -> bool:
@@ -1022,9 +1051,12 @@ def _width(modules: dict[str, nn.Module], spaces: _Spaces, root: int) -> int:
 
 
 def _head_width(module: nn.Module) -> int:
-    """The features a head of an attention module runs at: its ``head_dim``, or the kept features of maskprop's narrow
-    attention (whose ``head_dim`` stays the full width's)."""
-    return module.head_width if isinstance(module, SparseAttention) else module.head_dim
+    """The features a head of an attention module runs at: its ``head_dim`` (timm's ``WindowAttention`` keeps none:
+    its ``qkv``'s outputs per head slice), or the kept features of maskprop's narrow attention (whose ``head_dim`` stays
+    the full width's)."""
+    if isinstance(module, SparseAttention):
+        return module.head_width
+    return module.head_dim if hasattr(module, "head_dim") else module.qkv.out_features // (3 * module.num_heads)
 
 
 def _why_whole(spaces: _Spaces, layers: dict[str, _Layer], modules: dict[str, nn.Module], limit: int = 3) -> str:
@@ -1091,6 +1123,11 @@ def _sparse_attention(old: nn.Module, group: str, qkv: nn.Module, proj: nn.Modul
     if isinstance(old, nn.MultiheadAttention):
         new = SparseMultiheadAttention(qkv, proj, old.num_heads, old.head_dim, group, dropout=old.dropout,
                                        batch_first=old.batch_first)
+    elif _is_window_attention_class(old):  # in the form _is_timm_window_attention accepted, its layers converted
+        new = SparseWindowAttention(qkv, proj, old.num_heads, _head_width(old), group,
+                                    relative_position_bias_table=old.relative_position_bias_table,
+                                    relative_position_index=old.relative_position_index, window_size=old.window_size,
+                                    attn_drop=old.attn_drop, proj_drop=old.proj_drop)
     else:
         new = SparseAttention(qkv, proj, old.num_heads, old.head_dim, group, attn_drop=old.attn_drop,
                               proj_drop=old.proj_drop, q_norm=old.q_norm, k_norm=old.k_norm,

@@ -68,15 +68,17 @@ TINY_RUN = {
 nontrivial_batch_norms = check.nontrivial_batch_norms
 
 
-def attention_by_hand(attn: torch.nn.Module, x: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_by_hand(attn: torch.nn.Module, x: torch.Tensor, kept: torch.Tensor,
+                      added: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """A maskprop attention module (full width) on tokens ``x`` ``(N, L, C)`` with only the head features ``kept``,
-    written out: the full projections' outputs sliced, the softmax at the full head width's scale, the output
-    projection on the kept columns. Returns the output and the attention weights averaged over the heads."""
+    written out: the full projections' outputs sliced, the softmax at the full head width's scale (of the scores plus
+    ``added``, broadcast to ``(N, heads, L, L)``), the output projection on the kept columns. Returns the output and
+    the attention weights averaged over the heads."""
     batch, tokens, _ = x.shape
     heads, width = attn.num_heads, attn.head_dim
     qkv = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(batch, tokens, 3, heads, width)[..., kept]
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (batch, heads, tokens, kept)
-    weights = torch.softmax(q @ k.transpose(-2, -1) / width ** 0.5, dim=-1)
+    weights = torch.softmax(q @ k.transpose(-2, -1) / width ** 0.5 + added, dim=-1)
     out = (weights @ v).transpose(1, 2)  # (batch, tokens, heads, kept)
     columns = attn.proj.weight.reshape(-1, heads, width)[..., kept].flatten(1)
     return out.flatten(2) @ columns.T + attn.proj.bias, weights.mean(1)

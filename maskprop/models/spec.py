@@ -134,6 +134,25 @@ class ModelSpec:
                              f"one that maskprop.make_prunable converted")
         return model
 
+    def build_unsaved_buffers(self, model: nn.Module, source: nn.Module | None = None) -> None:
+        """Give ``model`` (built by :meth:`build` on ``meta``, narrowed or not, its state dict then loaded with
+        ``assign=True``) the buffers no state dict holds: the non-persistent ones its constructor computes (a Swin
+        Transformer's relative position index and shifted-window mask), where any is left on ``meta``, from
+        ``source`` (a model of this spec that has them), else from this spec built on the device of ``model``'s
+        parameters. They depend on the architecture, not on the widths; one of another shape stays on ``meta``, for
+        the caller to name."""
+        unsaved = [(module, name, f"{path}.{name}" if path else name) for path, module in model.named_modules()
+                   for name in module._non_persistent_buffers_set
+                   if module._buffers.get(name) is not None and module._buffers[name].is_meta]
+        parameter = next(model.parameters(), None)
+        if not unsaved or parameter is None or parameter.is_meta:
+            return
+        built = dict((source if source is not None else self.build(parameter.device)).named_buffers())
+        for module, name, key in unsaved:
+            source = built.get(key)
+            if source is not None and source.shape == module._buffers[name].shape:
+                module._buffers[name] = source
+
     @property
     def num_classes(self) -> int | None:
         return self.kwargs.get("num_classes")

@@ -11,7 +11,9 @@ products, and the narrow model keeps the scale it was trained with.
 :func:`maskprop.make_prunable` puts :class:`SparseAttention` in place of timm's ``Attention`` (vision transformers,
 DeiT, ...), with the same ``qkv`` and ``proj`` parameters and the same module tree, and
 :class:`SparseMultiheadAttention` in place of torch's ``nn.MultiheadAttention`` attending a tensor to itself
-(torchvision's vision transformers), with the same parameters under the same state-dict keys.
+(torchvision's vision transformers), with the same parameters under the same state-dict keys, and
+:class:`SparseWindowAttention` in place of timm's ``WindowAttention`` (Swin Transformer), whose relative position
+bias is one number per head and pair of tokens, whatever features the heads keep.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SparseAttention", "SparseMultiheadAttention"]
+__all__ = ["SparseAttention", "SparseMultiheadAttention", "SparseWindowAttention"]
 
 
 class SparseAttention(nn.Module):
@@ -96,6 +98,59 @@ class SparseAttention(nn.Module):
     def extra_repr(self) -> str:
         narrow = f", head_width={self.head_width}" if self.head_width != self.head_dim else ""
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}{narrow}, group={self.group!r}"
+
+
+class SparseWindowAttention(SparseAttention):
+    """timm's ``WindowAttention`` (Swin Transformer: self-attention within each window of tokens, with a learned
+    relative position bias) at whatever head width its projections run.
+
+    The forward is timm's, fused, at the full width's scale: the scores of head ``h`` for tokens ``i, j`` of a window
+    get ``relative_position_bias_table[relative_position_index[i, j], h]`` added, and the shifted windows' mask where
+    one is given. The bias belongs to a head, not to its features, so a subnetwork keeps all of it. The parameters and
+    buffers are timm's, under its state-dict keys (``qkv``, ``proj``, ``relative_position_bias_table``; the index is
+    not saved, as in timm).
+
+    Args:
+        qkv, proj, num_heads, head_dim, group, attn_drop, proj_drop: As :class:`SparseAttention`'s.
+        relative_position_bias_table: ``((2 Wh - 1)(2 Ww - 1), heads)``, the learned bias (timm's parameter itself).
+        relative_position_index: ``(Wh Ww, Wh Ww)``, each pair of a window's tokens' row of the table.
+        window_size: ``(Wh, Ww)``.
+    """
+
+    def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, head_dim: int, group: str | None = None, *,
+                 relative_position_bias_table: nn.Parameter, relative_position_index: Tensor,
+                 window_size: tuple[int, int], attn_drop: nn.Dropout | None = None,
+                 proj_drop: nn.Module | None = None) -> None:
+        super().__init__(qkv, proj, num_heads, head_dim, group, attn_drop=attn_drop, proj_drop=proj_drop)
+        area = window_size[0] * window_size[1]
+        if relative_position_bias_table.shape[-1] != num_heads or relative_position_index.shape != (area, area):
+            raise ValueError(f"relative_position_bias_table has shape {tuple(relative_position_bias_table.shape)} and "
+                             f"relative_position_index {tuple(relative_position_index.shape)}; expected (rows, "
+                             f"{num_heads}) and {(area, area)} for {num_heads} heads and windows of {window_size}")
+        self.dim = qkv.in_features  # timm's names, for code that reads them
+        self.window_size, self.window_area = tuple(window_size), area
+        self.relative_position_bias_table = relative_position_bias_table
+        self.register_buffer("relative_position_index", relative_position_index, persistent=False)
+
+    def _relative_position_bias(self) -> Tensor:
+        """The bias of every head and pair of a window's tokens: ``(1, heads, Wh Ww, Wh Ww)``."""
+        area = self.window_area
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(area, area, -1)
+        return bias.permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """Attention within windows: ``x`` ``(windows x N, tokens, C)``; ``mask`` ``(windows, tokens, tokens)`` of
+        0 and ``-inf`` (the shifted windows' mask) or ``None``."""
+        windows, tokens, _ = x.shape
+        attn_mask = self._relative_position_bias()
+        if mask is not None:
+            count = mask.shape[0]
+            mask = mask.view(1, count, 1, tokens, tokens).expand(windows // count, -1, self.num_heads, -1, -1)
+            attn_mask = attn_mask + mask.reshape(-1, self.num_heads, tokens, tokens)
+        return self._output(self._attend(*self._heads(x), attn_mask, False))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, window_size={self.window_size}"
 
 
 _TORCH_KEYS = {"qkv.weight": "in_proj_weight", "qkv.bias": "in_proj_bias", "proj.weight": "out_proj.weight",

@@ -795,6 +795,7 @@ def _trained_model(run: Run) -> nn.Module:
     copies), in eval mode."""
     model = run.spec.build("meta")
     model.load_state_dict(run.state.model.state_dict(), strict=True, assign=True)
+    run.spec.build_unsaved_buffers(model, run.state.model)  # those no state dict holds, as the run's model has them
     return model.eval()
 
 

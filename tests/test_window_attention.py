@@ -1,0 +1,186 @@
+"""Swin Transformer's window attention with its heads' features as a channel group: timm's ``WindowAttention`` made
+prunable (``SparseWindowAttention``).
+
+Each check against an independent computation: timm's own module (both of its attention paths), attention written out
+by hand on the kept features with timm's relative position bias and shifted-window mask, the masked reference, and
+check_model's float64 checks against torch's FLOP counter."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+from conftest import attention_by_hand, compact_equals_masked
+
+import maskprop
+from maskprop.cost import CostModel
+from maskprop.sparse import SparseAttention, SparseWindowAttention
+
+timm = pytest.importorskip("timm")
+swin = pytest.importorskip("timm.models.swin_transformer")
+
+SIZE = (3, 16, 16)  # 8 x 8 tokens of 2 x 2 patches: four windows of 4 x 4 in the first stage, one in the second
+WIDTH, WINDOW = 16, 4
+HEADS = (2, 4)
+KWARGS = dict(img_size=16, patch_size=2, window_size=WINDOW, embed_dim=WIDTH, depths=(2, 2), num_heads=HEADS,
+              drop_path_rate=0.0)  # no stochastic depth: a training forward draws nothing
+
+
+def _swin(**kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return swin.SwinTransformer(**(KWARGS | {"num_classes": 5} | kwargs))
+
+
+@pytest.fixture
+def swin64():
+    return maskprop.make_prunable(_swin(), SIZE).double()
+
+
+def _mask(model, seed: int = 0, keep: float = 0.5) -> dict[str, torch.Tensor]:
+    return maskprop.random_mask(maskprop.channel_groups(model), keep, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["timm_math", "timm_fused"])
+def test_timms_window_attention_becomes_maskprops_computing_the_same(fused):
+    """The converted model computes what timm's did through either of timm's attention paths, in train and eval
+    mode, with the same parameters and buffers under the same names; each block's heads' features are a group of
+    head_dim channels, written by qkv once per head slice and read by proj once per head."""
+    plain = _swin().double()
+    for module in plain.modules():
+        if isinstance(module, swin.WindowAttention):
+            module.fused_attn = fused
+    converted = maskprop.make_prunable(copy.deepcopy(plain), SIZE)
+    assert list(converted.state_dict()) == list(plain.state_dict())
+    assert dict(converted.named_buffers()).keys() == dict(plain.named_buffers()).keys()
+    blocks = [block for stage in converted.layers for block in stage.blocks]
+    assert [type(block.attn) for block in blocks] == [SparseWindowAttention] * 4
+    attn = blocks[1].attn
+    torch.testing.assert_close(attn.relative_position_bias_table,
+                               plain.layers[0].blocks[1].attn.relative_position_bias_table, rtol=0, atol=0)
+    groups = maskprop.channel_groups(converted)
+    assert {g: n for g, n in groups.items() if g.endswith("attn")} == {
+        "layers.0.blocks.0.attn": WIDTH // HEADS[0], "layers.0.blocks.1.attn": WIDTH // HEADS[0],
+        "layers.1.blocks.0.attn": 2 * WIDTH // HEADS[1], "layers.1.blocks.1.attn": 2 * WIDTH // HEADS[1]}
+    concatenated = maskprop.sparse.concatenations(converted)
+    assert concatenated["layers.0.blocks.1.attn.qkv"] == (("layers.0.blocks.1.attn", 8),) * (3 * HEADS[0])
+    assert concatenated["layers.0.blocks.1.attn.proj:input"] == (("layers.0.blocks.1.attn", 8),) * HEADS[0]
+    assert plain.layers[0].blocks[1].attn_mask is not None  # the shifted block runs with the windows' mask
+    x = torch.randn(3, *SIZE, dtype=torch.float64)
+    for training in (True, False):
+        plain.train(training)
+        converted.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), plain(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_subnetwork_runs_window_attention_on_its_kept_features_with_the_whole_bias(swin64):
+    """Compact execution of a shifted block's attention equals attention written out by hand on the kept features,
+    with timm's relative position bias of every head and the windows' mask added, and equals masked execution,
+    gradients included (a dropped feature's rows learn nothing; the bias table learns in both modes alike)."""
+    plain = _swin().double()
+    mask = _mask(swin64)
+    block, name = swin64.layers[0].blocks[1], "layers.0.blocks.1.attn"
+    attn = block.attn
+    kept = mask[name].nonzero().flatten()
+    assert 0 < len(kept) < attn.head_dim
+    windows, tokens = block.attn_mask.shape[0], WINDOW * WINDOW
+    x = torch.randn(2 * windows, tokens, WIDTH, dtype=torch.float64)
+    bias = plain.layers[0].blocks[1].attn._get_rel_pos_bias()  # timm's own: (1, heads, tokens, tokens)
+    added = bias + block.attn_mask.repeat(2, 1, 1)[:, None]  # window w of each image reads mask w
+    widths = []
+    hook = attn.qkv.register_forward_hook(lambda m, i, o: widths.append(o.shape[-1]))
+    with maskprop.use_mask(swin64, mask):
+        compact = attn(x, mask=block.attn_mask)
+    hook.remove()
+    assert widths == [3 * HEADS[0] * len(kept)]
+    torch.testing.assert_close(compact, attention_by_hand(attn, x, kept, added)[0], rtol=1e-12, atol=1e-12)
+    images = torch.randn(2, *SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = compact_equals_masked(swin64, mask, images)
+    qkv_grad = grads[f"{name}.qkv.weight"].reshape(3, HEADS[0], attn.head_dim, WIDTH)
+    assert qkv_grad[:, :, ~mask[name]].abs().max() == 0
+    assert grads[f"{name}.relative_position_bias_table"].abs().max() > 0
+
+
+def test_check_model_and_export_take_a_swin_with_pruned_heads(swin64, tmp_path):
+    """check_model's every check (compact, static with capacities, narrow, FLOPs against torch's counter) passes; the
+    exported narrow model runs window attention at the kept head width with the full width's scale and the whole
+    bias, in every file format, and computes what compact execution did."""
+    maskprop.check_model(swin64, SIZE)
+    spec = maskprop.ModelSpec.resolve("timm:swin_tiny_patch4_window7_224", KWARGS, num_classes=5, input_size=SIZE)
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    mask = _mask(model, seed=2)
+    formats = "safetensors,pt2,onnx" if importlib.util.find_spec("onnxscript") else "safetensors,pt2"
+    info = maskprop.save_exported(model, mask, tmp_path / "swin", spec=spec, formats=formats)
+    assert info["flops"] == CostModel(model, SIZE).flops(mask) < CostModel(model, SIZE).flops()
+    narrow = maskprop.load_exported(tmp_path / "swin")
+    attn = narrow.layers[0].blocks[1].attn
+    kept = int(mask["layers.0.blocks.1.attn"].sum())
+    assert isinstance(attn, SparseWindowAttention) and attn.group is None and attn.scale == 8 ** -0.5
+    assert attn.qkv.out_features == 3 * HEADS[0] * kept and type(attn.qkv) is torch.nn.Linear
+    assert attn.relative_position_bias_table.shape == model.layers[0].blocks[1].attn.relative_position_bias_table.shape
+    x = torch.randn(2, *SIZE)
+    with maskprop.use_mask(model, mask):
+        expected = model(x)
+    torch.testing.assert_close(narrow(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class WindowAttentionWithGate(swin.WindowAttention):
+    """A subclass of timm's module, which may compute something else: traced through, never converted."""
+
+
+def test_window_attention_in_another_form_keeps_its_heads_whole():
+    """A subclass of timm's class (which may compute something else) is traced through: no SparseWindowAttention
+    and no heads' group for its block, the same outputs; the other blocks convert."""
+    model = _swin().eval()
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        before = model(x)
+    old = model.layers[0].blocks[0].attn
+    sub = WindowAttentionWithGate(WIDTH, HEADS[0], window_size=WINDOW)
+    sub.load_state_dict(old.state_dict())
+    model.layers[0].blocks[0].attn = sub.eval()
+    maskprop.make_prunable(model, SIZE)
+    assert not isinstance(model.layers[0].blocks[0].attn, SparseAttention)
+    assert isinstance(model.layers[0].blocks[1].attn, SparseWindowAttention)
+    assert "layers.0.blocks.0.attn" not in maskprop.channel_groups(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_window_attention_refuses_a_bias_of_other_heads_or_windows():
+    qkv, proj = torch.nn.Linear(WIDTH, 3 * WIDTH), torch.nn.Linear(WIDTH, WIDTH)
+    table = torch.nn.Parameter(torch.zeros(49, 2))
+    index = torch.zeros(16, 16, dtype=torch.long)
+    SparseWindowAttention(qkv, proj, 2, 8, relative_position_bias_table=table, relative_position_index=index,
+                          window_size=(4, 4))
+    with pytest.raises(ValueError, match=r"expected \(rows, 4\) and \(16, 16\) for 4 heads and windows of \(4, 4\)"):
+        SparseWindowAttention(qkv, proj, 4, 4, relative_position_bias_table=table, relative_position_index=index,
+                              window_size=(4, 4))
+    with pytest.raises(ValueError, match=r"relative_position_index \(16, 16\); expected \(rows, 2\) and \(9, 9\)"):
+        SparseWindowAttention(qkv, proj, 2, 8, relative_position_bias_table=table, relative_position_index=index,
+                              window_size=(3, 3))
+
+
+def test_a_run_of_a_swin_exports_from_its_directory_and_its_result_with_the_buffers_no_state_dict_holds(tmp_path):
+    """A run of timm's Swin (whose relative position index and shifted-window mask are non-persistent buffers, built
+    on the meta device without values) exports from its run directory and from ``fit``'s result, and each narrow
+    model loads and computes what the run's model does under its subnetwork."""
+    from conftest import TINY_RUN, with_overrides
+
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in KWARGS.items()}
+    config = with_overrides(TINY_RUN, **{"model.name": "timm:swin_tiny_patch4_window7_224", "model.kwargs": kwargs})
+    result = maskprop.fit(config, out=tmp_path / "run", threads=1)
+    assert result.mask is not None and "layers.0.blocks.1.attn" in result.mask
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad(), maskprop.use_mask(result.model.eval(), result.mask, "compact"):
+        expected = result.model(x)
+    maskprop.export_run(tmp_path / "run", tmp_path / "from_dir", formats=("safetensors", "pt2"))
+    result.export(tmp_path / "from_result", formats=("safetensors",))
+    for export in ("from_dir", "from_result"):
+        narrow = maskprop.load_exported(tmp_path / export)
+        assert narrow.layers[0].blocks[1].attn_mask.device.type == "cpu"
+        with torch.no_grad():
+            torch.testing.assert_close(narrow(x), expected, rtol=1e-5, atol=1e-5)
