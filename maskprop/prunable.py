@@ -11,8 +11,9 @@ A linear layer on a tensor of more than two dimensions (tokens, a channels-last 
 dimension, which elementwise operations and products with another such space pass on and a linear layer reads (the
 hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves it whole. timm's plain multi-head
 self-attention is traced as one module: its heads' features are a space that ``qkv`` writes once per head slice and
-``proj`` reads once per head, and it becomes :class:`~maskprop.sparse.SparseAttention` (timm's ``WindowAttention``,
-Swin Transformer's, :class:`~maskprop.sparse.SparseWindowAttention`). torch's
+``proj`` reads once per head, and it becomes :class:`~maskprop.sparse.SparseAttention` (the Swin Transformer's window
+attention: timm's ``WindowAttention``, :class:`~maskprop.sparse.SparseWindowAttention`; torchvision's
+``ShiftedWindowAttention``, :class:`~maskprop.sparse.SparseShiftedWindowAttention`). torch's
 ``nn.MultiheadAttention`` called on one tensor as query, key and value (torchvision's vision transformers) is traced
 so too, its packed in-projection read as ``qkv`` and its ``out_proj`` as ``proj``, and becomes
 :class:`~maskprop.sparse.SparseMultiheadAttention`; in another form, or where its heads stay whole, it is left whole
@@ -76,6 +77,7 @@ from .sparse import (
     SparseConv2d,
     SparseLinear,
     SparseMultiheadAttention,
+    SparseShiftedWindowAttention,
     SparseWindowAttention,
 )
 from .sparse.groups import concatenate_groups
@@ -334,7 +336,7 @@ def _attention_forms(model: nn.Module, modules: dict[str, nn.Module]) -> dict[st
     held.update(id(tensor) for module in model.modules() for tensor in module._parameters.values())
     forms = {}
     for name, module in modules.items():
-        if _is_timm_attention(module) or _is_timm_window_attention(module):
+        if _is_timm_attention(module) or _is_timm_window_attention(module) or _is_torchvision_window_attention(module):
             if modules.get(f"{name}.qkv") is module.qkv and modules.get(f"{name}.proj") is module.proj:
                 forms[name] = ""
         elif type(module) is nn.MultiheadAttention:  # a subclass may compute something else
@@ -482,6 +484,33 @@ def _is_timm_window_attention(module: nn.Module) -> bool:
         and table.dim() == 2 and table.shape[1] == heads and tuple(index.shape) == (area, area) \
         and isinstance(getattr(module, "attn_drop", None), nn.Dropout) \
         and isinstance(getattr(module, "proj_drop", None), (nn.Dropout, nn.Identity))
+
+
+def _is_torchvision_window_attention(module: nn.Module) -> bool:
+    """torchvision's ``ShiftedWindowAttention`` (its Swin Transformer, v1; not v2's cosine attention) in the form
+    :class:`~maskprop.sparse.SparseShiftedWindowAttention` computes: ``qkv`` and ``proj`` linear layers on the
+    tokens' width, a relative position bias of one number per head and pair of a window's tokens."""
+    if not _is_shifted_window_attention_class(module):
+        return False
+    qkv, proj, heads = getattr(module, "qkv", None), getattr(module, "proj", None), getattr(module, "num_heads", None)
+    table = getattr(module, "relative_position_bias_table", None)
+    index, size = getattr(module, "relative_position_index", None), getattr(module, "window_size", None)
+    shift = getattr(module, "shift_size", None)
+    if not (all(type(m) is nn.Linear for m in (qkv, proj)) and isinstance(heads, int)
+            and isinstance(table, nn.Parameter) and isinstance(index, torch.Tensor)
+            and all(isinstance(v, (list, tuple)) and len(v) == 2 for v in (size, shift))):
+        return False
+    dim = qkv.in_features
+    return dim % heads == 0 and qkv.out_features == 3 * dim and proj.in_features == proj.out_features == dim \
+        and table.dim() == 2 and table.shape[1] == heads and index.numel() == (size[0] * size[1]) ** 2 \
+        and all(isinstance(getattr(module, n, None), float) for n in ("attention_dropout", "dropout"))
+
+
+def _is_shifted_window_attention_class(module: nn.Module) -> bool:
+    """Whether ``module`` is of torchvision's class ``ShiftedWindowAttention`` (not a subclass: v2's computes cosine
+    attention)."""
+    kind = type(module)
+    return kind.__name__ == "ShiftedWindowAttention" and kind.__module__ == "torchvision.models.swin_transformer"
 
 
 def _is_window_attention_class(module: nn.Module) -> bool:
@@ -1123,6 +1152,12 @@ def _sparse_attention(old: nn.Module, group: str, qkv: nn.Module, proj: nn.Modul
     if isinstance(old, nn.MultiheadAttention):
         new = SparseMultiheadAttention(qkv, proj, old.num_heads, old.head_dim, group, dropout=old.dropout,
                                        batch_first=old.batch_first)
+    elif _is_shifted_window_attention_class(old):  # as _is_torchvision_window_attention accepted it
+        new = SparseShiftedWindowAttention(qkv, proj, old.num_heads, _head_width(old), group,
+                                           relative_position_bias_table=old.relative_position_bias_table,
+                                           relative_position_index=old.relative_position_index,
+                                           window_size=old.window_size, shift_size=old.shift_size,
+                                           attention_dropout=old.attention_dropout, dropout=old.dropout)
     elif _is_window_attention_class(old):  # in the form _is_timm_window_attention accepted, its layers converted
         new = SparseWindowAttention(qkv, proj, old.num_heads, _head_width(old), group,
                                     relative_position_bias_table=old.relative_position_bias_table,

@@ -184,3 +184,81 @@ def test_a_run_of_a_swin_exports_from_its_directory_and_its_result_with_the_buff
         assert narrow.layers[0].blocks[1].attn_mask.device.type == "cpu"
         with torch.no_grad():
             torch.testing.assert_close(narrow(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- torchvision's ShiftedWindowAttention ----------------------------------------------------------------------------
+
+tv_swin = pytest.importorskip("torchvision.models.swin_transformer")
+
+
+def _tv_swin() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return tv_swin.SwinTransformer(patch_size=[2, 2], embed_dim=WIDTH, depths=[2, 2], num_heads=list(HEADS),
+                                   window_size=[WINDOW, WINDOW], num_classes=5, stochastic_depth_prob=0.0).double()
+
+
+@pytest.mark.parametrize("side", [16, 20], ids=["whole_windows", "padded"])
+def test_torchvisions_shifted_window_attention_becomes_maskprops_computing_the_same(side):
+    """torchvision's Swin (v1) converted computes what it did, in train and eval mode, maps of whole windows and maps
+    padded to them (20 x 20 images: 10 x 10 tokens in windows of 4), with the same state-dict keys (the saved index
+    too); each block's heads' features are a group."""
+    plain = _tv_swin()
+    converted = maskprop.make_prunable(copy.deepcopy(plain), (3, side, side))
+    assert list(converted.state_dict()) == list(plain.state_dict())
+    attention = [block.attn for stage in (converted.features[1], converted.features[3]) for block in stage]
+    assert [type(a) for a in attention] == [maskprop.sparse.SparseShiftedWindowAttention] * 4
+    assert (attention[0].shift_size, attention[1].shift_size) == ([0, 0], [2, 2])
+    assert {g: n for g, n in maskprop.channel_groups(converted).items() if g.endswith("attn")} == {
+        "features.1.0.attn": 8, "features.1.1.attn": 8, "features.3.0.attn": 8, "features.3.1.attn": 8}
+    x = torch.randn(2, 3, side, side, dtype=torch.float64)
+    for training in (True, False):
+        plain.train(training)
+        converted.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), plain(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", [8, 10], ids=["whole_windows", "padded"])
+def test_a_torchvision_swin_subnetwork_is_torchvisions_attention_with_the_dropped_features_zeroed(side):
+    """Compact execution of a shifted block's attention equals torchvision's own function run with the dropped
+    features' rows of qkv and columns of proj set to zero (what dropping them means), at the full width's scale; and
+    the whole model's compact and masked execution agree, gradients included."""
+    model = maskprop.make_prunable(_tv_swin(), (3, 2 * side, 2 * side))
+    mask = _mask(model, seed=3)
+    attn, name = model.features[1][1].attn, "features.1.1.attn"
+    kept = mask[name]
+    assert 0 < int(kept.sum()) < attn.head_dim
+    x = torch.randn(2, side, side, WIDTH, dtype=torch.float64)
+    with maskprop.use_mask(model, mask), torch.no_grad():
+        compact = attn(x)
+    rows = kept.repeat(3 * HEADS[0])  # qkv's outputs: (3, heads, head_dim)
+    columns = kept.repeat(HEADS[0])  # proj's inputs: (heads, head_dim)
+    with torch.no_grad():
+        expected = tv_swin.shifted_window_attention(
+            x, attn.qkv.weight * rows[:, None], attn.proj.weight * columns, attn._relative_position_bias(),
+            attn.window_size, attn.num_heads, attn.shift_size, qkv_bias=attn.qkv.bias * rows,
+            proj_bias=attn.proj.bias, training=False)
+    torch.testing.assert_close(compact, expected, rtol=1e-12, atol=1e-12)
+    images = torch.randn(2, 3, 2 * side, 2 * side, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = compact_equals_masked(model, mask, images)
+    assert grads[f"{name}.qkv.weight"].reshape(3, HEADS[0], attn.head_dim, WIDTH)[:, :, ~kept].abs().max() == 0
+
+
+def test_check_model_and_export_take_torchvisions_swin(tmp_path):
+    """check_model passes on the small Swin; torchvision's swin_t exports its subnetwork and loads it again by name
+    (its saved relative position index included), computing what compact execution did."""
+    small = maskprop.make_prunable(_tv_swin(), (3, 20, 20))
+    maskprop.check_model(small, (3, 20, 20))
+    spec = maskprop.ModelSpec.resolve("torchvision:swin_t", {}, num_classes=5, input_size=(3, 32, 32))
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    mask = _mask(model, seed=4)
+    maskprop.save_exported(model, mask, tmp_path / "swin_t", spec=spec, formats="safetensors")
+    narrow = maskprop.load_exported(tmp_path / "swin_t")
+    attn = narrow.features[1][1].attn
+    assert type(attn) is maskprop.sparse.SparseShiftedWindowAttention and attn.group is None
+    assert attn.qkv.out_features == 3 * 3 * int(mask["features.1.1.attn"].sum())  # swin_t: 3 heads in stage 1
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), maskprop.use_mask(model, mask):
+        expected = model(x)
+    torch.testing.assert_close(narrow(x), expected, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
 """Channel groups, masks, and the compact / masked execution of channel-sparse layers."""
 
-from .attention import SparseAttention, SparseMultiheadAttention, SparseWindowAttention
+from .attention import SparseAttention, SparseMultiheadAttention, SparseShiftedWindowAttention, SparseWindowAttention
 from .execution import MODES, ExecutionState, Mask, ModelPlan, check_mask, model_plan, prepare_mask, use_mask
 from .groups import (
                      ChannelSparseModel,
@@ -30,6 +30,7 @@ __all__ = [
     "SparseLinear",
     "SparseModule",
     "SparseMultiheadAttention",
+    "SparseShiftedWindowAttention",
     "SparseWindowAttention",
     "aligned_width",
     "channel_groups",

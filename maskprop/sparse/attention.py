@@ -13,16 +13,20 @@ DeiT, ...), with the same ``qkv`` and ``proj`` parameters and the same module tr
 :class:`SparseMultiheadAttention` in place of torch's ``nn.MultiheadAttention`` attending a tensor to itself
 (torchvision's vision transformers), with the same parameters under the same state-dict keys, and
 :class:`SparseWindowAttention` in place of timm's ``WindowAttention`` (Swin Transformer), whose relative position
-bias is one number per head and pair of tokens, whatever features the heads keep.
+bias is one number per head and pair of tokens, whatever features the heads keep, and
+:class:`SparseShiftedWindowAttention` in place of torchvision's ``ShiftedWindowAttention`` (the same attention, with
+the windows' partition and shift inside).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SparseAttention", "SparseMultiheadAttention", "SparseWindowAttention"]
+__all__ = ["SparseAttention", "SparseMultiheadAttention", "SparseShiftedWindowAttention", "SparseWindowAttention"]
 
 
 class SparseAttention(nn.Module):
@@ -113,24 +117,26 @@ class SparseWindowAttention(SparseAttention):
     Args:
         qkv, proj, num_heads, head_dim, group, attn_drop, proj_drop: As :class:`SparseAttention`'s.
         relative_position_bias_table: ``((2 Wh - 1)(2 Ww - 1), heads)``, the learned bias (timm's parameter itself).
-        relative_position_index: ``(Wh Ww, Wh Ww)``, each pair of a window's tokens' row of the table.
+        relative_position_index: ``(Wh Ww, Wh Ww)`` (or flattened), each pair of a window's tokens' row of the table.
         window_size: ``(Wh, Ww)``.
+        save_index: Whether the state dict holds the index (torchvision's does; timm's does not).
     """
 
     def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, head_dim: int, group: str | None = None, *,
                  relative_position_bias_table: nn.Parameter, relative_position_index: Tensor,
-                 window_size: tuple[int, int], attn_drop: nn.Dropout | None = None,
-                 proj_drop: nn.Module | None = None) -> None:
+                 window_size: Sequence[int], attn_drop: nn.Dropout | None = None,
+                 proj_drop: nn.Module | None = None, save_index: bool = False) -> None:
         super().__init__(qkv, proj, num_heads, head_dim, group, attn_drop=attn_drop, proj_drop=proj_drop)
         area = window_size[0] * window_size[1]
-        if relative_position_bias_table.shape[-1] != num_heads or relative_position_index.shape != (area, area):
+        if relative_position_bias_table.shape[-1] != num_heads or relative_position_index.numel() != area * area:
             raise ValueError(f"relative_position_bias_table has shape {tuple(relative_position_bias_table.shape)} and "
                              f"relative_position_index {tuple(relative_position_index.shape)}; expected (rows, "
-                             f"{num_heads}) and {(area, area)} for {num_heads} heads and windows of {window_size}")
+                             f"{num_heads}) and {(area, area)} for {num_heads} heads and windows of "
+                             f"{tuple(window_size)}")
         self.dim = qkv.in_features  # timm's names, for code that reads them
-        self.window_size, self.window_area = tuple(window_size), area
+        self.window_size, self.window_area = window_size, area
         self.relative_position_bias_table = relative_position_bias_table
-        self.register_buffer("relative_position_index", relative_position_index, persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index, persistent=save_index)
 
     def _relative_position_bias(self) -> Tensor:
         """The bias of every head and pair of a window's tokens: ``(1, heads, Wh Ww, Wh Ww)``."""
@@ -150,7 +156,90 @@ class SparseWindowAttention(SparseAttention):
         return self._output(self._attend(*self._heads(x), attn_mask, False))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, window_size={self.window_size}"
+        return f"{super().extra_repr()}, window_size={tuple(self.window_size)}"
+
+
+class SparseShiftedWindowAttention(SparseWindowAttention):
+    """torchvision's ``ShiftedWindowAttention`` (its Swin Transformer, v1) at whatever head width its projections run.
+
+    The forward computes what torchvision's ``shifted_window_attention`` does, on maps ``(N, H, W, C)``: pad the map
+    to whole windows, shift it cyclically by ``shift_size`` (where the window is smaller than the map), attend within
+    each window with the relative position bias and, when shifted, a mask of ``-100`` between tokens that came from
+    different regions of the map, then undo the shift and the padding. Its head width is read from ``qkv``'s output,
+    its scale is the full width's (torchvision's ``(C / heads) ** -0.5``), and its parameters and buffers are
+    torchvision's, under its state-dict keys (the index too, which torchvision saves).
+
+    Args:
+        qkv, proj, num_heads, head_dim, group, relative_position_bias_table, relative_position_index, window_size: As
+            :class:`SparseWindowAttention`'s.
+        shift_size: ``(shift in H, shift in W)``.
+        attention_dropout: torch's dropout probability on the attention weights in training.
+        dropout: The dropout probability after ``proj``.
+    """
+
+    def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, head_dim: int, group: str | None = None, *,
+                 relative_position_bias_table: nn.Parameter, relative_position_index: Tensor,
+                 window_size: Sequence[int], shift_size: Sequence[int], attention_dropout: float = 0.0,
+                 dropout: float = 0.0) -> None:
+        super().__init__(qkv, proj, num_heads, head_dim, group,
+                         relative_position_bias_table=relative_position_bias_table,
+                         relative_position_index=relative_position_index, window_size=window_size,
+                         attn_drop=nn.Dropout(attention_dropout), proj_drop=nn.Dropout(dropout), save_index=True)
+        self.shift_size = shift_size
+
+    @property
+    def attention_dropout(self) -> float:
+        """torchvision's name: the dropout probability on the attention weights."""
+        return self.attn_drop.p
+
+    @property
+    def dropout(self) -> float:
+        """torchvision's name: the dropout probability after ``proj``."""
+        return self.proj_drop.p
+
+    def _layout(self, height: int, width: int) -> tuple[int, int, list[int]]:
+        """The padded map's height and width, and the shift (none along a side no longer than a window)."""
+        (wh, ww), shift = self.window_size, list(self.shift_size)
+        padded = (height + (-height % wh), width + (-width % ww))
+        return padded[0], padded[1], [0 if size >= side else s for size, side, s in zip((wh, ww), padded, shift)]
+
+    def _region_mask(self, height: int, width: int, shift: list[int], like: Tensor) -> Tensor:
+        """``(windows, tokens, tokens)``: 0 between two tokens of a window that come from the same region of the
+        shifted map, -100 between tokens of different regions (the cyclic shift put them side by side)."""
+        (wh, ww) = self.window_size
+        region = like.new_zeros(height, width)
+        for i, rows in enumerate((slice(0, -wh), slice(-wh, -shift[0]), slice(-shift[0], None))):
+            for j, cols in enumerate((slice(0, -ww), slice(-ww, -shift[1]), slice(-shift[1], None))):
+                region[rows, cols] = 3 * i + j
+        region = region.view(height // wh, wh, width // ww, ww).transpose(1, 2).reshape(-1, wh * ww)
+        apart = region.unsqueeze(1) != region.unsqueeze(2)
+        return torch.zeros_like(apart, dtype=like.dtype).masked_fill_(apart, -100.0)
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        """Shifted-window attention on maps ``x`` ``(N, H, W, C)``; the output has their shape."""
+        batch, height, width, channels = x.shape
+        (wh, ww), (padded_h, padded_w, shift) = self.window_size, self._layout(height, width)
+        x = F.pad(x, (0, 0, 0, padded_w - width, 0, padded_h - height))
+        if any(shift):
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        windows = (padded_h // wh) * (padded_w // ww)
+        x = x.view(batch, padded_h // wh, wh, padded_w // ww, ww, channels).transpose(2, 3).reshape(
+            batch * windows, wh * ww, channels)
+        mask = self._region_mask(padded_h, padded_w, shift, x) if any(shift) else None
+        out = super().forward(x, mask)
+        out = out.view(batch, padded_h // wh, padded_w // ww, wh, ww, -1).transpose(2, 3).reshape(
+            batch, padded_h, padded_w, -1)
+        if any(shift):
+            out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return out[:, :height, :width].contiguous()
+
+    def batch_and_tokens(self, x: Tensor) -> tuple[int, int]:
+        """The windows (every image's) and the tokens of one window: what the two products run over."""
+        padded_h, padded_w, _ = self._layout(x.shape[1], x.shape[2])
+        return x.shape[0] * (padded_h // self.window_size[0]) * (padded_w // self.window_size[1]), self.window_area
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, shift_size={tuple(self.shift_size)}"
 
 
 _TORCH_KEYS = {"qkv.weight": "in_proj_weight", "qkv.bias": "in_proj_bias", "proj.weight": "out_proj.weight",
