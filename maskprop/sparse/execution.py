@@ -409,10 +409,12 @@ class ExecutionState:
             pieces = [(table, p) for table in weights for p in table.pieces]
             self._layer_gathers = [self._layer_gather(table, piece, block, first, identity) for (table, piece), block,
                                    first in zip(pieces, blocks, firsts)]
-            if norm is not None:
-                flat = torch.cat([self._block_rows(block, first) for block, first in zip(blocks[len(pieces):],
-                                                                                         firsts[len(pieces):])])
-                self._norm = TableIndex(norm, flat)
+            if norm is not None:  # its rows follow the weights' in the row table: expanded as off the CPU
+                rows = moved[2].view(-1, 4)
+                weight_rows = sum(block.outputs for block in blocks[:len(pieces)])
+                norm_rows = rows[weight_rows:].clone()
+                norm_rows[:, 1] += rows[:weight_rows, 3].sum()  # shifts counted from the BatchNorm table's first entry
+                self._norm = TableIndex(norm, _flat_rows(norm_rows, norm.entries, self._index_ext, False)[0])
                 self._norm_position = {id(m): i for i, m in enumerate(norm.modules)}
             return
         flat, real_rows = _flat_rows(moved[2].view(-1, 4), sum(t.entries for t in tables), self._index_ext,
