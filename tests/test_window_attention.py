@@ -218,6 +218,20 @@ def test_torchvisions_shifted_window_attention_becomes_maskprops_computing_the_s
             torch.testing.assert_close(converted(x), plain(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shift", [[2, -2], [-1, -1], [3, -1], [1, 0]])
+def test_torchvisions_shift_test_is_kept_for_shifts_that_cancel_or_are_negative(shift):
+    """torchvision shifts (and masks) only where the shifts left sum to more than 0: [2, -2] and [-1, -1] attend in
+    the windows as they are, [3, -1] and [1, 0] roll the map; the converted model follows it exactly."""
+    plain = _tv_swin()
+    for module in plain.modules():
+        if type(module) is tv_swin.ShiftedWindowAttention and any(module.shift_size):
+            module.shift_size = list(shift)
+    converted = maskprop.make_prunable(copy.deepcopy(plain), (3, 16, 16)).eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), plain.eval()(x), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("side", [8, 10], ids=["whole_windows", "padded"])
 def test_a_torchvision_swin_subnetwork_is_torchvisions_attention_with_the_dropped_features_zeroed(side):
     """Compact execution of a shifted block's attention equals torchvision's own function run with the dropped
