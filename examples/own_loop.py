@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         cpu_threads.update()
         for images, labels in train_loader:
             dense_step(narrow, finetune_opt, images.to(device), labels.to(device))
+            cpu_threads.tick()
     minutes = (time.perf_counter() - start) / 60
     result = {"accuracy": accuracy(narrow, val_loader, device), "minutes": minutes,
               "kept_ratio": sum(int(m.sum()) for m in mask.values()) / sum(groups.values()),

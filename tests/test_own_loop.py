@@ -84,12 +84,15 @@ def test_the_examples_dense_step_is_the_trainers(own_loop):
         torch.testing.assert_close(p, q, msg=name)
 
 
-def test_the_example_runs_end_to_end_and_saves_the_narrow_model(own_loop, tmp_path, capsys):
+def test_the_example_runs_end_to_end_and_saves_the_narrow_model(own_loop, tmp_path, capsys, monkeypatch):
+    ticks = []
+    monkeypatch.setattr(own_loop.RunThreads, "tick", lambda self: ticks.append(self.setting))
     result = own_loop.main(["--out", str(tmp_path), "--train-size", "64", "--val-size", "40", "--batch-size", "32",
                             "--warmup-epochs", "1", "--anneal-epochs", "1", "--search-epochs", "1",
                             "--finetune-epochs", "1", "--keep-ratio", "0.25"])
     printed = capsys.readouterr().out
     assert printed.count("search epoch") == 3 and "narrow model:" in printed
+    assert ticks == ["auto"] * (3 + 1) * 2  # threads: auto follows the load after every step, the finetune's too
     # the subnetwork keeps about a quarter of the channels (top_mask: round(sum s) of them, at most the budget)
     assert 0.05 < result["kept_ratio"] <= 0.25 + 1e-9 and 0 < result["flops_kept"] < 0.25
     # the saved program is the trained narrow model: torch alone runs it to the accuracy the script measured

@@ -149,8 +149,9 @@ def test_within_an_epoch_a_choice_is_kept_for_the_interval_then_made_again(set_t
     then measures it over those seconds alone; a fixed count never reads it."""
     clocks = Clocks()
     choice = _threads(clocks, interval=30.0)
-    choice.tick()  # no choice made yet (the trainer's update before the first epoch makes it): nothing to follow
-    assert choice.used == [] and set_threads == []
+    clocks.advance(31.0, busy=0.0, own=0.0)
+    choice.tick()  # no choice made yet (the trainer's update before the first epoch makes it): nothing to follow,
+    assert choice.used == [] and set_threads == []  # however long it has been
     clocks.advance(1.0, busy=0.0, own=0.0)
     assert choice.update() == 2
     clocks.advance(29.0, busy=2.0, own=1.0)  # another process takes a core ...
@@ -171,6 +172,29 @@ def test_within_an_epoch_a_choice_is_kept_for_the_interval_then_made_again(set_t
     clocks.advance(100.0, busy=2.0, own=0.0)
     fixed.tick()
     assert fixed.used == [1] and fixed.others is None
+
+
+def test_the_first_choice_waits_for_the_rest_of_its_interval_on_the_given_clock():
+    """The first choice is measured over MIN_INTERVAL_S at least, on the clock the readings are on (the one given)."""
+    clocks, slept = Clocks(), []
+    clocks.advance(1000.0, busy=0.0, own=0.0)
+    choice = RunThreads("auto", cores=2, most=2, read=clocks.read, sleep=slept.append, clock=lambda: clocks.wall)
+    clocks.advance(0.2, busy=0.0, own=0.0)
+    choice.update()
+    assert slept == [pytest.approx(MIN_INTERVAL_S - 0.2)]
+
+
+def test_a_run_with_the_static_steps_follows_the_load_after_every_step(tmp_path, monkeypatch):
+    """The static steps' epochs (what CUDA runs, eagerly here) tick after every step too."""
+    from maskprop.train import setup
+    from maskprop.train.graphs import GraphsChoice
+
+    monkeypatch.setattr(setup, "resolve_cuda_graphs", lambda cfg, device, model=None: GraphsChoice(True, False))
+    ticks = []
+    monkeypatch.setattr(threads_module.RunThreads, "update", lambda self: self.used.append(1) or 1)
+    monkeypatch.setattr(threads_module.RunThreads, "tick", lambda self: ticks.append(self.setting))
+    result = maskprop.fit(TINY_RUN, out=None, threads="auto")
+    assert len(ticks) == sum(result["steps"].values()) > 0
 
 
 def test_a_run_records_its_threads_and_gives_them_back(tmp_path, monkeypatch):

@@ -57,6 +57,7 @@ def test_timms_window_attention_becomes_maskprops_computing_the_same(fused):
     blocks = [block for stage in converted.layers for block in stage.blocks]
     assert [type(block.attn) for block in blocks] == [SparseWindowAttention] * 4
     attn = blocks[1].attn
+    assert (attn.dim, tuple(attn.window_size), attn.window_area) == (WIDTH, (WINDOW, WINDOW), WINDOW * WINDOW)
     torch.testing.assert_close(attn.relative_position_bias_table,
                                plain.layers[0].blocks[1].attn.relative_position_bias_table, rtol=0, atol=0)
     groups = maskprop.channel_groups(converted)
@@ -115,7 +116,11 @@ def test_check_model_and_export_take_a_swin_with_pruned_heads(swin64, tmp_path):
     formats = "safetensors,pt2,onnx" if importlib.util.find_spec("onnxscript") else "safetensors,pt2"
     info = maskprop.save_exported(model, mask, tmp_path / "swin", spec=spec, formats=formats)
     assert info["flops"] == CostModel(model, SIZE).flops(mask) < CostModel(model, SIZE).flops()
-    narrow = maskprop.load_exported(tmp_path / "swin")
+    torch.manual_seed(3)
+    draws = torch.rand(4)
+    torch.manual_seed(3)
+    narrow = maskprop.load_exported(tmp_path / "swin")  # its buffers built from a full model, initialised aside
+    assert torch.equal(torch.rand(4), draws)  # and torch's generator left as it was
     attn = narrow.layers[0].blocks[1].attn
     kept = int(mask["layers.0.blocks.1.attn"].sum())
     assert isinstance(attn, SparseWindowAttention) and attn.group is None and attn.scale == 8 ** -0.5
@@ -148,6 +153,49 @@ def test_window_attention_in_another_form_keeps_its_heads_whole():
     assert "layers.0.blocks.0.attn" not in maskprop.channel_groups(model)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def _without_attention_dropout(model):
+    attn = model.layers[0].blocks[0].attn
+    attn.fused_attn, attn.attn_drop = False, torch.nn.Identity()  # timm's math path runs without it
+
+
+def _sharing_qkv(model):
+    model.layers[0].blocks[1].attn.qkv = model.layers[0].blocks[0].attn.qkv
+
+
+@pytest.mark.parametrize("change", [_without_attention_dropout, _sharing_qkv], ids=["no_attn_drop", "shared_qkv"])
+def test_window_attention_in_a_form_maskprops_does_not_compute_is_traced_through(change):
+    """timm's WindowAttention without a Dropout on its weights (which SparseWindowAttention reads), or whose qkv
+    another block's attention runs too: left as it is, its heads whole, the model computing what it did, compact and
+    masked execution alike."""
+    model = _swin().double().eval()
+    change(model)
+    x = torch.randn(2, *SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+    maskprop.make_prunable(model, SIZE)
+    assert not isinstance(model.layers[0].blocks[0].attn, SparseAttention)
+    assert "layers.0.blocks.0.attn" not in maskprop.channel_groups(model)
+    assert isinstance(model.layers[1].blocks[0].attn, SparseWindowAttention)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
+    compact_equals_masked(model, _mask(model, seed=6), x)
+
+
+def test_timms_head_dim_other_than_the_width_over_the_heads():
+    """timm's head_dim argument (12 features a head where the width over the heads is 8 and 4): the converted model
+    computes what timm's did, at head_dim's scale, with groups of head_dim channels."""
+    plain = _swin(head_dim=12).double()
+    converted = maskprop.make_prunable(copy.deepcopy(plain), SIZE)
+    attention = [block.attn for stage in converted.layers for block in stage.blocks]
+    assert [(type(a), a.head_dim, a.scale) for a in attention] == [(SparseWindowAttention, 12, 12 ** -0.5)] * 4
+    assert {g: n for g, n in maskprop.channel_groups(converted).items() if g.endswith("attn")} == {
+        f"layers.{i}.blocks.{j}.attn": 12 for i in range(2) for j in range(2)}
+    x = torch.randn(2, *SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.eval()(x), plain.eval()(x), rtol=1e-12, atol=1e-12)
+    compact_equals_masked(converted, _mask(converted, seed=7), x)
 
 
 def test_sparse_window_attention_refuses_a_bias_of_other_heads_or_windows():
@@ -186,6 +234,44 @@ def test_a_run_of_a_swin_exports_from_its_directory_and_its_result_with_the_buff
             torch.testing.assert_close(narrow(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_buffers_no_state_dict_holds_come_from_a_model_of_the_spec():
+    """build_unsaved_buffers gives a model built on meta, its state dict assigned, the non-persistent buffers (every
+    block's relative position index, the shifted blocks' mask): the given model's own tensors, else those of a model
+    it builds aside (torch's generator left as it was); one of another shape (a buffer of the narrow width) and a
+    persistent one (the state dict's to hold) stay on meta."""
+    spec = maskprop.ModelSpec.resolve("timm:swin_tiny_patch4_window7_224", KWARGS, num_classes=5, input_size=SIZE)
+    torch.manual_seed(0)
+    source = spec.build()
+
+    def loaded():
+        model = spec.build("meta")
+        model.load_state_dict(source.state_dict(), assign=True)
+        return model
+
+    unsaved = sorted(name for name, tensor in loaded().named_buffers() if tensor.is_meta)
+    assert "layers.0.blocks.1.attn_mask" in unsaved and "layers.1.blocks.0.attn.relative_position_index" in unsaved
+    model = loaded()
+    spec.build_unsaved_buffers(model, source)
+    assert all(model.get_buffer(name) is source.get_buffer(name) for name in unsaved)
+    model = loaded()
+    torch.manual_seed(1)
+    draws = torch.rand(3)
+    torch.manual_seed(1)
+    spec.build_unsaved_buffers(model)
+    assert torch.equal(torch.rand(3), draws)
+    for name in unsaved:
+        assert model.get_buffer(name) is not source.get_buffer(name)
+        torch.testing.assert_close(model.get_buffer(name), source.get_buffer(name), rtol=0, atol=0)
+    model = loaded()
+    attn = model.layers[0].blocks[0].attn
+    attn._buffers["relative_position_index"] = torch.empty(3, 3, dtype=torch.long, device="meta")
+    source.layers[0].blocks[0].register_buffer("count", torch.ones(2))
+    model.layers[0].blocks[0].register_buffer("count", torch.empty(2, device="meta"))
+    spec.build_unsaved_buffers(model, source)
+    assert attn.relative_position_index.is_meta and model.layers[0].blocks[0].count.is_meta
+    assert not model.layers[0].blocks[1].attn.relative_position_index.is_meta
+
+
 # --- torchvision's ShiftedWindowAttention ----------------------------------------------------------------------------
 
 tv_swin = pytest.importorskip("torchvision.models.swin_transformer")
@@ -216,6 +302,118 @@ def test_torchvisions_shifted_window_attention_becomes_maskprops_computing_the_s
         converted.train(training)
         with torch.no_grad():
             torch.testing.assert_close(converted(x), plain(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shift", [[2, -2], [-1, -1], [3, -1], [1, 0]])
+def test_torchvisions_shift_test_is_kept_for_shifts_that_cancel_or_are_negative(shift):
+    """torchvision shifts (and masks) only where the shifts left sum to more than 0: [2, -2] and [-1, -1] attend in
+    the windows as they are, [3, -1] and [1, 0] roll the map; the converted model follows it exactly."""
+    plain = _tv_swin()
+    for module in plain.modules():
+        if type(module) is tv_swin.ShiftedWindowAttention and any(module.shift_size):
+            module.shift_size = list(shift)
+    converted = maskprop.make_prunable(copy.deepcopy(plain), (3, 16, 16)).eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), plain.eval()(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("size", "window"), [((3, 20, 12), [4, 4]), ((3, 16, 16), [4, 2]), ((3, 12, 20), [2, 4])],
+                         ids=["padded_rows", "window_4x2", "window_2x4_padded_columns"])
+def test_torchvisions_attention_on_maps_and_windows_that_are_not_square(size, window):
+    """Maps padded along one side only, windows of two sides: the converted model computes what torchvision's did,
+    and its compact execution what its masked one does."""
+    torch.manual_seed(0)
+    plain = tv_swin.SwinTransformer(patch_size=[2, 2], embed_dim=WIDTH, depths=[2, 2], num_heads=list(HEADS),
+                                    window_size=window, num_classes=5, stochastic_depth_prob=0.0).double().eval()
+    converted = maskprop.make_prunable(copy.deepcopy(plain), size).eval()
+    x = torch.randn(2, *size, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), plain(x), rtol=1e-12, atol=1e-12)
+    compact_equals_masked(converted, _mask(converted, seed=5), x)
+
+
+class ShiftedWindowAttentionTwice(tv_swin.ShiftedWindowAttention):
+    """A subclass of torchvision's module computing something else: traced through, never converted."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_torchvisions_attention_of_another_class_keeps_its_heads_whole():
+    """A subclass of ShiftedWindowAttention, and v2's attention (cosine attention, its bias from an MLP), stay as
+    they are: no heads' group, the same outputs."""
+    plain = _tv_swin().eval()
+    old = plain.features[1][0].attn
+    sub = ShiftedWindowAttentionTwice(WIDTH, old.window_size, old.shift_size, old.num_heads).double()
+    sub.load_state_dict(old.state_dict())
+    plain.features[1][0].attn = sub.eval()
+    torch.manual_seed(0)
+    v2 = tv_swin.SwinTransformer(patch_size=[2, 2], embed_dim=WIDTH, depths=[2, 2], num_heads=list(HEADS),
+                                 window_size=[WINDOW, WINDOW], num_classes=5, stochastic_depth_prob=0.0,
+                                 block=tv_swin.SwinTransformerBlockV2,
+                                 downsample_layer=tv_swin.PatchMergingV2).double().eval()
+    x = torch.randn(2, *SIZE, dtype=torch.float64)
+    for model, converted in ((plain, 3), (v2, 0)):
+        with torch.no_grad():
+            before = model(x)
+        maskprop.make_prunable(model, SIZE)
+        assert sum(isinstance(m, SparseAttention) for m in model.modules()) == converted
+        assert "features.1.0.attn" not in maskprop.channel_groups(model)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
+
+
+def test_torchvisions_mask_between_regions_is_minus_100_not_minus_infinity():
+    """With scores of hundreds (qkv scaled up), a token of another region still gets its weight exp(score - 100):
+    the converted model adds torchvision's -100 where the shifted windows put regions side by side."""
+    plain = _tv_swin()
+    with torch.no_grad():
+        for module in plain.modules():
+            if type(module) is tv_swin.ShiftedWindowAttention:
+                module.qkv.weight.mul_(100.0)
+    converted = maskprop.make_prunable(copy.deepcopy(plain), (3, 16, 16)).eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), plain.eval()(x), rtol=1e-9, atol=1e-9)
+
+
+def _with_dropouts(library: str) -> torch.nn.Module:
+    if library == "timm":
+        return _swin(attn_drop_rate=0.3, proj_drop_rate=0.2).double()
+    torch.manual_seed(0)
+    return tv_swin.SwinTransformer(patch_size=[2, 2], embed_dim=WIDTH, depths=[2, 2], num_heads=list(HEADS),
+                                   window_size=[WINDOW, WINDOW], num_classes=5, stochastic_depth_prob=0.0,
+                                   attention_dropout=0.3, dropout=0.2).double()
+
+
+@pytest.mark.parametrize("library", ["timm", "torchvision"])
+def test_the_dropouts_carry_over_and_draw_alike_in_both_modes(library):
+    """The converted attention keeps the original's dropout on the attention weights and after proj; in training,
+    compact and masked steps with the same seed drop the same attention weights (one draw per weight, whatever the
+    head width), and another seed drops others. (Dropout on a pruned space, the MLP's hidden units or the residual
+    stream after proj, draws per kept channel in compact execution: turned off for the comparison.)"""
+    model = maskprop.make_prunable(_with_dropouts(library), SIZE).train()
+    attention = [m for m in model.modules() if isinstance(m, SparseWindowAttention)]
+    assert len(attention) == 4
+    assert all((a.attn_drop.p, a.proj_drop.p) == (0.3, 0.2) for a in attention)
+    if library == "torchvision":
+        assert all((a.attention_dropout, a.dropout) == (0.3, 0.2) for a in attention)
+    weights = {id(a.attn_drop) for a in attention}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and id(module) not in weights:
+            module.p = 0.0
+    mask = _mask(model, seed=3)
+    x = torch.randn(2, *SIZE, dtype=torch.float64)
+    outputs = []
+    for mode in ("compact", "masked"):
+        torch.manual_seed(7)
+        with maskprop.use_mask(model, mask, mode):
+            outputs.append(model(x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    torch.manual_seed(8)
+    with maskprop.use_mask(model, mask):
+        assert not torch.allclose(model(x), outputs[0])  # the dropout does drop
 
 
 @pytest.mark.parametrize("side", [8, 10], ids=["whole_windows", "padded"])

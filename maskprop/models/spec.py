@@ -139,19 +139,23 @@ class ModelSpec:
         ``assign=True``) the buffers no state dict holds: the non-persistent ones its constructor computes (a Swin
         Transformer's relative position index and shifted-window mask), where any is left on ``meta``, from
         ``source`` (a model of this spec that has them), else from this spec built on the device of ``model``'s
-        parameters. They depend on the architecture, not on the widths; one of another shape stays on ``meta``, for
-        the caller to name."""
+        parameters (its initialisation drawn from torch's generators forked, so that theirs are left as they were).
+        They depend on the architecture, not on the widths; one of another shape stays on ``meta``, for the caller to
+        name."""
         unsaved = [(module, name, f"{path}.{name}" if path else name) for path, module in model.named_modules()
                    for name in module._non_persistent_buffers_set
                    if module._buffers.get(name) is not None and module._buffers[name].is_meta]
         parameter = next(model.parameters(), None)
         if not unsaved or parameter is None or parameter.is_meta:
             return
-        built = dict((source if source is not None else self.build(parameter.device)).named_buffers())
+        if source is None:  # its weights initialised aside: loading a model leaves torch's generators as they were
+            with torch.random.fork_rng(devices=[parameter.device] if parameter.device.type == "cuda" else []):
+                source = self.build(parameter.device)
+        built = dict(source.named_buffers())
         for module, name, key in unsaved:
-            source = built.get(key)
-            if source is not None and source.shape == module._buffers[name].shape:
-                module._buffers[name] = source
+            tensor = built.get(key)
+            if tensor is not None and tensor.shape == module._buffers[name].shape:
+                module._buffers[name] = tensor
 
     @property
     def num_classes(self) -> int | None:

@@ -198,10 +198,12 @@ class SparseShiftedWindowAttention(SparseWindowAttention):
         return self.proj_drop.p
 
     def _layout(self, height: int, width: int) -> tuple[int, int, list[int]]:
-        """The padded map's height and width, and the shift (none along a side no longer than a window)."""
+        """The padded map's height and width, and the shift (none along a side no longer than a window, and none at
+        all unless the two shifts left sum to more than 0: torchvision's test, which a negative shift can fail)."""
         (wh, ww), shift = self.window_size, list(self.shift_size)
         padded = (height + (-height % wh), width + (-width % ww))
-        return padded[0], padded[1], [0 if size >= side else s for size, side, s in zip((wh, ww), padded, shift)]
+        shift = [0 if size >= side else s for size, side, s in zip((wh, ww), padded, shift)]
+        return padded[0], padded[1], shift if sum(shift) > 0 else [0, 0]
 
     def _region_mask(self, height: int, width: int, shift: list[int], like: Tensor) -> Tensor:
         """``(windows, tokens, tokens)``: 0 between two tokens of a window that come from the same region of the
