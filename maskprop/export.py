@@ -280,9 +280,16 @@ def load_exported(path: str | os.PathLike, device: torch.device | str | None = N
         reason = " ".join(str(err).split())[:300]
         raise ValueError(f"'{weights}' does not fit {_where(path / PLAN_FILE)} ({reason})") from None
     plan.spec.build_unsaved_buffers(narrow)
+    unsaved = {f"{path}.{name}" if path else name for path, module in narrow.named_modules()
+               for name in module._non_persistent_buffers_set}
     left = [name for name, t in (*narrow.named_parameters(), *narrow.named_buffers()) if t.is_meta]
-    if left:
+    if any(name not in unsaved for name in left):
+        left = [name for name in left if name not in unsaved]
         raise ValueError(f"'{weights}' has no tensor for {', '.join(left[:5])}; expected the narrow model's state dict")
+    if left:
+        raise ValueError(f"{_where(path / PLAN_FILE)}: the narrow model's buffers {', '.join(left[:5])} are in no "
+                         f"state dict, and the model the plan builds has none of their shape; expected buffers its "
+                         f"constructor makes whatever the widths (a model with width-dependent ones cannot be loaded)")
     return narrow.eval()
 
 

@@ -272,6 +272,29 @@ def test_the_buffers_no_state_dict_holds_come_from_a_model_of_the_spec():
     assert not model.layers[0].blocks[1].attn.relative_position_index.is_meta
 
 
+def test_buffers_built_aside_take_the_models_floating_point_type(tmp_path, monkeypatch):
+    """A model whose state dict is float64 gets its unsaved floating-point buffers (the shifted windows' mask) in
+    float64, as ``model.double()`` would have made them (the index stays int64), and its forward runs; a narrow model
+    whose unsaved buffers cannot be built is refused with a line that says so, not one blaming the weights file."""
+    spec = maskprop.ModelSpec.resolve("timm:swin_tiny_patch4_window7_224", KWARGS, num_classes=5, input_size=SIZE)
+    torch.manual_seed(0)
+    source = spec.build().double().eval()
+    model = spec.build("meta")
+    model.load_state_dict(source.state_dict(), assign=True)
+    spec.build_unsaved_buffers(model)
+    assert model.layers[0].blocks[1].attn_mask.dtype == torch.float64
+    assert model.layers[0].blocks[1].attn.relative_position_index.dtype == torch.int64
+    x = torch.randn(2, *SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), source(x), rtol=0, atol=0)
+    mask = _mask(source.float(), seed=5)
+    maskprop.save_exported(source, mask, tmp_path / "swin", spec=spec, formats="safetensors")
+    monkeypatch.setattr(maskprop.ModelSpec, "build_unsaved_buffers", lambda self, model, source=None: None)
+    with pytest.raises(ValueError, match=r"plan.json.*: the narrow model's buffers layers\.0\.blocks\.0\.attn\."
+                                         r"relative_position_index, .* are in no state dict"):
+        maskprop.load_exported(tmp_path / "swin")
+
+
 # --- torchvision's ShiftedWindowAttention ----------------------------------------------------------------------------
 
 tv_swin = pytest.importorskip("torchvision.models.swin_transformer")

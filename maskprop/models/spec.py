@@ -139,23 +139,26 @@ class ModelSpec:
         ``assign=True``) the buffers no state dict holds: the non-persistent ones its constructor computes (a Swin
         Transformer's relative position index and shifted-window mask), where any is left on ``meta``, from
         ``source`` (a model of this spec that has them), else from this spec built on the device of ``model``'s
-        parameters (its initialisation drawn from torch's generators forked, so that theirs are left as they were).
-        They depend on the architecture, not on the widths; one of another shape stays on ``meta``, for the caller to
-        name."""
+        parameters (its initialisation drawn from torch's generators forked, so that theirs are left as they were),
+        in the floating-point type of ``model``'s parameters, as ``model.to(dtype)`` would have made them. They depend
+        on the architecture, not on the widths; one of another shape stays on ``meta``, for the caller to name."""
         unsaved = [(module, name, f"{path}.{name}" if path else name) for path, module in model.named_modules()
                    for name in module._non_persistent_buffers_set
                    if module._buffers.get(name) is not None and module._buffers[name].is_meta]
         parameter = next(model.parameters(), None)
         if not unsaved or parameter is None or parameter.is_meta:
             return
+        dtype = None
         if source is None:  # its weights initialised aside: loading a model leaves torch's generators as they were
             with torch.random.fork_rng(devices=[parameter.device] if parameter.device.type == "cuda" else []):
                 source = self.build(parameter.device)
+            dtype = parameter.dtype if parameter.is_floating_point() else None
         built = dict(source.named_buffers())
         for module, name, key in unsaved:
             tensor = built.get(key)
             if tensor is not None and tensor.shape == module._buffers[name].shape:
-                module._buffers[name] = tensor
+                cast = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
+                module._buffers[name] = tensor.to(dtype) if cast else tensor
 
     @property
     def num_classes(self) -> int | None:
