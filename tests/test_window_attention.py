@@ -483,3 +483,17 @@ def test_check_model_and_export_take_torchvisions_swin(tmp_path):
     with torch.no_grad(), maskprop.use_mask(model, mask):
         expected = model(x)
     torch.testing.assert_close(narrow(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_timms_set_input_size_keeps_the_window_and_refuses_another():
+    """timm's ``set_input_size`` on a converted Swin: a new image size with the same window recomputes the shifted
+    windows' mask and runs as timm's own model at that size does; another window is refused in one line."""
+    plain, converted = _swin().eval(), maskprop.make_prunable(_swin(), SIZE).eval()
+    for model in (plain, converted):
+        model.set_input_size(img_size=(24, 24), window_size=WINDOW)
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), plain(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^window_size \(2, 2\): a window attention made prunable keeps its window "
+                                         r"\(4, 4\)"):
+        converted.set_input_size(img_size=(24, 24), window_size=2)

@@ -138,6 +138,16 @@ class SparseWindowAttention(SparseAttention):
         self.relative_position_bias_table = relative_position_bias_table
         self.register_buffer("relative_position_index", relative_position_index, persistent=save_index)
 
+    def set_window_size(self, window_size: int | Sequence[int]) -> None:
+        """timm's call when a model's input size is set again (``set_input_size``): the window to attend in. The bias
+        table's rows are those of the window the module was made prunable with, so that window is kept (a call with
+        it changes nothing) and another is a one-line error."""
+        size = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
+        if size != tuple(self.window_size):
+            raise ValueError(f"window_size {size}: a window attention made prunable keeps its window "
+                             f"{tuple(self.window_size)}; expected that one (build the model at the new size, "
+                             f"e.g. model.kwargs.img_size, and make it prunable then)")
+
     def _relative_position_bias(self) -> Tensor:
         """The bias of every head and pair of a window's tokens: ``(1, heads, Wh Ww, Wh Ww)``."""
         area = self.window_area
