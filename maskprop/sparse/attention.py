@@ -155,8 +155,8 @@ class SparseWindowAttention(SparseAttention):
         return bias.permute(2, 0, 1).unsqueeze(0)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        """Attention within windows: ``x`` ``(windows x N, tokens, C)``; ``mask`` ``(windows, tokens, tokens)`` of
-        0 and ``-inf`` (the shifted windows' mask) or ``None``."""
+        """Attention within windows: ``x`` ``(windows x N, tokens, C)``; ``mask`` ``(windows, tokens, tokens)``, added
+        to the scores (the shifted windows' mask: 0, and -100 between tokens of different regions) or ``None``."""
         windows, tokens, _ = x.shape
         attn_mask = self._relative_position_bias()
         if mask is not None:
