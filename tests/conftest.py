@@ -101,6 +101,20 @@ def compact_equals_masked(model: torch.nn.Module, mask: dict, images: torch.Tens
     return grads["compact"][1]
 
 
+def dropout_draws_alike(model: torch.nn.Module, mask: dict, x: torch.Tensor) -> None:
+    """Assert that a training forward of ``model`` draws its dropout alike in compact and masked execution of
+    ``mask`` (the same outputs from the same seed), and that it does drop (another seed, another output)."""
+    outputs = []
+    for mode in ("compact", "masked"):
+        torch.manual_seed(7)
+        with maskprop.use_mask(model, mask, mode):
+            outputs.append(model(x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    torch.manual_seed(8)
+    with maskprop.use_mask(model, mask):
+        assert not torch.allclose(model(x), outputs[0])
+
+
 def with_overrides(config: dict, **overrides) -> dict:
     """A deep copy of ``config`` with dotted-key overrides (``**{"optim.epochs": 4}``), as a plain dict."""
     config = copy.deepcopy(config)

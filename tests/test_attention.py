@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import attention_by_hand, compact_equals_masked
+from conftest import attention_by_hand, compact_equals_masked, dropout_draws_alike
 
 import maskprop
 from maskprop.cost import CostModel, counting_flops
@@ -165,17 +165,7 @@ def test_dropout_on_the_attention_weights_draws_alike_in_both_modes(vit64):
     width: compact and masked steps with the same seed drop the same weights."""
     for block in vit64.blocks:
         block.attn.attn_drop.p = 0.3
-    mask = _mask(vit64, 3)
-    x = torch.randn(2, *SIZE, dtype=torch.float64)
-    outputs = []
-    for mode in ("compact", "masked"):
-        torch.manual_seed(7)
-        with maskprop.use_mask(vit64, mask, mode):
-            outputs.append(vit64(x))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
-    torch.manual_seed(8)
-    with maskprop.use_mask(vit64, mask):
-        assert not torch.allclose(vit64(x), outputs[0])  # the dropout does drop
+    dropout_draws_alike(vit64, _mask(vit64, 3), torch.randn(2, *SIZE, dtype=torch.float64))
 
 
 class Attention(timm.layers.Attention):

@@ -12,7 +12,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import attention_by_hand, compact_equals_masked
+from conftest import attention_by_hand, compact_equals_masked, dropout_draws_alike
 
 import maskprop
 from maskprop.cost import CostModel
@@ -427,17 +427,7 @@ def test_the_dropouts_carry_over_and_draw_alike_in_both_modes(library):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout) and id(module) not in weights:
             module.p = 0.0
-    mask = _mask(model, seed=3)
-    x = torch.randn(2, *SIZE, dtype=torch.float64)
-    outputs = []
-    for mode in ("compact", "masked"):
-        torch.manual_seed(7)
-        with maskprop.use_mask(model, mask, mode):
-            outputs.append(model(x))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
-    torch.manual_seed(8)
-    with maskprop.use_mask(model, mask):
-        assert not torch.allclose(model(x), outputs[0])  # the dropout does drop
+    dropout_draws_alike(model, _mask(model, seed=3), torch.randn(2, *SIZE, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("side", [8, 10], ids=["whole_windows", "padded"])
