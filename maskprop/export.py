@@ -280,7 +280,7 @@ def load_exported(path: str | os.PathLike, device: torch.device | str | None = N
         reason = " ".join(str(err).split())[:300]
         raise ValueError(f"'{weights}' does not fit {_where(path / PLAN_FILE)} ({reason})") from None
     plan.spec.build_unsaved_buffers(narrow)
-    unsaved = {f"{path}.{name}" if path else name for path, module in narrow.named_modules()
+    unsaved = {f"{prefix}.{name}" if prefix else name for prefix, module in narrow.named_modules()
                for name in module._non_persistent_buffers_set}
     left = [name for name, t in (*narrow.named_parameters(), *narrow.named_buffers()) if t.is_meta]
     if any(name not in unsaved for name in left):
