@@ -466,72 +466,75 @@ def _is_timm_attention(module: nn.Module) -> bool:
         and isinstance(getattr(module, "proj_drop", None), (nn.Dropout, nn.Identity))
 
 
-def _is_timm_window_attention(module: nn.Module) -> bool:
-    """timm's ``WindowAttention`` (Swin Transformer) in the form :class:`~maskprop.sparse.SparseWindowAttention`
-    computes: ``qkv`` and ``proj`` linear layers, a relative position bias of one number per head and pair of a
-    window's tokens, dropouts around it. Another form is traced through, its heads left whole."""
-    if not _is_window_attention_class(module):
-        return False
+def _window_projections(module: nn.Module) -> tuple[nn.Linear, nn.Linear, int] | None:
+    """``(qkv, proj, heads)`` of a window attention (timm's or torchvision's) whose projections are ``nn.Linear`` and
+    whose relative position bias is one number per head and pair of a window's tokens (a table of one column per head,
+    an index of every pair); ``None`` otherwise."""
     qkv, proj, heads = getattr(module, "qkv", None), getattr(module, "proj", None), getattr(module, "num_heads", None)
     table = getattr(module, "relative_position_bias_table", None)
     index, size = getattr(module, "relative_position_index", None), getattr(module, "window_size", None)
     if not (all(type(m) is nn.Linear for m in (qkv, proj)) and isinstance(heads, int)
-            and isinstance(table, nn.Parameter) and isinstance(index, torch.Tensor) and isinstance(size, tuple)
-            and len(size) == 2):
+            and isinstance(table, nn.Parameter) and isinstance(index, torch.Tensor)
+            and isinstance(size, (list, tuple)) and len(size) == 2):
+        return None
+    bias_per_head = table.dim() == 2 and table.shape[1] == heads and index.numel() == (size[0] * size[1]) ** 2
+    return (qkv, proj, heads) if bias_per_head else None
+
+
+def _is_timm_window_attention(module: nn.Module) -> bool:
+    """timm's ``WindowAttention`` (Swin Transformer) in the form :class:`~maskprop.sparse.SparseWindowAttention`
+    computes: :func:`_window_projections`, dropouts around it. Another form is traced through, its heads left whole."""
+    parts = _window_projections(module) if _is_window_attention_class(module) else None
+    if parts is None:
         return False
-    area = size[0] * size[1]
+    qkv, proj, heads = parts
     return qkv.out_features % (3 * heads) == 0 and proj.in_features == qkv.out_features // 3 \
-        and table.dim() == 2 and table.shape[1] == heads and tuple(index.shape) == (area, area) \
         and isinstance(getattr(module, "attn_drop", None), nn.Dropout) \
         and isinstance(getattr(module, "proj_drop", None), (nn.Dropout, nn.Identity))
 
 
 def _is_torchvision_window_attention(module: nn.Module) -> bool:
     """torchvision's ``ShiftedWindowAttention`` (its Swin Transformer, v1; not v2's cosine attention) in the form
-    :class:`~maskprop.sparse.SparseShiftedWindowAttention` computes: ``qkv`` and ``proj`` linear layers on the
-    tokens' width, a relative position bias of one number per head and pair of a window's tokens."""
-    if not _is_shifted_window_attention_class(module):
-        return False
-    qkv, proj, heads = getattr(module, "qkv", None), getattr(module, "proj", None), getattr(module, "num_heads", None)
-    table = getattr(module, "relative_position_bias_table", None)
-    index, size = getattr(module, "relative_position_index", None), getattr(module, "window_size", None)
+    :class:`~maskprop.sparse.SparseShiftedWindowAttention` computes: :func:`_window_projections` on the tokens' width,
+    a shift of two sides, its dropout probabilities."""
+    parts = _window_projections(module) if _is_shifted_window_attention_class(module) else None
     shift = getattr(module, "shift_size", None)
-    if not (all(type(m) is nn.Linear for m in (qkv, proj)) and isinstance(heads, int)
-            and isinstance(table, nn.Parameter) and isinstance(index, torch.Tensor)
-            and all(isinstance(v, (list, tuple)) and len(v) == 2 for v in (size, shift))):
+    if parts is None or not (isinstance(shift, (list, tuple)) and len(shift) == 2):
         return False
+    qkv, proj, heads = parts
     dim = qkv.in_features
     return dim % heads == 0 and qkv.out_features == 3 * dim and proj.in_features == proj.out_features == dim \
-        and table.dim() == 2 and table.shape[1] == heads and index.numel() == (size[0] * size[1]) ** 2 \
         and all(isinstance(getattr(module, n, None), float) for n in ("attention_dropout", "dropout"))
 
 
 def _is_shifted_window_attention_class(module: nn.Module) -> bool:
     """Whether ``module`` is of torchvision's class ``ShiftedWindowAttention`` (not a subclass: v2's computes cosine
     attention)."""
-    kind = type(module)
-    return kind.__name__ == "ShiftedWindowAttention" and kind.__module__ == "torchvision.models.swin_transformer"
+    return _of_class(module, "torchvision.models.swin_transformer", "ShiftedWindowAttention")
 
 
 def _is_window_attention_class(module: nn.Module) -> bool:
-    """Whether ``module`` is of timm's class ``WindowAttention`` (told by its class, so that timm need not be
-    imported)."""
+    """Whether ``module`` is of timm's class ``WindowAttention``."""
+    return _of_class(module, "timm.models.swin_transformer", "WindowAttention")
+
+
+def _of_class(module: nn.Module, where: str, name: str) -> bool:
+    """Whether ``module``'s class is ``where.name`` exactly (told by its names, so that the library need not be
+    imported; a subclass may compute something else)."""
     kind = type(module)
-    return kind.__name__ == "WindowAttention" and kind.__module__ == "timm.models.swin_transformer"
+    return kind.__name__ == name and kind.__module__ == where
 
 
 def _is_timm_linear(module: nn.Module) -> bool:
     """timm's ``Linear`` (GhostNet's and MobileNetV3's classifiers): ``nn.Linear`` with a cast of its weight to the
     input's dtype under TorchScript alone, so the same layer otherwise (converted as one)."""
-    kind = type(module)
-    return kind.__name__ == "Linear" and kind.__module__ == "timm.layers.linear"
+    return _of_class(module, "timm.layers.linear", "Linear")
 
 
 def _is_batch_norm_act(module: nn.Module) -> bool:
     """timm's ``BatchNormAct2d`` (told by its class, so that timm need not be imported): a BatchNorm, then ``drop``
     and ``act``."""
-    kind = type(module)
-    return kind.__name__ == "BatchNormAct2d" and kind.__module__ == "timm.layers.norm_act"
+    return _of_class(module, "timm.layers.norm_act", "BatchNormAct2d")
 
 
 def _keeps_zero(module: nn.Module) -> bool | None:
