@@ -5,8 +5,11 @@ maskprop's layers.
 training and in eval mode, and follows every tensor whose dimension 1 is a channel dimension through each graph. A
 convolution or linear layer starts a new channel space (its output channels); channel-wise operations (a crop of
 each channel's map too) pass a space on; an add or multiply of two feature maps of the same width makes their spaces
-one (a residual stream, or a gate); a depthwise convolution reads and writes one space; an in-place operation changes
-what later reads of its tensor see.
+one (a residual stream, or a gate); a depthwise convolution reads and writes one space; a convolution of ``g`` groups
+(ResNeXt's, RegNet's) reads ``g`` copies of one space side by side, the features each of its groups reads (a group
+named ``<conv>:in``), and writes ``g`` copies of another (``<conv>:out``): feature ``j`` of every group is pruned
+together, so each group keeps as many as the others and a subnetwork runs one convolution of ``g`` groups; an
+in-place operation changes what later reads of its tensor see.
 A linear layer on a tensor of more than two dimensions (tokens, a channels-last map) writes a space held in the last
 dimension, which elementwise operations and products with another such space pass on and a linear layer reads (the
 hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves it whole. timm's plain multi-head
@@ -30,9 +33,8 @@ A space is prunable when each tensor of it is read only in ways a subnetwork com
 (never pruned) when it is
 
 * the model's input or output, or read by an operation that mixes or reorders channels (a concatenation along
-  another dimension, a grouped convolution, a mean over channels, a transpose that moves them, a slice of some
-  channels or a split,
-  a linear layer on a feature map's width, a layer maskprop does not convert: LayerNorm, BatchNorm1d, a module of its
+  another dimension, a mean over channels, a transpose that moves them, a slice of some channels or a split, a
+  linear layer on a feature map's width, a layer maskprop does not convert: LayerNorm, BatchNorm1d, a module of its
   own code that ``torch.fx`` keeps whole);
 * a one-channel map broadcast over another's channels (a spatial gate: the other keeps its space);
 * read by a convolution or linear layer while its dropped channels would not be zero in the masked reference (after
@@ -149,6 +151,8 @@ class _Spaces:
     residual: set[int] = field(default_factory=set)
     concatenated: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # its (part space, channels)
     attention: dict[str, int] = field(default_factory=dict)  # attention modules by path: their heads' features
+    widths: dict[int, int] = field(default_factory=dict)  # the channels of a space no layer writes whole (features
+    # of a grouped conv's groups), at its root
 
     def new(self, writer: str | None = None, whole: str | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -206,6 +210,8 @@ class _Spaces:
         writers = self.writers.pop(other)
         older, newer = (writers, self.writers[root]) if other < root else (self.writers[root], writers)
         self.writers[root] = older + [w for w in newer if w not in older]
+        if other in self.widths:
+            self.widths.setdefault(root, self.widths.pop(other))
         why = self.whole.pop(other, None) or self.whole.pop(root, None)
         if why is not None:
             self.whole.pop(root, None)
@@ -229,12 +235,13 @@ class _Spaces:
 class _Layer:
     """What the trace found for one conv, BatchNorm or linear layer: the spaces it reads and writes."""
 
-    kind: str  # "conv", "depthwise", "bn", "linear"
+    kind: str  # "conv", "depthwise", "grouped", "bn", "linear"
     reads: list[int] = field(default_factory=list)
     writes: list[int] = field(default_factory=list)
     positions: set[int] = field(default_factory=set)
     nodes: list[fx.Node] = field(default_factory=list)
     whole: bool = False  # a call that no channel space can describe (a linear layer on a feature map's width)
+    features: int | None = None  # a grouped conv's: the space of the features each of its groups reads
 
 
 def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual: bool = True,
@@ -725,8 +732,7 @@ class _Walk:
         if kind is nn.Conv2d:
             depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
             if module.groups > 1 and not depthwise:
-                self.opaque(node, "a grouped convolution")
-                return None
+                return self.grouped(node, name, module, first)
             entry = self.layer(node, "depthwise" if depthwise else "conv")
             if depthwise:  # output channel j reads input channel j alone: one space (kept zero by its BatchNorm)
                 space = first.space if first is not None else self.spaces.new(whole=f"read by {name!r} from outside")
@@ -773,6 +779,30 @@ class _Walk:
             return self.flattened(node, first)
         self.opaque(node, f"{kind.__name__}, which maskprop does not convert")
         return None
+
+    def grouped(self, node: fx.Node, name: str, module: nn.Conv2d, first: _Value | None) -> _Value:
+        """A convolution of ``g`` groups (not depthwise) reads ``g`` copies of the space of the features each of its
+        groups reads, side by side (a concatenation, which the space it is given joins: its writers write it), and
+        writes ``g`` copies of the space of the features each writes: feature ``j`` of every group is one channel, as
+        a head feature is of every attention head. A channel multiplier's (one input channel per group) inputs stay
+        whole."""
+        entry = self.layer(node, "grouped")
+        g = module.groups
+        if entry.features is None:  # its first call
+            one = "one input channel per group (a channel multiplier): no feature to drop" if module.in_channels == g \
+                else None
+            entry.features = self.spaces.new(writer=f"{name}:in", whole=one)
+            output = self.spaces.new(writer=f"{name}:out")
+            self.spaces.widths.update({entry.features: module.in_channels // g, output: module.out_channels // g})
+            entry.writes = [self.spaces.concatenation([(output, module.out_channels // g)] * g)]
+            self.spaces.writers[entry.writes[0]] = [name]
+        if first is not None:
+            self.needs_zero(first, node)
+        given = first.space if first is not None else self.spaces.new(
+            whole=f"read by {name!r} from a tensor maskprop does not follow")
+        self.reads(entry, self.spaces.union(
+            self.spaces.concatenation([(entry.features, module.in_channels // g)] * g), given))
+        return _Value(entry.writes[0])
 
     def attended(self, node: fx.Node, name: str, module: nn.Module, source: object) -> _Value | None:
         """An attention module on tokens: ``qkv`` reads their features (the last dimension), ``proj`` writes the
@@ -1075,6 +1105,8 @@ def _concatenations(spaces: _Spaces, layers: dict[str, _Layer], groups: dict[int
 
 
 def _width(modules: dict[str, nn.Module], spaces: _Spaces, root: int) -> int:
+    if root in spaces.widths:
+        return spaces.widths[root]
     writer = spaces.writers[root][0]
     module = modules[writer]
     if writer in spaces.attention:  # an attention's heads' features
@@ -1133,10 +1165,11 @@ def _replace(model: nn.Module, modules: dict[str, nn.Module], layers: dict[str, 
                 if isinstance(old, nn.Conv2d):
                     if entry.kind == "depthwise":
                         in_group = out_group
+                    features = group([entry.features]) if entry.kind == "grouped" and in_group is not None else None
                     new = SparseConv2d(old.in_channels, old.out_channels, old.kernel_size, stride=old.stride,
                                        padding=old.padding, dilation=old.dilation, groups=old.groups,
                                        bias=old.bias is not None, padding_mode=old.padding_mode, in_group=in_group,
-                                       out_group=out_group, mask_output=masks)
+                                       out_group=out_group, mask_output=masks, weight_in_group=features)
                 else:
                     positions = next(iter(entry.positions)) if in_group is not None else 1
                     new = SparseLinear(old.in_features, old.out_features, bias=old.bias is not None,

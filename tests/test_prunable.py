@@ -41,7 +41,7 @@ def _build(name: str) -> nn.Module:
     "mobilenet_v2",        # depthwise convs read and write their expansion's group
     "mobilenet_v3_small",  # squeeze-and-excitation gates: a product makes the gate's channels the gated ones
     "efficientnet_b0",     # stochastic depth (torch.fx keeps torchvision's function whole)
-    "regnet_x_400mf",      # grouped convs: the channels they read stay whole
+    "regnet_x_400mf",      # grouped convs: feature j of each of their groups is one channel
     "densenet121",         # concatenations read by BatchNorm: every layer's growth channels are a group
     "googlenet",           # Inception: each block's branches read the previous block's concatenation
     "timm:resnet18",
@@ -63,7 +63,8 @@ def test_torchvision_and_timm_networks_convert_compute_the_same_and_pass_the_che
     groups = maskprop.channel_groups(model)
     assert result.groups == len(groups) > 0
     layers = [m for m in model.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
-    assert {m.out_group for m in layers} - {None} == set(groups)
+    concatenated = maskprop.sparse.concatenations(model)  # a grouped conv's features: parts of what layers write
+    assert {g for m in layers for g, _ in concatenated.get(m.out_group, [(m.out_group, 0)])} - {None} == set(groups)
 
 
 def test_resnet18s_groups_are_its_streams_and_its_blocks_inner_convs():
@@ -612,7 +613,9 @@ def test_group_names_are_the_writers_leading_common_path_unless_two_groups_share
     maskprop.check_model(model, (3, 8, 8))
 
 
-def test_a_channel_multiplier_and_a_linear_layer_on_a_4d_map_leave_their_channels_whole():
+def test_a_channel_multiplier_leaves_its_inputs_whole_and_a_linear_layer_on_a_4d_map_its_channels():
+    """A channel multiplier (one input channel per group) has no feature of a group to drop: its inputs stay whole,
+    its outputs are pruned feature by feature across its groups."""
     class Odd(nn.Module):
         def __init__(self):
             super().__init__()
@@ -630,8 +633,10 @@ def test_a_channel_multiplier_and_a_linear_layer_on_a_4d_map_leave_their_channel
             return self.fc(self.rows(x).mean((1, 2)))
 
     model = maskprop.make_prunable(Odd(), (3, 8, 8))
-    assert maskprop.channel_groups(model) == {"stem.conv": 8}
-    assert type(model.mult) is nn.Conv2d and type(model.rows) is nn.Linear and type(model.conv3.bn) is nn.BatchNorm2d
+    assert maskprop.channel_groups(model) == {"stem.conv": 8, "mult:out": 2}
+    assert (model.conv1.conv.out_group, model.mult.in_group, model.mult.out_group) == (None, None, "mult")
+    assert maskprop.sparse.concatenations(model)["mult"] == (("mult:out", 2),) * 8
+    assert type(model.rows) is nn.Linear and type(model.conv3.bn) is nn.BatchNorm2d
     maskprop.check_model(model, (3, 8, 8))
 
 

@@ -609,16 +609,20 @@ def test_the_strided_pointwise_route_is_taken_only_where_the_crash_can_happen(th
         assert subsampled_pointwise_input(x, (1, 1), (2, 2), (0, 0)) is None
 
 
-def test_only_a_depthwise_grouped_conv_on_one_group_can_be_pruned():
+def test_a_grouped_conv_is_pruned_on_one_group_if_depthwise_else_on_the_features_of_its_groups():
     conv = SparseConv2d(8, 8, 3, padding=1, groups=8, in_group="g", out_group="g")
     assert conv.depthwise and conv.weight_in_group is None
     assert SparseConv2d(8, 8, 3, groups=8).depthwise  # never pruned, and still depthwise
     plain = SparseConv2d(8, 8, 3, in_group="a", out_group="b")
     assert not plain.depthwise and plain.weight_in_group == "a"
-    for kwargs in ({"groups": 8, "in_group": "a", "out_group": "b"}, {"groups": 2, "in_group": "g", "out_group": "g"}):
-        with pytest.raises(ValueError, match=r"a grouped convolution \(groups=\d, 8 -> 8 channels, .* expected "
-                                             r"groups=1, or a depthwise one \(groups = in_channels = out_channels\) "
-                                             r"with in_group = out_group"):
+    grouped = SparseConv2d(8, 8, 3, groups=2, in_group="a:2", out_group="b:2", weight_in_group="a")
+    assert not grouped.depthwise and grouped.weight_in_group == "a" and "weight_in_group='a'" in repr(grouped)
+    for kwargs in ({"groups": 8, "in_group": "a", "out_group": "b"}, {"groups": 2, "in_group": "g", "out_group": "g"},
+                   {"groups": 1, "in_group": "a", "weight_in_group": "a"}, {"groups": 2, "weight_in_group": "a"}):
+        with pytest.raises(ValueError, match=r"^a grouped convolution \(groups=\d, 8 -> 8 channels, .* expected "
+                                             r"in_group = out_group for a depthwise one \(groups = in_channels = "
+                                             r"out_channels\), weight_in_group \(the features each of the groups "
+                                             r"reads\) exactly where another grouped one reads a group$"):
             SparseConv2d(8, 8, 3, **kwargs)
 
 

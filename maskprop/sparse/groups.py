@@ -143,6 +143,12 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
     for where, module in model.named_modules():
         if isinstance(module, SparseAttention):  # its heads' features: a group its qkv writes once per head slice
             add(module.group, module.head_width, where)
+        elif isinstance(module, SparseConv2d) and module.groups > 1 and not module.depthwise:
+            _check_grouped(module, where, concatenated)  # the features of its convolution groups: groups
+            add(module.weight_in_group, module.weight.shape[1], where)
+            if module.out_group is not None:
+                add(concatenated[module.out_group][0][0], module.out_channels // module.groups, where)
+                on_concatenations.append((module.out_group, module.out_channels, where, "writes"))
         elif isinstance(module, (SparseConv2d, SparseLinear, SparseBatchNorm2d)):
             norm = isinstance(module, SparseBatchNorm2d)
             name, size = (module.group, module.num_features) if norm else (module.out_group, module.weight.shape[0])
@@ -171,6 +177,23 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
                                  f"{module.in_group!r}, [(part, channels), ...]))")
             add(module.in_group, size, where)
     return groups
+
+
+def _check_grouped(conv: SparseConv2d, where: str, concatenated: Mapping[str, Sequence[tuple[str | None, int]]]
+                   ) -> None:
+    """A grouped convolution (not depthwise) reads and writes ``groups`` copies of one group each, or whole channels:
+    each convolution group then keeps as many features as the others, and a subnetwork is one grouped convolution."""
+    for side, name, features, channels in (("in_group", conv.in_group, conv.weight_in_group, conv.in_channels),
+                                           ("out_group", conv.out_group, None, conv.out_channels)):
+        if name is None:
+            continue
+        parts = list(concatenated.get(name, ()))
+        features = features if features is not None else parts[0][0] if parts else None
+        if features is None or parts != [(features, channels // conv.groups)] * conv.groups:
+            raise ValueError(f"layer {where!r} is a convolution of {conv.groups} groups, but its {side} {name!r} is "
+                             f"{parts or 'no concatenated group'}; expected a concatenated group of {conv.groups} "
+                             f"parts ({features or 'one group'!r}, {channels // conv.groups}), the features each of "
+                             f"its groups {'reads' if side == 'in_group' else 'writes'}")
 
 
 class ChannelSparseModel(nn.Module):

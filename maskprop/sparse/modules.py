@@ -114,13 +114,23 @@ class SparseConv2d(nn.Conv2d, SparseModule):
 
     A depthwise convolution (``groups = in_channels = out_channels``, as in MobileNets) reads and writes one group
     (``in_group = out_group``): output channel ``j`` reads input channel ``j`` alone, so a subnetwork keeps the rows
-    of the kept channels and runs with ``groups`` equal to its width. Other grouped convolutions are refused.
+    of the kept channels and runs with ``groups`` equal to its width.
+
+    Another grouped convolution (``groups = g``: ResNeXt, RegNet) is pruned feature by feature across its ``g``
+    convolution groups, as attention is across heads: its input is ``g`` copies of one group side by side
+    (``in_group`` a concatenated group of ``g`` parts, each ``weight_in_group``, the ``in_channels / g`` features
+    every convolution group reads) and its output likewise (``out_group`` a concatenated group of ``g`` parts of one
+    group). Feature ``j`` of every convolution group is kept or dropped together, so each keeps as many features as
+    the others and a subnetwork is again one convolution of ``g`` groups, on the gathered weight
+    ``W[out_kept][:, features_kept]`` (:func:`maskprop.sparse.channel_groups` checks the parts).
 
     Args:
         in_group: group of the input channels (``None``: the input is never pruned, e.g. the image).
         out_group: group of the output channels (``None``: never pruned).
         mask_output: in ``masked`` mode, multiply the output by the mask. Set it when no grouped BatchNorm follows
             (e.g. a pre-activation residual branch); a conv-BN unit leaves it to the BatchNorm.
+        weight_in_group: for a grouped convolution that is not depthwise, the group of the features each convolution
+            group reads (the part ``in_group`` repeats ``groups`` times); ``None`` with ``in_group`` ``None``.
     """
 
     def __init__(
@@ -135,28 +145,32 @@ class SparseConv2d(nn.Conv2d, SparseModule):
         in_group: str | None = None,
         out_group: str | None = None,
         mask_output: bool = False,
+        weight_in_group: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias, **kwargs)
         self.depthwise = self.groups > 1 and self.groups == in_channels == out_channels
-        if self.groups != 1 and (in_group is not None or out_group is not None) and not (
-                self.depthwise and in_group == out_group):
+        grouped = self.groups > 1 and not self.depthwise
+        if self.depthwise and in_group != out_group or (weight_in_group is None) != (in_group is None or not grouped):
             raise ValueError(f"a grouped convolution (groups={self.groups}, {in_channels} -> {out_channels} channels, "
-                             f"in_group={in_group!r}, out_group={out_group!r}) cannot be channel-pruned; expected "
-                             f"groups=1, or a depthwise one (groups = in_channels = out_channels) with in_group = "
-                             f"out_group")
+                             f"in_group={in_group!r}, out_group={out_group!r}, weight_in_group={weight_in_group!r}) "
+                             f"cannot be channel-pruned so; expected in_group = out_group for a depthwise one (groups "
+                             f"= in_channels = out_channels), weight_in_group (the features each of the groups reads) "
+                             f"exactly where another grouped one reads a group")
         self.in_group = in_group
         self.out_group = out_group
         self.mask_output = mask_output
+        self._weight_in_group = weight_in_group
 
     def forward(self, x: Tensor) -> Tensor:
         return _grouped_forward(self, x, super().forward, self._conv_forward)
 
     @property
     def weight_in_group(self) -> str | None:
-        """The group that indexes the weight's input dimension: ``in_group``, or ``None`` for a depthwise conv (its
-        weight has one input channel per output channel, and the rows already follow the group)."""
-        return None if self.depthwise else self.in_group
+        """The group that indexes the weight's input dimension: ``in_group``, ``None`` for a depthwise conv (its
+        weight has one input channel per output channel, and the rows already follow the group), or the features
+        each convolution group reads for another grouped one."""
+        return None if self.depthwise else self._weight_in_group if self.groups > 1 else self.in_group
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         groups = weight.shape[0] if self.depthwise else self.groups  # a depthwise conv of the gathered width
@@ -171,7 +185,8 @@ class SparseConv2d(nn.Conv2d, SparseModule):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, in_group={self.in_group!r}, out_group={self.out_group!r}"
+        features = f", weight_in_group={self._weight_in_group!r}" if self._weight_in_group is not None else ""
+        return f"{super().extra_repr()}, in_group={self.in_group!r}, out_group={self.out_group!r}{features}"
 
 
 class SparseLinear(nn.Linear, SparseModule):
