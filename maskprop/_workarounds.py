@@ -11,21 +11,28 @@ def subsampled_pointwise_input(x: Tensor, kernel_size: tuple[int, int], stride: 
     """The input of a strided 1x1 convolution subsampled by its stride, where the strided kernel would crash.
 
     The CPU weight gradient of a strided 1x1 convolution corrupts the heap (a double free, "corrupted double-linked
-    list", a segmentation fault) in oneDNN (torch 2.14, 2.15) for some channel counts whenever the thread count does
-    not divide the batch: an odd batch on two threads, a batch of 16 on three, 5 or 6, of 18 on four; the batches
-    they divide never crashed (the sizes found to crash: BENCHMARKS.md, "Implementation choices"). Compact steps
-    meet it with odd kept counts, and ``--threads auto`` with whatever count the load leaves. ``conv(x[..., ::s,
-    ::s])`` with stride 1 gives the same output and gradients without that kernel. Batches the threads divide, the
-    normal training case, keep the native kernel, which is faster there.
+    list", "corrupted size vs. prev_size", a segmentation fault) in oneDNN (torch 2.11, 2.14, 2.15) in two regions
+    found so far: whenever the thread count does not divide the batch (an odd batch on two threads, a batch of 16 on
+    three, 5 or 6, of 18 on four), and for channels_last inputs of 2 to 15 channels with maps of 56 x 56 or more, on
+    any number of threads and any batch (a RegNet's first downsampling conv at 224 x 224 in a compact step that keeps
+    a quarter of its channels); 16 channels and more, maps of 32 x 32 and less, and batches the threads divide never
+    crashed (the scans: BENCHMARKS.md, "Implementation choices"). Compact steps meet both with the widths they keep,
+    and ``--threads auto`` the first with whatever count the load leaves. ``conv(x[..., ::s, ::s])`` with stride 1
+    gives the same output and gradients without that kernel, at 1.2-1.7 times its time on those convolutions; the
+    other cases keep the native kernel.
 
     Returns:
         The subsampled input, to convolve with stride 1 and no padding, or ``None`` where the native kernel is safe.
     """
     # Every conv's forward asks: the shape tests first, the thread count (a call into torch) only for a strided 1x1.
     if (tuple(kernel_size) == (1, 1) and tuple(stride) != (1, 1) and tuple(padding) == (0, 0)
-            and x.device.type == "cpu" and torch.is_grad_enabled() and x.shape[0] % torch.get_num_threads()):
+            and x.device.type == "cpu" and torch.is_grad_enabled()
+            and (x.shape[1] < _WIDE_ENOUGH or x.shape[0] % torch.get_num_threads())):
         return x[:, :, ::stride[0], ::stride[1]]
     return None
+
+
+_WIDE_ENOUGH = 16  # input channels from which oneDNN's strided 1x1 weight gradient never crashed on a divided batch
 
 
 def keep_freed_host_memory(top_pad: int = 256 << 20) -> bool:

@@ -135,10 +135,10 @@ def test_a_grouped_convolution_with_groups_of_other_widths_is_refused_in_one_lin
         channel_groups(model)
 
 
-def test_a_timm_regnet_exports_its_narrow_grouped_convolutions_and_refuses_timms_rebuild_in_one_line(tmp_path):
+def test_a_timm_regnet_exports_its_narrow_grouped_convolutions(tmp_path):
     """The exported narrow model runs each grouped conv as ``g`` groups of the kept features (reloaded by name, it
-    computes what compact execution did); timm's ``adapt_model_from_string`` would narrow it as a depthwise conv, so
-    the 'timm' format is refused in one line and nothing is written."""
+    computes what compact execution did). timm's ``adapt_model_from_string`` would narrow it as a depthwise conv: the
+    'timm' format's refusal is tested in test_prunable.py (RegNetX)."""
     spec = maskprop.ModelSpec.resolve("timm:regnety_002", {}, num_classes=5, input_size=(3, 32, 32))
     torch.manual_seed(0)
     model = spec.build().eval()
@@ -153,7 +153,3 @@ def test_a_timm_regnet_exports_its_narrow_grouped_convolutions_and_refuses_timms
     with torch.no_grad(), use_mask(model, mask):
         expected = model(x)
     torch.testing.assert_close(narrow(x), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"^timm's adapt_model_from_string does not rebuild timm:regnety_002's "
-                                         r"narrow model .*a grouped convolution narrowed as a depthwise one"):
-        maskprop.save_exported(model, mask, tmp_path / "timm", spec=spec, formats="safetensors,timm")
-    assert not (tmp_path / "timm").exists()
