@@ -18,7 +18,7 @@ def subsampled_pointwise_input(x: Tensor, kernel_size: tuple[int, int], stride: 
     a quarter of its channels); 16 channels and more, maps of 32 x 32 and less, and batches the threads divide never
     crashed (the scans: BENCHMARKS.md, "Implementation choices"). Compact steps meet both with the widths they keep,
     and ``--threads auto`` the first with whatever count the load leaves. ``conv(x[..., ::s, ::s])`` with stride 1
-    gives the same output and gradients without that kernel, at 1.2-1.7 times its time on those convolutions; the
+    gives the same output and gradients without that kernel, at up to 1.8 times its time on those convolutions; the
     other cases keep the native kernel.
 
     Returns:
