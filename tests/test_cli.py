@@ -203,3 +203,11 @@ def test_export_input_size_must_be_three_positive_integers(capsys, tmp_path, siz
     line = _usage_error(capsys, ["export", str(tmp_path), "--input-size", size])
     assert line == (f"maskprop export: error: --input-size {size!r} is not C,H,W (three positive integers, e.g. "
                     f"3,32,32)")
+
+
+def test_a_directory_given_as_the_recipe_is_named_a_directory_not_missing(capsys, tmp_path):
+    """A directory passed where the recipe goes exists: "not found" would send the user looking for a typo."""
+    line = _usage_error(capsys, ["train", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert line == (f"maskprop train: error: config file '{tmp_path}' is a directory; expected a yaml file (e.g. "
+                    f"recipes/quickstart.yaml)")
+    assert list(tmp_path.iterdir()) == []
