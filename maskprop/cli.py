@@ -204,6 +204,9 @@ def _train(args: argparse.Namespace) -> int:
                              f"config.yaml; give only key=value overrides after --resume DIR")
         run_dir = Path(args.resume)
         config_path = run_dir / "config.yaml"
+        if run_dir.exists() and not run_dir.is_dir():  # last.pt or config.yaml named instead of its directory
+            raise ValueError(f"'{run_dir}' is a file, not a run directory; expected the directory of a maskprop train "
+                             f"run (--resume DIR)")
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run directory '{run_dir}' does not exist")
         if not config_path.is_file():

@@ -826,7 +826,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
 
     Raises:
         FileNotFoundError: no run directory or no checkpoint in it.
-        ValueError: anything else the user can fix (one line; nothing is written).
+        ValueError: ``run_dir`` is a file; anything else the user can fix (one line; nothing is written).
     """
     from .train.checkpoint import load_checkpoint
 
@@ -836,6 +836,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     if mask not in ("fixed", "top_scores"):
         raise ValueError(f"unknown mask {mask!r}; expected 'fixed' or 'top_scores'")
     parse_formats(formats)  # a bad format list fails before the checkpoint is read
+    if run_dir.exists() and not run_dir.is_dir():  # a checkpoint or config file named instead of its directory
+        raise ValueError(f"'{run_dir}' is a file, not a run directory; expected the directory of a maskprop train run "
+                         f"(the one holding last.pt)")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory '{run_dir}' does not exist")
     path = run_dir / f"{checkpoint}.pt"

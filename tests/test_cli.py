@@ -211,3 +211,12 @@ def test_a_directory_given_as_the_recipe_is_named_a_directory_not_missing(capsys
     assert line == (f"maskprop train: error: config file '{tmp_path}' is a directory; expected a yaml file (e.g. "
                     f"recipes/quickstart.yaml)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_of_a_file_says_it_is_a_file_not_missing(capsys, recipe, tmp_path, fit_calls):
+    """``--resume RUN/config.yaml`` (a file of the run instead of its directory) exists: "does not exist" would
+    mislead."""
+    line = _usage_error(capsys, ["train", "--resume", str(recipe)])
+    assert line == (f"maskprop train: error: '{recipe}' is a file, not a run directory; expected the directory of a "
+                    f"maskprop train run (--resume DIR)")
+    assert fit_calls == [] and [p.name for p in tmp_path.iterdir()] == ["tiny.yaml"]

@@ -431,3 +431,14 @@ def test_the_random_baseline_exports_its_subnetwork_with_the_accuracy_it_measure
     best = load_checkpoint(tmp_path / "run" / "best.pt")
     assert info["accuracy"] == best["best_accuracy"] and info["source"]["mask"] == "fixed"
     assert info["widths"] == {g: int(m.sum()) for g, m in best["fixed_mask"].items()}
+
+
+def test_a_file_named_as_the_run_directory_is_called_a_file_not_missing(tmp_path, capsys):
+    """``maskprop export RUN/last.pt`` (the checkpoint instead of its directory) exists: "does not exist" would
+    mislead; one line says it is a file, exit status 2, nothing written."""
+    checkpoint = tmp_path / "last.pt"
+    checkpoint.write_bytes(b"")
+    assert export(checkpoint) == 2
+    assert error_line(capsys) == (f"maskprop export: error: '{checkpoint}' is a file, not a run directory; expected "
+                                  f"the directory of a maskprop train run (the one holding last.pt)")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
