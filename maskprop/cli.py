@@ -75,8 +75,15 @@ def _bench(args: argparse.Namespace) -> int:
     for name in args.models:
         check_settings(name, args.batch_size, args.keep_ratios, args.repeats, args.warmup, args.image_size,
                        args.masks, args.align)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise FileNotFoundError(f"--json {args.json}: directory '{Path(args.json).parent}' does not exist")
+    if args.json:  # a path the results cannot be written to would fail only after the whole benchmark
+        json_dir = Path(args.json).resolve().parent
+        if Path(args.json).is_dir():
+            raise ValueError(f"--json {args.json} is a directory; expected the path of a file to write the rows to "
+                             f"(e.g. {Path(args.json) / 'bench.json'})")
+        if json_dir.exists() and not json_dir.is_dir():
+            raise ValueError(f"--json {args.json}: '{Path(args.json).parent}' is a file, not a directory")
+        if not json_dir.is_dir():
+            raise FileNotFoundError(f"--json {args.json}: directory '{Path(args.json).parent}' does not exist")
     if args.threads:
         torch.set_num_threads(args.threads)
     align = default_align(device) if args.align is None else args.align
