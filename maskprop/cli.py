@@ -233,9 +233,12 @@ def _train(args: argparse.Namespace) -> int:
         args.resumable = out
         summary = fit(cfg, out=out, threads=args.threads)
     if place.is_main:  # under torchrun only rank 0 reports
+        # The directory this command ran in: a finished run resumed after it was moved or copied keeps the path it
+        # was written to in its summary, where the export command would find another run or none.
+        where = Path(args.resumable)
         print(_final_table(summary))
-        print(f"run directory: {summary['run_dir']}")
-        print(f"export: maskprop export {summary['run_dir']}")
+        print(f"run directory: {where}")
+        print(f"export: maskprop export {where}")
     return 0
 
 

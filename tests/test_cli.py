@@ -220,3 +220,20 @@ def test_resume_of_a_file_says_it_is_a_file_not_missing(capsys, recipe, tmp_path
     assert line == (f"maskprop train: error: '{recipe}' is a file, not a run directory; expected the directory of a "
                     f"maskprop train run (--resume DIR)")
     assert fit_calls == [] and [p.name for p in tmp_path.iterdir()] == ["tiny.yaml"]
+
+
+def test_resume_of_a_moved_finished_run_names_where_it_is_now(capsys, tmp_path, monkeypatch):
+    """A finished run copied elsewhere and resumed returns its saved summary, whose ``run_dir`` is where it was
+    written: the closing lines name the directory resumed, so that the export command they print finds this run."""
+    run = tmp_path / "copy"
+    run.mkdir()
+    save_config(load_config(TINY), run / "config.yaml")
+    summary = {"method": "dense", "model": "resnet20", "keep_ratio": 1.0, "accuracy": 50.0, "subnet_params": 10,
+               "dense_params": 10, "subnet_flops": 20, "dense_flops": 20, "train_cost_saving": 1.0,
+               "measured_speedup": 1.0, "run_dir": str(tmp_path / "original")}
+    from maskprop.train import loop
+
+    monkeypatch.setattr(loop, "fit", lambda cfg, out=None, resume=False, threads=None: summary)
+    assert main(["train", "--resume", str(run)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2:] == [f"run directory: {run}", f"export: maskprop export {run}"]
