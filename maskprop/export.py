@@ -509,8 +509,11 @@ def _check_out(out: Path, force: bool) -> None:
     if not (out.exists() or out.is_symlink()):
         check_creatable(out.parent, out)  # a file on the way: one line before anything is computed
         return
-    names = [p.name for p in out.iterdir()] if out.is_dir() and not out.is_symlink() else [out.name]
-    others = sorted(n for n in names if n not in _EXPORT_NAMES)
+    if out.is_dir() and not out.is_symlink():
+        names = [p.name for p in out.iterdir()]
+        others = sorted(n for n in names if n not in _EXPORT_NAMES)
+    else:  # a file or a link is no export, even one named like an export's file (export.json)
+        names = others = [out.name]
     if others or (names and INFO_FILE not in names):  # an empty directory holds nothing to lose
         what = f"it holds '{others[0]}'" if others else f"it has no {INFO_FILE}"
         raise ValueError(f"'{out}' exists and is not an earlier maskprop export ({what}); expected a new directory "
