@@ -57,7 +57,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     """
     path = Path(path)
     make_directory(path.parent, path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _naming(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode, encoding=encoding) as f:
@@ -68,6 +69,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def _naming(target: Path) -> Iterator[None]:
+    """Re-raise an ``OSError`` of making a temp file or directory beside ``target`` as one naming ``target``: the
+    user named that, and the temp name (``.out.k2x9.tmp``) means nothing to them."""
+    try:
+        yield
+    except OSError as error:
+        raise type(error)(error.errno, error.strerror or str(error), str(target)) from None
 
 
 def _refuse_existing(target: Path, force: bool) -> None:
@@ -97,7 +108,8 @@ def atomic_directory(target: str | os.PathLike, force: bool = False) -> Iterator
     target = Path(target)
     _refuse_existing(target, force)
     make_directory(target.parent, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    with _naming(target):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         umask = _umask()
         tmp.chmod(0o777 & ~umask)

@@ -809,3 +809,24 @@ def test_a_dangling_link_in_the_way_is_one_line_naming_it(tmp_path):
         f.write("{}")
     assert (tmp_path / "new" / "deeper" / "summary.json").read_text() == "{}"
     assert [p.name for p in (tmp_path / "new" / "deeper").iterdir()] == ["summary.json"]
+
+
+def test_a_refused_temp_file_or_directory_is_reported_under_the_name_the_user_gave(tmp_path, monkeypatch):
+    """Where the system refuses the temp directory (or file) written beside an output, the error names the output:
+    'maskprop report --out DIR' into a directory it may not write said "Permission denied: '.DIR.k2x9.tmp'"."""
+    import tempfile
+
+    from maskprop._files import atomic_directory, atomic_write
+
+    def refuse(*args, dir=None, prefix="", **kwargs):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, f"{prefix}k2x9.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError) as error, atomic_directory(tmp_path / "out"):
+        pass
+    assert (error.value.errno, error.value.filename) == (13, str(tmp_path / "out"))
+    with pytest.raises(PermissionError) as error, atomic_write(tmp_path / "rows.json"):
+        pass
+    assert (error.value.errno, error.value.filename) == (13, str(tmp_path / "rows.json"))
+    assert list(tmp_path.iterdir()) == []
