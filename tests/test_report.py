@@ -830,3 +830,26 @@ def test_a_refused_temp_file_or_directory_is_reported_under_the_name_the_user_ga
         pass
     assert (error.value.errno, error.value.filename) == (13, str(tmp_path / "rows.json"))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("key, value, expected", [("measured_speedup", "fast", "a number or null"),
+                                                  ("accuracy", "high", "a number or null"),
+                                                  ("run_time_s", None, "a number"),
+                                                  ("epochs", [3, 1], "an object"),
+                                                  ("dense_params", True, "a number")])
+def test_a_summary_value_of_another_type_is_one_line(runs, tmp_path, capsys, key, value, expected):
+    """A summary.json holding a value of another type than its field's (edited by hand, or not maskprop's) was read
+    as it was: a text speedup ended the report in a TypeError traceback, a text accuracy went into the table. Now one
+    line naming the key, exit status 2, nothing written."""
+    folder = copy_runs(runs, tmp_path, names=("vrpge",))
+    summary = summary_of(folder / "vrpge")
+    summary[key] = value
+    (folder / "vrpge" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match=rf"summary.json' has {key}=.*; expected {expected} \(is it a summary"):
+        read_summary(folder / "vrpge" / "summary.json")
+    out = tmp_path / "out"
+    assert main(["report", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"maskprop report: error: '{folder / 'vrpge' / 'summary.json'}' has "
+                                               f"{key}=")
+    assert not out.exists()
