@@ -142,6 +142,10 @@ def _read_config(path: Path) -> dict[str, Any]:
                          f"config.yaml that maskprop train writes") from None
     if not isinstance(config, dict):
         raise ValueError(f"'{file}' is not a config (a yaml mapping expected)")
+    for section in ("model", "data", "sparsity", "sbp", "optim", "finetune"):  # read with .get(...) below
+        if config.get(section) is not None and not isinstance(config[section], dict):
+            raise ValueError(f"'{file}' has {section}={config[section]!r}; expected a mapping of the {section} "
+                             f"settings (the config.yaml that maskprop train writes)")
     return config
 
 

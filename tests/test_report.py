@@ -853,3 +853,21 @@ def test_a_summary_value_of_another_type_is_one_line(runs, tmp_path, capsys, key
     assert len(err) == 1 and err[0].startswith(f"maskprop report: error: '{folder / 'vrpge' / 'summary.json'}' has "
                                                f"{key}=")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("section", ["sparsity", "data", "model"])
+def test_a_config_section_that_is_not_a_mapping_is_one_line(runs, tmp_path, capsys, section):
+    """A run's config.yaml whose section is not a mapping (edited by hand) ended the report of an unfinished run in an
+    AttributeError traceback from the plots ('int' object has no attribute 'get'). Now one line, exit status 2,
+    nothing written."""
+    folder = copy_runs(runs, tmp_path, names=("vrpge",))
+    (folder / "vrpge" / "summary.json").unlink()
+    config = yaml.safe_load((folder / "vrpge" / "config.yaml").read_text())
+    config[section] = 5
+    (folder / "vrpge" / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    assert main(["report", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"maskprop report: error: '{folder / 'vrpge' / 'config.yaml'}' has {section}=5; expected a mapping "
+                   f"of the {section} settings (the config.yaml that maskprop train writes)"]
+    assert not out.exists()
