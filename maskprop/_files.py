@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_directory", "atomic_write", "check_creatable", "make_directory", "sha256"]
+__all__ = ["atomic_directory", "atomic_write", "check_creatable", "claim_new_directory", "make_directory", "sha256"]
 
 
 def _umask() -> int:
@@ -45,6 +45,22 @@ def make_directory(path: str | os.PathLike, target: str | os.PathLike | None = N
     check_creatable(path, target)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def claim_new_directory(path: str | os.PathLike) -> Path:
+    """Create the directory ``path``, or ``path-2``, ``path-3``, ... where that name is taken, and return the one
+    created. ``mkdir`` fails where the name exists, so two processes that chose the same name (a default name
+    stamped to the second) never share the directory. Missing parents are created as by :func:`make_directory`."""
+    path = Path(path)
+    make_directory(path.parent, path)
+    number = 1
+    while True:
+        candidate = path if number == 1 else path.with_name(f"{path.name}-{number}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            number += 1
 
 
 @contextlib.contextmanager

@@ -237,3 +237,36 @@ def test_resume_of_a_moved_finished_run_names_where_it_is_now(capsys, tmp_path, 
     assert main(["train", "--resume", str(run)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2:] == [f"run directory: {run}", f"export: maskprop export {run}"]
+
+
+def test_runs_started_in_the_same_second_without_out_get_a_directory_each(recipe, tmp_path, monkeypatch, capsys):
+    """The default run directory runs/<recipe>-<timestamp> is stamped to the second: two runs of one recipe started
+    together (seeds side by side) wrote into the same directory, mixing their files, and both reported success. The
+    command now makes the directory itself, taking the next free name (-2, ...); one that fails before writing
+    anything leaves no directory behind."""
+    from maskprop.train import loop, setup
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(setup, "default_run_dir", lambda name: Path("runs") / f"{name}-20260101-000000")
+    outs = []
+
+    def started(cfg, out=None, resume=False, threads=None):  # a run that has begun writing, then is stopped
+        outs.append(out)
+        (Path(out) / "config.yaml").write_text("method: dense\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "fit", started)
+    assert main(["train", str(recipe)]) == 130 and main(["train", str(recipe)]) == 130
+    assert outs == [Path("runs/tiny-20260101-000000"), Path("runs/tiny-20260101-000000-2")]
+
+    def refused(cfg, out=None, resume=False, threads=None):  # a run refused before it writes anything
+        outs.append(out)
+        raise ValueError("data.root is required")
+
+    monkeypatch.setattr(loop, "fit", refused)
+    assert main(["train", str(recipe)]) == 2 and outs[-1] == Path("runs/tiny-20260101-000000-3")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["tiny-20260101-000000", "tiny-20260101-000000-2"]
+    capsys.readouterr()
+    (tmp_path / "fresh").mkdir()
+    monkeypatch.chdir(tmp_path / "fresh")  # no runs/ yet: the refused run leaves none either
+    assert main(["train", str(recipe)]) == 2 and list((tmp_path / "fresh").iterdir()) == []
