@@ -788,8 +788,14 @@ def make_plots(report: Report) -> dict[str, Any]:
 
 
 def default_report_dir(root: str | os.PathLike = "reports") -> Path:
-    """``reports/report-<timestamp>`` (the command's default output directory)."""
-    return Path(root) / f"report-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    """``reports/report-<timestamp>`` (the command's default output directory), or ``-2``, ``-3``, ... after it where
+    that name is taken (two reports in one second)."""
+    path = Path(root) / f"report-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    candidate, number = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
 
 
 def check_out_dir(out: str | os.PathLike) -> Path:

@@ -871,3 +871,25 @@ def test_a_config_section_that_is_not_a_mapping_is_one_line(runs, tmp_path, caps
     assert err == [f"maskprop report: error: '{folder / 'vrpge' / 'config.yaml'}' has {section}=5; expected a mapping "
                    f"of the {section} settings (the config.yaml that maskprop train writes)"]
     assert not out.exists()
+
+
+def test_reports_made_in_the_same_second_without_out_get_a_directory_each(runs, tmp_path, monkeypatch, capsys):
+    """The default output directory reports/report-<timestamp> is stamped to the second: a second report within it
+    (a script reporting several folders) was refused as an existing directory the user had not chosen. Now it takes
+    the next free name."""
+    import datetime
+
+    import maskprop.report as report_module
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 1, 0, 0, 0)
+
+    monkeypatch.setattr(report_module, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert main(["report", str(runs), "--no-plots"]) == 0
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["report-20260101-000000",
+                                                                         "report-20260101-000000-2"]
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("wrote reports/report-20260101-000000-2/")
