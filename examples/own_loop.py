@@ -113,6 +113,34 @@ def threads(value: str) -> int | str:
     return check_threads(value if value == "auto" else int(value))
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """Refuse a setting the loop cannot run with, in one line (exit status 2), before anything is trained: the
+    device it names."""
+    if not 0 < args.keep_ratio <= 1:
+        parser.error(f"--keep-ratio {args.keep_ratio}: expected a fraction in (0, 1]")
+    for name in ("train_size", "val_size", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    if args.train_size < args.batch_size:  # an epoch drops its partial last batch: it would have no step
+        parser.error(f"--train-size {args.train_size} is below --batch-size {args.batch_size}: an epoch would have "
+                     f"no full batch")
+    for name in ("warmup_epochs", "anneal_epochs", "search_epochs", "finetune_epochs"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 0")
+    for name in ("lr", "score_lr"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a number > 0")
+    if args.out.exists() and not args.out.is_dir():  # found before the training, not after it
+        parser.error(f"--out {args.out} is a file; expected a directory to save narrow.pt2 in")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("own_loop"), help="where the narrow model is saved")
@@ -134,8 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         metavar="auto|N", help="torch CPU threads: auto (default: the cores other processes leave "
                         "free, re-chosen every epoch and every 30 s) or N")
     args = parser.parse_args(argv)
+    device = check_args(parser, args)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     align = 8 if device.type == "cuda" else 1
     if device.type == "cpu":  # before the first convolution, as maskprop train does (README, "From Python")
         maskprop.keep_freed_host_memory()

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_directory", "atomic_write", "check_creatable", "make_directory", "sha256"]
+__all__ = ["atomic_directory", "atomic_write", "check_creatable", "claim_new_directory", "make_directory", "sha256"]
 
 
 def _umask() -> int:
@@ -47,6 +47,22 @@ def make_directory(path: str | os.PathLike, target: str | os.PathLike | None = N
     return path
 
 
+def claim_new_directory(path: str | os.PathLike) -> Path:
+    """Create the directory ``path``, or ``path-2``, ``path-3``, ... where that name is taken, and return the one
+    created. ``mkdir`` fails where the name exists, so two processes that chose the same name (a default name
+    stamped to the second) never share the directory. Missing parents are created as by :func:`make_directory`."""
+    path = Path(path)
+    make_directory(path.parent, path)
+    number = 1
+    while True:
+        candidate = path if number == 1 else path.with_name(f"{path.name}-{number}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            number += 1
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
     """Open a temp file in ``path``'s directory; on success flush, fsync and rename it over ``path``.
@@ -57,7 +73,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     """
     path = Path(path)
     make_directory(path.parent, path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _naming(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode, encoding=encoding) as f:
@@ -68,6 +85,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def _naming(target: Path) -> Iterator[None]:
+    """Re-raise an ``OSError`` of making a temp file or directory beside ``target`` as one naming ``target``: the
+    user named that, and the temp name (``.out.k2x9.tmp``) means nothing to them."""
+    try:
+        yield
+    except OSError as error:
+        raise type(error)(error.errno, error.strerror or str(error), str(target)) from None
 
 
 def _refuse_existing(target: Path, force: bool) -> None:
@@ -97,7 +124,8 @@ def atomic_directory(target: str | os.PathLike, force: bool = False) -> Iterator
     target = Path(target)
     _refuse_existing(target, force)
     make_directory(target.parent, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    with _naming(target):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         umask = _umask()
         tmp.chmod(0o777 & ~umask)

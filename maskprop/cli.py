@@ -9,6 +9,7 @@ maskprop report: compare runs (accuracy, size, train-cost saving, measured speed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -75,8 +76,15 @@ def _bench(args: argparse.Namespace) -> int:
     for name in args.models:
         check_settings(name, args.batch_size, args.keep_ratios, args.repeats, args.warmup, args.image_size,
                        args.masks, args.align)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise FileNotFoundError(f"--json {args.json}: directory '{Path(args.json).parent}' does not exist")
+    if args.json:  # a path the results cannot be written to would fail only after the whole benchmark
+        json_dir = Path(args.json).resolve().parent
+        if Path(args.json).is_dir():
+            raise ValueError(f"--json {args.json} is a directory; expected the path of a file to write the rows to "
+                             f"(e.g. {Path(args.json) / 'bench.json'})")
+        if json_dir.exists() and not json_dir.is_dir():
+            raise ValueError(f"--json {args.json}: '{Path(args.json).parent}' is a file, not a directory")
+        if not json_dir.is_dir():
+            raise FileNotFoundError(f"--json {args.json}: directory '{Path(args.json).parent}' does not exist")
     if args.threads:
         torch.set_num_threads(args.threads)
     align = default_align(device) if args.align is None else args.align
@@ -190,6 +198,7 @@ def _final_table(summary: dict) -> str:
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ._files import claim_new_directory
     from .train.config import load_config
     from .train.distributed import init_from_env
     from .train.loop import fit
@@ -204,6 +213,9 @@ def _train(args: argparse.Namespace) -> int:
                              f"config.yaml; give only key=value overrides after --resume DIR")
         run_dir = Path(args.resume)
         config_path = run_dir / "config.yaml"
+        if run_dir.exists() and not run_dir.is_dir():  # last.pt or config.yaml named instead of its directory
+            raise ValueError(f"'{run_dir}' is a file, not a run directory; expected the directory of a maskprop train "
+                             f"run (--resume DIR)")
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run directory '{run_dir}' does not exist")
         if not config_path.is_file():
@@ -219,13 +231,29 @@ def _train(args: argparse.Namespace) -> int:
                              "or --resume DIR")
         recipe, overrides = args.items[0], args.items[1:]
         cfg = load_config(recipe, overrides)
-        out = args.out or cfg.out or default_run_dir(Path(recipe).stem)
+        out, claimed = args.out or cfg.out, None
+        if out is None:
+            out = default_run_dir(Path(recipe).stem)
+            parent_existed = out.parent.is_dir()
+            if not place.enabled:  # made here (-2, -3, ... where taken): runs started in the same second get one each
+                out = claimed = claim_new_directory(out)
         args.resumable = out
-        summary = fit(cfg, out=out, threads=args.threads)
+        try:
+            summary = fit(cfg, out=out, threads=args.threads)
+        except BaseException:
+            if claimed is not None:  # a run that wrote nothing leaves no directory (one that started keeps it)
+                with contextlib.suppress(OSError):
+                    claimed.rmdir()
+                    if not parent_existed:
+                        claimed.parent.rmdir()
+            raise
     if place.is_main:  # under torchrun only rank 0 reports
+        # The directory this command ran in: a finished run resumed after it was moved or copied keeps the path it
+        # was written to in its summary, where the export command would find another run or none.
+        where = Path(args.resumable)
         print(_final_table(summary))
-        print(f"run directory: {summary['run_dir']}")
-        print(f"export: maskprop export {summary['run_dir']}")
+        print(f"run directory: {where}")
+        print(f"export: maskprop export {where}")
     return 0
 
 
@@ -320,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("items", nargs="*", metavar="RECIPE [key=value ...]",
                        help="recipe yaml, then overrides (with --resume: overrides only)")
-    train.add_argument("--out", help="run directory (default: config 'out', else runs/<recipe>-<timestamp>)")
+    train.add_argument("--out", help="run directory (default: config 'out', else a new runs/<recipe>-<timestamp>, "
+                       "with -2, -3, ... where that is taken)")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from DIR/last.pt (a run stopped "
                        "before its first checkpoint starts over from DIR/config.yaml)")
     train.add_argument("--threads", type=_train_threads, default="auto", metavar="auto|N",

@@ -509,8 +509,11 @@ def _check_out(out: Path, force: bool) -> None:
     if not (out.exists() or out.is_symlink()):
         check_creatable(out.parent, out)  # a file on the way: one line before anything is computed
         return
-    names = [p.name for p in out.iterdir()] if out.is_dir() and not out.is_symlink() else [out.name]
-    others = sorted(n for n in names if n not in _EXPORT_NAMES)
+    if out.is_dir() and not out.is_symlink():
+        names = [p.name for p in out.iterdir()]
+        others = sorted(n for n in names if n not in _EXPORT_NAMES)
+    else:  # a file or a link is no export, even one named like an export's file (export.json)
+        names = others = [out.name]
     if others or (names and INFO_FILE not in names):  # an empty directory holds nothing to lose
         what = f"it holds '{others[0]}'" if others else f"it has no {INFO_FILE}"
         raise ValueError(f"'{out}' exists and is not an earlier maskprop export ({what}); expected a new directory "
@@ -826,7 +829,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
 
     Raises:
         FileNotFoundError: no run directory or no checkpoint in it.
-        ValueError: anything else the user can fix (one line; nothing is written).
+        ValueError: ``run_dir`` is a file; anything else the user can fix (one line; nothing is written).
     """
     from .train.checkpoint import load_checkpoint
 
@@ -836,6 +839,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     if mask not in ("fixed", "top_scores"):
         raise ValueError(f"unknown mask {mask!r}; expected 'fixed' or 'top_scores'")
     parse_formats(formats)  # a bad format list fails before the checkpoint is read
+    if run_dir.exists() and not run_dir.is_dir():  # a checkpoint or config file named instead of its directory
+        raise ValueError(f"'{run_dir}' is a file, not a run directory; expected the directory of a maskprop train run "
+                         f"(the one holding last.pt)")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory '{run_dir}' does not exist")
     path = run_dir / f"{checkpoint}.pt"

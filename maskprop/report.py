@@ -142,6 +142,10 @@ def _read_config(path: Path) -> dict[str, Any]:
                          f"config.yaml that maskprop train writes") from None
     if not isinstance(config, dict):
         raise ValueError(f"'{file}' is not a config (a yaml mapping expected)")
+    for section in ("model", "data", "sparsity", "sbp", "optim", "finetune"):  # read with .get(...) below
+        if config.get(section) is not None and not isinstance(config[section], dict):
+            raise ValueError(f"'{file}' has {section}={config[section]!r}; expected a mapping of the {section} "
+                             f"settings (the config.yaml that maskprop train writes)")
     return config
 
 
@@ -784,8 +788,14 @@ def make_plots(report: Report) -> dict[str, Any]:
 
 
 def default_report_dir(root: str | os.PathLike = "reports") -> Path:
-    """``reports/report-<timestamp>`` (the command's default output directory)."""
-    return Path(root) / f"report-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    """``reports/report-<timestamp>`` (the command's default output directory), or ``-2``, ``-3``, ... after it where
+    that name is taken (two reports in one second)."""
+    path = Path(root) / f"report-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    candidate, number = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
 
 
 def check_out_dir(out: str | os.PathLike) -> Path:

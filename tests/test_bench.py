@@ -462,3 +462,21 @@ def test_keep_freed_host_memory_sets_the_mmap_threshold_first_then_trim_and_top_
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
     assert maskprop.keep_freed_host_memory(top_pad=1 << 20) is True
     assert calls == [(-3, 32 * 2**20), (-1, 2**62), (-2, 2**20)]
+
+
+def test_bench_json_naming_a_directory_or_below_a_file_fails_before_running(tmp_path, capsys, monkeypatch):
+    """``--json DIR`` ran the whole benchmark, then failed on writing (exit status 1, naming a temp file); ``--json
+    FILE/x.json`` called the file a directory that does not exist. Both are one line, exit status 2, before any
+    model runs."""
+    ran = []
+    monkeypatch.setattr("maskprop.bench.bench_model", lambda *a, **k: ran.append(1) or [])
+    code, err = _bench_cli(capsys, "--json", str(tmp_path))
+    assert code == 2 and err.strip().splitlines() == [
+        f"maskprop bench: error: --json {tmp_path} is a directory; expected the path of a file to write the rows to "
+        f"(e.g. {tmp_path / 'bench.json'})"]
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    code, err = _bench_cli(capsys, "--json", str(blocker / "bench.json"))
+    assert code == 2 and err.strip().splitlines() == [
+        f"maskprop bench: error: --json {blocker / 'bench.json'}: '{blocker}' is a file, not a directory"]
+    assert not ran and [p.name for p in tmp_path.iterdir()] == ["afile"]

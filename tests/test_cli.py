@@ -203,3 +203,70 @@ def test_export_input_size_must_be_three_positive_integers(capsys, tmp_path, siz
     line = _usage_error(capsys, ["export", str(tmp_path), "--input-size", size])
     assert line == (f"maskprop export: error: --input-size {size!r} is not C,H,W (three positive integers, e.g. "
                     f"3,32,32)")
+
+
+def test_a_directory_given_as_the_recipe_is_named_a_directory_not_missing(capsys, tmp_path):
+    """A directory passed where the recipe goes exists: "not found" would send the user looking for a typo."""
+    line = _usage_error(capsys, ["train", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert line == (f"maskprop train: error: config file '{tmp_path}' is a directory; expected a yaml file (e.g. "
+                    f"recipes/quickstart.yaml)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_of_a_file_says_it_is_a_file_not_missing(capsys, recipe, tmp_path, fit_calls):
+    """``--resume RUN/config.yaml`` (a file of the run instead of its directory) exists: "does not exist" would
+    mislead."""
+    line = _usage_error(capsys, ["train", "--resume", str(recipe)])
+    assert line == (f"maskprop train: error: '{recipe}' is a file, not a run directory; expected the directory of a "
+                    f"maskprop train run (--resume DIR)")
+    assert fit_calls == [] and [p.name for p in tmp_path.iterdir()] == ["tiny.yaml"]
+
+
+def test_resume_of_a_moved_finished_run_names_where_it_is_now(capsys, tmp_path, monkeypatch):
+    """A finished run copied elsewhere and resumed returns its saved summary, whose ``run_dir`` is where it was
+    written: the closing lines name the directory resumed, so that the export command they print finds this run."""
+    run = tmp_path / "copy"
+    run.mkdir()
+    save_config(load_config(TINY), run / "config.yaml")
+    summary = {"method": "dense", "model": "resnet20", "keep_ratio": 1.0, "accuracy": 50.0, "subnet_params": 10,
+               "dense_params": 10, "subnet_flops": 20, "dense_flops": 20, "train_cost_saving": 1.0,
+               "measured_speedup": 1.0, "run_dir": str(tmp_path / "original")}
+    from maskprop.train import loop
+
+    monkeypatch.setattr(loop, "fit", lambda cfg, out=None, resume=False, threads=None: summary)
+    assert main(["train", "--resume", str(run)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2:] == [f"run directory: {run}", f"export: maskprop export {run}"]
+
+
+def test_runs_started_in_the_same_second_without_out_get_a_directory_each(recipe, tmp_path, monkeypatch, capsys):
+    """The default run directory runs/<recipe>-<timestamp> is stamped to the second: two runs of one recipe started
+    together (seeds side by side) wrote into the same directory, mixing their files, and both reported success. The
+    command now makes the directory itself, taking the next free name (-2, ...); one that fails before writing
+    anything leaves no directory behind."""
+    from maskprop.train import loop, setup
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(setup, "default_run_dir", lambda name: Path("runs") / f"{name}-20260101-000000")
+    outs = []
+
+    def started(cfg, out=None, resume=False, threads=None):  # a run that has begun writing, then is stopped
+        outs.append(out)
+        (Path(out) / "config.yaml").write_text("method: dense\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "fit", started)
+    assert main(["train", str(recipe)]) == 130 and main(["train", str(recipe)]) == 130
+    assert outs == [Path("runs/tiny-20260101-000000"), Path("runs/tiny-20260101-000000-2")]
+
+    def refused(cfg, out=None, resume=False, threads=None):  # a run refused before it writes anything
+        outs.append(out)
+        raise ValueError("data.root is required")
+
+    monkeypatch.setattr(loop, "fit", refused)
+    assert main(["train", str(recipe)]) == 2 and outs[-1] == Path("runs/tiny-20260101-000000-3")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["tiny-20260101-000000", "tiny-20260101-000000-2"]
+    capsys.readouterr()
+    (tmp_path / "fresh").mkdir()
+    monkeypatch.chdir(tmp_path / "fresh")  # no runs/ yet: the refused run leaves none either
+    assert main(["train", str(recipe)]) == 2 and list((tmp_path / "fresh").iterdir()) == []

@@ -431,3 +431,32 @@ def test_the_random_baseline_exports_its_subnetwork_with_the_accuracy_it_measure
     best = load_checkpoint(tmp_path / "run" / "best.pt")
     assert info["accuracy"] == best["best_accuracy"] and info["source"]["mask"] == "fixed"
     assert info["widths"] == {g: int(m.sum()) for g, m in best["fixed_mask"].items()}
+
+
+def test_a_file_named_as_the_run_directory_is_called_a_file_not_missing(tmp_path, capsys):
+    """``maskprop export RUN/last.pt`` (the checkpoint instead of its directory) exists: "does not exist" would
+    mislead; one line says it is a file, exit status 2, nothing written."""
+    checkpoint = tmp_path / "last.pt"
+    checkpoint.write_bytes(b"")
+    assert export(checkpoint) == 2
+    assert error_line(capsys) == (f"maskprop export: error: '{checkpoint}' is a file, not a run directory; expected "
+                                  f"the directory of a maskprop train run (the one holding last.pt)")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("name", ["export.json", "notes.txt"])
+def test_a_file_named_as_the_output_is_refused_even_with_force(tmp_path, capsys, name):
+    """``--out`` naming a regular file is not an earlier export: refused with or without ``--force``, and the file
+    kept (one named ``export.json`` was taken for an export and replaced by a directory with ``--force``). The check
+    comes before the checkpoint is read."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.pt").write_bytes(b"")
+    out = tmp_path / name
+    out.write_text("keep me")
+    for force in ([], ["--force"]):
+        assert export(run_dir, "--out", out, *force) == 2
+        assert error_line(capsys) == (f"maskprop export: error: '{out}' exists and is not an earlier maskprop export "
+                                      f"(it holds '{name}'); expected a new directory for the output (--force, "
+                                      f"force=True, replaces only an earlier export)")
+    assert out.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", name])

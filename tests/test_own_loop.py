@@ -103,3 +103,33 @@ def test_the_example_runs_end_to_end_and_saves_the_narrow_model(own_loop, tmp_pa
         for images, labels in DataLoader(val_set, 7):  # a batch size it was not exported with
             correct += int((program(images).argmax(1) == labels).sum())
     assert math.isclose(100.0 * correct / len(val_set), result["accuracy"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--keep-ratio", "0"], "--keep-ratio 0.0: expected a fraction in (0, 1]"),
+    (["--keep-ratio", "1.5"], "--keep-ratio 1.5: expected a fraction in (0, 1]"),
+    (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+    (["--train-size", "64"], "--train-size 64 is below --batch-size 128: an epoch would have no full batch"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs -1: expected an integer >= 0"),
+    (["--score-lr", "0"], "--score-lr 0.0: expected a number > 0"),
+    (["--device", "foo"], "--device 'foo': expected cpu, cuda or cuda:N"),
+])
+def test_the_example_refuses_a_bad_setting_in_one_line_before_training(own_loop, capsys, argv, message):
+    """A setting the loop cannot run with was a traceback from deep inside (``--train-size`` below the batch: an
+    ``UnboundLocalError`` after the search); now one line, exit status 2, before anything is built."""
+    with pytest.raises(SystemExit) as exit_:
+        own_loop.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"error: {message}") and "Traceback" not in "\n".join(err)
+
+
+def test_the_example_refuses_an_output_path_that_is_a_file_before_training(own_loop, tmp_path, capsys):
+    """``--out FILE`` failed with a ``FileExistsError`` traceback after the whole run; now before it."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        own_loop.main(["--out", str(blocker)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"error: --out {blocker} is a file; expected a directory to save narrow.pt2 in")

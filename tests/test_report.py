@@ -809,3 +809,87 @@ def test_a_dangling_link_in_the_way_is_one_line_naming_it(tmp_path):
         f.write("{}")
     assert (tmp_path / "new" / "deeper" / "summary.json").read_text() == "{}"
     assert [p.name for p in (tmp_path / "new" / "deeper").iterdir()] == ["summary.json"]
+
+
+def test_a_refused_temp_file_or_directory_is_reported_under_the_name_the_user_gave(tmp_path, monkeypatch):
+    """Where the system refuses the temp directory (or file) written beside an output, the error names the output:
+    'maskprop report --out DIR' into a directory it may not write said "Permission denied: '.DIR.k2x9.tmp'"."""
+    import tempfile
+
+    from maskprop._files import atomic_directory, atomic_write
+
+    def refuse(*args, dir=None, prefix="", **kwargs):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, f"{prefix}k2x9.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError) as error, atomic_directory(tmp_path / "out"):
+        pass
+    assert (error.value.errno, error.value.filename) == (13, str(tmp_path / "out"))
+    with pytest.raises(PermissionError) as error, atomic_write(tmp_path / "rows.json"):
+        pass
+    assert (error.value.errno, error.value.filename) == (13, str(tmp_path / "rows.json"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("key, value, expected", [("measured_speedup", "fast", "a number or null"),
+                                                  ("accuracy", "high", "a number or null"),
+                                                  ("run_time_s", None, "a number"),
+                                                  ("epochs", [3, 1], "an object"),
+                                                  ("dense_params", True, "a number")])
+def test_a_summary_value_of_another_type_is_one_line(runs, tmp_path, capsys, key, value, expected):
+    """A summary.json holding a value of another type than its field's (edited by hand, or not maskprop's) was read
+    as it was: a text speedup ended the report in a TypeError traceback, a text accuracy went into the table. Now one
+    line naming the key, exit status 2, nothing written."""
+    folder = copy_runs(runs, tmp_path, names=("vrpge",))
+    summary = summary_of(folder / "vrpge")
+    summary[key] = value
+    (folder / "vrpge" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match=rf"summary.json' has {key}=.*; expected {expected} \(is it a summary"):
+        read_summary(folder / "vrpge" / "summary.json")
+    out = tmp_path / "out"
+    assert main(["report", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"maskprop report: error: '{folder / 'vrpge' / 'summary.json'}' has "
+                                               f"{key}=")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("section", ["sparsity", "data", "model"])
+def test_a_config_section_that_is_not_a_mapping_is_one_line(runs, tmp_path, capsys, section):
+    """A run's config.yaml whose section is not a mapping (edited by hand) ended the report of an unfinished run in an
+    AttributeError traceback from the plots ('int' object has no attribute 'get'). Now one line, exit status 2,
+    nothing written."""
+    folder = copy_runs(runs, tmp_path, names=("vrpge",))
+    (folder / "vrpge" / "summary.json").unlink()
+    config = yaml.safe_load((folder / "vrpge" / "config.yaml").read_text())
+    config[section] = 5
+    (folder / "vrpge" / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    assert main(["report", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"maskprop report: error: '{folder / 'vrpge' / 'config.yaml'}' has {section}=5; expected a mapping "
+                   f"of the {section} settings (the config.yaml that maskprop train writes)"]
+    assert not out.exists()
+
+
+def test_reports_made_in_the_same_second_without_out_get_a_directory_each(runs, tmp_path, monkeypatch, capsys):
+    """The default output directory reports/report-<timestamp> is stamped to the second: a second report within it
+    (a script reporting several folders) was refused as an existing directory the user had not chosen. Now it takes
+    the next free name."""
+    import datetime
+
+    import maskprop.report as report_module
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 1, 0, 0, 0)
+
+    monkeypatch.setattr(report_module, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert main(["report", str(runs), "--no-plots"]) == 0
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["report-20260101-000000",
+                                                                         "report-20260101-000000-2"]
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("wrote reports/report-20260101-000000-2/")

@@ -435,3 +435,20 @@ def test_a_vision_transformer_of_another_image_size_names_the_keyword_that_sets_
         maskprop.fit(config, out=tmp_path / "checked")
     with pytest.raises(ValueError, match=rf"^model '{name}' does not take shapes inputs of size \(3, 16, 16\)"):
         maskprop.fit(with_overrides(config, **{"model.check": False}), out=tmp_path / "unchecked")
+
+
+def test_fewer_classes_than_the_named_dataset_has_are_refused_before_anything_is_written(tmp_path, capsys):
+    """``model.kwargs.num_classes`` below the classes of the dataset the config names (here ``shapes``' 10) started
+    the run, wrote its directory and failed at the first batch, so that a rerun with the same output directory was
+    refused as another run's. Now one line before anything is written; as many classes or more still train."""
+    config = tiny(method="dense", model={"name": "resnet20", "kwargs": {"num_classes": 5}})
+    with pytest.raises(ValueError, match=r"^model.kwargs.num_classes=5 is below the 10 classes of "
+                                         r"data.dataset='shapes' \(labels 0 to 9\); expected at least 10, or leave it "
+                                         r"unset \(the data's count\)$"):
+        maskprop.fit(config, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    assert main(["train", "--out", str(tmp_path / "cli"), str(recipe), "model.kwargs.num_classes=9"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "maskprop train: error: model.kwargs.num_classes=9 is below the 10 classes")
+    assert not (tmp_path / "cli").exists()

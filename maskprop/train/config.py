@@ -621,6 +621,9 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> None:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():  # exists, so "not found" would mislead
+        raise ValueError(f"config file {str(path)!r} is a directory; expected a yaml file (e.g. "
+                         f"recipes/quickstart.yaml)")
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} not found")
     try:
@@ -663,8 +666,8 @@ def load_config(path_or_dict: str | os.PathLike | Mapping[str, Any] | Config | N
 
     Raises:
         FileNotFoundError: The yaml file does not exist.
-        ValueError: An unknown key (with the closest valid key), a value of the wrong type or out of range, or a
-            malformed override.
+        ValueError: The yaml path is a directory, an unknown key (with the closest valid key), a value of the wrong
+            type or out of range, or a malformed override.
     """
     if isinstance(overrides, str):
         overrides = [overrides]

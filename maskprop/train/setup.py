@@ -120,6 +120,13 @@ def _datasets(cfg: Config, train_set: Dataset | None, val_set: Dataset | None
     size for the config's datasets)."""
     if train_set is None and val_set is None:
         train_set, val_set, num_classes, input_size = build_datasets(cfg.data)
+        wanted = cfg.model.kwargs.get("num_classes")
+        if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted < num_classes:
+            # Else the run starts, writes its directory and stops at the first batch, and a rerun with the same
+            # --out meets that directory as another run's.
+            raise ValueError(f"model.kwargs.num_classes={wanted} is below the {num_classes} classes of "
+                             f"data.dataset={cfg.data.dataset!r} (labels 0 to {num_classes - 1}); expected at least "
+                             f"{num_classes}, or leave it unset (the data's count)")
         return train_set, val_set, num_classes, input_size, input_size
     if train_set is None or val_set is None:
         raise ValueError("give both train_set and val_set, or neither (then config.data names them)")

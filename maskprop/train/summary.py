@@ -151,7 +151,30 @@ class RunSummary:
             raise ValueError(f"{source} is not a run summary (no 'method' or 'model' key)")
         values = {k: v for k, v in data.items() if k in names}
         values["schema_version"] = version
+        _check_types(values, source)
         return cls(**values)
+
+
+# The json types each annotation of RunSummary admits: any number for a count or a measure (a count summed on a
+# device may come back as a float), never a bool.
+_JSON_TYPES = {"int": (int, float), "float": (int, float), "str": (str,), "dict": (dict,), "list": (list,)}
+_TYPE_NAMES = {"int": "a number", "float": "a number", "str": "text", "dict": "an object", "list": "a list",
+               "None": "null"}
+
+
+def _check_types(values: Mapping[str, Any], source: str) -> None:
+    """Refuse a value of another type than its field's (one line naming it), which would otherwise fail later, in a
+    comparison or a format string of whatever reads the summary (a file edited by hand, or not maskprop's)."""
+    for spec in dataclasses.fields(RunSummary):
+        if spec.name not in values:
+            continue
+        value, kinds = values[spec.name], [part.strip().split("[")[0] for part in str(spec.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        if isinstance(value, bool) or not isinstance(value, tuple(t for k in kinds for t in _JSON_TYPES.get(k, ()))):
+            expected = " or ".join(_TYPE_NAMES.get(kind, kind) for kind in kinds)
+            raise ValueError(f"{source} has {spec.name}={value!r}; expected {expected} (is it a summary maskprop "
+                             f"train wrote?)")
 
 
 def read_summary(path: str | os.PathLike) -> RunSummary:
