@@ -18,8 +18,8 @@ def subsampled_pointwise_input(x: Tensor, kernel_size: tuple[int, int], stride: 
     a quarter of its channels); 16 channels and more, maps of 32 x 32 and less, and batches the threads divide never
     crashed (the scans: BENCHMARKS.md, "Implementation choices"). Compact steps meet both with the widths they keep,
     and ``--threads auto`` the first with whatever count the load leaves. ``conv(x[..., ::s, ::s])`` with stride 1
-    gives the same output and gradients without that kernel, at up to 1.8 times its time on those convolutions; the
-    other cases keep the native kernel.
+    (the subsampled input copied in ``x``'s memory format) gives the same output and gradients without that kernel,
+    at up to 1.8 times its time on those convolutions; the other cases keep the native kernel.
 
     Returns:
         The subsampled input, to convolve with stride 1 and no padding, or ``None`` where the native kernel is safe.
@@ -28,7 +28,9 @@ def subsampled_pointwise_input(x: Tensor, kernel_size: tuple[int, int], stride: 
     if (tuple(kernel_size) == (1, 1) and tuple(stride) != (1, 1) and tuple(padding) == (0, 0)
             and x.device.type == "cpu" and torch.is_grad_enabled()
             and (x.shape[1] < _WIDE_ENOUGH or x.shape[0] % torch.get_num_threads())):
-        return x[:, :, ::stride[0], ::stride[1]]
+        layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            else torch.contiguous_format
+        return x[:, :, ::stride[0], ::stride[1]].contiguous(memory_format=layout)  # the layout a kernel expects
     return None
 
 
