@@ -698,3 +698,10 @@ def test_a_linear_layer_on_a_flattened_map_keeps_every_position_of_each_kept_cha
     with pytest.raises(ValueError, match=r"layer '1' gives group 'g' 96 channels, but it has 6"):
         maskprop.channel_groups(torch.nn.Sequential(SparseConv2d(3, 6, 3, out_group="g"),
                                                     SparseLinear(96, 3, in_group="g")))  # in_positions forgotten
+
+
+@pytest.mark.parametrize("size", [-3, 0, 2.5, "8", True])
+def test_a_group_of_no_positive_channel_count_is_one_line(size):
+    for make in (full_mask, lambda groups: random_mask(groups, 0.5)):
+        with pytest.raises(ValueError, match=rf"^group 'a' has {size!r} channels; expected a positive integer"):
+            make({"b": 4, "a": size})

@@ -11,6 +11,7 @@ is added to such a concatenation writes it (GhostNet's residual streams); masks 
 from __future__ import annotations
 
 import itertools
+import numbers
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -212,6 +213,11 @@ def _check_group_sizes(groups: Mapping[str, int]) -> None:
         hint = " (pass model.channel_groups())" if isinstance(groups, nn.Module) else ""
         raise TypeError(f"groups must be a mapping {{group name: number of channels}}{hint}, got "
                         f"{type(groups).__name__}")
+    bad = next(((name, n) for name, n in groups.items()
+                if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1), None)
+    if bad is not None:
+        raise ValueError(f"group {bad[0]!r} has {bad[1]!r} channels; expected a positive integer (groups come from "
+                         f"model.channel_groups())")
 
 
 def full_mask(groups: Mapping[str, int], device: torch.device | str | None = None) -> dict[str, Tensor]:
