@@ -4,6 +4,8 @@ against torch's counter, float64)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -153,3 +155,85 @@ def test_a_timm_regnet_exports_its_narrow_grouped_convolutions(tmp_path):
     with torch.no_grad(), use_mask(model, mask):
         expected = model(x)
     torch.testing.assert_close(narrow(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_summary_counts_the_features_of_a_grouped_convolutions_groups(caplog):
+    """Each group of a grouped conv's features counts its width (in_channels / g, out_channels / g), not the
+    conv's."""
+    with caplog.at_level(logging.DEBUG, logger="maskprop.prunable"):
+        maskprop.make_prunable(GroupedNet(), SIZE)
+    assert "has 9 channel groups (88 channels, " in caplog.text  # 16 + 6 + 6 + 8 + 8 + 4 + 12 + 12 + 16
+
+
+class _Shared(nn.Module):
+    """One grouped conv called on two feature maps, each call's output normalised by a BatchNorm of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p, self.bp = nn.Conv2d(3, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.q, self.bq = nn.Conv2d(3, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.conv = nn.Conv2d(16, 8, 3, padding=1, groups=4, bias=False)
+        self.b1, self.b2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.b1(self.conv(F.relu(self.bp(self.p(x))))))
+        b = F.relu(self.b2(self.conv(F.relu(self.bq(self.q(x))))))
+        return self.fc(torch.cat([a, b], 1).mean((2, 3)))
+
+
+def test_a_grouped_convolution_called_twice_reads_and_writes_one_group_in_both_calls():
+    model = maskprop.make_prunable(_Shared(), SIZE)
+    assert channel_groups(model) == {"conv:in": 4, "conv:out": 2}
+    assert model.p.out_group == model.q.out_group == model.conv.in_group
+    assert model.b1.group == model.b2.group == model.conv.out_group == "conv"
+    maskprop.check_model(model, SIZE)
+
+
+class _Reads(nn.Module):
+    """A grouped conv reading a map after ``how``: a sigmoid (not zero where channels are dropped), a channel shuffle
+    (a tensor maskprop does not follow) or a concatenation of the image with itself."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.stem, self.bn = nn.Conv2d(3, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.conv = nn.Conv2d(6 if how == "image" else 16, 8, 3, padding=1, groups=2, bias=False)
+        self.bn2, self.fc = nn.BatchNorm2d(8), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.stem(x))
+        if self.how == "sigmoid":
+            y = torch.sigmoid(y)
+        elif self.how == "shuffle":
+            n, c, h, w = y.shape
+            y = F.relu(y).view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        else:
+            y = torch.cat([x, 2 * x], 1)
+        return self.fc(F.relu(self.bn2(self.conv(y))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["sigmoid", "shuffle", "image"])
+def test_a_grouped_convolution_keeps_its_inputs_whole_where_a_subnetwork_could_not_compute_them(how):
+    model = maskprop.make_prunable(_Reads(how), SIZE)
+    groups = channel_groups(model)
+    assert groups["conv:out"] == 4 and "conv:in" not in groups
+    assert model.conv.in_group is None and model.conv.weight_in_group is None
+    if how != "image":
+        maskprop.check_model(model, SIZE)
+
+
+def test_a_grouped_convolutions_parts_are_checked_each_and_on_both_sides():
+    model = nn.Sequential(SparseConv2d(3, 4, 1, out_group="a"), SparseConv2d(3, 4, 1, out_group="b"),
+                          SparseConv2d(8, 8, 3, groups=2, in_group="ba", weight_in_group="a"))
+    concatenate_groups(model, "ba", [("b", 4), ("a", 4)])  # the first part another group
+    with pytest.raises(ValueError, match=r"^layer '2' is a convolution of 2 groups, but its in_group 'ba' is "):
+        channel_groups(model)
+    model = nn.Sequential(SparseConv2d(3, 4, 1, out_group="a"), SparseConv2d(3, 4, 1, out_group="b"),
+                          SparseConv2d(8, 8, 3, groups=2, out_group="ab"))
+    concatenate_groups(model, "ab", [("a", 4), ("b", 4)])
+    with pytest.raises(ValueError, match=r"^layer '2' is a convolution of 2 groups, but its out_group 'ab' is "):
+        channel_groups(model)
+    model = nn.Sequential(SparseConv2d(8, 8, 3, groups=2, out_group="c"))  # no concatenated group
+    with pytest.raises(ValueError, match=r"^layer '0' is a convolution of 2 groups, but its out_group 'c' is no "):
+        channel_groups(model)
