@@ -257,7 +257,7 @@ def check_settings(model_name: str, batch_size: int, keep_ratios: Sequence[float
 
     if not is_model(model_name):
         raise ValueError(f"unknown model {model_name!r}; expected one of {', '.join(list_models())}, or timm:NAME or "
-                         f"torchvision:NAME")
+                         f"torchvision:NAME (a network of your own: --module names the module that registers it)")
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
     if warmup < 0:

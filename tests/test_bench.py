@@ -257,7 +257,9 @@ def test_bench_cli_on_cuda_says_the_trainer_runs_other_steps(capsys, monkeypatch
 
 def test_bench_cli_unknown_model(capsys):
     assert main(["bench", "--models", "resnet99", "--repeats", "1", "--warmup", "0"]) == 2
-    assert "unknown model 'resnet99'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown model 'resnet99'" in err and err.strip().endswith(
+        "(a network of your own: --module names the module that registers it)")  # as train's model.module hint
 
 
 _FAULTS = """
