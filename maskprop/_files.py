@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -14,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_directory", "atomic_write", "check_creatable", "claim_new_directory", "make_directory", "sha256"]
+__all__ = ["atomic_directory", "atomic_write", "check_creatable", "claim_new_directory", "make_directory", "numbered",
+           "sha256"]
 
 
 def _umask() -> int:
@@ -47,20 +49,30 @@ def make_directory(path: str | os.PathLike, target: str | os.PathLike | None = N
     return path
 
 
+def numbered(path: str | os.PathLike) -> Iterator[Path]:
+    """``path``, then ``path-2``, ``path-3``, ...: the names a default output takes where the one before is taken."""
+    path = Path(path)
+    yield path
+    for number in itertools.count(2):
+        yield path.with_name(f"{path.name}-{number}")
+
+
 def claim_new_directory(path: str | os.PathLike) -> Path:
-    """Create the directory ``path``, or ``path-2``, ``path-3``, ... where that name is taken, and return the one
-    created. ``mkdir`` fails where the name exists, so two processes that chose the same name (a default name
-    stamped to the second) never share the directory. Missing parents are created as by :func:`make_directory`."""
+    """Create the first directory of :func:`numbered` ``path`` whose name is free, and return it. ``mkdir`` fails where
+    the name exists, so two processes that chose the same name (a default name stamped to the second) never share the
+    directory. Missing parents are created as by :func:`make_directory`."""
     path = Path(path)
     make_directory(path.parent, path)
-    number = 1
-    while True:
-        candidate = path if number == 1 else path.with_name(f"{path.name}-{number}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            number += 1
+    return next(candidate for candidate in numbered(path) if _created(candidate))
+
+
+def _created(path: Path) -> bool:
+    """Make the directory ``path``: ``False`` where the name is taken."""
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -788,20 +788,19 @@ class _Walk:
         whole."""
         entry = self.layer(node, "grouped")
         g = module.groups
+        reads, writes = module.in_channels // g, module.out_channels // g  # features of each group
         if entry.features is None:  # its first call
-            one = "one input channel per group (a channel multiplier): no feature to drop" if module.in_channels == g \
-                else None
+            one = "one input channel per group (a channel multiplier): no feature to drop" if reads == 1 else None
             entry.features = self.spaces.new(writer=f"{name}:in", whole=one)
             output = self.spaces.new(writer=f"{name}:out")
-            self.spaces.widths.update({entry.features: module.in_channels // g, output: module.out_channels // g})
-            entry.writes = [self.spaces.concatenation([(output, module.out_channels // g)] * g)]
+            self.spaces.widths.update({entry.features: reads, output: writes})
+            entry.writes = [self.spaces.concatenation([(output, writes)] * g)]
             self.spaces.writers[entry.writes[0]] = [name]
         if first is not None:
             self.needs_zero(first, node)
         given = first.space if first is not None else self.spaces.new(
             whole=f"read by {name!r} from a tensor maskprop does not follow")
-        self.reads(entry, self.spaces.union(
-            self.spaces.concatenation([(entry.features, module.in_channels // g)] * g), given))
+        self.reads(entry, self.spaces.union(self.spaces.concatenation([(entry.features, reads)] * g), given))
         return _Value(entry.writes[0])
 
     def attended(self, node: fx.Node, name: str, module: nn.Module, source: object) -> _Value | None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from ._files import atomic_directory
+from ._files import atomic_directory, numbered
 from .train.config import SPARSE_BACKWARD_METHODS, changed_keys, dotted
 from .train.summary import SCHEMA_VERSION, RunSummary, data_identity, read_summary
 from .train.timing import phase_epochs
@@ -791,11 +791,7 @@ def default_report_dir(root: str | os.PathLike = "reports") -> Path:
     """``reports/report-<timestamp>`` (the command's default output directory), or ``-2``, ``-3``, ... after it where
     that name is taken (two reports in one second)."""
     path = Path(root) / f"report-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    candidate, number = path, 1
-    while candidate.exists() or candidate.is_symlink():
-        number += 1
-        candidate = path.with_name(f"{path.name}-{number}")
-    return candidate
+    return next(c for c in numbered(path) if not (c.exists() or c.is_symlink()))
 
 
 def check_out_dir(out: str | os.PathLike) -> Path:
