@@ -513,7 +513,9 @@ def _check_out(out: Path, force: bool) -> None:
         names = [p.name for p in out.iterdir()]
         others = sorted(n for n in names if n not in _EXPORT_NAMES)
     else:  # a file or a link is no export, even one named like an export's file (export.json)
-        names = others = [out.name]
+        raise ValueError(f"'{out}' exists and is {'a link' if out.is_symlink() else 'a file'}, not an earlier maskprop "
+                         f"export; expected a new directory for the output (--force, force=True, replaces only an "
+                         f"earlier export)")
     if others or (names and INFO_FILE not in names):  # an empty directory holds nothing to lose
         what = f"it holds '{others[0]}'" if others else f"it has no {INFO_FILE}"
         raise ValueError(f"'{out}' exists and is not an earlier maskprop export ({what}); expected a new directory "

@@ -1,5 +1,6 @@
 """Configuration: defaults, yaml, dotted overrides, unknown keys with suggestions, type and range checks, round trip."""
 
+import logging
 import os
 
 import pytest
@@ -64,8 +65,16 @@ def test_yaml_values_override_defaults_and_keep_the_rest(tmp_path):
     assert load_config(str(path)) == cfg
 
 
-def test_empty_yaml_gives_defaults(tmp_path):
-    assert load_config(write_yaml(tmp_path / "empty.yaml", "")) == Config()
+def test_empty_yaml_gives_defaults_and_says_so(tmp_path, caplog):
+    """An empty file (a recipe not saved yet?) is yaml's null: the defaults, with a warning; ``{}`` means them."""
+    with caplog.at_level(logging.WARNING):
+        assert load_config(write_yaml(tmp_path / "empty.yaml", "# nothing yet\n")) == Config()
+    assert ("holds no settings: the run takes every default (method vrpge, model resnet20, dataset shapes, 300 "
+            "epochs); write {} in it to mean that") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert load_config(write_yaml(tmp_path / "defaults.yaml", "{}\n")) == Config()
+    assert caplog.text == ""
 
 
 def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):

@@ -309,9 +309,21 @@ def test_mnist_errors_name_the_path_and_the_layout(tmp_path):
     compressed.unlink()
     with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte .*gzipped: decompress them with gunzip"):
         build_datasets(DataConfig(dataset="mnist", root=str(tmp_path)))
-    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"not an idx file")
-    with pytest.raises(ValueError, match="could not read mnist .*expected IDX files"):
+    labels = raw / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(b"not an idx file")
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte' does not start with an IDX header .*6e6f7420.*"
+                                         "expected an IDX file of uint8 labels \\(magic 0x00000801\\)"):
         build_datasets(DataConfig(dataset="mnist", root=str(tmp_path)))
+    # a truncated download, or one with bytes after its data, is named as such (torchvision's bare assertion was not)
+    images = raw / "train-images-idx3-ubyte"
+    whole = images.read_bytes()
+    for damaged, wording in ((whole[:-1], "is truncated: its header declares 40 x 28 x 28 bytes of data, 31376 bytes "
+                                          "in all, and the file holds 31375"),
+                             (whole + b"\0", "is longer than its header says: .* the file holds 31377"),
+                             (whole[:9], "is truncated: 9 bytes, shorter than its IDX header \\(16 bytes\\)")):
+        images.write_bytes(damaged)
+        with pytest.raises(ValueError, match=f"train-images-idx3-ubyte' {wording}"):
+            build_datasets(DataConfig(dataset="mnist", root=str(tmp_path)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -586,11 +586,13 @@ def test_existing_output_is_refused_unless_forced_and_force_replaces_only_an_exp
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "plan.json").write_text("{}")
-    for folder, holds in ((out, "it holds 'keep.txt'"), (mine / "notes.txt", "it holds 'notes.txt'"),
-                          (partial, "it has no export.json"), (tmp_path, "it holds 'mine'")):
+    for folder, holds in ((out, "is not an earlier maskprop export \\(it holds 'keep.txt'\\)"),
+                          (mine / "notes.txt", "is a file, not an earlier maskprop export"),
+                          (partial, "is not an earlier maskprop export \\(it has no export.json\\)"),
+                          (tmp_path, "is not an earlier maskprop export \\(it holds 'mine'\\)")):
         before = sorted(tmp_path.rglob("*"))
         for force in (True, False):  # without force too: no advice to force what force would refuse
-            with pytest.raises(ValueError, match=f"not an earlier maskprop export \\({holds}\\); expected a new"):
+            with pytest.raises(ValueError, match=f"exists and {holds}; expected a new"):
                 save_exported(model, mask, folder, spec=RESNET20, formats="safetensors", force=force)
         assert sorted(tmp_path.rglob("*")) == before
     empty = tmp_path / "empty"
@@ -612,7 +614,7 @@ def test_force_replaces_an_export_with_onnx_external_weights_but_never_a_symlink
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "nowhere")
     for force in (True, False):
-        with pytest.raises(ValueError, match=r"'.*link' exists and is not an earlier maskprop export"):
+        with pytest.raises(ValueError, match=r"'.*link' exists and is a link, not an earlier maskprop export"):
             save_exported(model, mask, link, spec=RESNET20, formats="safetensors", force=force)
     assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "link"]
 

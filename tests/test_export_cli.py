@@ -456,7 +456,7 @@ def test_a_file_named_as_the_output_is_refused_even_with_force(tmp_path, capsys,
     out.write_text("keep me")
     for force in ([], ["--force"]):
         assert export(run_dir, "--out", out, *force) == 2
-        assert error_line(capsys) == (f"maskprop export: error: '{out}' exists and is not an earlier maskprop export "
-                                      f"(it holds '{name}'); expected a new directory for the output (--force, "
-                                      f"force=True, replaces only an earlier export)")
+        assert error_line(capsys) == (f"maskprop export: error: '{out}' exists and is a file, not an earlier maskprop "
+                                      f"export; expected a new directory for the output (--force, force=True, "
+                                      f"replaces only an earlier export)")
     assert out.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", name])

@@ -372,6 +372,17 @@ def test_a_dataset_of_one_class_is_warned_of(caplog):
     assert "the data has 1 class: every prediction is right" in caplog.text and summary["accuracy"] == 100.0
 
 
+def test_sync_bn_in_one_process_is_warned_of(caplog):
+    """sync_bn=true synchronises nothing without torchrun's ranks: the run says so rather than ignoring it quietly."""
+    with caplog.at_level(logging.WARNING):
+        prepare(load_config(tiny(device="cpu", sync_bn=True)))
+    assert "sync_bn=true synchronises BatchNorm statistics between torchrun's processes; this run is one" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        prepare(load_config(tiny(device="cpu")))
+    assert "sync_bn" not in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Each setting reaches the object that uses it
 

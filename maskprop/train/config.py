@@ -634,7 +634,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or type(err).__name__
         raise ValueError(f"config file {str(path)!r} is not valid yaml{where}: {problem}") from None
-    if data is None:
+    if data is None:  # an empty file (or comments only) is yaml's null: every default, which `{}` says on purpose
+        defaults = Config()
+        logging.getLogger(__name__).warning(
+            "config file %r holds no settings: the run takes every default (method %s, model %s, dataset %s, %d "
+            "epochs); write {} in it to mean that", str(path), defaults.method, defaults.model.name,
+            defaults.data.dataset, defaults.optim.epochs)
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of keys at the top; got {type(data).__name__}")

@@ -11,6 +11,7 @@ we expect. torchvision and timm are imported only by the functions that need the
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 from pathlib import Path
@@ -180,6 +181,30 @@ _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-imag
                 "t10k-labels-idx1-ubyte")
 
 
+def _check_idx(path: Path) -> None:
+    """One line where ``path`` is not a whole IDX file of unsigned bytes (LeCun's MNIST format: the magic number
+    ``0x0000 08 <dims>``, one big-endian 32-bit size per dimension, then exactly that many bytes), so that a truncated
+    download is named as such rather than by torchvision's bare assertion."""
+    ndim = 3 if "images" in path.name else 1
+    header = 4 + 4 * ndim
+    with open(path, "rb") as f:
+        head = f.read(header)
+    expected = f"expected an IDX file of uint8 {'images' if ndim == 3 else 'labels'} (magic 0x{0x800 + ndim:08x})"
+    if len(head) < header:
+        raise ValueError(f"'{path}' is truncated: {len(head)} bytes, shorter than its IDX header ({header} bytes); "
+                         f"{expected}")
+    if head[:3] != b"\x00\x00\x08" or head[3] != ndim:
+        raise ValueError(f"'{path}' does not start with an IDX header (first bytes {head[:4].hex() or 'none'}); "
+                         f"{expected}")
+    sizes = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    want = header + math.prod(sizes)
+    have = path.stat().st_size
+    if have != want:
+        state = "truncated" if have < want else "longer than its header says"
+        raise ValueError(f"'{path}' is {state}: its header declares {' x '.join(map(str, sizes))} bytes of data, "
+                         f"{want} bytes in all, and the file holds {have}; download and decompress it again")
+
+
 def mnist_datasets(name: str, root: str | os.PathLike | None) -> tuple[Dataset, Dataset, int]:
     """MNIST or Fashion-MNIST from its IDX files, normalised, without augmentation (as in the meProp and MSBP papers).
 
@@ -216,6 +241,8 @@ def mnist_datasets(name: str, root: str | os.PathLike | None) -> tuple[Dataset, 
         gz = [f for f in missing if (raw / f"{f}.gz").is_file()]
         hint = f" (found {len(gz)} of them gzipped: decompress them with gunzip)" if gz else ""
         raise FileNotFoundError(f"{name} files missing under '{raw}': {', '.join(missing)}{hint}; {expected}")
+    for file in _MNIST_FILES:
+        _check_idx(raw / file)
     from torchvision import datasets
 
     transform = mnist_transform(name)

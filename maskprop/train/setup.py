@@ -342,6 +342,9 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         raise ValueError(f"method={cfg.method!r} does not run under torch.distributed (world size "
                          f"{place.world_size}): its top-k selections, memories and budgets follow each rank's share of "
                          f"the batch and would differ between ranks; run it in one process")
+    if cfg.sync_bn and not place.enabled:
+        logger.warning("sync_bn=true synchronises BatchNorm statistics between torchrun's processes; this run is one "
+                       "process, so each BatchNorm layer normalises with its own batch's statistics as without it")
 
     spec = _model_spec(cfg, num_classes, input_size)
     torch.manual_seed(cfg.seed)
