@@ -456,11 +456,15 @@ def test_a_torchvision_swin_subnetwork_is_torchvisions_attention_with_the_droppe
     assert grads[f"{name}.qkv.weight"].reshape(3, HEADS[0], attn.head_dim, WIDTH)[:, :, ~kept].abs().max() == 0
 
 
-def test_check_model_and_export_take_torchvisions_swin(tmp_path):
-    """check_model passes on the small Swin; torchvision's swin_t exports its subnetwork and loads it again by name
-    (its saved relative position index included), computing what compact execution did."""
+def test_check_model_takes_torchvisions_swin():
     small = maskprop.make_prunable(_tv_swin(), (3, 20, 20))
     maskprop.check_model(small, (3, 20, 20))
+
+
+@pytest.mark.slow  # 14 s: swin_t is traced five times (built, checked against its spec, exported, loaded)
+def test_torchvisions_swin_t_exports_and_loads_by_name(tmp_path):
+    """torchvision's swin_t exports its subnetwork and loads it again by name (its saved relative position index
+    included), computing what compact execution did."""
     spec = maskprop.ModelSpec.resolve("torchvision:swin_t", {}, num_classes=5, input_size=(3, 32, 32))
     torch.manual_seed(0)
     model = spec.build().eval()
