@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Self
 
 import pytest
 import torch
@@ -476,7 +475,7 @@ class _Recorder:
     def calls(self) -> int:
         return self._ops.calls
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> _Recorder:
         self._stack.enter_context(_HostReads(self.found))
         self._stack.enter_context(self._ops)
         return self
