@@ -80,12 +80,26 @@ def _layer_sets(module: nn.Module, mask: Mapping[str, Tensor] | None) -> dict[st
     return None
 
 
+def _attention_sets(module: nn.Module, mask: Mapping[str, Tensor] | None) -> dict[str, IndexSets] | None:
+    """The index sets of an attention module's own tensors indexed by its heads' features (``q_bias``, ``v_bias``:
+    :attr:`~maskprop.sparse.SparseAttention.head_feature_tensors`), the kept features of every head; ``None`` for any
+    other module."""
+    names = getattr(module, "head_feature_tensors", ()) if isinstance(module, SparseAttention) else ()
+    tensors = [getattr(module, name) for name in names if getattr(module, name) is not None]
+    if not tensors:
+        return None
+    kept = _kept(mask, module.group, tensors[0].device)
+    rows = None if kept is None else (
+        torch.arange(module.num_heads, device=kept.device)[:, None] * module.head_dim + kept).flatten()
+    return {name: (rows, None) for name in names}
+
+
 def index_sets(model: nn.Module, mask: Mapping[str, Tensor] | None) -> dict[str, IndexSets]:
     """``{tensor name: (rows, columns)}`` of every parameter and buffer of ``model`` (names as in its state dict)."""
     sets: dict[str, IndexSets] = {}
     mask = _with_concatenations(model, mask)
     for prefix, module in model.named_modules():
-        layer = _layer_sets(module, mask) or {}
+        layer = _layer_sets(module, mask) or _attention_sets(module, mask) or {}
         tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
         for name, tensor in tensors.items():
             if tensor is not None:
@@ -216,6 +230,10 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
         sets = _layer_sets(module, mask)
         if sets is not None:
             memo[id(module)] = _narrow_layer(module, sets, conv_type, norm_type)
+        for name, (rows, _) in (_attention_sets(module, mask) or {}).items():  # its biases of the kept features
+            tensor = getattr(module, name)
+            if tensor is not None:
+                memo[id(tensor)] = _parameter(gather(tensor, rows, None), tensor)
     if id(model) in memo:  # a bare layer
         return memo[id(model)]
     narrow = copy.deepcopy(model, memo)
