@@ -16,7 +16,11 @@ hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves
 self-attention is traced as one module: its heads' features are a space that ``qkv`` writes once per head slice and
 ``proj`` reads once per head, and it becomes :class:`~maskprop.sparse.SparseAttention` (the Swin Transformer's window
 attention: timm's ``WindowAttention``, :class:`~maskprop.sparse.SparseWindowAttention`; torchvision's
-``ShiftedWindowAttention``, :class:`~maskprop.sparse.SparseShiftedWindowAttention`). torch's
+``ShiftedWindowAttention``, :class:`~maskprop.sparse.SparseShiftedWindowAttention`); so is attention whose query
+and value biases live outside ``qkv`` (timm's BEiT attention, :class:`~maskprop.sparse.SparseBeitAttention`, and
+Swin Transformer v2's cosine window attention: timm's ``WindowAttention``,
+:class:`~maskprop.sparse.SparseWindowAttentionV2`; torchvision's ``ShiftedWindowAttentionV2``,
+:class:`~maskprop.sparse.SparseShiftedWindowAttentionV2`), whose biases of the kept features a subnetwork adds. torch's
 ``nn.MultiheadAttention`` called on one tensor as query, key and value (torchvision's vision transformers) is traced
 so too, its packed in-projection read as ``qkv`` and its ``out_proj`` as ``proj``, and becomes
 :class:`~maskprop.sparse.SparseMultiheadAttention`; in another form, or where its heads stay whole, it is left whole

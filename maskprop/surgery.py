@@ -2,7 +2,8 @@
 
 One set of rules says which entries of every tensor a subnetwork keeps (:func:`index_sets`): a conv or linear weight
 keeps its output group's channels along dim 0 and its input group's along dim 1, its bias the output group's; a
-BatchNorm the group's entries of every per-channel tensor; everything else (``num_batches_tracked`` included) stays
+BatchNorm the group's entries of every per-channel tensor; an attention module's biases of its heads' features (BEiT's
+``q_bias`` and ``v_bias``) the kept features of every head; everything else (``num_batches_tracked`` included) stays
 whole. :func:`materialize` slices by those sets to build the physically narrow model (the export, and the model the
 finetune phase trains); :func:`gather` and :func:`scatter_` move tensors of the same shapes between the full and the
 narrow model (weights, BatchNorm statistics, optimizer state) by the same sets.
@@ -187,7 +188,8 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
     """A physically narrow copy of ``model`` that computes what ``model`` computes under ``use_mask(model, mask)``.
 
     Every maskprop layer is replaced by the plain torch layer of its kept size (conv and linear weights sliced on both
-    sides, biases, BatchNorm affine parameters and running statistics, by :func:`index_sets`); sparse-backward layers
+    sides, biases, BatchNorm affine parameters and running statistics, by :func:`index_sets`), an attention module's
+    biases of its heads' features are sliced to the kept features of every head; sparse-backward layers
     become plain layers of the same size. Every other module, attribute and the forward code are deep-copied
     unchanged, so the result has the same module tree and parameter names, on the same device and dtype, in the same
     train/eval mode. ``model`` is not modified, and the copy shares no tensor with it. Hooks registered on replaced

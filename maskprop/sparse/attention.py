@@ -15,7 +15,8 @@ DeiT, ...), with the same ``qkv`` and ``proj`` parameters and the same module tr
 :class:`SparseWindowAttention` in place of timm's ``WindowAttention`` (Swin Transformer), whose relative position
 bias is one number per head and pair of tokens, whatever features the heads keep, and
 :class:`SparseShiftedWindowAttention` in place of torchvision's ``ShiftedWindowAttention`` (the same attention, with
-the windows' partition and shift inside).
+the windows' partition and shift inside). Attention whose query and value biases live outside ``qkv`` (BEiT's) and
+the Swin Transformer v2's cosine attention are in :mod:`maskprop.sparse.biased_attention`.
 """
 
 from __future__ import annotations
