@@ -16,7 +16,11 @@ hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves
 self-attention is traced as one module: its heads' features are a space that ``qkv`` writes once per head slice and
 ``proj`` reads once per head, and it becomes :class:`~maskprop.sparse.SparseAttention` (the Swin Transformer's window
 attention: timm's ``WindowAttention``, :class:`~maskprop.sparse.SparseWindowAttention`; torchvision's
-``ShiftedWindowAttention``, :class:`~maskprop.sparse.SparseShiftedWindowAttention`). torch's
+``ShiftedWindowAttention``, :class:`~maskprop.sparse.SparseShiftedWindowAttention`); so is attention whose query
+and value biases live outside ``qkv`` (timm's BEiT attention, :class:`~maskprop.sparse.SparseBeitAttention`, and
+Swin Transformer v2's cosine window attention: timm's ``WindowAttention``,
+:class:`~maskprop.sparse.SparseWindowAttentionV2`; torchvision's ``ShiftedWindowAttentionV2``,
+:class:`~maskprop.sparse.SparseShiftedWindowAttentionV2`), whose biases of the kept features a subnetwork adds. torch's
 ``nn.MultiheadAttention`` called on one tensor as query, key and value (torchvision's vision transformers) is traced
 so too, its packed in-projection read as ``qkv`` and its ``out_proj`` as ``proj``, and becomes
 :class:`~maskprop.sparse.SparseMultiheadAttention`; in another form, or where its heads stay whole, it is left whole
@@ -76,11 +80,14 @@ from .sparse import (
     SparseAttention,
     SparseBatchNorm2d,
     SparseBatchNormAct2d,
+    SparseBeitAttention,
     SparseConv2d,
     SparseLinear,
     SparseMultiheadAttention,
     SparseShiftedWindowAttention,
+    SparseShiftedWindowAttentionV2,
     SparseWindowAttention,
+    SparseWindowAttentionV2,
 )
 from .sparse.groups import concatenate_groups
 from .sparse.modules import SparseModule
@@ -343,7 +350,7 @@ def _attention_forms(model: nn.Module, modules: dict[str, nn.Module]) -> dict[st
     held.update(id(tensor) for module in model.modules() for tensor in module._parameters.values())
     forms = {}
     for name, module in modules.items():
-        if _is_timm_attention(module) or _is_timm_window_attention(module) or _is_torchvision_window_attention(module):
+        if any(convertible(module) for convertible in _CONVERTIBLE_ATTENTION):
             if modules.get(f"{name}.qkv") is module.qkv and modules.get(f"{name}.proj") is module.proj:
                 forms[name] = ""
         elif type(module) is nn.MultiheadAttention:  # a subclass may compute something else
@@ -514,6 +521,86 @@ def _is_torchvision_window_attention(module: nn.Module) -> bool:
         and all(isinstance(getattr(module, n, None), float) for n in ("attention_dropout", "dropout"))
 
 
+def _separate_biases(module: nn.Module, width: int) -> bool:
+    """timm's ``q_bias``, ``k_bias`` and ``v_bias`` outside ``qkv`` (which has no bias of its own), each of ``width``
+    entries, or none of them; ``k_bias`` zero (the buffer timm's constructor zeroes, which no state dict holds)."""
+    q, k, v = (getattr(module, name, None) for name in ("q_bias", "k_bias", "v_bias"))
+    if getattr(module.qkv, "bias", None) is not None:
+        return False
+    if q is None and k is None and v is None:
+        return True
+    return isinstance(q, nn.Parameter) and isinstance(v, nn.Parameter) and isinstance(k, torch.Tensor) \
+        and all(tuple(t.shape) == (width,) for t in (q, k, v)) and (k.is_meta or not bool(k.any()))
+
+
+def _plain_projections(module: nn.Module) -> tuple[nn.Linear, nn.Linear, int] | None:
+    """``(qkv, proj, heads)`` of an attention module whose projections are ``nn.Linear``, ``qkv`` writing three
+    times the features ``proj`` reads, a whole number of them per head, and whose dropouts are torch's; ``None``
+    otherwise."""
+    qkv, proj, heads = getattr(module, "qkv", None), getattr(module, "proj", None), getattr(module, "num_heads", None)
+    if not (all(type(m) is nn.Linear for m in (qkv, proj)) and isinstance(heads, int) and heads > 0
+            and qkv.out_features == 3 * proj.in_features and proj.in_features % heads == 0):
+        return None
+    dropouts = isinstance(getattr(module, "attn_drop", None), nn.Dropout) \
+        and isinstance(getattr(module, "proj_drop", None), (nn.Dropout, nn.Identity))
+    return (qkv, proj, heads) if dropouts else None
+
+
+def _is_timm_beit_attention(module: nn.Module) -> bool:
+    """timm's BEiT attention (``timm.models.beit.Attention``) in the form
+    :class:`~maskprop.sparse.SparseBeitAttention` computes: :func:`_plain_projections`, :func:`_separate_biases`, and
+    a relative position bias of one column per head and a square index, or none. Another form is traced through, its
+    heads left whole."""
+    parts = _plain_projections(module) if _of_class(module, "timm.models.beit", "Attention") else None
+    if parts is None or not _separate_biases(module, parts[1].in_features):
+        return False
+    table, index = module.relative_position_bias_table, module.relative_position_index
+    size = getattr(module, "window_size", None)
+    if table is None:
+        return index is None
+    return isinstance(table, nn.Parameter) and table.dim() == 2 and table.shape[1] == parts[2] \
+        and isinstance(index, torch.Tensor) and index.dim() == 2 and index.shape[0] == index.shape[1] \
+        and isinstance(size, (list, tuple)) and len(size) == 2
+
+
+def _cosine_parts(module: nn.Module, heads: int) -> bool:
+    """A Swin Transformer v2's cosine attention's parts: a ``logit_scale`` per head, a bias MLP (``cpb_mlp``) on a
+    table of relative coordinates, an index of every pair of a window's tokens."""
+    scale, table = getattr(module, "logit_scale", None), getattr(module, "relative_coords_table", None)
+    index, size = getattr(module, "relative_position_index", None), getattr(module, "window_size", None)
+    return isinstance(scale, nn.Parameter) and tuple(scale.shape) == (heads, 1, 1) \
+        and isinstance(getattr(module, "cpb_mlp", None), nn.Module) and isinstance(table, torch.Tensor) \
+        and table.shape[-1] == 2 and isinstance(index, torch.Tensor) and isinstance(size, (list, tuple)) \
+        and len(size) == 2 and index.numel() == (size[0] * size[1]) ** 2
+
+
+def _is_timm_window_attention_v2(module: nn.Module) -> bool:
+    """timm's Swin Transformer v2 ``WindowAttention`` in the form :class:`~maskprop.sparse.SparseWindowAttentionV2`
+    computes: :func:`_plain_projections` on the tokens' width, :func:`_separate_biases`, :func:`_cosine_parts`.
+    Another form is traced through, its heads left whole."""
+    parts = _plain_projections(module) if _of_class(module, "timm.models.swin_transformer_v2", "WindowAttention") \
+        else None
+    return parts is not None and parts[0].in_features == parts[1].in_features \
+        and _separate_biases(module, parts[1].in_features) and _cosine_parts(module, parts[2])
+
+
+def _is_torchvision_window_attention_v2(module: nn.Module) -> bool:
+    """torchvision's ``ShiftedWindowAttentionV2`` (``swin_v2_t``) in the form
+    :class:`~maskprop.sparse.SparseShiftedWindowAttentionV2` computes: ``nn.Linear`` projections on the tokens'
+    width, :func:`_cosine_parts`, a shift of two sides, its dropout probabilities."""
+    if not _of_class(module, "torchvision.models.swin_transformer", "ShiftedWindowAttentionV2"):
+        return False
+    qkv, proj, heads = getattr(module, "qkv", None), getattr(module, "proj", None), getattr(module, "num_heads", None)
+    shift = getattr(module, "shift_size", None)
+    if not (all(type(m) is nn.Linear for m in (qkv, proj)) and isinstance(heads, int)
+            and isinstance(shift, (list, tuple)) and len(shift) == 2):
+        return False
+    dim = qkv.in_features
+    return dim % heads == 0 and qkv.out_features == 3 * dim and proj.in_features == proj.out_features == dim \
+        and _cosine_parts(module, heads) \
+        and all(isinstance(getattr(module, n, None), float) for n in ("attention_dropout", "dropout"))
+
+
 def _is_shifted_window_attention_class(module: nn.Module) -> bool:
     """Whether ``module`` is of torchvision's class ``ShiftedWindowAttention`` (not a subclass: v2's computes cosine
     attention)."""
@@ -523,6 +610,11 @@ def _is_shifted_window_attention_class(module: nn.Module) -> bool:
 def _is_window_attention_class(module: nn.Module) -> bool:
     """Whether ``module`` is of timm's class ``WindowAttention``."""
     return _of_class(module, "timm.models.swin_transformer", "WindowAttention")
+
+
+_CONVERTIBLE_ATTENTION = (_is_timm_attention, _is_timm_window_attention, _is_torchvision_window_attention,
+                          _is_timm_beit_attention, _is_timm_window_attention_v2, _is_torchvision_window_attention_v2)
+"""The tests of the attention modules :func:`make_prunable` converts, each of one class in one form."""
 
 
 def _of_class(module: nn.Module, where: str, name: str) -> bool:
@@ -1187,6 +1279,29 @@ def _sparse_attention(old: nn.Module, group: str, qkv: nn.Module, proj: nn.Modul
     if isinstance(old, nn.MultiheadAttention):
         new = SparseMultiheadAttention(qkv, proj, old.num_heads, old.head_dim, group, dropout=old.dropout,
                                        batch_first=old.batch_first)
+    elif _of_class(old, "timm.models.beit", "Attention"):  # as _is_timm_beit_attention accepted it
+        new = SparseBeitAttention(qkv, proj, old.num_heads, _head_width(old), group, q_bias=old.q_bias,
+                                  v_bias=old.v_bias, relative_position_bias_table=old.relative_position_bias_table,
+                                  relative_position_index=old.relative_position_index,
+                                  window_size=old.window_size if old.relative_position_bias_table is not None else None,
+                                  qkv_bias_separate=bool(getattr(old, "qkv_bias_separate", False)),
+                                  attn_drop=old.attn_drop, proj_drop=old.proj_drop)
+    elif _of_class(old, "timm.models.swin_transformer_v2", "WindowAttention"):
+        new = SparseWindowAttentionV2(qkv, proj, old.num_heads, _head_width(old), group, q_bias=old.q_bias,
+                                      v_bias=old.v_bias, logit_scale=old.logit_scale, cpb_mlp=old.cpb_mlp,
+                                      relative_coords_table=old.relative_coords_table,
+                                      relative_position_index=old.relative_position_index,
+                                      window_size=old.window_size,
+                                      pretrained_window_size=getattr(old, "pretrained_window_size", (0, 0)),
+                                      qkv_bias_separate=bool(getattr(old, "qkv_bias_separate", False)),
+                                      attn_drop=old.attn_drop, proj_drop=old.proj_drop)
+    elif _of_class(old, "torchvision.models.swin_transformer", "ShiftedWindowAttentionV2"):
+        new = SparseShiftedWindowAttentionV2(qkv, proj, old.num_heads, _head_width(old), group,
+                                             logit_scale=old.logit_scale, cpb_mlp=old.cpb_mlp,
+                                             relative_coords_table=old.relative_coords_table,
+                                             relative_position_index=old.relative_position_index,
+                                             window_size=old.window_size, shift_size=old.shift_size,
+                                             attention_dropout=old.attention_dropout, dropout=old.dropout)
     elif _is_shifted_window_attention_class(old):  # as _is_torchvision_window_attention accepted it
         new = SparseShiftedWindowAttention(qkv, proj, old.num_heads, _head_width(old), group,
                                            relative_position_bias_table=old.relative_position_bias_table,

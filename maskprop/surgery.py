@@ -2,7 +2,8 @@
 
 One set of rules says which entries of every tensor a subnetwork keeps (:func:`index_sets`): a conv or linear weight
 keeps its output group's channels along dim 0 and its input group's along dim 1, its bias the output group's; a
-BatchNorm the group's entries of every per-channel tensor; everything else (``num_batches_tracked`` included) stays
+BatchNorm the group's entries of every per-channel tensor; an attention module's biases of its heads' features (BEiT's
+``q_bias`` and ``v_bias``) the kept features of every head; everything else (``num_batches_tracked`` included) stays
 whole. :func:`materialize` slices by those sets to build the physically narrow model (the export, and the model the
 finetune phase trains); :func:`gather` and :func:`scatter_` move tensors of the same shapes between the full and the
 narrow model (weights, BatchNorm statistics, optimizer state) by the same sets.
@@ -80,12 +81,26 @@ def _layer_sets(module: nn.Module, mask: Mapping[str, Tensor] | None) -> dict[st
     return None
 
 
+def _attention_sets(module: nn.Module, mask: Mapping[str, Tensor] | None) -> dict[str, IndexSets] | None:
+    """The index sets of an attention module's own tensors indexed by its heads' features (``q_bias``, ``v_bias``:
+    :attr:`~maskprop.sparse.SparseAttention.head_feature_tensors`), the kept features of every head; ``None`` for any
+    other module."""
+    names = getattr(module, "head_feature_tensors", ()) if isinstance(module, SparseAttention) else ()
+    tensors = [getattr(module, name) for name in names if getattr(module, name) is not None]
+    if not tensors:
+        return None
+    kept = _kept(mask, module.group, tensors[0].device)
+    rows = None if kept is None else (
+        torch.arange(module.num_heads, device=kept.device)[:, None] * module.head_dim + kept).flatten()
+    return {name: (rows, None) for name in names}
+
+
 def index_sets(model: nn.Module, mask: Mapping[str, Tensor] | None) -> dict[str, IndexSets]:
     """``{tensor name: (rows, columns)}`` of every parameter and buffer of ``model`` (names as in its state dict)."""
     sets: dict[str, IndexSets] = {}
     mask = _with_concatenations(model, mask)
     for prefix, module in model.named_modules():
-        layer = _layer_sets(module, mask) or {}
+        layer = _layer_sets(module, mask) or _attention_sets(module, mask) or {}
         tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
         for name, tensor in tensors.items():
             if tensor is not None:
@@ -173,7 +188,8 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
     """A physically narrow copy of ``model`` that computes what ``model`` computes under ``use_mask(model, mask)``.
 
     Every maskprop layer is replaced by the plain torch layer of its kept size (conv and linear weights sliced on both
-    sides, biases, BatchNorm affine parameters and running statistics, by :func:`index_sets`); sparse-backward layers
+    sides, biases, BatchNorm affine parameters and running statistics, by :func:`index_sets`), an attention module's
+    biases of its heads' features are sliced to the kept features of every head; sparse-backward layers
     become plain layers of the same size. Every other module, attribute and the forward code are deep-copied
     unchanged, so the result has the same module tree and parameter names, on the same device and dtype, in the same
     train/eval mode. ``model`` is not modified, and the copy shares no tensor with it. Hooks registered on replaced
@@ -216,6 +232,10 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
         sets = _layer_sets(module, mask)
         if sets is not None:
             memo[id(module)] = _narrow_layer(module, sets, conv_type, norm_type)
+        for name, (rows, _) in (_attention_sets(module, mask) or {}).items():  # its biases of the kept features
+            tensor = getattr(module, name)
+            if tensor is not None:
+                memo[id(tensor)] = _parameter(gather(tensor, rows, None), tensor)
     if id(model) in memo:  # a bare layer
         return memo[id(model)]
     narrow = copy.deepcopy(model, memo)

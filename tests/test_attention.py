@@ -130,20 +130,21 @@ def test_check_model_and_export_take_a_vit_with_pruned_heads(vit64, tmp_path):
 
 def test_attention_in_another_form_keeps_its_heads_whole():
     """Query-key normalisation (its LayerNorm reads every head feature) and timm's other classes named ``Attention``
-    (BEiT's, with its relative position bias) are traced through as before: their heads stay whole, the model
-    computes what it did."""
+    (LeViT's, whose attention biases and head widths are its own) are traced through as before: their heads stay
+    whole, the model computes what it did. (BEiT's converts: tests/test_biased_attention.py.)"""
     normed = maskprop.make_prunable(_vit(qk_norm=True), SIZE)
     assert not any(isinstance(m, SparseAttention) for m in normed.modules())
     assert not any(g.endswith("attn") for g in maskprop.channel_groups(normed))
-    beit = timm.models.beit.Beit(img_size=16, patch_size=4, embed_dim=WIDTH, depth=1, num_heads=HEADS,
-                                 num_classes=5).eval()
-    x = torch.randn(2, *SIZE)
+    torch.manual_seed(0)
+    levit = timm.models.levit.Levit(img_size=32, embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(1, 1),
+                                    num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        before = beit(x)
-    maskprop.make_prunable(beit, SIZE)
-    assert not any(isinstance(m, SparseAttention) for m in beit.modules())
+        before = levit(x)
+    maskprop.make_prunable(levit, (3, 32, 32))
+    assert not any(isinstance(m, SparseAttention) for m in levit.modules())
     with torch.no_grad():
-        torch.testing.assert_close(beit(x), before, rtol=0, atol=0)
+        torch.testing.assert_close(levit(x), before, rtol=0, atol=0)
 
 
 def test_exclude_names_qkv_to_keep_a_blocks_heads_whole():

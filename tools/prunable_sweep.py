@@ -40,6 +40,7 @@ NETWORKS: list[tuple[str, str, dict[str, Any], int]] = [
     ("torchvision", "squeezenet1_1", {}, 64),
     ("torchvision", "convnext_tiny", {}, 64),
     ("torchvision", "swin_t", {}, 64),
+    ("torchvision", "swin_v2_t", {}, 64),
     ("torchvision", "maxvit_t", {}, 224),
     ("torchvision", "vit_b_16", {"image_size": 32}, 32),
     ("timm", "resnet18", {}, 64),
@@ -67,6 +68,8 @@ NETWORKS: list[tuple[str, str, dict[str, Any], int]] = [
     ("timm", "vit_tiny_patch16_224", {"img_size": 32}, 32),
     ("timm", "deit_tiny_patch16_224", {"img_size": 32}, 32),
     ("timm", "swin_tiny_patch4_window7_224", {}, 224),
+    ("timm", "swinv2_tiny_window8_256", {"img_size": 64}, 64),
+    ("timm", "beit_base_patch16_224", {"img_size": 32}, 32),
     ("timm", "mixer_s16_224", {"img_size": 64}, 64),
     ("timm", "resmlp_12_224", {"img_size": 32}, 32),
 ]

@@ -1,6 +1,7 @@
 """Channel groups, masks, and the compact / masked execution of channel-sparse layers."""
 
 from .attention import SparseAttention, SparseMultiheadAttention, SparseShiftedWindowAttention, SparseWindowAttention
+from .biased_attention import SparseBeitAttention, SparseShiftedWindowAttentionV2, SparseWindowAttentionV2
 from .execution import MODES, ExecutionState, Mask, ModelPlan, check_mask, model_plan, prepare_mask, use_mask
 from .groups import (
                      ChannelSparseModel,
@@ -26,12 +27,15 @@ __all__ = [
     "SparseAttention",
     "SparseBatchNorm2d",
     "SparseBatchNormAct2d",
+    "SparseBeitAttention",
     "SparseConv2d",
     "SparseLinear",
     "SparseModule",
     "SparseMultiheadAttention",
     "SparseShiftedWindowAttention",
+    "SparseShiftedWindowAttentionV2",
     "SparseWindowAttention",
+    "SparseWindowAttentionV2",
     "aligned_width",
     "channel_groups",
     "check_align",

@@ -15,7 +15,8 @@ DeiT, ...), with the same ``qkv`` and ``proj`` parameters and the same module tr
 :class:`SparseWindowAttention` in place of timm's ``WindowAttention`` (Swin Transformer), whose relative position
 bias is one number per head and pair of tokens, whatever features the heads keep, and
 :class:`SparseShiftedWindowAttention` in place of torchvision's ``ShiftedWindowAttention`` (the same attention, with
-the windows' partition and shift inside).
+the windows' partition and shift inside). Attention whose query and value biases live outside ``qkv`` (BEiT's) and
+the Swin Transformer v2's cosine attention are in :mod:`maskprop.sparse.biased_attention`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class SparseAttention(nn.Module):
             leaves attention with a normalisation whole).
     """
 
+    head_feature_tensors: tuple[str, ...] = ()
+    """The names of the module's own tensors (not ``qkv``'s or ``proj``'s) with one entry per feature of every head,
+    ``heads x head_dim`` in the heads' order (:class:`~maskprop.sparse.SparseBeitAttention`'s ``q_bias``): a narrow
+    model keeps the entries of the kept features (:func:`maskprop.surgery.index_sets`)."""
+
     def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, head_dim: int, group: str | None = None, *,
                  attn_drop: nn.Dropout | None = None, proj_drop: nn.Module | None = None,
                  q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
@@ -82,8 +88,13 @@ class SparseAttention(nn.Module):
         """The queries, keys and values of tokens ``x`` ``(N, L, C)``, each ``(N, heads, L, width)`` at the width the
         projection runs (the full head width, or the kept features of a subnetwork)."""
         batch, tokens, _ = x.shape
-        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._project(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         return self.q_norm(q), self.k_norm(k), v
+
+    def _project(self, x: Tensor) -> Tensor:
+        """The queries, keys and values of tokens ``x`` side by side, ``(N, L, 3 x heads x width)``: ``qkv``'s output
+        (a subclass adds the biases it holds apart)."""
+        return self.qkv(x)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
         """The fused kernel at the full width's scale, its dropout on the weights in training."""
@@ -116,21 +127,23 @@ class SparseWindowAttention(SparseAttention):
 
     Args:
         qkv, proj, num_heads, head_dim, group, attn_drop, proj_drop: As :class:`SparseAttention`'s.
-        relative_position_bias_table: ``((2 Wh - 1)(2 Ww - 1), heads)``, the learned bias (timm's parameter itself).
+        relative_position_bias_table: ``((2 Wh - 1)(2 Ww - 1), heads)``, the learned bias (timm's parameter itself;
+            ``None`` for a subclass that computes the bias otherwise, :class:`SparseWindowAttentionV2`).
         relative_position_index: ``(Wh Ww, Wh Ww)`` (or flattened), each pair of a window's tokens' row of the table.
         window_size: ``(Wh, Ww)``.
         save_index: Whether the state dict holds the index (torchvision's does; timm's does not).
     """
 
     def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, head_dim: int, group: str | None = None, *,
-                 relative_position_bias_table: nn.Parameter, relative_position_index: Tensor,
+                 relative_position_bias_table: nn.Parameter | None, relative_position_index: Tensor,
                  window_size: Sequence[int], attn_drop: nn.Dropout | None = None,
                  proj_drop: nn.Module | None = None, save_index: bool = False) -> None:
         super().__init__(qkv, proj, num_heads, head_dim, group, attn_drop=attn_drop, proj_drop=proj_drop)
         area = window_size[0] * window_size[1]
-        if relative_position_bias_table.shape[-1] != num_heads or relative_position_index.numel() != area * area:
-            raise ValueError(f"relative_position_bias_table has shape {tuple(relative_position_bias_table.shape)} and "
-                             f"relative_position_index {tuple(relative_position_index.shape)}; expected (rows, "
+        table = relative_position_bias_table
+        if table is not None and table.shape[-1] != num_heads or relative_position_index.numel() != area * area:
+            raise ValueError(f"relative_position_bias_table has shape {None if table is None else tuple(table.shape)} "
+                             f"and relative_position_index {tuple(relative_position_index.shape)}; expected (rows, "
                              f"{num_heads}) and {(area, area)} for {num_heads} heads and windows of "
                              f"{tuple(window_size)}")
         self.dim = qkv.in_features  # timm's names, for code that reads them

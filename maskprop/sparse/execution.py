@@ -488,6 +488,15 @@ class ExecutionState:
         start, width = self._offsets[group]
         return self._index_ext[start:start + width]
 
+    def real(self, group: str | None) -> Tensor | None:
+        """1 for the channels of ``group`` (or of a concatenated group) that the compact layers compute and the mask
+        keeps, 0 for padding, in the order of :meth:`index`; ``None`` where none is padding (``align=1``) or the
+        group is computed whole."""
+        if not self.padded or group not in self._offsets:
+            return None
+        start, width = self._offsets[group]
+        return self._real_ext[start:start + width]
+
     def weight_and_bias(self, layer: SparseConv2d | SparseLinear) -> tuple[Tensor, Tensor | None]:
         """The weight and bias ``layer`` runs with in compact mode: gathered when it reads or writes a pruned group
         (all layers' at once, by the first layer of a forward pass that asks), its own otherwise."""
