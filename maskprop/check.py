@@ -183,6 +183,27 @@ def nontrivial_batch_norms(model: nn.Module, generator: torch.Generator | None =
     return model
 
 
+def nontrivial_parameters(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """``model`` with every floating-point parameter whose entries are all equal drawn apart (from ``generator``, or
+    torch's global one), BatchNorm's aside (:func:`nontrivial_batch_norms`): zeros (a zero-initialised bias, the query
+    and value biases of BEiT's attention, the last norm of a residual branch that starts as the identity) uniform in
+    [-0.5, 0.5], and a constant ``c`` (a norm's weights at 1, a layer scale, a logit scale) ``c`` times uniform in
+    [0.5, 1.5], which keeps its sign. A zero branch computes nothing a check could compare, and equal weights hide a
+    wrong channel order."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                continue
+            for t in m.parameters(recurse=False):
+                if not t.is_floating_point() or t.numel() == 0 or not bool((t == t.flatten()[0]).all()):
+                    continue
+                if bool(t.flatten()[0] == 0):
+                    t.uniform_(-0.5, 0.5, generator=generator)
+                else:
+                    t.mul_(torch.empty_like(t).uniform_(0.5, 1.5, generator=generator))
+    return model
+
+
 def edge_mask(groups: Mapping[str, int], generator: torch.Generator) -> dict[str, Tensor]:
     """Half of each group at random, the first group down to one channel and the second whole."""
     mask = random_mask(groups, 0.5, generator)
@@ -199,7 +220,8 @@ def check_model(model: nn.Module, input_size: Sequence[int], *, batch_size: int 
                 seed: int = 0) -> ModelCheck:
     """Check that every way maskprop runs ``model`` as a subnetwork computes the subnetwork its mask names.
 
-    The model is not changed: a float64 copy runs on the CPU, with random BatchNorm parameters and statistics, with
+    The model is not changed: a float64 copy runs on the CPU, with random BatchNorm parameters and statistics and
+    every other parameter whose entries are all equal drawn apart (a zero-initialised branch checks nothing), with
     dropout off (modules and functions) and the random stream seeded alike before each pass (stochastic depth draws
     the same in each), on a mask that keeps one channel of the first group, every channel of the second and a random
     half of the rest, and on another that keeps a random half of every group (the checks are listed in the module's
@@ -319,6 +341,7 @@ def _check(model: nn.Module, input_size: tuple[int, ...], groups: dict[str, int]
     wiring = (_ORDER.format(_names(declared, limit=3)) + _WIRING) if declared else _WIRING  # the likelier one first
     base = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).train()
     nontrivial_batch_norms(base, generator)
+    nontrivial_parameters(base, generator)
     if batch_size is None:
         batch_size = _batch_size(base, input_size)
     x = torch.randn(batch_size, *input_size, generator=generator, dtype=torch.float64)

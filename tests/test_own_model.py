@@ -118,6 +118,30 @@ def test_flops_outside_the_layers_that_no_subnetwork_prunes_are_counted_and_pass
     assert cost.backward_flops(mask) == plain.backward_flops(mask) + 2 * 32
 
 
+def test_check_model_draws_apart_the_parameters_whose_entries_are_all_equal():
+    """A zero-initialised branch (BEiT's query and value biases, Swin v2's last norm of a branch) computes nothing a
+    check could compare, and equal weights hide a wrong channel order: check_model's copy draws every such parameter
+    apart, zeros in [-0.5, 0.5] and a constant c as c times [0.5, 1.5] (its sign kept), and leaves the others and
+    BatchNorm's (drawn by their own rule) as they are."""
+    from maskprop.check import nontrivial_parameters
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.BatchNorm2d(6), nn.Linear(6, 3, bias=False))
+    with torch.no_grad():
+        model[0].bias.zero_()
+        model[1].weight.fill_(-2.0)
+        model[3].weight.fill_(1e-6)
+    random_weight = model[0].weight.clone()
+    batch_norm = {k: v.clone() for k, v in model[2].state_dict().items()}
+    nontrivial_parameters(model, torch.Generator().manual_seed(0))
+    bias, scale, tiny = model[0].bias, model[1].weight, model[3].weight
+    assert bias.abs().max() <= 0.5 and len(set(bias.tolist())) == 6
+    assert ((scale <= -1.0) & (scale >= -3.0)).all() and len(set(scale.tolist())) == 6
+    assert ((model[1].bias >= -0.5) & (model[1].bias <= 0.5)).all() and model[1].bias.abs().sum() > 0
+    assert ((tiny >= 0.5e-6) & (tiny <= 1.5e-6)).all() and len(set(tiny.flatten().tolist())) == 18
+    assert torch.equal(model[0].weight, random_weight)
+    assert all(torch.equal(v, batch_norm[k]) for k, v in model[2].state_dict().items())
+
+
 def test_bad_input_to_check_model():
     with pytest.raises(ValueError, match="has no channel groups"):
         maskprop.check_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2)), (3, 8, 8))
