@@ -1258,3 +1258,13 @@ def test_what_a_forward_prints_while_traced_is_passed_on(capfd, monkeypatch):
     monkeypatch.setattr(ShapeProp, "run_node", talking)
     maskprop.make_prunable(Plain(), (3, 16, 16))
     assert capfd.readouterr().err.count("note from stem.0") == 2  # traced in training and in eval mode
+
+
+def test_a_timm_name_is_traced_at_the_image_size_its_model_declares():
+    """timm's ``test_vit3`` declares 160 x 160 (``pretrained_cfg``) and takes nothing else: ``timm:test_vit3`` is
+    traced there (at 224 x 224 it failed in one line, and so did ``maskprop bench`` of timm's Swin v2 at 256), and an
+    ``img_size`` keyword still wins."""
+    model = maskprop.create_model("timm:test_vit3", num_classes=5)
+    assert maskprop.sparse.channel_groups(model) and model(torch.randn(2, 3, 160, 160)).shape == (2, 5)
+    small = maskprop.create_model("timm:test_vit3", num_classes=5, img_size=32)
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 5)

@@ -92,7 +92,17 @@ CONVERTED_SOURCES = ("timm", "torchvision")
 
 CONVERTED_INPUT_SIZE = (224, 224)
 """The image size ``make_prunable`` traces those models at (convolutional heads pool globally, so they train at any
-size), unless their keywords fix one (``img_size`` of timm's, ``image_size`` of torchvision's vision transformers)."""
+size), unless their keywords fix one (``img_size`` of timm's, ``image_size`` of torchvision's vision transformers) or
+timm's model declares another (``pretrained_cfg["input_size"]``: 256 x 256 of ``swinv2_tiny_window8_256``)."""
+
+
+def _declared_size(model: nn.Module) -> tuple[int, int] | None:
+    """The ``(H, W)`` a timm model declares it takes (its ``pretrained_cfg``), or ``None``."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if isinstance(size, (tuple, list)) and len(size) == 3 and all(isinstance(s, int) and s > 0 for s in size[1:]):
+        return int(size[1]), int(size[2])
+    return None
 
 
 def converted_source(name: object) -> str | None:
@@ -131,7 +141,9 @@ def _converted_entrypoint(name: str) -> Callable[..., nn.Module]:
                              f"for GoogLeNet, to skip its slow initialisation)")
         model = create(arch, num_classes=num_classes, **kwargs)
         channels = kwargs.get("in_chans", 3)  # timm's keyword for the input's channels
-        size = kwargs.get("img_size", kwargs.get("image_size", CONVERTED_INPUT_SIZE))
+        size = kwargs.get("img_size", kwargs.get("image_size"))
+        if size is None:
+            size = (_declared_size(model) if source == "timm" else None) or CONVERTED_INPUT_SIZE
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         return make_prunable(model, (channels, *size), prune_residual=prune_residual)
 
