@@ -52,17 +52,19 @@ def _per_example(image: torch.Tensor, top: int, left: int, flip: bool, padding: 
 # The batched augmentation
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 @pytest.mark.parametrize("padding, flip", [(4, True), (2, True), (4, False), (0, True)])
-def test_batched_crop_and_flip_equal_torchvision_per_example(dtype, padding, flip):
+def test_batched_crop_and_flip_equal_torchvision_per_example(dtype, padding, flip, memory_format):
     generator = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (64, 3, 32, 24), generator=generator).to(dtype)
     if dtype.is_floating_point:
         images = images / 255 - 0.5  # negative values too: the padding is zero, not the minimum
+    images = images.contiguous(memory_format=memory_format)
     offsets, flips = draw_crops_and_flips(64, padding, flip, generator)
     assert (offsets is None) == (padding == 0) and (flips is None) == (not flip)
     got = crop_flip_batch(images, offsets, flips, padding)
-    assert got.dtype == dtype and got.shape == images.shape
+    assert got.dtype == dtype and got.shape == images.shape and got.is_contiguous(memory_format=memory_format)
     for n in range(64):
         top, left = (0, 0) if offsets is None else offsets[n].tolist()
         expected = _per_example(images[n], top, left, flips is not None and bool(flips[n]), padding)
@@ -84,7 +86,8 @@ def test_normalisation_matches_the_transform_pipeline():
     reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
     expected = torch.stack([reference(image) for image in images])
     for memory_format in (torch.contiguous_format, torch.channels_last):
-        got = normalize_batch(images, torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD), memory_format)
+        images = images.contiguous(memory_format=memory_format)
+        got = normalize_batch(images, torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD))
         assert got.dtype == torch.float32 and got.is_contiguous(memory_format=memory_format)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 

@@ -154,7 +154,7 @@ def image_tensors(name: str, dataset: Dataset, augment: bool) -> ImageTensors:
         return ImageTensors(dataset.data.unsqueeze(1), torch.as_tensor(dataset.targets, dtype=torch.long), mean, std)
     if name in ("cifar10", "cifar100"):
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
-        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W), a view
         return ImageTensors(images, torch.as_tensor(dataset.targets, dtype=torch.long), mean, std,
                             padding=4 if augment else 0, flip=augment)  # cifar_transforms: RandomCrop(32, padding=4)
     raise ValueError(f"dataset {name!r} is not held in memory; expected one of {', '.join(IN_MEMORY_DATASETS)}")
@@ -172,15 +172,21 @@ def draw_crops_and_flips(count: int, padding: int, flip: bool, generator: torch.
     return offsets, flips
 
 
+def _channels_last(images: Tensor) -> bool:
+    """Whether ``images`` ``(N, C, H, W)`` lie channels_last in memory (and not also contiguous: one channel)."""
+    return images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+
+
 def crop_flip_batch(images: Tensor, offsets: Tensor | None, flips: Tensor | None, padding: int) -> Tensor:
     """Per example of ``images`` ``(N, C, H, W)``: a crop of ``(H, W)`` at ``offsets[n]`` (top, left) from the image
     padded with ``padding`` zeros on each side, then a horizontal flip where ``flips[n]``; what torchvision's
     ``v2.functional.pad`` + ``crop`` + ``horizontal_flip`` give one example at a time, as one gather. ``offsets``
-    ``None``: no crop; ``flips`` ``None``: no flip. Any dtype; a new contiguous tensor.
+    ``None``: no crop; ``flips`` ``None``: no flip (neither: ``images`` itself). Any dtype; a new tensor, channels_last
+    if ``images`` are, else contiguous.
     """
     batch, channels, height, width = images.shape
     if offsets is None and flips is None:
-        return images.contiguous()
+        return images
     device = images.device
     if offsets is None:
         offsets, padding = torch.zeros(batch, 2, dtype=torch.long, device=device), 0
@@ -191,22 +197,30 @@ def crop_flip_batch(images: Tensor, offsets: Tensor | None, flips: Tensor | None
     source_cols = left + cols  # (N, W)
     if flips is not None:
         source_cols = torch.where(flips[:, None], left + (width - 1) - cols, source_cols)
-    padded = F.pad(images, (padding,) * 4) if padding > 0 else images
     padded_width = width + 2 * padding
-    index = (source_rows[:, :, None] * padded_width + source_cols[:, None, :]).view(batch, 1, height * width)
+    pixels = height * width
+    index = (source_rows[:, :, None] * padded_width + source_cols[:, None, :]).view(batch, pixels)
+    if _channels_last(images):  # gather whole pixels (C values each) in the (N, H, W, C) order the memory holds
+        hwc = images.permute(0, 2, 3, 1)
+        if padding > 0:
+            padded = hwc.new_zeros(batch, height + 2 * padding, padded_width, channels)
+            padded[:, padding:padding + height, padding:padding + width] = hwc
+            hwc = padded
+        out = hwc.reshape(batch, -1, channels).gather(1, index[:, :, None].expand(batch, pixels, channels))
+        return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
+    padded = F.pad(images, (padding,) * 4) if padding > 0 else images
     flat = padded.contiguous().view(batch, channels, -1)
-    return flat.gather(2, index.expand(batch, channels, height * width)).view(batch, channels, height, width)
+    return flat.gather(2, index[:, None, :].expand(batch, channels, pixels)).view(batch, channels, height, width)
 
 
-def normalize_batch(images: Tensor, mean: Tensor, std: Tensor,
-                    memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+def normalize_batch(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """uint8 (or float in [0, 255]) images ``(N, C, H, W)`` as float32 ``(x / 255 - mean) / std`` per channel
-    (``mean``, ``std``: float32 ``(C,)`` on the images' device), in one multiply-add into a tensor of
-    ``memory_format``: torchvision's ``ToDtype(float32, scale=True)`` + ``Normalize``, to float rounding."""
+    (``mean``, ``std``: float32 ``(C,)`` on the images' device), in the images' memory format: torchvision's
+    ``ToDtype(float32, scale=True)`` + ``Normalize``, to float rounding (one multiply and one add in place)."""
     scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
     shift = (-mean / std).view(1, -1, 1, 1)
-    out = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=memory_format)
-    return torch.addcmul(shift, images, scale, out=out)
+    out = images.to(torch.float32, copy=True)  # a new tensor even for float input, laid out as the images are
+    return out.mul_(scale).add_(shift)
 
 
 def augment_seed(seed: int, rank: int = 0) -> int:
@@ -255,6 +269,8 @@ class DeviceLoader:
                              f"expected a generator on the data's device")
         self.augment_generator, self.augment_seed = augment_generator, augment_seed
         self.memory_format = memory_format
+        if not data.images.is_contiguous(memory_format=memory_format):  # once: every batch comes out in its layout
+            self.data = data = replace(data, images=data.images.contiguous(memory_format=memory_format))
         self._mean = torch.tensor(data.mean, dtype=torch.float32, device=device)
         self._std = torch.tensor(data.std, dtype=torch.float32, device=device)
 
@@ -285,15 +301,18 @@ class DeviceLoader:
 
     def _batch(self, index: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         data = self.data
-        images, labels = data.images.index_select(0, index), data.labels.index_select(0, index)
+        images, labels = data.images[index], data.labels[index]
+        if not images.is_contiguous(memory_format=self.memory_format):  # (indexing keeps it on the CPU and CUDA)
+            images = images.contiguous(memory_format=self.memory_format)
         if not self.augment:
-            return normalize_batch(images, self._mean, self._std, self.memory_format), labels
-        offsets, flips = draw_crops_and_flips(images.shape[0], data.padding, data.flip, generator)
-        if data.pad_normalized:  # the dataset's transform pads the normalised image with zeros
-            images = crop_flip_batch(normalize_batch(images, self._mean, self._std), offsets, flips, data.padding)
-            return images.contiguous(memory_format=self.memory_format), labels
-        images = crop_flip_batch(images, offsets, flips, data.padding)  # black pixels, on uint8: a quarter the bytes
-        return normalize_batch(images, self._mean, self._std, self.memory_format), labels
+            images = normalize_batch(images, self._mean, self._std)
+        else:
+            offsets, flips = draw_crops_and_flips(images.shape[0], data.padding, data.flip, generator)
+            if data.pad_normalized:  # the dataset's transform pads the normalised image with zeros
+                images = crop_flip_batch(normalize_batch(images, self._mean, self._std), offsets, flips, data.padding)
+            else:  # black pixels, cropped on uint8: a quarter of the bytes
+                images = normalize_batch(crop_flip_batch(images, offsets, flips, data.padding), self._mean, self._std)
+        return images.contiguous(memory_format=self.memory_format), labels  # the layout it has already
 
 
 def _available_bytes(device: torch.device) -> int | None:
