@@ -18,7 +18,7 @@ from test_train import _assert_same_state
 
 import maskprop
 from maskprop.cli import main
-from maskprop.train import device_data, loop
+from maskprop.train import device_data, loop, setup
 from maskprop.train.checkpoint import load_checkpoint
 from maskprop.train.config import DataConfig, load_config
 from maskprop.train.data import build_datasets, build_loader
@@ -31,6 +31,7 @@ from maskprop.train.device_data import (
     image_tensors,
     normalize_batch,
 )
+from maskprop.train.graphs import GraphsChoice
 from maskprop.train.setup import prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs (conftest.py)
@@ -220,7 +221,12 @@ def test_the_training_set_on_the_device_is_what_the_dataset_holds(tmp_path):
 # Runs: resume, refusals, the command line
 
 
-def test_a_resumed_run_on_the_device_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("static", [False, True])
+def test_a_resumed_run_on_the_device_equals_an_uninterrupted_one(tmp_path, monkeypatch, static):
+    """Eager steps, and the static-shape steps (run eagerly) that a CUDA device takes, which copy each batch into
+    their own inputs."""
+    if static:
+        monkeypatch.setattr(setup, "resolve_cuda_graphs", lambda cfg, device, model=None: GraphsChoice(True, False))
     config = with_overrides(TINY_RUN, **ON_DEVICE, **{"optim.epochs": 3, "save_every": 1, "finetune.epochs": 1})
     maskprop.fit(config, out=tmp_path / "straight")
     original, calls = loop.train_one_epoch, {"n": 0}
