@@ -250,6 +250,32 @@ def test_a_resumed_run_on_the_device_equals_an_uninterrupted_one(tmp_path, monke
     assert not torch.equal(a["rng"]["augment"], stopped["rng"]["augment"])  # it drew since
 
 
+def test_resuming_a_run_from_before_the_setting_warns_only_where_it_moves_the_data(caplog):
+    """A checkpoint's config without ``data.on_device`` (written before it existed) holds no setting the user changed;
+    a run resumed from it on the device (``auto`` on CUDA, or ``true``) says that its crops and flips start anew."""
+    from maskprop.train.config import config_to_dict
+    from maskprop.train.setup import _warn_changed
+
+    saved = config_to_dict(load_config(TINY_RUN))
+    del saved["data"]["on_device"]
+    with caplog.at_level(logging.WARNING):
+        _warn_changed(saved, config_to_dict(load_config(TINY_RUN)))
+        assert caplog.records == []
+        _warn_changed(saved, config_to_dict(load_config(TINY_RUN, ["data.on_device=true"])))
+    assert [r.getMessage() for r in caplog.records] == [
+        "resuming with settings changed since the checkpoint (schedules keep their saved lengths): data.on_device: "
+        "None -> True"]
+    run = prepare(load_config(TINY_RUN, ["data.on_device=true"]))
+    checkpoint = prepare(load_config(TINY_RUN)).state.checkpoint(run.cfg, run.groups)
+    assert "augment" not in checkpoint["rng"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run.state.load(checkpoint)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the checkpoint holds no augmentation generator (its run took its batches from the DataLoader, "
+        "data.on_device off): the crops and flips on the device are drawn anew from here on"]
+
+
 def test_on_device_true_is_refused_where_the_data_cannot_be_there(tmp_path, monkeypatch, caplog):
     with pytest.raises(ValueError, match=r"^data.on_device=true needs an in-memory dataset; got 'imagenet' "
                                          r"\(expected one of shapes, mnist, fashion_mnist, cifar10, cifar100, or "

@@ -311,9 +311,13 @@ def _check_resumed_epochs(checkpoint: Mapping[str, Any], cfg: Config, run_dir: P
 
 
 def _warn_changed(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Log the settings that differ from the checkpoint's: the run continues, but not as it started."""
+    """Log the settings that differ from the checkpoint's: the run continues, but not as it started. A setting the
+    checkpoint's config lacks (added to maskprop since it was written) at its default is no change the user made, and
+    is left out (``data.on_device``: where it moves the data, ``TrainState.load`` says so)."""
     a, b = dotted(saved, leaves=("kwargs",)), dotted(current, leaves=("kwargs",))
-    changed = [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in changed_keys(a, b) if key not in _FREE_ON_RESUME]
+    defaults = dotted(config_to_dict(Config()), leaves=("kwargs",))
+    changed = [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in changed_keys(a, b) if key not in _FREE_ON_RESUME
+               and not (key not in a and key in defaults and b.get(key) == defaults[key])]
     if changed:
         logger.warning("resuming with settings changed since the checkpoint (schedules keep their saved lengths): %s",
                        "; ".join(changed))
