@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import TINY_RUN, with_overrides
+from conftest import TINY_RUN, load_tool, with_overrides
 from test_data import make_cifar, make_mnist
 from test_train import _assert_same_state
 
@@ -215,6 +215,9 @@ def test_the_training_set_on_the_device_is_what_the_dataset_holds(tmp_path):
     shapes = image_tensors("shapes", shapes_train, augment=True)
     assert (shapes.padding, shapes.flip, shapes.pad_normalized) == (2, True, True)  # crop_flip(16, padding=16 // 8)
     assert not image_tensors("cifar10", val, augment=False).augments
+    assert data.to("cpu") is data and data.images.is_contiguous()  # torchvision's CIFAR holds (C, H, W) planes
+    moved = data.to("cpu", torch.channels_last)  # laid out before it moves: one copy on the device
+    assert moved.images.is_contiguous(memory_format=torch.channels_last) and torch.equal(moved.images, data.images)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -326,3 +329,13 @@ def test_maskprop_train_with_the_data_on_the_device(tmp_path, caplog):
     assert saved["data"]["on_device"] is True
     checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
     assert checkpoint["phase"] == "done" and "augment" in checkpoint["rng"]
+
+
+def test_the_data_benchmark_compares_the_dataloader_with_the_device(capsys):
+    bench = load_tool("bench_data")
+    assert bench.main(["--cifar", "--workers", "0", "--images", "300", "--batch-size", "32", "--batches", "2",
+                       "--repeats", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:3] == ["| path | images/s | ms per batch | on-device / this (paired) |", "|---|---:|---:|---:|"]
+    assert [line.split(" | ")[0] for line in lines[3:]] == ["| DataLoader, workers 0", "| on the device (cpu)"]
+    assert lines[-1].endswith("| 1.00x |")

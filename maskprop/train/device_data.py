@@ -105,12 +105,16 @@ class ImageTensors:
         """Bytes of its images and labels."""
         return self.images.numel() * self.images.element_size() + self.labels.numel() * self.labels.element_size()
 
-    def to(self, device: torch.device | str) -> ImageTensors:
-        """The same dataset on ``device`` (``self`` where it is there already)."""
+    def to(self, device: torch.device | str, memory_format: torch.memory_format | None = None) -> ImageTensors:
+        """The same dataset on ``device``, its images laid out in ``memory_format`` (``None``: as they are) before they
+        move, so that the device never holds two copies (``self`` where nothing changes)."""
         device = torch.device(device)
-        if self.images.device == device and self.labels.device == device:
+        images = self.images
+        if memory_format is not None and not images.is_contiguous(memory_format=memory_format):
+            images = images.contiguous(memory_format=memory_format)
+        if images is self.images and images.device == device and self.labels.device == device:
             return self
-        return replace(self, images=self.images.to(device), labels=self.labels.to(device))
+        return replace(self, images=images.to(device), labels=self.labels.to(device))
 
     def head(self, count: int) -> ImageTensors:
         """Its first ``count`` examples (views, no copy)."""
@@ -271,7 +275,7 @@ class DeviceLoader:
         self.augment_generator, self.augment_seed = augment_generator, augment_seed
         self.memory_format = memory_format
         if not data.images.is_contiguous(memory_format=memory_format):  # once: every batch comes out in its layout
-            self.data = data = replace(data, images=data.images.contiguous(memory_format=memory_format))
+            self.data = data = data.to(data.images.device, memory_format)
         self._mean = torch.tensor(data.mean, dtype=torch.float32, device=device)
         self._std = torch.tensor(data.std, dtype=torch.float32, device=device)
 
@@ -343,7 +347,8 @@ def _off(setting: Any, device: torch.device, reason: str, expected: str, level: 
 
 
 def data_on_device(data: DataConfig, device: torch.device, train_set: Dataset, val_set: Dataset,
-                   given: bool = False) -> tuple[ImageTensors, ImageTensors] | None:
+                   given: bool = False, memory_format: torch.memory_format = torch.contiguous_format
+                   ) -> tuple[ImageTensors, ImageTensors] | None:
     """The training and validation sets on ``device`` as ``data.on_device`` asks, or ``None``: the DataLoader path.
 
     ``auto`` is on for a CUDA device, off elsewhere (see the module docstring). Whether on by ``true`` or ``auto``, the
@@ -357,6 +362,7 @@ def data_on_device(data: DataConfig, device: torch.device, train_set: Dataset, v
         train_set: The training set ``build_datasets`` built (or the one given to ``fit``).
         val_set: The validation set.
         given: The datasets were given to ``fit``, not built from ``data``.
+        memory_format: The layout of the images on the device (that of the batches the run wants).
 
     Raises:
         ValueError: ``data.on_device: true`` for data that cannot be held on the device.
@@ -380,7 +386,7 @@ def data_on_device(data: DataConfig, device: torch.device, train_set: Dataset, v
                               f"{DEVICE_MEMORY_SHARE:.0%} of the {_mib(available)} free on {device}",
              "data.on_device=false (the DataLoader) or a device with more free memory", logging.WARNING)
         return None
-    train, val = train.to(device), val.to(device)
+    train, val = train.to(device, memory_format), val.to(device, memory_format)
     logger.info("data on %s: %d training and %d validation images (%s), batched and augmented there", device,
                 len(train), len(val), _mib(needed))
     return train, val

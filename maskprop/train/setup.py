@@ -391,7 +391,9 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         dense_model = copy.deepcopy(model)
         budget = sparse_backward(model, cfg.method, cfg.sbp)
     loader_generator = torch.Generator().manual_seed(cfg.seed)
-    on_device = data_on_device(cfg.data, device, train_set, val_set, given=given is not None)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    on_device = data_on_device(cfg.data, device, train_set, val_set, given=given is not None,
+                               memory_format=memory_format)
     augment_generator = None
     if on_device is None:
         train_loader = build_loader(train_set, cfg.data.batch_size, train=True, workers=cfg.data.workers,
@@ -399,7 +401,6 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         val_loader = build_loader(val_set, cfg.data.batch_size, train=False, workers=cfg.data.workers,
                                   seed=cfg.seed, pin_memory=device.type == "cuda")
     else:  # the same index batches from the same generator; the crops and flips from a generator on the device
-        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         augment_generator = torch.Generator(device=device).manual_seed(augment_seed(cfg.seed, place.rank))
         train_loader = DeviceLoader(on_device[0], cfg.data.batch_size, train=True, generator=loader_generator,
                                     augment_generator=augment_generator, memory_format=memory_format)
