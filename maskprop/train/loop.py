@@ -569,7 +569,7 @@ def _training_examples(run: Run) -> Dataset | ImageTensors:
     return run.train_loader.data if isinstance(run.train_loader, DeviceLoader) else run.train_set
 
 
-def _probe_loader(run: Run) -> torch.utils.data.DataLoader | DeviceLoader | None:
+def _probe_loader(run: Run) -> Loader | None:
     """The first ``TOP_MASK_EXAMPLES`` training examples, in order, for the top-score subnetwork's training accuracy
     after each search epoch; ``None`` for runs without scores."""
     if run.state.scores is None or run.state.phase != "search":
@@ -582,7 +582,7 @@ def _probe_loader(run: Run) -> torch.utils.data.DataLoader | DeviceLoader | None
                         seed=run.cfg.seed)
 
 
-def _search_diagnostics(run: Run, probe: torch.utils.data.DataLoader | None) -> dict[str, Any]:
+def _search_diagnostics(run: Run, probe: Loader | None) -> dict[str, Any]:
     """How the search stands after a search epoch (docs/methods.md, "Diagnostics of a search"): the kind of its last
     step, the budget ``K(t) / N`` of the step after it (the budget the scores meet), and after VR-PGE steps the shares
     of keep probabilities within ``POLARISED_MARGIN`` of 0 and 1, their mean Bernoulli entropy (nats) and the training
