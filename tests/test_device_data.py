@@ -166,6 +166,20 @@ def test_the_index_batches_are_the_dataloaders(world_size, train):
         assert (len(expected[0]), len(expected)) == (8 // world_size, 6 if train else 7)
 
 
+def test_the_dataloaders_order_does_not_depend_on_its_workers():
+    """Persistent workers make the DataLoader's iterator once: it still moves the generator every epoch as a new one
+    would, so its batches are those of ``workers == 0`` and of the device, every epoch (and after a resume)."""
+    data = ImageTensors(torch.zeros(50, 1, 2, 2, dtype=torch.uint8), torch.arange(50), (0.0,), (1.0,))
+    orders = []
+    for workers in (0, 2, "device"):
+        generator = torch.Generator().manual_seed(3)
+        loader = DeviceLoader(data, 8, train=True, generator=generator, world=(0, 1)) if workers == "device" else \
+            build_loader(_Indexed(), 8, train=True, workers=workers, generator=generator, world=(0, 1))
+        orders.append([[labels.tolist() for _, labels in loader] for _ in range(3)])
+    assert orders[0] == orders[1] == orders[2]
+    assert orders[0][0] != orders[0][1]
+
+
 def _mnist_config(root) -> dict:
     make_mnist(root, train_size=40, test_size=12)
     return {"data.dataset": "mnist", "data.root": str(root), "model.name": "mlp", "data.batch_size": 16}

@@ -105,6 +105,22 @@ class _ReseedWorker:
             pass
 
 
+class _EpochLoader(DataLoader):
+    """torch's DataLoader whose generator moves alike every epoch, whatever the number of workers.
+
+    A new iterator draws its workers' base seed from the generator before the epoch's permutation. Without persistent
+    workers (and with ``workers == 0``) every epoch makes one; a persistent iterator is made once and only reset, so
+    from the second epoch on the generator would move one draw less, and the order would depend on ``data.workers``
+    (and a resumed run, whose first epoch makes a new iterator, would take other batches than one that did not stop).
+    This draws that value at the later epochs too, and drops it: the workers keep their seeds.
+    """
+
+    def __iter__(self):  # DataLoader's own iterator type
+        if self.persistent_workers and self.num_workers > 0 and self._iterator is not None:
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return super().__iter__()
+
+
 def build_sampler(size: int, batch_size: int, train: bool, seed: int = 0, generator: torch.Generator | None = None,
                   drop_last: bool | None = None, world: tuple[int, int] | None = None) -> GlobalBatchSampler:
     """The index batches :func:`build_loader` loads, for a dataset of ``size`` examples (its arguments of the same
@@ -138,7 +154,8 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 
     Shuffling (for ``train``) draws each epoch's permutation from ``generator``, and worker processes seed their RNGs
     (torch, ``random``, numpy) from it too, so the same generator state gives the same batches. Pass your own
     generator to save and restore its state with a checkpoint; otherwise one seeded with ``seed`` is made. With
-    ``workers == 0`` augmentation draws from torch's global RNG.
+    ``workers == 0`` augmentation draws from torch's global RNG. The order does not depend on ``workers``: with
+    persistent workers the generator moves as with none (:class:`_EpochLoader`).
 
     Args:
         dataset: The dataset.
@@ -158,7 +175,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 
         raise ValueError(f"workers={workers} must be >= 0")
     sampler = build_sampler(len(dataset), batch_size, train, seed, generator, drop_last, world)  # type: ignore[arg-type]
     rank = sampler.rank
-    return DataLoader(
+    return _EpochLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
