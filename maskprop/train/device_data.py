@@ -19,8 +19,8 @@ makes each batch there, by indexing those tensors and augmenting the whole batch
   an explicit generator on the device, seeded from the run's seed and saved in the checkpoint (``TrainState``), so a
   resumed run draws what an uninterrupted one draws; under torchrun each rank has its own stream.
 * **No host work per batch.** The epoch's indices go to the device in one transfer; a batch is a handful of kernels
-  (an index, two draws, a gather, one multiply-add into the float output in the run's memory format), with no read
-  back to the host.
+  (an index, two draws, a padding, a gather, the conversion to float and a multiply and an add in place, all in the
+  run's memory format, held by the images), with no read back to the host.
 
 ``data.on_device: auto`` puts the data on a CUDA device where it fits in half of the free memory, and leaves the CPU
 on the DataLoader path (BENCHMARKS.md, "Data loading: CIFAR batches on the device": the batches come 4-5x faster there
