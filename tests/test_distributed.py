@@ -27,7 +27,7 @@ from conftest import TINY_RUN, with_overrides
 
 import maskprop
 from maskprop.sparse import sync_batchnorm
-from maskprop.train import distributed
+from maskprop.train import device_data, distributed
 from maskprop.train.checkpoint import load_checkpoint
 from maskprop.train.data import GlobalBatchSampler, build_loader
 from maskprop.train.graphs import GraphsChoice, StaticSteps
@@ -107,6 +107,10 @@ def ddp(tmp_path_factory):
         {"config": SYNC, "out": str(root / "static_sync_run"), "dump": str(root / "static_sync"), "static": True},
         {"config": with_overrides(STATIC, **{"sparsity.weight_grad": "both", "optim.clip_grad_norm": 1.0}),
          "out": None, "dump": str(root / "static_both"), "static": True},
+        {"config": with_overrides(STATIC, **{"data.on_device": True}), "out": str(root / "static_on_device_run"),
+         "dump": str(root / "static_on_device"), "static": True},
+        {"config": tiny(**{"data.on_device": True, "optim.epochs": 1}), "out": str(root / "on_device_run"),
+         "dump": str(root / "on_device")},
     ]
     spec = root / "jobs.json"
     spec.write_text(json.dumps(jobs))
@@ -134,7 +138,7 @@ def _assert_equal_states(a: dict, b: dict) -> None:
     assert torch.equal(a["mask_generator"], b["mask_generator"])
 
 
-@pytest.mark.parametrize("job", ["plain", "sync", "both", "static", "static_sync", "static_both"])
+@pytest.mark.parametrize("job", ["plain", "sync", "both", "static", "static_sync", "static_both", "on_device"])
 def test_every_rank_holds_the_same_weights_scores_masks_and_batchnorm_statistics(ddp, job):
     root, *_ = ddp
     assert [r["error"] for r in _results(root / job)] == [None, None]
@@ -146,15 +150,18 @@ def test_every_rank_holds_the_same_weights_scores_masks_and_batchnorm_statistics
         assert not torch.equal(rank0["model"]["bn1.running_mean"], torch.zeros_like(rank0["model"]["bn1.running_mean"]))
 
 
-@pytest.mark.parametrize(("job", "rtol", "atol"), [("static", 1e-4, 1e-5), ("static_sync", 1e-3, 1e-4)])
+@pytest.mark.parametrize(("job", "rtol", "atol"), [("static", 1e-4, 1e-5), ("static_sync", 1e-3, 1e-4),
+                                                    ("static_on_device", 1e-4, 1e-5)])
 def test_static_steps_two_processes_match_one_process(ddp, job, rtol, atol):
     """The static-shape steps under torchrun (eagerly: the steps CUDA runs there) average the ranks' gradients between
     their pieces, and their score update reads L(m) and L(m') of the global batch: 2 processes compute what 1
     process computes, to float rounding.
     ``static``: an MLP (no BatchNorm, whose statistics would be each rank's own); ``static_sync``: ResNet-20 with
-    ``sync_bn`` (the tolerances of the ReLU sign flips described at SYNC)."""
+    ``sync_bn`` (the tolerances of the ReLU sign flips described at SYNC); ``static_on_device``: the MLP with its data
+    on the device (``data.on_device``; without augmentation), against the one process of ``static`` (the DataLoader):
+    each rank's slice of the same global batches."""
     root, _, *references = ddp
-    single = references[0 if job == "static" else 1]
+    single = references[1 if job == "static_sync" else 0]
     two, _ = _states(root / job)
     assert two["step"] == single["step"] and two["counters"] == single["counters"]
     assert two["fix_info"]["chosen"] == single["fix_info"]["chosen"]
@@ -167,12 +174,21 @@ def test_static_steps_two_processes_match_one_process(ddp, job, rtol, atol):
         else:
             assert torch.equal(two["model"][key], value), key
     records = [[json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
-               for name in (f"{job}_run", f"{job}_single")]
+               for name in (f"{job}_run", f"{job.removesuffix('_on_device')}_single")]
     assert [(r["phase"], r["epoch"]) for r in records[0]] == [(r["phase"], r["epoch"]) for r in records[1]]
     for a, b in zip(*records):  # the logged means are those of the global batches, not of rank 0's share
         for key in ("train_loss", "train_loss2", "train_accuracy", "kept_ratio_sampled", "val_loss", "val_accuracy"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), (a["phase"], a["epoch"], key)
+
+
+def test_every_rank_draws_its_own_crops_and_flips_on_the_device_and_saves_them(ddp):
+    root, *_ = ddp
+    checkpoint = load_checkpoint(root / "on_device_run" / "last.pt")
+    ranks = checkpoint["rng"]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["augment"], ranks[1]["augment"])
+    fresh = [torch.Generator().manual_seed(device_data.augment_seed(TINY["seed"], rank)).get_state() for rank in (0, 1)]
+    assert not any(torch.equal(ranks[rank]["augment"], fresh[rank]) for rank in (0, 1))  # both drew
 
 
 def test_sync_bn_two_processes_match_one_process(ddp):
@@ -878,7 +894,7 @@ def test_gradients_differ_from_their_parameters_strides_in_size_one_dimensions_a
 
 _DDP_BACKWARD = """
 import sys, warnings, torch, torch.distributed as dist
-from maskprop.train import distributed
+from maskprop.train import device_data, distributed
 torch.set_num_threads(2)  # oneDNN's multi-threaded 1x1 conv gives the weight channels_last strides (one thread: not)
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
 model = torch.nn.Sequential(torch.nn.Conv2d(64, 128, 1), torch.nn.ReLU(), torch.nn.Conv2d(128, 64, 1))

@@ -91,13 +91,14 @@ def test_tiny_runs_train_on_cuda_with_bf16_and_channels_last(tmp_path, method, g
     probabilities of 0.5 the 0.999 quantile of the kept count, rounded up to 8, is all of resnet20's 16- and
     32-channel groups and 48 of 64, so with the second forward a search step costs more than a dense one and the
     train-cost saving of this 2+1-epoch run falls below 1 (counted, as everything computed is). The graphed run loads
-    its batches in worker processes, whose pinned copies a thread of this process makes while the steps are captured
-    (a capture that other threads' CUDA calls break would fail here)."""
+    its batches in worker processes (``data.on_device: false``), whose pinned copies a thread of this process makes
+    while the steps are captured (a capture that other threads' CUDA calls break would fail here); the eager runs hold
+    their data on the GPU (``data.on_device: auto``), and make their batches there."""
     config = {"method": method, "device": "cuda", "amp": "bf16", "channels_last": True, "log_every": 2,
               "cuda_graphs": graphs,
               "model": {"name": "resnet20"},
               "data": {"dataset": "shapes", "train_size": 128, "val_size": 64, "image_size": 16, "batch_size": 64,
-                       "workers": 2 if graphs else 0},
+                       "workers": 2 if graphs else 0, "on_device": False if graphs else "auto"},
               "optim": {"epochs": 2}, "sparsity": {"fix_examples": 64, "fix_samples": 2}, "finetune": {"epochs": 1},
               "sbp": {"ratio": 0.25, "angle_every": 1}}
     summary = maskprop.fit(config, out=tmp_path / "run")
@@ -125,7 +126,7 @@ def test_torchrun_on_cuda_captures_the_static_steps(tmp_path):
 
     config = {"device": "cuda", "amp": "bf16", "channels_last": True, "log_every": 2, "model": {"name": "resnet20"},
               "data": {"dataset": "shapes", "train_size": 384, "val_size": 64, "image_size": 16, "batch_size": 64,
-                       "workers": 2},  # a pin-memory thread and NCCL's watchdog run beside the captures
+                       "workers": 2, "on_device": False},  # a pin-memory thread and NCCL's watchdog beside the captures
               "optim": {"epochs": 3}, "sparsity": {"warmup_epochs": 1, "fix_examples": 64, "fix_samples": 2},
               "finetune": {"epochs": 1}}  # 6 steps an epoch: each step kind warms up 3, is captured, replays
     recipe = tmp_path / "tiny.yaml"
@@ -140,6 +141,56 @@ def test_torchrun_on_cuda_captures_the_static_steps(tmp_path):
     static = summary["static_steps"]
     assert static["captured"] is True and static["graph_captures"] >= 3 and static["search_windows"] >= 1
     assert summary["accuracy"] is not None and summary["measured_speedup"] > 0
+
+
+@isolated
+def test_batches_made_on_the_gpu_equal_the_cpus_and_never_wait_for_it():
+    """``data.on_device`` on CUDA: the same batches as on the CPU (without augmentation, to float rounding; with it,
+    the same crops and flips of the same draws, exactly), channels_last float32 and int64 on the GPU, no host
+    synchronisation in a whole epoch after the first, and a generator state that replays its draws."""
+    import warnings
+
+    from maskprop.train.data import shapes_datasets
+    from maskprop.train.device_data import DeviceLoader, crop_flip_batch, draw_crops_and_flips, image_tensors
+
+    train_set, _ = shapes_datasets(600, 10, image_size=32)
+    data = image_tensors("shapes", train_set, augment=True)
+    cuda = torch.device("cuda")
+
+    def loader(device: torch.device, augment: bool, seed: int = 0) -> DeviceLoader:
+        return DeviceLoader(data.to(device, torch.channels_last), 128, train=True,
+                            generator=torch.Generator().manual_seed(seed), augment=augment,
+                            augment_generator=torch.Generator(device=device).manual_seed(seed),
+                            memory_format=torch.channels_last)
+
+    for (x_cpu, y_cpu), (x_gpu, y_gpu) in zip(loader(torch.device("cpu"), False), loader(cuda, False)):
+        assert x_gpu.is_cuda and x_gpu.dtype == torch.float32 and y_gpu.dtype == torch.int64
+        assert x_gpu.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(y_gpu.cpu(), y_cpu)
+        torch.testing.assert_close(x_gpu.cpu(), x_cpu, rtol=1e-6, atol=1e-6)
+    images = data.images[:256].to(cuda).contiguous(memory_format=torch.channels_last)
+    offsets, flips = draw_crops_and_flips(256, 4, True, torch.Generator(device=cuda).manual_seed(1))
+    assert offsets.is_cuda and int(offsets.max()) == 8 and 0 < int(flips.sum()) < 256
+    assert torch.equal(crop_flip_batch(images, offsets, flips, 4).cpu(),
+                       crop_flip_batch(images.cpu(), offsets.cpu(), flips.cpu(), 4))
+    augmented = loader(cuda, True)
+    list(augmented)  # the first epoch: pinned memory allocated, kernels loaded
+    states = augmented.generator.get_state(), augmented.augment_generator.get_state()  # what a checkpoint holds
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            epoch = [x for x, _ in augmented]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()] == []
+    assert len(epoch) == 4
+    replay = loader(cuda, True, seed=5)  # another run, restored from those states: the same epoch again
+    replay.generator.set_state(states[0])
+    replay.augment_generator.set_state(states[1])
+    again = [x for x, _ in replay]
+    assert len(again) == 4 and all(torch.equal(a, b) for a, b in zip(epoch, again))
 
 
 def _sampled_mask(model, keep: float, seed: int) -> dict:

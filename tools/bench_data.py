@@ -1,4 +1,5 @@
-"""Loader throughput: images per second of the ImageNet training pipeline against the number of worker processes.
+"""Loader throughput: images per second of the ImageNet training pipeline against the number of worker processes,
+and of the CIFAR training batches from torch's DataLoader against those made on the device (``data.on_device``).
 
 A training step is loader-bound when the loader delivers fewer images per second than the GPU consumes: compare the
 figure here (per process, i.e. per GPU under torchrun) with ``batch / step time`` of ``maskprop bench --device cuda``.
@@ -7,10 +8,19 @@ training transform (random resized crop, flip, colour jitter, normalisation) and
 
     python tools/bench_data.py                         # a synthetic tree of JPEGs of ImageNet's typical size
     python tools/bench_data.py --root /path/to/imagenet --workers 0 4 8 16
+    python tools/bench_data.py --cifar --workers 0 2   # CIFAR-10: the DataLoader against data.on_device (CPU)
+    python tools/bench_data.py --cifar --device cuda   # the same on a GPU (the DataLoader's batches copied there)
 
 Without ``--root`` it writes ``--images`` random JPEGs of ``--size`` (default 500x375, ImageNet's most common size)
 to a temporary directory (random pixels compress worse than photographs, so decoding costs somewhat more than on
 ImageNet). The first batch (worker start-up) is not timed; each figure is the median over ``--repeats`` passes.
+
+``--cifar`` writes a CIFAR-10 stand-in of ``--images`` random images (default 10,000) in the python pickle format (or
+reads ``--root``) and times, interleaved in one process, one pass of ``--batches`` training batches (crop, flip,
+normalisation, channels_last, on ``--device``) of each path in turn: the DataLoader with each of ``--workers``, then
+the batches made on the device (:class:`maskprop.train.device_data.DeviceLoader`). Its table gives each path's median
+images/s and the median over the repeats of the on-device path's rate over that path's in the same repeat (paired
+ratios: on a machine shared with other work, only rates measured side by side compare).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,18 +77,97 @@ def measure(root: Path, workers: int, batch_size: int, batches: int, crop_size: 
     return statistics.median(rates)
 
 
+def _cifar_standin(root: Path, images: int) -> None:
+    """A CIFAR-10 of ``images`` random training images (and 1,000 test images) in the python pickle format."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    per_batch = -(-images // 5)
+    sizes = [min(per_batch, images - i * per_batch) for i in range(5)] + [1000]
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name, size in zip(names, sizes):
+        entry = {"data": rng.integers(0, 256, (max(size, 0), 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, max(size, 0)).tolist()}
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{c}" for c in range(10)]}))
+
+
+def _pass(loader: Any, batches: int, device: torch.device) -> float:
+    """Images per second of ``batches`` batches of one pass (after one untimed batch), each made ready for a step:
+    on ``device``, channels_last, as ``StepContext.inputs`` leaves them."""
+    iterator = iter(loader)
+
+    def ready(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        images, labels = batch
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        labels.to(device, non_blocking=True)
+        return images.shape[0]
+
+    ready(next(iterator))  # worker start-up, the first prefetch, the epoch's indices
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start, count = time.perf_counter(), 0
+    for _ in range(batches):
+        try:
+            count += ready(next(iterator))
+        except StopIteration:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    rate = count / (time.perf_counter() - start)
+    del iterator
+    return rate
+
+
+def measure_cifar(root: Path, workers: list[int], batch_size: int, batches: int, repeats: int,
+                  device: torch.device) -> list[tuple[str, float, float]]:
+    """``(path, median images/s, median of the on-device path's paired ratios over it)`` per path, the DataLoader
+    with each of ``workers`` then the on-device path, timed in turn within every repeat."""
+    from maskprop.train.config import DataConfig
+    from maskprop.train.data import build_datasets, build_loader
+    from maskprop.train.device_data import DeviceLoader, augment_seed, image_tensors
+
+    train_set, _, _, _ = build_datasets(DataConfig(dataset="cifar10", root=str(root)))
+    loaders: dict[str, Any] = {
+        f"DataLoader, workers {w}": build_loader(train_set, batch_size, train=True, workers=w, seed=0, world=(0, 1),
+                                                 pin_memory=device.type == "cuda") for w in workers}
+    data = image_tensors("cifar10", train_set, augment=True).to(device)
+    on_device = f"on the device ({device})"
+    loaders[on_device] = DeviceLoader(data, batch_size, train=True, seed=0, world=(0, 1),
+                                      augment_generator=torch.Generator(device=device).manual_seed(augment_seed(0)),
+                                      memory_format=torch.channels_last)
+    rates: dict[str, list[float]] = {name: [] for name in loaders}
+    for _ in range(repeats):
+        for name, loader in loaders.items():
+            rates[name].append(_pass(loader, batches, device))
+    return [(name, statistics.median(rates[name]),
+             statistics.median(d / r for d, r in zip(rates[on_device], rates[name]))) for name in loaders]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, help="an ImageFolder root with train/ (default: a synthetic tree)")
-    parser.add_argument("--images", type=int, default=640, help="images of the synthetic tree")
+    parser.add_argument("--root", type=Path, help="an ImageFolder root with train/ (default: a synthetic tree); "
+                                                  "with --cifar, a CIFAR-10 root (default: a random stand-in)")
+    parser.add_argument("--cifar", action="store_true", help="CIFAR-10 batches: the DataLoader against on-device")
+    parser.add_argument("--images", type=int, help="images of the synthetic tree (default 640) or CIFAR stand-in "
+                                                   "(default 10,000)")
     parser.add_argument("--size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
-    parser.add_argument("--batch-size", type=int, default=64, help="per process (per GPU)")
+    parser.add_argument("--batch-size", type=int, help="per process (per GPU); default 64, with --cifar 256")
     parser.add_argument("--batches", type=int, default=8, help="timed batches per pass")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--crop-size", type=int, default=224)
+    parser.add_argument("--device", default="cpu", help="with --cifar: where the batches go (cpu, cuda)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as each DataLoader worker does; the main process only collates at workers > 0
+    if args.cifar:
+        return _cifar_main(args)
+    args.images = 640 if args.images is None else args.images
+    args.batch_size = 64 if args.batch_size is None else args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
         if root is None:
@@ -92,6 +182,26 @@ def main(argv: list[str] | None = None) -> int:
         for workers in args.workers:
             rate = measure(root, workers, args.batch_size, args.batches, args.crop_size, args.repeats)
             print(f"| {workers} | {rate:.0f} | {1000.0 / rate:.2f} |", flush=True)
+    return 0
+
+
+def _cifar_main(args: argparse.Namespace) -> int:
+    images = 10_000 if args.images is None else args.images
+    batch_size = 256 if args.batch_size is None else args.batch_size
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root
+        if root is None:
+            root = Path(tmp)
+            _cifar_standin(root, images)
+        print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} thread; "
+              f"{root if args.root else f'CIFAR-10 stand-in of {images:,} random images'}, batch {batch_size}, "
+              f"crop 32 (padding 4), flip, normalisation, channels_last on {device}; medians of {args.repeats} "
+              f"interleaved passes of {args.batches} batches after an untimed first batch")
+        print("| path | images/s | ms per batch | on-device / this (paired) |")
+        print("|---|---:|---:|---:|")
+        for name, rate, ratio in measure_cifar(root, args.workers, batch_size, args.batches, args.repeats, device):
+            print(f"| {name} | {rate:,.0f} | {1000.0 * batch_size / rate:.1f} | {ratio:.2f}x |", flush=True)
     return 0
 
 

@@ -2,10 +2,10 @@
 
 A checkpoint holds everything a run needs to continue exactly as if it had not stopped (same seed, same run): model
 and score parameters, optimizer and scheduler states, phase / epoch / step, the fixed subnetwork once there is one,
-the generator states (mask sampling, data order, torch's global CPU RNG, the CUDA RNGs), the cost counters and step
-timings, the resolved config, the model's spec (``model_spec``: how it was built, what export rebuilds; absent from
-checkpoints written before it existed) and its channel-group layout (to refuse a checkpoint of another model before
-anything is loaded).
+the generator states (mask sampling, data order, torch's global CPU RNG, the CUDA RNGs, the crops and flips of data
+on the device), the cost counters and step timings, the resolved config, the model's spec (``model_spec``: how it
+was built, what export rebuilds; absent from checkpoints written before it existed) and its channel-group layout (to
+refuse a checkpoint of another model before anything is loaded).
 """
 
 from __future__ import annotations

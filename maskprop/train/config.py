@@ -38,6 +38,7 @@ from .._files import atomic_write
 from ..models._registry import check_module_name
 
 __all__ = [
+    "IN_MEMORY_DATASETS",
     "SPARSE_BACKWARD_METHODS",
     "Config",
     "DataConfig",
@@ -65,6 +66,8 @@ Sparsifier = Literal["topk", "topk_unified", "randomk"]
 Budget = Literal["layer", "balanced"]
 BudgetScale = Literal["none", "variance", "rms"]
 SPARSE_BACKWARD_METHODS = ("meprop", "sbp", "msbp")
+IN_MEMORY_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10", "cifar100")
+"""The datasets held in memory as whole tensors, which ``data.on_device`` can put on the training device."""
 
 # What YAML 1.2 reads as a number and YAML 1.1 as text: a number with an exponent and no dot needed (``12e-3``).
 _EXPONENT_NUMBER = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$")
@@ -162,6 +165,15 @@ class DataConfig(_Section):
         seed: Seed of the ``shapes`` generator (train and validation use different streams derived from it).
         crop_size: ImageNet crop size (evaluation resizes to ``crop_size / 0.875`` and center-crops).
         image_size: Side of the ``shapes`` images in pixels.
+        on_device: Hold the training and validation images of an in-memory dataset (``shapes``, ``mnist``,
+            ``fashion_mnist``, ``cifar10``, ``cifar100``) on the training device as one uint8 tensor each, and make
+            every batch there: the batch's examples indexed, then cropped, flipped and normalised as a whole
+            (``maskprop.train.device_data``). The batches are the same examples in the same order as the DataLoader's
+            (and ``workers`` is unused); only the augmentation draws differ, which come from a generator on the device
+            seeded from ``seed`` and saved in the checkpoint. ``true`` (an error for ``imagenet``, for datasets given
+            to ``fit``, and for images that would take more than half of the device's free memory), ``false`` (torch's
+            DataLoader with per-example transforms), ``auto`` (on for a CUDA device where the data fits, else off; a
+            log line says why it is off on CUDA).
     """
 
     dataset: DatasetName = "shapes"
@@ -174,6 +186,21 @@ class DataConfig(_Section):
     seed: Annotated[int, Field(ge=0)] = 0
     crop_size: Annotated[int, Field(ge=8)] = 224
     image_size: Annotated[int, Field(ge=8)] = 32
+    on_device: Literal["auto", True, False] = "auto"
+
+    @field_validator("on_device", mode="before")
+    @classmethod
+    def _on_device_switch(cls, value: Any) -> Any:
+        if value is True or value is False or value == "auto":  # `is`: 1 and 0 are no switch (they equal the bools)
+            return value
+        raise ValueError(f"data.on_device={value!r} is not a valid choice; expected 'auto', true or false")
+
+    @model_validator(mode="after")
+    def _check_on_device(self) -> DataConfig:
+        if self.on_device is True and self.dataset not in IN_MEMORY_DATASETS:
+            raise ValueError(f"data.on_device=true needs an in-memory dataset; got {self.dataset!r} (expected one of "
+                             f"{', '.join(IN_MEMORY_DATASETS)}, or data.on_device=auto or false)")
+        return self
 
 
 class SparsityConfig(_Section):

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .distributed import current
 
-__all__ = ["GlobalBatchSampler", "build_loader"]
+__all__ = ["GlobalBatchSampler", "build_loader", "build_sampler"]
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -105,6 +105,45 @@ class _ReseedWorker:
             pass
 
 
+class _EpochLoader(DataLoader):
+    """torch's DataLoader whose generator moves alike every epoch, whatever the number of workers.
+
+    A new iterator draws its workers' base seed from the generator before the epoch's permutation. Without persistent
+    workers (and with ``workers == 0``) every epoch makes one; a persistent iterator is made once and only reset, so
+    from the second epoch on the generator would move one draw less, and the order would depend on ``data.workers``
+    (and a resumed run, whose first epoch makes a new iterator, would take other batches than one that did not stop).
+    This draws that value at the later epochs too, and drops it: the workers keep their seeds.
+    """
+
+    def __iter__(self):  # DataLoader's own iterator type
+        if self.persistent_workers and self.num_workers > 0 and self._iterator is not None:
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return super().__iter__()
+
+
+def build_sampler(size: int, batch_size: int, train: bool, seed: int = 0, generator: torch.Generator | None = None,
+                  drop_last: bool | None = None, world: tuple[int, int] | None = None) -> GlobalBatchSampler:
+    """The index batches :func:`build_loader` loads, for a dataset of ``size`` examples (its arguments of the same
+    names): this rank's slices of the global batches of one order drawn from ``generator`` (training), or its
+    contiguous share of the dataset in order (``train=False``). Without ``generator``, one seeded with ``seed``.
+
+    Raises:
+        ValueError: ``batch_size`` < 1, or a training set smaller than one batch (with ``drop_last``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    rank, world_size = world if world is not None else (current().rank, current().world_size)
+    drop_last = train if drop_last is None else drop_last
+    if drop_last and size < batch_size:
+        raise ValueError(f"a training set of {size} examples gives no full batch of {batch_size} (an epoch drops its "
+                         f"partial last batch); expected data.batch_size <= {size}, or more training examples "
+                         f"(for the shapes dataset, data.train_size)")
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
+    return GlobalBatchSampler(size, batch_size, shuffle=train, drop_last=drop_last, generator=generator, rank=rank,
+                              world_size=world_size, shard=not train)
+
+
 def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0, seed: int = 0,
                  generator: torch.Generator | None = None, drop_last: bool | None = None,
                  pin_memory: bool = False, world: tuple[int, int] | None = None) -> DataLoader:
@@ -115,7 +154,8 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 
     Shuffling (for ``train``) draws each epoch's permutation from ``generator``, and worker processes seed their RNGs
     (torch, ``random``, numpy) from it too, so the same generator state gives the same batches. Pass your own
     generator to save and restore its state with a checkpoint; otherwise one seeded with ``seed`` is made. With
-    ``workers == 0`` augmentation draws from torch's global RNG.
+    ``workers == 0`` augmentation draws from torch's global RNG. The order does not depend on ``workers``: with
+    persistent workers the generator moves as with none (:class:`_EpochLoader`).
 
     Args:
         dataset: The dataset.
@@ -131,27 +171,16 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 
     Returns:
         The loader.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
     if workers < 0:
         raise ValueError(f"workers={workers} must be >= 0")
-    rank, world_size = world if world is not None else (current().rank, current().world_size)
-    drop_last = train if drop_last is None else drop_last
-    size = len(dataset)  # type: ignore[arg-type]
-    if drop_last and size < batch_size:
-        raise ValueError(f"a training set of {size} examples gives no full batch of {batch_size} (an epoch drops its "
-                         f"partial last batch); expected data.batch_size <= {size}, or more training examples "
-                         f"(for the shapes dataset, data.train_size)")
-    if generator is None:
-        generator = torch.Generator().manual_seed(seed)
-    sampler = GlobalBatchSampler(size, batch_size, shuffle=train, drop_last=drop_last, generator=generator, rank=rank,
-                                 world_size=world_size, shard=not train)
-    return DataLoader(
+    sampler = build_sampler(len(dataset), batch_size, train, seed, generator, drop_last, world)  # type: ignore[arg-type]
+    rank = sampler.rank
+    return _EpochLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
-        generator=generator,
+        generator=sampler.generator,
         persistent_workers=workers > 0,
         worker_init_fn=_ReseedWorker(rank) if rank > 0 and workers > 0 else None,
     )

@@ -53,6 +53,7 @@ from ..vrpge import ChannelScores, score_statistics
 from .checkpoint import save_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SparsityConfig, config_to_dict, load_config, save_config
 from .data import build_loader
+from .device_data import DeviceLoader, ImageTensors
 from .distributed import (
     agree,
     average_buffers,
@@ -83,6 +84,8 @@ DENSE_REFERENCE_MIN_PAIRS = 5
 """Dense reference steps per phase at least, each paired with an adjacent step of the run (``timing.py``)."""
 POLARISED_MARGIN = 0.05
 """A keep probability this close to 0 or 1 counts as settled in the search diagnostics."""
+Loader = torch.utils.data.DataLoader | DeviceLoader
+"""What gives a run's batches: torch's DataLoader, or batches made on the device (``data.on_device``)."""
 TOP_MASK_EXAMPLES = 512
 """The first training examples the top-score subnetwork's training accuracy is measured on after each search epoch."""
 
@@ -206,7 +209,7 @@ def _count_step(state: TrainState, phase: str, result: StepResult) -> None:
         state.counters["dense_train_flops"] += result.dense_flops
 
 
-def _progress_bar(state: TrainState, loader: torch.utils.data.DataLoader, total: int) -> tqdm:
+def _progress_bar(state: TrainState, loader: Loader, total: int) -> tqdm:
     """The epoch's progress bar: rank 0's alone."""
     return tqdm(loader, desc=f"{state.phase} {state.epoch + 1}/{total}", leave=False, dynamic_ncols=True,
                 disable=None if current().is_main else True)
@@ -228,7 +231,7 @@ def _measures_angles(state: TrainState, cfg: Config) -> bool:
     return every > 0 and (state.step + 1) % every == 0
 
 
-def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: torch.utils.data.DataLoader,
+def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: Loader,
                     log: RunLogger, dense_reference: DenseReference | None = None,
                     narrow: NarrowSubnetwork | None = None, static: StaticSteps | None = None,
                     threads: RunThreads | None = None) -> dict[str, float]:
@@ -238,7 +241,7 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: to
         state: The run state (its ``phase`` selects the step).
         cfg: The run configuration.
         ctx: Step settings.
-        loader: The training loader.
+        loader: The training loader (a DataLoader, or a DeviceLoader: ``data.on_device``).
         log: Where per-step scalars go (every ``cfg.log_every`` steps).
         dense_reference: Times dense steps paired with some of the epoch's steps, for the measured speedup.
         narrow: The fixed subnetwork's narrow model and optimizer, trained instead of compact steps of the full model
@@ -306,7 +309,7 @@ def _window_result(window: MeterWindow) -> StepResult:
                       flops=0, dense_flops=0, grad_norm=window.grad_norm / steps)
 
 
-def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: torch.utils.data.DataLoader,
+def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: Loader,
                         log: RunLogger, static: StaticSteps, dense_reference: DenseReference | None,
                         narrow: NarrowSubnetwork | None, threads: RunThreads | None = None) -> dict[str, float]:
     """``train_one_epoch`` with static steps: nothing is read from the device inside a step; every ``log_every``
@@ -396,7 +399,7 @@ def _new_widths() -> Iterator[None]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, mask: Mapping[str, Tensor] | None,
+def evaluate(model: nn.Module, loader: Loader, mask: Mapping[str, Tensor] | None,
              ctx: StepContext) -> dict[str, float]:
     """Top-1 accuracy (percent) and mean cross entropy of the subnetwork ``mask`` (dense for ``None``), eval mode.
 
@@ -425,7 +428,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, mask: Mappin
 
 @torch.no_grad()
 def _best_of_n(scores: ChannelScores, model: nn.Module, generator: torch.Generator, samples: int,
-               loader: torch.utils.data.DataLoader, ctx: StepContext) -> tuple[dict[str, Tensor], dict[str, Any]]:
+               loader: Loader, ctx: StepContext) -> tuple[dict[str, Tensor], dict[str, Any]]:
     masks = [scores.split(scores.sample_flat(generator).cpu()) for _ in range(samples)]
     correct, count = [0] * samples, 0
     model.eval()
@@ -453,8 +456,11 @@ _FIX_RULES = {"best_of_n": _best_of_n, "top_scores": _top_scores}
 
 
 def fix_subnetwork(state: TrainState, cfg: Config, ctx: StepContext,
-                   train_set: Dataset) -> tuple[dict[str, Tensor], dict[str, Any]]:
+                   train_set: Dataset | ImageTensors) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Choose the subnetwork to finetune (``sparsity.fix``; see the module docstring).
+
+    ``train_set`` is the training set, or its images on the device (``data.on_device``), whose batches are then made
+    there, with crops and flips drawn from a generator seeded with ``cfg.seed``.
 
     Returns:
         The mask (on the CPU) and a json-able description of how it was chosen.
@@ -465,10 +471,12 @@ def fix_subnetwork(state: TrainState, cfg: Config, ctx: StepContext,
         return state.fixed_mask, state.fix_info
     loader = None
     if sparsity.fix == "best_of_n":
-        subset = train_set
-        if sparsity.fix_examples is not None and sparsity.fix_examples < len(train_set):
-            subset = Subset(train_set, range(sparsity.fix_examples))
-        loader = build_loader(subset, cfg.data.batch_size, train=False, workers=cfg.data.workers, seed=cfg.seed)
+        count = len(train_set) if sparsity.fix_examples is None else min(sparsity.fix_examples, len(train_set))
+        if isinstance(train_set, ImageTensors):
+            loader = _augmented_examples(train_set.head(count), cfg)
+        else:
+            subset = train_set if count == len(train_set) else Subset(train_set, range(count))
+            loader = build_loader(subset, cfg.data.batch_size, train=False, workers=cfg.data.workers, seed=cfg.seed)
     scores = state.scores
     if scores.scores.device != state.mask_generator.device:  # static steps keep them on the device (graphs.py)
         scores = copy.deepcopy(scores).to(state.mask_generator.device)
@@ -549,16 +557,32 @@ def _within_budget(state: TrainState) -> bool:
             or state.scores.budget <= state.schedule.final)
 
 
-def _probe_loader(run: Run) -> torch.utils.data.DataLoader | None:
+def _augmented_examples(data: ImageTensors, cfg: Config) -> DeviceLoader:
+    """Training examples on the device in order, augmented alike at every pass (a generator seeded with ``cfg.seed``
+    each time), for evaluations on the training set: the fix's, the search's probe."""
+    return DeviceLoader(data, cfg.data.batch_size, train=False, seed=cfg.seed, augment=True, augment_seed=cfg.seed,
+                        memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+
+
+def _training_examples(run: Run) -> Dataset | ImageTensors:
+    """The run's training set: its images on the device (``data.on_device``), else the dataset."""
+    return run.train_loader.data if isinstance(run.train_loader, DeviceLoader) else run.train_set
+
+
+def _probe_loader(run: Run) -> Loader | None:
     """The first ``TOP_MASK_EXAMPLES`` training examples, in order, for the top-score subnetwork's training accuracy
     after each search epoch; ``None`` for runs without scores."""
     if run.state.scores is None or run.state.phase != "search":
         return None
-    subset = Subset(run.train_set, range(min(TOP_MASK_EXAMPLES, len(run.train_set))))
-    return build_loader(subset, run.cfg.data.batch_size, train=False, workers=0, seed=run.cfg.seed)
+    examples = _training_examples(run)
+    count = min(TOP_MASK_EXAMPLES, len(examples))
+    if isinstance(examples, ImageTensors):
+        return _augmented_examples(examples.head(count), run.cfg)
+    return build_loader(Subset(examples, range(count)), run.cfg.data.batch_size, train=False, workers=0,
+                        seed=run.cfg.seed)
 
 
-def _search_diagnostics(run: Run, probe: torch.utils.data.DataLoader | None) -> dict[str, Any]:
+def _search_diagnostics(run: Run, probe: Loader | None) -> dict[str, Any]:
     """How the search stands after a search epoch (docs/methods.md, "Diagnostics of a search"): the kind of its last
     step, the budget ``K(t) / N`` of the step after it (the budget the scores meet), and after VR-PGE steps the shares
     of keep probabilities within ``POLARISED_MARGIN`` of 0 and 1, their mean Bernoulli entropy (nats) and the training
@@ -692,7 +716,7 @@ def _next_phase(run: Run) -> None:
     if state.phase == "search":
         if run.static is not None:
             run.static.end_search()
-        state.fixed_mask, state.fix_info = fix_subnetwork(state, cfg, run.ctx, run.train_set)
+        state.fixed_mask, state.fix_info = fix_subnetwork(state, cfg, run.ctx, _training_examples(run))
         state.phase, state.epoch = "finetune", 0
         state.last_accuracy = None  # measured with the top scores, not with the fixed subnetwork
         state.weight_optimizer, state.weight_schedule = phase_optimizer(cfg, state.model, "finetune",

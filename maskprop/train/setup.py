@@ -28,6 +28,7 @@ from ..threads import RunThreads
 from .checkpoint import check_compatible, error_reason, load_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SbpConfig, changed_keys, config_to_dict, dotted
 from .data import build_datasets, build_loader
+from .device_data import DeviceLoader, augment_seed, data_on_device
 from .distributed import all_reduce_sum, check_world_size, current, device_for, resume_command
 from .graphs import GraphsChoice, StaticSteps, resolve_cuda_graphs, set_capturable
 from .optim import build_schedule, run_optimizer, score_optimizer, weight_optimizer
@@ -53,15 +54,17 @@ class Run:
     steps of ``steps.py``. ``initial_weights``: what ``model.weights`` loaded (for a resumed run, what it started
     from; ``None``: no file). ``given_data``: what identifies datasets passed in by the caller instead of the ones
     ``config.data`` names (``dataset: "custom"``, their types and sizes; ``None``: the config's). ``threads``: torch's
-    CPU threads for the steps (``threads.py``; :func:`maskprop.fit` sets its own).
+    CPU threads for the steps (``threads.py``; :func:`maskprop.fit` sets its own). ``train_loader`` and
+    ``val_loader`` are :class:`~maskprop.train.device_data.DeviceLoader` s where ``data.on_device`` holds the data on
+    the device (their ``data``: the images there), else torch's DataLoaders over ``train_set`` and its validation twin.
     """
 
     cfg: Config
     state: TrainState
     ctx: StepContext
     train_set: Dataset
-    train_loader: torch.utils.data.DataLoader
-    val_loader: torch.utils.data.DataLoader
+    train_loader: torch.utils.data.DataLoader | DeviceLoader
+    val_loader: torch.utils.data.DataLoader | DeviceLoader
     groups: dict[str, int]
     spec: ModelSpec
     run_dir: Path | None
@@ -308,9 +311,13 @@ def _check_resumed_epochs(checkpoint: Mapping[str, Any], cfg: Config, run_dir: P
 
 
 def _warn_changed(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Log the settings that differ from the checkpoint's: the run continues, but not as it started."""
+    """Log the settings that differ from the checkpoint's: the run continues, but not as it started. A setting the
+    checkpoint's config lacks (added to maskprop since it was written) at its default is no change the user made, and
+    is left out (``data.on_device``: where it moves the data, ``TrainState.load`` says so)."""
     a, b = dotted(saved, leaves=("kwargs",)), dotted(current, leaves=("kwargs",))
-    changed = [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in changed_keys(a, b) if key not in _FREE_ON_RESUME]
+    defaults = dotted(config_to_dict(Config()), leaves=("kwargs",))
+    changed = [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in changed_keys(a, b) if key not in _FREE_ON_RESUME
+               and not (key not in a and key in defaults and b.get(key) == defaults[key])]
     if changed:
         logger.warning("resuming with settings changed since the checkpoint (schedules keep their saved lengths): %s",
                        "; ".join(changed))
@@ -387,10 +394,21 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         dense_model = copy.deepcopy(model)
         budget = sparse_backward(model, cfg.method, cfg.sbp)
     loader_generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = build_loader(train_set, cfg.data.batch_size, train=True, workers=cfg.data.workers,
-                                generator=loader_generator, pin_memory=device.type == "cuda")
-    val_loader = build_loader(val_set, cfg.data.batch_size, train=False, workers=cfg.data.workers, seed=cfg.seed,
-                              pin_memory=device.type == "cuda")
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    on_device = data_on_device(cfg.data, device, train_set, val_set, given=given is not None,
+                               memory_format=memory_format)
+    augment_generator = None
+    if on_device is None:
+        train_loader = build_loader(train_set, cfg.data.batch_size, train=True, workers=cfg.data.workers,
+                                    generator=loader_generator, pin_memory=device.type == "cuda")
+        val_loader = build_loader(val_set, cfg.data.batch_size, train=False, workers=cfg.data.workers,
+                                  seed=cfg.seed, pin_memory=device.type == "cuda")
+    else:  # the same index batches from the same generator; the crops and flips from a generator on the device
+        augment_generator = torch.Generator(device=device).manual_seed(augment_seed(cfg.seed, place.rank))
+        train_loader = DeviceLoader(on_device[0], cfg.data.batch_size, train=True, generator=loader_generator,
+                                    augment_generator=augment_generator, memory_format=memory_format)
+        val_loader = DeviceLoader(on_device[1], cfg.data.batch_size, train=False, seed=cfg.seed,
+                                  memory_format=memory_format)
 
     scores = score_opt = None
     first_phase = "search" if cfg.method == "vrpge" else "train"
@@ -405,7 +423,8 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     optimizer, schedule = phase_optimizer(cfg, model, "finetune" if finetuning else first_phase, len(train_loader))
     state = TrainState(model=model, weight_optimizer=optimizer, weight_schedule=schedule, scores=scores,
                        score_optimizer=score_opt, mask_generator=torch.Generator().manual_seed(cfg.seed + 1),
-                       loader_generator=loader_generator, phase=first_phase, budget=budget)
+                       loader_generator=loader_generator, phase=first_phase, budget=budget,
+                       augment_generator=augment_generator)
     if checkpoint is not None:
         try:
             state.load(checkpoint)

@@ -99,6 +99,9 @@ class TrainState:
         diagnostics: The gradient estimation angles last measured (sparse-backward runs), in degrees.
         schedule: The search's budget schedule (warm-up, anneal; VR-PGE runs): which kind each search step is and its
             budget. Not saved: it follows from the config and the step count.
+        augment_generator: Source of the crops and flips of a run whose data is on the device (``data.on_device``:
+            ``device_data.py``), on that device, this rank's own; ``None`` on the DataLoader path, whose augmentation
+            draws from torch's global RNG (in the workers: from seeds of the loader generator).
         ddp: The ``DistributedDataParallel`` wrapper of ``model`` that the eager steps run through under torchrun
             (not saved: the checkpoint holds ``model`` itself); ``None`` with the static steps, which average the
             gradients themselves.
@@ -125,6 +128,7 @@ class TrainState:
     budget: GlobalBudget | None = None
     diagnostics: dict[str, float] = field(default_factory=dict)
     schedule: BudgetSchedule | None = None
+    augment_generator: torch.Generator | None = None
     ddp: nn.Module | None = None
 
     @property
@@ -142,6 +146,8 @@ class TrainState:
         own = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
                else []}
+        if self.augment_generator is not None:  # the crops and flips of data on the device: each rank's own
+            own["augment"] = self.augment_generator.get_state()
         ranks = gather_objects(own)
         rng = {"mask": self.mask_generator.get_state(), "loader": self.loader_generator.get_state(), **ranks[0]}
         if len(ranks) > 1:
@@ -211,5 +217,12 @@ class TrainState:
         self.loader_generator.set_state(rng["loader"])
         own = rng["ranks"][current().rank] if "ranks" in rng else rng  # this rank's own streams under torchrun
         torch.set_rng_state(own["torch"])
+        if self.augment_generator is not None:
+            if "augment" in own:
+                self.augment_generator.set_state(own["augment"])
+            else:
+                logger.warning("the checkpoint holds no augmentation generator (its run took its batches from the "
+                               "DataLoader, data.on_device off): the crops and flips on the device are drawn anew "
+                               "from here on")
         if own["cuda"] and torch.cuda.is_available() and len(own["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(own["cuda"])
