@@ -24,7 +24,9 @@
 # in the step before gain, `tools/bench_graphs.py --models resnet32:32:256 vgg19_bn:32:256 --steps 10 --kinds
 # dense_graphed search_graphed search_m_first_graphed search_m_at_start_graphed search_one_stream_graphed`; and where
 # a step's time goes, `tools/bench_graphs.py --models resnet32:32:256 --steps 5 --kinds dense_graphed search_graphed
-# narrow_graphed --profile DIR` (each kind's kernels by device time, and the search step's trace).
+# narrow_graphed --profile DIR` (each kind's kernels by device time, and the search step's trace); and CIFAR batches
+# made on the GPU against torch's DataLoader, `tools/bench_data.py --cifar --device cuda --workers 0 4 --repeats 5`
+# (the whole runs of part 3 already take their data there: data.on_device auto).
 # Limits: tests 75 s, step times 105 s, whole runs 175 s (42 s a run): 355 s. Each part has its own time limit, so one
 # that hangs cannot take the others' time; its status is in summary.json. Tests the limit stopped (gpu_tests.json
 # marks them "stopped"), or that failed, get a second try of their own in a minute or so, the wheels installed as below:
