@@ -99,13 +99,14 @@ def _zeroed(module: torch.nn.Module, dropped: torch.Tensor, heads: int) -> torch
 
 
 @pytest.mark.parametrize("config", [{}, dict(use_rel_pos_bias=False, use_shared_rel_pos_bias=True),
+                                    dict(use_shared_rel_pos_bias=True),
                                     dict(use_rel_pos_bias=False, use_abs_pos_emb=True, qkv_bias=False)],
-                         ids=["bias_per_block", "shared_bias", "no_qkv_bias"])
+                         ids=["bias_per_block", "shared_bias", "both_biases", "no_qkv_bias"])
 @pytest.mark.parametrize("fused", [False, True], ids=["timm_math", "timm_fused"])
 def test_timms_beit_attention_becomes_maskprops_computing_the_same(config, fused):
-    """BEiT's attention (q_bias and v_bias outside qkv, a relative position bias per block, one all blocks share, or
-    neither) converted: the same state dict and parameters, each block's heads' features a group, the same outputs
-    as timm's through either of its attention paths in train and eval mode."""
+    """BEiT's attention (q_bias and v_bias outside qkv, a relative position bias per block, one all blocks share,
+    both added, or neither) converted: the same state dict and parameters, each block's heads' features a group, the
+    same outputs as timm's through either of its attention paths in train and eval mode."""
     plain = _beit(**config)
     for module in plain.modules():
         if isinstance(module, beit.Attention):
@@ -196,6 +197,25 @@ def test_the_dropouts_carry_over_and_draw_alike_in_both_modes():
     dropout_draws_alike(model, _mask(model, seed=4), _images())
 
 
+def test_swinv2s_attention_dropout_carries_over_and_draws_alike_in_both_modes():
+    """timm's Swin v2 window attention drops its cosine attention's weights (in the fused kernel), alike in compact
+    and masked steps of the same seed."""
+    model = maskprop.make_prunable(_swinv2(attn_drop_rate=0.3), SIZE).train()
+    assert all(block.attn.attn_drop.p == 0.3 for stage in model.layers for block in stage.blocks)
+    dropout_draws_alike(model, _mask(model, seed=4), _images())
+
+
+@pytest.mark.parametrize("build", [_beit, _swinv2, _tv_swinv2], ids=["beit", "timm_swinv2", "torchvision_swinv2"])
+def test_heads_kept_whole_add_their_whole_bias_in_compact_mode(build):
+    """A block whose heads keep every feature while the rest of the model is pruned (compact execution without an
+    index for its group) adds all of its biases, as masked execution does."""
+    model = maskprop.make_prunable(build(), SIZE)
+    mask = _mask(model, seed=3)
+    for name in [g for g in mask if g.endswith("attn")][:2]:
+        mask[name] = torch.ones_like(mask[name])
+    compact_equals_masked(model, mask, _images())
+
+
 class BeitAttentionTwice(beit.Attention):
     """A subclass of timm's module computing something else: traced through, never converted."""
 
@@ -257,9 +277,11 @@ def test_sparse_beit_attention_refuses_biases_of_another_width():
 
 def test_timms_swinv2_window_attention_becomes_maskprops_computing_the_same():
     """timm's Swin v2 converted: the same state dict (its order too) and parameters, each block's heads' features a
-    group, the same outputs in train and eval mode, cosine attention, continuous position bias and shifted windows'
-    mask included."""
+    group, the same outputs in train and eval mode, cosine attention (a head's logit scale past its clamp too),
+    continuous position bias and shifted windows' mask included."""
     plain = _swinv2()
+    with torch.no_grad():  # one head's scale past the clamp at 100
+        plain.layers[0].blocks[1].attn.logit_scale[0] = 5.0
     converted = _same_model(copy.deepcopy(plain))
     assert list(converted.state_dict()) == list(plain.state_dict())
     attention = [block.attn for stage in converted.layers for block in stage.blocks]
@@ -326,6 +348,8 @@ def test_torchvisions_swinv2_attention_becomes_maskprops_computing_the_same(side
     """torchvision's Swin v2 converted: the same state dict (the saved coordinates table and index too) and
     parameters, the same outputs in train and eval mode, on maps of whole windows and on maps padded to them."""
     plain = _tv_swinv2()
+    with torch.no_grad():  # one head's scale past the clamp at 100
+        plain.features[1][1].attn.logit_scale[0] = 5.0
     converted = _same_model(copy.deepcopy(plain), (3, side, side))
     assert list(converted.state_dict()) == list(plain.state_dict())
     attention = [block.attn for stage in (converted.features[1], converted.features[3]) for block in stage]
