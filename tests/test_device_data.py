@@ -349,6 +349,23 @@ def test_resuming_a_run_from_before_the_setting_warns_only_where_it_moves_the_da
         "data.on_device off): the crops and flips on the device are drawn anew from here on"]
 
 
+def test_a_run_resumed_on_another_kind_of_device_draws_its_crops_and_flips_anew(caplog):
+    """A CUDA generator's state (Philox, 16 bytes) does not fit a CPU generator, nor the CPU's a CUDA one: a run
+    whose data was on one kind of device, resumed with its data on the other, continues with a warning (as the CUDA
+    RNGs of another machine are left alone) rather than refusing the whole checkpoint."""
+    run = prepare(load_config(TINY_RUN, ["data.on_device=true"]))
+    checkpoint = run.state.checkpoint(run.cfg, run.groups)
+    assert checkpoint["rng"]["augment_device"] == "cpu"
+    before = run.state.augment_generator.get_state()
+    checkpoint["rng"]["augment"], checkpoint["rng"]["augment_device"] = torch.zeros(16, dtype=torch.uint8), "cuda"
+    with caplog.at_level(logging.WARNING):
+        run.state.load(checkpoint)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the checkpoint's crops and flips on the device were drawn on cuda, this run's are on cpu: they are drawn "
+        "anew from here on"]
+    assert torch.equal(run.state.augment_generator.get_state(), before)
+
+
 def test_on_device_true_is_refused_where_the_data_cannot_be_there(tmp_path, monkeypatch, caplog):
     with pytest.raises(ValueError, match=r"^data.on_device=true needs an in-memory dataset; got 'imagenet' "
                                          r"\(expected one of shapes, mnist, fashion_mnist, cifar10, cifar100, or "
