@@ -423,3 +423,41 @@ def test_swinv2_attention_of_another_class_keeps_its_heads_whole(library):
     assert path not in maskprop.channel_groups(model)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("align", [1, 3])
+@pytest.mark.parametrize("build", [_beit, _swinv2], ids=["beit", "timm_swinv2"])
+def test_narrow_training_gathers_and_writes_back_q_bias_and_v_bias(build, align):
+    """The finetune phase's narrow model (``NarrowSubnetwork``) holds an attention's q_bias and v_bias of the kept
+    features (and zero padding with ``align``), gathers their momentum and writes both back: steps of it equal compact
+    steps of the full model on every kept entry."""
+    from maskprop.train.narrow import NarrowSubnetwork
+    from maskprop.train.optim import weight_optimizer
+    from maskprop.train.steps import StepContext, subnet_step
+
+    model = maskprop.make_prunable(build(), SIZE).train()
+    mask = _mask(model, seed=1)
+    ctx = StepContext(torch.nn.CrossEntropyLoss(), torch.device("cpu"), maskprop.CostModel(model, SIZE))
+    generator = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(2, *SIZE, dtype=torch.float64, generator=generator),
+                torch.randint(0, 5, (2,), generator=generator)) for _ in range(3)]
+    optimizer = weight_optimizer(model.parameters(), 0.05, 0.9, 5e-4)
+    subnet_step(model, optimizer, batches[0], mask, ctx)  # momentum to gather
+    model2 = copy.deepcopy(model)
+    optimizer2 = weight_optimizer(model2.parameters(), 0.05, 0.9, 5e-4)
+    optimizer2.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for batch in batches[1:]:
+        subnet_step(model, optimizer, batch, mask, ctx)
+    narrow = NarrowSubnetwork(model2, mask, optimizer2, align=align)
+    for batch in batches[1:]:
+        narrow.step(batch, ctx)
+    narrow.write_back()
+    names = [n for n, _ in model.named_parameters() if n.endswith(("q_bias", "v_bias"))]
+    assert names
+    for name in names:
+        group = name.rsplit(".", 1)[0]
+        kept = mask[group].repeat(len(model.get_parameter(name)) // len(mask[group]))
+        for a, b in ((model.get_parameter(name), model2.get_parameter(name)),
+                     (optimizer.state[model.get_parameter(name)]["momentum_buffer"],
+                      optimizer2.state[model2.get_parameter(name)]["momentum_buffer"])):
+            torch.testing.assert_close(b[kept], a[kept], rtol=1e-10, atol=1e-12)
