@@ -99,13 +99,14 @@ def _zeroed(module: torch.nn.Module, dropped: torch.Tensor, heads: int) -> torch
 
 
 @pytest.mark.parametrize("config", [{}, dict(use_rel_pos_bias=False, use_shared_rel_pos_bias=True),
+                                    dict(use_shared_rel_pos_bias=True),
                                     dict(use_rel_pos_bias=False, use_abs_pos_emb=True, qkv_bias=False)],
-                         ids=["bias_per_block", "shared_bias", "no_qkv_bias"])
+                         ids=["bias_per_block", "shared_bias", "both_biases", "no_qkv_bias"])
 @pytest.mark.parametrize("fused", [False, True], ids=["timm_math", "timm_fused"])
 def test_timms_beit_attention_becomes_maskprops_computing_the_same(config, fused):
-    """BEiT's attention (q_bias and v_bias outside qkv, a relative position bias per block, one all blocks share, or
-    neither) converted: the same state dict and parameters, each block's heads' features a group, the same outputs
-    as timm's through either of its attention paths in train and eval mode."""
+    """BEiT's attention (q_bias and v_bias outside qkv, a relative position bias per block, one all blocks share,
+    both added, or neither) converted: the same state dict and parameters, each block's heads' features a group, the
+    same outputs as timm's through either of its attention paths in train and eval mode."""
     plain = _beit(**config)
     for module in plain.modules():
         if isinstance(module, beit.Attention):
@@ -196,6 +197,25 @@ def test_the_dropouts_carry_over_and_draw_alike_in_both_modes():
     dropout_draws_alike(model, _mask(model, seed=4), _images())
 
 
+def test_swinv2s_attention_dropout_carries_over_and_draws_alike_in_both_modes():
+    """timm's Swin v2 window attention drops its cosine attention's weights (in the fused kernel), alike in compact
+    and masked steps of the same seed."""
+    model = maskprop.make_prunable(_swinv2(attn_drop_rate=0.3), SIZE).train()
+    assert all(block.attn.attn_drop.p == 0.3 for stage in model.layers for block in stage.blocks)
+    dropout_draws_alike(model, _mask(model, seed=4), _images())
+
+
+@pytest.mark.parametrize("build", [_beit, _swinv2, _tv_swinv2], ids=["beit", "timm_swinv2", "torchvision_swinv2"])
+def test_heads_kept_whole_add_their_whole_bias_in_compact_mode(build):
+    """A block whose heads keep every feature while the rest of the model is pruned (compact execution without an
+    index for its group) adds all of its biases, as masked execution does."""
+    model = maskprop.make_prunable(build(), SIZE)
+    mask = _mask(model, seed=3)
+    for name in [g for g in mask if g.endswith("attn")][:2]:
+        mask[name] = torch.ones_like(mask[name])
+    compact_equals_masked(model, mask, _images())
+
+
 class BeitAttentionTwice(beit.Attention):
     """A subclass of timm's module computing something else: traced through, never converted."""
 
@@ -257,9 +277,11 @@ def test_sparse_beit_attention_refuses_biases_of_another_width():
 
 def test_timms_swinv2_window_attention_becomes_maskprops_computing_the_same():
     """timm's Swin v2 converted: the same state dict (its order too) and parameters, each block's heads' features a
-    group, the same outputs in train and eval mode, cosine attention, continuous position bias and shifted windows'
-    mask included."""
+    group, the same outputs in train and eval mode, cosine attention (a head's logit scale past its clamp too),
+    continuous position bias and shifted windows' mask included."""
     plain = _swinv2()
+    with torch.no_grad():  # one head's scale past the clamp at 100
+        plain.layers[0].blocks[1].attn.logit_scale[0] = 5.0
     converted = _same_model(copy.deepcopy(plain))
     assert list(converted.state_dict()) == list(plain.state_dict())
     attention = [block.attn for stage in converted.layers for block in stage.blocks]
@@ -326,6 +348,8 @@ def test_torchvisions_swinv2_attention_becomes_maskprops_computing_the_same(side
     """torchvision's Swin v2 converted: the same state dict (the saved coordinates table and index too) and
     parameters, the same outputs in train and eval mode, on maps of whole windows and on maps padded to them."""
     plain = _tv_swinv2()
+    with torch.no_grad():  # one head's scale past the clamp at 100
+        plain.features[1][1].attn.logit_scale[0] = 5.0
     converted = _same_model(copy.deepcopy(plain), (3, side, side))
     assert list(converted.state_dict()) == list(plain.state_dict())
     attention = [block.attn for stage in (converted.features[1], converted.features[3]) for block in stage]
@@ -399,3 +423,41 @@ def test_swinv2_attention_of_another_class_keeps_its_heads_whole(library):
     assert path not in maskprop.channel_groups(model)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("align", [1, 3])
+@pytest.mark.parametrize("build", [_beit, _swinv2], ids=["beit", "timm_swinv2"])
+def test_narrow_training_gathers_and_writes_back_q_bias_and_v_bias(build, align):
+    """The finetune phase's narrow model (``NarrowSubnetwork``) holds an attention's q_bias and v_bias of the kept
+    features (and zero padding with ``align``), gathers their momentum and writes both back: steps of it equal compact
+    steps of the full model on every kept entry."""
+    from maskprop.train.narrow import NarrowSubnetwork
+    from maskprop.train.optim import weight_optimizer
+    from maskprop.train.steps import StepContext, subnet_step
+
+    model = maskprop.make_prunable(build(), SIZE).train()
+    mask = _mask(model, seed=1)
+    ctx = StepContext(torch.nn.CrossEntropyLoss(), torch.device("cpu"), maskprop.CostModel(model, SIZE))
+    generator = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(2, *SIZE, dtype=torch.float64, generator=generator),
+                torch.randint(0, 5, (2,), generator=generator)) for _ in range(3)]
+    optimizer = weight_optimizer(model.parameters(), 0.05, 0.9, 5e-4)
+    subnet_step(model, optimizer, batches[0], mask, ctx)  # momentum to gather
+    model2 = copy.deepcopy(model)
+    optimizer2 = weight_optimizer(model2.parameters(), 0.05, 0.9, 5e-4)
+    optimizer2.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for batch in batches[1:]:
+        subnet_step(model, optimizer, batch, mask, ctx)
+    narrow = NarrowSubnetwork(model2, mask, optimizer2, align=align)
+    for batch in batches[1:]:
+        narrow.step(batch, ctx)
+    narrow.write_back()
+    names = [n for n, _ in model.named_parameters() if n.endswith(("q_bias", "v_bias"))]
+    assert names
+    for name in names:
+        group = name.rsplit(".", 1)[0]
+        kept = mask[group].repeat(len(model.get_parameter(name)) // len(mask[group]))
+        for a, b in ((model.get_parameter(name), model2.get_parameter(name)),
+                     (optimizer.state[model.get_parameter(name)]["momentum_buffer"],
+                      optimizer2.state[model2.get_parameter(name)]["momentum_buffer"])):
+            torch.testing.assert_close(b[kept], a[kept], rtol=1e-10, atol=1e-12)

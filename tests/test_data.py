@@ -320,7 +320,10 @@ def test_mnist_errors_name_the_path_and_the_layout(tmp_path):
     for damaged, wording in ((whole[:-1], "is truncated: its header declares 40 x 28 x 28 bytes of data, 31376 bytes "
                                           "in all, and the file holds 31375"),
                              (whole + b"\0", "is longer than its header says: .* the file holds 31377"),
-                             (whole[:9], "is truncated: 9 bytes, shorter than its IDX header \\(16 bytes\\)")):
+                             (whole[:9], "is truncated: 9 bytes, shorter than its IDX header \\(16 bytes\\)"),
+                             ((raw / "train-labels-idx1-ubyte").read_bytes(),  # one dimension: labels, not images
+                              "does not start with an IDX header \\(first bytes 00000801\\); expected an IDX file of "
+                              "uint8 images \\(magic 0x00000803\\)")):
         images.write_bytes(damaged)
         with pytest.raises(ValueError, match=f"train-images-idx3-ubyte' {wording}"):
             build_datasets(DataConfig(dataset="mnist", root=str(tmp_path)))

@@ -136,6 +136,58 @@ def test_every_crop_offset_and_both_flips_occur_with_their_frequencies(pad_norma
         assert _chi_square(counts) < df + 6 * math.sqrt(2 * df), counts
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("pad_normalized", [False, True], ids=["cifar", "shapes"])
+def test_the_padding_is_black_before_the_normalisation_and_zero_after(pad_normalized, memory_format):
+    """A DeviceLoader's training batches are the per-example transforms of its draws, taken in order from its
+    generator (offsets, then flips, a batch at a time): CIFAR's crops a uint8 image padded with black and normalises
+    it, ``shapes``' crops the normalised image padded with zeros (a mean and std other than 0 and 1 tell them
+    apart)."""
+    from torchvision.transforms import v2
+
+    mean, std, padding = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), 3
+    images = torch.randint(0, 256, (12, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    data = ImageTensors(images, torch.arange(12), mean, std, padding=padding, flip=True,
+                        pad_normalized=pad_normalized)
+    loader = DeviceLoader(data, 8, train=True, seed=0, augment_generator=torch.Generator().manual_seed(5),
+                          memory_format=memory_format)
+    normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    replay = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        for batch, labels in loader:
+            offsets, flips = draw_crops_and_flips(len(labels), padding, True, replay)
+            for image, label, (top, left), flip in zip(batch, labels.tolist(), offsets.tolist(), flips.tolist()):
+                source = images[label]
+                expected = _per_example(normalize(source), top, left, flip, padding) if pad_normalized else \
+                    normalize(_per_example(source, top, left, flip, padding))
+                torch.testing.assert_close(image, expected, rtol=1e-6, atol=1e-6)
+    assert (offsets != padding).any()  # some padding in the crops
+
+
+def test_training_examples_for_the_fix_are_the_first_augmented_alike_at_every_pass(monkeypatch):
+    """The fix's evaluation on the device (``sparsity.fix: best_of_n``) takes the first ``sparsity.fix_examples``
+    training examples in order, cropped and flipped as training draws them, and every pass over them draws the same
+    crops and flips (the search's probe takes the same loader)."""
+    run = prepare(load_config(with_overrides(TINY_RUN, **ON_DEVICE, **{"sparsity.fix_examples": 40})))
+    seen = {}
+
+    def best_of_n(scores, model, generator, samples, loader, ctx):
+        seen["loader"] = loader
+        return {}, {"rule": "best_of_n"}
+
+    monkeypatch.setitem(loop._FIX_RULES, "best_of_n", best_of_n)
+    loop.fix_subnetwork(run.state, run.cfg, run.ctx, run.train_loader.data)
+    loader = seen["loader"]
+    passes = [list(loader) for _ in range(2)]
+    labels = torch.cat([y for _, y in passes[0]])
+    assert torch.equal(labels, run.train_loader.data.labels[:40])
+    data = run.train_loader.data.head(40)
+    plain = normalize_batch(data.images, torch.tensor(data.mean), torch.tensor(data.std))
+    augmented = torch.cat([x for x, _ in passes[0]])
+    assert not torch.allclose(augmented, plain)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(*passes))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The same batches as the DataLoader path
 
@@ -202,6 +254,10 @@ def test_a_run_on_the_device_takes_the_dataloaders_batches(dataset, augment, tmp
                                                                    "data.on_device": on_device}))
         run = prepare(cfg)
         assert isinstance(run.train_loader, DeviceLoader) == on_device
+        if on_device:  # its crops and flips: a stream of their own, seeded from the run's seed (each rank's own)
+            fresh = torch.Generator().manual_seed(device_data.augment_seed(cfg.seed, 0))
+            assert torch.equal(run.state.augment_generator.get_state(), fresh.get_state())
+            assert len({cfg.seed, cfg.seed + 1, *(device_data.augment_seed(cfg.seed, r) for r in range(4))}) == 6
         batches[on_device] = [list(run.train_loader) for _ in range(2)] + [list(run.val_loader)]
     loader_path, device_path = batches[False], batches[True]
     for epoch, (expected, got) in enumerate(zip(loader_path, device_path)):
@@ -291,6 +347,23 @@ def test_resuming_a_run_from_before_the_setting_warns_only_where_it_moves_the_da
     assert [r.getMessage() for r in caplog.records] == [
         "the checkpoint holds no augmentation generator (its run took its batches from the DataLoader, "
         "data.on_device off): the crops and flips on the device are drawn anew from here on"]
+
+
+def test_a_run_resumed_on_another_kind_of_device_draws_its_crops_and_flips_anew(caplog):
+    """A CUDA generator's state (Philox, 16 bytes) does not fit a CPU generator, nor the CPU's a CUDA one: a run
+    whose data was on one kind of device, resumed with its data on the other, continues with a warning (as the CUDA
+    RNGs of another machine are left alone) rather than refusing the whole checkpoint."""
+    run = prepare(load_config(TINY_RUN, ["data.on_device=true"]))
+    checkpoint = run.state.checkpoint(run.cfg, run.groups)
+    assert checkpoint["rng"]["augment_device"] == "cpu"
+    before = run.state.augment_generator.get_state()
+    checkpoint["rng"]["augment"], checkpoint["rng"]["augment_device"] = torch.zeros(16, dtype=torch.uint8), "cuda"
+    with caplog.at_level(logging.WARNING):
+        run.state.load(checkpoint)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the checkpoint's crops and flips on the device were drawn on cuda, this run's are on cpu: they are drawn "
+        "anew from here on"]
+    assert torch.equal(run.state.augment_generator.get_state(), before)
 
 
 def test_on_device_true_is_refused_where_the_data_cannot_be_there(tmp_path, monkeypatch, caplog):

@@ -125,9 +125,11 @@ def test_check_model_draws_apart_the_parameters_whose_entries_are_all_equal():
     BatchNorm's (drawn by their own rule) as they are."""
     from maskprop.check import nontrivial_parameters
 
-    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.BatchNorm2d(6), nn.Linear(6, 3, bias=False))
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.BatchNorm2d(6), nn.Linear(6, 3, bias=False),
+                          nn.Linear(3, 1))
     with torch.no_grad():
         model[0].bias.zero_()
+        model[4].bias.zero_()  # one entry: all equal too
         model[1].weight.fill_(-2.0)
         model[3].weight.fill_(1e-6)
     random_weight = model[0].weight.clone()
@@ -139,6 +141,7 @@ def test_check_model_draws_apart_the_parameters_whose_entries_are_all_equal():
     assert ((model[1].bias >= -0.5) & (model[1].bias <= 0.5)).all() and model[1].bias.abs().sum() > 0
     assert ((tiny >= 0.5e-6) & (tiny <= 1.5e-6)).all() and len(set(tiny.flatten().tolist())) == 18
     assert torch.equal(model[0].weight, random_weight)
+    assert 0 < model[4].bias.abs().item() <= 0.5
     assert all(torch.equal(v, batch_norm[k]) for k, v in model[2].state_dict().items())
 
 

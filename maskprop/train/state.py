@@ -148,6 +148,7 @@ class TrainState:
                else []}
         if self.augment_generator is not None:  # the crops and flips of data on the device: each rank's own
             own["augment"] = self.augment_generator.get_state()
+            own["augment_device"] = self.augment_generator.device.type  # a CUDA state does not fit a CPU generator
         ranks = gather_objects(own)
         rng = {"mask": self.mask_generator.get_state(), "loader": self.loader_generator.get_state(), **ranks[0]}
         if len(ranks) > 1:
@@ -218,7 +219,11 @@ class TrainState:
         own = rng["ranks"][current().rank] if "ranks" in rng else rng  # this rank's own streams under torchrun
         torch.set_rng_state(own["torch"])
         if self.augment_generator is not None:
-            if "augment" in own:
+            here, saved = self.augment_generator.device.type, own.get("augment_device")
+            if "augment" in own and saved not in (None, here):  # another kind of generator: its state does not fit
+                logger.warning("the checkpoint's crops and flips on the device were drawn on %s, this run's are on "
+                               "%s: they are drawn anew from here on", saved, here)
+            elif "augment" in own:
                 self.augment_generator.set_state(own["augment"])
             else:
                 logger.warning("the checkpoint holds no augmentation generator (its run took its batches from the "
