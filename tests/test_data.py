@@ -586,14 +586,22 @@ def test_loader_rejects_a_dataset_smaller_than_one_batch():
     assert len(build_loader(_Indexed(3), batch_size=8, train=False)) == 1
 
 
-def test_loader_with_workers_is_reproducible_and_persistent():
+def test_loader_with_workers_is_reproducible_and_starts_its_workers_every_epoch():
+    """The same generator state gives the same batches and the workers' same draws, at every epoch: a loader made
+    afresh at epoch 2 from the generator's state after epoch 1 (a resumed run's) draws what the one that went on
+    draws (persistent workers carried their streams over)."""
     dataset = _Indexed(16)
     runs = []
     for _ in range(2):
         loader = build_loader(dataset, batch_size=4, train=True, workers=1, seed=3)
-        assert loader.persistent_workers
-        runs.append([(index.tolist(), noise.tolist()) for index, noise in loader])
+        assert not loader.persistent_workers
+        runs.append([[(index.tolist(), noise.tolist()) for index, noise in loader] for _epoch in range(2)])
     assert runs[0] == runs[1]
+    generator = torch.Generator().manual_seed(3)
+    first = build_loader(dataset, batch_size=4, train=True, workers=1, generator=generator)
+    assert [(index.tolist(), noise.tolist()) for index, noise in first] == runs[0][0]
+    resumed = build_loader(dataset, batch_size=4, train=True, workers=1, generator=generator)
+    assert [(index.tolist(), noise.tolist()) for index, noise in resumed] == runs[0][1]
 
 
 def test_imagenet_recipe_trains_on_a_tiny_image_folder_tree(tmp_path, one_thread):

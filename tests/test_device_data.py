@@ -219,8 +219,8 @@ def test_the_index_batches_are_the_dataloaders(world_size, train):
 
 
 def test_the_dataloaders_order_does_not_depend_on_its_workers():
-    """Persistent workers make the DataLoader's iterator once: it still moves the generator every epoch as a new one
-    would, so its batches are those of ``workers == 0`` and of the device, every epoch (and after a resume)."""
+    """The DataLoader's workers start anew every epoch, drawing their base seed from the generator as ``workers == 0``
+    does, so its batches are those of ``workers == 0`` and of the device, every epoch (and after a resume)."""
     data = ImageTensors(torch.zeros(50, 1, 2, 2, dtype=torch.uint8), torch.arange(50), (0.0,), (1.0,))
     orders = []
     for workers in (0, 2, "device"):

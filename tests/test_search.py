@@ -545,6 +545,29 @@ def test_resume_in_the_warmup_the_anneal_and_the_random_baseline_is_exact(tmp_pa
         assert _records(run) == _records(tmp_path / "straight")
 
 
+def test_resume_with_loader_workers_is_exact(tmp_path, monkeypatch):
+    """With ``data.workers`` > 0 the crops and flips are drawn in the worker processes: they start anew every epoch,
+    seeded from the run's loader generator (saved in the checkpoint), so a run resumed after its first epoch draws
+    what one that did not stop draws (persistent workers carried their streams over from epoch to epoch, which a
+    resumed run's new workers could not)."""
+    config = tiny(**{"method": "dense", "data.workers": 2, "optim.epochs": 3, "finetune.epochs": 0, "save_every": 1})
+    maskprop.fit(copy.deepcopy(config), out=tmp_path / "straight")
+    run = tmp_path / "stopped"
+    train_one_epoch = loop.train_one_epoch
+
+    def stop(state, *args, **kwargs):
+        if state.epoch == 1:
+            raise _Stop
+        return train_one_epoch(state, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", stop)
+    with pytest.raises(_Stop):
+        maskprop.fit(copy.deepcopy(config), out=run)
+    monkeypatch.setattr(loop, "train_one_epoch", train_one_epoch)
+    maskprop.fit(copy.deepcopy(config), out=run, resume=True)
+    _assert_same_state(load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(run / "last.pt"))
+
+
 def test_a_resume_in_the_finetune_keeps_records_wall_time_best_accuracy_and_step_times(tmp_path, monkeypatch):
     """A resume in the finetune keeps every record of the search before it (phases in run order: the search's are
     earlier than any finetune epoch) and carries on the checkpoint's wall time (run_time_s counts the processes before

@@ -105,22 +105,6 @@ class _ReseedWorker:
             pass
 
 
-class _EpochLoader(DataLoader):
-    """torch's DataLoader whose generator moves alike every epoch, whatever the number of workers.
-
-    A new iterator draws its workers' base seed from the generator before the epoch's permutation. Without persistent
-    workers (and with ``workers == 0``) every epoch makes one; a persistent iterator is made once and only reset, so
-    from the second epoch on the generator would move one draw less, and the order would depend on ``data.workers``
-    (and a resumed run, whose first epoch makes a new iterator, would take other batches than one that did not stop).
-    This draws that value at the later epochs too, and drops it: the workers keep their seeds.
-    """
-
-    def __iter__(self):  # DataLoader's own iterator type
-        if self.persistent_workers and self.num_workers > 0 and self._iterator is not None:
-            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        return super().__iter__()
-
-
 def build_sampler(size: int, batch_size: int, train: bool, seed: int = 0, generator: torch.Generator | None = None,
                   drop_last: bool | None = None, world: tuple[int, int] | None = None) -> GlobalBatchSampler:
     """The index batches :func:`build_loader` loads, for a dataset of ``size`` examples (its arguments of the same
@@ -154,14 +138,17 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 
     Shuffling (for ``train``) draws each epoch's permutation from ``generator``, and worker processes seed their RNGs
     (torch, ``random``, numpy) from it too, so the same generator state gives the same batches. Pass your own
     generator to save and restore its state with a checkpoint; otherwise one seeded with ``seed`` is made. With
-    ``workers == 0`` augmentation draws from torch's global RNG. The order does not depend on ``workers``: with
-    persistent workers the generator moves as with none (:class:`_EpochLoader`).
+    ``workers == 0`` augmentation draws from torch's global RNG. Worker processes start anew every epoch, seeded from
+    the generator's draw at that epoch (torch's base seed), so the order does not depend on ``workers``, and a run
+    resumed at an epoch's end, its generator restored, draws the crops and flips of one that did not stop (persistent
+    workers would carry their streams over from epoch to epoch, and move the generator one draw less from the second
+    epoch on). Starting them costs a fraction of a second an epoch.
 
     Args:
         dataset: The dataset.
         batch_size: Global batch size (over all ranks).
         train: Shuffle, and by default drop the last incomplete batch.
-        workers: Worker processes per rank; they persist across epochs when > 0.
+        workers: Worker processes per rank, started anew every epoch.
         seed: Seed of the generator made when ``generator`` is not given.
         generator: Generator for shuffling and worker seeds (the same state on every rank).
         drop_last: Drop the last incomplete batch; defaults to ``train``.
@@ -175,12 +162,12 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 
         raise ValueError(f"workers={workers} must be >= 0")
     sampler = build_sampler(len(dataset), batch_size, train, seed, generator, drop_last, world)  # type: ignore[arg-type]
     rank = sampler.rank
-    return _EpochLoader(
+    return DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
         generator=sampler.generator,
-        persistent_workers=workers > 0,
+        persistent_workers=False,  # new workers every epoch, seeded from the generator: resumable exactly
         worker_init_fn=_ReseedWorker(rank) if rank > 0 and workers > 0 else None,
     )
