@@ -95,6 +95,15 @@ def _zeroed(module: torch.nn.Module, dropped: torch.Tensor, heads: int) -> torch
     return module
 
 
+def _assert_same_in_both_modes(converted, plain, x) -> None:
+    """The converted model computes what the library's own does, in training and in eval mode (dropout off)."""
+    for training in (True, False):
+        plain.train(training)
+        converted.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), plain(x), rtol=1e-12, atol=1e-12)
+
+
 # --- timm's BEiT attention -------------------------------------------------------------------------------------------
 
 
@@ -103,6 +112,7 @@ def _zeroed(module: torch.nn.Module, dropped: torch.Tensor, heads: int) -> torch
                                     dict(use_rel_pos_bias=False, use_abs_pos_emb=True, qkv_bias=False)],
                          ids=["bias_per_block", "shared_bias", "both_biases", "no_qkv_bias"])
 @pytest.mark.parametrize("fused", [False, True], ids=["timm_math", "timm_fused"])
+
 def test_timms_beit_attention_becomes_maskprops_computing_the_same(config, fused):
     """BEiT's attention (q_bias and v_bias outside qkv, a relative position bias per block, one all blocks share,
     both added, or neither) converted: the same state dict and parameters, each block's heads' features a group, the
@@ -122,11 +132,7 @@ def test_timms_beit_attention_becomes_maskprops_computing_the_same(config, fused
         assert attention[0].k_bias.shape == (WIDTH,) and attention[0].k_bias.abs().max() == 0
         assert attention[0].head_feature_tensors == ("q_bias", "v_bias")
     x = _images()
-    for training in (True, False):
-        plain.train(training)
-        converted.train(training)
-        with torch.no_grad():
-            torch.testing.assert_close(converted(x), plain(x), rtol=1e-12, atol=1e-12)
+    _assert_same_in_both_modes(converted, plain, x)
 
 
 def test_a_beit_subnetwork_is_timms_attention_with_the_dropped_features_zeroed():
@@ -291,11 +297,7 @@ def test_timms_swinv2_window_attention_becomes_maskprops_computing_the_same():
         "layers.1.blocks.1.attn": 8}
     assert plain.layers[0].blocks[1].attn_mask is not None
     x = _images()
-    for training in (True, False):
-        plain.train(training)
-        converted.train(training)
-        with torch.no_grad():
-            torch.testing.assert_close(converted(x), plain(x), rtol=1e-12, atol=1e-12)
+    _assert_same_in_both_modes(converted, plain, x)
 
 
 def test_a_swinv2_subnetwork_is_timms_attention_with_the_dropped_features_zeroed():
@@ -357,11 +359,7 @@ def test_torchvisions_swinv2_attention_becomes_maskprops_computing_the_same(side
     assert {g: n for g, n in maskprop.channel_groups(converted).items() if g.endswith("attn")} == {
         "features.1.0.attn": 8, "features.1.1.attn": 8, "features.3.0.attn": 8, "features.3.1.attn": 8}
     x = _images(size=(3, side, side))
-    for training in (True, False):
-        plain.train(training)
-        converted.train(training)
-        with torch.no_grad():
-            torch.testing.assert_close(converted(x), plain(x), rtol=1e-12, atol=1e-12)
+    _assert_same_in_both_modes(converted, plain, x)
 
 
 def test_a_torchvision_swinv2_subnetwork_is_torchvisions_attention_with_the_dropped_features_zeroed():

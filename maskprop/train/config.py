@@ -149,6 +149,13 @@ class ModelConfig(_Section):
         return None if value is None else check_module_name(value)
 
 
+def _auto_switch(value: Any, key: str) -> Any:
+    """A setting of ``auto``, ``true`` or ``false`` as given, else one line naming ``key``."""
+    if value is True or value is False or value == "auto":  # `is`: 1 and 0 are no switch (they equal the bools)
+        return value
+    raise ValueError(f"{key}={value!r} is not a valid choice; expected 'auto', true or false")
+
+
 class DataConfig(_Section):
     """Which data, and how it is loaded.
 
@@ -191,9 +198,7 @@ class DataConfig(_Section):
     @field_validator("on_device", mode="before")
     @classmethod
     def _on_device_switch(cls, value: Any) -> Any:
-        if value is True or value is False or value == "auto":  # `is`: 1 and 0 are no switch (they equal the bools)
-            return value
-        raise ValueError(f"data.on_device={value!r} is not a valid choice; expected 'auto', true or false")
+        return _auto_switch(value, "data.on_device")
 
     @model_validator(mode="after")
     def _check_on_device(self) -> DataConfig:
@@ -432,9 +437,7 @@ class Config(_Section):
     @field_validator("cuda_graphs", mode="before")
     @classmethod
     def _graphs_switch(cls, value: Any) -> Any:
-        if value is True or value is False or value == "auto":  # `is`: 1 and 0 are no switch (they equal the bools)
-            return value
-        raise ValueError(f"cuda_graphs={value!r} is not a valid choice; expected 'auto', true or false")
+        return _auto_switch(value, "cuda_graphs")
 
     @model_validator(mode="after")
     def _check_together(self) -> Config:
