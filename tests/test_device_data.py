@@ -14,6 +14,7 @@ import torch
 import yaml
 from conftest import TINY_RUN, load_tool, with_overrides
 from test_data import make_cifar, make_mnist
+from test_graphs import _stopped_in_the_second_epoch
 from test_train import _assert_same_state
 
 import maskprop
@@ -302,18 +303,7 @@ def test_a_resumed_run_on_the_device_equals_an_uninterrupted_one(tmp_path, monke
         monkeypatch.setattr(setup, "resolve_cuda_graphs", lambda cfg, device, model=None: GraphsChoice(True, False))
     config = with_overrides(TINY_RUN, **ON_DEVICE, **{"optim.epochs": 3, "save_every": 1, "finetune.epochs": 1})
     maskprop.fit(config, out=tmp_path / "straight")
-    original, calls = loop.train_one_epoch, {"n": 0}
-
-    def stop_at_the_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop, "train_one_epoch", stop_at_the_second_epoch)
-        with pytest.raises(KeyboardInterrupt):
-            maskprop.fit(config, out=tmp_path / "stopped")
+    _stopped_in_the_second_epoch(config, tmp_path / "stopped", monkeypatch)
     stopped = load_checkpoint(tmp_path / "stopped" / "last.pt")
     assert stopped["epoch"] == 1 and "augment" in stopped["rng"]
     maskprop.fit(config, out=tmp_path / "stopped", resume=True)

@@ -13,6 +13,7 @@ import statistics
 import pytest
 import torch
 from conftest import TINY_RUN, with_overrides
+from test_graphs import _stopped_in_the_second_epoch
 from test_train import _assert_same_state
 from torch.utils.data import DataLoader, Subset
 
@@ -553,17 +554,7 @@ def test_resume_with_loader_workers_is_exact(tmp_path, monkeypatch):
     config = tiny(**{"method": "dense", "data.workers": 2, "optim.epochs": 3, "finetune.epochs": 0, "save_every": 1})
     maskprop.fit(copy.deepcopy(config), out=tmp_path / "straight")
     run = tmp_path / "stopped"
-    train_one_epoch = loop.train_one_epoch
-
-    def stop(state, *args, **kwargs):
-        if state.epoch == 1:
-            raise _Stop
-        return train_one_epoch(state, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_one_epoch", stop)
-    with pytest.raises(_Stop):
-        maskprop.fit(copy.deepcopy(config), out=run)
-    monkeypatch.setattr(loop, "train_one_epoch", train_one_epoch)
+    _stopped_in_the_second_epoch(copy.deepcopy(config), run, monkeypatch)
     maskprop.fit(copy.deepcopy(config), out=run, resume=True)
     _assert_same_state(load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(run / "last.pt"))
 
