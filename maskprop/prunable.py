@@ -84,6 +84,7 @@ from .sparse import (
     SparseConv2d,
     SparseLinear,
     SparseMultiheadAttention,
+    SparseRelativePositionalAttention,
     SparseShiftedWindowAttention,
     SparseShiftedWindowAttentionV2,
     SparseWindowAttention,
@@ -288,9 +289,10 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
     attention = frozenset(name for name, why in forms.items() if not why)
     whole = {name: why for name, why in forms.items() if why}
     modules |= _multihead_projections(modules, attention)  # nn.MultiheadAttention's, as SparseMultiheadAttention's
+    renamed = {f"{name}.{own}": f"{name}.{ours}" for name in attention
+               for own, ours in _projection_names(modules[name]).items() if own != ours}
+    modules |= {ours: modules[own] for own, ours in renamed.items() if own in modules}  # MaxViT's, by maskprop's names
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
-    renamed = {f"{name}.out_proj": f"{name}.proj" for name in attention
-               if isinstance(modules[name], nn.MultiheadAttention)}
     exclude = [renamed.get(name, name) for name in exclude]  # an nn.MultiheadAttention's out_proj is its proj
     unknown = [name for name in exclude if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear))]
     if unknown:
@@ -351,7 +353,7 @@ def _attention_forms(model: nn.Module, modules: dict[str, nn.Module]) -> dict[st
     forms = {}
     for name, module in modules.items():
         if any(convertible(module) for convertible in _CONVERTIBLE_ATTENTION):
-            if modules.get(f"{name}.qkv") is module.qkv and modules.get(f"{name}.proj") is module.proj:
+            if all(modules.get(f"{name}.{own}") is getattr(module, own) for own in _projection_names(module)):
                 forms[name] = ""
         elif type(module) is nn.MultiheadAttention:  # a subclass may compute something else
             shared = any(held[id(part)] > 1 for part in (module.in_proj_weight, module.in_proj_bias, module.out_proj)
@@ -361,6 +363,22 @@ def _attention_forms(model: nn.Module, modules: dict[str, nn.Module]) -> dict[st
         elif isinstance(module, SparseMultiheadAttention):  # fx cannot trace its forward (it reads the shapes)
             forms[name] = "maskprop's SparseMultiheadAttention, which make_prunable keeps as it is"
     return forms
+
+
+def _projection_names(module: nn.Module) -> dict[str, str]:
+    """``{the module's name: maskprop's}`` of an attention module's query, key and value projection and its output
+    projection (torchvision's MaxViT calls them ``to_qkv`` and ``merge``; torch's ``nn.MultiheadAttention`` holds its
+    output projection as ``out_proj`` and no module of the first)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return {"out_proj": "proj"}
+    if _of_class(module, "torchvision.models.maxvit", "RelativePositionalMultiHeadAttention"):
+        return {"to_qkv": "qkv", "merge": "proj"}
+    return {"qkv": "qkv", "proj": "proj"}
+
+
+def _num_heads(module: nn.Module) -> int:
+    """An attention module's heads (torchvision's MaxViT calls them ``n_heads``)."""
+    return module.num_heads if hasattr(module, "num_heads") else module.n_heads
 
 
 def _why_multihead_whole(module: nn.MultiheadAttention) -> str:
@@ -601,6 +619,27 @@ def _is_torchvision_window_attention_v2(module: nn.Module) -> bool:
         and all(isinstance(getattr(module, n, None), float) for n in ("attention_dropout", "dropout"))
 
 
+def _is_torchvision_maxvit_attention(module: nn.Module) -> bool:
+    """torchvision's MaxViT attention (``RelativePositionalMultiHeadAttention``) in the form
+    :class:`~maskprop.sparse.SparseRelativePositionalAttention` computes: ``nn.Linear`` projections, ``to_qkv`` writing
+    ``3 x n_heads x head_dim`` features and ``merge`` reading ``n_heads x head_dim``, a bias table of one column per
+    head, an index of every pair of a square window's ``max_seq_len`` tokens, a number as the scale. Another form (a
+    subclass) is traced through, its heads left whole."""
+    if not _of_class(module, "torchvision.models.maxvit", "RelativePositionalMultiHeadAttention"):
+        return False
+    qkv, proj = getattr(module, "to_qkv", None), getattr(module, "merge", None)
+    heads, width, tokens = (getattr(module, n, None) for n in ("n_heads", "head_dim", "max_seq_len"))
+    table = getattr(module, "relative_position_bias_table", None)
+    index = getattr(module, "relative_position_index", None)
+    if not (all(type(m) is nn.Linear for m in (qkv, proj)) and all(isinstance(n, int) and n > 0
+                                                                  for n in (heads, width, tokens))):
+        return False
+    return qkv.out_features == 3 * heads * width and proj.in_features == heads * width \
+        and math.isqrt(tokens) ** 2 == tokens and isinstance(table, nn.Parameter) and table.dim() == 2 \
+        and table.shape[1] == heads and isinstance(index, torch.Tensor) and index.numel() == tokens * tokens \
+        and isinstance(getattr(module, "scale_factor", None), float)
+
+
 def _is_shifted_window_attention_class(module: nn.Module) -> bool:
     """Whether ``module`` is of torchvision's class ``ShiftedWindowAttention`` (not a subclass: v2's computes cosine
     attention)."""
@@ -613,7 +652,8 @@ def _is_window_attention_class(module: nn.Module) -> bool:
 
 
 _CONVERTIBLE_ATTENTION = (_is_timm_attention, _is_timm_window_attention, _is_torchvision_window_attention,
-                          _is_timm_beit_attention, _is_timm_window_attention_v2, _is_torchvision_window_attention_v2)
+                          _is_timm_beit_attention, _is_timm_window_attention_v2, _is_torchvision_window_attention_v2,
+                          _is_torchvision_maxvit_attention)
 """The tests of the attention modules :func:`make_prunable` converts, each of one class in one form."""
 
 
@@ -933,7 +973,7 @@ class _Walk:
         qkv = self.layers.setdefault(f"{name}.qkv", _Layer("linear", positions={1}))
         proj = self.layers.setdefault(f"{name}.proj", _Layer("linear", positions={1}))
         if name not in self.spaces.attention:
-            heads, width = module.num_heads, _head_width(module)
+            heads, width = _num_heads(module), _head_width(module)
             head = self.spaces.attention[name] = self.spaces.new(writer=name)
             qkv.writes = [self.spaces.concatenation([(head, width)] * (3 * heads))]
             self.spaces.writers[qkv.writes[0]] = [f"{name}.qkv"]
@@ -1302,6 +1342,11 @@ def _sparse_attention(old: nn.Module, group: str, qkv: nn.Module, proj: nn.Modul
                                              relative_position_index=old.relative_position_index,
                                              window_size=old.window_size, shift_size=old.shift_size,
                                              attention_dropout=old.attention_dropout, dropout=old.dropout)
+    elif _of_class(old, "torchvision.models.maxvit", "RelativePositionalMultiHeadAttention"):
+        new = SparseRelativePositionalAttention(qkv, proj, old.n_heads, old.head_dim, group,
+                                                relative_position_bias_table=old.relative_position_bias_table,
+                                                relative_position_index=old.relative_position_index,
+                                                max_seq_len=old.max_seq_len, scale=old.scale_factor)
     elif _is_shifted_window_attention_class(old):  # as _is_torchvision_window_attention accepted it
         new = SparseShiftedWindowAttention(qkv, proj, old.num_heads, _head_width(old), group,
                                            relative_position_bias_table=old.relative_position_bias_table,

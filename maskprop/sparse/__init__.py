@@ -15,6 +15,7 @@ from .groups import (
                      kept_ratio,
                      random_mask,
 )
+from .maxvit_attention import SparseRelativePositionalAttention
 from .modules import BatchNormAct2d, SparseBatchNorm2d, SparseBatchNormAct2d, SparseConv2d, SparseLinear, SparseModule
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "SparseLinear",
     "SparseModule",
     "SparseMultiheadAttention",
+    "SparseRelativePositionalAttention",
     "SparseShiftedWindowAttention",
     "SparseShiftedWindowAttentionV2",
     "SparseWindowAttention",
