@@ -16,7 +16,9 @@ hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves
 self-attention is traced as one module: its heads' features are a space that ``qkv`` writes once per head slice and
 ``proj`` reads once per head, and it becomes :class:`~maskprop.sparse.SparseAttention` (the Swin Transformer's window
 attention: timm's ``WindowAttention``, :class:`~maskprop.sparse.SparseWindowAttention`; torchvision's
-``ShiftedWindowAttention``, :class:`~maskprop.sparse.SparseShiftedWindowAttention`); so is attention whose query
+``ShiftedWindowAttention``, :class:`~maskprop.sparse.SparseShiftedWindowAttention`; torchvision's MaxViT attention,
+``RelativePositionalMultiHeadAttention``, whose ``to_qkv`` and ``merge`` are read as ``qkv`` and ``proj``,
+:class:`~maskprop.sparse.SparseRelativePositionalAttention`); so is attention whose query
 and value biases live outside ``qkv`` (timm's BEiT attention, :class:`~maskprop.sparse.SparseBeitAttention`, and
 Swin Transformer v2's cosine window attention: timm's ``WindowAttention``,
 :class:`~maskprop.sparse.SparseWindowAttentionV2`; torchvision's ``ShiftedWindowAttentionV2``,

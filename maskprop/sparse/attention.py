@@ -16,7 +16,8 @@ DeiT, ...), with the same ``qkv`` and ``proj`` parameters and the same module tr
 bias is one number per head and pair of tokens, whatever features the heads keep, and
 :class:`SparseShiftedWindowAttention` in place of torchvision's ``ShiftedWindowAttention`` (the same attention, with
 the windows' partition and shift inside). Attention whose query and value biases live outside ``qkv`` (BEiT's) and
-the Swin Transformer v2's cosine attention are in :mod:`maskprop.sparse.biased_attention`.
+the Swin Transformer v2's cosine attention are in :mod:`maskprop.sparse.biased_attention`, torchvision's MaxViT
+attention in :mod:`maskprop.sparse.maxvit_attention`.
 """
 
 from __future__ import annotations
