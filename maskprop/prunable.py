@@ -80,6 +80,7 @@ from torch import fx, nn
 from .models.spec import check_input_size
 from .sparse import (
     SparseAttention,
+    SparseAttentionCl,
     SparseBatchNorm2d,
     SparseBatchNormAct2d,
     SparseBeitAttention,
@@ -642,6 +643,32 @@ def _is_torchvision_maxvit_attention(module: nn.Module) -> bool:
         and isinstance(getattr(module, "scale_factor", None), float)
 
 
+_TIMM_REL_POS = ("RelPosBias", "RelPosMlp", "RelPosBiasTf")
+"""timm's relative position modules (``timm.layers.pos_embed_rel``) whose bias is one number per head and pair of
+tokens, whatever features the heads keep."""
+
+
+def _is_timm_maxxvit_attention(module: nn.Module) -> bool:
+    """timm's channels-last MaxViT attention (``timm.models.maxxvit.AttentionCl``) in the form
+    :class:`~maskprop.sparse.SparseAttentionCl` computes: ``nn.Linear`` projections, ``qkv`` writing ``3 x num_heads x
+    dim_head`` features and ``proj`` reading ``num_heads x dim_head``, timm's scale (``dim_head ** -0.5``), a relative
+    position module of timm's (:data:`_TIMM_REL_POS`) or none, dropouts around it. Another form (a subclass) is traced
+    through, its heads left whole."""
+    if not _of_class(module, "timm.models.maxxvit", "AttentionCl"):
+        return False
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    heads, width = getattr(module, "num_heads", None), getattr(module, "dim_head", None)
+    rel_pos = getattr(module, "rel_pos", None)
+    if not (all(type(m) is nn.Linear for m in (qkv, proj)) and all(isinstance(n, int) and n > 0
+                                                                  for n in (heads, width))):
+        return False
+    return qkv.out_features == 3 * heads * width and proj.in_features == heads * width \
+        and isinstance(getattr(module, "head_first", None), bool) and getattr(module, "scale", None) == width ** -0.5 \
+        and (rel_pos is None or any(_of_class(rel_pos, "timm.layers.pos_embed_rel", n) for n in _TIMM_REL_POS)) \
+        and isinstance(getattr(module, "attn_drop", None), nn.Dropout) \
+        and isinstance(getattr(module, "proj_drop", None), (nn.Dropout, nn.Identity))
+
+
 def _is_shifted_window_attention_class(module: nn.Module) -> bool:
     """Whether ``module`` is of torchvision's class ``ShiftedWindowAttention`` (not a subclass: v2's computes cosine
     attention)."""
@@ -655,7 +682,7 @@ def _is_window_attention_class(module: nn.Module) -> bool:
 
 _CONVERTIBLE_ATTENTION = (_is_timm_attention, _is_timm_window_attention, _is_torchvision_window_attention,
                           _is_timm_beit_attention, _is_timm_window_attention_v2, _is_torchvision_window_attention_v2,
-                          _is_torchvision_maxvit_attention)
+                          _is_torchvision_maxvit_attention, _is_timm_maxxvit_attention)
 """The tests of the attention modules :func:`make_prunable` converts, each of one class in one form."""
 
 
@@ -1349,6 +1376,9 @@ def _sparse_attention(old: nn.Module, group: str, qkv: nn.Module, proj: nn.Modul
                                                 relative_position_bias_table=old.relative_position_bias_table,
                                                 relative_position_index=old.relative_position_index,
                                                 max_seq_len=old.max_seq_len, scale=old.scale_factor)
+    elif _of_class(old, "timm.models.maxxvit", "AttentionCl"):  # as _is_timm_maxxvit_attention accepted it
+        new = SparseAttentionCl(qkv, proj, old.num_heads, old.dim_head, group, rel_pos=old.rel_pos,
+                                head_first=old.head_first, attn_drop=old.attn_drop, proj_drop=old.proj_drop)
     elif _is_shifted_window_attention_class(old):  # as _is_torchvision_window_attention accepted it
         new = SparseShiftedWindowAttention(qkv, proj, old.num_heads, _head_width(old), group,
                                            relative_position_bias_table=old.relative_position_bias_table,
