@@ -1,5 +1,5 @@
-"""timm's MaxViT attention (``timm.models.maxxvit.AttentionCl``) with its heads' features as a channel group
-(``SparseAttentionCl``).
+"""timm's MaxViT and CoAtNet attention (``timm.models.maxxvit.AttentionCl`` on channels-last tokens, ``Attention2d`` on
+maps) with its heads' features as a channel group (``SparseAttentionCl``, ``SparseAttention2d``).
 
 Each check against an independent computation: timm's own module (with every feature kept, and with the dropped
 features zeroed in its weights and bias: what dropping them means), timm's model, the masked reference in float64
@@ -16,7 +16,7 @@ import torch
 from conftest import compact_equals_masked, dropout_draws_alike
 
 import maskprop
-from maskprop.sparse import SparseAttentionCl
+from maskprop.sparse import SparseAttention2d, SparseAttentionCl
 
 maxxvit = pytest.importorskip("timm.models.maxxvit")
 pos_embed_rel = pytest.importorskip("timm.layers.pos_embed_rel")
@@ -38,15 +38,18 @@ def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _maxvit(num_classes: int = 5, rel_pos_type: str = "bias", head_first: bool = True) -> torch.nn.Module:
-    """timm's MaxViT at small sizes (two stages of one block each), its parameters moved off the zeros timm starts
-    biases at."""
+def _maxvit(num_classes: int = 5, rel_pos_type: str = "bias", head_first: bool = True, blocks: str = "MM",
+            nchw: bool = False) -> torch.nn.Module:
+    """timm's MaxViT at small sizes (two stages of one block each; ``blocks="CT"``: a CoAtNet, an MBConv stage and a
+    transformer stage; ``nchw``: MaxViT's attention on maps), its parameters moved off the zeros timm starts biases
+    at."""
     torch.manual_seed(0)
     cfg = maxxvit.MaxxVitCfg(
-        embed_dim=WIDTHS, depths=(1, 1), block_type=("M", "M"), stem_width=(8, 16),
+        embed_dim=WIDTHS, depths=(1, 1), block_type=tuple(blocks), stem_width=(8, 16),
         conv_cfg=maxxvit.MaxxVitConvCfg(expand_output=False, act_layer="silu", attn_ratio=0.25),
         transformer_cfg=maxxvit.MaxxVitTransformerCfg(dim_head=HEAD_DIM, head_first=head_first, window_size=(2, 2),
-                                                      rel_pos_type=rel_pos_type, rel_pos_dim=16, expand_first=False))
+                                                      rel_pos_type=rel_pos_type, rel_pos_dim=16, expand_first=False,
+                                                      use_nchw_attn=nchw))
     return _perturbed(maxxvit.MaxxVit(cfg, img_size=SIZE[1:], num_classes=num_classes))
 
 
@@ -265,3 +268,66 @@ def test_an_exported_narrow_maxvit_loads_and_computes_what_compact_execution_did
     with torch.no_grad(), maskprop.use_mask(model, mask):
         expected = model(x)
     torch.testing.assert_close(narrow.eval()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+COAT_ATTENTION = "stages.1.blocks.0.attn"  # 16 -> 32 channels at stride 2: 2 heads of 8 (expand_first=False)
+
+
+@pytest.mark.parametrize("rel_pos_type", ["bias", "mlp"])
+def test_timms_coatnet_attention_becomes_maskprops_computing_the_same(rel_pos_type):
+    """CoAtNet's transformer block attends among every position of a map (``Attention2d``, 1x1 convolutions): the
+    converted model computes what timm's did, with the same tensors under the same keys; the heads' features are a
+    group, qkv writing it once per head slice, proj reading it once per head."""
+    plain = _maxvit(rel_pos_type=rel_pos_type, blocks="CT").double().eval()
+    converted = maskprop.make_prunable(copy.deepcopy(plain), SIZE).eval()
+    assert list(converted.state_dict()) == list(plain.state_dict())
+    attn, theirs = converted.get_submodule(COAT_ATTENTION), plain.get_submodule(COAT_ATTENTION)
+    assert type(attn) is SparseAttention2d and (attn.num_heads, attn.dim_head) == (2, HEAD_DIM)
+    assert type(attn.qkv) is maskprop.sparse.SparseConv2d and attn.proj.out_channels == WIDTHS[1]
+    assert maskprop.channel_groups(converted)[COAT_ATTENTION] == HEAD_DIM
+    concatenated = maskprop.sparse.concatenations(converted)
+    assert concatenated[f"{COAT_ATTENTION}.qkv"] == ((COAT_ATTENTION, HEAD_DIM),) * 6
+    assert concatenated[f"{COAT_ATTENTION}.proj:input"] == ((COAT_ATTENTION, HEAD_DIM),) * 2
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), plain(x), rtol=1e-12, atol=1e-12)
+    mask = _mask(converted, seed=3)
+    kept = mask[COAT_ATTENTION]
+    assert 0 < int(kept.sum()) < HEAD_DIM
+    maps = torch.randn(2, WIDTHS[0], 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        with maskprop.use_mask(converted, mask):
+            compact = attn(maps)
+        for fused in (True, False):
+            theirs.fused_attn = fused
+            torch.testing.assert_close(compact, _zeroed(theirs, ~kept)(maps), rtol=1e-12, atol=1e-12)
+    grads = compact_equals_masked(converted, mask, x)
+    qkv_grad = grads[f"{COAT_ATTENTION}.qkv.weight"].reshape(6, HEAD_DIM, WIDTHS[0])
+    assert qkv_grad[:, ~kept].abs().max() == 0 < qkv_grad[:, kept].abs().max()
+    assert all(grad.abs().max() > 0 for key, grad in grads.items() if key.startswith(f"{COAT_ATTENTION}.rel_pos."))
+
+
+@pytest.mark.parametrize(("blocks", "nchw", "rel_pos_type", "head_first"),
+                         [("CT", False, "mlp", True), ("MM", True, "bias_tf", False)])
+def test_check_model_takes_timms_attention_on_maps(blocks, nchw, rel_pos_type, head_first):
+    """A CoAtNet, and a MaxViT attending on maps (``use_nchw_attn``: ``PartitionAttention2d``) in the TensorFlow
+    ports' layout of qkv's outputs."""
+    model = maskprop.make_prunable(_maxvit(rel_pos_type=rel_pos_type, head_first=head_first, blocks=blocks,
+                                           nchw=nchw), SIZE)
+    assert sum(type(m) is SparseAttention2d for m in model.modules()) == (1 if blocks == "CT" else 4)
+    maskprop.check_model(model, SIZE)
+
+
+def test_an_exported_narrow_coatnet_loads_and_computes_what_compact_execution_did(tmp_path):
+    """materialize gives narrow 1x1 convolutions, the heads at the kept width with the full model's scale."""
+    model = maskprop.make_prunable(_maxvit(blocks="CT"), SIZE).eval()
+    mask = _mask(model, seed=4)
+    narrow = maskprop.materialize(model, mask)
+    attn = narrow.get_submodule(COAT_ATTENTION)
+    kept = int(mask[COAT_ATTENTION].sum())
+    assert type(attn) is SparseAttention2d and type(attn.qkv) is torch.nn.Conv2d
+    assert attn.qkv.out_channels == 3 * 2 * kept and attn.head_width == kept and attn.scale == HEAD_DIM ** -0.5
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad(), maskprop.use_mask(model, mask):
+        expected = model(x)
+    torch.testing.assert_close(narrow(x), expected, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,5 @@
-"""timm's MaxViT and CoAtNet attention (``timm.models.maxxvit.AttentionCl``) with its heads' features as a channel
-group.
+"""timm's MaxViT and CoAtNet attention (``timm.models.maxxvit.AttentionCl`` on channels-last tokens, ``Attention2d``
+on maps) with its heads' features as a channel group.
 
 timm's MaxViT partitions each channels-last map into windows (or a grid) outside the attention module, which reads
 ``(B, ..., C)``: every example's tokens, flattened. ``qkv`` writes the queries, keys and values of every head, laid out
@@ -12,8 +12,12 @@ takes the default scale of ``scaled_dot_product_attention``, the reciprocal squa
 the same number), so a subnetwork that drops feature ``j`` of every head computes, on the kept features, exactly
 what the full module computes with them zero.
 
-:func:`maskprop.make_prunable` puts :class:`SparseAttentionCl` in place of timm's module, with the same parameters
-under the same state-dict keys (``qkv``, ``rel_pos``, ``proj``).
+``Attention2d`` computes the same on maps ``(B, C, H, W)`` with 1x1 convolutions as ``qkv`` and ``proj``, attending
+among every position of the map (CoAtNet's transformer blocks; MaxViT's partitions with ``use_nchw_attn``), its
+channels laid out as ``AttentionCl``'s features.
+
+:func:`maskprop.make_prunable` puts :class:`SparseAttentionCl` and :class:`SparseAttention2d` in place of timm's
+modules, with the same parameters under the same state-dict keys (``qkv``, ``rel_pos``, ``proj``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import Tensor, nn
 
 from .attention import SparseAttention
 
-__all__ = ["SparseAttentionCl"]
+__all__ = ["SparseAttention2d", "SparseAttentionCl"]
 
 
 class SparseAttentionCl(SparseAttention):
@@ -62,8 +66,12 @@ class SparseAttentionCl(SparseAttention):
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The queries, keys and values of tokens ``x`` ``(N, L, C)`` in timm's layout of ``qkv``'s outputs, each
         ``(N, heads, L, width)``."""
-        batch, tokens, _ = x.shape
-        out = self._project(x)
+        return self._split(self._project(x))
+
+    def _split(self, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The queries, keys and values in ``qkv``'s outputs ``(N, L, 3 x heads x width)``, laid out as timm lays
+        them out, each ``(N, heads, L, width)``."""
+        batch, tokens, _ = out.shape
         if self.head_first:
             out = out.reshape(batch, tokens, self.num_heads, 3, -1).permute(3, 0, 2, 1, 4)
         else:
@@ -87,3 +95,35 @@ class SparseAttentionCl(SparseAttention):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, head_first={self.head_first}"
+
+
+class SparseAttention2d(SparseAttentionCl):
+    """timm's MaxViT and CoAtNet attention on maps (``timm.models.maxxvit.Attention2d``) at whatever head width its
+    projections run.
+
+    The same attention as :class:`SparseAttentionCl`'s among the ``H x W`` positions of each map ``(B, C, H, W)``,
+    with ``qkv`` and ``proj`` 1x1 convolutions (maskprop's ``SparseConv2d``, or plain narrow ``nn.Conv2d``): the heads
+    read from ``qkv``'s output channels in timm's layout, their outputs side by side as the channels ``proj`` reads,
+    the output a map at ``proj``'s width. CoAtNet's transformer blocks attend among every position of the map, their
+    bias (``rel_pos``) of every pair.
+
+    Args:
+        qkv: ``C -> 3 x heads x head_dim``, a 1x1 convolution.
+        proj: ``heads x head_dim -> C_out``, a 1x1 convolution.
+        num_heads, head_dim, group, rel_pos, head_first, attn_drop, proj_drop: As :class:`SparseAttentionCl`'s.
+    """
+
+    def forward(self, x: Tensor, shared_rel_pos: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """Attention among the positions of each map ``x`` ``(B, C, H, W)``; the output is ``(B, C_out, H, W)``.
+        ``shared_rel_pos`` counts only where the module has no ``rel_pos``, as in timm."""
+        batch, _, height, width = x.shape
+        out = self._project(x).reshape(batch, -1, height * width).transpose(1, 2)  # (B, H W, 3 heads width)
+        q, k, v = self._split(out)
+        bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos
+        heads = self._attend(q, k, v, bias, False)  # (B, heads, H W, width)
+        heads = heads.transpose(-1, -2).reshape(batch, -1, height, width)
+        return self.proj_drop(self.proj(heads))
+
+    def batch_and_tokens(self, x: Tensor) -> tuple[int, int]:
+        """The maps and the positions of one."""
+        return x.shape[0], x.shape[2] * x.shape[3]
