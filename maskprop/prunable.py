@@ -18,7 +18,10 @@ self-attention is traced as one module: its heads' features are a space that ``q
 attention: timm's ``WindowAttention``, :class:`~maskprop.sparse.SparseWindowAttention`; torchvision's
 ``ShiftedWindowAttention``, :class:`~maskprop.sparse.SparseShiftedWindowAttention`; torchvision's MaxViT attention,
 ``RelativePositionalMultiHeadAttention``, whose ``to_qkv`` and ``merge`` are read as ``qkv`` and ``proj``,
-:class:`~maskprop.sparse.SparseRelativePositionalAttention`); so is attention whose query
+:class:`~maskprop.sparse.SparseRelativePositionalAttention`; timm's MaxViT and CoAtNet attention, ``AttentionCl`` on
+channels-last tokens, :class:`~maskprop.sparse.SparseAttentionCl`, and ``Attention2d`` on maps, whose 1x1-conv
+``qkv`` reads and ``proj`` writes channels in dimension 1, :class:`~maskprop.sparse.SparseAttention2d`, the
+relative position module whole); so is attention whose query
 and value biases live outside ``qkv`` (timm's BEiT attention, :class:`~maskprop.sparse.SparseBeitAttention`, and
 Swin Transformer v2's cosine window attention: timm's ``WindowAttention``,
 :class:`~maskprop.sparse.SparseWindowAttentionV2`; torchvision's ``ShiftedWindowAttentionV2``,
