@@ -18,7 +18,10 @@ self-attention is traced as one module: its heads' features are a space that ``q
 attention: timm's ``WindowAttention``, :class:`~maskprop.sparse.SparseWindowAttention`; torchvision's
 ``ShiftedWindowAttention``, :class:`~maskprop.sparse.SparseShiftedWindowAttention`; torchvision's MaxViT attention,
 ``RelativePositionalMultiHeadAttention``, whose ``to_qkv`` and ``merge`` are read as ``qkv`` and ``proj``,
-:class:`~maskprop.sparse.SparseRelativePositionalAttention`); so is attention whose query
+:class:`~maskprop.sparse.SparseRelativePositionalAttention`; timm's MaxViT and CoAtNet attention, ``AttentionCl`` on
+channels-last tokens, :class:`~maskprop.sparse.SparseAttentionCl`, and ``Attention2d`` on maps, whose 1x1-conv
+``qkv`` reads and ``proj`` writes channels in dimension 1, :class:`~maskprop.sparse.SparseAttention2d`, the
+relative position module whole); so is attention whose query
 and value biases live outside ``qkv`` (timm's BEiT attention, :class:`~maskprop.sparse.SparseBeitAttention`, and
 Swin Transformer v2's cosine window attention: timm's ``WindowAttention``,
 :class:`~maskprop.sparse.SparseWindowAttentionV2`; torchvision's ``ShiftedWindowAttentionV2``,
@@ -80,6 +83,8 @@ from torch import fx, nn
 from .models.spec import check_input_size
 from .sparse import (
     SparseAttention,
+    SparseAttention2d,
+    SparseAttentionCl,
     SparseBatchNorm2d,
     SparseBatchNormAct2d,
     SparseBeitAttention,
@@ -642,6 +647,52 @@ def _is_torchvision_maxvit_attention(module: nn.Module) -> bool:
         and isinstance(getattr(module, "scale_factor", None), float)
 
 
+_TIMM_REL_POS = ("RelPosBias", "RelPosMlp", "RelPosBiasTf")
+"""timm's relative position modules (``timm.layers.pos_embed_rel``) whose bias is one number per head and pair of
+tokens, whatever features the heads keep."""
+
+
+def _is_timm_maxxvit_attention(module: nn.Module) -> bool:
+    """timm's MaxViT and CoAtNet attention (``timm.models.maxxvit.AttentionCl`` on channels-last tokens,
+    ``Attention2d`` on maps) in the form :class:`~maskprop.sparse.SparseAttentionCl` or
+    :class:`~maskprop.sparse.SparseAttention2d` computes: ``nn.Linear`` projections (``AttentionCl``) or 1x1
+    ``nn.Conv2d`` ones (``Attention2d``), ``qkv`` writing ``3 x num_heads x dim_head`` features and ``proj`` reading
+    ``num_heads x dim_head``, timm's scale (``dim_head ** -0.5``), a relative position module of timm's
+    (:data:`_TIMM_REL_POS`) or none, dropouts around it. Another form (a subclass) is traced through, its heads left
+    whole."""
+    if _of_class(module, "timm.models.maxxvit", "AttentionCl"):
+        projection = _is_plain_linear
+    elif _of_class(module, "timm.models.maxxvit", "Attention2d"):
+        projection = _is_pointwise_conv
+    else:
+        return False
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    heads, width = getattr(module, "num_heads", None), getattr(module, "dim_head", None)
+    rel_pos = getattr(module, "rel_pos", None)
+    if not (projection(qkv) and projection(proj) and all(isinstance(n, int) and n > 0 for n in (heads, width))):
+        return False
+    return qkv.weight.shape[0] == 3 * heads * width and proj.weight.shape[1] == heads * width \
+        and isinstance(getattr(module, "head_first", None), bool) and getattr(module, "scale", None) == width ** -0.5 \
+        and (rel_pos is None or any(_of_class(rel_pos, "timm.layers.pos_embed_rel", n) for n in _TIMM_REL_POS)) \
+        and isinstance(getattr(module, "attn_drop", None), nn.Dropout) \
+        and isinstance(getattr(module, "proj_drop", None), (nn.Dropout, nn.Identity))
+
+
+def _is_plain_linear(module: object) -> bool:
+    return type(module) is nn.Linear
+
+
+def _is_pointwise_conv(module: object) -> bool:
+    """``nn.Conv2d`` of one position per output: a 1x1 kernel, stride 1, no padding, one group."""
+    return type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.stride == (1, 1) \
+        and module.padding in ((0, 0), "valid") and module.dilation == (1, 1) and module.groups == 1
+
+
+def _is_timm_attention_2d(module: nn.Module) -> bool:
+    """Whether ``module`` is of timm's class ``Attention2d`` (attention on maps: channels in dimension 1)."""
+    return _of_class(module, "timm.models.maxxvit", "Attention2d")
+
+
 def _is_shifted_window_attention_class(module: nn.Module) -> bool:
     """Whether ``module`` is of torchvision's class ``ShiftedWindowAttention`` (not a subclass: v2's computes cosine
     attention)."""
@@ -655,7 +706,7 @@ def _is_window_attention_class(module: nn.Module) -> bool:
 
 _CONVERTIBLE_ATTENTION = (_is_timm_attention, _is_timm_window_attention, _is_torchvision_window_attention,
                           _is_timm_beit_attention, _is_timm_window_attention_v2, _is_torchvision_window_attention_v2,
-                          _is_torchvision_maxvit_attention)
+                          _is_torchvision_maxvit_attention, _is_timm_maxxvit_attention)
 """The tests of the attention modules :func:`make_prunable` converts, each of one class in one form."""
 
 
@@ -943,13 +994,14 @@ class _Walk:
         feature map, channels in dimension 1) leaves the module whole, its heads and the tokens it reads and writes."""
         qkv, proj, _ = self.attention_layers(name, module)
         first = self.values.get(source) if isinstance(source, fx.Node) else None
+        on_maps = _is_timm_attention_2d(module)  # channels in dimension 1 (timm's Attention2d), else the last
         why = ""
         if isinstance(module, nn.MultiheadAttention) and not _attends_itself(node):
             why = "nn.MultiheadAttention as cross-attention (its query, key and value not one tensor)"
         elif any(n in self.values and n is not source for n in node.all_input_nodes):
             why = f"{type(module).__name__} called on more than one feature map"
-        elif first is not None and not first.last:
-            why = "attention on channels in dimension 1"
+        elif first is not None and first.last == on_maps:
+            why = "attention on channels in the last dimension" if on_maps else "attention on channels in dimension 1"
         if why:
             self.opaque(node, why)
             self.keep_whole(name, module, f"{why} at {_where(node)}")
@@ -958,7 +1010,7 @@ class _Walk:
             self.needs_zero(first, node)
         self.reads(qkv, first.space if first is not None else
                    self.spaces.new(whole=f"read by {name!r} from a tensor maskprop does not follow"))
-        return _Value(proj.writes[0], last=True)
+        return _Value(proj.writes[0], last=not on_maps)
 
     def keep_whole(self, name: str, module: nn.Module, why: str) -> None:
         """The attention module ``name`` stays as it is: its heads' features whole, and the tokens its ``qkv`` reads
@@ -1253,7 +1305,9 @@ def _head_width(module: nn.Module) -> int:
     the full width's)."""
     if isinstance(module, SparseAttention):
         return module.head_width
-    return module.head_dim if hasattr(module, "head_dim") else module.qkv.out_features // (3 * module.num_heads)
+    if hasattr(module, "head_dim"):
+        return module.head_dim
+    return module.dim_head if hasattr(module, "dim_head") else module.qkv.out_features // (3 * module.num_heads)
 
 
 def _why_whole(spaces: _Spaces, layers: dict[str, _Layer], modules: dict[str, nn.Module], limit: int = 3) -> str:
@@ -1349,6 +1403,10 @@ def _sparse_attention(old: nn.Module, group: str, qkv: nn.Module, proj: nn.Modul
                                                 relative_position_bias_table=old.relative_position_bias_table,
                                                 relative_position_index=old.relative_position_index,
                                                 max_seq_len=old.max_seq_len, scale=old.scale_factor)
+    elif _of_class(old, "timm.models.maxxvit", "AttentionCl") or _is_timm_attention_2d(old):  # as accepted
+        kind = SparseAttention2d if _is_timm_attention_2d(old) else SparseAttentionCl
+        new = kind(qkv, proj, old.num_heads, old.dim_head, group, rel_pos=old.rel_pos, head_first=old.head_first,
+                   attn_drop=old.attn_drop, proj_drop=old.proj_drop)
     elif _is_shifted_window_attention_class(old):  # as _is_torchvision_window_attention accepted it
         new = SparseShiftedWindowAttention(qkv, proj, old.num_heads, _head_width(old), group,
                                            relative_position_bias_table=old.relative_position_bias_table,

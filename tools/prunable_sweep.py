@@ -70,6 +70,9 @@ NETWORKS: list[tuple[str, str, dict[str, Any], int]] = [
     ("timm", "swin_tiny_patch4_window7_224", {}, 224),
     ("timm", "swinv2_tiny_window8_256", {"img_size": 64}, 64),
     ("timm", "beit_base_patch16_224", {"img_size": 32}, 32),
+    ("timm", "maxvit_nano_rw_256", {"img_size": 64}, 64),
+    ("timm", "maxvit_rmlp_nano_rw_256", {"img_size": 64}, 64),
+    ("timm", "coatnet_nano_rw_224", {"img_size": 64}, 64),
     ("timm", "mixer_s16_224", {"img_size": 64}, 64),
     ("timm", "resmlp_12_224", {"img_size": 32}, 32),
 ]

@@ -16,6 +16,7 @@ from .groups import (
                      random_mask,
 )
 from .maxvit_attention import SparseRelativePositionalAttention
+from .maxxvit_attention import SparseAttention2d, SparseAttentionCl
 from .modules import BatchNormAct2d, SparseBatchNorm2d, SparseBatchNormAct2d, SparseConv2d, SparseLinear, SparseModule
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "Mask",
     "ModelPlan",
     "SparseAttention",
+    "SparseAttention2d",
+    "SparseAttentionCl",
     "SparseBatchNorm2d",
     "SparseBatchNormAct2d",
     "SparseBeitAttention",

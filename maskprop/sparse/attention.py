@@ -17,7 +17,8 @@ bias is one number per head and pair of tokens, whatever features the heads keep
 :class:`SparseShiftedWindowAttention` in place of torchvision's ``ShiftedWindowAttention`` (the same attention, with
 the windows' partition and shift inside). Attention whose query and value biases live outside ``qkv`` (BEiT's) and
 the Swin Transformer v2's cosine attention are in :mod:`maskprop.sparse.biased_attention`, torchvision's MaxViT
-attention in :mod:`maskprop.sparse.maxvit_attention`.
+attention in :mod:`maskprop.sparse.maxvit_attention`, timm's MaxViT and CoAtNet attention in
+:mod:`maskprop.sparse.maxxvit_attention`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class SparseAttention(nn.Module):
 
     Args:
         qkv: The query, key and value projection, ``C -> 3 x heads x head_dim`` (a maskprop ``SparseLinear`` writing
-            the concatenated group of ``3 x heads`` parts of ``group``, or a plain narrow ``nn.Linear``).
+            the concatenated group of ``3 x heads`` parts of ``group``, or a plain narrow ``nn.Linear``; a 1x1
+            convolution in :class:`~maskprop.sparse.SparseAttention2d`).
         proj: The output projection, ``heads x head_dim -> C_out``.
         num_heads: Attention heads.
         head_dim: The head width (the group's channels): the scale is ``head_dim ** -0.5``. Both stay the full
@@ -63,8 +65,8 @@ class SparseAttention(nn.Module):
                  q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
                  norm: nn.Module | None = None) -> None:
         super().__init__()
-        if qkv.out_features != 3 * num_heads * head_dim or proj.in_features != num_heads * head_dim:
-            raise ValueError(f"qkv writes {qkv.out_features} and proj reads {proj.in_features} features; expected "
+        if _outputs(qkv) != 3 * num_heads * head_dim or _inputs(proj) != num_heads * head_dim:
+            raise ValueError(f"qkv writes {_outputs(qkv)} and proj reads {_inputs(proj)} features; expected "
                              f"{3 * num_heads * head_dim} and {num_heads * head_dim} for {num_heads} heads of "
                              f"{head_dim}")
         self.num_heads, self.head_dim, self.group = num_heads, head_dim, group
@@ -80,7 +82,7 @@ class SparseAttention(nn.Module):
     @property
     def head_width(self) -> int:
         """The features a head runs at: ``head_dim``, or a narrow model's kept features (read from ``qkv``)."""
-        return self.qkv.out_features // (3 * self.num_heads)
+        return _outputs(self.qkv) // (3 * self.num_heads)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         return self._output(self._attend(*self._heads(x), attn_mask, is_causal))
@@ -114,6 +116,16 @@ class SparseAttention(nn.Module):
     def extra_repr(self) -> str:
         narrow = f", head_width={self.head_width}" if self.head_width != self.head_dim else ""
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}{narrow}, group={self.group!r}"
+
+
+def _outputs(layer: nn.Module) -> int:
+    """The features a projection writes: a linear layer's, or a 1x1 convolution's channels (timm's ``Attention2d``)."""
+    return layer.out_features if hasattr(layer, "out_features") else layer.out_channels
+
+
+def _inputs(layer: nn.Module) -> int:
+    """The features a projection reads (a linear layer's, or a 1x1 convolution's channels)."""
+    return layer.in_features if hasattr(layer, "in_features") else layer.in_channels
 
 
 class SparseWindowAttention(SparseAttention):
