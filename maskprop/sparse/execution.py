@@ -522,10 +522,7 @@ class ExecutionState:
 
     def padding_factor(self, layer: SparseBatchNorm2d) -> Tensor | None:
         """The 0/1 factors of the channels ``layer`` computes (0 for padding) when some are padding, else ``None``."""
-        if not self.padded or layer.group not in self._offsets:
-            return None
-        start, width = self._offsets[layer.group]
-        return self._real_ext[start:start + width]
+        return self.real(layer.group)
 
     def batch_norm_done(self, layer: SparseBatchNorm2d, updated: bool) -> None:
         """Record that ``layer`` ran (``updated``: its running statistics moved in place); the statistics of every
@@ -600,9 +597,8 @@ class ExecutionState:
         var = None if layer.running_var is None else layer.running_var.index_select(0, index)
         weight = None if layer.weight is None else layer.weight.index_select(0, index)
         bias = None if layer.bias is None else layer.bias.index_select(0, index)
-        if self.padded:
-            start, width = self._offsets[layer.group]
-            factor = self._real_ext[start:start + width]
+        factor = self.real(layer.group)
+        if factor is not None:
             weight = None if weight is None else weight * factor.to(weight.dtype)
             bias = None if bias is None else bias * factor.to(bias.dtype)
         self._one[id(layer)] = (mean, var)
