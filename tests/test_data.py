@@ -815,3 +815,13 @@ def test_worker_reseeding_gives_each_rank_its_own_streams_and_leaves_rank_zero_a
         np.random.set_state(states[2])
     assert build_loader(_Indexed(8), 4, train=True, workers=1, world=(0, 2)).worker_init_fn is None
     assert build_loader(_Indexed(8), 4, train=True, workers=0, world=(1, 2)).worker_init_fn is None
+
+
+def test_the_worker_start_benchmark_times_both_loaders(capsys):
+    """tools/bench_worker_start.py times epochs with workers started anew against persistent ones and prints both."""
+    from conftest import load_tool
+
+    assert load_tool("bench_worker_start").main(["--images", "300", "--workers", "1", "--repeats", "1",
+                                                  "--batch-size", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "3 batches of 100, 1 workers" in out and "workers started anew:" in out and "paired ratio" in out
