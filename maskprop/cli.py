@@ -479,6 +479,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == "0":
             print(f"maskprop {args.command}: interrupted{hint}", file=sys.stderr)
         status = 130
+    except Exception as error:
+        stopping = sys.modules.get("maskprop.train.stopping")  # loaded once a run trains
+        if stopping is None or not isinstance(error, stopping.RunStopped):
+            raise
+        from .train.distributed import resume_command  # SIGTERM or SIGUSR1: the run saved its checkpoint
+
+        if rank == "0":
+            print(f"maskprop {args.command}: {error}; {resume_command(args.resumable)} continues from it",
+                  file=sys.stderr)
+        status = 128 + error.signum  # what the signal would have made it
     if "torch.distributed" in sys.modules:  # a torchrun rank leaves its process group before the interpreter ends
         from .train.distributed import leave
 

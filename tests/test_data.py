@@ -793,28 +793,75 @@ def test_a_training_set_of_exactly_one_batch_gives_one_batch():
     assert _epoch(build_loader(_Indexed(8), batch_size=8, train=True)).__len__() == 8
 
 
-def test_worker_reseeding_gives_each_rank_its_own_streams_and_leaves_rank_zero_alone():
+class _Augmented(_Indexed):
+    """An example's random part from all three global generators, as transforms draw (torch's, random's, numpy's)."""
+
+    def __getitem__(self, index):
+        import random
+
+        return torch.tensor(index), torch.tensor([torch.rand(()).item(), random.random(), np.random.rand()])
+
+
+def _batches(loader):
+    return [(index.tolist(), noise.tolist()) for index, noise in loader]
+
+
+def test_each_batch_draws_from_its_own_seed_whatever_the_workers():
+    """In worker processes a batch's transforms draw from the seed of its epoch, number and rank (torch, random and
+    numpy alike): one worker and two load the same batches, and nothing draws the same twice."""
+    from maskprop.train.loaders import batch_seed
+
+    dataset = _Augmented(24)
+    one, two = (_batches(build_loader(dataset, batch_size=4, train=True, workers=w, seed=3)) for w in (1, 2))
+    assert one == two
+    noise = [value for _, batch in one for row in batch for value in row]
+    assert len(set(noise)) == len(noise)
+    sampler = build_loader(dataset, batch_size=4, train=True, workers=1, seed=3).batch_sampler
+    torch.empty((), dtype=torch.int64).random_(generator=sampler.generator)  # the DataLoader's draw, then the epoch
+    seeds = [(batch.number, batch.seed) for batch in sampler]
+    assert [n for n, _ in seeds] == list(range(6)) and len({s for _, s in seeds}) == 6
+    torch.manual_seed(seeds[2][1])  # batch 2's first example draws first from its batch's seed
+    assert one[2][1][0][0] == torch.rand(()).item()
+    assert batch_seed(7, 2, 0) != batch_seed(7, 2, 1) != batch_seed(7, 3, 1)  # ranks draw apart
+
+
+def test_an_epoch_resumed_at_a_batch_gives_the_rest_of_it_with_workers():
+    """A loader whose generator is set back to the epoch's start and whose sampler starts at batch 3 gives batches
+    3-5 of that epoch, their crops (here: draws) included, and the next epoch as the uninterrupted loader does."""
+    dataset = _Augmented(24)
+    generator = torch.Generator().manual_seed(5)
+    at_start = generator.get_state()
+    straight = build_loader(dataset, batch_size=4, train=True, workers=2, generator=generator)
+    epochs = [_batches(straight) for _ in range(2)]
+    resumed = build_loader(dataset, batch_size=4, train=True, workers=2, generator=torch.Generator())
+    resumed.generator.set_state(at_start)
+    resumed.batch_sampler.start = 3
+    assert _batches(resumed) == epochs[0][3:]
+    assert resumed.batch_sampler.start == 0 and _batches(resumed) == epochs[1]
+
+
+def test_batches_loaded_in_the_main_process_draw_from_the_global_generators():
+    """With no workers nothing is reseeded: the transforms draw from the run's global generators (whose states a
+    checkpoint saves), as they did before batches had seeds."""
     import random
 
-    from maskprop.train.loaders import _ReseedWorker
-
+    dataset = _Augmented(8)
     states = torch.get_rng_state(), random.getstate(), np.random.get_state()
     try:
-        draws = {}
-        for rank in (1, 2, 3):
-            torch.manual_seed(1234)  # the same base seed on every rank
-            _ReseedWorker(rank)(0)
-            draws[rank] = (torch.rand(()).item(), random.random(), np.random.rand())
-        assert all(len({d[k] for d in draws.values()}) == 3 for k in range(3))  # torch, random, numpy all differ
-        torch.manual_seed(1234)
-        base = torch.rand(()).item()
-        assert all(d[0] != base for d in draws.values())
+        torch.manual_seed(11)
+        random.seed(12)
+        np.random.seed(13)
+        loaded = _batches(build_loader(dataset, batch_size=4, train=False, workers=0))
+        torch.manual_seed(11)
+        random.seed(12)
+        np.random.seed(13)
+        expected = [[torch.rand(()).item(), random.random(), np.random.rand()] for _ in range(8)]
     finally:
         torch.set_rng_state(states[0])
         random.setstate(states[1])
         np.random.set_state(states[2])
-    assert build_loader(_Indexed(8), 4, train=True, workers=1, world=(0, 2)).worker_init_fn is None
-    assert build_loader(_Indexed(8), 4, train=True, workers=0, world=(1, 2)).worker_init_fn is None
+    assert [row for _, batch in loaded for row in batch] == torch.tensor(expected).tolist()  # as float32
+    assert build_loader(dataset, batch_size=4, train=False).dataset.size == 8  # the dataset's own attributes
 
 
 def test_the_worker_start_benchmark_times_both_loaders(capsys):

@@ -283,6 +283,46 @@ def test_killed_two_process_run_resumes_to_the_same_end(ddp, tmp_path):
     assert [(r["phase"], r["epoch"]) for r in records] == [("search", e) for e in range(1, 5)] + [("finetune", 1)]
 
 
+@pytest.mark.slow  # about 30 s: two more torchrun launches
+def test_sigterm_stops_both_ranks_at_one_step_and_the_resume_ends_the_same(ddp, tmp_path):
+    """SIGTERM to torchrun and its ranks at once (as a scheduler signals a job; torchrun passes it on too): both ranks
+    stop after the same step, rank 0 says so in one line, the checkpoint within the epoch holds each rank's BatchNorm
+    statistics, and the resumed run ends where the uninterrupted one did."""
+    root, *_ = ddp
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny()))
+    stopped = tmp_path / "stopped"
+    child = subprocess.Popen(_torchrun("-m", "maskprop", "train", str(recipe), "--out", str(stopped)), cwd=REPO,
+                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (stopped / "last.pt").exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(child.pid, signal.SIGTERM)
+        _, err = child.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+    lines = [line for line in err.splitlines() if "maskprop train: stopped by SIGTERM" in line]
+    assert len(lines) == 1 and lines[0].endswith("continues from it"), err[-3000:]
+    assert f"torchrun --nproc_per_node 2 -m maskprop train --resume {stopped}" in lines[0]
+    interrupted = load_checkpoint(stopped / "last.pt")
+    assert interrupted["phase"] != "done" and interrupted["batch"] > 0, err[-3000:]
+    assert f"after step {interrupted['step']} " in lines[0]
+    assert len(interrupted["rank_buffers"]) == 2 and len(interrupted["rng"]["ranks"]) == 2
+    done = subprocess.run(_torchrun("-m", "maskprop", "train", "--resume", str(stopped)), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = load_checkpoint(root / "plain" / "last.pt"), load_checkpoint(stopped / "last.pt")
+    assert (a["phase"], a["step"]) == (b["phase"], b["step"]) == ("done", 10)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["scores"]["scores"], b["scores"]["scores"])
+    for rank in range(2):
+        assert torch.equal(a["rng"]["ranks"][rank]["torch"], b["rng"]["ranks"][rank]["torch"])
+
+
 @pytest.mark.slow  # about 20 s: a torchrun launch (the fixture checks every rank's message)
 def test_cli_error_under_torchrun_is_one_line_from_rank_zero(tmp_path):
     recipe = tmp_path / "tiny.yaml"

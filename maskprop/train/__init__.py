@@ -14,6 +14,7 @@ from .data import build_datasets, build_loader
 __all__ = [
     "Config",
     "FitResult",
+    "RunStopped",
     "StepContext",
     "StepResult",
     "build_datasets",
@@ -34,7 +35,7 @@ __all__ = [
 _LAZY = {
     "fit": "loop", "FitResult": "loop", "train_one_epoch": "loop", "evaluate": "loop", "fix_subnetwork": "loop",
     "vrpge_step": "steps", "subnet_step": "steps", "StepContext": "steps", "StepResult": "steps",
-    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint", "RunStopped": "stopping",
 }
 
 

@@ -395,6 +395,10 @@ class Config(_Section):
         log_every: Steps between log lines.
         eval_every: Epochs between evaluations (0: only at the end).
         save_every: Epochs between checkpoints (0: only at the end).
+        save_every_steps: Optimizer steps between checkpoints within an epoch as well (0: none; for long epochs,
+            ImageNet's: a run stopped without warning loses at most that many steps). ``maskprop train --resume``
+            continues such a checkpoint from its batch, exactly. A run also saves one within its epoch and stops
+            when it receives SIGTERM or SIGUSR1 (``maskprop.train.stopping``).
         out: Run directory, or none to not write anything.
         model: The network.
         data: The data.
@@ -419,6 +423,7 @@ class Config(_Section):
     log_every: Annotated[int, Field(ge=1)] = 50
     eval_every: Annotated[int, Field(ge=0, json_schema_extra={"note": "0: only at the end"})] = 1
     save_every: Annotated[int, Field(ge=0, json_schema_extra={"note": "0: only at the end"})] = 1
+    save_every_steps: Annotated[int, Field(ge=0, json_schema_extra={"note": "0: at epoch ends only"})] = 0
     out: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -22,13 +22,16 @@ propagate only ``k`` of their output units in the backward (``steps.sbp_step``);
 measures the gradient estimation angles and logs them to TensorBoard (``angle/overall``, ``angle/<layer>``).
 
 Every epoch is one ``train_one_epoch`` call; checkpoints are written after every ``save_every`` epochs and at the end
-of every phase, and a resumed run continues from the last one exactly as if it had not stopped.
+of every phase, within epochs every ``save_every_steps`` steps and when a stop signal comes (:class:`StepCheckpoints`,
+``stopping.py``), and a resumed run continues from the last one exactly as if it had not stopped (an epoch from the
+checkpoint's batch: its order drawn again from the loader generator's state at its start, its sums so far restored).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -41,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .._files import make_directory
@@ -59,6 +62,7 @@ from .distributed import (
     average_buffers,
     check_same_config,
     current,
+    gather_objects,
     init_from_env,
     rank_local,
     share_model,
@@ -71,6 +75,7 @@ from .optim import run_optimizer
 from .setup import Run, phase_epochs, phase_optimizer, prepare
 from .state import PHASES, TrainState, search_schedule
 from .steps import StepContext, StepResult, sbp_step, subnet_step, vrpge_step
+from .stopping import RunStopped, StopSignals
 from .summary import read_summary, summarize, write_json
 from .timing import DenseReference, timed_step
 
@@ -210,9 +215,61 @@ def _count_step(state: TrainState, phase: str, result: StepResult) -> None:
 
 
 def _progress_bar(state: TrainState, loader: Loader, total: int) -> tqdm:
-    """The epoch's progress bar: rank 0's alone."""
+    """The epoch's progress bar: rank 0's alone (a resumed epoch's starts at its batch)."""
     return tqdm(loader, desc=f"{state.phase} {state.epoch + 1}/{total}", leave=False, dynamic_ncols=True,
-                disable=None if current().is_main else True)
+                disable=None if current().is_main else True, initial=state.batch, total=len(loader))
+
+
+def _start_epoch(state: TrainState, loader: Loader) -> EpochMeter:
+    """The meter of the epoch about to run. A new epoch notes the loader generator's state (what a checkpoint within
+    it needs); an epoch resumed from such a checkpoint sets the generator back to it, so the epoch draws its order
+    again, starts its loader at the checkpoint's batch, and goes on from the sums it had."""
+    if state.batch == 0:
+        state.epoch_start = {"loader": state.loader_generator.get_state()}
+        return EpochMeter()
+    state.loader_generator.set_state(state.epoch_start["loader"])
+    (loader.batch_sampler if isinstance(loader, DataLoader) else loader.sampler).start = state.batch
+    return EpochMeter(**state.epoch_start["meter"])
+
+
+class StepCheckpoints:
+    """Checkpoints within an epoch, looked at after every step: every ``save_every_steps`` steps, and when a stop
+    signal came (``stopping.py``: the checkpoint saved, :class:`~maskprop.train.stopping.RunStopped` is raised).
+
+    Args:
+        save: Writes ``last.pt`` from the run's state.
+        every: ``save_every_steps`` (0: on a signal only).
+        signals: The run's stop signals, or ``None``.
+        device: Where a collective's tensors go (torchrun).
+    """
+
+    def __init__(self, save: Callable[[], None], every: int, signals: StopSignals | None,
+                 device: torch.device) -> None:
+        self.save, self.every, self.signals, self.device = save, every, signals, device
+
+    def after_step(self, state: TrainState, meter: EpochMeter, batches: int, agree: bool = True,
+                   before_saving: Callable[[], None] | None = None) -> None:
+        """Save the state (``before_saving`` first: the static steps' sums read, the narrow model written back)
+        when a checkpoint is due after the step just counted, and raise after saving on a stop signal.
+
+        Args:
+            state: The run state, its step and batch counted.
+            meter: The epoch's sums so far (saved with the checkpoint).
+            batches: The epoch's batches (at its last one the checkpoint at the epoch's end serves).
+            agree: Whether the ranks agree on a signal now (a collective under torchrun; see ``stopping.py``).
+            before_saving: What makes the state complete before it is saved.
+        """
+        signum = self.signals.pending(self.device) if self.signals is not None and agree else None
+        due = self.every and state.step % self.every == 0 and state.batch < batches
+        if not (due or signum):
+            return
+        if before_saving is not None:
+            before_saving()
+        state.epoch_start["meter"] = dataclasses.asdict(meter)
+        self.save()
+        if signum:
+            raise RunStopped(signum, state.step, f"{state.phase} epoch {state.epoch + 1}, batch {state.batch} of "
+                                                 f"{batches}")
 
 
 def _end_epoch(state: TrainState, cfg: Config, meter: EpochMeter, start: float) -> dict[str, float]:
@@ -221,6 +278,7 @@ def _end_epoch(state: TrainState, cfg: Config, meter: EpochMeter, start: float) 
         raise ValueError(f"the training loader gave no batch (batch size {cfg.data.batch_size}); "
                          f"expected at least one full batch per epoch")
     state.epoch += 1
+    state.batch, state.epoch_start = 0, None
     return dict(meter.summary(), epoch_time_s=time.perf_counter() - start)
 
 
@@ -234,8 +292,10 @@ def _measures_angles(state: TrainState, cfg: Config) -> bool:
 def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: Loader,
                     log: RunLogger, dense_reference: DenseReference | None = None,
                     narrow: NarrowSubnetwork | None = None, static: StaticSteps | None = None,
-                    threads: RunThreads | None = None) -> dict[str, float]:
-    """Train one epoch of the current phase; update the state's counters, step count and epoch.
+                    threads: RunThreads | None = None,
+                    checkpoints: StepCheckpoints | None = None) -> dict[str, float]:
+    """Train one epoch of the current phase (or the rest of one: ``state.batch``); update the state's counters,
+    step count and epoch.
 
     Args:
         state: The run state (its ``phase`` selects the step).
@@ -248,16 +308,18 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: Lo
             (finetune phase; see ``narrow.py``).
         static: The run's static-shape steps (``graphs.py``), run instead of the eager ones.
         threads: The run's CPU threads, re-chosen between steps as the machine's load moves (``threads: auto``).
+        checkpoints: The checkpoints within the epoch (``save_every_steps``, stop signals).
 
     Returns:
         The epoch's training metrics.
     """
     if static is not None:
-        return _train_static_epoch(state, cfg, ctx, loader, log, static, dense_reference, narrow, threads)
+        return _train_static_epoch(state, cfg, ctx, loader, log, static, dense_reference, narrow, threads,
+                                   checkpoints)
     phase, model = state.phase, state.model
     model.train()
     step = _step_function(state, cfg, ctx) if narrow is None else narrow.step_function(ctx)
-    meter = EpochMeter()
+    meter = _start_epoch(state, loader)
     total = phase_epochs(cfg, phase)
     kind, first, kind_steps = _timed_kind(state, total * len(loader))
     bar = _progress_bar(state, loader, total)
@@ -278,6 +340,10 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: Lo
             log.scalars(result.diagnostics, state.step)
         if threads is not None:
             threads.tick()
+        state.batch += 1
+        if checkpoints is not None:
+            checkpoints.after_step(state, meter, len(loader),
+                                   before_saving=None if narrow is None else narrow.write_back)
     bar.close()
     return _end_epoch(state, cfg, meter, start)
 
@@ -311,7 +377,8 @@ def _window_result(window: MeterWindow) -> StepResult:
 
 def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: Loader,
                         log: RunLogger, static: StaticSteps, dense_reference: DenseReference | None,
-                        narrow: NarrowSubnetwork | None, threads: RunThreads | None = None) -> dict[str, float]:
+                        narrow: NarrowSubnetwork | None, threads: RunThreads | None = None,
+                        checkpoints: StepCheckpoints | None = None) -> dict[str, float]:
     """``train_one_epoch`` with static steps: nothing is read from the device inside a step; every ``log_every``
     steps and at the end of the epoch the steps' sums come back in one transfer (and the search re-chooses its
     capacities)."""
@@ -320,7 +387,7 @@ def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader
     if narrow is not None:
         narrow.model.train()
     step = _static_step_function(state, cfg, static, narrow)
-    meter = EpochMeter()
+    meter = _start_epoch(state, loader)
     total = phase_epochs(cfg, phase)
     kind, first, kind_steps = _timed_kind(state, total * len(loader))
     scores = state.scores if phase == "search" else None
@@ -331,7 +398,8 @@ def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader
         result = timed_step(lambda b=batch: step(b), kind, state.times, ctx.device, dense_reference, batch,
                             index=state.counters[f"{phase}_steps"] - first, total=kind_steps)
         _count_step(state, phase, result)
-        if state.step % cfg.log_every == 0:
+        read_now = state.step % cfg.log_every == 0
+        if read_now:
             window = static.read()  # capacities are re-chosen at the epoch's end only: each window costs a capture
             meter.add_window(window)
             read = _window_result(window)
@@ -340,9 +408,21 @@ def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader
             log.scalars(_step_scalars(state, read), state.step)
         if threads is not None:
             threads.tick()
+        state.batch += 1
+        if checkpoints is not None:  # the ranks agree on a signal where the statistics are read (no host sync else)
+            checkpoints.after_step(state, meter, len(loader), agree=read_now or not current().enabled,
+                                   before_saving=lambda: _complete_static_state(meter, static, narrow))
     bar.close()
     meter.add_window(static.read(scores))
     return _end_epoch(state, cfg, meter, start)
+
+
+def _complete_static_state(meter: EpochMeter, static: StaticSteps, narrow: NarrowSubnetwork | None) -> None:
+    """Before a checkpoint within a static epoch: the steps' sums since the last read into the meter, the narrow
+    model's weights into the full model."""
+    meter.add_window(static.read())
+    if narrow is not None:
+        narrow.write_back()
 
 
 def _timed_kind(state: TrainState, phase_steps: int) -> tuple[str, int, int]:
@@ -538,8 +618,17 @@ class _Saver:
                 checkpoint["initial_weights"] = self.run.initial_weights.to_dict()
             if self.run.given_data is not None:  # datasets given to fit: a resume must give them again
                 checkpoint["given_data"] = dict(self.run.given_data)
+            if self.run.state.batch and current().enabled and not self.run.cfg.sync_bn:
+                # within an epoch each rank's BatchNorm statistics are its own (averaged at the epoch's end)
+                checkpoint["rank_buffers"] = gather_objects(_buffers(self.run.state.model))
             if current().is_main:
                 save_checkpoint(checkpoint, self.run.run_dir / name)
+
+
+def _buffers(model: nn.Module) -> dict[str, Tensor]:
+    """The buffers of ``model`` that its state dict holds (BatchNorm's statistics), on the CPU."""
+    names = {name for name, _ in model.named_buffers()}
+    return {name: value.detach().cpu() for name, value in model.state_dict().items() if name in names}
 
 
 def _eval_mask(state: TrainState) -> dict[str, Tensor] | None:
@@ -675,7 +764,8 @@ def _narrow_subnetwork(run: Run) -> NarrowSubnetwork | None:
     return narrow
 
 
-def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseReference | None) -> None:
+def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseReference | None,
+               checkpoints: StepCheckpoints | None = None) -> None:
     """Train the remaining epochs of the current phase, evaluating and saving as configured."""
     cfg, state = run.cfg, run.state
     epochs = phase_epochs(cfg, state.phase)
@@ -686,7 +776,7 @@ def _run_phase(run: Run, log: RunLogger, saver: _Saver, dense_reference: DenseRe
             narrow = _narrow_subnetwork(run)
         run.threads.update()  # threads: auto follows the machine's load (and within the epoch, every INTERVAL_S)
         metrics = train_one_epoch(state, cfg, run.ctx, run.train_loader, log, dense_reference, narrow, run.static,
-                                  run.threads)
+                                  run.threads, checkpoints)
         if not cfg.sync_bn:  # DDP: each rank's running statistics saw its share; their mean (no-op in one process)
             average_buffers(state.model if narrow is None else narrow.model)
         if narrow is not None:  # checkpoints, best.pt and the summary read the full model and optimizer
@@ -859,6 +949,8 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
         TypeError: ``config`` is not one of the above (``None`` included).
         ValueError: Bad configuration, data, checkpoint or run directory (one line each; nothing is written).
         FileNotFoundError: A missing config file, dataset directory or checkpoint.
+        RunStopped: SIGTERM or SIGUSR1 came while a run with a directory trained: it saved its checkpoint after the
+            step it was in (``stopping.py``); ``fit(..., resume=True)`` continues it.
     """
     if not isinstance(config, (Config, Mapping, str, os.PathLike)):  # None too: the defaults train for hours
         raise TypeError(f"config is {type(config).__name__}; expected a Config, a mapping or a yaml path "
@@ -893,6 +985,7 @@ def _fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Data
         state.ddp = wrap_model(state.model, run.ctx.device, sync_bn=cfg.sync_bn)
     elif place.enabled:  # the static steps average the gradients themselves: no wrapper, rank 0's weights shared
         share_model(state.model, sync_bn=cfg.sync_bn)
+    state.restore_own_buffers()  # after rank 0's were shared
     if run.run_dir is not None and place.is_main:
         make_directory(run.run_dir)
         save_config(cfg, run.run_dir / "config.yaml")
@@ -910,11 +1003,15 @@ def _fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Data
         dense_reference = reference_type(run.dense_model or copy.deepcopy(state.model),
                                          lambda params: run_optimizer(params, cfg.optim), rank_local(run.ctx),
                                          share=DENSE_REFERENCE_SHARE, min_pairs=DENSE_REFERENCE_MIN_PAIRS, **graphed)
+    signals = StopSignals(enabled=run.run_dir is not None)  # a run without a directory has nowhere to save
+    checkpoints = None if run.run_dir is None else StepCheckpoints(
+        saver.save, cfg.save_every_steps, signals if signals.enabled else None, run.ctx.device)
     try:
-        while state.phase != "done":
-            _run_phase(run, log, saver, dense_reference)
-            _next_phase(run)
-            saver.save()
+        with signals:
+            while state.phase != "done":
+                _run_phase(run, log, saver, dense_reference, checkpoints)
+                _next_phase(run)
+                saver.save()
         summary = summarize(run, saver.elapsed())
     finally:
         log.close()

@@ -288,7 +288,8 @@ _RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "best.pt")
 
 
 # Settings a resumed run may change without changing what it computes.
-_FREE_ON_RESUME = {"data.root", "data.workers", "device", "log_every", "eval_every", "save_every", "out"}
+_FREE_ON_RESUME = {"data.root", "data.workers", "device", "log_every", "eval_every", "save_every", "save_every_steps",
+                   "out"}
 
 
 def _check_resumed_epochs(checkpoint: Mapping[str, Any], cfg: Config, run_dir: Path) -> None:

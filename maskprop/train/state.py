@@ -4,6 +4,7 @@ budget schedule, built from the config."""
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,11 @@ class TrainState:
         loader_generator: Source of the training data order (and of worker seeds).
         phase: ``train`` (dense), ``search``, ``finetune`` or ``done``.
         epoch: Epochs completed in ``phase``.
+        batch: Batches of the current epoch trained (0 between epochs; a checkpoint saved within an epoch holds
+            more: ``save_every_steps``, a stop signal).
+        epoch_start: Within an epoch, what it needs to be finished after a resume: ``loader``, the loader generator's
+            state as the epoch started (a resumed epoch draws its order again from it and starts at ``batch``), and
+            in a checkpoint ``meter``, the sums of the epoch's metrics so far; ``None`` between epochs.
         step: Optimizer steps over the whole run.
         fixed_mask: The subnetwork chosen after the search, ``{group: bool tensor}`` on the CPU.
         fix_info: How it was chosen (rule, per-sample accuracies).
@@ -105,6 +111,8 @@ class TrainState:
         ddp: The ``DistributedDataParallel`` wrapper of ``model`` that the eager steps run through under torchrun
             (not saved: the checkpoint holds ``model`` itself); ``None`` with the static steps, which average the
             gradients themselves.
+        own_buffers: This rank's BatchNorm statistics from a checkpoint saved within an epoch under torchrun, until
+            :meth:`restore_own_buffers` puts them back after the model is shared.
     """
 
     model: nn.Module
@@ -116,6 +124,8 @@ class TrainState:
     loader_generator: torch.Generator
     phase: str
     epoch: int = 0
+    batch: int = 0
+    epoch_start: dict[str, Any] | None = None
     step: int = 0
     fixed_mask: dict[str, Tensor] | None = None
     fix_info: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +140,14 @@ class TrainState:
     schedule: BudgetSchedule | None = None
     augment_generator: torch.Generator | None = None
     ddp: nn.Module | None = None
+    own_buffers: dict[str, Tensor] | None = None
+
+    def restore_own_buffers(self) -> None:
+        """Under torchrun, after the model is shared from rank 0: this rank's own BatchNorm statistics as a checkpoint
+        saved within an epoch held them (each rank's are its own until the epoch's end averages them)."""
+        if self.own_buffers is not None:
+            self.model.load_state_dict(self.own_buffers, strict=False)
+            self.own_buffers = None
 
     @property
     def step_model(self) -> nn.Module:
@@ -145,7 +163,8 @@ class TrainState:
         """
         own = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
-               else []}
+               else [],
+               "python": random.getstate()}  # timm's ImageNet crops draw from it (in the main process: workers 0)
         if self.augment_generator is not None:  # the crops and flips of data on the device: each rank's own
             own["augment"] = self.augment_generator.get_state()
             own["augment_device"] = self.augment_generator.device.type  # a CUDA state does not fit a CPU generator
@@ -160,6 +179,8 @@ class TrainState:
             "method": cfg.method,
             "phase": self.phase,
             "epoch": self.epoch,
+            "batch": self.batch,
+            "epoch_start": self.epoch_start,
             "step": self.step,
             "model": self.model.state_dict(),
             "scores": None if self.scores is None else self.scores.state_dict(),
@@ -193,12 +214,16 @@ class TrainState:
         The weight optimizer and schedule must already be those of the checkpoint's phase (see ``loop.py``).
         """
         self.model.load_state_dict(checkpoint["model"])
+        buffers = checkpoint.get("rank_buffers")  # saved within an epoch under torchrun: each rank's own
+        self.own_buffers = buffers[current().rank] if buffers and current().rank < len(buffers) else None
         if self.scores is not None:
             self.scores.load_state_dict(checkpoint["scores"])
             self.score_optimizer.load_state_dict(checkpoint["optimizers"]["scores"])
         self.weight_optimizer.load_state_dict(checkpoint["optimizers"]["weights"])
         self.weight_schedule.load_state_dict(checkpoint["schedulers"]["weights"])
         self.phase, self.epoch, self.step = checkpoint["phase"], checkpoint["epoch"], checkpoint["step"]
+        self.batch = checkpoint.get("batch", 0)  # checkpoints of 2026-12-06 and before: at epoch ends only
+        self.epoch_start = checkpoint.get("epoch_start")
         self.fixed_mask = checkpoint["fixed_mask"]
         self.fix_info = dict(checkpoint["fix_info"])
         self.counters = dict(checkpoint["counters"])
@@ -218,6 +243,8 @@ class TrainState:
         self.loader_generator.set_state(rng["loader"])
         own = rng["ranks"][current().rank] if "ranks" in rng else rng  # this rank's own streams under torchrun
         torch.set_rng_state(own["torch"])
+        if "python" in own:
+            random.setstate(own["python"])
         if self.augment_generator is not None:
             here, saved = self.augment_generator.device.type, own.get("augment_device")
             if "augment" in own and saved not in (None, here):  # another kind of generator: its state does not fit

@@ -1,0 +1,204 @@
+"""Checkpoints within an epoch (``save_every_steps``) and stop signals (SIGTERM, SIGUSR1): a run saved in the middle of
+an epoch resumes from its batch to the end an uninterrupted run reaches, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_RUN, with_overrides
+from test_graphs import static_run  # noqa: F401  (a fixture)
+from test_train import _assert_same_state
+
+import maskprop
+from maskprop.cli import main
+from maskprop.train import loop
+from maskprop.train.checkpoint import load_checkpoint
+from maskprop.train.stopping import RunStopped, StopSignals
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4  # batches an epoch: 256 training examples, batch 64
+TINY = with_overrides(TINY_RUN, **{"data.train_size": 256, "optim.epochs": 3, "sparsity.warmup_epochs": 1,
+                                   "sparsity.anneal_epochs": 1, "finetune.epochs": 2, "log_every": 1})
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_checkpoint(monkeypatch, phase: str, epoch: int, batch: int) -> None:
+    """Make the run raise right after it saves ``last.pt`` at ``batch`` of epoch ``epoch + 1`` of ``phase`` (as a
+    run killed then would)."""
+    save = loop._Saver.save
+
+    def save_then_stop(self, name="last.pt"):
+        save(self, name)
+        state = self.run.state
+        if name == "last.pt" and (state.phase, state.epoch, state.batch) == (phase, epoch, batch):
+            raise _Stop
+
+    monkeypatch.setattr(loop._Saver, "save", save_then_stop)
+
+
+def _records(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "epoch_time_s"} for line in lines]
+
+
+def _stopped_and_resumed(config: dict, run: Path, monkeypatch, phase: str, epoch: int, batch: int) -> dict:
+    with monkeypatch.context() as patch:
+        _stop_after_checkpoint(patch, phase, epoch, batch)
+        with pytest.raises(_Stop):
+            maskprop.fit(copy.deepcopy(config), out=run)
+    saved = load_checkpoint(run / "last.pt")
+    assert (saved["phase"], saved["epoch"], saved["batch"]) == (phase, epoch, batch)
+    assert saved["epoch_start"]["meter"]["steps"] == batch
+    maskprop.fit(copy.deepcopy(config), out=run, resume=True)
+    return saved
+
+
+@pytest.mark.parametrize("name, overrides, phase, epoch, batch", [
+    ("search", {}, "search", 1, 2),  # in the anneal (epoch 2), eager VR-PGE steps
+    ("warmup", {"save_every_steps": 3}, "search", 0, 3),  # a dense warm-up step, every 3 steps
+    ("finetune", {}, "finetune", 1, 1),  # the narrow model's steps: written back before the checkpoint
+    ("workers", {"data.workers": 2, "method": "dense", "optim.epochs": 2}, "train", 1, 2),
+    ("sbp", {"method": "msbp", "optim.epochs": 2}, "train", 0, 3),
+])
+def test_a_run_resumed_within_an_epoch_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, one_thread, name,
+                                                                   overrides, phase, epoch, batch):
+    config = with_overrides(TINY, **{"save_every_steps": 1, **overrides})
+    maskprop.fit(copy.deepcopy(config), out=tmp_path / "straight")
+    _stopped_and_resumed(config, tmp_path / "stopped", monkeypatch, phase, epoch, batch)
+    straight, resumed = (load_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "stopped"))
+    _assert_same_state(straight, resumed)
+    assert resumed["batch"] == 0 and resumed["epoch_start"] is None  # saved at the end: between epochs
+    assert _records(tmp_path / "stopped") == _records(tmp_path / "straight")  # the resumed epoch's sums too
+
+
+def test_a_static_run_resumed_within_an_epoch_ends_as_an_uninterrupted_one(static_run, tmp_path, monkeypatch,  # noqa: F811
+                                                                           one_thread):
+    """The static steps (a GPU run's) read their statistics before the checkpoint; the search resumes with the
+    capacities and the uniforms of its window."""
+    config = with_overrides(TINY, **{"save_every_steps": 1, "log_every": 2, "finetune.narrow": False})
+    maskprop.fit(copy.deepcopy(config), out=tmp_path / "straight")
+    _stopped_and_resumed(config, tmp_path / "stopped", monkeypatch, "search", 2, 1)
+    straight, resumed = (load_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "stopped"))
+    _assert_same_state(straight, resumed)
+    for key in ("generator", "next_uniforms"):
+        assert torch.equal(straight["static"][key], resumed["static"][key]), key
+
+
+def test_a_run_on_device_data_resumed_within_an_epoch_ends_as_an_uninterrupted_one(tmp_path, monkeypatch,
+                                                                                  one_thread):
+    config = with_overrides(TINY, **{"save_every_steps": 1, "data.on_device": True, "finetune.epochs": 0})
+    maskprop.fit(copy.deepcopy(config), out=tmp_path / "straight")
+    _stopped_and_resumed(config, tmp_path / "stopped", monkeypatch, "search", 2, 3)
+    straight, resumed = (load_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "stopped"))
+    _assert_same_state(straight, resumed)
+    assert torch.equal(straight["rng"]["augment"], resumed["rng"]["augment"])
+
+
+def test_save_every_steps_saves_within_epochs_only(tmp_path, monkeypatch, one_thread):
+    """Every 3rd step saves within its epoch; at an epoch's last batch the epoch's own checkpoint serves."""
+    saved = []
+    save = loop._Saver.save
+
+    def noting(self, name="last.pt"):
+        save(self, name)
+        state = self.run.state
+        saved.append((name, state.phase, state.epoch, state.batch, state.step))
+
+    monkeypatch.setattr(loop._Saver, "save", noting)
+    maskprop.fit(with_overrides(TINY, **{"save_every_steps": 3, "method": "dense", "optim.epochs": 2}),
+                 out=tmp_path / "run")
+    within = [(epoch, batch, step) for name, _, epoch, batch, step in saved if batch]
+    assert within == [(0, 3, 3), (1, 2, 6)]  # step 9 would be after the last of 8
+    assert [s for s in saved if s[0] == "last.pt" and not s[3]][:2] == [("last.pt", "train", 1, 0, 4),
+                                                                       ("last.pt", "train", 2, 0, 8)]
+
+
+def test_a_stop_signal_saves_after_the_step_and_stops(tmp_path, monkeypatch, one_thread):
+    """SIGUSR1 while a step runs: the step finishes, the checkpoint is saved within the epoch, RunStopped is raised;
+    the handler from before the run is back after it; the resumed run ends as one that was not stopped."""
+    config = with_overrides(TINY, **{"method": "dense", "optim.epochs": 2})
+    maskprop.fit(copy.deepcopy(config), out=tmp_path / "straight")
+    count_step = loop._count_step
+
+    def signalled(state, phase, result):  # the signal comes as the run's 6th step ends (epoch 2, batch 2)
+        count_step(state, phase, result)
+        if state.step == 6:
+            signal.raise_signal(signal.SIGUSR1)
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_count_step", signalled)
+        with pytest.raises(RunStopped, match=r"^stopped by SIGUSR1 after step 6 \(train epoch 2, batch 2 of 4\), "
+                                             r"its checkpoint saved$"):
+            maskprop.fit(copy.deepcopy(config), out=tmp_path / "stopped")
+    assert signal.getsignal(signal.SIGUSR1) == before
+    saved = load_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (1, 2, 6)
+    maskprop.fit(copy.deepcopy(config), out=tmp_path / "stopped", resume=True)
+    _assert_same_state(load_checkpoint(tmp_path / "straight" / "last.pt"),
+                       load_checkpoint(tmp_path / "stopped" / "last.pt"))
+
+
+def test_a_second_signal_changes_nothing_and_ctrl_c_still_stops_at_once(tmp_path):
+    """A scheduler's signal and torchrun's copy of it reach a rank twice: the second changes nothing (the process
+    lives on to save); Ctrl-C is not caught."""
+    code = ("import os, signal, time\n"
+            "from maskprop.train.stopping import StopSignals\n"
+            "with StopSignals() as s:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "    print(signal.Signals(s.received).name, flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "print('not reached')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.stdout == "SIGTERM\n" and "KeyboardInterrupt" in done.stderr and done.returncode == -signal.SIGINT
+    assert done.stderr.count("received SIGTERM: the run stops after this step") <= 1  # logged once, if at all
+
+
+def test_signals_are_not_caught_where_there_is_nothing_to_save():
+    with StopSignals(enabled=False) as stop:
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and stop.pending(torch.device("cpu")) is None
+
+
+def test_sigterm_to_maskprop_train_saves_says_how_to_resume_and_exits_143(tmp_path):
+    """The command a cluster's scheduler ends: it finishes its step, saves, says so in one line and exits with
+    128 + 15; ``--resume`` ends where the uninterrupted run ends."""
+    config = with_overrides(TINY, **{"optim.epochs": 20, "finetune.epochs": 0})
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(json.dumps(config))
+    threads = str(torch.get_num_threads())
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS=threads)
+    child = subprocess.Popen([sys.executable, "-m", "maskprop.cli", "train", str(recipe), "--out", str(run),
+                              "--threads", threads], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "last.pt").exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signal.SIGTERM, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("maskprop train: stopped by SIGTERM after step ") and \
+        last.endswith(f"its checkpoint saved; maskprop train --resume {run} continues from it")
+    assert "Traceback" not in err and "run directory" not in out
+    saved = load_checkpoint(run / "last.pt")
+    assert saved["phase"] == "search" and saved["batch"] > 0 and f"after step {saved['step']} " in last
+    assert main(["train", "--resume", str(run), "--threads", threads]) == 0
+    maskprop.fit(config, out=tmp_path / "straight")
+    _assert_same_state(load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(run / "last.pt"))
