@@ -67,15 +67,15 @@ def _stopped_and_resumed(config: dict, run: Path, monkeypatch, phase: str, epoch
 
 @pytest.mark.parametrize("name, overrides, phase, epoch, batch", [
     ("search", {}, "search", 1, 2),  # in the anneal (epoch 2), eager VR-PGE steps
-    ("warmup", {"save_every_steps": 3}, "search", 0, 3),  # a dense warm-up step, every 3 steps
+    pytest.param("warmup", {"save_every_steps": 3}, "search", 0, 3, marks=pytest.mark.slow),  # every 3 steps
     ("finetune", {}, "finetune", 1, 1),  # the narrow model's steps: written back before the checkpoint
     ("workers", {"data.workers": 2, "method": "dense", "optim.epochs": 2}, "train", 1, 2),
-    ("sbp", {"method": "msbp", "optim.epochs": 2}, "train", 0, 3),
+    pytest.param("sbp", {"method": "msbp", "optim.epochs": 2}, "train", 0, 3, marks=pytest.mark.slow),
 ])
 def test_a_run_resumed_within_an_epoch_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, one_thread, name,
                                                                    overrides, phase, epoch, batch):
     config = with_overrides(TINY, **{"save_every_steps": 1, **overrides})
-    maskprop.fit(copy.deepcopy(config), out=tmp_path / "straight")
+    maskprop.fit(with_overrides(config, save_every_steps=0), out=tmp_path / "straight")  # saving changes nothing
     _stopped_and_resumed(config, tmp_path / "stopped", monkeypatch, phase, epoch, batch)
     straight, resumed = (load_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "stopped"))
     _assert_same_state(straight, resumed)
@@ -88,7 +88,7 @@ def test_a_static_run_resumed_within_an_epoch_ends_as_an_uninterrupted_one(stati
     """The static steps (a GPU run's) read their statistics before the checkpoint; the search resumes with the
     capacities and the uniforms of its window."""
     config = with_overrides(TINY, **{"save_every_steps": 1, "log_every": 2, "finetune.narrow": False})
-    maskprop.fit(copy.deepcopy(config), out=tmp_path / "straight")
+    maskprop.fit(with_overrides(config, save_every_steps=0), out=tmp_path / "straight")
     _stopped_and_resumed(config, tmp_path / "stopped", monkeypatch, "search", 2, 1)
     straight, resumed = (load_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "stopped"))
     _assert_same_state(straight, resumed)
@@ -99,7 +99,7 @@ def test_a_static_run_resumed_within_an_epoch_ends_as_an_uninterrupted_one(stati
 def test_a_run_on_device_data_resumed_within_an_epoch_ends_as_an_uninterrupted_one(tmp_path, monkeypatch,
                                                                                   one_thread):
     config = with_overrides(TINY, **{"save_every_steps": 1, "data.on_device": True, "finetune.epochs": 0})
-    maskprop.fit(copy.deepcopy(config), out=tmp_path / "straight")
+    maskprop.fit(with_overrides(config, save_every_steps=0), out=tmp_path / "straight")
     _stopped_and_resumed(config, tmp_path / "stopped", monkeypatch, "search", 2, 3)
     straight, resumed = (load_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "stopped"))
     _assert_same_state(straight, resumed)
@@ -168,14 +168,15 @@ def test_a_second_signal_changes_nothing_and_ctrl_c_still_stops_at_once(tmp_path
 
 
 def test_signals_are_not_caught_where_there_is_nothing_to_save():
+    before = signal.getsignal(signal.SIGTERM)
     with StopSignals(enabled=False) as stop:
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and stop.pending(torch.device("cpu")) is None
+        assert signal.getsignal(signal.SIGTERM) is before and stop.pending(torch.device("cpu")) is None
 
 
 def test_sigterm_to_maskprop_train_saves_says_how_to_resume_and_exits_143(tmp_path):
     """The command a cluster's scheduler ends: it finishes its step, saves, says so in one line and exits with
     128 + 15; ``--resume`` ends where the uninterrupted run ends."""
-    config = with_overrides(TINY, **{"optim.epochs": 20, "finetune.epochs": 0})
+    config = with_overrides(TINY, **{"optim.epochs": 6, "finetune.epochs": 0})
     recipe = tmp_path / "run.yaml"
     recipe.write_text(json.dumps(config))
     threads = str(torch.get_num_threads())

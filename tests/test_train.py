@@ -825,10 +825,10 @@ def test_resumed_epochs_change_only_where_the_run_has_not_been():
 
     saved = config_to_dict(load_config(copy.deepcopy(TINY)))  # 2 search epochs, 1 finetune epoch
 
-    def check(phase: str, epoch: int, *overrides: str, method: str = "vrpge") -> None:
+    def check(phase: str, epoch: int, *overrides: str, method: str = "vrpge", batch: int = 0) -> None:
         config = load_config(copy.deepcopy(TINY), [f"method={method}", *overrides])
-        _check_resumed_epochs({"phase": phase, "epoch": epoch, "config": {**saved, "method": method}}, config,
-                              Path("runs/x"))
+        _check_resumed_epochs({"phase": phase, "epoch": epoch, "batch": batch, "config": {**saved, "method": method}},
+                              config, Path("runs/x"))
 
     for overrides in ([], ["optim.epochs=1"], ["optim.epochs=9"], ["finetune.epochs=4"]):
         check("search", 1, *overrides)
@@ -839,6 +839,10 @@ def test_resumed_epochs_change_only_where_the_run_has_not_been():
         check("search", 2, "optim.epochs=1")
     with pytest.raises(ValueError, match=r"optim.epochs=1 is below the 2 train epochs"):
         check("train", 2, "optim.epochs=1", method="dense")
+    check("search", 1, "optim.epochs=2", batch=1)  # saved within its second epoch: two begun
+    with pytest.raises(ValueError, match=r"optim.epochs=1 is below the 1 \(and part of one more\) search epochs the "
+                                         r"run in 'runs/x' has trained; expected at least 2"):
+        check("search", 1, "optim.epochs=1", batch=1)
     with pytest.raises(ValueError, match=r"optim.epochs=5, but the run in 'runs/x' has finished its search phase "
                                          r"after 2 epochs; expected optim.epochs=2"):
         check("finetune", 0, "optim.epochs=5")

@@ -142,19 +142,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped by signal {signum}: {tally()}", flush=True)
         os._exit(128 + signum)  # the children get the same signal from the check's timeout (one process group)
 
-    signal.signal(signal.SIGTERM, stopped)
-    write(results)  # at once: a file that collects no test, or a check stopped before the first ends, leaves one too
-    with ThreadPoolExecutor(args.jobs) as pool:
-        order = sorted(nodes, key=lambda n: not any(word in n for word in args.first))  # stable: the file's order
-        futures = [pool.submit(run_one, node, cwd, args.timeout, args.threads) for node in order]
-        for future in as_completed(futures):  # as each finishes: a slow test does not hold back the others' results
-            result = future.result()
-            print(f"{result['outcome']:8s} {result['seconds']:6.1f} s  {result['node']}", flush=True)
-            if result["output"]:
-                print(result["output"], flush=True)
-            results.append(result)
-            results.sort(key=lambda r: nodes.index(r["node"]))  # in the file's order
-            write(results)  # after every test: a check stopped from outside keeps what finished
+    before = signal.signal(signal.SIGTERM, stopped)
+    try:
+        write(results)  # at once: a file that collects no test, or a check stopped before the first ends, leaves one
+        with ThreadPoolExecutor(args.jobs) as pool:
+            order = sorted(nodes, key=lambda n: not any(word in n for word in args.first))  # stable: the file's order
+            futures = [pool.submit(run_one, node, cwd, args.timeout, args.threads) for node in order]
+            for future in as_completed(futures):  # as each finishes: a slow test does not hold back the others
+                result = future.result()
+                print(f"{result['outcome']:8s} {result['seconds']:6.1f} s  {result['node']}", flush=True)
+                if result["output"]:
+                    print(result["output"], flush=True)
+                results.append(result)
+                results.sort(key=lambda r: nodes.index(r["node"]))  # in the file's order
+                write(results)  # after every test: a check stopped from outside keeps what finished
+    finally:
+        signal.signal(signal.SIGTERM, before)  # called from Python (the tests): the caller's handler back
     counts = tally()
     print(", ".join(f"{n} {outcome}" for outcome, n in counts.items()) + f" in {time.perf_counter() - start:.1f} s "
           f"({len(nodes)} tests, {args.jobs} at a time)", flush=True)

@@ -293,9 +293,11 @@ _FREE_ON_RESUME = {"data.root", "data.workers", "device", "log_every", "eval_eve
 
 
 def _check_resumed_epochs(checkpoint: Mapping[str, Any], cfg: Config, run_dir: Path) -> None:
-    """A resumed run may lengthen or shorten its current phase, not below the epochs it has trained in it, nor change
-    a phase it has finished (the summary would report epochs that never ran)."""
+    """A resumed run may lengthen or shorten its current phase, not below the epochs it has trained in it (an epoch
+    it stopped within included), nor change a phase it has finished (the summary would report epochs that never
+    ran)."""
     phase, epoch = checkpoint["phase"], checkpoint["epoch"]
+    begun = epoch + (checkpoint.get("batch", 0) > 0)  # an epoch saved within it is finished first
     phases = [("search", "optim.epochs"), ("finetune", "finetune.epochs")] if cfg.method == "vrpge" else [
         ("train", "optim.epochs")]
     for name, key in phases:
@@ -306,9 +308,10 @@ def _check_resumed_epochs(checkpoint: Mapping[str, Any], cfg: Config, run_dir: P
             raise ValueError(f"{key}={now}, but the run in '{run_dir}' has finished its {name} phase after {before} "
                              f"epoch{'s' if before != 1 else ''}; expected {key}={before} (a finished phase cannot "
                              f"change)")
-        if phase == name and now < epoch:
-            raise ValueError(f"{key}={now} is below the {epoch} {name} epochs the run in '{run_dir}' has trained; "
-                             f"expected at least {epoch}")
+        if phase == name and now < begun:
+            trained = f"{epoch}" if begun == epoch else f"{epoch} (and part of one more)"
+            raise ValueError(f"{key}={now} is below the {trained} {name} epochs the run in '{run_dir}' has trained; "
+                             f"expected at least {begun}")
 
 
 def _warn_changed(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
@@ -435,8 +438,9 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         state.model.to(device)
         if graphs.static and scores is not None:
             scores.to(device)
-        logger.info("resuming %s from %s: phase %s, epoch %d, step %d", cfg.model.name, run_dir, state.phase,
-                    state.epoch, state.step)
+        within = f", batch {state.batch} of epoch {state.epoch + 1}" if state.batch else ""  # saved within it
+        logger.info("resuming %s from %s: phase %s, epoch %d, step %d%s", cfg.model.name, run_dir, state.phase,
+                    state.epoch, state.step, within)
     ctx = StepContext(criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), device=device,
                       cost=cost, amp_dtype=_AMP[cfg.amp], channels_last=cfg.channels_last,
                       clip_grad_norm=cfg.optim.clip_grad_norm,
