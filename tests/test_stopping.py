@@ -76,11 +76,14 @@ def test_a_run_resumed_within_an_epoch_ends_as_an_uninterrupted_one(tmp_path, mo
                                                                    overrides, phase, epoch, batch):
     config = with_overrides(TINY, **{"save_every_steps": 1, **overrides})
     maskprop.fit(with_overrides(config, save_every_steps=0), out=tmp_path / "straight")  # saving changes nothing
-    _stopped_and_resumed(config, tmp_path / "stopped", monkeypatch, phase, epoch, batch)
+    saved = _stopped_and_resumed(config, tmp_path / "stopped", monkeypatch, phase, epoch, batch)
     straight, resumed = (load_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "stopped"))
     _assert_same_state(straight, resumed)
     assert resumed["batch"] == 0 and resumed["epoch_start"] is None  # saved at the end: between epochs
     assert _records(tmp_path / "stopped") == _records(tmp_path / "straight")  # the resumed epoch's sums too
+    lines = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    stopped_epoch = next(r for r in lines if (r["phase"], r["epoch"]) == (phase, epoch + 1))
+    assert stopped_epoch["epoch_time_s"] > saved["epoch_start"]["meter"]["seconds"] > 0  # both parts' time
 
 
 def test_a_static_run_resumed_within_an_epoch_ends_as_an_uninterrupted_one(static_run, tmp_path, monkeypatch,  # noqa: F811

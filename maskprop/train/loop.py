@@ -115,6 +115,19 @@ class EpochMeter:
     loss_gap: float = 0.0
     grad_norm: float = 0.0
     grad_norms: int = 0
+    seconds: float = 0.0
+    """Wall time of the epoch before this process took it over (a resumed epoch's first part)."""
+
+    def __post_init__(self) -> None:
+        self._since = time.perf_counter()  # not a field: what a checkpoint saves is :meth:`saved`
+
+    def elapsed(self) -> float:
+        """The epoch's wall time so far."""
+        return self.seconds + time.perf_counter() - self._since
+
+    def saved(self) -> dict[str, float]:
+        """The sums as a checkpoint within the epoch holds them (the time so far included)."""
+        return dict(dataclasses.asdict(self), seconds=self.elapsed())
 
     def update(self, result: StepResult) -> None:
         self.loss += result.loss * result.count
@@ -265,21 +278,21 @@ class StepCheckpoints:
             return
         if before_saving is not None:
             before_saving()
-        state.epoch_start["meter"] = dataclasses.asdict(meter)
+        state.epoch_start["meter"] = meter.saved()
         self.save()
         if signum:
             raise RunStopped(signum, state.step, f"{state.phase} epoch {state.epoch + 1}, batch {state.batch} of "
                                                  f"{batches}")
 
 
-def _end_epoch(state: TrainState, cfg: Config, meter: EpochMeter, start: float) -> dict[str, float]:
+def _end_epoch(state: TrainState, cfg: Config, meter: EpochMeter) -> dict[str, float]:
     """The epoch's metrics, after checking it trained a step; the state's epoch counted."""
     if meter.steps == 0:
         raise ValueError(f"the training loader gave no batch (batch size {cfg.data.batch_size}); "
                          f"expected at least one full batch per epoch")
     state.epoch += 1
     state.batch, state.epoch_start = 0, None
-    return dict(meter.summary(), epoch_time_s=time.perf_counter() - start)
+    return dict(meter.summary(), epoch_time_s=meter.elapsed())
 
 
 def _measures_angles(state: TrainState, cfg: Config) -> bool:
@@ -323,7 +336,6 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: Lo
     total = phase_epochs(cfg, phase)
     kind, first, kind_steps = _timed_kind(state, total * len(loader))
     bar = _progress_bar(state, loader, total)
-    start = time.perf_counter()
     for images, labels in bar:
         batch = ctx.inputs(images, labels)
         result = timed_step(lambda: step(batch), kind, state.times, ctx.device, dense_reference, batch,
@@ -345,7 +357,7 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: Lo
             checkpoints.after_step(state, meter, len(loader),
                                    before_saving=None if narrow is None else narrow.write_back)
     bar.close()
-    return _end_epoch(state, cfg, meter, start)
+    return _end_epoch(state, cfg, meter)
 
 
 def _static_step_function(state: TrainState, cfg: Config, static: StaticSteps,
@@ -392,7 +404,6 @@ def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader
     kind, first, kind_steps = _timed_kind(state, total * len(loader))
     scores = state.scores if phase == "search" else None
     bar = _progress_bar(state, loader, total)
-    start = time.perf_counter()
     for images, labels in bar:
         batch = ctx.inputs(images, labels)
         result = timed_step(lambda b=batch: step(b), kind, state.times, ctx.device, dense_reference, batch,
@@ -414,7 +425,7 @@ def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader
                                    before_saving=lambda: _complete_static_state(meter, static, narrow))
     bar.close()
     meter.add_window(static.read(scores))
-    return _end_epoch(state, cfg, meter, start)
+    return _end_epoch(state, cfg, meter)
 
 
 def _complete_static_state(meter: EpochMeter, static: StaticSteps, narrow: NarrowSubnetwork | None) -> None:
