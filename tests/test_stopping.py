@@ -109,6 +109,27 @@ def test_a_run_on_device_data_resumed_within_an_epoch_ends_as_an_uninterrupted_o
     assert torch.equal(straight["rng"]["augment"], resumed["rng"]["augment"])
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_imagenet_run_resumed_within_an_epoch_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, one_thread,
+                                                                             workers):
+    """timm's ImageNet crops draw from python's ``random``: in the main process its state is saved with the
+    checkpoint (a resumed run drew other crops before), in workers each batch seeds it."""
+    from test_data import make_image_folder
+
+    make_image_folder(tmp_path / "imagenet", per_class=8)  # 16 images: 4 batches of 4
+    config = with_overrides(TINY, **{"data.dataset": "imagenet", "data.root": str(tmp_path / "imagenet"),
+                                     "data.crop_size": 16, "data.batch_size": 4, "data.workers": workers,
+                                     "data.train_size": 10000, "data.val_size": 2000, "data.image_size": 32,
+                                     "model.kwargs": {"num_classes": 2}, "method": "dense", "optim.epochs": 2,
+                                     "save_every_steps": 1})
+    for key in ("train_size", "val_size", "image_size"):  # the shapes settings, at their defaults
+        config["data"].pop(key)
+    maskprop.fit(with_overrides(config, save_every_steps=0), out=tmp_path / "straight")
+    _stopped_and_resumed(config, tmp_path / "stopped", monkeypatch, "train", 1, 2)
+    _assert_same_state(load_checkpoint(tmp_path / "straight" / "last.pt"),
+                       load_checkpoint(tmp_path / "stopped" / "last.pt"))
+
+
 def test_save_every_steps_saves_within_epochs_only(tmp_path, monkeypatch, one_thread):
     """Every 3rd step saves within its epoch; at an epoch's last batch the epoch's own checkpoint serves."""
     saved = []

@@ -32,7 +32,7 @@ from .device_data import DeviceLoader, augment_seed, data_on_device
 from .distributed import all_reduce_sum, check_world_size, current, device_for, resume_command
 from .graphs import GraphsChoice, StaticSteps, resolve_cuda_graphs, set_capturable
 from .optim import build_schedule, run_optimizer, score_optimizer, weight_optimizer
-from .state import PHASES, TrainState, search_scores
+from .state import PHASES, TrainState, search_scores, seed_host_generators
 from .steps import StepContext
 from .timing import phase_epochs
 from .weights import InitialWeights, load_initial_weights
@@ -381,6 +381,7 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     groups = channel_groups(model)
     if place.rank > 0:  # the same initial weights everywhere, then each rank's own augmentation and dropout draws
         torch.manual_seed(cfg.seed * 1_000_003 + place.rank)
+    seed_host_generators(cfg.seed * 1_000_003 + place.rank if place.rank else cfg.seed)
     if checkpoint is not None:
         check_world_size(checkpoint, run_dir / "last.pt", place)
         check_compatible(checkpoint, run_dir / "last.pt", spec, cfg.model.kwargs, groups, cfg.method)

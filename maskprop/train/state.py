@@ -21,12 +21,46 @@ from .distributed import current, gather_objects
 from .timing import StepTimes
 
 __all__ = ["PHASES", "TrainState", "initial_keep_probability", "new_counters", "search_schedule",
-           "search_scores"]
+           "search_scores", "seed_host_generators"]
 
 logger = logging.getLogger(__name__)
 
 # Phases in run order: a dense run trains then is done; a VR-PGE run searches, fixes a subnetwork, finetunes it.
 PHASES = {"train": 0, "search": 0, "finetune": 1, "done": 2}
+
+
+def seed_host_generators(seed: int) -> None:
+    """Seed python's ``random`` and numpy's global generator (where numpy is installed), as torch's is seeded: the
+    transforms of the main process draw from them (timm's ImageNet crops from ``random``) when ``data.workers`` is 0
+    (worker processes seed them for each batch: ``loaders.SeededBatches``). The checkpoint holds their states."""
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed % 2**32)
+
+
+def _host_states() -> dict[str, Any]:
+    """The states of python's and numpy's global generators, in a form ``torch.load(weights_only=True)`` reads."""
+    states: dict[str, Any] = {"python": random.getstate()}
+    try:
+        import numpy as np
+    except ImportError:
+        return states
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    states["numpy"] = (name, torch.from_numpy(keys.astype("int64")), int(position), int(has_gauss), float(gauss))
+    return states
+
+
+def _set_host_states(own: Mapping[str, Any]) -> None:
+    if "python" in own:
+        random.setstate(own["python"])
+    if "numpy" in own:
+        import numpy as np
+
+        name, keys, position, has_gauss, gauss = own["numpy"]
+        np.random.set_state((name, keys.numpy().astype("uint32"), position, has_gauss, gauss))
 
 
 def new_counters() -> dict[str, int]:
@@ -164,7 +198,7 @@ class TrainState:
         own = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
                else [],
-               "python": random.getstate()}  # timm's ImageNet crops draw from it (in the main process: workers 0)
+               **_host_states()}  # timm's ImageNet crops draw from python's (in the main process: workers 0)
         if self.augment_generator is not None:  # the crops and flips of data on the device: each rank's own
             own["augment"] = self.augment_generator.get_state()
             own["augment_device"] = self.augment_generator.device.type  # a CUDA state does not fit a CPU generator
@@ -243,8 +277,7 @@ class TrainState:
         self.loader_generator.set_state(rng["loader"])
         own = rng["ranks"][current().rank] if "ranks" in rng else rng  # this rank's own streams under torchrun
         torch.set_rng_state(own["torch"])
-        if "python" in own:
-            random.setstate(own["python"])
+        _set_host_states(own)
         if self.augment_generator is not None:
             here, saved = self.augment_generator.device.type, own.get("augment_device")
             if "augment" in own and saved not in (None, here):  # another kind of generator: its state does not fit
