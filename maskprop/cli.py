@@ -14,9 +14,10 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 
 def _one_line(error: BaseException) -> str:
@@ -208,6 +209,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.out is not None:
             raise ValueError("--out cannot be combined with --resume (the run continues in its own directory)")
+        if args.resume_if_exists:
+            raise ValueError("--resume-if-exists goes with a recipe and --out DIR (it starts the run or continues it); "
+                             "--resume DIR continues a run without one")
         if args.items and "=" not in args.items[0]:
             raise ValueError(f"--resume takes no recipe, got {args.items[0]!r}: the run continues with its own "
                              f"config.yaml; give only key=value overrides after --resume DIR")
@@ -232,6 +236,10 @@ def _train(args: argparse.Namespace) -> int:
         recipe, overrides = args.items[0], args.items[1:]
         cfg = load_config(recipe, overrides)
         out, claimed = args.out or cfg.out, None
+        if args.resume_if_exists and _holds_this_run(cfg, out):
+            args.resumable = out
+            summary = fit(cfg, out=out, resume=True, threads=args.threads)
+            return _reported(summary, Path(out), place.is_main)
         if out is None:
             out = default_run_dir(Path(recipe).stem)
             parent_existed = out.parent.is_dir()
@@ -247,14 +255,37 @@ def _train(args: argparse.Namespace) -> int:
                     if not parent_existed:
                         claimed.parent.rmdir()
             raise
-    if place.is_main:  # under torchrun only rank 0 reports
-        # The directory this command ran in: a finished run resumed after it was moved or copied keeps the path it
-        # was written to in its summary, where the export command would find another run or none.
-        where = Path(args.resumable)
+    return _reported(summary, Path(args.resumable), place.is_main)
+
+
+def _reported(summary: Mapping[str, Any], where: Path, main_rank: bool) -> int:
+    """Print a finished run's table, its directory and the command that exports it (under torchrun rank 0 alone)."""
+    if main_rank:  # the directory this command ran in: a finished run resumed after it was moved or copied keeps the
+        # path it was written to in its summary, where the export command would find another run or none
         print(_final_table(summary))
         print(f"run directory: {where}")
         print(f"export: maskprop export {where}")
     return 0
+
+
+def _holds_this_run(cfg: Any, out: Any) -> bool:
+    """For ``--resume-if-exists``: whether the directory ``out`` holds a run (its ``config.yaml``) to continue, which
+    must have the settings of ``cfg`` (a one-line error names those that differ); ``False``: start the run there."""
+    from .train.config import config_to_dict, load_config
+    from .train.setup import changed_settings
+
+    if out is None:
+        raise ValueError("--resume-if-exists needs the run's directory: give --out DIR (or 'out' in the recipe), the "
+                         "same at every start")
+    config_path = Path(out) / "config.yaml"
+    if not config_path.is_file():
+        return False
+    changed = changed_settings(config_to_dict(load_config(config_path)), config_to_dict(cfg))
+    if changed:
+        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise ValueError(f"--resume-if-exists: '{out}' holds a run of other settings ({shown}); expected the recipe "
+                         f"and overrides it was started with, or another --out")
+    return True
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -352,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "with -2, -3, ... where that is taken)")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from DIR/last.pt (a run stopped "
                        "before its first checkpoint starts over from DIR/config.yaml)")
+    train.add_argument("--resume-if-exists", action="store_true",
+                       help="with RECIPE and a run directory (--out, or 'out' in the recipe): continue the run there "
+                       "if it holds one of the same settings, else start it (for a job a scheduler requeues, or "
+                       "torchrun --max-restarts restarts, with the same command)")
     train.add_argument("--threads", type=_train_threads, default="auto", metavar="auto|N",
                        help="torch CPU threads: auto (default: the cores other processes leave free, re-chosen every "
                        "epoch and every 30 s), N, or 0 (torch's default)")

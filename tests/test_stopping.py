@@ -227,3 +227,38 @@ def test_sigterm_to_maskprop_train_saves_says_how_to_resume_and_exits_143(tmp_pa
     assert main(["train", "--resume", str(run), "--threads", threads]) == 0
     maskprop.fit(config, out=tmp_path / "straight")
     _assert_same_state(load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(run / "last.pt"))
+
+
+def test_resume_if_exists_starts_a_run_continues_it_and_refuses_other_settings(tmp_path, monkeypatch, capsys,
+                                                                              one_thread):
+    """One command for a job a scheduler requeues: it starts the run, continues it after a stop (here SIGUSR1 within
+    the second epoch), rewrites the summary of a finished one, and refuses a directory of other settings."""
+    config = with_overrides(TINY, **{"method": "dense", "optim.epochs": 2})
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(json.dumps(config))
+    run = tmp_path / "run"
+    command = ["train", str(recipe), "--out", str(run), "--resume-if-exists", "--threads", "1"]
+    count_step = loop._count_step
+
+    def signalled(state, phase, result):
+        count_step(state, phase, result)
+        if state.step == 6:
+            signal.raise_signal(signal.SIGUSR1)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_count_step", signalled)
+        assert main(command) == 128 + signal.SIGUSR1
+    assert load_checkpoint(run / "last.pt")["batch"] == 2
+    assert main(command) == 0  # continued from batch 2 of epoch 2
+    maskprop.fit(copy.deepcopy(config), out=tmp_path / "straight")
+    _assert_same_state(load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(run / "last.pt"))
+    capsys.readouterr()
+    assert main(command) == 0 and f"run directory: {run}" in capsys.readouterr().out  # finished: its summary
+    assert main([*command, "optim.lr=0.5", "data.workers=1"]) == 2  # the workers may change, the lr may not
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"maskprop train: error: --resume-if-exists: '{run}' holds a run of other settings (optim.lr: 0.1 -> 0.5); "
+        f"expected the recipe and overrides it was started with, or another --out")
+    assert main(["train", str(recipe), "--resume-if-exists"]) == 2
+    assert "--resume-if-exists needs the run's directory: give --out DIR" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--resume-if-exists"]) == 2
+    assert "--resume DIR continues a run without one" in capsys.readouterr().err

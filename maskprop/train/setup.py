@@ -314,14 +314,22 @@ def _check_resumed_epochs(checkpoint: Mapping[str, Any], cfg: Config, run_dir: P
                              f"expected at least {begun}")
 
 
-def _warn_changed(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Log the settings that differ from the checkpoint's: the run continues, but not as it started. A setting the
-    checkpoint's config lacks (added to maskprop since it was written) at its default is no change the user made, and
-    is left out (``data.on_device``: where it moves the data, ``TrainState.load`` says so)."""
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The settings of ``current`` (a config as dicts) that change what a run saved with ``saved`` computes, as
+    ``key: saved -> current``; those a resume may change freely (the data's directory, the workers, the device, how
+    often it logs, evaluates and saves) left out. A setting ``saved`` lacks (added to maskprop since it was written)
+    at its default is no change the user made, and is left out too."""
     a, b = dotted(saved, leaves=("kwargs",)), dotted(current, leaves=("kwargs",))
     defaults = dotted(config_to_dict(Config()), leaves=("kwargs",))
-    changed = [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in changed_keys(a, b) if key not in _FREE_ON_RESUME
-               and not (key not in a and key in defaults and b.get(key) == defaults[key])]
+    return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in changed_keys(a, b) if key not in _FREE_ON_RESUME
+            and not (key not in a and key in defaults and b.get(key) == defaults[key])]
+
+
+def _warn_changed(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Log the settings that differ from the checkpoint's (:func:`changed_settings`): the run continues, but not as it
+    started (``data.on_device``, which a checkpoint of before it lacks: where it moves the data, ``TrainState.load``
+    says so)."""
+    changed = changed_settings(saved, current)
     if changed:
         logger.warning("resuming with settings changed since the checkpoint (schedules keep their saved lengths): %s",
                        "; ".join(changed))
