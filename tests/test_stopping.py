@@ -86,13 +86,14 @@ def test_a_run_resumed_within_an_epoch_ends_as_an_uninterrupted_one(tmp_path, mo
     assert stopped_epoch["epoch_time_s"] > saved["epoch_start"]["meter"]["seconds"] > 0  # both parts' time
 
 
+@pytest.mark.parametrize("narrow, phase, epoch, batch", [(False, "search", 2, 1), (True, "finetune", 0, 3)])
 def test_a_static_run_resumed_within_an_epoch_ends_as_an_uninterrupted_one(static_run, tmp_path, monkeypatch,  # noqa: F811
-                                                                           one_thread):
-    """The static steps (a GPU run's) read their statistics before the checkpoint; the search resumes with the
-    capacities and the uniforms of its window."""
-    config = with_overrides(TINY, **{"save_every_steps": 1, "log_every": 2, "finetune.narrow": False})
+                                                                           one_thread, narrow, phase, epoch, batch):
+    """The static steps (a GPU run's) read their statistics before the checkpoint (and write the narrow model back);
+    the search resumes with the capacities and the uniforms of its window."""
+    config = with_overrides(TINY, **{"save_every_steps": 1, "log_every": 2, "finetune.narrow": narrow})
     maskprop.fit(with_overrides(config, save_every_steps=0), out=tmp_path / "straight")
-    _stopped_and_resumed(config, tmp_path / "stopped", monkeypatch, "search", 2, 1)
+    _stopped_and_resumed(config, tmp_path / "stopped", monkeypatch, phase, epoch, batch)
     straight, resumed = (load_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "stopped"))
     _assert_same_state(straight, resumed)
     for key in ("generator", "next_uniforms"):
