@@ -89,6 +89,7 @@ from .sparse import (
     SparseBatchNormAct2d,
     SparseBeitAttention,
     SparseConv2d,
+    SparseLayerNorm,
     SparseLinear,
     SparseMultiheadAttention,
     SparseRelativePositionalAttention,
@@ -250,7 +251,7 @@ class _Spaces:
 class _Layer:
     """What the trace found for one conv, BatchNorm or linear layer: the spaces it reads and writes."""
 
-    kind: str  # "conv", "depthwise", "grouped", "bn", "linear"
+    kind: str  # "conv", "depthwise", "grouped", "bn", "linear", "ln"
     reads: list[int] = field(default_factory=list)
     writes: list[int] = field(default_factory=list)
     positions: set[int] = field(default_factory=set)
@@ -472,16 +473,16 @@ def _shape_propagation(traced: fx.GraphModule) -> fx.Interpreter:
 
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping timm's ``BatchNormAct2d`` (a BatchNorm and its activation, converted as one),
-    timm's ``Linear`` and the attention modules at the paths ``attention`` (:func:`_attention_forms`) whole, as it
-    keeps torch's modules (``nn.MultiheadAttention``)."""
+    timm's ``Linear`` and ``LayerNorm`` and the attention modules at the paths ``attention``
+    (:func:`_attention_forms`) whole, as it keeps torch's modules (``nn.MultiheadAttention``)."""
 
     def __init__(self, attention: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.attention = attention
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_batch_norm_act(m) or _is_timm_linear(m) or module_qualified_name in self.attention \
-            or super().is_leaf_module(m, module_qualified_name)
+        return _is_batch_norm_act(m) or _is_timm_linear(m) or _is_layer_norm(m) \
+            or module_qualified_name in self.attention or super().is_leaf_module(m, module_qualified_name)
 
 
 _TIMM_ATTENTION = {"timm.layers.attention", "timm.models.vision_transformer"}  # where timm versions define it
@@ -498,11 +499,19 @@ def _is_timm_attention(module: nn.Module) -> bool:
     qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
     heads, width = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
     linear = all(type(m) is nn.Linear or _is_timm_linear(m) for m in (qkv, proj))
-    plain = all(isinstance(getattr(module, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm", "norm"))
+    widths = {"q_norm": width, "k_norm": width, "norm": heads * width if isinstance(width, int) and
+              isinstance(heads, int) else None}
+    plain = all(_normalises(getattr(module, n, nn.Identity()), features) for n, features in widths.items())
     return linear and plain and getattr(module, "gate", None) is None and isinstance(heads, int) \
         and isinstance(width, int) and qkv.out_features == 3 * heads * width and proj.in_features == heads * width \
         and isinstance(getattr(module, "attn_drop", None), nn.Dropout) \
         and isinstance(getattr(module, "proj_drop", None), (nn.Dropout, nn.Identity))
+
+
+def _normalises(module: nn.Module, features: int | None) -> bool:
+    """An attention's ``q_norm``, ``k_norm`` or ``norm`` that maskprop's attention runs: an identity, or a LayerNorm
+    over the ``features`` it reads (:func:`_is_layer_norm`), which a subnetwork runs on the kept ones."""
+    return isinstance(module, nn.Identity) or _is_layer_norm(module) and tuple(module.normalized_shape) == (features,)
 
 
 def _window_projections(module: nn.Module) -> tuple[nn.Linear, nn.Linear, int] | None:
@@ -729,6 +738,21 @@ def _is_batch_norm_act(module: nn.Module) -> bool:
     return _of_class(module, "timm.layers.norm_act", "BatchNormAct2d")
 
 
+def _is_layer_norm(module: nn.Module) -> bool:
+    """torch's ``nn.LayerNorm`` (not a subclass: it may compute something else) or timm's ``LayerNorm`` without its
+    fast-norm kernel (``F.layer_norm`` then), over one dimension: what :class:`~maskprop.sparse.SparseLayerNorm`
+    computes."""
+    return (type(module) is nn.LayerNorm or _of_class(module, "timm.layers.norm", "LayerNorm")
+            and not getattr(module, "_fast_norm", False)) and len(module.normalized_shape) == 1
+
+
+def _normalises_channels(node: fx.Node, value: _Value) -> bool:
+    """A LayerNorm's call at ``node`` normalises the channels of ``value``: its last dimension is the channel space
+    (a linear layer's output on tokens, or the channels of a vector ``(N, C)`` no flatten made)."""
+    shape = _shape(node.args[0]) if node.args else None
+    return shape is not None and not value.positions and (value.last or len(shape) == 2)
+
+
 def _keeps_zero(module: nn.Module) -> bool | None:
     """Whether a channel-wise module maps 0 to 0 (``None``: not a module known to act on each channel alone)."""
     if isinstance(module, nn.Hardtanh):  # ReLU6 too
@@ -911,6 +935,12 @@ class _Walk:
             self.opaque(node, f"{kind.__name__}, which maskprop keeps whole (its inference fast path reads its "
                               f"nn.MultiheadAttention's parameters)")
             return None
+        if _is_layer_norm(module) and (first is None or _normalises_channels(node, first)):
+            # over the channels (a last-dimension space, or the features of a vector): its subnetwork normalises the
+            # kept ones alone (SparseLayerNorm), whatever the dropped ones hold, and its dropped outputs are zero
+            space = first.space if first is not None else self.spaces.new(whole=outside)
+            space = self.reads(self.layer(node, "ln"), space)
+            return None if first is None else _Value(space, last=first.last)
         if first is not None and first.last and kind is not nn.Linear and _keeps_zero(module) is None:
             self.opaque(node, f"{kind.__name__} on channels in the last dimension")
             return None
@@ -1335,7 +1365,11 @@ def _replace(model: nn.Module, modules: dict[str, nn.Module], layers: dict[str, 
     for name, entry in layers.items():
         old = modules[name]
         in_group, out_group = group(entry.reads), group(entry.writes)
-        if entry.kind == "bn":
+        if entry.kind == "ln":
+            if in_group is None:
+                continue
+            new = _sparse_layer_norm(old, in_group)
+        elif entry.kind == "bn":
             if in_group is None:
                 continue
             fused = dict(act=old.act, drop=old.drop) if _is_batch_norm_act(old) else {}
@@ -1419,9 +1453,19 @@ def _sparse_attention(old: nn.Module, group: str, qkv: nn.Module, proj: nn.Modul
                                     relative_position_index=old.relative_position_index, window_size=old.window_size,
                                     attn_drop=old.attn_drop, proj_drop=old.proj_drop)
     else:
+        norms = {n: _sparse_layer_norm(m, group if n != "norm" else proj.in_group) if _is_layer_norm(m) else m
+                 for n in ("q_norm", "k_norm", "norm") if (m := getattr(old, n, None)) is not None}
         new = SparseAttention(qkv, proj, old.num_heads, old.head_dim, group, attn_drop=old.attn_drop,
-                              proj_drop=old.proj_drop, q_norm=old.q_norm, k_norm=old.k_norm,
-                              norm=getattr(old, "norm", None))
+                              proj_drop=old.proj_drop, **norms)
+    return new.train(old.training)
+
+
+def _sparse_layer_norm(old: nn.LayerNorm, group: str | None) -> SparseLayerNorm:
+    """maskprop's LayerNorm of ``group`` in place of ``old``, holding its parameters."""
+    with torch.device("meta"):
+        new = SparseLayerNorm(old.normalized_shape, eps=old.eps, elementwise_affine=old.elementwise_affine,
+                              bias=old.bias is not None, group=group)
+    new.load_state_dict(old.state_dict(keep_vars=True), assign=True)
     return new.train(old.training)
 
 
