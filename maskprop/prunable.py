@@ -11,10 +11,13 @@ named ``<conv>:in``), and writes ``g`` copies of another (``<conv>:out``): featu
 together, so each group keeps as many as the others and a subnetwork runs one convolution of ``g`` groups; an
 in-place operation changes what later reads of its tensor see.
 A linear layer on a tensor of more than two dimensions (tokens, a channels-last map) writes a space held in the last
-dimension, which elementwise operations and products with another such space pass on and a linear layer reads (the
-hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves it whole. timm's plain multi-head
-self-attention is traced as one module: its heads' features are a space that ``qkv`` writes once per head slice and
-``proj`` reads once per head, and it becomes :class:`~maskprop.sparse.SparseAttention` (the Swin Transformer's window
+dimension, which elementwise operations and products with another such space pass on, a LayerNorm over it passes on
+(normalising a subnetwork's kept channels alone: :class:`~maskprop.sparse.SparseLayerNorm`) and a linear layer reads
+(the hidden units of a transformer's or ConvNeXt's MLP, normalised or not); every other operation leaves it whole.
+timm's plain multi-head self-attention (its ``q_norm``, ``k_norm`` and ``norm`` LayerNorm or none) is traced as one
+module: its heads' features are a space that ``qkv`` writes once per head slice and ``proj`` reads once per head, and
+it becomes :class:`~maskprop.sparse.SparseAttention`, its LayerNorms those of the heads' features (the Swin
+Transformer's window
 attention: timm's ``WindowAttention``, :class:`~maskprop.sparse.SparseWindowAttention`; torchvision's
 ``ShiftedWindowAttention``, :class:`~maskprop.sparse.SparseShiftedWindowAttention`; torchvision's MaxViT attention,
 ``RelativePositionalMultiHeadAttention``, whose ``to_qkv`` and ``merge`` are read as ``qkv`` and ``proj``,
@@ -43,8 +46,8 @@ A space is prunable when each tensor of it is read only in ways a subnetwork com
 
 * the model's input or output, or read by an operation that mixes or reorders channels (a concatenation along
   another dimension, a mean over channels, a transpose that moves them, a slice of some channels or a split, a
-  linear layer on a feature map's width, a layer maskprop does not convert: LayerNorm, BatchNorm1d, a module of its
-  own code that ``torch.fx`` keeps whole);
+  linear layer on a feature map's width, a layer maskprop does not convert: a LayerNorm over anything but the
+  channels (a map's width) or of another class, BatchNorm1d, a module of its own code that ``torch.fx`` keeps whole);
 * a one-channel map broadcast over another's channels (a spatial gate: the other keeps its space);
 * read by a convolution or linear layer while its dropped channels would not be zero in the masked reference (after
   an operation that is not zero at zero, such as a sigmoid or adding a constant): the masked reference runs the
@@ -54,12 +57,13 @@ A space is prunable when each tensor of it is read only in ways a subnetwork com
 
 Every prunable space becomes a group named after the module path its writers share (``layer2``), or after its first
 writer; so does a concatenation that layers write, and one they only read is named after its first reader
-(``conv:input``). Its convolutions, BatchNorm and linear layers become :class:`~maskprop.sparse.SparseConv2d`,
-:class:`~maskprop.sparse.SparseBatchNorm2d` (timm's ``BatchNormAct2d``: :class:`~maskprop.sparse.SparseBatchNormAct2d`)
-and :class:`~maskprop.sparse.SparseLinear` holding the same parameter tensors (state_dict keys unchanged); a layer
-that writes a group and is not followed by its BatchNorm masks its own output (``mask_output``). The forward code is
-not changed: the model computes exactly what it computed before, and :func:`maskprop.check_model` checks its
-subnetworks.
+(``conv:input``). Its convolutions, BatchNorm, linear and LayerNorm layers become
+:class:`~maskprop.sparse.SparseConv2d`, :class:`~maskprop.sparse.SparseBatchNorm2d` (timm's ``BatchNormAct2d``:
+:class:`~maskprop.sparse.SparseBatchNormAct2d`), :class:`~maskprop.sparse.SparseLinear` and
+:class:`~maskprop.sparse.SparseLayerNorm` (torch's ``nn.LayerNorm`` and timm's ``LayerNorm`` over the channels in the
+last dimension, or of a vector) holding the same parameter tensors (state_dict keys unchanged); a layer that writes a
+group and is not followed by its BatchNorm masks its own output (``mask_output``). The forward code is not changed: the
+model computes exactly what it computed before, and :func:`maskprop.check_model` checks its subnetworks.
 """
 
 from __future__ import annotations
@@ -264,12 +268,13 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
                   exclude: Iterable[str] = ()) -> nn.Module:
     """Swap a plain torch network's layers for maskprop's, with the channel groups its forward implies.
 
-    The model's ``nn.Conv2d``, ``nn.BatchNorm2d`` and ``nn.Linear`` layers (exactly those classes: a subclass may
-    compute something else) on prunable channels are replaced, in place, by maskprop's layers holding the same
-    parameters and buffers; the rest of the model, and its forward code, are left as they are. Which channels can be
-    pruned, and which must stay whole, is read from the forward traced with ``torch.fx`` (the module docstring gives
-    the rules); the groups' names follow the module paths. The model then trains, exports and reports like a built-in
-    one; :func:`maskprop.check_model` checks it (``maskprop train`` does, for a model registered outside maskprop).
+    The model's ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.Linear`` and ``nn.LayerNorm`` layers (exactly those classes: a
+    subclass may compute something else; timm's ``BatchNormAct2d``, ``Linear`` and ``LayerNorm`` too) on prunable
+    channels are replaced, in place, by maskprop's layers holding the same parameters and buffers; the rest of the
+    model, and its forward code, are left as they are. Which channels can be pruned, and which must stay whole, is read
+    from the forward traced with ``torch.fx`` (the module docstring gives the rules); the groups' names follow the
+    module paths. The model then trains, exports and reports like a built-in one; :func:`maskprop.check_model` checks it
+    (``maskprop train`` does, for a model registered outside maskprop).
 
     Args:
         model: A network of torch layers whose forward ``torch.fx.symbolic_trace`` can trace (torchvision's ResNets,
