@@ -13,7 +13,9 @@ in-place operation changes what later reads of its tensor see.
 A linear layer on a tensor of more than two dimensions (tokens, a channels-last map) writes a space held in the last
 dimension, which elementwise operations and products with another such space pass on, a LayerNorm over it passes on
 (normalising a subnetwork's kept channels alone: :class:`~maskprop.sparse.SparseLayerNorm`) and a linear layer reads
-(the hidden units of a transformer's or ConvNeXt's MLP, normalised or not); every other operation leaves it whole.
+(the hidden units of a transformer's or ConvNeXt's MLP, normalised or not); a ``chunk`` of it into equal parts makes
+it a concatenation of the parts, which must end as one space (timm's ``GluMlp``: one half gates the other), else they
+stay whole; every other operation leaves it whole.
 timm's plain multi-head self-attention (its ``q_norm``, ``k_norm`` and ``norm`` LayerNorm or none) is traced as one
 module: its heads' features are a space that ``qkv`` writes once per head slice and ``proj`` reads once per head, and
 it becomes :class:`~maskprop.sparse.SparseAttention`, its LayerNorms those of the heads' features (the Swin
@@ -173,6 +175,7 @@ class _Spaces:
     attention: dict[str, int] = field(default_factory=dict)  # attention modules by path: their heads' features
     widths: dict[int, int] = field(default_factory=dict)  # the channels of a space no layer writes whole (features
     # of a grouped conv's groups), at its root
+    chunks: list[list[int]] = field(default_factory=list)  # the part spaces of each chunk along the last dimension
 
     def new(self, writer: str | None = None, whole: str | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -311,6 +314,11 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
     if unknown:
         raise ValueError(f"exclude names {unknown} are not nn.Conv2d or nn.Linear layers of {type(model).__name__}")
     spaces, layers = _follow(_trace(model, input_size, frozenset(forms)), modules, attention, whole)
+    for parts in spaces.chunks:  # a subnetwork's chunk has equal parts where they keep as many channels: one space
+        if len({spaces.find(part) for part in parts}) > 1:
+            for part in parts:
+                spaces.leave_whole(part, "a part of a chunk along the last dimension whose parts are not one channel "
+                                         "space (a subnetwork would keep other counts of them)")
     if not prune_residual:
         for space in list(spaces.residual):
             spaces.leave_whole(space, "a residual stream (prune_residual=False)")
@@ -794,7 +802,7 @@ def _walk_graph(graph: fx.Graph, modules: dict[str, nn.Module], walk: _Walk) -> 
     values = walk.values
     spaces = walk.spaces
     for node in graph.nodes:
-        if walk.item_of_pair(node):
+        if walk.item_of_pair(node) or walk.item_of_chunk(node):
             continue
         shape = _shape(node)
         if node.op == "placeholder":
@@ -814,7 +822,7 @@ def _walk_graph(graph: fx.Graph, modules: dict[str, nn.Module], walk: _Walk) -> 
             if value is not None:
                 (walk.pairs if isinstance(module, nn.MultiheadAttention) else values)[node] = value
         elif shape is None:  # no tensor: a size or a shape is fine, anything else (a split, a tuple) reads channels
-            if not _is_query(node):
+            if not _is_query(node) and not walk.chunked(node):
                 whole = walk.whole.get(node.target) if node.op == "call_module" else None
                 walk.opaque(node, whole or "an operation that mixes or reorders channels")
         elif (owner := _multihead_owner(node, modules, walk.attention)) is not None:
@@ -870,6 +878,7 @@ class _Walk:
     attention: frozenset[str] = frozenset()  # paths of the attention modules to convert
     whole: dict[str, str] = field(default_factory=dict)  # nn.MultiheadAttention left whole by path: why
     pairs: dict[fx.Node, _Value] = field(default_factory=dict)  # nn.MultiheadAttention's (output, weights)
+    chunks: dict[fx.Node, list[_Value]] = field(default_factory=dict)  # a chunk's parts, by the chunk's node
 
     def inputs(self, node: fx.Node, *, in_kwargs: bool = True) -> list[_Value]:
         found: list[_Value] = []
@@ -892,6 +901,47 @@ class _Walk:
         for pair in pairs:
             self.spaces.leave_whole(self.pairs[pair].space, f"nn.MultiheadAttention's (output, weights) read whole at "
                                                             f"{_where(node)}")
+        return False
+
+    def chunked(self, node: fx.Node) -> bool:
+        """``x.chunk(n, dim=-1)`` of a last-dimension space into ``n`` equal parts (timm's ``GluMlp``: ``fc1``'s
+        output halved, one half gating the other): the space becomes a concatenation of ``n`` parts, each a space of
+        its own and an item of the tuple, which its writers write. A subnetwork's parts are equal only where they keep
+        as many channels: :func:`make_prunable` leaves them whole unless they end as one space (the halves
+        multiplied)."""
+        key = node.target if node.op == "call_function" else str(node.target)
+        source = node.args[0] if node.args else None
+        if key not in ("chunk", torch.chunk) or source not in self.values:
+            return False
+        value, before = self.values[source], _shape(source)
+        n = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if not value.last or value.positions or before is None or isinstance(n, bool) or not isinstance(n, int) \
+                or n < 2 or not isinstance(dim, int) or dim % len(before) != len(before) - 1 or before[-1] % n:
+            return False
+        width = before[-1] // n
+        writer = (self.spaces.writers.get(self.spaces.find(value.space)) or [node.name])[0]
+        parts = [self.spaces.new(writer=f"{writer}:chunk{i}") for i in range(n)]
+        self.spaces.widths.update(dict.fromkeys(parts, width))
+        self.spaces.union(value.space, self.spaces.concatenation([(part, width) for part in parts]))
+        self.spaces.chunks.append(parts)
+        self.chunks[node] = [_Value(part, value.zero, value.why_not, last=True) for part in parts]
+        return True
+
+    def item_of_chunk(self, node: fx.Node) -> bool:
+        """``parts[i]`` of a chunk (:meth:`chunked`) is part ``i``'s space, and ``node`` is done; any other read of
+        the tuple reads its parts whole."""
+        chunks = [source for source in node.all_input_nodes if source in self.chunks]
+        if not chunks:
+            return False
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in chunks \
+                and isinstance(node.args[1], int) and -len(self.chunks[node.args[0]]) <= node.args[1] \
+                < len(self.chunks[node.args[0]]):
+            self.values[node] = dataclasses.replace(self.chunks[node.args[0]][node.args[1]])
+            return True
+        for chunk in chunks:
+            for part in self.chunks[chunk]:
+                self.spaces.leave_whole(part.space, f"a chunk's parts read together at {_where(node)}")
         return False
 
     def opaque(self, node: fx.Node, why: str) -> None:

@@ -330,11 +330,80 @@ def test_eva02s_normalised_swiglu_has_its_hidden_units_pruned():
     maskprop.check_model(converted, (3, 28, 28))
 
 
-def test_eva02s_packed_glu_mlp_keeps_its_hidden_units_whole():
-    """Without ``scale_mlp`` EVA-02 (Tiny, Small) runs ``GluMlp``: one ``fc1`` whose output is split in two halves
-    (``chunk``), which a subnetwork cannot drop exactly: no channel can be pruned, said in one line."""
-    with pytest.raises(ValueError, match=r"no channel of Eva can be pruned: 'blocks.0.mlp.fc1'") as err:
-        maskprop.make_prunable(_eva(scale_mlp=False), (3, 28, 28))
+def test_eva02s_packed_glu_mlp_has_its_hidden_units_pruned():
+    """Without ``scale_mlp`` EVA-02 (Tiny, Small) runs ``GluMlp``: one ``fc1`` whose output ``chunk`` halves, one half
+    gating the other. ``fc1`` writes a concatenation of the hidden group twice (unit ``j`` of either half is one
+    channel), so a subnetwork keeps as many of each half and its chunk splits at the kept count; ``fc2`` reads the
+    group. The model computes what it did, and check_model passes."""
+    plain = _eva(scale_mlp=False).double()
+    converted = maskprop.make_prunable(copy.deepcopy(plain), (3, 28, 28))
+    assert list(converted.state_dict()) == list(plain.state_dict())
+    assert maskprop.channel_groups(converted) == {"blocks.0.mlp": 2 * WIDTH, "blocks.1.mlp": 2 * WIDTH}
+    assert maskprop.sparse.concatenations(converted)["blocks.0.mlp.fc1"] == (("blocks.0.mlp", 2 * WIDTH),) * 2
+    mlp = converted.blocks[0].mlp
+    assert (mlp.fc1.out_group, mlp.fc2.in_group) == ("blocks.0.mlp.fc1", "blocks.0.mlp")
+    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(converted.eval()(x), plain.eval()(x), rtol=1e-12, atol=1e-12)
+    maskprop.check_model(converted, (3, 28, 28))
+
+
+class GluTokens(nn.Module):
+    """timm's ``GluMlp`` (normalised before ``fc2``) on a map's patches as tokens, pooled into a classifier."""
+
+    def __init__(self, norm: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, 2)
+        self.mlp = timm.layers.GluMlp(8, 12, act_layer=nn.SiLU, norm_layer=nn.LayerNorm if norm else None)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mlp(self.embed(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_a_normalised_glu_mlp_prunes_its_hidden_units_by_hand():
+    """A subnetwork of a normalised ``GluMlp`` is the narrow one written out: ``fc1``'s rows of the kept units of
+    each half, the first half times ``SiLU`` of the second, ``F.layer_norm`` over the kept units, ``fc2``'s kept
+    columns."""
+    torch.manual_seed(0)
+    model = _perturbed(GluTokens()).double()
+    maskprop.make_prunable(model, (3, 8, 8))
+    assert maskprop.channel_groups(model)["mlp"] == 6 and model.mlp.norm.group == "mlp"
+    mask = maskprop.random_mask(maskprop.channel_groups(model), 0.5, torch.Generator().manual_seed(0))
+    mask["mlp.fc2"][:] = True
+    kept = mask["mlp"].nonzero().flatten()
+    tokens = torch.randn(2, 16, 8, dtype=torch.float64)
+    mlp = model.mlp
+    with maskprop.use_mask(model, mask):
+        compact = mlp(tokens)
+    rows = torch.cat([kept, kept + 6])
+    hidden = tokens @ mlp.fc1.weight[rows].T + mlp.fc1.bias[rows]
+    gated = hidden[..., :len(kept)] * F.silu(hidden[..., len(kept):])  # timm's gate_last=True
+    normed = F.layer_norm(gated, (len(kept),), mlp.norm.weight[kept], mlp.norm.bias[kept], mlp.norm.eps)
+    torch.testing.assert_close(compact, normed @ mlp.fc2.weight[:, kept].T + mlp.fc2.bias, rtol=1e-12, atol=1e-12)
+    compact_equals_masked(model, mask, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    maskprop.check_model(model, (3, 8, 8))
+
+
+class ChunkApart(nn.Module):
+    """``fc1``'s output chunked in two halves that two layers read apart: they could keep other counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, 2)
+        self.fc1 = nn.Linear(8, 12)
+        self.fa, self.fb = nn.Linear(6, 5), nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc1(self.embed(x).flatten(2).transpose(1, 2)).chunk(2, dim=-1)
+        return (self.fa(a) + self.fb(torch.relu(b))).mean(1)
+
+
+def test_a_chunks_halves_read_apart_stay_whole():
+    """Halves that do not end as one group stay whole (a subnetwork could keep other counts of them, and the chunk
+    would split at the wrong place), said in the one line of a model with nothing else to prune."""
+    with pytest.raises(ValueError, match=r"'fc1:chunk0' \(6 channels\): a part of a chunk along the last dimension "
+                                         r"whose parts are not one channel space") as err:
+        maskprop.make_prunable(ChunkApart(), (3, 8, 8))
     assert "\n" not in str(err.value)
 
 

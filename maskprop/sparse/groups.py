@@ -158,6 +158,10 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
                 on_concatenations.append((name, size, where, "reads" if norm else "writes"))
             else:
                 add(name, size, where)
+    for name, _, where, verb in on_concatenations:  # a group that only a layer writing a concatenation of it writes
+        for group, size in concatenated[name] if verb == "writes" else ():  # (fc1 of a chunk's parts: GluMlp's)
+            if group is not None and group not in groups and group not in concatenated:
+                add(group, size, where)
     for name, parts in concatenated.items():  # before its readers: a part's error names the part
         for group, size in parts:
             if group is not None and groups.get(group) != size:
