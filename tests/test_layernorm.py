@@ -436,3 +436,16 @@ def test_layernorm_of_a_vector_prunes_and_of_a_maps_width_stays_whole():
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(model(x), plain(x), rtol=1e-12, atol=1e-12)
     maskprop.check_model(model, (3, 6, 6))
+
+
+def test_a_sparse_backward_conversion_leaves_no_layernorm_naming_a_group():
+    """``maskprop.sbp.convert`` trains every channel: a converted ViT's LayerNorms (and its attention) name no group
+    any more, so the model has none and runs."""
+    from maskprop.sbp.convert import convert
+
+    model = maskprop.make_prunable(_vit(depth=1), SIZE)
+    assert maskprop.channel_groups(model)
+    convert(model, ratio=0.5)
+    assert maskprop.channel_groups(model) == {}
+    assert [m.group for m in model.modules() if isinstance(m, SparseLayerNorm)] == [None] * 4
+    assert model(torch.randn(2, *SIZE)).shape == (2, 5)
