@@ -122,6 +122,23 @@ def test_the_masked_layernorm_reads_no_dropped_input_and_writes_zeros_there():
     assert x.grad[..., ~kept].abs().max() == 0
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_low_precision_takes_float32_statistics_as_layer_norm_does(autocast):
+    """In bfloat16 the statistics are float32 ones: the result is ``F.layer_norm``'s of the kept channels to bfloat16's
+    rounding, in its dtype (bfloat16, under the CPU's autocast too)."""
+    generator = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 5, 12, generator=generator) * 4 + 100).bfloat16()  # a large mean: bfloat16 sums would drift
+    keep = (torch.arange(12) % 3 != 0).bfloat16()
+    kept = keep.bool()
+    weight, bias = torch.rand(12, generator=generator).bfloat16() + 0.5, torch.randn(12, generator=generator).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = kept_layer_norm(x, keep, weight, bias, EPS)
+        expected = F.layer_norm(x[..., kept], (int(kept.sum()),), weight[kept], bias[kept], EPS)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y[..., kept].float(), expected.float(), rtol=2e-2, atol=2e-2)
+    assert y[..., ~kept].abs().max() == 0
+
+
 def test_no_mask_is_nn_layernorm_itself():
     """Without a mask (and with one keeping every channel), the layer is ``nn.LayerNorm`` exactly."""
     model = _tokens()

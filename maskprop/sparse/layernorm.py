@@ -41,14 +41,25 @@ __all__ = ["SparseLayerNorm", "kept_layer_norm"]
 def kept_layer_norm(x: Tensor, keep: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """LayerNorm of ``x`` over its last dimension taken over the channels where ``keep`` is 1 (0/1, one entry per
     channel, ``x``'s dtype): their mean and (biased) variance, as ``F.layer_norm`` of the kept channels alone computes
-    them; the other channels' outputs are exactly zero and their inputs are not read (no gradient reaches them)."""
+    them; the other channels' outputs are exactly zero and their inputs are not read (no gradient reaches them).
+
+    In half or bfloat16 precision the statistics are taken in float32, as ``F.layer_norm`` takes them, and the output
+    has the dtype ``F.layer_norm``'s has: the input's, or float32 under CUDA's autocast (which runs ``layer_norm`` in
+    float32; the CPU's does not)."""
+    dtype = x.dtype
+    low = dtype in (torch.float16, torch.bfloat16)
+    if low:
+        x, keep = x.float(), keep.float()
+        weight = None if weight is None else weight.float()
+        bias = None if bias is None else bias.float()
     count = keep.sum()
     mean = (x * keep).sum(-1, keepdim=True) / count
     centred = (x - mean) * keep
     y = centred * torch.rsqrt(centred.square().sum(-1, keepdim=True) / count + eps)
     if weight is not None:
         y = y * weight
-    return y if bias is None else y + bias * keep
+    y = y if bias is None else y + bias * keep
+    return y.to(dtype) if low and not (y.is_cuda and torch.is_autocast_enabled("cuda")) else y
 
 
 class SparseLayerNorm(nn.LayerNorm, SparseModule):
