@@ -11,7 +11,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compact_equals_masked
+from conftest import compact_equals_masked, load_tool
 from torch import nn
 
 import maskprop
@@ -466,3 +466,12 @@ def test_a_sparse_backward_conversion_leaves_no_layernorm_naming_a_group():
     assert maskprop.channel_groups(model) == {}
     assert [m.group for m in model.modules() if isinstance(m, SparseLayerNorm)] == [None] * 4
     assert model(torch.randn(2, *SIZE)).shape == (2, 5)
+
+
+def test_the_layernorm_benchmark_times_both_vits_on_the_same_groups(capsys):
+    """``tools/bench_layernorm.py``: a row per keep ratio with both models' dense and compact steps and their ratios
+    (the two ViTs have the same groups, the tool asserts it)."""
+    load_tool("bench_layernorm").main(["--image-size", "32", "--batch-size", "2", "--keep-ratios", "0.5",
+                                       "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.50 |")]
+    assert len(rows) == 1 and rows[0].count("x (") == 4
