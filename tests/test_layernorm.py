@@ -194,13 +194,15 @@ def test_the_static_step_normalises_its_kept_channels_alone():
 
 
 def test_the_narrow_model_holds_a_layernorm_of_the_kept_width():
-    """``materialize`` gives an ``nn.LayerNorm`` of the kept channels holding their entries: it computes the masked
-    reference, and the cost model counts its parameters."""
+    """``materialize`` gives an ``nn.LayerNorm`` of the kept channels holding their entries (``index_sets``: the kept
+    rows of its weight and bias): it computes the masked reference, and the cost model counts its parameters."""
     model = _tokens()
     mask = _keeping(KEPT["odd"])
     narrow = maskprop.materialize(model, mask)
     assert type(narrow.norm) is nn.LayerNorm and tuple(narrow.norm.normalized_shape) == (5,)
     assert torch.equal(narrow.norm.weight, model.norm.weight[mask["hidden"]])
+    sets = maskprop.surgery.index_sets(model, mask)  # what the finetune phase moves weights and optimizer state by
+    assert sets["norm.bias"][0].tolist() == KEPT["odd"] and sets["norm.bias"][1] is None
     x = torch.randn(2, 3, 6, dtype=torch.float64)
     with maskprop.use_mask(model, mask, "masked"):
         expected = model(x)
