@@ -41,7 +41,8 @@ __all__ = ["SparseLayerNorm", "kept_layer_norm"]
 def kept_layer_norm(x: Tensor, keep: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """LayerNorm of ``x`` over its last dimension taken over the channels where ``keep`` is 1 (0/1, one entry per
     channel, ``x``'s dtype): their mean and (biased) variance, as ``F.layer_norm`` of the kept channels alone computes
-    them; the other channels' outputs are exactly zero and their inputs are not read (no gradient reaches them).
+    them; the other channels' outputs are exactly zero, their inputs (any finite values: they are multiplied by 0)
+    change nothing, and no gradient reaches them.
 
     In half or bfloat16 precision the statistics are taken in float32, as ``F.layer_norm`` takes them, and the output
     has the dtype ``F.layer_norm``'s has: the input's, or float32 under CUDA's autocast (which runs ``layer_norm`` in
