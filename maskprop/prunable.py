@@ -11,10 +11,15 @@ named ``<conv>:in``), and writes ``g`` copies of another (``<conv>:out``): featu
 together, so each group keeps as many as the others and a subnetwork runs one convolution of ``g`` groups; an
 in-place operation changes what later reads of its tensor see.
 A linear layer on a tensor of more than two dimensions (tokens, a channels-last map) writes a space held in the last
-dimension, which elementwise operations and products with another such space pass on and a linear layer reads (the
-hidden units of a transformer's or ConvNeXt's MLP); every other operation leaves it whole. timm's plain multi-head
-self-attention is traced as one module: its heads' features are a space that ``qkv`` writes once per head slice and
-``proj`` reads once per head, and it becomes :class:`~maskprop.sparse.SparseAttention` (the Swin Transformer's window
+dimension, which elementwise operations and products with another such space pass on, a LayerNorm over it passes on
+(normalising a subnetwork's kept channels alone: :class:`~maskprop.sparse.SparseLayerNorm`) and a linear layer reads
+(the hidden units of a transformer's or ConvNeXt's MLP, normalised or not); a ``chunk`` of it into equal parts makes
+it a concatenation of the parts, which must end as one space (timm's ``GluMlp``: one half gates the other), else they
+stay whole; every other operation leaves it whole.
+timm's plain multi-head self-attention (its ``q_norm``, ``k_norm`` and ``norm`` LayerNorm or none) is traced as one
+module: its heads' features are a space that ``qkv`` writes once per head slice and ``proj`` reads once per head, and
+it becomes :class:`~maskprop.sparse.SparseAttention`, its LayerNorms those of the heads' features (the Swin
+Transformer's window
 attention: timm's ``WindowAttention``, :class:`~maskprop.sparse.SparseWindowAttention`; torchvision's
 ``ShiftedWindowAttention``, :class:`~maskprop.sparse.SparseShiftedWindowAttention`; torchvision's MaxViT attention,
 ``RelativePositionalMultiHeadAttention``, whose ``to_qkv`` and ``merge`` are read as ``qkv`` and ``proj``,
@@ -43,8 +48,8 @@ A space is prunable when each tensor of it is read only in ways a subnetwork com
 
 * the model's input or output, or read by an operation that mixes or reorders channels (a concatenation along
   another dimension, a mean over channels, a transpose that moves them, a slice of some channels or a split, a
-  linear layer on a feature map's width, a layer maskprop does not convert: LayerNorm, BatchNorm1d, a module of its
-  own code that ``torch.fx`` keeps whole);
+  linear layer on a feature map's width, a layer maskprop does not convert: a LayerNorm over anything but the
+  channels (a map's width) or of another class, BatchNorm1d, a module of its own code that ``torch.fx`` keeps whole);
 * a one-channel map broadcast over another's channels (a spatial gate: the other keeps its space);
 * read by a convolution or linear layer while its dropped channels would not be zero in the masked reference (after
   an operation that is not zero at zero, such as a sigmoid or adding a constant): the masked reference runs the
@@ -54,12 +59,13 @@ A space is prunable when each tensor of it is read only in ways a subnetwork com
 
 Every prunable space becomes a group named after the module path its writers share (``layer2``), or after its first
 writer; so does a concatenation that layers write, and one they only read is named after its first reader
-(``conv:input``). Its convolutions, BatchNorm and linear layers become :class:`~maskprop.sparse.SparseConv2d`,
-:class:`~maskprop.sparse.SparseBatchNorm2d` (timm's ``BatchNormAct2d``: :class:`~maskprop.sparse.SparseBatchNormAct2d`)
-and :class:`~maskprop.sparse.SparseLinear` holding the same parameter tensors (state_dict keys unchanged); a layer
-that writes a group and is not followed by its BatchNorm masks its own output (``mask_output``). The forward code is
-not changed: the model computes exactly what it computed before, and :func:`maskprop.check_model` checks its
-subnetworks.
+(``conv:input``). Its convolutions, BatchNorm, linear and LayerNorm layers become
+:class:`~maskprop.sparse.SparseConv2d`, :class:`~maskprop.sparse.SparseBatchNorm2d` (timm's ``BatchNormAct2d``:
+:class:`~maskprop.sparse.SparseBatchNormAct2d`), :class:`~maskprop.sparse.SparseLinear` and
+:class:`~maskprop.sparse.SparseLayerNorm` (torch's ``nn.LayerNorm`` and timm's ``LayerNorm`` over the channels in the
+last dimension, or of a vector) holding the same parameter tensors (state_dict keys unchanged); a layer that writes a
+group and is not followed by its BatchNorm masks its own output (``mask_output``). The forward code is not changed: the
+model computes exactly what it computed before, and :func:`maskprop.check_model` checks its subnetworks.
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ from .sparse import (
     SparseBatchNormAct2d,
     SparseBeitAttention,
     SparseConv2d,
+    SparseLayerNorm,
     SparseLinear,
     SparseMultiheadAttention,
     SparseRelativePositionalAttention,
@@ -168,6 +175,7 @@ class _Spaces:
     attention: dict[str, int] = field(default_factory=dict)  # attention modules by path: their heads' features
     widths: dict[int, int] = field(default_factory=dict)  # the channels of a space no layer writes whole (features
     # of a grouped conv's groups), at its root
+    chunks: list[list[int]] = field(default_factory=list)  # the part spaces of each chunk along the last dimension
 
     def new(self, writer: str | None = None, whole: str | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -250,7 +258,7 @@ class _Spaces:
 class _Layer:
     """What the trace found for one conv, BatchNorm or linear layer: the spaces it reads and writes."""
 
-    kind: str  # "conv", "depthwise", "grouped", "bn", "linear"
+    kind: str  # "conv", "depthwise", "grouped", "bn", "linear", "ln"
     reads: list[int] = field(default_factory=list)
     writes: list[int] = field(default_factory=list)
     positions: set[int] = field(default_factory=set)
@@ -263,12 +271,13 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
                   exclude: Iterable[str] = ()) -> nn.Module:
     """Swap a plain torch network's layers for maskprop's, with the channel groups its forward implies.
 
-    The model's ``nn.Conv2d``, ``nn.BatchNorm2d`` and ``nn.Linear`` layers (exactly those classes: a subclass may
-    compute something else) on prunable channels are replaced, in place, by maskprop's layers holding the same
-    parameters and buffers; the rest of the model, and its forward code, are left as they are. Which channels can be
-    pruned, and which must stay whole, is read from the forward traced with ``torch.fx`` (the module docstring gives
-    the rules); the groups' names follow the module paths. The model then trains, exports and reports like a built-in
-    one; :func:`maskprop.check_model` checks it (``maskprop train`` does, for a model registered outside maskprop).
+    The model's ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.Linear`` and ``nn.LayerNorm`` layers (exactly those classes: a
+    subclass may compute something else; timm's ``BatchNormAct2d``, ``Linear`` and ``LayerNorm`` too) on prunable
+    channels are replaced, in place, by maskprop's layers holding the same parameters and buffers; the rest of the
+    model, and its forward code, are left as they are. Which channels can be pruned, and which must stay whole, is read
+    from the forward traced with ``torch.fx`` (the module docstring gives the rules); the groups' names follow the
+    module paths. The model then trains, exports and reports like a built-in one; :func:`maskprop.check_model` checks it
+    (``maskprop train`` does, for a model registered outside maskprop).
 
     Args:
         model: A network of torch layers whose forward ``torch.fx.symbolic_trace`` can trace (torchvision's ResNets,
@@ -305,6 +314,11 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
     if unknown:
         raise ValueError(f"exclude names {unknown} are not nn.Conv2d or nn.Linear layers of {type(model).__name__}")
     spaces, layers = _follow(_trace(model, input_size, frozenset(forms)), modules, attention, whole)
+    for parts in spaces.chunks:  # a subnetwork's chunk has equal parts where they keep as many channels: one space
+        if len({spaces.find(part) for part in parts}) > 1:
+            for part in parts:
+                spaces.leave_whole(part, "a part of a chunk along the last dimension whose parts are not one channel "
+                                         "space (a subnetwork would keep other counts of them)")
     if not prune_residual:
         for space in list(spaces.residual):
             spaces.leave_whole(space, "a residual stream (prune_residual=False)")
@@ -472,16 +486,16 @@ def _shape_propagation(traced: fx.GraphModule) -> fx.Interpreter:
 
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping timm's ``BatchNormAct2d`` (a BatchNorm and its activation, converted as one),
-    timm's ``Linear`` and the attention modules at the paths ``attention`` (:func:`_attention_forms`) whole, as it
-    keeps torch's modules (``nn.MultiheadAttention``)."""
+    timm's ``Linear`` and ``LayerNorm`` and the attention modules at the paths ``attention``
+    (:func:`_attention_forms`) whole, as it keeps torch's modules (``nn.MultiheadAttention``)."""
 
     def __init__(self, attention: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.attention = attention
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_batch_norm_act(m) or _is_timm_linear(m) or module_qualified_name in self.attention \
-            or super().is_leaf_module(m, module_qualified_name)
+        return _is_batch_norm_act(m) or _is_timm_linear(m) or _is_layer_norm(m) \
+            or module_qualified_name in self.attention or super().is_leaf_module(m, module_qualified_name)
 
 
 _TIMM_ATTENTION = {"timm.layers.attention", "timm.models.vision_transformer"}  # where timm versions define it
@@ -498,11 +512,19 @@ def _is_timm_attention(module: nn.Module) -> bool:
     qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
     heads, width = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
     linear = all(type(m) is nn.Linear or _is_timm_linear(m) for m in (qkv, proj))
-    plain = all(isinstance(getattr(module, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm", "norm"))
+    widths = {"q_norm": width, "k_norm": width, "norm": heads * width if isinstance(width, int) and
+              isinstance(heads, int) else None}
+    plain = all(_normalises(getattr(module, n, nn.Identity()), features) for n, features in widths.items())
     return linear and plain and getattr(module, "gate", None) is None and isinstance(heads, int) \
         and isinstance(width, int) and qkv.out_features == 3 * heads * width and proj.in_features == heads * width \
         and isinstance(getattr(module, "attn_drop", None), nn.Dropout) \
         and isinstance(getattr(module, "proj_drop", None), (nn.Dropout, nn.Identity))
+
+
+def _normalises(module: nn.Module, features: int | None) -> bool:
+    """An attention's ``q_norm``, ``k_norm`` or ``norm`` that maskprop's attention runs: an identity, or a LayerNorm
+    over the ``features`` it reads (:func:`_is_layer_norm`), which a subnetwork runs on the kept ones."""
+    return isinstance(module, nn.Identity) or _is_layer_norm(module) and tuple(module.normalized_shape) == (features,)
 
 
 def _window_projections(module: nn.Module) -> tuple[nn.Linear, nn.Linear, int] | None:
@@ -729,6 +751,21 @@ def _is_batch_norm_act(module: nn.Module) -> bool:
     return _of_class(module, "timm.layers.norm_act", "BatchNormAct2d")
 
 
+def _is_layer_norm(module: nn.Module) -> bool:
+    """torch's ``nn.LayerNorm`` (not a subclass: it may compute something else) or timm's ``LayerNorm`` without its
+    fast-norm kernel (``F.layer_norm`` then), over one dimension: what :class:`~maskprop.sparse.SparseLayerNorm`
+    computes."""
+    return (type(module) is nn.LayerNorm or _of_class(module, "timm.layers.norm", "LayerNorm")
+            and not getattr(module, "_fast_norm", False)) and len(module.normalized_shape) == 1
+
+
+def _normalises_channels(node: fx.Node, value: _Value) -> bool:
+    """A LayerNorm's call at ``node`` normalises the channels of ``value``: its last dimension is the channel space
+    (a linear layer's output on tokens, or the channels of a vector ``(N, C)`` no flatten made)."""
+    shape = _shape(node.args[0]) if node.args else None
+    return shape is not None and not value.positions and (value.last or len(shape) == 2)
+
+
 def _keeps_zero(module: nn.Module) -> bool | None:
     """Whether a channel-wise module maps 0 to 0 (``None``: not a module known to act on each channel alone)."""
     if isinstance(module, nn.Hardtanh):  # ReLU6 too
@@ -765,7 +802,7 @@ def _walk_graph(graph: fx.Graph, modules: dict[str, nn.Module], walk: _Walk) -> 
     values = walk.values
     spaces = walk.spaces
     for node in graph.nodes:
-        if walk.item_of_pair(node):
+        if walk.item_of_pair(node) or walk.item_of_chunk(node):
             continue
         shape = _shape(node)
         if node.op == "placeholder":
@@ -785,7 +822,7 @@ def _walk_graph(graph: fx.Graph, modules: dict[str, nn.Module], walk: _Walk) -> 
             if value is not None:
                 (walk.pairs if isinstance(module, nn.MultiheadAttention) else values)[node] = value
         elif shape is None:  # no tensor: a size or a shape is fine, anything else (a split, a tuple) reads channels
-            if not _is_query(node):
+            if not _is_query(node) and not walk.chunked(node):
                 whole = walk.whole.get(node.target) if node.op == "call_module" else None
                 walk.opaque(node, whole or "an operation that mixes or reorders channels")
         elif (owner := _multihead_owner(node, modules, walk.attention)) is not None:
@@ -841,6 +878,7 @@ class _Walk:
     attention: frozenset[str] = frozenset()  # paths of the attention modules to convert
     whole: dict[str, str] = field(default_factory=dict)  # nn.MultiheadAttention left whole by path: why
     pairs: dict[fx.Node, _Value] = field(default_factory=dict)  # nn.MultiheadAttention's (output, weights)
+    chunks: dict[fx.Node, list[_Value]] = field(default_factory=dict)  # a chunk's parts, by the chunk's node
 
     def inputs(self, node: fx.Node, *, in_kwargs: bool = True) -> list[_Value]:
         found: list[_Value] = []
@@ -863,6 +901,47 @@ class _Walk:
         for pair in pairs:
             self.spaces.leave_whole(self.pairs[pair].space, f"nn.MultiheadAttention's (output, weights) read whole at "
                                                             f"{_where(node)}")
+        return False
+
+    def chunked(self, node: fx.Node) -> bool:
+        """``x.chunk(n, dim=-1)`` of a last-dimension space into ``n`` equal parts (timm's ``GluMlp``: ``fc1``'s
+        output halved, one half gating the other): the space becomes a concatenation of ``n`` parts, each a space of
+        its own and an item of the tuple, which its writers write. A subnetwork's parts are equal only where they keep
+        as many channels: :func:`make_prunable` leaves them whole unless they end as one space (the halves
+        multiplied)."""
+        key = node.target if node.op == "call_function" else str(node.target)
+        source = node.args[0] if node.args else None
+        if key not in ("chunk", torch.chunk) or source not in self.values:
+            return False
+        value, before = self.values[source], _shape(source)
+        n = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if not value.last or value.positions or before is None or isinstance(n, bool) or not isinstance(n, int) \
+                or n < 2 or not isinstance(dim, int) or dim % len(before) != len(before) - 1 or before[-1] % n:
+            return False
+        width = before[-1] // n
+        writer = (self.spaces.writers.get(self.spaces.find(value.space)) or [node.name])[0]
+        parts = [self.spaces.new(writer=f"{writer}:chunk{i}") for i in range(n)]
+        self.spaces.widths.update(dict.fromkeys(parts, width))
+        self.spaces.union(value.space, self.spaces.concatenation([(part, width) for part in parts]))
+        self.spaces.chunks.append(parts)
+        self.chunks[node] = [_Value(part, value.zero, value.why_not, last=True) for part in parts]
+        return True
+
+    def item_of_chunk(self, node: fx.Node) -> bool:
+        """``parts[i]`` of a chunk (:meth:`chunked`) is part ``i``'s space, and ``node`` is done; any other read of
+        the tuple reads its parts whole."""
+        chunks = [source for source in node.all_input_nodes if source in self.chunks]
+        if not chunks:
+            return False
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in chunks \
+                and isinstance(node.args[1], int) and -len(self.chunks[node.args[0]]) <= node.args[1] \
+                < len(self.chunks[node.args[0]]):
+            self.values[node] = dataclasses.replace(self.chunks[node.args[0]][node.args[1]])
+            return True
+        for chunk in chunks:
+            for part in self.chunks[chunk]:
+                self.spaces.leave_whole(part.space, f"a chunk's parts read together at {_where(node)}")
         return False
 
     def opaque(self, node: fx.Node, why: str) -> None:
@@ -911,6 +990,12 @@ class _Walk:
             self.opaque(node, f"{kind.__name__}, which maskprop keeps whole (its inference fast path reads its "
                               f"nn.MultiheadAttention's parameters)")
             return None
+        if _is_layer_norm(module) and (first is None or _normalises_channels(node, first)):
+            # over the channels (a last-dimension space, or the features of a vector): its subnetwork normalises the
+            # kept ones alone (SparseLayerNorm), whatever the dropped ones hold, and its dropped outputs are zero
+            space = first.space if first is not None else self.spaces.new(whole=outside)
+            space = self.reads(self.layer(node, "ln"), space)
+            return None if first is None else _Value(space, last=first.last)
         if first is not None and first.last and kind is not nn.Linear and _keeps_zero(module) is None:
             self.opaque(node, f"{kind.__name__} on channels in the last dimension")
             return None
@@ -1335,7 +1420,11 @@ def _replace(model: nn.Module, modules: dict[str, nn.Module], layers: dict[str, 
     for name, entry in layers.items():
         old = modules[name]
         in_group, out_group = group(entry.reads), group(entry.writes)
-        if entry.kind == "bn":
+        if entry.kind == "ln":
+            if in_group is None:
+                continue
+            new = _sparse_layer_norm(old, in_group)
+        elif entry.kind == "bn":
             if in_group is None:
                 continue
             fused = dict(act=old.act, drop=old.drop) if _is_batch_norm_act(old) else {}
@@ -1419,9 +1508,19 @@ def _sparse_attention(old: nn.Module, group: str, qkv: nn.Module, proj: nn.Modul
                                     relative_position_index=old.relative_position_index, window_size=old.window_size,
                                     attn_drop=old.attn_drop, proj_drop=old.proj_drop)
     else:
+        norms = {n: _sparse_layer_norm(m, group if n != "norm" else proj.in_group) if _is_layer_norm(m) else m
+                 for n in ("q_norm", "k_norm", "norm") if (m := getattr(old, n, None)) is not None}
         new = SparseAttention(qkv, proj, old.num_heads, old.head_dim, group, attn_drop=old.attn_drop,
-                              proj_drop=old.proj_drop, q_norm=old.q_norm, k_norm=old.k_norm,
-                              norm=getattr(old, "norm", None))
+                              proj_drop=old.proj_drop, **norms)
+    return new.train(old.training)
+
+
+def _sparse_layer_norm(old: nn.LayerNorm, group: str | None) -> SparseLayerNorm:
+    """maskprop's LayerNorm of ``group`` in place of ``old``, holding its parameters."""
+    with torch.device("meta"):
+        new = SparseLayerNorm(old.normalized_shape, eps=old.eps, elementwise_affine=old.elementwise_affine,
+                              bias=old.bias is not None, group=group)
+    new.load_state_dict(old.state_dict(keep_vars=True), assign=True)
     return new.train(old.training)
 
 

@@ -15,6 +15,7 @@ from .groups import (
                      kept_ratio,
                      random_mask,
 )
+from .layernorm import SparseLayerNorm
 from .maxvit_attention import SparseRelativePositionalAttention
 from .maxxvit_attention import SparseAttention2d, SparseAttentionCl
 from .modules import BatchNormAct2d, SparseBatchNorm2d, SparseBatchNormAct2d, SparseConv2d, SparseLinear, SparseModule
@@ -33,6 +34,7 @@ __all__ = [
     "SparseBatchNormAct2d",
     "SparseBeitAttention",
     "SparseConv2d",
+    "SparseLayerNorm",
     "SparseLinear",
     "SparseModule",
     "SparseMultiheadAttention",

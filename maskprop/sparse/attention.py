@@ -51,8 +51,11 @@ class SparseAttention(nn.Module):
         group: The channel group of the head features (``None``: never pruned).
         attn_drop: Dropout on the attention weights (its ``p`` is what the fused kernel applies in training).
         proj_drop: Dropout after ``proj``.
-        q_norm, k_norm, norm: timm's modules of those names, kept for the module tree (identities: the conversion
-            leaves attention with a normalisation whole).
+        q_norm, k_norm, norm: timm's modules of those names (identities by default): ``q_norm`` and ``k_norm`` on
+            each head's queries and keys ``(N, heads, L, width)``, ``norm`` on all heads' outputs side by side before
+            ``proj``. The conversion puts a :class:`~maskprop.sparse.SparseLayerNorm` of ``group`` in the first two
+            and of the concatenated group ``proj`` reads in ``norm`` (a subnetwork normalises its kept features
+            alone); attention with another normalisation keeps its heads whole.
     """
 
     head_feature_tensors: tuple[str, ...] = ()

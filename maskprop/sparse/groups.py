@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import SparseAttention
+from .layernorm import SparseLayerNorm
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear
 
 Part = tuple[str | None, int]
@@ -157,6 +158,10 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
                 on_concatenations.append((name, size, where, "reads" if norm else "writes"))
             else:
                 add(name, size, where)
+    for name, _, where, verb in on_concatenations:  # a group that only a layer writing a concatenation of it writes
+        for group, size in concatenated[name] if verb == "writes" else ():  # (fc1 of a chunk's parts: GluMlp's)
+            if group is not None and group not in groups and group not in concatenated:
+                add(group, size, where)
     for name, parts in concatenated.items():  # before its readers: a part's error names the part
         for group, size in parts:
             if group is not None and groups.get(group) != size:
@@ -167,16 +172,20 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
     for name, size, where, verb in on_concatenations:
         fits(name, size, where, verb)
     for where, module in model.named_modules():  # inputs must read a group that some layer writes
-        if isinstance(module, (SparseConv2d, SparseLinear)) and module.in_group is not None:
-            size = module.in_channels  # a linear layer on a flattened map: in_features / in_positions
-            if module.in_group in concatenated:
-                fits(module.in_group, size, where)
+        if isinstance(module, (SparseConv2d, SparseLinear, SparseLayerNorm)):
+            name = module.group if isinstance(module, SparseLayerNorm) else module.in_group
+            size = module.num_features if isinstance(module, SparseLayerNorm) else module.in_channels  # a linear
+            # layer on a flattened map: in_features / in_positions
+            if name is None:
                 continue
-            if module.in_group not in groups:
-                raise ValueError(f"layer {where!r} reads group {module.in_group!r} that no layer writes (if it reads a "
+            if name in concatenated:
+                fits(name, size, where)
+                continue
+            if name not in groups:
+                raise ValueError(f"layer {where!r} reads group {name!r} that no layer writes (if it reads a "
                                  f"torch.cat of groups, declare it: maskprop.sparse.concatenate_groups(model, "
-                                 f"{module.in_group!r}, [(part, channels), ...]))")
-            add(module.in_group, size, where)
+                                 f"{name!r}, [(part, channels), ...]))")
+            add(name, size, where)
     return groups
 
 
