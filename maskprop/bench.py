@@ -82,7 +82,8 @@ def describe_machine(device: str = "cpu") -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__}"
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float, float]:

@@ -275,6 +275,17 @@ def test_bench_of_a_vision_transformer_at_another_image_size_says_which_to_give(
         "torchvision's vision transformers are built for one size, 224 unless a module of your own builds them for "
         "another: --module examples.converted_nets --models timm_vit_tiny takes 32)")
 
+
+@pytest.mark.parametrize("threads, words", [(1, ", 1 thread, torch "), (2, ", 2 threads, torch ")])
+def test_the_header_counts_threads_in_words(threads, words):
+    """The header said "1 threads"."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert words in maskprop.bench.describe_machine("cpu")
+    finally:
+        torch.set_num_threads(before)
+
 _FAULTS = """
 import resource, sys, torch, torch.nn.functional as F
 from maskprop import keep_freed_host_memory
