@@ -481,6 +481,17 @@ def test_a_misspelt_model_keyword_names_the_one_meant(name, kwargs, expected, tm
     assert not (tmp_path / "run").exists()
 
 
+def test_torchvisions_maxvit_of_another_image_size_names_its_own_keyword(tmp_path):
+    """torchvision's MaxViT is built for one size by ``input_size`` (``[H, W]``), not ``image_size``: the hint named
+    ``model.kwargs.image_size=16``, a keyword it does not take."""
+    config = with_overrides(TINY_RUN, **{"model.name": "torchvision:maxvit_t"})
+    with pytest.raises(ValueError, match=r"^model torchvision:maxvit_t of torchvision: check 'dense' failed: .*; a "
+                                         r"model built for one image size takes model.kwargs.input_size=\[16,16\] "
+                                         r"\(model.check=false skips this check\)$"):
+        maskprop.fit(config, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_fewer_classes_than_the_named_dataset_has_are_refused_before_anything_is_written(tmp_path, capsys):
     """``model.kwargs.num_classes`` below the classes of the dataset the config names (here ``shapes``' 10) started
     the run, wrote its directory and failed at the first batch, so that a rerun with the same output directory was

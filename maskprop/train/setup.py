@@ -236,6 +236,16 @@ def _unknown_keyword(message: str, name: str, kwargs: Mapping[str, Any]) -> str 
     return f"it takes no keyword {key!r}; {expected}"
 
 
+def _size_keyword(model: nn.Module) -> str | None:
+    """The keyword that sets the image size a timm or torchvision model is built for, as its class takes it: timm's
+    ``img_size``, torchvision's ``image_size`` (ViT) or ``input_size`` (MaxViT, ``[H, W]``); ``None`` if none."""
+    try:
+        takes = inspect.signature(type(model).__init__).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((key for key in ("img_size", "image_size", "input_size") if key in takes), None)
+
+
 def _cost_model(model: nn.Module, cfg: Config, input_size: tuple[int, int, int], data: str | None = None
                 ) -> CostModel:
     """The run's cost model at ``input_size``: one line where the model does not take that input (``data`` names
@@ -403,8 +413,9 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         try:
             checked = check_model(model, input_size)
         except ValueError as err:
-            size = {"timm": "img_size", "torchvision": "image_size"}.get(source)
-            hint = (f"; a model built for one image size takes model.kwargs.{size}={input_size[-1]}"
+            size = _size_keyword(model) if source in ("timm", "torchvision") else None
+            value = f"[{input_size[-2]},{input_size[-1]}]" if size == "input_size" else input_size[-1]
+            hint = (f"; a model built for one image size takes model.kwargs.{size}={value}"
                     if size and str(err).startswith("check 'dense' failed") else "")
             raise ValueError(f"model {spec.name} of {source}: {err}{hint} (model.check=false skips this check)") \
                 from None
