@@ -9,7 +9,8 @@ timing against dense, DDP, CUDA graphs). This script is the method alone, in the
 own needs, so that it can go into a training script you already have:
 
 1. ``maskprop.make_prunable`` turns a network of plain torch layers into one whose channels can be dropped
-   (``model.channel_groups()``: the groups whose channels are kept or dropped together);
+   (``maskprop.channel_groups(model)``: the groups whose channels are kept or dropped together; a converted network
+   has no ``channel_groups`` method, maskprop's own models do);
 2. ``maskprop.vrpge.ChannelScores`` holds one keep probability per channel and the budget on their sum;
 3. each search step (:func:`search_step`) draws two subnetworks ``m`` and ``m'`` from the probabilities, trains the
    weights of ``m`` (its forward and backward run on its kept channels only, under ``maskprop.use_mask``), runs a

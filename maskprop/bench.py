@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cost import CostModel, dense_step_flops, vrpge_step_flops
-from .models import create_model
+from .cost import CostModel, InputSizeError, dense_step_flops, vrpge_step_flops
+from .models import converted_source, create_model
 from .sparse import Mask, channel_groups, check_align, random_mask, use_mask
 from .vrpge import ChannelScores
 
@@ -82,7 +82,8 @@ def describe_machine(device: str = "cpu") -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__}"
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -313,7 +314,14 @@ def bench_model(
     x, y = random_batch(batch_size, image_size, num_classes, dev, channels_last)
     amp_dtype = {"none": None, "bf16": torch.bfloat16}[amp]
     groups = channel_groups(model)
-    cost = CostModel(model, (3, image_size, image_size))
+    try:
+        cost = CostModel(model, (3, image_size, image_size))
+    except InputSizeError as err:  # a vision transformer built for 224 x 224, timed at the default 32
+        hint = (" (timm's and torchvision's vision transformers are built for one size, 224 unless a module of your "
+                "own builds them for another: --module examples.converted_nets --models timm_vit_tiny takes 32)"
+                if converted_source(model_name) else "")
+        raise ValueError(f"model {model_name!r} does not take {image_size} x {image_size} images ({err.reason}); "
+                         f"expected the image size it is built for (--image-size){hint}") from None
     generator = torch.Generator().manual_seed(seed)
 
     configs = {}

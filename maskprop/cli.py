@@ -22,13 +22,14 @@ from typing import Any
 
 def _one_line(error: BaseException) -> str:
     """An error's message on one line: a DataLoader worker's error comes back with the worker's traceback as its
-    message, whose last line is the error itself."""
+    message, whose last line is the error itself; any other message of several lines (a library's, passed on:
+    torchvision's MaxViT lists its blocks' sizes on a second line) has its lines joined."""
     text = str(error)
     if "\nOriginal Traceback" in text:
         last = text.strip().splitlines()[-1]
         prefix = f"{type(error).__name__}: "
         text = last[len(prefix):] if last.startswith(prefix) else last
-    return text
+    return " ".join(text.split())
 
 
 def _thread_count(value: str) -> int:

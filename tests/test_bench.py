@@ -262,6 +262,30 @@ def test_bench_cli_unknown_model(capsys):
         "(a network of your own: --module names the module that registers it)")  # as train's model.module hint
 
 
+
+def test_bench_of_a_vision_transformer_at_another_image_size_says_which_to_give(capsys):
+    """timm's ViT-Tiny is built for 224 x 224 and the bench times 32 x 32 by default: the line said only "expected the
+    (C, H, W) it was built for"; now it names the option and the way to another size."""
+    pytest.importorskip("timm")
+    assert main(["bench", "--models", "timm:vit_tiny_patch16_224", "--repeats", "1", "--warmup", "0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == (
+        "maskprop bench: error: model 'timm:vit_tiny_patch16_224' does not take 32 x 32 images (Input height (32) "
+        "doesn't match model (224).); expected the image size it is built for (--image-size) (timm's and "
+        "torchvision's vision transformers are built for one size, 224 unless a module of your own builds them for "
+        "another: --module examples.converted_nets --models timm_vit_tiny takes 32)")
+
+
+@pytest.mark.parametrize("threads, words", [(1, ", 1 thread, torch "), (2, ", 2 threads, torch ")])
+def test_the_header_counts_threads_in_words(threads, words):
+    """The header said "1 threads"."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert words in maskprop.bench.describe_machine("cpu")
+    finally:
+        torch.set_num_threads(before)
+
 _FAULTS = """
 import resource, sys, torch, torch.nn.functional as F
 from maskprop import keep_freed_host_memory

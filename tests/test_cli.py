@@ -270,3 +270,15 @@ def test_runs_started_in_the_same_second_without_out_get_a_directory_each(recipe
     (tmp_path / "fresh").mkdir()
     monkeypatch.chdir(tmp_path / "fresh")  # no runs/ yet: the refused run leaves none either
     assert main(["train", str(recipe)]) == 2 and list((tmp_path / "fresh").iterdir()) == []
+
+
+def test_a_libraries_error_of_several_lines_is_one_line(capsys, recipe, tmp_path):
+    """torchvision's MaxViT refuses an input size with a message of two lines (its blocks' sizes on the second):
+    ``maskprop train`` prints it as one line, exit status 2, and writes nothing."""
+    pytest.importorskip("torchvision")
+    line = _usage_error(capsys, ["train", str(recipe), "model.name=torchvision:maxvit_t", "data.image_size=64",
+                                 "model.kwargs.input_size=[64,64]", "--out", str(tmp_path / "run")])
+    assert line.startswith("maskprop train: error: model.kwargs={'input_size': [64, 64]} do not fit model "
+                           "'torchvision:maxvit_t'")
+    assert "not divisible by partition size 7" in line and "block input sizes: [(16, 16)" in line
+    assert not (tmp_path / "run").exists()

@@ -549,3 +549,23 @@ def test_changed_keys_names_every_differing_or_missing_key_sorted():
     b = {"optim.lr": 0.2, "seed": 0, "method": "dense", "only.b": None}
     assert changed_keys(a, b) == ["only.a", "only.b", "optim.lr"]
     assert changed_keys(a, a) == [] and changed_keys({}, {"x": 1}) == ["x"]
+
+
+def test_a_key_given_twice_in_a_recipe_is_one_line_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a recipe with a second ``sparsity:`` section (one appended at the end,
+    say) lost every setting of the first without a word, and trained at the default keep ratio. Now one line names the
+    key and both lines; YAML's merge key (``<<``) still merges, and a later key still overrides a merged one."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("sparsity:\n  keep_ratio: 0.25\ndata:\n  batch_size: 64\nsparsity:\n  fix: random\n")
+    with pytest.raises(ValueError, match=rf"^config file '{path}' is not valid yaml at line 5, column 1: key "
+                                         r"'sparsity' is given twice \(first at line 1\); expected each key once$"):
+        load_config(path)
+    path.write_text("optim:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n")
+    with pytest.raises(ValueError, match=r"at line 4, column 3: key 'lr' is given twice \(first at line 2\)"):
+        load_config(path)
+    with pytest.raises(ValueError, match=r"^override 'model.kwargs=\{a: 1, a: 2\}': value is not valid yaml \(key "
+                                         r"'a' is given twice"):
+        load_config(None, ["model.kwargs={a: 1, a: 2}"])
+    path.write_text("optim: &base\n  lr: 0.1\n  epochs: 3\nfinetune:\n  <<: *base\n  lr: 0.01\n")
+    config = load_config(path)
+    assert (config.optim.lr, config.finetune.lr, config.finetune.epochs) == (0.1, 0.01, 3)

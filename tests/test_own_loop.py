@@ -133,3 +133,16 @@ def test_the_example_refuses_an_output_path_that_is_a_file_before_training(own_l
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         f"error: --out {blocker} is a file; expected a directory to save narrow.pt2 in")
+
+
+def test_the_calls_the_scripts_docstring_names_exist(own_loop):
+    """Its docstring said a converted network's groups are ``model.channel_groups()``, a method only maskprop's own
+    models have (``make_prunable`` leaves the network's class alone): every ``model.X(`` and ``maskprop.X(`` it names
+    is one its model, or maskprop, has."""
+    import re
+
+    model = own_loop.build_model()
+    calls = re.findall(r"``(model|maskprop)\.(\w+)\(", own_loop.__doc__)
+    assert calls
+    for owner, name in calls:
+        assert hasattr(model if owner == "model" else maskprop, name), f"{owner}.{name}"

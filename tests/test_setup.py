@@ -448,6 +448,50 @@ def test_a_vision_transformer_of_another_image_size_names_the_keyword_that_sets_
         maskprop.fit(with_overrides(config, **{"model.check": False}), out=tmp_path / "unchecked")
 
 
+@pytest.mark.parametrize("value", ["abc", 2.7, True, 0])
+def test_a_number_of_classes_that_is_no_count_is_one_line_naming_it(value, tmp_path):
+    """``model.kwargs.num_classes=abc`` was refused with Python's "invalid literal for int() with base 10: 'abc'",
+    and 2.7 became 2 classes without a word; now each is one line naming the key, the value and what is expected."""
+    config = tiny(method="dense", model={"name": "resnet20", "kwargs": {"num_classes": value}})
+    with pytest.raises(ValueError, match=rf"^model.kwargs.num_classes={re.escape(repr(value))} is not a number of "
+                                         rf"classes; expected an integer >= 1 \(at least the data's\), or leave it "
+                                         rf"unset \(the data's count\)$"):
+        maskprop.fit(config, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, kwargs, expected", [
+    ("resnet20", {"widht": 2}, "did you mean model.kwargs.width?"),
+    ("wrn16_8", {"droprate": 0.1}, "did you mean model.kwargs.drop_rate?"),
+    ("resnet20", {"depht": 2}, "expected a keyword that maskprop.models.resnet.ResNet takes"),
+    ("timm:vit_tiny_patch16_224", {"img_sz": 16}, "did you mean model.kwargs.img_size?"),
+    ("torchvision:vit_b_16", {"img_size": 16}, "did you mean model.kwargs.image_size?"),  # not timm's class
+])
+def test_a_misspelt_model_keyword_names_the_one_meant(name, kwargs, expected, tmp_path):
+    """A keyword the model does not take listed every keyword passed (the run's own num_classes and prune_residual
+    too) and Python's TypeError; now the line names the key and the closest one the model takes."""
+    if ":" in name:
+        pytest.importorskip(name.split(":")[0])
+    key = next(iter(kwargs))
+    config = tiny(method="dense", model={"name": name, "kwargs": kwargs})
+    with pytest.raises(ValueError) as error:
+        maskprop.fit(config, out=tmp_path / "run")
+    assert str(error.value) == (f"model.kwargs={kwargs} do not fit model {name!r} (it takes no keyword {key!r}; "
+                                f"{expected})")
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchvisions_maxvit_of_another_image_size_names_its_own_keyword(tmp_path):
+    """torchvision's MaxViT is built for one size by ``input_size`` (``[H, W]``), not ``image_size``: the hint named
+    ``model.kwargs.image_size=16``, a keyword it does not take."""
+    config = with_overrides(TINY_RUN, **{"model.name": "torchvision:maxvit_t"})
+    with pytest.raises(ValueError, match=r"^model torchvision:maxvit_t of torchvision: check 'dense' failed: .*; a "
+                                         r"model built for one image size takes model.kwargs.input_size=\[16,16\] "
+                                         r"\(model.check=false skips this check\)$"):
+        maskprop.fit(config, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_fewer_classes_than_the_named_dataset_has_are_refused_before_anything_is_written(tmp_path, capsys):
     """``model.kwargs.num_classes`` below the classes of the dataset the config names (here ``shapes``' 10) started
     the run, wrote its directory and failed at the first batch, so that a rerun with the same output directory was

@@ -202,3 +202,17 @@ def test_the_classifier_is_the_last_linear_layer_and_partial_prefixes_or_private
         torch.save(data, tmp_path / name)
         with pytest.raises(ValueError, match=rf"does not fit mlp: .*{re.escape(message)}"):
             prepared(mlp, **{"model.weights": str(tmp_path / name)})
+
+
+@pytest.mark.parametrize("content", [b"data:\n  batch_size: 64\n", b'{"accuracy": 93.0}', b"not a zip file at all"])
+def test_a_file_that_is_no_state_dict_at_all_says_so_not_pickles_reason(tmp_path, content):
+    """A recipe, a summary.json or any text given as model.weights was refused with pickle's reason ("Unsupported
+    operand 100"); now the line says what the file is not and what is expected."""
+    from maskprop.train.weights import load_initial_weights
+
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^model.weights '{path}' is not a readable state dict \(neither a "
+                                         r"safetensors nor a torch.save file\); expected a state-dict file "
+                                         r"\(.safetensors, or .pt/.pth from torch.save\)$"):
+        load_initial_weights(maskprop.create_model("resnet20"), str(path), "resnet20")

@@ -591,7 +591,21 @@ def _unknown_key_error(path: list[str]) -> ValueError:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` reading YAML 1.2's exponent numbers (``12e-3``, ``1e3``; yaml 1.1 reads them as text)."""
+    """``yaml.safe_load`` reading YAML 1.2's exponent numbers (``12e-3``, ``1e3``; yaml 1.1 reads them as text), and
+    refusing a key given twice in one mapping (PyYAML keeps the last silently: a second ``sparsity:`` section dropped
+    every setting of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            plain = isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge"  # not `<<`
+            key = self.construct_object(key_node, deep=True) if plain else None
+            if key is not None and key in first:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {key!r} is given twice (first at line {first[key].start_mark.line + 1}); expected "
+                            f"each key once", problem_mark=key_node.start_mark)
+            first.setdefault(key, key_node)
+        return super().construct_mapping(node, deep=deep)
 
 
 class _YamlDumper(yaml.SafeDumper):

@@ -4,9 +4,13 @@ is written (bad input gets a one-line error and leaves nothing behind), and the 
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import logging
 import numbers
 import os
+import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -121,6 +125,10 @@ def _datasets(cfg: Config, train_set: Dataset | None, val_set: Dataset | None
               ) -> tuple[Dataset, Dataset, int, tuple[int, int, int], tuple[int, int, int]]:
     """The run's datasets, their number of classes, and the training and validation image sizes (``(C, H, W)``; one
     size for the config's datasets)."""
+    wanted = cfg.model.kwargs.get("num_classes")
+    if wanted is not None and (isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1):
+        raise ValueError(f"model.kwargs.num_classes={wanted!r} is not a number of classes; expected an integer >= 1 "
+                         f"(at least the data's), or leave it unset (the data's count)")
     if train_set is None and val_set is None:
         train_set, val_set, num_classes, input_size = build_datasets(cfg.data)
         wanted = cfg.model.kwargs.get("num_classes")
@@ -191,7 +199,51 @@ def _model_spec(cfg: Config, num_classes: int, input_size: tuple[int, int, int])
         return ModelSpec.resolve(cfg.model.name, cfg.model.kwargs, num_classes=num_classes, input_size=input_size,
                                  prune_residual=cfg.sparsity.prune_residual, module=cfg.model.module)
     except ValueError as err:
-        raise ValueError(f"model.kwargs={dict(cfg.model.kwargs)} do not fit model {cfg.model.name!r} ({err})") from None
+        unknown = _unknown_keyword(str(err), cfg.model.name, cfg.model.kwargs)
+        raise ValueError(f"model.kwargs={dict(cfg.model.kwargs)} do not fit model {cfg.model.name!r} "
+                         f"({unknown or err})") from None
+
+
+_UNEXPECTED_KEYWORD = re.compile(r"(?:(\w+)\.__init__|\w+)\(\) got an unexpected keyword argument '(\w+)'")
+
+
+def _unknown_keyword(message: str, name: str, kwargs: Mapping[str, Any]) -> str | None:
+    """For a factory's "unexpected keyword argument 'KEY'" with ``KEY`` in ``model.kwargs``: which keyword was not
+    taken, and the closest one the factory or the model's class takes, else that class; ``None`` for any other error.
+    (The raw message listed every keyword passed, the run's own ``num_classes`` and ``prune_residual`` among them.)"""
+    found = _UNEXPECTED_KEYWORD.search(message)
+    if found is None or found.group(2) not in kwargs:
+        return None
+    owner, key = found.groups()
+    entrypoint = model_entrypoint(name)
+    takes = {p.name: None for p in inspect.signature(entrypoint).parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    source = converted_source(name)  # the class the message names: of that library, else of the factory's module
+    place = vars(sys.modules.get(f"{source}.models", sys)) if source else getattr(entrypoint, "__globals__", {})
+    cls = place.get(owner) if owner else None
+    if not isinstance(cls, type):
+        cls = None
+    if cls is not None:
+        takes.update({p.name: None for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)})
+    for own in ("prune_residual", key):  # sparsity.prune_residual sets the first
+        takes.pop(own, None)
+    close = difflib.get_close_matches(key, list(takes), n=1)
+    if close:
+        expected = f"did you mean model.kwargs.{close[0]}?"
+    else:
+        expected = f"expected a keyword that {f'{cls.__module__}.{cls.__qualname__}' if cls else name} takes"
+    return f"it takes no keyword {key!r}; {expected}"
+
+
+def _size_keyword(model: nn.Module) -> str | None:
+    """The keyword that sets the image size a timm or torchvision model is built for, as its class takes it: timm's
+    ``img_size``, torchvision's ``image_size`` (ViT) or ``input_size`` (MaxViT, ``[H, W]``); ``None`` if none."""
+    try:
+        takes = inspect.signature(type(model).__init__).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((key for key in ("img_size", "image_size", "input_size") if key in takes), None)
 
 
 def _cost_model(model: nn.Module, cfg: Config, input_size: tuple[int, int, int], data: str | None = None
@@ -373,8 +425,9 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
         try:
             checked = check_model(model, input_size)
         except ValueError as err:
-            size = {"timm": "img_size", "torchvision": "image_size"}.get(source)
-            hint = (f"; a model built for one image size takes model.kwargs.{size}={input_size[-1]}"
+            size = _size_keyword(model) if source in ("timm", "torchvision") else None
+            value = f"[{input_size[-2]},{input_size[-1]}]" if size == "input_size" else input_size[-1]
+            hint = (f"; a model built for one image size takes model.kwargs.{size}={value}"
                     if size and str(err).startswith("check 'dense' failed") else "")
             raise ValueError(f"model {spec.name} of {source}: {err}{hint} (model.check=false skips this check)") \
                 from None

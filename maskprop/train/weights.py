@@ -97,6 +97,11 @@ def _read(path: Path) -> Any:
     except Exception as err:  # noqa: BLE001  # pickle, zip, safetensors and torch errors alike: the file is unreadable
         hint = ("; it holds Python objects besides tensors (a whole pickled model?): save the state dict alone, "
                 "torch.save(model.state_dict(), path)" if "Unsupported global" in str(err) else "")
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save's zip, or its legacy pickle: pickle's reason
+            raise ValueError(f"{where} is not a readable state dict (neither a safetensors nor a torch.save file); "
+                             f"expected a state-dict file (.safetensors, or .pt/.pth from torch.save)") from None
         raise ValueError(f"{where} is not a readable state dict ({error_reason(err)}){hint}") from None
 
 
