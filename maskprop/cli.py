@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import date
@@ -76,8 +77,12 @@ def _bench(args: argparse.Namespace) -> int:
 
         import_models(args.module, "--module")
     for name in args.models:
-        check_settings(name, args.batch_size, args.keep_ratios, args.repeats, args.warmup, args.image_size,
-                       args.masks, args.align)
+        try:
+            check_settings(name, args.batch_size, args.keep_ratios, args.repeats, args.warmup, args.image_size,
+                           args.masks, args.align)
+        except ValueError as err:  # bench_model's argument names as the command's options: --batch-size 0
+            raise ValueError(re.sub(r"^([a-z_]+)=", lambda m: f"--{m.group(1).replace('_', '-')} ", str(err))) \
+                from None
     if args.json:  # a path the results cannot be written to would fail only after the whole benchmark
         json_dir = Path(args.json).resolve().parent
         if Path(args.json).is_dir():

@@ -386,9 +386,14 @@ def test_bench_cuda_without_a_gpu_is_one_line(capsys, monkeypatch):
         "maskprop bench: error: device='cuda': CUDA is not available on this machine; use --device cpu"]
 
 
-def test_bench_batch_size_zero_is_an_error(capsys):
-    code, err = _bench_cli(capsys, "--batch-size", "0")
-    assert code == 2 and "batch_size=0 must be >= 1" in err and len(err.strip().splitlines()) == 1
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch-size", "0", "--batch-size 0 must be >= 1 (a step needs examples)"),
+    ("--repeats", "0", "--repeats 0 must be >= 1"),
+    ("--keep-ratios", "1.5", "--keep-ratios [1.5]; expected one or more fractions in (0, 1]"),
+])
+def test_bench_settings_out_of_range_are_one_line_naming_the_option(capsys, option, value, message):
+    code, err = _bench_cli(capsys, option, value)
+    assert code == 2 and err.strip().splitlines() == [f"maskprop bench: error: {message}"]
 
 
 def test_bench_json_into_a_missing_directory_fails_before_running(tmp_path, capsys, monkeypatch):

@@ -749,3 +749,15 @@ def test_a_search_too_short_to_choose_says_so_once(caplog):
         loop._warn_if_short(warmup_steps=10, search_steps=10 + loop.STEPS_PER_CHANNEL * channels, channels=channels)
         loop._warn_if_short(warmup_steps=10, search_steps=10, channels=channels)  # nothing sampled
     assert "score estimator needs" not in caplog.text
+
+
+def test_the_fix_is_logged_as_a_sentence_with_units():
+    """The log line of the fix names the sample chosen, its training accuracy, the others' range and the budget spent
+    in percent (it printed the dict of fix_info, unrounded)."""
+    info = {"rule": "best_of_n", "train_accuracies": [9.765625, 12.5, 9.0], "chosen": 1, "examples": 256,
+            "budget_spent": 0.9987}
+    assert loop._fix_line(info) == ("sample 2 of 3, training accuracy 12.5% on 256 examples (the others 9.0-9.8%); "
+                                    "100% of the budget spent")
+    assert loop._fix_line({"rule": "top_scores", "budget_spent": 0.5}) == "50% of the budget spent"
+    one = {"rule": "best_of_n", "train_accuracies": [50.0], "chosen": 0, "examples": 8, "budget_spent": 1.0}
+    assert loop._fix_line(one) == "sample 1 of 1, training accuracy 50.0% on 8 examples; 100% of the budget spent"

@@ -573,8 +573,7 @@ def fix_subnetwork(state: TrainState, cfg: Config, ctx: StepContext,
         scores = copy.deepcopy(scores).to(state.mask_generator.device)
     mask, info = _FIX_RULES[sparsity.fix](scores, state.model, state.mask_generator, sparsity.fix_samples, loader, ctx)
     info["budget_spent"] = scores.spent() / scores.budget if scores.budget > 0 else 1.0
-    logger.info("fixed the subnetwork by %s: %s", sparsity.fix,
-                {k: round(v, 4) if isinstance(v, float) else v for k, v in info.items() if k != "rule"})
+    logger.info("fixed the subnetwork by %s: %s", sparsity.fix, _fix_line(info))
     if info["budget_spent"] < SPENT_SHARE and current().is_main:
         anneal = 0 if state.schedule is None else state.schedule.anneal_steps
         travel = (f" (sparsity.score_lr x anneal steps = {sparsity.score_lr:g} x {anneal} = "
@@ -586,6 +585,20 @@ def fix_subnetwork(state: TrainState, cfg: Config, ctx: StepContext,
                        "slowly%s (docs/methods.md, \"Fixing the subnetwork\")", 100 * info["budget_spent"],
                        sparsity.keep_ratio, travel)
     return mask, info
+
+
+def _fix_line(info: Mapping[str, Any]) -> str:
+    """How the subnetwork was chosen, for the log: the sample chosen with its training accuracy and the others' range
+    (``best_of_n``), and the share of the budget its keep probabilities spent."""
+    spent = f"{100 * info['budget_spent']:.0f}% of the budget spent"
+    accuracies = info.get("train_accuracies")
+    if not accuracies:
+        return spent
+    chosen = info["chosen"]
+    others = [a for i, a in enumerate(accuracies) if i != chosen]
+    rest = f" (the others {min(others):.1f}-{max(others):.1f}%)" if others else ""
+    return (f"sample {chosen + 1} of {len(accuracies)}, training accuracy {accuracies[chosen]:.1f}% on "
+            f"{info['examples']} examples{rest}; {spent}")
 
 
 SPENT_SHARE = 0.9
