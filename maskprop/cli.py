@@ -18,7 +18,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .train.config import Config
 
 
 def _one_line(error: BaseException) -> str:
@@ -274,7 +277,7 @@ def _reported(summary: Mapping[str, Any], where: Path, main_rank: bool) -> int:
     return 0
 
 
-def _holds_this_run(cfg: Any, out: Any) -> bool:
+def _holds_this_run(cfg: Config, out: str | os.PathLike | None) -> bool:
     """For ``--resume-if-exists``: whether the directory ``out`` holds a run (its ``config.yaml``) to continue, which
     must have the settings of ``cfg`` (a one-line error names those that differ); ``False``: start the run there."""
     from .train.config import config_to_dict, load_config
