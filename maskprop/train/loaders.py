@@ -35,7 +35,8 @@ class Batch(list):
 
     Attributes:
         number: The batch's place in its epoch (0 for the first).
-        seed: A 63-bit seed of the epoch's draw from the loader generator, ``number`` and the rank.
+        seed: A 63-bit seed of the loader generator's state as the epoch starts, ``number`` and the rank
+            (:func:`batch_seed`).
     """
 
     def __init__(self, indices: list[int], number: int, seed: int) -> None:
@@ -56,7 +57,7 @@ def _state_digest(generator: torch.Generator | None) -> int:
     from it, so the data order stays what it was."""
     if generator is None:
         return 0
-    state = generator.get_state().numpy().tobytes()
+    state = bytes(generator.get_state().tolist())  # a uint8 tensor (numpy not needed)
     return int.from_bytes(hashlib.blake2b(state, digest_size=8).digest(), "little")
 
 
