@@ -115,6 +115,18 @@ def dropout_draws_alike(model: torch.nn.Module, mask: dict, x: torch.Tensor) -> 
         assert not torch.allclose(model(x), outputs[0])
 
 
+def converted_keeps_whole(plain: torch.nn.Module, name: str, cls: type, other: str, images: torch.Tensor) -> None:
+    """Assert that ``make_prunable`` leaves the module ``name`` of ``plain`` (an attention of a class it does not
+    convert) as it is, of class ``cls``, with its heads whole, converts the attention ``other``, and that the
+    converted model computes what ``plain`` does."""
+    converted = maskprop.make_prunable(copy.deepcopy(plain), tuple(images.shape[1:]))
+    assert type(converted.get_submodule(name)) is cls
+    assert name not in maskprop.channel_groups(converted)
+    assert other in maskprop.channel_groups(converted)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.eval()(images), plain.eval()(images), rtol=1e-12, atol=1e-12)
+
+
 def with_overrides(config: dict, **overrides) -> dict:
     """A deep copy of ``config`` with dotted-key overrides (``**{"optim.epochs": 4}``), as a plain dict."""
     config = copy.deepcopy(config)

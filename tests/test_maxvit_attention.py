@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import compact_equals_masked
+from conftest import compact_equals_masked, converted_keeps_whole
 
 import maskprop
 from maskprop.sparse import SparseRelativePositionalAttention
@@ -145,13 +145,8 @@ def test_torchvisions_attention_of_another_class_keeps_its_heads_whole():
     twice = RelativePositionalMultiHeadAttentionTwice(WIDTHS[0], HEAD_DIM, PARTITION ** 2).double()
     twice.load_state_dict(old.state_dict())
     plain.get_submodule(ATTENTION.format(0, "window").rpartition(".")[0])[1] = twice
-    converted = maskprop.make_prunable(copy.deepcopy(plain), SIZE)
-    assert type(converted.get_submodule(ATTENTION.format(0, "window"))) is RelativePositionalMultiHeadAttentionTwice
-    assert ATTENTION.format(0, "window") not in maskprop.channel_groups(converted)
-    assert ATTENTION.format(0, "grid") in maskprop.channel_groups(converted)
-    x = _images()
-    with torch.no_grad():
-        torch.testing.assert_close(converted.eval()(x), plain.eval()(x), rtol=1e-12, atol=1e-12)
+    converted_keeps_whole(plain, ATTENTION.format(0, "window"), RelativePositionalMultiHeadAttentionTwice,
+                          ATTENTION.format(0, "grid"), _images())
 
 
 def test_exclude_takes_torchvisions_names_of_the_projections():

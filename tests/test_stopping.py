@@ -263,3 +263,28 @@ def test_resume_if_exists_starts_a_run_continues_it_and_refuses_other_settings(t
     assert "--resume-if-exists needs the run's directory: give --out DIR" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--resume-if-exists"]) == 2
     assert "--resume DIR continues a run without one" in capsys.readouterr().err
+
+
+def test_under_torchrun_the_ranks_agree_on_a_signal_every_log_every_steps(monkeypatch):
+    """The agreement is a collective and a host read: under torchrun it runs where the step statistics are read
+    (every ``log_every`` steps), not after every step; one process looks at its flag after every step."""
+    from types import SimpleNamespace
+
+    class Counted:
+        def __init__(self):
+            self.steps = []
+
+        def pending(self, device):
+            self.steps.append(state.step)
+            return None
+
+    saved = []
+    state = SimpleNamespace(step=0, batch=0, phase="train", epoch=0, epoch_start={})
+    for enabled, expected in ((True, [3, 6, 9]), (False, list(range(1, 11)))):
+        monkeypatch.setattr(loop, "current", lambda enabled=enabled: SimpleNamespace(enabled=enabled))
+        signals = Counted()
+        checkpoints = loop.StepCheckpoints(lambda: saved.append(1), 0, signals, torch.device("cpu"), agree_every=3)
+        for step in range(1, 11):
+            state.step, state.batch = step, step
+            checkpoints.after_step(state, loop.EpochMeter(), batches=100)
+        assert signals.steps == expected and not saved

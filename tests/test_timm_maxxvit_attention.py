@@ -13,7 +13,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import compact_equals_masked, dropout_draws_alike
+from conftest import compact_equals_masked, converted_keeps_whole, dropout_draws_alike
 
 import maskprop
 from maskprop.sparse import SparseAttention2d, SparseAttentionCl
@@ -218,13 +218,7 @@ def test_timms_attention_of_another_class_keeps_its_heads_whole():
                                                                               window_size=(2, 2))).double()
     twice.load_state_dict(old.state_dict())
     plain.get_submodule(name.rpartition(".")[0]).attn = twice
-    converted = maskprop.make_prunable(copy.deepcopy(plain), SIZE)
-    assert type(converted.get_submodule(name)) is AttentionClTwice
-    assert name not in maskprop.channel_groups(converted)
-    assert ATTENTION.format(0, "grid") in maskprop.channel_groups(converted)
-    x = _images()
-    with torch.no_grad():
-        torch.testing.assert_close(converted.eval()(x), plain.eval()(x), rtol=1e-12, atol=1e-12)
+    converted_keeps_whole(plain, name, AttentionClTwice, ATTENTION.format(0, "grid"), _images())
 
 
 def test_exclude_takes_timms_qkv():

@@ -254,13 +254,15 @@ class StepCheckpoints:
         every: ``save_every_steps`` (0: on a signal only).
         signals: The run's stop signals, or ``None``.
         device: Where a collective's tensors go (torchrun).
+        agree_every: Steps between the ranks' agreements on a signal under torchrun (``log_every``).
     """
 
     def __init__(self, save: Callable[[], None], every: int, signals: StopSignals | None,
-                 device: torch.device) -> None:
+                 device: torch.device, agree_every: int = 1) -> None:
         self.save, self.every, self.signals, self.device = save, every, signals, device
+        self.agree_every = agree_every
 
-    def after_step(self, state: TrainState, meter: EpochMeter, batches: int, agree: bool = True,
+    def after_step(self, state: TrainState, meter: EpochMeter, batches: int,
                    before_saving: Callable[[], None] | None = None) -> None:
         """Save the state (``before_saving`` first: the static steps' sums read, the narrow model written back)
         when a checkpoint is due after the step just counted, and raise after saving on a stop signal.
@@ -269,10 +271,12 @@ class StepCheckpoints:
             state: The run state, its step and batch counted.
             meter: The epoch's sums so far (saved with the checkpoint).
             batches: The epoch's batches (at its last one the checkpoint at the epoch's end serves).
-            agree: Whether the ranks agree on a signal now (a collective under torchrun; see ``stopping.py``).
             before_saving: What makes the state complete before it is saved.
         """
-        signum = self.signals.pending(self.device) if self.signals is not None and agree else None
+        # under torchrun the ranks agree (a collective and a host read) every agree_every steps, where the step
+        # statistics are read anyway, not at every step; one process looks at its flag after every step
+        looks = not current().enabled or state.step % self.agree_every == 0
+        signum = self.signals.pending(self.device) if self.signals is not None and looks else None
         due = self.every and state.step % self.every == 0 and state.batch < batches
         if not (due or signum):
             return
@@ -409,8 +413,7 @@ def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader
         result = timed_step(lambda b=batch: step(b), kind, state.times, ctx.device, dense_reference, batch,
                             index=state.counters[f"{phase}_steps"] - first, total=kind_steps)
         _count_step(state, phase, result)
-        read_now = state.step % cfg.log_every == 0
-        if read_now:
+        if state.step % cfg.log_every == 0:
             window = static.read()  # capacities are re-chosen at the epoch's end only: each window costs a capture
             meter.add_window(window)
             read = _window_result(window)
@@ -420,8 +423,8 @@ def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader
         if threads is not None:
             threads.tick()
         state.batch += 1
-        if checkpoints is not None:  # the ranks agree on a signal where the statistics are read (no host sync else)
-            checkpoints.after_step(state, meter, len(loader), agree=read_now or not current().enabled,
+        if checkpoints is not None:
+            checkpoints.after_step(state, meter, len(loader),
                                    before_saving=lambda: _complete_static_state(meter, static, narrow))
     bar.close()
     meter.add_window(static.read(scores))
@@ -1029,7 +1032,7 @@ def _fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Data
                                          share=DENSE_REFERENCE_SHARE, min_pairs=DENSE_REFERENCE_MIN_PAIRS, **graphed)
     signals = StopSignals(enabled=run.run_dir is not None)  # a run without a directory has nowhere to save
     checkpoints = None if run.run_dir is None else StepCheckpoints(
-        saver.save, cfg.save_every_steps, signals if signals.enabled else None, run.ctx.device)
+        saver.save, cfg.save_every_steps, signals if signals.enabled else None, run.ctx.device, cfg.log_every)
     try:
         with signals:
             while state.phase != "done":

@@ -9,9 +9,10 @@ as a process the signal had ended would. More of them change nothing (a schedule
 and torchrun, which passes the signal on, reach each rank twice); Ctrl-C (SIGINT) and SIGKILL still end a run at
 once.
 
-Under torchrun the ranks must stop at the same step (the checkpoint is a collective): they agree on it, every step of
-an eager run (whose steps read the loss anyway) and at each read of a static run's statistics (every ``log_every``
-steps), so a signal that reaches some ranks first stops all of them at the same step.
+Under torchrun the ranks must stop at the same step (the checkpoint is a collective): they agree on it every
+``log_every`` steps, where the step statistics are read anyway (a collective and a host read at every step would
+slow the steps), so a signal that reaches some ranks first stops all of them at the same step, at most ``log_every``
+steps later.
 """
 
 from __future__ import annotations
