@@ -488,18 +488,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")  # under torchrun, ranks other than 0 log errors only (rank 0 the warnings: the
     tag = "" if rank == "0" else f"[rank {rank}] "  # ranks run the same settings and meet the same ones)
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.ERROR,
-                        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    from ._workarounds import enlarge_onednn_primitive_cache, keep_freed_host_memory
-
-    # train and bench time dense against sparse steps on the CPU (the other commands lose nothing by it): keep glibc
-    # from faulting freed memory back in every step (it penalised dense steps by up to a third), and oneDNN from
-    # building its convolution kernels anew every step (sampled widths evicted them); environment variables that set
-    # either take precedence.
-    logging.getLogger(__name__).debug("glibc malloc keeps freed memory: %s", keep_freed_host_memory())
-    logging.getLogger(__name__).debug("oneDNN primitive cache enlarged: %s", enlarge_onednn_primitive_cache())
+    if not logging.getLogger().handlers:  # as basicConfig: where the caller has not set logging up
+        # maskprop's progress at INFO; the libraries' warnings only (torch logs at INFO where its own logging setup
+        # did not run: a Ctrl-C while it loads)
+        logging.basicConfig(level=logging.WARNING if rank == "0" else logging.ERROR,
+                            format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
+        logging.getLogger("maskprop").setLevel(logging.INFO if rank == "0" else logging.ERROR)
+    args = build_parser().parse_args(argv)  # before torch is imported: usage errors and --help answer at once
     try:
+        from ._workarounds import enlarge_onednn_primitive_cache, keep_freed_host_memory
+
+        # train and bench time dense against sparse steps on the CPU (the other commands lose nothing by it): keep
+        # glibc from faulting freed memory back in every step (it penalised dense steps by up to a third), and oneDNN
+        # from building its convolution kernels anew every step (sampled widths evicted them); environment variables
+        # that set either take precedence.
+        logging.getLogger(__name__).debug("glibc malloc keeps freed memory: %s", keep_freed_host_memory())
+        logging.getLogger(__name__).debug("oneDNN primitive cache enlarged: %s", enlarge_onednn_primitive_cache())
         status = args.run(args)
     except (ValueError, FileNotFoundError) as error:
         from .train.distributed import prints_errors
@@ -533,10 +537,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"maskprop {args.command}: {error}; {resume_command(args.resumable)} continues from it",
                   file=sys.stderr)
         status = 128 + error.signum  # what the signal would have made it
-    if "torch.distributed" in sys.modules:  # a torchrun rank leaves its process group before the interpreter ends
-        from .train.distributed import leave
-
-        leave(finished=status == 0)
+    distributed = sys.modules.get("maskprop.train.distributed")  # loaded whole: not by a Ctrl-C while torch loads
+    if distributed is not None:  # a torchrun rank leaves its process group before the interpreter ends
+        distributed.leave(finished=status == 0)
     return status
 
 

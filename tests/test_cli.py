@@ -282,3 +282,28 @@ def test_a_libraries_error_of_several_lines_is_one_line(capsys, recipe, tmp_path
                            "'torchvision:maxvit_t'")
     assert "not divisible by partition size 7" in line and "block input sizes: [(16, 16)" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_while_torch_loads_is_one_line():
+    """A Ctrl-C while ``import torch`` runs (the first seconds of every command) leaves torch half imported, its
+    ``torch.distributed`` among the modules: the command says it was interrupted, in one line, and exits 130, rather
+    than importing torch again to leave a process group it never joined."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent("""
+        import builtins, sys
+        real = builtins.__import__
+
+        def interrupted(name, *args, **kwargs):
+            if name == "torch" or name.startswith("torch."):
+                sys.modules.setdefault("torch.distributed", type(sys)("torch.distributed"))  # what was loaded
+                raise KeyboardInterrupt
+            return real(name, *args, **kwargs)
+
+        builtins.__import__ = interrupted
+        from maskprop.cli import main
+        sys.exit(main(["bench", "--models", "resnet20"]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (130, "maskprop bench: interrupted\n")
