@@ -132,6 +132,54 @@ def _count(value: float) -> str:
     return f"{value:.0f}"
 
 
+def _plural(count: int, unit: str) -> str:
+    return f"{count} {unit}{'s' * (count != 1)}"
+
+
+def _plan_text(plan: Mapping[str, Any], new_dir: Path | None = None) -> str:
+    """What ``maskprop train --dry-run`` prints: the run :func:`~maskprop.train.loop.plan_run` checked, a line each.
+
+    ``new_dir``: the directory a run without ``--out`` would make (its name has the time it starts)."""
+    method = plan["method"] + (f", keep_ratio {plan['keep_ratio']:g}" if plan["keep_ratio"] is not None else "") \
+        + (", a random subnetwork: the baseline" if plan["subnetwork"] == "random" else "")
+    size = "x".join(str(n) for n in plan["input_size"])
+    lines = [f"dry run of {plan['model']} ({method}): checked; nothing trained, nothing written",
+             f"model   {plan['model']} of {plan['source']}: {_count(plan['params'])} params, {_count(plan['flops'])} "
+             f"FLOPs a forward at {size}, {plan['num_classes']} classes; {plan['channels']} channels in "
+             f"{plan['groups']} prunable groups",
+             f"data    {plan['data']}: {plan['train_examples']} training examples, {plan['val_examples']} for "
+             f"validation; batch {plan['batch_size']}, {plan['steps_per_epoch']} steps an epoch"]
+    phases = {p["phase"]: p for p in plan["phases"]}
+    parts = []
+    for name in ("search", "train", "finetune"):
+        if name in phases:
+            inner = [f"{phases[k]['epochs']} {what}" for k, what in (("warm-up", "dense warm-up"), ("anneal", "anneal"))
+                     if name == "search" and k in phases]
+            parts.append(f"{name} {_plural(phases[name]['epochs'], 'epoch')}, {_plural(phases[name]['steps'], 'step')}"
+                         + (f" (epochs: {', '.join(inner)})" if inner else ""))
+    total = sum(phases[k]["steps"] for k in ("search", "train", "finetune") if k in phases)
+    lines.append(f"phases  {', then '.join(parts)}: {total} steps in all")
+    if plan["budget"] is not None:
+        unit = "channels" if plan["budget_unit"] == "channels" else "channel-equivalents of FLOPs"
+        lines.append(f"budget  {plan['budget']:.0f} of {plan['channels']} {unit} kept in expectation")
+    precision = "float32" if plan["amp"] == "none" else f"{plan['amp']} autocast"
+    layout = ", channels_last" if plan["channels_last"] else ""
+    why = f" ({plan['steps_reason']})" if plan["steps_reason"] else ""
+    lines.append(f"device  {plan['device']}, {precision}{layout}; {plan['steps']} steps{why}")
+    resumed = plan["resume_from"]
+    if plan["finished"]:
+        lines.append(f"out     '{plan['run_dir']}': the run there has finished; nothing to train")
+    elif resumed is not None:
+        within = f", batch {resumed['batch']}" if resumed["batch"] else ""
+        lines.append(f"out     '{plan['run_dir']}': continues its run from {resumed['phase']} epoch "
+                     f"{resumed['epoch'] + 1}{within} (step {resumed['step']})")
+    elif plan["run_dir"] is not None:
+        lines.append(f"out     '{plan['run_dir']}' (a new run)")
+    else:
+        lines.append(f"out     a new directory, as '{new_dir}'" if new_dir is not None else "out     none")
+    return "\n".join(lines)
+
+
 def _final_table(summary: dict) -> str:
     """A short table of what the run produced and what it saved."""
     def ratio(sub: float, dense: float) -> str:
@@ -211,10 +259,20 @@ def _train(args: argparse.Namespace) -> int:
     from ._files import claim_new_directory
     from .train.config import load_config
     from .train.distributed import init_from_env
-    from .train.loop import fit
+    from .train.loop import fit, plan_run
     from .train.setup import default_run_dir
 
     place = init_from_env(args.dist_backend)  # under torchrun: join the process group (DDP); else one process
+
+    def start(cfg: Config, out: str | os.PathLike | None, resume: bool = False, new_dir: Path | None = None
+              ) -> dict | None:
+        if not args.dry_run:
+            return fit(cfg, out=out, resume=resume, threads=args.threads)
+        plan = plan_run(cfg, out=out, resume=resume)
+        if place.is_main:
+            print(_plan_text(plan, new_dir))
+        return None
+
     if args.resume is not None:
         if args.out is not None:
             raise ValueError("--out cannot be combined with --resume (the run continues in its own directory)")
@@ -237,7 +295,7 @@ def _train(args: argparse.Namespace) -> int:
         # A run killed before its first checkpoint has config.yaml but no last.pt: fit starts it over.
         cfg = load_config(config_path, args.items)
         args.resumable = run_dir  # named if the run is interrupted
-        summary = fit(cfg, out=run_dir, resume=True, threads=args.threads)
+        summary = start(cfg, run_dir, resume=True)
     else:
         if not args.items or "=" in args.items[0]:
             raise ValueError("expected a recipe (e.g. recipes/quickstart.yaml) before the key=value overrides, "
@@ -247,8 +305,10 @@ def _train(args: argparse.Namespace) -> int:
         out, claimed = args.out or cfg.out, None
         if args.resume_if_exists and _holds_this_run(cfg, out):
             args.resumable = out
-            summary = fit(cfg, out=out, resume=True, threads=args.threads)
-            return _reported(summary, Path(out), place.is_main)
+            summary = start(cfg, out, resume=True)
+            return 0 if summary is None else _reported(summary, Path(out), place.is_main)
+        if out is None and args.dry_run:  # the directory a run would make, not made
+            return start(cfg, None, new_dir=default_run_dir(Path(recipe).stem)) or 0
         if out is None:
             out = default_run_dir(Path(recipe).stem)
             parent_existed = out.parent.is_dir()
@@ -256,7 +316,7 @@ def _train(args: argparse.Namespace) -> int:
                 out = claimed = claim_new_directory(out)
         args.resumable = out
         try:
-            summary = fit(cfg, out=out, threads=args.threads)
+            summary = start(cfg, out)
         except BaseException:
             if claimed is not None:  # a run that wrote nothing leaves no directory (one that started keeps it)
                 with contextlib.suppress(OSError):
@@ -264,7 +324,7 @@ def _train(args: argparse.Namespace) -> int:
                     if not parent_existed:
                         claimed.parent.rmdir()
             raise
-    return _reported(summary, Path(args.resumable), place.is_main)
+    return 0 if summary is None else _reported(summary, Path(args.resumable), place.is_main)
 
 
 def _reported(summary: Mapping[str, Any], where: Path, main_rank: bool) -> int:
@@ -396,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with RECIPE and a run directory (--out, or 'out' in the recipe): continue the run there "
                        "if it holds one of the same settings, else start it (for a job a scheduler requeues, or "
                        "torchrun --max-restarts restarts, with the same command)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the run and say what it would do (the data read, the model built, a resumed run's "
+                       "checkpoint checked, the warnings of its start), then stop: nothing trained, nothing written")
     train.add_argument("--threads", type=_train_threads, default="auto", metavar="auto|N",
                        help="torch CPU threads: auto (default: the cores other processes leave free, re-chosen every "
                        "epoch and every 30 s), N, or 0 (torch's default)")

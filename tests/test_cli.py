@@ -307,3 +307,74 @@ def test_ctrl_c_while_torch_loads_is_one_line():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (130, "maskprop bench: interrupted\n")
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_dry_run_checks_the_run_says_what_it_would_do_and_writes_nothing(recipe, tmp_path, monkeypatch, capsys):
+    """``--dry-run`` builds what a run builds and prints its plan; the figures are those a run then trains with."""
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    assert main(["train", str(recipe), "--dry-run", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    params = sum(p.numel() for p in maskprop.create_model("resnet20", num_classes=10).parameters())
+    groups = maskprop.create_model("resnet20", num_classes=10).channel_groups()
+    steps = TINY["data"]["train_size"] // TINY["data"]["batch_size"]  # the last partial batch is dropped
+    assert lines[0] == "dry run of resnet20 (vrpge, keep_ratio 0.5): checked; nothing trained, nothing written"
+    assert lines[1].startswith(f"model   resnet20 of maskprop.models.resnet: {params / 1e3:.2f}K params, ")
+    assert lines[1].endswith(f"at 3x16x16, 10 classes; {sum(groups.values())} channels in {len(groups)} prunable "
+                             f"groups")
+    assert lines[2] == f"data    shapes: 64 training examples, 32 for validation; batch 32, {steps} steps an epoch"
+    assert lines[3] == f"phases  search 1 epoch, {steps} steps: {steps} steps in all"
+    assert lines[4] == f"budget  {round(0.5 * sum(groups.values()))} of {sum(groups.values())} channels kept in " \
+                       f"expectation"
+    assert lines[5] == "device  cpu, float32, channels_last; eager steps"
+    assert lines[6].startswith("out     a new directory, as 'runs/tiny-")
+    assert _tree(tmp_path) == before  # no runs/ folder, no run directory
+    assert main(["train", str(recipe), "--out", "run", "--dry-run", "--threads", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "out     'run' (a new run)"
+    assert _tree(tmp_path) == before
+    # What a run would refuse at its start, the dry run refuses in the same line.
+    assert main(["train", str(recipe), "model.name=resnet21", "--dry-run"]) == 2
+    assert "resnet21" in capsys.readouterr().err
+    # The run then takes the steps the plan said.
+    summary = maskprop.fit(str(recipe), out=None, threads=1)
+    assert summary["steps"] == {"search": steps, "finetune": 0, "train": 0}
+
+
+def test_dry_run_of_a_resume_names_where_it_continues_and_touches_nothing(tmp_path, monkeypatch, capsys):
+    """A stopped run (SIGUSR1 after step 3, within its second epoch): ``--resume DIR --dry-run`` and
+    ``--resume-if-exists --dry-run`` check its checkpoint and say where it continues, changing no file."""
+    import signal
+
+    from maskprop.train import loop
+
+    config = with_overrides(TINY, **{"method": "dense", "data.train_size": 128, "data.batch_size": 32,
+                                     "optim.epochs": 2})
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    count_step = loop._count_step
+
+    def signalled(state, phase, result):
+        count_step(state, phase, result)
+        if state.step == 6:
+            signal.raise_signal(signal.SIGUSR1)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_count_step", signalled)
+        assert main(["train", str(recipe), "--out", str(run), "--threads", "1"]) == 128 + signal.SIGUSR1
+    before = _tree(run)
+    capsys.readouterr()
+    for command in (["train", "--resume", str(run)], ["train", str(recipe), "--out", str(run), "--resume-if-exists"]):
+        assert main([*command, "--dry-run", "--threads", "1"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[3] == "phases  train 2 epochs, 8 steps: 8 steps in all"
+        assert out[-1] == f"out     '{run}': continues its run from train epoch 2, batch 2 (step 6)"
+    assert _tree(run) == before
+    assert main(["train", "--resume", str(run), "optim.lr=0.5", "--dry-run"]) == 0  # a resume may change the lr
+    assert main(["train", "--resume", str(run), "model.name=resnet32", "--dry-run"]) == 2  # not the model
+    assert "the config builds 'resnet32'; resume with the run's own model" in capsys.readouterr().err
+    assert _tree(run) == before

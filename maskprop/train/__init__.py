@@ -25,6 +25,7 @@ __all__ = [
     "fix_subnetwork",
     "load_checkpoint",
     "load_config",
+    "plan_run",
     "save_checkpoint",
     "save_config",
     "subnet_step",
@@ -34,6 +35,7 @@ __all__ = [
 
 _LAZY = {
     "fit": "loop", "FitResult": "loop", "train_one_epoch": "loop", "evaluate": "loop", "fix_subnetwork": "loop",
+    "plan_run": "loop",
     "vrpge_step": "steps", "subnet_step": "steps", "StepContext": "steps", "StepResult": "steps",
     "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint", "RunStopped": "stopping",
 }

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .._files import make_directory
+from ..models import converted_source, model_entrypoint
 from ..models.spec import ModelSpec
 from ..sbp import sparse_layers
 from ..sparse import SparseBatchNorm2d, channel_groups, random_mask, sync_batchnorm, use_mask
@@ -79,7 +80,7 @@ from .stopping import RunStopped, StopSignals
 from .summary import read_summary, summarize, write_json
 from .timing import DenseReference, timed_step
 
-__all__ = ["evaluate", "fit", "fix_subnetwork", "train_one_epoch"]
+__all__ = ["evaluate", "fit", "fix_subnetwork", "plan_run", "train_one_epoch"]
 
 logger = logging.getLogger(__name__)
 
@@ -889,6 +890,92 @@ def _warn_if_floor(floor: float, budget: float, sparsity: SparsityConfig) -> Non
                        "whole group) costs %.1f of the budget's %.1f %s (%.0f%%): the search chooses among few "
                        "channels, and its subnetwork computes more than the budget (docs/methods.md, \"A budget in "
                        "FLOPs\")", sparsity.keep_ratio, floor, budget, unit, 100 * floor / budget)
+
+
+def plan_run(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Dataset | None = None,
+             val_set: Dataset | None = None, out: str | os.PathLike | None = None, *,
+             resume: bool = False) -> dict[str, Any]:
+    """Check a run as :func:`fit` would start it and say what it would do, training nothing and writing nothing
+    (``maskprop train --dry-run``): the configuration, the data (ImageNet's folders scanned, their classes counted),
+    the model built (``model.weights`` loaded, a network of the user's own checked), a resumed run's checkpoint
+    checked against the settings, and the warnings a run gives at its start.
+
+    Args: as :func:`fit`'s.
+
+    Returns:
+        ``model``, ``source`` (the module that defines it), ``params``, ``flops`` (a forward of one example),
+        ``input_size``, ``num_classes``, ``groups`` and ``channels`` (the prunable channel groups and their
+        channels); ``data`` (the dataset's name, ``custom`` for datasets passed in), ``train_examples``,
+        ``val_examples``, ``batch_size``, ``steps_per_epoch``; ``method``, ``subnetwork`` (a VR-PGE run's:
+        ``searched``, or ``random`` for the baseline of ``sparsity.fix: random``) and ``phases``, a list of ``{"phase",
+        "epochs", "steps"}`` in the order they run (a search's ``warm-up`` and ``anneal`` inside its ``search``);
+        ``keep_ratio`` and ``budget`` (the channels, or channel-equivalents of FLOPs, a search's subnetwork keeps in
+        expectation; ``None`` for the other methods); ``device``, ``amp``, ``channels_last``, ``steps`` (``CUDA
+        graphs``, ``static shapes`` or ``eager``) and ``steps_reason`` (why not graphs, where auto fell back);
+        ``run_dir``; ``resume_from`` (``{"phase", "epoch", "batch", "step"}`` of the checkpoint a resume continues
+        from, ``None`` for a new run) and ``finished`` (a resumed run that has nothing left to train).
+
+    Raises:
+        As :func:`fit` before its first step.
+    """
+    if not isinstance(config, (Config, Mapping, str, os.PathLike)):
+        raise TypeError(f"config is {type(config).__name__}; expected a Config, a mapping or a yaml path "
+                        f"(maskprop.train.config; load_config(None) gives the defaults)")
+    init_from_env()
+    cfg = config if isinstance(config, Config) else load_config(config)
+    cfg.validate()
+    out = out if out is not None else cfg.out
+    run = prepare(cfg, train_set, val_set, None if out is None else Path(out), resume)
+    _prepare_search(run)
+    state, spe = run.state, len(run.train_loader)
+    phases = []
+    if cfg.method == "vrpge":
+        sp = cfg.sparsity
+        anneal = 0 if sp.fix == "random" else sp.anneal_epochs
+        phases.append({"phase": "search", "epochs": cfg.optim.epochs, "steps": cfg.optim.epochs * spe})
+        phases += [{"phase": name, "epochs": e, "steps": e * spe}
+                   for name, e in (("warm-up", sp.warmup_epochs), ("anneal", anneal)) if e]
+        if cfg.finetune.epochs:
+            phases.append({"phase": "finetune", "epochs": cfg.finetune.epochs, "steps": cfg.finetune.epochs * spe})
+    else:
+        phases.append({"phase": "train", "epochs": cfg.optim.epochs, "steps": cfg.optim.epochs * spe})
+    graphs = run.graphs
+    resumed = {"phase": state.phase, "epoch": state.epoch, "batch": state.batch, "step": state.step} \
+        if run.resumed else None
+    return {
+        "model": run.spec.name,
+        "source": converted_source(run.spec.name) or model_entrypoint(run.spec.name).__module__,
+        "params": sum(p.numel() for p in state.model.parameters()),
+        "flops": run.ctx.cost.flops(),
+        "input_size": list(run.spec.input_size),
+        "num_classes": run.spec.num_classes,
+        "groups": len(run.groups),
+        "channels": sum(run.groups.values()),
+        "data": cfg.data.dataset if run.given_data is None else "custom",
+        "train_examples": _examples(run.train_loader),
+        "val_examples": _examples(run.val_loader),
+        "batch_size": cfg.data.batch_size,
+        "steps_per_epoch": spe,
+        "method": cfg.method,
+        "subnetwork": ("random" if cfg.sparsity.fix == "random" else "searched") if cfg.method == "vrpge" else None,
+        "phases": phases,
+        "keep_ratio": cfg.sparsity.keep_ratio if cfg.method == "vrpge" else None,
+        "budget": state.schedule.final if cfg.method == "vrpge" else None,
+        "budget_unit": cfg.sparsity.budget_unit if cfg.method == "vrpge" else None,
+        "device": str(run.ctx.device),
+        "amp": cfg.amp,
+        "channels_last": cfg.channels_last,
+        "steps": "CUDA graphs" if graphs.capture else "static shapes" if graphs.static else "eager",
+        "steps_reason": graphs.reason or None,
+        "run_dir": None if run.run_dir is None else str(run.run_dir),
+        "resume_from": resumed,
+        "finished": run.resumed and state.phase == "done",
+    }
+
+
+def _examples(loader: Loader) -> int:
+    """The examples a loader goes through in an epoch: its dataset's, or the images a :class:`DeviceLoader` holds."""
+    return loader.data.images.shape[0] if isinstance(loader, DeviceLoader) else len(loader.dataset)
 
 
 class FitResult(dict):
