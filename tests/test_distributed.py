@@ -336,6 +336,18 @@ def test_cli_error_under_torchrun_is_one_line_from_rank_zero(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_dry_run_under_torchrun_prints_the_plan_once_and_writes_nothing(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny()))
+    done = subprocess.run(_torchrun("-m", "maskprop", "train", str(recipe), "--out", str(tmp_path / "run"),
+                                    "--dry-run"), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [line for line in done.stdout.splitlines() if line.startswith("dry run of")] == [
+        "dry run of resnet20 (vrpge, keep_ratio 0.5): checked; nothing trained, nothing written"]
+    assert f"out     '{tmp_path / 'run'}' (a new run)" in done.stdout
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # In this process
 

@@ -922,11 +922,16 @@ def plan_run(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: 
         raise TypeError(f"config is {type(config).__name__}; expected a Config, a mapping or a yaml path "
                         f"(maskprop.train.config; load_config(None) gives the defaults)")
     init_from_env()
-    cfg = config if isinstance(config, Config) else load_config(config)
-    cfg.validate()
-    out = out if out is not None else cfg.out
-    run = prepare(cfg, train_set, val_set, None if out is None else Path(out), resume)
-    _prepare_search(run)
+    try:  # under torchrun, as fit: the ranks agree whether the set-up failed anywhere
+        cfg = config if isinstance(config, Config) else load_config(config)
+        cfg.validate()
+        out = out if out is not None else cfg.out
+        run = prepare(cfg, train_set, val_set, None if out is None else Path(out), resume)
+        _prepare_search(run)
+    except Exception as err:
+        agree(err)
+        raise
+    agree(None)
     state, spe = run.state, len(run.train_loader)
     phases = []
     if cfg.method == "vrpge":
