@@ -63,6 +63,23 @@ TINY_RUN = {
 }
 
 
+def signal_after_step(patch: pytest.MonkeyPatch, step: int) -> None:
+    """Make the trainer receive SIGUSR1 (a scheduler's warning) in this process as its optimizer step ``step`` ends,
+    through ``patch`` (a ``monkeypatch.context()``, so that the trainer is itself again after it)."""
+    import signal
+
+    from maskprop.train import loop
+
+    count_step = loop._count_step
+
+    def signalled(state, phase, result):
+        count_step(state, phase, result)
+        if state.step == step:
+            signal.raise_signal(signal.SIGUSR1)
+
+    patch.setattr(loop, "_count_step", signalled)
+
+
 # BatchNorm parameters and running statistics drawn from torch's global generator, away from 1 and 0, so that a leak
 # through a dropped or padded channel, or a wrong channel, shows: check_model's own.
 nontrivial_batch_norms = check.nontrivial_batch_norms

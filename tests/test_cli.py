@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_RUN, with_overrides
+from conftest import TINY_RUN, signal_after_step, with_overrides
 
 import maskprop
 from maskprop.cli import main
@@ -349,22 +349,13 @@ def test_dry_run_of_a_resume_names_where_it_continues_and_touches_nothing(tmp_pa
     ``--resume-if-exists --dry-run`` check its checkpoint and say where it continues, changing no file."""
     import signal
 
-    from maskprop.train import loop
-
     config = with_overrides(TINY, **{"method": "dense", "data.train_size": 128, "data.batch_size": 32,
                                      "optim.epochs": 2})
     recipe = tmp_path / "run.yaml"
     recipe.write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
-    count_step = loop._count_step
-
-    def signalled(state, phase, result):
-        count_step(state, phase, result)
-        if state.step == 6:
-            signal.raise_signal(signal.SIGUSR1)
-
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "_count_step", signalled)
+        signal_after_step(patch, 6)
         assert main(["train", str(recipe), "--out", str(run), "--threads", "1"]) == 128 + signal.SIGUSR1
     before = _tree(run)
     capsys.readouterr()

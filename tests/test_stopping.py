@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN, with_overrides
+from conftest import TINY_RUN, signal_after_step, with_overrides
 from test_graphs import static_run  # noqa: F401  (a fixture)
 from test_train import _assert_same_state
 
@@ -155,16 +155,9 @@ def test_a_stop_signal_saves_after_the_step_and_stops(tmp_path, monkeypatch, one
     the handler from before the run is back after it; the resumed run ends as one that was not stopped."""
     config = with_overrides(TINY, **{"method": "dense", "optim.epochs": 2})
     maskprop.fit(copy.deepcopy(config), out=tmp_path / "straight")
-    count_step = loop._count_step
-
-    def signalled(state, phase, result):  # the signal comes as the run's 6th step ends (epoch 2, batch 2)
-        count_step(state, phase, result)
-        if state.step == 6:
-            signal.raise_signal(signal.SIGUSR1)
-
     before = signal.getsignal(signal.SIGUSR1)
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "_count_step", signalled)
+        signal_after_step(patch, 6)  # as the run's 6th step ends (epoch 2, batch 2)
         with pytest.raises(RunStopped, match=r"^stopped by SIGUSR1 after step 6 \(train epoch 2, batch 2 of 4\), "
                                              r"its checkpoint saved$"):
             maskprop.fit(copy.deepcopy(config), out=tmp_path / "stopped")
@@ -239,15 +232,8 @@ def test_resume_if_exists_starts_a_run_continues_it_and_refuses_other_settings(t
     recipe.write_text(json.dumps(config))
     run = tmp_path / "run"
     command = ["train", str(recipe), "--out", str(run), "--resume-if-exists", "--threads", "1"]
-    count_step = loop._count_step
-
-    def signalled(state, phase, result):
-        count_step(state, phase, result)
-        if state.step == 6:
-            signal.raise_signal(signal.SIGUSR1)
-
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "_count_step", signalled)
+        signal_after_step(patch, 6)
         assert main(command) == 128 + signal.SIGUSR1
     assert load_checkpoint(run / "last.pt")["batch"] == 2
     assert main(command) == 0  # continued from batch 2 of epoch 2
