@@ -100,8 +100,7 @@ class SparseLayerNorm(nn.LayerNorm, SparseModule):
             return super().forward(x)
         if x.dim() == 0 or x.shape[-1] != index.numel():
             self._wrong_width(x, state, index.numel())
-        weight = None if self.weight is None else self.weight.index_select(0, index)
-        bias = None if self.bias is None else self.bias.index_select(0, index)
+        weight, bias = state.layer_norm(self)  # gathered with all layers' weights, once per forward pass
         real = state.real(self.group)
         if real is None:  # every computed channel is kept
             return F.layer_norm(x, (index.numel(),), weight, bias, self.eps)
