@@ -10,7 +10,8 @@ one call per gathered tensor; docs/methods.md, "Compact execution"):
 * the flat indices that gather every pruned conv and linear weight (and bias) from the concatenation of the weights
   of one kernel area, built on the device from that copy with a fixed number of calls (on the CPU, without padding,
   each tensor is read from itself: along its one pruned side by that group's index set, a transformer's linear
-  layers and a network's first and last layers; by flat indices only where both sides are pruned);
+  layers and a network's first and last layers; by flat indices only where both sides are pruned); a pruned
+  LayerNorm's weight and bias are gathered as a bias is, in the area-1 table (:meth:`ExecutionState.layer_norm`);
 * the flat indices that gather the BatchNorm parameters and running statistics of all pruned units.
 
 Tensors gathered into one buffer (the weights of one kernel area, the BatchNorm parameters and statistics) are
