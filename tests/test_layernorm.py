@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
+import sys
 
 import pytest
 import torch
@@ -634,3 +636,25 @@ def test_the_packed_forward_gathers_as_often_with_layernorms_as_without(path):
     assert norms == {True: 8, False: 0}
     assert counts[True] == counts[False]
     assert counts[True].get("index_select") == 1 and counts[True].get("index_copy_") == 1, counts[True]
+
+
+def test_count_ops_builds_models_with_keywords_and_counts_no_gathers_per_layernorm(tmp_path, monkeypatch):
+    """``tools/count_ops.py --model-kwargs``: the small ViT with and without its eight LayerNorms, counted on ``meta``
+    (the CUDA code path): the compact step issues as many gathers and scatters either way."""
+    tool = load_tool("count_ops")
+    small = {"img_size": 16, "patch_size": 4, "embed_dim": WIDTH, "depth": 2, "num_heads": HEADS}
+    counts, layer_norms = {}, {}
+    for normed in (True, False):
+        kwargs = small | {"qk_norm": normed, "scale_attn_norm": normed, "scale_mlp_norm": normed}
+        out = tmp_path / f"{normed}.json"
+        monkeypatch.setattr(sys, "argv", ["count_ops.py", "--models", "timm:vit_tiny_patch16_224", "--devices", "meta",
+                                          "--image-size", "16", "--model-kwargs", json.dumps(kwargs), "--json",
+                                          str(out)])
+        tool.main()
+        rows = {r["step"]: r for r in json.loads(out.read_text())}
+        ops = rows["compact"]["compute_ops"]
+        counts[normed] = {k: n for k, n in ops.items() if any(w in k for w in ("index", "gather", "scatter"))}
+        layer_norms[normed] = ops["native_layer_norm"]
+    # two forwards a step, eight more LayerNorms in each (q_norm and k_norm of 3 heads run as one call each)
+    assert layer_norms[True] - layer_norms[False] == 16
+    assert counts[True] == counts[False] and counts[True].get("index_add", 0) == 0
