@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import compact_equals_masked, load_tool
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import maskprop
 from maskprop.sparse import SparseLayerNorm, SparseLinear
+from maskprop.sparse.execution import ExecutionState
 from maskprop.sparse.layernorm import kept_layer_norm
-from maskprop.sparse.static import StaticExecutionState, use_static
+from maskprop.sparse.static import StaticExecutionState, StaticLayout, mask_capacities, use_static
 
 HIDDEN = 9
 EPS = 1e-5
@@ -477,3 +481,180 @@ def test_the_layernorm_benchmark_times_both_vits_on_the_same_groups(capsys):
                                        "--repeats", "1", "--warmup", "0", "--threads", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.50 |")]
     assert len(rows) == 1 and rows[0].count("x (") == 4
+
+
+# --- the gathers off the CPU: LayerNorm parameters in the packed weight gather ----------------------------------------
+
+ALIGNMENT = 16  # bytes: what vectorised GPU kernels load at once
+
+
+def _packed_state(model: nn.Module, mask: dict[str, torch.Tensor], path: str, align: int):
+    """The state of ``mask`` on the path off the CPU (``concatenate``: every weight of one kernel area gathered with
+    one ``index_select`` from their concatenation), eager (``prepare_mask``'s state) or static (capacities: the kept
+    counts rounded up to ``align``); and its context."""
+    if path == "eager":
+        state = ExecutionState(mask, model, "compact", align=align, concatenate=True)
+        assert state.concatenate
+        return state, lambda: maskprop.use_mask(model, state)
+    layout = StaticLayout(model, mask_capacities(mask, align), align=align, concatenate=True)
+    state = StaticExecutionState(layout)
+    state.update(mask)
+    assert all(torch.equal(used, mask[g]) for g, used in state.mask_used_by_group().items())  # no overflow
+    return state, lambda: use_static(state)
+
+
+def _loss_and_grads(model: nn.Module, context, images: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    with context():
+        loss = model(images).square().sum()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _odd_mask(groups: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Each group keeps an odd number of channels (3, 5 or 7 of a head's 8 features, 61 or 13 of 96 MLP units)."""
+    mask = {}
+    for i, (name, size) in enumerate(groups.items()):
+        kept = (3, 5, 7)[i % 3] if size <= 8 else (61, 13)[i % 2]
+        m = torch.zeros(size, dtype=torch.bool)
+        m[torch.randperm(size, generator=generator)[:kept]] = True
+        mask[name] = m
+    return mask
+
+
+@pytest.mark.parametrize("path", ["eager", "static"])
+@pytest.mark.parametrize("align", [1, 4])
+def test_packed_gathers_of_a_normalised_vit_equal_the_masked_reference(path, align):
+    """Off the CPU a ViT's LayerNorms (each head's query and key features, all heads' outputs before ``proj``: a
+    concatenated group, the MLP's hidden units) take their weight and bias from the gather of all layers' weights;
+    compact equals masked in float64, the loss and every gradient, with widths padded to ``align``."""
+    model = maskprop.make_prunable(_vit(), SIZE).double()
+    groups = maskprop.channel_groups(model)
+    mask = _odd_mask(groups, torch.Generator().manual_seed(3))  # align=4 pads every group
+    images = torch.randn(2, *SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    state, context = _packed_state(model, mask, path, align)
+    norms = [m for m in model.modules() if isinstance(m, SparseLayerNorm)]
+    assert len(norms) == 8 and all(m.group is not None for m in norms)
+    with context():  # each LayerNorm's tensors come from the one gather: none of them is its own parameter
+        pairs = [state.layer_norm(m) for m in norms]
+    assert all(w is not m.weight and b is not m.bias and w.shape == b.shape == (state.index(m.group).numel(),)
+               for m, (w, b) in zip(norms, pairs))
+    compact = _loss_and_grads(model, context, images)
+    masked = _loss_and_grads(model, lambda: maskprop.use_mask(model, mask, "masked"), images)
+    assert compact[0] == pytest.approx(masked[0], rel=1e-12)
+    assert compact[1].keys() == masked[1].keys()
+    for name, grad in compact[1].items():
+        torch.testing.assert_close(grad, masked[1][name], rtol=1e-10, atol=1e-12, msg=name)
+    dropped = ~mask["blocks.1.mlp.fc1"]  # a dropped channel's weight and bias get no gradient
+    assert compact[1]["blocks.1.mlp.norm.weight"][dropped].abs().max() == 0
+
+
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("path", ["eager", "static"])
+def test_packed_gathers_take_layernorms_without_bias_or_affine_parameters(affine, bias, path):
+    """A LayerNorm without a bias gathers its weight alone, one without affine parameters nothing; both still equal
+    the masked reference off the CPU, at a padded width."""
+    model = _tokens(affine, bias)
+    images = torch.randn(2, 3, 6, dtype=torch.float64)
+    mask = _keeping(KEPT["odd"])
+    state, context = _packed_state(model, mask, path, 4)
+    with context():
+        weight, got_bias = state.layer_norm(model.norm)
+    assert (weight is None) == (not affine) and (got_bias is None) == (not bias)
+    compact = _loss_and_grads(model, context, images)
+    masked = _loss_and_grads(model, lambda: maskprop.use_mask(model, mask, "masked"), images)
+    assert compact[0] == pytest.approx(masked[0], rel=1e-12)
+    for name, grad in compact[1].items():
+        torch.testing.assert_close(grad, masked[1][name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", ["eager", "static"])
+def test_gathered_layernorm_parameters_start_at_aligned_addresses(path, dtype, monkeypatch):
+    """With odd kept widths (odd capacities on the static path) every LayerNorm's gathered weight and bias, cut from
+    the one gathered buffer of the area-1 table, starts at a 16-byte boundary and is contiguous, as vectorised GPU
+    kernels need; the step still computes the masked reference within ``dtype``'s rounding."""
+    model = maskprop.make_prunable(_vit(), SIZE).to(dtype)
+    groups = maskprop.channel_groups(model)
+    mask = _odd_mask(groups, torch.Generator().manual_seed(0))
+    state, context = _packed_state(model, mask, path, 1)
+    given = []
+    own = state.layer_norm
+
+    def recording(layer):
+        pair = own(layer)
+        given.extend(t for t in pair if t is not None)
+        return pair
+
+    monkeypatch.setattr(state, "layer_norm", recording)
+    images = torch.randn(2, *SIZE, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with context():
+        out = model(images)
+    out.float().square().sum().backward()
+    assert len(given) == 16 and any(t.numel() % 2 for t in given)
+    bad = [f"{tuple(t.shape)} at {t.data_ptr() % ALIGNMENT} mod {ALIGNMENT}" for t in given
+           if t.data_ptr() % ALIGNMENT or not t.is_contiguous()]
+    assert not bad, bad
+    with maskprop.use_mask(model, mask, "masked"):
+        expected = model(images)
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+
+
+class _GatherOps(TorchDispatchMode):
+    """Counts the gathering and scattering operators reaching the kernels (index_select, gather, index_add, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if any(word in name for word in ("index", "gather", "scatter")):
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["eager", "static"])
+def test_the_packed_forward_gathers_as_often_with_layernorms_as_without(path):
+    """The ViT with eight pruned LayerNorms and the plain one (the same groups and linear layers) issue the same
+    gathers and scatters in a compact forward and backward off the CPU: one ``index_select`` for all weights, biases
+    and LayerNorm parameters, one ``index_copy_`` for their gradients (was one ``index_select`` and one ``index_add``
+    per LayerNorm weight and bias)."""
+    counts, norms = {}, {}
+    for normed in (True, False):
+        model = maskprop.make_prunable(_vit(qk_norm=normed, scale_attn_norm=normed, scale_mlp_norm=normed), SIZE)
+        norms[normed] = sum(isinstance(m, SparseLayerNorm) for m in model.modules())
+        mask = maskprop.random_mask(maskprop.channel_groups(model), 0.5, torch.Generator().manual_seed(0))
+        _, context = _packed_state(model, mask, path, 4)
+        images = torch.randn(2, *SIZE)
+        with _GatherOps() as ops:
+            with context():
+                loss = model(images).square().sum()
+            loss.backward()
+        counts[normed] = ops.counts
+    assert norms == {True: 8, False: 0}
+    assert counts[True] == counts[False]
+    assert counts[True].get("index_select") == 1 and counts[True].get("index_copy_") == 1, counts[True]
+
+
+def test_count_ops_builds_models_with_keywords_and_counts_no_gathers_per_layernorm(tmp_path, monkeypatch):
+    """``tools/count_ops.py --model-kwargs``: the small ViT with and without its eight LayerNorms, counted on ``meta``
+    (the CUDA code path): the compact step issues as many gathers and scatters either way."""
+    tool = load_tool("count_ops")
+    small = {"img_size": 16, "patch_size": 4, "embed_dim": WIDTH, "depth": 2, "num_heads": HEADS}
+    counts, layer_norms = {}, {}
+    for normed in (True, False):
+        kwargs = small | {"qk_norm": normed, "scale_attn_norm": normed, "scale_mlp_norm": normed}
+        out = tmp_path / f"{normed}.json"
+        monkeypatch.setattr(sys, "argv", ["count_ops.py", "--models", "timm:vit_tiny_patch16_224", "--devices", "meta",
+                                          "--image-size", "16", "--model-kwargs", json.dumps(kwargs), "--json",
+                                          str(out)])
+        tool.main()
+        rows = {r["step"]: r for r in json.loads(out.read_text())}
+        ops = rows["compact"]["compute_ops"]
+        counts[normed] = {k: n for k, n in ops.items() if any(w in k for w in ("index", "gather", "scatter"))}
+        layer_norms[normed] = ops["native_layer_norm"]
+    # two forwards a step, eight more LayerNorms in each (q_norm and k_norm of 3 heads run as one call each)
+    assert layer_norms[True] - layer_norms[False] == 16
+    assert counts[True] == counts[False] and counts[True].get("index_add", 0) == 0

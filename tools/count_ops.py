@@ -4,6 +4,8 @@
 Usage:
     python tools/count_ops.py --models resnet32 resnet50 vgg19_bn --devices cpu meta
     python tools/count_ops.py --models resnet32 vgg19_bn --devices cpu --steps dense masked compact --repeats 30
+    python tools/count_ops.py --models timm:vit_tiny_patch16_224 --devices meta --image-size 224 \
+        --model-kwargs '{"qk_norm": true, "scale_attn_norm": true, "scale_mlp_norm": true}'
 
 A GPU step is bounded by the host when its kernels are short: every operator call is paid for on the host (Python,
 dispatcher, launch), and every call that computes launches a kernel. This counts, for the steps of ``maskprop bench``
@@ -106,10 +108,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=0, help="0: the smallest each model takes")
     parser.add_argument("--align", type=int, default=1)
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help="keywords every model is built with, as a JSON object (e.g. a timm ViT's "
+                             "'{\"qk_norm\": true}')")
     parser.add_argument("--repeats", type=int, default=0, help="also time the steps: medians of this many (not meta)")
     parser.add_argument("--top", type=int, default=5, help="most frequent compute operators listed per step")
     parser.add_argument("--json", help="also write the counts as JSON to this path")
     args = parser.parse_args()
+    if not isinstance(args.model_kwargs, dict):
+        raise SystemExit(f"--model-kwargs {json.dumps(args.model_kwargs)}: expected a JSON object of keywords")
     if args.batch_size < 2:
         raise SystemExit(f"--batch-size {args.batch_size}: BatchNorm in training needs a batch of at least 2")
     if args.image_size and args.image_size < 32 and any(name.startswith("vgg") for name in args.models):
@@ -118,6 +125,7 @@ def main() -> None:
     kinds = ["dense", *(step for step in args.steps if step != "dense")]
     rows = []
     print(f"keep {args.keep_ratio:g}, batch {args.batch_size}, align {args.align}, 1 thread"
+          + (f", models built with {json.dumps(args.model_kwargs)}" if args.model_kwargs else "")
           + (f", times: medians of {args.repeats}" if args.repeats else ""))
     print("| model | image | device | step | top-level calls | / dense | operators | / dense | compute | / dense "
           "| host | time (ms) | / dense | most frequent compute |")
@@ -126,7 +134,7 @@ def main() -> None:
         size = args.image_size or smallest_input(name)
         for device in args.devices:
             torch.manual_seed(0)
-            model = maskprop.create_model(name).to(device).train()
+            model = maskprop.create_model(name, **args.model_kwargs).to(device).train()
             x, y = random_batch(args.batch_size, size, device=device)
             masks = mask_pair(maskprop.channel_groups(model), args.keep_ratio, torch.Generator().manual_seed(0))
             fns = {kind: fn for kind, fn in training_steps(model, x, y, masks, align=args.align).items()

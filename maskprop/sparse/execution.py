@@ -10,7 +10,8 @@ one call per gathered tensor; docs/methods.md, "Compact execution"):
 * the flat indices that gather every pruned conv and linear weight (and bias) from the concatenation of the weights
   of one kernel area, built on the device from that copy with a fixed number of calls (on the CPU, without padding,
   each tensor is read from itself: along its one pruned side by that group's index set, a transformer's linear
-  layers and a network's first and last layers; by flat indices only where both sides are pruned);
+  layers and a network's first and last layers; by flat indices only where both sides are pruned); a pruned
+  LayerNorm's weight and bias are gathered as a bias is, in the area-1 table (:meth:`ExecutionState.layer_norm`);
 * the flat indices that gather the BatchNorm parameters and running statistics of all pruned units.
 
 Tensors gathered into one buffer (the weights of one kernel area, the BatchNorm parameters and statistics) are
@@ -47,6 +48,7 @@ from torch import Tensor, nn
 
 from .gather import ALIGN_ELEMENTS, GatherPiece, GatherTable, gather_norms, gather_pieces, gather_side, write_back_norms
 from .groups import aligned_width, channel_groups, check_align, concatenations, count_kept, declared_in
+from .layernorm import SparseLayerNorm
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule, set_execution_state
 
 Mask = dict[str, Tensor]
@@ -99,16 +101,17 @@ def check_mask(mask: Mapping[str, Tensor], groups: Mapping[str, int]) -> list[in
 
 
 class GatherSource(NamedTuple):
-    """One conv or linear weight (or bias) a subnetwork gathers from, in the concatenation of its kernel area.
+    """One conv or linear weight (or bias) a subnetwork gathers from, in the concatenation of its kernel area; or a
+    LayerNorm's weight (or bias), gathered as a bias is: one entry per channel of its group, in the area-1 table.
 
     Attributes:
         layer: The layer that owns it.
         kind: ``"weight"`` or ``"bias"``.
-        out_group: The group of its output channels (``None``: never pruned).
-        in_group: The group of its input channels (``None`` for a bias, a side never pruned, or the weight of a
-            depthwise conv, whose rows alone follow its group).
+        out_group: The group of its output channels (``None``: never pruned); a LayerNorm's group.
+        in_group: The group of its input channels (``None`` for a bias, a LayerNorm's tensors, a side never pruned, or
+            the weight of a depthwise conv, whose rows alone follow its group).
         outputs: Its output channels (rows of its ``(rows, area)`` view: ``outputs x inputs``).
-        inputs: Its input channels (1 for a bias).
+        inputs: Its input channels (1 for a bias and a LayerNorm's tensors).
         tail: The kernel's shape after the channels (``()`` for linear weights and biases).
     """
 
@@ -163,6 +166,8 @@ class ModelPlan:
         concatenations: ``{concatenated group: its parts}`` (:func:`~maskprop.sparse.groups.concatenate_groups`).
         weighted: The conv and linear layers that read or write a group.
         norms: The BatchNorm layers of a group.
+        layer_norms: The LayerNorms of a group (or a concatenated group) with a weight (and maybe a bias): gathered
+            with the linear biases, in the area-1 table.
     """
 
     def __init__(self, model: nn.Module, layers: list[nn.Module]) -> None:
@@ -173,6 +178,8 @@ class ModelPlan:
         self.weighted = [m for m in layers if isinstance(m, (SparseConv2d, SparseLinear))
                          and (m.in_group is not None or m.out_group is not None)]
         self.norms = [m for m in layers if isinstance(m, SparseBatchNorm2d) and m.group is not None]
+        self.layer_norms = [m for m in layers if isinstance(m, SparseLayerNorm) and m.group is not None
+                            and m.weight is not None]
         widest = [max(weight_view(m)[:2]) for m in self.weighted]
         whole_parts = [n for parts in self.concatenations.values() for g, n in parts if g is None]
         self.max_channels = max(widest + whole_parts, default=1)
@@ -183,7 +190,8 @@ class ModelPlan:
         self.layout = (torch.repeat_interleave(torch.arange(len(sizes)), sizes), _exclusive_cumsum(sizes))
         self.identity = (torch.arange(self.max_channels), torch.ones(self.max_channels, dtype=torch.bool))
         self.filler = (torch.zeros(ALIGN_ELEMENTS, dtype=torch.int64), torch.zeros(ALIGN_ELEMENTS, dtype=torch.bool))
-        # What gathers the weights and biases, by kernel area (weights, then biases after the area-1 weights).
+        # What gathers the weights and biases, by kernel area (weights, then biases after the area-1 weights, then the
+        # LayerNorms' weights and biases: vectors over their group's channels, as a bias is over its outputs').
         self.by_area: dict[int, list[GatherSource]] = {}
         for m in self.weighted:
             c_out, c_in, tail = weight_view(m)
@@ -193,6 +201,9 @@ class ModelPlan:
             if m.bias is not None and m.out_group is not None:
                 self.by_area.setdefault(1, []).append(GatherSource(m, "bias", m.out_group, None, m.weight.shape[0], 1,
                                                                    ()))
+        for m in self.layer_norms:
+            for kind in ("weight", "bias") if m.bias is not None else ("weight",):
+                self.by_area.setdefault(1, []).append(GatherSource(m, kind, m.group, None, m.num_features, 1, ()))
         # BatchNorm units gathered together: those with affine parameters and running statistics (all of maskprop's).
         self.packed_norms = [m for m in self.norms if m.affine and m.running_mean is not None
                              and m.running_var is not None]
@@ -505,6 +516,17 @@ class ExecutionState:
         self._weight_pass = gathered(self._weight_pass, self._gather_weights)
         return self._weight_pass.tensors[id(layer)]
 
+    def layer_norm(self, layer: SparseLayerNorm) -> tuple[Tensor | None, Tensor | None]:
+        """The weight and bias (either may be ``None``) of the channels ``layer`` normalises in compact mode: where its
+        group is pruned, its entries for the channels computed (padding's included, which ``kept_layer_norm`` leaves
+        out), gathered with the weights of all layers (off the CPU in the one ``index_select`` of the area-1 table,
+        beside the linear biases); its own otherwise."""
+        if id(layer) not in self._weight_layers:
+            return layer.weight, layer.bias
+        self._weight_pass = gathered(self._weight_pass, self._gather_weights)
+        weight, bias = self._weight_pass.tensors[id(layer)]
+        return weight, bias
+
     def batch_norm(self, layer: SparseBatchNorm2d) -> tuple[Tensor | None, Tensor | None, Tensor | None,
                                                              Tensor | None] | None:
         """``(running_mean, running_var, weight, bias)`` of the channels ``layer`` computes, gathered with those of
@@ -715,7 +737,8 @@ def gather_tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], ident
         pad = -n % step if zero_row is not None else 0
         if pad:
             blocks.append(RowBlock(pad, zero_row, 0, filler, filler, 1))
-        shape = (n_out, n_in, *shape_tail) if kind == "weight" else (n_out,)
+        vector = kind == "bias" or isinstance(layer, nn.LayerNorm)  # a bias, a LayerNorm's weight: one per output
+        shape = (n_out,) if vector else (n_out, n_in, *shape_tail)
         table.pieces.append(GatherPiece(layer, kind, shape, table.entries, n))
         table.split_sizes.append(n + pad)
         table.entries += n + pad

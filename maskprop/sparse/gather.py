@@ -115,7 +115,8 @@ def split_padded(rows: Tensor, sizes: list[int], pads: list[int]) -> list[Tensor
 
 @dataclass(frozen=True)
 class GatherPiece:
-    """One gathered tensor (a weight, a bias, or one BatchNorm unit's weight or bias): its entries in its table.
+    """One gathered tensor (a weight, a bias, a LayerNorm's weight or bias, or one BatchNorm unit's weight or bias):
+    its entries in its table.
 
     Attributes:
         layer: The layer that owns it.
@@ -134,10 +135,11 @@ class GatherPiece:
 
 @dataclass
 class GatherTable:
-    """The tensors gathered together: conv and linear weights (and biases) of one kernel area, or the BatchNorm units.
+    """The tensors gathered together: conv and linear weights (and biases, and LayerNorms' weights and biases, in the
+    area-1 table) of one kernel area, or the BatchNorm units.
 
     Attributes:
-        area: Elements per row (the kernel area; 1 for linear weights, biases and BatchNorm parameters).
+        area: Elements per row (the kernel area; 1 for linear weights, biases, LayerNorm and BatchNorm parameters).
         pieces: Its tensors, in the order of their concatenation.
         start: Its first entry in the state's flat index buffer.
         entries: Its entries, padding included.
@@ -169,10 +171,13 @@ class GatherTable:
         weights, leaves that BatchNorm as zero (its gathered weight and bias are zero there; one without them multiplies
         its output by zero there), and so receives a zero gradient; a padded input channel reads zeros (its producer's
         padded output, or a sum of them). So one multiply of every gathered weight, and one in the backward, are saved,
-        and the weights, outputs and gradients stay those of the subnetwork (given finite values). The BatchNorm table
-        itself, and layers that mask their own output, need it. Read at every pass, found once (a table is complete
-        before its first pass)."""
-        return bool(self.modules) or any(getattr(p.layer, "mask_output", True) for p in self.pieces)
+        and the weights, outputs and gradients stay those of the subnetwork (given finite values). Nor for a
+        LayerNorm's weight and bias: with padded channels it normalises with ``kept_layer_norm``, whose padded outputs
+        are zero whatever their weight (their normalised values are zero) and bias (multiplied by the 0/1 factors
+        there), and so are those entries' gradients. The BatchNorm table itself, and layers that mask their own
+        output, need it. Read at every pass, found once (a table is complete before its first pass)."""
+        return bool(self.modules) or any(getattr(p.layer, "mask_output", True) for p in self.pieces
+                                         if not isinstance(p.layer, nn.LayerNorm))
 
 
 # --- gathering a table for one mask: shared by the eager and the static execution states ----------------------------

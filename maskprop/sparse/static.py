@@ -7,20 +7,20 @@ Each group ``g`` gets a *capacity* ``C_g``: the width its layers compute, chosen
 probabilities (:func:`choose_capacities`: a high quantile of the kept count, rounded up to the alignment) and chosen
 again only when the probabilities have moved past it (:func:`rechoose_capacities`). A
 :class:`StaticExecutionState` is built once per window: it holds, on the model's device, an index buffer of ``C_g``
-channels and a 0/1 buffer ``real`` for every group, and the flat indices that gather every conv, linear and BatchNorm
-parameter of those widths, all of sizes fixed by the capacities. Each step, :meth:`StaticExecutionState.update` writes
-the new mask into those buffers in place with a fixed sequence of device operations whose output shapes never depend
-on the mask (one stable sort of all channels by group, kept first; a gather of each group's first ``C_g`` positions;
-the flat indices recomputed from precomputed tables) and without reading anything back to the host. A group keeping
-fewer than ``C_g`` channels fills the rest with dropped channels, which run as padding exactly as ``align`` pads
-today: their gathered weight rows and BatchNorm parameters are multiplied by zero, so they output exactly zero, get
-zero gradients, and their running statistics are not written back. Since neither the shapes nor the addresses of the
-buffers change between steps, the whole step (update, forward, backward, optimizer) issues the same kernels on the
-same memory every time, which is what lets it be captured as one CUDA graph per step kind and replayed, with new
-masks written into the same buffers before each replay. A group that keeps more than ``C_g`` channels (an overflow,
-about once per thousand steps per group at the default quantile) keeps the ``C_g`` of them with the smallest
-tie-breaking uniforms ``u`` (the lowest channel numbers without ``u``); the mask actually used is recorded on the
-device (:attr:`StaticExecutionState.mask_used`, the one to give the score estimator), and on-device counters of
+channels and a 0/1 buffer ``real`` for every group, and the flat indices that gather every conv, linear, LayerNorm and
+BatchNorm parameter of those widths, all of sizes fixed by the capacities. Each step,
+:meth:`StaticExecutionState.update` writes the new mask into those buffers in place with a fixed sequence of device
+operations whose output shapes never depend on the mask (one stable sort of all channels by group, kept first; a gather
+of each group's first ``C_g`` positions; the flat indices recomputed from precomputed tables) and without reading
+anything back to the host. A group keeping fewer than ``C_g`` channels fills the rest with dropped channels, which run
+as padding exactly as ``align`` pads today: their gathered weight rows and BatchNorm parameters are multiplied by zero,
+so they output exactly zero, get zero gradients, and their running statistics are not written back. Since neither the
+shapes nor the addresses of the buffers change between steps, the whole step (update, forward, backward, optimizer)
+issues the same kernels on the same memory every time, which is what lets it be captured as one CUDA graph per step kind
+and replayed, with new masks written into the same buffers before each replay. A group that keeps more than ``C_g``
+channels (an overflow, about once per thousand steps per group at the default quantile) keeps the ``C_g`` of them with
+the smallest tie-breaking uniforms ``u`` (the lowest channel numbers without ``u``); the mask actually used is recorded
+on the device (:attr:`StaticExecutionState.mask_used`, the one to give the score estimator), and on-device counters of
 overflowing steps and cut channels are read by the caller every ``N`` steps (:meth:`StaticExecutionState.read_overflow`,
 one transfer). Several states of one window can share their buffers as the rows of common tensors
 (:class:`StaticStates`): one update then writes all their masks with the kernels of one, as a search step writes its
@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from .execution import ForwardPass, ModelPlan, RowBlock, gather_tables, gathered, installed, model_plan
 from .gather import ALIGN_ELEMENTS, GatherTable, gather_norms, gather_pieces, write_back_norms
 from .groups import aligned_width, check_align
+from .layernorm import SparseLayerNorm
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear
 
 if TYPE_CHECKING:
@@ -538,8 +539,9 @@ class _MaskRows:
 
 class StaticExecutionState:
     """Compact execution with static shapes: the layers' protocol (``mode``, :meth:`weight_and_bias`,
-    :meth:`batch_norm`, :meth:`batch_norm_done`, :meth:`index`, :meth:`flush`) served from device buffers whose
-    shapes and addresses stay fixed while :meth:`update` rewrites their contents for each mask (module docstring).
+    :meth:`layer_norm`, :meth:`batch_norm`, :meth:`batch_norm_done`, :meth:`index`, :meth:`flush`) served from device
+    buffers whose shapes and addresses stay fixed while :meth:`update` rewrites their contents for each mask (module
+    docstring).
 
     Install it on the model's layers with :func:`use_static`. Build one per mask in flight from one
     :class:`StaticLayout` per window, alone or, for masks drawn together (a search step's ``m`` and ``m'``), as the
@@ -751,6 +753,16 @@ class StaticExecutionState:
             return layer.weight, layer.bias
         self._weight_pass = gathered(self._weight_pass, self._gather_weights)
         return self._weight_pass.tensors[id(layer)]
+
+    def layer_norm(self, layer: SparseLayerNorm) -> tuple[Tensor | None, Tensor | None]:
+        """The weight and bias (either may be ``None``) of the slots ``layer`` normalises: gathered at the capacities
+        with the weights of all layers (in the area-1 table, beside the linear biases) where it has them, its own
+        otherwise (without affine parameters, or outside every group)."""
+        if id(layer) not in self.layout.weighted:
+            return layer.weight, layer.bias
+        self._weight_pass = gathered(self._weight_pass, self._gather_weights)
+        weight, bias = self._weight_pass.tensors[id(layer)]
+        return weight, bias
 
     def batch_norm(self, layer: SparseBatchNorm2d) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         """``(running_mean, running_var, weight, bias)`` of the channels ``layer`` computes, gathered with those of
