@@ -986,7 +986,10 @@ def test_optimizers_apply_their_weight_decay_and_the_scores_none():
     torch.testing.assert_close(one_step(lambda ps: score_optimizer(ps[0], 12e-3)), w, rtol=0, atol=0)
 
 
-def test_the_epoch_log_line_shortens_floats_and_large_counters():
+def test_the_epoch_log_line_says_where_the_run_is_and_the_figures_to_watch():
+    """The INFO line of an epoch: the phase's epoch count and kind, loss, accuracies, the expected kept share against
+    the budget, the epoch's seconds, the saving so far and the time left in the phase (its last epoch's seconds for
+    each epoch to come); every metric at DEBUG level, floats and large counters shortened."""
     import logging
 
     from maskprop.train.logs import RunLogger
@@ -997,15 +1000,37 @@ def test_the_epoch_log_line_shortens_floats_and_large_counters():
     logger = logging.getLogger("maskprop.train.logs")
     logger.addHandler(handler)
     old_level = logger.level
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)
+    search = {"phase": "search", "epoch": 10, "step": 230, "train_loss": 0.255123, "train_loss2": 0.2543,
+              "train_accuracy": 90.7634, "epoch_time_s": 27.19, "step_kind": "search", "budget_ratio": 0.5,
+              "val_loss": 0.2357, "val_accuracy": 90.8, "kept_ratio_expected": 0.49774, "lr": 0.00134,
+              "train_flops": 22765436928, "dense_train_flops": 42765436928, "train_cost_saving": 1.8785,
+              "widths_expected": {"g": 3.5}}
     try:
-        RunLogger(None).epoch({"phase": "search", "epoch": 3, "train_loss": 0.123456, "train_flops": 22765436928,
-                               "step": 999999, "fix": {"rule": "best_of_n"}})
+        RunLogger(None).epoch(search, 12)
+        RunLogger(None).epoch({**search, "epoch": 2, "step_kind": "anneal"}, 90)  # 88 epochs of 27.19 s left
+        RunLogger(None).epoch({"phase": "train", "epoch": 3, "step": 9, "train_loss": 2.0, "train_accuracy": 10.0,
+                               "epoch_time_s": 1.0, "train_cost_saving": 1.0}, 3)  # dense, and its last epoch
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
-    assert [r.getMessage() for r in records] == ["phase=search epoch=3 train_loss=0.1235 train_flops=2.277e+10 "
-                                                 "step=999999"]
+    info = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    assert info == [
+        "search epoch 10/12, step 230: loss 0.2551, train 90.76%, val 90.80%, kept 0.498 expected (budget 0.5), "
+        "27.2 s; train-cost saving so far 1.88x; about 54 s left in the search",
+        "search epoch 2/90 (anneal), step 230: loss 0.2551, train 90.76%, val 90.80%, kept 0.498 expected (budget "
+        "0.5), 27.2 s; train-cost saving so far 1.88x; about 40 min left in the search",
+        "train epoch 3/3, step 9: loss 2, train 10.00%, 1.0 s"]
+    debug = [r.getMessage() for r in records if r.levelno == logging.DEBUG]
+    assert debug[0].startswith("phase=search epoch=10 step=230 train_loss=0.2551 train_loss2=0.2543 ")
+    assert "train_flops=2.277e+10" in debug[0] and "widths_expected" not in debug[0]
+
+
+def test_durations_read_as_seconds_minutes_or_hours():
+    from maskprop.train.logs import _duration
+
+    assert [_duration(s) for s in (0.4, 89, 90, 5399, 5400, 3 * 3600 + 5 * 60 + 20)] == [
+        "0 s", "89 s", "2 min", "90 min", "1 h 30 min", "3 h 05 min"]
 
 
 def test_a_resumed_logger_keeps_the_checkpoints_lines_and_purges_the_later_events(tmp_path):

@@ -764,7 +764,7 @@ def _log_epoch(run: Run, log: RunLogger, record: dict[str, Any]) -> None:
         scalars.update({f"widths/{g}": w for g, w in record["widths_expected"].items()})
         log.histogram("search/scores", state.scores.scores, step)
     log.scalars(scalars, step)
-    log.epoch(record)
+    log.epoch(record, phase_epochs(run.cfg, phase))
 
 
 def _narrow_subnetwork(run: Run) -> NarrowSubnetwork | None:
