@@ -149,6 +149,12 @@ def _plan_text(plan: Mapping[str, Any], new_dir: Path | None = None) -> str:
              f"{plan['groups']} prunable groups",
              f"data    {plan['data']}: {plan['train_examples']} training examples, {plan['val_examples']} for "
              f"validation; batch {plan['batch_size']}, {plan['steps_per_epoch']} steps an epoch"]
+    weights = plan.get("initial_weights")
+    if weights is not None:
+        kept = weights["kept_initialisation"]
+        lines.insert(2, f"weights '{weights['path']}': {weights['tensors']} tensors loaded"
+                     + (f"; {', '.join(kept)} left at their initialisation (another shape in the file, or absent)"
+                        if kept else ""))
     phases = {p["phase"]: p for p in plan["phases"]}
     parts = []
     for name in ("search", "train", "finetune"):

@@ -146,6 +146,18 @@ def test_the_summary_and_a_resumed_run_keep_what_the_run_started_from(tmp_path):
         maskprop.fit(load_config(with_overrides(RESNET18, method="dense")), out=out, resume=True)
 
 
+def test_a_dry_run_says_what_the_weights_file_loads(tmp_path, capsys):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "start.pth")
+    recipe = tmp_path / "r18.yaml"
+    recipe.write_text(yaml.safe_dump(with_overrides(RESNET18, **{"model.weights": str(tmp_path / "start.pth")})))
+    assert main(["train", str(recipe), "--dry-run", "--out", str(tmp_path / "run")]) == 0
+    tensors = len(torchvision.models.resnet18().state_dict()) - 2  # all but the classifier's, of 1000 classes there
+    assert capsys.readouterr().out.splitlines()[2] == (
+        f"weights '{(tmp_path / 'start.pth').resolve()}': {tensors} tensors loaded; fc.bias, fc.weight left at "
+        f"their initialisation (another shape in the file, or absent)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.yaml", "start.pth"]
+
+
 def test_weights_that_do_not_fit_are_one_line_and_write_nothing(tmp_path, capsys):
     torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), tmp_path / "resnet34.pth")
     (tmp_path / "corrupt.pth").write_bytes(b"not a zip file at all")

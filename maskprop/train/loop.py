@@ -912,7 +912,8 @@ def plan_run(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: 
         ``keep_ratio`` and ``budget`` (the channels, or channel-equivalents of FLOPs, a search's subnetwork keeps in
         expectation; ``None`` for the other methods); ``device``, ``amp``, ``channels_last``, ``steps`` (``CUDA
         graphs``, ``static shapes`` or ``eager``) and ``steps_reason`` (why not graphs, where auto fell back);
-        ``run_dir``; ``resume_from`` (``{"phase", "epoch", "batch", "step"}`` of the checkpoint a resume continues
+        ``initial_weights`` (what ``model.weights`` loaded, as the summary records it, or ``None``); ``run_dir``;
+        ``resume_from`` (``{"phase", "epoch", "batch", "step"}`` of the checkpoint a resume continues
         from, ``None`` for a new run) and ``finished`` (a resumed run that has nothing left to train).
 
     Raises:
@@ -972,6 +973,7 @@ def plan_run(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: 
         "channels_last": cfg.channels_last,
         "steps": "CUDA graphs" if graphs.capture else "static shapes" if graphs.static else "eager",
         "steps_reason": graphs.reason or None,
+        "initial_weights": None if run.initial_weights is None else run.initial_weights.to_dict(),
         "run_dir": None if run.run_dir is None else str(run.run_dir),
         "resume_from": resumed,
         "finished": run.resumed and state.phase == "done",
