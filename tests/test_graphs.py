@@ -1179,3 +1179,33 @@ def test_the_count_tool_records_each_side_block_after_the_main_stream_launches_b
     counts = _count_tool().by_stream("known", Known(), x, x)
     assert {k: v.launches for k, v in counts.items()} == {"known, main stream": 6, "known, side stream": 9,
                                                           "known, critical path": 12}
+
+
+def test_the_captured_sgd_reads_its_learning_rate_from_the_device_tensor_the_schedule_refreshes():
+    """While a step is captured the fused SGD's learning rate is a device tensor in its param group (a replay reads it
+    there), refreshed from the float the schedule writes before each replay; the float is back in the group after the
+    capture, and an SGD step with the tensor equals one with the float. Only the SGD param groups take one (the score
+    Adam's rate is constant), and an SGD that is not fused cannot (its rate would be read on the host). The tensor is
+    float32, on the parameters' device: CUDA's fused SGD reads it through a ``float`` pointer there."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5))
+    v = nn.Parameter(w.detach().clone())
+    captured, eager = weight_optimizer([w], 0.1, 0.9, 5e-4), weight_optimizer([v], 0.1, 0.9, 5e-4)
+    scores = nn.Parameter(torch.rand(4))
+    rates = graphs._DeviceLearningRates([captured, score_optimizer(scores, 0.01)], torch.device("cpu"))
+    assert rates.groups == captured.param_groups and len(rates.tensors) == 1
+    assert rates.tensors[0].dtype == torch.float32 and rates.tensors[0].device == w.device
+    for lr in (0.1, 0.05, 0.0):  # the schedule's values, written as floats between steps
+        captured.param_groups[0]["lr"] = eager.param_groups[0]["lr"] = lr
+        g = torch.randn(5)
+        w.grad, v.grad = g.clone(), g.clone()
+        rates.refresh()
+        assert rates.tensors[0] == torch.tensor(lr, dtype=torch.float32)
+        with rates.installed():
+            assert captured.param_groups[0]["lr"] is rates.tensors[0]
+            captured.step()
+        eager.step()
+        assert captured.param_groups[0]["lr"] == lr and isinstance(captured.param_groups[0]["lr"], float)
+        assert torch.equal(w, v)
+    with pytest.raises(RuntimeError, match="not fused"):
+        graphs._DeviceLearningRates([torch.optim.SGD([w], lr=0.1, fused=False)], torch.device("cpu"))
