@@ -193,6 +193,24 @@ def test_batches_made_on_the_gpu_equal_the_cpus_and_never_wait_for_it():
     assert len(again) == 4 and all(torch.equal(a, b) for a, b in zip(epoch, again))
 
 
+@isolated
+def test_sync_batch_norm_on_cuda_runs_torchs_function_and_matches_batch_norm(tmp_path):
+    """``sync_bn``'s CUDA branch (torch's ``SyncBatchNorm`` function over NCCL, on the gathered kept channels) against
+    ``F.batch_norm``: ``tests/test_distributed.py``'s test, run here because the GPU check runs this file alone."""
+    import test_distributed
+
+    test_distributed.test_sync_batch_norm_on_cuda_runs_torchs_function_and_matches_batch_norm(tmp_path)
+
+
+@isolated
+def test_cuda_projection_and_sampling():
+    """The projection onto the budget and the sampling with a CUDA generator, on CUDA: ``tests/test_vrpge.py``'s
+    test, run here because the GPU check runs this file alone."""
+    import test_vrpge
+
+    test_vrpge.test_cuda_projection_and_sampling()
+
+
 def _sampled_mask(model, keep: float, seed: int) -> dict:
     """A mask drawn per channel (odd widths, as a search step draws them), every group keeping at least one."""
     from maskprop.vrpge import ChannelScores

@@ -157,6 +157,38 @@ def test_isolated_tests_collects_the_gpu_tests_of_this_repository():
     assert len(nodes) >= 20 and all(n.startswith("tests/test_gpu.py::test_") for n in nodes)
 
 
+def _needs_cuda(decorator) -> bool:
+    """Whether a test decorator marks a test as one that needs CUDA (``pytest.mark.gpu``, or a ``skipif`` on CUDA's
+    absence)."""
+    import ast
+
+    text = ast.unparse(decorator)
+    return "mark.gpu" in text or ("skipif" in text and "cuda.is_available" in text)
+
+
+def test_every_test_that_needs_cuda_runs_in_the_gpu_check():
+    """``tools/gpu_check.sh`` runs ``tests/test_gpu.py`` alone: a test in another file that needs CUDA (marked ``gpu``,
+    or skipped without CUDA) has a test of its name there, or the one GPU run there is skips it (as it skipped the
+    CUDA branch of the ``sync_bn`` layers, tested in ``tests/test_distributed.py`` only)."""
+    import ast
+
+    gpu_file = ast.parse((REPO / "tests" / "test_gpu.py").read_text())
+    in_check = {node.name for node in gpu_file.body if isinstance(node, ast.FunctionDef)}
+    missing = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        if path.name == "test_gpu.py":
+            continue
+        tree = ast.parse(path.read_text())
+        whole = any(isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in node.targets)
+                    and _needs_cuda(node.value) for node in tree.body)  # a module marked gpu: all its tests
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_") and (
+                    whole or any(_needs_cuda(d) for d in node.decorator_list)):
+                if node.name not in in_check:
+                    missing.append(f"{path.name}::{node.name}")
+    assert missing == [], f"tests that need CUDA but that the GPU check does not run: {missing}"
+
+
 def test_e2e_runs_pairs_a_sparse_run_with_its_dense_twin(tmp_path, capsys):
     """The dry run on the CPU: both runs finish, the sparse one's summary fields are read, the twin trains for the
     search plus finetune epochs, and the table has the row."""

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 import yaml
 from conftest import TINY_RUN, load_tool, with_overrides
 from test_static import _Recorder
 from test_train import _assert_same_state
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import maskprop
 from maskprop.cost import CostModel
@@ -29,6 +31,7 @@ from maskprop.train.checkpoint import load_checkpoint
 from maskprop.train.config import SparsityConfig, load_config
 from maskprop.train.distributed import all_reduce_sum
 from maskprop.train.graphs import GraphsChoice, StaticSteps, resolve_cuda_graphs
+from maskprop.train.meter import DeviceMeter
 from maskprop.train.optim import score_optimizer, weight_optimizer
 from maskprop.train.steps import StepContext, subnet_step, vrpge_step
 from maskprop.train.summary import RunSummary
@@ -1179,3 +1182,107 @@ def test_the_count_tool_records_each_side_block_after_the_main_stream_launches_b
     counts = _count_tool().by_stream("known", Known(), x, x)
     assert {k: v.launches for k, v in counts.items()} == {"known, main stream": 6, "known, side stream": 9,
                                                           "known, critical path": 12}
+
+
+def test_the_captured_sgd_reads_its_learning_rate_from_the_device_tensor_the_schedule_refreshes():
+    """While a step is captured the fused SGD's learning rate is a device tensor in its param group (a replay reads it
+    there), refreshed from the float the schedule writes before each replay; the float is back in the group after the
+    capture, and an SGD step with the tensor equals one with the float. Only the SGD param groups take one (the score
+    Adam's rate is constant), and an SGD that is not fused cannot (its rate would be read on the host). The tensor is
+    float32, on the parameters' device: CUDA's fused SGD reads it through a ``float`` pointer there."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5))
+    v = nn.Parameter(w.detach().clone())
+    captured, eager = weight_optimizer([w], 0.1, 0.9, 5e-4), weight_optimizer([v], 0.1, 0.9, 5e-4)
+    scores = nn.Parameter(torch.rand(4))
+    rates = graphs._DeviceLearningRates([captured, score_optimizer(scores, 0.01)], torch.device("cpu"))
+    assert rates.groups == captured.param_groups and len(rates.tensors) == 1
+    assert rates.tensors[0].dtype == torch.float32 and rates.tensors[0].device == w.device
+    for lr in (0.1, 0.05, 0.0):  # the schedule's values, written as floats between steps
+        captured.param_groups[0]["lr"] = eager.param_groups[0]["lr"] = lr
+        g = torch.randn(5)
+        w.grad, v.grad = g.clone(), g.clone()
+        rates.refresh()
+        assert rates.tensors[0] == torch.tensor(lr, dtype=torch.float32)
+        with rates.installed():
+            assert captured.param_groups[0]["lr"] is rates.tensors[0]
+            captured.step()
+        eager.step()
+        assert captured.param_groups[0]["lr"] == lr and isinstance(captured.param_groups[0]["lr"], float)
+        assert torch.equal(w, v)
+    with pytest.raises(RuntimeError, match="not fused"):
+        graphs._DeviceLearningRates([torch.optim.SGD([w], lr=0.1, fused=False)], torch.device("cpu"))
+
+
+class _HostTensors(TorchDispatchMode):
+    """Records the operators that take or make a tensor on the host, in a step whose tensors all live on another
+    device; ``allowed``: the ids of host tensors that are expected."""
+
+    def __init__(self, allowed: set[int]) -> None:
+        super().__init__()
+        self.allowed, self.found, self.calls = allowed, [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.calls += 1
+        out = func(*args, **kwargs)
+        tensors = [t for t in pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        host = [tuple(t.shape) for t in tensors if t.device.type == "cpu" and id(t) not in self.allowed]
+        if host:
+            self.found.append(f"{func.overloadpacket.__name__} {host}")
+        return out
+
+
+@pytest.mark.parametrize("kind,clip,ranks", [("dense", None, False), ("dense", None, True), ("fixed", None, False),
+                                            ("search", None, False), ("search", 0.5, False), ("search", None, True),
+                                            ("search", 0.5, True)])
+def test_static_steps_take_no_tensor_from_the_host(monkeypatch, one_thread, kind, clip, ranks):
+    """On the meta device (the run's tensors all on a device, none with data) a static step's operators take and make
+    no tensor on the host: on CUDA such a tensor is a copy from the host inside the captured step (a capture refuses
+    one from pageable memory; a replay would not repeat it) or a device mismatch, which the CPU tests, whose tensors
+    all live on the host, cannot see. Steps as torchrun runs them (``ranks``: the gradient average, its collective
+    left out) and with clipping too. The meta device's Adam keeps its step count on the host (on CUDA
+    ``set_capturable`` puts it on the device): the one host tensor allowed."""
+    import contextlib
+
+    meta = torch.device("meta")
+    monkeypatch.setattr(static_steps, "_autocast", lambda ctx: contextlib.nullcontext())  # no autocast on meta
+    monkeypatch.setattr(static_steps.GradientAverage, "all_reduce", lambda self, part="all": None)
+    torch.manual_seed(0)
+    model = maskprop.create_model("resnet20").train()
+    ctx = StepContext(criterion=nn.CrossEntropyLoss(), device=meta, cost=CostModel(model, SIZE), channels_last=True,
+                      clip_grad_norm=clip, align=8)
+    groups = model.channel_groups()
+    capacities = choose_capacities(ChannelScores(groups, 0.5), 8)
+    model.to(meta)
+    scores = ChannelScores(groups, 0.5, device=meta)
+    weights, score_opt = weight_optimizer(model.parameters(), 0.1, 0.9, 5e-4), torch.optim.Adam([scores.scores])
+    meter = DeviceMeter(meta)
+    x = torch.empty(4, *SIZE, device=meta).contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(4, dtype=torch.long, device=meta)
+    average = static_steps.GradientAverage(model.parameters(), 3 if kind == "search" else 0, 1) if ranks else None
+    if kind == "search":
+        body = static_steps.SearchStep(model, scores, (weights, score_opt), SparsityConfig(), ctx, capacities, meter,
+                                       average=average)
+
+        def step() -> None:
+            for row in body.uniforms:  # prepare() without the generator (none on meta)
+                row.uniform_()
+            body.budget.fill_(scores.budget)
+            if not body._started:
+                body._prepare_next()
+                body._started = True
+            body(x, y)
+    else:
+        mask = random_mask(groups, 0.5, torch.Generator().manual_seed(5))
+        body = (static_steps.FixedMaskStep(model, weights, mask, ctx, meter, average) if kind == "fixed"
+                else static_steps.DenseStep(model, weights, ctx, meter, average=average))
+
+        def step() -> None:
+            body(x, y)
+    for _ in range(2):  # the optimizers' state made
+        step()
+    counts = {id(state["step"]) for state in score_opt.state.values()}
+    with _HostTensors(counts) as recorder:
+        step()
+    assert recorder.calls > 300 and recorder.found == []
