@@ -768,6 +768,18 @@ def test_the_static_search_step_offers_its_one_stream_form():
     assert step.one_stream() is step and step.side_stream is None
 
 
+def test_the_first_search_window_lets_the_warm_ups_dense_step_go():
+    """A search never returns to its dense warm-up: building its first window drops the warm-up's step (on a GPU its
+    graph and memory pool, a dense step's activations), whose captures still count in the report."""
+    model, scores, optimizers, ctx, batch = _parts(align=1)
+    static = StaticSteps(_config(), ctx, GraphsChoice(True, False), seed=0)
+    static.plain(model, optimizers[0], batch)
+    assert static._other is not None
+    static._other[2].captures = 1  # as a captured warm-up's graph would have counted
+    static.search(model, scores, optimizers, batch)
+    assert static._other is None and static.report()["graph_captures"] == 1
+
+
 def test_later_search_windows_warm_up_once_and_keep_a_failed_overlap_off(monkeypatch, one_thread):
     """The first search window (and every other step kind) warms up ``WARMUP_STEPS`` eager steps before its capture;
     a later search window, once a search step was captured in the process, only ``NEW_WINDOW_WARMUP_STEPS`` (new

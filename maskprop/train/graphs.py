@@ -459,6 +459,9 @@ class StaticSteps:
                ) -> StaticStepResult:
         """One search step (the scores projected in it onto their current budget)."""
         if self._search is None:
+            if self._other is not None:  # the dense warm-up's step: a search never goes back to it, and its graph
+                self._retire(self._other[2])  # and memory pool (a dense step's activations) go back now
+                self._other = None
             if self.capacities is None:
                 self.capacities = choose_capacities(scores, self.ctx.align, self.cfg.sparsity.capacity_quantile)
             body = SearchStep(model, scores, optimizers, self.cfg.sparsity, self.ctx, self.capacities, self.meter,
