@@ -125,6 +125,10 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+DATA_WAIT_NOTED = 0.1
+"""The share of a run's time spent waiting for data from which its final table says so."""
+
+
 def _count(value: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(value) >= scale:
@@ -209,6 +213,10 @@ def _final_table(summary: dict) -> str:
     kinds = summary.get("measured_speedup_phases") or {}
     if len(kinds) > 1:
         measured += " (per step, " + ", ".join(f"{k} {v['median']:.2f}x" for k, v in kinds.items()) + ")"
+    waited = summary.get("data_wait_share")
+    if waited is not None and waited >= DATA_WAIT_NOTED:
+        measured += (f"; the steps waited for data {100.0 * waited:.0f}% of the run's time, which the sparsity does "
+                     f"not save")
     threads = summary.get("threads") or {}
     if threads.get("setting") == "auto" and threads.get("used"):
         low, high = threads["used"]

@@ -63,6 +63,19 @@ TINY_RUN = {
 }
 
 
+WALL_TIME_KEYS = ("epoch_time_s", "data_wait_s")
+"""The keys of an epoch's record that hold wall times: the only ones that differ between two runs of one seed."""
+
+
+def metric_records(run: Path) -> list[dict]:
+    """A run's ``metrics.jsonl``, its wall times left out (what two runs of one seed, or a resumed run and a straight
+    one, must have the same of)."""
+    import json
+
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_TIME_KEYS} for line in lines]
+
+
 def signal_after_step(patch: pytest.MonkeyPatch, step: int) -> None:
     """Make the trainer receive SIGUSR1 (a scheduler's warning) in this process as its optimizer step ``step`` ends,
     through ``patch`` (a ``monkeypatch.context()``, so that the trainer is itself again after it)."""

@@ -12,7 +12,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import TINY_RUN, with_overrides
+from conftest import TINY_RUN, metric_records, with_overrides
 from test_graphs import _stopped_in_the_second_epoch
 from test_train import _assert_same_state
 from torch.utils.data import DataLoader, Subset
@@ -516,11 +516,6 @@ def _stop_after(monkeypatch, epochs: int) -> None:
     monkeypatch.setattr(loop, "train_one_epoch", stop)
 
 
-def _records(run) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "epoch_time_s"} for line in lines]
-
-
 @pytest.mark.parametrize("name, overrides, stops", [
     ("anneal", {"optim.epochs": 5, "sparsity.warmup_epochs": 2, "sparsity.anneal_epochs": 2}, (1, 3)),
     ("random", RANDOM, (2,)),
@@ -543,7 +538,7 @@ def test_resume_in_the_warmup_the_anneal_and_the_random_baseline_is_exact(tmp_pa
         monkeypatch.setattr(loop, "train_one_epoch", train_one_epoch)
         maskprop.fit(copy.deepcopy(config), out=run, resume=True)
         _assert_same_state(straight, load_checkpoint(run / "last.pt"))
-        assert _records(run) == _records(tmp_path / "straight")
+        assert metric_records(run) == metric_records(tmp_path / "straight")
 
 
 def test_resume_with_loader_workers_is_exact(tmp_path, monkeypatch):
@@ -582,7 +577,7 @@ def test_a_resume_in_the_finetune_keeps_records_wall_time_best_accuracy_and_step
     save_checkpoint(dict(stopped, elapsed_s=1e6, best_accuracy=99.0), run / "last.pt")
     monkeypatch.setattr(loop, "train_one_epoch", train_one_epoch)
     summary = maskprop.fit(copy.deepcopy(config), out=run, resume=True)
-    assert [(r["phase"], r["epoch"]) for r in _records(run)] == [("search", 1), ("search", 2), ("finetune", 1),
+    assert [(r["phase"], r["epoch"]) for r in metric_records(run)] == [("search", 1), ("search", 2), ("finetune", 1),
                                                                   ("finetune", 2)]
     assert 1e6 < summary["run_time_s"] < 1e6 + 600 and summary["best_accuracy"] == 99.0
     times = load_checkpoint(run / "last.pt")["times"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN, signal_after_step, with_overrides
+from conftest import TINY_RUN, metric_records, signal_after_step, with_overrides
 from test_graphs import static_run  # noqa: F401  (a fixture)
 from test_train import _assert_same_state
 
@@ -48,11 +48,6 @@ def _stop_after_checkpoint(monkeypatch, phase: str, epoch: int, batch: int) -> N
     monkeypatch.setattr(loop._Saver, "save", save_then_stop)
 
 
-def _records(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "epoch_time_s"} for line in lines]
-
-
 def _stopped_and_resumed(config: dict, run: Path, monkeypatch, phase: str, epoch: int, batch: int) -> dict:
     with monkeypatch.context() as patch:
         _stop_after_checkpoint(patch, phase, epoch, batch)
@@ -80,7 +75,7 @@ def test_a_run_resumed_within_an_epoch_ends_as_an_uninterrupted_one(tmp_path, mo
     straight, resumed = (load_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "stopped"))
     _assert_same_state(straight, resumed)
     assert resumed["batch"] == 0 and resumed["epoch_start"] is None  # saved at the end: between epochs
-    assert _records(tmp_path / "stopped") == _records(tmp_path / "straight")  # the resumed epoch's sums too
+    assert metric_records(tmp_path / "stopped") == metric_records(tmp_path / "straight")  # the resumed epoch's sums too
     lines = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
     stopped_epoch = next(r for r in lines if (r["phase"], r["epoch"]) == (phase, epoch + 1))
     assert stopped_epoch["epoch_time_s"] > saved["epoch_start"]["meter"]["seconds"] > 0  # both parts' time

@@ -1073,3 +1073,64 @@ def test_the_log_line_shortens_counters_from_a_million_on():
     from maskprop.train.logs import _short
 
     assert (_short(10**6), _short(10**6 - 1), _short(-(10**6)), _short(True)) == ("1e+06", "999999", "-1e+06", "True")
+
+
+def test_the_wait_for_batches_is_timed_and_the_steps_time_is_not():
+    """``_timed_batches``: the seconds spent getting each batch (and the iterator) count, those of the loop's body
+    between them do not."""
+
+
+    from maskprop.train.loop import EpochMeter, _timed_batches
+
+    class Slow:
+        def __iter__(self):
+            time.sleep(0.05)  # a DataLoader starting its workers
+            for i in range(3):
+                time.sleep(0.04)
+                yield i
+
+    meter = EpochMeter()
+    seen = []
+    for batch in _timed_batches(Slow(), meter):
+        seen.append(batch)
+        time.sleep(0.1)  # the step
+    assert seen == [0, 1, 2]
+    assert 0.17 <= meter.data_s < 0.17 + 0.1  # 0.05 + 3 x 0.04, not the 0.3 s of the steps
+
+
+def test_a_run_whose_loader_is_slow_says_how_long_it_waited_for_data(tmp_path, capsys, caplog):
+    """Examples that take 20 ms each to load: the epochs' lines and the summary count the wait, the run warns once
+    that its loader bounds it, and the final table says what share of the run's time it waited."""
+    import logging
+
+    from torch.utils.data import Dataset
+
+    from maskprop.cli import _final_table
+
+    class SlowShapes(Dataset):
+        def __init__(self, inner):
+            self.inner, self.num_classes = inner, 10
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, index):
+            time.sleep(0.02)
+            return self.inner[index]
+
+    from maskprop.train.data import build_datasets
+
+    cfg = load_config(with_overrides(TINY_RUN, method="dense", **{"optim.epochs": 2}))
+    train, val, _, _ = build_datasets(cfg.data)
+    with caplog.at_level(logging.INFO, logger="maskprop.train.logs"):
+        summary = maskprop.fit(cfg, SlowShapes(train), val, out=tmp_path / "run", threads=1)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["data_wait_s"] >= 128 * 0.02 * 0.95 for r in records)  # 2 batches of 64 examples an epoch
+    assert summary["data_wait_s"] == pytest.approx(sum(r["data_wait_s"] for r in records))
+    assert summary["data_wait_share"] == pytest.approx(summary["data_wait_s"] / summary["run_time_s"])
+    logged = [r for r in caplog.records if r.name == "maskprop.train.logs"]
+    assert sum("the loader bounds this run" in r.getMessage() for r in logged if r.levelno == logging.WARNING) == 1
+    epochs = [r.getMessage() for r in logged if r.levelno == logging.INFO]
+    assert len(epochs) == 2 and all("% waiting for data)" in line for line in epochs)
+    assert f"the steps waited for data {100 * summary['data_wait_share']:.0f}% of the run's time" in \
+        _final_table(summary)

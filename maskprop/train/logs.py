@@ -34,6 +34,7 @@ class RunLogger:
                  keep_line: Callable[[Mapping[str, Any]], bool] | None = None) -> None:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self._writer = None
+        self._warned_data_bound = False
         if self.run_dir is None:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -70,6 +71,13 @@ class RunLogger:
         ``metrics.jsonl`` and flush TensorBoard. ``epochs``: the epochs of its phase, for the count and the time
         left."""
         logger.info("%s", epoch_line(record, epochs))
+        waited, seconds = record.get("data_wait_s", 0.0), record.get("epoch_time_s", 0.0)
+        if waited > DATA_BOUND_SHARE * seconds and not self._warned_data_bound:  # once a run
+            self._warned_data_bound = True
+            logger.warning("%s epoch %s waited %.0f%% of its %.1f s for data: the loader bounds this run, and the "
+                           "measured speedup (of the steps alone) overstates its saving on the clock; more "
+                           "data.workers (on free cores), or data.on_device for an in-memory dataset, feed it faster",
+                           record.get("phase"), record.get("epoch"), 100.0 * waited / seconds, seconds)
         logger.debug("%s", " ".join(f"{k}={_short(v)}" for k, v in record.items() if not isinstance(v, Mapping)))
         if self._writer is None:
             return
@@ -82,6 +90,11 @@ class RunLogger:
             self._writer.close()
             self._writer = None
 
+
+DATA_BOUND_SHARE = 0.25
+"""The share of an epoch's time spent waiting for data above which a run warns, once, that its loader bounds it."""
+DATA_WAIT_SHOWN = 0.05
+"""The share of an epoch's time spent waiting for data from which its line shows it."""
 
 _STEP_KINDS = {"warmup": "dense warm-up", "anneal": "anneal"}  # a search epoch's kind, where it is not the search's
 
@@ -107,13 +120,17 @@ def epoch_line(record: Mapping[str, Any], epochs: int | None = None) -> str:
         budget = f" (budget {record['budget_ratio']:.3g})" if "budget_ratio" in record else ""
         parts.append(f"kept {record['kept_ratio_expected']:.3f} expected{budget}")
     if "epoch_time_s" in record:
-        parts.append(f"{record['epoch_time_s']:.1f} s")
+        waited = record.get("data_wait_s", 0.0)
+        share = waited / record["epoch_time_s"] if record["epoch_time_s"] > 0 else 0.0
+        parts.append(f"{record['epoch_time_s']:.1f} s" + (f" ({100 * share:.0f}% waiting for data)"
+                                                           if share >= DATA_WAIT_SHOWN else ""))
     line = f"{where}, step {record.get('step', '?')}: {', '.join(parts)}"
     saving = record.get("train_cost_saving")
     if saving is not None and abs(saving - 1.0) > 1e-9:  # a dense run saves nothing
         line += f"; train-cost saving so far {saving:.2f}x"
     if epochs and isinstance(epoch, int) and epoch < epochs and "epoch_time_s" in record:
-        line += f"; about {_duration((epochs - epoch) * record['epoch_time_s'])} left in the {phase}"
+        line += f"; about {_duration((epochs - epoch) * record['epoch_time_s'])} left in the " \
+                f"{'training' if phase == 'train' else phase}"
     return line
 
 

@@ -36,7 +36,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,8 @@ class EpochMeter:
     grad_norms: int = 0
     seconds: float = 0.0
     """Wall time of the epoch before this process took it over (a resumed epoch's first part)."""
+    data_s: float = 0.0
+    """Seconds the loop waited for the loader's batches (starting its workers included)."""
 
     def __post_init__(self) -> None:
         self._since = time.perf_counter()  # not a field: what a checkpoint saves is :meth:`saved`
@@ -290,14 +292,33 @@ class StepCheckpoints:
                                                  f"{batches}")
 
 
+def _timed_batches(batches: Iterable, meter: EpochMeter) -> Iterator:
+    """``batches`` one by one, the seconds the loop waits for each (and for the iterator: a DataLoader starts its
+    workers there) added to ``meter.data_s``."""
+    start = time.perf_counter()
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            meter.data_s += time.perf_counter() - start
+            return
+        meter.data_s += time.perf_counter() - start
+        yield batch
+        start = time.perf_counter()
+
+
 def _end_epoch(state: TrainState, cfg: Config, meter: EpochMeter) -> dict[str, float]:
-    """The epoch's metrics, after checking it trained a step; the state's epoch counted."""
+    """The epoch's metrics, after checking it trained a step; the state's epoch counted, its wait for data added to
+    the run's."""
     if meter.steps == 0:
         raise ValueError(f"the training loader gave no batch (batch size {cfg.data.batch_size}); "
                          f"expected at least one full batch per epoch")
     state.epoch += 1
     state.batch, state.epoch_start = 0, None
-    return dict(meter.summary(), epoch_time_s=meter.elapsed())
+    seconds = meter.elapsed()
+    state.times.data_wait_s += meter.data_s
+    return dict(meter.summary(), epoch_time_s=seconds, data_wait_s=meter.data_s)
 
 
 def _measures_angles(state: TrainState, cfg: Config) -> bool:
@@ -341,7 +362,7 @@ def train_one_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader: Lo
     total = phase_epochs(cfg, phase)
     kind, first, kind_steps = _timed_kind(state, total * len(loader))
     bar = _progress_bar(state, loader, total)
-    for images, labels in bar:
+    for images, labels in _timed_batches(bar, meter):
         batch = ctx.inputs(images, labels)
         result = timed_step(lambda: step(batch), kind, state.times, ctx.device, dense_reference, batch,
                             index=state.counters[f"{phase}_steps"] - first, total=kind_steps,
@@ -409,7 +430,7 @@ def _train_static_epoch(state: TrainState, cfg: Config, ctx: StepContext, loader
     kind, first, kind_steps = _timed_kind(state, total * len(loader))
     scores = state.scores if phase == "search" else None
     bar = _progress_bar(state, loader, total)
-    for images, labels in bar:
+    for images, labels in _timed_batches(bar, meter):
         batch = ctx.inputs(images, labels)
         result = timed_step(lambda b=batch: step(b), kind, state.times, ctx.device, dense_reference, batch,
                             index=state.counters[f"{phase}_steps"] - first, total=kind_steps)

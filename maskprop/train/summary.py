@@ -85,6 +85,10 @@ class RunSummary:
                                          "or null")
     dense_reference_s: float | None = _f("s", "time the dense reference steps took (timed and warm-up)")
     dense_reference_share: float | None = _f("fraction", "dense_reference_s / run_time_s")
+    data_wait_s: float | None = _f("s", "time the training loop waited for its loader's batches (starting its workers "
+                                        "included; the steps' time is not in it)")
+    data_wait_share: float | None = _f("fraction", "data_wait_s / run_time_s: above a few percent the loader, not the "
+                                                   "steps, sets part of the run's time, which no sparsity saves")
     search_step_ms: float | None = _f("ms", "median time of a search step (forward, backward, updates)")
     finetune_step_ms: float | None = _f("ms", "median time of a finetune step")
     dense_step_ms: float | None = _f("ms", "median time of a dense reference step")
@@ -239,6 +243,7 @@ def summarize(run: Run, elapsed_s: float) -> dict[str, Any]:
         measured_speedup_phases=phases, speedup_warning=None if estimate is None else estimate.warning,
         dense_reference_s=reference_s,
         dense_reference_share=None if reference_s is None or elapsed_s <= 0 else reference_s / elapsed_s,
+        data_wait_s=times.data_wait_s, data_wait_share=times.data_wait_s / elapsed_s if elapsed_s > 0 else None,
         search_step_ms=_ms(times.median("search")), finetune_step_ms=_ms(times.median("finetune")),
         dense_step_ms=_ms(times.median("dense_ref")),
         train_step_ms=_ms(times.median("train")) if method != "vrpge" else None,

@@ -111,7 +111,8 @@ class SpeedupEstimate:
 class StepTimes:
     """Wall times (seconds) of the run's steps by kind (``search``, ``finetune``, ``train``; ``dense_ref`` for the
     timed dense reference steps), the pairs of a run step and its adjacent dense step by kind, and the dense
-    reference's whole time cost (``overhead_s``: timed and warm-up steps)."""
+    reference's whole time cost (``overhead_s``: timed and warm-up steps); and the seconds the training loop waited
+    for its loader's batches in the epochs completed (``data_wait_s``)."""
 
     KINDS = (*STEP_KINDS, "dense_ref")
 
@@ -119,6 +120,7 @@ class StepTimes:
         self.times: dict[str, list[float]] = {kind: [] for kind in self.KINDS}
         self.pairs: dict[str, list[tuple[float, float]]] = {kind: [] for kind in STEP_KINDS}
         self.overhead_s = 0.0
+        self.data_wait_s = 0.0
         self._run_s = 0.0
 
     def add(self, kind: str, seconds: float) -> None:
@@ -177,7 +179,7 @@ class StepTimes:
     def state_dict(self) -> dict[str, Any]:
         return {**{kind: list(values) for kind, values in self.times.items()},
                 "pairs": {kind: [list(pair) for pair in pairs] for kind, pairs in self.pairs.items()},
-                "overhead_s": self.overhead_s}
+                "overhead_s": self.overhead_s, "data_wait_s": self.data_wait_s}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore; a checkpoint written before the pairs existed restores the step times alone."""
@@ -185,6 +187,7 @@ class StepTimes:
         pairs = state.get("pairs", {})
         self.pairs = {kind: [(float(r), float(d)) for r, d in pairs.get(kind, [])] for kind in STEP_KINDS}
         self.overhead_s = float(state.get("overhead_s", sum(self.times["dense_ref"])))
+        self.data_wait_s = float(state.get("data_wait_s", 0.0))  # not measured before 2026-12-07
         self._run_s = sum(sum(self.times[kind]) for kind in STEP_KINDS)
 
 
