@@ -175,7 +175,9 @@ def _plan_text(plan: Mapping[str, Any], new_dir: Path | None = None) -> str:
     precision = "float32" if plan["amp"] == "none" else f"{plan['amp']} autocast"
     layout = ", channels_last" if plan["channels_last"] else ""
     why = f" ({plan['steps_reason']})" if plan["steps_reason"] else ""
-    lines.append(f"device  {plan['device']}, {precision}{layout}; {plan['steps']} steps{why}")
+    steps = {"CUDA graphs": "steps captured as CUDA graphs", "static shapes": "static-shape steps, not captured",
+             "eager": "eager steps"}[plan["steps"]]
+    lines.append(f"device  {plan['device']}, {precision}{layout}; {steps}{why}")
     resumed = plan["resume_from"]
     if plan["finished"]:
         lines.append(f"out     '{plan['run_dir']}': the run there has finished; nothing to train")

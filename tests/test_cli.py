@@ -369,3 +369,23 @@ def test_dry_run_of_a_resume_names_where_it_continues_and_touches_nothing(tmp_pa
     assert main(["train", "--resume", str(run), "model.name=resnet32", "--dry-run"]) == 2  # not the model
     assert "the config builds 'resnet32'; resume with the run's own model" in capsys.readouterr().err
     assert _tree(run) == before
+
+
+def test_the_plans_device_line_names_the_kind_of_steps_and_why():
+    """What a GPU run's plan says (its figures are tested above on the CPU): captured steps, or static-shape steps
+    with the reason ``cuda_graphs: auto`` gave for not capturing them."""
+    from maskprop.cli import _plan_text
+
+    plan = {"model": "resnet50", "method": "vrpge", "keep_ratio": 0.5, "subnetwork": "searched", "input_size": [3, 224,
+            224], "source": "maskprop.models.resnet", "params": 25_557_032, "flops": 8_178_000_000,
+            "num_classes": 1000, "channels": 11456, "groups": 37, "data": "imagenet", "train_examples": 1281167,
+            "val_examples": 50000, "batch_size": 256, "steps_per_epoch": 5004,
+            "phases": [{"phase": "search", "epochs": 90, "steps": 450360}], "budget": 5728.0,
+            "budget_unit": "channels", "device": "cuda:0", "amp": "bf16", "channels_last": True, "steps": "CUDA graphs",
+            "steps_reason": None, "initial_weights": None, "run_dir": "runs/r50", "resume_from": None,
+            "finished": False}
+    assert "device  cuda:0, bf16 autocast, channels_last; steps captured as CUDA graphs" in _plan_text(plan)
+    static = _plan_text(dict(plan, steps="static shapes", steps_reason="sparsity.weight_grad=both is not captured"))
+    assert ("device  cuda:0, bf16 autocast, channels_last; static-shape steps, not captured (sparsity.weight_grad=both "
+            "is not captured)") in static
+    assert "phases  search 90 epochs, 450360 steps: 450360 steps in all" in static
