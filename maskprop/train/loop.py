@@ -913,6 +913,13 @@ def _warn_if_floor(floor: float, budget: float, sparsity: SparsityConfig) -> Non
                        "FLOPs\")", sparsity.keep_ratio, floor, budget, unit, 100 * floor / budget)
 
 
+def _check_config_type(config: Any) -> None:
+    """Refuse what is no configuration (``None`` too: the defaults train for hours)."""
+    if not isinstance(config, (Config, Mapping, str, os.PathLike)):
+        raise TypeError(f"config is {type(config).__name__}; expected a Config, a mapping or a yaml path "
+                        f"(maskprop.train.config; load_config(None) gives the defaults)")
+
+
 def plan_run(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Dataset | None = None,
              val_set: Dataset | None = None, out: str | os.PathLike | None = None, *,
              resume: bool = False) -> dict[str, Any]:
@@ -940,9 +947,7 @@ def plan_run(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: 
     Raises:
         As :func:`fit` before its first step.
     """
-    if not isinstance(config, (Config, Mapping, str, os.PathLike)):
-        raise TypeError(f"config is {type(config).__name__}; expected a Config, a mapping or a yaml path "
-                        f"(maskprop.train.config; load_config(None) gives the defaults)")
+    _check_config_type(config)
     init_from_env()
     try:  # under torchrun, as fit: the ranks agree whether the set-up failed anywhere
         cfg = config if isinstance(config, Config) else load_config(config)
@@ -1094,9 +1099,7 @@ def fit(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: Datas
         RunStopped: SIGTERM or SIGUSR1 came while a run with a directory trained: it saved its checkpoint after the
             step it was in (``stopping.py``); ``fit(..., resume=True)`` continues it.
     """
-    if not isinstance(config, (Config, Mapping, str, os.PathLike)):  # None too: the defaults train for hours
-        raise TypeError(f"config is {type(config).__name__}; expected a Config, a mapping or a yaml path "
-                        f"(maskprop.train.config; load_config(None) gives the defaults)")
+    _check_config_type(config)
     with run_threads(threads) as cpu_threads:
         return _fit(config, train_set, val_set, out, resume, cpu_threads)
 
