@@ -297,3 +297,42 @@ def test_maskprop_train_with_decode_device_on_cifar10_is_a_usage_error(tmp_path,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "data.decode='device'" in lines[0] and "expected data.dataset='imagenet'" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def _imagenet_run(root, **overrides):
+    from conftest import TINY_RUN, with_overrides
+
+    config = with_overrides(TINY_RUN, **{"data.dataset": "imagenet", "data.root": str(root), "data.decode": "device",
+                                         "data.crop_size": 16, "data.batch_size": 4, "model.kwargs": {"num_classes": 2},
+                                         "optim.epochs": 1, "finetune.epochs": 1, "sparsity.fix_examples": 8,
+                                         "sparsity.fix_samples": 2, **overrides})
+    for key in ("train_size", "val_size", "image_size"):
+        config["data"].pop(key)
+    return config
+
+
+def test_a_search_decodes_on_the_device_in_every_loader(tmp_path, monkeypatch, one_thread):
+    """A VR-PGE run: its training and validation batches, the search's probe of the top-score subnetwork and the fix's
+    best-of-n batches all come decoded (``decode_batch``), none from PIL; the dry run's plan says so."""
+    import maskprop
+    import maskprop.train.decode as decode_module
+    from maskprop.train.loop import plan_run
+
+    make_image_folder(tmp_path / "imagenet", per_class=8)
+    calls = []
+    real = decode_module.decode_batch
+
+    def counting(data, params, *args, **kwargs):
+        calls.append(bool(params[:, COL["augment"]].any()))
+        return real(data, params, *args, **kwargs)
+
+    monkeypatch.setattr(decode_module, "decode_batch", counting)
+    monkeypatch.setattr("maskprop.train.datasets.read_image", lambda path: pytest.fail(f"PIL read {path}"))
+    config = _imagenet_run(tmp_path / "imagenet")
+    plan = plan_run(config)
+    assert plan["data"] == "imagenet, decoded on cpu" and plan["decode"] == "device" and plan["steps_per_epoch"] == 4
+    result = maskprop.fit(config, out=None)
+    assert result["steps"] == {"search": 4, "finetune": 4, "train": 0} and 0 <= result["accuracy"] <= 100
+    # 4 + 4 training batches (search, finetune) and the fix's 2 x 2 best-of-n batches augmented; validation and the
+    # probe's batches not (the probe reads the first examples in order, augmented: the training set's transform)
+    assert calls.count(True) >= 8 + 4 and len(calls) > calls.count(True)

@@ -916,7 +916,8 @@ def plan_run(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: 
     Returns:
         ``model``, ``source`` (the module that defines it), ``params``, ``flops`` (a forward of one example),
         ``input_size``, ``num_classes``, ``groups`` and ``channels`` (the prunable channel groups and their
-        channels); ``data`` (the dataset's name, ``custom`` for datasets passed in), ``train_examples``,
+        channels); ``data`` (the dataset's name, ``custom`` for datasets passed in; ``imagenet, decoded on
+        <device>`` with ``data.decode: device``), ``decode`` (``data.decode``), ``train_examples``,
         ``val_examples``, ``batch_size``, ``steps_per_epoch``; ``method``, ``subnetwork`` (a VR-PGE run's:
         ``searched``, or ``random`` for the baseline of ``sparsity.fix: random``) and ``phases``, a list of ``{"phase",
         "epochs", "steps"}`` in the order they run (a search's ``warm-up`` and ``anneal`` inside its ``search``);
@@ -967,7 +968,9 @@ def plan_run(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: 
         "num_classes": run.spec.num_classes,
         "groups": len(run.groups),
         "channels": sum(run.groups.values()),
-        "data": cfg.data.dataset if run.given_data is None else "custom",
+        "data": (cfg.data.dataset if run.given_data is None else "custom")
+        + (f", decoded on {run.ctx.device.type}" if isinstance(run.train_loader, DecodeLoader) else ""),
+        "decode": cfg.data.decode,
         "train_examples": _examples(run.train_loader),
         "val_examples": _examples(run.val_loader),
         "batch_size": cfg.data.batch_size,
