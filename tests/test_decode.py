@@ -336,3 +336,19 @@ def test_a_search_decodes_on_the_device_in_every_loader(tmp_path, monkeypatch, o
     # 4 + 4 training batches (search, finetune) and the fix's 2 x 2 best-of-n batches augmented; validation and the
     # probe's batches not (the probe reads the first examples in order, augmented: the training set's transform)
     assert calls.count(True) >= 8 + 4 and len(calls) > calls.count(True)
+
+
+def test_bench_data_times_both_decode_paths_side_by_side(capsys):
+    from conftest import load_tool
+
+    bench = load_tool("bench_data")
+    threads = torch.get_num_threads()
+    try:  # the tool sets one thread
+        assert bench.main(["--decode", "cpu", "device", "--images", "24", "--size", "64", "48", "--batch-size", "4",
+                           "--batches", "2", "--repeats", "2", "--workers", "0", "--crop-size", "32"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "| decode | workers | images/s | ms per image | device / cpu (paired) |"
+    assert re.fullmatch(r"\| cpu \| 0 \| [\d,]+ \| [\d.]+ \|  \|", lines[3])
+    assert re.fullmatch(r"\| device \| 0 \| [\d,]+ \| [\d.]+ \| [\d.]+x \|", lines[4])
