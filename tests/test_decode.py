@@ -352,3 +352,13 @@ def test_bench_data_times_both_decode_paths_side_by_side(capsys):
     assert lines[1] == "| decode | workers | images/s | ms per image | device / cpu (paired) |"
     assert re.fullmatch(r"\| cpu \| 0 \| [\d,]+ \| [\d.]+ \|  \|", lines[3])
     assert re.fullmatch(r"\| device \| 0 \| [\d,]+ \| [\d.]+ \| [\d.]+x \|", lines[4])
+
+
+def test_decode_device_with_datasets_given_to_fit_is_an_error(tmp_path):
+    import maskprop
+    from maskprop.train.data import ShapesDataset
+
+    config = _imagenet_run(tmp_path, **{"model.kwargs": {"num_classes": 10}})
+    with pytest.raises(ValueError, match=r"^data.decode='device' decodes the image files of data.dataset='imagenet'; "
+                                         r"got datasets given to fit \(expected data.decode='cpu' with them\)$"):
+        maskprop.fit(config, ShapesDataset(8, seed=0), ShapesDataset(8, seed=1), out=None)
