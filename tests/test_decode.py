@@ -76,8 +76,9 @@ def _reference(image, row, crop):
 def test_the_device_pipeline_is_the_v2_ops_one_by_one(tmp_path):
     """Exact in uint8 (the same integer pixels as the ops one by one on PIL's decoding, which equals libjpeg-turbo's
     here); the normalised float32 batch within float32 rounding of float64's ``(x / 255 - mean) / std``. Every
-    image of the stand-in (PNG, RGB JPEG, CMYK JPEG), drawn under 6 seeds: flips both ways, every order."""
+    image of the stand-in (PNG, RGB, grayscale and CMYK JPEGs), drawn under 6 seeds: flips both ways, every order."""
     root = _with_cmyk(tmp_path / "imagenet")
+    _grayscale_jpeg(root)
     crop = 24
     train, _, _ = imagenet_datasets(root, crop_size=crop, decode="device")
     assert any(p.endswith("_cmyk.JPEG") for p, _ in train.samples)
@@ -86,6 +87,9 @@ def test_the_device_pipeline_is_the_v2_ops_one_by_one(tmp_path):
         torch.manual_seed(seed)
         data, params, labels, paths = _batch(train, range(len(train)))
         assert labels.tolist() == [label for _, label in train.samples]
+        batched = {path.rsplit("_", 1)[1]: bool(row[COL["jpeg"]]) for path, row in zip(paths, params)}
+        assert batched == {"0.png": False, "1.JPEG": True, "2.png": False, "3.JPEG": True, "cmyk.JPEG": False,
+                           "gray.JPEG": True}
         images = decode_batch(data, params, paths, crop, torch.device("cpu"))
         assert images.shape == (len(train), 3, crop, crop) and images.dtype == torch.float32
         for image, row, path in zip(images, params, paths):
@@ -362,3 +366,44 @@ def test_decode_device_with_datasets_given_to_fit_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"^data.decode='device' decodes the image files of data.dataset='imagenet'; "
                                          r"got datasets given to fit \(expected data.decode='cpu' with them\)$"):
         maskprop.fit(config, ShapesDataset(8, seed=0), ShapesDataset(8, seed=1), out=None)
+
+
+def _grayscale_jpeg(root):
+    from PIL import Image
+
+    pixels = np.random.default_rng(2).integers(0, 256, (36, 60), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "train" / "n01443537" / "n01443537_gray.JPEG")
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_batches_are_the_cpus_within_a_few_grey_levels(tmp_path):
+    """nvjpeg's batch decode (RGB and grayscale JPEGs; PNG and CMYK one by one on the CPU) and the CUDA resize and
+    adjustments against the CPU's: not exact (nvjpeg's IDCT and chroma upsampling, CUDA's float resize rounded to
+    uint8). The tolerance (mean under one grey level, max 16) is a first guess, not measured yet: print the figures
+    and set it from them."""
+    root = _with_cmyk(tmp_path / "imagenet")
+    _grayscale_jpeg(root)
+    train, val, _ = imagenet_datasets(root, crop_size=32, decode="device")
+    for dataset in (train, val):
+        torch.manual_seed(0)
+        data, params, _, paths = _batch(dataset, range(len(dataset)))
+        assert params[:, COL["jpeg"]].sum() < len(dataset)  # some go one by one
+        cpu = decode_batch(data, params, paths, 32, torch.device("cpu"))
+        cuda = decode_batch(data, params, paths, 32, torch.device("cuda"), torch.channels_last)
+        assert cuda.is_cuda and cuda.is_contiguous(memory_format=torch.channels_last)
+        diff = (cuda.cpu() - cpu).abs() / LEVEL
+        print(f"cuda against cpu, grey levels: max {diff.max().item():.2f}, mean {diff.mean().item():.3f}")
+        assert diff.mean().item() < 1 and diff.max().item() <= 16
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_cut_jpeg_in_the_batch_is_named(tmp_path):
+    make_image_folder(tmp_path, per_class=2)
+    whole = tmp_path / "train" / "n01440764" / "n01440764_1.JPEG"
+    cut = tmp_path / "train" / "n01440764" / "n01440764_8.JPEG"
+    cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    train, _, _ = imagenet_datasets(tmp_path, crop_size=16, decode="device")
+    indices = [[path for path, _ in train.samples].index(str(p)) for p in (whole, cut)]
+    data, params, _, paths = _batch(train, indices)
+    with pytest.raises(ValueError, match=rf"^cannot read image '{re.escape(str(cut))}' \("):
+        decode_batch(data, params, paths, 16, torch.device("cuda"))
