@@ -18,11 +18,13 @@ workers do only what is cheap, and the device the rest:
 * :class:`DecodeLoader` iterates that DataLoader and turns each batch into ``(images, labels)`` on the device: the
   batch's JPEGs decoded by one ``torchvision.io.decode_jpeg(list, device=device)`` call (nvjpeg on a GPU,
   libjpeg-turbo on the CPU); the other files (PNG, CMYK JPEGs, ...), and any JPEG the batch call fails on, one by one
-  on the CPU (``decode_image``, PIL as the last resort) and moved. Then per image, in uint8 as timm's PIL pipeline:
-  the crop resized to ``crop_size`` (bilinear, antialiased: timm's default interpolation), the flip, the jitter in
-  its drawn order (torchvision's ``transforms.v2.functional``); the batch stacked, converted to float, normalised with
-  the ImageNet mean and std, in the run's memory format. Evaluation (and training without ``data.augment``) resizes
-  the short side to ``floor(crop_size / 0.875)`` and center-crops, as timm's evaluation transform.
+  on the CPU (``decode_image``, PIL as the last resort) and moved. Then in uint8 as timm's PIL pipeline: per image
+  the crop resized to ``crop_size`` (bilinear, antialiased: timm's default interpolation); for the stacked batch at
+  once the flips and the colour jitters, each image's adjustments in its drawn order (the uint8 pixels of
+  torchvision's ``transforms.v2.functional`` ops applied one by one, in a few kernels a batch rather than a dozen an
+  image); the batch converted to float, normalised with the ImageNet mean and std, in the run's memory format.
+  Evaluation (and training without ``data.augment``) resizes the short side to ``floor(crop_size / 0.875)`` and
+  center-crops, as timm's evaluation transform.
 
 Nothing is drawn on the device: the device's work is a function of the bytes and the parameters, so the batches are
 the same with any number of workers and after a resume. They are not PIL's pixels: torch's antialiased resize and
@@ -42,7 +44,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .loaders import SeededBatches, build_loader
 
-__all__ = ["PARAMS", "DecodeLoader", "DrawAugmentation", "EncodedImage", "augment_image", "collate_encoded",
+__all__ = ["PARAMS", "DecodeLoader", "DrawAugmentation", "EncodedImage", "augment_image", "augment_images",
+           "collate_encoded",
            "crop_box", "decode_batch", "decode_images", "decode_loader", "draw_params", "is_encoded", "read_encoded",
            "split_bytes"]
 
@@ -220,26 +223,73 @@ def decode_images(data: list[Tensor], params: Tensor, paths: list[str], device: 
     return images  # type: ignore[return-value]
 
 
-def augment_image(image: Tensor, row: Tensor, crop_size: int) -> Tensor:
-    """One decoded (3, H, W) uint8 image made into a ``crop_size`` square by its row of :data:`PARAMS`, in uint8:
-    the random resized crop, the flip and the colour jitter in its order, or the evaluation's resize and
-    center-crop."""
+def _crop_resize(image: Tensor, row: list[float], crop_size: int) -> Tensor:
+    """One image's random resized crop (bilinear, antialiased), or the evaluation's resize and center-crop."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    values = row.tolist()
-    if not values[_COL["augment"]]:
+    if not row[_COL["augment"]]:
         image = F.resize(image, [math.floor(crop_size / CROP_PCT)], InterpolationMode.BILINEAR, antialias=True)
         return F.center_crop(image, [crop_size, crop_size])
-    top, left, height, width = (int(v) for v in values[4:8])
-    image = F.resized_crop(image, top, left, height, width, [crop_size, crop_size], InterpolationMode.BILINEAR,
-                           antialias=True)
-    if values[_COL["flip"]]:
-        image = F.horizontal_flip(image)
-    adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
-    for which in values[9:12]:
-        image = adjust[int(which)](image, values[12 + int(which)])
-    return image
+    top, left, height, width = (int(v) for v in row[4:8])
+    return F.resized_crop(image, top, left, height, width, [crop_size, crop_size], InterpolationMode.BILINEAR,
+                          antialias=True)
+
+
+def _grayscale(images: Tensor) -> Tensor:
+    """torchvision's grayscale of uint8 images as its colour adjustments take it: float, floored."""
+    r, g, b = images.unbind(dim=-3)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3).floor_()
+
+
+def _blend(images: Tensor, other: Tensor, ratio: Tensor) -> Tensor:
+    """torchvision's ``_blend`` of uint8 images with a factor per image: ``addcmul`` rounds as its ``add_`` with
+    ``alpha`` does (one fused multiply-add), so the pixels are the same."""
+    return torch.addcmul(images.mul(ratio), other, 1.0 - ratio).clamp_(0, 255).to(torch.uint8)
+
+
+def _flip_jitter(batch: Tensor, params: Tensor) -> Tensor:
+    """The flips and colour jitters of a batch of (N, 3, S, S) uint8 images, a few kernels for the whole batch: each
+    round applies every image's next adjustment (``transforms.v2.functional.adjust_brightness``, ``_contrast``,
+    ``_saturation``, the same uint8 pixels) to the images whose next it is. Rows without ``augment`` are left."""
+    augment = params[:, _COL["augment"]] > 0
+    if not augment.any():
+        return batch
+    device = batch.device
+    flip = torch.nonzero(augment & (params[:, _COL["flip"]] > 0)).flatten().to(device)
+    if len(flip):
+        batch = batch.index_copy(0, flip, batch.index_select(0, flip).flip(-1))
+    factors = params[:, 12:15].to(device=device, dtype=torch.float32).view(-1, 3, 1, 1, 1)
+    for step in range(3):
+        for which in range(3):
+            rows = torch.nonzero(augment & (params[:, 9 + step] == which)).flatten()
+            if not len(rows):
+                continue
+            rows = rows.to(device)
+            images, ratio = batch.index_select(0, rows), factors.index_select(0, rows)[:, which]
+            if which == 0:  # brightness: blended with black
+                images = images.mul(ratio).clamp_(0, 255).to(torch.uint8)
+            elif which == 1:  # contrast: with the grayscale's mean
+                images = _blend(images, _grayscale(images).mean(dim=(-3, -2, -1), keepdim=True), ratio)
+            else:  # saturation: with the grayscale
+                images = _blend(images, _grayscale(images), ratio)
+            batch = batch.index_copy(0, rows, images)
+    return batch
+
+
+def augment_images(images: list[Tensor], params: Tensor, crop_size: int) -> Tensor:
+    """Decoded (3, H, W) uint8 images made into a (N, 3, crop_size, crop_size) uint8 batch by their rows of
+    :data:`PARAMS`: one by one the random resized crop (or the evaluation's resize and center-crop), then for the
+    batch at once the flips and the colour jitters in each image's order."""
+    rows = params.tolist()
+    return _flip_jitter(torch.stack([_crop_resize(image, row, crop_size) for image, row in zip(images, rows)]),
+                        params)
+
+
+def augment_image(image: Tensor, row: Tensor, crop_size: int) -> Tensor:
+    """One decoded (3, H, W) uint8 image made into a ``crop_size`` square by its row of :data:`PARAMS`
+    (:func:`augment_images`)."""
+    return augment_images([image], row.unsqueeze(0), crop_size)[0]
 
 
 def decode_batch(data: list[Tensor], params: Tensor, paths: list[str], crop_size: int, device: torch.device,
@@ -248,8 +298,7 @@ def decode_batch(data: list[Tensor], params: Tensor, paths: list[str], crop_size
     ``device``, normalised with the ImageNet mean and std, in ``memory_format``."""
     from torchvision.transforms.v2 import functional as F
 
-    images = decode_images(data, params, paths, device)
-    batch = torch.stack([augment_image(image, row, crop_size) for image, row in zip(images, params)])
+    batch = augment_images(decode_images(data, params, paths, device), params, crop_size)
     batch = F.normalize(F.to_dtype(batch, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
     return batch.contiguous(memory_format=memory_format)
 
