@@ -17,6 +17,7 @@ from maskprop.train.decode import (
     PARAMS,
     DecodeLoader,
     augment_image,
+    augment_images,
     collate_encoded,
     crop_box,
     decode_batch,
@@ -75,8 +76,9 @@ def _reference(image, row, crop):
 
 def test_the_device_pipeline_is_the_v2_ops_one_by_one(tmp_path):
     """Exact in uint8 (the same integer pixels as the ops one by one on PIL's decoding, which equals libjpeg-turbo's
-    here); the normalised float32 batch within float32 rounding of float64's ``(x / 255 - mean) / std``. Every
-    image of the stand-in (PNG, RGB, grayscale and CMYK JPEGs), drawn under 6 seeds: flips both ways, every order."""
+    here; the batch's flips and jitters at once too, as on a GPU); the normalised float32 batch within float32 rounding
+    of float64's ``(x / 255 - mean) / std``. Every image of the stand-in (PNG, RGB, grayscale and CMYK JPEGs), drawn
+    under 6 seeds: flips both ways, every order."""
     root = _with_cmyk(tmp_path / "imagenet")
     _grayscale_jpeg(root)
     crop = 24
@@ -92,6 +94,9 @@ def test_the_device_pipeline_is_the_v2_ops_one_by_one(tmp_path):
                            "gray.JPEG": True}
         images = decode_batch(data, params, paths, crop, torch.device("cpu"))
         assert images.shape == (len(train), 3, crop, crop) and images.dtype == torch.float32
+        decoded = [_pil(path) for path in paths]
+        batched = augment_images(decoded, params, crop, batched=True)  # a GPU's way: the batch's jitter at once
+        assert torch.equal(batched, augment_images(decoded, params, crop, batched=False))
         for image, row, path in zip(images, params, paths):
             expected = _reference(_pil(path), row, crop)
             assert torch.equal(augment_image(_pil(path), row, crop), expected), path
