@@ -105,15 +105,17 @@ def test_a_run_on_device_data_resumed_within_an_epoch_ends_as_an_uninterrupted_o
     assert torch.equal(straight["rng"]["augment"], resumed["rng"]["augment"])
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers, decode", [(0, "cpu"), (2, "cpu"), (0, "device"), (2, "device")])
 def test_an_imagenet_run_resumed_within_an_epoch_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, one_thread,
-                                                                             workers):
+                                                                             workers, decode):
     """timm's ImageNet crops draw from python's ``random``: in the main process its state is saved with the
-    checkpoint (a resumed run drew other crops before), in workers each batch seeds it."""
+    checkpoint (a resumed run drew other crops before), in workers each batch seeds it. ``data.decode: device``
+    draws from torch's generator (saved alike, seeded alike) and decodes on the device without drawing."""
     from test_data import make_image_folder
 
     make_image_folder(tmp_path / "imagenet", per_class=8)  # 16 images: 4 batches of 4
     config = with_overrides(TINY, **{"data.dataset": "imagenet", "data.root": str(tmp_path / "imagenet"),
+                                     "data.decode": decode,
                                      "data.crop_size": 16, "data.batch_size": 4, "data.workers": workers,
                                      "data.train_size": 10000, "data.val_size": 2000, "data.image_size": 32,
                                      "model.kwargs": {"num_classes": 2}, "method": "dense", "optim.epochs": 2,

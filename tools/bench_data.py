@@ -8,12 +8,21 @@ training transform (random resized crop, flip, colour jitter, normalisation) and
 
     python tools/bench_data.py                         # a synthetic tree of JPEGs of ImageNet's typical size
     python tools/bench_data.py --root /path/to/imagenet --workers 0 4 8 16
+    python tools/bench_data.py --decode cpu device --workers 0 2   # PIL in the workers against data.decode: device
+    python tools/bench_data.py --decode cpu device --device cuda   # the same, decoded by nvjpeg on a GPU
     python tools/bench_data.py --cifar --workers 0 2   # CIFAR-10: the DataLoader against data.on_device (CPU)
     python tools/bench_data.py --cifar --device cuda   # the same on a GPU (the DataLoader's batches copied there)
 
 Without ``--root`` it writes ``--images`` random JPEGs of ``--size`` (default 500x375, ImageNet's most common size)
 to a temporary directory (random pixels compress worse than photographs, so decoding costs somewhat more than on
 ImageNet). The first batch (worker start-up) is not timed; each figure is the median over ``--repeats`` passes.
+
+``--decode cpu device`` times, interleaved in one process, the ImageNet pipeline of ``data.decode: cpu`` (PIL and
+timm's transform in the workers, the batch then moved to ``--device``) and of ``data.decode: device`` (the workers read
+the bytes and draw the augmentation; the main process decodes and augments on ``--device``:
+``maskprop.train.decode``), with each of ``--workers``: one pass of ``--batches`` batches of each in turn, each
+batch made ready for a step (on the device, channels_last). Its table gives each path's median images/s and the
+median over the repeats of the device path's rate over the cpu path's with the same workers in the same repeat.
 
 ``--cifar`` writes a CIFAR-10 stand-in of ``--images`` random images (default 10,000) in the python pickle format (or
 reads ``--root``) and times, interleaved in one process, one pass of ``--batches`` training batches (crop, flip,
@@ -75,6 +84,37 @@ def measure(root: Path, workers: int, batch_size: int, batches: int, crop_size: 
         rates.append(count / (time.perf_counter() - start))
         del iterator
     return statistics.median(rates)
+
+
+def measure_decode(root: Path, workers: list[int], modes: list[str], batch_size: int, batches: int, crop_size: int,
+                   repeats: int, device: torch.device) -> list[tuple[str, int, float, float | None]]:
+    """``(decode, workers, median images/s, median paired ratio of the device path over the cpu path with the same
+    workers)`` per path (the ratio ``None`` for the cpu path, or without both), the paths timed in turn within every
+    repeat."""
+    from maskprop.train.data import build_loader, imagenet_datasets
+    from maskprop.train.decode import decode_loader
+
+    loaders: dict[tuple[str, int], Any] = {}
+    for mode in modes:
+        train_set, _, _ = imagenet_datasets(root, augment=True, crop_size=crop_size, decode=mode)
+        for w in workers:
+            if mode == "device":
+                loaders[mode, w] = decode_loader(train_set, batch_size, True, device, torch.channels_last,
+                                                 workers=w, seed=0, world=(0, 1))
+            else:
+                loaders[mode, w] = build_loader(train_set, batch_size, train=True, workers=w, seed=0, world=(0, 1),
+                                                pin_memory=device.type == "cuda")
+    rates: dict[tuple[str, int], list[float]] = {key: [] for key in loaders}
+    for _ in range(repeats):
+        for w in workers:
+            for mode in modes:
+                rates[mode, w].append(_pass(loaders[mode, w], batches, device))
+    rows = []
+    for (mode, w), got in rates.items():
+        paired = mode == "device" and ("cpu", w) in rates
+        ratio = statistics.median(d / c for d, c in zip(got, rates["cpu", w])) if paired else None
+        rows.append((mode, w, statistics.median(got), ratio))
+    return rows
 
 
 def _cifar_standin(root: Path, images: int) -> None:
@@ -161,13 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=8, help="timed batches per pass")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--crop-size", type=int, default=224)
-    parser.add_argument("--device", default="cpu", help="with --cifar: where the batches go (cpu, cuda)")
+    parser.add_argument("--device", default="cpu", help="with --cifar or --decode: where the batches go (cpu, cuda)")
+    parser.add_argument("--decode", nargs="+", choices=["cpu", "device"],
+                        help="ImageNet: time these data.decode paths interleaved, with paired ratios")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as each DataLoader worker does; the main process only collates at workers > 0
     if args.cifar:
         return _cifar_main(args)
     args.images = 640 if args.images is None else args.images
     args.batch_size = 64 if args.batch_size is None else args.batch_size
+    if args.decode:
+        return _decode_main(args)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
         if root is None:
@@ -182,6 +226,30 @@ def main(argv: list[str] | None = None) -> int:
         for workers in args.workers:
             rate = measure(root, workers, args.batch_size, args.batches, args.crop_size, args.repeats)
             print(f"| {workers} | {rate:.0f} | {1000.0 / rate:.2f} |", flush=True)
+    return 0
+
+
+def _decode_main(args: argparse.Namespace) -> int:
+    import torchvision
+
+    device = torch.device(args.device)
+    modes = list(dict.fromkeys(args.decode))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root
+        if root is None:
+            root = Path(tmp)
+            _synthetic_tree(root, args.images, tuple(args.size))
+        print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+              f"{torch.get_num_threads()} thread; {root if args.root else 'synthetic'} "
+              f"({'x'.join(map(str, args.size)) + ' JPEG' if args.root is None else 'ImageFolder'}), batch "
+              f"{args.batch_size}, crop {args.crop_size}, timm's train transform or its draws decoded on {device}; "
+              f"medians of {args.repeats} interleaved passes of {args.batches} batches after an untimed first batch")
+        print("| decode | workers | images/s | ms per image | device / cpu (paired) |")
+        print("|---|---:|---:|---:|---:|")
+        for mode, workers, rate, ratio in measure_decode(root, args.workers, modes, args.batch_size, args.batches,
+                                                         args.crop_size, args.repeats, device):
+            paired = "" if ratio is None else f"{ratio:.2f}x"
+            print(f"| {mode} | {workers} | {rate:,.0f} | {1000.0 / rate:.2f} | {paired} |", flush=True)
     return 0
 
 

@@ -54,6 +54,7 @@ __all__ = [
 
 Method = Literal["vrpge", "dense", "meprop", "sbp", "msbp"]
 DatasetName = Literal["shapes", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet"]
+Decode = Literal["cpu", "device"]
 Estimator = Literal["vrpge", "vrpge_sym"]
 WeightGrad = Literal["first", "both"]
 FixRule = Literal["best_of_n", "top_scores", "random"]
@@ -181,6 +182,12 @@ class DataConfig(_Section):
             to ``fit``, and for images that would take more than half of the device's free memory), ``false`` (torch's
             DataLoader with per-example transforms), ``auto`` (on for a CUDA device where the data fits, else off; a
             log line says why it is off on CUDA).
+        decode: Where ``imagenet``'s images are decoded and augmented: ``cpu`` (PIL in the DataLoader's workers, under
+            timm's transforms), or ``device`` (the workers read each file's bytes and its size and draw its crop, flip
+            and colour jitter as timm's transforms do; each batch is then decoded on the run's device by one
+            ``torchvision.io.decode_jpeg`` call, nvjpeg on a GPU, and cropped, resized, flipped, jittered and normalised
+            there: ``maskprop.train.decode``). The same distributions as timm's, not PIL's pixels. ``device`` is for
+            ``imagenet`` only.
     """
 
     dataset: DatasetName = "shapes"
@@ -194,6 +201,7 @@ class DataConfig(_Section):
     crop_size: Annotated[int, Field(ge=8)] = 224
     image_size: Annotated[int, Field(ge=8)] = 32
     on_device: Literal["auto", True, False] = "auto"
+    decode: Decode = "cpu"
 
     @field_validator("on_device", mode="before")
     @classmethod
@@ -205,6 +213,9 @@ class DataConfig(_Section):
         if self.on_device is True and self.dataset not in IN_MEMORY_DATASETS:
             raise ValueError(f"data.on_device=true needs an in-memory dataset; got {self.dataset!r} (expected one of "
                              f"{', '.join(IN_MEMORY_DATASETS)}, or data.on_device=auto or false)")
+        if self.decode == "device" and self.dataset != "imagenet":
+            raise ValueError(f"data.decode='device' decodes image files on the device; got data.dataset="
+                             f"{self.dataset!r} (expected data.dataset='imagenet', or data.decode='cpu')")
         return self
 
 

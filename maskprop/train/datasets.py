@@ -268,18 +268,23 @@ def _image_classes(folder: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def imagenet_datasets(root: str | os.PathLike | None, augment: bool = True,
-                      crop_size: int = 224) -> tuple[Dataset, Dataset, int]:
+def imagenet_datasets(root: str | os.PathLike | None, augment: bool = True, crop_size: int = 224,
+                      decode: str = "cpu") -> tuple[Dataset, Dataset, int]:
     """ImageNet (or any ImageFolder data) from ``root/train`` and ``root/val``, with timm's transforms.
 
     Training: random resized crop to ``crop_size``, horizontal flip and colour jitter (timm's ``create_transform``
     defaults); without ``augment`` the evaluation transform. Validation: resize to ``crop_size / 0.875`` (256 for
     224) and center-crop. Both normalise with the ImageNet mean and std.
 
+    With ``decode="device"`` the examples are not images but ``((bytes, params, path), label)``: each file's bytes,
+    its augmentation drawn as timm's transforms draw it, and its path, which ``maskprop.train.decode`` decodes and
+    augments on the run's device (``data.decode``).
+
     Args:
         root: Directory with ``train/<class>/<image>`` and ``val/<class>/<image>``.
         augment: Random augmentation on the training set.
         crop_size: Side of the crops.
+        decode: ``cpu`` (PIL and timm's transforms in the loader) or ``device`` (bytes and parameters).
 
     Returns:
         ``(train_set, val_set, num_classes)``.
@@ -310,11 +315,18 @@ def imagenet_datasets(root: str | os.PathLike | None, augment: bool = True,
                          f"{len(classes['val'])}; only in train: {only_train}, only in val: {only_val}); "
                          f"expected the same class folders in both")
     image_folder = _visible_image_folder()
-    train_transform, eval_transform = imagenet_transforms(crop_size, augment)
+    if decode == "device":
+        from .decode import DrawAugmentation, read_encoded
+
+        train_transform, eval_transform = DrawAugmentation(crop_size, augment), DrawAugmentation(crop_size, False)
+        loader = read_encoded
+    else:
+        train_transform, eval_transform = imagenet_transforms(crop_size, augment)
+        loader = read_image
     sets = []
     for split, transform in (("train", train_transform), ("val", eval_transform)):
         try:
-            sets.append(image_folder(str(root / split), transform=transform, loader=read_image))
+            sets.append(image_folder(str(root / split), transform=transform, loader=loader))
         except FileNotFoundError as err:  # a class folder without images
             message = f"imagenet split '{root / split}' is not in ImageFolder layout ({err}); {layout}"
             raise ValueError(message) from None
@@ -380,7 +392,8 @@ def _build_datasets(cfg_data: DataConfig) -> tuple[Dataset, Dataset, int, tuple[
         train_set, val_set, num_classes = cifar_datasets(name, cfg_data.root, cfg_data.augment)
         return train_set, val_set, num_classes, (3, 32, 32)
     if name == "imagenet":
-        train_set, val_set, num_classes = imagenet_datasets(cfg_data.root, cfg_data.augment, cfg_data.crop_size)
+        train_set, val_set, num_classes = imagenet_datasets(cfg_data.root, cfg_data.augment, cfg_data.crop_size,
+                                                            cfg_data.decode)
         return train_set, val_set, num_classes, (3, cfg_data.crop_size, cfg_data.crop_size)
     raise ValueError(f"data.dataset={name!r} is not a dataset; expected one of 'shapes', 'mnist', 'fashion_mnist', "
                      f"'cifar10', 'cifar100', 'imagenet'")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -193,7 +193,8 @@ def build_sampler(size: int, batch_size: int, train: bool, seed: int = 0, genera
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0, seed: int = 0,
                  generator: torch.Generator | None = None, drop_last: bool | None = None,
-                 pin_memory: bool = False, world: tuple[int, int] | None = None) -> DataLoader:
+                 pin_memory: bool = False, world: tuple[int, int] | None = None,
+                 collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
     """A DataLoader whose order and augmentation follow an explicit generator, sliced for this rank.
 
     ``batch_size`` is the global batch: under ``torch.distributed`` each rank loads ``batch_size / world_size``
@@ -219,6 +220,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 
         drop_last: Drop the last incomplete batch; defaults to ``train``.
         pin_memory: Page-locked batches for faster host-to-GPU copies.
         world: ``(rank, world_size)``; default: from ``torch.distributed`` when it is initialised, else ``(0, 1)``.
+        collate_fn: How a batch's examples are put together; default: torch's (tensors stacked).
 
     Returns:
         The loader.
@@ -232,5 +234,6 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 
         num_workers=workers,
         pin_memory=pin_memory,
         generator=sampler.generator,
+        collate_fn=collate_fn,
         persistent_workers=False,  # they would move the generator less from the second epoch on (see above)
     )

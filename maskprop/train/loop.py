@@ -57,6 +57,7 @@ from ..vrpge import ChannelScores, score_statistics
 from .checkpoint import save_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SparsityConfig, config_to_dict, load_config, save_config
 from .data import build_loader
+from .decode import DecodeLoader, decode_loader, is_encoded
 from .device_data import DeviceLoader, ImageTensors
 from .distributed import (
     agree,
@@ -90,8 +91,9 @@ DENSE_REFERENCE_MIN_PAIRS = 5
 """Dense reference steps per phase at least, each paired with an adjacent step of the run (``timing.py``)."""
 POLARISED_MARGIN = 0.05
 """A keep probability this close to 0 or 1 counts as settled in the search diagnostics."""
-Loader = torch.utils.data.DataLoader | DeviceLoader
-"""What gives a run's batches: torch's DataLoader, or batches made on the device (``data.on_device``)."""
+Loader = torch.utils.data.DataLoader | DeviceLoader | DecodeLoader
+"""What gives a run's batches: torch's DataLoader, batches made on the device (``data.on_device``), or decoded there
+(``data.decode: device``)."""
 TOP_MASK_EXAMPLES = 512
 """The first training examples the top-score subnetwork's training accuracy is measured on after each search epoch."""
 
@@ -592,7 +594,7 @@ def fix_subnetwork(state: TrainState, cfg: Config, ctx: StepContext,
             loader = _augmented_examples(train_set.head(count), cfg)
         else:
             subset = train_set if count == len(train_set) else Subset(train_set, range(count))
-            loader = build_loader(subset, cfg.data.batch_size, train=False, workers=cfg.data.workers, seed=cfg.seed)
+            loader = _examples_loader(subset, cfg, ctx, cfg.data.workers)
     scores = state.scores
     if scores.scores.device != state.mask_generator.device:  # static steps keep them on the device (graphs.py)
         scores = copy.deepcopy(scores).to(state.mask_generator.device)
@@ -716,8 +718,17 @@ def _probe_loader(run: Run) -> Loader | None:
     count = min(TOP_MASK_EXAMPLES, len(examples))
     if isinstance(examples, ImageTensors):
         return _augmented_examples(examples.head(count), run.cfg)
-    return build_loader(Subset(examples, range(count)), run.cfg.data.batch_size, train=False, workers=0,
-                        seed=run.cfg.seed)
+    return _examples_loader(Subset(examples, range(count)), run.cfg, run.ctx, 0)
+
+
+def _examples_loader(examples: Dataset, cfg: Config, ctx: StepContext, workers: int) -> Loader:
+    """Training examples in order, for evaluations on the training set: a DataLoader, its batches decoded on the
+    device where the examples are encoded (``data.decode: device``)."""
+    if is_encoded(examples):
+        return decode_loader(examples, cfg.data.batch_size, False, ctx.device,
+                             torch.channels_last if cfg.channels_last else torch.contiguous_format, workers=workers,
+                             seed=cfg.seed)
+    return build_loader(examples, cfg.data.batch_size, train=False, workers=workers, seed=cfg.seed)
 
 
 def _search_diagnostics(run: Run, probe: Loader | None) -> dict[str, Any]:
@@ -933,7 +944,8 @@ def plan_run(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: 
     Returns:
         ``model``, ``source`` (the module that defines it), ``params``, ``flops`` (a forward of one example),
         ``input_size``, ``num_classes``, ``groups`` and ``channels`` (the prunable channel groups and their
-        channels); ``data`` (the dataset's name, ``custom`` for datasets passed in), ``train_examples``,
+        channels); ``data`` (the dataset's name, ``custom`` for datasets passed in; ``imagenet, decoded on
+        <device>`` with ``data.decode: device``), ``decode`` (``data.decode``), ``train_examples``,
         ``val_examples``, ``batch_size``, ``steps_per_epoch``; ``method``, ``subnetwork`` (a VR-PGE run's:
         ``searched``, or ``random`` for the baseline of ``sparsity.fix: random``) and ``phases``, a list of ``{"phase",
         "epochs", "steps"}`` in the order they run (a search's ``warm-up`` and ``anneal`` inside its ``search``);
@@ -983,7 +995,9 @@ def plan_run(config: Config | Mapping[str, Any] | str | os.PathLike, train_set: 
         "num_classes": run.spec.num_classes,
         "groups": len(run.groups),
         "channels": sum(run.groups.values()),
-        "data": cfg.data.dataset if run.given_data is None else "custom",
+        "data": (cfg.data.dataset if run.given_data is None else "custom")
+        + (f", decoded on {run.ctx.device.type}" if isinstance(run.train_loader, DecodeLoader) else ""),
+        "decode": cfg.data.decode,
         "train_examples": _examples(run.train_loader),
         "val_examples": _examples(run.val_loader),
         "batch_size": cfg.data.batch_size,

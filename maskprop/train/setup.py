@@ -32,6 +32,7 @@ from ..threads import RunThreads
 from .checkpoint import check_compatible, error_reason, load_checkpoint
 from .config import SPARSE_BACKWARD_METHODS, Config, SbpConfig, changed_keys, config_to_dict, dotted
 from .data import build_datasets, build_loader
+from .decode import DecodeLoader, decode_loader
 from .device_data import DeviceLoader, augment_seed, data_on_device
 from .distributed import all_reduce_sum, check_world_size, current, device_for, resume_command
 from .graphs import GraphsChoice, StaticSteps, resolve_cuda_graphs, set_capturable
@@ -60,15 +61,17 @@ class Run:
     ``config.data`` names (``dataset: "custom"``, their types and sizes; ``None``: the config's). ``threads``: torch's
     CPU threads for the steps (``threads.py``; :func:`maskprop.fit` sets its own). ``train_loader`` and
     ``val_loader`` are :class:`~maskprop.train.device_data.DeviceLoader` s where ``data.on_device`` holds the data on
-    the device (their ``data``: the images there), else torch's DataLoaders over ``train_set`` and its validation twin.
+    the device (their ``data``: the images there), :class:`~maskprop.train.decode.DecodeLoader` s where
+    ``data.decode: device`` decodes the images there, else torch's DataLoaders over ``train_set`` and its validation
+    twin.
     """
 
     cfg: Config
     state: TrainState
     ctx: StepContext
     train_set: Dataset
-    train_loader: torch.utils.data.DataLoader | DeviceLoader
-    val_loader: torch.utils.data.DataLoader | DeviceLoader
+    train_loader: torch.utils.data.DataLoader | DeviceLoader | DecodeLoader
+    val_loader: torch.utils.data.DataLoader | DeviceLoader | DecodeLoader
     groups: dict[str, int]
     spec: ModelSpec
     run_dir: Path | None
@@ -464,7 +467,15 @@ def prepare(cfg: Config, train_set: Dataset | None = None, val_set: Dataset | No
     on_device = data_on_device(cfg.data, device, train_set, val_set, given=given is not None,
                                memory_format=memory_format)
     augment_generator = None
-    if on_device is None:
+    if cfg.data.decode == "device" and given is not None:
+        raise ValueError("data.decode='device' decodes the image files of data.dataset='imagenet'; got datasets given "
+                         "to fit (expected data.decode='cpu' with them)")
+    if cfg.data.decode == "device":  # the workers read bytes and draw; the device decodes and augments (decode.py)
+        train_loader = decode_loader(train_set, cfg.data.batch_size, True, device, memory_format,
+                                     workers=cfg.data.workers, generator=loader_generator)
+        val_loader = decode_loader(val_set, cfg.data.batch_size, False, device, memory_format,
+                                   workers=cfg.data.workers, seed=cfg.seed)
+    elif on_device is None:
         train_loader = build_loader(train_set, cfg.data.batch_size, train=True, workers=cfg.data.workers,
                                     generator=loader_generator, pin_memory=device.type == "cuda")
         val_loader = build_loader(val_set, cfg.data.batch_size, train=False, workers=cfg.data.workers,
