@@ -211,6 +211,24 @@ def test_cuda_projection_and_sampling():
     test_vrpge.test_cuda_projection_and_sampling()
 
 
+@isolated
+def test_on_cuda_the_batches_are_the_cpus_within_a_few_grey_levels(tmp_path):
+    """ImageNet decoded on the GPU (``data.decode: device``: nvjpeg's batch decode, the CUDA resize and colour
+    adjustments) against the CPU's: ``tests/test_decode.py``'s test, run here because the GPU check runs this file
+    alone."""
+    import test_decode
+
+    test_decode.test_on_cuda_the_batches_are_the_cpus_within_a_few_grey_levels(tmp_path)
+
+
+@isolated
+def test_on_cuda_a_cut_jpeg_in_the_batch_is_named(tmp_path):
+    """A truncated JPEG in a batch nvjpeg decodes is named in one line: ``tests/test_decode.py``'s test."""
+    import test_decode
+
+    test_decode.test_on_cuda_a_cut_jpeg_in_the_batch_is_named(tmp_path)
+
+
 def _sampled_mask(model, keep: float, seed: int) -> dict:
     """A mask drawn per channel (odd widths, as a search step draws them), every group keeping at least one."""
     from maskprop.vrpge import ChannelScores
