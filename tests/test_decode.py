@@ -256,6 +256,17 @@ def test_the_same_seed_gives_the_same_batches(tmp_path, workers):
         assert all(torch.equal(a[0], b[0]) for a, b in zip(one[2:], _epoch(resumed)))
 
 
+def _cut_jpeg_batch(root):
+    """A whole JPEG and one cut in half (its header reads, its data does not) of the stand-in at ``root``, as one
+    encoded batch: the cut file and ``(bytes, params, labels, paths)``."""
+    whole = root / "train" / "n01440764" / "n01440764_1.JPEG"
+    cut = root / "train" / "n01440764" / "n01440764_8.JPEG"
+    cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    train, _, _ = imagenet_datasets(root, crop_size=16, decode="device")
+    indices = [[path for path, _ in train.samples].index(str(p)) for p in (whole, cut)]
+    return cut, _batch(train, indices)
+
+
 def test_an_unreadable_file_is_named(tmp_path):
     """A file PIL cannot open fails in the loader (worker or not); a JPEG whose header reads but whose data is cut
     fails where it is decoded: both one line naming the file, as ``read_image`` does."""
@@ -274,12 +285,7 @@ def test_an_unreadable_file_is_named(tmp_path):
         next(iter(loader))
     assert re.match(message, _one_line(caught.value))
 
-    whole = tmp_path / "train" / "n01440764" / "n01440764_1.JPEG"
-    cut = tmp_path / "train" / "n01440764" / "n01440764_8.JPEG"
-    cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
-    train, _, _ = imagenet_datasets(tmp_path, crop_size=16, decode="device")
-    indices = [[path for path, _ in train.samples].index(str(p)) for p in (whole, cut)]
-    data, params, _, paths = _batch(train, indices)
+    cut, (data, params, _, paths) = _cut_jpeg_batch(tmp_path)
     assert params[:, COL["jpeg"]].tolist() == [1.0, 1.0]  # both go to the batch call, which fails: one by one
     with pytest.raises(ValueError, match=rf"^cannot read image '{re.escape(str(cut))}' \(.*truncated.*\); expected"):
         decode_batch(data, params, paths, 16, torch.device("cpu"))
@@ -404,11 +410,6 @@ def test_on_cuda_the_batches_are_the_cpus_within_a_few_grey_levels(tmp_path):
 @pytest.mark.gpu
 def test_on_cuda_a_cut_jpeg_in_the_batch_is_named(tmp_path):
     make_image_folder(tmp_path, per_class=2)
-    whole = tmp_path / "train" / "n01440764" / "n01440764_1.JPEG"
-    cut = tmp_path / "train" / "n01440764" / "n01440764_8.JPEG"
-    cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
-    train, _, _ = imagenet_datasets(tmp_path, crop_size=16, decode="device")
-    indices = [[path for path, _ in train.samples].index(str(p)) for p in (whole, cut)]
-    data, params, _, paths = _batch(train, indices)
+    cut, (data, params, _, paths) = _cut_jpeg_batch(tmp_path)
     with pytest.raises(ValueError, match=rf"^cannot read image '{re.escape(str(cut))}' \("):
         decode_batch(data, params, paths, 16, torch.device("cuda"))
