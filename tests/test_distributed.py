@@ -336,6 +336,7 @@ def test_cli_error_under_torchrun_is_one_line_from_rank_zero(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # plan_run agrees as fit does, which the default suite tests under torchrun
 def test_dry_run_under_torchrun_prints_the_plan_once_and_writes_nothing(tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny()))
