@@ -76,7 +76,8 @@ class RunLogger:
             self._warned_data_bound = True
             logger.warning("%s epoch %s waited %.0f%% of its %.1f s for data: the loader bounds this run, and the "
                            "measured speedup (of the steps alone) overstates its saving on the clock; more "
-                           "data.workers (on free cores), or data.on_device for an in-memory dataset, feed it faster",
+                           "data.workers (on free cores), data.decode: device for ImageNet, or data.on_device for an "
+                           "in-memory dataset feed it faster",
                            record.get("phase"), record.get("epoch"), 100.0 * waited / seconds, seconds)
         logger.debug("%s", " ".join(f"{k}={_short(v)}" for k, v in record.items() if not isinstance(v, Mapping)))
         if self._writer is None:
