@@ -536,7 +536,7 @@ def test_packed_gathers_of_a_normalised_vit_equal_the_masked_reference(path, ali
     norms = [m for m in model.modules() if isinstance(m, SparseLayerNorm)]
     assert len(norms) == 8 and all(m.group is not None for m in norms)
     with context():  # each LayerNorm's tensors come from the one gather: none of them is its own parameter
-        pairs = [state.layer_norm(m) for m in norms]
+        pairs = [state.weight_and_bias(m) for m in norms]
     assert all(w is not m.weight and b is not m.bias and w.shape == b.shape == (state.index(m.group).numel(),)
                for m, (w, b) in zip(norms, pairs))
     compact = _loss_and_grads(model, context, images)
@@ -559,7 +559,7 @@ def test_packed_gathers_take_layernorms_without_bias_or_affine_parameters(affine
     mask = _keeping(KEPT["odd"])
     state, context = _packed_state(model, mask, path, 4)
     with context():
-        weight, got_bias = state.layer_norm(model.norm)
+        weight, got_bias = state.weight_and_bias(model.norm)
     assert (weight is None) == (not affine) and (got_bias is None) == (not bias)
     compact = _loss_and_grads(model, context, images)
     masked = _loss_and_grads(model, lambda: maskprop.use_mask(model, mask, "masked"), images)
@@ -579,14 +579,15 @@ def test_gathered_layernorm_parameters_start_at_aligned_addresses(path, dtype, m
     mask = _odd_mask(groups, torch.Generator().manual_seed(0))
     state, context = _packed_state(model, mask, path, 1)
     given = []
-    own = state.layer_norm
+    own = state.weight_and_bias
 
     def recording(layer):
         pair = own(layer)
-        given.extend(t for t in pair if t is not None)
+        if isinstance(layer, SparseLayerNorm):
+            given.extend(t for t in pair if t is not None)
         return pair
 
-    monkeypatch.setattr(state, "layer_norm", recording)
+    monkeypatch.setattr(state, "weight_and_bias", recording)
     images = torch.randn(2, *SIZE, generator=torch.Generator().manual_seed(1)).to(dtype)
     with context():
         out = model(images)

@@ -11,7 +11,7 @@ one call per gathered tensor; docs/methods.md, "Compact execution"):
   of one kernel area, built on the device from that copy with a fixed number of calls (on the CPU, without padding,
   each tensor is read from itself: along its one pruned side by that group's index set, a transformer's linear
   layers and a network's first and last layers; by flat indices only where both sides are pruned); a pruned
-  LayerNorm's weight and bias are gathered as a bias is, in the area-1 table (:meth:`ExecutionState.layer_norm`);
+  LayerNorm's weight and bias are gathered as a bias is, in the area-1 table (:meth:`ExecutionState.weight_and_bias`);
 * the flat indices that gather the BatchNorm parameters and running statistics of all pruned units.
 
 Tensors gathered into one buffer (the weights of one kernel area, the BatchNorm parameters and statistics) are
@@ -508,24 +508,15 @@ class ExecutionState:
         start, width = self._offsets[group]
         return self._real_ext[start:start + width]
 
-    def weight_and_bias(self, layer: SparseConv2d | SparseLinear) -> tuple[Tensor, Tensor | None]:
-        """The weight and bias ``layer`` runs with in compact mode: gathered when it reads or writes a pruned group
-        (all layers' at once, by the first layer of a forward pass that asks), its own otherwise."""
+    def weight_and_bias(self, layer: SparseConv2d | SparseLinear | SparseLayerNorm
+                        ) -> tuple[Tensor | None, Tensor | None]:
+        """The weight and bias ``layer`` (a conv, a linear layer or a LayerNorm; either may be ``None``) runs with in
+        compact mode: gathered when it reads or writes a pruned group (all layers' at once, by the first layer of a
+        forward pass that asks), its own otherwise."""
         if id(layer) not in self._weight_layers:
             return layer.weight, layer.bias
         self._weight_pass = gathered(self._weight_pass, self._gather_weights)
         return self._weight_pass.tensors[id(layer)]
-
-    def layer_norm(self, layer: SparseLayerNorm) -> tuple[Tensor | None, Tensor | None]:
-        """The weight and bias (either may be ``None``) of the channels ``layer`` normalises in compact mode: where its
-        group is pruned, its entries for the channels computed (padding's included, which ``kept_layer_norm`` leaves
-        out), gathered with the weights of all layers (off the CPU in the one ``index_select`` of the area-1 table,
-        beside the linear biases); its own otherwise."""
-        if id(layer) not in self._weight_layers:
-            return layer.weight, layer.bias
-        self._weight_pass = gathered(self._weight_pass, self._gather_weights)
-        weight, bias = self._weight_pass.tensors[id(layer)]
-        return weight, bias
 
     def batch_norm(self, layer: SparseBatchNorm2d) -> tuple[Tensor | None, Tensor | None, Tensor | None,
                                                              Tensor | None] | None:

@@ -9,11 +9,12 @@ and bias. :class:`SparseLayerNorm` computes that in both modes:
   are not kept: the mean and variance are taken over the kept channels alone and the padding's outputs are exactly
   zero, as :func:`kept_layer_norm` computes (whatever the padding's gathered weight and bias hold).
 
-  The weight and bias come from the execution state (``state.layer_norm(layer)``), gathered with every other weight
-  of the forward pass as a linear layer's bias is: off the CPU they are pieces of the area-1 table, the one buffer
-  that the linear weights and biases are gathered into with one ``index_select`` (each piece at an aligned start), and
-  their gradients go back with that table's one ``index_copy_``, so the LayerNorms add no gather or scatter of their
-  own; on the CPU each is read by its group's index set (:mod:`maskprop.sparse.execution`).
+  The weight and bias come from the execution state (``state.weight_and_bias(layer)``, as a linear layer's),
+  gathered with every other weight of the forward pass as a linear layer's bias is: off the CPU they are pieces of
+  the area-1 table, the one buffer that the linear weights and biases are gathered into with one ``index_select``
+  (each piece at an aligned start), and their gradients go back with that table's one ``index_copy_``, so the
+  LayerNorms add no gather or scatter of their own; on the CPU each is read by its group's index set
+  (:mod:`maskprop.sparse.execution`).
 * ``masked``: full width, the reference; the same statistics over the kept channels (:func:`kept_layer_norm` with the
   mask as ``keep``), whatever the dropped channels hold, and the dropped channels' outputs exactly zero.
 
@@ -106,7 +107,7 @@ class SparseLayerNorm(nn.LayerNorm, SparseModule):
             return super().forward(x)
         if x.dim() == 0 or x.shape[-1] != index.numel():
             self._wrong_width(x, state, index.numel())
-        weight, bias = state.layer_norm(self)  # gathered with all layers' weights, once per forward pass
+        weight, bias = state.weight_and_bias(self)  # gathered with all layers' weights, once per forward pass
         real = state.real(self.group)
         if real is None:  # every computed channel is kept
             return F.layer_norm(x, (index.numel(),), weight, bias, self.eps)

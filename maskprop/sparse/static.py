@@ -539,7 +539,7 @@ class _MaskRows:
 
 class StaticExecutionState:
     """Compact execution with static shapes: the layers' protocol (``mode``, :meth:`weight_and_bias`,
-    :meth:`layer_norm`, :meth:`batch_norm`, :meth:`batch_norm_done`, :meth:`index`, :meth:`flush`) served from device
+    :meth:`batch_norm`, :meth:`batch_norm_done`, :meth:`index`, :meth:`flush`) served from device
     buffers whose shapes and addresses stay fixed while :meth:`update` rewrites their contents for each mask (module
     docstring).
 
@@ -746,23 +746,15 @@ class StaticExecutionState:
         slots = self.layout.read_slots[group]
         return self._real[slots.first_slot:slots.first_slot + slots.capacity]
 
-    def weight_and_bias(self, layer: SparseConv2d | SparseLinear) -> tuple[Tensor, Tensor | None]:
-        """The weight and bias ``layer`` runs with: gathered at the capacities (all layers' at once, by the first
-        layer of a forward pass that asks) when a side is pruned, its own otherwise."""
+    def weight_and_bias(self, layer: SparseConv2d | SparseLinear | SparseLayerNorm
+                        ) -> tuple[Tensor | None, Tensor | None]:
+        """The weight and bias ``layer`` (a conv, a linear layer or a LayerNorm) runs with: gathered at the capacities
+        (all layers' at once, by the first layer of a forward pass that asks) when a side is pruned, its own
+        otherwise."""
         if id(layer) not in self.layout.weighted:
             return layer.weight, layer.bias
         self._weight_pass = gathered(self._weight_pass, self._gather_weights)
         return self._weight_pass.tensors[id(layer)]
-
-    def layer_norm(self, layer: SparseLayerNorm) -> tuple[Tensor | None, Tensor | None]:
-        """The weight and bias (either may be ``None``) of the slots ``layer`` normalises: gathered at the capacities
-        with the weights of all layers (in the area-1 table, beside the linear biases) where it has them, its own
-        otherwise (without affine parameters, or outside every group)."""
-        if id(layer) not in self.layout.weighted:
-            return layer.weight, layer.bias
-        self._weight_pass = gathered(self._weight_pass, self._gather_weights)
-        weight, bias = self._weight_pass.tensors[id(layer)]
-        return weight, bias
 
     def batch_norm(self, layer: SparseBatchNorm2d) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         """``(running_mean, running_var, weight, bias)`` of the channels ``layer`` computes, gathered with those of
