@@ -343,8 +343,13 @@ def read_image(path: str) -> object:
     try:
         return default_loader(path)
     except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError (an OSError), truncated files
-        raise ValueError(f"cannot read image '{path}' ({' '.join(str(err).split())}); expected an image file PIL "
-                         f"can open: replace or remove it") from None
+        raise unreadable_image(path, err) from None
+
+
+def unreadable_image(path: str, err: BaseException) -> ValueError:
+    """The one-line error of an image file that cannot be read or decoded, naming it."""
+    return ValueError(f"cannot read image '{path}' ({' '.join(str(err).split()) or type(err).__name__}); expected an "
+                      f"image file PIL can open: replace or remove it")
 
 
 _USED_BY = {"root": ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet"), "train_size": ("shapes",),

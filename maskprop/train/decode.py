@@ -42,7 +42,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .datasets import unreadable_image
 from .loaders import SeededBatches, build_loader
+from .transforms import IMAGENET_CROP_PCT
 
 __all__ = ["PARAMS", "DecodeLoader", "DrawAugmentation", "EncodedImage", "augment_image", "augment_images",
            "collate_encoded",
@@ -53,9 +55,6 @@ SCALE = (0.08, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 JITTER = 0.4
 FLIP = 0.5
-CROP_PCT = 0.875
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / _STD
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PARAMS = ("height", "width", "jpeg", "augment", "top", "left", "crop_height", "crop_width", "flip", "first",
           "second", "third", "brightness", "contrast", "saturation", "bytes")
@@ -76,11 +75,6 @@ class EncodedImage(NamedTuple):
     jpeg: bool
 
 
-def _unreadable(path: str, err: BaseException) -> ValueError:
-    return ValueError(f"cannot read image '{path}' ({' '.join(str(err).split()) or type(err).__name__}); expected an "
-                      f"image file PIL can open: replace or remove it")
-
-
 def read_encoded(path: str) -> EncodedImage:
     """The ImageFolder loader of ``data.decode: device``: the file's bytes and its size and format from its header.
 
@@ -96,7 +90,7 @@ def read_encoded(path: str) -> EncodedImage:
             jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
         data = read_file(path)
     except (OSError, ValueError, SyntaxError, RuntimeError) as err:
-        raise _unreadable(path, err) from None
+        raise unreadable_image(path, err) from None
     return EncodedImage(data, path, height, width, jpeg)
 
 
@@ -191,7 +185,7 @@ def _decode_one(data: Tensor, path: str) -> Tensor:
             pixels = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
             return pixels.view(image.height, image.width, 3).permute(2, 0, 1).contiguous()
     except (OSError, ValueError, SyntaxError) as err:
-        raise _unreadable(path, err) from None
+        raise unreadable_image(path, err) from None
 
 
 def decode_images(data: list[Tensor], params: Tensor, paths: list[str], device: torch.device) -> list[Tensor]:
@@ -229,7 +223,7 @@ def _crop_resize(image: Tensor, row: list[float], crop_size: int) -> Tensor:
     from torchvision.transforms.v2 import functional as F
 
     if not row[_COL["augment"]]:
-        image = F.resize(image, [math.floor(crop_size / CROP_PCT)], InterpolationMode.BILINEAR, antialias=True)
+        image = F.resize(image, [math.floor(crop_size / IMAGENET_CROP_PCT)], InterpolationMode.BILINEAR, antialias=True)
         return F.center_crop(image, [crop_size, crop_size])
     top, left, height, width = (int(v) for v in row[4:8])
     return F.resized_crop(image, top, left, height, width, [crop_size, crop_size], InterpolationMode.BILINEAR,
@@ -319,10 +313,12 @@ def decode_batch(data: list[Tensor], params: Tensor, paths: list[str], crop_size
                  memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
     """A batch of ``data.decode: device`` as the training step takes it: (N, 3, crop_size, crop_size) float32 on
     ``device``, normalised with the ImageNet mean and std, in ``memory_format``."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # what timm's transforms normalise with
     from torchvision.transforms.v2 import functional as F
 
     batch = augment_images(decode_images(data, params, paths, device), params, crop_size)
-    batch = F.normalize(F.to_dtype(batch, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
+    batch = F.normalize(F.to_dtype(batch, torch.float32, scale=True), list(IMAGENET_DEFAULT_MEAN),
+                        list(IMAGENET_DEFAULT_STD))
     return batch.contiguous(memory_format=memory_format)
 
 

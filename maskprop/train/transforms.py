@@ -20,6 +20,8 @@ __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "FASH
            "MNIST_MEAN", "MNIST_STD", "cifar_transforms", "crop_flip", "imagenet_transforms", "mnist_transform"]
 
 # Per-channel statistics of the training sets (the values in common use).
+IMAGENET_CROP_PCT = 0.875
+"""ImageNet's evaluation crop over the resized short side (224 of 256)."""
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -76,6 +78,6 @@ def imagenet_transforms(crop_size: int = 224, augment: bool = True) -> tuple[Tra
     """
     from timm.data import create_transform
 
-    eval_transform = create_transform(crop_size, is_training=False, crop_pct=0.875)
+    eval_transform = create_transform(crop_size, is_training=False, crop_pct=IMAGENET_CROP_PCT)
     train_transform = create_transform(crop_size, is_training=True) if augment else eval_transform
     return train_transform, eval_transform
