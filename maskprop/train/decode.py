@@ -199,7 +199,8 @@ def decode_images(data: list[Tensor], params: Tensor, paths: list[str], device: 
     from torchvision.io import ImageReadMode, decode_jpeg
 
     images: list[Tensor | None] = [None] * len(data)
-    batch = [i for i in range(len(data)) if params[i, _COL["jpeg"]] > 0]
+    rows = params.tolist()  # one read of the host tensor, not three indexings an image
+    batch = [i for i, row in enumerate(rows) if row[_COL["jpeg"]] > 0]
     if batch:
         try:
             decoded = decode_jpeg([data[i] for i in batch], mode=ImageReadMode.RGB, device=device)
@@ -210,7 +211,7 @@ def decode_images(data: list[Tensor], params: Tensor, paths: list[str], device: 
     for i, image in enumerate(images):
         if image is None:
             images[i] = image = _decode_one(data[i], paths[i]).to(device, non_blocking=True)
-        size = (int(params[i, _COL["height"]]), int(params[i, _COL["width"]]))
+        size = (int(rows[i][_COL["height"]]), int(rows[i][_COL["width"]]))
         if tuple(image.shape) != (3, *size):
             raise ValueError(f"image '{paths[i]}' decodes to {tuple(image.shape)}, its header said {size[0]} x "
                              f"{size[1]}; expected an image whose header is its size: replace or remove it")
