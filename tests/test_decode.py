@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_data import make_image_folder
 
+import maskprop.train.decode as decode_module
 from maskprop.train.config import DataConfig
 from maskprop.train.datasets import imagenet_datasets
 from maskprop.train.decode import (
@@ -21,8 +22,10 @@ from maskprop.train.decode import (
     collate_encoded,
     crop_box,
     decode_batch,
+    decode_images,
     decode_loader,
     draw_params,
+    image_decoders,
     is_encoded,
     split_bytes,
 )
@@ -31,6 +34,22 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 LEVEL = 1 / 255 / min(STD)  # one grey level in normalised units
 COL = {name: i for i, name in enumerate(PARAMS)}
+
+
+def _decoders_or_skip(name):
+    try:
+        return image_decoders(name)
+    except ImportError as err:  # torchcodec not installed, or its library does not load; a torchvision without them
+        hint = "; pip install -e '.[decode]' installs torchcodec" if name == "torchcodec" else ""
+        pytest.skip(f"no {name} image decoders: {err}{hint}")
+
+
+@pytest.fixture(params=["torchcodec", "torchvision"])
+def decoders(request, monkeypatch):
+    """The test run with each library's image decoders (:func:`image_decoders`); torchcodec's skip without it."""
+    chosen = _decoders_or_skip(request.param)
+    monkeypatch.setattr(decode_module, "image_decoders", lambda name=None: chosen)
+    return chosen
 
 
 def _with_cmyk(root):
@@ -74,7 +93,7 @@ def _reference(image, row, crop):
     return image
 
 
-def test_the_device_pipeline_is_the_v2_ops_one_by_one(tmp_path):
+def test_the_device_pipeline_is_the_v2_ops_one_by_one(tmp_path, decoders):
     """Exact in uint8 (the same integer pixels as the ops one by one on PIL's decoding, which equals libjpeg-turbo's
     here; the batch's flips and jitters at once too, as on a GPU); the normalised float32 batch within float32 rounding
     of float64's ``(x / 255 - mean) / std``. Every image of the stand-in (PNG, RGB, grayscale and CMYK JPEGs), drawn
@@ -199,7 +218,7 @@ def test_timms_training_transform_is_what_the_draws_replicate():
         assert abs(a.mean().item() - b.mean().item()) < 4 * error
 
 
-def test_the_eval_batches_are_timms_eval_transform_within_a_grey_level(tmp_path):
+def test_the_eval_batches_are_timms_eval_transform_within_a_grey_level(tmp_path, decoders):
     """Resize the short side to floor(crop / 0.875), center-crop: against timm's PIL evaluation transform. torch's
     antialiased bilinear resize of uint8 (CPU) and PIL's round apart by at most one grey level; measured on the
     stand-in (random pixels, the worst case for a resize): max 0.0175 (one level, 1 / 255 / 0.224), mean about 1e-4
@@ -215,7 +234,7 @@ def test_the_eval_batches_are_timms_eval_transform_within_a_grey_level(tmp_path)
         assert diff.max().item() <= LEVEL + 1e-5 and diff.mean().item() < 1e-3, (crop, diff.max(), diff.mean())
 
 
-def test_without_augment_training_is_the_eval_transform(tmp_path):
+def test_without_augment_training_is_the_eval_transform(tmp_path, decoders):
     make_image_folder(tmp_path / "imagenet", per_class=2)
     train, val, _ = imagenet_datasets(tmp_path / "imagenet", augment=False, crop_size=16, decode="device")
     assert is_encoded(train) and is_encoded(val) and not is_encoded(imagenet_datasets(tmp_path / "imagenet")[0])
@@ -230,7 +249,7 @@ def _epoch(loader):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_the_same_seed_gives_the_same_batches(tmp_path, workers):
+def test_the_same_seed_gives_the_same_batches(tmp_path, workers, decoders):
     """Two loaders of one seed: the same batches (workers: each batch seeded from the loader's generator; in the main
     process, from the global generator seeded alike). With workers, 1 or 2 of them give the same batches too; an
     epoch started at its batch 2 (a resume) gives the batches from 2 on."""
@@ -267,7 +286,7 @@ def _cut_jpeg_batch(root):
     return cut, _batch(train, indices)
 
 
-def test_an_unreadable_file_is_named(tmp_path):
+def test_an_unreadable_file_is_named(tmp_path, decoders):
     """A file PIL cannot open fails in the loader (worker or not); a JPEG whose header reads but whose data is cut
     fails where it is decoded: both one line naming the file, as ``read_image`` does."""
     from maskprop.cli import _one_line
@@ -289,6 +308,111 @@ def test_an_unreadable_file_is_named(tmp_path):
     assert params[:, COL["jpeg"]].tolist() == [1.0, 1.0]  # both go to the batch call, which fails: one by one
     with pytest.raises(ValueError, match=rf"^cannot read image '{re.escape(str(cut))}' \(.*truncated.*\); expected"):
         decode_batch(data, params, paths, 16, torch.device("cpu"))
+
+
+def test_torchcodec_and_torchvision_decode_the_stand_in_alike(tmp_path):
+    """The batch's images from each library's decoders (JPEGs by the batch call; PNG, CMYK and BMP one by one, BMP by
+    PIL) are the same uint8 pixels, PIL's."""
+    from PIL import Image
+
+    root = _with_cmyk(tmp_path / "imagenet")
+    _grayscale_jpeg(root)
+    pixels = np.random.default_rng(3).integers(0, 256, (30, 34, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "train" / "n01443537" / "n01443537_bmp.bmp")
+    train, _, _ = imagenet_datasets(root, crop_size=16, decode="device")
+    data, params, _, paths = _batch(train, range(len(train)))
+    assert params[:, COL["jpeg"]].sum() == 5 and len(paths) == 11  # 4 RGB JPEGs and a grayscale one
+    decoded = {}
+    for name in ("torchvision", "torchcodec"):
+        chosen = _decoders_or_skip(name)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(decode_module, "image_decoders", lambda name=None: chosen)
+            decoded[name] = decode_images(data, params, paths, torch.device("cpu"))
+    for theirs, ours, path in zip(decoded["torchvision"], decoded["torchcodec"], paths):
+        assert ours.dtype == torch.uint8 and torch.equal(ours, theirs) and torch.equal(ours, _pil(path)), path
+
+
+def _torchcodec_modules():
+    import sys
+
+    return {name: module for name, module in sys.modules.items() if name.split(".")[0] == "torchcodec"}
+
+
+@pytest.fixture
+def fresh_choice():
+    """:func:`image_decoders` chooses anew in the test, and again after it, with torchcodec's modules as they were
+    (torchcodec imported first where it loads: its native libraries load once a process)."""
+    import sys
+
+    try:
+        image_decoders("torchcodec")
+    except ImportError:
+        pass
+    before = _torchcodec_modules()
+    image_decoders.cache_clear()
+    yield
+    for name in _torchcodec_modules():
+        del sys.modules[name]
+    sys.modules.update(before)
+    image_decoders.cache_clear()
+
+
+def _fake_torchcodec(tmp_path, monkeypatch, decoders_init):
+    """A torchcodec package whose ``decoders/__init__.py`` is ``decoders_init``, imported in place of any other
+    (with :func:`fresh_choice`, which puts the modules back)."""
+    import sys
+
+    package = tmp_path / "fake" / "torchcodec"
+    (package / "decoders").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "decoders" / "__init__.py").write_text(decoders_init)
+    for name in _torchcodec_modules():
+        del sys.modules[name]
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+
+
+def test_the_decoders_are_torchcodecs_where_it_loads(tmp_path, monkeypatch, fresh_choice):
+    """TorchCodec's where it imports; torchvision's, silently, where it is not installed, and with a warning naming
+    the error where it is installed but its library does not load; asked for, a torchcodec that does not load is an
+    ImportError."""
+    import sys
+    import warnings
+
+    try:
+        import torchcodec.decoders  # noqa: F401
+        installed = True
+    except Exception:
+        installed = False
+    assert image_decoders().name == ("torchcodec" if installed else "torchvision")
+    assert image_decoders("torchvision").name == "torchvision"
+    with pytest.raises(ValueError, match="expected 'torchcodec' or 'torchvision'"):
+        image_decoders("pil")
+
+    class NotInstalled:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "torchcodec":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    with monkeypatch.context() as patch:
+        for name in _torchcodec_modules():
+            del sys.modules[name]
+        patch.setattr(sys, "meta_path", [NotInstalled(), *sys.meta_path])
+        image_decoders.cache_clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert image_decoders().name == "torchvision"
+        with pytest.raises(ImportError, match="^torchcodec's image decoders do not load"):
+            image_decoders("torchcodec")
+
+    image_decoders.cache_clear()
+    _fake_torchcodec(tmp_path, monkeypatch, "raise OSError('libtorchcodec_image.so: undefined symbol: aoti_x')\n")
+    with pytest.warns(RuntimeWarning, match=r"^torchcodec's image decoders do not load \(libtorchcodec_image.so: "
+                                            r"undefined symbol: aoti_x\); data.decode: device decodes with "
+                                            r"torchvision's$"):
+        chosen = image_decoders()
+    assert chosen.name == "torchvision"
+    with pytest.raises(ImportError, match="undefined symbol: aoti_x"):
+        image_decoders("torchcodec")
 
 
 def test_decode_device_is_for_imagenet_only():
@@ -387,7 +511,7 @@ def _grayscale_jpeg(root):
 
 
 @pytest.mark.gpu
-def test_on_cuda_the_batches_are_the_cpus_within_a_few_grey_levels(tmp_path):
+def test_on_cuda_the_batches_are_the_cpus_within_a_few_grey_levels(tmp_path, decoders):
     """nvjpeg's batch decode (RGB and grayscale JPEGs; PNG and CMYK one by one on the CPU) and the CUDA resize and
     adjustments against the CPU's: not exact (nvjpeg's IDCT and chroma upsampling, CUDA's float resize rounded to
     uint8). The tolerance (mean under one grey level, max 16) is a first guess, not measured yet: print the figures
@@ -408,7 +532,7 @@ def test_on_cuda_the_batches_are_the_cpus_within_a_few_grey_levels(tmp_path):
 
 
 @pytest.mark.gpu
-def test_on_cuda_a_cut_jpeg_in_the_batch_is_named(tmp_path):
+def test_on_cuda_a_cut_jpeg_in_the_batch_is_named(tmp_path, decoders):
     make_image_folder(tmp_path, per_class=2)
     cut, (data, params, _, paths) = _cut_jpeg_batch(tmp_path)
     with pytest.raises(ValueError, match=rf"^cannot read image '{re.escape(str(cut))}' \("):

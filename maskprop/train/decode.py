@@ -33,9 +33,11 @@ its uint8 colour adjustments round otherwise than PIL's (README, "Multi-GPU and 
 
 from __future__ import annotations
 
+import functools
 import io
 import math
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -46,10 +48,9 @@ from .datasets import unreadable_image
 from .loaders import SeededBatches, build_loader
 from .transforms import IMAGENET_CROP_PCT
 
-__all__ = ["PARAMS", "DecodeLoader", "DrawAugmentation", "EncodedImage", "augment_image", "augment_images",
-           "collate_encoded",
-           "crop_box", "decode_batch", "decode_images", "decode_loader", "draw_params", "is_encoded", "read_encoded",
-           "split_bytes"]
+__all__ = ["PARAMS", "DecodeLoader", "DrawAugmentation", "EncodedImage", "ImageDecoders", "augment_image",
+           "augment_images", "collate_encoded", "crop_box", "decode_batch", "decode_images", "decode_loader",
+           "draw_params", "image_decoders", "is_encoded", "read_encoded", "split_bytes"]
 
 SCALE = (0.08, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -170,13 +171,55 @@ def split_bytes(data: Tensor, params: Tensor) -> list[Tensor]:
     return list(torch.split(data, params[:, _COL["bytes"]].long().tolist()))
 
 
-def _decode_one(data: Tensor, path: str) -> Tensor:
-    """A file decoded to RGB on the CPU: torchvision's ``decode_image``, else PIL (BMP, TIFF, ...)."""
-    from torchvision.io import ImageReadMode, decode_image
+class ImageDecoders(NamedTuple):
+    """The image decoders :func:`decode_images` calls, from one library (:func:`image_decoders`)."""
 
+    name: str
+    """``"torchcodec"`` or ``"torchvision"``."""
+    decode_jpeg: Callable[..., Any]
+    """``decode_jpeg(list of 1-D uint8 tensors, mode=rgb, device=device)``: a list of (3, H, W) uint8 tensors."""
+    decode_image: Callable[..., Any]
+    """``decode_image(1-D uint8 tensor, mode=rgb)``: one image on the CPU, its format read from its bytes."""
+    rgb: Any
+    """The library's ``ImageReadMode.RGB``."""
+
+
+@functools.cache
+def image_decoders(name: str | None = None) -> ImageDecoders:
+    """The image decoders of ``data.decode: device``, chosen once a process: TorchCodec's where torchcodec imports
+    (its native image library loads with the installed torch; FFmpeg is not needed), else torchvision's, which
+    torchvision 0.29 deprecates for TorchCodec's. ``name`` (``"torchcodec"`` or ``"torchvision"``) asks for one.
+    A torchcodec that is installed but does not load is a warning, and torchvision's decoders are used.
+
+    Raises:
+        ImportError: ``name="torchcodec"`` and torchcodec does not import.
+    """
+    if name not in (None, "torchcodec", "torchvision"):
+        raise ValueError(f"image decoders {name!r}: expected 'torchcodec' or 'torchvision'")
+    if name != "torchvision":
+        try:
+            from torchcodec.decoders import ImageReadMode, decode_image, decode_jpeg
+        except Exception as err:  # not installed (ImportError), or its library does not load (OSError, ...)
+            reason = f"torchcodec's image decoders do not load ({' '.join(str(err).split()) or type(err).__name__})"
+            if name == "torchcodec":
+                raise ImportError(reason) from err
+            if not (isinstance(err, ModuleNotFoundError) and err.name == "torchcodec"):  # installed, but broken
+                warnings.warn(f"{reason}; data.decode: device decodes with torchvision's", RuntimeWarning,
+                              stacklevel=2)
+        else:
+            return ImageDecoders("torchcodec", decode_jpeg, decode_image, ImageReadMode.RGB)
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    return ImageDecoders("torchvision", decode_jpeg, decode_image, ImageReadMode.RGB)
+
+
+def _decode_one(data: Tensor, path: str) -> Tensor:
+    """A file decoded to RGB on the CPU: the image decoders' ``decode_image`` (:func:`image_decoders`), else PIL
+    (BMP, TIFF, ...)."""
+    decoders = image_decoders()
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError:
+        return decoders.decode_image(data, mode=decoders.rgb)
+    except (RuntimeError, ValueError):  # torchvision raises RuntimeError on a format it lacks, torchcodec ValueError
         pass
     from PIL import Image
 
@@ -190,23 +233,23 @@ def _decode_one(data: Tensor, path: str) -> Tensor:
 
 def decode_images(data: list[Tensor], params: Tensor, paths: list[str], device: torch.device) -> list[Tensor]:
     """The batch's images as (3, H, W) uint8 tensors on ``device``: its JPEGs (``params``' ``jpeg`` column) by one
-    ``decode_jpeg`` call there, the rest, and all of them where that call fails, one by one on the CPU and moved.
+    ``decode_jpeg`` call there (:func:`image_decoders`), the rest, and all of them where that call fails, one by one
+    on the CPU and moved.
 
     Raises:
         ValueError: A file cannot be decoded, or its decoded size is not the size its header gave (one line naming
             the file).
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    decoders = image_decoders()
     images: list[Tensor | None] = [None] * len(data)
     rows = params.tolist()  # one read of the host tensor, not three indexings an image
     batch = [i for i, row in enumerate(rows) if row[_COL["jpeg"]] > 0]
     if batch:
         try:
-            decoded = decode_jpeg([data[i] for i in batch], mode=ImageReadMode.RGB, device=device)
+            decoded = decoders.decode_jpeg([data[i] for i in batch], mode=decoders.rgb, device=device)
             for i, image in zip(batch, decoded):
                 images[i] = image
-        except RuntimeError:  # one bad file fails the whole call: decode them one by one
+        except (RuntimeError, ValueError):  # one bad file fails the whole call: decode them one by one
             pass
     for i, image in enumerate(images):
         if image is None:
