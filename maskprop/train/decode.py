@@ -83,13 +83,13 @@ def read_encoded(path: str) -> EncodedImage:
         ValueError: The file cannot be opened as an image (one line naming it, as ``read_image`` does).
     """
     from PIL import Image
-    from torchvision.io import read_file
 
     try:
         with Image.open(path) as image:  # lazy: reads the header only
             width, height = image.size
             jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
-        data = read_file(path)
+        with open(path, "rb") as file:  # not torchvision.io.read_file: deprecated with its decoders
+            data = torch.frombuffer(bytearray(file.read()), dtype=torch.uint8)
     except (OSError, ValueError, SyntaxError, RuntimeError) as err:
         raise unreadable_image(path, err) from None
     return EncodedImage(data, path, height, width, jpeg)
