@@ -4,27 +4,31 @@ With ``data.decode: cpu`` the DataLoader's workers decode every image with PIL a
 about 6 ms of CPU an image (BENCHMARKS.md), which bounds a GPU's step. With ``device`` the work is split so that the
 workers do only what is cheap, and the device the rest:
 
-* In the workers (or the main process with ``data.workers: 0``) each example is its file's bytes
-  (``torchvision.io.read_file``), its size read from the header without decoding (PIL's lazy ``Image.open``) and
-  its augmentation drawn from torch's generator, exactly as timm's ``create_transform(crop_size, is_training=True)``
-  (timm 1.x) draws it from the same generators: the random resized crop's box as torchvision's
-  ``RandomResizedCrop.get_params`` draws it (scale (0.08, 1), ratio (3/4, 4/3), 10 tries, then the central
-  fallback; timm draws the same distribution from python's ``random``), then the horizontal flip
-  (``torch.rand(1) < 0.5``), then ``ColorJitter(0.4, 0.4, 0.4)``'s random order and brightness, contrast and
-  saturation factors (``ColorJitter.get_params``). The batches' seeds are the DataLoader's (:class:`SeededBatches`),
-  so the draws do not depend on the number of workers, and a run resumed within an epoch draws what it would have.
-  :func:`collate_encoded` makes a batch ``(bytes, params, labels, paths)``: the files' bytes in one uint8 tensor, a
-  float64 tensor of one row of :data:`PARAMS` per image, the labels and the files' paths (for error messages).
+* In the workers (or the main process with ``data.workers: 0``) each example is its file's bytes (read as they are), its
+  size read from the header without decoding (PIL's lazy ``Image.open``) and its augmentation drawn from torch's
+  generator, exactly as timm's ``create_transform(crop_size, is_training=True)`` (timm 1.x) draws it from the same
+  generators: the random resized crop's box as torchvision's ``RandomResizedCrop.get_params`` draws it (scale (0.08, 1),
+  ratio (3/4, 4/3), 10 tries, then the central fallback; timm draws the same distribution from python's ``random``),
+  then the horizontal flip (``torch.rand(1) < 0.5``), then ``ColorJitter(0.4, 0.4, 0.4)``'s random order and brightness,
+  contrast and saturation factors (``ColorJitter.get_params``). The batches' seeds are the DataLoader's
+  (:class:`SeededBatches`), so the draws do not depend on the number of workers, and a run resumed within an epoch draws
+  what it would have. :func:`collate_encoded` makes a batch ``(bytes, params, labels, paths)``: the files' bytes in one
+  uint8 tensor, a float64 tensor of one row of :data:`PARAMS` per image, the labels and the files' paths (for error
+  messages).
 * :class:`DecodeLoader` iterates that DataLoader and turns each batch into ``(images, labels)`` on the device: the
-  batch's JPEGs decoded by one ``torchvision.io.decode_jpeg(list, device=device)`` call (nvjpeg on a GPU, libjpeg-turbo
-  on the CPU); the other files (PNG, CMYK JPEGs, ...), and any JPEG the batch call fails on, one by one on the CPU
-  (``decode_image``, PIL as the last resort) and moved. Then in uint8 as timm's PIL pipeline: per image the crop resized
-  to ``crop_size`` (bilinear, antialiased: timm's default interpolation), then the flip and the colour jitter's
-  adjustments in their drawn order (torchvision's ``transforms.v2.functional`` ops; on a GPU for the whole batch at
-  once: the same uint8 pixels on the CPU, in a few kernels a batch rather than a dozen an image); the batch converted to
-  float, normalised with the ImageNet mean and std, in the run's memory format. Evaluation (and training without
-  ``data.augment``) resizes the short side to ``floor(crop_size / 0.875)`` and center-crops, as timm's evaluation
-  transform.
+  batch's JPEGs decoded by one ``decode_jpeg(list, device=device)`` call (nvJPEG on a GPU, libjpeg-turbo on the CPU);
+  the other files (PNG, CMYK JPEGs, ...), and any JPEG the batch call fails on, one by one on the CPU (``decode_image``,
+  PIL as the last resort: BMP, TIFF, ...) and moved. The decoders are TorchCodec's (``torchcodec.decoders``;
+  ``pip install -e ".[decode]"``) where torchcodec imports and its image library loads with the installed torch (FFmpeg
+  is not needed), else torchvision's (``torchvision.io``, deprecated since torchvision 0.29), chosen once a process
+  (:func:`image_decoders`; a torchcodec installed but not loading is a warning). On the CPU both give the same uint8
+  pixels (the tests' JPEGs and PNGs; both decode JPEGs with libjpeg-turbo). Then in uint8 as timm's PIL pipeline: per
+  image the crop resized to ``crop_size`` (bilinear, antialiased: timm's default interpolation), then the flip and the
+  colour jitter's adjustments in their drawn order (torchvision's ``transforms.v2.functional`` ops; on a GPU for the
+  whole batch at once: the same uint8 pixels on the CPU, in a few kernels a batch rather than a dozen an image); the
+  batch converted to float, normalised with the ImageNet mean and std, in the run's memory format. Evaluation (and
+  training without ``data.augment``) resizes the short side to ``floor(crop_size / 0.875)`` and center-crops, as timm's
+  evaluation transform.
 
 Nothing is drawn on the device: the device's work is a function of the bytes and the parameters, so the batches are
 the same with any number of workers and after a resume. They are not PIL's pixels: torch's antialiased resize and
