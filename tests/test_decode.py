@@ -27,6 +27,7 @@ from maskprop.train.decode import (
     draw_params,
     image_decoders,
     is_encoded,
+    read_encoded,
     split_bytes,
 )
 
@@ -330,6 +331,20 @@ def test_torchcodec_and_torchvision_decode_the_stand_in_alike(tmp_path):
             decoded[name] = decode_images(data, params, paths, torch.device("cpu"))
     for theirs, ours, path in zip(decoded["torchvision"], decoded["torchcodec"], paths):
         assert ours.dtype == torch.uint8 and torch.equal(ours, theirs) and torch.equal(ours, _pil(path)), path
+
+
+def test_a_16_bit_png_decodes_to_8_bits_alike_with_either_library(decoders, tmp_path):
+    """A 16-bit grayscale PNG holding every 16-bit value decodes to RGB uint8 round(value / 257) (closed form), the
+    value each library's decoders give (torchvision's own are uint16): the augmentation takes uint8."""
+    from PIL import Image
+
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "I;16"
+    image = decode_module._decode_one(read_encoded(str(path)).data, str(path))
+    expected = torch.from_numpy(np.rint(values / 257.0).astype(np.uint8)).expand(3, 256, 256)
+    assert image.dtype == torch.uint8 and torch.equal(image, expected)
 
 
 def _torchcodec_modules():

@@ -218,13 +218,15 @@ def image_decoders(name: str | None = None) -> ImageDecoders:
 
 
 def _decode_one(data: Tensor, path: str) -> Tensor:
-    """A file decoded to RGB on the CPU: the image decoders' ``decode_image`` (:func:`image_decoders`), else PIL
-    (BMP, TIFF, ...)."""
+    """A file decoded to RGB uint8 on the CPU: the image decoders' ``decode_image`` (:func:`image_decoders`; a
+    16-bit PNG scaled to 8 bits alike by both libraries), else PIL (BMP, TIFF, ...)."""
     decoders = image_decoders()
     try:
-        return decoders.decode_image(data, mode=decoders.rgb)
+        image = decoders.decode_image(data, mode=decoders.rgb)
     except (RuntimeError, ValueError):  # torchvision raises RuntimeError on a format it lacks, torchcodec ValueError
         pass
+    else:  # a 16-bit PNG: torchvision's is uint16; to uint8 as torchcodec scales it, round(value / 257)
+        return image if image.dtype == torch.uint8 else ((image.to(torch.int32) + 128) // 257).to(torch.uint8)
     from PIL import Image
 
     try:
