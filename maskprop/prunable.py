@@ -13,14 +13,12 @@ in-place operation changes what later reads of its tensor see.
 A linear layer on a tensor of more than two dimensions (tokens, a channels-last map) writes a space held in the last
 dimension, which elementwise operations and products with another such space pass on, a LayerNorm or RMSNorm over it
 passes on (normalising a subnetwork's kept channels alone: :class:`~maskprop.sparse.SparseLayerNorm`,
-:class:`~maskprop.sparse.SparseRMSNorm`) and a linear layer reads
-(the hidden units of a transformer's or ConvNeXt's MLP, normalised or not); a ``chunk`` of it into equal parts makes
-it a concatenation of the parts, which must end as one space (timm's ``GluMlp``: one half gates the other), else they
-stay whole; every other operation leaves it whole.
+:class:`~maskprop.sparse.SparseRMSNorm`) and a linear layer reads (the hidden units of a transformer's or ConvNeXt's
+MLP, normalised or not); a ``chunk`` of it into equal parts makes it a concatenation of the parts, which must end as
+one space (timm's ``GluMlp``: one half gates the other), else they stay whole; every other operation leaves it whole.
 timm's plain multi-head self-attention (its ``q_norm``, ``k_norm`` and ``norm`` LayerNorm, RMSNorm or none) is traced
-as one
-module: its heads' features are a space that ``qkv`` writes once per head slice and ``proj`` reads once per head, and
-it becomes :class:`~maskprop.sparse.SparseAttention`, its norms those of the heads' features (the Swin
+as one module: its heads' features are a space that ``qkv`` writes once per head slice and ``proj`` reads once per
+head, and it becomes :class:`~maskprop.sparse.SparseAttention`, its norms those of the heads' features (the Swin
 Transformer's window
 attention: timm's ``WindowAttention``, :class:`~maskprop.sparse.SparseWindowAttention`; torchvision's
 ``ShiftedWindowAttention``, :class:`~maskprop.sparse.SparseShiftedWindowAttention`; torchvision's MaxViT attention,
@@ -67,8 +65,8 @@ writer; so does a concatenation that layers write, and one they only read is nam
 :class:`~maskprop.sparse.SparseBatchNormAct2d`), :class:`~maskprop.sparse.SparseLinear` and
 :class:`~maskprop.sparse.SparseLayerNorm` (torch's ``nn.LayerNorm`` and timm's ``LayerNorm`` over the channels in the
 last dimension, or of a vector; :class:`~maskprop.sparse.SparseRMSNorm` for torch's ``nn.RMSNorm`` and timm's
-``RmsNorm`` there) holding the same parameter tensors (state_dict keys unchanged); a layer that writes a
-group and is not followed by its BatchNorm masks its own output (``mask_output``). The forward code is not changed: the
+``RmsNorm`` there) holding the same parameter tensors (state_dict keys unchanged); a layer that writes a group and is
+not followed by its BatchNorm masks its own output (``mask_output``). The forward code is not changed: the
 model computes exactly what it computed before, and :func:`maskprop.check_model` checks its subnetworks.
 """
 
@@ -279,12 +277,11 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
 
     The model's ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.Linear``, ``nn.LayerNorm`` and ``nn.RMSNorm`` layers (exactly
     those classes: a subclass may compute something else; timm's ``BatchNormAct2d``, ``Linear``, ``LayerNorm`` and
-    ``RmsNorm`` too) on prunable
-    channels are replaced, in place, by maskprop's layers holding the same parameters and buffers; the rest of the
-    model, and its forward code, are left as they are. Which channels can be pruned, and which must stay whole, is read
-    from the forward traced with ``torch.fx`` (the module docstring gives the rules); the groups' names follow the
-    module paths. The model then trains, exports and reports like a built-in one; :func:`maskprop.check_model` checks it
-    (``maskprop train`` does, for a model registered outside maskprop).
+    ``RmsNorm`` too) on prunable channels are replaced, in place, by maskprop's layers holding the same parameters and
+    buffers; the rest of the model, and its forward code, are left as they are. Which channels can be pruned, and which
+    must stay whole, is read from the forward traced with ``torch.fx`` (the module docstring gives the rules); the
+    groups' names follow the module paths. The model then trains, exports and reports like a built-in one;
+    :func:`maskprop.check_model` checks it (``maskprop train`` does, for a model registered outside maskprop).
 
     Args:
         model: A network of torch layers whose forward ``torch.fx.symbolic_trace`` can trace (torchvision's ResNets,

@@ -310,6 +310,38 @@ def test_torchs_rmsnorm_converts_and_its_subnetworks_check():
     assert model.norm.group is None and maskprop.channel_groups(model) == {}
 
 
+class VectorHead(nn.Module):
+    """A pooled feature vector ``(N, C)`` through a hidden layer normalised by RMSNorm, and an RMSNorm over a feature
+    map's width (not its channels)."""
+
+    def __init__(self, norm: type[nn.Module]) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.width_norm = norm(6)
+        self.fc1 = nn.Linear(8, 12)
+        self.norm = norm(12)
+        self.fc2 = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.width_norm(self.conv(x)).mean((2, 3))
+        return self.fc2(torch.relu(self.norm(self.fc1(y))))
+
+
+@pytest.mark.parametrize("norm", [nn.RMSNorm, timm.layers.RmsNorm], ids=["torch", "timm"])
+def test_rmsnorm_of_a_vector_prunes_and_of_a_maps_width_stays_whole(norm):
+    """An RMSNorm of a vector's channels becomes the hidden group's; one over a feature map's last dimension (its
+    width, not its channels) stays as it is and leaves the channels it reads whole; check_model passes."""
+    torch.manual_seed(0)
+    model = _perturbed(VectorHead(norm)).double()
+    plain = copy.deepcopy(model)
+    maskprop.make_prunable(model, (3, 6, 6))
+    assert maskprop.channel_groups(model) == {"fc1": 12}
+    assert type(model.width_norm) is norm and type(model.norm) is SparseRMSNorm and model.norm.group == "fc1"
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(model(x), plain(x), rtol=1e-12, atol=1e-12)
+    maskprop.check_model(model, (3, 6, 6))
+
+
 SIZE = (3, 16, 16)
 HEADS, HEAD_DIM, WIDTH = 3, 8, 24
 VIT = {"img_size": 16, "patch_size": 4, "embed_dim": WIDTH, "depth": 2, "num_heads": HEADS, "qk_norm": True,
