@@ -11,14 +11,14 @@ named ``<conv>:in``), and writes ``g`` copies of another (``<conv>:out``): featu
 together, so each group keeps as many as the others and a subnetwork runs one convolution of ``g`` groups; an
 in-place operation changes what later reads of its tensor see.
 A linear layer on a tensor of more than two dimensions (tokens, a channels-last map) writes a space held in the last
-dimension, which elementwise operations and products with another such space pass on, a LayerNorm over it passes on
-(normalising a subnetwork's kept channels alone: :class:`~maskprop.sparse.SparseLayerNorm`) and a linear layer reads
-(the hidden units of a transformer's or ConvNeXt's MLP, normalised or not); a ``chunk`` of it into equal parts makes
-it a concatenation of the parts, which must end as one space (timm's ``GluMlp``: one half gates the other), else they
-stay whole; every other operation leaves it whole.
-timm's plain multi-head self-attention (its ``q_norm``, ``k_norm`` and ``norm`` LayerNorm or none) is traced as one
-module: its heads' features are a space that ``qkv`` writes once per head slice and ``proj`` reads once per head, and
-it becomes :class:`~maskprop.sparse.SparseAttention`, its LayerNorms those of the heads' features (the Swin
+dimension, which elementwise operations and products with another such space pass on, a LayerNorm or RMSNorm over it
+passes on (normalising a subnetwork's kept channels alone: :class:`~maskprop.sparse.SparseLayerNorm`,
+:class:`~maskprop.sparse.SparseRMSNorm`) and a linear layer reads (the hidden units of a transformer's or ConvNeXt's
+MLP, normalised or not); a ``chunk`` of it into equal parts makes it a concatenation of the parts, which must end as
+one space (timm's ``GluMlp``: one half gates the other), else they stay whole; every other operation leaves it whole.
+timm's plain multi-head self-attention (its ``q_norm``, ``k_norm`` and ``norm`` LayerNorm, RMSNorm or none) is traced
+as one module: its heads' features are a space that ``qkv`` writes once per head slice and ``proj`` reads once per
+head, and it becomes :class:`~maskprop.sparse.SparseAttention`, its norms those of the heads' features (the Swin
 Transformer's window
 attention: timm's ``WindowAttention``, :class:`~maskprop.sparse.SparseWindowAttention`; torchvision's
 ``ShiftedWindowAttention``, :class:`~maskprop.sparse.SparseShiftedWindowAttention`; torchvision's MaxViT attention,
@@ -48,8 +48,9 @@ A space is prunable when each tensor of it is read only in ways a subnetwork com
 
 * the model's input or output, or read by an operation that mixes or reorders channels (a concatenation along
   another dimension, a mean over channels, a transpose that moves them, a slice of some channels or a split, a
-  linear layer on a feature map's width, a layer maskprop does not convert: a LayerNorm over anything but the
-  channels (a map's width) or of another class, BatchNorm1d, a module of its own code that ``torch.fx`` keeps whole);
+  linear layer on a feature map's width, a layer maskprop does not convert: a LayerNorm or RMSNorm over anything but
+  the channels (a map's width) or of another class, BatchNorm1d, a module of its own code that ``torch.fx`` keeps
+  whole);
 * a one-channel map broadcast over another's channels (a spatial gate: the other keeps its space);
 * read by a convolution or linear layer while its dropped channels would not be zero in the masked reference (after
   an operation that is not zero at zero, such as a sigmoid or adding a constant): the masked reference runs the
@@ -59,12 +60,13 @@ A space is prunable when each tensor of it is read only in ways a subnetwork com
 
 Every prunable space becomes a group named after the module path its writers share (``layer2``), or after its first
 writer; so does a concatenation that layers write, and one they only read is named after its first reader
-(``conv:input``). Its convolutions, BatchNorm, linear and LayerNorm layers become
+(``conv:input``). Its convolutions, BatchNorm, linear, LayerNorm and RMSNorm layers become
 :class:`~maskprop.sparse.SparseConv2d`, :class:`~maskprop.sparse.SparseBatchNorm2d` (timm's ``BatchNormAct2d``:
 :class:`~maskprop.sparse.SparseBatchNormAct2d`), :class:`~maskprop.sparse.SparseLinear` and
 :class:`~maskprop.sparse.SparseLayerNorm` (torch's ``nn.LayerNorm`` and timm's ``LayerNorm`` over the channels in the
-last dimension, or of a vector) holding the same parameter tensors (state_dict keys unchanged); a layer that writes a
-group and is not followed by its BatchNorm masks its own output (``mask_output``). The forward code is not changed: the
+last dimension, or of a vector; :class:`~maskprop.sparse.SparseRMSNorm` for torch's ``nn.RMSNorm`` and timm's
+``RmsNorm`` there) holding the same parameter tensors (state_dict keys unchanged); a layer that writes a group and is
+not followed by its BatchNorm masks its own output (``mask_output``). The forward code is not changed: the
 model computes exactly what it computed before, and :func:`maskprop.check_model` checks its subnetworks.
 """
 
@@ -95,10 +97,12 @@ from .sparse import (
     SparseBatchNormAct2d,
     SparseBeitAttention,
     SparseConv2d,
+    SparseLastDimNorm,
     SparseLayerNorm,
     SparseLinear,
     SparseMultiheadAttention,
     SparseRelativePositionalAttention,
+    SparseRMSNorm,
     SparseShiftedWindowAttention,
     SparseShiftedWindowAttentionV2,
     SparseWindowAttention,
@@ -271,13 +275,13 @@ def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual
                   exclude: Iterable[str] = ()) -> nn.Module:
     """Swap a plain torch network's layers for maskprop's, with the channel groups its forward implies.
 
-    The model's ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.Linear`` and ``nn.LayerNorm`` layers (exactly those classes: a
-    subclass may compute something else; timm's ``BatchNormAct2d``, ``Linear`` and ``LayerNorm`` too) on prunable
-    channels are replaced, in place, by maskprop's layers holding the same parameters and buffers; the rest of the
-    model, and its forward code, are left as they are. Which channels can be pruned, and which must stay whole, is read
-    from the forward traced with ``torch.fx`` (the module docstring gives the rules); the groups' names follow the
-    module paths. The model then trains, exports and reports like a built-in one; :func:`maskprop.check_model` checks it
-    (``maskprop train`` does, for a model registered outside maskprop).
+    The model's ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.Linear``, ``nn.LayerNorm`` and ``nn.RMSNorm`` layers (exactly
+    those classes: a subclass may compute something else; timm's ``BatchNormAct2d``, ``Linear``, ``LayerNorm`` and
+    ``RmsNorm`` too) on prunable channels are replaced, in place, by maskprop's layers holding the same parameters and
+    buffers; the rest of the model, and its forward code, are left as they are. Which channels can be pruned, and which
+    must stay whole, is read from the forward traced with ``torch.fx`` (the module docstring gives the rules); the
+    groups' names follow the module paths. The model then trains, exports and reports like a built-in one;
+    :func:`maskprop.check_model` checks it (``maskprop train`` does, for a model registered outside maskprop).
 
     Args:
         model: A network of torch layers whose forward ``torch.fx.symbolic_trace`` can trace (torchvision's ResNets,
@@ -486,7 +490,7 @@ def _shape_propagation(traced: fx.GraphModule) -> fx.Interpreter:
 
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping timm's ``BatchNormAct2d`` (a BatchNorm and its activation, converted as one),
-    timm's ``Linear`` and ``LayerNorm`` and the attention modules at the paths ``attention``
+    timm's ``Linear``, ``LayerNorm`` and ``RmsNorm`` and the attention modules at the paths ``attention``
     (:func:`_attention_forms`) whole, as it keeps torch's modules (``nn.MultiheadAttention``)."""
 
     def __init__(self, attention: frozenset[str] = frozenset()) -> None:
@@ -494,7 +498,7 @@ class _Tracer(fx.Tracer):
         self.attention = attention
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_batch_norm_act(m) or _is_timm_linear(m) or _is_layer_norm(m) \
+        return _is_batch_norm_act(m) or _is_timm_linear(m) or _is_last_dim_norm(m) \
             or module_qualified_name in self.attention or super().is_leaf_module(m, module_qualified_name)
 
 
@@ -523,8 +527,9 @@ def _is_timm_attention(module: nn.Module) -> bool:
 
 def _normalises(module: nn.Module, features: int | None) -> bool:
     """An attention's ``q_norm``, ``k_norm`` or ``norm`` that maskprop's attention runs: an identity, or a LayerNorm
-    over the ``features`` it reads (:func:`_is_layer_norm`), which a subnetwork runs on the kept ones."""
-    return isinstance(module, nn.Identity) or _is_layer_norm(module) and tuple(module.normalized_shape) == (features,)
+    or RMSNorm over the ``features`` it reads (:func:`_is_last_dim_norm`), which a subnetwork runs on the kept ones."""
+    return isinstance(module, nn.Identity) or _is_last_dim_norm(module) \
+        and tuple(module.normalized_shape) == (features,)
 
 
 def _window_projections(module: nn.Module) -> tuple[nn.Linear, nn.Linear, int] | None:
@@ -759,6 +764,21 @@ def _is_layer_norm(module: nn.Module) -> bool:
             and not getattr(module, "_fast_norm", False)) and len(module.normalized_shape) == 1
 
 
+def _is_rms_norm(module: nn.Module) -> bool:
+    """torch's ``nn.RMSNorm`` (not a subclass) or timm's ``RmsNorm`` without its fast-norm kernel, over one dimension:
+    what :class:`~maskprop.sparse.SparseRMSNorm` computes (timm's multiplies its input by the reciprocal root of the
+    mean of its squares plus ``eps``, then by its weight, as ``F.rms_norm`` does: the same values to the last bit's
+    rounding in float32 and float64; in half precision timm takes its statistics in the input's dtype, ``F.rms_norm``
+    in float32)."""
+    return (type(module) is nn.RMSNorm or _of_class(module, "timm.layers.norm", "RmsNorm")
+            and not getattr(module, "_fast_norm", False)) and len(module.normalized_shape) == 1
+
+
+def _is_last_dim_norm(module: nn.Module) -> bool:
+    """A LayerNorm or RMSNorm that maskprop converts (:func:`_is_layer_norm`, :func:`_is_rms_norm`)."""
+    return _is_layer_norm(module) or _is_rms_norm(module)
+
+
 def _normalises_channels(node: fx.Node, value: _Value) -> bool:
     """A LayerNorm's call at ``node`` normalises the channels of ``value``: its last dimension is the channel space
     (a linear layer's output on tokens, or the channels of a vector ``(N, C)`` no flatten made)."""
@@ -990,9 +1010,10 @@ class _Walk:
             self.opaque(node, f"{kind.__name__}, which maskprop keeps whole (its inference fast path reads its "
                               f"nn.MultiheadAttention's parameters)")
             return None
-        if _is_layer_norm(module) and (first is None or _normalises_channels(node, first)):
+        if _is_last_dim_norm(module) and (first is None or _normalises_channels(node, first)):
             # over the channels (a last-dimension space, or the features of a vector): its subnetwork normalises the
-            # kept ones alone (SparseLayerNorm), whatever the dropped ones hold, and its dropped outputs are zero
+            # kept ones alone (SparseLayerNorm, SparseRMSNorm), whatever the dropped ones hold, and its dropped
+            # outputs are zero
             space = first.space if first is not None else self.spaces.new(whole=outside)
             space = self.reads(self.layer(node, "ln"), space)
             return None if first is None else _Value(space, last=first.last)
@@ -1423,7 +1444,7 @@ def _replace(model: nn.Module, modules: dict[str, nn.Module], layers: dict[str, 
         if entry.kind == "ln":
             if in_group is None:
                 continue
-            new = _sparse_layer_norm(old, in_group)
+            new = _sparse_norm(old, in_group)
         elif entry.kind == "bn":
             if in_group is None:
                 continue
@@ -1508,18 +1529,23 @@ def _sparse_attention(old: nn.Module, group: str, qkv: nn.Module, proj: nn.Modul
                                     relative_position_index=old.relative_position_index, window_size=old.window_size,
                                     attn_drop=old.attn_drop, proj_drop=old.proj_drop)
     else:
-        norms = {n: _sparse_layer_norm(m, group if n != "norm" else proj.in_group) if _is_layer_norm(m) else m
+        norms = {n: _sparse_norm(m, group if n != "norm" else proj.in_group) if _is_last_dim_norm(m) else m
                  for n in ("q_norm", "k_norm", "norm") if (m := getattr(old, n, None)) is not None}
         new = SparseAttention(qkv, proj, old.num_heads, old.head_dim, group, attn_drop=old.attn_drop,
                               proj_drop=old.proj_drop, **norms)
     return new.train(old.training)
 
 
-def _sparse_layer_norm(old: nn.LayerNorm, group: str | None) -> SparseLayerNorm:
-    """maskprop's LayerNorm of ``group`` in place of ``old``, holding its parameters."""
+def _sparse_norm(old: nn.Module, group: str | None) -> SparseLastDimNorm:
+    """maskprop's LayerNorm (RMSNorm) of ``group`` in place of the LayerNorm (RMSNorm) ``old``, holding its
+    parameters (and its ``eps``: timm's ``RmsNorm``'s own default, 1e-6, or ``nn.RMSNorm``'s ``None``)."""
     with torch.device("meta"):
-        new = SparseLayerNorm(old.normalized_shape, eps=old.eps, elementwise_affine=old.elementwise_affine,
-                              bias=old.bias is not None, group=group)
+        if _is_rms_norm(old):
+            new = SparseRMSNorm(old.normalized_shape, eps=old.eps, elementwise_affine=old.elementwise_affine,
+                                group=group)
+        else:
+            new = SparseLayerNorm(old.normalized_shape, eps=old.eps, elementwise_affine=old.elementwise_affine,
+                                  bias=old.bias is not None, group=group)
     new.load_state_dict(old.state_dict(keep_vars=True), assign=True)
     return new.train(old.training)
 

@@ -128,12 +128,16 @@ def test_check_model_and_export_take_a_vit_with_pruned_heads(vit64, tmp_path):
     torch.testing.assert_close(narrow(x), expected, rtol=1e-5, atol=1e-5)
 
 
+class _OwnRMSNorm(torch.nn.RMSNorm):
+    """A subclass of torch's RMSNorm: it may compute something else, so maskprop does not convert it."""
+
+
 def test_attention_in_another_form_keeps_its_heads_whole():
-    """Query-key normalisation by another norm than LayerNorm (timm's RmsNorm: its subnetwork is not converted) and
-    timm's other classes named ``Attention`` (LeViT's, whose attention biases and head widths are its own) are traced
-    through as before: their heads stay whole, the model computes what it did. (BEiT's converts:
-    tests/test_biased_attention.py; LayerNorm's: tests/test_layernorm.py.)"""
-    normed = maskprop.make_prunable(_vit(qk_norm=True, norm_layer=timm.layers.RmsNorm), SIZE)
+    """Query-key normalisation by a norm maskprop does not convert (a subclass of ``nn.RMSNorm``) and timm's other
+    classes named ``Attention`` (LeViT's, whose attention biases and head widths are its own) are traced through as
+    before: their heads stay whole, the model computes what it did. (BEiT's converts: tests/test_biased_attention.py;
+    LayerNorm's and RMSNorm's, timm's RmsNorm too: tests/test_layernorm.py, tests/test_rmsnorm.py.)"""
+    normed = maskprop.make_prunable(_vit(qk_norm=True, norm_layer=_OwnRMSNorm), SIZE)
     assert not any(isinstance(m, SparseAttention) for m in normed.modules())
     assert not any(g.endswith("attn") for g in maskprop.channel_groups(normed))
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from .groups import (
                      kept_ratio,
                      random_mask,
 )
-from .layernorm import SparseLayerNorm
+from .layernorm import SparseLastDimNorm, SparseLayerNorm, SparseRMSNorm
 from .maxvit_attention import SparseRelativePositionalAttention
 from .maxxvit_attention import SparseAttention2d, SparseAttentionCl
 from .modules import BatchNormAct2d, SparseBatchNorm2d, SparseBatchNormAct2d, SparseConv2d, SparseLinear, SparseModule
@@ -34,10 +34,12 @@ __all__ = [
     "SparseBatchNormAct2d",
     "SparseBeitAttention",
     "SparseConv2d",
+    "SparseLastDimNorm",
     "SparseLayerNorm",
     "SparseLinear",
     "SparseModule",
     "SparseMultiheadAttention",
+    "SparseRMSNorm",
     "SparseRelativePositionalAttention",
     "SparseShiftedWindowAttention",
     "SparseShiftedWindowAttentionV2",

@@ -53,9 +53,10 @@ class SparseAttention(nn.Module):
         proj_drop: Dropout after ``proj``.
         q_norm, k_norm, norm: timm's modules of those names (identities by default): ``q_norm`` and ``k_norm`` on
             each head's queries and keys ``(N, heads, L, width)``, ``norm`` on all heads' outputs side by side before
-            ``proj``. The conversion puts a :class:`~maskprop.sparse.SparseLayerNorm` of ``group`` in the first two
-            and of the concatenated group ``proj`` reads in ``norm`` (a subnetwork normalises its kept features
-            alone); attention with another normalisation keeps its heads whole.
+            ``proj``. The conversion puts a :class:`~maskprop.sparse.SparseLayerNorm` (or
+            :class:`~maskprop.sparse.SparseRMSNorm`) of ``group`` in the first two and of the concatenated group
+            ``proj`` reads in ``norm`` (a subnetwork normalises its kept features alone); attention with another
+            normalisation keeps its heads whole.
     """
 
     head_feature_tensors: tuple[str, ...] = ()

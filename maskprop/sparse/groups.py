@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import SparseAttention
-from .layernorm import SparseLayerNorm
+from .layernorm import SparseLastDimNorm
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear
 
 Part = tuple[str | None, int]
@@ -172,9 +172,9 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
     for name, size, where, verb in on_concatenations:
         fits(name, size, where, verb)
     for where, module in model.named_modules():  # inputs must read a group that some layer writes
-        if isinstance(module, (SparseConv2d, SparseLinear, SparseLayerNorm)):
-            name = module.group if isinstance(module, SparseLayerNorm) else module.in_group
-            size = module.num_features if isinstance(module, SparseLayerNorm) else module.in_channels  # a linear
+        if isinstance(module, (SparseConv2d, SparseLinear, SparseLastDimNorm)):
+            name = module.group if isinstance(module, SparseLastDimNorm) else module.in_group
+            size = module.num_features if isinstance(module, SparseLastDimNorm) else module.in_channels  # a linear
             # layer on a flattened map: in_features / in_positions
             if name is None:
                 continue
