@@ -2,15 +2,15 @@
 ``maskprop.make_prunable`` and registered so that a run can build them by name.
 
 Train one with ``model.module: examples.converted_nets`` and ``model.name: tv_resnet18`` (or ``tv_mobilenet_v2``,
-``timm_efficientnet_b0``, ``timm_vit_tiny``, ``tv_vit_tiny``), from the repository root, e.g. ``maskprop train
-recipes/quickstart.yaml model.module=examples.converted_nets model.name=tv_resnet18``. ``make_prunable`` traces the
-forward with ``torch.fx`` and swaps each conv, BatchNorm and linear layer on prunable channels for maskprop's, with the
-same parameters (a torchvision or timm checkpoint loads as it is); the run checks the result with
-``maskprop.check_model`` before its first step.
+``timm_efficientnet_b0``, ``timm_vit_tiny``, ``timm_vit_tiny_normed``, ``tv_vit_tiny``), from the repository root,
+e.g. ``maskprop train recipes/quickstart.yaml model.module=examples.converted_nets model.name=tv_resnet18``.
+``make_prunable`` traces the forward with ``torch.fx`` and swaps each conv, BatchNorm, linear and norm layer on
+prunable channels for maskprop's, with the same parameters (a torchvision or timm checkpoint loads as it is); the run
+checks the result with ``maskprop.check_model`` before its first step.
 
 The trace reads the shapes at ``INPUT_SIZE``; they decide only how many features per channel a flattened feature map
 gives a linear layer, and the convolutional networks pool to one position before theirs, so they train at any input
-size; the vision transformer is built for ``INPUT_SIZE``.
+size; the vision transformers are built for ``INPUT_SIZE``.
 """
 
 from __future__ import annotations
@@ -60,6 +60,18 @@ def timm_vit_tiny(num_classes: int = 1000, drop_path_rate: float = 0.0) -> nn.Mo
 
 
 @maskprop.register_model
+def timm_vit_tiny_normed(num_classes: int = 1000, drop_path_rate: float = 0.0) -> nn.Module:
+    """:func:`timm_vit_tiny` with RMSNorm for every norm (as newer vision transformers have), among them a query-key
+    RMSNorm in each head and one on the attention's output before ``proj`` and on the MLP's hidden units: maskprop's
+    ``SparseRMSNorm`` normalises the kept features of each head and of each MLP's hidden units (the residual stream's
+    RMSNorms stay whole, with the stream)."""
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, img_size=INPUT_SIZE[1:], patch_size=4,
+                              drop_path_rate=drop_path_rate, qk_norm=True, scale_attn_norm=True, scale_mlp_norm=True,
+                              norm_layer=timm.layers.RmsNorm)
+    return maskprop.make_prunable(model, INPUT_SIZE)
+
+
+@maskprop.register_model
 def tv_vit_tiny(num_classes: int = 1000) -> nn.Module:
     """torchvision's ``VisionTransformer`` at ViT-Tiny's widths for 32 x 32 images (patches of 4 x 4: 64 tokens, 12
     blocks 192 wide, 3 heads): each block's MLP hidden units are a group, and so are the heads' features of its
@@ -70,7 +82,8 @@ def tv_vit_tiny(num_classes: int = 1000) -> nn.Module:
 
 
 if __name__ == "__main__":  # python examples/converted_nets.py: each network checked, and how a run trains one
-    for net in ("tv_resnet18", "tv_mobilenet_v2", "timm_efficientnet_b0", "timm_vit_tiny", "tv_vit_tiny"):
+    for net in ("tv_resnet18", "tv_mobilenet_v2", "timm_efficientnet_b0", "timm_vit_tiny", "timm_vit_tiny_normed",
+                "tv_vit_tiny"):
         print(f"{net}: {maskprop.check_model(maskprop.create_model(net, num_classes=10), INPUT_SIZE)}")
     print("train one: maskprop train recipes/quickstart.yaml model.module=examples.converted_nets "
           "model.name=tv_resnet18")
