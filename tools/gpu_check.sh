@@ -34,7 +34,11 @@
 # OUT/gpu_tests.json --json OUT/gpu_tests_rerun.json`.
 # Wheels carried in .whl/ (what the image lacks, all of it: pydantic 2.14.4, pydantic-core 2.50.5, annotated-types,
 # typing-inspection and typing-extensions, for CPython 3.12 on x86-64) are installed first, into /tmp/site; the
-# repository and /tmp/site are on PYTHONPATH (the package is not installed there). With a second directory, the bundle
+# repository and /tmp/site are on PYTHONPATH (the package is not installed there). A torchcodec wheel among them
+# (`python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform
+# manylinux_2_28_x86_64 -d .whl torchcodec==0.17.0`, 10 MB) puts TorchCodec's nvJPEG under the decoding tests
+# (data.decode: device); without it, or where it does not load with the image's torch, they run torchvision's and the
+# log says which. With a second directory, the bundle
 # below is rewritten after every part, so that a check stopped from outside still returns what finished.
 # GPU_CHECK_DRY_RUN=1 runs the same parts on the CPU at toy sizes (eager steps, 1 thread, generous limits): a check of
 # the script itself, for a machine without a GPU (tests/test_gpu_check.py).
@@ -52,6 +56,8 @@ fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 $PY -c "import pydantic, maskprop; print('maskprop', maskprop.__version__, 'pydantic', pydantic.VERSION)" \
     >> "$LOG" 2>&1 || echo "cannot import maskprop or pydantic: every part below will fail (see $LOG)" | tee -a "$LOG"
+$PY -c "from maskprop.train.decode import image_decoders; print('image decoders:', image_decoders().name)" \
+    >> "$LOG" 2>&1
 df -h /dev/shm >> "$LOG" 2>&1  # the loader workers of the whole runs hand their batches over through it
 declare -A STATUS
 
