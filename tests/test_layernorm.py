@@ -78,19 +78,16 @@ def _by_hand(model: Tokens, x: torch.Tensor, kept: list[int]) -> torch.Tensor:
 KEPT = {"one": [4], "odd": [0, 2, 3, 7, 8], "even": [1, 5], "all": list(range(HIDDEN))}
 
 
-@pytest.mark.parametrize("kept", KEPT.values(), ids=KEPT.keys())
-@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
-def test_a_subnetworks_layernorm_is_layer_norm_of_its_kept_channels(kept, affine, bias):
-    """Compact and masked execution both compute ``F.layer_norm`` of the kept channels alone (their mean and
-    variance, the kept entries of the weight and bias), and their gradients of the input, the weights and the biases
-    are that computation's; a dropped channel's LayerNorm entries get none."""
-    model = _tokens(affine, bias)
+def subnetworks_compute_the_narrow_network(model: nn.Module, by_hand, kept: list[int]) -> None:
+    """Compact and masked execution of ``model`` (:func:`_tokens`' form) keeping ``kept`` of its ``hidden`` group give
+    ``by_hand(model, x, kept)`` (the narrow network written out) and its gradients of the input and every parameter;
+    a dropped channel's entries of the norm's weight and bias get none."""
     mask = _keeping(kept)
     x = torch.randn(3, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     target = torch.randn(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     reference = copy.deepcopy(model)
     x_ref = x.clone().requires_grad_(True)
-    expected = _by_hand(reference, x_ref, kept)
+    expected = by_hand(reference, x_ref, kept)
     (expected * target).sum().backward()
     for mode in ("compact", "masked"):
         model.zero_grad()
@@ -106,6 +103,15 @@ def test_a_subnetworks_layernorm_is_layer_norm_of_its_kept_channels(kept, affine
         for p in (model.norm.weight, model.norm.bias):
             if p is not None:
                 assert p.grad[dropped].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kept", KEPT.values(), ids=KEPT.keys())
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+def test_a_subnetworks_layernorm_is_layer_norm_of_its_kept_channels(kept, affine, bias):
+    """Compact and masked execution both compute ``F.layer_norm`` of the kept channels alone (their mean and
+    variance, the kept entries of the weight and bias), and their gradients of the input, the weights and the biases
+    are that computation's; a dropped channel's LayerNorm entries get none."""
+    subnetworks_compute_the_narrow_network(_tokens(affine, bias), _by_hand, kept)
 
 
 def test_the_masked_layernorm_reads_no_dropped_input_and_writes_zeros_there():
@@ -153,11 +159,10 @@ def test_no_mask_is_nn_layernorm_itself():
     assert list(model.norm.state_dict()) == ["weight", "bias"]
 
 
-@pytest.mark.parametrize("align", [2, 4])
-def test_padded_channels_stay_out_of_the_statistics(align):
-    """Widths padded to an alignment (kept 5 or 1, computed 6 or 8 or 4): the padding channels are not in the mean or
-    the variance and their outputs are zero, so the loss and every gradient are the masked reference's."""
-    model = _tokens()
+def padded_channels_stay_out(model: nn.Module, align: int) -> None:
+    """``model`` (:func:`_tokens`' form: a norm over a 9-channel group ``hidden``) at widths padded to ``align`` (kept
+    5 or 1, computed 6 or 8 or 4): the loss and every gradient are the masked reference's, so the padding channels
+    are in no statistic and their outputs are zero."""
     images = torch.randn(2, 3, 6, dtype=torch.float64)
     for kept in (KEPT["odd"], KEPT["one"]):
         mask = _keeping(kept)
@@ -177,24 +182,29 @@ def test_padded_channels_stay_out_of_the_statistics(align):
             torch.testing.assert_close(grad, grads["masked"][1][name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_the_static_step_normalises_its_kept_channels_alone():
-    """The static-shape step at a capacity above the kept count (padding that is a dropped channel of the group, as a
-    GPU run computes it) equals the masked reference, loss and gradients."""
-    model = _tokens()
+def static_step_equals_masked(model: nn.Module) -> None:
+    """The static-shape step of ``model`` (:func:`_tokens`' form) at a capacity above the kept count (padding that is
+    a dropped channel of the group, as a GPU run computes it) equals the masked reference, loss and gradients."""
     images = torch.randn(2, 3, 6, dtype=torch.float64)
     mask = _keeping(KEPT["odd"])
     state = StaticExecutionState.create(model, {"hidden": 8}, align=1)
     state.update(mask)
-    results = []
-    for context in (lambda: use_static(state), lambda: maskprop.use_mask(model, mask, "masked")):
-        model.zero_grad()
-        with context():
-            loss = model(images).square().sum()
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    results = [_loss_and_grads(model, context, images)
+               for context in (lambda: use_static(state), lambda: maskprop.use_mask(model, mask, "masked"))]
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("align", [2, 4])
+def test_padded_channels_stay_out_of_the_statistics(align):
+    """Padding channels are not in a LayerNorm's mean or variance (:func:`padded_channels_stay_out`)."""
+    padded_channels_stay_out(_tokens(), align)
+
+
+def test_the_static_step_normalises_its_kept_channels_alone():
+    """A LayerNorm's static step: :func:`static_step_equals_masked`."""
+    static_step_equals_masked(_tokens())
 
 
 def test_the_narrow_model_holds_a_layernorm_of_the_kept_width():
@@ -568,22 +578,20 @@ def test_packed_gathers_take_layernorms_without_bias_or_affine_parameters(affine
         torch.testing.assert_close(grad, masked[1][name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("path", ["eager", "static"])
-def test_gathered_layernorm_parameters_start_at_aligned_addresses(path, dtype, monkeypatch):
-    """With odd kept widths (odd capacities on the static path) every LayerNorm's gathered weight and bias, cut from
-    the one gathered buffer of the area-1 table, starts at a 16-byte boundary and is contiguous, as vectorised GPU
-    kernels need; the step still computes the masked reference within ``dtype``'s rounding."""
-    model = maskprop.make_prunable(_vit(), SIZE).to(dtype)
-    groups = maskprop.channel_groups(model)
-    mask = _odd_mask(groups, torch.Generator().manual_seed(0))
+def gathered_norm_tensors_are_aligned(model: nn.Module, norm: type, path: str, dtype: torch.dtype,
+                                      count: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step of ``model`` (made prunable, in ``dtype``) with odd kept widths (odd capacities on the static path):
+    each of the ``count`` weights and biases of its ``norm`` layers, cut from the one gathered buffer of the area-1
+    table, starts at a 16-byte boundary and is contiguous, as vectorised GPU kernels need; the step still computes the
+    masked reference within ``dtype``'s rounding."""
+    mask = _odd_mask(maskprop.channel_groups(model), torch.Generator().manual_seed(0))
     state, context = _packed_state(model, mask, path, 1)
     given = []
     own = state.weight_and_bias
 
     def recording(layer):
         pair = own(layer)
-        if isinstance(layer, SparseLayerNorm):
+        if isinstance(layer, norm):
             given.extend(t for t in pair if t is not None)
         return pair
 
@@ -592,7 +600,7 @@ def test_gathered_layernorm_parameters_start_at_aligned_addresses(path, dtype, m
     with context():
         out = model(images)
     out.float().square().sum().backward()
-    assert len(given) == 16 and any(t.numel() % 2 for t in given)
+    assert len(given) == count and any(t.numel() % 2 for t in given)
     bad = [f"{tuple(t.shape)} at {t.data_ptr() % ALIGNMENT} mod {ALIGNMENT}" for t in given
            if t.data_ptr() % ALIGNMENT or not t.is_contiguous()]
     assert not bad, bad
@@ -600,6 +608,14 @@ def test_gathered_layernorm_parameters_start_at_aligned_addresses(path, dtype, m
         expected = model(images)
     tolerance = {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", ["eager", "static"])
+def test_gathered_layernorm_parameters_start_at_aligned_addresses(path, dtype, monkeypatch):
+    """Every LayerNorm's weight and bias (16 here) gathered aligned: :func:`gathered_norm_tensors_are_aligned`."""
+    model = maskprop.make_prunable(_vit(), SIZE).to(dtype)
+    gathered_norm_tensors_are_aligned(model, SparseLayerNorm, path, dtype, 16, monkeypatch)
 
 
 class _GatherOps(TorchDispatchMode):

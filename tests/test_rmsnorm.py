@@ -13,17 +13,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import compact_equals_masked
-from test_layernorm import ALIGNMENT, _loss_and_grads, _odd_mask, _packed_state
+from test_layernorm import (
+    HIDDEN,
+    KEPT,
+    _keeping,
+    _loss_and_grads,
+    _odd_mask,
+    _packed_state,
+    gathered_norm_tensors_are_aligned,
+    padded_channels_stay_out,
+    static_step_equals_masked,
+    subnetworks_compute_the_narrow_network,
+)
 from torch import nn
 
 import maskprop
 from maskprop.sparse import SparseLastDimNorm, SparseLinear, SparseRMSNorm
 from maskprop.sparse.layernorm import kept_rms_norm
-from maskprop.sparse.static import StaticExecutionState, use_static
 
 timm = pytest.importorskip("timm")
 
-HIDDEN = 9
 EPS = 1e-5
 
 
@@ -120,12 +129,6 @@ def _tokens(affine: bool = True, eps: float | None = EPS) -> Tokens:
     return _perturbed(Tokens(affine, eps).double())
 
 
-def _keeping(kept: list[int]) -> dict[str, torch.Tensor]:
-    mask = torch.zeros(HIDDEN, dtype=torch.bool)
-    mask[kept] = True
-    return {"hidden": mask}
-
-
 def _by_hand(model: Tokens, x: torch.Tensor, kept: list[int]) -> torch.Tensor:
     """The narrow network written out: ``fc1``'s kept rows, ``nn.RMSNorm`` of the kept width holding the kept
     entries of the weight, ``fc2``'s kept columns."""
@@ -137,35 +140,13 @@ def _by_hand(model: Tokens, x: torch.Tensor, kept: list[int]) -> torch.Tensor:
     return normed @ model.fc2.weight[:, index].T + model.fc2.bias
 
 
-KEPT = {"one": [4], "odd": [0, 2, 3, 7, 8], "even": [1, 5], "all": list(range(HIDDEN))}
-
-
 @pytest.mark.parametrize("kept", KEPT.values(), ids=KEPT.keys())
 @pytest.mark.parametrize("affine,eps", [(True, EPS), (True, None), (False, EPS)], ids=["affine", "eps-none", "plain"])
 def test_a_subnetworks_rmsnorm_is_rms_norm_of_its_kept_channels(kept, affine, eps):
     """Compact and masked execution both compute ``nn.RMSNorm`` of the kept channels alone (the root mean square over
     the kept ones, the kept entries of the weight), and their gradients of the input and every parameter are that
     computation's; a dropped channel's weight entry gets none."""
-    model = _tokens(affine, eps)
-    mask = _keeping(kept)
-    x = torch.randn(3, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    target = torch.randn(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    reference = copy.deepcopy(model)
-    x_ref = x.clone().requires_grad_(True)
-    expected = _by_hand(reference, x_ref, kept)
-    (expected * target).sum().backward()
-    for mode in ("compact", "masked"):
-        model.zero_grad()
-        x_mode = x.clone().requires_grad_(True)
-        with maskprop.use_mask(model, mask, mode):
-            y = model(x_mode)
-        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12, msg=mode)
-        (y * target).sum().backward()
-        torch.testing.assert_close(x_mode.grad, x_ref.grad, rtol=1e-10, atol=1e-12, msg=mode)
-        for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12, msg=f"{mode}: {name}")
-        if affine:
-            assert model.norm.weight.grad[~mask["hidden"]].abs().sum() == 0
+    subnetworks_compute_the_narrow_network(_tokens(affine, eps), _by_hand, kept)
 
 
 def test_no_mask_is_nn_rmsnorm_itself():
@@ -184,42 +165,13 @@ def test_no_mask_is_nn_rmsnorm_itself():
 
 @pytest.mark.parametrize("align", [2, 4])
 def test_padded_channels_stay_out_of_the_root_mean_square(align):
-    """Widths padded to an alignment (kept 5 or 1 of 9, computed 6 or 8 or 4): the padding channels are not in the
-    mean of the squares and their outputs are zero, so the loss and every gradient are the masked reference's."""
-    model = _tokens()
-    images = torch.randn(2, 3, 6, dtype=torch.float64)
-    for kept in (KEPT["odd"], KEPT["one"]):
-        mask = _keeping(kept)
-        widths = []
-        hook = model.norm.register_forward_hook(lambda m, i, o: widths.append(i[0].shape[-1]))
-        grads = {}
-        for mode, a in (("compact", align), ("masked", 1)):
-            model.zero_grad()
-            with maskprop.use_mask(model, mask, mode, align=a):
-                y = model(images)
-            y.square().sum().backward()
-            grads[mode] = (y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-        hook.remove()
-        assert widths[0] == maskprop.sparse.aligned_width(len(kept), HIDDEN, align) > len(kept)
-        torch.testing.assert_close(grads["compact"][0], grads["masked"][0], rtol=1e-12, atol=1e-12)
-        for name, grad in grads["compact"][1].items():
-            torch.testing.assert_close(grad, grads["masked"][1][name], rtol=1e-10, atol=1e-12, msg=name)
+    """Padding channels are not in an RMSNorm's mean of squares (:func:`test_layernorm.padded_channels_stay_out`)."""
+    padded_channels_stay_out(_tokens(), align)
 
 
 def test_the_static_step_normalises_its_kept_channels_alone():
-    """The static-shape step at a capacity above the kept count (padding that is a dropped channel of the group)
-    equals the masked reference, loss and gradients."""
-    model = _tokens()
-    images = torch.randn(2, 3, 6, dtype=torch.float64)
-    mask = _keeping(KEPT["odd"])
-    state = StaticExecutionState.create(model, {"hidden": 8}, align=1)
-    state.update(mask)
-    results = []
-    for context in (lambda: use_static(state), lambda: maskprop.use_mask(model, mask, "masked")):
-        results.append(_loss_and_grads(model, context, images))
-    assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-10, atol=1e-12, msg=name)
+    """An RMSNorm's static step: :func:`test_layernorm.static_step_equals_masked`."""
+    static_step_equals_masked(_tokens())
 
 
 class _Wrapped(nn.Module):
@@ -477,31 +429,7 @@ def test_packed_gathers_take_rmsnorms_without_a_weight(path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("path", ["eager", "static"])
 def test_gathered_rmsnorm_weights_start_at_aligned_addresses(path, dtype, monkeypatch):
-    """With odd kept widths every RMSNorm's gathered weight, cut from the one gathered buffer of the area-1 table,
-    starts at a 16-byte boundary and is contiguous; the step still computes the masked reference within ``dtype``'s
-    rounding."""
+    """With odd kept widths every RMSNorm's gathered weight (8 here) starts at a 16-byte boundary and is contiguous;
+    the step still computes the masked reference (:func:`test_layernorm.gathered_norm_tensors_are_aligned`)."""
     model = maskprop.make_prunable(_vit(), SIZE).to(dtype)
-    mask = _odd_mask(maskprop.channel_groups(model), torch.Generator().manual_seed(0))
-    state, context = _packed_state(model, mask, path, 1)
-    given = []
-    own = state.weight_and_bias
-
-    def recording(layer):
-        pair = own(layer)
-        if isinstance(layer, SparseRMSNorm):
-            given.extend(t for t in pair if t is not None)
-        return pair
-
-    monkeypatch.setattr(state, "weight_and_bias", recording)
-    images = torch.randn(2, *SIZE, generator=torch.Generator().manual_seed(1)).to(dtype)
-    with context():
-        out = model(images)
-    out.float().square().sum().backward()
-    assert len(given) == 8 and any(t.numel() % 2 for t in given)
-    bad = [f"{tuple(t.shape)} at {t.data_ptr() % ALIGNMENT} mod {ALIGNMENT}" for t in given
-           if t.data_ptr() % ALIGNMENT or not t.is_contiguous()]
-    assert not bad, bad
-    with maskprop.use_mask(model, mask, "masked"):
-        expected = model(images)
-    tolerance = {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
-    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+    gathered_norm_tensors_are_aligned(model, SparseRMSNorm, path, dtype, 8, monkeypatch)
