@@ -288,6 +288,19 @@ def test_timms_normalised_attention_and_mlp_convert_computing_the_same():
         torch.testing.assert_close(converted(x), plain(x), rtol=1e-12, atol=1e-12)
 
 
+def attention_by_hand(attn: nn.Module, x: torch.Tensor, kept: torch.Tensor, normalise) -> torch.Tensor:
+    """timm's attention ``attn`` (``HEADS`` heads of ``HEAD_DIM`` features) on tokens ``x`` written out on the kept
+    features ``kept`` of every head: ``normalise(t, norm, index)`` (the norm's function on the entries ``index`` of
+    its parameters) on each head's kept query and key features, and on all heads' kept outputs before ``proj``."""
+    batch, tokens, _ = x.shape
+    qkv = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(batch, tokens, 3, HEADS, HEAD_DIM)[..., kept]
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    q, k = normalise(q, attn.q_norm, kept), normalise(k, attn.k_norm, kept)
+    heads = (torch.softmax(q @ k.transpose(-2, -1) / HEAD_DIM ** 0.5, dim=-1) @ v).transpose(1, 2).flatten(2)
+    features = (torch.arange(HEADS)[:, None] * HEAD_DIM + kept).flatten()
+    return normalise(heads, attn.norm, features) @ attn.proj.weight[:, features].T + attn.proj.bias
+
+
 def test_a_subnetworks_attention_normalises_each_heads_kept_features():
     """Compact attention equals attention written out by hand on the kept head features with ``F.layer_norm`` of
     each head's kept query and key features, and of all heads' kept outputs before ``proj``; compact equals masked,
@@ -301,14 +314,8 @@ def test_a_subnetworks_attention_normalises_each_heads_kept_features():
     x = torch.randn(2, 17, WIDTH, dtype=torch.float64)
     with maskprop.use_mask(model, mask):
         compact = attn(x)
-    qkv = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(2, 17, 3, HEADS, HEAD_DIM)[..., kept]
-    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-    q = F.layer_norm(q, (n,), attn.q_norm.weight[kept], attn.q_norm.bias[kept], attn.q_norm.eps)
-    k = F.layer_norm(k, (n,), attn.k_norm.weight[kept], attn.k_norm.bias[kept], attn.k_norm.eps)
-    heads = (torch.softmax(q @ k.transpose(-2, -1) / HEAD_DIM ** 0.5, dim=-1) @ v).transpose(1, 2).flatten(2)
-    features = (torch.arange(HEADS)[:, None] * HEAD_DIM + kept).flatten()
-    heads = F.layer_norm(heads, (HEADS * n,), attn.norm.weight[features], attn.norm.bias[features], attn.norm.eps)
-    expected = heads @ attn.proj.weight[:, features].T + attn.proj.bias
+    expected = attention_by_hand(attn, x, kept, lambda t, m, i: F.layer_norm(t, (len(i),), m.weight[i], m.bias[i],
+                                                                                m.eps))
     torch.testing.assert_close(compact, expected, rtol=1e-12, atol=1e-12)
     images = torch.randn(2, *SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     grads = compact_equals_masked(model, mask, images)

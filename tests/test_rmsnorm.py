@@ -20,6 +20,7 @@ from test_layernorm import (
     _loss_and_grads,
     _odd_mask,
     _packed_state,
+    attention_by_hand,
     gathered_norm_tensors_are_aligned,
     padded_channels_stay_out,
     static_step_equals_masked,
@@ -338,15 +339,8 @@ def test_a_subnetworks_attention_takes_each_heads_rms_over_its_kept_features():
     x = torch.randn(2, 17, WIDTH, dtype=torch.float64)
     with maskprop.use_mask(model, mask):
         compact = attn(x)
-    qkv = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(2, 17, 3, HEADS, HEAD_DIM)[..., kept]
-    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-    q = F.rms_norm(q, (n,), attn.q_norm.weight[kept], attn.q_norm.eps)
-    k = F.rms_norm(k, (n,), attn.k_norm.weight[kept], attn.k_norm.eps)
-    heads = (torch.softmax(q @ k.transpose(-2, -1) / HEAD_DIM ** 0.5, dim=-1) @ v).transpose(1, 2).flatten(2)
-    features = (torch.arange(HEADS)[:, None] * HEAD_DIM + kept).flatten()
-    heads = F.rms_norm(heads, (HEADS * n,), attn.norm.weight[features], attn.norm.eps)
-    torch.testing.assert_close(compact, heads @ attn.proj.weight[:, features].T + attn.proj.bias, rtol=1e-12,
-                               atol=1e-12)
+    expected = attention_by_hand(attn, x, kept, lambda t, m, i: F.rms_norm(t, (len(i),), m.weight[i], m.eps))
+    torch.testing.assert_close(compact, expected, rtol=1e-12, atol=1e-12)
     images = torch.randn(2, *SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     grads = compact_equals_masked(model, mask, images)
     assert grads["blocks.0.attn.q_norm.weight"][~mask["blocks.0.attn"]].abs().max() == 0
