@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import maskprop
-from maskprop.sparse import SparseLayerNorm, SparseLinear
+from maskprop.sparse import SparseLastDimNorm, SparseLayerNorm, SparseLinear, SparseRMSNorm
 from maskprop.sparse.execution import ExecutionState
 from maskprop.sparse.layernorm import kept_layer_norm
 from maskprop.sparse.static import StaticExecutionState, StaticLayout, mask_capacities, use_static
@@ -491,13 +491,18 @@ def test_a_sparse_backward_conversion_leaves_no_layernorm_naming_a_group():
     assert model(torch.randn(2, *SIZE)).shape == (2, 5)
 
 
-def test_the_layernorm_benchmark_times_both_vits_on_the_same_groups(capsys):
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_the_layernorm_benchmark_times_both_vits_on_the_same_groups(capsys, norm):
     """``tools/bench_layernorm.py``: a row per keep ratio with both models' dense and compact steps and their ratios
-    (the two ViTs have the same groups, the tool asserts it)."""
-    load_tool("bench_layernorm").main(["--image-size", "32", "--batch-size", "2", "--keep-ratios", "0.5",
-                                       "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    (the two ViTs have the same groups, the tool asserts it); ``--norm rmsnorm`` builds the normed one with RMSNorms,
+    whose pruned ones are maskprop's."""
+    tool = load_tool("bench_layernorm")
+    tool.main(["--image-size", "32", "--batch-size", "2", "--keep-ratios", "0.5", "--repeats", "1", "--warmup", "0",
+               "--threads", "1", "--norm", norm])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.50 |")]
     assert len(rows) == 1 and rows[0].count("x (") == 4
+    pruned = {type(m) for m in tool._model(32, True, norm).modules() if isinstance(m, SparseLastDimNorm) and m.group}
+    assert pruned == {SparseLayerNorm if norm == "layernorm" else SparseRMSNorm}
 
 
 # --- the gathers off the CPU: LayerNorm parameters in the packed weight gather ----------------------------------------

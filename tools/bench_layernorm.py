@@ -1,12 +1,15 @@
-"""Benchmark: what a subnetwork's LayerNorms cost, a ViT with its heads and MLP units normalised against the plain one.
+"""Benchmark: what a subnetwork's LayerNorms (or RMSNorms) cost, a ViT with its heads and MLP units normalised against
+the plain one.
 
 Usage:
     python tools/bench_layernorm.py --image-size 224 --batch-size 8 --keep-ratios 1 0.5 0.25 --threads 2 --repeats 5
+    python tools/bench_layernorm.py --norm rmsnorm ...
 
 Two ViT-Tinys of timm's (the same architecture and seed): ``plain``, and ``normed`` built with ``qk_norm=True``,
 ``scale_attn_norm=True`` and ``scale_mlp_norm=True`` (a LayerNorm over each head's query and key features, one over
 all heads' outputs before ``proj``, one over the MLP's hidden units before ``fc2``: BEiT-3's norms and a qk-norm
-ViT's), both made prunable, so their heads' features and MLP units are the same groups. Each repetition times the
+ViT's; with ``--norm rmsnorm`` every norm of the model is timm's ``RmsNorm``, the residual stream's too), both made
+prunable, so their heads' features and MLP units are the same groups. Each repetition times the
 dense step (forward and backward) and maskprop's compact VR-PGE step (:func:`maskprop.bench.training_steps`) of each
 model on the same masks, in turn; the table gives the medians, each model's compact speedup over its own dense step,
 and the normalised model's steps over the plain one's (what the LayerNorms add, whole in the dense step and on the
@@ -27,9 +30,10 @@ from maskprop.bench import interleaved_times, mask_pair, quartiles, random_batch
 NORMS = {"qk_norm": True, "scale_attn_norm": True, "scale_mlp_norm": True}
 
 
-def _model(image_size: int, normed: bool) -> torch.nn.Module:
+def _model(image_size: int, normed: bool, norm: str = "layernorm") -> torch.nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=image_size, **(NORMS if normed else {}))
+    kwargs = {**NORMS, **({"norm_layer": "rmsnorm"} if norm == "rmsnorm" else {})} if normed else {}
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=image_size, **kwargs)
     return maskprop.make_prunable(model, (3, image_size, image_size)).train()
 
 
@@ -46,14 +50,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--norm", choices=["layernorm", "rmsnorm"], default="layernorm",
+                        help="the normed model's norms: timm's LayerNorm (the plain model's kind) or RmsNorm")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    models = {"plain": _model(args.image_size, False), "normed": _model(args.image_size, True)}
+    models = {"plain": _model(args.image_size, False), "normed": _model(args.image_size, True, args.norm)}
     groups = maskprop.channel_groups(models["plain"])
     assert groups == maskprop.channel_groups(models["normed"])
     x, y = random_batch(args.batch_size, args.image_size)
     print(f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, batch {args.batch_size}, "
-          f"{args.image_size} x {args.image_size}, {args.repeats} repeats")
+          f"{args.image_size} x {args.image_size}, {args.repeats} repeats, normed by {args.norm}")
     print("| keep | plain dense (ms) | plain compact (ms) | normed dense (ms) | normed compact (ms) | plain compact vs "
           "dense | normed compact vs dense | normed / plain, dense | normed / plain, compact |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
