@@ -301,24 +301,29 @@ def attention_by_hand(attn: nn.Module, x: torch.Tensor, kept: torch.Tensor, norm
     return normalise(heads, attn.norm, features) @ attn.proj.weight[:, features].T + attn.proj.bias
 
 
+def compact_attention_is_by_hand(model: nn.Module, normalise) -> tuple[dict, dict]:
+    """The first block's attention of ``model`` (:func:`_vit` made prunable, float64) under a random half mask equals
+    :func:`attention_by_hand` with ``normalise``; the whole model's compact step equals its masked one, gradients
+    included. Returns the mask and the gradients."""
+    mask = maskprop.random_mask(maskprop.channel_groups(model), 0.5, torch.Generator().manual_seed(0))
+    attn = model.blocks[0].attn
+    kept = mask["blocks.0.attn"].nonzero().flatten()
+    assert 0 < len(kept) < HEAD_DIM
+    x = torch.randn(2, 17, WIDTH, dtype=torch.float64)
+    with maskprop.use_mask(model, mask):
+        compact = attn(x)
+    torch.testing.assert_close(compact, attention_by_hand(attn, x, kept, normalise), rtol=1e-12, atol=1e-12)
+    images = torch.randn(2, *SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return mask, compact_equals_masked(model, mask, images)
+
+
 def test_a_subnetworks_attention_normalises_each_heads_kept_features():
     """Compact attention equals attention written out by hand on the kept head features with ``F.layer_norm`` of
     each head's kept query and key features, and of all heads' kept outputs before ``proj``; compact equals masked,
     gradients included."""
     model = maskprop.make_prunable(_vit(), SIZE).double()
-    mask = maskprop.random_mask(maskprop.channel_groups(model), 0.5, torch.Generator().manual_seed(0))
-    attn = model.blocks[0].attn
-    kept = mask["blocks.0.attn"].nonzero().flatten()
-    n = len(kept)
-    assert 0 < n < HEAD_DIM
-    x = torch.randn(2, 17, WIDTH, dtype=torch.float64)
-    with maskprop.use_mask(model, mask):
-        compact = attn(x)
-    expected = attention_by_hand(attn, x, kept, lambda t, m, i: F.layer_norm(t, (len(i),), m.weight[i], m.bias[i],
-                                                                                m.eps))
-    torch.testing.assert_close(compact, expected, rtol=1e-12, atol=1e-12)
-    images = torch.randn(2, *SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    grads = compact_equals_masked(model, mask, images)
+    mask, grads = compact_attention_is_by_hand(
+        model, lambda t, m, i: F.layer_norm(t, (len(i),), m.weight[i], m.bias[i], m.eps))
     assert grads["blocks.0.attn.q_norm.weight"][~mask["blocks.0.attn"]].abs().max() == 0
     assert grads["blocks.0.mlp.norm.bias"][~mask["blocks.0.mlp.fc1"]].abs().max() == 0
 

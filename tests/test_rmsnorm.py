@@ -20,7 +20,8 @@ from test_layernorm import (
     _loss_and_grads,
     _odd_mask,
     _packed_state,
-    attention_by_hand,
+    _Wrapped,
+    compact_attention_is_by_hand,
     gathered_norm_tensors_are_aligned,
     padded_channels_stay_out,
     static_step_equals_masked,
@@ -175,17 +176,6 @@ def test_the_static_step_normalises_its_kept_channels_alone():
     static_step_equals_masked(_tokens())
 
 
-class _Wrapped(nn.Module):
-    """:class:`Tokens` on an image's rows as tokens (the cost model takes an image size)."""
-
-    def __init__(self, tokens: Tokens) -> None:
-        super().__init__()
-        self.tokens = tokens
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tokens(x[:, 0])
-
-
 @pytest.mark.parametrize("eps", [EPS, None])
 def test_the_narrow_model_holds_an_rmsnorm_of_the_kept_width(eps):
     """``materialize`` gives an ``nn.RMSNorm`` of the kept channels holding their weight entries and the ``eps``
@@ -331,18 +321,7 @@ def test_a_subnetworks_attention_takes_each_heads_rms_over_its_kept_features():
     kept query and key features and of all heads' kept outputs before ``proj`` (``F.rms_norm`` over them); compact
     equals masked, gradients included."""
     model = maskprop.make_prunable(_vit(), SIZE).double()
-    mask = maskprop.random_mask(maskprop.channel_groups(model), 0.5, torch.Generator().manual_seed(0))
-    attn = model.blocks[0].attn
-    kept = mask["blocks.0.attn"].nonzero().flatten()
-    n = len(kept)
-    assert 0 < n < HEAD_DIM
-    x = torch.randn(2, 17, WIDTH, dtype=torch.float64)
-    with maskprop.use_mask(model, mask):
-        compact = attn(x)
-    expected = attention_by_hand(attn, x, kept, lambda t, m, i: F.rms_norm(t, (len(i),), m.weight[i], m.eps))
-    torch.testing.assert_close(compact, expected, rtol=1e-12, atol=1e-12)
-    images = torch.randn(2, *SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    grads = compact_equals_masked(model, mask, images)
+    mask, grads = compact_attention_is_by_hand(model, lambda t, m, i: F.rms_norm(t, (len(i),), m.weight[i], m.eps))
     assert grads["blocks.0.attn.q_norm.weight"][~mask["blocks.0.attn"]].abs().max() == 0
     assert grads["blocks.1.mlp.norm.weight"][~mask["blocks.1.mlp.fc1"]].abs().max() == 0
 
