@@ -193,3 +193,26 @@ def test_the_flops_matched_random_arm_finds_the_widths_of_equal_flops():
     nearby = flops(0.5) * 1.001  # no keep ratio computes these; keep 0.5's widths come closest
     assert flops(study.flops_matched_keep("resnet20", {}, 16, nearby)) == flops(0.5)
     assert study._parse_arm("random@default") == ("random@default", study.ARMS["random"])
+
+
+def test_the_chosen_arm_trains_another_run_s_subnetwork_as_the_random_baseline_trains_its_own(tmp_path, capsys):
+    """``chosen@ARM``: the search's run keeps the subnetwork it fixed (``mask``: kept channel indices per group), and
+    the ``chosen@`` run trains exactly that one, fixed from the first step after the warm-up as ``random`` fixes its
+    own draw; a grid skips it where the arm's run has no subnetwork to give."""
+    study = _study()
+    assert study._parse_arm("chosen@default") == ("chosen@default", study.ARMS["random"])
+    out = tmp_path / "study.json"
+    grid = ["--quick", "--models", "resnet20", "--keeps", "0.5", "--seeds", "0", "--json", str(out)]
+    study.main([*grid, "--arms", "chosen@default", "default", "chosen@default", "random"])
+    assert "chosen@default|seed=0|quick: skipped, no run of 'default' with its subnetwork" in capsys.readouterr().out
+    runs = json.loads(out.read_text())["runs"]
+    search, chosen, drawn = (runs[study.run_key("resnet20", 0.5, arm, 0, "quick")]
+                             for arm in ("default", "chosen@default", "random"))
+    groups = maskprop.create_model("resnet20", num_classes=10).channel_groups()
+    assert set(search["mask"]) == set(groups) and all(len(kept) >= 1 for kept in search["mask"].values())
+    # the search's choice is not the random draw (its widths differ from the uniform per-group keep ratio) ...
+    assert search["mask"] != drawn["mask"] and search["widths"] != drawn["widths"]
+    # ... and the chosen run trained it: the same subnetwork, fixed as the random baseline fixes its own
+    assert chosen["mask"] == search["mask"] and chosen["widths"] == search["widths"]
+    assert chosen["overrides"]["sparsity.fix"] == "random" and chosen["epochs"][0]["phase"] == "search"
+    assert chosen["train_cost_saving"] > search["train_cost_saving"]  # one forward a step, no anneal

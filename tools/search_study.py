@@ -19,6 +19,10 @@ Every run is ``maskprop.fit`` on the built-in ``shapes`` dataset with config ove
   adds one on the command line.
 * ``random@ARM``: the random subnetwork at the FLOPs of ``ARM``'s run (same model, keep ratio and seed, run before it):
   the keep ratio whose per-group widths come closest to those FLOPs (``flops_matched_keep``; kept as ``run_keep``).
+* ``chosen@ARM``: the subnetwork ``ARM``'s run chose (same model, keep ratio and seed, run before it; the JSON keeps
+  every run's fixed mask), trained exactly as ``random`` trains its own: fixed after the same dense warm-up and trained
+  for the rest of the search and the finetune. Against ``random`` it compares the choices alone, apart from what the
+  search's changing masks cost the weights.
 
 For each run the JSON keeps the final accuracy, FLOPs and params kept, the train-cost saving and the measured speedup
 (from the run summary), the run time, and every epoch's record (validation accuracy, training accuracy under the
@@ -195,12 +199,18 @@ def _score_probe(scores: Any) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def recording(epochs: list[dict[str, Any]]) -> Iterator[None]:
+def recording(epochs: list[dict[str, Any]], fixed: dict[str, list[int]]) -> Iterator[None]:
     """Capture every epoch record the loop logs (``loop._log_epoch``) into ``epochs``, adding the score shares,
-    entropy and mean |L(m) - L(m')| where the loop does not write them."""
+    entropy and mean |L(m) - L(m')| where the loop does not write them, and the subnetwork the run fixed into
+    ``fixed`` (``{group: kept channel indices}``)."""
     from maskprop.train import loop
 
-    log_epoch, vrpge_step = loop._log_epoch, loop.vrpge_step
+    log_epoch, vrpge_step, fix_subnetwork = loop._log_epoch, loop.vrpge_step, loop.fix_subnetwork
+
+    def fix(*args: Any, **kwargs: Any) -> Any:
+        mask, info = fix_subnetwork(*args, **kwargs)
+        fixed.update({name: torch.nonzero(kept).flatten().tolist() for name, kept in mask.items()})
+        return mask, info
     gaps: list[float] = []
 
     def step(*args: Any, **kwargs: Any) -> Any:
@@ -219,18 +229,44 @@ def recording(epochs: list[dict[str, Any]]) -> Iterator[None]:
         epochs.append(kept)
         log_epoch(run, logger, record, *args, **kwargs)
 
-    loop._log_epoch, loop.vrpge_step = log, step
+    loop._log_epoch, loop.vrpge_step, loop.fix_subnetwork = log, step, fix
     try:
         yield
     finally:
-        loop._log_epoch, loop.vrpge_step = log_epoch, vrpge_step
+        loop._log_epoch, loop.vrpge_step, loop.fix_subnetwork = log_epoch, vrpge_step, fix_subnetwork
+
+
+@contextlib.contextmanager
+def fixing(kept: dict[str, list[int]] | None) -> Iterator[None]:
+    """The random baseline's draw (``loop.random_mask``) replaced by the subnetwork ``kept`` (``{group: kept channel
+    indices}``, another run's choice); ``None``: nothing replaced."""
+    if kept is None:
+        yield
+        return
+    from maskprop.train import loop
+
+    def chosen(groups: dict[str, int], keep_ratio: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if set(groups) != set(kept):
+            raise SystemExit(f"the chosen subnetwork's groups {sorted(kept)} are not the model's {sorted(groups)}")
+        mask = {name: torch.zeros(size, dtype=torch.bool) for name, size in groups.items()}
+        for name, indices in kept.items():
+            mask[name][indices] = True
+        return mask
+
+    random_mask, loop.random_mask = loop.random_mask, chosen
+    try:
+        yield
+    finally:
+        loop.random_mask = random_mask
 
 
 def run_config(overrides: dict[str, Any], harness: bool = False, threads: int = 1,
-               probe_examples: int | None = PROBE_EXAMPLES) -> dict[str, Any]:
+               probe_examples: int | None = PROBE_EXAMPLES, kept: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """One ``maskprop.fit`` of the default config with ``overrides`` (dotted keys), optionally under the official
-    semantics; returns the summary's numbers and the epoch records. ``probe_examples``: training examples the loop
-    measures the top-score subnetwork's accuracy on after each search epoch (None: the loop's own number)."""
+    semantics; returns the summary's numbers, the epoch records and the fixed subnetwork (``mask``: ``{group: kept
+    channel indices}``). ``probe_examples``: training examples the loop measures the top-score subnetwork's accuracy
+    on after each search epoch (None: the loop's own number). ``kept``: the subnetwork a random baseline
+    (``sparsity.fix: random``) trains instead of its own draw (:func:`fixing`)."""
     from maskprop.train import loop
 
     torch.set_num_threads(threads)
@@ -239,7 +275,8 @@ def run_config(overrides: dict[str, Any], harness: bool = False, threads: int = 
     cfg = load_config(None, [f"{k}={_yaml(v)}" for k, v in overrides.items()])
     epochs: list[dict[str, Any]] = []
     start = time.perf_counter()
-    with recording(epochs), (official_semantics() if harness else contextlib.nullcontext()):
+    fixed: dict[str, list[int]] = {}
+    with recording(epochs, fixed), fixing(kept), (official_semantics() if harness else contextlib.nullcontext()):
         summary = fit(cfg, out=None)
     wall = time.perf_counter() - start
     keys = ("accuracy", "train_cost_saving", "measured_speedup", "search_step_ms", "finetune_step_ms",
@@ -251,6 +288,7 @@ def run_config(overrides: dict[str, Any], harness: bool = False, threads: int = 
     result["budget_spent"] = (summary.get("fix") or {}).get("budget_spent")  # a search's; None for the others
     result["wall_s"] = wall
     result["epochs"] = epochs
+    result["mask"] = fixed or None  # a dense run fixes none
     return result
 
 
@@ -310,6 +348,11 @@ model, keep ratio and seed (already in the results file): a channel budget lets 
 FLOPs than a uniform draw's, so "same budget" also needs "same FLOPs"."""
 
 
+CHOSEN = "chosen@"
+"""Arm prefix: ``chosen@ARM`` trains the subnetwork ``ARM``'s run of the same model, keep ratio and seed chose (already
+in the results file) as the random baseline trains its own (``fixing``): the choice compared apart from the search."""
+
+
 def flops_matched_keep(model: str, model_kwargs: dict[str, Any], image_size: int, flops_kept: float) -> float:
     """The keep ratio (in steps of 0.001) whose random subnetwork (``max(1, round(keep x channels))`` per group, as
     ``random_mask`` draws it) computes the FLOPs closest to ``flops_kept`` x dense; the smallest on ties."""
@@ -325,7 +368,7 @@ def _parse_arm(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME:key=value,key=value`` (values as yaml) -> an arm; ``NAME`` alone names a built-in arm; ``random@ARM``
     the random subnetwork at the FLOPs of ``ARM`` (see ``MATCHED``)."""
     name, _, body = text.partition(":")
-    if name.startswith(MATCHED) and not body:
+    if name.startswith((MATCHED, CHOSEN)) and not body:
         return name, ARMS["random"]
     if not body:
         if name not in ARMS:
@@ -363,10 +406,18 @@ def grid(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             size = int(extra.get("data.image_size") or setting["data.image_size"])
             run_keep = flops_matched_keep(model, MODEL_KWARGS.get(model, {}), size, other["flops_kept"])
+        kept = None
+        if arm_name.startswith(CHOSEN):  # another arm's subnetwork, trained as the random baseline trains its own
+            other = data["runs"].get(run_key(model, keep, arm_name[len(CHOSEN):], seed, tag))
+            if other is None or not other.get("mask"):
+                print(f"[{n}/{len(todo)}] {key}: skipped, no run of {arm_name[len(CHOSEN):]!r} with its subnetwork "
+                      "(runs before this tool kept it have none)", flush=True)
+                continue
+            kept = other["mask"]
         overrides = run_overrides(model, run_keep, arm, seed, setting, search_epochs, finetune_epochs, extra)
         print(f"[{n}/{len(todo)}] {key}", flush=True)
         result = run_config(overrides, harness=arm_name in HARNESS_ARMS, threads=args.threads,
-                            probe_examples=args.probe_examples)
+                            probe_examples=args.probe_examples, kept=kept)
         result.update(model=model, keep=keep, run_keep=run_keep, arm=arm_name, seed=seed, tag=tag, overrides=overrides,
                       harness=arm_name in HARNESS_ARMS, machine=machine,
                       date=datetime.datetime.now().isoformat(timespec="minutes"),
