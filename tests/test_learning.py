@@ -201,9 +201,13 @@ def test_the_chosen_arm_trains_another_run_s_subnetwork_as_the_random_baseline_t
     own draw; a grid skips it where the arm's run has no subnetwork to give."""
     study = _study()
     assert study._parse_arm("chosen@default") == ("chosen@default", study.ARMS["random"])
+    assert study._parse_arm("chosen@default+w2:sparsity.warmup_epochs=2") == (
+        "chosen@default+w2", {**study.ARMS["random"], "sparsity.warmup_epochs": 2})
+    assert study._source_arm("chosen@default+w2", study.CHOSEN) == "default"
     out = tmp_path / "study.json"
     grid = ["--quick", "--models", "resnet20", "--keeps", "0.5", "--seeds", "0", "--json", str(out)]
-    study.main([*grid, "--arms", "chosen@default", "default", "chosen@default", "random"])
+    study.main([*grid, "--arms", "chosen@default", "default", "chosen@default", "random",
+                "chosen@default+w1:sparsity.warmup_epochs=1"])
     assert "chosen@default|seed=0|quick: skipped, no run of 'default' with its subnetwork" in capsys.readouterr().out
     runs = json.loads(out.read_text())["runs"]
     search, chosen, drawn = (runs[study.run_key("resnet20", 0.5, arm, 0, "quick")]
@@ -216,3 +220,6 @@ def test_the_chosen_arm_trains_another_run_s_subnetwork_as_the_random_baseline_t
     assert chosen["mask"] == search["mask"] and chosen["widths"] == search["widths"]
     assert chosen["overrides"]["sparsity.fix"] == "random" and chosen["epochs"][0]["phase"] == "search"
     assert chosen["train_cost_saving"] > search["train_cost_saving"]  # one forward a step, no anneal
+    warmed = runs[study.run_key("resnet20", 0.5, "chosen@default+w1", 0, "quick")]  # after a dense warm-up epoch
+    assert warmed["mask"] == search["mask"] and warmed["epochs"][0]["step_kind"] == "warmup"
+    assert chosen["epochs"][0]["step_kind"] == "random"

@@ -20,9 +20,11 @@ Every run is ``maskprop.fit`` on the built-in ``shapes`` dataset with config ove
 * ``random@ARM``: the random subnetwork at the FLOPs of ``ARM``'s run (same model, keep ratio and seed, run before it):
   the keep ratio whose per-group widths come closest to those FLOPs (``flops_matched_keep``; kept as ``run_keep``).
 * ``chosen@ARM``: the subnetwork ``ARM``'s run chose (same model, keep ratio and seed, run before it; the JSON keeps
-  every run's fixed mask), trained exactly as ``random`` trains its own: fixed after the same dense warm-up and trained
-  for the rest of the search and the finetune. Against ``random`` it compares the choices alone, apart from what the
-  search's changing masks cost the weights.
+  every run's fixed mask), trained exactly as ``random`` trains its own draw: fixed from the first step, trained for
+  the search and finetune epochs. Against ``random`` it compares the choices alone, apart from what the search's
+  training (its warm-up, anneal and changing masks) does to the weights.
+* ``random@ARM+LABEL:k=v,...`` and ``chosen@ARM+LABEL:k=v,...``: the same with more overrides (a dense warm-up first:
+  ``chosen@default+w2:sparsity.warmup_epochs=2``), told apart by the label.
 
 For each run the JSON keeps the final accuracy, FLOPs and params kept, the train-cost saving and the measured speedup
 (from the run summary), the run time, and every epoch's record (validation accuracy, training accuracy under the
@@ -368,19 +370,29 @@ def _parse_arm(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME:key=value,key=value`` (values as yaml) -> an arm; ``NAME`` alone names a built-in arm; ``random@ARM``
     the random subnetwork at the FLOPs of ``ARM`` (see ``MATCHED``)."""
     name, _, body = text.partition(":")
-    if name.startswith((MATCHED, CHOSEN)) and not body:
-        return name, ARMS["random"]
+    if name.startswith((MATCHED, CHOSEN)):  # the random baseline, with the overrides given (a label after "+")
+        return name, dict(ARMS["random"], **_overrides(body))
     if not body:
         if name not in ARMS:
             raise SystemExit(f"unknown arm {name!r}; built in: {', '.join(ARMS)} (or NAME:key=value,...)")
         return name, ARMS[name]
+    return name, _overrides(body)
+
+
+def _overrides(body: str) -> dict[str, Any]:
+    """``key=value,key=value`` (values as yaml) -> ``{key: value}``; empty: ``{}``."""
     import yaml
 
     arm = {}
-    for item in body.split(","):
+    for item in filter(None, body.split(",")):
         key, _, value = item.partition("=")
         arm[key.strip()] = yaml.safe_load(value)
-    return name, arm
+    return arm
+
+
+def _source_arm(arm_name: str, prefix: str) -> str:
+    """The arm whose run ``random@ARM`` / ``chosen@ARM`` (``+LABEL`` told apart) takes its FLOPs or subnetwork from."""
+    return arm_name[len(prefix):].partition("+")[0]
 
 
 def grid(args: argparse.Namespace) -> dict[str, Any]:
@@ -400,18 +412,20 @@ def grid(args: argparse.Namespace) -> dict[str, Any]:
             continue
         run_keep = keep
         if arm_name.startswith(MATCHED):  # the random subnetwork at the FLOPs of another arm's run
-            other = data["runs"].get(run_key(model, keep, arm_name[len(MATCHED):], seed, tag))
+            other = data["runs"].get(run_key(model, keep, _source_arm(arm_name, MATCHED), seed, tag))
             if other is None:
-                print(f"[{n}/{len(todo)}] {key}: skipped, no run of {arm_name[len(MATCHED):]!r} to match", flush=True)
+                print(f"[{n}/{len(todo)}] {key}: skipped, no run of {_source_arm(arm_name, MATCHED)!r} to match",
+                      flush=True)
                 continue
             size = int(extra.get("data.image_size") or setting["data.image_size"])
             run_keep = flops_matched_keep(model, MODEL_KWARGS.get(model, {}), size, other["flops_kept"])
         kept = None
         if arm_name.startswith(CHOSEN):  # another arm's subnetwork, trained as the random baseline trains its own
-            other = data["runs"].get(run_key(model, keep, arm_name[len(CHOSEN):], seed, tag))
+            source = _source_arm(arm_name, CHOSEN)
+            other = data["runs"].get(run_key(model, keep, source, seed, tag))
             if other is None or not other.get("mask"):
-                print(f"[{n}/{len(todo)}] {key}: skipped, no run of {arm_name[len(CHOSEN):]!r} with its subnetwork "
-                      "(runs before this tool kept it have none)", flush=True)
+                print(f"[{n}/{len(todo)}] {key}: skipped, no run of {source!r} with its subnetwork (runs before this "
+                      "tool kept it have none)", flush=True)
                 continue
             kept = other["mask"]
         overrides = run_overrides(model, run_keep, arm, seed, setting, search_epochs, finetune_epochs, extra)
