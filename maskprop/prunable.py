@@ -54,8 +54,8 @@ A space is prunable when each tensor of it is read only in ways a subnetwork com
 * the model's input or output, or read by an operation that mixes or reorders channels (a concatenation along
   another dimension, a mean over channels, a transpose that moves them, a slice of some channels or a split, a
   linear layer on a feature map's width, a layer maskprop does not convert: a LayerNorm or RMSNorm over anything but
-  the channels (a map's width) or of another class, BatchNorm1d, a module of its own code that ``torch.fx`` keeps
-  whole);
+  the channels (a map's width) or of another class, BatchNorm1d, timm's weight-standardised ``StdConv2d`` (whose
+  output stays whole too), a module of its own code that ``torch.fx`` keeps whole);
 * a one-channel map broadcast over another's channels (a spatial gate: the other keeps its space);
 * read by a convolution or linear layer while its dropped channels would not be zero in the masked reference (after
   an operation that is not zero at zero, such as a sigmoid or adding a constant): the masked reference runs the
@@ -286,7 +286,7 @@ class _Spaces:
 class _Layer:
     """What the trace found for one conv, BatchNorm or linear layer: the spaces it reads and writes."""
 
-    kind: str  # "conv", "depthwise", "grouped", "bn", "linear", "ln", "gn"
+    kind: str  # "conv", "depthwise", "grouped", "bn", "linear", "ln", "gn", "whole" (a layer not converted)
     reads: list[int] = field(default_factory=list)
     writes: list[int] = field(default_factory=list)
     positions: set[int] = field(default_factory=set)
@@ -525,7 +525,8 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return _is_batch_norm_act(m) or _is_timm_linear(m) or _is_last_dim_norm(m) or _is_group_norm(m) \
-            or module_qualified_name in self.attention or super().is_leaf_module(m, module_qualified_name)
+            or _is_std_conv(m) or module_qualified_name in self.attention \
+            or super().is_leaf_module(m, module_qualified_name)
 
 
 _TIMM_ATTENTION = {"timm.layers.attention", "timm.models.vision_transformer"}  # where timm versions define it
@@ -810,6 +811,14 @@ def _is_group_norm(module: nn.Module) -> bool:
                                             or _is_group_norm_act(module)) and not getattr(module, "_fast_norm", False)
 
 
+def _is_std_conv(module: nn.Module) -> bool:
+    """timm's weight-standardised convolutions (``StdConv2d``, BiT's, and its kin: each filter standardised over all
+    its inputs before the convolution), which maskprop does not convert: kept as one module, so that what they write
+    stays whole for that reason."""
+    return any(_of_class(module, "timm.layers.std_conv", n) for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d",
+                                                                      "ScaledStdConv2dSame"))
+
+
 def _is_group_norm_act(module: nn.Module) -> bool:
     """timm's ``GroupNormAct`` or ``GroupNorm1Act`` (told by its class): ``F.group_norm``, then ``drop`` and ``act``."""
     return any(_of_class(module, "timm.layers.norm_act", n) for n in ("GroupNormAct", "GroupNorm1Act"))
@@ -1063,6 +1072,13 @@ class _Walk:
             return None
         if _is_group_norm(module):
             return self.group_normalised(node, name, module, first, outside)
+        if _is_std_conv(module):  # its input and output whole
+            why = f"{kind.__name__}, a weight-standardised convolution that maskprop does not convert"
+            self.opaque(node, f"read by {why}")
+            entry = self.layer(node, "whole")
+            if not entry.writes:
+                entry.writes = [self.spaces.new(writer=name, whole=f"written by {why}")]
+            return _Value(entry.writes[0])
         if kind is nn.Conv2d:
             depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
             if module.groups > 1 and not depthwise:

@@ -480,3 +480,34 @@ def test_timms_resnet50_gn_converts_every_groupnorm():
 def test_timms_resnet50_gn_passes_check_model():
     model = maskprop.make_prunable(timm.create_model("resnet50_gn", num_classes=10), (3, 32, 32))
     maskprop.check_model(model, (3, 32, 32))
+
+
+class _Standardised(nn.Module):
+    """BiT's layers: timm's weight-standardised ``StdConv2d`` before a ``GroupNormAct``, then a plain conv and
+    GroupNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gn = timm.layers.StdConv2d(3, 8, 3), timm.layers.GroupNormAct(8, num_groups=2)
+        self.conv2, self.gn2 = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.gn2(self.conv2(self.gn(self.conv(x))))).mean((2, 3)))
+
+
+def test_a_weight_standardised_convolution_keeps_what_it_reads_and_writes_whole(caplog):
+    """timm's ``StdConv2d`` (BiT's: each filter standardised over all its inputs) is not converted: the channels it
+    writes stay whole, said so in one line, and the GroupNorm on them stays timm's; the plain conv's GroupNorm features
+    prune and check_model passes. BiT itself has no channel left to prune, and says why in one line."""
+    with caplog.at_level(logging.DEBUG, logger="maskprop.prunable"):
+        model = maskprop.make_prunable(_Standardised(), SIZE)
+    assert maskprop.channel_groups(model) == {"gn2:features": 4}
+    assert type(model.conv) is timm.layers.StdConv2d and type(model.gn) is timm.layers.GroupNormAct
+    assert "'conv' (8 channels): written by StdConv2d, a weight-standardised convolution that maskprop does not " \
+           "convert" in caplog.text
+    maskprop.check_model(model, SIZE)
+    with pytest.raises(ValueError, match=r"no channel of ResNetV2 can be pruned: 'stages.3.blocks.0.downsample.conv' "
+                                         r"\(2048 channels\): written by StdConv2d, a weight-standardised") as err:
+        maskprop.make_prunable(timm.create_model("resnetv2_50x1_bit", num_classes=10), (3, 32, 32))
+    assert "\n" not in str(err.value)
