@@ -148,22 +148,18 @@ class SparseChannelNorm(SparseModule):
         ``meta``: its parameters are to be assigned)."""
         raise NotImplementedError
 
-    def _torch_forward(self, x: Tensor) -> Tensor:
-        """The torch layer's forward: what this layer computes without a subnetwork."""
-        return super().forward(x)
-
     def forward(self, x: Tensor) -> Tensor:
         state = self.execution_state
         if state is None or self.group is None:
-            return self._torch_forward(x)
+            return super().forward(x)  # the torch layer's
         if state.mode == "masked":
             mask = state.masks.get(self.group)
             if mask is None:  # the group keeps every channel
-                return self._torch_forward(x)
+                return super().forward(x)
             return self._normalise(x, self.weight, self.bias, mask.to(x.dtype))
         index = state.index(self.group)
         if index is None:  # computed whole
-            return self._torch_forward(x)
+            return super().forward(x)
         dim = self.channel_dim
         if x.dim() <= max(dim, 0) or x.shape[dim] != index.numel():
             self._wrong_width(x, state, index.numel())
