@@ -402,6 +402,30 @@ def test_gathered_groupnorm_parameters_start_at_aligned_addresses(monkeypatch):
     gathered_norm_tensors_are_aligned(model.float(), SparseGroupNorm, "eager", torch.float32, 2, monkeypatch)
 
 
+class _OneGroupAct(nn.Module):
+    """timm's ``GroupNorm1Act`` (one group, then GELU) on a conv's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gn = nn.Conv2d(3, 6, 3, padding=1), timm.layers.GroupNorm1Act(6, act_layer=nn.GELU)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.gn(self.conv(x)).mean((2, 3)))
+
+
+def test_timms_groupnorm1act_is_a_layernorm_over_the_kept_channels_and_positions():
+    """``GroupNorm1Act`` becomes a ``SparseGroupNormAct`` of one group on the conv's own group (no concatenation),
+    its GELU kept; its narrow layer is ``GroupNormAct(1, k)``; check_model passes."""
+    model = maskprop.make_prunable(_OneGroupAct(), SIZE)
+    assert maskprop.channel_groups(model) == {"conv": 6} and maskprop.sparse.concatenations(model) == {}
+    assert type(model.gn) is SparseGroupNormAct and (model.gn.group, model.gn.num_groups) == ("conv", 1)
+    assert type(model.gn.act) is nn.GELU
+    narrow = maskprop.materialize(model, {"conv": torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool)})
+    assert type(narrow.gn) is GroupNormAct and (narrow.gn.num_groups, narrow.gn.num_channels) == (1, 3)
+    maskprop.check_model(model, SIZE)
+
+
 class _OnePerGroup(nn.Module):
     """A GroupNorm of one channel per group (``a``) beside one of two (``b``)."""
 
