@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .models.spec import check_input_size
-from .sparse import SparseAttention, SparseBatchNorm2d, SparseLastDimNorm, channel_groups, check_mask, kept_counts
+from .sparse import SparseAttention, SparseBatchNorm2d, SparseChannelNorm, channel_groups, check_mask, kept_counts
 from .sparse.groups import concatenated_counts, concatenations
 
 
@@ -80,7 +80,7 @@ class CostModel:
             raise InputSizeError(model, self.input_size, " ".join(str(err).split())[:160]) from None
         self._other_params = _unprunable_params(model)
         self._norm = [(m.group, m.num_features, sum(t is not None for t in (m.weight, m.bias)))  # per channel
-                      for m in model.modules() if isinstance(m, (SparseBatchNorm2d, SparseLastDimNorm))]
+                      for m in model.modules() if isinstance(m, (SparseBatchNorm2d, SparseChannelNorm))]
         self._dense_layer_flops = self._layer_flops({})
         # FLOPs outside the conv and linear layers: the same in every subnetwork.
         self.other_flops = max(counted - sum(self._dense_layer_flops), 0)
@@ -165,8 +165,8 @@ class CostModel:
                                  for layer, f in zip(self.layers, per_layer.values())) + 2 * self.other_flops)
 
     def params(self, mask: Mapping[str, Tensor] | None = None) -> int:
-        """Parameters of the subnetwork: kept slices of conv/linear/BatchNorm/LayerNorm/RMSNorm parameters plus
-        everything else."""
+        """Parameters of the subnetwork: kept slices of conv/linear/BatchNorm/LayerNorm/RMSNorm/GroupNorm parameters
+        plus everything else."""
         counts = self._counts(mask)
         total = self._other_params
         for layer in self.layers:
@@ -263,7 +263,7 @@ def counted_flops(model: nn.Module, x: Tensor) -> int:
 
 def _unprunable_params(model: nn.Module) -> int:
     counted = {id(p) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear, SparseBatchNorm2d, SparseLastDimNorm))
+               if isinstance(m, (nn.Conv2d, nn.Linear, SparseBatchNorm2d, SparseChannelNorm))
                for p in m.parameters(recurse=False)}
     return sum(p.numel() for p in model.parameters() if id(p) not in counted)
 

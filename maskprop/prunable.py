@@ -8,8 +8,13 @@ each channel's map too) pass a space on; an add or multiply of two feature maps 
 one (a residual stream, or a gate); a depthwise convolution reads and writes one space; a convolution of ``g`` groups
 (ResNeXt's, RegNet's) reads ``g`` copies of one space side by side, the features each of its groups reads (a group
 named ``<conv>:in``), and writes ``g`` copies of another (``<conv>:out``): feature ``j`` of every group is pruned
-together, so each group keeps as many as the others and a subnetwork runs one convolution of ``g`` groups; an
-in-place operation changes what later reads of its tensor see.
+together, so each group keeps as many as the others and a subnetwork runs one convolution of ``g`` groups; a GroupNorm
+of ``G`` groups (torch's ``nn.GroupNorm``, timm's ``GroupNorm``, ``GroupNorm1`` and ``GroupNormAct``) reads and passes
+on ``G`` copies of one space side by side, the features each of its groups normalises (``<norm>:features``), so a
+subnetwork runs one GroupNorm of ``G`` groups on the kept channels, its statistics over them alone
+(:class:`~maskprop.sparse.SparseGroupNorm`; one group: the space as it is; one channel per group: no feature to drop,
+the space whole; two GroupNorms of other group counts on one space: whole); an in-place operation changes what later
+reads of its tensor see.
 A linear layer on a tensor of more than two dimensions (tokens, a channels-last map) writes a space held in the last
 dimension, which elementwise operations and products with another such space pass on, a LayerNorm or RMSNorm over it
 passes on (normalising a subnetwork's kept channels alone: :class:`~maskprop.sparse.SparseLayerNorm`,
@@ -49,8 +54,8 @@ A space is prunable when each tensor of it is read only in ways a subnetwork com
 * the model's input or output, or read by an operation that mixes or reorders channels (a concatenation along
   another dimension, a mean over channels, a transpose that moves them, a slice of some channels or a split, a
   linear layer on a feature map's width, a layer maskprop does not convert: a LayerNorm or RMSNorm over anything but
-  the channels (a map's width) or of another class, BatchNorm1d, a module of its own code that ``torch.fx`` keeps
-  whole);
+  the channels (a map's width) or of another class, BatchNorm1d, timm's weight-standardised ``StdConv2d`` (whose
+  output stays whole too), a module of its own code that ``torch.fx`` keeps whole);
 * a one-channel map broadcast over another's channels (a spatial gate: the other keeps its space);
 * read by a convolution or linear layer while its dropped channels would not be zero in the masked reference (after
   an operation that is not zero at zero, such as a sigmoid or adding a constant): the masked reference runs the
@@ -60,14 +65,16 @@ A space is prunable when each tensor of it is read only in ways a subnetwork com
 
 Every prunable space becomes a group named after the module path its writers share (``layer2``), or after its first
 writer; so does a concatenation that layers write, and one they only read is named after its first reader
-(``conv:input``). Its convolutions, BatchNorm, linear, LayerNorm and RMSNorm layers become
+(``conv:input``). Its convolutions, BatchNorm, linear, LayerNorm, RMSNorm and GroupNorm layers become
 :class:`~maskprop.sparse.SparseConv2d`, :class:`~maskprop.sparse.SparseBatchNorm2d` (timm's ``BatchNormAct2d``:
 :class:`~maskprop.sparse.SparseBatchNormAct2d`), :class:`~maskprop.sparse.SparseLinear` and
 :class:`~maskprop.sparse.SparseLayerNorm` (torch's ``nn.LayerNorm`` and timm's ``LayerNorm`` over the channels in the
 last dimension, or of a vector; :class:`~maskprop.sparse.SparseRMSNorm` for torch's ``nn.RMSNorm`` and timm's
-``RmsNorm`` there) holding the same parameter tensors (state_dict keys unchanged); a layer that writes a group and is
-not followed by its BatchNorm masks its own output (``mask_output``). The forward code is not changed: the
-model computes exactly what it computed before, and :func:`maskprop.check_model` checks its subnetworks.
+``RmsNorm`` there), :class:`~maskprop.sparse.SparseGroupNorm` (timm's ``GroupNormAct`` and ``GroupNorm1Act``:
+:class:`~maskprop.sparse.SparseGroupNormAct`) holding the same parameter tensors (state_dict keys unchanged); a layer
+that writes a group and is not followed by its BatchNorm or GroupNorm masks its own output (``mask_output``). The
+forward code is not changed: the model computes exactly what it computed before, and :func:`maskprop.check_model`
+checks its subnetworks.
 """
 
 from __future__ import annotations
@@ -97,6 +104,8 @@ from .sparse import (
     SparseBatchNormAct2d,
     SparseBeitAttention,
     SparseConv2d,
+    SparseGroupNorm,
+    SparseGroupNormAct,
     SparseLastDimNorm,
     SparseLayerNorm,
     SparseLinear,
@@ -180,6 +189,7 @@ class _Spaces:
     widths: dict[int, int] = field(default_factory=dict)  # the channels of a space no layer writes whole (features
     # of a grouped conv's groups), at its root
     chunks: list[list[int]] = field(default_factory=list)  # the part spaces of each chunk along the last dimension
+    labels: dict[int, str] = field(default_factory=dict)  # what split a concatenation so (a GroupNorm), at its root
 
     def new(self, writer: str | None = None, whole: str | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -195,11 +205,14 @@ class _Spaces:
             space = self.parent[space]
         return space
 
-    def concatenation(self, parts: list[tuple[int, int]]) -> int:
+    def concatenation(self, parts: list[tuple[int, int]], label: str | None = None) -> int:
         """A new space made of ``parts`` side by side (a ``torch.cat`` along the channels), which no layer writes
-        until a space of its width joins it (:meth:`union`); left whole, so are its parts."""
+        until a space of its width joins it (:meth:`union`); left whole, so are its parts. ``label`` says what
+        splits it so (a GroupNorm's groups), for the reason a mix with another split gives."""
         space = self.new()
         self.concatenated[space] = parts
+        if label is not None:
+            self.labels[space] = label
         return space
 
     def union(self, a: int, b: int) -> int:
@@ -218,6 +231,8 @@ class _Spaces:
             else:
                 self._mixed(a, b)
             self.concatenated.pop(max(a, b))
+            if max(a, b) in self.labels:
+                self.labels.setdefault(min(a, b), self.labels.pop(max(a, b)))
             return self._merge(min(a, b), max(a, b))
         if a in self.concatenated or b in self.concatenated:
             concatenation, plain = (a, b) if a in self.concatenated else (b, a)
@@ -228,8 +243,17 @@ class _Spaces:
 
     def _mixed(self, a: int, b: int) -> None:
         why = "a concatenation of channel groups mixed with another channel space"
+        if a in self.labels or b in self.labels:  # a GroupNorm's: say which splits a subnetwork cannot both keep
+            why = f"channels split two ways that a subnetwork cannot both keep: {self._split(a)}, and {self._split(b)}"
         self.leave_whole(a, why)
         self.leave_whole(b, why)
+
+    def _split(self, root: int) -> str:
+        """How the channels of ``root`` are split, in words (:meth:`_mixed`)."""
+        if root in self.labels:
+            return self.labels[root]
+        parts = self.concatenated.get(root)
+        return f"{len(parts)} parts of {sorted({n for _, n in parts})} channels" if parts else "one channel space"
 
     def _merge(self, root: int, other: int) -> int:
         """``other`` becomes part of ``root``: its writers (in graph order), whether it is whole or residual."""
@@ -262,26 +286,27 @@ class _Spaces:
 class _Layer:
     """What the trace found for one conv, BatchNorm or linear layer: the spaces it reads and writes."""
 
-    kind: str  # "conv", "depthwise", "grouped", "bn", "linear", "ln"
+    kind: str  # "conv", "depthwise", "grouped", "bn", "linear", "ln", "gn", "whole" (a layer not converted)
     reads: list[int] = field(default_factory=list)
     writes: list[int] = field(default_factory=list)
     positions: set[int] = field(default_factory=set)
     nodes: list[fx.Node] = field(default_factory=list)
     whole: bool = False  # a call that no channel space can describe (a linear layer on a feature map's width)
-    features: int | None = None  # a grouped conv's: the space of the features each of its groups reads
+    features: int | None = None  # a grouped conv's (a GroupNorm's): the space of the features each of its groups reads
 
 
 def make_prunable(model: nn.Module, input_size: Sequence[int], *, prune_residual: bool = True,
                   exclude: Iterable[str] = ()) -> nn.Module:
     """Swap a plain torch network's layers for maskprop's, with the channel groups its forward implies.
 
-    The model's ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.Linear``, ``nn.LayerNorm`` and ``nn.RMSNorm`` layers (exactly
-    those classes: a subclass may compute something else; timm's ``BatchNormAct2d``, ``Linear``, ``LayerNorm`` and
-    ``RmsNorm`` too) on prunable channels are replaced, in place, by maskprop's layers holding the same parameters and
-    buffers; the rest of the model, and its forward code, are left as they are. Which channels can be pruned, and which
-    must stay whole, is read from the forward traced with ``torch.fx`` (the module docstring gives the rules); the
-    groups' names follow the module paths. The model then trains, exports and reports like a built-in one;
-    :func:`maskprop.check_model` checks it (``maskprop train`` does, for a model registered outside maskprop).
+    The model's ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.Linear``, ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.GroupNorm``
+    layers (exactly those classes: a subclass may compute something else; timm's ``BatchNormAct2d``, ``Linear``,
+    ``LayerNorm``, ``RmsNorm``, ``GroupNorm``, ``GroupNorm1``, ``GroupNormAct`` and ``GroupNorm1Act`` too) on prunable
+    channels are replaced, in place, by maskprop's layers holding the same parameters and buffers; the rest of the
+    model, and its forward code, are left as they are. Which channels can be pruned, and which must stay whole, is read
+    from the forward traced with ``torch.fx`` (the module docstring gives the rules); the groups' names follow the
+    module paths. The model then trains, exports and reports like a built-in one; :func:`maskprop.check_model` checks
+    it (``maskprop train`` does, for a model registered outside maskprop).
 
     Args:
         model: A network of torch layers whose forward ``torch.fx.symbolic_trace`` can trace (torchvision's ResNets,
@@ -489,8 +514,9 @@ def _shape_propagation(traced: fx.GraphModule) -> fx.Interpreter:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping timm's ``BatchNormAct2d`` (a BatchNorm and its activation, converted as one),
-    timm's ``Linear``, ``LayerNorm`` and ``RmsNorm`` and the attention modules at the paths ``attention``
+    """torch.fx's tracer, keeping timm's ``BatchNormAct2d`` (a BatchNorm and its activation, converted as one; its
+    ``GroupNormAct`` so too), timm's ``Linear``, ``LayerNorm``, ``RmsNorm``, ``GroupNorm`` and ``GroupNorm1`` and the
+    attention modules at the paths ``attention``
     (:func:`_attention_forms`) whole, as it keeps torch's modules (``nn.MultiheadAttention``)."""
 
     def __init__(self, attention: frozenset[str] = frozenset()) -> None:
@@ -498,8 +524,9 @@ class _Tracer(fx.Tracer):
         self.attention = attention
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_batch_norm_act(m) or _is_timm_linear(m) or _is_last_dim_norm(m) \
-            or module_qualified_name in self.attention or super().is_leaf_module(m, module_qualified_name)
+        return _is_batch_norm_act(m) or _is_timm_linear(m) or _is_last_dim_norm(m) or _is_group_norm(m) \
+            or _is_std_conv(m) or module_qualified_name in self.attention \
+            or super().is_leaf_module(m, module_qualified_name)
 
 
 _TIMM_ATTENTION = {"timm.layers.attention", "timm.models.vision_transformer"}  # where timm versions define it
@@ -774,6 +801,29 @@ def _is_rms_norm(module: nn.Module) -> bool:
             and not getattr(module, "_fast_norm", False)) and len(module.normalized_shape) == 1
 
 
+def _is_group_norm(module: nn.Module) -> bool:
+    """torch's ``nn.GroupNorm`` (not a subclass: it may compute something else), timm's ``GroupNorm`` and
+    ``GroupNorm1`` without their fast-norm kernel (``F.group_norm`` then), and timm's ``GroupNormAct`` and
+    ``GroupNorm1Act`` so (a GroupNorm, then ``drop`` and ``act``: :func:`_is_group_norm_act`): what
+    :class:`~maskprop.sparse.SparseGroupNorm` (:class:`~maskprop.sparse.SparseGroupNormAct`) computes."""
+    return type(module) is nn.GroupNorm or (any(_of_class(module, "timm.layers.norm", n) for n in ("GroupNorm",
+                                                                                                  "GroupNorm1"))
+                                            or _is_group_norm_act(module)) and not getattr(module, "_fast_norm", False)
+
+
+def _is_std_conv(module: nn.Module) -> bool:
+    """timm's weight-standardised convolutions (``StdConv2d``, BiT's, and its kin: each filter standardised over all
+    its inputs before the convolution), which maskprop does not convert: kept as one module, so that what they write
+    stays whole for that reason."""
+    return any(_of_class(module, "timm.layers.std_conv", n) for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d",
+                                                                      "ScaledStdConv2dSame"))
+
+
+def _is_group_norm_act(module: nn.Module) -> bool:
+    """timm's ``GroupNormAct`` or ``GroupNorm1Act`` (told by its class): ``F.group_norm``, then ``drop`` and ``act``."""
+    return any(_of_class(module, "timm.layers.norm_act", n) for n in ("GroupNormAct", "GroupNorm1Act"))
+
+
 def _is_last_dim_norm(module: nn.Module) -> bool:
     """A LayerNorm or RMSNorm that maskprop converts (:func:`_is_layer_norm`, :func:`_is_rms_norm`)."""
     return _is_layer_norm(module) or _is_rms_norm(module)
@@ -1020,6 +1070,15 @@ class _Walk:
         if first is not None and first.last and kind is not nn.Linear and _keeps_zero(module) is None:
             self.opaque(node, f"{kind.__name__} on channels in the last dimension")
             return None
+        if _is_group_norm(module):
+            return self.group_normalised(node, name, module, first, outside)
+        if _is_std_conv(module):  # its input and output whole
+            why = f"{kind.__name__}, a weight-standardised convolution that maskprop does not convert"
+            self.opaque(node, f"read by {why}")
+            entry = self.layer(node, "whole")
+            if not entry.writes:
+                entry.writes = [self.spaces.new(writer=name, whole=f"written by {why}")]
+            return _Value(entry.writes[0])
         if kind is nn.Conv2d:
             depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
             if module.groups > 1 and not depthwise:
@@ -1093,6 +1152,38 @@ class _Walk:
             whole=f"read by {name!r} from a tensor maskprop does not follow")
         self.reads(entry, self.spaces.union(self.spaces.concatenation([(entry.features, reads)] * g), given))
         return _Value(entry.writes[0])
+
+    def group_normalised(self, node: fx.Node, name: str, module: nn.GroupNorm, first: _Value | None,
+                         outside: str) -> _Value | None:
+        """A GroupNorm of ``G`` groups reads ``G`` copies of the space of the features each of its groups normalises,
+        side by side (a concatenation, which the space it is given joins: its writers write it), and passes that space
+        on: feature ``j`` of every group is one channel, so each group keeps as many as the others and a subnetwork runs
+        one GroupNorm of ``G`` groups on the kept channels, statistics over them alone. With one group it reads the
+        space it is given as it is (a LayerNorm over channels and positions); with one channel per group there is no
+        feature to drop, and that space stays whole. Its dropped outputs are zero (then ``drop`` and ``act``, timm's
+        ``GroupNormAct``: zero stays zero where they map 0 to 0)."""
+        entry = self.layer(node, "gn")
+        after = [_keeps_zero(module.drop), _keeps_zero(module.act)] if _is_group_norm_act(module) else []
+        if None in after:
+            self.opaque(node, f"{type(module).__name__} with {type(module.drop).__name__} and "
+                              f"{type(module.act).__name__} after it, not known to act on each channel alone")
+            return None
+        if first is None:
+            self.reads(entry, self.spaces.new(whole=outside))
+            return None
+        g, width = module.num_groups, module.num_channels // module.num_groups
+        space = first.space
+        if g > 1 and width == 1:
+            self.spaces.leave_whole(space, f"normalised by {name!r}, a GroupNorm of one channel per group ({g} groups "
+                                           f"of {module.num_channels} channels): no feature to drop")
+        elif g > 1:
+            if entry.features is None:  # its first call
+                entry.features = self.spaces.new(writer=f"{name}:features")
+                self.spaces.widths[entry.features] = width
+            copies = self.spaces.concatenation([(entry.features, width)] * g,
+                                               f"{g} groups of {width} channels normalised by {name!r}")
+            space = self.spaces.union(copies, space)
+        return _channelwise(_Value(self.reads(entry, space)), all(after), node)
 
     def attended(self, node: fx.Node, name: str, module: nn.Module, source: object) -> _Value | None:
         """An attention module on tokens: ``qkv`` reads their features (the last dimension), ``proj`` writes the
@@ -1445,6 +1536,13 @@ def _replace(model: nn.Module, modules: dict[str, nn.Module], layers: dict[str, 
             if in_group is None:
                 continue
             new = _sparse_norm(old, in_group)
+        elif entry.kind == "gn":
+            if in_group is None:
+                continue
+            fused = dict(act=old.act, drop=old.drop) if _is_group_norm_act(old) else {}
+            with torch.device("meta"):
+                new = (SparseGroupNormAct if fused else SparseGroupNorm)(
+                    old.num_groups, old.num_channels, eps=old.eps, affine=old.affine, group=in_group, **fused)
         elif entry.kind == "bn":
             if in_group is None:
                 continue
@@ -1552,12 +1650,13 @@ def _sparse_norm(old: nn.Module, group: str | None) -> SparseLastDimNorm:
 
 def _normalised_by(node: fx.Node, group: str, layers: dict[str, _Layer], spaces: _Spaces,
                    groups: dict[int, str]) -> bool:
-    """The layer's output at ``node`` goes to one BatchNorm of its group and nowhere else (which masks it)."""
+    """The layer's output at ``node`` goes to one BatchNorm or GroupNorm of its group and nowhere else (which masks
+    it)."""
     users = list(node.users)
     if len(users) != 1 or users[0].op != "call_module":
         return False
     entry = layers.get(users[0].target)
-    return entry is not None and entry.kind == "bn" and groups.get(spaces.find(entry.reads[0])) == group
+    return entry is not None and entry.kind in ("bn", "gn") and groups.get(spaces.find(entry.reads[0])) == group
 
 
 def _put(model: nn.Module, old: nn.Module, new: nn.Module) -> None:

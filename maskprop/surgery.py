@@ -2,17 +2,17 @@
 
 One set of rules says which entries of every tensor a subnetwork keeps (:func:`index_sets`): a conv or linear weight
 keeps its output group's channels along dim 0 and its input group's along dim 1, its bias the output group's; a
-BatchNorm the group's entries of every per-channel tensor, a LayerNorm (RMSNorm) those of its weight and bias; an
-attention module's biases of its heads' features (BEiT's ``q_bias`` and ``v_bias``) the kept features of every head;
-everything else (``num_batches_tracked`` included) stays whole. :func:`materialize` slices by those sets to build the
-physically narrow model (the export, and the model the finetune phase trains); :func:`gather` and :func:`scatter_` move
-tensors of the same shapes between the full and the narrow model (weights, BatchNorm statistics, optimizer state) by the
-same sets.
+BatchNorm the group's entries of every per-channel tensor, a LayerNorm (RMSNorm, GroupNorm) those of its weight and
+bias; an attention module's biases of its heads' features (BEiT's ``q_bias`` and ``v_bias``) the kept features of
+every head; everything else (``num_batches_tracked`` included) stays whole. :func:`materialize` slices by those sets
+to build the physically narrow model (the export, and the model the finetune phase trains); :func:`gather` and
+:func:`scatter_` move tensors of the same shapes between the full and the narrow model (weights, BatchNorm statistics,
+optimizer state) by the same sets.
 
 Because maskprop masks after BatchNorm, a dropped channel is exactly zero in the full model and removing it changes
-nothing (a LayerNorm or RMSNorm of a group takes its statistics over the kept channels alone: the narrow model's
-LayerNorm or RMSNorm of the kept width computes them so): no bias folding is needed, and the narrow model computes
-what the full model computes under ``use_mask(model, mask)``.
+nothing (a LayerNorm, RMSNorm or GroupNorm of a group takes its statistics over the kept channels alone: the narrow
+model's LayerNorm, RMSNorm or GroupNorm of the kept width computes them so): no bias folding is needed, and the narrow
+model computes what the full model computes under ``use_mask(model, mask)``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from .sparse import (
     BatchNormAct2d,
     SparseBatchNorm2d,
     SparseBatchNormAct2d,
+    SparseChannelNorm,
     SparseConv2d,
-    SparseLastDimNorm,
+    SparseGroupNormAct,
     SparseLinear,
     channel_groups,
     check_mask,
@@ -81,7 +82,7 @@ def _layer_sets(module: nn.Module, mask: Mapping[str, Tensor] | None) -> dict[st
         rows = _kept(mask, getattr(module, "group", None), device)
         return {name: (rows if tensor is not None and tensor.dim() == 1 else None, None)
                 for name, tensor in tensors.items()}
-    if isinstance(module, SparseLastDimNorm):  # its weight and bias (either may be None): the kept channels' entries
+    if isinstance(module, SparseChannelNorm):  # its weight and bias (either may be None): the kept channels' entries
         rows = _kept(mask, module.group, device)
         return {"weight": (rows, None), "bias": (rows, None)}
     return None
@@ -152,12 +153,14 @@ _WITH_ACTIVATION = {nn.BatchNorm2d: BatchNormAct2d, SparseBatchNorm2d: SparseBat
 def _narrow_layer(module: nn.Module, sets: Mapping[str, IndexSets], conv_type: type[nn.Conv2d],
                   norm_type: type[nn.BatchNorm2d]) -> nn.Module:
     """The plain torch layer of the kept size that replaces a maskprop layer."""
-    if isinstance(module, SparseLastDimNorm):  # normalising the kept channels alone, as the subnetwork does
+    if isinstance(module, SparseChannelNorm):  # normalising the kept channels alone, as the subnetwork does
         rows = sets["weight"][0]
         new = module.narrow_layer(module.num_features if rows is None else rows.numel())
         for name in ("weight", "bias"):  # those the plain layer has (an nn.RMSNorm has no bias)
             if name in new._parameters:
                 setattr(new, name, _parameter(_tensor(module, name, sets), getattr(module, name)))
+        if isinstance(module, SparseGroupNormAct):  # its activation (and dropout) come along
+            new.drop, new.act = copy.deepcopy(module.drop), copy.deepcopy(module.act)
     elif isinstance(module, SparseBatchNorm2d):
         running_mean = _tensor(module, "running_mean", sets)
         weight = _tensor(module, "weight", sets)
@@ -201,7 +204,8 @@ def materialize(model: nn.Module, mask: Mapping[str, Tensor] | None = None, *,
 
     Every maskprop layer is replaced by the plain torch layer of its kept size (conv and linear weights sliced on both
     sides, biases, BatchNorm affine parameters and running statistics, LayerNorm weights and biases: an
-    ``nn.LayerNorm`` of the kept width, RMSNorm weights: an ``nn.RMSNorm`` of the kept width, by :func:`index_sets`),
+    ``nn.LayerNorm`` of the kept width, RMSNorm weights: an ``nn.RMSNorm`` of the kept width, GroupNorm weights and
+    biases: an ``nn.GroupNorm`` of as many groups on the kept channels, by :func:`index_sets`),
     an attention module's
     biases of its heads' features are sliced to the kept features of every head; sparse-backward layers
     become plain layers of the same size. Every other module, attribute and the forward code are deep-copied

@@ -160,14 +160,16 @@ def test_no_mask_is_nn_layernorm_itself():
 
 
 def padded_channels_stay_out(model: nn.Module, align: int) -> None:
-    """``model`` (:func:`_tokens`' form: a norm over a 9-channel group ``hidden``) at widths padded to ``align`` (kept
-    5 or 1, computed 6 or 8 or 4): the loss and every gradient are the masked reference's, so the padding channels
-    are in no statistic and their outputs are zero."""
+    """``model`` (:func:`_tokens`' form: a norm over a 9-channel group ``hidden``, or over ``num_groups`` copies of it
+    side by side, a GroupNorm's) at widths padded to ``align`` (kept 5 or 1, computed 6 or 8 or 4): the loss and
+    every gradient are the masked reference's, so the padding channels are in no statistic and their outputs are
+    zero."""
     images = torch.randn(2, 3, 6, dtype=torch.float64)
     for kept in (KEPT["odd"], KEPT["one"]):
         mask = _keeping(kept)
         widths = []
-        hook = model.norm.register_forward_hook(lambda m, i, o: widths.append(i[0].shape[-1]))
+        hook = model.norm.register_forward_hook(
+            lambda m, i, o: widths.append(i[0].shape[m.channel_dim] // getattr(m, "num_groups", 1)))
         grads = {}
         for mode, a in (("compact", align), ("masked", 1)):
             model.zero_grad()

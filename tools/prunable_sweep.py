@@ -44,6 +44,8 @@ NETWORKS: list[tuple[str, str, dict[str, Any], int]] = [
     ("torchvision", "maxvit_t", {}, 224),
     ("torchvision", "vit_b_16", {"image_size": 32}, 32),
     ("timm", "resnet18", {}, 64),
+    ("timm", "resnet50_gn", {}, 64),
+    ("timm", "resnetv2_50x1_bit", {}, 64),
     ("timm", "mobilenetv3_small_050", {}, 64),
     ("timm", "repvit_m1", {}, 64),
     ("timm", "regnety_002", {}, 64),

@@ -18,7 +18,7 @@ from maskprop.sbp.layers import (
 from maskprop.sbp.sparsifiers import get_sparsifier
 from maskprop.sparse.attention import SparseAttention
 from maskprop.sparse.groups import drop_concatenations
-from maskprop.sparse.layernorm import SparseLastDimNorm
+from maskprop.sparse.layernorm import SparseChannelNorm
 from maskprop.sparse.modules import SparseBatchNorm2d, SparseConv2d, SparseLinear
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def _drop_channel_groups(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, (SparseConv2d, SparseLinear)):
             module.in_group = module.out_group = None
-        elif isinstance(module, (SparseBatchNorm2d, SparseLastDimNorm, SparseAttention)):
+        elif isinstance(module, (SparseBatchNorm2d, SparseChannelNorm, SparseAttention)):
             module.group = None
 
 

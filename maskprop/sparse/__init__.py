@@ -3,6 +3,7 @@
 from .attention import SparseAttention, SparseMultiheadAttention, SparseShiftedWindowAttention, SparseWindowAttention
 from .biased_attention import SparseBeitAttention, SparseShiftedWindowAttentionV2, SparseWindowAttentionV2
 from .execution import MODES, ExecutionState, Mask, ModelPlan, check_mask, model_plan, prepare_mask, use_mask
+from .groupnorm import GroupNormAct, SparseGroupNorm, SparseGroupNormAct
 from .groups import (
                      ChannelSparseModel,
                      aligned_width,
@@ -15,7 +16,7 @@ from .groups import (
                      kept_ratio,
                      random_mask,
 )
-from .layernorm import SparseLastDimNorm, SparseLayerNorm, SparseRMSNorm
+from .layernorm import SparseChannelNorm, SparseLastDimNorm, SparseLayerNorm, SparseRMSNorm
 from .maxvit_attention import SparseRelativePositionalAttention
 from .maxxvit_attention import SparseAttention2d, SparseAttentionCl
 from .modules import BatchNormAct2d, SparseBatchNorm2d, SparseBatchNormAct2d, SparseConv2d, SparseLinear, SparseModule
@@ -25,6 +26,7 @@ __all__ = [
     "BatchNormAct2d",
     "ChannelSparseModel",
     "ExecutionState",
+    "GroupNormAct",
     "Mask",
     "ModelPlan",
     "SparseAttention",
@@ -33,7 +35,10 @@ __all__ = [
     "SparseBatchNorm2d",
     "SparseBatchNormAct2d",
     "SparseBeitAttention",
+    "SparseChannelNorm",
     "SparseConv2d",
+    "SparseGroupNorm",
+    "SparseGroupNormAct",
     "SparseLastDimNorm",
     "SparseLayerNorm",
     "SparseLinear",

@@ -11,7 +11,7 @@ one call per gathered tensor; docs/methods.md, "Compact execution"):
   of one kernel area, built on the device from that copy with a fixed number of calls (on the CPU, without padding,
   each tensor is read from itself: along its one pruned side by that group's index set, a transformer's linear
   layers and a network's first and last layers; by flat indices only where both sides are pruned); a pruned
-  LayerNorm's (RMSNorm's) weight and bias are gathered as a bias is, in the area-1 table
+  LayerNorm's (RMSNorm's, GroupNorm's) weight and bias are gathered as a bias is, in the area-1 table
   (:meth:`ExecutionState.weight_and_bias`);
 * the flat indices that gather the BatchNorm parameters and running statistics of all pruned units.
 
@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .gather import ALIGN_ELEMENTS, GatherPiece, GatherTable, gather_norms, gather_pieces, gather_side, write_back_norms
 from .groups import aligned_width, channel_groups, check_align, concatenations, count_kept, declared_in
-from .layernorm import SparseLastDimNorm
+from .layernorm import SparseChannelNorm
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear, SparseModule, set_execution_state
 
 Mask = dict[str, Tensor]
@@ -103,8 +103,8 @@ def check_mask(mask: Mapping[str, Tensor], groups: Mapping[str, int]) -> list[in
 
 class GatherSource(NamedTuple):
     """One conv or linear weight (or bias) a subnetwork gathers from, in the concatenation of its kernel area; or a
-    LayerNorm's or RMSNorm's weight (or bias), gathered as a bias is: one entry per channel of its group, in the
-    area-1 table.
+    LayerNorm's, RMSNorm's or GroupNorm's weight (or bias), gathered as a bias is: one entry per channel of its group,
+    in the area-1 table.
 
     Attributes:
         layer: The layer that owns it.
@@ -168,9 +168,9 @@ class ModelPlan:
         concatenations: ``{concatenated group: its parts}`` (:func:`~maskprop.sparse.groups.concatenate_groups`).
         weighted: The conv and linear layers that read or write a group.
         norms: The BatchNorm layers of a group.
-        layer_norms: The LayerNorms and RMSNorms (:class:`~maskprop.sparse.SparseLastDimNorm`) of a group (or a
-            concatenated group) with a weight (and maybe a bias): gathered with the linear biases, in the area-1
-            table.
+        layer_norms: The LayerNorms, RMSNorms and GroupNorms (:class:`~maskprop.sparse.SparseChannelNorm`) of a
+            group (or a concatenated group) with a weight (and maybe a bias): gathered with the linear biases, in the
+            area-1 table.
     """
 
     def __init__(self, model: nn.Module, layers: list[nn.Module]) -> None:
@@ -181,7 +181,7 @@ class ModelPlan:
         self.weighted = [m for m in layers if isinstance(m, (SparseConv2d, SparseLinear))
                          and (m.in_group is not None or m.out_group is not None)]
         self.norms = [m for m in layers if isinstance(m, SparseBatchNorm2d) and m.group is not None]
-        self.layer_norms = [m for m in layers if isinstance(m, SparseLastDimNorm) and m.group is not None
+        self.layer_norms = [m for m in layers if isinstance(m, SparseChannelNorm) and m.group is not None
                             and m.weight is not None]
         widest = [max(weight_view(m)[:2]) for m in self.weighted]
         whole_parts = [n for parts in self.concatenations.values() for g, n in parts if g is None]
@@ -511,11 +511,11 @@ class ExecutionState:
         start, width = self._offsets[group]
         return self._real_ext[start:start + width]
 
-    def weight_and_bias(self, layer: SparseConv2d | SparseLinear | SparseLastDimNorm
+    def weight_and_bias(self, layer: SparseConv2d | SparseLinear | SparseChannelNorm
                         ) -> tuple[Tensor | None, Tensor | None]:
-        """The weight and bias ``layer`` (a conv, a linear layer, a LayerNorm or an RMSNorm; either may be ``None``)
-        runs with in compact mode: gathered when it reads or writes a pruned group (all layers' at once, by the first
-        layer of a forward pass that asks), its own otherwise."""
+        """The weight and bias ``layer`` (a conv, a linear layer, a LayerNorm, an RMSNorm or a GroupNorm; either may be
+        ``None``) runs with in compact mode: gathered when it reads or writes a pruned group (all layers' at once, by
+        the first layer of a forward pass that asks), its own otherwise."""
         if id(layer) not in self._weight_layers:
             return layer.weight, layer.bias
         self._weight_pass = gathered(self._weight_pass, self._gather_weights)
@@ -731,7 +731,7 @@ def gather_tables(plan: ModelPlan, offsets: Mapping[str, tuple[int, int]], ident
         pad = -n % step if zero_row is not None else 0
         if pad:
             blocks.append(RowBlock(pad, zero_row, 0, filler, filler, 1))
-        vector = kind == "bias" or isinstance(layer, SparseLastDimNorm)  # a bias, a norm's weight: one per output
+        vector = kind == "bias" or isinstance(layer, SparseChannelNorm)  # a bias, a norm's weight: one per output
         shape = (n_out,) if vector else (n_out, n_in, *shape_tail)
         table.pieces.append(GatherPiece(layer, kind, shape, table.entries, n))
         table.split_sizes.append(n + pad)

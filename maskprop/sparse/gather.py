@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .layernorm import SparseLastDimNorm
+from .layernorm import SparseChannelNorm
 
 # Every tensor gathered into a buffer shared with others starts at a multiple of this many elements of it: at least
 # 16 bytes for every dtype a model trains in. Vectorised GPU kernels (cuBLASLt, cuDNN) choose their loads by the
@@ -173,14 +173,16 @@ class GatherTable:
         weights, leaves that BatchNorm as zero (its gathered weight and bias are zero there; one without them multiplies
         its output by zero there), and so receives a zero gradient; a padded input channel reads zeros (its producer's
         padded output, or a sum of them). So one multiply of every gathered weight, and one in the backward, are saved,
-        and the weights, outputs and gradients stay those of the subnetwork (given finite values). Nor for a
-        LayerNorm's or RMSNorm's weight and bias: with padded channels it normalises with ``kept_layer_norm`` or
-        ``kept_rms_norm``, whose padded outputs are zero whatever their weight (their normalised values are zero) and
-        bias (multiplied by the 0/1 factors there), and so are those entries' gradients. The BatchNorm table itself,
+        and the weights, outputs and gradients stay those of the subnetwork (given finite values); a GroupNorm of the
+        group that follows (``mask_output`` false too) zeroes a padded channel's output and gradient whatever its
+        input. Nor for a LayerNorm's, RMSNorm's or GroupNorm's weight and bias: with padded channels it normalises
+        with ``kept_layer_norm``, ``kept_rms_norm`` or ``kept_group_norm``, whose padded outputs are zero whatever
+        their weight (their normalised values are zero) and bias (multiplied by the 0/1 factors there), and so are
+        those entries' gradients. The BatchNorm table itself,
         and layers that mask their own output, need it. Read at every pass, found once (a table is complete before its
         first pass)."""
         return bool(self.modules) or any(getattr(p.layer, "mask_output", True) for p in self.pieces
-                                         if not isinstance(p.layer, SparseLastDimNorm))
+                                         if not isinstance(p.layer, SparseChannelNorm))
 
 
 # --- gathering a table for one mask: shared by the eager and the static execution states ----------------------------

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .attention import SparseAttention
-from .layernorm import SparseLastDimNorm
+from .groupnorm import SparseGroupNorm
+from .layernorm import SparseChannelNorm
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear
 
 Part = tuple[str | None, int]
@@ -172,12 +173,14 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
     for name, size, where, verb in on_concatenations:
         fits(name, size, where, verb)
     for where, module in model.named_modules():  # inputs must read a group that some layer writes
-        if isinstance(module, (SparseConv2d, SparseLinear, SparseLastDimNorm)):
-            name = module.group if isinstance(module, SparseLastDimNorm) else module.in_group
-            size = module.num_features if isinstance(module, SparseLastDimNorm) else module.in_channels  # a linear
+        if isinstance(module, (SparseConv2d, SparseLinear, SparseChannelNorm)):
+            name = module.group if isinstance(module, SparseChannelNorm) else module.in_group
+            size = module.num_features if isinstance(module, SparseChannelNorm) else module.in_channels  # a linear
             # layer on a flattened map: in_features / in_positions
             if name is None:
                 continue
+            if isinstance(module, SparseGroupNorm) and module.num_groups > 1:
+                _check_group_norm(module, where, concatenated)
             if name in concatenated:
                 fits(name, size, where)
                 continue
@@ -187,6 +190,19 @@ def channel_groups(model: nn.Module) -> dict[str, int]:
                                  f"{name!r}, [(part, channels), ...]))")
             add(name, size, where)
     return groups
+
+
+def _check_group_norm(norm: SparseGroupNorm, where: str, concatenated: Mapping[str, Sequence[tuple[str | None, int]]]
+                      ) -> None:
+    """A GroupNorm of ``G > 1`` groups reads ``G`` copies of one group side by side: each of its groups then keeps as
+    many channels as the others, and a subnetwork is one GroupNorm of ``G`` groups on the kept channels."""
+    parts = list(concatenated.get(norm.group, ()))
+    width = norm.num_channels // norm.num_groups
+    features = parts[0][0] if parts else None
+    if features is None or parts != [(features, width)] * norm.num_groups:
+        raise ValueError(f"layer {where!r} is a GroupNorm of {norm.num_groups} groups, but its group {norm.group!r} is "
+                         f"{parts or 'no concatenated group'}; expected a concatenated group of {norm.num_groups} "
+                         f"parts ({features or 'one group'!r}, {width}), the features each of its groups normalises")
 
 
 def _check_grouped(conv: SparseConv2d, where: str, concatenated: Mapping[str, Sequence[tuple[str | None, int]]]

@@ -4,8 +4,9 @@ A subnetwork of a network with LayerNorm (or RMSNorm) is the physically narrow n
 kept channels only, their mean and variance taken over the kept ones, and scales and shifts them by the kept entries
 of its weight and bias; its RMSNorm divides the kept channels by their root mean square over the kept ones and scales
 them by the kept entries of its weight. :class:`SparseLayerNorm` and :class:`SparseRMSNorm` compute that in both
-modes, with the same code (their base :class:`SparseLastDimNorm`; each supplies its normalisation of the kept channels
-alone, :func:`kept_layer_norm` and :func:`kept_rms_norm`):
+modes, with the same code (their base :class:`SparseLastDimNorm`, whose own base :class:`SparseChannelNorm` they share
+with :class:`~maskprop.sparse.SparseGroupNorm`; each supplies its normalisation of the kept channels alone,
+:func:`kept_layer_norm` and :func:`kept_rms_norm`):
 
 * ``compact``: the input carries the kept channels (the layer before ran narrow); ``F.layer_norm`` (``F.rms_norm``)
   over them with the gathered weight (and bias). Where the width is padded (``align``, or a static step's capacity)
@@ -48,7 +49,14 @@ from .modules import SparseModule, _wiring_error
 if TYPE_CHECKING:
     from .execution import ExecutionState
 
-__all__ = ["SparseLastDimNorm", "SparseLayerNorm", "SparseRMSNorm", "kept_layer_norm", "kept_rms_norm"]
+__all__ = [
+    "SparseChannelNorm",
+    "SparseLastDimNorm",
+    "SparseLayerNorm",
+    "SparseRMSNorm",
+    "kept_layer_norm",
+    "kept_rms_norm",
+]
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -104,26 +112,22 @@ def kept_rms_norm(x: Tensor, keep: Tensor, weight: Tensor | None, eps: float | N
     return _as_torch_returns(y if weight is None else y * weight, dtype)
 
 
-class SparseLastDimNorm(SparseModule):
-    """What :class:`SparseLayerNorm` and :class:`SparseRMSNorm` share: a normalisation over the last dimension, whose
-    features are the channels of ``group``, run as the active subnetwork says (the module docstring); the same
-    parameters, the same state-dict keys as the torch layer it derives from (listed after it among the bases).
+class SparseChannelNorm(SparseModule):
+    """What maskprop's normalisations over a group's channels share (:class:`SparseLayerNorm`,
+    :class:`SparseRMSNorm`, :class:`~maskprop.sparse.SparseGroupNorm`): statistics a subnetwork takes over its kept
+    channels alone, run as the active subnetwork says (the module docstring); the same parameters, the same state-dict
+    keys as the torch layer it derives from (listed after it among the bases).
 
-    A subclass says how it normalises (:meth:`_normalise`) and which plain layer the narrow model holds
-    (:meth:`narrow_layer`); the execution states gather its ``weight`` and ``bias`` (either may be ``None``) as a
-    linear layer's bias, :mod:`maskprop.surgery` slices them to the kept channels and the cost model counts them.
+    A subclass says where its channels are (``channel_dim``: -1, the last dimension, or 1), how it normalises
+    (:meth:`_normalise`) and which plain layer the narrow model holds (:meth:`narrow_layer`); the execution states
+    gather its ``weight`` and ``bias`` (either may be ``None``: one entry per channel of its group) as a linear layer's
+    bias, :mod:`maskprop.surgery` slices them to the kept channels and the cost model counts them.
     """
 
+    channel_dim: int = -1
     group: str | None
-    normalized_shape: tuple[int, ...]
     weight: nn.Parameter | None
     bias: nn.Parameter | None
-
-    def _set_group(self, group: str | None) -> None:
-        if len(self.normalized_shape) != 1:
-            raise ValueError(f"a {self._torch_name()} over {tuple(self.normalized_shape)} cannot be channel-pruned; "
-                             f"expected one dimension, the last (the channels of group {group!r})")
-        self.group = group
 
     @classmethod
     def _torch_name(cls) -> str:
@@ -131,16 +135,16 @@ class SparseLastDimNorm(SparseModule):
 
     @property
     def num_features(self) -> int:
-        """The features normalised: the group's channels."""
-        return self.normalized_shape[0]
+        """The channels normalised: the group's."""
+        raise NotImplementedError
 
     def _normalise(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, keep: Tensor | None) -> Tensor:
-        """``x`` normalised over its last dimension with ``weight`` and ``bias`` (of that width): over every channel
-        where ``keep`` is ``None``, else over the channels where ``keep`` (0/1, ``x``'s dtype) is 1 alone."""
+        """``x`` normalised with ``weight`` and ``bias`` (of its channels' width): over every channel where ``keep`` is
+        ``None``, else over the channels where ``keep`` (0/1, ``x``'s dtype) is 1 alone."""
         raise NotImplementedError
 
     def narrow_layer(self, width: int) -> nn.Module:
-        """The plain torch layer of ``width`` features that computes what this one computes on its kept channels (on
+        """The plain torch layer of ``width`` channels that computes what this one computes on its kept channels (on
         ``meta``: its parameters are to be assigned)."""
         raise NotImplementedError
 
@@ -156,7 +160,8 @@ class SparseLastDimNorm(SparseModule):
         index = state.index(self.group)
         if index is None:  # computed whole
             return super().forward(x)
-        if x.dim() == 0 or x.shape[-1] != index.numel():
+        dim = self.channel_dim
+        if x.dim() <= max(dim, 0) or x.shape[dim] != index.numel():
             self._wrong_width(x, state, index.numel())
         weight, bias = state.weight_and_bias(self)  # gathered with all layers' weights, once per forward pass
         real = state.real(self.group)  # None: every computed channel is kept
@@ -164,16 +169,36 @@ class SparseLastDimNorm(SparseModule):
 
     def _wrong_width(self, x: Tensor, state: ExecutionState, width: int) -> None:
         """Raise the one-line error of an input of another width than the channels this subnetwork computes."""
-        got = x.shape[-1] if x.dim() else None
+        dim = self.channel_dim
+        got = x.shape[dim] if x.dim() > max(dim, 0) else None
         wiring = _wiring_error(self, state, "group", self.group, got, self.num_features)
         if wiring is not None:
             raise wiring
+        where = "features in its last dimension" if dim == -1 else f"channels in dimension {dim}"
         raise ValueError(f"layer {state.plan.name_of(self)!r} ({type(self).__name__}, group={self.group!r}) is given "
-                         f"{got} features in its last dimension; expected the {width} its group computes in this "
-                         f"subnetwork (of {self.num_features})")
+                         f"{got} {where}; expected the {width} its group computes in this subnetwork (of "
+                         f"{self.num_features})")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group={self.group!r}"
+
+
+class SparseLastDimNorm(SparseChannelNorm):
+    """What :class:`SparseLayerNorm` and :class:`SparseRMSNorm` share: a normalisation over the last dimension, whose
+    features are the channels of ``group`` (:class:`SparseChannelNorm`)."""
+
+    normalized_shape: tuple[int, ...]
+
+    def _set_group(self, group: str | None) -> None:
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"a {self._torch_name()} over {tuple(self.normalized_shape)} cannot be channel-pruned; "
+                             f"expected one dimension, the last (the channels of group {group!r})")
+        self.group = group
+
+    @property
+    def num_features(self) -> int:
+        """The features normalised: the group's channels."""
+        return self.normalized_shape[0]
 
 
 class SparseLayerNorm(SparseLastDimNorm, nn.LayerNorm):

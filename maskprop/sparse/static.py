@@ -8,7 +8,7 @@ probabilities (:func:`choose_capacities`: a high quantile of the kept count, rou
 again only when the probabilities have moved past it (:func:`rechoose_capacities`). A
 :class:`StaticExecutionState` is built once per window: it holds, on the model's device, an index buffer of ``C_g``
 channels and a 0/1 buffer ``real`` for every group, and the flat indices that gather every conv, linear, LayerNorm,
-RMSNorm and BatchNorm parameter of those widths, all of sizes fixed by the capacities. Each step,
+RMSNorm, GroupNorm and BatchNorm parameter of those widths, all of sizes fixed by the capacities. Each step,
 :meth:`StaticExecutionState.update` writes the new mask into those buffers in place with a fixed sequence of device
 operations whose output shapes never depend on the mask (one stable sort of all channels by group, kept first; a gather
 of each group's first ``C_g`` positions; the flat indices recomputed from precomputed tables) and without reading
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .execution import ForwardPass, ModelPlan, RowBlock, gather_tables, gathered, installed, model_plan
 from .gather import ALIGN_ELEMENTS, GatherTable, gather_norms, gather_pieces, write_back_norms
 from .groups import aligned_width, check_align
-from .layernorm import SparseLastDimNorm
+from .layernorm import SparseChannelNorm
 from .modules import SparseBatchNorm2d, SparseConv2d, SparseLinear
 
 if TYPE_CHECKING:
@@ -746,11 +746,11 @@ class StaticExecutionState:
         slots = self.layout.read_slots[group]
         return self._real[slots.first_slot:slots.first_slot + slots.capacity]
 
-    def weight_and_bias(self, layer: SparseConv2d | SparseLinear | SparseLastDimNorm
+    def weight_and_bias(self, layer: SparseConv2d | SparseLinear | SparseChannelNorm
                         ) -> tuple[Tensor | None, Tensor | None]:
-        """The weight and bias ``layer`` (a conv, a linear layer, a LayerNorm or an RMSNorm) runs with: gathered at
-        the capacities (all layers' at once, by the first layer of a forward pass that asks) when a side is pruned,
-        its own otherwise."""
+        """The weight and bias ``layer`` (a conv, a linear layer, a LayerNorm, an RMSNorm or a GroupNorm) runs with:
+        gathered at the capacities (all layers' at once, by the first layer of a forward pass that asks) when a side is
+        pruned, its own otherwise."""
         if id(layer) not in self.layout.weighted:
             return layer.weight, layer.bias
         self._weight_pass = gathered(self._weight_pass, self._gather_weights)
