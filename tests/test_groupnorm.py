@@ -20,9 +20,9 @@ from test_layernorm import (
     KEPT,
     SIZE,
     _keeping,
-    _loss_and_grads,
-    _packed_state,
+    _Wrapped,
     gathered_norm_tensors_are_aligned,
+    packed_norms_equal_masked,
     padded_channels_stay_out,
     static_step_equals_masked,
 )
@@ -265,17 +265,6 @@ def test_the_narrow_model_holds_a_groupnorm_of_as_many_groups_on_the_kept_channe
     assert cost.params() - cost.params(mask) == G * (HIDDEN - 5) * (2 + 3 * 3 + 1 + 4 * 3)  # norm, conv1, conv2
 
 
-class _Wrapped(nn.Module):
-    """:class:`Maps` on an image's first channel's rows (the cost model takes an image size)."""
-
-    def __init__(self, maps: Maps) -> None:
-        super().__init__()
-        self.maps = maps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.maps(x[:, 0])
-
-
 def test_refusals_are_one_line():
     """An input of another width than the subnetwork computes, and a GroupNorm of ``G`` groups whose group is not
     ``G`` copies of one group: each one line naming the layer."""
@@ -381,18 +370,8 @@ def test_packed_gathers_of_groupnorms_equal_the_masked_reference(path, align):
     _, model = _group_net()
     mask = _odd_mask(maskprop.channel_groups(model))
     images = torch.randn(2, *SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    state, context = _packed_state(model, mask, path, align)
-    norms = [m for m in model.modules() if isinstance(m, SparseGroupNorm)]
-    with context():
-        pairs = [state.weight_and_bias(m) for m in norms]
-    assert all(w is not m.weight and b is not m.bias and w.shape == b.shape == (state.index(m.group).numel(),)
-               for m, (w, b) in zip(norms, pairs))
-    compact = _loss_and_grads(model, context, images)
-    masked = _loss_and_grads(model, lambda: maskprop.use_mask(model, mask, "masked"), images)
-    assert compact[0] == pytest.approx(masked[0], rel=1e-12)
-    assert compact[1].keys() == masked[1].keys()
-    for name, grad in compact[1].items():
-        torch.testing.assert_close(grad, masked[1][name], rtol=1e-10, atol=1e-12, msg=name)
+    norms, _ = packed_norms_equal_masked(model, mask, images, SparseGroupNorm, path, align, bias=True)
+    assert norms
 
 
 def test_gathered_groupnorm_parameters_start_at_aligned_addresses(monkeypatch):

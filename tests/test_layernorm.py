@@ -228,14 +228,15 @@ def test_the_narrow_model_holds_a_layernorm_of_the_kept_width():
 
 
 class _Wrapped(nn.Module):
-    """:class:`Tokens` on an image's rows as tokens (the cost model takes an image size)."""
+    """A model of three dimensions (:class:`Tokens`, or test_groupnorm's one-row maps) on an image's first channel (the
+    cost model takes an image size)."""
 
-    def __init__(self, tokens: Tokens) -> None:
+    def __init__(self, inner: nn.Module) -> None:
         super().__init__()
-        self.tokens = tokens
+        self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tokens(x[:, 0])
+        return self.inner(x[:, 0])
 
 
 def test_refusals_are_one_line():
@@ -558,24 +559,34 @@ def test_packed_gathers_of_a_normalised_vit_equal_the_masked_reference(path, ali
     concatenated group, the MLP's hidden units) take their weight and bias from the gather of all layers' weights;
     compact equals masked in float64, the loss and every gradient, with widths padded to ``align``."""
     model = maskprop.make_prunable(_vit(), SIZE).double()
-    groups = maskprop.channel_groups(model)
-    mask = _odd_mask(groups, torch.Generator().manual_seed(3))  # align=4 pads every group
+    mask = _odd_mask(maskprop.channel_groups(model), torch.Generator().manual_seed(3))  # align=4 pads every group
     images = torch.randn(2, *SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    state, context = _packed_state(model, mask, path, align)
-    norms = [m for m in model.modules() if isinstance(m, SparseLayerNorm)]
+    norms, grads = packed_norms_equal_masked(model, mask, images, SparseLayerNorm, path, align, bias=True)
     assert len(norms) == 8 and all(m.group is not None for m in norms)
-    with context():  # each LayerNorm's tensors come from the one gather: none of them is its own parameter
+    dropped = ~mask["blocks.1.mlp.fc1"]  # a dropped channel's weight and bias get no gradient
+    assert grads["blocks.1.mlp.norm.weight"][dropped].abs().max() == 0
+
+
+def packed_norms_equal_masked(model: nn.Module, mask: dict[str, torch.Tensor], images: torch.Tensor, norm: type,
+                              path: str, align: int, bias: bool) -> tuple[list[nn.Module], dict[str, torch.Tensor]]:
+    """A step of ``model`` on the path off the CPU (:func:`_packed_state`): each of its ``norm`` layers takes its
+    weight (and ``bias``, else none) from the one gather of all layers' weights, none of them its own parameter, one
+    entry per computed channel; the loss and every gradient equal the masked reference's in float64. Returns the norms
+    and the compact step's gradients."""
+    state, context = _packed_state(model, mask, path, align)
+    norms = [m for m in model.modules() if isinstance(m, norm)]
+    with context():
         pairs = [state.weight_and_bias(m) for m in norms]
-    assert all(w is not m.weight and b is not m.bias and w.shape == b.shape == (state.index(m.group).numel(),)
-               for m, (w, b) in zip(norms, pairs))
+    for m, (w, b) in zip(norms, pairs):
+        assert w is not m.weight and w.shape == (state.index(m.group).numel(),)
+        assert (b is not m.bias and b.shape == w.shape) if bias else b is None
     compact = _loss_and_grads(model, context, images)
     masked = _loss_and_grads(model, lambda: maskprop.use_mask(model, mask, "masked"), images)
     assert compact[0] == pytest.approx(masked[0], rel=1e-12)
     assert compact[1].keys() == masked[1].keys()
     for name, grad in compact[1].items():
         torch.testing.assert_close(grad, masked[1][name], rtol=1e-10, atol=1e-12, msg=name)
-    dropped = ~mask["blocks.1.mlp.fc1"]  # a dropped channel's weight and bias get no gradient
-    assert compact[1]["blocks.1.mlp.norm.weight"][dropped].abs().max() == 0
+    return norms, compact[1]
 
 
 @pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])

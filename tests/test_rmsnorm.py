@@ -23,6 +23,7 @@ from test_layernorm import (
     _Wrapped,
     compact_attention_is_by_hand,
     gathered_norm_tensors_are_aligned,
+    packed_norms_equal_masked,
     padded_channels_stay_out,
     static_step_equals_masked,
     subnetworks_compute_the_narrow_network,
@@ -366,20 +367,9 @@ def test_packed_gathers_of_an_rmsnorm_vit_equal_the_masked_reference(path, align
     model = maskprop.make_prunable(_vit(), SIZE).double()
     mask = _odd_mask(maskprop.channel_groups(model), torch.Generator().manual_seed(3))
     images = torch.randn(2, *SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    state, context = _packed_state(model, mask, path, align)
-    norms = [m for m in model.modules() if isinstance(m, SparseRMSNorm)]
-    assert len(norms) == 8
-    with context():  # each RMSNorm's weight comes from the one gather, and it has no bias
-        pairs = [state.weight_and_bias(m) for m in norms]
-    assert all(w is not m.weight and b is None and w.shape == (state.index(m.group).numel(),)
-               for m, (w, b) in zip(norms, pairs))
-    compact = _loss_and_grads(model, context, images)
-    masked = _loss_and_grads(model, lambda: maskprop.use_mask(model, mask, "masked"), images)
-    assert compact[0] == pytest.approx(masked[0], rel=1e-12)
-    assert compact[1].keys() == masked[1].keys()
-    for name, grad in compact[1].items():
-        torch.testing.assert_close(grad, masked[1][name], rtol=1e-10, atol=1e-12, msg=name)
-    assert compact[1]["blocks.1.mlp.norm.weight"][~mask["blocks.1.mlp.fc1"]].abs().max() == 0
+    norms, grads = packed_norms_equal_masked(model, mask, images, SparseRMSNorm, path, align, bias=False)
+    assert len(norms) == 8  # each RMSNorm's weight comes from the one gather, and it has no bias
+    assert grads["blocks.1.mlp.norm.weight"][~mask["blocks.1.mlp.fc1"]].abs().max() == 0
 
 
 @pytest.mark.parametrize("path", ["eager", "static"])
