@@ -1532,20 +1532,16 @@ def _replace(model: nn.Module, modules: dict[str, nn.Module], layers: dict[str, 
     for name, entry in layers.items():
         old = modules[name]
         in_group, out_group = group(entry.reads), group(entry.writes)
+        if entry.kind in ("ln", "gn", "bn") and in_group is None:  # a norm of channels never pruned stays as it is
+            continue
         if entry.kind == "ln":
-            if in_group is None:
-                continue
             new = _sparse_norm(old, in_group)
         elif entry.kind == "gn":
-            if in_group is None:
-                continue
             fused = dict(act=old.act, drop=old.drop) if _is_group_norm_act(old) else {}
             with torch.device("meta"):
                 new = (SparseGroupNormAct if fused else SparseGroupNorm)(
                     old.num_groups, old.num_channels, eps=old.eps, affine=old.affine, group=in_group, **fused)
         elif entry.kind == "bn":
-            if in_group is None:
-                continue
             fused = dict(act=old.act, drop=old.drop) if _is_batch_norm_act(old) else {}
             with torch.device("meta"):
                 new = (SparseBatchNormAct2d if fused else SparseBatchNorm2d)(
