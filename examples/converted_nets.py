@@ -2,8 +2,9 @@
 ``maskprop.make_prunable`` and registered so that a run can build them by name.
 
 Train one with ``model.module: examples.converted_nets`` and ``model.name: tv_resnet18`` (or ``tv_mobilenet_v2``,
-``timm_efficientnet_b0``, ``timm_vit_tiny``, ``timm_vit_tiny_normed``, ``tv_vit_tiny``), from the repository root,
-e.g. ``maskprop train recipes/quickstart.yaml model.module=examples.converted_nets model.name=tv_resnet18``.
+``timm_resnet18_gn``, ``timm_efficientnet_b0``, ``timm_vit_tiny``, ``timm_vit_tiny_normed``, ``tv_vit_tiny``), from the
+repository root, e.g.
+``maskprop train recipes/quickstart.yaml model.module=examples.converted_nets model.name=tv_resnet18``.
 ``make_prunable`` traces the forward with ``torch.fx`` and swaps each conv, BatchNorm, linear and norm layer on
 prunable channels for maskprop's, with the same parameters (a torchvision or timm checkpoint loads as it is); the run
 checks the result with ``maskprop.check_model`` before its first step.
@@ -14,6 +15,8 @@ size; the vision transformers are built for ``INPUT_SIZE``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import timm
 import torchvision
@@ -37,6 +40,16 @@ def tv_mobilenet_v2(num_classes: int = 1000, prune_residual: bool = True, width_
     """torchvision's MobileNetV2: each inverted residual's expansion is a group its depthwise conv reads and writes;
     blocks that add into one stream share its group."""
     model = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width_mult)
+    return maskprop.make_prunable(model, INPUT_SIZE, prune_residual=prune_residual)
+
+
+@maskprop.register_model
+def timm_resnet18_gn(num_classes: int = 1000, prune_residual: bool = True, num_groups: int = 8) -> nn.Module:
+    """timm's ResNet-18 with a GroupNorm of ``num_groups`` groups for every BatchNorm: maskprop's ``SparseGroupNorm``
+    prunes each by the features of its groups (feature ``j`` of every GroupNorm group kept or dropped together; 8 to
+    64 features a group at 8 groups)."""
+    norm = functools.partial(timm.layers.GroupNorm, num_groups=num_groups)
+    model = timm.create_model("resnet18", num_classes=num_classes, norm_layer=norm)
     return maskprop.make_prunable(model, INPUT_SIZE, prune_residual=prune_residual)
 
 

@@ -501,6 +501,7 @@ def test_odd_widths_run_on_cuda_with_aligned_operands(name, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("module,name", [("examples.my_nets", "small_mobilenet"), ("examples.my_nets", "small_vgg"),
                                          ("examples.converted_nets", "timm_efficientnet_b0"),
+                                         ("examples.converted_nets", "timm_resnet18_gn"),
                                          ("examples.converted_nets", "timm_vit_tiny"),
                                          ("examples.converted_nets", "timm_vit_tiny_normed"),
                                          ("examples.converted_nets", "tv_vit_tiny"),
@@ -509,11 +510,12 @@ def test_odd_widths_run_on_cuda_with_aligned_operands(name, dtype):
                                          ("examples.my_nets", "small_ghostnet")])
 def test_own_networks_run_on_cuda_with_aligned_operands(module, name, dtype, monkeypatch):
     """examples/my_nets.py's MobileNet (cuDNN's depthwise kernels at the gathered width) and VGG (a flattened map into
-    a pruned hidden layer), timm's EfficientNet-B0, ViT (also with RMSNorms over each head's queries and keys, the
-    heads' outputs and the MLP's hidden units: their weights in the packed gather, their statistics under CUDA's
-    autocast) and ConvNeXt converted by make_prunable (cuBLAS on 3-D inputs at odd widths; the ViT's attention at odd
-    head widths), and the small DenseNet and GhostNet (concatenated groups read, and written), with odd widths:
-    operands aligned, compact equal to masked."""
+    a pruned hidden layer), timm's EfficientNet-B0, ResNet-18 with GroupNorms (their statistics under CUDA's
+    autocast), ViT (also with RMSNorms over each head's queries and keys, the heads' outputs and the MLP's hidden
+    units: their weights in the packed gather, their statistics under CUDA's autocast) and ConvNeXt converted by
+    make_prunable (cuBLAS on 3-D inputs at odd widths; the ViT's attention at odd head widths), and the small
+    DenseNet and GhostNet (concatenated groups read, and written), with odd widths: operands aligned, compact equal to
+    masked."""
     from maskprop.models import import_models
 
     torch.backends.cudnn.allow_tf32 = False

@@ -145,6 +145,7 @@ def test_gathered_operands_are_aligned_on_the_cpu_path():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("module,name", [("examples.my_nets", "small_mobilenet"), ("examples.my_nets", "small_vgg"),
                                          ("examples.converted_nets", "timm_efficientnet_b0"),
+                                         ("examples.converted_nets", "timm_resnet18_gn"),
                                          ("examples.converted_nets", "timm_vit_tiny"),
                                          ("examples.converted_nets", "tv_vit_tiny"),
                                          ("examples.converted_nets", "timm:convnext_atto"),
@@ -153,7 +154,8 @@ def test_gathered_operands_are_aligned_on_the_cpu_path():
 def test_gathered_operands_of_depthwise_convolutions_and_flattened_maps_are_aligned(module, name, dtype, monkeypatch):
     """examples/my_nets.py's MobileNet (a depthwise weight gathers rows of 9 elements, one input channel each) and VGG
     (its hidden layer rows of 16 positions per channel of a flattened 4x4 map); timm's EfficientNet-B0 converted by
-    make_prunable (depthwise convs, squeeze-and-excitation gates, fused BatchNorm-activation layers); timm's ViT and
+    make_prunable (depthwise convs, squeeze-and-excitation gates, fused BatchNorm-activation layers); timm's ResNet-18
+    with GroupNorms (their weights and biases in the packed gather, each group's features kept alike); timm's ViT and
     ConvNeXt (linear layers on tokens and on a channels-last map, their outputs' last dimension pruned); the small
     DenseNet (BatchNorm and convs reading concatenated groups)."""
     from pathlib import Path
