@@ -368,7 +368,8 @@ def flops_matched_keep(model: str, model_kwargs: dict[str, Any], image_size: int
 
 def _parse_arm(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME:key=value,key=value`` (values as yaml) -> an arm; ``NAME`` alone names a built-in arm; ``random@ARM``
-    the random subnetwork at the FLOPs of ``ARM`` (see ``MATCHED``)."""
+    the random subnetwork at the FLOPs of ``ARM`` (see ``MATCHED``), ``chosen@ARM`` the subnetwork ``ARM`` chose
+    (``CHOSEN``), both the random baseline's overrides with any given after ``+LABEL:``."""
     name, _, body = text.partition(":")
     if name.startswith((MATCHED, CHOSEN)):  # the random baseline, with the overrides given (a label after "+")
         return name, dict(ARMS["random"], **_overrides(body))
