@@ -107,7 +107,7 @@ print(info)
 PY
 
 if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
-    LIMITS=(240 240 240) JOBS=2
+    LIMITS=(480 240 240) JOBS=2  # the tests part: ~57 processes that each import torch and skip, on 2 busy cores
     GRAPHS=(--device cpu --models resnet20:16:8 --steps 2)
     E2E=(--device cpu --timeout 120 --threads 1 --batch-size 32 --epochs 4 --models resnet20:16:64
          --set data.val_size=32 sparsity.fix_examples=32 sparsity.fix_samples=2)
