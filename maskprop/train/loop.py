@@ -906,8 +906,10 @@ def _warn_if_short(warmup_steps: int, search_steps: int, channels: int) -> None:
         logger.warning("the search samples masks for %d step%s over %d prunable channels; the score estimator needs "
                        "%d or more (%d+ a channel) to read a channel of typical importance, so the channels kept "
                        "will be close to a random choice of the same budget (docs/methods.md, \"How the search "
-                       "behaves early\"); compare with sparsity.fix=random", sampled, "s" * (sampled != 1), channels,
-                       STEPS_PER_CHANNEL * channels, STEPS_PER_CHANNEL)
+                       "behaves early\"); compare with sparsity.fix=random, a subnetwork of the same budget trained "
+                       "from the first step, which ended level with such searches or above them in the short runs "
+                       "measured",
+                       sampled, "s" * (sampled != 1), channels, STEPS_PER_CHANNEL * channels, STEPS_PER_CHANNEL)
 
 
 FLOOR_SHARE = 0.5
