@@ -9,6 +9,7 @@ import copy
 import importlib.util
 import json
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -85,24 +86,33 @@ def subnetworks_compute_the_narrow_network(model: nn.Module, by_hand, kept: list
     mask = _keeping(kept)
     x = torch.randn(3, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     target = torch.randn(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for _ in modes_match_by_hand(model, mask, x, target, lambda reference, t: by_hand(reference, t, kept)):
+        dropped = ~mask["hidden"]
+        for p in (model.norm.weight, model.norm.bias):
+            if p is not None:
+                assert p.grad[dropped].abs().sum() == 0
+
+
+def modes_match_by_hand(model: nn.Module, mask: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor,
+                        by_hand) -> Iterator[str]:
+    """Compact and masked execution of ``model`` under ``mask`` give ``by_hand(reference, x)`` (on a copy of the
+    model: the narrow network written out) and its gradients of ``(output * target).sum()`` with respect to the input
+    and every parameter. Yields each mode after its checks, the model holding that mode's gradients."""
     reference = copy.deepcopy(model)
     x_ref = x.clone().requires_grad_(True)
-    expected = by_hand(reference, x_ref, kept)
+    expected = by_hand(reference, x_ref)
     (expected * target).sum().backward()
     for mode in ("compact", "masked"):
         model.zero_grad()
         x_mode = x.clone().requires_grad_(True)
         with maskprop.use_mask(model, mask, mode):
             y = model(x_mode)
-        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12, msg=mode)
+        torch.testing.assert_close(y, expected.detach(), rtol=1e-12, atol=1e-12, msg=mode)
         (y * target).sum().backward()
         torch.testing.assert_close(x_mode.grad, x_ref.grad, rtol=1e-10, atol=1e-12, msg=mode)
         for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12, msg=f"{mode}: {name}")
-        dropped = ~mask["hidden"]
-        for p in (model.norm.weight, model.norm.bias):
-            if p is not None:
-                assert p.grad[dropped].abs().sum() == 0
+        yield mode
 
 
 @pytest.mark.parametrize("kept", KEPT.values(), ids=KEPT.keys())
